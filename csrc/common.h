@@ -1,0 +1,58 @@
+// Shared helpers for the deepssim_fast._native extension: CPU feature dispatch, a tiny
+// thread-parallel loop, and the registration hook each capability file uses.
+//
+// Conventions
+// - Translation units are compiled for the portable x86-64 baseline. Hot loops that want AVX2/FMA
+//   are written once as an inline template and instantiated twice: plainly and inside a function
+//   marked DSF_TARGET_AVX2; `simd_level()` picks one at run time.
+// - Parallel loops use std::thread (no OpenMP runtime to clash with torch's or numpy's).
+// - Callers release the GIL (py::gil_scoped_release) around every loop that does real work.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace dsf {
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define DSF_X86 1
+#define DSF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DSF_X86 0
+#define DSF_TARGET_AVX2
+#endif
+
+enum class Simd : int { Scalar = 0, AVX2 = 1 };
+
+// What the CPU supports.
+Simd detected_simd();
+// What the kernels use now: the detected level unless lowered by set_simd()/DEEPSSIM_FAST_SIMD.
+Simd active_simd();
+const char* simd_name(Simd s);
+
+// Number of worker threads: DEEPSSIM_FAST_NUM_THREADS, else std::thread::hardware_concurrency().
+int num_threads();
+
+// Run fn(begin, end) over [0, n) split into chunks of `grain`, claimed dynamically by up to
+// num_threads() threads (the calling thread included). Exceptions are rethrown in the caller.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn,
+                  int max_threads = 0);
+
+// Each capability file registers its bindings with a static Registrar; module.cpp calls them all.
+using RegisterFn = void (*)(py::module_&);
+std::vector<std::pair<std::string, RegisterFn>>& registry();
+struct Registrar {
+  Registrar(const char* name, RegisterFn fn) { registry().emplace_back(name, fn); }
+};
+
+}  // namespace dsf

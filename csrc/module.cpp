@@ -1,0 +1,130 @@
+// The one pybind11 module of deepssim_fast: deepssim_fast._native.
+// Capability files (ssim.cpp, topk.cpp, ...) add their functions through dsf::Registrar.
+#include "common.h"
+
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+
+namespace dsf {
+
+namespace {
+std::atomic<int> g_simd_cap{-1};  // user cap on the SIMD level; -1 = none
+std::atomic<int> g_threads{0};    // 0 = from environment / hardware
+
+int parse_simd_env() {
+  const char* e = std::getenv("DEEPSSIM_FAST_SIMD");
+  if (!e) return -1;
+  std::string s(e);
+  if (s == "scalar") return static_cast<int>(Simd::Scalar);
+  if (s == "avx2") return static_cast<int>(Simd::AVX2);
+  return -1;
+}
+}  // namespace
+
+Simd detected_simd() {
+#if DSF_X86
+  static const Simd s = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Simd::AVX2
+                                                                                           : Simd::Scalar;
+  return s;
+#else
+  return Simd::Scalar;
+#endif
+}
+
+Simd active_simd() {
+  int cap = g_simd_cap.load();
+  if (cap < 0) cap = parse_simd_env();
+  const int det = static_cast<int>(detected_simd());
+  return static_cast<Simd>(cap < 0 ? det : std::min(cap, det));
+}
+
+const char* simd_name(Simd s) { return s == Simd::AVX2 ? "avx2" : "scalar"; }
+
+int num_threads() {
+  int t = g_threads.load();
+  if (t > 0) return t;
+  if (const char* e = std::getenv("DEEPSSIM_FAST_NUM_THREADS")) {
+    int v = std::atoi(e);
+    if (v > 0) return v;
+  }
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc ? static_cast<int>(hc) : 1;
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn,
+                  int max_threads) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t chunks = (n + grain - 1) / grain;
+  int nt = num_threads();
+  if (max_threads > 0) nt = std::min(nt, max_threads);
+  nt = static_cast<int>(std::min<int64_t>(nt, chunks));
+  if (nt <= 1) {
+    fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr err;
+  std::mutex err_mu;
+  auto worker = [&]() {
+    try {
+      for (;;) {
+        const int64_t c = next.fetch_add(1);
+        if (c >= chunks) break;
+        const int64_t b = c * grain;
+        fn(b, std::min(n, b + grain));
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(err_mu);
+      if (!err) err = std::current_exception();
+      next.store(chunks);
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(nt - 1);
+  for (int i = 0; i < nt - 1; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+  if (err) std::rethrow_exception(err);
+}
+
+std::vector<std::pair<std::string, RegisterFn>>& registry() {
+  static std::vector<std::pair<std::string, RegisterFn>> r;
+  return r;
+}
+
+}  // namespace dsf
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "deepssim_fast native core: CPU SSIM, chunked cosine top-k with fused histogram.";
+  m.def("simd_level", []() { return std::string(dsf::simd_name(dsf::active_simd())); },
+        "SIMD level the kernels use now: 'avx2' or 'scalar'.");
+  m.def("detected_simd_level", []() { return std::string(dsf::simd_name(dsf::detected_simd())); },
+        "Best SIMD level this CPU supports.");
+  m.def(
+      "set_simd_level",
+      [](const std::string& level) {
+        if (level == "auto") dsf::g_simd_cap.store(-1);
+        else if (level == "scalar") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::Scalar));
+        else if (level == "avx2") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::AVX2));
+        else throw py::value_error("set_simd_level: expected 'auto', 'scalar' or 'avx2', got '" + level + "'");
+      },
+      py::arg("level"),
+      "Cap the SIMD level ('scalar' forces the portable path; 'auto' restores detection). "
+      "A level above what the CPU supports is lowered to it.");
+  m.def("num_threads", &dsf::num_threads, "Worker threads used by native loops.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 0) throw py::value_error("set_num_threads: n must be >= 0 (0 = automatic)");
+        dsf::g_threads.store(n);
+      },
+      py::arg("n"), "Set the worker thread count (0 = DEEPSSIM_FAST_NUM_THREADS or all cores).");
+  py::list caps;
+  for (auto& [name, fn] : dsf::registry()) {
+    fn(m);
+    caps.append(name);
+  }
+  m.attr("capabilities") = caps;
+}

@@ -1,0 +1,53 @@
+"""Array plumbing shared by the engines: numpy / torch / cupy in, the caller's kind out.
+
+cupy arrays cross to torch through DLPack (no copy); results go back the same way.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def is_cupy(x: Any) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def to_torch(x: Any, *, name: str = "input") -> torch.Tensor:
+    """View ``x`` (numpy, torch, cupy, or anything np.asarray accepts) as a torch tensor, no copy if possible."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if is_cupy(x):
+        return torch.from_dlpack(x)
+    try:
+        a = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})") from exc
+    if a.dtype == object:
+        raise TypeError(f"{name}: got an object array (ragged or mixed input?), shape {a.shape}")
+    if not a.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        a = a.copy()
+    return torch.from_numpy(a)
+
+
+def to_numpy(x: Any, *, name: str = "input") -> np.ndarray:
+    """``x`` as a numpy array on the host (copies from GPU)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if is_cupy(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def like_input(result: torch.Tensor, original: Any) -> Any:
+    """Return ``result`` as the same kind of array as ``original`` (numpy, torch or cupy)."""
+    if isinstance(original, torch.Tensor):
+        return result
+    if is_cupy(original):
+        import cupy
+
+        return cupy.from_dlpack(result)
+    return result.detach().cpu().numpy()

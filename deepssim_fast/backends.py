@@ -1,0 +1,154 @@
+"""Which compute backends are usable, and how each public function picks one.
+
+Dispatch follows where the data lives (as FAISS's torch utilities do): a CUDA tensor or a cupy array
+goes to the GPU path (Triton), anything on the CPU to the native extension. ``backend=`` on every
+public function, or the environment variable ``DEEPSSIM_FAST_BACKEND``, forces a choice; a forced
+backend that is not available raises :class:`BackendUnavailableError` saying what to install.
+
+Backend names
+-------------
+``"native"``  the C++ extension ``deepssim_fast._native`` (CPU, SIMD, multithreaded)
+``"torch"``   plain vectorised torch (CPU or GPU); also the reference fallback
+``"triton"``  Triton kernels (CUDA GPU; on CPU tensors only with ``TRITON_INTERPRET=1``)
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("native", "torch", "triton")
+ENV_VAR = "DEEPSSIM_FAST_BACKEND"
+
+_INSTALL_HINT = {
+    "native": "the C++ extension deepssim_fast._native did not import; reinstall the package from source "
+    "(`pip install -e .` needs a C++17 compiler and pybind11)",
+    "triton": "Triton needs an NVIDIA GPU with a CUDA build of torch and `pip install triton` "
+    "(on a CPU, set TRITON_INTERPRET=1 to run kernels in the interpreter, for tests only)",
+    "torch": "install torch",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for (argument or environment) but cannot run here."""
+
+
+def _native():
+    try:
+        return importlib.import_module("deepssim_fast._native")
+    except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+        logger.debug("native extension unavailable: %s", exc)
+        return None
+
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return None
+    return triton.__version__
+
+
+def _cuda_devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def _cupy_version() -> str | None:
+    try:
+        import cupy
+    except Exception:  # noqa: BLE001
+        return None
+    return cupy.__version__
+
+
+def backends() -> dict[str, Any]:
+    """What is usable on this machine.
+
+    Returns a dict with one entry per backend (``native``, ``torch``, ``triton``) plus ``cuda``
+    (device names) and ``cupy`` (version or None). Each backend entry has ``available`` and details.
+    """
+    import torch
+
+    nat = _native()
+    native = {"available": nat is not None}
+    if nat is not None:
+        native.update(
+            simd=nat.simd_level(),
+            detected_simd=nat.detected_simd_level(),
+            threads=nat.num_threads(),
+            capabilities=list(nat.capabilities),
+        )
+    cuda = _cuda_devices()
+    tv = _triton_version()
+    triton_ok = tv is not None and (bool(cuda) or triton_interpret())
+    return {
+        "native": native,
+        "torch": {"available": True, "version": torch.__version__, "threads": torch.get_num_threads()},
+        "triton": {
+            "available": triton_ok,
+            "version": tv,
+            "mode": ("gpu" if cuda else "interpreter") if triton_ok else None,
+        },
+        "cuda": cuda,
+        "cupy": _cupy_version(),
+    }
+
+
+def is_gpu_array(x: Any) -> bool:
+    """True for a CUDA torch tensor or a cupy array."""
+    if type(x).__module__.startswith("cupy"):
+        return True
+    return bool(getattr(x, "is_cuda", False))
+
+
+def available(name: str) -> bool:
+    if name == "torch":
+        return True
+    if name == "native":
+        return _native() is not None
+    if name == "triton":
+        return _triton_version() is not None and (bool(_cuda_devices()) or triton_interpret())
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def require(name: str) -> None:
+    """Raise BackendUnavailableError if ``name`` cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    if not available(name):
+        raise BackendUnavailableError(f"backend {name!r} is not available: {_INSTALL_HINT[name]}")
+
+
+def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "native",
+            supported: Sequence[str] = BACKENDS) -> str:
+    """Pick the backend for a call.
+
+    Order: the explicit ``backend`` argument, then ``$DEEPSSIM_FAST_BACKEND``, then where the data
+    lives (any GPU array -> ``"triton"``; CPU -> ``cpu_default``, falling back to ``"torch"`` when the
+    native extension is missing). ``"auto"`` means "decide from the data".
+    """
+    requested = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
+    if requested == "auto":
+        requested = None
+    if requested is not None:
+        if requested not in supported:
+            raise ValueError(f"backend {requested!r} is not supported here; expected one of {tuple(supported)}")
+        require(requested)
+        return requested
+    if any(is_gpu_array(a) for a in arrays):
+        return "triton" if "triton" in supported and available("triton") else "torch"
+    if cpu_default in supported and available(cpu_default):
+        return cpu_default
+    return "torch"

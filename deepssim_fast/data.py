@@ -1,0 +1,254 @@
+"""Real brain MRI that ships inside wheels the project depends on — no download at run time.
+
+=====================  ==========  =====================================================  ==============
+name                   package     file                                                   shape
+=====================  ==========  =====================================================  ==============
+``mni152``             nilearn     datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_...nii.gz 197×233×189 T1
+``t1_coronal_slice``   dipy        data/files/t1_coronal_slice.npy                        256×256 T1 (2D)
+``s0_10slices``        dipy        data/files/S0_10slices.nii.gz                          128×128×10
+``aniso_vox``          dipy        data/files/aniso_vox.nii.gz                            58×58×24
+``piesno``             dipy        data/files/test_piesno.nii.gz                          96×96×14
+``example4d``          nibabel     tests/data/example4d.nii.gz                            128×96×24×2 (4D)
+``anatomical``         nibabel     tests/data/anatomical.nii                              33×41×25
+=====================  ==========  =====================================================  ==============
+
+Everything is returned as float32 numpy arrays together with its source name. Slicing follows one
+documented policy, :class:`SlicePolicy`, shared with the audit's NIfTI reader.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    package: str
+    relpath: str
+    description: str
+
+
+DATASETS: dict[str, _Entry] = {
+    "mni152": _Entry("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                     "MNI152 2009a symmetric T1 template, 197x233x189, 1 mm"),
+    "t1_coronal_slice": _Entry("dipy", "data/files/t1_coronal_slice.npy", "T1 coronal slice, 256x256"),
+    "s0_10slices": _Entry("dipy", "data/files/S0_10slices.nii.gz", "diffusion b0 volume, 128x128x10"),
+    "aniso_vox": _Entry("dipy", "data/files/aniso_vox.nii.gz", "anisotropic-voxel T1, 58x58x24"),
+    "piesno": _Entry("dipy", "data/files/test_piesno.nii.gz", "noisy diffusion volume, 96x96x14"),
+    "example4d": _Entry("nibabel", "tests/data/example4d.nii.gz", "4D fMRI run, 128x96x24x2"),
+    "anatomical": _Entry("nibabel", "tests/data/anatomical.nii", "small anatomical T1, 33x41x25"),
+}
+
+
+class DataError(ValueError):
+    """A file or dataset could not be loaded as asked; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A loaded image: ``array`` is float32, 2D or 3D; ``source`` names where it came from."""
+
+    array: np.ndarray
+    source: str
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A 2D slice (float32) of a volume: ``source`` plus the ``axis`` and ``index`` it was cut at."""
+
+    array: np.ndarray
+    source: str
+    axis: int
+    index: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.source}#{self.axis}:{self.index}"
+
+
+@dataclass(frozen=True)
+class SlicePolicy:
+    """How a volume is cut into 2D slices.
+
+    axis:            the axis the slices are taken perpendicular to (0, 1 or 2; default 2, axial for RAS data).
+    start, stop:     slice index range along ``axis`` (Python slice semantics; None = whole range).
+    step:            keep every ``step``-th slice.
+    min_foreground:  skip a slice whose fraction of foreground pixels is below this (0 keeps all).
+    foreground_level: a pixel is foreground when above ``foreground_level`` × the volume's maximum.
+    """
+
+    axis: int = 2
+    start: int | None = None
+    stop: int | None = None
+    step: int = 1
+    min_foreground: float = 0.05
+    foreground_level: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1, 2):
+            raise ValueError(f"SlicePolicy.axis must be 0, 1 or 2, got {self.axis}")
+        if self.step < 1:
+            raise ValueError(f"SlicePolicy.step must be >= 1, got {self.step}")
+        if not 0.0 <= self.min_foreground <= 1.0:
+            raise ValueError(f"SlicePolicy.min_foreground must be in [0, 1], got {self.min_foreground}")
+        if not 0.0 <= self.foreground_level < 1.0:
+            raise ValueError(f"SlicePolicy.foreground_level must be in [0, 1), got {self.foreground_level}")
+
+    def token(self) -> str:
+        """A stable string for cache keys."""
+        return f"ax{self.axis}_{self.start}_{self.stop}_{self.step}_{self.min_foreground}_{self.foreground_level}"
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+def dataset_path(name: str) -> Path:
+    """Path of a shipped dataset file inside its package. Errors say which package is missing."""
+    try:
+        entry = DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}") from None
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise DataError(f"dataset {name!r} ships inside the {entry.package!r} wheel, which is not installed: "
+                        f"pip install {entry.package} (or deepssim_fast[data])")
+    path = Path(spec.origin).parent / entry.relpath
+    if not path.is_file():
+        raise DataError(f"dataset {name!r}: expected file {path} is missing from the installed "
+                        f"{entry.package} package")
+    return path
+
+
+def _is_nifti_name(path: Path) -> bool:
+    n = path.name.lower()
+    return n.endswith(".nii") or n.endswith(".nii.gz")
+
+
+def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool = True) -> np.ndarray:
+    """Load a NIfTI file as a float32 array of rank 2 or 3.
+
+    A 4D file needs ``frame`` (which volume of the series); ``frame`` on a 3D file is an error.
+    Errors name the path and the problem: missing file, not a NIfTI, wrong rank, NaN/Inf values.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file")
+    if not _is_nifti_name(p):
+        raise DataError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(p), mmap=mmap)
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    shape = img.shape
+    try:
+        if len(shape) == 4 and shape[3] == 1 and frame in (None, 0):
+            arr = np.asarray(img.dataobj[..., 0], dtype=np.float32)  # a 3D volume stored as 4D
+        elif len(shape) == 4:
+            if frame is None:
+                raise DataError(f"{p}: 4D volume of shape {shape}; choose a frame (frame=0..{shape[3] - 1})")
+            if not -shape[3] <= frame < shape[3]:
+                raise DataError(f"{p}: frame {frame} out of range for 4D shape {shape}")
+            arr = np.asarray(img.dataobj[..., frame], dtype=np.float32)
+        elif len(shape) in (2, 3):
+            if frame is not None:
+                raise DataError(f"{p}: frame={frame} given but the volume is {len(shape)}D, shape {shape}")
+            arr = np.asarray(img.dataobj, dtype=np.float32)
+        else:
+            raise DataError(f"{p}: unsupported NIfTI rank {len(shape)} (shape {shape}); expected 2D, 3D or 4D")
+    except DataError:
+        raise
+    except Exception as exc:  # truncated gzip, short data, ...
+        raise DataError(f"{p}: could not read image data ({type(exc).__name__}: {exc})") from exc
+    if not np.isfinite(arr).all():
+        raise DataError(f"{p}: contains NaN or Inf values")
+    return arr
+
+
+def load_volume(name: str, *, frame: int | None = None) -> Volume:
+    """Load a shipped dataset by name (see the module table) as a float32 :class:`Volume`."""
+    path = dataset_path(name)
+    if path.suffix == ".npy":
+        if frame is not None:
+            raise DataError(f"{path}: frame={frame} given but {name!r} is a 2D image")
+        arr = np.load(path).astype(np.float32)
+    else:
+        arr = load_nifti(path, frame=frame)
+    return Volume(np.ascontiguousarray(arr), name)
+
+
+def volume_slices(volume: np.ndarray, policy: SlicePolicy | None = None, *, source: str = "array"
+                  ) -> list[Slice]:
+    """Cut a 3D array into 2D float32 slices following ``policy`` (a 2D array gives itself)."""
+    policy = policy or SlicePolicy()
+    v = np.asarray(volume)
+    if v.ndim == 2:
+        return [Slice(np.ascontiguousarray(v, dtype=np.float32), source, policy.axis, 0)]
+    if v.ndim != 3:
+        raise DataError(f"{source}: expected a 2D or 3D volume, got shape {v.shape}")
+    vmax = float(v.max()) if v.size else 0.0
+    level = policy.foreground_level * vmax
+    out = []
+    for i in range(v.shape[policy.axis])[policy.start:policy.stop:policy.step]:
+        s = np.take(v, i, axis=policy.axis)
+        if policy.min_foreground > 0:
+            frac = float((s > level).mean()) if vmax > 0 else 0.0
+            if frac < policy.min_foreground:
+                continue
+        out.append(Slice(np.ascontiguousarray(s, dtype=np.float32), source, policy.axis, int(i)))
+    return out
+
+
+def load_slices(name: str, policy: SlicePolicy | None = None, *, frame: int | None = None) -> list[Slice]:
+    """2D slices of a shipped dataset, cut by ``policy``. For ``example4d`` pass ``frame``."""
+    vol = load_volume(name, frame=frame)
+    return volume_slices(vol.array, policy, source=name)
+
+
+def center_fit(image: np.ndarray, shape: Sequence[int], *, fill: float | None = None) -> np.ndarray:
+    """Centre-crop or pad ``image`` to ``shape`` (the size policy of the audit and the encoder).
+
+    Padding uses ``fill`` (default: the image minimum, i.e. background). No resampling, so pixel
+    values and SSIM structure are kept as they are.
+    """
+    img = np.asarray(image)
+    if img.ndim != len(shape):
+        raise ValueError(f"center_fit: image has shape {img.shape} but target shape is {tuple(shape)}")
+    fill_value = float(img.min()) if fill is None and img.size else (fill or 0.0)
+    out = np.full(tuple(shape), fill_value, dtype=img.dtype)
+    src, dst = [], []
+    for n, m in zip(img.shape, shape):
+        if n >= m:
+            a = (n - m) // 2
+            src.append(slice(a, a + m))
+            dst.append(slice(0, m))
+        else:
+            a = (m - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(a, a + n))
+    out[tuple(dst)] = img[tuple(src)]
+    return out
+
+
+def real_slices(shape: Sequence[int] | None = None, *, datasets: Sequence[str] | None = None,
+                policy: SlicePolicy | None = None) -> Iterator[Slice]:
+    """Iterate over slices of the shipped 3D scans (``example4d`` frame 0), optionally centre-fit to ``shape``.
+
+    The deterministic source of "real images" for tests, benchmarks and the demo.
+    """
+    names = list(datasets) if datasets is not None else [n for n in DATASETS]
+    for name in names:
+        frame = 0 if name == "example4d" else None
+        for s in load_slices(name, policy, frame=frame):
+            arr = s.array if shape is None else center_fit(s.array, shape)
+            yield Slice(arr, s.source, s.axis, s.index)

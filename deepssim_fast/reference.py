@@ -1,0 +1,129 @@
+"""Plain, obviously-right versions of every fast path. Slow on purpose; used by tests and as fallbacks.
+
+* :func:`ssim_reference` — windowed SSIM in float64 torch by separable "valid" convolution (the way
+  pytorch-msssim computes it), with scikit-image's conventions (see ``_ssim_common``).
+* :func:`topk_reference` — cosine top-k by one dense ``torch.mm`` and a stable sort: scores descending,
+  ties to the lower training index.
+* :func:`histogram_reference`, :func:`class_counts_reference` — over the dense score matrix.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _ssim_common as sc
+from ._arrays import to_torch
+
+
+def _filter_valid(x: torch.Tensor, w: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """Separable valid filtering of x shaped (B, 1, *spatial) with 1D taps w (float64)."""
+    k = w.numel()
+    if spatial_dims == 2:
+        x = F.conv2d(x, w.view(1, 1, k, 1))
+        return F.conv2d(x, w.view(1, 1, 1, k))
+    x = F.conv3d(x, w.view(1, 1, k, 1, 1))
+    x = F.conv3d(x, w.view(1, 1, 1, k, 1))
+    return F.conv3d(x, w.view(1, 1, 1, 1, k))
+
+
+def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: str = "uniform",
+                   win_size: int = 7, sigma: float = 1.5, data_range: float | None = None,
+                   k1: float = 0.01, k2: float = 0.03, sample_covariance: bool = True,
+                   preset: str | None = None) -> np.ndarray:
+    """Mean SSIM per pair, float64 numpy array of the batch shape (a 0-d array for a single pair).
+
+    Same signature and conventions as :func:`deepssim_fast.ssim`.
+    """
+    tx, ty = to_torch(x, name="x"), to_torch(y, name="y")
+    p = sc.resolve_params(ndim=tx.ndim, spatial_dims=spatial_dims, window=window, win_size=win_size,
+                          sigma=sigma, data_range=data_range, k1=k1, k2=k2,
+                          sample_covariance=sample_covariance, preset=preset)
+    batch = sc.check_pair(tx, ty, p)
+    sc.check_finite(tx, "x", p)
+    sc.check_finite(ty, "y", p)
+    spatial = tuple(tx.shape[tx.ndim - p.spatial_dims:])
+    in_dtype = tx.dtype
+    bx = tx.reshape(-1, *spatial).to("cpu", torch.float64)
+    by = ty.reshape(-1, *spatial).to("cpu", torch.float64)
+    if bx.shape[0] == 0:
+        return np.zeros(batch, dtype=np.float64)
+    if p.preset == "deepssim":
+        bx, by = sc.zscore(bx, p.spatial_dims), sc.zscore(by, p.spatial_dims)
+    rng = sc.pair_data_range(bx, by, p, input_dtype=in_dtype)
+    w = torch.from_numpy(sc.window_weights(p))
+    X, Y = bx.unsqueeze(1), by.unsqueeze(1)
+    ux = _filter_valid(X, w, p.spatial_dims)
+    uy = _filter_valid(Y, w, p.spatial_dims)
+    # Centre each image first so E[x^2] - E[x]^2 does not cancel badly (float64 makes this belt and braces).
+    cx = X - X.mean(dim=tuple(range(2, X.ndim)), keepdim=True)
+    cy = Y - Y.mean(dim=tuple(range(2, Y.ndim)), keepdim=True)
+    mx = _filter_valid(cx, w, p.spatial_dims)
+    my = _filter_valid(cy, w, p.spatial_dims)
+    vx = p.cov_norm * (_filter_valid(cx * cx, w, p.spatial_dims) - mx * mx)
+    vy = p.cov_norm * (_filter_valid(cy * cy, w, p.spatial_dims) - my * my)
+    vxy = p.cov_norm * (_filter_valid(cx * cy, w, p.spatial_dims) - mx * my)
+    shape = (-1,) + (1,) * (ux.ndim - 1)
+    c1 = ((p.k1 * rng) ** 2).view(shape)
+    c2 = ((p.k2 * rng) ** 2).view(shape)
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    out = s.flatten(1).mean(dim=1)
+    out = torch.where(rng > 0, out, torch.ones_like(out))
+    return out.reshape(batch).numpy()
+
+
+def _normalize_rows(a: torch.Tensor, name: str) -> torch.Tensor:
+    a = a.to(torch.float64)
+    n = a.norm(dim=1, keepdim=True)
+    zero = (n.squeeze(1) == 0).nonzero()
+    if zero.numel():
+        raise ValueError(f"{name} row {int(zero[0])} is all zeros; cosine similarity is undefined")
+    return a / n
+
+
+def cosine_matrix_reference(train: Any, synth: Any) -> torch.Tensor:
+    """Dense (n_synth, n_train) cosine similarity matrix, float64."""
+    t = _normalize_rows(to_torch(train, name="train").cpu(), "train")
+    s = _normalize_rows(to_torch(synth, name="synth").cpu(), "synth")
+    return s @ t.T
+
+
+def topk_reference(train: Any, synth: Any | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by brute force: (scores float32 (n_synth, k) descending, indices int64), ties to lower index.
+
+    ``synth=None`` compares ``train`` with itself and excludes self-pairs.
+    """
+    self_mode = synth is None
+    sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
+    if self_mode:
+        sim.fill_diagonal_(float("-inf"))
+    # stable sort on -score keeps equal scores in index order -> ties go to the lower index
+    order = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+    scores = torch.gather(sim, 1, order)
+    return scores.numpy(), order.to(torch.int64).numpy()
+
+
+def histogram_reference(train: Any, synth: Any | None, bins: int = 200,
+                        range_: tuple[float, float] = (-1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of all cosine scores (float32 scores, bins right-open except the last, values clamped)."""
+    self_mode = synth is None
+    sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
+    vals = sim[~torch.eye(sim.shape[0], dtype=torch.bool)] if self_mode else sim.flatten()
+    lo, hi = range_
+    idx = torch.floor((vals.to(torch.float64) - lo) / (hi - lo) * bins).clamp(0, bins - 1).to(torch.int64)
+    counts = torch.bincount(idx, minlength=bins).numpy().astype(np.int64)
+    return counts, np.linspace(lo, hi, bins + 1)
+
+
+def class_counts_reference(train: Any, synth: Any | None, thresholds: tuple[float, float] = (0.6, 0.85)
+                           ) -> dict[str, int]:
+    """Pair counts: different <= low < similar <= high < duplicate, over float32 scores."""
+    self_mode = synth is None
+    sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
+    vals = sim[~torch.eye(sim.shape[0], dtype=torch.bool)] if self_mode else sim.flatten()
+    low, high = thresholds
+    dup = int((vals > high).sum())
+    sim_ = int(((vals > low) & (vals <= high)).sum())
+    return {"different": int(vals.numel()) - dup - sim_, "similar": sim_, "duplicate": dup}

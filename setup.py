@@ -1,0 +1,56 @@
+"""Build deepssim_fast and its native extension ``deepssim_fast._native``.
+
+The extension is plain C++17 over buffers (pybind11 + numpy buffer protocol); it never links libtorch.
+It is compiled for a portable x86-64 baseline: AVX2/FMA code paths are selected at run time
+(function-level ``target`` attributes), so one wheel runs on every x86-64 CPU.
+"""
+import glob
+import os
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+extra_compile = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
+if os.environ.get("DEEPSSIM_FAST_DEBUG"):
+    extra_compile = ["-O0", "-g"]
+
+ext = Pybind11Extension(
+    "deepssim_fast._native",
+    sorted(glob.glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=extra_compile,
+    extra_link_args=["-pthread"],
+    depends=sorted(glob.glob("csrc/*.h")),
+)
+
+setup(
+    name="deepssim_fast",
+    version="0.1.0",
+    description="Fast exact SSIM, streaming all-pairs cosine top-k and DeepSSIM memorisation audits for brain MRI",
+    python_requires=">=3.10",
+    packages=["deepssim_fast", "deepssim_fast.kernels"],
+    package_dir={"deepssim_fast": "deepssim_fast", "deepssim_fast.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        "numpy>=1.24",
+        "torch>=2.2,<3",
+        "nibabel>=5",
+        "monai>=1.3",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tqdm>=4.60",
+        "pillow>=9",
+    ],
+    extras_require={
+        "data": ["nilearn>=0.10", "dipy>=1.8"],
+        "report": ["matplotlib>=3.7"],
+        "dask": ["dask>=2024.1", "distributed>=2024.1"],
+        "cupy": ["cupy-cuda12x"],
+        "test": ["pytest>=7", "scikit-image>=0.22", "faiss-cpu>=1.8", "nilearn>=0.10", "dipy>=1.8",
+                 "matplotlib>=3.7", "dask>=2024.1", "distributed>=2024.1", "ruff"],
+        "bench": ["scikit-image>=0.22", "faiss-cpu>=1.8", "pytorch-msssim>=1.0", "torchmetrics>=1.0",
+                  "nilearn>=0.10", "dipy>=1.8", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["deepssim-fast=deepssim_fast.cli:main"]},
+)
