@@ -1,0 +1,164 @@
+"""Timing harness shared by every bench_<capability>.py.
+
+Each case times every provider in turn in the same process on the same inputs: warm-up, then
+``repeat`` timed runs; the table reports the median with min–max and the ratio to a baseline provider
+in the same run (never absolute times across runs: these machines are shared and noisy).
+Rows are printed as a table and appended to BENCHMARKS.md with date, machine, versions and commit.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+@dataclass
+class Row:
+    capability: str
+    case: str
+    provider: str
+    work: float  # items per call (pairs, queries, images, ...)
+    unit: str  # what an item is, e.g. "pairs"
+    times: list[float] = field(default_factory=list)
+    baseline: str | None = None
+    ratio: float | None = None  # baseline median / this median (>1: faster than the baseline)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.work / self.median if self.times and self.median > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(median=self.median, rate=self.rate)
+        return d
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, sync: Callable[[], None] | None = None
+            ) -> list[float]:
+    """Wall times (s) of ``repeat`` calls after ``warmup`` calls. ``sync`` runs after each call (e.g. CUDA sync)."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    out = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_case(capability: str, case: str, providers: dict[str, Callable[[], object]], *, work: float, unit: str,
+             baseline: str | None = None, warmup: int = 1, repeat: int = 5,
+             repeats: dict[str, int] | None = None, notes: dict[str, str] | None = None,
+             log: Callable[[str], None] = print) -> list[Row]:
+    """Time every provider on the same case; ratios are against ``baseline`` (default: the first provider).
+
+    ``repeats`` overrides ``repeat`` per provider (for a slow competitor timed on fewer runs).
+    A provider that raises is reported with its error in ``note`` instead of times.
+    """
+    rows = []
+    for name, fn in providers.items():
+        r = Row(capability, case, name, work, unit, note=(notes or {}).get(name, ""))
+        try:
+            r.times = time_fn(fn, warmup=warmup, repeat=(repeats or {}).get(name, repeat))
+        except Exception as exc:  # noqa: BLE001 - a failing competitor is a result, not a crash
+            r.note = f"failed: {type(exc).__name__}: {exc}"[:200]
+        log(f"  {case:<40} {name:<28} " + (f"{r.median * 1e3:10.2f} ms  {r.rate:12.1f} {unit}/s" if r.times
+                                             else r.note))
+        rows.append(r)
+    base = baseline or next(iter(providers))
+    bmed = next((r.median for r in rows if r.provider == base and r.times), None)
+    for r in rows:
+        r.baseline = base
+        if bmed and r.times:
+            r.ratio = bmed / r.median
+    return rows
+
+
+def _fmt_time(s: float) -> str:
+    if s != s:  # nan
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    lines = ["| case | provider | median (min–max) | rate | vs baseline | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.times:
+            t = f"{_fmt_time(r.median)} ({_fmt_time(min(r.times))}–{_fmt_time(max(r.times))})"
+            rate = f"{r.rate:,.1f} {r.unit}/s"
+            ratio = f"{r.ratio:.2f}× {r.baseline}" if r.ratio is not None else "-"
+        else:
+            t, rate, ratio = "-", "-", "-"
+        lines.append(f"| {r.case} | {r.provider} | {t} | {rate} | {ratio} | {r.note} |")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, str]:
+    import numpy
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+
+
+def append_markdown(title: str, rows: Sequence[Row], *, path: Path = BENCHMARKS_MD, comment: str = "") -> None:
+    """Append a titled table with the machine line to BENCHMARKS.md (created if missing)."""
+    info = machine_info()
+    head = (f"\n### {title}\n\n_{info['date']} · {info['cpu']} · {info['cores']} cores · GPU {info['gpu']} · "
+            f"python {info['python']} · numpy {info['numpy']} · torch {info['torch']} · commit {info['commit']}_\n\n")
+    body = head + (comment.strip() + "\n\n" if comment else "") + markdown_table(rows) + "\n"
+    if not path.exists():
+        path.write_text("# deepssim_fast benchmarks\n")
+    with open(path, "a") as f:
+        f.write(body)
