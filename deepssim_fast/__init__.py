@@ -16,7 +16,6 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "backends": "deepssim_fast.backends",
     "ssim": "deepssim_fast.ssim",
     "ssim_matrix": "deepssim_fast.ssim",
     "all_pairs": "deepssim_fast.all_pairs",
@@ -28,7 +27,12 @@ _EXPORTS = {
     "audit": "deepssim_fast.audit",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Functions that share their module's name are bound eagerly, so the package attribute is always the
+# function (``deepssim_fast.backends()``) while ``from deepssim_fast.backends import resolve`` still
+# reaches the module through sys.modules.
+from .backends import backends  # noqa: E402
+
+__all__ = sorted(_EXPORTS) + ["__version__", "backends"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -130,7 +130,7 @@ def dataset_path(name: str) -> Path:
 
 def _is_nifti_name(path: Path) -> bool:
     n = path.name.lower()
-    return n.endswith(".nii") or n.endswith(".nii.gz")
+    return n.endswith((".nii", ".nii.gz"))
 
 
 def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool = True) -> np.ndarray:
@@ -227,7 +227,7 @@ def center_fit(image: np.ndarray, shape: Sequence[int], *, fill: float | None = 
     fill_value = float(img.min()) if fill is None and img.size else (fill or 0.0)
     out = np.full(tuple(shape), fill_value, dtype=img.dtype)
     src, dst = [], []
-    for n, m in zip(img.shape, shape):
+    for n, m in zip(img.shape, shape, strict=True):
         if n >= m:
             a = (n - m) // 2
             src.append(slice(a, a + m))

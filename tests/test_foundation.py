@@ -1,0 +1,218 @@
+"""Foundation: native extension, backends and dispatch, shipped real MRI, loader errors, CLI doctor."""
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import deepssim_fast
+from deepssim_fast import data
+
+bk = importlib.import_module("deepssim_fast.backends")
+
+
+# ---------------------------------------------------------------- native extension
+def test_native_imports_and_reports_simd_and_threads():
+    from deepssim_fast import _native
+
+    assert _native.simd_level() in ("scalar", "avx2")
+    assert _native.detected_simd_level() in ("scalar", "avx2")
+    assert _native.num_threads() >= 1
+    assert isinstance(list(_native.capabilities), list)
+
+
+def test_native_simd_level_can_be_lowered_and_restored():
+    from deepssim_fast import _native
+
+    detected = _native.detected_simd_level()
+    try:
+        _native.set_simd_level("scalar")
+        assert _native.simd_level() == "scalar"
+        _native.set_simd_level("avx2")  # capped by what the CPU supports
+        assert _native.simd_level() == detected
+    finally:
+        _native.set_simd_level("auto")
+    assert _native.simd_level() == detected
+    with pytest.raises(ValueError, match="expected 'auto', 'scalar' or 'avx2'"):
+        _native.set_simd_level("avx512")
+
+
+def test_native_thread_count_is_settable():
+    from deepssim_fast import _native
+
+    try:
+        _native.set_num_threads(1)
+        assert _native.num_threads() == 1
+        _native.set_num_threads(3)
+        assert _native.num_threads() == 3
+    finally:
+        _native.set_num_threads(0)
+    with pytest.raises(ValueError):
+        _native.set_num_threads(-1)
+
+
+def test_native_does_not_link_libtorch():
+    from deepssim_fast import _native
+
+    out = subprocess.run(["ldd", _native.__file__], capture_output=True, text=True).stdout
+    assert "libtorch" not in out and "libc10" not in out
+
+
+# ---------------------------------------------------------------- backends
+def test_backends_lists_everything():
+    assert deepssim_fast.backends is bk.backends
+    info = deepssim_fast.backends()
+    assert set(info) >= {"native", "torch", "triton", "cuda", "cupy"}
+    assert info["native"]["available"] is True
+    assert info["native"]["simd"] in ("scalar", "avx2")
+    assert info["torch"]["available"] is True
+    if not torch.cuda.is_available():
+        assert info["cuda"] == []
+
+
+def test_resolve_follows_data_and_overrides(monkeypatch):
+    monkeypatch.delenv(bk.ENV_VAR, raising=False)
+    x = np.zeros((2, 2), np.float32)
+    assert bk.resolve(None, [x]) == "native"
+    assert bk.resolve("torch", [x]) == "torch"
+    monkeypatch.setenv(bk.ENV_VAR, "torch")
+    assert bk.resolve(None, [x]) == "torch"
+    assert bk.resolve("native", [x]) == "native"  # the argument beats the environment
+    monkeypatch.setenv(bk.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        bk.resolve(None, [x])
+
+
+def test_forced_unavailable_backend_says_what_to_install(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present, so triton is available")
+    with pytest.raises(bk.BackendUnavailableError, match="NVIDIA GPU"):
+        bk.resolve("triton", [np.zeros(3)])
+    with pytest.raises(ValueError, match="unknown backend"):
+        bk.require("metal")
+
+
+def test_resolve_supported_subset():
+    with pytest.raises(ValueError, match="not supported"):
+        bk.resolve("triton", [np.zeros(3)], supported=("native", "torch"))
+
+
+def test_to_torch_and_back_keeps_kind():
+    from deepssim_fast._arrays import like_input, to_torch
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    t = to_torch(a)
+    assert t.data_ptr() == a.__array_interface__["data"][0]  # no copy
+    assert isinstance(like_input(t * 2, a), np.ndarray)
+    assert isinstance(like_input(t, t), torch.Tensor)
+    with pytest.raises(TypeError, match="object array"):
+        to_torch(np.array([np.zeros(2), np.zeros(3)], dtype=object))
+
+
+# ---------------------------------------------------------------- shipped real MRI
+@pytest.mark.parametrize("name,package,shape", [
+    ("mni152", "nilearn", (197, 233, 189)),
+    ("t1_coronal_slice", "dipy", (256, 256)),
+    ("s0_10slices", "dipy", (128, 128, 10)),
+    ("aniso_vox", "dipy", (58, 58, 24)),
+    ("piesno", "dipy", (96, 96, 14)),
+    ("anatomical", "nibabel", (33, 41, 25)),
+])
+def test_shipped_volumes_load(name, package, shape):
+    assert data.DATASETS[name].package == package
+    vol = data.load_volume(name)
+    assert vol.source == name
+    assert vol.array.dtype == np.float32
+    assert vol.array.shape == shape
+    assert np.isfinite(vol.array).all()
+    assert float(vol.array.std()) > 0, "a real scan is not constant"
+
+
+def test_4d_volume_needs_a_frame():
+    path = data.dataset_path("example4d")
+    with pytest.raises(data.DataError, match=r"4D volume of shape \(128, 96, 24, 2\); choose a frame") as e:
+        data.load_volume("example4d")
+    assert str(path) in str(e.value)
+    f0 = data.load_volume("example4d", frame=0).array
+    f1 = data.load_volume("example4d", frame=1).array
+    assert f0.shape == (128, 96, 24) and not np.array_equal(f0, f1)
+    with pytest.raises(data.DataError, match="frame 5 out of range"):
+        data.load_volume("example4d", frame=5)
+    with pytest.raises(data.DataError, match="is 3D"):
+        data.load_nifti(data.dataset_path("anatomical"), frame=0)
+
+
+def test_slices_follow_the_policy():
+    vol = data.load_volume("mni152").array
+    every = data.volume_slices(vol, data.SlicePolicy(axis=2, min_foreground=0))
+    assert len(every) == vol.shape[2]
+    kept = data.load_slices("mni152")
+    assert 0 < len(kept) < vol.shape[2], "near-empty slices at the ends are skipped"
+    assert all(s.array.shape == (197, 233) and s.array.dtype == np.float32 for s in kept)
+    sub = data.load_slices("mni152", data.SlicePolicy(axis=0, start=50, stop=150, step=10, min_foreground=0))
+    assert [s.index for s in sub] == list(range(50, 150, 10))
+    assert sub[0].array.shape == (233, 189)
+    np.testing.assert_array_equal(sub[1].array, vol[60])
+    assert sub[1].key == "mni152#0:60"
+    with pytest.raises(ValueError, match="axis"):
+        data.SlicePolicy(axis=3)
+    with pytest.raises(ValueError, match="step"):
+        data.SlicePolicy(step=0)
+
+
+def test_real_slices_center_fit():
+    sl = list(data.real_slices((64, 64), datasets=["anatomical", "t1_coronal_slice"]))
+    assert len(sl) == 26 and all(s.array.shape == (64, 64) for s in sl)
+    img = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = data.center_fit(img, (5, 2))
+    assert out.shape == (5, 2)
+    np.testing.assert_array_equal(out[1:4], img[:, 1:3])
+    assert (out[0] == img.min()).all()
+
+
+def test_loader_errors_name_path_and_problem(tmp_path):
+    missing = tmp_path / "nope.nii.gz"
+    with pytest.raises(data.DataError, match="no such file") as e:
+        data.load_nifti(missing)
+    assert str(missing) in str(e.value)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(data.DataError, match="not a NIfTI file"):
+        data.load_nifti(txt)
+    fake = tmp_path / "fake.nii.gz"
+    fake.write_bytes(gzip.compress(b"this is not a nifti header" * 20))
+    with pytest.raises(data.DataError, match="not a readable NIfTI") as e:
+        data.load_nifti(fake)
+    assert str(fake) in str(e.value)
+    with pytest.raises(data.DataError, match="unknown dataset 'brain'"):
+        data.load_volume("brain")
+
+
+def test_nan_volume_is_rejected(tmp_path):
+    import nibabel as nib
+
+    arr = np.ones((8, 8, 8), np.float32)
+    arr[3, 3, 3] = np.nan
+    p = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), p)
+    with pytest.raises(data.DataError, match="NaN or Inf"):
+        data.load_nifti(p)
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_doctor_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "deepssim_fast", "doctor", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["backends"]["native"]["available"] is True
+    text = subprocess.run([sys.executable, "-m", "deepssim_fast", "doctor"], capture_output=True, text=True,
+                          check=True).stdout
+    for word in ("native", "torch", "triton", "cuda", "cupy"):
+        assert word in text
