@@ -16,6 +16,7 @@ Conventions (equal to ``skimage.metrics.structural_similarity``):
   pair's range is used instead (the reference would return NaN).
 * Whatever the mode, a pair whose resolved range is 0 is two equal constant images: SSIM = 1, never NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ class SSIMParams:
 
     @property
     def cov_norm(self) -> float:
-        n = self.win_size ** self.spatial_dims
+        n = self.win_size**self.spatial_dims
         return n / (n - 1.0) if self.sample_covariance else 1.0
 
 
@@ -74,9 +75,19 @@ def window_weights(params: SSIMParams) -> np.ndarray:
     return w / w.sum()
 
 
-def resolve_params(*, ndim: int, spatial_dims: int | None, window: str, win_size: int, sigma: float,
-                   data_range: float | None, k1: float, k2: float, sample_covariance: bool,
-                   preset: str | None) -> SSIMParams:
+def resolve_params(
+    *,
+    ndim: int,
+    spatial_dims: int | None,
+    window: str,
+    win_size: int,
+    sigma: float,
+    data_range: float | None,
+    k1: float,
+    k2: float,
+    sample_covariance: bool,
+    preset: str | None,
+) -> SSIMParams:
     """Validate the options and fill defaults. ``ndim`` is the rank of the inputs."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
@@ -86,7 +97,8 @@ def resolve_params(*, ndim: int, spatial_dims: int | None, window: str, win_size
         else:
             raise ValueError(
                 f"inputs of rank {ndim} are ambiguous: pass spatial_dims=2 (a batch of 2D slices) or "
-                f"spatial_dims=3 (3D volumes). Only 2D arrays default to spatial_dims=2.")
+                f"spatial_dims=3 (3D volumes). Only 2D arrays default to spatial_dims=2."
+            )
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if ndim < spatial_dims:
@@ -106,45 +118,93 @@ def resolve_params(*, ndim: int, spatial_dims: int | None, window: str, win_size
             raise ValueError(f"win_size must be at least 3, got {win_size}")
         taps = int(win_size)
     if data_range is not None:
-        if not (isinstance(data_range, (int, float, np.floating, np.integer)) and math.isfinite(data_range)
-                and data_range > 0):
+        if not (
+            isinstance(data_range, (int, float, np.floating, np.integer))
+            and math.isfinite(data_range)
+            and data_range > 0
+        ):
             raise ValueError(f"data_range must be a positive finite number or None, got {data_range!r}")
         if preset == "deepssim":
-            raise ValueError("preset='deepssim' sets data_range itself (max - min of the first image); "
-                             "do not pass data_range with it")
+            raise ValueError(
+                "preset='deepssim' sets data_range itself (max - min of the first image); "
+                "do not pass data_range with it"
+            )
     for name, v in (("k1", k1), ("k2", k2)):
         if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
             raise ValueError(f"{name} must be a positive number, got {v!r}")
-    return SSIMParams(spatial_dims, window, taps, float(sigma),
-                      None if data_range is None else float(data_range), float(k1), float(k2),
-                      bool(sample_covariance), preset)
+    return SSIMParams(
+        spatial_dims,
+        window,
+        taps,
+        float(sigma),
+        None if data_range is None else float(data_range),
+        float(k1),
+        float(k2),
+        bool(sample_covariance),
+        preset,
+    )
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tuple[int, ...]:
     """Validate shapes; return the batch shape."""
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    spatial = tuple(x.shape[x.ndim - params.spatial_dims:])
+    spatial = tuple(x.shape[x.ndim - params.spatial_dims :])
     if any(s < params.win_size for s in spatial):
-        raise ValueError(f"image of spatial shape {spatial} is smaller than the {params.win_size}-wide "
-                         f"{params.window} window; every spatial side must be >= {params.win_size}")
+        raise ValueError(
+            f"image of spatial shape {spatial} is smaller than the {params.win_size}-wide "
+            f"{params.window} window; every spatial side must be >= {params.win_size}"
+        )
     if x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"unsupported dtype {x.dtype}")
     return tuple(x.shape[: x.ndim - params.spatial_dims])
+
+
+def broadcast_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tuple[int, ...]:
+    """Validate shapes allowing broadcast batch dims (one-vs-many); return the broadcast batch shape.
+
+    The spatial shapes (last ``spatial_dims`` axes) must be equal; the leading batch dims broadcast as numpy.
+    """
+    sd = params.spatial_dims
+    for name, t in (("x", x), ("y", y)):
+        if t.ndim < sd:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} has fewer than spatial_dims={sd} dimensions")
+    sx, sy = tuple(x.shape[x.ndim - sd :]), tuple(y.shape[y.ndim - sd :])
+    if sx != sy:
+        raise ValueError(
+            f"x and y must have the same spatial shape, got {tuple(x.shape)} and {tuple(y.shape)} "
+            f"(spatial_dims={sd})"
+        )
+    try:
+        batch = tuple(np.broadcast_shapes(tuple(x.shape[: x.ndim - sd]), tuple(y.shape[: y.ndim - sd])))
+    except ValueError:
+        raise ValueError(
+            f"x and y batch dims do not broadcast: shapes {tuple(x.shape)} and {tuple(y.shape)} "
+            f"(spatial_dims={sd})"
+        ) from None
+    if any(s < params.win_size for s in sx):
+        raise ValueError(
+            f"image of spatial shape {sx} is smaller than the {params.win_size}-wide "
+            f"{params.window} window; every spatial side must be >= {params.win_size}"
+        )
+    if x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"unsupported dtype {x.dtype}")
+    return batch
 
 
 def check_finite(x: torch.Tensor, name: str, params: SSIMParams) -> None:
     """Raise ValueError naming the first pair index whose image holds NaN or Inf."""
     if not x.dtype.is_floating_point:
         return
-    flat = x.reshape(-1, *x.shape[x.ndim - params.spatial_dims:])
+    flat = x.reshape(-1, *x.shape[x.ndim - params.spatial_dims :])
     bad = ~torch.isfinite(flat).flatten(1).all(dim=1)
     if bool(bad.any()):
         idx = int(torch.nonzero(bad)[0])
         batch_shape = tuple(x.shape[: x.ndim - params.spatial_dims])
         where = np.unravel_index(idx, batch_shape) if batch_shape else ()
-        raise ValueError(f"{name} has NaN or Inf values at pair index {tuple(int(i) for i in where)} "
-                         f"(flat index {idx})")
+        raise ValueError(
+            f"{name} has NaN or Inf values at pair index {tuple(int(i) for i in where)} (flat index {idx})"
+        )
 
 
 def dtype_range(dtype: torch.dtype) -> float | None:
@@ -161,7 +221,9 @@ def zscore(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return torch.where(std > 0, (x - mean) / torch.where(std > 0, std, 1.0), torch.zeros_like(x))
 
 
-def pair_data_range(x: torch.Tensor, y: torch.Tensor, params: SSIMParams, *, input_dtype: Any) -> torch.Tensor:
+def pair_data_range(
+    x: torch.Tensor, y: torch.Tensor, params: SSIMParams, *, input_dtype: Any
+) -> torch.Tensor:
     """Per-pair data range (float64, batch-flat shape (B,)) for inputs shaped (B, *spatial).
 
     Call after the preset transform: for ``deepssim`` ``x`` and ``y`` are already z-scored.

@@ -1,0 +1,310 @@
+"""Benchmark of deepssim_fast.ssim / ssim_matrix (issue 3): exact windowed SSIM against the usual tools.
+
+Cases (every provider in the same process, same real inputs; rates compared within a case):
+* 2D 256×256, 1024 pairs of neighbouring MNI152 slices (centre-fit), default convention (uniform 7,
+  sample covariance, per-pair data range): deepssim_fast native vs scikit-image (loop, float64; timed on
+  fewer pairs and scaled to pairs/s, same per-pair range), pytorch-msssim (uniform window through ``win=``,
+  one data range per batch, population covariance), MONAI ``SSIMMetric`` (uniform 7).
+* 3D 160×192×160 (MNI152 centre-fit), 4 pairs: native vs scikit-image, MONAI, pytorch-msssim (uniform 7).
+* ``ssim_matrix`` 512×512 of 128×128 slices: pairs/s, and the gain of moment reuse over calling ``ssim``
+  pair by pair (the pair-by-pair route is timed on a band of rows and scaled).
+* The training call: ``ssim(x, y, spatial_dims=2, preset="deepssim")`` on (32, 128, 128) float32 torch.
+* GPU (only with CUDA): Triton 2D and 3D vs pytorch-msssim and MONAI on the same GPU, pairs/s and the
+  fraction of the FP32 roofline for the separable-window FLOP counts of the issue (161 / 241 per pixel).
+
+``python -m bench.bench_ssim [--quick] [--no-append]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from bench.harness import Row, append_markdown, markdown_table, run_case
+
+logger = logging.getLogger(__name__)
+
+CAP = "ssim"
+
+
+def _slices(shape: tuple[int, int], n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """n_pairs pairs of neighbouring real MNI152 slices centre-fit to ``shape`` (cycled if needed)."""
+    from deepssim_fast.data import real_slices
+
+    sl = np.stack([s.array for s in real_slices(shape, datasets=["mni152"])]).astype(np.float32)
+    idx = np.arange(n_pairs) % (len(sl) - 1)
+    return np.ascontiguousarray(sl[idx]), np.ascontiguousarray(sl[idx + 1])
+
+
+def _volumes(shape: tuple[int, int, int], n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The MNI152 volume centre-fit to ``shape`` against shifted / noisy / flipped / contrast copies."""
+    from deepssim_fast.data import center_fit, load_volume
+
+    v = center_fit(load_volume("mni152").array, shape).astype(np.float32)
+    rng = np.random.default_rng(0)
+    ys = [
+        np.roll(v, 2, axis=0),
+        v + rng.normal(0, 0.05 * v.std(), v.shape).astype(np.float32),
+        v[:, ::-1].copy(),
+        1.5 * v + 10.0,
+    ]
+    y = np.stack([ys[i % len(ys)] for i in range(n_pairs)]).astype(np.float32)
+    return np.ascontiguousarray(np.broadcast_to(v, y.shape)), y
+
+
+def _pair_ranges(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    b = x.shape[0]
+    fx, fy = x.reshape(b, -1), y.reshape(b, -1)
+    return (np.maximum(fx.max(1), fy.max(1)) - np.minimum(fx.min(1), fy.min(1))).astype(np.float64)
+
+
+def _case(
+    case: str,
+    providers: dict[str, tuple[Callable[[], object], float]],
+    unit: str,
+    baseline: str,
+    repeat: int,
+    notes: dict[str, str] | None = None,
+    repeats: dict[str, int] | None = None,
+) -> list[Row]:
+    """Like harness.run_case, but each provider has its own work count; ratios are rate ratios."""
+    rows: list[Row] = []
+    for name, (fn, work) in providers.items():
+        rows += run_case(
+            CAP,
+            case,
+            {name: fn},
+            work=work,
+            unit=unit,
+            repeat=(repeats or {}).get(name, repeat),
+            notes={name: (notes or {}).get(name, "")},
+        )
+    base = next((r for r in rows if r.provider == baseline and r.times), None)
+    for r in rows:
+        r.baseline = baseline
+        r.ratio = (r.rate / base.rate) if base is not None and r.times else None
+    return rows
+
+
+def _msssim_uniform(x: torch.Tensor, y: torch.Tensor, dr: float, spatial_dims: int) -> torch.Tensor:
+    import pytorch_msssim
+
+    win = torch.full((1, 1, 7), 1.0 / 7, dtype=x.dtype, device=x.device).repeat(
+        [x.shape[1]] + [1] * (x.ndim - 1)
+    )
+    return pytorch_msssim.ssim(x, y, data_range=dr, win=win, size_average=False)
+
+
+def _monai(spatial_dims: int, dr: float, kernel: str = "uniform"):
+    from monai.metrics import SSIMMetric
+
+    return SSIMMetric(
+        spatial_dims=spatial_dims,
+        data_range=dr,
+        kernel_type=kernel,
+        win_size=7 if kernel == "uniform" else 11,
+        kernel_sigma=1.5,
+        reduction="none",
+    )
+
+
+def _cpu_2d(quick: bool) -> list[Row]:
+    from skimage.metrics import structural_similarity
+
+    from deepssim_fast.ssim import ssim
+
+    n = 64 if quick else 1024
+    x, y = _slices((256, 256), n)
+    rng = _pair_ranges(x, y)
+    n_sk, n_t = (4, 16) if quick else (24, 64)
+    tx, ty = torch.from_numpy(x[:n_t, None]), torch.from_numpy(y[:n_t, None])
+    dr = float(rng[:n_t].max())
+
+    def skimage_loop():
+        for i in range(n_sk):
+            structural_similarity(x[i], y[i], data_range=rng[i])
+
+    monai_metric = _monai(2, dr)
+    providers = {
+        "scikit-image (loop)": (skimage_loop, n_sk),
+        "deepssim_fast native": (lambda: ssim(x, y, spatial_dims=2), n),
+        "deepssim_fast torch": (lambda: ssim(x[:n_t], y[:n_t], spatial_dims=2, backend="torch"), n_t),
+        "pytorch-msssim (win=uniform 7)": (lambda: _msssim_uniform(tx, ty, dr, 2), n_t),
+        "MONAI SSIMMetric (uniform 7)": (lambda: monai_metric(tx, ty), n_t),
+    }
+    notes = {
+        "pytorch-msssim (win=uniform 7)": "one data range per batch, population covariance",
+        "MONAI SSIMMetric (uniform 7)": "one data range per batch",
+        "scikit-image (loop)": f"{n_sk} pairs timed, per-pair data range",
+    }
+    return _case(
+        f"2D 256x256 {n} real pairs", providers, "pairs", "scikit-image (loop)", 3 if quick else 5, notes
+    )
+
+
+def _cpu_3d(quick: bool) -> list[Row]:
+    from skimage.metrics import structural_similarity
+
+    from deepssim_fast.ssim import ssim
+
+    shape = (48, 56, 48) if quick else (160, 192, 160)
+    x, y = _volumes(shape, 4)
+    rng = _pair_ranges(x, y)
+    tx, ty = torch.from_numpy(x[:1, None]), torch.from_numpy(y[:1, None])
+    monai_metric = _monai(3, float(rng[0]))
+    providers = {
+        "scikit-image": (lambda: structural_similarity(x[0], y[0], data_range=rng[0]), 1),
+        "deepssim_fast native": (lambda: ssim(x, y, spatial_dims=3), 4),
+        "MONAI SSIMMetric (uniform 7)": (lambda: monai_metric(tx, ty), 1),
+        "pytorch-msssim (win=uniform 7)": (lambda: _msssim_uniform(tx, ty, float(rng[0]), 3), 1),
+    }
+    reps = 2 if quick else 3
+    return _case(
+        f"3D {'x'.join(map(str, shape))} 4 pairs",
+        providers,
+        "pairs",
+        "scikit-image",
+        reps,
+        repeats={"MONAI SSIMMetric (uniform 7)": reps},
+    )
+
+
+def _matrix(quick: bool) -> list[Row]:
+    from deepssim_fast.ssim import ssim, ssim_matrix
+
+    n = 64 if quick else 512
+    a, _ = _slices((128, 128), n)
+    b = np.ascontiguousarray(a[::-1])
+    band = 8 if quick else 32
+    providers = {
+        "ssim pair by pair (no reuse)": (lambda: ssim(a[:band, None], b[None], spatial_dims=2), band * n),
+        "ssim_matrix (moment reuse)": (lambda: ssim_matrix(a, b, progress=False), n * n),
+    }
+    return _case(
+        f"ssim_matrix {n}x{n} of 128x128",
+        providers,
+        "pairs",
+        "ssim pair by pair (no reuse)",
+        2 if quick else 1,
+        notes={"ssim pair by pair (no reuse)": f"{band} rows timed"},
+    )
+
+
+def _training_call(quick: bool) -> list[Row]:
+    from deepssim_fast.ssim import ssim
+
+    x, y = _slices((128, 128), 32)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y[:, :, ::-1]))
+    providers = {
+        "deepssim_fast native (preset=deepssim, torch in/out)": lambda: ssim(
+            tx, ty, spatial_dims=2, preset="deepssim"
+        ),
+        "deepssim_fast torch backend": lambda: ssim(
+            tx, ty, spatial_dims=2, preset="deepssim", backend="torch"
+        ),
+    }
+    return run_case(
+        CAP, "training step targets 32x128x128", providers, work=32, unit="pairs", repeat=5 if quick else 20
+    )
+
+
+def _gpu(quick: bool) -> list[Row]:
+    """Triton vs the torch libraries on the same GPU; roofline fraction in the note."""
+    from deepssim_fast.ssim import ssim
+
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    peak = (
+        67e12 if "H200" in torch.cuda.get_device_name(0) or "H100" in torch.cuda.get_device_name(0) else None
+    )
+    rows: list[Row] = []
+    for sd, shape, n in ((2, (256, 256), 256 if quick else 4096), (3, (160, 192, 160), 2 if quick else 8)):
+        if sd == 2:
+            xn, yn = _slices(shape, n)
+        else:
+            xn, yn = _volumes(shape, n)
+        x, y = torch.from_numpy(xn).to(dev), torch.from_numpy(yn).to(dev)
+        dr = float(_pair_ranges(xn, yn).max())
+        monai_u = _monai(sd, dr)
+        for window, flop in (("uniform", 161.0), ("gaussian", 241.0)):
+            kw = {} if window == "uniform" else dict(window="gaussian", sample_covariance=False)
+            px = float(np.prod(shape))
+
+            def tri(kw=kw, x=x, y=y, sd=sd):
+                ssim(x, y, spatial_dims=sd, backend="triton", **kw)
+                sync()
+
+            def msssim(window=window, x=x, y=y, dr=dr, sd=sd):
+                if window == "uniform":
+                    _msssim_uniform(x[:, None], y[:, None], dr, sd)
+                else:
+                    import pytorch_msssim
+
+                    pytorch_msssim.ssim(x[:, None], y[:, None], data_range=dr, size_average=False)
+                sync()
+
+            def monai(window=window, x=x, y=y, dr=dr, sd=sd, monai_u=monai_u):
+                (monai_u if window == "uniform" else _monai(sd, dr, "gaussian"))(x[:, None], y[:, None])
+                sync()
+
+            case = f"GPU {sd}D {'x'.join(map(str, shape))} {window} {n} pairs"
+            rs = run_case(
+                CAP,
+                case,
+                {"deepssim_fast triton": tri, "pytorch-msssim": msssim, "MONAI": monai},
+                work=n,
+                unit="pairs",
+                baseline="pytorch-msssim",
+                repeat=5,
+            )
+            for r in rs:
+                if r.times and peak:
+                    r.note = (
+                        r.note + f" {r.rate * px * flop / peak:.1%} of FP32 roofline ({flop:.0f} FLOP/px)"
+                    ).strip()
+            rows += rs
+    return rows
+
+
+def run(quick: bool = False, append: bool = True) -> list[Row]:
+    """Run every case; append the table to BENCHMARKS.md unless ``append=False``."""
+    from deepssim_fast import _native
+
+    rows: list[Row] = []
+    for fn in (_cpu_2d, _cpu_3d, _matrix, _training_call):
+        try:
+            rows += fn(quick)
+        except Exception as exc:  # noqa: BLE001 - a failing case is reported, the others still run
+            logger.exception("case %s failed", fn.__name__)
+            rows.append(
+                Row(CAP, fn.__name__, "failed", 0, "pairs", note=f"{type(exc).__name__}: {exc}"[:200])
+            )
+    if torch.cuda.is_available():
+        rows += _gpu(quick)
+    if append:
+        append_markdown(
+            f"SSIM engine{' (quick)' if quick else ''}",
+            rows,
+            comment=f"native: {_native.simd_level()}, {_native.num_threads()} threads; "
+            f"torch threads {torch.get_num_threads()}. Rates within a case are comparable; "
+            f"'vs baseline' is the ratio of rates (pairs/s).",
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    rows = run(quick=args.quick, append=not args.no_append)
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,766 @@
+// Native CPU SSIM: scikit-image-compatible windowed SSIM for batches of pairs (2D and 3D) and for
+// whole SSIM matrices with per-image moment reuse.
+//
+// Algorithm (per pair): each image is shifted by its minimum (the background level of MRI; z-scored for
+// the deepssim preset) into a float32 buffer, then the window is applied separably as "valid" filtering:
+//   2D: a vertical pass forms, for every column of one output row, the window's mean, variance and
+//       covariance of the K input rows below it; a horizontal pass combines K such columns and evaluates
+//       the SSIM formula at once; the row's sum is accumulated in fp64. Nothing image-sized is kept.
+//   3D: a z-pass forms the five statistics of one output plane, then the same 2D passes run on them.
+// fp32 exactness: a plain E[x^2] - E[x]^2 in fp32 drifts ~1e-5 from scikit-image on MRI (flat regions far
+// from the centring value). Every pass here centres each lane on the value at the window's middle tap and
+// combines partial statistics by the law of total variance (var = mean of variances + variance of means),
+// so all squared quantities are local differences: flat regions give exact zeros, and results stay within
+// ~3e-7 of scikit-image's float64 on real MRI (2D/3D, uniform/Gaussian, the deepssim preset).
+//
+// The hot loops run on 8-float vectors (GCC vector extensions) inside always-inline templates that are
+// instantiated twice, plainly (portable baseline: pairs of SSE registers) and inside functions marked
+// DSF_TARGET_AVX2 (ymm, FMA contraction allowed there only); dsf::active_simd() picks one at run time.
+//
+// Conventions (see deepssim_fast/_ssim_common.py): range_mode 0 = a fixed data range `range_value`;
+// 1 = per pair max - min over both images; 2 = the deepssim preset (each image z-scored, population
+// std, data range = max - min of the FIRST z-scored image, or the pair's range if that is 0). A pair
+// whose resolved range is 0 is two equal constant images and scores 1.
+#include "common.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// Let the AVX2 instantiation fuse multiply-adds (the baseline has no FMA instruction, so it is unchanged);
+// vector-extension types in the baseline functions trigger ABI notes that do not apply (all inlined).
+#pragma GCC optimize("fp-contract=fast")
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace dsf {
+namespace ssim_native {
+
+#define DSF_INLINE inline __attribute__((always_inline))
+
+struct Window {
+  int K = 7;                  // taps
+  std::vector<float> w;       // K weights summing to 1
+  bool uniform = true;        // all weights equal: kernels sum and scale once
+  float cov_norm = 1.0f;      // N / (N - 1) or 1
+  double k1 = 0.01, k2 = 0.03;
+  int range_mode = 1;
+  double range_value = 0.0;
+};
+
+// Shape of one image: D = 1 for 2D.
+struct Geom {
+  int64_t D = 1, H = 0, W = 0;
+  int64_t n() const { return D * H * W; }
+};
+
+struct ImgStats {
+  double mean = 0, std = 0, mn = 0, mx = 0;
+};
+
+// How one image is prepared: a = (x - centre) * scale (float), luminance offset added back to means.
+struct Prep {
+  double centre = 0, scale = 1;
+  float lum_offset = 0;
+};
+
+// Resolve centring of both images and the pair's data range. Returns the range (0 => score 1).
+double resolve_pair(const ImgStats& sx, const ImgStats& sy, const Window& win, Prep& px, Prep& py) {
+  if (win.range_mode == 2) {
+    px.centre = sx.mn;
+    px.scale = sx.std > 0 ? 1.0 / sx.std : 0.0;
+    py.centre = sy.mn;
+    py.scale = sy.std > 0 ? 1.0 / sy.std : 0.0;
+    px.lum_offset = static_cast<float>((sx.mn - sx.mean) * px.scale);
+    py.lum_offset = static_cast<float>((sy.mn - sy.mean) * py.scale);
+    const double zx_hi = (sx.mx - sx.mean) * px.scale, zx_lo = (sx.mn - sx.mean) * px.scale;
+    const double zy_hi = (sy.mx - sy.mean) * py.scale, zy_lo = (sy.mn - sy.mean) * py.scale;
+    const double first = zx_hi - zx_lo;
+    if (first > 0) return first;
+    return std::max(zx_hi, zy_hi) - std::min(zx_lo, zy_lo);
+  }
+  px.centre = sx.mn;
+  py.centre = sy.mn;
+  px.scale = py.scale = 1.0;
+  px.lum_offset = static_cast<float>(sx.mn);
+  py.lum_offset = static_cast<float>(sy.mn);
+  if (win.range_mode == 0) return win.range_value;
+  return std::max(sx.mx, sy.mx) - std::min(sx.mn, sy.mn);
+}
+
+
+struct PairConst {
+  float c1, c2, cov_norm, ox, oy;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Register-blocked kernels on 8-float vectors (GCC vector extensions: ymm registers inside the AVX2
+// instantiation, pairs of xmm registers in the baseline one). Rows are processed in blocks of 8 columns;
+// loads may run up to 7 floats past the end of a row, so every buffer read here has >= 16 floats of
+// zeroed padding at its end, and lanes past the valid width are masked out of the sums.
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+DSF_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+DSF_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+DSF_INLINE v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+constexpr int64_t kPad = 16;
+inline int64_t padded(int64_t n) { return (n + kPad + 15) & ~int64_t(15); }
+
+DSF_INLINE void prepare(const float* __restrict src, float* __restrict dst, int64_t n, const Prep& p) {
+  const float c = static_cast<float>(p.centre);
+  const float s = static_cast<float>(p.scale);
+  if (p.scale == 1.0) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] - c;
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = (src[i] - c) * s;
+  }
+}
+
+DSF_INLINE double hsum8(v8f v) {
+  double t = 0;
+  for (int l = 0; l < 8; ++l) t += v[l];
+  return t;
+}
+
+// Mean, population std (only when need_std), min and max of n floats; fp32 lanes per block, fp64 across.
+DSF_INLINE ImgStats image_stats_t(const float* __restrict p, int64_t n, bool need_std) {
+  ImgStats st;
+  const int64_t n8 = n & ~int64_t(7);
+  v8f lo = splat8(std::numeric_limits<float>::infinity()), hi = -lo;
+  double sum = 0;
+  for (int64_t b = 0; b < n8; b += 1024) {
+    const int64_t e = std::min(n8, b + 1024);
+    v8f acc = splat8(0);
+    for (int64_t i = b; i < e; i += 8) {
+      const v8f x = load8(p + i);
+      acc += x;
+      lo = x < lo ? x : lo;
+      hi = x > hi ? x : hi;
+    }
+    sum += hsum8(acc);
+  }
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+  for (int l = 0; l < 8; ++l) {
+    mn = std::min(mn, lo[l]);
+    mx = std::max(mx, hi[l]);
+  }
+  for (int64_t i = n8; i < n; ++i) {
+    sum += p[i];
+    mn = std::min(mn, p[i]);
+    mx = std::max(mx, p[i]);
+  }
+  st.mean = sum / static_cast<double>(n);
+  st.mn = mn;
+  st.mx = mx;
+  if (need_std) {
+    const float m = static_cast<float>(st.mean);
+    const double dm = st.mean - static_cast<double>(m);  // fp64 correction of the fp32 centre
+    double ss = 0, s1 = 0;
+    for (int64_t b = 0; b < n8; b += 1024) {
+      const int64_t e = std::min(n8, b + 1024);
+      v8f acc = splat8(0), acc1 = splat8(0);
+      const v8f vm = splat8(m);
+      for (int64_t i = b; i < e; i += 8) {
+        const v8f d = load8(p + i) - vm;
+        acc += d * d;
+        acc1 += d;
+      }
+      ss += hsum8(acc);
+      s1 += hsum8(acc1);
+    }
+    for (int64_t i = n8; i < n; ++i) {
+      const double d = static_cast<double>(p[i] - m);
+      ss += d * d;
+      s1 += d;
+    }
+    // sum (x - mean)^2 = sum (x - m)^2 - 2 dm sum (x - m) + n dm^2
+    const double var = (ss - 2.0 * dm * s1 + static_cast<double>(n) * dm * dm) / static_cast<double>(n);
+    st.std = std::sqrt(std::max(0.0, var));
+  }
+  return st;
+}
+
+// Window accumulation with per-lane local centring (law of total variance). This is what keeps fp32
+// exact to ~1e-7 on MRI: every value entering a square is a difference from the value at the window's
+// middle tap, so flat regions (background or tissue) produce small numbers and E[x^2] - E[x]^2 never
+// cancels large terms.
+//   FROM_RAW: channels c[0] = a, c[1] = b are prepared image values (within-window variance 0 per tap).
+//   else:     c = (mean_a, mean_b, var_a, var_b, cov_ab) of the previous (orthogonal) pass.
+//   CROSS:    only means and the covariance are formed (ssim_matrix has the variances per image).
+// Result (per lane): out = (mean_a, mean_b, var_a, var_b, cov_ab) over the combined window.
+template <bool UNI, bool FROM_RAW, bool CROSS>
+DSF_INLINE void ltv_accumulate(const float* const* c, int64_t off, int64_t step, const Window& win, v8f out[5]) {
+  const int K = win.K, h = (K - 1) / 2;
+  const float* w = win.w.data();
+  const v8f ca = load8(c[0] + off + h * step), cb = load8(c[1] + off + h * step);
+  const v8f z = splat8(0);
+  v8f ea = z, eb = z, eaa = z, ebb = z, eab = z, sva = z, svb = z, sc = z;
+  for (int k = 0; k < K; ++k) {
+    const int64_t o = off + k * step;
+    const v8f da = load8(c[0] + o) - ca, db = load8(c[1] + o) - cb;
+    if (UNI) {
+      ea += da;
+      eb += db;
+      if (!CROSS) {
+        eaa += da * da;
+        ebb += db * db;
+      }
+      eab += da * db;
+      if (!FROM_RAW) {
+        if (!CROSS) {
+          sva += load8(c[2] + o);
+          svb += load8(c[3] + o);
+        }
+        sc += load8(c[4] + o);
+      }
+    } else {
+      const v8f wk = splat8(w[k]);
+      const v8f ta = wk * da, tb = wk * db;
+      ea += ta;
+      eb += tb;
+      if (!CROSS) {
+        eaa += ta * da;
+        ebb += tb * db;
+      }
+      eab += ta * db;
+      if (!FROM_RAW) {
+        if (!CROSS) {
+          sva += wk * load8(c[2] + o);
+          svb += wk * load8(c[3] + o);
+        }
+        sc += wk * load8(c[4] + o);
+      }
+    }
+  }
+  if (UNI) {
+    const v8f s = splat8(1.0f / static_cast<float>(K));
+    ea *= s;
+    eb *= s;
+    eaa *= s;
+    ebb *= s;
+    eab *= s;
+    sva *= s;
+    svb *= s;
+    sc *= s;
+  }
+  out[0] = ca + ea;
+  out[1] = cb + eb;
+  out[2] = sva + eaa - ea * ea;
+  out[3] = svb + ebb - eb * eb;
+  out[4] = sc + eab - ea * eb;
+}
+
+// One separable pass over columns [0, n) (blocks of 8; stores may run 7 floats past n into padding).
+template <bool UNI, bool FROM_RAW, bool CROSS>
+DSF_INLINE void ltv_pass(const float* const* c, int64_t step, int64_t n, const Window& win, float* const* out) {
+  for (int64_t j = 0; j < n; j += 8) {
+    v8f r[5];
+    ltv_accumulate<UNI, FROM_RAW, CROSS>(c, j, step, win, r);
+    for (int q = 0; q < 5; ++q) {
+      if (CROSS && (q == 2 || q == 3)) continue;
+      store8(out[q] + j, r[q]);
+    }
+  }
+}
+
+DSF_INLINE v8f mask_tail(v8f r, int64_t remaining) {
+  const v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int m = static_cast<int>(remaining);
+  const v8i lim = {m, m, m, m, m, m, m, m};
+  return lanes < lim ? r : splat8(0.0f);
+}
+
+DSF_INLINE v8f ssim_formula(v8f ma, v8f mb, v8f vx, v8f vy, v8f vxy, const PairConst& pc) {
+  const v8f c1 = splat8(pc.c1), c2 = splat8(pc.c2), cn = splat8(pc.cov_norm), two = splat8(2.0f);
+  const v8f ux = ma + splat8(pc.ox), uy = mb + splat8(pc.oy);
+  const v8f num = (two * ux * uy + c1) * (two * cn * vxy + c2);
+  const v8f den = (ux * ux + uy * uy + c1) * (cn * (vx + vy) + c2);
+  return num / den;
+}
+
+// Last pass (along rows) fused with the SSIM formula; returns the sum over output columns [0, n).
+template <bool UNI>
+DSF_INLINE double ltv_ssim(const float* const* c, int64_t n, const Window& win, const PairConst& pc) {
+  v8f acc = splat8(0);
+  for (int64_t j = 0; j < n; j += 8) {
+    v8f r[5];
+    ltv_accumulate<UNI, false, false>(c, j, 1, win, r);
+    v8f s = ssim_formula(r[0], r[1], r[2], r[3], r[4], pc);
+    if (j + 8 > n) s = mask_tail(s, n - j);
+    acc += s;
+  }
+  return hsum8(acc);
+}
+
+// 2D: sum of the SSIM map over output rows [r0, r1) of prepared images a, b (H x W, padded).
+template <bool UNI>
+DSF_INLINE double ssim2d_rows_t(const float* a, const float* b, const Geom& g, const Window& win,
+                                const PairConst& pc, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t W = g.W, Wo = g.W - win.K + 1;
+  const int64_t rs = padded(W);
+  float* v[5];
+  for (int q = 0; q < 5; ++q) {
+    v[q] = scratch + q * rs;
+    for (int64_t j = W; j < rs; ++j) v[q][j] = 0.0f;
+  }
+  double total = 0;
+  for (int64_t oy = r0; oy < r1; ++oy) {
+    const float* src[2] = {a + oy * W, b + oy * W};
+    ltv_pass<UNI, true, false>(src, W, W, win, v);
+    total += ltv_ssim<UNI>(v, Wo, win, pc);
+  }
+  return total;
+}
+
+// 3D: sum of the SSIM map over output plane oz of prepared volumes a, b (D x H x W, padded).
+template <bool UNI>
+DSF_INLINE double ssim3d_plane_t(const float* a, const float* b, const Geom& g, const Window& win,
+                                 const PairConst& pc, int64_t oz, float* scratch) {
+  const int64_t HW = g.H * g.W, W = g.W, Ho = g.H - win.K + 1, Wo = g.W - win.K + 1;
+  const int64_t ps = padded(HW), rs = padded(W);
+  float* p[5];
+  float* v[5];
+  for (int q = 0; q < 5; ++q) {
+    p[q] = scratch + q * ps;
+    for (int64_t j = HW; j < ps; ++j) p[q][j] = 0.0f;
+  }
+  float* rows = scratch + 5 * ps;
+  for (int q = 0; q < 5; ++q) {
+    v[q] = rows + q * rs;
+    for (int64_t j = W; j < rs; ++j) v[q][j] = 0.0f;
+  }
+  const float* src[2] = {a + oz * HW, b + oz * HW};
+  ltv_pass<UNI, true, false>(src, HW, HW, win, p);
+  double total = 0;
+  for (int64_t oy = 0; oy < Ho; ++oy) {
+    const float* ps5[5] = {p[0] + oy * W, p[1] + oy * W, p[2] + oy * W, p[3] + oy * W, p[4] + oy * W};
+    ltv_pass<UNI, false, false>(ps5, W, W, win, v);
+    total += ltv_ssim<UNI>(v, Wo, win, pc);
+  }
+  return total;
+}
+
+DSF_INLINE double ssim2d_rows(const float* a, const float* b, const Geom& g, const Window& win,
+                              const PairConst& pc, int64_t r0, int64_t r1, float* s, bool uni) {
+  return uni ? ssim2d_rows_t<true>(a, b, g, win, pc, r0, r1, s) : ssim2d_rows_t<false>(a, b, g, win, pc, r0, r1, s);
+}
+DSF_INLINE double ssim3d_plane(const float* a, const float* b, const Geom& g, const Window& win,
+                               const PairConst& pc, int64_t oz, float* s, bool uni) {
+  return uni ? ssim3d_plane_t<true>(a, b, g, win, pc, oz, s) : ssim3d_plane_t<false>(a, b, g, win, pc, oz, s);
+}
+
+size_t scratch_floats(const Geom& g) {
+  return (g.D > 1 ? 5 * padded(g.H * g.W) : 0) + 5 * padded(g.W) + 64;
+}
+
+// Dual instantiation: the same always-inline bodies compiled for the baseline and for AVX2+FMA.
+#define DSF_SSIM_VARIANT(SUFFIX, ATTR)                                                                        \
+  ATTR double ssim2d_rows_##SUFFIX(const float* a, const float* b, const Geom& g, const Window& win,          \
+                                   const PairConst& pc, int64_t r0, int64_t r1, float* s, bool uni) {        \
+    return ssim2d_rows(a, b, g, win, pc, r0, r1, s, uni);                                                    \
+  }                                                                                                          \
+  ATTR double ssim3d_plane_##SUFFIX(const float* a, const float* b, const Geom& g, const Window& win,         \
+                                    const PairConst& pc, int64_t oz, float* s, bool uni) {                   \
+    return ssim3d_plane(a, b, g, win, pc, oz, s, uni);                                                       \
+  }                                                                                                          \
+  ATTR void prepare_##SUFFIX(const float* src, float* dst, int64_t n, const Prep& p) { prepare(src, dst, n, p); } \
+  ATTR ImgStats image_stats_##SUFFIX(const float* p, int64_t n, bool need_std) {                             \
+    return image_stats_t(p, n, need_std);                                                                    \
+  }
+
+DSF_SSIM_VARIANT(base, )
+#if DSF_X86
+DSF_SSIM_VARIANT(avx2, DSF_TARGET_AVX2)
+#endif
+
+struct Kernels {
+  double (*rows2d)(const float*, const float*, const Geom&, const Window&, const PairConst&, int64_t, int64_t,
+                   float*, bool);
+  double (*plane3d)(const float*, const float*, const Geom&, const Window&, const PairConst&, int64_t, float*,
+                    bool);
+  void (*prep)(const float*, float*, int64_t, const Prep&);
+  ImgStats (*stats)(const float*, int64_t, bool);
+};
+
+Kernels pick_kernels() {
+#if DSF_X86
+  if (active_simd() == Simd::AVX2) return {ssim2d_rows_avx2, ssim3d_plane_avx2, prepare_avx2, image_stats_avx2};
+#endif
+  return {ssim2d_rows_base, ssim3d_plane_base, prepare_base, image_stats_base};
+}
+
+PairConst pair_const(double range, const Window& win, const Prep& px, const Prep& py) {
+  PairConst pc;
+  pc.c1 = static_cast<float>((win.k1 * range) * (win.k1 * range));
+  pc.c2 = static_cast<float>((win.k2 * range) * (win.k2 * range));
+  pc.cov_norm = win.cov_norm;
+  pc.ox = px.lum_offset;
+  pc.oy = py.lum_offset;
+  return pc;
+}
+
+Window make_window(py::array_t<double, py::array::c_style | py::array::forcecast> weights, bool sample_cov,
+                   int spatial_dims, double k1, double k2, int range_mode, double range_value) {
+  Window win;
+  win.K = static_cast<int>(weights.size());
+  if (win.K < 1) throw py::value_error("ssim: empty window");
+  auto w = weights.unchecked<1>();
+  win.w.resize(win.K);
+  for (int k = 0; k < win.K; ++k) {
+    win.w[k] = static_cast<float>(w(k));
+    if (w(k) != w(0)) win.uniform = false;
+  }
+  const double n = std::pow(static_cast<double>(win.K), spatial_dims);
+  win.cov_norm = sample_cov ? static_cast<float>(n / (n - 1.0)) : 1.0f;
+  win.k1 = k1;
+  win.k2 = k2;
+  if (range_mode < 0 || range_mode > 2) throw py::value_error("ssim: range_mode must be 0, 1 or 2");
+  win.range_mode = range_mode;
+  win.range_value = range_value;
+  return win;
+}
+
+Geom geom_of(const py::buffer_info& bi, int spatial_dims, const char* name) {
+  if (bi.ndim != spatial_dims + 1)
+    throw py::value_error(std::string("ssim: ") + name + " must have shape (N, *spatial) with " +
+                          std::to_string(spatial_dims) + " spatial dims, got rank " + std::to_string(bi.ndim));
+  Geom g;
+  if (spatial_dims == 3) g.D = bi.shape[1];
+  g.H = bi.shape[spatial_dims - 1];
+  g.W = bi.shape[spatial_dims];
+  return g;
+}
+
+using FArr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IArr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+// Mean SSIM for pairs (x[ix[p]], y[iy[p]]), p < len(ix). x: (Nx, *spatial) float32, y: (Ny, *spatial).
+py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dims, py::array_t<double> weights,
+                               bool sample_cov, double k1, double k2, int range_mode, double range_value) {
+  if (spatial_dims != 2 && spatial_dims != 3) throw py::value_error("ssim: spatial_dims must be 2 or 3");
+  const Window win = make_window(weights, sample_cov, spatial_dims, k1, k2, range_mode, range_value);
+  const auto bx = x.request(), by = y.request();
+  const Geom g = geom_of(bx, spatial_dims, "x");
+  const Geom gy = geom_of(by, spatial_dims, "y");
+  if (g.D != gy.D || g.H != gy.H || g.W != gy.W) throw py::value_error("ssim: x and y spatial shapes differ");
+  if (g.H < win.K || g.W < win.K || (spatial_dims == 3 && g.D < win.K))
+    throw py::value_error("ssim: image smaller than the window");
+  const int64_t nx = bx.shape[0], ny = by.shape[0];
+  if (ix.ndim() != 1 || iy.ndim() != 1 || ix.size() != iy.size())
+    throw py::value_error("ssim: ix and iy must be 1D of equal length");
+  const int64_t B = ix.size();
+  const int64_t* pix = ix.data();
+  const int64_t* piy = iy.data();
+  for (int64_t p = 0; p < B; ++p)
+    if (pix[p] < 0 || pix[p] >= nx || piy[p] < 0 || piy[p] >= ny)
+      throw py::index_error("ssim: pair index out of range at pair " + std::to_string(p));
+  const float* px = static_cast<const float*>(bx.ptr);
+  const float* py_ = static_cast<const float*>(by.ptr);
+  py::array_t<double> out(B);
+  double* po = out.mutable_data();
+  const int64_t n = g.n();
+  const int64_t Do = spatial_dims == 3 ? g.D - win.K + 1 : 1;
+  const double count = static_cast<double>(Do) * (g.H - win.K + 1) * (g.W - win.K + 1);
+  const Kernels kern = pick_kernels();
+  const int nt = num_threads();
+  {
+    py::gil_scoped_release release;
+    // Per-image statistics, once per distinct image index used.
+    const bool need_std = win.range_mode == 2;
+    std::vector<ImgStats> sx(nx), sy(ny);
+    std::vector<char> usex(nx, 0), usey(ny, 0);
+    for (int64_t p = 0; p < B; ++p) usex[pix[p]] = usey[piy[p]] = 1;
+    parallel_for(nx + ny, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        if (i < nx) {
+          if (usex[i]) sx[i] = kern.stats(px + i * n, n, need_std);
+        } else if (usey[i - nx]) {
+          sy[i - nx] = kern.stats(py_ + (i - nx) * n, n, need_std);
+        }
+      }
+    });
+    // A NaN or Inf anywhere makes the image's sum non-finite (the caller then names the pair).
+    for (int64_t i = 0; i < nx; ++i)
+      if (usex[i] && !std::isfinite(sx[i].mean)) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error("nonfinite: x image " + std::to_string(i) + " has NaN or Inf values");
+      }
+    for (int64_t i = 0; i < ny; ++i)
+      if (usey[i] && !std::isfinite(sy[i].mean)) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error("nonfinite: y image " + std::to_string(i) + " has NaN or Inf values");
+      }
+    const bool pair_parallel = spatial_dims == 2 && B >= 2 * nt;
+    if (pair_parallel) {
+      const int64_t grain = std::max<int64_t>(1, B / (8 * nt));
+      parallel_for(B, grain, [&](int64_t b0, int64_t b1) {
+        std::vector<float> ab(2 * padded(n), 0.0f), scratch(scratch_floats(g));
+        float* a = ab.data();
+        float* b = ab.data() + padded(n);
+        for (int64_t p = b0; p < b1; ++p) {
+          Prep prx, pry;
+          const double range = resolve_pair(sx[pix[p]], sy[piy[p]], win, prx, pry);
+          if (!(range > 0)) {
+            po[p] = 1.0;
+            continue;
+          }
+          kern.prep(px + pix[p] * n, a, n, prx);
+          kern.prep(py_ + piy[p] * n, b, n, pry);
+          const PairConst pc = pair_const(range, win, prx, pry);
+          po[p] = kern.rows2d(a, b, g, win, pc, 0, g.H - win.K + 1, scratch.data(), win.uniform) / count;
+        }
+      });
+    } else {
+      // Few pairs or volumes: parallel inside each pair, over output rows (2D) or planes (3D).
+      std::vector<float> ab(2 * padded(n), 0.0f);
+      float* a = ab.data();
+      float* b = ab.data() + padded(n);
+      for (int64_t p = 0; p < B; ++p) {
+        Prep prx, pry;
+        const double range = resolve_pair(sx[pix[p]], sy[piy[p]], win, prx, pry);
+        if (!(range > 0)) {
+          po[p] = 1.0;
+          continue;
+        }
+        const int64_t chunk = 1 << 16;
+        parallel_for(n, chunk, [&](int64_t i0, int64_t i1) {
+          kern.prep(px + pix[p] * n + i0, a + i0, i1 - i0, prx);
+          kern.prep(py_ + piy[p] * n + i0, b + i0, i1 - i0, pry);
+        });
+        const PairConst pc = pair_const(range, win, prx, pry);
+        const int64_t units = spatial_dims == 3 ? Do : g.H - win.K + 1;
+        std::vector<double> partial(units, 0.0);
+        const int64_t grain = spatial_dims == 3 ? 1 : std::max<int64_t>(1, units / (4 * nt));
+        parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
+          std::vector<float> scratch(scratch_floats(g));
+          if (spatial_dims == 3) {
+            for (int64_t u = u0; u < u1; ++u) partial[u] = kern.plane3d(a, b, g, win, pc, u, scratch.data(), win.uniform);
+          } else {
+            partial[u0] = kern.rows2d(a, b, g, win, pc, u0, u1, scratch.data(), win.uniform);
+          }
+        });
+        double total = 0;
+        for (double v : partial) total += v;
+        po[p] = total / count;
+      }
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SSIM matrix with moment reuse: per image, the prepared image and its windowed variance map are computed
+// once; a pair then costs only the means and the cross term (three channels instead of five), with the
+// same locally centred accumulation as the pair kernels.
+
+struct ImgMoments {
+  std::vector<float> a;   // prepared image (padded)
+  std::vector<float> v;   // windowed variance (no cov_norm), valid region, padded rows of Wo
+  Prep prep;
+};
+
+inline int64_t vrow(const Geom& g, const Window& win) { return padded(g.W - win.K + 1); }
+
+// Windowed variance map of one prepared image (2D or 3D) into v (rows of stride vrow()).
+template <bool UNI>
+DSF_INLINE void single_moments_t(const float* a, const Geom& g, const Window& win, float* vmap, float* scratch) {
+  const int64_t HW = g.H * g.W, W = g.W, Ho = g.H - win.K + 1, Wo = g.W - win.K + 1;
+  const int64_t Do = g.D > 1 ? g.D - win.K + 1 : 1;
+  const int64_t ps = padded(HW), rs = padded(W), vs = vrow(g, win);
+  float* p[5];
+  float* r[5];
+  float* h[5];
+  for (int q = 0; q < 5; ++q) {
+    p[q] = scratch + q * ps;
+    r[q] = scratch + 5 * ps + q * rs;
+    h[q] = scratch + 5 * ps + (5 + q) * rs;
+  }
+  for (int64_t i = 0; i < 5 * ps + 10 * rs; ++i) scratch[i] = 0.0f;
+  for (int64_t oz = 0; oz < Do; ++oz) {
+    if (g.D > 1) {
+      const float* src[2] = {a + oz * HW, a + oz * HW};
+      ltv_pass<UNI, true, false>(src, HW, HW, win, p);
+    }
+    for (int64_t oy = 0; oy < Ho; ++oy) {
+      if (g.D > 1) {
+        const float* s5[5] = {p[0] + oy * W, p[1] + oy * W, p[2] + oy * W, p[3] + oy * W, p[4] + oy * W};
+        ltv_pass<UNI, false, false>(s5, W, W, win, r);
+      } else {
+        const float* src[2] = {a + oy * W, a + oy * W};
+        ltv_pass<UNI, true, false>(src, W, W, win, r);
+      }
+      ltv_pass<UNI, false, false>(r, 1, Wo, win, h);
+      float* vo = vmap + (oz * Ho + oy) * vs;
+      for (int64_t j = 0; j < Wo; ++j) vo[j] = h[2][j];
+    }
+  }
+}
+
+// Sum of the SSIM map of one pair from its prepared images and precomputed variance maps.
+template <bool UNI>
+DSF_INLINE double cross_pair_t(const ImgMoments& A, const ImgMoments& B, const Geom& g, const Window& win,
+                               const PairConst& pc, float* scratch) {
+  const int64_t HW = g.H * g.W, W = g.W, Ho = g.H - win.K + 1, Wo = g.W - win.K + 1;
+  const int64_t Do = g.D > 1 ? g.D - win.K + 1 : 1;
+  const int64_t ps = padded(HW), rs = padded(W), vs = vrow(g, win);
+  float* p[5];
+  float* r[5];
+  for (int q = 0; q < 5; ++q) {
+    p[q] = scratch + q * ps;
+    r[q] = scratch + 5 * ps + q * rs;
+  }
+  const float* a = A.a.data();
+  const float* b = B.a.data();
+  double total = 0;
+  for (int64_t oz = 0; oz < Do; ++oz) {
+    if (g.D > 1) {
+      const float* src[2] = {a + oz * HW, b + oz * HW};
+      ltv_pass<UNI, true, true>(src, HW, HW, win, p);
+    }
+    for (int64_t oy = 0; oy < Ho; ++oy) {
+      if (g.D > 1) {
+        const float* s5[5] = {p[0] + oy * W, p[1] + oy * W, p[2] + oy * W, p[3] + oy * W, p[4] + oy * W};
+        ltv_pass<UNI, false, true>(s5, W, W, win, r);
+      } else {
+        const float* src[2] = {a + oy * W, b + oy * W};
+        ltv_pass<UNI, true, true>(src, W, W, win, r);
+      }
+      const float* va = A.v.data() + (oz * Ho + oy) * vs;
+      const float* vb = B.v.data() + (oz * Ho + oy) * vs;
+      v8f acc = splat8(0);
+      for (int64_t j = 0; j < Wo; j += 8) {
+        v8f o[5];
+        ltv_accumulate<UNI, false, true>(r, j, 1, win, o);
+        v8f s = ssim_formula(o[0], o[1], load8(va + j), load8(vb + j), o[4], pc);
+        if (j + 8 > Wo) s = mask_tail(s, Wo - j);
+        acc += s;
+      }
+      total += hsum8(acc);
+    }
+  }
+  return total;
+}
+
+size_t matrix_scratch_floats(const Geom& g) { return 5 * padded(g.H * g.W) + 10 * padded(g.W) + 64; }
+
+#define DSF_MATRIX_VARIANT(SUFFIX, ATTR)                                                                      \
+  ATTR void single_moments_##SUFFIX(const float* a, const Geom& g, const Window& win, float* v, float* s) {   \
+    if (win.uniform) single_moments_t<true>(a, g, win, v, s);                                                \
+    else single_moments_t<false>(a, g, win, v, s);                                                           \
+  }                                                                                                          \
+  ATTR double cross_pair_##SUFFIX(const ImgMoments& A, const ImgMoments& B, const Geom& g, const Window& win, \
+                                  const PairConst& pc, float* s) {                                           \
+    return win.uniform ? cross_pair_t<true>(A, B, g, win, pc, s) : cross_pair_t<false>(A, B, g, win, pc, s);  \
+  }
+
+DSF_MATRIX_VARIANT(base, )
+#if DSF_X86
+DSF_MATRIX_VARIANT(avx2, DSF_TARGET_AVX2)
+#endif
+
+// SSIM for every pair (A[i], B[j]) -> float32 (Na, Nb). A[i] is "the first image" (deepssim preset range).
+py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array_t<double> weights,
+                                     bool sample_cov, double k1, double k2, int range_mode, double range_value) {
+  if (spatial_dims != 2 && spatial_dims != 3) throw py::value_error("ssim_matrix: spatial_dims must be 2 or 3");
+  const Window win = make_window(weights, sample_cov, spatial_dims, k1, k2, range_mode, range_value);
+  const auto ba = A.request(), bb = B.request();
+  const Geom g = geom_of(ba, spatial_dims, "A");
+  const Geom gb = geom_of(bb, spatial_dims, "B");
+  if (g.D != gb.D || g.H != gb.H || g.W != gb.W)
+    throw py::value_error("ssim_matrix: A and B spatial shapes differ");
+  if (g.H < win.K || g.W < win.K || (spatial_dims == 3 && g.D < win.K))
+    throw py::value_error("ssim_matrix: image smaller than the window");
+  const int64_t na = ba.shape[0], nb = bb.shape[0], n = g.n();
+  const int64_t Do = spatial_dims == 3 ? g.D - win.K + 1 : 1;
+  const int64_t nvalid = Do * (g.H - win.K + 1) * (g.W - win.K + 1);
+  const float* pa = static_cast<const float*>(ba.ptr);
+  const float* pb = static_cast<const float*>(bb.ptr);
+  py::array_t<float> out({na, nb});
+  float* po = out.mutable_data();
+  bool avx2 = false;
+#if DSF_X86
+  avx2 = active_simd() == Simd::AVX2;
+#endif
+  auto moments_fn = avx2 ? single_moments_avx2 : single_moments_base;
+  auto cross_fn = avx2 ? cross_pair_avx2 : cross_pair_base;
+  auto prep_fn = avx2 ? prepare_avx2 : prepare_base;
+  auto stats_fn = avx2 ? image_stats_avx2 : image_stats_base;
+
+  {
+    py::gil_scoped_release release;
+    std::vector<ImgStats> st(na + nb);
+    std::vector<ImgMoments> mom(na + nb);
+    // The preparation of an image depends only on the image (not on the pair) for every range mode.
+    parallel_for(na + nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scratch(matrix_scratch_floats(g));
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* src = i < na ? pa + i * n : pb + (i - na) * n;
+        st[i] = stats_fn(src, n, win.range_mode == 2);
+        Prep p1, p2;
+        resolve_pair(st[i], st[i], win, p1, p2);
+        ImgMoments& M = mom[i];
+        M.prep = p1;
+        M.a.assign(padded(n), 0.0f);
+        M.v.assign(Do * (g.H - win.K + 1) * vrow(g, win) + kPad, 0.0f);
+        prep_fn(src, M.a.data(), n, p1);
+        moments_fn(M.a.data(), g, win, M.v.data(), scratch.data());
+      }
+    });
+    for (int64_t i = 0; i < na + nb; ++i)
+      if (!std::isfinite(st[i].mean)) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error(std::string("nonfinite: ") + (i < na ? "A image " : "B image ") +
+                              std::to_string(i < na ? i : i - na) + " has NaN or Inf values");
+      }
+    const int64_t total = na * nb;
+    const int64_t grain = std::max<int64_t>(1, total / (16 * num_threads()));
+    parallel_for(total, grain, [&](int64_t q0, int64_t q1) {
+      std::vector<float> scratch(matrix_scratch_floats(g));
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t i = q / nb, j = q % nb;
+        Prep prx, pry;
+        const double range = resolve_pair(st[i], st[na + j], win, prx, pry);
+        if (!(range > 0)) {
+          po[q] = 1.0f;
+          continue;
+        }
+        const PairConst pc = pair_const(range, win, prx, pry);
+        po[q] = static_cast<float>(cross_fn(mom[i], mom[na + j], g, win, pc, scratch.data()) /
+                                   static_cast<double>(nvalid));
+      }
+    });
+  }
+  return out;
+}
+
+}  // namespace ssim_native
+
+void register_ssim(py::module_& m) {
+  m.def("ssim_pairs", &ssim_native::ssim_pairs, py::arg("x"), py::arg("y"), py::arg("ix"), py::arg("iy"),
+        py::arg("spatial_dims"), py::arg("weights"), py::arg("sample_covariance"), py::arg("k1"), py::arg("k2"),
+        py::arg("range_mode"), py::arg("range_value"),
+        "Mean SSIM (float64, shape (P,)) of pairs (x[ix[p]], y[iy[p]]). x: (Nx, *spatial), y: (Ny, *spatial) "
+        "float32; weights: the 1D window taps. range_mode 0: fixed range_value; 1: per-pair max-min over both "
+        "images; 2: deepssim preset (z-score, range of the first image). Inputs must be finite (checked by "
+        "the caller). Releases the GIL; multithreaded over pairs (2D) or rows/planes (few pairs, 3D).");
+  m.def("ssim_matrix_block", &ssim_native::ssim_matrix_block, py::arg("A"), py::arg("B"), py::arg("spatial_dims"),
+        py::arg("weights"), py::arg("sample_covariance"), py::arg("k1"), py::arg("k2"), py::arg("range_mode"),
+        py::arg("range_value"),
+        "SSIM of every pair (A[i], B[j]) as float32 (Na, Nb); per-image moments computed once. Same "
+        "conventions as ssim_pairs; A[i] is the first image of each pair.");
+}
+
+namespace {
+static dsf::Registrar reg("ssim", &dsf::register_ssim);
+}
+
+}  // namespace dsf

@@ -1,0 +1,427 @@
+"""SSIM engine: native and torch backends against scikit-image (float64 oracle) and reference.ssim_reference.
+
+Triton runs interpreted in tests/test_ssim_triton.py (a subprocess, so this process never runs interpreted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepssim_fast import _native, data
+from deepssim_fast.reference import ssim_reference
+from deepssim_fast.ssim import ssim, ssim_matrix
+
+skm = pytest.importorskip("skimage.metrics")
+
+TOL = 1e-5
+BACKENDS = ["native", "torch"]
+GAUSS = dict(window="gaussian", sample_covariance=False)
+
+
+def assert_close(got, want, tol=TOL, what=""):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = np.abs(got - want)
+    bad = np.argwhere(~(err <= tol))
+    if bad.size:
+        first = [(tuple(int(i) for i in b), float(got[tuple(b)]), float(want[tuple(b)])) for b in bad[:5]]
+        raise AssertionError(
+            f"{what}: {len(bad)} of {err.size} differ by > {tol} (max {err.max():.3g}); "
+            f"first (index, got, want): {first}"
+        )
+
+
+def skimage_ssim(x, y, spatial_dims=2, window="uniform", preset=None, data_range=None):
+    """The oracle: scikit-image in float64, pair by pair, with our documented data-range convention."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    int_range = {np.uint8: 255.0, np.uint16: 65535.0}.get(x.dtype.type)
+    batch = x.shape[: x.ndim - spatial_dims]
+    xf = x.reshape(-1, *x.shape[x.ndim - spatial_dims :]).astype(np.float64)
+    yf = y.reshape(-1, *y.shape[y.ndim - spatial_dims :]).astype(np.float64)
+    out = []
+    for a, b in zip(xf, yf, strict=True):
+        if preset == "deepssim":
+            a = (a - a.mean()) / a.std()
+            b = (b - b.mean()) / b.std()
+            dr = a.max() - a.min()
+        elif data_range is not None:
+            dr = data_range
+        elif int_range is not None:
+            dr = int_range
+        else:
+            dr = max(a.max(), b.max()) - min(a.min(), b.min())
+        kw = (
+            dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+            if window == "gaussian"
+            else {}
+        )
+        out.append(skm.structural_similarity(a, b, data_range=dr, **kw))
+    return np.array(out).reshape(batch)
+
+
+def random_pair(rng, shape, dtype):
+    if dtype in (np.uint8, np.uint16):
+        hi = np.iinfo(dtype).max
+        x = rng.integers(0, hi, size=shape, endpoint=True).astype(dtype)
+        noise = rng.integers(-hi // 8, hi // 8, size=shape)
+        y = np.clip(x.astype(np.int64) + noise, 0, hi).astype(dtype)
+        return x, y
+    x = rng.standard_normal(shape)
+    y = x + 0.5 * rng.standard_normal(shape)
+    return x.astype(dtype), y.astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def mri_slices():
+    """Real 2D slices: MNI152 and the dipy T1 slice, centre-fit to 96x112."""
+    sl = [s.array for s in data.real_slices((96, 112), datasets=["mni152"])][::25]
+    sl.append(data.center_fit(data.load_volume("t1_coronal_slice").array, (96, 112)))
+    return np.stack(sl).astype(np.float32)
+
+
+def variants(x, rng):
+    """Flipped, shifted, noisy, contrast-changed and neighbouring copies of a stack of slices."""
+    return {
+        "flipped": x[:, ::-1, :].copy(),
+        "shifted": np.roll(x, (3, -2), axis=(1, 2)),
+        "noisy": (x + rng.normal(0, 0.05 * x.std(), x.shape)).astype(np.float32),
+        "contrast": (1.7 * x + 0.2 * x.max()).astype(np.float32),
+        "gamma": (x.max() * (np.clip(x, 0, None) / x.max()) ** 0.7).astype(np.float32),
+        "neighbour": np.roll(x, 1, axis=0),
+    }
+
+
+# ---------------------------------------------------------------- random inputs, odd shapes, dtypes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 7, 9), (2, 255, 257)], ids=["7x9", "255x257"])
+def test_random_vs_skimage(backend, window, dtype, shape):
+    if window == "gaussian" and shape[1] < 11:
+        shape = (3, 11, 13)  # the 11-tap Gaussian needs sides >= 11
+    rng = np.random.default_rng(abs(hash((backend, window, str(dtype), shape))) % 2**32)
+    x, y = random_pair(rng, shape, dtype)
+    kw = GAUSS if window == "gaussian" else {}
+    got = ssim(x, y, spatial_dims=2, backend=backend, **kw)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == shape[:1]
+    want = skimage_ssim(
+        x.astype(np.float64) if dtype == np.float16 else x,
+        y.astype(np.float64) if dtype == np.float16 else y,
+        window=window,
+    )
+    assert_close(got, want, what=f"{backend} {window} {dtype.__name__}")
+    assert_close(got, ssim_reference(x, y, spatial_dims=2, **kw), what="vs reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+def test_3d_real_volume_vs_skimage(backend, window):
+    vol = data.load_volume("anatomical").array  # 33 x 41 x 25, a real T1
+    rng = np.random.default_rng(3)
+    y = np.stack(
+        [
+            vol[::-1].copy(),
+            np.roll(vol, 2, axis=1),
+            (vol + rng.normal(0, 0.05 * vol.std(), vol.shape)).astype(np.float32),
+        ]
+    )
+    x = np.broadcast_to(vol, y.shape)
+    kw = GAUSS if window == "gaussian" else {}
+    got = ssim(x, y, spatial_dims=3, backend=backend, **kw)
+    assert got.shape == (3,)
+    assert_close(got, skimage_ssim(np.ascontiguousarray(x), y, spatial_dims=3, window=window), what="3D")
+    assert_close(got, ssim_reference(x, y, spatial_dims=3, **kw), what="3D vs reference")
+
+
+# ---------------------------------------------------------------- real MRI
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["uniform", "gaussian", "deepssim"])
+def test_real_slices_vs_skimage(mri_slices, backend, mode):
+    rng = np.random.default_rng(11)
+    kw = GAUSS if mode == "gaussian" else (dict(preset="deepssim") if mode == "deepssim" else {})
+    for name, y in variants(mri_slices, rng).items():
+        got = ssim(mri_slices, y, spatial_dims=2, backend=backend, **kw)
+        want = skimage_ssim(
+            mri_slices,
+            y,
+            window="gaussian" if mode == "gaussian" else "uniform",
+            preset="deepssim" if mode == "deepssim" else None,
+        )
+        assert_close(got, want, what=f"{backend} {mode} {name}")
+
+
+def test_real_256_slices_native_vs_skimage():
+    """Full-size 256x256 slices (the benchmark case): MNI152 neighbours and the dipy T1 slice."""
+    sl = [s.array for s in data.real_slices((256, 256), datasets=["mni152"])][::40]
+    x = np.stack(sl[:-1])
+    y = np.stack(sl[1:])
+    assert_close(ssim(x, y, spatial_dims=2), skimage_ssim(x, y), what="256 uniform")
+    assert_close(
+        ssim(x, y, spatial_dims=2, preset="deepssim"),
+        skimage_ssim(x, y, preset="deepssim"),
+        what="256 deepssim",
+    )
+
+
+def test_deepssim_preset_is_asymmetric_like_the_reference(mri_slices):
+    x, y = mri_slices[:3], 0.5 * mri_slices[3:6] ** 1.2
+    ab = ssim(x, y, spatial_dims=2, preset="deepssim")
+    ba = ssim(y, x, spatial_dims=2, preset="deepssim")
+    assert_close(ab, skimage_ssim(x, y, preset="deepssim"), what="ab")
+    assert_close(ba, skimage_ssim(y, x, preset="deepssim"), what="ba")
+    assert np.abs(ab - ba).max() > 1e-4  # the first image's range is used, on purpose
+
+
+# ---------------------------------------------------------------- SIMD levels and threads
+
+
+def test_scalar_and_avx2_paths_agree(mri_slices):
+    x, y = mri_slices, np.roll(mri_slices, 2, axis=2)
+    vol = data.load_volume("anatomical").array
+    want2 = skimage_ssim(x, y)
+    want3 = skimage_ssim(vol[None], vol[None, ::-1], spatial_dims=3)
+    got = {}
+    try:
+        for level in ("scalar", "auto"):
+            _native.set_simd_level(level)
+            got[level] = (
+                ssim(x, y, spatial_dims=2),
+                ssim(x, y, spatial_dims=2, **GAUSS),
+                ssim(vol, vol[::-1], spatial_dims=3),
+                _native.simd_level(),
+            )
+    finally:
+        _native.set_simd_level("auto")
+    assert got["scalar"][3] == "scalar"
+    for level in ("scalar", "auto"):
+        assert_close(got[level][0], want2, what=f"{level} 2D")
+        assert_close(got[level][1], skimage_ssim(x, y, window="gaussian"), what=f"{level} 2D gaussian")
+        assert_close(got[level][2], want3[0], what=f"{level} 3D")
+
+
+def test_thread_counts_agree(mri_slices):
+    x, y = mri_slices, mri_slices[::-1]
+    try:
+        _native.set_num_threads(1)
+        one = ssim(x, y, spatial_dims=2)
+        one_m = ssim_matrix(x[:3], y[:4], progress=False)
+    finally:
+        _native.set_num_threads(0)
+    np.testing.assert_array_equal(one, ssim(x, y, spatial_dims=2))
+    np.testing.assert_array_equal(one_m, ssim_matrix(x[:3], y[:4], progress=False))
+
+
+# ---------------------------------------------------------------- batch shapes, broadcasting, array kinds
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_shapes_and_broadcasting(mri_slices, backend):
+    x = mri_slices[:6].reshape(2, 3, 96, 112)
+    y = np.roll(x, 4, axis=-1)
+    got = ssim(x, y, spatial_dims=2, backend=backend)
+    assert got.shape == (2, 3)
+    assert_close(got, skimage_ssim(x, y), what="(2,3) batch")
+    # one-vs-many: (H, W) against (B, H, W)
+    one = ssim(mri_slices[0], mri_slices, spatial_dims=2, backend=backend)
+    assert one.shape == (len(mri_slices),)
+    assert_close(
+        one, skimage_ssim(np.broadcast_to(mri_slices[0], mri_slices.shape), mri_slices), what="1-vs-many"
+    )
+    assert abs(float(one[0]) - 1.0) < 1e-6
+    # (B, 1, H, W) against (1, C, H, W) -> (B, C)
+    grid = ssim(mri_slices[:3, None], mri_slices[None, 3:7], spatial_dims=2, backend=backend)
+    assert grid.shape == (3, 4)
+    assert_close(
+        grid,
+        skimage_ssim(
+            np.broadcast_to(mri_slices[:3, None], (3, 4, 96, 112)),
+            np.broadcast_to(mri_slices[None, 3:7], (3, 4, 96, 112)),
+        ),
+        what="grid",
+    )
+
+
+def test_single_pair_is_0d_and_torch_in_torch_out(mri_slices):
+    s = ssim(mri_slices[0], mri_slices[1])
+    assert isinstance(s, np.ndarray) and s.shape == () and s.dtype == np.float32
+    t = ssim(torch.from_numpy(mri_slices[:2]), torch.from_numpy(mri_slices[2:4]), spatial_dims=2)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (2,)
+    assert_close(t.numpy(), skimage_ssim(mri_slices[:2], mri_slices[2:4]), what="torch input")
+    bf = ssim(
+        torch.from_numpy(mri_slices[:2]).bfloat16(),
+        torch.from_numpy(mri_slices[2:4]).bfloat16(),
+        spatial_dims=2,
+    )
+    xb = torch.from_numpy(mri_slices[:2]).bfloat16().double().numpy()
+    yb = torch.from_numpy(mri_slices[2:4]).bfloat16().double().numpy()
+    assert_close(bf.numpy(), skimage_ssim(xb, yb), what="bfloat16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_strided_inputs(mri_slices, backend):
+    x = mri_slices.transpose(0, 2, 1)  # non-contiguous view
+    y = mri_slices[:, ::2, ::-1].repeat(2, axis=1)[:, :96].transpose(0, 2, 1)
+    got = ssim(x, y, spatial_dims=2, backend=backend)
+    assert_close(got, skimage_ssim(np.ascontiguousarray(x), np.ascontiguousarray(y)), what="strided")
+    tx = torch.from_numpy(mri_slices)[:, 1::2, ::3]
+    ty = torch.from_numpy(mri_slices[::-1].copy())[:, 1::2, ::3]
+    assert_close(
+        ssim(tx, ty, spatial_dims=2, backend=backend).numpy(),
+        skimage_ssim(tx.contiguous().numpy(), ty.contiguous().numpy()),
+        what="torch strided",
+    )
+
+
+def test_training_call_shape_and_dtype():
+    """What the training engineer calls each step: (B, 128, 128) float32 torch, preset deepssim."""
+    sl = [s.array for s in data.real_slices((128, 128), datasets=["mni152"])][::12][:8]
+    x = torch.from_numpy(np.stack(sl))
+    y = torch.flip(x, dims=(-1,))
+    got = ssim(x, y, spatial_dims=2, preset="deepssim")
+    assert got.shape == (len(sl),) and got.dtype == torch.float32
+    assert_close(got.numpy(), skimage_ssim(x.numpy(), y.numpy(), preset="deepssim"), what="training call")
+
+
+# ---------------------------------------------------------------- constant images, empty batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_constant_images_score_one(backend):
+    c = np.full((2, 16, 16), 3.5, dtype=np.float32)
+    for kw in ({}, dict(preset="deepssim"), GAUSS):
+        got = ssim(c, c.copy(), spatial_dims=2, backend=backend, **kw)
+        np.testing.assert_array_equal(got, np.ones(2, dtype=np.float32))
+    z = np.zeros((1, 8, 8, 8), dtype=np.uint8)
+    assert float(ssim(z, z, spatial_dims=3, backend=backend)[0]) == 1.0
+    # different constants with an explicit range: defined and finite, equal to scikit-image
+    a, b = np.zeros((16, 16)), np.ones((16, 16))
+    assert_close(
+        ssim(a, b, data_range=2.0, backend=backend),
+        skm.structural_similarity(a, b, data_range=2.0),
+        what="constants",
+    )
+    assert np.isfinite(ssim(a, b, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    e = np.zeros((0, 9, 9), dtype=np.float32)
+    got = ssim(e, e, spatial_dims=2, backend=backend)
+    assert got.shape == (0,) and got.dtype == np.float32
+    got = ssim(
+        np.zeros((2, 0, 9, 9), np.float32),
+        np.zeros((2, 0, 9, 9), np.float32),
+        spatial_dims=2,
+        backend=backend,
+    )
+    assert got.shape == (2, 0)
+    m = ssim_matrix(np.zeros((0, 9, 9), np.float32), np.zeros((4, 9, 9), np.float32), progress=False)
+    assert m.shape == (0, 4) and m.dtype == np.float32
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_inf_names_the_pair(backend, bad):
+    x = np.random.default_rng(0).random((2, 3, 12, 12)).astype(np.float32)
+    y = x.copy()
+    y[1, 2, 5, 7] = bad
+    with pytest.raises(ValueError, match=r"y has NaN or Inf values at pair index \(1, 2\)"):
+        ssim(x, y, spatial_dims=2, backend=backend)
+    x[0, 1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"x has NaN or Inf values at pair index \(0, 1\)"):
+        ssim(x, y, spatial_dims=2, backend=backend)
+    with pytest.raises(ValueError, match=r"A has NaN or Inf values at pair index \(1,\)"):
+        ssim_matrix(x[0], y[0, :2], progress=False, backend=backend)
+
+
+def test_bad_shapes_and_options():
+    a = np.zeros((4, 16, 16), np.float32)
+    with pytest.raises(ValueError, match=r"\(4, 16, 16\) and \(4, 16, 17\)"):
+        ssim(a, np.zeros((4, 16, 17), np.float32), spatial_dims=2)
+    with pytest.raises(ValueError, match=r"\(4, 16, 16\) and \(3, 16, 16\)"):
+        ssim(a, np.zeros((3, 16, 16), np.float32), spatial_dims=2)
+    with pytest.raises(ValueError, match="smaller than the 7-wide uniform window"):
+        ssim(np.zeros((6, 20)), np.zeros((6, 20)))
+    with pytest.raises(ValueError, match="smaller than the 11-wide gaussian window"):
+        ssim(np.zeros((10, 20)), np.zeros((10, 20)), window="gaussian")
+    with pytest.raises(ValueError, match="win_size must be odd"):
+        ssim(a, a, spatial_dims=2, win_size=8)
+    with pytest.raises(ValueError, match="ambiguous"):
+        ssim(a, a)
+    with pytest.raises(ValueError, match="ambiguous"):
+        ssim(a[None], a[None])
+    with pytest.raises(ValueError, match="data_range must be a positive"):
+        ssim(a, a, spatial_dims=2, data_range=0)
+    with pytest.raises(ValueError, match="do not pass data_range"):
+        ssim(a, a, spatial_dims=2, data_range=1.0, preset="deepssim")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        ssim(a, a, spatial_dims=2, preset="nope")
+    with pytest.raises(ValueError, match="not supported"):
+        ssim(a, a, spatial_dims=2, backend="cuda")
+    with pytest.raises(ValueError, match="image shapes differ"):
+        ssim_matrix(a, np.zeros((2, 16, 17), np.float32), progress=False)
+
+
+# ---------------------------------------------------------------- ssim_matrix
+
+
+@pytest.mark.parametrize("mode", ["uniform", "gaussian", "deepssim"])
+def test_matrix_equals_pairwise(mri_slices, mode):
+    kw = GAUSS if mode == "gaussian" else (dict(preset="deepssim") if mode == "deepssim" else {})
+    A = mri_slices[:4]
+    B = np.concatenate([np.roll(mri_slices[2:7], 5, axis=1), mri_slices[:1]])
+    M = ssim_matrix(A, B, progress=False, **kw)
+    assert M.shape == (4, 6) and M.dtype == np.float32
+    pair = ssim(A[:, None], B[None], spatial_dims=2, **kw)
+    assert_close(M, pair, tol=1e-6, what="matrix vs pairwise")
+    want = skimage_ssim(
+        np.broadcast_to(A[:, None], (4, 6, 96, 112)),
+        np.broadcast_to(B[None], (4, 6, 96, 112)),
+        window="gaussian" if mode == "gaussian" else "uniform",
+        preset="deepssim" if mode == "deepssim" else None,
+    )
+    assert_close(M, want, what="matrix vs skimage")
+    assert_close(ssim_matrix(A, B, progress=False, backend="torch", **kw), want, what="torch matrix")
+
+
+def test_matrix_out_memmap_and_array(tmp_path, mri_slices):
+    A, B = mri_slices[:5], mri_slices[2:]
+    want = ssim(A[:, None], B[None], spatial_dims=2)
+    path = tmp_path / "m.f32"
+    got = ssim_matrix(A, B, out=path, progress=False)
+    assert isinstance(got, np.memmap)
+    back = np.memmap(path, dtype=np.float32, mode="r", shape=(5, len(B)))
+    assert_close(back, want, tol=1e-6, what="memmap")
+    npy = ssim_matrix(A, B, out=tmp_path / "m.npy", progress=False)
+    assert_close(np.load(tmp_path / "m.npy"), want, tol=1e-6, what="npy")
+    assert npy.shape == (5, len(B))
+    out = np.full((5, len(B)), np.nan, dtype=np.float32)  # poisoned
+    assert ssim_matrix(A, B, out=out, progress=False) is out
+    assert np.isfinite(out).all()
+    assert_close(out, want, tol=1e-6, what="array out")
+    with pytest.raises(ValueError, match="out has shape"):
+        ssim_matrix(A, B, out=np.zeros((2, 2), np.float32), progress=False)
+
+
+def test_matrix_tiles_and_3d(monkeypatch, mri_slices):
+    import deepssim_fast.ssim as mod
+
+    A, B = mri_slices[:5], mri_slices[1:]
+    whole = ssim_matrix(A, B, progress=False)
+    monkeypatch.setattr(mod, "_MATRIX_TILE_BYTES", 2 * 12 * 96 * 112 * 2)  # tiles of 2 images
+    np.testing.assert_array_equal(ssim_matrix(A, B, progress=False), whole)
+    vol = data.load_volume("anatomical").array
+    V = np.stack([vol, vol[::-1], np.roll(vol, 3, axis=2)])
+    M3 = ssim_matrix(V, V[:2], spatial_dims=3, progress=False)
+    assert_close(M3, ssim(V[:, None], V[None, :2], spatial_dims=3), tol=1e-6, what="3D matrix")
+    assert abs(M3[0, 0] - 1.0) < 1e-6
