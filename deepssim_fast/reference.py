@@ -91,7 +91,9 @@ def cosine_matrix_reference(train: Any, synth: Any) -> torch.Tensor:
 
 
 def topk_reference(train: Any, synth: Any | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by brute force: (scores float32 (n_synth, k) descending, indices int64), ties to lower index.
+    """Exact top-k by brute force: (scores float32 (n_synth, k) descending, indices int64 (n_synth, k)).
+
+    Scores are the float64 cosines rounded to float32; equal scores go to the lower training index.
 
     ``synth=None`` compares ``train`` with itself and excludes self-pairs.
     """
@@ -107,7 +109,12 @@ def topk_reference(train: Any, synth: Any | None, k: int) -> tuple[np.ndarray, n
 
 def histogram_reference(train: Any, synth: Any | None, bins: int = 200,
                         range_: tuple[float, float] = (-1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram of all cosine scores (float32 scores, bins right-open except the last, values clamped)."""
+    """Histogram of all cosine scores: (counts int64 (bins,), edges float64 (bins + 1,)).
+
+    bin = floor((s - lo) / (hi - lo) * bins) computed in float64 from the float32 score, clamped to
+    [0, bins - 1] (so bins are right-open, the last one closed, and out-of-range scores land at the ends).
+    ``synth=None`` counts the ordered pairs i != j of ``train``.
+    """
     self_mode = synth is None
     sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
     vals = sim[~torch.eye(sim.shape[0], dtype=torch.bool)] if self_mode else sim.flatten()
@@ -119,11 +126,16 @@ def histogram_reference(train: Any, synth: Any | None, bins: int = 200,
 
 def class_counts_reference(train: Any, synth: Any | None, thresholds: tuple[float, float] = (0.6, 0.85)
                            ) -> dict[str, int]:
-    """Pair counts: different <= low < similar <= high < duplicate, over float32 scores."""
+    """Pair counts: different <= low < similar <= high < duplicate.
+
+    The float32 score is compared in float64 with the thresholds as given (so a score of float32(0.6),
+    which is 0.6000000238..., counts as "similar" for low = 0.6).
+    """
     self_mode = synth is None
     sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
     vals = sim[~torch.eye(sim.shape[0], dtype=torch.bool)] if self_mode else sim.flatten()
-    low, high = thresholds
+    vals = vals.to(torch.float64)
+    low, high = (float(t) for t in thresholds)
     dup = int((vals > high).sum())
     sim_ = int(((vals > low) & (vals <= high)).sum())
     return {"different": int(vals.numel()) - dup - sim_, "similar": sim_, "duplicate": dup}

@@ -1,0 +1,211 @@
+"""Benchmark of deepssim_fast.all_pairs (issue 4): exact cosine top-k + histogram over all pairs.
+
+Cases (every provider in the same process, same unit-norm embeddings):
+* CPU n × n × 256, k=10: deepssim_fast (native; histogram and class counts included) vs faiss
+  ``IndexFlatIP.search``, chunked ``torch.mm`` + ``torch.topk``, numpy matmul + argpartition, and the plain
+  numpy sgemm on the same shapes (GFLOP/s: the floor of any exact fp32 GEMM route).
+* Scale (not in quick mode): 200000 × 200000 × 256 in a subprocess: time and peak RSS; extrapolated to 10^6².
+* GPU (only where CUDA is present): Triton vs ``torch.mm`` (bf16) + ``torch.topk``.
+
+``python -m bench.bench_all_pairs [--quick] [--no-append] [--scale-n N]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench.harness import Row, append_markdown, markdown_table, run_case
+
+logger = logging.getLogger(__name__)
+
+CAP = "all_pairs"
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _torch_topk(train: torch.Tensor, synth: torch.Tensor, k: int, block: int = 4096):
+    out_s, out_i = [], []
+    for a in range(0, synth.shape[0], block):
+        v, i = torch.topk(synth[a:a + block] @ train.T, k, dim=1)
+        out_s.append(v)
+        out_i.append(i)
+    return torch.cat(out_s), torch.cat(out_i)
+
+
+def _numpy_topk(train: np.ndarray, synth: np.ndarray, k: int, block: int = 4096):
+    out = []
+    for a in range(0, synth.shape[0], block):
+        s = synth[a:a + block] @ train.T
+        p = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        o = np.argsort(-np.take_along_axis(s, p, axis=1), axis=1)
+        out.append(np.take_along_axis(p, o, axis=1))
+    return np.concatenate(out)
+
+
+def _sgemm(train: np.ndarray, synth: np.ndarray, block: int = 4096) -> None:
+    buf = np.empty((block, train.shape[0]), np.float32)
+    for a in range(0, synth.shape[0], block):
+        q = synth[a:a + block]
+        np.matmul(q, train.T, out=buf[: q.shape[0]])
+
+
+def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> list[Row]:
+    from deepssim_fast.all_pairs import all_pairs
+
+    train, synth = _unit(n, d, 1), _unit(n, d, 2)
+    flop = 2.0 * n * n * d
+    providers = {"deepssim_fast (native)": lambda: all_pairs(train, synth, k=k, progress=False)}
+    notes = {}
+    try:
+        import faiss
+
+        index = faiss.IndexFlatIP(d)
+        index.add(train)
+        providers["faiss IndexFlatIP.search"] = lambda: index.search(synth, k)
+    except ImportError:
+        notes["faiss IndexFlatIP.search"] = "faiss-cpu not installed"
+    tt, ts = torch.from_numpy(train), torch.from_numpy(synth)
+    providers["torch.mm + torch.topk (chunked)"] = lambda: _torch_topk(tt, ts, k)
+    providers["numpy matmul + argpartition"] = lambda: _numpy_topk(train, synth, k)
+    providers["numpy sgemm only (floor)"] = lambda: _sgemm(train, synth)
+    base = "faiss IndexFlatIP.search" if "faiss IndexFlatIP.search" in providers else None
+    rows = run_case(CAP, f"CPU {n}x{n}x{d} k={k}", providers, work=float(n) * n, unit="pairs", baseline=base,
+                    warmup=1, repeat=repeat, repeats={"numpy matmul + argpartition": 1}, log=log)
+    res = all_pairs(train, synth, k=k, progress=False)
+    if base:
+        _, fi = index.search(synth, k)
+        same = float(np.mean(np.sort(fi, axis=1) == np.sort(res.indices, axis=1)))
+    for r in rows:
+        if r.times:
+            r.extra["gflops"] = flop / r.median / 1e9
+            r.note = (r.note + f" {r.extra['gflops']:.0f} GFLOP/s").strip()
+        if r.provider.startswith("deepssim_fast"):
+            r.note += f"; histogram + class counts included; {res.class_counts['different']:,} different"
+            if base:
+                r.note += f"; top-k sets equal to faiss: {same:.4%}"
+    return rows
+
+
+_SCALE_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+from deepssim_fast.all_pairs import all_pairs
+n, d, k = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(3)
+def unit(n):
+    x = np.empty((n, d), np.float32)
+    for a in range(0, n, 65536):
+        b = rng.standard_normal((min(n, a + 65536) - a, d)).astype(np.float32)
+        x[a:a + len(b)] = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return x
+train, synth = unit(n), unit(n)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+r = all_pairs(train, synth, k=k, progress=False)
+dt = time.perf_counter() - t
+print(json.dumps(dict(seconds=dt, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      inputs_rss_mb=rss0 / 1024, pairs=r.n_pairs)))
+"""
+
+
+def scale_case(n: int = 200000, d: int = 256, k: int = 10, log=print) -> list[Row]:
+    """One run in a fresh process (peak RSS is the child's ru_maxrss, inputs included)."""
+    proc = subprocess.run([sys.executable, "-c", _SCALE_CHILD, str(n), str(d), str(k)], capture_output=True,
+                          text=True, timeout=24 * 3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scale run failed: {proc.stderr[-2000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    ext = res["seconds"] * (1e6 / n) ** 2
+    row = Row(CAP, f"CPU scale {n}x{n}x{d} k={k}", "deepssim_fast (native)", float(n) * n, "pairs",
+              times=[res["seconds"]], baseline="deepssim_fast (native)", ratio=1.0,
+              note=(f"peak RSS {res['peak_rss_mb']:.0f} MB (inputs alone {res['inputs_rss_mb']:.0f} MB); "
+                    f"10^6 x 10^6 extrapolated: {ext / 3600:.1f} h"),
+              extra=res)
+    log(f"  {row.case:<40} {row.provider:<28} {res['seconds']:.1f} s  peak RSS {res['peak_rss_mb']:.0f} MB")
+    return [row]
+
+
+def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print) -> list[Row]:
+    from deepssim_fast.kernels.cosine_topk import cosine_topk
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=1)
+    synth = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=1)
+    tb, sb = train.bfloat16(), synth.bfloat16()
+
+    def torch_bf16():
+        for a in range(0, n, 16384):
+            torch.topk(sb[a:a + 16384] @ tb.T, k, dim=1)
+
+    def gemm_bf16():
+        for a in range(0, n, 16384):
+            sb[a:a + 16384] @ tb.T
+
+    def triton(p):
+        return lambda: cosine_topk(synth, train, k=k, bins=200, hist_range=(-1.0, 1.0),
+                                   thresholds=(0.6, 0.85), precision=p)
+
+    from bench.harness import time_fn
+
+    providers = {"triton (bf16)": triton("bf16"), "triton (tf32)": triton("tf32"),
+                 "triton (ieee fp32)": triton("ieee"), "torch.mm bf16 + topk": torch_bf16,
+                 "torch.mm bf16 only": gemm_bf16}
+    rows = []
+    for name, fn in providers.items():
+        r = Row(CAP, f"GPU {n}x{n}x{d} k={k}", name, float(n) * n, "pairs")
+        try:
+            r.times = time_fn(fn, warmup=1, repeat=3, sync=torch.cuda.synchronize)
+        except Exception as exc:  # noqa: BLE001
+            r.note = f"failed: {type(exc).__name__}: {exc}"[:200]
+        rows.append(r)
+        log(f"  {r.case:<40} {name:<28} " + (f"{r.median * 1e3:.1f} ms" if r.times else r.note))
+    gemm = next((r for r in rows if r.provider == "torch.mm bf16 only" and r.times), None)
+    for r in rows:
+        r.baseline = "torch.mm bf16 + topk"
+        base = next((x for x in rows if x.provider == r.baseline and x.times), None)
+        if base and r.times:
+            r.ratio = base.median / r.median
+        if gemm and r.times:
+            r.note = (r.note + f" {gemm.median / r.median:.0%} of the bf16 GEMM rate").strip()
+    return rows
+
+
+def run(quick: bool = False, append: bool = True, *, scale_n: int = 200000, log=print) -> list[Row]:
+    """Run the all-pairs cases; ``quick`` uses 4000² and skips the scale case (well under a minute)."""
+    rows = cpu_case(4000 if quick else 20000, repeat=2 if quick else 3, log=log)
+    if not quick:
+        rows += scale_case(scale_n, log=log)
+        if torch.cuda.is_available():
+            rows += gpu_case(log=log)
+    if append:
+        append_markdown("all_pairs: exact cosine top-k + histogram" + (" (quick)" if quick else ""), rows,
+                        comment="Unit-norm random embeddings, d=256, k=10. Ratios against faiss in the same "
+                                "run; deepssim_fast includes the 200-bin histogram and class counts.")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--scale-n", type=int, default=200000)
+    a = ap.parse_args(argv)
+    t = time.perf_counter()
+    rows = run(quick=a.quick, append=not a.no_append, scale_n=a.scale_n)
+    print(markdown_table(rows))
+    print(f"total {time.perf_counter() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

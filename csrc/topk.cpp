@@ -1,0 +1,482 @@
+// Streaming cosine top-k with a fused score histogram (the CPU engine of deepssim_fast.all_pairs).
+//
+// One call folds every pair of a block of queries q (m, dp) and a chunk of database rows t (n, dp) into
+// per-query top-k heaps, a histogram and class counts, without ever storing the m x n scores:
+//   * t is packed once into panels of NR = 16 rows, k-major (panel[k][c] = t[c][k]);
+//   * each worker takes MR = 6 query rows at a time and, for every panel, computes the 6 x 16 scores in
+//     twelve AVX2 registers (the GEMM micro-kernel), then folds them at once: histogram, class counts,
+//     and a top-k heap update behind a threshold early-out (a score below the row's current k-th best
+//     cannot enter the top-k, and is only counted).
+//
+// Exactness. A pair's score is its *canonical* fp32 dot product: acc = fma(q[k], t[k], acc) for
+// k = 0, 1, ..., dp - 1, from acc = 0, rounded once per step. Every accumulator lane of the micro-kernel
+// computes exactly that sequence, and so does the scalar path (fmaf), so scores — and therefore top-k,
+// ties, histogram and class counts — do not depend on tiling, threads or SIMD level.
+//
+// Conventions (shared with deepssim_fast/all_pairs.py and reference.py)
+//   bin(s)   = clamp(floor(((double)s - lo) / (hi - lo) * bins), 0, bins - 1)
+//   class(s) : different if s <= low, similar if low < s <= high, duplicate if s > high (float64 compare)
+//   top-k    : descending score, ties to the lower index; kept as a per-query binary heap whose root is
+//              the worst kept entry (the driver sorts it at the end).
+// The bin of a score is first computed in float32 (x = (s - lo) * scale); a score whose x lies within a
+// few ulps of a bin edge (~0.04 % of pairs) goes to the exact float64 rule.
+#include "common.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+
+#if DSF_X86
+#include <immintrin.h>
+#endif
+
+namespace dsf {
+namespace {
+
+constexpr int MR = 6;    // query rows per micro-kernel
+constexpr int NR = 16;   // database rows per packed panel
+constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at d = 256)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Params {
+  const float* q;    // (m, dp) normalised queries
+  const float* t;    // (n, dp) normalised database rows
+  const float* tp;   // packed t: (ceil(n / NR), dp, NR), zero rows past n
+  float* top_s;      // (m, k) heap scores
+  int64_t* top_i;    // (m, k) heap indices (global)
+  float* dense;      // optional (m, n) score output, else nullptr
+  int64_t m, n, dp, k;
+  int64_t row0, col0, self_offset;  // self_offset < 0: no self pairs
+  int bins;
+  double lo, hi, low, high;
+  float lo_f, scale_f, margin, top_f;  // float32 pre-binning (top_f = bins - margin)
+  float low_t, high_t;                 // largest floats <= low / high: s > low_t  <=>  (double) s > low
+};
+
+// ---- heap of the k best (root = worst) ---------------------------------------------------------
+
+// worse(a, b): a ranks below b (lower score, or equal score and higher index).
+inline bool worse(float as, int64_t ai, float bs, int64_t bi) { return as < bs || (as == bs && ai > bi); }
+
+inline void heap_replace_root(float* hs, int64_t* hi, int64_t k, float s, int64_t i) {
+  int64_t pos = 0;
+  for (;;) {
+    int64_t c = 2 * pos + 1;
+    if (c >= k) break;
+    if (c + 1 < k && worse(hs[c + 1], hi[c + 1], hs[c], hi[c])) ++c;
+    if (!worse(hs[c], hi[c], s, i)) break;
+    hs[pos] = hs[c];
+    hi[pos] = hi[c];
+    pos = c;
+  }
+  hs[pos] = s;
+  hi[pos] = i;
+}
+
+struct Local {
+  std::vector<int64_t> hist;
+  // 8 int32 sub-histograms (one per SIMD lane) of stride bins + 1, so that neighbouring scores falling in
+  // the same bin do not chain through store-to-load forwarding; slot `bins` of
+  // each is a dummy that absorbs the lanes counted elsewhere, so the vector path scatters unconditionally.
+  std::vector<int32_t> sub;
+  int64_t in_sub = 0;
+  int64_t total = 0, gt_low = 0, gt_high = 0;
+  explicit Local(int bins) : hist(bins, 0), sub(8 * (static_cast<size_t>(bins) + 1), 0) {}
+  void flush(int bins) {
+    const int st = bins + 1;
+    for (int b = 0; b < bins; ++b) {
+      int64_t v = 0;
+      for (int l = 0; l < 8; ++l) v += sub[l * st + b];
+      hist[b] += v;
+    }
+    std::fill(sub.begin(), sub.end(), 0);
+    in_sub = 0;
+  }
+};
+
+inline int exact_bin(float s, const Params& p) {
+  const double x = std::floor((static_cast<double>(s) - p.lo) / (p.hi - p.lo) * p.bins);
+  if (!(x >= 0)) return 0;
+  if (x > p.bins - 1) return p.bins - 1;
+  return static_cast<int>(x);
+}
+
+// A pair whose float32 bin position lies within a few ulps of a bin edge (or out of range): exact float64
+// bin and classes. Excluded pairs (-inf) are skipped.
+inline void count_exact(const Params& p, float s, Local& lc) {
+  if (s == kNegInf) return;
+  lc.hist[exact_bin(s, p)] += 1;
+  lc.total += 1;
+  const double sd = s;
+  lc.gt_low += sd > p.low;
+  lc.gt_high += sd > p.high;
+}
+
+// A pair that reaches the row's top-k threshold: offer it to the heap (exact total order, so the final
+// set does not depend on the order of offers).
+inline void offer(const Params& p, float s, int64_t gcol, float* hs, int64_t* hi) {
+  if (worse(hs[0], hi[0], s, gcol)) heap_replace_root(hs, hi, p.k, s, gcol);
+}
+
+// Mask the excluded self pair and the padding columns of a 6 x 16 block with -inf.
+inline void mask_block(const Params& p, float* sc, int64_t r0, int64_t nrows, int64_t c0) {
+  const int64_t valid_cols = std::min<int64_t>(NR, p.n - c0);
+  for (int r = 0; r < MR; ++r) {
+    float* row = sc + r * NR;
+    for (int64_t c = valid_cols; c < NR; ++c) row[c] = kNegInf;
+    if (p.self_offset >= 0 && r < nrows) {
+      const int64_t sc_col = p.self_offset + p.row0 + r0 + r - p.col0 - c0;
+      if (sc_col >= 0 && sc_col < NR) row[sc_col] = kNegInf;
+    }
+  }
+}
+
+// ---- scalar path ---------------------------------------------------------------------------------
+
+void micro_scalar(const float* const* a, const float* bp, int64_t dp, float* out) {
+  float acc[MR][NR] = {};
+  for (int64_t kk = 0; kk < dp; ++kk) {
+    const float* b = bp + kk * NR;
+    for (int r = 0; r < MR; ++r) {
+      const float av = a[r][kk];
+      for (int c = 0; c < NR; ++c) acc[r][c] = std::fmaf(av, b[c], acc[r][c]);
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+// Fold a block of nrows x NR scores (row stride NR) for query rows r0 .. r0 + nrows - 1.
+void fold_block_scalar(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t gcol0, Local& lc) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* s16 = sc + r * NR;
+    float* hs = p.top_s + (r0 + r) * p.k;
+    int64_t* hi = p.top_i + (r0 + r) * p.k;
+    for (int c = 0; c < NR; ++c) {
+      const float s = s16[c];
+      if (s == kNegInf) continue;  // excluded self pair or padding column
+      const float x = (s - p.lo_f) * p.scale_f;
+      bool edge_ok = x >= p.margin && x <= p.top_f;
+      if (edge_ok) {
+        const float f = x - std::floor(x);
+        edge_ok = f >= p.margin && f <= 1.0f - p.margin;
+      }
+      if (edge_ok) {
+        lc.sub[static_cast<int>(std::floor(x))] += 1;
+        lc.in_sub += 1;
+        lc.total += 1;
+        lc.gt_low += s > p.low_t;
+        lc.gt_high += s > p.high_t;
+      } else {
+        count_exact(p, s, lc);
+      }
+      if (s >= hs[0]) offer(p, s, gcol0 + c, hs, hi);
+    }
+  }
+}
+
+// ---- AVX2 path -------------------------------------------------------------------------------------
+#if DSF_X86
+DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t dp, float* out) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t kk = 0; kk < dp; ++kk) {
+    const __m256 b0 = _mm256_load_ps(bp + kk * NR);
+    const __m256 b1 = _mm256_load_ps(bp + kk * NR + 8);
+    __m256 av = _mm256_broadcast_ss(a0 + kk);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a1 + kk);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a2 + kk);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a3 + kk);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a4 + kk);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a5 + kk);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
+  }
+  _mm256_store_ps(out + 0, c00);
+  _mm256_store_ps(out + 8, c01);
+  _mm256_store_ps(out + 16, c10);
+  _mm256_store_ps(out + 24, c11);
+  _mm256_store_ps(out + 32, c20);
+  _mm256_store_ps(out + 40, c21);
+  _mm256_store_ps(out + 48, c30);
+  _mm256_store_ps(out + 56, c31);
+  _mm256_store_ps(out + 64, c40);
+  _mm256_store_ps(out + 72, c41);
+  _mm256_store_ps(out + 80, c50);
+  _mm256_store_ps(out + 88, c51);
+}
+
+DSF_TARGET_AVX2 void fold_block_avx2(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t gcol0,
+                                     Local& lc) {
+  const __m256 vlo = _mm256_set1_ps(p.lo_f), vscale = _mm256_set1_ps(p.scale_f);
+  const __m256 vmargin = _mm256_set1_ps(p.margin), vtop = _mm256_set1_ps(p.top_f);
+  const __m256 vone_m = _mm256_set1_ps(1.0f - p.margin);
+  const __m256 vlow = _mm256_set1_ps(p.low_t), vhigh = _mm256_set1_ps(p.high_t);
+  const __m256 vneginf = _mm256_set1_ps(kNegInf);
+  const int st = p.bins + 1;
+  const __m256i vdummy = _mm256_set1_epi32(p.bins);
+  int32_t* const S = lc.sub.data();
+  alignas(32) int32_t bidx[8];
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* s16 = sc + r * NR;
+    float* hs = p.top_s + (r0 + r) * p.k;
+    int64_t* hi = p.top_i + (r0 + r) * p.k;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_load_ps(s16 + 8 * h);
+      const __m256 x = _mm256_mul_ps(_mm256_sub_ps(s, vlo), vscale);
+      const __m256 fl = _mm256_floor_ps(x);
+      const __m256 f = _mm256_sub_ps(x, fl);
+      // edge_ok: in range and away from every bin edge (NaN-safe ordered compares; -inf fails)
+      __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, vmargin, _CMP_GE_OQ), _mm256_cmp_ps(x, vtop, _CMP_LE_OQ));
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(f, vmargin, _CMP_GE_OQ));
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(f, vone_m, _CMP_LE_OQ));
+      const unsigned okm = static_cast<unsigned>(_mm256_movemask_ps(ok));
+      const unsigned glm = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s, vlow, _CMP_GT_OQ)));
+      const unsigned ghm = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s, vhigh, _CMP_GT_OQ)));
+      // real: not an excluded pair; cand: reaches the row's current k-th best (the threshold early-out)
+      const unsigned realm = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s, vneginf, _CMP_GT_OQ)));
+      const __m256 reach = _mm256_cmp_ps(s, _mm256_set1_ps(hs[0]), _CMP_GE_OQ);
+      const unsigned candm = realm & static_cast<unsigned>(_mm256_movemask_ps(reach));
+      const __m256i b = _mm256_blendv_epi8(vdummy, _mm256_cvttps_epi32(fl), _mm256_castps_si256(ok));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bidx), b);
+      S[bidx[0]] += 1;
+      S[st + bidx[1]] += 1;
+      S[2 * st + bidx[2]] += 1;
+      S[3 * st + bidx[3]] += 1;
+      S[4 * st + bidx[4]] += 1;
+      S[5 * st + bidx[5]] += 1;
+      S[6 * st + bidx[6]] += 1;
+      S[7 * st + bidx[7]] += 1;
+      const int nok = __builtin_popcount(okm);
+      lc.in_sub += 8;
+      lc.total += nok;
+      lc.gt_low += __builtin_popcount(glm & okm);
+      lc.gt_high += __builtin_popcount(ghm & okm);
+      for (unsigned sp = ~okm & realm & 0xffu; sp; sp &= sp - 1) {
+        count_exact(p, s16[8 * h + __builtin_ctz(sp)], lc);
+      }
+      for (unsigned cm = candm; cm; cm &= cm - 1) {
+        const int l = __builtin_ctz(cm);
+        offer(p, s16[8 * h + l], gcol0 + 8 * h + l, hs, hi);
+      }
+    }
+  }
+}
+#endif
+
+// ---- driver: rows [rb, re) against all of t ------------------------------------------------------
+
+using MicroFn = void (*)(const float* const*, const float*, int64_t, float*);
+using FoldFn = void (*)(const Params&, const float*, int64_t, int64_t, int64_t, Local&);
+
+void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, MicroFn micro, FoldFn fold,
+              const float* zero_row) {
+  alignas(32) float sc[MR * NR];
+  const int64_t panels = (p.n + NR - 1) / NR;
+  const int64_t flush_at = (int64_t{1} << 30);
+  for (int64_t tb = 0; tb < panels; tb += NC / NR) {          // tile of NC database rows
+    const int64_t te = std::min(panels, tb + NC / NR);
+    for (int64_t r0 = rb; r0 < re; r0 += MR) {               // MR query rows
+      const int64_t nrows = std::min<int64_t>(MR, re - r0);
+      const float* a[MR];
+      for (int r = 0; r < MR; ++r) a[r] = r < nrows ? p.q + (r0 + r) * p.dp : zero_row;
+      for (int64_t pn = tb; pn < te; ++pn) {                  // one panel of NR database rows
+        const int64_t c0 = pn * NR;
+        micro(a, p.tp + pn * p.dp * NR, p.dp, sc);
+        if (p.dense) {
+          const int64_t nc = std::min<int64_t>(NR, p.n - c0);
+          for (int64_t r = 0; r < nrows; ++r)
+            std::memcpy(p.dense + (r0 + r) * p.n + c0, sc + r * NR, sizeof(float) * nc);
+        }
+        if (p.top_s == nullptr) continue;  // dense scores only
+        mask_block(p, sc, r0, nrows, c0);
+        fold(p, sc, nrows, r0, p.col0 + c0, lc);
+      }
+      if (lc.in_sub > flush_at) lc.flush(p.bins);
+    }
+  }
+}
+
+// ---- bindings --------------------------------------------------------------------------------------
+
+void check_c2d(const py::array& a, const char* name, py::ssize_t rows, py::ssize_t cols, char kind, int itemsize) {
+  if (a.ndim() != 2) throw py::value_error(std::string(name) + ": expected a 2-D array");
+  if (a.dtype().kind() != kind || a.itemsize() != itemsize)
+    throw py::value_error(std::string(name) + ": wrong dtype (expected " + (kind == 'f' ? "float32" : "int64") +
+                          ")");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+  if ((rows >= 0 && a.shape(0) != rows) || (cols >= 0 && a.shape(1) != cols))
+    throw py::value_error(std::string(name) + ": shape (" + std::to_string(a.shape(0)) + ", " +
+                          std::to_string(a.shape(1)) + ") does not match (" + std::to_string(rows) + ", " +
+                          std::to_string(cols) + ")");
+}
+
+float largest_float_le(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) > v) f = std::nextafter(f, kNegInf);
+  return f;
+}
+
+// Pack t (n, dp) into panels (ceil(n / NR), dp, NR), zero rows past n.
+std::vector<float, std::allocator<float>> pack_panels(const float* t, int64_t n, int64_t dp, float** aligned) {
+  const int64_t panels = (n + NR - 1) / NR;
+  std::vector<float> buf(static_cast<size_t>(panels * dp * NR) + 8, 0.0f);
+  float* base = buf.data();
+  while (reinterpret_cast<uintptr_t>(base) % 32) ++base;
+  parallel_for(panels, 4, [&](int64_t pb, int64_t pe) {
+    for (int64_t pn = pb; pn < pe; ++pn) {
+      float* dst = base + pn * dp * NR;
+      const int64_t rows = std::min<int64_t>(NR, n - pn * NR);
+      for (int64_t c = 0; c < rows; ++c) {
+        const float* src = t + (pn * NR + c) * dp;
+        for (int64_t kk = 0; kk < dp; ++kk) dst[kk * NR + c] = src[kk];
+      }
+    }
+  });
+  *aligned = base;
+  return buf;
+}
+
+void run(Params& p, int threads, int64_t* H, int64_t* C) {
+  const Simd level = active_simd();
+  MicroFn micro = &micro_scalar;
+  FoldFn fold = &fold_block_scalar;
+#if DSF_X86
+  if (level == Simd::AVX2) {
+    micro = &micro_avx2;
+    fold = &fold_block_avx2;
+  }
+#endif
+  float* tp = nullptr;
+  auto packed = pack_panels(p.t, p.n, p.dp, &tp);
+  p.tp = tp;
+  const std::vector<float> zero_row(static_cast<size_t>(p.dp), 0.0f);
+  std::mutex mu;
+  const int nt = threads > 0 ? std::min(threads, num_threads()) : num_threads();
+  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load
+  int64_t grain = ((p.m + 4 * nt - 1) / (4 * nt) + MR - 1) / MR * MR;
+  grain = std::max<int64_t>(MR, std::min<int64_t>(grain, 16 * MR));
+  parallel_for(
+      p.m, grain,
+      [&](int64_t rb, int64_t re) {
+        Local lc(p.bins);
+        run_rows(p, rb, re, lc, micro, fold, zero_row.data());
+        if (!H) return;
+        lc.flush(p.bins);
+        std::lock_guard<std::mutex> lk(mu);
+        for (int b = 0; b < p.bins; ++b) H[b] += lc.hist[b];
+        C[2] += lc.gt_high;
+        C[1] += lc.gt_low - lc.gt_high;
+        C[0] += lc.total - lc.gt_low;
+      },
+      nt);
+}
+
+void topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int64_t self_offset, py::array top_s,
+                py::array top_i, py::array hist, py::array classes, double lo, double hi, double low, double high,
+                int threads) {
+  check_c2d(q, "q", -1, -1, 'f', 4);
+  const py::ssize_t m = q.shape(0), dp = q.shape(1);
+  check_c2d(t, "t", -1, dp, 'f', 4);
+  const py::ssize_t n = t.shape(0);
+  check_c2d(top_s, "top_s", m, -1, 'f', 4);
+  const py::ssize_t k = top_s.shape(1);
+  if (k < 1) throw py::value_error("top_s: k must be >= 1");
+  check_c2d(top_i, "top_i", m, k, 'i', 8);
+  if (hist.ndim() != 1 || hist.dtype().kind() != 'i' || hist.itemsize() != 8 ||
+      !(hist.flags() & py::array::c_style))
+    throw py::value_error("hist: expected a contiguous 1-D int64 array");
+  if (classes.ndim() != 1 || classes.shape(0) != 3 || classes.dtype().kind() != 'i' || classes.itemsize() != 8)
+    throw py::value_error("classes: expected a 1-D int64 array of length 3");
+  if (!top_s.writeable() || !top_i.writeable() || !hist.writeable() || !classes.writeable())
+    throw py::value_error("top_s/top_i/hist/classes must be writeable");
+  const int64_t bins = hist.shape(0);
+  if (bins < 1 || bins > (1 << 24)) throw py::value_error("hist: need 1 to 2^24 bins");
+  if (!(hi > lo)) throw py::value_error("histogram range: hi must be > lo");
+  if (dp < 1) throw py::value_error("q/t: need at least one column");
+
+  Params p{};
+  p.q = static_cast<const float*>(q.data());
+  p.t = static_cast<const float*>(t.data());
+  p.top_s = static_cast<float*>(top_s.mutable_data());
+  p.top_i = static_cast<int64_t*>(top_i.mutable_data());
+  p.dense = nullptr;
+  p.m = m;
+  p.n = n;
+  p.dp = dp;
+  p.k = k;
+  p.row0 = row0;
+  p.col0 = col0;
+  p.self_offset = self_offset;
+  p.bins = static_cast<int>(bins);
+  p.lo = lo;
+  p.hi = hi;
+  p.low = low;
+  p.high = high;
+  p.lo_f = static_cast<float>(lo);
+  p.scale_f = static_cast<float>(bins / (hi - lo));
+  // x = (s - lo) * scale in float32 is within a few ulps of (bins + 1) of the exact position
+  p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (bins + 2) + 1e-7);
+  p.top_f = static_cast<float>(bins) - p.margin;
+  p.low_t = largest_float_le(low);
+  p.high_t = largest_float_le(high);
+  if (m == 0 || n == 0) return;
+  int64_t* H = static_cast<int64_t*>(hist.mutable_data());
+  int64_t* C = static_cast<int64_t*>(classes.mutable_data());
+  py::gil_scoped_release nogil;
+  run(p, threads, H, C);
+}
+
+void cosine_scores(py::array q, py::array t, py::array out) {
+  check_c2d(q, "q", -1, -1, 'f', 4);
+  const py::ssize_t m = q.shape(0), dp = q.shape(1);
+  check_c2d(t, "t", -1, dp, 'f', 4);
+  const py::ssize_t n = t.shape(0);
+  check_c2d(out, "out", m, n, 'f', 4);
+  if (!out.writeable()) throw py::value_error("out must be writeable");
+  Params p{};
+  p.q = static_cast<const float*>(q.data());
+  p.t = static_cast<const float*>(t.data());
+  p.dense = static_cast<float*>(out.mutable_data());
+  p.m = m;
+  p.n = n;
+  p.dp = dp;
+  p.k = 1;
+  p.bins = 1;
+  p.self_offset = -1;
+  if (m == 0 || n == 0) return;
+  py::gil_scoped_release nogil;
+  run(p, 0, nullptr, nullptr);
+}
+
+void register_topk(py::module_& m) {
+  m.def("topk_fused", &topk_fused, py::arg("q"), py::arg("t"), py::arg("row0"), py::arg("col0"),
+        py::arg("self_offset"), py::arg("top_s"), py::arg("top_i"), py::arg("hist"), py::arg("classes"),
+        py::arg("lo"), py::arg("hi"), py::arg("low"), py::arg("high"), py::arg("threads") = 0,
+        "Fold every pair of q (m, dp) x t (n, dp) (normalised float32 rows) into per-query top-k heaps\n"
+        "top_s (m, k) float32 / top_i (m, k) int64 (root = worst; start from -inf / INT64_MAX), the histogram\n"
+        "hist (bins,) int64 on [lo, hi] and classes = [different, similar, duplicate] (int64, added to).\n"
+        "Global indices: query row0 + r, database col0 + j; with self_offset >= 0 the pair\n"
+        "(r, self_offset + row0 + r) is excluded. Scores are canonical (sequential fp32 FMA over dp).\n"
+        "threads: at most this many workers (0 = num_threads()). GIL released.");
+  m.def("cosine_scores", &cosine_scores, py::arg("q"), py::arg("t"), py::arg("out"),
+        "Canonical fp32 scores out[i, j] = sum_k q[i, k] t[j, k] by sequential FMA (q (m, dp), t (n, dp),\n"
+        "out (m, n) float32): the scores topk_fused folds, identical on every SIMD level and thread count.");
+}
+
+static Registrar reg("topk", &register_topk);
+
+}  // namespace
+}  // namespace dsf

@@ -1,0 +1,524 @@
+"""Exact streaming cosine top-k over every (synthetic, training) pair, with a fused score histogram.
+
+:func:`all_pairs` answers the question a memorisation audit asks — for each synthetic sample, which
+training samples are nearest, and how are all n_synth × n_train scores distributed — without ever
+building the n_synth × n_train matrix. Memory stays O((n_train + n_synth)·d + tile).
+
+Conventions (the same on every backend; native results are bit-identical across blocks, threads, SIMD)
+------------------------------------------------------------------------------------------------------
+* Cosine similarity: every row is L2-normalised inside (norm in float64, row stored as float32); an
+  all-zero row is an error naming the set and row.
+* A pair's score on CPU is its *canonical* fp32 dot product of the normalised rows: a sequential FMA
+  sum over the d components (see ``csrc/topk.cpp``), computed that way by every lane of the native GEMM
+  micro-kernel and by its scalar path, so results do not depend on tiling, threads or SIMD level.
+* ``scores`` (n_synth, k) float32 descending; ``indices`` (n_synth, k) int64 into ``train``; equal
+  scores go to the lower training index.
+* Histogram: ``bins`` equal-width bins on [-1, 1]; bin = floor((s - lo) / (hi - lo) * bins) computed in
+  float64 from the float32 score, clamped to [0, bins - 1].
+* Class counts, over all pairs: ``different`` s <= low < ``similar`` <= high < ``duplicate`` (the float32
+  score compared in float64 with the thresholds as given).
+* ``train_hits[j]``: how many synthetic samples have training row j as their nearest neighbour.
+* ``all_pairs(train, None)`` compares ``train`` with itself and equals ``all_pairs(train, train,
+  self_offset=0)``: self-pairs are excluded from top-k, histogram and class counts, so the histogram
+  counts ordered pairs i != j (each unordered pair twice).
+
+Backends: ``"native"`` (CPU default: a C++ AVX2 GEMM micro-kernel fused with selection and histogram),
+``"triton"`` (default for CUDA tensors / cupy arrays; on CPU tensors only with ``TRITON_INTERPRET=1``)
+and ``"torch"`` (chunked ``torch.mm`` + stable sort, the portable fallback). The GPU and torch backends
+score pairs with their own fp32 GEMM, so their scores may differ from the canonical ones in the last
+bits (and their histograms for pairs within ~1e-6 of a bin edge). Results always come back as numpy
+arrays in :class:`AllPairsResult`, whatever the input kind or device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._arrays import to_torch
+from .backends import ENV_VAR as _BACKEND_ENV
+from .backends import available as _available
+from .backends import resolve as _resolve
+
+logger = logging.getLogger(__name__)
+
+HIST_RANGE = (-1.0, 1.0)
+CLASS_NAMES = ("different", "similar", "duplicate")
+_INT64_MAX = np.iinfo(np.int64).max
+_PAD = 8  # rows are zero-padded to a multiple of 8 floats (32-byte rows; zeros do not change a score)
+_NORM_CHUNK = 1 << 15
+
+
+# ---------------------------------------------------------------------------------------------- result
+@dataclass
+class AllPairsResult:
+    """What :func:`all_pairs` returns; every array is numpy on the host.
+
+    Attributes
+    ----------
+    scores : (n_synth, k) float32, descending per row.
+    indices : (n_synth, k) int64 row indices into ``train`` (ties to the lower index).
+    histogram : ``(counts, edges)``: counts int64 (bins,) over all compared pairs, edges float64 (bins + 1,).
+    class_counts : ``{"different", "similar", "duplicate"}`` pair counts over all compared pairs.
+    train_hits : (n_train,) int64, how often each training row is some synthetic row's nearest neighbour.
+    thresholds : ``(low, high)`` used for the class counts.
+    n_train, n_synth, k : problem sizes.
+    matrix : the dense (n_synth, n_train) float32 score matrix when asked for (``dense=True`` or ``out=``),
+        else None (native: the canonical scores; torch/triton: ``torch.mm`` scores). Self-pairs keep their
+        score there.
+    backend : which backend computed it.
+    """
+
+    scores: np.ndarray
+    indices: np.ndarray
+    histogram: tuple[np.ndarray, np.ndarray]
+    class_counts: dict[str, int]
+    train_hits: np.ndarray
+    thresholds: tuple[float, float]
+    n_train: int
+    n_synth: int
+    k: int
+    matrix: np.ndarray | None = field(default=None, repr=False)
+    backend: str = ""
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of pairs counted in the histogram and class counts."""
+        return int(self.histogram[0].sum())
+
+    # ------------------------------------------------------------------------------------- merge
+    @staticmethod
+    def merge(parts: Sequence[AllPairsResult], *, axis: str = "synth",
+              train_offsets: Sequence[int] | None = None) -> AllPairsResult:
+        """Combine the results of shards exactly (bit-identical to one un-sharded call).
+
+        ``axis="synth"``: the parts cover consecutive synthetic rows (in order) against the same training
+        set; rows are concatenated, histograms, class counts and train hits summed.
+        ``axis="train"``: the parts cover the same synthetic rows against consecutive training shards;
+        ``train_offsets[p]`` is the global index of shard p's row 0 (default: cumulative ``n_train``).
+        Top-k lists are merged on (score descending, global index ascending); histograms and class
+        counts are summed and ``train_hits`` is recomputed from the merged nearest neighbours.
+        """
+        parts = list(parts)
+        if not parts:
+            raise ValueError("merge: no parts given")
+        k = parts[0].k
+        thr = tuple(parts[0].thresholds)
+        edges = parts[0].histogram[1]
+        for i, p in enumerate(parts):
+            if p.k != k:
+                raise ValueError(f"merge: part {i} has k={p.k}, part 0 has k={k}")
+            if tuple(p.thresholds) != thr:
+                raise ValueError(f"merge: part {i} has thresholds {p.thresholds}, part 0 has {thr}")
+            if p.histogram[1].shape != edges.shape or not np.array_equal(p.histogram[1], edges):
+                raise ValueError(f"merge: part {i} has different histogram bins than part 0")
+        counts = np.sum([p.histogram[0] for p in parts], axis=0).astype(np.int64)
+        cls = {c: int(sum(p.class_counts[c] for p in parts)) for c in CLASS_NAMES}
+        if axis == "synth":
+            n_train = parts[0].n_train
+            for i, p in enumerate(parts):
+                if p.n_train != n_train:
+                    raise ValueError(f"merge(axis='synth'): part {i} has n_train={p.n_train}, "
+                                     f"part 0 has {n_train}")
+            scores = np.concatenate([p.scores for p in parts], axis=0)
+            indices = np.concatenate([p.indices for p in parts], axis=0)
+            hits = np.sum([p.train_hits for p in parts], axis=0).astype(np.int64)
+            return AllPairsResult(scores, indices, (counts, edges.copy()), cls, hits, thr, n_train,
+                                  int(scores.shape[0]), k, backend=parts[0].backend)
+        if axis != "train":
+            raise ValueError(f"merge: axis must be 'synth' or 'train', got {axis!r}")
+        n_synth = parts[0].n_synth
+        for i, p in enumerate(parts):
+            if p.n_synth != n_synth:
+                raise ValueError(f"merge(axis='train'): part {i} has n_synth={p.n_synth}, "
+                                 f"part 0 has {n_synth}")
+        if train_offsets is None:
+            train_offsets = np.cumsum([0] + [p.n_train for p in parts[:-1]]).tolist()
+        if len(train_offsets) != len(parts):
+            raise ValueError(f"merge: {len(train_offsets)} train_offsets for {len(parts)} parts")
+        n_train = max(int(o) + p.n_train for o, p in zip(train_offsets, parts, strict=True))
+        cs = np.concatenate([p.scores for p in parts], axis=1)
+        ci = np.concatenate([p.indices + int(o) for o, p in zip(train_offsets, parts, strict=True)], axis=1)
+        scores, indices = _select_sorted(cs, ci, k)
+        hits = _train_hits(indices, n_train)
+        return AllPairsResult(scores, indices, (counts, edges.copy()), cls, hits, thr, n_train, n_synth, k,
+                              backend=parts[0].backend)
+
+    # ------------------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (npz), atomically: a temporary file in the same folder, then ``os.replace``.
+
+        The dense matrix, if any, is not saved (use ``out=`` for that).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, scores=self.scores, indices=self.indices, hist_counts=self.histogram[0],
+                         hist_edges=self.histogram[1],
+                         class_counts=np.array([self.class_counts[c] for c in CLASS_NAMES], dtype=np.int64),
+                         train_hits=self.train_hits, thresholds=np.array(self.thresholds, dtype=np.float64),
+                         sizes=np.array([self.n_train, self.n_synth, self.k], dtype=np.int64),
+                         backend=np.array(self.backend))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AllPairsResult:
+        """Read a result written by :meth:`save`."""
+        with np.load(Path(path), allow_pickle=False) as z:
+            n_train, n_synth, k = (int(v) for v in z["sizes"])
+            cc = z["class_counts"]
+            return cls(scores=z["scores"], indices=z["indices"],
+                       histogram=(z["hist_counts"], z["hist_edges"]),
+                       class_counts={c: int(v) for c, v in zip(CLASS_NAMES, cc, strict=True)},
+                       train_hits=z["train_hits"], thresholds=tuple(float(v) for v in z["thresholds"]),
+                       n_train=n_train, n_synth=n_synth, k=k, backend=str(z["backend"]))
+
+
+def _select_sorted(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best (score descending, index ascending) of the candidate columns."""
+    if scores.shape[0] == 0:
+        return scores[:, :k].astype(np.float32), indices[:, :k].astype(np.int64)
+    order = np.lexsort((indices, -scores), axis=1)[:, :k]
+    return (np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False),
+            np.take_along_axis(indices, order, axis=1).astype(np.int64, copy=False))
+
+
+def _train_hits(indices: np.ndarray, n_train: int) -> np.ndarray:
+    if indices.shape[0] == 0 or indices.shape[1] == 0:
+        return np.zeros(n_train, dtype=np.int64)
+    return np.bincount(indices[:, 0], minlength=n_train).astype(np.int64)
+
+
+def hist_edges(bins: int) -> np.ndarray:
+    """Bin edges (bins + 1,) float64 of the score histogram on [-1, 1]."""
+    return np.linspace(HIST_RANGE[0], HIST_RANGE[1], bins + 1)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _check_set(x: Any, name: str) -> torch.Tensor:
+    """``x`` as a 2-D real torch tensor (a view when possible) with finite rows, else a clear error."""
+    t = to_torch(x, name=name).detach()
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, d) of embeddings, got shape {tuple(t.shape)}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
+    if t.shape[0] and t.shape[1] == 0:
+        raise ValueError(f"{name}: embeddings have d=0 (shape {tuple(t.shape)})")
+    if t.is_floating_point() and t.numel():
+        # numpy on the host (single-threaded: no torch worker threads left spinning on the cores)
+        if t.device.type == "cpu":
+            bad = np.flatnonzero(~np.isfinite(_host_view(t)).all(axis=1))
+        else:
+            bad = (~torch.isfinite(t).all(dim=1)).nonzero().flatten().cpu().numpy()
+        if bad.size:
+            raise ValueError(f"{name} row {int(bad[0])} contains NaN or Inf")
+    return t
+
+
+def _host_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy (no copy, except bfloat16, widened exactly to float32)."""
+    t = t.detach()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) -> torch.Tensor:
+    """Rows L2-normalised (norm and division in float64, then rounded to float32), zero-padded to (n, dp),
+    on ``device``. Done in chunks so the float64 temporaries stay small."""
+    n, d = t.shape
+    if torch.device(device).type == "cpu" and t.device.type == "cpu":
+        out_np = np.zeros((n, dp), dtype=np.float32)
+        for a in range(0, n, _NORM_CHUNK):
+            c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
+            norm = np.linalg.norm(c, axis=1)
+            zero = np.flatnonzero(norm == 0)
+            if zero.size:
+                raise ValueError(f"{name} row {a + int(zero[0])} is all zeros; cosine similarity is "
+                                 "undefined")
+            out_np[a:a + c.shape[0], :d] = c / norm[:, None]
+        return torch.from_numpy(out_np)
+    out = torch.zeros((n, dp), dtype=torch.float32, device=device)
+    for a in range(0, n, _NORM_CHUNK):
+        c = t[a:a + _NORM_CHUNK].to(device=device, dtype=torch.float64)
+        norm = torch.linalg.vector_norm(c, dim=1)
+        zero = (norm == 0).nonzero()
+        if zero.numel():
+            raise ValueError(f"{name} row {a + int(zero[0])} is all zeros; cosine similarity is undefined")
+        out[a:a + c.shape[0], :d] = (c / norm[:, None]).to(torch.float32)
+    return out
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="pair", unit_scale=True, desc=desc, disable=None if enabled else True,
+                smoothing=0.1, leave=False)
+
+
+# ------------------------------------------------------------------------------------------- public API
+def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[float, float] = (0.6, 0.85),
+              bins: int = 200, device: str | torch.device | None = None, backend: str | None = None,
+              progress: bool = True, dense: bool = False, out: str | os.PathLike | None = None,
+              workers: Any = None, scheduler: Any = None, self_offset: int | None = None,
+              block: int | None = None, tile: int | None = None, precision: str = "ieee") -> AllPairsResult:
+    """Exact cosine top-k of every synthetic row among the training rows, plus the score histogram.
+
+    Parameters
+    ----------
+    train : (n_train, d) embeddings — numpy, torch (CPU or CUDA) or cupy; float16/bfloat16/float32/float64
+        (computed in fp32).
+    synth : (n_synth, d) embeddings, or None to compare ``train`` with itself (self-pairs excluded).
+    k : neighbours per synthetic row, 1 <= k <= number of candidates (n_train, minus one with self-pairs).
+    thresholds : ``(low, high)``: class counts different <= low < similar <= high < duplicate.
+    bins : histogram bins, equal width on [-1, 1].
+    device : where to compute (``"cpu"``, ``"cuda"``, ...); default: where the data lives.
+    backend : ``"native"``, ``"torch"`` or ``"triton"``; default from ``$DEEPSSIM_FAST_BACKEND`` or the data.
+    progress : show a tqdm bar with pairs/s (only on a TTY).
+    dense : also return the full (n_synth, n_train) float32 matrix in ``result.matrix`` (small problems).
+    out : write the full matrix to this path as a ``.npy`` memmap (implies ``dense``).
+    workers, scheduler : run on a Dask cluster via :func:`deepssim_fast.distributed.all_pairs_distributed`.
+    self_offset : synth rows are rows ``self_offset ...`` of ``train``; pairs (i, self_offset + i) are
+        excluded.
+    block, tile : synthetic rows per block and training rows per tile (tuning; results do not depend on them).
+    precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32), ``"tf32"``, ``"fp16"`` or
+        ``"bf16"`` (CUDA only) inputs, fp32 accumulation — low precision changes scores by ~1e-3, and so
+        the top-k.
+
+    Returns
+    -------
+    AllPairsResult with numpy arrays (see the module docstring for the conventions).
+    """
+    if workers is not None or scheduler is not None:
+        if dense or out is not None or self_offset is not None or device is not None:
+            raise ValueError("all_pairs: dense/out/self_offset/device cannot be combined with "
+                             "workers/scheduler")
+        from .distributed import all_pairs_distributed
+
+        return all_pairs_distributed(train, synth, k=k, thresholds=thresholds, bins=bins, backend=backend,
+                                     progress=progress, workers=workers, scheduler=scheduler)
+    k, low, high, bins = _check_params(k, thresholds, bins)
+    if synth is None:
+        if self_offset not in (None, 0):
+            raise ValueError(f"all_pairs: synth=None compares train with itself; self_offset must be 0 "
+                             f"or None, got {self_offset}")
+        synth, self_offset = train, 0
+    tt = _check_set(train, "train")
+    ts = tt if synth is train else _check_set(synth, "synth")
+    n_train, d = tt.shape
+    n_synth = ts.shape[0]
+    if ts.shape[1] != d and n_synth:
+        raise ValueError(f"all_pairs: train and synth have different embedding sizes: "
+                         f"train {tuple(tt.shape)}, synth {tuple(ts.shape)}")
+    if self_offset is not None:
+        fits = isinstance(self_offset, (int, np.integer)) and 0 <= self_offset <= n_train - n_synth
+        if not fits:
+            raise ValueError(f"all_pairs: self_offset={self_offset} with n_synth={n_synth} does not fit in "
+                             f"n_train={n_train}")
+        self_offset = int(self_offset)
+    n_cand = n_train - (1 if self_offset is not None else 0)
+    if k > n_cand:
+        what = "n_train - 1 (self-pairs excluded)" if self_offset is not None else "n_train"
+        raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, "
+                         f"train shape {tuple(tt.shape)})")
+    if block is not None and int(block) < 1 or tile is not None and int(tile) < 1:
+        raise ValueError(f"all_pairs: block and tile must be >= 1, got block={block}, tile={tile}")
+    if device is not None:
+        dev = torch.device(device)
+        bk = _resolve(backend, [], supported=("native", "torch", "triton"))
+        if dev.type == "cuda" and backend in (None, "auto") and not os.environ.get(_BACKEND_ENV):
+            bk = "triton" if _available("triton") else "torch"
+    else:
+        bk = _resolve(backend, [tt, ts], supported=("native", "torch", "triton"))
+        dev = tt.device if bk != "native" else torch.device("cpu")
+    if bk == "native":
+        dev = torch.device("cpu")
+    logger.info("all_pairs: %d synth x %d train, d=%d, k=%d, backend=%s, device=%s", n_synth, n_train, d, k,
+                bk, dev)
+    edges = hist_edges(bins)
+    matrix = None
+    if dense or out is not None:
+        if out is not None:
+            matrix = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32,
+                                               shape=(n_synth, n_train))
+        else:
+            matrix = np.empty((n_synth, n_train), dtype=np.float32)
+    if n_synth == 0:
+        return AllPairsResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64),
+                              (np.zeros(bins, np.int64), edges), dict.fromkeys(CLASS_NAMES, 0),
+                              np.zeros(n_train, np.int64), (low, high), n_train, 0, k, matrix, bk)
+    dp = -(-d // _PAD) * _PAD
+    T = _normalize(tt, "train", dp, dev)
+    Q = T if synth is train and self_offset == 0 and n_synth == n_train else _normalize(ts, "synth", dp, dev)
+    state = dict(k=k, low=low, high=high, bins=bins, self_offset=self_offset, progress=progress,
+                 matrix=matrix)
+    if bk == "native":
+        scores, indices, counts, cls = _run_native(Q.numpy(), T.numpy(), block=block or 16384,
+                                                   tile=tile or 16384, **state)
+    elif bk == "torch":
+        scores, indices, counts, cls = _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
+    else:
+        scores, indices, counts, cls = _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision,
+                                                   **state)
+    if isinstance(matrix, np.memmap):
+        matrix.flush()
+    hits = _train_hits(indices, n_train)
+    return AllPairsResult(scores, indices, (counts, edges), dict(zip(CLASS_NAMES, (int(c) for c in cls),
+                                                                         strict=True)),
+                          hits, (low, high), n_train, n_synth, k, matrix, bk)
+
+
+def _check_params(k: Any, thresholds: Any, bins: Any) -> tuple[int, float, float, int]:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"all_pairs: k must be a positive integer, got {k!r}")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
+        raise ValueError(f"all_pairs: bins must be an integer in [1, 2^20], got {bins!r}")
+    try:
+        low, high = (float(v) for v in thresholds)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"all_pairs: thresholds must be two numbers (low, high), "
+                         f"got {thresholds!r}") from exc
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"all_pairs: thresholds must be finite with low <= high, got {thresholds!r}")
+    return int(k), low, high, int(bins)
+
+
+# ------------------------------------------------------------------------------------------ native engine
+def _run_native(Q: np.ndarray, T: np.ndarray, *, k: int, low: float, high: float, bins: int,
+                self_offset: int | None, progress: bool, matrix: np.ndarray | None, block: int, tile: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Blocks of queries x chunks of training rows, each folded by one native call (GEMM micro-kernel fused
+    with selection, histogram and class counts; multithreaded over queries, GIL released)."""
+    from . import _native
+
+    ns, nt = Q.shape[0], T.shape[0]
+    so = -1 if self_offset is None else self_offset
+    lo, hi = HIST_RANGE
+    scores = np.empty((ns, k), dtype=np.float32)
+    indices = np.empty((ns, k), dtype=np.int64)
+    hist = np.zeros(bins, dtype=np.int64)
+    cls = np.zeros(3, dtype=np.int64)
+    with _progress(ns * nt, progress, "all_pairs[native]") as bar:
+        for b0 in range(0, ns, block):
+            b1 = min(ns, b0 + block)
+            q = Q[b0:b1]
+            top_s = np.full((b1 - b0, k), -np.inf, dtype=np.float32)
+            top_i = np.full((b1 - b0, k), _INT64_MAX, dtype=np.int64)
+            for c0 in range(0, nt, tile):
+                c1 = min(nt, c0 + tile)
+                t = T[c0:c1]
+                if matrix is not None:
+                    dense = np.empty((b1 - b0, c1 - c0), dtype=np.float32)
+                    _native.cosine_scores(q, t, dense)
+                    matrix[b0:b1, c0:c1] = dense
+                _native.topk_fused(q, t, b0, c0, so, top_s, top_i, hist, cls, lo, hi, low, high)
+                bar.update((b1 - b0) * (c1 - c0))
+            scores[b0:b1], indices[b0:b1] = _select_sorted(top_s, top_i, k)
+    return scores, indices, hist, cls
+
+
+# ------------------------------------------------------------------------------------------- torch engine
+def _hist_update(s: torch.Tensor, valid: torch.Tensor | None, bins: int, low: float, high: float,
+                 hist: torch.Tensor, cls: torch.Tensor) -> None:
+    """Add the float32 scores ``s`` (where ``valid``) to the histogram and class counts (float64 rule)."""
+    v = s if valid is None else s[valid]
+    v64 = v.to(torch.float64)
+    lo, hi = HIST_RANGE
+    idx = torch.floor((v64 - lo) / (hi - lo) * bins).clamp_(0, bins - 1).to(torch.int64)
+    hist += torch.bincount(idx.flatten(), minlength=bins)
+    gl = int((v64 > low).sum())
+    gh = int((v64 > high).sum())
+    cls[0] += v.numel() - gl
+    cls[1] += gl - gh
+    cls[2] += gh
+
+
+def _self_mask(rows: int, cols: int, r0: int, c0: int, self_offset: int | None,
+               device: Any) -> torch.Tensor | None:
+    """Boolean (rows, cols) mask that is False on the excluded self pairs, or None if there are none here."""
+    if self_offset is None:
+        return None
+    r = torch.arange(rows, device=device) + (self_offset + r0 - c0)
+    if not bool(((r >= 0) & (r < cols)).any()):
+        return None
+    return r[:, None] != torch.arange(cols, device=device)[None, :]
+
+
+def _merge_running(run_s: torch.Tensor, run_i: torch.Tensor, cand_s: torch.Tensor, cand_i: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k best of running + candidates per row: score descending, index ascending."""
+    s = torch.cat([run_s, cand_s], dim=1)
+    i = torch.cat([run_i, cand_i], dim=1)
+    o = torch.sort(i, dim=1, stable=True).indices
+    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
+    o = torch.sort(-s, dim=1, stable=True).indices[:, :k]
+    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+
+
+def _run_torch(Q: torch.Tensor, T: torch.Tensor, *, d: int, k: int, low: float, high: float, bins: int,
+               self_offset: int | None, progress: bool, matrix: np.ndarray | None, block: int, tile: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Chunked ``torch.mm`` + stable sort on the data's device: the portable fallback."""
+    dev = Q.device
+    ns, nt = Q.shape[0], T.shape[0]
+    Q, T = Q[:, :d], T[:, :d]
+    hist = torch.zeros(bins, dtype=torch.int64, device=dev)
+    cls = torch.zeros(3, dtype=torch.int64, device=dev)
+    scores = np.empty((ns, k), dtype=np.float32)
+    indices = np.empty((ns, k), dtype=np.int64)
+    with _progress(ns * nt, progress, "all_pairs[torch]") as bar:
+        for b0 in range(0, ns, block):
+            b1 = min(ns, b0 + block)
+            q = Q[b0:b1]
+            run_s = torch.empty((b1 - b0, 0), dtype=torch.float32, device=dev)
+            run_i = torch.empty((b1 - b0, 0), dtype=torch.int64, device=dev)
+            for c0 in range(0, nt, tile):
+                c1 = min(nt, c0 + tile)
+                s = q @ T[c0:c1].T
+                if matrix is not None:
+                    matrix[b0:b1, c0:c1] = s.cpu().numpy()
+                valid = _self_mask(b1 - b0, c1 - c0, b0, c0, self_offset, dev)
+                _hist_update(s, valid, bins, low, high, hist, cls)
+                if valid is not None:
+                    s = s.masked_fill(~valid, float("-inf"))
+                kk = min(k, c1 - c0)
+                top = torch.topk(s, kk, dim=1)
+                if bool(((s >= top.values[:, -1:]).sum(dim=1) == kk).all()):
+                    sel = top.indices  # no tie straddles the k-th place: topk's set is the exact set
+                else:  # a tie at the k-th place: the stable sort keeps the lower indices
+                    sel = torch.sort(-s, dim=1, stable=True).indices[:, :kk]
+                run_s, run_i = _merge_running(run_s, run_i, torch.gather(s, 1, sel), sel + c0, k)
+                bar.update((b1 - b0) * (c1 - c0))
+            scores[b0:b1] = run_s.cpu().numpy()
+            indices[b0:b1] = run_i.cpu().numpy()
+    if self_offset is not None and (indices == _INT64_MAX).any():  # pragma: no cover - guarded by k check
+        raise RuntimeError("all_pairs: internal error, a top-k slot was not filled")
+    return scores, indices, hist.cpu().numpy(), cls.cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------ triton engine
+def _run_triton(Q: torch.Tensor, T: torch.Tensor, *, d: int, k: int, low: float, high: float, bins: int,
+                self_offset: int | None, progress: bool, matrix: np.ndarray | None, block: int | None,
+                tile: int | None, precision: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Triton tiles (scores + histogram + per-tile top-k candidates), merged by a second step."""
+    from deepssim_fast.kernels import cosine_topk as ck
+
+    res = ck.cosine_topk(Q, T, k=k, bins=bins, hist_range=HIST_RANGE, thresholds=(low, high),
+                         self_offset=self_offset, synth_block=block, train_chunk=tile, progress=progress,
+                         precision=precision,
+                         dense_out=matrix)
+    scores, indices, hist, cls = res
+    return scores.cpu().numpy(), indices.cpu().numpy(), hist.cpu().numpy(), cls.cpu().numpy()

@@ -1,0 +1,206 @@
+"""Triton tile kernel of :func:`deepssim_fast.all_pairs`: cosine scores, histogram and per-tile top-k.
+
+One program computes a (BLOCK_M synthetic rows) × (BLOCK_N training rows) tile of scores with ``tl.dot``
+(fp32 accumulation; inputs in fp32 ``"ieee"``, ``"tf32"``, ``"fp16"`` or ``"bf16"``; unit-norm rows fit
+fp16), adds the tile to the histogram
+and the class counts (int32 atomics, one per bin per program, via ``tl.histogram``), and writes for each
+row only its best ``KC = min(k, BLOCK_N)`` candidates of the tile that reach the row's running k-th
+score — the n_synth × n_train matrix never reaches GPU memory. A second step (:func:`merge_topk`, plain
+torch) merges the candidates into the running top-k: score descending, ties to the lower index.
+
+Conventions are those of ``deepssim_fast.all_pairs``: bin = floor((s - lo) / (hi - lo) * bins) in float64,
+clamped; classes compare the float32 score in float64 with the thresholds; the pair
+(i, self_offset + i) is excluded when ``self_offset`` is given.
+
+Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (slowly) — that is how CI tests it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("ieee", "tf32", "fp16", "bf16")
+
+
+@triton.jit
+def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS,
+                        n_q, n_t, d, row0, col0, self_delta,
+                        stride_q, stride_t, stride_cs_m, stride_cs_t,
+                        lo, width, nbins, low, high,
+                        HAS_SELF: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n_q
+    cmask = cols < n_t
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < d
+        q = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)
+        t = tl.load(T + cols[:, None] * stride_t + ks[None, :], mask=cmask[:, None] & kmask[None, :],
+                    other=0.0)
+        if PRECISION == "bf16":
+            acc += tl.dot(q.to(tl.bfloat16), tl.trans(t.to(tl.bfloat16)), out_dtype=tl.float32)
+        elif PRECISION == "fp16":
+            acc += tl.dot(q.to(tl.float16), tl.trans(t.to(tl.float16)), out_dtype=tl.float32)
+        elif PRECISION == "tf32":
+            acc = tl.dot(q, tl.trans(t), acc, input_precision="tf32")
+        else:
+            acc = tl.dot(q, tl.trans(t), acc, input_precision="ieee")
+    valid = rmask[:, None] & cmask[None, :]
+    if HAS_SELF:
+        # global synth row (row0 + r) is global train row (row0 + r + self_offset); col0 + c is the column
+        valid = valid & ((rows[:, None] + self_delta) != cols[None, :])
+    # ---- histogram and class counts (float64 rule, identical to the CPU engines)
+    s64 = acc.to(tl.float64)
+    b = tl.floor((s64 - lo) / width * nbins)
+    b = tl.minimum(tl.maximum(b, 0.0), nbins - 1.0).to(tl.int32)
+    h = tl.histogram(tl.reshape(b, (BLOCK_M * BLOCK_N,)), NB, mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
+    bins_idx = tl.arange(0, NB)
+    tl.atomic_add(HIST + bins_idx, h, mask=(bins_idx < nbins) & (h > 0))
+    n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
+    n_low = tl.sum(tl.sum((valid & (s64 > low)).to(tl.int32), axis=1), axis=0)
+    n_high = tl.sum(tl.sum((valid & (s64 > high)).to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(CLS + 0, n_valid - n_low)
+    tl.atomic_add(CLS + 1, n_low - n_high)
+    tl.atomic_add(CLS + 2, n_high)
+    # ---- per-row candidates of this tile: those reaching the running k-th score, best KC of them
+    thr = tl.load(THR + rows, mask=rmask, other=float("inf"))
+    neg_inf = float("-inf")
+    s = tl.where(valid & (acc >= thr[:, None]), acc, neg_inf)
+    n_cand = tl.sum((s > neg_inf).to(tl.int32), axis=1)
+    n_iter = tl.minimum(tl.max(n_cand, axis=0), KC)
+    big = n_t + BLOCK_N
+    for i in range(n_iter):
+        m = tl.max(s, axis=1)
+        ci = tl.min(tl.where((s == m[:, None]) & (m[:, None] > neg_inf), cols[None, :], big), axis=1)
+        keep = rmask & (m > neg_inf)
+        tl.store(CS + rows * stride_cs_m + pid_n * stride_cs_t + i, m, mask=keep)
+        tl.store(CI + rows * stride_cs_m + pid_n * stride_cs_t + i, (ci + col0).to(tl.int64), mask=keep)
+        s = tl.where(cols[None, :] == ci[:, None], neg_inf, s)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def default_blocks(device: torch.device, k: int) -> dict[str, int]:
+    """Tile sizes keyed on where the kernel runs (small tiles interpret quickly on CPU)."""
+    if device.type != "cuda":
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
+
+
+def merge_topk(run_s: torch.Tensor, run_i: torch.Tensor, cand_s: torch.Tensor, cand_i: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k best of running (m, k) + candidates (m, c) per row: score descending, index ascending.
+
+    Empty candidate slots hold -inf and never displace a real score.
+    """
+    s = torch.cat([run_s, cand_s], dim=1)
+    i = torch.cat([run_i, cand_i], dim=1)
+    o = torch.sort(i, dim=1, stable=True).indices
+    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
+    o = torch.sort(-s, dim=1, stable=True).indices[:, :k]
+    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+
+
+def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_range: tuple[float, float],
+                thresholds: tuple[float, float], self_offset: int | None = None,
+                synth_block: int | None = None, train_chunk: int | None = None, precision: str = "ieee",
+                progress: bool = False, dense_out: Any = None, blocks: dict[str, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact streaming top-k + histogram of Q (n_q, dp) against T (n_t, dp), rows already L2-normalised.
+
+    Returns ``(scores (n_q, k) float32, indices (n_q, k) int64, hist (bins,) int64, classes (3,) int64)``
+    on the inputs' device (``classes`` = different, similar, duplicate). Memory: O((n_q + n_t) dp +
+    synth_block × (train_chunk / BLOCK_N) × min(k, BLOCK_N)); the score matrix is never stored.
+    ``dense_out`` (a host array (n_q, n_t)) receives the scores, computed separately by ``torch.mm``.
+    """
+    if Q.ndim != 2 or T.ndim != 2 or Q.shape[1] != T.shape[1]:
+        raise ValueError(f"cosine_topk: expected Q (n_q, d) and T (n_t, d), got {tuple(Q.shape)} and "
+                         f"{tuple(T.shape)}")
+    if Q.device != T.device:
+        raise ValueError(f"cosine_topk: Q on {Q.device} but T on {T.device}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"cosine_topk: precision must be one of {PRECISIONS}, got {precision!r}")
+    if Q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("cosine_topk: Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if precision == "bf16" and Q.device.type != "cuda":
+        # Triton 3.x's interpreter mis-executes bf16 tl.dot (results off by ~1e10): refuse rather than lie.
+        raise ValueError("cosine_topk: precision='bf16' runs only on CUDA; use 'fp16' under TRITON_INTERPRET")
+    Q = Q.to(torch.float32).contiguous()
+    T = T.to(torch.float32).contiguous()
+    dev = Q.device
+    n_q, d = Q.shape
+    n_t = T.shape[0]
+    cfg = dict(default_blocks(dev, k), **(blocks or {}))
+    bm, bn, bk, nw = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+    kc = min(k, bn)
+    sb = int(synth_block or (8192 if dev.type == "cuda" else 256))
+    tc = int(train_chunk or (16384 if dev.type == "cuda" else 512))
+    tc = max(bn, -(-tc // bn) * bn)
+    lo, hi = hist_range
+    low, high = thresholds
+    hist = torch.zeros(bins, dtype=torch.int64, device=dev)
+    cls = torch.zeros(3, dtype=torch.int64, device=dev)
+    hist32 = torch.zeros(bins, dtype=torch.int32, device=dev)
+    cls32 = torch.zeros(3, dtype=torch.int32, device=dev)
+    out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
+    out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
+    nb = max(2, _next_pow2(bins))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_q * n_t, unit="pair", unit_scale=True, desc="all_pairs[triton]", leave=False,
+              disable=None if progress else True) as bar:
+        for r0 in range(0, n_q, sb):
+            r1 = min(n_q, r0 + sb)
+            m = r1 - r0
+            q = Q[r0:r1]
+            run_s = torch.full((m, k), float("-inf"), dtype=torch.float32, device=dev)
+            run_i = torch.full((m, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+            for c0 in range(0, n_t, tc):
+                c1 = min(n_t, c0 + tc)
+                nct = c1 - c0
+                n_tiles = -(-nct // bn)
+                thr = run_s[:, -1].contiguous()
+                cs = torch.full((m, n_tiles, kc), float("-inf"), dtype=torch.float32, device=dev)
+                ci = torch.full((m, n_tiles, kc), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+                hist32.zero_()
+                cls32.zero_()
+                has_self = self_offset is not None
+                self_delta = (self_offset + r0 - c0) if has_self else 0
+                grid = (triton.cdiv(m, bm), n_tiles)
+                _cosine_topk_kernel[grid](
+                    q, T[c0:c1], thr, cs, ci, hist32, cls32,
+                    m, nct, d, r0, c0, self_delta,
+                    q.stride(0), T.stride(0), cs.stride(0), cs.stride(1),
+                    float(lo), float(hi - lo), bins, float(low), float(high),
+                    HAS_SELF=has_self, NB=nb, KC=kc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    PRECISION=precision, num_warps=nw)
+                hist += hist32.to(torch.int64)
+                cls += cls32.to(torch.int64)
+                run_s, run_i = merge_topk(run_s, run_i, cs.reshape(m, -1), ci.reshape(m, -1), k)
+                if dense_out is not None:
+                    dense_out[r0:r1, c0:c1] = (q @ T[c0:c1].T).cpu().numpy()
+                bar.update(m * nct)
+            out_s[r0:r1] = run_s
+            out_i[r0:r1] = run_i
+    return out_s, out_i, hist, cls
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,456 @@
+"""all_pairs: exact streaming cosine top-k with a fused histogram (native CPU engine and torch fallback).
+
+Oracles: a canonical brute force (every pair scored by the native canonical dot product, then a stable
+sort and the float64 histogram rule) must match bit for bit; the float64 references in
+deepssim_fast.reference and FAISS IndexFlatIP must match up to fp32 rounding.
+Triton is checked in tests/test_all_pairs_triton.py (interpreter, in a subprocess).
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from deepssim_fast import _native, data
+from deepssim_fast import reference as ref
+from deepssim_fast.all_pairs import CLASS_NAMES, AllPairsResult, _normalize, all_pairs, hist_edges
+
+SEED = 20261129
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _rand(n: int, d: int, seed: int, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(dtype)
+
+
+def _canonical_matrix(train: np.ndarray, synth: np.ndarray) -> np.ndarray:
+    """Every pair's canonical score (the definition all_pairs uses on CPU), by the native brute force."""
+    d = train.shape[1]
+    dp = -(-d // 8) * 8
+    T = _normalize(torch.as_tensor(train), "train", dp, "cpu")
+    Q = _normalize(torch.as_tensor(synth), "synth", dp, "cpu")
+    out = np.full((Q.shape[0], T.shape[0]), np.nan, dtype=np.float32)
+    _native.cosine_scores(Q.numpy(), T.numpy(), out)
+    return out
+
+
+def _brute(train: np.ndarray, synth: np.ndarray, k: int, *, self_offset: int | None = None, bins: int = 200,
+           thresholds=(0.6, 0.85)):
+    """Exact expected result from the canonical matrix: stable sort, float64 histogram rule."""
+    m = _canonical_matrix(train, synth).astype(np.float32)
+    valid = np.ones(m.shape, dtype=bool)
+    if self_offset is not None:
+        r = np.arange(m.shape[0])
+        valid[r, r + self_offset] = False
+    ms = np.where(valid, m, -np.inf).astype(np.float32)
+    order = np.argsort(-ms, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(ms, order, axis=1)
+    vals = m[valid].astype(np.float64)
+    b = np.clip(np.floor((vals + 1.0) / 2.0 * bins), 0, bins - 1).astype(np.int64)
+    hist = np.bincount(b, minlength=bins)
+    low, high = thresholds
+    cls = {"different": int((vals <= low).sum()), "similar": int(((vals > low) & (vals <= high)).sum()),
+           "duplicate": int((vals > high).sum())}
+    return scores, order.astype(np.int64), hist, cls
+
+
+def _first_mismatch(a: np.ndarray, b: np.ndarray) -> str:
+    bad = np.argwhere(a != b)
+    if not len(bad):
+        return "equal"
+    i = tuple(bad[0])
+    return f"{len(bad)} mismatches, first at {i}: {a[i]!r} vs {b[i]!r}"
+
+
+def _assert_same(r: AllPairsResult, s: AllPairsResult) -> None:
+    """Bit-identical results."""
+    assert np.array_equal(r.scores, s.scores), _first_mismatch(r.scores, s.scores)
+    assert np.array_equal(r.indices, s.indices), _first_mismatch(r.indices, s.indices)
+    assert np.array_equal(r.histogram[0], s.histogram[0]), _first_mismatch(r.histogram[0], s.histogram[0])
+    assert r.class_counts == s.class_counts
+    assert np.array_equal(r.train_hits, s.train_hits)
+
+
+def _assert_exact(r: AllPairsResult, train, synth, k, **kw) -> None:
+    scores, idx, hist, cls = _brute(np.asarray(train), np.asarray(synth), k, **kw)
+    assert r.scores.dtype == np.float32 and r.indices.dtype == np.int64
+    assert r.scores.shape == (len(synth), k) and r.indices.shape == (len(synth), k)
+    assert np.array_equal(r.indices, idx), _first_mismatch(r.indices, idx)
+    assert np.array_equal(r.scores, scores), _first_mismatch(r.scores, scores)
+    assert np.array_equal(r.histogram[0], hist), _first_mismatch(r.histogram[0], hist)
+    assert r.class_counts == cls
+    assert np.array_equal(r.train_hits, np.bincount(idx[:, 0], minlength=len(train)))
+    assert np.all(np.diff(r.scores, axis=1) <= 0), "scores not descending"
+
+
+def _assert_close_to_reference(r: AllPairsResult, train, synth, k) -> None:
+    """Against the float64 reference: same top-k sets where no near-tie, scores within 1e-6, histogram
+    differing only by pairs within 1e-6 of a bin edge."""
+    s_ref, i_ref = ref.topk_reference(train, synth, k)
+    assert np.abs(r.scores - s_ref).max() <= 1e-6
+    sim = ref.cosine_matrix_reference(train, synth).numpy()
+    kth = np.sort(sim, axis=1)[:, ::-1][:, k - 1:k + 1] if sim.shape[1] > k else None
+    for row in range(len(s_ref)):
+        if kth is None or kth[row, 0] - kth[row, 1] > 1e-6:
+            assert set(r.indices[row]) == set(i_ref[row]), f"row {row}: {r.indices[row]} vs {i_ref[row]}"
+    h_ref, edges = ref.histogram_reference(train, synth)
+    x = (sim.ravel() + 1.0) * 100.0
+    near_edge = int((np.abs(x - np.round(x)) < 1e-4).sum())
+    assert np.abs(r.histogram[0] - h_ref).sum() <= 2 * near_edge
+    assert r.histogram[0].sum() == h_ref.sum() == sim.size
+    np.testing.assert_array_equal(r.histogram[1], edges)
+
+
+# ------------------------------------------------------------------------------ exactness, shapes, k
+@pytest.mark.parametrize("n_synth,n_train,d,k", [
+    (1, 1, 3, 1), (7, 7, 5, 7), (1, 4097, 64, 100), (7, 1023, 19, 10), (1023, 7, 33, 1),
+    (1023, 1023, 48, 10), (4097, 1023, 16, 100), (1023, 4097, 70, 1),
+])
+def test_native_exact_against_canonical_brute_force_and_reference(n_synth, n_train, d, k):
+    train = _rand(n_train, d, SEED + n_train + d)
+    synth = _rand(n_synth, d, SEED + 7 * n_synth + d)
+    r = all_pairs(train, synth, k=k, progress=False)
+    assert r.backend == "native" and (r.n_train, r.n_synth, r.k) == (n_train, n_synth, k)
+    _assert_exact(r, train, synth, k)
+    _assert_close_to_reference(r, train, synth, k)
+
+
+def test_real_mri_embeddings_against_brute_force_reference_and_thresholds():
+    # Flattened, 4x-downsampled real MRI slices as "embeddings": non-negative, highly similar (many pairs in
+    # the similar/duplicate classes and near the thresholds).
+    slices = [s.array for s in data.real_slices((64, 64), datasets=["mni152", "s0_10slices", "piesno"])]
+    emb = np.stack([s.reshape(16, 4, 16, 4).mean(axis=(1, 3)).ravel() for s in slices]).astype(np.float32)
+    emb = emb[np.abs(emb).sum(axis=1) > 0]
+    assert len(emb) > 100
+    train, synth = emb[::2], emb[1::2]
+    r = all_pairs(train, synth, k=10, progress=False)
+    _assert_exact(r, train, synth, 10)
+    _assert_close_to_reference(r, train, synth, 10)
+    assert r.class_counts["duplicate"] > 0 and r.class_counts["similar"] > 0
+    assert r.class_counts == ref.class_counts_reference(train, synth)
+    rs = all_pairs(emb, None, k=5, progress=False)
+    _assert_exact(rs, emb, emb, 5, self_offset=0)
+
+
+def test_exact_ties_go_to_the_lower_index():
+    base = _rand(50, 24, SEED)
+    train = np.concatenate([base, base[:10], 2.0 * base[:10], base[:10]])  # rows 50.. duplicate 0..9
+    synth = base[:10] + 0.0
+    r = all_pairs(train, synth, k=4, progress=False)
+    for i in range(10):
+        assert list(r.indices[i]) == [i, 50 + i, 60 + i, 70 + i]
+        assert r.scores[i, 0] == r.scores[i, 1] == r.scores[i, 2] == r.scores[i, 3]
+    _assert_exact(r, train, synth, 4)
+    # the same through many tiny tiles (ties straddle tile borders) and in the torch engine
+    _assert_same(all_pairs(train, synth, k=4, progress=False, block=3, tile=7), r)
+    # torch ranks on its own GEMM scores, which may round identical rows differently: same sets
+    rt = all_pairs(train, synth, k=4, progress=False, backend="torch", tile=13)
+    assert (np.sort(rt.indices, axis=1) == np.sort(r.indices, axis=1)).all()
+    assert np.abs(rt.scores - r.scores).max() <= 1e-6
+    # all-equal scores: every synth row is identical to every train row
+    same = np.ones((9, 4), np.float32)
+    r1 = all_pairs(same, same[:3], k=9, progress=False, tile=2)
+    assert (r1.indices == np.arange(9)).all()
+
+
+def test_block_tile_thread_and_simd_invariance():
+    train = _rand(1500, 40, SEED + 1)
+    synth = _rand(300, 40, SEED + 2)
+    base = all_pairs(train, synth, k=10, progress=False)
+    for block, tile in [(7, 33), (64, 1024), (300, 1500), (4096, 4096)]:
+        _assert_same(all_pairs(train, synth, k=10, progress=False, block=block, tile=tile), base)
+    small = all_pairs(train[:60], synth[:20], k=10, progress=False)
+    _assert_same(all_pairs(train[:60], synth[:20], k=10, progress=False, block=1, tile=1), small)
+    try:
+        for n in (1, 2, 3):
+            _native.set_num_threads(n)
+            _assert_same(all_pairs(train, synth, k=10, progress=False, block=97, tile=256), base)
+        _native.set_num_threads(0)
+        _native.set_simd_level("scalar")
+        assert _native.simd_level() == "scalar"
+        _assert_same(all_pairs(train, synth, k=10, progress=False), base)
+        _assert_same(all_pairs(train, synth, k=10, progress=False, block=5, tile=77), base)
+    finally:
+        _native.set_num_threads(0)
+        _native.set_simd_level("auto")
+    # the canonical score itself is SIMD-independent
+    m_auto = _canonical_matrix(train[:50], synth[:20])
+    try:
+        _native.set_simd_level("scalar")
+        m_scalar = _canonical_matrix(train[:50], synth[:20])
+    finally:
+        _native.set_simd_level("auto")
+    assert np.array_equal(m_auto, m_scalar)
+
+
+def test_canonical_score_is_sequential_fma_independently_emulated():
+    """The canonical score is acc = fma(q[k], t[k], acc), k = 0..d-1, in fp32: emulated here in float64
+    (the product of two floats is exact in float64; rounding the sum to float32 then equals the fused
+    rounding except on exact float32 midpoints, ~2^-29 per step)."""
+    rng = np.random.default_rng(SEED + 30)
+    q = rng.standard_normal((13, 37)).astype(np.float32)
+    t = rng.standard_normal((29, 37)).astype(np.float32)
+    qp = np.zeros((13, 40), np.float32)
+    tp = np.zeros((29, 40), np.float32)
+    qp[:, :37], tp[:, :37] = q, t
+    acc = np.zeros((13, 29), np.float32)
+    for kk in range(37):
+        acc = (np.outer(q[:, kk].astype(np.float64), t[:, kk].astype(np.float64)) + acc).astype(np.float32)
+    for level in ("auto", "scalar"):
+        out = np.full((13, 29), np.nan, np.float32)
+        try:
+            _native.set_simd_level(level)
+            _native.cosine_scores(qp, tp, out)
+        finally:
+            _native.set_simd_level("auto")
+        assert np.array_equal(out, acc), (level, _first_mismatch(out, acc))
+
+
+def test_against_faiss_indexflatip():
+    faiss = pytest.importorskip("faiss")
+    train = _rand(3000, 64, SEED + 3)
+    synth = _rand(500, 64, SEED + 4)
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    sn = synth / np.linalg.norm(synth, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(64)
+    index.add(tn.astype(np.float32))
+    D, indices = index.search(sn.astype(np.float32), 10)
+    r = all_pairs(train, synth, k=10, progress=False)
+    assert np.abs(r.scores - D).max() <= 1e-6
+    for row in range(len(synth)):
+        assert set(r.indices[row]) == set(indices[row]), row
+
+
+def test_torch_backend_matches_native():
+    train = _rand(1100, 36, SEED + 5)
+    synth = _rand(130, 36, SEED + 6)
+    n = all_pairs(train, synth, k=10, progress=False)
+    t = all_pairs(torch.from_numpy(train), torch.from_numpy(synth), k=10, progress=False, backend="torch",
+                  block=50, tile=300)
+    assert t.backend == "torch"
+    assert np.array_equal(t.indices, n.indices)
+    assert np.abs(t.scores - n.scores).max() <= 1e-6
+    assert t.histogram[0].sum() == n.histogram[0].sum()
+    assert np.abs(t.histogram[0] - n.histogram[0]).sum() <= 4
+    _assert_close_to_reference(t, train, synth, 10)
+
+
+# ----------------------------------------------------------------------------------- conventions
+def test_histogram_and_class_conventions_on_exact_scores():
+    train = np.array([[1.0, 0.0]], np.float32)
+    synth = np.array([[3, 4], [4, 3], [1, 0], [-1, 0], [0, 1], [1, 1]], np.float32)
+    r = all_pairs(train, synth, k=1, thresholds=(0.6, 0.8), progress=False)
+    s = r.scores[:, 0]
+    assert list(s) == [np.float32(0.6), np.float32(0.8), 1.0, -1.0, 0.0, np.float32(np.sqrt(0.5))]
+    # float32(0.6) = 0.60000002 > 0.6 (similar), float32(0.8) = 0.80000001 > 0.8 (duplicate): float64 compare
+    assert r.class_counts == {"different": 2, "similar": 2, "duplicate": 2}  # similar: 0.6f and sqrt(.5)
+    assert r.class_counts == ref.class_counts_reference(train, synth, (0.6, 0.8))
+    counts, edges = r.histogram
+    assert counts.sum() == 6 and len(edges) == 201 and edges[0] == -1 and edges[-1] == 1
+    assert counts[0] == 1 and counts[199] == 1 and counts[100] == 1  # -1 -> first bin, 1 -> clamped, 0 -> 100
+    assert counts[160] == 1 and counts[180] == 1
+    np.testing.assert_array_equal(counts, ref.histogram_reference(train, synth)[0])
+    # a score equal to a representable threshold is on the lower side
+    r2 = all_pairs(train, synth, k=1, thresholds=(-1.0, 1.0), progress=False)
+    assert r2.class_counts == {"different": 1, "similar": 5, "duplicate": 0}
+    r3 = all_pairs(train, synth, k=1, bins=7, progress=False)
+    assert len(r3.histogram[0]) == 7 and r3.histogram[0].sum() == 6
+    np.testing.assert_array_equal(r3.histogram[1], hist_edges(7))
+
+
+def test_train_hits_count_nearest_neighbours():
+    train = _rand(20, 8, SEED + 7)
+    synth = np.concatenate([train[[3, 3, 3, 5]] * 1.5, train[[9]]])
+    r = all_pairs(train, synth, k=2, progress=False)
+    assert r.train_hits.dtype == np.int64 and r.train_hits.shape == (20,)
+    assert r.train_hits[3] == 3 and r.train_hits[5] == 1 and r.train_hits[9] == 1 and r.train_hits.sum() == 5
+
+
+# ------------------------------------------------------------------------------ self mode and shards
+def test_self_mode_excludes_self_pairs_and_equals_self_offset_zero():
+    train = _rand(700, 20, SEED + 8)
+    train[100] = train[5]
+    r = all_pairs(train, None, k=10, progress=False, tile=128)
+    _assert_exact(r, train, train, 10, self_offset=0)
+    assert r.n_pairs == 700 * 699  # ordered pairs i != j
+    assert r.indices[5, 0] == 100 and r.indices[100, 0] == 5
+    assert not (r.indices == np.arange(700)[:, None]).any()
+    _assert_same(all_pairs(train, train, k=10, self_offset=0, progress=False), r)
+    s_ref, i_ref = ref.topk_reference(train, None, 10)
+    assert np.abs(r.scores - s_ref).max() <= 1e-6
+    h_ref, _ = ref.histogram_reference(train, None)
+    assert np.abs(r.histogram[0] - h_ref).sum() <= 8
+    # self_offset sharding (how the Dask layer splits a self-comparison) merges to the same result
+    parts = [all_pairs(train, train[a:b], k=10, self_offset=a, progress=False) for a, b in
+             [(0, 1), (1, 333), (333, 700)]]
+    _assert_same(AllPairsResult.merge(parts, axis="synth"), r)
+    with pytest.raises(ValueError, match="self_offset"):
+        all_pairs(train, train[650:], k=3, self_offset=680, progress=False)
+    with pytest.raises(ValueError, match=r"k=700 exceeds the 699 candidates"):
+        all_pairs(train, None, k=700, progress=False)
+
+
+def test_merge_of_synth_and_train_shards_equals_one_call():
+    train = _rand(900, 30, SEED + 9)
+    synth = _rand(250, 30, SEED + 10)
+    train[700] = train[10]  # a tie across train shards
+    full = all_pairs(train, synth, k=10, progress=False)
+    sparts = [all_pairs(train, synth[a:b], k=10, progress=False)
+              for a, b in [(0, 100), (100, 101), (101, 250)]]
+    _assert_same(AllPairsResult.merge(sparts, axis="synth"), full)
+    cuts = [(0, 10), (10, 400), (400, 900)]
+    tparts = [all_pairs(train[a:b], synth, k=10, progress=False) for a, b in cuts]
+    merged = AllPairsResult.merge(tparts, axis="train")
+    _assert_same(merged, full)
+    assert merged.n_train == 900
+    _assert_same(AllPairsResult.merge(tparts[::-1], axis="train", train_offsets=[400, 10, 0]), full)
+    with pytest.raises(ValueError, match="axis"):
+        AllPairsResult.merge(sparts, axis="rows")
+    with pytest.raises(ValueError, match="k="):
+        AllPairsResult.merge([sparts[0], all_pairs(train, synth[:5], k=3, progress=False)])
+
+
+def test_save_load_roundtrip_is_atomic(tmp_path):
+    train = _rand(60, 12, SEED + 11)
+    r = all_pairs(train, train[:9] * 3, k=4, progress=False)
+    path = r.save(tmp_path / "sub" / "part.npz")
+    assert path.exists() and not list(path.parent.glob("*.tmp"))
+    back = AllPairsResult.load(path)
+    _assert_same(back, r)
+    assert back.thresholds == r.thresholds and (back.n_train, back.n_synth, back.k) == (60, 9, 4)
+    np.testing.assert_array_equal(back.histogram[1], r.histogram[1])
+
+
+def test_dense_and_memmap_out(tmp_path):
+    train = _rand(130, 17, SEED + 12)
+    synth = _rand(41, 17, SEED + 13)
+    r = all_pairs(train, synth, k=3, dense=True, progress=False, tile=50, block=16)
+    canon = _canonical_matrix(train, synth)
+    assert r.matrix is not None and r.matrix.dtype == np.float32
+    assert np.array_equal(r.matrix, canon)
+    out = tmp_path / "m.npy"
+    r2 = all_pairs(train, synth, k=3, out=out, progress=False)
+    assert np.array_equal(np.load(out), canon)
+    _assert_same(r2, r)
+    assert all_pairs(train, synth, k=3, progress=False).matrix is None
+
+
+# -------------------------------------------------------------------------------------- bad input
+def test_bad_input_errors_name_the_problem():
+    good = _rand(10, 8, SEED + 14)
+    with pytest.raises(ValueError, match=r"train \(10, 8\), synth \(4, 9\)"):
+        all_pairs(good, _rand(4, 9, 0), progress=False)
+    bad = good.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="train row 3 contains NaN or Inf"):
+        all_pairs(bad, good, progress=False)
+    bad = good.copy()
+    bad[6, 0] = np.inf
+    with pytest.raises(ValueError, match="synth row 6 contains NaN or Inf"):
+        all_pairs(good, bad, progress=False)
+    bad = good.copy()
+    bad[2] = 0
+    with pytest.raises(ValueError, match="train row 2 is all zeros"):
+        all_pairs(bad, good, progress=False)
+    with pytest.raises(ValueError, match="synth row 2 is all zeros"):
+        all_pairs(good, bad, progress=False)
+    with pytest.raises(ValueError, match=r"k=11 exceeds the 10 candidates"):
+        all_pairs(good, good, k=11, progress=False)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        all_pairs(good, good, k=0, progress=False)
+    with pytest.raises(ValueError, match="thresholds"):
+        all_pairs(good, good, thresholds=(0.9, 0.1), progress=False)
+    with pytest.raises(ValueError, match="bins"):
+        all_pairs(good, good, bins=0, progress=False)
+    with pytest.raises(ValueError, match="2-D"):
+        all_pairs(good[0], good, progress=False)
+    with pytest.raises(TypeError, match="complex|real"):
+        all_pairs(good.astype(np.complex64), good, progress=False)
+    with pytest.raises(ValueError, match="not supported|unknown|expected one of"):
+        all_pairs(good, good, backend="cuda-magic", progress=False)
+
+
+def test_empty_synth_gives_empty_result():
+    train = _rand(10, 8, SEED + 15)
+    r = all_pairs(train, np.zeros((0, 8), np.float32), k=3, progress=False)
+    assert r.scores.shape == (0, 3) and r.indices.shape == (0, 3) and r.n_synth == 0
+    assert r.histogram[0].sum() == 0 and r.histogram[0].shape == (200,)
+    assert r.class_counts == dict.fromkeys(CLASS_NAMES, 0)
+    assert r.train_hits.shape == (10,) and r.train_hits.sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, "bfloat16", np.int32])
+def test_other_dtypes_accepted_and_computed_in_fp32(dtype):
+    rng = np.random.default_rng(SEED + 16)
+    train = rng.integers(-50, 50, size=(300, 24)).astype(np.float32) / 8
+    synth = rng.integers(-50, 50, size=(40, 24)).astype(np.float32) / 8  # exact in fp16 / bf16 / int after *8
+    if dtype == "bfloat16":
+        tr, sy = torch.from_numpy(train).bfloat16(), torch.from_numpy(synth).bfloat16()
+    elif dtype is np.int32:
+        tr, sy = (train * 8).astype(np.int32), (synth * 8).astype(np.int32)
+    else:
+        tr, sy = train.astype(dtype), synth.astype(dtype)
+    base = all_pairs(train, synth, k=5, progress=False)
+    r = all_pairs(tr, sy, k=5, progress=False)
+    assert r.scores.dtype == np.float32
+    if dtype is np.int32:  # scaled by 8: normalised rows may differ in the last bit
+        assert np.abs(r.scores - base.scores).max() <= 1e-6
+    else:
+        _assert_same(r, base)
+
+
+def test_torch_and_readonly_inputs_give_numpy_results():
+    train = _rand(200, 16, SEED + 17)
+    synth = _rand(30, 16, SEED + 18)
+    base = all_pairs(train, synth, k=5, progress=False)
+    ro = train.copy()
+    ro.flags.writeable = False
+    r = all_pairs(torch.from_numpy(train), ro[:30] * 0 + synth, k=5, progress=False)
+    assert isinstance(r.scores, np.ndarray) and isinstance(r.indices, np.ndarray)
+    _assert_same(r, base)
+    _assert_same(all_pairs(ro, synth, k=5, progress=False), base)
+    _assert_same(all_pairs(train, synth, k=5, progress=False, device="cpu"), base)
+    grad = torch.from_numpy(train).requires_grad_(True)
+    _assert_same(all_pairs(grad, synth, k=5, progress=False), base)
+    _assert_same(all_pairs(grad, torch.from_numpy(synth), k=5, progress=False, backend="torch"),
+                 all_pairs(train, synth, k=5, progress=False, backend="torch"))
+
+
+def test_workers_delegate_to_distributed_layer(monkeypatch):
+    calls = {}
+
+    def fake(train, synth, **kw):
+        calls.update(kw)
+        return "delegated"
+
+    mod = types.ModuleType("deepssim_fast.distributed")
+    mod.all_pairs_distributed = fake
+    monkeypatch.setitem(sys.modules, "deepssim_fast.distributed", mod)
+    x = _rand(5, 4, 0)
+    assert all_pairs(x, x, k=2, workers=3, progress=False) == "delegated"
+    assert calls == {"k": 2, "thresholds": (0.6, 0.85), "bins": 200, "backend": None, "progress": False,
+                     "workers": 3, "scheduler": None}
+    with pytest.raises(ValueError, match="cannot be combined"):
+        all_pairs(x, x, dense=True, workers=2)
+
+
+def test_native_fold_validates_buffers():
+    q = np.zeros((4, 8), np.float32)
+    t = np.zeros((5, 8), np.float32)
+    ts = np.full((4, 2), -np.inf, np.float32)
+    ti = np.zeros((4, 2), np.int64)
+    h = np.zeros(10, np.int64)
+    c = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match=r"t: shape \(5, 7\) does not match"):
+        _native.topk_fused(q, t[:, :7].copy(), 0, 0, -1, ts, ti, h, c, -1, 1, 0.6, 0.85)
+    with pytest.raises(ValueError, match="top_i: shape"):
+        _native.topk_fused(q, t, 0, 0, -1, ts, ti[:3].copy(), h, c, -1, 1, 0.6, 0.85)
+    with pytest.raises(ValueError, match="int64"):
+        _native.topk_fused(q, t, 0, 0, -1, ts, ti, h.astype(np.int32), c, -1, 1, 0.6, 0.85)
+    with pytest.raises(ValueError, match="float32"):
+        _native.topk_fused(q.astype(np.float64), t, 0, 0, -1, ts, ti, h, c, -1, 1, 0.6, 0.85)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.cosine_scores(np.zeros((8, 4), np.float32).T, t, np.zeros((4, 5), np.float32))

@@ -1,0 +1,142 @@
+"""all_pairs with backend="triton": the Triton tile kernel under TRITON_INTERPRET=1 on CPU tensors.
+
+The interpreter must be switched on before Triton is imported, and the rest of the suite must not run
+interpreted, so the checks run in a fresh interpreter (subprocess) with the variable set; it prints one
+JSON line per check, which the tests below assert on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+_SCRIPT = textwrap.dedent(r"""
+    import json, os
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import numpy as np
+    import torch
+    from deepssim_fast.all_pairs import all_pairs
+    from deepssim_fast import reference as ref, data
+
+    out = []
+
+    def compare(name, train, synth, k, **kw):
+        tt = torch.from_numpy(train)
+        ts = None if synth is None else torch.from_numpy(synth)
+        r = all_pairs(tt, ts, k=k, backend="triton", progress=False, **kw)
+        n = all_pairs(train, synth, k=k, progress=False)
+        s_ref, i_ref = ref.topk_reference(train, synth, k)
+        sim = ref.cosine_matrix_reference(train, train if synth is None else synth).numpy()
+        if synth is None:
+            np.fill_diagonal(sim, np.nan)
+        x = (sim[~np.isnan(sim)] + 1.0) * 100.0
+        near_edge = int((np.abs(x - np.round(x)) < 1e-4).sum())
+        out.append(dict(
+            name=name, backend=r.backend,
+            scores_dtype=str(r.scores.dtype), indices_dtype=str(r.indices.dtype),
+            shape=list(r.scores.shape), k=k,
+            idx_equal_native=bool(np.array_equal(r.indices, n.indices)),
+            idx_equal_ref=bool(np.array_equal(r.indices, i_ref)),
+            max_score_err=float(np.abs(r.scores - s_ref).max()) if r.scores.size else 0.0,
+            descending=bool(np.all(np.diff(r.scores, axis=1) <= 0)),
+            hist_total=int(r.histogram[0].sum()), n_pairs=int(sim.size - (len(sim) if synth is None else 0)),
+            hist_diff=int(np.abs(r.histogram[0] - n.histogram[0]).sum()), near_edge=near_edge,
+            classes_equal=r.class_counts == n.class_counts,
+            hits_equal=bool(np.array_equal(r.train_hits, n.train_hits)),
+        ))
+
+    rng = np.random.default_rng(7)
+    f = lambda n, d: rng.standard_normal((n, d)).astype(np.float32)
+    compare("1x7 k=1", f(7, 5), f(1, 5), 1)
+    compare("7x70 k=10 d=19", f(70, 19), f(7, 19), 10)
+    compare("45x100 k=64 > tile", f(100, 40), f(45, 40), 64)
+    compare("33x65 small chunks", f(65, 8), f(33, 8), 5, block=16, tile=32)
+    ties = f(40, 12); ties = np.concatenate([ties, ties[:5], ties[:5]])
+    compare("exact ties", ties, ties[:5].copy(), 3)
+    compare("self", f(60, 16), None, 4)
+    sl = [s.array for s in data.real_slices((32, 32), datasets=["s0_10slices"])]
+    emb = np.stack([s.reshape(8, 4, 8, 4).mean(axis=(1, 3)).ravel() for s in sl]).astype(np.float32)
+    emb = emb[np.abs(emb).sum(axis=1) > 0]
+    compare("real MRI", emb[::2].copy(), emb[1::2].copy(), 3)
+    # tf32 / bf16 input precisions run (scores within their rounding)
+    tr, sy = f(50, 32), f(9, 32)
+    n = all_pairs(tr, sy, k=3, progress=False)
+    for p in ("tf32", "fp16"):
+        r = all_pairs(torch.from_numpy(tr), torch.from_numpy(sy), k=3, backend="triton", precision=p,
+                      progress=False)
+        out.append(dict(name="precision " + p, max_score_err=float(np.abs(r.scores - n.scores).max()),
+                        hist_total=int(r.histogram[0].sum()), n_pairs=50 * 9))
+    try:
+        all_pairs(torch.from_numpy(tr), torch.from_numpy(sy), k=3, backend="triton", precision="bf16",
+                  progress=False)
+        out.append(dict(name="bf16 refused", refused=False))
+    except ValueError as exc:
+        out.append(dict(name="bf16 refused", refused="CUDA" in str(exc)))
+    for line in out:
+        print("RESULT " + json.dumps(line))
+""")
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    res = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            d = json.loads(line[len("RESULT "):])
+            res[d["name"]] = d
+    assert len(res) == 10, proc.stdout
+    return res
+
+
+@pytest.mark.parametrize("name", ["1x7 k=1", "7x70 k=10 d=19", "45x100 k=64 > tile", "33x65 small chunks",
+                                  "exact ties", "self", "real MRI"])
+def test_triton_interpreted_matches_native_and_reference(interpreted_results, name):
+    r = interpreted_results[name]
+    assert r["backend"] == "triton"
+    assert r["scores_dtype"] == "float32" and r["indices_dtype"] == "int64"
+    assert r["descending"]
+    assert r["idx_equal_native"], r
+    assert r["max_score_err"] <= 1e-6, r
+    assert r["hist_total"] == r["n_pairs"]
+    assert r["hist_diff"] <= 2 * r["near_edge"], r
+    assert r["hits_equal"]
+    if r["hist_diff"] == 0:
+        assert r["classes_equal"]
+
+
+def test_triton_ties_and_self_pairs(interpreted_results):
+    assert interpreted_results["exact ties"]["idx_equal_ref"]
+    assert interpreted_results["self"]["idx_equal_ref"]
+    assert interpreted_results["self"]["n_pairs"] == 60 * 59
+
+
+def test_triton_low_precision_inputs(interpreted_results):
+    assert interpreted_results["precision tf32"]["hist_total"] == 450
+    assert interpreted_results["precision fp16"]["hist_total"] == 450
+    assert interpreted_results["precision fp16"]["max_score_err"] <= 5e-3
+    assert interpreted_results["precision tf32"]["max_score_err"] <= 5e-3
+    assert interpreted_results["bf16 refused"]["refused"]  # the interpreter cannot run bf16 dots
+
+
+def test_triton_not_available_on_cpu_without_interpreter():
+    """In this (non-interpreted) process, asking for Triton on CPU tensors is a clear error."""
+    import numpy as np
+
+    from deepssim_fast.all_pairs import all_pairs
+    from deepssim_fast.backends import BackendUnavailableError
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("suite itself runs interpreted")
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        all_pairs(x, x, k=1, backend="triton", progress=False)
