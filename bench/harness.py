@@ -118,6 +118,23 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+# Distributions whose versions go on every BENCHMARKS.md table (the project's engines and the competitors).
+PACKAGES = ("deepssim_fast", "triton", "scikit-image", "faiss-cpu", "pytorch-msssim", "monai", "torchmetrics")
+
+
+def package_versions() -> str:
+    """'name version' of each installed distribution in PACKAGES (read from metadata, nothing imported)."""
+    from importlib import metadata
+
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
 def machine_info() -> dict[str, str]:
     import numpy
     import torch
@@ -149,6 +166,7 @@ def machine_info() -> dict[str, str]:
         "numpy": numpy.__version__,
         "torch": torch.__version__,
         "commit": commit,
+        "packages": package_versions(),
     }
 
 
@@ -157,6 +175,8 @@ def append_markdown(title: str, rows: Sequence[Row], *, path: Path = BENCHMARKS_
     info = machine_info()
     head = (f"\n### {title}\n\n_{info['date']} · {info['cpu']} · {info['cores']} cores · GPU {info['gpu']} · "
             f"python {info['python']} · numpy {info['numpy']} · torch {info['torch']} · commit {info['commit']}_\n\n")
+    if info.get("packages"):  # the competitors' versions, on their own line
+        head += f"_{info['packages']}_\n\n"
     body = head + (comment.strip() + "\n\n" if comment else "") + markdown_table(rows) + "\n"
     if not path.exists():
         path.write_text("# deepssim_fast benchmarks\n")

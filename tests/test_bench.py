@@ -1,0 +1,316 @@
+"""The benchmark runner (``python -m bench``) and the one-shot GPU suite (``bench/gpu_suite.py``).
+
+* The GPU suite's ``--dry-run`` runs every check and every timing case on tiny shapes with the Triton
+  kernels in the interpreter (TRITON_INTERPRET=1, set by the script before triton is imported, hence a
+  subprocess), so the script cannot rot between GPU sessions.
+* Its checkers are tested on their own with planted faults (a NaN left in an output, an error above the
+  tolerance, a wrong neighbour, a wrong tie order, a miscounted histogram): each must be caught.
+* The runner runs a tiny benchmark package of this test (never BENCHMARKS.md: ``--no-append``); a failing
+  provider is a row, a missing module is reported, the others still run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "bench" / "gpu_suite.py"
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself for --dry-run
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+@pytest.fixture(scope="module")
+def gpu_suite_module():
+    """bench/gpu_suite.py imported as a module (no --dry-run in argv: triton is not switched, not needed)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import bench.gpu_suite as gs
+
+    return gs
+
+
+# ------------------------------------------------------------------------------------------ gpu_suite
+def test_gpu_suite_dry_run_passes_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "gs"
+    proc = subprocess.run([sys.executable, str(SUITE), "--dry-run", "--out", str(out), "--seed", "20261129"],
+                          cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    tail = (proc.stdout[-3000:] + "\n--- stderr ---\n" + proc.stderr[-6000:])
+    assert proc.returncode == 0, tail
+    res = json.loads((out / "gpu_suite.json").read_text())
+    assert res["passed"] is True, tail
+    assert res["env"]["triton_interpret"] == "1" and res["env"]["dry_run"] is True
+    assert res["seed"] == 20261129
+    names = [c["name"] for c in res["checks"]]
+    failed = [c for c in res["checks"] if not c["ok"]]
+    assert not failed, failed
+    # every Triton path is checked: 2D (each window and dtype), 3D, ssim_matrix, all-pairs; random and real
+    for part in ("ssim2d uniform float32", "ssim2d uniform bfloat16", "ssim2d gaussian float32",
+                 "ssim2d uniform float16", "ssim2d uniform uint8",
+                 "ssim2d preset=deepssim", "ssim2d broadcast", "ssim3d uniform", "ssim3d gaussian",
+                 "ssim_matrix random", "ssim_matrix preset=deepssim", "all_pairs random",
+                 "all_pairs self mode", "slice embeddings"):
+        assert any(part in n for n in names), (part, names)
+    assert any(" real " in n for n in names), "real MRI slices were not used in the dry run"
+    assert all(c["err"] is None or c["err"] <= c["tol"] for c in res["checks"])
+    # the Triton kernels themselves ran (interpreted), not a fallback
+    assert {"deepssim_fast.kernels.ssim", "deepssim_fast.kernels.cosine_topk"} <= set(res["kernels_loaded"])
+    # ceilings measured, every timing case ran (tiny) with a Triton provider and the torch baselines
+    assert {"copy_GBps", "mm_bf16_TFLOPs", "mm_fp32_TFLOPs"} <= set(res["ceilings"])
+    timed = {(t["kernel"], t["provider"]) for t in res["timings"] if t["times_ms"]}
+    for kernel, provider in (("ssim2d u7", "triton"), ("ssim2d g11", "triton"), ("ssim3d u7", "triton"),
+                             ("ssim2d u7", "torch (deepssim_fast)"), ("ssim_matrix u7", "triton ssim_matrix"),
+                             ("all_pairs top-k", "triton all_pairs"),
+                             ("all_pairs top-k", "torch.mm bf16 + topk")):
+        assert (kernel, provider) in timed, (kernel, provider, sorted(timed))
+    # the short table is printed last and saved; the full log is there
+    lines = proc.stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| kernel | size | provider |"))
+    assert all(line.startswith("|") for line in lines[header:])
+    assert (out / "gpu_suite.md").read_text().startswith("| kernel | size | provider |")
+    assert "[PASS]" in (out / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_budget_guard_skips_timings(tmp_path: Path) -> None:
+    out = tmp_path / "gs"
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# bench\n")
+    proc = subprocess.run([sys.executable, str(SUITE), "--dry-run", "--out", str(out),
+                           "--sections", "timings", "--budget-s", "0.001",
+                           "--append-md", "--benchmarks-md", str(md)], cwd=ROOT,
+                          env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "gpu_suite.json").read_text())
+    assert res["timings"], res
+    assert all(t["note"] == "skipped: time budget" and not t["times_ms"] for t in res["timings"])
+    kernels = {t["kernel"] for t in res["timings"]}
+    assert {"ssim2d u7", "ssim3d g11", "ssim_matrix u7", "all_pairs top-k"} <= kernels
+    assert res["checks"] == []
+    text = md.read_text()  # --append-md: the machine line and the table under the existing text
+    assert text.startswith("# bench\n") and "### GPU suite" in text and "| kernel | size | provider |" in text
+    assert "| all_pairs top-k |" in text and "skipped: time budget" in text
+
+
+def test_gpu_suite_arguments(gpu_suite_module, tmp_path: Path) -> None:
+    gs = gpu_suite_module
+    with pytest.raises(SystemExit) as e:
+        gs.parse_args(["--sections", "checks,bogus"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        gs.parse_args(["--budget-s", "0"])
+    if not torch.cuda.is_available():  # without a GPU and without --dry-run: a clear refusal, status 2
+        assert gs.main(["--out", str(tmp_path / "x")]) == 2
+
+
+def _suite(gs, tmp_path: Path):
+    return gs.Suite(torch.device("cpu"), gs.DRY_SIZES, seed=7, budget=gs.Budget(60.0), dry=True,
+                    sections={"checks"})
+
+
+def test_ssim_checker_catches_unwritten_and_inaccurate_outputs(gpu_suite_module, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """The SSIM check passes an exact result and fails on a NaN (unwritten element) or a 1e-4 error."""
+    gs = gpu_suite_module
+    from deepssim_fast.reference import ssim_reference
+
+    fault = {"kind": None}
+
+    def fake_ssim(x, y, *, spatial_dims=None, backend=None, **opts):
+        assert backend == "triton"
+        bx, by = torch.broadcast_tensors(x, y)
+        r = torch.from_numpy(np.asarray(ssim_reference(bx, by, spatial_dims=spatial_dims, **opts))).float()
+        if fault["kind"] == "nan":
+            r.view(-1)[-1] = float("nan")
+        elif fault["kind"] == "off":
+            r.view(-1)[0] += 1e-4
+        elif fault["kind"] == "shape":
+            r = r.reshape(-1)[:-1]
+        return r
+
+    monkeypatch.setitem(sys.modules, "deepssim_fast.ssim", types.SimpleNamespace(ssim=fake_ssim))
+    suite = _suite(gs, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 13, 17, generator=g)
+    y = (0.7 * x + 0.3 * torch.rand(4, 13, 17, generator=g))
+    ok, err, tol, _ = suite._ssim_check(x, y, spatial_dims=2, tol=1e-5, window="gaussian",
+                                        sample_covariance=False)
+    assert ok and err is not None and err < 1e-6
+    ok, _, _, _ = suite._ssim_check(x[0], y, spatial_dims=2, tol=1e-5)  # one-vs-many broadcasting
+    assert ok
+    for kind, words in (("nan", "non-finite"), ("off", "mean ssim"), ("shape", "batch shape")):
+        fault["kind"] = kind
+        ok, err, _, detail = suite._ssim_check(x, y, spatial_dims=2, tol=1e-5)
+        assert not ok and words in detail, (kind, detail)
+        if kind == "off":
+            assert err is not None and abs(err - 1e-4) < 1e-6
+
+
+def _reference_result(train: torch.Tensor, synth: torch.Tensor | None, k: int):
+    from deepssim_fast.reference import class_counts_reference, histogram_reference, topk_reference
+
+    s, i = topk_reference(train, synth, k)
+    counts, edges = histogram_reference(train, synth, bins=200)
+    cc = class_counts_reference(train, synth)
+    return types.SimpleNamespace(scores=s.copy(), indices=i.copy(), histogram=(counts.copy(), edges),
+                                 class_counts=dict(cc), thresholds=(0.6, 0.85),
+                                 train_hits=np.bincount(i[:, 0], minlength=train.shape[0]).astype(np.int64))
+
+
+def test_all_pairs_checker_catches_wrong_neighbours_ties_and_counts(gpu_suite_module, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """The all-pairs check passes the brute-force result and fails on each planted fault."""
+    gs = gpu_suite_module
+    g = torch.Generator().manual_seed(5)
+    train, synth = torch.randn(40, 16, generator=g), torch.randn(9, 16, generator=g)
+    train[2] = train[1]
+    synth[0] = train[1]
+    k = 4
+
+    def corrupt(res, kind: str):
+        if kind == "nan":
+            res.scores[3, -1] = np.nan
+        elif kind == "swap":  # the best neighbour of row 4 replaced by its least similar training row
+            res.indices[4, 0] = int(torch.argmin(train @ synth[4]))
+        elif kind == "tie":  # the planted tie returned in the wrong order
+            res.indices[0, :2] = [2, 1]
+        elif kind == "hist":
+            res.histogram[0][100] += 1
+            res.histogram[0][101] -= 1
+        elif kind == "hits":
+            res.train_hits[0] += 1
+        elif kind == "classes":
+            res.class_counts["similar"] += 1
+        return res
+
+    fault = {"kind": None}
+
+    def fake_all_pairs(tr, sy, *, k, backend=None, progress=True):
+        assert backend == "triton" and progress is False
+        res = _reference_result(tr, sy, k)
+        return corrupt(res, fault["kind"]) if fault["kind"] else res
+
+    monkeypatch.setitem(sys.modules, "deepssim_fast.all_pairs",
+                        types.SimpleNamespace(all_pairs=fake_all_pairs))
+    suite = _suite(gs, tmp_path)
+    ok, err, _, detail = suite._all_pairs_check(train, synth, k, tie_row=(0, [1, 2]))
+    assert ok, detail
+    ok, _, _, detail = suite._all_pairs_check(train, None, k)  # self mode
+    assert ok, detail
+    for kind in ("nan", "swap", "tie", "hist", "hits", "classes"):
+        fault["kind"] = kind
+        ok, _, _, detail = suite._all_pairs_check(train, synth, k, tie_row=(0, [1, 2]))
+        assert not ok, (kind, detail)
+
+
+def test_real_data_fallback_to_phantoms(gpu_suite_module, monkeypatch) -> None:
+    """Without the data packages the suite says so and uses phantoms of the asked shape (it still runs)."""
+    gs = gpu_suite_module
+    import deepssim_fast.data as data
+
+    def missing(*a, **k):
+        raise data.DataError("dataset ships inside the 'nilearn' wheel, which is not installed")
+
+    monkeypatch.setattr(data, "real_slices", missing)
+    monkeypatch.setattr(data, "load_volume", missing)
+    arr, src = gs.real_slice_stack((20, 22), 5, dry=False, seed=1)
+    assert arr.shape == (5, 20, 22) and arr.dtype == np.float32 and "absent" in src
+    assert np.isfinite(arr).all() and arr.std() > 0
+    vol, vsrc = gs.real_volume((12, 14, 11), dry=False, seed=1)
+    assert vol.shape == (12, 14, 11) and "absent" in vsrc
+
+
+# ------------------------------------------------------------------------------------------ the runner
+FAKE_BENCH = '''
+from bench.harness import run_case
+
+SEEN = {}
+
+
+def run(quick=False, append=True):
+    def broken():
+        raise RuntimeError("competitor not installed here")
+
+    rows = run_case("fakecap", "sum of 10000 ints", {"builtin sum": lambda: sum(range(10000)),
+                                                     "numpy": lambda: __import__("numpy").arange(10000).sum(),
+                                                     "broken competitor": broken},
+                    work=10000, unit="ints", repeat=2, log=lambda s: None)
+    for r in rows:
+        r.extra["append"] = append
+        r.extra["quick"] = quick
+    return rows
+'''
+
+RAISING_BENCH = '''
+def run(quick=False, append=True):
+    raise ValueError("this capability module is broken")
+'''
+
+
+@pytest.fixture
+def fake_benches(tmp_path: Path, monkeypatch) -> Path:
+    pkg = tmp_path / "fakebenches"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bench_ok.py").write_text(textwrap.dedent(FAKE_BENCH))
+    (pkg / "bench_raises.py").write_text(textwrap.dedent(RAISING_BENCH))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT))
+    return tmp_path
+
+
+def test_runner_reports_failures_and_keeps_going(fake_benches: Path, capsys) -> None:
+    from bench.__main__ import main
+
+    bm = ROOT / "BENCHMARKS.md"
+    before = bm.read_text() if bm.exists() else None
+    out_json = fake_benches / "rows.json"
+    rc = main(["fakebenches.bench_raises", "fakebenches.nothing_here", "fakebenches.bench_ok", "--quick",
+               "--no-append", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 1  # a module raised and one is missing: reported, not hidden
+    res = json.loads(out_json.read_text())
+    status = {m["name"]: m for m in res["modules"]}
+    assert status["fakebenches.bench_raises"]["status"] == "failed"
+    assert "this capability module is broken" in status["fakebenches.bench_raises"]["error"]
+    assert status["fakebenches.nothing_here"]["status"] == "missing"
+    ok = status["fakebenches.bench_ok"]
+    assert ok["status"] == "ok" and len(ok["rows"]) == 3
+    assert ok["failed_providers"] == ["sum of 10000 ints / broken competitor"]
+    assert all(r["extra"] == {"append": False, "quick": True} for r in ok["rows"])
+    rows = {r["provider"]: r for r in ok["rows"]}
+    assert len(rows["builtin sum"]["times"]) == 2 and rows["builtin sum"]["ratio"] == pytest.approx(1.0)
+    assert rows["numpy"]["ratio"] > 0 and "failed: RuntimeError" in rows["broken competitor"]["note"]
+    # the combined table and the status table are printed
+    assert "## fakecap" in out and "| sum of 10000 ints | builtin sum |" in out
+    assert "failed: RuntimeError: competitor not installed here" in out
+    assert "| fakebenches.nothing_here | fakebenches.nothing_here | missing |" in out
+    assert "1/3 benchmark modules ran" in out
+    if before is not None and bm.exists():
+        assert "fakecap" not in bm.read_text()[len(before):]  # nothing of this run was appended
+
+
+def test_runner_ok_exit_status_and_bad_names(fake_benches: Path, capsys) -> None:
+    from bench.__main__ import CAPABILITIES, main, module_for
+
+    assert main(["fakebenches.bench_ok", "--no-append"]) == 0
+    assert "1/1 benchmark modules ran" in capsys.readouterr().out
+    assert main(["no_such_capability"]) == 2
+    assert "unknown benchmark 'no_such_capability'" in capsys.readouterr().err
+    assert module_for("all-pairs") == module_for("bench_all_pairs") == "bench.bench_all_pairs"
+    assert module_for("training") == "bench.bench_train"
+    assert main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"bench.bench_{c}" in listed for c in CAPABILITIES)
