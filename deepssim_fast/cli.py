@@ -1,4 +1,5 @@
 """The ``deepssim-fast`` command line. Every subcommand calls the public API; printing happens here only."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,31 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     info = backends()
     if args.json:
-        print(json.dumps({"deepssim_fast": __version__, "python": platform.python_version(),
-                          "numpy": numpy.__version__, "torch": torch.__version__, "backends": info}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "deepssim_fast": __version__,
+                    "python": platform.python_version(),
+                    "numpy": numpy.__version__,
+                    "torch": torch.__version__,
+                    "backends": info,
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"deepssim_fast {__version__}  python {platform.python_version()}  numpy {numpy.__version__}  "
-          f"torch {torch.__version__}")
+    print(
+        f"deepssim_fast {__version__}  python {platform.python_version()}  numpy {numpy.__version__}  "
+        f"torch {torch.__version__}"
+    )
     print(f"machine: {platform.machine()} {platform.processor() or ''}".rstrip())
     nat = info["native"]
     if nat["available"]:
-        print(f"native : yes  simd={nat['simd']} (cpu supports {nat['detected_simd']})  threads={nat['threads']}  "
-              f"capabilities={','.join(nat['capabilities']) or '-'}")
+        print(
+            f"native : yes  simd={nat['simd']} (cpu supports {nat['detected_simd']})  "
+            f"threads={nat['threads']}  "
+            f"capabilities={','.join(nat['capabilities']) or '-'}"
+        )
     else:
         print("native : NO  (the C++ extension did not import; reinstall from source)")
     print(f"torch  : yes  threads={info['torch']['threads']}")
@@ -40,6 +56,240 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace):
+    from .data import SlicePolicy
+
+    return SlicePolicy(
+        axis=args.axis,
+        start=args.slice_start,
+        stop=args.slice_stop,
+        step=args.slice_step,
+        min_foreground=args.min_foreground,
+    )
+
+
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("slicing of volumes (NIfTI / 3D .npy)")
+    g.add_argument("--axis", type=int, default=2, help="slice axis (default 2)")
+    g.add_argument("--slice-start", type=int, default=None, help="first slice index")
+    g.add_argument("--slice-stop", type=int, default=None, help="stop slice index (exclusive)")
+    g.add_argument("--slice-step", type=int, default=1, help="keep every n-th slice")
+    g.add_argument(
+        "--min-foreground",
+        type=float,
+        default=0.05,
+        help="skip slices whose foreground fraction is below this (default 0.05; 0 keeps all)",
+    )
+
+
+def _cmd_ssim(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data import center_fit
+    from .io import discover, read_image
+
+    opts = dict(
+        window=args.window,
+        win_size=args.win_size,
+        preset=args.preset,
+        data_range=args.data_range,
+        backend=args.backend,
+    )
+    a, b = Path(args.a), Path(args.b)
+    if a.is_file() and b.is_file():
+        x, y = read_image(a), read_image(b)
+        if x.shape != y.shape:
+            raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
+        from .ssim import ssim
+
+        v = float(np.asarray(ssim(x, y, spatial_dims=x.ndim, **opts)))
+        print(f"{v:.6f}")
+        return 0
+    pa, pb = discover(args.a), discover(args.b)
+    imgs_a = [read_image(p) for p in pa]
+    imgs_b = [read_image(p) for p in pb]
+    shape = imgs_a[0].shape
+    if any(im.ndim != len(shape) for im in imgs_a + imgs_b):
+        raise ValueError("all images must have the same rank (2D or 3D)")
+    fa = np.stack([center_fit(im, shape) for im in imgs_a])
+    fb = np.stack([center_fit(im, shape) for im in imgs_b])
+    from .ssim import ssim_matrix
+
+    kw = {"spatial_dims": 3} if len(shape) == 3 else {}
+    m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
+    rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["a", "b", "ssim"])
+            w.writerows(rows)
+        print(f"wrote {len(rows)} scores ({len(pa)} x {len(pb)}) to {args.out}")
+    else:
+        for r in rows:
+            print("\t".join(r))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .io import discover
+    from .training import train
+
+    model = train(
+        discover(args.images),
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        emb_dim=args.emb_dim,
+        val_images=discover(args.val) if args.val else None,
+        out=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        device=args.device,
+        policy=_policy(args),
+        time_limit=args.time_limit,
+        progress=not args.quiet,
+    )
+    best = Path(args.out) / "best.pt"
+    print(
+        f"trained {args.backbone} encoder; best validation loss {getattr(model, 'best_val', None)}; "
+        f"checkpoint: {best if best.exists() else args.out}"
+    )
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .io import discover, iter_slices
+    from .model import embed, load_model
+
+    skipped: list = []
+    slices = list(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped))
+    if not slices:
+        raise ValueError(f"{args.images}: no readable images")
+    emb = embed(
+        [s.array for s in slices],
+        load_model(args.model),
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, emb)
+    ids = out.with_suffix(".ids.txt")
+    ids.write_text("".join(s.key + "\n" for s in slices))
+    for p, r in skipped:
+        print(f"warning: skipped {p}: {r}", file=sys.stderr)
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
+    return 0
+
+
+def _print_summary(s: dict, out: str) -> None:
+    c = s["counts"]
+    print(
+        f"{s['n_synth']} synthetic items vs {s['n_train']} training items ({s['metric']}, top {s['k']}): "
+        f"{c['duplicate']} duplicate, {c['similar']} similar, {c['different']} different "
+        f"— {100 * s['fraction_memorised']:.1f} % memorised"
+    )
+    for sk in s["skipped"]:
+        print(f"warning: skipped {sk['set']} input {sk['path']}: {sk['reason']}", file=sys.stderr)
+    print(f"report: {out}/report.html")
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+
+    size = tuple(args.size) if args.size else None
+    res = audit(
+        args.train,
+        args.synth,
+        model=args.model,
+        metric=args.metric,
+        k=args.k,
+        thresholds=tuple(args.thresholds),
+        verify=args.verify,
+        out=args.out,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        policy=_policy(args),
+        mode=args.mode,
+        size=size,
+        verify_shifts=args.verify_shifts,
+        verify_flips=args.verify_flips,
+        strict=args.strict,
+        cache_dir=args.cache_dir,
+        decode_workers=args.decode_workers,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        device=args.device,
+        backend=args.backend,
+        progress=not args.quiet,
+    )
+    _print_summary(res.summary, str(res.out))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .audit import evaluate
+
+    r = evaluate(args.audit, args.labels, backend=args.backend)
+    print(f"{'class':<10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for name, v in r["per_class"].items():
+        print(f"{name:<10} {v['precision']:9.4f} {v['recall']:9.4f} {v['f1']:9.4f} {v['support']:8d}")
+    print(
+        f"{'macro':<10} {r['macro_precision']:9.4f} {r['macro_recall']:9.4f} {r['macro_f1']:9.4f} {r['n']:8d}"
+    )
+    print(f"macro F1 = {r['macro_f1']:.4f}; written to {args.audit}/evaluation.json")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    r = run_demo(
+        args.out,
+        train_seconds=args.train_seconds,
+        seed=args.seed,
+        progress=not args.quiet,
+        retrain=args.retrain,
+    )
+    print(f"report: {r['report']}")
+    print(
+        f"planted duplicates: recall {r['recall']:.3f}, precision {r['precision']:.3f} "
+        f"({r['found']}/{r['planted']} found, {r['false_positives']} false positives); "
+        f"similar near-copies labelled similar: {r['near_similar']}/{r['near']}; "
+        f"novel labelled different: {r['novel_different']}/{r['novel']}"
+    )
+    print(f"total {r['seconds']:.0f} s")
+    ok = r["recall"] >= 0.95 and r["precision"] >= 0.9
+    if not ok:
+        print("demo targets missed (recall >= 0.95 and precision >= 0.9)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        raise RuntimeError(
+            "the benchmarks live in the source checkout (bench/): run this from a clone of "
+            "the repository, e.g. `cd deepssim_fast && deepssim-fast bench`"
+        ) from None
+    argv = list(args.names) + (["--quick"] if args.quick else [])
+    return int(bench_main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepssim-fast", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -47,6 +297,103 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="print the usable backends and versions")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_cmd_doctor)
+
+    s = sub.add_parser("ssim", help="SSIM of two images, or all pairs of two folders (CSV)")
+    s.add_argument("a", help="image file (PNG, .npy, NIfTI) or folder / glob")
+    s.add_argument("b", help="image file or folder / glob")
+    s.add_argument("--preset", choices=["deepssim"], default=None, help="z-score both, range of the first")
+    s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform")
+    s.add_argument("--win-size", type=int, default=7)
+    s.add_argument("--data-range", type=float, default=None)
+    s.add_argument("--backend", default=None, help="native, torch or triton (default: by data location)")
+    s.add_argument("--out", default=None, help="CSV file for folder comparisons (default: print)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_ssim)
+
+    t = sub.add_parser("train", help="train a DeepSSIM encoder on a folder of images/volumes")
+    t.add_argument("--images", required=True, help="training images: folder, glob or file")
+    t.add_argument("--val", default=None, help="validation images (default: a split of --images)")
+    t.add_argument("--out", required=True, help="output directory (best.pt, last.pt, log.csv)")
+    t.add_argument(
+        "--backbone", default="small", choices=["small", "resnet18", "convnext_tiny", "convnext_base"]
+    )
+    t.add_argument("--pretrained", default=None, help="local ImageNet state_dict for the backbone")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--emb-dim", type=int, default=256)
+    t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--device", default=None)
+    t.add_argument("-q", "--quiet", action="store_true")
+    _add_policy(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("embed", help="embed images with a model into a .npy file")
+    e.add_argument("--model", required=True, help="checkpoint or TorchScript file")
+    e.add_argument("--images", required=True, help="folder, glob or file")
+    e.add_argument("--out", required=True, help="output .npy (item ids go to <out>.ids.txt)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default=None)
+    e.add_argument("--strict", action="store_true", help="abort on the first unreadable file")
+    e.add_argument("-q", "--quiet", action="store_true")
+    _add_policy(e)
+    e.set_defaults(func=_cmd_embed)
+
+    a = sub.add_parser("audit", help="find synthetic samples that copy training samples; write a report")
+    a.add_argument("--train", required=True, nargs="+", help="training set: folders, globs or files")
+    a.add_argument("--synth", required=True, nargs="+", help="synthetic set: folders, globs or files")
+    a.add_argument("--model", default=None, help="encoder checkpoint or TorchScript file (metric deepssim)")
+    a.add_argument("--metric", default="deepssim", choices=["deepssim", "ssim", "correlation", "embeddings"])
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("-k", "--k", type=int, default=5, help="candidates per synthetic item (default 5)")
+    a.add_argument("--thresholds", type=float, nargs=2, default=(0.6, 0.85), metavar=("LOW", "HIGH"))
+    a.add_argument("--verify", default="ssim", choices=["ssim", "none"])
+    a.add_argument(
+        "--verify-shifts",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="also verify over integer shifts up to PX pixels (best by cross-correlation)",
+    )
+    a.add_argument("--verify-flips", action="store_true", help="also verify horizontal/vertical flips")
+    a.add_argument("--mode", default="slices", choices=["slices", "volumes"], help="2D slices or 3D volumes")
+    a.add_argument("--size", type=int, nargs="+", default=None, help="common item shape (crop/pad)")
+    a.add_argument("--strict", action="store_true", help="abort on the first unreadable file")
+    a.add_argument("--cache-dir", default=None, help="per-file cache (default OUT/cache)")
+    a.add_argument("--decode-workers", type=int, default=0, help="DataLoader worker processes")
+    a.add_argument("--workers", type=int, default=None, help="run the search on a local Dask cluster")
+    a.add_argument("--scheduler", default=None, help="Dask scheduler address for the search")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--chunk-size", type=int, default=256, help="synthetic items per resumable chunk")
+    a.add_argument("--device", default=None)
+    a.add_argument("--backend", default=None)
+    a.add_argument("-q", "--quiet", action="store_true")
+    _add_policy(a)
+    a.set_defaults(func=_cmd_audit)
+
+    v = sub.add_parser("evaluate", help="precision/recall/macro F1 of an audit against labelled pairs")
+    v.add_argument("--audit", required=True, help="audit output directory")
+    v.add_argument(
+        "--labels", required=True, help="CSV with real_key, synth_key, label (0 diff, 1 dup, 2 sim)"
+    )
+    v.add_argument("--backend", default=None)
+    v.set_defaults(func=_cmd_evaluate)
+
+    m = sub.add_parser("demo", help="end-to-end audit on real brain MRI with planted copies")
+    m.add_argument("--out", default="demo_out")
+    m.add_argument("--train-seconds", type=float, default=150.0, help="encoder training budget")
+    m.add_argument("--retrain", action="store_true", help="ignore a cached encoder in OUT")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="run the benchmarks (source checkout only)")
+    b.add_argument("names", nargs="*", help="benchmark names (default: all)")
+    b.add_argument("--quick", action="store_true")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -57,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"deepssim-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

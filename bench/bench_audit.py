@@ -1,0 +1,143 @@
+"""Audit benchmarks: the verification stage and a whole exact-SSIM audit, against the reference's way.
+
+Cases (real MNI152 slices, centre-fitted; seeded planted copies):
+
+* ``verify``: exact SSIM (``preset="deepssim"``) of n_synth × k candidate pairs.
+  Providers: ``deepssim_fast verify_pairs`` (batched native SSIM; plain, then with the flip/shift search) and
+  ``scikit-image loop`` (z-score, ``structural_similarity`` with the first image's range, one pair at a time,
+  as the reference scripts do).
+* ``audit ssim``: a complete ``--metric ssim`` audit of n_synth × n_train pairs with files on disk
+  (decode, all pairs, top-k, verification, report). Providers: ``deepssim_fast.audit`` and
+  ``reference-style loop`` (load both files for every pair, scikit-image SSIM, sort, write a CSV).
+
+Run: ``python -m bench audit [--quick]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import Row, append_markdown, run_case
+
+SIZE = (176, 208)
+
+
+def _slices(n: int) -> list[np.ndarray]:
+    from deepssim_fast import data
+
+    vol = data.load_volume("mni152").array
+    sl = data.volume_slices(vol, data.SlicePolicy(axis=2))
+    step = max(1, len(sl) // n)
+    return [data.center_fit(s.array, SIZE) for s in sl[::step][:n]]
+
+
+def _skimage_pair(x: np.ndarray, y: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    zx = (x - x.mean()) / (x.std() or 1.0)
+    zy = (y - y.mean()) / (y.std() or 1.0)
+    return float(structural_similarity(zx, zy, data_range=float(zx.max() - zx.min()), win_size=7))
+
+
+def run(quick: bool = False, append: bool = True) -> list[Row]:
+    audit_mod = importlib.import_module("deepssim_fast.audit")
+    rows: list[Row] = []
+    rng = np.random.default_rng(0)
+
+    # ---- verification ---------------------------------------------------------------------------------
+    n_pairs = 40 if quick else 200
+    base = _slices(60)
+    t = np.stack([base[i % len(base)] for i in range(n_pairs)])
+    s = np.stack([audit_mod._shift(np.ascontiguousarray(a[::-1]), (1, -2)) for a in t])
+    s = s + rng.normal(0, 1.0, s.shape).astype(np.float32)
+    providers = {
+        "deepssim_fast verify_pairs (plain)": lambda: audit_mod.verify_pairs(t, s, spatial_dims=2),
+        "deepssim_fast verify_pairs (flips+shifts)": lambda: audit_mod.verify_pairs(
+            t, s, spatial_dims=2, flips=True, shifts=4
+        ),
+        "scikit-image loop (plain)": lambda: [_skimage_pair(a, b) for a, b in zip(t, s, strict=True)],
+    }
+    rows += run_case(
+        "audit",
+        f"verify {n_pairs} pairs {SIZE[0]}x{SIZE[1]}",
+        providers,
+        work=n_pairs,
+        unit="pairs",
+        baseline="scikit-image loop (plain)",
+        warmup=1,
+        repeat=3,
+        repeats={"scikit-image loop (plain)": 1 if quick else 2},
+        notes={
+            "deepssim_fast verify_pairs (flips+shifts)": "3 flips × FFT shift search, 3 SSIMs per pair",
+        },
+    )
+
+    # ---- whole audit, exact SSIM metric ------------------------------------------------------------------
+    n_train, n_synth = (40, 20) if quick else (120, 60)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_audit_"))
+    try:
+        train_imgs = _slices(n_train)
+        (tmp / "train").mkdir()
+        (tmp / "synth").mkdir()
+        for i, a in enumerate(train_imgs):
+            np.save(tmp / "train" / f"t{i:04d}.npy", a)
+        for i in range(n_synth):
+            a = train_imgs[(3 * i) % n_train]
+            noisy = (a * 1.1 + rng.normal(0, 1.0, a.shape)).astype(np.float32)
+            np.save(tmp / "synth" / f"s{i:04d}.npy", noisy)
+        counter = [0]
+
+        stages: dict[str, float] = {}
+
+        def ours() -> None:
+            counter[0] += 1
+            r = audit_mod.audit(
+                tmp / "train", tmp / "synth", metric="ssim", k=5, out=tmp / f"o{counter[0]}", progress=False
+            )
+            stages.update(r.summary["timings_s"])
+
+        def reference_style() -> None:
+            tr = sorted((tmp / "train").glob("*.npy"))
+            sy = sorted((tmp / "synth").glob("*.npy"))
+            with open(tmp / "ref.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                for p in sy:
+                    scores = [(_skimage_pair(np.load(q), np.load(p)), q.name) for q in tr]
+                    scores.sort(reverse=True)
+                    for r, (v, q) in enumerate(scores[:5]):
+                        w.writerow([p.name, q, r + 1, v])
+
+        rows += run_case(
+            "audit",
+            f"audit ssim {n_synth}x{n_train} {SIZE[0]}x{SIZE[1]}",
+            {"deepssim_fast.audit (metric ssim)": ours, "reference-style loop": reference_style},
+            work=n_train * n_synth,
+            unit="pairs",
+            baseline="reference-style loop",
+            warmup=0,
+            repeat=1 if quick else 2,
+            notes={"deepssim_fast.audit (metric ssim)": "fresh output dir per run"},
+        )
+        rows[-2].note += "; last run stages (s): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in stages.items() if k in ("decode", "search", "verify", "report")
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if append:
+        append_markdown(
+            "audit",
+            rows,
+            comment="Exact SSIM (preset deepssim) in the audit's verification stage and a whole "
+            "--metric ssim audit, against scikit-image one pair at a time (the reference's way).",
+        )
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run(quick=True, append=False)

@@ -1,0 +1,1565 @@
+"""The memorisation audit: which generated (synthetic) samples are copies of training samples.
+
+Pipeline (each stage resumable; see :func:`audit`)::
+
+    discover -> decode + slice (DataLoader workers) -> per-file cache -> embed (batched, cached)
+             -> search: exact top-k over every (synth, train) pair -> verify: exact SSIM of each candidate
+             -> matches.csv, summary.json, histogram.png, gallery.png, report.html
+
+Conventions
+-----------
+* Items are 2D slices (``mode="slices"``, cut by a :class:`~deepssim_fast.data.SlicePolicy`) or whole
+  volumes (``mode="volumes"``, 3D SSIM; metrics ``ssim`` and ``correlation`` only). Every item is
+  brought to one shape ``size`` by :func:`~deepssim_fast.data.center_fit` (centre crop or pad with the
+  item's minimum, no resampling); ``size=None`` takes the shape of the first training item.
+* An item's id is ``"<path>#<axis>:<index>"`` (slices; a 4D file's frame ``t`` has path ``<path>@t<t>``)
+  or ``"<path>"`` (volumes).
+* Search scores (column ``cosine`` of matches.csv): ``deepssim`` and ``embeddings`` — cosine similarity of
+  embeddings; ``correlation`` — Pearson correlation of the pixels (the cosine of the centred images, the
+  baseline of Akbar et al.); ``ssim`` — exact SSIM, ``preset="deepssim"``. Top-k: descending, ties to
+  the lower training index.
+* Verification (``verify="ssim"``): exact SSIM with ``preset="deepssim"`` between the training candidate
+  (first argument, whose range sets the constants) and the synthetic sample, maximised over the
+  transforms asked for: horizontal/vertical flips (``verify_flips``), small rotations of the best flip
+  (``verify_rotations`` degrees, 2D) and, for each variant, the integer shift within ``±verify_shifts``
+  pixels that maximises the cross-correlation; the unchanged pair and the two variants of highest
+  correlation are scored (:func:`verify_pairs`). With ``verify_flips`` the ``deepssim`` and ``correlation``
+  searches also query the flipped synthetic items, so a flipped copy is among the candidates.
+* Labels use the verified SSIM (or the search score when ``verify="none"``):
+  ``duplicate`` if s > high, ``similar`` if low < s <= high, ``different`` if s <= low, with
+  ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate;
+  "fraction memorised" is the fraction of synthetic samples labelled ``duplicate``.
+
+Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, default ``OUT/cache``) under a
+key of path, size, mtime, slice policy, item shape and model hash; search and verification results are
+saved per chunk under ``OUT/work``. A rerun after an interruption skips finished work and writes
+byte-identical matches.csv, histogram.png, gallery.png and report.html, and a summary.json that differs
+only in ``timings_s``. Every output is written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io as _io
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import DataError, SlicePolicy, center_fit
+from .io import Spec, _file_slices, discover, read_image
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("deepssim", "ssim", "correlation", "embeddings")
+VERIFY = ("ssim", "none")
+LABELS = ("different", "similar", "duplicate")
+MATCHES_HEADER = (
+    "synth_id",
+    "synth_path",
+    "synth_index",
+    "train_id",
+    "train_path",
+    "train_index",
+    "rank",
+    "cosine",
+    "ssim",
+    "label",
+    "transform",
+)
+_FORMAT_VERSION = 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engine adapters: the only places that touch the SSIM / search / model APIs.
+# ----------------------------------------------------------------------------------------------------
+def _ssim_pairs(x: np.ndarray, y: np.ndarray, *, spatial_dims: int, backend: str | None = None) -> np.ndarray:
+    """DeepSSIM-preset SSIM per pair; x, y shaped (B, *spatial) float32 → (B,) float64."""
+    try:
+        from .ssim import ssim
+    except ImportError:  # engine not installed in this tree: the reference has the same signature
+        from .reference import ssim_reference
+
+        return np.asarray(
+            ssim_reference(x, y, spatial_dims=spatial_dims, preset="deepssim"), dtype=np.float64
+        )
+    return np.asarray(
+        ssim(x, y, spatial_dims=spatial_dims, preset="deepssim", backend=backend), dtype=np.float64
+    )
+
+
+def _ssim_matrix(
+    a: np.ndarray, b: np.ndarray, *, spatial_dims: int, backend: str | None = None
+) -> np.ndarray:
+    """(len(a), len(b)) DeepSSIM-preset SSIM, ``a`` the first argument of every pair."""
+    try:
+        from .ssim import ssim_matrix
+    except ImportError:
+        out = np.empty((len(a), len(b)), dtype=np.float32)
+        for i in range(len(a)):
+            x = np.broadcast_to(a[i], b.shape)
+            out[i] = _ssim_pairs(np.ascontiguousarray(x), b, spatial_dims=spatial_dims)
+        return out
+    if spatial_dims == 3:
+        # ssim_matrix infers 2D/3D from the item rank; keep it explicit for volumes.
+        return np.asarray(
+            ssim_matrix(a, b, spatial_dims=3, preset="deepssim", progress=False, backend=backend),
+            dtype=np.float32,
+        )
+    return np.asarray(ssim_matrix(a, b, preset="deepssim", progress=False, backend=backend), dtype=np.float32)
+
+
+@dataclass
+class SearchResult:
+    """Top-k of every synthetic item: scores (n_synth, k) float32 descending, indices (n_synth, k) int64,
+    the histogram of all n_synth × n_train scores (counts int64 (bins,), edges float64 (bins + 1,)) and the
+    pair counts per label under the thresholds."""
+
+    scores: np.ndarray
+    indices: np.ndarray
+    counts: np.ndarray
+    edges: np.ndarray
+    class_counts: dict[str, int]
+
+    def save(self, path: Path) -> None:
+        cc = np.array([self.class_counts[n] for n in LABELS], dtype=np.int64)
+        _atomic_npz(
+            path,
+            scores=self.scores,
+            indices=self.indices,
+            counts=self.counts,
+            edges=self.edges,
+            class_counts=cc,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> SearchResult:
+        with np.load(path) as z:
+            cc = z["class_counts"]
+            return cls(
+                z["scores"],
+                z["indices"],
+                z["counts"],
+                z["edges"],
+                {n: int(c) for n, c in zip(LABELS, cc, strict=True)},
+            )
+
+
+def _cosine_search(
+    train: np.ndarray,
+    synth: np.ndarray,
+    *,
+    k: int,
+    thresholds: tuple[float, float],
+    bins: int,
+    backend: str | None,
+    progress: bool,
+    workers: int | None,
+    scheduler: Any,
+    shard_dir: Path,
+) -> SearchResult:
+    """Exact cosine top-k + histogram + class counts over all pairs (the all-pairs engine)."""
+    if workers is not None or scheduler is not None:
+        from .distributed import all_pairs_distributed
+
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        r = all_pairs_distributed(
+            train,
+            synth,
+            k=k,
+            thresholds=thresholds,
+            bins=bins,
+            backend=backend,
+            progress=progress,
+            workers=workers,
+            scheduler=scheduler,
+            checkpoint_dir=str(shard_dir),
+        )
+    else:
+        try:
+            from .all_pairs import all_pairs
+        except ImportError:
+            from .reference import class_counts_reference, histogram_reference, topk_reference
+
+            s, i = topk_reference(train, synth, k)
+            c, e = histogram_reference(train, synth, bins)
+            return SearchResult(s, i, c, e, class_counts_reference(train, synth, thresholds))
+        r = all_pairs(train, synth, k=k, thresholds=thresholds, bins=bins, backend=backend, progress=progress)
+    counts, edges = r.histogram
+    return SearchResult(
+        np.asarray(r.scores, dtype=np.float32),
+        np.asarray(r.indices, dtype=np.int64),
+        np.asarray(counts, dtype=np.int64),
+        np.asarray(edges, dtype=np.float64),
+        {n: int(r.class_counts[n]) for n in LABELS},
+    )
+
+
+def _load_model(model: Any) -> tuple[Any, str | None, str]:
+    """(module, path or None, hash). ``model``: a path (project checkpoint or TorchScript) or a module."""
+    if isinstance(model, (str, os.PathLike)):
+        p = Path(model)
+        if not p.is_file():
+            raise FileNotFoundError(f"model file {p} does not exist")
+        from .model import load_model
+
+        return load_model(str(p)), str(p.resolve()), _file_sha256(p)
+    return model, None, _module_hash(model)
+
+
+def _module_hash(module: Any) -> str:
+    """sha256 over parameter names, shapes and bytes (stable across processes)."""
+    for attr in ("model_hash", "hash"):
+        v = getattr(module, attr, None)
+        if isinstance(v, str):
+            return v
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _embed(images: Sequence[np.ndarray], model: Any, *, batch_size: int, device: Any) -> np.ndarray:
+    from .model import embed
+
+    return np.asarray(
+        embed(list(images), model, batch_size=batch_size, device=device, progress=False), dtype=np.float32
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small utilities
+# ----------------------------------------------------------------------------------------------------
+def _file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    _atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def label_of(score: float | np.ndarray, thresholds: tuple[float, float]) -> np.ndarray:
+    """Label index per score: 0 different (s <= low), 1 similar (low < s <= high), 2 duplicate (s > high)."""
+    low, high = thresholds
+    s = np.asarray(score, dtype=np.float64)
+    return np.where(s > high, 2, np.where(s > low, 1, 0)).astype(np.int64)
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, float]:
+    t = tuple(float(v) for v in thresholds)
+    if len(t) != 2 or not all(np.isfinite(t)) or not -1.0 <= t[0] < t[1] <= 1.0:
+        raise ValueError(
+            f"thresholds must be two numbers with -1 <= low < high <= 1, got {tuple(thresholds)}"
+        )
+    return t  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Items: decoding, the per-file cache, the pixel store
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class ItemSet:
+    """The items of one side (train or synth): ids, paths, indices and the pixel store (n, *size) float32."""
+
+    name: str
+    ids: list[str]
+    paths: list[str]
+    indices: list[int]
+    pixels: np.ndarray | None  # memory-mapped (n, *size) float32, or None for metric="embeddings"
+    vectors: np.ndarray | None = None  # (n, d) float32 search vectors
+    n_files: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _file_key(p: Path, *parts: str) -> str:
+    st = p.stat()
+    raw = "|".join([str(p), str(st.st_size), str(st.st_mtime_ns), *parts])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _decode_file(p: Path, mode: str, policy: SlicePolicy) -> tuple[list[str], list[int], list[np.ndarray]]:
+    """Items of one file: (ids, indices, arrays). Raises DataError for unreadable files."""
+    if mode == "volumes":
+        a = read_image(p, frame=0 if _is_4d(p) else None)
+        if a.ndim != 3:
+            raise DataError(f"{p}: mode='volumes' needs 3D images, got shape {a.shape}")
+        return [str(p)], [0], [a]
+    slices = _file_slices(p, policy)
+    return [s.key for s in slices], [s.index for s in slices], [s.array for s in slices]
+
+
+def _is_4d(p: Path) -> bool:
+    try:
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            shape = nib.load(str(p)).shape
+        elif p.name.lower().endswith(".npy"):
+            shape = np.load(p, mmap_mode="r").shape
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - the reader reports the real error
+        return False
+    return len(shape) == 4
+
+
+class _DecodeDataset:
+    """Map-style dataset over files for a torch DataLoader: item = (position, ids, indices, arrays, error)."""
+
+    def __init__(self, paths: Sequence[Path], mode: str, policy: SlicePolicy) -> None:
+        self.paths, self.mode, self.policy = list(paths), mode, policy
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, list[str], list[int], list[np.ndarray], str | None]:
+        try:
+            ids, idx, arrs = _decode_file(self.paths[i], self.mode, self.policy)
+            return i, ids, idx, arrs, None
+        except DataError as exc:
+            return i, [], [], [], str(exc)
+        except Exception as exc:  # noqa: BLE001 - anything else a decoder throws is still "unreadable"
+            return i, [], [], [], f"{self.paths[i]}: {type(exc).__name__}: {exc}"
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _decode_all(
+    name: str,
+    paths: Sequence[Path],
+    *,
+    mode: str,
+    policy: SlicePolicy,
+    size: tuple[int, ...] | None,
+    cache: Path,
+    strict: bool,
+    workers: int,
+    progress: bool,
+) -> tuple[list[Path | None], tuple[int, ...] | None, list[tuple[str, str]]]:
+    """Decode every file (or take it from the cache); return per-file cache paths (None: skipped)."""
+    import torch.utils.data as tud
+    from tqdm import tqdm
+
+    token = policy.token() if mode == "slices" else "volumes"
+    entries: list[Path | None] = [None] * len(paths)
+    skipped: list[tuple[str, str]] = []
+    todo: list[int] = []
+    keys: list[str] = []
+    pending_size = size
+    for i, p in enumerate(paths):
+        keys.append(_file_key(p, token))
+        if pending_size is not None:
+            f = cache / "items" / f"{keys[i]}_{'x'.join(map(str, pending_size))}.npz"
+            if f.exists():
+                entries[i] = f
+                continue
+        todo.append(i)
+    if todo:
+        ds = _DecodeDataset([paths[i] for i in todo], mode, policy)
+        loader = tud.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity)
+        bar = tqdm(loader, total=len(todo), desc=f"decode {name}", disable=None if progress else True)
+        for j, ids, idx, arrs, err in bar:
+            i = todo[j]
+            p = paths[i]
+            if err is not None:
+                if strict:
+                    raise DataError(err)
+                logger.warning("skipping unreadable %s file %s", name, err)
+                skipped.append((str(p), err))
+                continue
+            if not arrs:
+                skipped.append((str(p), f"{p}: no slice passes the foreground threshold"))
+                logger.warning("skipping %s file %s: no slice passes the foreground threshold", name, p)
+                continue
+            if pending_size is None:
+                pending_size = tuple(arrs[0].shape)
+                logger.info("item size taken from the first %s item: %s", name, pending_size)
+            if len(pending_size) != arrs[0].ndim:
+                raise ValueError(
+                    f"{p}: item of shape {arrs[0].shape} does not match the item size {pending_size}"
+                )
+            stack = np.stack([center_fit(a, pending_size) for a in arrs]).astype(np.float32)
+            f = cache / "items" / f"{keys[i]}_{'x'.join(map(str, pending_size))}.npz"
+            _atomic_npz(f, ids=np.array(ids), indices=np.array(idx, dtype=np.int64), pixels=stack)
+            entries[i] = f
+    return entries, pending_size, skipped
+
+
+def _first_item_shape(paths: Sequence[Path], *, mode: str, policy: SlicePolicy) -> tuple[int, ...] | None:
+    """Shape of the first readable item of the first readable file (the default item size), or None."""
+    for p in paths:
+        try:
+            _, _, arrs = _decode_file(p, mode, policy)
+        except DataError:
+            continue  # reported (or raised, when strict) by the decoding pass
+        if arrs:
+            logger.info("item size taken from the first training item (%s): %s", p, arrs[0].shape)
+            return tuple(int(n) for n in arrs[0].shape)
+    return None
+
+
+def _build_items(
+    name: str,
+    paths: Sequence[Path],
+    entries: Sequence[Path | None],
+    size: tuple[int, ...],
+    work: Path,
+    skipped: list[tuple[str, str]],
+) -> ItemSet:
+    """Concatenate the cached per-file items into one memory-mapped store OUT/work/<name>_pixels.npy."""
+    metas = []
+    n = 0
+    for p, e in zip(paths, entries, strict=True):
+        if e is None:
+            continue
+        with np.load(e) as z:
+            ids, idx = [str(s) for s in z["ids"]], [int(v) for v in z["indices"]]
+        metas.append((p, e, ids, idx))
+        n += len(ids)
+    if n == 0:
+        reasons = "; ".join(r for _, r in skipped[:5])
+        raise ValueError(
+            f"the {name} set has no usable items ({len(paths)} files"
+            + (f"; skipped: {reasons}" if reasons else "")
+            + ")"
+        )
+    store = work / f"{name}_pixels.npy"
+    tmp = work / f".{name}_pixels.npy.tmp{os.getpid()}"
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + tuple(size))
+    pos = 0
+    ids_all, paths_all, idx_all = [], [], []
+    for _p, e, ids, idx in metas:
+        with np.load(e) as z:
+            px = z["pixels"]
+            mm[pos : pos + len(px)] = px
+        pos += len(ids)
+        ids_all += ids
+        idx_all += idx
+        paths_all += [i.split("#", 1)[0] for i in ids]
+    mm.flush()
+    del mm
+    os.replace(tmp, store)
+    pixels = np.load(store, mmap_mode="r")
+    return ItemSet(name, ids_all, paths_all, idx_all, pixels, n_files=len(paths), skipped=list(skipped))
+
+
+def _embed_items(
+    items: ItemSet,
+    paths: Sequence[Path],
+    entries: Sequence[Path | None],
+    model: Any,
+    model_hash: str,
+    *,
+    cache: Path,
+    batch_size: int,
+    device: Any,
+    progress: bool,
+) -> np.ndarray:
+    """Embeddings of every item, file by file from the cache; missing ones computed in batches."""
+    from tqdm import tqdm
+
+    per_file: list[tuple[Path, Path]] = [(p, e) for p, e in zip(paths, entries, strict=True) if e is not None]
+    out: list[np.ndarray | None] = [None] * len(per_file)
+    emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}.npy" for _, e in per_file]
+    missing = [i for i, f in enumerate(emb_files) if not f.exists()]
+    for i, f in enumerate(emb_files):
+        if i not in missing:
+            out[i] = np.load(f)
+    bar = tqdm(total=len(missing), desc=f"embed {items.name}", disable=None if progress else True)
+    pending: list[int] = []
+    pending_n = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_n
+        if not pending:
+            return
+        arrays = []
+        for i in pending:
+            with np.load(per_file[i][1]) as z:
+                arrays.extend(list(z["pixels"]))
+        emb = _embed(arrays, model, batch_size=batch_size, device=device)
+        if emb.ndim != 2 or len(emb) != len(arrays) or not np.isfinite(emb).all():
+            raise RuntimeError(
+                f"the model returned embeddings of shape {emb.shape} (finite: "
+                f"{bool(np.isfinite(emb).all())}) for {len(arrays)} images"
+            )
+        pos = 0
+        for i in pending:
+            with np.load(per_file[i][1]) as z:
+                n = len(z["ids"])
+            out[i] = emb[pos : pos + n]
+            buf = _io.BytesIO()
+            np.save(buf, out[i])
+            _atomic_bytes(emb_files[i], buf.getvalue())
+            pos += n
+        bar.update(len(pending))
+        pending, pending_n = [], 0
+
+    for i in missing:
+        with np.load(per_file[i][1]) as z:
+            pending_n += len(z["ids"])
+        pending.append(i)
+        if pending_n >= batch_size:
+            flush()
+    flush()
+    bar.close()
+    return np.concatenate([o for o in out if o is not None]).astype(np.float32)
+
+
+def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool) -> ItemSet:
+    """metric='embeddings': each .npy file holds (n, d) rows; item id ``<path>#row:<i>``."""
+    ids, ps, idx, vecs, skipped = [], [], [], [], []
+    for p in paths:
+        try:
+            if not p.name.lower().endswith(".npy"):
+                raise DataError(f"{p}: metric='embeddings' needs .npy files of shape (n, d)")
+            try:
+                a = np.load(p, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+            if a.ndim == 1:
+                a = a[None]
+            if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+                raise DataError(f"{p}: expected a numeric (n, d) embedding array, got {a.dtype} {a.shape}")
+            if not np.isfinite(a).all():
+                raise DataError(f"{p}: contains NaN or Inf values")
+            if (np.linalg.norm(a, axis=1) == 0).any():
+                raise DataError(
+                    f"{p}: row {int(np.argmin(np.linalg.norm(a, axis=1)))} is all zeros (cosine undefined)"
+                )
+        except DataError as exc:
+            if strict:
+                raise
+            logger.warning("skipping %s file %s", name, exc)
+            skipped.append((str(p), str(exc)))
+            continue
+        for r in range(len(a)):
+            ids.append(f"{p}#row:{r}")
+            ps.append(str(p))
+            idx.append(r)
+        vecs.append(a.astype(np.float32))
+    if not vecs:
+        raise ValueError(f"the {name} set has no usable embeddings ({len(paths)} files)")
+    dims = {v.shape[1] for v in vecs}
+    if len(dims) != 1:
+        raise ValueError(f"the {name} embedding files have different widths {sorted(dims)}")
+    return ItemSet(name, ids, ps, idx, None, np.concatenate(vecs), n_files=len(paths), skipped=skipped)
+
+
+def _centred_rows(pixels: np.ndarray, items: ItemSet, chunk: int = 256) -> np.ndarray:
+    """Pixels flattened, centred and L2-normalised (their cosine is the Pearson correlation)."""
+    n = len(pixels)
+    out = np.empty((n, int(np.prod(pixels.shape[1:]))), dtype=np.float32)
+    for a in range(0, n, chunk):
+        x = np.asarray(pixels[a : a + chunk], dtype=np.float64).reshape(min(chunk, n - a), -1)
+        x = x - x.mean(axis=1, keepdims=True)
+        nrm = np.linalg.norm(x, axis=1, keepdims=True)
+        if (nrm == 0).any():
+            bad = a + int(np.nonzero(nrm[:, 0] == 0)[0][0])
+            raise ValueError(f"{items.name} item {items.ids[bad]} is constant: its correlation is undefined")
+        out[a : a + len(x)] = (x / nrm).astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verification
+# ----------------------------------------------------------------------------------------------------
+def _flip_variants(flips: bool, spatial_dims: int) -> list[tuple[str, tuple[int, ...]]]:
+    out: list[tuple[str, tuple[int, ...]]] = [("", ())]
+    if flips:
+        out += [("hflip", (spatial_dims - 1,)), ("vflip", (spatial_dims - 2,))]
+    return out
+
+
+def _rotation_angles(max_deg: float) -> list[float]:
+    """0 first, then ±max/2, ±max (degrees); [0] when rotations are off."""
+    if max_deg <= 0:
+        return [0.0]
+    return [0.0, -max_deg / 2, max_deg / 2, -max_deg, max_deg]
+
+
+@functools.lru_cache(maxsize=64)
+def _rotation_table(h: int, w: int, deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear gather table for rotating an (h, w) image by ``deg`` about its centre: (i0, j0, fi, fj)."""
+    th = np.deg2rad(deg)
+    c, s_ = np.cos(th), np.sin(th)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    # inverse mapping: output pixel (y, x) samples the input at R(-deg) (y, x)
+    sy = c * (yy - cy) - s_ * (xx - cx) + cy
+    sx = s_ * (yy - cy) + c * (xx - cx) + cx
+    i0, j0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
+    return i0, j0, (sy - i0).astype(np.float32), (sx - j0).astype(np.float32)
+
+
+def _rotate(img: np.ndarray, deg: float) -> np.ndarray:
+    """Rotate a 2D image by ``deg`` degrees about its centre (bilinear; outside filled with the minimum)."""
+    if deg == 0:
+        return img
+    h, w = img.shape
+    i0, j0, fi, fj = _rotation_table(h, w, float(deg))
+    lo = np.float32(img.min())
+    pad = np.full((h + 2, w + 2), lo, dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    # indices into the padded image; anything outside reads the border of minimum values
+    a0 = np.clip(i0 + 1, 0, h + 1)
+    a1 = np.clip(i0 + 2, 0, h + 1)
+    b0 = np.clip(j0 + 1, 0, w + 1)
+    b1 = np.clip(j0 + 2, 0, w + 1)
+    top = pad[a0, b0] * (1 - fj) + pad[a0, b1] * fj
+    bot = pad[a1, b0] * (1 - fj) + pad[a1, b1] * fj
+    return (top * (1 - fi) + bot * fi).astype(np.float32)
+
+
+def _best_shift(
+    ref_fft: np.ndarray, ref_norm: float, shape: tuple[int, ...], img: np.ndarray, max_shift: int
+) -> tuple[tuple[int, ...], float]:
+    """Integer shift (per axis) within ±max_shift maximising the cross-correlation of the centred images,
+    and the normalised correlation there (ties prefer no shift, then the first in scan order).
+
+    ``ref_fft``: rfftn of the centred reference; ``ref_norm``: its L2 norm.
+    """
+    b = img.astype(np.float64) - img.mean()
+    norm = float(np.sqrt(np.square(b).sum())) * ref_norm or 1.0
+    xc = np.fft.irfftn(ref_fft * np.conj(np.fft.rfftn(b)), s=shape, axes=tuple(range(len(shape))))
+    zero = (0,) * len(shape)
+    if max_shift <= 0:
+        return zero, float(xc[zero]) / norm
+    offs = np.arange(-max_shift, max_shift + 1)
+    win = xc[np.ix_(*[offs % n for n in shape])]  # win[i, j] = xc[offs[i], offs[j]]
+    centre = float(xc[zero])
+    flat = int(np.argmax(win))  # first maximum in scan order
+    best = float(win.flat[flat])
+    if not best > centre + 1e-9 * abs(centre):
+        return zero, centre / norm
+    arg = tuple(int(offs[q]) for q in np.unravel_index(flat, win.shape))
+    # xc[d] = sum_x ref[x + d] img[x]: img translated by +d (see _shift) lines up with ref
+    return arg, best / norm
+
+
+def _shift(img: np.ndarray, d: tuple[int, ...]) -> np.ndarray:
+    """Translate by d pixels (positive = towards higher indices), filling with the image minimum."""
+    out = np.full_like(img, img.min())
+    src, dst = [], []
+    for di, n in zip(d, img.shape, strict=True):
+        if di >= 0:
+            src.append(slice(0, n - di))
+            dst.append(slice(di, n))
+        else:
+            src.append(slice(-di, n))
+            dst.append(slice(0, n + di))
+    out[tuple(dst)] = img[tuple(src)]
+    return out
+
+
+def _transform_name(flip: str, deg: float, d: tuple[int, ...]) -> str:
+    parts = [flip] if flip else []
+    if deg:
+        parts.append(f"rot({deg:+g})")
+    if any(d):
+        parts.append("shift(" + ",".join(str(x) for x in d) + ")")
+    return "+".join(parts) or "none"
+
+
+def verify_pairs(
+    train_px: np.ndarray,
+    synth_px: np.ndarray,
+    *,
+    spatial_dims: int,
+    flips: bool = False,
+    shifts: int = 0,
+    rotations: float = 0.0,
+    candidates: int = 2,
+    backend: str | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """Verified SSIM of the pairs (train_px[i], synth_px[i]), each (B, *size) → (best SSIM (B,) f64, names).
+
+    The synthetic image is transformed by each flip (none, or also horizontal / vertical when ``flips``), and
+    the flip of highest correlation also by the rotations ±r/2, ±r degrees (r = ``rotations``; 2D only); each
+    variant is followed by the integer shift within ±``shifts`` that maximises its cross-correlation with the
+    training image (computed by FFT). The untransformed
+    pair and the ``candidates`` transforms of highest normalised correlation are scored with exact SSIM
+    (``preset="deepssim"``, training image first); the best SSIM and its transform name are returned.
+    """
+    if len(train_px) != len(synth_px):
+        raise ValueError(f"verify_pairs: {len(train_px)} training vs {len(synth_px)} synthetic images")
+    if spatial_dims == 3 and rotations:
+        raise ValueError("rotations are searched for 2D items only")
+    b = len(train_px)
+    xs, ys, names, owner = [], [], [], []
+    search = flips or shifts > 0 or rotations > 0
+    for i in range(b):
+        t = np.asarray(train_px[i], dtype=np.float32)
+        s = np.asarray(synth_px[i], dtype=np.float32)
+        picks: list[tuple[str, np.ndarray]] = [("none", s)]
+        if search:
+            tc = t.astype(np.float64) - t.mean()
+            t_fft, t_norm = np.fft.rfftn(tc), float(np.sqrt(np.square(tc).sum()))
+            scored = []
+            flipped = {}
+            for fname, axes in _flip_variants(flips, spatial_dims):
+                v = np.ascontiguousarray(np.flip(s, axis=axes)) if axes else s
+                flipped[fname] = v
+                d, score = _best_shift(t_fft, t_norm, t.shape, v, shifts)
+                scored.append((-score, len(scored), fname, 0.0, d, v))
+            # rotations are searched for the best flip only (flip first, then angle, then shift)
+            top_flip = min(scored, key=lambda z: (z[0], z[1]))[2]
+            for deg in _rotation_angles(rotations)[1:]:
+                r = _rotate(flipped[top_flip], deg)
+                d, score = _best_shift(t_fft, t_norm, t.shape, r, shifts)
+                scored.append((-score, len(scored), top_flip, deg, d, r))
+            scored = [z for z in scored if z[2] or z[3] or any(z[4])]
+            scored.sort(key=lambda z: (z[0], z[1]))
+            for _, _, fname, deg, d, r in scored[:candidates]:
+                picks.append((_transform_name(fname, deg, d), _shift(r, d) if any(d) else r))
+        for name, img in picks:
+            xs.append(t)
+            ys.append(np.ascontiguousarray(img, dtype=np.float32))
+            names.append(name)
+            owner.append(i)
+    vals = _ssim_pairs(np.stack(xs), np.stack(ys), spatial_dims=spatial_dims, backend=backend)
+    if not np.isfinite(vals).all():
+        raise RuntimeError("SSIM returned non-finite values during verification")
+    best = np.full(b, -np.inf)
+    best_name = ["none"] * b
+    for v, n, o in zip(vals, names, owner, strict=True):
+        if v > best[o]:
+            best[o], best_name[o] = float(v), n
+    return best, best_name
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class AuditResult:
+    """What :func:`audit` produced: the output directory, the summary (as written) and the output files."""
+
+    out: Path
+    summary: dict
+    files: dict[str, Path]
+
+    @property
+    def fraction_memorised(self) -> float:
+        return float(self.summary["fraction_memorised"])
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from . import __version__
+
+    v = {
+        "deepssim_fast": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+    }
+    try:
+        import matplotlib
+
+        v["matplotlib"] = matplotlib.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+def _stage_state(work: Path, fingerprint: dict) -> None:
+    """Reset OUT/work when the configuration changed; record the fingerprint."""
+    state = work / "state.json"
+    if state.exists():
+        try:
+            old = json.loads(state.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != fingerprint:
+            logger.info("configuration changed since the last run in %s: starting the search over", work)
+            for f in sorted(work.glob("search*.npz")) + sorted(work.glob("verify_*.npz")):
+                f.unlink()
+            shutil.rmtree(work.parent / "shards", ignore_errors=True)
+            state.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    if not state.exists():
+        _atomic_json(state, fingerprint)
+
+
+def _chunk_hook(stage: str, index: int) -> None:
+    """Called after every finished chunk (a seam for fault-injection tests)."""
+
+
+def audit(
+    train: Spec,
+    synth: Spec,
+    *,
+    model: Any = None,
+    metric: str = "deepssim",
+    k: int = 5,
+    thresholds: Sequence[float] = (0.6, 0.85),
+    verify: str = "ssim",
+    out: str | os.PathLike = "audit_out",
+    workers: int | None = None,
+    scheduler: Any = None,
+    policy: SlicePolicy | None = None,
+    mode: str = "slices",
+    size: Sequence[int] | None = None,
+    verify_shifts: int = 0,
+    verify_flips: bool = False,
+    verify_rotations: float = 0.0,
+    strict: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    decode_workers: int = 0,
+    batch_size: int = 64,
+    chunk_size: int = 256,
+    bins: int = 200,
+    gallery: int = 12,
+    device: Any = None,
+    backend: str | None = None,
+    progress: bool = True,
+) -> AuditResult:
+    """Audit ``synth`` against ``train`` for memorised copies and write the report to ``out``.
+
+    Args:
+        train, synth: a directory, glob pattern, file, or list of these (.nii/.nii.gz/.png/.npy).
+        model: for ``metric="deepssim"``: a checkpoint / TorchScript path or a loaded model (required).
+        metric: ``"deepssim"`` (encoder cosine), ``"ssim"`` (exact SSIM all pairs; small sets),
+            ``"correlation"`` (pixel Pearson correlation), ``"embeddings"`` (cosine of user .npy rows).
+        k: candidates kept per synthetic item (clipped to the training set size).
+        thresholds: (low, high) label thresholds, see the module docstring.
+        verify: ``"ssim"`` (re-score candidates with exact SSIM) or ``"none"`` (label from the search score).
+        out: output directory (created). workers / scheduler: run the search on Dask
+            (:func:`deepssim_fast.distributed.all_pairs_distributed`, shards checkpointed in ``out/shards``).
+        policy: slice policy (mode "slices"). mode: ``"slices"`` or ``"volumes"`` (3D).
+        size: common item shape (centre crop/pad); None = the first training item's shape.
+        verify_shifts, verify_flips, verify_rotations: transforms searched during verification (shifts in
+            pixels, rotations in degrees; see :func:`verify_pairs`). With ``verify_flips`` the candidate
+            search of the ``deepssim`` and ``correlation`` metrics is flip-aware too: the flipped synthetic
+            items are searched as well and each pair keeps its best score (the histogram stays unflipped).
+        strict: abort on the first unreadable file instead of skipping it.
+        cache_dir: per-file decode/embedding cache (default ``out/cache``).
+        decode_workers: DataLoader worker processes for decoding. batch_size: encoder batch size.
+        chunk_size: synthetic items per search/verification chunk (the unit of resume).
+        bins: histogram bins over [-1, 1]. gallery: number of suspected copies shown.
+
+    Returns:
+        :class:`AuditResult`; the files are matches.csv, summary.json, histogram.png, gallery.png,
+        report.html in ``out``.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+    if mode not in ("slices", "volumes"):
+        raise ValueError(f"mode must be 'slices' or 'volumes', got {mode!r}")
+    if mode == "volumes" and metric not in ("ssim", "correlation"):
+        raise ValueError(f"mode='volumes' supports metric 'ssim' or 'correlation' (3D), not {metric!r}")
+    if metric == "embeddings" and verify != "none":
+        raise ValueError("metric='embeddings' has no pixels to verify: pass verify='none'")
+    if metric == "deepssim" and model is None:
+        raise ValueError(
+            "metric='deepssim' needs a model: a checkpoint or TorchScript path (train one with "
+            "`deepssim-fast train`), or use metric='ssim' / 'correlation' without a model"
+        )
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if verify_shifts < 0 or chunk_size < 1 or batch_size < 1 or bins < 1:
+        raise ValueError(
+            f"verify_shifts >= 0, chunk_size, batch_size, bins >= 1 required; got "
+            f"{verify_shifts}, {chunk_size}, {batch_size}, {bins}"
+        )
+    th = _check_thresholds(thresholds)
+    policy = policy or SlicePolicy()
+    spatial_dims = 3 if mode == "volumes" else 2
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    work = out / "work"
+
+    t0 = time.perf_counter()
+    train_paths, synth_paths = discover(train), discover(synth)
+    timings["discover"] = time.perf_counter() - t0
+    logger.info(
+        "audit: %d training files, %d synthetic files, metric %s", len(train_paths), len(synth_paths), metric
+    )
+
+    model_obj, model_path, model_hash = (None, None, None)
+    if metric == "deepssim":
+        model_obj, model_path, model_hash = _load_model(model)
+
+    # ---- decode + cache ----------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    fit: tuple[int, ...] | None = tuple(int(s) for s in size) if size is not None else None
+    if fit is not None and len(fit) != spatial_dims:
+        raise ValueError(f"size {tuple(size)} must have {spatial_dims} entries for mode={mode!r}")
+    if metric == "embeddings":
+        tset = _load_embeddings("train", train_paths, strict=strict)
+        sset = _load_embeddings("synth", synth_paths, strict=strict)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        if fit is None:
+            fit = _first_item_shape(train_paths, mode=mode, policy=policy)
+        t_entries, fit, t_skip = _decode_all(
+            "train",
+            train_paths,
+            mode=mode,
+            policy=policy,
+            size=fit,
+            cache=cache,
+            strict=strict,
+            workers=decode_workers,
+            progress=progress,
+        )
+        if fit is None:
+            raise ValueError(
+                f"the train set has no usable items ({len(train_paths)} files; skipped: "
+                + "; ".join(r for _, r in t_skip[:5])
+                + ")"
+            )
+        s_entries, _, s_skip = _decode_all(
+            "synth",
+            synth_paths,
+            mode=mode,
+            policy=policy,
+            size=fit,
+            cache=cache,
+            strict=strict,
+            workers=decode_workers,
+            progress=progress,
+        )
+        work.mkdir(parents=True, exist_ok=True)
+        tset = _build_items("train", train_paths, t_entries, fit, work, t_skip)
+        sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip)
+    timings["decode"] = time.perf_counter() - t0
+    if len(tset) == 0 or len(sset) == 0:  # pragma: no cover - _build_items raises first
+        raise ValueError("empty input set")
+
+    fingerprint = {
+        "v": _FORMAT_VERSION,
+        "metric": metric,
+        "k": int(k),
+        "thresholds": list(th),
+        "verify": verify,
+        "mode": mode,
+        "size": list(fit) if fit else None,
+        "policy": policy.token(),
+        "flips": bool(verify_flips),
+        "shifts": int(verify_shifts),
+        "rotations": float(verify_rotations),
+        "bins": int(bins),
+        "model": model_hash,
+        "train": hashlib.sha256("\n".join(tset.ids).encode()).hexdigest(),
+        "synth": hashlib.sha256("\n".join(sset.ids).encode()).hexdigest(),
+        "chunk": int(chunk_size),
+        # file identities (path, size, mtime, policy): a changed file invalidates the saved search
+        "files": hashlib.sha256(
+            "\n".join(_file_key(p, policy.token()) for p in (*train_paths, *synth_paths)).encode()
+        ).hexdigest(),
+    }
+    _stage_state(work, fingerprint)
+
+    # ---- embed -------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if metric == "deepssim":
+        tset.vectors = _embed_items(
+            tset,
+            train_paths,
+            t_entries,
+            model_obj,
+            model_hash,
+            cache=cache,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+        sset.vectors = _embed_items(
+            sset,
+            synth_paths,
+            s_entries,
+            model_obj,
+            model_hash,
+            cache=cache,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+    elif metric == "correlation":
+        tset.vectors = _centred_rows(tset.pixels, tset)
+        sset.vectors = _centred_rows(sset.pixels, sset)
+    timings["embed"] = time.perf_counter() - t0
+    _atomic_json(
+        work / "items.json",
+        {s.name: {"ids": s.ids, "paths": s.paths, "indices": s.indices} for s in (tset, sset)},
+    )
+    for s in (tset, sset):
+        if s.vectors is not None and metric != "correlation":
+            buf = _io.BytesIO()
+            np.save(buf, s.vectors)
+            _atomic_bytes(work / f"{s.name}_vectors.npy", buf.getvalue())
+
+    # ---- search ------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    kk = int(min(k, len(tset)))
+    search_file = work / "search.npz"
+    if search_file.exists():
+        res = SearchResult.load(search_file)
+    elif metric == "ssim":
+        res = _ssim_search(
+            tset,
+            sset,
+            k=kk,
+            thresholds=th,
+            bins=bins,
+            chunk_size=chunk_size,
+            spatial_dims=spatial_dims,
+            work=work,
+            backend=backend,
+            progress=progress,
+        )
+        res.save(search_file)
+    else:
+        res = _cosine_search(
+            tset.vectors,
+            sset.vectors,
+            k=kk,
+            thresholds=th,
+            bins=bins,
+            backend=backend,
+            progress=progress,
+            workers=workers,
+            scheduler=scheduler,
+            shard_dir=out / "shards",
+        )
+        if verify_flips and metric in ("deepssim", "correlation"):
+            # flip-aware candidates: also search with the flipped synthetic items, keep each pair's best score
+            for fname, axes in _flip_variants(True, spatial_dims)[1:]:
+                fv = _flipped_vectors(
+                    sset, axes, metric=metric, model=model_obj, batch_size=batch_size, device=device
+                )
+                rf = _cosine_search(
+                    tset.vectors,
+                    fv,
+                    k=kk,
+                    thresholds=th,
+                    bins=bins,
+                    backend=backend,
+                    progress=False,
+                    workers=workers,
+                    scheduler=scheduler,
+                    shard_dir=out / f"shards_{fname}",
+                )
+                res = _merge_topk(res, rf, kk)
+        res.save(search_file)
+    if not (np.isfinite(res.scores).all() and (res.indices >= 0).all() and (res.indices < len(tset)).all()):
+        raise RuntimeError(
+            f"the search returned invalid results (non-finite scores or indices outside "
+            f"0..{len(tset) - 1}); delete {search_file} and rerun"
+        )
+    timings["search"] = time.perf_counter() - t0
+
+    # ---- verify ------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if verify == "ssim":
+        ver, trans = _verify_all(
+            tset,
+            sset,
+            res,
+            spatial_dims=spatial_dims,
+            flips=verify_flips,
+            shifts=verify_shifts,
+            rotations=verify_rotations,
+            chunk_size=chunk_size,
+            work=work,
+            backend=backend,
+            progress=progress,
+        )
+    else:
+        ver = np.full(res.scores.shape, np.nan)
+        trans = np.full(res.scores.shape, "", dtype=object)
+    timings["verify"] = time.perf_counter() - t0
+
+    # ---- report ------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    decision = ver if verify == "ssim" else res.scores.astype(np.float64)
+    labels = label_of(decision, th)
+    best_rank = np.argmax(np.where(np.isfinite(decision), decision, -np.inf), axis=1)  # first max on ties
+    per_sample = labels[np.arange(len(sset)), best_rank]
+    counts = {n: int((per_sample == i).sum()) for i, n in enumerate(LABELS)}
+    files = {
+        name: out / name
+        for name in ("matches.csv", "summary.json", "histogram.png", "gallery.png", "report.html")
+    }
+    _write_matches(files["matches.csv"], tset, sset, res, ver, labels, trans, verify)
+    skipped = [{"set": "train", "path": p, "reason": r} for p, r in tset.skipped] + [
+        {"set": "synth", "path": p, "reason": r} for p, r in sset.skipped
+    ]
+    summary = {
+        "format_version": _FORMAT_VERSION,
+        "metric": metric,
+        "search_score": {
+            "deepssim": "cosine of encoder embeddings",
+            "embeddings": "cosine of given embeddings",
+            "correlation": "Pearson correlation of pixels",
+            "ssim": "SSIM (preset deepssim)",
+        }[metric],
+        "model": {"path": model_path, "hash": model_hash} if metric == "deepssim" else None,
+        "thresholds": {
+            "low": th[0],
+            "high": th[1],
+            "rule": "duplicate if s > high; similar if low < s <= high; different if s <= low",
+        },
+        "label_score": "verified SSIM (preset deepssim)" if verify == "ssim" else "search score",
+        "verify": {
+            "method": verify,
+            "flips": bool(verify_flips),
+            "max_shift": int(verify_shifts),
+            "max_rotation_deg": float(verify_rotations),
+        },
+        "k": kk,
+        "mode": mode,
+        "item_size": list(fit) if fit else None,
+        "slice_policy": (policy.__dict__ if mode == "slices" and metric != "embeddings" else None),
+        "n_train": len(tset),
+        "n_synth": len(sset),
+        "n_train_files": tset.n_files,
+        "n_synth_files": sset.n_files,
+        "counts": counts,
+        "fraction_memorised": counts["duplicate"] / len(sset),
+        "pair_counts_search": res.class_counts,
+        "n_pairs": len(tset) * len(sset),
+        "skipped": skipped,
+        "versions": _versions(),
+        "timings_s": {},
+    }
+    from .report import write_report
+
+    rows = _top_suspects(tset, sset, res, ver, decision, best_rank, trans, gallery)
+    write_report(
+        out,
+        summary=summary,
+        hist_counts=res.counts,
+        hist_edges=res.edges,
+        verified=ver[np.isfinite(ver)] if verify == "ssim" else None,
+        thresholds=th,
+        suspects=rows,
+        files=files,
+    )
+    timings["report"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    summary["timings_s"] = {kx: round(v, 4) for kx, v in timings.items()}
+    _atomic_json(files["summary.json"], summary)
+    logger.info(
+        "audit done: %d/%d synthetic items labelled duplicate; report in %s",
+        counts["duplicate"],
+        len(sset),
+        files["report.html"],
+    )
+    return AuditResult(out, summary, files)
+
+
+def _flipped_vectors(
+    items: ItemSet, axes: tuple[int, ...], *, metric: str, model: Any, batch_size: int, device: Any
+) -> np.ndarray:
+    """Search vectors of the items flipped along ``axes`` (embeddings, or centred rows for correlation)."""
+    n = len(items)
+    step = max(batch_size * 4, 256)
+    parts = []
+    for a in range(0, n, step):
+        block = np.ascontiguousarray(
+            np.flip(np.asarray(items.pixels[a : a + step]), axis=tuple(x + 1 for x in axes))
+        )
+        if metric == "deepssim":
+            parts.append(_embed(list(block), model, batch_size=batch_size, device=device))
+        else:
+            sub = ItemSet(
+                items.name,
+                items.ids[a : a + step],
+                items.paths[a : a + step],
+                items.indices[a : a + step],
+                block,
+            )
+            parts.append(_centred_rows(block, sub))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _merge_topk(a: SearchResult, b: SearchResult, k: int) -> SearchResult:
+    """Per synthetic item, the k best training items over both results (a pair keeps its best score; ties to
+    the lower training index). The histogram and pair counts stay those of ``a`` (the unflipped search)."""
+    scores = np.empty_like(a.scores)
+    indices = np.empty_like(a.indices)
+    for i in range(len(a.scores)):
+        best: dict[int, float] = {}
+        for s_, j in zip(
+            np.concatenate([a.scores[i], b.scores[i]]),
+            np.concatenate([a.indices[i], b.indices[i]]),
+            strict=True,
+        ):
+            j = int(j)
+            if j not in best or s_ > best[j]:
+                best[j] = float(s_)
+        order = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        scores[i] = [v for _, v in order]
+        indices[i] = [j for j, _ in order]
+    return SearchResult(scores, indices, a.counts, a.edges, a.class_counts)
+
+
+def _ssim_search(
+    tset: ItemSet,
+    sset: ItemSet,
+    *,
+    k: int,
+    thresholds: tuple[float, float],
+    bins: int,
+    chunk_size: int,
+    spatial_dims: int,
+    work: Path,
+    backend: str | None,
+    progress: bool,
+) -> SearchResult:
+    """Exact SSIM over all pairs, chunk by chunk of synthetic items (each chunk saved for resume)."""
+    from tqdm import tqdm
+
+    n = len(sset)
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    scores = np.empty((n, k), dtype=np.float32)
+    indices = np.empty((n, k), dtype=np.int64)
+    counts = np.zeros(bins, dtype=np.int64)
+    cc = np.zeros(3, dtype=np.int64)
+    train_px = np.asarray(tset.pixels)
+    starts = list(range(0, n, chunk_size))
+    for c, a in enumerate(tqdm(starts, desc="ssim search", disable=None if progress else True)):
+        f = work / f"search_{c:05d}.npz"
+        if not f.exists():
+            block = np.asarray(sset.pixels[a : a + chunk_size])
+            m = _ssim_matrix(
+                train_px, block, spatial_dims=spatial_dims, backend=backend
+            ).T  # (chunk, n_train)
+            m = np.asarray(m, dtype=np.float32)
+            if not np.isfinite(m).all():
+                raise RuntimeError("SSIM returned non-finite values in the all-pairs search")
+            order = np.argsort(-m, axis=1, kind="stable")[:, :k]
+            idx = np.clip(np.floor((m.astype(np.float64) + 1.0) / 2.0 * bins), 0, bins - 1).astype(np.int64)
+            _atomic_npz(
+                f,
+                scores=np.take_along_axis(m, order, axis=1),
+                indices=order.astype(np.int64),
+                counts=np.bincount(idx.ravel(), minlength=bins).astype(np.int64),
+                cc=np.bincount(label_of(m, thresholds).ravel(), minlength=3).astype(np.int64),
+            )
+            _chunk_hook("search", c)
+        with np.load(f) as z:
+            scores[a : a + chunk_size], indices[a : a + chunk_size] = z["scores"], z["indices"]
+            counts += z["counts"]
+            cc += z["cc"]
+    return SearchResult(
+        scores, indices, counts, edges, {nm: int(v) for nm, v in zip(LABELS, cc, strict=True)}
+    )
+
+
+def _verify_all(
+    tset: ItemSet,
+    sset: ItemSet,
+    res: SearchResult,
+    *,
+    spatial_dims: int,
+    flips: bool,
+    shifts: int,
+    rotations: float,
+    chunk_size: int,
+    work: Path,
+    backend: str | None,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    n, k = res.indices.shape
+    ver = np.empty((n, k), dtype=np.float64)
+    trans = np.empty((n, k), dtype=object)
+    starts = list(range(0, n, chunk_size))
+    for c, a in enumerate(tqdm(starts, desc="verify", disable=None if progress else True)):
+        f = work / f"verify_{c:05d}.npz"
+        if not f.exists():
+            idx = res.indices[a : a + chunk_size]
+            rows = np.repeat(np.arange(a, a + len(idx)), k)
+            tpx = np.asarray(tset.pixels[np.sort(np.unique(idx))])
+            lookup = {int(j): p for p, j in enumerate(np.sort(np.unique(idx)))}
+            t_stack = tpx[[lookup[int(j)] for j in idx.ravel()]]
+            s_stack = np.asarray(sset.pixels[a : a + len(idx)])[rows - a]
+            v, names = verify_pairs(
+                t_stack,
+                s_stack,
+                spatial_dims=spatial_dims,
+                flips=flips,
+                shifts=shifts,
+                rotations=rotations,
+                backend=backend,
+            )
+            _atomic_npz(f, ssim=v.reshape(len(idx), k), transform=np.array(names).reshape(len(idx), k))
+            _chunk_hook("verify", c)
+        with np.load(f) as z:
+            ver[a : a + chunk_size] = z["ssim"]
+            trans[a : a + chunk_size] = z["transform"].astype(object)
+    return ver, trans
+
+
+def _write_matches(
+    path: Path,
+    tset: ItemSet,
+    sset: ItemSet,
+    res: SearchResult,
+    ver: np.ndarray,
+    labels: np.ndarray,
+    trans: np.ndarray,
+    verify: str,
+) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MATCHES_HEADER)
+    n, k = res.indices.shape
+    for i in range(n):
+        for r in range(k):
+            j = int(res.indices[i, r])
+            w.writerow(
+                [
+                    sset.ids[i],
+                    sset.paths[i],
+                    sset.indices[i],
+                    tset.ids[j],
+                    tset.paths[j],
+                    tset.indices[j],
+                    r + 1,
+                    f"{float(res.scores[i, r]):.6f}",
+                    f"{float(ver[i, r]):.6f}" if verify == "ssim" else "",
+                    LABELS[int(labels[i, r])],
+                    trans[i, r] if verify == "ssim" else "",
+                ]
+            )
+    _atomic_bytes(path, buf.getvalue().encode())
+
+
+def _top_suspects(
+    tset: ItemSet,
+    sset: ItemSet,
+    res: SearchResult,
+    ver: np.ndarray,
+    decision: np.ndarray,
+    best_rank: np.ndarray,
+    trans: np.ndarray,
+    n: int,
+) -> list[dict]:
+    """The ``n`` synthetic items with the highest decision score, each with its best training match."""
+    rows = np.arange(len(sset))
+    best = decision[rows, best_rank]
+    order = np.argsort(-best, kind="stable")[:n]
+    out = []
+    for i in order:
+        r = int(best_rank[i])
+        j = int(res.indices[i, r])
+        out.append(
+            {
+                "synth_id": sset.ids[i],
+                "train_id": tset.ids[j],
+                "rank": r + 1,
+                "cosine": float(res.scores[i, r]),
+                "ssim": float(ver[i, r]) if np.isfinite(ver[i, r]) else None,
+                "transform": str(trans[i, r]) if trans[i, r] else "",
+                "synth_image": None if sset.pixels is None else np.asarray(sset.pixels[i]),
+                "train_image": None if tset.pixels is None else np.asarray(tset.pixels[j]),
+            }
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation against labelled pairs
+# ----------------------------------------------------------------------------------------------------
+def read_labels(path: str | os.PathLike) -> list[tuple[str, str, int]]:
+    """Reference label CSV: columns real_key, synth_key, label (0 different, 1 duplicate, 2 similar)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"labels file {p} does not exist")
+    out = []
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"real_key", "synth_key", "label"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise ValueError(f"{p}: expected columns real_key, synth_key, label; got {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                lab = int(row["label"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{p}:{line}: label {row['label']!r} is not an integer") from None
+            if lab not in (0, 1, 2):
+                raise ValueError(
+                    f"{p}:{line}: label {lab} must be 0 (different), 1 (duplicate) or 2 (similar)"
+                )
+            out.append((row["real_key"], row["synth_key"], lab))
+    if not out:
+        raise ValueError(f"{p}: no labelled pairs")
+    return out
+
+
+# reference label codes <-> audit labels
+_REF_CODE = {"different": 0, "duplicate": 1, "similar": 2}
+_REF_NAME = {0: "different", 1: "duplicate", 2: "similar"}
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict:
+    """Per-class precision, recall, F1 and support, plus macro averages, over the classes present in
+    ``y_true`` or ``y_pred`` (as sklearn's classification_report; 0/0 counts as 0)."""
+    yt, yp = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {yt.shape} vs {yp.shape}")
+    classes = sorted(set(yt.tolist()) | set(yp.tolist()))
+    per = {}
+    for c in classes:
+        tp = int(((yp == c) & (yt == c)).sum())
+        npred, ntrue = int((yp == c).sum()), int((yt == c).sum())
+        prec = tp / npred if npred else 0.0
+        rec = tp / ntrue if ntrue else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per[_REF_NAME.get(c, str(c))] = {
+            "label": c,
+            "precision": prec,
+            "recall": rec,
+            "f1": f1,
+            "support": ntrue,
+        }
+    macro = {m: float(np.mean([v[m] for v in per.values()])) for m in ("precision", "recall", "f1")}
+    return {
+        "per_class": per,
+        "macro_precision": macro["precision"],
+        "macro_recall": macro["recall"],
+        "macro_f1": macro["f1"],
+        "accuracy": float((yt == yp).mean()) if len(yt) else 0.0,
+        "n": int(len(yt)),
+    }
+
+
+def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
+    exact = {s: i for i, s in enumerate(ids)}
+    by_path: dict[str, list[int]] = {}
+    by_base: dict[str, list[int]] = {}
+    by_stem: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        by_path.setdefault(p, []).append(i)
+        base = os.path.basename(p)
+        by_base.setdefault(base, []).append(i)
+        stem = base[:-7] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
+        by_stem.setdefault(stem, []).append(i)
+
+    def find(key: str) -> int:
+        if key in exact:
+            return exact[key]
+        for table in (by_path, by_base, by_stem):
+            hit = table.get(key)
+            if hit is not None:
+                if len(hit) > 1:
+                    raise ValueError(
+                        f"label key {key!r} matches {len(hit)} items (e.g. {ids[hit[0]]}); "
+                        "use the full item id from matches.csv"
+                    )
+                return hit[0]
+        raise ValueError(f"label key {key!r} matches no audited item (use an id, path, file name or stem)")
+
+    return find
+
+
+def evaluate(audit_dir: str | os.PathLike, labels: str | os.PathLike, *, backend: str | None = None) -> dict:
+    """Score an audit against labelled pairs (reference format) and write ``audit_dir/evaluation.json``.
+
+    Each labelled pair (real_key → training item, synth_key → synthetic item; keys may be item ids, paths,
+    file names or stems) is scored exactly as the audit labels a pair — verified SSIM (same flips/shifts)
+    or the search score when the audit ran with ``verify="none"`` — and labelled with the audit's
+    thresholds. Returns per-class precision/recall/F1 and the macro F1.
+    """
+    d = Path(audit_dir)
+    sfile = d / "summary.json"
+    if not sfile.is_file():
+        raise FileNotFoundError(f"{d} is not an audit directory (no summary.json)")
+    summary = json.loads(sfile.read_text())
+    work = d / "work"
+    pairs = read_labels(labels)
+    th = (float(summary["thresholds"]["low"]), float(summary["thresholds"]["high"]))
+    ids, paths = {}, {}
+    # The item tables are rebuilt from the stores the audit left in work/.
+    meta = json.loads((work / "items.json").read_text())
+    for side in ("train", "synth"):
+        ids[side], paths[side] = meta[side]["ids"], meta[side]["paths"]
+    ft, fs = _resolver(ids["train"], paths["train"]), _resolver(ids["synth"], paths["synth"])
+    ti = [ft(r) for r, _, _ in pairs]
+    si = [fs(s) for _, s, _ in pairs]
+    if summary["verify"]["method"] == "ssim":
+        tp = np.load(work / "train_pixels.npy", mmap_mode="r")
+        sp = np.load(work / "synth_pixels.npy", mmap_mode="r")
+        score, _ = verify_pairs(
+            np.asarray(tp[ti]),
+            np.asarray(sp[si]),
+            spatial_dims=3 if summary["mode"] == "volumes" else 2,
+            flips=summary["verify"]["flips"],
+            shifts=summary["verify"]["max_shift"],
+            rotations=summary["verify"]["max_rotation_deg"],
+            backend=backend,
+        )
+    else:
+        if summary["metric"] == "correlation":  # Pearson correlation of the stored pixels
+            tp = np.load(work / "train_pixels.npy", mmap_mode="r")
+            sp = np.load(work / "synth_pixels.npy", mmap_mode="r")
+            a = np.asarray(tp[ti], dtype=np.float64).reshape(len(ti), -1)
+            b = np.asarray(sp[si], dtype=np.float64).reshape(len(si), -1)
+            a -= a.mean(axis=1, keepdims=True)
+            b -= b.mean(axis=1, keepdims=True)
+        else:
+            tv, sv = np.load(work / "train_vectors.npy"), np.load(work / "synth_vectors.npy")
+            a, b = tv[ti].astype(np.float64), sv[si].astype(np.float64)
+        score = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    pred_names = [LABELS[int(v)] for v in label_of(score, th)]
+    y_pred = [_REF_CODE[n] for n in pred_names]
+    y_true = [lab for _, _, lab in pairs]
+    result = classification_metrics(y_true, y_pred)
+    result.update(
+        thresholds=list(th), label_score=summary["label_score"], labels_file=str(Path(labels)), audit=str(d)
+    )
+    _atomic_json(d / "evaluation.json", result)
+    return result

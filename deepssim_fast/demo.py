@@ -1,0 +1,423 @@
+"""The end-to-end demo (``make demo`` / ``deepssim-fast demo``): a memorisation audit on real brain MRI.
+
+What it builds, all from scans shipped inside the dependency wheels (:mod:`deepssim_fast.data`):
+
+* **training set** — axial and coronal slices of the MNI152 T1 template (every 4th slice along each axis,
+  slices with at least 5 % foreground), centre-fitted to 176 × 208, one ``.npy`` per slice in
+  ``OUT/data/train``.
+* **synthetic set** (``OUT/data/synth``, neutral file names; the truth is in ``OUT/data/ground_truth.csv``):
+
+  - *planted copies*: training slices after a left-right or up-down flip, a small rotation (1.5–3°), an
+    integer shift (2–4 px), a contrast change (gamma 0.7–1.4 or a linear rescale), mild noise
+    (σ = 0.5 % of the range), or a flip + shift + contrast combination;
+  - *near-copies*: slices of the template that are NOT in the training set, two slices away from a training
+    slice along the same axis;
+  - *novel*: slices of other scans (the dipy and nibabel volumes), never seen in training, rescaled
+    (bilinear, aspect kept) to fill the frame — padded small scans would be mostly background, which SSIM
+    rightly finds similar to the near-empty top slices of the template.
+
+* **ground truth, measured**: each planted item's label is the label of its exact, verified SSIM
+  (``preset="deepssim"``, the same flips / shifts / rotations the audit searches) against its source
+  (copies) or against the nearby training slices (near-copies; the maximum). A planted copy is a "planted
+  duplicate" only if that measured SSIM is above the duplicate threshold; a near-copy is kept only if its
+  measured SSIM falls in the "similar" band, and a novel slice only if its measured SSIM against the whole
+  training set (exact SSIM of all pairs, then verified on its 3 best) is "different"; the truth never
+  depends on the audit being tested.
+* **encoder**: the ``small`` DeepSSIM encoder trained for ``train_seconds`` on the template's slices
+  (cached as ``OUT/encoder/best.pt``; a second run reuses it).
+* **audit**: metric ``deepssim`` with k = 10 candidates, verification over flips, ±4 px shifts and ±3°.
+
+Recall of planted duplicates = planted duplicates labelled ``duplicate`` with their true source as match,
+over all planted duplicates; precision = those, over every synthetic item labelled ``duplicate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import SlicePolicy, center_fit, load_volume, volume_slices
+
+logger = logging.getLogger(__name__)
+
+SIZE = (176, 208)
+THRESHOLDS = (0.6, 0.85)
+VERIFY = {"verify_flips": True, "verify_shifts": 4, "verify_rotations": 3.0}
+NOVEL_SOURCES = ("s0_10slices", "aniso_vox", "piesno", "example4d", "anatomical", "t1_coronal_slice")
+
+
+@dataclass
+class Planted:
+    """One synthetic item and its truth."""
+
+    name: str
+    kind: str  # copy | near | novel
+    source: str | None  # training file name it derives from (copies, near-copies), None for novel
+    transform: str
+    image: np.ndarray
+    measured_ssim: float | None = None
+    truth: str = "different"
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    buf = _io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
+    if path.exists() and path.read_bytes() == buf.getvalue():
+        return  # unchanged: keep the mtime so the audit's caches stay valid
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _shift(img: np.ndarray, d: tuple[int, int]) -> np.ndarray:
+    from .audit import _shift as shift
+
+    return shift(img, d)
+
+
+def _rotate(img: np.ndarray, deg: float) -> np.ndarray:
+    from .audit import _rotate as rotate
+
+    return rotate(img, deg)
+
+
+def _fill(img: np.ndarray) -> np.ndarray:
+    """Rescale a slice (bilinear, antialiased, aspect kept) so it fills ``SIZE``, then centre-fit it."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = img.shape
+    scale = min(SIZE[0] / h, SIZE[1] / w)
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    r = F.interpolate(t, size=shape, mode="bilinear", antialias=scale < 1, align_corners=False)[0, 0].numpy()
+    return center_fit(r, SIZE)
+
+
+def _template_slices() -> dict[tuple[int, int], np.ndarray]:
+    """(axis, index) -> fitted slice of the MNI152 template, for axial (2) and coronal (1) slices."""
+    vol = load_volume("mni152").array
+    out = {}
+    for axis in (2, 1):
+        for s in volume_slices(vol, SlicePolicy(axis=axis, min_foreground=0.05), source="mni152"):
+            out[(axis, s.index)] = center_fit(s.array, SIZE)
+    return out
+
+
+def _copy_transform(kind: str, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    lo, hi = float(img.min()), float(img.max())
+    if kind == "flip":
+        ax = int(rng.integers(0, 2))
+        return np.ascontiguousarray(np.flip(img, axis=ax)), ("flip left-right" if ax == 0 else "flip up-down")
+    if kind == "rotation":
+        deg = float(rng.choice([-1, 1]) * rng.uniform(1.5, 3.0))
+        return _rotate(img, deg), f"rotation {deg:+.2f} deg"
+    if kind == "shift":
+        d = (int(rng.choice([-1, 1]) * rng.integers(2, 5)), int(rng.choice([-1, 1]) * rng.integers(2, 5)))
+        return _shift(img, d), f"shift {d}"
+    if kind == "contrast":
+        if rng.random() < 0.5:
+            g = float(rng.uniform(0.7, 1.4))
+            return (((img - lo) / (hi - lo)) ** g * (hi - lo) + lo).astype(np.float32), f"gamma {g:.2f}"
+        a, b = float(rng.uniform(0.6, 1.6)), float(rng.uniform(-20, 20))
+        return (img * a + b).astype(np.float32), f"linear {a:.2f}x{b:+.1f}"
+    if kind == "noise":
+        sigma = 0.005 * (hi - lo)
+        return (img + rng.normal(0, sigma, img.shape)).astype(np.float32), f"gaussian noise sigma {sigma:.2f}"
+    if kind == "combo":
+        d = (int(rng.integers(-3, 4)), int(rng.integers(-3, 4)))
+        g = float(rng.uniform(0.8, 1.25))
+        x = np.ascontiguousarray(np.flip(img, axis=0))
+        x = ((x - lo) / (hi - lo)) ** g * (hi - lo) + lo
+        return _shift(x.astype(np.float32), d), f"flip left-right + shift {d} + gamma {g:.2f}"
+    raise ValueError(kind)
+
+
+def build_demo_data(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_copies: int = 36,
+    n_near: int = 24,
+    n_novel: int = 40,
+    backend: str | None = None,
+) -> dict[str, Any]:
+    """Write the training and synthetic sets and the measured ground truth under ``root``.
+
+    Returns ``{"train_dir", "synth_dir", "truth_csv", "planted": [Planted, ...], "train": {name: array}}``.
+    """
+    from .audit import label_of, verify_pairs
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    tdir, sdir = root / "train", root / "synth"
+    tdir.mkdir(parents=True, exist_ok=True)
+    sdir.mkdir(parents=True, exist_ok=True)
+    slices = _template_slices()
+    axname = {2: "axial", 1: "coronal"}
+    train: dict[str, np.ndarray] = {}
+    train_key: dict[tuple[int, int], str] = {}
+    for (axis, idx), arr in sorted(slices.items()):
+        if idx % 4 == 0:
+            name = f"mni152_{axname[axis]}_{idx:03d}.npy"
+            train[name] = arr
+            train_key[(axis, idx)] = name
+    for name, arr in train.items():
+        _save_npy(tdir / name, arr)
+
+    planted: list[Planted] = []
+    kinds = ("flip", "rotation", "shift", "contrast", "noise", "combo")
+    names = sorted(train)
+    src = rng.choice(len(names), size=min(n_copies, len(names)), replace=False)
+    for q, j in enumerate(src):
+        kind = kinds[q % len(kinds)]
+        img, desc = _copy_transform(kind, train[names[j]], rng)
+        planted.append(Planted("", "copy", names[j], desc, img))
+    near_keys = [(a, i) for (a, i) in sorted(slices) if i % 4 == 2 and (a, i - 2) in train_key]
+    pick = rng.permutation(len(near_keys))
+    near_pool = [near_keys[p] for p in pick]
+    novel = []
+    for ds in NOVEL_SOURCES:
+        frame = 0 if ds == "example4d" else None
+        vol = load_volume(ds, frame=frame).array
+        for s in volume_slices(vol, SlicePolicy(axis=2, min_foreground=0.05), source=ds):
+            novel.append((f"{ds}:{s.index}", _fill(s.array)))
+    sel = rng.choice(len(novel), size=min(n_novel, len(novel)), replace=False)
+    # Measure the novel slices against the whole training set (exact SSIM), then verify their 3 best.
+    from .audit import _ssim_matrix
+
+    tr_stack = np.stack([train[nm] for nm in names])
+    nov_stack = np.stack([novel[j][1] for j in sorted(sel)])
+    m = _ssim_matrix(tr_stack, nov_stack, spatial_dims=2, backend=backend).T  # (n_novel, n_train)
+    top = np.argsort(-m, axis=1, kind="stable")[:, :3]
+    vv, _ = verify_pairs(
+        tr_stack[top.ravel()],
+        np.repeat(nov_stack, 3, axis=0),
+        spatial_dims=2,
+        flips=VERIFY["verify_flips"],
+        shifts=VERIFY["verify_shifts"],
+        rotations=VERIFY["verify_rotations"],
+        backend=backend,
+    )
+    vmax = np.maximum(vv.reshape(-1, 3).max(axis=1), m.max(axis=1))
+    n_novel_kept = 0
+    for q, j in enumerate(sorted(sel)):
+        if vmax[q] > THRESHOLDS[0]:
+            logger.info(
+                "demo: novel slice %s measures SSIM %.3f against the training set; left out",
+                novel[j][0],
+                vmax[q],
+            )
+            continue
+        planted.append(
+            Planted(
+                "", "novel", None, f"slice of {novel[j][0]} (not in training)", novel[j][1], float(vmax[q])
+            )
+        )
+        n_novel_kept += 1
+
+    # Measure the truth: copies against their source, near-copies against training slices within ±6.
+    copies = [p for p in planted if p.kind == "copy"]
+    v, tr = verify_pairs(
+        np.stack([train[p.source] for p in copies]),
+        np.stack([p.image for p in copies]),
+        spatial_dims=2,
+        flips=VERIFY["verify_flips"],
+        shifts=VERIFY["verify_shifts"],
+        rotations=VERIFY["verify_rotations"],
+        backend=backend,
+    )
+    for p, s in zip(copies, v, strict=True):
+        p.measured_ssim = float(s)
+    kept_near = 0
+    for axis, idx in near_pool:
+        if kept_near >= n_near:
+            break
+        cands = [train_key[(axis, i)] for i in range(idx - 6, idx + 7) if (axis, i) in train_key]
+        img = slices[(axis, idx)]
+        vv, _ = verify_pairs(
+            np.stack([train[c] for c in cands]),
+            np.stack([img] * len(cands)),
+            spatial_dims=2,
+            flips=VERIFY["verify_flips"],
+            shifts=VERIFY["verify_shifts"],
+            rotations=VERIFY["verify_rotations"],
+            backend=backend,
+        )
+        best = int(np.argmax(vv))
+        if not THRESHOLDS[0] < float(vv[best]) <= THRESHOLDS[1]:
+            continue  # not a "similar" near-copy by measurement: leave it out
+        planted.append(
+            Planted(
+                "",
+                "near",
+                cands[best],
+                f"{axname[axis]} slice {idx} (2 from a training slice)",
+                img,
+                float(vv[best]),
+            )
+        )
+        kept_near += 1
+    for p in planted:
+        p.truth = ("different", "similar", "duplicate")[int(label_of(p.measured_ssim, THRESHOLDS))]
+    order = rng.permutation(len(planted))
+    planted = [planted[i] for i in order]
+    for q, p in enumerate(planted):
+        p.name = f"synth_{q:04d}.npy"
+        _save_npy(sdir / p.name, p.image)
+    truth_csv = root / "ground_truth.csv"
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["synth", "kind", "source", "transform", "measured_ssim", "truth"])
+    for p in planted:
+        w.writerow(
+            [
+                p.name,
+                p.kind,
+                p.source or "",
+                p.transform,
+                "" if p.measured_ssim is None else f"{p.measured_ssim:.6f}",
+                p.truth,
+            ]
+        )
+    if not truth_csv.exists() or truth_csv.read_text() != buf.getvalue():
+        truth_csv.write_text(buf.getvalue())
+    stale = {f.name for f in sdir.glob("*.npy")} - {p.name for p in planted}
+    for name in sorted(stale):  # left over from a run with other settings
+        (sdir / name).unlink()
+    logger.info(
+        "demo data: %d training slices, %d synthetic (%d copies, %d near, %d novel)",
+        len(train),
+        len(planted),
+        len(copies),
+        kept_near,
+        n_novel_kept,
+    )
+    return {"train_dir": tdir, "synth_dir": sdir, "truth_csv": truth_csv, "planted": planted, "train": train}
+
+
+def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retrain: bool) -> Path:
+    """Train (or reuse) the small encoder on the template's slices; return the checkpoint path."""
+    from .model import save_checkpoint
+    from .training import train
+
+    ckpt = out / "best.pt"
+    if ckpt.exists() and not retrain:
+        logger.info("reusing the cached encoder %s", ckpt)
+        return ckpt
+    vol = load_volume("mni152").array
+    images = []
+    for axis in (0, 1, 2):
+        images += volume_slices(vol, SlicePolicy(axis=axis, min_foreground=0.05), source=f"mni152_ax{axis}")
+    images = [type(s)(center_fit(s.array, SIZE), s.source, s.axis, s.index) for s in images]
+    model = train(
+        images,
+        backbone="small",
+        epochs=1000,
+        batch_size=32,
+        lr=1e-3,
+        seed=seed,
+        out=str(out),
+        time_limit=seconds,
+        input_size=128,
+        size_policy="resize",
+        progress=progress,
+    )
+    if not ckpt.exists():  # the trainer writes best.pt when it validates; make sure it is there
+        save_checkpoint(ckpt, model)
+    return ckpt
+
+
+def run_demo(
+    out: str | os.PathLike = "demo_out",
+    *,
+    train_seconds: float = 150.0,
+    seed: int = 0,
+    progress: bool = True,
+    retrain: bool = False,
+    backend: str | None = None,
+) -> dict[str, Any]:
+    """Build the demo data, train (or reuse) the encoder, audit, and score the audit against the truth.
+
+    Returns a dict with ``report`` (path), ``recall``, ``precision``, ``planted``, ``found``,
+    ``false_positives``, per-kind counts and ``seconds``; the same is written to ``OUT/demo_result.json``.
+    """
+    from .audit import audit
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    data = build_demo_data(out / "data", seed=seed, backend=backend)
+    t_data = time.perf_counter() - t0
+    ckpt = _train_encoder(
+        out / "encoder", seconds=train_seconds, seed=seed, progress=progress, retrain=retrain
+    )
+    t_train = time.perf_counter() - t0 - t_data
+    res = audit(
+        data["train_dir"],
+        data["synth_dir"],
+        model=ckpt,
+        metric="deepssim",
+        k=10,
+        thresholds=THRESHOLDS,
+        out=out,
+        size=SIZE,
+        chunk_size=64,
+        progress=progress,
+        backend=backend,
+        **VERIFY,
+    )
+    t_audit = time.perf_counter() - t0 - t_data - t_train
+
+    # Read the audit's answer per synthetic item: its label and best match.
+    best: dict[str, tuple[float, str, str]] = {}
+    with open(res.files["matches.csv"], newline="") as f:
+        for row in csv.DictReader(f):
+            name = Path(row["synth_path"]).name
+            s = float(row["ssim"])
+            if name not in best or s > best[name][0]:
+                best[name] = (s, Path(row["train_path"]).name, row["label"])
+    planted = data["planted"]
+    dup = [p for p in planted if p.truth == "duplicate"]
+    found = [p for p in dup if best[p.name][2] == "duplicate" and best[p.name][1] == p.source]
+    flagged = [p for p in planted if best[p.name][2] == "duplicate"]
+    correct_flags = [p for p in flagged if p.truth == "duplicate" and best[p.name][1] == p.source]
+    near = [p for p in planted if p.kind == "near"]
+    novel = [p for p in planted if p.kind == "novel"]
+    result = {
+        "report": str(res.files["report.html"]),
+        "planted": len(dup),
+        "found": len(found),
+        "recall": len(found) / len(dup) if dup else 1.0,
+        "precision": len(correct_flags) / len(flagged) if flagged else 1.0,
+        "false_positives": len(flagged) - len(correct_flags),
+        "missed": [
+            {"synth": p.name, "source": p.source, "transform": p.transform, "audit": list(best[p.name])}
+            for p in dup
+            if p not in found
+        ],
+        "copies_measured_not_duplicate": sum(
+            1 for p in planted if p.kind == "copy" and p.truth != "duplicate"
+        ),
+        "near": len(near),
+        "near_similar": sum(1 for p in near if best[p.name][2] == "similar"),
+        "novel": len(novel),
+        "novel_different": sum(1 for p in novel if best[p.name][2] == "different"),
+        "n_train": res.summary["n_train"],
+        "n_synth": res.summary["n_synth"],
+        "seconds": time.perf_counter() - t0,
+        "seconds_by_stage": {"data": t_data, "encoder": t_train, "audit": t_audit},
+        "encoder": str(ckpt),
+        "ground_truth": str(data["truth_csv"]),
+    }
+    (out / "demo_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("demo: recall %.3f precision %.3f", result["recall"], result["precision"])
+    return result

@@ -1,0 +1,295 @@
+"""Reading image collections: discovery, decoding and slicing of NIfTI, PNG and .npy files.
+
+Conventions
+-----------
+* :func:`discover` turns a *spec* (directory, glob pattern, file, or a list of these) into a sorted,
+  de-duplicated list of paths. Directories are searched recursively for ``.nii``, ``.nii.gz``, ``.png``
+  and ``.npy``. The order is ``sorted()`` over the resolved absolute paths, never ``os.listdir`` order.
+* :func:`read_image` returns float32, 2D or 3D:
+
+  - PNG: 8- or 16-bit grayscale as stored (no rescaling). Colour images are converted to luminance with
+    the ITU-R BT.601 weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding); an
+    alpha channel is ignored. Palette images are expanded to RGB first.
+  - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI);
+    pickled object arrays are refused.
+  - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``).
+
+  NaN or Inf values, other ranks and unreadable files raise :class:`deepssim_fast.data.DataError` naming
+  the path and the problem.
+* :func:`iter_slices` cuts each image into 2D :class:`~deepssim_fast.data.Slice` objects with a
+  :class:`~deepssim_fast.data.SlicePolicy` (2D images give themselves, index 0). A 4D NIfTI is cut frame
+  by frame; the slices of frame ``t`` have ``source = "<path>@t<t>"``. Uncompressed ``.nii`` volumes are
+  read slice by slice through nibabel's memory-mapped array proxy; a ``.nii.gz`` (not seekable) is
+  decompressed once, so at most one volume is held in memory at a time.
+* Slices of different sizes are brought to one shape with :func:`deepssim_fast.data.center_fit`
+  (centre crop or pad with the slice's minimum, no resampling) by the callers that need one shape.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .data import DataError, Slice, SlicePolicy, center_fit, load_nifti
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (".nii", ".nii.gz", ".png", ".npy")
+Spec = str | os.PathLike | Sequence[str | os.PathLike]
+
+__all__ = [
+    "EXTENSIONS",
+    "discover",
+    "read_image",
+    "iter_slices",
+    "image_kind",
+    "center_fit",
+    "Slice",
+    "SlicePolicy",
+    "DataError",
+]
+
+
+def image_kind(path: str | os.PathLike) -> str | None:
+    """``"nifti"``, ``"png"``, ``"npy"`` from the file name, or None for anything else."""
+    n = Path(path).name.lower()
+    if n.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if n.endswith(".png"):
+        return "png"
+    if n.endswith(".npy"):
+        return "npy"
+    return None
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _discover_one(item: str | os.PathLike) -> list[Path]:
+    s = os.fspath(item)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        found = [q for q in p.rglob("*") if q.is_file() and image_kind(q) is not None]
+        if not found:
+            raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files")
+        return found
+    if p.is_file():
+        if image_kind(p) is None:
+            raise ValueError(f"{s}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
+        return [p]
+    if _has_magic(s):
+        hits = [Path(h) for h in glob.glob(os.path.expanduser(s), recursive=True)]
+        found = [q for q in hits if q.is_file() and image_kind(q) is not None]
+        if not found:
+            raise ValueError(f"{s}: glob pattern matched no .nii, .nii.gz, .png or .npy files")
+        return found
+    raise ValueError(f"{s}: no such file or directory")
+
+
+def discover(spec: Spec) -> list[Path]:
+    """All image files named by ``spec``, as absolute paths, sorted and without duplicates.
+
+    ``spec`` is a directory (searched recursively), a glob pattern (``**`` allowed), a single file, or a
+    list/tuple of any of these. Raises ValueError naming the spec when nothing is found.
+    """
+    items: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
+    items = list(items)
+    if not items:
+        raise ValueError("empty input specification: give a directory, a glob pattern or files")
+    out: set[Path] = set()
+    for it in items:
+        out.update(q.resolve() for q in _discover_one(it))
+    if not out:
+        raise ValueError(f"{spec!r}: no image files found")
+    return sorted(out, key=lambda q: str(q))
+
+
+def _read_png(p: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                mode = im.mode
+            if mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(im).astype(np.float32)
+            elif mode in ("LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
+                if mode == "LA":
+                    return np.asarray(im, dtype=np.float32)[..., 0].copy()
+                rgb = np.asarray(im.convert("RGB") if mode not in ("RGB", "RGBA") else im, dtype=np.float32)
+                arr = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+            else:
+                raise DataError(f"{p}: unsupported PNG mode {mode!r}")
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_npy(p: Path, frame: int | None) -> np.ndarray:
+    try:
+        a = np.load(p, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+    numeric = np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_
+    if not numeric or np.issubdtype(a.dtype, np.complexfloating):
+        raise DataError(f"{p}: unsupported dtype {a.dtype}; expected a real numeric array")
+    if a.ndim == 4:
+        if frame is None:
+            raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1})")
+        if not -a.shape[3] <= frame < a.shape[3]:
+            raise DataError(f"{p}: frame {frame} out of range for 4D shape {a.shape}")
+        a = a[..., frame]
+    elif frame is not None:
+        raise DataError(f"{p}: frame={frame} given but the array is {a.ndim}D, shape {a.shape}")
+    if a.ndim not in (2, 3):
+        raise DataError(f"{p}: expected a 2D image or 3D volume, got shape {a.shape}")
+    return np.array(a, dtype=np.float32)
+
+
+def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarray:
+    """Decode one file as a float32 2D image or 3D volume (see the module docstring for each format).
+
+    Raises :class:`DataError` naming the path and the problem (missing, unsupported type, corrupt,
+    wrong rank, NaN/Inf values).
+    """
+    p = Path(path)
+    kind = image_kind(p)
+    if not p.exists():
+        raise DataError(f"{p}: no such file")
+    if kind is None:
+        raise DataError(f"{p}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
+    if kind == "nifti":
+        return load_nifti(p, frame=frame)
+    if kind == "png":
+        if frame is not None:
+            raise DataError(f"{p}: frame={frame} given but a PNG is a 2D image")
+        arr = _read_png(p)
+    else:
+        arr = _read_npy(p, frame)
+    if arr.size == 0:
+        raise DataError(f"{p}: empty image, shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{p}: contains NaN or Inf values")
+    return arr
+
+
+def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
+    """Slices of an uncompressed 3D NIfTI read one at a time through nibabel's array proxy; None otherwise."""
+    import nibabel as nib
+
+    if not p.name.lower().endswith(".nii"):
+        return None
+    try:
+        img = nib.load(str(p), mmap=True)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    shape = img.shape
+    if len(shape) != 3:
+        return None
+    proxy = img.dataobj
+    idx = list(range(shape[policy.axis]))[policy.start : policy.stop : policy.step]
+
+    def take(i: int) -> np.ndarray:
+        sl: list = [slice(None)] * 3
+        sl[policy.axis] = i
+        try:
+            s = np.asarray(proxy[tuple(sl)], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - truncated data and the like
+            raise DataError(f"{p}: could not read slice {i} ({type(exc).__name__}: {exc})") from exc
+        if not np.isfinite(s).all():
+            raise DataError(f"{p}: contains NaN or Inf values (slice {i} along axis {policy.axis})")
+        return s
+
+    # First pass: the volume maximum (the foreground level is relative to it), one slice at a time.
+    vmax = 0.0
+    if policy.min_foreground > 0:
+        vmax = max((float(take(i).max()) for i in range(shape[policy.axis])), default=0.0)
+    level = policy.foreground_level * vmax
+
+    def gen() -> Iterator[Slice]:
+        for i in idx:
+            s = take(i)
+            if policy.min_foreground > 0:
+                frac = float((s > level).mean()) if vmax > 0 else 0.0
+                if frac < policy.min_foreground:
+                    continue
+            yield Slice(np.ascontiguousarray(s), str(p), policy.axis, int(i))
+
+    return gen()
+
+
+def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
+    """All slices of one file (read fully before returning, so a corrupt file fails before any slice)."""
+    from .data import volume_slices
+
+    kind = image_kind(p)
+    if kind == "nifti":
+        lazy = _proxy_slices(p, policy)
+        if lazy is not None:
+            return list(lazy)
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(p)).shape
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        if len(shape) == 4 and shape[3] > 1:
+            out: list[Slice] = []
+            for t in range(shape[3]):
+                vol = load_nifti(p, frame=t)
+                out.extend(volume_slices(vol, policy, source=f"{p}@t{t}"))
+            return out
+        return volume_slices(load_nifti(p), policy, source=str(p))
+    if kind == "npy":
+        try:
+            ndim = np.load(p, allow_pickle=False, mmap_mode="r").ndim
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        if ndim == 4:
+            shape4 = np.load(p, mmap_mode="r").shape
+            out = []
+            for t in range(shape4[3]):
+                out.extend(volume_slices(read_image(p, frame=t), policy, source=f"{p}@t{t}"))
+            return out
+    return volume_slices(read_image(p), policy, source=str(p))
+
+
+def iter_slices(
+    paths: Iterable[str | os.PathLike],
+    policy: SlicePolicy | None = None,
+    *,
+    strict: bool = False,
+    skipped: list | None = None,
+) -> Iterator[Slice]:
+    """Yield the 2D slices of every file in ``paths``, in order, cut by ``policy`` (default SlicePolicy()).
+
+    A file that cannot be read is appended to ``skipped`` as ``(path, reason)`` and logged as a warning,
+    or, with ``strict=True``, raises :class:`DataError` naming the path. A file is read completely
+    before its first slice is yielded, so a corrupt file never contributes part of its slices.
+    """
+    policy = policy or SlicePolicy()
+    for path in paths:
+        p = Path(path)
+        try:
+            slices = _file_slices(p, policy)
+        except DataError as exc:
+            if strict:
+                raise
+            logger.warning("skipping %s: %s", p, exc)
+            if skipped is not None:
+                skipped.append((str(p), str(exc)))
+            continue
+        if not slices:
+            logger.info("%s: no slice passes the foreground threshold of %s", p, policy)
+        yield from slices

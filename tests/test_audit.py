@@ -1,0 +1,620 @@
+"""The audit end to end on small real MRI: planted copies, schema, faults, resume, metrics, evaluate."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepssim_fast import data
+from deepssim_fast.data import DataError, SlicePolicy
+from deepssim_fast.reference import ssim_reference, topk_reference
+
+# the package exports the function ``audit`` under the module's name; take the module itself
+A = importlib.import_module("deepssim_fast.audit")
+
+SIZE = (66, 78)
+K = 14  # every training slice is a candidate: the plain SSIM search does not see flips
+DETERMINISTIC = ("matches.csv", "histogram.png", "gallery.png", "report.html")
+
+
+def _small(a: np.ndarray) -> np.ndarray:
+    """A real MNI slice at a third of its resolution (strided), fitted to SIZE."""
+    return data.center_fit(np.ascontiguousarray(a[::3, ::3]), SIZE)
+
+
+def make_dataset(root: Path, *, seed: int = 0) -> dict:
+    """Train: 14 real axial MNI slices (.npy); synth: 5 planted copies, 3 novel scans, 1 corrupt file."""
+    rng = np.random.default_rng(seed)
+    vol = data.load_volume("mni152").array
+    tdir, sdir = root / "train", root / "synth"
+    tdir.mkdir(parents=True)
+    sdir.mkdir(parents=True)
+    train = {}
+    for i in range(30, 142, 8):
+        name = f"mni_{i:03d}.npy"
+        train[name] = _small(vol[:, :, i])
+        np.save(tdir / name, train[name])
+    names = sorted(train)
+    truth = {}
+    plants = [
+        ("flip", lambda a: np.ascontiguousarray(a[:, ::-1])),
+        ("shift", lambda a: A._shift(a, (2, -1))),
+        ("noise", lambda a: a + rng.normal(0, 0.5, a.shape).astype(np.float32)),
+        ("contrast", lambda a: a * 1.3 + 7.0),
+        ("identity", lambda a: a.copy()),
+    ]
+    for q, (kind, f) in enumerate(plants):
+        src = names[(3 * q + 1) % len(names)]
+        nm = f"s{q:02d}.npy"
+        np.save(sdir / nm, f(train[src]).astype(np.float32))
+        truth[nm] = (kind, src)
+    for q, (ds, idx) in enumerate([("s0_10slices", 5), ("example4d", 12), ("piesno", 7)]):
+        v = data.load_volume(ds, frame=0 if ds == "example4d" else None).array
+        nm = f"s{q + 10:02d}.npy"
+        np.save(sdir / nm, data.center_fit(v[:, :, idx], SIZE))
+        truth[nm] = ("novel", None)
+    (sdir / "s99_corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    return {"train": tdir, "synth": sdir, "truth": truth, "train_arrays": train}
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_dataset(tmp_path_factory.mktemp("audit_data"))
+
+
+@pytest.fixture(scope="module")
+def ssim_run(ds: dict, tmp_path_factory: pytest.TempPathFactory) -> A.AuditResult:
+    out = tmp_path_factory.mktemp("ssim_run")
+    return A.audit(
+        ds["train"],
+        ds["synth"],
+        metric="ssim",
+        k=K,
+        out=out,
+        verify_flips=True,
+        verify_shifts=3,
+        chunk_size=3,
+        progress=False,
+    )
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "matches.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _best(rows: list[dict]) -> dict[str, dict]:
+    best: dict[str, dict] = {}
+    for r in rows:
+        n = Path(r["synth_path"]).name
+        if n not in best or float(r["ssim"]) > float(best[n]["ssim"]):
+            best[n] = r
+    return best
+
+
+def test_planted_copies_found_and_novel_not(ssim_run: A.AuditResult, ds: dict) -> None:
+    best = _best(_rows(ssim_run.out))
+    for name, (kind, src) in ds["truth"].items():
+        r = best[name]
+        if kind == "novel":
+            assert r["label"] != "duplicate", (name, r)
+        else:
+            assert r["label"] == "duplicate", (name, kind, r)
+            assert Path(r["train_path"]).name == src, (name, kind, r)
+            assert float(r["ssim"]) > 0.95
+    assert best["s00.npy"]["transform"].startswith("hflip")
+    assert best["s01.npy"]["transform"] == "shift(-2,1)"
+    assert ssim_run.summary["counts"]["duplicate"] == 5
+    assert ssim_run.fraction_memorised == pytest.approx(5 / 8)
+
+
+def test_matches_and_summary_schema(ssim_run: A.AuditResult, ds: dict) -> None:
+    out = ssim_run.out
+    with open(out / "matches.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert tuple(header) == A.MATCHES_HEADER
+    rows = _rows(out)
+    assert len(rows) == 8 * K
+    for i in range(0, len(rows), K):
+        grp = rows[i : i + K]
+        assert [int(r["rank"]) for r in grp] == list(range(1, K + 1))
+        assert len({r["synth_id"] for r in grp}) == 1
+        scores = [float(r["cosine"]) for r in grp]
+        assert scores == sorted(scores, reverse=True)
+        for r in grp:
+            assert r["label"] in A.LABELS
+            assert r["synth_id"].startswith(r["synth_path"] + "#")
+            assert r["train_id"] == f"{r['train_path']}#2:{r['train_index']}"
+            s = float(r["ssim"])
+            assert np.isfinite(s) and -1 <= s <= 1
+            assert r["label"] == A.LABELS[int(A.label_of(s, (0.6, 0.85)))]
+            # verified SSIM is never below the plain search SSIM of the same pair
+            assert s >= float(r["cosine"]) - 1e-5
+    s = json.loads((out / "summary.json").read_text())
+    for key in (
+        "counts",
+        "fraction_memorised",
+        "thresholds",
+        "metric",
+        "model",
+        "n_train",
+        "n_synth",
+        "skipped",
+        "timings_s",
+        "versions",
+        "verify",
+        "k",
+        "pair_counts_search",
+        "n_pairs",
+    ):
+        assert key in s, key
+    assert s["n_train"] == 14 and s["n_synth"] == 8 and s["n_pairs"] == 14 * 8
+    assert sum(s["counts"].values()) == 8
+    assert sum(s["pair_counts_search"].values()) == 14 * 8
+    assert s["thresholds"]["low"] == 0.6 and s["thresholds"]["high"] == 0.85
+    assert s["metric"] == "ssim" and s["model"] is None
+    assert {"decode", "search", "verify", "report", "total"} <= set(s["timings_s"])
+    assert "numpy" in s["versions"] and "deepssim_fast" in s["versions"]
+    (sk,) = s["skipped"]
+    assert (
+        sk["set"] == "synth" and sk["path"].endswith("s99_corrupt.npy") and "s99_corrupt.npy" in sk["reason"]
+    )
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    for name in ("histogram.png", "gallery.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_search_scores_equal_exact_ssim(ssim_run: A.AuditResult, ds: dict) -> None:
+    rows = _rows(ssim_run.out)
+    for r in rows[:6]:
+        t = data.center_fit(np.load(r["train_path"]), SIZE)
+        s = data.center_fit(np.load(r["synth_path"]), SIZE)
+        want = float(ssim_reference(t, s, preset="deepssim"))
+        assert float(r["cosine"]) == pytest.approx(want, abs=2e-5)
+
+
+def test_corrupt_input_strict_aborts_with_path(ds: dict, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="s99_corrupt.npy"):
+        A.audit(ds["train"], ds["synth"], metric="ssim", out=tmp_path, strict=True, progress=False)
+
+
+def test_bad_arguments_and_empty_sets(ds: dict, tmp_path: Path) -> None:
+    kw = {"out": tmp_path, "progress": False}
+    with pytest.raises(ValueError, match="metric"):
+        A.audit(ds["train"], ds["synth"], metric="psnr", **kw)
+    with pytest.raises(ValueError, match="thresholds"):
+        A.audit(ds["train"], ds["synth"], metric="ssim", thresholds=(0.9, 0.5), **kw)
+    with pytest.raises(ValueError, match="k must"):
+        A.audit(ds["train"], ds["synth"], metric="ssim", k=0, **kw)
+    with pytest.raises(ValueError, match="needs a model"):
+        A.audit(ds["train"], ds["synth"], metric="deepssim", **kw)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        A.audit(tmp_path / "empty", ds["synth"], metric="ssim", **kw)
+    (tmp_path / "onlybad").mkdir()
+    (tmp_path / "onlybad" / "x.npy").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no usable items"):
+        A.audit(ds["train"], tmp_path / "onlybad", metric="ssim", **kw)
+
+
+def _compare_outputs(a: Path, b: Path) -> None:
+    for name in DETERMINISTIC:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    sa.pop("timings_s")
+    sb.pop("timings_s")
+    # the skipped-input reasons and everything else must agree; paths are shared (same inputs)
+    assert sa == sb
+
+
+def test_interrupted_run_resumes_to_identical_outputs(
+    ds: dict, ssim_run: A.AuditResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def die(stage: str, index: int) -> None:
+        calls.append((stage, index))
+        if stage == "verify" and index == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_chunk_hook", die)
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(
+            ds["train"],
+            ds["synth"],
+            metric="ssim",
+            k=K,
+            out=tmp_path,
+            verify_flips=True,
+            verify_shifts=3,
+            chunk_size=3,
+            progress=False,
+        )
+    assert not (tmp_path / "summary.json").exists()
+    assert sorted((tmp_path / "work").glob("verify_*.npz")) and (tmp_path / "work" / "search.npz").exists()
+    calls.clear()
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: calls.append((stage, index)))
+    A.audit(
+        ds["train"],
+        ds["synth"],
+        metric="ssim",
+        k=K,
+        out=tmp_path,
+        verify_flips=True,
+        verify_shifts=3,
+        chunk_size=3,
+        progress=False,
+    )
+    # only the unfinished verification chunk was computed again
+    assert calls == [("verify", 2)]
+    _compare_outputs(ssim_run.out, tmp_path)
+
+
+def test_killed_process_resumes_to_identical_outputs(
+    ds: dict, ssim_run: A.AuditResult, tmp_path: Path
+) -> None:
+    """A real SIGKILL in the middle of the verification stage, then a rerun of the same command."""
+    out = tmp_path / "out"
+    code = (
+        "import sys, time; import deepssim_fast.audit as A\n"
+        "orig = A._chunk_hook\n"
+        "def slow(stage, index):\n"
+        "    if stage == 'verify' and index >= 1: open(sys.argv[3] + '.ready', 'w').close(); time.sleep(60)\n"
+        "A._chunk_hook = slow\n"
+        "A.audit(sys.argv[1], sys.argv[2], metric='ssim', k=14, out=sys.argv[3], verify_flips=True,"
+        " verify_shifts=3, chunk_size=3, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ds["train"]), str(ds["synth"]), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(str(out) + ".ready").exists():
+            assert proc.poll() is None, "the audit process ended before it could be killed"
+            assert time.monotonic() < deadline, "the audit did not reach the verification stage in time"
+            time.sleep(0.05)
+        proc.kill()
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert not (out / "summary.json").exists()
+    A.audit(
+        ds["train"],
+        ds["synth"],
+        metric="ssim",
+        k=K,
+        out=out,
+        verify_flips=True,
+        verify_shifts=3,
+        chunk_size=3,
+        progress=False,
+    )
+    _compare_outputs(ssim_run.out, out)
+
+
+def test_changed_input_file_invalidates_saved_search(ds: dict, tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    shutil.copytree(ds["train"], train)
+    synth = tmp_path / "synth"
+    shutil.copytree(ds["synth"], synth)
+    out = tmp_path / "out"
+    r1 = A.audit(train, synth, metric="ssim", k=2, out=out, progress=False)
+    # identity, contrast and noise copies (no flips or shifts searched here)
+    assert r1.summary["counts"]["duplicate"] == 3
+    victim = synth / "s04.npy"
+    arr = np.load(victim)
+    np.save(victim, np.ascontiguousarray(arr[::-1, ::-1]))  # same name, new content (rotated 180°)
+    os.utime(victim, ns=(time.time_ns(), time.time_ns() + 10**9))
+    r2 = A.audit(train, synth, metric="ssim", k=2, out=out, progress=False)
+    assert r2.summary["counts"]["duplicate"] == 2
+
+
+def test_correlation_metric_is_pixel_pearson(ds: dict, tmp_path: Path) -> None:
+    r = A.audit(
+        ds["train"], ds["synth"], metric="correlation", k=4, out=tmp_path, verify="none", progress=False
+    )
+    rows = _rows(tmp_path)
+    tr = sorted(ds["train"].glob("*.npy"))
+    T = np.stack([np.load(p).ravel() for p in tr]).astype(np.float64)
+    for row in rows[:8]:
+        s = np.load(row["synth_path"]).ravel().astype(np.float64)
+        j = [str(p) for p in tr].index(row["train_path"])
+        # float32 scores over 5148-long vectors: the all-pairs engine's accumulation gives ~5e-5 here
+        assert float(row["cosine"]) == pytest.approx(np.corrcoef(s, T[j])[0, 1], abs=1e-4)
+        assert (
+            row["ssim"] == "" and row["label"] == A.LABELS[int(A.label_of(float(row["cosine"]), (0.6, 0.85)))]
+        )
+    assert r.summary["label_score"] == "search score"
+    # evaluate scores labelled pairs the same way (correlation with the thresholds)
+    row = rows[0]
+    labels = tmp_path / "labels.csv"
+    want = A.label_of(float(row["cosine"]), (0.6, 0.85))
+    code = {0: 0, 1: 2, 2: 1}[int(want)]  # audit label index -> reference code
+    labels.write_text(f"real_key,synth_key,label\n{row['train_id']},{row['synth_id']},{code}\n")
+    ev = A.evaluate(tmp_path, labels)
+    assert ev["accuracy"] == 1.0 and ev["macro_f1"] == 1.0
+
+
+def test_embeddings_metric_matches_reference_and_faiss(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    tr = rng.standard_normal((37, 16)).astype(np.float32)
+    sy = np.concatenate(
+        [
+            tr[[3, 9]] + 0.01 * rng.standard_normal((2, 16)).astype(np.float32),
+            rng.standard_normal((9, 16)).astype(np.float32),
+        ]
+    )
+    np.save(tmp_path / "train.npy", tr)
+    np.save(tmp_path / "synth.npy", sy)
+    r = A.audit(
+        tmp_path / "train.npy",
+        tmp_path / "synth.npy",
+        metric="embeddings",
+        k=5,
+        verify="none",
+        out=tmp_path / "out",
+        progress=False,
+    )
+    rows = _rows(tmp_path / "out")
+    got_i = np.array([int(x["train_index"]) for x in rows]).reshape(11, 5)
+    got_s = np.array([float(x["cosine"]) for x in rows]).reshape(11, 5)
+    ref_s, ref_i = topk_reference(tr, sy, 5)
+    np.testing.assert_array_equal(got_i, ref_i)
+    np.testing.assert_allclose(got_s, ref_s, atol=2e-6)
+    faiss = pytest.importorskip("faiss")
+    idx = faiss.IndexFlatIP(16)
+    idx.add(tr / np.linalg.norm(tr, axis=1, keepdims=True))
+    fs, fi = idx.search(sy / np.linalg.norm(sy, axis=1, keepdims=True), 5)
+    np.testing.assert_array_equal(got_i[:, 0], fi[:, 0])
+    np.testing.assert_allclose(got_s, fs, atol=1e-5)
+    assert r.summary["counts"]["duplicate"] == 2
+    assert rows[0]["train_id"] == f"{tmp_path / 'train.npy'}#row:3"
+    with pytest.raises(ValueError, match="verify='none'"):
+        A.audit(
+            tmp_path / "train.npy",
+            tmp_path / "synth.npy",
+            metric="embeddings",
+            out=tmp_path / "o2",
+            progress=False,
+        )
+
+
+def test_volumes_mode_uses_3d_ssim(tmp_path: Path) -> None:
+    vol = data.load_volume("anatomical").array
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", vol)
+    np.save(tmp_path / "t" / "b.npy", np.ascontiguousarray(vol[::-1]))
+    rng = np.random.default_rng(3)
+    noisy = (vol + rng.normal(0, 30, vol.shape)).astype(np.float32)
+    np.save(tmp_path / "s" / "n.npy", noisy)
+    r = A.audit(
+        tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=2, out=tmp_path / "o", progress=False
+    )
+    rows = _rows(tmp_path / "o")
+    assert rows[0]["train_path"].endswith("a.npy")
+    want = float(ssim_reference(vol, noisy, spatial_dims=3, preset="deepssim"))
+    assert float(rows[0]["ssim"]) == pytest.approx(want, abs=1e-4)
+    assert r.summary["mode"] == "volumes" and r.summary["item_size"] == list(vol.shape)
+
+
+def test_verify_pairs_identity_equals_reference_and_undoes_transforms() -> None:
+    vol = data.load_volume("mni152").array
+    rng = np.random.default_rng(4)
+    t = np.stack([_small(vol[:, :, i]) for i in (50, 80, 110)])
+    s = t + rng.normal(0, 2.0, t.shape).astype(np.float32)
+    v, names = A.verify_pairs(t, s, spatial_dims=2)
+    np.testing.assert_allclose(v, ssim_reference(t, s, spatial_dims=2, preset="deepssim"), atol=2e-5)
+    assert names == ["none"] * 3
+    moved = np.stack([A._shift(np.ascontiguousarray(a[::-1]), (1, -3)) for a in t])
+    v2, names2 = A.verify_pairs(t, moved, spatial_dims=2, flips=True, shifts=3)
+    assert (v2 > 0.95).all(), v2
+    rot = np.stack([A._rotate(a, 2.0) for a in t])
+    plain, _ = A.verify_pairs(t, rot, spatial_dims=2)
+    v3, names3 = A.verify_pairs(t, rot, spatial_dims=2, rotations=2.0)
+    assert (v3 > plain).all() and all("rot(-2)" in n for n in names3), (v3, plain, names3)
+
+
+def test_deepssim_metric_with_small_model_and_embedding_cache(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from deepssim_fast.model import build_model, embed, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("small", input_size=64)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    out = tmp_path / "out"
+    r = A.audit(
+        ds["train"],
+        ds["synth"],
+        model=ckpt,
+        metric="deepssim",
+        k=4,
+        out=out,
+        chunk_size=4,
+        decode_workers=1,
+        progress=False,
+    )
+    assert r.summary["model"]["path"] == str(Path(ckpt).resolve())
+    assert r.summary["model"]["hash"] == A._file_sha256(Path(ckpt))
+    rows = _rows(out)
+    assert len(rows) == 8 * 4
+    # search scores are the cosine of the model's embeddings of the fitted items
+    first = rows[0]
+    tx = data.center_fit(np.load(first["train_path"]), SIZE)
+    sx = data.center_fit(np.load(first["synth_path"]), SIZE)
+    e = embed([tx, sx], model, progress=False)
+    assert float(first["cosine"]) == pytest.approx(float(e[0] @ e[1]), abs=1e-4)
+    # the identity copy has cosine 1 with its source and is labelled duplicate by verified SSIM
+    best = _best(rows)
+    assert best["s04.npy"]["label"] == "duplicate" and float(best["s04.npy"]["ssim"]) == pytest.approx(1.0)
+    assert len(list((out / "cache" / "embeddings").glob("*.npy"))) == 14 + 8
+    # a rerun takes every embedding from the cache
+    shutil.rmtree(out / "work")
+
+    def no_embed(*args, **kwargs):
+        raise AssertionError("embedding recomputed despite the cache")
+
+    monkeypatch.setattr(A, "_embed", no_embed)
+    r2 = A.audit(
+        ds["train"], ds["synth"], model=ckpt, metric="deepssim", k=4, out=out, chunk_size=4, progress=False
+    )
+    assert (out / "matches.csv").read_bytes() == _matches_bytes(rows)
+    assert r2.summary["counts"] == r.summary["counts"]
+
+
+def _matches_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(A.MATCHES_HEADER)
+    for r in rows:
+        w.writerow([r[k] for k in A.MATCHES_HEADER])
+    return buf.getvalue().encode()
+
+
+def test_item_size_policy_crops_and_pads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    big = rng.random((40, 50)).astype(np.float32) + 1
+    np.save(tmp_path / "t" / "big.npy", big)
+    np.save(tmp_path / "s" / "small.npy", big[5:35, 10:40])  # a crop: padded back with its minimum
+    r = A.audit(
+        tmp_path / "t", tmp_path / "s", metric="ssim", k=1, out=tmp_path / "o", size=(30, 30), progress=False
+    )
+    store = np.load(tmp_path / "o" / "work" / "train_pixels.npy")
+    np.testing.assert_array_equal(store[0], data.center_fit(big, (30, 30)))
+    assert r.summary["item_size"] == [30, 30]
+    assert r.summary["counts"]["duplicate"] == 1
+
+
+def test_classification_metrics_hand_computed() -> None:
+    # y_true / y_pred with reference codes 0 different, 1 duplicate, 2 similar
+    y_true = [1, 1, 1, 2, 2, 0, 0, 0, 0, 2]
+    y_pred = [1, 1, 2, 2, 0, 0, 0, 1, 0, 2]
+    m = A.classification_metrics(y_true, y_pred)
+    # duplicate: tp 2, predicted 3, true 3 -> p 2/3, r 2/3, f1 2/3
+    # similar:   tp 2, predicted 3, true 3 -> p 2/3, r 2/3, f1 2/3
+    # different: tp 3, predicted 4, true 4 -> p 3/4, r 3/4, f1 3/4
+    assert m["per_class"]["duplicate"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_class"]["different"]["recall"] == pytest.approx(3 / 4)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 3 / 4) / 3)
+    assert m["accuracy"] == pytest.approx(0.7)
+    skm = pytest.importorskip("sklearn.metrics")
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro"))
+
+
+def test_evaluate_reproduces_hand_computed_macro_f1(
+    ssim_run: A.AuditResult, ds: dict, tmp_path: Path
+) -> None:
+    out = ssim_run.out
+    names = sorted(ds["train_arrays"])
+    truth = ds["truth"]
+    # Pairs whose audit labels are known: each copy with its source (duplicate: s00..s04), a novel slice
+    # with a training slice (different), and a copy with a wrong training slice (different).
+    lines = ["real_key,synth_key,label"]
+    for s, (kind, src) in sorted(truth.items()):
+        if kind != "novel":
+            lines.append(f"{src},{s},1")
+    lines.append(f"{names[0]},s10.npy,0")
+    lines.append(
+        f"{Path(names[5]).stem},s11,2"
+    )  # labelled similar by the annotator; the audit says different
+    wrong = names[(names.index(truth["s04.npy"][1]) + 6) % len(names)]
+    lines.append(f"{wrong},s04.npy,1")  # annotated duplicate, but it is another slice: audit says different
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines) + "\n")
+    r = A.evaluate(out, labels)
+    # y_true = [1,1,1,1,1,0,2,1], y_pred = [1,1,1,1,1,0,0,0]
+    # duplicate: tp 5, pred 5, true 6 -> p 1, r 5/6, f1 10/11;  different: tp 1, pred 3, true 1 -> p 1/3, r 1,
+    # f1 1/2;  similar: tp 0 -> f1 0.  macro F1 = (10/11 + 1/2 + 0) / 3
+    assert r["macro_f1"] == pytest.approx((10 / 11 + 0.5 + 0.0) / 3)
+    assert r["per_class"]["duplicate"]["recall"] == pytest.approx(5 / 6)
+    assert r["per_class"]["different"]["precision"] == pytest.approx(1 / 3)
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert saved["macro_f1"] == pytest.approx(r["macro_f1"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("real_key,synth_key,label\nnope.npy,s00.npy,1\n")
+    with pytest.raises(ValueError, match="nope.npy"):
+        A.evaluate(out, bad)
+    bad.write_text("real,synth,label\na,b,1\n")
+    with pytest.raises(ValueError, match="expected columns"):
+        A.evaluate(out, bad)
+    bad.write_text("real_key,synth_key,label\na,b,7\n")
+    with pytest.raises(ValueError, match="must be 0"):
+        A.evaluate(out, bad)
+
+
+def test_slice_policy_on_nifti_inputs(tmp_path: Path) -> None:
+    """NIfTI volumes are cut by the policy; the same volume as train and synth matches slice for slice."""
+    p = data.dataset_path("anatomical")
+    pol = SlicePolicy(axis=2, start=4, stop=20, step=4, min_foreground=0.0)
+    r = A.audit(p, p, metric="ssim", k=1, policy=pol, out=tmp_path, progress=False)
+    rows = _rows(tmp_path)
+    assert [int(x["synth_index"]) for x in rows] == [4, 8, 12, 16]
+    assert all(x["synth_index"] == x["train_index"] and float(x["ssim"]) == pytest.approx(1.0) for x in rows)
+    assert r.summary["slice_policy"]["step"] == 4
+
+
+def test_dask_search_equals_local_search(ds: dict, tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    local = A.audit(
+        ds["train"], ds["synth"], metric="correlation", k=4, out=tmp_path / "local", progress=False
+    )
+    dask = A.audit(
+        ds["train"], ds["synth"], metric="correlation", k=4, out=tmp_path / "dask", workers=1, progress=False
+    )
+    assert (tmp_path / "dask" / "shards").is_dir()
+    assert (tmp_path / "local" / "matches.csv").read_bytes() == (
+        tmp_path / "dask" / "matches.csv"
+    ).read_bytes()
+    assert local.summary["pair_counts_search"] == dask.summary["pair_counts_search"]
+
+
+def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
+    """The demo set: neutral file names, truth from measured verified SSIM, rebuilt byte-identically."""
+    from deepssim_fast.demo import THRESHOLDS, VERIFY, build_demo_data
+
+    d = build_demo_data(tmp_path, seed=1, n_copies=6, n_near=3, n_novel=6)
+    planted = d["planted"]
+    kinds = [p.kind for p in planted]
+    assert kinds.count("copy") == 6 and kinds.count("near") == 3 and 1 <= kinds.count("novel") <= 6
+    assert sorted(f.name for f in d["synth_dir"].iterdir()) == [
+        f"synth_{i:04d}.npy" for i in range(len(planted))
+    ]
+    for p in planted:
+        assert p.measured_ssim is not None
+        assert p.truth == A.LABELS[int(A.label_of(p.measured_ssim, THRESHOLDS))]
+        if p.kind == "near":
+            assert p.truth == "similar"
+        if p.kind == "novel":
+            assert p.truth == "different"
+    copy = next(p for p in planted if p.kind == "copy")
+    v, _ = A.verify_pairs(
+        np.load(d["train_dir"] / copy.source)[None],
+        np.load(d["synth_dir"] / copy.name)[None],
+        spatial_dims=2,
+        flips=VERIFY["verify_flips"],
+        shifts=VERIFY["verify_shifts"],
+        rotations=VERIFY["verify_rotations"],
+    )
+    assert v[0] == pytest.approx(copy.measured_ssim, abs=1e-6)
+    rows = list(csv.DictReader(open(d["truth_csv"])))
+    assert [r["synth"] for r in rows] == [p.name for p in planted]
+    mtimes = {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()}
+    build_demo_data(tmp_path, seed=1, n_copies=6, n_near=3, n_novel=6)
+    assert {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()} == mtimes  # unchanged files kept

@@ -1,0 +1,267 @@
+"""The deepssim-fast command line: subcommands call the public API, print, fail with one clear line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepssim_fast import data
+from deepssim_fast.cli import build_parser, main
+from deepssim_fast.reference import ssim_reference
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Real MNI axial slices at a third of the resolution: train (6 .npy, 1 PNG), synth (2 copies, 1 new)."""
+    root = tmp_path_factory.mktemp("cli")
+    vol = data.load_volume("mni152").array
+    t, s = root / "train", root / "synth"
+    t.mkdir()
+    s.mkdir()
+    arrs = {}
+    for i in range(40, 130, 15):
+        a = data.center_fit(np.ascontiguousarray(vol[::3, ::3, i]), (64, 72))
+        arrs[i] = a
+        np.save(t / f"t{i:03d}.npy", a)
+    Image.fromarray(arrs[40].astype(np.uint8)).save(t / "t999.png")
+    np.save(s / "copy55.npy", arrs[55] * 1.2 + 3)
+    np.save(s / "copy100.npy", np.ascontiguousarray(arrs[100][::-1]))
+    piesno = data.load_volume("piesno").array
+    np.save(s / "novel.npy", data.center_fit(piesno[:, :, 7], (64, 72)))
+    return {"root": root, "train": t, "synth": s, "arrs": arrs}
+
+
+def test_help_lists_every_subcommand() -> None:
+    text = build_parser().format_help()
+    for cmd in ("doctor", "ssim", "train", "embed", "audit", "evaluate", "demo", "bench"):
+        assert cmd in text
+
+
+def test_doctor_still_works(capsys: pytest.CaptureFixture) -> None:
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "backends" in info and info["deepssim_fast"]
+
+
+def test_ssim_two_files_prints_the_score(folders: dict, capsys: pytest.CaptureFixture) -> None:
+    a, b = folders["train"] / "t055.npy", folders["synth"] / "copy55.npy"
+    assert main(["ssim", str(a), str(b), "--preset", "deepssim"]) == 0
+    got = float(capsys.readouterr().out.strip())
+    assert got == pytest.approx(float(ssim_reference(np.load(a), np.load(b), preset="deepssim")), abs=1e-5)
+    assert main(["ssim", str(a), str(folders["train"] / "t070.npy"), "--data-range", "255"]) == 0
+    got = float(capsys.readouterr().out.strip())
+    want = float(ssim_reference(np.load(a), np.load(folders["train"] / "t070.npy"), data_range=255.0))
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_ssim_two_folders_writes_csv(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "scores.csv"
+    assert (
+        main(
+            [
+                "ssim",
+                str(folders["train"]),
+                str(folders["synth"]),
+                "--preset",
+                "deepssim",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "wrote 21 scores (7 x 3)" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 21 and set(rows[0]) == {"a", "b", "ssim"}
+    r = next(x for x in rows if x["a"].endswith("t055.npy") and x["b"].endswith("copy55.npy"))
+    want = float(ssim_reference(np.load(r["a"]), np.load(r["b"]), preset="deepssim"))
+    assert float(r["ssim"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_ssim_errors_are_one_line(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    np.save(tmp_path / "odd.npy", np.zeros((10, 11), dtype=np.float32))
+    assert main(["ssim", str(folders["train"] / "t055.npy"), str(tmp_path / "odd.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "odd.npy" in err and "shape" in err
+    assert err.startswith("deepssim-fast ssim: error:")
+    assert main(["ssim", str(tmp_path / "missing.npy"), str(tmp_path / "odd.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.npy" in err
+
+
+def test_audit_and_evaluate_commands(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "audit"
+    rc = main(
+        [
+            "audit",
+            "--train",
+            str(folders["train"]),
+            "--synth",
+            str(folders["synth"]),
+            "--metric",
+            "ssim",
+            "--out",
+            str(out),
+            "-k",
+            "7",
+            "--verify-flips",
+            "--verify-shifts",
+            "2",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"report: {out}/report.html" in text
+    assert "2 duplicate" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["duplicate"] == 2 and summary["n_train"] == 7
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "real_key,synth_key,label\nt055.npy,copy55.npy,1\nt100,copy100,1\nt040.npy,novel.npy,0\n"
+        "t085.npy,copy55.npy,2\n"
+    )
+    assert main(["evaluate", "--audit", str(out), "--labels", str(labels)]) == 0
+    text = capsys.readouterr().out
+    ev = json.loads((out / "evaluation.json").read_text())
+    # y_true [1,1,0,2], y_pred [1,1,0,0]: dup f1 1, different p 1/2 r 1 f1 2/3, similar f1 0
+    assert ev["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert f"macro F1 = {ev['macro_f1']:.4f}" in text
+
+
+def test_audit_errors(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not a png")
+    np.save(bad / "ok.npy", folders["arrs"][55])
+    rc = main(
+        [
+            "audit",
+            "--train",
+            str(folders["train"]),
+            "--synth",
+            str(bad),
+            "--metric",
+            "ssim",
+            "--strict",
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "x.png" in err
+    rc = main(
+        [
+            "audit",
+            "--train",
+            str(folders["train"]),
+            "--synth",
+            str(bad),
+            "--metric",
+            "ssim",
+            "--out",
+            str(tmp_path / "o2"),
+            "-q",
+        ]
+    )
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "x.png" in cap.err and "skipped" in cap.err
+    rc = main(
+        [
+            "audit",
+            "--train",
+            str(tmp_path / "nothing"),
+            "--synth",
+            str(bad),
+            "--out",
+            str(tmp_path / "o3"),
+            "--metric",
+            "ssim",
+        ]
+    )
+    assert rc == 2 and "nothing" in capsys.readouterr().err
+    rc = main(["audit", "--train", str(folders["train"]), "--synth", str(bad), "--out", str(tmp_path / "o4")])
+    assert rc == 2 and "needs a model" in capsys.readouterr().err
+
+
+def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from deepssim_fast.model import build_model, embed, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("small", input_size=64, emb_dim=32)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    out = tmp_path / "emb" / "e.npy"
+    assert (
+        main(["embed", "--model", str(ckpt), "--images", str(folders["synth"]), "--out", str(out), "-q"]) == 0
+    )
+    assert "wrote 3 x 32 embeddings" in capsys.readouterr().out
+    e = np.load(out)
+    ids = out.with_suffix(".ids.txt").read_text().split()
+    assert [Path(i.split("#")[0]).name for i in ids] == ["copy100.npy", "copy55.npy", "novel.npy"]
+    want = embed([np.load(folders["synth"] / "copy100.npy")], model, progress=False)
+    np.testing.assert_allclose(e[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+
+
+def test_bench_command_dispatches_or_explains(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    seen = {}
+    fake = types.ModuleType("bench.__main__")
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "bench.__main__", fake)
+    assert main(["bench", "ssim", "--quick"]) == 0
+    assert seen["argv"] == ["ssim", "--quick"]
+    monkeypatch.setitem(sys.modules, "bench.__main__", None)  # as if there were no source checkout
+    assert main(["bench"]) == 2
+    assert "source checkout" in capsys.readouterr().err
+
+
+def test_train_command_writes_a_checkpoint(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "enc"
+    rc = main(
+        [
+            "train",
+            "--images",
+            str(folders["train"]),
+            "--out",
+            str(out),
+            "--backbone",
+            "small",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--emb-dim",
+            "16",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    assert "trained small encoder" in capsys.readouterr().out
+    assert (out / "last.pt").exists() or (out / "best.pt").exists()
+    from deepssim_fast.model import load_model
+
+    model = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
+    assert model.config.emb_dim == 16

@@ -1,0 +1,188 @@
+"""deepssim_fast.io: discovery, decoding (PNG / .npy / NIfTI), slicing; real shipped MRI and seeded data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepssim_fast import data
+from deepssim_fast.data import DataError, SlicePolicy
+from deepssim_fast.io import discover, image_kind, iter_slices, read_image
+
+
+def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
+    Image.fromarray(arr, mode=mode).save(path)
+    return path
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    np.save(tmp_path / "b" / "deep" / "z.npy", rng.random((9, 7)).astype(np.float32))
+    np.save(tmp_path / "a" / "y.npy", rng.random((9, 7)).astype(np.float32))
+    _png(tmp_path / "a" / "x.png", (rng.random((9, 7)) * 255).astype(np.uint8))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def test_discover_directory_is_recursive_sorted_and_filtered(tree: Path) -> None:
+    got = discover(tree)
+    assert [p.relative_to(tree.resolve()).as_posix() for p in got] == ["a/x.png", "a/y.npy", "b/deep/z.npy"]
+    assert all(p.is_absolute() for p in got)
+
+
+def test_discover_glob_file_and_list_deduplicate(tree: Path) -> None:
+    g = discover(str(tree / "a" / "*.npy"))
+    assert [p.name for p in g] == ["y.npy"]
+    both = discover([tree / "a", str(tree / "a" / "y.npy"), str(tree / "**" / "*.npy")])
+    assert [p.name for p in both] == ["x.png", "y.npy", "z.npy"]
+    assert discover(tree / "a" / "x.png") == [(tree / "a" / "x.png").resolve()]
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [("missing_dir", "no such file"), ("*.nothing", "matched no"), ("a/notes.txt", "unsupported file type")],
+)
+def test_discover_errors_name_the_spec(tree: Path, spec: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as ei:
+        discover(str(tree / spec))
+    assert spec.split("/")[-1] in str(ei.value)
+
+
+def test_discover_empty_directory_and_empty_list(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        discover(tmp_path / "empty")
+    with pytest.raises(ValueError, match="empty input"):
+        discover([])
+
+
+def test_image_kind() -> None:
+    assert image_kind("a/b.NII.GZ") == "nifti"
+    assert image_kind("x.nii") == "nifti"
+    assert image_kind("x.png") == "png"
+    assert image_kind("x.npy") == "npy"
+    assert image_kind("x.jpg") is None
+
+
+def test_read_png_gray8_gray16_rgb_rgba(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    g8 = (rng.random((13, 11)) * 255).astype(np.uint8)
+    out = read_image(_png(tmp_path / "g8.png", g8))
+    assert out.dtype == np.float32 and out.shape == (13, 11)
+    np.testing.assert_array_equal(out, g8.astype(np.float32))
+    g16 = (rng.random((13, 11)) * 65535).astype(np.uint16)
+    np.testing.assert_array_equal(read_image(_png(tmp_path / "g16.png", g16)), g16.astype(np.float32))
+    rgb = (rng.random((13, 11, 3)) * 255).astype(np.uint8)
+    want = 0.299 * rgb[..., 0].astype(np.float32) + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    np.testing.assert_allclose(read_image(_png(tmp_path / "rgb.png", rgb)), want, rtol=0, atol=1e-4)
+    rgba = np.concatenate([rgb, (rng.random((13, 11, 1)) * 255).astype(np.uint8)], axis=2)
+    np.testing.assert_allclose(read_image(_png(tmp_path / "rgba.png", rgba)), want, rtol=0, atol=1e-4)
+
+
+def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    for dt in (np.uint8, np.int16, np.float64, np.float32):
+        a = (rng.random((8, 9, 5)) * 100).astype(dt)
+        np.save(tmp_path / "v.npy", a)
+        got = read_image(tmp_path / "v.npy")
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, a.astype(np.float32))
+    four = rng.random((6, 7, 8, 3)).astype(np.float32)
+    np.save(tmp_path / "f.npy", four)
+    with pytest.raises(DataError, match="choose a frame"):
+        read_image(tmp_path / "f.npy")
+    np.testing.assert_array_equal(read_image(tmp_path / "f.npy", frame=2), four[..., 2])
+    with pytest.raises(DataError, match="out of range"):
+        read_image(tmp_path / "f.npy", frame=3)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (np.zeros((4, 4), dtype=object), "not a readable .npy"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]], dtype=np.float32), "NaN or Inf"),
+        (np.zeros(5, dtype=np.float32), "expected a 2D image or 3D volume"),
+        (np.zeros((3, 3), dtype=np.complex64), "unsupported dtype"),
+    ],
+)
+def test_read_npy_bad_content_names_path(tmp_path: Path, content: np.ndarray, match: str) -> None:
+    p = tmp_path / "bad.npy"
+    np.save(p, content, allow_pickle=True)
+    with pytest.raises(DataError, match=match) as ei:
+        read_image(p)
+    assert str(p) in str(ei.value)
+
+
+def test_read_corrupt_and_missing_files(tmp_path: Path) -> None:
+    for name in ("c.png", "c.npy", "c.nii.gz", "c.nii"):
+        p = tmp_path / name
+        p.write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(DataError) as ei:
+            read_image(p)
+        assert str(p) in str(ei.value)
+    with pytest.raises(DataError, match="no such file"):
+        read_image(tmp_path / "nope.png")
+    with pytest.raises(DataError, match="unsupported file type"):
+        (tmp_path / "x.jpg").write_bytes(b"x")
+        read_image(tmp_path / "x.jpg")
+
+
+def test_read_nifti_real_scan_matches_loader() -> None:
+    p = data.dataset_path("anatomical")
+    np.testing.assert_array_equal(read_image(p), data.load_volume("anatomical").array)
+
+
+@pytest.mark.parametrize("name", ["anatomical", "s0_10slices"])  # .nii (array proxy) and .nii.gz
+@pytest.mark.parametrize(
+    "policy",
+    [SlicePolicy(), SlicePolicy(axis=0, start=3, stop=20, step=2), SlicePolicy(axis=1, min_foreground=0.0)],
+)
+def test_iter_slices_real_volumes_match_volume_slices(name: str, policy: SlicePolicy) -> None:
+    p = data.dataset_path(name)
+    got = list(iter_slices([p], policy))
+    want = data.load_slices(name, policy)
+    assert [(s.axis, s.index) for s in got] == [(s.axis, s.index) for s in want]
+    assert all(s.source == str(p) for s in got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.array, w.array)
+        assert g.array.dtype == np.float32
+
+
+def test_iter_slices_4d_cut_per_frame_and_2d_gives_itself(tmp_path: Path) -> None:
+    p4 = data.dataset_path("example4d")
+    sl = list(iter_slices([p4], SlicePolicy(min_foreground=0.0)))
+    n = nib.load(str(p4)).shape[2]
+    assert [s.source for s in sl] == [f"{p4}@t0"] * n + [f"{p4}@t1"] * n
+    np.testing.assert_array_equal(sl[n + 3].array, data.load_volume("example4d", frame=1).array[:, :, 3])
+    img = np.arange(63, dtype=np.float32).reshape(7, 9)
+    np.save(tmp_path / "two.npy", img)
+    (one,) = list(iter_slices([tmp_path / "two.npy"]))
+    assert one.index == 0 and one.key == f"{tmp_path / 'two.npy'}#2:0"
+    np.testing.assert_array_equal(one.array, img)
+
+
+def test_iter_slices_skips_or_raises_on_corrupt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = tmp_path / "good.nii"
+    shutil.copy(data.dataset_path("anatomical"), good)
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not gzip at all")
+    trunc = tmp_path / "trunc.nii"
+    trunc.write_bytes(good.read_bytes()[: os.path.getsize(good) // 2])
+    skipped: list = []
+    with caplog.at_level("WARNING"):
+        out = list(iter_slices([bad, good, trunc], skipped=skipped))
+    assert {s.source for s in out} == {str(good)}
+    assert [p for p, _ in skipped] == [str(bad), str(trunc)]
+    assert all(p in r for p, r in skipped)
+    assert "skipping" in caplog.text and str(bad) in caplog.text
+    with pytest.raises(DataError, match="bad.nii.gz"):
+        list(iter_slices([good, bad], strict=True))

@@ -1,0 +1,140 @@
+"""deepssim_fast.report: PNG figures and the self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from deepssim_fast import data
+from deepssim_fast.report import gallery_png, histogram_png, report_html, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(b: bytes) -> tuple[int, int]:
+    assert b[:8] == PNG_MAGIC
+    return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
+
+
+def _suspects(n: int) -> list[dict]:
+    sl = data.load_slices("s0_10slices")
+    out = []
+    for i in range(n):
+        a = sl[i % len(sl)].array
+        out.append(
+            {
+                "synth_id": f"/data/synth/<b>s{i}</b>.png#2:0",
+                "train_id": f"/data/train/t{i}.nii.gz#2:{i}",
+                "rank": 1,
+                "cosine": 0.9 - 0.1 * i,
+                "ssim": None if i == 2 else 0.95 - 0.2 * i,
+                "transform": "hflip+shift(1,0)" if i == 0 else "none",
+                "synth_image": a[::-1],
+                "train_image": a,
+            }
+        )
+    return out
+
+
+def _summary(n_synth: int = 4) -> dict:
+    return {
+        "metric": "deepssim",
+        "search_score": "cosine of encoder embeddings",
+        "label_score": "verified SSIM (preset deepssim)",
+        "verify": {"method": "ssim", "flips": True, "max_shift": 2, "max_rotation_deg": 0.0},
+        "thresholds": {"low": 0.6, "high": 0.85, "rule": "duplicate if s > high"},
+        "model": {"path": "/m/<x>.pt", "hash": "ab" * 32},
+        "n_train": 10,
+        "n_synth": n_synth,
+        "n_train_files": 2,
+        "n_synth_files": 4,
+        "n_pairs": 10 * n_synth,
+        "k": 5,
+        "item_size": [128, 128],
+        "mode": "slices",
+        "counts": {"duplicate": 1, "similar": 1, "different": n_synth - 2},
+        "fraction_memorised": 1 / n_synth,
+        "versions": {"numpy": np.__version__},
+        "skipped": [{"set": "synth", "path": "/d/bad.png", "reason": "/d/bad.png: not a PNG <&>"}],
+    }
+
+
+def test_histogram_png_is_deterministic_and_has_two_panels() -> None:
+    rng = np.random.default_rng(0)
+    edges = np.linspace(-1, 1, 201)
+    counts = np.histogram(rng.normal(0.2, 0.2, 5000), bins=edges)[0]
+    verified = rng.uniform(0, 1, 50)
+    two = histogram_png(counts, edges, (0.6, 0.85), verified=verified)
+    one = histogram_png(counts, edges, (0.6, 0.85))
+    assert two == histogram_png(
+        counts, edges, (0.6, 0.85), verified=verified.copy()
+    )  # same inputs, same bytes
+    assert one == histogram_png(counts.copy(), edges, (0.6, 0.85))
+    w2, _ = _png_size(two)
+    w1, _ = _png_size(one)
+    assert w2 > 1.5 * w1  # the verified-SSIM panel is drawn beside the search histogram
+    moved = histogram_png(counts, edges, (0.5, 0.9))
+    assert moved != one  # the thresholds are drawn
+    empty = histogram_png(np.zeros(200, dtype=np.int64), edges, (0.6, 0.85))
+    assert empty[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 7])
+def test_gallery_png_any_count(n: int) -> None:
+    png = gallery_png(_suspects(n), (0.6, 0.85))
+    w, h = _png_size(png)
+    rows = max(1, (n + 2) // 3)
+    assert w > 1000 and h >= 250 * rows
+    assert gallery_png(_suspects(n), (0.6, 0.85)) == png
+
+
+def test_gallery_handles_volumes_and_missing_images() -> None:
+    vol = data.load_volume("anatomical").array
+    s = _suspects(2)
+    s[0]["synth_image"], s[0]["train_image"] = vol, vol
+    s[1]["synth_image"] = s[1]["train_image"] = None
+    assert gallery_png(s, (0.6, 0.85))[:8] == PNG_MAGIC
+
+
+def test_report_html_self_contained_and_escaped() -> None:
+    h = b"\x89PNG-histogram"
+    g = b"\x89PNG-gallery"
+    page = report_html(_summary(), histogram=h, gallery=g, suspects=_suspects(3))
+    assert page.startswith("<!DOCTYPE html>")
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert srcs == [
+        f"data:image/png;base64,{base64.b64encode(h).decode()}",
+        f"data:image/png;base64,{base64.b64encode(g).decode()}",
+    ]
+    assert "<link" not in page and "<script" not in page and "http" not in page
+    assert "&lt;b&gt;s0&lt;/b&gt;" in page and "<b>s0</b>" not in page  # ids are escaped
+    assert "not a PNG &lt;&amp;&gt;" in page
+    assert "25.0 %" in page
+    # run timings never reach the page, so a resumed run writes the same bytes
+    s1, s2 = _summary(), _summary()
+    s1["timings_s"], s2["timings_s"] = {"total": 1.5}, {"total": 99.0}
+    assert report_html(s1, histogram=h, gallery=g, suspects=_suspects(3)) == report_html(
+        s2, histogram=h, gallery=g, suspects=_suspects(3)
+    )
+
+
+def test_write_report_atomic_files(tmp_path) -> None:
+    edges = np.linspace(-1, 1, 201)
+    counts = np.zeros(200, dtype=np.int64)
+    counts[150] = 10
+    paths = write_report(
+        tmp_path,
+        summary=_summary(),
+        hist_counts=counts,
+        hist_edges=edges,
+        verified=np.array([0.9, 0.5]),
+        thresholds=(0.6, 0.85),
+        suspects=_suspects(2),
+    )
+    assert sorted(p.name for p in paths.values()) == ["gallery.png", "histogram.png", "report.html"]
+    for p in paths.values():
+        assert p.stat().st_size > 100
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["gallery.png", "histogram.png", "report.html"]
