@@ -26,8 +26,9 @@ def to_torch(x: Any, *, name: str = "input") -> torch.Tensor:
         raise TypeError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})") from exc
     if a.dtype == object:
         raise TypeError(f"{name}: got an object array (ragged or mixed input?), shape {a.shape}")
-    if not a.flags.writeable:  # torch.from_numpy warns on read-only arrays
-        a = a.copy()
+    if not a.flags.writeable or any(st < 0 for st in a.strides):
+        # torch.from_numpy rejects negative strides (flipped views) and warns on read-only arrays
+        a = np.ascontiguousarray(a).copy() if not a.flags.writeable else np.ascontiguousarray(a)
     return torch.from_numpy(a)
 
 

@@ -112,6 +112,11 @@ def test_to_torch_and_back_keeps_kind():
     assert t.data_ptr() == a.__array_interface__["data"][0]  # no copy
     assert isinstance(like_input(t * 2, a), np.ndarray)
     assert isinstance(like_input(t, t), torch.Tensor)
+    flipped = a[:, ::-1]  # negative strides
+    np.testing.assert_array_equal(to_torch(flipped).numpy(), flipped)
+    ro = np.arange(4.0)
+    ro.flags.writeable = False
+    assert to_torch(ro).tolist() == [0.0, 1.0, 2.0, 3.0]
     with pytest.raises(TypeError, match="object array"):
         to_torch(np.array([np.zeros(2), np.zeros(3)], dtype=object))
 
