@@ -1,0 +1,764 @@
+"""Scale-out of the all-pairs search over Dask, with exact merges and resumable shards.
+
+The work of ``all_pairs(train, synth)`` is cut into *shards*: blocks of synthetic rows, and — when the
+training set is too large for one worker's memory — blocks of training rows as well. Every shard runs
+the same single-process engine (:func:`deepssim_fast.all_pairs.all_pairs`) on a worker; the per-shard
+results (top-k lists, histogram, class counts, train_hits) are merged with
+:meth:`AllPairsResult.merge`, so the result is identical, bit for bit, to one process.
+
+Where the work runs
+-------------------
+``workers=N``                  an embedded :class:`distributed.LocalCluster` of N processes on this
+                               machine (loopback only), or, when several GPUs are present and
+                               ``dask_cuda`` is installed, a ``LocalCUDACluster`` with one worker per GPU.
+``scheduler="tcp://host:8786"`` an existing cluster (``dask scheduler`` + ``dask worker``, dask-jobqueue
+                               on SLURM/PBS, dask-cuda workers ...). A :class:`distributed.Client` is
+                               accepted too and is left open.
+
+Nothing about Dask is imported until one of these is asked for: importing this module is cheap.
+
+Data movement
+-------------
+The training embeddings are scattered once and broadcast to every worker (one copy per worker, not
+per task); split into training blocks, each block is scattered once and Dask copies it to the workers
+that need it. A synthetic shard travels once, just before its task runs: inside the task when it is small
+(under :data:`SCATTER_MIN_BYTES`), scattered to a worker otherwise; a few shards per worker thread are in
+flight at a time. In self mode (``synth=None``) the synthetic rows are sliced from the training block on
+the worker and never travel.
+
+Faults and resume
+-----------------
+Tasks run with ``retries=2``; a worker that dies mid-task has its task re-run by the scheduler. Data
+that only the dead worker held is scattered again from this process and the shard is resubmitted.
+With ``checkpoint_dir`` every finished shard is saved (``AllPairsResult.save``, atomic) as soon as it
+arrives; a restarted run with the same inputs and options loads the valid ones and runs the rest.
+
+Conventions are those of :func:`deepssim_fast.all_pairs.all_pairs`: scores float32 descending,
+indices int64 into ``train``, ties to the lower index.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._arrays import to_numpy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+    from .all_pairs import AllPairsResult
+
+logger = logging.getLogger(__name__)
+
+#: Test hook: when this environment variable names an existing file in the *calling* process, the first
+#: shard task that manages to delete that file kills its own worker process (``os._exit(1)``).
+KILL_ONCE_ENV = "DEEPSSIM_FAST_TEST_KILL_ONCE"
+
+#: Default synthetic rows per shard lie in [MIN_SHARD_ROWS, MAX_SHARD_ROWS]: every shard re-reads (and the
+#: engine re-normalises) the whole training block, a cost of O(n_train·d) that a shard of a few thousand
+#: rows amortises, while more, smaller shards balance the load and make resumes finer.
+MIN_SHARD_ROWS = 2048
+MAX_SHARD_ROWS = 16384
+#: Default synthetic shards per problem at least (load balance), when the rows allow it.
+MIN_SHARDS = 16
+#: Fraction of a worker's memory limit one training block may take before the training set is sharded.
+TRAIN_MEMORY_FRACTION = 0.25
+#: Shards in flight per worker thread (scattered and submitted ahead of completion).
+IN_FLIGHT_PER_THREAD = 2
+#: How often one shard may be resubmitted after its data was lost with a worker.
+MAX_RESUBMITS = 3
+#: Consecutive finished synthetic shards that are merged into the running result at once.
+FOLD_EVERY = 16
+#: How often scattering one block is retried when its target worker just went away.
+SCATTER_RETRIES = 5
+#: Synthetic blocks of at least this many bytes are scattered; smaller ones travel inside their task.
+SCATTER_MIN_BYTES = 4 << 20
+#: How long to wait for a first worker to join an existing cluster (e.g. SLURM jobs still queued).
+WORKER_WAIT_S = 600
+#: How long to wait for an existing scheduler to answer.
+CONNECT_TIMEOUT = "30s"
+_CHECKPOINT_VERSION = 1
+
+
+class DistributedError(RuntimeError):
+    """A shard could not be computed on the cluster (the message names the shard and the cause)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shard plan
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One unit of work: synthetic rows ``[s0, s1)`` against training rows ``[t0, t1)``.
+
+    ``self_offset`` (self mode only): the synthetic rows are rows ``self_offset..`` of the training
+    *block*, so the engine excludes those self-pairs; None when the block holds none of them.
+    ``tblock`` is the index of the training block, ``sindex`` of the synthetic shard.
+    """
+
+    sindex: int
+    tblock: int
+    s0: int
+    s1: int
+    t0: int
+    t1: int
+    self_offset: int | None
+
+    @property
+    def name(self) -> str:
+        return f"s{self.s0:010d}-{self.s1:010d}_t{self.t0:010d}-{self.t1:010d}"
+
+    @property
+    def n_synth(self) -> int:
+        return self.s1 - self.s0
+
+    @property
+    def n_train(self) -> int:
+        return self.t1 - self.t0
+
+
+def default_shard_size(n_synth: int, n_train: int) -> int:
+    """Synthetic rows per shard when none is given: ``n_synth / MIN_SHARDS`` clamped to
+    [:data:`MIN_SHARD_ROWS`, :data:`MAX_SHARD_ROWS`] (and to ``n_synth``).
+
+    It depends on the problem size only (not on the cluster), so a resumed run finds the same shards.
+    ``n_train`` is accepted for future rules that weigh the per-shard training pass.
+    """
+    del n_train
+    rows = min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, math.ceil(n_synth / MIN_SHARDS)))
+    return int(max(1, min(n_synth, rows)))
+
+
+def _blocks(n: int, size: int, min_last: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in ``size``-row blocks; a last block under ``min_last`` rows joins the previous one."""
+    edges = list(range(0, n, size)) + [n]
+    out = [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < min_last:
+        out[-2:] = [(out[-2][0], n)]
+    return out
+
+
+def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_shard_size: int | None,
+                self_mode: bool) -> list[Shard]:
+    """The shards of one run, synthetic-major (all training blocks of synthetic shard 0 first).
+
+    Training blocks hold at least ``k`` candidates (``k + 1`` in self mode): a short last block joins the
+    previous one. In self mode training blocks are whole multiples of ``shard_size`` (rounded up), so a
+    synthetic shard is either inside a training block (``self_offset`` set) or disjoint from it.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if train_shard_size is not None and train_shard_size < 1:
+        raise ValueError(f"train_shard_size must be >= 1, got {train_shard_size}")
+    tsize = n_train if train_shard_size is None else min(train_shard_size, n_train)
+    if self_mode and tsize < n_train:
+        tsize = min(n_train, math.ceil(tsize / shard_size) * shard_size)
+    need = k + 1 if self_mode else k
+    if tsize < need:
+        raise ValueError(f"train_shard_size={train_shard_size} leaves training blocks with fewer than {need} "
+                         f"rows; k={k} needs at least {need}")
+    sblocks = _blocks(n_synth, shard_size, 1)
+    tblocks = _blocks(n_train, tsize, need)
+    shards = []
+    for si, (s0, s1) in enumerate(sblocks):
+        for ti, (t0, t1) in enumerate(tblocks):
+            off = None
+            if self_mode and t0 <= s0 < t1:
+                off = s0 - t0
+            shards.append(Shard(si, ti, s0, s1, t0, t1, off))
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clusters
+# ----------------------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _dashboard_address() -> str:
+    """The dashboard listens on loopback, on a free port (several clusters may run side by side)."""
+    return "127.0.0.1:0"
+
+
+def start_local_cluster(workers: int) -> Any:
+    """Start an in-process cluster of ``workers`` worker processes on this machine.
+
+    CPU: a :class:`distributed.LocalCluster` on loopback, one thread per worker process (each task then
+    uses ``cores // workers`` threads in the engine, so workers × threads ≤ cores), logs at WARNING.
+    Several GPUs and ``dask_cuda`` installed: a ``dask_cuda.LocalCUDACluster`` on the first
+    ``min(workers, GPUs)`` GPUs, one worker (and one task at a time) per GPU.
+    """
+    import importlib.util
+
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    workers = int(workers)
+    common = dict(dashboard_address=_dashboard_address(), silence_logs=logging.WARNING)
+    ngpu = _cuda_count()
+    if ngpu > 1 and importlib.util.find_spec("dask_cuda") is not None:
+        from dask_cuda import LocalCUDACluster
+
+        n = min(workers, ngpu)
+        if n < workers:
+            logger.warning("workers=%d but only %d GPUs: starting %d GPU workers", workers, ngpu, n)
+        logger.info("starting LocalCUDACluster with %d GPU workers", n)
+        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n)), n_workers=n,
+                                threads_per_worker=1, host="127.0.0.1", **common)
+    if ngpu > 1:
+        logger.warning("%d GPUs present but dask_cuda is not installed: CPU LocalCluster "
+                       "(pip install dask-cuda for one worker per GPU)", ngpu)
+    from distributed import LocalCluster
+
+    cores = usable_cores()
+    if workers > cores:
+        logger.warning("workers=%d exceeds the %d usable cores; workers will share cores", workers, cores)
+    per = str(max(1, cores // workers))  # Dask's nanny would pin BLAS/OpenMP to 1 thread otherwise
+    env = {v: per for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    logger.info("starting LocalCluster: %d worker processes x 1 task, %s engine threads each (%d cores)",
+                workers, per, cores)
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", env=env,
+                        **common)
+
+
+@contextlib.contextmanager
+def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterator[Client]:
+    """A :class:`distributed.Client` for ``workers`` (embedded cluster) or ``scheduler`` (existing cluster).
+
+    ``scheduler`` is an address (``"tcp://host:8786"``) or an open ``Client`` (used as is, not closed).
+    What this function started (client, local cluster) is closed on exit. Logs the dashboard link.
+    """
+    if workers is not None and scheduler is not None:
+        raise ValueError("give workers= (start a local cluster) or scheduler= (connect to one), not both")
+    if workers is None and scheduler is None:
+        raise ValueError("cluster_client needs workers= or scheduler=")
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        from .backends import BackendUnavailableError
+
+        raise BackendUnavailableError("workers=/scheduler= need Dask: pip install 'deepssim_fast[dask]' "
+                                      f"(dask and distributed); import failed: {exc}") from exc
+    if scheduler is not None and isinstance(scheduler, Client):
+        _log_dashboard(scheduler)
+        yield scheduler
+        return
+    with contextlib.ExitStack() as stack:
+        if scheduler is not None:
+            if not isinstance(scheduler, str) or not scheduler:
+                raise ValueError(f"scheduler must be an address like 'tcp://host:8786' or a Client, "
+                                 f"got {scheduler!r}")
+            try:
+                client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                raise DistributedError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}") from exc
+        else:
+            cluster = stack.enter_context(start_local_cluster(workers))
+            client = Client(cluster)
+        stack.enter_context(client)
+        _log_dashboard(client)
+        yield client
+
+
+def dashboard_link(client: Client) -> str | None:
+    """The cluster's dashboard URL, or None when its scheduler serves none."""
+    services = client.scheduler_info(n_workers=0).get("services", {})
+    return client.dashboard_link if "dashboard" in services else None
+
+
+def _log_dashboard(client: Client) -> None:
+    link = dashboard_link(client)
+    if link:
+        logger.info("Dask dashboard: %s", link)
+    else:
+        logger.info("Dask scheduler %s (serves no dashboard)", client.scheduler.address)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------------
+def _maybe_die(flag: str | None) -> None:
+    """Test hook (see :data:`KILL_ONCE_ENV`): the first task to delete ``flag`` kills its own process."""
+    if not flag:
+        return
+    try:
+        os.remove(flag)
+    except FileNotFoundError:
+        return
+    logger.warning("test hook %s: killing worker process %d", KILL_ONCE_ENV, os.getpid())
+    os._exit(1)
+
+
+def _task_threads(host_workers: dict[str, int]) -> int:
+    """Engine threads for one task: this host's cores shared among its workers and their threads."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        per_worker = host_workers.get(w.address.rsplit(":", 1)[0], 1) * max(1, w.state.nthreads)
+    except (ImportError, ValueError):  # not on a worker (direct call)
+        per_worker = 1
+    return max(1, usable_cores() // per_worker)
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def _blas_limit(threads: int) -> Any:
+    """A context that caps numpy's BLAS (the native engine's sgemm pre-filter) at ``threads`` threads.
+
+    Uses threadpoolctl when it is installed (the library scan is done once per worker process).
+    """
+    global _BLAS_CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext()
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=threads, user_api="blas")
+
+
+def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: Shard, opts: dict[str, Any]
+               ) -> AllPairsResult:
+    """Worker task: the single-process engine on one shard (synth rows sliced from the block in self mode)."""
+    _maybe_die(opts.get("kill_flag"))
+    import torch
+
+    from .all_pairs import all_pairs
+    from .backends import _native
+
+    if synth_block is None:
+        a = shard.s0 - shard.t0
+        synth_block = train_block[a:a + shard.n_synth]
+    device = opts.get("device")
+    if device is None and opts.get("backend") != "native" and torch.cuda.is_available():
+        device = "cuda"  # a GPU worker (dask-cuda gives each worker its own device)
+    threads = opts.get("threads") or _task_threads(opts.get("host_workers", {}))
+    nat = _native()
+    before = torch.get_num_threads(), (nat.num_threads() if nat is not None else 0)
+    t0 = time.perf_counter()
+    try:
+        torch.set_num_threads(threads)
+        if nat is not None:
+            nat.set_num_threads(threads)
+        with _blas_limit(threads):
+            res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
+                            bins=opts["bins"], device=device, backend=opts.get("backend"), progress=False,
+                            self_offset=shard.self_offset)
+    finally:  # leave the process as it was (matters when the task runs in the caller's process)
+        torch.set_num_threads(before[0])
+        if nat is not None:
+            nat.set_num_threads(before[1])
+    logger.debug("shard %s: %.3f s on %d threads", shard.name, time.perf_counter() - t0, threads)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------------
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    """``x`` as a C-contiguous 2D float numpy array with finite, non-zero rows (else a clear error)."""
+    if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        x = x.float()  # numpy has no bfloat16; the widening is exact, so results do not change
+    a = to_numpy(x, name=name)
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty 2D array (rows, dims), got shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected real numbers, got dtype {a.dtype}")
+    a = np.ascontiguousarray(a)
+    step = max(1, (1 << 24) // a.shape[1])
+    for r in range(0, a.shape[0], step):
+        blk = a[r:r + step]
+        bad = ~np.isfinite(blk).all(axis=1) if a.dtype.kind == "f" else np.zeros(len(blk), bool)
+        if bad.any():
+            raise ValueError(f"{name}: row {r + int(np.argmax(bad))} contains NaN or Inf")
+        zero = ~blk.any(axis=1)
+        if zero.any():
+            raise ValueError(f"{name}: row {r + int(np.argmax(zero))} is all zeros; "
+                             "cosine similarity is undefined")
+    return a
+
+
+def _job_key(train: np.ndarray, synth: np.ndarray | None, shards: Sequence[Shard], opts: dict[str, Any]
+             ) -> str:
+    """Fingerprint of the inputs, options and shard plan (names the checkpoint files of this job)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in (train, synth):
+        if a is None:
+            h.update(b"self")
+            continue
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    h.update(json.dumps({"k": opts["k"], "thresholds": list(opts["thresholds"]), "bins": opts["bins"],
+                         "backend": opts.get("backend"), "device": opts.get("device"),
+                         "v": _CHECKPOINT_VERSION}, sort_keys=True).encode())
+    h.update(";".join(s.name for s in shards).encode())
+    return h.hexdigest()
+
+
+class _Checkpoints:
+    """Shard results on disk: ``allpairs-<job>-<shard>.npz`` plus a human-readable manifest."""
+
+    def __init__(self, folder: str | os.PathLike, key: str, opts: dict[str, Any], shards: Sequence[Shard],
+                 n_train: int, n_synth: int) -> None:
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.key = key
+        self.opts = opts
+        manifest = {"job": key, "version": _CHECKPOINT_VERSION, "n_train": n_train, "n_synth": n_synth,
+                    "k": opts["k"], "thresholds": list(opts["thresholds"]), "bins": opts["bins"],
+                    "backend": opts.get("backend"), "shards": [s.name for s in shards]}
+        path = self.dir / f"allpairs-{key}.json"
+        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
+
+    def path(self, shard: Shard) -> Path:
+        return self.dir / f"allpairs-{self.key}-{shard.name}.npz"
+
+    def load(self, shard: Shard, cls: type) -> AllPairsResult | None:
+        """The saved result of ``shard`` if its file is there and matches the shard; else None."""
+        p = self.path(shard)
+        if not p.is_file():
+            return None
+        try:
+            res = cls.load(p)
+            _check_part(res, shard, self.opts)
+        except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched file is recomputed
+            logger.warning("checkpoint %s is not usable (%s); recomputing the shard", p, exc)
+            return None
+        return res
+
+    def save(self, shard: Shard, res: AllPairsResult) -> None:
+        res.save(self.path(shard))
+
+
+def _check_part(res: AllPairsResult, shard: Shard, opts: dict[str, Any]) -> None:
+    """Raise ValueError when a shard result does not have the shape the shard asked for."""
+    k = opts["k"]
+    problems = []
+    if int(res.n_synth) != shard.n_synth or int(res.n_train) != shard.n_train:
+        problems.append(f"n_synth×n_train {res.n_synth}×{res.n_train}, "
+                        f"expected {shard.n_synth}×{shard.n_train}")
+    if int(res.k) != k or tuple(np.shape(res.scores)) != (shard.n_synth, k) \
+            or tuple(np.shape(res.indices)) != (shard.n_synth, k):
+        problems.append(f"k={res.k}, scores {np.shape(res.scores)}, indices {np.shape(res.indices)}; "
+                        f"expected k={k} and ({shard.n_synth}, {k})")
+    counts = res.histogram[0]
+    if len(counts) != opts["bins"]:
+        problems.append(f"{len(counts)} histogram bins, expected {opts['bins']}")
+    if tuple(float(t) for t in res.thresholds) != tuple(float(t) for t in opts["thresholds"]):
+        problems.append(f"thresholds {tuple(res.thresholds)}, expected {tuple(opts['thresholds'])}")
+    if problems:
+        raise ValueError(f"shard {shard.name}: " + "; ".join(problems))
+
+
+def _auto_train_shard_size(client: Client, train: np.ndarray, min_rows: int) -> int | None:
+    """Training rows per block so that one block takes at most TRAIN_MEMORY_FRACTION of the smallest
+    worker memory limit (at least ``min_rows``); None (no training shards) when the whole set fits or
+    limits are unknown."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    limits = [m for m in limits if m > 0]
+    if not limits:
+        return None
+    budget = TRAIN_MEMORY_FRACTION * min(limits)
+    if train.nbytes <= budget:
+        return None
+    rows = max(min_rows, int(budget // (train.itemsize * train.shape[1])))
+    logger.info("training set (%.1f MiB) exceeds %.1f MiB per worker: training blocks of %d rows",
+                train.nbytes / 2**20, budget / 2**20, rows)
+    return rows
+
+
+class _Scattered:
+    """Driver-side owner of scattered blocks: scatters lazily and again when a copy was lost."""
+
+    def __init__(self, client: Client, broadcast: bool) -> None:
+        self.client = client
+        self.broadcast = broadcast
+        self.futures: dict[Any, Any] = {}
+
+    def get(self, key: Any, data: np.ndarray) -> Any:
+        fut = self.futures.get(key)
+        if fut is None or fut.status != "finished":
+            if fut is not None:
+                logger.warning("scattered block %s was lost (status %s); scattering it again", key,
+                               fut.status)
+            fut = self._scatter(key, data)
+            self.futures[key] = fut
+        return fut
+
+    def _scatter(self, key: Any, data: np.ndarray) -> Any:
+        """Scatter with a few retries: a worker that just died may still be chosen as the target."""
+        for attempt in range(SCATTER_RETRIES + 1):
+            try:
+                return self.client.scatter(data, broadcast=self.broadcast, hash=False)
+            except OSError as exc:  # CommClosedError and connection resets
+                if attempt == SCATTER_RETRIES:
+                    raise DistributedError(f"could not scatter block {key} to the workers: {exc}") from exc
+                logger.warning("scattering block %s failed (%s); retrying", key, exc)
+                time.sleep(0.25 * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def drop(self, key: Any) -> None:
+        self.futures.pop(key, None)
+
+
+def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
+                          thresholds: Sequence[float] = (0.6, 0.85), bins: int = 200,
+                          backend: str | None = None, progress: bool = True,
+                          workers: int | None = None, scheduler: Any = None,
+                          checkpoint_dir: str | os.PathLike | None = None, shard_size: int | None = None,
+                          train_shard_size: int | None = None, device: str | None = None,
+                          threads_per_task: int | None = None) -> AllPairsResult:
+    """Exact all-pairs cosine top-k, histogram and class counts, sharded over a Dask cluster.
+
+    Parameters
+    ----------
+    train:      (n_train, d) float array (numpy, torch or cupy; copied to the host).
+    synth:      (n_synth, d) float array, or None to compare ``train`` with itself (self-pairs excluded).
+    k, thresholds, bins, backend:  as :func:`deepssim_fast.all_pairs.all_pairs`; ``backend`` is used on
+                every worker.
+    progress:   one tqdm bar over shards (also off when stderr is not a terminal).
+    workers:    start an embedded cluster of this many workers (see :func:`start_local_cluster`).
+    scheduler:  or use an existing cluster: ``"tcp://host:8786"`` or an open ``distributed.Client``.
+    checkpoint_dir: save every finished shard here and skip shards already saved by an earlier run of
+                the same job (same inputs, options and shards).
+    shard_size: synthetic rows per shard (default :func:`default_shard_size`).
+    train_shard_size: training rows per block (default: the whole training set, unless it exceeds a
+                quarter of a worker's memory limit).
+    device:     engine device on the workers; None: each worker's GPU when it has one (and the backend
+                is not ``"native"``), else its CPU.
+    threads_per_task: engine threads (native, torch, BLAS) in each task; default: the worker host's usable
+                cores divided among the workers of this cluster on that host and their threads.
+
+    Returns the :class:`~deepssim_fast.all_pairs.AllPairsResult` of one process over the whole problem,
+    bit for bit: scores (n_synth, k) float32 descending, indices (n_synth, k) int64 into ``train``, ties
+    to the lower index, histogram, class counts and train_hits over all pairs.
+    """
+    from .all_pairs import AllPairsResult
+
+    self_mode = synth is None
+    tr = _as_matrix(train, "train")
+    sy = None if self_mode else _as_matrix(synth, "synth")
+    if sy is not None and sy.shape[1] != tr.shape[1]:
+        raise ValueError(f"train has {tr.shape[1]} dims per row but synth has {sy.shape[1]} "
+                         f"(train {tr.shape}, synth {sy.shape})")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    n_train = tr.shape[0]
+    n_synth = n_train if self_mode else sy.shape[0]
+    if k > n_train - (1 if self_mode else 0):
+        raise ValueError(f"k={k} exceeds the {n_train - (1 if self_mode else 0)} candidates per row "
+                         f"(n_train={n_train}{', self mode' if self_mode else ''})")
+    try:
+        low, high = (float(t) for t in thresholds)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"thresholds must be two numbers (low, high), got {thresholds!r}") from exc
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"thresholds must be finite with low <= high, got {thresholds!r}")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
+        raise ValueError(f"bins must be an integer in [1, 2^20], got {bins!r}")
+    opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
+                            "backend": backend, "device": device, "threads": threads_per_task}
+    if threads_per_task is not None and (isinstance(threads_per_task, bool) or int(threads_per_task) < 1):
+        raise ValueError(f"threads_per_task must be a positive integer, got {threads_per_task!r}")
+    if shard_size is None:
+        shard_size = default_shard_size(n_synth, n_train)
+
+    with cluster_client(workers, scheduler) as client:
+        if train_shard_size is None:
+            train_shard_size = _auto_train_shard_size(client, tr, k + 1)
+        shards = plan_shards(n_synth, n_train, k=k, shard_size=int(shard_size),
+                             train_shard_size=train_shard_size, self_mode=self_mode)
+        ckpt = None
+        fold = _Fold(shards, AllPairsResult)
+        if checkpoint_dir is not None:
+            key = _job_key(tr, sy, shards, opts)
+            ckpt = _Checkpoints(checkpoint_dir, key, opts, shards, n_train, n_synth)
+            for s in shards:
+                r = ckpt.load(s, AllPairsResult)
+                if r is not None:
+                    fold.add(s, r)
+        todo = [s for s in shards if not fold.has(s)]
+        logger.info("all-pairs %d×%d: %d shards (%d synth × %d train blocks), %d from checkpoint, %d to run",
+                    n_synth, n_train, len(shards), shards[-1].sindex + 1, shards[-1].tblock + 1,
+                    len(shards) - len(todo), len(todo))
+        if todo:
+            _run_shards(client, tr, sy, todo, opts, fold=fold, total=len(shards), progress=progress,
+                        ckpt=ckpt)
+    return fold.result()
+
+
+def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Sequence[Shard],
+                opts: dict[str, Any], *, fold: _Fold, total: int, progress: bool, ckpt: _Checkpoints | None
+                ) -> None:
+    """Submit ``todo`` (a bounded number in flight), fold results in as they finish, resubmit lost ones."""
+    from distributed import KilledWorker, as_completed
+    from tqdm.auto import tqdm
+
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if not info:
+        where = client.scheduler.address
+        logger.info("waiting up to %d s for a Dask worker to join %s", WORKER_WAIT_S, where)
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError as exc:
+            raise DistributedError(f"no Dask worker joined {where} within {WORKER_WAIT_S} s") from exc
+        info = client.scheduler_info(n_workers=-1)["workers"]
+    host_workers: dict[str, int] = {}
+    for addr in info:
+        host = addr.rsplit(":", 1)[0]
+        host_workers[host] = host_workers.get(host, 0) + 1
+    opts = dict(opts, host_workers=host_workers, kill_flag=os.environ.get(KILL_ONCE_ENV) or None)
+
+    def window() -> int:  # shards in flight: a few per worker thread (workers may join or leave)
+        return IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
+
+    single_block = all(s.tblock == 0 for s in todo) and all(s.t0 == 0 and s.t1 == tr.shape[0] for s in todo)
+    trains = _Scattered(client, broadcast=single_block)
+    synths = _Scattered(client, broadcast=False)
+    pending = deque(todo)
+    inflight: dict[str, Shard] = {}
+    attempts: dict[Shard, int] = {}
+    ran = 0
+    limit = window()
+    ac = as_completed()
+
+    def submit(s: Shard) -> None:
+        tf = trains.get(s.tblock, tr[s.t0:s.t1])
+        sf = None
+        if sy is not None or s.self_offset is None:  # (self mode: synthetic rows outside this block)
+            block = (sy if sy is not None else tr)[s.s0:s.s1]
+            # a small block rides inside the task (one message, and Dask can rerun it on its own);
+            # a large one is scattered first, so the scheduler never holds big task payloads
+            sf = synths.get(s, block) if block.nbytes >= SCATTER_MIN_BYTES else np.ascontiguousarray(block)
+        fut = client.submit(_run_shard, tf, sf, s, opts, retries=2, pure=False,
+                            key=f"deepssim-allpairs-{s.name}-{os.urandom(4).hex()}")
+        inflight[fut.key] = s
+        ac.add(fut)
+
+    while pending and len(inflight) < limit:
+        submit(pending.popleft())
+    t_start = time.perf_counter()
+    with tqdm(total=total, initial=total - len(todo), unit="shard", desc="all-pairs shards",
+              disable=None if progress else True) as bar:
+        link = dashboard_link(client)
+        if link:
+            bar.set_postfix_str(f"dashboard {link}", refresh=False)
+        for fut in ac:
+            s = inflight.pop(fut.key)
+            try:
+                res = fut.result()
+            except KilledWorker as exc:
+                raise DistributedError(f"shard {s.name} killed its workers repeatedly ({exc}); out of "
+                                       "memory? try a smaller shard_size or train_shard_size") from exc
+            except Exception as exc:  # noqa: BLE001 - lost inputs show up as cancelled futures
+                if fut.status != "cancelled" and "cancelled" not in type(exc).__name__.lower():
+                    raise
+                attempts[s] = attempts.get(s, 0) + 1
+                if attempts[s] > MAX_RESUBMITS:
+                    raise DistributedError(f"shard {s.name} lost its inputs {attempts[s]} times: "
+                                           f"{exc}") from exc
+                logger.warning("shard %s: %s; resubmitting (attempt %d)", s.name, exc, attempts[s] + 1)
+                synths.drop(s)
+                submit(s)
+                continue
+            finally:
+                fut.release()
+            _check_part(res, s, opts)
+            if ckpt is not None:
+                ckpt.save(s, res)
+            fold.add(s, res)
+            ran += 1
+            synths.drop(s)
+            bar.update(1)
+            if ran % 16 == 0:
+                limit = window()
+            while pending and len(inflight) < limit:
+                submit(pending.popleft())
+    logger.info("ran %d shards in %.2f s", ran, time.perf_counter() - t_start)
+
+
+class _Fold:
+    """Exact, incremental merge of shard results, so the driver never holds every part at once.
+
+    The training blocks of a synthetic shard are merged (``axis="train"``) as soon as all have arrived;
+    finished synthetic shards are merged in order (``axis="synth"``) into one head result whenever
+    :data:`FOLD_EVERY` consecutive ones are ready. Both merges are exact, so the order of folding does not
+    change a bit of the result.
+    """
+
+    def __init__(self, shards: Sequence[Shard], cls: type) -> None:
+        self.cls = cls
+        self.blocks: dict[int, list[Shard]] = {}
+        for s in shards:
+            self.blocks.setdefault(s.sindex, []).append(s)
+        self.n_rows = len(self.blocks)
+        self.parts: dict[int, dict[Shard, AllPairsResult]] = {}
+        self.rows: dict[int, AllPairsResult] = {}
+        self.head: AllPairsResult | None = None
+        self.next = 0  # first synthetic shard not folded into head
+        self.folded: set[Shard] = set()
+
+    def has(self, shard: Shard) -> bool:
+        return shard in self.folded
+
+    def add(self, shard: Shard, res: AllPairsResult) -> None:
+        if shard in self.folded:
+            return
+        self.folded.add(shard)
+        mine = self.parts.setdefault(shard.sindex, {})
+        mine[shard] = res
+        blocks = self.blocks[shard.sindex]
+        if len(mine) < len(blocks):
+            return
+        parts = [mine[s] for s in blocks]
+        del self.parts[shard.sindex]
+        self.rows[shard.sindex] = parts[0] if len(parts) == 1 else \
+            self.cls.merge(parts, axis="train", train_offsets=[s.t0 for s in blocks])
+        run = 0
+        while self.next + run in self.rows:
+            run += 1
+        if run >= FOLD_EVERY:
+            self._fold(run)
+
+    def _fold(self, run: int) -> None:
+        parts = [self.head] if self.head is not None else []
+        parts += [self.rows.pop(self.next + i) for i in range(run)]
+        self.head = parts[0] if len(parts) == 1 else self.cls.merge(parts, axis="synth")
+        self.next += run
+
+    def result(self) -> AllPairsResult:
+        missing = self.n_rows - self.next - len(self.rows)
+        if missing:
+            raise DistributedError(f"internal error: {missing} synthetic shards have no result")
+        self._fold(self.n_rows - self.next)
+        assert self.head is not None
+        return self.head

@@ -1,0 +1,419 @@
+"""Scale-out over Dask: sharded all-pairs equals one process bit for bit, survives a killed worker, resumes.
+
+One 2-worker LocalCluster (loopback) is shared by the module; a few tests start their own through the
+public ``workers=`` argument. Embeddings are real MRI (downsampled MNI152 slices, flattened) plus seeded
+random rows, so near-ties and exact duplicates both occur.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from deepssim_fast import distributed as dd  # noqa: E402
+from deepssim_fast.all_pairs import AllPairsResult, all_pairs  # noqa: E402
+from deepssim_fast.data import SlicePolicy, real_slices  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _bits(a: np.ndarray) -> np.ndarray:
+    """Floats as their bit patterns, so "equal" means bit for bit (-0.0 != 0.0)."""
+    return a.view(f"u{a.itemsize}") if a.dtype.kind == "f" else a
+
+
+def assert_same(got: AllPairsResult, want: AllPairsResult) -> None:
+    """Every field bit for bit; on failure, show the first mismatching elements."""
+    for name in ("scores", "indices", "train_hits"):
+        g, w = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{name}: {g.dtype}{g.shape} vs {w.dtype}{w.shape}"
+        diff = np.argwhere(_bits(g) != _bits(w))
+        first = [tuple(i) for i in diff[:5]]
+        assert diff.size == 0, (f"{name}: {len(diff)} mismatches, first at {first}: "
+                                f"got {[g[i] for i in first]} want {[w[i] for i in first]}")
+    gc, wc = got.histogram[0], want.histogram[0]
+    assert np.array_equal(gc, wc), f"histogram differs in bins {np.nonzero(gc != wc)[0][:10].tolist()}"
+    assert np.array_equal(got.histogram[1], want.histogram[1])
+    assert got.class_counts == want.class_counts
+    assert (got.n_train, got.n_synth, got.k) == (want.n_train, want.n_synth, want.k)
+    assert tuple(got.thresholds) == tuple(want.thresholds)
+
+
+def _real_embeddings() -> np.ndarray:
+    """(n, 256) float32: every other slice of MNI152 along each axis, centre-fit to 64², 4×4 mean-pooled."""
+    rows = []
+    for ax in (0, 1, 2):
+        for s in real_slices((64, 64), datasets=["mni152"], policy=SlicePolicy(axis=ax, step=2)):
+            rows.append(s.array.reshape(16, 4, 16, 4).mean((1, 3)).ravel())
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def emb() -> dict[str, np.ndarray]:
+    real = _real_embeddings()
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal((61, real.shape[1])).astype(np.float32) * real.std() + real.mean()
+    train = np.concatenate([real[0::2], noise[:31]])
+    # real[4:9] (rows 2..4 of train) come back as exact duplicates
+    synth = np.concatenate([real[1::2], noise[31:], real[4:9]])
+    return {"train": train, "synth": synth}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _mp_helper(p) -> bool:
+    """multiprocessing's resource tracker / forkserver: started once, they live as long as this process."""
+    import psutil
+
+    try:
+        return any("resource_tracker" in c or "forkserver" in c for c in p.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _healthy(client, n: int = 2) -> None:
+    client.wait_for_workers(n, timeout=60)
+
+
+# --------------------------------------------------------------------------------------------- plan
+@pytest.mark.parametrize("n_synth,n_train,shard,tshard,self_mode,k", [
+    (1, 1, 1, None, False, 1), (7, 9, 2, 4, False, 3), (57, 57, 5, 11, True, 4), (100, 100, 100, 30, True, 1),
+    (33, 1000, 7, 333, False, 5), (64, 64, 16, 16, True, 15)])
+def test_plan_covers_every_pair_once(n_synth, n_train, shard, tshard, self_mode, k):
+    shards = dd.plan_shards(n_synth, n_train, k=k, shard_size=shard, train_shard_size=tshard,
+                            self_mode=self_mode)
+    cover = np.zeros((n_synth, n_train), np.int64)
+    for s in shards:
+        assert s.n_train >= (k + 1 if self_mode else k), s
+        cover[s.s0:s.s1, s.t0:s.t1] += 1
+        if self_mode and s.self_offset is not None:
+            assert s.t0 + s.self_offset == s.s0 and s.s1 <= s.t1  # synth rows inside the block
+        elif self_mode:
+            assert s.s1 <= s.t0 or s.s0 >= s.t1  # disjoint
+    assert (cover == 1).all()
+    assert [s.sindex for s in shards] == sorted(s.sindex for s in shards)
+
+
+def test_plan_rejects_blocks_smaller_than_k():
+    with pytest.raises(ValueError, match="fewer than 6 rows"):
+        dd.plan_shards(10, 100, k=6, shard_size=5, train_shard_size=4, self_mode=False)
+    with pytest.raises(ValueError, match="shard_size must be >= 1"):
+        dd.plan_shards(10, 100, k=1, shard_size=0, train_shard_size=None, self_mode=False)
+
+
+def test_default_shard_size_depends_on_problem_only():
+    assert dd.default_shard_size(10, 10) == 10
+    assert dd.default_shard_size(5000, 10) == dd.MIN_SHARD_ROWS
+    assert dd.default_shard_size(10**6, 10**6) == dd.MAX_SHARD_ROWS
+    assert dd.default_shard_size(100_000, 100) == 100_000 // dd.MIN_SHARDS
+
+
+# ------------------------------------------------------------------------------- identical to one process
+@pytest.mark.parametrize("shard_size,train_shard_size",
+                         [(23, None), (40, 61), (500, 100), (3, None), (6, 40)])
+def test_sharded_equals_one_process_real(client, emb, shard_size, train_shard_size):
+    want = all_pairs(emb["train"], emb["synth"], k=7, progress=False)
+    # (3, None) and (6, 40): more shards than FOLD_EVERY, so the incremental fold is exercised
+    got = dd.all_pairs_distributed(emb["train"], emb["synth"], k=7, scheduler=client, shard_size=shard_size,
+                                   train_shard_size=train_shard_size, progress=False)
+    assert_same(got, want)
+    assert want.class_counts["duplicate"] >= 5  # the planted exact duplicates are there
+
+
+@pytest.mark.parametrize("shard_size,train_shard_size", [(17, None), (17, 40), (64, 64)])
+def test_self_mode_equals_one_process(client, emb, shard_size, train_shard_size):
+    train = emb["train"]
+    want = all_pairs(train, None, k=5, progress=False)
+    got = dd.all_pairs_distributed(train, None, k=5, scheduler=client, shard_size=shard_size,
+                                   train_shard_size=train_shard_size, progress=False)
+    assert_same(got, want)
+    assert got.n_pairs == len(train) * (len(train) - 1)
+
+
+def test_training_set_too_large_for_a_worker_is_sharded(client, emb, monkeypatch, caplog):
+    """Training blocks are chosen from the workers' memory limit; the merged result is still exact."""
+    limit = min(w["memory_limit"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
+    row_bytes = emb["train"].shape[1] * 4
+    monkeypatch.setattr(dd, "TRAIN_MEMORY_FRACTION", 40.5 * row_bytes / limit)  # 40 training rows a block
+    want = all_pairs(emb["train"], emb["synth"], k=3, progress=False)
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        got = dd.all_pairs_distributed(emb["train"], emb["synth"], k=3, scheduler=client, progress=False)
+    assert any("training blocks of 40 rows" in r.getMessage() for r in caplog.records), caplog.text
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("n_synth,n_train,k", [(1, 1, 1), (13, 7, 7), (101, 257, 10)])
+def test_random_odd_shapes_and_dtypes(client, dtype, n_synth, n_train, k):
+    rng = np.random.default_rng(n_synth * 1000 + n_train)
+    train = rng.standard_normal((n_train, 19)).astype(dtype)
+    synth = rng.standard_normal((n_synth, 19)).astype(dtype)
+    synth[: min(n_synth, n_train) // 2] = train[: min(n_synth, n_train) // 2]  # exact duplicates
+    want = all_pairs(train, synth, k=k, bins=37, thresholds=(0.1, 0.5), progress=False)
+    got = dd.all_pairs_distributed(train, synth, k=k, bins=37, thresholds=(0.1, 0.5), scheduler=client,
+                                   shard_size=max(1, n_synth // 3), train_shard_size=max(k, n_train // 2),
+                                   progress=False)
+    assert_same(got, want)
+
+
+def test_torch_bfloat16_input(client):
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    train = torch.randn(90, 24, generator=g).to(torch.bfloat16)
+    synth = torch.randn(31, 24, generator=g).to(torch.bfloat16)
+    want = all_pairs(train, synth, k=3, progress=False)
+    got = dd.all_pairs_distributed(train, synth, k=3, scheduler=client, shard_size=8, progress=False)
+    assert_same(got, want)
+
+
+def test_public_api_scheduler_address(client, emb, caplog):
+    """all_pairs(..., scheduler="tcp://...") connects to the running cluster and logs its dashboard."""
+    want = all_pairs(emb["train"], emb["synth"], k=3, progress=False)
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        got = all_pairs(emb["train"], emb["synth"], k=3, progress=False, scheduler=client.scheduler.address)
+    assert_same(got, want)
+    assert any("Dask dashboard: http://127.0.0.1:" in r.getMessage() for r in caplog.records)
+
+
+def test_public_api_workers_starts_and_closes_local_cluster(emb):
+    """workers=2: an embedded LocalCluster (loopback) runs the shards; self mode through all_pairs."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    want = all_pairs(emb["train"], None, k=4, progress=False)
+    got = all_pairs(emb["train"], None, k=4, progress=False, workers=2)
+    assert_same(got, want)
+    started = [p for p in me.children(recursive=True) if p.pid not in before and not _mp_helper(p)]
+    gone, alive = psutil.wait_procs(started, timeout=10)
+    alive = [p for p in alive if _running(p)]
+    assert not alive, f"worker processes left running: {[p.pid for p in alive]}"
+
+
+# ------------------------------------------------------------------------------------------------- faults
+@pytest.mark.parametrize("scatter_min_bytes", [0, dd.SCATTER_MIN_BYTES], ids=["scattered", "in-task"])
+def test_killed_worker_gives_identical_result(client, emb, tmp_path, monkeypatch, scatter_min_bytes):
+    """A worker dies mid-task: its task is rerun; synthetic blocks it held (scattered) are sent again."""
+    flag = tmp_path / "kill-once"
+    flag.touch()
+    monkeypatch.setenv(dd.KILL_ONCE_ENV, str(flag))
+    monkeypatch.setattr(dd, "SCATTER_MIN_BYTES", scatter_min_bytes)
+    want = all_pairs(emb["train"], emb["synth"], k=6, progress=False)
+    try:
+        got = dd.all_pairs_distributed(emb["train"], emb["synth"], k=6, scheduler=client, shard_size=20,
+                                       progress=False)
+    finally:
+        _healthy(client)
+    assert not flag.exists(), "the test hook did not fire: no worker was killed"
+    assert_same(got, want)
+
+
+def test_killed_only_worker_rescatters_training_set(emb, tmp_path, monkeypatch):
+    """With one worker, the broadcast training set dies with it and is scattered again."""
+    flag = tmp_path / "kill-once"
+    flag.touch()
+    monkeypatch.setenv(dd.KILL_ONCE_ENV, str(flag))
+    want = all_pairs(emb["train"], emb["synth"], k=2, progress=False)
+    got = dd.all_pairs_distributed(emb["train"], emb["synth"], k=2, workers=1, shard_size=50, progress=False)
+    assert not flag.exists()
+    assert_same(got, want)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_checkpoint_resume_skips_finished_shards(client, emb, tmp_path, caplog):
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=30, progress=False, checkpoint_dir=tmp_path)
+    want = all_pairs(tr, sy, k=4, progress=False)
+    first = dd.all_pairs_distributed(tr, sy, **kw)
+    assert_same(first, want)
+    files = sorted(tmp_path.glob("allpairs-*-s*.npz"))
+    n = -(-len(sy) // 30)
+    assert len(files) == n and len(list(tmp_path.glob("allpairs-*.json"))) == 1
+
+    # Remove two shards, corrupt a third, and poison a fourth with a valid but different result: a resumed
+    # run must recompute exactly the three, and load (not recompute) the poisoned one.
+    files[0].unlink()
+    files[-1].unlink()
+    files[2].write_bytes(b"not an npz")
+    poisoned = AllPairsResult.load(files[1])
+    poisoned.class_counts = dict(poisoned.class_counts, duplicate=poisoned.class_counts["duplicate"] + 1000)
+    poisoned.save(files[1])
+    untouched = {f: f.stat().st_mtime_ns for f in files[3:-1]}
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        second = dd.all_pairs_distributed(tr, sy, **kw)
+    assert any(f"{n - 3} from checkpoint, 3 to run" in r.getMessage() for r in caplog.records)
+    assert any("not usable" in r.getMessage() for r in caplog.records)
+    assert second.class_counts["duplicate"] == want.class_counts["duplicate"] + 1000  # loaded, not rerun
+    assert {f: f.stat().st_mtime_ns for f in untouched} == untouched
+    assert files[0].exists() and files[-1].exists()
+
+    # Repair the poisoned shard: the full result is identical again, with nothing left to run.
+    AllPairsResult.load(files[0])  # recomputed file is readable
+    first_parts = dd.plan_shards(len(sy), len(tr), k=4, shard_size=30, train_shard_size=None, self_mode=False)
+    assert len(first_parts) == n
+    files[1].unlink()
+    third = dd.all_pairs_distributed(tr, sy, **kw)
+    assert_same(third, want)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        fourth = dd.all_pairs_distributed(tr, sy, **kw)
+    assert any(f"{n} from checkpoint, 0 to run" in r.getMessage() for r in caplog.records)
+    assert_same(fourth, want)
+
+
+def test_checkpoint_of_another_job_is_not_reused(client, emb, tmp_path):
+    tr, sy = emb["train"], emb["synth"]
+    dd.all_pairs_distributed(tr, sy, k=4, scheduler=client, shard_size=60, progress=False,
+                             checkpoint_dir=tmp_path)
+    sy2 = sy.copy()
+    sy2[0, 0] += 1.0  # different inputs: a different job key, nothing reused
+    want = all_pairs(tr, sy2, k=4, progress=False)
+    got = dd.all_pairs_distributed(tr, sy2, k=4, scheduler=client, shard_size=60, progress=False,
+                                   checkpoint_dir=tmp_path)
+    assert_same(got, want)
+    assert len(list(tmp_path.glob("allpairs-*.json"))) == 2
+
+
+# ------------------------------------------------------------------------------------------ GPU code paths
+def test_several_gpus_start_one_cuda_worker_each(monkeypatch, caplog):
+    """With >1 GPU and dask_cuda importable, workers=N starts LocalCUDACluster on the first N GPUs.
+
+    No GPU here: dask_cuda is a recording stand-in; this checks the arguments of the (small) code path.
+    """
+    import importlib.machinery
+    import types
+
+    calls: list[dict] = []
+
+    class RecordingCUDACluster:
+        def __init__(self, **kw):
+            calls.append(kw)
+
+    mod = types.ModuleType("dask_cuda")
+    mod.LocalCUDACluster = RecordingCUDACluster
+    mod.__spec__ = importlib.machinery.ModuleSpec("dask_cuda", None)
+    monkeypatch.setitem(sys.modules, "dask_cuda", mod)
+    monkeypatch.setattr(dd, "_cuda_count", lambda: 4)
+    assert isinstance(dd.start_local_cluster(2), RecordingCUDACluster)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
+        dd.start_local_cluster(6)
+    assert calls[0]["CUDA_VISIBLE_DEVICES"] == "0,1" and calls[0]["n_workers"] == 2
+    assert calls[1]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and calls[1]["n_workers"] == 4
+    assert "only 4 GPUs" in caplog.text
+    for kw in calls:
+        assert kw["threads_per_worker"] == 1 and kw["host"] == "127.0.0.1"
+        assert kw["dashboard_address"] == "127.0.0.1:0" and kw["silence_logs"] == logging.WARNING
+
+
+def test_shard_task_picks_the_worker_gpu(monkeypatch):
+    """A worker that sees a GPU runs the engine there unless backend='native'; self-mode rows are sliced."""
+    import importlib
+
+    import torch
+
+    # the module itself: the package attribute deepssim_fast.all_pairs may be the function of that name
+    ap = importlib.import_module("deepssim_fast.all_pairs")
+    seen: list[dict] = []
+
+    def recording_all_pairs(train, synth, **kw):
+        seen.append(dict(kw, synth=np.array(synth), n_train=len(train)))
+        return "result"
+
+    monkeypatch.setattr(ap, "all_pairs", recording_all_pairs)
+    threads_before = torch.get_num_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
+    shard = dd.Shard(sindex=1, tblock=0, s0=3, s1=6, t0=0, t1=10, self_offset=3)
+    opts = {"k": 2, "thresholds": (0.6, 0.85), "bins": 10, "backend": None, "device": None, "threads": 1}
+    assert dd._run_shard(train, None, shard, opts) == "result"
+    dd._run_shard(train, None, shard, dict(opts, backend="native"))
+    assert seen[0]["device"] == "cuda" and seen[1]["device"] is None
+    assert np.array_equal(seen[0]["synth"], train[3:6]) and seen[0]["self_offset"] == 3
+    assert seen[0]["progress"] is False and seen[0]["n_train"] == 10
+    assert torch.get_num_threads() == threads_before  # the calling process is left as it was
+
+
+
+
+# ------------------------------------------------------------------------------------- errors and imports
+def test_bad_inputs_name_the_problem(client, emb, monkeypatch):
+    tr, sy = emb["train"], emb["synth"]
+    bad = sy.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="synth: row 3 contains NaN"):
+        dd.all_pairs_distributed(tr, bad, scheduler=client, progress=False)
+    zero = tr.copy()
+    zero[11] = 0
+    with pytest.raises(ValueError, match="train: row 11 is all zeros"):
+        dd.all_pairs_distributed(zero, sy, scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="dims per row"):
+        dd.all_pairs_distributed(tr, sy[:, :10], scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="non-empty 2D"):
+        dd.all_pairs_distributed(tr[0], sy, scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="k=300 exceeds"):
+        dd.all_pairs_distributed(tr[:300], None, k=300, scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="low <= high"):
+        dd.all_pairs_distributed(tr, sy, thresholds=(0.9, 0.1), scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="bins must be"):
+        dd.all_pairs_distributed(tr, sy, bins=0, scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        dd.all_pairs_distributed(tr, sy, workers=2, scheduler=client, progress=False)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        dd.all_pairs_distributed(tr, sy, workers=0, progress=False)
+    monkeypatch.setattr(dd, "CONNECT_TIMEOUT", "1s")
+    with pytest.raises(dd.DistributedError, match="cannot connect to the Dask scheduler at tcp://127.0.0.1:9"):
+        dd.all_pairs_distributed(tr, sy, scheduler="tcp://127.0.0.1:9", progress=False)
+
+
+def test_missing_dask_says_what_to_install(monkeypatch):
+    from deepssim_fast.backends import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if Dask were not installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'deepssim_fast\[dask\]'"):
+        dd.all_pairs_distributed(np.ones((5, 3), np.float32), None, k=1, workers=1, progress=False)
+
+
+def test_no_dask_import_without_workers_or_scheduler():
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import deepssim_fast
+        import deepssim_fast.distributed  # the module itself imports Dask lazily
+        rng = np.random.default_rng(0)
+        r = deepssim_fast.all_pairs(rng.standard_normal((50, 8)), rng.standard_normal((9, 8)), k=3,
+                                    progress=False)
+        assert r.scores.shape == (9, 3)
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in ("dask", "distributed"))
+        print("DASK:", bad)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    assert "DASK: []" in out.stdout, out.stdout
