@@ -45,7 +45,7 @@ setup(
     extras_require={
         "data": ["nilearn>=0.10", "dipy>=1.8"],
         "report": ["matplotlib>=3.7"],
-        "dask": ["dask>=2024.1", "distributed>=2024.1"],
+        "dask": ["dask>=2024.1", "distributed>=2024.1", "threadpoolctl>=3"],
         "cupy": ["cupy-cuda12x"],
         "test": ["pytest>=7", "scikit-image>=0.22", "faiss-cpu>=1.8", "nilearn>=0.10", "dipy>=1.8",
                  "matplotlib>=3.7", "dask>=2024.1", "distributed>=2024.1", "ruff"],
