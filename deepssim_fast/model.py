@@ -1,0 +1,815 @@
+"""The DeepSSIM encoder: a CNN backbone plus the paper's projection head, and inference on top of it.
+
+Model
+-----
+``backbone features -> AdaptiveAvgPool2d(1) -> BatchNorm1d(feat) -> Linear(feat, 512) -> GELU ->
+Dropout(0.33) -> Linear(512, emb_dim)`` (emb_dim 256 by default). Grayscale input (N, 1, H, W) is repeated to
+3 channels inside the network; (N, 3, H, W) is used as given. The network returns raw embeddings (N, emb_dim);
+the similarity of two images is the cosine of their L2-normalised embeddings.
+
+Backbones (``build_model(backbone=...)``), all written here (torchvision is not a dependency):
+
+=================  =======  ==================================================================
+name               feat     layout
+=================  =======  ==================================================================
+``convnext_base``  1024     torchvision ConvNeXt-Base ``features`` (depths 3-3-27-3), the paper's
+``convnext_tiny``  768      torchvision ConvNeXt-Tiny ``features`` (depths 3-3-9-3)
+``resnet18``       512      torchvision ResNet-18 without ``avgpool``/``fc``
+``small``          256      a compact residual CNN (4 stages, ~3.3 M parameters) that trains in
+                            minutes on 2 CPU cores; for tests, the demo and CPU users
+=================  =======  ==================================================================
+
+Parameter names follow torchvision, so an ImageNet state_dict file (``convnext_base-*.pth``,
+``resnet18-*.pth``) given by LOCAL path loads into the backbone with strict key matching (its classifier,
+``classifier.*`` / ``fc.*``, is dropped). Nothing is ever downloaded; without a file the backbone is
+trained from scratch.
+
+Freezing (``freeze_stages=True``): the reference freezes every backbone parameter whose name contains the
+character ``'0'`` or ``'1'``, which on ConvNeXt-Base catches most of the network (``features.5.10...``,
+``features.3.1...``, every ``...block.0.weight``) although its comment says "first two stages". Here the
+rule does what the comment says: stages 0-1 are frozen, i.e. ``features.0`` (stem) and ``features.1``
+(first block stage) for ConvNeXt and ``small``, ``conv1``/``bn1`` and ``layer1`` for ResNet-18.
+
+Preprocessing and size policy (the same in training, :func:`embed` and the exported TorchScript file)
+----------------------------------------------------------------------------------------------------
+Each 2D image is brought to ``input_size`` x ``input_size`` (``model.config``) by ``size_policy``:
+
+* ``"fit"`` (default): :func:`deepssim_fast.data.center_fit` — centre crop or pad with the image's minimum
+  (background), no resampling, so pixel values and SSIM structure are kept;
+* ``"resize"``: bilinear resampling with antialiasing to the square (aspect ratio not kept);
+
+then z-scored per image, ``(x - mean) / std`` (population std; a constant image becomes zeros). The network
+(eager or TorchScript) expects this z-scored input, (N, 1, S, S) or (N, 3, S, S) with equal channels; it
+does NOT apply ImageNet mean/std. :func:`embed` always applies this preprocessing, for our models and for
+foreign TorchScript files alike.
+
+Trust: checkpoints load with ``torch.load(weights_only=True)``. TorchScript files can run code: load only
+model files you trust. Nothing is fetched from the network.
+
+3D volumes: :func:`embed_volume` embeds every slice (cut by a :class:`~deepssim_fast.data.SlicePolicy`) and
+aggregates by the mean of the L2-normalised slice embeddings, L2-normalised again (the normalised mean
+direction); the per-slice embeddings are returned too.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("convnext_base", "convnext_tiny", "resnet18", "small")
+SIZE_POLICIES = ("fit", "resize")
+CHECKPOINT_FORMAT = "deepssim_fast.checkpoint"
+_TS_EXTRA = "deepssim_fast.json"
+
+
+@contextmanager
+def _quiet_jit():
+    """torch >= 2.10 marks torch.jit deprecated; TorchScript is still the published weights' format."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+        yield
+
+
+class ModelFileError(ValueError):
+    """A model file is neither a deepssim_fast checkpoint nor a TorchScript archive (or is broken)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks (torchvision-compatible names)
+# ----------------------------------------------------------------------------------------------------------
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of (N, C, H, W) input (torchvision's ``LayerNorm2d``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Permute(nn.Module):
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(self.dims)
+
+
+class StochasticDepth(nn.Module):
+    """Drop the whole residual branch per sample with probability ``p`` in training ("row" mode)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        noise = noise.bernoulli_(keep).div_(keep)
+        return x * noise
+
+
+class CNBlock(nn.Module):
+    """ConvNeXt block: depthwise 7x7 -> LayerNorm -> Linear(4x) -> GELU -> Linear -> layer scale, residual."""
+
+    def __init__(self, dim: int, layer_scale: float, sd_prob: float) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True),
+            Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim, bias=True),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim, bias=True),
+            Permute([0, 3, 1, 2]),
+        )
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+        self.stochastic_depth = StochasticDepth(sd_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.stochastic_depth(self.layer_scale * self.block(x))
+
+
+class ConvNeXtFeatures(nn.Module):
+    """torchvision ``ConvNeXt.features`` (as ``self.features``): stem, then stages and downsamplers.
+
+    Input (N, 3, H, W) -> (N, dims[-1], H/32, W/32).
+    """
+
+    def __init__(self, depths: Sequence[int], dims: Sequence[int], sd_prob: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=4, stride=4, bias=True),
+                                                 LayerNorm2d(dims[0], eps=1e-6))]
+        total = sum(depths)
+        block_id = 0
+        for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
+            blocks = []
+            for _ in range(depth):
+                p = sd_prob * block_id / (total - 1.0)
+                blocks.append(CNBlock(dim, 1e-6, p))
+                block_id += 1
+            layers.append(nn.Sequential(*blocks))
+            if i + 1 < len(dims):
+                layers.append(nn.Sequential(LayerNorm2d(dim, eps=1e-6),
+                                            nn.Conv2d(dim, dims[i + 1], kernel_size=2, stride=2)))
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (torchvision names: conv1, bn1, conv2, bn2, downsample)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class ResNet18Features(nn.Module):
+    """torchvision ResNet-18 up to ``layer4`` (no avgpool/fc). Input (N, 3, H, W) -> (N, 512, H/32, W/32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 64, 1))
+        self.layer2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128, 1))
+        self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256, 1))
+        self.layer4 = nn.Sequential(BasicBlock(256, 512, 2), BasicBlock(512, 512, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class _SmallRes(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.gelu(self.bn1(self.conv1(x)))
+        return F.gelu(x + self.bn2(self.conv2(out)))
+
+
+def _down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.GELU())
+
+
+class SmallFeatures(nn.Module):
+    """Compact CNN: a 4x4 stride-4 "patchify" stem, three stride-2 stages with one residual block each, then
+    a position-aware projection.
+
+    Input (N, 3, S, S) -> (N, 256, 1, 1) at the design size ``S = input_size`` (larger inputs give a small
+    map that the head's average pool reduces). ``features.0`` stem 3->32 (+ residual block at S/4),
+    ``features.1`` 32->64, ``features.2`` 64->128, ``features.3`` 128->256, ``features.4`` a
+    (S/32 x S/32)-kernel convolution over the whole last map. SSIM is not invariant to flips and shifts,
+    and a plain global average pool nearly is; this last layer lets the embedding keep where structures are.
+    About 150 MFLOP per 128x128 image.
+    """
+
+    def __init__(self, input_size: int = 128) -> None:
+        super().__init__()
+        k = max(1, int(input_size) // 32)
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 32, 4, stride=4, bias=False), nn.BatchNorm2d(32), nn.GELU(),
+                          _SmallRes(32)),
+            nn.Sequential(_down(32, 64), _SmallRes(64)),
+            nn.Sequential(_down(64, 128), _SmallRes(128)),
+            nn.Sequential(_down(128, 256), _SmallRes(256)),
+            nn.Sequential(nn.Conv2d(256, 256, k, bias=False), nn.BatchNorm2d(256), nn.GELU()),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+_CLASSIFIER_PREFIX = {"convnext_base": "classifier.", "convnext_tiny": "classifier.", "resnet18": "fc.",
+                      "small": None}
+_FROZEN_PREFIXES = {"convnext_base": ("features.0.", "features.1."),
+                    "convnext_tiny": ("features.0.", "features.1."),
+                    "resnet18": ("conv1.", "bn1.", "layer1."),
+                    "small": ("features.0.", "features.1.")}
+
+
+def make_backbone(name: str, input_size: int = 128) -> tuple[nn.Module, int]:
+    """(backbone module, feature channels) for a backbone name (see the module table)."""
+    if name == "convnext_base":
+        return ConvNeXtFeatures((3, 3, 27, 3), (128, 256, 512, 1024), sd_prob=0.5), 1024
+    if name == "convnext_tiny":
+        return ConvNeXtFeatures((3, 3, 9, 3), (96, 192, 384, 768), sd_prob=0.1), 768
+    if name == "resnet18":
+        return ResNet18Features(), 512
+    if name == "small":
+        return SmallFeatures(input_size), 256
+    raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+
+
+def frozen_parameter_names(backbone: str, names: Iterable[str]) -> list[str]:
+    """Which backbone parameter names the freeze rule (stages 0-1) freezes, from ``names``."""
+    prefixes = _FROZEN_PREFIXES[backbone]
+    return [n for n in names if n.startswith(prefixes)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The encoder
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in checkpoints and TorchScript files)."""
+
+    backbone: str = "small"
+    emb_dim: int = 256
+    input_size: int = 128
+    size_policy: str = "fit"
+    freeze_stages: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
+        if not (isinstance(self.emb_dim, (int, np.integer)) and self.emb_dim >= 1):
+            raise ValueError(f"emb_dim must be a positive integer, got {self.emb_dim!r}")
+        if not (isinstance(self.input_size, (int, np.integer)) and self.input_size >= 32):
+            raise ValueError(f"input_size must be an integer >= 32, got {self.input_size!r}")
+        if self.size_policy not in SIZE_POLICIES:
+            raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {self.size_policy!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = ("backbone", "emb_dim", "input_size", "size_policy", "freeze_stages", "extra")
+        known = {k: d[k] for k in names if k in d}
+        return cls(**known)
+
+
+class DeepSSIMNet(nn.Module):
+    """Backbone + pooling + the paper's head. ``forward``: (N, 1|3, H, W) z-scored -> (N, emb_dim) raw.
+
+    ``self.config`` (:class:`ModelConfig`) says the input size and size policy :func:`embed` uses.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone, feat = make_backbone(config.backbone, config.input_size)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(feat),
+            nn.Linear(feat, 512),
+            nn.GELU(),
+            nn.Dropout(0.33),
+            nn.Linear(512, config.emb_dim),
+        )
+        self.feat_dim = feat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or (x.shape[1] != 1 and x.shape[1] != 3):
+            raise ValueError("expected input of shape (N, 1, H, W) or (N, 3, H, W), got "
+                             + str(list(x.shape)))
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        f = self.pool(self.backbone(x)).flatten(1)
+        return self.head(f)
+
+    # -- freezing / weights ------------------------------------------------------------------------------
+    def freeze_stages(self) -> list[str]:
+        """Freeze backbone stages 0-1 (see the module docstring); returns the frozen parameter names."""
+        names = frozen_parameter_names(self.config.backbone, [n for n, _ in self.backbone.named_parameters()])
+        chosen = set(names)
+        for n, p in self.backbone.named_parameters():
+            if n in chosen:
+                p.requires_grad_(False)
+        logger.info("froze %d backbone parameter tensors (stages 0-1 of %s)", len(names),
+                    self.config.backbone)
+        return names
+
+    def load_backbone_weights(self, path: str | os.PathLike) -> None:
+        """Load a torchvision ImageNet state_dict file (local path) into the backbone, strict key matching."""
+        load_backbone_weights(self.backbone, self.config.backbone, path)
+
+    # -- export ------------------------------------------------------------------------------------------
+    def save_torchscript(self, path: str | os.PathLike) -> Path:
+        """Write the network as TorchScript (``torch.jit.load(path)(batch)`` -> (N, emb_dim) embeddings).
+
+        The file holds the eval-mode network; input is z-scored (N, 1|3, S, S) as described in the module
+        docstring. The model config is stored as the extra file ``deepssim_fast.json``. Written atomically.
+        """
+        net = copy.deepcopy(self).cpu().eval()
+        with _quiet_jit():
+            scripted = torch.jit.script(net)
+        extra = {_TS_EXTRA: json.dumps(self.config.to_dict())}
+        return _atomic_write(path, lambda f: _jit_save(scripted, f, extra))
+
+    def save_checkpoint(self, path: str | os.PathLike, **state: Any) -> Path:
+        """Write a weights-only checkpoint (model state + config, plus any plain ``state``), atomically."""
+        return save_checkpoint(path, self, **state)
+
+
+class TorchScriptEncoder(nn.Module):
+    """A loaded TorchScript encoder (ours or the published DeepSSIM weights) with a :class:`ModelConfig`."""
+
+    def __init__(self, module: torch.jit.ScriptModule, config: ModelConfig) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def save_torchscript(self, path: str | os.PathLike) -> Path:
+        extra = {_TS_EXTRA: json.dumps(self.config.to_dict())}
+        return _atomic_write(path, lambda f: _jit_save(self.module, f, extra))
+
+
+def build_model(backbone: str = "small", *, pretrained: str | os.PathLike | None = None, emb_dim: int = 256,
+                input_size: int | None = None, size_policy: str = "fit", freeze_stages: bool = False
+                ) -> DeepSSIMNet:
+    """Build a :class:`DeepSSIMNet`.
+
+    ``pretrained``: a LOCAL torchvision ImageNet state_dict file for ``convnext_*``/``resnet18`` (never
+    downloaded). ``input_size`` defaults to 224 for ConvNeXt-Base (the paper) and 128 otherwise.
+    """
+    if input_size is None:
+        input_size = 224 if backbone == "convnext_base" else 128
+    cfg = ModelConfig(backbone=backbone, emb_dim=int(emb_dim), input_size=int(input_size),
+                      size_policy=size_policy, freeze_stages=bool(freeze_stages))
+    net = DeepSSIMNet(cfg)
+    if pretrained is not None:
+        net.load_backbone_weights(pretrained)
+    if freeze_stages:
+        net.freeze_stages()
+    return net
+
+
+def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLike) -> None:
+    """Strictly load a torchvision state_dict file into ``backbone`` (its classifier keys are dropped)."""
+    p = Path(path)
+    prefix = _CLASSIFIER_PREFIX.get(name)
+    if prefix is None:
+        raise ValueError(f"backbone {name!r} has no ImageNet weights; pretrained= is for "
+                         f"convnext_base, convnext_tiny and resnet18")
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights {p}: no such file (weights are never downloaded; "
+                                f"give the local path of torchvision's {name}-*.pth)")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a state dict file"
+        raise ModelFileError(f"{p}: not a readable state_dict file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelFileError(f"{p}: expected a torchvision state_dict (name -> tensor)")
+    sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+    result = backbone.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelFileError(
+            f"{p}: keys do not match torchvision's {name} layout: missing {result.missing_keys[:5]}"
+            f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{'...' if len(result.unexpected_keys) > 5 else ''}")
+    logger.info("loaded %d ImageNet backbone tensors for %s from %s", len(sd), name, p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------
+def _jit_save(module: Any, f: Any, extra: dict[str, str]) -> None:
+    with _quiet_jit():
+        torch.jit.save(module, f, _extra_files=extra)
+
+
+def _atomic_write(path: str | os.PathLike, write: Any) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def save_checkpoint(path: str | os.PathLike, model: DeepSSIMNet, **state: Any) -> Path:
+    """Atomically torch.save ``{"format", "config", "model", **state}`` (plain state, weights_only-safe)."""
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "config": model.config.to_dict(),
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    payload.update(state)
+    return _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw checkpoint dict (weights_only load); errors say what was expected."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p}: no such file")
+    if _is_torchscript(p):
+        raise ModelFileError(f"{p} is a TorchScript file, not a training checkpoint")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{p}: expected a deepssim_fast checkpoint (.pt written by train) or a "
+                             f"TorchScript file; could not read it ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{p}: expected a deepssim_fast checkpoint (a dict with format="
+                             f"{CHECKPOINT_FORMAT!r}) or a TorchScript file; got {type(ck).__name__}")
+    return ck
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device | None = None,
+               input_size: int | None = None, size_policy: str | None = None) -> nn.Module:
+    """Load a project checkpoint (:class:`DeepSSIMNet`) or a TorchScript file (:class:`TorchScriptEncoder`).
+
+    The model is returned in eval mode. For a TorchScript file without our config (e.g. the published
+    DeepSSIM weights) ``input_size`` defaults to 224 and ``size_policy`` to ``"resize"``; both can be given.
+    Load only trusted TorchScript files: they can run code.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p}: no such file")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if _is_torchscript(p):
+        extra = {_TS_EXTRA: ""}
+        try:
+            with _quiet_jit():
+                module = torch.jit.load(str(p), map_location=dev, _extra_files=extra)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelFileError(f"{p}: looks like a TorchScript archive but could not be loaded "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raw = extra.get(_TS_EXTRA) or ""
+        if raw:
+            cfg = ModelConfig.from_dict(json.loads(raw))
+        else:
+            cfg = ModelConfig(backbone="convnext_base", emb_dim=256, input_size=224, size_policy="resize",
+                              extra={"foreign": True})
+        if input_size is not None:
+            cfg.input_size = int(input_size)
+        if size_policy is not None:
+            cfg.size_policy = size_policy
+        ModelConfig.__post_init__(cfg)
+        enc = TorchScriptEncoder(module, cfg)
+        enc.eval()
+        return enc
+    ck = read_checkpoint(p)
+    cfg = ModelConfig.from_dict(ck["config"])
+    if input_size is not None or size_policy is not None:
+        raise ValueError("input_size/size_policy overrides apply to foreign TorchScript files only; "
+                         f"{p} is a checkpoint that stores its own ({cfg.input_size}, {cfg.size_policy!r})")
+    net = DeepSSIMNet(cfg)
+    try:
+        net.load_state_dict(ck["model"], strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{p}: checkpoint weights do not fit backbone {cfg.backbone!r}: {exc}") from exc
+    return net.to(dev).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images and preprocessing
+# ----------------------------------------------------------------------------------------------------------
+def _name_of(item: Any, i: int) -> str:
+    key = getattr(item, "key", None)
+    return f"image {i} ({key})" if isinstance(key, str) else f"image {i}"
+
+
+def as_image_2d(item: Any, name: str) -> np.ndarray:
+    """One grayscale image as a finite float32 2D array. Accepts (H, W), (1, H, W), equal-channel (3, H, W).
+
+    Errors name the item (``name``) and quote the shape.
+    """
+    a = item.array if hasattr(item, "array") and hasattr(item, "source") else item
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise TypeError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    elif a.ndim == 3 and a.shape[0] == 3:
+        if not (np.array_equal(a[0], a[1]) and np.array_equal(a[0], a[2])):
+            raise ValueError(f"{name}: 3-channel image of shape {a.shape} with different channels; the "
+                             f"encoder takes grayscale (H, W), (1, H, W) or (3, H, W) with equal channels")
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2D grayscale image (H, W), (1, H, W) or (3, H, W); got shape "
+                         f"{a.shape} (for 3D volumes use embed_volume or deepssim_fast.data.volume_slices)")
+    if min(a.shape) < 7:
+        raise ValueError(f"{name}: image of shape {a.shape} is too small (each side must be >= 7)")
+    a = a.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: contains NaN or Inf values")
+    return a
+
+
+def collect_images(images: Any, *, policy: Any = None, what: str = "images"
+                   ) -> tuple[list[np.ndarray], list[Any]]:
+    """Turn the ``images`` argument into (list of 2D float32 arrays, list of Slice-or-None metadata).
+
+    ``images``: a sequence of 2D arrays / torch tensors / :class:`deepssim_fast.data.Slice`; a stacked array
+    (N, H, W) or (N, 1, H, W); a mapping key -> array; or paths (str/Path, directories, globs — PNG, .npy,
+    NIfTI; volumes are cut by ``policy``) read through :mod:`deepssim_fast.io`.
+    """
+    from .data import Slice
+
+    is_path = isinstance(images, (str, os.PathLike))
+    if is_path or (isinstance(images, (list, tuple)) and images
+                   and all(isinstance(x, (str, os.PathLike)) for x in images)):
+        from . import io as dio
+
+        skipped: list = []
+        slices = list(dio.iter_slices(dio.discover(images), policy, strict=True, skipped=skipped))
+        arrays = [as_image_2d(s.array, _name_of(s, i)) for i, s in enumerate(slices)]
+        return arrays, slices
+    if isinstance(images, dict):
+        metas: list[Any] = []
+        arrays = []
+        for i, (k, v) in enumerate(images.items()):
+            arrays.append(as_image_2d(v, f"{what}[{k!r}]"))
+            metas.append(Slice(arrays[-1], str(k), 0, i))
+        return arrays, metas
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        shape = tuple(images.shape)
+        if len(shape) == 4 and shape[1] in (1, 3):
+            seq = [images[i] for i in range(shape[0])]
+        elif len(shape) == 3:
+            seq = [images[i] for i in range(shape[0])]
+        elif len(shape) == 2:
+            seq = [images]
+        else:
+            raise ValueError(f"{what}: expected a stack of 2D images (N, H, W) or (N, 1|3, H, W), "
+                             f"got shape {shape}")
+    else:
+        try:
+            seq = list(images)
+        except TypeError:
+            raise TypeError(f"{what}: expected a sequence of 2D images or paths, got {type(images).__name__}"
+                            ) from None
+    arrays, metas = [], []
+    for i, item in enumerate(seq):
+        nm = f"{what}[{i}]" + (f" ({item.key})" if isinstance(item, Slice) else "")
+        arrays.append(as_image_2d(item, nm))
+        metas.append(item if isinstance(item, Slice) else None)
+    return arrays, metas
+
+
+def fit_size(image: np.ndarray, size: int, policy: str) -> np.ndarray:
+    """Bring a 2D image to (size, size) by the size policy (``"fit"``: centre crop/pad; ``"resize"``)."""
+    from .data import center_fit
+
+    if image.shape == (size, size):
+        return np.ascontiguousarray(image, dtype=np.float32)
+    if policy == "fit":
+        return np.ascontiguousarray(center_fit(image, (size, size)), dtype=np.float32)
+    if policy == "resize":
+        t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return r[0, 0].numpy()
+    raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {policy!r}")
+
+
+def zscore_batch(x: torch.Tensor) -> torch.Tensor:
+    """Per-image z-score of (B, H, W) or (B, 1, H, W) float input (population std; constant -> zeros)."""
+    dims = tuple(range(1, x.dim()))
+    xf = x.float()
+    mean = xf.mean(dim=dims, keepdim=True)
+    std = xf.std(dim=dims, keepdim=True, unbiased=False)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, (xf - mean) / safe, torch.zeros_like(xf))
+
+
+def preprocess(images: Sequence[np.ndarray], config: ModelConfig) -> torch.Tensor:
+    """2D float32 images -> (B, 1, S, S) float32 z-scored network input (size policy, then z-score)."""
+    fitted = [fit_size(a, config.input_size, config.size_policy) for a in images]
+    t = torch.from_numpy(np.stack(fitted)).unsqueeze(1)
+    return zscore_batch(t)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _resolve_model(model: Any) -> nn.Module:
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model)
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a model from build_model/train/load_model or a path, got "
+                        f"{type(model).__name__}")
+    return model
+
+
+def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.device | None = None,
+          progress: bool = True, policy: Any = None) -> np.ndarray:
+    """L2-normalised embeddings, float32 numpy (n, emb_dim), row i for image i.
+
+    ``images``: as :func:`collect_images` (2D arrays, Slices, a stack, or paths; volumes from paths are cut by
+    ``policy``). ``model``: from :func:`build_model`, :func:`deepssim_fast.train` or :func:`load_model`, or a
+    path for :func:`load_model`. Preprocessing: the model's size policy then per-image z-score (module
+    docstring). Batched (``batch_size`` images in memory at a time), no grad, eval mode (restored after).
+    """
+    from tqdm.auto import tqdm
+
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    net = _resolve_model(model)
+    arrays, _ = collect_images(images, policy=policy)
+    cfg: ModelConfig = net.config
+    dev = torch.device(device) if device is not None else _model_device(net)
+    was_training = net.training
+    net_dev = _model_device(net)
+    if net_dev != dev:
+        net.to(dev)
+    net.eval()
+    out = np.empty((len(arrays), cfg.emb_dim), dtype=np.float32) if arrays else np.zeros((0, cfg.emb_dim),
+                                                                                          np.float32)
+    try:
+        with torch.no_grad():
+            bar = tqdm(total=len(arrays), desc="embed", unit="img", disable=None if progress else True)
+            for s in range(0, len(arrays), batch_size):
+                x = preprocess(arrays[s:s + batch_size], cfg).to(dev)
+                e = net(x).float()
+                if e.dim() != 2 or e.shape[0] != x.shape[0]:
+                    raise ValueError(f"model returned shape {tuple(e.shape)} for a batch of {x.shape[0]}; "
+                                     f"expected (batch, emb_dim)")
+                if e.shape[1] != out.shape[1]:
+                    out = _resize_out(out, e.shape[1], s)
+                    cfg.emb_dim = int(e.shape[1])
+                if not torch.isfinite(e).all():
+                    raise ValueError(f"model produced NaN/Inf embeddings for images "
+                                     f"{s}..{s + x.shape[0] - 1}")
+                out[s:s + x.shape[0]] = F.normalize(e, dim=1).cpu().numpy()
+                bar.update(x.shape[0])
+            bar.close()
+    finally:
+        net.train(was_training)
+        if net_dev != dev:
+            net.to(net_dev)
+    return out
+
+
+def _resize_out(out: np.ndarray, dim: int, filled: int) -> np.ndarray:
+    if filled:
+        raise ValueError(f"model embedding width changed from {out.shape[1]} to {dim} between batches")
+    logger.info("model emits %d-dim embeddings (config said %d)", dim, out.shape[1])
+    return np.empty((out.shape[0], dim), dtype=np.float32)
+
+
+def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: int = 64,
+                 device: str | torch.device | None = None, progress: bool = True
+                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Whole-volume embeddings: (volume embeddings (n_vol, emb_dim), per-volume slice embeddings).
+
+    ``volumes``: one 3D array or a sequence of them. Each is cut into 2D slices by ``policy``
+    (:class:`deepssim_fast.data.SlicePolicy`, default axial with the foreground filter); each slice is
+    embedded as in :func:`embed`; the volume's embedding is the mean of its L2-normalised slice embeddings,
+    L2-normalised again. A volume with no slice left by the policy is an error naming it.
+    """
+    from .data import volume_slices
+
+    single = isinstance(volumes, (np.ndarray, torch.Tensor)) and np.ndim(volumes) == 3
+    vols = [volumes] if single else list(volumes)
+    net = _resolve_model(model)
+    per: list[np.ndarray] = []
+    agg = []
+    for i, v in enumerate(vols):
+        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if a.ndim != 3:
+            raise ValueError(f"volume {i}: expected a 3D array, got shape {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"volume {i}: contains NaN or Inf values")
+        sl = volume_slices(a, policy, source=f"volume{i}")
+        if not sl:
+            raise ValueError(f"volume {i} of shape {a.shape}: the slice policy left no slice to embed")
+        e = embed([s.array for s in sl], net, batch_size=batch_size, device=device, progress=progress)
+        per.append(e)
+        m = e.mean(axis=0)
+        n = float(np.linalg.norm(m))
+        agg.append(m / n if n > 0 else m)
+    dim = per[0].shape[1] if per else int(net.config.emb_dim)
+    return (np.stack(agg).astype(np.float32) if agg else np.zeros((0, dim), np.float32)), per
+
+
+def cosine_pairs(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (n, d) embedding arrays (float32 (n,))."""
+    a = np.asarray(emb_a, dtype=np.float32)
+    b = np.asarray(emb_b, dtype=np.float32)
+    na = np.linalg.norm(a, axis=1)
+    nb = np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(na * nb, 1e-12)
+
+
+def describe(model: nn.Module) -> dict:
+    """Small summary for logs and benchmarks: backbone, parameter counts, input size."""
+    cfg = getattr(model, "config", None)
+    n = sum(p.numel() for p in model.parameters())
+    t = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"backbone": getattr(cfg, "backbone", "?"), "params": n, "trainable": t,
+            "input_size": getattr(cfg, "input_size", None), "emb_dim": getattr(cfg, "emb_dim", None)}

@@ -1,0 +1,685 @@
+"""Training the DeepSSIM encoder: Siamese regression of cosine similarity on SSIM computed on the fly.
+
+How a step is made
+------------------
+1. ``batch_size`` pairs are drawn from the training images (:class:`PairSampler`): random pairs, pairs of
+   neighbouring slices of one volume (offset 1-3, same source), and two copies of one slice, mixed
+   ``pair_mix`` = (0.5, 0.25, 0.25) by default, so the targets cover the whole SSIM range.
+2. Each image of a pair is augmented independently with MONAI, as the reference does: RandFlip on axis 0,
+   RandFlip on axis 1, RandRotate ±0.17 rad, RandAdjustContrast γ ∈ [0.5, 1.5], each with p = 0.33.
+3. The target is the SSIM of the pair AS AUGMENTED (``preset="deepssim"``: z-scored images, 7x7 uniform
+   window, data range of the first image), computed in the batch by the project's SSIM engine — no CSV
+   of pre-computed labels is needed (the reference trains each augmented pair against the SSIM of the
+   un-augmented pair).
+4. Loss = MSE(cosine(f(a), f(b)), target); AdamW (lr 1e-3, weight decay 1e-3), gradient norm clipped at 1.0.
+
+Images go through the model's size policy (``model.config``: centre-fit to ``input_size``, or resize) once,
+before augmentation; the network sees the augmented image z-scored per image, exactly as :func:`embed`.
+
+Reproducibility: everything random in step ``s`` (pair choice, augmentation, dropout, stochastic depth)
+is drawn from generators seeded by ``(seed, s)``; torch's global generator is forked for the duration of
+:func:`train` and restored after. So a run is reproducible, and ``resume=`` continues the same loss curve
+as an uninterrupted run (the checkpoint stores model, optimizer, step, config and the seed, which together
+determine every later random draw). Validation pairs are fixed once from ``(seed, "val")``.
+
+Outputs under ``out`` (when given): ``last.pt`` (after every validation and at the end), ``best.pt`` (lowest
+validation loss), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
+forward/backward, and validation figures when computed), optionally TensorBoard events.
+
+The reference CSV format (columns ``real_key, synth_key, ssim, split``) is accepted with ``pairs_csv=``: its
+``train`` rows define the training pairs and its ``val``/``validation`` rows the validation pairs; keys are
+matched to image keys (Slice keys, file names or stems, list positions). Targets are still the SSIM of the
+augmented pair; the CSV ``ssim`` column is only compared against the un-augmented SSIM in the log.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import (
+    DeepSSIMNet,
+    ModelConfig,
+    build_model,
+    collect_images,
+    fit_size,
+    read_checkpoint,
+    save_checkpoint,
+    zscore_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+PAIR_KINDS = ("random", "neighbour", "copy")
+AUG_PROB = 0.33
+ROTATE_RANGE = 0.17
+GAMMA_RANGE = (0.5, 1.5)
+HIST_EDGES = np.linspace(-0.2, 1.0, 13)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SSIM targets
+# ----------------------------------------------------------------------------------------------------------
+_ENGINE: tuple[Callable[..., Any], str] | None = None
+
+
+def _ssim_engine() -> tuple[Callable[..., Any], str]:
+    """The project's SSIM engine (``deepssim_fast.ssim.ssim``); the float64 reference if it is missing."""
+    global _ENGINE
+    if _ENGINE is None:
+        from .reference import ssim_reference
+
+        _ENGINE = (ssim_reference, "reference")
+        try:
+            from .ssim import ssim as fast_ssim
+
+            # one-time self-check on a tiny batch against the reference before trusting it for labels
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.rand(2, 16, 16, generator=g), torch.rand(2, 16, 16, generator=g)
+            got = np.asarray(fast_ssim(x, y, spatial_dims=2, preset="deepssim"), dtype=np.float64)
+            want = ssim_reference(x, y, spatial_dims=2, preset="deepssim")
+            if got.shape != want.shape or not np.allclose(got, want, atol=1e-4):
+                raise ValueError(f"self-check mismatch: {got} vs {want}")
+            _ENGINE = (fast_ssim, "deepssim_fast.ssim")
+        except Exception as exc:  # noqa: BLE001 - any failure means "use the reference"
+            logger.warning("deepssim_fast.ssim is not usable (%s: %s); SSIM targets use "
+                           "reference.ssim_reference", type(exc).__name__, exc)
+    return _ENGINE
+
+
+def ssim_targets(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM (``preset="deepssim"``) of each pair of a batch: x, y (B, H, W) float32 -> (B,) float32 tensor.
+
+    Computed where the inputs live (the engine dispatches CUDA tensors to its GPU path); result on x's device.
+    """
+    fn, _ = _ssim_engine()
+    out = fn(x.detach().contiguous(), y.detach().contiguous(), spatial_dims=2, preset="deepssim")
+    t = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))
+    return t.to(device=x.device, dtype=torch.float32).reshape(x.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation and pair sampling
+# ----------------------------------------------------------------------------------------------------------
+class Augmenter:
+    """MONAI augmentations of the reference, applied image by image, seeded per call."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        import monai.transforms as mt
+
+        self.enabled = enabled
+        self.compose = mt.Compose([
+            mt.RandFlip(prob=AUG_PROB, spatial_axis=0),
+            mt.RandFlip(prob=AUG_PROB, spatial_axis=1),
+            mt.RandRotate(range_x=ROTATE_RANGE, prob=AUG_PROB, keep_size=True),
+            mt.RandAdjustContrast(prob=AUG_PROB, gamma=GAMMA_RANGE),
+        ])
+
+    def __call__(self, images: np.ndarray, seed: int) -> np.ndarray:
+        """Augment each image of ``images`` (B, H, W) independently; same ``seed`` -> same result."""
+        if not self.enabled:
+            return images.copy()
+        self.compose.set_random_state(seed=int(seed) % (2 ** 32))
+        out = np.empty_like(images)
+        for k in range(images.shape[0]):
+            r = self.compose(images[k:k + 1])
+            out[k] = np.asarray(r.as_tensor() if hasattr(r, "as_tensor") else r)[0]
+        return out
+
+
+@dataclass
+class PairBatch:
+    """One batch of pairs: indices into the pool, their kinds, and the augmented images (B, S, S) float32."""
+
+    i: np.ndarray
+    j: np.ndarray
+    kinds: list[str]
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class PairSampler:
+    """Draws pairs from a pool of equally sized images (N, S, S) with group/position metadata.
+
+    ``groups[k]``/``positions[k]``: which volume image k comes from and its slice index (neighbour pairs are
+    two images of one group whose positions differ by 1-3). ``pairs``: optional fixed list of (i, j) pairs
+    (from a CSV) to sample from instead.
+    """
+
+    def __init__(self, pool: np.ndarray, groups: Sequence[str], positions: Sequence[int], *,
+                 mix: Sequence[float] = (0.5, 0.25, 0.25),
+                 pairs: Sequence[tuple[int, int]] | None = None) -> None:
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"pair_mix must be three non-negative weights (random, neighbour, copy), "
+                             f"got {mix}")
+        self.pool = pool
+        self.mix = np.asarray(mix, dtype=np.float64) / float(sum(mix))
+        self.pairs = None if pairs is None else np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        n = pool.shape[0]
+        self.neighbours: list[np.ndarray] = []
+        by_group: dict[str, list[int]] = {}
+        for k, g in enumerate(groups):
+            by_group.setdefault(g, []).append(k)
+        pos = np.asarray(positions)
+        for k in range(n):
+            members = np.asarray(by_group[groups[k]])
+            d = np.abs(pos[members] - pos[k])
+            self.neighbours.append(members[(d >= 1) & (d <= 3)])
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        if self.pairs is not None:
+            sel = rng.integers(0, len(self.pairs), size=n)
+            return self.pairs[sel, 0].copy(), self.pairs[sel, 1].copy(), ["csv"] * n
+        size = self.pool.shape[0]
+        kinds_idx = rng.choice(3, size=n, p=self.mix)
+        i = rng.integers(0, size, size=n)
+        j = np.empty(n, dtype=np.int64)
+        kinds = []
+        for k in range(n):
+            kind = int(kinds_idx[k])
+            if kind == 1 and len(self.neighbours[i[k]]) == 0:
+                kind = 0
+            if kind == 0 and size > 1:
+                jj = int(rng.integers(0, size - 1))
+                j[k] = jj + (jj >= i[k])
+            elif kind == 1:
+                nb = self.neighbours[i[k]]
+                j[k] = nb[int(rng.integers(0, len(nb)))]
+            else:
+                kind = 2
+                j[k] = i[k]
+            kinds.append(PAIR_KINDS[kind])
+        return i.astype(np.int64), j, kinds
+
+    def batch(self, n: int, seed_seq: np.random.SeedSequence, augment: Augmenter) -> PairBatch:
+        """Sample ``n`` pairs and augment both sides independently, all from ``seed_seq``."""
+        s_pairs, s_a, s_b = seed_seq.spawn(3)
+        i, j, kinds = self.sample(n, np.random.default_rng(s_pairs))
+        a = augment(self.pool[i], int(s_a.generate_state(1)[0]))
+        b = augment(self.pool[j], int(s_b.generate_state(1)[0]))
+        return PairBatch(i, j, kinds, torch.from_numpy(a), torch.from_numpy(b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data preparation
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ImagePool:
+    """Images fitted to the model input: ``images`` (N, S, S) float32, plus keys, groups and positions."""
+
+    images: np.ndarray
+    keys: list[str]
+    groups: list[str]
+    positions: list[int]
+
+    def subset(self, idx: Sequence[int]) -> ImagePool:
+        idx = list(idx)
+        return ImagePool(self.images[idx], [self.keys[k] for k in idx], [self.groups[k] for k in idx],
+                         [self.positions[k] for k in idx])
+
+
+def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str = "images") -> ImagePool:
+    """Collect ``images`` (see :func:`deepssim_fast.model.collect_images`) and fit them to the model input."""
+    arrays, metas = collect_images(images, policy=policy, what=what)
+    keys, groups, positions = [], [], []
+    for k, m in enumerate(metas):
+        if m is None:
+            keys.append(str(k))
+            groups.append(what)
+            positions.append(k)
+        else:
+            keys.append(m.key)
+            groups.append(f"{m.source}#{m.axis}")
+            positions.append(int(m.index))
+    fitted = np.stack([fit_size(a, config.input_size, config.size_policy) for a in arrays]) if arrays else \
+        np.zeros((0, config.input_size, config.input_size), np.float32)
+    return ImagePool(fitted, keys, groups, positions)
+
+
+def _key_index(pool: ImagePool) -> dict[str, int]:
+    idx: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for k, key in enumerate(pool.keys):
+        aliases = {key, str(k)}
+        src = key.split("#", 1)[0]
+        if "#" in key:
+            aliases |= {src, Path(src).name, Path(src).stem}
+            if Path(src).name.endswith(".nii.gz"):
+                aliases.add(Path(src).name[:-7])
+        for a in aliases:
+            if a in idx and idx[a] != k:
+                ambiguous.add(a)
+            idx.setdefault(a, k)
+    for a in ambiguous:
+        idx.pop(a, None)
+    for k, key in enumerate(pool.keys):
+        idx[key] = k
+    return idx
+
+
+def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[tuple[int, int, float]]]:
+    """Read a reference pairs CSV (real_key, synth_key, ssim, split) -> {split: [(i, j, ssim)]}.
+
+    Keys must name images of ``pool`` (Slice key, file name, stem or list position); an unknown key is an
+    error naming the row.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pairs CSV {p}: no such file")
+    idx = _key_index(pool)
+    out: dict[str, list[tuple[int, int, float]]] = {}
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"real_key", "synth_key", "ssim", "split"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise ValueError(f"pairs CSV {p}: expected columns {sorted(need)}, got {reader.fieldnames}")
+        for row_no, row in enumerate(reader, start=2):
+            a, b = row["real_key"].strip(), row["synth_key"].strip()
+            for key in (a, b):
+                if key not in idx:
+                    raise ValueError(f"pairs CSV {p} line {row_no}: key {key!r} matches no image "
+                                     f"(known keys look like {pool.keys[:3]})")
+            try:
+                s = float(row["ssim"])
+            except ValueError:
+                raise ValueError(f"pairs CSV {p} line {row_no}: ssim {row['ssim']!r} is not a number"
+                                 ) from None
+            split = row["split"].strip().lower()
+            split = "val" if split in ("val", "valid", "validation") else split
+            out.setdefault(split, []).append((idx[a], idx[b], s))
+    if not out.get("train"):
+        raise ValueError(f"pairs CSV {p}: no rows with split == 'train'")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation and evaluation
+# ----------------------------------------------------------------------------------------------------------
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@dataclass
+class FixedPairs:
+    """A fixed, already augmented evaluation set: images a, b (P, S, S), targets (P,), kinds."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    targets: torch.Tensor
+    kinds: list[str]
+
+
+def fixed_pairs(pool: ImagePool, n_pairs: int, seed: int, *, mix: Sequence[float] = (0.5, 0.25, 0.25),
+                pairs: Sequence[tuple[int, int]] | None = None, augment: bool = True,
+                chunk: int = 256) -> FixedPairs:
+    """Draw ``n_pairs`` pairs from ``pool`` (random/neighbour/copy, augmented) with their SSIM targets."""
+    sampler = PairSampler(pool.images, pool.groups, pool.positions, mix=mix, pairs=pairs)
+    aug = Augmenter(enabled=augment)
+    ss = np.random.SeedSequence([int(seed), 0x7A11])
+    parts = []
+    for c, child in enumerate(ss.spawn(max(1, math.ceil(n_pairs / chunk)))):
+        n = min(chunk, n_pairs - c * chunk)
+        if n <= 0:
+            break
+        parts.append(sampler.batch(n, child, aug))
+    a = torch.cat([p.a for p in parts])
+    b = torch.cat([p.b for p in parts])
+    kinds = [k for p in parts for k in p.kinds]
+    return FixedPairs(a, b, ssim_targets(a, b), kinds)
+
+
+def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, batch_size: int = 64,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Cosine similarity (P,) float32 of the model's embeddings of pairs a[k], b[k] ((P, S, S) raw images)."""
+    dev = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for s in range(0, a.shape[0], batch_size):
+                xa = zscore_batch(a[s:s + batch_size]).unsqueeze(1).to(dev)
+                xb = zscore_batch(b[s:s + batch_size]).unsqueeze(1).to(dev)
+                out.append(F.cosine_similarity(model(xa), model(xb), dim=1).float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(model: torch.nn.Module, images: Any = None, *, pairs: FixedPairs | None = None,
+             n_pairs: int = 512, seed: int = 0, mix: Sequence[float] = (0.5, 0.25, 0.25), policy: Any = None,
+             batch_size: int = 64, device: str | torch.device | None = None) -> dict[str, Any]:
+    """MAE, MSE and Pearson r of the model's cosine against SSIM on augmented pairs of ``images``.
+
+    Either ``images`` (pairs are drawn as in training: random, neighbour and copies, augmented, seeded by
+    ``seed``) or a ready :class:`FixedPairs`. Returns ``{"mae", "mse", "r", "n", "by_kind", "target_hist"}``.
+    """
+    if pairs is None:
+        if images is None:
+            raise ValueError("evaluate: give images or pairs")
+        pool = make_pool(images, model.config, policy=policy, what="eval images")
+        if pool.images.shape[0] < 2:
+            raise ValueError(f"evaluate: need at least 2 images, got {pool.images.shape[0]}")
+        pairs = fixed_pairs(pool, n_pairs, seed, mix=mix)
+    dev = torch.device(device) if device is not None else None
+    cos = predict_pairs(model, pairs.a, pairs.b, batch_size=batch_size, device=dev).numpy().astype(np.float64)
+    t = pairs.targets.numpy().astype(np.float64)
+    err = cos - t
+    by_kind = {}
+    kinds = np.asarray(pairs.kinds)
+    for k in sorted(set(pairs.kinds)):
+        m = kinds == k
+        by_kind[k] = {"n": int(m.sum()), "mae": float(np.abs(err[m]).mean()),
+                      "target_mean": float(t[m].mean())}
+    return {"mae": float(np.abs(err).mean()), "mse": float((err ** 2).mean()), "r": _pearson(cos, t),
+            "n": int(t.size), "by_kind": by_kind,
+            "target_hist": np.histogram(np.clip(t, HIST_EDGES[0], HIST_EDGES[-1]), HIST_EDGES)[0].tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+_LOG_FIELDS = ["step", "epoch", "loss", "mae", "lr", "t_data", "t_target", "t_model", "val_loss", "val_mae",
+               "val_r"]
+
+
+class _Logger:
+    def __init__(self, out: Path | None, tensorboard: bool, append: bool) -> None:
+        self.path = out / "log.csv" if out else None
+        self.tb = None
+        if self.path is not None and not (append and self.path.exists()):
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(_LOG_FIELDS)
+        if tensorboard:
+            if out is None:
+                raise ValueError("tensorboard=True needs out= (the events go to out/tensorboard)")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("tensorboard=True needs the tensorboard package: pip install tensorboard"
+                                   ) from exc
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def row(self, r: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow(["" if r.get(k) is None else r[k] for k in _LOG_FIELDS])
+        if self.tb is not None:
+            for k in ("loss", "mae", "lr", "val_loss", "val_mae", "val_r"):
+                if r.get(k) is not None:
+                    self.tb.add_scalar(k, r[k], r["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _lr_at(step: int, base: float, total: int, schedule: str, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B11])).permutation(n)
+    n_val = int(round(n * fraction))
+    if n_val == 0 or n - n_val < 2:
+        return np.sort(perm), np.zeros(0, dtype=np.int64)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.PathLike | None = None,
+          max_steps: int | None = None, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
+          weight_decay: float = 1e-3, emb_dim: int = 256, val_images: Any = None,
+          out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int = 42,
+          device: str | torch.device | None = None, input_size: int | None = None, size_policy: str = "fit",
+          freeze_stages: bool = False, pairs_csv: str | os.PathLike | None = None, policy: Any = None,
+          val_fraction: float = 0.1, val_pairs: int = 256, val_every: int | None = None,
+          pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str = "constant",
+          warmup_steps: int = 0, grad_clip: float = 1.0, time_limit: float | None = None,
+          cpu_time_limit: float | None = None, progress: bool = True, tensorboard: bool = False
+          ) -> DeepSSIMNet:
+    """Train a DeepSSIM encoder; returns the model with the best validation weights (eval mode).
+
+    images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
+                  paths (PNG, .npy, NIfTI cut by ``policy``, a :class:`~deepssim_fast.data.SlicePolicy`).
+                  At least 2 images.
+    backbone:     ``convnext_base`` (paper), ``convnext_tiny``, ``resnet18`` or ``small``.
+    pretrained:   LOCAL torchvision ImageNet state_dict file for the backbone (never downloaded).
+    max_steps:    number of optimizer steps; overrides ``epochs`` (an epoch is ceil(n_train / batch_size)
+                  steps, each image being the first of a pair once per epoch on average).
+    val_images:   validation images; default: ``val_fraction`` of ``images``, chosen by ``seed``.
+    out:          directory for ``best.pt``, ``last.pt``, ``log.csv`` (and TensorBoard events).
+    resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored
+                  and training continues to ``max_steps``/``epochs`` on the same loss curve.
+    input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model`.
+    pairs_csv:    reference pairs CSV (real_key, synth_key, ssim, split) defining the pairs to train on.
+    val_pairs:    number of fixed validation pairs; ``val_every``: validate every that many steps (default
+                  once per epoch, and at the end).
+    pair_mix:     weights of (random, neighbour-slice, augmented-copy) pairs.
+    lr_schedule:  ``"constant"`` (default, as the reference) or ``"cosine"`` decay to 0 over the run, after
+                  ``warmup_steps`` of linear warm-up.
+    time_limit:   stop at the first step boundary after this many seconds (not reproducible; for budgets).
+    cpu_time_limit: the same in CPU seconds of this process (all threads): e.g. 600 = "5 minutes on 2 cores",
+                  a budget that does not shrink when the machine is shared.
+
+    The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv``) and
+    ``model.best_val`` (lowest validation loss, or None).
+    """
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 2):
+        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    if max_steps is not None and not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
+        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+    if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    dev = _resolve_device(device)
+    ck = None
+    if resume is not None:
+        ck = read_checkpoint(resume)
+        config = ModelConfig.from_dict(ck["config"])
+        if config.backbone != backbone:
+            logger.info("resume: backbone %r from the checkpoint (argument said %r)", config.backbone,
+                        backbone)
+        model = DeepSSIMNet(config)
+        model.load_state_dict(ck["model"], strict=True)
+        if config.freeze_stages:
+            model.freeze_stages()
+        seed = int(ck.get("seed", seed))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))  # the initial weights are part of the seeded run
+            model = build_model(backbone, pretrained=pretrained, emb_dim=emb_dim, input_size=input_size,
+                                size_policy=size_policy, freeze_stages=freeze_stages)
+        config = model.config
+    model.to(dev)
+
+    pool = make_pool(images, config, policy=policy)
+    if pool.images.shape[0] < 2:
+        raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}")
+    csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None
+    if csv_pairs is not None:
+        train_pool, sampler_pairs = pool, [(i, j) for i, j, _ in csv_pairs["train"]]
+        val_pool = pool if csv_pairs.get("val") else None
+        val_list = [(i, j) for i, j, _ in csv_pairs.get("val", [])]
+    else:
+        sampler_pairs, val_list = None, None
+        if val_images is not None:
+            train_pool = pool
+            val_pool = make_pool(val_images, config, policy=policy, what="val_images")
+            if val_pool.images.shape[0] < 2:
+                raise ValueError(f"val_images needs at least 2 images, got {val_pool.images.shape[0]}")
+        else:
+            tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
+            train_pool = pool.subset(tr)
+            val_pool = pool.subset(va) if va.size >= 2 else None
+    sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
+                          pairs=sampler_pairs)
+    aug = Augmenter(enabled=augment)
+    val_set = None
+    if val_pool is not None:
+        n_val = len(val_list) if val_list else val_pairs
+        val_set = fixed_pairs(val_pool, n_val, seed, mix=pair_mix, pairs=val_list or None, augment=augment)
+        vt = np.clip(val_set.targets.numpy(), HIST_EDGES[0], HIST_EDGES[-1])
+        logger.info("validation: %d pairs, target histogram %s on edges %s", n_val,
+                    np.histogram(vt, HIST_EDGES)[0].tolist(), np.round(HIST_EDGES, 2).tolist())
+
+    n_train = len(sampler_pairs) if sampler_pairs is not None else train_pool.images.shape[0]
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    total = int(max_steps) if max_steps is not None else steps_per_epoch * int(epochs)
+    every = int(val_every) if val_every else steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    step, best_val = 0, None
+    if ck is not None:
+        opt.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        best_val = ck.get("best_val")
+        logger.info("resumed from %s at step %d", resume, step)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = _Logger(out_dir, tensorboard, append=ck is not None)
+    history: list[dict] = []
+    hist_counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
+    best_state = None
+    logger.info("training %s on %d images (%d val) for %d steps (%d per epoch), batch %d, device %s, "
+                "SSIM targets by %s", config.backbone, train_pool.images.shape[0],
+                0 if val_pool is None else val_pool.images.shape[0], total, steps_per_epoch, batch_size, dev,
+                _ssim_engine()[1])
+
+    def checkpoint(name: str) -> None:
+        if out_dir is None:
+            return
+        save_checkpoint(out_dir / name, model, optimizer=opt.state_dict(), step=step, seed=int(seed),
+                        best_val=best_val, epoch=step // steps_per_epoch,
+                        train_args={"batch_size": int(batch_size), "lr": float(lr),
+                                    "weight_decay": float(weight_decay), "lr_schedule": lr_schedule,
+                                    "warmup_steps": int(warmup_steps), "total_steps": int(total),
+                                    "pair_mix": [float(m) for m in pair_mix]})
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    def make_batch(at: int) -> PairBatch:
+        # every random draw of step `at` comes from (seed, at): pairs and augmentations here, torch below
+        return sampler.batch(batch_size, np.random.SeedSequence([int(seed), int(at)]).spawn(2)[0], aug)
+
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepssim-pairs")
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    pending = None
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            model.train()
+            bar = tqdm(total=total, initial=step, desc=f"train {config.backbone}", unit="step",
+                       disable=None if progress else True)
+            pending = prefetch.submit(make_batch, step) if step < total else None
+            while step < total:
+                s_torch = np.random.SeedSequence([int(seed), int(step)]).spawn(2)[1]
+                torch.manual_seed(int(s_torch.generate_state(1, np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF))
+                t0 = time.perf_counter()
+                pb = pending.result()
+                pending = prefetch.submit(make_batch, step + 1) if step + 1 < total else None
+                t1 = time.perf_counter()
+                pa, pb_ = pb.a.to(dev, non_blocking=True), pb.b.to(dev, non_blocking=True)
+                target = ssim_targets(pa, pb_)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t2 = time.perf_counter()
+                cur_lr = _lr_at(step, lr, total, lr_schedule, warmup_steps)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                x = zscore_batch(torch.cat([pa, pb_])).unsqueeze(1)
+                emb = model(x)
+                cos = F.cosine_similarity(emb[:batch_size], emb[batch_size:], dim=1)
+                loss = F.mse_loss(cos, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t3 = time.perf_counter()
+                step += 1
+                tnp = target.detach().cpu().numpy()
+                hist_counts += np.histogram(np.clip(tnp, HIST_EDGES[0], HIST_EDGES[-1]), HIST_EDGES)[0]
+                row = {"step": step, "epoch": (step - 1) // steps_per_epoch, "loss": float(loss.detach()),
+                       "mae": float((cos.detach() - target).abs().mean()), "lr": cur_lr, "t_data": t1 - t0,
+                       "t_target": t2 - t1, "t_model": t3 - t2, "val_loss": None, "val_mae": None,
+                       "val_r": None}
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"training diverged at step {step}: loss {row['loss']}")
+                timed_out = ((time_limit is not None and time.perf_counter() - t_start >= time_limit)
+                             or (cpu_time_limit is not None
+                                 and time.process_time() - cpu_start >= cpu_time_limit))
+                if val_set is not None and (step % every == 0 or step == total or timed_out):
+                    ev = evaluate(model, pairs=val_set, batch_size=max(batch_size, 64))
+                    row.update(val_loss=ev["mse"], val_mae=ev["mae"], val_r=ev["r"])
+                    if best_val is None or ev["mse"] < best_val:
+                        best_val = ev["mse"]
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        checkpoint("best.pt")
+                    logger.info("step %d: val mse %.5f mae %.4f r %.4f; training targets so far: "
+                                "histogram %s", step, ev["mse"], ev["mae"], ev["r"], hist_counts.tolist())
+                if step % steps_per_epoch == 0:
+                    logger.debug("epoch %d done at step %d", step // steps_per_epoch, step)
+                history.append(row)
+                log.row(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}")
+                bar.update(1)
+                if row["val_loss"] is not None or step == total or timed_out:
+                    checkpoint("last.pt")
+                if timed_out:
+                    logger.info("time limit reached at step %d (%.0f s wall, %.0f CPU-s)", step,
+                                time.perf_counter() - t_start, time.process_time() - cpu_start)
+                    break
+            bar.close()
+    finally:
+        if pending is not None:
+            pending.cancel()
+        prefetch.shutdown(wait=True)
+        log.close()
+    logger.info("target histogram (all training pairs): %s on edges %s", hist_counts.tolist(),
+                np.round(HIST_EDGES, 2).tolist())
+    best_file = out_dir / "best.pt" if out_dir is not None else None
+    if best_state is None and best_val is not None and best_file is not None and best_file.is_file():
+        best_state = read_checkpoint(best_file)["model"]
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    model.history = history
+    model.best_val = best_val
+    return model

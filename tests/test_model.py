@@ -1,0 +1,363 @@
+"""The DeepSSIM encoder: backbones and head, torchvision keys, freezing, TorchScript, embed, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from deepssim_fast import data
+from deepssim_fast.model import (
+    ModelFileError,
+    build_model,
+    cosine_pairs,
+    embed,
+    embed_volume,
+    fit_size,
+    load_model,
+    preprocess,
+)
+
+FEAT = {"convnext_base": 1024, "convnext_tiny": 768, "resnet18": 512, "small": 256}
+
+
+def _assert_close(a: np.ndarray, b: np.ndarray, atol: float, what: str) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+    bad = np.argwhere(~np.isclose(a, b, atol=atol, rtol=0))
+    assert bad.size == 0, (f"{what}: {len(bad)} mismatches, first at {tuple(bad[0])}: "
+                           f"{a[tuple(bad[0])]} vs {b[tuple(bad[0])]}")
+
+
+@pytest.fixture(scope="module")
+def real_images() -> list[np.ndarray]:
+    sl = data.load_slices("mni152", data.SlicePolicy(axis=2, step=9))
+    return [s.array for s in sl]
+
+
+@pytest.fixture(scope="module")
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    m = build_model("small", input_size=64)
+    # give BatchNorm non-trivial running statistics so eval mode is exercised for real
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(8, 1, 64, 64))
+    return m.eval()
+
+
+# ---------------------------------------------------------------------------------------------- layout
+@pytest.fixture(scope="module")
+def convnext_base() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("convnext_base", input_size=32).eval()
+
+
+@pytest.mark.parametrize("backbone", ["small", "resnet18", "convnext_tiny", "convnext_base"])
+def test_backbone_shapes_and_head_layout(backbone: str, request) -> None:
+    torch.manual_seed(0)
+    if backbone == "convnext_base":
+        m = request.getfixturevalue("convnext_base")
+    else:
+        size = 32 if backbone.startswith("convnext") else 64
+        m = build_model(backbone, input_size=size, emb_dim=256).eval()
+    head = list(m.head)
+    assert [type(h) for h in head] == [nn.BatchNorm1d, nn.Linear, nn.GELU, nn.Dropout, nn.Linear]
+    assert head[0].num_features == FEAT[backbone] == m.feat_dim
+    assert (head[1].in_features, head[1].out_features) == (FEAT[backbone], 512)
+    assert head[3].p == pytest.approx(0.33)
+    assert (head[4].in_features, head[4].out_features) == (512, 256)
+    assert isinstance(m.pool, nn.AdaptiveAvgPool2d)
+    s = m.config.input_size
+    x1 = torch.randn(3, 1, s, s)
+    with torch.no_grad():
+        e1 = m(x1)
+        e3 = m(x1.repeat(1, 3, 1, 1))
+        feats = m.backbone(x1.repeat(1, 3, 1, 1))
+    assert e1.shape == (3, 256) and e1.dtype == torch.float32
+    assert feats.shape[:2] == (3, FEAT[backbone])
+    # grayscale is repeated to 3 channels: identical to giving the 3 channels
+    _assert_close(e1.numpy(), e3.numpy(), 1e-6, "1-channel vs repeated 3-channel")
+
+
+def test_default_input_sizes_and_emb_dim() -> None:
+    assert build_model("small").config.input_size == 128
+    m = build_model("small", emb_dim=64, input_size=64).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, 1, 64, 64)).shape == (2, 64)
+
+
+def _torchvision_convnext_keys(depths: tuple[int, ...], dims: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The key names and shapes of torchvision's convnext_* state_dict, written out from its layout."""
+    k: dict[str, tuple[int, ...]] = {"features.0.0.weight": (dims[0], 3, 4, 4),
+                                     "features.0.0.bias": (dims[0],),
+                                     "features.0.1.weight": (dims[0],), "features.0.1.bias": (dims[0],)}
+    for s, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
+        idx = 1 + 2 * s
+        for b in range(depth):
+            p = f"features.{idx}.{b}."
+            k[p + "layer_scale"] = (dim, 1, 1)
+            k[p + "block.0.weight"] = (dim, 1, 7, 7)
+            k[p + "block.0.bias"] = (dim,)
+            k[p + "block.2.weight"] = (dim,)
+            k[p + "block.2.bias"] = (dim,)
+            k[p + "block.3.weight"] = (4 * dim, dim)
+            k[p + "block.3.bias"] = (4 * dim,)
+            k[p + "block.5.weight"] = (dim, 4 * dim)
+            k[p + "block.5.bias"] = (dim,)
+        if s < 3:
+            k[f"features.{idx + 1}.0.weight"] = (dim,)
+            k[f"features.{idx + 1}.0.bias"] = (dim,)
+            k[f"features.{idx + 1}.1.weight"] = (dims[s + 1], dim, 2, 2)
+            k[f"features.{idx + 1}.1.bias"] = (dims[s + 1],)
+    k.update({"classifier.0.weight": (dims[3],), "classifier.0.bias": (dims[3],),
+              "classifier.2.weight": (1000, dims[3]), "classifier.2.bias": (1000,)})
+    return k
+
+
+def _torchvision_resnet18_keys() -> dict[str, tuple[int, ...]]:
+    def bn(p: str, c: int) -> dict[str, tuple[int, ...]]:
+        return {p + ".weight": (c,), p + ".bias": (c,), p + ".running_mean": (c,), p + ".running_var": (c,),
+                p + ".num_batches_tracked": ()}
+
+    k: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64)}
+    cin = 64
+    for layer, c in enumerate((64, 128, 256, 512), start=1):
+        for b in range(2):
+            p = f"layer{layer}.{b}"
+            k[p + ".conv1.weight"] = (c, cin if b == 0 else c, 3, 3)
+            k.update(bn(p + ".bn1", c))
+            k[p + ".conv2.weight"] = (c, c, 3, 3)
+            k.update(bn(p + ".bn2", c))
+            if b == 0 and layer > 1:
+                k[p + ".downsample.0.weight"] = (c, cin, 1, 1)
+                k.update(bn(p + ".downsample.1", c))
+        cin = c
+    k.update({"fc.weight": (1000, 512), "fc.bias": (1000,)})
+    return k
+
+
+def _fake_torchvision_file(tmp_path, keys: dict[str, tuple[int, ...]], name: str) -> tuple:
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for k, shape in keys.items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(7)
+        else:
+            sd[k] = torch.randn(shape, generator=g)
+    path = tmp_path / f"{name}-fake.pth"
+    torch.save(sd, path)
+    return path, sd
+
+
+@pytest.mark.parametrize("backbone", ["convnext_tiny", "resnet18"])
+def test_torchvision_state_dict_loads_strictly(tmp_path, backbone: str) -> None:
+    keys = _torchvision_convnext_keys((3, 3, 9, 3), (96, 192, 384, 768)) if backbone == "convnext_tiny" \
+        else _torchvision_resnet18_keys()
+    path, sd = _fake_torchvision_file(tmp_path, keys, backbone)
+    m = build_model(backbone, pretrained=path, input_size=32)
+    got = m.backbone.state_dict()
+    cls = "classifier." if backbone.startswith("convnext") else "fc."
+    assert set(got) == {k for k in keys if not k.startswith(cls)}
+    for k, v in got.items():
+        assert torch.equal(v, sd[k]), k
+    # a file missing one key, or with a foreign key, is refused and the key is named
+    broken = dict(sd)
+    missing = next(iter(k for k in keys if not k.startswith(cls)))
+    del broken[missing]
+    broken["features.99.weight"] = torch.zeros(1)
+    bad = tmp_path / "broken.pth"
+    torch.save(broken, bad)
+    with pytest.raises(ModelFileError, match="do not match") as ei:
+        build_model(backbone, pretrained=bad)
+    assert missing in str(ei.value) and "features.99.weight" in str(ei.value)
+
+
+def test_convnext_base_key_layout_matches_torchvision(convnext_base) -> None:
+    expected = _torchvision_convnext_keys((3, 3, 27, 3), (128, 256, 512, 1024))
+    m = convnext_base
+    got = {k: tuple(v.shape) for k, v in m.backbone.state_dict().items()}
+    assert got == {k: v for k, v in expected.items() if not k.startswith("classifier.")}
+
+
+def test_pretrained_is_never_downloaded(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        build_model("resnet18", pretrained=tmp_path / "resnet18-f37072fd.pth")
+    with pytest.raises(ValueError, match="no ImageNet weights"):
+        build_model("small", pretrained=tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("backbone,frozen,trainable", [
+    ("convnext_tiny", ("features.0.", "features.1."), ("features.2.", "features.3.", "features.7.")),
+    ("resnet18", ("conv1.", "bn1.", "layer1."), ("layer2.", "layer3.", "layer4.")),
+    ("small", ("features.0.", "features.1."), ("features.2.", "features.3.")),
+])
+def test_freeze_rule_is_stages_0_and_1(backbone: str, frozen: tuple, trainable: tuple) -> None:
+    m = build_model(backbone, input_size=32, freeze_stages=True)
+    for n, p in m.backbone.named_parameters():
+        if n.startswith(frozen):
+            assert not p.requires_grad, n
+        else:
+            assert p.requires_grad, n
+            assert not n.startswith(frozen)
+    assert any(n.startswith(trainable) for n, p in m.backbone.named_parameters() if p.requires_grad)
+    assert all(p.requires_grad for p in m.head.parameters())
+    if backbone == "convnext_tiny":
+        # the reference's rule ('0' in name or '1' in name) would also catch later stages
+        names = [n for n, _ in m.backbone.named_parameters()]
+        ref_rule = [n for n in names if "0" in n or "1" in n]
+        ours = [n for n, p in m.backbone.named_parameters() if not p.requires_grad]
+        assert any(n.startswith("features.5.") for n in ref_rule)
+        assert len(ref_rule) > 2 * len(ours)
+
+
+# ---------------------------------------------------------------------------------------------- export / load
+def test_torchscript_round_trip_identical_embeddings(tmp_path, small_model, real_images) -> None:
+    path = small_model.save_torchscript(tmp_path / "enc.pt")
+    ts = torch.jit.load(str(path))
+    x = preprocess(real_images[:5], small_model.config)
+    with torch.no_grad():
+        ref = small_model(x)
+        got = ts(x)
+        got3 = ts(x.repeat(1, 3, 1, 1))
+    assert got.shape == (5, 256)
+    assert torch.equal(ref, got), (ref - got).abs().max()
+    _assert_close(got3.numpy(), ref.numpy(), 1e-6, "torchscript 3-channel")
+    loaded = load_model(path)
+    assert loaded.config.input_size == 64 and loaded.config.backbone == "small"
+    e_ts = embed(real_images, loaded, progress=False)
+    e_m = embed(real_images, small_model, progress=False)
+    np.testing.assert_array_equal(e_ts, e_m)
+    # a path works as the model too
+    np.testing.assert_array_equal(embed(real_images, str(path), progress=False), e_m)
+    # re-export of a loaded TorchScript model keeps the behaviour
+    again = load_model(loaded.save_torchscript(tmp_path / "again.pt"))
+    np.testing.assert_array_equal(embed(real_images, again, progress=False), e_m)
+
+
+def test_foreign_torchscript_defaults(tmp_path) -> None:
+    class Plain(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, 0, :2, :4].flatten(1) + 10.0
+
+    p = tmp_path / "foreign.pt"
+    torch.jit.save(torch.jit.script(Plain()), str(p))
+    m = load_model(p, input_size=48)
+    assert m.config.input_size == 48 and m.config.size_policy == "resize"
+    e = embed([np.random.default_rng(0).random((50, 60), dtype=np.float32)], m, progress=False)
+    assert e.shape == (1, 8)
+    _assert_close(np.linalg.norm(e, axis=1), np.ones(1), 1e-6, "norm")
+
+
+def test_checkpoint_round_trip(tmp_path, small_model, real_images) -> None:
+    p = small_model.save_checkpoint(tmp_path / "m.pt", step=3)
+    raw = torch.load(p, weights_only=True)
+    assert raw["step"] == 3 and raw["config"]["backbone"] == "small"
+    loaded = load_model(p)
+    assert not loaded.training
+    np.testing.assert_array_equal(embed(real_images, loaded, progress=False),
+                                  embed(real_images, small_model, progress=False))
+
+
+def test_model_file_that_is_neither(tmp_path) -> None:
+    txt = tmp_path / "notes.pt"
+    txt.write_text("not a model")
+    with pytest.raises(ModelFileError, match="expected a deepssim_fast checkpoint"):
+        load_model(txt)
+    other = tmp_path / "list.pt"
+    torch.save([1, 2, 3], other)
+    with pytest.raises(ModelFileError, match="expected a deepssim_fast checkpoint"):
+        load_model(other)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_model(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------------------------------- embed
+def test_embed_conventions(small_model, real_images) -> None:
+    e = embed(real_images, small_model, batch_size=4, progress=False)
+    assert e.dtype == np.float32 and e.shape == (len(real_images), 256)
+    _assert_close(np.linalg.norm(e, axis=1), np.ones(len(real_images)), 1e-5, "row norms")
+    # batch size does not change the result; neither does the model's train/eval state before the call
+    small_model.train()
+    e1 = embed(real_images, small_model, batch_size=1, progress=False)
+    assert small_model.training, "embed must restore the caller's train/eval mode"
+    small_model.eval()
+    _assert_close(e1, e, 1e-5, "batch 1 vs batch 4")
+    # the same as running the network on the documented preprocessing by hand
+    with torch.no_grad():
+        x = preprocess(real_images, small_model.config)
+        manual = torch.nn.functional.normalize(small_model(x), dim=1)
+    _assert_close(e, manual.numpy(), 1e-5, "embed vs manual preprocessing")
+    # a stacked array, torch tensors, Slices and (1, H, W) give the same rows
+    fitted = [fit_size(a, 64, "fit") for a in real_images[:3]]
+    _assert_close(embed(np.stack(fitted), small_model, progress=False), e[:3], 1e-5, "stack")
+    as_tensors = [torch.from_numpy(a)[None] for a in fitted]
+    _assert_close(embed(as_tensors, small_model, progress=False), e[:3], 1e-5, "(1,H,W) tensors")
+    assert embed([], small_model, progress=False).shape == (0, 256)
+
+
+def test_embed_is_invariant_to_intensity_scale(small_model, real_images) -> None:
+    # per-image z-score: an affine change of intensities gives the same embedding
+    e = embed(real_images[:4], small_model, progress=False)
+    e2 = embed([3.0 * a + 100.0 for a in real_images[:4]], small_model, progress=False)
+    _assert_close(e, e2, 2e-4, "affine intensity change")
+
+
+def test_size_policies() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.random((70, 90), dtype=np.float32)
+    f = fit_size(img, 64, "fit")
+    np.testing.assert_array_equal(f, img[3:67, 13:77])
+    small = rng.random((20, 30), dtype=np.float32)
+    fp = fit_size(small, 32, "fit")
+    np.testing.assert_array_equal(fp[6:26, 1:31], small)
+    assert (fp[:6] == small.min()).all()
+    r = fit_size(img, 32, "resize")
+    assert r.shape == (32, 32) and r.dtype == np.float32
+    assert abs(float(r.mean()) - float(img.mean())) < 0.02
+    with pytest.raises(ValueError, match="size_policy"):
+        build_model("small", size_policy="stretch")
+
+
+def test_embed_volume_aggregation(small_model) -> None:
+    vol = data.load_volume("aniso_vox").array
+    pol = data.SlicePolicy(axis=2)
+    agg, per = embed_volume([vol, vol[::-1]], small_model, policy=pol, progress=False)
+    assert agg.shape == (2, 256) and len(per) == 2
+    slices = [s.array for s in data.volume_slices(vol, pol)]
+    direct = embed(slices, small_model, progress=False)
+    _assert_close(per[0], direct, 1e-6, "per-slice embeddings")
+    m = direct.mean(axis=0)
+    _assert_close(agg[0], m / np.linalg.norm(m), 1e-6, "mean of slice embeddings, renormalised")
+    single, _ = embed_volume(vol, small_model, policy=pol, progress=False)
+    _assert_close(single[0], agg[0], 1e-6, "one volume")
+    assert cosine_pairs(agg[:1], agg[:1])[0] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"volume 0: contains NaN"):
+        bad = vol.copy()
+        bad[3, 3, 3] = np.nan
+        embed_volume([bad], small_model, progress=False)
+    with pytest.raises(ValueError, match=r"expected a 3D array, got shape \(5, 5\)"):
+        embed_volume([np.ones((5, 5))], small_model, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_images_are_named(small_model, real_images) -> None:
+    imgs = [a.copy() for a in real_images[:3]]
+    imgs[1][10, 10] = np.nan
+    with pytest.raises(ValueError, match=r"images\[1\]: contains NaN"):
+        embed(imgs, small_model, progress=False)
+    with pytest.raises(ValueError, match=r"images\[0\].*shape \(2, 64, 64\)"):
+        embed([np.zeros((2, 64, 64), np.float32)], small_model, progress=False)
+    with pytest.raises(ValueError, match=r"shape \(4, 3, 64, 64\)"):
+        embed([np.zeros((4, 3, 64, 64), np.float32)], small_model, progress=False)
+    with pytest.raises(ValueError, match=r"3-channel image of shape \(3, 16, 16\) with different channels"):
+        embed([np.random.default_rng(0).random((3, 16, 16))], small_model, progress=False)
+    with pytest.raises(ValueError, match=r"got shape \(2, 2, 8, 8, 8\)"):
+        embed(np.zeros((2, 2, 8, 8, 8)), small_model, progress=False)
+    with pytest.raises(ValueError, match=r"got \[2, 2, 64, 64\]"):
+        small_model(torch.zeros(2, 2, 64, 64))
+    with pytest.raises(ValueError, match="batch_size"):
+        embed(real_images, small_model, batch_size=0, progress=False)
+    with pytest.raises(TypeError, match="model"):
+        embed(real_images, object(), progress=False)
