@@ -268,7 +268,7 @@ def test_killed_process_resumes_to_identical_outputs(
     """A real SIGKILL in the middle of the verification stage, then a rerun of the same command."""
     out = tmp_path / "out"
     code = (
-        "import sys, time; import deepssim_fast.audit as A\n"
+        "import importlib, sys, time; A = importlib.import_module('deepssim_fast.audit')\n"
         "orig = A._chunk_hook\n"
         "def slow(stage, index):\n"
         "    if stage == 'verify' and index >= 1: open(sys.argv[3] + '.ready', 'w').close(); time.sleep(60)\n"
