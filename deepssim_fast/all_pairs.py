@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from ._arrays import to_torch
+from ._atomic import atomic_write
 from .backends import ENV_VAR as _BACKEND_ENV
 from .backends import available as _available
 from .backends import resolve as _resolve
@@ -158,22 +158,13 @@ class AllPairsResult:
 
         The dense matrix, if any, is not saved (use ``out=`` for that).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, scores=self.scores, indices=self.indices, hist_counts=self.histogram[0],
-                         hist_edges=self.histogram[1],
-                         class_counts=np.array([self.class_counts[c] for c in CLASS_NAMES], dtype=np.int64),
-                         train_hits=self.train_hits, thresholds=np.array(self.thresholds, dtype=np.float64),
-                         sizes=np.array([self.n_train, self.n_synth, self.k], dtype=np.int64),
-                         backend=np.array(self.backend))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        return atomic_write(path, lambda f: np.savez(
+            f, scores=self.scores, indices=self.indices, hist_counts=self.histogram[0],
+            hist_edges=self.histogram[1],
+            class_counts=np.array([self.class_counts[c] for c in CLASS_NAMES], dtype=np.int64),
+            train_hits=self.train_hits, thresholds=np.array(self.thresholds, dtype=np.float64),
+            sizes=np.array([self.n_train, self.n_synth, self.k], dtype=np.int64),
+            backend=np.array(self.backend)))
         return path
 
     @classmethod

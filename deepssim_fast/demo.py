@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_write_bytes
 from .data import SlicePolicy, center_fit, load_volume, volume_slices
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
     if path.exists() and path.read_bytes() == buf.getvalue():
         return  # unchanged: keep the mtime so the audit's caches stay valid
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _shift(img: np.ndarray, d: tuple[int, int]) -> np.ndarray:

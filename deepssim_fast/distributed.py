@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._arrays import to_numpy
+from ._atomic import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -434,9 +435,7 @@ class _Checkpoints:
                     "k": opts["k"], "thresholds": list(opts["thresholds"]), "bins": opts["bins"],
                     "backend": opts.get("backend"), "shards": [s.name for s in shards]}
         path = self.dir / f"allpairs-{key}.json"
-        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
 
     def path(self, shard: Shard) -> Path:
         return self.dir / f"allpairs-{self.key}-{shard.name}.npz"

@@ -56,7 +56,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -69,6 +68,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ._atomic import atomic_write as _atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -467,23 +468,6 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLik
 def _jit_save(module: Any, f: Any, extra: dict[str, str]) -> None:
     with _quiet_jit():
         torch.jit.save(module, f, _extra_files=extra)
-
-
-def _atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
 
 
 def save_checkpoint(path: str | os.PathLike, model: DeepSSIMNet, **state: Any) -> Path:

@@ -22,19 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_write_bytes as _atomic_bytes
+
 logger = logging.getLogger(__name__)
 
 _PNG_META = {"Software": None}  # keep the PNG bytes independent of the matplotlib build string
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _pyplot():

@@ -221,3 +221,22 @@ def test_cli_doctor_lists_backends():
                           check=True).stdout
     for word in ("native", "torch", "triton", "cuda", "cupy"):
         assert word in text
+
+
+# ---------------------------------------------------------------- atomic writes
+def test_atomic_write_replaces_whole_file_and_cleans_up_on_failure(tmp_path):
+    from deepssim_fast._atomic import atomic_write, atomic_write_bytes
+
+    p = tmp_path / "sub" / "out.bin"
+    atomic_write_bytes(p, b"first")
+    atomic_write_bytes(p, b"second")
+    assert p.read_bytes() == b"second"
+
+    def boom(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(p, boom)
+    assert p.read_bytes() == b"second", "a failed write leaves the old file untouched"
+    assert sorted(x.name for x in p.parent.iterdir()) == ["out.bin"], "no temporary file is left behind"
