@@ -279,15 +279,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    # The benchmarks live beside the package in a source checkout (bench/), which a console script does
+    # not have on sys.path: look for it next to the installed package, then in the working directory.
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "bench" / "__main__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
     try:
         from bench.__main__ import main as bench_main
     except ImportError:
         raise RuntimeError(
             "the benchmarks live in the source checkout (bench/): run this from a clone of "
-            "the repository, e.g. `cd deepssim_fast && deepssim-fast bench`"
+            "the repository, e.g. `cd deepssim_fast && deepssim-fast bench --quick`"
         ) from None
-    argv = list(args.names) + (["--quick"] if args.quick else [])
-    return int(bench_main(argv) or 0)
+    return int(bench_main(list(args.bench_args)) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,16 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=_cmd_demo)
 
-    b = sub.add_parser("bench", help="run the benchmarks (source checkout only)")
-    b.add_argument("names", nargs="*", help="benchmark names (default: all)")
-    b.add_argument("--quick", action="store_true")
+    b = sub.add_parser("bench", help="run the benchmarks (source checkout only)", add_help=False,
+                       description="Arguments go to `python -m bench`: [NAMES] [--quick] [--no-append] [--list] ...")
+    b.add_argument("bench_args", nargs="*", help="arguments of `python -m bench` (try --help)")
     b.set_defaults(func=_cmd_bench)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` belongs to `python -m bench`
+        args.bench_args = list(args.bench_args) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
