@@ -407,11 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "bench":  # everything after `bench` belongs to `python -m bench`
-        args.bench_args = list(args.bench_args) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "bench":  # everything after `bench` belongs to `python -m bench`, verbatim
+        cut = argv.index("bench") + 1
+        args = parser.parse_args(argv[:cut])
+        args.bench_args = argv[cut:]
+    else:
+        args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
