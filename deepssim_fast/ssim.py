@@ -11,9 +11,11 @@ scikit-image's ``gaussian_weights=True`` (σ 1.5, 11 taps), which pytorch-msssim
 
 Backends (``backend=`` or ``$DEEPSSIM_FAST_BACKEND``; default by where the data lives):
 
-* ``"native"`` — C++ (``csrc/ssim.cpp``): separable fp32 window passes that centre every lane on its
-  window's middle value (law of total variance, so E[x²] − E[x]² never cancels), AVX2/FMA, fp64 map sums,
-  threads over pairs (2D) or rows/planes (few pairs, 3D), GIL released.
+* ``"native"`` — C++ (``csrc/ssim.cpp``): uniform windows (2D and 3D) use O(1)-per-pixel running (box)
+  sums in fp64 (exact enough that E[x²] − E[x]² does not cancel; ``DEEPSSIM_FAST_SSIM_BOX=0`` turns them
+  off); Gaussian windows and ``ssim_matrix`` use separable fp32 window passes that centre every lane on its
+  window's middle value (law of total variance). AVX2/FMA, fp64 map sums, threads over pairs (2D) or
+  rows/planes (few pairs, 3D), GIL released.
 * ``"torch"`` — vectorised torch in float64 (CPU or GPU), separable grouped convolutions.
 * ``"triton"`` — ``kernels/ssim.py``: one fused launch per batch (CUDA; or ``TRITON_INTERPRET=1`` on CPU).
 """
@@ -202,7 +204,7 @@ def _run_pairs(
             )
         except ValueError as exc:
             _raise_nonfinite(exc, tx, ty, p, names)
-        return torch.from_numpy(res)
+        return _repair_nonfinite(torch.from_numpy(res), xf, yf, ix, iy, p, in_dtype)
     sc.check_finite(tx, names[0], p)
     sc.check_finite(ty, names[1], p)
     tix = torch.from_numpy(ix).to(xf.device)
@@ -211,7 +213,35 @@ def _run_pairs(
         return _torch_pairs(xf, yf, tix, tiy, p, in_dtype)
     from .kernels import ssim as ks
 
-    return ks.ssim_pairs(xf, yf, tix, tiy, p, in_dtype=in_dtype)
+    res = ks.ssim_pairs(xf, yf, tix, tiy, p, in_dtype=in_dtype)
+    return _repair_nonfinite(res, xf, yf, ix, iy, p, in_dtype)
+
+
+def _repair_nonfinite(
+    res: torch.Tensor,
+    xf: torch.Tensor,
+    yf: torch.Tensor,
+    ix: np.ndarray,
+    iy: np.ndarray,
+    p: sc.SSIMParams,
+    in_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Recompute, in float64 torch, the pairs whose fp32 score is not finite (values so large or small that
+    their squares or C1/C2 leave the float32 range), so no NaN escapes. ``res`` is (P,), indexed like ix/iy."""
+    bad = ~torch.isfinite(res)
+    if not bool(bad.any()):
+        return res
+    sel = torch.nonzero(bad).flatten()
+    logger.debug("ssim: %d pair(s) left the float32 range; recomputing them in float64", sel.numel())
+    idx = sel.cpu().numpy()
+    fix = _torch_pairs(xf, yf, torch.from_numpy(ix[idx]).to(xf.device), torch.from_numpy(iy[idx]).to(yf.device),
+                       p, in_dtype)
+    if not bool(torch.isfinite(fix).all()):
+        first = int(idx[int(torch.nonzero(~torch.isfinite(fix))[0])])
+        raise ValueError(f"ssim: the score of pair {first} is not finite even in float64 (values out of range?)")
+    res = res.clone()
+    res[sel] = fix.to(res.device, res.dtype)
+    return res
 
 
 def ssim(
@@ -425,7 +455,11 @@ def ssim_matrix(
                         _raise_nonfinite(exc, tA[i0:i1], tB[j0:j1], p, names=("A", "B"))
                         raise
                     if not np.isfinite(block).all():
-                        raise ValueError("ssim_matrix: non-finite score (inputs overflow float32?)")
+                        ii, jj = np.meshgrid(np.arange(i1 - i0), np.arange(j1 - j0), indexing="ij")
+                        block = _repair_nonfinite(
+                            torch.from_numpy(block.ravel().astype(np.float64)), tA[i0:i1].cpu(), tB[j0:j1].cpu(),
+                            ii.ravel(), jj.ravel(), p, tA.dtype,
+                        ).numpy().astype(np.float32).reshape(i1 - i0, j1 - j0)
                 else:
                     ii, jj = np.meshgrid(np.arange(i1 - i0), np.arange(j1 - j0), indexing="ij")
                     res = _run_pairs(

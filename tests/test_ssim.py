@@ -5,6 +5,8 @@ Triton runs interpreted in tests/test_ssim_triton.py (a subprocess, so this proc
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -414,7 +416,7 @@ def test_matrix_out_memmap_and_array(tmp_path, mri_slices):
 
 
 def test_matrix_tiles_and_3d(monkeypatch, mri_slices):
-    import deepssim_fast.ssim as mod
+    mod = importlib.import_module("deepssim_fast.ssim")
 
     A, B = mri_slices[:5], mri_slices[1:]
     whole = ssim_matrix(A, B, progress=False)
@@ -425,3 +427,153 @@ def test_matrix_tiles_and_3d(monkeypatch, mri_slices):
     M3 = ssim_matrix(V, V[:2], spatial_dims=3, progress=False)
     assert_close(M3, ssim(V[:, None], V[None, :2], spatial_dims=3), tol=1e-6, what="3D matrix")
     assert abs(M3[0, 0] - 1.0) < 1e-6
+
+
+# ---------------------------------------------------------------- native uniform-window running-sum kernel
+# 2D uniform windows run on fp64 running (box) sums over segment-interleaved rows (csrc/ssim.cpp,
+# box2d_rows_t); DEEPSSIM_FAST_SSIM_BOX=0 switches back to the separable locally-centred fp32 kernel, so
+# both stay tested. Widths cover every segment/lane split (Wo = W - K + 1 not a multiple of 4, Wo < 4).
+
+
+def _skimage_uniform(x, y, win_size, data_range=None, preset=None):
+    out = []
+    for a, b in zip(x.astype(np.float64), y.astype(np.float64), strict=True):
+        if preset == "deepssim":
+            a = (a - a.mean()) / a.std()
+            b = (b - b.mean()) / b.std()
+            dr = a.max() - a.min()
+        else:
+            dr = data_range if data_range is not None else max(a.max(), b.max()) - min(a.min(), b.min())
+        out.append(skm.structural_similarity(a, b, win_size=win_size, data_range=dr))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("level", ["scalar", "auto"])
+@pytest.mark.parametrize("box", ["1", "0"], ids=["box", "separable"])
+@pytest.mark.parametrize("win_size", [3, 7, 9])
+def test_box_kernel_odd_widths_vs_skimage(monkeypatch, level, box, win_size):
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)
+    rng = np.random.default_rng(1000 + win_size)
+    try:
+        _native.set_simd_level(level)
+        for h, w in [(9, 9), (10, 11), (12, 13), (17, 33), (23, 41), (31, 130)]:
+            if min(h, w) < win_size:
+                continue
+            x, y = random_pair(rng, (6, h, w), np.float32)
+            for kw in ({}, dict(data_range=12.0), dict(preset="deepssim")):
+                want = _skimage_uniform(x, y, win_size, kw.get("data_range"), kw.get("preset"))
+                many = ssim(x, y, spatial_dims=2, win_size=win_size, **kw)  # pair-parallel path
+                # one pair per call: the row-band (threads inside a pair) path
+                one = np.array([ssim(x[i], y[i], win_size=win_size, **kw) for i in range(len(x))])
+                assert_close(many, want, what=f"{level} box={box} {h}x{w} K={win_size} {kw} batch")
+                assert_close(one, want, what=f"{level} box={box} {h}x{w} K={win_size} {kw} single")
+    finally:
+        _native.set_simd_level("auto")
+
+
+@pytest.mark.parametrize("level", ["scalar", "auto"])
+def test_box_kernel_real_mri_flat_backgrounds(monkeypatch, level, mri_slices):
+    """Real MRI with its flat background, offset far from 0 (fp32 ulp 2e-3 there) and z-scored: the running
+    sums must not drift. The box and the separable kernel agree and both match scikit-image."""
+    rng = np.random.default_rng(21)
+    x = mri_slices
+    cases = {name: y for name, y in variants(x, rng).items() if name in ("shifted", "noisy", "neighbour")}
+    try:
+        _native.set_simd_level(level)
+        for name, y in cases.items():
+            for offset in (0.0, 20000.0):
+                xo, yo = (x + offset).astype(np.float32), (y + offset).astype(np.float32)
+                for kw in ({}, dict(preset="deepssim")):
+                    want = _skimage_uniform(xo, yo, 7, preset=kw.get("preset"))
+                    got = {}
+                    for box in ("1", "0"):
+                        monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)
+                        got[box] = ssim(xo, yo, spatial_dims=2, **kw)
+                        assert_close(got[box], want, what=f"{level} box={box} {name} +{offset} {kw}")
+                    assert_close(got["1"], got["0"], tol=2e-6, what=f"{level} box vs separable {name}")
+    finally:
+        _native.set_simd_level("auto")
+
+
+def test_box_kernel_many_pairs_shared_and_single_use_images(mri_slices):
+    """One-vs-many (x shared by every pair: statistics up front) and distinct pairs (statistics computed
+    right before each pair): values match scikit-image, and a NaN in a single-use image names its pair."""
+    x = mri_slices
+    y = np.concatenate([np.roll(x, k, axis=2) for k in (1, 3)])
+    shared = ssim(x[0], y, spatial_dims=2)
+    assert_close(shared, _skimage_uniform(np.broadcast_to(x[0], y.shape), y, 7), what="one-vs-many")
+    xs = np.concatenate([x, x[::-1]])
+    distinct = ssim(xs, y, spatial_dims=2)
+    assert_close(distinct, _skimage_uniform(xs, y, 7), what="distinct pairs")
+    bad = y.copy()
+    bad[len(y) - 3, 40, 50] = np.nan
+    with pytest.raises(ValueError, match=rf"y has NaN or Inf values at pair index \({len(y) - 3},\)"):
+        ssim(xs, bad, spatial_dims=2)
+
+
+@pytest.mark.parametrize("level", ["scalar", "auto"])
+def test_box_kernel_extreme_value_scales(level):
+    """The box kernel evaluates the formula on values divided by the pair's range, so tiny (1e-20) and huge
+    (1e30) float32 data neither underflow c1/c2 nor overflow the squares."""
+    rng = np.random.default_rng(77)
+    try:
+        _native.set_simd_level(level)
+        for scale in (1e-20, 1e18, 1e30):
+            x = (rng.random((6, 20, 27)) * scale).astype(np.float32)
+            y = (x + 0.3 * scale * rng.random(x.shape)).astype(np.float32)
+            got = ssim(x, y, spatial_dims=2)
+            assert np.isfinite(got).all(), f"{level} scale {scale}: {got}"
+            assert_close(got, _skimage_uniform(x, y, 7), what=f"{level} scale {scale}")
+    finally:
+        _native.set_simd_level("auto")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_no_nan_escapes_at_extreme_scales_gaussian_and_matrix(backend):
+    """Gaussian windows and ssim_matrix run the separable fp32 kernel; pairs whose values leave the float32
+    range there are recomputed in float64, so scores stay finite and equal to scikit-image's."""
+    from skimage.metrics import structural_similarity as sk
+
+    rng = np.random.default_rng(78)
+    for scale in (1e-20, 1e18, 1e30):
+        x = (rng.random((3, 20, 27)) * scale).astype(np.float32)
+        y = (x + 0.3 * scale * rng.random(x.shape)).astype(np.float32)
+        want = np.array([sk(a.astype(np.float64), b.astype(np.float64), gaussian_weights=True, sigma=1.5,
+                            use_sample_covariance=False,
+                            data_range=float(max(a.max(), b.max()) - min(a.min(), b.min())))
+                         for a, b in zip(x, y, strict=True)])
+        got = ssim(x, y, spatial_dims=2, window="gaussian", sample_covariance=False, backend=backend)
+        assert_close(got, want, what=f"gaussian scale {scale}")
+        mat = ssim_matrix(x, y, window="gaussian", sample_covariance=False, progress=False, backend=backend)
+        assert np.isfinite(mat).all(), f"scale {scale}: {mat}"
+        assert_close(np.diag(mat), want, what=f"matrix scale {scale}")
+
+
+@pytest.mark.parametrize("level", ["scalar", "auto"])
+@pytest.mark.parametrize("box", ["1", "0"], ids=["box", "separable"])
+def test_box_kernel_3d_odd_shapes_and_real_volume(monkeypatch, level, box):
+    """3D uniform windows: z running sums on top of the 2D box kernel (box) or the separable kernel, on odd
+    shapes, window sizes 3 and 7, fixed / per-pair / deepssim ranges, and a real T1 volume."""
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)
+    rng = np.random.default_rng(31)
+    vol = data.load_volume("anatomical").array  # 33 x 41 x 25
+    try:
+        _native.set_simd_level(level)
+        cases = [(rng.standard_normal((2, 7, 9, 8)), 7), (rng.standard_normal((2, 12, 8, 13)), 3)]
+        cases.append((np.stack([vol, np.roll(vol, 2, axis=0)]), 7))
+        for x, k in cases:
+            x = x.astype(np.float32)
+            y = (x + 0.4 * x.std() * rng.standard_normal(x.shape)).astype(np.float32)
+            for kw in ({}, dict(data_range=9.0), dict(preset="deepssim")):
+                want = []
+                for a, b in zip(x.astype(np.float64), y.astype(np.float64), strict=True):
+                    if kw.get("preset"):
+                        a, b = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+                        dr = a.max() - a.min()
+                    else:
+                        dr = kw.get("data_range", max(a.max(), b.max()) - min(a.min(), b.min()))
+                    want.append(skm.structural_similarity(a, b, win_size=k, data_range=dr))
+                got = ssim(x, y, spatial_dims=3, win_size=k, **kw)
+                assert_close(got, want, what=f"{level} box={box} 3D {x.shape} K={k} {kw}")
+    finally:
+        _native.set_simd_level("auto")
