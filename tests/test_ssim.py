@@ -378,7 +378,9 @@ def test_bad_shapes_and_options():
 
 
 @pytest.mark.parametrize("mode", ["uniform", "gaussian", "deepssim"])
-def test_matrix_equals_pairwise(mri_slices, mode):
+@pytest.mark.parametrize("box", ["1", "0"], ids=["pair-kernel", "moment-reuse"])
+def test_matrix_equals_pairwise(monkeypatch, mri_slices, mode, box):
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)  # 0: uniform windows also take the moment-reuse path
     kw = GAUSS if mode == "gaussian" else (dict(preset="deepssim") if mode == "deepssim" else {})
     A = mri_slices[:4]
     B = np.concatenate([np.roll(mri_slices[2:7], 5, axis=1), mri_slices[:1]])
