@@ -212,10 +212,10 @@ def dtype_range(dtype: torch.dtype) -> float | None:
     return _INT_RANGES.get(dtype)
 
 
-def zscore(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Per-image (x - mean) / std in float64 (population std, as numpy); std == 0 gives zeros."""
+def zscore(x: torch.Tensor, spatial_dims: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Per-image (x - mean) / std computed in ``dtype`` (population std, as numpy); std == 0 gives zeros."""
     dims = tuple(range(x.ndim - spatial_dims, x.ndim))
-    x = x.to(torch.float64)
+    x = x.to(dtype)
     mean = x.mean(dim=dims, keepdim=True)
     std = x.std(dim=dims, keepdim=True, unbiased=False)
     return torch.where(std > 0, (x - mean) / torch.where(std > 0, std, 1.0), torch.zeros_like(x))

@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._atomic import atomic_write as _atomic_write
+from ._ssim_common import zscore as _zscore
 
 logger = logging.getLogger(__name__)
 
@@ -657,13 +658,9 @@ def fit_size(image: np.ndarray, size: int, policy: str) -> np.ndarray:
 
 
 def zscore_batch(x: torch.Tensor) -> torch.Tensor:
-    """Per-image z-score of (B, H, W) or (B, 1, H, W) float input (population std; constant -> zeros)."""
-    dims = tuple(range(1, x.dim()))
-    xf = x.float()
-    mean = xf.mean(dim=dims, keepdim=True)
-    std = xf.std(dim=dims, keepdim=True, unbiased=False)
-    safe = torch.where(std > 0, std, torch.ones_like(std))
-    return torch.where(std > 0, (xf - mean) / safe, torch.zeros_like(xf))
+    """Per-image z-score of (B, H, W) or (B, 1, H, W) float input in float32 (population std; constant ->
+    zeros): the convention of the SSIM preset, ``_ssim_common.zscore``."""
+    return _zscore(x, x.dim() - 1, dtype=torch.float32)
 
 
 def preprocess(images: Sequence[np.ndarray], config: ModelConfig) -> torch.Tensor:
