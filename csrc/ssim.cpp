@@ -681,6 +681,161 @@ DSF_INLINE double box2d_rows(const float* a, const float* b, const Geom& g, cons
   return box2d_rows_t<true>(a, b, g, win, px, py, pc, r0, r1);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Uniform window, 2D, ssim_matrix with moment reuse on the running-sum layout. Per image (box_image_2d):
+// the prepared rows, segment-interleaved once (no transposes left for the pairs), and for every output
+// pixel the window sum A = sum a (fp64) and the variance numerator N sum a^2 - A^2 (fp64, stored fp32: it
+// no longer cancels). Per pair (box_cross_2d) only the cross channel remains: a vertical running sum of
+// the products a b (exact in fp64) and a horizontal one, then N^2 cov = N P - A_x A_y in fp64 and the
+// formula as in box_row_ssim. Layout of the maps: output row, output step s < S2 (S rounded up to even,
+// spare steps zero), 4 lanes (segments).
+struct BoxImage {
+  std::vector<float> il;     // H x T4 x 4 prepared, interleaved
+  std::vector<double> amap;  // Ho x S2 x 4
+  std::vector<float> vmap;   // Ho x S2 x 4
+};
+
+struct BoxDims {
+  int K;
+  int64_t H, W, Ho, Wo, S, T, T4, S2;
+  explicit BoxDims(const Geom& g, int k) : K(k), H(g.H), W(g.W) {
+    Ho = H - K + 1;
+    Wo = W - K + 1;
+    S = (Wo + 3) / 4;
+    T = S + K - 1;
+    T4 = (T + 3) & ~int64_t(3);
+    S2 = (S + 1) & ~int64_t(1);
+  }
+};
+
+template <bool SCALE>
+DSF_INLINE void box_image_2d_t(const float* src, const BoxDims& d, float c, float s, double vscale, BoxImage& out) {
+  const int K = d.K;
+  const int64_t rowf = 4 * d.T4;
+  out.il.assign(d.H * rowf, 0.0f);
+  out.amap.assign(d.Ho * d.S2 * 4, 0.0);
+  out.vmap.assign(d.Ho * d.S2 * 4, 0.0f);
+  std::vector<float> pad(4 * d.S + d.T4 + 16, 0.0f);
+  for (int64_t y = 0; y < d.H; ++y)
+    box_interleave_row<SCALE>(src + y * d.W, d.W, pad.data(), out.il.data() + y * rowf, d.S, d.T4, c, s);
+  std::vector<double> ca(rowf + 8, 0.0), cq(rowf + 8, 0.0);  // column sums of a and a^2, per (t, lane)
+  const v4d vn = splat4(static_cast<double>(K) * K), vsc = splat4(vscale);
+  for (int64_t oy = 0; oy < d.Ho; ++oy) {
+    if (oy == 0) {
+      for (int64_t y = 0; y < K; ++y) {
+        const float* r = out.il.data() + y * rowf;
+        for (int64_t i = 0; i < 4 * d.T; i += 4) {
+          const v4d v = widen(load4f(r + i));
+          store4d(ca.data() + i, load4d(ca.data() + i) + v);
+          store4d(cq.data() + i, load4d(cq.data() + i) + v * v);
+        }
+      }
+    } else {
+      const float* rn = out.il.data() + (oy + K - 1) * rowf;
+      const float* ro = out.il.data() + (oy - 1) * rowf;
+      for (int64_t i = 0; i < 4 * d.T; i += 4) {
+        const v4d v = widen(load4f(rn + i)), w = widen(load4f(ro + i));
+        store4d(ca.data() + i, load4d(ca.data() + i) + (v - w));
+        store4d(cq.data() + i, load4d(cq.data() + i) + (v * v - w * w));
+      }
+    }
+    v4d ha = splat4(0.0), hq = ha;
+    for (int64_t t = 0; t < K - 1; ++t) {
+      ha += load4d(ca.data() + 4 * t);
+      hq += load4d(cq.data() + 4 * t);
+    }
+    double* am = out.amap.data() + oy * d.S2 * 4;
+    float* vm = out.vmap.data() + oy * d.S2 * 4;
+    for (int64_t t = K - 1; t < d.T; ++t) {
+      ha += load4d(ca.data() + 4 * t);
+      hq += load4d(cq.data() + 4 * t);
+      const int64_t o = t - K + 1;
+      store4d(am + 4 * o, ha);
+      store4f(vm + 4 * o, __builtin_convertvector((vn * hq - ha * ha) * vsc, v4f));
+      ha -= load4d(ca.data() + 4 * o);
+      hq -= load4d(cq.data() + 4 * o);
+    }
+  }
+}
+
+// vscale = 1 / (N r)^2 with r the image's own range (prepared units), so that the stored fp32 variance
+// numerators are O(1) whatever the data's scale; box_cross_2d rescales them by (r / range)^2.
+DSF_INLINE void box_image_2d(const float* src, const BoxDims& d, const Prep& p, double vscale, BoxImage& out) {
+  if (p.scale == 1.0)
+    box_image_2d_t<false>(src, d, static_cast<float>(p.centre), 1.0f, vscale, out);
+  else
+    box_image_2d_t<true>(src, d, static_cast<float>(p.centre), static_cast<float>(p.scale), vscale, out);
+}
+
+// Sum of the SSIM map of one pair from the two images' BoxImage data. cp: 4 T4 + 8 doubles of scratch.
+DSF_INLINE double box_cross_2d(const BoxImage& X, const BoxImage& Y, const BoxDims& d, const PairConstD& pc,
+                               float fx, float fy, double* __restrict cp) {
+  const int K = d.K;
+  const int64_t rowf = 4 * d.T4, nT = 4 * d.T;
+  const double n_taps = static_cast<double>(K) * K;
+  const double su = 1.0 / (n_taps * pc.range);
+  const v4d vn = splat4(n_taps), vsu = splat4(su), vsv = splat4(su * su);
+  const v4d nox = splat4(n_taps * pc.ox * su), noy = splat4(n_taps * pc.oy * su);
+  const v8f vfx = splat8(fx), vfy = splat8(fy);
+  const v8f c1 = splat8(static_cast<float>(pc.c1 / (pc.range * pc.range)));
+  const v8f c2 = splat8(static_cast<float>(pc.c2 / (pc.range * pc.range) / pc.cov_norm));
+  int lane_lim[4];
+  for (int l = 0; l < 4; ++l) lane_lim[l] = static_cast<int>(std::clamp(d.Wo - l * d.S, int64_t(0), d.S));
+  const v8i lim = {lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3],
+                   lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3]};
+  for (int64_t i = 0; i < rowf + 8; ++i) cp[i] = 0.0;
+  const float* xa = X.il.data();
+  const float* ya = Y.il.data();
+  double total = 0;
+  for (int64_t oy = 0; oy < d.Ho; ++oy) {
+    v8f acc = splat8(0.0f);
+    if (oy == 0) {
+      for (int64_t y = 0; y < K; ++y) {
+        const float* ra = xa + y * rowf;
+        const float* rb = ya + y * rowf;
+        for (int64_t i = 0; i < nT; i += 4)
+          store4d(cp + i, load4d(cp + i) + widen(load4f(ra + i)) * widen(load4f(rb + i)));
+      }
+    } else {
+      const float* na = xa + (oy + K - 1) * rowf;
+      const float* nb = ya + (oy + K - 1) * rowf;
+      const float* oa = xa + (oy - 1) * rowf;
+      const float* ob = ya + (oy - 1) * rowf;
+      for (int64_t i = 0; i < nT; i += 4)
+        store4d(cp + i, load4d(cp + i) + (widen(load4f(na + i)) * widen(load4f(nb + i)) -
+                                          widen(load4f(oa + i)) * widen(load4f(ob + i))));
+    }
+    const double* ax = X.amap.data() + oy * d.S2 * 4;
+    const double* ay = Y.amap.data() + oy * d.S2 * 4;
+    const float* vx = X.vmap.data() + oy * d.S2 * 4;
+    const float* vy = Y.vmap.data() + oy * d.S2 * 4;
+    v4d h = splat4(0.0);
+    for (int64_t t = 0; t < K - 1; ++t) h += load4d(cp + 4 * t);
+    v8i ov = {0, 0, 0, 0, 1, 1, 1, 1};
+    // Steps past T read zero sums (spare steps of cp and of the maps) and are masked out.
+    for (int64_t t = K - 1; t < d.T; t += 2) {
+      const int64_t o = t - K + 1;
+      v4d m[2][3];
+      for (int u = 0; u < 2; ++u) {
+        h += load4d(cp + 4 * (t + u));
+        const v4d a = load4d(ax + 4 * (o + u)), b = load4d(ay + 4 * (o + u));
+        m[u][0] = a * vsu + nox;
+        m[u][1] = b * vsu + noy;
+        m[u][2] = (vn * h - a * b) * vsv;
+        h -= load4d(cp + 4 * (o + u));
+      }
+      const v8f ux = cat8(m[0][0], m[1][0]), uy = cat8(m[0][1], m[1][1]), vxy = cat8(m[0][2], m[1][2]);
+      const v8f vsum = load8(vx + 4 * o) * vfx + load8(vy + 4 * o) * vfy;
+      const v8f num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
+      const v8f den = (ux * ux + uy * uy + c1) * (vsum + c2);
+      acc += ov < lim ? num / den : splat8(0.0f);
+      ov += 2;
+    }
+    total += hsum8(acc);  // per row: an fp32 sum over the whole image would lose ~1e-6
+  }
+  return total;
+}
+
 size_t scratch_floats(const Geom& g) {
   return (g.D > 1 ? 5 * padded(g.H * g.W) : 0) + 5 * padded(g.W) + 64;
 }
@@ -1061,12 +1216,75 @@ size_t matrix_scratch_floats(const Geom& g) { return 5 * padded(g.H * g.W) + 10 
   ATTR double cross_pair_##SUFFIX(const ImgMoments& A, const ImgMoments& B, const Geom& g, const Window& win, \
                                   const PairConst& pc, float* s) {                                           \
     return win.uniform ? cross_pair_t<true>(A, B, g, win, pc, s) : cross_pair_t<false>(A, B, g, win, pc, s);  \
+  }                                                                                                          \
+  ATTR void box_image_2d_##SUFFIX(const float* src, const BoxDims& d, const Prep& p, double vs, BoxImage& o) { \
+    box_image_2d(src, d, p, vs, o);                                                                          \
+  }                                                                                                          \
+  ATTR double box_cross_2d_##SUFFIX(const BoxImage& X, const BoxImage& Y, const BoxDims& d,                   \
+                                    const PairConstD& pc, float fx, float fy, double* cp) {                  \
+    return box_cross_2d(X, Y, d, pc, fx, fy, cp);                                                            \
   }
 
 DSF_MATRIX_VARIANT(base, )
 #if DSF_X86
 DSF_MATRIX_VARIANT(avx2, DSF_TARGET_AVX2)
 #endif
+
+// ssim_matrix_block for uniform 2D windows: BoxImage data per image, then pairs in blocks of 8 x 8 images
+// (the blocks' data stays in cache while its 64 pairs run), parallel over blocks.
+void box_matrix_2d(const float* pa, const float* pb, int64_t na, int64_t nb, const Geom& g, const Window& win,
+                   bool avx2, float* po) {
+  auto image_fn = avx2 ? box_image_2d_avx2 : box_image_2d_base;
+  auto cross_fn = avx2 ? box_cross_2d_avx2 : box_cross_2d_base;
+  auto stats_fn = avx2 ? image_stats_avx2 : image_stats_base;
+  const BoxDims d(g, win.K);
+  const int64_t n = g.n();
+  const double nvalid = static_cast<double>(d.Ho) * d.Wo;
+  py::gil_scoped_release release;
+  std::vector<ImgStats> st(na + nb);
+  std::vector<BoxImage> img(na + nb);
+  std::vector<Prep> prep(na + nb);
+  std::vector<double> own(na + nb, 0.0);  // each image's own range in prepared units
+  const double n_taps = static_cast<double>(win.K) * win.K;
+  parallel_for(na + nb, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* src = i < na ? pa + i * n : pb + (i - na) * n;
+      st[i] = stats_fn(src, n, win.range_mode == 2);
+      if (!std::isfinite(st[i].mean)) continue;  // reported below
+      Prep p2;
+      resolve_pair(st[i], st[i], win, prep[i], p2);
+      own[i] = (st[i].mx - st[i].mn) * prep[i].scale;
+      image_fn(src, d, prep[i], own[i] > 0 ? 1.0 / ((n_taps * own[i]) * (n_taps * own[i])) : 1.0, img[i]);
+    }
+  });
+  for (int64_t i = 0; i < na + nb; ++i)
+    if (!std::isfinite(st[i].mean)) {
+      py::gil_scoped_acquire acquire;
+      throw py::value_error(std::string("nonfinite: ") + (i < na ? "A image " : "B image ") +
+                            std::to_string(i < na ? i : i - na) + " has NaN or Inf values");
+    }
+  constexpr int64_t kBlk = 8;
+  const int64_t bi = (na + kBlk - 1) / kBlk, bj = (nb + kBlk - 1) / kBlk;
+  parallel_for(bi * bj, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<double> cp(4 * d.T4 + 8);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t i0 = (q / bj) * kBlk, j0 = (q % bj) * kBlk;
+      for (int64_t i = i0; i < std::min(na, i0 + kBlk); ++i)
+        for (int64_t j = j0; j < std::min(nb, j0 + kBlk); ++j) {
+          Prep prx, pry;
+          const double range = resolve_pair(st[i], st[na + j], win, prx, pry);
+          if (!(range > 0)) {
+            po[i * nb + j] = 1.0f;
+            continue;
+          }
+          const PairConstD pc = pair_const_d(range, win, prx, pry);
+          const float fx = static_cast<float>((own[i] / range) * (own[i] / range));
+          const float fy = static_cast<float>((own[na + j] / range) * (own[na + j] / range));
+          po[i * nb + j] = static_cast<float>(cross_fn(img[i], img[na + j], d, pc, fx, fy, cp.data()) / nvalid);
+        }
+    }
+  });
+}
 
 // SSIM for every pair (A[i], B[j]) -> float32 (Na, Nb). A[i] is "the first image" (deepssim preset range).
 py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array_t<double> weights,
@@ -1096,6 +1314,10 @@ py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array
   auto prep_fn = avx2 ? prepare_avx2 : prepare_base;
   auto stats_fn = avx2 ? image_stats_avx2 : image_stats_base;
 
+  if (spatial_dims == 2 && win.uniform && box_enabled()) {
+    box_matrix_2d(pa, pb, na, nb, g, win, avx2, po);
+    return out;
+  }
   {
     py::gil_scoped_release release;
     std::vector<ImgStats> st(na + nb);

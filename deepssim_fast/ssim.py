@@ -433,10 +433,13 @@ def ssim_matrix(
         logger.info(
             "ssim_matrix: %d x %d pairs of %s on %s, %d tiles", na, nb, _spatial(tA, p), name, len(tiles)
         )
-        # Gaussian windows reuse each image's windowed moments across the tile (ssim_matrix_block). Uniform
-        # windows go through the running-sum pair kernel instead: it is faster than the reuse path even
-        # though it recomputes the moments (bench_ssim.py measures both).
-        reuse = name == "native" and (p.window != "uniform" or os.environ.get("DEEPSSIM_FAST_SSIM_BOX") == "0")
+        # The native backend reuses each image's windowed moments across the tile (ssim_matrix_block): 2D
+        # uniform windows on the running-sum layout, Gaussian windows on the separable kernel. 3D uniform
+        # windows go through the running-sum pair kernel instead, which is faster there even though it
+        # recomputes the moments (bench_ssim.py measures both).
+        reuse = name == "native" and (
+            p.window != "uniform" or p.spatial_dims == 2 or os.environ.get("DEEPSSIM_FAST_SSIM_BOX") == "0"
+        )
         bar = tqdm(total=na * nb, unit="pair", disable=None if progress else True, desc="ssim_matrix")
         try:
             for i0, i1, j0, j1 in tiles:

@@ -378,9 +378,10 @@ def test_bad_shapes_and_options():
 
 
 @pytest.mark.parametrize("mode", ["uniform", "gaussian", "deepssim"])
-@pytest.mark.parametrize("box", ["1", "0"], ids=["pair-kernel", "moment-reuse"])
+@pytest.mark.parametrize("box", ["1", "0"], ids=["box-reuse", "separable-reuse"])
 def test_matrix_equals_pairwise(monkeypatch, mri_slices, mode, box):
-    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)  # 0: uniform windows also take the moment-reuse path
+    # 1: uniform windows reuse moments on the running-sum layout; 0: on the separable fp32 kernel
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)
     kw = GAUSS if mode == "gaussian" else (dict(preset="deepssim") if mode == "deepssim" else {})
     A = mri_slices[:4]
     B = np.concatenate([np.roll(mri_slices[2:7], 5, axis=1), mri_slices[:1]])
@@ -396,6 +397,43 @@ def test_matrix_equals_pairwise(monkeypatch, mri_slices, mode, box):
     )
     assert_close(M, want, what="matrix vs skimage")
     assert_close(ssim_matrix(A, B, progress=False, backend="torch", **kw), want, what="torch matrix")
+
+
+@pytest.mark.parametrize("level", ["scalar", "auto"])
+def test_box_matrix_blocks_odd_shapes_scales_and_constants(level, mri_slices):
+    """2D uniform ssim_matrix (per-image running-sum moments, pairs in 8 x 8 image blocks): partial blocks,
+    odd widths (every lane split), extreme value scales, constant images, and real MRI with flips: equal to
+    the pair kernel to float32 rounding and to scikit-image."""
+    rng = np.random.default_rng(4242)
+    try:
+        _native.set_simd_level(level)
+        for (h, w), na, nb in [((7, 9), 3, 11), ((12, 13), 9, 10), ((23, 41), 17, 5)]:
+            A = rng.random((na, h, w)).astype(np.float32)
+            B = (A[rng.integers(0, na, nb)] + 0.3 * rng.random((nb, h, w))).astype(np.float32)
+            for kw in ({}, dict(data_range=2.0), dict(preset="deepssim")):
+                M = ssim_matrix(A, B, progress=False, **kw)
+                pair = ssim(A[:, None], B[None], spatial_dims=2, **kw)
+                assert_close(M, pair, tol=1e-6, what=f"{level} {h}x{w} {na}x{nb} {kw}")
+        for scale in (1e-20, 1e18, 1e30):
+            x = (rng.random((3, 20, 27)) * scale).astype(np.float32)
+            y = (x + 0.3 * scale * rng.random(x.shape)).astype(np.float32)
+            M = ssim_matrix(x, y, progress=False)
+            assert np.isfinite(M).all(), f"{level} scale {scale}: {M}"
+            assert_close(np.diag(M), _skimage_uniform(x, y, 7), what=f"{level} matrix scale {scale}")
+        const = np.stack([np.full((16, 18), 3.0, np.float32), np.full((16, 18), 3.0, np.float32),
+                          rng.random((16, 18)).astype(np.float32)])
+        M = ssim_matrix(const, const, progress=False)
+        assert np.isfinite(M).all() and M[0, 1] == 1.0 and M[1, 0] == 1.0
+        assert_close(M, ssim(const[:, None], const[None], spatial_dims=2), tol=1e-6, what="constants")
+        x = mri_slices[:6]
+        y = np.concatenate([x[::-1, ::-1], x[:3] + 0.05 * x.std() * rng.standard_normal(x[:3].shape)])
+        y = y.astype(np.float32)
+        M = ssim_matrix(x, y, progress=False, preset="deepssim")
+        want = skimage_ssim(np.broadcast_to(x[:, None], (6, 9) + x.shape[1:]),
+                            np.broadcast_to(y[None], (6, 9) + x.shape[1:]), preset="deepssim")
+        assert_close(M, want, what=f"{level} real MRI, deepssim preset")
+    finally:
+        _native.set_simd_level("auto")
 
 
 def test_matrix_out_memmap_and_array(tmp_path, mri_slices):
