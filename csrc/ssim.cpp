@@ -3,7 +3,8 @@
 //
 // Uniform windows (the default convention) in ssim_pairs run on a running-sum ("box") kernel instead: fp64
 // column and row (and, in 3D, plane) running sums over segment-interleaved rows, O(1) work per pixel; see
-// box2d_rows_t / box3d_planes_t below. The separable kernel described next serves Gaussian windows,
+// box2d_rows_t / box3d_planes_t below; 2D uniform ssim_matrix reuses per-image moments on the same layout
+// (box_image_2d / box_cross_2d). The separable kernel described next serves Gaussian windows, 3D
 // ssim_matrix, and DEEPSSIM_FAST_SSIM_BOX=0.
 //
 // Algorithm (per pair): each image is shifted by its minimum (the background level of MRI; z-scored for
