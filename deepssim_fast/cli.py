@@ -156,6 +156,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         policy=_policy(args),
         time_limit=args.time_limit,
         progress=not args.quiet,
+        input_size=args.input_size,
+        size_policy=args.size_policy,
+        zoom_out=tuple(args.zoom_out or ()),
     )
     best = Path(args.out) / "best.pt"
     print(
@@ -332,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--emb-dim", type=int, default=256)
+    t.add_argument("--input-size", type=int, default=None, help="network input side (default: per backbone)")
+    t.add_argument("--size-policy", default="fit", choices=["fit", "resize", "pad"],
+                   help="how images reach the input size: centre crop/pad, resize, or letterbox pad + resize")
+    t.add_argument("--zoom-out", type=float, nargs="*", default=None, metavar="F",
+                   help="zoom-out augmentation factors, e.g. 0.5 0.65 0.8 (off by default)")
     t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--device", default=None)

@@ -37,6 +37,8 @@ Each 2D image is brought to ``input_size`` x ``input_size`` (``model.config``) b
 * ``"fit"`` (default): :func:`deepssim_fast.data.center_fit` — centre crop or pad with the image's minimum
   (background), no resampling, so pixel values and SSIM structure are kept;
 * ``"resize"``: bilinear resampling with antialiasing to the square (aspect ratio not kept);
+* ``"pad"``: letterbox — pad the shorter side with the image's minimum (background) to a centred square,
+  then resize as above: the whole slice, aspect ratio kept (the policy of the acceptance run, BENCHMARKS.md);
 
 then z-scored per image, ``(x - mean) / std`` (population std; a constant image becomes zeros). The network
 (eager or TorchScript) expects this z-scored input, (N, 1, S, S) or (N, 3, S, S) with equal channels; it
@@ -75,7 +77,7 @@ from ._ssim_common import zscore as _zscore
 logger = logging.getLogger(__name__)
 
 BACKBONES = ("convnext_base", "convnext_tiny", "resnet18", "small")
-SIZE_POLICIES = ("fit", "resize")
+SIZE_POLICIES = ("fit", "resize", "pad")
 CHECKPOINT_FORMAT = "deepssim_fast.checkpoint"
 _TS_EXTRA = "deepssim_fast.json"
 
@@ -643,13 +645,25 @@ def collect_images(images: Any, *, policy: Any = None, what: str = "images"
 
 
 def fit_size(image: np.ndarray, size: int, policy: str) -> np.ndarray:
-    """Bring a 2D image to (size, size) by the size policy (``"fit"``: centre crop/pad; ``"resize"``)."""
+    """Bring a 2D image to (size, size) by the size policy (``"fit"``: centre crop/pad; ``"resize"``;
+    ``"pad"``: letterbox to a square with the image's minimum, then resize)."""
     from .data import center_fit
 
     if image.shape == (size, size):
         return np.ascontiguousarray(image, dtype=np.float32)
     if policy == "fit":
         return np.ascontiguousarray(center_fit(image, (size, size)), dtype=np.float32)
+    if policy == "pad":
+        h, w = image.shape
+        if h != w:
+            side = max(h, w)
+            sq = np.full((side, side), float(np.min(image)) if image.size else 0.0, dtype=np.float32)
+            y0, x0 = (side - h) // 2, (side - w) // 2
+            sq[y0:y0 + h, x0:x0 + w] = image
+            image = sq
+        policy = "resize"
+        if image.shape == (size, size):
+            return np.ascontiguousarray(image, dtype=np.float32)
     if policy == "resize":
         t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
         r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

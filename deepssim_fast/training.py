@@ -13,7 +13,14 @@ How a step is made
    un-augmented pair).
 4. Loss = MSE(cosine(f(a), f(b)), target); AdamW (lr 1e-3, weight decay 1e-3), gradient norm clipped at 1.0.
 
-Images go through the model's size policy (``model.config``: centre-fit to ``input_size``, or resize) once,
+Optional zoom-out (``zoom_out=(0.5, 0.65, 0.8)``, off by default): before step 2, each image of a pair is
+shrunk by a factor drawn from ``(1.0, *zoom_out)`` into its square canvas, placed at a random position, the
+rest filled with the image's minimum (background). Neighbour and copy pairs share the factor and position,
+so they stay aligned; random pairs draw both independently. It teaches the encoder slices whose anatomy
+covers little of the frame (top and bottom of the head, small fields of view), which SSIM scores highly
+through their shared background; in the acceptance run it lowered the held-out MAE (BENCHMARKS.md).
+
+Images go through the model's size policy (``model.config``: centre-fit, resize or letterbox-pad) once,
 before augmentation; the network sees the augmented image z-scored per image, exactly as :func:`embed`.
 
 Reproducibility: everything random in step ``s`` (pair choice, augmentation, dropout, stochastic depth)
@@ -148,6 +155,47 @@ class PairBatch:
     b: torch.Tensor
 
 
+def _check_zoom(zoom_out: Sequence[float] | None) -> tuple[float, ...]:
+    z = tuple(float(f) for f in (zoom_out or ()))
+    for f in z:
+        if not (0.1 <= f < 1.0):
+            raise ValueError(f"zoom_out factors must lie in [0.1, 1), got {f!r} in {tuple(zoom_out or ())}")
+    return z
+
+
+def _shrink_into(img: np.ndarray, f: float, oy: float, ox: float) -> np.ndarray:
+    """``img`` (S, S) shrunk by ``f`` (antialiased bilinear) into an S x S canvas of its minimum, at relative
+    position (oy, ox) in [0, 1]."""
+    s = img.shape[0]
+    side = max(2, int(round(s * f)))
+    small = F.interpolate(torch.from_numpy(np.ascontiguousarray(img))[None, None], size=(side, side),
+                          mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+    out = np.full_like(img, img.min())
+    y0, x0 = int(round(oy * (s - side))), int(round(ox * (s - side)))
+    out[y0:y0 + side, x0:x0 + side] = small
+    return out
+
+
+def zoom_out_pairs(a: np.ndarray, b: np.ndarray, kinds: Sequence[str], factors: Sequence[float],
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Zoom-out augmentation of pairs (N, S, S): see the module docstring. Pairs of kind ``random`` draw a
+    factor and position per image; the other kinds share one, so they stay aligned."""
+    choices = (1.0, *factors)
+    a, b = a.copy(), b.copy()
+    for k, kind in enumerate(kinds):
+        fa = choices[int(rng.integers(0, len(choices)))]
+        pa = rng.random(2)
+        if kind == "random":
+            fb, pb = choices[int(rng.integers(0, len(choices)))], rng.random(2)
+        else:
+            fb, pb = fa, pa
+        if fa < 1.0:
+            a[k] = _shrink_into(a[k], fa, *pa)
+        if fb < 1.0:
+            b[k] = _shrink_into(b[k], fb, *pb)
+    return a, b
+
+
 class PairSampler:
     """Draws pairs from a pool of equally sized images (N, S, S) with group/position metadata.
 
@@ -158,12 +206,13 @@ class PairSampler:
 
     def __init__(self, pool: np.ndarray, groups: Sequence[str], positions: Sequence[int], *,
                  mix: Sequence[float] = (0.5, 0.25, 0.25),
-                 pairs: Sequence[tuple[int, int]] | None = None) -> None:
+                 pairs: Sequence[tuple[int, int]] | None = None, zoom_out: Sequence[float] = ()) -> None:
         if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
             raise ValueError(f"pair_mix must be three non-negative weights (random, neighbour, copy), "
                              f"got {mix}")
         self.pool = pool
         self.mix = np.asarray(mix, dtype=np.float64) / float(sum(mix))
+        self.zoom_out = _check_zoom(zoom_out)
         self.pairs = None if pairs is None else np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         n = pool.shape[0]
         self.neighbours: list[np.ndarray] = []
@@ -205,8 +254,12 @@ class PairSampler:
         """Sample ``n`` pairs and augment both sides independently, all from ``seed_seq``."""
         s_pairs, s_a, s_b = seed_seq.spawn(3)
         i, j, kinds = self.sample(n, np.random.default_rng(s_pairs))
-        a = augment(self.pool[i], int(s_a.generate_state(1)[0]))
-        b = augment(self.pool[j], int(s_b.generate_state(1)[0]))
+        xa, xb = self.pool[i], self.pool[j]
+        if self.zoom_out:
+            # a fourth child: the first three (and so runs without zoom-out) are unchanged
+            xa, xb = zoom_out_pairs(xa, xb, kinds, self.zoom_out, np.random.default_rng(seed_seq.spawn(1)[0]))
+        a = augment(xa, int(s_a.generate_state(1)[0]))
+        b = augment(xb, int(s_b.generate_state(1)[0]))
         return PairBatch(i, j, kinds, torch.from_numpy(a), torch.from_numpy(b))
 
 
@@ -325,9 +378,9 @@ class FixedPairs:
 
 def fixed_pairs(pool: ImagePool, n_pairs: int, seed: int, *, mix: Sequence[float] = (0.5, 0.25, 0.25),
                 pairs: Sequence[tuple[int, int]] | None = None, augment: bool = True,
-                chunk: int = 256) -> FixedPairs:
+                chunk: int = 256, zoom_out: Sequence[float] = ()) -> FixedPairs:
     """Draw ``n_pairs`` pairs from ``pool`` (random/neighbour/copy, augmented) with their SSIM targets."""
-    sampler = PairSampler(pool.images, pool.groups, pool.positions, mix=mix, pairs=pairs)
+    sampler = PairSampler(pool.images, pool.groups, pool.positions, mix=mix, pairs=pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)
     ss = np.random.SeedSequence([int(seed), 0x7A11])
     parts = []
@@ -460,8 +513,8 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
           val_fraction: float = 0.1, val_pairs: int = 256, val_every: int | None = None,
           pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str = "constant",
           warmup_steps: int = 0, grad_clip: float = 1.0, time_limit: float | None = None,
-          cpu_time_limit: float | None = None, progress: bool = True, tensorboard: bool = False
-          ) -> DeepSSIMNet:
+          cpu_time_limit: float | None = None, progress: bool = True, tensorboard: bool = False,
+          zoom_out: Sequence[float] = ()) -> DeepSSIMNet:
     """Train a DeepSSIM encoder; returns the model with the best validation weights (eval mode).
 
     images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
@@ -480,6 +533,8 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
     val_pairs:    number of fixed validation pairs; ``val_every``: validate every that many steps (default
                   once per epoch, and at the end).
     pair_mix:     weights of (random, neighbour-slice, augmented-copy) pairs.
+    zoom_out:     zoom-out factors (e.g. ``(0.5, 0.65, 0.8)``) for the pairs of training and validation; see
+                  the module docstring. Off by default.
     lr_schedule:  ``"constant"`` (default, as the reference) or ``"cosine"`` decay to 0 over the run, after
                   ``warmup_steps`` of linear warm-up.
     time_limit:   stop at the first step boundary after this many seconds (not reproducible; for budgets).
@@ -542,13 +597,15 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
             tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
             train_pool = pool.subset(tr)
             val_pool = pool.subset(va) if va.size >= 2 else None
+    zoom_out = _check_zoom(zoom_out)
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
-                          pairs=sampler_pairs)
+                          pairs=sampler_pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)
     val_set = None
     if val_pool is not None:
         n_val = len(val_list) if val_list else val_pairs
-        val_set = fixed_pairs(val_pool, n_val, seed, mix=pair_mix, pairs=val_list or None, augment=augment)
+        val_set = fixed_pairs(val_pool, n_val, seed, mix=pair_mix, pairs=val_list or None, augment=augment,
+                             zoom_out=zoom_out)
         vt = np.clip(val_set.targets.numpy(), HIST_EDGES[0], HIST_EDGES[-1])
         logger.info("validation: %d pairs, target histogram %s on edges %s", n_val,
                     np.histogram(vt, HIST_EDGES)[0].tolist(), np.round(HIST_EDGES, 2).tolist())
@@ -585,7 +642,8 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
                         train_args={"batch_size": int(batch_size), "lr": float(lr),
                                     "weight_decay": float(weight_decay), "lr_schedule": lr_schedule,
                                     "warmup_steps": int(warmup_steps), "total_steps": int(total),
-                                    "pair_mix": [float(m) for m in pair_mix]})
+                                    "pair_mix": [float(m) for m in pair_mix],
+                                    "zoom_out": [float(f) for f in zoom_out]})
 
     from concurrent.futures import ThreadPoolExecutor
 

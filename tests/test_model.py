@@ -316,6 +316,16 @@ def test_size_policies() -> None:
     r = fit_size(img, 32, "resize")
     assert r.shape == (32, 32) and r.dtype == np.float32
     assert abs(float(r.mean()) - float(img.mean())) < 0.02
+    # pad: letterbox with the minimum to a centred square, then resize; the whole image is kept
+    tall = np.zeros((40, 20), np.float32) + 5.0
+    tall[10:30, 5:15] = 9.0
+    pd = fit_size(tall, 40, "pad")
+    assert pd.shape == (40, 40) and pd.dtype == np.float32
+    assert (pd[:, :10] == 5.0).all() and (pd[:, 30:] == 5.0).all()  # padding = the image's minimum
+    np.testing.assert_array_equal(pd[:, 10:30], tall)  # square side already 40: no resampling
+    pr = fit_size(tall, 20, "pad")
+    assert pr.shape == (20, 20) and abs(float(pr[10, 10]) - 9.0) < 1e-5 and pr[10, 2] == pytest.approx(5.0)
+    np.testing.assert_array_equal(fit_size(img[:64, :64], 64, "pad"), img[:64, :64])
     with pytest.raises(ValueError, match="size_policy"):
         build_model("small", size_policy="stretch")
 

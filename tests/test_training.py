@@ -21,6 +21,7 @@ from deepssim_fast.training import (
     read_checkpoint,
     ssim_targets,
     train,
+    zoom_out_pairs,
 )
 from deepssim_fast.model import build_model
 
@@ -82,6 +83,38 @@ def test_augmentation_is_seeded() -> None:
     assert 0 < sum(flipped0) < 40
     assert len({a1[k].tobytes() for k in range(40)}) > 4
     np.testing.assert_array_equal(Augmenter(enabled=False)(imgs, 1), imgs)
+
+
+def test_zoom_out_keeps_aligned_pairs_aligned() -> None:
+    rng = np.random.default_rng(3)
+    imgs = rng.random((60, 32, 32), dtype=np.float32) + 1.0
+    kinds = ["random", "neighbour", "copy"] * 20
+    a, b = zoom_out_pairs(imgs, imgs, kinds, (0.5, 0.75), np.random.default_rng(11))
+    a2, b2 = zoom_out_pairs(imgs, imgs, kinds, (0.5, 0.75), np.random.default_rng(11))
+    np.testing.assert_array_equal(a, a2)  # seeded
+    np.testing.assert_array_equal(b, b2)
+    shrunk = [k for k in range(60) if not np.array_equal(a[k], imgs[k])]
+    assert 0 < len(shrunk) < 60  # factor 1.0 is one of the choices
+    for k in shrunk:
+        bg = a[k] == imgs[k].min()
+        assert bg.mean() >= 1 - 0.75 ** 2 - 0.05, "the canvas outside the shrunk image is background"
+    for k in range(60):
+        if kinds[k] != "random":  # same image, same factor and position: still identical
+            np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], b[k]) for k in range(0, 60, 3)), "random pairs drawn independently"
+    with pytest.raises(ValueError, match="zoom_out"):
+        PairSampler(imgs, ["g"] * 60, list(range(60)), zoom_out=(1.5,))
+
+
+def test_zoom_out_training_runs_and_is_recorded(tmp_path, mni_slices) -> None:
+    imgs = mni_slices[:16]
+    m = train(imgs, max_steps=2, seed=1, out=tmp_path, zoom_out=(0.6,), **{**SMALL, "size_policy": "pad"})
+    assert m.config.size_policy == "pad" and len(m.history) == 2
+    ck = read_checkpoint(tmp_path / "last.pt")
+    assert ck["train_args"]["zoom_out"] == [0.6]
+    plain = [r["loss"] for r in train(imgs, max_steps=2, seed=1, **SMALL).history]
+    zoomed = [r["loss"] for r in train(imgs, max_steps=2, seed=1, zoom_out=(0.6,), **SMALL).history]
+    assert plain != zoomed
 
 
 # ------------------------------------------------------------------------------------------- reproducibility
