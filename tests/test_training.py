@@ -102,16 +102,9 @@ def test_zoom_out_keeps_aligned_pairs_aligned() -> None:
         if kinds[k] != "random":  # same image, same factor and position: still identical
             np.testing.assert_array_equal(a[k], b[k])
     assert any(not np.array_equal(a[k], b[k]) for k in range(0, 60, 3)), "random pairs drawn independently"
-    for bad in ((5.0,), (1.0,), (0.05,)):
+    for bad in ((1.5,), (1.0,), (0.05,)):
         with pytest.raises(ValueError, match="zoom_out"):
             PairSampler(imgs, ["g"] * 60, list(range(60)), zoom_out=bad)
-    # f > 1: a crop of side S/f, enlarged; a constant-gradient image shows the crop's smaller value range
-    ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (6, 32, 1))
-    za, zb = zoom_out_pairs(ramp, ramp, ["copy"] * 6, (2.0,), np.random.default_rng(5))
-    for k in range(6):
-        np.testing.assert_array_equal(za[k], zb[k])
-        if not np.array_equal(za[k], ramp[k]):
-            assert np.ptp(za[k]) < 0.6 and za[k].shape == (32, 32)
 
 
 def test_zoom_out_training_runs_and_is_recorded(tmp_path, mni_slices) -> None:
