@@ -13,8 +13,11 @@ Cases
   training. MAE(cosine, SSIM) and Pearson r go into the row's ``extra``; the same model is also scored on
   two scans of other modalities (dipy ``s0_10slices`` b0 and nibabel ``example4d`` frame 0, axial).
 
-``python -m bench.bench_train [--quick] [--no-append] [--resnet18]``; quick mode (< 1 minute) times the step
-split and ``small``/``resnet18`` embedding only, and replaces the acceptance run by a 12-step smoke run.
+``--pad-zoom`` adds the same acceptance with the letterbox size policy and zoom-out pairs.
+
+``python -m bench.bench_train [--quick] [--no-append] [--resnet18] [--pad-zoom]``; quick mode (< 1 minute) times
+the step split and ``small``/``resnet18`` embedding only, and replaces the acceptance run by a 12-step smoke
+run.
 """
 from __future__ import annotations
 
@@ -126,13 +129,16 @@ def embed_throughput(quick: bool) -> list[Row]:
     return rows
 
 
-def acceptance(quick: bool, backbone: str = "small", budget_cpu_s: float = 570.0) -> list[Row]:
+def acceptance(quick: bool, backbone: str = "small", budget_cpu_s: float = 570.0, letterbox_zoom: bool = False
+               ) -> list[Row]:
     """Train within ``budget_cpu_s`` CPU-seconds of this process (570 = 4.75 min on 2 cores, so the run stays
     within "5 minutes on 2 CPU cores" however loaded the shared machine is), then score held-out pairs."""
     train_sl, held = _mni_split()
     other = _other_modalities()
     kw: dict = dict(backbone=backbone, input_size=64, size_policy="resize", batch_size=32,
                     lr_schedule="cosine", warmup_steps=10, val_every=50, progress=False)
+    if letterbox_zoom:  # the two training options that target slices with little anatomy in the frame
+        kw.update(size_policy="pad", zoom_out=(0.5, 0.65, 0.8))
     if quick:
         kw.update(max_steps=12, val_every=12, val_pairs=64)
     else:
@@ -146,19 +152,25 @@ def acceptance(quick: bool, backbone: str = "small", budget_cpu_s: float = 570.0
     ev_other = evaluate(m, other, n_pairs=n_eval, seed=1)
     h = m.history
     share = float(np.median([r["t_target"] / (r["t_target"] + r["t_model"]) for r in h]))
-    r = Row(CAP, f"acceptance {backbone}{' (quick smoke)' if quick else ''}", backbone, len(h), "steps",
+    variant = " pad+zoom-out" if letterbox_zoom else ""
+    r = Row(CAP, f"acceptance {backbone}{variant}{' (quick smoke)' if quick else ''}", backbone, len(h), "steps",
             times=[elapsed])
+    t_held = np.asarray(ev["target_hist"])
     r.note = (f"held-out MNI z>=100: MAE {ev['mae']:.3f}, r {ev['r']:.3f}; other modalities: MAE "
               f"{ev_other['mae']:.3f}, r {ev_other['r']:.3f}; targets {100 * share:.1f}% of step")
     r.note += f"; {len(h)} steps, {cpu:.0f} CPU-s ({elapsed:.0f} s wall on a shared machine)"
     r.extra = {"heldout": ev, "other_modalities": ev_other, "steps": len(h), "train_s": elapsed, "cpu_s": cpu,
-               "target_share_median": share, "input_size": kw["input_size"]}
+               "target_share_median": share, "input_size": kw["input_size"], "size_policy": kw["size_policy"],
+               "zoom_out": list(kw.get("zoom_out", ())), "heldout_target_hist": t_held.tolist()}
     logger.info("acceptance %s: %s", backbone, r.note)
     return [r]
 
 
-def run(quick: bool = False, append: bool = True, resnet18: bool = False) -> list[Row]:
+def run(quick: bool = False, append: bool = True, resnet18: bool = False, letterbox_zoom: bool = False
+        ) -> list[Row]:
     rows = step_split(quick) + embed_throughput(quick) + acceptance(quick)
+    if letterbox_zoom and not quick:
+        rows += acceptance(quick, letterbox_zoom=True)
     if resnet18 and not quick:
         rows += acceptance(quick, backbone="resnet18")
     print(markdown_table(rows))
@@ -175,6 +187,8 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--resnet18", action="store_true", help="also run the 5-minute acceptance for resnet18")
+    ap.add_argument("--pad-zoom", action="store_true",
+                    help="also run the acceptance with size_policy='pad' and zoom_out=(0.5, 0.65, 0.8)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(quick=a.quick, append=not a.no_append, resnet18=a.resnet18)
+    run(quick=a.quick, append=not a.no_append, resnet18=a.resnet18, letterbox_zoom=a.pad_zoom)

@@ -18,7 +18,7 @@ from deepssim_fast.model import (
     preprocess,
 )
 
-FEAT = {"convnext_base": 1024, "convnext_tiny": 768, "resnet18": 512, "small": 256}
+FEAT = {"convnext_base": 1024, "convnext_tiny": 768, "resnet18": 512, "small": 64}
 
 
 def _assert_close(a: np.ndarray, b: np.ndarray, atol: float, what: str) -> None:
@@ -54,7 +54,32 @@ def convnext_base() -> nn.Module:
     return build_model("convnext_base", input_size=32).eval()
 
 
-@pytest.mark.parametrize("backbone", ["small", "resnet18", "convnext_tiny", "convnext_base"])
+def test_small_local_descriptor_head() -> None:
+    """``small``: 8 x 8 cells of unit descriptors scaled by 1/8, so an embedding has unit length and the cosine
+    of two embeddings is the mean of the 64 per-cell cosines."""
+    torch.manual_seed(0)
+    m = build_model("small", input_size=64, emb_dim=256).eval()
+    assert [type(h) for h in m.head] == [nn.Conv2d] and m.head[0].out_channels == 4 and m.feat_dim == 64
+    assert isinstance(m.pool, nn.AdaptiveAvgPool2d) and m.pool.output_size == 8
+    x, y = torch.randn(5, 1, 64, 64), torch.randn(5, 1, 64, 64)
+    with torch.no_grad():
+        ex, ey = m(x), m(y)
+        cx = torch.nn.functional.normalize(m.head(m.pool(m.backbone(x))), dim=1)
+        cy = torch.nn.functional.normalize(m.head(m.pool(m.backbone(y))), dim=1)
+        e3 = m(x.repeat(1, 3, 1, 1))
+    assert ex.shape == (5, 256)
+    _assert_close(ex.norm(dim=1).numpy(), np.ones(5), 1e-6, "unit length")
+    mean_local = (cx * cy).sum(dim=1).mean(dim=(1, 2))
+    _assert_close(torch.nn.functional.cosine_similarity(ex, ey).numpy(), mean_local.numpy(), 1e-6,
+                  "cosine = mean of local cosines")
+    _assert_close(e3.numpy(), ex.numpy(), 1e-6, "3 equal channels = 1 channel")
+    with torch.no_grad():  # a larger input gives the same 8 x 8 cells (adaptive pooling)
+        assert build_model("small", input_size=128).eval()(torch.randn(2, 1, 128, 128)).shape == (2, 256)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        build_model("small", emb_dim=100)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "convnext_tiny", "convnext_base"])
 def test_backbone_shapes_and_head_layout(backbone: str, request) -> None:
     torch.manual_seed(0)
     if backbone == "convnext_base":

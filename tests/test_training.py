@@ -172,10 +172,10 @@ def test_short_run_on_real_slices_learns(tmp_path) -> None:
     assert set(after["by_kind"]) == {"random", "neighbour", "copy"}
     hist = np.asarray(after["target_hist"])
     assert hist[:4].sum() > 0 and hist[-3:].sum() > 0, f"held-out targets do not span the range: {hist}"
-    # measured here: untrained MAE 0.71 / r 0.79, after 60 steps MAE 0.17 / r 0.89 (the 5-minute acceptance
+    # measured here: untrained MAE 0.71 / r 0.79, after 60 steps MAE 0.07 / r 0.95 (the 5-minute acceptance
     # run is in bench/bench_train.py); the bounds sit between, so each one alone separates the two
-    assert before["mae"] > 0.22 and before["r"] < 0.82, before
-    assert after["mae"] <= 0.22 and after["r"] >= 0.82, after
+    assert before["mae"] > 0.3 and before["r"] < 0.87, before
+    assert after["mae"] <= 0.15 and after["r"] >= 0.9, after
     # best.pt is the best validation checkpoint and loads with weights_only
     best = load_model(tmp_path / "best.pt")
     assert read_checkpoint(tmp_path / "best.pt")["best_val"] == pytest.approx(m.best_val)
