@@ -24,7 +24,10 @@ Conventions
   (``verify_rotations`` degrees, 2D) and, for each variant, the integer shift within ``±verify_shifts``
   pixels that maximises the cross-correlation; the unchanged pair and the two variants of highest
   correlation are scored (:func:`verify_pairs`). With ``verify_flips`` the ``deepssim`` and ``correlation``
-  searches also query the flipped synthetic items, so a flipped copy is among the candidates.
+  searches also query the flipped synthetic items, so a flipped copy is among the candidates; with
+  ``verify_shifts = s > 0`` they also query the items translated by s pixels along each axis and diagonal
+  (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that reproduces it, drops fast under
+  translation, and a copy shifted by a few pixels can otherwise rank below neighbouring slices.
 * Labels use the verified SSIM (or the search score when ``verify="none"``):
   ``duplicate`` if s > high, ``similar`` if low < s <= high, ``different`` if s <= low, with
   ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate;
@@ -865,7 +868,9 @@ def audit(
         verify_shifts, verify_flips, verify_rotations: transforms searched during verification (shifts in
             pixels, rotations in degrees; see :func:`verify_pairs`). With ``verify_flips`` the candidate
             search of the ``deepssim`` and ``correlation`` metrics is flip-aware too: the flipped synthetic
-            items are searched as well and each pair keeps its best score (the histogram stays unflipped).
+            items are searched as well and each pair keeps its best score (the histogram stays unflipped);
+            with ``verify_shifts`` it is shift-aware the same way (the items translated by ±verify_shifts
+            pixels: 8 more searches in 2D, 6 in 3D, each costing one embedding pass over the synthetic set).
         strict: abort on the first unreadable file instead of skipping it.
         cache_dir: per-file decode/embedding cache (default ``out/cache``).
         decode_workers: DataLoader worker processes for decoding. batch_size: encoder batch size.
@@ -1081,6 +1086,18 @@ def audit(
                     shard_dir=out / f"shards_{fname}",
                 )
                 res = _merge_topk(res, rf, kk)
+        if verify_shifts > 0 and metric in ("deepssim", "correlation"):
+            # shift-aware candidates: also search with the synthetic items translated by ±verify_shifts
+            for j, d in enumerate(_search_offsets(verify_shifts, spatial_dims)):
+                sv = _transformed_vectors(
+                    sset, lambda img, d=d: _shift(img, d), metric=metric, model=model_obj,
+                    batch_size=batch_size, device=device,
+                )
+                rs = _cosine_search(
+                    tset.vectors, sv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
+                    workers=workers, scheduler=scheduler, shard_dir=out / f"shards_shift{j}",
+                )
+                res = _merge_topk(res, rs, kk)
         res.save(search_file)
     if not (np.isfinite(res.scores).all() and (res.indices >= 0).all() and (res.indices < len(tset)).all()):
         raise RuntimeError(
@@ -1189,17 +1206,32 @@ def audit(
     return AuditResult(out, summary, files)
 
 
+def _search_offsets(s: int, spatial_dims: int) -> list[tuple[int, ...]]:
+    """Translations the shift-aware search queries: ±s along each axis, plus the diagonals in 2D."""
+    if spatial_dims == 2:
+        return [(dy, dx) for dy in (-s, 0, s) for dx in (-s, 0, s) if dy or dx]
+    return [tuple(sign * s if q == ax else 0 for q in range(3)) for ax in range(3) for sign in (-1, 1)]
+
+
 def _flipped_vectors(
     items: ItemSet, axes: tuple[int, ...], *, metric: str, model: Any, batch_size: int, device: Any
 ) -> np.ndarray:
     """Search vectors of the items flipped along ``axes`` (embeddings, or centred rows for correlation)."""
+    return _transformed_vectors(
+        items, lambda img: np.flip(img, axis=axes), metric=metric, model=model, batch_size=batch_size,
+        device=device,
+    )
+
+
+def _transformed_vectors(
+    items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any
+) -> np.ndarray:
+    """Search vectors of the items transformed image by image by ``fn`` (embeddings, or centred rows)."""
     n = len(items)
     step = max(batch_size * 4, 256)
     parts = []
     for a in range(0, n, step):
-        block = np.ascontiguousarray(
-            np.flip(np.asarray(items.pixels[a : a + step]), axis=tuple(x + 1 for x in axes))
-        )
+        block = np.ascontiguousarray(np.stack([fn(np.asarray(img)) for img in items.pixels[a : a + step]]))
         if metric == "deepssim":
             parts.append(_embed(list(block), model, batch_size=batch_size, device=device))
         else:

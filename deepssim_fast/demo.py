@@ -309,10 +309,18 @@ def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retr
     from .model import save_checkpoint
     from .training import train
 
+    from .model import ModelFileError, load_model
+
     ckpt = out / "best.pt"
     if ckpt.exists() and not retrain:
-        logger.info("reusing the cached encoder %s", ckpt)
-        return ckpt
+        try:
+            load_model(ckpt)
+        except ModelFileError as exc:  # e.g. written by an older version with another `small` layout
+            logger.warning("the cached encoder %s does not load (%s); training a new one", ckpt,
+                           str(exc).splitlines()[0][:200])
+        else:
+            logger.info("reusing the cached encoder %s", ckpt)
+            return ckpt
     vol = load_volume("mni152").array
     images = []
     for axis in (0, 1, 2):

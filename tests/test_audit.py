@@ -345,6 +345,33 @@ def test_correlation_metric_is_pixel_pearson(ds: dict, tmp_path: Path) -> None:
     assert ev["accuracy"] == 1.0 and ev["macro_f1"] == 1.0
 
 
+def test_shift_aware_search_brings_shifted_copies_into_the_candidates(tmp_path: Path) -> None:
+    """A copy shifted by 3 px ranks below decoys that are noisy copies of the SHIFTED image; with verify_shifts
+    the search also queries the synthetic item translated by ±3 px, so the true source enters the top-k and
+    verification (shift search + exact SSIM) labels it a duplicate. Without it, the source is missed."""
+    sl = data.load_slices("mni152", data.SlicePolicy(axis=2, step=10))
+    src = np.ascontiguousarray(sl[len(sl) // 2].array[::3, ::3]).astype(np.float32)
+    rng = np.random.default_rng(8)
+    shifted = A._shift(src, (3, 3))
+    train_dir, synth_dir = tmp_path / "train", tmp_path / "synth"
+    train_dir.mkdir()
+    synth_dir.mkdir()
+    np.save(train_dir / "a_source.npy", src)
+    for i in range(3):  # decoys: the shifted image with strong noise, more correlated with it than src is
+        np.save(train_dir / f"b_decoy{i}.npy", shifted + 0.35 * src.std() * rng.standard_normal(src.shape))
+    np.save(synth_dir / "copy.npy", shifted)
+    for shifts, found in ((0, False), (3, True)):
+        out = tmp_path / f"out{shifts}"
+        A.audit(train_dir, synth_dir, metric="correlation", k=2, out=out, verify_shifts=shifts, progress=False)
+        rows = _rows(out)
+        cands = {Path(r["train_path"]).name for r in rows}
+        assert ("a_source.npy" in cands) == found, (shifts, cands)
+        if found:
+            best = max(rows, key=lambda r: float(r["ssim"]))
+            assert Path(best["train_path"]).name == "a_source.npy" and best["label"] == "duplicate"
+            assert best["transform"] == "shift(-3,-3)" and float(best["ssim"]) > 0.99
+
+
 def test_embeddings_metric_matches_reference_and_faiss(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     tr = rng.standard_normal((37, 16)).astype(np.float32)
