@@ -13,7 +13,7 @@ cell -> / 8 -> flatten``. The embedding is 8 x 8 cells of (emb_dim / 64)-dimensi
 cosine of two embeddings is exactly the MEAN over the 64 cells of the cosines of their local descriptors —
 the same shape as SSIM, a mean of local similarities. With the paper's head (global average pool, MLP) a
 compact CNN trained for 5 CPU minutes reached MAE 0.19 against SSIM on unseen anatomy; with this head,
-0.03 (BENCHMARKS.md, "encoder"). emb_dim must be a multiple of 64. Input (N, 1, H, W); (N, 3, H, W) is
+0.035 (BENCHMARKS.md, "encoder"). emb_dim must be a multiple of 64. Input (N, 1, H, W); (N, 3, H, W) is
 averaged over channels.
 
 Every network returns raw embeddings (N, emb_dim) (``small``'s already have unit length); the similarity of
