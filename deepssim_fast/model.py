@@ -9,12 +9,13 @@ Dropout(0.33) -> Linear(512, emb_dim)`` (emb_dim 256 by default). Grayscale inpu
 
 The ``small`` encoder has a different, SSIM-shaped head (a deliberate departure from "the same head"):
 ``backbone map (N, 64, S/8, S/8) -> AdaptiveAvgPool2d(8) -> Conv2d(64, emb_dim / 64, 1) -> unit length per
-cell -> / 8 -> flatten``. The embedding is 8 x 8 cells of (emb_dim / 64)-dimensional unit descriptors, so the
-cosine of two embeddings is exactly the MEAN over the 64 cells of the cosines of their local descriptors —
-the same shape as SSIM, a mean of local similarities. With the paper's head (global average pool, MLP) a
-compact CNN trained for 5 CPU minutes reached MAE 0.19 against SSIM on unseen anatomy; with this head,
-0.035 (BENCHMARKS.md, "encoder"). emb_dim must be a multiple of 64. Input (N, 1, H, W); (N, 3, H, W) is
-averaged over channels.
+cell -> / 8 -> flatten`` (emb_dim 256: 8 x 8 cells x 4 channels). The embedding is 8 x 8 cells of
+(emb_dim / 64)-dimensional unit descriptors, so the cosine of two embeddings is exactly the MEAN over the
+64 cells of the cosines of their local descriptors — the same shape as SSIM, a mean of local similarities.
+With the paper's head (global average pool, MLP) a compact CNN trained for 5 CPU minutes reached MAE 0.19
+against SSIM on unseen anatomy; with this head, 0.035 (BENCHMARKS.md, "encoder"). For an emb_dim that 64
+does not divide, the grid is the largest g <= 8 with g^2 dividing emb_dim (32 -> 4 x 4 x 2). Input
+(N, 1, H, W); (N, 3, H, W) is averaged over channels.
 
 Every network returns raw embeddings (N, emb_dim) (``small``'s already have unit length); the similarity of
 two images is the cosine of their L2-normalised embeddings.
@@ -333,10 +334,7 @@ class ModelConfig:
             raise ValueError(f"input_size must be an integer >= 32, got {self.input_size!r}")
         if self.size_policy not in SIZE_POLICIES:
             raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {self.size_policy!r}")
-        cells = LOCAL_GRID * LOCAL_GRID
-        if self.backbone == "small" and self.emb_dim % cells:
-            raise ValueError(f"the small encoder's emb_dim must be a multiple of {cells} ({LOCAL_GRID}x{LOCAL_GRID} "
-                             f"cells x channels), got {self.emb_dim}")
+
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -346,6 +344,11 @@ class ModelConfig:
         names = ("backbone", "emb_dim", "input_size", "size_policy", "freeze_stages", "extra")
         known = {k: d[k] for k in names if k in d}
         return cls(**known)
+
+
+def local_grid(emb_dim: int) -> int:
+    """Cells per side of the ``small`` embedding: the largest g <= 8 with g^2 dividing emb_dim (8 for 256)."""
+    return next(g for g in range(LOCAL_GRID, 0, -1) if emb_dim % (g * g) == 0)
 
 
 class DeepSSIMNet(nn.Module):
@@ -362,9 +365,9 @@ class DeepSSIMNet(nn.Module):
         if self.local:
             # local-descriptor head (see the module docstring): cell average, 1x1 projection to emb_dim / 64
             # channels, unit length per cell, so the cosine of two embeddings is the mean of 64 local cosines
-            self.grid = LOCAL_GRID
-            self.pool = nn.AdaptiveAvgPool2d(LOCAL_GRID)
-            self.head = nn.Sequential(nn.Conv2d(feat, config.emb_dim // (LOCAL_GRID * LOCAL_GRID), 1))
+            self.grid = local_grid(config.emb_dim)
+            self.pool = nn.AdaptiveAvgPool2d(self.grid)
+            self.head = nn.Sequential(nn.Conv2d(feat, config.emb_dim // (self.grid * self.grid), 1))
         else:
             self.grid = 1
             self.pool = nn.AdaptiveAvgPool2d(1)

@@ -75,8 +75,13 @@ def test_small_local_descriptor_head() -> None:
     _assert_close(e3.numpy(), ex.numpy(), 1e-6, "3 equal channels = 1 channel")
     with torch.no_grad():  # a larger input gives the same 8 x 8 cells (adaptive pooling)
         assert build_model("small", input_size=128).eval()(torch.randn(2, 1, 128, 128)).shape == (2, 256)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        build_model("small", emb_dim=100)
+    for emb_dim, grid in ((100, 5), (32, 4), (7, 1), (64, 8)):  # largest grid <= 8 whose square divides
+        mm = build_model("small", input_size=64, emb_dim=emb_dim).eval()
+        assert mm.grid == grid and mm.pool.output_size == grid
+        with torch.no_grad():
+            e = mm(torch.randn(2, 1, 64, 64))
+        assert e.shape == (2, emb_dim)
+        _assert_close(e.norm(dim=1).numpy(), np.ones(2), 1e-6, f"unit length, emb_dim {emb_dim}")
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "convnext_tiny", "convnext_base"])
