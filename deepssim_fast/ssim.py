@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ssim", "ssim_matrix"]
 
 _SUPPORTED = ("native", "torch", "triton")
-# Budget (bytes) for the per-image moment cache of one ssim_matrix tile (native backend).
+# Budget (bytes) for the per-image moment cache of one ssim_matrix tile (native backend; about 16 bytes per
+# pixel per image: interleaved rows, fp64 window sums, fp32 variance numerators).
 _MATRIX_TILE_BYTES = 256 << 20
 
 
@@ -421,7 +422,7 @@ def ssim_matrix(
             return like_input(torch.from_numpy(np.asarray(arr)), A) if out is None else arr
         px = int(np.prod(_spatial(tA, p)))
         if name == "native":
-            tile = int(max(1, min(max(na, nb), _MATRIX_TILE_BYTES // (2 * 12 * px))))
+            tile = int(max(1, min(max(na, nb), _MATRIX_TILE_BYTES // (2 * 16 * px))))
         else:
             tile = int(max(1, min(max(na, nb), 256)))
         tiles = [

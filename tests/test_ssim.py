@@ -460,7 +460,7 @@ def test_matrix_tiles_and_3d(monkeypatch, mri_slices):
 
     A, B = mri_slices[:5], mri_slices[1:]
     whole = ssim_matrix(A, B, progress=False)
-    monkeypatch.setattr(mod, "_MATRIX_TILE_BYTES", 2 * 12 * 96 * 112 * 2)  # tiles of 2 images
+    monkeypatch.setattr(mod, "_MATRIX_TILE_BYTES", 2 * 16 * 96 * 112 * 2)  # tiles of 2 images
     np.testing.assert_array_equal(ssim_matrix(A, B, progress=False), whole)
     vol = data.load_volume("anatomical").array
     V = np.stack([vol, vol[::-1], np.roll(vol, 3, axis=2)])
