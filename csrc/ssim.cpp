@@ -482,15 +482,42 @@ DSF_INLINE v8f cat8(v4d lo, v4d hi) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 
+// Outputs per lane (segment) of a row of Wo outputs cut into 4 segments of S; lanes 4-7 repeat 0-3 (two
+// steps of t share a v8f).
+DSF_INLINE v8i lane_limits(int64_t Wo, int64_t S) {
+  int l4[4];
+  for (int l = 0; l < 4; ++l) l4[l] = static_cast<int>(std::clamp(Wo - l * S, int64_t(0), S));
+  return v8i{l4[0], l4[1], l4[2], l4[3], l4[0], l4[1], l4[2], l4[3]};
+}
+
+// Constants of the running-sum formula. Luminance on U = mean_x / range = (A + N ox) / (N range), V likewise;
+// the variance terms divided by (N range)^2: both ratios are invariant to these scales, and every fp32 value
+// stays O(1) (no overflow).
+struct BoxFormula {
+  v4d vn, vsu, vsv, nox, noy;
+  v8f c1, c2;
+  BoxFormula(double n_taps, const PairConstD& pc) {
+    const double su = 1.0 / (n_taps * pc.range);
+    vn = splat4(n_taps);
+    vsu = splat4(su);
+    vsv = splat4(su * su);
+    nox = splat4(n_taps * pc.ox * su);
+    noy = splat4(n_taps * pc.oy * su);
+    c1 = splat8(static_cast<float>(pc.c1 / (pc.range * pc.range)));
+    c2 = splat8(static_cast<float>(pc.c2 / (pc.range * pc.range) / pc.cov_norm));
+  }
+  // SSIM of 8 outputs from U, V, the scaled variance sum and the scaled covariance; masked lanes give 0.
+  DSF_INLINE v8f ssim(v8f ux, v8f uy, v8f vsum, v8f vxy, v8i keep) const {
+    const v8f num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
+    const v8f den = (ux * ux + uy * uy + c1) * (vsum + c2);
+    return keep ? num / den : splat8(0.0f);
+  }
+};
+
 DSF_INLINE double box_row_ssim(const double* __restrict c0, int K, int64_t T, double n_taps, const PairConstD& pc,
                                v8i lim) {
-  // Luminance on U = mean_x / range = (A + N ox) / (N range), V likewise; the variance terms divided by
-  // (N range)^2: both ratios are invariant to these scales, and every fp32 value stays O(1) (no overflow).
-  const double su = 1.0 / (n_taps * pc.range);
-  const v4d vn = splat4(n_taps), vsu = splat4(su), vsv = splat4(su * su);
-  const v4d nox = splat4(n_taps * pc.ox * su), noy = splat4(n_taps * pc.oy * su);
-  const v8f c1 = splat8(static_cast<float>(pc.c1 / (pc.range * pc.range)));
-  const v8f c2 = splat8(static_cast<float>(pc.c2 / (pc.range * pc.range) / pc.cov_norm));
+  const BoxFormula f(n_taps, pc);
+  const v4d vn = f.vn, vsu = f.vsu, vsv = f.vsv, nox = f.nox, noy = f.noy;
   v4d h0 = splat4(0.0), h1 = h0, h2 = h0, h3 = h0;
   v8f acc = splat8(0.0f);
   v8i ov = {0, 0, 0, 0, 1, 1, 1, 1};  // output step of each lane
@@ -522,9 +549,7 @@ DSF_INLINE double box_row_ssim(const double* __restrict c0, int K, int64_t T, do
     }
     const v8f ux = cat8(m[0][0], m[1][0]), uy = cat8(m[0][1], m[1][1]);
     const v8f vsum = cat8(m[0][2], m[1][2]), vxy = cat8(m[0][3], m[1][3]);
-    const v8f num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
-    const v8f den = (ux * ux + uy * uy + c1) * (vsum + c2);
-    acc += ov < lim ? num / den : splat8(0.0f);
+    acc += f.ssim(ux, uy, vsum, vxy, ov < lim);
     ov += 2;
   }
   return hsum8(acc);
@@ -547,10 +572,7 @@ DSF_INLINE double box2d_rows_t(const float* a, const float* b, const Geom& g, co
   const float ca = static_cast<float>(px.centre), sa = static_cast<float>(px.scale);
   const float cb = static_cast<float>(py.centre), sb = static_cast<float>(py.scale);
   const double n_taps = static_cast<double>(K) * K;
-  int lane_lim[4];
-  for (int l = 0; l < 4; ++l) lane_lim[l] = static_cast<int>(std::clamp(Wo - l * S, int64_t(0), S));
-  const v8i lim = {lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3],
-                   lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3]};
+  const v8i lim = lane_limits(Wo, S);
   auto slot_a = [&](int64_t y) { return ra + (y % R) * T4 * 4; };
   auto slot_b = [&](int64_t y) { return rb + (y % R) * T4 * 4; };
   // Column sums of the first output row's window: rows r0 .. r0 + K - 1.
@@ -615,10 +637,7 @@ DSF_INLINE double box3d_planes_t(const float* a, const float* b, const Geom& g, 
   const float ca = static_cast<float>(px.centre), sa = static_cast<float>(px.scale);
   const float cb = static_cast<float>(py.centre), sb = static_cast<float>(py.scale);
   const double n_taps = static_cast<double>(K) * K * K;
-  int lane_lim[4];
-  for (int l = 0; l < 4; ++l) lane_lim[l] = static_cast<int>(std::clamp(Wo - l * S, int64_t(0), S));
-  const v8i lim = {lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3],
-                   lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3]};
+  const v8i lim = lane_limits(Wo, S);
   double* c0 = cs.data();
   const int64_t nc = kCh * 4 * T;  // doubles of a row that carry data
   double total = 0;
@@ -773,17 +792,10 @@ DSF_INLINE double box_cross_2d(const BoxImage& X, const BoxImage& Y, const BoxDi
                                float fx, float fy, double* __restrict cp) {
   const int K = d.K;
   const int64_t rowf = 4 * d.T4, nT = 4 * d.T;
-  const double n_taps = static_cast<double>(K) * K;
-  const double su = 1.0 / (n_taps * pc.range);
-  const v4d vn = splat4(n_taps), vsu = splat4(su), vsv = splat4(su * su);
-  const v4d nox = splat4(n_taps * pc.ox * su), noy = splat4(n_taps * pc.oy * su);
+  const BoxFormula f(static_cast<double>(K) * K, pc);
+  const v4d vn = f.vn, vsu = f.vsu, vsv = f.vsv, nox = f.nox, noy = f.noy;
   const v8f vfx = splat8(fx), vfy = splat8(fy);
-  const v8f c1 = splat8(static_cast<float>(pc.c1 / (pc.range * pc.range)));
-  const v8f c2 = splat8(static_cast<float>(pc.c2 / (pc.range * pc.range) / pc.cov_norm));
-  int lane_lim[4];
-  for (int l = 0; l < 4; ++l) lane_lim[l] = static_cast<int>(std::clamp(d.Wo - l * d.S, int64_t(0), d.S));
-  const v8i lim = {lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3],
-                   lane_lim[0], lane_lim[1], lane_lim[2], lane_lim[3]};
+  const v8i lim = lane_limits(d.Wo, d.S);
   for (int64_t i = 0; i < rowf + 8; ++i) cp[i] = 0.0;
   const float* xa = X.il.data();
   const float* ya = Y.il.data();
@@ -827,9 +839,7 @@ DSF_INLINE double box_cross_2d(const BoxImage& X, const BoxImage& Y, const BoxDi
       }
       const v8f ux = cat8(m[0][0], m[1][0]), uy = cat8(m[0][1], m[1][1]), vxy = cat8(m[0][2], m[1][2]);
       const v8f vsum = load8(vx + 4 * o) * vfx + load8(vy + 4 * o) * vfy;
-      const v8f num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
-      const v8f den = (ux * ux + uy * uy + c1) * (vsum + c2);
-      acc += ov < lim ? num / den : splat8(0.0f);
+      acc += f.ssim(ux, uy, vsum, vxy, ov < lim);
       ov += 2;
     }
     total += hsum8(acc);  // per row: an fp32 sum over the whole image would lose ~1e-6

@@ -168,8 +168,7 @@ def _shrink_into(img: np.ndarray, f: float, oy: float, ox: float) -> np.ndarray:
     position (oy, ox) in [0, 1]."""
     s = img.shape[0]
     side = max(2, int(round(s * f)))
-    small = F.interpolate(torch.from_numpy(np.ascontiguousarray(img))[None, None], size=(side, side),
-                          mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+    small = fit_size(img, side, "resize")
     out = np.full_like(img, img.min())
     y0, x0 = int(round(oy * (s - side))), int(round(ox * (s - side)))
     out[y0:y0 + side, x0:x0 + side] = small
