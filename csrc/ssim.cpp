@@ -1241,6 +1241,17 @@ DSF_MATRIX_VARIANT(base, )
 DSF_MATRIX_VARIANT(avx2, DSF_TARGET_AVX2)
 #endif
 
+// ssim_matrix: images 0 .. na - 1 of st are A's, the rest B's; a non-finite mean names the first bad one
+// (called with the GIL released).
+void check_finite_images(const std::vector<ImgStats>& st, int64_t na) {
+  for (int64_t i = 0; i < static_cast<int64_t>(st.size()); ++i)
+    if (!std::isfinite(st[i].mean)) {
+      py::gil_scoped_acquire acquire;
+      throw py::value_error(std::string("nonfinite: ") + (i < na ? "A image " : "B image ") +
+                            std::to_string(i < na ? i : i - na) + " has NaN or Inf values");
+    }
+}
+
 // ssim_matrix_block for uniform 2D windows: BoxImage data per image, then pairs in blocks of 8 x 8 images
 // (the blocks' data stays in cache while its 64 pairs run), parallel over blocks.
 void box_matrix_2d(const float* pa, const float* pb, int64_t na, int64_t nb, const Geom& g, const Window& win,
@@ -1268,12 +1279,7 @@ void box_matrix_2d(const float* pa, const float* pb, int64_t na, int64_t nb, con
       image_fn(src, d, prep[i], own[i] > 0 ? 1.0 / ((n_taps * own[i]) * (n_taps * own[i])) : 1.0, img[i]);
     }
   });
-  for (int64_t i = 0; i < na + nb; ++i)
-    if (!std::isfinite(st[i].mean)) {
-      py::gil_scoped_acquire acquire;
-      throw py::value_error(std::string("nonfinite: ") + (i < na ? "A image " : "B image ") +
-                            std::to_string(i < na ? i : i - na) + " has NaN or Inf values");
-    }
+  check_finite_images(st, na);
   constexpr int64_t kBlk = 8;
   const int64_t bi = (na + kBlk - 1) / kBlk, bj = (nb + kBlk - 1) / kBlk;
   parallel_for(bi * bj, 1, [&](int64_t q0, int64_t q1) {
@@ -1349,12 +1355,7 @@ py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array
         moments_fn(M.a.data(), g, win, M.v.data(), scratch.data());
       }
     });
-    for (int64_t i = 0; i < na + nb; ++i)
-      if (!std::isfinite(st[i].mean)) {
-        py::gil_scoped_acquire acquire;
-        throw py::value_error(std::string("nonfinite: ") + (i < na ? "A image " : "B image ") +
-                              std::to_string(i < na ? i : i - na) + " has NaN or Inf values");
-      }
+    check_finite_images(st, na);
     const int64_t total = na * nb;
     const int64_t grain = std::max<int64_t>(1, total / (16 * num_threads()));
     parallel_for(total, grain, [&](int64_t q0, int64_t q1) {
