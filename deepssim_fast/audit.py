@@ -1067,37 +1067,23 @@ def audit(
             scheduler=scheduler,
             shard_dir=out / "shards",
         )
-        if verify_flips and metric in ("deepssim", "correlation"):
-            # flip-aware candidates: also search with the flipped synthetic items, keep each pair's best score
-            for fname, axes in _flip_variants(True, spatial_dims)[1:]:
-                fv = _flipped_vectors(
-                    sset, axes, metric=metric, model=model_obj, batch_size=batch_size, device=device
-                )
-                rf = _cosine_search(
-                    tset.vectors,
-                    fv,
-                    k=kk,
-                    thresholds=th,
-                    bins=bins,
-                    backend=backend,
-                    progress=False,
-                    workers=workers,
-                    scheduler=scheduler,
-                    shard_dir=out / f"shards_{fname}",
-                )
-                res = _merge_topk(res, rf, kk)
-        if verify_shifts > 0 and metric in ("deepssim", "correlation"):
-            # shift-aware candidates: also search with the synthetic items translated by ±verify_shifts
-            for j, d in enumerate(_search_offsets(verify_shifts, spatial_dims)):
-                sv = _transformed_vectors(
-                    sset, lambda img, d=d: _shift(img, d), metric=metric, model=model_obj,
-                    batch_size=batch_size, device=device,
-                )
-                rs = _cosine_search(
-                    tset.vectors, sv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
-                    workers=workers, scheduler=scheduler, shard_dir=out / f"shards_shift{j}",
-                )
-                res = _merge_topk(res, rs, kk)
+        # flip- and shift-aware candidates: also search with transformed synthetic items (flips; translations
+        # by ±verify_shifts) and keep each pair's best score; the histogram stays that of the plain search
+        variants: list[tuple[str, Any]] = []
+        if metric in ("deepssim", "correlation"):
+            if verify_flips:
+                variants += [(fname, lambda img, axes=axes: np.flip(img, axis=axes))
+                             for fname, axes in _flip_variants(True, spatial_dims)[1:]]
+            if verify_shifts > 0:
+                variants += [(f"shift{j}", lambda img, d=d: _shift(img, d))
+                             for j, d in enumerate(_search_offsets(verify_shifts, spatial_dims))]
+        for vname, fn in variants:
+            vv = _transformed_vectors(sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device)
+            rv = _cosine_search(
+                tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
+                workers=workers, scheduler=scheduler, shard_dir=out / f"shards_{vname}",
+            )
+            res = _merge_topk(res, rv, kk)
         res.save(search_file)
     if not (np.isfinite(res.scores).all() and (res.indices >= 0).all() and (res.indices < len(tset)).all()):
         raise RuntimeError(
@@ -1211,16 +1197,6 @@ def _search_offsets(s: int, spatial_dims: int) -> list[tuple[int, ...]]:
     if spatial_dims == 2:
         return [(dy, dx) for dy in (-s, 0, s) for dx in (-s, 0, s) if dy or dx]
     return [tuple(sign * s if q == ax else 0 for q in range(3)) for ax in range(3) for sign in (-1, 1)]
-
-
-def _flipped_vectors(
-    items: ItemSet, axes: tuple[int, ...], *, metric: str, model: Any, batch_size: int, device: Any
-) -> np.ndarray:
-    """Search vectors of the items flipped along ``axes`` (embeddings, or centred rows for correlation)."""
-    return _transformed_vectors(
-        items, lambda img: np.flip(img, axis=axes), metric=metric, model=model, batch_size=batch_size,
-        device=device,
-    )
 
 
 def _transformed_vectors(
