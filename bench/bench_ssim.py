@@ -180,31 +180,19 @@ def _matrix(quick: bool) -> list[Row]:
     a, _ = _slices((128, 128), n)
     b = np.ascontiguousarray(a[::-1])
     band = 8 if quick else 32
-    g = {"window": "gaussian", "sample_covariance": False}
-    providers = {
-        "ssim pair by pair (no reuse)": (lambda: ssim(a[:band, None], b[None], spatial_dims=2), band * n),
-        "ssim_matrix (moment reuse, running sums)": (lambda: ssim_matrix(a, b, progress=False), n * n),
-    }
-    rows = _case(
-        f"ssim_matrix {n}x{n} of 128x128, uniform 7",
-        providers,
-        "pairs",
-        "ssim pair by pair (no reuse)",
-        2 if quick else 3,
-        notes={"ssim pair by pair (no reuse)": f"{band} rows timed"},
-    )
-    providers = {
-        "ssim pair by pair (no reuse)": (lambda: ssim(a[:band, None], b[None], spatial_dims=2, **g), band * n),
-        "ssim_matrix (moment reuse)": (lambda: ssim_matrix(a, b, progress=False, **g), n * n),
-    }
-    return rows + _case(
-        f"ssim_matrix {n}x{n} of 128x128, Gaussian 11",
-        providers,
-        "pairs",
-        "ssim pair by pair (no reuse)",
-        2 if quick else 3,
-        notes={"ssim pair by pair (no reuse)": f"{band} rows timed"},
-    )
+    base = "ssim pair by pair (no reuse)"
+    rows: list[Row] = []
+    for label, kw, reuse in (
+        ("uniform 7", {}, "ssim_matrix (moment reuse, running sums)"),
+        ("Gaussian 11", {"window": "gaussian", "sample_covariance": False}, "ssim_matrix (moment reuse)"),
+    ):
+        providers = {
+            base: (lambda kw=kw: ssim(a[:band, None], b[None], spatial_dims=2, **kw), band * n),
+            reuse: (lambda kw=kw: ssim_matrix(a, b, progress=False, **kw), n * n),
+        }
+        rows += _case(f"ssim_matrix {n}x{n} of 128x128, {label}", providers, "pairs", base, 2 if quick else 3,
+                      notes={base: f"{band} rows timed"})
+    return rows
 
 
 def _training_call(quick: bool) -> list[Row]:
