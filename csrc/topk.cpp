@@ -18,8 +18,11 @@
 //   class(s) : different if s <= low, similar if low < s <= high, duplicate if s > high (float64 compare)
 //   top-k    : descending score, ties to the lower index; kept as a per-query binary heap whose root is
 //              the worst kept entry (the driver sorts it at the end).
-// The bin of a score is first computed in float32 (x = (s - lo) * scale); a score whose x lies within a
-// few ulps of a bin edge (~0.04 % of pairs) goes to the exact float64 rule.
+// The bin of a score is first computed in float32 as the slot y = s * scale + (1 - lo * scale) = x + 1,
+// clamped to [0.5, bins + 1.5] (slot 0 and slot bins + 1 are the clamped ends, merged into the first and
+// last bin when the sub-histograms are flushed); a score whose y lies within `margin` of an integer
+// (~0.06 % of pairs) goes to the exact float64 rule. Excluded pairs (self pairs, padding columns) are
+// marked NaN before the fold: NaN fails every ordered compare, so it never counts and never enters a heap.
 #include "common.h"
 
 #include <cmath>
@@ -51,7 +54,7 @@ struct Params {
   int64_t row0, col0, self_offset;  // self_offset < 0: no self pairs
   int bins;
   double lo, hi, low, high;
-  float lo_f, scale_f, margin, top_f;  // float32 pre-binning (top_f = bins - margin)
+  float scale_f, off_f, margin;        // float32 pre-binning: slot y = fma(s, scale_f, off_f)
   float low_t, high_t;                 // largest floats <= low / high: s > low_t  <=>  (double) s > low
 };
 
@@ -77,19 +80,20 @@ inline void heap_replace_root(float* hs, int64_t* hi, int64_t k, float s, int64_
 
 struct Local {
   std::vector<int64_t> hist;
-  // 8 int32 sub-histograms (one per SIMD lane) of stride bins + 1, so that neighbouring scores falling in
-  // the same bin do not chain through store-to-load forwarding; slot `bins` of
-  // each is a dummy that absorbs the lanes counted elsewhere, so the vector path scatters unconditionally.
+  // 8 int32 sub-histograms (one per SIMD lane) of stride bins + 3, so that neighbouring scores falling in
+  // the same bin do not chain through store-to-load forwarding. Slots 0 .. bins + 1 are the clamped
+  // slots y (see above); slot bins + 2 is a dummy that absorbs the lanes counted elsewhere, so the vector
+  // path scatters unconditionally.
   std::vector<int32_t> sub;
-  int64_t in_sub = 0;
+  int64_t in_sub = 0;  // increments since the last flush (bounds every int32 slot)
   int64_t total = 0, gt_low = 0, gt_high = 0;
-  explicit Local(int bins) : hist(bins, 0), sub(8 * (static_cast<size_t>(bins) + 1), 0) {}
+  explicit Local(int bins) : hist(bins, 0), sub(8 * (static_cast<size_t>(bins) + 3), 0) {}
   void flush(int bins) {
-    const int st = bins + 1;
-    for (int b = 0; b < bins; ++b) {
+    const int st = bins + 3;
+    for (int y = 0; y <= bins + 1; ++y) {
       int64_t v = 0;
-      for (int l = 0; l < 8; ++l) v += sub[l * st + b];
-      hist[b] += v;
+      for (int l = 0; l < 8; ++l) v += sub[l * st + y];
+      hist[std::min(std::max(y - 1, 0), bins - 1)] += v;
     }
     std::fill(sub.begin(), sub.end(), 0);
     in_sub = 0;
@@ -103,15 +107,11 @@ inline int exact_bin(float s, const Params& p) {
   return static_cast<int>(x);
 }
 
-// A pair whose float32 bin position lies within a few ulps of a bin edge (or out of range): exact float64
-// bin and classes. Excluded pairs (-inf) are skipped.
+// A pair whose float32 slot lies within `margin` of an integer: exact float64 bin (its classes are counted
+// with every other pair). Excluded pairs (NaN) are skipped.
 inline void count_exact(const Params& p, float s, Local& lc) {
-  if (s == kNegInf) return;
+  if (std::isnan(s)) return;
   lc.hist[exact_bin(s, p)] += 1;
-  lc.total += 1;
-  const double sd = s;
-  lc.gt_low += sd > p.low;
-  lc.gt_high += sd > p.high;
 }
 
 // A pair that reaches the row's top-k threshold: offer it to the heap (exact total order, so the final
@@ -120,17 +120,24 @@ inline void offer(const Params& p, float s, int64_t gcol, float* hs, int64_t* hi
   if (worse(hs[0], hi[0], s, gcol)) heap_replace_root(hs, hi, p.k, s, gcol);
 }
 
-// Mask the excluded self pair and the padding columns of a 6 x 16 block with -inf.
-inline void mask_block(const Params& p, float* sc, int64_t r0, int64_t nrows, int64_t c0) {
+// Mark the excluded self pair and the padding columns of a 6 x 16 block NaN; returns how many of the
+// first nrows rows' pairs are excluded.
+inline int64_t mask_block(const Params& p, float* sc, int64_t r0, int64_t nrows, int64_t c0) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   const int64_t valid_cols = std::min<int64_t>(NR, p.n - c0);
+  int64_t excluded = (NR - valid_cols) * nrows;
   for (int r = 0; r < MR; ++r) {
     float* row = sc + r * NR;
-    for (int64_t c = valid_cols; c < NR; ++c) row[c] = kNegInf;
+    for (int64_t c = valid_cols; c < NR; ++c) row[c] = nan;
     if (p.self_offset >= 0 && r < nrows) {
       const int64_t sc_col = p.self_offset + p.row0 + r0 + r - p.col0 - c0;
-      if (sc_col >= 0 && sc_col < NR) row[sc_col] = kNegInf;
+      if (sc_col >= 0 && sc_col < valid_cols) {
+        row[sc_col] = nan;
+        excluded += 1;
+      }
     }
   }
+  return excluded;
 }
 
 // ---- scalar path ---------------------------------------------------------------------------------
@@ -155,22 +162,15 @@ void fold_block_scalar(const Params& p, const float* sc, int64_t nrows, int64_t 
     int64_t* hi = p.top_i + (r0 + r) * p.k;
     for (int c = 0; c < NR; ++c) {
       const float s = s16[c];
-      if (s == kNegInf) continue;  // excluded self pair or padding column
-      const float x = (s - p.lo_f) * p.scale_f;
-      bool edge_ok = x >= p.margin && x <= p.top_f;
-      if (edge_ok) {
-        const float f = x - std::floor(x);
-        edge_ok = f >= p.margin && f <= 1.0f - p.margin;
-      }
-      if (edge_ok) {
-        lc.sub[static_cast<int>(std::floor(x))] += 1;
-        lc.in_sub += 1;
-        lc.total += 1;
-        lc.gt_low += s > p.low_t;
-        lc.gt_high += s > p.high_t;
-      } else {
+      if (std::isnan(s)) continue;  // excluded self pair or padding column
+      lc.gt_low += s > p.low_t;
+      lc.gt_high += s > p.high_t;
+      const float y = std::min(std::max(std::fmaf(s, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
+      const float fl = std::floor(y);
+      if (std::fabs(y - fl - 0.5f) <= 0.5f - p.margin)
+        lc.sub[static_cast<int>(fl)] += 1;
+      else
         count_exact(p, s, lc);
-      }
       if (s >= hs[0]) offer(p, s, gcol0 + c, hs, hi);
     }
   }
@@ -220,59 +220,59 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 
 DSF_TARGET_AVX2 void fold_block_avx2(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t gcol0,
                                      Local& lc) {
-  const __m256 vlo = _mm256_set1_ps(p.lo_f), vscale = _mm256_set1_ps(p.scale_f);
-  const __m256 vmargin = _mm256_set1_ps(p.margin), vtop = _mm256_set1_ps(p.top_f);
-  const __m256 vone_m = _mm256_set1_ps(1.0f - p.margin);
+  const __m256 vscale = _mm256_set1_ps(p.scale_f), voff = _mm256_set1_ps(p.off_f);
+  const __m256 vclo = _mm256_set1_ps(0.5f), vchi = _mm256_set1_ps(p.bins + 1.5f);
+  const __m256 vhalf = _mm256_set1_ps(0.5f), vlim = _mm256_set1_ps(0.5f - p.margin);
+  const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 vlow = _mm256_set1_ps(p.low_t), vhigh = _mm256_set1_ps(p.high_t);
-  const __m256 vneginf = _mm256_set1_ps(kNegInf);
-  const int st = p.bins + 1;
-  const __m256i vdummy = _mm256_set1_epi32(p.bins);
+  const int st = p.bins + 3;
+  const __m256i vdummy = _mm256_set1_epi32(p.bins + 2);
+  const __m256i vlane = _mm256_setr_epi32(0, st, 2 * st, 3 * st, 4 * st, 5 * st, 6 * st, 7 * st);
+  __m256i nlow = _mm256_setzero_si256(), nhigh = nlow;  // per-lane class counts (minus compare masks)
   int32_t* const S = lc.sub.data();
-  alignas(32) int32_t bidx[8];
+  alignas(32) int32_t slot[8];
   for (int64_t r = 0; r < nrows; ++r) {
     const float* s16 = sc + r * NR;
     float* hs = p.top_s + (r0 + r) * p.k;
     int64_t* hi = p.top_i + (r0 + r) * p.k;
     for (int h = 0; h < 2; ++h) {
       const __m256 s = _mm256_load_ps(s16 + 8 * h);
-      const __m256 x = _mm256_mul_ps(_mm256_sub_ps(s, vlo), vscale);
-      const __m256 fl = _mm256_floor_ps(x);
-      const __m256 f = _mm256_sub_ps(x, fl);
-      // edge_ok: in range and away from every bin edge (NaN-safe ordered compares; -inf fails)
-      __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, vmargin, _CMP_GE_OQ), _mm256_cmp_ps(x, vtop, _CMP_LE_OQ));
-      ok = _mm256_and_ps(ok, _mm256_cmp_ps(f, vmargin, _CMP_GE_OQ));
-      ok = _mm256_and_ps(ok, _mm256_cmp_ps(f, vone_m, _CMP_LE_OQ));
+      // max/min return their second operand when it is NaN: excluded lanes stay NaN and fail `ok`
+      const __m256 y = _mm256_min_ps(vchi, _mm256_max_ps(vclo, _mm256_fmadd_ps(s, vscale, voff)));
+      const __m256 fl = _mm256_floor_ps(y);
+      const __m256 dist = _mm256_and_ps(_mm256_sub_ps(_mm256_sub_ps(y, fl), vhalf), vabs);
+      const __m256 ok = _mm256_cmp_ps(dist, vlim, _CMP_LE_OQ);
+      nlow = _mm256_sub_epi32(nlow, _mm256_castps_si256(_mm256_cmp_ps(s, vlow, _CMP_GT_OQ)));
+      nhigh = _mm256_sub_epi32(nhigh, _mm256_castps_si256(_mm256_cmp_ps(s, vhigh, _CMP_GT_OQ)));
+      const __m256i b = _mm256_add_epi32(
+          _mm256_blendv_epi8(vdummy, _mm256_cvttps_epi32(fl), _mm256_castps_si256(ok)), vlane);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(slot), b);
+      S[slot[0]] += 1;
+      S[slot[1]] += 1;
+      S[slot[2]] += 1;
+      S[slot[3]] += 1;
+      S[slot[4]] += 1;
+      S[slot[5]] += 1;
+      S[slot[6]] += 1;
+      S[slot[7]] += 1;
       const unsigned okm = static_cast<unsigned>(_mm256_movemask_ps(ok));
-      const unsigned glm = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s, vlow, _CMP_GT_OQ)));
-      const unsigned ghm = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s, vhigh, _CMP_GT_OQ)));
-      // real: not an excluded pair; cand: reaches the row's current k-th best (the threshold early-out)
-      const unsigned realm = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(s, vneginf, _CMP_GT_OQ)));
-      const __m256 reach = _mm256_cmp_ps(s, _mm256_set1_ps(hs[0]), _CMP_GE_OQ);
-      const unsigned candm = realm & static_cast<unsigned>(_mm256_movemask_ps(reach));
-      const __m256i b = _mm256_blendv_epi8(vdummy, _mm256_cvttps_epi32(fl), _mm256_castps_si256(ok));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(bidx), b);
-      S[bidx[0]] += 1;
-      S[st + bidx[1]] += 1;
-      S[2 * st + bidx[2]] += 1;
-      S[3 * st + bidx[3]] += 1;
-      S[4 * st + bidx[4]] += 1;
-      S[5 * st + bidx[5]] += 1;
-      S[6 * st + bidx[6]] += 1;
-      S[7 * st + bidx[7]] += 1;
-      const int nok = __builtin_popcount(okm);
-      lc.in_sub += 8;
-      lc.total += nok;
-      lc.gt_low += __builtin_popcount(glm & okm);
-      lc.gt_high += __builtin_popcount(ghm & okm);
-      for (unsigned sp = ~okm & realm & 0xffu; sp; sp &= sp - 1) {
-        count_exact(p, s16[8 * h + __builtin_ctz(sp)], lc);
+      if (okm != 0xffu) {  // near a bin edge (rare), or excluded
+        for (unsigned sp = ~okm & 0xffu; sp; sp &= sp - 1) count_exact(p, s16[8 * h + __builtin_ctz(sp)], lc);
       }
+      // the threshold early-out: only scores reaching the row's current k-th best are offered
+      const unsigned candm = static_cast<unsigned>(
+          _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_broadcast_ss(hs), _CMP_GE_OQ)));
       for (unsigned cm = candm; cm; cm &= cm - 1) {
         const int l = __builtin_ctz(cm);
         offer(p, s16[8 * h + l], gcol0 + 8 * h + l, hs, hi);
       }
     }
   }
+  alignas(32) int32_t cnt[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cnt), nlow);
+  for (int l = 0; l < 8; ++l) lc.gt_low += cnt[l];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cnt), nhigh);
+  for (int l = 0; l < 8; ++l) lc.gt_high += cnt[l];
 }
 #endif
 
@@ -301,7 +301,8 @@ void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, MicroFn micro,
             std::memcpy(p.dense + (r0 + r) * p.n + c0, sc + r * NR, sizeof(float) * nc);
         }
         if (p.top_s == nullptr) continue;  // dense scores only
-        mask_block(p, sc, r0, nrows, c0);
+        lc.total += nrows * NR - mask_block(p, sc, r0, nrows, c0);
+        lc.in_sub += nrows * NR;
         fold(p, sc, nrows, r0, p.col0 + c0, lc);
       }
       if (lc.in_sub > flush_at) lc.flush(p.bins);
@@ -425,11 +426,12 @@ void topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int64_t se
   p.hi = hi;
   p.low = low;
   p.high = high;
-  p.lo_f = static_cast<float>(lo);
-  p.scale_f = static_cast<float>(bins / (hi - lo));
-  // x = (s - lo) * scale in float32 is within a few ulps of (bins + 1) of the exact position
-  p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (bins + 2) + 1e-7);
-  p.top_f = static_cast<float>(bins) - p.margin;
+  const double scale = bins / (hi - lo);
+  p.scale_f = static_cast<float>(scale);
+  p.off_f = static_cast<float>(1.0 - lo * scale);
+  // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
+  // (bins + 2 + |lo| scale) for every slot that is not clamped (|s| scale <= bins + |lo| scale + 1)
+  p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (bins + 2 + std::fabs(lo) * scale) + 1e-7);
   p.low_t = largest_float_le(low);
   p.high_t = largest_float_le(high);
   if (m == 0 || n == 0) return;

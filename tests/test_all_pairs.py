@@ -454,3 +454,40 @@ def test_native_fold_validates_buffers():
         _native.topk_fused(q.astype(np.float64), t, 0, 0, -1, ts, ti, h, c, -1, 1, 0.6, 0.85)
     with pytest.raises(ValueError, match="C-contiguous"):
         _native.cosine_scores(np.zeros((8, 4), np.float32).T, t, np.zeros((4, 5), np.float32))
+
+
+@pytest.mark.parametrize("lo,hi,bins", [(-1.0, 1.0, 200), (0.05, 0.3, 1000), (-0.2, -0.1, 7),
+                                        (-1000.0, 3.0, 50000), (-1.0, 1.0, 1 << 20)])
+def test_native_fold_histogram_on_other_ranges_and_bin_counts(lo, hi, bins):
+    """The float32 pre-binning (slot = fma(s, scale, off), clamped ends, edge margin) gives the float64
+    rule's histogram exactly for ranges that clip most scores, offsets far from zero, and bins so fine
+    that every pair takes the exact path; also with self pairs excluded, on both SIMD levels."""
+    train = _rand(300, 24, SEED + 50)
+    train[7] = train[3]  # an exact duplicate pair and exact +-1 scores
+    synth = np.concatenate([_rand(70, 24, SEED + 51), train[:3], -train[3:4]])
+    q = _normalize(torch.as_tensor(synth), "synth", 24, "cpu").numpy()
+    t = _normalize(torch.as_tensor(train), "train", 24, "cpu").numpy()
+    m = np.full((len(q), len(t)), np.nan, np.float32)
+    _native.cosine_scores(q, t, m)
+    for self_offset in (-1, 5):
+        valid = np.ones(m.shape, bool)
+        if self_offset >= 0:
+            valid[np.arange(len(q)), np.arange(len(q)) + self_offset] = False
+        v = m[valid].astype(np.float64)
+        want = np.bincount(np.clip(np.floor((v - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64),
+                           minlength=bins)
+        want_cls = [int((v <= 0.6).sum()), int(((v > 0.6) & (v <= 0.85)).sum()), int((v > 0.85).sum())]
+        for level in ("auto", "scalar"):
+            ts = np.full((len(q), 3), -np.inf, np.float32)
+            ti = np.full((len(q), 3), np.iinfo(np.int64).max, np.int64)
+            h = np.zeros(bins, np.int64)
+            c = np.zeros(3, np.int64)
+            try:
+                _native.set_simd_level(level)
+                _native.topk_fused(q, t, 0, 0, self_offset, ts, ti, h, c, lo, hi, 0.6, 0.85)
+            finally:
+                _native.set_simd_level("auto")
+            assert np.array_equal(h, want), (level, self_offset, _first_mismatch(h, want))
+            assert list(c) == want_cls, (level, self_offset)
+            best = np.where(valid, m, -np.inf).max(axis=1)
+            assert np.array_equal(ts.max(axis=1), best), (level, self_offset)
