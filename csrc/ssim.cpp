@@ -477,9 +477,10 @@ DSF_INLINE void box_ingest_row(const float* src_a, const float* src_b, int64_t W
 // the contrast-structure term (2 cov + c2) / (var_x + var_y + c2) is the same ratio of these scaled by
 // N^2 / cov_norm, so only the two cancelling differences are formed in fp64; the rest of the formula runs
 // on 8 fp32 lanes (two steps of t at once), where nothing cancels and fp32 keeps ~1e-7 relative.
+// (one 8-lane conversion: converting the halves and concatenating made GCC add a register move per half)
+typedef double v8d __attribute__((vector_size(64)));
 DSF_INLINE v8f cat8(v4d lo, v4d hi) {
-  const v4f a = __builtin_convertvector(lo, v4f), b = __builtin_convertvector(hi, v4f);
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
+  return __builtin_convertvector(__builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7), v8f);
 }
 
 // Outputs per lane (segment) of a row of Wo outputs cut into 4 segments of S; lanes 4-7 repeat 0-3 (two
