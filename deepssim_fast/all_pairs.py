@@ -54,7 +54,7 @@ HIST_RANGE = (-1.0, 1.0)
 CLASS_NAMES = ("different", "similar", "duplicate")
 _INT64_MAX = np.iinfo(np.int64).max
 _PAD = 8  # rows are zero-padded to a multiple of 8 floats (32-byte rows; zeros do not change a score)
-_NORM_CHUNK = 1 << 15
+_NORM_CHUNK = 1 << 12
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -233,14 +233,30 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
     n, d = t.shape
     if torch.device(device).type == "cpu" and t.device.type == "cpu":
         out_np = np.zeros((n, dp), dtype=np.float32)
-        for a in range(0, n, _NORM_CHUNK):
-            c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
+        src = _host_view(t)
+
+        def rows(a: int) -> int:
+            # numpy releases the GIL in these loops: chunks run on all cores
+            c = src[a:a + _NORM_CHUNK].astype(np.float64)
             norm = np.linalg.norm(c, axis=1)
             zero = np.flatnonzero(norm == 0)
             if zero.size:
-                raise ValueError(f"{name} row {a + int(zero[0])} is all zeros; cosine similarity is "
-                                 "undefined")
+                return a + int(zero[0])
             out_np[a:a + c.shape[0], :d] = c / norm[:, None]
+            return -1
+
+        starts = range(0, n, _NORM_CHUNK)
+        workers = min(len(starts), os.cpu_count() or 1)
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                zero_rows = list(pool.map(rows, starts))
+        else:
+            zero_rows = [rows(a) for a in starts]
+        bad = [r for r in zero_rows if r >= 0]
+        if bad:
+            raise ValueError(f"{name} row {min(bad)} is all zeros; cosine similarity is undefined")
         return torch.from_numpy(out_np)
     out = torch.zeros((n, dp), dtype=torch.float32, device=device)
     for a in range(0, n, _NORM_CHUNK):
@@ -357,7 +373,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     state = dict(k=k, low=low, high=high, bins=bins, self_offset=self_offset, progress=progress,
                  matrix=matrix)
     if bk == "native":
-        scores, indices, counts, cls = _run_native(Q.numpy(), T.numpy(), block=block or 16384,
+        scores, indices, counts, cls = _run_native(Q.numpy(), T.numpy(), block=block or 65536,
                                                    tile=tile or 16384, **state)
     elif bk == "torch":
         scores, indices, counts, cls = _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
