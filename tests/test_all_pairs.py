@@ -357,6 +357,10 @@ def test_bad_input_errors_name_the_problem():
         all_pairs(bad, good, progress=False)
     with pytest.raises(ValueError, match="synth row 2 is all zeros"):
         all_pairs(good, bad, progress=False)
+    many = _rand(9000, good.shape[1], SEED + 12)
+    many[[8800, 4100]] = 0  # zero rows in two chunks normalised in parallel: the first one is named
+    with pytest.raises(ValueError, match="synth row 4100 is all zeros"):
+        all_pairs(good, many, progress=False)
     with pytest.raises(ValueError, match=r"k=11 exceeds the 10 candidates"):
         all_pairs(good, good, k=11, progress=False)
     with pytest.raises(ValueError, match="k must be a positive integer"):
