@@ -27,12 +27,15 @@ namespace dsf {
 #if defined(__x86_64__) || defined(_M_X64)
 #define DSF_X86 1
 #define DSF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define DSF_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl,avx512bw")))
 #else
 #define DSF_X86 0
 #define DSF_TARGET_AVX2
+#define DSF_TARGET_AVX512
 #endif
 
-enum class Simd : int { Scalar = 0, AVX2 = 1 };
+// AVX512 implies AVX2: code paths without an AVX-512 variant run their AVX2 one (test `level >= AVX2`).
+enum class Simd : int { Scalar = 0, AVX2 = 1, AVX512 = 2 };
 
 // What the CPU supports.
 Simd detected_simd();

@@ -18,14 +18,19 @@ int parse_simd_env() {
   std::string s(e);
   if (s == "scalar") return static_cast<int>(Simd::Scalar);
   if (s == "avx2") return static_cast<int>(Simd::AVX2);
+  if (s == "avx512") return static_cast<int>(Simd::AVX512);
   return -1;
 }
 }  // namespace
 
 Simd detected_simd() {
 #if DSF_X86
-  static const Simd s = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Simd::AVX2
-                                                                                           : Simd::Scalar;
+  static const Simd s = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Simd::Scalar;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+    return avx512 ? Simd::AVX512 : Simd::AVX2;
+  }();
   return s;
 #else
   return Simd::Scalar;
@@ -39,7 +44,9 @@ Simd active_simd() {
   return static_cast<Simd>(cap < 0 ? det : std::min(cap, det));
 }
 
-const char* simd_name(Simd s) { return s == Simd::AVX2 ? "avx2" : "scalar"; }
+const char* simd_name(Simd s) {
+  return s == Simd::AVX512 ? "avx512" : s == Simd::AVX2 ? "avx2" : "scalar";
+}
 
 int num_threads() {
   int t = g_threads.load();
@@ -99,7 +106,8 @@ std::vector<std::pair<std::string, RegisterFn>>& registry() {
 PYBIND11_MODULE(_native, m) {
   m.doc() = "deepssim_fast native core: CPU SSIM, chunked cosine top-k with fused histogram.";
   m.def("simd_level", []() { return std::string(dsf::simd_name(dsf::active_simd())); },
-        "SIMD level the kernels use now: 'avx2' or 'scalar'.");
+        "SIMD level the kernels use now: 'avx512', 'avx2' or 'scalar' (avx512: kernels that have an AVX-512\n"
+        "variant use it, the others their AVX2 one).");
   m.def("detected_simd_level", []() { return std::string(dsf::simd_name(dsf::detected_simd())); },
         "Best SIMD level this CPU supports.");
   m.def(
@@ -108,7 +116,9 @@ PYBIND11_MODULE(_native, m) {
         if (level == "auto") dsf::g_simd_cap.store(-1);
         else if (level == "scalar") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::Scalar));
         else if (level == "avx2") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::AVX2));
-        else throw py::value_error("set_simd_level: expected 'auto', 'scalar' or 'avx2', got '" + level + "'");
+        else if (level == "avx512") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::AVX512));
+        else throw py::value_error("set_simd_level: expected 'auto', 'scalar', 'avx2' or 'avx512', got '" + level +
+                                   "'");
       },
       py::arg("level"),
       "Cap the SIMD level ('scalar' forces the portable path; 'auto' restores detection). "

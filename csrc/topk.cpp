@@ -355,7 +355,7 @@ void run(Params& p, int threads, int64_t* H, int64_t* C) {
   MicroFn micro = &micro_scalar;
   FoldFn fold = &fold_block_scalar;
 #if DSF_X86
-  if (level == Simd::AVX2) {
+  if (level >= Simd::AVX2) {
     micro = &micro_avx2;
     fold = &fold_block_avx2;
   }

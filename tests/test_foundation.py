@@ -21,8 +21,8 @@ bk = importlib.import_module("deepssim_fast.backends")
 def test_native_imports_and_reports_simd_and_threads():
     from deepssim_fast import _native
 
-    assert _native.simd_level() in ("scalar", "avx2")
-    assert _native.detected_simd_level() in ("scalar", "avx2")
+    assert _native.simd_level() in ("scalar", "avx2", "avx512")
+    assert _native.detected_simd_level() in ("scalar", "avx2", "avx512")
     assert _native.num_threads() >= 1
     assert isinstance(list(_native.capabilities), list)
 
@@ -34,13 +34,15 @@ def test_native_simd_level_can_be_lowered_and_restored():
     try:
         _native.set_simd_level("scalar")
         assert _native.simd_level() == "scalar"
-        _native.set_simd_level("avx2")  # capped by what the CPU supports
+        _native.set_simd_level("avx512")  # capped by what the CPU supports
         assert _native.simd_level() == detected
+        _native.set_simd_level("avx2")
+        assert _native.simd_level() == ("scalar" if detected == "scalar" else "avx2")
     finally:
         _native.set_simd_level("auto")
     assert _native.simd_level() == detected
-    with pytest.raises(ValueError, match="expected 'auto', 'scalar' or 'avx2'"):
-        _native.set_simd_level("avx512")
+    with pytest.raises(ValueError, match="expected 'auto', 'scalar', 'avx2' or 'avx512'"):
+        _native.set_simd_level("sse9")
 
 
 def test_native_thread_count_is_settable():
@@ -70,7 +72,7 @@ def test_backends_lists_everything():
     info = deepssim_fast.backends()
     assert set(info) >= {"native", "torch", "triton", "cuda", "cupy"}
     assert info["native"]["available"] is True
-    assert info["native"]["simd"] in ("scalar", "avx2")
+    assert info["native"]["simd"] in ("scalar", "avx2", "avx512")
     assert info["torch"]["available"] is True
     if not torch.cuda.is_available():
         assert info["cuda"] == []

@@ -488,7 +488,7 @@ def _skimage_uniform(x, y, win_size, data_range=None, preset=None):
     return np.array(out)
 
 
-@pytest.mark.parametrize("level", ["scalar", "auto"])
+@pytest.mark.parametrize("level", ["scalar", "avx2", "auto"])
 @pytest.mark.parametrize("box", ["1", "0"], ids=["box", "separable"])
 @pytest.mark.parametrize("win_size", [3, 7, 9])
 def test_box_kernel_odd_widths_vs_skimage(monkeypatch, level, box, win_size):
@@ -511,7 +511,7 @@ def test_box_kernel_odd_widths_vs_skimage(monkeypatch, level, box, win_size):
         _native.set_simd_level("auto")
 
 
-@pytest.mark.parametrize("level", ["scalar", "auto"])
+@pytest.mark.parametrize("level", ["scalar", "avx2", "auto"])
 def test_box_kernel_real_mri_flat_backgrounds(monkeypatch, level, mri_slices):
     """Real MRI with its flat background, offset far from 0 (fp32 ulp 2e-3 there) and z-scored: the running
     sums must not drift. The box and the separable kernel agree and both match scikit-image."""
@@ -535,6 +535,32 @@ def test_box_kernel_real_mri_flat_backgrounds(monkeypatch, level, mri_slices):
         _native.set_simd_level("auto")
 
 
+@pytest.mark.skipif(_native.detected_simd_level() != "avx512",
+                    reason="the two-band AVX-512 kernel needs a CPU with AVX-512 (F, DQ, VL, BW)")
+def test_avx512_two_band_box_kernel_is_bit_identical_to_avx2(mri_slices):
+    """On AVX-512 CPUs the 2D uniform kernel runs two bands of output rows in 8 fp64 lanes; every lane does the
+    4-lane kernel's arithmetic and row sums are added in the same order, so results equal the AVX2 path bit
+    for bit: real MRI (and its flipped, shifted, noisy, contrast copies, the deepssim preset), odd heights
+    around the two-band threshold (2 K rows), odd widths, one pair (row ranges split across threads) and many."""
+    rng = np.random.default_rng(512)
+    cases = [(mri_slices, y, kw) for y in variants(mri_slices, rng).values()
+             for kw in ({}, dict(preset="deepssim"), dict(data_range=7.5))]
+    for h, w in [(13, 9), (14, 9), (15, 33), (16, 17), (29, 31), (64, 300), (255, 257)]:
+        x, y = random_pair(rng, (3, h, w), np.float32)
+        cases += [(x, y, {}), (x[:1], y[:1], {}), (x, y, dict(win_size=3)), (x, y, dict(win_size=9))]
+    try:
+        for x, y, kw in cases:
+            got = {}
+            for level in ("avx2", "avx512"):
+                _native.set_simd_level(level)
+                got[level] = ssim(x, y, spatial_dims=2, **kw)
+            assert np.array_equal(got["avx2"], got["avx512"]), (x.shape, kw, got["avx2"] - got["avx512"])
+            assert_close(got["avx512"], _skimage_uniform(x, y, kw.get("win_size", 7), kw.get("data_range"),
+                                                          kw.get("preset")), what=f"avx512 {x.shape} {kw}")
+    finally:
+        _native.set_simd_level("auto")
+
+
 def test_box_kernel_many_pairs_shared_and_single_use_images(mri_slices):
     """One-vs-many (x shared by every pair: statistics up front) and distinct pairs (statistics computed
     right before each pair): values match scikit-image, and a NaN in a single-use image names its pair."""
@@ -551,7 +577,7 @@ def test_box_kernel_many_pairs_shared_and_single_use_images(mri_slices):
         ssim(xs, bad, spatial_dims=2)
 
 
-@pytest.mark.parametrize("level", ["scalar", "auto"])
+@pytest.mark.parametrize("level", ["scalar", "avx2", "auto"])
 def test_box_kernel_extreme_value_scales(level):
     """The box kernel evaluates the formula on values divided by the pair's range, so tiny (1e-20) and huge
     (1e30) float32 data neither underflow c1/c2 nor overflow the squares."""
