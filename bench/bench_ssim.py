@@ -12,7 +12,7 @@ Cases (every provider in the same process, same real inputs; rates compared with
 * GPU (only with CUDA): Triton 2D and 3D vs pytorch-msssim and MONAI on the same GPU, pairs/s and the
   fraction of the FP32 roofline for the separable-window FLOP counts of the issue (161 / 241 per pixel).
 
-``python -m bench.bench_ssim [--quick] [--no-append]``
+``python -m bench.bench_ssim [--quick] [--no-append] [--cases 2d 3d matrix training] [--simd avx2]``
 """
 
 from __future__ import annotations
@@ -271,12 +271,19 @@ def _gpu(quick: bool) -> list[Row]:
     return rows
 
 
-def run(quick: bool = False, append: bool = True) -> list[Row]:
-    """Run every case; append the table to BENCHMARKS.md unless ``append=False``."""
+CASES = {"2d": "_cpu_2d", "3d": "_cpu_3d", "matrix": "_matrix", "training": "_training_call"}
+
+
+def run(quick: bool = False, append: bool = True, cases: list[str] | None = None,
+        simd: str | None = None) -> list[Row]:
+    """Run the cases (default: all); append the table to BENCHMARKS.md unless ``append=False``. ``simd``
+    caps the native SIMD level ("scalar", "avx2", "avx512") for the run."""
     from deepssim_fast import _native
 
+    if simd:
+        _native.set_simd_level(simd)
     rows: list[Row] = []
-    for fn in (_cpu_2d, _cpu_3d, _matrix, _training_call):
+    for fn in (globals()[CASES[c]] for c in (cases or list(CASES))):
         try:
             rows += fn(quick)
         except Exception as exc:  # noqa: BLE001 - a failing case is reported, the others still run
@@ -301,9 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), help="run only these cases")
+    ap.add_argument("--simd", choices=["scalar", "avx2", "avx512"], help="cap the native SIMD level")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    rows = run(quick=args.quick, append=not args.no_append)
+    rows = run(quick=args.quick, append=not args.no_append, cases=args.cases, simd=args.simd)
     print(markdown_table(rows))
 
 
