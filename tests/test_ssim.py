@@ -540,14 +540,19 @@ def test_box_kernel_real_mri_flat_backgrounds(monkeypatch, level, mri_slices):
 def test_avx512_two_band_box_kernel_is_bit_identical_to_avx2(mri_slices):
     """On AVX-512 CPUs the 2D uniform kernel runs two bands of output rows in 8 fp64 lanes; every lane does the
     4-lane kernel's arithmetic and row sums are added in the same order, so results equal the AVX2 path bit
-    for bit: real MRI (and its flipped, shifted, noisy, contrast copies, the deepssim preset), odd heights
-    around the two-band threshold (2 K rows), odd widths, one pair (row ranges split across threads) and many."""
+    for bit: real MRI (and its flipped, shifted, noisy, contrast copies, the deepssim preset), heights around
+    the two-band threshold (2 K output rows), odd widths, one pair (row ranges split across threads) and many."""
     rng = np.random.default_rng(512)
     cases = [(mri_slices, y, kw) for y in variants(mri_slices, rng).values()
              for kw in ({}, dict(preset="deepssim"), dict(data_range=7.5))]
-    for h, w in [(13, 9), (14, 9), (15, 33), (16, 17), (29, 31), (64, 300), (255, 257)]:
+    # output rows 2 K - 1, 2 K, 2 K + 1 around the split threshold (K = 7: heights 19-21; K = 3: 7-9), odd
+    # and even row counts (band 2 one row short), and a wide image
+    for h, w in [(13, 9), (19, 33), (20, 17), (21, 12), (7, 10), (8, 11), (9, 9), (29, 31), (64, 300),
+                 (255, 257)]:
         x, y = random_pair(rng, (3, h, w), np.float32)
-        cases += [(x, y, {}), (x[:1], y[:1], {}), (x, y, dict(win_size=3)), (x, y, dict(win_size=9))]
+        cases += [(x, y, {}), (x[:1], y[:1], {}), (x, y, dict(win_size=3))]
+        if min(h, w) >= 9:
+            cases.append((x, y, dict(win_size=9)))
     try:
         for x, y, kw in cases:
             got = {}
