@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -242,3 +243,16 @@ def test_atomic_write_replaces_whole_file_and_cleans_up_on_failure(tmp_path):
         atomic_write(p, boom)
     assert p.read_bytes() == b"second", "a failed write leaves the old file untouched"
     assert sorted(x.name for x in p.parent.iterdir()) == ["out.bin"], "no temporary file is left behind"
+
+
+def test_simd_environment_variable_caps_the_level():
+    """DEEPSSIM_FAST_SIMD=scalar|avx2|avx512 caps the level the kernels use (never above the CPU's)."""
+    from deepssim_fast import _native
+
+    detected = _native.detected_simd_level()
+    order = ["scalar", "avx2", "avx512"]
+    for cap in order:
+        out = subprocess.run([sys.executable, "-c", "from deepssim_fast import _native; print(_native.simd_level())"],
+                             env={**os.environ, "DEEPSSIM_FAST_SIMD": cap}, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert out == order[min(order.index(cap), order.index(detected))], (cap, out, detected)
