@@ -246,7 +246,7 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
             return -1
 
         starts = range(0, n, _NORM_CHUNK)
-        workers = min(len(starts), os.cpu_count() or 1)
+        workers = min(len(starts), torch.get_num_threads())  # the caller's thread budget (Dask tasks set it)
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 

@@ -330,7 +330,8 @@ _BLAS_CONTROLLER: Any = None
 
 
 def _blas_limit(threads: int) -> Any:
-    """A context that caps numpy's BLAS (the native engine's sgemm pre-filter) at ``threads`` threads.
+    """A context that caps numpy's BLAS thread pool at ``threads`` threads (so that numpy work inside a task
+    does not spread over cores that other workers own).
 
     Uses threadpoolctl when it is installed (the library scan is done once per worker process).
     """
