@@ -536,7 +536,7 @@ def test_box_kernel_real_mri_flat_backgrounds(monkeypatch, level, mri_slices):
 
 
 @pytest.mark.skipif(_native.detected_simd_level() != "avx512",
-                    reason="the two-band AVX-512 kernel needs a CPU with AVX-512 (F, DQ, VL, BW)")
+                    reason="the two-band AVX-512 kernel needs a CPU with AVX-512 F/DQ/VL/BW/VBMI2")
 def test_avx512_two_band_box_kernel_is_bit_identical_to_avx2(mri_slices):
     """On AVX-512 CPUs the 2D uniform kernel runs two bands of output rows in 8 fp64 lanes; every lane does the
     4-lane kernel's arithmetic and row sums are added in the same order, so results equal the AVX2 path bit
