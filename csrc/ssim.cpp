@@ -417,6 +417,55 @@ DSF_INLINE v4d widen(v4f f) {
              static_cast<double>(f[3])};
 }
 
+// Unaligned load / store of any vector type from / to its element type.
+template <class V, class T>
+DSF_INLINE V loadv(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class V, class T>
+DSF_INLINE void storev(T* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// 4 steps t .. t + 3 of one row, prepared ((x - c) * s; SCALE = false when s is 1) and segment-interleaved
+// by a 4 x 4 register transpose: x[q] = the 4 segments' values at step t + q (segment l starts at column l S).
+template <bool SCALE>
+DSF_INLINE void interleave4(const float* p, int64_t S, int64_t t, v4f c, v4f s, v4f x[4]) {
+  v4f r0 = load4f(p + t) - c, r1 = load4f(p + S + t) - c, r2 = load4f(p + 2 * S + t) - c, r3 = load4f(p + 3 * S + t) - c;
+  if (SCALE) {
+    r0 *= s;
+    r1 *= s;
+    r2 *= s;
+    r3 *= s;
+  }
+  const v4f t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5), t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+  const v4f t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5), t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+  x[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+  x[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  x[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+  x[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+
+// The kCh channels' column sums of one step at c (lanes contiguous per channel: A, B, Q, P; L lanes of VD)
+// after the values va, vb enter and, if LEAVE, wa, wb leave.
+template <bool LEAVE, class VD>
+DSF_INLINE void update_columns(double* __restrict c, VD va, VD vb, VD wa, VD wb) {
+  constexpr int L = sizeof(VD) / sizeof(double);
+  if (LEAVE) {
+    storev(c, loadv<VD>(c) + (va - wa));
+    storev(c + L, loadv<VD>(c + L) + (vb - wb));
+    storev(c + 2 * L, loadv<VD>(c + 2 * L) + ((va * va + vb * vb) - (wa * wa + wb * wb)));
+    storev(c + 3 * L, loadv<VD>(c + 3 * L) + (va * vb - wa * wb));
+  } else {
+    storev(c, loadv<VD>(c) + va);
+    storev(c + L, loadv<VD>(c + L) + vb);
+    storev(c + 2 * L, loadv<VD>(c + 2 * L) + (va * va + vb * vb));
+    storev(c + 3 * L, loadv<VD>(c + 3 * L) + va * vb);
+  }
+}
+
 // One new row enters the window (and, if LEAVE, row `old` leaves it): the raw rows are copied into
 // zero-padded buffers, prepared ((x - centre) * scale; SCALE = false when scale is 1), segment-interleaved
 // 4 x 4 by register transposes, widened to fp64, stored into the ring (they leave the window K rows later)
@@ -431,43 +480,17 @@ DSF_INLINE void box_ingest_row(const float* src_a, const float* src_b, int64_t W
   const v4f vca = {ca, ca, ca, ca}, vsa = {sa, sa, sa, sa}, vcb = {cb, cb, cb, cb}, vsb = {sb, sb, sb, sb};
   for (int64_t t = 0; t < T4; t += 4) {
     v4f xa[4], xb[4];
-    for (int img = 0; img < 2; ++img) {
-      const float* p = img == 0 ? pad_a : pad_b;
-      const v4f c = img == 0 ? vca : vcb, s = img == 0 ? vsa : vsb;
-      v4f r0 = load4f(p + t) - c, r1 = load4f(p + S + t) - c, r2 = load4f(p + 2 * S + t) - c,
-          r3 = load4f(p + 3 * S + t) - c;
-      if (SCALE) {
-        r0 *= s;
-        r1 *= s;
-        r2 *= s;
-        r3 *= s;
-      }
-      const v4f t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5), t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
-      const v4f t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5), t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
-      v4f* x = img == 0 ? xa : xb;
-      x[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
-      x[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
-      x[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
-      x[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
-    }
+    interleave4<SCALE>(pad_a, S, t, vca, vsa, xa);
+    interleave4<SCALE>(pad_b, S, t, vcb, vsb, xb);
     for (int q = 0; q < 4; ++q) {
       const int64_t i = 4 * (t + q);
       store4f(na + i, xa[q]);
       store4f(nb + i, xb[q]);
       const v4d va = widen(xa[q]), vb = widen(xb[q]);
-      double* c = c0 + kCh * i;
-      if (LEAVE) {
-        const v4d wa = widen(load4f(oa + i)), wb = widen(load4f(ob + i));
-        store4d(c, load4d(c) + (va - wa));
-        store4d(c + 4, load4d(c + 4) + (vb - wb));
-        store4d(c + 8, load4d(c + 8) + ((va * va + vb * vb) - (wa * wa + wb * wb)));
-        store4d(c + 12, load4d(c + 12) + (va * vb - wa * wb));
-      } else {
-        store4d(c, load4d(c) + va);
-        store4d(c + 4, load4d(c + 4) + vb);
-        store4d(c + 8, load4d(c + 8) + (va * va + vb * vb));
-        store4d(c + 12, load4d(c + 12) + va * vb);
-      }
+      if (LEAVE)
+        update_columns<true>(c0 + kCh * i, va, vb, widen(load4f(oa + i)), widen(load4f(ob + i)));
+      else
+        update_columns<false>(c0 + kCh * i, va, vb, va, vb);
     }
   }
 }
@@ -491,6 +514,14 @@ DSF_INLINE v8i lane_limits(int64_t Wo, int64_t S) {
   return v8i{l4[0], l4[1], l4[2], l4[3], l4[0], l4[1], l4[2], l4[3]};
 }
 
+// The SSIM formula on any number of fp32 lanes, with the scaled constants c1, c2 (see BoxFormula).
+template <class VF>
+DSF_INLINE VF box_ssim(VF ux, VF uy, VF vsum, VF vxy, VF c1, VF c2) {
+  const VF num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
+  const VF den = (ux * ux + uy * uy + c1) * (vsum + c2);
+  return num / den;
+}
+
 // Constants of the running-sum formula. Luminance on U = mean_x / range = (A + N ox) / (N range), V likewise;
 // the variance terms divided by (N range)^2: both ratios are invariant to these scales, and every fp32 value
 // stays O(1) (no overflow).
@@ -509,51 +540,83 @@ struct BoxFormula {
   }
   // SSIM of 8 outputs from U, V, the scaled variance sum and the scaled covariance; masked lanes give 0.
   DSF_INLINE v8f ssim(v8f ux, v8f uy, v8f vsum, v8f vxy, v8i keep) const {
-    const v8f num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
-    const v8f den = (ux * ux + uy * uy + c1) * (vsum + c2);
-    return keep ? num / den : splat8(0.0f);
+    return keep ? box_ssim(ux, uy, vsum, vxy, c1, c2) : splat8(0.0f);
   }
 };
 
-DSF_INLINE double box_row_ssim(const double* __restrict c0, int K, int64_t T, double n_taps, const PairConstD& pc,
-                               v8i lim) {
-  const BoxFormula f(n_taps, pc);
-  const v4d vn = f.vn, vsu = f.vsu, vsv = f.vsv, nox = f.nox, noy = f.noy;
-  v4d h0 = splat4(0.0), h1 = h0, h2 = h0, h3 = h0;
-  v8f acc = splat8(0.0f);
-  v8i ov = {0, 0, 0, 0, 1, 1, 1, 1};  // output step of each lane
+// Two steps of L fp64 lanes as one 2L-lane fp32 vector; the lanes' limits and first output steps likewise.
+DSF_INLINE v8f cat2(v4d lo, v4d hi) { return cat8(lo, hi); }
+DSF_INLINE void lanes2(v8i lim, v8i& lim2, v8i& ov) {
+  lim2 = lim;
+  ov = v8i{0, 0, 0, 0, 1, 1, 1, 1};
+}
+
+// The same for 8 lanes (the AVX-512 two-band kernel below).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+
+DSF_INLINE v8d widen8(v8f f) { return __builtin_convertvector(f, v8d); }
+DSF_INLINE v16f cat2(v8d lo, v8d hi) {
+  const v8f a = __builtin_convertvector(lo, v8f), b = __builtin_convertvector(hi, v8f);
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+// lanes 0-7: step t (band 1 segments 0-3, band 2 segments 0-3), lanes 8-15: step t + 1
+DSF_INLINE void lanes2(v8i lim, v16i& lim2, v16i& ov) {
+  lim2 = v16i{lim[0], lim[1], lim[2], lim[3], lim[0], lim[1], lim[2], lim[3],
+              lim[0], lim[1], lim[2], lim[3], lim[0], lim[1], lim[2], lim[3]};
+  ov = v16i{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+}
+
+// The row pass: horizontal running sums of the column sums c0 (4 channels x L lanes per step) and the
+// formula; returns the 2L per-lane sums of the row's SSIM map (lanes [0, L) step t, [L, 2L) step t + 1).
+// Instantiated on 4 lanes (4 segments) and, on AVX-512, on 8 (two bands of 4 segments).
+template <class VD, class VF, class VI>
+DSF_INLINE VF box_row_acc(const double* __restrict c0, int K, int64_t T, const BoxFormula& f, v8i lim) {
+  constexpr int L = sizeof(VD) / sizeof(double);
+  const VD vn = VD{} + f.vn[0], vsu = VD{} + f.vsu[0], vsv = VD{} + f.vsv[0];
+  const VD nox = VD{} + f.nox[0], noy = VD{} + f.noy[0];
+  const VF c1 = VF{} + f.c1[0], c2 = VF{} + f.c2[0];
+  VI lim2, ov;  // ov: output step of each lane
+  lanes2(lim, lim2, ov);
+  VD h0 = VD{}, h1 = h0, h2 = h0, h3 = h0;
+  VF acc = VF{};
   for (int64_t t = 0; t < K - 1; ++t) {
-    const double* c = c0 + kCh * 4 * t;
-    h0 += load4d(c);
-    h1 += load4d(c + 4);
-    h2 += load4d(c + 8);
-    h3 += load4d(c + 12);
+    const double* c = c0 + 4 * L * t;
+    h0 += loadv<VD>(c);
+    h1 += loadv<VD>(c + L);
+    h2 += loadv<VD>(c + 2 * L);
+    h3 += loadv<VD>(c + 3 * L);
   }
   // Steps past T read zero column sums (the buffer has spare steps) and are masked out.
   for (int64_t t = K - 1; t < T; t += 2) {
-    v4d m[2][4];
+    VD m[2][4];
     for (int u = 0; u < 2; ++u) {
-      const double* c = c0 + kCh * 4 * (t + u);
-      h0 += load4d(c);
-      h1 += load4d(c + 4);
-      h2 += load4d(c + 8);
-      h3 += load4d(c + 12);
+      const double* c = c0 + 4 * L * (t + u);
+      h0 += loadv<VD>(c);
+      h1 += loadv<VD>(c + L);
+      h2 += loadv<VD>(c + 2 * L);
+      h3 += loadv<VD>(c + 3 * L);
       m[u][0] = h0 * vsu + nox;
       m[u][1] = h1 * vsu + noy;
       m[u][2] = (vn * h2 - (h0 * h0 + h1 * h1)) * vsv;
       m[u][3] = (vn * h3 - h0 * h1) * vsv;
-      const double* d = c0 + kCh * 4 * (t + u - K + 1);
-      h0 -= load4d(d);
-      h1 -= load4d(d + 4);
-      h2 -= load4d(d + 8);
-      h3 -= load4d(d + 12);
+      const double* d = c0 + 4 * L * (t + u - K + 1);
+      h0 -= loadv<VD>(d);
+      h1 -= loadv<VD>(d + L);
+      h2 -= loadv<VD>(d + 2 * L);
+      h3 -= loadv<VD>(d + 3 * L);
     }
-    const v8f ux = cat8(m[0][0], m[1][0]), uy = cat8(m[0][1], m[1][1]);
-    const v8f vsum = cat8(m[0][2], m[1][2]), vxy = cat8(m[0][3], m[1][3]);
-    acc += f.ssim(ux, uy, vsum, vxy, ov < lim);
+    const VF ux = cat2(m[0][0], m[1][0]), uy = cat2(m[0][1], m[1][1]);
+    const VF vsum = cat2(m[0][2], m[1][2]), vxy = cat2(m[0][3], m[1][3]);
+    acc += ov < lim2 ? box_ssim(ux, uy, vsum, vxy, c1, c2) : VF{};
     ov += 2;
   }
-  return hsum8(acc);
+  return acc;
+}
+
+DSF_INLINE double box_row_ssim(const double* __restrict c0, int K, int64_t T, double n_taps, const PairConstD& pc,
+                               v8i lim) {
+  return hsum8(box_row_acc<v4d, v8f, v8i>(c0, K, T, BoxFormula(n_taps, pc), lim));
 }
 
 // Sum of the SSIM map over output rows [r0, r1) of the raw images a, b (H x W), uniform window.
@@ -602,20 +665,9 @@ DSF_INLINE void box_interleave_row(const float* src, int64_t W, float* pad, floa
   std::memcpy(pad, src, W * sizeof(float));
   const v4f vc = {c, c, c, c}, vs = {s, s, s, s};
   for (int64_t t = 0; t < T4; t += 4) {
-    v4f r0 = load4f(pad + t) - vc, r1 = load4f(pad + S + t) - vc, r2 = load4f(pad + 2 * S + t) - vc,
-        r3 = load4f(pad + 3 * S + t) - vc;
-    if (SCALE) {
-      r0 *= vs;
-      r1 *= vs;
-      r2 *= vs;
-      r3 *= vs;
-    }
-    const v4f t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5), t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
-    const v4f t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5), t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
-    store4f(dst + 4 * t, __builtin_shufflevector(t0, t2, 0, 1, 4, 5));
-    store4f(dst + 4 * t + 4, __builtin_shufflevector(t0, t2, 2, 3, 6, 7));
-    store4f(dst + 4 * t + 8, __builtin_shufflevector(t1, t3, 0, 1, 4, 5));
-    store4f(dst + 4 * t + 12, __builtin_shufflevector(t1, t3, 2, 3, 6, 7));
+    v4f x[4];
+    interleave4<SCALE>(pad, S, t, vc, vs, x);
+    for (int q = 0; q < 4; ++q) store4f(dst + 4 * (t + q), x[q]);
   }
 }
 
@@ -657,19 +709,10 @@ DSF_INLINE double box3d_planes_t(const float* a, const float* b, const Geom& g, 
         for (int64_t t = 0; t < T; ++t) {
           const int64_t i = 4 * t;
           const v4d va = widen(load4f(na + i)), vb = widen(load4f(nb + i));
-          double* c = zr + kCh * i;
-          if (!first) {
-            const v4d wa = widen(load4f(oa + i)), wb = widen(load4f(ob + i));
-            store4d(c, load4d(c) + (va - wa));
-            store4d(c + 4, load4d(c + 4) + (vb - wb));
-            store4d(c + 8, load4d(c + 8) + ((va * va + vb * vb) - (wa * wa + wb * wb)));
-            store4d(c + 12, load4d(c + 12) + (va * vb - wa * wb));
-          } else {
-            store4d(c, load4d(c) + va);
-            store4d(c + 4, load4d(c + 4) + vb);
-            store4d(c + 8, load4d(c + 8) + (va * va + vb * vb));
-            store4d(c + 12, load4d(c + 12) + va * vb);
-          }
+          if (!first)
+            update_columns<true>(zr + kCh * i, va, vb, widen(load4f(oa + i)), widen(load4f(ob + i)));
+          else
+            update_columns<false>(zr + kCh * i, va, vb, va, vb);
         }
       }
       // y running sum over rows of zs, then the row pass for output row y - K + 1.
@@ -708,21 +751,6 @@ DSF_INLINE double box2d_rows(const float* a, const float* b, const Geom& g, cons
 // half's rows and lanes 4-7 those of the second half, so each instruction does the work of two. Every lane
 // performs exactly the arithmetic of box2d_rows_t, the row sums are added in the same row order, and the
 // results are bit-identical to the 4-lane kernel's.
-typedef float v16f __attribute__((vector_size(64)));
-typedef int v16i __attribute__((vector_size(64)));
-
-DSF_INLINE v8d load8d(const double* p) {
-  v8d v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-DSF_INLINE void store8d(double* p, v8d v) { std::memcpy(p, &v, sizeof(v)); }
-DSF_INLINE v8d splat8d(double x) { return v8d{x, x, x, x, x, x, x, x}; }
-DSF_INLINE v8d widen8(v8f f) { return __builtin_convertvector(f, v8d); }
-DSF_INLINE v16f cat16(v8d lo, v8d hi) {
-  const v8f a = __builtin_convertvector(lo, v8f), b = __builtin_convertvector(hi, v8f);
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
 
 // 4 steps of one prepared row of each band, segment-interleaved (as box_ingest_row, both bands in one 8-lane
 // transpose): x[q] = band 1's 4 segments at step t + q, then band 2's.
@@ -762,73 +790,18 @@ DSF_INLINE void box2_ingest_rows(const float* const src[4], int64_t W, float* co
       std::memcpy(na + 8 * i, &fa, sizeof(fa));
       std::memcpy(nb + 8 * i, &fb, sizeof(fb));
       const v8d va = widen8(fa), vb = widen8(fb);
-      double* c = c0 + 32 * i;
-      if (LEAVE) {
-        v8f ga, gb;
-        std::memcpy(&ga, oa + 8 * i, sizeof(ga));
-        std::memcpy(&gb, ob + 8 * i, sizeof(gb));
-        const v8d wa = widen8(ga), wb = widen8(gb);
-        store8d(c, load8d(c) + (va - wa));
-        store8d(c + 8, load8d(c + 8) + (vb - wb));
-        store8d(c + 16, load8d(c + 16) + ((va * va + vb * vb) - (wa * wa + wb * wb)));
-        store8d(c + 24, load8d(c + 24) + (va * vb - wa * wb));
-      } else {
-        store8d(c, load8d(c) + va);
-        store8d(c + 8, load8d(c + 8) + vb);
-        store8d(c + 16, load8d(c + 16) + (va * va + vb * vb));
-        store8d(c + 24, load8d(c + 24) + va * vb);
-      }
+      if (LEAVE)
+        update_columns<true>(c0 + 32 * i, va, vb, widen8(load8(oa + 8 * i)), widen8(load8(ob + 8 * i)));
+      else
+        update_columns<false>(c0 + 32 * i, va, vb, va, vb);
     }
   }
 }
 
-// The row pass of both bands (as box_row_ssim); s1, s2 = the two rows' sums, each added in box_row_ssim's
-// lane order.
+// The row pass of both bands; s1, s2 = the two rows' sums, each added in box_row_ssim's lane order.
 DSF_INLINE void box2_row_ssim(const double* __restrict c0, int K, int64_t T, double n_taps, const PairConstD& pc,
                               v8i lim, double& s1, double& s2) {
-  const BoxFormula f(n_taps, pc);
-  const v8d vn = splat8d(f.vn[0]), vsu = splat8d(f.vsu[0]), vsv = splat8d(f.vsv[0]);
-  const v8d nox = splat8d(f.nox[0]), noy = splat8d(f.noy[0]);
-  const v16f c1 = __builtin_shufflevector(f.c1, f.c1, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v16f c2 = __builtin_shufflevector(f.c2, f.c2, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-  // lanes 0-7: step t (band 1 segments 0-3, band 2 segments 0-3), lanes 8-15: step t + 1
-  const v16i lim16 = {lim[0], lim[1], lim[2], lim[3], lim[0], lim[1], lim[2], lim[3],
-                      lim[0], lim[1], lim[2], lim[3], lim[0], lim[1], lim[2], lim[3]};
-  v16i ov = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
-  v8d h0 = splat8d(0.0), h1 = h0, h2 = h0, h3 = h0;
-  v16f acc = {};
-  for (int64_t t = 0; t < K - 1; ++t) {
-    const double* c = c0 + 32 * t;
-    h0 += load8d(c);
-    h1 += load8d(c + 8);
-    h2 += load8d(c + 16);
-    h3 += load8d(c + 24);
-  }
-  for (int64_t t = K - 1; t < T; t += 2) {
-    v8d m[2][4];
-    for (int u = 0; u < 2; ++u) {
-      const double* c = c0 + 32 * (t + u);
-      h0 += load8d(c);
-      h1 += load8d(c + 8);
-      h2 += load8d(c + 16);
-      h3 += load8d(c + 24);
-      m[u][0] = h0 * vsu + nox;
-      m[u][1] = h1 * vsu + noy;
-      m[u][2] = (vn * h2 - (h0 * h0 + h1 * h1)) * vsv;
-      m[u][3] = (vn * h3 - h0 * h1) * vsv;
-      const double* d = c0 + 32 * (t + u - K + 1);
-      h0 -= load8d(d);
-      h1 -= load8d(d + 8);
-      h2 -= load8d(d + 16);
-      h3 -= load8d(d + 24);
-    }
-    const v16f ux = cat16(m[0][0], m[1][0]), uy = cat16(m[0][1], m[1][1]);
-    const v16f vsum = cat16(m[0][2], m[1][2]), vxy = cat16(m[0][3], m[1][3]);
-    const v16f num = (2.0f * (ux * uy) + c1) * (2.0f * vxy + c2);
-    const v16f den = (ux * ux + uy * uy + c1) * (vsum + c2);
-    acc += ov < lim16 ? num / den : v16f{};
-    ov += 2;
-  }
+  const v16f acc = box_row_acc<v8d, v16f, v16i>(c0, K, T, BoxFormula(n_taps, pc), lim);
   s1 = hsum8(__builtin_shufflevector(acc, acc, 0, 1, 2, 3, 8, 9, 10, 11));
   s2 = hsum8(__builtin_shufflevector(acc, acc, 4, 5, 6, 7, 12, 13, 14, 15));
 }
