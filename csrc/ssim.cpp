@@ -619,36 +619,51 @@ DSF_INLINE double box_row_ssim(const double* __restrict c0, int K, int64_t T, do
   return hsum8(box_row_acc<v4d, v8f, v8i>(c0, K, T, BoxFormula(n_taps, pc), lim));
 }
 
+// Geometry and buffers of a 2D running-sum pass on L lanes (L / 4 bands of 4 segments): a ring of the
+// R = K + 1 most recent interleaved rows per image, the column sums (4 channels x L lanes per step, with
+// spare zero steps), and one zero-padded copy of the raw row per image and band.
+struct BoxRowBuffers {
+  int64_t L, S, T, T4, R, padn;
+  std::vector<float> ring, pad;
+  std::vector<double> cs;
+  BoxRowBuffers(int K, int64_t W, int lanes) : L(lanes) {
+    const int64_t Wo = W - K + 1;
+    S = (Wo + 3) / 4;
+    T = S + K - 1;
+    T4 = (T + 3) & ~int64_t(3);
+    R = K + 1;
+    padn = 4 * S + T4 + 16;  // >= W, and past every read of the interleave
+    ring.assign(2 * R * T4 * L, 0.0f);
+    pad.assign(L / 2 * padn, 0.0f);
+    cs.assign(4 * L * (T4 + 4), 0.0);
+  }
+  float* slot(int img, int64_t y) { return ring.data() + (img * R + y % R) * T4 * L; }
+  float* pad_row(int i) { return pad.data() + i * padn; }
+};
+
 // Sum of the SSIM map over output rows [r0, r1) of the raw images a, b (H x W), uniform window.
 template <bool SCALE>
 DSF_INLINE double box2d_rows_t(const float* a, const float* b, const Geom& g, const Window& win, const Prep& px,
                                const Prep& py, const PairConstD& pc, int64_t r0, int64_t r1) {
   const int K = win.K;
-  const int64_t W = g.W, Wo = W - K + 1;
-  const int64_t S = (Wo + 3) / 4, T = S + K - 1, T4 = (T + 3) & ~int64_t(3), R = K + 1;
-  std::vector<float> ring(2 * R * T4 * 4);
-  std::vector<double> cs(kCh * (T4 + 4) * 4, 0.0);
-  const int64_t padn = 4 * S + T4 + 16;  // >= W, and past every read of the interleave
-  std::vector<float> pad(2 * padn, 0.0f);
-  float* ra = ring.data();
-  float* rb = ring.data() + R * T4 * 4;
-  double* c0 = cs.data();
+  const int64_t W = g.W;
+  BoxRowBuffers bu(K, W, 4);
+  const int64_t S = bu.S, T = bu.T, T4 = bu.T4;
+  double* c0 = bu.cs.data();
   const float ca = static_cast<float>(px.centre), sa = static_cast<float>(px.scale);
   const float cb = static_cast<float>(py.centre), sb = static_cast<float>(py.scale);
   const double n_taps = static_cast<double>(K) * K;
-  const v8i lim = lane_limits(Wo, S);
-  auto slot_a = [&](int64_t y) { return ra + (y % R) * T4 * 4; };
-  auto slot_b = [&](int64_t y) { return rb + (y % R) * T4 * 4; };
+  const v8i lim = lane_limits(W - K + 1, S);
   // Column sums of the first output row's window: rows r0 .. r0 + K - 1.
   for (int64_t y = r0; y < r0 + K; ++y)
-    box_ingest_row<false, SCALE>(a + y * W, b + y * W, W, pad.data(), pad.data() + padn, slot_a(y), slot_b(y),
-                                 nullptr, nullptr, c0, S, T4, ca, sa, cb, sb);
+    box_ingest_row<false, SCALE>(a + y * W, b + y * W, W, bu.pad_row(0), bu.pad_row(1), bu.slot(0, y),
+                                 bu.slot(1, y), nullptr, nullptr, c0, S, T4, ca, sa, cb, sb);
   double total = box_row_ssim(c0, K, T, n_taps, pc, lim);
   for (int64_t oy = r0 + 1; oy < r1; ++oy) {
     // Row oy + K - 1 enters the window, row oy - 1 leaves it.
     const int64_t y = oy + K - 1;
-    box_ingest_row<true, SCALE>(a + y * W, b + y * W, W, pad.data(), pad.data() + padn, slot_a(y), slot_b(y),
-                                slot_a(oy - 1), slot_b(oy - 1), c0, S, T4, ca, sa, cb, sb);
+    box_ingest_row<true, SCALE>(a + y * W, b + y * W, W, bu.pad_row(0), bu.pad_row(1), bu.slot(0, y),
+                                bu.slot(1, y), bu.slot(0, oy - 1), bu.slot(1, oy - 1), c0, S, T4, ca, sa, cb, sb);
     total += box_row_ssim(c0, K, T, n_taps, pc, lim);
   }
   return total;
@@ -810,24 +825,19 @@ template <bool SCALE>
 DSF_INLINE double box2d_rows_x2_t(const float* a, const float* b, const Geom& g, const Window& win,
                                   const Prep& px, const Prep& py, const PairConstD& pc, int64_t r0, int64_t r1) {
   const int K = win.K;
-  const int64_t W = g.W, Wo = W - K + 1;
-  const int64_t S = (Wo + 3) / 4, T = S + K - 1, T4 = (T + 3) & ~int64_t(3), R = K + 1;
+  const int64_t W = g.W;
   const int64_t half = (r1 - r0 + 1) / 2;  // band 1: rows r0 .. r0 + half - 1; band 2: the rest (half or half - 1)
   const int64_t r2 = r0 + half, n2 = r1 - r2;
-  std::vector<float> ring(2 * R * T4 * 8);
-  std::vector<double> cs(32 * (T4 + 4), 0.0);
-  const int64_t padn = 4 * S + T4 + 16;
-  std::vector<float> padv(4 * padn, 0.0f);
-  float* const pad[4] = {padv.data(), padv.data() + padn, padv.data() + 2 * padn, padv.data() + 3 * padn};
-  float* ra = ring.data();
-  float* rb = ring.data() + R * T4 * 8;
-  double* c0 = cs.data();
+  BoxRowBuffers bu(K, W, 8);
+  const int64_t S = bu.S, T = bu.T, T4 = bu.T4;
+  float* const pad[4] = {bu.pad_row(0), bu.pad_row(1), bu.pad_row(2), bu.pad_row(3)};
+  double* c0 = bu.cs.data();
   const float ca = static_cast<float>(px.centre), sa = static_cast<float>(px.scale);
   const float cb = static_cast<float>(py.centre), sb = static_cast<float>(py.scale);
   const double n_taps = static_cast<double>(K) * K;
-  const v8i lim = lane_limits(Wo, S);
-  auto slot_a = [&](int64_t j) { return ra + (j % R) * T4 * 8; };
-  auto slot_b = [&](int64_t j) { return rb + (j % R) * T4 * 8; };
+  const v8i lim = lane_limits(W - K + 1, S);
+  auto slot_a = [&](int64_t j) { return bu.slot(0, j); };
+  auto slot_b = [&](int64_t j) { return bu.slot(1, j); };
   // Input row y of band 1 and row y + half of band 2 (band 2's rows past the image, read only in a last
   // iteration whose band-2 result is dropped, are replaced by band 1's).
   auto rows = [&](int64_t y, const float* src[4]) {
