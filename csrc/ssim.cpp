@@ -448,6 +448,16 @@ DSF_INLINE void interleave4(const float* p, int64_t S, int64_t t, v4f c, v4f s, 
   x[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
 }
 
+// Where the interleave of the row starting at src reads from (it reads 4 S + T4 floats): in place when that
+// much of the image follows (what lies past the row only reaches masked outputs), else a copy of the row
+// in the zero-padded buffer pad.
+DSF_INLINE const float* row_source(const float* src, const float* end, int64_t W, int64_t S, int64_t T4,
+                                   float* pad) {
+  if (src + 4 * S + T4 <= end) return src;
+  std::memcpy(pad, src, W * sizeof(float));
+  return pad;
+}
+
 // The kCh channels' column sums of one step at c (lanes contiguous per channel: A, B, Q, P; L lanes of VD)
 // after the values va, vb enter and, if LEAVE, wa, wb leave.
 template <bool LEAVE, class VD>
@@ -471,17 +481,17 @@ DSF_INLINE void update_columns(double* __restrict c, VD va, VD vb, VD wa, VD wb)
 // 4 x 4 by register transposes, widened to fp64, stored into the ring (they leave the window K rows later)
 // and added to the column sums.
 template <bool LEAVE, bool SCALE>
-DSF_INLINE void box_ingest_row(const float* src_a, const float* src_b, int64_t W, float* pad_a, float* pad_b,
-                               float* __restrict na, float* __restrict nb, const float* oa, const float* ob,
-                               double* __restrict c0, int64_t S, int64_t T4, float ca, float sa, float cb,
-                               float sb) {
-  std::memcpy(pad_a, src_a, W * sizeof(float));
-  std::memcpy(pad_b, src_b, W * sizeof(float));
+DSF_INLINE void box_ingest_row(const float* src_a, const float* src_b, const float* const end[2], int64_t W,
+                               float* pad_a, float* pad_b, float* __restrict na, float* __restrict nb,
+                               const float* oa, const float* ob, double* __restrict c0, int64_t S, int64_t T4,
+                               float ca, float sa, float cb, float sb) {
+  const float* pa = row_source(src_a, end[0], W, S, T4, pad_a);
+  const float* pb = row_source(src_b, end[1], W, S, T4, pad_b);
   const v4f vca = {ca, ca, ca, ca}, vsa = {sa, sa, sa, sa}, vcb = {cb, cb, cb, cb}, vsb = {sb, sb, sb, sb};
   for (int64_t t = 0; t < T4; t += 4) {
     v4f xa[4], xb[4];
-    interleave4<SCALE>(pad_a, S, t, vca, vsa, xa);
-    interleave4<SCALE>(pad_b, S, t, vcb, vsb, xb);
+    interleave4<SCALE>(pa, S, t, vca, vsa, xa);
+    interleave4<SCALE>(pb, S, t, vcb, vsb, xb);
     for (int q = 0; q < 4; ++q) {
       const int64_t i = 4 * (t + q);
       store4f(na + i, xa[q]);
@@ -654,15 +664,16 @@ DSF_INLINE double box2d_rows_t(const float* a, const float* b, const Geom& g, co
   const float cb = static_cast<float>(py.centre), sb = static_cast<float>(py.scale);
   const double n_taps = static_cast<double>(K) * K;
   const v8i lim = lane_limits(W - K + 1, S);
+  const float* const end[2] = {a + g.H * W, b + g.H * W};
   // Column sums of the first output row's window: rows r0 .. r0 + K - 1.
   for (int64_t y = r0; y < r0 + K; ++y)
-    box_ingest_row<false, SCALE>(a + y * W, b + y * W, W, bu.pad_row(0), bu.pad_row(1), bu.slot(0, y),
+    box_ingest_row<false, SCALE>(a + y * W, b + y * W, end, W, bu.pad_row(0), bu.pad_row(1), bu.slot(0, y),
                                  bu.slot(1, y), nullptr, nullptr, c0, S, T4, ca, sa, cb, sb);
   double total = box_row_ssim(c0, K, T, n_taps, pc, lim);
   for (int64_t oy = r0 + 1; oy < r1; ++oy) {
     // Row oy + K - 1 enters the window, row oy - 1 leaves it.
     const int64_t y = oy + K - 1;
-    box_ingest_row<true, SCALE>(a + y * W, b + y * W, W, bu.pad_row(0), bu.pad_row(1), bu.slot(0, y),
+    box_ingest_row<true, SCALE>(a + y * W, b + y * W, end, W, bu.pad_row(0), bu.pad_row(1), bu.slot(0, y),
                                 bu.slot(1, y), bu.slot(0, oy - 1), bu.slot(1, oy - 1), c0, S, T4, ca, sa, cb, sb);
     total += box_row_ssim(c0, K, T, n_taps, pc, lim);
   }
@@ -675,13 +686,13 @@ DSF_INLINE double box2d_rows_t(const float* a, const float* b, const Geom& g, co
 // re-interleaved from the raw volumes), and right behind it runs the y running sum over zs (rows y and
 // y - K, still in cache) and the row pass with the formula, with N = K^3 taps.
 template <bool SCALE>
-DSF_INLINE void box_interleave_row(const float* src, int64_t W, float* pad, float* __restrict dst, int64_t S,
-                                   int64_t T4, float c, float s) {
-  std::memcpy(pad, src, W * sizeof(float));
+DSF_INLINE void box_interleave_row(const float* src, const float* end, int64_t W, float* pad,
+                                   float* __restrict dst, int64_t S, int64_t T4, float c, float s) {
+  const float* p = row_source(src, end, W, S, T4, pad);
   const v4f vc = {c, c, c, c}, vs = {s, s, s, s};
   for (int64_t t = 0; t < T4; t += 4) {
     v4f x[4];
-    interleave4<SCALE>(pad, S, t, vc, vs, x);
+    interleave4<SCALE>(p, S, t, vc, vs, x);
     for (int q = 0; q < 4; ++q) store4f(dst + 4 * (t + q), x[q]);
   }
 }
@@ -693,6 +704,8 @@ DSF_INLINE double box3d_planes_t(const float* a, const float* b, const Geom& g, 
   const int K = win.K;
   const int64_t H = g.H, W = g.W, HW = g.H * g.W, Wo = W - K + 1;
   const int64_t S = (Wo + 3) / 4, T = S + K - 1, T4 = (T + 3) & ~int64_t(3);
+  const float* const a_end = a + g.D * HW;
+  const float* const b_end = b + g.D * HW;
   const int64_t row = kCh * 4 * T4;  // doubles per row of column sums
   std::vector<double> zs(H * row, 0.0), cs(row + kCh * 16, 0.0);
   std::vector<float> tmp(4 * 4 * T4);
@@ -715,11 +728,11 @@ DSF_INLINE double box3d_planes_t(const float* a, const float* b, const Geom& g, 
       double* zr = zs.data() + y * row;
       // z running sum of row y: planes z0 .. z0 + K - 1 for the first output plane, then one in, one out.
       for (int64_t z = first ? z0 : oz + K - 1; z < oz + K; ++z) {
-        box_interleave_row<SCALE>(a + z * HW + y * W, W, pad.data(), na, S, T4, ca, sa);
-        box_interleave_row<SCALE>(b + z * HW + y * W, W, pad.data(), nb, S, T4, cb, sb);
+        box_interleave_row<SCALE>(a + z * HW + y * W, a_end, W, pad.data(), na, S, T4, ca, sa);
+        box_interleave_row<SCALE>(b + z * HW + y * W, b_end, W, pad.data(), nb, S, T4, cb, sb);
         if (!first) {
-          box_interleave_row<SCALE>(a + (oz - 1) * HW + y * W, W, pad.data(), oa, S, T4, ca, sa);
-          box_interleave_row<SCALE>(b + (oz - 1) * HW + y * W, W, pad.data(), ob, S, T4, cb, sb);
+          box_interleave_row<SCALE>(a + (oz - 1) * HW + y * W, a_end, W, pad.data(), oa, S, T4, ca, sa);
+          box_interleave_row<SCALE>(b + (oz - 1) * HW + y * W, b_end, W, pad.data(), ob, S, T4, cb, sb);
         }
         for (int64_t t = 0; t < T; ++t) {
           const int64_t i = 4 * t;
@@ -789,16 +802,17 @@ DSF_INLINE void interleave4x2(const float* p1, const float* p2, int64_t S, int64
 // One row enters each band's window (and, if LEAVE, one leaves): ring slots hold 8 floats per step (band 1's
 // segments, then band 2's), column sums 4 channels x 8 lanes per step.
 template <bool LEAVE, bool SCALE>
-DSF_INLINE void box2_ingest_rows(const float* const src[4], int64_t W, float* const pad[4],
+DSF_INLINE void box2_ingest_rows(const float* const src[4], const float* const end[2], int64_t W, float* const pad[4],
                                  float* __restrict na, float* __restrict nb, const float* oa, const float* ob,
                                  double* __restrict c0, int64_t S, int64_t T4, float ca, float sa, float cb,
                                  float sb) {
-  for (int i = 0; i < 4; ++i) std::memcpy(pad[i], src[i], W * sizeof(float));
+  const float* p[4];
+  for (int i = 0; i < 4; ++i) p[i] = row_source(src[i], end[i & 1], W, S, T4, pad[i]);
   const v8f vca = splat8(ca), vsa = splat8(sa), vcb = splat8(cb), vsb = splat8(sb);
   for (int64_t t = 0; t < T4; t += 4) {
     v8f xa[4], xb[4];
-    interleave4x2<SCALE>(pad[0], pad[2], S, t, vca, vsa, xa);
-    interleave4x2<SCALE>(pad[1], pad[3], S, t, vcb, vsb, xb);
+    interleave4x2<SCALE>(p[0], p[2], S, t, vca, vsa, xa);
+    interleave4x2<SCALE>(p[1], p[3], S, t, vcb, vsb, xb);
     for (int q = 0; q < 4; ++q) {
       const int64_t i = t + q;
       const v8f fa = xa[q], fb = xb[q];
@@ -848,16 +862,17 @@ DSF_INLINE double box2d_rows_x2_t(const float* a, const float* b, const Geom& g,
     src[3] = b + y2 * W;
   };
   const float* src[4];
+  const float* const end[2] = {a + g.H * W, b + g.H * W};  // src[0], src[2] are rows of a; src[1], src[3] of b
   for (int64_t j = 0; j < K; ++j) {
     rows(r0 + j, src);
-    box2_ingest_rows<false, SCALE>(src, W, pad, slot_a(j), slot_b(j), nullptr, nullptr, c0, S, T4, ca, sa, cb, sb);
+    box2_ingest_rows<false, SCALE>(src, end, W, pad, slot_a(j), slot_b(j), nullptr, nullptr, c0, S, T4, ca, sa, cb, sb);
   }
   std::vector<double> band2(static_cast<size_t>(half));
   double total = 0;
   for (int64_t j = 0; j < half; ++j) {
     if (j > 0) {
       rows(r0 + j + K - 1, src);
-      box2_ingest_rows<true, SCALE>(src, W, pad, slot_a(j + K - 1), slot_b(j + K - 1), slot_a(j - 1),
+      box2_ingest_rows<true, SCALE>(src, end, W, pad, slot_a(j + K - 1), slot_b(j + K - 1), slot_a(j - 1),
                                     slot_b(j - 1), c0, S, T4, ca, sa, cb, sb);
     }
     double s1, s2;
@@ -912,7 +927,8 @@ DSF_INLINE void box_image_2d_t(const float* src, const BoxDims& d, float c, floa
   out.vmap.assign(d.Ho * d.S2 * 4, 0.0f);
   std::vector<float> pad(4 * d.S + d.T4 + 16, 0.0f);
   for (int64_t y = 0; y < d.H; ++y)
-    box_interleave_row<SCALE>(src + y * d.W, d.W, pad.data(), out.il.data() + y * rowf, d.S, d.T4, c, s);
+    box_interleave_row<SCALE>(src + y * d.W, src + d.H * d.W, d.W, pad.data(), out.il.data() + y * rowf, d.S,
+                              d.T4, c, s);
   std::vector<double> ca(rowf + 8, 0.0), cq(rowf + 8, 0.0);  // column sums of a and a^2, per (t, lane)
   const v4d vn = splat4(static_cast<double>(K) * K), vsc = splat4(vscale);
   for (int64_t oy = 0; oy < d.Ho; ++oy) {
