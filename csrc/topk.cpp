@@ -221,8 +221,8 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 DSF_TARGET_AVX2 void fold_block_avx2(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t gcol0,
                                      Local& lc) {
   const __m256 vscale = _mm256_set1_ps(p.scale_f), voff = _mm256_set1_ps(p.off_f);
-  const __m256 vclo = _mm256_set1_ps(0.5f), vchi = _mm256_set1_ps(p.bins + 1.5f);
-  const __m256 vhalf = _mm256_set1_ps(0.5f), vlim = _mm256_set1_ps(0.5f - p.margin);
+  const __m256 vhalf = _mm256_set1_ps(0.5f), vchi = _mm256_set1_ps(p.bins + 1.5f);  // slots clamped to [0.5, chi]
+  const __m256 vlim = _mm256_set1_ps(0.5f - p.margin);
   const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 vlow = _mm256_set1_ps(p.low_t), vhigh = _mm256_set1_ps(p.high_t);
   const int st = p.bins + 3;
@@ -238,7 +238,7 @@ DSF_TARGET_AVX2 void fold_block_avx2(const Params& p, const float* sc, int64_t n
     for (int h = 0; h < 2; ++h) {
       const __m256 s = _mm256_load_ps(s16 + 8 * h);
       // max/min return their second operand when it is NaN: excluded lanes stay NaN and fail `ok`
-      const __m256 y = _mm256_min_ps(vchi, _mm256_max_ps(vclo, _mm256_fmadd_ps(s, vscale, voff)));
+      const __m256 y = _mm256_min_ps(vchi, _mm256_max_ps(vhalf, _mm256_fmadd_ps(s, vscale, voff)));
       const __m256 fl = _mm256_floor_ps(y);
       const __m256 dist = _mm256_and_ps(_mm256_sub_ps(_mm256_sub_ps(y, fl), vhalf), vabs);
       const __m256 ok = _mm256_cmp_ps(dist, vlim, _CMP_LE_OQ);
