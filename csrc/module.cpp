@@ -12,14 +12,17 @@ namespace {
 std::atomic<int> g_simd_cap{-1};  // user cap on the SIMD level; -1 = none
 std::atomic<int> g_threads{0};    // 0 = from environment / hardware
 
-int parse_simd_env() {
-  const char* e = std::getenv("DEEPSSIM_FAST_SIMD");
-  if (!e) return -1;
-  std::string s(e);
+// A SIMD level by name ("scalar", "avx2", "avx512"), or -1 for any other name.
+int parse_simd(const std::string& s) {
   if (s == "scalar") return static_cast<int>(Simd::Scalar);
   if (s == "avx2") return static_cast<int>(Simd::AVX2);
   if (s == "avx512") return static_cast<int>(Simd::AVX512);
   return -1;
+}
+
+int parse_simd_env() {
+  const char* e = std::getenv("DEEPSSIM_FAST_SIMD");
+  return e ? parse_simd(e) : -1;
 }
 }  // namespace
 
@@ -117,12 +120,11 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "set_simd_level",
       [](const std::string& level) {
-        if (level == "auto") dsf::g_simd_cap.store(-1);
-        else if (level == "scalar") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::Scalar));
-        else if (level == "avx2") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::AVX2));
-        else if (level == "avx512") dsf::g_simd_cap.store(static_cast<int>(dsf::Simd::AVX512));
-        else throw py::value_error("set_simd_level: expected 'auto', 'scalar', 'avx2' or 'avx512', got '" + level +
-                                   "'");
+        const int cap = level == "auto" ? -1 : dsf::parse_simd(level);
+        if (cap < 0 && level != "auto")
+          throw py::value_error("set_simd_level: expected 'auto', 'scalar', 'avx2' or 'avx512', got '" + level +
+                                "'");
+        dsf::g_simd_cap.store(cap);
       },
       py::arg("level"),
       "Cap the SIMD level ('scalar' forces the portable path; 'auto' restores detection). "

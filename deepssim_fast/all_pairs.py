@@ -233,11 +233,9 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
     n, d = t.shape
     if torch.device(device).type == "cpu" and t.device.type == "cpu":
         out_np = np.zeros((n, dp), dtype=np.float32)
-        src = _host_view(t)
-
         def rows(a: int) -> int:
             # numpy releases the GIL in these loops: chunks run on all cores
-            c = src[a:a + _NORM_CHUNK].astype(np.float64)
+            c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
             norm = np.linalg.norm(c, axis=1)
             zero = np.flatnonzero(norm == 0)
             if zero.size:
