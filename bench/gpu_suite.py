@@ -45,6 +45,7 @@ if DRY_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -57,7 +58,7 @@ import traceback  # noqa: E402
 import types  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -141,6 +142,27 @@ def _harness():
 # ----------------------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def triton_ssim_variant(variant: str) -> Iterator[None]:
+    """Run the Triton SSIM calls inside with the given kernel variant (``DEEPSSIM_FAST_TRITON_SSIM``)."""
+    if variant not in ("separable", "direct"):
+        raise ValueError(f"unknown Triton SSIM variant {variant!r}")
+    saved = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM")
+    os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = variant
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DEEPSSIM_FAST_TRITON_SSIM", None)
+        else:
+            os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = saved
+
+
+def with_variant(variant: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with triton_ssim_variant(variant):
+        return fn(*args, **kwargs)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -693,6 +715,14 @@ class Suite:
             self.check(f"ssim3d {window} {vtag} volume {tuple(px.shape)}",
                        lambda w=window, px=px, py=py: self._ssim_check(px, py, spatial_dims=3, tol=1e-5,
                                                                        window=w))
+        # the "direct" SSIM kernel (every tap per output; timed against the default below) on real data
+        for window in ("uniform", "gaussian"):
+            self.check(f"ssim2d {window} {tag} perturbed copies, direct kernel",
+                       lambda w=window: with_variant("direct", self._ssim_check, xr, yp, spatial_dims=2,
+                                                     tol=1e-5, window=w))
+        px, py = pairs["uniform"]
+        self.check(f"ssim3d uniform {vtag} volume {tuple(px.shape)}, direct kernel",
+                   lambda: with_variant("direct", self._ssim_check, px[:1], py[:1], spatial_dims=3, tol=1e-5))
         # ssim_matrix with a NaN-poisoned out= buffer
         na, nb, mh, mw = s.matrix_check
         ma, mb = self.rand(na, mh, mw), self.rand(nb, mh, mw)
@@ -817,6 +847,8 @@ class Suite:
                 opts = dict(spatial_dims=sd, window=window, data_range=1.0, sample_covariance=cov)
                 providers: dict[str, Callable[[], object]] = {
                     "triton": lambda x=x, y=y, opts=opts: ssim(x, y, backend="triton", **opts),
+                    "triton direct taps": lambda x=x, y=y, opts=opts: with_variant(
+                        "direct", ssim, x, y, backend="triton", **opts),
                     "torch (deepssim_fast)": lambda x=x, y=y, opts=opts: ssim(x, y, backend="torch", **opts),
                 }
                 if "pytorch-msssim" in comp:

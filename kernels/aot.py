@@ -103,7 +103,7 @@ def _arg_type(name: str, value: Any) -> str:
         try:
             return "*" + _POINTER_TYPES[value.dtype]
         except KeyError:
-            raise TypeError(f"argument {name!r}: tensors of dtype {value.dtype} have no Triton pointer type")
+            raise TypeError(f"argument {name!r}: tensors of dtype {value.dtype} have no Triton pointer type") from None
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -183,8 +183,9 @@ def resources(compiled: Any) -> dict[str, Any]:
 def representative_launches() -> dict[str, Launch]:
     """The launches each Triton path makes on a GPU, recorded from the real launchers with CUDA defaults.
 
-    Keys name the case: SSIM in 2D and 3D, both windows and the three kernel input dtypes; cosine top-k in
-    each precision, and with self-pairs excluded. Shapes are small (they only set integer arguments).
+    Keys name the case: SSIM in 2D and 3D, both windows, the three kernel input dtypes and both kernel
+    variants; cosine top-k in each precision, and with self-pairs excluded. Shapes are small (they only
+    set integer arguments).
     """
     from deepssim_fast import _ssim_common as sc
 
@@ -192,9 +193,10 @@ def representative_launches() -> dict[str, Launch]:
     from . import ssim as ks
 
     out: dict[str, Launch] = {}
-    ssim_cases = [(2, "uniform", torch.float32), (2, "gaussian", torch.float16), (3, "uniform", torch.bfloat16),
-                  (3, "gaussian", torch.float32)]
-    for sd, window, dtype in ssim_cases:
+    ssim_cases = [(2, "uniform", torch.float32, "separable"), (2, "gaussian", torch.float16, "separable"),
+                  (3, "uniform", torch.bfloat16, "separable"), (3, "gaussian", torch.float32, "separable"),
+                  (2, "uniform", torch.float32, "direct"), (3, "gaussian", torch.bfloat16, "direct")]
+    for sd, window, dtype, variant in ssim_cases:
         gauss = window == "gaussian"
         p = sc.resolve_params(ndim=sd + 1, spatial_dims=sd, window=window, win_size=11 if gauss else 7,
                               sigma=1.5, data_range=None, k1=0.01, k2=0.03, sample_covariance=not gauss,
@@ -202,9 +204,12 @@ def representative_launches() -> dict[str, Launch]:
         shape = (2,) + ((16, 20, 24) if sd == 3 else (40, 48))
         x = torch.rand(shape).to(dtype)
         idx = torch.arange(2)
-        with record_launches(ks, "_ssim_tile_kernel") as rec:
-            ks.ssim_pairs(x, x, idx, idx, p)
-        out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')}"] = rec[0]
+        with record_launches(ks, "_ssim_sep_kernel") as sep, record_launches(ks, "_ssim_tile_kernel") as direct:
+            # num_warps as on a GPU (the launcher picks it by the tensors' device)
+            kz = p.win_size if sd == 3 else 1
+            ks.ssim_pairs(x, x, idx, idx, p, variant=variant,
+                          num_warps=ks.default_num_warps(variant, p.win_size, kz))
+        out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')} {variant}"] = (sep + direct)[0]
     q = torch.nn.functional.normalize(torch.randn(70, 64), dim=1)
     blocks = kc.default_blocks(torch.device("cuda"), 10)
     for precision, self_pairs in [("ieee", False), ("tf32", False), ("fp16", False), ("bf16", False),

@@ -1,16 +1,21 @@
 """Fused windowed SSIM in Triton: one launch per batch of pairs, 2D and 3D, uniform or Gaussian window.
 
-Kernel layout: grid = (pairs, output tiles of BH x BW in a plane, output planes). Each program loads the
-window around its tile straight from both images (halo included, masked), forms the five moments in fp32,
-evaluates the SSIM formula and reduces its tile of the SSIM map to one partial sum: no image-sized
-intermediate map is ever written. The partial sums (one float per program) are added in fp64 by the
-launcher.
+Grid = (pairs, tiles of a plane, output planes). Each program loads its tile of both images straight from
+the inputs (halo included, masked), forms the five statistics in fp32, evaluates the SSIM formula and
+reduces its part of the SSIM map to one partial sum: no image-sized intermediate map is ever written. The
+partial sums (one float per program) are added in fp64 by the launcher. Two variants, same values:
 
-Exactness: every tap is taken as a difference from the image value at the output pixel's window centre,
-d = (x - x_centre) * scale, so flat regions (MRI background or tissue) give small numbers and
-E[d^2] - E[d]^2 does not cancel in fp32 (the separable window weight of a tap is w[dz] * w[dy] * w[dx]).
-The window is applied as the outer product of the 1D taps per output pixel (no shared row sums between
-output rows), which trades FLOPs for a kernel without shared-memory staging.
+* ``"separable"`` (default): a tile of R x C input positions (powers of two) in registers. 3D: a z pass of
+  KZ loads per position; then an x pass and a y pass that gather the taps from the tile itself
+  (``tl.gather`` along the axis: warp shuffles, no shared-memory staging written by hand), giving
+  (R - K + 1) x (C - K + 1) outputs. About 3K taps of work per output instead of K^3 (3D) or K^2 (2D).
+* ``"direct"``: every window tap per output pixel (the outer product of the 1D taps), BH x BW outputs per
+  program. More arithmetic, simplest code; kept as a cross-check and for timing against the default.
+
+Exactness: plain E[x^2] - E[x]^2 in fp32 drifts ~1e-5 from scikit-image on MRI with flat backgrounds.
+Here every pass centres its taps on the middle tap's value (the previous pass's mean) and combines
+partial statistics by the law of total variance (var = mean of variances + variance of means), so every
+squared quantity is a local difference; the direct variant centres on the output pixel's own value.
 
 Inputs: float16, bfloat16 or float32 (other dtypes are converted to float32 by the launcher); arithmetic is
 fp32. Runs compiled on NVIDIA GPUs and under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
@@ -19,7 +24,7 @@ fp32. Runs compiled on NVIDIA GPUs and under ``TRITON_INTERPRET=1`` on CPU tenso
 from __future__ import annotations
 
 import logging
-import math
+import os
 
 import torch
 import triton
@@ -30,6 +35,7 @@ from deepssim_fast import _ssim_common as sc
 logger = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+VARIANTS = ("separable", "direct")
 
 
 @triton.jit
@@ -122,6 +128,146 @@ def _ssim_tile_kernel(
     tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
 
 
+
+@triton.jit
+def _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos, AXIS: tl.constexpr, LIM: tl.constexpr, K: tl.constexpr,
+              FROM_RAW: tl.constexpr):
+    """One separable window pass along AXIS of the five statistics held in registers.
+
+    ``pos`` (int32, the tensor's shape) is each element's position along AXIS; the window of the output at
+    position p covers positions p .. p + K - 1 (gathered from the same tensor; positions past LIM - 1
+    are clamped and only reach outputs that are masked). Centred on the middle tap's means (law of total
+    variance): every squared quantity is a local difference, so nothing cancels in fp32. FROM_RAW: the
+    inputs are plain values (va, vb, cab are ignored).
+    """
+    h: tl.constexpr = (K - 1) // 2
+    mid = tl.minimum(pos + h, LIM - 1)
+    cen_a = tl.gather(ma, mid, AXIS)
+    cen_b = tl.gather(mb, mid, AXIS)
+    sa = tl.zeros(ma.shape, dtype=tl.float32)
+    sb = tl.zeros(ma.shape, dtype=tl.float32)
+    qa = tl.zeros(ma.shape, dtype=tl.float32)
+    qb = tl.zeros(ma.shape, dtype=tl.float32)
+    qab = tl.zeros(ma.shape, dtype=tl.float32)
+    for t in tl.static_range(K):
+        at = tl.minimum(pos + t, LIM - 1)
+        wt = tl.load(w_ptr + t)
+        if t != h:
+            ea = tl.gather(ma, at, AXIS) - cen_a
+            eb = tl.gather(mb, at, AXIS) - cen_b
+            wa = wt * ea
+            wb = wt * eb
+            sa += wa
+            sb += wb
+            qa += wa * ea
+            qb += wb * eb
+            qab += wa * eb
+        if not FROM_RAW:
+            qa += wt * tl.gather(va, at, AXIS)
+            qb += wt * tl.gather(vb, at, AXIS)
+            qab += wt * tl.gather(cab, at, AXIS)
+    return cen_a + sa, cen_b + sb, qa - sa * sa, qb - sb * sb, qab - sa * sb
+
+
+@triton.jit
+def _ssim_sep_kernel(
+    x_ptr,
+    y_ptr,
+    ix_ptr,
+    iy_ptr,
+    cx_ptr,
+    sx_ptr,
+    cy_ptr,
+    sy_ptr,
+    c1_ptr,
+    c2_ptr,
+    w_ptr,
+    wz_ptr,
+    part_ptr,
+    H,
+    W,
+    Ho,
+    Wo,
+    tiles_w,
+    n_tiles,
+    n_planes,
+    plane_stride,
+    image_stride,
+    cov_norm,
+    K: tl.constexpr,
+    KZ: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+):
+    """Separable variant: a tile of R x C input positions gives (R - K + 1) x (C - K + 1) outputs.
+
+    z (3D): KZ loads per position, centred on the middle plane's value; x, then y: _ltv_pass on the
+    statistics in registers (tl.gather along the axis). Nothing but the tile's partial sum is stored.
+    """
+    pair = tl.program_id(0)
+    tile = tl.program_id(1)
+    oz = tl.program_id(2)
+    i = tl.load(ix_ptr + pair).to(tl.int64)
+    j = tl.load(iy_ptr + pair).to(tl.int64)
+    xb = x_ptr + i * image_stride
+    yb = y_ptr + j * image_stride
+    cx = tl.load(cx_ptr + i)
+    sx = tl.load(sx_ptr + i)
+    cy = tl.load(cy_ptr + j)
+    sy = tl.load(sy_ptr + j)
+    c1 = tl.load(c1_ptr + pair)
+    c2 = tl.load(c2_ptr + pair)
+    TR: tl.constexpr = R - K + 1
+    TC: tl.constexpr = C - K + 1
+    lr = tl.arange(0, R)[:, None]
+    lc = tl.arange(0, C)[None, :]
+    rows = (tile // tiles_w) * TR + lr
+    cols = (tile % tiles_w) * TC + lc
+    inside = (rows < H) & (cols < W)
+    hz: tl.constexpr = (KZ - 1) // 2
+    centre = (oz + hz).to(tl.int64) * plane_stride + rows * W + cols
+    xc = tl.load(xb + centre, mask=inside, other=0.0).to(tl.float32)
+    yc = tl.load(yb + centre, mask=inside, other=0.0).to(tl.float32)
+    ma = (xc - cx) * sx
+    mb = (yc - cy) * sy
+    zero = tl.zeros((R, C), dtype=tl.float32)
+    pos_c = tl.broadcast_to(lc, (R, C))
+    pos_r = tl.broadcast_to(lr, (R, C))
+    if KZ > 1:
+        sa = zero
+        sb = zero
+        qa = zero
+        qb = zero
+        qab = zero
+        for dz in tl.static_range(KZ):
+            if dz != hz:
+                wt = tl.load(wz_ptr + dz)
+                off = (oz + dz).to(tl.int64) * plane_stride + rows * W + cols
+                ea = (tl.load(xb + off, mask=inside, other=0.0).to(tl.float32) - xc) * sx
+                eb = (tl.load(yb + off, mask=inside, other=0.0).to(tl.float32) - yc) * sy
+                wa = wt * ea
+                wb = wt * eb
+                sa += wa
+                sb += wb
+                qa += wa * ea
+                qb += wb * eb
+                qab += wa * eb
+        ma, mb, va, vb, cab = _ltv_pass(ma + sa, mb + sb, qa - sa * sa, qb - sb * sb, qab - sa * sb, w_ptr,
+                                        pos_c, 1, C, K, False)
+    else:
+        ma, mb, va, vb, cab = _ltv_pass(ma, mb, zero, zero, zero, w_ptr, pos_c, 1, C, K, True)
+    ux, uy, vx, vy, vxy = _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos_r, 0, R, K, False)
+    vx = cov_norm * vx
+    vy = cov_norm * vy
+    vxy = cov_norm * vxy
+    num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
+    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+    valid = (lr < TR) & (lc < TC) & (rows < Ho) & (cols < Wo)
+    s = tl.where(valid, num / tl.where(valid, den, 1.0), 0.0)
+    total = tl.sum(tl.sum(s, axis=1), axis=0)
+    tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
+
+
 def _image_stats(t: torch.Tensor, need_std: bool) -> tuple[torch.Tensor, ...]:
     """Per-image (mean, std, min, max) in float64 for t shaped (N, *spatial), without an fp64 copy of t."""
     f = t.reshape(t.shape[0], -1)
@@ -183,13 +329,23 @@ def ssim_pairs(
     *,
     in_dtype: torch.dtype | None = None,
     block: tuple[int, int] | None = None,
+    variant: str | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Mean SSIM (float64, shape (P,)) of the pairs (xf[ix[k]], yf[iy[k]]).
 
     xf: (Nx, *spatial), yf: (Ny, *spatial) on one device (CUDA, or CPU under TRITON_INTERPRET=1), finite
     (the caller checks). ix, iy: int64 index tensors of length P. ``p`` holds the resolved options
     (``_ssim_common.resolve_params``); ``in_dtype`` is the caller's dtype (integer dtypes set the range).
+    ``variant``: ``"separable"`` (z, x, y passes on a tile in registers, ``block`` = its input rows x
+    columns, powers of two, each at least K) or ``"direct"`` (every window tap per output pixel, ``block``
+    = output rows x columns); both give the same values to fp32 rounding. None: the environment variable
+    ``DEEPSSIM_FAST_TRITON_SSIM``, else ``"separable"``.
     """
+    if variant is None:
+        variant = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() or "separable"
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     in_dtype = in_dtype or xf.dtype
     dev = xf.device
     if xf.dtype not in _KERNEL_DTYPES:
@@ -212,8 +368,14 @@ def ssim_pairs(
     else:
         (H, W), D, KZ = spatial, 1, 1
     Do, Ho, Wo = D - KZ + 1, H - K + 1, W - K + 1
-    BH, BW = block or (16, 32)
-    tiles_h, tiles_w = triton.cdiv(Ho, BH), triton.cdiv(Wo, BW)
+    if variant == "separable":
+        R, C = block or default_separable_block(K)
+        if R & (R - 1) or C & (C - 1) or R < K or C < K:
+            raise ValueError(f"separable block {(R, C)}: both sides must be powers of two and at least {K}")
+        tiles_h, tiles_w = triton.cdiv(Ho, R - K + 1), triton.cdiv(Wo, C - K + 1)
+    else:
+        BH, BW = block or (16, 32)
+        tiles_h, tiles_w = triton.cdiv(Ho, BH), triton.cdiv(Wo, BW)
     n_tiles = tiles_h * tiles_w
     if n_tiles > 65535 or Do > 65535:
         raise ValueError(f"image of spatial shape {spatial} is too large for one launch ({n_tiles} tiles)")
@@ -222,8 +384,12 @@ def ssim_pairs(
     wz = w if KZ > 1 else torch.ones(1, dtype=torch.float32, device=dev)  # z taps (one tap of 1 in 2D)
     part = torch.empty((n_pairs, Do, n_tiles), dtype=torch.float32, device=dev)
     grid = (n_pairs, n_tiles, Do)
-    logger.debug("triton ssim: grid %s, tile %dx%d, K=%d, KZ=%d", grid, BH, BW, K, KZ)
-    _ssim_tile_kernel[grid](
+    logger.debug("triton ssim (%s): grid %s, block %s, K=%d, KZ=%d", variant, grid, block, K, KZ)
+    kernel = _ssim_sep_kernel if variant == "separable" else _ssim_tile_kernel
+    tile_kw = dict(R=R, C=C) if variant == "separable" else dict(BH=BH, BW=BW)
+    if num_warps is None:
+        num_warps = default_num_warps(variant, K, KZ) if xf.device.type == "cuda" else 4
+    kernel[grid](
         xf,
         yf,
         ix,
@@ -249,14 +415,26 @@ def ssim_pairs(
         float(p.cov_norm),
         K=K,
         KZ=KZ,
-        BH=BH,
-        BW=BW,
+        num_warps=num_warps,
+        **tile_kw,
     )
     count = float(Do) * Ho * Wo
     res = part.to(torch.float64).sum(dim=(1, 2)) / count
     return torch.where(rng > 0, res, torch.ones_like(res))
 
 
-def flops_per_pixel(p: sc.SSIMParams) -> float:
-    """Arithmetic of this kernel per output pixel (for roofline fractions): ~11 FLOP per window tap."""
-    return 11.0 * math.pow(p.win_size, p.spatial_dims) + 20.0
+def default_num_warps(variant: str, K: int, KZ: int) -> int:
+    """Warps per program on a GPU. Separable: 8 (a 32 x 64 tile is 8 values per thread and statistic);
+    16 for 3D windows wider than 7, whose z pass needs more live values (255 registers at 8 warps on sm_90,
+    128 at 16: see ``bench/kernel_resources.py``). Direct: 4."""
+    if variant != "separable":
+        return 4
+    return 16 if KZ > 1 and K > 7 else 8
+
+
+def default_separable_block(K: int) -> tuple[int, int]:
+    """Input tile (rows, columns) of the separable kernel: at least 32 x 64, and at least 2K per side."""
+    r = 1 << max(5, (2 * K - 1).bit_length())
+    c = 1 << max(6, (2 * K - 1).bit_length())
+    return r, c
+

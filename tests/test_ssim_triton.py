@@ -96,6 +96,63 @@ _SCRIPT = textwrap.dedent(r"""
     # ssim_matrix on the triton backend equals the native matrix
     m = ssim_matrix(X[:2], Y[:3], backend="triton", progress=False)
     record("matrix", m, ssim_matrix(X[:2].numpy(), Y[:3].numpy(), progress=False))
+    # both kernel variants on shapes that span several tiles in each direction (small tiles), real MRI
+    import deepssim_fast.kernels.ssim as ks
+    from deepssim_fast import _ssim_common as sc
+    from kernels import aot
+
+    def params(sd, gauss, preset=None):
+        return sc.resolve_params(ndim=sd + 1, spatial_dims=sd, window="gaussian" if gauss else "uniform",
+                                 win_size=11 if gauss else 7, sigma=1.5, data_range=None, k1=0.01, k2=0.03,
+                                 sample_covariance=not gauss, preset=preset)
+
+    big = [s.array for s in data.real_slices((37, 45), datasets=["mni152"])]
+    big = [a for a in big if a.std() > 0][::9][:3]
+    BX = torch.from_numpy(np.stack(big))
+    BY = torch.flip(BX, dims=(-2,)) + 0.05 * BX.std() * torch.from_numpy(
+        np.random.default_rng(2).standard_normal(BX.shape).astype(np.float32))
+    bi = torch.arange(3)
+    vol2 = data.load_volume("anatomical").array[8:25, 10:33, 3:22].copy()  # 17 x 23 x 19
+    V2 = torch.from_numpy(vol2)[None]; W2 = torch.flip(V2, dims=(2,))
+    for gauss in (False, True):
+        name = "gaussian" if gauss else "uniform"
+        want2 = [oracle(a.numpy(), b.numpy(), window=name) for a, b in zip(BX, BY)]
+        want3 = oracle(vol2, vol2[:, ::-1], name)
+        for variant, block in (("separable", (16, 16)), ("separable", (16, 32)), ("direct", (8, 16))):
+            tag = f"{variant}_{block[0]}x{block[1]}_{name}"
+            record("tiles2d_" + tag, ks.ssim_pairs(BX, BY, bi, bi, params(2, gauss), variant=variant,
+                                                   block=block).float(), want2)
+            if variant == "direct":  # K^3 taps per output: slow interpreted, so a thin uniform slab only
+                if not gauss:
+                    record("tiles3d_" + tag, ks.ssim_pairs(V2[:, :9], W2[:, :9], bi[:1], bi[:1], params(3, False),
+                                                           variant=variant, block=block).float(),
+                           [oracle(vol2[:9], vol2[:9, ::-1], name)])
+                continue
+            record("tiles3d_" + tag, ks.ssim_pairs(V2, W2, bi[:1], bi[:1], params(3, gauss), variant=variant,
+                                                   block=block).float(), [want3])
+    want_p = ssim_reference(BX, BY, spatial_dims=2, preset="deepssim")
+    for variant in ks.VARIANTS:
+        record("tiles2d_deepssim_" + variant, ks.ssim_pairs(BX, BY, bi, bi, params(2, False, "deepssim"),
+                                                            variant=variant, block=(16, 16)).float(), want_p)
+    # which kernel runs: the default, and DEEPSSIM_FAST_TRITON_SSIM=direct
+    def launched():
+        with aot.record_launches(ks, "_ssim_sep_kernel") as sep, \
+                aot.record_launches(ks, "_ssim_tile_kernel") as direct:
+            ks.ssim_pairs(BX, BY, bi, bi, params(2, False))
+        return [len(sep), len(direct)]
+    res["launched_default"] = launched()
+    os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = "direct"
+    res["launched_env_direct"] = launched()
+    del os.environ["DEEPSSIM_FAST_TRITON_SSIM"]
+    errors = []
+    for kw in (dict(variant="fast"), dict(variant="separable", block=(24, 32)),
+               dict(variant="separable", block=(4, 32))):
+        try:
+            ks.ssim_pairs(BX, BY, bi, bi, params(2, False), **kw)
+            errors.append("")
+        except ValueError as exc:
+            errors.append(str(exc))
+    res["bad_options"] = errors
     # NaN naming the pair index
     bad = Y.clone(); bad[2, 3, 4] = float("nan")
     try:
@@ -136,7 +193,10 @@ CASES = [
     "constant",
     "empty",
     "matrix",
-]
+    "tiles2d_deepssim_separable",
+    "tiles2d_deepssim_direct",
+] + [f"tiles{sd}d_{v}_{w}" for sd in (2, 3) for v in ("separable_16x16", "separable_16x32", "direct_8x16")
+     for w in ("uniform", "gaussian") if not (sd == 3 and v.startswith("direct") and w == "gaussian")]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -151,3 +211,16 @@ def test_triton_matches_skimage(results, case):
 
 def test_triton_nan_names_the_pair(results):
     assert "y has NaN or Inf values at pair index (2,)" in results["nan_error"]
+
+
+def test_separable_is_the_default_and_the_environment_selects_direct(results):
+    # [separable launches, direct launches] for one call
+    assert results["launched_default"] == [1, 0]
+    assert results["launched_env_direct"] == [0, 1]
+
+
+def test_bad_variant_or_block_is_refused_with_the_reason(results):
+    unknown, not_pow2, too_small = results["bad_options"]
+    assert "variant must be one of ('separable', 'direct')" in unknown
+    assert "powers of two and at least 7" in not_pow2
+    assert "powers of two and at least 7" in too_small
