@@ -754,6 +754,32 @@ class Suite:
         k_real = min(10, et.shape[0])
         self.check(f"all_pairs {tag} slice embeddings {es.shape[0]}x{et.shape[0]}x{s.ap_real_d} k={k_real}",
                    lambda: self._all_pairs_check(et, es, k_real))
+        for low, high in ((0.6, 0.85), (1.0 / 3.0, 0.5)):
+            self.check(f"all_pairs class counts at float32(thresholds) {low:.4f}, {high:.4f}",
+                       lambda low=low, high=high: self._threshold_check(low, high))
+
+    def _threshold_check(self, low: float, high: float) -> tuple[bool, float | None, float | None, str]:
+        """Scores exactly at float32(low), float32(high) and their neighbours: classes by the float64 rule.
+
+        Train rows are unit axes, so each score is one exact product (the synthetic row's component).
+        """
+        from deepssim_fast.all_pairs import all_pairs
+
+        comps = []
+        for t in (low, high):
+            f = np.float32(t)
+            comps += [f, np.nextafter(f, np.float32(2)), np.nextafter(f, np.float32(-2))]
+        c = np.array(comps, dtype=np.float32)
+        synth = np.stack([c, np.sqrt(1.0 - c.astype(np.float64) ** 2).astype(np.float32)], axis=1)
+        train = np.eye(2, dtype=np.float32)
+        r = all_pairs(torch.from_numpy(train).to(self.device), torch.from_numpy(synth).to(self.device), k=2,
+                      thresholds=(low, high), backend="triton", progress=False)
+        sc = r.scores.ravel().astype(np.float64)
+        want = {"different": int((sc <= low).sum()), "similar": int(((sc > low) & (sc <= high)).sum()),
+                "duplicate": int((sc > high).sum())}
+        at = int(np.isin(r.scores.ravel(), c[[0, 3]]).sum())
+        ok = r.class_counts == want and at == 2
+        return ok, None, None, f"got {r.class_counts}, rule {want}, {at} scores at float32(threshold)"
 
     # -- 3. timings --------------------------------------------------------------------------------------
     def _competitors(self) -> dict[str, Any]:

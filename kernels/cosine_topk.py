@@ -9,7 +9,8 @@ score — the n_synth × n_train matrix never reaches GPU memory. A second step 
 torch) merges the candidates into the running top-k: score descending, ties to the lower index.
 
 Conventions are those of ``deepssim_fast.all_pairs``: bin = floor((s - lo) / (hi - lo) * bins) in float64,
-clamped; classes compare the float32 score in float64 with the thresholds; the pair
+clamped; classes compare the float32 score in float64 with the thresholds (done exactly in float32 against
+the largest float32 at or below each threshold); the pair
 (i, self_offset + i) is excluded when ``self_offset`` is given.
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (slowly) — that is how CI tests it.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -29,10 +31,10 @@ PRECISIONS = ("ieee", "tf32", "fp16", "bf16")
 
 
 @triton.jit
-def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS,
+def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
                         n_q, n_t, d, row0, col0, self_delta,
                         stride_q, stride_t, stride_cs_m, stride_cs_t,
-                        lo, width, nbins, low, high,
+                        nbins, low_t, high_t,
                         HAS_SELF: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr):
@@ -62,7 +64,11 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS,
     if HAS_SELF:
         # global synth row (row0 + r) is global train row (row0 + r + self_offset); col0 + c is the column
         valid = valid & ((rows[:, None] + self_delta) != cols[None, :])
-    # ---- histogram and class counts (float64 rule, identical to the CPU engines)
+    # ---- histogram and class counts (float64 rule, identical to the CPU engines). Compiled Triton passes a
+    # Python float argument as fp32, so the range comes as float64 values in memory (RANGE = [lo, width]),
+    # and the thresholds as the largest floats <= low / high: acc > low_t <=> (double) acc > low.
+    lo = tl.load(RANGE)
+    width = tl.load(RANGE + 1)
     s64 = acc.to(tl.float64)
     b = tl.floor((s64 - lo) / width * nbins)
     b = tl.minimum(tl.maximum(b, 0.0), nbins - 1.0).to(tl.int32)
@@ -70,8 +76,8 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS,
     bins_idx = tl.arange(0, NB)
     tl.atomic_add(HIST + bins_idx, h, mask=(bins_idx < nbins) & (h > 0))
     n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
-    n_low = tl.sum(tl.sum((valid & (s64 > low)).to(tl.int32), axis=1), axis=0)
-    n_high = tl.sum(tl.sum((valid & (s64 > high)).to(tl.int32), axis=1), axis=0)
+    n_low = tl.sum(tl.sum((valid & (acc > low_t)).to(tl.int32), axis=1), axis=0)
+    n_high = tl.sum(tl.sum((valid & (acc > high_t)).to(tl.int32), axis=1), axis=0)
     tl.atomic_add(CLS + 0, n_valid - n_low)
     tl.atomic_add(CLS + 1, n_low - n_high)
     tl.atomic_add(CLS + 2, n_high)
@@ -89,6 +95,14 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS,
         tl.store(CS + rows * stride_cs_m + pid_n * stride_cs_t + i, m, mask=keep)
         tl.store(CI + rows * stride_cs_m + pid_n * stride_cs_t + i, (ci + col0).to(tl.int64), mask=keep)
         s = tl.where(cols[None, :] == ci[:, None], neg_inf, s)
+
+
+def largest_float32_le(x: float) -> float:
+    """The largest float32 value <= x (as a Python float): for a float32 score s, s > it <=> (double) s > x."""
+    f = np.float32(x)
+    if float(f) > x:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
 
 
 def _next_pow2(n: int) -> int:
@@ -152,7 +166,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     tc = int(train_chunk or (16384 if dev.type == "cuda" else 512))
     tc = max(bn, -(-tc // bn) * bn)
     lo, hi = hist_range
-    low, high = thresholds
+    rng = torch.tensor([float(lo), float(hi) - float(lo)], dtype=torch.float64, device=dev)
+    low_t, high_t = (largest_float32_le(t) for t in thresholds)
     hist = torch.zeros(bins, dtype=torch.int64, device=dev)
     cls = torch.zeros(3, dtype=torch.int64, device=dev)
     hist32 = torch.zeros(bins, dtype=torch.int32, device=dev)
@@ -183,10 +198,10 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
                 self_delta = (self_offset + r0 - c0) if has_self else 0
                 grid = (triton.cdiv(m, bm), n_tiles)
                 _cosine_topk_kernel[grid](
-                    q, T[c0:c1], thr, cs, ci, hist32, cls32,
+                    q, T[c0:c1], thr, cs, ci, hist32, cls32, rng,
                     m, nct, d, r0, c0, self_delta,
                     q.stride(0), T.stride(0), cs.stride(0), cs.stride(1),
-                    float(lo), float(hi - lo), bins, float(low), float(high),
+                    bins, low_t, high_t,
                     HAS_SELF=has_self, NB=nb, KC=kc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                     PRECISION=precision, num_warps=nw)
                 hist += hist32.to(torch.int64)

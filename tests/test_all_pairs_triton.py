@@ -78,6 +78,25 @@ _SCRIPT = textwrap.dedent(r"""
         out.append(dict(name="bf16 refused", refused=False))
     except ValueError as exc:
         out.append(dict(name="bf16 refused", refused="CUDA" in str(exc)))
+    # scores exactly at float32(threshold): train rows are unit axes, so each score is one exact product
+    # and equals the synthetic row's component; the class rule compares the float32 score in float64
+    for low, high in ((0.6, 0.85), (1.0 / 3.0, 0.5)):
+        comps = []
+        for t in (low, high):
+            f32 = np.float32(t)
+            comps += [f32, np.nextafter(f32, np.float32(2)), np.nextafter(f32, np.float32(-2))]
+        comps = np.array(comps, dtype=np.float32)
+        synth = np.zeros((len(comps), 2), np.float32)
+        synth[:, 0] = comps
+        synth[:, 1] = np.sqrt(1.0 - comps.astype(np.float64) ** 2).astype(np.float32)
+        train = np.eye(2, dtype=np.float32)
+        r = all_pairs(torch.from_numpy(train), torch.from_numpy(synth), k=2, backend="triton",
+                      thresholds=(low, high), progress=False)
+        s = np.concatenate([r.scores.ravel()]).astype(np.float64)
+        want = dict(different=int((s <= low).sum()), similar=int(((s > low) & (s <= high)).sum()),
+                    duplicate=int((s > high).sum()))
+        out.append(dict(name=f"exact thresholds {low:.4f} {high:.4f}", classes=r.class_counts, want=want,
+                        at_threshold=int(np.isin(r.scores.ravel(), comps[[0, 3]]).sum())))
     for line in out:
         print("RESULT " + json.dumps(line))
 """)
@@ -94,7 +113,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 10, proc.stdout
+    assert len(res) == 12, proc.stdout
     return res
 
 
@@ -140,3 +159,31 @@ def test_triton_not_available_on_cpu_without_interpreter():
     x = np.ones((4, 3), np.float32)
     with pytest.raises(BackendUnavailableError, match="triton"):
         all_pairs(x, x, k=1, backend="triton", progress=False)
+
+
+@pytest.mark.parametrize("name", ["exact thresholds 0.6000 0.8500", "exact thresholds 0.3333 0.5000"])
+def test_triton_class_counts_at_float32_thresholds(interpreted_results, name):
+    r = interpreted_results[name]
+    assert r["at_threshold"] == 2, r  # the scores do sit exactly at float32(low) and float32(high)
+    assert r["classes"] == r["want"], r
+
+
+def test_largest_float32_le_makes_float32_compares_exact():
+    """Compiled Triton passes a Python float as fp32; the kernel gets thresholds that survive that."""
+    import numpy as np
+
+    from deepssim_fast.kernels.cosine_topk import largest_float32_le
+
+    rng = np.random.default_rng(3)
+    for x in [0.6, 0.85, 1.0 / 3.0, 0.5, -0.2, 0.0, 1.0, -1.0, *rng.uniform(-1, 1, 50).tolist()]:
+        t = largest_float32_le(x)
+        assert float(np.float32(t)) == t and t <= x
+        s = np.float32(x)
+        around = [s]
+        lo = hi = s
+        for _ in range(4):
+            lo = np.nextafter(lo, np.float32(-2))
+            hi = np.nextafter(hi, np.float32(2))
+            around += [lo, hi]
+        for v in around:
+            assert (v > np.float32(t)) == (float(v) > x), (x, v)

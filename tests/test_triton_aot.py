@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 
 _SCRIPT = textwrap.dedent(r"""
     import json, sys
+    import numpy as np
     from kernels import aot
     res = {}
     for name, launch in aot.representative_launches().items():
@@ -29,8 +30,11 @@ _SCRIPT = textwrap.dedent(r"""
             try:
                 compiled = aot.compile_launch(launch, arch)
                 r = aot.resources(compiled)
+                _, sig, _, _ = aot.signature(launch)
+                floats = [v for k, v in zip(sig, launch.args) if sig[k] == "fp32" and isinstance(v, float)]
                 res[f"{name} sm_{arch}"] = dict(
-                    ok=True, cubin_elf=compiled.asm["cubin"][:4] == b"\x7fELF", registers=r["registers"],
+                    ok=True, fp32_args_exact=all(float(np.float32(v)) == v for v in floats),
+                    cubin_elf=compiled.asm["cubin"][:4] == b"\x7fELF", registers=r["registers"],
                     local_bytes=r["local_bytes"], shared=int(compiled.metadata.shared),
                     sass={k: v for k, v in r["sass"].items()})
             except Exception as exc:  # reported per case, asserted below
@@ -94,3 +98,11 @@ def test_ssim_kernel_is_fp32_arithmetic_without_tensor_cores(compiled):
         if case.startswith("ssim"):
             assert r["sass"].get("FFMA", 0) > 0, case
             assert not any("MMA" in op for op in r["sass"]), case
+
+
+def test_topk_float_arguments_survive_fp32_rounding(compiled):
+    # A Python float argument reaches a compiled kernel as fp32: thresholds must already be fp32 values
+    # (the largest float32 <= each threshold), or scores equal to float32(threshold) change class.
+    for case, r in compiled.items():
+        if case.startswith("cosine_topk"):
+            assert r["fp32_args_exact"], case
