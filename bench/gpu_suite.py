@@ -575,7 +575,7 @@ class Suite:
         return err <= tol, err, tol, f"{na}x{nb} of {h}x{w}, {note}"
 
     def _all_pairs_check(self, train: torch.Tensor, synth: torch.Tensor | None, k: int, *,
-                         tie_row: tuple[int, list[int]] | None = None
+                         tie_row: tuple[int, list[int]] | None = None, bins: int = 200
                          ) -> tuple[bool, float | None, float | None, str]:
         """Top-k, histogram, class counts and train_hits of ``all_pairs(..., backend="triton")``.
 
@@ -592,7 +592,7 @@ class Suite:
         nt = train.shape[0]
         ns = nt if self_mode else synth.shape[0]
         self.poison(64 * ns * k + 16 * nt + (4 << 20))
-        res = all_pairs(train, synth, k=k, backend="triton", progress=False)
+        res = all_pairs(train, synth, k=k, backend="triton", progress=False, bins=bins)
         scores = torch.as_tensor(np.asarray(res.scores))
         idx = torch.as_tensor(np.asarray(res.indices))
         problems = []
@@ -743,6 +743,9 @@ class Suite:
             self.check(f"all_pairs random {ns}x{nt}x{d} k={k}",
                        lambda tr=tr, sy=sy, k=k, planted=planted: self._all_pairs_check(
                            tr, sy, k, tie_row=(0, [1, 2][:k]) if planted else None))
+        # more bins than a tile histogram holds: the per-pair global-atomic path
+        self.check(f"all_pairs random {ns}x{nt}x{d} k={k}, 4096 bins",
+                   lambda tr=tr, sy=sy, k=k: self._all_pairs_check(tr, sy, k, bins=4096))
         n_self, d_self, k_self = s.ap_self
         ts = self.randn(n_self, d_self)
         self.check(f"all_pairs self mode {n_self}x{d_self} k={k_self}",

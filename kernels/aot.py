@@ -184,8 +184,8 @@ def representative_launches() -> dict[str, Launch]:
     """The launches each Triton path makes on a GPU, recorded from the real launchers with CUDA defaults.
 
     Keys name the case: SSIM in 2D and 3D, both windows, the three kernel input dtypes and both kernel
-    variants; cosine top-k in each precision, and with self-pairs excluded. Shapes are small (they only
-    set integer arguments).
+    variants; cosine top-k in each precision, with self-pairs excluded, and with more bins than a tile
+    histogram takes. Shapes are small (they only set integer arguments).
     """
     from deepssim_fast import _ssim_common as sc
 
@@ -212,14 +212,15 @@ def representative_launches() -> dict[str, Launch]:
         out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')} {variant}"] = (sep + direct)[0]
     q = torch.nn.functional.normalize(torch.randn(70, 64), dim=1)
     blocks = kc.default_blocks(torch.device("cuda"), 10)
-    for precision, self_pairs in [("ieee", False), ("tf32", False), ("fp16", False), ("bf16", False),
-                                  ("ieee", True)]:
+    for precision, self_pairs, bins in [("ieee", False, 200), ("tf32", False, 200), ("fp16", False, 200),
+                                        ("bf16", False, 200), ("ieee", True, 200), ("bf16", False, 4096)]:
         # the launcher refuses bf16 on CPU tensors (the interpreter mis-executes it); the launch is the
         # fp16 one with the precision switched, which is what a CUDA call passes
         with record_launches(kc, "_cosine_topk_kernel") as rec:
-            kc.cosine_topk(q, q, k=10, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
+            kc.cosine_topk(q, q, k=10, bins=bins, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
                            precision="fp16" if precision == "bf16" else precision,
                            self_offset=0 if self_pairs else None, blocks=blocks)
         rec[0].kwargs["PRECISION"] = precision
-        out[f"cosine_topk {precision}" + (" self-pairs" if self_pairs else "")] = rec[0]
+        out[f"cosine_topk {precision}" + (" self-pairs" if self_pairs else "")
+            + (f" {bins} bins" if bins != 200 else "")] = rec[0]
     return out

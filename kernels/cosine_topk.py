@@ -2,11 +2,12 @@
 
 One program computes a (BLOCK_M synthetic rows) × (BLOCK_N training rows) tile of scores with ``tl.dot``
 (fp32 accumulation; inputs in fp32 ``"ieee"``, ``"tf32"``, ``"fp16"`` or ``"bf16"``; unit-norm rows fit
-fp16), adds the tile to the histogram
-and the class counts (int32 atomics, one per bin per program, via ``tl.histogram``), and writes for each
-row only its best ``KC = min(k, BLOCK_N)`` candidates of the tile that reach the row's running k-th
-score — the n_synth × n_train matrix never reaches GPU memory. A second step (:func:`merge_topk`, plain
-torch) merges the candidates into the running top-k: score descending, ties to the lower index.
+fp16), bins the tile and classifies it in one ``tl.histogram`` over (class, bin) slots whose sums give the
+bin counts and the class counts (int32 atomics, one per non-empty slot per program; above
+``TILE_HIST_MAX_BINS`` bins, one global atomic per pair instead), and writes for each row only its best
+``KC = min(k, BLOCK_N)`` candidates of the tile that reach the row's running k-th score — the
+n_synth × n_train matrix never reaches GPU memory. A second step (:func:`merge_topk`, plain torch) merges
+the candidates into the running top-k: score descending, ties to the lower index.
 
 Conventions are those of ``deepssim_fast.all_pairs``: bin = floor((s - lo) / (hi - lo) * bins) in float64,
 clamped; classes compare the float32 score in float64 with the thresholds (done exactly in float32 against
@@ -28,6 +29,9 @@ import triton.language as tl
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("ieee", "tf32", "fp16", "bf16")
+# Up to this many bins, each program builds a (class, bin) histogram of its tile in shared memory
+# (4 x next_pow2(bins) int32 slots); beyond it, pairs go to the global histogram by atomics.
+TILE_HIST_MAX_BINS = 1024
 
 
 @triton.jit
@@ -35,7 +39,7 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
                         n_q, n_t, d, row0, col0, self_delta,
                         stride_q, stride_t, stride_cs_m, stride_cs_t,
                         nbins, low_t, high_t,
-                        HAS_SELF: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr,
+                        HAS_SELF: tl.constexpr, UNIT_RANGE: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -67,20 +71,40 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
     # ---- histogram and class counts (float64 rule, identical to the CPU engines). Compiled Triton passes a
     # Python float argument as fp32, so the range comes as float64 values in memory (RANGE = [lo, width]),
     # and the thresholds as the largest floats <= low / high: acc > low_t <=> (double) acc > low.
-    lo = tl.load(RANGE)
-    width = tl.load(RANGE + 1)
     s64 = acc.to(tl.float64)
-    b = tl.floor((s64 - lo) / width * nbins)
-    b = tl.minimum(tl.maximum(b, 0.0), nbins - 1.0).to(tl.int32)
-    h = tl.histogram(tl.reshape(b, (BLOCK_M * BLOCK_N,)), NB, mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
-    bins_idx = tl.arange(0, NB)
-    tl.atomic_add(HIST + bins_idx, h, mask=(bins_idx < nbins) & (h > 0))
-    n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
-    n_low = tl.sum(tl.sum((valid & (acc > low_t)).to(tl.int32), axis=1), axis=0)
-    n_high = tl.sum(tl.sum((valid & (acc > high_t)).to(tl.int32), axis=1), axis=0)
-    tl.atomic_add(CLS + 0, n_valid - n_low)
-    tl.atomic_add(CLS + 1, n_low - n_high)
-    tl.atomic_add(CLS + 2, n_high)
+    nb64 = nbins.to(tl.float64)
+    if UNIT_RANGE:
+        # range [-1, 1]: ((s + 1) / 2) * bins == (s + 1) * (bins / 2) in float64, bit for bit (halving is
+        # exact), so the rule needs no division; |s| <= ~1 keeps the floor far inside int32
+        b = tl.floor((s64 + 1.0) * (nb64 * 0.5)).to(tl.int32)
+        b = tl.minimum(tl.maximum(b, 0), nbins - 1)
+    else:
+        lo = tl.load(RANGE)
+        width = tl.load(RANGE + 1)
+        b = tl.floor((s64 - lo) / width * nb64)
+        b = tl.minimum(tl.maximum(b, 0.0), nb64 - 1.0).to(tl.int32)
+    cls = (acc > low_t).to(tl.int32) + (acc > high_t).to(tl.int32)  # 0 different, 1 similar, 2 duplicate
+    if NB > 0:
+        # one tile histogram over (class, bin) slots: per-bin counts and class counts are its sums
+        h = tl.histogram(tl.reshape(b + cls * NB, (BLOCK_M * BLOCK_N,)), 4 * NB,
+                         mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
+        h2 = tl.reshape(h, (4, NB))
+        per_bin = tl.sum(h2, axis=0)
+        per_cls = tl.sum(h2, axis=1)
+        bins_idx = tl.arange(0, NB)
+        tl.atomic_add(HIST + bins_idx, per_bin, mask=(bins_idx < nbins) & (per_bin > 0))
+        cls_idx = tl.arange(0, 4)
+        tl.atomic_add(CLS + cls_idx, per_cls, mask=(cls_idx < 3) & (per_cls > 0))
+    else:
+        # too many bins for a tile histogram in shared memory: one global atomic per pair (spread over the
+        # bins), and both class comparisons packed in one int32 reduction (a tile has < 2^16 pairs)
+        tl.atomic_add(HIST + b, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=valid)
+        code = tl.where(valid, (acc > low_t).to(tl.int32) + ((acc > high_t).to(tl.int32) << 16), 0)
+        packed = tl.sum(tl.sum(code, axis=1), axis=0)
+        n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
+        tl.atomic_add(CLS + 0, n_valid - (packed & 0xFFFF))
+        tl.atomic_add(CLS + 1, (packed & 0xFFFF) - (packed >> 16))
+        tl.atomic_add(CLS + 2, packed >> 16)
     # ---- per-row candidates of this tile: those reaching the running k-th score, best KC of them
     thr = tl.load(THR + rows, mask=rmask, other=float("inf"))
     neg_inf = float("-inf")
@@ -161,6 +185,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     n_t = T.shape[0]
     cfg = dict(default_blocks(dev, k), **(blocks or {}))
     bm, bn, bk, nw = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+    if bm * bn >= 1 << 16:
+        raise ValueError(f"cosine_topk: BLOCK_M x BLOCK_N = {bm * bn} must stay below 65536 (packed counts)")
     kc = min(k, bn)
     sb = int(synth_block or (8192 if dev.type == "cuda" else 256))
     tc = int(train_chunk or (16384 if dev.type == "cuda" else 512))
@@ -168,13 +194,14 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     lo, hi = hist_range
     rng = torch.tensor([float(lo), float(hi) - float(lo)], dtype=torch.float64, device=dev)
     low_t, high_t = (largest_float32_le(t) for t in thresholds)
+    unit_range = (float(lo), float(hi)) == (-1.0, 1.0)
     hist = torch.zeros(bins, dtype=torch.int64, device=dev)
     cls = torch.zeros(3, dtype=torch.int64, device=dev)
     hist32 = torch.zeros(bins, dtype=torch.int32, device=dev)
     cls32 = torch.zeros(3, dtype=torch.int32, device=dev)
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
-    nb = max(2, _next_pow2(bins))
+    nb = max(2, _next_pow2(bins)) if bins <= TILE_HIST_MAX_BINS else 0  # 0: per-pair global atomics
     from tqdm.auto import tqdm
 
     with tqdm(total=n_q * n_t, unit="pair", unit_scale=True, desc="all_pairs[triton]", leave=False,
@@ -202,7 +229,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
                     m, nct, d, r0, c0, self_delta,
                     q.stride(0), T.stride(0), cs.stride(0), cs.stride(1),
                     bins, low_t, high_t,
-                    HAS_SELF=has_self, NB=nb, KC=kc, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    HAS_SELF=has_self, UNIT_RANGE=unit_range, NB=nb, KC=kc, BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_K=bk,
                     PRECISION=precision, num_warps=nw)
                 hist += hist32.to(torch.int64)
                 cls += cls32.to(torch.int64)

@@ -97,6 +97,28 @@ _SCRIPT = textwrap.dedent(r"""
                     duplicate=int((s > high).sum()))
         out.append(dict(name=f"exact thresholds {low:.4f} {high:.4f}", classes=r.class_counts, want=want,
                         at_threshold=int(np.isin(r.scores.ravel(), comps[[0, 3]]).sum())))
+    # scores exactly at and next to bin edges, for a tile histogram (7, 200 bins) and the per-pair atomic
+    # path (2000 bins): the histogram must equal the float64 rule bin for bin
+    for bins in (7, 200, 2000):
+        js = np.unique(np.linspace(0, bins, 12).astype(int))
+        comps = []
+        for j in js:
+            f = np.float32(2.0 * j / bins - 1.0)
+            comps += [f, np.nextafter(f, np.float32(2)), np.nextafter(f, np.float32(-2))]
+        c = np.clip(np.array(comps, dtype=np.float32), -1, 1)
+        synth = np.stack([c, np.sqrt(np.maximum(0.0, 1.0 - c.astype(np.float64) ** 2)).astype(np.float32)], 1)
+        train = np.eye(2, dtype=np.float32)
+        r = all_pairs(torch.from_numpy(train), torch.from_numpy(synth), k=2, backend="triton", bins=bins,
+                      progress=False)
+        sc = np.concatenate([r.scores.ravel()]).astype(np.float64)
+        idx = np.clip(np.floor((sc + 1.0) / 2.0 * bins), 0, bins - 1).astype(int)
+        want = np.bincount(idx, minlength=bins)
+        n = all_pairs(train, synth, k=2, bins=bins, progress=False)
+        out.append(dict(name=f"bin edges {bins}", hist_equal_rule=bool(np.array_equal(r.histogram[0], want)),
+                        hist_equal_native=bool(np.array_equal(r.histogram[0], n.histogram[0])),
+                        classes_equal_native=r.class_counts == n.class_counts,
+                        scores_equal_native=bool(np.array_equal(r.scores, n.scores)),
+                        n_pairs=int(r.histogram[0].sum()), want_pairs=2 * len(c)))
     for line in out:
         print("RESULT " + json.dumps(line))
 """)
@@ -113,7 +135,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 12, proc.stdout
+    assert len(res) == 15, proc.stdout
     return res
 
 
@@ -187,3 +209,13 @@ def test_largest_float32_le_makes_float32_compares_exact():
             around += [lo, hi]
         for v in around:
             assert (v > np.float32(t)) == (float(v) > x), (x, v)
+
+
+@pytest.mark.parametrize("bins", [7, 200, 2000])
+def test_triton_histogram_is_the_float64_rule_at_bin_edges(interpreted_results, bins):
+    # 7 and 200 bins: the tile's (class, bin) histogram; 2000: one global atomic per pair
+    r = interpreted_results[f"bin edges {bins}"]
+    assert r["n_pairs"] == r["want_pairs"]
+    assert r["scores_equal_native"], r  # one exact product per score: identical on every engine
+    assert r["hist_equal_rule"] and r["hist_equal_native"], r
+    assert r["classes_equal_native"], r
