@@ -144,14 +144,26 @@ def merge_topk(run_s: torch.Tensor, run_i: torch.Tensor, cand_s: torch.Tensor, c
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k best of running (m, k) + candidates (m, c) per row: score descending, index ascending.
 
-    Empty candidate slots hold -inf and never displace a real score.
+    Empty slots hold -inf with index INT64_MAX and never displace a real score. One ``torch.topk`` over
+    int64 keys that order exactly as (score descending, index ascending): the score's float32 bits made
+    monotone as a signed integer (-0.0 taken as +0.0) in the high half, 2^32 - 1 - index in the low half
+    (indices < 2^31). Two stable segmented sorts did the same before, at several times the memory traffic.
     """
-    s = torch.cat([run_s, cand_s], dim=1)
+    s = torch.cat([run_s, cand_s], dim=1).to(torch.float32) + 0.0  # -0.0 -> +0.0
     i = torch.cat([run_i, cand_i], dim=1)
-    o = torch.sort(i, dim=1, stable=True).indices
-    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
-    o = torch.sort(-s, dim=1, stable=True).indices[:, :k]
-    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+    bits = s.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    low = _LOW_MASK - torch.clamp(i, max=_LOW_MASK)  # the empty slots' INT64_MAX -> 0: last among ties
+    key = torch.topk((ordered << 32) + low, k, dim=1).values
+    hi = (key >> 32).to(torch.int32)
+    out_s = torch.where(hi < 0, hi ^ 0x7FFFFFFF, hi).view(torch.float32)
+    low = key & _LOW_MASK
+    out_i = torch.where(low == 0, torch.full_like(low, _INT64_MAX), _LOW_MASK - low)
+    return out_s, out_i
+
+
+_LOW_MASK = (1 << 32) - 1
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_range: tuple[float, float],
@@ -171,6 +183,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
                          f"{tuple(T.shape)}")
     if Q.device != T.device:
         raise ValueError(f"cosine_topk: Q on {Q.device} but T on {T.device}")
+    if T.shape[0] >= 1 << 31:
+        raise ValueError(f"cosine_topk: {T.shape[0]} training rows; at most 2^31 - 1 (merge keys)")
     if precision not in PRECISIONS:
         raise ValueError(f"cosine_topk: precision must be one of {PRECISIONS}, got {precision!r}")
     if Q.device.type != "cuda" and not _interpreting():

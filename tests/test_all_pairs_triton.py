@@ -219,3 +219,33 @@ def test_triton_histogram_is_the_float64_rule_at_bin_edges(interpreted_results, 
     assert r["scores_equal_native"], r  # one exact product per score: identical on every engine
     assert r["hist_equal_rule"] and r["hist_equal_native"], r
     assert r["classes_equal_native"], r
+
+
+def test_merge_topk_orders_by_score_then_lower_index():
+    """The packed-key merge against a lexsort reference: heavy ties, negative scores, +-0, empty slots."""
+    import numpy as np
+    import torch
+
+    from deepssim_fast.kernels.cosine_topk import merge_topk
+
+    rng = np.random.default_rng(11)
+    imax = np.iinfo(np.int64).max
+    for trial in range(20):
+        m, k, c = 7, int(rng.integers(1, 6)), int(rng.integers(0, 40))
+        levels = np.array([-1.0, -0.5, -0.0, 0.0, 0.25, 0.6, 1.0, np.float32(0.6) + 1e-7], np.float32)
+        run_s = np.sort(rng.choice(levels, (m, k)), axis=1)[:, ::-1].astype(np.float32)
+        run_i = rng.integers(0, 1000, (m, k))
+        cand_s = rng.choice(levels, (m, c)).astype(np.float32)
+        cand_i = rng.integers(0, 1000, (m, c))
+        empty = rng.random((m, c)) < 0.3
+        cand_s[empty], cand_i[empty] = -np.inf, imax
+        if trial % 4 == 0:  # rows with fewer real scores than k
+            run_s[:, -1], run_i[:, -1] = -np.inf, imax
+        got_s, got_i = merge_topk(torch.from_numpy(run_s.copy()), torch.from_numpy(run_i),
+                                  torch.from_numpy(cand_s), torch.from_numpy(cand_i), k)
+        s_all = np.concatenate([run_s, cand_s], 1) + np.float32(0.0)
+        i_all = np.concatenate([run_i, cand_i], 1)
+        for r in range(m):
+            order = np.lexsort((i_all[r], -s_all[r].astype(np.float64)))[:k]
+            np.testing.assert_array_equal(got_s[r].numpy(), s_all[r][order])
+            np.testing.assert_array_equal(got_i[r].numpy(), i_all[r][order])
