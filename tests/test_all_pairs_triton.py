@@ -249,3 +249,16 @@ def test_merge_topk_orders_by_score_then_lower_index():
             order = np.lexsort((i_all[r], -s_all[r].astype(np.float64)))[:k]
             np.testing.assert_array_equal(got_s[r].numpy(), s_all[r][order])
             np.testing.assert_array_equal(got_i[r].numpy(), i_all[r][order])
+
+
+@pytest.mark.parametrize("n_t,chunk,bn", [(1, 512, 32), (100, 512, 32), (100000, 16384, 128), (16385, 16384, 128)])
+def test_train_chunks_cover_the_rows_in_growing_launches(n_t, chunk, bn):
+    from deepssim_fast.kernels.cosine_topk import train_chunks
+
+    ranges = train_chunks(n_t, chunk, bn)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_t
+    assert all(a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True))  # contiguous
+    sizes = [c1 - c0 for c0, c1 in ranges]
+    assert all(0 < s <= chunk for s in sizes)
+    assert sizes[0] <= 8 * bn
+    assert all(b >= a for a, b in zip(sizes[:-2], sizes[1:-1], strict=True))  # growing (the last may be cut)
