@@ -939,8 +939,14 @@ class Suite:
                 vals[i:i + chunk], idx[i:i + chunk] = v.float(), j
             return vals, idx
 
+        half = "fp16" if self.dry else "bf16"
         self._time_case("all_pairs top-k", f"{ns}×{nt}×{d} k={k}", {
             "triton all_pairs": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False),
+            # (the interpreter cannot run bf16 dots: the dry run times fp16, the same tensor-core path)
+            f"triton all_pairs {half}": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,
+                                                          precision=half),
+            "triton all_pairs tf32": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,
+                                                       precision="tf32"),
             "torch.mm bf16 + topk": lambda: torch_topk(tb, sb),
             "torch.mm fp32 + topk": lambda: torch_topk(train, synth),
         }, work=ns * nt, unit="pairs", flop=2.0 * ns * nt * d, ceiling="mm_bf16",
