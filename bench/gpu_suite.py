@@ -575,8 +575,8 @@ class Suite:
         return err <= tol, err, tol, f"{na}x{nb} of {h}x{w}, {note}"
 
     def _all_pairs_check(self, train: torch.Tensor, synth: torch.Tensor | None, k: int, *,
-                         tie_row: tuple[int, list[int]] | None = None, bins: int = 200
-                         ) -> tuple[bool, float | None, float | None, str]:
+                         tie_row: tuple[int, list[int]] | None = None, bins: int = 200,
+                         precision: str = "ieee") -> tuple[bool, float | None, float | None, str]:
         """Top-k, histogram, class counts and train_hits of ``all_pairs(..., backend="triton")``.
 
         Scores must equal the reference score of the returned index (fp32 tolerance); the returned set must
@@ -592,7 +592,7 @@ class Suite:
         nt = train.shape[0]
         ns = nt if self_mode else synth.shape[0]
         self.poison(64 * ns * k + 16 * nt + (4 << 20))
-        res = all_pairs(train, synth, k=k, backend="triton", progress=False, bins=bins)
+        res = all_pairs(train, synth, k=k, backend="triton", progress=False, bins=bins, precision=precision)
         scores = torch.as_tensor(np.asarray(res.scores))
         idx = torch.as_tensor(np.asarray(res.indices))
         problems = []
@@ -743,6 +743,9 @@ class Suite:
             self.check(f"all_pairs random {ns}x{nt}x{d} k={k}",
                        lambda tr=tr, sy=sy, k=k, planted=planted: self._all_pairs_check(
                            tr, sy, k, tie_row=(0, [1, 2][:k]) if planted else None))
+        # fp32 split over three tf32 tensor-core products: must pass the fp32 tolerances
+        self.check(f"all_pairs random {ns}x{nt}x{d} k={k}, precision tf32x3",
+                   lambda tr=tr, sy=sy, k=k: self._all_pairs_check(tr, sy, k, precision="tf32x3"))
         # more bins than a tile histogram holds: the per-pair global-atomic path
         self.check(f"all_pairs random {ns}x{nt}x{d} k={k}, 4096 bins",
                    lambda tr=tr, sy=sy, k=k: self._all_pairs_check(tr, sy, k, bins=4096))
@@ -947,6 +950,8 @@ class Suite:
                                                           precision=half),
             "triton all_pairs tf32": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,
                                                        precision="tf32"),
+            "triton all_pairs tf32x3": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,
+                                                         precision="tf32x3"),
             "torch.mm bf16 + topk": lambda: torch_topk(tb, sb),
             "torch.mm fp32 + topk": lambda: torch_topk(train, synth),
         }, work=ns * nt, unit="pairs", flop=2.0 * ns * nt * d, ceiling="mm_bf16",

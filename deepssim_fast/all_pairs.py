@@ -299,9 +299,10 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     self_offset : synth rows are rows ``self_offset ...`` of ``train``; pairs (i, self_offset + i) are
         excluded.
     block, tile : synthetic rows per block and training rows per tile (tuning; results do not depend on them).
-    precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32), ``"tf32"``, ``"fp16"`` or
-        ``"bf16"`` (CUDA only) inputs, fp32 accumulation — low precision changes scores by ~1e-3, and so
-        the top-k.
+    precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32 on the CUDA cores);
+        ``"tf32x3"`` (each fp32 input split into two tf32 parts, three tensor-core products: scores within
+        ~1e-6 of fp32, several times the fp32 rate); ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only)
+        inputs, fp32 accumulation — low precision changes scores by ~1e-3, and so the top-k.
 
     Returns
     -------

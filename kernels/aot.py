@@ -212,7 +212,8 @@ def representative_launches() -> dict[str, Launch]:
         out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')} {variant}"] = (sep + direct)[0]
     q = torch.nn.functional.normalize(torch.randn(70, 64), dim=1)
     blocks = kc.default_blocks(torch.device("cuda"), 10)
-    for precision, self_pairs, bins in [("ieee", False, 200), ("tf32", False, 200), ("fp16", False, 200),
+    for precision, self_pairs, bins in [("ieee", False, 200), ("tf32x3", False, 200), ("tf32", False, 200),
+                                        ("fp16", False, 200),
                                         ("bf16", False, 200), ("ieee", True, 200), ("bf16", False, 4096)]:
         # the launcher refuses bf16 on CPU tensors (the interpreter mis-executes it); the launch is the
         # fp16 one with the precision switched, which is what a CUDA call passes

@@ -1,18 +1,19 @@
 """Triton tile kernel of :func:`deepssim_fast.all_pairs`: cosine scores, histogram and per-tile top-k.
 
 One program computes a (BLOCK_M synthetic rows) × (BLOCK_N training rows) tile of scores with ``tl.dot``
-(fp32 accumulation; inputs in fp32 ``"ieee"``, ``"tf32"``, ``"fp16"`` or ``"bf16"``; unit-norm rows fit
-fp16), bins the tile and classifies it in one ``tl.histogram`` over (class, bin) slots whose sums give the
-bin counts and the class counts (int32 atomics, one per non-empty slot per program; above
-``TILE_HIST_MAX_BINS`` bins, one global atomic per pair instead), and writes for each row only its best
-``KC = min(k, BLOCK_N)`` candidates of the tile that reach the row's running k-th score — the
-n_synth × n_train matrix never reaches GPU memory. A second step (:func:`merge_topk`, plain torch) merges
-the candidates into the running top-k: score descending, ties to the lower index.
+(fp32 accumulation; inputs in fp32 ``"ieee"``, ``"tf32x3"`` (fp32 split into three tf32 products on the
+tensor cores), ``"tf32"``, ``"fp16"`` or ``"bf16"``; unit-norm rows fit fp16), bins and classifies the
+tile in one ``tl.histogram`` over (class, bin) slots whose sums give the bin counts and the class counts
+(int32 atomics, one per non-empty slot per program; above ``TILE_HIST_MAX_BINS`` bins, one global atomic
+per pair instead), and writes for each row only its best ``KC = min(k, BLOCK_N)`` candidates of the tile
+that reach the row's running k-th score — the n_synth × n_train matrix never reaches GPU memory. A second
+step (:func:`merge_topk`, plain torch) merges the candidates into the running top-k: score descending,
+ties to the lower index.
 
 Conventions are those of ``deepssim_fast.all_pairs``: bin = floor((s - lo) / (hi - lo) * bins) in float64,
 clamped; classes compare the float32 score in float64 with the thresholds (done exactly in float32 against
-the largest float32 at or below each threshold); the pair
-(i, self_offset + i) is excluded when ``self_offset`` is given.
+the largest float32 at or below each threshold); the pair (i, self_offset + i) is excluded when
+``self_offset`` is given.
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (slowly) — that is how CI tests it.
 """
@@ -28,7 +29,7 @@ import triton.language as tl
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("ieee", "tf32", "fp16", "bf16")
+PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
 # Up to this many bins, each program builds a (class, bin) histogram of its tile in shared memory
 # (4 x next_pow2(bins) int32 slots); beyond it, pairs go to the global histogram by atomics.
 TILE_HIST_MAX_BINS = 1024
@@ -62,6 +63,8 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
             acc += tl.dot(q.to(tl.float16), tl.trans(t.to(tl.float16)), out_dtype=tl.float32)
         elif PRECISION == "tf32":
             acc = tl.dot(q, tl.trans(t), acc, input_precision="tf32")
+        elif PRECISION == "tf32x3":  # three tf32 products (hi*hi + hi*lo + lo*hi): ~fp32 on tensor cores
+            acc = tl.dot(q, tl.trans(t), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(q, tl.trans(t), acc, input_precision="ieee")
     valid = rmask[:, None] & cmask[None, :]

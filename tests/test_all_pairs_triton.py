@@ -67,7 +67,7 @@ _SCRIPT = textwrap.dedent(r"""
     # tf32 / bf16 input precisions run (scores within their rounding)
     tr, sy = f(50, 32), f(9, 32)
     n = all_pairs(tr, sy, k=3, progress=False)
-    for p in ("tf32", "fp16"):
+    for p in ("tf32x3", "tf32", "fp16"):
         r = all_pairs(torch.from_numpy(tr), torch.from_numpy(sy), k=3, backend="triton", precision=p,
                       progress=False)
         out.append(dict(name="precision " + p, max_score_err=float(np.abs(r.scores - n.scores).max()),
@@ -135,7 +135,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 15, proc.stdout
+    assert len(res) == 16, proc.stdout
     return res
 
 
@@ -163,6 +163,8 @@ def test_triton_ties_and_self_pairs(interpreted_results):
 
 def test_triton_low_precision_inputs(interpreted_results):
     assert interpreted_results["precision tf32"]["hist_total"] == 450
+    assert interpreted_results["precision tf32x3"]["hist_total"] == 450
+    assert interpreted_results["precision tf32x3"]["max_score_err"] <= 1e-5
     assert interpreted_results["precision fp16"]["hist_total"] == 450
     assert interpreted_results["precision fp16"]["max_score_err"] <= 5e-3
     assert interpreted_results["precision tf32"]["max_score_err"] <= 5e-3

@@ -197,7 +197,7 @@ def test_all_pairs_checker_catches_wrong_neighbours_ties_and_counts(gpu_suite_mo
 
     fault = {"kind": None}
 
-    def fake_all_pairs(tr, sy, *, k, backend=None, progress=True, bins=200):
+    def fake_all_pairs(tr, sy, *, k, backend=None, progress=True, bins=200, precision="ieee"):
         assert backend == "triton" and progress is False
         res = _reference_result(tr, sy, k)
         return corrupt(res, fault["kind"]) if fault["kind"] else res

@@ -69,7 +69,7 @@ def compiled(tmp_path_factory):
 
 
 def test_every_kernel_launch_compiles_to_a_cubin_without_spills(compiled):
-    assert len(compiled) == 2 * 12, sorted(compiled)
+    assert len(compiled) == 2 * 13, sorted(compiled)
     failed = {k: v["error"] for k, v in compiled.items() if not v["ok"]}
     assert not failed, failed
     for case, r in compiled.items():
@@ -81,7 +81,7 @@ def test_every_kernel_launch_compiles_to_a_cubin_without_spills(compiled):
 
 
 def test_topk_precisions_reach_the_tensor_cores_and_ieee_does_not(compiled):
-    for precision in ("tf32", "fp16", "bf16", "ieee"):
+    for precision in ("tf32x3", "tf32", "fp16", "bf16", "ieee"):
         sm90 = compiled[f"cosine_topk {precision} sm_90"]["sass"]
         sm80 = compiled[f"cosine_topk {precision} sm_80"]["sass"]
         if precision == "ieee":
