@@ -44,9 +44,9 @@ def profile(arch: int) -> list[dict]:
         threads = 32 * r["num_warps"]
         _, _, consts, _ = aot.signature(launch)
         per_output = None
-        if "R" in consts and "C" in consts:  # separable SSIM: straight-line code
+        if consts.get("SEPARABLE"):  # separable SSIM: straight-line code
             k = consts["K"]
-            outputs = (consts["R"] - k + 1) * (consts["C"] - k + 1)
+            outputs = (consts["BR"] - k + 1) * (consts["BC"] - k + 1)
             per_output = {"all": total * threads / outputs,
                           "fp32": sum(sass.get(op, 0) for op in FP32) * threads / outputs,
                           "shfl": sass.get("SHFL", 0) * threads / outputs,

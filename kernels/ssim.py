@@ -39,97 +39,6 @@ VARIANTS = ("separable", "direct")
 
 
 @triton.jit
-def _ssim_tile_kernel(
-    x_ptr,
-    y_ptr,
-    ix_ptr,
-    iy_ptr,
-    cx_ptr,
-    sx_ptr,
-    cy_ptr,
-    sy_ptr,
-    c1_ptr,
-    c2_ptr,
-    w_ptr,
-    wz_ptr,
-    part_ptr,
-    H,
-    W,
-    Ho,
-    Wo,
-    tiles_w,
-    n_tiles,
-    n_planes,
-    plane_stride,
-    image_stride,
-    cov_norm,
-    K: tl.constexpr,
-    KZ: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-):
-    pair = tl.program_id(0)
-    tile = tl.program_id(1)
-    oz = tl.program_id(2)
-    i = tl.load(ix_ptr + pair).to(tl.int64)
-    j = tl.load(iy_ptr + pair).to(tl.int64)
-    xb = x_ptr + i * image_stride
-    yb = y_ptr + j * image_stride
-    cx = tl.load(cx_ptr + i)
-    sx = tl.load(sx_ptr + i)
-    cy = tl.load(cy_ptr + j)
-    sy = tl.load(sy_ptr + j)
-    c1 = tl.load(c1_ptr + pair)
-    c2 = tl.load(c2_ptr + pair)
-    th = tile // tiles_w
-    tw = tile % tiles_w
-    rows = th * BH + tl.arange(0, BH)[:, None]
-    cols = tw * BW + tl.arange(0, BW)[None, :]
-    valid = (rows < Ho) & (cols < Wo)
-    h: tl.constexpr = (K - 1) // 2
-    hz: tl.constexpr = (KZ - 1) // 2
-    centre = (oz + hz).to(tl.int64) * plane_stride + (rows + h) * W + (cols + h)
-    xc = tl.load(xb + centre, mask=valid, other=0.0).to(tl.float32)
-    yc = tl.load(yb + centre, mask=valid, other=0.0).to(tl.float32)
-    ea = tl.zeros((BH, BW), dtype=tl.float32)
-    eb = tl.zeros((BH, BW), dtype=tl.float32)
-    eaa = tl.zeros((BH, BW), dtype=tl.float32)
-    ebb = tl.zeros((BH, BW), dtype=tl.float32)
-    eab = tl.zeros((BH, BW), dtype=tl.float32)
-    for dz in range(KZ):
-        wz = tl.load(wz_ptr + dz)
-        zoff = (oz + dz).to(tl.int64) * plane_stride
-        for dy in range(K):
-            wzy = wz * tl.load(w_ptr + dy)
-            roff = zoff + (rows + dy) * W
-            for dx in tl.static_range(K):
-                wt = wzy * tl.load(w_ptr + dx)
-                off = roff + (cols + dx)
-                xv = tl.load(xb + off, mask=valid, other=0.0).to(tl.float32)
-                yv = tl.load(yb + off, mask=valid, other=0.0).to(tl.float32)
-                da = (xv - xc) * sx
-                db = (yv - yc) * sy
-                ta = wt * da
-                tb = wt * db
-                ea += ta
-                eb += tb
-                eaa += ta * da
-                ebb += tb * db
-                eab += ta * db
-    ux = (xc - cx) * sx + ea
-    uy = (yc - cy) * sy + eb
-    vx = cov_norm * (eaa - ea * ea)
-    vy = cov_norm * (ebb - eb * eb)
-    vxy = cov_norm * (eab - ea * eb)
-    num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
-    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
-    s = tl.where(valid, num / tl.where(valid, den, 1.0), 0.0)
-    total = tl.sum(tl.sum(s, axis=1), axis=0)
-    tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
-
-
-
-@triton.jit
 def _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos, AXIS: tl.constexpr, LIM: tl.constexpr, K: tl.constexpr,
               FROM_RAW: tl.constexpr):
     """One separable window pass along AXIS of the five statistics held in registers.
@@ -170,7 +79,18 @@ def _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos, AXIS: tl.constexpr, LIM: tl.const
 
 
 @triton.jit
-def _ssim_sep_kernel(
+def _add_tap(xb, yb, off, mask, xc, yc, sx, sy, wt, sa, sb, qa, qb, qab):
+    """Add one window tap (weight wt, at offset off of both images) to the sums of differences from the
+    centres (xc, yc): sum w d, sum w d^2 per image and sum w da db."""
+    ea = (tl.load(xb + off, mask=mask, other=0.0).to(tl.float32) - xc) * sx
+    eb = (tl.load(yb + off, mask=mask, other=0.0).to(tl.float32) - yc) * sy
+    wa = wt * ea
+    wb = wt * eb
+    return sa + wa, sb + wb, qa + wa * ea, qb + wb * eb, qab + wa * eb
+
+
+@triton.jit
+def _ssim_kernel(
     x_ptr,
     y_ptr,
     ix_ptr,
@@ -196,13 +116,16 @@ def _ssim_sep_kernel(
     cov_norm,
     K: tl.constexpr,
     KZ: tl.constexpr,
-    R: tl.constexpr,
-    C: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    SEPARABLE: tl.constexpr,
 ):
-    """Separable variant: a tile of R x C input positions gives (R - K + 1) x (C - K + 1) outputs.
+    """Partial SSIM sum of one (pair, tile, output plane) program.
 
-    z (3D): KZ loads per position, centred on the middle plane's value; x, then y: _ltv_pass on the
-    statistics in registers (tl.gather along the axis). Nothing but the tile's partial sum is stored.
+    SEPARABLE: the tile is BR x BC input positions and gives (BR - K + 1) x (BC - K + 1) outputs (z pass of
+    KZ loads per position, centred on the middle plane's value; then _ltv_pass along x and along y).
+    Direct: the tile is BR x BC outputs, each summing its K^2 (2D) or K^3 (3D) taps, centred on its own
+    centre pixel. Both centre every difference locally (see the module docstring).
     """
     pair = tl.program_id(0)
     tile = tl.program_id(1)
@@ -217,52 +140,72 @@ def _ssim_sep_kernel(
     sy = tl.load(sy_ptr + j)
     c1 = tl.load(c1_ptr + pair)
     c2 = tl.load(c2_ptr + pair)
-    TR: tl.constexpr = R - K + 1
-    TC: tl.constexpr = C - K + 1
-    lr = tl.arange(0, R)[:, None]
-    lc = tl.arange(0, C)[None, :]
-    rows = (tile // tiles_w) * TR + lr
-    cols = (tile % tiles_w) * TC + lc
-    inside = (rows < H) & (cols < W)
+    h: tl.constexpr = (K - 1) // 2
     hz: tl.constexpr = (KZ - 1) // 2
-    centre = (oz + hz).to(tl.int64) * plane_stride + rows * W + cols
-    xc = tl.load(xb + centre, mask=inside, other=0.0).to(tl.float32)
-    yc = tl.load(yb + centre, mask=inside, other=0.0).to(tl.float32)
-    ma = (xc - cx) * sx
-    mb = (yc - cy) * sy
-    zero = tl.zeros((R, C), dtype=tl.float32)
-    pos_c = tl.broadcast_to(lc, (R, C))
-    pos_r = tl.broadcast_to(lr, (R, C))
-    if KZ > 1:
-        sa = zero
-        sb = zero
-        qa = zero
-        qb = zero
-        qab = zero
-        for dz in tl.static_range(KZ):
-            if dz != hz:
-                wt = tl.load(wz_ptr + dz)
-                off = (oz + dz).to(tl.int64) * plane_stride + rows * W + cols
-                ea = (tl.load(xb + off, mask=inside, other=0.0).to(tl.float32) - xc) * sx
-                eb = (tl.load(yb + off, mask=inside, other=0.0).to(tl.float32) - yc) * sy
-                wa = wt * ea
-                wb = wt * eb
-                sa += wa
-                sb += wb
-                qa += wa * ea
-                qb += wb * eb
-                qab += wa * eb
-        ma, mb, va, vb, cab = _ltv_pass(ma + sa, mb + sb, qa - sa * sa, qb - sb * sb, qab - sa * sb, w_ptr,
-                                        pos_c, 1, C, K, False)
+    lr = tl.arange(0, BR)[:, None]
+    lc = tl.arange(0, BC)[None, :]
+    zero = tl.zeros((BR, BC), dtype=tl.float32)
+    if SEPARABLE:
+        TR: tl.constexpr = BR - K + 1
+        TC: tl.constexpr = BC - K + 1
+        rows = (tile // tiles_w) * TR + lr  # input rows and columns of the tile
+        cols = (tile % tiles_w) * TC + lc
+        inside = (rows < H) & (cols < W)
+        centre = (oz + hz).to(tl.int64) * plane_stride + rows * W + cols
+        xc = tl.load(xb + centre, mask=inside, other=0.0).to(tl.float32)
+        yc = tl.load(yb + centre, mask=inside, other=0.0).to(tl.float32)
+        ma = (xc - cx) * sx
+        mb = (yc - cy) * sy
+        pos_c = tl.broadcast_to(lc, (BR, BC))
+        pos_r = tl.broadcast_to(lr, (BR, BC))
+        if KZ > 1:
+            sa = zero
+            sb = zero
+            qa = zero
+            qb = zero
+            qab = zero
+            for dz in tl.static_range(KZ):
+                if dz != hz:
+                    off = (oz + dz).to(tl.int64) * plane_stride + rows * W + cols
+                    sa, sb, qa, qb, qab = _add_tap(xb, yb, off, inside, xc, yc, sx, sy, tl.load(wz_ptr + dz),
+                                                   sa, sb, qa, qb, qab)
+            ma, mb, va, vb, cab = _ltv_pass(ma + sa, mb + sb, qa - sa * sa, qb - sb * sb, qab - sa * sb,
+                                            w_ptr, pos_c, 1, BC, K, False)
+        else:
+            ma, mb, va, vb, cab = _ltv_pass(ma, mb, zero, zero, zero, w_ptr, pos_c, 1, BC, K, True)
+        ux, uy, vx, vy, vxy = _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos_r, 0, BR, K, False)
+        valid = (lr < TR) & (lc < TC) & (rows < Ho) & (cols < Wo)
     else:
-        ma, mb, va, vb, cab = _ltv_pass(ma, mb, zero, zero, zero, w_ptr, pos_c, 1, C, K, True)
-    ux, uy, vx, vy, vxy = _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos_r, 0, R, K, False)
+        rows = (tile // tiles_w) * BR + lr  # output rows and columns
+        cols = (tile % tiles_w) * BC + lc
+        valid = (rows < Ho) & (cols < Wo)
+        centre = (oz + hz).to(tl.int64) * plane_stride + (rows + h) * W + (cols + h)
+        xc = tl.load(xb + centre, mask=valid, other=0.0).to(tl.float32)
+        yc = tl.load(yb + centre, mask=valid, other=0.0).to(tl.float32)
+        ea = zero
+        eb = zero
+        eaa = zero
+        ebb = zero
+        eab = zero
+        for dz in range(KZ):
+            wz = tl.load(wz_ptr + dz)
+            zoff = (oz + dz).to(tl.int64) * plane_stride
+            for dy in range(K):
+                wzy = wz * tl.load(w_ptr + dy)
+                roff = zoff + (rows + dy) * W
+                for dx in tl.static_range(K):
+                    ea, eb, eaa, ebb, eab = _add_tap(xb, yb, roff + (cols + dx), valid, xc, yc, sx, sy,
+                                                     wzy * tl.load(w_ptr + dx), ea, eb, eaa, ebb, eab)
+        ux = (xc - cx) * sx + ea
+        uy = (yc - cy) * sy + eb
+        vx = eaa - ea * ea
+        vy = ebb - eb * eb
+        vxy = eab - ea * eb
     vx = cov_norm * vx
     vy = cov_norm * vy
     vxy = cov_norm * vxy
     num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
     den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
-    valid = (lr < TR) & (lc < TC) & (rows < Ho) & (cols < Wo)
     s = tl.where(valid, num / tl.where(valid, den, 1.0), 0.0)
     total = tl.sum(tl.sum(s, axis=1), axis=0)
     tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
@@ -385,11 +328,10 @@ def ssim_pairs(
     part = torch.empty((n_pairs, Do, n_tiles), dtype=torch.float32, device=dev)
     grid = (n_pairs, n_tiles, Do)
     logger.debug("triton ssim (%s): grid %s, block %s, K=%d, KZ=%d", variant, grid, block, K, KZ)
-    kernel = _ssim_sep_kernel if variant == "separable" else _ssim_tile_kernel
-    tile_kw = dict(R=R, C=C) if variant == "separable" else dict(BH=BH, BW=BW)
+    br, bc = (R, C) if variant == "separable" else (BH, BW)
     if num_warps is None:
         num_warps = default_num_warps(variant, K, KZ) if xf.device.type == "cuda" else 4
-    kernel[grid](
+    _ssim_kernel[grid](
         xf,
         yf,
         ix,
@@ -415,8 +357,10 @@ def ssim_pairs(
         float(p.cov_norm),
         K=K,
         KZ=KZ,
+        BR=br,
+        BC=bc,
+        SEPARABLE=variant == "separable",
         num_warps=num_warps,
-        **tile_kw,
     )
     count = float(Do) * Ho * Wo
     res = part.to(torch.float64).sum(dim=(1, 2)) / count
