@@ -23,7 +23,9 @@ What it does, in order:
    the GPU, with CUDA events, medians with min–max. ``--budget-s`` skips the remaining timing cases when
    the time left is short.
 4. One short table printed last (kernel, size, provider, ms, rate, fraction of ceiling, speed-up), and under
-   ``--out``: ``gpu_suite.log`` (full log), ``gpu_suite.json`` (everything), ``gpu_suite.md`` (the table).
+   ``--out``: ``gpu_suite.log`` (full log), ``gpu_suite.json`` (everything), ``gpu_suite.md`` (the table),
+   ``gpu_suite.benchmarks.md`` (the section ``--append-md`` adds to BENCHMARKS.md: where only ``--out``
+   comes back from the GPU machine, append that file to BENCHMARKS.md here).
 
 Needs only torch, triton, numpy and this project (no download; run from a source checkout even when the
 package is not installed). Real slices come from ``deepssim_fast.data`` (MRI shipped in the nilearn / dipy
@@ -1002,8 +1004,8 @@ def environment(device: torch.device, dry: bool) -> dict[str, Any]:
     return env
 
 
-def append_markdown(suite: Suite, env: dict[str, Any], path: Path) -> None:
-    """Append the final table with the machine line to BENCHMARKS.md."""
+def markdown_block(suite: Suite, env: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section of this run: heading, machine line, checks, ceilings and the table."""
     info = _harness().machine_info()
     n_ok = sum(c.ok for c in suite.checks)
     head = (f"\n### GPU suite — {env.get('gpu', env['device'])}\n\n_{info['date']} · {info['cpu']} · "
@@ -1013,10 +1015,15 @@ def append_markdown(suite: Suite, env: dict[str, Any], path: Path) -> None:
             f"Ceilings: copy {suite.ceilings.get('copy_GBps', float('nan')):.0f} GB/s, bf16 mm "
             f"{suite.ceilings.get('mm_bf16_TFLOPs', float('nan')):.1f} TFLOP/s, fp32 mm (tf32 off) "
             f"{suite.ceilings.get('mm_fp32_TFLOPs', float('nan')):.1f} TFLOP/s.\n\n")
+    return head + "\n".join(suite.table_lines()) + "\n"
+
+
+def append_markdown(block: str, path: Path) -> None:
+    """Append a section (``markdown_block``) to BENCHMARKS.md."""
     if not path.exists():
         path.write_text("# deepssim_fast benchmarks\n")
     with open(path, "a") as f:
-        f.write(head + "\n".join(suite.table_lines()) + "\n")
+        f.write(block)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1133,8 +1140,12 @@ def _run(args: argparse.Namespace, device: torch.device, sizes: Sizes, budget: B
     (args.out / "gpu_suite.json").write_text(json.dumps(result, indent=2, default=str))
     table = suite.table_lines()
     (args.out / "gpu_suite.md").write_text("\n".join(table) + "\n")
+    # the section for BENCHMARKS.md, also under --out: on a lent GPU machine only --out comes back, so the
+    # section is appended here afterwards (cat OUT/gpu_suite.benchmarks.md >> BENCHMARKS.md)
+    block = markdown_block(suite, env)
+    (args.out / "gpu_suite.benchmarks.md").write_text(block)
     if args.append_md:
-        append_markdown(suite, env, args.benchmarks_md)
+        append_markdown(block, args.benchmarks_md)
     failed = [c for c in suite.checks if not c.ok]
     for c in failed:
         log.error("FAILED %s: %s", c.name, c.detail)
