@@ -218,6 +218,23 @@ def _run_pairs(
     return _repair_nonfinite(res, xf, yf, ix, iy, p, in_dtype)
 
 
+def _triton_matrix_reuse() -> bool:
+    """The Triton matrix path reuses moments with the separable kernel (the default variant)."""
+    return os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() in ("", "separable")
+
+
+def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams) -> np.ndarray:
+    """float32 (len(a), len(b)) block of ssim_matrix on Triton with per-image moment reuse."""
+    from .kernels import ssim as ks
+
+    sc.check_finite(a, "A", p)
+    sc.check_finite(b, "B", p)
+    res = ks.ssim_matrix_block(a, b, p, in_dtype=a.dtype).flatten()
+    ii, jj = np.meshgrid(np.arange(a.shape[0]), np.arange(b.shape[0]), indexing="ij")
+    res = _repair_nonfinite(res, a, b, ii.ravel(), jj.ravel(), p, a.dtype)
+    return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])
+
+
 def _repair_nonfinite(
     res: torch.Tensor,
     xf: torch.Tensor,
@@ -374,10 +391,11 @@ def ssim_matrix(
     A and B are stacks of images shaped (N, *spatial) (``spatial_dims`` defaults to 2 for 3D input here:
     (N, H, W) stacks of slices; pass ``spatial_dims=3`` for (N, D, H, W) volumes). Options as :func:`ssim`;
     with ``preset="deepssim"`` the row image A[i] is "the first image" (its range sets the data range).
-    On the native backend each image's windowed mean and variance are computed once per tile, so a pair
-    costs only its cross term. Tiles bound memory; ``out`` may be a path (a float32 ``np.memmap`` is
-    written; ``.npy`` paths get a header) or a preallocated float32 array. A progress bar shows on a TTY
-    unless ``progress=False``. Returns ``out`` (or a new numpy array, or torch for torch input).
+    On the native and Triton backends each image's windowed mean and variance are computed once per tile,
+    so a pair costs only its cross term (Triton: unless ``DEEPSSIM_FAST_TRITON_SSIM=direct``). Tiles bound
+    memory; ``out`` may be a path (a float32 ``np.memmap`` is written; ``.npy`` paths get a header) or a
+    preallocated float32 array. A progress bar shows on a TTY unless ``progress=False``. Returns ``out``
+    (or a new numpy array, or torch for torch input).
     """
     from tqdm.auto import tqdm
 
@@ -424,7 +442,8 @@ def ssim_matrix(
         if name == "native":
             tile = int(max(1, min(max(na, nb), _MATRIX_TILE_BYTES // (2 * 16 * px))))
         else:
-            tile = int(max(1, min(max(na, nb), 256)))
+            # Triton keeps a mean and a variance map (float32) per image of the tile: <= 2 GiB of maps
+            tile = int(max(1, min(max(na, nb), 256, (1 << 31) // (16 * px))))
         tiles = [
             (i0, min(na, i0 + tile), j0, min(nb, j0 + tile))
             for i0 in range(0, na, tile)
@@ -468,6 +487,8 @@ def ssim_matrix(
                             torch.from_numpy(block.ravel().astype(np.float64)), tA[i0:i1].cpu(), tB[j0:j1].cpu(),
                             ii.ravel(), jj.ravel(), p, tA.dtype,
                         ).numpy().astype(np.float32).reshape(i1 - i0, j1 - j0)
+                elif name == "triton" and _triton_matrix_reuse():
+                    block = _triton_matrix_block(tA[i0:i1], tB[j0:j1], p)
                 else:
                     ii, jj = np.meshgrid(np.arange(i1 - i0), np.arange(j1 - j0), indexing="ij")
                     res = _run_pairs(

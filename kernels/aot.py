@@ -184,8 +184,8 @@ def representative_launches() -> dict[str, Launch]:
     """The launches each Triton path makes on a GPU, recorded from the real launchers with CUDA defaults.
 
     Keys name the case: SSIM in 2D and 3D, both windows, the three kernel input dtypes and both kernel
-    variants; cosine top-k in each precision, with self-pairs excluded, and with more bins than a tile
-    histogram takes. Shapes are small (they only set integer arguments).
+    variants; ssim_matrix's moment maps and cross terms; cosine top-k in each precision, with self-pairs
+    excluded, and with more bins than a tile histogram takes. Shapes are small (they only set integer arguments).
     """
     from deepssim_fast import _ssim_common as sc
 
@@ -210,6 +210,16 @@ def representative_launches() -> dict[str, Launch]:
             ks.ssim_pairs(x, x, idx, idx, p, variant=variant,
                           num_warps=ks.default_num_warps(variant, p.win_size, kz))
         out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')} {variant}"] = rec[0]
+    # ssim_matrix with moment reuse: the per-image maps (mode 1) and the cross terms (mode 2)
+    p = sc.resolve_params(ndim=3, spatial_dims=2, window="uniform", win_size=7, sigma=1.5, data_range=None,
+                          k1=0.01, k2=0.03, sample_covariance=True, preset=None)
+    x = torch.rand(2, 40, 48)
+    with record_launches(ks, "_ssim_kernel") as rec:
+        ks.ssim_matrix_block(x, x, p)
+    for launch in rec:
+        launch.kwargs["num_warps"] = ks.default_num_warps("separable", 7, 1)
+    out["ssim_matrix 2d uniform float32 moments"] = rec[0]
+    out["ssim_matrix 2d uniform float32 cross"] = rec[-1]
     q = torch.nn.functional.normalize(torch.randn(70, 64), dim=1)
     blocks = kc.default_blocks(torch.device("cuda"), 10)
     for precision, self_pairs, bins in [("ieee", False, 200), ("tf32x3", False, 200), ("tf32", False, 200),

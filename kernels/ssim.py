@@ -40,14 +40,15 @@ VARIANTS = ("separable", "direct")
 
 @triton.jit
 def _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos, AXIS: tl.constexpr, LIM: tl.constexpr, K: tl.constexpr,
-              FROM_RAW: tl.constexpr):
+              FROM_RAW: tl.constexpr, CROSS: tl.constexpr):
     """One separable window pass along AXIS of the five statistics held in registers.
 
     ``pos`` (int32, the tensor's shape) is each element's position along AXIS; the window of the output at
     position p covers positions p .. p + K - 1 (gathered from the same tensor; positions past LIM - 1
     are clamped and only reach outputs that are masked). Centred on the middle tap's means (law of total
     variance): every squared quantity is a local difference, so nothing cancels in fp32. FROM_RAW: the
-    inputs are plain values (va, vb, cab are ignored).
+    inputs are plain values (va, vb, cab are ignored). CROSS: only the means and the covariance are formed
+    (va, vb are ignored and returned as zeros; ssim_matrix has the variances per image).
     """
     h: tl.constexpr = (K - 1) // 2
     mid = tl.minimum(pos + h, LIM - 1)
@@ -68,13 +69,15 @@ def _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos, AXIS: tl.constexpr, LIM: tl.const
             wb = wt * eb
             sa += wa
             sb += wb
-            qa += wa * ea
-            qb += wb * eb
             qab += wa * eb
+            if not CROSS:
+                qa += wa * ea
+                qb += wb * eb
         if not FROM_RAW:
-            qa += wt * tl.gather(va, at, AXIS)
-            qb += wt * tl.gather(vb, at, AXIS)
             qab += wt * tl.gather(cab, at, AXIS)
+            if not CROSS:
+                qa += wt * tl.gather(va, at, AXIS)
+                qb += wt * tl.gather(vb, at, AXIS)
     return cen_a + sa, cen_b + sb, qa - sa * sa, qb - sb * sb, qab - sa * sb
 
 
@@ -104,6 +107,8 @@ def _ssim_kernel(
     w_ptr,
     wz_ptr,
     part_ptr,
+    mom_x_ptr,
+    mom_y_ptr,
     H,
     W,
     Ho,
@@ -119,6 +124,7 @@ def _ssim_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
     SEPARABLE: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     """Partial SSIM sum of one (pair, tile, output plane) program.
 
@@ -126,6 +132,9 @@ def _ssim_kernel(
     KZ loads per position, centred on the middle plane's value; then _ltv_pass along x and along y).
     Direct: the tile is BR x BC outputs, each summing its K^2 (2D) or K^3 (3D) taps, centred on its own
     centre pixel. Both centre every difference locally (see the module docstring).
+    MODE (separable only): 0, SSIM of the pairs; 1, the windowed mean and variance maps of the x images
+    (pair p = image p; y must be x) into mom_x, laid out (image, [mean, variance], Do, Ho, Wo); 2, SSIM of
+    the pairs from their cross term only, with the variances read from mom_x / mom_y (ssim_matrix).
     """
     pair = tl.program_id(0)
     tile = tl.program_id(1)
@@ -170,11 +179,21 @@ def _ssim_kernel(
                     sa, sb, qa, qb, qab = _add_tap(xb, yb, off, inside, xc, yc, sx, sy, tl.load(wz_ptr + dz),
                                                    sa, sb, qa, qb, qab)
             ma, mb, va, vb, cab = _ltv_pass(ma + sa, mb + sb, qa - sa * sa, qb - sb * sb, qab - sa * sb,
-                                            w_ptr, pos_c, 1, BC, K, False)
+                                            w_ptr, pos_c, 1, BC, K, False, MODE == 2)
         else:
-            ma, mb, va, vb, cab = _ltv_pass(ma, mb, zero, zero, zero, w_ptr, pos_c, 1, BC, K, True)
-        ux, uy, vx, vy, vxy = _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos_r, 0, BR, K, False)
+            ma, mb, va, vb, cab = _ltv_pass(ma, mb, zero, zero, zero, w_ptr, pos_c, 1, BC, K, True, MODE == 2)
+        ux, uy, vx, vy, vxy = _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos_r, 0, BR, K, False, MODE == 2)
         valid = (lr < TR) & (lc < TC) & (rows < Ho) & (cols < Wo)
+        if MODE > 0:
+            plane = Ho * Wo
+            at = oz.to(tl.int64) * plane + rows * Wo + cols  # output (oz, row, col) of this position
+            if MODE == 1:
+                mx = mom_x_ptr + i * (2 * n_planes * plane)
+                tl.store(mx + at, ux, mask=valid)
+                tl.store(mx + n_planes * plane + at, vx, mask=valid)
+            else:
+                vx = tl.load(mom_x_ptr + i * (2 * n_planes * plane) + n_planes * plane + at, mask=valid, other=0.0)
+                vy = tl.load(mom_y_ptr + j * (2 * n_planes * plane) + n_planes * plane + at, mask=valid, other=0.0)
     else:
         rows = (tile // tiles_w) * BR + lr  # output rows and columns
         cols = (tile % tiles_w) * BC + lc
@@ -201,14 +220,15 @@ def _ssim_kernel(
         vx = eaa - ea * ea
         vy = ebb - eb * eb
         vxy = eab - ea * eb
-    vx = cov_norm * vx
-    vy = cov_norm * vy
-    vxy = cov_norm * vxy
-    num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
-    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
-    s = tl.where(valid, num / tl.where(valid, den, 1.0), 0.0)
-    total = tl.sum(tl.sum(s, axis=1), axis=0)
-    tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
+    if MODE != 1:
+        vx = cov_norm * vx
+        vy = cov_norm * vy
+        vxy = cov_norm * vxy
+        num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
+        den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+        s = tl.where(valid, num / tl.where(valid, den, 1.0), 0.0)
+        total = tl.sum(tl.sum(s, axis=1), axis=0)
+        tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
 
 
 def _image_stats(t: torch.Tensor, need_std: bool) -> tuple[torch.Tensor, ...]:
@@ -263,6 +283,107 @@ def _pair_constants(
     return cx.to(f32), scx.to(f32), cy.to(f32), scy.to(f32), c1, c2, rng
 
 
+class _Geometry:
+    """Sizes of one launch: spatial shape, window, output shape, tile and tiles per plane."""
+
+    def __init__(self, spatial: tuple[int, ...], p: sc.SSIMParams, variant: str, block: tuple[int, int] | None):
+        self.K = K = p.win_size
+        if p.spatial_dims == 3:
+            self.D, self.H, self.W = spatial
+            self.KZ = K
+        else:
+            (self.H, self.W), self.D, self.KZ = spatial, 1, 1
+        self.Do, self.Ho, self.Wo = self.D - self.KZ + 1, self.H - K + 1, self.W - K + 1
+        self.separable = variant == "separable"
+        if self.separable:
+            br, bc = block or default_separable_block(K)
+            if br & (br - 1) or bc & (bc - 1) or br < K or bc < K:
+                raise ValueError(f"separable block {(br, bc)}: both sides must be powers of two and at least {K}")
+            self.tiles_w = triton.cdiv(self.Wo, bc - K + 1)
+            tiles_h = triton.cdiv(self.Ho, br - K + 1)
+        else:
+            br, bc = block or (16, 32)
+            self.tiles_w = triton.cdiv(self.Wo, bc)
+            tiles_h = triton.cdiv(self.Ho, br)
+        self.br, self.bc = br, bc
+        self.n_tiles = tiles_h * self.tiles_w
+        if self.n_tiles > 65535 or self.Do > 65535:
+            raise ValueError(f"image of spatial shape {spatial} is too large for one launch ({self.n_tiles} tiles)")
+
+
+def _launch(g: _Geometry, p: sc.SSIMParams, xf: torch.Tensor, yf: torch.Tensor, ix: torch.Tensor,
+            iy: torch.Tensor, consts: tuple[torch.Tensor, ...], *, mode: int = 0, mom_x: torch.Tensor | None = None,
+            mom_y: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """One launch over the pairs (ix, iy); returns the partial sums (P, Do, tiles) (mode 1: unused)."""
+    dev = xf.device
+    cx, scx, cy, scy, c1, c2 = consts
+    w = torch.tensor(sc.window_weights(p), dtype=torch.float32, device=dev)
+    wz = w if g.KZ > 1 else torch.ones(1, dtype=torch.float32, device=dev)  # z taps (one tap of 1 in 2D)
+    n_pairs = ix.numel()
+    part = torch.empty((n_pairs if mode != 1 else 1, g.Do, g.n_tiles), dtype=torch.float32, device=dev)
+    dummy = part  # mom_x / mom_y when the mode does not use them
+    grid = (n_pairs, g.n_tiles, g.Do)
+    variant = "separable" if g.separable else "direct"
+    logger.debug("triton ssim (%s, mode %d): grid %s, block %s, K=%d, KZ=%d", variant, mode, grid,
+                 (g.br, g.bc), g.K, g.KZ)
+    if num_warps is None:
+        num_warps = default_num_warps(variant, g.K, g.KZ) if dev.type == "cuda" else 4
+    _ssim_kernel[grid](
+        xf,
+        yf,
+        ix,
+        iy,
+        cx,
+        scx,
+        cy,
+        scy,
+        c1,
+        c2,
+        w,
+        wz,
+        part,
+        dummy if mom_x is None else mom_x,
+        dummy if mom_y is None else mom_y,
+        g.H,
+        g.W,
+        g.Ho,
+        g.Wo,
+        g.tiles_w,
+        g.n_tiles,
+        g.Do,
+        g.H * g.W,
+        g.D * g.H * g.W,
+        float(p.cov_norm),
+        K=g.K,
+        KZ=g.KZ,
+        BR=g.br,
+        BC=g.bc,
+        SEPARABLE=g.separable,
+        MODE=mode,
+        num_warps=num_warps,
+    )
+    return part
+
+
+def _kernel_inputs(xf: torch.Tensor, yf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both stacks in one kernel dtype (float16, bfloat16 or float32), contiguous."""
+    if xf.dtype not in _KERNEL_DTYPES:
+        xf = xf.to(torch.float32)
+    if yf.dtype not in _KERNEL_DTYPES:
+        yf = yf.to(torch.float32)
+    if yf.dtype != xf.dtype:
+        yf = yf.to(xf.dtype)
+    return xf.contiguous(), yf.contiguous()
+
+
+def _resolve_variant(variant: str | None) -> str:
+    if variant is None:
+        variant = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() or "separable"
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
 def ssim_pairs(
     xf: torch.Tensor,
     yf: torch.Tensor,
@@ -285,86 +406,57 @@ def ssim_pairs(
     = output rows x columns); both give the same values to fp32 rounding. None: the environment variable
     ``DEEPSSIM_FAST_TRITON_SSIM``, else ``"separable"``.
     """
-    if variant is None:
-        variant = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() or "separable"
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    variant = _resolve_variant(variant)
     in_dtype = in_dtype or xf.dtype
     dev = xf.device
-    if xf.dtype not in _KERNEL_DTYPES:
-        xf = xf.to(torch.float32)
-    if yf.dtype not in _KERNEL_DTYPES:
-        yf = yf.to(torch.float32)
-    if yf.dtype != xf.dtype:
-        yf = yf.to(xf.dtype)
-    xf, yf = xf.contiguous(), yf.contiguous()
+    xf, yf = _kernel_inputs(xf, yf)
     ix = ix.to(device=dev, dtype=torch.int64).contiguous()
     iy = iy.to(device=dev, dtype=torch.int64).contiguous()
-    n_pairs = ix.numel()
-    if n_pairs == 0:
+    if ix.numel() == 0:
         return torch.zeros(0, dtype=torch.float64, device=dev)
-    spatial = tuple(xf.shape[1:])
-    K = p.win_size
-    if p.spatial_dims == 3:
-        D, H, W = spatial
-        KZ = K
-    else:
-        (H, W), D, KZ = spatial, 1, 1
-    Do, Ho, Wo = D - KZ + 1, H - K + 1, W - K + 1
-    if variant == "separable":
-        R, C = block or default_separable_block(K)
-        if R & (R - 1) or C & (C - 1) or R < K or C < K:
-            raise ValueError(f"separable block {(R, C)}: both sides must be powers of two and at least {K}")
-        tiles_h, tiles_w = triton.cdiv(Ho, R - K + 1), triton.cdiv(Wo, C - K + 1)
-    else:
-        BH, BW = block or (16, 32)
-        tiles_h, tiles_w = triton.cdiv(Ho, BH), triton.cdiv(Wo, BW)
-    n_tiles = tiles_h * tiles_w
-    if n_tiles > 65535 or Do > 65535:
-        raise ValueError(f"image of spatial shape {spatial} is too large for one launch ({n_tiles} tiles)")
-    cx, scx, cy, scy, c1, c2, rng = _pair_constants(xf, yf, ix, iy, p, in_dtype)
-    w = torch.tensor(sc.window_weights(p), dtype=torch.float32, device=dev)
-    wz = w if KZ > 1 else torch.ones(1, dtype=torch.float32, device=dev)  # z taps (one tap of 1 in 2D)
-    part = torch.empty((n_pairs, Do, n_tiles), dtype=torch.float32, device=dev)
-    grid = (n_pairs, n_tiles, Do)
-    logger.debug("triton ssim (%s): grid %s, block %s, K=%d, KZ=%d", variant, grid, block, K, KZ)
-    br, bc = (R, C) if variant == "separable" else (BH, BW)
-    if num_warps is None:
-        num_warps = default_num_warps(variant, K, KZ) if xf.device.type == "cuda" else 4
-    _ssim_kernel[grid](
-        xf,
-        yf,
-        ix,
-        iy,
-        cx,
-        scx,
-        cy,
-        scy,
-        c1,
-        c2,
-        w,
-        wz,
-        part,
-        H,
-        W,
-        Ho,
-        Wo,
-        tiles_w,
-        n_tiles,
-        Do,
-        H * W,
-        D * H * W,
-        float(p.cov_norm),
-        K=K,
-        KZ=KZ,
-        BR=br,
-        BC=bc,
-        SEPARABLE=variant == "separable",
-        num_warps=num_warps,
-    )
-    count = float(Do) * Ho * Wo
-    res = part.to(torch.float64).sum(dim=(1, 2)) / count
+    g = _Geometry(tuple(xf.shape[1:]), p, variant, block)
+    *consts, rng = _pair_constants(xf, yf, ix, iy, p, in_dtype)
+    part = _launch(g, p, xf, yf, ix, iy, tuple(consts), num_warps=num_warps)
+    res = part.to(torch.float64).sum(dim=(1, 2)) / (float(g.Do) * g.Ho * g.Wo)
     return torch.where(rng > 0, res, torch.ones_like(res))
+
+
+def ssim_matrix_block(
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    p: sc.SSIMParams,
+    *,
+    in_dtype: torch.dtype | None = None,
+    block: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """SSIM (float64, (Na, Nb)) of every pair (xa[i], xb[j]) with per-image moment reuse.
+
+    Each image's windowed mean and variance maps are computed once (separable kernel, mode 1: 2 x the
+    output size in float32 per image); a pair then runs only the means and the covariance through the
+    passes (mode 2), reading both variances from the maps. Same values as :func:`ssim_pairs` to fp32
+    rounding.
+    """
+    in_dtype = in_dtype or xa.dtype
+    dev = xa.device
+    xa, xb = _kernel_inputs(xa, xb)
+    na, nb = xa.shape[0], xb.shape[0]
+    if na == 0 or nb == 0:
+        return torch.zeros((na, nb), dtype=torch.float64, device=dev)
+    g = _Geometry(tuple(xa.shape[1:]), p, "separable", block)
+    ia = torch.arange(na, device=dev).repeat_interleave(nb)
+    ib = torch.arange(nb, device=dev).repeat(na)
+    cx, scx, cy, scy, c1, c2, rng = _pair_constants(xa, xb, ia, ib, p, in_dtype)
+    maps = []
+    for imgs, c, sc_ in ((xa, cx, scx), (xb, cy, scy)):
+        n = imgs.shape[0]
+        mom = torch.empty((n, 2, g.Do, g.Ho, g.Wo), dtype=torch.float32, device=dev)
+        idx = torch.arange(n, device=dev)
+        zeros = torch.zeros(n, dtype=torch.float32, device=dev)
+        _launch(g, p, imgs, imgs, idx, idx, (c, sc_, c, sc_, zeros, zeros), mode=1, mom_x=mom)
+        maps.append(mom)
+    part = _launch(g, p, xa, xb, ia, ib, (cx, scx, cy, scy, c1, c2), mode=2, mom_x=maps[0], mom_y=maps[1])
+    res = part.to(torch.float64).sum(dim=(1, 2)) / (float(g.Do) * g.Ho * g.Wo)
+    return torch.where(rng > 0, res, torch.ones_like(res)).reshape(na, nb)
 
 
 def default_num_warps(variant: str, K: int, KZ: int) -> int:

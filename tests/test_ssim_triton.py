@@ -134,6 +134,25 @@ _SCRIPT = textwrap.dedent(r"""
     for variant in ks.VARIANTS:
         record("tiles2d_deepssim_" + variant, ks.ssim_pairs(BX, BY, bi, bi, params(2, False, "deepssim"),
                                                             variant=variant, block=(16, 16)).float(), want_p)
+    # ssim_matrix with per-image moment reuse (mode 1 maps, mode 2 cross terms) on multi-tile real slices,
+    # both windows and the preset, and 3D; equal to the native matrix
+    for tag, kw in (("uniform", {}), ("gaussian", GAUSS), ("deepssim", dict(preset="deepssim"))):
+        record("matrix_tiles_" + tag, ssim_matrix(BX[:2], BY, backend="triton", progress=False, **kw),
+               ssim_matrix(BX[:2].numpy(), BY.numpy(), progress=False, **kw))
+    V3 = torch.from_numpy(np.stack([vol2, vol2[:, ::-1].copy()]))
+    record("matrix_3d", ssim_matrix(V3, V3[:1], spatial_dims=3, backend="triton", progress=False),
+           ssim_matrix(V3.numpy(), V3[:1].numpy(), spatial_dims=3, progress=False))
+    with aot.record_launches(ks, "_ssim_kernel") as rec:
+        ks.ssim_matrix_block(BX[:2], BY, params(2, False))
+    res["matrix_modes"] = [int(r.kwargs["MODE"]) for r in rec]
+    os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = "direct"
+    with aot.record_launches(ks, "_ssim_kernel") as rec:
+        try:
+            ssim_matrix(BX[:2], BY, backend="triton", progress=False)
+        except Exception:  # the recorder computes nothing; only the launches matter here
+            pass
+    res["matrix_modes_direct"] = [int(r.kwargs["MODE"]) for r in rec]
+    del os.environ["DEEPSSIM_FAST_TRITON_SSIM"]
     # which kernel runs: the default, and DEEPSSIM_FAST_TRITON_SSIM=direct
     def launched():
         with aot.record_launches(ks, "_ssim_kernel") as rec:
@@ -193,6 +212,10 @@ CASES = [
     "constant",
     "empty",
     "matrix",
+    "matrix_tiles_uniform",
+    "matrix_tiles_gaussian",
+    "matrix_tiles_deepssim",
+    "matrix_3d",
     "tiles2d_deepssim_separable",
     "tiles2d_deepssim_direct",
 ] + [f"tiles{sd}d_{v}_{w}" for sd in (2, 3) for v in ("separable_16x16", "separable_16x32", "direct_8x16")
@@ -224,3 +247,10 @@ def test_bad_variant_or_block_is_refused_with_the_reason(results):
     assert "variant must be one of ('separable', 'direct')" in unknown
     assert "powers of two and at least 7" in not_pow2
     assert "powers of two and at least 7" in too_small
+
+
+def test_triton_matrix_reuses_moments_unless_direct(results):
+    # one tile: the A maps (mode 1), the B maps (mode 1), then the cross terms of every pair (mode 2)
+    assert results["matrix_modes"] == [1, 1, 2]
+    # the direct variant has no moment maps: every pair in full (mode 0)
+    assert results["matrix_modes_direct"] == [0]
