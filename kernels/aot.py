@@ -234,4 +234,9 @@ def representative_launches() -> dict[str, Launch]:
         rec[0].kwargs["PRECISION"] = precision
         out[f"cosine_topk {precision}" + (" self-pairs" if self_pairs else "")
             + (f" {bins} bins" if bins != 200 else "")] = rec[0]
+    # both tile-histogram modes, whichever this Triton release would pick
+    for mode in (1, 2):
+        launch = out["cosine_topk bf16"]
+        out[f"cosine_topk bf16 hist_mode {mode}"] = Launch(launch.kernel, launch.grid, launch.args,
+                                                           dict(launch.kwargs, HIST_MODE=mode))
     return out

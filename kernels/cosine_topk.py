@@ -2,13 +2,12 @@
 
 One program computes a (BLOCK_M synthetic rows) × (BLOCK_N training rows) tile of scores with ``tl.dot``
 (fp32 accumulation; inputs in fp32 ``"ieee"``, ``"tf32x3"`` (fp32 split into three tf32 products on the
-tensor cores), ``"tf32"``, ``"fp16"`` or ``"bf16"``; unit-norm rows fit fp16), bins and classifies the
-tile in one ``tl.histogram`` over (class, bin) slots whose sums give the bin counts and the class counts
-(int32 atomics, one per non-empty slot per program; above ``TILE_HIST_MAX_BINS`` bins, one global atomic
-per pair instead), and writes for each row only its best ``KC = min(k, BLOCK_N)`` candidates of the tile
-that reach the row's running k-th score — the n_synth × n_train matrix never reaches GPU memory. A second
-step (:func:`merge_topk`, plain torch) merges the candidates into the running top-k: score descending,
-ties to the lower index.
+tensor cores), ``"tf32"``, ``"fp16"`` or ``"bf16"``; unit-norm rows fit fp16), adds the tile to the
+histogram and the class counts (a tile histogram in shared memory and int32 atomics per non-empty slot,
+see :func:`histogram_mode`; above ``TILE_HIST_MAX_BINS`` bins, one global atomic per pair), and writes
+for each row only its best ``KC = min(k, BLOCK_N)`` candidates of the tile that reach the row's running
+k-th score — the n_synth × n_train matrix never reaches GPU memory. A second step (:func:`merge_topk`,
+plain torch) merges the candidates into the running top-k: score descending, ties to the lower index.
 
 Conventions are those of ``deepssim_fast.all_pairs``: bin = floor((s - lo) / (hi - lo) * bins) in float64,
 clamped; classes compare the float32 score in float64 with the thresholds (done exactly in float32 against
@@ -30,8 +29,8 @@ import triton.language as tl
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
-# Up to this many bins, each program builds a (class, bin) histogram of its tile in shared memory
-# (4 x next_pow2(bins) int32 slots); beyond it, pairs go to the global histogram by atomics.
+# Up to this many bins, each program builds a histogram of its tile in shared memory (see histogram_mode);
+# beyond it, pairs go to the global histogram by atomics.
 TILE_HIST_MAX_BINS = 1024
 
 
@@ -40,7 +39,8 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
                         n_q, n_t, d, row0, col0, self_delta,
                         stride_q, stride_t, stride_cs_m, stride_cs_t,
                         nbins, low_t, high_t,
-                        HAS_SELF: tl.constexpr, UNIT_RANGE: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr,
+                        HAS_SELF: tl.constexpr, UNIT_RANGE: tl.constexpr, HIST_MODE: tl.constexpr,
+                        NB: tl.constexpr, KC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -86,9 +86,9 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
         width = tl.load(RANGE + 1)
         b = tl.floor((s64 - lo) / width * nb64)
         b = tl.minimum(tl.maximum(b, 0.0), nb64 - 1.0).to(tl.int32)
-    cls = (acc > low_t).to(tl.int32) + (acc > high_t).to(tl.int32)  # 0 different, 1 similar, 2 duplicate
-    if NB > 0:
+    if HIST_MODE == 2:
         # one tile histogram over (class, bin) slots: per-bin counts and class counts are its sums
+        cls = (acc > low_t).to(tl.int32) + (acc > high_t).to(tl.int32)  # 0 different, 1 similar, 2 duplicate
         h = tl.histogram(tl.reshape(b + cls * NB, (BLOCK_M * BLOCK_N,)), 4 * NB,
                          mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
         h2 = tl.reshape(h, (4, NB))
@@ -99,9 +99,16 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
         cls_idx = tl.arange(0, 4)
         tl.atomic_add(CLS + cls_idx, per_cls, mask=(cls_idx < 3) & (per_cls > 0))
     else:
-        # too many bins for a tile histogram in shared memory: one global atomic per pair (spread over the
-        # bins), and both class comparisons packed in one int32 reduction (a tile has < 2^16 pairs)
-        tl.atomic_add(HIST + b, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=valid)
+        if HIST_MODE == 1:
+            # a tile histogram of the bins alone
+            h = tl.histogram(tl.reshape(b, (BLOCK_M * BLOCK_N,)), NB, mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
+            bins_idx = tl.arange(0, NB)
+            tl.atomic_add(HIST + bins_idx, h, mask=(bins_idx < nbins) & (h > 0))
+        else:
+            # too many bins for a tile histogram in shared memory: one global atomic per pair (spread over
+            # the bins)
+            tl.atomic_add(HIST + b, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=valid)
+        # both class comparisons packed in one int32 reduction (a tile has < 2^16 pairs)
         code = tl.where(valid, (acc > low_t).to(tl.int32) + ((acc > high_t).to(tl.int32) << 16), 0)
         packed = tl.sum(tl.sum(code, axis=1), axis=0)
         n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
@@ -141,6 +148,25 @@ def default_blocks(device: torch.device, k: int) -> dict[str, int]:
     if device.type != "cuda":
         return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
+
+
+def histogram_mode(bins: int, triton_version: str | None = None) -> int:
+    """How a program adds its tile to the histogram and the class counts.
+
+    2: one ``tl.histogram`` over 4 x next_pow2(bins) (class, bin) slots; 1: a histogram of the bins and
+    one packed reduction of both class comparisons; 0 (more than ``TILE_HIST_MAX_BINS`` bins): a global
+    atomic per pair. 2 and 1 are chosen by Triton release from their compiled sm_90 code (bf16, 200 bins,
+    SASS per score): 3.9.0 gives 70 (mode 2) and 89 (mode 1); 3.6.0, whose histogram costs more per slot,
+    gives 204 and 140 — so mode 2 from Triton 3.9 on, mode 1 before.
+    """
+    if bins > TILE_HIST_MAX_BINS:
+        return 0
+    version = triton_version or triton.__version__
+    try:
+        major, minor = (int(v) for v in version.split(".")[:2])
+    except ValueError:
+        return 1
+    return 2 if (major, minor) >= (3, 9) else 1
 
 
 def train_chunks(n_t: int, chunk: int, block_n: int) -> list[tuple[int, int]]:
@@ -188,8 +214,8 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_range: tuple[float, float],
                 thresholds: tuple[float, float], self_offset: int | None = None,
                 synth_block: int | None = None, train_chunk: int | None = None, precision: str = "ieee",
-                progress: bool = False, dense_out: Any = None, blocks: dict[str, int] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                progress: bool = False, dense_out: Any = None, blocks: dict[str, int] | None = None,
+                hist_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact streaming top-k + histogram of Q (n_q, dp) against T (n_t, dp), rows already L2-normalised.
 
     Returns ``(scores (n_q, k) float32, indices (n_q, k) int64, hist (bins,) int64, classes (3,) int64)``
@@ -234,7 +260,11 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     cls32 = torch.zeros(3, dtype=torch.int32, device=dev)
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
-    nb = max(2, _next_pow2(bins)) if bins <= TILE_HIST_MAX_BINS else 0  # 0: per-pair global atomics
+    nb = max(2, _next_pow2(bins))
+    hist_mode = histogram_mode(bins) if hist_mode is None else int(hist_mode)
+    if hist_mode not in (0, 1, 2) or (hist_mode and bins > TILE_HIST_MAX_BINS):
+        raise ValueError(f"cosine_topk: hist_mode {hist_mode} with {bins} bins (0, 1, 2; 1 and 2 take at most "
+                         f"{TILE_HIST_MAX_BINS} bins)")
     from tqdm.auto import tqdm
 
     with tqdm(total=n_q * n_t, unit="pair", unit_scale=True, desc="all_pairs[triton]", leave=False,
@@ -261,7 +291,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
                     m, nct, d, r0, c0, self_delta,
                     q.stride(0), T.stride(0), cs.stride(0), cs.stride(1),
                     bins, low_t, high_t,
-                    HAS_SELF=has_self, UNIT_RANGE=unit_range, NB=nb, KC=kc, BLOCK_M=bm, BLOCK_N=bn,
+                    HAS_SELF=has_self, UNIT_RANGE=unit_range, HIST_MODE=hist_mode, NB=nb, KC=kc, BLOCK_M=bm,
+                    BLOCK_N=bn,
                     BLOCK_K=bk,
                     PRECISION=precision, num_warps=nw)
                 hist += hist32.to(torch.int64)

@@ -119,6 +119,27 @@ _SCRIPT = textwrap.dedent(r"""
                         classes_equal_native=r.class_counts == n.class_counts,
                         scores_equal_native=bool(np.array_equal(r.scores, n.scores)),
                         n_pairs=int(r.histogram[0].sum()), want_pairs=2 * len(c)))
+    # the three histogram modes of the kernel, called directly, against the native engine: random rows
+    # plus rows whose scores sit exactly on bin edges and thresholds, self-pairs excluded
+    from deepssim_fast.kernels import cosine_topk as ck
+    base = rng.standard_normal((40, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    comps = [0.6, 0.85, -0.5, 0.0, 0.61, 1.0]
+    comps += [ck.largest_float32_le(t) for t in (0.6, 0.85)]  # scores equal to the kernel's thresholds
+    edge = np.zeros((len(comps), 16), np.float32)
+    edge[:, 0] = np.float32(comps)
+    edge[:, 1] = np.sqrt(1.0 - edge[:, 0].astype(np.float64) ** 2).astype(np.float32)
+    rows = np.concatenate([base, edge, np.eye(16, dtype=np.float32)[:2]])
+    n = all_pairs(rows, None, k=4, progress=False)
+    for mode in (0, 1, 2):
+        s_, i_, h_, c_ = ck.cosine_topk(torch.from_numpy(rows), torch.from_numpy(rows), k=4, bins=200,
+                                        hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85), self_offset=0,
+                                        hist_mode=mode)
+        out.append(dict(name=f"hist_mode {mode}",
+                        hist_equal_native=bool(np.array_equal(h_.numpy(), n.histogram[0])),
+                        classes=c_.tolist(), classes_native=[n.class_counts[c] for c in
+                                                             ("different", "similar", "duplicate")],
+                        score_err=float(np.abs(s_.numpy() - n.scores).max())))
     for line in out:
         print("RESULT " + json.dumps(line))
 """)
@@ -135,7 +156,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 16, proc.stdout
+    assert len(res) == 19, proc.stdout
     return res
 
 
@@ -264,3 +285,22 @@ def test_train_chunks_cover_the_rows_in_growing_launches(n_t, chunk, bn):
     assert all(0 < s <= chunk for s in sizes)
     assert sizes[0] <= 8 * bn
     assert all(b >= a for a, b in zip(sizes[:-2], sizes[1:-1], strict=True))  # growing (the last may be cut)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_triton_histogram_modes_agree_with_native(interpreted_results, mode):
+    # 0: per-pair global atomics; 1: tile histogram + packed class reduction; 2: (class, bin) histogram
+    r = interpreted_results[f"hist_mode {mode}"]
+    assert r["hist_equal_native"], r
+    assert r["classes"] == r["classes_native"], r
+    assert r["score_err"] <= 1e-6, r  # (near-identical rows: the order of near-ties may differ)
+
+
+def test_histogram_mode_by_triton_release():
+    from deepssim_fast.kernels.cosine_topk import TILE_HIST_MAX_BINS, histogram_mode
+
+    assert histogram_mode(200, "3.9.0") == 2
+    assert histogram_mode(200, "3.10.1") == 2
+    assert histogram_mode(200, "3.6.0") == 1
+    assert histogram_mode(TILE_HIST_MAX_BINS + 1, "3.9.0") == 0
+    assert histogram_mode(200, "unknown") == 1
