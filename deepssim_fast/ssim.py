@@ -220,7 +220,9 @@ def _run_pairs(
 
 def _triton_matrix_reuse() -> bool:
     """The Triton matrix path reuses moments with the separable kernel (the default variant)."""
-    return os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() in ("", "separable")
+    from .kernels import ssim as ks
+
+    return ks.resolve_variant(None) == "separable"
 
 
 def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams) -> np.ndarray:

@@ -32,6 +32,8 @@ PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
 # Up to this many bins, each program builds a histogram of its tile in shared memory (see histogram_mode);
 # beyond it, pairs go to the global histogram by atomics.
 TILE_HIST_MAX_BINS = 1024
+_LOW_MASK = (1 << 32) - 1  # low half of merge_topk's keys
+_INT64_MAX = torch.iinfo(torch.int64).max  # index of an empty top-k slot
 
 
 @triton.jit
@@ -205,10 +207,6 @@ def merge_topk(run_s: torch.Tensor, run_i: torch.Tensor, cand_s: torch.Tensor, c
     low = key & _LOW_MASK
     out_i = torch.where(low == 0, torch.full_like(low, _INT64_MAX), _LOW_MASK - low)
     return out_s, out_i
-
-
-_LOW_MASK = (1 << 32) - 1
-_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_range: tuple[float, float],

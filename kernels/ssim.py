@@ -376,7 +376,8 @@ def _kernel_inputs(xf: torch.Tensor, yf: torch.Tensor) -> tuple[torch.Tensor, to
     return xf.contiguous(), yf.contiguous()
 
 
-def _resolve_variant(variant: str | None) -> str:
+def resolve_variant(variant: str | None) -> str:
+    """The kernel variant: as given, else ``DEEPSSIM_FAST_TRITON_SSIM``, else ``"separable"``."""
     if variant is None:
         variant = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() or "separable"
     if variant not in VARIANTS:
@@ -406,7 +407,7 @@ def ssim_pairs(
     = output rows x columns); both give the same values to fp32 rounding. None: the environment variable
     ``DEEPSSIM_FAST_TRITON_SSIM``, else ``"separable"``.
     """
-    variant = _resolve_variant(variant)
+    variant = resolve_variant(variant)
     in_dtype = in_dtype or xf.dtype
     dev = xf.device
     xf, yf = _kernel_inputs(xf, yf)
