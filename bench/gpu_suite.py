@@ -145,24 +145,27 @@ def _harness():
 # timing
 # ----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def triton_ssim_variant(variant: str) -> Iterator[None]:
-    """Run the Triton SSIM calls inside with the given kernel variant (``DEEPSSIM_FAST_TRITON_SSIM``)."""
-    if variant not in ("separable", "direct"):
-        raise ValueError(f"unknown Triton SSIM variant {variant!r}")
-    saved = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM")
-    os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = variant
+def env_set(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the calls inside (the kernels read theirs at each call)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("DEEPSSIM_FAST_TRITON_SSIM", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = saved
+            os.environ[name] = saved
+
+
+def with_env(name: str, value: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with env_set(name, value):
+        return fn(*args, **kwargs)
 
 
 def with_variant(variant: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    with triton_ssim_variant(variant):
-        return fn(*args, **kwargs)
+    """fn(...) with the Triton SSIM kernel variant ``variant`` (``DEEPSSIM_FAST_TRITON_SSIM``)."""
+    return with_env("DEEPSSIM_FAST_TRITON_SSIM", variant, fn, *args, **kwargs)
 
 
 def sync(device: torch.device) -> None:
@@ -950,6 +953,10 @@ class Suite:
             # (the interpreter cannot run bf16 dots: the dry run times fp16, the same tensor-core path)
             f"triton all_pairs {half}": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,
                                                           precision=half),
+            # the tile-histogram modes (kernels/cosine_topk.py histogram_mode picks one by Triton release)
+            **{f"triton all_pairs {half} hist_mode {m}": (
+                lambda m=m: with_env("DEEPSSIM_FAST_TRITON_HIST_MODE", str(m), all_pairs, train, synth, k=k,
+                                     backend="triton", progress=False, precision=half)) for m in (1, 2)},
             "triton all_pairs tf32": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,
                                                        precision="tf32"),
             "triton all_pairs tf32x3": lambda: all_pairs(train, synth, k=k, backend="triton", progress=False,

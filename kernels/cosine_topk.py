@@ -19,6 +19,7 @@ Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (slowly) — that is
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -159,7 +160,8 @@ def histogram_mode(bins: int, triton_version: str | None = None) -> int:
     one packed reduction of both class comparisons; 0 (more than ``TILE_HIST_MAX_BINS`` bins): a global
     atomic per pair. 2 and 1 are chosen by Triton release from their compiled sm_90 code (bf16, 200 bins,
     SASS per score): 3.9.0 gives 70 (mode 2) and 89 (mode 1); 3.6.0, whose histogram costs more per slot,
-    gives 204 and 140 — so mode 2 from Triton 3.9 on, mode 1 before.
+    gives 204 and 140 — so mode 2 from Triton 3.9 on, mode 1 before. ``DEEPSSIM_FAST_TRITON_HIST_MODE``
+    (0, 1 or 2) overrides the choice in :func:`cosine_topk` (bench/gpu_suite.py times modes 1 and 2).
     """
     if bins > TILE_HIST_MAX_BINS:
         return 0
@@ -259,7 +261,10 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
     nb = max(2, _next_pow2(bins))
-    hist_mode = histogram_mode(bins) if hist_mode is None else int(hist_mode)
+    if hist_mode is None:
+        env = os.environ.get("DEEPSSIM_FAST_TRITON_HIST_MODE", "").strip()
+        hist_mode = int(env) if env else histogram_mode(bins)
+    hist_mode = int(hist_mode)
     if hist_mode not in (0, 1, 2) or (hist_mode and bins > TILE_HIST_MAX_BINS):
         raise ValueError(f"cosine_topk: hist_mode {hist_mode} with {bins} bins (0, 1, 2; 1 and 2 take at most "
                          f"{TILE_HIST_MAX_BINS} bins)")

@@ -304,3 +304,23 @@ def test_histogram_mode_by_triton_release():
     assert histogram_mode(200, "3.6.0") == 1
     assert histogram_mode(TILE_HIST_MAX_BINS + 1, "3.9.0") == 0
     assert histogram_mode(200, "unknown") == 1
+
+
+def test_histogram_mode_environment_override(monkeypatch):
+    """DEEPSSIM_FAST_TRITON_HIST_MODE picks the kernel's histogram mode (the launch is recorded, not run)."""
+    import torch
+
+    import deepssim_fast.kernels.cosine_topk as ck
+    from deepssim_fast.kernels import aot
+
+    q = torch.nn.functional.normalize(torch.randn(9, 8), dim=1)
+    modes = []
+    for env in ("", "0", "1", "2"):
+        monkeypatch.setenv("DEEPSSIM_FAST_TRITON_HIST_MODE", env)
+        with aot.record_launches(ck, "_cosine_topk_kernel") as rec:
+            ck.cosine_topk(q, q, k=2, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
+        modes.append(rec[0].kwargs["HIST_MODE"])
+    assert modes == [ck.histogram_mode(200), 0, 1, 2]
+    monkeypatch.setenv("DEEPSSIM_FAST_TRITON_HIST_MODE", "1")
+    with aot.record_launches(ck, "_cosine_topk_kernel"), pytest.raises(ValueError, match="hist_mode 1 with 2000"):
+        ck.cosine_topk(q, q, k=2, bins=2000, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
