@@ -1,11 +1,12 @@
-"""Every Triton kernel compiles for NVIDIA GPUs (sm_90: H100/H200, sm_80: A100) — checked without a GPU.
+"""Every Triton kernel compiles for NVIDIA GPUs (sm_90: H100/H200, sm_80: A100, sm_100: B200) — without a GPU.
 
 The interpreted tests check what the kernels compute; these check what the interpreter cannot: that the
 launches the real launchers make (``kernels.aot.representative_launches``) compile through Triton and its
 bundled ``ptxas`` to a cubin, without register spills, within the shared memory of the architecture, and
 that the tensor-core precisions of the top-k kernel do reach the tensor cores (HGMMA on sm_90, HMMA on
-sm_80) while ``"ieee"`` stays on fp32 FMAs. Compilation runs in a fresh process without
-``TRITON_INTERPRET`` (the interpreter replaces the compiler's builder) and with its own cache directory.
+sm_80; sm_100 is compiled and checked for spills and shared memory only) while ``"ieee"`` stays on fp32
+FMAs. Compilation runs in a fresh process without ``TRITON_INTERPRET`` (the interpreter replaces the
+compiler's builder) and with its own cache directory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _SCRIPT = textwrap.dedent(r"""
     from kernels import aot
     res = {}
     for name, launch in aot.representative_launches().items():
-        for arch in (90, 80):
+        for arch in (90, 80, 100):
             try:
                 compiled = aot.compile_launch(launch, arch)
                 r = aot.resources(compiled)
@@ -43,7 +44,7 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 # Shared memory per block available on each architecture (bytes).
-_SMEM = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
+_SMEM = {"sm_90": 227 * 1024, "sm_80": 163 * 1024, "sm_100": 227 * 1024}
 
 
 def _bundled_tools_present() -> bool:
@@ -69,7 +70,7 @@ def compiled(tmp_path_factory):
 
 
 def test_every_kernel_launch_compiles_to_a_cubin_without_spills(compiled):
-    assert len(compiled) == 2 * 17, sorted(compiled)
+    assert len(compiled) == 3 * 17, sorted(compiled)
     failed = {k: v["error"] for k, v in compiled.items() if not v["ok"]}
     assert not failed, failed
     for case, r in compiled.items():
