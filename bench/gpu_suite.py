@@ -47,7 +47,6 @@ if DRY_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -60,7 +59,7 @@ import traceback  # noqa: E402
 import types  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -144,21 +143,10 @@ def _harness():
 # ----------------------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def env_set(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable for the calls inside (the kernels read theirs at each call)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def with_env(name: str, value: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(...) with an environment variable set (the kernels read theirs at each call)."""
+    from deepssim_fast.kernels.aot import env_set
+
     with env_set(name, value):
         return fn(*args, **kwargs)
 

@@ -41,6 +41,7 @@ def profile(arch: int) -> list[dict]:
         r = aot.resources(compiled)
         sass = r["sass"]
         total = sum(sass.values())
+        fp32 = sum(sass.get(op, 0) for op in FP32)
         threads = 32 * r["num_warps"]
         _, _, consts, _ = aot.signature(launch)
         per_output = None
@@ -48,12 +49,12 @@ def profile(arch: int) -> list[dict]:
             k = consts["K"]
             outputs = (consts["BR"] - k + 1) * (consts["BC"] - k + 1)
             per_output = {"all": total * threads / outputs,
-                          "fp32": sum(sass.get(op, 0) for op in FP32) * threads / outputs,
+                          "fp32": fp32 * threads / outputs,
                           "shfl": sass.get("SHFL", 0) * threads / outputs,
                           "ldg": sass.get("LDG", 0) * threads / outputs}
         rows.append(dict(case=name, arch=f"sm_{arch}", warps=r["num_warps"], registers=r["registers"],
                          local=r["local_bytes"], shared=int(compiled.metadata.shared), sass=total,
-                         fp32=sum(sass.get(op, 0) for op in FP32), dfma=sass.get("DFMA", 0),
+                         fp32=fp32, dfma=sass.get("DFMA", 0),
                          shfl=sass.get("SHFL", 0), ldg=sass.get("LDG", 0),
                          mma=sum(sass.get(op, 0) for op in MMA), per_output=per_output))
     return rows

@@ -67,7 +67,6 @@ def record_launches(module: Any, name: str) -> Iterator[list[Launch]]:
     """
     real = getattr(module, name)
     launches: list[Launch] = []
-    saved_env = os.environ.get("TRITON_INTERPRET")
 
     class _Recorder:
         def __getitem__(self, grid: Any):
@@ -77,15 +76,25 @@ def record_launches(module: Any, name: str) -> Iterator[list[Launch]]:
             return launch
 
     setattr(module, name, _Recorder())
-    os.environ["TRITON_INTERPRET"] = "1"
     try:
-        yield launches
+        with env_set("TRITON_INTERPRET", "1"):
+            yield launches
     finally:
         setattr(module, name, real)
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the code inside, then restore it (or its absence)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+            os.environ[name] = saved
 
 
 def _jit_function(kernel: Any) -> JITFunction:
@@ -180,6 +189,14 @@ def resources(compiled: Any) -> dict[str, Any]:
     }
 
 
+def _ssim_on_gpu(ks: Any, launch: Launch) -> Launch:
+    """An SSIM launch recorded on CPU tensors with the warps its launcher picks on a GPU."""
+    kw = launch.kwargs
+    variant = "separable" if kw["SEPARABLE"] else "direct"
+    launch.kwargs["num_warps"] = ks.default_num_warps(variant, kw["K"], kw["KZ"])
+    return launch
+
+
 def representative_launches() -> dict[str, Launch]:
     """The launches each Triton path makes on a GPU, recorded from the real launchers with CUDA defaults.
 
@@ -205,21 +222,16 @@ def representative_launches() -> dict[str, Launch]:
         x = torch.rand(shape).to(dtype)
         idx = torch.arange(2)
         with record_launches(ks, "_ssim_kernel") as rec:
-            # num_warps as on a GPU (the launcher picks it by the tensors' device)
-            kz = p.win_size if sd == 3 else 1
-            ks.ssim_pairs(x, x, idx, idx, p, variant=variant,
-                          num_warps=ks.default_num_warps(variant, p.win_size, kz))
-        out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')} {variant}"] = rec[0]
+            ks.ssim_pairs(x, x, idx, idx, p, variant=variant)
+        out[f"ssim {sd}d {window} {str(dtype).replace('torch.', '')} {variant}"] = _ssim_on_gpu(ks, rec[0])
     # ssim_matrix with moment reuse: the per-image maps (mode 1) and the cross terms (mode 2)
     p = sc.resolve_params(ndim=3, spatial_dims=2, window="uniform", win_size=7, sigma=1.5, data_range=None,
                           k1=0.01, k2=0.03, sample_covariance=True, preset=None)
     x = torch.rand(2, 40, 48)
     with record_launches(ks, "_ssim_kernel") as rec:
         ks.ssim_matrix_block(x, x, p)
-    for launch in rec:
-        launch.kwargs["num_warps"] = ks.default_num_warps("separable", 7, 1)
-    out["ssim_matrix 2d uniform float32 moments"] = rec[0]
-    out["ssim_matrix 2d uniform float32 cross"] = rec[-1]
+    out["ssim_matrix 2d uniform float32 moments"] = _ssim_on_gpu(ks, rec[0])
+    out["ssim_matrix 2d uniform float32 cross"] = _ssim_on_gpu(ks, rec[-1])
     q = torch.nn.functional.normalize(torch.randn(70, 64), dim=1)
     blocks = kc.default_blocks(torch.device("cuda"), 10)
     for precision, self_pairs, bins in [("ieee", False, 200), ("tf32x3", False, 200), ("tf32", False, 200),

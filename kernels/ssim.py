@@ -365,6 +365,12 @@ def _launch(g: _Geometry, p: sc.SSIMParams, xf: torch.Tensor, yf: torch.Tensor, 
     return part
 
 
+def _mean_ssim(part: torch.Tensor, g: _Geometry, rng: torch.Tensor) -> torch.Tensor:
+    """Per-pair mean SSIM (float64) from the programs' partial sums; a pair of range 0 scores 1."""
+    res = part.to(torch.float64).sum(dim=(1, 2)) / (float(g.Do) * g.Ho * g.Wo)
+    return torch.where(rng > 0, res, torch.ones_like(res))
+
+
 def _kernel_inputs(xf: torch.Tensor, yf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both stacks in one kernel dtype (float16, bfloat16 or float32), contiguous."""
     if xf.dtype not in _KERNEL_DTYPES:
@@ -418,8 +424,7 @@ def ssim_pairs(
     g = _Geometry(tuple(xf.shape[1:]), p, variant, block)
     *consts, rng = _pair_constants(xf, yf, ix, iy, p, in_dtype)
     part = _launch(g, p, xf, yf, ix, iy, tuple(consts), num_warps=num_warps)
-    res = part.to(torch.float64).sum(dim=(1, 2)) / (float(g.Do) * g.Ho * g.Wo)
-    return torch.where(rng > 0, res, torch.ones_like(res))
+    return _mean_ssim(part, g, rng)
 
 
 def ssim_matrix_block(
@@ -456,8 +461,7 @@ def ssim_matrix_block(
         _launch(g, p, imgs, imgs, idx, idx, (c, sc_, c, sc_, zeros, zeros), mode=1, mom_x=mom)
         maps.append(mom)
     part = _launch(g, p, xa, xb, ia, ib, (cx, scx, cy, scy, c1, c2), mode=2, mom_x=maps[0], mom_y=maps[1])
-    res = part.to(torch.float64).sum(dim=(1, 2)) / (float(g.Do) * g.Ho * g.Wo)
-    return torch.where(rng > 0, res, torch.ones_like(res)).reshape(na, nb)
+    return _mean_ssim(part, g, rng).reshape(na, nb)
 
 
 def default_num_warps(variant: str, K: int, KZ: int) -> int:
