@@ -108,6 +108,7 @@ def _assert_close_to_reference(r: AllPairsResult, train, synth, k) -> None:
 @pytest.mark.parametrize("n_synth,n_train,d,k", [
     (1, 1, 3, 1), (7, 7, 5, 7), (1, 4097, 64, 100), (7, 1023, 19, 10), (1023, 7, 33, 1),
     (1023, 1023, 48, 10), (4097, 1023, 16, 100), (1023, 4097, 70, 1),
+    (257, 1031, 130, 10),  # d > 96: the micro-kernel counts the previous block's slots between its k steps
 ])
 def test_native_exact_against_canonical_brute_force_and_reference(n_synth, n_train, d, k):
     train = _rand(n_train, d, SEED + n_train + d)
