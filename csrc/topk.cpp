@@ -30,6 +30,7 @@
 // marked NaN before the fold: NaN fails every ordered compare, so it never counts and never enters a heap.
 #include "common.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -492,7 +493,56 @@ void cosine_scores(py::array q, py::array t, py::array out) {
   run(p, 0, nullptr, nullptr);
 }
 
+// Rows of x (n, d) (float32 or float64) L2-normalised into out (n, dp >= d) float32: norm = sqrt of the
+// float64 sum of squares (four interleaved partial sums, added as (s0 + s1) + (s2 + s3)), each element
+// (double) x / norm rounded once to float32, columns d .. dp - 1 zero. Returns the first all-zero row, or -1.
+template <typename T>
+int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_t dp) {
+  std::atomic<int64_t> first_zero{std::numeric_limits<int64_t>::max()};
+  parallel_for(n, 256, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb; i < re; ++i) {
+      const T* row = x + i * d;
+      double s[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t c = 0;
+      for (; c + 4 <= d; c += 4)
+        for (int l = 0; l < 4; ++l) s[l] += static_cast<double>(row[c + l]) * static_cast<double>(row[c + l]);
+      for (int l = 0; c < d; ++c, ++l) s[l] += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+      const double norm = std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
+      float* o = out + i * dp;
+      if (norm == 0) {
+        int64_t cur = first_zero.load();
+        while (i < cur && !first_zero.compare_exchange_weak(cur, i)) {
+        }
+        std::fill(o, o + dp, 0.0f);
+        continue;
+      }
+      for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(static_cast<double>(row[k]) / norm);
+      std::fill(o + d, o + dp, 0.0f);
+    }
+  });
+  const int64_t z = first_zero.load();
+  return z == std::numeric_limits<int64_t>::max() ? -1 : z;
+}
+
+int64_t normalize_rows(py::array x, py::array out) {
+  if (x.ndim() != 2 || !(x.flags() & py::array::c_style)) throw py::value_error("x: expected a C-contiguous 2-D array");
+  const bool f32 = x.dtype().kind() == 'f' && x.itemsize() == 4, f64 = x.dtype().kind() == 'f' && x.itemsize() == 8;
+  if (!f32 && !f64) throw py::value_error("x: expected float32 or float64");
+  const py::ssize_t n = x.shape(0), d = x.shape(1);
+  check_c2d(out, "out", n, -1, 'f', 4);
+  const py::ssize_t dp = out.shape(1);
+  if (dp < d) throw py::value_error("out: fewer columns than x");
+  if (!out.writeable()) throw py::value_error("out must be writeable");
+  float* o = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release nogil;
+  return f32 ? normalize_rows_impl(static_cast<const float*>(x.data()), n, d, o, dp)
+             : normalize_rows_impl(static_cast<const double*>(x.data()), n, d, o, dp);
+}
+
 void register_topk(py::module_& m) {
+  m.def("normalize_rows", &normalize_rows, py::arg("x"), py::arg("out"),
+        "L2-normalise the rows of x (n, d) float32/float64 into out (n, dp >= d) float32 (float64 norm and\n"
+        "division, rounded once; padding columns zero). Returns the first all-zero row, or -1. GIL released.");
   m.def("topk_fused", &topk_fused, py::arg("q"), py::arg("t"), py::arg("row0"), py::arg("col0"),
         py::arg("self_offset"), py::arg("top_s"), py::arg("top_i"), py::arg("hist"), py::arg("classes"),
         py::arg("lo"), py::arg("hi"), py::arg("low"), py::arg("high"), py::arg("threads") = 0,

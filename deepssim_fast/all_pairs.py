@@ -231,6 +231,17 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
     """Rows L2-normalised (norm and division in float64, then rounded to float32), zero-padded to (n, dp),
     on ``device``. Done in chunks so the float64 temporaries stay small."""
     n, d = t.shape
+    if torch.device(device).type == "cpu" and t.device.type == "cpu" and _available("native"):
+        from . import _native
+
+        c = _host_view(t)
+        if c.dtype not in (np.float32, np.float64):
+            c = c.astype(np.float32)  # float16 widens exactly
+        out_np = np.empty((n, dp), dtype=np.float32)
+        zero = _native.normalize_rows(np.ascontiguousarray(c), out_np)
+        if zero >= 0:
+            raise ValueError(f"{name} row {zero} is all zeros; cosine similarity is undefined")
+        return torch.from_numpy(out_np)
     if torch.device(device).type == "cpu" and t.device.type == "cpu":
         out_np = np.zeros((n, dp), dtype=np.float32)
         def rows(a: int) -> int:

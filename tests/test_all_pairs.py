@@ -496,3 +496,21 @@ def test_native_fold_histogram_on_other_ranges_and_bin_counts(lo, hi, bins):
             assert list(c) == want_cls, (level, self_offset)
             best = np.where(valid, m, -np.inf).max(axis=1)
             assert np.array_equal(ts.max(axis=1), best), (level, self_offset)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_native_row_normalisation_is_the_float64_rule(dtype):
+    """normalize_rows: float64 norm and division, rounded once to float32; padding zero; strided input."""
+    x = _rand(3001, 37, SEED + 60, dtype)
+    out = np.full((3001, 40), np.nan, np.float32)
+    assert _native.normalize_rows(x if dtype != np.float16 else x.astype(np.float32), out) == -1
+    c = x.astype(np.float64)
+    ref = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    np.testing.assert_array_equal(out[:, :37], ref)
+    assert (out[:, 37:] == 0).all()
+    strided = _rand(600, 74, SEED + 61)[:, ::2]  # non-contiguous: all_pairs copies it first
+    r = all_pairs(strided, strided[:50], k=3, progress=False)
+    _assert_same(r, all_pairs(np.ascontiguousarray(strided), strided[:50].copy(), k=3, progress=False))
+    z = x.astype(np.float32)
+    z[[2500, 700]] = 0
+    assert _native.normalize_rows(z, out) == 700
