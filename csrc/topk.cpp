@@ -1,33 +1,46 @@
 // Streaming cosine top-k with a fused score histogram (the CPU engine of deepssim_fast.all_pairs).
 //
-// One call folds every pair of a block of queries q (m, dp) and a chunk of database rows t (n, dp) into
-// per-query top-k heaps, a histogram and class counts, without ever storing the m x n scores:
-//   * t is packed once into panels of NR = 16 rows, k-major (panel[k][c] = t[c][k]);
-//   * each worker takes MR = 6 query rows at a time and, for every panel, computes the 6 x 16 scores in
-//     twelve AVX2 registers (the GEMM micro-kernel), then folds them at once: histogram, class counts,
-//     and a top-k heap update behind a threshold early-out (a score below the row's current k-th best
-//     cannot enter the top-k, and is only counted);
-//   * the fold only computes each score's histogram slot; the increments themselves (one memory
-//     read-modify-write each, about a cycle apiece on these cores) are handed to the next micro-kernel
-//     call, which issues one per k step between its FMAs. The micro-kernel is bound by the FMA pipes and
-//     leaves the load/store ports idle, so the increments cost almost nothing there: all-pairs at
-//     20000^2 x 256 went from ~1.17 to ~1.10 s on 2 cores (the GEMM alone takes ~1.0 s).
+// The canonical score. A pair's score is s = fl32(D) computed in float32 as follows: 16 lanes, lane l
+// accumulates q[k] t[k] over k = l, l + 16, l + 32, ... < dp in order, acc = fma(q[k], t[k], acc) from
+// acc = 0 (one rounding per step); then the lanes are added pairwise in a fixed tree,
+// v[l] = L[l] + L[l + 8] (l < 8), w[l] = v[l] + v[l + 4] (l < 4), u[l] = w[l] + w[l + 2] (l < 2),
+// s = u[0] + u[1]. The scalar, AVX2 and AVX-512 code compute exactly these operations, so scores — and
+// therefore top-k, ties, histogram and class counts — do not depend on tiling, threads or SIMD level.
+// (|s - exact dot| <= gamma(dp / 16 + 4) sum |q[k] t[k]|: about 2e-6 at d = 256 in the worst case,
+// typically ~1e-8; shorter chains than one sequential fma chain.)
 //
-// Exactness. A pair's score is its *canonical* fp32 dot product: acc = fma(q[k], t[k], acc) for
-// k = 0, 1, ..., dp - 1, from acc = 0, rounded once per step. Every accumulator lane of the micro-kernel
-// computes exactly that sequence, and so does the scalar path (fmaf), so scores — and therefore top-k,
-// ties, histogram and class counts — do not depend on tiling, threads or SIMD level.
+// How a call finds them without scoring every pair canonically. One call folds every pair of a block of
+// queries q (m, dp) and a chunk of database rows t (n, dp) into per-query top-k heaps, a histogram and class
+// counts, without ever storing the m x n scores:
+//   1. A GEMM micro-kernel computes an *approximate* score a for every pair, with a proven bound
+//      |a - s| <= E for the call:
+//        * int16 kernel (AVX-512 VNNI, e.g. AMD Zen 4, Intel Ice Lake and later): rows quantised to int16
+//          with one scale S for the call, exact int32 dot products by vpdpwssd (twice the fp32 FMA rate),
+//          a = I / S^2. E follows from the quantisation residuals r = x - q / S by Cauchy-Schwarz,
+//          |x.y - qx.qy / S^2| <= |rx| |y| + |qx / S| |ry|: ~2e-4 at d = 256;
+//        * fp32 kernel (AVX2 / scalar): one sequential fma chain per pair, E = (gamma(dp) +
+//          gamma(dp / 16 + 4)) |q| |t| (~1.6e-5 at d = 256).
+//      t is packed once per call into panels of NR = 16 rows (k-major); each worker takes MR = 6 query
+//      rows at a time (6 x 16 or, int16, 6 x 32 scores in registers).
+//   2. The fold decides, per pair, from a alone: its histogram slot when no bin edge lies within E of a
+//      (else "near an edge"), its class when no threshold lies within E (else "uncertain"), and whether
+//      it may enter the top-k (a + E >= the row's current k-th best canonical score).
+//   3. The few pairs flagged by 2 (int16: ~5 % of pairs at 200 bins, fp32: ~0.3 %) get their canonical
+//      score s (canon_dot, 16 lanes, ~30 cycles): exact bin, exact class, and a heap offer of s.
+//   The histogram increments of 2 (one memory read-modify-write each, about a cycle apiece here) are
+//   handed to the next micro-kernel call, which issues them between its multiply-adds: that loop is bound
+//   by its arithmetic pipes and leaves the load/store ports idle.
 //
 // Conventions (shared with deepssim_fast/all_pairs.py and reference.py)
 //   bin(s)   = clamp(floor(((double)s - lo) / (hi - lo) * bins), 0, bins - 1)
 //   class(s) : different if s <= low, similar if low < s <= high, duplicate if s > high (float64 compare)
 //   top-k    : descending score, ties to the lower index; kept as a per-query binary heap whose root is
 //              the worst kept entry (the driver sorts it at the end).
-// The bin of a score is first computed in float32 as the slot y = s * scale + (1 - lo * scale) = x + 1,
+// The bin of a pair is first computed in float32 as the slot y = a * scale + (1 - lo * scale) = x + 1,
 // clamped to [0.5, bins + 1.5] (slot 0 and slot bins + 1 are the clamped ends, merged into the first and
-// last bin when the sub-histograms are flushed); a score whose y lies within `margin` of an integer
-// (~0.06 % of pairs) goes to the exact float64 rule. Excluded pairs (self pairs, padding columns) are
-// marked NaN before the fold: NaN fails every ordered compare, so it never counts and never enters a heap.
+// last bin when the sub-histograms are flushed); a pair whose y lies within `margin` (float32 rounding
+// plus E * scale) of an integer goes to step 3. Excluded pairs (self pairs, padding columns) are marked
+// NaN before the fold: NaN fails every ordered compare, so it never counts and never enters a heap.
 #include "common.h"
 
 #include <atomic>
@@ -46,22 +59,28 @@ namespace {
 
 constexpr int MR = 6;    // query rows per micro-kernel
 constexpr int NR = 16;   // database rows per packed panel
-constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at d = 256)
+constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at d = 256, fp32)
+constexpr int LIST = 2 * MR * NR;  // flagged pairs of one micro-kernel call, at most
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Params {
-  const float* q;    // (m, dp) normalised queries
-  const float* t;    // (n, dp) normalised database rows
-  const float* tp;   // packed t: (ceil(n / NR), dp, NR), zero rows past n
-  float* top_s;      // (m, k) heap scores
-  int64_t* top_i;    // (m, k) heap indices (global)
-  float* dense;      // optional (m, n) score output, else nullptr
+  const float* q;      // (m, dp) normalised queries
+  const float* t;      // (n, dp) normalised database rows
+  const float* tp;     // fp32 kernel: packed t (ceil(n / NR), dp, NR), zero rows past n
+  const int16_t* qi;   // int16 kernel: quantised q (m, dp)
+  const int16_t* tpi;  // int16 kernel: packed t (even number of panels, dp / 2, NR, 2), zero rows past n
+  float inv_s2;        // int16 kernel: a = I * inv_s2
+  float* top_s;        // (m, k) heap scores
+  int64_t* top_i;      // (m, k) heap indices (global)
   int64_t m, n, dp, k;
   int64_t row0, col0, self_offset;  // self_offset < 0: no self pairs
   int bins;
   double lo, hi, low, high;
-  float scale_f, off_f, margin;        // float32 pre-binning: slot y = fma(s, scale_f, off_f)
-  float low_t, high_t;                 // largest floats <= low / high: s > low_t  <=>  (double) s > low
+  float scale_f, off_f, margin;  // float32 pre-binning: slot y = fma(a, scale_f, off_f); margin includes E
+  float low_t, high_t;           // largest floats <= low / high: s > low_t  <=>  (double) s > low
+  float low_up, low_dn, high_up, high_dn;  // a > low_up => s > low_t;  a <= low_dn => s <= low_t
+  float e_cand;                  // a + e_cand >= (row's k-th best) for every pair that may enter the top-k
+  bool int16;                    // which kernel
 };
 
 // ---- heap of the k best (root = worst) ---------------------------------------------------------
@@ -113,13 +132,6 @@ inline int exact_bin(float s, const Params& p) {
   return static_cast<int>(x);
 }
 
-// A pair whose float32 slot lies within `margin` of an integer: exact float64 bin (its classes are counted
-// with every other pair). Excluded pairs (NaN) are skipped.
-inline void count_exact(const Params& p, float s, Local& lc) {
-  if (std::isnan(s)) return;
-  lc.hist[exact_bin(s, p)] += 1;
-}
-
 // A pair that reaches the row's top-k threshold: offer it to the heap (exact total order, so the final
 // set does not depend on the order of offers).
 inline void offer(const Params& p, float s, int64_t gcol, float* hs, int64_t* hi) {
@@ -146,7 +158,74 @@ inline int64_t mask_block(const Params& p, float* sc, int64_t r0, int64_t nrows,
   return excluded;
 }
 
-// ---- scalar path ---------------------------------------------------------------------------------
+// ---- the canonical score --------------------------------------------------------------------------
+
+// Lanes -> score, the fixed tree of the header: v = L[0:8] + L[8:16], w = v[0:4] + v[4:8], u = w[0:2] + w[2:4].
+inline float canon_tree(const float* L) {
+  float v[8], w[4];
+  for (int l = 0; l < 8; ++l) v[l] = L[l] + L[l + 8];
+  for (int l = 0; l < 4; ++l) w[l] = v[l] + v[l + 4];
+  return (w[0] + w[2]) + (w[1] + w[3]);
+}
+
+float canon_dot_scalar(const float* x, const float* y, int64_t dp) {
+  float L[16] = {};
+  for (int64_t k = 0; k < dp; ++k) L[k % 16] = std::fmaf(x[k], y[k], L[k % 16]);
+  return canon_tree(L);
+}
+
+// Four pairs at once (independent chains for the out-of-order core).
+void canon_dot4_scalar(const float* const* x, const float* const* y, int64_t dp, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = canon_dot_scalar(x[i], y[i], dp);
+}
+
+#if DSF_X86
+// lanes 0-7 in a, 8-15 in b
+DSF_TARGET_AVX2 inline float canon_tree_avx2(__m256 a, __m256 b) {
+  const __m256 v = _mm256_add_ps(a, b);                                                 // v[l], l < 8
+  const __m128 w = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // v[l] + v[l + 4]
+  const __m128 u = _mm_add_ps(w, _mm_movehl_ps(w, w));                                  // w[l] + w[l + 2]
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps(u, u, 1)));
+}
+
+DSF_TARGET_AVX2 void canon_dot4_avx2(const float* const* x, const float* const* y, int64_t dp, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= dp; k += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k), _mm256_loadu_ps(y[0] + k), a0);
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x[0] + k + 8), _mm256_loadu_ps(y[0] + k + 8), b0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x[1] + k), _mm256_loadu_ps(y[1] + k), a1);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(x[1] + k + 8), _mm256_loadu_ps(y[1] + k + 8), b1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x[2] + k), _mm256_loadu_ps(y[2] + k), a2);
+    b2 = _mm256_fmadd_ps(_mm256_loadu_ps(x[2] + k + 8), _mm256_loadu_ps(y[2] + k + 8), b2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x[3] + k), _mm256_loadu_ps(y[3] + k), a3);
+    b3 = _mm256_fmadd_ps(_mm256_loadu_ps(x[3] + k + 8), _mm256_loadu_ps(y[3] + k + 8), b3);
+  }
+  if (k < dp) {  // tail: fewer than 16 columns, through a zero-padded copy (adding 0 * 0 changes no lane)
+    alignas(32) float xt[4][16] = {}, yt[4][16] = {};
+    for (int i = 0; i < 4; ++i) {
+      std::memcpy(xt[i], x[i] + k, sizeof(float) * (dp - k));
+      std::memcpy(yt[i], y[i] + k, sizeof(float) * (dp - k));
+    }
+    a0 = _mm256_fmadd_ps(_mm256_load_ps(xt[0]), _mm256_load_ps(yt[0]), a0);
+    b0 = _mm256_fmadd_ps(_mm256_load_ps(xt[0] + 8), _mm256_load_ps(yt[0] + 8), b0);
+    a1 = _mm256_fmadd_ps(_mm256_load_ps(xt[1]), _mm256_load_ps(yt[1]), a1);
+    b1 = _mm256_fmadd_ps(_mm256_load_ps(xt[1] + 8), _mm256_load_ps(yt[1] + 8), b1);
+    a2 = _mm256_fmadd_ps(_mm256_load_ps(xt[2]), _mm256_load_ps(yt[2]), a2);
+    b2 = _mm256_fmadd_ps(_mm256_load_ps(xt[2] + 8), _mm256_load_ps(yt[2] + 8), b2);
+    a3 = _mm256_fmadd_ps(_mm256_load_ps(xt[3]), _mm256_load_ps(yt[3]), a3);
+    b3 = _mm256_fmadd_ps(_mm256_load_ps(xt[3] + 8), _mm256_load_ps(yt[3] + 8), b3);
+  }
+  out[0] = canon_tree_avx2(a0, b0);
+  out[1] = canon_tree_avx2(a1, b1);
+  out[2] = canon_tree_avx2(a2, b2);
+  out[3] = canon_tree_avx2(a3, b3);
+}
+#endif
+
+using Canon4Fn = void (*)(const float* const*, const float* const*, int64_t, float*);
+
+// ---- approximate scores: fp32 micro-kernels ---------------------------------------------------------
 
 // Apply the slot increments a fold handed over (see run_rows).
 inline void apply_pending(const int32_t* pend, int64_t npend, int32_t* S) {
@@ -167,61 +246,34 @@ void micro_scalar(const float* const* a, const float* bp, int64_t dp, float* out
   std::memcpy(out, acc, sizeof(acc));
 }
 
-// Fold a block of nrows x NR scores (row stride NR) for query rows r0 .. r0 + nrows - 1. Returns how many
-// histogram slots it left in `pend` for the next micro-kernel call (the scalar path counts at once: 0).
-int64_t fold_block_scalar(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t gcol0, Local& lc,
-                          int32_t* /*pend*/) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const float* s16 = sc + r * NR;
-    float* hs = p.top_s + (r0 + r) * p.k;
-    int64_t* hi = p.top_i + (r0 + r) * p.k;
-    for (int c = 0; c < NR; ++c) {
-      const float s = s16[c];
-      if (std::isnan(s)) continue;  // excluded self pair or padding column
-      lc.gt_low += s > p.low_t;
-      lc.gt_high += s > p.high_t;
-      const float y = std::min(std::max(std::fmaf(s, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
-      const float fl = std::floor(y);
-      if (std::fabs(y - fl - 0.5f) <= 0.5f - p.margin)
-        lc.sub[static_cast<int>(fl)] += 1;
-      else
-        count_exact(p, s, lc);
-      if (s >= hs[0]) offer(p, s, gcol0 + c, hs, hi);
-    }
-  }
-  return 0;
-}
-
-// ---- AVX2 path -------------------------------------------------------------------------------------
 #if DSF_X86
 // One k step of the 6 x 16 micro-kernel: acc[r][c] = fma(a_r[kk], panel[kk][c], acc[r][c]).
-#define DSF_MICRO_STEP_AVX2                           \
-  {                                                   \
+#define DSF_MICRO_STEP_AVX2                             \
+  {                                                     \
     const __m256 b0 = _mm256_load_ps(bp + kk * NR);     \
     const __m256 b1 = _mm256_load_ps(bp + kk * NR + 8); \
-    __m256 av = _mm256_broadcast_ss(a0 + kk);         \
-    c00 = _mm256_fmadd_ps(av, b0, c00);               \
-    c01 = _mm256_fmadd_ps(av, b1, c01);               \
-    av = _mm256_broadcast_ss(a1 + kk);                \
-    c10 = _mm256_fmadd_ps(av, b0, c10);               \
-    c11 = _mm256_fmadd_ps(av, b1, c11);               \
-    av = _mm256_broadcast_ss(a2 + kk);                \
-    c20 = _mm256_fmadd_ps(av, b0, c20);               \
-    c21 = _mm256_fmadd_ps(av, b1, c21);               \
-    av = _mm256_broadcast_ss(a3 + kk);                \
-    c30 = _mm256_fmadd_ps(av, b0, c30);               \
-    c31 = _mm256_fmadd_ps(av, b1, c31);               \
-    av = _mm256_broadcast_ss(a4 + kk);                \
-    c40 = _mm256_fmadd_ps(av, b0, c40);               \
-    c41 = _mm256_fmadd_ps(av, b1, c41);               \
-    av = _mm256_broadcast_ss(a5 + kk);                \
-    c50 = _mm256_fmadd_ps(av, b0, c50);               \
-    c51 = _mm256_fmadd_ps(av, b1, c51);               \
+    __m256 av = _mm256_broadcast_ss(a0 + kk);           \
+    c00 = _mm256_fmadd_ps(av, b0, c00);                 \
+    c01 = _mm256_fmadd_ps(av, b1, c01);                 \
+    av = _mm256_broadcast_ss(a1 + kk);                  \
+    c10 = _mm256_fmadd_ps(av, b0, c10);                 \
+    c11 = _mm256_fmadd_ps(av, b1, c11);                 \
+    av = _mm256_broadcast_ss(a2 + kk);                  \
+    c20 = _mm256_fmadd_ps(av, b0, c20);                 \
+    c21 = _mm256_fmadd_ps(av, b1, c21);                 \
+    av = _mm256_broadcast_ss(a3 + kk);                  \
+    c30 = _mm256_fmadd_ps(av, b0, c30);                 \
+    c31 = _mm256_fmadd_ps(av, b1, c31);                 \
+    av = _mm256_broadcast_ss(a4 + kk);                  \
+    c40 = _mm256_fmadd_ps(av, b0, c40);                 \
+    c41 = _mm256_fmadd_ps(av, b1, c41);                 \
+    av = _mm256_broadcast_ss(a5 + kk);                  \
+    c50 = _mm256_fmadd_ps(av, b0, c50);                 \
+    c51 = _mm256_fmadd_ps(av, b1, c51);                 \
   }
 
 // The micro-kernel; the first min(npend, dp) k steps each also apply one pending histogram increment
-// (the rest, if dp < npend, after the loop). The increments do not touch the accumulators, so the
-// scores are the same as without them.
+// (the rest, if dp < npend, after the loop). The increments do not touch the accumulators.
 DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t dp, float* out,
                                 const int32_t* pend, int64_t npend, int32_t* S) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -250,94 +302,286 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 }
 #undef DSF_MICRO_STEP_AVX2
 
-// Vector fold: class counts, exact path for near-edge scores, top-k offers; the 8-lane slot vectors go
-// to pend (row r, half h at pend + r * NR + 8 h) for the next micro-kernel call to count.
-DSF_TARGET_AVX2 int64_t fold_block_avx2(const Params& p, const float* sc, int64_t nrows, int64_t r0,
-                                        int64_t gcol0, Local& lc, int32_t* pend) {
+// ---- approximate scores: int16 micro-kernel (AVX-512 VNNI) -----------------------------------------
+#define DSF_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl,avx512bw,avx512vnni")))
+
+// 6 query rows x 2 panels (32 database rows): out[0:96] = panel 0 (row-major 6 x 16), out[96:192] =
+// panel 1, each a = I * inv_s2 with I the exact int32 dot product of the int16 rows. a[r] are int16 rows
+// (dp even); bp0/bp1 the packed panels (dp / 2, 16, 2). Pending histogram increments: two per k pair.
+DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
+                                float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m512i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int64_t steps = dp / 2;
+  const int32_t* ap[MR];  // the int16 rows as pairs (a[r] is 4-byte aligned: dp even)
+  for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
+  int64_t kk = 0, j = 0;
+#define DSF_MICRO_STEP_VNNI                                     \
+  {                                                             \
+    const __m512i b0 = _mm512_load_si512(bp0 + kk * 2 * NR);    \
+    const __m512i b1 = _mm512_load_si512(bp1 + kk * 2 * NR);    \
+    __m512i av = _mm512_set1_epi32(ap[0][kk]);                                   \
+    c00 = _mm512_dpwssd_epi32(c00, av, b0);                     \
+    c01 = _mm512_dpwssd_epi32(c01, av, b1);                     \
+    av = _mm512_set1_epi32(ap[1][kk]);                                           \
+    c10 = _mm512_dpwssd_epi32(c10, av, b0);                     \
+    c11 = _mm512_dpwssd_epi32(c11, av, b1);                     \
+    av = _mm512_set1_epi32(ap[2][kk]);                                           \
+    c20 = _mm512_dpwssd_epi32(c20, av, b0);                     \
+    c21 = _mm512_dpwssd_epi32(c21, av, b1);                     \
+    av = _mm512_set1_epi32(ap[3][kk]);                                           \
+    c30 = _mm512_dpwssd_epi32(c30, av, b0);                     \
+    c31 = _mm512_dpwssd_epi32(c31, av, b1);                     \
+    av = _mm512_set1_epi32(ap[4][kk]);                                           \
+    c40 = _mm512_dpwssd_epi32(c40, av, b0);                     \
+    c41 = _mm512_dpwssd_epi32(c41, av, b1);                     \
+    av = _mm512_set1_epi32(ap[5][kk]);                                           \
+    c50 = _mm512_dpwssd_epi32(c50, av, b0);                     \
+    c51 = _mm512_dpwssd_epi32(c51, av, b1);                     \
+  }
+  for (; kk < steps && j + 1 < npend; ++kk, j += 2) {
+    DSF_MICRO_STEP_VNNI
+    S[pend[j]] += 1;
+    S[pend[j + 1]] += 1;
+  }
+  for (; kk < steps; ++kk) DSF_MICRO_STEP_VNNI
+#undef DSF_MICRO_STEP_VNNI
+  apply_pending(pend + j, npend - j, S);
+  const __m512 vi = _mm512_set1_ps(inv_s2);
+#define put(o, c) \
+  _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, c), vi))
+  put(out + 0, c00);
+  put(out + 16, c10);
+  put(out + 32, c20);
+  put(out + 48, c30);
+  put(out + 64, c40);
+  put(out + 80, c50);
+  put(out + 96, c01);
+  put(out + 112, c11);
+  put(out + 128, c21);
+  put(out + 144, c31);
+  put(out + 160, c41);
+  put(out + 176, c51);
+#undef put
+}
+#endif
+
+// ---- the fold: decide from the approximate scores, flag the rest ------------------------------------
+
+// The pairs the fold could not decide: local row and column, approximate score, and what is undecided.
+enum : int32_t { kNearEdge = 1, kLowUnsure = 2, kHighUnsure = 4, kCandidate = 8 };
+constexpr int QCAP = 256;   // capacity: >= QDRAIN - 1 + LIST (one micro-kernel call's blocks)
+constexpr int QDRAIN = 64;  // score the queue once it holds this many
+static_assert(QCAP >= QDRAIN - 1 + LIST, "queue too small");
+struct Queue {  // structure of arrays, 8 spare slots for the 8-wide stores of the vector fold
+  alignas(32) int32_t row[QCAP + 8], col[QCAP + 8], what[QCAP + 8];
+  alignas(32) float a[QCAP + 8];
+  int n = 0;
+};
+
+inline void enqueue(Queue& q, int32_t row, int32_t col, float a, int32_t what) {
+  q.row[q.n] = row;
+  q.col[q.n] = col;
+  q.a[q.n] = a;
+  q.what[q.n] = what;
+  ++q.n;
+}
+
+// lane-compress permutations: perm[m] lists the set lanes of the 8-bit mask m first
+struct CompressLut {
+  alignas(32) int32_t perm[256][8];
+  CompressLut() {
+    for (int m = 0; m < 256; ++m) {
+      int j = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) perm[m][j++] = l;
+      for (; j < 8; ++j) perm[m][j] = 0;
+    }
+  }
+};
+const CompressLut kCompress;
+
+// Fold one block (rows r0.., columns c0.. of this call): histogram slots to pend (returned: how many),
+// class counts of the decided pairs, and the undecided pairs to the queue.
+using FoldFn = int64_t (*)(const Params&, const float*, int64_t, int64_t, int64_t, Local&, int32_t*, Queue&);
+
+inline bool slot_ok(const Params& p, float a, float* fl_out) {
+  const float y = std::min(std::max(std::fmaf(a, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
+  const float fl = std::floor(y);
+  *fl_out = fl;
+  return std::fabs(y - fl - 0.5f) <= 0.5f - p.margin;
+}
+
+int64_t fold_scalar(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t c0, Local& lc,
+                    int32_t* pend, Queue& queue) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float thr = p.top_s[(r0 + r) * p.k];
+    for (int c = 0; c < NR; ++c) {
+      const int e = static_cast<int>(r * NR + c);
+      const float a = sc[e];
+      float fl;
+      const bool ok = slot_ok(p, a, &fl);  // false for NaN (excluded)
+      pend[e] = ok ? static_cast<int32_t>(fl) : p.bins + 2;
+      if (std::isnan(a)) continue;
+      lc.gt_low += a > p.low_up;
+      lc.gt_high += a > p.high_up;
+      const uint8_t what = (ok ? 0 : kNearEdge) | (a > p.low_dn && !(a > p.low_up) ? kLowUnsure : 0) |
+                           (a > p.high_dn && !(a > p.high_up) ? kHighUnsure : 0) |
+                           (a + p.e_cand >= thr ? kCandidate : 0);
+      if (what) enqueue(queue, static_cast<int32_t>(r0 + r), static_cast<int32_t>(c0 + c), a, what);
+    }
+  }
+  return nrows * NR;
+}
+
+#if DSF_X86
+// The 8-lane fold: lane l of a vector counts into sub-histogram l (stride bins + 3).
+DSF_TARGET_AVX2 int64_t fold_avx2(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t c0,
+                                  Local& lc, int32_t* pend, Queue& queue) {
+  const __m256i vlanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), four = _mm256_set1_epi32(4);
+  const __m256i eight = _mm256_set1_epi32(8);
   const __m256 vscale = _mm256_set1_ps(p.scale_f), voff = _mm256_set1_ps(p.off_f);
   const __m256 vhalf = _mm256_set1_ps(0.5f), vchi = _mm256_set1_ps(p.bins + 1.5f);  // slots clamped to [0.5, chi]
   const __m256 vlim = _mm256_set1_ps(0.5f - p.margin);
   const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 vlow = _mm256_set1_ps(p.low_t), vhigh = _mm256_set1_ps(p.high_t);
+  const __m256 vlu = _mm256_set1_ps(p.low_up), vld = _mm256_set1_ps(p.low_dn);
+  const __m256 vhu = _mm256_set1_ps(p.high_up), vhd = _mm256_set1_ps(p.high_dn);
+  const __m256 vec = _mm256_set1_ps(p.e_cand);
   const int st = p.bins + 3;
   const __m256i vdummy = _mm256_set1_epi32(p.bins + 2);
   const __m256i vlane = _mm256_setr_epi32(0, st, 2 * st, 3 * st, 4 * st, 5 * st, 6 * st, 7 * st);
   __m256i nlow = _mm256_setzero_si256(), nhigh = nlow;  // per-lane class counts (minus compare masks)
   for (int64_t r = 0; r < nrows; ++r) {
-    const float* s16 = sc + r * NR;
-    float* hs = p.top_s + (r0 + r) * p.k;
-    int64_t* hi = p.top_i + (r0 + r) * p.k;
+    const __m256 thr = _mm256_broadcast_ss(p.top_s + (r0 + r) * p.k);
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = _mm256_load_ps(s16 + 8 * h);
+      const int e0 = static_cast<int>(r * NR + 8 * h);
+      const __m256 s = _mm256_load_ps(sc + e0);
       // max/min return their second operand when it is NaN: excluded lanes stay NaN and fail `ok`
       const __m256 y = _mm256_min_ps(vchi, _mm256_max_ps(vhalf, _mm256_fmadd_ps(s, vscale, voff)));
       const __m256 fl = _mm256_floor_ps(y);
       const __m256 dist = _mm256_and_ps(_mm256_sub_ps(_mm256_sub_ps(y, fl), vhalf), vabs);
       const __m256 ok = _mm256_cmp_ps(dist, vlim, _CMP_LE_OQ);
-      nlow = _mm256_sub_epi32(nlow, _mm256_castps_si256(_mm256_cmp_ps(s, vlow, _CMP_GT_OQ)));
-      nhigh = _mm256_sub_epi32(nhigh, _mm256_castps_si256(_mm256_cmp_ps(s, vhigh, _CMP_GT_OQ)));
+      const __m256 lu = _mm256_cmp_ps(s, vlu, _CMP_GT_OQ), hu = _mm256_cmp_ps(s, vhu, _CMP_GT_OQ);
+      nlow = _mm256_sub_epi32(nlow, _mm256_castps_si256(lu));
+      nhigh = _mm256_sub_epi32(nhigh, _mm256_castps_si256(hu));
+      const __m256 ul = _mm256_andnot_ps(lu, _mm256_cmp_ps(s, vld, _CMP_GT_OQ));
+      const __m256 uh = _mm256_andnot_ps(hu, _mm256_cmp_ps(s, vhd, _CMP_GT_OQ));
+      const __m256 cand = _mm256_cmp_ps(_mm256_add_ps(s, vec), thr, _CMP_GE_OQ);
       const __m256i b = _mm256_add_epi32(
           _mm256_blendv_epi8(vdummy, _mm256_cvttps_epi32(fl), _mm256_castps_si256(ok)), vlane);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pend + r * NR + 8 * h), b);
-      const unsigned okm = static_cast<unsigned>(_mm256_movemask_ps(ok));
-      if (okm != 0xffu) {  // near a bin edge (rare), or excluded
-        for (unsigned sp = ~okm & 0xffu; sp; sp &= sp - 1) count_exact(p, s16[8 * h + __builtin_ctz(sp)], lc);
-      }
-      // the threshold early-out: only scores reaching the row's current k-th best are offered
-      const unsigned candm = static_cast<unsigned>(
-          _mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_broadcast_ss(hs), _CMP_GE_OQ)));
-      for (unsigned cm = candm; cm; cm &= cm - 1) {
-        const int l = __builtin_ctz(cm);
-        offer(p, s16[8 * h + l], gcol0 + 8 * h + l, hs, hi);
-      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pend + e0), b);
+      // undecided lanes (branch-free): near an edge (and not excluded), class unsure, or a candidate
+      const __m256 nok = _mm256_andnot_ps(ok, _mm256_cmp_ps(s, s, _CMP_ORD_Q));
+      const __m256i what = _mm256_or_si256(
+          _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(nok), one), _mm256_and_si256(_mm256_castps_si256(ul), two)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(uh), four), _mm256_and_si256(_mm256_castps_si256(cand), eight)));
+      const unsigned m = static_cast<unsigned>(
+          _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(what, _mm256_setzero_si256()))));
+      if (!p.int16 && m == 0) continue;  // fp32 kernel: flags are rare, so this branch predicts well
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.perm[m]));
+      const int n0 = queue.n;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(queue.what + n0), _mm256_permutevar8x32_epi32(what, perm));
+      _mm256_storeu_ps(queue.a + n0, _mm256_permutevar8x32_ps(s, perm));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(queue.col + n0),
+                          _mm256_add_epi32(_mm256_permutevar8x32_epi32(vlanes, perm),
+                                           _mm256_set1_epi32(static_cast<int32_t>(c0 + 8 * h))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(queue.row + n0), _mm256_set1_epi32(static_cast<int32_t>(r0 + r)));
+      queue.n = n0 + __builtin_popcount(m);
     }
   }
-  alignas(32) int32_t cnt[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(cnt), nlow);
-  for (int l = 0; l < 8; ++l) lc.gt_low += cnt[l];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(cnt), nhigh);
-  for (int l = 0; l < 8; ++l) lc.gt_high += cnt[l];
+  alignas(32) int32_t cntv[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cntv), nlow);
+  for (int l = 0; l < 8; ++l) lc.gt_low += cntv[l];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cntv), nhigh);
+  for (int l = 0; l < 8; ++l) lc.gt_high += cntv[l];
   return nrows * NR;
 }
 #endif
 
+// Score the queued pairs canonically (four at a time), then: exact bin, exact class, heap offer.
+void drain(const Params& p, Queue& q, Local& lc, Canon4Fn canon4) {
+  const int n = q.n;
+  for (int e = 0; e < n; e += 4) {
+    const int g = std::min(4, n - e);
+    const float* xs[4];
+    const float* ys[4];
+    for (int u = 0; u < 4; ++u) {
+      const int i = e + std::min(u, g - 1);
+      xs[u] = p.q + static_cast<int64_t>(q.row[i]) * p.dp;
+      ys[u] = p.t + static_cast<int64_t>(q.col[i]) * p.dp;
+    }
+    float s4[4];
+    canon4(xs, ys, p.dp, s4);
+    for (int u = 0; u < g; ++u) {
+      const int i = e + u;
+      const float s = s4[u];
+      const int32_t what = q.what[i];
+      if (what & kNearEdge) lc.hist[exact_bin(s, p)] += 1;
+      if (what & kLowUnsure) lc.gt_low += s > p.low_t;
+      if (what & kHighUnsure) lc.gt_high += s > p.high_t;
+      float* hs = p.top_s + static_cast<int64_t>(q.row[i]) * p.k;
+      if ((what & kCandidate) && q.a[i] + p.e_cand >= hs[0])
+        offer(p, s, p.col0 + q.col[i], hs, p.top_i + static_cast<int64_t>(q.row[i]) * p.k);
+    }
+  }
+  q.n = 0;
+}
+
 // ---- driver: rows [rb, re) against all of t ------------------------------------------------------
 
 using MicroFn = void (*)(const float* const*, const float*, int64_t, float*, const int32_t*, int64_t, int32_t*);
-using FoldFn = int64_t (*)(const Params&, const float*, int64_t, int64_t, int64_t, Local&, int32_t*);
 
-void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, MicroFn micro, FoldFn fold,
-              const float* zero_row) {
-  alignas(32) float sc[MR * NR];
-  alignas(32) int32_t pend[MR * NR];  // histogram slots of the last folded block, not yet counted
+struct Kernels {
+  MicroFn micro;
+  FoldFn fold;
+  Canon4Fn canon4;
+};
+
+void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels& kf, const float* zero_row,
+              const int16_t* zero_row_i) {
+  alignas(64) float sc[2 * MR * NR];
+  alignas(64) int32_t pend[2 * MR * NR];  // histogram slots of the last folded blocks, not yet counted
+  Queue queue;
   int64_t npend = 0;
   const int64_t panels = (p.n + NR - 1) / NR;
+  const int step = p.int16 ? 2 : 1;
   const int64_t flush_at = (int64_t{1} << 30);
+  int32_t* const S = lc.sub.data();
   for (int64_t tb = 0; tb < panels; tb += NC / NR) {          // tile of NC database rows
     const int64_t te = std::min(panels, tb + NC / NR);
     for (int64_t r0 = rb; r0 < re; r0 += MR) {               // MR query rows
       const int64_t nrows = std::min<int64_t>(MR, re - r0);
       const float* a[MR];
-      for (int r = 0; r < MR; ++r) a[r] = r < nrows ? p.q + (r0 + r) * p.dp : zero_row;
-      for (int64_t pn = tb; pn < te; ++pn) {                  // one panel of NR database rows
-        const int64_t c0 = pn * NR;
-        micro(a, p.tp + pn * p.dp * NR, p.dp, sc, pend, npend, lc.sub.data());
-        npend = 0;
-        if (p.dense) {
-          const int64_t nc = std::min<int64_t>(NR, p.n - c0);
-          for (int64_t r = 0; r < nrows; ++r)
-            std::memcpy(p.dense + (r0 + r) * p.n + c0, sc + r * NR, sizeof(float) * nc);
-        }
-        if (p.top_s == nullptr) continue;  // dense scores only
-        lc.total += nrows * NR - mask_block(p, sc, r0, nrows, c0);
-        lc.in_sub += nrows * NR;
-        npend = fold(p, sc, nrows, r0, p.col0 + c0, lc, pend);
+      const int16_t* ai[MR];
+      for (int r = 0; r < MR; ++r) {
+        a[r] = r < nrows ? p.q + (r0 + r) * p.dp : zero_row;
+        ai[r] = r < nrows && p.qi ? p.qi + (r0 + r) * p.dp : zero_row_i;
       }
-      // (slots still pending are counted after a flush: at most MR * NR more than in_sub allows for)
+      for (int64_t pn = tb; pn < te; pn += step) {           // one or two panels of NR database rows
+#if DSF_X86
+        if (p.int16)
+          micro_vnni(ai, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, p.inv_s2, sc, pend, npend, S);
+        else
+#endif
+          kf.micro(a, p.tp + pn * p.dp * NR, p.dp, sc, pend, npend, S);
+        npend = 0;
+        for (int h = 0; h < step; ++h) {
+          const int64_t c0 = (pn + h) * NR;
+          if (c0 >= p.n) break;
+          float* blk = sc + h * MR * NR;
+          lc.total += nrows * NR - mask_block(p, blk, r0, nrows, c0);
+          lc.in_sub += nrows * NR;
+          npend += kf.fold(p, blk, nrows, r0, c0, lc, pend + npend, queue);
+        }
+        if (queue.n >= QDRAIN) drain(p, queue, lc, kf.canon4);
+      }
+      // (slots still pending are counted after a flush: at most 2 MR NR more than in_sub allows for)
       if (lc.in_sub > flush_at) lc.flush(p.bins);
     }
   }
-  apply_pending(pend, npend, lc.sub.data());
+  apply_pending(pend, npend, S);
+  drain(p, queue, lc, kf.canon4);
 }
 
 // ---- bindings --------------------------------------------------------------------------------------
@@ -361,11 +605,11 @@ float largest_float_le(double v) {
 }
 
 // Pack t (n, dp) into panels (ceil(n / NR), dp, NR), zero rows past n.
-std::vector<float, std::allocator<float>> pack_panels(const float* t, int64_t n, int64_t dp, float** aligned) {
+std::vector<float> pack_panels(const float* t, int64_t n, int64_t dp, float** aligned) {
   const int64_t panels = (n + NR - 1) / NR;
-  std::vector<float> buf(static_cast<size_t>(panels * dp * NR) + 8, 0.0f);
+  std::vector<float> buf(static_cast<size_t>(panels * dp * NR) + 16, 0.0f);
   float* base = buf.data();
-  while (reinterpret_cast<uintptr_t>(base) % 32) ++base;
+  while (reinterpret_cast<uintptr_t>(base) % 64) ++base;
   parallel_for(panels, 4, [&](int64_t pb, int64_t pe) {
     for (int64_t pn = pb; pn < pe; ++pn) {
       float* dst = base + pn * dp * NR;
@@ -380,31 +624,177 @@ std::vector<float, std::allocator<float>> pack_panels(const float* t, int64_t n,
   return buf;
 }
 
+inline double gamma_n(double n) {
+  const double u = std::ldexp(1.0, -24);
+  return n * u / (1.0 - n * u);
+}
+
+struct RowStats {
+  double norm = 0, maxabs = 0;  // largest row norm, largest |entry|
+};
+
+RowStats row_stats(const float* x, int64_t rows, int64_t dp) {
+  std::mutex mu;
+  RowStats all;
+  parallel_for(rows, 512, [&](int64_t rb, int64_t re) {
+    RowStats st;
+    for (int64_t i = rb; i < re; ++i) {
+      double s = 0;
+      for (int64_t k = 0; k < dp; ++k) {
+        const double v = x[i * dp + k];
+        s += v * v;
+        st.maxabs = std::max(st.maxabs, std::fabs(v));
+      }
+      st.norm = std::max(st.norm, std::sqrt(s));
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    all.norm = std::max(all.norm, st.norm);
+    all.maxabs = std::max(all.maxabs, st.maxabs);
+  });
+  all.norm *= 1 + 1e-12;  // sqrt and sum roundings
+  return all;
+}
+
+// Quantise x (rows, dp) to round(x * S) as int16 into dst (row-major, or packed panels of NR rows when
+// packed). Returns max row |x - q / S| (the residual norm), max row |q| (integer norm).
+std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst, bool packed) {
+  std::mutex mu;
+  double rmax = 0, qmax = 0;
+  parallel_for(rows, 512, [&](int64_t rb, int64_t re) {
+    double rl = 0, ql = 0;
+    for (int64_t i = rb; i < re; ++i) {
+      double rr = 0, qq = 0;
+      int16_t* out = packed ? dst + (i / NR) * dp * NR + (i % NR) * 2 : dst + i * dp;
+      for (int64_t k = 0; k < dp; ++k) {
+        const double v = x[i * dp + k];
+        const double w = v * S;  // |w| <= 32766.5: rounded half away from zero, truncation inline
+        const double z = static_cast<double>(static_cast<int32_t>(w + (w >= 0 ? 0.5 : -0.5)));
+        const double res = v - z / S;
+        rr += res * res;
+        qq += z * z;
+        if (packed)
+          out[(k / 2) * 2 * NR + (k & 1)] = static_cast<int16_t>(z);
+        else
+          out[k] = static_cast<int16_t>(z);
+      }
+      rl = std::max(rl, std::sqrt(rr));
+      ql = std::max(ql, std::sqrt(qq));
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    rmax = std::max(rmax, rl);
+    qmax = std::max(qmax, ql);
+  });
+  return {rmax * (1 + 1e-9) + 1e-300, qmax * (1 + 1e-12)};
+}
+
+bool cpu_has_vnni() {
+#if DSF_X86
+  static const bool v = __builtin_cpu_supports("avx512vnni");
+  return v;
+#else
+  return false;
+#endif
+}
+
+struct Buffers {
+  std::vector<float> packed;
+  std::vector<int16_t> qi, tpi;
+};
+
+// Choose the kernel for this call, build its inputs, and set E and everything derived from it.
+void prepare(Params& p, Simd level, Buffers& buf) {
+  const RowStats sq = row_stats(p.q, p.m, p.dp), st = row_stats(p.t, p.n, p.dp);
+  const double scale = p.bins / (p.hi - p.lo);
+  const double e_canon = gamma_n(std::ceil(p.dp / 16.0) + 4) * sq.norm * st.norm;
+  const double e_fp32 = gamma_n(static_cast<double>(p.dp)) * sq.norm * st.norm + e_canon;
+  double e = e_fp32;
+  p.int16 = false;
+  // int16: twice the multiply-add rate, but ~10x the bound, so more pairs near an edge take the exact path
+  // (~30 cycles each against ~16 per pair for the fp32 GEMM): worth it when 2 E scale stays small.
+  const double maxabs = std::max(sq.maxabs, st.maxabs), nmax = std::max(sq.norm, st.norm);
+  if (level >= Simd::AVX512 && cpu_has_vnni() && p.dp % 2 == 0 && maxabs > 0 && nmax > 0) {
+    double S = std::min(32766.5 / maxabs, 46340.0 / nmax);
+    for (int attempt = 0; attempt < 8; ++attempt, S *= 0.99) {
+      buf.qi.assign(static_cast<size_t>(p.m * p.dp), 0);
+      const int64_t panels = ((p.n + NR - 1) / NR + 1) / 2 * 2;
+      buf.tpi.assign(static_cast<size_t>(panels * p.dp * NR) + 32, 0);
+      int16_t* tpi = buf.tpi.data();
+      while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
+      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), false);
+      const auto rt = quantize(p.t, p.n, p.dp, S, tpi, true);
+      if (rq.second * rt.second >= 2147483647.0 * (1 - 1e-9)) continue;  // an int32 dot could overflow
+      const double qn = rq.second / S, tn = rt.second / S;
+      const double e_int16 = rq.first * st.norm + qn * rt.first + 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
+      if (0.5 + 4 * e_int16 * scale < 1 + 4 * e_fp32 * scale) {
+        p.int16 = true;
+        p.qi = buf.qi.data();
+        p.tpi = tpi;
+        p.inv_s2 = static_cast<float>(1.0 / (S * S));
+        e = e_int16;
+      }
+      break;
+    }
+    if (!p.int16) {
+      buf.qi.clear();
+      buf.tpi.clear();
+    }
+  }
+  if (!p.int16) {
+    float* tp = nullptr;
+    buf.packed = pack_panels(p.t, p.n, p.dp, &tp);
+    p.tp = tp;
+  }
+  e = e * (1 + 1e-6) + 1e-12;
+  // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
+  // (bins + 2 + |lo| scale) for every slot that is not clamped; plus |a - s| scale <= E scale
+  p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7 +
+                                e * scale * (1 + 1e-6));
+  auto up = [](double v) {
+    float f = static_cast<float>(v);
+    if (static_cast<double>(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+    return f;
+  };
+  auto dn = [](double v) {
+    float f = static_cast<float>(v);
+    if (static_cast<double>(f) > v) f = std::nextafter(f, kNegInf);
+    return f;
+  };
+  p.low_up = up(static_cast<double>(p.low_t) + e);
+  p.low_dn = dn(static_cast<double>(p.low_t) - e);
+  p.high_up = up(static_cast<double>(p.high_t) + e);
+  p.high_dn = dn(static_cast<double>(p.high_t) - e);
+  p.e_cand = up(e + 2.4e-7);  // + half an ulp of a + e_cand (< 2)
+}
+
+Kernels kernels(Simd level) {
+  Kernels kf{&micro_scalar, &fold_scalar, &canon_dot4_scalar};
+#if DSF_X86
+  if (level >= Simd::AVX2) kf = Kernels{&micro_avx2, &fold_avx2, &canon_dot4_avx2};
+#endif
+  return kf;
+}
+
 void run(Params& p, int threads, int64_t* H, int64_t* C) {
   const Simd level = active_simd();
-  MicroFn micro = &micro_scalar;
-  FoldFn fold = &fold_block_scalar;
-#if DSF_X86
-  if (level >= Simd::AVX2) {
-    micro = &micro_avx2;
-    fold = &fold_block_avx2;
-  }
-#endif
-  float* tp = nullptr;
-  auto packed = pack_panels(p.t, p.n, p.dp, &tp);
-  p.tp = tp;
-  const std::vector<float> zero_row(static_cast<size_t>(p.dp), 0.0f);
+  const Kernels kf = kernels(level);
+  Buffers buf;
+  prepare(p, level, buf);
+  const std::vector<float> zero_row(static_cast<size_t>(p.dp) + 16, 0.0f);
+  const std::vector<int16_t> zero_row_i(static_cast<size_t>(p.dp) + 32, 0);
+  const int16_t* zi = zero_row_i.data();
+  while (reinterpret_cast<uintptr_t>(zi) % 4) ++zi;
   std::mutex mu;
   const int nt = threads > 0 ? std::min(threads, num_threads()) : num_threads();
-  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load
+  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load; up to 384
+  // rows, so that the fp32 rows of t that flagged pairs read are streamed from memory once per 384 query
+  // rows (at 96 rows that traffic cost ~0.1 s of the 20000^2 x 256 problem)
   int64_t grain = ((p.m + 4 * nt - 1) / (4 * nt) + MR - 1) / MR * MR;
-  grain = std::max<int64_t>(MR, std::min<int64_t>(grain, 16 * MR));
+  grain = std::max<int64_t>(MR, std::min<int64_t>(grain, 64 * MR));
   parallel_for(
       p.m, grain,
       [&](int64_t rb, int64_t re) {
         Local lc(p.bins);
-        run_rows(p, rb, re, lc, micro, fold, zero_row.data());
-        if (!H) return;
+        run_rows(p, rb, re, lc, kf, zero_row.data(), zi);
         lc.flush(p.bins);
         std::lock_guard<std::mutex> lk(mu);
         for (int b = 0; b < p.bins; ++b) H[b] += lc.hist[b];
@@ -415,9 +805,9 @@ void run(Params& p, int threads, int64_t* H, int64_t* C) {
       nt);
 }
 
-void topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int64_t self_offset, py::array top_s,
-                py::array top_i, py::array hist, py::array classes, double lo, double hi, double low, double high,
-                int threads) {
+std::string topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int64_t self_offset, py::array top_s,
+                       py::array top_i, py::array hist, py::array classes, double lo, double hi, double low,
+                       double high, int threads) {
   check_c2d(q, "q", -1, -1, 'f', 4);
   const py::ssize_t m = q.shape(0), dp = q.shape(1);
   check_c2d(t, "t", -1, dp, 'f', 4);
@@ -443,7 +833,6 @@ void topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int64_t se
   p.t = static_cast<const float*>(t.data());
   p.top_s = static_cast<float*>(top_s.mutable_data());
   p.top_i = static_cast<int64_t*>(top_i.mutable_data());
-  p.dense = nullptr;
   p.m = m;
   p.n = n;
   p.dp = dp;
@@ -458,17 +847,17 @@ void topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int64_t se
   p.high = high;
   const double scale = bins / (hi - lo);
   p.scale_f = static_cast<float>(scale);
-  p.off_f = static_cast<float>(1.0 - lo * scale);
-  // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
-  // (bins + 2 + |lo| scale) for every slot that is not clamped (|s| scale <= bins + |lo| scale + 1)
-  p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (bins + 2 + std::fabs(lo) * scale) + 1e-7);
+  p.off_f = static_cast<float>(1.0 - lo * scale);  // (margin, E and the class bounds: prepare())
   p.low_t = largest_float_le(low);
   p.high_t = largest_float_le(high);
-  if (m == 0 || n == 0) return;
+  if (m == 0 || n == 0) return "none";
   int64_t* H = static_cast<int64_t*>(hist.mutable_data());
   int64_t* C = static_cast<int64_t*>(classes.mutable_data());
-  py::gil_scoped_release nogil;
-  run(p, threads, H, C);
+  {
+    py::gil_scoped_release nogil;
+    run(p, threads, H, C);
+  }
+  return p.int16 ? "int16" : "fp32";
 }
 
 void cosine_scores(py::array q, py::array t, py::array out) {
@@ -478,19 +867,24 @@ void cosine_scores(py::array q, py::array t, py::array out) {
   const py::ssize_t n = t.shape(0);
   check_c2d(out, "out", m, n, 'f', 4);
   if (!out.writeable()) throw py::value_error("out must be writeable");
-  Params p{};
-  p.q = static_cast<const float*>(q.data());
-  p.t = static_cast<const float*>(t.data());
-  p.dense = static_cast<float*>(out.mutable_data());
-  p.m = m;
-  p.n = n;
-  p.dp = dp;
-  p.k = 1;
-  p.bins = 1;
-  p.self_offset = -1;
+  const float* Q = static_cast<const float*>(q.data());
+  const float* T = static_cast<const float*>(t.data());
+  float* O = static_cast<float*>(out.mutable_data());
   if (m == 0 || n == 0) return;
+  const Canon4Fn canon4 = kernels(active_simd()).canon4;
   py::gil_scoped_release nogil;
-  run(p, 0, nullptr, nullptr);
+  parallel_for(m, 4, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb; i < re; ++i) {
+      const float* xs[4] = {Q + i * dp, Q + i * dp, Q + i * dp, Q + i * dp};
+      for (int64_t j = 0; j < n; j += 4) {
+        const float* ys[4];
+        for (int u = 0; u < 4; ++u) ys[u] = T + std::min<int64_t>(j + u, n - 1) * dp;
+        float s4[4];
+        canon4(xs, ys, dp, s4);
+        for (int u = 0; u < 4 && j + u < n; ++u) O[i * n + j + u] = s4[u];
+      }
+    }
+  });
 }
 
 // Rows of x (n, d) (float32 or float64) L2-normalised into out (n, dp >= d) float32: norm = sqrt of the
@@ -550,11 +944,14 @@ void register_topk(py::module_& m) {
         "top_s (m, k) float32 / top_i (m, k) int64 (root = worst; start from -inf / INT64_MAX), the histogram\n"
         "hist (bins,) int64 on [lo, hi] and classes = [different, similar, duplicate] (int64, added to).\n"
         "Global indices: query row0 + r, database col0 + j; with self_offset >= 0 the pair\n"
-        "(r, self_offset + row0 + r) is excluded. Scores are canonical (sequential fp32 FMA over dp).\n"
-        "threads: at most this many workers (0 = num_threads()). GIL released.");
+        "(r, self_offset + row0 + r) is excluded. Scores are canonical (16-lane fp32 FMA, fixed tree).\n"
+        "threads: at most this many workers (0 = num_threads()). GIL released. Returns the approximate-score\n"
+        "kernel it used: 'int16' (AVX-512 VNNI) or 'fp32' ('none' for an empty block).");
+  m.def("topk_int16_supported", &cpu_has_vnni, "Whether this CPU has AVX-512 VNNI (the int16 top-k kernel).");
   m.def("cosine_scores", &cosine_scores, py::arg("q"), py::arg("t"), py::arg("out"),
-        "Canonical fp32 scores out[i, j] = sum_k q[i, k] t[j, k] by sequential FMA (q (m, dp), t (n, dp),\n"
-        "out (m, n) float32): the scores topk_fused folds, identical on every SIMD level and thread count.");
+        "Canonical fp32 scores out[i, j] = sum_k q[i, k] t[j, k] (16 lanes of sequential FMA, fixed tree;\n"
+        "q (m, dp), t (n, dp), out (m, n) float32): the scores topk_fused reports, identical on every SIMD\n"
+        "level and thread count.");
 }
 
 static Registrar reg("topk", &register_topk);

@@ -8,9 +8,13 @@ Conventions (the same on every backend; native results are bit-identical across 
 ------------------------------------------------------------------------------------------------------
 * Cosine similarity: every row is L2-normalised inside (norm in float64, row stored as float32); an
   all-zero row is an error naming the set and row.
-* A pair's score on CPU is its *canonical* fp32 dot product of the normalised rows: a sequential FMA
-  sum over the d components (see ``csrc/topk.cpp``), computed that way by every lane of the native GEMM
-  micro-kernel and by its scalar path, so results do not depend on tiling, threads or SIMD level.
+* A pair's score on CPU is its *canonical* fp32 dot product of the normalised rows: 16 lanes of
+  sequential fp32 FMA (lane l sums components l, l + 16, ...), then a fixed pairwise tree (see
+  ``csrc/topk.cpp``; within ~2e-6 of the exact dot product at d = 256, typically ~1e-8). The native
+  engine finds every pair's bin, class and top-k membership from a fast approximate score with a proven
+  error bound (int16 AVX-512 VNNI products where the CPU has them, else an fp32 GEMM), and computes the
+  canonical score of every pair the bound leaves undecided, so results do not depend on the kernel,
+  tiling, threads or SIMD level.
 * ``scores`` (n_synth, k) float32 descending; ``indices`` (n_synth, k) int64 into ``train``; equal
   scores go to the lower training index.
 * Histogram: ``bins`` equal-width bins on [-1, 1]; bin = floor((s - lo) / (hi - lo) * bins) computed in
@@ -22,7 +26,8 @@ Conventions (the same on every backend; native results are bit-identical across 
   self_offset=0)``: self-pairs are excluded from top-k, histogram and class counts, so the histogram
   counts ordered pairs i != j (each unordered pair twice).
 
-Backends: ``"native"`` (CPU default: a C++ AVX2 GEMM micro-kernel fused with selection and histogram),
+Backends: ``"native"`` (CPU default: a C++ GEMM micro-kernel (int16 VNNI or fp32 AVX2) fused with selection
+and histogram),
 ``"triton"`` (default for CUDA tensors / cupy arrays; on CPU tensors only with ``TRITON_INTERPRET=1``)
 and ``"torch"`` (chunked ``torch.mm`` + stable sort, the portable fallback). The GPU and torch backends
 score pairs with their own fp32 GEMM, so their scores may differ from the canonical ones in the last
@@ -384,7 +389,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                  matrix=matrix)
     if bk == "native":
         scores, indices, counts, cls = _run_native(Q.numpy(), T.numpy(), block=block or 65536,
-                                                   tile=tile or 16384, **state)
+                                                   tile=tile or 32768, **state)
     elif bk == "torch":
         scores, indices, counts, cls = _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
     else:

@@ -187,20 +187,32 @@ def test_block_tile_thread_and_simd_invariance():
     assert np.array_equal(m_auto, m_scalar)
 
 
-def test_canonical_score_is_sequential_fma_independently_emulated():
-    """The canonical score is acc = fma(q[k], t[k], acc), k = 0..d-1, in fp32: emulated here in float64
-    (the product of two floats is exact in float64; rounding the sum to float32 then equals the fused
-    rounding except on exact float32 midpoints, ~2^-29 per step)."""
-    rng = np.random.default_rng(SEED + 30)
-    q = rng.standard_normal((13, 37)).astype(np.float32)
-    t = rng.standard_normal((29, 37)).astype(np.float32)
-    qp = np.zeros((13, 40), np.float32)
-    tp = np.zeros((29, 40), np.float32)
-    qp[:, :37], tp[:, :37] = q, t
-    acc = np.zeros((13, 29), np.float32)
-    for kk in range(37):
-        acc = (np.outer(q[:, kk].astype(np.float64), t[:, kk].astype(np.float64)) + acc).astype(np.float32)
-    for level in ("auto", "scalar"):
+def _emulate_canonical(q: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The canonical score, emulated in numpy: 16 lanes, lane l = fma(q[k], t[k], lane) over k = l, l + 16, ...
+    in fp32 (the product of two floats is exact in float64; rounding the sum to float32 then equals the fused
+    rounding except on exact float32 midpoints, ~2^-29 per step), then v = L[:8] + L[8:], w = v[:4] + v[4:],
+    u = w[:2] + w[2:], s = u[0] + u[1], each add in float32."""
+    lanes = np.zeros((16, q.shape[0], t.shape[0]), np.float32)
+    for kk in range(q.shape[1]):
+        prod = np.outer(q[:, kk].astype(np.float64), t[:, kk].astype(np.float64))
+        lanes[kk % 16] = (prod + lanes[kk % 16]).astype(np.float32)
+    v = lanes[:8] + lanes[8:]
+    w = v[:4] + v[4:]
+    u = w[:2] + w[2:]
+    return u[0] + u[1]
+
+
+@pytest.mark.parametrize("d", [37, 256, 8])
+def test_canonical_score_is_the_16_lane_fma_tree_independently_emulated(d):
+    rng = np.random.default_rng(SEED + 30 + d)
+    q = rng.standard_normal((13, d)).astype(np.float32)
+    t = rng.standard_normal((29, d)).astype(np.float32)
+    dp = -(-d // 8) * 8
+    qp = np.zeros((13, dp), np.float32)
+    tp = np.zeros((29, dp), np.float32)
+    qp[:, :d], tp[:, :d] = q, t
+    acc = _emulate_canonical(q, t)
+    for level in ("auto", "avx2", "scalar"):
         out = np.full((13, 29), np.nan, np.float32)
         try:
             _native.set_simd_level(level)
@@ -514,3 +526,56 @@ def test_native_row_normalisation_is_the_float64_rule(dtype):
     z = x.astype(np.float32)
     z[[2500, 700]] = 0
     assert _native.normalize_rows(z, out) == 700
+
+
+def _adversarial(d: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose scores sit on the thresholds and bin edges (to float32 rounding), exact +-1 scores, one-hot
+    rows (the largest possible component: it sets the int16 scale) and ordinary random rows."""
+    rng = np.random.default_rng(SEED + 70)
+    train = rng.standard_normal((400, d))
+    train[:8] = np.eye(d)[:8]
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    rows = []
+    for j, tau in enumerate([0.6, 0.85, 0.3, -0.5, 0.99, 0.61, 0.845, 0.0, -0.99, 0.605]):
+        base = train[10 + j]
+        for eps in (0.0, 1e-7, -1e-7, 3e-5, -3e-5, 2e-4, -2e-4):
+            u = rng.standard_normal(d)
+            u -= (u @ base) * base
+            u /= np.linalg.norm(u)
+            c = tau + eps
+            rows.append(c * base + np.sqrt(1 - c * c) * u)
+    rows += [train[3], -train[5], train[0], 0.5 * train[1] + 0.5 * train[2]]
+    synth = np.concatenate([np.array(rows), rng.standard_normal((60, d))])
+    return train.astype(np.float32), synth.astype(np.float32)
+
+
+@pytest.mark.parametrize("bins", [200, 4096, 7])
+def test_both_approximate_kernels_are_exact_on_rows_at_thresholds_and_edges(bins):
+    """Whichever kernel makes the approximate scores (int16 VNNI or fp32), every pair near a threshold, a bin
+    edge or the top-k is re-scored canonically: results equal the canonical brute force, on every SIMD level."""
+    train, synth = _adversarial()
+    want_s, want_i, want_h, want_c = _brute(train, synth, 7, bins=bins)
+    q = _normalize(torch.as_tensor(synth), "synth", 64, "cpu").numpy()
+    t = _normalize(torch.as_tensor(train), "train", 64, "cpu").numpy()
+    kernels = {}
+    for level in ("auto", "avx2", "scalar"):
+        try:
+            _native.set_simd_level(level)
+            r = all_pairs(train, synth, k=7, bins=bins, progress=False)
+            ts = np.full((len(q), 7), -np.inf, np.float32)
+            ti = np.full((len(q), 7), np.iinfo(np.int64).max, np.int64)
+            h, c = np.zeros(bins, np.int64), np.zeros(3, np.int64)
+            kernels[level] = _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85)
+        finally:
+            _native.set_simd_level("auto")
+        assert np.array_equal(r.indices, want_i), (level, _first_mismatch(r.indices, want_i))
+        assert np.array_equal(r.scores, want_s), (level, _first_mismatch(r.scores, want_s))
+        assert np.array_equal(r.histogram[0], want_h), (level, _first_mismatch(r.histogram[0], want_h))
+        assert r.class_counts == want_c, level
+        assert np.array_equal(h, want_h) and list(c) == list(want_c.values()), level
+    assert kernels["avx2"] == kernels["scalar"] == "fp32"
+    # the int16 kernel runs where the CPU has it, unless the bins are so fine that its error bound would
+    # send most pairs to the exact path
+    want_auto = "int16" if _native.topk_int16_supported() and _native.simd_level() == "avx512" and bins <= 200 \
+        else "fp32"
+    assert kernels["auto"] == want_auto, kernels
