@@ -80,6 +80,8 @@ struct Params {
   float low_t, high_t;           // largest floats <= low / high: s > low_t  <=>  (double) s > low
   float low_up, low_dn, high_up, high_dn;  // a > low_up => s > low_t;  a <= low_dn => s <= low_t
   float e_cand;                  // a + e_cand >= (row's k-th best) for every pair that may enter the top-k
+  const float* row_m;            // int16: per-pair histogram margin row_m[i] + col_m[j] (else nullptr: margin)
+  const float* col_m;
   bool int16;                    // which kernel
 };
 
@@ -220,6 +222,34 @@ DSF_TARGET_AVX2 void canon_dot4_avx2(const float* const* x, const float* const* 
   out[1] = canon_tree_avx2(a1, b1);
   out[2] = canon_tree_avx2(a2, b2);
   out[3] = canon_tree_avx2(a3, b3);
+}
+#endif
+
+#if DSF_X86
+// AVX-512: the 16 lanes are one register.
+DSF_TARGET_AVX512 void canon_dot4_avx512(const float* const* x, const float* const* y, int64_t dp, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= dp; k += 16) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x[0] + k), _mm512_loadu_ps(y[0] + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x[1] + k), _mm512_loadu_ps(y[1] + k), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x[2] + k), _mm512_loadu_ps(y[2] + k), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x[3] + k), _mm512_loadu_ps(y[3] + k), a3);
+  }
+  if (k < dp) {  // tail: masked loads (zero lanes add 0 * 0, which changes no lane)
+    const __mmask16 mk = static_cast<__mmask16>((1u << (dp - k)) - 1);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[0] + k), _mm512_maskz_loadu_ps(mk, y[0] + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[1] + k), _mm512_maskz_loadu_ps(mk, y[1] + k), a1);
+    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[2] + k), _mm512_maskz_loadu_ps(mk, y[2] + k), a2);
+    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[3] + k), _mm512_maskz_loadu_ps(mk, y[3] + k), a3);
+  }
+  alignas(64) float L[4][16];
+  _mm512_store_ps(L[0], a0);
+  _mm512_store_ps(L[1], a1);
+  _mm512_store_ps(L[2], a2);
+  _mm512_store_ps(L[3], a3);
+  for (int i = 0; i < 4; ++i)  // lanes 0-7 and 8-15: the same tree as the AVX2 form
+    out[i] = canon_tree_avx2(_mm256_load_ps(L[i]), _mm256_load_ps(L[i] + 8));
 }
 #endif
 
@@ -373,9 +403,9 @@ enum : int32_t { kNearEdge = 1, kLowUnsure = 2, kHighUnsure = 4, kCandidate = 8 
 constexpr int QCAP = 256;   // capacity: >= QDRAIN - 1 + LIST (one micro-kernel call's blocks)
 constexpr int QDRAIN = 64;  // score the queue once it holds this many
 static_assert(QCAP >= QDRAIN - 1 + LIST, "queue too small");
-struct Queue {  // structure of arrays, 8 spare slots for the 8-wide stores of the vector fold
-  alignas(32) int32_t row[QCAP + 8], col[QCAP + 8], what[QCAP + 8];
-  alignas(32) float a[QCAP + 8];
+struct Queue {  // structure of arrays, 16 spare slots for the full-width stores of the vector folds
+  alignas(64) int32_t row[QCAP + 16], col[QCAP + 16], what[QCAP + 16];
+  alignas(64) float a[QCAP + 16];
   int n = 0;
 };
 
@@ -454,6 +484,7 @@ DSF_TARGET_AVX2 int64_t fold_avx2(const Params& p, const float* sc, int64_t nrow
   __m256i nlow = _mm256_setzero_si256(), nhigh = nlow;  // per-lane class counts (minus compare masks)
   for (int64_t r = 0; r < nrows; ++r) {
     const __m256 thr = _mm256_broadcast_ss(p.top_s + (r0 + r) * p.k);
+    const __m256 vrm = _mm256_set1_ps(p.row_m ? p.row_m[r0 + r] : 0.0f);
     for (int h = 0; h < 2; ++h) {
       const int e0 = static_cast<int>(r * NR + 8 * h);
       const __m256 s = _mm256_load_ps(sc + e0);
@@ -461,7 +492,9 @@ DSF_TARGET_AVX2 int64_t fold_avx2(const Params& p, const float* sc, int64_t nrow
       const __m256 y = _mm256_min_ps(vchi, _mm256_max_ps(vhalf, _mm256_fmadd_ps(s, vscale, voff)));
       const __m256 fl = _mm256_floor_ps(y);
       const __m256 dist = _mm256_and_ps(_mm256_sub_ps(_mm256_sub_ps(y, fl), vhalf), vabs);
-      const __m256 ok = _mm256_cmp_ps(dist, vlim, _CMP_LE_OQ);
+      const __m256 lim = p.row_m ? _mm256_sub_ps(vhalf, _mm256_add_ps(vrm, _mm256_loadu_ps(p.col_m + c0 + 8 * h)))
+                                 : vlim;
+      const __m256 ok = _mm256_cmp_ps(dist, lim, _CMP_LE_OQ);
       const __m256 lu = _mm256_cmp_ps(s, vlu, _CMP_GT_OQ), hu = _mm256_cmp_ps(s, vhu, _CMP_GT_OQ);
       nlow = _mm256_sub_epi32(nlow, _mm256_castps_si256(lu));
       nhigh = _mm256_sub_epi32(nhigh, _mm256_castps_si256(hu));
@@ -497,6 +530,66 @@ DSF_TARGET_AVX2 int64_t fold_avx2(const Params& p, const float* sc, int64_t nrow
   for (int l = 0; l < 8; ++l) lc.gt_high += cntv[l];
   return nrows * NR;
 }
+#endif
+
+#if DSF_X86
+// (GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_*(), which -Wall reports as
+// uninitialised; the value is never read.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// The 16-lane fold (AVX-512): one register per block row; lane l counts into sub-histogram l mod 8.
+DSF_TARGET_AVX512 int64_t fold_avx512(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t c0,
+                                      Local& lc, int32_t* pend, Queue& queue) {
+  const __m512 vscale = _mm512_set1_ps(p.scale_f), voff = _mm512_set1_ps(p.off_f);
+  const __m512 vhalf = _mm512_set1_ps(0.5f), vchi = _mm512_set1_ps(p.bins + 1.5f);
+  const __m512 vlim = _mm512_set1_ps(0.5f - p.margin);
+  const __m512 vlu = _mm512_set1_ps(p.low_up), vld = _mm512_set1_ps(p.low_dn);
+  const __m512 vhu = _mm512_set1_ps(p.high_up), vhd = _mm512_set1_ps(p.high_dn);
+  const __m512 vec = _mm512_set1_ps(p.e_cand);
+  const int st = p.bins + 3;
+  const __m512i vlanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vlane = _mm512_mullo_epi32(_mm512_and_si512(vlanes, _mm512_set1_epi32(7)), _mm512_set1_epi32(st));
+  const __m512i vdummy = _mm512_add_epi32(vlane, _mm512_set1_epi32(p.bins + 2));
+  const __m512i vcols = _mm512_add_epi32(vlanes, _mm512_set1_epi32(static_cast<int32_t>(c0)));
+  const __m512 col_m = p.row_m ? _mm512_loadu_ps(p.col_m + c0) : _mm512_setzero_ps();
+  int64_t nlow = 0, nhigh = 0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    const int e0 = static_cast<int>(r * NR);
+    const __m512 s = _mm512_loadu_ps(sc + e0);
+    const __m512 thr = _mm512_set1_ps(p.top_s[(r0 + r) * p.k]);
+    // max/min return their second operand when it is NaN: excluded lanes stay NaN and fail `ok`
+    const __m512 y = _mm512_min_ps(vchi, _mm512_max_ps(vhalf, _mm512_fmadd_ps(s, vscale, voff)));
+    const __m512 fl = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(_mm512_sub_ps(y, fl), vhalf));
+    const __m512 lim = p.row_m ? _mm512_sub_ps(vhalf, _mm512_add_ps(_mm512_set1_ps(p.row_m[r0 + r]), col_m)) : vlim;
+    const __mmask16 ok = _mm512_cmp_ps_mask(dist, lim, _CMP_LE_OQ);
+    const __mmask16 lu = _mm512_cmp_ps_mask(s, vlu, _CMP_GT_OQ), hu = _mm512_cmp_ps_mask(s, vhu, _CMP_GT_OQ);
+    nlow += __builtin_popcount(lu);
+    nhigh += __builtin_popcount(hu);
+    const __mmask16 ul = static_cast<__mmask16>(_mm512_cmp_ps_mask(s, vld, _CMP_GT_OQ) & ~lu);
+    const __mmask16 uh = static_cast<__mmask16>(_mm512_cmp_ps_mask(s, vhd, _CMP_GT_OQ) & ~hu);
+    const __mmask16 cand = _mm512_cmp_ps_mask(_mm512_add_ps(s, vec), thr, _CMP_GE_OQ);
+    const __mmask16 nok = static_cast<__mmask16>(~ok & _mm512_cmp_ps_mask(s, s, _CMP_ORD_Q));
+    _mm512_storeu_si512(pend + e0, _mm512_mask_add_epi32(vdummy, ok, _mm512_cvttps_epi32(fl), vlane));
+    const __mmask16 m = static_cast<__mmask16>(nok | ul | uh | cand);
+    const __m512i what = _mm512_or_si512(
+        _mm512_or_si512(_mm512_maskz_mov_epi32(nok, _mm512_set1_epi32(kNearEdge)),
+                        _mm512_maskz_mov_epi32(ul, _mm512_set1_epi32(kLowUnsure))),
+        _mm512_or_si512(_mm512_maskz_mov_epi32(uh, _mm512_set1_epi32(kHighUnsure)),
+                        _mm512_maskz_mov_epi32(cand, _mm512_set1_epi32(kCandidate))));
+    const int n0 = queue.n;
+    _mm512_storeu_si512(queue.what + n0, _mm512_maskz_compress_epi32(m, what));
+    _mm512_storeu_ps(queue.a + n0, _mm512_maskz_compress_ps(m, s));
+    _mm512_storeu_si512(queue.col + n0, _mm512_maskz_compress_epi32(m, vcols));
+    _mm512_storeu_si512(queue.row + n0, _mm512_set1_epi32(static_cast<int32_t>(r0 + r)));
+    queue.n = n0 + __builtin_popcount(m);
+  }
+  lc.gt_low += nlow;
+  lc.gt_high += nhigh;
+  return nrows * NR;
+}
+#pragma GCC diagnostic pop
 #endif
 
 // Score the queued pairs canonically (four at a time), then: exact bin, exact class, heap offer.
@@ -657,7 +750,9 @@ RowStats row_stats(const float* x, int64_t rows, int64_t dp) {
 
 // Quantise x (rows, dp) to round(x * S) as int16 into dst (row-major, or packed panels of NR rows when
 // packed). Returns max row |x - q / S| (the residual norm), max row |q| (integer norm).
-std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst, bool packed) {
+// row_res[i] (if given): the row's residual norm, rounded up.
+std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst, bool packed,
+                                   float* row_res) {
   std::mutex mu;
   double rmax = 0, qmax = 0;
   parallel_for(rows, 512, [&](int64_t rb, int64_t re) {
@@ -679,6 +774,7 @@ std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, dou
       }
       rl = std::max(rl, std::sqrt(rr));
       ql = std::max(ql, std::sqrt(qq));
+      if (row_res) row_res[i] = static_cast<float>(std::sqrt(rr) * (1 + 1e-6));
     }
     std::lock_guard<std::mutex> lk(mu);
     rmax = std::max(rmax, rl);
@@ -699,6 +795,7 @@ bool cpu_has_vnni() {
 struct Buffers {
   std::vector<float> packed;
   std::vector<int16_t> qi, tpi;
+  std::vector<float> row_res, col_res, row_m, col_m;
 };
 
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
@@ -720,8 +817,10 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       buf.tpi.assign(static_cast<size_t>(panels * p.dp * NR) + 32, 0);
       int16_t* tpi = buf.tpi.data();
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
-      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), false);
-      const auto rt = quantize(p.t, p.n, p.dp, S, tpi, true);
+      buf.row_res.assign(static_cast<size_t>(p.m), 0.0f);
+      buf.col_res.assign(static_cast<size_t>(panels * NR), 0.0f);
+      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), false, buf.row_res.data());
+      const auto rt = quantize(p.t, p.n, p.dp, S, tpi, true, buf.col_res.data());
       if (rq.second * rt.second >= 2147483647.0 * (1 - 1e-9)) continue;  // an int32 dot could overflow
       const double qn = rq.second / S, tn = rt.second / S;
       const double e_int16 = rq.first * st.norm + qn * rt.first + 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
@@ -731,6 +830,18 @@ void prepare(Params& p, Simd level, Buffers& buf) {
         p.tpi = tpi;
         p.inv_s2 = static_cast<float>(1.0 / (S * S));
         e = e_int16;
+        // per pair, the histogram needs only |rx_i| |y| + |qx / S| |ry_j| (the maxima above are the worst
+        // row and the worst column): margin_ij = row_m[i] + col_m[j], in slot units
+        const double base = 8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7;
+        const double rest = 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
+        buf.row_m.resize(buf.row_res.size());
+        buf.col_m.resize(buf.col_res.size());
+        for (size_t i = 0; i < buf.row_m.size(); ++i)
+          buf.row_m[i] = static_cast<float>((base + (buf.row_res[i] * st.norm + rest) * scale * (1 + 1e-6)) * (1 + 1e-6));
+        for (size_t j = 0; j < buf.col_m.size(); ++j)
+          buf.col_m[j] = static_cast<float>(qn * buf.col_res[j] * scale * (1 + 1e-6) * (1 + 1e-6));
+        p.row_m = buf.row_m.data();
+        p.col_m = buf.col_m.data();
       }
       break;
     }
@@ -770,6 +881,10 @@ Kernels kernels(Simd level) {
   Kernels kf{&micro_scalar, &fold_scalar, &canon_dot4_scalar};
 #if DSF_X86
   if (level >= Simd::AVX2) kf = Kernels{&micro_avx2, &fold_avx2, &canon_dot4_avx2};
+  if (level >= Simd::AVX512) {
+    kf.fold = &fold_avx512;
+    kf.canon4 = &canon_dot4_avx512;
+  }
 #endif
   return kf;
 }
