@@ -417,6 +417,18 @@ inline void enqueue(Queue& q, int32_t row, int32_t col, float a, int32_t what) {
   ++q.n;
 }
 
+// Fetch the t row of a flagged pair while the queue fills (the fp32 kernel flags ~0.5 % of pairs, so the row
+// is usually not in cache; the int16 kernel flags ~4 %, and its rows mostly are).
+inline void prefetch_row(const Params& p, int64_t col) {
+#if DSF_X86
+  const char* line = reinterpret_cast<const char*>(p.t + col * p.dp);
+  for (int64_t off = 0; off < p.dp * 4; off += 64) _mm_prefetch(line + off, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)col;
+#endif
+}
+
 // lane-compress permutations: perm[m] lists the set lanes of the 8-bit mask m first
 struct CompressLut {
   alignas(32) int32_t perm[256][8];
@@ -511,7 +523,10 @@ DSF_TARGET_AVX2 int64_t fold_avx2(const Params& p, const float* sc, int64_t nrow
           _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(uh), four), _mm256_and_si256(_mm256_castps_si256(cand), eight)));
       const unsigned m = static_cast<unsigned>(
           _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(what, _mm256_setzero_si256()))));
-      if (!p.int16 && m == 0) continue;  // fp32 kernel: flags are rare, so this branch predicts well
+      if (!p.int16) {  // fp32 kernel: flags are rare (this branch predicts well) and their t rows cold
+        if (m == 0) continue;
+        for (unsigned b = m; b; b &= b - 1) prefetch_row(p, c0 + 8 * h + __builtin_ctz(b));
+      }
       const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.perm[m]));
       const int n0 = queue.n;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(queue.what + n0), _mm256_permutevar8x32_epi32(what, perm));
@@ -573,6 +588,10 @@ DSF_TARGET_AVX512 int64_t fold_avx512(const Params& p, const float* sc, int64_t 
     const __mmask16 nok = static_cast<__mmask16>(~ok & _mm512_cmp_ps_mask(s, s, _CMP_ORD_Q));
     _mm512_storeu_si512(pend + e0, _mm512_mask_add_epi32(vdummy, ok, _mm512_cvttps_epi32(fl), vlane));
     const __mmask16 m = static_cast<__mmask16>(nok | ul | uh | cand);
+    if (!p.int16) {  // fp32 kernel: flags are rare (this branch predicts well) and their t rows cold
+      if (m == 0) continue;
+      for (unsigned b = m; b; b &= b - 1) prefetch_row(p, c0 + __builtin_ctz(b));
+    }
     const __m512i what = _mm512_or_si512(
         _mm512_or_si512(_mm512_maskz_mov_epi32(nok, _mm512_set1_epi32(kNearEdge)),
                         _mm512_maskz_mov_epi32(ul, _mm512_set1_epi32(kLowUnsure))),
@@ -900,9 +919,10 @@ void run(Params& p, int threads, int64_t* H, int64_t* C) {
   while (reinterpret_cast<uintptr_t>(zi) % 4) ++zi;
   std::mutex mu;
   const int nt = threads > 0 ? std::min(threads, num_threads()) : num_threads();
-  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load; up to 384
-  // rows, so that the fp32 rows of t that flagged pairs read are streamed from memory once per 384 query
-  // rows (at 96 rows that traffic cost ~0.1 s of the 20000^2 x 256 problem)
+  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load; int16: up to
+  // 384 rows, so that the fp32 rows of t that its flagged pairs (~4 %) read are streamed from memory once
+  // per 384 query rows (at 96 rows that traffic cost ~0.1 s of the 20000^2 x 256 problem); fp32: 96 rows
+  // (its panels are twice as large, and it flags ~0.5 % of pairs)
   int64_t grain = ((p.m + 4 * nt - 1) / (4 * nt) + MR - 1) / MR * MR;
   grain = std::max<int64_t>(MR, std::min<int64_t>(grain, 64 * MR));
   parallel_for(
