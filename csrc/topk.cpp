@@ -22,14 +22,19 @@
 //          gamma(dp / 16 + 4)) |q| |t| (~1.6e-5 at d = 256).
 //      t is packed once per call into panels of NR = 16 rows (k-major); each worker takes MR = 6 query
 //      rows at a time (6 x 16 or, int16, 6 x 32 scores in registers).
+//      The int16 kernel is used where the CPU has it unless the bins are so fine that its larger E would
+//      send most pairs to step 3 (prepare() compares the two costs).
 //   2. The fold decides, per pair, from a alone: its histogram slot when no bin edge lies within E of a
-//      (else "near an edge"), its class when no threshold lies within E (else "uncertain"), and whether
-//      it may enter the top-k (a + E >= the row's current k-th best canonical score).
-//   3. The few pairs flagged by 2 (int16: ~5 % of pairs at 200 bins, fp32: ~0.3 %) get their canonical
-//      score s (canon_dot, 16 lanes, ~30 cycles): exact bin, exact class, and a heap offer of s.
+//      (int16: E of that pair, from its row's and column's own residuals), its class when no threshold
+//      lies within E (else "unsure"), and whether it may enter the top-k (a + E >= the row's current k-th
+//      best canonical score). Undecided pairs go to a per-worker queue (branch-free compress).
+//   3. The queued pairs (int16: ~4 % of pairs at 200 bins, fp32: ~0.5 %, mostly top-k candidates) get
+//      their canonical score s, four at a time (canon_dot4): exact bin, exact class, heap offer of s.
 //   The histogram increments of 2 (one memory read-modify-write each, about a cycle apiece here) are
 //   handed to the next micro-kernel call, which issues them between its multiply-adds: that loop is bound
 //   by its arithmetic pipes and leaves the load/store ports idle.
+//   Measured on 2 Zen 4 cores, 20000^2 x 256, 200 bins: int16 kernel alone 0.44 s, whole call ~0.95 s;
+//   fp32 path ~1.2 s (the old kernel, whose sequential chain was the canonical score, ~1.1 s).
 //
 // Conventions (shared with deepssim_fast/all_pairs.py and reference.py)
 //   bin(s)   = clamp(floor(((double)s - lo) / (hi - lo) * bins), 0, bins - 1)
