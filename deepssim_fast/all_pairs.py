@@ -305,7 +305,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     synth : (n_synth, d) embeddings, or None to compare ``train`` with itself (self-pairs excluded).
     k : neighbours per synthetic row, 1 <= k <= number of candidates (n_train, minus one with self-pairs).
     thresholds : ``(low, high)``: class counts different <= low < similar <= high < duplicate.
-    bins : histogram bins, equal width on [-1, 1].
+    bins : histogram bins, equal width on [-1, 1]. Native engine: past ~10^4 bins most pairs lie within the
+        fast kernel's error bound of a bin edge and are re-scored exactly (2^16 bins: ~4x the time of 200).
     device : where to compute (``"cpu"``, ``"cuda"``, ...); default: where the data lives.
     backend : ``"native"``, ``"torch"`` or ``"triton"``; default from ``$DEEPSSIM_FAST_BACKEND`` or the data.
     progress : show a tqdm bar with pairs/s (only on a TTY).
