@@ -82,6 +82,7 @@ struct Params {
   int bins;
   double lo, hi, low, high;
   float scale_f, off_f, margin;  // float32 pre-binning: slot y = fma(a, scale_f, off_f); margin includes E
+  float margin0;                 // the same margin for an exact score (float32 rounding only)
   float low_t, high_t;           // largest floats <= low / high: s > low_t  <=>  (double) s > low
   float low_up, low_dn, high_up, high_dn;  // a > low_up => s > low_t;  a <= low_dn => s <= low_t
   float e_cand;                  // a + e_cand >= (row's k-th best) for every pair that may enter the top-k
@@ -137,6 +138,15 @@ inline int exact_bin(float s, const Params& p) {
   if (!(x >= 0)) return 0;
   if (x > p.bins - 1) return p.bins - 1;
   return static_cast<int>(x);
+}
+
+// The same bin, through the float32 slot where that slot is provably right (all but ~0.06 % of scores).
+inline int exact_bin_fast(float s, const Params& p) {
+  const float y = std::min(std::max(std::fmaf(s, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
+  const float fl = std::floor(y);
+  if (std::fabs(y - fl - 0.5f) <= 0.5f - p.margin0)
+    return std::min(std::max(static_cast<int>(fl) - 1, 0), p.bins - 1);  // slot y = bin + 1, ends clamped
+  return exact_bin(s, p);
 }
 
 // A pair that reaches the row's top-k threshold: offer it to the heap (exact total order, so the final
@@ -634,7 +644,7 @@ void drain(const Params& p, Queue& q, Local& lc, Canon4Fn canon4) {
       const int i = e + u;
       const float s = s4[u];
       const int32_t what = q.what[i];
-      if (what & kNearEdge) lc.hist[exact_bin(s, p)] += 1;
+      if (what & kNearEdge) lc.hist[exact_bin_fast(s, p)] += 1;
       if (what & kLowUnsure) lc.gt_low += s > p.low_t;
       if (what & kHighUnsure) lc.gt_high += s > p.high_t;
       float* hs = p.top_s + static_cast<int64_t>(q.row[i]) * p.k;
@@ -772,10 +782,43 @@ RowStats row_stats(const float* x, int64_t rows, int64_t dp) {
   return all;
 }
 
-// Quantise x (rows, dp) to round(x * S) as int16 into dst (row-major, or packed panels of NR rows when
-// packed). Returns max row |x - q / S| (the residual norm), max row |q| (integer norm).
-// row_res[i] (if given): the row's residual norm, rounded up.
-std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst, bool packed,
+// Quantise x (rows, dp) to int16 z = round(x * S) into dst (row-major). Returns max row |x - z / S| (the
+// residual norm) and max row |z| (integer norm); row_res[i] (if given): the row's residual norm, rounded up.
+// Only the int16 kernel uses it, so it is written for AVX-512 (any rounding of x * S would do: the bound
+// uses the residuals actually made).
+#if DSF_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+DSF_TARGET_AVX512 void quantize_row(const float* x, int64_t dp, double S, double inv_s, int16_t* out, double* rr_out,
+                                    double* qq_out) {
+  const __m512d vs = _mm512_set1_pd(S), vinv = _mm512_set1_pd(inv_s);
+  __m512d rr = _mm512_setzero_pd(), qq = rr;
+  int64_t k = 0;
+  for (; k + 8 <= dp; k += 8) {
+    const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + k));
+    const __m512d z = _mm512_roundscale_pd(_mm512_mul_pd(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512d res = _mm512_fnmadd_pd(z, vinv, v);  // v - z / S to ~1e-16 relative (the bound's slack)
+    rr = _mm512_fmadd_pd(res, res, rr);
+    qq = _mm512_fmadd_pd(z, z, qq);  // integers below 2^30: exact
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm256_cvtepi32_epi16(_mm512_cvtpd_epi32(z)));
+  }
+  double r2 = _mm512_reduce_add_pd(rr), q2 = _mm512_reduce_add_pd(qq);
+  for (; k < dp; ++k) {
+    const double v = x[k];
+    const double z = std::nearbyint(v * S);
+    const double res = v - z * inv_s;
+    r2 += res * res;
+    q2 += z * z;
+    out[k] = static_cast<int16_t>(z);
+  }
+  *rr_out = r2;
+  *qq_out = q2;
+}
+#pragma GCC diagnostic pop
+#endif
+
+std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst,
                                    float* row_res) {
   std::mutex mu;
   double rmax = 0, qmax = 0;
@@ -784,19 +827,9 @@ std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, dou
     double rl = 0, ql = 0;
     for (int64_t i = rb; i < re; ++i) {
       double rr = 0, qq = 0;
-      int16_t* out = packed ? dst + (i / NR) * dp * NR + (i % NR) * 2 : dst + i * dp;
-      for (int64_t k = 0; k < dp; ++k) {
-        const double v = x[i * dp + k];
-        const double w = v * S;  // |w| <= 32766.5: rounded half away from zero, truncation inline
-        const double z = static_cast<double>(static_cast<int32_t>(w + (w >= 0 ? 0.5 : -0.5)));
-        const double res = v - z * inv_s;  // (a relative 1e-16 from v - z / S: inside the bound's 1e-9 slack)
-        rr += res * res;
-        qq += z * z;
-        if (packed)
-          out[(k / 2) * 2 * NR + (k & 1)] = static_cast<int16_t>(z);
-        else
-          out[k] = static_cast<int16_t>(z);
-      }
+#if DSF_X86
+      quantize_row(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
+#endif
       rl = std::max(rl, std::sqrt(rr));
       ql = std::max(ql, std::sqrt(qq));
       if (row_res) row_res[i] = static_cast<float>(std::sqrt(rr) * (1 + 1e-6));
@@ -806,6 +839,21 @@ std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, dou
     qmax = std::max(qmax, ql);
   });
   return {rmax * (1 + 1e-9) + 1e-300, qmax * (1 + 1e-12)};
+}
+
+// int16 rows (n, dp) -> panels (even count, dp / 2, NR, 2): each k pair of a row is one int32.
+void pack_panels_i16(const int16_t* src, int64_t n, int64_t dp, int16_t* dst) {
+  const int64_t panels = (n + NR - 1) / NR;
+  parallel_for(panels, 4, [&](int64_t pb, int64_t pe) {
+    for (int64_t pn = pb; pn < pe; ++pn) {
+      const int64_t rows = std::min<int64_t>(NR, n - pn * NR);
+      for (int64_t c = 0; c < rows; ++c) {
+        const int16_t* row = src + (pn * NR + c) * dp;
+        int16_t* d = dst + pn * dp * NR + 2 * c;
+        for (int64_t kk = 0; kk < dp / 2; ++kk) std::memcpy(d + kk * 2 * NR, row + 2 * kk, 2 * sizeof(int16_t));
+      }
+    }
+  });
 }
 
 bool cpu_has_vnni() {
@@ -844,8 +892,10 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
       buf.row_res.assign(static_cast<size_t>(p.m), 0.0f);
       buf.col_res.assign(static_cast<size_t>(panels * NR), 0.0f);
-      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), false, buf.row_res.data());
-      const auto rt = quantize(p.t, p.n, p.dp, S, tpi, true, buf.col_res.data());
+      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), buf.row_res.data());
+      std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
+      const auto rt = quantize(p.t, p.n, p.dp, S, ti.data(), buf.col_res.data());
+      pack_panels_i16(ti.data(), p.n, p.dp, tpi);
       if (rq.second * rt.second >= 2147483647.0 * (1 - 1e-9)) continue;  // an int32 dot could overflow
       const double qn = rq.second / S, tn = rt.second / S;
       const double e_int16 = rq.first * st.norm + qn * rt.first + 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
@@ -883,6 +933,7 @@ void prepare(Params& p, Simd level, Buffers& buf) {
   e = e * (1 + 1e-6) + 1e-12;
   // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
   // (bins + 2 + |lo| scale) for every slot that is not clamped; plus |a - s| scale <= E scale
+  p.margin0 = static_cast<float>(8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7);
   p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7 +
                                 e * scale * (1 + 1e-6));
   auto up = [](double v) {
