@@ -113,8 +113,9 @@ inline void heap_replace_root(float* hs, int64_t* hi, int64_t k, float s, int64_
 
 struct Local {
   std::vector<int64_t> hist;
-  // 8 int32 sub-histograms (one per SIMD lane) of stride bins + 3, so that neighbouring scores falling in
-  // the same bin do not chain through store-to-load forwarding. Slots 0 .. bins + 1 are the clamped
+  // 8 int32 sub-histograms (one per lane of an 8-lane vector; the 16-lane fold uses lane mod 8) of stride
+  // bins + 3, so that neighbouring scores falling in the same bin do not chain through store-to-load
+  // forwarding. Slots 0 .. bins + 1 are the clamped
   // slots y (see above); slot bins + 2 is a dummy that absorbs the lanes counted elsewhere, so the vector
   // path scatters unconditionally.
   std::vector<int32_t> sub;
