@@ -579,3 +579,36 @@ def test_both_approximate_kernels_are_exact_on_rows_at_thresholds_and_edges(bins
     want_auto = "int16" if _native.topk_int16_supported() and _native.simd_level() == "avx512" and bins <= 200 \
         else "fp32"
     assert kernels["auto"] == want_auto, kernels
+
+
+def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force():
+    """40 random cases (fixed seed): sizes, d (odd, tiny, > 256), k, bins (1 to 4096), thresholds, and data
+    kinds (Gaussian, near-duplicate clusters, non-negative heavy-tailed, exact copies and negations)."""
+    rng = np.random.default_rng(SEED + 80)
+    for case in range(40):
+        d = int(rng.choice([1, 2, 3, 8, 15, 17, 64, 100, 256, 300]))
+        nt, ns = int(rng.integers(1, 600)), int(rng.integers(1, 200))
+        k = int(rng.integers(1, min(nt, 20) + 1))
+        bins = int(rng.choice([1, 7, 200, 1000, 4096]))
+        low = float(rng.choice([0.6, 0.0, -0.3, 0.95, 0.123456]))
+        high = float(max(low, rng.choice([0.85, 0.99, 0.7, 1.0])))
+        kind = int(rng.integers(4))
+        train = rng.standard_normal((nt, d))
+        synth = rng.standard_normal((ns, d))
+        if kind == 1:
+            train = train[rng.integers(0, max(1, nt // 10), nt)] + 1e-3 * rng.standard_normal((nt, d))
+            synth = train[rng.integers(0, nt, ns)] + 1e-4 * rng.standard_normal((ns, d))
+        elif kind == 2:
+            train, synth = np.abs(train) ** 3, np.abs(synth) ** 3
+        elif kind == 3:
+            synth = np.concatenate([synth, train[:5], -train[:3]])
+        train, synth = train.astype(np.float32), synth.astype(np.float32)
+        train[np.abs(train).sum(axis=1) == 0, 0] = 1
+        synth[np.abs(synth).sum(axis=1) == 0, 0] = 1
+        want_s, want_i, want_h, want_c = _brute(train, synth, k, bins=bins, thresholds=(low, high))
+        r = all_pairs(train, synth, k=k, bins=bins, thresholds=(low, high), progress=False)
+        where = dict(case=case, d=d, nt=nt, ns=ns, k=k, bins=bins, low=low, high=high, kind=kind)
+        assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
+        assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
+        assert np.array_equal(r.histogram[0], want_h), (where, _first_mismatch(r.histogram[0], want_h))
+        assert r.class_counts == want_c, where
