@@ -141,11 +141,19 @@ inline int exact_bin(float s, const Params& p) {
   return static_cast<int>(x);
 }
 
+// The float32 slot of a score (floor of the clamped y, in fl_out), and whether it is more than `margin`
+// from a slot edge (false for NaN). The scalar twin of the vector folds' slot test.
+inline bool slot_ok(const Params& p, float a, float margin, float* fl_out) {
+  const float y = std::min(std::max(std::fmaf(a, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
+  const float fl = std::floor(y);
+  *fl_out = fl;
+  return std::fabs(y - fl - 0.5f) <= 0.5f - margin;
+}
+
 // The same bin, through the float32 slot where that slot is provably right (all but ~0.06 % of scores).
 inline int exact_bin_fast(float s, const Params& p) {
-  const float y = std::min(std::max(std::fmaf(s, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
-  const float fl = std::floor(y);
-  if (std::fabs(y - fl - 0.5f) <= 0.5f - p.margin0)
+  float fl;
+  if (slot_ok(p, s, p.margin0, &fl))
     return std::min(std::max(static_cast<int>(fl) - 1, 0), p.bins - 1);  // slot y = bin + 1, ends clamped
   return exact_bin(s, p);
 }
@@ -463,12 +471,6 @@ const CompressLut kCompress;
 // class counts of the decided pairs, and the undecided pairs to the queue.
 using FoldFn = int64_t (*)(const Params&, const float*, int64_t, int64_t, int64_t, Local&, int32_t*, Queue&);
 
-inline bool slot_ok(const Params& p, float a, float* fl_out) {
-  const float y = std::min(std::max(std::fmaf(a, p.scale_f, p.off_f), 0.5f), p.bins + 1.5f);
-  const float fl = std::floor(y);
-  *fl_out = fl;
-  return std::fabs(y - fl - 0.5f) <= 0.5f - p.margin;
-}
 
 int64_t fold_scalar(const Params& p, const float* sc, int64_t nrows, int64_t r0, int64_t c0, Local& lc,
                     int32_t* pend, Queue& queue) {
@@ -478,7 +480,7 @@ int64_t fold_scalar(const Params& p, const float* sc, int64_t nrows, int64_t r0,
       const int e = static_cast<int>(r * NR + c);
       const float a = sc[e];
       float fl;
-      const bool ok = slot_ok(p, a, &fl);  // false for NaN (excluded)
+      const bool ok = slot_ok(p, a, p.margin, &fl);  // false for NaN (excluded)
       pend[e] = ok ? static_cast<int32_t>(fl) : p.bins + 2;
       if (std::isnan(a)) continue;
       lc.gt_low += a > p.low_up;
@@ -732,6 +734,12 @@ float largest_float_le(double v) {
   return f;
 }
 
+float smallest_float_ge(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
 // Pack t (n, dp) into panels (ceil(n / NR), dp, NR), zero rows past n.
 std::vector<float> pack_panels(const float* t, int64_t n, int64_t dp, float** aligned) {
   const int64_t panels = (n + NR - 1) / NR;
@@ -869,7 +877,7 @@ bool cpu_has_vnni() {
 struct Buffers {
   std::vector<float> packed;
   std::vector<int16_t> qi, tpi;
-  std::vector<float> row_res, col_res, row_m, col_m;
+  std::vector<float> row_m, col_m;
 };
 
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
@@ -882,6 +890,9 @@ void prepare(Params& p, Simd level, Buffers& buf) {
   p.int16 = false;
   // int16: twice the multiply-add rate, but ~10x the bound, so more pairs near an edge take the exact path
   // (~30 cycles each against ~16 per pair for the fp32 GEMM): worth it when 2 E scale stays small.
+  // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
+  // (bins + 2 + |lo| scale) for every slot that is not clamped (the margin of an exact score)
+  const double base = 8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7;
   const double maxabs = std::max(sq.maxabs, st.maxabs), nmax = std::max(sq.norm, st.norm);
   if (level >= Simd::AVX512 && cpu_has_vnni() && p.dp % 2 == 0 && maxabs > 0 && nmax > 0) {
     double S = std::min(32766.5 / maxabs, 46340.0 / nmax);
@@ -891,11 +902,10 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       buf.tpi.assign(static_cast<size_t>(panels * p.dp * NR) + 32, 0);
       int16_t* tpi = buf.tpi.data();
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
-      buf.row_res.assign(static_cast<size_t>(p.m), 0.0f);
-      buf.col_res.assign(static_cast<size_t>(panels * NR), 0.0f);
-      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), buf.row_res.data());
+      std::vector<float> row_res(static_cast<size_t>(p.m)), col_res(static_cast<size_t>(panels * NR), 0.0f);
+      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), row_res.data());
       std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
-      const auto rt = quantize(p.t, p.n, p.dp, S, ti.data(), buf.col_res.data());
+      const auto rt = quantize(p.t, p.n, p.dp, S, ti.data(), col_res.data());
       pack_panels_i16(ti.data(), p.n, p.dp, tpi);
       if (rq.second * rt.second >= 2147483647.0 * (1 - 1e-9)) continue;  // an int32 dot could overflow
       const double qn = rq.second / S, tn = rt.second / S;
@@ -908,14 +918,13 @@ void prepare(Params& p, Simd level, Buffers& buf) {
         e = e_int16;
         // per pair, the histogram needs only |rx_i| |y| + |qx / S| |ry_j| (the maxima above are the worst
         // row and the worst column): margin_ij = row_m[i] + col_m[j], in slot units
-        const double base = 8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7;
         const double rest = 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
-        buf.row_m.resize(buf.row_res.size());
-        buf.col_m.resize(buf.col_res.size());
+        buf.row_m.resize(row_res.size());
+        buf.col_m.resize(col_res.size());
         for (size_t i = 0; i < buf.row_m.size(); ++i)
-          buf.row_m[i] = static_cast<float>((base + (buf.row_res[i] * st.norm + rest) * scale * (1 + 1e-6)) * (1 + 1e-6));
+          buf.row_m[i] = static_cast<float>((base + (row_res[i] * st.norm + rest) * scale * (1 + 1e-6)) * (1 + 1e-6));
         for (size_t j = 0; j < buf.col_m.size(); ++j)
-          buf.col_m[j] = static_cast<float>(qn * buf.col_res[j] * scale * (1 + 1e-6) * (1 + 1e-6));
+          buf.col_m[j] = static_cast<float>(qn * col_res[j] * scale * (1 + 1e-6) * (1 + 1e-6));
         p.row_m = buf.row_m.data();
         p.col_m = buf.col_m.data();
       }
@@ -932,26 +941,13 @@ void prepare(Params& p, Simd level, Buffers& buf) {
     p.tp = tp;
   }
   e = e * (1 + 1e-6) + 1e-12;
-  // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
-  // (bins + 2 + |lo| scale) for every slot that is not clamped; plus |a - s| scale <= E scale
-  p.margin0 = static_cast<float>(8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7);
-  p.margin = static_cast<float>(8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7 +
-                                e * scale * (1 + 1e-6));
-  auto up = [](double v) {
-    float f = static_cast<float>(v);
-    if (static_cast<double>(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
-    return f;
-  };
-  auto dn = [](double v) {
-    float f = static_cast<float>(v);
-    if (static_cast<double>(f) > v) f = std::nextafter(f, kNegInf);
-    return f;
-  };
-  p.low_up = up(static_cast<double>(p.low_t) + e);
-  p.low_dn = dn(static_cast<double>(p.low_t) - e);
-  p.high_up = up(static_cast<double>(p.high_t) + e);
-  p.high_dn = dn(static_cast<double>(p.high_t) - e);
-  p.e_cand = up(e + 2.4e-7);  // + half an ulp of a + e_cand (< 2)
+  p.margin0 = static_cast<float>(base);
+  p.margin = static_cast<float>(base + e * scale * (1 + 1e-6));  // plus |a - s| scale <= E scale
+  p.low_up = smallest_float_ge(static_cast<double>(p.low_t) + e);
+  p.low_dn = largest_float_le(static_cast<double>(p.low_t) - e);
+  p.high_up = smallest_float_ge(static_cast<double>(p.high_t) + e);
+  p.high_dn = largest_float_le(static_cast<double>(p.high_t) - e);
+  p.e_cand = smallest_float_ge(e + 2.4e-7);  // + half an ulp of a + e_cand (< 2)
 }
 
 Kernels kernels(Simd level) {
