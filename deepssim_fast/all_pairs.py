@@ -232,45 +232,56 @@ def _host_view(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def _zero_row(name: str, row: int) -> ValueError:
+    return ValueError(f"{name} row {row} is all zeros; cosine similarity is undefined")
+
+
+def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
+    """The float64 rule in numpy (where the native extension is missing), in chunks over the caller's threads;
+    out_np must be zero-filled. Returns the first all-zero row, or -1."""
+    n, d = t.shape
+
+    def rows(a: int) -> int:
+        # numpy releases the GIL in these loops: chunks run on all cores
+        c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
+        norm = np.linalg.norm(c, axis=1)
+        zero = np.flatnonzero(norm == 0)
+        if zero.size:
+            return a + int(zero[0])
+        out_np[a:a + c.shape[0], :d] = c / norm[:, None]
+        return -1
+
+    starts = range(0, n, _NORM_CHUNK)
+    workers = min(len(starts), torch.get_num_threads())  # the caller's thread budget (Dask tasks set it)
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            zero_rows = list(pool.map(rows, starts))
+    else:
+        zero_rows = [rows(a) for a in starts]
+    bad = [r for r in zero_rows if r >= 0]
+    return min(bad) if bad else -1
+
+
 def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) -> torch.Tensor:
     """Rows L2-normalised (norm and division in float64, then rounded to float32), zero-padded to (n, dp),
-    on ``device``. Done in chunks so the float64 temporaries stay small."""
+    on ``device``. On CPU by the native extension (threaded), else in chunks so the float64 temporaries stay
+    small."""
     n, d = t.shape
-    if torch.device(device).type == "cpu" and t.device.type == "cpu" and _available("native"):
-        from . import _native
-
-        c = _host_view(t)
-        if c.dtype not in (np.float32, np.float64):
-            c = c.astype(np.float32)  # float16 widens exactly
-        out_np = np.empty((n, dp), dtype=np.float32)
-        zero = _native.normalize_rows(np.ascontiguousarray(c), out_np)
-        if zero >= 0:
-            raise ValueError(f"{name} row {zero} is all zeros; cosine similarity is undefined")
-        return torch.from_numpy(out_np)
     if torch.device(device).type == "cpu" and t.device.type == "cpu":
         out_np = np.zeros((n, dp), dtype=np.float32)
-        def rows(a: int) -> int:
-            # numpy releases the GIL in these loops: chunks run on all cores
-            c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
-            norm = np.linalg.norm(c, axis=1)
-            zero = np.flatnonzero(norm == 0)
-            if zero.size:
-                return a + int(zero[0])
-            out_np[a:a + c.shape[0], :d] = c / norm[:, None]
-            return -1
+        if _available("native"):
+            from . import _native
 
-        starts = range(0, n, _NORM_CHUNK)
-        workers = min(len(starts), torch.get_num_threads())  # the caller's thread budget (Dask tasks set it)
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                zero_rows = list(pool.map(rows, starts))
+            c = _host_view(t)
+            if c.dtype not in (np.float32, np.float64):
+                c = c.astype(np.float32)  # float16 widens exactly
+            zero = _native.normalize_rows(np.ascontiguousarray(c), out_np)
         else:
-            zero_rows = [rows(a) for a in starts]
-        bad = [r for r in zero_rows if r >= 0]
-        if bad:
-            raise ValueError(f"{name} row {min(bad)} is all zeros; cosine similarity is undefined")
+            zero = _normalize_rows_numpy(t, out_np)
+        if zero >= 0:
+            raise _zero_row(name, zero)
         return torch.from_numpy(out_np)
     out = torch.zeros((n, dp), dtype=torch.float32, device=device)
     for a in range(0, n, _NORM_CHUNK):
@@ -278,7 +289,7 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
         norm = torch.linalg.vector_norm(c, dim=1)
         zero = (norm == 0).nonzero()
         if zero.numel():
-            raise ValueError(f"{name} row {a + int(zero[0])} is all zeros; cosine similarity is undefined")
+            raise _zero_row(name, a + int(zero[0]))
         out[a:a + c.shape[0], :d] = (c / norm[:, None]).to(torch.float32)
     return out
 

@@ -16,7 +16,8 @@ import torch
 
 from deepssim_fast import _native, data
 from deepssim_fast import reference as ref
-from deepssim_fast.all_pairs import CLASS_NAMES, AllPairsResult, _normalize, all_pairs, hist_edges
+from deepssim_fast.all_pairs import (CLASS_NAMES, AllPairsResult, _normalize, _normalize_rows_numpy, all_pairs,
+                                     hist_edges)
 
 SEED = 20261129
 
@@ -612,3 +613,15 @@ def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force(
         assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
         assert np.array_equal(r.histogram[0], want_h), (where, _first_mismatch(r.histogram[0], want_h))
         assert r.class_counts == want_c, where
+
+
+def test_numpy_normalisation_fallback_equals_the_native_rule():
+    """Where the extension is missing, rows are normalised in numpy chunks: same values, same first zero row."""
+    x = _rand(9000, 37, SEED + 62)  # more than two chunks, normalised on the caller's threads
+    out = np.zeros((9000, 40), np.float32)
+    assert _normalize_rows_numpy(torch.from_numpy(x), out) == -1
+    native = np.empty_like(out)
+    assert _native.normalize_rows(x, native) == -1
+    np.testing.assert_array_equal(out, native)
+    x[[8800, 4100]] = 0
+    assert _normalize_rows_numpy(torch.from_numpy(x), np.zeros_like(out)) == 4100
