@@ -67,16 +67,24 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
     from deepssim_fast import _native
 
     providers = {"deepssim_fast (native)": lambda: all_pairs(train, synth, k=k, progress=False)}
-    int16 = _native.topk_int16_supported() and _native.simd_level() == "avx512"
-    if int16:  # what a CPU without AVX-512 VNNI runs: the fp32 approximate kernel
-        def fp32_kernel():
+    def forced(level: str, kernel: str):
+        def run():
             try:
-                _native.set_simd_level("avx2")
+                _native.set_simd_level(level)
+                _native.set_topk_kernel(kernel)
                 return all_pairs(train, synth, k=k, progress=False)
             finally:
                 _native.set_simd_level("auto")
+                _native.set_topk_kernel("auto")
+        return run
 
-        providers["deepssim_fast (native, fp32 kernel)"] = fp32_kernel
+    # what CPUs without AVX-512 VNNI run: the AVX2 int16 (vpmaddwd) kernel, and the fp32 kernel (which the
+    # default falls back to at fine bins)
+    int16 = _native.topk_int16_kernel()
+    if int16 == "int16-vnni":
+        providers["deepssim_fast (native, AVX2 int16 kernel)"] = forced("avx2", "int16")
+    if int16:
+        providers["deepssim_fast (native, fp32 kernel)"] = forced("avx2", "fp32")
     notes = {}
     try:
         import faiss
@@ -100,7 +108,8 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
     for r in rows:
         if r.times:
             r.extra["gflops"] = flop / r.median / 1e9
-            kind = " (fp32-equivalent; int16 VNNI kernel)" if r.provider == "deepssim_fast (native)" and int16 else ""
+            kind = (f" (fp32-equivalent; {int16} kernel)" if r.provider == "deepssim_fast (native)" and int16 else
+                    " (fp32-equivalent)" if "int16" in r.provider else "")
             r.note = (r.note + f" {r.extra['gflops']:.0f} GFLOP/s{kind}").strip()
         if r.provider.startswith("deepssim_fast"):
             r.note += f"; histogram + class counts included; {res.class_counts['different']:,} different"

@@ -68,6 +68,10 @@ constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at 
 constexpr int LIST = 2 * MR * NR;  // flagged pairs of one micro-kernel call, at most
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// int16 micro-kernel: 6 query rows x 2 panels of int16 rows -> approximate scores (see micro_vnni)
+using Micro16Fn = void (*)(const int16_t* const*, const int16_t*, const int16_t*, int64_t, float, float*,
+                           const int32_t*, int64_t, int32_t*);
+
 struct Params {
   const float* q;      // (m, dp) normalised queries
   const float* t;      // (n, dp) normalised database rows
@@ -89,6 +93,8 @@ struct Params {
   const float* row_m;            // int16: per-pair histogram margin row_m[i] + col_m[j] (else nullptr: margin)
   const float* col_m;
   bool int16;                    // which kernel
+  Micro16Fn micro16;             // int16: micro_vnni or micro_i16_avx2
+  const char* kernel;            // its name, for the caller: "int16-vnni", "int16-avx2" or "fp32"
 };
 
 // ---- heap of the k best (root = worst) ---------------------------------------------------------
@@ -418,6 +424,75 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
   put(out + 176, c51);
 #undef put
 }
+
+// ---- approximate scores: int16 micro-kernel for AVX2 (vpmaddwd + vpaddd) ---------------------------
+// The same integer dot products as micro_vnni (so the same a), for CPUs without VNNI: vpmaddwd multiplies
+// 16 int16 pairs and adds each pair into an int32 (exact: |z| <= 32767, so a pair sum stays below 2^31),
+// vpaddd accumulates. Two vector ops per 16 multiply-adds against one fp32 FMA per 8: up to twice the
+// fp32 rate on CPUs with two integer multiply pipes (Zen 3 and later, Intel since Haswell: 1.5x there,
+// where the adds compete for the same three vector ports). The two panels run one after the other
+// (6 x 16 each: 12 accumulators, two panel registers, a broadcast and a product fill the 16 registers).
+DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
+                                    float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
+  const int64_t steps = dp / 2;
+  const int32_t* ap[MR];
+  for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
+  const int32_t *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
+  const __m256 vi = _mm256_set1_ps(inv_s2);
+  int64_t j = 0;
+  for (int h = 0; h < 2; ++h) {
+    const int16_t* bp = h ? bp1 : bp0;
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    int64_t kk = 0;
+#define DSF_MICRO_STEP_I16                                                                   \
+  {                                                                                          \
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR)); \
+    const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR + 16)); \
+    __m256i av = _mm256_set1_epi32(a0[kk]);                                                  \
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));                                  \
+    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));                                  \
+    av = _mm256_set1_epi32(a1[kk]);                                                          \
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));                                  \
+    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));                                  \
+    av = _mm256_set1_epi32(a2[kk]);                                                          \
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));                                  \
+    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));                                  \
+    av = _mm256_set1_epi32(a3[kk]);                                                          \
+    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));                                  \
+    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));                                  \
+    av = _mm256_set1_epi32(a4[kk]);                                                          \
+    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(av, b0));                                  \
+    c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(av, b1));                                  \
+    av = _mm256_set1_epi32(a5[kk]);                                                          \
+    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(av, b0));                                  \
+    c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(av, b1));                                  \
+  }
+    for (; kk < steps && j + 1 < npend; ++kk, j += 2) {
+      DSF_MICRO_STEP_I16
+      S[pend[j]] += 1;
+      S[pend[j + 1]] += 1;
+    }
+    for (; kk < steps; ++kk) DSF_MICRO_STEP_I16
+#undef DSF_MICRO_STEP_I16
+    float* o = out + h * MR * NR;
+#define put(off, c) _mm256_storeu_ps(o + (off), _mm256_mul_ps(_mm256_cvtepi32_ps(c), vi))
+    put(0, c00);
+    put(8, c01);
+    put(16, c10);
+    put(24, c11);
+    put(32, c20);
+    put(40, c21);
+    put(48, c30);
+    put(56, c31);
+    put(64, c40);
+    put(72, c41);
+    put(80, c50);
+    put(88, c51);
+#undef put
+  }
+  apply_pending(pend + j, npend - j, S);
+}
 #endif
 
 // ---- the fold: decide from the approximate scores, flag the rest ------------------------------------
@@ -689,11 +764,9 @@ void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels&
         ai[r] = r < nrows && p.qi ? p.qi + (r0 + r) * p.dp : zero_row_i;
       }
       for (int64_t pn = tb; pn < te; pn += step) {           // one or two panels of NR database rows
-#if DSF_X86
         if (p.int16)
-          micro_vnni(ai, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, p.inv_s2, sc, pend, npend, S);
+          p.micro16(ai, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, p.inv_s2, sc, pend, npend, S);
         else
-#endif
           kf.micro(a, p.tp + pn * p.dp * NR, p.dp, sc, pend, npend, S);
         npend = 0;
         for (int h = 0; h < step; ++h) {
@@ -793,9 +866,39 @@ RowStats row_stats(const float* x, int64_t rows, int64_t dp) {
 
 // Quantise x (rows, dp) to int16 z = round(x * S) into dst (row-major). Returns max row |x - z / S| (the
 // residual norm) and max row |z| (integer norm); row_res[i] (if given): the row's residual norm, rounded up.
-// Only the int16 kernel uses it, so it is written for AVX-512 (any rounding of x * S would do: the bound
-// uses the residuals actually made).
+// Only the int16 kernels use it, so it has AVX-512 and AVX2 forms (any rounding of x * S would do: the
+// bound uses the residuals actually made).
 #if DSF_X86
+DSF_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t dp, double S, double inv_s, int16_t* out,
+                                       double* rr_out, double* qq_out) {
+  const __m256d vs = _mm256_set1_pd(S), vinv = _mm256_set1_pd(inv_s);
+  __m256d rr = _mm256_setzero_pd(), qq = rr;
+  int64_t k = 0;
+  for (; k + 4 <= dp; k += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + k));
+    const __m256d z = _mm256_round_pd(_mm256_mul_pd(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256d res = _mm256_fnmadd_pd(z, vinv, v);
+    rr = _mm256_fmadd_pd(res, res, rr);
+    qq = _mm256_fmadd_pd(z, z, qq);
+    const __m128i zi = _mm256_cvtpd_epi32(z);  // |z| <= 32767: the saturating pack is exact
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi32(zi, zi));
+  }
+  alignas(32) double lr[4], lq[4];
+  _mm256_store_pd(lr, rr);
+  _mm256_store_pd(lq, qq);
+  double r2 = (lr[0] + lr[1]) + (lr[2] + lr[3]), q2 = (lq[0] + lq[1]) + (lq[2] + lq[3]);
+  for (; k < dp; ++k) {
+    const double v = x[k];
+    const double z = std::nearbyint(v * S);
+    const double res = v - z * inv_s;
+    r2 += res * res;
+    q2 += z * z;
+    out[k] = static_cast<int16_t>(z);
+  }
+  *rr_out = r2;
+  *qq_out = q2;
+}
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -828,7 +931,7 @@ DSF_TARGET_AVX512 void quantize_row(const float* x, int64_t dp, double S, double
 #endif
 
 std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst,
-                                   float* row_res) {
+                                   float* row_res, Simd level) {
   std::mutex mu;
   double rmax = 0, qmax = 0;
   const double inv_s = 1.0 / S;
@@ -837,7 +940,12 @@ std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, dou
     for (int64_t i = rb; i < re; ++i) {
       double rr = 0, qq = 0;
 #if DSF_X86
-      quantize_row(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
+      if (level >= Simd::AVX512)
+        quantize_row(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
+      else
+        quantize_row_avx2(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
+#else
+      (void)level;
 #endif
       rl = std::max(rl, std::sqrt(rr));
       ql = std::max(ql, std::sqrt(qq));
@@ -880,6 +988,14 @@ struct Buffers {
   std::vector<float> row_m, col_m;
 };
 
+// Approximate-kernel choice (set_topk_kernel): 0 = by estimated cost, 1 = fp32, 2 = int16 wherever the
+// SIMD level has one (AVX2 and up) and the scale admits it. Results never depend on it; speed does.
+std::atomic<int> g_topk_kernel{0};
+
+// GEMM cost per pair of the int16 kernels, relative to the fp32 kernel's (measured on Zen 4, 20000^2 x 256:
+// VNNI 0.44 s against 0.9 s; vpmaddwd + vpaddd ~0.6 s — see BENCHMARKS.md).
+constexpr double kCostVnni = 0.5, kCostI16Avx2 = 0.65;
+
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
 void prepare(Params& p, Simd level, Buffers& buf) {
   const RowStats sq = row_stats(p.q, p.m, p.dp), st = row_stats(p.t, p.n, p.dp);
@@ -888,13 +1004,16 @@ void prepare(Params& p, Simd level, Buffers& buf) {
   const double e_fp32 = gamma_n(static_cast<double>(p.dp)) * sq.norm * st.norm + e_canon;
   double e = e_fp32;
   p.int16 = false;
-  // int16: twice the multiply-add rate, but ~10x the bound, so more pairs near an edge take the exact path
-  // (~30 cycles each against ~16 per pair for the fp32 GEMM): worth it when 2 E scale stays small.
+  p.kernel = "fp32";
+  // int16: up to twice the multiply-add rate, but ~10x the bound, so more pairs near an edge take the exact
+  // path (~30 cycles each against ~16 per pair for the fp32 GEMM): worth it when 2 E scale stays small.
   // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
   // (bins + 2 + |lo| scale) for every slot that is not clamped (the margin of an exact score)
   const double base = 8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7;
   const double maxabs = std::max(sq.maxabs, st.maxabs), nmax = std::max(sq.norm, st.norm);
-  if (level >= Simd::AVX512 && cpu_has_vnni() && p.dp % 2 == 0 && maxabs > 0 && nmax > 0) {
+  const int choice = g_topk_kernel.load();
+  const bool vnni = level >= Simd::AVX512 && cpu_has_vnni();
+  if (DSF_X86 && level >= Simd::AVX2 && choice != 1 && p.dp % 2 == 0 && maxabs > 0 && nmax > 0) {
     double S = std::min(32766.5 / maxabs, 46340.0 / nmax);
     for (int attempt = 0; attempt < 8; ++attempt, S *= 0.99) {
       buf.qi.assign(static_cast<size_t>(p.m * p.dp), 0);
@@ -903,15 +1022,19 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       int16_t* tpi = buf.tpi.data();
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
       std::vector<float> row_res(static_cast<size_t>(p.m)), col_res(static_cast<size_t>(panels * NR), 0.0f);
-      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), row_res.data());
+      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), row_res.data(), level);
       std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
-      const auto rt = quantize(p.t, p.n, p.dp, S, ti.data(), col_res.data());
+      const auto rt = quantize(p.t, p.n, p.dp, S, ti.data(), col_res.data(), level);
       pack_panels_i16(ti.data(), p.n, p.dp, tpi);
       if (rq.second * rt.second >= 2147483647.0 * (1 - 1e-9)) continue;  // an int32 dot could overflow
       const double qn = rq.second / S, tn = rt.second / S;
       const double e_int16 = rq.first * st.norm + qn * rt.first + 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
-      if (0.5 + 4 * e_int16 * scale < 1 + 4 * e_fp32 * scale) {
+      if (choice == 2 || (vnni ? kCostVnni : kCostI16Avx2) + 4 * e_int16 * scale < 1 + 4 * e_fp32 * scale) {
         p.int16 = true;
+#if DSF_X86
+        p.micro16 = vnni ? &micro_vnni : &micro_i16_avx2;
+#endif
+        p.kernel = vnni ? "int16-vnni" : "int16-avx2";
         p.qi = buf.qi.data();
         p.tpi = tpi;
         p.inv_s2 = static_cast<float>(1.0 / (S * S));
@@ -1046,7 +1169,7 @@ std::string topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int
     py::gil_scoped_release nogil;
     run(p, threads, H, C);
   }
-  return p.int16 ? "int16" : "fp32";
+  return p.kernel;
 }
 
 void cosine_scores(py::array q, py::array t, py::array out) {
@@ -1135,8 +1258,30 @@ void register_topk(py::module_& m) {
         "Global indices: query row0 + r, database col0 + j; with self_offset >= 0 the pair\n"
         "(r, self_offset + row0 + r) is excluded. Scores are canonical (16-lane fp32 FMA, fixed tree).\n"
         "threads: at most this many workers (0 = num_threads()). GIL released. Returns the approximate-score\n"
-        "kernel it used: 'int16' (AVX-512 VNNI) or 'fp32' ('none' for an empty block).");
-  m.def("topk_int16_supported", &cpu_has_vnni, "Whether this CPU has AVX-512 VNNI (the int16 top-k kernel).");
+        "kernel it used: 'int16-vnni' (AVX-512 VNNI), 'int16-avx2' (vpmaddwd) or 'fp32' ('none' for an empty\n"
+        "block).");
+  m.def(
+      "topk_int16_kernel",
+      []() -> py::object {
+        const Simd level = active_simd();
+        if (level >= Simd::AVX512 && cpu_has_vnni()) return py::str("int16-vnni");
+        if (DSF_X86 && level >= Simd::AVX2) return py::str("int16-avx2");
+        return py::none();
+      },
+      "The int16 approximate-score kernel topk_fused can use at the current SIMD level: 'int16-vnni',\n"
+      "'int16-avx2', or None (scalar level, non-x86).");
+  m.def(
+      "set_topk_kernel",
+      [](const std::string& name) {
+        const int v = name == "auto" ? 0 : name == "fp32" ? 1 : name == "int16" ? 2 : -1;
+        if (v < 0) throw py::value_error("set_topk_kernel: expected 'auto', 'fp32' or 'int16', got '" + name + "'");
+        g_topk_kernel.store(v);
+      },
+      py::arg("name"),
+      "Override topk_fused's choice of approximate-score kernel: 'auto' (by estimated cost, the default),\n"
+      "'fp32', or 'int16' (wherever the SIMD level has one). Results are identical; only speed changes.");
+  m.def("topk_kernel_choice", []() { return std::string(g_topk_kernel.load() == 1 ? "fp32" : g_topk_kernel.load() == 2 ? "int16" : "auto"); },
+        "The current set_topk_kernel setting.");
   m.def("cosine_scores", &cosine_scores, py::arg("q"), py::arg("t"), py::arg("out"),
         "Canonical fp32 scores out[i, j] = sum_k q[i, k] t[j, k] (16 lanes of sequential FMA, fixed tree;\n"
         "q (m, dp), t (n, dp), out (m, n) float32): the scores topk_fused reports, identical on every SIMD\n"

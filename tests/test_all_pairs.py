@@ -551,41 +551,78 @@ def _adversarial(d: int = 64) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("bins", [200, 4096, 7])
-def test_both_approximate_kernels_are_exact_on_rows_at_thresholds_and_edges(bins):
-    """Whichever kernel makes the approximate scores (int16 VNNI or fp32), every pair near a threshold, a bin
-    edge or the top-k is re-scored canonically: results equal the canonical brute force, on every SIMD level."""
+def test_every_approximate_kernel_is_exact_on_rows_at_thresholds_and_edges(bins):
+    """Whichever kernel makes the approximate scores (int16 VNNI, int16 vpmaddwd or fp32), every pair near a
+    threshold, a bin edge or the top-k is re-scored canonically: results equal the canonical brute force, on
+    every SIMD level and with every kernel forced."""
     train, synth = _adversarial()
     want_s, want_i, want_h, want_c = _brute(train, synth, 7, bins=bins)
     q = _normalize(torch.as_tensor(synth), "synth", 64, "cpu").numpy()
     t = _normalize(torch.as_tensor(train), "train", 64, "cpu").numpy()
     kernels = {}
     for level in ("auto", "avx2", "scalar"):
+        for choice in ("auto", "fp32", "int16"):
+            try:
+                _native.set_simd_level(level)
+                _native.set_topk_kernel(choice)
+                r = all_pairs(train, synth, k=7, bins=bins, progress=False)
+                ts = np.full((len(q), 7), -np.inf, np.float32)
+                ti = np.full((len(q), 7), np.iinfo(np.int64).max, np.int64)
+                h, c = np.zeros(bins, np.int64), np.zeros(3, np.int64)
+                kernels[level, choice] = _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85)
+                int16_here = _native.topk_int16_kernel()
+            finally:
+                _native.set_simd_level("auto")
+                _native.set_topk_kernel("auto")
+            where = (level, choice)
+            assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
+            assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
+            assert np.array_equal(r.histogram[0], want_h), (where, _first_mismatch(r.histogram[0], want_h))
+            assert r.class_counts == want_c, where
+            assert np.array_equal(h, want_h) and list(c) == list(want_c.values()), where
+            assert kernels[where] == (int16_here if choice == "int16" and int16_here else
+                                      "fp32" if choice != "auto" else kernels[where]), (where, kernels[where])
+    assert kernels["scalar", "auto"] == kernels["scalar", "int16"] == "fp32"
+    # by default the int16 kernel runs where the SIMD level has one, unless the bins are so fine that its
+    # error bound would send most pairs to the exact path
+    for level in ("auto", "avx2"):
         try:
             _native.set_simd_level(level)
-            r = all_pairs(train, synth, k=7, bins=bins, progress=False)
-            ts = np.full((len(q), 7), -np.inf, np.float32)
-            ti = np.full((len(q), 7), np.iinfo(np.int64).max, np.int64)
-            h, c = np.zeros(bins, np.int64), np.zeros(3, np.int64)
-            kernels[level] = _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85)
+            int16_here = _native.topk_int16_kernel()
         finally:
             _native.set_simd_level("auto")
-        assert np.array_equal(r.indices, want_i), (level, _first_mismatch(r.indices, want_i))
-        assert np.array_equal(r.scores, want_s), (level, _first_mismatch(r.scores, want_s))
-        assert np.array_equal(r.histogram[0], want_h), (level, _first_mismatch(r.histogram[0], want_h))
-        assert r.class_counts == want_c, level
-        assert np.array_equal(h, want_h) and list(c) == list(want_c.values()), level
-    assert kernels["avx2"] == kernels["scalar"] == "fp32"
-    # the int16 kernel runs where the CPU has it, unless the bins are so fine that its error bound would
-    # send most pairs to the exact path
-    want_auto = "int16" if _native.topk_int16_supported() and _native.simd_level() == "avx512" and bins <= 200 \
-        else "fp32"
-    assert kernels["auto"] == want_auto, kernels
+        want_auto = int16_here if int16_here and bins <= 200 else "fp32"
+        assert kernels[level, "auto"] == want_auto, kernels
+
+
+def test_topk_kernel_setting_is_validated_and_reported():
+    with pytest.raises(ValueError, match="set_topk_kernel"):
+        _native.set_topk_kernel("int8")
+    try:
+        _native.set_topk_kernel("fp32")
+        assert _native.topk_kernel_choice() == "fp32"
+    finally:
+        _native.set_topk_kernel("auto")
+    assert _native.topk_kernel_choice() == "auto"
+    detected = _native.detected_simd_level()
+    try:
+        _native.set_simd_level("scalar")
+        assert _native.topk_int16_kernel() is None
+        if detected in ("avx2", "avx512"):
+            _native.set_simd_level("avx2")
+            assert _native.topk_int16_kernel() == "int16-avx2"
+    finally:
+        _native.set_simd_level("auto")
 
 
 def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force():
-    """40 random cases (fixed seed): sizes, d (odd, tiny, > 256), k, bins (1 to 4096), thresholds, and data
-    kinds (Gaussian, near-duplicate clusters, non-negative heavy-tailed, exact copies and negations)."""
+    """40 random cases (fixed seed): sizes, d (odd, tiny, > 256), k, bins (1 to 4096), thresholds, data kinds
+    (Gaussian, near-duplicate clusters, non-negative heavy-tailed, exact copies and negations), each under
+    one SIMD level and approximate-kernel setting in turn."""
     rng = np.random.default_rng(SEED + 80)
+    # each case under one of: the default, each approximate kernel forced at each SIMD level, scalar
+    combos = [("auto", "auto"), ("avx2", "int16"), ("auto", "fp32"), ("auto", "int16"), ("avx2", "fp32"),
+              ("scalar", "auto")]
     for case in range(40):
         d = int(rng.choice([1, 2, 3, 8, 15, 17, 64, 100, 256, 300]))
         nt, ns = int(rng.integers(1, 600)), int(rng.integers(1, 200))
@@ -607,8 +644,16 @@ def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force(
         train[np.abs(train).sum(axis=1) == 0, 0] = 1
         synth[np.abs(synth).sum(axis=1) == 0, 0] = 1
         want_s, want_i, want_h, want_c = _brute(train, synth, k, bins=bins, thresholds=(low, high))
-        r = all_pairs(train, synth, k=k, bins=bins, thresholds=(low, high), progress=False)
-        where = dict(case=case, d=d, nt=nt, ns=ns, k=k, bins=bins, low=low, high=high, kind=kind)
+        level, choice = combos[case % len(combos)]
+        try:
+            _native.set_simd_level(level)
+            _native.set_topk_kernel(choice)
+            r = all_pairs(train, synth, k=k, bins=bins, thresholds=(low, high), progress=False)
+        finally:
+            _native.set_simd_level("auto")
+            _native.set_topk_kernel("auto")
+        where = dict(case=case, d=d, nt=nt, ns=ns, k=k, bins=bins, low=low, high=high, kind=kind, level=level,
+                     kernel=choice)
         assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
         assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
         assert np.array_equal(r.histogram[0], want_h), (where, _first_mismatch(r.histogram[0], want_h))
