@@ -14,27 +14,34 @@
 // counts, without ever storing the m x n scores:
 //   1. A GEMM micro-kernel computes an *approximate* score a for every pair, with a proven bound
 //      |a - s| <= E for the call:
-//        * int16 kernel (AVX-512 VNNI, e.g. AMD Zen 4, Intel Ice Lake and later): rows quantised to int16
-//          with one scale S for the call, exact int32 dot products by vpdpwssd (twice the fp32 FMA rate),
-//          a = I / S^2. E follows from the quantisation residuals r = x - q / S by Cauchy-Schwarz,
-//          |x.y - qx.qy / S^2| <= |rx| |y| + |qx / S| |ry|: ~2e-4 at d = 256;
-//        * fp32 kernel (AVX2 / scalar): one sequential fma chain per pair, E = (gamma(dp) +
-//          gamma(dp / 16 + 4)) |q| |t| (~1.6e-5 at d = 256).
+//        * int16 kernels: rows quantised to int16 with one scale S for the call, z = round(x S); exact
+//          int32 dot products of the int16 rows, a = I / S^2. E follows from the quantisation residuals
+//          r = x - z / S by Cauchy-Schwarz, |x.y - zx.zy / S^2| <= |rx| |y| + |zx / S| |ry| (plus the
+//          float32 roundings of the sums), per pair from its row's and column's residuals: at d = 256 ~1e-4
+//          (VNNI) or ~2e-4 (AVX2).
+//          - VNNI (AVX-512 VNNI: AMD Zen 4, Intel Ice Lake and later): vpdpwssd, twice the fp32 FMA rate.
+//            Its int32 sums span 32 columns (a chunk) and are added in float32, so S need only keep each
+//            chunk's partial sum below 2^31 (|zx_c| |zy_c| < 2^31 for every chunk), not the whole dot:
+//            S ~1.8x larger at d = 256 than one int32 sum allows, E and the re-scored pairs ~1.8x fewer;
+//          - AVX2: vpmaddwd + vpaddd, the same products; one int32 sum over all of dp;
+//        * fp32 kernel (scalar, or where int16 does not pay): one sequential fma chain per pair,
+//          E = (gamma(dp) + gamma(dp / 16 + 4)) |q| |t| (~1.6e-5 at d = 256).
 //      t is packed once per call into panels of NR = 16 rows (k-major); each worker takes MR = 6 query
 //      rows at a time (6 x 16 or, int16, 6 x 32 scores in registers).
-//      The int16 kernel is used where the CPU has it unless the bins are so fine that its larger E would
-//      send most pairs to step 3 (prepare() compares the two costs).
+//      An int16 kernel is used where the CPU has one unless the bins are so fine that its larger E would
+//      send most pairs to step 3 (prepare() compares the costs).
 //   2. The fold decides, per pair, from a alone: its histogram slot when no bin edge lies within E of a
 //      (int16: E of that pair, from its row's and column's own residuals), its class when no threshold
 //      lies within E (else "unsure"), and whether it may enter the top-k (a + E >= the row's current k-th
 //      best canonical score). Undecided pairs go to a per-worker queue (branch-free compress).
-//   3. The queued pairs (int16: ~4 % of pairs at 200 bins, fp32: ~0.5 %, mostly top-k candidates) get
-//      their canonical score s, four at a time (canon_dot4): exact bin, exact class, heap offer of s.
+//   3. The queued pairs (measured at 3000 x 20000 x 256, 200 bins, k = 10: VNNI 2.7 %, AVX2 int16 4.6 %,
+//      fp32 0.9 %, mostly top-k candidates) get their canonical score s, four at a time (canon_dot4):
+//      exact bin, exact class, heap offer of s.
 //   The histogram increments of 2 (one memory read-modify-write each, about a cycle apiece here) are
 //   handed to the next micro-kernel call, which issues them between its multiply-adds: that loop is bound
 //   by its arithmetic pipes and leaves the load/store ports idle.
-//   Measured on 2 Zen 4 cores, 20000^2 x 256, 200 bins: int16 kernel alone 0.44 s, whole call ~0.95 s;
-//   fp32 path ~1.2 s (the old kernel, whose sequential chain was the canonical score, ~1.1 s).
+//   Measured on 2 Zen 4 cores, 20000^2 x 256, 200 bins (BENCHMARKS.md): VNNI ~0.9 s per call,
+//   AVX2 int16 ~1.15 s, fp32 ~1.25 s.
 //
 // Conventions (shared with deepssim_fast/all_pairs.py and reference.py)
 //   bin(s)   = clamp(floor(((double)s - lo) / (hi - lo) * bins), 0, bins - 1)
@@ -66,6 +73,7 @@ constexpr int MR = 6;    // query rows per micro-kernel
 constexpr int NR = 16;   // database rows per packed panel
 constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at d = 256, fp32)
 constexpr int LIST = 2 * MR * NR;  // flagged pairs of one micro-kernel call, at most
+constexpr int KC = 16;   // micro_vnni: k pairs (32 columns) per int32 partial sum, then added in float32
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // int16 micro-kernel: 6 query rows x 2 panels of int16 rows -> approximate scores (see micro_vnni)
@@ -368,62 +376,82 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 // 6 query rows x 2 panels (32 database rows): out[0:96] = panel 0 (row-major 6 x 16), out[96:192] =
 // panel 1, each a = I * inv_s2 with I the exact int32 dot product of the int16 rows. a[r] are int16 rows
 // (dp even); bp0/bp1 the packed panels (dp / 2, 16, 2). Pending histogram increments: two per k pair.
+#pragma GCC diagnostic push  // (the AVX-512 headers' _mm512_undefined_* again: see fold_avx512)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
                                 float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
   __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m512i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m512 f00 = _mm512_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00;
+  __m512 f30 = f00, f31 = f00, f40 = f00, f41 = f00, f50 = f00, f51 = f00;
   const int64_t steps = dp / 2;
   const int32_t* ap[MR];  // the int16 rows as pairs (a[r] is 4-byte aligned: dp even)
   for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
-  int64_t kk = 0, j = 0;
+  int64_t j = 0;
 #define DSF_MICRO_STEP_VNNI                                     \
   {                                                             \
     const __m512i b0 = _mm512_load_si512(bp0 + kk * 2 * NR);    \
     const __m512i b1 = _mm512_load_si512(bp1 + kk * 2 * NR);    \
-    __m512i av = _mm512_set1_epi32(ap[0][kk]);                                   \
+    __m512i av = _mm512_set1_epi32(ap[0][kk]);                  \
     c00 = _mm512_dpwssd_epi32(c00, av, b0);                     \
     c01 = _mm512_dpwssd_epi32(c01, av, b1);                     \
-    av = _mm512_set1_epi32(ap[1][kk]);                                           \
+    av = _mm512_set1_epi32(ap[1][kk]);                          \
     c10 = _mm512_dpwssd_epi32(c10, av, b0);                     \
     c11 = _mm512_dpwssd_epi32(c11, av, b1);                     \
-    av = _mm512_set1_epi32(ap[2][kk]);                                           \
+    av = _mm512_set1_epi32(ap[2][kk]);                          \
     c20 = _mm512_dpwssd_epi32(c20, av, b0);                     \
     c21 = _mm512_dpwssd_epi32(c21, av, b1);                     \
-    av = _mm512_set1_epi32(ap[3][kk]);                                           \
+    av = _mm512_set1_epi32(ap[3][kk]);                          \
     c30 = _mm512_dpwssd_epi32(c30, av, b0);                     \
     c31 = _mm512_dpwssd_epi32(c31, av, b1);                     \
-    av = _mm512_set1_epi32(ap[4][kk]);                                           \
+    av = _mm512_set1_epi32(ap[4][kk]);                          \
     c40 = _mm512_dpwssd_epi32(c40, av, b0);                     \
     c41 = _mm512_dpwssd_epi32(c41, av, b1);                     \
-    av = _mm512_set1_epi32(ap[5][kk]);                                           \
+    av = _mm512_set1_epi32(ap[5][kk]);                          \
     c50 = _mm512_dpwssd_epi32(c50, av, b0);                     \
     c51 = _mm512_dpwssd_epi32(c51, av, b1);                     \
   }
-  for (; kk < steps && j + 1 < npend; ++kk, j += 2) {
-    DSF_MICRO_STEP_VNNI
-    S[pend[j]] += 1;
-    S[pend[j + 1]] += 1;
+  // one chunk of KC k pairs: exact int32 partial sums, then added to the float32 sums
+#define DSF_FLUSH(f, c)                             \
+  f = _mm512_add_ps(f, _mm512_cvtepi32_ps(c));      \
+  c = _mm512_setzero_si512();
+  // (one loop per chunk, the increments under a predictable branch: with a second loop for the steps
+  // after them, GCC copied all 12 accumulators between registers every step)
+  for (int64_t k0 = 0; k0 < steps; k0 += KC) {
+    const int64_t k1 = std::min(steps, k0 + KC);
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      DSF_MICRO_STEP_VNNI
+      if (j + 1 < npend) {
+        S[pend[j]] += 1;
+        S[pend[j + 1]] += 1;
+        j += 2;
+      }
+    }
+    DSF_FLUSH(f00, c00) DSF_FLUSH(f01, c01) DSF_FLUSH(f10, c10) DSF_FLUSH(f11, c11)
+    DSF_FLUSH(f20, c20) DSF_FLUSH(f21, c21) DSF_FLUSH(f30, c30) DSF_FLUSH(f31, c31)
+    DSF_FLUSH(f40, c40) DSF_FLUSH(f41, c41) DSF_FLUSH(f50, c50) DSF_FLUSH(f51, c51)
   }
-  for (; kk < steps; ++kk) DSF_MICRO_STEP_VNNI
+#undef DSF_FLUSH
 #undef DSF_MICRO_STEP_VNNI
   apply_pending(pend + j, npend - j, S);
   const __m512 vi = _mm512_set1_ps(inv_s2);
-#define put(o, c) \
-  _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xffff, c), vi))
-  put(out + 0, c00);
-  put(out + 16, c10);
-  put(out + 32, c20);
-  put(out + 48, c30);
-  put(out + 64, c40);
-  put(out + 80, c50);
-  put(out + 96, c01);
-  put(out + 112, c11);
-  put(out + 128, c21);
-  put(out + 144, c31);
-  put(out + 160, c41);
-  put(out + 176, c51);
+#define put(o, f) _mm512_storeu_ps(o, _mm512_mul_ps(f, vi))
+  put(out + 0, f00);
+  put(out + 16, f10);
+  put(out + 32, f20);
+  put(out + 48, f30);
+  put(out + 64, f40);
+  put(out + 80, f50);
+  put(out + 96, f01);
+  put(out + 112, f11);
+  put(out + 128, f21);
+  put(out + 144, f31);
+  put(out + 160, f41);
+  put(out + 176, f51);
 #undef put
 }
+#pragma GCC diagnostic pop
 
 // ---- approximate scores: int16 micro-kernel for AVX2 (vpmaddwd + vpaddd) ---------------------------
 // The same integer dot products as micro_vnni (so the same a), for CPUs without VNNI: vpmaddwd multiplies
@@ -432,6 +460,9 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
 // fp32 rate on CPUs with two integer multiply pipes (Zen 3 and later, Intel since Haswell: 1.5x there,
 // where the adds compete for the same three vector ports). The two panels run one after the other
 // (6 x 16 each: 12 accumulators, two panel registers, a broadcast and a product fill the 16 registers).
+// Unlike micro_vnni it keeps one int32 sum over all of dp (one chunk): with no registers left for float32
+// sums, flushing chunks through memory and losing the interleaved increments cost more than the finer
+// scale saved (measured: 1.16-1.24 s against 1.09-1.20 s for the whole 20000^2 x 256 call).
 DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
                                     float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
   const int64_t steps = dp / 2;
@@ -838,27 +869,41 @@ inline double gamma_n(double n) {
   return n * u / (1.0 - n * u);
 }
 
+// An int16 kernel's chunks (the spans of its int32 partial sums): columns [c * cw, min(dp, (c + 1) * cw)),
+// cw = 2 KC for micro_vnni, dp (one chunk) for micro_i16_avx2.
+inline int64_t n_chunks(int64_t dp, int64_t cw) { return (dp + cw - 1) / cw; }
+
 struct RowStats {
   double norm = 0, maxabs = 0;  // largest row norm, largest |entry|
+  std::vector<double> chunk;    // per chunk: largest squared norm of a row's part in it
 };
 
-RowStats row_stats(const float* x, int64_t rows, int64_t dp) {
+RowStats row_stats(const float* x, int64_t rows, int64_t dp, int64_t cw) {
   std::mutex mu;
   RowStats all;
+  const int64_t nch = n_chunks(dp, cw);
+  all.chunk.assign(static_cast<size_t>(nch), 0.0);
   parallel_for(rows, 512, [&](int64_t rb, int64_t re) {
     RowStats st;
+    st.chunk.assign(static_cast<size_t>(nch), 0.0);
     for (int64_t i = rb; i < re; ++i) {
       double s = 0;
-      for (int64_t k = 0; k < dp; ++k) {
-        const double v = x[i * dp + k];
-        s += v * v;
-        st.maxabs = std::max(st.maxabs, std::fabs(v));
+      for (int64_t c = 0; c < nch; ++c) {
+        double sc = 0;
+        for (int64_t k = c * cw; k < std::min(dp, (c + 1) * cw); ++k) {
+          const double v = x[i * dp + k];
+          sc += v * v;
+          st.maxabs = std::max(st.maxabs, std::fabs(v));
+        }
+        st.chunk[c] = std::max(st.chunk[c], sc);
+        s += sc;
       }
       st.norm = std::max(st.norm, std::sqrt(s));
     }
     std::lock_guard<std::mutex> lk(mu);
     all.norm = std::max(all.norm, st.norm);
     all.maxabs = std::max(all.maxabs, st.maxabs);
+    for (int64_t c = 0; c < nch; ++c) all.chunk[c] = std::max(all.chunk[c], st.chunk[c]);
   });
   all.norm *= 1 + 1e-12;  // sqrt and sum roundings
   return all;
@@ -930,13 +975,22 @@ DSF_TARGET_AVX512 void quantize_row(const float* x, int64_t dp, double S, double
 #pragma GCC diagnostic pop
 #endif
 
-std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, double S, int16_t* dst,
-                                   float* row_res, Simd level) {
+struct Quantised {
+  double res = 0, norm = 0;   // largest row residual norm |x - z / S| (rounded up), largest |z|
+  std::vector<int64_t> chunk;  // per chunk: largest squared |z| of a row's part in it (exact)
+};
+
+Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double S, int16_t* dst, float* row_res,
+                   Simd level) {
   std::mutex mu;
   double rmax = 0, qmax = 0;
   const double inv_s = 1.0 / S;
+  const int64_t nch = n_chunks(dp, cw);
+  Quantised out;
+  out.chunk.assign(static_cast<size_t>(nch), 0);
   parallel_for(rows, 512, [&](int64_t rb, int64_t re) {
     double rl = 0, ql = 0;
+    std::vector<int64_t> ch(static_cast<size_t>(nch), 0);
     for (int64_t i = rb; i < re; ++i) {
       double rr = 0, qq = 0;
 #if DSF_X86
@@ -950,12 +1004,21 @@ std::pair<double, double> quantize(const float* x, int64_t rows, int64_t dp, dou
       rl = std::max(rl, std::sqrt(rr));
       ql = std::max(ql, std::sqrt(qq));
       if (row_res) row_res[i] = static_cast<float>(std::sqrt(rr) * (1 + 1e-6));
+      const int16_t* z = dst + i * dp;
+      for (int64_t c = 0; c < nch; ++c) {
+        int64_t sc = 0;
+        for (int64_t k = c * cw; k < std::min(dp, (c + 1) * cw); ++k) sc += int64_t{z[k]} * z[k];
+        ch[c] = std::max(ch[c], sc);
+      }
     }
     std::lock_guard<std::mutex> lk(mu);
     rmax = std::max(rmax, rl);
     qmax = std::max(qmax, ql);
+    for (int64_t c = 0; c < nch; ++c) out.chunk[c] = std::max(out.chunk[c], ch[c]);
   });
-  return {rmax * (1 + 1e-9) + 1e-300, qmax * (1 + 1e-12)};
+  out.res = rmax * (1 + 1e-9) + 1e-300;
+  out.norm = qmax * (1 + 1e-12);
+  return out;
 }
 
 // int16 rows (n, dp) -> panels (even count, dp / 2, NR, 2): each k pair of a row is one int32.
@@ -992,13 +1055,19 @@ struct Buffers {
 // SIMD level has one (AVX2 and up) and the scale admits it. Results never depend on it; speed does.
 std::atomic<int> g_topk_kernel{0};
 
-// GEMM cost per pair of the int16 kernels, relative to the fp32 kernel's (measured on Zen 4, 20000^2 x 256:
-// VNNI 0.44 s against 0.9 s; vpmaddwd + vpaddd ~0.6 s — see BENCHMARKS.md).
-constexpr double kCostVnni = 0.5, kCostI16Avx2 = 0.65;
+// The kernel choice's cost model, per pair, in units of one pair of the fp32 path at coarse bins: GEMM and
+// fold of the int16 kernels, and one re-scored pair (a fraction 2 E scale of the pairs lie within E of a
+// bin edge). Fitted to single-thread runs of 3000 x 20000 x 256 on Zen 4 at 200 to 2000 bins
+// (VNNI 0.255 / 0.314 / 0.399 / 0.556 s, AVX2 int16 0.32 / 0.42 / 0.58 / 0.84 s, fp32 0.35 / 0.37 / 0.41 /
+// 0.47 s): the int16 kernels win below ~1000 bins (VNNI) and ~350 bins (AVX2) on [-1, 1].
+constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4;
 
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
 void prepare(Params& p, Simd level, Buffers& buf) {
-  const RowStats sq = row_stats(p.q, p.m, p.dp), st = row_stats(p.t, p.n, p.dp);
+  const int choice = g_topk_kernel.load();
+  const bool vnni = level >= Simd::AVX512 && cpu_has_vnni();
+  const int64_t cw = vnni ? 2 * KC : p.dp;  // the int16 kernel's chunk width (see n_chunks)
+  const RowStats sq = row_stats(p.q, p.m, p.dp, cw), st = row_stats(p.t, p.n, p.dp, cw);
   const double scale = p.bins / (p.hi - p.lo);
   const double e_canon = gamma_n(std::ceil(p.dp / 16.0) + 4) * sq.norm * st.norm;
   const double e_fp32 = gamma_n(static_cast<double>(p.dp)) * sq.norm * st.norm + e_canon;
@@ -1006,30 +1075,42 @@ void prepare(Params& p, Simd level, Buffers& buf) {
   p.int16 = false;
   p.kernel = "fp32";
   // int16: up to twice the multiply-add rate, but ~10x the bound, so more pairs near an edge take the exact
-  // path (~30 cycles each against ~16 per pair for the fp32 GEMM): worth it when 2 E scale stays small.
+  // path (each ~4x a pair of the fp32 path): worth it while 2 E scale stays small (see kCostRescore).
   // |y - (x + 1)| <= |s| |scale - scale_f| + |off - off_f| + ulp(y) / 2: a few float32 ulps of
   // (bins + 2 + |lo| scale) for every slot that is not clamped (the margin of an exact score)
   const double base = 8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7;
   const double maxabs = std::max(sq.maxabs, st.maxabs), nmax = std::max(sq.norm, st.norm);
-  const int choice = g_topk_kernel.load();
-  const bool vnni = level >= Simd::AVX512 && cpu_has_vnni();
   if (DSF_X86 && level >= Simd::AVX2 && choice != 1 && p.dp % 2 == 0 && maxabs > 0 && nmax > 0) {
-    double S = std::min(32766.5 / maxabs, 46340.0 / nmax);
-    for (int attempt = 0; attempt < 8; ++attempt, S *= 0.99) {
+    // S: every int16 entry |round(x S)| <= 32767, and every chunk's int32 partial sum below 2^31 in
+    // magnitude (Cauchy-Schwarz on the chunk: |partial| <= |zq_c| |zt_c|; checked exactly below, since
+    // rounding can lengthen a chunk by up to sqrt(cw) / 2; a failed check retries with a smaller S)
+    const int64_t nch = n_chunks(p.dp, cw);
+    double cmax = 0;
+    for (int64_t c = 0; c < nch; ++c) cmax = std::max(cmax, std::sqrt(sq.chunk[c] * st.chunk[c]));
+    double S = 32766.5 / maxabs;
+    if (cmax > 0) S = std::min(S, 46340.0 * 0.995 / std::sqrt(cmax));  // the 0.5 %: room for the rounding
+    for (int attempt = 0; attempt < 8 && S > 1; ++attempt, S *= 0.97) {
       buf.qi.assign(static_cast<size_t>(p.m * p.dp), 0);
       const int64_t panels = ((p.n + NR - 1) / NR + 1) / 2 * 2;
       buf.tpi.assign(static_cast<size_t>(panels * p.dp * NR) + 32, 0);
       int16_t* tpi = buf.tpi.data();
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
       std::vector<float> row_res(static_cast<size_t>(p.m)), col_res(static_cast<size_t>(panels * NR), 0.0f);
-      const auto rq = quantize(p.q, p.m, p.dp, S, buf.qi.data(), row_res.data(), level);
+      const auto rq = quantize(p.q, p.m, p.dp, cw, S, buf.qi.data(), row_res.data(), level);
       std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
-      const auto rt = quantize(p.t, p.n, p.dp, S, ti.data(), col_res.data(), level);
+      const auto rt = quantize(p.t, p.n, p.dp, cw, S, ti.data(), col_res.data(), level);
       pack_panels_i16(ti.data(), p.n, p.dp, tpi);
-      if (rq.second * rt.second >= 2147483647.0 * (1 - 1e-9)) continue;  // an int32 dot could overflow
-      const double qn = rq.second / S, tn = rt.second / S;
-      const double e_int16 = rq.first * st.norm + qn * rt.first + 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
-      if (choice == 2 || (vnni ? kCostVnni : kCostI16Avx2) + 4 * e_int16 * scale < 1 + 4 * e_fp32 * scale) {
+      bool fits = true;  // no chunk's int32 partial sum can overflow
+      for (int64_t c = 0; c < nch; ++c)
+        fits = fits && static_cast<double>(rq.chunk[c]) * static_cast<double>(rt.chunk[c]) < 4.611686e18;
+      if (!fits) continue;
+      const double qn = rq.norm / S, tn = rt.norm / S;
+      // a = fl(fl(sum of the chunks' fl(I_c), in order) * fl(1 / S^2)): nch + 2 roundings, each relative to
+      // at most sum |I_c| <= |zq| |zt| (Cauchy-Schwarz over chunks)
+      const double e_round = gamma_n(static_cast<double>(nch) + 3) * 1.01 * qn * tn;
+      const double e_int16 = rq.res * st.norm + qn * rt.res + e_round + e_canon;
+      const double c16 = (vnni ? kCostVnni : kCostI16Avx2) + kCostRescore * 2 * e_int16 * scale;
+      if (choice == 2 || c16 < 1 + kCostRescore * 2 * e_fp32 * scale) {
         p.int16 = true;
 #if DSF_X86
         p.micro16 = vnni ? &micro_vnni : &micro_i16_avx2;
@@ -1041,7 +1122,7 @@ void prepare(Params& p, Simd level, Buffers& buf) {
         e = e_int16;
         // per pair, the histogram needs only |rx_i| |y| + |qx / S| |ry_j| (the maxima above are the worst
         // row and the worst column): margin_ij = row_m[i] + col_m[j], in slot units
-        const double rest = 3.1 * std::ldexp(1.0, -24) * qn * tn + e_canon;
+        const double rest = e_round + e_canon;
         buf.row_m.resize(row_res.size());
         buf.col_m.resize(col_res.size());
         for (size_t i = 0; i < buf.row_m.size(); ++i)

@@ -617,8 +617,8 @@ def test_topk_kernel_setting_is_validated_and_reported():
 
 def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force():
     """40 random cases (fixed seed): sizes, d (odd, tiny, > 256), k, bins (1 to 4096), thresholds, data kinds
-    (Gaussian, near-duplicate clusters, non-negative heavy-tailed, exact copies and negations), each under
-    one SIMD level and approximate-kernel setting in turn."""
+    (Gaussian, near-duplicate clusters, non-negative heavy-tailed, exact copies and negations, energy in one
+    32-column chunk, one-hot), each under one SIMD level and approximate-kernel setting in turn."""
     rng = np.random.default_rng(SEED + 80)
     # each case under one of: the default, each approximate kernel forced at each SIMD level, scalar
     combos = [("auto", "auto"), ("avx2", "int16"), ("auto", "fp32"), ("auto", "int16"), ("avx2", "fp32"),
@@ -630,7 +630,7 @@ def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force(
         bins = int(rng.choice([1, 7, 200, 1000, 4096]))
         low = float(rng.choice([0.6, 0.0, -0.3, 0.95, 0.123456]))
         high = float(max(low, rng.choice([0.85, 0.99, 0.7, 1.0])))
-        kind = int(rng.integers(4))
+        kind = int(rng.integers(6))
         train = rng.standard_normal((nt, d))
         synth = rng.standard_normal((ns, d))
         if kind == 1:
@@ -640,6 +640,14 @@ def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force(
             train, synth = np.abs(train) ** 3, np.abs(synth) ** 3
         elif kind == 3:
             synth = np.concatenate([synth, train[:5], -train[:3]])
+        elif kind == 4:  # energy in one 32-column chunk (the VNNI kernel's int32 partial sums), copies too
+            w = np.full(d, 1e-3)
+            c = int(rng.integers(0, max(1, d // 32)))
+            w[32 * c:32 * c + 32] = 1
+            train, synth = train * w, np.concatenate([synth * w, train[:3] * w])
+        elif kind == 5:  # one-hot rows (the largest entries the int16 scale allows)
+            train = np.eye(d)[rng.integers(0, d, nt)] + 1e-3 * rng.standard_normal((nt, d))
+            synth = np.eye(d)[rng.integers(0, d, ns)]
         train, synth = train.astype(np.float32), synth.astype(np.float32)
         train[np.abs(train).sum(axis=1) == 0, 0] = 1
         synth[np.abs(synth).sum(axis=1) == 0, 0] = 1
