@@ -389,28 +389,27 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
   const int32_t* ap[MR];  // the int16 rows as pairs (a[r] is 4-byte aligned: dp even)
   for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
   int64_t j = 0;
+  // One row of one k step as one asm block: with the intrinsics GCC 12 copied every accumulator between
+  // registers each step (vmovdqa64 x 12; ~25 % of the kernel's time).
+#define DSF_VNNI_ROW(r, x0, x1)                                            \
+  {                                                                        \
+    __m512i av;                                                            \
+    asm("vpbroadcastd %[m], %[av]\n\t"                                     \
+        "vpdpwssd %[b0], %[av], %[c0]\n\t"                                 \
+        "vpdpwssd %[b1], %[av], %[c1]"                                     \
+        : [c0] "+v"(x0), [c1] "+v"(x1), [av] "=&v"(av)                     \
+        : [m] "m"(ap[r][kk]), [b0] "v"(b0), [b1] "v"(b1));                 \
+  }
 #define DSF_MICRO_STEP_VNNI                                     \
   {                                                             \
     const __m512i b0 = _mm512_load_si512(bp0 + kk * 2 * NR);    \
     const __m512i b1 = _mm512_load_si512(bp1 + kk * 2 * NR);    \
-    __m512i av = _mm512_set1_epi32(ap[0][kk]);                  \
-    c00 = _mm512_dpwssd_epi32(c00, av, b0);                     \
-    c01 = _mm512_dpwssd_epi32(c01, av, b1);                     \
-    av = _mm512_set1_epi32(ap[1][kk]);                          \
-    c10 = _mm512_dpwssd_epi32(c10, av, b0);                     \
-    c11 = _mm512_dpwssd_epi32(c11, av, b1);                     \
-    av = _mm512_set1_epi32(ap[2][kk]);                          \
-    c20 = _mm512_dpwssd_epi32(c20, av, b0);                     \
-    c21 = _mm512_dpwssd_epi32(c21, av, b1);                     \
-    av = _mm512_set1_epi32(ap[3][kk]);                          \
-    c30 = _mm512_dpwssd_epi32(c30, av, b0);                     \
-    c31 = _mm512_dpwssd_epi32(c31, av, b1);                     \
-    av = _mm512_set1_epi32(ap[4][kk]);                          \
-    c40 = _mm512_dpwssd_epi32(c40, av, b0);                     \
-    c41 = _mm512_dpwssd_epi32(c41, av, b1);                     \
-    av = _mm512_set1_epi32(ap[5][kk]);                          \
-    c50 = _mm512_dpwssd_epi32(c50, av, b0);                     \
-    c51 = _mm512_dpwssd_epi32(c51, av, b1);                     \
+    DSF_VNNI_ROW(0, c00, c01)                                   \
+    DSF_VNNI_ROW(1, c10, c11)                                   \
+    DSF_VNNI_ROW(2, c20, c21)                                   \
+    DSF_VNNI_ROW(3, c30, c31)                                   \
+    DSF_VNNI_ROW(4, c40, c41)                                   \
+    DSF_VNNI_ROW(5, c50, c51)                                   \
   }
   // one chunk of KC k pairs: exact int32 partial sums, then added to the float32 sums
 #define DSF_FLUSH(f, c)                             \
@@ -434,6 +433,7 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
   }
 #undef DSF_FLUSH
 #undef DSF_MICRO_STEP_VNNI
+#undef DSF_VNNI_ROW
   apply_pending(pend + j, npend - j, S);
   const __m512 vi = _mm512_set1_ps(inv_s2);
 #define put(o, f) _mm512_storeu_ps(o, _mm512_mul_ps(f, vi))

@@ -12,7 +12,8 @@ Conventions (the same on every backend; native results are bit-identical across 
   sequential fp32 FMA (lane l sums components l, l + 16, ...), then a fixed pairwise tree (see
   ``csrc/topk.cpp``; within ~2e-6 of the exact dot product at d = 256, typically ~1e-8). The native
   engine finds every pair's bin, class and top-k membership from a fast approximate score with a proven
-  error bound (int16 AVX-512 VNNI products where the CPU has them, else an fp32 GEMM), and computes the
+  error bound (int16 products, by AVX-512 VNNI or AVX2, unless the bins are too fine for their bound;
+  else an fp32 GEMM; ``_native.set_topk_kernel`` overrides the choice), and computes the
   canonical score of every pair the bound leaves undecided, so results do not depend on the kernel,
   tiling, threads or SIMD level.
 * ``scores`` (n_synth, k) float32 descending; ``indices`` (n_synth, k) int64 into ``train``; equal
@@ -26,7 +27,7 @@ Conventions (the same on every backend; native results are bit-identical across 
   self_offset=0)``: self-pairs are excluded from top-k, histogram and class counts, so the histogram
   counts ordered pairs i != j (each unordered pair twice).
 
-Backends: ``"native"`` (CPU default: a C++ GEMM micro-kernel (int16 VNNI or fp32 AVX2) fused with selection
+Backends: ``"native"`` (CPU default: a C++ GEMM micro-kernel (int16 VNNI / AVX2, or fp32) fused with selection
 and histogram),
 ``"triton"`` (default for CUDA tensors / cupy arrays; on CPU tensors only with ``TRITON_INTERPRET=1``)
 and ``"torch"`` (chunked ``torch.mm`` + stable sort, the portable fallback). The GPU and torch backends
