@@ -374,8 +374,9 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 #define DSF_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl,avx512bw,avx512vnni")))
 
 // 6 query rows x 2 panels (32 database rows): out[0:96] = panel 0 (row-major 6 x 16), out[96:192] =
-// panel 1, each a = I * inv_s2 with I the exact int32 dot product of the int16 rows. a[r] are int16 rows
-// (dp even); bp0/bp1 the packed panels (dp / 2, 16, 2). Pending histogram increments: two per k pair.
+// panel 1, each a = fl(sum of fl(I_c)) * inv_s2 with I_c the exact int32 dot product of the int16 rows over
+// chunk c (KC k pairs), the chunks added in order in float32. a[r] are int16 rows (dp even); bp0/bp1 the
+// packed panels (dp / 2, 16, 2). Pending histogram increments: two per k pair.
 #pragma GCC diagnostic push  // (the AVX-512 headers' _mm512_undefined_* again: see fold_avx512)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -548,7 +549,7 @@ inline void enqueue(Queue& q, int32_t row, int32_t col, float a, int32_t what) {
 }
 
 // Fetch the t row of a flagged pair while the queue fills (the fp32 kernel flags ~0.5 % of pairs, so the row
-// is usually not in cache; the int16 kernel flags ~4 %, and its rows mostly are).
+// is usually not in cache; the int16 kernels flag 3-5 %, and their rows mostly are).
 inline void prefetch_row(const Params& p, int64_t col) {
 #if DSF_X86
   const char* line = reinterpret_cast<const char*>(p.t + col * p.dp);
@@ -1059,7 +1060,8 @@ std::atomic<int> g_topk_kernel{0};
 // fold of the int16 kernels, and one re-scored pair (a fraction 2 E scale of the pairs lie within E of a
 // bin edge). Fitted to single-thread runs of 3000 x 20000 x 256 on Zen 4 at 200 to 2000 bins
 // (VNNI 0.255 / 0.314 / 0.399 / 0.556 s, AVX2 int16 0.32 / 0.42 / 0.58 / 0.84 s, fp32 0.35 / 0.37 / 0.41 /
-// 0.47 s): the int16 kernels win below ~1000 bins (VNNI) and ~350 bins (AVX2) on [-1, 1].
+// 0.47 s): measured, the int16 kernels win below ~1000 bins (VNNI) and ~350 bins (AVX2) on [-1, 1]; the
+// model switches to fp32 at ~800 and ~300.
 constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4;
 
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
@@ -1177,10 +1179,9 @@ void run(Params& p, int threads, int64_t* H, int64_t* C) {
   while (reinterpret_cast<uintptr_t>(zi) % 4) ++zi;
   std::mutex mu;
   const int nt = threads > 0 ? std::min(threads, num_threads()) : num_threads();
-  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load; int16: up to
-  // 384 rows, so that the fp32 rows of t that its flagged pairs (~4 %) read are streamed from memory once
-  // per 384 query rows (at 96 rows that traffic cost ~0.1 s of the 20000^2 x 256 problem); fp32: 96 rows
-  // (its panels are twice as large, and it flags ~0.5 % of pairs)
+  // chunks of whole MR groups, several per thread so the dynamic schedule balances the load; up to 384
+  // rows, so that the fp32 rows of t that the flagged pairs read (int16: 3-5 % of pairs) are streamed from
+  // memory once per 384 query rows (at 96 rows that traffic cost ~0.1 s of the 20000^2 x 256 problem)
   int64_t grain = ((p.m + 4 * nt - 1) / (4 * nt) + MR - 1) / MR * MR;
   grain = std::max<int64_t>(MR, std::min<int64_t>(grain, 64 * MR));
   parallel_for(
@@ -1361,8 +1362,13 @@ void register_topk(py::module_& m) {
       py::arg("name"),
       "Override topk_fused's choice of approximate-score kernel: 'auto' (by estimated cost, the default),\n"
       "'fp32', or 'int16' (wherever the SIMD level has one). Results are identical; only speed changes.");
-  m.def("topk_kernel_choice", []() { return std::string(g_topk_kernel.load() == 1 ? "fp32" : g_topk_kernel.load() == 2 ? "int16" : "auto"); },
-        "The current set_topk_kernel setting.");
+  m.def(
+      "topk_kernel_choice",
+      []() {
+        const int v = g_topk_kernel.load();
+        return std::string(v == 1 ? "fp32" : v == 2 ? "int16" : "auto");
+      },
+      "The current set_topk_kernel setting.");
   m.def("cosine_scores", &cosine_scores, py::arg("q"), py::arg("t"), py::arg("out"),
         "Canonical fp32 scores out[i, j] = sum_k q[i, k] t[j, k] (16 lanes of sequential FMA, fixed tree;\n"
         "q (m, dp), t (n, dp), out (m, n) float32): the scores topk_fused reports, identical on every SIMD\n"
