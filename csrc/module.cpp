@@ -2,6 +2,7 @@
 // Capability files (ssim.cpp, topk.cpp, ...) add their functions through dsf::Registrar.
 #include "common.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -20,9 +21,19 @@ int parse_simd(const std::string& s) {
   return -1;
 }
 
+// An unknown value is ignored with a warning (once per process): this runs inside native loops, without the
+// GIL, so it cannot raise.
 int parse_simd_env() {
   const char* e = std::getenv("DEEPSSIM_FAST_SIMD");
-  return e ? parse_simd(e) : -1;
+  if (!e || !*e) return -1;
+  const int v = parse_simd(e);
+  static std::atomic<bool> warned{false};
+  if (v < 0 && !warned.exchange(true))
+    std::fprintf(stderr,
+                 "deepssim_fast: DEEPSSIM_FAST_SIMD='%s' is not one of scalar, avx2, avx512; using the "
+                 "detected level\n",
+                 e);
+  return v;
 }
 }  // namespace
 

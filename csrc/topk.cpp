@@ -57,6 +57,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -102,6 +103,7 @@ struct Params {
   const float* col_m;
   bool int16;                    // which kernel
   Micro16Fn micro16;             // int16: micro_vnni or micro_i16_avx2
+  int choice;                    // topk_kernel_choice() at the call
   const char* kernel;            // its name, for the caller: "int16-vnni", "int16-avx2" or "fp32"
 };
 
@@ -1052,9 +1054,27 @@ struct Buffers {
   std::vector<float> row_m, col_m;
 };
 
-// Approximate-kernel choice (set_topk_kernel): 0 = by estimated cost, 1 = fp32, 2 = int16 wherever the
-// SIMD level has one (AVX2 and up) and the scale admits it. Results never depend on it; speed does.
-std::atomic<int> g_topk_kernel{0};
+// Approximate-kernel choice: 0 = by estimated cost, 1 = fp32, 2 = int16 wherever the SIMD level has one
+// (AVX2 and up) and the scale admits it. Results never depend on it; speed does. set_topk_kernel sets it;
+// -1 (unset) defers to DEEPSSIM_FAST_TOPK_KERNEL, else 0.
+std::atomic<int> g_topk_kernel{-1};
+constexpr const char* kTopkEnv = "DEEPSSIM_FAST_TOPK_KERNEL";
+
+int parse_topk_kernel(const std::string& name) {
+  return name == "auto" ? 0 : name == "fp32" ? 1 : name == "int16" ? 2 : -1;
+}
+
+// The choice in force (called with the GIL held: a bad environment value is a ValueError naming it).
+int topk_kernel_choice() {
+  const int v = g_topk_kernel.load();
+  if (v >= 0) return v;
+  const char* e = std::getenv(kTopkEnv);
+  if (!e || !*e) return 0;
+  const int c = parse_topk_kernel(e);
+  if (c < 0)
+    throw py::value_error(std::string(kTopkEnv) + "='" + e + "': expected 'auto', 'fp32' or 'int16'");
+  return c;
+}
 
 // The kernel choice's cost model, per pair, in units of one pair of the fp32 path at coarse bins: GEMM and
 // fold of the int16 kernels, and one re-scored pair (a fraction 2 E scale of the pairs lie within E of a
@@ -1066,7 +1086,7 @@ constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4;
 
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
 void prepare(Params& p, Simd level, Buffers& buf) {
-  const int choice = g_topk_kernel.load();
+  const int choice = p.choice;
   const bool vnni = level >= Simd::AVX512 && cpu_has_vnni();
   const int64_t cw = vnni ? 2 * KC : p.dp;  // the int16 kernel's chunk width (see n_chunks)
   const RowStats sq = row_stats(p.q, p.m, p.dp, cw), st = row_stats(p.t, p.n, p.dp, cw);
@@ -1244,6 +1264,7 @@ std::string topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int
   p.off_f = static_cast<float>(1.0 - lo * scale);  // (margin, E and the class bounds: prepare())
   p.low_t = largest_float_le(low);
   p.high_t = largest_float_le(high);
+  p.choice = topk_kernel_choice();
   if (m == 0 || n == 0) return "none";
   int64_t* H = static_cast<int64_t*>(hist.mutable_data());
   int64_t* C = static_cast<int64_t*>(classes.mutable_data());
@@ -1355,20 +1376,21 @@ void register_topk(py::module_& m) {
   m.def(
       "set_topk_kernel",
       [](const std::string& name) {
-        const int v = name == "auto" ? 0 : name == "fp32" ? 1 : name == "int16" ? 2 : -1;
+        const int v = parse_topk_kernel(name);
         if (v < 0) throw py::value_error("set_topk_kernel: expected 'auto', 'fp32' or 'int16', got '" + name + "'");
-        g_topk_kernel.store(v);
+        g_topk_kernel.store(v == 0 ? -1 : v);
       },
       py::arg("name"),
-      "Override topk_fused's choice of approximate-score kernel: 'auto' (by estimated cost, the default),\n"
-      "'fp32', or 'int16' (wherever the SIMD level has one). Results are identical; only speed changes.");
+      "Override topk_fused's choice of approximate-score kernel: 'fp32', 'int16' (wherever the SIMD level\n"
+      "has one), or 'auto' (clears the override: DEEPSSIM_FAST_TOPK_KERNEL if set, else by estimated cost).\n"
+      "Results are identical; only speed changes.");
   m.def(
       "topk_kernel_choice",
       []() {
-        const int v = g_topk_kernel.load();
+        const int v = topk_kernel_choice();
         return std::string(v == 1 ? "fp32" : v == 2 ? "int16" : "auto");
       },
-      "The current set_topk_kernel setting.");
+      "The kernel choice in force: set_topk_kernel's, else DEEPSSIM_FAST_TOPK_KERNEL's, else 'auto'.");
   m.def("cosine_scores", &cosine_scores, py::arg("q"), py::arg("t"), py::arg("out"),
         "Canonical fp32 scores out[i, j] = sum_k q[i, k] t[j, k] (16 lanes of sequential FMA, fixed tree;\n"
         "q (m, dp), t (n, dp), out (m, n) float32): the scores topk_fused reports, identical on every SIMD\n"

@@ -13,7 +13,8 @@ Conventions (the same on every backend; native results are bit-identical across 
   ``csrc/topk.cpp``; within ~2e-6 of the exact dot product at d = 256, typically ~1e-8). The native
   engine finds every pair's bin, class and top-k membership from a fast approximate score with a proven
   error bound (int16 products, by AVX-512 VNNI or AVX2, unless the bins are too fine for their bound;
-  else an fp32 GEMM; ``_native.set_topk_kernel`` overrides the choice), and computes the
+  else an fp32 GEMM; ``$DEEPSSIM_FAST_TOPK_KERNEL`` or ``_native.set_topk_kernel`` overrides the
+  choice), and computes the
   canonical score of every pair the bound leaves undecided, so results do not depend on the kernel,
   tiling, threads or SIMD level.
 * ``scores`` (n_synth, k) float32 descending; ``indices`` (n_synth, k) int64 into ``train``; equal

@@ -7,6 +7,8 @@ Triton is checked in tests/test_all_pairs_triton.py (interpreter, in a subproces
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
 
@@ -595,14 +597,21 @@ def test_every_approximate_kernel_is_exact_on_rows_at_thresholds_and_edges(bins)
         assert kernels[level, "auto"] == want_auto, kernels
 
 
-def test_topk_kernel_setting_is_validated_and_reported():
+def test_topk_kernel_setting_is_validated_and_reported(monkeypatch):
     with pytest.raises(ValueError, match="set_topk_kernel"):
         _native.set_topk_kernel("int8")
     try:
         _native.set_topk_kernel("fp32")
         assert _native.topk_kernel_choice() == "fp32"
+        monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "int16")
+        assert _native.topk_kernel_choice() == "fp32", "the call's setting wins over the environment"
     finally:
         _native.set_topk_kernel("auto")
+    assert _native.topk_kernel_choice() == "int16", "'auto' clears the setting: the environment applies"
+    monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "fast")
+    with pytest.raises(ValueError, match="DEEPSSIM_FAST_TOPK_KERNEL='fast'"):
+        all_pairs(_rand(5, 8, SEED), _rand(3, 8, SEED + 1), k=2, progress=False)
+    monkeypatch.delenv("DEEPSSIM_FAST_TOPK_KERNEL")
     assert _native.topk_kernel_choice() == "auto"
     detected = _native.detected_simd_level()
     try:
@@ -613,6 +622,19 @@ def test_topk_kernel_setting_is_validated_and_reported():
             assert _native.topk_int16_kernel() == "int16-avx2"
     finally:
         _native.set_simd_level("auto")
+
+
+def test_topk_kernel_environment_variable_selects_the_kernel():
+    """DEEPSSIM_FAST_TOPK_KERNEL=fp32|int16|auto: the kernel a call uses, for users of the command line."""
+    code = ("import numpy as np; from deepssim_fast import _native; q = np.eye(8, dtype=np.float32); "
+            "ts = np.full((8, 2), -np.inf, np.float32); ti = np.full((8, 2), 2**62, np.int64); "
+            "print(_native.topk_fused(q, q, 0, 0, -1, ts, ti, np.zeros(200, np.int64), np.zeros(3, np.int64), "
+            "-1.0, 1.0, 0.6, 0.85))")
+    int16 = _native.topk_int16_kernel()
+    for env, want in (("fp32", "fp32"), ("int16", int16 or "fp32"), ("auto", int16 or "fp32")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DEEPSSIM_FAST_TOPK_KERNEL": env},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == want, (env, out)
 
 
 def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force():

@@ -245,6 +245,15 @@ def test_atomic_write_replaces_whole_file_and_cleans_up_on_failure(tmp_path):
     assert sorted(x.name for x in p.parent.iterdir()) == ["out.bin"], "no temporary file is left behind"
 
 
+def test_unknown_simd_environment_value_is_reported_not_silently_dropped():
+    from deepssim_fast import _native
+
+    r = subprocess.run([sys.executable, "-c", "from deepssim_fast import _native; print(_native.simd_level())"],
+                       env={**os.environ, "DEEPSSIM_FAST_SIMD": "avx3"}, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == _native.detected_simd_level()
+    assert "DEEPSSIM_FAST_SIMD='avx3' is not one of scalar, avx2, avx512" in r.stderr
+
+
 def test_simd_environment_variable_caps_the_level():
     """DEEPSSIM_FAST_SIMD=scalar|avx2|avx512 caps the level the kernels use (never above the CPU's)."""
     from deepssim_fast import _native
