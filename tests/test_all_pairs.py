@@ -122,7 +122,21 @@ def test_native_exact_against_canonical_brute_force_and_reference(n_synth, n_tra
     _assert_close_to_reference(r, train, synth, k)
 
 
-def test_real_mri_embeddings_against_brute_force_reference_and_thresholds():
+# (SIMD level, approximate kernel): the default, each int16 kernel and the fp32 kernel forced
+KERNEL_SETTINGS = [("auto", "auto"), ("avx2", "int16"), ("auto", "int16"), ("auto", "fp32")]
+
+
+@pytest.fixture(params=KERNEL_SETTINGS, ids=lambda s: f"{s[0]}-{s[1]}")
+def kernel_setting(request):
+    level, choice = request.param
+    _native.set_simd_level(level)
+    _native.set_topk_kernel(choice)
+    yield request.param
+    _native.set_simd_level("auto")
+    _native.set_topk_kernel("auto")
+
+
+def test_real_mri_embeddings_against_brute_force_reference_and_thresholds(kernel_setting):
     # Flattened, 4x-downsampled real MRI slices as "embeddings": non-negative, highly similar (many pairs in
     # the similar/duplicate classes and near the thresholds).
     slices = [s.array for s in data.real_slices((64, 64), datasets=["mni152", "s0_10slices", "piesno"])]
@@ -225,7 +239,7 @@ def test_canonical_score_is_the_16_lane_fma_tree_independently_emulated(d):
         assert np.array_equal(out, acc), (level, _first_mismatch(out, acc))
 
 
-def test_against_faiss_indexflatip():
+def test_against_faiss_indexflatip(kernel_setting):
     faiss = pytest.importorskip("faiss")
     train = _rand(3000, 64, SEED + 3)
     synth = _rand(500, 64, SEED + 4)
