@@ -105,6 +105,18 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
     if base:
         _, fi = index.search(synth, k)
         same = float(np.mean(np.sort(fi, axis=1) == np.sort(res.indices, axis=1)))
+    # the arithmetic floor of each kernel: its multiply-add rate on one core with cached panels, all cores
+    rates = _native.topk_kernel_rates()
+    cores = _native.num_threads()
+    kernel_of = {"deepssim_fast (native)": int16 or "fp32", "deepssim_fast (native, AVX2 int16 kernel)": "int16-avx2",
+                 "deepssim_fast (native, fp32 kernel)": "fp32"}
+    for r in rows:
+        kern = kernel_of.get(r.provider)
+        if kern in rates and r.times:
+            floor = float(n) * n * d / (rates[kern] * cores)
+            r.extra["gemm_floor_s"] = floor
+            r.note = (r.note + f" GEMM floor {floor:.3g} s ({rates[kern] / 1e9:.0f} G multiply-adds/s per core "
+                      f"in L1 x {cores} cores)").strip()
     for r in rows:
         if r.times:
             r.extra["gflops"] = flop / r.median / 1e9

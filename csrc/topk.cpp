@@ -56,6 +56,7 @@
 #include "common.h"
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -1049,6 +1050,62 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// Multiply-add rate of each approximate-score micro-kernel on one core, panels in L1 (d = 256, the best
+// of `reps` runs of `iters` calls of 2 x 6 x 16 x 256 multiply-adds): the arithmetic floor of a GEMM, for
+// the benchmarks. Kernels this CPU lacks are left out.
+py::dict topk_kernel_rates(int iters, int reps) {
+  if (iters < 1 || reps < 1) throw py::value_error("topk_kernel_rates: iters and reps must be >= 1");
+  py::dict out;
+#if DSF_X86
+  if (detected_simd() < Simd::AVX2) return out;
+  constexpr int64_t dp = 256;
+  const bool vnni = detected_simd() >= Simd::AVX512 && cpu_has_vnni();
+  std::vector<float> fa(static_cast<size_t>(MR * dp), 0.01f), fp(static_cast<size_t>(2 * dp * NR) + 16, 0.02f);
+  std::vector<int16_t> ia(static_cast<size_t>(MR * dp), 3), ip(static_cast<size_t>(2 * dp * NR) + 32, 5);
+  float* fpa = fp.data();
+  while (reinterpret_cast<uintptr_t>(fpa) % 64) ++fpa;
+  int16_t* ipa = ip.data();
+  while (reinterpret_cast<uintptr_t>(ipa) % 64) ++ipa;
+  const float* fr[MR];
+  const int16_t* ir[MR];
+  for (int r = 0; r < MR; ++r) {
+    fr[r] = fa.data() + r * dp;
+    ir[r] = ia.data() + r * dp;
+  }
+  alignas(64) float sc[2 * MR * NR];
+  int32_t S[1] = {};
+  using clk = std::chrono::steady_clock;
+  double t[3] = {1e30, 1e30, 1e30};
+  {
+    py::gil_scoped_release nogil;
+    for (int rep = 0; rep < reps; ++rep) {  // interleaved: a busy neighbour slows all alike
+      const auto t0 = clk::now();
+      for (int i = 0; i < iters; ++i) {
+        micro_avx2(fr, fpa, dp, sc, nullptr, 0, S);
+        micro_avx2(fr, fpa + dp * NR, dp, sc + MR * NR, nullptr, 0, S);
+      }
+      const auto t1 = clk::now();
+      for (int i = 0; i < iters; ++i) micro_i16_avx2(ir, ipa, ipa + dp * NR, dp, 1.0f, sc, nullptr, 0, S);
+      const auto t2 = clk::now();
+      if (vnni)
+        for (int i = 0; i < iters; ++i) micro_vnni(ir, ipa, ipa + dp * NR, dp, 1.0f, sc, nullptr, 0, S);
+      const auto t3 = clk::now();
+      t[0] = std::min(t[0], std::chrono::duration<double>(t1 - t0).count());
+      t[1] = std::min(t[1], std::chrono::duration<double>(t2 - t1).count());
+      t[2] = std::min(t[2], std::chrono::duration<double>(t3 - t2).count());
+    }
+  }
+  const double macs = 2.0 * MR * NR * dp * iters;
+  out["fp32"] = macs / t[0];
+  out["int16-avx2"] = macs / t[1];
+  if (vnni) out["int16-vnni"] = macs / t[2];
+#else
+  (void)iters;
+  (void)reps;
+#endif
+  return out;
+}
+
 struct Buffers {
   std::vector<float> packed;
   std::vector<int16_t> qi, tpi;
@@ -1374,6 +1431,9 @@ void register_topk(py::module_& m) {
       },
       "The int16 approximate-score kernel topk_fused can use at the current SIMD level: 'int16-vnni',\n"
       "'int16-avx2', or None (scalar level, non-x86).");
+  m.def("topk_kernel_rates", &topk_kernel_rates, py::arg("iters") = 2000, py::arg("reps") = 5,
+        "Multiply-adds per second of each approximate-score micro-kernel on one core with its panels in L1\n"
+        "({'fp32', 'int16-avx2', 'int16-vnni'}, those this CPU has): the arithmetic floor of the all-pairs GEMM.");
   m.def(
       "set_topk_kernel",
       [](const std::string& name) {

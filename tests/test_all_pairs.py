@@ -638,6 +638,18 @@ def test_topk_kernel_setting_is_validated_and_reported(monkeypatch):
         _native.set_simd_level("auto")
 
 
+def test_topk_kernel_rates_reports_the_kernels_this_cpu_has():
+    """The benchmark's arithmetic floor: one rate per micro-kernel the CPU has (no timing is asserted)."""
+    rates = _native.topk_kernel_rates(iters=20, reps=1)
+    want = {"fp32", "int16-avx2"} if _native.detected_simd_level() in ("avx2", "avx512") else set()
+    if _native.detected_simd_level() == "avx512" and _native.topk_int16_kernel() == "int16-vnni":
+        want.add("int16-vnni")
+    assert set(rates) == want
+    assert all(v > 0 and np.isfinite(v) for v in rates.values())
+    with pytest.raises(ValueError, match="iters and reps"):
+        _native.topk_kernel_rates(iters=0)
+
+
 def test_topk_kernel_environment_variable_selects_the_kernel():
     """DEEPSSIM_FAST_TOPK_KERNEL=fp32|int16|auto: the kernel a call uses, for users of the command line."""
     code = ("import numpy as np; from deepssim_fast import _native; q = np.eye(8, dtype=np.float32); "
