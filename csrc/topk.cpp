@@ -916,8 +916,8 @@ RowStats row_stats(const float* x, int64_t rows, int64_t dp, int64_t cw) {
 
 // Quantise x (rows, dp) to int16 z = round(x * S) into dst (row-major). Returns max row |x - z / S| (the
 // residual norm) and max row |z| (integer norm); row_res[i] (if given): the row's residual norm, rounded up.
-// Only the int16 kernels use it, so it has AVX-512 and AVX2 forms (any rounding of x * S would do: the
-// bound uses the residuals actually made).
+// Only the int16 kernels use it, so it is written for AVX2, which every CPU with an int16 kernel has (any
+// rounding of x * S would do: the bound uses the residuals actually made).
 #if DSF_X86
 DSF_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t dp, double S, double inv_s, int16_t* out,
                                        double* rr_out, double* qq_out) {
@@ -949,35 +949,6 @@ DSF_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t dp, double S, dou
   *qq_out = q2;
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-DSF_TARGET_AVX512 void quantize_row(const float* x, int64_t dp, double S, double inv_s, int16_t* out, double* rr_out,
-                                    double* qq_out) {
-  const __m512d vs = _mm512_set1_pd(S), vinv = _mm512_set1_pd(inv_s);
-  __m512d rr = _mm512_setzero_pd(), qq = rr;
-  int64_t k = 0;
-  for (; k + 8 <= dp; k += 8) {
-    const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(x + k));
-    const __m512d z = _mm512_roundscale_pd(_mm512_mul_pd(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512d res = _mm512_fnmadd_pd(z, vinv, v);  // v - z / S to ~1e-16 relative (the bound's slack)
-    rr = _mm512_fmadd_pd(res, res, rr);
-    qq = _mm512_fmadd_pd(z, z, qq);  // integers below 2^30: exact
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm256_cvtepi32_epi16(_mm512_cvtpd_epi32(z)));
-  }
-  double r2 = _mm512_reduce_add_pd(rr), q2 = _mm512_reduce_add_pd(qq);
-  for (; k < dp; ++k) {
-    const double v = x[k];
-    const double z = std::nearbyint(v * S);
-    const double res = v - z * inv_s;
-    r2 += res * res;
-    q2 += z * z;
-    out[k] = static_cast<int16_t>(z);
-  }
-  *rr_out = r2;
-  *qq_out = q2;
-}
-#pragma GCC diagnostic pop
 #endif
 
 struct Quantised {
@@ -985,8 +956,7 @@ struct Quantised {
   std::vector<int64_t> chunk;  // per chunk: largest squared |z| of a row's part in it (exact)
 };
 
-Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double S, int16_t* dst, float* row_res,
-                   Simd level) {
+Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double S, int16_t* dst, float* row_res) {
   std::mutex mu;
   double rmax = 0, qmax = 0;
   const double inv_s = 1.0 / S;
@@ -999,12 +969,7 @@ Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double 
     for (int64_t i = rb; i < re; ++i) {
       double rr = 0, qq = 0;
 #if DSF_X86
-      if (level >= Simd::AVX512)
-        quantize_row(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
-      else
-        quantize_row_avx2(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
-#else
-      (void)level;
+      quantize_row_avx2(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
 #endif
       rl = std::max(rl, std::sqrt(rr));
       ql = std::max(ql, std::sqrt(qq));
@@ -1176,9 +1141,9 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       int16_t* tpi = buf.tpi.data();
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
       std::vector<float> row_res(static_cast<size_t>(p.m)), col_res(static_cast<size_t>(panels * NR), 0.0f);
-      const auto rq = quantize(p.q, p.m, p.dp, cw, S, buf.qi.data(), row_res.data(), level);
+      const auto rq = quantize(p.q, p.m, p.dp, cw, S, buf.qi.data(), row_res.data());
       std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
-      const auto rt = quantize(p.t, p.n, p.dp, cw, S, ti.data(), col_res.data(), level);
+      const auto rt = quantize(p.t, p.n, p.dp, cw, S, ti.data(), col_res.data());
       pack_panels_i16(ti.data(), p.n, p.dp, tpi);
       bool fits = true;  // no chunk's int32 partial sum can overflow
       for (int64_t c = 0; c < nch; ++c)
