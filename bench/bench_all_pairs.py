@@ -117,7 +117,6 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
             r.extra["gemm_floor_s"] = floor
             r.note = (r.note + f" GEMM floor {floor:.3g} s ({rates[kern] / 1e9:.0f} G multiply-adds/s per core "
                       f"in L1 x {cores} cores)").strip()
-    for r in rows:
         if r.times:
             r.extra["gflops"] = flop / r.median / 1e9
             kind = (f" (fp32-equivalent; {int16} kernel)" if r.provider == "deepssim_fast (native)" and int16 else

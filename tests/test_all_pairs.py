@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import types
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -126,14 +127,22 @@ def test_native_exact_against_canonical_brute_force_and_reference(n_synth, n_tra
 KERNEL_SETTINGS = [("auto", "auto"), ("avx2", "int16"), ("auto", "int16"), ("auto", "fp32")]
 
 
+@contextmanager
+def _kernels(level: str, choice: str):
+    """Run the block at this SIMD level with this approximate-kernel setting, then restore both."""
+    try:
+        _native.set_simd_level(level)
+        _native.set_topk_kernel(choice)
+        yield
+    finally:
+        _native.set_simd_level("auto")
+        _native.set_topk_kernel("auto")
+
+
 @pytest.fixture(params=KERNEL_SETTINGS, ids=lambda s: f"{s[0]}-{s[1]}")
 def kernel_setting(request):
-    level, choice = request.param
-    _native.set_simd_level(level)
-    _native.set_topk_kernel(choice)
-    yield request.param
-    _native.set_simd_level("auto")
-    _native.set_topk_kernel("auto")
+    with _kernels(*request.param):
+        yield request.param
 
 
 def test_real_mri_embeddings_against_brute_force_reference_and_thresholds(kernel_setting):
@@ -575,21 +584,16 @@ def test_every_approximate_kernel_is_exact_on_rows_at_thresholds_and_edges(bins)
     want_s, want_i, want_h, want_c = _brute(train, synth, 7, bins=bins)
     q = _normalize(torch.as_tensor(synth), "synth", 64, "cpu").numpy()
     t = _normalize(torch.as_tensor(train), "train", 64, "cpu").numpy()
-    kernels = {}
+    kernels, int16_at = {}, {}
     for level in ("auto", "avx2", "scalar"):
         for choice in ("auto", "fp32", "int16"):
-            try:
-                _native.set_simd_level(level)
-                _native.set_topk_kernel(choice)
+            with _kernels(level, choice):
                 r = all_pairs(train, synth, k=7, bins=bins, progress=False)
                 ts = np.full((len(q), 7), -np.inf, np.float32)
                 ti = np.full((len(q), 7), np.iinfo(np.int64).max, np.int64)
                 h, c = np.zeros(bins, np.int64), np.zeros(3, np.int64)
                 kernels[level, choice] = _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85)
-                int16_here = _native.topk_int16_kernel()
-            finally:
-                _native.set_simd_level("auto")
-                _native.set_topk_kernel("auto")
+                int16_here = int16_at[level] = _native.topk_int16_kernel()
             where = (level, choice)
             assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
             assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
@@ -602,12 +606,7 @@ def test_every_approximate_kernel_is_exact_on_rows_at_thresholds_and_edges(bins)
     # by default the int16 kernel runs where the SIMD level has one, unless the bins are so fine that its
     # error bound would send most pairs to the exact path
     for level in ("auto", "avx2"):
-        try:
-            _native.set_simd_level(level)
-            int16_here = _native.topk_int16_kernel()
-        finally:
-            _native.set_simd_level("auto")
-        want_auto = int16_here if int16_here and bins <= 200 else "fp32"
+        want_auto = int16_at[level] if int16_at[level] and bins <= 200 else "fp32"
         assert kernels[level, "auto"] == want_auto, kernels
 
 
@@ -701,13 +700,8 @@ def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force(
         synth[np.abs(synth).sum(axis=1) == 0, 0] = 1
         want_s, want_i, want_h, want_c = _brute(train, synth, k, bins=bins, thresholds=(low, high))
         level, choice = combos[case % len(combos)]
-        try:
-            _native.set_simd_level(level)
-            _native.set_topk_kernel(choice)
+        with _kernels(level, choice):
             r = all_pairs(train, synth, k=k, bins=bins, thresholds=(low, high), progress=False)
-        finally:
-            _native.set_simd_level("auto")
-            _native.set_topk_kernel("auto")
         where = dict(case=case, d=d, nt=nt, ns=ns, k=k, bins=bins, low=low, high=high, kind=kind, level=level,
                      kernel=choice)
         assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
