@@ -319,28 +319,22 @@ void micro_scalar(const float* const* a, const float* bp, int64_t dp, float* out
 
 #if DSF_X86
 // One k step of the 6 x 16 micro-kernel: acc[r][c] = fma(a_r[kk], panel[kk][c], acc[r][c]).
+// One row of it: broadcast a_r[kk], two FMAs.
+#define DSF_F32_ROW(ar, x0, x1)         \
+  av = _mm256_broadcast_ss(ar + kk);    \
+  x0 = _mm256_fmadd_ps(av, b0, x0);     \
+  x1 = _mm256_fmadd_ps(av, b1, x1);
 #define DSF_MICRO_STEP_AVX2                             \
   {                                                     \
     const __m256 b0 = _mm256_load_ps(bp + kk * NR);     \
     const __m256 b1 = _mm256_load_ps(bp + kk * NR + 8); \
-    __m256 av = _mm256_broadcast_ss(a0 + kk);           \
-    c00 = _mm256_fmadd_ps(av, b0, c00);                 \
-    c01 = _mm256_fmadd_ps(av, b1, c01);                 \
-    av = _mm256_broadcast_ss(a1 + kk);                  \
-    c10 = _mm256_fmadd_ps(av, b0, c10);                 \
-    c11 = _mm256_fmadd_ps(av, b1, c11);                 \
-    av = _mm256_broadcast_ss(a2 + kk);                  \
-    c20 = _mm256_fmadd_ps(av, b0, c20);                 \
-    c21 = _mm256_fmadd_ps(av, b1, c21);                 \
-    av = _mm256_broadcast_ss(a3 + kk);                  \
-    c30 = _mm256_fmadd_ps(av, b0, c30);                 \
-    c31 = _mm256_fmadd_ps(av, b1, c31);                 \
-    av = _mm256_broadcast_ss(a4 + kk);                  \
-    c40 = _mm256_fmadd_ps(av, b0, c40);                 \
-    c41 = _mm256_fmadd_ps(av, b1, c41);                 \
-    av = _mm256_broadcast_ss(a5 + kk);                  \
-    c50 = _mm256_fmadd_ps(av, b0, c50);                 \
-    c51 = _mm256_fmadd_ps(av, b1, c51);                 \
+    __m256 av;                                          \
+    DSF_F32_ROW(a0, c00, c01)                           \
+    DSF_F32_ROW(a1, c10, c11)                           \
+    DSF_F32_ROW(a2, c20, c21)                           \
+    DSF_F32_ROW(a3, c30, c31)                           \
+    DSF_F32_ROW(a4, c40, c41)                           \
+    DSF_F32_ROW(a5, c50, c51)                           \
   }
 
 // The micro-kernel; the first min(npend, dp) k steps each also apply one pending histogram increment
@@ -372,6 +366,7 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
   _mm256_store_ps(out + 88, c51);
 }
 #undef DSF_MICRO_STEP_AVX2
+#undef DSF_F32_ROW
 
 // ---- approximate scores: int16 micro-kernel (AVX-512 VNNI) -----------------------------------------
 #define DSF_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl,avx512bw,avx512vnni")))
@@ -481,28 +476,21 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     int64_t kk = 0;
-#define DSF_MICRO_STEP_I16                                                                   \
-  {                                                                                          \
-    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR)); \
+#define DSF_I16_ROW(ar, x0, x1)                            \
+  av = _mm256_set1_epi32(ar[kk]);                          \
+  x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(av, b0));    \
+  x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(av, b1));
+#define DSF_MICRO_STEP_I16                                                                          \
+  {                                                                                                 \
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR));      \
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR + 16)); \
-    __m256i av = _mm256_set1_epi32(a0[kk]);                                                  \
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));                                  \
-    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));                                  \
-    av = _mm256_set1_epi32(a1[kk]);                                                          \
-    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));                                  \
-    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));                                  \
-    av = _mm256_set1_epi32(a2[kk]);                                                          \
-    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));                                  \
-    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));                                  \
-    av = _mm256_set1_epi32(a3[kk]);                                                          \
-    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));                                  \
-    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));                                  \
-    av = _mm256_set1_epi32(a4[kk]);                                                          \
-    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(av, b0));                                  \
-    c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(av, b1));                                  \
-    av = _mm256_set1_epi32(a5[kk]);                                                          \
-    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(av, b0));                                  \
-    c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(av, b1));                                  \
+    __m256i av;                                                                                     \
+    DSF_I16_ROW(a0, c00, c01)                                                                       \
+    DSF_I16_ROW(a1, c10, c11)                                                                       \
+    DSF_I16_ROW(a2, c20, c21)                                                                       \
+    DSF_I16_ROW(a3, c30, c31)                                                                       \
+    DSF_I16_ROW(a4, c40, c41)                                                                       \
+    DSF_I16_ROW(a5, c50, c51)                                                                       \
   }
     for (; kk < steps && j + 1 < npend; ++kk, j += 2) {
       DSF_MICRO_STEP_I16
@@ -511,6 +499,7 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     }
     for (; kk < steps; ++kk) DSF_MICRO_STEP_I16
 #undef DSF_MICRO_STEP_I16
+#undef DSF_I16_ROW
     float* o = out + h * MR * NR;
 #define put(off, c) _mm256_storeu_ps(o + (off), _mm256_mul_ps(_mm256_cvtepi32_ps(c), vi))
     put(0, c00);
