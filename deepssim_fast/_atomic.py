@@ -1,14 +1,38 @@
 """Atomic file writes: a temporary file in the destination's folder, fsync, then ``os.replace``.
 
 A reader (or a resumed run) sees either the old file or the complete new one, never a partial write.
+The new file gets the mode a plain ``open(path, "w")`` would give it: ``0o666 & ~umask`` for a new file,
+the existing file's mode when it replaces one (the temporary file's private 0600 never reaches ``path``).
 """
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (not atomic with respect to other threads)
+    os.umask(old)
+    return old
+
+
+def _final_mode(p: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(p).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
@@ -21,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(p))
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -13,14 +13,18 @@ Conventions
   brought to one shape ``size`` by :func:`~deepssim_fast.data.center_fit` (centre crop or pad with the
   item's minimum, no resampling); ``size=None`` takes the shape of the first training item.
 * An item's id is ``"<path>#<axis>:<index>"`` (slices; a 4D file's frame ``t`` has path ``<path>@t<t>``)
-  or ``"<path>"`` (volumes).
+  or ``"<path>"`` (volumes; each frame ``t`` of a 4D file is a volume of its own, ``"<path>@t<t>"``).
+  Paths are absolute, symlinks not resolved (:func:`~deepssim_fast.io.discover`); a path may itself hold
+  a ``#``, so an id is split at its *last* ``#``.
 * Search scores (column ``cosine`` of matches.csv): ``deepssim`` and ``embeddings`` — cosine similarity of
   embeddings; ``correlation`` — Pearson correlation of the pixels (the cosine of the centred images, the
   baseline of Akbar et al.); ``ssim`` — exact SSIM, ``preset="deepssim"``. Top-k: descending, ties to
   the lower training index.
 * Verification (``verify="ssim"``): exact SSIM with ``preset="deepssim"`` between the training candidate
   (first argument, whose range sets the constants) and the synthetic sample, maximised over the
-  transforms asked for: horizontal/vertical flips (``verify_flips``), small rotations of the best flip
+  transforms asked for: flips (``verify_flips``; slices: horizontal and vertical, ``hflip``/``vflip``;
+  volumes: along each of the three axes, ``flip0``/``flip1``/``flip2`` — axis 0 is left-right in RAS
+  data), small rotations of the best flip
   (``verify_rotations`` degrees, 2D) and, for each variant, the integer shift within ``±verify_shifts``
   pixels that maximises the cross-correlation; the unchanged pair and the two variants of highest
   correlation are scored (:func:`verify_pairs`). With ``verify_flips`` the ``deepssim`` and ``correlation``
@@ -32,6 +36,8 @@ Conventions
   ``duplicate`` if s > high, ``similar`` if low < s <= high, ``different`` if s <= low, with
   ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate;
   "fraction memorised" is the fraction of synthetic samples labelled ``duplicate``.
+* ``metric="correlation"``: a constant (blank) item has no Pearson correlation. It is skipped and listed
+  among the skipped inputs (path and reason), as unreadable files are; ``strict=True`` aborts instead.
 
 Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, default ``OUT/cache``) under a
 key of path, size, mtime, slice policy, item shape and model hash; search and verification results are
@@ -61,7 +67,7 @@ import numpy as np
 
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit
-from .io import Spec, _file_slices, discover, read_image
+from .io import Spec, _file_slices, _file_volumes, discover
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ MATCHES_HEADER = (
     "label",
     "transform",
 )
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: volumes are flipped along every axis; 4D files give one volume per frame
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def _load_model(model: Any) -> tuple[Any, str | None, str]:
     """(module, path or None, hash). ``model``: a path (project checkpoint or TorchScript) or a module."""
     if isinstance(model, (str, os.PathLike)):
         p = Path(model)
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"model file {p} does not exist")
         from .model import load_model
 
@@ -310,29 +316,17 @@ def _file_key(p: Path, *parts: str) -> str:
 
 
 def _decode_file(p: Path, mode: str, policy: SlicePolicy) -> tuple[list[str], list[int], list[np.ndarray]]:
-    """Items of one file: (ids, indices, arrays). Raises DataError for unreadable files."""
+    """Items of one file: (ids, indices, arrays). Raises DataError for unreadable files.
+
+    mode='volumes': one item per 3D volume; a 4D file gives one per frame (id ``<path>@t<t>``, index t)."""
     if mode == "volumes":
-        a = read_image(p, frame=0 if _is_4d(p) else None)
-        if a.ndim != 3:
-            raise DataError(f"{p}: mode='volumes' needs 3D images, got shape {a.shape}")
-        return [str(p)], [0], [a]
+        vols = _file_volumes(p)
+        for _, a in vols:
+            if a.ndim != 3:
+                raise DataError(f"{p}: mode='volumes' needs 3D images, got shape {a.shape}")
+        return [src for src, _ in vols], list(range(len(vols))), [a for _, a in vols]
     slices = _file_slices(p, policy)
     return [s.key for s in slices], [s.index for s in slices], [s.array for s in slices]
-
-
-def _is_4d(p: Path) -> bool:
-    try:
-        if p.name.lower().endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            shape = nib.load(str(p)).shape
-        elif p.name.lower().endswith(".npy"):
-            shape = np.load(p, mmap_mode="r").shape
-        else:
-            return False
-    except Exception:  # noqa: BLE001 - the reader reports the real error
-        return False
-    return len(shape) == 4
 
 
 class _DecodeDataset:
@@ -374,7 +368,7 @@ def _decode_all(
     import torch.utils.data as tud
     from tqdm import tqdm
 
-    token = policy.token() if mode == "slices" else "volumes"
+    token = policy.token() if mode == "slices" else "volumes:frames"
     entries: list[Path | None] = [None] * len(paths)
     skipped: list[tuple[str, str]] = []
     todo: list[int] = []
@@ -432,6 +426,18 @@ def _first_item_shape(paths: Sequence[Path], *, mode: str, policy: SlicePolicy) 
     return None
 
 
+def _item_path(item_id: str, mode: str) -> str:
+    """The path part of an item id: slices ``<path>#<axis>:<index>`` (split at the last ``#``: a path may
+    hold one), volumes ``<path>`` itself. A frame of a 4D file keeps its ``@t<t>``."""
+    return item_id.rsplit("#", 1)[0] if mode == "slices" else item_id
+
+
+def _constant_items(pixels: np.ndarray) -> np.ndarray:
+    """(n,) bool: items whose pixels are all equal (exactly: no centring round-off involved)."""
+    flat = pixels.reshape(len(pixels), -1)
+    return flat.max(axis=1) == flat.min(axis=1)
+
+
 def _build_items(
     name: str,
     paths: Sequence[Path],
@@ -439,8 +445,17 @@ def _build_items(
     size: tuple[int, ...],
     work: Path,
     skipped: list[tuple[str, str]],
+    *,
+    mode: str = "slices",
+    drop_constant: bool = False,
+    strict: bool = False,
 ) -> ItemSet:
-    """Concatenate the cached per-file items into one memory-mapped store OUT/work/<name>_pixels.npy."""
+    """Concatenate the cached per-file items into one memory-mapped store OUT/work/<name>_pixels.npy.
+
+    ``drop_constant`` (metric correlation): constant items are left out and added to ``skipped`` as
+    ``(file path, reason)``, or, with ``strict``, raise :class:`DataError`.
+    """
+    skipped = list(skipped)
     metas = []
     n = 0
     for p, e in zip(paths, entries, strict=True):
@@ -448,8 +463,25 @@ def _build_items(
             continue
         with np.load(e) as z:
             ids, idx = [str(s) for s in z["ids"]], [int(v) for v in z["indices"]]
-        metas.append((p, e, ids, idx))
-        n += len(ids)
+            keep = np.ones(len(ids), dtype=bool)
+            if drop_constant:
+                px = z["pixels"]
+                keep = ~_constant_items(px)
+            for q in np.flatnonzero(~keep):
+                value = float(px[q].flat[0])
+                reason = (
+                    f"{ids[q]}: constant image (every pixel {value:g}); its Pearson correlation is "
+                    "undefined, so metric 'correlation' cannot score it"
+                )
+                if strict:
+                    raise DataError(reason)
+                logger.warning("skipping %s item %s", name, reason)
+                skipped.append((str(p), reason))
+        if not keep.any():
+            continue
+        metas.append((p, e, [i for i, k in zip(ids, keep, strict=True) if k],
+                      [i for i, k in zip(idx, keep, strict=True) if k], keep))
+        n += int(keep.sum())
     if n == 0:
         reasons = "; ".join(r for _, r in skipped[:5])
         raise ValueError(
@@ -462,19 +494,19 @@ def _build_items(
     mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + tuple(size))
     pos = 0
     ids_all, paths_all, idx_all = [], [], []
-    for _p, e, ids, idx in metas:
+    for _p, e, ids, idx, keep in metas:
         with np.load(e) as z:
-            px = z["pixels"]
+            px = z["pixels"] if keep.all() else z["pixels"][keep]
             mm[pos : pos + len(px)] = px
         pos += len(ids)
         ids_all += ids
         idx_all += idx
-        paths_all += [i.split("#", 1)[0] for i in ids]
+        paths_all += [_item_path(i, mode) for i in ids]
     mm.flush()
     del mm
     os.replace(tmp, store)
     pixels = np.load(store, mmap_mode="r")
-    return ItemSet(name, ids_all, paths_all, idx_all, pixels, n_files=len(paths), skipped=list(skipped))
+    return ItemSet(name, ids_all, paths_all, idx_all, pixels, n_files=len(paths), skipped=skipped)
 
 
 def _embed_items(
@@ -540,9 +572,14 @@ def _embed_items(
     return np.concatenate([o for o in out if o is not None]).astype(np.float32)
 
 
-def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool) -> ItemSet:
-    """metric='embeddings': each .npy file holds (n, d) rows; item id ``<path>#row:<i>``."""
+def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: int | None = None) -> ItemSet:
+    """metric='embeddings': each .npy file holds (n, d) rows; item id ``<path>#row:<i>``.
+
+    Every row must have one width d: ``width`` (the training set's, for the synthetic set) or that of the
+    first readable file. A file of another width is skipped and reported by path, like an unreadable one
+    (``strict``: :class:`DataError`)."""
     ids, ps, idx, vecs, skipped = [], [], [], [], []
+    ref = "the training embeddings have" if width is not None else ""
     for p in paths:
         try:
             if not p.name.lower().endswith(".npy"):
@@ -561,6 +598,10 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool) -> ItemS
                 raise DataError(
                     f"{p}: row {int(np.argmin(np.linalg.norm(a, axis=1)))} is all zeros (cosine undefined)"
                 )
+            if width is None:
+                width, ref = int(a.shape[1]), f"the first {name} file {p} has"
+            elif a.shape[1] != width:
+                raise DataError(f"{p}: embeddings of width {a.shape[1]}, but {ref} width {width}")
         except DataError as exc:
             if strict:
                 raise
@@ -573,25 +614,37 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool) -> ItemS
             idx.append(r)
         vecs.append(a.astype(np.float32))
     if not vecs:
-        raise ValueError(f"the {name} set has no usable embeddings ({len(paths)} files)")
-    dims = {v.shape[1] for v in vecs}
-    if len(dims) != 1:
-        raise ValueError(f"the {name} embedding files have different widths {sorted(dims)}")
+        reasons = "; ".join(r for _, r in skipped[:5])
+        raise ValueError(
+            f"the {name} set has no usable embeddings ({len(paths)} files"
+            + (f"; skipped: {reasons}" if reasons else "")
+            + ")"
+        )
     return ItemSet(name, ids, ps, idx, None, np.concatenate(vecs), n_files=len(paths), skipped=skipped)
 
 
-def _centred_rows(pixels: np.ndarray, items: ItemSet, chunk: int = 256) -> np.ndarray:
-    """Pixels flattened, centred and L2-normalised (their cosine is the Pearson correlation)."""
+def _centred_rows(
+    pixels: np.ndarray, items: ItemSet, chunk: int = 256, *, fallback: np.ndarray | None = None
+) -> np.ndarray:
+    """Pixels flattened, centred and L2-normalised (their cosine is the Pearson correlation).
+
+    A constant item has no such row: it takes the row of ``fallback`` at the same position when given (a
+    transformed item whose shift left only background: the untransformed item's row), else it is an error
+    (the audit leaves constant items out before this point)."""
     n = len(pixels)
     out = np.empty((n, int(np.prod(pixels.shape[1:]))), dtype=np.float32)
     for a in range(0, n, chunk):
         x = np.asarray(pixels[a : a + chunk], dtype=np.float64).reshape(min(chunk, n - a), -1)
+        const = x.max(axis=1) == x.min(axis=1)
+        if const.any() and fallback is None:
+            bad = a + int(np.flatnonzero(const)[0])
+            raise ValueError(f"{items.name} item {items.ids[bad]} is constant: its correlation is undefined")
         x = x - x.mean(axis=1, keepdims=True)
         nrm = np.linalg.norm(x, axis=1, keepdims=True)
-        if (nrm == 0).any():
-            bad = a + int(np.nonzero(nrm[:, 0] == 0)[0][0])
-            raise ValueError(f"{items.name} item {items.ids[bad]} is constant: its correlation is undefined")
+        nrm[const] = 1.0
         out[a : a + len(x)] = (x / nrm).astype(np.float32)
+        if const.any():
+            out[a + np.flatnonzero(const)] = fallback[a + np.flatnonzero(const)]
     return out
 
 
@@ -599,9 +652,15 @@ def _centred_rows(pixels: np.ndarray, items: ItemSet, chunk: int = 256) -> np.nd
 # Verification
 # ----------------------------------------------------------------------------------------------------
 def _flip_variants(flips: bool, spatial_dims: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, axes) of the flips searched: none first; with ``flips``, 2D items are flipped horizontally
+    (``hflip``, axis 1) and vertically (``vflip``, axis 0), volumes along each axis (``flip0``: axis 0,
+    left-right in RAS data; ``flip1``; ``flip2``)."""
     out: list[tuple[str, tuple[int, ...]]] = [("", ())]
     if flips:
-        out += [("hflip", (spatial_dims - 1,)), ("vflip", (spatial_dims - 2,))]
+        if spatial_dims == 2:
+            out += [("hflip", (1,)), ("vflip", (0,))]
+        else:
+            out += [(f"flip{ax}", (ax,)) for ax in range(spatial_dims)]
     return out
 
 
@@ -708,7 +767,8 @@ def verify_pairs(
 ) -> tuple[np.ndarray, list[str]]:
     """Verified SSIM of the pairs (train_px[i], synth_px[i]), each (B, *size) → (best SSIM (B,) f64, names).
 
-    The synthetic image is transformed by each flip (none, or also horizontal / vertical when ``flips``), and
+    The synthetic image is transformed by each flip (none, or also those of :func:`_flip_variants` when
+    ``flips``: horizontal / vertical in 2D, each axis in 3D), and
     the flip of highest correlation also by the rotations ±r/2, ±r degrees (r = ``rotations``; 2D only); each
     variant is followed by the integer shift within ±``shifts`` that maximises its cross-correlation with the
     training image (computed by FFT). The untransformed
@@ -863,15 +923,18 @@ def audit(
         verify: ``"ssim"`` (re-score candidates with exact SSIM) or ``"none"`` (label from the search score).
         out: output directory (created). workers / scheduler: run the search on Dask
             (:func:`deepssim_fast.distributed.all_pairs_distributed`, shards checkpointed in ``out/shards``).
-        policy: slice policy (mode "slices"). mode: ``"slices"`` or ``"volumes"`` (3D).
+        policy: slice policy (mode "slices"). mode: ``"slices"`` or ``"volumes"`` (3D; every frame of a 4D
+            file is a volume).
         size: common item shape (centre crop/pad); None = the first training item's shape.
         verify_shifts, verify_flips, verify_rotations: transforms searched during verification (shifts in
-            pixels, rotations in degrees; see :func:`verify_pairs`). With ``verify_flips`` the candidate
+            pixels, rotations in degrees, 2D only; see :func:`verify_pairs`). Flips are horizontal and
+            vertical for slices, along each of the three axes for volumes. With ``verify_flips`` the candidate
             search of the ``deepssim`` and ``correlation`` metrics is flip-aware too: the flipped synthetic
             items are searched as well and each pair keeps its best score (the histogram stays unflipped);
             with ``verify_shifts`` it is shift-aware the same way (the items translated by ±verify_shifts
             pixels: 8 more searches in 2D, 6 in 3D, each costing one embedding pass over the synthetic set).
-        strict: abort on the first unreadable file instead of skipping it.
+        strict: abort on the first unreadable file (or, for ``correlation``, constant item; for
+            ``embeddings``, file of another width) instead of skipping it.
         cache_dir: per-file decode/embedding cache (default ``out/cache``).
         decode_workers: DataLoader worker processes for decoding. batch_size: encoder batch size.
         chunk_size: synthetic items per search/verification chunk (the unit of resume).
@@ -892,7 +955,9 @@ def audit(
     if mode == "volumes" and metric not in ("ssim", "correlation"):
         raise ValueError(f"mode='volumes' supports metric 'ssim' or 'correlation' (3D), not {metric!r}")
     if metric == "embeddings" and verify != "none":
-        raise ValueError("metric='embeddings' has no pixels to verify: pass verify='none'")
+        raise ValueError(
+            "metric='embeddings' has no pixels to verify: pass verify='none' (command line: --verify none)"
+        )
     if metric == "deepssim" and model is None:
         raise ValueError(
             "metric='deepssim' needs a model: a checkpoint or TorchScript path (train one with "
@@ -905,6 +970,10 @@ def audit(
             f"verify_shifts >= 0, chunk_size, batch_size, bins >= 1 required; got "
             f"{verify_shifts}, {chunk_size}, {batch_size}, {bins}"
         )
+    if not np.isfinite(verify_rotations) or verify_rotations < 0:
+        raise ValueError(f"verify_rotations must be a non-negative number of degrees, got {verify_rotations!r}")
+    if mode == "volumes" and verify_rotations:
+        raise ValueError("verify_rotations applies to 2D slices only, not mode='volumes'")
     th = _check_thresholds(thresholds)
     policy = policy or SlicePolicy()
     spatial_dims = 3 if mode == "volumes" else 2
@@ -931,7 +1000,7 @@ def audit(
         raise ValueError(f"size {tuple(size)} must have {spatial_dims} entries for mode={mode!r}")
     if metric == "embeddings":
         tset = _load_embeddings("train", train_paths, strict=strict)
-        sset = _load_embeddings("synth", synth_paths, strict=strict)
+        sset = _load_embeddings("synth", synth_paths, strict=strict, width=int(tset.vectors.shape[1]))
         work.mkdir(parents=True, exist_ok=True)
     else:
         if fit is None:
@@ -965,8 +1034,9 @@ def audit(
             progress=progress,
         )
         work.mkdir(parents=True, exist_ok=True)
-        tset = _build_items("train", train_paths, t_entries, fit, work, t_skip)
-        sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip)
+        opts = {"mode": mode, "drop_constant": metric == "correlation", "strict": strict}
+        tset = _build_items("train", train_paths, t_entries, fit, work, t_skip, **opts)
+        sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip, **opts)
     timings["decode"] = time.perf_counter() - t0
     if len(tset) == 0 or len(sset) == 0:  # pragma: no cover - _build_items raises first
         raise ValueError("empty input set")
@@ -1077,13 +1147,29 @@ def audit(
             if verify_shifts > 0:
                 variants += [(f"shift{j}", lambda img, d=d: _shift(img, d))
                              for j, d in enumerate(_search_offsets(verify_shifts, spatial_dims))]
-        for vname, fn in variants:
-            vv = _transformed_vectors(sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device)
-            rv = _cosine_search(
-                tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
-                workers=workers, scheduler=scheduler, shard_dir=out / f"shards_{vname}",
+        if variants:
+            from tqdm import tqdm
+
+            # one bar over every transformed synthetic item (each variant: transform, embed, search)
+            bar = tqdm(
+                total=len(variants) * len(sset),
+                desc="flip/shift search",
+                unit="item",
+                disable=None if progress else True,
             )
-            res = _merge_topk(res, rv, kk)
+            try:
+                for vname, fn in variants:
+                    bar.set_postfix_str(vname, refresh=False)
+                    vv = _transformed_vectors(
+                        sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device, bar=bar
+                    )
+                    rv = _cosine_search(
+                        tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
+                        workers=workers, scheduler=scheduler, shard_dir=out / f"shards_{vname}",
+                    )
+                    res = _merge_topk(res, rv, kk)
+            finally:
+                bar.close()
         res.save(search_file)
     if not (np.isfinite(res.scores).all() and (res.indices >= 0).all() and (res.indices < len(tset)).all()):
         raise RuntimeError(
@@ -1200,9 +1286,12 @@ def _search_offsets(s: int, spatial_dims: int) -> list[tuple[int, ...]]:
 
 
 def _transformed_vectors(
-    items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any
+    items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any, bar: Any = None
 ) -> np.ndarray:
-    """Search vectors of the items transformed image by image by ``fn`` (embeddings, or centred rows)."""
+    """Search vectors of the items transformed image by image by ``fn`` (embeddings, or centred rows).
+
+    ``bar``: a tqdm bar advanced by the number of items done. For ``correlation`` a transformed item that
+    is constant (a shift that left only background) keeps the untransformed item's row."""
     n = len(items)
     step = max(batch_size * 4, 256)
     parts = []
@@ -1218,7 +1307,9 @@ def _transformed_vectors(
                 items.indices[a : a + step],
                 block,
             )
-            parts.append(_centred_rows(block, sub))
+            parts.append(_centred_rows(block, sub, fallback=items.vectors[a : a + step]))
+        if bar is not None:
+            bar.update(len(block))
     return np.concatenate(parts).astype(np.float32)
 
 
@@ -1413,30 +1504,72 @@ def _top_suspects(
 # ----------------------------------------------------------------------------------------------------
 # Evaluation against labelled pairs
 # ----------------------------------------------------------------------------------------------------
-def read_labels(path: str | os.PathLike) -> list[tuple[str, str, int]]:
-    """Reference label CSV: columns real_key, synth_key, label (0 different, 1 duplicate, 2 similar)."""
+_LABEL_COLUMNS = ("real_key", "synth_key", "label")
+
+
+def _label_rows(path: str | os.PathLike) -> list[tuple[str, str, int, int]]:
+    """The labelled pairs of a reference label CSV with their line numbers: (real_key, synth_key, label, line).
+
+    UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"); keys and header names are stripped of
+    surrounding spaces. Every error names the file and, for a row, its line.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"labels file {p} is a directory; give the CSV file")
     if not p.is_file():
         raise FileNotFoundError(f"labels file {p} does not exist")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the labels as CSV UTF-8"
+        ) from None
+    reader = csv.DictReader(_io.StringIO(text, newline=""))
+    if reader.fieldnames is None:
+        raise ValueError(f"{p}: empty file; expected a header line {','.join(_LABEL_COLUMNS)}")
+    reader.fieldnames = [f.strip() for f in reader.fieldnames]
+    header = reader.fieldnames
+    if not set(_LABEL_COLUMNS) <= set(header):
+        hint = ""
+        if len(header) == 1 and any(d in header[0] for d in ";\t|"):
+            hint = " (the file must be comma-separated)"
+        raise ValueError(f"{p}: expected columns {', '.join(_LABEL_COLUMNS)}; got {header}{hint}")
     out = []
-    with open(p, newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"real_key", "synth_key", "label"}
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise ValueError(f"{p}: expected columns real_key, synth_key, label; got {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                lab = int(row["label"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{p}:{line}: label {row['label']!r} is not an integer") from None
-            if lab not in (0, 1, 2):
-                raise ValueError(
-                    f"{p}:{line}: label {lab} must be 0 (different), 1 (duplicate) or 2 (similar)"
-                )
-            out.append((row["real_key"], row["synth_key"], lab))
+    for row in reader:
+        line = reader.line_num
+        over = row.pop(None, None) or []  # values beyond the header (DictReader's restkey)
+        given = sum(v is not None for v in row.values()) + len(over)
+        if any(v.strip() for v in over) or any(row[c] is None for c in _LABEL_COLUMNS):
+            raise ValueError(
+                f"{p}:{line}: expected {len(header)} fields ({', '.join(header)}), got {given}"
+            )
+        real, synth = row["real_key"].strip(), row["synth_key"].strip()
+        for col, v in (("real_key", real), ("synth_key", synth)):
+            if not v:
+                raise ValueError(f"{p}:{line}: empty {col}")
+        try:
+            lab = int(row["label"])
+        except ValueError:
+            raise ValueError(
+                f"{p}:{line}: label {row['label']!r} is not an integer "
+                "(0 different, 1 duplicate, 2 similar)"
+            ) from None
+        if lab not in (0, 1, 2):
+            raise ValueError(f"{p}:{line}: label {lab} must be 0 (different), 1 (duplicate) or 2 (similar)")
+        out.append((real, synth, lab, line))
     if not out:
         raise ValueError(f"{p}: no labelled pairs")
     return out
+
+
+def read_labels(path: str | os.PathLike) -> list[tuple[str, str, int]]:
+    """Reference label CSV: columns real_key, synth_key, label (0 different, 1 duplicate, 2 similar).
+
+    UTF-8, with or without a byte-order mark; errors name the file and the line."""
+    return [(r, s_, lab) for r, s_, lab, _ in _label_rows(path)]
 
 
 # reference label codes <-> audit labels
@@ -1510,8 +1643,11 @@ def evaluate(audit_dir: str | os.PathLike, labels: str | os.PathLike, *, backend
 
     Each labelled pair (real_key → training item, synth_key → synthetic item; keys may be item ids, paths,
     file names or stems) is scored exactly as the audit labels a pair — verified SSIM (same flips/shifts)
-    or the search score when the audit ran with ``verify="none"`` — and labelled with the audit's
-    thresholds. Returns per-class precision/recall/F1 and the macro F1.
+    or, when the audit ran with ``verify="none"``, the search score of the audit's metric: exact SSIM
+    (``ssim``), Pearson correlation of the stored pixels (``correlation``) or the cosine of the stored
+    vectors (``deepssim``, ``embeddings``; of the untransformed items, without the flip/shift variants of
+    the search) — and labelled with the audit's thresholds. Returns per-class precision/recall/F1 and the
+    macro F1. Errors about a label row name the labels file and its line.
     """
     d = Path(audit_dir)
     sfile = d / "summary.json"
@@ -1519,38 +1655,64 @@ def evaluate(audit_dir: str | os.PathLike, labels: str | os.PathLike, *, backend
         raise FileNotFoundError(f"{d} is not an audit directory (no summary.json)")
     summary = json.loads(sfile.read_text())
     work = d / "work"
-    pairs = read_labels(labels)
+    rows = _label_rows(labels)
+    pairs = [(r, s_, lab) for r, s_, lab, _ in rows]
     th = (float(summary["thresholds"]["low"]), float(summary["thresholds"]["high"]))
+    metric = summary["metric"]
+    spatial_dims = 3 if summary["mode"] == "volumes" else 2
+
+    def stored(name: str) -> Path:
+        f = work / name
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"{f} is missing: evaluate re-scores the labelled pairs from what the audit "
+                f"(metric {metric!r}, verify {summary['verify']['method']!r}) leaves in {work}; "
+                f"run the audit into {d} again"
+            )
+        return f
+
     ids, paths = {}, {}
     # The item tables are rebuilt from the stores the audit left in work/.
-    meta = json.loads((work / "items.json").read_text())
+    meta = json.loads(stored("items.json").read_text())
     for side in ("train", "synth"):
         ids[side], paths[side] = meta[side]["ids"], meta[side]["paths"]
     ft, fs = _resolver(ids["train"], paths["train"]), _resolver(ids["synth"], paths["synth"])
-    ti = [ft(r) for r, _, _ in pairs]
-    si = [fs(s) for _, s, _ in pairs]
+    ti, si = [], []
+    for real, synth, _, line in rows:
+        try:
+            ti.append(ft(real))
+            si.append(fs(synth))
+        except ValueError as exc:
+            raise ValueError(f"{labels}:{line}: {exc}") from None
     if summary["verify"]["method"] == "ssim":
-        tp = np.load(work / "train_pixels.npy", mmap_mode="r")
-        sp = np.load(work / "synth_pixels.npy", mmap_mode="r")
+        tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
+        sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
         score, _ = verify_pairs(
             np.asarray(tp[ti]),
             np.asarray(sp[si]),
-            spatial_dims=3 if summary["mode"] == "volumes" else 2,
+            spatial_dims=spatial_dims,
             flips=summary["verify"]["flips"],
             shifts=summary["verify"]["max_shift"],
             rotations=summary["verify"]["max_rotation_deg"],
             backend=backend,
         )
+    elif metric == "ssim":  # the search score itself: exact SSIM, training item first
+        tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
+        sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
+        score = _ssim_pairs(
+            np.ascontiguousarray(tp[ti]), np.ascontiguousarray(sp[si]), spatial_dims=spatial_dims,
+            backend=backend,
+        )
     else:
-        if summary["metric"] == "correlation":  # Pearson correlation of the stored pixels
-            tp = np.load(work / "train_pixels.npy", mmap_mode="r")
-            sp = np.load(work / "synth_pixels.npy", mmap_mode="r")
+        if metric == "correlation":  # Pearson correlation of the stored pixels
+            tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
+            sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
             a = np.asarray(tp[ti], dtype=np.float64).reshape(len(ti), -1)
             b = np.asarray(sp[si], dtype=np.float64).reshape(len(si), -1)
             a -= a.mean(axis=1, keepdims=True)
             b -= b.mean(axis=1, keepdims=True)
-        else:
-            tv, sv = np.load(work / "train_vectors.npy"), np.load(work / "synth_vectors.npy")
+        else:  # deepssim, embeddings: cosine of the stored search vectors
+            tv, sv = np.load(stored("train_vectors.npy")), np.load(stored("synth_vectors.npy"))
             a, b = tv[ti].astype(np.float64), sv[si].astype(np.float64)
         score = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]

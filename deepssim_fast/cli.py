@@ -230,6 +230,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         size=size,
         verify_shifts=args.verify_shifts,
         verify_flips=args.verify_flips,
+        verify_rotations=args.verify_rotations,
         strict=args.strict,
         cache_dir=args.cache_dir,
         decode_workers=args.decode_workers,
@@ -301,15 +302,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return int(bench_main(list(args.bench_args)) or 0)
 
 
+def verbosity(args: argparse.Namespace) -> int:
+    """How many ``-v`` were given, before the subcommand and after it."""
+    return int(getattr(args, "verbose", 0) or 0) + int(getattr(args, "verbose_sub", 0) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepssim-fast", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    # -v is accepted after the subcommand too; it counts separately (a subcommand's defaults would
+    # overwrite the main parser's count) and verbosity() adds both
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", dest="verbose_sub", action="count", default=0, help="more logging (-vv for debug)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("doctor", help="print the usable backends and versions")
+    d = sub.add_parser("doctor", parents=[common], help="print the usable backends and versions")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_cmd_doctor)
 
-    s = sub.add_parser("ssim", help="SSIM of two images, or all pairs of two folders (CSV)")
+    s = sub.add_parser("ssim", parents=[common], help="SSIM of two images, or all pairs of two folders (CSV)")
     s.add_argument("a", help="image file (PNG, .npy, NIfTI) or folder / glob")
     s.add_argument("b", help="image file or folder / glob")
     s.add_argument("--preset", choices=["deepssim"], default=None, help="z-score both, range of the first")
@@ -321,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_ssim)
 
-    t = sub.add_parser("train", help="train a DeepSSIM encoder on a folder of images/volumes")
+    t = sub.add_parser("train", parents=[common], help="train a DeepSSIM encoder on a folder of images/volumes")
     t.add_argument("--images", required=True, help="training images: folder, glob or file")
     t.add_argument("--val", default=None, help="validation images (default: a split of --images)")
     t.add_argument("--out", required=True, help="output directory (best.pt, last.pt, log.csv)")
@@ -347,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(t)
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("embed", help="embed images with a model into a .npy file")
+    e = sub.add_parser("embed", parents=[common], help="embed images with a model into a .npy file")
     e.add_argument("--model", required=True, help="checkpoint or TorchScript file")
     e.add_argument("--images", required=True, help="folder, glob or file")
     e.add_argument("--out", required=True, help="output .npy (item ids go to <out>.ids.txt)")
@@ -358,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(e)
     e.set_defaults(func=_cmd_embed)
 
-    a = sub.add_parser("audit", help="find synthetic samples that copy training samples; write a report")
+    a = sub.add_parser(
+        "audit", parents=[common], help="find synthetic samples that copy training samples; write a report"
+    )
     a.add_argument("--train", required=True, nargs="+", help="training set: folders, globs or files")
     a.add_argument("--synth", required=True, nargs="+", help="synthetic set: folders, globs or files")
     a.add_argument("--model", default=None, help="encoder checkpoint or TorchScript file (metric deepssim)")
@@ -366,7 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("-k", "--k", type=int, default=5, help="candidates per synthetic item (default 5)")
     a.add_argument("--thresholds", type=float, nargs=2, default=(0.6, 0.85), metavar=("LOW", "HIGH"))
-    a.add_argument("--verify", default="ssim", choices=["ssim", "none"])
+    a.add_argument(
+        "--verify",
+        default="ssim",
+        choices=["ssim", "none"],
+        help="re-score the candidates with exact SSIM (default), or label from the search score (none; "
+        "required by --metric embeddings)",
+    )
     a.add_argument(
         "--verify-shifts",
         type=int,
@@ -374,7 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="also verify over integer shifts up to PX pixels (best by cross-correlation)",
     )
-    a.add_argument("--verify-flips", action="store_true", help="also verify horizontal/vertical flips")
+    a.add_argument(
+        "--verify-flips",
+        action="store_true",
+        help="also verify flips: horizontal/vertical (slices), along each axis (volumes)",
+    )
+    a.add_argument(
+        "--verify-rotations",
+        type=float,
+        default=0.0,
+        metavar="DEG",
+        help="also verify rotations of the best flip by ±DEG/2 and ±DEG degrees (slices only)",
+    )
     a.add_argument("--mode", default="slices", choices=["slices", "volumes"], help="2D slices or 3D volumes")
     a.add_argument("--size", type=int, nargs="+", default=None, help="common item shape (crop/pad)")
     a.add_argument("--strict", action="store_true", help="abort on the first unreadable file")
@@ -390,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(a)
     a.set_defaults(func=_cmd_audit)
 
-    v = sub.add_parser("evaluate", help="precision/recall/macro F1 of an audit against labelled pairs")
+    v = sub.add_parser(
+        "evaluate", parents=[common], help="precision/recall/macro F1 of an audit against labelled pairs"
+    )
     v.add_argument("--audit", required=True, help="audit output directory")
     v.add_argument(
         "--labels", required=True, help="CSV with real_key, synth_key, label (0 diff, 1 dup, 2 sim)"
@@ -398,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", default=None)
     v.set_defaults(func=_cmd_evaluate)
 
-    m = sub.add_parser("demo", help="end-to-end audit on real brain MRI with planted copies")
+    m = sub.add_parser("demo", parents=[common], help="end-to-end audit on real brain MRI with planted copies")
     m.add_argument("--out", default="demo_out")
     m.add_argument("--train-seconds", type=float, default=150.0, help="encoder training budget")
     m.add_argument("--retrain", action="store_true", help="ignore a cached encoder in OUT")
@@ -423,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bench_args = argv[cut:]
     else:
         args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    level = logging.WARNING - 10 * min(verbosity(args), 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

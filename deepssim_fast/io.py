@@ -4,7 +4,9 @@ Conventions
 -----------
 * :func:`discover` turns a *spec* (directory, glob pattern, file, or a list of these) into a sorted,
   de-duplicated list of paths. Directories are searched recursively for ``.nii``, ``.nii.gz``, ``.png``
-  and ``.npy``. The order is ``sorted()`` over the resolved absolute paths, never ``os.listdir`` order.
+  and ``.npy``. Paths are made absolute (``os.path.abspath``: ``.`` and ``..`` removed) but symlinks are
+  not resolved, so a linked file keeps the name the user gave it and two links to one file are two
+  inputs. The order is ``sorted()`` over those absolute paths, never ``os.listdir`` order.
 * :func:`read_image` returns float32, 2D or 3D:
 
   - PNG: 8- or 16-bit grayscale as stored (no rescaling). Colour images are converted to luminance with
@@ -96,7 +98,8 @@ def discover(spec: Spec) -> list[Path]:
     """All image files named by ``spec``, as absolute paths, sorted and without duplicates.
 
     ``spec`` is a directory (searched recursively), a glob pattern (``**`` allowed), a single file, or a
-    list/tuple of any of these. Raises ValueError naming the spec when nothing is found.
+    list/tuple of any of these. Symlinks keep their own path (not their target's). Raises ValueError naming
+    the spec when nothing is found.
     """
     items: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
     items = list(items)
@@ -104,7 +107,7 @@ def discover(spec: Spec) -> list[Path]:
         raise ValueError("empty input specification: give a directory, a glob pattern or files")
     out: set[Path] = set()
     for it in items:
-        out.update(q.resolve() for q in _discover_one(it))
+        out.update(Path(os.path.abspath(q)) for q in _discover_one(it))
     if not out:
         raise ValueError(f"{spec!r}: no image files found")
     return sorted(out, key=lambda q: str(q))
@@ -263,6 +266,30 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
                 out.extend(volume_slices(read_image(p, frame=t), policy, source=f"{p}@t{t}"))
             return out
     return volume_slices(read_image(p), policy, source=str(p))
+
+
+def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
+    """The volumes of one file as ``(source, array)``: a 4D file gives one volume per frame, with
+    ``source = "<path>@t<t>"`` as :func:`iter_slices` names the slices of its frames; any other file gives
+    itself, ``source = "<path>"`` (the rank is left to the caller to check)."""
+    kind = image_kind(p)
+    if kind == "nifti":
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(p)).shape
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        if len(shape) == 4 and shape[3] > 1:
+            return [(f"{p}@t{t}", load_nifti(p, frame=t)) for t in range(shape[3])]
+    elif kind == "npy":
+        try:
+            shape = np.load(p, allow_pickle=False, mmap_mode="r").shape
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        if len(shape) == 4:
+            return [(f"{p}@t{t}", read_image(p, frame=t)) for t in range(shape[3])]
+    return [(str(p), read_image(p))]
 
 
 def iter_slices(

@@ -517,19 +517,40 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def _check_model_path(p: Path) -> None:
+    """A missing path or a directory is an error that says which."""
+    if p.is_dir():
+        hint = next((f" (e.g. {p / n})" for n in ("best.pt", "last.pt") if (p / n).is_file()), "")
+        raise ModelFileError(f"model file {p} is a directory; give the checkpoint or TorchScript file "
+                             f"itself{hint}")
+    if not p.is_file():
+        raise FileNotFoundError(f"model file {p}: no such file")
+
+
+def _unreadable_checkpoint(p: Path, exc: Exception) -> ModelFileError:
+    """The error for a file a weights-only ``torch.load`` refused. torch's own message is left out when it
+    advises ``weights_only=False`` (unsafe: it runs the file's pickled code) — what the file is matters here."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only" in text:
+        why = (f"{type(exc).__name__}: a safe weights-only torch.load could not read it — it is not a torch "
+               f"file, or it holds pickled Python objects, which are never loaded")
+    else:
+        first = text.splitlines()[0][:160] if text else ""
+        why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return ModelFileError(f"{p}: not a deepssim_fast checkpoint or TorchScript file (expected a deepssim_fast "
+                          f"checkpoint, the .pt written by train, or a TorchScript file; {why})")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The raw checkpoint dict (weights_only load); errors say what was expected."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model file {p}: no such file")
+    _check_model_path(p)
     if _is_torchscript(p):
         raise ModelFileError(f"{p} is a TorchScript file, not a training checkpoint")
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"{p}: expected a deepssim_fast checkpoint (.pt written by train) or a "
-                             f"TorchScript file; could not read it ({type(exc).__name__}: "
-                             f"{str(exc)[:200]})") from exc
+        raise _unreadable_checkpoint(p, exc) from exc
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(f"{p}: expected a deepssim_fast checkpoint (a dict with format="
                              f"{CHECKPOINT_FORMAT!r}) or a TorchScript file; got {type(ck).__name__}")
@@ -545,8 +566,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     Load only trusted TorchScript files: they can run code.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model file {p}: no such file")
+    _check_model_path(p)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if _is_torchscript(p):
         extra = {_TS_EXTRA: ""}
@@ -602,6 +622,9 @@ def as_image_2d(item: Any, name: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise TypeError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"{name}: complex dtype {a.dtype}; expected a real-valued image (pass np.abs(x) or "
+                        f"x.real explicitly)")
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
     elif a.ndim == 3 and a.shape[0] == 3:
@@ -805,6 +828,9 @@ def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: in
         a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
         if a.ndim != 3:
             raise ValueError(f"volume {i}: expected a 3D array, got shape {a.shape}")
+        if np.issubdtype(a.dtype, np.complexfloating):
+            raise TypeError(f"volume {i}: complex dtype {a.dtype}; expected a real-valued volume (pass "
+                            f"np.abs(v) or v.real explicitly)")
         if not np.isfinite(a).all():
             raise ValueError(f"volume {i}: contains NaN or Inf values")
         sl = volume_slices(a, policy, source=f"volume{i}")

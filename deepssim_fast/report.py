@@ -3,7 +3,8 @@
 * ``histogram.png`` — left: the search score over all (synthetic, training) pairs, log-scaled counts, with
   the two thresholds drawn; right: the verified SSIM of every candidate pair, same thresholds.
 * ``gallery.png`` — the top suspected copies: each synthetic item beside its best training match, with
-  the search score and the verified SSIM (3D items show their middle slice along the last axis).
+  the search score and the verified SSIM (3D items show their middle slice along the last axis). File
+  names are drawn as plain text (no mathtext: ``$`` is a character like any other).
 * ``report.html`` — the summary, the label counts, both figures (base64 PNG) and the table of suspects,
   with inline CSS only. Run timings are left out so a resumed run writes the same bytes.
 
@@ -138,7 +139,12 @@ def gallery_png(
             if shown is not None:
                 ax.imshow(shown, cmap="gray", interpolation="nearest")
             name = _short(s["synth_id" if side == "synth" else "train_id"])
-            ax.set_title(("synthetic" if side == "synth" else "training match") + f"\n{name}", fontsize=7)
+            # file names are plain text: a '$' pair must not be parsed as mathtext
+            ax.set_title(
+                ("synthetic" if side == "synth" else "training match") + f"\n{name}",
+                fontsize=7,
+                parse_math=False,
+            )
         a_s.text(
             1.03,
             1.2,
@@ -149,6 +155,7 @@ def gallery_png(
             va="bottom",
             ha="center",
             fontweight="bold",
+            parse_math=False,
         )
     fig.suptitle(
         "top suspected copies: synthetic (left) beside its training match (right)",
@@ -160,8 +167,11 @@ def gallery_png(
 
 
 def _short(item_id: str, n: int = 34) -> str:
-    path, _, rest = item_id.partition("#")
-    base = os.path.basename(path) + (f"#{rest}" if rest else "")
+    """The file name of an item id with its suffix (``t0.png#2:5``, ``vol.nii.gz@t1``), at most n characters.
+
+    The suffixes (``#<axis>:<index>``, ``#row:<i>``, ``@t<t>``) never hold a ``/``, so the last path component
+    is the file name even when a folder name holds a ``#``."""
+    base = os.path.basename(item_id)
     return base if len(base) <= n else "…" + base[-(n - 1) :]
 
 

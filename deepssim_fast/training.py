@@ -303,7 +303,7 @@ def _key_index(pool: ImagePool) -> dict[str, int]:
     ambiguous: set[str] = set()
     for k, key in enumerate(pool.keys):
         aliases = {key, str(k)}
-        src = key.split("#", 1)[0]
+        src = key.rsplit("#", 1)[0]
         if "#" in key:
             aliases |= {src, Path(src).name, Path(src).stem}
             if Path(src).name.endswith(".nii.gz"):
@@ -330,7 +330,7 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
         raise FileNotFoundError(f"pairs CSV {p}: no such file")
     idx = _key_index(pool)
     out: dict[str, list[tuple[int, int, float]]] = {}
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # (-sig: a CSV saved by Excel starts with a BOM)
         reader = csv.DictReader(f)
         need = {"real_key", "synth_key", "ssim", "split"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):

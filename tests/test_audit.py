@@ -645,3 +645,222 @@ def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
     mtimes = {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()}
     build_demo_data(tmp_path, seed=1, n_copies=6, n_near=3, n_novel=6)
     assert {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()} == mtimes  # unchanged files kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regressions: odd file names, symlinks, flips of volumes, evaluate without verification, permissions,
+# blank images, progress of the variant search, labels files, embedding widths, 4D volumes
+# ----------------------------------------------------------------------------------------------------
+def _labels(path: Path, *rows: tuple[str, str, int]) -> Path:
+    path.write_text("real_key,synth_key,label\n" + "".join(f"{r},{s},{lab}\n" for r, s, lab in rows))
+    return path
+
+
+def test_hash_in_directory_name_keeps_the_whole_path(ds: dict, tmp_path: Path) -> None:
+    """Item ids are ``<path>#<axis>:<index>``: a '#' inside the path must not cut the path short."""
+    synth = tmp_path / "run#3" / "synth"
+    synth.mkdir(parents=True)
+    src = sorted(ds["train_arrays"])[2]
+    np.save(synth / "copy#1.npy", ds["train_arrays"][src])
+    out = tmp_path / "o#ut"
+    A.audit(ds["train"], synth, metric="ssim", k=1, verify="none", out=out, progress=False)
+    (row,) = _rows(out)
+    assert row["synth_path"] == str(synth / "copy#1.npy")
+    assert row["synth_id"] == f"{synth / 'copy#1.npy'}#2:0"
+    assert Path(row["train_path"]).name == src and row["label"] == "duplicate"
+    html = (out / "report.html").read_text()
+    assert "copy#1.npy#2:0" in html
+    ev = A.evaluate(out, _labels(tmp_path / "l.csv", (src, "copy#1.npy", 1), (src, "copy#1", 1)))
+    assert ev["accuracy"] == 1.0
+    # whole volumes have the bare path as their id
+    vol = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+    (tmp_path / "v#t").mkdir()
+    np.save(tmp_path / "v#t" / "a.npy", vol)
+    A.audit(tmp_path / "v#t", tmp_path / "v#t", metric="ssim", mode="volumes", k=1, verify="none",
+            out=tmp_path / "ov", progress=False)
+    (row,) = _rows(tmp_path / "ov")
+    assert row["synth_path"] == row["synth_id"] == str(tmp_path / "v#t" / "a.npy")
+
+
+def test_volumes_verify_flips_mirrors_every_axis(tmp_path: Path) -> None:
+    """In mode='volumes' a copy mirrored along any of the three axes (axis 0 is left-right in RAS) is found."""
+    rng = np.random.default_rng(11)
+    vol = rng.random((14, 15, 16)).astype(np.float32)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "orig.npy", vol)
+    np.save(tmp_path / "t" / "other.npy", rng.random(vol.shape).astype(np.float32))
+    for ax in range(3):
+        np.save(tmp_path / "s" / f"flip{ax}.npy", np.ascontiguousarray(np.flip(vol, axis=ax)))
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=2, verify_flips=True,
+                out=tmp_path / "o", progress=False)
+    rows = {Path(x["synth_path"]).stem: x for x in _best(_rows(tmp_path / "o")).values()}
+    for ax in range(3):
+        x = rows[f"flip{ax}"]
+        assert Path(x["train_path"]).name == "orig.npy" and x["label"] == "duplicate", x
+        assert float(x["ssim"]) == pytest.approx(1.0, abs=1e-5) and x["transform"] == f"flip{ax}", x
+    assert r.summary["counts"]["duplicate"] == 3
+    # 2D keeps its horizontal / vertical flips
+    assert [n for n, _ in A._flip_variants(True, 2)] == ["", "hflip", "vflip"]
+
+
+def test_evaluate_ssim_metric_without_verification(ds: dict, tmp_path: Path) -> None:
+    """With verify='none' evaluate scores each labelled pair with the search metric itself (here SSIM)."""
+    out = tmp_path / "o"
+    A.audit(ds["train"], ds["synth"], metric="ssim", k=2, verify="none", out=out, progress=False)
+    rows = _rows(out)
+    ref = {0: 0, 1: 2, 2: 1}  # audit label index -> reference code
+    pairs = [(Path(r["train_path"]).name, Path(r["synth_path"]).name, ref[A.LABELS.index(r["label"])])
+             for r in rows[::2]]
+    ev = A.evaluate(out, _labels(tmp_path / "l.csv", *pairs))
+    assert ev["accuracy"] == 1.0 and ev["n"] == len(pairs) == 8
+    assert not (out / "work" / "train_vectors.npy").exists()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_outputs_follow_the_umask(ssim_run: A.AuditResult, tmp_path: Path) -> None:
+    from deepssim_fast._atomic import atomic_write_bytes
+
+    want = 0o666 & ~_umask()
+    for name in ("matches.csv", "summary.json", "report.html", "gallery.png", "histogram.png"):
+        assert (ssim_run.out / name).stat().st_mode & 0o777 == want, name
+    old = os.umask(0o022)
+    try:
+        assert atomic_write_bytes(tmp_path / "a.txt", b"x").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert atomic_write_bytes(tmp_path / "b.txt", b"x").stat().st_mode & 0o777 == 0o600
+        os.chmod(tmp_path / "a.txt", 0o640)  # an existing file keeps its mode
+        assert atomic_write_bytes(tmp_path / "a.txt", b"y").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").read_bytes() == b"y"
+
+
+def test_correlation_skips_blank_images_and_reports_them(ds: dict, tmp_path: Path) -> None:
+    """A blank (constant) image has no Pearson correlation: it is skipped and listed, or --strict aborts."""
+    synth, train = tmp_path / "synth", tmp_path / "train"
+    shutil.copytree(ds["train"], train)
+    synth.mkdir()
+    src = sorted(ds["train_arrays"])[4]
+    np.save(synth / "copy.npy", ds["train_arrays"][src])
+    np.save(synth / "blank.npy", np.zeros(SIZE, np.float32))
+    np.save(train / "zz_blank.npy", np.full(SIZE, 3.0, np.float32))
+    r = A.audit(train, synth, metric="correlation", k=2, out=tmp_path / "o", progress=False)
+    assert r.summary["n_synth"] == 1 and r.summary["n_train"] == 14 and r.summary["counts"]["duplicate"] == 1
+    sk = {(s["set"], Path(s["path"]).name): s["reason"] for s in r.summary["skipped"]}
+    assert set(sk) == {("synth", "blank.npy"), ("train", "zz_blank.npy")}
+    assert "constant" in sk[("synth", "blank.npy")] and "blank.npy" in sk[("synth", "blank.npy")]
+    assert "blank.npy" in (tmp_path / "o" / "report.html").read_text()
+    with pytest.raises(DataError, match="blank.npy.*constant"):
+        A.audit(train, synth, metric="correlation", k=2, out=tmp_path / "o2", strict=True, progress=False)
+    # the SSIM metric scores blank images (no skip)
+    r2 = A.audit(ds["train"], synth, metric="ssim", k=1, verify="none", out=tmp_path / "o3", progress=False)
+    assert r2.summary["n_synth"] == 2 and r2.summary["skipped"] == []
+
+
+def test_symlinked_synthetic_file_keeps_the_link_path(ds: dict, tmp_path: Path) -> None:
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    src = ds["train"] / sorted(ds["train_arrays"])[1]
+    try:
+        os.symlink(src, synth / "generated_0001.npy")
+        os.symlink(src, synth / "generated_0002.npy")
+    except (OSError, NotImplementedError):
+        pytest.skip("this OS cannot make symlinks")
+    out = tmp_path / "o"
+    r = A.audit(ds["train"], synth, metric="ssim", k=1, verify="none", out=out, progress=False)
+    rows = _rows(out)
+    assert [x["synth_path"] for x in rows] == [str(synth / "generated_0001.npy"), str(synth / "generated_0002.npy")]
+    assert all(x["train_path"] == str(src) and x["label"] == "duplicate" for x in rows)
+    assert r.summary["n_synth"] == 2
+    ev = A.evaluate(out, _labels(tmp_path / "l.csv", (src.name, "generated_0001.npy", 1)))
+    assert ev["accuracy"] == 1.0
+
+
+def test_flip_and_shift_search_shows_a_progress_bar(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tqdm
+
+    bars: list[tuple] = []
+    init = tqdm.tqdm.__init__
+
+    def spy(self, *args, **kwargs):
+        bars.append((kwargs.get("desc"), kwargs.get("total"), kwargs.get("disable")))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(tqdm.tqdm, "__init__", spy)
+    kw = dict(metric="correlation", k=2, verify="none", verify_flips=True, verify_shifts=1)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "a", progress=True, **kw)
+    variant = [b for b in bars if b[0] and "flip/shift" in b[0]]
+    # 2 flips + 8 shifts of the 8 synthetic items, bar on (None: shown on a terminal)
+    assert variant == [("flip/shift search", 10 * 8, None)], bars
+    bars.clear()
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "b", progress=False, **kw)
+    assert all(b[2] is True for b in bars if b[0] and "flip/shift" in b[0])
+    assert any(b[0] and "flip/shift" in b[0] for b in bars)
+
+
+def test_read_labels_bom_encoding_and_short_rows(tmp_path: Path) -> None:
+    f = tmp_path / "labels.csv"
+    f.write_bytes("real_key,synth_key,label\na.png,b.png,1\n".encode("utf-8-sig"))  # Excel "CSV UTF-8"
+    assert A.read_labels(f) == [("a.png", "b.png", 1)]
+    f.write_bytes(b"real_key,synth_key,label\na.png,b.png,1\n\xe9t\xe9.png,c.png,0\n")  # latin-1
+    with pytest.raises(ValueError, match=r"labels\.csv:3: .*UTF-8"):
+        A.read_labels(f)
+    f.write_text("real_key,synth_key,label\na.png,b.png,1\n\nc.png,d.png\n")
+    with pytest.raises(ValueError, match=r"labels\.csv:4: .*3 fields"):
+        A.read_labels(f)
+    f.write_text("real_key,synth_key,label\na.png,,1\n")
+    with pytest.raises(ValueError, match=r"labels\.csv:2: .*synth_key"):
+        A.read_labels(f)
+    f.write_text("real_key;synth_key;label\na;b;1\n")
+    with pytest.raises(ValueError, match=r"labels\.csv: expected columns.*comma"):
+        A.read_labels(f)
+
+
+def test_evaluate_names_labels_file_and_line_of_an_unknown_key(ssim_run: A.AuditResult, tmp_path: Path) -> None:
+    f = _labels(tmp_path / "lab.csv", ("mni_030.npy", "s00.npy", 1), ("nope.npy", "s00.npy", 1))
+    with pytest.raises(ValueError, match=r"lab\.csv:3: .*nope\.npy"):
+        A.evaluate(ssim_run.out, f)
+
+
+def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", rng.standard_normal((6, 16)).astype(np.float32))
+    np.save(tmp_path / "t" / "b.npy", rng.standard_normal((2, 8)).astype(np.float32))
+    np.save(tmp_path / "s" / "good.npy", rng.standard_normal((3, 16)).astype(np.float32))
+    np.save(tmp_path / "s" / "narrow.npy", rng.standard_normal((2, 8)).astype(np.float32))
+    kw = dict(metric="embeddings", k=2, verify="none", progress=False)
+    r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", **kw)
+    assert r.summary["n_train"] == 6 and r.summary["n_synth"] == 3
+    sk = {Path(s["path"]).name: s["reason"] for s in r.summary["skipped"]}
+    assert set(sk) == {"b.npy", "narrow.npy"}
+    assert "width 8" in sk["narrow.npy"] and "16" in sk["narrow.npy"] and "narrow.npy" in sk["narrow.npy"]
+    with pytest.raises(DataError, match=r"b\.npy.*width 8"):
+        A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o2", strict=True, **kw)
+    with pytest.raises(ValueError, match=r"--verify none"):
+        A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", out=tmp_path / "o3", progress=False)
+
+
+def test_volumes_mode_takes_every_frame_of_a_4d_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    frames = rng.random((12, 13, 14, 2)).astype(np.float32)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "series.npy", frames)
+    np.save(tmp_path / "s" / "copy1.npy", frames[..., 1])
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=2, out=tmp_path / "o",
+                progress=False)
+    rows = _rows(tmp_path / "o")
+    p = tmp_path / "t" / "series.npy"
+    assert [x["train_id"] for x in rows] == [f"{p}@t1", f"{p}@t0"]
+    assert [x["train_index"] for x in rows] == ["1", "0"]
+    assert float(rows[0]["ssim"]) == pytest.approx(1.0) and r.summary["n_train"] == 2

@@ -267,3 +267,46 @@ def test_train_command_writes_a_checkpoint(
 
     model = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
     assert model.config.emb_dim == 16
+
+
+def test_verbose_after_the_subcommand_and_verify_rotations(
+    folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    A = importlib.import_module("deepssim_fast.audit")
+    from deepssim_fast.cli import verbosity
+
+    p = build_parser()
+    base = ["audit", "--train", "t", "--synth", "s", "--out", "o"]
+    assert verbosity(p.parse_args(base)) == 0
+    assert verbosity(p.parse_args(["-v", *base])) == 1
+    assert verbosity(p.parse_args([*base, "-v"])) == 1
+    assert verbosity(p.parse_args(["-v", *base, "-vv"])) == 3
+    assert verbosity(p.parse_args(["doctor", "-v"])) == 1
+    assert verbosity(p.parse_args(["evaluate", "--audit", "a", "--labels", "l", "--verbose"])) == 1
+    seen = {}
+
+    class _Res:
+        out = tmp_path
+        summary = {"n_synth": 1, "n_train": 1, "metric": "ssim", "k": 1, "fraction_memorised": 0.0,
+                   "counts": {"duplicate": 0, "similar": 0, "different": 1}, "skipped": []}
+
+    def fake(train, synth, **kw):
+        seen.update(kw)
+        return _Res()
+
+    monkeypatch.setattr(A, "audit", fake)
+    assert main([*base, "--metric", "ssim", "--verify-rotations", "4", "-v"]) == 0
+    assert seen["verify_rotations"] == 4.0
+    assert main([*base, "--metric", "ssim"]) == 0
+    assert seen["verify_rotations"] == 0.0
+
+
+def test_embeddings_metric_error_gives_the_cli_spelling(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    np.save(tmp_path / "e.npy", np.eye(4, dtype=np.float32))
+    rc = main(["audit", "--train", str(tmp_path / "e.npy"), "--synth", str(tmp_path / "e.npy"),
+               "--metric", "embeddings", "--out", str(tmp_path / "o"), "-q"])
+    assert rc == 2 and "--verify none" in capsys.readouterr().err

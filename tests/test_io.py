@@ -186,3 +186,27 @@ def test_iter_slices_skips_or_raises_on_corrupt(tmp_path: Path, caplog: pytest.L
     assert "skipping" in caplog.text and str(bad) in caplog.text
     with pytest.raises(DataError, match="bad.nii.gz"):
         list(iter_slices([good, bad], strict=True))
+
+
+def test_discover_keeps_symlink_paths(tmp_path: Path) -> None:
+    """A link is reported under the name the user gave (absolute, not resolved); two links stay two files."""
+    target = tmp_path / "real" / "t0.npy"
+    target.parent.mkdir()
+    np.save(target, np.zeros((8, 8), np.float32))
+    (tmp_path / "synth").mkdir()
+    try:
+        os.symlink(target, tmp_path / "synth" / "gen_1.npy")
+        os.symlink(target, tmp_path / "synth" / "gen_2.npy")
+    except (OSError, NotImplementedError):
+        pytest.skip("this OS cannot make symlinks")
+    got = discover(tmp_path / "synth")
+    assert got == [tmp_path / "synth" / "gen_1.npy", tmp_path / "synth" / "gen_2.npy"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert discover("synth/gen_1.npy") == [tmp_path / "synth" / "gen_1.npy"]
+        assert discover(["synth/./gen_1.npy", str(tmp_path / "synth" / "gen_1.npy")]) == [
+            tmp_path / "synth" / "gen_1.npy"
+        ]
+    finally:
+        os.chdir(cwd)

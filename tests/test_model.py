@@ -401,3 +401,23 @@ def test_bad_images_are_named(small_model, real_images) -> None:
         embed(real_images, small_model, batch_size=0, progress=False)
     with pytest.raises(TypeError, match="model"):
         embed(real_images, object(), progress=False)
+
+
+def test_model_file_that_is_an_image_or_a_directory(tmp_path) -> None:
+    from PIL import Image
+
+    png = tmp_path / "scan.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    with pytest.raises(ModelFileError, match="not a deepssim_fast checkpoint or TorchScript file") as ei:
+        load_model(png)
+    assert "scan.png" in str(ei.value) and "weights_only=False" not in str(ei.value)
+    with pytest.raises(ModelFileError, match="is a directory"):
+        load_model(tmp_path)
+
+
+def test_embed_rejects_complex_images(small_model, real_images) -> None:
+    z = real_images[0].astype(np.complex64) * (1 + 1j)
+    with pytest.raises(TypeError, match="complex"):
+        embed([real_images[1], z], small_model, progress=False)
+    with pytest.raises(TypeError, match="complex"):
+        embed([torch.from_numpy(z)], small_model, progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deepssim_fast import data
-from deepssim_fast.report import gallery_png, histogram_png, report_html, write_report
+from deepssim_fast.report import _short, gallery_png, histogram_png, report_html, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -138,3 +138,14 @@ def test_write_report_atomic_files(tmp_path) -> None:
     for p in paths.values():
         assert p.stat().st_size > 100
     assert sorted(x.name for x in tmp_path.iterdir()) == ["gallery.png", "histogram.png", "report.html"]
+
+
+def test_gallery_shows_file_names_as_plain_text() -> None:
+    """'$' pairs in file names are not mathtext; '#' in folder names does not cut the shown name."""
+    s = _suspects(2)
+    s[0]["synth_id"] = "/data/synth/cost $5_$ scan.png#2:0"
+    s[1]["train_id"] = r"/data/run#3/train/$\frac{$x.npy#2:4"
+    png = gallery_png(s, (0.6, 0.85))
+    assert png[:8] == PNG_MAGIC
+    assert _short("/data/run#3/synth/copy0.png#2:0") == "copy0.png#2:0"
+    assert _short("/data/run#3/vol.nii.gz") == "vol.nii.gz"

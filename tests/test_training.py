@@ -249,3 +249,16 @@ def test_bad_training_input(mni_slices) -> None:
         train(imgs, max_steps=1, **dict(SMALL, backbone="vit"))
     with pytest.raises(ValueError, match="pair_mix"):
         train(imgs, max_steps=1, pair_mix=(1.0, -1.0, 0.0), **SMALL)
+
+
+def test_pairs_csv_with_a_bom_and_a_hash_in_a_folder_name(tmp_path):
+    """Keys are 'path#axis:index': a '#' inside the path belongs to the path (the key splits at its last '#'),
+    and a CSV saved by Excel (UTF-8 with a BOM) reads like any other."""
+    from deepssim_fast.training import ImagePool, read_pairs_csv
+
+    keys = [f"/data/run#3/scan{i}.nii.gz#2:{i}" for i in range(3)]
+    pool = ImagePool(np.zeros((3, 8, 8), np.float32), keys, ["g"] * 3, [0, 1, 2])
+    p = tmp_path / "pairs.csv"
+    p.write_bytes("\ufeffreal_key,synth_key,ssim,split\nscan0.nii.gz,scan2,0.5,train\n".encode())
+    pairs = read_pairs_csv(p, pool)
+    assert [(a, b) for rows in pairs.values() for a, b, _ in rows] == [(0, 2)]
