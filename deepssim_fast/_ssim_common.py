@@ -7,7 +7,8 @@ Conventions (equal to ``skimage.metrics.structural_similarity``):
 * The SSIM map is filtered, then ``(win - 1) // 2`` pixels are cropped from every border and the rest is
   averaged — the same as a "valid" convolution.
 * ``sample_covariance=True`` scales variances by N/(N−1) with N = win ** spatial_dims.
-* ``data_range``: explicit value (> 0); None → integer dtypes use the dtype range (uint8: 255), floats use
+* ``data_range``: explicit value (> 0); None → integer dtypes use the dtype range as scikit-image's
+  ``dtype_range`` (uint8: 255, int64: 2^64 − 1; bool images count as {0, 1}, range 1), floats use
   max − min over BOTH images of the pair (symmetric; scikit-image requires it explicitly for floats).
   If that range is 0 the two images are the same constant and their SSIM is 1.
 * ``preset="deepssim"``: each image is z-scored, (x − mean) / std (std = 0 → all zeros), then the defaults
@@ -20,6 +21,7 @@ Conventions (equal to ``skimage.metrics.structural_similarity``):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +31,29 @@ import torch
 PRESETS = (None, "deepssim")
 WINDOWS = ("uniform", "gaussian")
 
+# scikit-image's dtype_range (max - min) of every integer dtype, and bool as {0, 1}
 _INT_RANGES = {
+    torch.bool: 1.0,
     torch.uint8: 255.0,
     torch.int8: 255.0,
     torch.int16: 65535.0,
     torch.uint16: 65535.0,
     torch.int32: 4294967295.0,
     torch.uint32: 4294967295.0,
+    torch.int64: 18446744073709551615.0,
+    torch.uint64: 18446744073709551615.0,
 }
+
+# Dtypes that float32 may not hold exactly (the others — float32, float16, bfloat16, 8- and 16-bit integers,
+# bool — convert exactly, so the float32 kernels see the caller's values).
+_WIDE_DTYPES = frozenset({torch.float64, torch.int32, torch.uint32, torch.int64, torch.uint64})
+# Largest float32 rounding error, relative to the image's own range (max - min), that the float32 kernels
+# (native, Triton) accept. Rounding to float32 moves a value by at most 2^-24 of its magnitude; an image
+# whose values span [0, max] (MRI intensities; any image whose span includes 0) has magnitudes <= its
+# range, so its error is <= 2^-24 ~ 6e-8 of the range and it never trips this (~4 x 2^-24: images offset by
+# up to about 4 x their spread pass too). Past it — large offsets against small variations, e.g. float64
+# 1e4 + [0, 1) (error 5e-4 of the range, SSIM 1e-5 off) or int32 around 2^30 — the pairs run in float64.
+FLOAT32_ROUNDING_TOL = 2.5e-7
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,23 @@ def window_weights(params: SSIMParams) -> np.ndarray:
     return w / w.sum()
 
 
+def positive_real(v: Any, name: str, alt: str = "") -> float:
+    """``float(v)`` for a positive finite real scalar: a Python or numpy number, or a 0-d numpy array or torch
+    tensor of a real dtype. bool, complex, strings, arrays with elements, NaN, Inf and values <= 0 raise
+    ValueError naming the parameter (``alt`` is appended to the expectation, e.g. " or None")."""
+    if isinstance(v, torch.Tensor):
+        ok = v.ndim == 0 and not v.dtype.is_complex and v.dtype != torch.bool
+    elif isinstance(v, np.ndarray):
+        ok = v.ndim == 0 and (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating))
+    else:
+        ok = isinstance(v, (numbers.Real, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    if ok:
+        f = float(v)
+        if math.isfinite(f) and f > 0:
+            return f
+    raise ValueError(f"{name} must be a positive finite real number{alt}, got {v!r}")
+
+
 def resolve_params(
     *,
     ndim: int,
@@ -105,10 +139,9 @@ def resolve_params(
         raise ValueError(f"spatial_dims={spatial_dims} but the inputs have only {ndim} dimensions")
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
-    if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    sigma = positive_real(sigma, "sigma")
     if window == "gaussian":
-        taps = gaussian_taps(float(sigma))
+        taps = gaussian_taps(sigma)
     else:
         if not isinstance(win_size, (int, np.integer)) or win_size < 1:
             raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
@@ -118,31 +151,31 @@ def resolve_params(
             raise ValueError(f"win_size must be at least 3, got {win_size}")
         taps = int(win_size)
     if data_range is not None:
-        if not (
-            isinstance(data_range, (int, float, np.floating, np.integer))
-            and math.isfinite(data_range)
-            and data_range > 0
-        ):
-            raise ValueError(f"data_range must be a positive finite number or None, got {data_range!r}")
+        data_range = positive_real(data_range, "data_range", " or None")
         if preset == "deepssim":
             raise ValueError(
                 "preset='deepssim' sets data_range itself (max - min of the first image); "
                 "do not pass data_range with it"
             )
-    for name, v in (("k1", k1), ("k2", k2)):
-        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    k1, k2 = positive_real(k1, "k1"), positive_real(k2, "k2")
     return SSIMParams(
         spatial_dims,
         window,
         taps,
-        float(sigma),
-        None if data_range is None else float(data_range),
-        float(k1),
-        float(k2),
+        sigma,
+        data_range,
+        k1,
+        k2,
         bool(sample_covariance),
         preset,
     )
+
+
+def check_real(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str] = ("x", "y")) -> None:
+    """Raise TypeError naming the argument whose dtype is not real (complex). bool counts as {0, 1}."""
+    for name, t in zip(names, (x, y), strict=True):
+        if t.dtype.is_complex:
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}: SSIM needs real-valued images")
 
 
 def check_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tuple[int, ...]:
@@ -155,8 +188,7 @@ def check_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tuple[in
             f"image of spatial shape {spatial} is smaller than the {params.win_size}-wide "
             f"{params.window} window; every spatial side must be >= {params.win_size}"
         )
-    if x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"unsupported dtype {x.dtype}")
+    check_real(x, y)
     return tuple(x.shape[: x.ndim - params.spatial_dims])
 
 
@@ -187,8 +219,7 @@ def broadcast_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tupl
             f"image of spatial shape {sx} is smaller than the {params.win_size}-wide "
             f"{params.window} window; every spatial side must be >= {params.win_size}"
         )
-    if x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"unsupported dtype {x.dtype}")
+    check_real(x, y)
     return batch
 
 
@@ -208,8 +239,45 @@ def check_finite(x: torch.Tensor, name: str, params: SSIMParams) -> None:
 
 
 def dtype_range(dtype: torch.dtype) -> float | None:
-    """Data range of an integer dtype (as scikit-image's dtype_range), None for floats."""
+    """Data range of an integer dtype (max - min of scikit-image's dtype_range; bool: 1), None for floats."""
     return _INT_RANGES.get(dtype)
+
+
+def kernel_scale(params: SSIMParams, input_dtype: Any) -> float:
+    """Power of two by which the float32 kernels (native, Triton) multiply the images and a fixed data range.
+
+    SSIM does not change when the images and the range scale together, and a power of two scales float32
+    values exactly. 2^-33 for the 64-bit integer dtype range (2^64): unscaled, C1 ~ 3e34 and C2 ~ 3e35 make
+    the products in the SSIM formula overflow float32 (those pairs would all be recomputed in float64);
+    scaled, the range is 2^31 and |values| <= 2^31, about what int32 data gives. 1 otherwise.
+    """
+    if params.preset is None and params.data_range is None and input_dtype in (torch.int64, torch.uint64):
+        return 2.0**-33
+    return 1.0
+
+
+def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL) -> torch.Tensor | None:
+    """Which images of ``t`` (shaped (N, *spatial)) float32 cannot hold to ``tol`` of their own range.
+
+    Returns a bool (N,) tensor on t's device: True where max |float32(x) - x| > tol * (max - min), measured in
+    float64 (in chunks of images, so the float64 temporaries stay small). Constant images are fine (their
+    SSIM terms do not depend on a common rounding); values float32 cannot represent at all (|x| > 3.4e38)
+    count as inexact; NaN/Inf images are left to the caller's finiteness check. None when ``t``'s dtype
+    converts to float32 exactly (see ``_WIDE_DTYPES``): the common case costs nothing.
+    """
+    if t.dtype not in _WIDE_DTYPES:
+        return None
+    n = t.shape[0]
+    f = t.reshape(n, -1)
+    out = torch.zeros(n, dtype=torch.bool, device=t.device)
+    chunk = max(1, (64 << 20) // (8 * max(1, f.shape[1])))
+    for s in range(0, n, chunk):
+        blk = f[s : s + chunk]
+        d = blk.to(torch.float64)
+        err = (blk.to(torch.float32).to(torch.float64) - d).abs().amax(dim=1)
+        rng = d.amax(dim=1) - d.amin(dim=1)
+        out[s : s + chunk] = (err > tol * rng) & ((rng > 0) | torch.isinf(err))
+    return out
 
 
 def zscore(x: torch.Tensor, spatial_dims: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -57,34 +57,52 @@ def _native():
     return nat
 
 
-def _range_mode(p: sc.SSIMParams, dtype: torch.dtype) -> tuple[int, float]:
-    """(mode, value) for the native kernels: 0 fixed value, 1 per-pair max-min, 2 deepssim preset."""
+def _range_mode(p: sc.SSIMParams, dtype: torch.dtype) -> tuple[int, float, float]:
+    """(mode, value, scale) for the native kernels: mode 0 fixed value, 1 per-pair max-min, 2 deepssim preset;
+    the kernels get the images and the value multiplied by ``scale`` (``_ssim_common.kernel_scale``)."""
     if p.preset == "deepssim":
-        return 2, 0.0
+        return 2, 0.0, 1.0
     if p.data_range is not None:
-        return 0, p.data_range
+        return 0, p.data_range, 1.0
     r = sc.dtype_range(dtype)
     if r is not None:
-        return 0, r
-    return 1, 0.0
+        scale = sc.kernel_scale(p, dtype)
+        return 0, r * scale, scale
+    return 1, 0.0, 1.0
 
 
-def _as_float32_numpy(t: torch.Tensor) -> np.ndarray:
-    """A C-contiguous float32 numpy view/copy of a CPU tensor (copies only when needed)."""
+def _as_float32_numpy(t: torch.Tensor, scale: float = 1.0) -> np.ndarray:
+    """A C-contiguous float32 numpy view/copy of a CPU tensor times ``scale`` (a power of two; copies only
+    when needed)."""
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
+    if scale != 1.0:
+        t = t * scale
     return np.ascontiguousarray(t.contiguous().numpy())
 
 
-def _raise_nonfinite(
+def _check_overflow(
     exc: ValueError, tx: torch.Tensor, ty: torch.Tensor, p: sc.SSIMParams, names: tuple[str, str] = ("x", "y")
 ) -> None:
-    """Turn the native extension's NaN/Inf report into the canonical message naming the pair index."""
+    """Classify the native extension's "nonfinite" report (an image's float32 sum is not finite).
+
+    NaN/Inf in the inputs: raise the canonical message naming the pair index. Finite inputs: return — the
+    values are so large that a float32 sum overflows, and the caller computes the pairs in float64. Any other
+    error is re-raised.
+    """
     if not str(exc).startswith("nonfinite"):
         raise exc
     sc.check_finite(tx, names[0], p)
     sc.check_finite(ty, names[1], p)
-    raise ValueError(f"inputs overflow float32 (sum of an image is infinite): {exc}") from exc
+
+
+# A pair's name in error messages: its flat position in one call -> its index in the caller's terms (the
+# batch index of ssim, (i, j) of ssim_matrix).
+Where = Callable[[int], tuple[int, ...]]
+
+
+def _flat(k: int) -> tuple[int, ...]:
+    return (k,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +190,98 @@ def _pairs_from_broadcast(
     return batch, xf, yf, np.array(ix, dtype=np.int64, order="C"), np.array(iy, dtype=np.int64, order="C")
 
 
+def _float64_pairs(
+    xf: torch.Tensor,
+    yf: torch.Tensor,
+    ix: np.ndarray,
+    iy: np.ndarray,
+    p: sc.SSIMParams,
+    in_dtype: torch.dtype,
+    pos: np.ndarray,
+    where: Where,
+) -> torch.Tensor:
+    """Mean SSIM (float64, (P,)) of the pairs (xf[ix], yf[iy]) on the float64 torch path; never non-finite.
+
+    A pair whose score is not finite even in float64 (the formula's products, of fourth degree in the
+    values, overflow or underflow float64: |values| around 1e77 and up, or 1e-77 and down) raises ValueError
+    naming it:
+    ``pos`` holds the pairs' flat positions in the call and ``where`` turns one into the caller's index.
+    """
+    res = _torch_pairs(
+        xf, yf, torch.from_numpy(ix).to(xf.device), torch.from_numpy(iy).to(yf.device), p, in_dtype
+    )
+    bad = ~torch.isfinite(res)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0])
+        big = max(float(t[int(i)].to(torch.float64).abs().max()) for t, i in ((xf, ix[k]), (yf, iy[k])))
+        idx = where(int(pos[k]))
+        which = f"pair index {idx}" if idx else "the pair"
+        raise ValueError(
+            f"ssim: {which} cannot be scored: its values (largest |value| {big:.3g}) are too large (or too "
+            "small) for SSIM even in float64 — their squares and products overflow (or underflow); rescale "
+            "the images"
+        )
+    return res
+
+
+def _repair_nonfinite(
+    res: torch.Tensor,
+    xf: torch.Tensor,
+    yf: torch.Tensor,
+    ix: np.ndarray,
+    iy: np.ndarray,
+    p: sc.SSIMParams,
+    in_dtype: torch.dtype,
+    where: Where = _flat,
+) -> torch.Tensor:
+    """Recompute, in float64 torch, the pairs whose fp32 score is not finite (values so large or small that
+    their squares or C1/C2 leave the float32 range), so no NaN escapes. ``res`` is (P,), indexed like ix/iy."""
+    bad = ~torch.isfinite(res)
+    if not bool(bad.any()):
+        return res
+    sel = torch.nonzero(bad).flatten()
+    logger.debug("ssim: %d pair(s) left the float32 range; recomputing them in float64", sel.numel())
+    idx = sel.cpu().numpy()
+    fix = _float64_pairs(xf, yf, ix[idx], iy[idx], p, in_dtype, idx, where)
+    res = res.clone()
+    res[sel] = fix.to(res.device, res.dtype)
+    return res
+
+
+def _native_pairs(
+    xf: torch.Tensor,
+    yf: torch.Tensor,
+    ix: np.ndarray,
+    iy: np.ndarray,
+    p: sc.SSIMParams,
+    in_dtype: torch.dtype,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    names: tuple[str, str],
+    where: Where,
+) -> torch.Tensor:
+    """Mean SSIM (float64, CPU, (P,)) of the pairs on the native float32 kernels.
+
+    Finite values so large that a float32 sum in the kernel overflows (|values| of order 1e36 and up) make
+    the whole call run in float64 instead (logged at INFO); NaN/Inf raise naming the pair index.
+    """
+    nat = _native()
+    mode, value, scale = _range_mode(p, in_dtype)
+    xa, ya = _as_float32_numpy(xf.cpu(), scale), _as_float32_numpy(yf.cpu(), scale)
+    try:
+        res = nat.ssim_pairs(
+            xa, ya, ix, iy, p.spatial_dims, sc.window_weights(p), p.sample_covariance, p.k1, p.k2, mode, value
+        )
+    except ValueError as exc:
+        _check_overflow(exc, tx, ty, p, names)
+        logger.info(
+            "ssim: finite values too large for the float32 kernel's sums; computing %d pair(s) in float64",
+            ix.size,
+        )
+        return _float64_pairs(xf, yf, ix, iy, p, in_dtype, np.arange(ix.size), where).cpu()
+    return _repair_nonfinite(torch.from_numpy(res), xf, yf, ix, iy, p, in_dtype, where)
+
+
 def _run_pairs(
     name: str,
     xf: torch.Tensor,
@@ -183,85 +293,83 @@ def _run_pairs(
     tx: torch.Tensor,
     ty: torch.Tensor,
     names: tuple[str, str] = ("x", "y"),
+    *,
+    slow: np.ndarray | None = None,
+    where: Where = _flat,
 ) -> torch.Tensor:
-    """Mean SSIM (float64 tensor (P,), on the inputs' device) of the indexed pairs on backend ``name``."""
-    if name == "native":
-        nat = _native()
-        mode, value = _range_mode(p, in_dtype)
-        xa, ya = _as_float32_numpy(xf.cpu()), _as_float32_numpy(yf.cpu())
-        try:
-            res = nat.ssim_pairs(
-                xa,
-                ya,
-                ix,
-                iy,
-                p.spatial_dims,
-                sc.window_weights(p),
-                p.sample_covariance,
-                p.k1,
-                p.k2,
-                mode,
-                value,
-            )
-        except ValueError as exc:
-            _raise_nonfinite(exc, tx, ty, p, names)
-        return _repair_nonfinite(torch.from_numpy(res), xf, yf, ix, iy, p, in_dtype)
+    """Mean SSIM (float64 tensor (P,), on the inputs' device) of the indexed pairs on backend ``name``.
+
+    ``slow``: bool (P,) mask of the pairs to compute on the float64 torch path whatever the backend (those
+    involving an image float32 cannot hold, see :func:`_inexact_pairs`); None: none.
+    """
+    if name == "torch" or (slow is not None and bool(slow.all())):
+        sc.check_finite(tx, names[0], p)
+        sc.check_finite(ty, names[1], p)
+        return _float64_pairs(xf, yf, ix, iy, p, in_dtype, np.arange(ix.size), where)
+    if slow is None:
+        return _fast_pairs(name, xf, yf, ix, iy, p, in_dtype, tx, ty, names, where)
     sc.check_finite(tx, names[0], p)
     sc.check_finite(ty, names[1], p)
-    tix = torch.from_numpy(ix).to(xf.device)
-    tiy = torch.from_numpy(iy).to(yf.device)
-    if name == "torch":
-        return _torch_pairs(xf, yf, tix, tiy, p, in_dtype)
-    from .kernels import ssim as ks
-
-    res = ks.ssim_pairs(xf, yf, tix, tiy, p, in_dtype=in_dtype)
-    return _repair_nonfinite(res, xf, yf, ix, iy, p, in_dtype)
-
-
-def _triton_matrix_reuse() -> bool:
-    """The Triton matrix path reuses moments with the separable kernel (the default variant)."""
-    from .kernels import ssim as ks
-
-    return ks.resolve_variant(None) == "separable"
+    fast, sl = np.flatnonzero(~slow), np.flatnonzero(slow)
+    res = torch.empty(ix.size, dtype=torch.float64, device=xf.device)
+    res[torch.from_numpy(fast).to(xf.device)] = _fast_pairs(
+        name, xf, yf, ix[fast], iy[fast], p, in_dtype, tx, ty, names, lambda k: where(int(fast[k]))
+    ).to(xf.device)
+    res[torch.from_numpy(sl).to(xf.device)] = _float64_pairs(xf, yf, ix[sl], iy[sl], p, in_dtype, sl, where)
+    return res
 
 
-def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams) -> np.ndarray:
-    """float32 (len(a), len(b)) block of ssim_matrix on Triton with per-image moment reuse."""
-    from .kernels import ssim as ks
-
-    sc.check_finite(a, "A", p)
-    sc.check_finite(b, "B", p)
-    res = ks.ssim_matrix_block(a, b, p, in_dtype=a.dtype).flatten()
-    ii, jj = np.meshgrid(np.arange(a.shape[0]), np.arange(b.shape[0]), indexing="ij")
-    res = _repair_nonfinite(res, a, b, ii.ravel(), jj.ravel(), p, a.dtype)
-    return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])
-
-
-def _repair_nonfinite(
-    res: torch.Tensor,
+def _fast_pairs(
+    name: str,
     xf: torch.Tensor,
     yf: torch.Tensor,
     ix: np.ndarray,
     iy: np.ndarray,
     p: sc.SSIMParams,
     in_dtype: torch.dtype,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    names: tuple[str, str],
+    where: Where,
 ) -> torch.Tensor:
-    """Recompute, in float64 torch, the pairs whose fp32 score is not finite (values so large or small that
-    their squares or C1/C2 leave the float32 range), so no NaN escapes. ``res`` is (P,), indexed like ix/iy."""
-    bad = ~torch.isfinite(res)
-    if not bool(bad.any()):
-        return res
-    sel = torch.nonzero(bad).flatten()
-    logger.debug("ssim: %d pair(s) left the float32 range; recomputing them in float64", sel.numel())
-    idx = sel.cpu().numpy()
-    fix = _torch_pairs(xf, yf, torch.from_numpy(ix[idx]).to(xf.device), torch.from_numpy(iy[idx]).to(yf.device),
-                       p, in_dtype)
-    if not bool(torch.isfinite(fix).all()):
-        first = int(idx[int(torch.nonzero(~torch.isfinite(fix))[0])])
-        raise ValueError(f"ssim: the score of pair {first} is not finite even in float64 (values out of range?)")
-    res = res.clone()
-    res[sel] = fix.to(res.device, res.dtype)
-    return res
+    """Mean SSIM (float64, (P,)) of the pairs on the float32 kernels: ``"native"`` or ``"triton"``."""
+    if name == "native":
+        return _native_pairs(xf, yf, ix, iy, p, in_dtype, tx, ty, names, where)
+    sc.check_finite(tx, names[0], p)
+    sc.check_finite(ty, names[1], p)
+    from .kernels import ssim as ks
+
+    tix = torch.from_numpy(ix).to(xf.device)
+    tiy = torch.from_numpy(iy).to(yf.device)
+    res = ks.ssim_pairs(xf, yf, tix, tiy, p, in_dtype=in_dtype)
+    return _repair_nonfinite(res, xf, yf, ix, iy, p, in_dtype, where)
+
+
+def _inexact_pairs(xf: torch.Tensor, yf: torch.Tensor, ix: np.ndarray, iy: np.ndarray) -> np.ndarray | None:
+    """bool (P,) mask of the pairs (xf[ix], yf[iy]) that involve an image float32 cannot hold to
+    ``FLOAT32_ROUNDING_TOL`` of its own range (``_ssim_common.float32_inexact``); None when there is none.
+    Only float64 and 32/64-bit integer inputs are measured; other dtypes convert to float32 exactly."""
+    mx, my = sc.float32_inexact(xf), sc.float32_inexact(yf)
+    if mx is None and my is None:
+        return None
+    mask = np.zeros(ix.size, dtype=bool)
+    if mx is not None:
+        mask |= mx.cpu().numpy()[ix]
+    if my is not None:
+        mask |= my.cpu().numpy()[iy]
+    return mask if mask.any() else None
+
+
+def _log_inexact(what: str, n_slow: int, n_pairs: int, name: str) -> None:
+    logger.info(
+        "%s: %d of %d pairs involve images that float32 would round by more than %.2g of their own range "
+        "(large offsets against small variations); computing them in float64 on the torch path instead of %s",
+        what,
+        n_slow,
+        n_pairs,
+        sc.FLOAT32_ROUNDING_TOL,
+        name,
+    )
 
 
 def ssim(
@@ -285,25 +393,36 @@ def ssim(
         x, y: numpy, torch or cupy arrays shaped (*batch, *spatial); the last ``spatial_dims`` axes are
             spatial. Batch dims broadcast (one-vs-many: x (H, W) against y (B, H, W) with
             ``spatial_dims=2``; x is not copied per pair). Any real dtype; integer dtypes use their dtype
-            range as ``data_range``. Non-contiguous inputs are fine.
+            range as ``data_range`` (as scikit-image: uint8 255, int64 2^64 − 1); bool images count as
+            {0, 1} with range 1. Non-contiguous inputs are fine.
         spatial_dims: 2 or 3. Only 2D arrays default to 2; a 3D/4D input without it is ambiguous (a stack
             of slices or a volume?) and raises.
         window: ``"uniform"`` (``win_size`` taps, default 7) or ``"gaussian"`` (σ = ``sigma``, truncated at
             3.5 σ: 11 taps for σ 1.5).
         data_range: explicit value; None: dtype range for integers, else max − min over BOTH images of
             each pair (symmetric). Two identical constant images score 1.0.
-        k1, k2, sample_covariance: as scikit-image (sample covariance N/(N−1) by default).
+        k1, k2, sample_covariance: as scikit-image (sample covariance N/(N−1) by default). ``sigma``,
+            ``data_range``, ``k1``, ``k2`` take any real scalar (Python or numpy number, 0-d array/tensor).
         preset: ``"deepssim"`` reproduces the DeepSSIM reference labels: each image z-scored, then the
             defaults with ``data_range`` = max − min of the FIRST (x) image.
-        backend: ``"native"``, ``"torch"``, ``"triton"`` or None (by where the data lives).
+        backend: ``"native"``, ``"torch"``, ``"triton"`` or None (by where the data lives). The native and
+            Triton kernels compute in float32. float64 and 32/64-bit integer images are first checked, in
+            float64, for how far float32 rounds them: a pair with an image rounded by more than
+            ``FLOAT32_ROUNDING_TOL`` (2.5e-7) of that image's own range (max − min) — a large offset against
+            a small variation, e.g. 1e4 + [0, 1) — is computed in float64 on the torch path instead (logged
+            at INFO). Data spanning [0, max], as MRI does, stays on the fast kernels. Finite values so large
+            that the native kernel's float32 sums overflow are computed in float64 too.
 
     Returns:
         One float32 score per pair, shape = the broadcast batch shape (0-d for one pair), as the same kind
-        of array as ``x`` (numpy; torch on x's device; cupy). Not differentiable.
+        of array as ``x`` (numpy; torch on x's device; cupy). Never NaN. Not differentiable.
 
     Raises:
-        ValueError: NaN/Inf (naming the pair index), spatial shape mismatch or non-broadcastable batch
-            (quoting both shapes), images smaller than the window, even ``win_size``, ambiguous rank.
+        ValueError: NaN/Inf (naming the pair index), values too large (or small) for SSIM even in float64
+            (naming the pair index), spatial shape mismatch or non-broadcastable batch (quoting both
+            shapes), images smaller than the window, even ``win_size``, ambiguous rank, a parameter that is
+            not a positive finite real scalar.
+        TypeError: complex images (naming x or y), x and y of different dtypes.
     """
     with torch.no_grad():
         tx, ty = _to_torch(x, "x"), _to_torch(y, "y")
@@ -327,7 +446,14 @@ def ssim(
             res = torch.zeros(batch, dtype=torch.float32, device=tx.device)
             return like_input(res, x)
         logger.debug("ssim: %d pairs of %s on %s", ix.size, _spatial(tx, p), name)
-        res = _run_pairs(name, xf, yf, ix, iy, p, tx.dtype, tx, ty)
+        slow = None if name == "torch" else _inexact_pairs(xf, yf, ix, iy)
+        if slow is not None:
+            _log_inexact("ssim", int(slow.sum()), ix.size, name)
+
+        def where(k: int) -> tuple[int, ...]:
+            return tuple(int(i) for i in np.unravel_index(k, batch))
+
+        res = _run_pairs(name, xf, yf, ix, iy, p, tx.dtype, tx, ty, slow=slow, where=where)
         res = res.to(device=tx.device, dtype=torch.float32).reshape(batch)
         return like_input(res, x)
 
@@ -371,6 +497,97 @@ def _open_out(
     return arr, write
 
 
+def _triton_matrix_reuse() -> bool:
+    """The Triton matrix path reuses moments with the separable kernel (the default variant)."""
+    from .kernels import ssim as ks
+
+    return ks.resolve_variant(None) == "separable"
+
+
+def _grid(na: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices (int64, C-contiguous, (na * nb,)) of every pair of an na x nb block."""
+    ii, jj = np.meshgrid(np.arange(na, dtype=np.int64), np.arange(nb, dtype=np.int64), indexing="ij")
+    return np.ascontiguousarray(ii.ravel()), np.ascontiguousarray(jj.ravel())
+
+
+def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, where: Where) -> np.ndarray:
+    """float32 (len(a), len(b)) block of ssim_matrix on Triton with per-image moment reuse."""
+    from .kernels import ssim as ks
+
+    sc.check_finite(a, "A", p)
+    sc.check_finite(b, "B", p)
+    res = ks.ssim_matrix_block(a, b, p, in_dtype=a.dtype).flatten()
+    ii, jj = _grid(a.shape[0], b.shape[0])
+    res = _repair_nonfinite(res, a, b, ii, jj, p, a.dtype, where)
+    return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])
+
+
+def _native_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, where: Where) -> np.ndarray:
+    """float32 (len(a), len(b)) block of ssim_matrix on the native kernels with per-image moment reuse.
+
+    Finite values so large that a float32 sum overflows make the block run in float64 instead (logged at
+    INFO); NaN/Inf raise naming the pair index; pairs whose fp32 score is not finite are recomputed in float64.
+    """
+    nat = _native()
+    mode, value, scale = _range_mode(p, a.dtype)
+    a, b = a.cpu(), b.cpu()
+    try:
+        block = nat.ssim_matrix_block(
+            _as_float32_numpy(a, scale),
+            _as_float32_numpy(b, scale),
+            p.spatial_dims,
+            sc.window_weights(p),
+            p.sample_covariance,
+            p.k1,
+            p.k2,
+            mode,
+            value,
+        )
+    except ValueError as exc:
+        _check_overflow(exc, a, b, p, names=("A", "B"))
+        ii, jj = _grid(a.shape[0], b.shape[0])
+        logger.info(
+            "ssim_matrix: finite values too large for the float32 kernel's sums; computing %d pair(s) in "
+            "float64",
+            ii.size,
+        )
+        res = _float64_pairs(a, b, ii, jj, p, a.dtype, np.arange(ii.size), where)
+        return res.numpy().astype(np.float32).reshape(a.shape[0], b.shape[0])
+    if not np.isfinite(block).all():
+        ii, jj = _grid(a.shape[0], b.shape[0])
+        res = _repair_nonfinite(torch.from_numpy(block.ravel().astype(np.float64)), a, b, ii, jj, p, a.dtype, where)
+        block = res.numpy().astype(np.float32).reshape(a.shape[0], b.shape[0])
+    return block
+
+
+def _matrix_block(
+    fast: Callable[[torch.Tensor, torch.Tensor, sc.SSIMParams, Where], np.ndarray],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    p: sc.SSIMParams,
+    slow_a: np.ndarray,
+    slow_b: np.ndarray,
+    where: Where,
+) -> np.ndarray:
+    """float32 (len(a), len(b)) block: the rows and columns of images float32 holds on ``fast`` (a block
+    function with moment reuse), every pair involving a ``slow_a`` / ``slow_b`` image in float64 torch."""
+    na, nb = a.shape[0], b.shape[0]
+    ga, gb = np.flatnonzero(~slow_a), np.flatnonzero(~slow_b)
+    if ga.size == na and gb.size == nb:
+        return fast(a, b, p, where)
+    sc.check_finite(a, "A", p)
+    sc.check_finite(b, "B", p)
+    out = np.empty((na, nb), dtype=np.float32)
+    if ga.size and gb.size:
+        ta, tb = torch.from_numpy(ga).to(a.device), torch.from_numpy(gb).to(b.device)
+        out[np.ix_(ga, gb)] = fast(a[ta], b[tb], p, lambda k: where(int(ga[k // gb.size] * nb + gb[k % gb.size])))
+    ii, jj = np.nonzero(slow_a[:, None] | slow_b[None, :])
+    ii, jj = ii.astype(np.int64), jj.astype(np.int64)
+    res = _float64_pairs(a, b, ii, jj, p, a.dtype, ii * nb + jj, where)
+    out[ii, jj] = res.to("cpu", torch.float32).numpy()
+    return out
+
+
 def ssim_matrix(
     A: Any,
     B: Any,
@@ -398,16 +615,27 @@ def ssim_matrix(
     memory; ``out`` may be a path (a float32 ``np.memmap`` is written; ``.npy`` paths get a header) or a
     preallocated float32 array. A progress bar shows on a TTY unless ``progress=False``. Returns ``out``
     (or a new numpy array, or torch for torch input).
+
+    As in :func:`ssim`, float64 and 32/64-bit integer images that float32 rounds by more than
+    ``FLOAT32_ROUNDING_TOL`` (2.5e-7) of their own range are measured once up front; every pair in their
+    rows or columns is computed in float64 on the torch path (logged once at INFO), the rest of the tile on
+    the fast kernels. Scores are never NaN; values too large (or small) for SSIM even in float64 raise
+    ValueError naming the pair (i, j).
     """
     from tqdm.auto import tqdm
 
     with torch.no_grad():
         tA, tB = _to_torch(A, "A"), _to_torch(B, "B")
         if spatial_dims is None:
+            if tA.ndim < 3:
+                raise ValueError(
+                    f"ssim_matrix: A of shape {tuple(tA.shape)} is not a stack of images; pass a stack (N, H, W) "
+                    "(A[None] for one 2D image; ssim(a, B, spatial_dims=2) scores one image against a stack)"
+                )
             if tA.ndim != 3:
                 raise ValueError(
-                    f"ssim_matrix: A of shape {tuple(tA.shape)} is ambiguous; pass spatial_dims "
-                    "(A and B are stacks (N, *spatial))"
+                    f"ssim_matrix: A of shape {tuple(tA.shape)} is ambiguous; pass spatial_dims=3 for a stack "
+                    "of volumes (N, D, H, W) (A and B are stacks (N, *spatial))"
                 )
             spatial_dims = 2
         p = sc.resolve_params(
@@ -434,6 +662,7 @@ def ssim_matrix(
             )
         if tA.dtype != tB.dtype:
             raise TypeError(f"A and B must have the same dtype, got {tA.dtype} and {tB.dtype}")
+        sc.check_real(tA, tB, names=("A", "B"))
         sc.check_pair(tA[:0], tA[:0], p)  # window fits
         name = _resolve_backend(backend, [A, B], supported=_SUPPORTED)
         na, nb = tA.shape[0], tB.shape[0]
@@ -451,10 +680,19 @@ def ssim_matrix(
             for i0 in range(0, na, tile)
             for j0 in range(0, nb, tile)
         ]
-        mode, value = _range_mode(p, tA.dtype)
         logger.info(
             "ssim_matrix: %d x %d pairs of %s on %s, %d tiles", na, nb, _spatial(tA, p), name, len(tiles)
         )
+        # images float32 cannot hold closely: their rows / columns run in float64 (torch)
+        slow_a, slow_b = np.zeros(na, dtype=bool), np.zeros(nb, dtype=bool)
+        if name != "torch":
+            for mask, t in ((slow_a, tA), (slow_b, tB)):
+                m = sc.float32_inexact(t)
+                if m is not None:
+                    mask[:] = m.cpu().numpy()
+            n_slow = na * nb - int((~slow_a).sum()) * int((~slow_b).sum())
+            if n_slow:
+                _log_inexact("ssim_matrix", n_slow, na * nb, name)
         # The native backend reuses each image's windowed moments across the tile (ssim_matrix_block): 2D
         # uniform windows on the running-sum layout, Gaussian windows on the separable kernel. 3D uniform
         # windows go through the running-sum pair kernel instead, which is faster there even though it
@@ -465,45 +703,30 @@ def ssim_matrix(
         bar = tqdm(total=na * nb, unit="pair", disable=None if progress else True, desc="ssim_matrix")
         try:
             for i0, i1, j0, j1 in tiles:
-                if reuse:
-                    nat = _native()
-                    a_blk, b_blk = _as_float32_numpy(tA[i0:i1].cpu()), _as_float32_numpy(tB[j0:j1].cpu())
-                    try:
-                        block = nat.ssim_matrix_block(
-                            a_blk,
-                            b_blk,
-                            p.spatial_dims,
-                            sc.window_weights(p),
-                            p.sample_covariance,
-                            p.k1,
-                            p.k2,
-                            mode,
-                            value,
-                        )
-                    except ValueError as exc:
-                        _raise_nonfinite(exc, tA[i0:i1], tB[j0:j1], p, names=("A", "B"))
-                        raise
-                    if not np.isfinite(block).all():
-                        ii, jj = np.meshgrid(np.arange(i1 - i0), np.arange(j1 - j0), indexing="ij")
-                        block = _repair_nonfinite(
-                            torch.from_numpy(block.ravel().astype(np.float64)), tA[i0:i1].cpu(), tB[j0:j1].cpu(),
-                            ii.ravel(), jj.ravel(), p, tA.dtype,
-                        ).numpy().astype(np.float32).reshape(i1 - i0, j1 - j0)
-                elif name == "triton" and _triton_matrix_reuse():
-                    block = _triton_matrix_block(tA[i0:i1], tB[j0:j1], p)
+                sa, sb = slow_a[i0:i1], slow_b[j0:j1]
+
+                def where(k: int, i0: int = i0, j0: int = j0, w: int = j1 - j0) -> tuple[int, ...]:
+                    return (i0 + k // w, j0 + k % w)
+
+                if reuse or (name == "triton" and _triton_matrix_reuse()):
+                    fast = _native_matrix_block if reuse else _triton_matrix_block
+                    block = _matrix_block(fast, tA[i0:i1], tB[j0:j1], p, sa, sb, where)
                 else:
-                    ii, jj = np.meshgrid(np.arange(i1 - i0), np.arange(j1 - j0), indexing="ij")
+                    ii, jj = _grid(i1 - i0, j1 - j0)
+                    slow = sa[ii] | sb[jj]
                     res = _run_pairs(
                         name,
                         tA[i0:i1],
                         tB[j0:j1],
-                        np.ascontiguousarray(ii.ravel()),
-                        np.ascontiguousarray(jj.ravel()),
+                        ii,
+                        jj,
                         p,
                         tA.dtype,
                         tA[i0:i1],
                         tB[j0:j1],
                         names=("A", "B"),
+                        slow=slow if slow.any() else None,
+                        where=where,
                     )
                     block = res.to("cpu", torch.float32).numpy().reshape(i1 - i0, j1 - j0)
                 write(i0, i1, j0, j1, block)

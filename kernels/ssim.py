@@ -17,8 +17,12 @@ Here every pass centres its taps on the middle tap's value (the previous pass's 
 partial statistics by the law of total variance (var = mean of variances + variance of means), so every
 squared quantity is a local difference; the direct variant centres on the output pixel's own value.
 
-Inputs: float16, bfloat16 or float32 (other dtypes are converted to float32 by the launcher); arithmetic is
-fp32. Runs compiled on NVIDIA GPUs and under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
+Inputs: float16, bfloat16 or float32 (other dtypes are converted to float32 by the launcher: the front end,
+``deepssim_fast.ssim``, sends here only images float32 holds to ``FLOAT32_ROUNDING_TOL`` of their range and
+computes the others in float64); arithmetic is fp32. ``preset="deepssim"``: the launcher z-scores every image
+in float64 on the device and hands the kernel the float32 z-scores; centring in the kernel on the float32
+mean instead would shift every z-score by up to half an ulp of the mean (SSIM 5e-5 off at an offset of 1e4).
+Runs compiled on NVIDIA GPUs and under ``TRITON_INTERPRET=1`` on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -249,38 +253,61 @@ def _image_stats(t: torch.Tensor, need_std: bool) -> tuple[torch.Tensor, ...]:
     return mean, std, mn, mx
 
 
-def _pair_constants(
+def _zscored(t: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 (x - mean) * scale of t shaped (N, *spatial), computed in float64 in chunks of images."""
+    out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    f, o = t.reshape(t.shape[0], -1), out.view(t.shape[0], -1)
+    chunk = max(1, (256 << 20) // (8 * max(1, f.shape[1])))  # bounded fp64 temporaries
+    for s in range(0, f.shape[0], chunk):
+        o[s : s + chunk] = (f[s : s + chunk].to(torch.float64) - mean[s : s + chunk, None]) * scale[s : s + chunk, None]
+    return out
+
+
+def _prepare(
     xf: torch.Tensor,
     yf: torch.Tensor,
     ix: torch.Tensor,
     iy: torch.Tensor,
     p: sc.SSIMParams,
     in_dtype: torch.dtype,
-) -> tuple[torch.Tensor, ...]:
-    """Per-image centre/scale and per-pair C1, C2 (float32) and the pair's data range (float64)."""
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """The kernel's inputs and constants: (x, y, (cx, sx, cy, sy, c1, c2), range).
+
+    x, y: the stacks as the kernel reads them (the inputs; for ``deepssim``, their float32 z-scores, computed
+    in float64). cx, sx / cy, sy: the per-image centre and scale the kernel applies (0 and 1: nothing left
+    to apply), float32; c1, c2: per pair, float32; range: the pair's data range, float64.
+    """
     preset = p.preset == "deepssim"
     mx_, sx_, lx, hx = _image_stats(xf, preset)
     my_, sy_, ly, hy = _image_stats(yf, preset)
     if preset:
         scx = torch.where(sx_ > 0, 1.0 / torch.where(sx_ > 0, sx_, 1.0), torch.zeros_like(sx_))
         scy = torch.where(sy_ > 0, 1.0 / torch.where(sy_ > 0, sy_, 1.0), torch.zeros_like(sy_))
-        cx, cy = mx_, my_
         zxh, zxl = ((hx - mx_) * scx)[ix], ((lx - mx_) * scx)[ix]
         zyh, zyl = ((hy - my_) * scy)[iy], ((ly - my_) * scy)[iy]
         first = zxh - zxl
         rng = torch.where(first > 0, first, torch.maximum(zxh, zyh) - torch.minimum(zxl, zyl))
+        xf = _zscored(xf, mx_, scx)
+        yf = xf if yf is xf else _zscored(yf, my_, scy)
     else:
-        scx, scy = torch.ones_like(mx_), torch.ones_like(my_)
-        cx, cy = torch.zeros_like(mx_), torch.zeros_like(my_)
         fixed = p.data_range if p.data_range is not None else sc.dtype_range(in_dtype)
+        scale = sc.kernel_scale(p, in_dtype)
+        if scale != 1.0:  # the 64-bit integer range: images and range times a power of two (exact)
+            same = yf is xf
+            xf = xf.to(torch.float32) * scale
+            yf = xf if same else yf.to(torch.float32) * scale
+            fixed = fixed * scale
         if fixed is not None:
             rng = torch.full((ix.numel(),), float(fixed), dtype=torch.float64, device=xf.device)
         else:
             rng = torch.maximum(hx[ix], hy[iy]) - torch.minimum(lx[ix], ly[iy])
     c1 = ((p.k1 * rng) ** 2).to(torch.float32)
     c2 = ((p.k2 * rng) ** 2).to(torch.float32)
-    f32 = torch.float32
-    return cx.to(f32), scx.to(f32), cy.to(f32), scy.to(f32), c1, c2, rng
+    zero = torch.zeros(xf.shape[0], dtype=torch.float32, device=xf.device)
+    one = torch.ones(xf.shape[0], dtype=torch.float32, device=xf.device)
+    zero_y = torch.zeros(yf.shape[0], dtype=torch.float32, device=yf.device)
+    one_y = torch.ones(yf.shape[0], dtype=torch.float32, device=yf.device)
+    return xf, yf, (zero, one, zero_y, one_y, c1, c2), rng
 
 
 class _Geometry:
@@ -422,8 +449,8 @@ def ssim_pairs(
     if ix.numel() == 0:
         return torch.zeros(0, dtype=torch.float64, device=dev)
     g = _Geometry(tuple(xf.shape[1:]), p, variant, block)
-    *consts, rng = _pair_constants(xf, yf, ix, iy, p, in_dtype)
-    part = _launch(g, p, xf, yf, ix, iy, tuple(consts), num_warps=num_warps)
+    xf, yf, consts, rng = _prepare(xf, yf, ix, iy, p, in_dtype)
+    part = _launch(g, p, xf, yf, ix, iy, consts, num_warps=num_warps)
     return _mean_ssim(part, g, rng)
 
 
@@ -451,7 +478,7 @@ def ssim_matrix_block(
     g = _Geometry(tuple(xa.shape[1:]), p, "separable", block)
     ia = torch.arange(na, device=dev).repeat_interleave(nb)
     ib = torch.arange(nb, device=dev).repeat(na)
-    cx, scx, cy, scy, c1, c2, rng = _pair_constants(xa, xb, ia, ib, p, in_dtype)
+    xa, xb, (cx, scx, cy, scy, c1, c2), rng = _prepare(xa, xb, ia, ib, p, in_dtype)
     maps = []
     for imgs, c, sc_ in ((xa, cx, scx), (xb, cy, scy)):
         n = imgs.shape[0]

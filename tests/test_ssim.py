@@ -5,7 +5,9 @@ Triton runs interpreted in tests/test_ssim_triton.py (a subprocess, so this proc
 
 from __future__ import annotations
 
+import fractions
 import importlib
+import logging
 
 import numpy as np
 import pytest
@@ -648,3 +650,233 @@ def test_box_kernel_3d_odd_shapes_and_real_volume(monkeypatch, level, box):
                 assert_close(got, want, what=f"{level} box={box} 3D {x.shape} K={k} {kw}")
     finally:
         _native.set_simd_level("auto")
+
+
+# ---------------------------------------------------------------- inputs float32 cannot hold, huge values
+
+
+def _ssim_module():
+    return importlib.import_module("deepssim_fast.ssim")
+
+
+def _far_from_zero_cases(rng):
+    """(name, x, y, kw): stacks whose values sit far from 0 against their spread, in dtypes float32 rounds."""
+    cases = []
+    for off in (1e3, 1e4, 1e5):
+        x = off + rng.random((3, 20, 23))
+        cases.append((f"float64 +{off:g}", x, x + 0.1 * rng.random(x.shape), {}))
+    for dt, base in ((np.int32, 2**30), (np.uint32, 3 * 2**30), (np.int64, 2**40), (np.uint64, 2**50)):
+        a = (rng.integers(0, 1000, (3, 20, 23)) + base).astype(dt)
+        b = (a + rng.integers(0, 1000, a.shape)).astype(dt)
+        dr = float(max(a.max(), b.max())) - float(min(a.min(), b.min()))
+        cases.append((f"{np.dtype(dt).name} +{base}", a, b, dict(data_range=dr)))
+    return cases
+
+
+@pytest.mark.parametrize("mode", ["uniform", "gaussian", "deepssim"])
+def test_far_from_zero_wide_dtypes_equal_the_float64_reference(caplog, mode):
+    """float64 and 32/64-bit integer images far from 0 (float32 would round them by 1e-4..1e-1 of their
+    range): the native backend computes their pairs in float64, logged once, and equals the reference."""
+    rng = np.random.default_rng(2024)
+    kw_m = GAUSS if mode == "gaussian" else (dict(preset="deepssim") if mode == "deepssim" else {})
+    for name, x, y, kw in _far_from_zero_cases(rng):
+        if mode == "deepssim" and kw:
+            continue  # the preset sets the range itself
+        with caplog.at_level(logging.INFO, logger="deepssim_fast.ssim"):
+            caplog.clear()
+            got = ssim(x, y, spatial_dims=2, **kw, **kw_m)
+        assert_close(got, ssim_reference(x, y, spatial_dims=2, **kw, **kw_m), tol=2e-7, what=f"{name} {mode}")
+        logs = [r.getMessage() for r in caplog.records if "float32 would round" in r.getMessage()]
+        assert len(logs) == 1 and logs[0].startswith("ssim: 3 of 3 pairs"), logs
+        with caplog.at_level(logging.INFO, logger="deepssim_fast.ssim"):
+            caplog.clear()
+            M = ssim_matrix(x, y, progress=False, **kw, **kw_m)
+        want = ssim_reference(x[:, None], y[None], spatial_dims=2, **kw, **kw_m)
+        assert_close(M, want, tol=2e-7, what=f"{name} {mode} matrix")
+        logs = [r.getMessage() for r in caplog.records if "float32 would round" in r.getMessage()]
+        assert len(logs) == 1 and logs[0].startswith("ssim_matrix: 9 of 9 pairs"), logs
+
+
+@pytest.mark.parametrize("box", ["1", "0"], ids=["box", "separable"])
+def test_only_pairs_with_inexact_images_leave_the_fast_path(monkeypatch, mri_slices, box):
+    """One image of a float64 stack offset by 1e5 (float32 rounds it by ~3e-5 of its range): only the pairs
+    that involve it run in float64 (torch)."""
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", box)
+    mod = _ssim_module()
+    calls = []
+    real = mod._torch_pairs
+
+    def spy(xf, yf, ix, iy, *args):
+        calls.extend(zip(ix.tolist(), iy.tolist(), strict=True))
+        return real(xf, yf, ix, iy, *args)
+
+    monkeypatch.setattr(mod, "_torch_pairs", spy)
+    x = mri_slices[:4].astype(np.float64) / 3.0  # (integer intensities +1e5 would still be exact in float32)
+    x[2] += 1e5
+    y = np.roll(x, 2, axis=2)
+    got = ssim(x, y, spatial_dims=2)
+    assert calls == [(2, 2)]
+    want = ssim_reference(x, y, spatial_dims=2)
+    assert_close(got, want, what="pairs")
+    assert abs(float(got[2]) - float(want[2])) <= 2e-7
+    calls.clear()
+    M = ssim_matrix(x, y[:3], progress=False)
+    assert sorted(calls) == sorted({(i, j) for i in range(4) for j in range(3) if 2 in (i, j)})
+    want = ssim_reference(x[:, None], y[None, :3], spatial_dims=2)
+    assert_close(M, want, what="matrix")
+    assert_close(M[2], want[2], tol=2e-7, what="matrix row 2")
+    assert_close(M[:, 2], want[:, 2], tol=2e-7, what="matrix column 2")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.uint16, np.int16, np.float64, np.int32, np.int64])
+def test_common_dtypes_stay_on_the_fast_path(monkeypatch, mri_slices, dtype):
+    """MRI intensities in the usual storage dtypes (floats spanning [0, max], integers from 0) never reach the
+    float64 torch path on the native backend, for pairs and matrices, and match the reference."""
+    mod = _ssim_module()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("_torch_pairs called for data the float32 kernels hold")
+
+    monkeypatch.setattr(mod, "_torch_pairs", boom)
+    unit = mri_slices / mri_slices.max()
+    if np.issubdtype(dtype, np.integer):
+        top = min(np.iinfo(dtype).max, 4095) if dtype in (np.int32, np.int64) else np.iinfo(dtype).max
+        x = np.round(unit * top).astype(dtype)
+    else:
+        x = (unit * 1000.0).astype(dtype)
+    y = np.concatenate([x[:, ::-1], np.roll(x[:3], 3, axis=2)])
+    x = np.concatenate([x, x[:3]])
+    for kw in ({}, GAUSS, dict(preset="deepssim")):
+        got = ssim(x, y, spatial_dims=2, **kw)
+        assert_close(got, ssim_reference(x, y, spatial_dims=2, **kw), what=f"{np.dtype(dtype).name} {kw}")
+        M = ssim_matrix(x[:3], y[:4], progress=False, **kw)
+        want = ssim_reference(x[:3, None], y[None, :4], spatial_dims=2, **kw)
+        assert_close(M, want, what=f"{np.dtype(dtype).name} {kw} matrix")
+
+
+@pytest.mark.filterwarnings("ignore:Setting data_range based on im1.dtype")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.uint32, np.int64, np.uint64])
+def test_integer_dtypes_use_the_dtype_range_like_skimage(backend, dtype):
+    """data_range=None on integer images is the dtype's range, as scikit-image (int64/uint64: 2^64 - 1)."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(64)
+    small = rng.integers(0, 100, (2, 16, 17))
+    wide = rng.integers(info.min, info.max, (2, 16, 17), dtype=dtype, endpoint=True)
+    other = rng.integers(info.min, info.max, (2, 16, 17), dtype=dtype, endpoint=True)
+    for name, x, y in (
+        ("small", small.astype(dtype), np.clip(small + rng.integers(-30, 30, small.shape), 0, 127).astype(dtype)),
+        ("wide", wide, np.where(rng.random(wide.shape) < 0.3, other, wide)),
+    ):
+        want = [skm.structural_similarity(a, b) for a, b in zip(x, y, strict=True)]
+        got = ssim(x, y, spatial_dims=2, backend=backend)
+        assert_close(got, want, what=f"{np.dtype(dtype).name} {name}")
+        assert_close(ssim_reference(x, y, spatial_dims=2), want, what=f"reference {np.dtype(dtype).name} {name}")
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+def test_finite_values_beyond_float32_sums_are_scored_in_float64(window):
+    """float32 images up to 1e37 are finite: the native kernel's float32 sums overflow, so the pairs run in
+    float64 instead of raising a NaN/Inf error; equal to scikit-image on every backend and in the matrix."""
+    rng = np.random.default_rng(37)
+    x = (rng.random((2, 64, 64)) * 1e37).astype(np.float32)
+    y = (0.5 * x + 2e36 * rng.random(x.shape)).astype(np.float32)
+    kw = GAUSS if window == "gaussian" else {}
+    want = skimage_ssim(x.astype(np.float64), y.astype(np.float64), window=window)
+    for backend in BACKENDS:
+        assert_close(ssim(x, y, spatial_dims=2, backend=backend, **kw), want, what=f"{backend} {window}")
+        M = ssim_matrix(x, y, progress=False, backend=backend, **kw)
+        assert np.isfinite(M).all(), M
+        assert_close(np.diag(M), want, what=f"{backend} {window} matrix")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e300, 1e-200])
+def test_values_beyond_float64_raise_naming_the_pair(backend, scale):
+    """Values whose squares leave the float64 range cannot be scored: a ValueError names the pair, no NaN."""
+    rng = np.random.default_rng(300)
+    x = rng.random((3, 20, 20))
+    y = x + 0.1 * rng.random(x.shape)
+    x[1] *= scale
+    y[1] *= scale
+    msg = r"cannot be scored: its values \(largest \|value\| .*\) are too large \(or too small\)"
+    with pytest.raises(ValueError, match=r"pair index \(1,\) " + msg):
+        ssim(x, y, spatial_dims=2, backend=backend)
+    with pytest.raises(ValueError, match=r"the pair " + msg):
+        ssim(x[1], y[1], backend=backend)
+    # the first pair (row-major) past float64: (0, 1) when huge (range 1e300), (1, 1) when tiny
+    first = r"\(0, 1\)" if scale > 1 else r"\(1, 1\)"
+    with pytest.raises(ValueError, match=r"pair index " + first + " " + msg):
+        ssim_matrix(x, y, progress=False, backend=backend)
+
+
+# ---------------------------------------------------------------- parameters, bool images, the reference
+
+
+def test_parameters_take_any_real_scalar():
+    """sigma, data_range, k1, k2 as numpy scalars, 0-d arrays and tensors, fractions: converted with float();
+    bool, strings, complex, NaN, non-positive values and arrays with elements are refused, naming the option."""
+    rng = np.random.default_rng(5)
+    x, y = random_pair(rng, (2, 16, 17), np.float32)
+    xd, yd = x.astype(np.float64), y.astype(np.float64)
+
+    def sk(**kw):
+        return [skm.structural_similarity(a, b, data_range=2.0, **kw) for a, b in zip(xd, yd, strict=True)]
+
+    want_g = sk(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    for sigma in (np.float32(1.5), np.float64(1.5), np.array(1.5), torch.tensor(1.5), fractions.Fraction(3, 2)):
+        got = ssim(x, y, spatial_dims=2, sigma=sigma, data_range=2.0, **GAUSS)
+        assert_close(got, want_g, what=f"sigma={sigma!r}")
+    for dr in (np.float32(2.0), np.int64(2), np.array(2.0), torch.tensor(2.0), torch.tensor(2, dtype=torch.int32)):
+        assert_close(ssim(x, y, spatial_dims=2, data_range=dr), sk(), what=f"data_range={dr!r}")
+    for k1, k2 in ((np.float32(0.02), np.float64(0.04)), (torch.tensor(0.02, dtype=torch.float64), np.array(0.04))):
+        got = ssim(x, y, spatial_dims=2, data_range=2.0, k1=k1, k2=k2)
+        assert_close(got, sk(K1=float(k1), K2=float(k2)), what=f"k1={k1!r} k2={k2!r}")
+    for name, bad in (("sigma", True), ("sigma", "1.5"), ("sigma", np.float32("nan")), ("k1", -0.01), ("k2", 0),
+                      ("k2", 0.03j), ("data_range", np.bool_(True)), ("data_range", torch.tensor([1.0])),
+                      ("data_range", torch.tensor(True)), ("data_range", np.inf)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive finite real number"):
+            ssim(x, y, spatial_dims=2, window="gaussian", **{name: bad})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_images_like_skimage(backend):
+    """bool images are {0, 1} with data range 1, as scikit-image's dtype_range[bool]."""
+    rng = np.random.default_rng(1)
+    x = rng.random((3, 16, 17)) > 0.5
+    y = x.copy()
+    y[:, 0] = ~y[:, 0]
+    y[2] = rng.random((16, 17)) > 0.3
+    want = [skm.structural_similarity(a, b) for a, b in zip(x, y, strict=True)]
+    assert_close(ssim(x, y, spatial_dims=2, backend=backend), want, what="bool uniform")
+    assert_close(ssim_reference(x, y, spatial_dims=2), want, what="bool reference")
+    want_g = [skm.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+              for a, b in zip(x, y, strict=True)]
+    assert_close(ssim(x, y, spatial_dims=2, backend=backend, **GAUSS), want_g, what="bool gaussian")
+    assert_close(ssim(x, y, spatial_dims=2, backend=backend, preset="deepssim"),
+                 skimage_ssim(x.astype(np.float64), y.astype(np.float64), preset="deepssim"), what="bool deepssim")
+    M = ssim_matrix(x, y, progress=False, backend=backend)
+    assert_close(np.diag(M), want, what="bool matrix")
+    with pytest.raises(TypeError, match="x has unsupported dtype"):
+        ssim(x.astype(np.complex64), y.astype(np.complex64), spatial_dims=2, backend=backend)
+
+
+def test_reference_broadcasts_like_ssim(mri_slices):
+    """ssim_reference takes the same broadcast batch dims as ssim (one-vs-many, grids)."""
+    one = ssim_reference(mri_slices[0], mri_slices, spatial_dims=2)
+    assert one.shape == (len(mri_slices),)
+    assert_close(one, ssim(mri_slices[0], mri_slices, spatial_dims=2), what="one-vs-many vs ssim")
+    assert_close(one, skimage_ssim(np.broadcast_to(mri_slices[0], mri_slices.shape), mri_slices),
+                 what="one-vs-many vs skimage")
+    grid = ssim_reference(mri_slices[:3, None], mri_slices[None, 3:7], spatial_dims=2, preset="deepssim")
+    assert grid.shape == (3, 4)
+    assert_close(grid, ssim(mri_slices[:3, None], mri_slices[None, 3:7], spatial_dims=2, preset="deepssim"),
+                 what="grid vs ssim")
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ssim_reference(mri_slices[:3], mri_slices[:4], spatial_dims=2)
+
+
+def test_matrix_of_a_single_image_says_to_pass_a_stack():
+    a = np.zeros((16, 16), np.float32)
+    with pytest.raises(ValueError, match=r"not a stack of images; pass a stack \(N, H, W\)"):
+        ssim_matrix(a, np.zeros((2, 16, 16), np.float32), progress=False)

@@ -172,6 +172,45 @@ _SCRIPT = textwrap.dedent(r"""
         except ValueError as exc:
             errors.append(str(exc))
     res["bad_options"] = errors
+    # preset deepssim far from 0 (float32 + 1e3, 1e4): z-scores computed in float64, as accurate as native
+    rng = np.random.default_rng(5)
+    X0 = rng.random((2, 12, 13)).astype(np.float32)
+    Y0 = (X0 + 0.3 * rng.random(X0.shape)).astype(np.float32)
+    for off in (0, 1000, 10000):
+        xo, yo = (X0 * 100 + off).astype(np.float32), (Y0 * 100 + off).astype(np.float32)
+        record(f"deepssim_offset_{off}", ssim(torch.from_numpy(xo), torch.from_numpy(yo), spatial_dims=2,
+                                             backend="triton", preset="deepssim"),
+               ssim_reference(xo, yo, spatial_dims=2, preset="deepssim"))
+        record(f"deepssim_offset_{off}_matrix", ssim_matrix(torch.from_numpy(xo), torch.from_numpy(yo),
+                                                            backend="triton", preset="deepssim", progress=False),
+               ssim_reference(xo[:, None], yo[None], spatial_dims=2, preset="deepssim"))
+    # float64 far from 0 (float32 would round it by 5e-4 of its range): computed in float64, pairs and matrix
+    xd = 1e4 + rng.random((2, 12, 13)); yd = xd + 0.1 * rng.random(xd.shape)
+    record("float64_offset", ssim(torch.from_numpy(xd), torch.from_numpy(yd), spatial_dims=2, backend="triton"),
+           ssim_reference(xd, yd, spatial_dims=2))
+    record("float64_offset_matrix", ssim_matrix(torch.from_numpy(xd), torch.from_numpy(yd), backend="triton",
+                                                progress=False),
+           ssim_reference(xd[:, None], yd[None], spatial_dims=2))
+    # int64 (numpy's default integer) uses its dtype range, bool images count as {0, 1}: as scikit-image
+    xi = rng.integers(0, 200, (2, 12, 13)); yi = np.clip(xi + rng.integers(-30, 30, xi.shape), 0, 255)
+    record("int64_range", ssim(torch.from_numpy(xi), torch.from_numpy(yi), spatial_dims=2, backend="triton"),
+           [sk(a, b) for a, b in zip(xi, yi)])
+    xw = rng.integers(-2**62, 2**62, (2, 12, 13)); yw = np.where(rng.random(xw.shape) < 0.3, -xw, xw)
+    record("int64_wide", ssim(torch.from_numpy(xw), torch.from_numpy(yw), spatial_dims=2, backend="triton"),
+           [sk(a, b) for a, b in zip(xw, yw)])
+    xb = rng.random((2, 12, 13)) > 0.5; yb = xb.copy(); yb[:, 0] = ~yb[:, 0]
+    record("bool", ssim(torch.from_numpy(xb), torch.from_numpy(yb), spatial_dims=2, backend="triton"),
+           [sk(a, b) for a, b in zip(xb, yb)])
+    # finite float32 values near the float32 limit (the fp32 kernel overflows): recomputed in float64
+    xl = (rng.random((2, 12, 13)) * 1e37).astype(np.float32); yl = (0.5 * xl + 1e36).astype(np.float32)
+    record("large_finite", ssim(torch.from_numpy(xl), torch.from_numpy(yl), spatial_dims=2, backend="triton"),
+           [oracle(a, b) for a, b in zip(xl, yl)])
+    f = rng.random((2, 12, 13)); f[1] *= 1e300
+    try:
+        ssim(torch.from_numpy(f), torch.from_numpy(0.5 * f), spatial_dims=2, backend="triton")
+        res["float64_overflow_error"] = ""
+    except ValueError as exc:
+        res["float64_overflow_error"] = str(exc)
     # NaN naming the pair index
     bad = Y.clone(); bad[2, 3, 4] = float("nan")
     try:
@@ -218,6 +257,10 @@ CASES = [
     "matrix_3d",
     "tiles2d_deepssim_separable",
     "tiles2d_deepssim_direct",
+    "int64_range",
+    "int64_wide",
+    "bool",
+    "large_finite",
 ] + [f"tiles{sd}d_{v}_{w}" for sd in (2, 3) for v in ("separable_16x16", "separable_16x32", "direct_8x16")
      for w in ("uniform", "gaussian") if not (sd == 3 and v.startswith("direct") and w == "gaussian")]
 
@@ -254,3 +297,23 @@ def test_triton_matrix_reuses_moments_unless_direct(results):
     assert results["matrix_modes"] == [1, 1, 2]
     # the direct variant has no moment maps: every pair in full (mode 0)
     assert results["matrix_modes_direct"] == [0]
+
+
+@pytest.mark.parametrize("case", [f"deepssim_offset_{off}{m}" for off in (0, 1000, 10000) for m in ("", "_matrix")])
+def test_triton_deepssim_far_from_zero_is_as_accurate_as_native(results, case):
+    # z-scores centred on the float32-rounded mean were 5e-5 off at +1e4; native is ~3e-7 off
+    r = results[case]
+    assert r["shape"] == r["want_shape"], r
+    assert r["err"] <= 1e-6, f"{case}: max |triton - reference| = {r['err']:.3g}"
+
+
+@pytest.mark.parametrize("case", ["float64_offset", "float64_offset_matrix"])
+def test_triton_float64_far_from_zero_is_computed_in_float64(results, case):
+    r = results[case]
+    assert r["shape"] == r["want_shape"], r
+    assert r["err"] <= 2e-7, f"{case}: max |triton - reference| = {r['err']:.3g}"
+
+
+def test_triton_values_beyond_float64_raise_naming_the_pair(results):
+    msg = results["float64_overflow_error"]
+    assert "pair index (1,) cannot be scored" in msg and "too large" in msg, msg
