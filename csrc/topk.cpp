@@ -1316,7 +1316,9 @@ void cosine_scores(py::array q, py::array t, py::array out) {
 
 // Rows of x (n, d) (float32 or float64) L2-normalised into out (n, dp >= d) float32: norm = sqrt of the
 // float64 sum of squares (four interleaved partial sums, added as (s0 + s1) + (s2 + s3)), each element
-// (double) x / norm rounded once to float32, columns d .. dp - 1 zero. Returns the first all-zero row, or -1.
+// (double) x / norm rounded once to float32, columns d .. dp - 1 zero. A row whose norm falls outside
+// [2^-450, 2^450] is first scaled by a power of two (see below), so no finite non-zero row is lost to
+// overflow or underflow. Returns the first all-zero row, or -1.
 template <typename T>
 int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_t dp) {
   std::atomic<int64_t> first_zero{std::numeric_limits<int64_t>::max()};
@@ -1328,7 +1330,32 @@ int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_
       for (; c + 4 <= d; c += 4)
         for (int l = 0; l < 4; ++l) s[l] += static_cast<double>(row[c + l]) * static_cast<double>(row[c + l]);
       for (int l = 0; c < d; ++c, ++l) s[l] += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-      const double norm = std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
+      double norm = std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
+      double scale = 1.0;  // a power of two: exact, and it cancels exactly in the division
+      if (!(norm >= 0x1p-450 && norm <= 0x1p450)) {
+        // the sum of squares may have over- or underflowed (float64 rows only: float32 squares cannot):
+        // scale the row so its largest entry lies in [0.5, 1) and sum again (the rule of _NORM_SAFE in
+        // all_pairs.py; rows inside the range are untouched, so their results stay bit for bit)
+        double m = 0;
+        for (int64_t c2 = 0; c2 < d; ++c2) m = std::max(m, std::fabs(static_cast<double>(row[c2])));
+        if (m > 0) {
+          int e = 0;
+          std::frexp(m, &e);
+          scale = std::ldexp(1.0, -e);
+          double t[4] = {0.0, 0.0, 0.0, 0.0};
+          int64_t c3 = 0;
+          for (; c3 + 4 <= d; c3 += 4)
+            for (int l = 0; l < 4; ++l) {
+              const double v = static_cast<double>(row[c3 + l]) * scale;
+              t[l] += v * v;
+            }
+          for (int l = 0; c3 < d; ++c3, ++l) {
+            const double v = static_cast<double>(row[c3]) * scale;
+            t[l] += v * v;
+          }
+          norm = std::sqrt((t[0] + t[1]) + (t[2] + t[3]));
+        }
+      }
       float* o = out + i * dp;
       if (norm == 0) {
         int64_t cur = first_zero.load();
@@ -1337,7 +1364,7 @@ int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_
         std::fill(o, o + dp, 0.0f);
         continue;
       }
-      for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(static_cast<double>(row[k]) / norm);
+      for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(static_cast<double>(row[k]) * scale / norm);
       std::fill(o + d, o + dp, 0.0f);
     }
   });

@@ -52,6 +52,7 @@ import torch
 from ._arrays import to_torch
 from ._atomic import atomic_write
 from .backends import ENV_VAR as _BACKEND_ENV
+from .backends import BackendUnavailableError
 from .backends import available as _available
 from .backends import resolve as _resolve
 
@@ -238,6 +239,37 @@ def _zero_row(name: str, row: int) -> ValueError:
     return ValueError(f"{name} row {row} is all zeros; cosine similarity is undefined")
 
 
+# Row norms outside [2^-450, 2^450] may have over- or underflowed in the float64 sum of squares: such rows
+# are first scaled by a power of two (exact) that brings their largest entry into [0.5, 1). For every other
+# row the result is bit for bit that of the plain rule, and a scaled row gets the same quotients x / |x|
+# the plain rule would give without overflow (a power of two cancels exactly in the division).
+_NORM_SAFE = (2.0 ** -450, 2.0 ** 450)
+
+
+def _rescale_extreme_numpy(c: np.ndarray, norm: np.ndarray) -> None:
+    """In place: rows of c (float64) whose norm left the safe range scaled by 2^-e, their norms recomputed."""
+    bad = np.flatnonzero(~((norm >= _NORM_SAFE[0]) & (norm <= _NORM_SAFE[1])))
+    if not bad.size:
+        return
+    m = np.abs(c[bad]).max(axis=1)
+    bad, m = bad[m > 0], m[m > 0]  # (a row of zeros stays a zero row)
+    if bad.size:
+        c[bad] = np.ldexp(c[bad], -np.frexp(m)[1][:, None])
+        norm[bad] = np.linalg.norm(c[bad], axis=1)
+
+
+def _rescale_extreme_torch(c: torch.Tensor, norm: torch.Tensor) -> None:
+    """The torch twin of :func:`_rescale_extreme_numpy` (any device)."""
+    bad = (~((norm >= _NORM_SAFE[0]) & (norm <= _NORM_SAFE[1]))).nonzero().flatten()
+    if not bad.numel():
+        return
+    m = c[bad].abs().amax(dim=1)
+    bad, m = bad[m > 0], m[m > 0]
+    if bad.numel():
+        c[bad] = torch.ldexp(c[bad], -torch.frexp(m).exponent[:, None].to(c.dtype))
+        norm[bad] = torch.linalg.vector_norm(c[bad], dim=1)
+
+
 def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
     """The float64 rule in numpy (where the native extension is missing), in chunks over the caller's threads;
     out_np must be zero-filled. Returns the first all-zero row, or -1."""
@@ -247,6 +279,7 @@ def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
         # numpy releases the GIL in these loops: chunks run on all cores
         c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
         norm = np.linalg.norm(c, axis=1)
+        _rescale_extreme_numpy(c, norm)
         zero = np.flatnonzero(norm == 0)
         if zero.size:
             return a + int(zero[0])
@@ -269,7 +302,8 @@ def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
 def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) -> torch.Tensor:
     """Rows L2-normalised (norm and division in float64, then rounded to float32), zero-padded to (n, dp),
     on ``device``. On CPU by the native extension (threaded), else in chunks so the float64 temporaries stay
-    small."""
+    small. Rows of extreme magnitude are scaled by a power of two first (see ``_NORM_SAFE``), so any non-zero
+    finite row normalises."""
     n, d = t.shape
     if torch.device(device).type == "cpu" and t.device.type == "cpu":
         out_np = np.zeros((n, dp), dtype=np.float32)
@@ -289,6 +323,7 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
     for a in range(0, n, _NORM_CHUNK):
         c = t[a:a + _NORM_CHUNK].to(device=device, dtype=torch.float64)
         norm = torch.linalg.vector_norm(c, dim=1)
+        _rescale_extreme_torch(c, norm)
         zero = (norm == 0).nonzero()
         if zero.numel():
             raise _zero_row(name, a + int(zero[0]))
@@ -356,7 +391,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     ts = tt if synth is train else _check_set(synth, "synth")
     n_train, d = tt.shape
     n_synth = ts.shape[0]
-    if ts.shape[1] != d and n_synth:
+    if ts.shape[1] != d:
         raise ValueError(f"all_pairs: train and synth have different embedding sizes: "
                          f"train {tuple(tt.shape)}, synth {tuple(ts.shape)}")
     if self_offset is not None:
@@ -374,6 +409,11 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         raise ValueError(f"all_pairs: block and tile must be >= 1, got block={block}, tile={tile}")
     if device is not None:
         dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"all_pairs: device={device!r}, but torch sees no CUDA device here "
+                                          f"(torch {torch.__version__}, CUDA build: "
+                                          f"{torch.version.cuda or 'no'}); install a CUDA build of torch on "
+                                          "a machine with an NVIDIA GPU, or use device='cpu'")
         bk = _resolve(backend, [], supported=("native", "torch", "triton"))
         if dev.type == "cuda" and backend in (None, "auto") and not os.environ.get(_BACKEND_ENV):
             bk = "triton" if _available("triton") else "torch"
@@ -385,36 +425,65 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     logger.info("all_pairs: %d synth x %d train, d=%d, k=%d, backend=%s, device=%s", n_synth, n_train, d, k,
                 bk, dev)
     edges = hist_edges(bins)
-    matrix = None
-    if dense or out is not None:
-        if out is not None:
-            matrix = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32,
-                                               shape=(n_synth, n_train))
-        else:
-            matrix = np.empty((n_synth, n_train), dtype=np.float32)
     if n_synth == 0:
+        matrix = None
+        if out is not None:
+            matrix = _dense_out(out, (0, n_train), lambda m: None)
+        elif dense:
+            matrix = np.empty((0, n_train), dtype=np.float32)
         return AllPairsResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64),
                               (np.zeros(bins, np.int64), edges), dict.fromkeys(CLASS_NAMES, 0),
                               np.zeros(n_train, np.int64), (low, high), n_train, 0, k, matrix, bk)
     dp = -(-d // _PAD) * _PAD
     T = _normalize(tt, "train", dp, dev)
     Q = T if synth is train and self_offset == 0 and n_synth == n_train else _normalize(ts, "synth", dp, dev)
-    state = dict(k=k, low=low, high=high, bins=bins, self_offset=self_offset, progress=progress,
-                 matrix=matrix)
-    if bk == "native":
-        scores, indices, counts, cls = _run_native(Q.numpy(), T.numpy(), block=block or 65536,
-                                                   tile=tile or 32768, **state)
-    elif bk == "torch":
-        scores, indices, counts, cls = _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
+
+    def run(matrix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        state = dict(k=k, low=low, high=high, bins=bins, self_offset=self_offset, progress=progress,
+                     matrix=matrix)
+        if bk == "native":
+            return _run_native(Q.numpy(), T.numpy(), block=block or 65536, tile=tile or 32768, **state)
+        if bk == "torch":
+            return _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
+        return _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision, **state)
+
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    if out is not None:
+        matrix = _dense_out(out, (n_synth, n_train), lambda m: parts.append(run(m)))
     else:
-        scores, indices, counts, cls = _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision,
-                                                   **state)
-    if isinstance(matrix, np.memmap):
-        matrix.flush()
+        matrix = np.empty((n_synth, n_train), dtype=np.float32) if dense else None
+        parts.append(run(matrix))
+    scores, indices, counts, cls = parts[0]
     hits = _train_hits(indices, n_train)
     return AllPairsResult(scores, indices, (counts, edges), dict(zip(CLASS_NAMES, (int(c) for c in cls),
                                                                          strict=True)),
                           hits, (low, high), n_train, n_synth, k, matrix, bk)
+
+
+def _dense_out(out: str | os.PathLike, shape: tuple[int, int], fill: Any) -> np.memmap:
+    """Write the dense matrix to ``out`` (.npy) atomically: ``fill(memmap)`` writes a temporary file beside
+    it, which replaces ``out`` only once complete, so a failed call leaves an existing file as it was and no
+    partial file behind. Returns the finished file, memory-mapped read-write."""
+    import tempfile
+
+    from ._atomic import _final_mode
+
+    path = Path(os.fspath(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        m = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        fill(m)
+        m.flush()
+        del m
+        os.chmod(tmp, _final_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return np.load(path, mmap_mode="r+")
 
 
 def _check_params(k: Any, thresholds: Any, bins: Any) -> tuple[int, float, float, int]:

@@ -28,7 +28,9 @@ the worker and never travel.
 
 Faults and resume
 -----------------
-Tasks run with ``retries=2``; a worker that dies mid-task has its task re-run by the scheduler. Data
+A worker that dies mid-task has its task re-run by the scheduler (up to Dask's
+``distributed.scheduler.allowed-failures`` times); an error raised by the engine itself (bad input found on a
+worker) is not retried: it is raised at once, naming the rows by their global numbers. Data
 that only the dead worker held is scattered again from this process and the shard is resubmitted.
 With ``checkpoint_dir`` every finished shard is saved (``AllPairsResult.save``, atomic) as soon as it
 arrives; a restarted run with the same inputs and options loads the valid ones and runs the rest.
@@ -45,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import deque
 from pathlib import Path
@@ -369,9 +372,12 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
         if nat is not None:
             nat.set_num_threads(threads)
         with _blas_limit(threads):
-            res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
-                            bins=opts["bins"], device=device, backend=opts.get("backend"), progress=False,
-                            self_offset=shard.self_offset)
+            try:
+                res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
+                                bins=opts["bins"], device=device, backend=opts.get("backend"),
+                                progress=False, self_offset=shard.self_offset)
+            except ValueError as exc:
+                raise ValueError(f"{_global_rows(str(exc), shard)} (shard {shard.name})") from exc
     finally:  # leave the process as it was (matters when the task runs in the caller's process)
         torch.set_num_threads(before[0])
         if nat is not None:
@@ -380,15 +386,25 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
     return res
 
 
+def _global_rows(msg: str, shard: Shard) -> str:
+    """An engine message about a shard's rows ("synth row 5 ...") with the rows' numbers in the whole sets."""
+    def fix(m: re.Match) -> str:
+        base = shard.s0 if m.group(1) == "synth" else shard.t0
+        return f"{m.group(1)} row {base + int(m.group(2))}"
+
+    return re.sub(r"\b(synth|train) row (\d+)", fix, msg)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Driver side
 # ----------------------------------------------------------------------------------------------------
-def _as_matrix(x: Any, name: str) -> np.ndarray:
-    """``x`` as a C-contiguous 2D float numpy array with finite, non-zero rows (else a clear error)."""
+def _as_matrix(x: Any, name: str, allow_empty: bool = False) -> np.ndarray:
+    """``x`` as a C-contiguous 2D float numpy array with finite, non-zero rows (else a clear error); with
+    ``allow_empty``, zero rows (an empty set) are fine."""
     if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
         x = x.float()  # numpy has no bfloat16; the widening is exact, so results do not change
     a = to_numpy(x, name=name)
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+    if a.ndim != 2 or (a.shape[0] == 0 and not allow_empty) or a.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty 2D array (rows, dims), got shape {a.shape}")
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected real numbers, got dtype {a.dtype}")
@@ -565,7 +581,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
 
     self_mode = synth is None
     tr = _as_matrix(train, "train")
-    sy = None if self_mode else _as_matrix(synth, "synth")
+    sy = None if self_mode else _as_matrix(synth, "synth", allow_empty=True)
     if sy is not None and sy.shape[1] != tr.shape[1]:
         raise ValueError(f"train has {tr.shape[1]} dims per row but synth has {sy.shape[1]} "
                          f"(train {tr.shape}, synth {sy.shape})")
@@ -589,6 +605,10 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                             "backend": backend, "device": device, "threads": threads_per_task}
     if threads_per_task is not None and (isinstance(threads_per_task, bool) or int(threads_per_task) < 1):
         raise ValueError(f"threads_per_task must be a positive integer, got {threads_per_task!r}")
+    if n_synth == 0:  # nothing to distribute: the empty result, as one process gives it
+        from .all_pairs import all_pairs
+
+        return all_pairs(tr, sy, k=k, thresholds=(low, high), bins=int(bins), progress=False)
     if shard_size is None:
         shard_size = default_shard_size(n_synth, n_train)
 
@@ -659,7 +679,7 @@ def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Seq
             # a small block rides inside the task (one message, and Dask can rerun it on its own);
             # a large one is scattered first, so the scheduler never holds big task payloads
             sf = synths.get(s, block) if block.nbytes >= SCATTER_MIN_BYTES else np.ascontiguousarray(block)
-        fut = client.submit(_run_shard, tf, sf, s, opts, retries=2, pure=False,
+        fut = client.submit(_run_shard, tf, sf, s, opts, pure=False,
                             key=f"deepssim-allpairs-{s.name}-{os.urandom(4).hex()}")
         inflight[fut.key] = s
         ac.add(fut)

@@ -33,21 +33,22 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
                    win_size: int = 7, sigma: float = 1.5, data_range: float | None = None,
                    k1: float = 0.01, k2: float = 0.03, sample_covariance: bool = True,
                    preset: str | None = None) -> np.ndarray:
-    """Mean SSIM per pair, float64 numpy array of the batch shape (a 0-d array for a single pair).
+    """Mean SSIM per pair, float64 numpy array of the broadcast batch shape (a 0-d array for a single pair).
 
-    Same signature and conventions as :func:`deepssim_fast.ssim`.
+    Same signature and conventions as :func:`deepssim_fast.ssim`: batch dims broadcast (one-vs-many), integer
+    dtypes use the dtype range, bool images count as {0, 1} (range 1). Everything runs in float64 on the CPU.
     """
     tx, ty = to_torch(x, name="x"), to_torch(y, name="y")
-    p = sc.resolve_params(ndim=tx.ndim, spatial_dims=spatial_dims, window=window, win_size=win_size,
-                          sigma=sigma, data_range=data_range, k1=k1, k2=k2,
+    p = sc.resolve_params(ndim=max(tx.ndim, ty.ndim), spatial_dims=spatial_dims, window=window,
+                          win_size=win_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
                           sample_covariance=sample_covariance, preset=preset)
-    batch = sc.check_pair(tx, ty, p)
+    batch = sc.broadcast_pair(tx, ty, p)
     sc.check_finite(tx, "x", p)
     sc.check_finite(ty, "y", p)
     spatial = tuple(tx.shape[tx.ndim - p.spatial_dims:])
     in_dtype = tx.dtype
-    bx = tx.reshape(-1, *spatial).to("cpu", torch.float64)
-    by = ty.reshape(-1, *spatial).to("cpu", torch.float64)
+    bx = torch.broadcast_to(tx, batch + spatial).reshape(-1, *spatial).to("cpu", torch.float64)
+    by = torch.broadcast_to(ty, batch + spatial).reshape(-1, *spatial).to("cpu", torch.float64)
     if bx.shape[0] == 0:
         return np.zeros(batch, dtype=np.float64)
     if p.preset == "deepssim":
@@ -85,8 +86,8 @@ def _normalize_rows(a: torch.Tensor, name: str) -> torch.Tensor:
 
 def cosine_matrix_reference(train: Any, synth: Any) -> torch.Tensor:
     """Dense (n_synth, n_train) cosine similarity matrix, float64."""
-    t = _normalize_rows(to_torch(train, name="train").cpu(), "train")
-    s = _normalize_rows(to_torch(synth, name="synth").cpu(), "synth")
+    t = _normalize_rows(to_torch(train, name="train").detach().cpu(), "train")
+    s = _normalize_rows(to_torch(synth, name="synth").detach().cpu(), "synth")
     return s @ t.T
 
 
@@ -99,6 +100,10 @@ def topk_reference(train: Any, synth: Any | None, k: int) -> tuple[np.ndarray, n
     """
     self_mode = synth is None
     sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
+    n_cand = sim.shape[1] - (1 if self_mode else 0)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_cand:
+        raise ValueError(f"topk_reference: k must be an integer in [1, {n_cand}] (candidates per row), "
+                         f"got {k!r}")
     if self_mode:
         sim.fill_diagonal_(float("-inf"))
     # stable sort on -score keeps equal scores in index order -> ties go to the lower index

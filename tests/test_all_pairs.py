@@ -416,6 +416,63 @@ def test_bad_input_errors_name_the_problem():
         all_pairs(good, good, backend="cuda-magic", progress=False)
 
 
+def test_failed_call_leaves_an_existing_out_file_as_it_was(tmp_path):
+    """out= is written to a temporary file and renamed once complete: a call that fails (here on a zero row,
+    found while normalising) neither truncates the good file nor leaves a partial one behind."""
+    train, synth = _rand(50, 8, SEED + 17), _rand(7, 8, SEED + 18)
+    out = tmp_path / "m.npy"
+    all_pairs(train, synth, k=3, out=out, progress=False)
+    good = np.load(out).copy()
+    bad = synth.copy()
+    bad[2] = 0
+    with pytest.raises(ValueError, match="synth row 2 is all zeros"):
+        all_pairs(train, bad, k=3, out=out, progress=False)
+    np.testing.assert_array_equal(np.load(out), good)
+    with pytest.raises(ValueError, match="synth row 2 is all zeros"):
+        all_pairs(train, bad, k=3, out=tmp_path / "new.npy", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy"]
+    r = all_pairs(train, synth[:0], k=3, out=tmp_path / "empty.npy", progress=False)
+    assert r.matrix.shape == (0, 50) and np.load(tmp_path / "empty.npy").shape == (0, 50)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_rows_of_extreme_magnitude_normalise_like_ordinary_rows(backend):
+    """Cosine does not depend on scale: float64 rows near the overflow or underflow of their squares give the
+    results of the same rows at scale 1 (a power-of-two scale is exact), not zeros or a 'zero row' error."""
+    rng = np.random.default_rng(SEED + 19)
+    train, synth = rng.standard_normal((40, 16)), rng.standard_normal((6, 16))
+    ref = all_pairs(train, synth, k=4, progress=False, backend=backend)
+    for st, ss in ((2.0 ** 600, 1.0), (1.0, 2.0 ** -600), (2.0 ** 1000, 2.0 ** -1000)):
+        r = all_pairs(train * st, synth * ss, k=4, progress=False, backend=backend)
+        _assert_same(r, ref)
+    mixed = train.copy()
+    mixed[5] *= 1e300  # one huge row among ordinary ones: only it takes the scaled path
+    mixed[9] *= 1e-300
+    r = all_pairs(mixed, synth, k=4, progress=False, backend=backend)
+    _assert_same(r, ref)
+    out = np.empty((40, 16), np.float32)
+    assert _native.normalize_rows(mixed, out) == -1
+    plain = np.empty_like(out)
+    _native.normalize_rows(train, plain)
+    np.testing.assert_array_equal(out, plain)
+    with pytest.raises(ValueError, match="synth row 1 is all zeros"):
+        all_pairs(train, np.vstack([synth[:1], np.zeros((1, 16))]), k=4, progress=False, backend=backend)
+
+
+def test_different_d_is_an_error_even_for_an_empty_synth_set():
+    with pytest.raises(ValueError, match=r"train \(10, 8\), synth \(0, 7\)"):
+        all_pairs(_rand(10, 8, SEED + 20), np.zeros((0, 7), np.float32), progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    from deepssim_fast.backends import BackendUnavailableError
+
+    good = _rand(10, 8, SEED + 21)
+    with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+        all_pairs(good, good, device="cuda", progress=False)
+
+
 def test_empty_synth_gives_empty_result():
     train = _rand(10, 8, SEED + 15)
     r = all_pairs(train, np.zeros((0, 8), np.float32), k=3, progress=False)
@@ -720,3 +777,13 @@ def test_numpy_normalisation_fallback_equals_the_native_rule():
     np.testing.assert_array_equal(out, native)
     x[[8800, 4100]] = 0
     assert _normalize_rows_numpy(torch.from_numpy(x), np.zeros_like(out)) == 4100
+
+
+def test_topk_reference_checks_k_and_takes_tensors_that_require_grad():
+    train = torch.from_numpy(_rand(6, 5, SEED + 22)).requires_grad_(True)
+    s, i = ref.topk_reference(train, train[:2], 6)
+    assert s.shape == (2, 6) and np.array_equal(i[:, 0], [0, 1])
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 6\]"):
+        ref.topk_reference(train, train[:2], 7)
+    with pytest.raises(ValueError, match=r"in \[1, 5\]"):
+        ref.topk_reference(train, None, 6)  # self mode: the row itself is not a candidate

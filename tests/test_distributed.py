@@ -392,6 +392,44 @@ def test_bad_inputs_name_the_problem(client, emb, monkeypatch):
         dd.all_pairs_distributed(tr, sy, scheduler="tcp://127.0.0.1:9", progress=False)
 
 
+def test_empty_synth_set_gives_the_empty_result(client, emb):
+    tr = emb["train"]
+    empty = np.zeros((0, tr.shape[1]), tr.dtype)
+    res = dd.all_pairs_distributed(tr, empty, k=3, scheduler=client, progress=False)
+    one = all_pairs(tr, empty, k=3, progress=False)
+    assert res.scores.shape == (0, 3) and res.indices.shape == (0, 3) and res.n_synth == 0
+    assert res.class_counts == one.class_counts and np.array_equal(res.histogram[0], one.histogram[0])
+    assert np.array_equal(res.train_hits, one.train_hits)
+    with pytest.raises(ValueError, match="dims per row"):
+        dd.all_pairs_distributed(tr, np.zeros((0, 3), tr.dtype), scheduler=client, progress=False)
+
+
+def test_engine_errors_on_a_worker_name_global_rows_and_are_not_retried(client, emb, monkeypatch):
+    """An error the engine raises inside a shard names the rows by their numbers in the whole sets (not in
+    the shard), and is raised at once: submit() asks for no retries of such errors."""
+    tr, sy = emb["train"], emb["synth"]
+    shard = dd.Shard(sindex=2, tblock=1, s0=20, s1=30, t0=100, t1=160, self_offset=None)
+    bad = sy[20:30].copy()
+    bad[5] = 0  # (the driver checks zero rows first; this calls the worker task directly)
+    opts = {"k": 3, "thresholds": (0.6, 0.85), "bins": 200, "backend": "native", "threads": 1}
+    with pytest.raises(ValueError, match=r"synth row 25 is all zeros.*shard s0000000020"):
+        dd._run_shard(tr[100:160], bad, shard, opts)
+    zero = tr[100:160].copy()
+    zero[7] = 0
+    with pytest.raises(ValueError, match=r"train row 107 is all zeros"):
+        dd._run_shard(zero, sy[20:30], shard, opts)
+    submitted: list[dict] = []
+    real_submit = client.submit
+
+    def recording_submit(*args, **kw):
+        submitted.append(kw)
+        return real_submit(*args, **kw)
+
+    monkeypatch.setattr(client, "submit", recording_submit)
+    dd.all_pairs_distributed(tr, sy, k=3, scheduler=client, progress=False, shard_size=64)
+    assert submitted and all(not kw.get("retries") for kw in submitted)
+
+
 def test_missing_dask_says_what_to_install(monkeypatch):
     from deepssim_fast.backends import BackendUnavailableError
 
