@@ -455,10 +455,11 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
 // ---- approximate scores: int16 micro-kernel for AVX2 (vpmaddwd + vpaddd) ---------------------------
 // The same integer dot products as micro_vnni (so the same a), for CPUs without VNNI: vpmaddwd multiplies
 // 16 int16 pairs and adds each pair into an int32 (exact: |z| <= 32767, so a pair sum stays below 2^31),
-// vpaddd accumulates. Measured on one Zen 4 core with cached panels, it multiply-adds at the fp32 FMA
-// rate (15.4 against 15.8 per cycle: vpmaddwd issues once per cycle there); what it gains in whole calls
-// (~5 %) comes from panels half the size of the fp32 ones (less cache traffic per pair). The two panels
-// run one after the other
+// vpaddd accumulates. Each row of a k step is one asm block (vpbroadcastd, 2 x vpmaddwd, 2 x vpaddd). From
+// the same intrinsics GCC 12 ordered the loop so that, run back to back without the interleaved histogram
+// increments (as topk_kernel_rates runs it), it multiply-added at 56-57 G/s on one Zen 4 core against
+// 92-95 G/s in this order (the fp32 kernel: 57-58 G/s); in whole calls, where most steps carry
+// increments, both orders take the same time. The two panels run one after the other
 // (6 x 16 each: 12 accumulators, two panel registers, a broadcast and a product fill the 16 registers).
 // Unlike micro_vnni it keeps one int32 sum over all of dp (one chunk): with no registers left for float32
 // sums, flushing chunks through memory and losing the interleaved increments cost more than the finer
@@ -476,15 +477,19 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     int64_t kk = 0;
-#define DSF_I16_ROW(ar, x0, x1)                            \
-  av = _mm256_set1_epi32(ar[kk]);                          \
-  x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(av, b0));    \
-  x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(av, b1));
+#define DSF_I16_ROW(ar, x0, x1)                                       \
+  asm("vpbroadcastd %[m], %[av]\n\t"                                 \
+      "vpmaddwd %[b0], %[av], %[p0]\n\t"                             \
+      "vpmaddwd %[b1], %[av], %[av]\n\t"                             \
+      "vpaddd %[p0], %[c0], %[c0]\n\t"                               \
+      "vpaddd %[av], %[c1], %[c1]"                                    \
+      : [c0] "+x"(x0), [c1] "+x"(x1), [av] "=&x"(av), [p0] "=&x"(p0) \
+      : [m] "m"(ar[kk]), [b0] "x"(b0), [b1] "x"(b1));
 #define DSF_MICRO_STEP_I16                                                                          \
   {                                                                                                 \
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR));      \
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR + 16)); \
-    __m256i av;                                                                                     \
+    __m256i av, p0;                                                                                 \
     DSF_I16_ROW(a0, c00, c01)                                                                       \
     DSF_I16_ROW(a1, c10, c11)                                                                       \
     DSF_I16_ROW(a2, c20, c21)                                                                       \
