@@ -464,25 +464,14 @@ def _dense_out(out: str | os.PathLike, shape: tuple[int, int], fill: Any) -> np.
     """Write the dense matrix to ``out`` (.npy) atomically: ``fill(memmap)`` writes a temporary file beside
     it, which replaces ``out`` only once complete, so a failed call leaves an existing file as it was and no
     partial file behind. Returns the finished file, memory-mapped read-write."""
-    import tempfile
-
-    from ._atomic import _final_mode
+    from ._atomic import atomic_path
 
     path = Path(os.fspath(out))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         m = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         fill(m)
         m.flush()
         del m
-        os.chmod(tmp, _final_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return np.load(path, mmap_mode="r+")
 
 
