@@ -88,7 +88,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .data import center_fit
+    from ._atomic import atomic_path
     from .io import discover, read_image
 
     opts = dict(
@@ -112,17 +112,18 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     imgs_a = [read_image(p) for p in pa]
     imgs_b = [read_image(p) for p in pb]
     shape = imgs_a[0].shape
-    if any(im.ndim != len(shape) for im in imgs_a + imgs_b):
-        raise ValueError("all images must have the same rank (2D or 3D)")
-    fa = np.stack([center_fit(im, shape) for im in imgs_a])
-    fb = np.stack([center_fit(im, shape) for im in imgs_b])
+    for p, im in zip([*pa, *pb], imgs_a + imgs_b, strict=True):
+        if im.shape != shape:
+            raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
+                             f"shapes")
+    fa, fb = np.stack(imgs_a), np.stack(imgs_b)
     from .ssim import ssim_matrix
 
     kw = {"spatial_dims": 3} if len(shape) == 3 else {}
     m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
     rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
     if args.out:
-        with open(args.out, "w", newline="") as f:
+        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["a", "b", "ssim"])
             w.writerows(rows)
@@ -141,7 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     model = train(
         discover(args.images),
-        backbone=args.backbone,
+        backbone=args.backbone or (None if args.resume else "small"),
         pretrained=args.pretrained,
         max_steps=args.max_steps,
         epochs=args.epochs,
@@ -162,7 +163,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     best = Path(args.out) / "best.pt"
     print(
-        f"trained {args.backbone} encoder; best validation loss {getattr(model, 'best_val', None)}; "
+        f"trained {model.config.backbone} encoder; best validation loss {getattr(model, 'best_val', None)}; "
         f"checkpoint: {best if best.exists() else args.out}"
     )
     return 0
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", default=None, help="validation images (default: a split of --images)")
     t.add_argument("--out", required=True, help="output directory (best.pt, last.pt, log.csv)")
     t.add_argument(
-        "--backbone", default="small", choices=["small", "resnet18", "convnext_tiny", "convnext_base"]
+        "--backbone", default=None, choices=["small", "resnet18", "convnext_tiny", "convnext_base"],
+        help="encoder (default: small; with --resume, the checkpoint's)",
     )
     t.add_argument("--pretrained", default=None, help="local ImageNet state_dict for the backbone")
     t.add_argument("--epochs", type=int, default=40)

@@ -360,6 +360,9 @@ class DeepSSIMNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # the config as a plain string attribute survives torch.jit.script, so a file written by a bare
+        # torch.jit.save (without save_torchscript's extra file) still loads with its input size and policy
+        self.config_json: str = json.dumps(config.to_dict())
         self.backbone, feat = make_backbone(config.backbone, config.input_size)
         self.local = config.backbone == "small"
         if self.local:
@@ -577,6 +580,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
             raise ModelFileError(f"{p}: looks like a TorchScript archive but could not be loaded "
                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc
         raw = extra.get(_TS_EXTRA) or ""
+        if not raw:
+            try:
+                raw = str(getattr(module, "config_json", "") or "")
+            except Exception:  # noqa: BLE001 - a foreign module without the attribute
+                raw = ""
         if raw:
             cfg = ModelConfig.from_dict(json.loads(raw))
         else:

@@ -503,7 +503,7 @@ def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.PathLike | None = None,
+def train(images: Any, *, backbone: str | None = None, pretrained: str | os.PathLike | None = None,
           max_steps: int | None = None, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
           weight_decay: float = 1e-3, emb_dim: int = 256, val_images: Any = None,
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int = 42,
@@ -519,7 +519,8 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
     images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
                   paths (PNG, .npy, NIfTI cut by ``policy``, a :class:`~deepssim_fast.data.SlicePolicy`).
                   At least 2 images.
-    backbone:     ``convnext_base`` (paper), ``convnext_tiny``, ``resnet18`` or ``small``.
+    backbone:     ``convnext_base`` (paper; the default), ``convnext_tiny``, ``resnet18`` or ``small``;
+                  with ``resume=`` the checkpoint's (a different one given here is an error).
     pretrained:   LOCAL torchvision ImageNet state_dict file for the backbone (never downloaded).
     max_steps:    number of optimizer steps; overrides ``epochs`` (an epoch is ceil(n_train / batch_size)
                   steps, each image being the first of a pair once per epoch on average).
@@ -556,14 +557,19 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out={str(out_dir)!r} is an existing file; out is the directory for "
+                                 f"best.pt, last.pt and log.csv")
     dev = _resolve_device(device)
     ck = None
     if resume is not None:
         ck = read_checkpoint(resume)
         config = ModelConfig.from_dict(ck["config"])
-        if config.backbone != backbone:
-            logger.info("resume: backbone %r from the checkpoint (argument said %r)", config.backbone,
-                        backbone)
+        if backbone is not None and config.backbone != backbone:
+            raise ValueError(f"resume={str(resume)!r} is a {config.backbone!r} checkpoint but backbone="
+                             f"{backbone!r} was given; omit backbone (or give {config.backbone!r}) to "
+                             f"resume it")
         model = DeepSSIMNet(config)
         model.load_state_dict(ck["model"], strict=True)
         if config.freeze_stages:
@@ -572,7 +578,8 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))  # the initial weights are part of the seeded run
-            model = build_model(backbone, pretrained=pretrained, emb_dim=emb_dim, input_size=input_size,
+            model = build_model(backbone or "convnext_base", pretrained=pretrained, emb_dim=emb_dim,
+                                input_size=input_size,
                                 size_policy=size_policy, freeze_stages=freeze_stages)
         config = model.config
     model.to(dev)
@@ -621,7 +628,6 @@ def train(images: Any, *, backbone: str = "convnext_base", pretrained: str | os.
         step = int(ck["step"])
         best_val = ck.get("best_val")
         logger.info("resumed from %s at step %d", resume, step)
-    out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = _Logger(out_dir, tensorboard, append=ck is not None)

@@ -84,6 +84,43 @@ def test_ssim_two_folders_writes_csv(folders: dict, tmp_path: Path, capsys: pyte
     assert float(r["ssim"]) == pytest.approx(want, abs=1e-5)
 
 
+
+def test_ssim_folders_of_unequal_shapes_name_the_file(folders: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """Folder comparisons score the images as they are (as deepssim_fast.ssim does), never cropped or
+    padded: an image of another shape is an error that names it."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    np.save(d / "a.npy", folders["arrs"][55])
+    np.save(d / "odd.npy", np.zeros((60, 70), dtype=np.float32))
+    assert main(["ssim", str(folders["train"]), str(d), "-q", "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "odd.npy" in err and "(60, 70)" in err and not (tmp_path / "s.csv").exists()
+
+
+def test_ssim_csv_is_written_atomically(folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "scores.csv"
+    out.write_text("previous\n")
+
+    class Broken:
+        def __init__(self, f) -> None:
+            self.w = real(f)
+
+        def writerow(self, r) -> None:
+            self.w.writerow(r)
+
+        def writerows(self, rows) -> None:
+            self.w.writerow(next(iter(rows)))
+            raise OSError("disk full")
+
+    real = csv.writer
+    monkeypatch.setattr(csv, "writer", Broken)
+    args = ["ssim", str(folders["train"]), str(folders["synth"]), "-q", "--out", str(out)]
+    assert main(args) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert out.read_text() == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
+
 def test_ssim_errors_are_one_line(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     np.save(tmp_path / "odd.npy", np.zeros((10, 11), dtype=np.float32))
     assert main(["ssim", str(folders["train"] / "t055.npy"), str(tmp_path / "odd.npy")]) == 2

@@ -266,6 +266,18 @@ def test_torchscript_round_trip_identical_embeddings(tmp_path, small_model, real
     np.testing.assert_array_equal(embed(real_images, again, progress=False), e_m)
 
 
+
+def test_plain_jit_save_keeps_the_config(tmp_path, small_model, real_images) -> None:
+    """torch.jit.save of a scripted model (no save_torchscript extra file) loads with the model's own input
+    size and policy, so it embeds as the checkpoint does."""
+    p = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(small_model.eval()), str(p))
+    ck = load_model(small_model.save_checkpoint(tmp_path / "ck.pt"))
+    loaded = load_model(p)
+    assert loaded.config.input_size == ck.config.input_size and loaded.config.backbone == "small"
+    _assert_close(embed(real_images, loaded, progress=False), embed(real_images, ck, progress=False), 1e-6,
+                  "plain torch.jit.save vs checkpoint")
+
 def test_foreign_torchscript_defaults(tmp_path) -> None:
     class Plain(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -262,3 +262,23 @@ def test_pairs_csv_with_a_bom_and_a_hash_in_a_folder_name(tmp_path):
     p.write_bytes("\ufeffreal_key,synth_key,ssim,split\nscan0.nii.gz,scan2,0.5,train\n".encode())
     pairs = read_pairs_csv(p, pool)
     assert [(a, b) for rows in pairs.values() for a, b, _ in rows] == [(0, 2)]
+
+
+def test_out_that_is_a_file_is_named_before_training(tmp_path, mni_slices) -> None:
+    f = tmp_path / "not_a_dir"
+    f.write_text("keep")
+    with pytest.raises(NotADirectoryError, match="not_a_dir.*existing file"):
+        train(mni_slices[:4], max_steps=1, out=f, **SMALL)
+    assert f.read_text() == "keep"
+
+
+def test_resume_with_another_backbone_is_an_error(tmp_path, mni_slices) -> None:
+    imgs = mni_slices[:6]
+    kw = dict(SMALL, batch_size=2, val_pairs=4)
+    train(imgs, max_steps=1, out=tmp_path / "r", **kw)
+    ck = tmp_path / "r" / "last.pt"
+    with pytest.raises(ValueError, match="'small' checkpoint but backbone='resnet18'"):
+        train(imgs, max_steps=2, resume=ck, **dict(kw, backbone="resnet18"))
+    # without backbone= the checkpoint's is used
+    m = train(imgs, max_steps=2, resume=ck, **{k: v for k, v in kw.items() if k != "backbone"})
+    assert m.config.backbone == "small" and [r["step"] for r in m.history] == [2]
