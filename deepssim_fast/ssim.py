@@ -22,6 +22,7 @@ Backends (``backend=`` or ``$DEEPSSIM_FAST_BACKEND``; default by where the data 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -190,31 +191,46 @@ def _pairs_from_broadcast(
     return batch, xf, yf, np.array(ix, dtype=np.int64, order="C"), np.array(iy, dtype=np.int64, order="C")
 
 
-def _float64_pairs(
-    xf: torch.Tensor,
-    yf: torch.Tensor,
-    ix: np.ndarray,
-    iy: np.ndarray,
-    p: sc.SSIMParams,
-    in_dtype: torch.dtype,
-    pos: np.ndarray,
-    where: Where,
-) -> torch.Tensor:
-    """Mean SSIM (float64, (P,)) of the pairs (xf[ix], yf[iy]) on the float64 torch path; never non-finite.
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+    """The pairs (xf[ix[k]], yf[iy[k]]) of one call, with what every path needs to score and name them:
+    the parameters, the caller's dtype, and ``where``, which turns a pair's position k here into its index in
+    the caller's terms (the batch index of ssim, (i, j) of ssim_matrix)."""
+
+    xf: torch.Tensor
+    yf: torch.Tensor
+    ix: np.ndarray
+    iy: np.ndarray
+    p: sc.SSIMParams
+    in_dtype: torch.dtype
+    where: Where = _flat
+
+    @property
+    def size(self) -> int:
+        return int(self.ix.size)
+
+    def subset(self, sel: np.ndarray) -> _Pairs:
+        """The pairs at positions ``sel`` (int array), still named as in the caller."""
+        outer = self.where
+        return dataclasses.replace(self, ix=self.ix[sel], iy=self.iy[sel], where=lambda k: outer(int(sel[k])))
+
+
+def _float64_pairs(pairs: _Pairs) -> torch.Tensor:
+    """Mean SSIM (float64, (P,)) of the pairs on the float64 torch path; never non-finite.
 
     A pair whose score is not finite even in float64 (the formula's products, of fourth degree in the
     values, overflow or underflow float64: |values| around 1e77 and up, or 1e-77 and down) raises ValueError
-    naming it:
-    ``pos`` holds the pairs' flat positions in the call and ``where`` turns one into the caller's index.
+    naming it.
     """
+    xf, yf, ix, iy = pairs.xf, pairs.yf, pairs.ix, pairs.iy
     res = _torch_pairs(
-        xf, yf, torch.from_numpy(ix).to(xf.device), torch.from_numpy(iy).to(yf.device), p, in_dtype
+        xf, yf, torch.from_numpy(ix).to(xf.device), torch.from_numpy(iy).to(yf.device), pairs.p, pairs.in_dtype
     )
     bad = ~torch.isfinite(res)
     if bool(bad.any()):
         k = int(torch.nonzero(bad)[0])
         big = max(float(t[int(i)].to(torch.float64).abs().max()) for t, i in ((xf, ix[k]), (yf, iy[k])))
-        idx = where(int(pos[k]))
+        idx = pairs.where(k)
         which = f"pair index {idx}" if idx else "the pair"
         raise ValueError(
             f"ssim: {which} cannot be scored: its values (largest |value| {big:.3g}) are too large (or too "
@@ -224,125 +240,91 @@ def _float64_pairs(
     return res
 
 
-def _repair_nonfinite(
-    res: torch.Tensor,
-    xf: torch.Tensor,
-    yf: torch.Tensor,
-    ix: np.ndarray,
-    iy: np.ndarray,
-    p: sc.SSIMParams,
-    in_dtype: torch.dtype,
-    where: Where = _flat,
-) -> torch.Tensor:
+def _repair_nonfinite(res: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
     """Recompute, in float64 torch, the pairs whose fp32 score is not finite (values so large or small that
-    their squares or C1/C2 leave the float32 range), so no NaN escapes. ``res`` is (P,), indexed like ix/iy."""
+    their squares or C1/C2 leave the float32 range), so no NaN escapes. ``res`` is (P,), indexed like the
+    pairs."""
     bad = ~torch.isfinite(res)
     if not bool(bad.any()):
         return res
     sel = torch.nonzero(bad).flatten()
     logger.debug("ssim: %d pair(s) left the float32 range; recomputing them in float64", sel.numel())
-    idx = sel.cpu().numpy()
-    fix = _float64_pairs(xf, yf, ix[idx], iy[idx], p, in_dtype, idx, where)
+    fix = _float64_pairs(pairs.subset(sel.cpu().numpy()))
     res = res.clone()
     res[sel] = fix.to(res.device, res.dtype)
     return res
 
 
-def _native_pairs(
-    xf: torch.Tensor,
-    yf: torch.Tensor,
-    ix: np.ndarray,
-    iy: np.ndarray,
-    p: sc.SSIMParams,
-    in_dtype: torch.dtype,
-    tx: torch.Tensor,
-    ty: torch.Tensor,
-    names: tuple[str, str],
-    where: Where,
-) -> torch.Tensor:
+def _native_pairs(pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str]) -> torch.Tensor:
     """Mean SSIM (float64, CPU, (P,)) of the pairs on the native float32 kernels.
 
     Finite values so large that a float32 sum in the kernel overflows (|values| of order 1e36 and up) make
-    the whole call run in float64 instead (logged at INFO); NaN/Inf raise naming the pair index.
+    the whole call run in float64 instead (logged at INFO); NaN/Inf in ``tx``/``ty`` raise naming the pair
+    index.
     """
     nat = _native()
-    mode, value, scale = _range_mode(p, in_dtype)
-    xa, ya = _as_float32_numpy(xf.cpu(), scale), _as_float32_numpy(yf.cpu(), scale)
+    p = pairs.p
+    mode, value, scale = _range_mode(p, pairs.in_dtype)
+    xa, ya = _as_float32_numpy(pairs.xf.cpu(), scale), _as_float32_numpy(pairs.yf.cpu(), scale)
     try:
         res = nat.ssim_pairs(
-            xa, ya, ix, iy, p.spatial_dims, sc.window_weights(p), p.sample_covariance, p.k1, p.k2, mode, value
+            xa, ya, pairs.ix, pairs.iy, p.spatial_dims, sc.window_weights(p), p.sample_covariance, p.k1, p.k2,
+            mode, value,
         )
     except ValueError as exc:
         _check_overflow(exc, tx, ty, p, names)
         logger.info(
             "ssim: finite values too large for the float32 kernel's sums; computing %d pair(s) in float64",
-            ix.size,
+            pairs.size,
         )
-        return _float64_pairs(xf, yf, ix, iy, p, in_dtype, np.arange(ix.size), where).cpu()
-    return _repair_nonfinite(torch.from_numpy(res), xf, yf, ix, iy, p, in_dtype, where)
+        return _float64_pairs(pairs).cpu()
+    return _repair_nonfinite(torch.from_numpy(res), pairs)
 
 
 def _run_pairs(
     name: str,
-    xf: torch.Tensor,
-    yf: torch.Tensor,
-    ix: np.ndarray,
-    iy: np.ndarray,
-    p: sc.SSIMParams,
-    in_dtype: torch.dtype,
+    pairs: _Pairs,
     tx: torch.Tensor,
     ty: torch.Tensor,
     names: tuple[str, str] = ("x", "y"),
     *,
     slow: np.ndarray | None = None,
-    where: Where = _flat,
 ) -> torch.Tensor:
-    """Mean SSIM (float64 tensor (P,), on the inputs' device) of the indexed pairs on backend ``name``.
+    """Mean SSIM (float64 tensor (P,), on the inputs' device) of the pairs on backend ``name``; ``tx``/``ty``
+    are the caller's inputs (checked for NaN/Inf, named ``names`` in errors).
 
     ``slow``: bool (P,) mask of the pairs to compute on the float64 torch path whatever the backend (those
     involving an image float32 cannot hold, see :func:`_inexact_pairs`); None: none.
     """
     if name == "torch" or (slow is not None and bool(slow.all())):
-        sc.check_finite(tx, names[0], p)
-        sc.check_finite(ty, names[1], p)
-        return _float64_pairs(xf, yf, ix, iy, p, in_dtype, np.arange(ix.size), where)
+        sc.check_finite(tx, names[0], pairs.p)
+        sc.check_finite(ty, names[1], pairs.p)
+        return _float64_pairs(pairs)
     if slow is None:
-        return _fast_pairs(name, xf, yf, ix, iy, p, in_dtype, tx, ty, names, where)
-    sc.check_finite(tx, names[0], p)
-    sc.check_finite(ty, names[1], p)
+        return _fast_pairs(name, pairs, tx, ty, names)
+    sc.check_finite(tx, names[0], pairs.p)
+    sc.check_finite(ty, names[1], pairs.p)
     fast, sl = np.flatnonzero(~slow), np.flatnonzero(slow)
-    res = torch.empty(ix.size, dtype=torch.float64, device=xf.device)
-    res[torch.from_numpy(fast).to(xf.device)] = _fast_pairs(
-        name, xf, yf, ix[fast], iy[fast], p, in_dtype, tx, ty, names, lambda k: where(int(fast[k]))
-    ).to(xf.device)
-    res[torch.from_numpy(sl).to(xf.device)] = _float64_pairs(xf, yf, ix[sl], iy[sl], p, in_dtype, sl, where)
+    dev = pairs.xf.device
+    res = torch.empty(pairs.size, dtype=torch.float64, device=dev)
+    res[torch.from_numpy(fast).to(dev)] = _fast_pairs(name, pairs.subset(fast), tx, ty, names).to(dev)
+    res[torch.from_numpy(sl).to(dev)] = _float64_pairs(pairs.subset(sl))
     return res
 
 
-def _fast_pairs(
-    name: str,
-    xf: torch.Tensor,
-    yf: torch.Tensor,
-    ix: np.ndarray,
-    iy: np.ndarray,
-    p: sc.SSIMParams,
-    in_dtype: torch.dtype,
-    tx: torch.Tensor,
-    ty: torch.Tensor,
-    names: tuple[str, str],
-    where: Where,
-) -> torch.Tensor:
+def _fast_pairs(name: str, pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str]
+                ) -> torch.Tensor:
     """Mean SSIM (float64, (P,)) of the pairs on the float32 kernels: ``"native"`` or ``"triton"``."""
     if name == "native":
-        return _native_pairs(xf, yf, ix, iy, p, in_dtype, tx, ty, names, where)
-    sc.check_finite(tx, names[0], p)
-    sc.check_finite(ty, names[1], p)
+        return _native_pairs(pairs, tx, ty, names)
+    sc.check_finite(tx, names[0], pairs.p)
+    sc.check_finite(ty, names[1], pairs.p)
     from .kernels import ssim as ks
 
-    tix = torch.from_numpy(ix).to(xf.device)
-    tiy = torch.from_numpy(iy).to(yf.device)
-    res = ks.ssim_pairs(xf, yf, tix, tiy, p, in_dtype=in_dtype)
-    return _repair_nonfinite(res, xf, yf, ix, iy, p, in_dtype, where)
+    tix = torch.from_numpy(pairs.ix).to(pairs.xf.device)
+    tiy = torch.from_numpy(pairs.iy).to(pairs.yf.device)
+    res = ks.ssim_pairs(pairs.xf, pairs.yf, tix, tiy, pairs.p, in_dtype=pairs.in_dtype)
+    return _repair_nonfinite(res, pairs)
 
 
 def _inexact_pairs(xf: torch.Tensor, yf: torch.Tensor, ix: np.ndarray, iy: np.ndarray) -> np.ndarray | None:
@@ -453,7 +435,7 @@ def ssim(
         def where(k: int) -> tuple[int, ...]:
             return tuple(int(i) for i in np.unravel_index(k, batch))
 
-        res = _run_pairs(name, xf, yf, ix, iy, p, tx.dtype, tx, ty, slow=slow, where=where)
+        res = _run_pairs(name, _Pairs(xf, yf, ix, iy, p, tx.dtype, where), tx, ty, slow=slow)
         res = res.to(device=tx.device, dtype=torch.float32).reshape(batch)
         return like_input(res, x)
 
@@ -518,7 +500,7 @@ def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, whe
     sc.check_finite(b, "B", p)
     res = ks.ssim_matrix_block(a, b, p, in_dtype=a.dtype).flatten()
     ii, jj = _grid(a.shape[0], b.shape[0])
-    res = _repair_nonfinite(res, a, b, ii, jj, p, a.dtype, where)
+    res = _repair_nonfinite(res, _Pairs(a, b, ii, jj, p, a.dtype, where))
     return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])
 
 
@@ -551,11 +533,12 @@ def _native_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, whe
             "float64",
             ii.size,
         )
-        res = _float64_pairs(a, b, ii, jj, p, a.dtype, np.arange(ii.size), where)
+        res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, where))
         return res.numpy().astype(np.float32).reshape(a.shape[0], b.shape[0])
     if not np.isfinite(block).all():
         ii, jj = _grid(a.shape[0], b.shape[0])
-        res = _repair_nonfinite(torch.from_numpy(block.ravel().astype(np.float64)), a, b, ii, jj, p, a.dtype, where)
+        flat = torch.from_numpy(block.ravel().astype(np.float64))
+        res = _repair_nonfinite(flat, _Pairs(a, b, ii, jj, p, a.dtype, where))
         block = res.numpy().astype(np.float32).reshape(a.shape[0], b.shape[0])
     return block
 
@@ -583,7 +566,7 @@ def _matrix_block(
         out[np.ix_(ga, gb)] = fast(a[ta], b[tb], p, lambda k: where(int(ga[k // gb.size] * nb + gb[k % gb.size])))
     ii, jj = np.nonzero(slow_a[:, None] | slow_b[None, :])
     ii, jj = ii.astype(np.int64), jj.astype(np.int64)
-    res = _float64_pairs(a, b, ii, jj, p, a.dtype, ii * nb + jj, where)
+    res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, lambda k: where(int(ii[k] * nb + jj[k]))))
     out[ii, jj] = res.to("cpu", torch.float32).numpy()
     return out
 
@@ -716,17 +699,11 @@ def ssim_matrix(
                     slow = sa[ii] | sb[jj]
                     res = _run_pairs(
                         name,
-                        tA[i0:i1],
-                        tB[j0:j1],
-                        ii,
-                        jj,
-                        p,
-                        tA.dtype,
+                        _Pairs(tA[i0:i1], tB[j0:j1], ii, jj, p, tA.dtype, where),
                         tA[i0:i1],
                         tB[j0:j1],
                         names=("A", "B"),
                         slow=slow if slow.any() else None,
-                        where=where,
                     )
                     block = res.to("cpu", torch.float32).numpy().reshape(i1 - i0, j1 - j0)
                 write(i0, i1, j0, j1, block)
