@@ -318,6 +318,11 @@ void micro_scalar(const float* const* a, const float* bp, int64_t dp, float* out
 }
 
 #if DSF_X86
+// The six rows of one k step of every 6 x 16 (x 2) micro-kernel below: ROW(row pointer, its two
+// accumulators), for the query rows a0..a5 and the accumulators c00..c51 each kernel declares.
+#define DSF_SIX_ROWS(ROW) \
+  ROW(a0, c00, c01) ROW(a1, c10, c11) ROW(a2, c20, c21) ROW(a3, c30, c31) ROW(a4, c40, c41) ROW(a5, c50, c51)
+
 // One k step of the 6 x 16 micro-kernel: acc[r][c] = fma(a_r[kk], panel[kk][c], acc[r][c]).
 // One row of it: broadcast a_r[kk], two FMAs.
 #define DSF_F32_ROW(ar, x0, x1)         \
@@ -329,12 +334,7 @@ void micro_scalar(const float* const* a, const float* bp, int64_t dp, float* out
     const __m256 b0 = _mm256_load_ps(bp + kk * NR);     \
     const __m256 b1 = _mm256_load_ps(bp + kk * NR + 8); \
     __m256 av;                                          \
-    DSF_F32_ROW(a0, c00, c01)                           \
-    DSF_F32_ROW(a1, c10, c11)                           \
-    DSF_F32_ROW(a2, c20, c21)                           \
-    DSF_F32_ROW(a3, c30, c31)                           \
-    DSF_F32_ROW(a4, c40, c41)                           \
-    DSF_F32_ROW(a5, c50, c51)                           \
+    DSF_SIX_ROWS(DSF_F32_ROW)                           \
   }
 
 // The micro-kernel; the first min(npend, dp) k steps each also apply one pending histogram increment
@@ -387,28 +387,24 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
   const int64_t steps = dp / 2;
   const int32_t* ap[MR];  // the int16 rows as pairs (a[r] is 4-byte aligned: dp even)
   for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
+  const int32_t *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
   int64_t j = 0;
   // One row of one k step as one asm block: with the intrinsics GCC 12 copied every accumulator between
   // registers each step (vmovdqa64 x 12; ~25 % of the kernel's time).
-#define DSF_VNNI_ROW(r, x0, x1)                                            \
+#define DSF_VNNI_ROW(ar, x0, x1)                                           \
   {                                                                        \
     __m512i av;                                                            \
     asm("vpbroadcastd %[m], %[av]\n\t"                                     \
         "vpdpwssd %[b0], %[av], %[c0]\n\t"                                 \
         "vpdpwssd %[b1], %[av], %[c1]"                                     \
         : [c0] "+v"(x0), [c1] "+v"(x1), [av] "=&v"(av)                     \
-        : [m] "m"(ap[r][kk]), [b0] "v"(b0), [b1] "v"(b1));                 \
+        : [m] "m"(ar[kk]), [b0] "v"(b0), [b1] "v"(b1));                 \
   }
 #define DSF_MICRO_STEP_VNNI                                     \
   {                                                             \
     const __m512i b0 = _mm512_load_si512(bp0 + kk * 2 * NR);    \
     const __m512i b1 = _mm512_load_si512(bp1 + kk * 2 * NR);    \
-    DSF_VNNI_ROW(0, c00, c01)                                   \
-    DSF_VNNI_ROW(1, c10, c11)                                   \
-    DSF_VNNI_ROW(2, c20, c21)                                   \
-    DSF_VNNI_ROW(3, c30, c31)                                   \
-    DSF_VNNI_ROW(4, c40, c41)                                   \
-    DSF_VNNI_ROW(5, c50, c51)                                   \
+    DSF_SIX_ROWS(DSF_VNNI_ROW)                                  \
   }
   // one chunk of KC k pairs: exact int32 partial sums, then added to the float32 sums
 #define DSF_FLUSH(f, c)                             \
@@ -490,12 +486,7 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR));      \
     const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR + 16)); \
     __m256i av, p0;                                                                                 \
-    DSF_I16_ROW(a0, c00, c01)                                                                       \
-    DSF_I16_ROW(a1, c10, c11)                                                                       \
-    DSF_I16_ROW(a2, c20, c21)                                                                       \
-    DSF_I16_ROW(a3, c30, c31)                                                                       \
-    DSF_I16_ROW(a4, c40, c41)                                                                       \
-    DSF_I16_ROW(a5, c50, c51)                                                                       \
+    DSF_SIX_ROWS(DSF_I16_ROW)                                                                       \
   }
     for (; kk < steps && j + 1 < npend; ++kk, j += 2) {
       DSF_MICRO_STEP_I16
@@ -505,6 +496,7 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     for (; kk < steps; ++kk) DSF_MICRO_STEP_I16
 #undef DSF_MICRO_STEP_I16
 #undef DSF_I16_ROW
+#undef DSF_SIX_ROWS
     float* o = out + h * MR * NR;
 #define put(off, c) _mm256_storeu_ps(o + (off), _mm256_mul_ps(_mm256_cvtepi32_ps(c), vi))
     put(0, c00);
