@@ -635,7 +635,7 @@ def _centred_rows(
     out = np.empty((n, int(np.prod(pixels.shape[1:]))), dtype=np.float32)
     for a in range(0, n, chunk):
         x = np.asarray(pixels[a : a + chunk], dtype=np.float64).reshape(min(chunk, n - a), -1)
-        const = x.max(axis=1) == x.min(axis=1)
+        const = _constant_items(x)
         if const.any() and fallback is None:
             bad = a + int(np.flatnonzero(const)[0])
             raise ValueError(f"{items.name} item {items.ids[bad]} is constant: its correlation is undefined")
