@@ -67,3 +67,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writes into ``folder`` left behind when their process was killed
+    (names ``.<file>.<random>.tmp``, as :func:`atomic_path` makes them). For a job's own output folders, at
+    its start (one job per folder at a time). Returns what was removed."""
+    d = Path(folder)
+    gone = []
+    if d.is_dir():
+        for f in d.glob(".*.tmp"):
+            if f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True)
+                gone.append(f)
+    return gone

@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import atomic_path, remove_temporaries
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit
 from .io import Spec, _file_slices, _file_volumes, discover
@@ -490,21 +491,20 @@ def _build_items(
             + ")"
         )
     store = work / f"{name}_pixels.npy"
-    tmp = work / f".{name}_pixels.npy.tmp{os.getpid()}"
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + tuple(size))
-    pos = 0
     ids_all, paths_all, idx_all = [], [], []
-    for _p, e, ids, idx, keep in metas:
-        with np.load(e) as z:
-            px = z["pixels"] if keep.all() else z["pixels"][keep]
-            mm[pos : pos + len(px)] = px
-        pos += len(ids)
-        ids_all += ids
-        idx_all += idx
-        paths_all += [_item_path(i, mode) for i in ids]
-    mm.flush()
-    del mm
-    os.replace(tmp, store)
+    with atomic_path(store) as tmp:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + tuple(size))
+        pos = 0
+        for _p, e, ids, idx, keep in metas:
+            with np.load(e) as z:
+                px = z["pixels"] if keep.all() else z["pixels"][keep]
+                mm[pos : pos + len(px)] = px
+            pos += len(ids)
+            ids_all += ids
+            idx_all += idx
+            paths_all += [_item_path(i, mode) for i in ids]
+        mm.flush()
+        del mm
     pixels = np.load(store, mmap_mode="r")
     return ItemSet(name, ids_all, paths_all, idx_all, pixels, n_files=len(paths), skipped=skipped)
 
@@ -859,6 +859,14 @@ def _versions() -> dict[str, str]:
     return v
 
 
+_OUTPUT_FILES = ("matches.csv", "summary.json", "histogram.png", "gallery.png", "report.html", "evaluation.json")
+
+
+def _state_digest(fingerprint: dict) -> str:
+    """What summary.json records of the run's configuration (evaluate checks it against OUT/work)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
 def _stage_state(work: Path, fingerprint: dict) -> None:
     """Reset OUT/work when the configuration changed; record the fingerprint."""
     state = work / "state.json"
@@ -869,9 +877,14 @@ def _stage_state(work: Path, fingerprint: dict) -> None:
             old = None
         if old != fingerprint:
             logger.info("configuration changed since the last run in %s: starting the search over", work)
+            # the previous run's outputs go first: an interrupted rerun must not leave them beside its work
+            for name in _OUTPUT_FILES:
+                (work.parent / name).unlink(missing_ok=True)
             for f in sorted(work.glob("search*.npz")) + sorted(work.glob("verify_*.npz")):
                 f.unlink()
-            shutil.rmtree(work.parent / "shards", ignore_errors=True)
+            for d in sorted(work.parent.glob("shards*")):
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
             state.unlink()
     work.mkdir(parents=True, exist_ok=True)
     if not state.exists():
@@ -921,8 +934,10 @@ def audit(
         k: candidates kept per synthetic item (clipped to the training set size).
         thresholds: (low, high) label thresholds, see the module docstring.
         verify: ``"ssim"`` (re-score candidates with exact SSIM) or ``"none"`` (label from the search score).
-        out: output directory (created). workers / scheduler: run the search on Dask
-            (:func:`deepssim_fast.distributed.all_pairs_distributed`, shards checkpointed in ``out/shards``).
+        out: output directory (created). workers / scheduler: run the cosine search (metrics deepssim,
+            correlation, embeddings) on Dask (:func:`deepssim_fast.distributed.all_pairs_distributed`, shards
+            checkpointed in ``out/shards``); the ``ssim`` metric's exact search runs in this process, and
+            giving them with it is an error.
         policy: slice policy (mode "slices"). mode: ``"slices"`` or ``"volumes"`` (3D; every frame of a 4D
             file is a volume).
         size: common item shape (centre crop/pad); None = the first training item's shape.
@@ -965,6 +980,12 @@ def audit(
         )
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if metric == "ssim" and (workers is not None or scheduler is not None):
+        raise ValueError(
+            "workers/scheduler shard the cosine search of the deepssim, correlation and embeddings metrics on "
+            "Dask; the ssim metric's exact SSIM search runs in this process (its chunks resume from OUT/work): "
+            "drop workers/scheduler, or use metric 'deepssim' or 'correlation'"
+        )
     if verify_shifts < 0 or chunk_size < 1 or batch_size < 1 or bins < 1:
         raise ValueError(
             f"verify_shifts >= 0, chunk_size, batch_size, bins >= 1 required; got "
@@ -981,6 +1002,8 @@ def audit(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     work = out / "work"
+    for folder in (out, work):  # temporary files of a run that was killed mid-write
+        remove_temporaries(folder)
 
     t0 = time.perf_counter()
     train_paths, synth_paths = discover(train), discover(synth)
@@ -1139,14 +1162,7 @@ def audit(
         )
         # flip- and shift-aware candidates: also search with transformed synthetic items (flips; translations
         # by ±verify_shifts) and keep each pair's best score; the histogram stays that of the plain search
-        variants: list[tuple[str, Any]] = []
-        if metric in ("deepssim", "correlation"):
-            if verify_flips:
-                variants += [(fname, lambda img, axes=axes: np.flip(img, axis=axes))
-                             for fname, axes in _flip_variants(True, spatial_dims)[1:]]
-            if verify_shifts > 0:
-                variants += [(f"shift{j}", lambda img, d=d: _shift(img, d))
-                             for j, d in enumerate(_search_offsets(verify_shifts, spatial_dims))]
+        variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims)
         if variants:
             from tqdm import tqdm
 
@@ -1208,7 +1224,7 @@ def audit(
     counts = {n: int((per_sample == i).sum()) for i, n in enumerate(LABELS)}
     files = {
         name: out / name
-        for name in ("matches.csv", "summary.json", "histogram.png", "gallery.png", "report.html")
+        for name in _OUTPUT_FILES[:-1]  # (evaluation.json: written by evaluate)
     }
     _write_matches(files["matches.csv"], tset, sset, res, ver, labels, trans, verify)
     skipped = [{"set": "train", "path": p, "reason": r} for p, r in tset.skipped] + [
@@ -1216,6 +1232,7 @@ def audit(
     ]
     summary = {
         "format_version": _FORMAT_VERSION,
+        "state": _state_digest(fingerprint),
         "metric": metric,
         "search_score": {
             "deepssim": "cosine of encoder embeddings",
@@ -1311,6 +1328,21 @@ def _transformed_vectors(
         if bar is not None:
             bar.update(len(block))
     return np.concatenate(parts).astype(np.float32)
+
+
+def _search_variants(metric: str, flips: bool, shifts: int, spatial_dims: int) -> list[tuple[str, Any]]:
+    """The transforms the flip/shift-aware search applies to the synthetic items (``deepssim`` and
+    ``correlation`` only), as (name, image -> image); a pair's search score is its best over the untransformed
+    item and these."""
+    variants: list[tuple[str, Any]] = []
+    if metric in ("deepssim", "correlation"):
+        if flips:
+            variants += [(fname, lambda img, axes=axes: np.flip(img, axis=axes))
+                         for fname, axes in _flip_variants(True, spatial_dims)[1:]]
+        if shifts > 0:
+            variants += [(f"shift{j}", lambda img, d=d: _shift(img, d))
+                         for j, d in enumerate(_search_offsets(shifts, spatial_dims))]
+    return variants
 
 
 def _merge_topk(a: SearchResult, b: SearchResult, k: int) -> SearchResult:
@@ -1609,6 +1641,26 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict
     }
 
 
+def _evaluation_model(summary: dict, model: Any) -> Any:
+    """The encoder of a deepssim audit, for :func:`evaluate`: ``model`` or the recorded file, checked against
+    the recorded hash."""
+    rec = summary.get("model") or {}
+    if model is None:
+        if not rec.get("path"):
+            raise ValueError(
+                "this deepssim audit searched flip/shift variants, which evaluate embeds again, and it "
+                "recorded no model file: pass model= (the encoder the audit used)"
+            )
+        model = rec["path"]
+    obj, path, digest = _load_model(model)
+    if rec.get("hash") and digest != rec["hash"]:
+        raise ValueError(
+            f"model {path or type(obj).__name__} is not the encoder this audit used (hash {digest[:12]}…, "
+            f"recorded {rec['hash'][:12]}…)"
+        )
+    return obj
+
+
 def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
     exact = {s: i for i, s in enumerate(ids)}
     by_path: dict[str, list[int]] = {}
@@ -1638,16 +1690,28 @@ def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
     return find
 
 
-def evaluate(audit_dir: str | os.PathLike, labels: str | os.PathLike, *, backend: str | None = None) -> dict:
+def evaluate(
+    audit_dir: str | os.PathLike,
+    labels: str | os.PathLike,
+    *,
+    backend: str | None = None,
+    model: Any = None,
+    batch_size: int = 64,
+    device: Any = None,
+) -> dict:
     """Score an audit against labelled pairs (reference format) and write ``audit_dir/evaluation.json``.
 
     Each labelled pair (real_key → training item, synth_key → synthetic item; keys may be item ids, paths,
     file names or stems) is scored exactly as the audit labels a pair — verified SSIM (same flips/shifts)
     or, when the audit ran with ``verify="none"``, the search score of the audit's metric: exact SSIM
     (``ssim``), Pearson correlation of the stored pixels (``correlation``) or the cosine of the stored
-    vectors (``deepssim``, ``embeddings``; of the untransformed items, without the flip/shift variants of
-    the search) — and labelled with the audit's thresholds. Returns per-class precision/recall/F1 and the
-    macro F1. Errors about a label row name the labels file and its line.
+    vectors (``deepssim``, ``embeddings``), each the best over the same flip/shift variants as the search —
+    and labelled with the audit's thresholds. Returns per-class precision/recall/F1 and the macro F1. Errors
+    about a label row name the labels file and its line.
+
+    ``model``: only for a ``deepssim`` audit run with ``verify="none"`` and flips or shifts, whose variants
+    are embedded again: the encoder the audit used (default: the file recorded in ``summary.json``; either
+    must have the recorded hash). ``batch_size``, ``device``: for that embedding.
     """
     d = Path(audit_dir)
     sfile = d / "summary.json"
@@ -1655,6 +1719,15 @@ def evaluate(audit_dir: str | os.PathLike, labels: str | os.PathLike, *, backend
         raise FileNotFoundError(f"{d} is not an audit directory (no summary.json)")
     summary = json.loads(sfile.read_text())
     work = d / "work"
+    try:
+        state = json.loads((work / "state.json").read_text())
+    except (OSError, ValueError):
+        state = None
+    if state is not None and summary.get("state") not in (None, _state_digest(state)):
+        raise ValueError(
+            f"{sfile} and {work} come from different runs (a rerun with other settings did not finish?); "
+            f"run the audit into {d} again"
+        )
     rows = _label_rows(labels)
     pairs = [(r, s_, lab) for r, s_, lab, _ in rows]
     th = (float(summary["thresholds"]["low"]), float(summary["thresholds"]["high"]))
@@ -1714,7 +1787,27 @@ def evaluate(audit_dir: str | os.PathLike, labels: str | os.PathLike, *, backend
         else:  # deepssim, embeddings: cosine of the stored search vectors
             tv, sv = np.load(stored("train_vectors.npy")), np.load(stored("synth_vectors.npy"))
             a, b = tv[ti].astype(np.float64), sv[si].astype(np.float64)
-        score = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+        def cosine(b: np.ndarray) -> np.ndarray:
+            return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+        score = cosine(b)
+        variants = _search_variants(
+            metric, summary["verify"]["flips"], summary["verify"]["max_shift"], spatial_dims
+        )
+        if variants:  # the search score is the best over the transformed synthetic items too
+            spx = np.asarray(np.load(stored("synth_pixels.npy"), mmap_mode="r")[si])
+            model_obj = _evaluation_model(summary, model) if metric == "deepssim" else None
+            for _, fn in variants:
+                block = np.ascontiguousarray(np.stack([fn(img) for img in spx]))
+                if metric == "deepssim":
+                    bv = _embed(list(block), model_obj, batch_size=batch_size, device=device).astype(np.float64)
+                else:  # a transformed item that is constant keeps the untransformed item's row (as the search)
+                    x = block.reshape(len(block), -1).astype(np.float64)
+                    const = _constant_items(x)
+                    x -= x.mean(axis=1, keepdims=True)
+                    bv = np.where(const[:, None], b, x)
+                score = np.maximum(score, cosine(bv))
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
     y_pred = [_REF_CODE[n] for n in pred_names]
     y_true = [lab for _, _, lab in pairs]

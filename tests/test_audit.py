@@ -198,6 +198,9 @@ def test_bad_arguments_and_empty_sets(ds: dict, tmp_path: Path) -> None:
         A.audit(ds["train"], ds["synth"], metric="ssim", thresholds=(0.9, 0.5), **kw)
     with pytest.raises(ValueError, match="k must"):
         A.audit(ds["train"], ds["synth"], metric="ssim", k=0, **kw)
+    for dask in ({"workers": 2}, {"scheduler": "tcp://127.0.0.1:1"}):  # not silently ignored
+        with pytest.raises(ValueError, match="ssim metric's exact SSIM search runs in this process"):
+            A.audit(ds["train"], ds["synth"], metric="ssim", **dask, **kw)
     with pytest.raises(ValueError, match="needs a model"):
         A.audit(ds["train"], ds["synth"], metric="deepssim", **kw)
     (tmp_path / "empty").mkdir()
@@ -715,6 +718,84 @@ def test_evaluate_ssim_metric_without_verification(ds: dict, tmp_path: Path) -> 
     ev = A.evaluate(out, _labels(tmp_path / "l.csv", *pairs))
     assert ev["accuracy"] == 1.0 and ev["n"] == len(pairs) == 8
     assert not (out / "work" / "train_vectors.npy").exists()
+
+
+def test_evaluate_without_verification_scores_the_flip_shift_variants_as_the_search(
+    ds: dict, tmp_path: Path
+) -> None:
+    """verify='none' with flips: the audit labels a flipped copy by its best variant score, and evaluate must
+    score the labelled pair the same way (correlation from the stored pixels; deepssim by embedding the
+    variants with the audit's encoder, checked by hash)."""
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    src = sorted(ds["train_arrays"])[4]
+    synth = tmp_path / "s"
+    synth.mkdir()
+    np.save(synth / "up_down.npy", np.ascontiguousarray(ds["train_arrays"][src][::-1]))
+    labels = _labels(tmp_path / "l.csv", (src, "up_down.npy", 1))
+    out = tmp_path / "corr"
+    A.audit(ds["train"], synth, metric="correlation", k=1, verify="none", verify_flips=True, out=out,
+            progress=False)
+    (row,) = _rows(out)
+    assert Path(row["train_path"]).name == src and row["label"] == "duplicate"
+    ev = A.evaluate(out, labels)
+    assert ev["accuracy"] == 1.0 and ev["per_class"]["duplicate"]["recall"] == 1.0
+    # deepssim: the variants are embedded again with the recorded encoder
+    torch.manual_seed(0)
+    model = build_model("small", input_size=64)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    out = tmp_path / "deep"
+    A.audit(ds["train"], synth, model=ckpt, metric="deepssim", k=1, verify="none", verify_flips=True, out=out,
+            progress=False)
+    (row,) = _rows(out)
+    label = row["label"]
+    assert float(row["cosine"]) > 0.99999 and label == "duplicate"  # the flip variant is the copy itself
+    assert A.evaluate(out, labels)["accuracy"] == 1.0
+    other = save_checkpoint(tmp_path / "other.pt", build_model("small", input_size=64))
+    with pytest.raises(ValueError, match="not the encoder this audit used"):
+        A.evaluate(out, labels, model=other)
+
+
+def test_interrupted_rerun_with_other_settings_leaves_no_stale_outputs(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun into the same OUT with other settings removes the old run's outputs before any work, so an
+    interruption cannot leave them beside the new run's work/ (where evaluate would combine the two); and
+    evaluate refuses a summary.json whose run is not the one in work/. Temporary files of killed writes
+    are swept at the start of a run."""
+    kw = dict(metric="correlation", k=2, verify="none", out=tmp_path, progress=False)
+    A.audit(ds["train"], ds["synth"], **kw)
+    old_summary = (tmp_path / "summary.json").read_bytes()
+    labels = _labels(tmp_path / "l.csv", ("mni_030.npy", "s00.npy", 0))
+    A.evaluate(tmp_path, labels)
+    assert (tmp_path / "evaluation.json").exists()
+
+    def die(stage: str, index: int) -> None:
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_chunk_hook", die)
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(ds["train"], ds["synth"], **dict(kw, thresholds=(0.3, 0.5), verify="ssim"))
+    for name in ("matches.csv", "summary.json", "report.html", "histogram.png", "gallery.png", "evaluation.json"):
+        assert not (tmp_path / name).exists(), name
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        A.evaluate(tmp_path, labels)
+    (tmp_path / "summary.json").write_bytes(old_summary)  # e.g. restored by hand, or copied from elsewhere
+    with pytest.raises(ValueError, match="different runs"):
+        A.evaluate(tmp_path, labels)
+    # leftovers of killed writes go at the next start; the finished run is complete and consistent
+    leftovers = [tmp_path / ".matches.csv.k1ll3d0.tmp", tmp_path / "work" / ".synth_pixels.npy.x7y8z9.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"partial")
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: None)
+    A.audit(ds["train"], ds["synth"], **dict(kw, thresholds=(0.3, 0.5), verify="ssim"))
+    assert not any(f.exists() for f in leftovers)
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "work").glob(".*.tmp"))
+    th = json.loads((tmp_path / "summary.json").read_text())["thresholds"]
+    assert (th["low"], th["high"]) == (0.3, 0.5)
+    A.evaluate(tmp_path, labels)
 
 
 def _umask() -> int:
