@@ -27,10 +27,13 @@ Reproducibility: everything random in step ``s`` (pair choice, augmentation, dro
 is drawn from generators seeded by ``(seed, s)``; torch's global generator is forked for the duration of
 :func:`train` and restored after. So a run is reproducible, and ``resume=`` continues the same loss curve
 as an uninterrupted run (the checkpoint stores model, optimizer, step, config and the seed, which together
-determine every later random draw). Validation pairs are fixed once from ``(seed, "val")``.
+determine every later random draw; the log keeps one row per step). A resume with other run settings (lr,
+batch size ...) is allowed and warned about; other model settings are an error. Validation pairs are fixed
+once from ``(seed, "val")``.
 
 Outputs under ``out`` (when given): ``last.pt`` (after every validation and at the end), ``best.pt`` (lowest
-validation loss), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
+validation loss; only with a validation set: the automatic split needs ``val_fraction`` of the images to be at
+least 2, else a warning says there is none), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
 forward/backward, and validation figures when computed), optionally TensorBoard events.
 
 The reference CSV format (columns ``real_key, synth_key, ssim, split``) is accepted with ``pairs_csv=``: its
@@ -41,6 +44,7 @@ augmented pair; the CSV ``ssim`` column is only compared against the un-augmente
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -54,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._atomic import atomic_write_bytes
 from .model import (
     DeepSSIMNet,
     ModelConfig,
@@ -449,13 +454,36 @@ _LOG_FIELDS = ["step", "epoch", "loss", "mae", "lr", "t_data", "t_target", "t_mo
                "val_r"]
 
 
+def _changed_train_args(old: dict, new: dict) -> list[str]:
+    """'name old -> new' for each training setting a resumed run changes (settings the checkpoint predates
+    are not compared)."""
+    return [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k in old and old[k] != v]
+
+
 class _Logger:
-    def __init__(self, out: Path | None, tensorboard: bool, append: bool) -> None:
+    """log.csv (one row per step) and, optionally, TensorBoard. ``resume_step``: a resumed run keeps the
+    rows up to the checkpoint's step and drops the later ones (the steps it runs again) and any partial line
+    a killed run left, so the log reads as one uninterrupted run."""
+
+    def __init__(self, out: Path | None, tensorboard: bool, resume_step: int | None) -> None:
         self.path = out / "log.csv" if out else None
         self.tb = None
-        if self.path is not None and not (append and self.path.exists()):
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(_LOG_FIELDS)
+        if self.path is not None:
+            keep: list[list[str]] = []
+            if resume_step is not None and self.path.exists():
+                with open(self.path, newline="") as f:
+                    for r in list(csv.reader(f))[1:]:
+                        try:
+                            ok = len(r) == len(_LOG_FIELDS) and int(r[0]) <= resume_step
+                        except ValueError:
+                            ok = False
+                        if ok:
+                            keep.append(r)
+            text = io.StringIO()
+            w = csv.writer(text)
+            w.writerow(_LOG_FIELDS)
+            w.writerows(keep)
+            atomic_write_bytes(self.path, text.getvalue().encode())
         if tensorboard:
             if out is None:
                 raise ValueError("tensorboard=True needs out= (the events go to out/tensorboard)")
@@ -505,9 +533,10 @@ def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
 
 def train(images: Any, *, backbone: str | None = None, pretrained: str | os.PathLike | None = None,
           max_steps: int | None = None, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
-          weight_decay: float = 1e-3, emb_dim: int = 256, val_images: Any = None,
+          weight_decay: float = 1e-3, emb_dim: int | None = None, val_images: Any = None,
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int = 42,
-          device: str | torch.device | None = None, input_size: int | None = None, size_policy: str = "fit",
+          device: str | torch.device | None = None, input_size: int | None = None,
+          size_policy: str | None = None,
           freeze_stages: bool = False, pairs_csv: str | os.PathLike | None = None, policy: Any = None,
           val_fraction: float = 0.1, val_pairs: int = 256, val_every: int | None = None,
           pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str = "constant",
@@ -528,7 +557,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     out:          directory for ``best.pt``, ``last.pt``, ``log.csv`` (and TensorBoard events).
     resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored
                   and training continues to ``max_steps``/``epochs`` on the same loss curve.
-    input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model`.
+    input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model` (defaults: the
+                  backbone's input size, 256, ``"fit"``); with ``resume=`` the checkpoint's (a different
+                  value given here is an error, as for ``backbone``).
     pairs_csv:    reference pairs CSV (real_key, synth_key, ssim, split) defining the pairs to train on.
     val_pairs:    number of fixed validation pairs; ``val_every``: validate every that many steps (default
                   once per epoch, and at the end).
@@ -570,6 +601,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             raise ValueError(f"resume={str(resume)!r} is a {config.backbone!r} checkpoint but backbone="
                              f"{backbone!r} was given; omit backbone (or give {config.backbone!r}) to "
                              f"resume it")
+        for name, given in (("emb_dim", emb_dim), ("input_size", input_size), ("size_policy", size_policy)):
+            have = getattr(config, name)
+            if given is not None and given != have:
+                raise ValueError(f"resume={str(resume)!r} has {name}={have!r} but {name}={given!r} was given; "
+                                 f"omit {name} to resume the checkpoint's model")
         model = DeepSSIMNet(config)
         model.load_state_dict(ck["model"], strict=True)
         if config.freeze_stages:
@@ -578,9 +614,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))  # the initial weights are part of the seeded run
-            model = build_model(backbone or "convnext_base", pretrained=pretrained, emb_dim=emb_dim,
-                                input_size=input_size,
-                                size_policy=size_policy, freeze_stages=freeze_stages)
+            model = build_model(backbone or "convnext_base", pretrained=pretrained,
+                                emb_dim=256 if emb_dim is None else emb_dim, input_size=input_size,
+                                size_policy=size_policy or "fit", freeze_stages=freeze_stages)
         config = model.config
     model.to(dev)
 
@@ -603,6 +639,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
             train_pool = pool.subset(tr)
             val_pool = pool.subset(va) if va.size >= 2 else None
+            if val_pool is None:
+                logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
+                               "best.pt; the last weights are returned (give val_images= or more images)",
+                               va.size, val_fraction, pool.images.shape[0])
     zoom_out = _check_zoom(zoom_out)
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
                           pairs=sampler_pairs, zoom_out=zoom_out)
@@ -620,17 +660,28 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     total = int(max_steps) if max_steps is not None else steps_per_epoch * int(epochs)
     every = int(val_every) if val_every else steps_per_epoch
+    def _train_args() -> dict:
+        return {"batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+                "lr_schedule": lr_schedule, "warmup_steps": int(warmup_steps), "total_steps": int(total),
+                "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out]}
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     step, best_val = 0, None
     if ck is not None:
         opt.load_state_dict(ck["optimizer"])
+        for g in opt.param_groups:  # (load_state_dict brings back the checkpoint's; this run's are given)
+            g["weight_decay"] = float(weight_decay)
         step = int(ck["step"])
         best_val = ck.get("best_val")
         logger.info("resumed from %s at step %d", resume, step)
+        changed = _changed_train_args(ck.get("train_args") or {}, _train_args())
+        if changed:
+            logger.warning("resuming %s with other settings than its run (%s): the result will differ from "
+                           "an uninterrupted run", resume, "; ".join(changed))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    log = _Logger(out_dir, tensorboard, append=ck is not None)
+    log = _Logger(out_dir, tensorboard, resume_step=step if ck is not None else None)
     history: list[dict] = []
     hist_counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
     best_state = None
@@ -643,12 +694,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         if out_dir is None:
             return
         save_checkpoint(out_dir / name, model, optimizer=opt.state_dict(), step=step, seed=int(seed),
-                        best_val=best_val, epoch=step // steps_per_epoch,
-                        train_args={"batch_size": int(batch_size), "lr": float(lr),
-                                    "weight_decay": float(weight_decay), "lr_schedule": lr_schedule,
-                                    "warmup_steps": int(warmup_steps), "total_steps": int(total),
-                                    "pair_mix": [float(m) for m in pair_mix],
-                                    "zoom_out": [float(f) for f in zoom_out]})
+                        best_val=best_val, epoch=step // steps_per_epoch, train_args=_train_args())
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -737,9 +783,25 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         log.close()
     logger.info("target histogram (all training pairs): %s on edges %s", hist_counts.tolist(),
                 np.round(HIST_EDGES, 2).tolist())
-    best_file = out_dir / "best.pt" if out_dir is not None else None
-    if best_state is None and best_val is not None and best_file is not None and best_file.is_file():
-        best_state = read_checkpoint(best_file)["model"]
+    if best_state is None and best_val is not None:
+        # a resumed run whose best validation came before the resume: that run's best.pt (in out, or beside
+        # the resumed checkpoint when out is another folder: then copied into out, so out is complete)
+        places = [out_dir] if out_dir is not None else []
+        if resume is not None:
+            places.append(Path(resume).parent)
+        for folder in places:
+            f = folder / "best.pt"
+            if f.is_file():
+                bck = read_checkpoint(f)
+                if bck.get("best_val") == best_val:
+                    best_state = bck["model"]
+                    if out_dir is not None and folder != out_dir:
+                        atomic_write_bytes(out_dir / "best.pt", f.read_bytes())
+                    break
+        if best_state is None:
+            logger.warning("the best validation loss %.5f came before the resume, but no best.pt with it was "
+                           "found (in %s): returning the last weights", best_val,
+                           " or ".join(str(p) for p in places) or "no folder")
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -3,6 +3,7 @@ pairs, a short run on real MRI that clearly learns, and bad input."""
 from __future__ import annotations
 
 import csv
+import logging
 import importlib.util
 
 import numpy as np
@@ -155,6 +156,60 @@ def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices) -> None:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(float(r["t_target"]) >= 0 and float(r["t_model"]) > 0 for r in rows)
+
+
+def test_resume_after_a_kill_between_checkpoints_logs_each_step_once(tmp_path, mni_slices) -> None:
+    """last.pt is written at validation steps, a log row at every step: a run killed between the two and
+    resumed runs some steps again; the log keeps the checkpoint's steps and drops the rest (and any partial
+    line), so it reads as one uninterrupted run."""
+    imgs = mni_slices[:24]
+    kw = dict(SMALL, seed=11, val_every=3)
+    full = train(imgs, max_steps=8, out=tmp_path / "full", **kw)
+    train(imgs, max_steps=3, out=tmp_path / "k", **kw)  # last.pt at step 3
+    with open(tmp_path / "k" / "log.csv", "a") as f:  # what a kill at step 5 leaves: rows 4, 5, half of 6
+        f.write("4,0,0.5,0.1,0.001,0,0,0,,,\n5,0,0.5,0.1,0.001,0,0,0,,,\n6,0,0.4")
+    train(imgs, max_steps=8, out=tmp_path / "k", resume=tmp_path / "k" / "last.pt", **kw)
+    with open(tmp_path / "k" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in full.history], rel=1e-6)
+
+
+def test_resume_checks_the_model_settings_and_applies_the_run_settings(tmp_path, mni_slices, caplog) -> None:
+    imgs = mni_slices[:12]
+    kw = dict(SMALL, batch_size=2, val_pairs=4, weight_decay=1e-3)
+    train(imgs, max_steps=1, out=tmp_path / "r", **kw)
+    ck = tmp_path / "r" / "last.pt"
+    base = {k: v for k, v in kw.items() if k != "backbone"}
+    with pytest.raises(ValueError, match="emb_dim=256 but emb_dim=128 was given"):
+        train(imgs, max_steps=2, resume=ck, **dict(base, emb_dim=128))
+    with pytest.raises(ValueError, match="input_size=64 but input_size=48"):
+        train(imgs, max_steps=2, resume=ck, **dict(base, input_size=48))
+    # other run settings: allowed, said, and really used (the optimizer's weight decay is this run's)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, max_steps=2, out=tmp_path / "r", resume=ck, **dict(base, weight_decay=0.5, lr=5e-2))
+    assert "weight_decay 0.001 -> 0.5" in caplog.text and "lr 0.001 -> 0.05" in caplog.text
+    after = read_checkpoint(ck)
+    assert after["train_args"]["weight_decay"] == 0.5
+    assert all(g["weight_decay"] == 0.5 for g in after["optimizer"]["param_groups"])
+
+
+def test_resume_into_another_folder_returns_the_best_weights(tmp_path, mni_slices) -> None:
+    """The best validation may come before the resume; the resumed run into another out= still returns (and
+    keeps) those weights, not the last ones."""
+    imgs = mni_slices[:24]
+    kw = dict(SMALL, seed=5, val_every=2, lr=3e-2)
+    a = train(imgs, max_steps=4, out=tmp_path / "a", **kw)
+    vals = [r["val_loss"] for r in a.history if r["val_loss"] is not None]
+    best_step = [r["step"] for r in a.history if r["val_loss"] == min(vals)][0]
+    assert best_step < 4  # (this seed and rate: the validation loss rises after step 2)
+    train(imgs, max_steps=best_step, out=tmp_path / "h", **kw)
+    b = train(imgs, max_steps=4, out=tmp_path / "b", resume=tmp_path / "h" / "last.pt", **kw)
+    assert b.best_val == a.best_val
+    want = read_checkpoint(tmp_path / "a" / "best.pt")["model"]
+    got = b.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert read_checkpoint(tmp_path / "b" / "best.pt")["best_val"] == a.best_val
 
 
 # ---------------------------------------------------------------------------------------------- learning
