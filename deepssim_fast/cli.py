@@ -89,7 +89,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ._atomic import atomic_path
-    from .io import discover, read_image
+    from .io import discover, read_image, stored_dtype
 
     opts = dict(
         window=args.window,
@@ -99,10 +99,31 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         backend=args.backend,
     )
     a, b = Path(args.a), Path(args.b)
+
+    def integer_range(files: list[Path]) -> None:
+        """Files decode to float32; integer files keep scikit-image's dtype range (uint8 255) unless
+        --data-range or a preset says otherwise."""
+        if args.data_range is not None or args.preset is not None:
+            return
+        kinds = {f: stored_dtype(f) for f in files}
+        dts = set(kinds.values())
+        if len(dts) == 1 and None not in dts:
+            dt = dts.pop()
+            opts["data_range"] = 1.0 if dt == np.bool_ else float(np.iinfo(dt).max) - float(np.iinfo(dt).min)
+        elif len(dts) > 1:
+            first: dict = {}
+            for f, d in kinds.items():
+                first.setdefault(d, f)
+            names = ", ".join(f"{f}: {d or 'floating point'}" for d, f in first.items())
+            print(f"deepssim-fast ssim: warning: the files store different pixel types ({names}), so they have "
+                  "no common dtype range; using max - min over each pair (give --data-range to fix one)",
+                  file=sys.stderr)
+
     if a.is_file() and b.is_file():
         x, y = read_image(a), read_image(b)
         if x.shape != y.shape:
             raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
+        integer_range([a, b])
         from .ssim import ssim
 
         v = float(np.asarray(ssim(x, y, spatial_dims=x.ndim, **opts)))
@@ -116,6 +137,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         if im.shape != shape:
             raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
                              f"shapes")
+    integer_range([*pa, *pb])
     fa, fb = np.stack(imgs_a), np.stack(imgs_b)
     from .ssim import ssim_matrix
 
@@ -170,10 +192,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    import io
     from pathlib import Path
 
     import numpy as np
 
+    from ._atomic import atomic_write_bytes
     from .io import discover, iter_slices
     from .model import embed, load_model
 
@@ -189,10 +213,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, emb)
+    if out.suffix != ".npy":  # (what np.save would do: the file name says what it holds)
+        out = out.with_name(out.name + ".npy")
     ids = out.with_suffix(".ids.txt")
-    ids.write_text("".join(s.key + "\n" for s in slices))
+    # each file atomically, the stale ids first: a run killed between the two leaves the new embeddings
+    # without ids, never beside the ids of another run
+    ids.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(ids, "".join(s.key + "\n" for s in slices).encode())
     for p, r in skipped:
         print(f"warning: skipped {p}: {r}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
@@ -248,7 +278,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .audit import evaluate
 
-    r = evaluate(args.audit, args.labels, backend=args.backend)
+    r = evaluate(args.audit, args.labels, backend=args.backend, model=args.model)
     print(f"{'class':<10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, v in r["per_class"].items():
         print(f"{name:<10} {v['precision']:9.4f} {v['recall']:9.4f} {v['f1']:9.4f} {v['support']:8d}")
@@ -328,7 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=["deepssim"], default=None, help="z-score both, range of the first")
     s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform")
     s.add_argument("--win-size", type=int, default=7)
-    s.add_argument("--data-range", type=float, default=None)
+    s.add_argument(
+        "--data-range",
+        type=float,
+        default=None,
+        help="default: integer files (8-bit PNG, integer .npy) their dtype range (uint8 255), as scikit-image; "
+        "float files and NIfTI max - min over the pair",
+    )
     s.add_argument("--backend", default=None, help="native, torch or triton (default: by data location)")
     s.add_argument("--out", default=None, help="CSV file for folder comparisons (default: print)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -337,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[common], help="train a DeepSSIM encoder on a folder of images/volumes")
     t.add_argument("--images", required=True, help="training images: folder, glob or file")
     t.add_argument("--val", default=None, help="validation images (default: a split of --images)")
-    t.add_argument("--out", required=True, help="output directory (best.pt, last.pt, log.csv)")
+    t.add_argument("--out", required=True,
+                   help="output directory (last.pt, log.csv, and best.pt when there is a validation set)")
     t.add_argument(
         "--backbone", default=None, choices=["small", "resnet18", "convnext_tiny", "convnext_base"],
         help="encoder (default: small; with --resume, the checkpoint's)",
@@ -348,10 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--emb-dim", type=int, default=256)
+    t.add_argument("--emb-dim", type=int, default=None, help="embedding size (default 256; with --resume the "
+                   "checkpoint's)")
     t.add_argument("--input-size", type=int, default=None, help="network input side (default: per backbone)")
-    t.add_argument("--size-policy", default="fit", choices=["fit", "resize", "pad"],
-                   help="how images reach the input size: centre crop/pad, resize, or letterbox pad + resize")
+    t.add_argument("--size-policy", default=None, choices=["fit", "resize", "pad"],
+                   help="how images reach the input size: centre crop/pad (fit, the default), resize, or "
+                   "letterbox pad + resize")
     t.add_argument("--zoom-out", type=float, nargs="*", default=None, metavar="F",
                    help="zoom-out augmentation factors, e.g. 0.5 0.65 0.8 (off by default)")
     t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt)")
@@ -364,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", parents=[common], help="embed images with a model into a .npy file")
     e.add_argument("--model", required=True, help="checkpoint or TorchScript file")
     e.add_argument("--images", required=True, help="folder, glob or file")
-    e.add_argument("--out", required=True, help="output .npy (item ids go to <out>.ids.txt)")
+    e.add_argument("--out", required=True,
+                   help="output .npy (.npy is added if missing; item ids, one per row, go to the same name "
+                   "with .ids.txt instead of .npy)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default=None)
     e.add_argument("--strict", action="store_true", help="abort on the first unreadable file")
@@ -431,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", required=True, help="CSV with real_key, synth_key, label (0 diff, 1 dup, 2 sim)"
     )
     v.add_argument("--backend", default=None)
+    v.add_argument(
+        "--model",
+        default=None,
+        help="deepssim audits with --verify none and flips/shifts only: the encoder the audit used, to embed "
+        "the variants again (default: the file recorded in summary.json)",
+    )
     v.set_defaults(func=_cmd_evaluate)
 
     m = sub.add_parser("demo", parents=[common], help="end-to-end audit on real brain MRI with planted copies")

@@ -160,6 +160,33 @@ def _read_npy(p: Path, frame: int | None) -> np.ndarray:
     return np.array(a, dtype=np.float32)
 
 
+_PNG_DTYPES = {"1": np.bool_, "L": np.uint8, "LA": np.uint8, "P": np.uint8, "RGB": np.uint8, "RGBA": np.uint8,
+               "RGBX": np.uint8, "CMYK": np.uint8, "YCbCr": np.uint8, "I;16": np.uint16, "I;16B": np.uint16,
+               "I;16L": np.uint16, "I": np.int32}
+
+
+def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
+    """The integer (or bool) dtype a file stores its pixels in, None for floating-point data.
+
+    What scikit-image's dtype-range convention needs after :func:`read_image` has decoded to float32: PNG by
+    its mode (8-bit modes, colour ones too, uint8; 16-bit grey uint16; "I" int32; "1" bool; "F" None), .npy by
+    its header. NIfTI gives None: its values are the scaled floats nibabel returns (``scl_slope``/``inter``),
+    whatever the on-disk type.
+    """
+    p = Path(path)
+    kind = image_kind(p)
+    if kind == "png":
+        from PIL import Image
+
+        with Image.open(p) as im:
+            dt = _PNG_DTYPES.get(im.mode)
+        return None if dt is None else np.dtype(dt)
+    if kind == "npy":
+        dt = np.load(p, allow_pickle=False, mmap_mode="r").dtype
+        return dt if (np.issubdtype(dt, np.integer) or dt == np.bool_) else None
+    return None
+
+
 def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarray:
     """Decode one file as a float32 2D image or 3D volume (see the module docstring for each format).
 

@@ -59,6 +59,43 @@ def test_ssim_two_files_prints_the_score(folders: dict, capsys: pytest.CaptureFi
     assert got == pytest.approx(want, abs=1e-5)
 
 
+def test_ssim_of_integer_files_uses_their_dtype_range(folders: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """Files decode to float32, but 8/16-bit PNGs and integer .npy keep scikit-image's dtype range (uint8 255),
+    as the API does for the arrays themselves; float files use the pair's range; mixed types warn."""
+    from skimage.metrics import structural_similarity
+
+    a8, b8 = (np.clip(folders["arrs"][i], 0, 255).astype(np.uint8) for i in (55, 70))
+    Image.fromarray(a8).save(tmp_path / "a.png")
+    Image.fromarray(b8).save(tmp_path / "b.png")
+    want = structural_similarity(a8, b8)
+    pair_range = structural_similarity(a8.astype(np.float32), b8.astype(np.float32),
+                                       data_range=float(max(a8.max(), b8.max()) - min(a8.min(), b8.min())))
+    assert abs(want - pair_range) > 1e-3  # the two conventions differ on this pair
+    assert main(["ssim", str(tmp_path / "a.png"), str(tmp_path / "b.png")]) == 0
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(want, abs=1e-5)
+    a16, b16 = (x.astype(np.uint16) * 200 for x in (a8, b8))
+    Image.fromarray(a16).save(tmp_path / "a16.png")
+    Image.fromarray(b16).save(tmp_path / "b16.png")
+    assert main(["ssim", str(tmp_path / "a16.png"), str(tmp_path / "b16.png")]) == 0
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(structural_similarity(a16, b16, data_range=65535), abs=1e-5)
+    np.save(tmp_path / "a.npy", a8.astype(np.int16))
+    np.save(tmp_path / "b.npy", b8.astype(np.int16))
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 0
+    got = float(capsys.readouterr().out.strip())
+    want16 = structural_similarity(a8.astype(np.int16), b8.astype(np.int16), data_range=65535)  # int16's range
+    assert got == pytest.approx(want16, abs=1e-5)
+    # --data-range wins; mixed integer / float files fall back to the pair's range, with a warning
+    assert main(["ssim", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--data-range", "100"]) == 0
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(
+        structural_similarity(a8, b8, data_range=100), abs=1e-5)
+    np.save(tmp_path / "bf.npy", b8.astype(np.float32))
+    assert main(["ssim", str(tmp_path / "a.png"), str(tmp_path / "bf.npy")]) == 0
+    out = capsys.readouterr()
+    assert float(out.out.strip()) == pytest.approx(pair_range, abs=1e-5)
+    assert "different pixel types" in out.err and "a.png: uint8" in out.err
+
+
 def test_ssim_two_folders_writes_csv(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "scores.csv"
     assert (
@@ -249,6 +286,40 @@ def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: p
     want = embed([np.load(folders["synth"] / "copy100.npy")], model, progress=False)
     np.testing.assert_allclose(e[0], want[0], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    # a name without .npy gets it (as np.save would), and the message names the files really written
+    plain = tmp_path / "emb" / "plain"
+    assert main(["embed", "--model", str(ckpt), "--images", str(folders["synth"]), "--out", str(plain), "-q"]) == 0
+    msg = capsys.readouterr().out
+    assert f"to {plain}.npy (item ids in {plain}.ids.txt)" in msg
+    assert np.array_equal(np.load(f"{plain}.npy"), e) and len(Path(f"{plain}.ids.txt").read_text().split()) == 3
+
+
+def test_embed_failing_mid_write_leaves_no_stale_ids(folders: dict, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both files are written atomically, the old ids removed first: a run that dies between the two leaves
+    new embeddings without ids, never next to another run's ids."""
+    import torch
+
+    from deepssim_fast import _atomic
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("small", input_size=64, emb_dim=32))
+    out = tmp_path / "e.npy"
+    out.write_bytes(b"old embeddings")
+    out.with_suffix(".ids.txt").write_text("old\nids\n")
+    real = _atomic.atomic_write_bytes
+
+    def die_on_ids(path, data):
+        if str(path).endswith(".ids.txt"):
+            raise KeyboardInterrupt("killed")
+        return real(path, data)
+
+    monkeypatch.setattr(_atomic, "atomic_write_bytes", die_on_ids)
+    with pytest.raises(KeyboardInterrupt):
+        main(["embed", "--model", str(ckpt), "--images", str(folders["synth"]), "--out", str(out), "-q"])
+    assert np.load(out).shape == (3, 32) and not out.with_suffix(".ids.txt").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_bench_command_dispatches_or_explains(
