@@ -380,7 +380,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         from .distributed import all_pairs_distributed
 
         return all_pairs_distributed(train, synth, k=k, thresholds=thresholds, bins=bins, backend=backend,
-                                     progress=progress, workers=workers, scheduler=scheduler)
+                                     progress=progress, workers=workers, scheduler=scheduler,
+                                     precision=precision)
     k, low, high, bins = _check_params(k, thresholds, bins)
     if synth is None:
         if self_offset not in (None, 0):

@@ -4,7 +4,10 @@ The work of ``all_pairs(train, synth)`` is cut into *shards*: blocks of syntheti
 training set is too large for one worker's memory — blocks of training rows as well. Every shard runs
 the same single-process engine (:func:`deepssim_fast.all_pairs.all_pairs`) on a worker; the per-shard
 results (top-k lists, histogram, class counts, train_hits) are merged with
-:meth:`AllPairsResult.merge`, so the result is identical, bit for bit, to one process.
+:meth:`AllPairsResult.merge`, so with the native engine (CPU workers) the result is identical, bit for bit,
+to one process. The torch and Triton engines (GPU workers, or ``backend="torch"``) order each dot product by
+the shape of the block they get, so their scores can differ from one process's in the last bits (as they
+differ from the native engine's), and pairs that close to an edge can move between neighbouring bins.
 
 Where the work runs
 -------------------
@@ -196,6 +199,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cuda_devices(n: int) -> list[str]:
+    """The first n GPUs this process sees, as CUDA_VISIBLE_DEVICES entries for the workers: the caller's own
+    ``$CUDA_VISIBLE_DEVICES`` entries (ids or UUIDs) when it is set, else 0..n-1. (An explicit list passed to
+    LocalCUDACluster is used as given, so indices 0..n-1 would ignore the caller's choice.)"""
+    seen = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return seen[:n] if seen else [str(i) for i in range(n)]
+
+
 def _cuda_count() -> int:
     try:
         import torch
@@ -215,7 +226,8 @@ def start_local_cluster(workers: int) -> Any:
     CPU: a :class:`distributed.LocalCluster` on loopback, one thread per worker process (each task then
     uses ``cores // workers`` threads in the engine, so workers × threads ≤ cores), logs at WARNING.
     Several GPUs and ``dask_cuda`` installed: a ``dask_cuda.LocalCUDACluster`` on the first
-    ``min(workers, GPUs)`` GPUs, one worker (and one task at a time) per GPU.
+    ``min(workers, GPUs)`` GPUs this process sees (those of ``$CUDA_VISIBLE_DEVICES`` when it is set), one
+    worker (and one task at a time) per GPU.
     """
     import importlib.util
 
@@ -231,7 +243,7 @@ def start_local_cluster(workers: int) -> Any:
         if n < workers:
             logger.warning("workers=%d but only %d GPUs: starting %d GPU workers", workers, ngpu, n)
         logger.info("starting LocalCUDACluster with %d GPU workers", n)
-        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n)), n_workers=n,
+        return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(_cuda_devices(n)), n_workers=n,
                                 threads_per_worker=1, host="127.0.0.1", **common)
     if ngpu > 1:
         logger.warning("%d GPUs present but dask_cuda is not installed: CPU LocalCluster "
@@ -375,7 +387,8 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
             try:
                 res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
                                 bins=opts["bins"], device=device, backend=opts.get("backend"),
-                                progress=False, self_offset=shard.self_offset)
+                                progress=False, self_offset=shard.self_offset,
+                                precision=opts.get("precision", "ieee"))
             except ValueError as exc:
                 raise ValueError(f"{_global_rows(str(exc), shard)} (shard {shard.name})") from exc
     finally:  # leave the process as it was (matters when the task runs in the caller's process)
@@ -422,9 +435,8 @@ def _as_matrix(x: Any, name: str, allow_empty: bool = False) -> np.ndarray:
     return a
 
 
-def _job_key(train: np.ndarray, synth: np.ndarray | None, shards: Sequence[Shard], opts: dict[str, Any]
-             ) -> str:
-    """Fingerprint of the inputs, options and shard plan (names the checkpoint files of this job)."""
+def _inputs_key(train: np.ndarray, synth: np.ndarray | None, opts: dict[str, Any]) -> str:
+    """Fingerprint of the inputs and options (what the result depends on; the shard plan aside)."""
     h = hashlib.blake2b(digest_size=16)
     for a in (train, synth):
         if a is None:
@@ -432,25 +444,52 @@ def _job_key(train: np.ndarray, synth: np.ndarray | None, shards: Sequence[Shard
             continue
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
+    extra = {"precision": opts["precision"]} if "precision" in opts else {}
     h.update(json.dumps({"k": opts["k"], "thresholds": list(opts["thresholds"]), "bins": opts["bins"],
                          "backend": opts.get("backend"), "device": opts.get("device"),
-                         "v": _CHECKPOINT_VERSION}, sort_keys=True).encode())
+                         "v": _CHECKPOINT_VERSION, **extra}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _job_key(inputs: str, shards: Sequence[Shard]) -> str:
+    """Fingerprint of the inputs, options and shard plan (names the checkpoint files of this job)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(inputs.encode())
     h.update(";".join(s.name for s in shards).encode())
     return h.hexdigest()
+
+
+def _saved_train_shard_size(folder: str | os.PathLike, inputs: str, shard_size: int) -> tuple[bool, int | None]:
+    """(found, train_shard_size) of the checkpointed job with these inputs and synthetic shard size that has
+    the most saved shards: a rerun on a cluster of other memory limits keeps that plan, and so its shards."""
+    best: tuple[int, int | None] | None = None
+    for f in Path(folder).glob("allpairs-*.json"):
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("inputs") != inputs or m.get("shard_size") != shard_size or "train_shard_size" not in m:
+            continue
+        saved = len(list(Path(folder).glob(f"allpairs-{m.get('job')}-*.npz")))
+        if best is None or saved > best[0]:
+            best = (saved, m["train_shard_size"])
+    return (False, None) if best is None or best[0] == 0 else (True, best[1])
 
 
 class _Checkpoints:
     """Shard results on disk: ``allpairs-<job>-<shard>.npz`` plus a human-readable manifest."""
 
     def __init__(self, folder: str | os.PathLike, key: str, opts: dict[str, Any], shards: Sequence[Shard],
-                 n_train: int, n_synth: int) -> None:
+                 n_train: int, n_synth: int, *, inputs: str, shard_size: int,
+                 train_shard_size: int | None) -> None:
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = key
         self.opts = opts
-        manifest = {"job": key, "version": _CHECKPOINT_VERSION, "n_train": n_train, "n_synth": n_synth,
-                    "k": opts["k"], "thresholds": list(opts["thresholds"]), "bins": opts["bins"],
-                    "backend": opts.get("backend"), "shards": [s.name for s in shards]}
+        manifest = {"job": key, "inputs": inputs, "version": _CHECKPOINT_VERSION, "n_train": n_train,
+                    "n_synth": n_synth, "k": opts["k"], "thresholds": list(opts["thresholds"]),
+                    "bins": opts["bins"], "backend": opts.get("backend"), "shard_size": shard_size,
+                    "train_shard_size": train_shard_size, "shards": [s.name for s in shards]}
         path = self.dir / f"allpairs-{key}.json"
         atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
 
@@ -551,7 +590,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                           workers: int | None = None, scheduler: Any = None,
                           checkpoint_dir: str | os.PathLike | None = None, shard_size: int | None = None,
                           train_shard_size: int | None = None, device: str | None = None,
-                          threads_per_task: int | None = None) -> AllPairsResult:
+                          threads_per_task: int | None = None, precision: str = "ieee") -> AllPairsResult:
     """Exact all-pairs cosine top-k, histogram and class counts, sharded over a Dask cluster.
 
     Parameters
@@ -572,9 +611,11 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                 is not ``"native"``), else its CPU.
     threads_per_task: engine threads (native, torch, BLAS) in each task; default: the worker host's usable
                 cores divided among the workers of this cluster on that host and their threads.
+    precision:  GPU workers' dot-product precision, as :func:`deepssim_fast.all_pairs.all_pairs`.
 
-    Returns the :class:`~deepssim_fast.all_pairs.AllPairsResult` of one process over the whole problem,
-    bit for bit: scores (n_synth, k) float32 descending, indices (n_synth, k) int64 into ``train``, ties
+    Returns the :class:`~deepssim_fast.all_pairs.AllPairsResult` of one process over the whole problem
+    (bit for bit with the native engine; torch/Triton engines: to the last bits, see the module docstring):
+    scores (n_synth, k) float32 descending, indices (n_synth, k) int64 into ``train``, ties
     to the lower index, histogram, class counts and train_hits over all pairs.
     """
     from .all_pairs import AllPairsResult
@@ -603,6 +644,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
         raise ValueError(f"bins must be an integer in [1, 2^20], got {bins!r}")
     opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
                             "backend": backend, "device": device, "threads": threads_per_task}
+    if precision != "ieee":  # (the default stays out of the job key: checkpoints of earlier runs still match)
+        opts["precision"] = precision
     if threads_per_task is not None and (isinstance(threads_per_task, bool) or int(threads_per_task) < 1):
         raise ValueError(f"threads_per_task must be a positive integer, got {threads_per_task!r}")
     if n_synth == 0:  # nothing to distribute: the empty result, as one process gives it
@@ -612,16 +655,26 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     if shard_size is None:
         shard_size = default_shard_size(n_synth, n_train)
 
+    inputs = _inputs_key(tr, sy, opts) if checkpoint_dir is not None else ""
     with cluster_client(workers, scheduler) as client:
         if train_shard_size is None:
             train_shard_size = _auto_train_shard_size(client, tr, k + 1)
+            if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
+                # the plan of an interrupted run of the same job, when its training blocks fit this cluster
+                found, saved = _saved_train_shard_size(checkpoint_dir, inputs, int(shard_size))
+                if found and (train_shard_size is None or (saved is not None and saved <= train_shard_size)):
+                    if saved != train_shard_size:
+                        logger.info("keeping the shard plan of the checkpoint in %s (training blocks of %s rows)",
+                                    checkpoint_dir, saved or "all")
+                    train_shard_size = saved
         shards = plan_shards(n_synth, n_train, k=k, shard_size=int(shard_size),
                              train_shard_size=train_shard_size, self_mode=self_mode)
         ckpt = None
         fold = _Fold(shards, AllPairsResult)
         if checkpoint_dir is not None:
-            key = _job_key(tr, sy, shards, opts)
-            ckpt = _Checkpoints(checkpoint_dir, key, opts, shards, n_train, n_synth)
+            key = _job_key(inputs, shards)
+            ckpt = _Checkpoints(checkpoint_dir, key, opts, shards, n_train, n_synth, inputs=inputs,
+                                shard_size=int(shard_size), train_shard_size=train_shard_size)
             for s in shards:
                 r = ckpt.load(s, AllPairsResult)
                 if r is not None:

@@ -301,6 +301,30 @@ def test_checkpoint_of_another_job_is_not_reused(client, emb, tmp_path):
     assert len(list(tmp_path.glob("allpairs-*.json"))) == 2
 
 
+def test_resume_on_a_cluster_of_other_memory_keeps_the_saved_plan(client, emb, tmp_path, monkeypatch, caplog):
+    """Training blocks follow the workers' memory limits; a rerun on another cluster (say other workers) must
+    still find the first run's shards: it keeps the saved plan when its blocks fit, else plans anew."""
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
+    want = all_pairs(tr, sy, k=4, progress=False)
+    monkeypatch.setattr(dd, "_auto_train_shard_size", lambda client, train, min_rows: 40)
+    assert_same(dd.all_pairs_distributed(tr, sy, **kw), want)
+    saved = len(list(tmp_path.glob("allpairs-*-s*.npz")))
+    assert saved > 2
+    for auto in (None, 50):  # more memory (one block would fit, or larger blocks): the saved plan is kept
+        monkeypatch.setattr(dd, "_auto_train_shard_size", lambda client, train, min_rows, a=auto: a)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+            assert_same(dd.all_pairs_distributed(tr, sy, **kw), want)
+        assert any(f"{saved} from checkpoint, 0 to run" in r.getMessage() for r in caplog.records), caplog.text
+    # less memory than the saved blocks need: a new plan (and new shards), still the same result
+    monkeypatch.setattr(dd, "_auto_train_shard_size", lambda client, train, min_rows: 20)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        assert_same(dd.all_pairs_distributed(tr, sy, **kw), want)
+    assert any("0 from checkpoint" in r.getMessage() for r in caplog.records), caplog.text
+
+
 # ------------------------------------------------------------------------------------------ GPU code paths
 def test_several_gpus_start_one_cuda_worker_each(monkeypatch, caplog):
     """With >1 GPU and dask_cuda importable, workers=N starts LocalCUDACluster on the first N GPUs.
@@ -321,12 +345,17 @@ def test_several_gpus_start_one_cuda_worker_each(monkeypatch, caplog):
     mod.__spec__ = importlib.machinery.ModuleSpec("dask_cuda", None)
     monkeypatch.setitem(sys.modules, "dask_cuda", mod)
     monkeypatch.setattr(dd, "_cuda_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert isinstance(dd.start_local_cluster(2), RecordingCUDACluster)
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
         dd.start_local_cluster(6)
     assert calls[0]["CUDA_VISIBLE_DEVICES"] == "0,1" and calls[0]["n_workers"] == 2
     assert calls[1]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and calls[1]["n_workers"] == 4
     assert "only 4 GPUs" in caplog.text
+    # the caller's own choice of GPUs is kept (LocalCUDACluster uses an explicit list as given)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 5,6,7")
+    dd.start_local_cluster(3)
+    assert calls[2]["CUDA_VISIBLE_DEVICES"] == "4,5,6" and calls[2]["n_workers"] == 3
     for kw in calls:
         assert kw["threads_per_worker"] == 1 and kw["host"] == "127.0.0.1"
         assert kw["dashboard_address"] == "127.0.0.1:0" and kw["silence_logs"] == logging.WARNING
