@@ -41,16 +41,17 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "tqdm>=4.60",
         "pillow>=9",
+        "matplotlib>=3.7",  # the audit's report figures
     ],
     extras_require={
         "data": ["nilearn>=0.10", "dipy>=1.8"],
-        "report": ["matplotlib>=3.7"],
+        "report": [],  # (matplotlib is a core dependency now; the extra stays so old install lines work)
         "dask": ["dask>=2024.1", "distributed>=2024.1", "threadpoolctl>=3"],
         "cupy": ["cupy-cuda12x"],
         "test": ["pytest>=7", "scikit-image>=0.22", "faiss-cpu>=1.8", "nilearn>=0.10", "dipy>=1.8",
-                 "matplotlib>=3.7", "dask>=2024.1", "distributed>=2024.1", "ruff"],
+                 "dask>=2024.1", "distributed>=2024.1", "ruff"],
         "bench": ["scikit-image>=0.22", "faiss-cpu>=1.8", "pytorch-msssim>=1.0", "torchmetrics>=1.0",
-                  "nilearn>=0.10", "dipy>=1.8", "matplotlib>=3.7"],
+                  "nilearn>=0.10", "dipy>=1.8"],
     },
     entry_points={"console_scripts": ["deepssim-fast=deepssim_fast.cli:main"]},
 )

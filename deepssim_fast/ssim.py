@@ -7,15 +7,17 @@ Conventions (the single home is :mod:`deepssim_fast._ssim_common`): the last ``s
 spatial, leading axes are batch; the SSIM map is filtered, cropped by ``(win - 1) // 2`` on every border
 ("valid" filtering) and averaged, as ``skimage.metrics.structural_similarity``; defaults equal its defaults
 (uniform 7-wide window, sample covariance). ``window="gaussian", sample_covariance=False`` equals
-scikit-image's ``gaussian_weights=True`` (σ 1.5, 11 taps), which pytorch-msssim and MONAI compute too.
+scikit-image's ``gaussian_weights=True, use_sample_covariance=False`` (σ 1.5, 11 taps), which pytorch-msssim
+and MONAI compute too.
 
 Backends (``backend=`` or ``$DEEPSSIM_FAST_BACKEND``; default by where the data lives):
 
 * ``"native"`` — C++ (``csrc/ssim.cpp``): uniform windows (2D and 3D) use O(1)-per-pixel running (box)
   sums in fp64 (exact enough that E[x²] − E[x]² does not cancel; ``DEEPSSIM_FAST_SSIM_BOX=0`` turns them
-  off); Gaussian windows and ``ssim_matrix`` use separable fp32 window passes that centre every lane on its
-  window's middle value (law of total variance). AVX2/FMA, fp64 map sums, threads over pairs (2D) or
-  rows/planes (few pairs, 3D), GIL released.
+  off; ``ssim_matrix`` reuses each image's 2D moments across its pairs, and runs 3D through the pair
+  kernel); Gaussian windows (or uniform ones with the running sums off) use separable fp32 window passes
+  that centre every lane on its window's middle value (law of total variance). AVX2/FMA, fp64 map sums,
+  threads over pairs (2D) or rows/planes (few pairs, 3D), GIL released.
 * ``"torch"`` — vectorised torch in float64 (CPU or GPU), separable grouped convolutions.
 * ``"triton"`` — ``kernels/ssim.py``: one fused launch per batch (CUDA; or ``TRITON_INTERPRET=1`` on CPU).
 """
