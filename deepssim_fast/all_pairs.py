@@ -55,6 +55,7 @@ from .backends import ENV_VAR as _BACKEND_ENV
 from .backends import BackendUnavailableError
 from .backends import available as _available
 from .backends import resolve as _resolve
+from .backends import triton_device as _triton_device
 
 logger = logging.getLogger(__name__)
 
@@ -416,11 +417,13 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                                           f"{torch.version.cuda or 'no'}); install a CUDA build of torch on "
                                           "a machine with an NVIDIA GPU, or use device='cpu'")
         bk = _resolve(backend, [], supported=("native", "torch", "triton"))
-        if dev.type == "cuda" and backend in (None, "auto") and not os.environ.get(_BACKEND_ENV):
+        if dev.type == "cuda" and backend in (None, "auto") and os.environ.get(_BACKEND_ENV, "") in ("", "auto"):
             bk = "triton" if _available("triton") else "torch"
     else:
         bk = _resolve(backend, [tt, ts], supported=("native", "torch", "triton"))
         dev = tt.device if bk != "native" else torch.device("cpu")
+        if bk == "triton":  # host data asked onto Triton: the GPU (or the interpreter's CPU)
+            dev = _triton_device(torch.empty(0, device=dev)).device
     if bk == "native":
         dev = torch.device("cpu")
     logger.info("all_pairs: %d synth x %d train, d=%d, k=%d, backend=%s, device=%s", n_synth, n_train, d, k,

@@ -124,6 +124,14 @@ def available(name: str) -> bool:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
+def triton_device(t: Any) -> Any:
+    """Where a torch tensor must be for the Triton kernels: host tensors go to the current CUDA device, unless
+    the interpreter (``TRITON_INTERPRET=1``) runs them on the CPU. (``backend="triton"`` with numpy data.)"""
+    if t.device.type == "cpu" and not triton_interpret():
+        return t.to("cuda")
+    return t
+
+
 def require(name: str) -> None:
     """Raise BackendUnavailableError if ``name`` cannot run here."""
     if name not in BACKENDS:

@@ -35,6 +35,7 @@ import torch
 
 from . import _ssim_common as sc
 from .backends import resolve as _resolve_backend
+from .backends import triton_device as _triton_device
 from ._arrays import is_cupy, like_input, to_torch
 
 logger = logging.getLogger(__name__)
@@ -323,9 +324,10 @@ def _fast_pairs(name: str, pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, na
     sc.check_finite(ty, names[1], pairs.p)
     from .kernels import ssim as ks
 
-    tix = torch.from_numpy(pairs.ix).to(pairs.xf.device)
-    tiy = torch.from_numpy(pairs.iy).to(pairs.yf.device)
-    res = ks.ssim_pairs(pairs.xf, pairs.yf, tix, tiy, pairs.p, in_dtype=pairs.in_dtype)
+    xf, yf = _triton_device(pairs.xf), _triton_device(pairs.yf)  # (host data: to the GPU and back)
+    tix = torch.from_numpy(pairs.ix).to(xf.device)
+    tiy = torch.from_numpy(pairs.iy).to(yf.device)
+    res = ks.ssim_pairs(xf, yf, tix, tiy, pairs.p, in_dtype=pairs.in_dtype).to(pairs.xf.device)
     return _repair_nonfinite(res, pairs)
 
 
@@ -500,7 +502,7 @@ def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, whe
 
     sc.check_finite(a, "A", p)
     sc.check_finite(b, "B", p)
-    res = ks.ssim_matrix_block(a, b, p, in_dtype=a.dtype).flatten()
+    res = ks.ssim_matrix_block(_triton_device(a), _triton_device(b), p, in_dtype=a.dtype).flatten().to(a.device)
     ii, jj = _grid(a.shape[0], b.shape[0])
     res = _repair_nonfinite(res, _Pairs(a, b, ii, jj, p, a.dtype, where))
     return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])

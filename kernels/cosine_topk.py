@@ -53,13 +53,14 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
     rmask = rows < n_q
     cmask = cols < n_t
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # row offsets in int64: row * d passes 2^31 for wide rows (correlation audits send whole volumes, d ~ 5e6)
+    q_rows = rows.to(tl.int64)[:, None] * stride_q
+    t_rows = cols.to(tl.int64)[:, None] * stride_t
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < d
-        q = tl.load(Q + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0)
-        t = tl.load(T + cols[:, None] * stride_t + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                    other=0.0)
+        q = tl.load(Q + q_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        t = tl.load(T + t_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
         if PRECISION == "bf16":
             acc += tl.dot(q.to(tl.bfloat16), tl.trans(t.to(tl.bfloat16)), out_dtype=tl.float32)
         elif PRECISION == "fp16":
@@ -125,12 +126,13 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
     n_cand = tl.sum((s > neg_inf).to(tl.int32), axis=1)
     n_iter = tl.minimum(tl.max(n_cand, axis=0), KC)
     big = n_t + BLOCK_N
+    out_at = rows.to(tl.int64) * stride_cs_m + pid_n * stride_cs_t
     for i in range(n_iter):
         m = tl.max(s, axis=1)
         ci = tl.min(tl.where((s == m[:, None]) & (m[:, None] > neg_inf), cols[None, :], big), axis=1)
         keep = rmask & (m > neg_inf)
-        tl.store(CS + rows * stride_cs_m + pid_n * stride_cs_t + i, m, mask=keep)
-        tl.store(CI + rows * stride_cs_m + pid_n * stride_cs_t + i, (ci + col0).to(tl.int64), mask=keep)
+        tl.store(CS + out_at + i, m, mask=keep)
+        tl.store(CI + out_at + i, (ci + col0).to(tl.int64), mask=keep)
         s = tl.where(cols[None, :] == ci[:, None], neg_inf, s)
 
 
@@ -171,6 +173,13 @@ def histogram_mode(bins: int, triton_version: str | None = None) -> int:
     except ValueError:
         return 1
     return 2 if (major, minor) >= (3, 9) else 1
+
+
+def launch_chunk(chunk: int, block_n: int, rows: int) -> int:
+    """Training rows per launch: ``chunk`` rounded up to whole tiles, and small enough that one launch's pairs
+    (``rows`` x chunk) stay below 2^31, since a launch counts them in int32 (histogram and class atomics)."""
+    tc = max(block_n, -(-int(chunk) // block_n) * block_n)
+    return max(block_n, min(tc, ((2**31 - 1) // max(1, rows)) // block_n * block_n))
 
 
 def train_chunks(n_t: int, chunk: int, block_n: int) -> list[tuple[int, int]]:
@@ -248,8 +257,7 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
         raise ValueError(f"cosine_topk: BLOCK_M x BLOCK_N = {bm * bn} must stay below 65536 (packed counts)")
     kc = min(k, bn)
     sb = int(synth_block or (8192 if dev.type == "cuda" else 256))
-    tc = int(train_chunk or (16384 if dev.type == "cuda" else 512))
-    tc = max(bn, -(-tc // bn) * bn)
+    tc = launch_chunk(int(train_chunk or (16384 if dev.type == "cuda" else 512)), bn, min(sb, n_q))
     lo, hi = hist_range
     rng = torch.tensor([float(lo), float(hi) - float(lo)], dtype=torch.float64, device=dev)
     low_t, high_t = (largest_float32_le(t) for t in thresholds)

@@ -187,9 +187,11 @@ def _ssim_kernel(
         else:
             ma, mb, va, vb, cab = _ltv_pass(ma, mb, zero, zero, zero, w_ptr, pos_c, 1, BC, K, True, MODE == 2)
         ux, uy, vx, vy, vxy = _ltv_pass(ma, mb, va, vb, cab, w_ptr, pos_r, 0, BR, K, False, MODE == 2)
+        ux = ux + cx * sx  # the means relative to the image centres -> the means (luminance term)
+        uy = uy + cy * sy
         valid = (lr < TR) & (lc < TC) & (rows < Ho) & (cols < Wo)
         if MODE > 0:
-            plane = Ho * Wo
+            plane = tl.cast(Ho, tl.int64) * Wo  # (int64: 2 * n_planes * plane passes 2^31 at ~1024^3)
             at = oz.to(tl.int64) * plane + rows * Wo + cols  # output (oz, row, col) of this position
             if MODE == 1:
                 mx = mom_x_ptr + i * (2 * n_planes * plane)
@@ -219,8 +221,8 @@ def _ssim_kernel(
                 for dx in tl.static_range(K):
                     ea, eb, eaa, ebb, eab = _add_tap(xb, yb, roff + (cols + dx), valid, xc, yc, sx, sy,
                                                      wzy * tl.load(w_ptr + dx), ea, eb, eaa, ebb, eab)
-        ux = (xc - cx) * sx + ea
-        uy = (yc - cy) * sy + eb
+        ux = (xc - cx) * sx + ea + cx * sx
+        uy = (yc - cy) * sy + eb + cy * sy
         vx = eaa - ea * ea
         vy = ebb - eb * eb
         vxy = eab - ea * eb
@@ -274,8 +276,8 @@ def _prepare(
     """The kernel's inputs and constants: (x, y, (cx, sx, cy, sy, c1, c2), range).
 
     x, y: the stacks as the kernel reads them (the inputs; for ``deepssim``, their float32 z-scores, computed
-    in float64). cx, sx / cy, sy: the per-image centre and scale the kernel applies (0 and 1: nothing left
-    to apply), float32; c1, c2: per pair, float32; range: the pair's data range, float64.
+    in float64). cx, sx / cy, sy: the per-image centre and scale the kernel applies (z-scores: 0 and 1;
+    otherwise each image's minimum and 1), float32; c1, c2: per pair, float32; range: the pair's data range, float64.
     """
     preset = p.preset == "deepssim"
     mx_, sx_, lx, hx = _image_stats(xf, preset)
@@ -303,11 +305,18 @@ def _prepare(
             rng = torch.maximum(hx[ix], hy[iy]) - torch.minimum(lx[ix], ly[iy])
     c1 = ((p.k1 * rng) ** 2).to(torch.float32)
     c2 = ((p.k2 * rng) ** 2).to(torch.float32)
-    zero = torch.zeros(xf.shape[0], dtype=torch.float32, device=xf.device)
     one = torch.ones(xf.shape[0], dtype=torch.float32, device=xf.device)
-    zero_y = torch.zeros(yf.shape[0], dtype=torch.float32, device=yf.device)
     one_y = torch.ones(yf.shape[0], dtype=torch.float32, device=yf.device)
-    return xf, yf, (zero, one, zero_y, one_y, c1, c2), rng
+    if preset:  # z-scores: centred already
+        cxv = torch.zeros(xf.shape[0], dtype=torch.float32, device=xf.device)
+        cyv = torch.zeros(yf.shape[0], dtype=torch.float32, device=yf.device)
+    else:
+        # every image centred on its minimum: a large offset against a small spread then never enters the
+        # window sums (whose squares would lose the spread to float32 rounding); the means get it back
+        scale = sc.kernel_scale(p, in_dtype)
+        cxv = (lx * scale).to(torch.float32)
+        cyv = (ly * scale).to(torch.float32)
+    return xf, yf, (cxv, one, cyv, one_y, c1, c2), rng
 
 
 class _Geometry:

@@ -532,7 +532,7 @@ def test_workers_delegate_to_distributed_layer(monkeypatch):
     x = _rand(5, 4, 0)
     assert all_pairs(x, x, k=2, workers=3, progress=False) == "delegated"
     assert calls == {"k": 2, "thresholds": (0.6, 0.85), "bins": 200, "backend": None, "progress": False,
-                     "workers": 3, "scheduler": None}
+                     "workers": 3, "scheduler": None, "precision": "ieee"}
     with pytest.raises(ValueError, match="cannot be combined"):
         all_pairs(x, x, dense=True, workers=2)
 

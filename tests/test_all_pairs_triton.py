@@ -324,3 +324,94 @@ def test_histogram_mode_environment_override(monkeypatch):
     monkeypatch.setenv("DEEPSSIM_FAST_TRITON_HIST_MODE", "1")
     with aot.record_launches(ck, "_cosine_topk_kernel"), pytest.raises(ValueError, match="hist_mode 1 with 2000"):
         ck.cosine_topk(q, q, k=2, bins=2000, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
+
+
+class _Ran(Exception):
+    """Raised by a stand-in engine: which engine all_pairs chose, and on what device."""
+
+
+def test_host_data_and_auto_backend_on_a_cuda_machine(monkeypatch):
+    """On a CUDA machine (simulated: no GPU here), backend="triton" with numpy data moves the data to the GPU
+    (compiled Triton cannot read host memory), for all_pairs and for ssim; and DEEPSSIM_FAST_BACKEND=auto
+    with device="cuda" runs Triton as when the variable is unset. Stand-ins record what the engines get."""
+    import numpy as np
+    import torch
+
+    import importlib
+
+    AP = importlib.import_module("deepssim_fast.all_pairs")  # (the package exports functions of these names)
+    S = importlib.import_module("deepssim_fast.ssim")
+    backends = importlib.import_module("deepssim_fast.backends")
+    from deepssim_fast.kernels import ssim as ks
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # the move itself: a host tensor goes to "cuda" (here that fails: this torch has no CUDA), and under
+    # the interpreter it stays
+    with pytest.raises((AssertionError, RuntimeError)):
+        backends.triton_device(torch.zeros(2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t = torch.zeros(2)
+    assert backends.triton_device(t) is t
+    monkeypatch.delenv("TRITON_INTERPRET")
+
+    monkeypatch.setattr(backends, "_cuda_devices", lambda: ["simulated GPU"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    meta = torch.device("meta")  # stands for the GPU
+    seen: list = []
+
+    def to_gpu(x):
+        seen.append(x.shape)
+        return x.to(meta)
+
+    monkeypatch.setattr(AP, "_triton_device", to_gpu)
+    monkeypatch.setattr(S, "_triton_device", to_gpu)
+    monkeypatch.setattr(AP, "_normalize", lambda t, name, dp, device: torch.zeros(
+        t.shape[0], dp, device=meta if torch.device(device).type in ("cuda", "meta") else device))
+
+    def engine(name):
+        def run(*args, **kwargs):
+            raise _Ran(name, args[0].device)
+        return run
+
+    monkeypatch.setattr(AP, "_run_triton", engine("triton"))
+    monkeypatch.setattr(AP, "_run_native", engine("native"))
+    rng = np.random.default_rng(0)
+    tr, sy = rng.standard_normal((20, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    with pytest.raises(_Ran) as ran:
+        AP.all_pairs(tr, sy, k=2, backend="triton", progress=False)
+    assert ran.value.args == ("triton", meta)
+    for env in (None, "auto"):
+        if env is None:
+            monkeypatch.delenv("DEEPSSIM_FAST_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", env)
+        with pytest.raises(_Ran) as ran:
+            AP.all_pairs(tr, sy, k=2, device="cuda", progress=False)
+        assert ran.value.args[0] == "triton", env
+    monkeypatch.delenv("DEEPSSIM_FAST_BACKEND", raising=False)
+
+    got: list = []
+
+    def kernel(xf, yf, ix, iy, p, **kw):
+        got.append((xf.device, yf.device, ix.device))
+        return torch.full((ix.numel(),), 0.5, dtype=torch.float64)
+
+    monkeypatch.setattr(ks, "ssim_pairs", kernel)
+    seen.clear()
+    x = rng.random((2, 16, 16)).astype(np.float32)
+    out = S.ssim(x, x[::-1].copy(), spatial_dims=2, backend="triton")
+    assert got == [(meta, meta, meta)] and len(seen) == 2
+    assert isinstance(out, np.ndarray) and np.allclose(out, 0.5)
+
+
+def test_a_launch_counts_fewer_than_2_31_pairs():
+    """Per-launch histogram and class counters are int32: block x chunk is capped below 2^31 (65536 x 65536
+    asked for 2^32 pairs in one launch); ordinary sizes keep their chunk, rounded up to whole tiles."""
+    from deepssim_fast.kernels.cosine_topk import launch_chunk
+
+    assert launch_chunk(16384, 128, 8192) == 16384
+    assert launch_chunk(1000, 128, 8192) == 1024
+    for rows, chunk in ((65536, 65536), (65536, 32768), (8192, 1 << 20), (1 << 20, 1 << 20)):
+        tc = launch_chunk(chunk, 128, rows)
+        assert tc % 128 == 0 and rows * tc < 2**31 and tc <= max(128, -(-chunk // 128) * 128)
+    assert launch_chunk(1 << 20, 64, 1 << 26) == 64  # at least one tile

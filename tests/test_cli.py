@@ -78,7 +78,8 @@ def test_ssim_of_integer_files_uses_their_dtype_range(folders: dict, tmp_path: P
     Image.fromarray(a16).save(tmp_path / "a16.png")
     Image.fromarray(b16).save(tmp_path / "b16.png")
     assert main(["ssim", str(tmp_path / "a16.png"), str(tmp_path / "b16.png")]) == 0
-    assert float(capsys.readouterr().out.strip()) == pytest.approx(structural_similarity(a16, b16, data_range=65535), abs=1e-5)
+    want = structural_similarity(a16, b16, data_range=65535)
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(want, abs=1e-5)
     np.save(tmp_path / "a.npy", a8.astype(np.int16))
     np.save(tmp_path / "b.npy", b8.astype(np.int16))
     assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 0

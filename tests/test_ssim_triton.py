@@ -184,6 +184,20 @@ _SCRIPT = textwrap.dedent(r"""
         record(f"deepssim_offset_{off}_matrix", ssim_matrix(torch.from_numpy(xo), torch.from_numpy(yo),
                                                             backend="triton", preset="deepssim", progress=False),
                ssim_reference(xo[:, None], yo[None], spatial_dims=2, preset="deepssim"))
+    # float32 data with a large offset against a small spread (1e4 + [0, 1)): the kernel centres each image on
+    # its minimum, so the window sums see only the spread (centred on 0 it was 1.6e-5 to 6.6e-5 off)
+    for off in (1e4, 3e4):
+        xo = (off + X0).astype(np.float32); yo = (off + Y0 / 1.3).astype(np.float32)
+        for w, kw in (("uniform", {}), ("gaussian", GAUSS)):
+            for v in ("separable", "direct"):
+                os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = v
+                record(f"f32_offset_{int(off)}_{w}_{v}",
+                       ssim(torch.from_numpy(xo), torch.from_numpy(yo), spatial_dims=2, backend="triton", **kw),
+                       ssim_reference(xo, yo, spatial_dims=2, **kw))
+            os.environ.pop("DEEPSSIM_FAST_TRITON_SSIM")
+            record(f"f32_offset_{int(off)}_{w}_matrix",
+                   ssim_matrix(torch.from_numpy(xo), torch.from_numpy(yo), backend="triton", progress=False, **kw),
+                   ssim_reference(xo[:, None], yo[None], spatial_dims=2, **kw))
     # float64 far from 0 (float32 would round it by 5e-4 of its range): computed in float64, pairs and matrix
     xd = 1e4 + rng.random((2, 12, 13)); yd = xd + 0.1 * rng.random(xd.shape)
     record("float64_offset", ssim(torch.from_numpy(xd), torch.from_numpy(yd), spatial_dims=2, backend="triton"),
@@ -302,6 +316,16 @@ def test_triton_matrix_reuses_moments_unless_direct(results):
 @pytest.mark.parametrize("case", [f"deepssim_offset_{off}{m}" for off in (0, 1000, 10000) for m in ("", "_matrix")])
 def test_triton_deepssim_far_from_zero_is_as_accurate_as_native(results, case):
     # z-scores centred on the float32-rounded mean were 5e-5 off at +1e4; native is ~3e-7 off
+    r = results[case]
+    assert r["shape"] == r["want_shape"], r
+    assert r["err"] <= 1e-6, f"{case}: max |triton - reference| = {r['err']:.3g}"
+
+
+@pytest.mark.parametrize("case", [f"f32_offset_{o}_{w}_{v}" for o in (10000, 30000) for w in ("uniform", "gaussian")
+                                  for v in ("separable", "direct", "matrix")])
+def test_triton_float32_far_from_zero_keeps_the_spread(results, case):
+    # the float32 kernels' own rounding is ~1e-7 to 5e-7 at any offset (direct Gaussian: 2e-7 at offset 0);
+    # centred on 0 the offset cost 1.6e-5 to 6.6e-5
     r = results[case]
     assert r["shape"] == r["want_shape"], r
     assert r["err"] <= 1e-6, f"{case}: max |triton - reference| = {r['err']:.3g}"
