@@ -394,6 +394,7 @@ class Sizes:
     ap_checks: tuple[tuple[int, int, int, int], ...]  # (n_train, n_synth, d, k)
     ap_self: tuple[int, int, int]  # (n, d, k)
     ap_real_d: int  # embedding width of the real-slice "embeddings"
+    ap_wide: tuple[int, int, int]  # (n_train, d, planted row): row * d > 2^31 on the GPU (int64 offsets)
     ssim2d_time: tuple[int, int, int]
     ssim3d_time: tuple[int, int, int, int]
     matrix_time: tuple[int, int, int, int]
@@ -409,7 +410,7 @@ DRY_SIZES = Sizes(
     ssim2d_check=(3, 13, 17), ssim2d_real=(24, 28), real_pairs=2, real_limit=12,
     ssim3d_check=(1, 11, 12, 11), ssim3d_real=(11, 12, 11),
     matrix_check=(2, 3, 12, 13),
-    ap_checks=((37, 9, 16, 5), (7, 3, 8, 1)), ap_self=(11, 8, 3), ap_real_d=16,
+    ap_checks=((37, 9, 16, 5), (7, 3, 8, 1)), ap_self=(11, 8, 3), ap_real_d=16, ap_wide=(40, 64, 33),
     ssim2d_time=(2, 16, 16), ssim3d_time=(1, 11, 11, 11), matrix_time=(2, 2, 12, 12),
     ap_time=(64, 16, 16, 5), ap_chunk=8, target_s=0.0, max_repeat=1, warmup=0,
 )
@@ -420,7 +421,7 @@ GPU_SIZES = Sizes(
     ssim3d_check=(2, 41, 47, 39), ssim3d_real=(96, 112, 96),
     matrix_check=(9, 13, 128, 128),
     ap_checks=((4097, 1023, 256, 10), (1023, 257, 64, 100), (7, 5, 256, 1)), ap_self=(1500, 256, 10),
-    ap_real_d=256,
+    ap_real_d=256, ap_wide=(1100, 1 << 21, 1050),  # 9.2 GB of training rows; row 1050 starts at 2^31.1
     ssim2d_time=(4096, 256, 256), ssim3d_time=(8, 160, 192, 160), matrix_time=(1024, 1024, 128, 128),
     ap_time=(100_000, 100_000, 256, 10), ap_chunk=8192, target_s=1.0, max_repeat=20, warmup=1,
 )
@@ -753,9 +754,30 @@ class Suite:
         k_real = min(10, et.shape[0])
         self.check(f"all_pairs {tag} slice embeddings {es.shape[0]}x{et.shape[0]}x{s.ap_real_d} k={k_real}",
                    lambda: self._all_pairs_check(et, es, k_real))
+        # rows so wide that row x d passes 2^31 (a correlation audit of whole volumes): a planted copy far down
+        nw, dw, roww = s.ap_wide
+        self.check(f"all_pairs wide rows {nw}x{dw}, copy of row {roww} (offset {roww * dw:.3g})",
+                   lambda: self._wide_check(nw, dw, roww))
         for low, high in ((0.6, 0.85), (1.0 / 3.0, 0.5)):
             self.check(f"all_pairs class counts at float32(thresholds) {low:.4f}, {high:.4f}",
                        lambda low=low, high=high: self._threshold_check(low, high))
+
+    def _wide_check(self, n: int, d: int, row: int) -> tuple[bool, float | None, float | None, str]:
+        """One synthetic row equal to training row ``row`` of n random rows of width d: found, score 1, one
+        duplicate pair, the rest in the histogram's middle (random rows of this width are near-orthogonal)."""
+        from deepssim_fast.all_pairs import all_pairs
+
+        train = self.randn(n, d)
+        synth = train[row : row + 1].clone()
+        r = all_pairs(train, synth, k=2, backend="triton", progress=False)
+        del train
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        counts = r.histogram[0]
+        err = abs(float(r.scores[0, 0]) - 1.0)
+        ok = (int(r.indices[0, 0]) == row and err <= 1e-5 and r.class_counts["duplicate"] == 1
+              and int(counts[-1]) == 1 and int(counts.sum()) == n)
+        return ok, err, 1e-5, f"top-1 {int(r.indices[0, 0])} ({float(r.scores[0, 0]):.6f}), {r.class_counts}"
 
     def _threshold_check(self, low: float, high: float) -> tuple[bool, float | None, float | None, str]:
         """Scores exactly at float32(low), float32(high) and their neighbours: classes by the float64 rule.

@@ -62,7 +62,7 @@ def test_gpu_suite_dry_run_passes_and_writes_json(tmp_path: Path) -> None:
                  "ssim2d uniform float16", "ssim2d uniform uint8",
                  "ssim2d preset=deepssim", "ssim2d broadcast", "ssim3d uniform", "ssim3d gaussian",
                  "ssim_matrix random", "ssim_matrix preset=deepssim", "all_pairs random",
-                 "all_pairs self mode", "slice embeddings"):
+                 "all_pairs self mode", "slice embeddings", "all_pairs wide rows"):
         assert any(part in n for n in names), (part, names)
     assert any(" real " in n for n in names), "real MRI slices were not used in the dry run"
     assert all(c["err"] is None or c["err"] <= c["tol"] for c in res["checks"])
