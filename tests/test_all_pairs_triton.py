@@ -23,8 +23,35 @@ _SCRIPT = textwrap.dedent(r"""
     import torch
     from deepssim_fast.all_pairs import all_pairs
     from deepssim_fast import reference as ref, data
+    from deepssim_fast.kernels import cosine_topk as ck
 
-    out = []
+    # count the kernel's launches (each result records those since the previous one): the results must come
+    # from the Triton kernel itself, not from a fallback that computes the same numbers
+    LAUNCHES = [0]
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                LAUNCHES[0] += 1
+                return launch(*args, **kwargs)
+            return run
+
+    ck._cosine_topk_kernel = Counting(ck._cosine_topk_kernel)
+
+    class Results(list):
+        seen = 0
+
+        def append(self, d):
+            d["launches"] = LAUNCHES[0] - self.seen
+            self.seen = LAUNCHES[0]
+            super().append(d)
+
+    out = Results()
 
     def compare(name, train, synth, k, **kw):
         tt = torch.from_numpy(train)
@@ -121,7 +148,6 @@ _SCRIPT = textwrap.dedent(r"""
                         n_pairs=int(r.histogram[0].sum()), want_pairs=2 * len(c)))
     # the three histogram modes of the kernel, called directly, against the native engine: random rows
     # plus rows whose scores sit exactly on bin edges and thresholds, self-pairs excluded
-    from deepssim_fast.kernels import cosine_topk as ck
     base = rng.standard_normal((40, 16)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     comps = [0.6, 0.85, -0.5, 0.0, 0.61, 1.0]
@@ -158,6 +184,16 @@ def interpreted_results() -> dict[str, dict]:
             res[d["name"]] = d
     assert len(res) == 19, proc.stdout
     return res
+
+
+def test_every_interpreted_result_came_from_the_triton_kernel(interpreted_results):
+    """Each case launched the kernel (a fallback to another engine would give the same numbers)."""
+    for name, r in interpreted_results.items():
+        if name != "bf16 refused":
+            assert r["launches"] >= 1, (name, r)
+    assert interpreted_results["bf16 refused"]["launches"] == 0
+    # fp16 inputs really are rounded (an fp32 fallback would match the native scores exactly)
+    assert interpreted_results["precision fp16"]["max_score_err"] > 1e-6
 
 
 @pytest.mark.parametrize("name", ["1x7 k=1", "7x70 k=10 d=19", "45x100 k=64 > tile", "33x65 small chunks",

@@ -178,6 +178,7 @@ def test_matches_and_summary_schema(ssim_run: A.AuditResult, ds: dict) -> None:
 
 def test_search_scores_equal_exact_ssim(ssim_run: A.AuditResult, ds: dict) -> None:
     rows = _rows(ssim_run.out)
+    assert len(rows) >= 6
     for r in rows[:6]:
         t = data.center_fit(np.load(r["train_path"]), SIZE)
         s = data.center_fit(np.load(r["synth_path"]), SIZE)
@@ -449,6 +450,8 @@ def test_verify_pairs_identity_equals_reference_and_undoes_transforms() -> None:
     moved = np.stack([A._shift(np.ascontiguousarray(a[::-1]), (1, -3)) for a in t])
     v2, names2 = A.verify_pairs(t, moved, spatial_dims=2, flips=True, shifts=3)
     assert (v2 > 0.95).all(), v2
+    # found by undoing the transform: a vertical flip (axis 0) and a shift of the planted size
+    assert all("vflip" in n and "shift" in n for n in names2), names2
     rot = np.stack([A._rotate(a, 2.0) for a in t])
     plain, _ = A.verify_pairs(t, rot, spatial_dims=2)
     v3, names3 = A.verify_pairs(t, rot, spatial_dims=2, rotations=2.0)

@@ -202,15 +202,26 @@ def test_public_api_scheduler_address(client, emb, caplog):
     assert any("Dask dashboard: http://127.0.0.1:" in r.getMessage() for r in caplog.records)
 
 
-def test_public_api_workers_starts_and_closes_local_cluster(emb):
+def test_public_api_workers_starts_and_closes_local_cluster(emb, monkeypatch):
     """workers=2: an embedded LocalCluster (loopback) runs the shards; self mode through all_pairs."""
     import psutil
 
+    clusters = []
+    start = dd.start_local_cluster
+
+    def spy(n):
+        clusters.append((n, start(n)))
+        return clusters[-1][1]
+
+    monkeypatch.setattr(dd, "start_local_cluster", spy)
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     want = all_pairs(emb["train"], None, k=4, progress=False)
     got = all_pairs(emb["train"], None, k=4, progress=False, workers=2)
     assert_same(got, want)
+    # a cluster of 2 workers really ran, and was closed
+    assert [n for n, _ in clusters] == [2]
+    assert clusters[0][1].status.name == "closed", clusters[0][1].status
     started = [p for p in me.children(recursive=True) if p.pid not in before and not _mp_helper(p)]
     gone, alive = psutil.wait_procs(started, timeout=10)
     alive = [p for p in alive if _running(p)]

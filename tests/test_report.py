@@ -99,6 +99,35 @@ def test_gallery_handles_volumes_and_missing_images() -> None:
     assert gallery_png(s, (0.6, 0.85))[:8] == PNG_MAGIC
 
 
+def test_gallery_draws_each_pair_as_stored_and_the_middle_slice_of_volumes(monkeypatch) -> None:
+    """The gallery shows the images themselves: every suspect's synthetic and training image, 2D as stored
+    (row 0 at the top), a volume by its middle slice along the last axis; a missing image is not drawn."""
+    import matplotlib.axes
+
+    shown: list[np.ndarray] = []
+    imshow = matplotlib.axes.Axes.imshow
+
+    def spy(self, x, *args, **kwargs):
+        shown.append(np.array(x))
+        return imshow(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    s = _suspects(3)
+    vol = data.load_volume("anatomical").array
+    s[1]["synth_image"] = vol
+    s[2]["train_image"] = None
+    gallery_png(s, (0.6, 0.85))
+    want = [s[0]["synth_image"], s[0]["train_image"], vol[:, :, vol.shape[2] // 2], s[1]["train_image"],
+            s[2]["synth_image"]]
+    assert len(shown) == len(want)
+    for got, w in zip(shown, want, strict=True):
+        np.testing.assert_array_equal(got, np.asarray(w, dtype=np.float32))
+    # and the picture depends on the images: other images, other bytes
+    s2 = _suspects(3)
+    s2[0]["synth_image"] = s2[0]["synth_image"][:, ::-1]
+    assert gallery_png(_suspects(3), (0.6, 0.85)) != gallery_png(s2, (0.6, 0.85))
+
+
 def test_report_html_self_contained_and_escaped() -> None:
     h = b"\x89PNG-histogram"
     g = b"\x89PNG-gallery"

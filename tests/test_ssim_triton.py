@@ -31,6 +31,25 @@ _SCRIPT = textwrap.dedent(r"""
     GAUSS = dict(window="gaussian", sample_covariance=False)
     res = {}
 
+    # count the SSIM kernel's launches (each record holds those since the previous one): results must come
+    # from the Triton kernel, not from a fallback that computes the same numbers
+    from deepssim_fast.kernels import ssim as ks_mod
+    LAUNCHES = [0, 0]  # total, at the last record
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                LAUNCHES[0] += 1
+                return launch(*args, **kwargs)
+            return run
+
+    ks_mod._ssim_kernel = Counting(ks_mod._ssim_kernel)
+
     def oracle(x, y, window="uniform", preset=None, dr=None):
         x = x.astype(np.float64); y = y.astype(np.float64)
         if preset == "deepssim":
@@ -46,7 +65,9 @@ _SCRIPT = textwrap.dedent(r"""
         want = np.asarray(want, dtype=np.float64)
         res[name] = dict(shape=list(got.shape), want_shape=list(want.shape), dtype=str(got.dtype),
                          err=float(np.abs(got - want).max()) if got.size else 0.0,
-                         ref_err=None if ref is None else float(np.abs(got - np.asarray(ref)).max()))
+                         ref_err=None if ref is None else float(np.abs(got - np.asarray(ref)).max()),
+                         launches=LAUNCHES[0] - LAUNCHES[1])
+        LAUNCHES[1] = LAUNCHES[0]
 
     sl = [s.array for s in data.real_slices((19, 23), datasets=["mni152"])]
     sl = [a for a in sl if a[4:15, 4:19].std() > 0]
@@ -287,6 +308,21 @@ def test_triton_matches_skimage(results, case):
     assert r["err"] <= 1e-5, f"{case}: max |triton - oracle| = {r['err']:.3g}"
     if r["ref_err"] is not None:
         assert r["ref_err"] <= 1e-5, f"{case}: max |triton - reference| = {r['ref_err']:.3g}"
+
+
+def test_every_result_came_from_the_triton_kernel(results):
+    """Each case launched the kernel (a float64 fallback would give the same numbers), except the ones that
+    must not: no pairs, and float64 images float32 cannot hold (computed in float64 by design)."""
+    by_design = {"empty", "float64_offset", "float64_offset_matrix"}
+    cases = {k: v for k, v in results.items() if isinstance(v, dict) and "launches" in v}
+    assert len(cases) > 50
+    for name, r in cases.items():
+        if name in by_design:
+            assert r["launches"] == 0, (name, r)
+        else:
+            assert r["launches"] >= 1, (name, r)
+    # ssim_matrix reuses moments: a map launch per side plus the pair launch
+    assert all(r["launches"] == 3 for n, r in cases.items() if n.endswith("matrix") and n not in by_design)
 
 
 def test_triton_nan_names_the_pair(results):

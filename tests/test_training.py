@@ -249,8 +249,39 @@ def test_reference_csv_pairs(tmp_path, mni_slices) -> None:
         w.writerow([imgs[7].key, imgs[8].key, "0.4", "val"])
         w.writerow([imgs[8].key, imgs[9].key, "0.4", "validation"])
         w.writerow([imgs[0].key, imgs[9].key, "0.1", "test"])
-    m = train(imgs, max_steps=2, pairs_csv=p, **SMALL)
+    import deepssim_fast.training as T
+
+    drawn: list[tuple[int, int]] = []
+    val: list = []
+    sample, fixed = T.PairSampler.sample, T.fixed_pairs
+
+    in_fixed = [False]
+
+    def spy_sample(self, n, rng):
+        i, j, kinds = sample(self, n, rng)
+        if not in_fixed[0]:  # the training batches (fixed_pairs draws the validation set the same way)
+            drawn.extend(zip(i.tolist(), j.tolist(), strict=True))
+        return i, j, kinds
+
+    def spy_fixed(pool, n_pairs, seed, **kw):
+        val.append(kw.get("pairs"))
+        in_fixed[0] = True
+        try:
+            return fixed(pool, n_pairs, seed, **kw)
+        finally:
+            in_fixed[0] = False
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T.PairSampler, "sample", spy_sample)
+        mp.setattr(T, "fixed_pairs", spy_fixed)
+        m = train(imgs, max_steps=2, pairs_csv=p, **SMALL)
     assert len(m.history) == 2 and m.best_val is not None
+    # training draws only the CSV's "train" rows (images are the pool in list order); validation is its
+    # "val" and "validation" rows; the "test" row is never used
+    train_rows = {(k, k + 1) for k in range(6)}
+    assert drawn and set(drawn) <= train_rows, drawn
+    assert len(set(drawn)) > 1
+    assert [sorted(map(tuple, v)) for v in val] == [[(7, 8), (8, 9)]]
     # keys by list position work for plain arrays
     q = tmp_path / "pos.csv"
     q.write_text("real_key,synth_key,ssim,split\n0,1,0.3,train\n2,3,0.2,train\n")

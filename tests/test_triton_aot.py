@@ -91,6 +91,13 @@ def test_topk_precisions_reach_the_tensor_cores_and_ieee_does_not(compiled):
         else:
             assert sm90.get("HGMMA", 0) > 0, (precision, "no warpgroup MMA on sm_90")
             assert sm80.get("HMMA", 0) > 0, (precision, "no MMA on sm_80")
+    # tf32x3 is three tf32 products per tile (hi*hi + hi*lo + lo*hi): a silent downgrade to one product gives
+    # the same scores under the interpreter, so only the instruction counts can tell (measured: sm_80 HMMA
+    # 96 against 32, sm_90 HGMMA 20 against 4)
+    x3 = {a: compiled[f"cosine_topk tf32x3 {a}"]["sass"] for a in ("sm_80", "sm_90")}
+    x1 = {a: compiled[f"cosine_topk tf32 {a}"]["sass"] for a in ("sm_80", "sm_90")}
+    assert x3["sm_80"]["HMMA"] >= 3 * x1["sm_80"]["HMMA"], (x3["sm_80"], x1["sm_80"])
+    assert x3["sm_90"]["HGMMA"] >= 3 * x1["sm_90"]["HGMMA"], (x3["sm_90"], x1["sm_90"])
 
 
 def test_ssim_kernel_is_fp32_arithmetic_without_tensor_cores(compiled):

@@ -1,0 +1,22 @@
+"""Shared pytest configuration: the run says which CPU code paths this machine exercised."""
+
+from __future__ import annotations
+
+
+def _native_line() -> str:
+    try:
+        from deepssim_fast import _native
+    except ImportError as exc:  # pragma: no cover - the suite's own tests report this
+        return f"deepssim_fast._native: not importable ({exc})"
+    simd = _native.detected_simd_level()
+    line = (f"deepssim_fast native: SIMD {simd}, all-pairs int16 kernel {_native.topk_int16_kernel()}, "
+            f"{_native.num_threads()} threads")
+    if simd != "avx512":
+        line += " (the AVX-512 paths were not exercised on this CPU)"
+    return line
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Several native kernels are chosen by the CPU (AVX-512 SSIM bands, the VNNI all-pairs kernel); tests
+    of a level the CPU lacks are skipped or resolve to a lower level. Say which, also under -q (CI logs)."""
+    terminalreporter.write_line(_native_line())
