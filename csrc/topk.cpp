@@ -23,7 +23,9 @@
 //            Its int32 sums span 32 columns (a chunk) and are added in float32, so S need only keep each
 //            chunk's partial sum below 2^31 (|zx_c| |zy_c| < 2^31 for every chunk), not the whole dot:
 //            S ~1.8x larger at d = 256 than one int32 sum allows, E and the re-scored pairs ~1.8x fewer;
-//          - AVX2: vpmaddwd + vpaddd, the same products; one int32 sum over all of dp;
+//          - AVX2: vpmaddwd + vpaddd, the same products; two int32 sums (each half of dp), added in
+//            float32: S ~1.23x larger at d = 256 than one sum allows (the largest half-row norm, not half
+//            the row's, bounds it);
 //        * fp32 kernel (scalar, or where int16 does not pay): one sequential fma chain per pair,
 //          E = (gamma(dp) + gamma(dp / 16 + 4)) |q| |t| (~1.6e-5 at d = 256).
 //      t is packed once per call into panels of NR = 16 rows (k-major); each worker takes MR = 6 query
@@ -79,6 +81,7 @@ constexpr int NR = 16;   // database rows per packed panel
 constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at d = 256, fp32)
 constexpr int LIST = 2 * MR * NR;  // flagged pairs of one micro-kernel call, at most
 constexpr int KC = 16;   // micro_vnni: k pairs (32 columns) per int32 partial sum, then added in float32
+inline int64_t i16_avx2_half(int64_t dp) { return (dp / 2 + 1) / 2; }  // micro_i16_avx2: k pairs in chunk 0
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -463,12 +466,13 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
 // 92-95 G/s in this order (the fp32 kernel: 57-58 G/s); in whole calls, where most steps carry
 // increments, both orders take the same time. The two panels run one after the other
 // (6 x 16 each: 12 accumulators, two panel registers, a broadcast and a product fill the 16 registers).
-// Unlike micro_vnni it keeps one int32 sum over all of dp (one chunk): with no registers left for float32
-// sums, flushing chunks through memory and losing the interleaved increments cost more than the finer
-// scale saved (measured: 1.16-1.24 s against 1.09-1.20 s for the whole 20000^2 x 256 call).
+// Unlike micro_vnni's 32-column chunks it keeps two int32 sums, one per half of dp: with no registers left
+// for float32 sums, the first half's go through the stack once. One sum over all of dp (the previous
+// version) took 0.319-0.333 s single thread at 3000 x 20000 x 256 against 0.308-0.318 s; chunks of 32 or
+// 64 columns (several stack round trips, losing the interleaved increments) measured no better.
 DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
                                     float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
-  const int64_t steps = dp / 2;
+  const int64_t steps = dp / 2, half = i16_avx2_half(dp);
   const int32_t* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
   const int32_t *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
@@ -494,17 +498,30 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     __m256i av, p0;                                                                                 \
     DSF_SIX_ROWS(DSF_I16_ROW)                                                                       \
   }
-    for (; kk < steps && j + 1 < npend; ++kk, j += 2) {
-      DSF_MICRO_STEP_I16
-      S[pend[j]] += 1;
-      S[pend[j + 1]] += 1;
+    alignas(32) float f0[2 * MR * 8];  // the first chunk's sums, in float32
+    for (int ch = 0; ch < 2; ++ch) {
+      const int64_t end = ch ? steps : half;
+      for (; kk < end && j + 1 < npend; ++kk, j += 2) {
+        DSF_MICRO_STEP_I16
+        S[pend[j]] += 1;
+        S[pend[j + 1]] += 1;
+      }
+      for (; kk < end; ++kk) DSF_MICRO_STEP_I16
+      if (ch == 0) {
+#define keep(off, c)                                  \
+  _mm256_store_ps(f0 + (off), _mm256_cvtepi32_ps(c)); \
+  c = _mm256_setzero_si256();
+        keep(0, c00) keep(8, c01) keep(16, c10) keep(24, c11) keep(32, c20) keep(40, c21)
+        keep(48, c30) keep(56, c31) keep(64, c40) keep(72, c41) keep(80, c50) keep(88, c51)
+#undef keep
+      }
     }
-    for (; kk < steps; ++kk) DSF_MICRO_STEP_I16
 #undef DSF_MICRO_STEP_I16
 #undef DSF_I16_ROW
 #undef DSF_SIX_ROWS
     float* o = out + h * MR * NR;
-#define put(off, c) _mm256_storeu_ps(o + (off), _mm256_mul_ps(_mm256_cvtepi32_ps(c), vi))
+#define put(off, c) \
+  _mm256_storeu_ps(o + (off), _mm256_mul_ps(_mm256_add_ps(_mm256_load_ps(f0 + (off)), _mm256_cvtepi32_ps(c)), vi))
     put(0, c00);
     put(8, c01);
     put(16, c10);
@@ -887,7 +904,7 @@ inline double gamma_n(double n) {
 }
 
 // An int16 kernel's chunks (the spans of its int32 partial sums): columns [c * cw, min(dp, (c + 1) * cw)),
-// cw = 2 KC for micro_vnni, dp (one chunk) for micro_i16_avx2.
+// cw = 2 KC for micro_vnni, 2 i16_avx2_half(dp) (two chunks) for micro_i16_avx2.
 inline int64_t n_chunks(int64_t dp, int64_t cw) { return (dp + cw - 1) / cw; }
 
 struct RowStats {
@@ -1123,7 +1140,7 @@ constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4;
 void prepare(Params& p, Simd level, Buffers& buf) {
   const int choice = p.choice;
   const bool vnni = level >= Simd::AVX512 && cpu_has_vnni();
-  const int64_t cw = vnni ? 2 * KC : p.dp;  // the int16 kernel's chunk width (see n_chunks)
+  const int64_t cw = vnni ? 2 * KC : 2 * i16_avx2_half(p.dp);  // the int16 kernel's chunk width (see n_chunks)
   const RowStats sq = row_stats(p.q, p.m, p.dp, cw), st = row_stats(p.t, p.n, p.dp, cw);
   const double scale = p.bins / (p.hi - p.lo);
   const double e_canon = gamma_n(std::ceil(p.dp / 16.0) + 4) * sq.norm * st.norm;
