@@ -39,14 +39,15 @@
 //      When each threshold separates two bins (the last float32 at or below it and the next one up fall in
 //      different bins, as 0.6 and 0.85 do on 200 bins of [-1, 1]), the bins alone tell a pair's class: the
 //      fold skips its class compares and the class counts are sums of the call's histogram (cls_in_hist).
-//   3. The queued pairs (measured at 3000 x 20000 x 256, 200 bins, k = 10: VNNI 2.7 %, AVX2 int16 4.6 %,
-//      fp32 0.9 %; near a bin edge for the int16 kernels, mostly top-k candidates for fp32) get their
-//      canonical score s, four at a time (canon_dot4): exact bin, exact class, heap offer of s.
+//   3. The queued pairs (measured at 3000 x 20000 x 256, 200 bins, k = 10: VNNI 2.7 %, AVX2 int16 4.6 %
+//      with one int32 sum (two now: E ~1.2x smaller), fp32 0.9 %; near a bin edge for the int16 kernels,
+//      mostly top-k candidates for fp32) get their canonical score s, four at a time (canon_dot4): exact
+//      bin, exact class, heap offer of s.
 //   The histogram increments of 2 (one memory read-modify-write each, about a cycle apiece here) are
 //   handed to the next micro-kernel call, which issues them between its multiply-adds: that loop is bound
 //   by its arithmetic pipes and leaves the load/store ports idle.
 //   Measured on 2 Zen 4 cores, 20000^2 x 256, 200 bins (BENCHMARKS.md): VNNI ~0.9 s per call,
-//   AVX2 int16 ~1.15 s, fp32 ~1.25 s.
+//   AVX2 int16 ~1.1 s, fp32 ~1.2 s.
 //
 // Conventions (shared with deepssim_fast/all_pairs.py and reference.py)
 //   bin(s)   = clamp(floor(((double)s - lo) / (hi - lo) * bins), 0, bins - 1)
