@@ -27,21 +27,8 @@ _SCRIPT = textwrap.dedent(r"""
 
     # count the kernel's launches (each result records those since the previous one): the results must come
     # from the Triton kernel itself, not from a fallback that computes the same numbers
-    LAUNCHES = [0]
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                LAUNCHES[0] += 1
-                return launch(*args, **kwargs)
-            return run
-
-    ck._cosine_topk_kernel = Counting(ck._cosine_topk_kernel)
+    from _triton_launches import count_launches
+    LAUNCHES = count_launches(ck, "_cosine_topk_kernel")
 
     class Results(list):
         seen = 0
@@ -173,7 +160,9 @@ _SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    tests = os.path.dirname(os.path.abspath(__file__))  # (the script imports _triton_launches from here)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -34,21 +34,9 @@ _SCRIPT = textwrap.dedent(r"""
     # count the SSIM kernel's launches (each record holds those since the previous one): results must come
     # from the Triton kernel, not from a fallback that computes the same numbers
     from deepssim_fast.kernels import ssim as ks_mod
-    LAUNCHES = [0, 0]  # total, at the last record
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                LAUNCHES[0] += 1
-                return launch(*args, **kwargs)
-            return run
-
-    ks_mod._ssim_kernel = Counting(ks_mod._ssim_kernel)
+    from _triton_launches import count_launches
+    LAUNCHES = count_launches(ks_mod, "_ssim_kernel")
+    LAST = [0]  # the count at the last record
 
     def oracle(x, y, window="uniform", preset=None, dr=None):
         x = x.astype(np.float64); y = y.astype(np.float64)
@@ -66,8 +54,8 @@ _SCRIPT = textwrap.dedent(r"""
         res[name] = dict(shape=list(got.shape), want_shape=list(want.shape), dtype=str(got.dtype),
                          err=float(np.abs(got - want).max()) if got.size else 0.0,
                          ref_err=None if ref is None else float(np.abs(got - np.asarray(ref)).max()),
-                         launches=LAUNCHES[0] - LAUNCHES[1])
-        LAUNCHES[1] = LAUNCHES[0]
+                         launches=LAUNCHES[0] - LAST[0])
+        LAST[0] = LAUNCHES[0]
 
     sl = [s.array for s in data.real_slices((19, 23), datasets=["mni152"])]
     sl = [a for a in sl if a[4:15, 4:19].std() > 0]
@@ -259,7 +247,9 @@ _SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    tests = os.path.dirname(os.path.abspath(__file__))  # (the script imports _triton_launches from here)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600
     )
