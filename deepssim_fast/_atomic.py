@@ -7,10 +7,11 @@ the existing file's mode when it replaces one (the temporary file's private 0600
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,15 +70,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+def remove_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
     """Delete the temporary files that writes into ``folder`` left behind when their process was killed
-    (names ``.<file>.<random>.tmp``, as :func:`atomic_path` makes them). For a job's own output folders, at
-    its start (one job per folder at a time). Returns what was removed."""
+    (names ``.<file>.<random>.tmp``, as :func:`atomic_path` makes them): those of the files in ``names``, or
+    every such file when ``names`` is None (a folder the job owns). For a job's own outputs, at its start (one
+    job per folder at a time). Returns what was removed."""
     d = Path(folder)
     gone = []
     if d.is_dir():
-        for f in d.glob(".*.tmp"):
-            if f.is_file() and not f.is_symlink():
-                f.unlink(missing_ok=True)
-                gone.append(f)
+        patterns = [".*.tmp"] if names is None else [f".{glob.escape(n)}.*.tmp" for n in names]
+        for pattern in patterns:
+            for f in d.glob(pattern):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+                    gone.append(f)
     return gone

@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -882,8 +883,8 @@ def _stage_state(work: Path, fingerprint: dict) -> None:
                 (work.parent / name).unlink(missing_ok=True)
             for f in sorted(work.glob("search*.npz")) + sorted(work.glob("verify_*.npz")):
                 f.unlink()
-            for d in sorted(work.parent.glob("shards*")):
-                if d.is_dir():
+            for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
+                if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|flip\d|shift\d+))?", d.name):
                     shutil.rmtree(d, ignore_errors=True)
             state.unlink()
     work.mkdir(parents=True, exist_ok=True)
@@ -1002,8 +1003,10 @@ def audit(
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     work = out / "work"
-    for folder in (out, work):  # temporary files of a run that was killed mid-write
-        remove_temporaries(folder)
+    # temporary files of a run killed mid-write: in OUT those of the audit's own outputs only (OUT may be a
+    # folder of the user's), in OUT/work any
+    remove_temporaries(out, _OUTPUT_FILES)
+    remove_temporaries(work)
 
     t0 = time.perf_counter()
     train_paths, synth_paths = discover(train), discover(synth)

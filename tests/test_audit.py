@@ -779,8 +779,11 @@ def test_interrupted_rerun_with_other_settings_leaves_no_stale_outputs(
         raise KeyboardInterrupt("simulated kill")
 
     monkeypatch.setattr(A, "_chunk_hook", die)
+    for d in ("shards", "shards_hflip", "shards_shift3", "shards_backup"):  # the last one is not the audit's
+        (tmp_path / d).mkdir()
     with pytest.raises(KeyboardInterrupt):
         A.audit(ds["train"], ds["synth"], **dict(kw, thresholds=(0.3, 0.5), verify="ssim"))
+    assert sorted(p.name for p in tmp_path.glob("shards*")) == ["shards_backup"]
     for name in ("matches.csv", "summary.json", "report.html", "histogram.png", "gallery.png", "evaluation.json"):
         assert not (tmp_path / name).exists(), name
     with pytest.raises(FileNotFoundError, match="no summary.json"):
@@ -792,10 +795,12 @@ def test_interrupted_rerun_with_other_settings_leaves_no_stale_outputs(
     leftovers = [tmp_path / ".matches.csv.k1ll3d0.tmp", tmp_path / "work" / ".synth_pixels.npy.x7y8z9.tmp"]
     for f in leftovers:
         f.write_bytes(b"partial")
+    theirs = tmp_path / ".notes.txt.abc.tmp"  # not one of the audit's files: OUT may be the user's folder
+    theirs.write_text("keep")
     monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: None)
     A.audit(ds["train"], ds["synth"], **dict(kw, thresholds=(0.3, 0.5), verify="ssim"))
     assert not any(f.exists() for f in leftovers)
-    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "work").glob(".*.tmp"))
+    assert list(tmp_path.glob(".*.tmp")) == [theirs] and not list((tmp_path / "work").glob(".*.tmp"))
     th = json.loads((tmp_path / "summary.json").read_text())["thresholds"]
     assert (th["low"], th["high"]) == (0.3, 0.5)
     A.evaluate(tmp_path, labels)
