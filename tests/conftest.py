@@ -8,11 +8,12 @@ def _native_line() -> str:
         from deepssim_fast import _native
     except ImportError as exc:  # pragma: no cover - the suite's own tests report this
         return f"deepssim_fast._native: not importable ({exc})"
-    simd = _native.detected_simd_level()
-    line = (f"deepssim_fast native: SIMD {simd}, all-pairs int16 kernel {_native.topk_int16_kernel()}, "
+    simd, active = _native.detected_simd_level(), _native.simd_level()
+    level = simd if active == simd else f"{active} (capped; the CPU has {simd})"
+    line = (f"deepssim_fast native: SIMD {level}, all-pairs int16 kernel {_native.topk_int16_kernel()}, "
             f"{_native.num_threads()} threads")
-    if simd != "avx512":
-        line += " (the AVX-512 paths were not exercised on this CPU)"
+    if active != "avx512":
+        line += " (the AVX-512 paths were not exercised)"
     return line
 
 
