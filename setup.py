@@ -48,8 +48,8 @@ setup(
         "report": [],  # (matplotlib is a core dependency now; the extra stays so old install lines work)
         "dask": ["dask>=2024.1", "distributed>=2024.1", "threadpoolctl>=3"],
         "cupy": ["cupy-cuda12x"],
-        "test": ["pytest>=7", "scikit-image>=0.22", "faiss-cpu>=1.8", "nilearn>=0.10", "dipy>=1.8",
-                 "dask>=2024.1", "distributed>=2024.1", "ruff"],
+        "test": ["pytest>=7", "scikit-image>=0.22", "scikit-learn>=1.3", "faiss-cpu>=1.8", "nilearn>=0.10",
+                 "dipy>=1.8", "dask>=2024.1", "distributed>=2024.1", "ruff"],
         "bench": ["scikit-image>=0.22", "faiss-cpu>=1.8", "pytorch-msssim>=1.0", "torchmetrics>=1.0",
                   "nilearn>=0.10", "dipy>=1.8"],
     },
