@@ -1780,13 +1780,14 @@ def evaluate(
             backend=backend,
         )
     else:
+        def centred(px: Any) -> np.ndarray:  # flattened pixels minus their mean, in float64
+            x = np.asarray(px, dtype=np.float64).reshape(len(px), -1)
+            return x - x.mean(axis=1, keepdims=True)
+
         if metric == "correlation":  # Pearson correlation of the stored pixels
             tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
             sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
-            a = np.asarray(tp[ti], dtype=np.float64).reshape(len(ti), -1)
-            b = np.asarray(sp[si], dtype=np.float64).reshape(len(si), -1)
-            a -= a.mean(axis=1, keepdims=True)
-            b -= b.mean(axis=1, keepdims=True)
+            a, b = centred(tp[ti]), centred(sp[si])
         else:  # deepssim, embeddings: cosine of the stored search vectors
             tv, sv = np.load(stored("train_vectors.npy")), np.load(stored("synth_vectors.npy"))
             a, b = tv[ti].astype(np.float64), sv[si].astype(np.float64)
@@ -1806,10 +1807,7 @@ def evaluate(
                 if metric == "deepssim":
                     bv = _embed(list(block), model_obj, batch_size=batch_size, device=device).astype(np.float64)
                 else:  # a transformed item that is constant keeps the untransformed item's row (as the search)
-                    x = block.reshape(len(block), -1).astype(np.float64)
-                    const = _constant_items(x)
-                    x -= x.mean(axis=1, keepdims=True)
-                    bv = np.where(const[:, None], b, x)
+                    bv = np.where(_constant_items(block)[:, None], b, centred(block))
                 score = np.maximum(score, cosine(bv))
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
     y_pred = [_REF_CODE[n] for n in pred_names]
