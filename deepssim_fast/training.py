@@ -456,8 +456,9 @@ _LOG_FIELDS = ["step", "epoch", "loss", "mae", "lr", "t_data", "t_target", "t_mo
 
 def _changed_train_args(old: dict, new: dict) -> list[str]:
     """'name old -> new' for each training setting a resumed run changes (settings the checkpoint predates
-    are not compared)."""
-    return [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k in old and old[k] != v]
+    are not compared; nor is total_steps: running on to more steps is what resuming is for)."""
+    return [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items()
+            if k in old and k != "total_steps" and old[k] != v]
 
 
 class _Logger:

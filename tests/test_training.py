@@ -135,7 +135,7 @@ def test_seeded_reproducibility(mni_slices) -> None:
     assert torch.equal(torch.rand(1), before)
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices) -> None:
+def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices, caplog) -> None:
     imgs = mni_slices[:24]
     kw = dict(SMALL, seed=11, val_every=2)
     full_c = train(imgs, max_steps=6, out=tmp_path / "fc", **kw)
@@ -144,7 +144,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices) -> None:
     assert ck["step"] == 3 and "optimizer" in ck and ck["seed"] == 11
     assert ck["train_args"]["total_steps"] == 3
     assert [r["loss"] for r in half.history] == [r["loss"] for r in full_c.history[:3]]
-    rest_c = train(imgs, max_steps=6, out=tmp_path / "hc", resume=tmp_path / "hc" / "last.pt", **kw)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        rest_c = train(imgs, max_steps=6, out=tmp_path / "hc", resume=tmp_path / "hc" / "last.pt", **kw)
+    assert "other settings" not in caplog.text  # running on to more steps is not a change of settings
     assert [r["step"] for r in rest_c.history] == [4, 5, 6]
     assert [r["loss"] for r in rest_c.history] == [r["loss"] for r in full_c.history[3:]]
     # the final weights (last.pt of both runs) are identical too
