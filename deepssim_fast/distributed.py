@@ -388,7 +388,7 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
                 res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
                                 bins=opts["bins"], device=device, backend=opts.get("backend"),
                                 progress=False, self_offset=shard.self_offset,
-                                precision=opts.get("precision", "ieee"))
+                                precision=opts["precision"])
             except ValueError as exc:
                 raise ValueError(f"{_global_rows(str(exc), shard)} (shard {shard.name})") from exc
     finally:  # leave the process as it was (matters when the task runs in the caller's process)
@@ -444,10 +444,10 @@ def _inputs_key(train: np.ndarray, synth: np.ndarray | None, opts: dict[str, Any
             continue
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
-    extra = {"precision": opts["precision"]} if "precision" in opts else {}
     h.update(json.dumps({"k": opts["k"], "thresholds": list(opts["thresholds"]), "bins": opts["bins"],
                          "backend": opts.get("backend"), "device": opts.get("device"),
-                         "v": _CHECKPOINT_VERSION, **extra}, sort_keys=True).encode())
+                         "precision": opts["precision"], "v": _CHECKPOINT_VERSION},
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -643,9 +643,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
         raise ValueError(f"bins must be an integer in [1, 2^20], got {bins!r}")
     opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
-                            "backend": backend, "device": device, "threads": threads_per_task}
-    if precision != "ieee":  # (the default stays out of the job key: checkpoints of earlier runs still match)
-        opts["precision"] = precision
+                            "backend": backend, "device": device, "threads": threads_per_task,
+                            "precision": precision}
     if threads_per_task is not None and (isinstance(threads_per_task, bool) or int(threads_per_task) < 1):
         raise ValueError(f"threads_per_task must be a positive integer, got {threads_per_task!r}")
     if n_synth == 0:  # nothing to distribute: the empty result, as one process gives it

@@ -391,7 +391,8 @@ def test_shard_task_picks_the_worker_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     train = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
     shard = dd.Shard(sindex=1, tblock=0, s0=3, s1=6, t0=0, t1=10, self_offset=3)
-    opts = {"k": 2, "thresholds": (0.6, 0.85), "bins": 10, "backend": None, "device": None, "threads": 1}
+    opts = {"k": 2, "thresholds": (0.6, 0.85), "bins": 10, "backend": None, "device": None, "threads": 1,
+            "precision": "ieee"}
     assert dd._run_shard(train, None, shard, opts) == "result"
     dd._run_shard(train, None, shard, dict(opts, backend="native"))
     assert seen[0]["device"] == "cuda" and seen[1]["device"] is None
@@ -451,7 +452,7 @@ def test_engine_errors_on_a_worker_name_global_rows_and_are_not_retried(client, 
     shard = dd.Shard(sindex=2, tblock=1, s0=20, s1=30, t0=100, t1=160, self_offset=None)
     bad = sy[20:30].copy()
     bad[5] = 0  # (the driver checks zero rows first; this calls the worker task directly)
-    opts = {"k": 3, "thresholds": (0.6, 0.85), "bins": 200, "backend": "native", "threads": 1}
+    opts = {"k": 3, "thresholds": (0.6, 0.85), "bins": 200, "backend": "native", "threads": 1, "precision": "ieee"}
     with pytest.raises(ValueError, match=r"synth row 25 is all zeros.*shard s0000000020"):
         dd._run_shard(tr[100:160], bad, shard, opts)
     zero = tr[100:160].copy()
