@@ -221,8 +221,8 @@ def _ssim_kernel(
                 for dx in tl.static_range(K):
                     ea, eb, eaa, ebb, eab = _add_tap(xb, yb, roff + (cols + dx), valid, xc, yc, sx, sy,
                                                      wzy * tl.load(w_ptr + dx), ea, eb, eaa, ebb, eab)
-        ux = (xc - cx) * sx + ea + cx * sx
-        uy = (yc - cy) * sy + eb + cy * sy
+        ux = xc * sx + ea  # (ea, eb: differences from the centre pixel, so the means need no centre)
+        uy = yc * sy + eb
         vx = eaa - ea * ea
         vy = ebb - eb * eb
         vxy = eab - ea * eb
@@ -277,7 +277,8 @@ def _prepare(
 
     x, y: the stacks as the kernel reads them (the inputs; for ``deepssim``, their float32 z-scores, computed
     in float64). cx, sx / cy, sy: the per-image centre and scale the kernel applies (z-scores: 0 and 1;
-    otherwise each image's minimum and 1), float32; c1, c2: per pair, float32; range: the pair's data range, float64.
+    otherwise each image's minimum and 1), float32; c1, c2: per pair, float32; range: the pair's data range,
+    float64.
     """
     preset = p.preset == "deepssim"
     mx_, sx_, lx, hx = _image_stats(xf, preset)
