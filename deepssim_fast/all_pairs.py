@@ -201,7 +201,14 @@ def _select_sorted(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.
 def _train_hits(indices: np.ndarray, n_train: int) -> np.ndarray:
     if indices.shape[0] == 0 or indices.shape[1] == 0:
         return np.zeros(n_train, dtype=np.int64)
-    return np.bincount(indices[:, 0], minlength=n_train).astype(np.int64)
+    top = indices[:, 0]
+    # an unfilled top-k slot (the INT64_MAX sentinel) must never reach np.bincount, which would try to
+    # allocate (and write) past it
+    if top.min() < 0 or top.max() >= n_train:
+        bad = int(np.flatnonzero((top < 0) | (top >= n_train))[0])
+        raise RuntimeError(f"all_pairs: internal error, synth row {bad} has nearest-neighbour index "
+                           f"{int(top[bad])}, outside [0, {n_train}) (a top-k slot was not filled)")
+    return np.bincount(top, minlength=n_train).astype(np.int64)
 
 
 def hist_edges(bins: int) -> np.ndarray:

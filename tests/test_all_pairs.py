@@ -308,6 +308,20 @@ def test_train_hits_count_nearest_neighbours():
     assert r.train_hits[3] == 3 and r.train_hits[5] == 1 and r.train_hits[9] == 1 and r.train_hits.sum() == 5
 
 
+def test_train_hits_refuses_an_unfilled_top_k_slot():
+    """An index outside [0, n_train) (the INT64_MAX sentinel of an unfilled slot) is an internal error, never
+    passed on to np.bincount (which would write out of bounds and abort the process)."""
+    from deepssim_fast.all_pairs import _train_hits
+
+    good = np.array([[3, 1], [0, 2], [3, 0]], dtype=np.int64)
+    np.testing.assert_array_equal(_train_hits(good, 5), [1, 0, 0, 2, 0])
+    for bad in (np.iinfo(np.int64).max, 5, -1):
+        idx = good.copy()
+        idx[1, 0] = bad
+        with pytest.raises(RuntimeError, match=rf"internal error, synth row 1 .*index {bad}, outside \[0, 5\)"):
+            _train_hits(idx, 5)
+
+
 # ------------------------------------------------------------------------------ self mode and shards
 def test_self_mode_excludes_self_pairs_and_equals_self_offset_zero():
     train = _rand(700, 20, SEED + 8)
