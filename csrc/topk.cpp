@@ -1386,7 +1386,9 @@ int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_
         for (int l = 0; l < 4; ++l) s[l] += static_cast<double>(row[c + l]) * static_cast<double>(row[c + l]);
       for (int l = 0; c < d; ++c, ++l) s[l] += static_cast<double>(row[c]) * static_cast<double>(row[c]);
       double norm = std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
-      double scale = 1.0;  // a power of two: exact, and it cancels exactly in the division
+      // the row is used as row * scale * scale2: powers of two (1 unless rescaled below), so exact, and they
+      // cancel exactly in the division
+      double scale = 1.0, scale2 = 1.0;
       if (!(norm >= 0x1p-450 && norm <= 0x1p450)) {
         // the sum of squares may have over- or underflowed (float64 rows only: float32 squares cannot):
         // scale the row so its largest entry lies in [0.5, 1) and sum again (the rule of _NORM_SAFE in
@@ -1396,16 +1398,20 @@ int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_
         if (m > 0) {
           int e = 0;
           std::frexp(m, &e);
-          scale = std::ldexp(1.0, -e);
+          // 2^-e itself overflows when the largest entry is below 2^-1024 (a subnormal): then it is applied
+          // as 2^1023 times the rest (two exact up-scalings, to entries below 1); otherwise scale2 stays 1
+          // and changes nothing
+          scale = std::ldexp(1.0, std::min(-e, 1023));
+          scale2 = std::ldexp(1.0, -e - std::min(-e, 1023));
           double t[4] = {0.0, 0.0, 0.0, 0.0};
           int64_t c3 = 0;
           for (; c3 + 4 <= d; c3 += 4)
             for (int l = 0; l < 4; ++l) {
-              const double v = static_cast<double>(row[c3 + l]) * scale;
+              const double v = static_cast<double>(row[c3 + l]) * scale * scale2;
               t[l] += v * v;
             }
           for (int l = 0; c3 < d; ++c3, ++l) {
-            const double v = static_cast<double>(row[c3]) * scale;
+            const double v = static_cast<double>(row[c3]) * scale * scale2;
             t[l] += v * v;
           }
           norm = std::sqrt((t[0] + t[1]) + (t[2] + t[3]));
@@ -1419,7 +1425,8 @@ int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_
         std::fill(o, o + dp, 0.0f);
         continue;
       }
-      for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(static_cast<double>(row[k]) * scale / norm);
+      for (int64_t k = 0; k < d; ++k)
+        o[k] = static_cast<float>(static_cast<double>(row[k]) * scale * scale2 / norm);
       std::fill(o + d, o + dp, 0.0f);
     }
   });

@@ -274,7 +274,12 @@ def _rescale_extreme_torch(c: torch.Tensor, norm: torch.Tensor) -> None:
     m = c[bad].abs().amax(dim=1)
     bad, m = bad[m > 0], m[m > 0]
     if bad.numel():
-        c[bad] = torch.ldexp(c[bad], -torch.frexp(m).exponent[:, None].to(c.dtype))
+        # torch.ldexp multiplies by 2^-e, which overflows to inf where the largest entry is below 2^-1024 (a
+        # subnormal): apply at most 2^1023 at once, then the rest (both exact up-scalings there; elsewhere the
+        # rest is 2^0, which changes nothing)
+        e = -torch.frexp(m).exponent[:, None].to(c.dtype)
+        first = e.clamp(max=1023)
+        c[bad] = torch.ldexp(torch.ldexp(c[bad], first), e - first)
         norm[bad] = torch.linalg.vector_norm(c[bad], dim=1)
 
 

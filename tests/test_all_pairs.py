@@ -473,6 +473,42 @@ def test_rows_of_extreme_magnitude_normalise_like_ordinary_rows(backend):
         all_pairs(train, np.vstack([synth[:1], np.zeros((1, 16))]), k=4, progress=False, backend=backend)
 
 
+def _subnormal_rows(d: int = 16) -> np.ndarray:
+    """Non-zero float64 rows whose largest entry is subnormal (below 2^-1024: 2^-e itself overflows)."""
+    rows = np.zeros((4, d))
+    rows[0, 1] = 1e-310
+    rows[1, 3] = -5e-324  # the smallest subnormal
+    rows[2] = np.random.default_rng(SEED + 23).standard_normal(d) * 1e-312  # entries rounded to the subnormal grid
+    rows[3, :3] = [3e-315, -4e-315, 5e-324]
+    assert (np.abs(rows).max(axis=1) < 2.0 ** -1024).all()
+    return rows
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_subnormal_float64_rows_give_the_results_of_the_same_rows_in_normal_range(backend):
+    """A row whose largest entry is subnormal is a non-zero finite row like any other: as a training row and as a
+    synthetic row it gives bit for bit the results of the same row scaled by 2^1000 (was: a row of NaN that
+    never matched, unfilled top-k slots, and an abort in train_hits)."""
+    rng = np.random.default_rng(SEED + 24)
+    sub = _subnormal_rows()
+    train, synth = rng.standard_normal((30, 16)), rng.standard_normal((7, 16))
+    train[[4, 11, 17, 25]] = sub
+    synth[[1, 3, 5, 6]] = sub[[0, 2, 1, 3]]
+    synth[2] = np.ldexp(sub[2], 1000) * 3  # an exact duplicate (in direction) of training row 17
+    scaled_train, scaled_synth = train.copy(), synth.copy()
+    scaled_train[[4, 11, 17, 25]] = np.ldexp(sub, 1000)
+    scaled_synth[[1, 3, 5, 6]] = np.ldexp(sub[[0, 2, 1, 3]], 1000)
+    for k in (1, 4, 30):  # k = n_train: every slot must be filled
+        r = all_pairs(train, synth, k=k, progress=False, backend=backend)
+        assert np.isfinite(r.scores).all() and ((r.indices >= 0) & (r.indices < 30)).all()
+        _assert_same(r, all_pairs(scaled_train, scaled_synth, k=k, progress=False, backend=backend))
+    np.testing.assert_array_equal(r.indices[[1, 3, 5, 6], 0], [4, 17, 11, 25])  # each row finds itself
+    assert r.indices[2, 0] == 17 and r.scores[2, 0] > 0.9999 and r.class_counts["duplicate"] >= 5
+    assert r.histogram[0].sum() == 7 * 30 and r.train_hits.sum() == 7
+    _assert_same(all_pairs(train, None, k=3, progress=False, backend=backend),
+                 all_pairs(scaled_train, None, k=3, progress=False, backend=backend))
+
+
 def test_different_d_is_an_error_even_for_an_empty_synth_set():
     with pytest.raises(ValueError, match=r"train \(10, 8\), synth \(0, 7\)"):
         all_pairs(_rand(10, 8, SEED + 20), np.zeros((0, 7), np.float32), progress=False)
@@ -623,6 +659,48 @@ def test_native_row_normalisation_is_the_float64_rule(dtype):
     z = x.astype(np.float32)
     z[[2500, 700]] = 0
     assert _native.normalize_rows(z, out) == 700
+
+
+def test_native_normalize_rows_of_subnormal_float64_rows():
+    """Rows whose largest entry is below 2^-1024 normalise to the direction of the row (were NaN: the scale
+    2^-e overflowed to inf), bit for bit as the same rows scaled into normal range."""
+    sub = _subnormal_rows()
+    ordinary = np.random.default_rng(SEED + 63).standard_normal((3, 16))
+    x = np.vstack([sub, ordinary])
+    out = np.full((7, 16), np.nan, np.float32)
+    assert _native.normalize_rows(x, out) == -1
+    assert np.isfinite(out).all()
+    want = np.empty_like(out)
+    assert _native.normalize_rows(np.vstack([np.ldexp(sub, 1000), ordinary]), want) == -1
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(out[0], np.eye(16, dtype=np.float32)[1])
+    np.testing.assert_array_equal(out[1], -np.eye(16, dtype=np.float32)[3])
+    c = np.ldexp(sub, 1000)
+    np.testing.assert_allclose(out[:4], c / np.linalg.norm(c, axis=1, keepdims=True), rtol=1e-7, atol=0)
+    fallback = np.zeros_like(out)  # the numpy rule (no extension) agrees
+    assert _normalize_rows_numpy(torch.from_numpy(x), fallback) == -1
+    np.testing.assert_array_equal(fallback, out)
+
+
+def test_torch_normalisation_helper_rescales_subnormal_rows():
+    """_rescale_extreme_torch (the normalisation of the GPU paths; here on CPU tensors) scales a row whose largest
+    entry is subnormal exactly like the numpy rule (was: 2^-e = inf, a row of NaN/inf and a NaN norm)."""
+    from deepssim_fast.all_pairs import _rescale_extreme_numpy, _rescale_extreme_torch
+
+    ordinary = np.random.default_rng(SEED + 64).standard_normal((3, 16))
+    x = np.vstack([_subnormal_rows(), ordinary * 1e300, ordinary, ordinary * 1e-300, np.zeros((1, 16))])
+    c, norm = torch.from_numpy(x.copy()), torch.linalg.vector_norm(torch.from_numpy(x), dim=1)
+    _rescale_extreme_torch(c, norm)
+    with np.errstate(over="ignore", under="ignore"):  # (the rows that leave the safe range, as intended)
+        cn, normn = x.copy(), np.linalg.norm(x, axis=1)
+    _rescale_extreme_numpy(cn, normn)
+    np.testing.assert_array_equal(c.numpy(), cn)  # both exact powers of two: the same values
+    assert np.isfinite(c.numpy()).all() and np.isfinite(norm.numpy()).all()
+    assert (norm.numpy()[:-1] > 0).all() and norm[-1] == 0  # (a zero row stays a zero row)
+    np.testing.assert_allclose(norm.numpy(), normn, rtol=1e-15)
+    unit = (c / norm[:, None]).to(torch.float32).numpy()[:4]
+    np.testing.assert_array_equal(unit[0], np.eye(16, dtype=np.float32)[1])
+    np.testing.assert_array_equal(unit[1], -np.eye(16, dtype=np.float32)[3])
 
 
 def _adversarial(d: int = 64) -> tuple[np.ndarray, np.ndarray]:
