@@ -43,7 +43,8 @@ Simd detected_simd();
 Simd active_simd();
 const char* simd_name(Simd s);
 
-// Number of worker threads: DEEPSSIM_FAST_NUM_THREADS, else std::thread::hardware_concurrency().
+// Number of worker threads: set_num_threads' n if > 0, else DEEPSSIM_FAST_NUM_THREADS if a positive integer
+// (a value that is not a thread count is reported on stderr once), else std::thread::hardware_concurrency().
 int num_threads();
 
 // Run fn(begin, end) over [0, n) split into chunks of `grain`, claimed dynamically by up to

@@ -2,9 +2,12 @@
 // Capability files (ssim.cpp, topk.cpp, ...) add their functions through dsf::Registrar.
 #include "common.h"
 
+#include <cctype>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <limits>
 #include <mutex>
 
 namespace dsf {
@@ -34,6 +37,26 @@ int parse_simd_env() {
                  "detected level\n",
                  e);
   return v;
+}
+
+// DEEPSSIM_FAST_NUM_THREADS: a positive integer, or 0 / unset / empty for all cores. Any other value (not a
+// number, negative, out of range) is ignored with a warning (once per process), like DEEPSSIM_FAST_SIMD:
+// this runs inside native loops, without the GIL, so it cannot raise.
+int parse_threads_env() {
+  const char* e = std::getenv("DEEPSSIM_FAST_NUM_THREADS");
+  if (!e || !*e) return 0;
+  errno = 0;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  while (end != e && std::isspace(static_cast<unsigned char>(*end))) ++end;
+  const bool ok = end != e && !*end && errno == 0 && v >= 0 && v <= std::numeric_limits<int>::max();
+  static std::atomic<bool> warned{false};
+  if (!ok && !warned.exchange(true))
+    std::fprintf(stderr,
+                 "deepssim_fast: DEEPSSIM_FAST_NUM_THREADS='%s' is not a thread count (a positive integer, or 0 "
+                 "for all cores); using all cores\n",
+                 e);
+  return ok ? static_cast<int>(v) : 0;
 }
 }  // namespace
 
@@ -69,10 +92,7 @@ const char* simd_name(Simd s) {
 int num_threads() {
   int t = g_threads.load();
   if (t > 0) return t;
-  if (const char* e = std::getenv("DEEPSSIM_FAST_NUM_THREADS")) {
-    int v = std::atoi(e);
-    if (v > 0) return v;
-  }
+  if (const int v = parse_threads_env(); v > 0) return v;
   unsigned hc = std::thread::hardware_concurrency();
   return hc ? static_cast<int>(hc) : 1;
 }

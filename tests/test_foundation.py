@@ -254,6 +254,29 @@ def test_unknown_simd_environment_value_is_reported_not_silently_dropped():
     assert "DEEPSSIM_FAST_SIMD='avx3' is not one of scalar, avx2, avx512" in r.stderr
 
 
+def test_bad_thread_count_environment_value_is_reported_not_silently_dropped():
+    """DEEPSSIM_FAST_NUM_THREADS: a positive integer sets the count, 0 or empty means all cores; anything else
+    falls back to all cores with a warning naming the variable and value (was: silently)."""
+    from deepssim_fast import _native
+
+    code = "from deepssim_fast import _native; print(_native.num_threads(), _native.num_threads())"
+    all_cores = None
+    for value, want, warns in (("abc", None, True), ("-2", None, True), ("4x", None, True), ("0", None, False),
+                               ("", None, False), ("3", 3, False), (" 5 ", 5, False)):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DEEPSSIM_FAST_NUM_THREADS": value},
+                           capture_output=True, text=True, check=True)
+        got = [int(v) for v in r.stdout.split()]
+        if want is None:
+            all_cores = got[0] if all_cores is None else all_cores
+            assert got == [all_cores, all_cores], (value, got)
+        else:
+            assert got == [want, want], (value, got)
+        msg = f"DEEPSSIM_FAST_NUM_THREADS='{value}' is not a thread count"
+        assert (msg in r.stderr) == warns, (value, r.stderr)
+        assert r.stderr.count("DEEPSSIM_FAST_NUM_THREADS") == int(warns), "warned once per process"
+    assert all_cores >= 1 and _native.num_threads() >= 1
+
+
 def test_simd_environment_variable_caps_the_level():
     """DEEPSSIM_FAST_SIMD=scalar|avx2|avx512 caps the level the kernels use (never above the CPU's)."""
     from deepssim_fast import _native
