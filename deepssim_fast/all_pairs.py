@@ -368,7 +368,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     thresholds : ``(low, high)``: class counts different <= low < similar <= high < duplicate.
     bins : histogram bins, equal width on [-1, 1]. Native engine: past ~10^4 bins most pairs lie within the
         fast kernel's error bound of a bin edge and are re-scored exactly (2^16 bins: ~4x the time of 200).
-    device : where to compute (``"cpu"``, ``"cuda"``, ...); default: where the data lives.
+    device : where to compute: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``; any other device is an error); default:
+        where the data lives.
     backend : ``"native"``, ``"torch"`` or ``"triton"``; default from ``$DEEPSSIM_FAST_BACKEND`` or the data.
     progress : show a tqdm bar with pairs/s (only on a TTY).
     dense : also return the full (n_synth, n_train) float32 matrix in ``result.matrix`` (small problems).
@@ -423,6 +424,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         raise ValueError(f"all_pairs: block and tile must be >= 1, got block={block}, tile={tile}")
     if device is not None:
         dev = torch.device(device)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"all_pairs: device={device!r} is not supported; use 'cpu', 'cuda' (or 'cuda:N'), or "
+                             "leave device=None to compute where the data lives")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(f"all_pairs: device={device!r}, but torch sees no CUDA device here "
                                           f"(torch {torch.__version__}, CUDA build: "

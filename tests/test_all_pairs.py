@@ -8,6 +8,7 @@ Triton is checked in tests/test_all_pairs_triton.py (interpreter, in a subproces
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -521,6 +522,18 @@ def test_cuda_device_without_cuda_is_a_clear_error():
     good = _rand(10, 8, SEED + 21)
     with pytest.raises(BackendUnavailableError, match="no CUDA device"):
         all_pairs(good, good, device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta"), "mps", "xpu"])
+def test_device_other_than_cpu_or_cuda_is_a_clear_error(device):
+    """A device all_pairs cannot compute on is an error naming it (was: silently computed on the CPU)."""
+    good = _rand(10, 8, SEED + 21)
+    with pytest.raises(ValueError, match=re.escape(f"device={device!r} is not supported; use 'cpu', 'cuda'")):
+        all_pairs(good, good, device=device, progress=False)
+    with pytest.raises(ValueError, match="is not supported"):
+        all_pairs(good, good, device=device, backend="torch", progress=False)
+    _assert_same(all_pairs(good, good, device=torch.device("cpu"), progress=False),
+                 all_pairs(good, good, progress=False))
 
 
 def test_empty_synth_gives_empty_result():
