@@ -312,8 +312,12 @@ class ItemSet:
 
 
 def _file_key(p: Path, *parts: str) -> str:
-    st = p.stat()
-    raw = "|".join([str(p), str(st.st_size), str(st.st_mtime_ns), *parts])
+    try:
+        st = p.stat()
+        ident = [str(st.st_size), str(st.st_mtime_ns)]
+    except OSError:  # a broken symlink (or a file gone since discovery): decoding reports it as unreadable
+        ident = ["missing", ""]
+    raw = "|".join([str(p), *ident, *parts])
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 

@@ -4,9 +4,14 @@ Conventions
 -----------
 * :func:`discover` turns a *spec* (directory, glob pattern, file, or a list of these) into a sorted,
   de-duplicated list of paths. Directories are searched recursively for ``.nii``, ``.nii.gz``, ``.png``
-  and ``.npy``. Paths are made absolute (``os.path.abspath``: ``.`` and ``..`` removed) but symlinks are
-  not resolved, so a linked file keeps the name the user gave it and two links to one file are two
-  inputs. The order is ``sorted()`` over those absolute paths, never ``os.listdir`` order.
+  and ``.npy``, following symlinked sub-folders; a folder that is its own ancestor (a symlink loop, by
+  ``(st_dev, st_ino)``) is not entered again. A glob pattern gives the same files: a matching folder is
+  searched as if named by itself, and ``**`` follows linked folders with the same loop protection. An
+  image-named symlink whose target is missing is kept, so that reading it fails and it is reported
+  (skipped with its reason) rather than dropped unseen. Paths are made absolute (``os.path.abspath``:
+  ``.`` and ``..`` removed) but symlinks are not resolved, so a linked file keeps the name the user gave
+  it and two links to one file (or a folder reached through two paths) are two inputs. The order is
+  ``sorted()`` over those absolute paths, never ``os.listdir`` order.
 * :func:`read_image` returns float32, 2D or 3D:
 
   - PNG: 8- or 16-bit grayscale as stored (no rescaling). Colour images are converted to luminance with
@@ -73,11 +78,133 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
+def _is_candidate(q: Path) -> bool:
+    """An image-named entry that is a file, or a broken symlink: kept so that reading it fails and it is
+    reported (skipped with its reason, or an error under ``strict``) instead of vanishing unnoticed."""
+    if image_kind(q) is None:
+        return False
+    if q.is_file():
+        return True
+    return q.is_symlink() and not q.exists()
+
+
+def _dir_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = ()) -> Iterator[str]:
+    """Every entry below the folder ``root`` (not ``root`` itself), depth first in sorted order, following
+    symlinked folders. A folder that is one of its own ancestors (a symlink loop; compared by ``(st_dev,
+    st_ino)``) is not entered again; a folder reached along two different paths is searched under both.
+    A folder that cannot be listed is reported with a warning."""
+    me = _dir_id(root)
+    if me is None or me in ancestors:
+        if me is not None:
+            logger.warning("%s: symlink loop (the folder contains itself); not searched again", root)
+        return
+    chain = (*ancestors, me)
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        logger.warning("%s: folder not searched (%s)", root, exc)
+        return
+    for e in entries:
+        yield e.path
+        try:
+            is_dir = e.is_dir()  # follows a symlinked folder
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk(e.path, chain)
+
+
+def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = ()) -> list[Path]:
+    return [q for q in map(Path, _walk(os.fspath(p), ancestors)) if _is_candidate(q)]
+
+
+def _glob_parts_match(pat: list[str], parts: list[str]) -> bool:
+    """glob's rules on path components: ``**`` matches zero or more components, other components
+    ``fnmatch`` (case-sensitive); names starting with ``.`` match only a component that starts with ``.``."""
+    import fnmatch
+
+    if not pat:
+        return not parts
+    head = pat[0]
+    if head == "**":
+        if _glob_parts_match(pat[1:], parts):
+            return True
+        return bool(parts) and not parts[0].startswith(".") and _glob_parts_match(pat, parts[1:])
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _glob_parts_match(pat[1:], parts[1:])
+
+
+def _split_pattern(pattern: str) -> tuple[str, list[str]]:
+    """``(root, rest)``: the pattern's literal leading folder ("" for the current one) and the components
+    after it, the first of which holds a wildcard."""
+    comps = pattern.split(os.sep)
+    n = 0
+    while n < len(comps) - 1 and not _has_magic(comps[n]):
+        n += 1
+    root = os.sep.join(comps[:n]) or (os.sep if pattern.startswith(os.sep) else "")
+    return root, comps[n:]
+
+
+def _glob(pattern: str) -> list[str]:
+    """The paths matching ``pattern``, as ``glob.glob(pattern, recursive=True)`` gives them. A pattern with
+    ``**`` is matched against :func:`_walk` of its literal leading folder instead, so it follows symlinked
+    folders with the same loop protection as a folder search (``glob`` walks a symlink loop over and over,
+    until the OS refuses the path)."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    root, rest = _split_pattern(pattern)
+    pat = [c for c in rest if c not in ("", os.curdir)]
+    if not os.path.isdir(root or os.curdir):
+        return []
+    hits = [root] if root and _glob_parts_match(pat, []) else []
+    for q in _walk(root or os.curdir):
+        rel = os.path.relpath(q, root or os.curdir)
+        if _glob_parts_match(pat, rel.split(os.sep)):
+            hits.append(q if root else rel)
+    return hits
+
+
+def _glob_matches(pattern: str) -> list[Path]:
+    """The image files a glob pattern names: matching files and broken image-named links, and the contents
+    of matching folders, searched as if named by themselves (as the shell's expansion of the pattern would
+    give them). The folders between the pattern's literal root and a matching folder count as its ancestors
+    for the loop protection of :func:`_walk`, so a pattern finds what a search of its root would find."""
+    root, _ = _split_pattern(pattern)
+    base = root or os.curdir
+    found: list[Path] = []
+    searched: list[str] = []
+    for h in sorted(_glob(pattern)):
+        if os.path.isdir(h):
+            if any(h.startswith(d.rstrip(os.sep) + os.sep) for d in searched):
+                continue  # inside a folder already searched: nothing new
+            searched.append(h)
+            rel = os.path.relpath(h, base)
+            steps = [] if rel == os.curdir else rel.split(os.sep)[:-1]
+            chain = [base] + [os.path.join(base, *steps[: i + 1]) for i in range(len(steps))]
+            if rel != os.curdir:
+                found.extend(_search_dir(Path(h), tuple(i for i in map(_dir_id, chain) if i is not None)))
+            else:
+                found.extend(_search_dir(Path(h)))
+        elif _is_candidate(Path(h)):
+            found.append(Path(h))
+    return found
+
+
 def _discover_one(item: str | os.PathLike) -> list[Path]:
     s = os.fspath(item)
     p = Path(s).expanduser()
     if p.is_dir():
-        found = [q for q in p.rglob("*") if q.is_file() and image_kind(q) is not None]
+        found = _search_dir(p)
         if not found:
             raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files")
         return found
@@ -86,8 +213,7 @@ def _discover_one(item: str | os.PathLike) -> list[Path]:
             raise ValueError(f"{s}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
         return [p]
     if _has_magic(s):
-        hits = [Path(h) for h in glob.glob(os.path.expanduser(s), recursive=True)]
-        found = [q for q in hits if q.is_file() and image_kind(q) is not None]
+        found = _glob_matches(os.path.expanduser(s))
         if not found:
             raise ValueError(f"{s}: glob pattern matched no .nii, .nii.gz, .png or .npy files")
         return found
@@ -97,9 +223,11 @@ def _discover_one(item: str | os.PathLike) -> list[Path]:
 def discover(spec: Spec) -> list[Path]:
     """All image files named by ``spec``, as absolute paths, sorted and without duplicates.
 
-    ``spec`` is a directory (searched recursively), a glob pattern (``**`` allowed), a single file, or a
-    list/tuple of any of these. Symlinks keep their own path (not their target's). Raises ValueError naming
-    the spec when nothing is found.
+    ``spec`` is a directory (searched recursively, symlinked sub-folders included), a glob pattern (``**``
+    allowed; a matching folder is searched recursively), a single file, or a list/tuple of any of these.
+    Symlinks keep their own path (not their target's); a broken image-named link found in a folder or by a
+    pattern is listed (reading it raises :class:`DataError`). Raises ValueError naming the spec when
+    nothing is found.
     """
     items: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
     items = list(items)
@@ -187,6 +315,19 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
     return None
 
 
+def _require_exists(p: Path) -> None:
+    """DataError unless ``p`` exists; a broken symlink says so, with the target it names."""
+    if p.exists():
+        return
+    if p.is_symlink():
+        try:
+            target = os.readlink(p)
+        except OSError:  # pragma: no cover - a link that vanished between the two calls
+            target = "?"
+        raise DataError(f"{p}: broken symbolic link (its target {target} does not exist)")
+    raise DataError(f"{p}: no such file")
+
+
 def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarray:
     """Decode one file as a float32 2D image or 3D volume (see the module docstring for each format).
 
@@ -195,8 +336,7 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarr
     """
     p = Path(path)
     kind = image_kind(p)
-    if not p.exists():
-        raise DataError(f"{p}: no such file")
+    _require_exists(p)
     if kind is None:
         raise DataError(f"{p}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
     if kind == "nifti":
@@ -263,6 +403,7 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     """All slices of one file (read fully before returning, so a corrupt file fails before any slice)."""
     from .data import volume_slices
 
+    _require_exists(p)
     kind = image_kind(p)
     if kind == "nifti":
         lazy = _proxy_slices(p, policy)
@@ -299,6 +440,7 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
     """The volumes of one file as ``(source, array)``: a 4D file gives one volume per frame, with
     ``source = "<path>@t<t>"`` as :func:`iter_slices` names the slices of its frames; any other file gives
     itself, ``source = "<path>"`` (the rank is left to the caller to check)."""
+    _require_exists(p)
     kind = image_kind(p)
     if kind == "nifti":
         import nibabel as nib

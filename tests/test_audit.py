@@ -871,6 +871,26 @@ def test_symlinked_synthetic_file_keeps_the_link_path(ds: dict, tmp_path: Path) 
     assert ev["accuracy"] == 1.0
 
 
+def test_linked_training_folder_is_searched_and_a_broken_link_is_reported(ds: dict, tmp_path: Path) -> None:
+    """A symlinked sub-folder of an input folder is part of the set; a broken link is listed as skipped."""
+    train = tmp_path / "train"
+    train.mkdir()
+    try:
+        os.symlink(ds["train"], train / "site2", target_is_directory=True)
+        os.symlink(tmp_path / "missing.npy", train / "broken.npy")
+    except (OSError, NotImplementedError):
+        pytest.skip("this OS cannot make symlinks")
+    synth = ds["synth"] / "s04.npy"  # an identical copy
+    r = A.audit(train, synth, metric="ssim", k=1, verify="none", out=tmp_path / "o", progress=False)
+    assert r.summary["n_train_files"] == 15 and r.summary["n_train"] == 14
+    assert [(s["set"], s["path"]) for s in r.summary["skipped"]] == [("train", str(train / "broken.npy"))]
+    assert "broken symbolic link" in r.summary["skipped"][0]["reason"]
+    (row,) = _rows(tmp_path / "o")
+    assert row["train_path"].startswith(str(train / "site2") + os.sep) and row["label"] == "duplicate"
+    with pytest.raises(DataError, match="broken.npy: broken symbolic link"):
+        A.audit(train, synth, metric="ssim", k=1, verify="none", out=tmp_path / "o2", strict=True, progress=False)
+
+
 def test_flip_and_shift_search_shows_a_progress_bar(
     ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -210,3 +210,47 @@ def test_discover_keeps_symlink_paths(tmp_path: Path) -> None:
         ]
     finally:
         os.chdir(cwd)
+
+
+def _mri_slice(i: int = 10) -> np.ndarray:
+    """A small real MRI slice (anatomical scan, axial slice i)."""
+    return np.ascontiguousarray(data.load_volume("anatomical").array[:, :, i])
+
+
+def test_discover_follows_linked_folders_guards_loops_and_keeps_broken_links(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A symlinked sub-folder is part of the tree; a link back to an ancestor is not walked round again; a
+    broken image link is listed (reading it fails with a reason) instead of vanishing; a pattern finds what
+    the folder search finds."""
+    real = tmp_path / "real"
+    (real / "deep").mkdir(parents=True)
+    np.save(real / "a.npy", _mri_slice(10))
+    np.save(real / "deep" / "b.npy", _mri_slice(11))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    np.save(inp / "own.npy", _mri_slice(12))
+    try:
+        os.symlink(real, inp / "site2", target_is_directory=True)
+        os.symlink(tmp_path / "nowhere" / "scan.png", inp / "gone.png")
+        os.symlink(inp, inp / "loop", target_is_directory=True)  # the folder contains itself
+    except (OSError, NotImplementedError):
+        pytest.skip("this OS cannot make symlinks")
+    want = [inp / "gone.png", inp / "own.npy", inp / "site2" / "a.npy", inp / "site2" / "deep" / "b.npy"]
+    with caplog.at_level("WARNING"):
+        assert discover(inp) == want
+    assert "symlink loop" in caplog.text
+    assert discover(str(inp / "*")) == want  # a matching folder is searched recursively, as the shell gives it
+    assert discover(str(inp / "**" / "*.npy")) == want[1:]
+    assert discover(str(inp / "**" / "*.png")) == want[:1]
+    assert discover([str(inp / "**"), inp]) == want
+    # the broken link is an unreadable input: skipped with its reason, or an error under strict
+    skipped: list = []
+    got = list(iter_slices(discover(inp), SlicePolicy(), skipped=skipped))
+    assert {s.source for s in got} == {str(p) for p in want[1:]}
+    assert [p for p, _ in skipped] == [str(inp / "gone.png")]
+    assert "broken symbolic link" in skipped[0][1] and "nowhere" in skipped[0][1]
+    with pytest.raises(DataError, match="gone.png: broken symbolic link"):
+        list(iter_slices(discover(inp), strict=True))
+    with pytest.raises(DataError, match="broken symbolic link"):
+        read_image(inp / "gone.png")
