@@ -27,7 +27,9 @@ Conventions
   :class:`~deepssim_fast.data.SlicePolicy` (2D images give themselves, index 0). A 4D NIfTI is cut frame
   by frame; the slices of frame ``t`` have ``source = "<path>@t<t>"``. Uncompressed ``.nii`` volumes are
   read slice by slice through nibabel's memory-mapped array proxy; a ``.nii.gz`` (not seekable) is
-  decompressed once, so at most one volume is held in memory at a time.
+  decompressed once, so at most one volume is held in memory at a time. Either way the whole file is
+  checked (length, NaN/Inf in every slice) before its first slice is given, whatever slices the policy
+  selects: a damaged file is skipped whole, never used in part.
 * Slices of different sizes are brought to one shape with :func:`deepssim_fast.data.center_fit`
   (centre crop or pad with the slice's minimum, no resampling) by the callers that need one shape.
 """
@@ -355,7 +357,13 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarr
 
 
 def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
-    """Slices of an uncompressed 3D NIfTI read one at a time through nibabel's array proxy; None otherwise."""
+    """Slices of an uncompressed 3D NIfTI read one at a time through nibabel's array proxy; None otherwise.
+
+    The whole volume is checked, whatever slices the policy selects, as a ``.nii.gz`` is by decompressing
+    it: the file must be as long as its header says (data offset + shape x item size), and every slice is
+    read once (one at a time) for NaN/Inf values and the volume maximum, before the first slice is given.
+    So a truncated or NaN-holding file raises :class:`DataError` instead of contributing the slices that
+    happen to avoid its bad part."""
     import nibabel as nib
 
     if not p.name.lower().endswith(".nii"):
@@ -367,6 +375,16 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     shape = img.shape
     if len(shape) != 3:
         return None
+    try:
+        dtype = img.header.get_data_dtype()
+        need = int(img.header.get_data_offset()) + int(np.prod(shape)) * dtype.itemsize
+    except Exception as exc:  # noqa: BLE001 - a header nibabel loaded but cannot describe
+        raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    have = os.path.getsize(p)
+    if have < need:
+        raise DataError(
+            f"{p}: truncated NIfTI file: {have} bytes, but its header ({shape} {dtype} values) needs {need}"
+        )
     proxy = img.dataobj
     idx = list(range(shape[policy.axis]))[policy.start : policy.stop : policy.step]
 
@@ -381,10 +399,9 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
             raise DataError(f"{p}: contains NaN or Inf values (slice {i} along axis {policy.axis})")
         return s
 
-    # First pass: the volume maximum (the foreground level is relative to it), one slice at a time.
-    vmax = 0.0
-    if policy.min_foreground > 0:
-        vmax = max((float(take(i).max()) for i in range(shape[policy.axis])), default=0.0)
+    # First pass over every slice, one at a time: the whole file is readable and finite, and its maximum
+    # (the foreground level is relative to it).
+    vmax = max((float(take(i).max()) for i in range(shape[policy.axis])), default=0.0)
     level = policy.foreground_level * vmax
 
     def gen() -> Iterator[Slice]:

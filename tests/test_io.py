@@ -254,3 +254,43 @@ def test_discover_follows_linked_folders_guards_loops_and_keeps_broken_links(
         list(iter_slices(discover(inp), strict=True))
     with pytest.raises(DataError, match="broken symbolic link"):
         read_image(inp / "gone.png")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_damaged_nii_is_skipped_whole_even_when_the_selected_slices_avoid_the_damage(
+    tmp_path: Path, damage: str
+) -> None:
+    """An uncompressed .nii is read through nibabel's array proxy slice by slice; a truncated end or a NaN
+    in a slice the policy does not select must still fail the whole file, as it does for the same .nii.gz."""
+    src = data.dataset_path("anatomical")
+    img = nib.load(str(src))
+    vol = np.asarray(img.dataobj, dtype=np.float32)
+    n = vol.shape[2]
+    nii, gz = tmp_path / f"{damage}.nii", tmp_path / f"{damage}.nii.gz"
+    if damage == "nan":
+        vol[:, :, n - 3] = np.nan
+        for f in (nii, gz):
+            nib.save(nib.Nifti1Image(vol, img.affine), str(f))
+    else:
+        good = tmp_path / "good.nii"
+        nib.save(nib.Nifti1Image(vol, img.affine), str(good))
+        raw = good.read_bytes()
+        nii.write_bytes(raw[: len(raw) - vol.shape[0] * vol.shape[1] * 4])  # the last slice cut off
+        import gzip
+
+        gz.write_bytes(gzip.compress(nii.read_bytes()))
+    policy = SlicePolicy(stop=5, min_foreground=0.0)  # slices 0..4, far from the damage
+    for f in (nii, gz):
+        skipped: list = []
+        assert list(iter_slices([f], policy, skipped=skipped)) == []
+        assert [p for p, _ in skipped] == [str(f)], f
+        assert str(f) in skipped[0][1]
+        with pytest.raises(DataError, match=f.name):
+            list(iter_slices([f], policy, strict=True))
+        if damage == "nan":
+            assert "NaN or Inf" in skipped[0][1]
+    if damage == "truncated":
+        with pytest.raises(DataError, match=r"truncated NIfTI file: \d+ bytes, but its header .* needs \d+"):
+            list(iter_slices([nii], policy, strict=True))
+    # the undamaged part of the same scan gives its slices
+    assert len(list(iter_slices([src], policy))) == 5
