@@ -43,7 +43,10 @@ Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, defa
 key of path, size, mtime, slice policy, item shape and model hash; search and verification results are
 saved per chunk under ``OUT/work``. A rerun after an interruption skips finished work and writes
 byte-identical matches.csv, histogram.png, gallery.png and report.html, and a summary.json that differs
-only in ``timings_s``. Every output is written atomically (temporary file, then rename).
+only in ``timings_s``. Every output is written atomically (temporary file, then rename). An OUT or cache
+inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png, OUT/gallery.png,
+OUT/work, OUT/shards*, the cache's items/ and embeddings/) are left out of the inputs, with a warning; the
+rest of OUT is not (it may hold the inputs, as the demo's does).
 """
 
 from __future__ import annotations
@@ -896,6 +899,49 @@ def _stage_state(work: Path, fingerprint: dict) -> None:
         _atomic_json(state, fingerprint)
 
 
+def _own_output_paths(out: Path, cache: Path) -> tuple[list[str], list[str]]:
+    """(folders, files) the audit writes image-named files to, both as given and resolved: OUT/work (the
+    pixel and vector stores), OUT/shards*, the cache's items/ and embeddings/, OUT/histogram.png and
+    OUT/gallery.png. Not OUT itself: OUT may hold the inputs (the demo's OUT/data)."""
+    folders = [out / "work", cache / "items", cache / "embeddings"]
+    folders += [d for d in sorted(out.glob("shards*")) if re.fullmatch(r"shards(_\w+)?", d.name)]
+    files = [out / n for n in _OUTPUT_FILES if n.endswith(".png")]
+
+    def both(ps: list[Path]) -> list[str]:
+        return sorted({os.path.abspath(q) for q in ps} | {os.path.realpath(q) for q in ps})
+
+    return both(folders), both(files)
+
+
+def _drop_own_outputs(sets: dict[str, list[Path]], out: Path, cache: Path) -> dict[str, list[Path]]:
+    """Each input set without the audit's own outputs (:func:`_own_output_paths`), so that an OUT (or cache)
+    inside an input folder does not make a rerun audit the previous run's figures and stores; one warning
+    says how many were left out. A set left with nothing is an error."""
+    folders, files = _own_output_paths(out, cache)
+
+    def own(q: str) -> bool:
+        return q in files or any(q.startswith(d.rstrip(os.sep) + os.sep) for d in folders)
+
+    kept: dict[str, list[Path]] = {}
+    dropped: list[Path] = []
+    for name, paths in sets.items():
+        mine = [own(str(p)) or own(os.path.realpath(p)) for p in paths]
+        kept[name] = [p for p, m in zip(paths, mine, strict=True) if not m]
+        dropped += [p for p, m in zip(paths, mine, strict=True) if m]
+        if not kept[name]:
+            raise ValueError(
+                f"the {name} set holds only this audit's own outputs (under {out} or the cache {cache}): "
+                "give an --out (and --cache-dir) outside the input folders"
+            )
+    if dropped:
+        logger.warning(
+            "left out %d input file(s) that are this audit's own outputs (under %s%s), e.g. %s; "
+            "an --out outside the input folders avoids this",
+            len(dropped), out, "" if cache == out / "cache" else f" and the cache {cache}", dropped[0],
+        )
+    return kept
+
+
 def _chunk_hook(stage: str, index: int) -> None:
     """Called after every finished chunk (a seam for fault-injection tests)."""
 
@@ -1013,7 +1059,8 @@ def audit(
     remove_temporaries(work)
 
     t0 = time.perf_counter()
-    train_paths, synth_paths = discover(train), discover(synth)
+    found = _drop_own_outputs({"train": discover(train), "synth": discover(synth)}, out, cache)
+    train_paths, synth_paths = found["train"], found["synth"]
     timings["discover"] = time.perf_counter() - t0
     logger.info(
         "audit: %d training files, %d synthetic files, metric %s", len(train_paths), len(synth_paths), metric

@@ -306,6 +306,59 @@ def test_killed_process_resumes_to_identical_outputs(
     _compare_outputs(ssim_run.out, out)
 
 
+@pytest.mark.parametrize("where", ["synth", "train"])
+def test_out_inside_an_input_folder_is_not_audited_on_a_rerun(
+    ds: dict, tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OUT inside an input folder: the rerun must not take the first run's gallery.png, histogram.png and
+    OUT/work/*.npy stores as inputs; it gives the same outputs, and says that it left them out."""
+    train, synth = tmp_path / "train", tmp_path / "synth"
+    shutil.copytree(ds["train"], train)
+    synth.mkdir()
+    for name in ("s00.npy", "s12.npy"):
+        shutil.copy(ds["synth"] / name, synth / name)
+    out = (synth if where == "synth" else train) / "audit"
+    kw = dict(metric="ssim", k=2, verify="none", out=out, progress=False)
+    r1 = A.audit(train, synth, **kw)
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in (*DETERMINISTIC, "summary.json"):
+        shutil.copy(out / name, first / name)
+    assert (out / "gallery.png").exists() and sorted((out / "work").glob("*.npy"))
+    with caplog.at_level("WARNING", logger="deepssim_fast.audit"):
+        r2 = A.audit(train, synth, **kw)
+    n1, n2 = ((r.summary["n_train"], r.summary["n_synth"]) for r in (r1, r2))
+    assert n1 == n2 == (14, 2)
+    assert r2.summary["n_train_files"] == 14 and r2.summary["n_synth_files"] == 2
+    _compare_outputs(first, out)
+    assert "own outputs" in caplog.text and str(out) in caplog.text
+    # inputs under OUT that are not its outputs stay inputs (the demo keeps its data in OUT/data)
+    shutil.rmtree(out)
+    r3 = A.audit(train, synth, metric="ssim", k=2, verify="none", out=tmp_path, progress=False)
+    assert r3.summary["n_train"] == 14 and r3.summary["n_synth"] == 2
+
+
+def test_own_outputs_in_a_separate_cache_are_left_out_too(tmp_path: Path) -> None:
+    """The cache's embedding stores (.npy) under an input folder are outputs too, named as given or
+    through a link; a set of nothing but outputs is an error naming the way out."""
+    out, cache = tmp_path / "out", tmp_path / "in" / "cache"
+    (cache / "embeddings").mkdir(parents=True)
+    (out / "work").mkdir(parents=True)
+    real = [tmp_path / "in" / "a.npy", tmp_path / "in" / "cache.npy"]
+    mine = [cache / "embeddings" / "k_1.npy", out / "work" / "synth_pixels.npy", out / "gallery.png"]
+    for f in real + mine:
+        f.touch()
+    try:
+        os.symlink(cache, tmp_path / "in" / "linked_cache", target_is_directory=True)
+        mine.append(tmp_path / "in" / "linked_cache" / "embeddings" / "k_1.npy")
+    except (OSError, NotImplementedError):
+        pass
+    got = A._drop_own_outputs({"train": real + mine, "synth": real[:1]}, out, cache)
+    assert got == {"train": real, "synth": real[:1]}
+    with pytest.raises(ValueError, match=r"synth set holds only this audit's own outputs.*--out"):
+        A._drop_own_outputs({"train": real, "synth": mine}, out, cache)
+
+
 def test_changed_input_file_invalidates_saved_search(ds: dict, tmp_path: Path) -> None:
     train = tmp_path / "train"
     shutil.copytree(ds["train"], train)
