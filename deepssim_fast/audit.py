@@ -584,8 +584,8 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
     """metric='embeddings': each .npy file holds (n, d) rows; item id ``<path>#row:<i>``.
 
     Every row must have one width d: ``width`` (the training set's, for the synthetic set) or that of the
-    first readable file. A file of another width is skipped and reported by path, like an unreadable one
-    (``strict``: :class:`DataError`)."""
+    first readable file. A file of another width, with no rows, of complex values, or with NaN/Inf or
+    all-zero rows is skipped and reported by path, like an unreadable one (``strict``: :class:`DataError`)."""
     ids, ps, idx, vecs, skipped = [], [], [], [], []
     ref = "the training embeddings have" if width is not None else ""
     for p in paths:
@@ -596,10 +596,14 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
                 a = np.load(p, allow_pickle=False)
             except (ValueError, OSError, EOFError) as exc:
                 raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+            if np.issubdtype(a.dtype, np.complexfloating):
+                raise DataError(f"{p}: complex embeddings ({a.dtype} {a.shape}); expected real (n, d) rows")
             if a.ndim == 1:
                 a = a[None]
             if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
                 raise DataError(f"{p}: expected a numeric (n, d) embedding array, got {a.dtype} {a.shape}")
+            if a.size == 0:
+                raise DataError(f"{p}: no embeddings (shape {a.shape}); expected (n, d) rows with n, d >= 1")
             if not np.isfinite(a).all():
                 raise DataError(f"{p}: contains NaN or Inf values")
             if (np.linalg.norm(a, axis=1) == 0).any():

@@ -1012,6 +1012,31 @@ def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None
         A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", out=tmp_path / "o3", progress=False)
 
 
+def test_empty_and_complex_embedding_files_are_skipped_by_path(tmp_path: Path) -> None:
+    """A 0-row .npy is an unreadable input named with its shape (it ended as 'empty input set', naming no
+    file); complex rows are refused (they lost their imaginary part) as read_image refuses complex images."""
+    rng = np.random.default_rng(4)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", rng.standard_normal((6, 16)).astype(np.float32))
+    np.save(tmp_path / "t" / "empty.npy", np.zeros((0, 16), np.float32))
+    np.save(tmp_path / "s" / "good.npy", rng.standard_normal((3, 16)).astype(np.float32))
+    np.save(tmp_path / "s" / "none.npy", np.zeros((0, 16), np.float32))
+    np.save(tmp_path / "s" / "cplx.npy", (rng.standard_normal((2, 16)) + 1j).astype(np.complex64))
+    kw = dict(metric="embeddings", k=2, verify="none", progress=False)
+    r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", **kw)
+    assert r.summary["n_train"] == 6 and r.summary["n_synth"] == 3
+    sk = {Path(s["path"]).name: s["reason"] for s in r.summary["skipped"]}
+    assert set(sk) == {"empty.npy", "none.npy", "cplx.npy"}
+    assert "none.npy: no embeddings (shape (0, 16))" in sk["none.npy"]
+    assert "cplx.npy: complex embeddings" in sk["cplx.npy"]
+    with pytest.raises(DataError, match=r"empty\.npy: no embeddings \(shape \(0, 16\)\)"):
+        A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o2", strict=True, **kw)
+    # a set of nothing but empty files names them (it was "empty input set")
+    with pytest.raises(ValueError, match=r"synth set has no usable embeddings.*none\.npy: no embeddings"):
+        A.audit(tmp_path / "t" / "a.npy", tmp_path / "s" / "none.npy", out=tmp_path / "o3", **kw)
+
+
 def test_volumes_mode_takes_every_frame_of_a_4d_file(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     frames = rng.random((12, 13, 14, 2)).astype(np.float32)

@@ -419,3 +419,14 @@ def test_embeddings_metric_error_gives_the_cli_spelling(
     rc = main(["audit", "--train", str(tmp_path / "e.npy"), "--synth", str(tmp_path / "e.npy"),
                "--metric", "embeddings", "--out", str(tmp_path / "o"), "-q"])
     assert rc == 2 and "--verify none" in capsys.readouterr().err
+
+
+def test_embeddings_file_with_no_rows_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A 0-row embeddings file: the error names it and its shape (it was a bare 'empty input set')."""
+    np.save(tmp_path / "train.npy", np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 32), np.float32))
+    rc = main(["audit", "--metric", "embeddings", "--verify", "none", "--train", str(tmp_path / "train.npy"),
+               "--synth", str(tmp_path / "empty.npy"), "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "empty input set" not in err
+    assert f"{tmp_path / 'empty.npy'}: no embeddings (shape (0, 32))" in err
