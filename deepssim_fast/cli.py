@@ -495,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def dask_logging(level: int) -> None:
+    """Give Dask's loggers (``distributed``, ``dask``) the command's level: WARNING by default and with
+    ``-q``, INFO with ``-v``, DEBUG with ``-vv``.
+
+    ``distributed`` sets its logger to INFO when it is imported, after the command's ``basicConfig``, and its
+    records reach that handler, so a ``--workers`` run printed the scheduler's and nanny's start/stop lines
+    and the dashboard URL whatever the verbosity. It is imported here (only for a command that will use
+    Dask, so a missing Dask is reported where it is needed) and its level set after its own setup."""
+    try:
+        import distributed  # noqa: F401 - its import configures its loggers; ours comes after
+    except ImportError:
+        return
+    for name in ("distributed", "dask"):
+        logging.getLogger(name).setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -507,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(verbosity(args), 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
+        dask_logging(level)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

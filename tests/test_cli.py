@@ -378,6 +378,37 @@ def test_train_command_writes_a_checkpoint(
     assert model.config.emb_dim == 16
 
 
+def test_dask_loggers_follow_the_cli_verbosity(
+    folders: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """distributed sets its loggers to INFO when imported: a -q --workers audit printed ~24 scheduler and
+    nanny lines with the dashboard URL. They follow the CLI's level: WARNING by default and with -q, INFO
+    with -v."""
+    import logging
+
+    pytest.importorskip("distributed")
+    names = ("distributed", "dask")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        with caplog.at_level(logging.DEBUG):
+            rc = main(["audit", "--train", str(folders["train"]), "--synth", str(folders["synth"]), "--metric",
+                       "correlation", "--verify", "none", "-k", "1", "--workers", "1",
+                       "--out", str(tmp_path / "o"), "-q"])
+        assert rc == 0
+        noisy = [f"{r.name}: {r.getMessage()}" for r in caplog.records
+                 if r.name.split(".")[0] in names and r.levelno < logging.WARNING]
+        assert noisy == []
+        assert "dashboard at" not in capsys.readouterr().err
+        assert all(logging.getLogger(n).level == logging.WARNING for n in names)
+        from deepssim_fast.cli import dask_logging
+
+        dask_logging(logging.INFO)  # -v
+        assert all(logging.getLogger(n).getEffectiveLevel() == logging.INFO for n in names)
+    finally:
+        for n, lv in saved.items():
+            logging.getLogger(n).setLevel(lv)
+
+
 def test_verbose_after_the_subcommand_and_verify_rotations(
     folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
