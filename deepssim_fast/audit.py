@@ -19,7 +19,8 @@ Conventions
 * Search scores (column ``cosine`` of matches.csv): ``deepssim`` and ``embeddings`` — cosine similarity of
   embeddings; ``correlation`` — Pearson correlation of the pixels (the cosine of the centred images, the
   baseline of Akbar et al.); ``ssim`` — exact SSIM, ``preset="deepssim"``. Top-k: descending, ties to
-  the lower training index.
+  the lower training index. Cosine scores are clamped to [-1, 1] (float32 rounding puts an identical
+  image's at up to about 1 + 3e-6).
 * Verification (``verify="ssim"``): exact SSIM with ``preset="deepssim"`` between the training candidate
   (first argument, whose range sets the constants) and the synthetic sample, maximised over the
   transforms asked for: flips (``verify_flips``; slices: horizontal and vertical, ``hflip``/``vflip``;
@@ -170,6 +171,17 @@ class SearchResult:
             )
 
 
+def _clamp_unit(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores clamped to [-1, 1]: a cosine of unit float32 rows (a Pearson correlation, for
+    ``correlation``) can come out a few 1e-6 above 1 (1.000002 for an identical image). Rows where that
+    made scores equal are re-ordered: descending, ties to the lower training index."""
+    clamped = np.clip(scores, -1.0, 1.0).astype(scores.dtype, copy=False)
+    if np.array_equal(clamped, scores):
+        return scores, indices
+    order = np.lexsort((indices, -clamped), axis=1)
+    return np.take_along_axis(clamped, order, 1), np.take_along_axis(indices, order, 1)
+
+
 def _cosine_search(
     train: np.ndarray,
     synth: np.ndarray,
@@ -206,14 +218,15 @@ def _cosine_search(
         except ImportError:
             from .reference import class_counts_reference, histogram_reference, topk_reference
 
-            s, i = topk_reference(train, synth, k)
+            s, i = _clamp_unit(*topk_reference(train, synth, k))
             c, e = histogram_reference(train, synth, bins)
             return SearchResult(s, i, c, e, class_counts_reference(train, synth, thresholds))
         r = all_pairs(train, synth, k=k, thresholds=thresholds, bins=bins, backend=backend, progress=progress)
     counts, edges = r.histogram
+    scores, indices = _clamp_unit(np.asarray(r.scores, dtype=np.float32), np.asarray(r.indices, dtype=np.int64))
     return SearchResult(
-        np.asarray(r.scores, dtype=np.float32),
-        np.asarray(r.indices, dtype=np.int64),
+        scores,
+        indices,
         np.asarray(counts, dtype=np.int64),
         np.asarray(edges, dtype=np.float64),
         {n: int(r.class_counts[n]) for n in LABELS},
@@ -1864,6 +1877,7 @@ def evaluate(
                 else:  # a transformed item that is constant keeps the untransformed item's row (as the search)
                     bv = np.where(_constant_items(block)[:, None], b, centred(block))
                 score = np.maximum(score, cosine(bv))
+        score = np.clip(score, -1.0, 1.0)  # as the search's scores
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
     y_pred = [_REF_CODE[n] for n in pred_names]
     y_true = [lab for _, _, lab in pairs]

@@ -402,6 +402,25 @@ def test_correlation_metric_is_pixel_pearson(ds: dict, tmp_path: Path) -> None:
     assert ev["accuracy"] == 1.0 and ev["macro_f1"] == 1.0
 
 
+def test_correlation_of_identical_images_is_at_most_one(ds: dict, tmp_path: Path) -> None:
+    """float32 unit rows put the self-correlation of these MNI slices at up to 1 + 3e-6 (written 1.000002);
+    a Pearson correlation is clamped to [-1, 1]."""
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for name in sorted(ds["train_arrays"]):
+        np.save(synth / name, ds["train_arrays"][name])
+    A.audit(ds["train"], synth, metric="correlation", k=2, verify="none", out=tmp_path / "o", progress=False)
+    rows = _rows(tmp_path / "o")
+    scores = [float(r["cosine"]) for r in rows]
+    assert max(scores) <= 1.0 and min(scores) >= -1.0
+    best = [r for r in rows if r["rank"] == "1"]
+    assert len(best) == 14 and all(float(r["cosine"]) >= 1 - 1e-5 for r in best)
+    assert all(Path(r["train_path"]).name == Path(r["synth_path"]).name for r in best)
+    # scores that the clamp makes equal are re-ordered by the tie rule (lower training index first)
+    sc, ix = A._clamp_unit(np.array([[1.000002, 1.000001, 0.5]], np.float32), np.array([[5, 3, 1]]))
+    assert sc.tolist() == [[1.0, 1.0, 0.5]] and ix.tolist() == [[3, 5, 1]]
+
+
 def test_shift_aware_search_brings_shifted_copies_into_the_candidates(tmp_path: Path) -> None:
     """A copy shifted by 3 px ranks below decoys that are noisy copies of the SHIFTED image; with verify_shifts
     the search also queries the synthetic item translated by ±3 px, so the true source enters the top-k and
