@@ -1067,6 +1067,13 @@ def audit(
     policy = policy or SlicePolicy()
     spatial_dims = 3 if mode == "volumes" else 2
     out = Path(out)
+    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:  # (mkdir would say only "[Errno 17] File exists" or "Not a directory")
+        where = "" if blocker == out else f": {blocker} is not a directory"
+        raise ValueError(
+            f"output folder {out} {'is an existing file, not a folder' if blocker == out else 'cannot be made'}"
+            f"{where}; give a folder for out (--out)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     work = out / "work"

@@ -266,6 +266,14 @@ def test_audit_errors(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert rc == 2 and "nothing" in capsys.readouterr().err
     rc = main(["audit", "--train", str(folders["train"]), "--synth", str(bad), "--out", str(tmp_path / "o4")])
     assert rc == 2 and "needs a model" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, says in ((afile, "is an existing file, not a folder"), (afile / "sub", f"{afile} is not a directory")):
+        rc = main(["audit", "--train", str(folders["train"]), "--synth", str(bad), "--metric", "ssim",
+                   "--out", str(out), "-q"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and str(out) in err and says in err and "Errno" not in err, err
+    assert afile.read_text() == "mine"
 
 
 def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
