@@ -224,9 +224,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     atomic_write_bytes(out, buf.getvalue())
     atomic_write_bytes(ids, "".join(s.key + "\n" for s in slices).encode())
     for p, r in skipped:
-        print(f"warning: skipped {p}: {r}", file=sys.stderr)
+        print(f"warning: skipped {p}: {one_line(r)}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
     return 0
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space: a reason or an error is printed
+    on one line (nibabel's 'Expected N bytes ...\\n - could the file be damaged?' broke it in two)."""
+    return " ".join(str(text).split())
 
 
 def _print_summary(s: dict, out: str) -> None:
@@ -237,7 +243,7 @@ def _print_summary(s: dict, out: str) -> None:
         f"— {100 * s['fraction_memorised']:.1f} % memorised"
     )
     for sk in s["skipped"]:
-        print(f"warning: skipped {sk['set']} input {sk['path']}: {sk['reason']}", file=sys.stderr)
+        print(f"warning: skipped {sk['set']} input {sk['path']}: {one_line(sk['reason'])}", file=sys.stderr)
     print(f"report: {out}/report.html")
 
 
@@ -528,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"deepssim-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"deepssim-fast {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -469,3 +469,30 @@ def test_embeddings_file_with_no_rows_is_named(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert rc == 2 and "empty input set" not in err
     assert f"{tmp_path / 'empty.npy'}: no embeddings (shape (0, 32))" in err
+
+
+def test_multi_line_skip_reasons_are_printed_on_one_line(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """nibabel's message for short data ends '...\\n - could the file be damaged?': the skipped-input warning
+    and the --strict error are still one line each."""
+    import gzip
+
+    raw = data.dataset_path("anatomical").read_bytes()
+    bad = tmp_path / "short.nii.gz"
+    bad.write_bytes(gzip.compress(raw[: len(raw) - 4096]))  # a valid gzip of a truncated .nii
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    np.save(synth / "copy.npy", folders["arrs"][55])
+    base = ["audit", "--train", str(folders["train"]), "--synth", str(synth / "copy.npy"), str(bad),
+            "--metric", "ssim", "-k", "1", "--verify", "none", "-q"]
+    assert main([*base, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    reason = json.loads((tmp_path / "o" / "summary.json").read_text())["skipped"][0]["reason"]
+    assert "\n" in reason  # summary.json keeps nibabel's text as it is
+    lines = [ln for ln in err.splitlines() if str(bad) in ln and not ln.startswith("WARNING")]
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped synth input")
+    assert lines[0].endswith("could the file be damaged?)"), lines
+    assert main([*base, "--out", str(tmp_path / "o2"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(bad) in err and "damaged" in err
