@@ -29,6 +29,7 @@
 // whose resolved range is 0 is two equal constant images and scores 1.
 #include "common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -174,15 +175,25 @@ DSF_INLINE ImgStats image_stats_t(const float* __restrict p, int64_t n, bool nee
   st.mean = sum / static_cast<double>(n);
   st.mn = mn;
   st.mx = mx;
-  if (need_std) {
-    const float m = static_cast<float>(st.mean);
+  if (need_std && std::isfinite(st.mean)) {
+    // The values are first multiplied by a power of two s that brings the largest |x| to [1, 2). That is
+    // exact (it only moves exponents, so every rounding below is the one unscaled values would get) and
+    // keeps the squares inside float32's range, which plain squares leave from |x| ~ 1e19 up (the lane
+    // sums overflow: std = inf) and from ~1e-23 down (d * d underflows: std = 0); either made the
+    // z-scores all zeros and unrelated images score 1. s stays within 2^[-126, 126] (a normal float32;
+    // images of subnormals then scale to >= 2^-23, whose squares are still normal). A non-finite mean
+    // (NaN/Inf, or a sum that overflowed) needs no std: the caller reports it.
+    const double big = std::max(std::fabs(st.mn), std::fabs(st.mx));
+    const int ex = big > 0 ? std::clamp(-std::ilogb(big), -126, 126) : 0;
+    const float s = std::ldexp(1.0f, ex);
+    const float m = static_cast<float>(st.mean * s);
     double ss = 0, s1 = 0;
     for (int64_t b = 0; b < n8; b += 1024) {
       const int64_t e = std::min(n8, b + 1024);
       v8f acc = splat8(0), acc1 = splat8(0);
-      const v8f vm = splat8(m);
+      const v8f vm = splat8(m), vs = splat8(s);
       for (int64_t i = b; i < e; i += 8) {
-        const v8f d = load8(p + i) - vm;
+        const v8f d = load8(p + i) * vs - vm;
         acc += d * d;
         acc1 += d;
       }
@@ -190,17 +201,17 @@ DSF_INLINE ImgStats image_stats_t(const float* __restrict p, int64_t n, bool nee
       s1 += hsum8(acc1);
     }
     for (int64_t i = n8; i < n; ++i) {
-      const double d = static_cast<double>(p[i] - m);
+      const double d = static_cast<double>(p[i] * s - m);
       ss += d * d;
       s1 += d;
     }
     // The first pass's fp32 lane sums leave the mean off by ~1e-7 of its magnitude (large for an offset
     // image with a small spread); the sum of the small differences x - m refines it: mean = m + s1 / n,
-    // and var = sum (x - m)^2 / n - (s1 / n)^2.
+    // and var = sum (x - m)^2 / n - (s1 / n)^2, all of the scaled values (divided by s again in fp64).
     const double nn = static_cast<double>(n), r = s1 / nn;
-    st.mean = static_cast<double>(m) + r;
+    st.mean = (static_cast<double>(m) + r) / s;
     const double var = ss / nn - r * r;
-    st.std = std::sqrt(std::max(0.0, var));
+    st.std = std::sqrt(std::max(0.0, var)) / s;
   }
   return st;
 }

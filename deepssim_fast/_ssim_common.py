@@ -281,9 +281,18 @@ def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL) -> torch
 
 
 def zscore(x: torch.Tensor, spatial_dims: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Per-image (x - mean) / std computed in ``dtype`` (population std, as numpy); std == 0 gives zeros."""
+    """Per-image (x - mean) / std computed in ``dtype`` (population std, as numpy); std == 0 gives zeros.
+
+    Each image is first multiplied by the power of two that brings its largest |value| to [0.5, 1) (kept a
+    normal number of ``dtype``). That is exact and leaves the z-scores as they were, but keeps the squares
+    behind the std inside ``dtype``'s range: unscaled, float64 squares overflow from |x| ~ 1e154 (std = inf)
+    and underflow below ~1e-162 (std = 0), and either made every z-score 0, so unrelated images scored 1.
+    """
     dims = tuple(range(x.ndim - spatial_dims, x.ndim))
     x = x.to(dtype)
+    big = x.abs().amax(dim=dims, keepdim=True)
+    lim = math.frexp(torch.finfo(dtype).max)[1] - 2
+    x = x * torch.ldexp(torch.ones_like(big), (-torch.frexp(big).exponent).clamp(-lim, lim))
     mean = x.mean(dim=dims, keepdim=True)
     std = x.std(dim=dims, keepdim=True, unbiased=False)
     return torch.where(std > 0, (x - mean) / torch.where(std > 0, std, 1.0), torch.zeros_like(x))

@@ -814,6 +814,37 @@ def test_values_beyond_float64_raise_naming_the_pair(backend, scale):
         ssim_matrix(x, y, progress=False, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_deepssim_preset_scores_unrelated_images_alike_at_every_magnitude(backend, window, dtype):
+    """The preset z-scores each image, so scaling both images by a power of two (exact) leaves every score as
+    it was. Squares that leave float32 (|x| from ~1e19 up, ~1e-23 down, int64 near ±2^62: the native
+    kernel's statistics) or float64 (from ~1e154 up, ~1e-162 down: the torch path and the reference) made a
+    std inf or 0, every z-score 0, and unrelated images scored exactly 1 (a "duplicate")."""
+    rng = np.random.default_rng(62)
+    kw = dict(spatial_dims=2, preset="deepssim", window=window)
+    x, y = rng.random((2, 3, 20, 21))
+    if dtype == np.int64:
+        a, b = (np.round((2.0 * v - 1.0) * 2.0**62).astype(np.int64) for v in (x, y))
+        cases = {"int64 in ±2^62": (a, b)}
+        want = ssim_reference(a, b, **kw)  # float64 holds their squares (2^124)
+        want_m = ssim_reference(a[:, None], b[None], **kw)
+    else:
+        x, y = x.astype(dtype), y.astype(dtype)
+        want = ssim_reference(x, y, **kw)
+        want_m = ssim_reference(x[:, None], y[None], **kw)
+        exps = (-120, -80, 70, 120) if dtype == np.float32 else (-1000, -700, 100, 540, 1000)
+        cases = {f"{np.dtype(dtype).name} x 2^{k}": (x * dtype(2.0**k), y * dtype(2.0**k)) for k in exps}
+    assert np.abs(want).max() < 0.1  # unrelated images
+    for name, (a, b) in cases.items():
+        assert_close(ssim(a, b, backend=backend, **kw), want, what=f"{name} ssim")
+        M = ssim_matrix(a, b, progress=False, backend=backend, **kw)
+        assert_close(M, want_m, what=f"{name} ssim_matrix")
+        if dtype != np.int64:
+            assert_close(ssim_reference(a, b, **kw), want, tol=1e-9, what=f"{name} reference")
+
+
 # ---------------------------------------------------------------- parameters, bool images, the reference
 
 
