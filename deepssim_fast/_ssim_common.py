@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,16 +224,25 @@ def broadcast_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tupl
     return batch
 
 
-def check_finite(x: torch.Tensor, name: str, params: SSIMParams) -> None:
-    """Raise ValueError naming the first pair index whose image holds NaN or Inf."""
+def check_finite(x: torch.Tensor, name: str, params: SSIMParams, index: Sequence[int] | None = None) -> None:
+    """Raise ValueError naming the first pair index whose image holds NaN or Inf.
+
+    ``index``: when x is part of the caller's stack (N, *spatial), e.g. a tile of ssim_matrix's A, the
+    caller's index of each of x's images (x[k] is image index[k]); the error names that index. None: x is
+    the caller's input itself.
+    """
     if not x.dtype.is_floating_point:
         return
     flat = x.reshape(-1, *x.shape[x.ndim - params.spatial_dims :])
     bad = ~torch.isfinite(flat).flatten(1).all(dim=1)
     if bool(bad.any()):
         idx = int(torch.nonzero(bad)[0])
-        batch_shape = tuple(x.shape[: x.ndim - params.spatial_dims])
-        where = np.unravel_index(idx, batch_shape) if batch_shape else ()
+        if index is not None:
+            idx = int(index[idx])
+            where = (idx,)
+        else:
+            batch_shape = tuple(x.shape[: x.ndim - params.spatial_dims])
+            where = np.unravel_index(idx, batch_shape) if batch_shape else ()
         raise ValueError(
             f"{name} has NaN or Inf values at pair index {tuple(int(i) for i in where)} (flat index {idx})"
         )

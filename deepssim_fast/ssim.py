@@ -46,6 +46,8 @@ _SUPPORTED = ("native", "torch", "triton")
 # Budget (bytes) for the per-image moment cache of one ssim_matrix tile (native backend; about 16 bytes per
 # pixel per image: interleaved rows, fp64 window sums, fp32 variance numerators).
 _MATRIX_TILE_BYTES = 256 << 20
+# The other backends' ssim_matrix tiles: at most this many images of A (and of B).
+_MATRIX_TILE_IMAGES = 256
 
 
 def _to_torch(x: Any, name: str) -> torch.Tensor:
@@ -85,8 +87,28 @@ def _as_float32_numpy(t: torch.Tensor, scale: float = 1.0) -> np.ndarray:
     return np.ascontiguousarray(t.contiguous().numpy())
 
 
+# Which of the caller's images two inputs hold, for error messages: per input, the caller's index of each of
+# its images (a tile of ssim_matrix: np.arange(i0, i1)), or None when it is the caller's input itself.
+Indices = tuple[np.ndarray | None, np.ndarray | None]
+_OWN: Indices = (None, None)
+
+
+def _check_finite(
+    tx: torch.Tensor, ty: torch.Tensor, p: sc.SSIMParams, names: tuple[str, str], indices: Indices = _OWN
+) -> None:
+    """NaN/Inf in ``tx`` or ``ty``: ValueError naming the input (``names``) and the image as the caller
+    numbers it (``indices``, see ``_ssim_common.check_finite``)."""
+    sc.check_finite(tx, names[0], p, indices[0])
+    sc.check_finite(ty, names[1], p, indices[1])
+
+
 def _check_overflow(
-    exc: ValueError, tx: torch.Tensor, ty: torch.Tensor, p: sc.SSIMParams, names: tuple[str, str] = ("x", "y")
+    exc: ValueError,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    p: sc.SSIMParams,
+    names: tuple[str, str] = ("x", "y"),
+    indices: Indices = _OWN,
 ) -> None:
     """Classify the native extension's "nonfinite" report (an image's float32 sum is not finite).
 
@@ -96,8 +118,7 @@ def _check_overflow(
     """
     if not str(exc).startswith("nonfinite"):
         raise exc
-    sc.check_finite(tx, names[0], p)
-    sc.check_finite(ty, names[1], p)
+    _check_finite(tx, ty, p, names, indices)
 
 
 # A pair's name in error messages: its flat position in one call -> its index in the caller's terms (the
@@ -258,7 +279,9 @@ def _repair_nonfinite(res: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
     return res
 
 
-def _native_pairs(pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str]) -> torch.Tensor:
+def _native_pairs(
+    pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str], indices: Indices = _OWN
+) -> torch.Tensor:
     """Mean SSIM (float64, CPU, (P,)) of the pairs on the native float32 kernels.
 
     Finite values so large that a float32 sum in the kernel overflows (|values| of order 1e36 and up) make
@@ -275,7 +298,7 @@ def _native_pairs(pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tupl
             mode, value,
         )
     except ValueError as exc:
-        _check_overflow(exc, tx, ty, p, names)
+        _check_overflow(exc, tx, ty, p, names, indices)
         logger.info(
             "ssim: finite values too large for the float32 kernel's sums; computing %d pair(s) in float64",
             pairs.size,
@@ -290,38 +313,38 @@ def _run_pairs(
     tx: torch.Tensor,
     ty: torch.Tensor,
     names: tuple[str, str] = ("x", "y"),
+    indices: Indices = _OWN,
     *,
     slow: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Mean SSIM (float64 tensor (P,), on the inputs' device) of the pairs on backend ``name``; ``tx``/``ty``
-    are the caller's inputs (checked for NaN/Inf, named ``names`` in errors).
+    are the caller's inputs (checked for NaN/Inf, named ``names`` in errors; ``indices``: which of the
+    caller's images they hold, when they are tiles of its stacks).
 
     ``slow``: bool (P,) mask of the pairs to compute on the float64 torch path whatever the backend (those
     involving an image float32 cannot hold, see :func:`_inexact_pairs`); None: none.
     """
     if name == "torch" or (slow is not None and bool(slow.all())):
-        sc.check_finite(tx, names[0], pairs.p)
-        sc.check_finite(ty, names[1], pairs.p)
+        _check_finite(tx, ty, pairs.p, names, indices)
         return _float64_pairs(pairs)
     if slow is None:
-        return _fast_pairs(name, pairs, tx, ty, names)
-    sc.check_finite(tx, names[0], pairs.p)
-    sc.check_finite(ty, names[1], pairs.p)
+        return _fast_pairs(name, pairs, tx, ty, names, indices)
+    _check_finite(tx, ty, pairs.p, names, indices)
     fast, sl = np.flatnonzero(~slow), np.flatnonzero(slow)
     dev = pairs.xf.device
     res = torch.empty(pairs.size, dtype=torch.float64, device=dev)
-    res[torch.from_numpy(fast).to(dev)] = _fast_pairs(name, pairs.subset(fast), tx, ty, names).to(dev)
+    res[torch.from_numpy(fast).to(dev)] = _fast_pairs(name, pairs.subset(fast), tx, ty, names, indices).to(dev)
     res[torch.from_numpy(sl).to(dev)] = _float64_pairs(pairs.subset(sl))
     return res
 
 
-def _fast_pairs(name: str, pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str]
-                ) -> torch.Tensor:
+def _fast_pairs(
+    name: str, pairs: _Pairs, tx: torch.Tensor, ty: torch.Tensor, names: tuple[str, str], indices: Indices = _OWN
+) -> torch.Tensor:
     """Mean SSIM (float64, (P,)) of the pairs on the float32 kernels: ``"native"`` or ``"triton"``."""
     if name == "native":
-        return _native_pairs(pairs, tx, ty, names)
-    sc.check_finite(tx, names[0], pairs.p)
-    sc.check_finite(ty, names[1], pairs.p)
+        return _native_pairs(pairs, tx, ty, names, indices)
+    _check_finite(tx, ty, pairs.p, names, indices)
     from .kernels import ssim as ks
 
     xf, yf = _triton_device(pairs.xf), _triton_device(pairs.yf)  # (host data: to the GPU and back)
@@ -496,23 +519,29 @@ def _grid(na: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(ii.ravel()), np.ascontiguousarray(jj.ravel())
 
 
-def _triton_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, where: Where) -> np.ndarray:
-    """float32 (len(a), len(b)) block of ssim_matrix on Triton with per-image moment reuse."""
+def _triton_matrix_block(
+    a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, where: Where, indices: Indices
+) -> np.ndarray:
+    """float32 (len(a), len(b)) block of ssim_matrix on Triton with per-image moment reuse; a and b are the
+    images ``indices`` of A and B."""
     from .kernels import ssim as ks
 
-    sc.check_finite(a, "A", p)
-    sc.check_finite(b, "B", p)
+    _check_finite(a, b, p, ("A", "B"), indices)
     res = ks.ssim_matrix_block(_triton_device(a), _triton_device(b), p, in_dtype=a.dtype).flatten().to(a.device)
     ii, jj = _grid(a.shape[0], b.shape[0])
     res = _repair_nonfinite(res, _Pairs(a, b, ii, jj, p, a.dtype, where))
     return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])
 
 
-def _native_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, where: Where) -> np.ndarray:
-    """float32 (len(a), len(b)) block of ssim_matrix on the native kernels with per-image moment reuse.
+def _native_matrix_block(
+    a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, where: Where, indices: Indices
+) -> np.ndarray:
+    """float32 (len(a), len(b)) block of ssim_matrix on the native kernels with per-image moment reuse; a and
+    b are the images ``indices`` of A and B.
 
     Finite values so large that a float32 sum overflows make the block run in float64 instead (logged at
-    INFO); NaN/Inf raise naming the pair index; pairs whose fp32 score is not finite are recomputed in float64.
+    INFO); NaN/Inf raise naming the image's index in A or B; pairs whose fp32 score is not finite are
+    recomputed in float64.
     """
     nat = _native()
     mode, value, scale = _range_mode(p, a.dtype)
@@ -530,7 +559,7 @@ def _native_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, whe
             value,
         )
     except ValueError as exc:
-        _check_overflow(exc, a, b, p, names=("A", "B"))
+        _check_overflow(exc, a, b, p, ("A", "B"), indices)
         ii, jj = _grid(a.shape[0], b.shape[0])
         logger.info(
             "ssim_matrix: finite values too large for the float32 kernel's sums; computing %d pair(s) in "
@@ -548,26 +577,33 @@ def _native_matrix_block(a: torch.Tensor, b: torch.Tensor, p: sc.SSIMParams, whe
 
 
 def _matrix_block(
-    fast: Callable[[torch.Tensor, torch.Tensor, sc.SSIMParams, Where], np.ndarray],
+    fast: Callable[[torch.Tensor, torch.Tensor, sc.SSIMParams, Where, Indices], np.ndarray],
     a: torch.Tensor,
     b: torch.Tensor,
     p: sc.SSIMParams,
     slow_a: np.ndarray,
     slow_b: np.ndarray,
     where: Where,
+    indices: tuple[np.ndarray, np.ndarray],
 ) -> np.ndarray:
     """float32 (len(a), len(b)) block: the rows and columns of images float32 holds on ``fast`` (a block
-    function with moment reuse), every pair involving a ``slow_a`` / ``slow_b`` image in float64 torch."""
+    function with moment reuse), every pair involving a ``slow_a`` / ``slow_b`` image in float64 torch.
+    a and b are the images ``indices`` of A and B (named so in errors)."""
     na, nb = a.shape[0], b.shape[0]
     ga, gb = np.flatnonzero(~slow_a), np.flatnonzero(~slow_b)
     if ga.size == na and gb.size == nb:
-        return fast(a, b, p, where)
-    sc.check_finite(a, "A", p)
-    sc.check_finite(b, "B", p)
+        return fast(a, b, p, where, indices)
+    _check_finite(a, b, p, ("A", "B"), indices)
     out = np.empty((na, nb), dtype=np.float32)
     if ga.size and gb.size:
         ta, tb = torch.from_numpy(ga).to(a.device), torch.from_numpy(gb).to(b.device)
-        out[np.ix_(ga, gb)] = fast(a[ta], b[tb], p, lambda k: where(int(ga[k // gb.size] * nb + gb[k % gb.size])))
+        out[np.ix_(ga, gb)] = fast(
+            a[ta],
+            b[tb],
+            p,
+            lambda k: where(int(ga[k // gb.size] * nb + gb[k % gb.size])),
+            (indices[0][ga], indices[1][gb]),
+        )
     ii, jj = np.nonzero(slow_a[:, None] | slow_b[None, :])
     ii, jj = ii.astype(np.int64), jj.astype(np.int64)
     res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, lambda k: where(int(ii[k] * nb + jj[k]))))
@@ -607,7 +643,7 @@ def ssim_matrix(
     ``FLOAT32_ROUNDING_TOL`` (2.5e-7) of their own range are measured once up front; every pair in their
     rows or columns is computed in float64 on the torch path (logged once at INFO), the rest of the tile on
     the fast kernels. Scores are never NaN; values too large (or small) for SSIM even in float64 raise
-    ValueError naming the pair (i, j).
+    ValueError naming the pair (i, j), and NaN/Inf ValueError naming the image (A or B and its index there).
     """
     from tqdm.auto import tqdm
 
@@ -661,7 +697,7 @@ def ssim_matrix(
             tile = int(max(1, min(max(na, nb), _MATRIX_TILE_BYTES // (2 * 16 * px))))
         else:
             # Triton keeps a mean and a variance map (float32) per image of the tile: <= 2 GiB of maps
-            tile = int(max(1, min(max(na, nb), 256, (1 << 31) // (16 * px))))
+            tile = int(max(1, min(max(na, nb), _MATRIX_TILE_IMAGES, (1 << 31) // (16 * px))))
         tiles = [
             (i0, min(na, i0 + tile), j0, min(nb, j0 + tile))
             for i0 in range(0, na, tile)
@@ -691,13 +727,14 @@ def ssim_matrix(
         try:
             for i0, i1, j0, j1 in tiles:
                 sa, sb = slow_a[i0:i1], slow_b[j0:j1]
+                indices = (np.arange(i0, i1), np.arange(j0, j1))  # the tile's images: errors name them so
 
                 def where(k: int, i0: int = i0, j0: int = j0, w: int = j1 - j0) -> tuple[int, ...]:
                     return (i0 + k // w, j0 + k % w)
 
                 if reuse or (name == "triton" and _triton_matrix_reuse()):
                     fast = _native_matrix_block if reuse else _triton_matrix_block
-                    block = _matrix_block(fast, tA[i0:i1], tB[j0:j1], p, sa, sb, where)
+                    block = _matrix_block(fast, tA[i0:i1], tB[j0:j1], p, sa, sb, where, indices)
                 else:
                     ii, jj = _grid(i1 - i0, j1 - j0)
                     slow = sa[ii] | sb[jj]
@@ -707,6 +744,7 @@ def ssim_matrix(
                         tA[i0:i1],
                         tB[j0:j1],
                         names=("A", "B"),
+                        indices=indices,
                         slow=slow if slow.any() else None,
                     )
                     block = res.to("cpu", torch.float32).numpy().reshape(i1 - i0, j1 - j0)

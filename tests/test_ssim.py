@@ -352,6 +352,35 @@ def test_nan_inf_names_the_pair(backend, bad):
         ssim_matrix(x[0], y[0, :2], progress=False, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "3d", "float64-offset"])
+def test_matrix_nan_inf_names_the_image_of_A_or_B_in_any_tile(monkeypatch, backend, kind):
+    """ssim_matrix runs in tiles (here of 3 images of A by 3 of B); a NaN/Inf image is named by its index in A
+    or B, not by its position in its tile (A[7] was reported as (1,), B[5] as (2,)). Covers the native
+    moment-reuse blocks (uniform, Gaussian), its pair kernel (3D), the float64 rows of images float32 cannot
+    hold (offset by 1e5) and the torch backend."""
+    mod = _ssim_module()
+    shape, kw = {"uniform": ((12, 13), {}), "gaussian": ((12, 13), GAUSS), "3d": ((7, 8, 9), dict(spatial_dims=3)),
+                 "float64-offset": ((12, 13), {})}[kind]
+    monkeypatch.setattr(mod, "_MATRIX_TILE_BYTES", 3 * 2 * 16 * int(np.prod(shape)))  # native: 3 images
+    monkeypatch.setattr(mod, "_MATRIX_TILE_IMAGES", 3)  # torch, Triton
+    rng = np.random.default_rng(35)
+    A, B = rng.random((8, *shape)), rng.random((7, *shape))
+    if kind == "float64-offset":
+        A[::2] += 1e5
+        B[1::2] += 1e5
+    else:
+        A, B = A.astype(np.float32), B.astype(np.float32)
+    M = ssim_matrix(A, B, progress=False, backend=backend, **kw)
+    assert_close(M, ssim_reference(A[:, None], B[None], **{"spatial_dims": 2, **kw}), what="finite inputs")
+    for name, bad, k in (("A", np.nan, 7), ("A", -np.inf, 4), ("B", np.inf, 5), ("B", np.nan, 1)):
+        a, b = A.copy(), B.copy()
+        (a if name == "A" else b)[k].flat[17] = bad
+        msg = rf"^{name} has NaN or Inf values at pair index \({k},\) \(flat index {k}\)"
+        with pytest.raises(ValueError, match=msg):
+            ssim_matrix(a, b, progress=False, backend=backend, **kw)
+
+
 def test_bad_shapes_and_options():
     a = np.zeros((4, 16, 16), np.float32)
     with pytest.raises(ValueError, match=r"\(4, 16, 16\) and \(4, 16, 17\)"):

@@ -241,6 +241,24 @@ _SCRIPT = textwrap.dedent(r"""
         res["nan_error"] = ""
     except ValueError as exc:
         res["nan_error"] = str(exc)
+    # ssim_matrix in tiles of 2 x 2 images: a NaN/Inf image is named by its index in A or B, not in its tile,
+    # on the moment-reuse blocks and on the pair kernel (DEEPSSIM_FAST_TRITON_SSIM=direct). Last: it
+    # launches kernels that no record() counts.
+    import importlib; ssim_mod = importlib.import_module("deepssim_fast.ssim")  # (the package rebinds .ssim)
+    ssim_mod._MATRIX_TILE_IMAGES = 2
+    TA = torch.from_numpy(rng.random((3, 12, 13)).astype(np.float32)); TB = TA.flip(-1)
+    res["matrix_tile_errors"] = []
+    for v in ("separable", "direct"):
+        os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = v
+        for side, bad in (("A", float("nan")), ("B", float("inf"))):
+            a, b = TA.clone(), TB.clone()
+            (a if side == "A" else b)[2, 3, 4] = bad
+            try:
+                ssim_matrix(a, b, backend="triton", progress=False)
+                res["matrix_tile_errors"].append("")
+            except ValueError as exc:
+                res["matrix_tile_errors"].append(str(exc))
+    del os.environ["DEEPSSIM_FAST_TRITON_SSIM"]
     print("RESULT " + json.dumps(res))
 """)
 
@@ -317,6 +335,13 @@ def test_every_result_came_from_the_triton_kernel(results):
 
 def test_triton_nan_names_the_pair(results):
     assert "y has NaN or Inf values at pair index (2,)" in results["nan_error"]
+
+
+def test_triton_matrix_nan_inf_names_the_image_of_A_or_B_in_any_tile(results):
+    # A[2] and B[2] sit in the second tile of 2 images (they were named (0,), their position in it)
+    want = ["A has NaN or Inf values at pair index (2,) (flat index 2)",
+            "B has NaN or Inf values at pair index (2,) (flat index 2)"]
+    assert results["matrix_tile_errors"] == want * 2  # moment reuse (separable), then the direct pair kernel
 
 
 def test_separable_is_the_default_and_the_environment_selects_direct(results):
