@@ -14,18 +14,19 @@
 // counts, without ever storing the m x n scores:
 //   1. A GEMM micro-kernel computes an *approximate* score a for every pair, with a proven bound
 //      |a - s| <= E for the call:
-//        * int16 kernels: rows quantised to int16 with one scale S for the call, z = round(x S); exact
-//          int32 dot products of the int16 rows, a = I / S^2. E follows from the quantisation residuals
-//          r = x - z / S by Cauchy-Schwarz, |x.y - zx.zy / S^2| <= |rx| |y| + |zx / S| |ry| (plus the
-//          float32 roundings of the sums), per pair from its row's and column's residuals: at d = 256 ~1e-4
-//          (VNNI) or ~2e-4 (AVX2).
+//        * int16 kernels: each row quantised to int16 with its own scale, z = round(x / u) (u a float32 per
+//          row); exact int32 dot products of the int16 rows, a = I u_x u_y. E follows from the quantisation
+//          residuals r = x - z u by Cauchy-Schwarz, |x.y - zx.zy ux uy| <= |rx| |y| + |zx ux| |ry| (plus
+//          the float32 roundings of the sums), per pair from its row's and column's residuals: at d = 256
+//          ~1e-4 (VNNI) or ~1.5e-4 (AVX2).
+//          The int32 sums span chunks of columns and are added in float32, so a row's scale need only keep
+//          each chunk's partial sum below 2^31 against any other row (every chunk of every z at most
+//          ~46340 long) and every entry within int16: the row's largest chunk and largest entry set u.
 //          - VNNI (AVX-512 VNNI: AMD Zen 4, Intel Ice Lake and later): vpdpwssd, twice the fp32 FMA rate.
-//            Its int32 sums span 32 columns (a chunk) and are added in float32, so S need only keep each
-//            chunk's partial sum below 2^31 (|zx_c| |zy_c| < 2^31 for every chunk), not the whole dot:
-//            S ~1.8x larger at d = 256 than one int32 sum allows, E and the re-scored pairs ~1.8x fewer;
-//          - AVX2: vpmaddwd + vpaddd, the same products; two int32 sums (each half of dp), added in
-//            float32: S ~1.23x larger at d = 256 than one sum allows (the largest half-row norm, not half
-//            the row's, bounds it);
+//            Chunks of 32 columns: at d = 256 the scales are ~2.4x what one int32 sum over all of dp with
+//            one scale for the call allows (~1.8x from the chunks, ~1.35x from per-row scales);
+//          - AVX2: vpmaddwd + vpaddd, the same products; four chunks (a quarter of dp each): ~1.8x
+//            (~1.5x, ~1.2x).
 //        * fp32 kernel (scalar, or where int16 does not pay): one sequential fma chain per pair,
 //          E = (gamma(dp) + gamma(dp / 16 + 4)) |q| |t| (~1.6e-5 at d = 256).
 //      t is packed once per call into panels of NR = 16 rows (k-major); each worker takes MR = 6 query
@@ -39,10 +40,9 @@
 //      When each threshold separates two bins (the last float32 at or below it and the next one up fall in
 //      different bins, as 0.6 and 0.85 do on 200 bins of [-1, 1]), the bins alone tell a pair's class: the
 //      fold skips its class compares and the class counts are sums of the call's histogram (cls_in_hist).
-//   3. The queued pairs (measured at 3000 x 20000 x 256, 200 bins, k = 10: VNNI 2.7 %, AVX2 int16 4.6 %
-//      with one int32 sum (two now: E ~1.2x smaller), fp32 0.9 %; near a bin edge for the int16 kernels,
-//      mostly top-k candidates for fp32) get their canonical score s, four at a time (canon_dot4): exact
-//      bin, exact class, heap offer of s.
+//   3. The queued pairs (measured at 3000 x 20000 x 256, 200 bins, k = 10: VNNI 2.3 %, AVX2 int16 2.8 %,
+//      fp32 0.9 %; near a bin edge for the int16 kernels, mostly top-k candidates for fp32) get their
+//      canonical score s, four at a time (canon_dot4): exact bin, exact class, heap offer of s.
 //   The histogram increments of 2 (one memory read-modify-write each, about a cycle apiece here) are
 //   handed to the next micro-kernel call, which issues them between its multiply-adds: that loop is bound
 //   by its arithmetic pipes and leaves the load/store ports idle.
@@ -82,13 +82,15 @@ constexpr int NR = 16;   // database rows per packed panel
 constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at d = 256, fp32)
 constexpr int LIST = 2 * MR * NR;  // flagged pairs of one micro-kernel call, at most
 constexpr int KC = 16;   // micro_vnni: k pairs (32 columns) per int32 partial sum, then added in float32
-inline int64_t i16_avx2_half(int64_t dp) { return (dp / 2 + 1) / 2; }  // micro_i16_avx2: k pairs in chunk 0
+constexpr int kI16Chunks = 4;
+// micro_i16_avx2: k pairs per chunk (the last may be shorter)
+inline int64_t i16_avx2_kc(int64_t dp) { return (dp / 2 + kI16Chunks - 1) / kI16Chunks; }
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // int16 micro-kernel: 6 query rows x 2 panels of int16 rows -> approximate scores (see micro_vnni)
-using Micro16Fn = void (*)(const int16_t* const*, const int16_t*, const int16_t*, int64_t, float, float*,
-                           const int32_t*, int64_t, int32_t*);
+using Micro16Fn = void (*)(const int16_t* const*, const int16_t*, const int16_t*, int64_t, const float*,
+                           const float*, float*, const int32_t*, int64_t, int32_t*);
 
 struct Params {
   const float* q;      // (m, dp) normalised queries
@@ -96,7 +98,8 @@ struct Params {
   const float* tp;     // fp32 kernel: packed t (ceil(n / NR), dp, NR), zero rows past n
   const int16_t* qi;   // int16 kernel: quantised q (m, dp)
   const int16_t* tpi;  // int16 kernel: packed t (even number of panels, dp / 2, NR, 2), zero rows past n
-  float inv_s2;        // int16 kernel: a = I * inv_s2
+  const float* qu;     // int16 kernel: per-row dequantisation factors (q row i: x ~ z u_i), a = I u_i v_j
+  const float* tu;     //   and per database row (padded with 1 to the packed panels)
   float* top_s;        // (m, k) heap scores
   int64_t* top_i;      // (m, k) heap indices (global)
   int64_t m, n, dp, k;
@@ -382,14 +385,15 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 #define DSF_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512dq,avx512vl,avx512bw,avx512vnni")))
 
 // 6 query rows x 2 panels (32 database rows): out[0:96] = panel 0 (row-major 6 x 16), out[96:192] =
-// panel 1, each a = fl(sum of fl(I_c)) * inv_s2 with I_c the exact int32 dot product of the int16 rows over
+// panel 1, each a = fl(fl(sum of fl(I_c)) u_r) v_c with I_c the exact int32 dot product of the int16 rows over
 // chunk c (KC k pairs), the chunks added in order in float32. a[r] are int16 rows (dp even); bp0/bp1 the
 // packed panels (dp / 2, 16, 2). Pending histogram increments: two per k pair.
 #pragma GCC diagnostic push  // (the AVX-512 headers' _mm512_undefined_* again: see fold_avx512)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
-                                float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
+                                const float* ru, const float* cu, float* out, const int32_t* pend, int64_t npend,
+                                int32_t* S) {
   __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m512i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   __m512 f00 = _mm512_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00;
@@ -440,20 +444,19 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
 #undef DSF_MICRO_STEP_VNNI
 #undef DSF_VNNI_ROW
   apply_pending(pend + j, npend - j, S);
-  const __m512 vi = _mm512_set1_ps(inv_s2);
-#define put(o, f) _mm512_storeu_ps(o, _mm512_mul_ps(f, vi))
-  put(out + 0, f00);
-  put(out + 16, f10);
-  put(out + 32, f20);
-  put(out + 48, f30);
-  put(out + 64, f40);
-  put(out + 80, f50);
-  put(out + 96, f01);
-  put(out + 112, f11);
-  put(out + 128, f21);
-  put(out + 144, f31);
-  put(out + 160, f41);
-  put(out + 176, f51);
+  const __m512 v0 = _mm512_loadu_ps(cu), v1 = _mm512_loadu_ps(cu + NR);
+#define put(r, f0, f1)                                                                                \
+  {                                                                                                   \
+    const __m512 u = _mm512_set1_ps(ru[r]);                                                           \
+    _mm512_storeu_ps(out + (r) * NR, _mm512_mul_ps(_mm512_mul_ps(f0, u), v0));                        \
+    _mm512_storeu_ps(out + MR * NR + (r) * NR, _mm512_mul_ps(_mm512_mul_ps(f1, u), v1));              \
+  }
+  put(0, f00, f01);
+  put(1, f10, f11);
+  put(2, f20, f21);
+  put(3, f30, f31);
+  put(4, f40, f41);
+  put(5, f50, f51);
 #undef put
 }
 #pragma GCC diagnostic pop
@@ -467,17 +470,21 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
 // 92-95 G/s in this order (the fp32 kernel: 57-58 G/s); in whole calls, where most steps carry
 // increments, both orders take the same time. The two panels run one after the other
 // (6 x 16 each: 12 accumulators, two panel registers, a broadcast and a product fill the 16 registers).
-// Unlike micro_vnni's 32-column chunks it keeps two int32 sums, one per half of dp: with no registers left
-// for float32 sums, the first half's go through the stack once. One sum over all of dp (the previous
-// version) took 0.319-0.333 s single thread at 3000 x 20000 x 256 against 0.308-0.318 s; chunks of 32 or
-// 64 columns (several stack round trips, losing the interleaved increments) measured no better.
+// Unlike micro_vnni's 32-column chunks it keeps kI16Chunks = 4 int32 sums (a quarter of dp each): with no
+// registers left for float32 sums, the earlier chunks' go through the stack. History, single thread at
+// 3000 x 20000 x 256 (Zen 4, capped to AVX2): one sum over all of dp, 0.319-0.333 s; two sums,
+// 0.308-0.318 s; with one scale for the call, four (or 32-/64-column) chunks measured no better than two,
+// but with per-row scales (each row fills its own range) four cut the re-scored pairs from 3.5 % to 2.8 %
+// of all and took 0.298-0.318 s against 0.309-0.326 s for two.
+#pragma GCC diagnostic push  // (GCC 12 cannot see that chunk 0, which always runs, fills f0 below)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
-                                    float inv_s2, float* out, const int32_t* pend, int64_t npend, int32_t* S) {
-  const int64_t steps = dp / 2, half = i16_avx2_half(dp);
+                                    const float* ru, const float* cu, float* out, const int32_t* pend,
+                                    int64_t npend, int32_t* S) {
+  const int64_t steps = dp / 2, kc = i16_avx2_kc(dp);
   const int32_t* ap[MR];
   for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
   const int32_t *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
-  const __m256 vi = _mm256_set1_ps(inv_s2);
   int64_t j = 0;
   for (int h = 0; h < 2; ++h) {
     const int16_t* bp = h ? bp1 : bp0;
@@ -499,18 +506,26 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     __m256i av, p0;                                                                                 \
     DSF_SIX_ROWS(DSF_I16_ROW)                                                                       \
   }
-    alignas(32) float f0[2 * MR * 8];  // the first chunk's sums, in float32
-    for (int ch = 0; ch < 2; ++ch) {
-      const int64_t end = ch ? steps : half;
+    // the chunks' sums in float32: chunk 0 stored, later ones but the last added (it stays in the registers)
+    alignas(32) float f0[2 * MR * 8];
+    for (int64_t k0 = 0; k0 < steps; k0 += kc) {
+      const int64_t end = std::min(steps, k0 + kc);
       for (; kk < end && j + 1 < npend; ++kk, j += 2) {
         DSF_MICRO_STEP_I16
         S[pend[j]] += 1;
         S[pend[j + 1]] += 1;
       }
       for (; kk < end; ++kk) DSF_MICRO_STEP_I16
-      if (ch == 0) {
+      if (k0 == 0) {
 #define keep(off, c)                                  \
   _mm256_store_ps(f0 + (off), _mm256_cvtepi32_ps(c)); \
+  c = _mm256_setzero_si256();
+        keep(0, c00) keep(8, c01) keep(16, c10) keep(24, c11) keep(32, c20) keep(40, c21)
+        keep(48, c30) keep(56, c31) keep(64, c40) keep(72, c41) keep(80, c50) keep(88, c51)
+#undef keep
+      } else if (end < steps) {
+#define keep(off, c)                                                                                \
+  _mm256_store_ps(f0 + (off), _mm256_add_ps(_mm256_load_ps(f0 + (off)), _mm256_cvtepi32_ps(c))); \
   c = _mm256_setzero_si256();
         keep(0, c00) keep(8, c01) keep(16, c10) keep(24, c11) keep(32, c20) keep(40, c21)
         keep(48, c30) keep(56, c31) keep(64, c40) keep(72, c41) keep(80, c50) keep(88, c51)
@@ -521,24 +536,26 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
 #undef DSF_I16_ROW
 #undef DSF_SIX_ROWS
     float* o = out + h * MR * NR;
-#define put(off, c) \
-  _mm256_storeu_ps(o + (off), _mm256_mul_ps(_mm256_add_ps(_mm256_load_ps(f0 + (off)), _mm256_cvtepi32_ps(c)), vi))
-    put(0, c00);
-    put(8, c01);
-    put(16, c10);
-    put(24, c11);
-    put(32, c20);
-    put(40, c21);
-    put(48, c30);
-    put(56, c31);
-    put(64, c40);
-    put(72, c41);
-    put(80, c50);
-    put(88, c51);
+    const __m256 v0 = _mm256_loadu_ps(cu + h * NR), v1 = _mm256_loadu_ps(cu + h * NR + 8);
+#define put(r, c0, c1)                                                                                   \
+  {                                                                                                      \
+    const __m256 u = _mm256_broadcast_ss(ru + (r));                                                      \
+    const __m256 s0 = _mm256_add_ps(_mm256_load_ps(f0 + 16 * (r)), _mm256_cvtepi32_ps(c0));              \
+    const __m256 s1 = _mm256_add_ps(_mm256_load_ps(f0 + 16 * (r) + 8), _mm256_cvtepi32_ps(c1));          \
+    _mm256_storeu_ps(o + 16 * (r), _mm256_mul_ps(_mm256_mul_ps(s0, u), v0));                             \
+    _mm256_storeu_ps(o + 16 * (r) + 8, _mm256_mul_ps(_mm256_mul_ps(s1, u), v1));                         \
+  }
+    put(0, c00, c01);
+    put(1, c10, c11);
+    put(2, c20, c21);
+    put(3, c30, c31);
+    put(4, c40, c41);
+    put(5, c50, c51);
 #undef put
   }
   apply_pending(pend + j, npend - j, S);
 }
+#pragma GCC diagnostic pop
 #endif
 
 // ---- the fold: decide from the approximate scores, flag the rest ------------------------------------
@@ -825,13 +842,26 @@ void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels&
       const int64_t nrows = std::min<int64_t>(MR, re - r0);
       const float* a[MR];
       const int16_t* ai[MR];
+      float ru[MR];
       for (int r = 0; r < MR; ++r) {
         a[r] = r < nrows ? p.q + (r0 + r) * p.dp : zero_row;
         ai[r] = r < nrows && p.qi ? p.qi + (r0 + r) * p.dp : zero_row_i;
+        ru[r] = r < nrows && p.qu ? p.qu[r0 + r] : 1.0f;
       }
+#if DSF_X86
+      // int16: start fetching the next block's rows, float32 (its re-scores) and int16 (the micro-kernel):
+      // each tile's pass streams every query row from L3 again
+      if (p.int16 && r0 + 2 * MR <= re) {
+        const char* nf = reinterpret_cast<const char*>(p.q + (r0 + MR) * p.dp);
+        for (int64_t off = 0; off < MR * p.dp * 4; off += 64) _mm_prefetch(nf + off, _MM_HINT_T1);
+        const char* ni = reinterpret_cast<const char*>(p.qi + (r0 + MR) * p.dp);
+        for (int64_t off = 0; off < MR * p.dp * 2; off += 64) _mm_prefetch(ni + off, _MM_HINT_T0);
+      }
+#endif
       for (int64_t pn = tb; pn < te; pn += step) {           // one or two panels of NR database rows
         if (p.int16)
-          p.micro16(ai, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, p.inv_s2, sc, pend, npend, S);
+          p.micro16(ai, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, ru, p.tu + pn * NR, sc, pend,
+                    npend, S);
         else
           kf.micro(a, p.tp + pn * p.dp * NR, p.dp, sc, pend, npend, S);
         npend = 0;
@@ -905,7 +935,7 @@ inline double gamma_n(double n) {
 }
 
 // An int16 kernel's chunks (the spans of its int32 partial sums): columns [c * cw, min(dp, (c + 1) * cw)),
-// cw = 2 KC for micro_vnni, 2 i16_avx2_half(dp) (two chunks) for micro_i16_avx2.
+// cw = 2 KC for micro_vnni, 2 i16_avx2_kc(dp) (kI16Chunks chunks) for micro_i16_avx2.
 inline int64_t n_chunks(int64_t dp, int64_t cw) { return (dp + cw - 1) / cw; }
 
 struct RowStats {
@@ -944,10 +974,7 @@ RowStats row_stats(const float* x, int64_t rows, int64_t dp, int64_t cw) {
   return all;
 }
 
-// Quantise x (rows, dp) to int16 z = round(x * S) into dst (row-major). Returns max row |x - z / S| (the
-// residual norm) and max row |z| (integer norm); row_res[i] (if given): the row's residual norm, rounded up.
-// Only the int16 kernels use it, so it is written for AVX2, which every CPU with an int16 kernel has (any
-// rounding of x * S would do: the bound uses the residuals actually made).
+// One row: z = round(x * S) into out; *rr_out = |x - z inv_s|^2 and *qq_out = |z|^2 (in double).
 #if DSF_X86
 DSF_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t dp, double S, double inv_s, int16_t* out,
                                        double* rr_out, double* qq_out) {
@@ -982,27 +1009,57 @@ DSF_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t dp, double S, dou
 #endif
 
 struct Quantised {
-  double res = 0, norm = 0;   // largest row residual norm |x - z / S| (rounded up), largest |z|
+  double res = 0, norm = 0;   // largest row residual norm |x_i - z_i u_i| and largest |z_i| u_i (rounded up)
   std::vector<int64_t> chunk;  // per chunk: largest squared |z| of a row's part in it (exact)
+  bool ok = true;              // every u_i a float32 in [2^-100, 2^100] (the rounding bounds assume normal floats)
 };
 
-Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double S, int16_t* dst, float* row_res) {
+// Quantise each row of x (rows, dp) to int16 with its own scale: z_i = round(x_i / u_i) into dst, u_i (a float32,
+// in u_out) the smallest that keeps |z_i| <= 32767 entrywise and the norm of every chunk of z_i at most about
+// K (K^2 < 2^31, so no chunk's int32 partial sum against any other row can overflow; checked exactly by the
+// caller from `chunk`, as rounding can lengthen a chunk by up to sqrt(cw) / 2). A row's own scale, rather than
+// one for the call, lets every row fill that range: at d = 256 on random unit rows the residuals, and with
+// them E and the pairs re-scored, are ~1.13x (two chunks), ~1.2x (four) to ~1.35x (32-column chunks) smaller.
+// row_res[i]: the row's residual norm, rounded up. Only the int16 kernels use it, so it is written for AVX2,
+// which every CPU with an int16 kernel has (any rounding of x / u would do: the bound uses the residuals made).
+Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double K, int16_t* dst, float* row_res,
+                   float* u_out) {
   std::mutex mu;
   double rmax = 0, qmax = 0;
-  const double inv_s = 1.0 / S;
   const int64_t nch = n_chunks(dp, cw);
   Quantised out;
   out.chunk.assign(static_cast<size_t>(nch), 0);
   parallel_for(rows, 512, [&](int64_t rb, int64_t re) {
     double rl = 0, ql = 0;
+    bool ok = true;
     std::vector<int64_t> ch(static_cast<size_t>(nch), 0);
     for (int64_t i = rb; i < re; ++i) {
+      const float* xi = x + i * dp;
+      double maxabs = 0, hmax = 0;
+      for (int64_t c = 0; c < nch; ++c) {
+        double sc = 0;
+        for (int64_t k = c * cw; k < std::min(dp, (c + 1) * cw); ++k) {
+          const double v = xi[k];
+          sc += v * v;
+          maxabs = std::max(maxabs, std::fabs(v));
+        }
+        hmax = std::max(hmax, sc);
+      }
+      hmax = std::sqrt(hmax) * (1 + 1e-12);
+      float u = 1.0f;
+      if (maxabs > 0) {
+        const double S = std::min(32766.5 / maxabs, K / hmax);
+        u = static_cast<float>(1.0 / S);
+        if (static_cast<double>(u) < 1.0 / S) u = std::nextafter(u, kInf);  // 1 / u <= S
+        ok = ok && u >= 0x1p-100f && u <= 0x1p100f;
+      }
+      u_out[i] = u;
       double rr = 0, qq = 0;
 #if DSF_X86
-      quantize_row_avx2(x + i * dp, dp, S, inv_s, dst + i * dp, &rr, &qq);
+      quantize_row_avx2(xi, dp, 1.0 / static_cast<double>(u), static_cast<double>(u), dst + i * dp, &rr, &qq);
 #endif
       rl = std::max(rl, std::sqrt(rr));
-      ql = std::max(ql, std::sqrt(qq));
+      ql = std::max(ql, std::sqrt(qq) * static_cast<double>(u));
       if (row_res) row_res[i] = static_cast<float>(std::sqrt(rr) * (1 + 1e-6));
       const int16_t* z = dst + i * dp;
       for (int64_t c = 0; c < nch; ++c) {
@@ -1014,6 +1071,7 @@ Quantised quantize(const float* x, int64_t rows, int64_t dp, int64_t cw, double 
     std::lock_guard<std::mutex> lk(mu);
     rmax = std::max(rmax, rl);
     qmax = std::max(qmax, ql);
+    out.ok = out.ok && ok;
     for (int64_t c = 0; c < nch; ++c) out.chunk[c] = std::max(out.chunk[c], ch[c]);
   });
   out.res = rmax * (1 + 1e-9) + 1e-300;
@@ -1068,6 +1126,8 @@ py::dict topk_kernel_rates(int iters, int reps) {
     ir[r] = ia.data() + r * dp;
   }
   alignas(64) float sc[2 * MR * NR];
+  float ones[2 * NR];
+  std::fill(ones, ones + 2 * NR, 1.0f);
   int32_t S[1] = {};
   using clk = std::chrono::steady_clock;
   double t[3] = {1e30, 1e30, 1e30};
@@ -1080,10 +1140,10 @@ py::dict topk_kernel_rates(int iters, int reps) {
         micro_avx2(fr, fpa + dp * NR, dp, sc + MR * NR, nullptr, 0, S);
       }
       const auto t1 = clk::now();
-      for (int i = 0; i < iters; ++i) micro_i16_avx2(ir, ipa, ipa + dp * NR, dp, 1.0f, sc, nullptr, 0, S);
+      for (int i = 0; i < iters; ++i) micro_i16_avx2(ir, ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
       const auto t2 = clk::now();
       if (vnni)
-        for (int i = 0; i < iters; ++i) micro_vnni(ir, ipa, ipa + dp * NR, dp, 1.0f, sc, nullptr, 0, S);
+        for (int i = 0; i < iters; ++i) micro_vnni(ir, ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
       const auto t3 = clk::now();
       t[0] = std::min(t[0], std::chrono::duration<double>(t1 - t0).count());
       t[1] = std::min(t[1], std::chrono::duration<double>(t2 - t1).count());
@@ -1104,6 +1164,7 @@ py::dict topk_kernel_rates(int iters, int reps) {
 struct Buffers {
   std::vector<float> packed;
   std::vector<int16_t> qi, tpi;
+  std::vector<float> qu, tu;
   std::vector<float> row_m, col_m;
 };
 
@@ -1141,7 +1202,7 @@ constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4;
 void prepare(Params& p, Simd level, Buffers& buf) {
   const int choice = p.choice;
   const bool vnni = level >= Simd::AVX512 && cpu_has_vnni();
-  const int64_t cw = vnni ? 2 * KC : 2 * i16_avx2_half(p.dp);  // the int16 kernel's chunk width (see n_chunks)
+  const int64_t cw = vnni ? 2 * KC : 2 * i16_avx2_kc(p.dp);  // the int16 kernel's chunk width (see n_chunks)
   const RowStats sq = row_stats(p.q, p.m, p.dp, cw), st = row_stats(p.t, p.n, p.dp, cw);
   const double scale = p.bins / (p.hi - p.lo);
   const double e_canon = gamma_n(std::ceil(p.dp / 16.0) + 4) * sq.norm * st.norm;
@@ -1156,32 +1217,32 @@ void prepare(Params& p, Simd level, Buffers& buf) {
   const double base = 8.0 * 1.1920929e-7 * (p.bins + 2 + std::fabs(p.lo) * scale) + 1e-7;
   const double maxabs = std::max(sq.maxabs, st.maxabs), nmax = std::max(sq.norm, st.norm);
   if (DSF_X86 && level >= Simd::AVX2 && choice != 1 && p.dp % 2 == 0 && maxabs > 0 && nmax > 0) {
-    // S: every int16 entry |round(x S)| <= 32767, and every chunk's int32 partial sum below 2^31 in
-    // magnitude (Cauchy-Schwarz on the chunk: |partial| <= |zq_c| |zt_c|; checked exactly below, since
-    // rounding can lengthen a chunk by up to sqrt(cw) / 2; a failed check retries with a smaller S)
+    // Per-row scales (see quantize): every int16 entry |z| <= 32767, and every chunk's int32 partial sum
+    // below 2^31 in magnitude (Cauchy-Schwarz on the chunk: |partial| <= |zq_c| |zt_c| <= K^2 (1 + 1 %);
+    // checked exactly below; a failed check retries with a smaller K)
     const int64_t nch = n_chunks(p.dp, cw);
-    double cmax = 0;
-    for (int64_t c = 0; c < nch; ++c) cmax = std::max(cmax, std::sqrt(sq.chunk[c] * st.chunk[c]));
-    double S = 32766.5 / maxabs;
-    if (cmax > 0) S = std::min(S, 46340.0 * 0.995 / std::sqrt(cmax));  // the 0.5 %: room for the rounding
-    for (int attempt = 0; attempt < 8 && S > 1; ++attempt, S *= 0.97) {
+    double K = 46340.0 * 0.995;  // the 0.5 %: room for the rounding
+    for (int attempt = 0; attempt < 8; ++attempt, K *= 0.97) {
       buf.qi.assign(static_cast<size_t>(p.m * p.dp), 0);
       const int64_t panels = ((p.n + NR - 1) / NR + 1) / 2 * 2;
       buf.tpi.assign(static_cast<size_t>(panels * p.dp * NR) + 32, 0);
       int16_t* tpi = buf.tpi.data();
       while (reinterpret_cast<uintptr_t>(tpi) % 64) ++tpi;
       std::vector<float> row_res(static_cast<size_t>(p.m)), col_res(static_cast<size_t>(panels * NR), 0.0f);
-      const auto rq = quantize(p.q, p.m, p.dp, cw, S, buf.qi.data(), row_res.data());
+      buf.qu.assign(static_cast<size_t>(p.m), 1.0f);
+      buf.tu.assign(static_cast<size_t>(panels * NR), 1.0f);  // padding columns: 1 (their scores are masked)
+      const auto rq = quantize(p.q, p.m, p.dp, cw, K, buf.qi.data(), row_res.data(), buf.qu.data());
       std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
-      const auto rt = quantize(p.t, p.n, p.dp, cw, S, ti.data(), col_res.data());
+      const auto rt = quantize(p.t, p.n, p.dp, cw, K, ti.data(), col_res.data(), buf.tu.data());
       pack_panels_i16(ti.data(), p.n, p.dp, tpi);
+      if (!rq.ok || !rt.ok) break;  // scales out of range: fp32 kernel
       bool fits = true;  // no chunk's int32 partial sum can overflow
       for (int64_t c = 0; c < nch; ++c)
         fits = fits && static_cast<double>(rq.chunk[c]) * static_cast<double>(rt.chunk[c]) < 4.611686e18;
       if (!fits) continue;
-      const double qn = rq.norm / S, tn = rt.norm / S;
-      // a = fl(fl(sum of the chunks' fl(I_c), in order) * fl(1 / S^2)): nch + 2 roundings, each relative to
-      // at most sum |I_c| <= |zq| |zt| (Cauchy-Schwarz over chunks)
+      const double qn = rq.norm, tn = rt.norm;  // largest |z_i| u_i, |z_j| v_j
+      // a = fl(fl(fl(sum of the chunks' fl(I_c), in order) u_i) v_j): nch + 2 roundings, each relative to
+      // at most u_i v_j sum |I_c| <= |z_i| u_i |z_j| v_j (Cauchy-Schwarz over chunks)
       const double e_round = gamma_n(static_cast<double>(nch) + 3) * 1.01 * qn * tn;
       const double e_int16 = rq.res * st.norm + qn * rt.res + e_round + e_canon;
       const double c16 = (vnni ? kCostVnni : kCostI16Avx2) + kCostRescore * 2 * e_int16 * scale;
@@ -1193,9 +1254,10 @@ void prepare(Params& p, Simd level, Buffers& buf) {
         p.kernel = vnni ? "int16-vnni" : "int16-avx2";
         p.qi = buf.qi.data();
         p.tpi = tpi;
-        p.inv_s2 = static_cast<float>(1.0 / (S * S));
+        p.qu = buf.qu.data();
+        p.tu = buf.tu.data();
         e = e_int16;
-        // per pair, the histogram needs only |rx_i| |y| + |qx / S| |ry_j| (the maxima above are the worst
+        // per pair, the histogram needs only |rx_i| |y| + |zx_i u_i| |ry_j| (the maxima above are the worst
         // row and the worst column): margin_ij = row_m[i] + col_m[j], in slot units
         const double rest = e_round + e_canon;
         buf.row_m.resize(row_res.size());
@@ -1212,6 +1274,8 @@ void prepare(Params& p, Simd level, Buffers& buf) {
     if (!p.int16) {
       buf.qi.clear();
       buf.tpi.clear();
+      buf.qu.clear();
+      buf.tu.clear();
     }
   }
   if (!p.int16) {

@@ -772,6 +772,48 @@ def test_every_approximate_kernel_is_exact_on_rows_at_thresholds_and_edges(bins)
         assert kernels[level, "auto"] == want_auto, kernels
 
 
+def test_rows_with_very_different_int16_scales_are_exact_under_every_kernel():
+    """The int16 kernels quantise each row with its own scale (the largest that its entries and its chunks'
+    int32 partial sums allow), so rows of different shape in one call (a spike, energy in one 32-column
+    chunk, energy spread flat) get scales several times apart. Pairs across them, placed on thresholds and
+    bin edges (to float32 rounding) and around them, must still come out exact under every kernel."""
+    rng = np.random.default_rng(SEED + 90)
+    d = 256
+    flat = rng.standard_normal((200, d))
+    spiky = 1e-2 * rng.standard_normal((100, d))
+    spiky[np.arange(100), rng.integers(0, d, 100)] = 1.0
+    chunky = 1e-3 * rng.standard_normal((100, d))
+    for i in range(100):
+        chunky[i, 32 * (i % 8):32 * (i % 8) + 32] += rng.standard_normal(32)
+    train = np.concatenate([flat, spiky, chunky])
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    rows = []
+    for j, tau in enumerate([0.6, 0.85, 0.3, -0.5, 0.99, 0.605, 0.0, 0.845]):
+        for base in (train[j], train[200 + j], train[300 + j]):  # one of each kind
+            for eps in (0.0, 1e-7, -1e-7, 5e-5, -5e-5, 2e-4):
+                u = (spiky if j % 2 else flat)[rng.integers(0, 100)].copy()  # the partner: another shape
+                u -= (u @ base) * base
+                u /= np.linalg.norm(u)
+                c = tau + eps
+                rows.append(c * base + np.sqrt(1 - c * c) * u)
+    synth = np.concatenate([np.array(rows), train[::37], rng.standard_normal((40, d))]).astype(np.float32)
+    train = train.astype(np.float32)
+    seen = set()
+    for bins in (200, 7):
+        want_s, want_i, want_h, want_c = _brute(train, synth, 6, bins=bins)
+        for level, choice in (("auto", "auto"), ("avx2", "int16"), ("auto", "int16")):
+            with _kernels(level, choice):
+                r = all_pairs(train, synth, k=6, bins=bins, progress=False)
+                seen.add(_native.topk_int16_kernel())
+            where = (bins, level, choice)
+            assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
+            assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
+            assert np.array_equal(r.histogram[0], want_h), (where, _first_mismatch(r.histogram[0], want_h))
+            assert r.class_counts == want_c, where
+    if _native.detected_simd_level() in ("avx2", "avx512"):
+        assert "int16-avx2" in seen, seen  # the int16 kernels really ran
+
+
 def test_topk_kernel_setting_is_validated_and_reported(monkeypatch):
     with pytest.raises(ValueError, match="set_topk_kernel"):
         _native.set_topk_kernel("int8")
