@@ -110,9 +110,33 @@ def positive_real(v: Any, name: str, alt: str = "") -> float:
     raise ValueError(f"{name} must be a positive finite real number{alt}, got {v!r}")
 
 
+def is_integer(v: Any) -> bool:
+    """A Python or numpy integer; bool (a subclass of int in Python) does not count."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _got(v: Any) -> str:
+    """``repr(v)`` for an error message, marking bools (which Python would take as the integers 0 and 1)."""
+    return f"{v!r} (a bool)" if isinstance(v, (bool, np.bool_)) else repr(v)
+
+
+def check_bool(v: Any, name: str) -> bool:
+    """``v`` as a bool: True or False (Python or numpy bool). Anything else — 0/1, strings such as "no",
+    None — raises TypeError naming the parameter, rather than being read by its truth value."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool (True or False), got {v!r} of type {type(v).__name__}")
+
+
+def _describe(shapes: dict[str, tuple[int, ...]] | None, ndim: int) -> str:
+    if shapes:
+        return " and ".join(f"{name} of shape {tuple(shape)}" for name, shape in shapes.items())
+    return f"inputs of rank {ndim}"
+
+
 def resolve_params(
     *,
-    ndim: int,
+    ndim: int | None,
     spatial_dims: int | None,
     window: str,
     win_size: int,
@@ -122,30 +146,46 @@ def resolve_params(
     k2: float,
     sample_covariance: bool,
     preset: str | None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> SSIMParams:
-    """Validate the options and fill defaults. ``ndim`` is the rank of the inputs."""
+    """Validate the options and fill defaults.
+
+    ``ndim`` is the rank of the inputs (the larger of the two); rank 2 defaults to ``spatial_dims=2``, and
+    inputs with fewer than ``spatial_dims`` (default 2) dimensions raise ValueError. None: the caller checks
+    the rank itself and passes ``spatial_dims``. ``shapes`` (name -> shape, e.g. ``{"x": ..., "y": ...}``)
+    names the inputs in those errors.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    if spatial_dims is None:
-        if ndim == 2:
-            spatial_dims = 2
-        else:
+    if spatial_dims is not None and (not is_integer(spatial_dims) or spatial_dims not in (2, 3)):
+        raise ValueError(f"spatial_dims must be 2 or 3 (an integer) or None, got {_got(spatial_dims)}")
+    if ndim is not None:
+        sd = 2 if spatial_dims is None else int(spatial_dims)
+        if ndim < sd:
+            need = "(H, W)" if sd == 2 else "(D, H, W)"
+            default = " (the default)" if spatial_dims is None else ""
             raise ValueError(
-                f"inputs of rank {ndim} are ambiguous: pass spatial_dims=2 (a batch of 2D slices) or "
-                f"spatial_dims=3 (3D volumes). Only 2D arrays default to spatial_dims=2."
+                f"{_describe(shapes, ndim)}: too few dimensions for spatial_dims={sd}{default}, which needs "
+                f"images of at least {sd} dimensions {need} (leading dimensions are batch)"
             )
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if ndim < spatial_dims:
-        raise ValueError(f"spatial_dims={spatial_dims} but the inputs have only {ndim} dimensions")
+        if spatial_dims is None and ndim != 2:
+            raise ValueError(
+                f"{_describe(shapes, ndim)} are ambiguous: pass spatial_dims=2 (a batch of 2D slices) or "
+                "spatial_dims=3 (3D volumes). Only 2D arrays default to spatial_dims=2."
+            )
+        spatial_dims = sd
+    elif spatial_dims is None:
+        raise ValueError("spatial_dims must be given (2 or 3)")
+    spatial_dims = int(spatial_dims)
+    sample_covariance = check_bool(sample_covariance, "sample_covariance")
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     sigma = positive_real(sigma, "sigma")
     if window == "gaussian":
         taps = gaussian_taps(sigma)
     else:
-        if not isinstance(win_size, (int, np.integer)) or win_size < 1:
-            raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
+        if not is_integer(win_size) or win_size < 1:
+            raise ValueError(f"win_size must be a positive odd integer, got {_got(win_size)}")
         if win_size % 2 == 0:
             raise ValueError(f"win_size must be odd, got {win_size}")
         if win_size < 3:
@@ -167,7 +207,7 @@ def resolve_params(
         data_range,
         k1,
         k2,
-        bool(sample_covariance),
+        sample_covariance,
         preset,
     )
 

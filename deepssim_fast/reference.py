@@ -41,7 +41,8 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
     tx, ty = to_torch(x, name="x"), to_torch(y, name="y")
     p = sc.resolve_params(ndim=max(tx.ndim, ty.ndim), spatial_dims=spatial_dims, window=window,
                           win_size=win_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
-                          sample_covariance=sample_covariance, preset=preset)
+                          sample_covariance=sample_covariance, preset=preset,
+                          shapes={"x": tuple(tx.shape), "y": tuple(ty.shape)})
     batch = sc.broadcast_pair(tx, ty, p)
     sc.check_finite(tx, "x", p)
     sc.check_finite(ty, "y", p)

@@ -429,9 +429,12 @@ def ssim(
     Raises:
         ValueError: NaN/Inf (naming the pair index), values too large (or small) for SSIM even in float64
             (naming the pair index), spatial shape mismatch or non-broadcastable batch (quoting both
-            shapes), images smaller than the window, even ``win_size``, ambiguous rank, a parameter that is
+            shapes), images smaller than the window, even ``win_size``, ambiguous rank (3D/4D input without
+            ``spatial_dims``), inputs with fewer dimensions than ``spatial_dims`` (quoting their shapes), a
+            ``win_size`` or ``spatial_dims`` that is not an integer (bools are refused), a parameter that is
             not a positive finite real scalar.
-        TypeError: complex images (naming x or y), x and y of different dtypes.
+        TypeError: complex images (naming x or y), x and y of different dtypes, ``sample_covariance`` that is
+            not a bool (Python or numpy).
     """
     with torch.no_grad():
         tx, ty = _to_torch(x, "x"), _to_torch(y, "y")
@@ -446,6 +449,7 @@ def ssim(
             k2=k2,
             sample_covariance=sample_covariance,
             preset=preset,
+            shapes={"x": tuple(tx.shape), "y": tuple(ty.shape)},
         )
         if tx.dtype != ty.dtype:
             raise TypeError(f"x and y must have the same dtype, got {tx.dtype} and {ty.dtype}")
@@ -483,12 +487,17 @@ def _open_out(
             if os.fspath(out).endswith(".npy")
             else np.memmap(os.fspath(out), dtype=np.float32, mode="w+", shape=shape)
         )
-    else:
+    elif isinstance(out, (np.ndarray, torch.Tensor)) or is_cupy(out):
         arr = out
         if tuple(arr.shape) != shape:
             raise ValueError(f"out has shape {tuple(arr.shape)}, expected {shape}")
         if str(arr.dtype).split(".")[-1] != "float32":
             raise ValueError(f"out must be float32, got {arr.dtype}")
+    else:
+        raise TypeError(
+            f"out must be None, a path (str or os.PathLike; a float32 memmap is written there) or a "
+            f"preallocated float32 array of shape {shape} (numpy, torch or cupy), got {type(out).__name__}"
+        )
     if isinstance(arr, torch.Tensor):
 
         def write(i0, i1, j0, j1, block):
@@ -636,8 +645,8 @@ def ssim_matrix(
     On the native and Triton backends each image's windowed mean and variance are computed once per tile,
     so a pair costs only its cross term (Triton: unless ``DEEPSSIM_FAST_TRITON_SSIM=direct``). Tiles bound
     memory; ``out`` may be a path (a float32 ``np.memmap`` is written; ``.npy`` paths get a header) or a
-    preallocated float32 array. A progress bar shows on a TTY unless ``progress=False``. Returns ``out``
-    (or a new numpy array, or torch for torch input).
+    preallocated float32 array (numpy, torch or cupy; anything else is a TypeError). A progress bar shows
+    on a TTY unless ``progress=False``. Returns ``out`` (or a new numpy array, or torch for torch input).
 
     As in :func:`ssim`, float64 and 32/64-bit integer images that float32 rounds by more than
     ``FLOAT32_ROUNDING_TOL`` (2.5e-7) of their own range are measured once up front; every pair in their
@@ -662,7 +671,7 @@ def ssim_matrix(
                 )
             spatial_dims = 2
         p = sc.resolve_params(
-            ndim=tA.ndim - 1,
+            ndim=None,  # the stacks' rank is checked below, against spatial_dims + 1
             spatial_dims=spatial_dims,
             window=window,
             win_size=win_size,
@@ -673,12 +682,18 @@ def ssim_matrix(
             sample_covariance=sample_covariance,
             preset=preset,
         )
-        for nm, t in (("A", tA), ("B", tB)):
-            if t.ndim != p.spatial_dims + 1:
-                raise ValueError(
-                    f"ssim_matrix: {nm} must be a stack (N, *spatial) with {p.spatial_dims} "
-                    f"spatial dims, got shape {tuple(t.shape)}"
-                )
+        if tA.ndim != p.spatial_dims + 1 or tB.ndim != p.spatial_dims + 1:
+            stack = "images (N, H, W)" if p.spatial_dims == 2 else "volumes (N, D, H, W)"
+            hint = ""
+            if p.spatial_dims == 3 and tA.ndim == 3 and tB.ndim == 3:
+                hint = "; for stacks of 2D images (N, H, W) pass spatial_dims=2"
+            elif p.spatial_dims == 2 and tA.ndim == 4 and tB.ndim == 4:
+                hint = "; for stacks of volumes (N, D, H, W) pass spatial_dims=3"
+            raise ValueError(
+                f"ssim_matrix: spatial_dims={p.spatial_dims} needs A and B to be stacks of {stack} "
+                f"({p.spatial_dims + 1} dimensions), got A of shape {tuple(tA.shape)} and B of shape "
+                f"{tuple(tB.shape)}{hint}"
+            )
         if _spatial(tA, p) != _spatial(tB, p):
             raise ValueError(
                 f"ssim_matrix: A and B image shapes differ: {tuple(tA.shape)} and {tuple(tB.shape)}"

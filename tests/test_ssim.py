@@ -8,6 +8,7 @@ from __future__ import annotations
 import fractions
 import importlib
 import logging
+import re
 import zlib
 
 import numpy as np
@@ -407,6 +408,65 @@ def test_bad_shapes_and_options():
         ssim(a, a, spatial_dims=2, backend="cuda")
     with pytest.raises(ValueError, match="image shapes differ"):
         ssim_matrix(a, np.zeros((2, 16, 17), np.float32), progress=False)
+
+
+def test_option_types_are_checked_not_coerced():
+    """sample_covariance must be a bool (not a truthy string or 0/1); integer options refuse bools (which
+    Python would read as 0 and 1) and floats; ssim_matrix's out= must be a path or an array."""
+    rng = np.random.default_rng(3)
+    x, y = random_pair(rng, (2, 16, 17), np.float32)
+    for bad in ("no", "False", 0, 1, None):
+        for f in (ssim, ssim_reference):
+            with pytest.raises(TypeError, match=r"sample_covariance must be a bool \(True or False\)"):
+                f(x, y, spatial_dims=2, sample_covariance=bad)
+        with pytest.raises(TypeError, match="sample_covariance must be a bool"):
+            ssim_matrix(x, y, sample_covariance=bad, progress=False)
+    for ok in (False, np.bool_(False)):
+        assert_close(ssim(x, y, spatial_dims=2, sample_covariance=ok),
+                     ssim(x, y, spatial_dims=2, sample_covariance=False), tol=0, what=f"sample_covariance={ok!r}")
+    for bad in (True, np.bool_(True), 7.0, "7"):
+        with pytest.raises(ValueError, match=r"win_size must be a positive odd integer, got .*" +
+                           (r"\(a bool\)" if isinstance(bad, (bool, np.bool_)) else "")):
+            ssim(x, y, spatial_dims=2, win_size=bad)
+        with pytest.raises(ValueError, match="win_size must be a positive odd integer"):
+            ssim_matrix(x, y, win_size=bad, progress=False)
+    assert_close(ssim(x, y, spatial_dims=2, win_size=np.int64(5)), ssim(x, y, spatial_dims=2, win_size=5), tol=0,
+                 what="numpy integer win_size")
+    for bad in (True, 2.0, "2"):
+        with pytest.raises(ValueError, match=r"spatial_dims must be 2 or 3 \(an integer\) or None, got"):
+            ssim(x, y, spatial_dims=bad)
+        with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+            ssim_matrix(x, y, spatial_dims=bad, progress=False)
+    assert_close(ssim(x, y, spatial_dims=np.int64(2)), ssim(x, y, spatial_dims=2), tol=0, what="numpy spatial_dims")
+    for bad in ([[0.0, 0.0], [0.0, 0.0]], ((0.0, 0.0), (0.0, 0.0)), 3):
+        with pytest.raises(TypeError, match=r"out must be None, a path .* or a preallocated float32 array of "
+                           r"shape \(2, 2\)"):
+            ssim_matrix(x, y, out=bad, progress=False)
+
+
+def test_inputs_with_too_few_dimensions_are_named_by_shape():
+    """Rank-0/1 inputs are not "ambiguous": they have too few dimensions for spatial_dims; the error quotes
+    their shapes (and ssim_matrix's the stacks' shapes and what spatial_dims=3 needs)."""
+    for x in (np.float32(1.0), np.zeros(16, np.float32)):
+        for f in (ssim, ssim_reference):
+            with pytest.raises(ValueError, match=re.escape(f"x of shape {x.shape}") + r".* too few dimensions "
+                               r"for spatial_dims=2 \(the default\)") as err:
+                f(x, x)
+            assert "ambiguous" not in str(err.value)
+    with pytest.raises(ValueError, match=r"x of shape \(16,\) and y of shape \(16,\): too few dimensions for "
+                       r"spatial_dims=2,"):
+        ssim(np.zeros(16), np.zeros(16), spatial_dims=2)
+    with pytest.raises(ValueError, match=r"too few dimensions for spatial_dims=3, which needs images of at "
+                       r"least 3 dimensions \(D, H, W\)"):
+        ssim(np.zeros((16, 16)), np.zeros((16, 16)), spatial_dims=3)
+    a = np.zeros((2, 16, 16), np.float32)
+    msg = (r"ssim_matrix: spatial_dims=3 needs A and B to be stacks of volumes \(N, D, H, W\) \(4 dimensions\), "
+           r"got A of shape \(2, 16, 16\) and B of shape \(2, 16, 16\); for stacks of 2D images")
+    with pytest.raises(ValueError, match=msg) as err:
+        ssim_matrix(a, a, spatial_dims=3, progress=False)
+    assert "only 2 dimensions" not in str(err.value)
+    with pytest.raises(ValueError, match=r"got A of shape \(2, 16, 16\) and B of shape \(1, 2, 16, 16\)"):
+        ssim_matrix(a, a[None], spatial_dims=3, progress=False)
 
 
 # ---------------------------------------------------------------- ssim_matrix
