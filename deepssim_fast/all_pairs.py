@@ -397,6 +397,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                                      progress=progress, workers=workers, scheduler=scheduler,
                                      precision=precision)
     k, low, high, bins = _check_params(k, thresholds, bins)
+    if self_offset is not None and (isinstance(self_offset, (bool, np.bool_))
+                                    or not isinstance(self_offset, (int, np.integer))):
+        raise ValueError(f"all_pairs: self_offset must be a non-negative integer or None, got {self_offset!r}")
     if synth is None:
         if self_offset not in (None, 0):
             raise ValueError(f"all_pairs: synth=None compares train with itself; self_offset must be 0 "
@@ -410,8 +413,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         raise ValueError(f"all_pairs: train and synth have different embedding sizes: "
                          f"train {tuple(tt.shape)}, synth {tuple(ts.shape)}")
     if self_offset is not None:
-        fits = isinstance(self_offset, (int, np.integer)) and 0 <= self_offset <= n_train - n_synth
-        if not fits:
+        if not 0 <= self_offset <= n_train - n_synth:
             raise ValueError(f"all_pairs: self_offset={self_offset} with n_synth={n_synth} does not fit in "
                              f"n_train={n_train}")
         self_offset = int(self_offset)

@@ -347,6 +347,22 @@ def test_self_mode_excludes_self_pairs_and_equals_self_offset_zero():
         all_pairs(train, None, k=700, progress=False)
 
 
+def test_self_offset_must_be_an_integer_not_a_bool():
+    """self_offset=True is refused like k=True and bins=True (Python would take it as 1), also with synth=None
+    (where False would pass as 0); numpy integers are fine."""
+    train = _rand(40, 8, SEED + 19)
+    for bad in (True, False, np.bool_(True), 1.0, "1"):
+        for synth in (train[1:5], None):
+            with pytest.raises(ValueError, match=r"all_pairs: self_offset must be a non-negative integer or None, "
+                               rf"got {re.escape(repr(bad))}"):
+                all_pairs(train, synth, k=3, self_offset=bad, progress=False)
+    for bad in ("k", "bins"):
+        with pytest.raises(ValueError, match=rf"all_pairs: {bad} must be .*, got True"):
+            all_pairs(train, train[1:5], progress=False, **{bad: True})
+    _assert_same(all_pairs(train, train[1:5], k=3, self_offset=np.int64(1), progress=False),
+                 all_pairs(train, train[1:5], k=3, self_offset=1, progress=False))
+
+
 def test_merge_of_synth_and_train_shards_equals_one_call():
     train = _rand(900, 30, SEED + 9)
     synth = _rand(250, 30, SEED + 10)
