@@ -33,7 +33,8 @@ and histogram),
 ``"triton"`` (default for CUDA tensors / cupy arrays; on CPU tensors only with ``TRITON_INTERPRET=1``)
 and ``"torch"`` (chunked ``torch.mm`` + stable sort, the portable fallback). The GPU and torch backends
 score pairs with their own fp32 GEMM, so their scores may differ from the canonical ones in the last
-bits (and their histograms for pairs within ~1e-6 of a bin edge). Results always come back as numpy
+bits (and their histograms for pairs within ~1e-6 of a bin edge), and, unlike the native engine's, may
+change in the last bit with ``block`` and ``tile``. Results always come back as numpy
 arrays in :class:`AllPairsResult`, whatever the input kind or device.
 """
 from __future__ import annotations
@@ -377,7 +378,11 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     workers, scheduler : run on a Dask cluster via :func:`deepssim_fast.distributed.all_pairs_distributed`.
     self_offset : synth rows are rows ``self_offset ...`` of ``train``; pairs (i, self_offset + i) are
         excluded.
-    block, tile : synthetic rows per block and training rows per tile (tuning; results do not depend on them).
+    block, tile : synthetic rows per block and training rows per tile (tuning). Native engine: results are bit
+        for bit the same for any block and tile. torch: they set the shapes of the ``torch.mm`` calls, so a
+        score may change in its last bit with them (seen: 1 ulp at ``block=7, tile=13``), and with it the
+        order of near-tied neighbours and the bin of a pair at a bin edge. Triton: they regroup the rows into
+        launches; no bit-identity is promised (``matrix`` comes from ``torch.mm`` as on torch).
     precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32 on the CUDA cores);
         ``"tf32x3"`` (each fp32 input split into two tf32 parts, three tensor-core products: scores within
         ~1e-6 of fp32, several times the fp32 rate); ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only)
