@@ -15,8 +15,10 @@ Conventions
 * :func:`read_image` returns float32, 2D or 3D:
 
   - PNG: 8- or 16-bit grayscale as stored (no rescaling). Colour images are converted to luminance with
-    the ITU-R BT.601 weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding); an
-    alpha channel is ignored. Palette images are expanded to RGB first.
+    the ITU-R BT.601 weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding) from the
+    stored samples, so 16-bit colour (RGB, RGBA, grey+alpha; decoded by this module, as Pillow reduces
+    them to 8 bits) keeps its 16-bit values (0..65535) as 8-bit colour keeps 0..255; an alpha channel is
+    ignored (grey+alpha gives its grey channel). Palette images are expanded to RGB first.
   - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI);
     pickled object arrays are refused.
   - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``).
@@ -39,6 +41,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -243,10 +247,112 @@ def discover(spec: Spec) -> list[Path]:
     return sorted(out, key=lambda q: str(q))
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Adam7 passes: (first column, first row, column step, row step)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_COLOUR_CHANNELS = {2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel (RGB, grey+alpha, RGBA)
+
+
+def _png_header(p: Path) -> tuple[int, int] | None:
+    """``(bit depth, colour type)`` from a PNG's IHDR chunk, or None when the file does not start with the
+    PNG signature and an IHDR chunk (left to Pillow, which names the problem)."""
+    with open(p, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _png_unfilter(rows: np.ndarray, h: int, w: int, bpp: int) -> np.ndarray:
+    """Undo the PNG row filters of one (sub-)image: ``rows`` is ``h`` scanlines of ``1 + w * bpp`` bytes (the
+    filter type, then the filtered bytes); returns the ``(h, w, bpp)`` uint8 samples. Each byte depends on
+    the byte one pixel to its left, the one above and the one above-left, so the anti-diagonals of the pixel
+    grid are reconstructed in turn, each at once for all five filter types."""
+    ftype = rows[:, 0]
+    if (ftype > 4).any():
+        raise ValueError(f"unknown PNG filter type {int(ftype.max())}")
+    filt = rows[:, 1:].reshape(h, w, bpp).astype(np.int16)
+    out = np.zeros((h + 1, w + 1, bpp), np.int16)  # a row of zeros above, a column of zeros to the left
+    for d in range(h + w - 1):
+        y = np.arange(max(0, d - w + 1), min(h - 1, d) + 1)
+        x = d - y
+        a, b, c = out[y + 1, x], out[y, x + 1], out[y, x]
+        t = ftype[y][:, None]
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        pred = np.select([t == 0, t == 1, t == 2, t == 3], [np.zeros_like(a), a, b, (a + b) >> 1], paeth)
+        out[y + 1, x + 1] = (filt[y, x] + pred) & 255
+    return out[1:, 1:].astype(np.uint8)
+
+
+def _read_png16_colour(p: Path) -> np.ndarray:
+    """The samples of a 16-bit colour PNG (colour type 2, 4 or 6) as an ``(h, w, channels)`` uint16 array.
+
+    Pillow decodes these to 8 bits per channel, so they are decoded here: chunk CRCs checked, the IDAT
+    stream inflated (no further than the image needs), row filters undone, Adam7 interlacing handled.
+    Raises ValueError describing a damaged file."""
+    data = p.read_bytes()
+    pos, ihdr, idat = 8, b"", []
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise ValueError("file truncated inside a chunk header")
+        n, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        if pos + 12 + n > len(data):
+            raise ValueError(f"file truncated inside the {ctype.decode('latin-1')!r} chunk")
+        body = data[pos + 8 : pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
+        if zlib.crc32(ctype + body) & 0xFFFFFFFF != crc:
+            raise ValueError(f"CRC error in the {ctype.decode('latin-1')!r} chunk")
+        if ctype == b"IHDR":
+            ihdr = body
+        elif ctype == b"IDAT":
+            idat.append(body)
+        elif ctype == b"IEND":
+            break
+        pos += 12 + n
+    if len(ihdr) != 13:
+        raise ValueError("bad IHDR chunk")
+    w, h, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", ihdr)
+    if depth != 16 or colour not in _PNG_COLOUR_CHANNELS or compression or filtering or interlace > 1:
+        raise ValueError(f"unsupported IHDR (bit depth {depth}, colour type {colour}, methods "
+                         f"{compression}/{filtering}/{interlace})")
+    if w == 0 or h == 0:
+        raise ValueError(f"empty image ({w} x {h})")
+    ch = _PNG_COLOUR_CHANNELS[colour]
+    bpp = 2 * ch
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    sizes = [(-(-(h - y0) // dy), -(-(w - x0) // dx)) for x0, y0, dx, dy in passes]
+    need = sum(ph * (1 + pw * bpp) for ph, pw in sizes if ph and pw)
+    raw = zlib.decompressobj().decompress(b"".join(idat), need)
+    if len(raw) < need:
+        raise ValueError(f"image data truncated ({len(raw)} of {need} bytes)")
+    buf = np.frombuffer(raw, np.uint8)
+    out = np.empty((h, w, ch), np.uint16)
+    off = 0
+    for (x0, y0, dx, dy), (ph, pw) in zip(passes, sizes, strict=True):
+        if not (ph and pw):
+            continue  # an empty pass has no scanlines at all
+        size = ph * (1 + pw * bpp)
+        u8 = _png_unfilter(buf[off : off + size].reshape(ph, 1 + pw * bpp), ph, pw, bpp)
+        off += size
+        out[y0::dy, x0::dx] = (u8[..., 0::2].astype(np.uint16) << 8) | u8[..., 1::2]
+    return out
+
+
 def _read_png(p: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        header = _png_header(p)
+        if header is not None and header[0] == 16 and header[1] in _PNG_COLOUR_CHANNELS:
+            try:
+                px = _read_png16_colour(p)
+            except (ValueError, zlib.error) as exc:
+                raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
+            if header[1] == 4:  # grey + alpha
+                return np.ascontiguousarray(px[..., 0], dtype=np.float32)
+            rgb = px.astype(np.float32)
+            return np.ascontiguousarray(0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
         with Image.open(p) as im:
             im.load()
             mode = im.mode
@@ -299,15 +405,18 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
     """The integer (or bool) dtype a file stores its pixels in, None for floating-point data.
 
     What scikit-image's dtype-range convention needs after :func:`read_image` has decoded to float32: PNG by
-    its mode (8-bit modes, colour ones too, uint8; 16-bit grey uint16; "I" int32; "1" bool; "F" None), .npy by
-    its header. NIfTI gives None: its values are the scaled floats nibabel returns (``scl_slope``/``inter``),
-    whatever the on-disk type.
+    its bit depth and mode (8-bit modes, colour ones too, uint8; 16-bit grey and 16-bit colour uint16; "I"
+    int32; "1" bool; "F" None), .npy by its header. NIfTI gives None: its values are the scaled floats
+    nibabel returns (``scl_slope``/``inter``), whatever the on-disk type.
     """
     p = Path(path)
     kind = image_kind(p)
     if kind == "png":
         from PIL import Image
 
+        header = _png_header(p)
+        if header is not None and header[0] == 16 and header[1] in _PNG_COLOUR_CHANNELS:
+            return np.dtype(np.uint16)  # Pillow's mode ("RGB", "RGBA") would say 8 bits
         with Image.open(p) as im:
             dt = _PNG_DTYPES.get(im.mode)
         return None if dt is None else np.dtype(dt)

@@ -88,6 +88,80 @@ def test_read_png_gray8_gray16_rgb_rgba(tmp_path: Path) -> None:
     np.testing.assert_allclose(read_image(_png(tmp_path / "rgba.png", rgba)), want, rtol=0, atol=1e-4)
 
 
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png16(path: Path, arr: np.ndarray, colour: int, interlace: bool = False) -> Path:
+    """A 16-bit PNG of colour type ``colour`` written by hand (Pillow writes no 16-bit colour): the scanlines
+    use the five PNG filter types in turn, optionally Adam7-interlaced."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    px = np.ascontiguousarray(arr.reshape(h, w, -1), ">u2").view(np.uint8).reshape(h, w, -1).astype(np.int16)
+    raw = bytearray()
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        sub = px[y0::dy, x0::dx]
+        if sub.size == 0:
+            continue
+        a = np.pad(sub, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+        b = np.pad(sub, ((1, 0), (0, 0), (0, 0)))[:-1]
+        c = np.pad(sub, ((1, 0), (1, 0), (0, 0)))[:-1, :-1]
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        preds = [0 * a, a, b, (a + b) >> 1, np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))]
+        for y in range(sub.shape[0]):
+            t = (y + x0) % 5
+            raw += bytes([t]) + ((sub[y] - preds[t][y]) & 255).astype(np.uint8).tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, int(interlace))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(raw)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_read_png16_colour_keeps_16_bits(tmp_path: Path, interlace: bool) -> None:
+    """16-bit RGB, RGBA and grey+alpha keep their 16-bit samples through the conversion to grey (Pillow
+    reads them as 8 bits), every filter type and Adam7 included; their dtype range is uint16's."""
+    from deepssim_fast.io import stored_dtype
+
+    rng = np.random.default_rng(7)
+    for h, w in ((13, 11), (3, 2), (1, 1)):
+        rgba = rng.integers(0, 65536, (h, w, 4)).astype(np.uint16)
+        rgba[0, 0, :3] = 65535
+        f = rgba.astype(np.float32)
+        lum = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+        for name, colour, arr, want in (("rgb", 2, rgba[..., :3], lum), ("rgba", 6, rgba, lum),
+                                        ("la", 4, rgba[..., [0, 3]], f[..., 0])):
+            p = _png16(tmp_path / f"{name}{h}.png", arr, colour, interlace)
+            got = read_image(p)
+            assert got.dtype == np.float32 and got.shape == (h, w)
+            np.testing.assert_array_equal(got, want)
+            assert stored_dtype(p) == np.uint16
+            # the same file through Pillow gives the high bytes of the samples this reader returns
+            with Image.open(p) as im:
+                np.testing.assert_array_equal(np.asarray(im)[..., 0], arr[..., 0] >> 8)
+    g = rng.integers(0, 65536, (40, 30)).astype(np.uint16)
+    got = read_image(_png16(tmp_path / "many.png", np.dstack([g, g, g]), 2, interlace))
+    assert len(np.unique(got)) == len(np.unique(g)) and float(got.max()) > 255
+
+
+def test_read_png16_colour_damaged_names_path(tmp_path: Path) -> None:
+    p = _png16(tmp_path / "rgb.png", np.zeros((5, 4, 3), np.uint16), 2)
+    good = p.read_bytes()
+    p.write_bytes(good[:-20])  # truncated inside IDAT
+    with pytest.raises(DataError, match="rgb.png: not a readable PNG file.*truncated"):
+        read_image(p)
+    bad = bytearray(good)
+    bad[40] ^= 0xFF  # a byte inside the IDAT chunk: its CRC no longer matches
+    p.write_bytes(bytes(bad))
+    with pytest.raises(DataError, match="rgb.png: not a readable PNG file.*CRC"):
+        read_image(p)
+
 def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for dt in (np.uint8, np.int16, np.float64, np.float32):
