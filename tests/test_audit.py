@@ -191,6 +191,28 @@ def test_corrupt_input_strict_aborts_with_path(ds: dict, tmp_path: Path) -> None
         A.audit(ds["train"], ds["synth"], metric="ssim", out=tmp_path, strict=True, progress=False)
 
 
+
+def test_skip_warnings_are_logged_on_one_line(
+    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nibabel's reason for a short .nii.gz has a newline ('...\\n - could the file be damaged?'): the logged
+    'skipping ...' warning is one line with the whole reason, and summary.json keeps the reason as it is."""
+    import gzip
+
+    raw = data.dataset_path("anatomical").read_bytes()
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    shutil.copy(ds["synth"] / "s00.npy", synth / "s00.npy")
+    bad = synth / "short.nii.gz"
+    bad.write_bytes(gzip.compress(raw[: len(raw) - 4096]))  # a valid gzip of a truncated .nii
+    with caplog.at_level("WARNING", logger="deepssim_fast"):
+        r = A.audit(ds["train"], synth, metric="ssim", k=1, verify="none", out=tmp_path / "o", progress=False)
+    (reason,) = [sk["reason"] for sk in r.summary["skipped"]]
+    assert "\n" in reason and "damaged" in reason
+    logged = [rec.getMessage() for rec in caplog.records if str(bad) in rec.getMessage()]
+    assert logged and all(m.startswith("skipping") and "\n" not in m for m in logged), logged
+    assert any(m.endswith(" ".join(reason.split())) for m in logged), logged
+
 def test_bad_arguments_and_empty_sets(ds: dict, tmp_path: Path) -> None:
     kw = {"out": tmp_path, "progress": False}
     with pytest.raises(ValueError, match="metric"):

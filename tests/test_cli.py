@@ -496,3 +496,25 @@ def test_multi_line_skip_reasons_are_printed_on_one_line(
     assert main([*base, "--out", str(tmp_path / "o2"), "--strict"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and "damaged" in err
+
+
+def test_multi_line_skip_reasons_are_logged_on_one_line(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit's logged 'skipping ...' warning for nibabel's two-line reason is one line too, as the
+    printed 'warning: skipped ...' line is: no log line holds the reason's second half without the path."""
+    import gzip
+
+    raw = data.dataset_path("anatomical").read_bytes()
+    bad = tmp_path / "short.nii.gz"
+    bad.write_bytes(gzip.compress(raw[: len(raw) - 4096]))  # a valid gzip of a truncated .nii
+    np.save(tmp_path / "copy.npy", folders["arrs"][55])
+    with caplog.at_level("WARNING"):
+        assert main(["audit", "--train", str(folders["train"]), "--synth", str(tmp_path / "copy.npy"), str(bad),
+                     "--metric", "ssim", "-k", "1", "--verify", "none", "-q", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    lines = caplog.text.splitlines()
+    logged = [ln for ln in lines if str(bad) in ln]
+    assert len(logged) == 1 and "skipping" in logged[0], lines
+    assert logged[0].endswith("could the file be damaged?)"), lines
+    assert all(str(bad) in ln for ln in lines if "damaged" in ln), lines

@@ -262,6 +262,25 @@ def test_iter_slices_skips_or_raises_on_corrupt(tmp_path: Path, caplog: pytest.L
         list(iter_slices([good, bad], strict=True))
 
 
+def test_iter_slices_logs_a_multi_line_reason_on_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nibabel's reason for short data has a newline: the 'skipping' warning is one line, the reason given
+    back in ``skipped`` is kept as it is."""
+    import gzip
+
+    raw = data.dataset_path("anatomical").read_bytes()
+    bad = tmp_path / "short.nii.gz"
+    bad.write_bytes(gzip.compress(raw[: len(raw) - 4096]))  # a valid gzip of a truncated .nii
+    skipped: list = []
+    with caplog.at_level("WARNING", logger="deepssim_fast.io"):
+        assert list(iter_slices([bad], skipped=skipped)) == []
+    ((path, reason),) = skipped
+    assert path == str(bad) and "\n" in reason and "damaged" in reason
+    (msg,) = [rec.getMessage() for rec in caplog.records]
+    assert msg == f"skipping {bad}: {' '.join(reason.split())}"
+
+
 def test_discover_keeps_symlink_paths(tmp_path: Path) -> None:
     """A link is reported under the name the user gave (absolute, not resolved); two links stay two files."""
     target = tmp_path / "real" / "t0.npy"
