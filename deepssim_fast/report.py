@@ -3,8 +3,10 @@
 * ``histogram.png`` — left: the search score over all (synthetic, training) pairs, log-scaled counts, with
   the two thresholds drawn; right: the verified SSIM of every candidate pair, same thresholds.
 * ``gallery.png`` — the top suspected copies: each synthetic item beside its best training match, with
-  the search score and the verified SSIM (3D items show their middle slice along the last axis). File
-  names are drawn as plain text (no mathtext: ``$`` is a character like any other).
+  the search score and the verified SSIM (3D items show their middle slice along the last axis). Each item
+  is named by the shortest path suffix that no other item of the gallery shares (``img.png#2:0``, or
+  ``a/img.png#2:0`` beside ``b/img.png#2:0``), drawn as plain text (no mathtext: ``$`` is a character like
+  any other).
 * ``report.html`` — the summary, the label counts, both figures (base64 PNG) and the table of suspects,
   with inline CSS only. Run timings are left out so a resumed run writes the same bytes.
 
@@ -18,6 +20,7 @@ import html
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,6 +121,7 @@ def gallery_png(
         ax.axis("off")
     if n == 0:
         axes[0, 0].text(0, 0.5, "no synthetic items", fontsize=12)
+    names = _labels([s[key] for s in suspects for key in ("synth_id", "train_id")])
     for q, s in enumerate(suspects):
         r, c = divmod(q, per_row)
         a_s, a_t = axes[r, 2 * c], axes[r, 2 * c + 1]
@@ -138,7 +142,7 @@ def gallery_png(
             shown = _show(img)
             if shown is not None:
                 ax.imshow(shown, cmap="gray", interpolation="nearest")
-            name = _short(s["synth_id" if side == "synth" else "train_id"])
+            name = names[s["synth_id" if side == "synth" else "train_id"]]
             # file names are plain text: a '$' pair must not be parsed as mathtext
             ax.set_title(
                 ("synthetic" if side == "synth" else "training match") + f"\n{name}",
@@ -173,6 +177,36 @@ def _short(item_id: str, n: int = 34) -> str:
     is the file name even when a folder name holds a ``#``."""
     base = os.path.basename(item_id)
     return base if len(base) <= n else "…" + base[-(n - 1) :]
+
+
+def _labels(item_ids: Sequence[str], n: int = 34) -> dict[str, str]:
+    """A short label for each distinct item id: its file name with the item suffix, preceded by as few of
+    the file's folders as tell its file apart from the other files of ``item_ids``. So ``/x/a/img.png#2:0``
+    and ``/x/b/img.png#2:3`` read ``a/img.png#2:0`` and ``b/img.png#2:3`` (:func:`_short` gives both the
+    name ``img.png``), and every item of one file gets the same folders.
+
+    A label over ``n`` characters keeps its start (the distinguishing folder, up to half of ``n``) and its
+    end, with an ellipsis between; a file name alone is cut as :func:`_short` cuts it."""
+    comps = {i: i.replace(os.sep, "/").split("/") for i in dict.fromkeys(item_ids)}
+    # the file of each item: the item suffix (``#<axis>:<index>``, ``#row:<i>``, ``@t<t>``) taken off its name
+    files = {i: (*c[:-1], _ITEM_SUFFIX.sub("", c[-1])) for i, c in comps.items()}
+    out: dict[str, str] = {}
+    for i, c in comps.items():
+        mine = files[i]
+        others = {f for f in files.values() if f != mine}
+        k = next((k for k in range(1, len(c) + 1) if all(f[-k:] != mine[-k:] for f in others)), len(c))
+        if k == 1:
+            out[i] = _short(i, n)
+            continue
+        label = "/".join(c[-k:])
+        if len(label) > n:
+            head = min(len(c[-k]) + 1, (n - 1) // 2)
+            label = label[:head] + "…" + label[-(n - 1 - head) :]
+        out[i] = label
+    return out
+
+
+_ITEM_SUFFIX = re.compile(r"(@t\d+)?(#(\d+:\d+|row:\d+))?$")
 
 
 _CSS = """

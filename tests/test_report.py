@@ -178,3 +178,34 @@ def test_gallery_shows_file_names_as_plain_text() -> None:
     assert png[:8] == PNG_MAGIC
     assert _short("/data/run#3/synth/copy0.png#2:0") == "copy0.png#2:0"
     assert _short("/data/run#3/vol.nii.gz") == "vol.nii.gz"
+
+
+def test_gallery_tells_files_of_the_same_name_apart(monkeypatch) -> None:
+    """``a/img.png`` and ``b/img.png`` are labelled with the folder that tells them apart (the same folders
+    for every item of one file); a name no other file has stays a bare name; long labels stay short."""
+    import matplotlib.axes
+
+    titles: list[str] = []
+    set_title = matplotlib.axes.Axes.set_title
+
+    def spy(self, label, *args, **kwargs):
+        titles.append(label)
+        return set_title(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    s = _suspects(3)
+    s[0]["synth_id"], s[1]["synth_id"] = "/data/synth/a/img.png#2:0", "/data/synth/b/img.png#2:0"
+    s[2]["synth_id"] = "/data/synth/a/img.png#2:7"
+    gallery_png(s, (0.6, 0.85))
+    assert [t.split("\n")[1] for t in titles[::2]] == ["a/img.png#2:0", "b/img.png#2:0", "a/img.png#2:7"]
+    assert [t.split("\n")[1] for t in titles[1::2]] == ["t0.nii.gz#2:0", "t1.nii.gz#2:1", "t2.nii.gz#2:2"]
+    from deepssim_fast.report import _labels
+
+    ids = ["/p/a/x/v.nii.gz@t1#2:3", "/p/b/x/v.nii.gz@t0", "/e/emb.npy#row:3", "/f/emb.npy#row:3",
+           "/q/site_with_a_long_name/sub-0001/ses-01/anat/scan.png#2:5",
+           "/r/site_with_a_long_name/sub-0001/ses-01/anat/scan.png#2:5"]
+    got = _labels(ids)
+    assert [got[i] for i in ids[:4]] == ["a/x/v.nii.gz@t1#2:3", "b/x/v.nii.gz@t0", "e/emb.npy#row:3",
+                                         "f/emb.npy#row:3"]
+    assert got[ids[4]].startswith("q/…") and got[ids[5]].startswith("r/…")
+    assert all(len(v) <= 34 for v in got.values()) and len(set(got.values())) == len(ids)
