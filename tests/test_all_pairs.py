@@ -830,6 +830,31 @@ def test_rows_with_very_different_int16_scales_are_exact_under_every_kernel():
         assert "int16-avx2" in seen, seen  # the int16 kernels really ran
 
 
+def test_int16_kernel_declines_rows_whose_scales_leave_the_normal_float_range():
+    """The int16 kernels' rounding bounds assume each row's float32 scale u is a normal float within
+    [2^-100, 2^100]. Rows far outside unit length (possible through the native call, which takes rows as
+    given) make the call fall back to the fp32 kernel, with the same results as that kernel forced."""
+    rng = np.random.default_rng(SEED + 91)
+    int16 = _native.topk_int16_kernel()
+    if int16 is None:
+        pytest.skip("this CPU has no int16 all-pairs kernel")
+    base_q, base_t = rng.standard_normal((37, 64)), rng.standard_normal((300, 64))
+    for scale, want in ((1e-28, "fp32"), (1.0, int16)):
+        q = (base_q * scale).astype(np.float32)
+        t = (base_t * scale).astype(np.float32)
+        out = {}
+        for choice in ("int16", "fp32"):
+            ts = np.full((len(q), 5), -np.inf, np.float32)
+            ti = np.full((len(q), 5), np.iinfo(np.int64).max, np.int64)
+            h, c = np.zeros(200, np.int64), np.zeros(3, np.int64)
+            with _kernels("auto", choice):
+                kernel = _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85)
+            out[choice] = (kernel, ts, ti, h, c)
+        assert out["int16"][0] == want, (scale, out["int16"][0])
+        for a, b in zip(out["int16"][1:], out["fp32"][1:], strict=True):
+            assert np.array_equal(a, b), scale
+
+
 def test_topk_kernel_setting_is_validated_and_reported(monkeypatch):
     with pytest.raises(ValueError, match="set_topk_kernel"):
         _native.set_topk_kernel("int8")
