@@ -220,6 +220,16 @@ img{max-width:100%;border:1px solid #eee}.big{font-size:1.4em;font-weight:bold}c
 """
 
 
+def _transforms_txt(v: dict) -> str:
+    """The transforms the audit searched and verified over, as the page states them: flips, shifts and
+    rotations (``--verify-rotations``; summary.json's ``max_rotation_deg``, absent in older summaries)."""
+    rot = float(v.get("max_rotation_deg") or 0.0)
+    return (
+        f"flips {'yes' if v.get('flips') else 'no'}, max shift {int(v.get('max_shift') or 0)} px, "
+        + (f"rotations ±{rot / 2:g}° and ±{rot:g}°" if rot else "no rotations")
+    )
+
+
 def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Sequence[dict]) -> str:
     """The self-contained report page (inline CSS, base64 images). Timings are deliberately omitted."""
     e = html.escape
@@ -265,8 +275,7 @@ are labelled
 {c["different"]} <span class=different>different</span>.</p>
 <table>
 <tr><th>metric (search score)</th><td>{e(summary["metric"])} — {e(summary["search_score"])}</td></tr>
-<tr><th>label score</th><td>{e(summary["label_score"])}; verification flips={summary["verify"]["flips"]},
-max shift={summary["verify"]["max_shift"]} px</td></tr>
+<tr><th>label score</th><td>{e(summary["label_score"])}; {_transforms_txt(summary["verify"])}</td></tr>
 <tr><th>thresholds</th><td>{e(th["rule"])}; low = {th["low"]:g}, high = {th["high"]:g}</td></tr>
 <tr><th>model</th><td>{model_txt}</td></tr>
 <tr><th>training set</th><td class=num>{summary["n_train"]:,} items from {summary["n_train_files"]:,}

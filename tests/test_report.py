@@ -150,6 +150,21 @@ def test_report_html_self_contained_and_escaped() -> None:
     )
 
 
+def test_report_html_states_every_verified_transform() -> None:
+    """The page names the rotations the audit verified over (--verify-rotations), beside flips and shifts:
+    a report of a rotation audit said only 'flips=..., max shift=...'."""
+    h, g = b"h", b"g"
+    s = _summary()
+    s["verify"] = {"method": "ssim", "flips": True, "max_shift": 2, "max_rotation_deg": 5.0}
+    page = report_html(s, histogram=h, gallery=g, suspects=_suspects(1))
+    row = re.search(r"<th>label score</th><td>(.*?)</td>", page, re.S).group(1)
+    assert "flips yes" in row and "max shift 2 px" in row and "rotations ±2.5° and ±5°" in row
+    s["verify"] = {"method": "ssim", "flips": False, "max_shift": 0, "max_rotation_deg": 0.0}
+    row = re.search(r"<th>label score</th><td>(.*?)</td>", report_html(s, histogram=h, gallery=g,
+                    suspects=_suspects(1)), re.S).group(1)
+    assert "flips no" in row and "no rotations" in row and "False" not in row
+
+
 def test_write_report_atomic_files(tmp_path) -> None:
     edges = np.linspace(-1, 1, 201)
     counts = np.zeros(200, dtype=np.int64)
