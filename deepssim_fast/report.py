@@ -7,7 +7,8 @@
   is named by the shortest path suffix that no other item of the gallery shares (``img.png#2:0``, or
   ``a/img.png#2:0`` beside ``b/img.png#2:0``), drawn as plain text (no mathtext: ``$`` is a character like
   any other).
-* ``report.html`` — the summary, the label counts, both figures (base64 PNG) and the table of suspects,
+* ``report.html`` — the summary (metric, label score and the transforms verified over, thresholds, model,
+  set sizes), the label counts, both figures (base64 PNG), the table of suspects and the skipped inputs,
   with inline CSS only. Run timings are left out so a resumed run writes the same bytes.
 
 Every file is written atomically (temporary file, then rename) and deterministically.
