@@ -1063,6 +1063,17 @@ def audit(
         raise ValueError(f"verify_rotations must be a non-negative number of degrees, got {verify_rotations!r}")
     if mode == "volumes" and verify_rotations:
         raise ValueError("verify_rotations applies to 2D slices only, not mode='volumes'")
+    if verify == "none" and verify_rotations:
+        raise ValueError(
+            "verify_rotations is applied when verifying (verify='ssim'); with verify='none' it would be ignored: "
+            "drop it, or verify with exact SSIM"
+        )
+    if verify == "none" and metric in ("ssim", "embeddings") and (verify_flips or verify_shifts):
+        raise ValueError(
+            f"with verify='none' flips and shifts are tried by the search, which metric {metric!r} does not do "
+            "(only 'deepssim' and 'correlation' search transformed items): they would be ignored; drop "
+            "verify_flips/verify_shifts, verify with exact SSIM (verify='ssim'), or use metric 'correlation'"
+        )
     th = _check_thresholds(thresholds)
     policy = policy or SlicePolicy()
     spatial_dims = 3 if mode == "volumes" else 2

@@ -514,6 +514,26 @@ def test_embeddings_metric_matches_reference_and_faiss(tmp_path: Path) -> None:
         )
 
 
+def test_transforms_that_verify_none_would_ignore_are_errors(ds: dict, tmp_path: Path) -> None:
+    """With verify='none' nothing is verified, so rotations (a verification transform) and, for the metrics
+    whose search tries no transformed items (ssim, embeddings), flips and shifts would be silently ignored
+    while the report listed them as checked: each is a clear error before any work."""
+    base = dict(k=1, verify="none", out=tmp_path / "o", progress=False)
+    cases = [
+        (dict(metric="correlation", verify_rotations=5.0), "verify_rotations"),
+        (dict(metric="ssim", verify_flips=True), "metric 'ssim'"),
+        (dict(metric="ssim", verify_shifts=2), "metric 'ssim'"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            A.audit(ds["train"], ds["synth"], **base, **kw)
+    assert not (tmp_path / "o").exists()
+    emb = np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)
+    np.save(tmp_path / "e.npy", emb)
+    with pytest.raises(ValueError, match="metric 'embeddings'"):
+        A.audit(tmp_path / "e.npy", tmp_path / "e.npy", metric="embeddings", verify_flips=True, **base)
+
+
 def test_volumes_mode_uses_3d_ssim(tmp_path: Path) -> None:
     vol = data.load_volume("anatomical").array
     (tmp_path / "t").mkdir()
