@@ -582,6 +582,14 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (isinstance(val_pairs, (int, np.integer)) and val_pairs >= 1):
+        raise ValueError(f"val_pairs must be a positive integer, got {val_pairs!r}")
+    if val_every is not None and not (isinstance(val_every, (int, np.integer)) and val_every >= 1):
+        raise ValueError(f"val_every must be a positive integer or None (once per epoch), got {val_every!r}")
+    if not (isinstance(warmup_steps, (int, np.integer)) and warmup_steps >= 0):
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {v!r}")

@@ -370,3 +370,17 @@ def test_resume_with_another_backbone_is_an_error(tmp_path, mni_slices) -> None:
     # without backbone= the checkpoint's is used
     m = train(imgs, max_steps=2, resume=ck, **{k: v for k, v in kw.items() if k != "backbone"})
     assert m.config.backbone == "small" and [r["step"] for r in m.history] == [2]
+
+
+def test_bad_validation_and_schedule_arguments_are_named(mni_slices) -> None:
+    """val_pairs=0 failed deep inside with torch's 'torch.cat(): expected a non-empty list of Tensors';
+    a negative val_every validated at every step and a negative warmup_steps was ignored, both silently;
+    seed=None failed with int()'s TypeError. Each is now an error naming the argument, before training."""
+    imgs = mni_slices[:6]
+    for kw, name in ((dict(val_pairs=0), "val_pairs"), (dict(val_pairs=-3), "val_pairs"),
+                     (dict(val_every=-1), "val_every"), (dict(val_every=0), "val_every"),
+                     (dict(warmup_steps=-1), "warmup_steps")):
+        with pytest.raises(ValueError, match=name):
+            train(imgs, max_steps=1, **dict(SMALL, **kw))
+    with pytest.raises(TypeError, match="seed must be an integer, got None"):
+        train(imgs, max_steps=1, seed=None, **SMALL)
