@@ -464,15 +464,19 @@ def _changed_train_args(old: dict, new: dict) -> list[str]:
 class _Logger:
     """log.csv (one row per step) and, optionally, TensorBoard. ``resume_step``: a resumed run keeps the
     rows up to the checkpoint's step and drops the later ones (the steps it runs again) and any partial line
-    a killed run left, so the log reads as one uninterrupted run."""
+    a killed run left, so the log reads as one uninterrupted run. ``earlier``: the log.csv of the run being
+    resumed when it lies in another folder than ``out``; its rows are the ones kept (so a run resumed into
+    another folder has the whole curve there, as it has best.pt)."""
 
-    def __init__(self, out: Path | None, tensorboard: bool, resume_step: int | None) -> None:
+    def __init__(self, out: Path | None, tensorboard: bool, resume_step: int | None,
+                 earlier: Path | None = None) -> None:
         self.path = out / "log.csv" if out else None
         self.tb = None
         if self.path is not None:
             keep: list[list[str]] = []
-            if resume_step is not None and self.path.exists():
-                with open(self.path, newline="") as f:
+            source = earlier if earlier is not None and earlier.is_file() else self.path
+            if resume_step is not None and source.exists():
+                with open(source, newline="") as f:
                     for r in list(csv.reader(f))[1:]:
                         try:
                             ok = len(r) == len(_LOG_FIELDS) and int(r[0]) <= resume_step
@@ -690,7 +694,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "an uninterrupted run", resume, "; ".join(changed))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    log = _Logger(out_dir, tensorboard, resume_step=step if ck is not None else None)
+    earlier_log = None
+    if resume is not None and out_dir is not None:
+        here = Path(resume).parent / "log.csv"
+        if here.resolve() != (out_dir / "log.csv").resolve():
+            earlier_log = here
+    log = _Logger(out_dir, tensorboard, resume_step=step if ck is not None else None, earlier=earlier_log)
     history: list[dict] = []
     hist_counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
     best_state = None

@@ -214,6 +214,24 @@ def test_resume_into_another_folder_returns_the_best_weights(tmp_path, mni_slice
     assert read_checkpoint(tmp_path / "b" / "best.pt")["best_val"] == a.best_val
 
 
+def test_resume_into_another_folder_keeps_the_whole_log(tmp_path, mni_slices) -> None:
+    """out/log.csv of a run resumed into another folder held only the steps run there (best.pt was copied
+    over, the curve before the resume was not): it now reads like the uninterrupted run's log."""
+    imgs = mni_slices[:8]
+    kw = dict(SMALL, batch_size=2, val_pairs=4, seed=3)
+    train(imgs, max_steps=3, out=tmp_path / "full", **kw)
+    train(imgs, max_steps=2, out=tmp_path / "h", **kw)
+    train(imgs, max_steps=3, out=tmp_path / "b", resume=tmp_path / "h" / "last.pt", **kw)
+
+    def rows(folder: str) -> list[list[str]]:
+        with open(tmp_path / folder / "log.csv", newline="") as f:
+            return [r[:5] for r in csv.reader(f)]  # (step, epoch, loss, mae, lr; not the timings)
+
+    assert [r[0] for r in rows("b")] == ["step", "1", "2", "3"]
+    assert rows("b") == rows("full")
+    assert [r[0] for r in rows("h")] == ["step", "1", "2"]  # the resumed run's own folder is left alone
+
+
 # ---------------------------------------------------------------------------------------------- learning
 def test_short_run_on_real_slices_learns(tmp_path) -> None:
     # axial MNI152 slices; a slab z in [64, 76) is held out, with 4-slice margins never trained on either
