@@ -85,6 +85,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._atomic import atomic_write as _atomic_write
+from ._ssim_common import FLOAT32_ROUNDING_TOL as _F32_TOL
 from ._ssim_common import zscore as _zscore
 
 logger = logging.getLogger(__name__)
@@ -645,10 +646,30 @@ def as_image_2d(item: Any, name: str) -> np.ndarray:
                          f"{a.shape} (for 3D volumes use embed_volume or deepssim_fast.data.volume_slices)")
     if min(a.shape) < 7:
         raise ValueError(f"{name}: image of shape {a.shape} is too small (each side must be >= 7)")
-    a = a.astype(np.float32, copy=False)
-    if not np.isfinite(a).all():
+    if a.dtype.kind == "f" and not np.isfinite(a).all():  # (before the cast: 1e39 in float64 is finite)
         raise ValueError(f"{name}: contains NaN or Inf values")
-    return a
+    return _to_float32(a)
+
+
+def _to_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32. A float64 or 32/64-bit integer image that float32 cannot hold to
+    ``FLOAT32_ROUNDING_TOL`` of its own range (values beyond float32's range, a large offset against a small
+    spread, values too small for float32's normal range) is first mapped to [0, 1] in float64: every size
+    policy (crop/pad with the minimum, resampling) commutes with that positive affine map and the per-image
+    z-score removes it, so the network sees the same input as for an exact cast — the structure is kept
+    instead of being rounded away (or overflowing to Inf)."""
+    if a.dtype == np.float32 or a.dtype.itemsize < 4 or a.dtype.kind not in "fiu":
+        return a.astype(np.float32, copy=False)
+    d = a.astype(np.float64, copy=False)
+    with np.errstate(over="ignore"):
+        f = d.astype(np.float32)
+    lo, hi = float(d.min()), float(d.max())
+    err = float(np.abs(f.astype(np.float64) - d).max())
+    if err <= _F32_TOL * (hi - lo):
+        return f
+    if hi == lo:  # a constant image (which float32 cannot hold): its z-score is zeros whatever the value
+        return np.zeros(d.shape, np.float32)
+    return ((d - lo) / (hi - lo)).astype(np.float32)
 
 
 def collect_images(images: Any, *, policy: Any = None, what: str = "images"

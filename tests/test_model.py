@@ -346,6 +346,22 @@ def test_embed_is_invariant_to_intensity_scale(small_model, real_images) -> None
     _assert_close(e, e2, 2e-4, "affine intensity change")
 
 
+def test_wide_dtype_images_keep_their_structure(small_model, real_images) -> None:
+    """float64 / int64 images were cast straight to float32: finite values beyond float32's range were
+    reported as 'contains NaN or Inf values', values below its normal range became a zero image, and a large
+    integer offset rounded the anatomy away. They now embed as the image itself (z-score invariance)."""
+    imgs = [a.astype(np.float64) for a in real_images[:3]]
+    e = embed(imgs, small_model, progress=False)
+    for what, f in (("x 1e39 (float64)", lambda a: a * 1e39), ("x 1e-300 (float64)", lambda a: a * 1e-300),
+                    ("int64 + 2**40", lambda a: (a * 1000).astype(np.int64) + 2**40)):
+        _assert_close(embed([f(a) for a in imgs], small_model, progress=False), e, 2e-4, what)
+    # a constant float64 image beyond float32's range is a constant image, and NaN is still an error
+    const = embed([np.full((64, 64), 1e39)], small_model, progress=False)
+    _assert_close(const, embed([np.zeros((64, 64))], small_model, progress=False), 1e-6, "constant 1e39")
+    with pytest.raises(ValueError, match=r"images\[0\]: contains NaN"):
+        embed([np.where(imgs[0] > 0, np.nan, 1e39)], small_model, progress=False)
+
+
 def test_size_policies() -> None:
     rng = np.random.default_rng(1)
     img = rng.random((70, 90), dtype=np.float32)
