@@ -530,8 +530,8 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B11])).permutation(n)
-    n_val = int(round(n * fraction))
-    if n_val == 0 or n - n_val < 2:
+    n_val = min(int(round(n * fraction)), n - 2)  # (training keeps at least 2 images)
+    if n_val <= 0:
         return np.sort(perm), np.zeros(0, dtype=np.int64)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 

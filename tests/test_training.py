@@ -402,3 +402,12 @@ def test_bad_validation_and_schedule_arguments_are_named(mni_slices) -> None:
             train(imgs, max_steps=1, **dict(SMALL, **kw))
     with pytest.raises(TypeError, match="seed must be an integer, got None"):
         train(imgs, max_steps=1, seed=None, **SMALL)
+
+
+def test_a_large_val_fraction_leaves_two_training_images(mni_slices, caplog) -> None:
+    """val_fraction=0.9 of 10 images asked for 9 validation images, which left 1 to train on: the split
+    then dropped validation altogether and warned 'only 0 validation image(s)'. Training now keeps 2 images
+    and the rest validate."""
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        m = train(mni_slices[:10], max_steps=1, val_fraction=0.9, **dict(SMALL, val_pairs=4))
+    assert m.best_val is not None and "validation image" not in caplog.text
