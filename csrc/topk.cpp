@@ -89,14 +89,15 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // int16 micro-kernel: 6 query rows x 2 panels of int16 rows -> approximate scores (see micro_vnni)
-using Micro16Fn = void (*)(const int16_t* const*, const int16_t*, const int16_t*, int64_t, const float*,
-                           const float*, float*, const int32_t*, int64_t, int32_t*);
+using Micro16Fn = void (*)(const int32_t*, const int16_t*, const int16_t*, int64_t, const float*, const float*,
+                           float*, const int32_t*, int64_t, int32_t*);
 
 struct Params {
   const float* q;      // (m, dp) normalised queries
   const float* t;      // (n, dp) normalised database rows
   const float* tp;     // fp32 kernel: packed t (ceil(n / NR), dp, NR), zero rows past n
-  const int16_t* qi;   // int16 kernel: quantised q (m, dp)
+  const int32_t* qpk;  // int16 kernel: quantised q in blocks of MR rows (ceil(m / MR), dp / 2, MR): the k pairs
+                       // of a block's rows interleaved, zero rows past m (see pack_blocks_i16)
   const int16_t* tpi;  // int16 kernel: packed t (even number of panels, dp / 2, NR, 2), zero rows past n
   const float* qu;     // int16 kernel: per-row dequantisation factors (q row i: x ~ z u_i), a = I u_i v_j
   const float* tu;     //   and per database row (padded with 1 to the packed panels)
@@ -391,7 +392,7 @@ DSF_TARGET_AVX2 void micro_avx2(const float* const* a, const float* bp, int64_t 
 #pragma GCC diagnostic push  // (the AVX-512 headers' _mm512_undefined_* again: see fold_avx512)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
+DSF_TARGET_VNNI void micro_vnni(const int32_t* ap, const int16_t* bp0, const int16_t* bp1, int64_t dp,
                                 const float* ru, const float* cu, float* out, const int32_t* pend, int64_t npend,
                                 int32_t* S) {
   __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -399,9 +400,8 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
   __m512 f00 = _mm512_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00;
   __m512 f30 = f00, f31 = f00, f40 = f00, f41 = f00, f50 = f00, f51 = f00;
   const int64_t steps = dp / 2;
-  const int32_t* ap[MR];  // the int16 rows as pairs (a[r] is 4-byte aligned: dp even)
-  for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
-  const int32_t *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
+  // the block's rows (k pair kk of row r at ap[kk * MR + r]): one base register for the six broadcasts
+  const int32_t *a0 = ap, *a1 = ap + 1, *a2 = ap + 2, *a3 = ap + 3, *a4 = ap + 4, *a5 = ap + 5;
   int64_t j = 0;
   // One row of one k step as one asm block: with the intrinsics GCC 12 copied every accumulator between
   // registers each step (vmovdqa64 x 12; ~25 % of the kernel's time).
@@ -412,7 +412,7 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
         "vpdpwssd %[b0], %[av], %[c0]\n\t"                                 \
         "vpdpwssd %[b1], %[av], %[c1]"                                     \
         : [c0] "+v"(x0), [c1] "+v"(x1), [av] "=&v"(av)                     \
-        : [m] "m"(ar[kk]), [b0] "v"(b0), [b1] "v"(b1));                 \
+        : [m] "m"(ar[kk * MR]), [b0] "v"(b0), [b1] "v"(b1));            \
   }
 #define DSF_MICRO_STEP_VNNI                                     \
   {                                                             \
@@ -478,13 +478,11 @@ DSF_TARGET_VNNI void micro_vnni(const int16_t* const* a, const int16_t* bp0, con
 // of all and took 0.298-0.318 s against 0.309-0.326 s for two.
 #pragma GCC diagnostic push  // (GCC 12 cannot see that chunk 0, which always runs, fills f0 below)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0, const int16_t* bp1, int64_t dp,
+DSF_TARGET_AVX2 void micro_i16_avx2(const int32_t* ap, const int16_t* bp0, const int16_t* bp1, int64_t dp,
                                     const float* ru, const float* cu, float* out, const int32_t* pend,
                                     int64_t npend, int32_t* S) {
   const int64_t steps = dp / 2, kc = i16_avx2_kc(dp);
-  const int32_t* ap[MR];
-  for (int r = 0; r < MR; ++r) ap[r] = reinterpret_cast<const int32_t*>(a[r]);
-  const int32_t *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
+  const int32_t *a0 = ap, *a1 = ap + 1, *a2 = ap + 2, *a3 = ap + 3, *a4 = ap + 4, *a5 = ap + 5;  // as micro_vnni
   int64_t j = 0;
   for (int h = 0; h < 2; ++h) {
     const int16_t* bp = h ? bp1 : bp0;
@@ -498,7 +496,7 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
       "vpaddd %[p0], %[c0], %[c0]\n\t"                               \
       "vpaddd %[av], %[c1], %[c1]"                                    \
       : [c0] "+x"(x0), [c1] "+x"(x1), [av] "=&x"(av), [p0] "=&x"(p0) \
-      : [m] "m"(ar[kk]), [b0] "x"(b0), [b1] "x"(b1));
+      : [m] "m"(ar[kk * MR]), [b0] "x"(b0), [b1] "x"(b1));
 #define DSF_MICRO_STEP_I16                                                                          \
   {                                                                                                 \
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + kk * 2 * NR));      \
@@ -510,7 +508,8 @@ DSF_TARGET_AVX2 void micro_i16_avx2(const int16_t* const* a, const int16_t* bp0,
     alignas(32) float f0[2 * MR * 8];
     for (int64_t k0 = 0; k0 < steps; k0 += kc) {
       const int64_t end = std::min(steps, k0 + kc);
-      for (; kk < end && j + 1 < npend; ++kk, j += 2) {
+      const int64_t e1 = std::min(end, kk + std::max<int64_t>(0, (npend - j) / 2));  // steps with two increments
+      for (; kk < e1; ++kk, j += 2) {
         DSF_MICRO_STEP_I16
         S[pend[j]] += 1;
         S[pend[j + 1]] += 1;
@@ -826,8 +825,7 @@ struct Kernels {
   DrainFn drain;
 };
 
-void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels& kf, const float* zero_row,
-              const int16_t* zero_row_i) {
+void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels& kf, const float* zero_row) {
   alignas(64) float sc[2 * MR * NR];
   alignas(64) int32_t pend[2 * MR * NR];  // histogram slots of the last folded blocks, not yet counted
   Queue queue;
@@ -841,26 +839,25 @@ void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels&
     for (int64_t r0 = rb; r0 < re; r0 += MR) {               // MR query rows
       const int64_t nrows = std::min<int64_t>(MR, re - r0);
       const float* a[MR];
-      const int16_t* ai[MR];
       float ru[MR];
       for (int r = 0; r < MR; ++r) {
         a[r] = r < nrows ? p.q + (r0 + r) * p.dp : zero_row;
-        ai[r] = r < nrows && p.qi ? p.qi + (r0 + r) * p.dp : zero_row_i;
         ru[r] = r < nrows && p.qu ? p.qu[r0 + r] : 1.0f;
       }
+      const int32_t* apk = p.qpk ? p.qpk + r0 / MR * (p.dp / 2) * MR : nullptr;  // int16: this block's rows
 #if DSF_X86
       // int16: start fetching the next block's rows, float32 (its re-scores) and int16 (the micro-kernel):
       // each tile's pass streams every query row from L3 again
       if (p.int16 && r0 + 2 * MR <= re) {
         const char* nf = reinterpret_cast<const char*>(p.q + (r0 + MR) * p.dp);
         for (int64_t off = 0; off < MR * p.dp * 4; off += 64) _mm_prefetch(nf + off, _MM_HINT_T1);
-        const char* ni = reinterpret_cast<const char*>(p.qi + (r0 + MR) * p.dp);
+        const char* ni = reinterpret_cast<const char*>(apk + (p.dp / 2) * MR);
         for (int64_t off = 0; off < MR * p.dp * 2; off += 64) _mm_prefetch(ni + off, _MM_HINT_T0);
       }
 #endif
       for (int64_t pn = tb; pn < te; pn += step) {           // one or two panels of NR database rows
         if (p.int16)
-          p.micro16(ai, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, ru, p.tu + pn * NR, sc, pend,
+          p.micro16(apk, p.tpi + pn * p.dp * NR, p.tpi + (pn + 1) * p.dp * NR, p.dp, ru, p.tu + pn * NR, sc, pend,
                     npend, S);
         else
           kf.micro(a, p.tp + pn * p.dp * NR, p.dp, sc, pend, npend, S);
@@ -1094,6 +1091,24 @@ void pack_panels_i16(const int16_t* src, int64_t n, int64_t dp, int16_t* dst) {
   });
 }
 
+// int16 query rows (m, dp) -> blocks of MR rows (ceil(m / MR), dp / 2, MR) in dst: k pair kk of row r of a
+// block at [kk * MR + r], so the micro-kernels broadcast a block's six rows from one base register (with six
+// row pointers, the AVX2 kernel spent a register reload and six pointer increments per k step); zero rows
+// past m. run_rows' blocks start at multiples of MR (the worker chunks are whole MR groups).
+void pack_blocks_i16(const int16_t* src, int64_t m, int64_t dp, std::vector<int32_t>& dst) {
+  const int64_t blocks = (m + MR - 1) / MR, steps = dp / 2;
+  dst.assign(static_cast<size_t>(blocks * steps * MR), 0);
+  int32_t* out = dst.data();
+  parallel_for(blocks, 64, [&](int64_t bb, int64_t be) {
+    for (int64_t b = bb; b < be; ++b)
+      for (int64_t r = 0; r < MR && b * MR + r < m; ++r) {
+        const int16_t* row = src + (b * MR + r) * dp;
+        int32_t* d = out + b * steps * MR + r;
+        for (int64_t kk = 0; kk < steps; ++kk) std::memcpy(d + kk * MR, row + 2 * kk, sizeof(int32_t));
+      }
+  });
+}
+
 bool cpu_has_vnni() {
 #if DSF_X86
   static const bool v = __builtin_cpu_supports("avx512vnni");
@@ -1115,16 +1130,14 @@ py::dict topk_kernel_rates(int iters, int reps) {
   const bool vnni = detected_simd() >= Simd::AVX512 && cpu_has_vnni();
   std::vector<float> fa(static_cast<size_t>(MR * dp), 0.01f), fp(static_cast<size_t>(2 * dp * NR) + 16, 0.02f);
   std::vector<int16_t> ia(static_cast<size_t>(MR * dp), 3), ip(static_cast<size_t>(2 * dp * NR) + 32, 5);
+  std::vector<int32_t> ir;  // the six int16 rows as one block (see pack_blocks_i16)
+  pack_blocks_i16(ia.data(), MR, dp, ir);
   float* fpa = fp.data();
   while (reinterpret_cast<uintptr_t>(fpa) % 64) ++fpa;
   int16_t* ipa = ip.data();
   while (reinterpret_cast<uintptr_t>(ipa) % 64) ++ipa;
   const float* fr[MR];
-  const int16_t* ir[MR];
-  for (int r = 0; r < MR; ++r) {
-    fr[r] = fa.data() + r * dp;
-    ir[r] = ia.data() + r * dp;
-  }
+  for (int r = 0; r < MR; ++r) fr[r] = fa.data() + r * dp;
   alignas(64) float sc[2 * MR * NR];
   float ones[2 * NR];
   std::fill(ones, ones + 2 * NR, 1.0f);
@@ -1140,10 +1153,10 @@ py::dict topk_kernel_rates(int iters, int reps) {
         micro_avx2(fr, fpa + dp * NR, dp, sc + MR * NR, nullptr, 0, S);
       }
       const auto t1 = clk::now();
-      for (int i = 0; i < iters; ++i) micro_i16_avx2(ir, ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
+      for (int i = 0; i < iters; ++i) micro_i16_avx2(ir.data(), ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
       const auto t2 = clk::now();
       if (vnni)
-        for (int i = 0; i < iters; ++i) micro_vnni(ir, ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
+        for (int i = 0; i < iters; ++i) micro_vnni(ir.data(), ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
       const auto t3 = clk::now();
       t[0] = std::min(t[0], std::chrono::duration<double>(t1 - t0).count());
       t[1] = std::min(t[1], std::chrono::duration<double>(t2 - t1).count());
@@ -1163,7 +1176,8 @@ py::dict topk_kernel_rates(int iters, int reps) {
 
 struct Buffers {
   std::vector<float> packed;
-  std::vector<int16_t> qi, tpi;
+  std::vector<int16_t> tpi;
+  std::vector<int32_t> qpk;
   std::vector<float> qu, tu;
   std::vector<float> row_m, col_m;
 };
@@ -1223,7 +1237,6 @@ void prepare(Params& p, Simd level, Buffers& buf) {
     const int64_t nch = n_chunks(p.dp, cw);
     double K = 46340.0 * 0.995;  // the 0.5 %: room for the rounding
     for (int attempt = 0; attempt < 8; ++attempt, K *= 0.97) {
-      buf.qi.assign(static_cast<size_t>(p.m * p.dp), 0);
       const int64_t panels = ((p.n + NR - 1) / NR + 1) / 2 * 2;
       buf.tpi.assign(static_cast<size_t>(panels * p.dp * NR) + 32, 0);
       int16_t* tpi = buf.tpi.data();
@@ -1231,7 +1244,9 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       std::vector<float> row_res(static_cast<size_t>(p.m)), col_res(static_cast<size_t>(panels * NR), 0.0f);
       buf.qu.assign(static_cast<size_t>(p.m), 1.0f);
       buf.tu.assign(static_cast<size_t>(panels * NR), 1.0f);  // padding columns: 1 (their scores are masked)
-      const auto rq = quantize(p.q, p.m, p.dp, cw, K, buf.qi.data(), row_res.data(), buf.qu.data());
+      std::vector<int16_t> qi(static_cast<size_t>(p.m * p.dp));
+      const auto rq = quantize(p.q, p.m, p.dp, cw, K, qi.data(), row_res.data(), buf.qu.data());
+      pack_blocks_i16(qi.data(), p.m, p.dp, buf.qpk);
       std::vector<int16_t> ti(static_cast<size_t>(p.n * p.dp));
       const auto rt = quantize(p.t, p.n, p.dp, cw, K, ti.data(), col_res.data(), buf.tu.data());
       pack_panels_i16(ti.data(), p.n, p.dp, tpi);
@@ -1252,7 +1267,7 @@ void prepare(Params& p, Simd level, Buffers& buf) {
         p.micro16 = vnni ? &micro_vnni : &micro_i16_avx2;
 #endif
         p.kernel = vnni ? "int16-vnni" : "int16-avx2";
-        p.qi = buf.qi.data();
+        p.qpk = buf.qpk.data();
         p.tpi = tpi;
         p.qu = buf.qu.data();
         p.tu = buf.tu.data();
@@ -1272,7 +1287,7 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       break;
     }
     if (!p.int16) {
-      buf.qi.clear();
+      buf.qpk.clear();
       buf.tpi.clear();
       buf.qu.clear();
       buf.tu.clear();
@@ -1312,9 +1327,6 @@ void run(Params& p, int threads, int64_t* H, int64_t* C) {
   prepare(p, level, buf);
   const Kernels kf = kernels(level, !p.cls_in_hist);
   const std::vector<float> zero_row(static_cast<size_t>(p.dp) + 16, 0.0f);
-  const std::vector<int16_t> zero_row_i(static_cast<size_t>(p.dp) + 32, 0);
-  const int16_t* zi = zero_row_i.data();
-  while (reinterpret_cast<uintptr_t>(zi) % 4) ++zi;
   std::mutex mu;
   const int nt = threads > 0 ? std::min(threads, num_threads()) : num_threads();
   // chunks of whole MR groups, several per thread so the dynamic schedule balances the load; up to 384
@@ -1326,7 +1338,7 @@ void run(Params& p, int threads, int64_t* H, int64_t* C) {
       p.m, grain,
       [&](int64_t rb, int64_t re) {
         Local lc(p.bins);
-        run_rows(p, rb, re, lc, kf, zero_row.data(), zi);
+        run_rows(p, rb, re, lc, kf, zero_row.data());
         lc.flush(p.bins);
         if (p.cls_in_hist) {  // every counted pair is in one bin, and the bins separate the classes
           lc.gt_low = lc.gt_high = 0;
