@@ -33,6 +33,11 @@ Conventions
   ``verify_shifts = s > 0`` they also query the items translated by s pixels along each axis and diagonal
   (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that reproduces it, drops fast under
   translation, and a copy shifted by a few pixels can otherwise rank below neighbouring slices.
+* Column ``transform`` of matches.csv: with ``verify="ssim"`` the transform of the best verified SSIM
+  (``none``, ``hflip``, ``vflip+shift(1,-2)``, ...); with ``verify="none"`` and a search over transformed
+  items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip`` or
+  ``flip0``..``flip2``; ``shift(dy,dx)``), on equal scores the item itself, then the variants in the
+  order searched (flips, then shifts); empty when the search queried no transformed items.
 * Labels use the verified SSIM (or the search score when ``verify="none"``):
   ``duplicate`` if s > high, ``similar`` if low < s <= high, ``different`` if s <= low, with
   ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate;
@@ -139,16 +144,21 @@ def _ssim_matrix(
 class SearchResult:
     """Top-k of every synthetic item: scores (n_synth, k) float32 descending, indices (n_synth, k) int64,
     the histogram of all n_synth × n_train scores (counts int64 (bins,), edges float64 (bins + 1,)) and the
-    pair counts per label under the thresholds."""
+    pair counts per label under the thresholds. ``transforms`` (n_synth, k) str: for a search that also
+    queried transformed synthetic items (:func:`_search_variants`), the transform of the synthetic item that
+    gave each pair its score (``"none"``: the item itself); ``None`` when only the items themselves were
+    searched, or when read from a search saved before transforms were recorded."""
 
     scores: np.ndarray
     indices: np.ndarray
     counts: np.ndarray
     edges: np.ndarray
     class_counts: dict[str, int]
+    transforms: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         cc = np.array([self.class_counts[n] for n in LABELS], dtype=np.int64)
+        extra = {} if self.transforms is None else {"transforms": np.asarray(self.transforms, dtype=str)}
         _atomic_npz(
             path,
             scores=self.scores,
@@ -156,6 +166,7 @@ class SearchResult:
             counts=self.counts,
             edges=self.edges,
             class_counts=cc,
+            **extra,
         )
 
     @classmethod
@@ -168,6 +179,7 @@ class SearchResult:
                 z["counts"],
                 z["edges"],
                 {n: int(c) for n, c in zip(LABELS, cc, strict=True)},
+                z["transforms"].astype(object) if "transforms" in z.files else None,
             )
 
 
@@ -1220,9 +1232,14 @@ def audit(
     t0 = time.perf_counter()
     kk = int(min(k, len(tset)))
     search_file = work / "search.npz"
-    if search_file.exists():
-        res = SearchResult.load(search_file)
-    elif metric == "ssim":
+    variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims)
+    res = SearchResult.load(search_file) if search_file.exists() else None
+    if res is not None and variants and verify == "none" and res.transforms is None:
+        # saved before the search recorded which transform gave each score (matches.csv's transform with
+        # verify='none'): searched again (the shards of a Dask search are reused)
+        logger.info("%s does not record the searched transforms: searching again", search_file)
+        res = None
+    if res is None and metric == "ssim":
         res = _ssim_search(
             tset,
             sset,
@@ -1236,7 +1253,7 @@ def audit(
             progress=progress,
         )
         res.save(search_file)
-    else:
+    elif res is None:
         res = _cosine_search(
             tset.vectors,
             sset.vectors,
@@ -1250,8 +1267,8 @@ def audit(
             shard_dir=out / "shards",
         )
         # flip- and shift-aware candidates: also search with transformed synthetic items (flips; translations
-        # by ±verify_shifts) and keep each pair's best score; the histogram stays that of the plain search
-        variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims)
+        # by ±verify_shifts) and keep each pair's best score and the transform that gave it; the histogram
+        # stays that of the plain search
         if variants:
             from tqdm import tqdm
 
@@ -1263,7 +1280,7 @@ def audit(
                 disable=None if progress else True,
             )
             try:
-                for vname, fn in variants:
+                for vname, tname, fn in variants:
                     bar.set_postfix_str(vname, refresh=False)
                     vv = _transformed_vectors(
                         sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device, bar=bar
@@ -1272,7 +1289,7 @@ def audit(
                         tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
                         workers=workers, scheduler=scheduler, shard_dir=out / f"shards_{vname}",
                     )
-                    res = _merge_topk(res, rv, kk)
+                    res = _merge_topk(res, rv, kk, tname)
             finally:
                 bar.close()
         res.save(search_file)
@@ -1299,9 +1316,9 @@ def audit(
             backend=backend,
             progress=progress,
         )
-    else:
+    else:  # the searched transform that gave the score, if the search tried any
         ver = np.full(res.scores.shape, np.nan)
-        trans = np.full(res.scores.shape, "", dtype=object)
+        trans = res.transforms if res.transforms is not None else np.full(res.scores.shape, "", dtype=object)
     timings["verify"] = time.perf_counter() - t0
 
     # ---- report ------------------------------------------------------------------------------------------
@@ -1419,40 +1436,50 @@ def _transformed_vectors(
     return np.concatenate(parts).astype(np.float32)
 
 
-def _search_variants(metric: str, flips: bool, shifts: int, spatial_dims: int) -> list[tuple[str, Any]]:
+def _search_variants(metric: str, flips: bool, shifts: int, spatial_dims: int) -> list[tuple[str, str, Any]]:
     """The transforms the flip/shift-aware search applies to the synthetic items (``deepssim`` and
-    ``correlation`` only), as (name, image -> image); a pair's search score is its best over the untransformed
-    item and these."""
-    variants: list[tuple[str, Any]] = []
+    ``correlation`` only), in the order searched, as (key, name, image -> image): ``key`` names the variant's
+    shard folder (``shards_<key>``), ``name`` is the transform as matches.csv writes it (the flips ``hflip``,
+    ``vflip`` / ``flip0``..``flip2``, then the translations ``shift(dy,dx)`` of :func:`_search_offsets`, as
+    verification names them); a pair's search score is its best over the untransformed item and these."""
+    variants: list[tuple[str, str, Any]] = []
     if metric in ("deepssim", "correlation"):
         if flips:
-            variants += [(fname, lambda img, axes=axes: np.flip(img, axis=axes))
+            variants += [(fname, fname, lambda img, axes=axes: np.flip(img, axis=axes))
                          for fname, axes in _flip_variants(True, spatial_dims)[1:]]
         if shifts > 0:
-            variants += [(f"shift{j}", lambda img, d=d: _shift(img, d))
+            variants += [(f"shift{j}", _transform_name("", 0.0, d), lambda img, d=d: _shift(img, d))
                          for j, d in enumerate(_search_offsets(shifts, spatial_dims))]
     return variants
 
 
-def _merge_topk(a: SearchResult, b: SearchResult, k: int) -> SearchResult:
+def _merge_topk(a: SearchResult, b: SearchResult, k: int, b_name: str = "") -> SearchResult:
     """Per synthetic item, the k best training items over both results (a pair keeps its best score; ties to
-    the lower training index). The histogram and pair counts stay those of ``a`` (the unflipped search)."""
+    the lower training index). The histogram and pair counts stay those of ``a`` (the unflipped search).
+
+    Each kept pair also keeps the transform that gave its score: ``a``'s (``"none"`` where ``a`` records
+    none) or ``b_name`` for ``b``'s; on equal scores ``a``'s. Merging the variants one by one in the order
+    searched therefore names, on a tie, the untransformed item first, then the earliest variant."""
     scores = np.empty_like(a.scores)
     indices = np.empty_like(a.indices)
+    names = np.empty(a.scores.shape, dtype=object)
+    a_names = a.transforms if a.transforms is not None else np.full(a.scores.shape, "none", dtype=object)
     for i in range(len(a.scores)):
-        best: dict[int, float] = {}
-        for s_, j in zip(
+        best: dict[int, tuple[float, str]] = {}
+        for s_, j, n_ in zip(
             np.concatenate([a.scores[i], b.scores[i]]),
             np.concatenate([a.indices[i], b.indices[i]]),
+            [str(x) for x in a_names[i]] + [b_name] * len(b.scores[i]),
             strict=True,
         ):
             j = int(j)
-            if j not in best or s_ > best[j]:
-                best[j] = float(s_)
-        order = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        scores[i] = [v for _, v in order]
+            if j not in best or s_ > best[j][0]:  # strictly better only: a tie keeps the earlier transform
+                best[j] = (float(s_), n_)
+        order = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
+        scores[i] = [v for _, (v, _) in order]
         indices[i] = [j for j, _ in order]
-    return SearchResult(scores, indices, a.counts, a.edges, a.class_counts)
+        names[i] = [n for _, (_, n) in order]
+    return SearchResult(scores, indices, a.counts, a.edges, a.class_counts, names)
 
 
 def _ssim_search(
@@ -1583,7 +1610,7 @@ def _write_matches(
                     f"{float(res.scores[i, r]):.6f}",
                     f"{float(ver[i, r]):.6f}" if verify == "ssim" else "",
                     LABELS[int(labels[i, r])],
-                    trans[i, r] if verify == "ssim" else "",
+                    trans[i, r],
                 ]
             )
     _atomic_bytes(path, buf.getvalue().encode())
@@ -1888,7 +1915,7 @@ def evaluate(
         if variants:  # the search score is the best over the transformed synthetic items too
             spx = np.asarray(np.load(stored("synth_pixels.npy"), mmap_mode="r")[si])
             model_obj = _evaluation_model(summary, model) if metric == "deepssim" else None
-            for _, fn in variants:
+            for _, _, fn in variants:
                 block = np.ascontiguousarray(np.stack([fn(img) for img in spx]))
                 if metric == "deepssim":
                     bv = _embed(list(block), model_obj, batch_size=batch_size, device=device).astype(np.float64)

@@ -875,6 +875,47 @@ def test_evaluate_without_verification_scores_the_flip_shift_variants_as_the_sea
         A.evaluate(out, labels, model=other)
 
 
+def test_verify_none_names_the_searched_transform_that_gave_the_score(ds: dict, tmp_path: Path) -> None:
+    """verify='none' with flips and shifts: matches.csv's transform names the variant of the synthetic item
+    whose search score won (as verification names transforms: 'none', 'vflip', 'shift(dy,dx)'), also after
+    resuming from a search saved before transforms were recorded; on equal scores the untransformed item,
+    then the earliest variant, is named."""
+    names = sorted(ds["train_arrays"])
+    synth = tmp_path / "s"
+    synth.mkdir()
+    np.save(synth / "a_same.npy", ds["train_arrays"][names[2]])
+    np.save(synth / "b_updown.npy", np.ascontiguousarray(ds["train_arrays"][names[5]][::-1]))
+    np.save(synth / "c_shifted.npy", A._shift(ds["train_arrays"][names[8]], (2, -2)))
+    out = tmp_path / "o"
+    kw = dict(metric="correlation", k=1, verify="none", verify_flips=True, verify_shifts=2, out=out, progress=False)
+    A.audit(ds["train"], synth, **kw)
+    want = {"a_same.npy": (names[2], "none"), "b_updown.npy": (names[5], "vflip"),
+            "c_shifted.npy": (names[8], "shift(-2,2)")}
+    got = {Path(r["synth_path"]).name: (Path(r["train_path"]).name, r["transform"]) for r in _rows(out)}
+    assert got == want
+    assert "<td>vflip</td>" in (out / "report.html").read_text()  # the report's suspects name it too
+    # a search.npz of an earlier version (no transforms): searched again on resume, same outputs
+    matches = (out / "matches.csv").read_bytes()
+    res = A.SearchResult.load(out / "work" / "search.npz")
+    assert res.transforms is not None
+    res.transforms = None
+    res.save(out / "work" / "search.npz")
+    (out / "matches.csv").unlink()
+    A.audit(ds["train"], synth, **kw)
+    assert (out / "matches.csv").read_bytes() == matches
+    # ties: the earlier result's transform (the plain search first, then the variants in the order searched)
+    one = np.array([[0.5]], np.float32)
+    r0 = A.SearchResult(one, np.array([[3]]), np.zeros(1, np.int64), np.zeros(2), dict.fromkeys(A.LABELS, 0))
+    m = A._merge_topk(r0, A.SearchResult(one.copy(), np.array([[3]]), r0.counts, r0.edges, r0.class_counts), 1,
+                      "hflip")
+    m = A._merge_topk(m, A.SearchResult(one + 0.25, np.array([[3]]), r0.counts, r0.edges, r0.class_counts), 1,
+                      "vflip")
+    m2 = A._merge_topk(m, A.SearchResult(one + 0.25, np.array([[3]]), r0.counts, r0.edges, r0.class_counts), 1,
+                       "shift(0,1)")
+    assert m.transforms.tolist() == m2.transforms.tolist() == [["vflip"]] and m2.scores.tolist() == [[0.75]]
+    assert A._merge_topk(r0, r0, 1, "hflip").transforms.tolist() == [["none"]]
+
+
 def test_interrupted_rerun_with_other_settings_leaves_no_stale_outputs(
     ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
