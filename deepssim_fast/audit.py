@@ -1726,19 +1726,31 @@ _REF_NAME = {0: "different", 1: "duplicate", 2: "similar"}
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict:
-    """Per-class precision, recall, F1 and support, plus macro averages, over the classes present in
-    ``y_true`` or ``y_pred`` (as sklearn's classification_report; 0/0 counts as 0)."""
+    """Per-class precision, recall, F1 and support, plus macro averages (reference codes: 0 different,
+    1 duplicate, 2 similar).
+
+    ``per_class`` lists the three classes always (different, similar, duplicate; then any other code
+    present). A class that occurs neither among the labels nor among the predictions has support 0 and
+    precision, recall and F1 ``None`` (not defined; ``null`` in evaluation.json); for the other classes 0/0
+    counts as 0 (sklearn's convention). The macro averages are the means over the classes whose scores are
+    defined — those that occur in ``y_true`` or ``y_pred``, as sklearn's ``average="macro"`` without
+    ``labels`` — named in ``macro_classes``; ``None`` when there is none."""
     yt, yp = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     if yt.shape != yp.shape:
         raise ValueError(f"y_true and y_pred differ in length: {yt.shape} vs {yp.shape}")
-    classes = sorted(set(yt.tolist()) | set(yp.tolist()))
+    known = [_REF_CODE[n] for n in LABELS]
+    classes = known + sorted((set(yt.tolist()) | set(yp.tolist())) - set(known))
     per = {}
     for c in classes:
         tp = int(((yp == c) & (yt == c)).sum())
         npred, ntrue = int((yp == c).sum()), int((yt == c).sum())
-        prec = tp / npred if npred else 0.0
-        rec = tp / ntrue if ntrue else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        prec: float | None = None
+        rec: float | None = None
+        f1: float | None = None
+        if npred or ntrue:
+            prec = tp / npred if npred else 0.0
+            rec = tp / ntrue if ntrue else 0.0
+            f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         per[_REF_NAME.get(c, str(c))] = {
             "label": c,
             "precision": prec,
@@ -1746,12 +1758,17 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict
             "f1": f1,
             "support": ntrue,
         }
-    macro = {m: float(np.mean([v[m] for v in per.values()])) for m in ("precision", "recall", "f1")}
+    averaged = [name for name, v in per.items() if v["f1"] is not None]
+    macro = {
+        m: float(np.mean([per[name][m] for name in averaged])) if averaged else None
+        for m in ("precision", "recall", "f1")
+    }
     return {
         "per_class": per,
         "macro_precision": macro["precision"],
         "macro_recall": macro["recall"],
         "macro_f1": macro["f1"],
+        "macro_classes": averaged,
         "accuracy": float((yt == yp).mean()) if len(yt) else 0.0,
         "n": int(len(yt)),
     }
@@ -1822,7 +1839,9 @@ def evaluate(
     or, when the audit ran with ``verify="none"``, the search score of the audit's metric: exact SSIM
     (``ssim``), Pearson correlation of the stored pixels (``correlation``) or the cosine of the stored
     vectors (``deepssim``, ``embeddings``), each the best over the same flip/shift variants as the search —
-    and labelled with the audit's thresholds. Returns per-class precision/recall/F1 and the macro F1. Errors
+    and labelled with the audit's thresholds. Returns per-class precision/recall/F1 (all three classes; a
+    class absent from both labels and predictions with support 0 and scores ``None``) and the macro averages
+    over the classes that occur (see :func:`classification_metrics`). Errors
     about a label row name the labels file and its line.
 
     ``model``: only for a ``deepssim`` audit run with ``verify="none"`` and flips or shifts, whose variants

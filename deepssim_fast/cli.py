@@ -285,13 +285,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .audit import evaluate
 
     r = evaluate(args.audit, args.labels, backend=args.backend, model=args.model)
+    def num(x: float | None) -> str:  # a score that is not defined (a class with no examples): n/a
+        return f"{x:9.4f}" if x is not None else f"{'n/a':>9}"
+
     print(f"{'class':<10} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for name, v in r["per_class"].items():
-        print(f"{name:<10} {v['precision']:9.4f} {v['recall']:9.4f} {v['f1']:9.4f} {v['support']:8d}")
+        print(f"{name:<10} {num(v['precision'])} {num(v['recall'])} {num(v['f1'])} {v['support']:8d}")
+    print(f"{'macro':<10} {num(r['macro_precision'])} {num(r['macro_recall'])} {num(r['macro_f1'])} {r['n']:8d}")
     print(
-        f"{'macro':<10} {r['macro_precision']:9.4f} {r['macro_recall']:9.4f} {r['macro_f1']:9.4f} {r['n']:8d}"
+        f"macro F1 = {num(r['macro_f1']).strip()} (over {', '.join(r['macro_classes']) or 'no class'}); "
+        f"written to {args.audit}/evaluation.json"
     )
-    print(f"macro F1 = {r['macro_f1']:.4f}; written to {args.audit}/evaluation.json")
     return 0
 
 

@@ -706,6 +706,43 @@ def test_evaluate_reproduces_hand_computed_macro_f1(
         A.evaluate(out, bad)
 
 
+def test_evaluate_lists_every_class_and_leaves_absent_ones_undefined(
+    ssim_run: A.AuditResult, ds: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Labels with duplicates only: the table still lists different and similar, with support 0 and scores
+    not defined (null in evaluation.json, 'n/a' printed, never NaN); the macro averages cover the classes
+    that occur among labels or predictions (named in macro_classes), as sklearn's macro average."""
+    import sklearn.metrics as skm
+
+    from deepssim_fast.cli import main
+
+    copies = [(src, s, 1) for s, (kind, src) in sorted(ds["truth"].items()) if kind != "novel"]
+    r = A.evaluate(ssim_run.out, _labels(tmp_path / "dup.csv", *copies))
+    assert list(r["per_class"]) == ["different", "similar", "duplicate"]
+    for name in ("different", "similar"):
+        assert r["per_class"][name] == {"label": A._REF_CODE[name], "precision": None, "recall": None,
+                                        "f1": None, "support": 0}
+    assert r["per_class"]["duplicate"]["support"] == 5 and r["macro_f1"] == 1.0
+    assert r["macro_classes"] == ["duplicate"]
+    saved = json.loads((ssim_run.out / "evaluation.json").read_text(), parse_constant=pytest.fail)
+    assert saved["per_class"]["similar"]["f1"] is None and saved["macro_classes"] == ["duplicate"]
+    # a novel slice annotated duplicate: 'different' is predicted but never true -> p 0, r 0, f1 0, averaged
+    novel = (sorted(ds["train_arrays"])[0], "s10.npy", 1)
+    labels = _labels(tmp_path / "mixed.csv", *copies, novel)
+    r = A.evaluate(ssim_run.out, labels)
+    assert r["per_class"]["different"] == {"label": 0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert r["per_class"]["similar"]["f1"] is None and r["macro_classes"] == ["different", "duplicate"]
+    y_true, y_pred = [1] * 6, [1] * 5 + [0]
+    assert r["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert r["macro_f1"] == pytest.approx((0 + 10 / 11) / 2)
+    assert main(["evaluate", "--audit", str(ssim_run.out), "--labels", str(labels)]) == 0
+    text = capsys.readouterr().out
+    similar = next(line for line in text.splitlines() if line.startswith("similar"))
+    assert similar.split() == ["similar", "n/a", "n/a", "n/a", "0"] and "nan" not in text.lower()
+    none = A.classification_metrics([], [])
+    assert none["macro_f1"] is None and none["macro_classes"] == [] and len(none["per_class"]) == 3
+
+
 def test_slice_policy_on_nifti_inputs(tmp_path: Path) -> None:
     """NIfTI volumes are cut by the policy; the same volume as train and synth matches slice for slice."""
     p = data.dataset_path("anatomical")
