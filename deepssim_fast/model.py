@@ -545,6 +545,28 @@ def _unreadable_checkpoint(p: Path, exc: Exception) -> ModelFileError:
                           f"checkpoint, the .pt written by train, or a TorchScript file; {why})")
 
 
+def _is_bare_state_dict(obj: Any) -> bool:
+    """A plain ``name -> tensor`` mapping, as ``torch.save(model.state_dict(), path)`` writes."""
+    return (isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
+
+
+def _bare_state_dict_error(p: Path, sd: dict) -> ModelFileError:
+    """Say that ``p`` holds weights without a model config, and how to load them."""
+    first = next(iter(sd))
+    text = (f"{p} holds a bare state_dict ({len(sd)} tensors, first {first!r}), not a deepssim_fast "
+            f"checkpoint or TorchScript file: it has the weights but not the model settings needed to "
+            f"rebuild the network. Build the model with the settings it was trained with and load the "
+            f"weights: model = deepssim_fast.build_model(backbone, emb_dim=..., input_size=..., "
+            f"size_policy=...); model.load_state_dict(torch.load(path, weights_only=True)); then "
+            f"model.save_checkpoint(path) (or model.save_torchscript(path)) writes a file that load_model "
+            f"reads")
+    if not any(k.startswith("backbone.") for k in sd):
+        text += (" (if it is a torchvision ImageNet backbone file, give it to "
+                 "build_model(backbone, pretrained=path) instead)")
+    return ModelFileError(text)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The raw checkpoint dict (weights_only load); errors say what was expected."""
     p = Path(path)
@@ -555,6 +577,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise _unreadable_checkpoint(p, exc) from exc
+    if _is_bare_state_dict(ck):
+        raise _bare_state_dict_error(p, ck)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(f"{p}: expected a deepssim_fast checkpoint (a dict with format="
                              f"{CHECKPOINT_FORMAT!r}) or a TorchScript file; got {type(ck).__name__}")

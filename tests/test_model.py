@@ -315,6 +315,27 @@ def test_model_file_that_is_neither(tmp_path) -> None:
         load_model(tmp_path / "missing.pt")
 
 
+
+def test_bare_state_dict_file_says_how_to_load_it(tmp_path, small_model, real_images) -> None:
+    sd_file = tmp_path / "sd.pt"
+    torch.save(small_model.state_dict(), sd_file)  # an OrderedDict of tensors, no config
+    with pytest.raises(ModelFileError, match="bare state_dict") as ei:
+        load_model(sd_file)
+    msg = str(ei.value)
+    assert "build_model" in msg and "load_state_dict" in msg and "save_checkpoint" in msg
+    assert "OrderedDict" not in msg and "pretrained=" not in msg  # our own keys: no backbone-file hint
+    # the advice works: rebuild with the matching settings, load, save a checkpoint that load_model reads
+    m = build_model("small", input_size=64)
+    m.load_state_dict(torch.load(sd_file, weights_only=True))
+    loaded = load_model(m.save_checkpoint(tmp_path / "m.pt"))
+    np.testing.assert_array_equal(embed(real_images[:3], loaded, progress=False),
+                                  embed(real_images[:3], small_model, progress=False))
+    # a backbone-only file (torchvision's key names) is pointed at pretrained=
+    bb = tmp_path / "bb.pt"
+    torch.save(small_model.backbone.state_dict(), bb)
+    with pytest.raises(ModelFileError, match=r"bare state_dict.*pretrained=path"):
+        load_model(bb)
+
 # ---------------------------------------------------------------------------------------------- embed
 def test_embed_conventions(small_model, real_images) -> None:
     e = embed(real_images, small_model, batch_size=4, progress=False)
