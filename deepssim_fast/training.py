@@ -425,6 +425,13 @@ def evaluate(model: torch.nn.Module, images: Any = None, *, pairs: FixedPairs | 
     Either ``images`` (pairs are drawn as in training: random, neighbour and copies, augmented, seeded by
     ``seed``) or a ready :class:`FixedPairs`. Returns ``{"mae", "mse", "r", "n", "by_kind", "target_hist"}``.
     """
+    for name, v in (("n_pairs", n_pairs), ("batch_size", batch_size)):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"evaluate: seed must be an integer, got {seed!r}")  # as train's seed
+    if seed < 0:
+        raise ValueError(f"evaluate: seed must be a non-negative integer, got {seed!r}")
     if pairs is None:
         if images is None:
             raise ValueError("evaluate: give images or pairs")

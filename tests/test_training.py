@@ -404,6 +404,22 @@ def test_bad_validation_and_schedule_arguments_are_named(mni_slices) -> None:
         train(imgs, max_steps=1, seed=None, **SMALL)
 
 
+
+def test_bad_evaluate_counts_are_named(mni_slices) -> None:
+    """evaluate(n_pairs=0) failed with torch's bare 'torch.cat(): expected a non-empty list of Tensors',
+    batch_size=0 with range()'s 'arg 3 must not be zero', seed=-1 with numpy's 'expected non-negative
+    integer'; n_pairs=True evaluated one pair. Each is now an error naming the argument."""
+    m = build_model("small", input_size=64)
+    imgs = mni_slices[:6]
+    for kw, name in ((dict(n_pairs=0), "n_pairs"), (dict(n_pairs=-3), "n_pairs"), (dict(n_pairs=2.5), "n_pairs"),
+                     (dict(n_pairs=True), "n_pairs"), (dict(batch_size=0), "batch_size"),
+                     (dict(batch_size=-1), "batch_size"), (dict(seed=-1), "seed")):
+        with pytest.raises(ValueError, match=f"evaluate: {name} must be"):
+            evaluate(m, imgs, **kw)
+    with pytest.raises(TypeError, match="evaluate: seed must be an integer"):
+        evaluate(m, imgs, seed=1.5)
+    assert evaluate(m, imgs, n_pairs=np.int64(3), batch_size=2)["n"] == 3
+
 def test_a_large_val_fraction_leaves_two_training_images(mni_slices, caplog) -> None:
     """val_fraction=0.9 of 10 images asked for 9 validation images, which left 1 to train on: the split
     then dropped validation altogether and warned 'only 0 validation image(s)'. Training now keeps 2 images
