@@ -182,6 +182,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         input_size=args.input_size,
         size_policy=args.size_policy,
         zoom_out=tuple(args.zoom_out or ()),
+        val_fraction=args.val_fraction,
+        val_pairs=args.val_pairs,
+        val_every=args.val_every,
+        lr_schedule=args.lr_schedule,
     )
     best = Path(args.out) / "best.pt"
     print(
@@ -348,6 +352,15 @@ def verbosity(args: argparse.Namespace) -> int:
     return int(getattr(args, "verbose", 0) or 0) + int(getattr(args, "verbose_sub", 0) or 0)
 
 
+def _train_default(name: str):
+    """The default of ``train(name=...)``: the CLI's options without a default of their own use the API's."""
+    import inspect
+
+    from .training import train
+
+    return inspect.signature(train).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepssim-fast", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -395,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=_train_default("lr_schedule"),
+                   help="constant learning rate, or cosine decay to 0 over the run (default %(default)s)")
+    t.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), metavar="F",
+                   help="without --val, validate on this fraction of --images, chosen by --seed (default "
+                   "%(default)s; in [0, 1); fewer than 2 images means no validation and no best.pt)")
+    t.add_argument("--val-pairs", type=int, default=_train_default("val_pairs"), metavar="N",
+                   help="number of fixed validation pairs (default %(default)s)")
+    t.add_argument("--val-every", type=int, default=_train_default("val_every"), metavar="STEPS",
+                   help="validate every this many steps (default: once per epoch, and at the end)")
     t.add_argument("--emb-dim", type=int, default=None, help="embedding size (default 256; with --resume the "
                    "checkpoint's)")
     t.add_argument("--input-size", type=int, default=None, help="network input side (default: per backbone)")

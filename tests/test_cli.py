@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +386,41 @@ def test_train_command_writes_a_checkpoint(
     model = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
     assert model.config.emb_dim == 16
 
+
+
+def test_train_command_has_the_validation_and_schedule_options(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train() took val_fraction, val_pairs, val_every and lr_schedule; the command had no options for
+    them. Their defaults are train()'s own."""
+    import inspect
+
+    from deepssim_fast.training import train
+
+    args = build_parser().parse_args(["train", "--images", "x", "--out", "y"])
+    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule"):
+        assert getattr(args, name) == inspect.signature(train).parameters[name].default, name
+    out = tmp_path / "enc"
+    # 7 images: the default val_fraction 0.1 holds out none (no best.pt); 0.5 holds out 4, so 3 train and
+    # an epoch is 2 steps of batch 2, so the default would validate at steps 2 and 3 only
+    argv = ["train", "--images", str(folders["train"]), "--out", str(out), "--backbone", "small",
+            "--max-steps", "3", "--batch-size", "2", "--emb-dim", "16", "--input-size", "32", "-q",
+            "--val-fraction", "0.5", "--val-pairs", "5", "--val-every", "1", "--lr-schedule", "cosine"]
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.training"):
+        assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "best.pt").exists()
+    assert "validation: 5 pairs" in caplog.text
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [bool(r["val_loss"]) for r in rows] == [True, True, True]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2] > 0  # cosine decay, not constant
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for opt in ("--val-fraction", "--val-pairs", "--val-every", "--lr-schedule"):
+        assert opt in help_text
 
 def test_dask_loggers_follow_the_cli_verbosity(
     folders: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
