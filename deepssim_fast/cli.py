@@ -557,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
         dask_logging(level)
+    # TypeError is deliberately not among the one-line errors: what a command passes on is parsed by
+    # argparse, and files are decoded by deepssim_fast.io, which reports a bad dtype or an unreadable file as
+    # a ValueError (or skips it). A TypeError reaching here is an internal bug ("'NoneType' object is not
+    # subscriptable", a wrong keyword), whose traceback is what a bug report needs.
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

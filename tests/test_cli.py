@@ -422,6 +422,28 @@ def test_train_command_has_the_validation_and_schedule_options(
     for opt in ("--val-fraction", "--val-pairs", "--val-every", "--lr-schedule"):
         assert opt in help_text
 
+
+def test_user_errors_are_one_line_but_a_type_error_keeps_its_traceback(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad input files reach the commands as ValueErrors (one line, exit 2); a TypeError is an internal
+    bug and propagates with its traceback instead of looking like a user error."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "c.npy", np.ones((64, 72), np.complex64))
+    np.save(bad / "s.npy", np.full((64, 72), "a"))
+    argv = ["train", "--images", str(bad), "--out", str(tmp_path / "o"), "--max-steps", "1", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deepssim-fast train: error:") and "dtype" in err and len(err.splitlines()) == 1
+
+    def buggy(_args):
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr("deepssim_fast.cli._cmd_train", buggy)
+    with pytest.raises(TypeError, match="NoneType"):
+        main(argv)
+
 def test_dask_loggers_follow_the_cli_verbosity(
     folders: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
