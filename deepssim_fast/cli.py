@@ -186,6 +186,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_pairs=args.val_pairs,
         val_every=args.val_every,
         lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
     )
     best = Path(args.out) / "best.pt"
     print(
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=_train_default("lr_schedule"),
                    help="constant learning rate, or cosine decay to 0 over the run (default %(default)s)")
+    t.add_argument("--warmup-steps", type=int, default=_train_default("warmup_steps"), metavar="N",
+                   help="linear learning-rate warm-up over the first N steps (default %(default)s)")
     t.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), metavar="F",
                    help="without --val, validate on this fraction of --images, chosen by --seed (default "
                    "%(default)s; in [0, 1); fewer than 2 images means no validation and no best.pt)")

@@ -398,7 +398,7 @@ def test_train_command_has_the_validation_and_schedule_options(
     from deepssim_fast.training import train
 
     args = build_parser().parse_args(["train", "--images", "x", "--out", "y"])
-    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule"):
+    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule", "warmup_steps"):
         assert getattr(args, name) == inspect.signature(train).parameters[name].default, name
     out = tmp_path / "enc"
     # 7 images: the default val_fraction 0.1 holds out none (no best.pt); 0.5 holds out 4, so 3 train and
@@ -419,8 +419,17 @@ def test_train_command_has_the_validation_and_schedule_options(
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = capsys.readouterr().out
-    for opt in ("--val-fraction", "--val-pairs", "--val-every", "--lr-schedule"):
+    for opt in ("--val-fraction", "--val-pairs", "--val-every", "--lr-schedule", "--warmup-steps"):
         assert opt in help_text
+    # --warmup-steps reaches train(): a constant rate after two steps of linear warm-up
+    out2 = tmp_path / "warm"
+    argv = ["train", "--images", str(folders["train"]), "--out", str(out2), "--backbone", "small",
+            "--max-steps", "3", "--batch-size", "2", "--emb-dim", "16", "--input-size", "32", "-q",
+            "--val-fraction", "0", "--warmup-steps", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    with open(out2 / "log.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
 def test_user_errors_are_one_line_but_a_type_error_keeps_its_traceback(
