@@ -78,7 +78,7 @@ import numpy as np
 from ._atomic import atomic_path, remove_temporaries
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit
-from .io import Spec, _file_slices, _file_volumes, _one_line, discover
+from .io import Spec, _file_slices, _file_volumes, discover, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ def _decode_all(
             if err is not None:
                 if strict:
                     raise DataError(err)
-                logger.warning("skipping unreadable %s file %s", name, _one_line(err))
+                logger.warning("skipping unreadable %s file %s", name, one_line(err))
                 skipped.append((str(p), err))
                 continue
             if not arrs:
@@ -509,7 +509,7 @@ def _build_items(
                 )
                 if strict:
                     raise DataError(reason)
-                logger.warning("skipping %s item %s", name, _one_line(reason))
+                logger.warning("skipping %s item %s", name, one_line(reason))
                 skipped.append((str(p), reason))
         if not keep.any():
             continue
@@ -642,7 +642,7 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
         except DataError as exc:
             if strict:
                 raise
-            logger.warning("skipping %s file %s", name, _one_line(exc))
+            logger.warning("skipping %s file %s", name, one_line(exc))
             skipped.append((str(p), str(exc)))
             continue
         for r in range(len(a)):

@@ -9,6 +9,8 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 
+from .io import one_line
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -232,12 +234,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         print(f"warning: skipped {p}: {one_line(r)}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
     return 0
-
-
-def one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines too) made one space: a reason or an error is printed
-    on one line (nibabel's 'Expected N bytes ...\\n - could the file be damaged?' broke it in two)."""
-    return " ".join(str(text).split())
 
 
 def _print_summary(s: dict, out: str) -> None:

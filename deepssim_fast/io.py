@@ -80,10 +80,11 @@ def image_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines too) made one space, for log lines: a skip reason
-    keeps its full text where it is stored (``skipped``, summary.json), but nibabel's 'Expected N bytes
-    ...\\n - could the file be damaged?' would break a logged warning in two."""
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space, for log lines and the command
+    line's warnings and errors: a skip reason keeps its full text where it is stored (``skipped``,
+    summary.json), but nibabel's 'Expected N bytes ...\\n - could the file be damaged?' would break a line
+    in two."""
     return " ".join(str(text).split())
 
 
@@ -615,7 +616,7 @@ def iter_slices(
         except DataError as exc:
             if strict:
                 raise
-            logger.warning("skipping %s: %s", p, _one_line(exc))
+            logger.warning("skipping %s: %s", p, one_line(exc))
             if skipped is not None:
                 skipped.append((str(p), str(exc)))
             continue
