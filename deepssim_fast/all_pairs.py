@@ -326,7 +326,9 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
 
             c = _host_view(t)
             if c.dtype not in (np.float32, np.float64):
-                c = c.astype(np.float32)  # float16 widens exactly
+                # float16 widens exactly to float32; integers go to float64, which holds them exactly up to
+                # 2^53 (float32 would round entries past 2^24 before the float64 norm, unlike every other path)
+                c = c.astype(np.float32 if c.dtype.kind == "f" else np.float64)
             zero = _native.normalize_rows(np.ascontiguousarray(c), out_np)
         else:
             zero = _normalize_rows_numpy(t, out_np)
@@ -363,7 +365,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     Parameters
     ----------
     train : (n_train, d) embeddings — numpy, torch (CPU or CUDA) or cupy; float16/bfloat16/float32/float64
-        (computed in fp32).
+        or integer (normalised from the exact values in float64, then computed in fp32).
     synth : (n_synth, d) embeddings, or None to compare ``train`` with itself (self-pairs excluded).
     k : neighbours per synthetic row, 1 <= k <= number of candidates (n_train, minus one with self-pairs).
     thresholds : ``(low, high)``: class counts different <= low < similar <= high < duplicate.

@@ -981,3 +981,25 @@ def test_topk_reference_checks_k_and_takes_tensors_that_require_grad():
         ref.topk_reference(train, train[:2], 7)
     with pytest.raises(ValueError, match=r"in \[1, 5\]"):
         ref.topk_reference(train, None, 6)  # self mode: the row itself is not a candidate
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32])
+def test_integer_rows_past_2_24_normalise_by_the_float64_rule(dtype):
+    """Integer entries float32 cannot hold (> 2^24) are normalised from their exact values (as float64 input
+    of the same values, the numpy fallback and the GPU path do), not from a float32 rounding of them."""
+    rng = np.random.default_rng(SEED + 70)
+    x = rng.integers(2**24, 2**31 - 1, size=(50, 16))
+    if dtype is not np.uint32:
+        x = x * rng.choice([-1, 1], size=x.shape)
+    x = x.astype(dtype)
+    t = torch.from_numpy(x)
+    want = (x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+    got = _normalize(t, "train", 16, "cpu").numpy()
+    np.testing.assert_array_equal(got, want)
+    fallback = np.zeros((50, 16), np.float32)
+    assert _normalize_rows_numpy(t, fallback) == -1
+    np.testing.assert_array_equal(got, fallback)
+    r = all_pairs(x, x[:10], k=3, progress=False, dense=True)
+    f = all_pairs(x.astype(np.float64), x[:10].astype(np.float64), k=3, progress=False, dense=True)
+    _assert_same(r, f)
+    np.testing.assert_array_equal(r.matrix, f.matrix)
