@@ -29,7 +29,11 @@ def to_torch(x: Any, *, name: str = "input") -> torch.Tensor:
     if not a.flags.writeable or any(st < 0 for st in a.strides):
         # torch.from_numpy rejects negative strides (flipped views) and warns on read-only arrays
         a = np.ascontiguousarray(a).copy() if not a.flags.writeable else np.ascontiguousarray(a)
-    return torch.from_numpy(a)
+    try:
+        return torch.from_numpy(a)
+    except TypeError as exc:  # torch's message names neither the input nor its dtype's numpy name
+        raise TypeError(f"{name}: dtype {a.dtype} is not supported (use a float or integer dtype, e.g. "
+                        f"float32), shape {a.shape}") from exc
 
 
 def to_numpy(x: Any, *, name: str = "input") -> np.ndarray:
@@ -37,7 +41,11 @@ def to_numpy(x: Any, *, name: str = "input") -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        try:
+            return x.detach().cpu().numpy()
+        except (TypeError, RuntimeError) as exc:  # sparse layouts, dtypes numpy lacks (float8 ...)
+            raise TypeError(f"{name}: cannot convert a {x.layout} {x.dtype} tensor of shape "
+                            f"{tuple(x.shape)} to numpy ({exc})") from exc
     if is_cupy(x):
         return x.get()
     return np.asarray(x)

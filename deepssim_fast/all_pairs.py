@@ -218,6 +218,9 @@ def hist_edges(bins: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ validation
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_set(x: Any, name: str) -> torch.Tensor:
     """``x`` as a 2-D real torch tensor (a view when possible) with finite rows, else a clear error."""
     t = to_torch(x, name=name).detach()
@@ -225,6 +228,10 @@ def _check_set(x: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: expected a 2-D array (n, d) of embeddings, got shape {tuple(t.shape)}")
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: {t.layout} tensors are not supported; pass a dense tensor (.to_dense())")
+    if t.is_floating_point() and t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float16, bfloat16, float32 or float64")
     if t.shape[0] and t.shape[1] == 0:
         raise ValueError(f"{name}: embeddings have d=0 (shape {tuple(t.shape)})")
     if t.is_floating_point() and t.numel():

@@ -1003,3 +1003,18 @@ def test_integer_rows_past_2_24_normalise_by_the_float64_rule(dtype):
     f = all_pairs(x.astype(np.float64), x[:10].astype(np.float64), k=3, progress=False, dense=True)
     _assert_same(r, f)
     np.testing.assert_array_equal(r.matrix, f.matrix)
+
+
+def test_unsupported_dtypes_and_layouts_are_errors_that_name_the_set():
+    rng = np.random.default_rng(SEED + 71)
+    train, synth = rng.standard_normal((7, 4)), rng.standard_normal((3, 4))
+    if np.dtype(np.longdouble).itemsize > 8:  # (long double is float64 on some platforms)
+        long_name = np.dtype(np.longdouble).name
+        with pytest.raises(TypeError, match=rf"synth: dtype {long_name} is not supported.*shape \(3, 4\)"):
+            all_pairs(train, synth.astype(np.longdouble), k=1, progress=False)
+    with pytest.raises(TypeError, match=r"train: dtype datetime64\[s\] is not supported"):
+        all_pairs(np.zeros((7, 4), "datetime64[s]"), synth, k=1, progress=False)
+    with pytest.raises(TypeError, match=r"train: torch.sparse_coo tensors are not supported.*to_dense"):
+        all_pairs(torch.from_numpy(train).to_sparse(), synth, k=1, progress=False)
+    with pytest.raises(TypeError, match=r"synth: dtype torch.float8_e4m3fn is not supported"):
+        all_pairs(train, torch.from_numpy(synth).float().to(torch.float8_e4m3fn), k=1, progress=False)

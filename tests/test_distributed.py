@@ -496,3 +496,13 @@ def test_no_dask_import_without_workers_or_scheduler():
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
     assert "DASK: []" in out.stdout, out.stdout
+
+
+def test_inputs_numpy_cannot_hold_are_errors_that_name_the_set():
+    import torch
+
+    x = torch.ones((4, 3))
+    with pytest.raises(TypeError, match=r"synth: cannot convert a torch.sparse_coo torch.float32 tensor"):
+        dd._as_matrix(x.to_sparse(), "synth")
+    with pytest.raises(TypeError, match=r"train: cannot convert a torch.strided torch.float8_e4m3fn tensor"):
+        dd._as_matrix(x.to(torch.float8_e4m3fn), "train")
