@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 HIST_RANGE = (-1.0, 1.0)
 CLASS_NAMES = ("different", "similar", "duplicate")
+PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")  # as kernels.cosine_topk.PRECISIONS
 _INT64_MAX = np.iinfo(np.int64).max
 _PAD = 8  # rows are zero-padded to a multiple of 8 floats (32-byte rows; zeros do not change a score)
 _NORM_CHUNK = 1 << 12
@@ -401,6 +402,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     -------
     AllPairsResult with numpy arrays (see the module docstring for the conventions).
     """
+    if precision not in PRECISIONS:  # (used by Triton only, but a wrong value is an error on every backend)
+        raise ValueError(f"all_pairs: precision must be one of {PRECISIONS}, got {precision!r}")
     if workers is not None or scheduler is not None:
         if dense or out is not None or self_offset is not None or device is not None:
             raise ValueError("all_pairs: dense/out/self_offset/device cannot be combined with "
@@ -436,8 +439,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         what = "n_train - 1 (self-pairs excluded)" if self_offset is not None else "n_train"
         raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, "
                          f"train shape {tuple(tt.shape)})")
-    if block is not None and int(block) < 1 or tile is not None and int(tile) < 1:
-        raise ValueError(f"all_pairs: block and tile must be >= 1, got block={block}, tile={tile}")
+    for name, v in (("block", block), ("tile", tile)):
+        if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"all_pairs: {name} must be a positive integer or None, got {v!r}")
     if device is not None:
         dev = torch.device(device)
         if dev.type not in ("cpu", "cuda"):

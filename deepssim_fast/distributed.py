@@ -618,7 +618,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     scores (n_synth, k) float32 descending, indices (n_synth, k) int64 into ``train``, ties
     to the lower index, histogram, class counts and train_hits over all pairs.
     """
-    from .all_pairs import AllPairsResult
+    from .all_pairs import PRECISIONS, AllPairsResult
 
     self_mode = synth is None
     tr = _as_matrix(train, "train")
@@ -642,6 +642,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
         raise ValueError(f"thresholds must be finite with low <= high, got {thresholds!r}")
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
         raise ValueError(f"bins must be an integer in [1, 2^20], got {bins!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
                             "backend": backend, "device": device, "threads": threads_per_task,
                             "precision": precision}

@@ -1018,3 +1018,17 @@ def test_unsupported_dtypes_and_layouts_are_errors_that_name_the_set():
         all_pairs(torch.from_numpy(train).to_sparse(), synth, k=1, progress=False)
     with pytest.raises(TypeError, match=r"synth: dtype torch.float8_e4m3fn is not supported"):
         all_pairs(train, torch.from_numpy(synth).float().to(torch.float8_e4m3fn), k=1, progress=False)
+
+
+def test_block_tile_and_precision_are_checked_up_front():
+    train, synth = _rand(7, 4, SEED + 72), _rand(3, 4, SEED + 73)
+    for kw, msg in [({"block": 2.5}, r"block must be a positive integer or None, got 2\.5"),
+                    ({"tile": "4"}, r"tile must be a positive integer or None, got '4'"),
+                    ({"block": True}, r"block must be a positive integer or None, got True"),
+                    ({"tile": 0}, r"tile must be a positive integer or None, got 0"),
+                    ({"precision": "fp8"}, r"precision must be one of \('ieee', .*got 'fp8'"),
+                    ({"precision": "fp8", "workers": 2}, r"precision must be one of")]:
+        with pytest.raises(ValueError, match=msg):
+            all_pairs(train, synth, k=1, progress=False, **kw)
+    base = all_pairs(train, synth, k=2, progress=False)
+    _assert_same(all_pairs(train, synth, k=2, progress=False, block=np.int64(2), tile=3, precision="tf32"), base)

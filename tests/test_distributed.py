@@ -506,3 +506,9 @@ def test_inputs_numpy_cannot_hold_are_errors_that_name_the_set():
         dd._as_matrix(x.to_sparse(), "synth")
     with pytest.raises(TypeError, match=r"train: cannot convert a torch.strided torch.float8_e4m3fn tensor"):
         dd._as_matrix(x.to(torch.float8_e4m3fn), "train")
+
+
+def test_precision_is_checked_before_a_cluster_starts():
+    with pytest.raises(ValueError, match=r"precision must be one of \('ieee'.*got 'tf23'"):
+        dd.all_pairs_distributed(np.ones((5, 3), np.float32), None, k=1, workers=1, precision="tf23",
+                                 progress=False)
