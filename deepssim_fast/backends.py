@@ -148,13 +148,21 @@ def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "n
     lives (any GPU array -> ``"triton"``; CPU -> ``cpu_default``, falling back to ``"torch"`` when the
     native extension is missing). ``"auto"`` means "decide from the data".
     """
-    requested = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
+    from_env = backend in (None, "auto")
+    requested = backend if not from_env else os.environ.get(ENV_VAR) or None
     if requested == "auto":
         requested = None
     if requested is not None:
+        source = f" (from ${ENV_VAR})" if from_env else ""
         if requested not in supported:
-            raise ValueError(f"backend {requested!r} is not supported here; expected one of {tuple(supported)}")
-        require(requested)
+            raise ValueError(f"backend {requested!r}{source} is not supported here; expected one of "
+                             f"{tuple(supported)}")
+        try:
+            require(requested)
+        except BackendUnavailableError as exc:
+            if not from_env:
+                raise
+            raise BackendUnavailableError(f"{exc} (it was asked for by ${ENV_VAR}={requested})") from None
         return requested
     if any(is_gpu_array(a) for a in arrays):
         return "triton" if "triton" in supported and available("triton") else "torch"

@@ -1032,3 +1032,19 @@ def test_block_tile_and_precision_are_checked_up_front():
             all_pairs(train, synth, k=1, progress=False, **kw)
     base = all_pairs(train, synth, k=2, progress=False)
     _assert_same(all_pairs(train, synth, k=2, progress=False, block=np.int64(2), tile=3, precision="tf32"), base)
+
+
+def test_a_bad_backend_from_the_environment_names_the_variable(monkeypatch):
+    from deepssim_fast.backends import BackendUnavailableError
+
+    train, synth = _rand(7, 4, SEED + 74), _rand(3, 4, SEED + 75)
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "nativ")
+    with pytest.raises(ValueError, match=r"backend 'nativ' \(from \$DEEPSSIM_FAST_BACKEND\) is not supported"):
+        all_pairs(train, synth, k=1, progress=False)
+    with pytest.raises(ValueError, match=r"backend 'Torch' is not supported here"):  # the argument: no env named
+        all_pairs(train, synth, k=1, progress=False, backend="Torch")
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match=r"asked for by \$DEEPSSIM_FAST_BACKEND=triton"):
+            all_pairs(train, synth, k=1, progress=False)
