@@ -464,6 +464,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         dev = torch.device("cpu")
     logger.info("all_pairs: %d synth x %d train, d=%d, k=%d, backend=%s, device=%s", n_synth, n_train, d, k,
                 bk, dev)
+    if out is not None and Path(os.fspath(out)).is_dir():  # (found now, not after the whole run)
+        raise IsADirectoryError(f"all_pairs: out={os.fspath(out)!r} is a folder; give the path of the .npy file "
+                                "to write the dense matrix to")
     edges = hist_edges(bins)
     if n_synth == 0:
         matrix = None

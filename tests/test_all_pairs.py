@@ -1048,3 +1048,16 @@ def test_a_bad_backend_from_the_environment_names_the_variable(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match=r"asked for by \$DEEPSSIM_FAST_BACKEND=triton"):
             all_pairs(train, synth, k=1, progress=False)
+
+
+def test_out_naming_a_folder_is_an_error_before_the_search_runs(tmp_path, monkeypatch):
+    ap = sys.modules["deepssim_fast.all_pairs"]  # (the package attribute is the function)
+
+    def must_not_run(*args, **kw):
+        raise AssertionError("the search ran although out= names a folder")
+
+    monkeypatch.setattr(ap, "_run_native", must_not_run)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"out='.*folder' is a folder; give the path of the \.npy file"):
+        all_pairs(_rand(20, 4, SEED + 76), _rand(5, 4, SEED + 77), k=1, out=tmp_path / "folder", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
