@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 HIST_RANGE = (-1.0, 1.0)
 CLASS_NAMES = ("different", "similar", "duplicate")
-PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")  # as kernels.cosine_topk.PRECISIONS
+PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")  # Triton's matmul input precisions (kernels.cosine_topk)
 _INT64_MAX = np.iinfo(np.int64).max
 _PAD = 8  # rows are zero-padded to a multiple of 8 floats (32-byte rows; zeros do not change a score)
 _NORM_CHUNK = 1 << 12

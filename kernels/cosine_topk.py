@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from deepssim_fast.all_pairs import PRECISIONS  # one list for the API's check and this kernel's
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
 # Up to this many bins, each program builds a histogram of its tile in shared memory (see histogram_mode);
 # beyond it, pairs go to the global histogram by atomics.
 TILE_HIST_MAX_BINS = 1024
