@@ -121,6 +121,11 @@ class AllPairsResult:
         parts = list(parts)
         if not parts:
             raise ValueError("merge: no parts given")
+        if axis not in ("synth", "train"):
+            raise ValueError(f"merge: axis must be 'synth' or 'train', got {axis!r}")
+        if axis == "synth" and train_offsets is not None:
+            raise ValueError("merge(axis='synth'): train_offsets applies to axis='train' only (synth-axis parts "
+                             "share one training set)")
         k = parts[0].k
         thr = tuple(parts[0].thresholds)
         edges = parts[0].histogram[1]
@@ -144,8 +149,6 @@ class AllPairsResult:
             hits = np.sum([p.train_hits for p in parts], axis=0).astype(np.int64)
             return AllPairsResult(scores, indices, (counts, edges.copy()), cls, hits, thr, n_train,
                                   int(scores.shape[0]), k, backend=parts[0].backend)
-        if axis != "train":
-            raise ValueError(f"merge: axis must be 'synth' or 'train', got {axis!r}")
         n_synth = parts[0].n_synth
         for i, p in enumerate(parts):
             if p.n_synth != n_synth:

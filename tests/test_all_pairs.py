@@ -381,6 +381,9 @@ def test_merge_of_synth_and_train_shards_equals_one_call():
         AllPairsResult.merge(sparts, axis="rows")
     with pytest.raises(ValueError, match="k="):
         AllPairsResult.merge([sparts[0], all_pairs(train, synth[:5], k=3, progress=False)])
+    # train_offsets describe training shards: given with axis="synth" they were silently ignored
+    with pytest.raises(ValueError, match="train_offsets applies to axis='train'"):
+        AllPairsResult.merge(sparts, axis="synth", train_offsets=[0, 0, 0])
 
 
 def test_save_load_roundtrip_is_atomic(tmp_path):
