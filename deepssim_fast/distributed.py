@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._arrays import to_numpy
-from ._atomic import atomic_write_bytes
+from ._atomic import atomic_write_bytes, remove_temporaries
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -491,6 +491,8 @@ class _Checkpoints:
                     "bins": opts["bins"], "backend": opts.get("backend"), "shard_size": shard_size,
                     "train_shard_size": train_shard_size, "shards": [s.name for s in shards]}
         path = self.dir / f"allpairs-{key}.json"
+        # what an interrupted run of this job left half-written (the folder may hold other jobs' files too)
+        remove_temporaries(self.dir, [path.name] + [self.path(s).name for s in shards])
         atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
 
     def path(self, shard: Shard) -> Path:

@@ -299,6 +299,23 @@ def test_checkpoint_resume_skips_finished_shards(client, emb, tmp_path, caplog):
     assert_same(fourth, want)
 
 
+def test_resume_removes_the_half_written_files_of_this_job_only(client, emb, tmp_path):
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
+    dd.all_pairs_distributed(tr, sy, **kw)
+    shard = sorted(tmp_path.glob("allpairs-*-s*.npz"))[0]
+    manifest = next(tmp_path.glob("allpairs-*.json"))
+    # what a run killed while saving leaves (atomic_path's temporary names), and a file of someone else's
+    stale = [tmp_path / f".{shard.name}.k1ll3d.tmp", tmp_path / f".{manifest.name}.x9.tmp"]
+    other = tmp_path / ".allpairs-otherjob-s0.npz.a1.tmp"
+    for f in stale + [other]:
+        f.write_bytes(b"partial")
+    got = dd.all_pairs_distributed(tr, sy, **kw)
+    assert_same(got, all_pairs(tr, sy, k=4, progress=False))
+    assert not any(f.exists() for f in stale)
+    assert other.exists()
+
+
 def test_checkpoint_of_another_job_is_not_reused(client, emb, tmp_path):
     tr, sy = emb["train"], emb["synth"]
     dd.all_pairs_distributed(tr, sy, k=4, scheduler=client, shard_size=60, progress=False,
