@@ -408,9 +408,11 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     if precision not in PRECISIONS:  # (used by Triton only, but a wrong value is an error on every backend)
         raise ValueError(f"all_pairs: precision must be one of {PRECISIONS}, got {precision!r}")
     if workers is not None or scheduler is not None:
-        if dense or out is not None or self_offset is not None or device is not None:
-            raise ValueError("all_pairs: dense/out/self_offset/device cannot be combined with "
-                             "workers/scheduler")
+        given = [n for n, v in (("dense", dense or None), ("out", out), ("self_offset", self_offset),
+                                ("device", device), ("block", block), ("tile", tile)) if v is not None]
+        if given:  # (the shards choose their own blocks and tiles: see all_pairs_distributed)
+            raise ValueError(f"all_pairs: {', '.join(given)} cannot be combined with workers/scheduler "
+                             "(dense/out/self_offset/device/block/tile are single-process options)")
         from .distributed import all_pairs_distributed
 
         return all_pairs_distributed(train, synth, k=k, thresholds=thresholds, bins=bins, backend=backend,

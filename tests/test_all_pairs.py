@@ -617,6 +617,9 @@ def test_workers_delegate_to_distributed_layer(monkeypatch):
                      "workers": 3, "scheduler": None, "precision": "ieee"}
     with pytest.raises(ValueError, match="cannot be combined"):
         all_pairs(x, x, dense=True, workers=2)
+    for opt in ("block", "tile"):  # were silently ignored by the sharded run
+        with pytest.raises(ValueError, match=f"{opt} cannot be combined with workers/scheduler"):
+            all_pairs(x, x, workers=2, **{opt: 16})
 
 
 def test_native_fold_validates_buffers():
