@@ -133,11 +133,25 @@ def _is_nifti_name(path: Path) -> bool:
     return n.endswith((".nii", ".nii.gz"))
 
 
+def _check_real_dtype(p: Path, img) -> None:
+    """DataError unless the NIfTI stores real numbers: complex data (complex64/128/256, as MR phase images
+    are stored) would be cast to its real part, the imaginary part silently dropped; an RGB/RGBA one has
+    no single intensity."""
+    try:
+        dt = np.dtype(img.get_data_dtype())
+    except Exception:  # noqa: BLE001 - left to the read, which names the problem
+        return
+    if np.issubdtype(dt, np.complexfloating) or dt.fields is not None:
+        raise DataError(f"{p}: unsupported NIfTI data type {dt} (complex or RGB values); expected a real "
+                        "scalar image (for complex MRI, save the magnitude)")
+
+
 def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool = True) -> np.ndarray:
     """Load a NIfTI file as a float32 array of rank 2 or 3.
 
     A 4D file needs ``frame`` (which volume of the series); ``frame`` on a 3D file is an error.
-    Errors name the path and the problem: missing file, not a NIfTI, wrong rank, NaN/Inf values.
+    Errors name the path and the problem: missing file, not a NIfTI, wrong rank, complex or RGB data
+    (never cast to a real part), NaN/Inf values.
     """
     import nibabel as nib
 
@@ -151,6 +165,7 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     shape = img.shape
+    _check_real_dtype(p, img)
     try:
         if len(shape) == 4 and shape[3] == 1 and frame in (None, 0):
             arr = np.asarray(img.dataobj[..., 0], dtype=np.float32)  # a 3D volume stored as 4D

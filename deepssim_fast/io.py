@@ -21,7 +21,8 @@ Conventions
     ignored (grey+alpha gives its grey channel). Palette images are expanded to RGB first.
   - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI);
     pickled object arrays are refused.
-  - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``).
+  - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``); complex and RGB data types are
+    refused (a complex file is not cast to its real part).
 
   NaN or Inf values, other ranks and unreadable files raise :class:`deepssim_fast.data.DataError` naming
   the path and the problem.
@@ -48,7 +49,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data import DataError, Slice, SlicePolicy, center_fit, load_nifti
+from .data import DataError, Slice, SlicePolicy, _check_real_dtype, center_fit, load_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -492,6 +493,7 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     shape = img.shape
     if len(shape) != 3:
         return None
+    _check_real_dtype(p, img)
     try:
         dtype = img.header.get_data_dtype()
         need = int(img.header.get_data_offset()) + int(np.prod(shape)) * dtype.itemsize

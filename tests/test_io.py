@@ -210,6 +210,23 @@ def test_read_corrupt_and_missing_files(tmp_path: Path) -> None:
         read_image(tmp_path / "x.jpg")
 
 
+@pytest.mark.parametrize("name", ["phase.nii", "phase.nii.gz", "phase4d.nii.gz"])
+def test_complex_nifti_is_refused_not_cast_to_its_real_part(tmp_path: Path, name: str) -> None:
+    """A complex NIfTI (MR magnitude + phase) was read as its real part, the imaginary part dropped with only
+    numpy's ComplexWarning; it is refused by path, like a complex .npy, and skipped by iter_slices."""
+    rng = np.random.default_rng(0)
+    shape = (12, 10, 3, 2) if "4d" in name else (12, 10, 3)
+    a = (rng.random(shape) + 1j * rng.random(shape)).astype(np.complex64)
+    p = tmp_path / name
+    nib.save(nib.Nifti1Image(a, np.eye(4)), str(p))
+    with pytest.raises(DataError, match="complex") as ei:
+        read_image(p, frame=0 if a.ndim == 4 else None)
+    assert str(p) in str(ei.value)
+    skipped: list = []
+    assert list(iter_slices([p], SlicePolicy(min_foreground=0), skipped=skipped)) == []
+    assert len(skipped) == 1 and skipped[0][0] == str(p) and "complex" in skipped[0][1]
+
+
 def test_read_nifti_real_scan_matches_loader() -> None:
     p = data.dataset_path("anatomical")
     np.testing.assert_array_equal(read_image(p), data.load_volume("anatomical").array)
