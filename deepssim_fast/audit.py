@@ -447,17 +447,42 @@ def _decode_all(
     return entries, pending_size, skipped
 
 
-def _first_item_shape(paths: Sequence[Path], *, mode: str, policy: SlicePolicy) -> tuple[int, ...] | None:
-    """Shape of the first readable item of the first readable file (the default item size), or None."""
+def _first_item_shape(
+    paths: Sequence[Path], *, mode: str, policy: SlicePolicy
+) -> tuple[tuple[int, ...], str] | tuple[None, None]:
+    """Shape and id of the first readable item of the first readable file (the default item size), or
+    ``(None, None)``."""
     for p in paths:
         try:
-            _, _, arrs = _decode_file(p, mode, policy)
+            ids, _, arrs = _decode_file(p, mode, policy)
         except DataError:
             continue  # reported (or raised, when strict) by the decoding pass
         if arrs:
             logger.info("item size taken from the first training item (%s): %s", p, arrs[0].shape)
-            return tuple(int(n) for n in arrs[0].shape)
-    return None
+            return tuple(int(n) for n in arrs[0].shape), ids[0]
+    return None, None
+
+
+_SSIM_WINDOW = 7  # the window of preset "deepssim" (scikit-image's default 7-wide uniform window)
+
+
+def _check_item_size(fit: tuple[int, ...], origin: str, *, mode: str) -> None:
+    """ValueError unless every side of the item size ``fit`` is at least the SSIM window, naming where the
+    size came from (``origin``) and what to change: exact SSIM (the ssim metric, verification) is not defined
+    on a smaller item, and a 2D image saved with a leading channel axis, (1, H, W), is cut along axis 2 into
+    1-pixel-high slices."""
+    if min(fit) >= _SSIM_WINDOW:
+        return
+    hint = (
+        "give --size (size=), or cut the volumes along another --axis (axis=): an image stored as (1, H, W) "
+        "is cut along the default axis 2 into W slices of shape (1, H); --axis 0 gives the one (H, W) slice"
+        if mode == "slices"
+        else "give --size (size=)"
+    )
+    raise ValueError(
+        f"item size {fit} ({origin}) is smaller than the {_SSIM_WINDOW}-pixel SSIM window on some side, and "
+        f"this audit computes exact SSIM (metric 'ssim' or verify='ssim'); {hint}"
+    )
 
 
 def _item_path(item_id: str, mode: str) -> str:
@@ -1020,7 +1045,9 @@ def audit(
             giving them with it is an error.
         policy: slice policy (mode "slices"). mode: ``"slices"`` or ``"volumes"`` (3D; every frame of a 4D
             file is a volume).
-        size: common item shape (centre crop/pad); None = the first training item's shape.
+        size: common item shape (centre crop/pad), positive integers; None = the first training item's
+            shape. With exact SSIM (metric ``ssim`` or ``verify='ssim'``) every side must be at least the
+            7-pixel SSIM window (an error names the item the size came from).
         verify_shifts, verify_flips, verify_rotations: transforms searched during verification (shifts in
             pixels, rotations in degrees, 2D only; see :func:`verify_pairs`). Flips are horizontal and
             vertical for slices, along each of the three axes for volumes. With ``verify_flips`` the candidate
@@ -1047,6 +1074,7 @@ def audit(
         raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
     if mode not in ("slices", "volumes"):
         raise ValueError(f"mode must be 'slices' or 'volumes', got {mode!r}")
+    spatial_dims_of = {"slices": 2, "volumes": 3}
     if mode == "volumes" and metric not in ("ssim", "correlation"):
         raise ValueError(f"mode='volumes' supports metric 'ssim' or 'correlation' (3D), not {metric!r}")
     if metric == "embeddings" and verify != "none":
@@ -1071,6 +1099,17 @@ def audit(
             f"verify_shifts >= 0, chunk_size, batch_size, bins >= 1 required; got "
             f"{verify_shifts}, {chunk_size}, {batch_size}, {bins}"
         )
+    if size is not None and (
+        len(tuple(size)) != spatial_dims_of[mode]
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size)
+    ):
+        raise ValueError(
+            f"size must be {spatial_dims_of[mode]} positive integers (the item shape for mode={mode!r}), "
+            f"got {tuple(size)}"
+        )
+    if not isinstance(decode_workers, (int, np.integer)) or decode_workers < 0:
+        raise ValueError(f"decode_workers must be a non-negative integer (0: decode in this process), "
+                         f"got {decode_workers!r}")
     if not np.isfinite(verify_rotations) or verify_rotations < 0:
         raise ValueError(f"verify_rotations must be a non-negative number of degrees, got {verify_rotations!r}")
     if mode == "volumes" and verify_rotations:
@@ -1120,15 +1159,18 @@ def audit(
     # ---- decode + cache ----------------------------------------------------------------------------------
     t0 = time.perf_counter()
     fit: tuple[int, ...] | None = tuple(int(s) for s in size) if size is not None else None
-    if fit is not None and len(fit) != spatial_dims:
-        raise ValueError(f"size {tuple(size)} must have {spatial_dims} entries for mode={mode!r}")
     if metric == "embeddings":
         tset = _load_embeddings("train", train_paths, strict=strict)
         sset = _load_embeddings("synth", synth_paths, strict=strict, width=int(tset.vectors.shape[1]))
         work.mkdir(parents=True, exist_ok=True)
     else:
         if fit is None:
-            fit = _first_item_shape(train_paths, mode=mode, policy=policy)
+            fit, first = _first_item_shape(train_paths, mode=mode, policy=policy)
+            origin = f"the shape of the first training item {first}"
+        else:
+            origin = "the size asked for"
+        if fit is not None and (metric == "ssim" or verify == "ssim"):
+            _check_item_size(fit, origin, mode=mode)
         t_entries, fit, t_skip = _decode_all(
             "train",
             train_paths,

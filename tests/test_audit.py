@@ -649,6 +649,32 @@ def test_item_size_policy_crops_and_pads(tmp_path: Path) -> None:
     assert r.summary["counts"]["duplicate"] == 1
 
 
+def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
+    """A non-positive size failed deep inside (numpy's 'negative dimensions are not allowed', or SSIM's
+    window error on a (0, 10) item), and an item size smaller than the SSIM window taken from the first
+    training item (a 2D image saved as (1, H, W), cut along axis 2 into (1, H) slices) failed in the SSIM
+    engine without naming the item; each is now an error up front that says what to change."""
+    img = np.random.default_rng(7).random((1, 20, 24)).astype(np.float32) + 1
+    for side in ("t", "s"):
+        (tmp_path / side).mkdir()
+        np.save(tmp_path / side / "img.npy", img)
+    kw = {"metric": "ssim", "k": 1, "progress": False}
+    for size in ((0, 10), (-5, 10), (20,)):
+        with pytest.raises(ValueError, match=r"size must be 2 positive integers"):
+            A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", size=size, **kw)
+    with pytest.raises(ValueError, match="decode_workers"):
+        A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", decode_workers=-1, **kw)
+    first = f"{tmp_path / 't' / 'img.npy'}#2:0"
+    with pytest.raises(ValueError, match=r"item size \(1, 20\)") as ei:
+        A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", **kw)
+    assert first in str(ei.value) and "--axis" in str(ei.value)
+    with pytest.raises(ValueError, match=r"item size \(5, 5\) \(the size asked for\)"):
+        A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", size=(5, 5), policy=SlicePolicy(axis=0), **kw)
+    # without exact SSIM such items are legitimate; cut along axis 0 they are the (20, 24) images
+    r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", policy=SlicePolicy(axis=0), **kw)
+    assert r.summary["item_size"] == [20, 24] and r.summary["counts"]["duplicate"] == 1
+
+
 def test_classification_metrics_hand_computed() -> None:
     # y_true / y_pred with reference codes 0 different, 1 duplicate, 2 similar
     y_true = [1, 1, 1, 2, 2, 0, 0, 0, 0, 2]
