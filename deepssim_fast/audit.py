@@ -334,6 +334,10 @@ class ItemSet:
     vectors: np.ndarray | None = None  # (n, d) float32 search vectors
     n_files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # where the pixels come from until they are stored (_build_items -> _write_pixels): the per-file cache
+    # entries with the mask of items kept, and the item size
+    sources: list[tuple[Path, np.ndarray]] = field(default_factory=list)
+    size: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -509,7 +513,11 @@ def _build_items(
     drop_constant: bool = False,
     strict: bool = False,
 ) -> ItemSet:
-    """Concatenate the cached per-file items into one memory-mapped store OUT/work/<name>_pixels.npy.
+    """The items of one side from the cached per-file items, without their pixels: ``pixels`` is None until
+    :func:`_write_pixels` concatenates them into the store OUT/work/<name>_pixels.npy, which the audit does
+    only after :func:`_stage_state` (a store rewritten before it would sit beside the previous run's
+    summary.json and state if the run were killed in between, and evaluate would read the new pixels under
+    the old ids).
 
     ``drop_constant`` (metric correlation): constant items are left out and added to ``skipped`` as
     ``(file path, reason)``, or, with ``strict``, raise :class:`DataError`.
@@ -548,23 +556,32 @@ def _build_items(
             + (f"; skipped: {reasons}" if reasons else "")
             + ")"
         )
-    store = work / f"{name}_pixels.npy"
     ids_all, paths_all, idx_all = [], [], []
+    for _p, _e, ids, idx, _keep in metas:
+        ids_all += ids
+        idx_all += idx
+        paths_all += [_item_path(i, mode) for i in ids]
+    items = ItemSet(name, ids_all, paths_all, idx_all, None, n_files=len(paths), skipped=skipped)
+    items.sources = [(e, keep) for _p, e, _ids, _idx, keep in metas]
+    items.size = tuple(size)
+    return items
+
+
+def _write_pixels(items: ItemSet, work: Path) -> None:
+    """Concatenate the cached per-file items of ``items`` (:func:`_build_items`) into one memory-mapped store
+    OUT/work/<name>_pixels.npy (atomically) and set ``items.pixels`` to it."""
+    store = work / f"{items.name}_pixels.npy"
     with atomic_path(store) as tmp:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + tuple(size))
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items),) + items.size)
         pos = 0
-        for _p, e, ids, idx, keep in metas:
+        for e, keep in items.sources:
             with np.load(e) as z:
                 px = z["pixels"] if keep.all() else z["pixels"][keep]
                 mm[pos : pos + len(px)] = px
-            pos += len(ids)
-            ids_all += ids
-            idx_all += idx
-            paths_all += [_item_path(i, mode) for i in ids]
+            pos += len(px)
         mm.flush()
         del mm
-    pixels = np.load(store, mmap_mode="r")
-    return ItemSet(name, ids_all, paths_all, idx_all, pixels, n_files=len(paths), skipped=skipped)
+    items.pixels = np.load(store, mmap_mode="r")
 
 
 def _embed_items(
@@ -1230,6 +1247,9 @@ def audit(
         ).hexdigest(),
     }
     _stage_state(work, fingerprint)
+    if metric != "embeddings":  # the pixel stores, only now that work/ belongs to this configuration
+        _write_pixels(tset, work)
+        _write_pixels(sset, work)
 
     # ---- embed -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()

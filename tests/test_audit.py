@@ -1024,6 +1024,31 @@ def test_interrupted_rerun_with_other_settings_leaves_no_stale_outputs(
     A.evaluate(tmp_path, labels)
 
 
+def test_rerun_killed_before_it_owns_work_leaves_the_finished_run_evaluable(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun with other inputs rewrote work/<set>_pixels.npy while building its items, before it reset the
+    state of the finished run: killed in between, it left the old summary.json, state and items.json beside
+    the new pixels, and evaluate scored the old ids on the new images without a word. The stores are now
+    written only once the run owns work/."""
+    train, synth = ds["train"], ds["synth"]
+    kw = dict(metric="ssim", k=2, out=tmp_path, progress=False)
+    A.audit(train, [synth / "s04.npy", synth / "s10.npy"], **kw)  # the identity copy and a novel scan
+    labels = _labels(tmp_path / "l.csv", (ds["truth"]["s04.npy"][1], "s04.npy", 1), ("mni_030.npy", "s10.npy", 0))
+    before = A.evaluate(tmp_path, labels)
+    assert before["per_class"]["duplicate"]["recall"] == 1.0
+    pixels = (tmp_path / "work" / "synth_pixels.npy").read_bytes()
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_stage_state", killed)
+    with pytest.raises(KeyboardInterrupt):  # as many synthetic items, other images
+        A.audit(train, [synth / "s00.npy", synth / "s11.npy"], **kw)
+    assert (tmp_path / "work" / "synth_pixels.npy").read_bytes() == pixels
+    assert A.evaluate(tmp_path, labels) == before
+
+
 def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
