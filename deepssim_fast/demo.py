@@ -289,7 +289,7 @@ def build_demo_data(
             ]
         )
     if not truth_csv.exists() or truth_csv.read_text() != buf.getvalue():
-        truth_csv.write_text(buf.getvalue())
+        atomic_write_bytes(truth_csv, buf.getvalue().encode())
     stale = {f.name for f in sdir.glob("*.npy")} - {p.name for p in planted}
     for name in sorted(stale):  # left over from a run with other settings
         (sdir / name).unlink()
@@ -425,6 +425,6 @@ def run_demo(
         "encoder": str(ckpt),
         "ground_truth": str(data["truth_csv"]),
     }
-    (out / "demo_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out / "demo_result.json", (json.dumps(result, indent=2) + "\n").encode())
     logger.info("demo: recall %.3f precision %.3f", result["recall"], result["precision"])
     return result

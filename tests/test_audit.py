@@ -826,8 +826,15 @@ def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(d["truth_csv"])))
     assert [r["synth"] for r in rows] == [p.name for p in planted]
     mtimes = {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()}
+    # a damaged ground_truth.csv is replaced atomically (a new file moved over it), not rewritten in place:
+    # a reader holding the old file (here a hard link to it) never sees a half-written one
+    truth = d["truth_csv"].read_bytes()
+    d["truth_csv"].write_text("synth,kind\n")
+    os.link(d["truth_csv"], tmp_path / "held.csv")
     build_demo_data(tmp_path, seed=1, n_copies=6, n_near=3, n_novel=6)
     assert {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()} == mtimes  # unchanged files kept
+    assert d["truth_csv"].read_bytes() == truth
+    assert (tmp_path / "held.csv").read_text() == "synth,kind\n"
 
 
 # ----------------------------------------------------------------------------------------------------
