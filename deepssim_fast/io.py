@@ -227,6 +227,8 @@ def _discover_one(item: str | os.PathLike) -> list[Path]:
         if image_kind(p) is None:
             raise ValueError(f"{s}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
         return [p]
+    if _is_candidate(p):  # an image-named broken link: an unreadable input, as when a folder or glob finds it
+        return [p]
     if _has_magic(s):
         found = _glob_matches(os.path.expanduser(s))
         if not found:
@@ -240,8 +242,8 @@ def discover(spec: Spec) -> list[Path]:
 
     ``spec`` is a directory (searched recursively, symlinked sub-folders included), a glob pattern (``**``
     allowed; a matching folder is searched recursively), a single file, or a list/tuple of any of these.
-    Symlinks keep their own path (not their target's); a broken image-named link found in a folder or by a
-    pattern is listed (reading it raises :class:`DataError`). Raises ValueError naming the spec when
+    Symlinks keep their own path (not their target's); a broken image-named link, named itself or found in a
+    folder or by a pattern, is listed (reading it raises :class:`DataError`). Raises ValueError naming the spec when
     nothing is found.
     """
     items: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec

@@ -364,6 +364,11 @@ def test_discover_follows_linked_folders_guards_loops_and_keeps_broken_links(
         list(iter_slices(discover(inp), strict=True))
     with pytest.raises(DataError, match="broken symbolic link"):
         read_image(inp / "gone.png")
+    # named by itself it is the same unreadable input (it was "no such file or directory", aborting the run)
+    assert discover(inp / "gone.png") == want[:1]
+    assert discover([inp / "gone.png", str(inp / "own.npy")]) == want[:2]
+    with pytest.raises(ValueError, match="no such file or directory"):  # a name that is nothing at all
+        discover(inp / "typo.png")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "nan"])
