@@ -1111,11 +1111,12 @@ def audit(
             "Dask; the ssim metric's exact SSIM search runs in this process (its chunks resume from OUT/work): "
             "drop workers/scheduler, or use metric 'deepssim' or 'correlation'"
         )
-    if verify_shifts < 0 or chunk_size < 1 or batch_size < 1 or bins < 1:
-        raise ValueError(
-            f"verify_shifts >= 0, chunk_size, batch_size, bins >= 1 required; got "
-            f"{verify_shifts}, {chunk_size}, {batch_size}, {bins}"
-        )
+    for name, value, least in (("verify_shifts", verify_shifts, 0), ("chunk_size", chunk_size, 1),
+                               ("batch_size", batch_size, 1), ("bins", bins, 1), ("gallery", gallery, 0)):
+        # whole numbers only: a shift of 2.5 pixels failed deep in verification ("arrays used as indices must
+        # be of integer type"), a chunk size of 2.5 in range()
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if size is not None and (
         len(tuple(size)) != spatial_dims_of[mode]
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size)

@@ -649,6 +649,19 @@ def test_item_size_policy_crops_and_pads(tmp_path: Path) -> None:
     assert r.summary["counts"]["duplicate"] == 1
 
 
+@pytest.mark.parametrize(
+    "arg,value",
+    [("verify_shifts", 2.5), ("chunk_size", 2.5), ("batch_size", 8.0), ("bins", 1.5), ("gallery", -1)],
+)
+def test_integer_arguments_that_are_not_whole_numbers_are_named(
+    ds: dict, tmp_path: Path, arg: str, value: float
+) -> None:
+    """verify_shifts=2.5 failed in verification with 'arrays used as indices must be of integer (or boolean)
+    type', chunk_size=2.5 in range(), and gallery=-1 silently left the last suspect out of the report."""
+    with pytest.raises(ValueError, match=rf"{arg} must be an integer >= [01], got {value!r}"):
+        A.audit(ds["train"], ds["synth"], metric="ssim", k=2, out=tmp_path, progress=False, **{arg: value})
+
+
 def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     """A non-positive size failed deep inside (numpy's 'negative dimensions are not allowed', or SSIM's
     window error on a (0, 10) item), and an item size smaller than the SSIM window taken from the first
