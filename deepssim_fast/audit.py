@@ -1869,10 +1869,10 @@ def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
         stem = base[:-7] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
         by_stem.setdefault(stem, []).append(i)
 
-    def find(key: str) -> int:
+    def lookup(key: str, tables: Sequence[dict[str, list[int]]]) -> int | None:
         if key in exact:
             return exact[key]
-        for table in (by_path, by_base, by_stem):
+        for table in tables:
             hit = table.get(key)
             if hit is not None:
                 if len(hit) > 1:
@@ -1881,7 +1881,22 @@ def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
                         "use the full item id from matches.csv"
                     )
                 return hit[0]
-        raise ValueError(f"label key {key!r} matches no audited item (use an id, path, file name or stem)")
+        return None
+
+    def find(key: str) -> int:
+        hit = lookup(key, (by_path, by_base, by_stem))
+        if hit is None:
+            # a relative path (or id) names a file from the working directory, as the audit's inputs do
+            # (discover makes them absolute): ``train/t060.png``, ``train/t060.png#2:0``
+            absolute = os.path.abspath(os.path.expanduser(key))
+            if absolute != key:
+                hit = lookup(absolute, (by_path,))
+        if hit is None:
+            raise ValueError(
+                f"label key {key!r} matches no audited item (use an id, a path — absolute, or relative to "
+                "the working directory — a file name or a stem)"
+            )
+        return hit
 
     return find
 
@@ -1897,9 +1912,10 @@ def evaluate(
 ) -> dict:
     """Score an audit against labelled pairs (reference format) and write ``audit_dir/evaluation.json``.
 
-    Each labelled pair (real_key → training item, synth_key → synthetic item; keys may be item ids, paths,
-    file names or stems) is scored exactly as the audit labels a pair — verified SSIM (same flips/shifts)
-    or, when the audit ran with ``verify="none"``, the search score of the audit's metric: exact SSIM
+    Each labelled pair (real_key → training item, synth_key → synthetic item; keys may be item ids, paths
+    — absolute, or relative to the working directory as the audit's inputs are — file names or stems) is
+    scored exactly as the audit labels a pair — verified SSIM (same flips/shifts) or, when the audit ran
+    with ``verify="none"``, the search score of the audit's metric: exact SSIM
     (``ssim``), Pearson correlation of the stored pixels (``correlation``) or the cosine of the stored
     vectors (``deepssim``, ``embeddings``), each the best over the same flip/shift variants as the search —
     and labelled with the audit's thresholds. Returns per-class precision/recall/F1 (all three classes; a

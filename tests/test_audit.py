@@ -1202,6 +1202,21 @@ def test_evaluate_names_labels_file_and_line_of_an_unknown_key(ssim_run: A.Audit
         A.evaluate(ssim_run.out, f)
 
 
+def test_evaluate_takes_label_keys_that_are_relative_paths(
+    ssim_run: A.AuditResult, ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: keys may be paths. A path relative to the working directory (as --train/--synth are given)
+    matched no item ('use an id, path, file name or stem'); it now names the file it names from there."""
+    monkeypatch.chdir(ds["train"].parent)
+    rel = _labels(tmp_path / "rel.csv", ("train/mni_030.npy", "synth/s04.npy", 1),
+                  ("./train/mni_038.npy#2:0", "synth/../synth/s10.npy", 0))
+    by_name = _labels(tmp_path / "names.csv", ("mni_030.npy", "s04.npy", 1), ("mni_038.npy", "s10.npy", 0))
+    assert A.evaluate(ssim_run.out, rel) | {"labels_file": ""} == A.evaluate(ssim_run.out, by_name) | {
+        "labels_file": ""}
+    with pytest.raises(ValueError, match=r"rel2\.csv:2: label key 'elsewhere/mni_030\.npy' matches no"):
+        A.evaluate(ssim_run.out, _labels(tmp_path / "rel2.csv", ("elsewhere/mni_030.npy", "s04.npy", 1)))
+
+
 def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     (tmp_path / "t").mkdir()
