@@ -644,6 +644,15 @@ def _name_of(item: Any, i: int) -> str:
     return f"image {i} ({key})" if isinstance(key, str) else f"image {i}"
 
 
+def _tensor_numpy(t: torch.Tensor) -> np.ndarray:
+    """A torch tensor as a host numpy array; float dtypes numpy lacks (bfloat16, float8) are widened to
+    float32 first (exactly: every value of theirs is a float32)."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()
+    return t.numpy()
+
+
 def as_image_2d(item: Any, name: str) -> np.ndarray:
     """One grayscale image as a finite float32 2D array. Accepts (H, W), (1, H, W), equal-channel (3, H, W).
 
@@ -651,7 +660,7 @@ def as_image_2d(item: Any, name: str) -> np.ndarray:
     """
     a = item.array if hasattr(item, "array") and hasattr(item, "source") else item
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
+        a = _tensor_numpy(a)
     a = np.asarray(a)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise TypeError(f"{name}: expected a numeric array, got dtype {a.dtype}")
@@ -878,7 +887,7 @@ def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: in
     per: list[np.ndarray] = []
     agg = []
     for i, v in enumerate(vols):
-        a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        a = _tensor_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
         if a.ndim != 3:
             raise ValueError(f"volume {i}: expected a 3D array, got shape {a.shape}")
         if np.issubdtype(a.dtype, np.complexfloating):

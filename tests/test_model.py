@@ -470,3 +470,17 @@ def test_embed_rejects_complex_images(small_model, real_images) -> None:
         embed([real_images[1], z], small_model, progress=False)
     with pytest.raises(TypeError, match="complex"):
         embed([torch.from_numpy(z)], small_model, progress=False)
+
+
+def test_bfloat16_tensors_embed_as_their_float32_values(small_model, real_images) -> None:
+    """A bfloat16 torch tensor (an image, a stack, a volume) crashed with torch's bare 'Got unsupported
+    ScalarType BFloat16' (numpy has no bfloat16); it now embeds as its (exact) float32 widening."""
+    stack = torch.from_numpy(np.stack([fit_size(a, 64, "fit") for a in real_images[:3]])).bfloat16()
+    want = embed(stack.float(), small_model, progress=False)
+    _assert_close(embed(stack, small_model, progress=False), want, 1e-6, "bf16 stack")
+    _assert_close(embed(list(stack), small_model, progress=False), want, 1e-6, "bf16 images")
+    vol = torch.from_numpy(data.load_volume("aniso_vox").array.astype(np.float32)).bfloat16()
+    pol = data.SlicePolicy(axis=2)
+    got, _ = embed_volume(vol, small_model, policy=pol, progress=False)
+    ref, _ = embed_volume(vol.float(), small_model, policy=pol, progress=False)
+    _assert_close(got, ref, 1e-6, "bf16 volume")
