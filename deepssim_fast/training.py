@@ -549,7 +549,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int = 42,
           device: str | torch.device | None = None, input_size: int | None = None,
           size_policy: str | None = None,
-          freeze_stages: bool = False, pairs_csv: str | os.PathLike | None = None, policy: Any = None,
+          freeze_stages: bool | None = None, pairs_csv: str | os.PathLike | None = None, policy: Any = None,
           val_fraction: float = 0.1, val_pairs: int = 256, val_every: int | None = None,
           pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str = "constant",
           warmup_steps: int = 0, grad_clip: float = 1.0, time_limit: float | None = None,
@@ -570,7 +570,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored
                   and training continues to ``max_steps``/``epochs`` on the same loss curve.
     input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model` (defaults: the
-                  backbone's input size, 256, ``"fit"``); with ``resume=`` the checkpoint's (a different
+                  backbone's input size, ``"fit"``, False); with ``resume=`` the checkpoint's (a different
                   value given here is an error, as for ``backbone``).
     pairs_csv:    reference pairs CSV (real_key, synth_key, ssim, split) defining the pairs to train on.
     val_pairs:    number of fixed validation pairs; ``val_every``: validate every that many steps (default
@@ -621,7 +621,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             raise ValueError(f"resume={str(resume)!r} is a {config.backbone!r} checkpoint but backbone="
                              f"{backbone!r} was given; omit backbone (or give {config.backbone!r}) to "
                              f"resume it")
-        for name, given in (("emb_dim", emb_dim), ("input_size", input_size), ("size_policy", size_policy)):
+        for name, given in (("emb_dim", emb_dim), ("input_size", input_size), ("size_policy", size_policy),
+                            ("freeze_stages", freeze_stages)):
             have = getattr(config, name)
             if given is not None and given != have:
                 raise ValueError(f"resume={str(resume)!r} has {name}={have!r} but {name}={given!r} was given; "
@@ -636,7 +637,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             torch.manual_seed(int(seed))  # the initial weights are part of the seeded run
             model = build_model(backbone or "convnext_base", pretrained=pretrained,
                                 emb_dim=256 if emb_dim is None else emb_dim, input_size=input_size,
-                                size_policy=size_policy or "fit", freeze_stages=freeze_stages)
+                                size_policy=size_policy or "fit", freeze_stages=bool(freeze_stages))
         config = model.config
     model.to(dev)
 

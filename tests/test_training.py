@@ -427,3 +427,17 @@ def test_a_large_val_fraction_leaves_two_training_images(mni_slices, caplog) -> 
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         m = train(mni_slices[:10], max_steps=1, val_fraction=0.9, **dict(SMALL, val_pairs=4))
     assert m.best_val is not None and "validation image" not in caplog.text
+
+
+def test_resume_with_another_freeze_setting_is_an_error(tmp_path, mni_slices) -> None:
+    """freeze_stages=True given with resume= of an unfrozen checkpoint was silently ignored (nothing frozen,
+    the run went on unfrozen); like the other model settings, a value that differs is now an error."""
+    imgs = mni_slices[:8]
+    kw = dict(SMALL, batch_size=2, val_pairs=4)
+    train(imgs, max_steps=1, out=tmp_path / "r", **kw)
+    ck = tmp_path / "r" / "last.pt"
+    base = {k: v for k, v in kw.items() if k != "backbone"}
+    with pytest.raises(ValueError, match="freeze_stages=False but freeze_stages=True was given"):
+        train(imgs, max_steps=2, resume=ck, freeze_stages=True, **base)
+    m = train(imgs, max_steps=2, resume=ck, freeze_stages=False, **base)  # the same value is fine
+    assert all(p.requires_grad for p in m.parameters())
