@@ -572,7 +572,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model` (defaults: the
                   backbone's input size, ``"fit"``, False); with ``resume=`` the checkpoint's (a different
                   value given here is an error, as for ``backbone``).
-    pairs_csv:    reference pairs CSV (real_key, synth_key, ssim, split) defining the pairs to train on.
+    pairs_csv:    reference pairs CSV (real_key, synth_key, ssim, split) defining the pairs to train on
+                  (``train`` rows) and validate on (``val`` rows; a CSV without them validates on pairs of
+                  ``val_images`` when given, else not at all; both is an error). ``val_fraction`` does not
+                  apply.
     val_pairs:    number of fixed validation pairs; ``val_every``: validate every that many steps (default
                   once per epoch, and at the end).
     pair_mix:     weights of (random, neighbour-slice, augmented-copy) pairs.
@@ -645,17 +648,32 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     if pool.images.shape[0] < 2:
         raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}")
     csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None
+    def _val_image_pool() -> ImagePool:
+        vp = make_pool(val_images, config, policy=policy, what="val_images")
+        if vp.images.shape[0] < 2:
+            raise ValueError(f"val_images needs at least 2 images, got {vp.images.shape[0]}")
+        return vp
+
+    val_pool: ImagePool | None
     if csv_pairs is not None:
         train_pool, sampler_pairs = pool, [(i, j) for i, j, _ in csv_pairs["train"]]
-        val_pool = pool if csv_pairs.get("val") else None
-        val_list = [(i, j) for i, j, _ in csv_pairs.get("val", [])]
+        val_list = [(i, j) for i, j, _ in csv_pairs.get("val", [])] or None
+        if val_list is not None and val_images is not None:
+            raise ValueError(f"pairs_csv={str(pairs_csv)!r} has {len(val_list)} validation rows and val_images= "
+                             f"was given too; give one of them")
+        if val_list is not None:
+            val_pool = pool
+        elif val_images is not None:  # a CSV without validation rows: validate on val_images' pairs
+            val_pool = _val_image_pool()
+        else:
+            val_pool = None
+            logger.warning("pairs CSV %s has no validation rows (split val/validation) and no val_images= was "
+                           "given: no validation, so no best.pt; the last weights are returned", pairs_csv)
     else:
         sampler_pairs, val_list = None, None
         if val_images is not None:
             train_pool = pool
-            val_pool = make_pool(val_images, config, policy=policy, what="val_images")
-            if val_pool.images.shape[0] < 2:
-                raise ValueError(f"val_images needs at least 2 images, got {val_pool.images.shape[0]}")
+            val_pool = _val_image_pool()
         else:
             tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
             train_pool = pool.subset(tr)

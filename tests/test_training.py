@@ -441,3 +441,22 @@ def test_resume_with_another_freeze_setting_is_an_error(tmp_path, mni_slices) ->
         train(imgs, max_steps=2, resume=ck, freeze_stages=True, **base)
     m = train(imgs, max_steps=2, resume=ck, freeze_stages=False, **base)  # the same value is fine
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_pairs_csv_without_validation_rows_validates_on_val_images(tmp_path, mni_slices, caplog) -> None:
+    """With pairs_csv= and no validation rows in it, val_images= was silently dropped (no validation, no
+    best.pt, no word said). It is now used; both validation sources at once is an error; neither says so."""
+    imgs = mni_slices[:10]
+    p = tmp_path / "pairs.csv"
+    p.write_text("real_key,synth_key,ssim,split\n" + "".join(f"{k},{k + 1},0.5,train\n" for k in range(6)))
+    arrays = [s.array for s in imgs]
+    m = train(arrays, max_steps=2, pairs_csv=p, val_images=mni_slices[20:26], out=tmp_path / "o", **SMALL)
+    assert m.best_val is not None and (tmp_path / "o" / "best.pt").is_file()
+    assert m.history[-1]["val_loss"] is not None  # (validated at the end, on val_images' pairs)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        assert train(arrays, max_steps=1, pairs_csv=p, **SMALL).best_val is None
+    assert "no validation rows" in caplog.text
+    q = tmp_path / "val.csv"
+    q.write_text(p.read_text() + "7,8,0.4,val\n")
+    with pytest.raises(ValueError, match="1 validation rows and val_images= was given too"):
+        train(arrays, max_steps=1, pairs_csv=q, val_images=mni_slices[20:26], **SMALL)
