@@ -190,11 +190,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
     )
+    best_val = getattr(model, "best_val", None)
     best = Path(args.out) / "best.pt"
-    print(
-        f"trained {model.config.backbone} encoder; best validation loss {getattr(model, 'best_val', None)}; "
-        f"checkpoint: {best if best.exists() else args.out}"
-    )
+    # best.pt is this run's only when it validated (train removes an earlier run's); else the last weights
+    ckpt = best if best_val is not None and best.exists() else Path(args.out) / "last.pt"
+    print(f"trained {model.config.backbone} encoder; best validation loss {best_val}; checkpoint: {ckpt}")
     return 0
 
 

@@ -34,7 +34,8 @@ once from ``(seed, "val")``.
 Outputs under ``out`` (when given): ``last.pt`` (after every validation and at the end), ``best.pt`` (lowest
 validation loss; only with a validation set: the automatic split needs ``val_fraction`` of the images to be at
 least 2, else a warning says there is none), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
-forward/backward, and validation figures when computed), optionally TensorBoard events.
+forward/backward, and validation figures when computed), optionally TensorBoard events. A new (not
+resumed) run starts ``log.csv`` afresh and removes the ``best.pt`` an earlier run left in ``out``.
 
 The reference CSV format (columns ``real_key, synth_key, ssim, split``) is accepted with ``pairs_csv=``: its
 ``train`` rows define the training pairs and its ``val``/``validation`` rows the validation pairs; keys are
@@ -720,6 +721,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "an uninterrupted run", resume, "; ".join(changed))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = out_dir / "best.pt"
+        if ck is None and stale.is_file():
+            # a new run's log.csv starts afresh below; an earlier run's best.pt must not pass for this run's
+            # (a run without validation, or one stopped before its first, would leave it there)
+            logger.warning("removing %s of an earlier run in out=%s (this run starts afresh)", stale, out_dir)
+            stale.unlink()
     earlier_log = None
     if resume is not None and out_dir is not None:
         here = Path(resume).parent / "log.csv"

@@ -460,3 +460,22 @@ def test_pairs_csv_without_validation_rows_validates_on_val_images(tmp_path, mni
     q.write_text(p.read_text() + "7,8,0.4,val\n")
     with pytest.raises(ValueError, match="1 validation rows and val_images= was given too"):
         train(arrays, max_steps=1, pairs_csv=q, val_images=mni_slices[20:26], **SMALL)
+
+
+def test_a_new_run_does_not_leave_an_earlier_runs_best_pt(tmp_path, mni_slices, capsys) -> None:
+    """A new (not resumed) run into an out= that held another run kept that run's best.pt when it had no
+    validation of its own (or stopped before its first), beside its own last.pt and log.csv; the CLI then
+    named that stale file as the trained checkpoint. The new run removes it; the CLI names last.pt."""
+    from deepssim_fast.cli import main
+
+    for k, s in enumerate(mni_slices[:8]):
+        np.save(tmp_path / f"s{k}.npy", s.array)
+    out = tmp_path / "out"
+    args = ["train", "--images", str(tmp_path / "*.npy"), "--out", str(out), "--input-size", "64",
+            "--batch-size", "2", "--max-steps", "1", "--val-pairs", "4", "-q"]
+    assert main([*args, "--val-fraction", "0.5"]) == 0
+    assert (out / "best.pt").is_file() and f"checkpoint: {out / 'best.pt'}" in capsys.readouterr().out
+    assert main([*args, "--val-fraction", "0", "--seed", "7"]) == 0
+    assert f"checkpoint: {out / 'last.pt'}" in capsys.readouterr().out
+    assert not (out / "best.pt").exists()
+    assert read_checkpoint(out / "last.pt")["seed"] == 7
