@@ -24,7 +24,8 @@ What it builds, all from scans shipped inside the dependency wheels (:mod:`deeps
   training set (exact SSIM of all pairs, then verified on its 3 best) is "different"; the truth never
   depends on the audit being tested.
 * **encoder**: the ``small`` DeepSSIM encoder trained for ``train_seconds`` on the template's slices
-  (cached as ``OUT/encoder/best.pt``; a second run reuses it).
+  (cached as ``OUT/encoder/best.pt``; a second run reuses it once that training has finished, which
+  ``OUT/encoder/complete.json`` records: an encoder from a stopped run is trained again).
 * **audit**: metric ``deepssim`` with k = 10 candidates, verification over flips, ±4 px shifts and ±3°.
 
 Recall of planted duplicates = planted duplicates labelled ``duplicate`` with their true source as match,
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 SIZE = (176, 208)
 THRESHOLDS = (0.6, 0.85)
 VERIFY = {"verify_flips": True, "verify_shifts": 4, "verify_rotations": 3.0}
+DONE_MARKER = "complete.json"  # beside the cached encoder: its training finished (see _train_encoder)
 NOVEL_SOURCES = ("s0_10slices", "aniso_vox", "piesno", "example4d", "anatomical", "t1_coronal_slice")
 
 
@@ -312,15 +314,20 @@ def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retr
     from .model import ModelFileError, load_model
 
     ckpt = out / "best.pt"
-    if ckpt.exists() and not retrain:
+    done = out / DONE_MARKER  # written once training has run its course: best.pt alone may be from a run
+    if ckpt.exists() and not retrain:  # that was stopped (Ctrl-C, a kill) after its first validation
         try:
             load_model(ckpt)
         except ModelFileError as exc:  # e.g. written by an older version with another `small` layout
             logger.warning("the cached encoder %s does not load (%s); training a new one", ckpt,
                            str(exc).splitlines()[0][:200])
         else:
-            logger.info("reusing the cached encoder %s", ckpt)
-            return ckpt
+            if done.is_file():
+                logger.info("reusing the cached encoder %s", ckpt)
+                return ckpt
+            logger.warning("the cached encoder %s is from a training run that did not finish (no %s); "
+                           "training a new one", ckpt, done.name)
+    done.unlink(missing_ok=True)
     vol = load_volume("mni152").array
     images = []
     for axis in (0, 1, 2):
@@ -341,6 +348,8 @@ def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retr
     )
     if not ckpt.exists():  # the trainer writes best.pt when it validates; make sure it is there
         save_checkpoint(ckpt, model)
+    atomic_write_bytes(done, (json.dumps({"checkpoint": ckpt.name, "train_seconds": seconds, "seed": seed,
+                                          "steps": len(getattr(model, "history", []))}) + "\n").encode())
     return ckpt
 
 

@@ -479,3 +479,30 @@ def test_a_new_run_does_not_leave_an_earlier_runs_best_pt(tmp_path, mni_slices, 
     assert f"checkpoint: {out / 'last.pt'}" in capsys.readouterr().out
     assert not (out / "best.pt").exists()
     assert read_checkpoint(out / "last.pt")["seed"] == 7
+
+
+def test_demo_does_not_reuse_the_encoder_of_a_stopped_training(tmp_path, monkeypatch) -> None:
+    """The demo reused OUT/encoder/best.pt whenever it loaded, but the trainer writes best.pt at its first
+    validation: a demo stopped during its 150 s of training (Ctrl-C, a kill) left a barely trained encoder
+    that every later run reused as if finished. Only an encoder whose training finished is reused now."""
+    import deepssim_fast.demo as demo
+    import deepssim_fast.training as T
+
+    calls: list[dict] = []
+
+    def fake_train(images, **kw):  # stands for the 150 s run: records the call, writes best.pt
+        calls.append(kw)
+        m = build_model("small", input_size=32)
+        m.save_checkpoint(tmp_path / "enc" / "best.pt")
+        return m
+
+    monkeypatch.setattr(T, "train", fake_train)
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    build_model("small", input_size=32).save_checkpoint(enc / "best.pt")  # what a stopped run leaves
+    demo._train_encoder(enc, seconds=1.0, seed=0, progress=False, retrain=False)
+    assert len(calls) == 1, "the encoder of an unfinished training was reused"
+    demo._train_encoder(enc, seconds=1.0, seed=0, progress=False, retrain=False)
+    assert len(calls) == 1, "a finished encoder was not reused"
+    demo._train_encoder(enc, seconds=1.0, seed=0, progress=False, retrain=True)
+    assert len(calls) == 2
