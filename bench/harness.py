@@ -149,11 +149,14 @@ def machine_info() -> dict[str, str]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = commit + ("+dirty" if dirty else "")
+                               capture_output=True, text=True, timeout=10)
+        # (a copy of the tree without .git, as a lent GPU machine gets: git fails, and says so on stderr)
+        commit = head.stdout.strip() if head.returncode == 0 and head.stdout.strip() else "unknown"
+        if commit != "unknown" and dirty.returncode == 0 and dirty.stdout.strip():
+            commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

@@ -314,3 +314,17 @@ def test_runner_ok_exit_status_and_bad_names(fake_benches: Path, capsys) -> None
     assert main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert all(f"bench.bench_{c}" in listed for c in CAPABILITIES)
+
+
+def test_machine_info_outside_a_git_checkout_says_unknown(tmp_path: Path, monkeypatch) -> None:
+    """A copy of the tree without .git (what a lent GPU machine runs the suite from): git rev-parse fails
+    and machine_info's commit was '' (the BENCHMARKS.md line read 'commit _'); it now says 'unknown'."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness
+
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert harness.machine_info()["commit"] == "unknown"
+    if (ROOT / ".git").exists():  # (a source checkout: its own commit)
+        monkeypatch.setattr(harness, "ROOT", ROOT)
+        assert harness.machine_info()["commit"] not in ("", "unknown")
