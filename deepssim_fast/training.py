@@ -259,6 +259,19 @@ class PairSampler:
         """Sample ``n`` pairs and augment both sides independently, all from ``seed_seq``."""
         s_pairs, s_a, s_b = seed_seq.spawn(3)
         i, j, kinds = self.sample(n, np.random.default_rng(s_pairs))
+        return self._realise(i, j, kinds, seed_seq, s_a, s_b, augment)
+
+    def take(self, rows: np.ndarray, seed_seq: np.random.SeedSequence, augment: Augmenter) -> PairBatch:
+        """The fixed pairs ``self.pairs[rows]`` (no sampling), augmented as :meth:`batch` does."""
+        if self.pairs is None:
+            raise ValueError("take() needs a sampler built with pairs=")
+        rows = np.asarray(rows, dtype=np.int64)
+        _, s_a, s_b = seed_seq.spawn(3)
+        return self._realise(self.pairs[rows, 0].copy(), self.pairs[rows, 1].copy(), ["csv"] * len(rows),
+                             seed_seq, s_a, s_b, augment)
+
+    def _realise(self, i: np.ndarray, j: np.ndarray, kinds: list[str], seed_seq: np.random.SeedSequence,
+                 s_a: np.random.SeedSequence, s_b: np.random.SeedSequence, augment: Augmenter) -> PairBatch:
         xa, xb = self.pool[i], self.pool[j]
         if self.zoom_out:
             # a fourth child: the first three (and so runs without zoom-out) are unchanged
@@ -384,7 +397,10 @@ class FixedPairs:
 def fixed_pairs(pool: ImagePool, n_pairs: int, seed: int, *, mix: Sequence[float] = (0.5, 0.25, 0.25),
                 pairs: Sequence[tuple[int, int]] | None = None, augment: bool = True,
                 chunk: int = 256, zoom_out: Sequence[float] = ()) -> FixedPairs:
-    """Draw ``n_pairs`` pairs from ``pool`` (random/neighbour/copy, augmented) with their SSIM targets."""
+    """Draw ``n_pairs`` pairs from ``pool`` (random/neighbour/copy, augmented) with their SSIM targets.
+
+    With ``pairs`` (e.g. a CSV's validation rows) the set is those pairs in order, each once (repeated in
+    turn when ``n_pairs`` is larger), not a sample of them."""
     sampler = PairSampler(pool.images, pool.groups, pool.positions, mix=mix, pairs=pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)
     ss = np.random.SeedSequence([int(seed), 0x7A11])
@@ -393,7 +409,10 @@ def fixed_pairs(pool: ImagePool, n_pairs: int, seed: int, *, mix: Sequence[float
         n = min(chunk, n_pairs - c * chunk)
         if n <= 0:
             break
-        parts.append(sampler.batch(n, child, aug))
+        if pairs is not None:
+            parts.append(sampler.take(np.arange(c * chunk, c * chunk + n) % len(sampler.pairs), child, aug))
+        else:
+            parts.append(sampler.batch(n, child, aug))
     a = torch.cat([p.a for p in parts])
     b = torch.cat([p.b for p in parts])
     kinds = [k for p in parts for k in p.kinds]

@@ -506,3 +506,23 @@ def test_demo_does_not_reuse_the_encoder_of_a_stopped_training(tmp_path, monkeyp
     assert len(calls) == 1, "a finished encoder was not reused"
     demo._train_encoder(enc, seconds=1.0, seed=0, progress=False, retrain=True)
     assert len(calls) == 2
+
+
+def test_validation_pairs_from_a_csv_are_each_validated_once(mni_slices) -> None:
+    """A pairs CSV's validation rows were resampled with replacement (5 rows gave e.g. (2,3) twice, (8,9)
+    twice and never (0,1) or (4,5)), so the validation loss was not over the CSV's pairs. fixed_pairs
+    with pairs= now takes each pair once, in order."""
+    from deepssim_fast.training import fixed_pairs
+
+    pool = make_pool(mni_slices[:12], build_model("small", input_size=32).config)
+    val = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    fp = fixed_pairs(pool, len(val), 42, pairs=val, augment=False, chunk=2)
+    for k, (i, j) in enumerate(val):
+        np.testing.assert_array_equal(fp.a[k].numpy(), pool.images[i])
+        np.testing.assert_array_equal(fp.b[k].numpy(), pool.images[j])
+    want = ssim_reference(torch.from_numpy(pool.images[[i for i, _ in val]]),
+                          torch.from_numpy(pool.images[[j for _, j in val]]), spatial_dims=2, preset="deepssim")
+    assert not _first_mismatch(fp.targets.numpy(), want, 1e-4)
+    more = fixed_pairs(pool, 7, 42, pairs=val, augment=False)  # more pairs than rows: in turn
+    np.testing.assert_array_equal(more.a[5].numpy(), pool.images[0])
+    np.testing.assert_array_equal(more.b[6].numpy(), pool.images[3])
