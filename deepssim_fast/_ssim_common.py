@@ -183,6 +183,12 @@ def resolve_params(
     sigma = positive_real(sigma, "sigma")
     if window == "gaussian":
         taps = gaussian_taps(sigma)
+        if taps == 1 and sample_covariance:
+            raise ValueError(
+                f"sigma={sigma!r} gives a 1-tap Gaussian window (2 * int(3.5 * sigma + 0.5) + 1 taps), over "
+                "which the sample covariance N/(N-1) is undefined (N = 1); pass sample_covariance=False, or "
+                "sigma >= 1/7 for at least 3 taps"
+            )
     else:
         if not is_integer(win_size) or win_size < 1:
             raise ValueError(f"win_size must be a positive odd integer, got {_got(win_size)}")

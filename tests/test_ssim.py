@@ -410,6 +410,28 @@ def test_bad_shapes_and_options():
         ssim_matrix(a, np.zeros((2, 16, 17), np.float32), progress=False)
 
 
+def test_one_tap_gaussian_window_with_sample_covariance_is_refused_by_name():
+    """sigma < 1/7 gives a 1-tap Gaussian window, over which N/(N-1) divides by zero: a ValueError naming
+    sigma and the way out (it was a bare ZeroDivisionError); with sample_covariance=False the 1-tap window
+    is well defined and equals scikit-image."""
+    from skimage.metrics import structural_similarity as sk
+
+    rng = np.random.default_rng(11)
+    x, y = random_pair(rng, (2, 16, 17), np.float64)
+    for sigma in (0.1, 0.14):
+        for f in (lambda **kw: ssim(x, y, spatial_dims=2, **kw),
+                  lambda **kw: ssim_reference(x, y, spatial_dims=2, **kw),
+                  lambda **kw: ssim_matrix(x, y, progress=False, **kw)):
+            with pytest.raises(ValueError, match=rf"sigma={sigma} gives a 1-tap Gaussian window.*"
+                               "sample_covariance=False"):
+                f(window="gaussian", sigma=sigma)
+        got = ssim(x, y, spatial_dims=2, window="gaussian", sigma=sigma, sample_covariance=False)
+        want = [sk(a, b, gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+                   data_range=float(max(a.max(), b.max()) - min(a.min(), b.min())))
+                for a, b in zip(x, y, strict=True)]
+        assert_close(got, np.array(want), what=f"1-tap gaussian sigma={sigma}")
+
+
 def test_option_types_are_checked_not_coerced():
     """sample_covariance must be a bool (not a truthy string or 0/1); integer options refuse bools (which
     Python would read as 0 and 1) and floats; ssim_matrix's out= must be a path or an array."""
