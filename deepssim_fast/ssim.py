@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from . import _ssim_common as sc
+from ._atomic import atomic_path
 from .backends import resolve as _resolve_backend
 from .backends import triton_device as _triton_device
 from ._arrays import is_cupy, like_input, to_torch
@@ -475,18 +477,29 @@ def ssim(
 # ssim_matrix
 
 
+def _open_memmap(
+    path: Path, shape: tuple[int, int], npy: bool
+) -> tuple[np.memmap, Callable[[int, int, int, int, np.ndarray], None]]:
+    """A float32 memmap of ``shape`` created at ``path`` (with a ``.npy`` header when ``npy``) and a writer
+    for one tile."""
+    if npy:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    else:
+        arr = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+
+    def write(i0, i1, j0, j1, block):
+        arr[i0:i1, j0:j1] = block
+
+    return arr, write
+
+
 def _open_out(
     out: Any, shape: tuple[int, int]
 ) -> tuple[Any, Callable[[int, int, int, int, np.ndarray], None]]:
-    """The result array (numpy, memmap or torch) and a writer for one tile."""
+    """The result array (numpy or torch; a path goes through :func:`_open_memmap` instead) and a writer for
+    one tile."""
     if out is None:
         arr: Any = np.empty(shape, dtype=np.float32)
-    elif isinstance(out, (str, os.PathLike)):
-        arr = (
-            np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32, shape=shape)
-            if os.fspath(out).endswith(".npy")
-            else np.memmap(os.fspath(out), dtype=np.float32, mode="w+", shape=shape)
-        )
     elif isinstance(out, (np.ndarray, torch.Tensor)) or is_cupy(out):
         arr = out
         if tuple(arr.shape) != shape:
@@ -620,6 +633,83 @@ def _matrix_block(
     return out
 
 
+def _fill_matrix(
+    tA: torch.Tensor,
+    tB: torch.Tensor,
+    p: sc.SSIMParams,
+    name: str,
+    write: Callable[[int, int, int, int, np.ndarray], None],
+    progress: bool,
+) -> None:
+    """Compute ssim_matrix(tA, tB) tile by tile on backend ``name``, handing each float32 block to
+    ``write(i0, i1, j0, j1, block)``."""
+    from tqdm.auto import tqdm
+
+    na, nb = tA.shape[0], tB.shape[0]
+    if na == 0 or nb == 0:
+        return
+    px = int(np.prod(_spatial(tA, p)))
+    if name == "native":
+        tile = int(max(1, min(max(na, nb), _MATRIX_TILE_BYTES // (2 * 16 * px))))
+    else:
+        # Triton keeps a mean and a variance map (float32) per image of the tile: <= 2 GiB of maps
+        tile = int(max(1, min(max(na, nb), _MATRIX_TILE_IMAGES, (1 << 31) // (16 * px))))
+    tiles = [
+        (i0, min(na, i0 + tile), j0, min(nb, j0 + tile))
+        for i0 in range(0, na, tile)
+        for j0 in range(0, nb, tile)
+    ]
+    logger.info(
+        "ssim_matrix: %d x %d pairs of %s on %s, %d tiles", na, nb, _spatial(tA, p), name, len(tiles)
+    )
+    # images float32 cannot hold closely: their rows / columns run in float64 (torch)
+    slow_a, slow_b = np.zeros(na, dtype=bool), np.zeros(nb, dtype=bool)
+    if name != "torch":
+        for mask, t in ((slow_a, tA), (slow_b, tB)):
+            m = sc.float32_inexact(t)
+            if m is not None:
+                mask[:] = m.cpu().numpy()
+        n_slow = na * nb - int((~slow_a).sum()) * int((~slow_b).sum())
+        if n_slow:
+            _log_inexact("ssim_matrix", n_slow, na * nb, name)
+    # The native backend reuses each image's windowed moments across the tile (ssim_matrix_block): 2D
+    # uniform windows on the running-sum layout, Gaussian windows on the separable kernel. 3D uniform
+    # windows go through the running-sum pair kernel instead, which is faster there even though it
+    # recomputes the moments (bench_ssim.py measures both).
+    reuse = name == "native" and (
+        p.window != "uniform" or p.spatial_dims == 2 or os.environ.get("DEEPSSIM_FAST_SSIM_BOX") == "0"
+    )
+    bar = tqdm(total=na * nb, unit="pair", disable=None if progress else True, desc="ssim_matrix")
+    try:
+        for i0, i1, j0, j1 in tiles:
+            sa, sb = slow_a[i0:i1], slow_b[j0:j1]
+            indices = (np.arange(i0, i1), np.arange(j0, j1))  # the tile's images: errors name them so
+
+            def where(k: int, i0: int = i0, j0: int = j0, w: int = j1 - j0) -> tuple[int, ...]:
+                return (i0 + k // w, j0 + k % w)
+
+            if reuse or (name == "triton" and _triton_matrix_reuse()):
+                fast = _native_matrix_block if reuse else _triton_matrix_block
+                block = _matrix_block(fast, tA[i0:i1], tB[j0:j1], p, sa, sb, where, indices)
+            else:
+                ii, jj = _grid(i1 - i0, j1 - j0)
+                slow = sa[ii] | sb[jj]
+                res = _run_pairs(
+                    name,
+                    _Pairs(tA[i0:i1], tB[j0:j1], ii, jj, p, tA.dtype, where),
+                    tA[i0:i1],
+                    tB[j0:j1],
+                    names=("A", "B"),
+                    indices=indices,
+                    slow=slow if slow.any() else None,
+                )
+                block = res.to("cpu", torch.float32).numpy().reshape(i1 - i0, j1 - j0)
+            write(i0, i1, j0, j1, block)
+            bar.update((i1 - i0) * (j1 - j0))
+    finally:
+        bar.close()
+
+
 def ssim_matrix(
     A: Any,
     B: Any,
@@ -645,8 +735,11 @@ def ssim_matrix(
     On the native and Triton backends each image's windowed mean and variance are computed once per tile,
     so a pair costs only its cross term (Triton: unless ``DEEPSSIM_FAST_TRITON_SSIM=direct``). Tiles bound
     memory; ``out`` may be a path (a float32 ``np.memmap`` is written; ``.npy`` paths get a header) or a
-    preallocated float32 array (numpy, torch or cupy; anything else is a TypeError). A progress bar shows
-    on a TTY unless ``progress=False``. Returns ``out`` (or a new numpy array, or torch for torch input).
+    preallocated float32 array (numpy, torch or cupy; anything else is a TypeError). A path is written
+    atomically: the matrix goes to a temporary file beside it, which replaces it once complete, so a call
+    that fails leaves an existing file as it was and no partial matrix. A progress bar shows on a TTY
+    unless ``progress=False``. Returns ``out`` (a path: the finished file, memory-mapped read-write; or a
+    new numpy array, or torch for torch input).
 
     As in :func:`ssim`, float64 and 32/64-bit integer images that float32 rounds by more than
     ``FLOAT32_ROUNDING_TOL`` (2.5e-7) of their own range are measured once up front; every pair in their
@@ -654,8 +747,6 @@ def ssim_matrix(
     the fast kernels. Scores are never NaN; values too large (or small) for SSIM even in float64 raise
     ValueError naming the pair (i, j), and NaN/Inf ValueError naming the image (A or B and its index there).
     """
-    from tqdm.auto import tqdm
-
     with torch.no_grad():
         tA, tB = _to_torch(A, "A"), _to_torch(B, "B")
         if spatial_dims is None:
@@ -704,71 +795,23 @@ def ssim_matrix(
         sc.check_pair(tA[:0], tA[:0], p)  # window fits
         name = _resolve_backend(backend, [A, B], supported=_SUPPORTED)
         na, nb = tA.shape[0], tB.shape[0]
+        if isinstance(out, (str, os.PathLike)):
+            # written to a temporary file beside the path, which replaces it only once complete: a failed
+            # call leaves an existing file as it was and no partial matrix behind
+            path = Path(os.fspath(out))
+            if path.is_dir():  # (checked before the work: the file only replaces the path at the end)
+                raise IsADirectoryError(f"ssim_matrix: out={os.fspath(out)!r} is a folder; give a file path")
+            npy = path.name.endswith(".npy")
+            with atomic_path(path) as tmp:
+                arr, write = _open_memmap(tmp, (na, nb), npy)
+                _fill_matrix(tA, tB, p, name, write, progress)
+                arr.flush()
+                del arr
+            if npy:
+                return np.load(path, mmap_mode="r+")
+            return np.memmap(path, dtype=np.float32, mode="r+", shape=(na, nb))
         arr, write = _open_out(out, (na, nb))
-        if na == 0 or nb == 0:
-            return like_input(torch.from_numpy(np.asarray(arr)), A) if out is None else arr
-        px = int(np.prod(_spatial(tA, p)))
-        if name == "native":
-            tile = int(max(1, min(max(na, nb), _MATRIX_TILE_BYTES // (2 * 16 * px))))
-        else:
-            # Triton keeps a mean and a variance map (float32) per image of the tile: <= 2 GiB of maps
-            tile = int(max(1, min(max(na, nb), _MATRIX_TILE_IMAGES, (1 << 31) // (16 * px))))
-        tiles = [
-            (i0, min(na, i0 + tile), j0, min(nb, j0 + tile))
-            for i0 in range(0, na, tile)
-            for j0 in range(0, nb, tile)
-        ]
-        logger.info(
-            "ssim_matrix: %d x %d pairs of %s on %s, %d tiles", na, nb, _spatial(tA, p), name, len(tiles)
-        )
-        # images float32 cannot hold closely: their rows / columns run in float64 (torch)
-        slow_a, slow_b = np.zeros(na, dtype=bool), np.zeros(nb, dtype=bool)
-        if name != "torch":
-            for mask, t in ((slow_a, tA), (slow_b, tB)):
-                m = sc.float32_inexact(t)
-                if m is not None:
-                    mask[:] = m.cpu().numpy()
-            n_slow = na * nb - int((~slow_a).sum()) * int((~slow_b).sum())
-            if n_slow:
-                _log_inexact("ssim_matrix", n_slow, na * nb, name)
-        # The native backend reuses each image's windowed moments across the tile (ssim_matrix_block): 2D
-        # uniform windows on the running-sum layout, Gaussian windows on the separable kernel. 3D uniform
-        # windows go through the running-sum pair kernel instead, which is faster there even though it
-        # recomputes the moments (bench_ssim.py measures both).
-        reuse = name == "native" and (
-            p.window != "uniform" or p.spatial_dims == 2 or os.environ.get("DEEPSSIM_FAST_SSIM_BOX") == "0"
-        )
-        bar = tqdm(total=na * nb, unit="pair", disable=None if progress else True, desc="ssim_matrix")
-        try:
-            for i0, i1, j0, j1 in tiles:
-                sa, sb = slow_a[i0:i1], slow_b[j0:j1]
-                indices = (np.arange(i0, i1), np.arange(j0, j1))  # the tile's images: errors name them so
-
-                def where(k: int, i0: int = i0, j0: int = j0, w: int = j1 - j0) -> tuple[int, ...]:
-                    return (i0 + k // w, j0 + k % w)
-
-                if reuse or (name == "triton" and _triton_matrix_reuse()):
-                    fast = _native_matrix_block if reuse else _triton_matrix_block
-                    block = _matrix_block(fast, tA[i0:i1], tB[j0:j1], p, sa, sb, where, indices)
-                else:
-                    ii, jj = _grid(i1 - i0, j1 - j0)
-                    slow = sa[ii] | sb[jj]
-                    res = _run_pairs(
-                        name,
-                        _Pairs(tA[i0:i1], tB[j0:j1], ii, jj, p, tA.dtype, where),
-                        tA[i0:i1],
-                        tB[j0:j1],
-                        names=("A", "B"),
-                        indices=indices,
-                        slow=slow if slow.any() else None,
-                    )
-                    block = res.to("cpu", torch.float32).numpy().reshape(i1 - i0, j1 - j0)
-                write(i0, i1, j0, j1, block)
-                bar.update((i1 - i0) * (j1 - j0))
-        finally:
-            bar.close()
-        if isinstance(arr, np.memmap):
-            arr.flush()
+        _fill_matrix(tA, tB, p, name, write, progress)
         if out is None:
             return like_input(torch.from_numpy(arr), A)
         return arr

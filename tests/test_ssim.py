@@ -572,6 +572,35 @@ def test_matrix_out_memmap_and_array(tmp_path, mri_slices):
         ssim_matrix(A, B, out=np.zeros((2, 2), np.float32), progress=False)
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".f32"])
+def test_matrix_out_path_is_written_atomically(monkeypatch, tmp_path, suffix):
+    """A call that fails part-way (NaN in a later tile) leaves an existing out file as it was and a new path
+    absent, with no temporary file behind (it used to zero the existing matrix, or leave a zero-filled one);
+    a call that succeeds returns the finished file, memory-mapped."""
+    mod = importlib.import_module("deepssim_fast.ssim")
+    rng = np.random.default_rng(12)
+    A, B = random_pair(rng, (3, 16, 17), np.float32)
+    read = ((lambda p: np.load(p)) if suffix == ".npy"
+            else (lambda p: np.fromfile(p, dtype=np.float32).reshape(3, 3)))
+    path = tmp_path / f"m{suffix}"
+    got = ssim_matrix(A, B, out=path, progress=False)
+    assert isinstance(got, np.memmap) and got.shape == (3, 3)
+    want = read(path).copy()
+    assert_close(want, ssim(A[:, None], B[None], spatial_dims=2), tol=1e-6, what="matrix file")
+    del got
+    bad = B.copy()
+    bad[2, 5, 5] = np.nan
+    # one image per tile: the NaN is met after other tiles were written
+    monkeypatch.setattr(mod, "_MATRIX_TILE_BYTES", 2 * 16 * 16 * 17)
+    for target in (path, tmp_path / f"new{suffix}"):
+        with pytest.raises(ValueError, match=r"B has NaN or Inf values at pair index \(2,\)"):
+            ssim_matrix(A, bad, out=target, progress=False)
+    assert np.array_equal(read(path), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"m{suffix}"]
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file path"):
+        ssim_matrix(A, B, out=tmp_path, progress=False)
+
+
 def test_matrix_tiles_and_3d(monkeypatch, mri_slices):
     mod = importlib.import_module("deepssim_fast.ssim")
 
