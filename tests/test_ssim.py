@@ -1051,6 +1051,25 @@ def test_reference_broadcasts_like_ssim(mri_slices):
         ssim_reference(mri_slices[:3], mri_slices[:4], spatial_dims=2)
 
 
+def test_reference_flat_backgrounds_with_tiny_constants_equal_skimage():
+    """A flat background has windowed variance exactly 0 in scikit-image; the reference centred each image
+    on its mean, which left ~1e-17 of rounding there, and with k2 = 1e-30 (C2 ~ 1e-60) that rounding gave a
+    score of -1.4e43. Centred on the minimum, the background stays exact zeros: the reference equals
+    scikit-image, as ssim does."""
+    from skimage.metrics import structural_similarity as sk
+
+    for seed, k1, k2 in ((0, 1e-30, 1e-30), (1, 0.01, 1e-30), (2, 0.01, 1e-30), (0, 0.01, 0.03)):
+        rng = np.random.default_rng(seed)
+        a = rng.random((24, 30))
+        b = np.clip(a + 0.2 * rng.random(a.shape), 0, 1)
+        a[:, :12] = 0
+        b[:, :12] = 0
+        want = sk(a, b, data_range=1.0, K1=k1, K2=k2)
+        got = ssim_reference(a, b, data_range=1.0, k1=k1, k2=k2)
+        assert abs(float(got) - want) < 1e-12, (seed, k1, k2, float(got), want)
+        assert_close(ssim(a, b, data_range=1.0, k1=k1, k2=k2), np.float64(want), what=f"ssim k1={k1} k2={k2}")
+
+
 def test_matrix_of_a_single_image_says_to_pass_a_stack():
     a = np.zeros((16, 16), np.float32)
     with pytest.raises(ValueError, match=r"not a stack of images; pass a stack \(N, H, W\)"):
