@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -246,7 +247,8 @@ def _float64_pairs(pairs: _Pairs) -> torch.Tensor:
 
     A pair whose score is not finite even in float64 (the formula's products, of fourth degree in the
     values, overflow or underflow float64: |values| around 1e77 and up, or 1e-77 and down) raises ValueError
-    naming it.
+    naming it; when the values are fine but k1 or k2 make C1 = (k1 range)^2 or C2 = (k2 range)^2 leave
+    float64's range, the error names k1 and k2 instead.
     """
     xf, yf, ix, iy = pairs.xf, pairs.yf, pairs.ix, pairs.iy
     res = _torch_pairs(
@@ -258,6 +260,23 @@ def _float64_pairs(pairs: _Pairs) -> torch.Tensor:
         big = max(float(t[int(i)].to(torch.float64).abs().max()) for t, i in ((xf, ix[k]), (yf, iy[k])))
         idx = pairs.where(k)
         which = f"pair index {idx}" if idx else "the pair"
+        p = pairs.p
+        bx, by = xf[int(ix[k])][None].to(torch.float64), yf[int(iy[k])][None].to(torch.float64)
+        if p.preset == "deepssim":
+            bx, by = sc.zscore(bx, p.spatial_dims), sc.zscore(by, p.spatial_dims)
+        rng = float(sc.pair_data_range(bx, by, p, input_dtype=pairs.in_dtype)[0])
+        def normal(k: float) -> bool:  # (k range)^2 is a normal float64 (products: inf on overflow)
+            return sys.float_info.min <= (k * rng) * (k * rng) <= sys.float_info.max
+
+        c1, c2 = (p.k1 * rng) * (p.k1 * rng), (p.k2 * rng) * (p.k2 * rng)
+        if normal(0.01) and normal(0.03) and not (normal(p.k1) and normal(p.k2)):
+            # the default constants would be fine at this range: k1 / k2 push C1 / C2 out of float64's range
+            raise ValueError(
+                f"ssim: {which} cannot be scored with k1={p.k1!r}, k2={p.k2!r}: with its data range {rng:.3g} "
+                f"they make C1 = (k1 * range)^2 = {c1:.3g} and C2 = (k2 * range)^2 = {c2:.3g}, outside "
+                "float64's range (flat regions then score 0/0 or inf/inf); choose k1 and k2 nearer the "
+                "defaults 0.01 and 0.03"
+            )
         raise ValueError(
             f"ssim: {which} cannot be scored: its values (largest |value| {big:.3g}) are too large (or too "
             "small) for SSIM even in float64 — their squares and products overflow (or underflow); rescale "
@@ -430,11 +449,12 @@ def ssim(
 
     Raises:
         ValueError: NaN/Inf (naming the pair index), values too large (or small) for SSIM even in float64
-            (naming the pair index), spatial shape mismatch or non-broadcastable batch (quoting both
-            shapes), images smaller than the window, even ``win_size``, ambiguous rank (3D/4D input without
-            ``spatial_dims``), inputs with fewer dimensions than ``spatial_dims`` (quoting their shapes), a
-            ``win_size`` or ``spatial_dims`` that is not an integer (bools are refused), a parameter that is
-            not a positive finite real scalar.
+            (naming the pair index), ``k1``/``k2`` so far from the defaults that C1 = (k1 range)² or C2 = (k2
+            range)² leaves float64's range where a pair needs it (naming them), spatial shape mismatch or
+            non-broadcastable batch (quoting both shapes), images smaller than the window, even ``win_size``,
+            ambiguous rank (3D/4D input without ``spatial_dims``), inputs with fewer dimensions than
+            ``spatial_dims`` (quoting their shapes), a ``win_size`` or ``spatial_dims`` that is not an integer
+            (bools are refused), a parameter that is not a positive finite real scalar.
         TypeError: complex images (naming x or y), x and y of different dtypes, ``sample_covariance`` that is
             not a bool (Python or numpy).
     """

@@ -954,6 +954,25 @@ def test_values_beyond_float64_raise_naming_the_pair(backend, scale):
         ssim_matrix(x, y, progress=False, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_constants_out_of_float64_range_are_named_not_blamed_on_the_values(backend):
+    """k1 or k2 so extreme that C1/C2 underflow (or overflow) float64 make flat regions 0/0: the error names
+    k1 and k2 (it said the values, of |value| 1, were too large or small and to rescale the images); values
+    out of range still get the rescale message, also at the default constants."""
+    rng = np.random.default_rng(14)
+    a = rng.random((24, 30))
+    b = np.clip(a + 0.2 * rng.random(a.shape), 0, 1)
+    a[:, :12] = 0
+    b[:, :12] = 0
+    for k1, k2 in ((1e-200, 1e-200), (0.01, 1e-200), (1e200, 0.03)):
+        named = re.escape(f"pair cannot be scored with k1={k1!r}, k2={k2!r}: with its data range 1 they make C1 = ")
+        with pytest.raises(ValueError, match=named + ".* outside float64's range"):
+            ssim(a, b, k1=k1, k2=k2, backend=backend)
+    for scale in (1e-160, 1e100):
+        with pytest.raises(ValueError, match=r"its values \(largest \|value\| 1e[-+]\d+\) are too large .*rescale"):
+            ssim(a * scale, b * scale, backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", ["uniform", "gaussian"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
