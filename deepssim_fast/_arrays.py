@@ -20,12 +20,16 @@ def to_torch(x: Any, *, name: str = "input") -> torch.Tensor:
         return x
     if is_cupy(x):
         return torch.from_dlpack(x)
+    if x is None:
+        raise TypeError(f"{name} is None; expected an array (numpy, torch or cupy)")
     try:
         a = np.asarray(x)
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})") from exc
     if a.dtype == object:
         raise TypeError(f"{name}: got an object array (ragged or mixed input?), shape {a.shape}")
+    if a.dtype.kind not in "biufc":  # strings, bytes, dates, records: torch has no such tensors
+        raise TypeError(f"{name}: got an array of non-numeric dtype {a.dtype}, shape {a.shape}; expected numbers")
     if not a.flags.writeable or any(st < 0 for st in a.strides):
         # torch.from_numpy rejects negative strides (flipped views) and warns on read-only arrays
         a = np.ascontiguousarray(a).copy() if not a.flags.writeable else np.ascontiguousarray(a)

@@ -122,6 +122,15 @@ def test_to_torch_and_back_keeps_kind():
     assert to_torch(ro).tolist() == [0.0, 1.0, 2.0, 3.0]
     with pytest.raises(TypeError, match="object array"):
         to_torch(np.array([np.zeros(2), np.zeros(3)], dtype=object))
+    # None and non-numeric arrays: a TypeError naming the argument (None read as a 0-d "object array (ragged
+    # or mixed input?)"; strings and dates failed inside torch.from_numpy, without the argument's name)
+    with pytest.raises(TypeError, match=r"^x is None; expected an array"):
+        to_torch(None, name="x")
+    for bad in ("abc", np.array(["a", "b"]), np.array([b"a"]), np.array(["2020-01-01"], dtype="datetime64[D]")):
+        with pytest.raises(TypeError, match=r"^y: got an array of non-numeric dtype"):
+            to_torch(bad, name="y")
+    assert to_torch(np.array([True, False])).dtype == torch.bool
+    assert to_torch(np.array([1 + 2j])).dtype == torch.complex128  # complex is numeric; SSIM refuses it itself
 
 
 # ---------------------------------------------------------------- shipped real MRI
