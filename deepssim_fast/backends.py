@@ -149,20 +149,21 @@ def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "n
     native extension is missing). ``"auto"`` means "decide from the data".
     """
     from_env = backend in (None, "auto")
-    requested = backend if not from_env else os.environ.get(ENV_VAR) or None
+    requested = (os.environ.get(ENV_VAR) or None) if from_env else backend
     if requested == "auto":
         requested = None
     if requested is not None:
-        source = f" (from ${ENV_VAR})" if from_env else ""
+        # a value from the environment is named as such: the caller did not pass it and may not know it is set
+        source = f"${ENV_VAR}={requested!r}" if from_env else f"backend {requested!r}"
         if requested not in supported:
-            raise ValueError(f"backend {requested!r}{source} is not supported here; expected one of "
-                             f"{tuple(supported)}")
+            hint = " (or 'auto', or unset it)" if from_env else ""
+            raise ValueError(f"{source} is not supported here; expected one of {tuple(supported)}{hint}")
         try:
             require(requested)
         except BackendUnavailableError as exc:
-            if not from_env:
-                raise
-            raise BackendUnavailableError(f"{exc} (it was asked for by ${ENV_VAR}={requested})") from None
+            if from_env:
+                raise BackendUnavailableError(f"{source}: {exc}") from None
+            raise
         return requested
     if any(is_gpu_array(a) for a in arrays):
         return "triton" if "triton" in supported and available("triton") else "torch"

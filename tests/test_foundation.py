@@ -88,16 +88,27 @@ def test_resolve_follows_data_and_overrides(monkeypatch):
     assert bk.resolve(None, [x]) == "torch"
     assert bk.resolve("native", [x]) == "native"  # the argument beats the environment
     monkeypatch.setenv(bk.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="bogus"):
+    # the error names the environment variable the value came from (the caller passed no backend)
+    with pytest.raises(ValueError, match=r"^\$DEEPSSIM_FAST_BACKEND='bogus' is not supported here; expected one of "
+                       r".*\(or 'auto', or unset it\)$"):
         bk.resolve(None, [x])
+    with pytest.raises(ValueError, match=r"^\$DEEPSSIM_FAST_BACKEND='native' is not supported here"):
+        monkeypatch.setenv(bk.ENV_VAR, "native")
+        bk.resolve("auto", [x], supported=("torch", "triton"))
+    with pytest.raises(ValueError, match=r"^backend 'bogus' is not supported here; expected one of \([^)]*\)$"):
+        bk.resolve("bogus", [x])
 
 
 def test_forced_unavailable_backend_says_what_to_install(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present, so triton is available")
-    with pytest.raises(bk.BackendUnavailableError, match="NVIDIA GPU"):
+    with pytest.raises(bk.BackendUnavailableError, match="^backend 'triton' is not available: .*NVIDIA GPU"):
         bk.resolve("triton", [np.zeros(3)])
+    monkeypatch.setenv(bk.ENV_VAR, "triton")
+    with pytest.raises(bk.BackendUnavailableError,
+                       match=r"^\$DEEPSSIM_FAST_BACKEND='triton': backend 'triton' is not available: .*NVIDIA GPU"):
+        bk.resolve(None, [np.zeros(3)])
     with pytest.raises(ValueError, match="unknown backend"):
         bk.require("metal")
 
