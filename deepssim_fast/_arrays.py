@@ -4,6 +4,7 @@ cupy arrays cross to torch through DLPack (no copy); results go back the same wa
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,12 @@ def is_cupy(x: Any) -> bool:
     return type(x).__module__.startswith("cupy")
 
 
-def to_torch(x: Any, *, name: str = "input") -> torch.Tensor:
-    """View ``x`` (numpy, torch, cupy, or anything np.asarray accepts) as a torch tensor, no copy if possible."""
+def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.Tensor:
+    """View ``x`` (numpy, torch, cupy, or anything np.asarray accepts) as a torch tensor, no copy if possible.
+
+    A read-only numpy array (``np.load(..., mmap_mode="r")``) is copied, since torch tensors are writable,
+    unless ``read_only``: the caller promises never to write to the result, which then shares the array's
+    memory (a memory-mapped input stays on disk instead of being read whole into memory)."""
     if isinstance(x, torch.Tensor):
         return x
     if is_cupy(x):
@@ -30,10 +35,15 @@ def to_torch(x: Any, *, name: str = "input") -> torch.Tensor:
         raise TypeError(f"{name}: got an object array (ragged or mixed input?), shape {a.shape}")
     if a.dtype.kind not in "biufc":  # strings, bytes, dates, records: torch has no such tensors
         raise TypeError(f"{name}: got an array of non-numeric dtype {a.dtype}, shape {a.shape}; expected numbers")
-    if not a.flags.writeable or any(st < 0 for st in a.strides):
-        # torch.from_numpy rejects negative strides (flipped views) and warns on read-only arrays
-        a = np.ascontiguousarray(a).copy() if not a.flags.writeable else np.ascontiguousarray(a)
+    if any(st < 0 for st in a.strides):  # torch.from_numpy rejects negative strides (flipped views)
+        a = np.ascontiguousarray(a)
+    elif not a.flags.writeable and not read_only:
+        a = a.copy()
     try:
+        if not a.flags.writeable:  # (read_only: torch warns that writing would be undefined; nothing writes)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(a)
         return torch.from_numpy(a)
     except TypeError as exc:  # torch's message names neither the input nor its dtype's numpy name
         raise TypeError(f"{name}: dtype {a.dtype} is not supported (use a float or integer dtype, e.g. "

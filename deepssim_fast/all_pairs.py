@@ -227,7 +227,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_set(x: Any, name: str) -> torch.Tensor:
     """``x`` as a 2-D real torch tensor (a view when possible) with finite rows, else a clear error."""
-    t = to_torch(x, name=name).detach()
+    # read_only: the engines only read the inputs (they normalise into their own buffers), so a memory-mapped
+    # read-only set is not copied whole into memory
+    t = to_torch(x, name=name, read_only=True).detach()
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (n, d) of embeddings, got shape {tuple(t.shape)}")
     if t.is_complex() or t.dtype == torch.bool:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,11 @@ def test_to_torch_and_back_keeps_kind():
     ro = np.arange(4.0)
     ro.flags.writeable = False
     assert to_torch(ro).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert to_torch(ro).data_ptr() != ro.ctypes.data  # copied: torch tensors are writable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (and no "not writable" warning)
+        shared = to_torch(ro, read_only=True)
+    assert shared.data_ptr() == ro.ctypes.data and shared.tolist() == [0.0, 1.0, 2.0, 3.0]
     with pytest.raises(TypeError, match="object array"):
         to_torch(np.array([np.zeros(2), np.zeros(3)], dtype=object))
     # None and non-numeric arrays: a TypeError naming the argument (None read as a 0-d "object array (ragged
