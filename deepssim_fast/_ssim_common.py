@@ -271,11 +271,12 @@ def broadcast_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tupl
 
 
 def check_finite(x: torch.Tensor, name: str, params: SSIMParams, index: Sequence[int] | None = None) -> None:
-    """Raise ValueError naming the first pair index whose image holds NaN or Inf.
+    """Raise ValueError naming the first image of x that holds NaN or Inf.
 
     ``index``: when x is part of the caller's stack (N, *spatial), e.g. a tile of ssim_matrix's A, the
-    caller's index of each of x's images (x[k] is image index[k]); the error names that index. None: x is
-    the caller's input itself.
+    caller's index of each of x's images (x[k] is image index[k]); the error names that image, ``A[2]``.
+    None: x is the caller's input itself; the error names the pair index (its batch index), or just the
+    input when it is a single image.
     """
     if not x.dtype.is_floating_point:
         return
@@ -283,15 +284,13 @@ def check_finite(x: torch.Tensor, name: str, params: SSIMParams, index: Sequence
     bad = ~torch.isfinite(flat).flatten(1).all(dim=1)
     if bool(bad.any()):
         idx = int(torch.nonzero(bad)[0])
-        if index is not None:
-            idx = int(index[idx])
-            where = (idx,)
-        else:
-            batch_shape = tuple(x.shape[: x.ndim - params.spatial_dims])
-            where = np.unravel_index(idx, batch_shape) if batch_shape else ()
-        raise ValueError(
-            f"{name} has NaN or Inf values at pair index {tuple(int(i) for i in where)} (flat index {idx})"
-        )
+        if index is not None:  # an image of a stack (ssim_matrix's A or B), not a pair
+            raise ValueError(f"{name}[{int(index[idx])}] has NaN or Inf values")
+        batch_shape = tuple(x.shape[: x.ndim - params.spatial_dims])
+        if not batch_shape:  # one image (compared with every image of the other input)
+            raise ValueError(f"{name} has NaN or Inf values")
+        where = tuple(int(i) for i in np.unravel_index(idx, batch_shape))
+        raise ValueError(f"{name} has NaN or Inf values at pair index {where} (flat index {idx})")
 
 
 def dtype_range(dtype: torch.dtype) -> float | None:
