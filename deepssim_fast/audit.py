@@ -1050,7 +1050,8 @@ def audit(
 
     Args:
         train, synth: a directory, glob pattern, file, or list of these (.nii/.nii.gz/.png/.npy).
-        model: for ``metric="deepssim"``: a checkpoint / TorchScript path or a loaded model (required).
+        model: for ``metric="deepssim"``: a checkpoint / TorchScript path or a loaded model (required; with
+            another metric, which does not embed, giving one is an error).
         metric: ``"deepssim"`` (encoder cosine), ``"ssim"`` (exact SSIM all pairs; small sets),
             ``"correlation"`` (pixel Pearson correlation), ``"embeddings"`` (cosine of user .npy rows).
         k: candidates kept per synthetic item (clipped to the training set size).
@@ -1097,6 +1098,11 @@ def audit(
     if metric == "embeddings" and verify != "none":
         raise ValueError(
             "metric='embeddings' has no pixels to verify: pass verify='none' (command line: --verify none)"
+        )
+    if metric != "deepssim" and model is not None:  # (it would be silently unused)
+        raise ValueError(
+            f"model is used by metric='deepssim' only; metric={metric!r} does not embed: drop model (--model) "
+            "or use metric='deepssim'"
         )
     if metric == "deepssim" and model is None:
         raise ValueError(
@@ -1147,15 +1153,15 @@ def audit(
     policy = policy or SlicePolicy()
     spatial_dims = 3 if mode == "volumes" else 2
     out = Path(out)
-    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
-    if blocker is not None:  # (mkdir would say only "[Errno 17] File exists" or "Not a directory")
-        where = "" if blocker == out else f": {blocker} is not a directory"
-        raise ValueError(
-            f"output folder {out} {'is an existing file, not a folder' if blocker == out else 'cannot be made'}"
-            f"{where}; give a folder for out (--out)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+    for folder, what, option in ((out, "output folder", "out (--out)"),
+                                 (cache, "cache folder", "cache_dir (--cache-dir)")):
+        blocker = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
+        if blocker is not None:  # (mkdir would say only "[Errno 17] File exists" or "Not a directory")
+            where = "" if blocker == folder else f": {blocker} is not a directory"
+            made = "is an existing file, not a folder" if blocker == folder else "cannot be made"
+            raise ValueError(f"{what} {folder} {made}{where}; give a folder for {option}")
+    out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     # temporary files of a run killed mid-write: in OUT those of the audit's own outputs only (OUT may be a
     # folder of the user's), in OUT/work any

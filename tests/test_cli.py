@@ -274,7 +274,18 @@ def test_audit_errors(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixtu
                    "--out", str(out), "-q"])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and str(out) in err and says in err and "Errno" not in err, err
+    # the same for --cache-dir (it said "[Errno 20] Not a directory: '.../afile/items'", after decoding began)
+    for cache, says in ((afile, "is an existing file, not a folder"), (afile / "sub", f"{afile} is not a directory")):
+        rc = main(["audit", "--train", str(folders["train"]), "--synth", str(bad), "--metric", "ssim",
+                   "--out", str(tmp_path / "o5"), "--cache-dir", str(cache), "-q"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "cache folder" in err and says in err and "--cache-dir" in err, err
     assert afile.read_text() == "mine"
+    # --model with a metric that does not embed was silently unused
+    rc = main(["audit", "--train", str(folders["train"]), "--synth", str(bad), "--metric", "correlation",
+               "--model", str(afile), "--out", str(tmp_path / "o6"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "metric='deepssim' only" in err and "--model" in err, err
 
 
 def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
