@@ -121,8 +121,11 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
                   "no common dtype range; using max - min over each pair (give --data-range to fix one)",
                   file=sys.stderr)
 
+    def read(p: Path) -> np.ndarray:
+        return read_image(p, frame=args.frame)
+
     if a.is_file() and b.is_file():
-        x, y = read_image(a), read_image(b)
+        x, y = read(a), read(b)
         if x.shape != y.shape:
             raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
         integer_range([a, b])
@@ -132,8 +135,8 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         print(f"{v:.6f}")
         return 0
     pa, pb = discover(args.a), discover(args.b)
-    imgs_a = [read_image(p) for p in pa]
-    imgs_b = [read_image(p) for p in pb]
+    imgs_a = [read(p) for p in pa]
+    imgs_b = [read(p) for p in pb]
     shape = imgs_a[0].shape
     for p, im in zip([*pa, *pb], imgs_a + imgs_b, strict=True):
         if im.shape != shape:
@@ -386,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
         "float files and NIfTI max - min over the pair",
     )
     s.add_argument("--backend", default=None, help="native, torch or triton (default: by data location)")
+    s.add_argument("--frame", type=int, default=None,
+                   help="the volume of 4D files (NIfTI, .npy) to compare, 0-based; every file must then be 4D")
     s.add_argument("--out", default=None, help="CSV file for folder comparisons (default: print)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_ssim)

@@ -171,7 +171,8 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
             arr = np.asarray(img.dataobj[..., 0], dtype=np.float32)  # a 3D volume stored as 4D
         elif len(shape) == 4:
             if frame is None:
-                raise DataError(f"{p}: 4D volume of shape {shape}; choose a frame (frame=0..{shape[3] - 1})")
+                raise DataError(f"{p}: 4D volume of shape {shape}; choose a frame (frame=0..{shape[3] - 1}; "
+                                "command line: --frame)")
             if not -shape[3] <= frame < shape[3]:
                 raise DataError(f"{p}: frame {frame} out of range for 4D shape {shape}")
             arr = np.asarray(img.dataobj[..., frame], dtype=np.float32)

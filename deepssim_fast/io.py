@@ -396,7 +396,8 @@ def _read_npy(p: Path, frame: int | None) -> np.ndarray:
         raise DataError(f"{p}: unsupported dtype {a.dtype}; expected a real numeric array")
     if a.ndim == 4:
         if frame is None:
-            raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1})")
+            raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1}; "
+                            "command line: --frame)")
         if not -a.shape[3] <= frame < a.shape[3]:
             raise DataError(f"{p}: frame {frame} out of range for 4D shape {a.shape}")
         a = a[..., frame]

@@ -171,6 +171,24 @@ def test_ssim_errors_are_one_line(folders: dict, tmp_path: Path, capsys: pytest.
     assert err.count("\n") == 0 and "missing.npy" in err
 
 
+def test_ssim_of_4d_files_takes_frame(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The 4D error asked for a frame, which the ssim command could not be given."""
+    from deepssim_fast.ssim import ssim
+
+    rng = np.random.default_rng(5)
+    a = rng.random((12, 12, 12, 2)).astype(np.float32)
+    b = a + 0.1 * rng.random(a.shape).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "a.npy" in err and "--frame" in err, err
+    for frame in (0, 1):
+        assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--frame", str(frame)]) == 0
+        want = float(ssim(a[..., frame], b[..., frame], spatial_dims=3))
+        assert capsys.readouterr().out.strip() == f"{want:.6f}"
+
+
 def test_audit_and_evaluate_commands(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "audit"
     rc = main(
