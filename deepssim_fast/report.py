@@ -249,6 +249,11 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
             f"<td>{e(s.get('transform') or '')}</td><td class={lab}>{lab}</td></tr>"
         )
     skipped = summary.get("skipped") or []
+
+    def skipped_of(side: str) -> str:  # the files counted are those found; say how many inputs were left out
+        n = sum(1 for s in skipped if s.get("set") == side)
+        return f" ({n:,} skipped, listed below)" if n else ""
+
     skipped_html = (
         "<p>None.</p>"
         if not skipped
@@ -280,9 +285,9 @@ are labelled
 <tr><th>thresholds</th><td>{e(th["rule"])}; low = {th["low"]:g}, high = {th["high"]:g}</td></tr>
 <tr><th>model</th><td>{model_txt}</td></tr>
 <tr><th>training set</th><td class=num>{summary["n_train"]:,} items from {summary["n_train_files"]:,}
-files</td></tr>
+files found{skipped_of("train")}</td></tr>
 <tr><th>synthetic set</th><td class=num>{summary["n_synth"]:,} items from {summary["n_synth_files"]:,}
-files</td></tr>
+files found{skipped_of("synth")}</td></tr>
 <tr><th>pairs searched</th><td class=num>{summary["n_pairs"]:,} (top {summary["k"]} kept per
 synthetic item)</td></tr>
 <tr><th>item size</th><td>{e(str(summary.get("item_size")))} ({e(summary["mode"])})</td></tr>

@@ -142,6 +142,11 @@ def test_report_html_self_contained_and_escaped() -> None:
     assert "&lt;b&gt;s0&lt;/b&gt;" in page and "<b>s0</b>" not in page  # ids are escaped
     assert "not a PNG &lt;&amp;&gt;" in page
     assert "25.0 %" in page
+    # the file counts are of the files found; the skipped ones are said where the count is (one synth file)
+    text = re.sub(r"\s+", " ", page)
+    assert re.search(r"synthetic set</th><td class=num>[\d,]+ items from [\d,]+ files found \(1 skipped, listed "
+                     r"below\)</td>", text), text
+    assert re.search(r"training set</th><td class=num>[\d,]+ items from [\d,]+ files found</td>", text)
     # run timings never reach the page, so a resumed run writes the same bytes
     s1, s2 = _summary(), _summary()
     s1["timings_s"], s2["timings_s"] = {"total": 1.5}, {"total": 99.0}
