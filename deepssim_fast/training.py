@@ -421,8 +421,15 @@ def fixed_pairs(pool: ImagePool, n_pairs: int, seed: int, *, mix: Sequence[float
 
 def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, batch_size: int = 64,
                   device: torch.device | None = None) -> torch.Tensor:
-    """Cosine similarity (P,) float32 of the model's embeddings of pairs a[k], b[k] ((P, S, S) raw images)."""
-    dev = device or next(model.parameters()).device
+    """Cosine similarity (P,) float32 of the model's embeddings of pairs a[k], b[k] ((P, S, S) raw images).
+
+    ``device``: where the model runs (default: where its parameters are); a model elsewhere is an error, not
+    moved (that would change the caller's model)."""
+    at = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else at
+    if dev.type != at.type or (dev.index is not None and at.index is not None and dev.index != at.index):
+        raise ValueError(f"device={str(dev)!r} but the model's parameters are on {str(at)!r}; move the model "
+                         f"first (model.to({str(dev)!r})) or leave device unset")
     was = model.training
     model.eval()
     out = []

@@ -419,6 +419,12 @@ def test_bad_evaluate_counts_are_named(mni_slices) -> None:
     with pytest.raises(TypeError, match="evaluate: seed must be an integer"):
         evaluate(m, imgs, seed=1.5)
     assert evaluate(m, imgs, n_pairs=np.int64(3), batch_size=2)["n"] == 3
+    # a device other than the model's: the inputs were moved there and the model not (a device mismatch
+    # deep in the forward pass on a GPU machine); now an error naming both, the model left where it is
+    with pytest.raises(ValueError, match=r"device='meta' but the model's parameters are on 'cpu'"):
+        evaluate(m, imgs, n_pairs=3, device="meta")
+    assert next(m.parameters()).device.type == "cpu"
+    assert evaluate(m, imgs, n_pairs=3, device="cpu")["n"] == 3
 
 def test_a_large_val_fraction_leaves_two_training_images(mni_slices, caplog) -> None:
     """val_fraction=0.9 of 10 images asked for 9 validation images, which left 1 to train on: the split
