@@ -490,9 +490,12 @@ _LOG_FIELDS = ["step", "epoch", "loss", "mae", "lr", "t_data", "t_target", "t_mo
 
 def _changed_train_args(old: dict, new: dict) -> list[str]:
     """'name old -> new' for each training setting a resumed run changes (settings the checkpoint predates
-    are not compared; nor is total_steps: running on to more steps is what resuming is for)."""
+    are not compared; nor is total_steps under a constant learning rate: running on to more steps is what
+    resuming is for. Under the cosine schedule the rate at every step depends on total_steps, so a change
+    there is reported)."""
+    skip = () if new.get("lr_schedule") == "cosine" else ("total_steps",)
     return [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items()
-            if k in old and k != "total_steps" and old[k] != v]
+            if k in old and k not in skip and old[k] != v]
 
 
 class _Logger:
@@ -747,12 +750,14 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "an uninterrupted run", resume, "; ".join(changed))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stale = out_dir / "best.pt"
-        if ck is None and stale.is_file():
-            # a new run's log.csv starts afresh below; an earlier run's best.pt must not pass for this run's
-            # (a run without validation, or one stopped before its first, would leave it there)
-            logger.warning("removing %s of an earlier run in out=%s (this run starts afresh)", stale, out_dir)
-            stale.unlink()
+        for stale in (out_dir / "best.pt", out_dir / "last.pt"):
+            if ck is None and stale.is_file():
+                # a new run's log.csv starts afresh below; an earlier run's checkpoints must not pass for this
+                # run's: best.pt stays when this run does not validate (or stops before its first validation),
+                # last.pt when it is stopped before its first checkpoint, and a resume from that last.pt would
+                # continue the earlier run under this run's log rows
+                logger.warning("removing %s of an earlier run in out=%s (this run starts afresh)", stale, out_dir)
+                stale.unlink()
     earlier_log = None
     if resume is not None and out_dir is not None:
         here = Path(resume).parent / "log.csv"

@@ -196,6 +196,39 @@ def test_resume_checks_the_model_settings_and_applies_the_run_settings(tmp_path,
     assert all(g["weight_decay"] == 0.5 for g in after["optimizer"]["param_groups"])
 
 
+def test_resume_of_a_cosine_schedule_with_other_max_steps_is_said(tmp_path, mni_slices, caplog) -> None:
+    """Under the cosine schedule the learning rate of every step follows total_steps: a resume with another
+    max_steps changed the curve without a word (total_steps was never compared, as under a constant rate,
+    where running on is what resuming is for)."""
+    imgs = mni_slices[:8]
+    kw = dict(SMALL, batch_size=2, val_pairs=4, lr_schedule="cosine")
+    train(imgs, max_steps=2, out=tmp_path / "c", **kw)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, max_steps=4, out=tmp_path / "c", resume=tmp_path / "c" / "last.pt", **kw)
+    assert "total_steps 2 -> 4" in caplog.text
+
+
+def test_a_new_run_stopped_before_its_first_checkpoint_leaves_no_earlier_last_pt(tmp_path, mni_slices,
+                                                                                monkeypatch) -> None:
+    """A new run into a used out= kept the earlier run's last.pt until its own first checkpoint: stopped
+    before that, out= held the earlier run's weights beside this run's log.csv, and --resume out/last.pt
+    continued the earlier run under this run's log rows."""
+    import deepssim_fast.training as T
+
+    imgs = mni_slices[:8]
+    kw = dict(SMALL, batch_size=2, val_pairs=4)
+    train(imgs, max_steps=1, out=tmp_path / "o", **kw)
+    assert (tmp_path / "o" / "last.pt").is_file()
+
+    def stopped(*a, **k):  # the run is killed at its first step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_lr_at", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(imgs, max_steps=3, out=tmp_path / "o", seed=9, **kw)
+    assert not (tmp_path / "o" / "last.pt").exists() and not (tmp_path / "o" / "best.pt").exists()
+
+
 def test_resume_into_another_folder_returns_the_best_weights(tmp_path, mni_slices) -> None:
     """The best validation may come before the resume; the resumed run into another out= still returns (and
     keeps) those weights, not the last ones."""
