@@ -35,7 +35,7 @@ Outputs under ``out`` (when given): ``last.pt`` (after every validation and at t
 validation loss; only with a validation set: the automatic split needs ``val_fraction`` of the images to be at
 least 2, else a warning says there is none), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
 forward/backward, and validation figures when computed), optionally TensorBoard events. A new (not
-resumed) run starts ``log.csv`` afresh and removes the ``best.pt`` an earlier run left in ``out``.
+resumed) run starts ``log.csv`` afresh and removes the ``best.pt`` and ``last.pt`` an earlier run left in ``out``.
 
 The reference CSV format (columns ``real_key, synth_key, ssim, split``) is accepted with ``pairs_csv=``: its
 ``train`` rows define the training pairs and its ``val``/``validation`` rows the validation pairs; keys are
