@@ -615,6 +615,13 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         else:
             cfg = ModelConfig(backbone="convnext_base", emb_dim=256, input_size=224, size_policy="resize",
                               extra={"foreign": True})
+            assumed = [f"{n}={v!r}" for n, v, given in (("input_size", 224, input_size),
+                                                       ("size_policy", "resize", size_policy)) if given is None]
+            if assumed:  # (a traced copy of one of our encoders lands here too, and would be fed wrongly)
+                logger.warning("%s stores no preprocessing settings; assuming the published DeepSSIM encoder's "
+                               "(%s); if it expects others, load it with load_model(path, %s...) and pass "
+                               "the model object",
+                               p, ", ".join(assumed), " and ".join(a.split("=")[0] + "=" for a in assumed))
         if input_size is not None:
             cfg.input_size = int(input_size)
         if size_policy is not None:

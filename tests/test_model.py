@@ -1,6 +1,8 @@
 """The DeepSSIM encoder: backbones and head, torchvision keys, freezing, TorchScript, embed, bad input."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -278,15 +280,23 @@ def test_plain_jit_save_keeps_the_config(tmp_path, small_model, real_images) -> 
     _assert_close(embed(real_images, loaded, progress=False), embed(real_images, ck, progress=False), 1e-6,
                   "plain torch.jit.save vs checkpoint")
 
-def test_foreign_torchscript_defaults(tmp_path) -> None:
+def test_foreign_torchscript_defaults(tmp_path, caplog) -> None:
     class Plain(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x[:, 0, :2, :4].flatten(1) + 10.0
 
     p = tmp_path / "foreign.pt"
     torch.jit.save(torch.jit.script(Plain()), str(p))
-    m = load_model(p, input_size=48)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        m = load_model(p, input_size=48)
     assert m.config.input_size == 48 and m.config.size_policy == "resize"
+    # the assumed settings are said (a traced copy of one of our encoders loses its config and was fed 224 x
+    # 224 resized inputs without a word); the ones given are not
+    assert "assuming the published DeepSSIM encoder's (size_policy='resize')" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        load_model(p, input_size=48, size_policy="fit")
+    assert caplog.text == ""
     e = embed([np.random.default_rng(0).random((50, 60), dtype=np.float32)], m, progress=False)
     assert e.shape == (1, 8)
     _assert_close(np.linalg.norm(e, axis=1), np.ones(1), 1e-6, "norm")
