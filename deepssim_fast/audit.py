@@ -1863,7 +1863,10 @@ def _evaluation_model(summary: dict, model: Any) -> Any:
     return obj
 
 
-def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
+def _resolver(ids: Sequence[str], paths: Sequence[str],
+              skipped: Sequence[tuple[str, str]] = ()) -> Callable[[str], int]:
+    """Label key -> item index. ``skipped``: (path, reason) of the inputs the audit left out, so that a key
+    naming one is told why it has no item."""
     exact = {s: i for i, s in enumerate(ids)}
     by_path: dict[str, list[int]] = {}
     by_base: dict[str, list[int]] = {}
@@ -1898,6 +1901,12 @@ def _resolver(ids: Sequence[str], paths: Sequence[str]) -> Callable[[str], int]:
             if absolute != key:
                 hit = lookup(absolute, (by_path,))
         if hit is None:
+            absolute = os.path.abspath(os.path.expanduser(key.split("#")[0].split("@")[0]))
+            for path, reason in skipped:
+                base = os.path.basename(path)
+                stem = base[:-7] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
+                if key in (path, base, stem) or absolute == path or key.startswith((path + "#", path + "@")):
+                    raise ValueError(f"label key {key!r} names an input the audit skipped: {path}: {reason}")
             raise ValueError(
                 f"label key {key!r} matches no audited item (use an id, a path — absolute, or relative to "
                 "the working directory — a file name or a stem)"
@@ -1969,7 +1978,10 @@ def evaluate(
     meta = json.loads(stored("items.json").read_text())
     for side in ("train", "synth"):
         ids[side], paths[side] = meta[side]["ids"], meta[side]["paths"]
-    ft, fs = _resolver(ids["train"], paths["train"]), _resolver(ids["synth"], paths["synth"])
+    skipped = {side: [(str(x["path"]), str(x["reason"])) for x in summary.get("skipped") or [] if x.get("set") == side]
+               for side in ("train", "synth")}
+    ft = _resolver(ids["train"], paths["train"], skipped["train"])
+    fs = _resolver(ids["synth"], paths["synth"], skipped["synth"])
     ti, si = [], []
     for real, synth, _, line in rows:
         try:

@@ -1231,6 +1231,14 @@ def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None
     sk = {Path(s["path"]).name: s["reason"] for s in r.summary["skipped"]}
     assert set(sk) == {"b.npy", "narrow.npy"}
     assert "width 8" in sk["narrow.npy"] and "16" in sk["narrow.npy"] and "narrow.npy" in sk["narrow.npy"]
+    # a label naming a skipped input says so and why (it was "matches no audited item")
+    a_row, good_row = str(tmp_path / "t" / "a.npy") + "#row:0", str(tmp_path / "s" / "good.npy") + "#row:0"
+    for key in ("narrow.npy", "narrow", str(tmp_path / "s" / "narrow.npy")):
+        with pytest.raises(ValueError, match=r"lab\.csv:2: label key .* names an input the audit skipped: "
+                                             r".*narrow\.npy: .*width 8"):
+            A.evaluate(tmp_path / "o", _labels(tmp_path / "lab.csv", (a_row, key, 1)))
+    with pytest.raises(ValueError, match=r"names an input the audit skipped: .*b\.npy"):
+        A.evaluate(tmp_path / "o", _labels(tmp_path / "lab.csv", ("b.npy", good_row, 1)))
     with pytest.raises(DataError, match=r"b\.npy.*width 8"):
         A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o2", strict=True, **kw)
     with pytest.raises(ValueError, match=r"--verify none"):
