@@ -654,7 +654,10 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     if n_synth == 0:  # nothing to distribute: the empty result, as one process gives it
         from .all_pairs import all_pairs
 
-        return all_pairs(tr, sy, k=k, thresholds=(low, high), bins=int(bins), progress=False)
+        empty = all_pairs(tr, sy, k=k, thresholds=(low, high), bins=int(bins), progress=False)
+        if backend not in (None, "auto"):  # (computed here, on this machine's default; labelled as asked)
+            empty.backend = backend
+        return empty
     if shard_size is None:
         shard_size = default_shard_size(n_synth, n_train)
 

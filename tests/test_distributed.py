@@ -458,6 +458,9 @@ def test_empty_synth_set_gives_the_empty_result(client, emb):
     assert res.scores.shape == (0, 3) and res.indices.shape == (0, 3) and res.n_synth == 0
     assert res.class_counts == one.class_counts and np.array_equal(res.histogram[0], one.histogram[0])
     assert np.array_equal(res.train_hits, one.train_hits)
+    # labelled with the backend asked for (it said 'native' for backend='torch')
+    labelled = dd.all_pairs_distributed(tr, empty, k=3, scheduler=client, progress=False, backend="torch")
+    assert labelled.backend == "torch"
     with pytest.raises(ValueError, match="dims per row"):
         dd.all_pairs_distributed(tr, np.zeros((0, 3), tr.dtype), scheduler=client, progress=False)
 
