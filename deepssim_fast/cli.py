@@ -75,7 +75,7 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
     g.add_argument("--axis", type=int, default=2, help="slice axis (default 2)")
     g.add_argument("--slice-start", type=int, default=None, help="first slice index")
     g.add_argument("--slice-stop", type=int, default=None, help="stop slice index (exclusive)")
-    g.add_argument("--slice-step", type=int, default=1, help="keep every n-th slice")
+    g.add_argument("--slice-step", type=int, default=1, help="keep every n-th slice (default 1: all)")
     g.add_argument(
         "--min-foreground",
         type=float,
@@ -379,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("a", help="image file (PNG, .npy, NIfTI) or folder / glob")
     s.add_argument("b", help="image file or folder / glob")
     s.add_argument("--preset", choices=["deepssim"], default=None, help="z-score both, range of the first")
-    s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform")
-    s.add_argument("--win-size", type=int, default=7)
+    s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform",
+                   help="uniform window (default, as scikit-image) or gaussian (sigma 1.5, 11 taps)")
+    s.add_argument("--win-size", type=int, default=7, help="uniform window side (default 7)")
     s.add_argument(
         "--data-range",
         type=float,
@@ -405,11 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder (default: small; with --resume, the checkpoint's)",
     )
     t.add_argument("--pretrained", default=None, help="local ImageNet state_dict for the backbone")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--epochs", type=int, default=40, help="passes over the training images (default 40)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="number of optimizer steps; overrides --epochs")
     t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=32, help="image pairs per step (default 32)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=_train_default("lr_schedule"),
                    help="constant learning rate, or cosine decay to 0 over the run (default %(default)s)")
     t.add_argument("--warmup-steps", type=int, default=_train_default("warmup_steps"), metavar="N",
@@ -430,9 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--zoom-out", type=float, nargs="*", default=None, metavar="F",
                    help="zoom-out augmentation factors, e.g. 0.5 0.65 0.8 (off by default)")
     t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt)")
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--device", default=None)
-    t.add_argument("-q", "--quiet", action="store_true")
+    t.add_argument("--seed", type=int, default=42, help="seed of the weights, pairs and split (default 42)")
+    t.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_policy(t)
     t.set_defaults(func=_cmd_train)
 
@@ -442,10 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True,
                    help="output .npy (.npy is added if missing; item ids, one per row, go to the same name "
                    "with .ids.txt instead of .npy)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--device", default=None)
+    e.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    e.add_argument("--device", default=None, help="torch device for the encoder, e.g. cuda (default cpu)")
     e.add_argument("--strict", action="store_true", help="abort on the first unreadable file")
-    e.add_argument("-q", "--quiet", action="store_true")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_policy(e)
     e.set_defaults(func=_cmd_embed)
 
@@ -455,15 +457,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--train", required=True, nargs="+", help="training set: folders, globs or files")
     a.add_argument("--synth", required=True, nargs="+", help="synthetic set: folders, globs or files")
     a.add_argument("--model", default=None, help="encoder checkpoint or TorchScript file (metric deepssim)")
-    a.add_argument("--metric", default="deepssim", choices=["deepssim", "ssim", "correlation", "embeddings"])
+    a.add_argument(
+        "--metric",
+        default="deepssim",
+        choices=["deepssim", "ssim", "correlation", "embeddings"],
+        help="search score: cosine of the encoder's embeddings (deepssim, the default; needs --model), exact "
+        "SSIM of every pair (ssim), Pearson correlation of the pixels (correlation), or cosine of the rows of "
+        "embedding .npy files (embeddings; needs --verify none)",
+    )
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("-k", "--k", type=int, default=5, help="candidates per synthetic item (default 5)")
-    a.add_argument("--thresholds", type=float, nargs=2, default=(0.6, 0.85), metavar=("LOW", "HIGH"))
+    a.add_argument(
+        "--thresholds",
+        type=float,
+        nargs=2,
+        default=(0.6, 0.85),
+        metavar=("LOW", "HIGH"),
+        help="labels: different <= LOW < similar <= HIGH < duplicate (default 0.6 0.85)",
+    )
     a.add_argument(
         "--verify",
         default="ssim",
         choices=["ssim", "none"],
-        help="re-score the candidates with exact SSIM (default), or label from the search score (none; "
+        help="re-score the candidates with exact SSIM (ssim, the default), or label from the search score (none; "
         "required by --metric embeddings)",
     )
     a.add_argument(
@@ -471,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="PX",
-        help="also verify over integer shifts up to PX pixels (best by cross-correlation)",
+        help="also verify over integer shifts up to PX pixels (best by cross-correlation; default 0: none)",
     )
     a.add_argument(
         "--verify-flips",
@@ -483,20 +499,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="DEG",
-        help="also verify rotations of the best flip by ±DEG/2 and ±DEG degrees (slices only)",
+        help="also verify rotations of the best flip by ±DEG/2 and ±DEG degrees (slices only; default 0: none)",
     )
-    a.add_argument("--mode", default="slices", choices=["slices", "volumes"], help="2D slices or 3D volumes")
-    a.add_argument("--size", type=int, nargs="+", default=None, help="common item shape (crop/pad)")
+    a.add_argument("--mode", default="slices", choices=["slices", "volumes"],
+                   help="2D slices (default) or 3D volumes (metrics ssim and correlation)")
+    a.add_argument("--size", type=int, nargs="+", default=None,
+                   help="common item shape (centre crop/pad; default: the first training item's shape)")
     a.add_argument("--strict", action="store_true", help="abort on the first unreadable file")
     a.add_argument("--cache-dir", default=None, help="per-file cache (default OUT/cache)")
-    a.add_argument("--decode-workers", type=int, default=0, help="DataLoader worker processes")
+    a.add_argument("--decode-workers", type=int, default=0,
+                   help="DataLoader worker processes (default 0: decode in this process)")
     a.add_argument("--workers", type=int, default=None, help="run the search on a local Dask cluster")
     a.add_argument("--scheduler", default=None, help="Dask scheduler address for the search")
-    a.add_argument("--batch-size", type=int, default=64)
-    a.add_argument("--chunk-size", type=int, default=256, help="synthetic items per resumable chunk")
-    a.add_argument("--device", default=None)
-    a.add_argument("--backend", default=None)
-    a.add_argument("-q", "--quiet", action="store_true")
+    a.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
+    a.add_argument("--chunk-size", type=int, default=256,
+                   help="synthetic items per resumable chunk (default 256)")
+    a.add_argument("--device", default=None, help="torch device for the encoder, e.g. cuda (default cpu)")
+    a.add_argument("--backend", default=None,
+                   help="SSIM and search engine: native, torch or triton (default: by data location)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_policy(a)
     a.set_defaults(func=_cmd_audit)
 
@@ -507,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--labels", required=True, help="CSV with real_key, synth_key, label (0 diff, 1 dup, 2 sim)"
     )
-    v.add_argument("--backend", default=None)
+    v.add_argument("--backend", default=None,
+                   help="SSIM engine for re-scoring: native, torch or triton (default: by data location)")
     v.add_argument(
         "--model",
         default=None,
@@ -517,11 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_evaluate)
 
     m = sub.add_parser("demo", parents=[common], help="end-to-end audit on real brain MRI with planted copies")
-    m.add_argument("--out", default="demo_out")
-    m.add_argument("--train-seconds", type=float, default=150.0, help="encoder training budget")
+    m.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    m.add_argument("--train-seconds", type=float, default=150.0, help="encoder training budget (default 150)")
     m.add_argument("--retrain", action="store_true", help="ignore a cached encoder in OUT")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("-q", "--quiet", action="store_true")
+    m.add_argument("--seed", type=int, default=0, help="seed of the planted copies and training (default 0)")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="run the benchmarks (source checkout only)", add_help=False,

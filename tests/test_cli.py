@@ -43,6 +43,28 @@ def test_help_lists_every_subcommand() -> None:
         assert cmd in text
 
 
+def test_every_option_has_help_text_and_shows_its_default() -> None:
+    """`--help` on each subcommand describes every option; one whose default is a value says it (the README
+    points users to --help: `--thresholds`, `--metric`, `--epochs` and a dozen others had no line at all)."""
+    import argparse
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in subs.choices.items():
+        if name == "bench":  # its arguments are `python -m bench`'s, whose --help describes them
+            continue
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            what = f"{name} {'/'.join(action.option_strings)}"
+            assert action.help, f"{what} has no help text"
+            d = action.default
+            if isinstance(d, (int, float, str, tuple)) and not isinstance(d, bool) and action.dest != "verbose_sub":
+                shown = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in d) if isinstance(d, tuple) \
+                    else f"{d:g}" if isinstance(d, float) else str(d)
+                assert shown in action.help or "%(default)" in action.help, f"{what}: default {d!r} not in help"
+
+
 def test_doctor_still_works(capsys: pytest.CaptureFixture) -> None:
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
