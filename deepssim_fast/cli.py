@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -589,6 +590,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # subscriptable", a wrong keyword), whose traceback is what a bug report needs.
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # the reader of stdout went away (`deepssim-fast ssim A/ B/ | head`): stop quietly, as a command killed
+        # by SIGPIPE would, instead of reporting "error: [Errno 32] Broken pipe"; stdout goes to /dev/null so
+        # that the interpreter's final flush does not fail again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # (a stdout without a file descriptor)
+            pass
+        return 128 + 13  # 141, the shell's status of a command ended by SIGPIPE
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"deepssim-fast {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -65,6 +65,20 @@ def test_every_option_has_help_text_and_shows_its_default() -> None:
                 assert shown in action.help or "%(default)" in action.help, f"{what}: default {d!r} not in help"
 
 
+def test_a_closed_stdout_pipe_is_not_an_error(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """`deepssim-fast doctor | head -1` printed "error: [Errno 32] Broken pipe" and exited 2: the reader
+    stopping early is no error of the command, which now ends quietly with a shell's SIGPIPE status."""
+    import deepssim_fast.cli as cli
+
+    def closed(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_doctor", closed)
+    assert main(["doctor"]) == 141
+    assert capsys.readouterr().err == ""
+
+
 def test_doctor_still_works(capsys: pytest.CaptureFixture) -> None:
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
