@@ -83,8 +83,9 @@ constexpr int NC = 256;  // database rows per tile (16 panels; 256 KB packed at 
 constexpr int LIST = 2 * MR * NR;  // flagged pairs of one micro-kernel call, at most
 constexpr int KC = 16;   // micro_vnni: k pairs (32 columns) per int32 partial sum, then added in float32
 constexpr int kI16Chunks = 4;
-// micro_i16_avx2: k pairs per chunk (the last may be shorter)
-inline int64_t i16_avx2_kc(int64_t dp) { return (dp / 2 + kI16Chunks - 1) / kI16Chunks; }
+// micro_i16_avx2: k pairs per chunk (the last may be shorter); at least 1, so that the chunk width is never 0
+// (prepare() computes it for every dp, also dp = 1, where no int16 kernel runs but the chunks still divide)
+inline int64_t i16_avx2_kc(int64_t dp) { return std::max<int64_t>(1, (dp / 2 + kI16Chunks - 1) / kI16Chunks); }
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 

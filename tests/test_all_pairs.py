@@ -643,6 +643,35 @@ def test_native_fold_validates_buffers():
         _native.cosine_scores(np.zeros((8, 4), np.float32).T, t, np.zeros((4, 5), np.float32))
 
 
+def test_native_fold_of_one_column_rows_at_every_simd_level():
+    """dp = 1 (a direct call: all_pairs pads rows to 8): prepare() sized the AVX2 int16 kernel's chunks as
+    0 columns and divided by it, a SIGFPE that killed the process at the scalar and AVX2 levels. Run in a
+    subprocess so a crash fails this test only."""
+    code = """
+import numpy as np
+from deepssim_fast import _native
+q = np.array([[1.0], [-1.0], [1.0]], np.float32)
+t = np.array([[1.0], [-1.0]], np.float32)
+for level in ("scalar", "avx2", "auto"):
+    for choice in ("fp32", "int16", "auto"):
+        _native.set_simd_level(level)
+        _native.set_topk_kernel(choice)
+        ts = np.full((3, 2), -np.inf, np.float32)
+        ti = np.full((3, 2), np.iinfo(np.int64).max, np.int64)
+        h = np.zeros(4, np.int64)
+        c = np.zeros(3, np.int64)
+        assert _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85) == "fp32"
+        assert sorted(ts.ravel().tolist()) == [-1.0] * 3 + [1.0] * 3
+        assert sorted(ti[ts == 1.0].tolist()) == [0, 0, 1]
+        assert h.tolist() == [3, 0, 0, 3] and c.tolist() == [3, 0, 3], (level, choice, h, c)
+print("ok")
+"""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(_native.__file__)))  # this checkout's package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 @pytest.mark.parametrize("lo,hi,bins", [(-1.0, 1.0, 200), (0.05, 0.3, 1000), (-0.2, -0.1, 7),
                                         (-1000.0, 3.0, 50000), (-1.0, 1.0, 1 << 20)])
 def test_native_fold_histogram_on_other_ranges_and_bin_counts(lo, hi, bins):
