@@ -1369,8 +1369,9 @@ std::string topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int
   if (hist.ndim() != 1 || hist.dtype().kind() != 'i' || hist.itemsize() != 8 ||
       !(hist.flags() & py::array::c_style))
     throw py::value_error("hist: expected a contiguous 1-D int64 array");
-  if (classes.ndim() != 1 || classes.shape(0) != 3 || classes.dtype().kind() != 'i' || classes.itemsize() != 8)
-    throw py::value_error("classes: expected a 1-D int64 array of length 3");
+  if (classes.ndim() != 1 || classes.shape(0) != 3 || classes.dtype().kind() != 'i' || classes.itemsize() != 8 ||
+      !(classes.flags() & py::array::c_style))
+    throw py::value_error("classes: expected a contiguous 1-D int64 array of length 3");
   if (!top_s.writeable() || !top_i.writeable() || !hist.writeable() || !classes.writeable())
     throw py::value_error("top_s/top_i/hist/classes must be writeable");
   const int64_t bins = hist.shape(0);

@@ -641,6 +641,11 @@ def test_native_fold_validates_buffers():
         _native.topk_fused(q.astype(np.float64), t, 0, 0, -1, ts, ti, h, c, -1, 1, 0.6, 0.85)
     with pytest.raises(ValueError, match="C-contiguous"):
         _native.cosine_scores(np.zeros((8, 4), np.float32).T, t, np.zeros((4, 5), np.float32))
+    # a strided or reversed view of the class counts: the fold added them as if contiguous (a reversed view
+    # wrote 8 and 16 bytes past the end of its array; AddressSanitizer: heap-buffer-overflow)
+    for view in (np.zeros(6, np.int64)[::2], np.zeros(3, np.int64)[::-1]):
+        with pytest.raises(ValueError, match="classes: expected a contiguous"):
+            _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, view, -1, 1, 0.6, 0.85)
 
 
 def test_native_fold_of_one_column_rows_at_every_simd_level():
