@@ -9,6 +9,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <system_error>
 
 namespace dsf {
 
@@ -128,7 +129,16 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   };
   std::vector<std::thread> pool;
   pool.reserve(nt - 1);
-  for (int i = 0; i < nt - 1; ++i) pool.emplace_back(worker);
+  for (int i = 0; i < nt - 1; ++i) {
+    // A thread that cannot be started (EAGAIN: a process or memory limit) is not an error: the chunks are
+    // claimed dynamically, so the threads running (at least this one) take them all. Letting the
+    // std::system_error escape destroyed `pool` with running threads in it: std::terminate.
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
   worker();
   for (auto& th : pool) th.join();
   if (err) std::rethrow_exception(err);

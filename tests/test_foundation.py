@@ -62,6 +62,31 @@ def test_native_thread_count_is_settable():
         _native.set_num_threads(-1)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limit via /proc and RLIMIT_AS")
+def test_native_loops_survive_threads_that_cannot_be_started():
+    """More worker threads asked for than the process may start (here: an address-space limit that leaves room
+    for a few thread stacks, not 4000): the native loops run on the threads they got. Was: the failed
+    std::thread start escaped parallel_for with the started threads still joinable, and std::terminate
+    aborted the process."""
+    code = """
+import resource
+import numpy as np
+from deepssim_fast import _native
+x = np.random.default_rng(0).standard_normal((1_100_000, 1)).astype(np.float32)  # 4297 chunks of 256 rows
+out = np.zeros_like(x)
+vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+_native.set_num_threads(4000)
+assert _native.normalize_rows(x, out) == -1
+assert np.array_equal(out, np.sign(x)), "normalised 1-column rows are their signs"
+print("ok")
+"""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(deepssim_fast.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
 def test_native_does_not_link_libtorch():
     from deepssim_fast import _native
 
