@@ -40,6 +40,7 @@ Conventions
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 import struct
@@ -296,14 +297,12 @@ def _png_unfilter(rows: np.ndarray, h: int, w: int, bpp: int) -> np.ndarray:
     return out[1:, 1:].astype(np.uint8)
 
 
-def _read_png16_colour(p: Path) -> np.ndarray:
-    """The samples of a 16-bit colour PNG (colour type 2, 4 or 6) as an ``(h, w, channels)`` uint16 array.
-
-    Pillow decodes these to 8 bits per channel, so they are decoded here: chunk CRCs checked, the IDAT
-    stream inflated (no further than the image needs), row filters undone, Adam7 interlacing handled.
-    Raises ValueError describing a damaged file."""
-    data = p.read_bytes()
-    pos, ihdr, idat = 8, b"", []
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The chunks of a PNG file (``data`` starts with the signature) as ``(type, body)``, up to IEND, with
+    the CRC of every chunk checked, the image data's (IDAT) and the ancillary ones' included: a damaged file
+    is refused whole, whichever decoder reads its pixels (Pillow does not check IDAT CRCs). Raises
+    ValueError describing the damage."""
+    pos, chunks = 8, []
     while pos < len(data):
         if pos + 12 > len(data):
             raise ValueError("file truncated inside a chunk header")
@@ -314,13 +313,22 @@ def _read_png16_colour(p: Path) -> np.ndarray:
         (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
         if zlib.crc32(ctype + body) & 0xFFFFFFFF != crc:
             raise ValueError(f"CRC error in the {ctype.decode('latin-1')!r} chunk")
-        if ctype == b"IHDR":
-            ihdr = body
-        elif ctype == b"IDAT":
-            idat.append(body)
-        elif ctype == b"IEND":
+        chunks.append((ctype, body))
+        if ctype == b"IEND":
             break
         pos += 12 + n
+    return chunks
+
+
+def _read_png16_colour(chunks: Sequence[tuple[bytes, bytes]]) -> np.ndarray:
+    """The samples of a 16-bit colour PNG (colour type 2, 4 or 6) as an ``(h, w, channels)`` uint16 array,
+    from its chunks (:func:`_png_chunks`, CRCs checked).
+
+    Pillow decodes these to 8 bits per channel, so they are decoded here: the IDAT stream inflated (no
+    further than the image needs), row filters undone, Adam7 interlacing handled. Raises ValueError
+    describing a damaged file."""
+    ihdr = next((body for ctype, body in chunks if ctype == b"IHDR"), b"")
+    idat = [body for ctype, body in chunks if ctype == b"IDAT"]
     if len(ihdr) != 13:
         raise ValueError("bad IHDR chunk")
     w, h, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", ihdr)
@@ -354,17 +362,24 @@ def _read_png(p: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
+        data = p.read_bytes()
+        chunks: list[tuple[bytes, bytes]] = []
+        if data.startswith(_PNG_SIGNATURE):  # anything else is left to Pillow, which names the problem
+            try:
+                chunks = _png_chunks(data)
+            except ValueError as exc:
+                raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
         header = _png_header(p)
         if header is not None and header[0] == 16 and header[1] in _PNG_COLOUR_CHANNELS:
             try:
-                px = _read_png16_colour(p)
+                px = _read_png16_colour(chunks)
             except (ValueError, zlib.error) as exc:
                 raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
             if header[1] == 4:  # grey + alpha
                 return np.ascontiguousarray(px[..., 0], dtype=np.float32)
             rgb = px.astype(np.float32)
             return np.ascontiguousarray(0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
-        with Image.open(p) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode = im.mode
             if mode == "P":

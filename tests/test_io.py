@@ -162,6 +162,43 @@ def test_read_png16_colour_damaged_names_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="rgb.png: not a readable PNG file.*CRC"):
         read_image(p)
 
+
+def _chunk_at(data: bytes, kind: bytes) -> tuple[int, int]:
+    """``(offset, length)`` of the first chunk of type ``kind`` in a PNG file's bytes."""
+    import struct
+
+    pos = 8
+    while True:
+        n, t = struct.unpack(">I4s", data[pos : pos + 8])
+        if t == kind:
+            return pos, n
+        pos += 12 + n
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "I;16"])
+@pytest.mark.parametrize("kind", [b"IDAT", b"tEXt"])
+def test_png_with_a_bad_chunk_crc_is_refused_for_every_decoder(tmp_path: Path, mode: str, kind: bytes) -> None:
+    """A CRC mismatch marks a damaged file for the PNGs Pillow decodes too, as for the 16-bit colour ones
+    this module decodes: Pillow itself does not check the CRC of the image data (IDAT), and an ancillary
+    chunk's bad CRC came out as 'cannot identify image file'."""
+    from PIL import PngImagePlugin
+
+    arr = np.arange(12 * 10).reshape(12, 10) % 250
+    img = Image.fromarray(arr.astype(np.uint16 if mode == "I;16" else np.uint8))
+    img = img.convert(mode) if mode in ("RGB", "P") else img
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "synthetic sample")
+    p = tmp_path / "bad.png"
+    img.save(p, pnginfo=info)
+    read_image(p)  # intact: decodes
+    data = bytearray(p.read_bytes())
+    pos, n = _chunk_at(bytes(data), kind)
+    data[pos + 8 + n] ^= 0x5A  # the chunk's stored CRC; its contents are intact
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"bad.png: not a readable PNG file .*CRC error in the '{kind.decode()}'"):
+        read_image(p)
+
+
 def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for dt in (np.uint8, np.int16, np.float64, np.float32):
