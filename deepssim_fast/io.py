@@ -383,6 +383,12 @@ def _read_png(p: Path) -> np.ndarray:
             im.load()
             mode = im.mode
             if mode == "P":
+                # an index past the palette's end has no colour (Pillow would give it black): damaged file
+                plte = next((body for ctype, body in chunks if ctype == b"PLTE"), None)
+                top = int(np.asarray(im).max())
+                if plte is not None and top >= len(plte) // 3:
+                    raise DataError(f"{p}: not a readable PNG file (a pixel has palette index {top}, but the "
+                                    f"palette has {len(plte) // 3} entries)")
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 mode = im.mode
             if mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):

@@ -199,6 +199,32 @@ def test_png_with_a_bad_chunk_crc_is_refused_for_every_decoder(tmp_path: Path, m
         read_image(p)
 
 
+@pytest.mark.parametrize("depth", [2, 8])
+def test_png_palette_index_past_the_palette_is_refused(tmp_path: Path, depth: int) -> None:
+    """A palette image whose pixels index past the end of its PLTE has no colour for them; Pillow decoded
+    them as black (0), a made-up value. Indices within the palette keep their luminance."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    def write(name: str, idx: list[int]) -> Path:
+        row = bytes(idx) if depth == 8 else bytes([sum(v << (6 - 2 * i) for i, v in enumerate(idx))])
+        p = tmp_path / name
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 1, depth, 3, 0, 0, 0))
+                      + chunk(b"PLTE", bytes([10, 20, 30, 40, 50, 60, 70, 80, 90]))
+                      + chunk(b"IDAT", zlib.compress(b"\x00" + row)) + chunk(b"IEND", b""))
+        return p
+
+    got = read_image(write("ok.png", [0, 1, 2, 1]))
+    lum = [np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b
+           for r, g, b in ((10, 20, 30), (40, 50, 60), (70, 80, 90), (40, 50, 60))]
+    np.testing.assert_array_equal(got, np.array([lum], np.float32))
+    with pytest.raises(DataError, match="bad.png: not a readable PNG file .*palette index 3.* 3 entries"):
+        read_image(write("bad.png", [0, 1, 3, 2]))
+
+
 def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for dt in (np.uint8, np.int16, np.float64, np.float32):
