@@ -412,7 +412,8 @@ def _read_npy(p: Path, frame: int | None) -> np.ndarray:
         a = np.load(p, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
-    numeric = np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_
+    # (numpy counts timedelta64 as an integer type: durations are not pixel values)
+    numeric = (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.timedelta64)) or a.dtype == np.bool_
     if not numeric or np.issubdtype(a.dtype, np.complexfloating):
         raise DataError(f"{p}: unsupported dtype {a.dtype}; expected a real numeric array")
     if a.ndim == 4:
@@ -455,7 +456,8 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
         return None if dt is None else np.dtype(dt)
     if kind == "npy":
         dt = np.load(p, allow_pickle=False, mmap_mode="r").dtype
-        return dt if (np.issubdtype(dt, np.integer) or dt == np.bool_) else None
+        integer = np.issubdtype(dt, np.integer) and not np.issubdtype(dt, np.timedelta64)
+        return dt if (integer or dt == np.bool_) else None
     return None
 
 

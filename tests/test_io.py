@@ -249,6 +249,9 @@ def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
         (np.array([[1.0, np.nan], [0.0, 1.0]], dtype=np.float32), "NaN or Inf"),
         (np.zeros(5, dtype=np.float32), "expected a 2D image or 3D volume"),
         (np.zeros((3, 3), dtype=np.complex64), "unsupported dtype"),
+        # numpy files timedelta64 under the integers; a duration is not a pixel value (the ssim command
+        # stopped on "Invalid integer data type 'm'.")
+        (np.arange(9).reshape(3, 3).astype("m8[s]"), "unsupported dtype timedelta64"),
     ],
 )
 def test_read_npy_bad_content_names_path(tmp_path: Path, content: np.ndarray, match: str) -> None:
