@@ -14,8 +14,11 @@ Conventions
   ``sorted()`` over those absolute paths, never ``os.listdir`` order.
 * :func:`read_image` returns float32, 2D or 3D:
 
-  - PNG: 8- or 16-bit grayscale as stored (no rescaling). Colour images are converted to luminance with
-    the ITU-R BT.601 weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding) from the
+  - PNG: 8- or 16-bit grayscale as stored (no rescaling); 1-bit grayscale gives 0 and 1 (dtype range,
+    :func:`stored_dtype`, bool's 1), while 2- and 4-bit grayscale are scaled to 0..255 (x85, x17, as
+    Pillow decodes them; dtype range uint8's 255), so SSIM with the dtype range is that of the stored
+    values with their own range (3, 15). Colour images are converted to luminance with the ITU-R BT.601
+    weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding) from the
     stored samples, so 16-bit colour (RGB, RGBA, grey+alpha; decoded by this module, as Pillow reduces
     them to 8 bits) keeps its 16-bit values (0..65535) as 8-bit colour keeps 0..255; an alpha channel is
     ignored (grey+alpha gives its grey channel). Palette images are expanded to RGB first.

@@ -225,6 +225,38 @@ def test_png_palette_index_past_the_palette_is_refused(tmp_path: Path, depth: in
         read_image(write("bad.png", [0, 1, 3, 2]))
 
 
+@pytest.mark.parametrize("interlace", [False, True])
+@pytest.mark.parametrize("depth,scale,dtype", [(1, 1, np.bool_), (2, 85, np.uint8), (4, 17, np.uint8)])
+def test_png_low_bit_depth_grey_values_and_dtype_range(
+    tmp_path: Path, depth: int, scale: int, dtype: type, interlace: bool
+) -> None:
+    """1-, 2- and 4-bit greyscale (bit-packed rows, odd widths, Adam7 too) decode as the module docstring
+    says: 1-bit as 0/1 with bool's range, 2- and 4-bit scaled to 0..255 with uint8's."""
+    import struct
+    import zlib
+
+    from deepssim_fast.io import stored_dtype
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rng = np.random.default_rng(depth)
+    for w, h in ((1, 1), (3, 2), (7, 5), (9, 9)):
+        s = rng.integers(0, 1 << depth, (h, w))
+        raw = b""
+        for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+            for row in s[y0::dy, x0::dx]:
+                if row.size:  # a pass with no columns has no scanlines
+                    bits = "".join(format(int(v), f"0{depth}b") for v in row)
+                    bits += "0" * (-len(bits) % 8)
+                    raw += b"\x00" + bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+        p = tmp_path / f"g{depth}_{w}x{h}.png"
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, interlace))
+                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        np.testing.assert_array_equal(read_image(p), (s * scale).astype(np.float32))
+        assert stored_dtype(p) == dtype
+
+
 def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     for dt in (np.uint8, np.int16, np.float64, np.float32):
