@@ -133,6 +133,28 @@ def _is_nifti_name(path: Path) -> bool:
     return n.endswith((".nii", ".nii.gz"))
 
 
+def nib_load(path: str | os.PathLike, *, mmap: bool | str = True):
+    """``nibabel.load`` of a single-file NIfTI (``.nii``/``.nii.gz``, extension in any case).
+
+    nibabel matches a mixed-case extension (``scan.Nii``, ``scan.Nii.gz``) case-insensitively but then opens
+    the name rebuilt in lower case, and fails with FileNotFoundError on a file that exists; such a file is
+    opened by its own name instead (NIfTI-1 or NIfTI-2 by its header size, gzip by the extension)."""
+    import nibabel as nib
+    from nibabel.fileholders import FileHolder
+    from nibabel.openers import ImageOpener
+
+    try:
+        return nib.load(os.fspath(path), mmap=mmap)
+    except FileNotFoundError:
+        if not (Path(path).is_file() and _is_nifti_name(Path(path))):
+            raise
+    with ImageOpener(os.fspath(path)) as f:
+        head = f.read(4)
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+    klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    return klass.from_file_map({"image": FileHolder(filename=os.fspath(path))}, mmap=mmap)
+
+
 def _check_real_dtype(p: Path, img) -> None:
     """DataError unless the NIfTI stores real numbers: complex data (complex64/128/256, as MR phase images
     are stored) would be cast to its real part, the imaginary part silently dropped; an RGB/RGBA one has
@@ -153,15 +175,13 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
     Errors name the path and the problem: missing file, not a NIfTI, wrong rank, complex or RGB data
     (never cast to a real part), NaN/Inf values.
     """
-    import nibabel as nib
-
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file")
     if not _is_nifti_name(p):
         raise DataError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
-        img = nib.load(str(p), mmap=mmap)
+        img = nib_load(p, mmap=mmap)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     shape = img.shape

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data import DataError, Slice, SlicePolicy, _check_real_dtype, center_fit, load_nifti
+from .data import DataError, Slice, SlicePolicy, _check_real_dtype, center_fit, load_nifti, nib_load
 
 logger = logging.getLogger(__name__)
 
@@ -511,12 +511,10 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     read once (one at a time) for NaN/Inf values and the volume maximum, before the first slice is given.
     So a truncated or NaN-holding file raises :class:`DataError` instead of contributing the slices that
     happen to avoid its bad part."""
-    import nibabel as nib
-
     if not p.name.lower().endswith(".nii"):
         return None
     try:
-        img = nib.load(str(p), mmap=True)
+        img = nib_load(p, mmap=True)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
         raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     shape = img.shape
@@ -574,10 +572,8 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
         lazy = _proxy_slices(p, policy)
         if lazy is not None:
             return list(lazy)
-        import nibabel as nib
-
         try:
-            shape = nib.load(str(p)).shape
+            shape = nib_load(p).shape
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
         if len(shape) == 4 and shape[3] > 1:
@@ -608,10 +604,8 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
     _require_exists(p)
     kind = image_kind(p)
     if kind == "nifti":
-        import nibabel as nib
-
         try:
-            shape = nib.load(str(p)).shape
+            shape = nib_load(p).shape
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
         if len(shape) == 4 and shape[3] > 1:

@@ -308,6 +308,31 @@ def test_read_corrupt_and_missing_files(tmp_path: Path) -> None:
         read_image(tmp_path / "x.jpg")
 
 
+@pytest.mark.parametrize("suffix", [".Nii", ".Nii.gz", ".nIi.GZ"])
+def test_nifti_with_a_mixed_case_extension_is_read(tmp_path: Path, suffix: str) -> None:
+    """discover() takes ``scan.Nii.gz`` as NIfTI, but nibabel looked for ``scan.nii.gz`` and reported the file
+    that exists as missing, so the audit skipped it ('No such file or directory'). NIfTI-2 too."""
+    from deepssim_fast.io import _file_slices, _file_volumes
+
+    rng = np.random.default_rng(3)
+    vol = rng.random((6, 7, 5)).astype(np.float32) + 1
+    series = rng.random((6, 7, 5, 2)).astype(np.float32) + 1
+    for stem, arr, klass in (("v", vol, nib.Nifti1Image), ("s", series, nib.Nifti1Image),
+                             ("n2", vol, nib.Nifti2Image)):
+        lower = tmp_path / f"{stem}{suffix.lower()}"
+        nib.save(klass(arr, np.eye(4)), str(lower))
+        p = lower.rename(tmp_path / f"{stem}{suffix}")
+        assert discover(tmp_path / f"{stem}*") == [p]
+        if arr.ndim == 3:
+            np.testing.assert_array_equal(read_image(p), arr)
+            got = [s.array for s in _file_slices(p, SlicePolicy(min_foreground=0))]
+            np.testing.assert_array_equal(np.stack(got, axis=2), arr)
+        else:
+            np.testing.assert_array_equal(read_image(p, frame=1), arr[..., 1])
+            assert [s for s, _ in _file_volumes(p)] == [f"{p}@t0", f"{p}@t1"]
+            assert len(_file_slices(p, SlicePolicy(min_foreground=0))) == 10
+
+
 @pytest.mark.parametrize("name", ["phase.nii", "phase.nii.gz", "phase4d.nii.gz"])
 def test_complex_nifti_is_refused_not_cast_to_its_real_part(tmp_path: Path, name: str) -> None:
     """A complex NIfTI (MR magnitude + phase) was read as its real part, the imaginary part dropped with only
