@@ -361,6 +361,14 @@ def _read_png16_colour(chunks: Sequence[tuple[bytes, bytes]]) -> np.ndarray:
     return out
 
 
+def _bomb_error(p: Path, exc: Exception) -> DataError:
+    """Pillow refuses images past ``PIL.Image.MAX_IMAGE_PIXELS`` (its decompression-bomb guard)."""
+    from PIL import Image
+
+    return DataError(f"{p}: the image is larger than Pillow's decompression-bomb limit ({exc}); if the file is "
+                     f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) before reading it")
+
+
 def _read_png(p: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -405,6 +413,8 @@ def _read_png(p: Path) -> np.ndarray:
                 raise DataError(f"{p}: unsupported PNG mode {mode!r}")
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise _bomb_error(p, exc) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
     return np.ascontiguousarray(arr, dtype=np.float32)
@@ -454,8 +464,11 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
         header = _png_header(p)
         if header is not None and header[0] == 16 and header[1] in _PNG_COLOUR_CHANNELS:
             return np.dtype(np.uint16)  # Pillow's mode ("RGB", "RGBA") would say 8 bits
-        with Image.open(p) as im:
-            dt = _PNG_DTYPES.get(im.mode)
+        try:
+            with Image.open(p) as im:
+                dt = _PNG_DTYPES.get(im.mode)
+        except Image.DecompressionBombError as exc:
+            raise _bomb_error(p, exc) from exc
         return None if dt is None else np.dtype(dt)
     if kind == "npy":
         dt = np.load(p, allow_pickle=False, mmap_mode="r").dtype

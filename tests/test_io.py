@@ -199,6 +199,22 @@ def test_png_with_a_bad_chunk_crc_is_refused_for_every_decoder(tmp_path: Path, m
         read_image(p)
 
 
+def test_png_past_pillows_decompression_bomb_limit_is_a_data_error(tmp_path: Path, monkeypatch) -> None:
+    """Pillow's DecompressionBombError (an image past PIL.Image.MAX_IMAGE_PIXELS, e.g. 13500 x 13500) escaped
+    as itself: not a DataError, so an audit stopped instead of skipping the file with its reason."""
+    from PIL import Image
+
+    from deepssim_fast.io import stored_dtype
+
+    p = tmp_path / "big.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels > 2 x 100: Pillow's error, not its warning
+    for read in (read_image, stored_dtype):
+        with pytest.raises(DataError, match=r"big\.png: the image is larger than Pillow's decompression-bomb "
+                                            r"limit .*raise PIL\.Image\.MAX_IMAGE_PIXELS \(now 100\)"):
+            read(p)
+
+
 @pytest.mark.parametrize("depth", [2, 8])
 def test_png_palette_index_past_the_palette_is_refused(tmp_path: Path, depth: int) -> None:
     """A palette image whose pixels index past the end of its PLTE has no colour for them; Pillow decoded
