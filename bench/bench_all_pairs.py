@@ -59,6 +59,51 @@ def _sgemm(train: np.ndarray, synth: np.ndarray, block: int = 4096) -> None:
         np.matmul(q, train.T, out=buf[: q.shape[0]])
 
 
+def check_topk(name: str, res, train: np.ndarray, synth: np.ndarray, ref_scores: np.ndarray, *,
+               tol: float = 1e-5, block: int = 4096) -> None:
+    """Raise ``AssertionError`` unless ``res`` is a correct top-k of ``synth`` against ``train``.
+
+    ``ref_scores`` (n_synth, k), descending, come from an independent route (faiss, or torch.mm + topk): our
+    scores must match them within ``tol`` rank by rank (so the k-th best is right, whatever the order among
+    ties), and every reported index must point at a pair whose float64 dot product is its reported score.
+    The histogram and the class counts must each account for every pair once.
+    """
+    n_synth, k = ref_scores.shape
+    s, idx = np.asarray(res.scores), np.asarray(res.indices)
+    if s.shape != (n_synth, k) or idx.shape != (n_synth, k):
+        raise AssertionError(f"{name}: result shapes {s.shape} / {idx.shape}, expected {(n_synth, k)}")
+    err = np.abs(s.astype(np.float64) - ref_scores.astype(np.float64))
+    if not np.all(err <= tol):
+        i, j = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(err), err, np.inf))), err.shape)
+        raise AssertionError(f"{name}: top-k score [{i}, {j}] = {s[i, j]!r}, reference {ref_scores[i, j]!r} "
+                             f"(|diff| {err[i, j]:.3g} > {tol:g})")
+    for a in range(0, n_synth, block):
+        q = synth[a:a + block].astype(np.float64)
+        t = train[idx[a:a + block]].astype(np.float64)
+        dots = np.einsum("id,ikd->ik", q, t)
+        bad = np.abs(dots - s[a:a + block]) > tol
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise AssertionError(f"{name}: row {a + i} rank {j} reports index {idx[a + i, j]} with score "
+                                 f"{s[a + i, j]!r}, but that pair's dot product is {dots[i, j]!r}")
+    if np.any(np.diff(s, axis=1) > 0):
+        raise AssertionError(f"{name}: top-k scores are not in descending order")
+    pairs = n_synth * train.shape[0]
+    counts = np.asarray(res.histogram[0])
+    if int(counts.sum()) != pairs or sum(res.class_counts.values()) != pairs:
+        raise AssertionError(f"{name}: histogram counts {int(counts.sum()):,} and class counts "
+                             f"{sum(res.class_counts.values()):,} pairs, expected {pairs:,}")
+
+
+def check_identical(name: str, res, ref, ref_name: str) -> None:
+    """Raise ``AssertionError`` unless two native results are bit for bit the same (the engine's promise
+    across kernels and SIMD levels)."""
+    same = (np.array_equal(res.scores, ref.scores) and np.array_equal(res.indices, ref.indices)
+            and np.array_equal(res.histogram[0], ref.histogram[0]) and res.class_counts == ref.class_counts)
+    if not same:
+        raise AssertionError(f"{name}: result differs from {ref_name} (scores, indices, histogram or classes)")
+
+
 def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> list[Row]:
     from deepssim_fast.all_pairs import all_pairs
 
@@ -99,12 +144,28 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
     providers["numpy matmul + argpartition"] = lambda: _numpy_topk(train, synth, k)
     providers["numpy sgemm only (floor)"] = lambda: _sgemm(train, synth)
     base = "faiss IndexFlatIP.search" if "faiss IndexFlatIP.search" in providers else None
+    # correctness before any timing: every deepssim_fast provider against an independent top-k (faiss, or
+    # torch.mm + topk without it), and the forced kernels bit for bit against the default
+    if base:
+        ref_s, ref_i = index.search(synth, k)
+        ref_name = "faiss"
+    else:
+        vs, vi = _torch_topk(tt, ts, k)
+        ref_s, ref_i, ref_name = vs.numpy(), vi.numpy(), "torch.mm + topk"
+    results = {}
+    same: dict[str, float] = {}
+    for name, fn in providers.items():
+        if not name.startswith("deepssim_fast"):
+            continue
+        results[name] = r0 = fn()
+        check_topk(name, r0, train, synth, ref_s)
+        if name != "deepssim_fast (native)":
+            check_identical(name, r0, results["deepssim_fast (native)"], "deepssim_fast (native)")
+        same[name] = float(np.mean(np.sort(ref_i, axis=1) == np.sort(r0.indices, axis=1)))
+    res = results["deepssim_fast (native)"]
+    log(f"  checked: every deepssim_fast provider's top-k against {ref_name}, native kernels identical")
     rows = run_case(CAP, f"CPU {n}x{n}x{d} k={k}", providers, work=float(n) * n, unit="pairs", baseline=base,
                     warmup=1, repeat=repeat, repeats={"numpy matmul + argpartition": 1}, log=log)
-    res = all_pairs(train, synth, k=k, progress=False)
-    if base:
-        _, fi = index.search(synth, k)
-        same = float(np.mean(np.sort(fi, axis=1) == np.sort(res.indices, axis=1)))
     # the arithmetic floor of each kernel: its multiply-add rate on one core with cached panels, all cores
     rates = _native.topk_kernel_rates()
     cores = _native.num_threads()
@@ -124,8 +185,9 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
             r.note = (r.note + f" {r.extra['gflops']:.0f} GFLOP/s{kind}").strip()
         if r.provider.startswith("deepssim_fast"):
             r.note += f"; histogram + class counts included; {res.class_counts['different']:,} different"
-            if base:
-                r.note += f"; top-k sets equal to faiss: {same:.4%}"
+            r.note += f"; checked against {ref_name} before timing"
+            if base and r.provider in same:
+                r.note += f"; top-k sets equal to faiss: {same[r.provider]:.4%}"
     return rows
 
 

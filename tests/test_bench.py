@@ -328,3 +328,32 @@ def test_machine_info_outside_a_git_checkout_says_unknown(tmp_path: Path, monkey
     if (ROOT / ".git").exists():  # (a source checkout: its own commit)
         monkeypatch.setattr(harness, "ROOT", ROOT)
         assert harness.machine_info()["commit"] not in ("", "unknown")
+
+
+# ------------------------------------------------------------------------------------------ result checks
+def test_all_pairs_bench_refuses_to_time_a_wrong_result(monkeypatch) -> None:
+    """bench_all_pairs reported a ratio against faiss whatever the engine returned (the agreement was a
+    percentage in the note, computed after timing, for the default kernel only). A wrong neighbour must
+    now stop the case before anything is timed."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_all_pairs as b
+
+    ap = importlib.import_module("deepssim_fast.all_pairs")  # (the package's attribute is the function)
+
+    real = ap.all_pairs
+
+    def wrong(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.indices = res.indices.copy()
+        res.indices[3, 0] = (res.indices[3, 0] + 1) % 64  # a neighbour that does not have that score
+        return res
+
+    monkeypatch.setattr(ap, "all_pairs", wrong)
+    with pytest.raises(AssertionError, match="row 3 rank 0"):
+        b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
+    monkeypatch.setattr(ap, "all_pairs", real)
+    rows = b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
+    ours = [r for r in rows if r.provider.startswith("deepssim_fast")]
+    assert ours and all("checked against" in r.note and r.ratio is not None for r in ours)
