@@ -29,6 +29,7 @@ from bench.harness import Row, append_markdown, markdown_table, run_case
 logger = logging.getLogger(__name__)
 
 CAP = "ssim"
+TOL = 1e-4  # |ours - reference| allowed before a case is timed (fp32 kernels against float64 references)
 
 
 def _slices(shape: tuple[int, int], n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +61,19 @@ def _pair_ranges(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     b = x.shape[0]
     fx, fy = x.reshape(b, -1), y.reshape(b, -1)
     return (np.maximum(fx.max(1), fy.max(1)) - np.minimum(fx.min(1), fy.min(1))).astype(np.float64)
+
+
+def check_close(name: str, ours: object, ref: object, tol: float) -> None:
+    """Raise ``AssertionError`` unless ``ours`` equals the reference ``ref`` within ``tol`` everywhere
+    (run before a provider is timed: a fast wrong answer gets no ratio)."""
+    a = np.asarray(ours.cpu() if isinstance(ours, torch.Tensor) else ours, dtype=np.float64)
+    b = np.asarray(ref.cpu() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"{name}: shape {a.shape}, reference {b.shape}")
+    err = np.abs(a - b)
+    if not np.all(err <= tol):  # (NaN fails too)
+        i = np.unravel_index(int(np.argmax(np.where(np.isnan(err), np.inf, err))), err.shape)
+        raise AssertionError(f"{name}: {a[i]!r} at {i}, reference {b[i]!r} (|diff| {err[i]:.3g} > {tol:g})")
 
 
 def _case(
@@ -128,6 +142,10 @@ def _cpu_2d(quick: bool) -> list[Row]:
         for i in range(n_sk):
             structural_similarity(x[i], y[i], data_range=rng[i])
 
+    sk = [structural_similarity(x[i], y[i], data_range=rng[i]) for i in range(n_sk)]
+    check_close("deepssim_fast native vs scikit-image", ssim(x[:n_sk], y[:n_sk], spatial_dims=2), sk, TOL)
+    check_close("deepssim_fast torch vs scikit-image", ssim(x[:n_sk], y[:n_sk], spatial_dims=2,
+                                                            backend="torch"), sk, TOL)
     monai_metric = _monai(2, dr)
     providers = {
         "scikit-image (loop)": (skimage_loop, n_sk),
@@ -155,6 +173,8 @@ def _cpu_3d(quick: bool) -> list[Row]:
     x, y = _volumes(shape, 4)
     rng = _pair_ranges(x, y)
     tx, ty = torch.from_numpy(x[:1, None]), torch.from_numpy(y[:1, None])
+    check_close("deepssim_fast native 3D vs scikit-image", ssim(x[:1], y[:1], spatial_dims=3),
+                [structural_similarity(x[0], y[0], data_range=rng[0])], TOL)
     monai_metric = _monai(3, float(rng[0]))
     providers = {
         "scikit-image": (lambda: structural_similarity(x[0], y[0], data_range=rng[0]), 1),
@@ -186,6 +206,9 @@ def _matrix(quick: bool) -> list[Row]:
         ("uniform 7", {}, "ssim_matrix (moment reuse, running sums)"),
         ("Gaussian 11", {"window": "gaussian", "sample_covariance": False}, "ssim_matrix (moment reuse)"),
     ):
+        check_close(f"ssim_matrix ({label}) vs ssim pair by pair",
+                    ssim_matrix(a[:band], b, progress=False, **kw),
+                    ssim(a[:band, None], b[None], spatial_dims=2, **kw), TOL)
         providers = {
             base: (lambda kw=kw: ssim(a[:band, None], b[None], spatial_dims=2, **kw), band * n),
             reuse: (lambda kw=kw: ssim_matrix(a, b, progress=False, **kw), n * n),
@@ -200,6 +223,8 @@ def _training_call(quick: bool) -> list[Row]:
 
     x, y = _slices((128, 128), 32)
     tx, ty = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y[:, :, ::-1]))
+    check_close("training targets, native vs torch backend", ssim(tx, ty, spatial_dims=2, preset="deepssim"),
+                ssim(tx, ty, spatial_dims=2, preset="deepssim", backend="torch"), TOL)
     providers = {
         "deepssim_fast native (preset=deepssim, torch in/out)": lambda: ssim(
             tx, ty, spatial_dims=2, preset="deepssim"

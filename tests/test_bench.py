@@ -357,3 +357,23 @@ def test_all_pairs_bench_refuses_to_time_a_wrong_result(monkeypatch) -> None:
     rows = b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
     ours = [r for r in rows if r.provider.startswith("deepssim_fast")]
     assert ours and all("checked against" in r.note and r.ratio is not None for r in ours)
+
+
+def test_ssim_bench_refuses_to_time_a_wrong_result(monkeypatch) -> None:
+    """bench_ssim timed our SSIM against scikit-image without ever comparing the values: a kernel that
+    returned wrong scores still got its ratio. The case must now stop before timing."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_ssim as b
+
+    mod = importlib.import_module("deepssim_fast.ssim")
+    real = mod.ssim
+    monkeypatch.setattr(mod, "ssim", lambda *a, **kw: np.asarray(real(*a, **kw)) + 1e-3)
+    with pytest.raises(AssertionError, match="vs scikit-image"):
+        b._cpu_2d(quick=True)
+    with pytest.raises(AssertionError, match="3D vs scikit-image"):
+        b._cpu_3d(quick=True)
+    b.check_close("same", [0.5, 0.25], np.array([0.5, 0.25 + 1e-6]), 1e-5)
+    with pytest.raises(AssertionError, match="nan"):
+        b.check_close("nan", [0.5, float("nan")], [0.5, 0.5], 1e-5)
