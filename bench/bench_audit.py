@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_ssim import check_close
 from bench.harness import Row, append_markdown, run_case
 
 SIZE = (176, 208)
@@ -56,6 +57,9 @@ def run(quick: bool = False, append: bool = True) -> list[Row]:
     t = np.stack([base[i % len(base)] for i in range(n_pairs)])
     s = np.stack([audit_mod._shift(np.ascontiguousarray(a[::-1]), (1, -2)) for a in t])
     s = s + rng.normal(0, 1.0, s.shape).astype(np.float32)
+    # the values first: a ratio of a wrong verification is worth nothing (the check's pairs are the timed ones)
+    check_close("verify_pairs vs scikit-image", audit_mod.verify_pairs(t, s, spatial_dims=2)[0],
+                [_skimage_pair(a, b) for a, b in zip(t, s, strict=True)], 1e-4)
     providers = {
         "deepssim_fast verify_pairs (plain)": lambda: audit_mod.verify_pairs(t, s, spatial_dims=2),
         "deepssim_fast verify_pairs (flips+shifts)": lambda: audit_mod.verify_pairs(
@@ -124,6 +128,21 @@ def run(quick: bool = False, append: bool = True) -> list[Row]:
             repeat=1 if quick else 2,
             notes={"deepssim_fast.audit (metric ssim)": "fresh output dir per run"},
         )
+        # both sides' best match per synthetic image must agree before the ratio is kept: same training
+        # image (the planted one) and the same SSIM
+        with open(tmp / f"o{counter[0]}" / "matches.csv", newline="") as f:
+            ours_best = {Path(r["synth_path"]).name: (Path(r["train_path"]).name, float(r["ssim"]))
+                         for r in csv.DictReader(f) if r["rank"] == "1"}
+        with open(tmp / "ref.csv", newline="") as f:
+            ref_best = {r[0]: (r[1], float(r[3])) for r in csv.reader(f) if r[2] == "1"}
+        if sorted(ours_best) != sorted(ref_best):
+            raise AssertionError(f"audit vs reference loop: synthetic images differ ({len(ours_best)} vs "
+                                 f"{len(ref_best)})")
+        names = sorted(ref_best)
+        if [ours_best[n][0] for n in names] != [ref_best[n][0] for n in names]:
+            raise AssertionError("audit vs reference loop: best training match differs")
+        check_close("audit vs reference loop, best SSIM", [ours_best[n][1] for n in names],
+                    [ref_best[n][1] for n in names], 1e-4)
         rows[-2].note += "; last run stages (s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in stages.items() if k in ("decode", "search", "verify", "report")
         )

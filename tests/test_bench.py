@@ -377,3 +377,24 @@ def test_ssim_bench_refuses_to_time_a_wrong_result(monkeypatch) -> None:
     b.check_close("same", [0.5, 0.25], np.array([0.5, 0.25 + 1e-6]), 1e-5)
     with pytest.raises(AssertionError, match="nan"):
         b.check_close("nan", [0.5, float("nan")], [0.5, 0.5], 1e-5)
+
+
+def test_audit_bench_refuses_to_time_a_wrong_verification(monkeypatch) -> None:
+    """bench_audit timed verify_pairs against the scikit-image loop without comparing their values (and the
+    whole audit against the reference-style loop without comparing the matches). A verification that is off
+    by 1e-3 must now stop the case before anything is timed."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_audit as b
+
+    mod = importlib.import_module("deepssim_fast.audit")
+    real = mod.verify_pairs
+
+    def off(*a, **kw):
+        score, names = real(*a, **kw)
+        return np.asarray(score) + 1e-3, names
+
+    monkeypatch.setattr(mod, "verify_pairs", off)
+    with pytest.raises(AssertionError, match="verify_pairs vs scikit-image"):
+        b.run(quick=True, append=False)
