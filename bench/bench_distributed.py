@@ -87,9 +87,24 @@ def interleaved_case(capability: str, case: str, providers: dict, *, work: float
     return list(rows.values())
 
 
+# the single-process baseline (the engine's own threads: all cores unless DEEPSSIM_FAST_NUM_THREADS says)
+ONE_PROCESS = "one process, all cores (all_pairs)"
+
+
+def check_same_result(name: str, got, want) -> None:
+    """AssertionError unless ``got`` (an AllPairsResult) equals ``want`` bit for bit."""
+    same = (np.array_equal(got.scores, want.scores) and np.array_equal(got.indices, want.indices)
+            and np.array_equal(got.histogram[0], want.histogram[0]) and got.class_counts == want.class_counts
+            and np.array_equal(got.train_hits, want.train_hits))
+    if not same:
+        raise AssertionError(f"{name}: result differs from one process's all_pairs")
+
+
 def scaling_case(c1, c2, n_train: int, n_synth: int, d: int, k: int, repeat: int, log=print) -> list[Row]:
     from deepssim_fast import distributed as dd
     from deepssim_fast.all_pairs import all_pairs
+
+    from deepssim_fast import _native
 
     train, synth = _emb(n_train, d, 1), _emb(n_synth, d, 2)
     kw = dict(k=k, progress=False)
@@ -100,17 +115,26 @@ def scaling_case(c1, c2, n_train: int, n_synth: int, d: int, k: int, repeat: int
                                                                       threads_per_task=1, **kw),
         "dask 1 worker × 2 threads": lambda: dd.all_pairs_distributed(train, synth, scheduler=c1,
                                                                       threads_per_task=2, **kw),
-        "one process, 2 threads (all_pairs)": lambda: all_pairs(train, synth, **kw),
+        ONE_PROCESS: lambda: all_pairs(train, synth, **kw),
     }
+    # the sharded results must equal one process's bit for bit (as documented) before any is timed
+    want = providers[ONE_PROCESS]()
+    for name, fn in providers.items():
+        if name != ONE_PROCESS:
+            check_same_result(name, fn(), want)
     shards = len(dd.plan_shards(n_synth, n_train, k=k, shard_size=dd.default_shard_size(n_synth, n_train),
                                 train_shard_size=None, self_mode=False))
     case = f"{n_synth}×{n_train}×{d}, k={k}, {shards} shards"
     rows = interleaved_case(CAP, case, providers, work=float(n_synth) * n_train, unit="pairs",
                             baseline="dask 1 worker × 1 thread", repeat=repeat, log=log)
     for r in rows:
+        if r.provider == ONE_PROCESS:
+            r.note = (r.note + f" {_native.num_threads()} engine threads;").strip()
         if r.times:
             r.extra["gflops"] = 2.0 * d * r.rate / 1e9
             r.note = (r.note + f" {r.extra['gflops']:.1f} GFLOP/s").strip()
+        if r.provider != ONE_PROCESS:
+            r.note = (r.note + "; result equal to one process's, checked").strip("; ")
     return rows
 
 
@@ -158,7 +182,7 @@ def train_pass_case(n_train: int, d: int, k: int, repeat: int, log=print) -> lis
 def estimate(rows: list[Row], overhead_s: float) -> str:
     """Written extrapolation to 10^6 × 10^6 × 256 from the measured rates (markdown)."""
     by = {r.provider: r for r in rows if r.times}
-    one = by.get("one process, 2 threads (all_pairs)")
+    one = by.get(ONE_PROCESS)
     w1, w2 = by.get("dask 1 worker × 1 thread"), by.get("dask 2 workers × 1 thread")
     tp = by.get("all_pairs, 1 synthetic row")
     if not (one and w1 and w2 and tp):

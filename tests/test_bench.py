@@ -398,3 +398,33 @@ def test_audit_bench_refuses_to_time_a_wrong_verification(monkeypatch) -> None:
     monkeypatch.setattr(mod, "verify_pairs", off)
     with pytest.raises(AssertionError, match="verify_pairs vs scikit-image"):
         b.run(quick=True, append=False)
+
+
+def test_distributed_bench_refuses_to_time_a_sharded_result_that_differs(monkeypatch) -> None:
+    """bench_distributed timed the Dask providers against one process without comparing their results; the
+    sharded run must now equal one process's bit for bit before anything is timed. (Its baseline row said
+    "2 threads" whatever the machine: it now names the engine's thread count.)"""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_distributed as b
+    from deepssim_fast import distributed as dd
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      silence_logs=logging.WARNING) as cluster, Client(cluster) as c:
+        rows = b.scaling_case(c, c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+        one = next(r for r in rows if r.provider == b.ONE_PROCESS)
+        assert "engine threads" in one.note
+        assert all("checked" in r.note for r in rows if r.provider != b.ONE_PROCESS)
+        real = dd.all_pairs_distributed
+
+        def off(*a, **kw):
+            res = real(*a, **kw)
+            res.class_counts = dict(res.class_counts, duplicate=res.class_counts["duplicate"] + 1)
+            return res
+
+        monkeypatch.setattr(dd, "all_pairs_distributed", off)
+        with pytest.raises(AssertionError, match="differs from one process"):
+            b.scaling_case(c, c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
