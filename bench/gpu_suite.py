@@ -1025,10 +1025,15 @@ def markdown_block(suite: Suite, env: dict[str, Any]) -> str:
     """The BENCHMARKS.md section of this run: heading, machine line, checks, ceilings and the table."""
     info = _harness().machine_info()
     n_ok = sum(c.ok for c in suite.checks)
+    failed = [c.name for c in suite.checks if not c.ok]
+    warn = ("" if suite.checks and not failed else
+            f"**{len(failed)} check(s) failed{' (or none ran)' if not suite.checks else ''}: the timings below "
+            f"are of code that did not pass its checks and support no claim** (failed: "
+            f"{', '.join(failed)[:300] or 'no checks ran'}). ")
     head = (f"\n### GPU suite — {env.get('gpu', env['device'])}\n\n_{info['date']} · {info['cpu']} · "
             f"{info['cores']} cores · GPU {info['gpu']} · torch {env['torch']} · triton {env['triton']} · "
             f"commit {info['commit']}_\n\n_{info.get('packages', '')}_\n\n"
-            f"Checks: {n_ok}/{len(suite.checks)} passed (seed {suite.seed}). "
+            f"Checks: {n_ok}/{len(suite.checks)} passed (seed {suite.seed}). {warn}"
             f"Ceilings: copy {suite.ceilings.get('copy_GBps', float('nan')):.0f} GB/s, bf16 mm "
             f"{suite.ceilings.get('mm_bf16_TFLOPs', float('nan')):.1f} TFLOP/s, fp32 mm (tf32 off) "
             f"{suite.ceilings.get('mm_fp32_TFLOPs', float('nan')):.1f} TFLOP/s.\n\n")

@@ -428,3 +428,22 @@ def test_distributed_bench_refuses_to_time_a_sharded_result_that_differs(monkeyp
         monkeypatch.setattr(dd, "all_pairs_distributed", off)
         with pytest.raises(AssertionError, match="differs from one process"):
             b.scaling_case(c, c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+
+
+def test_gpu_suite_section_says_when_its_timings_support_no_claim(gpu_suite_module) -> None:
+    """The BENCHMARKS.md section gave the timing table under "Checks: 5/7 passed" with nothing else: timings
+    of kernels that failed their checks read like results. It now says so in bold and names the failures."""
+    import types
+
+    gs = gpu_suite_module
+    env = {"device": "cuda", "gpu": "NVIDIA H200", "torch": "x", "triton": "y"}
+
+    def suite(checks):
+        return types.SimpleNamespace(checks=checks, seed=1, ceilings={}, table_lines=lambda: ["| t |"])
+
+    ok = gs.markdown_block(suite([gs.Check("ssim 2d", True)]), env)
+    assert "Checks: 1/1 passed" in ok and "support no claim" not in ok
+    bad = gs.markdown_block(suite([gs.Check("ssim 2d", True), gs.Check("all_pairs bf16", False)]), env)
+    assert "Checks: 1/2 passed" in bad and "**1 check(s) failed" in bad and "support no claim" in bad
+    assert "(failed: all_pairs bf16)" in bad
+    assert "no checks ran" in gs.markdown_block(suite([]), env)
