@@ -1042,10 +1042,7 @@ def markdown_block(suite: Suite, env: dict[str, Any]) -> str:
 
 def append_markdown(block: str, path: Path) -> None:
     """Append a section (``markdown_block``) to BENCHMARKS.md."""
-    if not path.exists():
-        path.write_text("# deepssim_fast benchmarks\n")
-    with open(path, "a") as f:
-        f.write(block)
+    _harness().append_text(path, block)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -181,7 +181,14 @@ def append_markdown(title: str, rows: Sequence[Row], *, path: Path = BENCHMARKS_
     if info.get("packages"):  # the competitors' versions, on their own line
         head += f"_{info['packages']}_\n\n"
     body = head + (comment.strip() + "\n\n" if comment else "") + markdown_table(rows) + "\n"
-    if not path.exists():
-        path.write_text("# deepssim_fast benchmarks\n")
-    with open(path, "a") as f:
-        f.write(body)
+    append_text(path, body)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Add ``text`` at the end of ``path`` (BENCHMARKS.md, created with its title if missing) atomically: the
+    whole file is rewritten beside it and moved over it, so a run killed while writing leaves the file as it
+    was, never a half-written section."""
+    from deepssim_fast._atomic import atomic_write_bytes
+
+    old = path.read_text(encoding="utf-8") if path.exists() else "# deepssim_fast benchmarks\n"
+    atomic_write_bytes(path, (old + text).encode("utf-8"))

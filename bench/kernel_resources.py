@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import triton
 
-    from bench.harness import BENCHMARKS_MD, machine_info
+    from bench.harness import BENCHMARKS_MD, append_text, machine_info
 
     rows = profile(args.arch)
     table = markdown(rows)
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"\n### Triton kernels compiled for sm_{args.arch} (static: no GPU here)\n\n"
                 f"_{info['date']} · compiled on {info['cpu']} · triton {triton.__version__} · commit "
                 f"{info['commit']} · `python bench/kernel_resources.py --arch {args.arch}`_\n\n")
-        with open(BENCHMARKS_MD, "a", encoding="utf-8") as fh:
-            fh.write(head + table + "\n")
+        append_text(BENCHMARKS_MD, head + table + "\n")
     return 0
 
 

@@ -447,3 +447,29 @@ def test_gpu_suite_section_says_when_its_timings_support_no_claim(gpu_suite_modu
     assert "Checks: 1/2 passed" in bad and "**1 check(s) failed" in bad and "support no claim" in bad
     assert "(failed: all_pairs bf16)" in bad
     assert "no checks ran" in gs.markdown_block(suite([]), env)
+
+
+def test_benchmark_tables_are_appended_atomically(tmp_path: Path, monkeypatch) -> None:
+    """BENCHMARKS.md was appended to in place: a run killed mid-write left half a section. The file is now
+    rewritten beside itself and moved over, so it holds the old text or the old text plus the whole table."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import os
+
+    from bench import harness
+
+    md = tmp_path / "B.md"
+    md.write_text("# title\n\nold\n")
+    harness.append_text(md, "\n### new\n\n| a |\n")
+    assert md.read_text() == "# title\n\nold\n\n### new\n\n| a |\n"
+
+    def killed(src, dst):  # the move never happens: the process died while the new file was written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        harness.append_text(md, "\n### half\n")
+    assert md.read_text() == "# title\n\nold\n\n### new\n\n| a |\n"
+    fresh = tmp_path / "none.md"
+    monkeypatch.undo()
+    harness.append_text(fresh, "x\n")
+    assert fresh.read_text() == "# deepssim_fast benchmarks\nx\n"
