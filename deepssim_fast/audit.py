@@ -46,7 +46,8 @@ Conventions
   among the skipped inputs (path and reason), as unreadable files are; ``strict=True`` aborts instead.
 
 Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, default ``OUT/cache``) under a
-key of path, size, mtime, slice policy, item shape and model hash; search and verification results are
+key of path, size, mtime, ctime, inode, slice policy, item shape and model hash (the ctime and inode catch a
+file replaced with its old mtime kept, as ``cp -p``, ``rsync -a`` or ``tar`` do); search and verification results are
 saved per chunk under ``OUT/work``. A rerun after an interruption skips finished work and writes
 byte-identical matches.csv, histogram.png, gallery.png and report.html, and a summary.json that differs
 only in ``timings_s``. Every output is written atomically (temporary file, then rename). An OUT or cache
@@ -344,9 +345,14 @@ class ItemSet:
 
 
 def _file_key(p: Path, *parts: str) -> str:
+    """Cache key of one input file: its path, size, mtime, ctime and inode, and ``parts``.
+
+    The mtime alone misses a file whose content was replaced with its old mtime kept (``cp -p``, ``rsync -a``,
+    ``tar x``, ``os.utime``): the ctime, which no user call can set back, and the inode (a file moved over
+    it) change then."""
     try:
         st = p.stat()
-        ident = [str(st.st_size), str(st.st_mtime_ns)]
+        ident = [str(st.st_size), str(st.st_mtime_ns), str(st.st_ctime_ns), str(st.st_ino)]
     except OSError:  # a broken symlink (or a file gone since discovery): decoding reports it as unreadable
         ident = ["missing", ""]
     raw = "|".join([str(p), *ident, *parts])
@@ -1248,7 +1254,7 @@ def audit(
         "train": hashlib.sha256("\n".join(tset.ids).encode()).hexdigest(),
         "synth": hashlib.sha256("\n".join(sset.ids).encode()).hexdigest(),
         "chunk": int(chunk_size),
-        # file identities (path, size, mtime, policy): a changed file invalidates the saved search
+        # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": hashlib.sha256(
             "\n".join(_file_key(p, policy.token()) for p in (*train_paths, *synth_paths)).encode()
         ).hexdigest(),

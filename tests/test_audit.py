@@ -398,6 +398,34 @@ def test_changed_input_file_invalidates_saved_search(ds: dict, tmp_path: Path) -
     assert r2.summary["counts"]["duplicate"] == 2
 
 
+def test_input_replaced_with_its_old_mtime_kept_invalidates_the_caches(ds: dict, tmp_path: Path) -> None:
+    """``cp -p`` / ``rsync -a`` / ``tar x`` replace a file's content and keep its mtime (same size too for
+    .npy slices of one shape): the decoded-item cache and the saved search must not be reused."""
+    train = tmp_path / "train"
+    shutil.copytree(ds["train"], train)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for name in ("s10.npy", "s11.npy", "s12.npy"):  # novel scans
+        shutil.copy2(ds["synth"] / name, synth / name)
+    out = tmp_path / "out"
+    kw = dict(metric="correlation", k=1, verify="none", out=out, progress=False)
+    r1 = A.audit(train, synth, **kw)
+    assert r1.summary["counts"]["duplicate"] == 0
+    victim = synth / "s12.npy"
+    st = victim.stat()
+    replacement = tmp_path / "replacement.npy"
+    np.save(replacement, np.load(train / "mni_070.npy"))  # a copy of a training slice, same shape and size
+    assert replacement.stat().st_size == st.st_size
+    shutil.copyfile(replacement, victim)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # what cp -p does
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    r2 = A.audit(train, synth, **kw)
+    fresh = A.audit(train, synth, **dict(kw, out=tmp_path / "fresh"))
+    assert fresh.summary["counts"]["duplicate"] == 1
+    assert r2.summary["counts"] == fresh.summary["counts"]
+    assert (out / "matches.csv").read_bytes() == (tmp_path / "fresh" / "matches.csv").read_bytes()
+
+
 def test_correlation_metric_is_pixel_pearson(ds: dict, tmp_path: Path) -> None:
     r = A.audit(
         ds["train"], ds["synth"], metric="correlation", k=4, out=tmp_path, verify="none", progress=False
