@@ -259,7 +259,9 @@ def _load_model(model: Any) -> tuple[Any, str | None, str]:
 
 
 def _module_hash(module: Any) -> str:
-    """sha256 over parameter names, shapes and bytes (stable across processes)."""
+    """sha256 over the module's class, its settings (``config``: input size and size policy, which change
+    what :func:`~deepssim_fast.model.embed` feeds it) and its parameter names, shapes and bytes (stable across
+    processes)."""
     for attr in ("model_hash", "hash"):
         v = getattr(module, attr, None)
         if isinstance(v, str):
@@ -267,6 +269,10 @@ def _module_hash(module: Any) -> str:
     import torch
 
     h = hashlib.sha256()
+    h.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    cfg = getattr(module, "config", None)
+    if callable(getattr(cfg, "to_dict", None)):
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         if isinstance(t, torch.Tensor):

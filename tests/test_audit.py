@@ -661,6 +661,34 @@ def _matches_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
+def test_model_objects_with_the_same_weights_but_other_settings_do_not_share_embeddings(
+    ds: dict, tmp_path: Path
+) -> None:
+    """A model passed as an object is keyed by its settings too: the same weights fed at another input size
+    (``load_model(path, input_size=...)``, as the loader's warning advises) embed differently, so the cached
+    embeddings and the saved search of the first must not be reused for the second."""
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    torch.manual_seed(0)
+    m64 = build_model("small", input_size=64)
+    torch.manual_seed(0)
+    m96 = build_model("small", input_size=96)
+    assert all(torch.equal(a, b) for a, b in zip(m64.state_dict().values(), m96.state_dict().values(), strict=True))
+    assert A._module_hash(m64) != A._module_hash(m96)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for name in ("s04.npy", "s10.npy"):
+        shutil.copy2(ds["synth"] / name, synth / name)
+    kw = dict(metric="deepssim", k=2, verify="none", progress=False)
+    A.audit(ds["train"], synth, model=m64, out=tmp_path / "out", **kw)
+    again = A.audit(ds["train"], synth, model=m96, out=tmp_path / "out", **kw)
+    fresh = A.audit(ds["train"], synth, model=m96, out=tmp_path / "fresh", **kw)
+    assert again.summary["model"]["hash"] == fresh.summary["model"]["hash"] != A._module_hash(m64)
+    assert (tmp_path / "out" / "matches.csv").read_bytes() == (tmp_path / "fresh" / "matches.csv").read_bytes()
+
+
 def test_item_size_policy_crops_and_pads(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     (tmp_path / "t").mkdir()
