@@ -11,6 +11,7 @@ import glob
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -70,18 +71,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def remove_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+def remove_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None, *,
+                       older_than: float | None = None) -> list[Path]:
     """Delete the temporary files that writes into ``folder`` left behind when their process was killed
     (names ``.<file>.<random>.tmp``, as :func:`atomic_path` makes them): those of the files in ``names``, or
     every such file when ``names`` is None (a folder the job owns). For a job's own outputs, at its start (one
-    job per folder at a time). Returns what was removed."""
+    job per folder at a time). In a folder that several jobs may write at once (a shared cache), pass
+    ``older_than`` (seconds): only temporaries last modified that long ago are removed, never one that a
+    running write still holds. Returns what was removed."""
     d = Path(folder)
     gone = []
     if d.is_dir():
         patterns = [".*.tmp"] if names is None else [f".{glob.escape(n)}.*.tmp" for n in names]
+        cutoff = None if older_than is None else time.time() - older_than
         for pattern in patterns:
             for f in d.glob(pattern):
-                if f.is_file() and not f.is_symlink():
-                    f.unlink(missing_ok=True)
-                    gone.append(f)
+                try:
+                    if not f.is_file() or f.is_symlink() or (cutoff is not None and f.stat().st_mtime > cutoff):
+                        continue
+                except OSError:  # (gone meanwhile: another job's write just finished)
+                    continue
+                f.unlink(missing_ok=True)
+                gone.append(f)
     return gone

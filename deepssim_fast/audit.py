@@ -99,6 +99,8 @@ MATCHES_HEADER = (
     "label",
     "transform",
 )
+#: A temporary file in the (possibly shared) cache older than this is what a killed run left: removed.
+_CACHE_TMP_AGE_S = 3600.0
 _FORMAT_VERSION = 3  # 3: volumes are flipped along every axis; 4D files give one volume per frame
 
 
@@ -1179,6 +1181,9 @@ def audit(
     # folder of the user's), in OUT/work any
     remove_temporaries(out, _OUTPUT_FILES)
     remove_temporaries(work)
+    # and in the cache, which other audits may be writing to right now, those too old to be a running write's
+    for sub in ("items", "embeddings"):
+        remove_temporaries(cache / sub, older_than=_CACHE_TMP_AGE_S)
 
     t0 = time.perf_counter()
     found = _drop_own_outputs({"train": discover(train), "synth": discover(synth)}, out, cache)

@@ -426,6 +426,29 @@ def test_input_replaced_with_its_old_mtime_kept_invalidates_the_caches(ds: dict,
     assert (out / "matches.csv").read_bytes() == (tmp_path / "fresh" / "matches.csv").read_bytes()
 
 
+def test_rerun_removes_the_cache_temporaries_a_killed_run_left_but_not_a_running_write(
+    ds: dict, tmp_path: Path
+) -> None:
+    """A run killed while writing a cache entry leaves ``.<entry>.<random>.tmp`` in the cache (for volumes,
+    up to a whole decoded 4D file); a later run removes the stale ones. The cache may be shared by audits
+    running at once, so a recent temporary (another audit's write in progress) is left alone."""
+    cache = tmp_path / "cache"
+    kw = dict(metric="correlation", k=1, verify="none", cache_dir=cache, progress=False)
+    A.audit(ds["train"], ds["synth"] / "s10.npy", out=tmp_path / "a", **kw)
+    for sub in ("items", "embeddings"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    stale = [cache / "items" / ".abc_66x78.npz.k1ll3d.tmp", cache / "embeddings" / ".abc_66x78_0f.npy.k1ll3d.tmp"]
+    for f in stale:
+        f.write_bytes(b"half")
+        old = time.time() - 2 * 86400  # two days ago
+        os.utime(f, (old, old))
+    running = cache / "items" / ".def_66x78.npz.wr1t1n.tmp"
+    running.write_bytes(b"half")
+    A.audit(ds["train"], ds["synth"] / "s10.npy", out=tmp_path / "b", **kw)
+    assert not any(f.exists() for f in stale)
+    assert running.exists()
+
+
 def test_correlation_metric_is_pixel_pearson(ds: dict, tmp_path: Path) -> None:
     r = A.audit(
         ds["train"], ds["synth"], metric="correlation", k=4, out=tmp_path, verify="none", progress=False
