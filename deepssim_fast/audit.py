@@ -581,6 +581,20 @@ def _build_items(
     return items
 
 
+def _pixels_stored(items: ItemSet, work: Path) -> bool:
+    """Whether OUT/work/<name>_pixels.npy holds ``items`` already (a resumed run's store: the stores are written
+    atomically after the state is staged, and removed when the configuration changes); if so, open it."""
+    store = work / f"{items.name}_pixels.npy"
+    try:
+        px = np.load(store, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    if px.dtype != np.float32 or px.shape != (len(items),) + items.size:
+        return False
+    items.pixels = px
+    return True
+
+
 def _write_pixels(items: ItemSet, work: Path) -> None:
     """Concatenate the cached per-file items of ``items`` (:func:`_build_items`) into one memory-mapped store
     OUT/work/<name>_pixels.npy (atomically) and set ``items.pixels`` to it."""
@@ -960,9 +974,11 @@ def _state_digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
-def _stage_state(work: Path, fingerprint: dict) -> None:
-    """Reset OUT/work when the configuration changed; record the fingerprint."""
+def _stage_state(work: Path, fingerprint: dict) -> bool:
+    """Reset OUT/work when the configuration changed; record the fingerprint. True when OUT/work already
+    belonged to this configuration (a resume: its pixel stores, where present, are this configuration's)."""
     state = work / "state.json"
+    resumed = False
     if state.exists():
         try:
             old = json.loads(state.read_text())
@@ -973,15 +989,19 @@ def _stage_state(work: Path, fingerprint: dict) -> None:
             # the previous run's outputs go first: an interrupted rerun must not leave them beside its work
             for name in _OUTPUT_FILES:
                 (work.parent / name).unlink(missing_ok=True)
-            for f in sorted(work.glob("search*.npz")) + sorted(work.glob("verify_*.npz")):
+            for f in (sorted(work.glob("search*.npz")) + sorted(work.glob("verify_*.npz"))
+                      + sorted(work.glob("*_pixels.npy"))):
                 f.unlink()
             for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
                 if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|flip\d|shift\d+))?", d.name):
                     shutil.rmtree(d, ignore_errors=True)
             state.unlink()
+        else:
+            resumed = True
     work.mkdir(parents=True, exist_ok=True)
     if not state.exists():
         _atomic_json(state, fingerprint)
+    return resumed
 
 
 def _own_output_paths(out: Path, cache: Path) -> tuple[list[str], list[str]]:
@@ -1270,10 +1290,11 @@ def audit(
             "\n".join(_file_key(p, policy.token()) for p in (*train_paths, *synth_paths)).encode()
         ).hexdigest(),
     }
-    _stage_state(work, fingerprint)
+    resumed = _stage_state(work, fingerprint)
     if metric != "embeddings":  # the pixel stores, only now that work/ belongs to this configuration
-        _write_pixels(tset, work)
-        _write_pixels(sset, work)
+        for items in (tset, sset):  # (a resume keeps the stores it finished: 10^5 items are ~26 GB to rewrite)
+            if not (resumed and _pixels_stored(items, work)):
+                _write_pixels(items, work)
 
     # ---- embed -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()

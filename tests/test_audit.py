@@ -1148,6 +1148,39 @@ def test_rerun_killed_before_it_owns_work_leaves_the_finished_run_evaluable(
     assert A.evaluate(tmp_path, labels) == before
 
 
+def test_resume_keeps_its_pixel_stores_and_a_changed_run_never_reuses_old_ones(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run rewrote work/<set>_pixels.npy, a resume too (10^5 items of 256 x 256 are ~26 GB). A resume now
+    keeps them; a run with another configuration removes them when it takes over work/, so that, killed before
+    it wrote its own, the next run cannot take the previous configuration's stores for its own."""
+    train, synth = ds["train"], [ds["synth"] / "s04.npy", ds["synth"] / "s10.npy"]
+    kw = dict(metric="ssim", k=2, out=tmp_path / "o", progress=False)
+    A.audit(train, synth, **kw)
+    store = tmp_path / "o" / "work" / "train_pixels.npy"
+    first = store.stat().st_mtime_ns
+    matches = (tmp_path / "o" / "matches.csv").read_bytes()
+    A.audit(train, synth, **kw)  # a resume of the finished run
+    assert store.stat().st_mtime_ns == first and (tmp_path / "o" / "matches.csv").read_bytes() == matches
+
+    real = A._write_pixels
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_write_pixels", killed)
+    small = dict(kw, size=(96, 112))  # another configuration, killed once it owns work/
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(train, synth, **small)
+    assert not store.exists() and not (tmp_path / "o" / "work" / "synth_pixels.npy").exists()
+    monkeypatch.setattr(A, "_write_pixels", real)
+    A.audit(train, synth, **small)
+    A.audit(train, synth, **dict(small, out=tmp_path / "fresh"))
+    assert (tmp_path / "o" / "matches.csv").read_bytes().replace(b"/o/", b"/x/") == (
+        tmp_path / "fresh" / "matches.csv").read_bytes().replace(b"/fresh/", b"/x/")
+    assert np.load(store).shape[1:] == (96, 112)
+
+
 def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
