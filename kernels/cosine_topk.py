@@ -113,13 +113,17 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
             # too many bins for a tile histogram in shared memory: one global atomic per pair (spread over
             # the bins)
             tl.atomic_add(HIST + b, tl.full((BLOCK_M, BLOCK_N), 1, tl.int32), mask=valid)
-        # both class comparisons packed in one int32 reduction (a tile has < 2^16 pairs)
+        # both class comparisons packed in one int32 reduction (a tile has < 2^16 pairs). The high half can
+        # reach bit 31 (2^15 or more duplicates in a tile): the sum wraps to a negative int32, whose
+        # arithmetic shift would carry the sign in, so the high count is masked after the shift
         code = tl.where(valid, (acc > low_t).to(tl.int32) + ((acc > high_t).to(tl.int32) << 16), 0)
         packed = tl.sum(tl.sum(code, axis=1), axis=0)
         n_valid = tl.sum(tl.sum(valid.to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(CLS + 0, n_valid - (packed & 0xFFFF))
-        tl.atomic_add(CLS + 1, (packed & 0xFFFF) - (packed >> 16))
-        tl.atomic_add(CLS + 2, packed >> 16)
+        n_low = packed & 0xFFFF
+        n_high = (packed >> 16) & 0xFFFF
+        tl.atomic_add(CLS + 0, n_valid - n_low)
+        tl.atomic_add(CLS + 1, n_low - n_high)
+        tl.atomic_add(CLS + 2, n_high)
     # ---- per-row candidates of this tile: those reaching the running k-th score, best KC of them
     thr = tl.load(THR + rows, mask=rmask, other=float("inf"))
     neg_inf = float("-inf")

@@ -153,6 +153,15 @@ _SCRIPT = textwrap.dedent(r"""
                         classes=c_.tolist(), classes_native=[n.class_counts[c] for c in
                                                              ("different", "similar", "duplicate")],
                         score_err=float(np.abs(s_.numpy() - n.scores).max())))
+    # a 128 x 256 tile (32768 pairs, allowed: below 2^16) of duplicates only: the packed class count of
+    # histogram modes 0 and 1 reaches bit 31 of its int32 (it read [0, 65536, -32768])
+    q = torch.zeros(128, 8); q[:, 0] = 1
+    for mode in (0, 1, 2):
+        _, _, h_, c_ = ck.cosine_topk(q, q[:1].expand(256, 8), k=1, bins=200, hist_range=(-1.0, 1.0),
+                                      thresholds=(0.6, 0.85), hist_mode=mode,
+                                      blocks=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=8, num_warps=4))
+        out.append(dict(name=f"full tile of duplicates mode {mode}", classes=c_.tolist(),
+                        hist_total=int(h_.sum())))
     for line in out:
         print("RESULT " + json.dumps(line))
 """)
@@ -171,7 +180,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 19, proc.stdout
+    assert len(res) == 22, proc.stdout
     return res
 
 
@@ -297,6 +306,14 @@ def test_merge_topk_orders_by_score_then_lower_index():
             order = np.lexsort((i_all[r], -s_all[r].astype(np.float64)))[:k]
             np.testing.assert_array_equal(got_s[r].numpy(), s_all[r][order])
             np.testing.assert_array_equal(got_i[r].numpy(), i_all[r][order])
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_triton_class_counts_of_a_full_tile_of_duplicates(interpreted_results, mode):
+    """32768 duplicate pairs in one tile: the int32 packing of both class counts must not carry a sign."""
+    r = interpreted_results[f"full tile of duplicates mode {mode}"]
+    assert r["classes"] == [0, 0, 128 * 256], r
+    assert r["hist_total"] == 128 * 256
 
 
 @pytest.mark.parametrize("n_t,chunk,bn", [(1, 512, 32), (100, 512, 32), (100000, 16384, 128), (16385, 16384, 128)])
@@ -440,3 +457,4 @@ def test_a_launch_counts_fewer_than_2_31_pairs():
         tc = launch_chunk(chunk, 128, rows)
         assert tc % 128 == 0 and rows * tc < 2**31 and tc <= max(128, -(-chunk // 128) * 128)
     assert launch_chunk(1 << 20, 64, 1 << 26) == 64  # at least one tile
+
