@@ -180,11 +180,16 @@ def histogram_mode(bins: int, triton_version: str | None = None) -> int:
     return 2 if (major, minor) >= (3, 9) else 1
 
 
+# CUDA's limit on the grid's y dimension, where a launch puts its tiles of training rows
+MAX_GRID_Y = 65535
+
+
 def launch_chunk(chunk: int, block_n: int, rows: int) -> int:
     """Training rows per launch: ``chunk`` rounded up to whole tiles, and small enough that one launch's pairs
-    (``rows`` x chunk) stay below 2^31, since a launch counts them in int32 (histogram and class atomics)."""
+    (``rows`` x chunk) stay below 2^31, since a launch counts them in int32 (histogram and class atomics),
+    and that its tiles fit the grid's y dimension (at most ``MAX_GRID_Y``; a larger grid fails to launch)."""
     tc = max(block_n, -(-int(chunk) // block_n) * block_n)
-    return max(block_n, min(tc, ((2**31 - 1) // max(1, rows)) // block_n * block_n))
+    return max(block_n, min(tc, ((2**31 - 1) // max(1, rows)) // block_n * block_n, MAX_GRID_Y * block_n))
 
 
 def train_chunks(n_t: int, chunk: int, block_n: int) -> list[tuple[int, int]]:

@@ -458,3 +458,21 @@ def test_a_launch_counts_fewer_than_2_31_pairs():
         assert tc % 128 == 0 and rows * tc < 2**31 and tc <= max(128, -(-chunk // 128) * 128)
     assert launch_chunk(1 << 20, 64, 1 << 26) == 64  # at least one tile
 
+
+def test_a_launch_fits_the_grid_y_limit():
+    """A launch puts its tiles of training rows on the grid's y axis (at most 65535 on CUDA): a large
+    ``train_chunk`` with few synthetic rows asked for 65536 tiles (20M training rows, one query). Recorded on
+    the meta device, so nothing is allocated or run."""
+    import torch
+
+    import deepssim_fast.kernels.cosine_topk as ck
+    from deepssim_fast.kernels import aot
+
+    for bn in (16, 32, 128):
+        assert all(ck.launch_chunk(1 << 40, bn, rows) <= 65535 * bn for rows in (1, 7, 8192))
+    q, t = torch.empty(1, 8, device="meta"), torch.empty(20_000_000, 8, device="meta")
+    with aot.record_launches(ck, "_cosine_topk_kernel") as rec:
+        ck.cosine_topk(q, t, k=3, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85), synth_block=1,
+                       train_chunk=1 << 30, blocks=ck.default_blocks(torch.device("cuda"), 3))
+    assert max(r.grid[1] for r in rec) <= 65535
+    assert sum(r.args[9] for r in rec) == t.shape[0]  # (n_t of each launch) every training row once
