@@ -39,6 +39,7 @@ from deepssim_fast import _ssim_common as sc
 logger = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z dimensions (tiles of a plane, output planes)
 VARIANTS = ("separable", "direct")
 
 
@@ -120,6 +121,8 @@ def _ssim_kernel(
     tiles_w,
     n_tiles,
     n_planes,
+    tile0,
+    oz0,
     plane_stride,
     image_stride,
     cov_norm,
@@ -141,8 +144,8 @@ def _ssim_kernel(
     the pairs from their cross term only, with the variances read from mom_x / mom_y (ssim_matrix).
     """
     pair = tl.program_id(0)
-    tile = tl.program_id(1)
-    oz = tl.program_id(2)
+    tile = tile0 + tl.program_id(1)  # (a launch covers tiles tile0 ... and planes oz0 ...: see _launch)
+    oz = oz0 + tl.program_id(2)
     i = tl.load(ix_ptr + pair).to(tl.int64)
     j = tl.load(iy_ptr + pair).to(tl.int64)
     xb = x_ptr + i * image_stride
@@ -344,27 +347,43 @@ class _Geometry:
             tiles_h = triton.cdiv(self.Ho, br)
         self.br, self.bc = br, bc
         self.n_tiles = tiles_h * self.tiles_w
-        if self.n_tiles > 65535 or self.Do > 65535:
-            raise ValueError(f"image of spatial shape {spatial} is too large for one launch ({self.n_tiles} tiles)")
+        # in-plane offsets (row * W + column, over the tile's rows, some past the image) are int32
+        if (self.H + br) * self.W >= 2**31:
+            raise ValueError(f"image of spatial shape {spatial}: a plane of {self.H} x {self.W} pixels is too large "
+                             f"for the Triton SSIM kernel's int32 in-plane offsets ((H + {br}) x W must stay below "
+                             "2^31); use the native backend")
 
 
 def _launch(g: _Geometry, p: sc.SSIMParams, xf: torch.Tensor, yf: torch.Tensor, ix: torch.Tensor,
             iy: torch.Tensor, consts: tuple[torch.Tensor, ...], *, mode: int = 0, mom_x: torch.Tensor | None = None,
             mom_y: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """One launch over the pairs (ix, iy); returns the partial sums (P, Do, tiles) (mode 1: unused)."""
+    """The kernel over the pairs (ix, iy) (one launch, or several for grids past ``MAX_GRID_YZ`` tiles or
+    planes); returns the partial sums (P, Do, tiles) (mode 1: unused)."""
     dev = xf.device
-    cx, scx, cy, scy, c1, c2 = consts
     w = torch.tensor(sc.window_weights(p), dtype=torch.float32, device=dev)
     wz = w if g.KZ > 1 else torch.ones(1, dtype=torch.float32, device=dev)  # z taps (one tap of 1 in 2D)
     n_pairs = ix.numel()
     part = torch.empty((n_pairs if mode != 1 else 1, g.Do, g.n_tiles), dtype=torch.float32, device=dev)
-    dummy = part  # mom_x / mom_y when the mode does not use them
-    grid = (n_pairs, g.n_tiles, g.Do)
     variant = "separable" if g.separable else "direct"
-    logger.debug("triton ssim (%s, mode %d): grid %s, block %s, K=%d, KZ=%d", variant, mode, grid,
-                 (g.br, g.bc), g.K, g.KZ)
+    logger.debug("triton ssim (%s, mode %d): grid %s, block %s, K=%d, KZ=%d", variant, mode,
+                 (n_pairs, g.n_tiles, g.Do), (g.br, g.bc), g.K, g.KZ)
     if num_warps is None:
         num_warps = default_num_warps(variant, g.K, g.KZ) if dev.type == "cuda" else 4
+    # grid (pairs, tiles, planes); CUDA takes at most MAX_GRID_YZ on axes y and z, so a plane of more tiles
+    # (a 2D image past ~10^4 x 10^4 pixels) or a volume of more planes runs in several launches
+    for oz0 in range(0, g.Do, MAX_GRID_YZ):
+        for tile0 in range(0, g.n_tiles, MAX_GRID_YZ):
+            grid = (n_pairs, min(MAX_GRID_YZ, g.n_tiles - tile0), min(MAX_GRID_YZ, g.Do - oz0))
+            _launch_one(g, p, grid, xf, yf, ix, iy, consts, w, wz, part, mom_x, mom_y, tile0, oz0, mode, num_warps)
+    return part
+
+
+def _launch_one(g: _Geometry, p: sc.SSIMParams, grid: tuple[int, int, int], xf: torch.Tensor, yf: torch.Tensor,
+                ix: torch.Tensor, iy: torch.Tensor, consts: tuple[torch.Tensor, ...], w: torch.Tensor,
+                wz: torch.Tensor, part: torch.Tensor, mom_x: torch.Tensor | None, mom_y: torch.Tensor | None,
+                tile0: int, oz0: int, mode: int, num_warps: int) -> None:
+    cx, scx, cy, scy, c1, c2 = consts
+    dummy = part  # mom_x / mom_y when the mode does not use them
     _ssim_kernel[grid](
         xf,
         yf,
@@ -388,6 +407,8 @@ def _launch(g: _Geometry, p: sc.SSIMParams, xf: torch.Tensor, yf: torch.Tensor, 
         g.tiles_w,
         g.n_tiles,
         g.Do,
+        tile0,
+        oz0,
         g.H * g.W,
         g.D * g.H * g.W,
         float(p.cov_norm),
@@ -399,7 +420,6 @@ def _launch(g: _Geometry, p: sc.SSIMParams, xf: torch.Tensor, yf: torch.Tensor, 
         MODE=mode,
         num_warps=num_warps,
     )
-    return part
 
 
 def _mean_ssim(part: torch.Tensor, g: _Geometry, rng: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,8 @@ _SCRIPT = textwrap.dedent(r"""
     for gauss in (False, True):
         name = "gaussian" if gauss else "uniform"
         want2 = [oracle(a.numpy(), b.numpy(), window=name) for a, b in zip(BX, BY)]
+        if not gauss:
+            want2_uniform = want2
         want3 = oracle(vol2, vol2[:, ::-1], name)
         for variant, block in (("separable", (16, 16)), ("separable", (16, 32)), ("direct", (8, 16))):
             tag = f"{variant}_{block[0]}x{block[1]}_{name}"
@@ -181,6 +183,21 @@ _SCRIPT = textwrap.dedent(r"""
         except ValueError as exc:
             errors.append(str(exc))
     res["bad_options"] = errors
+    # grids past CUDA's 65535 tiles (y) or planes (z) run in several launches, each from its first tile and
+    # plane: the limit lowered to 2 here, so every shape below takes several launches of both kinds
+    ks.MAX_GRID_YZ = 2
+    with aot.record_launches(ks, "_ssim_kernel") as rec:
+        ks.ssim_pairs(V2[:, :9], W2[:, :9], bi[:1], bi[:1], params(3, False), block=(16, 16))
+    res["split_grids"] = [list(r.grid) for r in rec]
+    record("split_2d_separable", ks.ssim_pairs(BX[:2], BY[:2], bi[:2], bi[:2], params(2, False),
+                                               block=(16, 16)).float(), want2_uniform[:2])
+    record("split_2d_direct", ks.ssim_pairs(BX[:2], BY[:2], bi[:2], bi[:2], params(2, False), variant="direct",
+                                            block=(8, 16)).float(), want2_uniform[:2])
+    record("split_3d_separable", ks.ssim_pairs(V2[:, :9], W2[:, :9], bi[:1], bi[:1], params(3, False),
+                                               block=(16, 16)).float(), [oracle(vol2[:9], vol2[:9, ::-1])])
+    record("split_matrix_block", ks.ssim_matrix_block(BX[:2], BY[:2], params(2, False), block=(16, 16)).float(),
+           ssim_matrix(BX[:2].numpy(), BY[:2].numpy(), progress=False))
+    ks.MAX_GRID_YZ = 65535
     # preset deepssim far from 0 (float32 + 1e3, 1e4): z-scores computed in float64, as accurate as native
     rng = np.random.default_rng(5)
     X0 = rng.random((2, 12, 13)).astype(np.float32)
@@ -354,6 +371,46 @@ def test_bad_variant_or_block_is_refused_with_the_reason(results):
     assert "variant must be one of ('separable', 'direct')" in unknown
     assert "powers of two and at least 7" in not_pow2
     assert "powers of two and at least 7" in too_small
+
+
+@pytest.mark.parametrize("case", ["split_2d_separable", "split_2d_direct", "split_3d_separable", "split_matrix_block"])
+def test_grids_past_the_cuda_limit_run_in_several_launches(results, case):
+    """CUDA grids take at most 65535 on y (tiles of a plane) and z (output planes); past that a plane (a 2D
+    image over ~10^4 x 10^4 pixels) used to be refused. Now the launcher splits the grid, each launch starting
+    at its first tile and plane. With the limit lowered to 2, the split results equal the oracle."""
+    r = results[case]
+    assert r["shape"] == r["want_shape"], r
+    assert r["launches"] > 1, r
+    assert r["err"] <= 1e-5, f"{case}: max |triton - oracle| = {r['err']:.3g}"
+    grids = results["split_grids"]  # the 3D case: 4 tiles x 3 planes in launches of at most 2 x 2
+    assert len(grids) == 4 and all(g[1] <= 2 and g[2] <= 2 for g in grids), grids
+    assert sum(g[1] * g[2] for g in grids) == 4 * 3, grids
+
+
+def test_a_2d_image_past_65535_tiles_is_split_not_refused():
+    """A 10000 x 10000 image (66605 tiles of the separable kernel, 2.3x more for the direct one) launches in
+    grids within CUDA's limits; a plane too large for the kernel's int32 offsets is refused with the reason.
+    Recorded on the meta device: nothing is allocated or run."""
+    import torch
+
+    from deepssim_fast import _ssim_common as sc
+    from deepssim_fast.kernels import aot
+    from deepssim_fast.kernels import ssim as ks
+
+    p = sc.resolve_params(ndim=2, spatial_dims=2, window="uniform", win_size=7, sigma=1.5, data_range=None,
+                          k1=0.01, k2=0.03, sample_covariance=True, preset=None)
+    x = torch.empty(1, 10000, 10000, device="meta")
+    i = torch.zeros(1, dtype=torch.int64, device="meta")
+    for variant in ks.VARIANTS:
+        with aot.record_launches(ks, "_ssim_kernel") as rec:
+            ks.ssim_pairs(x, x, i, i, p, variant=variant)
+        n_tiles = rec[0].args[20]
+        assert n_tiles > 65535 and len(rec) > 1
+        assert all(r.grid[1] <= 65535 and r.grid[2] <= 65535 for r in rec)
+        assert [r.args[22] for r in rec] == list(range(0, n_tiles, 65535))  # tile0 of each launch
+    with pytest.raises(ValueError, match="int32 in-plane offsets"):
+        ks.ssim_pairs(torch.empty(1, 50000, 50000, device="meta"), torch.empty(1, 50000, 50000, device="meta"),
+                      i, i, p)
 
 
 def test_triton_matrix_reuses_moments_unless_direct(results):
