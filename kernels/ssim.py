@@ -343,6 +343,8 @@ class _Geometry:
             tiles_h = triton.cdiv(self.Ho, br - K + 1)
         else:
             br, bc = block or (16, 32)
+            if br < 1 or bc < 1 or br & (br - 1) or bc & (bc - 1):
+                raise ValueError(f"direct block {(br, bc)}: both sides must be powers of two (output rows x columns)")
             self.tiles_w = triton.cdiv(self.Wo, bc)
             tiles_h = triton.cdiv(self.Ho, br)
         self.br, self.bc = br, bc

@@ -176,7 +176,7 @@ _SCRIPT = textwrap.dedent(r"""
     del os.environ["DEEPSSIM_FAST_TRITON_SSIM"]
     errors = []
     for kw in (dict(variant="fast"), dict(variant="separable", block=(24, 32)),
-               dict(variant="separable", block=(4, 32))):
+               dict(variant="separable", block=(4, 32)), dict(variant="direct", block=(3, 5))):
         try:
             ks.ssim_pairs(BX, BY, bi, bi, params(2, False), **kw)
             errors.append("")
@@ -367,10 +367,13 @@ def test_separable_is_the_default_and_the_environment_selects_direct(results):
 
 
 def test_bad_variant_or_block_is_refused_with_the_reason(results):
-    unknown, not_pow2, too_small = results["bad_options"]
+    unknown, not_pow2, too_small, direct_not_pow2 = results["bad_options"]
     assert "variant must be one of ('separable', 'direct')" in unknown
     assert "powers of two and at least 7" in not_pow2
     assert "powers of two and at least 7" in too_small
+    # (the direct kernel's block reached tl.arange unchecked: "arange's range must be a power of 2", an
+    # interpreter error, or a compilation error on a GPU)
+    assert "direct block (3, 5): both sides must be powers of two" in direct_not_pow2
 
 
 @pytest.mark.parametrize("case", ["split_2d_separable", "split_2d_direct", "split_3d_separable", "split_matrix_block"])
