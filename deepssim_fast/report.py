@@ -323,11 +323,13 @@ def write_report(
     out = Path(out)
     files = files or {}
     paths = {name: files.get(name, out / name) for name in ("histogram.png", "gallery.png", "report.html")}
+    # the search score's name in both figures; metric ssim's is "search SSIM", so that a gallery head never
+    # reads "SSIM 1.000  SSIM 0.517" (verified, then searched) for a flipped copy
     score_name = {
         "deepssim": "cosine",
         "embeddings": "cosine",
         "correlation": "correlation",
-        "ssim": "SSIM",
+        "ssim": "search SSIM",
     }.get(summary.get("metric", ""), "score")
     h = histogram_png(hist_counts, hist_edges, thresholds, verified=verified, score_name=score_name)
     g = gallery_png(suspects, thresholds, score_name=score_name)

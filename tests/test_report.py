@@ -229,3 +229,32 @@ def test_gallery_tells_files_of_the_same_name_apart(monkeypatch) -> None:
                                          "f/emb.npy#row:3"]
     assert got[ids[4]].startswith("q/…") and got[ids[5]].startswith("r/…")
     assert all(len(v) <= 34 for v in got.values()) and len(set(got.values())) == len(ids)
+
+
+def test_gallery_heads_tell_the_search_ssim_from_the_verified_one(tmp_path, monkeypatch) -> None:
+    """With metric ssim both scores of a pair are SSIMs: a flipped copy's head read 'SSIM 1.000  SSIM 0.517'
+    (verified, then searched). The search score is named as such, in the gallery and the histogram."""
+    import matplotlib.axes
+
+    drawn: list[str] = []
+    text, set_xlabel = matplotlib.axes.Axes.text, matplotlib.axes.Axes.set_xlabel
+
+    def spy_text(self, x, y, s, *args, **kwargs):
+        drawn.append(str(s))
+        return text(self, x, y, s, *args, **kwargs)
+
+    def spy_xlabel(self, s, *args, **kwargs):
+        drawn.append(str(s))
+        return set_xlabel(self, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", spy_text)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", spy_xlabel)
+    s = _summary()
+    s["metric"], s["search_score"] = "ssim", "SSIM (preset deepssim)"
+    counts = np.zeros(200, dtype=np.int64)
+    counts[150] = 10
+    write_report(tmp_path, summary=s, hist_counts=counts, hist_edges=np.linspace(-1, 1, 201),
+                 verified=np.array([0.95, 0.75]), thresholds=(0.6, 0.85), suspects=_suspects(2))
+    heads = [t for t in drawn if t.startswith("#")]
+    assert heads == ["#1  SSIM 0.950  search SSIM 0.900  (hflip+shift(1,0))", "#2  SSIM 0.750  search SSIM 0.800"]
+    assert "search SSIM" in drawn  # the histogram's search-score axis
