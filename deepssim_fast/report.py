@@ -265,9 +265,15 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
         + "</table>"
     )
     model = summary.get("model")
-    model_txt = (
-        "none" if not model else f"{e(str(model.get('path')))} (sha256 {e(str(model.get('hash'))[:16])}…)"
-    )
+    if not model:
+        model_txt = "none"
+    elif model.get("path"):  # the whole hash: a reader checks the file against it (sha256sum)
+        model_txt = f"<code>{e(str(model['path']))}</code>, sha256 of the file <code>{e(str(model.get('hash')))}</code>"
+    else:  # a model passed in memory: its hash is of the module (class, settings, weights), not of any file
+        model_txt = (
+            "given in memory, not as a file; sha256 of its class, settings and weights "
+            f"<code>{e(str(model.get('hash')))}</code>"
+        )
     b64h = base64.b64encode(histogram).decode()
     b64g = base64.b64encode(gallery).decode()
     versions = ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(summary.get("versions", {}).items()))

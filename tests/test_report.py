@@ -258,3 +258,18 @@ def test_gallery_heads_tell_the_search_ssim_from_the_verified_one(tmp_path, monk
     heads = [t for t in drawn if t.startswith("#")]
     assert heads == ["#1  SSIM 0.950  search SSIM 0.900  (hflip+shift(1,0))", "#2  SSIM 0.750  search SSIM 0.800"]
     assert "search SSIM" in drawn  # the histogram's search-score axis
+
+
+def test_report_html_states_the_model_and_its_whole_hash() -> None:
+    """A model passed in memory was shown as 'None (sha256 efe53a68ca358c11…)', a hash no file has; a file's
+    hash was cut to 16 digits, too few to check a checkpoint against."""
+    s = _summary()
+    page = report_html(s, histogram=b"h", gallery=b"g", suspects=[])
+    row = re.search(r"<th>model</th><td>(.*?)</td></tr>", page, re.S).group(1)
+    assert "/m/&lt;x&gt;.pt" in row and "ab" * 32 in row and "sha256 of the file" in row
+    s["model"] = {"path": None, "hash": "cd" * 32}
+    row = re.search(r"<th>model</th><td>(.*?)</td></tr>", report_html(s, histogram=b"h", gallery=b"g",
+                    suspects=[]), re.S).group(1)
+    assert "None" not in row and "cd" * 32 in row and "in memory" in row and "of the file" not in row
+    s["model"] = None
+    assert "<th>model</th><td>none</td>" in report_html(s, histogram=b"h", gallery=b"g", suspects=[])
