@@ -241,11 +241,13 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict, out: str) -> None:
+    from .report import format_percent
+
     c = s["counts"]
     print(
         f"{s['n_synth']} synthetic items vs {s['n_train']} training items ({s['metric']}, top {s['k']}): "
         f"{c['duplicate']} duplicate, {c['similar']} similar, {c['different']} different "
-        f"— {100 * s['fraction_memorised']:.1f} % memorised"
+        f"— {format_percent(s['fraction_memorised'])} % memorised"
     )
     for sk in s["skipped"]:
         print(f"warning: skipped {sk['set']} input {sk['path']}: {one_line(sk['reason'])}", file=sys.stderr)

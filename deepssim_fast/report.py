@@ -231,6 +231,17 @@ def _transforms_txt(v: dict) -> str:
     )
 
 
+def format_percent(fraction: float) -> str:
+    """``fraction`` as a percentage with one decimal, or as many more as keep a share that is neither none
+    nor all from reading ``0.0`` or ``100.0`` (1 of 2,001 items is ``0.05``, not ``0.0``)."""
+    x = 100.0 * float(fraction)
+    for digits in range(1, 16):
+        txt = f"{x:.{digits}f}"
+        if (float(txt) == 0.0) == (x == 0.0) and (float(txt) == 100.0) == (x == 100.0):
+            break
+    return txt
+
+
 def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Sequence[dict]) -> str:
     """The self-contained report page (inline CSS, base64 images). Timings are deliberately omitted."""
     e = html.escape
@@ -281,10 +292,10 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
 <html lang="en"><head><meta charset="utf-8"><title>deepssim_fast memorisation audit</title>
 <style>{_CSS}</style></head><body>
 <h1>Memorisation audit</h1>
-<p class=big>{c["duplicate"]} of {n} synthetic items ({100.0 * summary["fraction_memorised"]:.1f} %)
+<p class=big>{c["duplicate"]:,} of {n:,} synthetic items ({format_percent(summary["fraction_memorised"])} %)
 are labelled
-<span class=duplicate>duplicate</span>; {c["similar"]} <span class=similar>similar</span>,
-{c["different"]} <span class=different>different</span>.</p>
+<span class=duplicate>duplicate</span>; {c["similar"]:,} <span class=similar>similar</span>,
+{c["different"]:,} <span class=different>different</span>.</p>
 <table>
 <tr><th>metric (search score)</th><td>{e(summary["metric"])} — {e(summary["search_score"])}</td></tr>
 <tr><th>label score</th><td>{e(summary["label_score"])}; {_transforms_txt(summary["verify"])}</td></tr>

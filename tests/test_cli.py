@@ -650,3 +650,13 @@ def test_multi_line_skip_reasons_are_logged_on_one_line(
     assert len(logged) == 1 and "skipping" in logged[0], lines
     assert logged[0].endswith("could the file be damaged?)"), lines
     assert all(str(bad) in ln for ln in lines if "damaged" in ln), lines
+
+
+def test_audit_summary_line_never_rounds_a_share_to_none(capsys: pytest.CaptureFixture) -> None:
+    """The printed summary said '1 duplicate ... — 0.0 % memorised' for 1 of 2001 synthetic items."""
+    from deepssim_fast.cli import _print_summary
+
+    s = {"n_synth": 2001, "n_train": 5, "metric": "correlation", "k": 5, "fraction_memorised": 1 / 2001,
+         "counts": {"duplicate": 1, "similar": 0, "different": 2000}, "skipped": []}
+    _print_summary(s, "o")
+    assert "1 duplicate, 0 similar, 2000 different — 0.05 % memorised" in capsys.readouterr().out

@@ -273,3 +273,15 @@ def test_report_html_states_the_model_and_its_whole_hash() -> None:
     assert "None" not in row and "cd" * 32 in row and "in memory" in row and "of the file" not in row
     s["model"] = None
     assert "<th>model</th><td>none</td>" in report_html(s, histogram=b"h", gallery=b"g", suspects=[])
+
+
+@pytest.mark.parametrize(
+    ("dup", "n", "shown"), [(1, 2001, "0.05 %"), (2000, 2001, "99.95 %"), (0, 7, "0.0 %"), (7, 7, "100.0 %")]
+)
+def test_report_html_never_rounds_a_share_to_none_or_all(dup: int, n: int, shown: str) -> None:
+    """'1 of 2001 synthetic items (0.0 %) are labelled duplicate' read as none memorised; 2000 of 2001 as all."""
+    s = _summary(n)
+    s["counts"] = {"duplicate": dup, "similar": 0, "different": n - dup}
+    s["fraction_memorised"] = dup / n
+    text = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=[]))
+    assert f"{dup:,} of {n:,} synthetic items ({shown}) are labelled" in text
