@@ -262,8 +262,10 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
     skipped = summary.get("skipped") or []
 
     def skipped_of(side: str) -> str:  # the files counted are those found; say how many inputs were left out
+        # an entry is an unreadable file or one item the metric cannot score (a constant slice): "1 file found
+        # (12 skipped)" must not read as 12 files
         n = sum(1 for s in skipped if s.get("set") == side)
-        return f" ({n:,} skipped, listed below)" if n else ""
+        return f" ({n:,} skipped files or items, listed below)" if n else ""
 
     skipped_html = (
         "<p>None.</p>"

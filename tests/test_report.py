@@ -144,8 +144,8 @@ def test_report_html_self_contained_and_escaped() -> None:
     assert "25.0 %" in page
     # the file counts are of the files found; the skipped ones are said where the count is (one synth file)
     text = re.sub(r"\s+", " ", page)
-    assert re.search(r"synthetic set</th><td class=num>[\d,]+ items from [\d,]+ files found \(1 skipped, listed "
-                     r"below\)</td>", text), text
+    assert re.search(r"synthetic set</th><td class=num>[\d,]+ items from [\d,]+ files found \(1 skipped files "
+                     r"or items, listed below\)</td>", text), text
     assert re.search(r"training set</th><td class=num>[\d,]+ items from [\d,]+ files found</td>", text)
     # run timings never reach the page, so a resumed run writes the same bytes
     s1, s2 = _summary(), _summary()
@@ -285,3 +285,14 @@ def test_report_html_never_rounds_a_share_to_none_or_all(dup: int, n: int, shown
     s["fraction_memorised"] = dup / n
     text = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=[]))
     assert f"{dup:,} of {n:,} synthetic items ({shown}) are labelled" in text
+
+
+def test_report_html_does_not_count_skipped_items_as_files() -> None:
+    """A correlation audit of one volume with 12 blank slices read '36 items from 1 files found (12 skipped,
+    listed below)': the 12 are slices of that one file, skipped one by one."""
+    s = _summary(36)
+    s["n_synth_files"] = 1
+    s["skipped"] = [{"set": "synth", "path": "/d/vol.npy", "reason": f"/d/vol.npy#2:{i}: constant image"}
+                    for i in range(12)]
+    text = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=[]))
+    assert "36 items from 1 files found (12 skipped files or items, listed below)" in text
