@@ -121,7 +121,8 @@ def gallery_png(
     for ax in axes.ravel():
         ax.axis("off")
     if n == 0:
-        axes[0, 0].text(0, 0.5, "no synthetic items", fontsize=12)
+        # (an audit always has synthetic items: none are shown because none were asked for, gallery=0)
+        axes[0, 0].text(0, 0.5, "no pairs shown (gallery=0)", fontsize=12)
     names = _labels([s[key] for s in suspects for key in ("synth_id", "train_id")])
     for q, s in enumerate(suspects):
         r, c = divmod(q, per_row)

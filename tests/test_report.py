@@ -296,3 +296,19 @@ def test_report_html_does_not_count_skipped_items_as_files() -> None:
                     for i in range(12)]
     text = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=[]))
     assert "36 items from 1 files found (12 skipped files or items, listed below)" in text
+
+
+def test_empty_gallery_does_not_say_there_are_no_synthetic_items(monkeypatch) -> None:
+    """audit(gallery=0) drew 'no synthetic items' over an audit of 10 synthetic items."""
+    import matplotlib.axes
+
+    drawn: list[str] = []
+    text = matplotlib.axes.Axes.text
+
+    def spy(self, x, y, s, *args, **kwargs):
+        drawn.append(str(s))
+        return text(self, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", spy)
+    gallery_png([], (0.6, 0.85))
+    assert drawn == ["no pairs shown (gallery=0)"]
