@@ -47,10 +47,25 @@ const char* simd_name(Simd s);
 // (a value that is not a thread count is reported on stderr once), else std::thread::hardware_concurrency().
 int num_threads();
 
+// How parallel_for runs when it has one thread: chunk by chunk (`Chunks`, the default: a pending signal is
+// seen between chunks), or as one call fn(0, n) (`Whole`: for loops whose result depends on how [0, n) is
+// split, e.g. one partial sum per chunk, so that one thread always gives the same value).
+enum class Serial { Chunks, Whole };
+
 // Run fn(begin, end) over [0, n) split into chunks of `grain`, claimed dynamically by up to
 // num_threads() threads (the calling thread included). Exceptions are rethrown in the caller.
+// Interruptible: between chunks (and at interruption_point()) the calling thread checks for Python signals (at most every ~100 ms; it
+// takes the GIL for it, so callers must have released it, as they do around every loop). A handler that
+// raises (Ctrl-C: KeyboardInterrupt) stops the loop: the other threads finish their current chunk, and the
+// exception propagates as py::error_already_set, so Ctrl-C stops a long native call within a chunk's time.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn,
-                  int max_threads = 0);
+                  int max_threads = 0, Serial serial = Serial::Chunks);
+
+// For the body of a parallel_for whose chunks can run long: a point where the loop may stop early. On the
+// calling thread it polls for signals as between chunks (throwing what a handler raises); on the other
+// threads it throws once the loop has failed, so they stop without finishing their chunk. Cheap (a clock
+// read at most). The chunk's partial work is abandoned, as the whole call fails.
+void interruption_point();
 
 // Each capability file registers its bindings with a static Registrar; module.cpp calls them all.
 using RegisterFn = void (*)(py::module_&);

@@ -3,6 +3,7 @@
 #include "common.h"
 
 #include <cctype>
+#include <chrono>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -98,8 +99,49 @@ int num_threads() {
   return hc ? static_cast<int>(hc) : 1;
 }
 
+namespace {
+// True in the threads parallel_for starts: they never take the GIL (only the calling thread polls signals).
+thread_local bool t_pool_thread = false;
+// The stop flag of the parallel_for whose chunk this thread runs (nullptr outside one); set once a thread
+// of that loop has failed.
+thread_local const std::atomic<bool>* t_cancel = nullptr;
+// Thrown by interruption_point() on a thread whose loop has already failed (never leaves parallel_for).
+struct Cancelled {};
+// When the calling thread last looked for pending signals (kept across calls: a loop of short
+// parallel_for calls polls at the same rate as one long one).
+thread_local std::chrono::steady_clock::time_point t_last_poll{};
+constexpr std::chrono::milliseconds kPollEvery{100};
+
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
+// Between chunks, on the thread that called parallel_for (GIL released): run the Python signal handlers of
+// signals that arrived meanwhile (Ctrl-C's default handler raises KeyboardInterrupt), throwing what they
+// raise. Handlers only run on the main thread; elsewhere PyErr_CheckSignals returns 0 at once.
+void poll_signals() {
+  if (t_pool_thread) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - t_last_poll < kPollEvery) return;
+  t_last_poll = now;
+  // (taking the GIL while the interpreter shuts down would end this thread inside the loop)
+  if (!Py_IsInitialized() || interpreter_finalizing()) return;
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+}  // namespace
+
+void interruption_point() {
+  if (t_cancel && t_cancel->load(std::memory_order_relaxed)) throw Cancelled{};
+  poll_signals();
+}
+
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn,
-                  int max_threads) {
+                  int max_threads, Serial serial) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
   const int64_t chunks = (n + grain - 1) / grain;
@@ -107,25 +149,41 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   if (max_threads > 0) nt = std::min(nt, max_threads);
   nt = static_cast<int>(std::min<int64_t>(nt, chunks));
   if (nt <= 1) {
-    fn(0, n);
+    if (serial == Serial::Whole) {
+      poll_signals();
+      fn(0, n);
+      return;
+    }
+    for (int64_t b = 0; b < n; b += grain) {
+      poll_signals();
+      fn(b, std::min(n, b + grain));
+    }
     return;
   }
   std::atomic<int64_t> next{0};
+  std::atomic<bool> cancel{false};
   std::exception_ptr err;
   std::mutex err_mu;
-  auto worker = [&]() {
+  auto worker = [&](bool caller) {
+    const std::atomic<bool>* const outer = t_cancel;  // (a parallel_for inside a chunk of another)
+    t_cancel = &cancel;
     try {
       for (;;) {
+        if (caller) poll_signals();
         const int64_t c = next.fetch_add(1);
         if (c >= chunks) break;
         const int64_t b = c * grain;
         fn(b, std::min(n, b + grain));
       }
+    } catch (const Cancelled&) {
+      // (another thread failed first: its exception is the loop's)
     } catch (...) {
       std::lock_guard<std::mutex> lk(err_mu);
       if (!err) err = std::current_exception();
       next.store(chunks);
+      cancel.store(true);
     }
+    t_cancel = outer;
   };
   std::vector<std::thread> pool;
   pool.reserve(nt - 1);
@@ -134,12 +192,15 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     // claimed dynamically, so the threads running (at least this one) take them all. Letting the
     // std::system_error escape destroyed `pool` with running threads in it: std::terminate.
     try {
-      pool.emplace_back(worker);
+      pool.emplace_back([&worker] {
+        t_pool_thread = true;
+        worker(false);
+      });
     } catch (const std::system_error&) {
       break;
     }
   }
-  worker();
+  worker(true);
   for (auto& th : pool) th.join();
   if (err) std::rethrow_exception(err);
 }

@@ -1287,9 +1287,12 @@ py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dim
           // One band of output planes per thread (each band first sums K planes).
           const PairConstD pcd = pair_const_d(range, win, prx, pry);
           std::vector<double> partial(Do, 0.0);
-          parallel_for(Do, std::max<int64_t>(1, (Do + nt - 1) / nt), [&](int64_t u0, int64_t u1) {
-            partial[u0] = kern.box3d(px + pix[p] * n, py_ + piy[p] * n, g, win, prx, pry, pcd, u0, u1);
-          });
+          parallel_for(
+              Do, std::max<int64_t>(1, (Do + nt - 1) / nt),
+              [&](int64_t u0, int64_t u1) {
+                partial[u0] = kern.box3d(px + pix[p] * n, py_ + piy[p] * n, g, win, prx, pry, pcd, u0, u1);
+              },
+              0, Serial::Whole);
           double total = 0;
           for (double v : partial) total += v;
           po[p] = total / count;
@@ -1299,9 +1302,12 @@ py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dim
           const int64_t units = g.H - win.K + 1;
           const PairConstD pcd = pair_const_d(range, win, prx, pry);
           std::vector<double> partial(units, 0.0);
-          parallel_for(units, std::max<int64_t>(8, units / (2 * nt)), [&](int64_t u0, int64_t u1) {
-            partial[u0] = kern.box2d(px + pix[p] * n, py_ + piy[p] * n, g, win, prx, pry, pcd, u0, u1);
-          });
+          parallel_for(
+              units, std::max<int64_t>(8, units / (2 * nt)),
+              [&](int64_t u0, int64_t u1) {
+                partial[u0] = kern.box2d(px + pix[p] * n, py_ + piy[p] * n, g, win, prx, pry, pcd, u0, u1);
+              },
+              0, Serial::Whole);
           double total = 0;
           for (double v : partial) total += v;
           po[p] = total / count;
@@ -1316,14 +1322,18 @@ py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dim
         const int64_t units = spatial_dims == 3 ? Do : g.H - win.K + 1;
         std::vector<double> partial(units, 0.0);
         const int64_t grain = spatial_dims == 3 ? 1 : std::max<int64_t>(1, units / (4 * nt));
-        parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
-          std::vector<float> scratch(scratch_floats(g));
-          if (spatial_dims == 3) {
-            for (int64_t u = u0; u < u1; ++u) partial[u] = kern.plane3d(a, b, g, win, pc, u, scratch.data(), win.uniform);
-          } else {
-            partial[u0] = kern.rows2d(a, b, g, win, pc, u0, u1, scratch.data(), win.uniform);
-          }
-        });
+        parallel_for(
+            units, grain,
+            [&](int64_t u0, int64_t u1) {
+              std::vector<float> scratch(scratch_floats(g));
+              if (spatial_dims == 3) {
+                for (int64_t u = u0; u < u1; ++u)
+                  partial[u] = kern.plane3d(a, b, g, win, pc, u, scratch.data(), win.uniform);
+              } else {
+                partial[u0] = kern.rows2d(a, b, g, win, pc, u0, u1, scratch.data(), win.uniform);
+              }
+            },
+            0, Serial::Whole);  // (one partial sum per chunk: one thread keeps its single chunk)
         double total = 0;
         for (double v : partial) total += v;
         po[p] = total / count;

@@ -836,6 +836,7 @@ void run_rows(const Params& p, int64_t rb, int64_t re, Local& lc, const Kernels&
   const int64_t flush_at = (int64_t{1} << 30);
   int32_t* const S = lc.sub.data();
   for (int64_t tb = 0; tb < panels; tb += NC / NR) {          // tile of NC database rows
+    interruption_point();  // (a chunk of rows against a whole tile of t can take seconds: Ctrl-C stops it)
     const int64_t te = std::min(panels, tb + NC / NR);
     for (int64_t r0 = rb; r0 < re; r0 += MR) {               // MR query rows
       const int64_t nrows = std::min<int64_t>(MR, re - r0);

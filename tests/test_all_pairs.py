@@ -1130,3 +1130,52 @@ def test_out_naming_a_folder_is_an_error_before_the_search_runs(tmp_path, monkey
     with pytest.raises(IsADirectoryError, match=r"out='.*folder' is a folder; give the path of the \.npy file"):
         all_pairs(_rand(20, 4, SEED + 76), _rand(5, 4, SEED + 77), k=1, out=tmp_path / "folder", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+_INTERRUPT_CODE = """
+import os, signal, sys, threading, time
+import numpy as np
+import deepssim_fast as dsf
+rng = np.random.default_rng(0)
+train = rng.standard_normal((8000, 256), dtype=np.float32)
+small = dsf.all_pairs(train[:500], train[500:600], progress=False)
+class Alarm(Exception):
+    pass
+def on_alarm(signum, frame):
+    raise Alarm()
+signal.signal(signal.SIGALRM, on_alarm)
+for how in ("SIGINT from a thread", "setitimer"):
+    t0 = time.perf_counter()
+    if how == "setitimer":
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+    else:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        dsf.all_pairs(train, train, k=5, progress=False)  # ~15 s at the scalar level on 2 threads
+        print("not interrupted", how)
+        sys.exit(1)
+    except (KeyboardInterrupt, Alarm) as exc:
+        print(how, type(exc).__name__, "after", round(time.perf_counter() - t0, 2), flush=True)
+        assert time.perf_counter() - t0 < 2.5, how
+    again = dsf.all_pairs(train[:500], train[500:600], progress=False)  # the engine still works
+    assert np.array_equal(again.scores, small.scores) and np.array_equal(again.indices, small.indices)
+    assert np.array_equal(again.histogram[0], small.histogram[0])
+assert [t for t in threading.enumerate() if not t.daemon] == [threading.main_thread()]  # (tqdm's monitor: daemon)
+assert len(os.listdir("/proc/self/task")) <= 8  # no native worker threads left (torch may keep a few)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+def test_a_signal_stops_a_long_native_all_pairs_call_within_a_second():
+    """One native call folds a whole block x tile (up to 65536 x 32768 pairs) with the GIL released: Ctrl-C
+    (or any signal whose handler raises, here also a SIGALRM from setitimer) waited for it to end — 95 s for
+    20000 x 20000 x 256 at the scalar level (the portable path, e.g. on ARM), ~3 s per call on AVX-512. The
+    calling thread now polls for signals between chunks and tiles; the call raises within a fraction of a
+    second and the engine gives the same results afterwards. In a subprocess (a hang fails this test only)."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(_native.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
+           "DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", _INTERRUPT_CODE], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
