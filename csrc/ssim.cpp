@@ -1251,6 +1251,7 @@ py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dim
         float* a = ab.data();
         float* b = ab.data() + padded(n);
         for (int64_t p = b0; p < b1; ++p) {
+          if ((p - b0) % 64 == 63) interruption_point();  // (a chunk is 1/8 of a thread's pairs: Ctrl-C)
           if (!eager(usex[pix[p]])) sx[pix[p]] = kern.stats(px + pix[p] * n, n, need_std);
           if (!eager(usey[piy[p]])) sy[piy[p]] = kern.stats(py_ + piy[p] * n, n, need_std);
           Prep prx, pry;
@@ -1580,6 +1581,7 @@ py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array
     parallel_for(total, grain, [&](int64_t q0, int64_t q1) {
       std::vector<float> scratch(matrix_scratch_floats(g));
       for (int64_t q = q0; q < q1; ++q) {
+        if ((q - q0) % 64 == 63) interruption_point();  // (a chunk is 1/16 of a thread's pairs: Ctrl-C)
         const int64_t i = q / nb, j = q % nb;
         Prep prx, pry;
         const double range = resolve_pair(st[i], st[na + j], win, prx, pry);
