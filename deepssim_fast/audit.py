@@ -404,6 +404,16 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker_init_fn: decode workers ignore SIGINT. Ctrl-C reaches the whole process group; a
+    worker that took it left its loop with decoded items still queued and then blocked flushing them, so the
+    main process, raising KeyboardInterrupt, waited torch's 5 s join timeout for each before killing it.
+    Ignoring it, they stop when the main process shuts them down (or dies: their watchdog), within an item."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _decode_all(
     name: str,
     paths: Sequence[Path],
@@ -436,7 +446,8 @@ def _decode_all(
         todo.append(i)
     if todo:
         ds = _DecodeDataset([paths[i] for i in todo], mode, policy)
-        loader = tud.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity)
+        loader = tud.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
+                                worker_init_fn=_ignore_sigint if workers else None)
         bar = tqdm(loader, total=len(todo), desc=f"decode {name}", disable=None if progress else True)
         for j, ids, idx, arrs, err in bar:
             i = todo[j]

@@ -1396,3 +1396,46 @@ def test_volumes_mode_takes_every_frame_of_a_4d_file(tmp_path: Path) -> None:
     assert [x["train_id"] for x in rows] == [f"{p}@t1", f"{p}@t0"]
     assert [x["train_index"] for x in rows] == ["1", "0"]
     assert float(rows[0]["ssim"]) == pytest.approx(1.0) and r.summary["n_train"] == 2
+
+
+def test_ctrl_c_while_decode_workers_run_stops_within_a_second(tmp_path: Path) -> None:
+    """Ctrl-C reaches the decode workers too (one process group): each left its loop with decoded items still
+    queued and blocked flushing them, and the audit, raising KeyboardInterrupt, waited torch's 5 s join
+    timeout before killing them (~5.3 s after the signal). The workers now ignore SIGINT and stop when the
+    audit shuts them down. In a subprocess in a session of its own (the signal goes to its process group)."""
+    for kind in ("train", "synth"):
+        (tmp_path / kind).mkdir()
+        rng = np.random.default_rng(len(kind))
+        for i in range(200):  # (items large enough that two fill a pipe: the workers' flush blocked)
+            np.save(tmp_path / kind / f"{kind}{i:03d}.npy", rng.random((128, 128), dtype=np.float32))
+    code = """
+import importlib, os, signal, sys, threading, time
+A = importlib.import_module("deepssim_fast.audit")
+write = A._atomic_npz
+def slow(*args, **kw):  # a slow disk: the decode workers' queue stays full
+    time.sleep(0.03)
+    return write(*args, **kw)
+A._atomic_npz = slow
+t = []
+def interrupt():  # as Ctrl-C in a terminal: to the whole process group, decode workers included
+    t.append(time.perf_counter())
+    os.killpg(os.getpgid(0), signal.SIGINT)
+threading.Timer(1.0, interrupt).start()
+try:
+    A.audit(sys.argv[1], sys.argv[2], metric="ssim", out=sys.argv[3], decode_workers=2, progress=False)
+    print("not interrupted")
+    sys.exit(1)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt after", round(time.perf_counter() - t[0], 2), flush=True)
+    assert time.perf_counter() - t[0] < 2.0
+import multiprocessing
+assert not multiprocessing.active_children(), multiprocessing.active_children()
+print("ok")
+"""
+    out = tmp_path / "out"
+    pkg_root = Path(A.__file__).resolve().parents[1]  # this checkout's package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "train"), str(tmp_path / "synth"), str(out)],
+                       env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))  # no half-written cache entry
