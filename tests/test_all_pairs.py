@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
+from _checkout import assert_ok, run_python
 import torch
 
 from deepssim_fast import _native, data
@@ -671,10 +672,7 @@ for level in ("scalar", "avx2", "auto"):
         assert h.tolist() == [3, 0, 0, 3] and c.tolist() == [3, 0, 3], (level, choice, h, c)
 print("ok")
 """
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(_native.__file__)))  # this checkout's package
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_ok(run_python(code))
 
 
 @pytest.mark.parametrize("lo,hi,bins", [(-1.0, 1.0, 200), (0.05, 0.3, 1000), (-0.2, -0.1, 7),
@@ -1173,9 +1171,4 @@ def test_a_signal_stops_a_long_native_all_pairs_call_within_a_second():
     20000 x 20000 x 256 at the scalar level (the portable path, e.g. on ARM), ~3 s per call on AVX-512. The
     calling thread now polls for signals between chunks and tiles; the call raises within a fraction of a
     second and the engine gives the same results afterwards. In a subprocess (a hang fails this test only)."""
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(_native.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
-           "DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-c", _INTERRUPT_CODE], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_ok(run_python(_INTERRUPT_CODE, env={"DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}))

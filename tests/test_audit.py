@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checkout import assert_ok, run_python
 
 from deepssim_fast import data
 from deepssim_fast.data import DataError, SlicePolicy
@@ -1433,9 +1434,5 @@ assert not multiprocessing.active_children(), multiprocessing.active_children()
 print("ok")
 """
     out = tmp_path / "out"
-    pkg_root = Path(A.__file__).resolve().parents[1]  # this checkout's package
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "train"), str(tmp_path / "synth"), str(out)],
-                       env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_ok(run_python(code, str(tmp_path / "train"), str(tmp_path / "synth"), str(out), start_new_session=True))
     assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))  # no half-written cache entry

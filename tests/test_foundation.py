@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+from _checkout import assert_ok, run_python
 import torch
 
 import deepssim_fast
@@ -81,10 +82,7 @@ assert _native.normalize_rows(x, out) == -1
 assert np.array_equal(out, np.sign(x)), "normalised 1-column rows are their signs"
 print("ok")
 """
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(deepssim_fast.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_ok(run_python(code, timeout=300))
 
 
 def test_native_does_not_link_libtorch():

@@ -8,14 +8,13 @@ from __future__ import annotations
 import fractions
 import importlib
 import logging
-import os
 import re
-import subprocess
 import sys
 import zlib
 
 import numpy as np
 import pytest
+from _checkout import assert_ok, run_python
 import torch
 
 from deepssim_fast import _native, data
@@ -1128,9 +1127,5 @@ def test_ctrl_c_stops_a_long_native_ssim_matrix_tile():
     GIL released: Ctrl-C waited for the tile (4.6 s for 200 x 200 Gaussian-window pairs at the scalar level),
     then, polling between chunks, for the chunks of 5000 pairs the threads were running (400 x 400: ~1 s).
     The pair loops now poll every 64 pairs. In a subprocess (a hang fails this test only)."""
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(_native.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([pkg_root, os.environ.get("PYTHONPATH", "")]),
-           "DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-c", _MATRIX_INTERRUPT_CODE], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    assert_ok(run_python(_MATRIX_INTERRUPT_CODE,
+                         env={"DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}))
