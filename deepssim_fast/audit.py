@@ -1137,7 +1137,7 @@ def audit(
         raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
     if mode not in ("slices", "volumes"):
         raise ValueError(f"mode must be 'slices' or 'volumes', got {mode!r}")
-    spatial_dims_of = {"slices": 2, "volumes": 3}
+    spatial_dims = 3 if mode == "volumes" else 2
     if mode == "volumes" and metric not in ("ssim", "correlation"):
         raise ValueError(f"mode='volumes' supports metric 'ssim' or 'correlation' (3D), not {metric!r}")
     if metric == "embeddings" and verify != "none":
@@ -1169,11 +1169,11 @@ def audit(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if size is not None and (
-        len(tuple(size)) != spatial_dims_of[mode]
+        len(tuple(size)) != spatial_dims
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size)
     ):
         raise ValueError(
-            f"size must be {spatial_dims_of[mode]} positive integers (the item shape for mode={mode!r}), "
+            f"size must be {spatial_dims} positive integers (the item shape for mode={mode!r}), "
             f"got {tuple(size)}"
         )
     if not isinstance(decode_workers, (int, np.integer)) or decode_workers < 0:
@@ -1196,7 +1196,6 @@ def audit(
         )
     th = _check_thresholds(thresholds)
     policy = policy or SlicePolicy()
-    spatial_dims = 3 if mode == "volumes" else 2
     out = Path(out)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     for folder, what, option in ((out, "output folder", "out (--out)"),
