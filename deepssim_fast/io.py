@@ -268,11 +268,10 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 _PNG_COLOUR_CHANNELS = {2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel (RGB, grey+alpha, RGBA)
 
 
-def _png_header(p: Path) -> tuple[int, int] | None:
-    """``(bit depth, colour type)`` from a PNG's IHDR chunk, or None when the file does not start with the
-    PNG signature and an IHDR chunk (left to Pillow, which names the problem)."""
-    with open(p, "rb") as f:
-        head = f.read(26)
+def _png_header(head: bytes) -> tuple[int, int] | None:
+    """``(bit depth, colour type)`` from a PNG's IHDR chunk (``head``: the file's first bytes, 26 suffice), or
+    None when the file does not start with the PNG signature and an IHDR chunk (left to Pillow, which names
+    the problem)."""
     if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return head[24], head[25]
@@ -380,7 +379,7 @@ def _read_png(p: Path) -> np.ndarray:
                 chunks = _png_chunks(data)
             except ValueError as exc:
                 raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
-        header = _png_header(p)
+        header = _png_header(data)
         if header is not None and header[0] == 16 and header[1] in _PNG_COLOUR_CHANNELS:
             try:
                 px = _read_png16_colour(chunks)
@@ -461,7 +460,8 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
     if kind == "png":
         from PIL import Image
 
-        header = _png_header(p)
+        with open(p, "rb") as f:
+            header = _png_header(f.read(26))
         if header is not None and header[0] == 16 and header[1] in _PNG_COLOUR_CHANNELS:
             return np.dtype(np.uint16)  # Pillow's mode ("RGB", "RGBA") would say 8 bits
         try:
