@@ -53,7 +53,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data import DataError, Slice, SlicePolicy, _check_real_dtype, center_fit, load_nifti, nib_load
+from .data import DataError, Slice, SlicePolicy, _check_real_dtype, center_fit, iter_nifti_frames, load_nifti, nib_load
 
 logger = logging.getLogger(__name__)
 
@@ -589,10 +589,9 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
             shape = nib_load(p).shape
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
-        if len(shape) == 4 and shape[3] > 1:
+        if len(shape) == 4 and shape[3] > 1:  # (each frame read once, in order: see iter_nifti_frames)
             out: list[Slice] = []
-            for t in range(shape[3]):
-                vol = load_nifti(p, frame=t)
+            for t, vol in enumerate(iter_nifti_frames(p)):
                 out.extend(volume_slices(vol, policy, source=f"{p}@t{t}"))
             return out
         return volume_slices(load_nifti(p), policy, source=str(p))
@@ -622,7 +621,7 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
         if len(shape) == 4 and shape[3] > 1:
-            return [(f"{p}@t{t}", load_nifti(p, frame=t)) for t in range(shape[3])]
+            return [(f"{p}@t{t}", vol) for t, vol in enumerate(iter_nifti_frames(p))]
     elif kind == "npy":
         try:
             shape = np.load(p, allow_pickle=False, mmap_mode="r").shape
