@@ -58,6 +58,7 @@ rest of OUT is not (it may hold the inputs, as the demo's does).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -69,6 +70,7 @@ import platform
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -985,9 +987,18 @@ def _state_digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
+# Settings that change only what the search counts over all pairs (class counts, histogram): not the items,
+# their pixels, the top-k or the verified SSIM of a candidate.
+_SEARCH_COUNTS_ONLY = ("thresholds", "bins")
+
+
 def _stage_state(work: Path, fingerprint: dict) -> bool:
     """Reset OUT/work when the configuration changed; record the fingerprint. True when OUT/work already
-    belonged to this configuration (a resume: its pixel stores, where present, are this configuration's)."""
+    belonged to this configuration (a resume: its pixel stores, where present, are this configuration's).
+
+    When only the thresholds or bins changed, the search runs again (its class counts and histogram depend
+    on them) but the pixel stores and the verified chunks are kept (True): they are the same items, and a
+    verified chunk is reused only for the candidates it holds (see :func:`_verify_all`)."""
     state = work / "state.json"
     resumed = False
     if state.exists():
@@ -996,17 +1007,28 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
         except (OSError, ValueError):
             old = None
         if old != fingerprint:
-            logger.info("configuration changed since the last run in %s: starting the search over", work)
+            def rest(f: dict) -> dict:
+                return {key: v for key, v in f.items() if key not in _SEARCH_COUNTS_ONLY}
+
+            counts_only = isinstance(old, dict) and rest(old) == rest(fingerprint)
+            if counts_only:
+                logger.info("only the thresholds or bins changed since the last run in %s: searching again "
+                            "for the class counts and histogram, keeping the pixel stores and verified SSIM", work)
+            else:
+                logger.info("configuration changed since the last run in %s: starting the search over", work)
             # the previous run's outputs go first: an interrupted rerun must not leave them beside its work
             for name in _OUTPUT_FILES:
                 (work.parent / name).unlink(missing_ok=True)
-            for f in (sorted(work.glob("search*.npz")) + sorted(work.glob("verify_*.npz"))
-                      + sorted(work.glob("*_pixels.npy"))):
+            stale = sorted(work.glob("search*.npz"))
+            if not counts_only:
+                stale += sorted(work.glob("verify_*.npz")) + sorted(work.glob("*_pixels.npy"))
+            for f in stale:
                 f.unlink()
             for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
                 if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|flip\d|shift\d+))?", d.name):
                     shutil.rmtree(d, ignore_errors=True)
             state.unlink()
+            resumed = counts_only
         else:
             resumed = True
     work.mkdir(parents=True, exist_ok=True)
@@ -1371,44 +1393,50 @@ def audit(
         )
         res.save(search_file)
     elif res is None:
-        res = _cosine_search(
-            tset.vectors,
-            sset.vectors,
-            k=kk,
-            thresholds=th,
-            bins=bins,
-            backend=backend,
-            progress=progress,
-            workers=workers,
-            scheduler=scheduler,
-            shard_dir=out / "shards",
-        )
-        # flip- and shift-aware candidates: also search with transformed synthetic items (flips; translations
-        # by ±verify_shifts) and keep each pair's best score and the transform that gave it; the histogram
-        # stays that of the plain search
-        if variants:
-            from tqdm import tqdm
+        with contextlib.ExitStack() as stack:
+            w, sch = workers, scheduler
+            if workers is not None and variants:  # one embedded cluster for the plain search and every variant
+                from .distributed import cluster_client
 
-            # one bar over every transformed synthetic item (each variant: transform, embed, search)
-            bar = tqdm(
-                total=len(variants) * len(sset),
-                desc="flip/shift search",
-                unit="item",
-                disable=None if progress else True,
+                w, sch = None, stack.enter_context(cluster_client(workers=workers))
+            res = _cosine_search(
+                tset.vectors,
+                sset.vectors,
+                k=kk,
+                thresholds=th,
+                bins=bins,
+                backend=backend,
+                progress=progress,
+                workers=w,
+                scheduler=sch,
+                shard_dir=out / "shards",
             )
-            try:
-                for vname, tname, fn in variants:
-                    bar.set_postfix_str(vname, refresh=False)
-                    vv = _transformed_vectors(
-                        sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device, bar=bar
-                    )
-                    rv = _cosine_search(
-                        tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
-                        workers=workers, scheduler=scheduler, shard_dir=out / f"shards_{vname}",
-                    )
-                    res = _merge_topk(res, rv, kk, tname)
-            finally:
-                bar.close()
+            # flip- and shift-aware candidates: also search with transformed synthetic items (flips; translations
+            # by ±verify_shifts) and keep each pair's best score and the transform that gave it; the histogram
+            # stays that of the plain search
+            if variants:
+                from tqdm import tqdm
+
+                # one bar over every transformed synthetic item (each variant: transform, embed, search)
+                bar = tqdm(
+                    total=len(variants) * len(sset),
+                    desc="flip/shift search",
+                    unit="item",
+                    disable=None if progress else True,
+                )
+                try:
+                    for vname, tname, fn in variants:
+                        bar.set_postfix_str(vname, refresh=False)
+                        vv = _transformed_vectors(
+                            sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device, bar=bar
+                        )
+                        rv = _cosine_search(
+                            tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
+                            workers=w, scheduler=sch, shard_dir=out / f"shards_{vname}",
+                        )
+                        res = _merge_topk(res, rv, kk, tname)
+                finally:
+                    bar.close()
         res.save(search_file)
     if not (np.isfinite(res.scores).all() and (res.indices >= 0).all() and (res.indices < len(tset)).all()):
         raise RuntimeError(
@@ -1652,6 +1680,16 @@ def _ssim_search(
     )
 
 
+def _verified_for(f: Path, idx: np.ndarray) -> bool:
+    """Whether the verified chunk ``f`` exists and holds the candidates ``idx`` (a chunk kept from a run with
+    other thresholds or bins is reused only for the same top-k; one without its indices is computed again)."""
+    try:
+        with np.load(f) as z:
+            return "indices" in z.files and np.array_equal(z["indices"], idx)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
 def _verify_all(
     tset: ItemSet,
     sset: ItemSet,
@@ -1674,8 +1712,8 @@ def _verify_all(
     starts = list(range(0, n, chunk_size))
     for c, a in enumerate(tqdm(starts, desc="verify", disable=None if progress else True)):
         f = work / f"verify_{c:05d}.npz"
-        if not f.exists():
-            idx = res.indices[a : a + chunk_size]
+        idx = res.indices[a : a + chunk_size]
+        if not _verified_for(f, idx):
             rows = np.repeat(np.arange(a, a + len(idx)), k)
             tpx = np.asarray(tset.pixels[np.sort(np.unique(idx))])
             lookup = {int(j): p for p, j in enumerate(np.sort(np.unique(idx)))}
@@ -1690,7 +1728,7 @@ def _verify_all(
                 rotations=rotations,
                 backend=backend,
             )
-            _atomic_npz(f, ssim=v.reshape(len(idx), k), transform=np.array(names).reshape(len(idx), k))
+            _atomic_npz(f, ssim=v.reshape(len(idx), k), transform=np.array(names).reshape(len(idx), k), indices=idx)
             _chunk_hook("verify", c)
         with np.load(f) as z:
             ver[a : a + chunk_size] = z["ssim"]

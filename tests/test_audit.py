@@ -888,6 +888,33 @@ def test_dask_search_equals_local_search(ds: dict, tmp_path: Path) -> None:
     assert local.summary["pair_counts_search"] == dask.summary["pair_counts_search"]
 
 
+def test_dask_flip_search_starts_one_cluster_for_all_variants(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With flips (or shifts) the search runs once per transform; with workers= each run had started and
+    closed its own LocalCluster (2-5 s apiece). One cluster now serves them all, with the same results."""
+    pytest.importorskip("distributed")
+    from deepssim_fast import distributed as dd
+
+    started = []
+    real = dd.start_local_cluster
+
+    def spy(n: int):  # noqa: ANN202
+        started.append(n)
+        return real(n)
+
+    monkeypatch.setattr(dd, "start_local_cluster", spy)
+    kw = dict(metric="correlation", k=4, verify="none", verify_flips=True, progress=False)
+    local = A.audit(ds["train"], ds["synth"], out=tmp_path / "local", **kw)
+    assert started == []
+    dask = A.audit(ds["train"], ds["synth"], out=tmp_path / "dask", workers=1, **kw)
+    assert started == [1]
+    assert (tmp_path / "dask" / "shards_hflip").is_dir() and (tmp_path / "dask" / "shards_vflip").is_dir()
+    assert (tmp_path / "local" / "matches.csv").read_bytes() == (tmp_path / "dask" / "matches.csv").read_bytes()
+    assert local.summary["pair_counts_search"] == dask.summary["pair_counts_search"]
+    assert {r["transform"] for r in _rows(tmp_path / "dask")} >= {"none"}
+
+
 def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
     """The demo set: neutral file names, truth from measured verified SSIM, rebuilt byte-identically."""
     from deepssim_fast.demo import THRESHOLDS, VERIFY, build_demo_data
@@ -1436,3 +1463,56 @@ print("ok")
     out = tmp_path / "out"
     assert_ok(run_python(code, str(tmp_path / "train"), str(tmp_path / "synth"), str(out), start_new_session=True))
     assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))  # no half-written cache entry
+
+
+def test_thresholds_or_bins_change_keeps_pixel_stores_and_verified_ssim(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of thresholds (or bins) alone removed work/ whole: the pixel stores were rewritten and every
+    candidate verified again, though neither depends on them. Now only the search runs again (its class
+    counts and histogram do), and the outputs equal a fresh run's with the new settings."""
+    calls: list = []
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: calls.append((stage, index)))
+    kw = dict(metric="ssim", k=2, out=tmp_path / "o", chunk_size=4, progress=False)
+    first = A.audit(ds["train"], ds["synth"], **kw)
+    n_chunks = len([c for c in calls if c[0] == "verify"])
+    assert n_chunks >= 2
+    store = tmp_path / "o" / "work" / "synth_pixels.npy"
+    mtime = store.stat().st_mtime_ns
+
+    calls.clear()
+    new = dict(kw, thresholds=(0.3, 0.7), bins=50)
+    second = A.audit(ds["train"], ds["synth"], **new)
+    assert [c for c in calls if c[0] == "verify"] == []  # every verified chunk was kept
+    assert store.stat().st_mtime_ns == mtime
+    assert second.summary["thresholds"] != first.summary["thresholds"]
+    A.audit(ds["train"], ds["synth"], **dict(new, out=tmp_path / "fresh"))
+    for name in DETERMINISTIC:
+        a = (tmp_path / "o" / name).read_bytes().replace(b"/o/", b"/x/")
+        assert a == (tmp_path / "fresh" / name).read_bytes().replace(b"/fresh/", b"/x/"), name
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "o", tmp_path / "fresh"))
+    sa.pop("timings_s")
+    sb.pop("timings_s")
+    assert sa == sb and sa["pair_counts_search"] != first.summary["pair_counts_search"]
+
+    # another k changes the candidates: everything is verified again and the stores are rewritten
+    calls.clear()
+    A.audit(ds["train"], ds["synth"], **dict(new, k=3))
+    assert len([c for c in calls if c[0] == "verify"]) == n_chunks
+    assert store.stat().st_mtime_ns != mtime
+
+
+def test_verified_chunk_is_reused_only_for_its_own_candidates(tmp_path: Path) -> None:
+    """A verified chunk holds the candidates it scored; one whose candidates differ (or that predates them,
+    or is damaged) is verified again rather than read for other pairs."""
+    f = tmp_path / "verify_00000.npz"
+    idx = np.array([[3, 1], [0, 2]], dtype=np.int64)
+    assert not A._verified_for(f, idx)
+    np.savez(f, ssim=np.zeros((2, 2)), transform=np.array([["none"] * 2] * 2), indices=idx)
+    assert A._verified_for(f, idx)
+    assert not A._verified_for(f, idx[:, ::-1])
+    assert not A._verified_for(f, idx[:1])
+    np.savez(f, ssim=np.zeros((2, 2)), transform=np.array([["none"] * 2] * 2))
+    assert not A._verified_for(f, idx)
+    f.write_bytes(b"PK\x03\x04 damaged")
+    assert not A._verified_for(f, idx)
