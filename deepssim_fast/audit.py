@@ -644,21 +644,19 @@ def _embed_items(
     out: list[np.ndarray | None] = [None] * len(per_file)
     emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}.npy" for _, e in per_file]
     missing = [i for i, f in enumerate(emb_files) if not f.exists()]
+    missing_set = set(missing)  # (a list's `in` made this loop quadratic: ~10^10 compares at 10^5 files)
     for i, f in enumerate(emb_files):
-        if i not in missing:
+        if i not in missing_set:
             out[i] = np.load(f)
     bar = tqdm(total=len(missing), desc=f"embed {items.name}", disable=None if progress else True)
-    pending: list[int] = []
+    pending: list[tuple[int, np.ndarray]] = []  # (file, its items' pixels): each cached file is read once
     pending_n = 0
 
     def flush() -> None:
         nonlocal pending, pending_n
         if not pending:
             return
-        arrays = []
-        for i in pending:
-            with np.load(per_file[i][1]) as z:
-                arrays.extend(list(z["pixels"]))
+        arrays = [a for _, px in pending for a in px]
         emb = _embed(arrays, model, batch_size=batch_size, device=device)
         if emb.ndim != 2 or len(emb) != len(arrays) or not np.isfinite(emb).all():
             raise RuntimeError(
@@ -666,21 +664,20 @@ def _embed_items(
                 f"{bool(np.isfinite(emb).all())}) for {len(arrays)} images"
             )
         pos = 0
-        for i in pending:
-            with np.load(per_file[i][1]) as z:
-                n = len(z["ids"])
-            out[i] = emb[pos : pos + n]
+        for i, px in pending:
+            out[i] = emb[pos : pos + len(px)]
             buf = _io.BytesIO()
             np.save(buf, out[i])
             _atomic_bytes(emb_files[i], buf.getvalue())
-            pos += n
+            pos += len(px)
         bar.update(len(pending))
         pending, pending_n = [], 0
 
     for i in missing:
         with np.load(per_file[i][1]) as z:
-            pending_n += len(z["ids"])
-        pending.append(i)
+            px = z["pixels"]
+        pending.append((i, px))
+        pending_n += len(px)
         if pending_n >= batch_size:
             flush()
     flush()

@@ -674,6 +674,39 @@ def test_deepssim_metric_with_small_model_and_embedding_cache(
     assert r2.summary["counts"] == r.summary["counts"]
 
 
+def test_embedding_reads_each_cached_file_once(ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedding read each per-file item cache entry three times (its ids to count, its pixels, its ids again);
+    now once. (The same loop also tested membership in a list of the missing files, quadratic in the number of
+    files: ~36 s of Python at 10^5 files, an hour at 10^6; it is a set now.)"""
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small", input_size=64)
+    inside = [False]
+    loads: list[str] = []
+    real_load, real_embed_items = np.load, A._embed_items
+
+    def spy_load(f, *args, **kwargs):  # noqa: ANN001, ANN202
+        if inside[0] and "items" in Path(f).parts:
+            loads.append(str(f))
+        return real_load(f, *args, **kwargs)
+
+    def spy_embed_items(*args, **kwargs):  # noqa: ANN202
+        inside[0] = True
+        try:
+            return real_embed_items(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(np, "load", spy_load)
+    monkeypatch.setattr(A, "_embed_items", spy_embed_items)
+    A.audit(ds["train"], ds["synth"], model=model, metric="deepssim", k=2, verify="none", out=tmp_path / "o",
+            batch_size=5, progress=False)
+    assert len(loads) == 14 + 8 and len(set(loads)) == len(loads)
+
+
 def _matches_bytes(rows: list[dict]) -> bytes:
     import io
 
