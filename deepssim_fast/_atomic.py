@@ -57,18 +57,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then move it over ``path`` atomically."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, durable: bool = True) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then move it over ``path`` atomically.
+
+    ``durable=False`` skips the fsync (~0.3 ms a file here, far more on network filesystems): running
+    processes still see the old file or the whole new one, but after a power loss the new name may hold an
+    empty or short file. Only for caches whose reader checks each file and recomputes a damaged one."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     return Path(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (``durable``: see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data), durable=durable)
 
 
 def remove_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None, *,

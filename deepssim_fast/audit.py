@@ -69,8 +69,10 @@ import os
 import platform
 import re
 import shutil
+import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +80,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_path, remove_temporaries
+from ._atomic import atomic_path, atomic_write, remove_temporaries
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit
 from .io import Spec, _file_slices, _file_volumes, discover, one_line
@@ -314,6 +316,91 @@ def _atomic_json(path: Path, obj: Any) -> None:
     _atomic_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+# ---- the item cache: one entry per input file -------------------------------------------------------------
+# <cache>/items/<file key>_<item size>.items holds a file's items: b"DSFITEMS", the length of a JSON header
+# (uint64, little-endian), the header {"ids", "indices", "shape", "crc32"}, then the pixels (float32,
+# little-endian, C order). Entries can always be decoded again, so they are written without fsync; their
+# readers check the length (an entry a crash left empty or short) and, with the pixels, the CRC-32. A damaged
+# entry found before the run uses it is decoded again. (Entries were .npz: a zip directory and three npy
+# headers to parse per read, and an fsync per write; at 10^5 small files that was most of decoding.)
+_ENTRY_MAGIC = b"DSFITEMS"
+_ENTRY_SUFFIX = ".items"
+
+
+class _DamagedEntry(ValueError):
+    """An item cache entry that is not whole (short, unreadable, or its pixels fail their checksum)."""
+
+
+def _entry_path(cache: Path, key: str, size: tuple[int, ...]) -> Path:
+    return cache / "items" / f"{key}_{'x'.join(map(str, size))}{_ENTRY_SUFFIX}"
+
+
+def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels: np.ndarray) -> None:
+    px = np.ascontiguousarray(pixels, dtype="<f4")
+    head = json.dumps(
+        {"ids": list(ids), "indices": [int(i) for i in indices], "shape": list(px.shape),
+         "crc32": zlib.crc32(px)},
+        separators=(",", ":"),
+    ).encode()
+
+    def write(f: Any) -> None:
+        f.write(_ENTRY_MAGIC + struct.pack("<Q", len(head)))
+        f.write(head)
+        f.write(px.data)
+
+    atomic_write(path, write, durable=False)
+
+
+def _entry_header(path: Path) -> tuple[dict, int]:
+    """The entry's header and the offset of its pixels; :class:`_DamagedEntry` unless the file is as long as
+    its header says."""
+    try:
+        with open(path, "rb") as f:
+            lead = f.read(16)
+            if len(lead) != 16 or lead[:8] != _ENTRY_MAGIC:
+                raise _DamagedEntry(f"{path}: not an item cache entry (length {len(lead)}, no header)")
+            (n,) = struct.unpack("<Q", lead[8:])
+            raw = f.read(min(n, 1 << 31))
+            size = os.fstat(f.fileno()).st_size
+        head = json.loads(raw)
+        shape = tuple(int(v) for v in head["shape"])
+        if len(head["ids"]) != len(head["indices"]) or len(head["ids"]) != shape[0]:
+            raise _DamagedEntry(f"{path}: header lists {len(head['ids'])} ids for shape {shape}")
+    except _DamagedEntry:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise _DamagedEntry(f"{path}: unreadable item cache entry ({type(exc).__name__}: {exc})") from exc
+    need = 16 + n + 4 * int(np.prod(shape))
+    if size != need:
+        raise _DamagedEntry(f"{path}: item cache entry of {size} bytes, its header needs {need}")
+    return head, 16 + n
+
+
+def _entry_pixels(path: Path) -> np.ndarray:
+    """The entry's pixels, (n, *size) float32, after checking its length and CRC-32."""
+    head, off = _entry_header(path)
+    px = np.empty(tuple(head["shape"]), dtype="<f4")
+    try:
+        with open(path, "rb") as f:
+            f.seek(off)
+            got = f.readinto(px.data.cast("B"))
+    except OSError as exc:
+        raise _DamagedEntry(f"{path}: unreadable item cache entry ({type(exc).__name__}: {exc})") from exc
+    if got != px.nbytes or zlib.crc32(px) != head["crc32"]:
+        raise _DamagedEntry(f"{path}: item cache entry fails its checksum")
+    return px
+
+
+def _entry_or_fail(read: Callable[[Path], Any], path: Path) -> Any:
+    """``read(path)``; a damaged entry met after decoding (a file changed under a running audit, or a disk
+    error) is removed and named, so that running the audit again decodes its file anew."""
+    try:
+        return read(path)
+    except _DamagedEntry as exc:
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"{exc}; the entry was removed: run the audit again to decode that file anew") from exc
+
+
 def label_of(score: float | np.ndarray, thresholds: tuple[float, float]) -> np.ndarray:
     """Label index per score: 0 different (s <= low), 1 similar (low < s <= high), 2 duplicate (s > high)."""
     low, high = thresholds
@@ -441,10 +528,15 @@ def _decode_all(
     for i, p in enumerate(paths):
         keys.append(_file_key(p, token))
         if pending_size is not None:
-            f = cache / "items" / f"{keys[i]}_{'x'.join(map(str, pending_size))}.npz"
+            f = _entry_path(cache, keys[i], pending_size)
             if f.exists():
-                entries[i] = f
-                continue
+                try:
+                    _entry_header(f)
+                    entries[i] = f
+                    continue
+                except _DamagedEntry as exc:
+                    logger.warning("decoding %s again: %s", p, exc)
+                    f.unlink(missing_ok=True)
         todo.append(i)
     if todo:
         ds = _DecodeDataset([paths[i] for i in todo], mode, policy)
@@ -472,8 +564,8 @@ def _decode_all(
                     f"{p}: item of shape {arrs[0].shape} does not match the item size {pending_size}"
                 )
             stack = np.stack([center_fit(a, pending_size) for a in arrs]).astype(np.float32)
-            f = cache / "items" / f"{keys[i]}_{'x'.join(map(str, pending_size))}.npz"
-            _atomic_npz(f, ids=np.array(ids), indices=np.array(idx, dtype=np.int64), pixels=stack)
+            f = _entry_path(cache, keys[i], pending_size)
+            _write_entry(f, ids, idx, stack)
             entries[i] = f
     return entries, pending_size, skipped
 
@@ -555,22 +647,22 @@ def _build_items(
     for p, e in zip(paths, entries, strict=True):
         if e is None:
             continue
-        with np.load(e) as z:
-            ids, idx = [str(s) for s in z["ids"]], [int(v) for v in z["indices"]]
-            keep = np.ones(len(ids), dtype=bool)
-            if drop_constant:
-                px = z["pixels"]
-                keep = ~_constant_items(px)
-            for q in np.flatnonzero(~keep):
-                value = float(px[q].flat[0])
-                reason = (
-                    f"{ids[q]}: constant image (every pixel {value:g}); its Pearson correlation is "
-                    "undefined, so metric 'correlation' cannot score it"
-                )
-                if strict:
-                    raise DataError(reason)
-                logger.warning("skipping %s item %s", name, one_line(reason))
-                skipped.append((str(p), reason))
+        head, _ = _entry_or_fail(_entry_header, e)
+        ids, idx = [str(s) for s in head["ids"]], [int(v) for v in head["indices"]]
+        keep = np.ones(len(ids), dtype=bool)
+        if drop_constant:
+            px = _entry_or_fail(_entry_pixels, e)
+            keep = ~_constant_items(px)
+        for q in np.flatnonzero(~keep):
+            value = float(px[q].flat[0])
+            reason = (
+                f"{ids[q]}: constant image (every pixel {value:g}); its Pearson correlation is "
+                "undefined, so metric 'correlation' cannot score it"
+            )
+            if strict:
+                raise DataError(reason)
+            logger.warning("skipping %s item %s", name, one_line(reason))
+            skipped.append((str(p), reason))
         if not keep.any():
             continue
         metas.append((p, e, [i for i, k in zip(ids, keep, strict=True) if k],
@@ -616,13 +708,30 @@ def _write_pixels(items: ItemSet, work: Path) -> None:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items),) + items.size)
         pos = 0
         for e, keep in items.sources:
-            with np.load(e) as z:
-                px = z["pixels"] if keep.all() else z["pixels"][keep]
-                mm[pos : pos + len(px)] = px
+            px = _entry_or_fail(_entry_pixels, e)
+            px = px if keep.all() else px[keep]
+            mm[pos : pos + len(px)] = px
             pos += len(px)
         mm.flush()
         del mm
     items.pixels = np.load(store, mmap_mode="r")
+
+
+def _cached_embedding(f: Path, entry: Path) -> np.ndarray | None:
+    """The cached embeddings ``f`` of the items of ``entry``, or None when there are none, or they are not
+    whole (written without fsync: a crash may leave a short file) or not one finite row per item."""
+    if not f.exists():
+        return None
+    try:
+        emb = np.load(f, allow_pickle=False)
+        n = len(_entry_or_fail(_entry_header, entry)[0]["ids"])
+    except (OSError, ValueError, EOFError) as exc:
+        logger.warning("embedding again: cached embeddings %s unreadable (%s)", f, exc)
+        return None
+    if emb.ndim != 2 or len(emb) != n or not np.issubdtype(emb.dtype, np.floating) or not np.isfinite(emb).all():
+        logger.warning("embedding again: cached embeddings %s hold %s %s for %d items", f, emb.shape, emb.dtype, n)
+        return None
+    return emb
 
 
 def _embed_items(
@@ -643,11 +752,9 @@ def _embed_items(
     per_file: list[tuple[Path, Path]] = [(p, e) for p, e in zip(paths, entries, strict=True) if e is not None]
     out: list[np.ndarray | None] = [None] * len(per_file)
     emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}.npy" for _, e in per_file]
-    missing = [i for i, f in enumerate(emb_files) if not f.exists()]
-    missing_set = set(missing)  # (a list's `in` made this loop quadratic: ~10^10 compares at 10^5 files)
     for i, f in enumerate(emb_files):
-        if i not in missing_set:
-            out[i] = np.load(f)
+        out[i] = _cached_embedding(f, per_file[i][1])
+    missing = [i for i, o in enumerate(out) if o is None]
     bar = tqdm(total=len(missing), desc=f"embed {items.name}", disable=None if progress else True)
     pending: list[tuple[int, np.ndarray]] = []  # (file, its items' pixels): each cached file is read once
     pending_n = 0
@@ -668,14 +775,13 @@ def _embed_items(
             out[i] = emb[pos : pos + len(px)]
             buf = _io.BytesIO()
             np.save(buf, out[i])
-            _atomic_bytes(emb_files[i], buf.getvalue())
+            _atomic_bytes(emb_files[i], buf.getvalue(), durable=False)  # (checked when read: _cached_embedding)
             pos += len(px)
         bar.update(len(pending))
         pending, pending_n = [], 0
 
     for i in missing:
-        with np.load(per_file[i][1]) as z:
-            px = z["pixels"]
+        px = _entry_or_fail(_entry_pixels, per_file[i][1])
         pending.append((i, px))
         pending_n += len(px)
         if pending_n >= batch_size:

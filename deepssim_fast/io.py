@@ -419,11 +419,22 @@ def _read_png(p: Path) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _read_npy(p: Path, frame: int | None) -> np.ndarray:
+# .npy files up to this size are read whole; larger ones (4D series, big volumes) memory-mapped, so a frame
+# reads only its own part. (Mapping costs ~0.1 ms a file: at 10^5 small files it was a tenth of decoding.)
+_NPY_MMAP_BYTES = 1 << 24
+
+
+def _open_npy(p: Path) -> np.ndarray:
     try:
-        a = np.load(p, allow_pickle=False, mmap_mode="r")
+        mmap = "r" if p.stat().st_size > _NPY_MMAP_BYTES else None
+        return np.load(p, allow_pickle=False, mmap_mode=mmap)
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+
+
+def _npy_image(p: Path, a: np.ndarray, frame: int | None) -> np.ndarray:
+    """The image (or ``frame`` of the 4D array) ``a``, loaded from ``p``, as float32: checked as
+    :func:`read_image` checks every file."""
     # (numpy counts timedelta64 as an integer type: durations are not pixel values)
     numeric = (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.timedelta64)) or a.dtype == np.bool_
     if not numeric or np.issubdtype(a.dtype, np.complexfloating):
@@ -439,7 +450,15 @@ def _read_npy(p: Path, frame: int | None) -> np.ndarray:
         raise DataError(f"{p}: frame={frame} given but the array is {a.ndim}D, shape {a.shape}")
     if a.ndim not in (2, 3):
         raise DataError(f"{p}: expected a 2D image or 3D volume, got shape {a.shape}")
-    return np.array(a, dtype=np.float32)
+    return _checked(p, np.array(a, dtype=np.float32))
+
+
+def _checked(p: Path, arr: np.ndarray) -> np.ndarray:
+    if arr.size == 0:
+        raise DataError(f"{p}: empty image, shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{p}: contains NaN or Inf values")
+    return arr
 
 
 _PNG_DTYPES = {"1": np.bool_, "L": np.uint8, "LA": np.uint8, "P": np.uint8, "RGB": np.uint8, "RGBA": np.uint8,
@@ -506,14 +525,8 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarr
     if kind == "png":
         if frame is not None:
             raise DataError(f"{p}: frame={frame} given but a PNG is a 2D image")
-        arr = _read_png(p)
-    else:
-        arr = _read_npy(p, frame)
-    if arr.size == 0:
-        raise DataError(f"{p}: empty image, shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise DataError(f"{p}: contains NaN or Inf values")
-    return arr
+        return _checked(p, _read_png(p))
+    return _npy_image(p, _open_npy(p), frame)
 
 
 def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
@@ -595,17 +608,14 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
                 out.extend(volume_slices(vol, policy, source=f"{p}@t{t}"))
             return out
         return volume_slices(load_nifti(p), policy, source=str(p))
-    if kind == "npy":
-        try:
-            ndim = np.load(p, allow_pickle=False, mmap_mode="r").ndim
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
-        if ndim == 4:
-            shape4 = np.load(p, mmap_mode="r").shape
+    if kind == "npy":  # (opened once: each np.load parses the header again)
+        a = _open_npy(p)
+        if a.ndim == 4:
             out = []
-            for t in range(shape4[3]):
-                out.extend(volume_slices(read_image(p, frame=t), policy, source=f"{p}@t{t}"))
+            for t in range(a.shape[3]):
+                out.extend(volume_slices(_npy_image(p, a, t), policy, source=f"{p}@t{t}"))
             return out
+        return volume_slices(_npy_image(p, a, None), policy, source=str(p))
     return volume_slices(read_image(p), policy, source=str(p))
 
 
@@ -623,12 +633,10 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
         if len(shape) == 4 and shape[3] > 1:
             return [(f"{p}@t{t}", vol) for t, vol in enumerate(iter_nifti_frames(p))]
     elif kind == "npy":
-        try:
-            shape = np.load(p, allow_pickle=False, mmap_mode="r").shape
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
-        if len(shape) == 4:
-            return [(f"{p}@t{t}", read_image(p, frame=t)) for t in range(shape[3])]
+        a = _open_npy(p)
+        if a.ndim == 4:
+            return [(f"{p}@t{t}", _npy_image(p, a, t)) for t in range(a.shape[3])]
+        return [(str(p), _npy_image(p, a, None))]
     return [(str(p), read_image(p))]
 
 

@@ -686,12 +686,12 @@ def test_embedding_reads_each_cached_file_once(ds: dict, tmp_path: Path, monkeyp
     model = build_model("small", input_size=64)
     inside = [False]
     loads: list[str] = []
-    real_load, real_embed_items = np.load, A._embed_items
+    real_pixels, real_embed_items = A._entry_pixels, A._embed_items
 
-    def spy_load(f, *args, **kwargs):  # noqa: ANN001, ANN202
-        if inside[0] and "items" in Path(f).parts:
-            loads.append(str(f))
-        return real_load(f, *args, **kwargs)
+    def spy_pixels(path: Path) -> np.ndarray:
+        if inside[0]:
+            loads.append(str(path))
+        return real_pixels(path)
 
     def spy_embed_items(*args, **kwargs):  # noqa: ANN202
         inside[0] = True
@@ -700,7 +700,7 @@ def test_embedding_reads_each_cached_file_once(ds: dict, tmp_path: Path, monkeyp
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(np, "load", spy_load)
+    monkeypatch.setattr(A, "_entry_pixels", spy_pixels)
     monkeypatch.setattr(A, "_embed_items", spy_embed_items)
     A.audit(ds["train"], ds["synth"], model=model, metric="deepssim", k=2, verify="none", out=tmp_path / "o",
             batch_size=5, progress=False)
@@ -1549,3 +1549,94 @@ def test_verified_chunk_is_reused_only_for_its_own_candidates(tmp_path: Path) ->
     assert not A._verified_for(f, idx)
     f.write_bytes(b"PK\x03\x04 damaged")
     assert not A._verified_for(f, idx)
+
+
+def test_item_cache_entry_round_trip_and_damage_is_detected(tmp_path: Path) -> None:
+    """Item cache entries (a JSON header and raw float32 pixels, written without fsync) read back exactly;
+    an entry a crash left empty or short, one with a bad header, or one whose pixels changed fails its
+    length or checksum check rather than being trusted."""
+    rng = np.random.default_rng(0)
+    px = rng.random((3, 9, 7)).astype(np.float32)
+    ids = ["/data/scan ü.nii.gz@t1#2:0", "/data/\udcff.png#2:0", "x#2:7"]  # (an undecodable byte, as os gives it)
+    f = tmp_path / "items" / "k_9x7.items"
+    f.parent.mkdir()
+    A._write_entry(f, ids, [0, 4, 7], px)
+    head, off = A._entry_header(f)
+    assert head["ids"] == ids and head["indices"] == [0, 4, 7] and head["shape"] == [3, 9, 7]
+    got = A._entry_pixels(f)
+    assert got.dtype == np.float32 and got.flags.writeable
+    np.testing.assert_array_equal(got, px)
+    raw = f.read_bytes()
+    assert len(raw) == off + px.nbytes
+
+    cases = {
+        "empty": b"",
+        "short": raw[:-5],
+        "header only": raw[:off],
+        "other file": b"\x93NUMPY" + raw[6:],
+        "bad json": raw[:16] + b"}" + raw[17:],
+        "longer": raw + b"\0",
+    }
+    for content in cases.values():
+        f.write_bytes(content)
+        with pytest.raises(A._DamagedEntry, match=str(f)):
+            A._entry_pixels(f)
+        with pytest.raises(A._DamagedEntry):
+            A._entry_header(f)
+    flipped = bytearray(raw)
+    flipped[off + 100] ^= 0x10
+    f.write_bytes(bytes(flipped))
+    A._entry_header(f)  # the length is right...
+    with pytest.raises(A._DamagedEntry, match="checksum"):
+        A._entry_pixels(f)  # ...the pixels are not
+
+
+def test_item_cache_is_written_without_fsync_and_outputs_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepssim_fast._atomic as at
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(at.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    A._write_entry(tmp_path / "e.items", ["a"], [0], np.zeros((1, 8, 8), np.float32))
+    assert synced == []
+    A._atomic_json(tmp_path / "s.json", {"a": 1})
+    assert len(synced) == 1
+
+
+def test_damaged_cache_entries_are_decoded_and_embedded_again(
+    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries written without fsync may be left short by a crash: a rerun finds a short item entry and decodes
+    its file again, and re-embeds for a short embedding file; the outputs equal the first run's. An entry
+    damaged in place (same length) is caught when its pixels are read: the run stops naming it and removes it,
+    and the next run decodes that file again."""
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small", input_size=64)
+    cache = tmp_path / "cache"
+    kw = dict(model=model, metric="deepssim", k=2, cache_dir=cache, progress=False)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "a", **kw)
+    want = (tmp_path / "a" / "matches.csv").read_bytes()
+    entries = sorted((cache / "items").glob("*.items"))
+    embs = sorted((cache / "embeddings").glob("*.npy"))
+    assert len(entries) == 14 + 8 and len(embs) == 14 + 8
+    entries[3].write_bytes(entries[3].read_bytes()[:40])  # a crash mid-write, without fsync
+    embs[5].write_bytes(b"")
+    with caplog.at_level("WARNING", logger="deepssim_fast"):
+        A.audit(ds["train"], ds["synth"], out=tmp_path / "b", **kw)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("decoding ") and str(entries[3]) in m for m in msgs), msgs
+    assert any(m.startswith("embedding again") and str(embs[5]) in m for m in msgs), msgs
+    assert (tmp_path / "b" / "matches.csv").read_bytes().replace(b"/b/", b"/a/") == want
+
+    raw = bytearray(entries[7].read_bytes())
+    raw[-3] ^= 0xFF
+    entries[7].write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match="checksum.*removed: run the audit again") as ei:
+        A.audit(ds["train"], ds["synth"], out=tmp_path / "c", **kw)
+    assert str(entries[7]) in str(ei.value) and not entries[7].exists()
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "c", **kw)
+    assert (tmp_path / "c" / "matches.csv").read_bytes().replace(b"/c/", b"/a/") == want
