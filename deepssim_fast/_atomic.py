@@ -1,55 +1,53 @@
 """Atomic file writes: a temporary file in the destination's folder, fsync, then ``os.replace``.
 
 A reader (or a resumed run) sees either the old file or the complete new one, never a partial write.
-The new file gets the mode a plain ``open(path, "w")`` would give it: ``0o666 & ~umask`` for a new file,
-the existing file's mode when it replaces one (the temporary file's private 0600 never reaches ``path``).
+The new file gets the mode a plain ``open(path, "w")`` would give it: ``0o666 & ~umask`` for a new file
+(the temporary file is created with it, so the umask is never read), the existing file's mode when it
+replaces one.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)  # elsewhere: set and restore (not atomic with respect to other threads)
-    os.umask(old)
-    return old
-
-
-def _final_mode(p: Path) -> int:
-    try:
-        return stat.S_IMODE(os.stat(p).st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
+def _create_temporary(p: Path) -> Path:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``p``, created with mode 0o666 less the umask (as
+    ``open(p, "w")`` would create ``p``: the kernel applies the umask, so it is never read or changed)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = p.parent / f".{p.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {p}")  # pragma: no cover - 100 collisions of 2^32
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file's path beside ``path`` for the block to write; when the block completes, the file
-    replaces ``path`` atomically (with the mode of a plain ``open``); when it raises, the file is removed and
-    ``path`` is left as it was."""
+    replaces ``path`` atomically (with the mode of a plain ``open``: a new file's ``0o666 & ~umask``, an
+    existing file's own); when it raises, the file is removed and ``path`` is left as it was."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp = _create_temporary(p)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, _final_mode(p))
+        yield tmp
+        try:
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and mode != stat.S_IMODE(os.stat(tmp).st_mode):
+            os.chmod(tmp, mode)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -351,44 +351,42 @@ def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels:
     atomic_write(path, write, durable=False)
 
 
-def _entry_header(path: Path) -> tuple[dict, int]:
-    """The entry's header and the offset of its pixels; :class:`_DamagedEntry` unless the file is as long as
-    its header says."""
+def _read_entry(path: Path, *, pixels: bool) -> tuple[dict, np.ndarray | None]:
+    """An item cache entry's header and, with ``pixels``, its pixels ((n, *size) float32), in one open.
+    :class:`_DamagedEntry` unless the file is as long as its header says and (with ``pixels``) the pixels
+    match their CRC-32."""
     try:
         with open(path, "rb") as f:
             lead = f.read(16)
             if len(lead) != 16 or lead[:8] != _ENTRY_MAGIC:
                 raise _DamagedEntry(f"{path}: not an item cache entry (length {len(lead)}, no header)")
             (n,) = struct.unpack("<Q", lead[8:])
-            raw = f.read(min(n, 1 << 31))
-            size = os.fstat(f.fileno()).st_size
-        head = json.loads(raw)
-        shape = tuple(int(v) for v in head["shape"])
-        if len(head["ids"]) != len(head["indices"]) or len(head["ids"]) != shape[0]:
-            raise _DamagedEntry(f"{path}: header lists {len(head['ids'])} ids for shape {shape}")
+            head = json.loads(f.read(min(n, 1 << 31)))
+            shape = tuple(int(v) for v in head["shape"])
+            if len(head["ids"]) != len(head["indices"]) or len(head["ids"]) != shape[0]:
+                raise _DamagedEntry(f"{path}: header lists {len(head['ids'])} ids for shape {shape}")
+            size, need = os.fstat(f.fileno()).st_size, 16 + n + 4 * int(np.prod(shape))
+            if size != need:
+                raise _DamagedEntry(f"{path}: item cache entry of {size} bytes, its header needs {need}")
+            if not pixels:
+                return head, None
+            px = np.empty(shape, dtype="<f4")
+            got = f.readinto(px.data.cast("B"))
     except _DamagedEntry:
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
         raise _DamagedEntry(f"{path}: unreadable item cache entry ({type(exc).__name__}: {exc})") from exc
-    need = 16 + n + 4 * int(np.prod(shape))
-    if size != need:
-        raise _DamagedEntry(f"{path}: item cache entry of {size} bytes, its header needs {need}")
-    return head, 16 + n
+    if got != px.nbytes or zlib.crc32(px) != head["crc32"]:
+        raise _DamagedEntry(f"{path}: item cache entry fails its checksum")
+    return head, px
+
+
+def _entry_header(path: Path) -> dict:
+    return _read_entry(path, pixels=False)[0]
 
 
 def _entry_pixels(path: Path) -> np.ndarray:
-    """The entry's pixels, (n, *size) float32, after checking its length and CRC-32."""
-    head, off = _entry_header(path)
-    px = np.empty(tuple(head["shape"]), dtype="<f4")
-    try:
-        with open(path, "rb") as f:
-            f.seek(off)
-            got = f.readinto(px.data.cast("B"))
-    except OSError as exc:
-        raise _DamagedEntry(f"{path}: unreadable item cache entry ({type(exc).__name__}: {exc})") from exc
-    if got != px.nbytes or zlib.crc32(px) != head["crc32"]:
-        raise _DamagedEntry(f"{path}: item cache entry fails its checksum")
-    return px
+    return _read_entry(path, pixels=True)[1]
 
 
 def _entry_or_fail(read: Callable[[Path], Any], path: Path) -> Any:
@@ -647,11 +645,10 @@ def _build_items(
     for p, e in zip(paths, entries, strict=True):
         if e is None:
             continue
-        head, _ = _entry_or_fail(_entry_header, e)
+        head, px = _entry_or_fail(functools.partial(_read_entry, pixels=drop_constant), e)
         ids, idx = [str(s) for s in head["ids"]], [int(v) for v in head["indices"]]
         keep = np.ones(len(ids), dtype=bool)
         if drop_constant:
-            px = _entry_or_fail(_entry_pixels, e)
             keep = ~_constant_items(px)
         for q in np.flatnonzero(~keep):
             value = float(px[q].flat[0])
@@ -724,7 +721,7 @@ def _cached_embedding(f: Path, entry: Path) -> np.ndarray | None:
         return None
     try:
         emb = np.load(f, allow_pickle=False)
-        n = len(_entry_or_fail(_entry_header, entry)[0]["ids"])
+        n = len(_entry_or_fail(_entry_header, entry)["ids"])
     except (OSError, ValueError, EOFError) as exc:
         logger.warning("embedding again: cached embeddings %s unreadable (%s)", f, exc)
         return None

@@ -1561,13 +1561,14 @@ def test_item_cache_entry_round_trip_and_damage_is_detected(tmp_path: Path) -> N
     f = tmp_path / "items" / "k_9x7.items"
     f.parent.mkdir()
     A._write_entry(f, ids, [0, 4, 7], px)
-    head, off = A._entry_header(f)
+    head = A._entry_header(f)
+    off = len(f.read_bytes()) - px.nbytes  # the pixels come last
     assert head["ids"] == ids and head["indices"] == [0, 4, 7] and head["shape"] == [3, 9, 7]
     got = A._entry_pixels(f)
     assert got.dtype == np.float32 and got.flags.writeable
     np.testing.assert_array_equal(got, px)
     raw = f.read_bytes()
-    assert len(raw) == off + px.nbytes
+    assert raw[:8] == b"DSFITEMS" and int.from_bytes(raw[8:16], "little") == off - 16
 
     cases = {
         "empty": b"",
