@@ -18,18 +18,45 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def _create_temporary(p: Path) -> Path:
-    """A new empty file ``.<name>.<random>.tmp`` beside ``p``, created with mode 0o666 less the umask (as
-    ``open(p, "w")`` would create ``p``: the kernel applies the umask, so it is never read or changed)."""
+def _create_temporary(p: Path) -> tuple[Path, int]:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``p`` and its descriptor, open for writing, created
+    with mode 0o666 less the umask (as ``open(p, "w")`` would create ``p``: the kernel applies the umask, so
+    it is never read or changed)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = p.parent / f".{p.name}.{secrets.token_hex(4)}.tmp"
         try:
-            os.close(os.open(tmp, flags, 0o666))
-            return tmp
+            return tmp, os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name beside {p}")  # pragma: no cover - 100 collisions of 2^32
+
+
+def _replace(tmp: Path, p: Path) -> None:
+    """Move the finished ``tmp`` over ``p``, giving it the mode of the file it replaces."""
+    try:
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and mode != stat.S_IMODE(os.stat(tmp).st_mode):
+        os.chmod(tmp, mode)
+    os.replace(tmp, p)
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
+    """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
+    completes, the file replaces ``path``; when it raises, the file is removed."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp, fd = _create_temporary(p)
+    try:
+        yield tmp, fd
+        _replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -37,22 +64,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file's path beside ``path`` for the block to write; when the block completes, the file
     replaces ``path`` atomically (with the mode of a plain ``open``: a new file's ``0o666 & ~umask``, an
     existing file's own); when it raises, the file is removed and ``path`` is left as it was."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temporary(p)
-    try:
+    with _replacing(path) as (tmp, fd):
+        os.close(fd)
         yield tmp
-        try:
-            mode = stat.S_IMODE(os.stat(p).st_mode)
-        except FileNotFoundError:
-            mode = None
-        if mode is not None and mode != stat.S_IMODE(os.stat(tmp).st_mode):
-            os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, durable: bool = True) -> Path:
@@ -61,7 +75,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *
     ``durable=False`` skips the fsync (~0.3 ms a file here, far more on network filesystems): running
     processes still see the old file or the whole new one, but after a power loss the new name may hold an
     empty or short file. Only for caches whose reader checks each file and recomputes a damaged one."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with _replacing(path) as (_, fd), open(fd, "wb") as f:  # (the descriptor that created it: one open)
         write(f)
         if durable:
             f.flush()
