@@ -50,7 +50,10 @@ key of path, size, mtime, ctime, inode, slice policy, item shape and model hash 
 file replaced with its old mtime kept, as ``cp -p``, ``rsync -a`` or ``tar`` do); search and verification results are
 saved per chunk under ``OUT/work``. A rerun after an interruption skips finished work and writes
 byte-identical matches.csv, histogram.png, gallery.png and report.html, and a summary.json that differs
-only in ``timings_s``. Every output is written atomically (temporary file, then rename). An OUT or cache
+only in ``timings_s``; a rerun that changes only the thresholds or bins searches again (the class counts and
+histogram depend on them) but keeps the pixel stores and the verified SSIM. Every output is written
+atomically (temporary file, fsync, then rename). Cache entries skip the fsync, as they can be recomputed:
+their readers check each one's length and checksum, and one a crash left short is decoded again. An OUT or cache
 inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png, OUT/gallery.png,
 OUT/work, OUT/shards*, the cache's items/ and embeddings/) are left out of the inputs, with a warning; the
 rest of OUT is not (it may hold the inputs, as the demo's does).
