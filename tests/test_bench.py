@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -473,3 +474,29 @@ def test_benchmark_tables_are_appended_atomically(tmp_path: Path, monkeypatch) -
     monkeypatch.undo()
     harness.append_text(fresh, "x\n")
     assert fresh.read_text() == "# deepssim_fast benchmarks\nx\n"
+
+
+def test_audit_files_bench_times_two_roots_and_refuses_differing_results(tmp_path: Path) -> None:
+    """bench/audit_files.py on 20 + 20 files: both roots (here the same package twice) run cold and resumed
+    audits and the table is printed; a root whose matches.csv differs gets no timings (exit 1)."""
+    script = ROOT / "bench" / "audit_files.py"
+    env = _subprocess_env()
+    args = [sys.executable, str(script), "--files", "20", "--repeats", "1", "--data", str(tmp_path / "d"),
+            "--root", str(ROOT), "--root", str(ROOT)]
+    p = subprocess.run(args, capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith(f"| {ROOT} |")]
+    assert len(rows) == 2 and all(ln.count(" s (") == 3 for ln in rows), p.stdout
+    assert "matches.csv identical" in p.stdout
+
+    # a "root" whose audit labels differently: its results differ, so nothing is timed
+    other = tmp_path / "other" / "deepssim_fast"
+    shutil.copytree(ROOT / "deepssim_fast", other, ignore=shutil.ignore_patterns("__pycache__"))
+    audit_py = other / "audit.py"
+    src = audit_py.read_text()
+    assert "def label_of(score" in src  # every pair labelled with other thresholds: all "similar"
+    audit_py.write_text(src.replace("def label_of(score", "def _label_of_real(score", 1)
+                        + "\n\ndef label_of(score, thresholds):\n    return _label_of_real(score, (-1.0, 2.0))\n")
+    p = subprocess.run(args[:-2] + ["--root", str(other.parent)], capture_output=True, text=True, env=env,
+                       check=False, timeout=600)
+    assert p.returncode == 1 and "differs" in p.stderr and "| " not in p.stdout
