@@ -1132,6 +1132,7 @@ def test_out_naming_a_folder_is_an_error_before_the_search_runs(tmp_path, monkey
 
 _INTERRUPT_CODE = """
 import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job starts with SIGINT ignored)
 import numpy as np
 import deepssim_fast as dsf
 rng = np.random.default_rng(0)

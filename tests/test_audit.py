@@ -438,12 +438,12 @@ def test_rerun_removes_the_cache_temporaries_a_killed_run_left_but_not_a_running
     A.audit(ds["train"], ds["synth"] / "s10.npy", out=tmp_path / "a", **kw)
     for sub in ("items", "embeddings"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
-    stale = [cache / "items" / ".abc_66x78.npz.k1ll3d.tmp", cache / "embeddings" / ".abc_66x78_0f.npy.k1ll3d.tmp"]
+    stale = [cache / "items" / ".abc_66x78.items.k1ll3d.tmp", cache / "embeddings" / ".abc_66x78_0f.npy.k1ll3d.tmp"]
     for f in stale:
         f.write_bytes(b"half")
         old = time.time() - 2 * 86400  # two days ago
         os.utime(f, (old, old))
-    running = cache / "items" / ".def_66x78.npz.wr1t1n.tmp"
+    running = cache / "items" / ".def_66x78.items.wr1t1n.tmp"
     running.write_bytes(b"half")
     A.audit(ds["train"], ds["synth"] / "s10.npy", out=tmp_path / "b", **kw)
     assert not any(f.exists() for f in stale)
@@ -1471,12 +1471,13 @@ def test_ctrl_c_while_decode_workers_run_stops_within_a_second(tmp_path: Path) -
             np.save(tmp_path / kind / f"{kind}{i:03d}.npy", rng.random((128, 128), dtype=np.float32))
     code = """
 import importlib, os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job starts with SIGINT ignored)
 A = importlib.import_module("deepssim_fast.audit")
-write = A._atomic_npz
+write = A._write_entry
 def slow(*args, **kw):  # a slow disk: the decode workers' queue stays full
     time.sleep(0.03)
     return write(*args, **kw)
-A._atomic_npz = slow
+A._write_entry = slow
 t = []
 def interrupt():  # as Ctrl-C in a terminal: to the whole process group, decode workers included
     t.append(time.perf_counter())

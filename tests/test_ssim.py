@@ -1101,6 +1101,7 @@ def test_matrix_of_a_single_image_says_to_pass_a_stack():
 
 _MATRIX_INTERRUPT_CODE = """
 import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell's background job starts with SIGINT ignored)
 import numpy as np
 import deepssim_fast as dsf
 rng = np.random.default_rng(0)
