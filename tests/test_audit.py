@@ -1642,3 +1642,23 @@ def test_damaged_cache_entries_are_decoded_and_embedded_again(
     assert str(entries[7]) in str(ei.value) and not entries[7].exists()
     A.audit(ds["train"], ds["synth"], out=tmp_path / "c", **kw)
     assert (tmp_path / "c" / "matches.csv").read_bytes().replace(b"/c/", b"/a/") == want
+
+
+def test_item_cache_entries_of_the_earlier_format_are_removed(ds: dict, tmp_path: Path) -> None:
+    """Entries were .npz files before; this version never reads them, and at scale they are as large as the
+    decoded inputs. A run removes those untouched for over an hour, and leaves a recent one (an older audit
+    sharing the cache may be writing it) and files of other names alone."""
+    cache = tmp_path / "cache"
+    (cache / "items").mkdir(parents=True)
+    old = time.time() - 2 * 3600
+    legacy = cache / "items" / f"{'ab' * 16}_66x78.npz"
+    recent = cache / "items" / f"{'cd' * 16}_66x78.npz"
+    other = cache / "items" / "notes.npz"
+    for f in (legacy, recent, other):
+        f.write_bytes(b"PK")
+    for f in (legacy, other):
+        os.utime(f, (old, old))
+    A.audit(ds["train"], ds["synth"] / "s10.npy", metric="correlation", k=1, verify="none", cache_dir=cache,
+            out=tmp_path / "o", progress=False)
+    assert not legacy.exists() and recent.exists() and other.exists()
+    assert sorted((cache / "items").glob("*.items"))  # this run's entries
