@@ -647,3 +647,44 @@ def test_volume_slices_any_memory_order(order: str, axis: int) -> None:
     for s in sl:
         assert s.array.flags.c_contiguous and s.array.dtype == np.float32
         np.testing.assert_array_equal(s.array, np.take(v, s.index, axis=axis))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_uncompressed_nifti_slices_along_any_axis_are_read_in_few_reads(tmp_path: Path, axis: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cutting an uncompressed .nii across its storage order went slice by slice through nibabel's proxy,
+    thousands of small reads each: a 256 x 256 x 176 volume along axis 0 took 36.6 s (0.5 s along axis 1).
+    Along axes 0 and 1 the memory-mapped volume is now read whole (0.2 s and 0.08 s); along axis 2 slices
+    are still read one at a time. Same values either way; a truncated file is still refused by name."""
+    from nibabel.arrayproxy import ArrayProxy
+
+    from deepssim_fast.io import _file_slices
+
+    rng = np.random.default_rng(axis)
+    raw = (rng.random((23, 19, 11)) * 1000).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(0.25, -7.0)
+    p = tmp_path / "t1.nii"
+    nib.save(img, str(p))
+    reads: list[object] = []
+    real = ArrayProxy.__getitem__
+
+    def counting(self, slicer):  # noqa: ANN001, ANN202
+        reads.append(slicer)
+        return real(self, slicer)
+
+    monkeypatch.setattr(ArrayProxy, "__getitem__", counting)
+    policy = SlicePolicy(axis=axis, min_foreground=0.0)
+    got = _file_slices(p, policy)
+    assert len(reads) == (2 * raw.shape[2] if axis == 2 else 1)  # (axis 2: a checking pass, then the slices)
+    want = data.volume_slices(data.load_nifti(p), policy, source=str(p))
+    assert [(s.axis, s.index, s.source) for s in got] == [(s.axis, s.index, s.source) for s in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.array, w.array)
+    np.testing.assert_allclose(got[3].array, np.take(raw, 3, axis=axis) * 0.25 - 7.0, rtol=1e-6)
+
+    short = tmp_path / "short.nii"
+    short.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated") as ei:
+        _file_slices(short, policy)
+    assert str(short) in str(ei.value)
