@@ -530,9 +530,8 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarr
 
 
 def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
-    """Slices of an uncompressed 3D NIfTI read one at a time through nibabel's array proxy (along axis 2, the
-    slowest of its storage order; along another axis, from the memory-mapped volume read whole); None for
-    other files.
+    """Slices along axis 2 (the slowest of its storage order) of an uncompressed 3D NIfTI read one at a time
+    through nibabel's array proxy; None for other files and other axes (once the length check below passed).
 
     The whole volume is checked, whatever slices the policy selects, as a ``.nii.gz`` is by decompressing
     it: the file must be as long as its header says (data offset + shape x item size), and every slice is
@@ -563,11 +562,9 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
         )
     if policy.axis != 2:
         # Across the file's (Fortran) storage order a slice through the proxy is thousands of small reads: a
-        # 256 x 256 x 176 int16 volume cut along axis 0 took 36.6 s. The memory-mapped volume, read whole, is
-        # one pass (~0.01 s), and the same values (load_nifti reads it as the proxy reads each slice).
-        from .data import volume_slices
-
-        return iter(volume_slices(load_nifti(p), policy, source=str(p)))
+        # 256 x 256 x 176 int16 volume cut along axis 0 took 36.6 s. The caller reads the memory-mapped
+        # volume whole instead (~0.01 s; the same values, as load_nifti reads it as the proxy reads a slice).
+        return None
     proxy = img.dataobj
     idx = list(range(shape[policy.axis]))[policy.start : policy.stop : policy.step]
 
