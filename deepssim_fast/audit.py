@@ -737,14 +737,13 @@ def _write_pixels(items: ItemSet, work: Path) -> None:
     items.pixels = np.load(store, mmap_mode="r")
 
 
-def _cached_embedding(f: Path, entry: Path) -> np.ndarray | None:
-    """The cached embeddings ``f`` of the items of ``entry``, or None when there are none, or they are not
+def _cached_embedding(f: Path, n: int) -> np.ndarray | None:
+    """The cached embeddings ``f`` of a file's ``n`` items, or None when there are none, or they are not
     whole (written without fsync: a crash may leave a short file) or not one finite row per item."""
     if not f.exists():
         return None
     try:
         emb = np.load(f, allow_pickle=False)
-        n = len(_entry_or_fail(_entry_header, entry)["ids"])
     except (OSError, ValueError, EOFError) as exc:
         logger.warning("embedding again: cached embeddings %s unreadable (%s)", f, exc)
         return None
@@ -772,8 +771,9 @@ def _embed_items(
     per_file: list[tuple[Path, Path]] = [(p, e) for p, e in zip(paths, entries, strict=True) if e is not None]
     out: list[np.ndarray | None] = [None] * len(per_file)
     emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}.npy" for _, e in per_file]
+    counts = {e: len(keep) for e, keep in items.sources}  # (each entry's items, from its header: _build_items)
     for i, f in enumerate(emb_files):
-        out[i] = _cached_embedding(f, per_file[i][1])
+        out[i] = _cached_embedding(f, counts[per_file[i][1]])
     missing = [i for i, o in enumerate(out) if o is None]
     bar = tqdm(total=len(missing), desc=f"embed {items.name}", disable=None if progress else True)
     pending: list[tuple[int, np.ndarray]] = []  # (file, its items' pixels): each cached file is read once
