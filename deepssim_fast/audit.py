@@ -535,13 +535,16 @@ def _decode_all(
     strict: bool,
     workers: int,
     progress: bool,
-) -> tuple[list[Path | None], tuple[int, ...] | None, list[tuple[str, str]]]:
-    """Decode every file (or take it from the cache); return per-file cache paths (None: skipped)."""
+) -> tuple[list[Path | None], tuple[int, ...] | None, list[tuple[str, str]], dict[Path, dict]]:
+    """Decode every file (or take it from the cache); return per-file cache paths (None: skipped), the item
+    size, the skipped files, and each entry's ids and indices (its header: read or written here, so that
+    :func:`_build_items` need not read it again)."""
     import torch.utils.data as tud
     from tqdm import tqdm
 
     token = policy.token() if mode == "slices" else "volumes:frames"
     entries: list[Path | None] = [None] * len(paths)
+    heads: dict[Path, dict] = {}
     skipped: list[tuple[str, str]] = []
     todo: list[int] = []
     keys: list[str] = []
@@ -552,7 +555,7 @@ def _decode_all(
             f = _entry_path(cache, keys[i], pending_size)
             if f.exists():
                 try:
-                    _entry_header(f)
+                    heads[f] = _entry_header(f)
                     entries[i] = f
                     continue
                 except _DamagedEntry as exc:
@@ -588,7 +591,8 @@ def _decode_all(
             f = _entry_path(cache, keys[i], pending_size)
             _write_entry(f, ids, idx, stack)
             entries[i] = f
-    return entries, pending_size, skipped
+            heads[f] = {"ids": list(ids), "indices": [int(v) for v in idx]}
+    return entries, pending_size, skipped, heads
 
 
 def _first_item_shape(
@@ -649,6 +653,7 @@ def _build_items(
     work: Path,
     skipped: list[tuple[str, str]],
     *,
+    heads: dict[Path, dict] | None = None,
     mode: str = "slices",
     drop_constant: bool = False,
     strict: bool = False,
@@ -660,7 +665,8 @@ def _build_items(
     the old ids).
 
     ``drop_constant`` (metric correlation): constant items are left out and added to ``skipped`` as
-    ``(file path, reason)``, or, with ``strict``, raise :class:`DataError`.
+    ``(file path, reason)``, or, with ``strict``, raise :class:`DataError`. ``heads``: the entries' headers
+    as :func:`_decode_all` returns them (an entry missing there is read).
     """
     skipped = list(skipped)
     metas = []
@@ -668,7 +674,10 @@ def _build_items(
     for p, e in zip(paths, entries, strict=True):
         if e is None:
             continue
-        head, px = _entry_or_fail(functools.partial(_read_entry, pixels=drop_constant), e)
+        if drop_constant or heads is None or e not in heads:
+            head, px = _entry_or_fail(functools.partial(_read_entry, pixels=drop_constant), e)
+        else:
+            head = heads[e]
         ids, idx = [str(s) for s in head["ids"]], [int(v) for v in head["indices"]]
         keep = np.ones(len(ids), dtype=bool)
         if drop_constant:
@@ -1388,7 +1397,7 @@ def audit(
             origin = "the size asked for"
         if fit is not None and (metric == "ssim" or verify == "ssim"):
             _check_item_size(fit, origin, mode=mode)
-        t_entries, fit, t_skip = _decode_all(
+        t_entries, fit, t_skip, t_heads = _decode_all(
             "train",
             train_paths,
             mode=mode,
@@ -1405,7 +1414,7 @@ def audit(
                 + "; ".join(r for _, r in t_skip[:5])
                 + ")"
             )
-        s_entries, _, s_skip = _decode_all(
+        s_entries, _, s_skip, s_heads = _decode_all(
             "synth",
             synth_paths,
             mode=mode,
@@ -1418,8 +1427,8 @@ def audit(
         )
         work.mkdir(parents=True, exist_ok=True)
         opts = {"mode": mode, "drop_constant": metric == "correlation", "strict": strict}
-        tset = _build_items("train", train_paths, t_entries, fit, work, t_skip, **opts)
-        sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip, **opts)
+        tset = _build_items("train", train_paths, t_entries, fit, work, t_skip, heads=t_heads, **opts)
+        sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip, heads=s_heads, **opts)
     timings["decode"] = time.perf_counter() - t0
     if len(tset) == 0 or len(sset) == 0:  # pragma: no cover - _build_items raises first
         raise ValueError("empty input set")
