@@ -56,7 +56,8 @@ Each 2D image is brought to ``input_size`` x ``input_size`` (``model.config``) b
 then z-scored per image, ``(x - mean) / std`` (population std; a constant image becomes zeros). The network
 (eager or TorchScript) expects this z-scored input, (N, 1, S, S) or (N, 3, S, S) with equal channels; it
 does NOT apply ImageNet mean/std. :func:`embed` always applies this preprocessing, for our models and for
-foreign TorchScript files alike.
+foreign TorchScript files alike; a foreign file (the published DeepSSIM weights, whose ConvNeXt stem takes 3
+channels) gets the z-scored image as 3 equal channels, as the reference feeds it.
 
 Trust: checkpoints load with ``torch.load(weights_only=True)``. TorchScript files can run code: load only
 model files you trust. Nothing is fetched from the network.
@@ -433,7 +434,13 @@ class DeepSSIMNet(nn.Module):
 
 
 class TorchScriptEncoder(nn.Module):
-    """A loaded TorchScript encoder (ours or the published DeepSSIM weights) with a :class:`ModelConfig`."""
+    """A loaded TorchScript encoder (ours or the published DeepSSIM weights) with a :class:`ModelConfig`.
+
+    ``forward``: (N, 1|3, S, S) z-scored -> (N, emb_dim) raw. Our own files take the input as given. A foreign
+    file (no stored config, ``config.extra["foreign"]``: the published DeepSSIM encoder) gets grayscale
+    (N, 1, S, S) input repeated to 3 equal channels, as the reference feeds it: its ConvNeXt stem takes 3
+    channels and its forward does not repeat them.
+    """
 
     def __init__(self, module: torch.jit.ScriptModule, config: ModelConfig) -> None:
         super().__init__()
@@ -441,6 +448,8 @@ class TorchScriptEncoder(nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.extra.get("foreign") and x.dim() == 4 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
         return self.module(x)
 
     def save_torchscript(self, path: str | os.PathLike) -> Path:
@@ -590,7 +599,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     """Load a project checkpoint (:class:`DeepSSIMNet`) or a TorchScript file (:class:`TorchScriptEncoder`).
 
     The model is returned in eval mode. For a TorchScript file without our config (e.g. the published
-    DeepSSIM weights) ``input_size`` defaults to 224 and ``size_policy`` to ``"resize"``; both can be given.
+    DeepSSIM weights) ``input_size`` defaults to 224 and ``size_policy`` to ``"resize"``; both can be given;
+    the z-scored grayscale input reaches such a file as 3 equal channels (:class:`TorchScriptEncoder`).
     Load only trusted TorchScript files: they can run code.
     """
     p = Path(path)

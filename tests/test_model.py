@@ -302,6 +302,41 @@ def test_foreign_torchscript_defaults(tmp_path, caplog) -> None:
     _assert_close(np.linalg.norm(e, axis=1), np.ones(1), 1e-6, "norm")
 
 
+class _ThreeChannelStem(nn.Module):
+    """Stands in for the published DeepSSIM encoder: a ConvNeXt whose stem takes 3 channels (the reference
+    repeats each z-scored grayscale image to 3 channels before the network; its forward does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stem(x)).flatten(1)
+
+
+def test_foreign_torchscript_with_a_three_channel_stem_embeds(tmp_path, real_images) -> None:
+    """embed fed a foreign TorchScript file (the published DeepSSIM weights) (N, 1, S, S) input, which its
+    3-channel stem rejected with a TorchScript RuntimeError: no embedding could be made with the published
+    encoder. It now gets the z-scored image repeated to 3 channels, as the reference feeds it."""
+    torch.manual_seed(0)
+    net = _ThreeChannelStem().eval()
+    p = tmp_path / "published.pt"
+    torch.jit.save(torch.jit.script(net), str(p))
+    m = load_model(p, input_size=64, size_policy="fit")
+    imgs = [fit_size(a, 64, "fit") for a in real_images[:3]]
+    got = embed(imgs, m, progress=False)
+    # the reference: per-image z-score (population std), the channel repeated 3 times, the network
+    z = np.stack([(a - a.mean()) / a.std() for a in (i.astype(np.float64) for i in imgs)]).astype(np.float32)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(net(torch.from_numpy(z)[:, None].repeat(1, 3, 1, 1)), dim=1)
+    _assert_close(got, want.numpy(), 1e-5, "published-style encoder")
+    # evaluate/predict_pairs call the loaded model directly: the same input convention
+    with torch.no_grad():
+        direct = m(torch.from_numpy(z)[:, None])
+    _assert_close(torch.nn.functional.normalize(direct, dim=1).numpy(), want.numpy(), 1e-5, "model call")
+
+
 def test_checkpoint_round_trip(tmp_path, small_model, real_images) -> None:
     p = small_model.save_checkpoint(tmp_path / "m.pt", step=3)
     raw = torch.load(p, weights_only=True)
