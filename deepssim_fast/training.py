@@ -355,6 +355,10 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise ValueError(f"pairs CSV {p}: expected columns {sorted(need)}, got {reader.fieldnames}")
         for row_no, row in enumerate(reader, start=2):
+            absent = [c for c in ("real_key", "synth_key", "ssim", "split") if row[c] is None]
+            if absent:  # (a row shorter than the header: DictReader fills the missing fields with None)
+                raise ValueError(f"pairs CSV {p} line {row_no}: no value for {', '.join(absent)} "
+                                 f"(the row has fewer fields than the header {reader.fieldnames})")
             a, b = row["real_key"].strip(), row["synth_key"].strip()
             for key in (a, b):
                 if key not in idx:

@@ -403,6 +403,23 @@ def test_pairs_csv_with_a_bom_and_a_hash_in_a_folder_name(tmp_path):
     assert [(a, b) for rows in pairs.values() for a, b, _ in rows] == [(0, 2)]
 
 
+def test_pairs_csv_rows_with_missing_fields_are_named(tmp_path) -> None:
+    """A row with fewer fields than the header (a truncated line, a row missing its split) crashed with a bare
+    AttributeError ('NoneType' object has no attribute 'strip') or TypeError from float(None), naming neither
+    the file nor the line."""
+    from deepssim_fast.training import ImagePool, read_pairs_csv
+
+    pool = ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
+                     [0, 1, 2, 3])
+    head = "real_key,synth_key,ssim,split\ns0,s1,0.5,train\n"
+    for k, (row, missing) in enumerate((("s2,s3", "ssim, split"), ("s2", "synth_key, ssim, split"),
+                                        ("s2,s3,0.4", "split"))):
+        p = tmp_path / f"short{k}.csv"
+        p.write_text(head + row + "\n")
+        with pytest.raises(ValueError, match=rf"short{k}.csv line 3: no value for {missing}"):
+            read_pairs_csv(p, pool)
+
+
 def test_out_that_is_a_file_is_named_before_training(tmp_path, mni_slices) -> None:
     f = tmp_path / "not_a_dir"
     f.write_text("keep")
