@@ -354,7 +354,8 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
         need = {"real_key", "synth_key", "ssim", "split"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise ValueError(f"pairs CSV {p}: expected columns {sorted(need)}, got {reader.fieldnames}")
-        for row_no, row in enumerate(reader, start=2):
+        for row in reader:
+            row_no = reader.line_num  # (the file's line: blank lines, which the reader skips, count too)
             absent = [c for c in ("real_key", "synth_key", "ssim", "split") if row[c] is None]
             if absent:  # (a row shorter than the header: DictReader fills the missing fields with None)
                 raise ValueError(f"pairs CSV {p} line {row_no}: no value for {', '.join(absent)} "

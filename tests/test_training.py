@@ -420,6 +420,27 @@ def test_pairs_csv_rows_with_missing_fields_are_named(tmp_path) -> None:
             read_pairs_csv(p, pool)
 
 
+def test_pairs_csv_errors_name_the_line_of_the_file(tmp_path) -> None:
+    """Errors named the row's position among the rows read plus one, not its line: blank lines (which the
+    CSV reader skips) and a quoted field across lines put the named line before the bad one."""
+    from deepssim_fast.training import ImagePool, read_pairs_csv
+
+    pool = ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
+                     [0, 1, 2, 3])
+    p = tmp_path / "blank.csv"
+    p.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\n\n\ns2,nope,0.5,train\n")
+    with pytest.raises(ValueError, match=r"blank.csv line 5: key 'nope' matches no image"):
+        read_pairs_csv(p, pool)
+    q = tmp_path / "quoted.csv"
+    q.write_text('real_key,synth_key,ssim,split\ns0,s1,0.5,"train"\ns0,s1,0.5,"a\nb"\ns2,s3,x,train\n')
+    with pytest.raises(ValueError, match=r"quoted.csv line 5: ssim 'x' is not a number"):
+        read_pairs_csv(q, pool)
+    r = tmp_path / "short.csv"
+    r.write_text("real_key,synth_key,ssim,split\n\ns2,s3\n")
+    with pytest.raises(ValueError, match=r"short.csv line 3: no value for ssim, split"):
+        read_pairs_csv(r, pool)
+
+
 def test_out_that_is_a_file_is_named_before_training(tmp_path, mni_slices) -> None:
     f = tmp_path / "not_a_dir"
     f.write_text("keep")
