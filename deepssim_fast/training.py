@@ -317,9 +317,12 @@ def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str
     return ImagePool(fitted, keys, groups, positions)
 
 
-def _key_index(pool: ImagePool) -> dict[str, int]:
+def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """(name -> image index, ambiguous name -> the indices of the images it names). Names: each image's key,
+    its list position, and for a key ``source#axis:index`` the source path, file name and stem. A name that
+    several images share (other than a full key) names none of them and is listed as ambiguous."""
     idx: dict[str, int] = {}
-    ambiguous: set[str] = set()
+    ambiguous: dict[str, set[int]] = {}
     for k, key in enumerate(pool.keys):
         aliases = {key, str(k)}
         src = key.rsplit("#", 1)[0]
@@ -329,13 +332,13 @@ def _key_index(pool: ImagePool) -> dict[str, int]:
                 aliases.add(Path(src).name[:-7])
         for a in aliases:
             if a in idx and idx[a] != k:
-                ambiguous.add(a)
+                ambiguous.setdefault(a, {idx[a]}).add(k)
             idx.setdefault(a, k)
     for a in ambiguous:
         idx.pop(a, None)
     for k, key in enumerate(pool.keys):
         idx[key] = k
-    return idx
+    return idx, {a: sorted(ks) for a, ks in ambiguous.items() if a not in idx}
 
 
 def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[tuple[int, int, float]]]:
@@ -347,7 +350,7 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"pairs CSV {p}: no such file")
-    idx = _key_index(pool)
+    idx, ambiguous = _key_index(pool)
     out: dict[str, list[tuple[int, int, float]]] = {}
     with open(p, newline="", encoding="utf-8-sig") as f:  # (-sig: a CSV saved by Excel starts with a BOM)
         reader = csv.DictReader(f)
@@ -362,6 +365,12 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
                                  f"(the row has fewer fields than the header {reader.fieldnames})")
             a, b = row["real_key"].strip(), row["synth_key"].strip()
             for key in (a, b):
+                if key in ambiguous:
+                    ks = ambiguous[key]
+                    named = " and ".join(f"image {k} ({pool.keys[k]})" for k in ks[:3])
+                    named += f" (and {len(ks) - 3} more)" if len(ks) > 3 else ""
+                    raise ValueError(f"pairs CSV {p} line {row_no}: key {key!r} is ambiguous: it names {named} "
+                                     f"(by list position, file name or stem); give the image's full key")
                 if key not in idx:
                     raise ValueError(f"pairs CSV {p} line {row_no}: key {key!r} matches no image "
                                      f"(known keys look like {pool.keys[:3]})")

@@ -441,6 +441,23 @@ def test_pairs_csv_errors_name_the_line_of_the_file(tmp_path) -> None:
         read_pairs_csv(r, pool)
 
 
+def test_pairs_csv_key_that_names_two_images_is_said_to_be_ambiguous(tmp_path) -> None:
+    """Numbered files (0.npy ... 11.npy, listed 0, 1, 10, 11, 2, ...): the key '2' is the stem of 2.npy and
+    the list position of 10.npy. Such keys were dropped as ambiguous and then reported as matching NO image,
+    which sends the user looking for a missing file; the error now says which images the key names."""
+    from deepssim_fast.training import ImagePool, read_pairs_csv
+
+    keys = [f"/d/{n}.npy#2:0" for n in sorted(map(str, range(12)))]
+    pool = ImagePool(np.zeros((12, 8, 8), np.float32), keys, keys, [0] * 12)
+    p = tmp_path / "pairs.csv"
+    p.write_text("real_key,synth_key,ssim,split\n0.npy,2.npy,0.5,train\n0,2,0.5,train\n")
+    with pytest.raises(ValueError, match=r"line 3: key '2' is ambiguous: it names image 2 \(/d/10.npy#2:0\) and "
+                                         r"image 4 \(/d/2.npy#2:0\)"):
+        read_pairs_csv(p, pool)
+    p.write_text("real_key,synth_key,ssim,split\n0.npy,2.npy,0.5,train\n1,/d/10.npy#2:0,0.5,train\n")
+    assert read_pairs_csv(p, pool)["train"] == [(0, 4, 0.5), (1, 2, 0.5)]
+
+
 def test_out_that_is_a_file_is_named_before_training(tmp_path, mni_slices) -> None:
     f = tmp_path / "not_a_dir"
     f.write_text("keep")
