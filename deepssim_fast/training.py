@@ -40,7 +40,8 @@ resumed) run starts ``log.csv`` afresh and removes the ``best.pt`` and ``last.pt
 The reference CSV format (columns ``real_key, synth_key, ssim, split``) is accepted with ``pairs_csv=``: its
 ``train`` rows define the training pairs and its ``val``/``validation`` rows the validation pairs; keys are
 matched to image keys (Slice keys, file names or stems, list positions). Targets are still the SSIM of the
-augmented pair; the CSV ``ssim`` column is only compared against the un-augmented SSIM in the log.
+augmented pair; the CSV ``ssim`` column is only compared against the SSIM of the un-augmented pairs (at the
+model input) in the log, for its first 2048 train and val rows.
 """
 from __future__ import annotations
 
@@ -387,6 +388,38 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
     return out
 
 
+CSV_SSIM_CHECK_ROWS = 2048  # rows of a pairs CSV whose ssim column is compared at the start of training
+
+
+def _log_csv_ssim_agreement(path: str | os.PathLike, csv_pairs: dict[str, list[tuple[int, int, float]]],
+                            pool: ImagePool, chunk: int = 256) -> None:
+    """Log how the CSV's ``ssim`` column agrees with the SSIM (``preset="deepssim"``) of the un-augmented
+    pairs of ``pool`` (the images at the model input), over the train and val rows (the first
+    ``CSV_SSIM_CHECK_ROWS``): a large difference says the keys name other images than the CSV's SSIM was
+    computed on (or at another size). The training targets do not use the column."""
+    rows = (csv_pairs.get("train", []) + csv_pairs.get("val", []))
+    total = len(rows)
+    rows = rows[:CSV_SSIM_CHECK_ROWS]
+    if not rows:
+        return
+    got = []
+    for s in range(0, len(rows), chunk):
+        part = rows[s:s + chunk]
+        a = torch.from_numpy(pool.images[[i for i, _, _ in part]])
+        b = torch.from_numpy(pool.images[[j for _, j, _ in part]])
+        got.append(ssim_targets(a, b).numpy().astype(np.float64))
+    diff = np.abs(np.concatenate(got) - np.asarray([t for _, _, t in rows], np.float64))
+    if not np.isfinite(diff).any():  # (a column of 'nan')
+        logger.info("pairs CSV %s: its ssim column has no finite value to compare", path)
+        return
+    worst = int(np.nanargmax(np.where(np.isfinite(diff), diff, np.nan)))
+    i, j, _ = rows[worst]
+    logger.info("pairs CSV %s: its ssim column vs the SSIM of the un-augmented pairs at the model input, over "
+                "%d rows%s: MAE %.4f, max %.4f (%s, %s)", path, len(rows),
+                f" (the first of {total})" if total > len(rows) else "", float(np.mean(diff[np.isfinite(diff)])),
+                float(diff[worst]), pool.keys[i], pool.keys[j])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Validation and evaluation
 # ----------------------------------------------------------------------------------------------------------
@@ -692,6 +725,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     if pool.images.shape[0] < 2:
         raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}")
     csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None
+    if csv_pairs is not None:
+        _log_csv_ssim_agreement(pairs_csv, csv_pairs, pool)
     def _val_image_pool() -> ImagePool:
         vp = make_pool(val_images, config, policy=policy, what="val_images")
         if vp.images.shape[0] < 2:

@@ -458,6 +458,25 @@ def test_pairs_csv_key_that_names_two_images_is_said_to_be_ambiguous(tmp_path) -
     assert read_pairs_csv(p, pool)["train"] == [(0, 4, 0.5), (1, 2, 0.5)]
 
 
+def test_pairs_csv_ssim_column_is_compared_in_the_log(tmp_path, mni_slices, caplog) -> None:
+    """The module docstring says the CSV ``ssim`` column is compared against the SSIM of the un-augmented
+    pairs in the log; it was read and dropped. The comparison (against the images at the model input) is
+    what shows a CSV whose keys name other images than the ones its SSIM was computed on."""
+    imgs = [s.array for s in mni_slices[:6]]
+    pool = make_pool(imgs, build_model("small", input_size=64).config)
+    rows = [(0, 1), (1, 2), (2, 3), (4, 5)]
+    truth = ssim_reference(pool.images[[i for i, _ in rows]], pool.images[[j for _, j in rows]],
+                           spatial_dims=2, preset="deepssim")
+    p = tmp_path / "pairs.csv"
+    p.write_text("real_key,synth_key,ssim,split\n" + "".join(
+        f"{i},{j},{t + 0.1 * (k == 3):.6f},{'val' if k == 3 else 'train'}\n"
+        for k, ((i, j), t) in enumerate(zip(rows, truth, strict=True))))
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.training"):
+        train(imgs, max_steps=1, pairs_csv=p, **SMALL)
+    line = next((r.getMessage() for r in caplog.records if "ssim column" in r.getMessage()), "")
+    assert "over 4 rows: MAE 0.0250, max 0.1000 (4, 5)" in line, line
+
+
 def test_out_that_is_a_file_is_named_before_training(tmp_path, mni_slices) -> None:
     f = tmp_path / "not_a_dir"
     f.write_text("keep")
