@@ -696,6 +696,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     ck = None
     if resume is not None:
         ck = read_checkpoint(resume)
+        absent = [k for k in ("optimizer", "step") if k not in ck]
+        if absent:
+            raise ValueError(f"resume={str(resume)!r} has no training state ({', '.join(absent)}): it is a model "
+                             f"checkpoint (as save_checkpoint writes), not the last.pt of a train run; resume "
+                             f"takes out/last.pt")
         config = ModelConfig.from_dict(ck["config"])
         if backbone is not None and config.backbone != backbone:
             raise ValueError(f"resume={str(resume)!r} is a {config.backbone!r} checkpoint but backbone="

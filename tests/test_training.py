@@ -497,6 +497,15 @@ def test_resume_with_another_backbone_is_an_error(tmp_path, mni_slices) -> None:
     assert m.config.backbone == "small" and [r["step"] for r in m.history] == [2]
 
 
+def test_resume_from_a_model_checkpoint_without_training_state_is_named(tmp_path, mni_slices) -> None:
+    """resume= with a checkpoint written by save_checkpoint (model and config, no optimizer or step: a file
+    load_model reads) crashed after the data were prepared with a bare KeyError: 'optimizer'."""
+    plain = build_model("small", input_size=64).save_checkpoint(tmp_path / "model.pt")
+    kw = {k: v for k, v in SMALL.items() if k != "backbone"}
+    with pytest.raises(ValueError, match=r"model.pt.*has no training state \(optimizer, step\)"):
+        train(mni_slices[:6], max_steps=2, resume=plain, **kw)
+
+
 def test_bad_validation_and_schedule_arguments_are_named(mni_slices) -> None:
     """val_pairs=0 failed deep inside with torch's 'torch.cat(): expected a non-empty list of Tensors';
     a negative val_every validated at every step and a negative warmup_steps was ignored, both silently;
