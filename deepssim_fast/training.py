@@ -712,7 +712,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             if given is not None and given != have:
                 raise ValueError(f"resume={str(resume)!r} has {name}={have!r} but {name}={given!r} was given; "
                                  f"omit {name} to resume the checkpoint's model")
-        model = DeepSSIMNet(config)
+        with torch.random.fork_rng(devices=[]):  # (the initial weights, replaced below, draw from torch's RNG)
+            model = DeepSSIMNet(config)
         model.load_state_dict(ck["model"], strict=True)
         if config.freeze_stages:
             model.freeze_stages()

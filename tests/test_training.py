@@ -160,6 +160,19 @@ def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices, caplog) -> N
     assert all(float(r["t_target"]) >= 0 and float(r["t_model"]) > 0 for r in rows)
 
 
+def test_a_resumed_run_leaves_the_callers_torch_generator_as_it_was(tmp_path, mni_slices) -> None:
+    """train forks torch's global generator (module docstring); a resumed run built its model (random
+    initial weights, then replaced by the checkpoint's) outside the fork and so advanced the caller's."""
+    kw = dict(SMALL, batch_size=2, val_pairs=4)
+    train(mni_slices[:6], max_steps=1, out=tmp_path / "r", **kw)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    train(mni_slices[:6], max_steps=2, resume=tmp_path / "r" / "last.pt",
+          **{k: v for k, v in kw.items() if k != "backbone"})
+    assert torch.equal(torch.rand(1), before)
+
+
 def test_resume_after_a_kill_between_checkpoints_logs_each_step_once(tmp_path, mni_slices) -> None:
     """last.pt is written at validation steps, a log row at every step: a run killed between the two and
     resumed runs some steps again; the log keeps the checkpoint's steps and drops the rest (and any partial
