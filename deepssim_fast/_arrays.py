@@ -20,7 +20,9 @@ def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.T
 
     A read-only numpy array (``np.load(..., mmap_mode="r")``) is copied, since torch tensors are writable,
     unless ``read_only``: the caller promises never to write to the result, which then shares the array's
-    memory (a memory-mapped input stays on disk instead of being read whole into memory)."""
+    memory (a memory-mapped input stays on disk instead of being read whole into memory). An array in the
+    other byte order (big-endian ``>f4`` / ``>i2`` NIfTI or .npy data on a little-endian host) is copied to
+    native order, values unchanged."""
     if isinstance(x, torch.Tensor):
         return x
     if is_cupy(x):
@@ -35,7 +37,9 @@ def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.T
         raise TypeError(f"{name}: got an object array (ragged or mixed input?), shape {a.shape}")
     if a.dtype.kind not in "biufc":  # strings, bytes, dates, records: torch has no such tensors
         raise TypeError(f"{name}: got an array of non-numeric dtype {a.dtype}, shape {a.shape}; expected numbers")
-    if any(st < 0 for st in a.strides):  # torch.from_numpy rejects negative strides (flipped views)
+    if not a.dtype.isnative:  # torch.from_numpy rejects non-native byte order (NIfTI data is often big-endian)
+        a = a.astype(a.dtype.newbyteorder("="))
+    elif any(st < 0 for st in a.strides):  # torch.from_numpy rejects negative strides (flipped views)
         a = np.ascontiguousarray(a)
     elif not a.flags.writeable and not read_only:
         a = a.copy()

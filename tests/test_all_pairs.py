@@ -1071,6 +1071,31 @@ def test_memory_mapped_read_only_sets_are_searched_in_place(tmp_path, monkeypatc
     assert not tm.flags.writeable and np.array_equal(np.asarray(tm), train)
 
 
+def test_big_endian_sets_are_searched_like_the_same_values_in_native_order(tmp_path):
+    """NIfTI data is often big-endian (nibabel's anatomical.nii holds '>i2'), and so are .npy files written
+    on such hosts. Rows taken raw from one (or a memory-mapped big-endian .npy) give the results of the same
+    values in native order on every backend: torch.from_numpy had refused them with an error naming neither
+    the set nor the cause ("given numpy array has byte order different from the native byte order")."""
+    import nibabel as nib
+
+    raw = np.asanyarray(nib.load(data.dataset_path("anatomical")).dataobj)
+    assert not raw.dtype.isnative  # (the shipped file is big-endian)
+    rows = raw.reshape(raw.shape[0], -1)
+    rows = rows[np.abs(rows).sum(axis=1) > 0]
+    nat = rows.astype(rows.dtype.newbyteorder("="))
+    for backend in ("native", "torch"):
+        want = all_pairs(nat[::2], nat[1::2], k=3, progress=False, backend=backend)
+        _assert_same(all_pairs(rows[::2], rows[1::2], k=3, progress=False, backend=backend), want)
+        _assert_same(all_pairs(rows, None, k=3, progress=False, backend=backend),
+                     all_pairs(nat, None, k=3, progress=False, backend=backend))
+    train, synth = _rand(200, 24, SEED + 78), _rand(30, 24, SEED + 79)
+    np.save(tmp_path / "train_be.npy", train.astype(">f4"))
+    tm = np.load(tmp_path / "train_be.npy", mmap_mode="r")
+    assert tm.dtype == np.dtype(">f4")
+    _assert_same(all_pairs(tm, synth.astype(">f8"), k=5, progress=False),
+                 all_pairs(train, synth.astype(np.float64), k=5, progress=False))
+
+
 def test_unsupported_dtypes_and_layouts_are_errors_that_name_the_set():
     rng = np.random.default_rng(SEED + 71)
     train, synth = rng.standard_normal((7, 4)), rng.standard_normal((3, 4))
