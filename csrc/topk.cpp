@@ -929,10 +929,18 @@ std::vector<float> pack_panels(const float* t, int64_t n, int64_t dp, float** al
   return buf;
 }
 
+// gamma_n = n u / (1 - n u), u = 2^-24: the bound on the relative error of n float32 roundings in a chain. It
+// holds only for n u < 1; from n = 2^24 on there is none (the formula turns infinite, then negative, which
+// made the fp32 kernel of rows past 2^24 columns (whole volumes: 512 x 512 x 80) trust approximate scores
+// that a sequential float32 chain of that length gets wrong by ~0.03, and skip every later top-k
+// candidate): +inf then, so every pair the bound concerns is re-scored canonically.
 inline double gamma_n(double n) {
   const double u = std::ldexp(1.0, -24);
-  return n * u / (1.0 - n * u);
+  return n * u < 1.0 ? n * u / (1.0 - n * u) : std::numeric_limits<double>::infinity();
 }
+
+// gamma times a product of norms, 0 when the norms are (all-zero rows: no error, and no inf * 0 = NaN).
+inline double error_bound(double gamma, double norms) { return norms > 0 ? gamma * norms : 0.0; }
 
 // An int16 kernel's chunks (the spans of its int32 partial sums): columns [c * cw, min(dp, (c + 1) * cw)),
 // cw = 2 KC for micro_vnni, 2 i16_avx2_kc(dp) (kI16Chunks chunks) for micro_i16_avx2.
@@ -1222,8 +1230,8 @@ void prepare(Params& p, Simd level, Buffers& buf) {
   const int64_t cw = vnni ? 2 * KC : 2 * i16_avx2_kc(p.dp);  // the int16 kernel's chunk width (see n_chunks)
   const RowStats sq = row_stats(p.q, p.m, p.dp, cw), st = row_stats(p.t, p.n, p.dp, cw);
   const double scale = p.bins / (p.hi - p.lo);
-  const double e_canon = gamma_n(std::ceil(p.dp / 16.0) + 4) * sq.norm * st.norm;
-  const double e_fp32 = gamma_n(static_cast<double>(p.dp)) * sq.norm * st.norm + e_canon;
+  const double e_canon = error_bound(gamma_n(std::ceil(p.dp / 16.0) + 4), sq.norm * st.norm);
+  const double e_fp32 = error_bound(gamma_n(static_cast<double>(p.dp)), sq.norm * st.norm) + e_canon;
   double e = e_fp32;
   p.int16 = false;
   p.kernel = "fp32";
@@ -1261,7 +1269,7 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       const double qn = rq.norm, tn = rt.norm;  // largest |z_i| u_i, |z_j| v_j
       // a = fl(fl(fl(sum of the chunks' fl(I_c), in order) u_i) v_j): nch + 2 roundings, each relative to
       // at most u_i v_j sum |I_c| <= |z_i| u_i |z_j| v_j (Cauchy-Schwarz over chunks)
-      const double e_round = gamma_n(static_cast<double>(nch) + 3) * 1.01 * qn * tn;
+      const double e_round = error_bound(gamma_n(static_cast<double>(nch) + 3), 1.01 * qn * tn);
       const double e_int16 = rq.res * st.norm + qn * rt.res + e_round + e_canon;
       const double c16 = (vnni ? kCostVnni : kCostI16Avx2) + kCostRescore * 2 * e_int16 * scale;
       if (choice == 2 || c16 < 1 + kCostRescore * 2 * e_fp32 * scale) {

@@ -870,6 +870,30 @@ def test_rows_with_very_different_int16_scales_are_exact_under_every_kernel():
         assert "int16-avx2" in seen, seen  # the int16 kernels really ran
 
 
+@pytest.mark.slow
+def test_rows_of_more_than_2_24_columns_are_exact_under_every_kernel():
+    """Whole volumes as rows (audit metric 'correlation' on volumes: 512 x 512 x 80 voxels > 2^24). The fp32
+    kernel's error bound gamma(dp) = dp u / (1 - dp u) turned negative past 2^24 columns: the engine trusted
+    approximate scores (a float32 chain of that length gives ~0.972 for an exact copy whose canonical score is
+    0.9995, one bin off at 200 bins) and dropped every top-k candidate after the first k columns, so the
+    copy's nearest neighbour came out as row 0 with score 0.0003. (~1.5 GB for a second: 2 x 64 MB rows
+    packed into a 16-row panel.)"""
+    d = (1 << 24) + 64
+    rng = np.random.default_rng(SEED + 95)
+    train = rng.standard_normal((2, d), dtype=np.float32)
+    synth = train[1:].copy()
+    want_s, want_i, want_h, want_c = _brute(train, synth, 1)
+    assert want_i.tolist() == [[1]] and want_s[0, 0] > 0.999
+    for level, choice in (("auto", "auto"), ("auto", "fp32"), ("avx2", "auto")):
+        with _kernels(level, choice):
+            r = all_pairs(train, synth, k=1, progress=False)
+        where = (level, choice)
+        assert np.array_equal(r.indices, want_i), (where, r.indices, r.scores)
+        assert np.array_equal(r.scores, want_s), (where, r.scores, want_s)
+        assert np.array_equal(r.histogram[0], want_h), (where, np.flatnonzero(r.histogram[0]))
+        assert r.class_counts == want_c, where
+
+
 def test_int16_kernel_declines_rows_whose_scales_leave_the_normal_float_range():
     """The int16 kernels' rounding bounds assume each row's float32 scale u is a normal float within
     [2^-100, 2^100]. Rows far outside unit length (possible through the native call, which takes rows as
