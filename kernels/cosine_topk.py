@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Up to this many bins, each program builds a histogram of its tile in shared memory (see histogram_mode);
 # beyond it, pairs go to the global histogram by atomics.
 TILE_HIST_MAX_BINS = 1024
+#: Overrides :func:`histogram_mode` in :func:`cosine_topk` (0, 1 or 2; a diagnostic and benchmark switch).
+HIST_MODE_ENV = "DEEPSSIM_FAST_TRITON_HIST_MODE"
 _LOW_MASK = (1 << 32) - 1  # low half of merge_topk's keys
 _INT64_MAX = torch.iinfo(torch.int64).max  # index of an empty top-k slot
 
@@ -279,13 +281,17 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
     nb = max(2, _next_pow2(bins))
+    source = ""
     if hist_mode is None:
-        env = os.environ.get("DEEPSSIM_FAST_TRITON_HIST_MODE", "").strip()
+        env = os.environ.get(HIST_MODE_ENV, "").strip()
+        if env and env not in ("0", "1", "2"):
+            raise ValueError(f"{HIST_MODE_ENV}={env!r}: expected 0, 1 or 2 (or unset: chosen by Triton release)")
         hist_mode = int(env) if env else histogram_mode(bins)
+        source = f" (set by {HIST_MODE_ENV})" if env else source
     hist_mode = int(hist_mode)
     if hist_mode not in (0, 1, 2) or (hist_mode and bins > TILE_HIST_MAX_BINS):
         raise ValueError(f"cosine_topk: hist_mode {hist_mode} with {bins} bins (0, 1, 2; 1 and 2 take at most "
-                         f"{TILE_HIST_MAX_BINS} bins)")
+                         f"{TILE_HIST_MAX_BINS} bins){source}")
     from tqdm.auto import tqdm
 
     with tqdm(total=n_q * n_t, unit="pair", unit_scale=True, desc="all_pairs[triton]", leave=False,

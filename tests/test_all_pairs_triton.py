@@ -364,8 +364,16 @@ def test_histogram_mode_environment_override(monkeypatch):
         modes.append(rec[0].kwargs["HIST_MODE"])
     assert modes == [ck.histogram_mode(200), 0, 1, 2]
     monkeypatch.setenv("DEEPSSIM_FAST_TRITON_HIST_MODE", "1")
-    with aot.record_launches(ck, "_cosine_topk_kernel"), pytest.raises(ValueError, match="hist_mode 1 with 2000"):
+    too_many = r"hist_mode 1 with 2000 .*\(set by DEEPSSIM_FAST_TRITON_HIST_MODE\)"
+    with aot.record_launches(ck, "_cosine_topk_kernel"), pytest.raises(ValueError, match=too_many):
         ck.cosine_topk(q, q, k=2, bins=2000, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
+    # a value that is no mode names the variable (int() had raised "invalid literal for int() ...: 'two'")
+    for bad in ("two", "3", "-1"):
+        monkeypatch.setenv("DEEPSSIM_FAST_TRITON_HIST_MODE", bad)
+        with aot.record_launches(ck, "_cosine_topk_kernel") as rec, \
+                pytest.raises(ValueError, match=f"DEEPSSIM_FAST_TRITON_HIST_MODE='{bad}': expected 0, 1 or 2"):
+            ck.cosine_topk(q, q, k=2, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
+        assert not rec
 
 
 class _Ran(Exception):
