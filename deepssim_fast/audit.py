@@ -38,6 +38,9 @@ Conventions
   items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip`` or
   ``flip0``..``flip2``; ``shift(dy,dx)``), on equal scores the item itself, then the variants in the
   order searched (flips, then shifts); empty when the search queried no transformed items.
+* matches.csv is UTF-8 text, but a path that is not (a file named in another encoding, which Python holds
+  with lone surrogates) keeps its own bytes there (``os.fsencode``), so that it still names the file (read
+  it back with ``errors="surrogateescape"``); report.html and gallery.png show such bytes as U+FFFD.
 * Labels use the verified SSIM (or the search score when ``verify="none"``):
   ``duplicate`` if s > high, ``similar`` if low < s <= high, ``different`` if s <= low, with
   ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate;
@@ -474,7 +477,7 @@ def _file_key(p: Path, *parts: str) -> str:
     except OSError:  # a broken symlink (or a file gone since discovery): decoding reports it as unreadable
         ident = ["missing", ""]
     raw = "|".join([str(p), *ident, *parts])
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return hashlib.sha256(os.fsencode(raw)).hexdigest()[:32]
 
 
 def _decode_file(p: Path, mode: str, policy: SlicePolicy) -> tuple[list[str], list[int], list[np.ndarray]]:
@@ -1447,8 +1450,8 @@ def audit(
         "rotations": float(verify_rotations),
         "bins": int(bins),
         "model": model_hash,
-        "train": hashlib.sha256("\n".join(tset.ids).encode()).hexdigest(),
-        "synth": hashlib.sha256("\n".join(sset.ids).encode()).hexdigest(),
+        "train": hashlib.sha256(os.fsencode("\n".join(tset.ids))).hexdigest(),
+        "synth": hashlib.sha256(os.fsencode("\n".join(sset.ids))).hexdigest(),
         "chunk": int(chunk_size),
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": hashlib.sha256(
@@ -1901,7 +1904,7 @@ def _write_matches(
                     trans[i, r],
                 ]
             )
-    _atomic_bytes(path, buf.getvalue().encode())
+    _atomic_bytes(path, os.fsencode(buf.getvalue()))
 
 
 def _top_suspects(

@@ -172,6 +172,13 @@ def gallery_png(
     return _fig_bytes(fig)
 
 
+def _readable(text: str) -> str:
+    """``text`` with the bytes of a file name that are not UTF-8 (kept by Python as lone surrogates,
+    ``\\udcfc`` for a Latin-1 ``ü``) shown as U+FFFD, as a terminal shows them: a figure's text and the UTF-8
+    page cannot hold a lone surrogate (matplotlib raised TypeError, ``str.encode`` UnicodeEncodeError)."""
+    return os.fsencode(text).decode("utf-8", "replace") if any("\udc80" <= ch <= "\udcff" for ch in text) else text
+
+
 def _short(item_id: str, n: int = 34) -> str:
     """The file name of an item id with its suffix (``t0.png#2:5``, ``vol.nii.gz@t1``), at most n characters.
 
@@ -189,7 +196,7 @@ def _labels(item_ids: Sequence[str], n: int = 34) -> dict[str, str]:
 
     A label over ``n`` characters keeps its start (the distinguishing folder, up to half of ``n``) and its
     end, with an ellipsis between; a file name alone is cut as :func:`_short` cuts it."""
-    comps = {i: i.replace(os.sep, "/").split("/") for i in dict.fromkeys(item_ids)}
+    comps = {i: _readable(i).replace(os.sep, "/").split("/") for i in dict.fromkeys(item_ids)}
     # the file of each item: the item suffix (``#<axis>:<index>``, ``#row:<i>``, ``@t<t>``) taken off its name
     files = {i: (*c[:-1], _ITEM_SUFFIX.sub("", c[-1])) for i, c in comps.items()}
     out: dict[str, str] = {}
@@ -198,7 +205,7 @@ def _labels(item_ids: Sequence[str], n: int = 34) -> dict[str, str]:
         others = {f for f in files.values() if f != mine}
         k = next((k for k in range(1, len(c) + 1) if all(f[-k:] != mine[-k:] for f in others)), len(c))
         if k == 1:
-            out[i] = _short(i, n)
+            out[i] = _short(_readable(i), n)
             continue
         label = "/".join(c[-k:])
         if len(label) > n:
@@ -245,7 +252,9 @@ def format_percent(fraction: float) -> str:
 
 def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Sequence[dict]) -> str:
     """The self-contained report page (inline CSS, base64 images). Timings are deliberately omitted."""
-    e = html.escape
+    def e(text: str) -> str:  # (file names that are not UTF-8 shown with U+FFFD: see _readable)
+        return html.escape(_readable(text))
+
     c = summary["counts"]
     n = summary["n_synth"]
     th = summary["thresholds"]

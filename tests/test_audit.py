@@ -1025,6 +1025,31 @@ def test_hash_in_directory_name_keeps_the_whole_path(ds: dict, tmp_path: Path) -
     assert row["synth_path"] == row["synth_id"] == str(tmp_path / "v#t" / "a.npy")
 
 
+def test_file_names_that_are_not_utf8_are_audited_and_reported(ds: dict, tmp_path: Path) -> None:
+    """A file named in another encoding (Latin-1 ``Müller.npy``: the byte 0xfc, which Python keeps as the lone
+    surrogate ``\\udcfc``) is audited like any other: hashing its cache key raised UnicodeEncodeError, the gallery
+    TypeError. matches.csv keeps the name's own bytes (so the path opens the file); the figure and the UTF-8 page
+    show U+FFFD for the byte."""
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    src = sorted(ds["train_arrays"])[2]
+    name = os.fsdecode(b"M\xfcller.npy")
+    try:
+        with open(synth / name, "wb") as f:
+            np.save(f, ds["train_arrays"][src])
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    out = tmp_path / "o"
+    r = A.audit(ds["train"], synth, metric="ssim", k=1, out=out, progress=False)
+    assert r.summary["counts"]["duplicate"] == 1
+    with open(out / "matches.csv", newline="", errors="surrogateescape") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["synth_path"] == str(synth / name) and Path(row["synth_path"]).is_file()
+    assert Path(row["train_path"]).name == src and float(row["ssim"]) == pytest.approx(1.0)
+    page = (out / "report.html").read_bytes().decode("utf-8")  # valid UTF-8
+    assert "M\ufffdller.npy#2:0" in page
+
+
 def test_volumes_verify_flips_mirrors_every_axis(tmp_path: Path) -> None:
     """In mode='volumes' a copy mirrored along any of the three axes (axis 0 is left-right in RAS) is found."""
     rng = np.random.default_rng(11)
