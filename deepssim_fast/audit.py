@@ -2085,6 +2085,9 @@ def _evaluation_model(summary: dict, model: Any) -> Any:
     return obj
 
 
+_FRAME_SUFFIX = re.compile(r"@t\d+$")  # the frame of a 4D file in an item's path: <file>@t<t>
+
+
 def _resolver(ids: Sequence[str], paths: Sequence[str],
               skipped: Sequence[tuple[str, str]] = ()) -> Callable[[str], int]:
     """Label key -> item index. ``skipped``: (path, reason) of the inputs the audit left out, so that a key
@@ -2094,11 +2097,17 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
     by_base: dict[str, list[int]] = {}
     by_stem: dict[str, list[int]] = {}
     for i, p in enumerate(paths):
-        by_path.setdefault(p, []).append(i)
-        base = os.path.basename(p)
-        by_base.setdefault(base, []).append(i)
-        stem = base[:-7] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
-        by_stem.setdefault(stem, []).append(i)
+        # an item of frame t of a 4D file has the path <file>@t<t>: it is found by that, and by the file's own
+        # path, name and stem (with the file's other items: a key naming the file is then ambiguous, and said
+        # to be, instead of matching no audited item)
+        file = _FRAME_SUFFIX.sub("", p)
+        for q in dict.fromkeys((p, file)):
+            by_path.setdefault(q, []).append(i)
+            base = os.path.basename(q)
+            by_base.setdefault(base, []).append(i)
+            if q == file:
+                stem = base[:-7] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
+                by_stem.setdefault(stem, []).append(i)
 
     def lookup(key: str, tables: Sequence[dict[str, list[int]]]) -> int | None:
         if key in exact:

@@ -6,6 +6,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1482,6 +1483,25 @@ def test_volumes_mode_takes_every_frame_of_a_4d_file(tmp_path: Path) -> None:
     assert [x["train_id"] for x in rows] == [f"{p}@t1", f"{p}@t0"]
     assert [x["train_index"] for x in rows] == ["1", "0"]
     assert float(rows[0]["ssim"]) == pytest.approx(1.0) and r.summary["n_train"] == 2
+
+
+def test_evaluate_label_key_naming_a_4d_file_is_ambiguous_not_unknown(tmp_path: Path) -> None:
+    """The items of a 4D file have the path ``<file>@t<t>``: a label key naming the file itself (its path, name or
+    stem, as the README allows) was told it 'matches no audited item'; it names several (one per frame), and
+    is told so. A frame's own path still finds its item."""
+    rng = np.random.default_rng(9)
+    frames = rng.random((12, 13, 14, 2)).astype(np.float32)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "series.npy", frames)
+    np.save(tmp_path / "s" / "copy1.npy", frames[..., 1])
+    out = tmp_path / "o"
+    A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=2, out=out, progress=False)
+    for key in ("series.npy", "series", str(tmp_path / "t" / "series.npy")):
+        with pytest.raises(ValueError, match=rf"l\.csv:2: label key '{re.escape(key)}' matches 2 items"):
+            A.evaluate(out, _labels(tmp_path / "l.csv", (key, "copy1", 1)))
+    ev = A.evaluate(out, _labels(tmp_path / "l.csv", ("series.npy@t1", "copy1", 1), ("series.npy@t0", "copy1", 0)))
+    assert ev["accuracy"] == 1.0
 
 
 def test_ctrl_c_while_decode_workers_run_stops_within_a_second(tmp_path: Path) -> None:
