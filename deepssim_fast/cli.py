@@ -151,7 +151,9 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
     rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
     if args.out:
-        with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
+        # (a file name that is not UTF-8 keeps its own bytes, as in the audit's matches.csv)
+        with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                errors="surrogateescape") as f:
             w = csv.writer(f)
             w.writerow(["a", "b", "ssim"])
             w.writerows(rows)
@@ -233,7 +235,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     buf = io.BytesIO()
     np.save(buf, emb)
     atomic_write_bytes(out, buf.getvalue())
-    atomic_write_bytes(ids, "".join(s.key + "\n" for s in slices).encode())
+    # (a file name that is not UTF-8 keeps its own bytes)
+    atomic_write_bytes(ids, os.fsencode("".join(s.key + "\n" for s in slices)))
     for p, r in skipped:
         print(f"warning: skipped {p}: {one_line(r)}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")

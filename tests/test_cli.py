@@ -397,6 +397,38 @@ def test_embed_failing_mid_write_leaves_no_stale_ids(folders: dict, tmp_path: Pa
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_file_names_that_are_not_utf8_reach_the_ssim_csv_and_embed_ids(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file named in another encoding (Latin-1 ``ü``: the byte 0xfc, held by Python as ``\\udcfc``) keeps its
+    own bytes in ``ssim --out`` and in embed's ids file, as in the audit's matches.csv: both raised
+    UnicodeEncodeError ('surrogates not allowed', naming no file), embed after writing the embeddings."""
+    import os
+
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    name = os.fsdecode(b"M\xfcller.npy")
+    try:
+        with open(d / name, "wb") as f:
+            np.save(f, folders["arrs"][55])
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    raw = os.fsencode(str(d / name))
+    out = tmp_path / "s.csv"
+    assert main(["ssim", str(d), str(folders["synth"] / "copy55.npy"), "--out", str(out), "-q"]) == 0
+    assert raw + b"," + os.fsencode(str(folders["synth"] / "copy55.npy")) in out.read_bytes()
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("small", input_size=64, emb_dim=32))
+    emb = tmp_path / "e.npy"
+    assert main(["embed", "--model", str(ckpt), "--images", str(d), "--out", str(emb), "-q"]) == 0
+    assert emb.with_suffix(".ids.txt").read_bytes() == raw + b"#2:0\n"
+    capsys.readouterr()
+
+
 def test_bench_command_dispatches_or_explains(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
