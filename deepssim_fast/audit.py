@@ -1269,7 +1269,8 @@ def audit(
             shape. With exact SSIM (metric ``ssim`` or ``verify='ssim'``) every side must be at least the
             7-pixel SSIM window (an error names the item the size came from).
         verify_shifts, verify_flips, verify_rotations: transforms searched during verification (shifts in
-            pixels, rotations in degrees, 2D only; see :func:`verify_pairs`). Flips are horizontal and
+            pixels, less than half of every side of the item size; rotations in degrees, 2D only; see
+            :func:`verify_pairs`). Flips are horizontal and
             vertical for slices, along each of the three axes for volumes. With ``verify_flips`` the candidate
             search of the ``deepssim`` and ``correlation`` metrics is flip-aware too: the flipped synthetic
             items are searched as well and each pair keeps its best score (the histogram stays unflipped);
@@ -1400,6 +1401,16 @@ def audit(
             origin = "the size asked for"
         if fit is not None and (metric == "ssim" or verify == "ssim"):
             _check_item_size(fit, origin, mode=mode)
+        if fit is not None and verify_shifts and 2 * verify_shifts >= min(fit):
+            # the best shift is found by circular cross-correlation: a shift d and d - n of an n-pixel side
+            # score the same, so from n/2 on the scan picked the wrong one of the two (a copy shifted by 3 px
+            # of a 29-pixel item, verified with 28, was 'none', SSIM 0.09), and from n on _shift failed
+            # ('could not broadcast input array')
+            raise ValueError(
+                f"verify_shifts {verify_shifts} (--verify-shifts) must be less than half of every side of the "
+                f"item size {fit} ({origin}): a shift of half a side or more is ambiguous (the correlation "
+                "wraps round) and leaves most of the item out; give a smaller shift or a larger --size (size=)"
+            )
         t_entries, fit, t_skip, t_heads = _decode_all(
             "train",
             train_paths,

@@ -802,6 +802,27 @@ def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     assert r.summary["item_size"] == [20, 24] and r.summary["counts"]["duplicate"] == 1
 
 
+def test_verify_shifts_of_half_an_item_side_or_more_are_named_before_any_work(tmp_path: Path) -> None:
+    """The best shift is found by circular cross-correlation, so shifts d and d - n of an n-pixel side tie:
+    with --verify-shifts >= n/2 the scan took the wrong one (a copy of a real 29 x 29 slice shifted by (3, -2)
+    verified as 'none', SSIM 0.09, with shifts 28), and with shifts >= n translating failed with numpy's
+    'could not broadcast input array'. Both are an error up front naming the item size."""
+    v = np.ascontiguousarray(data.load_volume("aniso_vox").array[::2, ::2, 12])  # 29 x 29
+    for side, img in (("t", v), ("s", A._shift(v, (3, -2)))):
+        (tmp_path / side).mkdir()
+        np.save(tmp_path / side / "img.npy", img)
+    for shifts, kw in ((15, {"metric": "ssim"}), (28, {"metric": "ssim"}),
+                       (40, {"metric": "correlation", "verify": "none"})):
+        with pytest.raises(ValueError, match=rf"verify_shifts {shifts} .* item size \(29, 29\)"):
+            A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", k=1, verify_shifts=shifts,
+                    progress=False, **kw)
+    assert not (tmp_path / "o" / "work").exists()
+    r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", metric="ssim", k=1, verify_shifts=14,
+                progress=False)
+    (row,) = _rows(tmp_path / "o")
+    assert row["transform"] == "shift(-3,2)" and r.summary["counts"]["duplicate"] == 1
+
+
 def test_classification_metrics_hand_computed() -> None:
     # y_true / y_pred with reference codes 0 different, 1 duplicate, 2 similar
     y_true = [1, 1, 1, 2, 2, 0, 0, 0, 0, 2]
