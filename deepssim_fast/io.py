@@ -414,7 +414,12 @@ def _read_png(p: Path) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise _bomb_error(p, exc) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's message names the buffer it was given, '<_io.BytesIO object at 0x7f...>': a skip reason that
+        # changed from run to run, so a rerun's (a resume's) summary.json and report.html differed
+        raise DataError(f"{p}: not a readable PNG file (UnidentifiedImageError: not a PNG, nor another image "
+                        "format Pillow identifies)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
     return np.ascontiguousarray(arr, dtype=np.float32)
 

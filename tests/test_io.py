@@ -324,6 +324,20 @@ def test_read_corrupt_and_missing_files(tmp_path: Path) -> None:
         read_image(tmp_path / "x.jpg")
 
 
+def test_unidentifiable_png_reason_is_the_same_on_every_read(tmp_path: Path) -> None:
+    """Pillow's 'cannot identify image file <_io.BytesIO object at 0x7f...>' put a memory address in the skip
+    reason, so an audit rerun into the same OUT (a resume) wrote another summary.json and report.html."""
+    p = tmp_path / "c.png"
+    p.write_bytes(b"\x00garbage" * 10)
+    reasons = set()
+    for _ in range(3):
+        with pytest.raises(DataError) as ei:
+            read_image(p)
+        reasons.add(str(ei.value))
+    (reason,) = reasons
+    assert reason.startswith(f"{p}: not a readable PNG file") and " at 0x" not in reason
+
+
 @pytest.mark.parametrize("suffix", [".Nii", ".Nii.gz", ".nIi.GZ"])
 def test_nifti_with_a_mixed_case_extension_is_read(tmp_path: Path, suffix: str) -> None:
     """discover() takes ``scan.Nii.gz`` as NIfTI, but nibabel looked for ``scan.nii.gz`` and reported the file
