@@ -439,22 +439,33 @@ class TorchScriptEncoder(nn.Module):
     ``forward``: (N, 1|3, S, S) z-scored -> (N, emb_dim) raw. Our own files take the input as given. A foreign
     file (no stored config, ``config.extra["foreign"]``: the published DeepSSIM encoder) gets grayscale
     (N, 1, S, S) input repeated to 3 equal channels, as the reference feeds it: its ConvNeXt stem takes 3
-    channels and its forward does not repeat them.
+    channels and its forward does not repeat them. The exception is a foreign file whose first convolution
+    (its first 4-D parameter) takes one channel: it gets the grayscale input as it is.
     """
 
     def __init__(self, module: torch.jit.ScriptModule, config: ModelConfig) -> None:
         super().__init__()
         self.module = module
         self.config = config
+        self._repeat_to_3 = bool(config.extra.get("foreign")) and _first_conv_channels(module) != 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.extra.get("foreign") and x.dim() == 4 and x.shape[1] == 1:
+        if self._repeat_to_3 and x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.module(x)
 
     def save_torchscript(self, path: str | os.PathLike) -> Path:
         extra = {_TS_EXTRA: json.dumps(self.config.to_dict())}
         return _atomic_write(path, lambda f: _jit_save(self.module, f, extra))
+
+
+def _first_conv_channels(module: nn.Module) -> int | None:
+    """Input channels of a module's first 2D convolution, read from its first 4-D parameter
+    (out_channels, in_channels, kh, kw); None when it has none."""
+    for p in module.parameters():
+        if p.dim() == 4:
+            return int(p.shape[1])
+    return None
 
 
 def build_model(backbone: str = "small", *, pretrained: str | os.PathLike | None = None, emb_dim: int = 256,

@@ -337,6 +337,24 @@ def test_foreign_torchscript_with_a_three_channel_stem_embeds(tmp_path, real_ima
     _assert_close(torch.nn.functional.normalize(direct, dim=1).numpy(), want.numpy(), 1e-5, "model call")
 
 
+def test_foreign_torchscript_with_a_one_channel_stem_gets_one_channel(tmp_path, real_images) -> None:
+    """A foreign file whose first convolution takes one channel is fed the grayscale input as it is (the
+    3-channel repeat is for 3-channel stems such as the published encoder's)."""
+    torch.manual_seed(0)
+    net = _ThreeChannelStem()
+    net.stem = nn.Conv2d(1, 8, kernel_size=4, stride=4)
+    net.eval()
+    p = tmp_path / "gray.pt"
+    torch.jit.save(torch.jit.script(net), str(p))
+    m = load_model(p, input_size=64, size_policy="fit")
+    imgs = [fit_size(a, 64, "fit") for a in real_images[:2]]
+    got = embed(imgs, m, progress=False)
+    z = np.stack([(a - a.mean()) / a.std() for a in (i.astype(np.float64) for i in imgs)]).astype(np.float32)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(net(torch.from_numpy(z)[:, None]), dim=1)
+    _assert_close(got, want.numpy(), 1e-5, "one-channel foreign encoder")
+
+
 def test_checkpoint_round_trip(tmp_path, small_model, real_images) -> None:
     p = small_model.save_checkpoint(tmp_path / "m.pt", step=3)
     raw = torch.load(p, weights_only=True)
