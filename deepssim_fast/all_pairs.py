@@ -565,13 +565,30 @@ def _run_native(Q: np.ndarray, T: np.ndarray, *, k: int, low: float, high: float
                 c1 = min(nt, c0 + tile)
                 t = T[c0:c1]
                 if matrix is not None:
-                    dense = np.empty((b1 - b0, c1 - c0), dtype=np.float32)
-                    _native.cosine_scores(q, t, dense)
-                    matrix[b0:b1, c0:c1] = dense
+                    _dense_tile(q, t, matrix, b0, c0)
                 _native.topk_fused(q, t, b0, c0, so, top_s, top_i, hist, cls, lo, hi, low, high)
                 bar.update((b1 - b0) * (c1 - c0))
             scores[b0:b1], indices[b0:b1] = _select_sorted(top_s, top_i, k)
     return scores, indices, hist, cls
+
+
+_DENSE_BUFFER_BYTES = 32 << 20
+
+
+def _dense_tile(q: np.ndarray, t: np.ndarray, matrix: np.ndarray, r0: int, c0: int) -> None:
+    """Canonical scores of rows ``q`` (m, dp) against ``t`` (n, dp) into ``matrix[r0:r0+m, c0:c0+n]``, through a
+    buffer of at most ``_DENSE_BUFFER_BYTES`` (a whole block x tile would be 8 GiB at the default sizes, on top
+    of the matrix itself, which may be a memmap)."""
+    from . import _native
+
+    m, n = q.shape[0], t.shape[0]
+    rows = max(1, min(m, _DENSE_BUFFER_BYTES // (4 * max(n, 1))))
+    buf = np.empty(rows * n, dtype=np.float32)
+    for a in range(0, m, rows):
+        b = min(m, a + rows)
+        part = buf[: (b - a) * n].reshape(b - a, n)
+        _native.cosine_scores(q[a:b], t, part)
+        matrix[r0 + a : r0 + b, c0 : c0 + n] = part
 
 
 # ------------------------------------------------------------------------------------------- torch engine

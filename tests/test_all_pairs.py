@@ -414,6 +414,27 @@ def test_dense_and_memmap_out(tmp_path):
     assert all_pairs(train, synth, k=3, progress=False).matrix is None
 
 
+def test_dense_scores_go_through_a_bounded_buffer(monkeypatch):
+    """The dense matrix was computed one whole block x tile at a time into a temporary (8 GiB at the default
+    65536 x 32768, on top of the matrix, even when ``out=`` is a memmap); it now goes through a buffer of
+    at most ``_DENSE_BUFFER_BYTES``, with the same values."""
+    ap = sys.modules["deepssim_fast.all_pairs"]  # the module (the package exports the function by that name)
+    monkeypatch.setattr(ap, "_DENSE_BUFFER_BYTES", 4 * 50 * 3)  # three rows of a 50-wide tile
+    sizes = []
+    real = _native.cosine_scores
+
+    def spy(q, t, out):
+        sizes.append(out.nbytes)
+        return real(q, t, out)
+
+    monkeypatch.setattr(_native, "cosine_scores", spy)
+    train = _rand(130, 17, SEED + 40)
+    synth = _rand(41, 17, SEED + 41)
+    r = all_pairs(train, synth, k=3, dense=True, progress=False, tile=50, block=16)
+    assert sizes and max(sizes) <= 4 * 50 * 3
+    assert np.array_equal(r.matrix, _canonical_matrix(train, synth))
+
+
 # -------------------------------------------------------------------------------------- bad input
 def test_bad_input_errors_name_the_problem():
     good = _rand(10, 8, SEED + 14)
