@@ -105,8 +105,11 @@ double resolve_pair(const ImgStats& sx, const ImgStats& sy, const Window& win, P
 }
 
 
+// Constants of one pair for the separable kernels' formula. s: the power of two nearest 1 / range^2 by which
+// both factors of the formula's numerator and denominator are multiplied (see pair_const), or NaN for a range
+// too small for fp32 statistics (the pair then scores NaN and the caller recomputes it in float64).
 struct PairConst {
-  float c1, c2, cov_norm, ox, oy;
+  float c1, c2, cov_norm, ox, oy, s;
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -308,10 +311,14 @@ DSF_INLINE v8f mask_tail(v8f r, int64_t remaining) {
 
 DSF_INLINE v8f ssim_formula(v8f ma, v8f mb, v8f vx, v8f vy, v8f vxy, const PairConst& pc) {
   const v8f c1 = splat8(pc.c1), c2 = splat8(pc.c2), cn = splat8(pc.cov_norm), two = splat8(2.0f);
-  const v8f ux = ma + splat8(pc.ox), uy = mb + splat8(pc.oy);
-  const v8f num = (two * ux * uy + c1) * (two * cn * vxy + c2);
-  const v8f den = (ux * ux + uy * uy + c1) * (cn * (vx + vy) + c2);
-  return num / den;
+  const v8f ux = ma + splat8(pc.ox), uy = mb + splat8(pc.oy), s = splat8(pc.s);
+  // each factor is of order range^2: times s ~ 1 / range^2 (exact) their products stay normal numbers
+  const v8f num = ((two * ux * uy + c1) * s) * ((two * cn * vxy + c2) * s);
+  const v8f den = ((ux * ux + uy * uy + c1) * s) * ((cn * (vx + vy) + c2) * s);
+  // a statistic past the fp32 range (inf) makes den inf or NaN: NaN, which the caller recomputes in float64
+  // (not num / inf = 0, a silent score)
+  const v8f inf = splat8(std::numeric_limits<float>::infinity());
+  return den < inf ? num / den : splat8(std::numeric_limits<float>::quiet_NaN());
 }
 
 // Last pass (along rows) fused with the SSIM formula; returns the sum over output columns [0, n).
@@ -1111,13 +1118,27 @@ Kernels pick_kernels() {
           box3d_planes_base};
 }
 
+// The formula's numerator and denominator are products of two factors of order range^2 (means ~ range,
+// variances and C1, C2 ~ range^2), so in fp32 they went subnormal below ranges of ~1e-9 (ADC maps in m^2/s,
+// say) and lost digits silently (scores up to 5e-2 off), or overflowed above ~4e9. pc.s, the power of two
+// nearest 1 / range^2, scales each factor to O(1) exactly: where nothing was subnormal the scores are the same
+// bit for bit. A range so small that range^2, C1 or C2 are below 2^-100 leaves the statistics themselves too
+// near the fp32 subnormals: s = NaN, the pair scores NaN and the caller recomputes it in float64.
 PairConst pair_const(double range, const Window& win, const Prep& px, const Prep& py) {
   PairConst pc;
-  pc.c1 = static_cast<float>((win.k1 * range) * (win.k1 * range));
-  pc.c2 = static_cast<float>((win.k2 * range) * (win.k2 * range));
+  const double c1 = (win.k1 * range) * (win.k1 * range), c2 = (win.k2 * range) * (win.k2 * range);
+  pc.c1 = static_cast<float>(c1);
+  pc.c2 = static_cast<float>(c2);
   pc.cov_norm = win.cov_norm;
   pc.ox = px.lum_offset;
   pc.oy = py.lum_offset;
+  const double tiny = std::ldexp(1.0, -100);
+  if (!(range * range >= tiny && c1 >= tiny && c2 >= tiny)) {
+    pc.s = std::numeric_limits<float>::quiet_NaN();
+  } else {
+    const int e = std::max(-62, std::min(62, std::ilogb(range)));  // range in [2^e, 2^(e+1)) (clamped)
+    pc.s = std::ldexp(1.0f, -2 * e);
+  }
   return pc;
 }
 

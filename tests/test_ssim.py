@@ -770,6 +770,78 @@ def test_no_nan_escapes_at_extreme_scales_gaussian_and_matrix(backend):
         assert_close(np.diag(mat), want, what=f"matrix scale {scale}")
 
 
+@pytest.mark.parametrize("level", ["scalar", "avx2", "auto"])
+def test_separable_kernel_tiny_ranges_like_adc_maps_in_si_units(monkeypatch, level, mri_slices):
+    """Images of data range ~1e-9 (ADC maps in m^2/s): the separable fp32 kernel's formula multiplies two
+    factors of order range^2, so its numerator and denominator (~range^4) went subnormal and scores came out
+    up to 5e-2 off scikit-image, silently (Gaussian windows, ssim_matrix, uniform windows with the running sums
+    off, 3D). Now scaling the images by a power of two leaves every score as it was, bit for bit, and equal
+    to scikit-image, down to the ranges where the float64 path takes over."""
+    from skimage.metrics import structural_similarity as sk
+
+    rng = np.random.default_rng(109)
+    x = (mri_slices[:3] / mri_slices.max()).astype(np.float32)
+    y = np.clip(np.roll(x, 2, axis=2) + 0.05 * rng.standard_normal(x.shape), 0, None).astype(np.float32)
+    vol = data.load_volume("anatomical").array[:13, :14, :12]
+    v = (vol / vol.max()).astype(np.float32)[None]
+    w = np.clip(v[:, ::-1] + 0.05 * rng.standard_normal(v.shape), 0, None).astype(np.float32)
+    cases = [("gaussian", 2, x, y, GAUSS), ("uniform box off", 2, x, y, {}), ("3D gaussian", 3, v, w, GAUSS)]
+    try:
+        _native.set_simd_level(level)
+        monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", "0")
+        for name, sd, a, b, kw in cases:
+            base = ssim(a, b, spatial_dims=sd, **kw)
+            base_m = ssim_matrix(a, b, spatial_dims=sd, progress=False, **kw)
+            for k in (-36, -30, -20, 20):  # ranges ~1e-11 .. 1e6 (k = -30: ~1e-9)
+                f = np.float32(2.0**k)
+                got = ssim(a * f, b * f, spatial_dims=sd, **kw)
+                assert np.array_equal(got, base), (name, k, got - base)
+                got_m = ssim_matrix(a * f, b * f, spatial_dims=sd, progress=False, **kw)
+                assert np.array_equal(got_m, base_m), (name, k, got_m - base_m)
+            for scale in (3e-9, 1e-10, 3e-11, 1e-12):  # ADC in m^2/s, and on down to the float64 path
+                xs, ys = (a * scale).astype(np.float32), (b * scale).astype(np.float32)
+                want = []
+                for p, q in zip(xs.astype(np.float64), ys.astype(np.float64), strict=True):
+                    dr = float(max(p.max(), q.max()) - min(p.min(), q.min()))
+                    skw = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False) if kw else {}
+                    want.append(sk(p, q, data_range=dr, **skw))
+                assert_close(ssim(xs, ys, spatial_dims=sd, **kw), want, what=f"{level} {name} x {scale}")
+                M = ssim_matrix(xs, ys, spatial_dims=sd, progress=False, **kw)
+                assert_close(np.diag(M), want, what=f"{level} {name} matrix x {scale}")
+    finally:
+        _native.set_simd_level("auto")
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "auto"])
+def test_separable_kernel_statistics_past_float32_are_recomputed_not_scored_zero(monkeypatch, level):
+    """Window statistics past the float32 range (int64 near +-2^62 with an explicit range of 2^64, float32
+    around 1e19) are inf: with the formula's factors scaled to O(1) a finite numerator over an infinite
+    denominator scored 0 where the value is not (0.08 off scikit-image); such outputs are NaN, and the pair
+    is recomputed in float64."""
+    from skimage.metrics import structural_similarity as sk
+
+    rng = np.random.default_rng(62)
+    a = rng.integers(-(2**62), 2**62, (2, 14, 15), dtype=np.int64)
+    b = np.where(rng.random(a.shape) < 0.3, a // 3, a)
+    f = (rng.standard_normal((2, 14, 15)) * 1e19).astype(np.float32)
+    g = (0.5 * f + 5e18 * rng.standard_normal(f.shape)).astype(np.float32)
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", "0")
+    try:
+        _native.set_simd_level(level)
+        for name, x, y, dr in (("int64", a, b, 2.0**64), ("float32 1e19", f, g, None)):
+            for kw, skw in (({}, {}), (GAUSS, dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False))):
+                want = []
+                for p, q in zip(x.astype(np.float64), y.astype(np.float64), strict=True):
+                    r = dr if dr is not None else float(max(p.max(), q.max()) - min(p.min(), q.min()))
+                    want.append(sk(p, q, data_range=r, **skw))
+                got = ssim(x, y, spatial_dims=2, data_range=dr, **kw)
+                assert_close(got, want, what=f"{level} {name} {kw}")
+                M = ssim_matrix(x, y, data_range=dr, progress=False, **kw)
+                assert_close(np.diag(M), want, what=f"{level} {name} {kw} matrix")
+    finally:
+        _native.set_simd_level("auto")
+
+
 @pytest.mark.parametrize("level", ["scalar", "auto"])
 @pytest.mark.parametrize("box", ["1", "0"], ids=["box", "separable"])
 def test_box_kernel_3d_odd_shapes_and_real_volume(monkeypatch, level, box):
