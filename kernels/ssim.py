@@ -109,6 +109,7 @@ def _ssim_kernel(
     sy_ptr,
     c1_ptr,
     c2_ptr,
+    fs_ptr,
     w_ptr,
     wz_ptr,
     part_ptr,
@@ -156,6 +157,7 @@ def _ssim_kernel(
     sy = tl.load(sy_ptr + j)
     c1 = tl.load(c1_ptr + pair)
     c2 = tl.load(c2_ptr + pair)
+    fs = tl.load(fs_ptr + pair)  # ~ 1 / range^2, a power of two (see _formula_scale)
     h: tl.constexpr = (K - 1) // 2
     hz: tl.constexpr = (KZ - 1) // 2
     lr = tl.arange(0, BR)[:, None]
@@ -233,9 +235,11 @@ def _ssim_kernel(
         vx = cov_norm * vx
         vy = cov_norm * vy
         vxy = cov_norm * vxy
-        num = (2.0 * ux * uy + c1) * (2.0 * vxy + c2)
-        den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
-        s = tl.where(valid, num / tl.where(valid, den, 1.0), 0.0)
+        num = ((2.0 * ux * uy + c1) * fs) * ((2.0 * vxy + c2) * fs)
+        den = ((ux * ux + uy * uy + c1) * fs) * ((vx + vy + c2) * fs)
+        # a statistic past the float32 range makes den inf: NaN (recomputed in float64), not num / inf = 0
+        r = tl.where(den < float("inf"), num / tl.where(valid, den, 1.0), float("nan"))
+        s = tl.where(valid, r, 0.0)
         total = tl.sum(tl.sum(s, axis=1), axis=0)
         tl.store(part_ptr + (pair.to(tl.int64) * n_planes + oz) * n_tiles + tile, total)
 
@@ -268,6 +272,23 @@ def _zscored(t: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.
     return out
 
 
+def _formula_scale(rng: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """Per pair (float32, (P,)): the power of two nearest 1 / range^2 by which the kernel multiplies each
+    factor of the SSIM formula's numerator and denominator, or NaN where the range is too small for float32.
+
+    The factors are of order range^2 (means ~ range, variances and C1, C2 ~ range^2), so their products went
+    subnormal below ranges of ~1e-9 (ADC maps in m^2/s, say) and lost digits silently; scaled, they are O(1),
+    exactly. A range whose square, C1 or C2 (float64, (P,) like ``rng``) is below 2^-100 leaves the window
+    statistics themselves too near float32's subnormals: NaN, so the pair scores NaN and the caller recomputes
+    it in float64.
+    """
+    e = (torch.frexp(rng).exponent - 1).clamp(-62, 62)  # rng in [2^e, 2^(e+1)) (clamped)
+    fs = torch.ldexp(torch.ones_like(rng), -2 * e)
+    tiny = 2.0**-100
+    ok = (rng * rng >= tiny) & (c1 >= tiny) & (c2 >= tiny)
+    return torch.where(ok, fs, torch.full_like(fs, float("nan"))).to(torch.float32)
+
+
 def _prepare(
     xf: torch.Tensor,
     yf: torch.Tensor,
@@ -276,11 +297,12 @@ def _prepare(
     p: sc.SSIMParams,
     in_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-    """The kernel's inputs and constants: (x, y, (cx, sx, cy, sy, c1, c2), range).
+    """The kernel's inputs and constants: (x, y, (cx, sx, cy, sy, c1, c2, fs), range).
 
     x, y: the stacks as the kernel reads them (the inputs; for ``deepssim``, their float32 z-scores, computed
     in float64). cx, sx / cy, sy: the per-image centre and scale the kernel applies (z-scores: 0 and 1;
-    otherwise each image's minimum and 1), float32; c1, c2: per pair, float32; range: the pair's data range,
+    otherwise each image's minimum and 1), float32; c1, c2: per pair, float32; fs: per pair, the formula's scale
+    (:func:`_formula_scale`), float32; range: the pair's data range,
     float64.
     """
     preset = p.preset == "deepssim"
@@ -307,8 +329,8 @@ def _prepare(
             rng = torch.full((ix.numel(),), float(fixed), dtype=torch.float64, device=xf.device)
         else:
             rng = torch.maximum(hx[ix], hy[iy]) - torch.minimum(lx[ix], ly[iy])
-    c1 = ((p.k1 * rng) ** 2).to(torch.float32)
-    c2 = ((p.k2 * rng) ** 2).to(torch.float32)
+    c1d, c2d = (p.k1 * rng) ** 2, (p.k2 * rng) ** 2
+    c1, c2, fs = c1d.to(torch.float32), c2d.to(torch.float32), _formula_scale(rng, c1d, c2d)
     one = torch.ones(xf.shape[0], dtype=torch.float32, device=xf.device)
     one_y = torch.ones(yf.shape[0], dtype=torch.float32, device=yf.device)
     if preset:  # z-scores: centred already
@@ -320,7 +342,7 @@ def _prepare(
         scale = sc.kernel_scale(p, in_dtype)
         cxv = (lx * scale).to(torch.float32)
         cyv = (ly * scale).to(torch.float32)
-    return xf, yf, (cxv, one, cyv, one_y, c1, c2), rng
+    return xf, yf, (cxv, one, cyv, one_y, c1, c2, fs), rng
 
 
 class _Geometry:
@@ -384,7 +406,7 @@ def _launch_one(g: _Geometry, p: sc.SSIMParams, grid: tuple[int, int, int], xf: 
                 ix: torch.Tensor, iy: torch.Tensor, consts: tuple[torch.Tensor, ...], w: torch.Tensor,
                 wz: torch.Tensor, part: torch.Tensor, mom_x: torch.Tensor | None, mom_y: torch.Tensor | None,
                 tile0: int, oz0: int, mode: int, num_warps: int) -> None:
-    cx, scx, cy, scy, c1, c2 = consts
+    cx, scx, cy, scy, c1, c2, fs = consts
     dummy = part  # mom_x / mom_y when the mode does not use them
     _ssim_kernel[grid](
         xf,
@@ -397,6 +419,7 @@ def _launch_one(g: _Geometry, p: sc.SSIMParams, grid: tuple[int, int, int], xf: 
         scy,
         c1,
         c2,
+        fs,
         w,
         wz,
         part,
@@ -510,16 +533,16 @@ def ssim_matrix_block(
     g = _Geometry(tuple(xa.shape[1:]), p, "separable", block)
     ia = torch.arange(na, device=dev).repeat_interleave(nb)
     ib = torch.arange(nb, device=dev).repeat(na)
-    xa, xb, (cx, scx, cy, scy, c1, c2), rng = _prepare(xa, xb, ia, ib, p, in_dtype)
+    xa, xb, (cx, scx, cy, scy, c1, c2, fs), rng = _prepare(xa, xb, ia, ib, p, in_dtype)
     maps = []
     for imgs, c, sc_ in ((xa, cx, scx), (xb, cy, scy)):
         n = imgs.shape[0]
         mom = torch.empty((n, 2, g.Do, g.Ho, g.Wo), dtype=torch.float32, device=dev)
         idx = torch.arange(n, device=dev)
         zeros = torch.zeros(n, dtype=torch.float32, device=dev)
-        _launch(g, p, imgs, imgs, idx, idx, (c, sc_, c, sc_, zeros, zeros), mode=1, mom_x=mom)
+        _launch(g, p, imgs, imgs, idx, idx, (c, sc_, c, sc_, zeros, zeros, zeros), mode=1, mom_x=mom)
         maps.append(mom)
-    part = _launch(g, p, xa, xb, ia, ib, (cx, scx, cy, scy, c1, c2), mode=2, mom_x=maps[0], mom_y=maps[1])
+    part = _launch(g, p, xa, xb, ia, ib, (cx, scx, cy, scy, c1, c2, fs), mode=2, mom_x=maps[0], mom_y=maps[1])
     return _mean_ssim(part, g, rng).reshape(na, nb)
 
 

@@ -224,6 +224,30 @@ _SCRIPT = textwrap.dedent(r"""
             record(f"f32_offset_{int(off)}_{w}_matrix",
                    ssim_matrix(torch.from_numpy(xo), torch.from_numpy(yo), backend="triton", progress=False, **kw),
                    ssim_reference(xo[:, None], yo[None], spatial_dims=2, **kw))
+    # data of range ~1e-9 (ADC maps in m^2/s): the formula's numerator and denominator (~range^4) went
+    # subnormal in float32 (2e-3 off at 3e-11); each factor is now scaled by a power of two ~ 1 / range^2
+    for scale in (1e-10, 3e-11):
+        xt = (X0 * scale).astype(np.float32); yt = (Y0 * scale).astype(np.float32)
+        for w, kw in (("uniform", {}), ("gaussian", GAUSS)):
+            for v in ("separable", "direct"):
+                os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = v
+                record(f"tiny_range_{scale:g}_{w}_{v}",
+                       ssim(torch.from_numpy(xt), torch.from_numpy(yt), spatial_dims=2, backend="triton", **kw),
+                       [oracle(a, b, window=w) for a, b in zip(xt, yt)])
+            os.environ.pop("DEEPSSIM_FAST_TRITON_SSIM")
+            record(f"tiny_range_{scale:g}_{w}_matrix",
+                   ssim_matrix(torch.from_numpy(xt), torch.from_numpy(yt), backend="triton", progress=False, **kw),
+                   ssim_reference(xt[:, None], yt[None], spatial_dims=2, **kw))
+    # window statistics past float32 (values ~1e19): inf over a scaled, finite numerator scored 0 (0.46 off);
+    # such outputs are NaN and the pair is recomputed in float64
+    xh = (rng.standard_normal((2, 12, 13)) * 1e19).astype(np.float32)
+    yh = (0.5 * xh + 5e18 * rng.standard_normal(xh.shape)).astype(np.float32)
+    for v in ("separable", "direct"):
+        os.environ["DEEPSSIM_FAST_TRITON_SSIM"] = v
+        record(f"stats_past_float32_{v}",
+               ssim(torch.from_numpy(xh), torch.from_numpy(yh), spatial_dims=2, backend="triton", **GAUSS),
+               [oracle(a, b, window="gaussian") for a, b in zip(xh, yh)])
+    os.environ.pop("DEEPSSIM_FAST_TRITON_SSIM")
     # float64 far from 0 (float32 would round it by 5e-4 of its range): computed in float64, pairs and matrix
     xd = 1e4 + rng.random((2, 12, 13)); yd = xd + 0.1 * rng.random(xd.shape)
     record("float64_offset", ssim(torch.from_numpy(xd), torch.from_numpy(yd), spatial_dims=2, backend="triton"),
@@ -321,6 +345,8 @@ CASES = [
     "int64_wide",
     "bool",
     "large_finite",
+    "stats_past_float32_separable",
+    "stats_past_float32_direct",
 ] + [f"tiles{sd}d_{v}_{w}" for sd in (2, 3) for v in ("separable_16x16", "separable_16x32", "direct_8x16")
      for w in ("uniform", "gaussian") if not (sd == 3 and v.startswith("direct") and w == "gaussian")]
 
@@ -407,10 +433,10 @@ def test_a_2d_image_past_65535_tiles_is_split_not_refused():
     for variant in ks.VARIANTS:
         with aot.record_launches(ks, "_ssim_kernel") as rec:
             ks.ssim_pairs(x, x, i, i, p, variant=variant)
-        n_tiles = rec[0].args[20]
+        n_tiles = rec[0].args[21]
         assert n_tiles > 65535 and len(rec) > 1
         assert all(r.grid[1] <= 65535 and r.grid[2] <= 65535 for r in rec)
-        assert [r.args[22] for r in rec] == list(range(0, n_tiles, 65535))  # tile0 of each launch
+        assert [r.args[23] for r in rec] == list(range(0, n_tiles, 65535))  # tile0 of each launch
     with pytest.raises(ValueError, match="int32 in-plane offsets"):
         ks.ssim_pairs(torch.empty(1, 50000, 50000, device="meta"), torch.empty(1, 50000, 50000, device="meta"),
                       i, i, p)
@@ -439,6 +465,16 @@ def test_triton_float32_far_from_zero_keeps_the_spread(results, case):
     r = results[case]
     assert r["shape"] == r["want_shape"], r
     assert r["err"] <= 1e-6, f"{case}: max |triton - reference| = {r['err']:.3g}"
+
+
+@pytest.mark.parametrize("case", [f"tiny_range_{s}_{w}_{v}" for s in ("1e-10", "3e-11") for w in ("uniform", "gaussian")
+                                  for v in ("separable", "direct", "matrix")])
+def test_triton_tiny_ranges_keep_float32_accuracy(results, case):
+    # range ~1e-9 to 1e-10: the formula's products went subnormal in float32 (up to 2e-3 off scikit-image);
+    # scaled by a power of two ~ 1 / range^2 they keep the kernel's own rounding (~1e-7)
+    r = results[case]
+    assert r["shape"] == r["want_shape"], r
+    assert r["err"] <= 1e-6, f"{case}: max |triton - oracle| = {r['err']:.3g}"
 
 
 @pytest.mark.parametrize("case", ["float64_offset", "float64_offset_matrix"])

@@ -101,10 +101,11 @@ def test_topk_precisions_reach_the_tensor_cores_and_ieee_does_not(compiled):
 
 
 def test_ssim_kernel_is_fp32_arithmetic_without_tensor_cores(compiled):
-    # SSIM is exact-to-1e-5 work: fp32 FMAs on every architecture, never a reduced-precision MMA.
+    # SSIM is exact-to-1e-5 work: fp32 FMAs on every architecture, never a reduced-precision MMA. (sm_100's
+    # ptxas may pair them all into FFMA2, two fp32 FMAs in one instruction: the direct kernel's are.)
     for case, r in compiled.items():
         if case.startswith("ssim"):  # ssim and ssim_matrix
-            assert r["sass"].get("FFMA", 0) > 0, case
+            assert r["sass"].get("FFMA", 0) + r["sass"].get("FFMA2", 0) > 0, case
             assert not any("MMA" in op for op in r["sass"]), case
 
 
