@@ -142,8 +142,26 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = ()) -> Iterator[st
             yield from _walk(e.path, chain)
 
 
+# Image formats a folder search may meet but does not read: named in a warning, not left out unnoticed.
+_OTHER_IMAGE_SUFFIXES = (".dcm", ".ima", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img",
+                         ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npz", ".h5", ".hdf5")
+
+
 def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = ()) -> list[Path]:
-    return [q for q in map(Path, _walk(os.fspath(p), ancestors)) if _is_candidate(q)]
+    """The image files below folder ``p`` (see :func:`_walk`); files of other image formats found there are
+    counted by suffix and named in one warning (they are not read)."""
+    found: list[Path] = []
+    other: dict[str, int] = {}
+    for q in map(Path, _walk(os.fspath(p), ancestors)):
+        if _is_candidate(q):
+            found.append(q)
+        elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file():
+            other[q.suffix.lower()] = other.get(q.suffix.lower(), 0) + 1
+    if other:
+        counts = ", ".join(f"{n} {suf}" for suf, n in sorted(other.items()))
+        logger.warning("%s: %d file(s) of image formats this tool does not read are left out (%s); convert them "
+                       "to %s", p, sum(other.values()), counts, ", ".join(EXTENSIONS))
+    return found
 
 
 def _glob_parts_match(pat: list[str], parts: list[str]) -> bool:

@@ -57,6 +57,22 @@ def test_discover_errors_name_the_spec(tree: Path, spec: str, match: str) -> Non
     assert spec.split("/")[-1] in str(ei.value)
 
 
+def test_discover_names_image_files_of_formats_it_does_not_read(
+    tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DICOM, JPEG and MGZ files in a searched folder were left out without a word; they are still left out,
+    counted by format in one warning. Files that are not images (notes.txt) are not mentioned."""
+    for name in ("b/deep/slice1.dcm", "b/deep/slice2.DCM", "a/photo.jpg", "brain.mgz"):
+        (tree / name).write_bytes(b"\0" * 8)
+    with caplog.at_level("WARNING", logger="deepssim_fast.io"):
+        got = discover(tree)
+    assert [p.name for p in got] == ["x.png", "y.npy", "z.npy"]
+    msgs = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert len(msgs) == 1
+    assert "4 file(s)" in msgs[0] and "2 .dcm" in msgs[0] and "1 .jpg" in msgs[0] and "1 .mgz" in msgs[0]
+    assert "notes" not in msgs[0] and ".txt" not in msgs[0]
+
+
 def test_discover_empty_directory_and_empty_list(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
