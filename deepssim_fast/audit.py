@@ -88,8 +88,8 @@ import numpy as np
 
 from ._atomic import atomic_path, atomic_write, remove_temporaries
 from ._atomic import atomic_write_bytes as _atomic_bytes
-from .data import DataError, SlicePolicy, center_fit
-from .io import Spec, _file_slices, _file_volumes, discover, one_line
+from .data import DataError, SlicePolicy, center_fit, nib_load
+from .io import Spec, _file_slices, _file_volumes, discover, image_kind, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -494,6 +494,44 @@ def _decode_file(p: Path, mode: str, policy: SlicePolicy) -> tuple[list[str], li
     return [s.key for s in slices], [s.index for s in slices], [s.array for s in slices]
 
 
+def _warn_shared_files(train_paths: Sequence[Path], synth_paths: Sequence[Path]) -> None:
+    """Warn when files (the same file, by path or through links) are in both sets: each is compared with
+    itself and reported as a duplicate of itself, which counts in the fraction memorised."""
+    def real(q: Path) -> str:
+        return os.path.realpath(q)
+
+    train_real = {real(q) for q in train_paths}
+    shared = [q for q in synth_paths if real(q) in train_real]
+    if shared:
+        names = ", ".join(str(q) for q in shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+        logger.warning(
+            "%d synthetic file(s) are also training files (%s): each will match itself as a duplicate; "
+            "check --train and --synth", len(shared), names,
+        )
+
+
+def _no_slice_reason(p: Path, policy: SlicePolicy) -> str:
+    """Why a file gave no slice in slices mode: its slice range (``policy.start/stop/step``) selects none of
+    the slices along ``policy.axis``, or no selected slice passes the foreground threshold."""
+    try:
+        kind = image_kind(p)
+        if kind == "nifti":
+            shape = tuple(nib_load(p).shape)
+        elif kind == "npy":
+            shape = tuple(np.load(p, mmap_mode="r").shape)
+        else:
+            shape = ()
+    except Exception:  # noqa: BLE001 - the file was read a moment ago; the plain reason then
+        shape = ()
+    if len(shape) >= 3:
+        n = int(shape[policy.axis])
+        if not range(n)[policy.start : policy.stop : policy.step]:
+            return (f"{p}: the slice range {policy.start}:{policy.stop}:{policy.step} selects none of its {n} "
+                    f"slices along axis {policy.axis}")
+    return (f"{p}: no slice passes the foreground threshold (min_foreground {policy.min_foreground}, "
+            f"foreground_level {policy.foreground_level})")
+
+
 class _DecodeDataset:
     """Map-style dataset over files for a torch DataLoader: item = (position, ids, indices, arrays, error)."""
 
@@ -580,8 +618,9 @@ def _decode_all(
                 skipped.append((str(p), err))
                 continue
             if not arrs:
-                skipped.append((str(p), f"{p}: no slice passes the foreground threshold"))
-                logger.warning("skipping %s file %s: no slice passes the foreground threshold", name, p)
+                reason = _no_slice_reason(p, policy)
+                skipped.append((str(p), reason))
+                logger.warning("skipping %s file %s", name, reason)
                 continue
             if pending_size is None:
                 pending_size = tuple(arrs[0].shape)
@@ -1377,6 +1416,7 @@ def audit(
     t0 = time.perf_counter()
     found = _drop_own_outputs({"train": discover(train), "synth": discover(synth)}, out, cache)
     train_paths, synth_paths = found["train"], found["synth"]
+    _warn_shared_files(train_paths, synth_paths)
     timings["discover"] = time.perf_counter() - t0
     logger.info(
         "audit: %d training files, %d synthetic files, metric %s", len(train_paths), len(synth_paths), metric

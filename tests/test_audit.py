@@ -928,6 +928,43 @@ def test_slice_policy_on_nifti_inputs(tmp_path: Path) -> None:
     assert r.summary["slice_policy"]["step"] == 4
 
 
+def test_a_slice_range_that_selects_nothing_is_named_as_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file whose slice range selects no slice was skipped as having "no slice [that] passes the foreground
+    threshold", blaming the wrong setting; the reason now names the range and the file's slice count."""
+    vol = data.load_volume("aniso_vox").array.astype(np.float32)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    big = np.concatenate([vol, vol, vol], axis=2)  # 3x the slices along axis 2
+    np.save(tmp_path / "t" / "big.npy", big)
+    np.save(tmp_path / "s" / "big_copy.npy", big)
+    np.save(tmp_path / "s" / "small.npy", vol)  # the range is past its slices
+    np.save(tmp_path / "s" / "dark.npy", np.zeros_like(big))  # in range, but no foreground
+    n = vol.shape[2]
+    pol = SlicePolicy(axis=2, start=n + 1, stop=n + 3, min_foreground=0.05)
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", k=1, policy=pol, out=tmp_path / "out",
+                progress=False)
+    reasons = {d["path"]: d["reason"] for d in r.summary["skipped"] if d["set"] == "synth"}
+    small, dark = str(tmp_path / "s" / "small.npy"), str(tmp_path / "s" / "dark.npy")
+    assert f"slice range {n + 1}:{n + 3}:1 selects none of its {n} slices along axis 2" in reasons[small]
+    assert "no slice passes the foreground threshold" in reasons[dark]
+
+
+def test_files_in_both_sets_are_warned_about(ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A synthetic file that is also a training file (the same path, or a link to it) matches itself as a
+    duplicate; the audit warns, naming it, instead of reporting it as memorised without a word."""
+    one = tmp_path / "synth"
+    one.mkdir()
+    src = ds["train"] / "mni_030.npy"
+    (one / "linked.npy").symlink_to(src)
+    np.save(one / "other.npy", np.load(ds["train"] / "mni_038.npy")[::-1].copy())
+    with caplog.at_level("WARNING", logger="deepssim_fast.audit"):
+        A.audit(ds["train"], one, metric="ssim", k=1, out=tmp_path / "out", progress=False)
+    msgs = [r.getMessage() for r in caplog.records if "also training files" in r.getMessage()]
+    assert len(msgs) == 1 and "1 synthetic file(s)" in msgs[0] and "linked.npy" in msgs[0]
+
+
 def test_dask_search_equals_local_search(ds: dict, tmp_path: Path) -> None:
     pytest.importorskip("distributed")
     local = A.audit(
