@@ -763,7 +763,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
             train_pool = pool.subset(tr)
             val_pool = pool.subset(va) if va.size >= 2 else None
-            if val_pool is None:
+            if val_pool is None and val_fraction == 0:
+                logger.info("val_fraction 0: no validation, so no best.pt; the last weights are returned")
+            elif val_pool is None:
                 logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
                                "best.pt; the last weights are returned (give val_images= or more images)",
                                va.size, val_fraction, pool.images.shape[0])

@@ -564,6 +564,16 @@ def test_a_large_val_fraction_leaves_two_training_images(mni_slices, caplog) -> 
     assert m.best_val is not None and "validation image" not in caplog.text
 
 
+def test_val_fraction_zero_asks_for_no_validation_without_a_warning(mni_slices, caplog) -> None:
+    """val_fraction=0 is how a caller asks for no validation; it warned 'only 0 validation image(s) ... give
+    val_images= or more images' as if something had gone wrong."""
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.training"):
+        m = train(mni_slices[:6], max_steps=1, val_fraction=0.0, **dict(SMALL, val_pairs=4))
+    assert m.best_val is None
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "validation" in r.getMessage()]
+    assert not warned and "val_fraction 0: no validation" in caplog.text
+
+
 def test_resume_with_another_freeze_setting_is_an_error(tmp_path, mni_slices) -> None:
     """freeze_stages=True given with resume= of an unfrozen checkpoint was silently ignored (nothing frozen,
     the run went on unfrozen); like the other model settings, a value that differs is now an error."""
