@@ -2147,6 +2147,7 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
     by_path: dict[str, list[int]] = {}
     by_base: dict[str, list[int]] = {}
     by_stem: dict[str, list[int]] = {}
+    by_ref: dict[str, list[int]] = {}  # the reference's "<parent folder>___<stem>" keys
     for i, p in enumerate(paths):
         # an item of frame t of a 4D file has the path <file>@t<t>: it is found by that, and by the file's own
         # path, name and stem (with the file's other items: a key naming the file is then ambiguous, and said
@@ -2159,6 +2160,7 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
             if q == file:
                 stem = base[:-7] if base.lower().endswith(".nii.gz") else os.path.splitext(base)[0]
                 by_stem.setdefault(stem, []).append(i)
+                by_ref.setdefault(f"{os.path.basename(os.path.dirname(q))}___{stem}", []).append(i)
 
     def lookup(key: str, tables: Sequence[dict[str, list[int]]]) -> int | None:
         if key in exact:
@@ -2175,7 +2177,7 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
         return None
 
     def find(key: str) -> int:
-        hit = lookup(key, (by_path, by_base, by_stem))
+        hit = lookup(key, (by_path, by_base, by_stem, by_ref))
         if hit is None:
             # a relative path (or id) names a file from the working directory, as the audit's inputs do
             # (discover makes them absolute): ``train/t060.png``, ``train/t060.png#2:0``

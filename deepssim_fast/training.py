@@ -320,7 +320,8 @@ def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str
 
 def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
     """(name -> image index, ambiguous name -> the indices of the images it names). Names: each image's key,
-    its list position, and for a key ``source#axis:index`` the source path, file name and stem. A name that
+    its list position, and for a key ``source#axis:index`` the source path, file name, stem and the
+    reference's ``<parent folder>___<stem>``. A name that
     several images share (other than a full key) names none of them and is listed as ambiguous."""
     idx: dict[str, int] = {}
     ambiguous: dict[str, set[int]] = {}
@@ -328,9 +329,9 @@ def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
         aliases = {key, str(k)}
         src = key.rsplit("#", 1)[0]
         if "#" in key:
-            aliases |= {src, Path(src).name, Path(src).stem}
-            if Path(src).name.endswith(".nii.gz"):
-                aliases.add(Path(src).name[:-7])
+            stem = Path(src).name[:-7] if Path(src).name.endswith(".nii.gz") else Path(src).stem
+            # the reference's keys: "<parent folder>___<stem>" (its images are <base>/<uid>/<name>.png)
+            aliases |= {src, Path(src).name, Path(src).stem, stem, f"{Path(src).parent.name}___{stem}"}
         for a in aliases:
             if a in idx and idx[a] != k:
                 ambiguous.setdefault(a, {idx[a]}).add(k)
@@ -345,8 +346,8 @@ def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
 def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[tuple[int, int, float]]]:
     """Read a reference pairs CSV (real_key, synth_key, ssim, split) -> {split: [(i, j, ssim)]}.
 
-    Keys must name images of ``pool`` (Slice key, file name, stem or list position); an unknown key is an
-    error naming the row.
+    Keys must name images of ``pool`` (Slice key, file name, stem, the reference's ``<parent folder>___<stem>``
+    or list position); an unknown key is an error naming the row.
     """
     p = Path(path)
     if not p.is_file():

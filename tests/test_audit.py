@@ -1474,6 +1474,17 @@ def test_evaluate_takes_label_keys_that_are_relative_paths(
         A.evaluate(ssim_run.out, _labels(tmp_path / "rel2.csv", ("elsewhere/mni_030.npy", "s04.npy", 1)))
 
 
+def test_evaluate_takes_the_reference_keys(ssim_run: A.AuditResult, tmp_path: Path) -> None:
+    """The reference's label keys are "<parent folder>___<stem>" (its images: <base>/<uid>/<name>.png); they
+    matched no audited item. They now name the item of that folder and stem."""
+    ref = _labels(tmp_path / "ref.csv", ("train___mni_030", "synth___s04", 1), ("train___mni_038", "synth___s10", 0))
+    by_name = _labels(tmp_path / "names.csv", ("mni_030.npy", "s04.npy", 1), ("mni_038.npy", "s10.npy", 0))
+    assert A.evaluate(ssim_run.out, ref) | {"labels_file": ""} == A.evaluate(ssim_run.out, by_name) | {
+        "labels_file": ""}
+    with pytest.raises(ValueError, match=r"ref2\.csv:2: label key 'synth___mni_030' matches no"):
+        A.evaluate(ssim_run.out, _labels(tmp_path / "ref2.csv", ("synth___mni_030", "s04.npy", 1)))
+
+
 def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     (tmp_path / "t").mkdir()

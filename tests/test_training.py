@@ -471,6 +471,22 @@ def test_pairs_csv_key_that_names_two_images_is_said_to_be_ambiguous(tmp_path) -
     assert read_pairs_csv(p, pool)["train"] == [(0, 4, 0.5), (1, 2, 0.5)]
 
 
+def test_pairs_csv_takes_the_reference_keys(tmp_path) -> None:
+    """The reference names an image <base>/<uid>/<name>.png by the key "<uid>___<name>"; its pairs CSVs
+    matched no image here. Such a key now names the image whose folder and stem it gives."""
+    from deepssim_fast.training import ImagePool, read_pairs_csv
+
+    keys = ["/d/real/sub-01/slice_010.png#2:0", "/d/real/sub-02/slice_010.png#2:0", "/d/syn/gen-7/img.png#2:0"]
+    pool = ImagePool(np.zeros((3, 8, 8), np.float32), keys, keys, [0] * 3)
+    p = tmp_path / "pairs.csv"
+    p.write_text("real_key,synth_key,ssim,split\nsub-02___slice_010,gen-7___img,0.25,train\n"
+                 "sub-01___slice_010,gen-7___img,0.5,val\n")
+    assert read_pairs_csv(p, pool) == {"train": [(1, 2, 0.25)], "val": [(0, 2, 0.5)]}
+    p.write_text("real_key,synth_key,ssim,split\nsub-03___slice_010,gen-7___img,0.25,train\n")
+    with pytest.raises(ValueError, match="line 2: key 'sub-03___slice_010' matches no image"):
+        read_pairs_csv(p, pool)
+
+
 def test_pairs_csv_ssim_column_is_compared_in_the_log(tmp_path, mni_slices, caplog) -> None:
     """The module docstring says the CSV ``ssim`` column is compared against the SSIM of the un-augmented
     pairs in the log; it was read and dropped. The comparison (against the images at the model input) is
