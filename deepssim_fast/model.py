@@ -602,7 +602,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(f"{p}: expected a deepssim_fast checkpoint (a dict with format="
                              f"{CHECKPOINT_FORMAT!r}) or a TorchScript file; got {type(ck).__name__}")
+    missing = [k for k in ("model", "config") if not isinstance(ck.get(k), dict)]
+    if missing:
+        raise ModelFileError(f"{p}: damaged deepssim_fast checkpoint: no {' and no '.join(missing)} entry "
+                             "(a dict) in it")
+    _config_of(p, ck["config"])
     return ck
+
+
+def _config_of(p: Path, d: Any) -> ModelConfig:
+    """The :class:`ModelConfig` stored in model file ``p`` (``d``: its dict), or a ModelFileError naming the
+    file and what is wrong with the settings."""
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelFileError(f"{p}: the model settings stored in it are not valid ({type(exc).__name__}: "
+                             f"{exc})") from exc
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -632,7 +647,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
             except Exception:  # noqa: BLE001 - a foreign module without the attribute
                 raw = ""
         if raw:
-            cfg = ModelConfig.from_dict(json.loads(raw))
+            try:
+                stored = json.loads(raw)
+            except ValueError as exc:
+                raise ModelFileError(f"{p}: the model settings stored in it are not valid JSON ({exc})") from exc
+            cfg = _config_of(p, stored)
         else:
             cfg = ModelConfig(backbone="convnext_base", emb_dim=256, input_size=224, size_policy="resize",
                               extra={"foreign": True})
@@ -652,7 +671,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         enc.eval()
         return enc
     ck = read_checkpoint(p)
-    cfg = ModelConfig.from_dict(ck["config"])
+    cfg = _config_of(p, ck["config"])
     if input_size is not None or size_policy is not None:
         raise ValueError("input_size/size_policy overrides apply to foreign TorchScript files only; "
                          f"{p} is a checkpoint that stores its own ({cfg.input_size}, {cfg.size_policy!r})")

@@ -365,6 +365,24 @@ def test_checkpoint_round_trip(tmp_path, small_model, real_images) -> None:
                                   embed(real_images, small_model, progress=False))
 
 
+def test_damaged_checkpoint_entries_are_named_with_the_file(tmp_path, small_model) -> None:
+    """A checkpoint with the right format marker but no weights or settings, or with settings that are not
+    valid, failed with a bare KeyError or a ValueError that named no file."""
+    good = torch.load(small_model.save_checkpoint(tmp_path / "m.pt"), weights_only=True)
+    for name, change, match in (
+        ("no_model.pt", lambda c: c.pop("model"), "no model entry"),
+        ("no_config.pt", lambda c: c.pop("config"), "no config entry"),
+        ("bad_size.pt", lambda c: c["config"].update(input_size=16), "model settings stored in it are not valid"),
+        ("bad_key.pt", lambda c: c["config"].update(backbone="vgg"), "model settings stored in it are not valid"),
+    ):
+        ck = {k: (dict(v) if isinstance(v, dict) and k == "config" else v) for k, v in good.items()}
+        change(ck)
+        torch.save(ck, tmp_path / name)
+        with pytest.raises(ModelFileError, match=match) as ei:
+            load_model(tmp_path / name)
+        assert name in str(ei.value)
+
+
 def test_model_file_that_is_neither(tmp_path) -> None:
     txt = tmp_path / "notes.pt"
     txt.write_text("not a model")
