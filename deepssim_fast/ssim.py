@@ -821,7 +821,7 @@ def ssim_matrix(
             path = Path(os.fspath(out))
             if path.is_dir():  # (checked before the work: the file only replaces the path at the end)
                 raise IsADirectoryError(f"ssim_matrix: out={os.fspath(out)!r} is a folder; give a file path")
-            npy = path.name.endswith(".npy")
+            npy = path.name.lower().endswith(".npy")  # (".NPY" too: a header, as np.load expects)
             with atomic_path(path) as tmp:
                 arr, write = _open_memmap(tmp, (na, nb), npy)
                 _fill_matrix(tA, tB, p, name, write, progress)

@@ -568,6 +568,9 @@ def test_matrix_out_memmap_and_array(tmp_path, mri_slices):
     npy = ssim_matrix(A, B, out=tmp_path / "m.npy", progress=False)
     assert_close(np.load(tmp_path / "m.npy"), want, tol=1e-6, what="npy")
     assert npy.shape == (5, len(B))
+    # an upper-case suffix is a .npy file too (it was written raw, without the header np.load needs)
+    ssim_matrix(A, B, out=tmp_path / "M.NPY", progress=False)
+    assert_close(np.load(tmp_path / "M.NPY"), want, tol=1e-6, what="NPY")
     out = np.full((5, len(B)), np.nan, dtype=np.float32)  # poisoned
     assert ssim_matrix(A, B, out=out, progress=False) is out
     assert np.isfinite(out).all()
