@@ -288,6 +288,7 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
             if not isinstance(scheduler, str) or not scheduler:
                 raise ValueError(f"scheduler must be an address like 'tcp://host:8786' or a Client, "
                                  f"got {scheduler!r}")
+            _check_scheduler(scheduler)
             try:
                 client = Client(scheduler, timeout=CONNECT_TIMEOUT)
             except OSError as exc:
@@ -298,6 +299,63 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
         stack.enter_context(client)
         _log_dashboard(client)
         yield client
+
+
+def _check_scheduler(address: str) -> None:
+    """Raise :class:`DistributedError` unless a Dask peer at ``address`` answers Dask's handshake within
+    :data:`CONNECT_TIMEOUT`.
+
+    ``Client(address, timeout=...)`` bounds the TCP connection only, not the handshake that follows: a port
+    that accepts connections but does not speak Dask (the dashboard's 8787 instead of the scheduler's 8786,
+    a web or SSH server) made it wait forever, or fail with a MemoryError of exbibytes (the peer's first
+    bytes read as a message length). The probe runs on its own event loop in a helper thread, so it works
+    where the caller's thread already runs one (Jupyter). A malformed address stays a ValueError.
+    """
+    import asyncio
+    import threading
+
+    from dask.utils import parse_timedelta
+    from distributed.comm import connect
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+    from distributed.security import Security
+
+    scheme, loc = parse_address(address)
+    get_backend(scheme)  # ValueError: unknown address scheme
+    if scheme in ("tcp", "tls"):
+        parse_host_port(loc)  # ValueError: missing port number
+    timeout = float(parse_timedelta(CONNECT_TIMEOUT, default="seconds"))
+    args = Security().get_connection_args("client")  # (what Client uses when given no security=)
+    failure: list[BaseException] = []
+
+    async def hello() -> None:
+        # (connect gives up at ``timeout`` when nothing accepts the connection; the margin lets its own
+        # error, which says so, come first)
+        comm = await asyncio.wait_for(connect(address, timeout=timeout, **args), timeout + 2.0)
+        await comm.close()
+
+    def probe() -> None:
+        try:
+            asyncio.run(hello())
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            failure.append(exc)
+
+    t = threading.Thread(target=probe, name="deepssim-fast-scheduler-probe", daemon=True)
+    t.start()
+    t.join(timeout + 10.0)  # (wait_for ends the probe; the margin is for its clean-up)
+    if t.is_alive():  # pragma: no cover - wait_for did not return
+        raise DistributedError(f"cannot connect to the Dask scheduler at {address}: no answer within "
+                               f"{timeout:g} s")
+    if not failure:
+        return
+    exc = failure[0]
+    if isinstance(exc, OSError) and "Timed out trying to connect" in str(exc):  # nothing accepted it
+        cause = str(exc)
+    else:  # something accepted the connection but does not speak Dask
+        cause = (f"something listens there but did not complete Dask's handshake ({type(exc).__name__}"
+                 + (f": {exc}" if str(exc) else f" after {timeout:g} s") + "); is it a Dask scheduler? "
+                 "A scheduler listens on port 8786 by default (8787 is its dashboard)")
+    raise DistributedError(f"cannot connect to the Dask scheduler at {address}: {cause}") from exc
 
 
 def dashboard_link(client: Client) -> str | None:

@@ -450,6 +450,57 @@ def test_bad_inputs_name_the_problem(client, emb, monkeypatch):
         dd.all_pairs_distributed(tr, sy, scheduler="tcp://127.0.0.1:9", progress=False)
 
 
+def test_an_address_that_is_not_a_dask_scheduler_fails_fast_with_a_clear_error(emb, monkeypatch):
+    """A port that accepts connections but does not speak Dask (the dashboard's 8787 given for the scheduler's
+    8786, an SSH server) hung forever in Client's handshake, or raised a MemoryError of exbibytes."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    tr, sy = emb["train"], emb["synth"]
+    monkeypatch.setattr(dd, "CONNECT_TIMEOUT", "1s")
+    silent = socket.socket()  # listens (the kernel accepts connections) but never says a word
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    banner = socket.socket()  # greets every connection as an SSH server does
+    banner.bind(("127.0.0.1", 0))
+    banner.listen(8)
+
+    def greet() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = banner.accept()
+                c.sendall(b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13.5\r\n")
+
+    threading.Thread(target=greet, daemon=True).start()
+    try:
+        for sock in (silent, banner):
+            addr = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+            result: list = []
+
+            def run(addr: str = addr, result: list = result) -> None:
+                try:
+                    dd.all_pairs_distributed(tr, sy, scheduler=addr, progress=False)
+                except BaseException as exc:  # noqa: BLE001 - checked below
+                    result.append(exc)
+
+            t0 = time.perf_counter()
+            th = threading.Thread(target=run, daemon=True)
+            th.start()
+            th.join(30)
+            assert not th.is_alive(), f"{addr}: still waiting after 30 s"
+            assert time.perf_counter() - t0 < 20
+            assert len(result) == 1 and isinstance(result[0], dd.DistributedError), result
+            msg = str(result[0])
+            assert f"cannot connect to the Dask scheduler at {addr}" in msg and "is it a Dask scheduler?" in msg
+    finally:
+        silent.close()
+        banner.close()
+    with pytest.raises(ValueError, match="missing port"):  # a malformed address is still a ValueError
+        dd.all_pairs_distributed(tr, sy, scheduler="localhost", progress=False)
+
+
 def test_empty_synth_set_gives_the_empty_result(client, emb):
     tr = emb["train"]
     empty = np.zeros((0, tr.shape[1]), tr.dtype)
