@@ -1359,6 +1359,19 @@ def audit(
             "Dask; the ssim metric's exact SSIM search runs in this process (its chunks resume from OUT/work): "
             "drop workers/scheduler, or use metric 'deepssim' or 'correlation'"
         )
+    # (checked before any decoding: the search is reached after the whole decode and embedding; and with flips
+    # or shifts one local cluster was started for workers=, leaving the scheduler given beside it unused)
+    if workers is not None and scheduler is not None:
+        raise ValueError(
+            "give workers (--workers: start a local Dask cluster) or scheduler (--scheduler: use a running one), "
+            f"not both; got workers={workers!r} and scheduler={scheduler!r}"
+        )
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1
+    ):
+        raise ValueError(f"workers must be a positive integer (Dask worker processes), got {workers!r}")
+    if isinstance(scheduler, str) and not scheduler.strip():
+        raise ValueError("scheduler must be a Dask scheduler address like 'tcp://host:8786' or a Client, got ''")
     for name, value, least in (("verify_shifts", verify_shifts, 0), ("chunk_size", chunk_size, 1),
                                ("batch_size", batch_size, 1), ("bins", bins, 1), ("gallery", gallery, 0)):
         # whole numbers only: a shift of 2.5 pixels failed deep in verification ("arrays used as indices must

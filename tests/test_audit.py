@@ -1007,6 +1007,35 @@ def test_dask_flip_search_starts_one_cluster_for_all_variants(
     assert {r["transform"] for r in _rows(tmp_path / "dask")} >= {"none"}
 
 
+def test_dask_options_are_checked_before_any_work(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """workers= and scheduler= together, or a bad workers=, were found only when the search was reached, after
+    the whole decode (and embedding); and with flips or shifts a local cluster of workers= was started and the
+    scheduler given beside it silently left unused. Each is now an error before any file is read."""
+    pytest.importorskip("distributed")
+    from deepssim_fast import distributed as dd
+
+    def no_cluster(*args, **kw):  # noqa: ANN202
+        raise AssertionError("a Dask cluster was started")
+
+    monkeypatch.setattr(dd, "start_local_cluster", no_cluster)
+    monkeypatch.setattr(dd, "cluster_client", no_cluster)
+    kw = dict(metric="correlation", k=4, progress=False)
+    for i, (extra, match) in enumerate([
+        (dict(workers=1, scheduler="tcp://127.0.0.1:1", verify="none", verify_flips=True), "not both"),
+        (dict(workers=1, scheduler="tcp://127.0.0.1:1", verify_shifts=1), "not both"),
+        (dict(workers=0), "workers must be a positive integer"),
+        (dict(workers=1.5), "workers must be a positive integer"),
+        (dict(workers=True), "workers must be a positive integer"),
+        (dict(scheduler=""), "scheduler must be a Dask scheduler address"),
+    ]):
+        out = tmp_path / f"o{i}"
+        with pytest.raises(ValueError, match=match):
+            A.audit(ds["train"], ds["synth"], out=out, **kw, **extra)
+        assert not (out / "work").exists(), extra
+
+
 def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
     """The demo set: neutral file names, truth from measured verified SSIM, rebuilt byte-identically."""
     from deepssim_fast.demo import THRESHOLDS, VERIFY, build_demo_data
