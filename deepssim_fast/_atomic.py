@@ -46,16 +46,20 @@ def _replace(tmp: Path, p: Path) -> None:
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
-    completes, the file replaces ``path``; when it raises, the file is removed."""
+    completes, the file replaces ``path``; when it raises, the file is removed (and an OSError that names no
+    file, as a write to a full disk raises, is raised again naming ``path``)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _create_temporary(p)
     try:
         yield tmp, fd
         _replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # a failed write or fsync says only "[Errno 28] No space left on device": name the file
+            raise type(exc)(exc.errno, exc.strerror, str(p)) from exc
         raise
 
 

@@ -295,6 +295,38 @@ def test_atomic_write_replaces_whole_file_and_cleans_up_on_failure(tmp_path):
     assert sorted(x.name for x in p.parent.iterdir()) == ["out.bin"], "no temporary file is left behind"
 
 
+def test_atomic_write_errors_name_the_file(tmp_path):
+    """A write to a full disk (or a failing fsync) raises an OSError that names no file: the audit stopped with
+    "error: [Errno 28] No space left on device" and nothing else. The error now names the file being written,
+    and keeps its type and errno."""
+    import errno
+
+    from deepssim_fast._atomic import atomic_path, atomic_write
+
+    p = tmp_path / "cache" / "items.bin"
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match="No space left on device") as ei:
+        atomic_write(p, full)
+    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(p)
+    assert str(p) in str(ei.value)
+    assert list(p.parent.iterdir()) == [], "no temporary file is left behind"
+    with pytest.raises(OSError) as ei, atomic_path(p) as tmp:
+        tmp.write_bytes(b"x")
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    assert ei.value.errno == errno.EIO and str(p) in str(ei.value)
+    with pytest.raises(PermissionError, match="denied") as ei:  # (the subclass is kept)
+        atomic_write(p, lambda f: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+    assert ei.value.filename == str(p)
+    other = str(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError) as ei:  # an error that names its own file keeps it
+        atomic_write(p, lambda f: open(other + "/x"))
+    assert ei.value.filename == other + "/x"
+
+
 def test_unknown_simd_environment_value_is_reported_not_silently_dropped():
     from deepssim_fast import _native
 
