@@ -8,6 +8,7 @@ replaces one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -47,7 +48,7 @@ def _replace(tmp: Path, p: Path) -> None:
 def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
     completes, the file replaces ``path``; when it raises, the file is removed (and an OSError that names no
-    file, as a write to a full disk raises, is raised again naming ``path``)."""
+    file, as a write to a full disk raises, or the temporary file, is raised again naming ``path``)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _create_temporary(p)
@@ -57,8 +58,9 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
-            # a failed write or fsync says only "[Errno 28] No space left on device": name the file
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp)):
+            # a failed write or fsync says only "[Errno 28] No space left on device": name the file (the one
+            # asked for, not its temporary name)
             raise type(exc)(exc.errno, exc.strerror, str(p)) from exc
         raise
 
@@ -71,6 +73,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with _replacing(path) as (tmp, fd):
         os.close(fd)
         yield tmp
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the disk blocks of the file at ``path`` up to its size.
+
+    ``np.lib.format.open_memmap`` / ``np.memmap`` create their file sparse, so a disk (or tmpfs) without room
+    for it fails only when a write into the mapped pages finds no free block: the kernel sends SIGBUS and the
+    process dies with "Bus error" and no message, leaving its temporary file behind. Called on a new memmap's
+    file, a full disk is instead an OSError here ("No space left on device", naming the file). Filesystems
+    without ``fallocate`` (where glibc cannot emulate it either) are left as they are.
+    """
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux/BSD
+        return
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, durable: bool = True) -> Path:

@@ -514,11 +514,12 @@ def _dense_out(out: str | os.PathLike, shape: tuple[int, int], fill: Any) -> np.
     """Write the dense matrix to ``out`` (.npy) atomically: ``fill(memmap)`` writes a temporary file beside
     it, which replaces ``out`` only once complete, so a failed call leaves an existing file as it was and no
     partial file behind. Returns the finished file, memory-mapped read-write."""
-    from ._atomic import atomic_path
+    from ._atomic import atomic_path, reserve
 
     path = Path(os.fspath(out))
     with atomic_path(path) as tmp:
         m = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        reserve(tmp)  # (a full disk: an OSError now, not a SIGBUS in fill)
         fill(m)
         m.flush()
         del m

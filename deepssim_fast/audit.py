@@ -86,7 +86,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_path, atomic_write, remove_temporaries
+from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit, nib_load
 from .io import Spec, _file_slices, _file_volumes, discover, image_kind, one_line
@@ -777,6 +777,7 @@ def _write_pixels(items: ItemSet, work: Path) -> None:
     store = work / f"{items.name}_pixels.npy"
     with atomic_path(store) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items),) + items.size)
+        reserve(tmp)  # (a full disk: an OSError now, not a SIGBUS while copying)
         pos = 0
         for e, keep in items.sources:
             px = _entry_or_fail(_entry_pixels, e)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import _ssim_common as sc
-from ._atomic import atomic_path
+from ._atomic import atomic_path, reserve
 from .backends import resolve as _resolve_backend
 from .backends import triton_device as _triton_device
 from ._arrays import is_cupy, like_input, to_torch
@@ -506,6 +506,7 @@ def _open_memmap(
         arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
     else:
         arr = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+    reserve(path)  # (a full disk: an OSError now, not a SIGBUS when a tile is written)
 
     def write(i0, i1, j0, j1, block):
         arr[i0:i1, j0:j1] = block

@@ -327,6 +327,56 @@ def test_atomic_write_errors_name_the_file(tmp_path):
     assert ei.value.filename == other + "/x"
 
 
+def test_memmap_outputs_reserve_their_blocks_so_a_full_disk_is_an_error(tmp_path, monkeypatch):
+    """A memmap's file is created sparse: on a disk too full for it, writing the mapped pages killed the process
+    with SIGBUS ("Bus error", exit 135, no message, a temporary file left behind): the audit's pixel stores,
+    all_pairs(out=) and ssim_matrix(out=). Their blocks are now reserved when the file is created, so a full
+    disk is an OSError naming the file, and nothing is left behind."""
+    import errno
+
+    from deepssim_fast import _atomic
+    from deepssim_fast.all_pairs import all_pairs
+    from deepssim_fast.audit import audit
+    from deepssim_fast.ssim import ssim_matrix
+
+    # reserve() allocates the blocks of a sparse file (where the filesystem reports allocated blocks)
+    f = tmp_path / "sparse.npy"
+    m = np.lib.format.open_memmap(f, mode="w+", dtype=np.float32, shape=(256, 1024))
+    del m
+    size, before = os.path.getsize(f), os.stat(f).st_blocks * 512
+    _atomic.reserve(f)
+    if before < size:  # (a filesystem that keeps files sparse, as ext4, xfs and tmpfs do)
+        assert os.stat(f).st_blocks * 512 >= size, "the sparse file was not allocated"
+    assert np.load(f).shape == (256, 1024)
+
+    # a full disk (posix_fallocate fails as it does there): an error naming the file asked for, no leftovers
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((40, 8)).astype(np.float32)
+    imgs = rng.random((6, 16, 16)).astype(np.float32)
+    for name, call in (("m.npy", lambda p: all_pairs(emb, emb, k=2, out=p, progress=False)),
+                       ("s.npy", lambda p: ssim_matrix(imgs, imgs, out=p, progress=False)),
+                       ("s.raw", lambda p: ssim_matrix(imgs, imgs, out=p, progress=False))):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        with pytest.raises(OSError, match="No space left on device") as ei:
+            call(d / name)
+        assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(d / name), ei.value
+        assert list(d.iterdir()) == [], name
+    for side in ("t", "s"):
+        (tmp_path / side).mkdir()
+        for i in range(3):
+            np.save(tmp_path / side / f"{i}.npy", imgs[i + (3 if side == "s" else 0)])
+    out = tmp_path / "audit"
+    with pytest.raises(OSError, match="No space left on device") as ei:
+        audit(tmp_path / "t", tmp_path / "s", metric="correlation", k=2, out=out, progress=False)
+    assert ei.value.filename == str(out / "work" / "train_pixels.npy"), ei.value
+    assert not list((out / "work").glob(".*.tmp"))
+
+
 def test_unknown_simd_environment_value_is_reported_not_silently_dropped():
     from deepssim_fast import _native
 
