@@ -13,6 +13,7 @@ import glob
 import os
 import secrets
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -75,22 +76,50 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
 
 
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """glibc's ``fallocate(fd, mode, offset, len)`` (Linux), or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _libc_fallocate() if sys.platform.startswith("linux") else None
+
+
+def _fallocate(fd: int, size: int) -> None:
+    """Allocate the blocks of bytes [0, size) of open file ``fd`` through the ``fallocate`` system call, which,
+    unlike ``posix_fallocate``, never falls back to writing a byte into every block (glibc's emulation, slow on
+    a large file over NFS and the like); raises OSError (errno set) when the call fails."""
+    import ctypes
+
+    if _FALLOCATE is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    if _FALLOCATE(fd, 0, 0, size) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def reserve(path: str | os.PathLike) -> None:
     """Allocate the disk blocks of the file at ``path`` up to its size.
 
     ``np.lib.format.open_memmap`` / ``np.memmap`` create their file sparse, so a disk (or tmpfs) without room
     for it fails only when a write into the mapped pages finds no free block: the kernel sends SIGBUS and the
     process dies with "Bus error" and no message, leaving its temporary file behind. Called on a new memmap's
-    file, a full disk is instead an OSError here ("No space left on device", naming the file). Filesystems
-    without ``fallocate`` (where glibc cannot emulate it either) are left as they are.
+    file, a full disk is instead an OSError here ("No space left on device", naming the file). Where the
+    filesystem (or the OS: Linux only) has no ``fallocate``, the file is left as it is.
     """
-    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux/BSD
-        return
     fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
         size = os.fstat(fd).st_size
         if size:
-            os.posix_fallocate(fd, 0, size)
+            _fallocate(fd, size)
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return

@@ -349,11 +349,11 @@ def test_memmap_outputs_reserve_their_blocks_so_a_full_disk_is_an_error(tmp_path
         assert os.stat(f).st_blocks * 512 >= size, "the sparse file was not allocated"
     assert np.load(f).shape == (256, 1024)
 
-    # a full disk (posix_fallocate fails as it does there): an error naming the file asked for, no leftovers
-    def full(fd, offset, length):
+    # a full disk (fallocate fails as it does there): an error naming the file asked for, no leftovers
+    def full(fd, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(_atomic, "_fallocate", full)
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((40, 8)).astype(np.float32)
     imgs = rng.random((6, 16, 16)).astype(np.float32)
