@@ -11,7 +11,9 @@ its module for a recorder, the launcher is called as usual (CPU tensors under ``
 fine, nothing runs), and each recorded launch is turned into a signature from its arguments' types
 (tensors -> pointer to their dtype; Python ints -> i32, or i64 when they do not fit; floats -> fp32;
 bools -> i1; ``tl.constexpr`` parameters -> their values; ``num_warps``/``num_stages`` -> options). Integer
-arguments are not specialised (no divisibility hints), so the cubin is the generic variant of the kernel.
+arguments are not specialised (no divisibility hints), so the cubin is the generic variant of the kernel;
+``specialize_ones=True`` passes the integer arguments equal to 1 as constexprs, as Triton's launcher does
+(a kernel must compile for that variant too: bins=1, k=1, a single row or tile, a 2D plane count of 1).
 """
 
 from __future__ import annotations
@@ -122,11 +124,17 @@ def _arg_type(name: str, value: Any) -> str:
     raise TypeError(f"argument {name!r}: cannot type {type(value).__name__} for ahead-of-time compilation")
 
 
-def signature(launch: Launch) -> tuple[JITFunction, dict[str, str], dict[str, Any], dict[str, Any]]:
-    """(kernel, signature, constexprs, options) of a recorded launch, as ``triton.compile`` takes them."""
+def signature(launch: Launch, specialize_ones: bool = False
+              ) -> tuple[JITFunction, dict[str, str], dict[str, Any], dict[str, Any]]:
+    """(kernel, signature, constexprs, options) of a recorded launch, as ``triton.compile`` takes them.
+
+    ``specialize_ones``: integer (not bool) arguments equal to 1 become constexprs of value 1, the variant
+    Triton's launcher compiles for them (``do_not_specialize`` parameters excepted).
+    """
     jit = _jit_function(launch.kernel)
     names = [p.name for p in jit.params]
     constexpr = {p.name for p in jit.params if p.is_constexpr}
+    no_spec = {p.name for p in jit.params if getattr(p, "do_not_specialize", False)}
     kwargs = dict(launch.kwargs)
     options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
     bound = inspect.signature(jit.fn).bind(*launch.args, **kwargs)
@@ -138,17 +146,22 @@ def signature(launch: Launch) -> tuple[JITFunction, dict[str, str], dict[str, An
         if name in constexpr:
             sig[name] = "constexpr"
             consts[name] = value
+        elif (specialize_ones and isinstance(value, int) and not isinstance(value, bool) and value == 1
+              and name not in no_spec):
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
             sig[name] = _arg_type(name, value)
     return jit, sig, consts, options
 
 
-def compile_launch(launch: Launch, arch: int = 90) -> Any:
+def compile_launch(launch: Launch, arch: int = 90, *, specialize_ones: bool = False) -> Any:
     """Compile a recorded launch for ``sm_<arch>`` (90: H100/H200, 80: A100); returns Triton's kernel.
 
-    ``result.asm`` holds every stage (``ttir``, ``ttgir``, ``llir``, ``ptx``, ``cubin``).
+    ``result.asm`` holds every stage (``ttir``, ``ttgir``, ``llir``, ``ptx``, ``cubin``);
+    ``specialize_ones``: see :func:`signature`.
     """
-    jit, sig, consts, options = signature(launch)
+    jit, sig, consts, options = signature(launch, specialize_ones)
     src = ASTSource(fn=jit, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

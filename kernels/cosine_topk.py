@@ -82,7 +82,9 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
     # Python float argument as fp32, so the range comes as float64 values in memory (RANGE = [lo, width]),
     # and the thresholds as the largest floats <= low / high: acc > low_t <=> (double) acc > low.
     s64 = acc.to(tl.float64)
-    nb64 = nbins.to(tl.float64)
+    # (tl.cast, not nbins.to: a compiled launch passes an integer argument equal to 1 as a constexpr Python
+    # int, which has no .to; bins=1 failed to compile on the GPU while the interpreter ran it)
+    nb64 = tl.cast(nbins, tl.float64)
     if UNIT_RANGE:
         # range [-1, 1]: ((s + 1) / 2) * bins == (s + 1) * (bins / 2) in float64, bit for bit (halving is
         # exact), so the rule needs no division; |s| <= ~1 keeps the floor far inside int32

@@ -115,3 +115,45 @@ def test_topk_float_arguments_survive_fp32_rounding(compiled):
     for case, r in compiled.items():
         if case.startswith("cosine_topk"):
             assert r["fp32_args_exact"], case
+
+
+_ONES_SCRIPT = textwrap.dedent(r"""
+    import json
+    import torch
+    from kernels import aot
+    from kernels import cosine_topk as kc
+
+    res = {}
+    q = torch.nn.functional.normalize(torch.randn(1, 64), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(70, 64), dim=1)
+    blocks = kc.default_blocks(torch.device("cuda"), 1)
+    for bins in (1, 200, 4096):
+        with aot.record_launches(kc, "_cosine_topk_kernel") as rec:
+            kc.cosine_topk(q, t, k=1, bins=bins, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85), blocks=blocks)
+        _, sig, consts, _ = aot.signature(rec[0], specialize_ones=True)
+        try:
+            aot.compile_launch(rec[0], 90, specialize_ones=True)
+            res[str(bins)] = dict(ok=True, ones=sorted(n for n in sig if sig[n] == "constexpr" and consts[n] == 1))
+        except Exception as exc:
+            res[str(bins)] = dict(ok=False, error=f"{type(exc).__name__}: {exc}"[-1500:])
+    print("RESULT " + json.dumps(res))
+""")
+
+
+def test_topk_kernel_compiles_with_arguments_equal_to_one_specialised(tmp_path):
+    # Triton's launcher passes an integer argument equal to 1 as a constexpr (a Python int, not a tensor):
+    # bins=1 (the kernel called nbins.to(...)) failed to compile on the GPU, while the interpreter and the
+    # unspecialised AOT compile above ran it. k=1 and a single synthetic row specialise other arguments too.
+    if not _bundled_tools_present():
+        pytest.skip("this Triton install has no bundled ptxas/cuobjdump (not an x86-64 Linux wheel)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _ONES_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, f"script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    failed = {b: r["error"] for b, r in res.items() if not r["ok"]}
+    assert not failed, failed
+    assert "nbins" in res["1"]["ones"] and "stride_cs_t" in res["1"]["ones"], res["1"]
