@@ -215,7 +215,8 @@ def representative_launches() -> dict[str, Launch]:
 
     Keys name the case: SSIM in 2D and 3D, both windows, the three kernel input dtypes and both kernel
     variants; ssim_matrix's moment maps and cross terms; cosine top-k in each precision, with self-pairs
-    excluded, and with more bins than a tile histogram takes. Shapes are small (they only set integer arguments).
+    excluded, with more bins than a tile histogram takes, and with rows wide enough for the compensated sum.
+    Shapes are small (they only set integer arguments).
     """
     from deepssim_fast import _ssim_common as sc
 
@@ -259,6 +260,14 @@ def representative_launches() -> dict[str, Launch]:
         rec[0].kwargs["PRECISION"] = precision
         out[f"cosine_topk {precision}" + (" self-pairs" if self_pairs else "")
             + (f" {bins} bins" if bins != 200 else "")] = rec[0]
+    # rows wider than COMPENSATED_MIN_D: the compensated (Kahan) sum over the K blocks
+    wide = torch.nn.functional.normalize(torch.randn(70, kc.COMPENSATED_MIN_D + 8), dim=1)
+    for precision in ("ieee", "bf16"):
+        with record_launches(kc, "_cosine_topk_kernel") as rec:
+            kc.cosine_topk(wide, wide, k=10, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
+                           precision="fp16" if precision == "bf16" else precision, blocks=blocks)
+        rec[0].kwargs["PRECISION"] = precision
+        out[f"cosine_topk {precision} wide rows"] = rec[0]
     # both tile-histogram modes, whichever this Triton release would pick
     for mode in (1, 2):
         launch = out["cosine_topk bf16"]

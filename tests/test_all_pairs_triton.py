@@ -484,3 +484,49 @@ def test_a_launch_fits_the_grid_y_limit():
                        train_chunk=1 << 30, blocks=ck.default_blocks(torch.device("cuda"), 3))
     assert max(r.grid[1] for r in rec) <= 65535
     assert sum(r.args[9] for r in rec) == t.shape[0]  # (n_t of each launch) every training row once
+
+
+_GPU_ORDER_SCRIPT = textwrap.dedent(r"""
+    import json, os
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import numpy as np
+    import torch
+    from triton.runtime import interpreter as itp
+
+    # the compiled fp32 dot's order: every product added to the accumulator in turn, each sum rounded to
+    # float32 (the interpreter's own tl.dot is one blocked matmul per K block, far more accurate)
+    def one_product_at_a_time(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        A, B = a.data.astype(np.float32), b.data.astype(np.float32)
+        s = acc.data.astype(np.float32).copy()
+        for k in range(A.shape[-1]):
+            s = (s + A[:, k:k + 1] * B[k:k + 1, :]).astype(np.float32)
+        return itp.TensorHandle(s, acc.dtype.scalar)
+
+    itp.InterpreterBuilder.create_dot = one_product_at_a_time
+    from deepssim_fast.all_pairs import all_pairs
+    from deepssim_fast import reference as ref
+
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((3, 1 << 16)).astype(np.float32)  # a 256 x 256 slice per row
+    synth = np.concatenate([train[1:2], rng.standard_normal((1, 1 << 16)).astype(np.float32)])
+    r = all_pairs(torch.from_numpy(train), torch.from_numpy(synth), k=3, backend="triton", progress=False)
+    sim = ref.cosine_matrix_reference(train, synth).numpy()
+    true = np.take_along_axis(sim, r.indices, axis=1)
+    print("RESULT " + json.dumps(dict(top=r.indices[:, 0].tolist(), self_score=float(r.scores[0, 0]),
+                                      max_err=float(np.abs(r.scores - true).max()))))
+""")
+
+
+def test_triton_wide_rows_keep_fp32_accuracy_in_the_gpu_summation_order():
+    """Compiled, tl.dot adds d products into one fp32 accumulator one at a time: at d = 2^16 a unit row scored
+    1 - 1.2e-5 against itself (1 - 1.3e-3 at 2^21, the GPU suite's wide-row check), against ~1e-7 under
+    the interpreter, whose dot this test replaces by that order. Wide rows are summed with compensation."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _GPU_ORDER_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    r = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert r["top"][0] == 1
+    assert abs(r["self_score"] - 1.0) <= 1e-6 and r["max_err"] <= 1e-6, r
