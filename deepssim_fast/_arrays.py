@@ -40,7 +40,9 @@ def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.T
     if not a.dtype.isnative:  # torch.from_numpy rejects non-native byte order (NIfTI data is often big-endian)
         a = a.astype(a.dtype.newbyteorder("="))
     elif any(st < 0 for st in a.strides):  # torch.from_numpy rejects negative strides (flipped views)
-        a = np.ascontiguousarray(a)
+        # a copy, not np.ascontiguousarray: numpy calls an array contiguous whatever the strides of its
+        # length-1 axes, and returned a flipped stack of one image (x[::-1], shape (1, H, W)) as it was
+        a = a.copy(order="C")
     elif not a.flags.writeable and not read_only:
         a = a.copy()
     try:

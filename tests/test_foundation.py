@@ -153,6 +153,11 @@ def test_to_torch_and_back_keeps_kind():
     assert isinstance(like_input(t, t), torch.Tensor)
     flipped = a[:, ::-1]  # negative strides
     np.testing.assert_array_equal(to_torch(flipped).numpy(), flipped)
+    # a negative stride on a length-1 axis: numpy calls the view contiguous (np.ascontiguousarray returned it
+    # as it was, and torch.from_numpy refused it)
+    one = np.arange(6.0).reshape(1, 2, 3)[::-1]
+    assert one.strides[0] < 0 and one.flags.c_contiguous
+    np.testing.assert_array_equal(to_torch(one).numpy(), one)
     ro = np.arange(4.0)
     ro.flags.writeable = False
     assert to_torch(ro).tolist() == [0.0, 1.0, 2.0, 3.0]
@@ -420,3 +425,23 @@ def test_simd_environment_variable_caps_the_level():
                              env={**os.environ, "DEEPSSIM_FAST_SIMD": cap}, capture_output=True, text=True,
                              check=True).stdout.strip()
         assert out == order[min(order.index(cap), order.index(detected))], (cap, out, detected)
+
+
+def test_a_flipped_stack_of_one_image_is_accepted():
+    """``x[::-1]`` of a (1, H, W) stack has a negative stride on its length-1 axis, which numpy calls
+    contiguous: ssim, ssim_matrix and all_pairs failed with torch's 'negative strides are not supported'."""
+    import numpy as np
+
+    from deepssim_fast.all_pairs import all_pairs
+    from deepssim_fast.ssim import ssim, ssim_matrix
+
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 16, 18)).astype(np.float32)
+    b = rng.random((1, 16, 18)).astype(np.float32)
+    flipped = a[::-1]
+    assert flipped.strides[0] < 0
+    np.testing.assert_array_equal(ssim(flipped, b, spatial_dims=2), ssim(a.copy(), b, spatial_dims=2))
+    np.testing.assert_array_equal(ssim_matrix(flipped, b, progress=False), ssim_matrix(a.copy(), b, progress=False))
+    e = rng.standard_normal((1, 8)).astype(np.float32)
+    r = all_pairs(rng.standard_normal((5, 8)), e[::-1], k=2, progress=False)
+    assert r.indices.shape == (1, 2)
