@@ -66,6 +66,7 @@ PRECISIONS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")  # Triton's matmul input
 _INT64_MAX = np.iinfo(np.int64).max
 _PAD = 8  # rows are zero-padded to a multiple of 8 floats (32-byte rows; zeros do not change a score)
 _NORM_CHUNK = 1 << 12
+_NORM_CHUNK_BYTES = 256 << 20  # float64 rows of one normalisation chunk (see _norm_rows)
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -297,14 +298,22 @@ def _rescale_extreme_torch(c: torch.Tensor, norm: torch.Tensor) -> None:
         norm[bad] = torch.linalg.vector_norm(c[bad], dim=1)
 
 
+def _norm_rows(d: int) -> int:
+    """Rows per normalisation chunk of width ``d``: at most ``_NORM_CHUNK``, and few enough that the chunk in
+    float64 takes at most ``_NORM_CHUNK_BYTES`` (a whole-volume correlation audit has d ~ 7e6: 4096 such rows
+    are 229 GB of float64, and the GPU path holds two such temporaries at once)."""
+    return max(1, min(_NORM_CHUNK, _NORM_CHUNK_BYTES // (8 * max(1, d))))
+
+
 def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
     """The float64 rule in numpy (where the native extension is missing), in chunks over the caller's threads;
     out_np must be zero-filled. Returns the first all-zero row, or -1."""
     n, d = t.shape
+    chunk = _norm_rows(d)
 
     def rows(a: int) -> int:
         # numpy releases the GIL in these loops: chunks run on all cores
-        c = _host_view(t[a:a + _NORM_CHUNK]).astype(np.float64)
+        c = _host_view(t[a:a + chunk]).astype(np.float64)
         norm = np.linalg.norm(c, axis=1)
         _rescale_extreme_numpy(c, norm)
         zero = np.flatnonzero(norm == 0)
@@ -313,7 +322,7 @@ def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
         out_np[a:a + c.shape[0], :d] = c / norm[:, None]
         return -1
 
-    starts = range(0, n, _NORM_CHUNK)
+    starts = range(0, n, chunk)
     workers = min(len(starts), torch.get_num_threads())  # the caller's thread budget (Dask tasks set it)
     if workers > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -349,8 +358,9 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
             raise _zero_row(name, zero)
         return torch.from_numpy(out_np)
     out = torch.zeros((n, dp), dtype=torch.float32, device=device)
-    for a in range(0, n, _NORM_CHUNK):
-        c = t[a:a + _NORM_CHUNK].to(device=device, dtype=torch.float64)
+    chunk = _norm_rows(d)
+    for a in range(0, n, chunk):
+        c = t[a:a + chunk].to(device=device, dtype=torch.float64)
         norm = torch.linalg.vector_norm(c, dim=1)
         _rescale_extreme_torch(c, norm)
         zero = (norm == 0).nonzero()

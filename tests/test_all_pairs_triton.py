@@ -530,3 +530,46 @@ def test_triton_wide_rows_keep_fp32_accuracy_in_the_gpu_summation_order():
     r = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
     assert r["top"][0] == 1
     assert abs(r["self_score"] - 1.0) <= 1e-6 and r["max_err"] <= 1e-6, r
+
+
+def test_normalisation_chunks_of_wide_rows_stay_small(monkeypatch):
+    """The device path normalised 4096 rows at a time in float64 whatever their width: 1100 rows of 2^21
+    (the GPU suite's wide-row check) made two 18 GB temporaries, and a whole-volume correlation audit
+    (d ~ 7e6) could not fit on a GPU that holds its data many times over. Recorded on the meta device (the
+    path a CUDA tensor takes) and on the numpy fallback: no chunk passes 256 MiB of float64."""
+    import importlib
+
+    import numpy as np
+    import torch
+
+    ap = importlib.import_module("deepssim_fast.all_pairs")
+    seen: list[tuple[int, ...]] = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(c, *args, **kwargs):
+        seen.append(tuple(c.shape))
+        raise Stop
+
+    monkeypatch.setattr(torch.linalg, "vector_norm", spy)
+    with pytest.raises(Stop):
+        ap._normalize(torch.empty(1100, 1 << 21, device="meta"), "train", 1 << 21, "meta")
+    assert seen and seen[0][0] * seen[0][1] * 8 <= 256 << 20, seen
+    monkeypatch.undo()
+    # the numpy fallback (no native extension): same bound, and the same rows as the native rule
+    views: list[tuple[int, ...]] = []
+    host_view = ap._host_view
+
+    def record(t):
+        views.append(tuple(t.shape))
+        return host_view(t)
+
+    monkeypatch.setattr(ap, "_host_view", record)
+    monkeypatch.setattr(ap, "_NORM_CHUNK_BYTES", 8 * 64 * 3)  # 3 rows of 64 per chunk
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32))
+    out = np.zeros((10, 64), np.float32)
+    assert ap._normalize_rows_numpy(x, out) == -1
+    assert max(v[0] for v in views) == 3 and sum(v[0] for v in views) == 10
+    np.testing.assert_allclose(out, (x.double() / x.double().norm(dim=1, keepdim=True)).float().numpy(), rtol=0,
+                               atol=0)
