@@ -38,7 +38,7 @@ setup(
         "torch>=2.2,<3",
         "nibabel>=5",
         "monai>=1.3",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.3; platform_system == 'Linux'",  # tl.gather (backends.MIN_TRITON)
         "tqdm>=4.60",
         "pillow>=9",
         "matplotlib>=3.7",  # the audit's report figures

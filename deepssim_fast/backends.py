@@ -50,12 +50,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: The oldest Triton the kernels compile with: ``tl.gather`` (the separable SSIM kernel) arrived in 3.3
+#: (Triton 3.2.0 fails on it). The all-pairs kernel's tile histograms need 3.4 (``tl.histogram`` with a
+#: mask); before that it uses per-pair atomics (``kernels/cosine_topk.py``, ``histogram_mode``).
+MIN_TRITON = (3, 3)
+
+
 def _triton_version() -> str | None:
     try:
         import triton
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return None
     return triton.__version__
+
+
+def _triton_too_old(version: str) -> bool:
+    """True when ``version`` is a Triton release older than ``MIN_TRITON`` (unreadable versions pass)."""
+    try:
+        release = tuple(int(v) for v in version.split(".")[:2])
+    except ValueError:
+        return False
+    return release < MIN_TRITON
 
 
 def _cuda_devices() -> list[str]:
@@ -93,7 +108,7 @@ def backends() -> dict[str, Any]:
         )
     cuda = _cuda_devices()
     tv = _triton_version()
-    triton_ok = tv is not None and (bool(cuda) or triton_interpret())
+    triton_ok = tv is not None and not _triton_too_old(tv) and (bool(cuda) or triton_interpret())
     return {
         "native": native,
         "torch": {"available": True, "version": torch.__version__, "threads": torch.get_num_threads()},
@@ -120,7 +135,10 @@ def available(name: str) -> bool:
     if name == "native":
         return _native() is not None
     if name == "triton":
-        return _triton_version() is not None and (bool(_cuda_devices()) or triton_interpret())
+        version = _triton_version()
+        if version is None or _triton_too_old(version):
+            return False
+        return bool(_cuda_devices()) or triton_interpret()
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -137,6 +155,12 @@ def require(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     if not available(name):
+        version = _triton_version() if name == "triton" else None
+        if version is not None and _triton_too_old(version):
+            raise BackendUnavailableError(
+                f"backend 'triton' is not available: Triton {version} is installed, and the kernels need "
+                f"Triton >= {'.'.join(map(str, MIN_TRITON))} (tl.gather); `pip install -U 'triton>="
+                f"{'.'.join(map(str, MIN_TRITON))}'`")
         raise BackendUnavailableError(f"backend {name!r} is not available: {_INSTALL_HINT[name]}")
 
 

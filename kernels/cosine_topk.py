@@ -182,24 +182,39 @@ def default_blocks(device: torch.device, k: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}
 
 
+def _release(version: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a Triton version string (default: the installed one), or None if unreadable."""
+    try:
+        major, minor = (int(v) for v in (version or triton.__version__).split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
+#: The first Triton release whose ``tl.histogram`` takes ``mask=`` (histogram modes 1 and 2); before it the
+#: kernel does not compile in those modes (checked with Triton 3.3.1 and 3.2.0), and mode 0 is used.
+MASKED_HISTOGRAM_RELEASE = (3, 4)
+
+
 def histogram_mode(bins: int, triton_version: str | None = None) -> int:
     """How a program adds its tile to the histogram and the class counts.
 
     2: one ``tl.histogram`` over 4 x next_pow2(bins) (class, bin) slots; 1: a histogram of the bins and
-    one packed reduction of both class comparisons; 0 (more than ``TILE_HIST_MAX_BINS`` bins): a global
-    atomic per pair. 2 and 1 are chosen by Triton release from their compiled sm_90 code (bf16, 200 bins,
+    one packed reduction of both class comparisons; 0 (more than ``TILE_HIST_MAX_BINS`` bins, or a Triton
+    older than ``MASKED_HISTOGRAM_RELEASE``, whose ``tl.histogram`` takes no mask): a global atomic per pair.
+    2 and 1 are chosen by Triton release from their compiled sm_90 code (bf16, 200 bins,
     SASS per score): 3.9.0 gives 70 (mode 2) and 89 (mode 1); 3.6.0, whose histogram costs more per slot,
     gives 204 and 140 — so mode 2 from Triton 3.9 on, mode 1 before. ``DEEPSSIM_FAST_TRITON_HIST_MODE``
     (0, 1 or 2) overrides the choice in :func:`cosine_topk` (bench/gpu_suite.py times modes 1 and 2).
     """
     if bins > TILE_HIST_MAX_BINS:
         return 0
-    version = triton_version or triton.__version__
-    try:
-        major, minor = (int(v) for v in version.split(".")[:2])
-    except ValueError:
+    release = _release(triton_version)
+    if release is None:
         return 1
-    return 2 if (major, minor) >= (3, 9) else 1
+    if release < MASKED_HISTOGRAM_RELEASE:
+        return 0
+    return 2 if release >= (3, 9) else 1
 
 
 #: Rows wider than this many (padded) components are summed with compensation (see the kernel's COMPENSATED):
@@ -318,6 +333,11 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     if hist_mode not in (0, 1, 2) or (hist_mode and bins > TILE_HIST_MAX_BINS):
         raise ValueError(f"cosine_topk: hist_mode {hist_mode} with {bins} bins (0, 1, 2; 1 and 2 take at most "
                          f"{TILE_HIST_MAX_BINS} bins){source}")
+    release = _release(None)
+    if hist_mode and release is not None and release < MASKED_HISTOGRAM_RELEASE:
+        raise ValueError(f"cosine_topk: hist_mode {hist_mode}{source} needs Triton >= "
+                         f"{'.'.join(map(str, MASKED_HISTOGRAM_RELEASE))} (tl.histogram with a mask); this is "
+                         f"Triton {triton.__version__}: use hist_mode 0")
     from tqdm.auto import tqdm
 
     with tqdm(total=n_q * n_t, unit="pair", unit_scale=True, desc="all_pairs[triton]", leave=False,

@@ -573,3 +573,37 @@ def test_normalisation_chunks_of_wide_rows_stay_small(monkeypatch):
     assert max(v[0] for v in views) == 3 and sum(v[0] for v in views) == 10
     np.testing.assert_allclose(out, (x.double() / x.double().norm(dim=1, keepdim=True)).float().numpy(), rtol=0,
                                atol=0)
+
+
+def test_triton_releases_the_kernels_do_not_compile_with(monkeypatch):
+    """setup.py allowed Triton >= 3.0, but compiled with Triton 3.3.1 the all-pairs kernel failed in its
+    default histogram modes (``tl.histogram`` took no ``mask=`` before 3.4) and with 3.2.0 every SSIM kernel
+    failed (no ``tl.gather``). Before 3.4 the all-pairs kernel now uses mode 0 (per-pair atomics), which
+    compiles there, refusing modes 1 and 2 by name; before 3.3 the backend is unavailable and says why."""
+    import torch
+
+    import importlib
+
+    import deepssim_fast.kernels.cosine_topk as ck
+    from deepssim_fast.kernels import aot
+
+    backends = importlib.import_module("deepssim_fast.backends")  # (the package exports a function of that name)
+    assert ck.histogram_mode(200, "3.3.1") == 0 and ck.histogram_mode(200, "3.2.0") == 0
+    assert ck.histogram_mode(200, "3.4.0") == 1
+    q = torch.nn.functional.normalize(torch.randn(9, 8), dim=1)
+    monkeypatch.setattr(ck.triton, "__version__", "3.3.1")
+    with aot.record_launches(ck, "_cosine_topk_kernel") as rec:
+        ck.cosine_topk(q, q, k=2, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
+    assert rec[0].kwargs["HIST_MODE"] == 0
+    monkeypatch.setenv("DEEPSSIM_FAST_TRITON_HIST_MODE", "2")
+    with aot.record_launches(ck, "_cosine_topk_kernel") as rec, \
+            pytest.raises(ValueError, match=r"hist_mode 2 \(set by DEEPSSIM_FAST_TRITON_HIST_MODE\) needs Triton "
+                                            r">= 3.4 .*Triton 3.3.1"):
+        ck.cosine_topk(q, q, k=2, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85))
+    assert not rec
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.available("triton")
+    monkeypatch.setattr(backends, "_triton_version", lambda: "3.2.0")
+    assert not backends.available("triton") and not backends.backends()["triton"]["available"]
+    with pytest.raises(backends.BackendUnavailableError, match=r"Triton 3.2.0 is installed.*>= 3.3"):
+        backends.require("triton")
