@@ -336,7 +336,7 @@ def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL) -> torch
 
 
 def zscore(x: torch.Tensor, spatial_dims: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Per-image (x - mean) / std computed in ``dtype`` (population std, as numpy); std == 0 gives zeros.
+    """Per-image (x - mean) / std computed in ``dtype`` (population std, as numpy); a constant image gives zeros.
 
     Each image is first multiplied by the power of two that brings its largest |value| to [0.5, 1) (kept a
     normal number of ``dtype``). That is exact and leaves the z-scores as they were, but keeps the squares
@@ -350,7 +350,11 @@ def zscore(x: torch.Tensor, spatial_dims: int, dtype: torch.dtype = torch.float6
     x = x * torch.ldexp(torch.ones_like(big), (-torch.frexp(big).exponent).clamp(-lim, lim))
     mean = x.mean(dim=dims, keepdim=True)
     std = x.std(dim=dims, keepdim=True, unbiased=False)
-    return torch.where(std > 0, (x - mean) / torch.where(std > 0, std, 1.0), torch.zeros_like(x))
+    # a constant image is told by its values, not by its std: the rounded mean of a constant 0.1 differs from
+    # 0.1 by a tiny d, its std comes out |d| > 0, and the z-score was a uniform -1 or +1 image instead of
+    # zeros, which of them depending on the reduction order (the batch the image is in)
+    ok = (std > 0) & (x.amax(dim=dims, keepdim=True) > x.amin(dim=dims, keepdim=True))
+    return torch.where(ok, (x - mean) / torch.where(ok, std, 1.0), torch.zeros_like(x))
 
 
 def pair_data_range(

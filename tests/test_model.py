@@ -490,6 +490,21 @@ def test_size_policies() -> None:
         build_model("small", size_policy="stretch")
 
 
+def test_constant_images_z_score_to_zeros_alone_or_in_a_batch(small_model) -> None:
+    """The z-score of an exactly constant image of 0.1 (whose rounded mean is not 0.1, so its std came out
+    tiny but > 0) was a uniform -1 image when embedded alone and zeros when batched with others: the trained
+    demo encoder put cosine 0.61 between the two. A constant image z-scores to zeros, whatever its value or
+    batch."""
+    cfg = small_model.config
+    blanks = [np.full((64, 64), v, np.float32) for v in (0.0, 5.0, 0.1, 0.3, 1000.1)]
+    for b in blanks:
+        assert (preprocess([b], cfg) == 0).all() and (preprocess([b, blanks[0]], cfg) == 0).all()
+    e = embed(blanks, small_model, progress=False)
+    alone = np.concatenate([embed([b], small_model, progress=False) for b in blanks])
+    _assert_close(alone, e, 1e-6, "blank images embedded one per batch")
+    _assert_close(e, np.repeat(e[:1], len(blanks), axis=0), 1e-6, "blank images of other values")
+
+
 def test_embed_volume_aggregation(small_model) -> None:
     vol = data.load_volume("aniso_vox").array
     pol = data.SlicePolicy(axis=2)
