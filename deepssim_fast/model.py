@@ -805,7 +805,8 @@ def collect_images(images: Any, *, policy: Any = None, what: str = "images"
 
 def fit_size(image: np.ndarray, size: int, policy: str) -> np.ndarray:
     """Bring a 2D image to (size, size) by the size policy (``"fit"``: centre crop/pad; ``"resize"``;
-    ``"pad"``: letterbox to a square with the image's minimum, then resize)."""
+    ``"pad"``: letterbox to a square with the image's minimum, then resize). A constant image stays exactly
+    constant under every policy (so its z-score is zeros, as documented)."""
     from .data import center_fit
 
     if image.shape == (size, size):
@@ -824,6 +825,12 @@ def fit_size(image: np.ndarray, size: int, policy: str) -> np.ndarray:
         if image.shape == (size, size):
             return np.ascontiguousarray(image, dtype=np.float32)
     if policy == "resize":
+        lo, hi = (float(np.min(image)), float(np.max(image))) if image.size else (0.0, 0.0)
+        if lo == hi:
+            # a constant image stays exactly constant: resampled in float32 it picks up rounding noise of
+            # ~1e-7 of its value, which the per-image z-score would blow up to a unit-variance pattern
+            # (blank slices of different values then embedded as unrelated images; their SSIM is 1)
+            return np.full((size, size), lo, dtype=np.float32)
         t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
         r = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return r[0, 0].numpy()

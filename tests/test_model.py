@@ -505,6 +505,22 @@ def test_constant_images_z_score_to_zeros_alone_or_in_a_batch(small_model) -> No
     _assert_close(e, np.repeat(e[:1], len(blanks), axis=0), 1e-6, "blank images of other values")
 
 
+def test_constant_images_stay_constant_under_every_size_policy(small_model) -> None:
+    """A constant image resampled in float32 ("resize", "pad") picked up ~1e-7 rounding noise that the
+    per-image z-score blew up to a unit-variance pattern: blank slices of different values (5 and 0) embedded
+    with cosine 0.49 by the trained demo encoder (their SSIM is 1). A constant image stays exactly constant
+    under every size policy."""
+    for policy in ("fit", "resize", "pad"):
+        for value in (5.0, -1.0, 1000.0):
+            for shape in ((197, 233), (70, 90), (64, 64)):
+                f = fit_size(np.full(shape, value, np.float32), 64, policy)
+                assert f.shape == (64, 64) and (f == np.float32(value)).all(), (policy, value, shape)
+    model = build_model("small", input_size=64, size_policy="resize")
+    model.load_state_dict(small_model.state_dict())
+    e = embed([np.full((197, 233), v, np.float32) for v in (0.0, 5.0, -1.0)], model.eval(), progress=False)
+    _assert_close(e[1:], np.repeat(e[:1], 2, axis=0), 1e-6, "blank slices of other values")
+
+
 def test_embed_volume_aggregation(small_model) -> None:
     vol = data.load_volume("aniso_vox").array
     pol = data.SlicePolicy(axis=2)
