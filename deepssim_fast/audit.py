@@ -2142,12 +2142,28 @@ def _evaluation_model(summary: dict, model: Any) -> Any:
             )
         model = rec["path"]
     obj, path, digest = _load_model(model)
-    if rec.get("hash") and digest != rec["hash"]:
+    if rec.get("hash") and digest != rec["hash"] and not _same_module(obj, rec):
         raise ValueError(
             f"model {path or type(obj).__name__} is not the encoder this audit used (hash {digest[:12]}…, "
             f"recorded {rec['hash'][:12]}…)"
         )
     return obj
+
+
+def _same_module(obj: Any, rec: dict) -> bool:
+    """Whether the loaded encoder ``obj`` is the one ``rec`` (summary.json's ``model``) records, by module hash.
+
+    A file is recorded by the hash of its bytes, a model object by :func:`_module_hash` (its class, settings and
+    weights), so the encoder given as an object for an audit run with a file (or as a file for one run with an
+    object) has another hash: the two are compared as modules, the recorded file (when it is still the file
+    with the recorded hash) loaded for that."""
+    want = rec["hash"]
+    f = Path(rec["path"]) if rec.get("path") else None
+    if f is not None and f.is_file() and _file_sha256(f) == want:
+        from .model import load_model
+
+        want = _module_hash(load_model(f))
+    return _module_hash(obj) == want
 
 
 _FRAME_SUFFIX = re.compile(r"@t\d+$")  # the frame of a 4D file in an item's path: <file>@t<t>
@@ -2237,8 +2253,9 @@ def evaluate(
     about a label row name the labels file and its line.
 
     ``model``: only for a ``deepssim`` audit run with ``verify="none"`` and flips or shifts, whose variants
-    are embedded again: the encoder the audit used (default: the file recorded in ``summary.json``; either
-    must have the recorded hash). ``batch_size``, ``device``: for that embedding.
+    are embedded again: the encoder the audit used (default: the file recorded in ``summary.json``), as a file
+    or a loaded model; it must have the recorded hash, or be the same module (class, settings and weights) as
+    the recorded one. ``batch_size``, ``device``: for that embedding.
     """
     d = Path(audit_dir)
     sfile = d / "summary.json"

@@ -1211,6 +1211,33 @@ def test_evaluate_without_verification_scores_the_flip_shift_variants_as_the_sea
         A.evaluate(out, labels, model=other)
 
 
+def test_evaluate_takes_the_audit_encoder_as_an_object_or_as_its_file(ds: dict, tmp_path: Path) -> None:
+    """A file is recorded by the hash of its bytes, a model object by its module hash: evaluate told the user
+    that the encoder loaded from the audit's own checkpoint 'is not the encoder this audit used' (and, for an
+    audit run with a model object, that its checkpoint file was not). Either form of the same encoder is
+    accepted; another encoder is still refused."""
+    import torch
+
+    from deepssim_fast.model import build_model, load_model, save_checkpoint
+
+    src = sorted(ds["train_arrays"])[4]
+    synth = tmp_path / "s"
+    synth.mkdir()
+    np.save(synth / "up_down.npy", np.ascontiguousarray(ds["train_arrays"][src][::-1]))
+    labels = _labels(tmp_path / "l.csv", (src, "up_down.npy", 1))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("small", input_size=64))
+    other = build_model("small", input_size=64)
+    kw = dict(metric="deepssim", k=1, verify="none", verify_flips=True, progress=False)
+    by_file = A.audit(ds["train"], synth, model=ckpt, out=tmp_path / "f", **kw).out
+    by_object = A.audit(ds["train"], synth, model=load_model(ckpt), out=tmp_path / "o", **kw).out
+    assert A.evaluate(by_file, labels, model=load_model(ckpt))["accuracy"] == 1.0
+    assert A.evaluate(by_object, labels, model=ckpt)["accuracy"] == 1.0
+    for out in (by_file, by_object):
+        with pytest.raises(ValueError, match="not the encoder this audit used"):
+            A.evaluate(out, labels, model=other)
+
+
 def test_verify_none_names_the_searched_transform_that_gave_the_score(ds: dict, tmp_path: Path) -> None:
     """verify='none' with flips and shifts: matches.csv's transform names the variant of the synthetic item
     whose search score won (as verification names transforms: 'none', 'vflip', 'shift(dy,dx)'), also after
