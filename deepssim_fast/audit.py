@@ -395,23 +395,46 @@ def _entry_pixels(path: Path) -> np.ndarray:
     return _read_entry(path, pixels=True)[1]
 
 
-def _remove_legacy_entries(folder: Path) -> list[Path]:
-    """Delete the item cache entries of earlier versions (``<key>_<size>.npz``, which this version never
-    reads: as large as the decoded inputs, ~26 GB at 10^5 items of 256 x 256) untouched for over an hour (a
-    cache shared with an older audit still running keeps that one's)."""
+def _legacy_cache() -> tuple[tuple[str, str, str, str], ...]:
+    """Cache files of earlier versions, which this version never reads: (folder, glob, full-name pattern,
+    what they are)."""
+    from .model import PREPROCESS_VERSION
+
+    return (
+        ("items", "*.npz", r"[0-9a-f]{32}_\d+(x\d+)+\.npz", "item cache entries"),  # ~26 GB at 10^5 of 256^2
+        # embeddings of an earlier preprocessing (no _p<version>, or another one)
+        ("embeddings", "*.npy",
+         r"[0-9a-f]{32}_\d+(x\d+)+_[0-9a-f]{24}(_p(?!" + str(PREPROCESS_VERSION) + r"\.npy)\d+)?\.npy",
+         "cached embeddings"),
+    )
+
+
+def _preprocess_version() -> int:
+    from .model import PREPROCESS_VERSION
+
+    return PREPROCESS_VERSION
+
+
+def _remove_legacy_entries(cache: Path) -> list[Path]:
+    """Delete the cache files of earlier versions under ``cache`` (:func:`_legacy_cache`) untouched for over
+    an hour (a cache shared with an older audit still running keeps that one's)."""
     gone = []
     cutoff = time.time() - _CACHE_TMP_AGE_S
-    if folder.is_dir():
-        for f in folder.glob("*.npz"):
+    for sub, pattern, name, what in _legacy_cache():
+        folder, n = cache / sub, 0
+        if not folder.is_dir():
+            continue
+        for f in folder.glob(pattern):
             try:
-                if not re.fullmatch(r"[0-9a-f]{32}_\d+(x\d+)+\.npz", f.name) or f.stat().st_mtime > cutoff:
+                if not re.fullmatch(name, f.name) or f.stat().st_mtime > cutoff:
                     continue
             except OSError:
                 continue
             f.unlink(missing_ok=True)
             gone.append(f)
-    if gone:
-        logger.info("removed %d item cache entries of an earlier version from %s", len(gone), folder)
+            n += 1
+        if n:
+            logger.info("removed %d %s of an earlier version from %s", n, what, folder)
     return gone
 
 
@@ -820,9 +843,11 @@ def _embed_items(
     """Embeddings of every item, file by file from the cache; missing ones computed in batches."""
     from tqdm import tqdm
 
+    from .model import PREPROCESS_VERSION
+
     per_file: list[tuple[Path, Path]] = [(p, e) for p, e in zip(paths, entries, strict=True) if e is not None]
     out: list[np.ndarray | None] = [None] * len(per_file)
-    emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}.npy" for _, e in per_file]
+    emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}_p{PREPROCESS_VERSION}.npy" for _, e in per_file]
     counts = {e: len(keep) for e, keep in items.sources}  # (each entry's items, from its header: _build_items)
     for i, f in enumerate(emb_files):
         out[i] = _cached_embedding(f, counts[per_file[i][1]])
@@ -1425,7 +1450,7 @@ def audit(
     # and in the cache, which other audits may be writing to right now, those too old to be a running write's
     for sub in ("items", "embeddings"):
         remove_temporaries(cache / sub, older_than=_CACHE_TMP_AGE_S)
-    _remove_legacy_entries(cache / "items")
+    _remove_legacy_entries(cache)
 
     t0 = time.perf_counter()
     found = _drop_own_outputs({"train": discover(train), "synth": discover(synth)}, out, cache)
@@ -1518,6 +1543,7 @@ def audit(
         "train": hashlib.sha256(os.fsencode("\n".join(tset.ids))).hexdigest(),
         "synth": hashlib.sha256(os.fsencode("\n".join(sset.ids))).hexdigest(),
         "chunk": int(chunk_size),
+        **({"preprocess": _preprocess_version()} if metric == "deepssim" else {}),  # (its embeddings' version)
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": hashlib.sha256(
             "\n".join(_file_key(p, policy.token()) for p in (*train_paths, *synth_paths)).encode()

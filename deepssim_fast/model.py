@@ -96,6 +96,10 @@ SIZE_POLICIES = ("fit", "resize", "pad")
 SMALL_WIDTHS = (16, 32, 64)
 LOCAL_GRID = 8  # the ``small`` encoder's embedding: LOCAL_GRID x LOCAL_GRID cells x (emb_dim / 64) channels
 CHECKPOINT_FORMAT = "deepssim_fast.checkpoint"
+# The version of :func:`preprocess` (what an encoder is fed), part of the audit's embedding cache keys, so a
+# change that gives other embeddings never reuses those cached before it. 2: a constant image z-scores to
+# zeros whatever its value and batch, and stays exactly constant under the "resize" and "pad" size policies.
+PREPROCESS_VERSION = 2
 _TS_EXTRA = "deepssim_fast.json"
 
 

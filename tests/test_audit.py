@@ -675,6 +675,39 @@ def test_deepssim_metric_with_small_model_and_embedding_cache(
     assert r2.summary["counts"] == r.summary["counts"]
 
 
+def test_embeddings_cached_before_a_preprocessing_change_are_not_reused(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of the encoder's preprocessing (PREPROCESS_VERSION; 2: constant images) gives other
+    embeddings for the same model file: the cached embeddings and the saved search of the earlier version
+    must not be reused. Their file names and the run's fingerprint carry the version; files of an earlier
+    version untouched for an hour are removed."""
+    import torch
+
+    from deepssim_fast import model as M
+
+    torch.manual_seed(0)
+    ckpt = M.save_checkpoint(tmp_path / "m.pt", M.build_model("small", input_size=32))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    kw = dict(model=ckpt, metric="deepssim", k=2, out=out, cache_dir=cache, progress=False)
+    A.audit(ds["train"], ds["synth"], **kw)
+    names = sorted(f.name for f in (cache / "embeddings").glob("*.npy"))
+    assert names and all(n.endswith(f"_p{M.PREPROCESS_VERSION}.npy") for n in names)
+    # the next version: nothing of this one is reused, neither embeddings nor the saved search
+    monkeypatch.setattr(M, "PREPROCESS_VERSION", M.PREPROCESS_VERSION + 1)
+    calls = []
+    real = A._embed
+    monkeypatch.setattr(A, "_embed", lambda images, *a, **k: calls.append(len(images)) or real(images, *a, **k))
+    A.audit(ds["train"], ds["synth"], **kw)
+    assert sum(calls) == 14 + 8
+    old = time.time() - 2 * 3600
+    for n in names:
+        os.utime(cache / "embeddings" / n, (old, old))
+    A.audit(ds["train"], ds["synth"], **kw)
+    left = sorted(f.name for f in (cache / "embeddings").glob("*.npy"))
+    assert left and not set(left) & set(names)
+
+
 def test_embedding_reads_each_cached_file_once(ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedding read each per-file item cache entry three times (its ids to count, its pixels, its ids again);
     now once. (The same loop also tested membership in a list of the missing files, quadratic in the number of
