@@ -624,6 +624,16 @@ def _config_of(p: Path, d: Any) -> ModelConfig:
                              f"{exc})") from exc
 
 
+def _no_overrides(p: Path, kind: str, cfg: ModelConfig, input_size: int | None, size_policy: str | None) -> None:
+    """A model file that stores its preprocessing settings takes no other: ``input_size``/``size_policy``
+    given with values other than the stored ones are an error (the encoder was trained with those)."""
+    if (input_size is not None and int(input_size) != cfg.input_size) or (
+            size_policy is not None and size_policy != cfg.size_policy):
+        raise ValueError("input_size/size_policy overrides apply to foreign TorchScript files only; "
+                         f"{p} is {kind} that stores its own (input_size={cfg.input_size}, "
+                         f"size_policy={cfg.size_policy!r})")
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device | None = None,
                input_size: int | None = None, size_policy: str | None = None) -> nn.Module:
     """Load a project checkpoint (:class:`DeepSSIMNet`) or a TorchScript file (:class:`TorchScriptEncoder`).
@@ -656,6 +666,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
             except ValueError as exc:
                 raise ModelFileError(f"{p}: the model settings stored in it are not valid JSON ({exc})") from exc
             cfg = _config_of(p, stored)
+            _no_overrides(p, "a TorchScript file of ours", cfg, input_size, size_policy)
         else:
             cfg = ModelConfig(backbone="convnext_base", emb_dim=256, input_size=224, size_policy="resize",
                               extra={"foreign": True})
@@ -676,9 +687,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         return enc
     ck = read_checkpoint(p)
     cfg = _config_of(p, ck["config"])
-    if input_size is not None or size_policy is not None:
-        raise ValueError("input_size/size_policy overrides apply to foreign TorchScript files only; "
-                         f"{p} is a checkpoint that stores its own ({cfg.input_size}, {cfg.size_policy!r})")
+    _no_overrides(p, "a checkpoint", cfg, input_size, size_policy)
     net = DeepSSIMNet(cfg)
     try:
         net.load_state_dict(ck["model"], strict=True)

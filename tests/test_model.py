@@ -245,6 +245,20 @@ def test_freeze_rule_is_stages_0_and_1(backbone: str, frozen: tuple, trainable: 
 
 
 # ---------------------------------------------------------------------------------------------- export / load
+def test_files_that_store_their_settings_refuse_other_ones(tmp_path, small_model) -> None:
+    """input_size/size_policy are for foreign TorchScript files: a checkpoint refused other values, but a
+    TorchScript file of ours silently took them (feeding the encoder what it was not trained on). Both now
+    refuse values other than their own, and both take their own."""
+    ck = small_model.save_checkpoint(tmp_path / "m.pt")
+    ts = small_model.save_torchscript(tmp_path / "m_ts.pt")
+    for path, kind in ((ck, "a checkpoint"), (ts, "a TorchScript file of ours")):
+        with pytest.raises(ValueError, match=f"is {kind} that stores its own \\(input_size=64"):
+            load_model(path, input_size=128)
+        with pytest.raises(ValueError, match="overrides apply to foreign TorchScript files only"):
+            load_model(path, size_policy="pad" if small_model.config.size_policy != "pad" else "fit")
+        assert load_model(path, input_size=64, size_policy=small_model.config.size_policy).config.input_size == 64
+
+
 def test_torchscript_round_trip_identical_embeddings(tmp_path, small_model, real_images) -> None:
     path = small_model.save_torchscript(tmp_path / "enc.pt")
     ts = torch.jit.load(str(path))
