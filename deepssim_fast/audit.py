@@ -1654,8 +1654,9 @@ def audit(
                 try:
                     for vname, tname, fn in variants:
                         bar.set_postfix_str(vname, refresh=False)
-                        vv = _transformed_vectors(
-                            sset, fn, metric=metric, model=model_obj, batch_size=batch_size, device=device, bar=bar
+                        vv = _variant_vectors(
+                            work, vname, sset, fn, metric=metric, model=model_obj, batch_size=batch_size,
+                            device=device, bar=bar,
                         )
                         rv = _cosine_search(
                             tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
@@ -1806,6 +1807,35 @@ def _transformed_vectors(
         if bar is not None:
             bar.update(len(block))
     return np.concatenate(parts).astype(np.float32)
+
+
+def _variant_vectors(
+    work: Path, vname: str, items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any,
+    bar: Any = None,
+) -> np.ndarray:
+    """:func:`_transformed_vectors`, for ``deepssim`` kept in ``work/<set>_vectors_<vname>.npy`` (the
+    embeddings of a search variant, reused by a rerun with other thresholds or bins, or a resume: embedding
+    them is most of a flip/shift search). ``correlation`` rows are as large as the pixels: not kept."""
+    if metric != "deepssim":
+        return _transformed_vectors(items, fn, metric=metric, model=model, batch_size=batch_size, device=device,
+                                    bar=bar)
+    f = work / f"{items.name}_vectors_{vname}.npy"
+    try:
+        v = np.load(f)
+        if v.dtype == np.float32 and v.shape == items.vectors.shape and np.isfinite(v).all():
+            if bar is not None:
+                bar.update(len(items))
+            return v
+        logger.warning("%s: %s %s, not %s float32: embedding again", f, v.shape, v.dtype, items.vectors.shape)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError) as exc:
+        logger.warning("%s: unreadable (%s): embedding again", f, one_line(exc))
+    v = _transformed_vectors(items, fn, metric=metric, model=model, batch_size=batch_size, device=device, bar=bar)
+    buf = _io.BytesIO()
+    np.save(buf, v)
+    _atomic_bytes(f, buf.getvalue(), durable=False)  # (can always be embedded again)
+    return v
 
 
 def _search_variants(metric: str, flips: bool, shifts: int, spatial_dims: int) -> list[tuple[str, str, Any]]:

@@ -1739,6 +1739,35 @@ def test_thresholds_or_bins_change_keeps_pixel_stores_and_verified_ssim(
     assert store.stat().st_mtime_ns != mtime
 
 
+def test_thresholds_change_of_a_flip_aware_deepssim_search_embeds_nothing_again(
+    ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flip/shift-aware deepssim search embeds every transformed synthetic item; a rerun with other
+    thresholds embedded them all again (most of its time at scale). They are kept in work/ now, and the
+    rerun's outputs equal a fresh run's."""
+    import torch
+
+    from deepssim_fast import model as M
+
+    torch.manual_seed(0)
+    ckpt = M.save_checkpoint(tmp_path / "m.pt", M.build_model("small", input_size=32))
+    kw = dict(model=ckpt, metric="deepssim", k=2, verify="none", verify_flips=True, verify_shifts=2,
+              progress=False)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "o", **kw)
+    assert sorted(f.name for f in (tmp_path / "o" / "work").glob("synth_vectors_*.npy"))
+    calls = []
+    real = A._embed
+    monkeypatch.setattr(A, "_embed", lambda images, *a, **k: calls.append(len(images)) or real(images, *a, **k))
+    new = dict(kw, thresholds=(0.3, 0.7))
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "o", **new)
+    assert calls == []
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "fresh", **new)
+    assert calls  # (the fresh run did embed)
+    for name in ("matches.csv", "histogram.png"):
+        a = (tmp_path / "o" / name).read_bytes().replace(b"/o/", b"/x/")
+        assert a == (tmp_path / "fresh" / name).read_bytes().replace(b"/fresh/", b"/x/"), name
+
+
 def test_verified_chunk_is_reused_only_for_its_own_candidates(tmp_path: Path) -> None:
     """A verified chunk holds the candidates it scored; one whose candidates differ (or that predates them,
     or is damaged) is verified again rather than read for other pairs."""
