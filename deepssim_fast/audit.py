@@ -676,6 +676,9 @@ def _first_item_shape(
     return None, None
 
 
+#: Voxels of each side's images that verification stacks for one SSIM call (2^25: 128 MB of float32, about
+#: four MNI-sized volumes): volumes are verified a few pairs at a time, a chunk of 2D slices in one call.
+_VERIFY_VOXELS = 1 << 25
 _SSIM_WINDOW = 7  # the window of preset "deepssim" (scikit-image's default 7-wide uniform window)
 
 
@@ -1094,6 +1097,8 @@ def verify_pairs(
     training image (computed by FFT). The untransformed
     pair and the ``candidates`` transforms of highest normalised correlation are scored with exact SSIM
     (``preset="deepssim"``, training image first); the best SSIM and its transform name are returned.
+    The scored images are stacked for the SSIM engine a few pairs at a time (about ``_VERIFY_VOXELS``
+    voxels a side), so whole volumes need no copy of every pair's variants at once.
     """
     if len(train_px) != len(synth_px):
         raise ValueError(f"verify_pairs: {len(train_px)} training vs {len(synth_px)} synthetic images")
@@ -1101,6 +1106,16 @@ def verify_pairs(
         raise ValueError("rotations are searched for 2D items only")
     b = len(train_px)
     xs, ys, names, owner = [], [], [], []
+    vals_parts: list[np.ndarray] = []
+    held = 0  # voxels of the training images in xs (ys holds as many)
+
+    def flush() -> None:
+        """Score the pairs gathered so far: at most ~``_VERIFY_VOXELS`` voxels a side are stacked at once."""
+        nonlocal xs, ys, held
+        if xs:
+            vals_parts.append(_ssim_pairs(np.stack(xs), np.stack(ys), spatial_dims=spatial_dims, backend=backend))
+        xs, ys, held = [], [], 0
+
     search = flips or shifts > 0 or rotations > 0
     for i in range(b):
         t = np.asarray(train_px[i], dtype=np.float32)
@@ -1131,7 +1146,11 @@ def verify_pairs(
             ys.append(np.ascontiguousarray(img, dtype=np.float32))
             names.append(name)
             owner.append(i)
-    vals = _ssim_pairs(np.stack(xs), np.stack(ys), spatial_dims=spatial_dims, backend=backend)
+            held += t.size
+        if held >= _VERIFY_VOXELS:
+            flush()
+    flush()
+    vals = np.concatenate(vals_parts) if vals_parts else np.empty(0)
     if not np.isfinite(vals).all():
         raise RuntimeError("SSIM returned non-finite values during verification")
     best = np.full(b, -np.inf)
@@ -1947,6 +1966,25 @@ def _verified_for(f: Path, idx: np.ndarray) -> bool:
         return False
 
 
+def _verify_indexed(
+    train_px: np.ndarray, synth_px: np.ndarray, ti: np.ndarray, si: np.ndarray, **kwargs: Any
+) -> tuple[np.ndarray, list[str]]:
+    """:func:`verify_pairs` of the pairs ``(train_px[ti[p]], synth_px[si[p]])``, p = 0..P-1 (``ti``, ``si``
+    int (P,); the stores (n, *size) float32, memory-mapped): the images are read a batch of pairs at a time,
+    about ``_VERIFY_VOXELS`` voxels a side, so that verifying a chunk of whole volumes holds a few of them,
+    not a copy of every pair's (256 synthetic MNI volumes × k = 5 candidates were 2 × 42 GB). Each pair's
+    score does not depend on the batching. Returns the best SSIM (P,) float64 and the transform names."""
+    ti, si = np.asarray(ti, dtype=np.int64), np.asarray(si, dtype=np.int64)
+    per = max(1, _VERIFY_VOXELS // max(1, int(np.prod(train_px.shape[1:]))))
+    vals: list[np.ndarray] = [np.empty(0)]
+    names: list[str] = []
+    for a in range(0, len(ti), per):
+        v, n = verify_pairs(np.asarray(train_px[ti[a : a + per]]), np.asarray(synth_px[si[a : a + per]]), **kwargs)
+        vals.append(v)
+        names += n
+    return np.concatenate(vals), names
+
+
 def _verify_all(
     tset: ItemSet,
     sset: ItemSet,
@@ -1972,13 +2010,11 @@ def _verify_all(
         idx = res.indices[a : a + chunk_size]
         if not _verified_for(f, idx):
             rows = np.repeat(np.arange(a, a + len(idx)), k)
-            tpx = np.asarray(tset.pixels[np.sort(np.unique(idx))])
-            lookup = {int(j): p for p, j in enumerate(np.sort(np.unique(idx)))}
-            t_stack = tpx[[lookup[int(j)] for j in idx.ravel()]]
-            s_stack = np.asarray(sset.pixels[a : a + len(idx)])[rows - a]
-            v, names = verify_pairs(
-                t_stack,
-                s_stack,
+            v, names = _verify_indexed(
+                tset.pixels,
+                sset.pixels,
+                idx.ravel(),
+                rows,
                 spatial_dims=spatial_dims,
                 flips=flips,
                 shifts=shifts,
@@ -2363,9 +2399,11 @@ def evaluate(
     if summary["verify"]["method"] == "ssim":
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
-        score, _ = verify_pairs(
-            np.asarray(tp[ti]),
-            np.asarray(sp[si]),
+        score, _ = _verify_indexed(
+            tp,
+            sp,
+            np.asarray(ti, dtype=np.int64),
+            np.asarray(si, dtype=np.int64),
             spatial_dims=spatial_dims,
             flips=summary["verify"]["flips"],
             shifts=summary["verify"]["max_shift"],

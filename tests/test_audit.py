@@ -1894,3 +1894,42 @@ def test_item_cache_entries_of_the_earlier_format_are_removed(ds: dict, tmp_path
             out=tmp_path / "o", progress=False)
     assert not legacy.exists() and recent.exists() and other.exists()
     assert sorted((cache / "items").glob("*.items"))  # this run's entries
+
+
+def test_volume_verification_stacks_a_few_pairs_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification stacked every pair of a chunk (chunk_size × k, each with its flip/shift variants, and
+    copies of both stores' volumes) for one SSIM call: 8 synthetic MNI volumes with k=2 and flips peaked at
+    6.4 GB, and the default chunk of 256 volumes would need ~100 GB. The pairs are now read and scored a
+    few at a time (``_VERIFY_VOXELS`` a side), in the audit and in evaluate, with the same scores."""
+    anat = data.load_volume("anatomical").array
+    other = data.center_fit(data.load_volume("aniso_vox").array, anat.shape)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "anat.npy", anat)
+    np.save(tmp_path / "t" / "aniso.npy", other)
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        v = np.flip([anat, other][i % 2], i % 3)
+        np.save(tmp_path / "s" / f"s{i}.npy", (v + rng.normal(0, 5, v.shape)).astype(np.float32))
+    kw = dict(metric="ssim", mode="volumes", k=2, verify_flips=True, verify_shifts=1, progress=False)
+    A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "whole", **kw)
+    want = (tmp_path / "whole" / "matches.csv").read_bytes()
+
+    stacked = []
+    real = A._ssim_pairs
+
+    def spy(x: np.ndarray, y: np.ndarray, **k: object) -> np.ndarray:
+        stacked.append(len(x))
+        return real(x, y, **k)
+
+    monkeypatch.setattr(A, "_ssim_pairs", spy)
+    monkeypatch.setattr(A, "_VERIFY_VOXELS", 2 * anat.size, raising=False)
+    A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "few", **kw)
+    # 12 pairs, each scored untransformed and with its 2 best variants: at most 3 images a call, not 36
+    assert sum(stacked) == 36 and max(stacked) <= 3, stacked
+    assert (tmp_path / "few" / "matches.csv").read_bytes().replace(b"/few/", b"/whole/") == want
+    stacked.clear()
+    rows = _rows(tmp_path / "few")
+    pairs = [(Path(r["train_path"]).name, Path(r["synth_path"]).name, 1) for r in rows]
+    ev = A.evaluate(tmp_path / "few", _labels(tmp_path / "l.csv", *pairs))
+    assert ev["n"] == 12 and max(stacked) <= 3, stacked
