@@ -679,6 +679,9 @@ def _first_item_shape(
 #: Voxels of each side's images that verification stacks for one SSIM call (2^25: 128 MB of float32, about
 #: four MNI-sized volumes): volumes are verified a few pairs at a time, a chunk of 2D slices in one call.
 _VERIFY_VOXELS = 1 << 25
+#: Voxels of the float64 rows the correlation metric centres and normalises at once (2^24: 128 MB, one or
+#: two MNI-sized volumes; a chunk of 256 2D slices of up to 256 × 256 pixels, as before).
+_ROW_VOXELS = 1 << 24
 _SSIM_WINDOW = 7  # the window of preset "deepssim" (scikit-image's default 7-wide uniform window)
 
 
@@ -951,21 +954,28 @@ def _centred_rows(
 ) -> np.ndarray:
     """Pixels flattened, centred and L2-normalised (their cosine is the Pearson correlation).
 
+    ``pixels`` (n, *size) → (n, prod(size)) float32. The rows are computed in float64, ``chunk`` items at a
+    time but at most about ``_ROW_VOXELS`` voxels (whole volumes: one or two at a time; 256 MNI-sized ones
+    were a 17 GB float64 copy, and its temporaries as much again each); a row does not depend on the chunk.
+
     A constant item has no such row: it takes the row of ``fallback`` at the same position when given (a
     transformed item whose shift left only background: the untransformed item's row), else it is an error
     (the audit leaves constant items out before this point)."""
     n = len(pixels)
-    out = np.empty((n, int(np.prod(pixels.shape[1:]))), dtype=np.float32)
+    voxels = int(np.prod(pixels.shape[1:]))
+    chunk = max(1, min(chunk, _ROW_VOXELS // max(1, voxels)))
+    out = np.empty((n, voxels), dtype=np.float32)
     for a in range(0, n, chunk):
-        x = np.asarray(pixels[a : a + chunk], dtype=np.float64).reshape(min(chunk, n - a), -1)
+        x = np.array(pixels[a : a + chunk], dtype=np.float64).reshape(min(chunk, n - a), -1)
         const = _constant_items(x)
         if const.any() and fallback is None:
             bad = a + int(np.flatnonzero(const)[0])
             raise ValueError(f"{items.name} item {items.ids[bad]} is constant: its correlation is undefined")
-        x = x - x.mean(axis=1, keepdims=True)
+        x -= x.mean(axis=1, keepdims=True)
         nrm = np.linalg.norm(x, axis=1, keepdims=True)
         nrm[const] = 1.0
-        out[a : a + len(x)] = (x / nrm).astype(np.float32)
+        x /= nrm
+        out[a : a + len(x)] = x
         if const.any():
             out[a + np.flatnonzero(const)] = fallback[a + np.flatnonzero(const)]
     return out
@@ -1806,9 +1816,16 @@ def _transformed_vectors(
     """Search vectors of the items transformed image by image by ``fn`` (embeddings, or centred rows).
 
     ``bar``: a tqdm bar advanced by the number of items done. For ``correlation`` a transformed item that
-    is constant (a shift that left only background) keeps the untransformed item's row."""
+    is constant (a shift that left only background) keeps the untransformed item's row, and the items are
+    transformed a block of at most about ``_ROW_VOXELS`` voxels at a time (whole volumes: one or two), the
+    rows written into one float32 array (a block of 256 items and the parts' concatenation held 3 copies of
+    every transformed volume besides)."""
     n = len(items)
     step = max(batch_size * 4, 256)
+    if metric == "correlation":
+        voxels = int(np.prod(items.pixels.shape[1:]))
+        step = max(1, min(step, _ROW_VOXELS // max(1, voxels)))
+        out = np.empty((n, voxels), dtype=np.float32)
     parts = []
     for a in range(0, n, step):
         block = np.ascontiguousarray(np.stack([fn(np.asarray(img)) for img in items.pixels[a : a + step]]))
@@ -1822,10 +1839,10 @@ def _transformed_vectors(
                 items.indices[a : a + step],
                 block,
             )
-            parts.append(_centred_rows(block, sub, fallback=items.vectors[a : a + step]))
+            out[a : a + len(block)] = _centred_rows(block, sub, fallback=items.vectors[a : a + step])
         if bar is not None:
             bar.update(len(block))
-    return np.concatenate(parts).astype(np.float32)
+    return out if metric == "correlation" else np.concatenate(parts).astype(np.float32)
 
 
 def _variant_vectors(

@@ -1933,3 +1933,40 @@ def test_volume_verification_stacks_a_few_pairs_at_a_time(tmp_path: Path, monkey
     pairs = [(Path(r["train_path"]).name, Path(r["synth_path"]).name, 1) for r in rows]
     ev = A.evaluate(tmp_path / "few", _labels(tmp_path / "l.csv", *pairs))
     assert ev["n"] == 12 and max(stacked) <= 3, stacked
+
+
+def test_correlation_rows_of_volumes_are_centred_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The correlation metric centred 256 items at a time in float64 with two more float64 temporaries: for
+    volumes a copy of the whole collection at 6x its float32 size (6 MNI volumes: 1.2 GB for 199 MB of
+    rows; 256 of them ~50 GB), and the transformed (flip/shift) search held 8x. Rows are now computed about
+    ``_ROW_VOXELS`` voxels at a time, into one float32 array, with the same values."""
+    import tracemalloc
+
+    vol = data.load_volume("anatomical").array
+    rng = np.random.default_rng(8)
+    px = np.stack([vol * (1 + 0.1 * i) + rng.normal(0, 5, vol.shape) for i in range(24)]).astype(np.float32)
+    names = [f"v{i}" for i in range(len(px))]
+    items = A.ItemSet("synth", names, names, list(range(len(px))), px)
+    whole = A._centred_rows(px, items)  # (24 items: one chunk, as before)
+    items.vectors = whole
+    flipped = A._transformed_vectors(items, lambda img: np.flip(img, 1), metric="correlation", model=None,
+                                     batch_size=64, device=None)
+    monkeypatch.setattr(A, "_ROW_VOXELS", 2 * vol.size, raising=False)
+    tracemalloc.start()
+    try:
+        rows = A._centred_rows(px, items)
+        _, peak_rows = tracemalloc.get_traced_memory()
+        del rows
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        rows_f = A._transformed_vectors(items, lambda img: np.flip(img, 1), metric="correlation", model=None,
+                                        batch_size=64, device=None)
+        _, peak_f = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out_bytes = whole.nbytes
+    # the float32 rows, plus a couple of items' float64 work (old: + 5 float64 copies of all 24 items)
+    assert peak_rows < out_bytes + 12 * vol.size * 8, (peak_rows, out_bytes)
+    assert peak_f - base < out_bytes + 12 * vol.size * 8, (peak_f - base, out_bytes)
+    np.testing.assert_array_equal(A._centred_rows(px, items), whole)
+    np.testing.assert_array_equal(rows_f, flipped)
