@@ -111,7 +111,9 @@ MATCHES_HEADER = (
 )
 #: A temporary file in the (possibly shared) cache older than this is what a killed run left: removed.
 _CACHE_TMP_AGE_S = 3600.0
-_FORMAT_VERSION = 3  # 3: volumes are flipped along every axis; 4D files give one volume per frame
+# 3: volumes are flipped along every axis; 4D files give one volume per frame. 4: a flip is verified with a
+# shift of up to 1 voxel along the flipped axis (the half-voxel offset of an odd centre crop/pad)
+_FORMAT_VERSION = 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1038,10 +1040,12 @@ def _rotate(img: np.ndarray, deg: float) -> np.ndarray:
 
 
 def _best_shift(
-    ref_fft: np.ndarray, ref_norm: float, shape: tuple[int, ...], img: np.ndarray, max_shift: int
+    ref_fft: np.ndarray, ref_norm: float, shape: tuple[int, ...], img: np.ndarray,
+    max_shift: int | tuple[int, ...],
 ) -> tuple[tuple[int, ...], float]:
-    """Integer shift (per axis) within ±max_shift maximising the cross-correlation of the centred images,
-    and the normalised correlation there (ties prefer no shift, then the first in scan order).
+    """Integer shift (per axis) within ±max_shift (one bound for every axis, or one per axis) maximising the
+    cross-correlation of the centred images, and the normalised correlation there (ties prefer no shift,
+    then the first in scan order).
 
     ``ref_fft``: rfftn of the centred reference; ``ref_norm``: its L2 norm.
     """
@@ -1049,16 +1053,17 @@ def _best_shift(
     norm = float(np.sqrt(np.square(b).sum())) * ref_norm or 1.0
     xc = np.fft.irfftn(ref_fft * np.conj(np.fft.rfftn(b)), s=shape, axes=tuple(range(len(shape))))
     zero = (0,) * len(shape)
-    if max_shift <= 0:
+    reach = (max_shift,) * len(shape) if isinstance(max_shift, (int, np.integer)) else tuple(max_shift)
+    if max(reach) <= 0:
         return zero, float(xc[zero]) / norm
-    offs = np.arange(-max_shift, max_shift + 1)
-    win = xc[np.ix_(*[offs % n for n in shape])]  # win[i, j] = xc[offs[i], offs[j]]
+    offs = [np.arange(-m, m + 1) for m in reach]
+    win = xc[np.ix_(*[o % n for o, n in zip(offs, shape, strict=True)])]  # win[i, j] = xc[offs0[i], offs1[j]]
     centre = float(xc[zero])
     flat = int(np.argmax(win))  # first maximum in scan order
     best = float(win.flat[flat])
     if not best > centre + 1e-9 * abs(centre):
         return zero, centre / norm
-    arg = tuple(int(offs[q]) for q in np.unravel_index(flat, win.shape))
+    arg = tuple(int(o[q]) for o, q in zip(offs, np.unravel_index(flat, win.shape), strict=True))
     # xc[d] = sum_x ref[x + d] img[x]: img translated by +d (see _shift) lines up with ref
     return arg, best / norm
 
@@ -1104,7 +1109,8 @@ def verify_pairs(
     ``flips``: horizontal / vertical in 2D, each axis in 3D), and
     the flip of highest correlation also by the rotations ±r/2, ±r degrees (r = ``rotations``; 2D only); each
     variant is followed by the integer shift within ±``shifts`` that maximises its cross-correlation with the
-    training image (computed by FFT). The untransformed
+    training image (computed by FFT; along a flipped axis within at least ±1, as an item centre-fitted by an
+    odd number of voxels is mirrored one voxel off its file's mirror image). The untransformed
     pair and the ``candidates`` transforms of highest normalised correlation are scored with exact SSIM
     (``preset="deepssim"``, training image first); the best SSIM and its transform name are returned.
     The scored images are stacked for the SSIM engine a few pairs at a time (about ``_VERIFY_VOXELS``
@@ -1136,16 +1142,22 @@ def verify_pairs(
             t_fft, t_norm = np.fft.rfftn(tc), float(np.sqrt(np.square(tc).sum()))
             scored = []
             flipped = {}
+            reach = {}
             for fname, axes in _flip_variants(flips, spatial_dims):
                 v = np.ascontiguousarray(np.flip(s, axis=axes)) if axes else s
                 flipped[fname] = v
-                d, score = _best_shift(t_fft, t_norm, t.shape, v, shifts)
+                # a flip mirrors the fitted item about its centre, which is half a voxel off the centre of the
+                # file's image where center_fit cropped or padded an odd number of voxels on that axis: the
+                # mirrored copy of a training file then lies one voxel off. Along a flipped axis the shift
+                # search reaches at least 1 voxel (ties still prefer no shift).
+                reach[fname] = tuple(max(shifts, 1) if ax in axes else shifts for ax in range(t.ndim))
+                d, score = _best_shift(t_fft, t_norm, t.shape, v, reach[fname])
                 scored.append((-score, len(scored), fname, 0.0, d, v))
             # rotations are searched for the best flip only (flip first, then angle, then shift)
             top_flip = min(scored, key=lambda z: (z[0], z[1]))[2]
             for deg in _rotation_angles(rotations)[1:]:
                 r = _rotate(flipped[top_flip], deg)
-                d, score = _best_shift(t_fft, t_norm, t.shape, r, shifts)
+                d, score = _best_shift(t_fft, t_norm, t.shape, r, reach[top_flip])
                 scored.append((-score, len(scored), top_flip, deg, d, r))
             scored = [z for z in scored if z[2] or z[3] or any(z[4])]
             scored.sort(key=lambda z: (z[0], z[1]))
