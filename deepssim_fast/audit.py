@@ -2442,41 +2442,55 @@ def evaluate(
     elif metric == "ssim":  # the search score itself: exact SSIM, training item first
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
-        score = _ssim_pairs(
-            np.ascontiguousarray(tp[ti]), np.ascontiguousarray(sp[si]), spatial_dims=spatial_dims,
-            backend=backend,
-        )
+        # (the pairs a batch at a time, ~_VERIFY_VOXELS a side: whole volumes are not all copied at once)
+        per = max(1, _VERIFY_VOXELS // max(1, int(np.prod(tp.shape[1:]))))
+        score = np.concatenate([np.empty(0)] + [
+            _ssim_pairs(np.ascontiguousarray(tp[ti[a0 : a0 + per]]), np.ascontiguousarray(sp[si[a0 : a0 + per]]),
+                        spatial_dims=spatial_dims, backend=backend)
+            for a0 in range(0, len(ti), per)
+        ])
     else:
         def centred(px: Any) -> np.ndarray:  # flattened pixels minus their mean, in float64
             x = np.asarray(px, dtype=np.float64).reshape(len(px), -1)
             return x - x.mean(axis=1, keepdims=True)
 
+        # (metric embeddings has no pixels, and no variants)
+        sp = np.load(stored("synth_pixels.npy"), mmap_mode="r") if metric != "embeddings" else None
         if metric == "correlation":  # Pearson correlation of the stored pixels
             tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
-            sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
-            a, b = centred(tp[ti]), centred(sp[si])
+            # the labelled pairs a batch of about _ROW_VOXELS voxels a side at a time: for whole volumes every
+            # pair's float64 copies and variants at once were ~190 volumes' worth for 16 pairs of MNI volumes
+            per = max(1, _ROW_VOXELS // max(1, int(np.prod(tp.shape[1:]))))
         else:  # deepssim, embeddings: cosine of the stored search vectors
             tv, sv = np.load(stored("train_vectors.npy")), np.load(stored("synth_vectors.npy"))
-            a, b = tv[ti].astype(np.float64), sv[si].astype(np.float64)
+            per = max(1, len(ti))  # (one batch: small vectors, and the variants embedded in one pass)
 
-        def cosine(b: np.ndarray) -> np.ndarray:
+        def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
-        score = cosine(b)
         variants = _search_variants(
             metric, summary["verify"]["flips"], summary["verify"]["max_shift"], spatial_dims
         )
-        if variants:  # the search score is the best over the transformed synthetic items too
-            spx = np.asarray(np.load(stored("synth_pixels.npy"), mmap_mode="r")[si])
-            model_obj = _evaluation_model(summary, model) if metric == "deepssim" else None
-            for _, _, fn in variants:
-                block = np.ascontiguousarray(np.stack([fn(img) for img in spx]))
-                if metric == "deepssim":
-                    bv = _embed(list(block), model_obj, batch_size=batch_size, device=device).astype(np.float64)
-                else:  # a transformed item that is constant keeps the untransformed item's row (as the search)
-                    bv = np.where(_constant_items(block)[:, None], b, centred(block))
-                score = np.maximum(score, cosine(bv))
-        score = np.clip(score, -1.0, 1.0)  # as the search's scores
+        model_obj = _evaluation_model(summary, model) if variants and metric == "deepssim" else None
+        parts = [np.empty(0)]
+        for a0 in range(0, len(ti), per):
+            bt, bs = ti[a0 : a0 + per], si[a0 : a0 + per]
+            if metric == "correlation":
+                a, b = centred(tp[bt]), centred(sp[bs])
+            else:
+                a, b = tv[bt].astype(np.float64), sv[bs].astype(np.float64)
+            part = cosine(a, b)
+            if variants:  # the search score is the best over the transformed synthetic items too
+                spx = np.asarray(sp[bs])
+                for _, _, fn in variants:
+                    block = np.ascontiguousarray(np.stack([fn(img) for img in spx]))
+                    if metric == "deepssim":
+                        bv = _embed(list(block), model_obj, batch_size=batch_size, device=device).astype(np.float64)
+                    else:  # a transformed item that is constant keeps the untransformed item's row (as the search)
+                        bv = np.where(_constant_items(block)[:, None], b, centred(block))
+                    part = np.maximum(part, cosine(a, bv))
+            parts.append(part)
+        score = np.clip(np.concatenate(parts), -1.0, 1.0)  # as the search's scores
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
     y_pred = [_REF_CODE[n] for n in pred_names]
     y_true = [lab for _, _, lab in pairs]

@@ -1997,3 +1997,42 @@ def test_mirrored_copy_of_a_volume_fitted_by_an_odd_crop_is_found(tmp_path: Path
     # an item fitted without an odd residual (here, its own shape) keeps the plain flip
     v, names = A.verify_pairs(anat[None], np.flip(anat, 1)[None].copy(), spatial_dims=3, flips=True)
     assert names == ["flip1"] and v[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_evaluate_of_a_volume_correlation_audit_scores_the_pairs_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate (verify='none', metric correlation) centred the pixels of every labelled pair in float64 at once,
+    and every flip variant of them: 16 pairs of MNI volumes peaked at 6 GB (192 volumes' worth). The pairs are
+    scored a batch of about ``_ROW_VOXELS`` voxels at a time, with the audit's search scores."""
+    import tracemalloc
+
+    anat = data.load_volume("anatomical").array
+    other = data.center_fit(data.load_volume("aniso_vox").array, anat.shape)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "anat.npy", anat)
+    np.save(tmp_path / "t" / "aniso.npy", other)
+    rng = np.random.default_rng(6)
+    for i in range(6):
+        v = np.flip([anat, other][i % 2], i % 3)
+        np.save(tmp_path / "s" / f"s{i}.npy", (v + rng.normal(0, 50, v.shape)).astype(np.float32))
+    out = tmp_path / "o"
+    A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", verify="none", mode="volumes", k=2,
+            verify_flips=True, out=out, progress=False)
+    rows = _rows(out)
+    labels = _labels(tmp_path / "l.csv", *[(Path(r["train_path"]).name, Path(r["synth_path"]).name, 1) for r in rows])
+    seen = []
+    real = A.label_of
+    monkeypatch.setattr(A, "label_of", lambda s, th: (seen.append(np.array(s)), real(s, th))[1])
+    monkeypatch.setattr(A, "_ROW_VOXELS", 2 * anat.size, raising=False)
+    tracemalloc.start()
+    try:
+        ev = A.evaluate(out, labels)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ev["n"] == 12
+    np.testing.assert_allclose(seen[-1], [float(r["cosine"]) for r in rows], atol=2e-6)
+    # a couple of pairs' float64 rows and variants at a time (old: all 12 pairs' at once, ~30 MB)
+    assert peak < 40 * anat.size * 8, peak
