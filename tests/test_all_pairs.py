@@ -232,6 +232,18 @@ def _emulate_canonical(q: np.ndarray, t: np.ndarray) -> np.ndarray:
     return u[0] + u[1]
 
 
+def _assert_cosine_scores_at_every_level(q: np.ndarray, t: np.ndarray, want: np.ndarray) -> None:
+    """``_native.cosine_scores(q, t)`` (poisoned output) equals ``want`` bit for bit at every SIMD level."""
+    for level in ("auto", "avx2", "scalar"):
+        out = np.full((q.shape[0], t.shape[0]), np.nan, np.float32)
+        try:
+            _native.set_simd_level(level)
+            _native.cosine_scores(q, t, out)
+        finally:
+            _native.set_simd_level("auto")
+        assert np.array_equal(out, want), (level, _first_mismatch(out, want))
+
+
 @pytest.mark.parametrize("d", [37, 256, 8])
 def test_canonical_score_is_the_16_lane_fma_tree_independently_emulated(d):
     rng = np.random.default_rng(SEED + 30 + d)
@@ -241,15 +253,7 @@ def test_canonical_score_is_the_16_lane_fma_tree_independently_emulated(d):
     qp = np.zeros((13, dp), np.float32)
     tp = np.zeros((29, dp), np.float32)
     qp[:, :d], tp[:, :d] = q, t
-    acc = _emulate_canonical(q, t)
-    for level in ("auto", "avx2", "scalar"):
-        out = np.full((13, 29), np.nan, np.float32)
-        try:
-            _native.set_simd_level(level)
-            _native.cosine_scores(qp, tp, out)
-        finally:
-            _native.set_simd_level("auto")
-        assert np.array_equal(out, acc), (level, _first_mismatch(out, acc))
+    _assert_cosine_scores_at_every_level(qp, tp, _emulate_canonical(q, t))
 
 
 @pytest.mark.parametrize("d", [4096, 4097, 2 * 4096 + 37])
@@ -266,14 +270,7 @@ def test_canonical_score_of_long_rows_adds_4096_column_blocks_in_float64(d):
     want = want.astype(np.float32)
     if d == 4096:
         assert np.array_equal(want, _emulate_canonical(q, t))
-    for level in ("auto", "avx2", "scalar"):
-        out = np.full((5, 7), np.nan, np.float32)
-        try:
-            _native.set_simd_level(level)
-            _native.cosine_scores(q, t, out)
-        finally:
-            _native.set_simd_level("auto")
-        assert np.array_equal(out, want), (level, _first_mismatch(out, want))
+    _assert_cosine_scores_at_every_level(q, t, want)
 
 
 def test_an_exact_copy_of_a_whole_volume_scores_one():

@@ -1896,21 +1896,29 @@ def test_item_cache_entries_of_the_earlier_format_are_removed(ds: dict, tmp_path
     assert sorted((cache / "items").glob("*.items"))  # this run's entries
 
 
+def _flipped_noisy_volumes(root: Path, *, seed: int, noise: float) -> np.ndarray:
+    """``root/t``: nibabel's anatomical volume and dipy's aniso_vox fitted to its shape; ``root/s``: six noisy
+    copies of them (Gaussian noise of std ``noise``), flipped along axis 0, 1, 2 in turn. Returns the
+    anatomical volume."""
+    anat = data.load_volume("anatomical").array
+    other = data.center_fit(data.load_volume("aniso_vox").array, anat.shape)
+    (root / "t").mkdir()
+    (root / "s").mkdir()
+    np.save(root / "t" / "anat.npy", anat)
+    np.save(root / "t" / "aniso.npy", other)
+    rng = np.random.default_rng(seed)
+    for i in range(6):
+        v = np.flip([anat, other][i % 2], i % 3)
+        np.save(root / "s" / f"s{i}.npy", (v + rng.normal(0, noise, v.shape)).astype(np.float32))
+    return anat
+
+
 def test_volume_verification_stacks_a_few_pairs_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Verification stacked every pair of a chunk (chunk_size × k, each with its flip/shift variants, and
     copies of both stores' volumes) for one SSIM call: 8 synthetic MNI volumes with k=2 and flips peaked at
     6.4 GB, and the default chunk of 256 volumes would need ~100 GB. The pairs are now read and scored a
     few at a time (``_VERIFY_VOXELS`` a side), in the audit and in evaluate, with the same scores."""
-    anat = data.load_volume("anatomical").array
-    other = data.center_fit(data.load_volume("aniso_vox").array, anat.shape)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "t" / "anat.npy", anat)
-    np.save(tmp_path / "t" / "aniso.npy", other)
-    rng = np.random.default_rng(5)
-    for i in range(6):
-        v = np.flip([anat, other][i % 2], i % 3)
-        np.save(tmp_path / "s" / f"s{i}.npy", (v + rng.normal(0, 5, v.shape)).astype(np.float32))
+    anat = _flipped_noisy_volumes(tmp_path, seed=5, noise=5)
     kw = dict(metric="ssim", mode="volumes", k=2, verify_flips=True, verify_shifts=1, progress=False)
     A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "whole", **kw)
     want = (tmp_path / "whole" / "matches.csv").read_bytes()
@@ -2007,16 +2015,7 @@ def test_evaluate_of_a_volume_correlation_audit_scores_the_pairs_a_few_at_a_time
     scored a batch of about ``_ROW_VOXELS`` voxels at a time, with the audit's search scores."""
     import tracemalloc
 
-    anat = data.load_volume("anatomical").array
-    other = data.center_fit(data.load_volume("aniso_vox").array, anat.shape)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "t" / "anat.npy", anat)
-    np.save(tmp_path / "t" / "aniso.npy", other)
-    rng = np.random.default_rng(6)
-    for i in range(6):
-        v = np.flip([anat, other][i % 2], i % 3)
-        np.save(tmp_path / "s" / f"s{i}.npy", (v + rng.normal(0, 50, v.shape)).astype(np.float32))
+    anat = _flipped_noisy_volumes(tmp_path, seed=6, noise=50)
     out = tmp_path / "o"
     A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", verify="none", mode="volumes", k=2,
             verify_flips=True, out=out, progress=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -340,19 +341,30 @@ class _ThreeChannelStem(nn.Module):
         return self.pool(self.stem(x)).flatten(1)
 
 
+def _foreign_file(tmp_path, net: nn.Module, name: str) -> tuple[nn.Module, Any]:
+    """``net`` in eval mode, scripted and saved as ``name``, and that file loaded as a foreign encoder of
+    64 x 64 inputs (size policy fit)."""
+    net.eval()
+    p = tmp_path / name
+    torch.jit.save(torch.jit.script(net), str(p))
+    return net, load_model(p, input_size=64, size_policy="fit")
+
+
+def _zscored(imgs: list[np.ndarray]) -> np.ndarray:
+    """The reference's per-image z-score (population std, float64), as float32 (N, S, S)."""
+    return np.stack([(a - a.mean()) / a.std() for a in (i.astype(np.float64) for i in imgs)]).astype(np.float32)
+
+
 def test_foreign_torchscript_with_a_three_channel_stem_embeds(tmp_path, real_images) -> None:
     """embed fed a foreign TorchScript file (the published DeepSSIM weights) (N, 1, S, S) input, which its
     3-channel stem rejected with a TorchScript RuntimeError: no embedding could be made with the published
     encoder. It now gets the z-scored image repeated to 3 channels, as the reference feeds it."""
     torch.manual_seed(0)
-    net = _ThreeChannelStem().eval()
-    p = tmp_path / "published.pt"
-    torch.jit.save(torch.jit.script(net), str(p))
-    m = load_model(p, input_size=64, size_policy="fit")
+    net, m = _foreign_file(tmp_path, _ThreeChannelStem(), "published.pt")
     imgs = [fit_size(a, 64, "fit") for a in real_images[:3]]
     got = embed(imgs, m, progress=False)
     # the reference: per-image z-score (population std), the channel repeated 3 times, the network
-    z = np.stack([(a - a.mean()) / a.std() for a in (i.astype(np.float64) for i in imgs)]).astype(np.float32)
+    z = _zscored(imgs)
     with torch.no_grad():
         want = torch.nn.functional.normalize(net(torch.from_numpy(z)[:, None].repeat(1, 3, 1, 1)), dim=1)
     _assert_close(got, want.numpy(), 1e-5, "published-style encoder")
@@ -366,15 +378,12 @@ def test_foreign_torchscript_with_a_one_channel_stem_gets_one_channel(tmp_path, 
     """A foreign file whose first convolution takes one channel is fed the grayscale input as it is (the
     3-channel repeat is for 3-channel stems such as the published encoder's)."""
     torch.manual_seed(0)
-    net = _ThreeChannelStem()
-    net.stem = nn.Conv2d(1, 8, kernel_size=4, stride=4)
-    net.eval()
-    p = tmp_path / "gray.pt"
-    torch.jit.save(torch.jit.script(net), str(p))
-    m = load_model(p, input_size=64, size_policy="fit")
+    gray = _ThreeChannelStem()
+    gray.stem = nn.Conv2d(1, 8, kernel_size=4, stride=4)
+    net, m = _foreign_file(tmp_path, gray, "gray.pt")
     imgs = [fit_size(a, 64, "fit") for a in real_images[:2]]
     got = embed(imgs, m, progress=False)
-    z = np.stack([(a - a.mean()) / a.std() for a in (i.astype(np.float64) for i in imgs)]).astype(np.float32)
+    z = _zscored(imgs)
     with torch.no_grad():
         want = torch.nn.functional.normalize(net(torch.from_numpy(z)[:, None]), dim=1)
     _assert_close(got, want.numpy(), 1e-5, "one-channel foreign encoder")
