@@ -1627,13 +1627,17 @@ def test_empty_and_complex_embedding_files_are_skipped_by_path(tmp_path: Path) -
         A.audit(tmp_path / "t" / "a.npy", tmp_path / "s" / "none.npy", out=tmp_path / "o3", **kw)
 
 
+def _series_and_a_frame_copy(root: Path) -> None:
+    """``root/t/series.npy``: two random 12 x 13 x 14 frames (4D); ``root/s/copy1.npy``: a copy of frame 1."""
+    frames = np.random.default_rng(9).random((12, 13, 14, 2)).astype(np.float32)
+    (root / "t").mkdir()
+    (root / "s").mkdir()
+    np.save(root / "t" / "series.npy", frames)
+    np.save(root / "s" / "copy1.npy", frames[..., 1])
+
+
 def test_volumes_mode_takes_every_frame_of_a_4d_file(tmp_path: Path) -> None:
-    rng = np.random.default_rng(9)
-    frames = rng.random((12, 13, 14, 2)).astype(np.float32)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "t" / "series.npy", frames)
-    np.save(tmp_path / "s" / "copy1.npy", frames[..., 1])
+    _series_and_a_frame_copy(tmp_path)
     r = A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=2, out=tmp_path / "o",
                 progress=False)
     rows = _rows(tmp_path / "o")
@@ -1647,12 +1651,7 @@ def test_evaluate_label_key_naming_a_4d_file_is_ambiguous_not_unknown(tmp_path: 
     """The items of a 4D file have the path ``<file>@t<t>``: a label key naming the file itself (its path, name or
     stem, as the README allows) was told it 'matches no audited item'; it names several (one per frame), and
     is told so. A frame's own path still finds its item."""
-    rng = np.random.default_rng(9)
-    frames = rng.random((12, 13, 14, 2)).astype(np.float32)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "t" / "series.npy", frames)
-    np.save(tmp_path / "s" / "copy1.npy", frames[..., 1])
+    _series_and_a_frame_copy(tmp_path)
     out = tmp_path / "o"
     A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=2, out=out, progress=False)
     for key in ("series.npy", "series", str(tmp_path / "t" / "series.npy")):
