@@ -264,20 +264,27 @@ DSF_TARGET_AVX2 void canon_dot4_avx2(const float* const* x, const float* const* 
     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x[3] + k), _mm256_loadu_ps(y[3] + k), a3);
     b3 = _mm256_fmadd_ps(_mm256_loadu_ps(x[3] + k + 8), _mm256_loadu_ps(y[3] + k + 8), b3);
   }
-  if (k < dp) {  // tail: fewer than 16 columns, through a zero-padded copy (adding 0 * 0 changes no lane)
+  if (k < dp) {
+    // tail: fewer than 16 columns, through a zero-padded copy; lanes past dp keep their sums (blend): adding
+    // 0 * 0 to a lane would turn a -0.0 sum (products that underflowed to -0) into +0.0, where the scalar
+    // form, which never touches them, keeps -0.0
     alignas(32) float xt[4][16] = {}, yt[4][16] = {};
     for (int i = 0; i < 4; ++i) {
       std::memcpy(xt[i], x[i] + k, sizeof(float) * (dp - k));
       std::memcpy(yt[i], y[i] + k, sizeof(float) * (dp - k));
     }
-    a0 = _mm256_fmadd_ps(_mm256_load_ps(xt[0]), _mm256_load_ps(yt[0]), a0);
-    b0 = _mm256_fmadd_ps(_mm256_load_ps(xt[0] + 8), _mm256_load_ps(yt[0] + 8), b0);
-    a1 = _mm256_fmadd_ps(_mm256_load_ps(xt[1]), _mm256_load_ps(yt[1]), a1);
-    b1 = _mm256_fmadd_ps(_mm256_load_ps(xt[1] + 8), _mm256_load_ps(yt[1] + 8), b1);
-    a2 = _mm256_fmadd_ps(_mm256_load_ps(xt[2]), _mm256_load_ps(yt[2]), a2);
-    b2 = _mm256_fmadd_ps(_mm256_load_ps(xt[2] + 8), _mm256_load_ps(yt[2] + 8), b2);
-    a3 = _mm256_fmadd_ps(_mm256_load_ps(xt[3]), _mm256_load_ps(yt[3]), a3);
-    b3 = _mm256_fmadd_ps(_mm256_load_ps(xt[3] + 8), _mm256_load_ps(yt[3] + 8), b3);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int rest = static_cast<int>(dp - k);
+    const __m256 lo = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rest), lane));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rest - 8), lane));
+#define DSF_CANON_TAIL(i, a, b)                                                                              \
+  a = _mm256_blendv_ps(a, _mm256_fmadd_ps(_mm256_load_ps(xt[i]), _mm256_load_ps(yt[i]), a), lo);            \
+  b = _mm256_blendv_ps(b, _mm256_fmadd_ps(_mm256_load_ps(xt[i] + 8), _mm256_load_ps(yt[i] + 8), b), hi);
+    DSF_CANON_TAIL(0, a0, b0)
+    DSF_CANON_TAIL(1, a1, b1)
+    DSF_CANON_TAIL(2, a2, b2)
+    DSF_CANON_TAIL(3, a3, b3)
+#undef DSF_CANON_TAIL
   }
   out[0] = canon_tree_avx2(a0, b0);
   out[1] = canon_tree_avx2(a1, b1);
@@ -297,12 +304,12 @@ DSF_TARGET_AVX512 void canon_dot4_avx512(const float* const* x, const float* con
     a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x[2] + k), _mm512_loadu_ps(y[2] + k), a2);
     a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x[3] + k), _mm512_loadu_ps(y[3] + k), a3);
   }
-  if (k < dp) {  // tail: masked loads (zero lanes add 0 * 0, which changes no lane)
+  if (k < dp) {  // tail: masked FMAs (lanes past dp keep their sums, -0.0 included: see canon_dot4_avx2)
     const __mmask16 mk = static_cast<__mmask16>((1u << (dp - k)) - 1);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[0] + k), _mm512_maskz_loadu_ps(mk, y[0] + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[1] + k), _mm512_maskz_loadu_ps(mk, y[1] + k), a1);
-    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[2] + k), _mm512_maskz_loadu_ps(mk, y[2] + k), a2);
-    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[3] + k), _mm512_maskz_loadu_ps(mk, y[3] + k), a3);
+    a0 = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[0] + k), _mm512_maskz_loadu_ps(mk, y[0] + k), a0, mk);
+    a1 = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[1] + k), _mm512_maskz_loadu_ps(mk, y[1] + k), a1, mk);
+    a2 = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[2] + k), _mm512_maskz_loadu_ps(mk, y[2] + k), a2, mk);
+    a3 = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(mk, x[3] + k), _mm512_maskz_loadu_ps(mk, y[3] + k), a3, mk);
   }
   alignas(64) float L[4][16];
   _mm512_store_ps(L[0], a0);

@@ -273,6 +273,35 @@ def test_canonical_score_of_long_rows_adds_4096_column_blocks_in_float64(d):
     _assert_cosine_scores_at_every_level(q, t, want)
 
 
+@pytest.mark.parametrize("d", [24, 40, 4096 + 24])
+def test_canonical_score_keeps_a_negative_zero_on_every_simd_level(d):
+    """Products that underflow to -0.0 leave their lanes at -0.0, and a row pair whose every lane is -0.0 scores
+    -0.0. The AVX2 and AVX-512 forms added 0 * 0 to the lanes past the last column of a partial 16-column
+    group (dp not a multiple of 16), which turned those lanes into +0.0: the score came out +0.0 there and
+    -0.0 on the scalar level (same value, different bits in the reported scores and a saved result)."""
+    q = np.full((2, d), -0.0, np.float32)
+    t = np.zeros((3, d), np.float32)
+    q[:, :16] = -(2.0**-80)  # each lane's first product: -2^-160, which rounds to -0.0
+    t[:, :16] = 2.0**-80
+    q[:, 16] = -1.0  # unit rows; the products of these columns are -0.0 too
+    t[np.arange(3), 17 + np.arange(3)] = 1.0
+    want = np.zeros((2, 3), np.float64)
+    for b in range(0, d, 4096):
+        want += _emulate_canonical(q[:, b:b + 4096], t[:, b:b + 4096]).astype(np.float64)
+    want = want.astype(np.float32) if d > 4096 else _emulate_canonical(q, t)
+    assert (want == 0).all() and np.signbit(want).all() == (d <= 4096)
+    for level in ("auto", "avx2", "scalar"):
+        out = np.full((2, 3), np.nan, np.float32)
+        try:
+            _native.set_simd_level(level)
+            _native.cosine_scores(q, t, out)
+            r = all_pairs(t, q, k=3, progress=False)
+        finally:
+            _native.set_simd_level("auto")
+        assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), (level, out, want)
+        assert np.array_equal(r.scores.view(np.uint32), want.view(np.uint32)), (level, r.scores)
+
+
 def test_an_exact_copy_of_a_whole_volume_scores_one():
     """A whole MNI152 volume (8.7e6 voxels, centred) as a row against itself and two other rows: the copy is
     found with score 1 to float32 rounding (it was 0.99741 with one 16-lane chain), on every kernel and on
