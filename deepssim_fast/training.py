@@ -762,14 +762,15 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             val_pool = _val_image_pool()
         else:
             tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
-            train_pool = pool.subset(tr)
+            # a split too small to validate (< 2 images) is no split: every image trains, none is left unused
+            train_pool = pool.subset(tr) if va.size >= 2 else pool
             val_pool = pool.subset(va) if va.size >= 2 else None
             if val_pool is None and val_fraction == 0:
                 logger.info("val_fraction 0: no validation, so no best.pt; the last weights are returned")
             elif val_pool is None:
                 logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
-                               "best.pt; the last weights are returned (give val_images= or more images)",
-                               va.size, val_fraction, pool.images.shape[0])
+                               "best.pt; every image trains and the last weights are returned (give "
+                               "val_images= or more images)", va.size, val_fraction, pool.images.shape[0])
     zoom_out = _check_zoom(zoom_out)
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
                           pairs=sampler_pairs, zoom_out=zoom_out)

@@ -590,6 +590,16 @@ def test_val_fraction_zero_asks_for_no_validation_without_a_warning(mni_slices, 
     assert not warned and "val_fraction 0: no validation" in caplog.text
 
 
+def test_a_split_too_small_to_validate_keeps_every_image_for_training(mni_slices, caplog) -> None:
+    """val_fraction 0.1 of 9 images held out 1 image: too few to validate, so there was no validation, but
+    the image was still left out of training, used for nothing (an epoch of 9 images at batch size 4 ran
+    2 steps, as for 8). README: "fewer than 2 means no validation" — every image then trains."""
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        m = train(mni_slices[:9], epochs=1, val_fraction=0.1, **dict(SMALL, batch_size=4, val_pairs=4))
+    assert m.best_val is None and "only 1 validation image(s)" in caplog.text
+    assert len(m.history) == 3  # ceil(9 / 4) steps: all 9 images train
+
+
 def test_resume_with_another_freeze_setting_is_an_error(tmp_path, mni_slices) -> None:
     """freeze_stages=True given with resume= of an unfrozen checkpoint was silently ignored (nothing frozen,
     the run went on unfrozen); like the other model settings, a value that differs is now an error."""
