@@ -1466,10 +1466,14 @@ def audit(
             "drop it, or verify with exact SSIM"
         )
     if verify == "none" and metric in ("ssim", "embeddings") and (verify_flips or verify_shifts):
+        # (embedding rows have no pixels: neither verification nor the correlation metric can apply to them)
+        remedy = ("drop verify_flips/verify_shifts (embedding rows have no pixels to flip or shift)"
+                  if metric == "embeddings" else
+                  "drop verify_flips/verify_shifts, verify with exact SSIM (verify='ssim'), or use metric "
+                  "'correlation'")
         raise ValueError(
             f"with verify='none' flips and shifts are tried by the search, which metric {metric!r} does not do "
-            "(only 'deepssim' and 'correlation' search transformed items): they would be ignored; drop "
-            "verify_flips/verify_shifts, verify with exact SSIM (verify='ssim'), or use metric 'correlation'"
+            f"(only 'deepssim' and 'correlation' search transformed items): they would be ignored; {remedy}"
         )
     th = _check_thresholds(thresholds)
     policy = policy or SlicePolicy()

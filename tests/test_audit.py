@@ -583,8 +583,12 @@ def test_transforms_that_verify_none_would_ignore_are_errors(ds: dict, tmp_path:
     assert not (tmp_path / "o").exists()
     emb = np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)
     np.save(tmp_path / "e.npy", emb)
-    with pytest.raises(ValueError, match="metric 'embeddings'"):
+    with pytest.raises(ValueError, match="metric 'embeddings'") as err:
         A.audit(tmp_path / "e.npy", tmp_path / "e.npy", metric="embeddings", verify_flips=True, **base)
+    # embedding rows have no pixels: the remedies of the ssim metric (verify with SSIM, metric 'correlation')
+    # cannot apply, and the message offered them
+    assert "verify='ssim'" not in str(err.value) and "use metric 'correlation'" not in str(err.value)
+    assert "drop verify_flips/verify_shifts" in str(err.value)
 
 
 def test_volumes_mode_uses_3d_ssim(tmp_path: Path) -> None:
