@@ -89,7 +89,7 @@ import numpy as np
 from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit, nib_load
-from .io import Spec, _file_slices, _file_volumes, discover, image_kind, one_line
+from .io import Spec, _file_slices, _file_volumes, discover, image_kind, npy_error, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -911,7 +911,7 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
             try:
                 a = np.load(p, allow_pickle=False)
             except (ValueError, OSError, EOFError) as exc:
-                raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+                raise npy_error(p, exc) from exc
             if np.issubdtype(a.dtype, np.complexfloating):
                 raise DataError(f"{p}: complex embeddings ({a.dtype} {a.shape}); expected real (n, d) rows")
             if a.ndim == 1:

@@ -447,12 +447,32 @@ def _read_png(p: Path) -> np.ndarray:
 _NPY_MMAP_BYTES = 1 << 24
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_error(p: Path, exc: BaseException) -> DataError:
+    """The DataError for a ``.npy`` file that ``np.load(allow_pickle=False)`` refused with ``exc``.
+
+    numpy takes any file without the NumPy header for a pickle and says "This file contains pickled (object)
+    data. If you trust the file you can load it unsafely ...": advice that does not fit a corrupt, empty or
+    mislabelled file. A file without the header is named as such; otherwise numpy's reason is kept."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError:
+        head = None
+    if head is not None and head != _NPY_MAGIC:
+        what = "the file is empty" if not head else f"it does not start with {_NPY_MAGIC!r}"
+        return DataError(f"{p}: not a readable .npy file (no NumPy header: {what})")
+    return DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})")
+
+
 def _open_npy(p: Path) -> np.ndarray:
     try:
         mmap = "r" if p.stat().st_size > _NPY_MMAP_BYTES else None
         return np.load(p, allow_pickle=False, mmap_mode=mmap)
     except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{p}: not a readable .npy file ({type(exc).__name__}: {exc})") from exc
+        raise npy_error(p, exc) from exc
 
 
 def _npy_image(p: Path, a: np.ndarray, frame: int | None) -> np.ndarray:

@@ -1578,6 +1578,22 @@ def test_evaluate_takes_the_reference_keys(ssim_run: A.AuditResult, tmp_path: Pa
         A.evaluate(ssim_run.out, _labels(tmp_path / "ref2.csv", ("synth___mni_030", "s04.npy", 1)))
 
 
+def test_an_embeddings_file_without_the_numpy_header_is_skipped_with_that_reason(tmp_path: Path) -> None:
+    """metric='embeddings' skipped a junk .npy with numpy's "This file contains pickled (object) data. If you
+    trust the file you can load it unsafely ..." as the reason in summary.json; it now says: no NumPy header."""
+    rng = np.random.default_rng(2)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", rng.standard_normal((4, 8)).astype(np.float32))
+    np.save(tmp_path / "s" / "b.npy", rng.standard_normal((2, 8)).astype(np.float32))
+    (tmp_path / "s" / "junk.npy").write_bytes(b"junk")
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", k=2, verify="none", out=tmp_path / "o",
+                progress=False)
+    (sk,) = r.summary["skipped"]
+    assert sk["path"].endswith("junk.npy") and "no NumPy header" in sk["reason"]
+    assert "pickle" not in sk["reason"]
+
+
 def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     (tmp_path / "t").mkdir()

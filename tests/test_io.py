@@ -326,6 +326,21 @@ def test_read_npy_bad_content_names_path(tmp_path: Path, content: np.ndarray, ma
     assert str(p) in str(ei.value)
 
 
+@pytest.mark.parametrize("raw,reason", [(b"junk", "does not start with"), (b"", "the file is empty")])
+def test_a_npy_file_without_the_numpy_header_is_not_called_a_pickle(tmp_path: Path, raw: bytes,
+                                                                    reason: str) -> None:
+    """A corrupt or mislabelled .npy (4 bytes of junk) was reported with numpy's reason "This file contains
+    pickled (object) data. If you trust the file you can load it unsafely ...": neither true nor advice to
+    follow. The reason now says what is wrong: no NumPy header."""
+    p = tmp_path / "bad.npy"
+    p.write_bytes(raw)
+    with pytest.raises(DataError) as ei:
+        read_image(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "no NumPy header" in msg and reason in msg
+    assert "pickle" not in msg and "unsafely" not in msg
+
+
 def test_read_corrupt_and_missing_files(tmp_path: Path) -> None:
     for name in ("c.png", "c.npy", "c.nii.gz", "c.nii"):
         p = tmp_path / name
