@@ -138,6 +138,29 @@ def test_forced_unavailable_backend_says_what_to_install(monkeypatch):
         bk.require("metal")
 
 
+def test_readme_names_the_functions_that_take_backend():
+    """README said "`backend=` on every public function", but the encoder functions (train, embed, load_model,
+    build_model) take none: calling one with backend= is a TypeError. The functions the Backends convention
+    names must take it."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    readme = Path(deepssim_fast.__file__).resolve().parents[1] / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md is in the source checkout only")
+    text = " ".join(readme.read_text(encoding="utf-8").split())
+    m = re.search(r"\*\*Backends\*\* follow the data: .*?`backend=` on (.*?), or `DEEPSSIM_FAST_BACKEND`", text)
+    assert m, "README's Backends convention no longer says where backend= is taken"
+    public = [n for n in deepssim_fast.__all__ if callable(getattr(deepssim_fast, n))
+              and not isinstance(getattr(deepssim_fast, n), type)]
+    takes = {n for n in public if "backend" in inspect.signature(getattr(deepssim_fast, n)).parameters}
+    if "every public function" in m.group(1):
+        assert takes == set(public), f"without backend=: {sorted(set(public) - takes)}"
+    named = set(re.findall(r"`(\w+)`", m.group(1))) & set(public)
+    assert named and named <= takes, f"named but without backend=: {sorted(named - takes)}"
+
+
 def test_resolve_supported_subset():
     with pytest.raises(ValueError, match="not supported"):
         bk.resolve("triton", [np.zeros(3)], supported=("native", "torch"))
