@@ -133,23 +133,29 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         from .ssim import ssim
 
         v = float(np.asarray(ssim(x, y, spatial_dims=x.ndim, **opts)))
-        print(f"{v:.6f}")
-        return 0
-    pa, pb = discover(args.a), discover(args.b)
-    imgs_a = [read(p) for p in pa]
-    imgs_b = [read(p) for p in pb]
-    shape = imgs_a[0].shape
-    for p, im in zip([*pa, *pb], imgs_a + imgs_b, strict=True):
-        if im.shape != shape:
-            raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
-                             f"shapes")
-    integer_range([*pa, *pb])
-    fa, fb = np.stack(imgs_a), np.stack(imgs_b)
-    from .ssim import ssim_matrix
+        if not args.out:
+            print(f"{v:.6f}")
+            return 0
+        # with --out, the CSV of the folder comparison, one row (--out was ignored here: no file was written)
+        # (paths made absolute, as the folder comparison's discovered files are)
+        pa, pb = [Path(os.path.abspath(a))], [Path(os.path.abspath(b))]
+        rows = [(str(pa[0]), str(pb[0]), f"{v:.6f}")]
+    else:
+        pa, pb = discover(args.a), discover(args.b)
+        imgs_a = [read(p) for p in pa]
+        imgs_b = [read(p) for p in pb]
+        shape = imgs_a[0].shape
+        for p, im in zip([*pa, *pb], imgs_a + imgs_b, strict=True):
+            if im.shape != shape:
+                raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
+                                 f"shapes")
+        integer_range([*pa, *pb])
+        fa, fb = np.stack(imgs_a), np.stack(imgs_b)
+        from .ssim import ssim_matrix
 
-    kw = {"spatial_dims": 3} if len(shape) == 3 else {}
-    m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
-    rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
+        kw = {"spatial_dims": 3} if len(shape) == 3 else {}
+        m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
+        rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
     if args.out:
         # (a file name that is not UTF-8 keeps its own bytes, as in the audit's matches.csv)
         with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8",
@@ -398,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None, help="native, torch or triton (default: by data location)")
     s.add_argument("--frame", type=int, default=None,
                    help="the volume of 4D files (NIfTI, .npy) to compare, 0-based; every file must then be 4D")
-    s.add_argument("--out", default=None, help="CSV file for folder comparisons (default: print)")
+    s.add_argument("--out", default=None, help="CSV file of the scores (columns a, b, ssim; default: print)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_ssim)
 

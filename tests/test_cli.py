@@ -160,6 +160,22 @@ def test_ssim_two_folders_writes_csv(folders: dict, tmp_path: Path, capsys: pyte
 
 
 
+def test_ssim_two_files_with_out_writes_the_csv(folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """`ssim A B --out FILE` with two files printed the score and silently wrote no FILE; it now writes the
+    CSV of a folder comparison (a, b, ssim; absolute paths), one row."""
+    monkeypatch.chdir(folders["train"])
+    out = tmp_path / "one.csv"
+    assert main(["ssim", "t055.npy", str(folders["synth"] / "copy55.npy"), "--preset", "deepssim", "--out",
+                 str(out)]) == 0
+    assert "wrote 1 scores (1 x 1)" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 1 and rows[0]["a"] == str(folders["train"] / "t055.npy")
+    assert rows[0]["b"] == str(folders["synth"] / "copy55.npy")
+    want = float(ssim_reference(np.load(rows[0]["a"]), np.load(rows[0]["b"]), preset="deepssim"))
+    assert float(rows[0]["ssim"]) == pytest.approx(want, abs=1e-5)
+
+
 def test_ssim_folders_of_unequal_shapes_name_the_file(folders: dict, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     """Folder comparisons score the images as they are (as deepssim_fast.ssim does), never cropped or
