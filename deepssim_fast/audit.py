@@ -400,18 +400,17 @@ def _entry_pixels(path: Path) -> np.ndarray:
 def _legacy_cache() -> tuple[tuple[str, str, str, str], ...]:
     """Cache files of earlier versions, which this version never reads: (folder, glob, full-name pattern,
     what they are)."""
-    from .model import PREPROCESS_VERSION
-
     return (
         ("items", "*.npz", r"[0-9a-f]{32}_\d+(x\d+)+\.npz", "item cache entries"),  # ~26 GB at 10^5 of 256^2
         # embeddings of an earlier preprocessing (no _p<version>, or another one)
         ("embeddings", "*.npy",
-         r"[0-9a-f]{32}_\d+(x\d+)+_[0-9a-f]{24}(_p(?!" + str(PREPROCESS_VERSION) + r"\.npy)\d+)?\.npy",
+         r"[0-9a-f]{32}_\d+(x\d+)+_[0-9a-f]{24}(_p(?!" + str(_preprocess_version()) + r"\.npy)\d+)?\.npy",
          "cached embeddings"),
     )
 
 
 def _preprocess_version() -> int:
+    """:data:`deepssim_fast.model.PREPROCESS_VERSION` (imported when asked: the model module imports torch)."""
     from .model import PREPROCESS_VERSION
 
     return PREPROCESS_VERSION
@@ -522,11 +521,8 @@ def _decode_file(p: Path, mode: str, policy: SlicePolicy) -> tuple[list[str], li
 def _warn_shared_files(train_paths: Sequence[Path], synth_paths: Sequence[Path]) -> None:
     """Warn when files (the same file, by path or through links) are in both sets: each is compared with
     itself and reported as a duplicate of itself, which counts in the fraction memorised."""
-    def real(q: Path) -> str:
-        return os.path.realpath(q)
-
-    train_real = {real(q) for q in train_paths}
-    shared = [q for q in synth_paths if real(q) in train_real]
+    train_real = {os.path.realpath(q) for q in train_paths}
+    shared = [q for q in synth_paths if os.path.realpath(q) in train_real]
     if shared:
         names = ", ".join(str(q) for q in shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
         logger.warning(
@@ -851,11 +847,10 @@ def _embed_items(
     """Embeddings of every item, file by file from the cache; missing ones computed in batches."""
     from tqdm import tqdm
 
-    from .model import PREPROCESS_VERSION
-
     per_file: list[tuple[Path, Path]] = [(p, e) for p, e in zip(paths, entries, strict=True) if e is not None]
     out: list[np.ndarray | None] = [None] * len(per_file)
-    emb_files = [cache / "embeddings" / f"{e.stem}_{model_hash[:24]}_p{PREPROCESS_VERSION}.npy" for _, e in per_file]
+    tag = f"{model_hash[:24]}_p{_preprocess_version()}"  # (the model and its preprocessing's version)
+    emb_files = [cache / "embeddings" / f"{e.stem}_{tag}.npy" for _, e in per_file]
     counts = {e: len(keep) for e, keep in items.sources}  # (each entry's items, from its header: _build_items)
     for i, f in enumerate(emb_files):
         out[i] = _cached_embedding(f, counts[per_file[i][1]])
@@ -1428,17 +1423,9 @@ def audit(
         )
     # (checked before any decoding: the search is reached after the whole decode and embedding; and with flips
     # or shifts one local cluster was started for workers=, leaving the scheduler given beside it unused)
-    if workers is not None and scheduler is not None:
-        raise ValueError(
-            "give workers (--workers: start a local Dask cluster) or scheduler (--scheduler: use a running one), "
-            f"not both; got workers={workers!r} and scheduler={scheduler!r}"
-        )
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1
-    ):
-        raise ValueError(f"workers must be a positive integer (Dask worker processes), got {workers!r}")
-    if isinstance(scheduler, str) and not scheduler.strip():
-        raise ValueError("scheduler must be a Dask scheduler address like 'tcp://host:8786' or a Client, got ''")
+    from .distributed import check_cluster_options  # (imports no Dask)
+
+    check_cluster_options(workers, scheduler)
     for name, value, least in (("verify_shifts", verify_shifts, 0), ("chunk_size", chunk_size, 1),
                                ("batch_size", batch_size, 1), ("bins", bins, 1), ("gallery", gallery, 0)):
         # whole numbers only: a shift of 2.5 pixels failed deep in verification ("arrays used as indices must

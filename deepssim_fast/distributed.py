@@ -231,8 +231,7 @@ def start_local_cluster(workers: int) -> Any:
     """
     import importlib.util
 
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    check_cluster_options(workers, None)
     workers = int(workers)
     common = dict(dashboard_address=_dashboard_address(), silence_logs=logging.WARNING)
     ngpu = _cuda_count()
@@ -261,6 +260,22 @@ def start_local_cluster(workers: int) -> Any:
                         **common)
 
 
+def check_cluster_options(workers: Any, scheduler: Any) -> None:
+    """The checks of ``workers``/``scheduler`` that need no Dask (callers such as the audit run them before any
+    work): not both; ``workers`` a positive integer; a ``scheduler`` string not empty."""
+    if workers is not None and scheduler is not None:
+        raise ValueError(
+            "give workers (--workers: start a local Dask cluster) or scheduler (--scheduler: use a running one), "
+            f"not both; got workers={workers!r} and scheduler={scheduler!r}"
+        )
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1
+    ):
+        raise ValueError(f"workers must be a positive integer (Dask worker processes), got {workers!r}")
+    if isinstance(scheduler, str) and not scheduler.strip():
+        raise ValueError("scheduler must be a Dask scheduler address like 'tcp://host:8786' or a Client, got ''")
+
+
 @contextlib.contextmanager
 def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterator[Client]:
     """A :class:`distributed.Client` for ``workers`` (embedded cluster) or ``scheduler`` (existing cluster).
@@ -268,8 +283,7 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
     ``scheduler`` is an address (``"tcp://host:8786"``) or an open ``Client`` (used as is, not closed).
     What this function started (client, local cluster) is closed on exit. Logs the dashboard link.
     """
-    if workers is not None and scheduler is not None:
-        raise ValueError("give workers= (start a local cluster) or scheduler= (connect to one), not both")
+    check_cluster_options(workers, scheduler)
     if workers is None and scheduler is None:
         raise ValueError("cluster_client needs workers= or scheduler=")
     try:
