@@ -22,9 +22,9 @@ Conventions
     stored samples, so 16-bit colour (RGB, RGBA, grey+alpha; decoded by this module, as Pillow reduces
     them to 8 bits) keeps its 16-bit values (0..65535) as 8-bit colour keeps 0..255; an alpha channel is
     ignored (grey+alpha gives its grey channel). Palette images are expanded to RGB first.
-  - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI);
-    pickled object arrays are refused.
-  - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``); complex and RGB data types are
+  - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI; a 4D
+    array of one frame is that volume, as a one-frame NIfTI is); pickled object arrays are refused.
+  - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``, unless it has one); complex and RGB data types are
     refused (a complex file is not cast to its real part).
 
   NaN or Inf values, other ranks and unreadable files raise :class:`deepssim_fast.data.DataError` naming
@@ -482,6 +482,9 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None) -> np.ndarray:
     numeric = (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.timedelta64)) or a.dtype == np.bool_
     if not numeric or np.issubdtype(a.dtype, np.complexfloating):
         raise DataError(f"{p}: unsupported dtype {a.dtype}; expected a real numeric array")
+    if a.ndim == 4 and a.shape[3] == 1 and frame in (None, 0):
+        a = a[..., 0]  # one frame: the volume itself, as load_nifti reads a one-frame series
+        frame = None
     if a.ndim == 4:
         if frame is None:
             raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1}; "
@@ -661,7 +664,7 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
         return volume_slices(load_nifti(p), policy, source=str(p))
     if kind == "npy":  # (opened once: each np.load parses the header again)
         a = _open_npy(p)
-        if a.ndim == 4:
+        if a.ndim == 4 and a.shape[3] > 1:  # (one frame: the volume, as for NIfTI)
             out = []
             for t in range(a.shape[3]):
                 out.extend(volume_slices(_npy_image(p, a, t), policy, source=f"{p}@t{t}"))
@@ -685,7 +688,7 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
             return [(f"{p}@t{t}", vol) for t, vol in enumerate(iter_nifti_frames(p))]
     elif kind == "npy":
         a = _open_npy(p)
-        if a.ndim == 4:
+        if a.ndim == 4 and a.shape[3] > 1:
             return [(f"{p}@t{t}", _npy_image(p, a, t)) for t in range(a.shape[3])]
         return [(str(p), _npy_image(p, a, None))]
     return [(str(p), read_image(p))]

@@ -733,3 +733,23 @@ def test_uncompressed_nifti_slices_along_any_axis_are_read_in_few_reads(tmp_path
     with pytest.raises(DataError, match="truncated") as ei:
         _file_slices(short, policy)
     assert str(short) in str(ei.value)
+
+
+def test_a_one_frame_4d_npy_is_its_volume_as_a_one_frame_nifti_is(tmp_path: Path) -> None:
+    # A 4D array with one frame is a volume: a NIfTI of shape (x, y, z, 1) reads without frame= and keeps
+    # its plain path as the source; a .npy of the same shape had asked for a frame and named its slices
+    # "<path>@t0", so the same scan saved two ways got two different ids (label keys, reports).
+    from deepssim_fast.io import _file_slices, _file_volumes
+
+    vol = np.random.default_rng(5).random((6, 7, 8, 1)).astype(np.float32) + 0.5
+    pn, pa = tmp_path / "one.nii.gz", tmp_path / "one.npy"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(pn))
+    np.save(pa, vol)
+    for p in (pn, pa):
+        np.testing.assert_array_equal(read_image(p), vol[..., 0])
+        np.testing.assert_array_equal(read_image(p, frame=0), vol[..., 0])
+        assert [s for s, _ in _file_volumes(p)] == [str(p)]
+        sl = _file_slices(p, SlicePolicy(axis=2, min_foreground=0.0))
+        assert len(sl) == 8 and {s.source for s in sl} == {str(p)}
+    with pytest.raises(DataError, match="out of range"):
+        read_image(pa, frame=1)
