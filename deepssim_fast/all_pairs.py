@@ -119,7 +119,9 @@ class AllPairsResult:
         ``axis="train"``: the parts cover the same synthetic rows against consecutive training shards;
         ``train_offsets[p]`` is the global index of shard p's row 0 (default: cumulative ``n_train``).
         Top-k lists are merged on (score descending, global index ascending); histograms and class
-        counts are summed and ``train_hits`` is recomputed from the merged nearest neighbours.
+        counts are summed and ``train_hits`` is recomputed from the merged nearest neighbours. ``backend``
+        names every engine of the parts, joined by ``+`` in order of first appearance (``"native+torch"``):
+        engines order their sums differently, so parts from two of them can differ in the last bits.
         """
         parts = list(parts)
         if not parts:
@@ -151,7 +153,7 @@ class AllPairsResult:
             indices = np.concatenate([p.indices for p in parts], axis=0)
             hits = np.sum([p.train_hits for p in parts], axis=0).astype(np.int64)
             return AllPairsResult(scores, indices, (counts, edges.copy()), cls, hits, thr, n_train,
-                                  int(scores.shape[0]), k, backend=parts[0].backend)
+                                  int(scores.shape[0]), k, backend=_joint_backend(parts))
         n_synth = parts[0].n_synth
         for i, p in enumerate(parts):
             if p.n_synth != n_synth:
@@ -167,7 +169,7 @@ class AllPairsResult:
         scores, indices = _select_sorted(cs, ci, k)
         hits = _train_hits(indices, n_train)
         return AllPairsResult(scores, indices, (counts, edges.copy()), cls, hits, thr, n_train, n_synth, k,
-                              backend=parts[0].backend)
+                              backend=_joint_backend(parts))
 
     # ------------------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
@@ -195,6 +197,16 @@ class AllPairsResult:
                        class_counts={c: int(v) for c, v in zip(CLASS_NAMES, cc, strict=True)},
                        train_hits=z["train_hits"], thresholds=tuple(float(v) for v in z["thresholds"]),
                        n_train=n_train, n_synth=n_synth, k=k, backend=str(z["backend"]))
+
+
+def _joint_backend(parts: Sequence[AllPairsResult]) -> str:
+    """The engines of ``parts`` (each maybe already a ``+``-joined list), in order of first appearance."""
+    names: list[str] = []
+    for p in parts:
+        for b in str(p.backend or "").split("+"):
+            if b and b not in names:
+                names.append(b)
+    return "+".join(names)
 
 
 def _select_sorted(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

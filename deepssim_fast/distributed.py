@@ -36,7 +36,9 @@ A worker that dies mid-task has its task re-run by the scheduler (up to Dask's
 worker) is not retried: it is raised at once, naming the rows by their global numbers. Data
 that only the dead worker held is scattered again from this process and the shard is resubmitted.
 With ``checkpoint_dir`` every finished shard is saved (``AllPairsResult.save``, atomic) as soon as it
-arrives; a restarted run with the same inputs and options loads the valid ones and runs the rest.
+arrives; a restarted run with the same inputs and options loads the valid ones and runs the rest. With
+``backend=None`` a run resumed on other workers (GPUs after CPUs) can mix engines: the result's ``backend``
+then names them all (``"native+triton"``) and a warning says so; pass ``backend=`` for one engine.
 
 Conventions are those of :func:`deepssim_fast.all_pairs.all_pairs`: scores float32 descending,
 indices int64 into ``train``, ties to the lower index.
@@ -764,7 +766,13 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
         if todo:
             _run_shards(client, tr, sy, todo, opts, fold=fold, total=len(shards), progress=progress,
                         ckpt=ckpt)
-    return fold.result()
+    res = fold.result()
+    if "+" in res.backend:  # (backend=None: shards resumed from a run on other workers, CPU against GPU)
+        logger.warning("all-pairs: the shards were computed by different engines (%s), whose scores differ "
+                       "in the last bits, so pairs that close to a bin edge or a threshold may count on "
+                       "either side; for one engine throughout, pass backend= (native, torch or triton)",
+                       res.backend.replace("+", ", "))
+    return res
 
 
 def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Sequence[Shard],

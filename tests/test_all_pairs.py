@@ -455,6 +455,24 @@ def test_merge_of_synth_and_train_shards_equals_one_call():
         AllPairsResult.merge(sparts, axis="synth", train_offsets=[0, 0, 0])
 
 
+def test_merge_names_every_engine_of_its_parts():
+    # The merged result took the first part's engine: shards from the native engine and from torch (a Dask
+    # run resumed on GPU workers) were labelled "native", though their scores can differ in the last bits.
+    train = _rand(80, 12, SEED + 13)
+    synth = _rand(30, 12, SEED + 14)
+    a = all_pairs(train, synth[:10], k=3, progress=False, backend="native")
+    b = all_pairs(train, synth[10:20], k=3, progress=False, backend="torch")
+    c = all_pairs(train, synth[20:], k=3, progress=False, backend="native")
+    assert (a.backend, b.backend) == ("native", "torch")
+    assert AllPairsResult.merge([a, c], axis="synth").backend == "native"
+    mixed = AllPairsResult.merge([a, b, c], axis="synth")
+    assert mixed.backend == "native+torch"
+    assert AllPairsResult.merge([mixed, c], axis="synth").backend == "native+torch"
+    t1 = all_pairs(train[:40], synth, k=3, progress=False, backend="torch")
+    t2 = all_pairs(train[40:], synth, k=3, progress=False, backend="native")
+    assert AllPairsResult.merge([t1, t2], axis="train").backend == "torch+native"
+
+
 def test_save_load_roundtrip_is_atomic(tmp_path):
     train = _rand(60, 12, SEED + 11)
     r = all_pairs(train, train[:9] * 3, k=4, progress=False)

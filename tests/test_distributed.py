@@ -299,6 +299,29 @@ def test_checkpoint_resume_skips_finished_shards(client, emb, tmp_path, caplog):
     assert_same(fourth, want)
 
 
+def test_resume_from_shards_of_another_engine_is_named_and_warned(client, emb, tmp_path, caplog):
+    # backend=None picks each worker's engine: a run resumed on other workers (GPU after CPU) mixes engines,
+    # whose scores differ in the last bits. The result was labelled with one of them, without a word.
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=30, progress=False, checkpoint_dir=tmp_path)
+    first = dd.all_pairs_distributed(tr, sy, **kw)
+    assert first.backend == "native"
+    files = sorted(tmp_path.glob("allpairs-*-s*.npz"))
+    other = AllPairsResult.load(files[1])
+    other.backend = "triton"  # as a GPU worker would have labelled it
+    other.save(files[1])
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
+        second = dd.all_pairs_distributed(tr, sy, **kw)
+    assert second.backend == "native+triton"
+    assert any("different engines (native, triton)" in r.getMessage() and "backend=" in r.getMessage()
+               for r in caplog.records)
+    assert_same(second, first)  # (the relabelled shard holds the native scores)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
+        dd.all_pairs_distributed(tr, sy, k=4, scheduler=client, shard_size=30, progress=False)
+    assert not any("different engines" in r.getMessage() for r in caplog.records)
+
+
 def test_resume_removes_the_half_written_files_of_this_job_only(client, emb, tmp_path):
     tr, sy = emb["train"], emb["synth"]
     kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
