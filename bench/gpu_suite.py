@@ -21,7 +21,8 @@ What it does, in order:
 3. **Timings**: Triton against the torch baselines (pytorch-msssim and MONAI for SSIM when installed —
    marked absent otherwise; ``torch.mm`` bf16 + ``torch.topk`` in chunks for all-pairs) at sizes that fill
    the GPU, with CUDA events, medians with min–max. ``--budget-s`` skips the remaining timing cases when
-   the time left is short.
+   the time left is short; the checks may use ``--checks-share`` of it (default half), so that slow
+   compiles leave the timings time to run, and the checks past it are reported as skipped, not passed.
 4. One short table printed last (kernel, size, provider, ms, rate, fraction of ceiling, speed-up), and under
    ``--out``: ``gpu_suite.log`` (full log), ``gpu_suite.json`` (everything), ``gpu_suite.md`` (the table),
    ``gpu_suite.benchmarks.md`` (the section ``--append-md`` adds to BENCHMARKS.md: where only ``--out``
@@ -221,6 +222,7 @@ class Check:
     tol: float | None = None
     detail: str = ""
     seconds: float = 0.0
+    skipped: bool = False  # not run: the checks' share of the time budget was spent (ok is False)
 
 
 @dataclass
@@ -429,8 +431,9 @@ GPU_SIZES = Sizes(
 
 class Suite:
     def __init__(self, device: torch.device, sizes: Sizes, *, seed: int, budget: Budget, dry: bool,
-                 sections: set[str]) -> None:
+                 sections: set[str], checks_share: float = 1.0) -> None:
         self.device = device
+        self.checks_until_s = checks_share * budget.total_s  # no check starts past this elapsed time
         self.sizes = sizes
         self.seed = seed
         self.budget = budget
@@ -460,7 +463,12 @@ class Suite:
         return torch.randn(shape, generator=self.gen, dtype=torch.float32).to(self.device)
 
     def check(self, name: str, fn: Callable[[], tuple[bool, float | None, float | None, str]]) -> None:
-        """Run one correctness check; an exception is a failed check with its message."""
+        """Run one correctness check; an exception is a failed check with its message. Past the checks'
+        share of the budget the check is recorded as skipped (not passed) without running."""
+        if self.budget.elapsed() > self.checks_until_s:
+            self.checks.append(Check(name, False, detail="skipped: time budget", skipped=True))
+            log.warning("[SKIP] %s: the checks' share of the budget (%.0f s) is spent", name, self.checks_until_s)
+            return
         t0 = time.perf_counter()
         try:
             ok, err, tol, detail = fn()
@@ -1033,15 +1041,18 @@ def markdown_block(suite: Suite, env: dict[str, Any]) -> str:
     """The BENCHMARKS.md section of this run: heading, machine line, checks, ceilings and the table."""
     info = _harness().machine_info()
     n_ok = sum(c.ok for c in suite.checks)
-    failed = [c.name for c in suite.checks if not c.ok]
+    skipped = [c.name for c in suite.checks if c.skipped]
+    failed = [c.name for c in suite.checks if not c.ok and not c.skipped]
     warn = ("" if suite.checks and not failed else
             f"**{len(failed)} check(s) failed{' (or none ran)' if not suite.checks else ''}: the timings below "
             f"are of code that did not pass its checks and support no claim** (failed: "
             f"{', '.join(failed)[:300] or 'no checks ran'}). ")
+    skip = (f"**{len(skipped)} check(s) did not run (time budget): the timings below support claims only for "
+            f"the paths checked** (skipped: {', '.join(skipped)[:300]}). " if skipped else "")
     head = (f"\n### GPU suite — {env.get('gpu', env['device'])}\n\n_{info['date']} · {info['cpu']} · "
             f"{info['cores']} cores · GPU {info['gpu']} · torch {env['torch']} · triton {env['triton']} · "
             f"commit {info['commit']}_\n\n_{info.get('packages', '')}_\n\n"
-            f"Checks: {n_ok}/{len(suite.checks)} passed (seed {suite.seed}). {warn}"
+            f"Checks: {n_ok}/{len(suite.checks)} passed (seed {suite.seed}). {warn}{skip}"
             f"Ceilings: copy {suite.ceilings.get('copy_GBps', float('nan')):.0f} GB/s, bf16 mm "
             f"{suite.ceilings.get('mm_bf16_TFLOPs', float('nan')):.1f} TFLOP/s, fp32 mm (tf32 off) "
             f"{suite.ceilings.get('mm_fp32_TFLOPs', float('nan')):.1f} TFLOP/s.\n\n")
@@ -1062,6 +1073,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="every check on tiny shapes under TRITON_INTERPRET=1 on the CPU (< 60 s)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="wall-clock budget; timing cases that would not fit in what is left are skipped")
+    p.add_argument("--checks-share", type=float, default=None,
+                   help="fraction of --budget-s the checks may use when timings follow; later checks are "
+                        "skipped and reported (default 0.5; 1 with --dry-run, which checks rather than times)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the random inputs (default: fresh, logged)")
     p.add_argument("--sections", default="ceilings,checks,timings",
@@ -1074,6 +1088,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown section(s) {sorted(bad)}; choose from ceilings, checks, timings")
     if args.budget_s <= 0:
         p.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.checks_share is None:
+        args.checks_share = 1.0 if args.dry_run else 0.5
+    if not 0 < args.checks_share <= 1:
+        p.error(f"--checks-share must be in (0, 1], got {args.checks_share}")
     return args
 
 
@@ -1135,7 +1153,9 @@ def _run(args: argparse.Namespace, device: torch.device, sizes: Sizes, budget: B
     log.info("gpu_suite: %s", json.dumps(env))
     log.info("seed %d (rerun with --seed %d to repeat these inputs)", seed, seed)
     sections = set(args.sections.split(","))
-    suite = Suite(device, sizes, seed=seed, budget=budget, dry=dry, sections=sections)
+    # (checks alone: the whole budget is theirs)
+    share = args.checks_share if "timings" in sections else 1.0
+    suite = Suite(device, sizes, seed=seed, budget=budget, dry=dry, sections=sections, checks_share=share)
     section_errors: dict[str, str] = {}
     for name, fn in (("ceilings", suite.run_ceilings), ("checks", suite.run_checks),
                      ("timings", suite.run_timings)):
@@ -1173,14 +1193,18 @@ def _run(args: argparse.Namespace, device: torch.device, sizes: Sizes, budget: B
     (args.out / "gpu_suite.benchmarks.md").write_text(block)
     if args.append_md:
         append_markdown(block, args.benchmarks_md)
-    failed = [c for c in suite.checks if not c.ok]
+    failed = [c for c in suite.checks if not c.ok and not c.skipped]
     for c in failed:
         log.error("FAILED %s: %s", c.name, c.detail)
+    n_skip = sum(c.skipped for c in suite.checks)
+    if n_skip:
+        log.error("%d check(s) skipped for time: the suite does not pass (--budget-s, --checks-share)", n_skip)
     for h in log.handlers:
         h.flush()
     # the short table comes last on stdout
     mode = "(dry run, interpreted, tiny shapes) " if dry else ""
-    print(f"\ngpu_suite {mode}on {env.get('gpu', env['device'])}: checks {n_ok}/{len(suite.checks)} passed, "
+    skip_s = f" ({n_skip} skipped: time budget)" if n_skip else ""
+    print(f"\ngpu_suite {mode}on {env.get('gpu', env['device'])}: checks {n_ok}/{len(suite.checks)} passed{skip_s}, "
           f"{budget.elapsed():.0f} s; full log and JSON in {args.out}/")
     print("\n".join(table))
     return 0 if passed else 1

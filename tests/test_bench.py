@@ -105,6 +105,28 @@ def test_gpu_suite_budget_guard_skips_timings(tmp_path: Path) -> None:
     assert "| all_pairs top-k |" in text and "skipped: time budget" in text
 
 
+def test_gpu_suite_checks_past_their_share_of_the_budget_are_skipped_and_fail_the_suite(
+        gpu_suite_module, tmp_path: Path) -> None:
+    # The checks had no time limit: slow compiles on a lent GPU could eat the budget the timings need. Past
+    # --checks-share of --budget-s a check is not run; it is reported as skipped, never as passed.
+    gs = gpu_suite_module
+    budget = gs.Budget(100.0)
+    suite = gs.Suite(torch.device("cpu"), gs.DRY_SIZES, seed=1, budget=budget, dry=True, sections={"checks"},
+                     checks_share=0.5)
+    ran = []
+    suite.check("first", lambda: (ran.append(1), (True, 0.0, 1.0, ""))[1])
+    budget.t0 -= 60.0  # 60 s later: past 50 % of 100 s
+    suite.check("second", lambda: (ran.append(2), (True, 0.0, 1.0, ""))[1])
+    assert ran == [1]
+    assert [(c.name, c.ok, c.skipped) for c in suite.checks] == [("first", True, False), ("second", False, True)]
+    block = gs.markdown_block(suite, {"device": "cpu", "torch": "x", "triton": "y"})
+    assert "Checks: 1/2 passed" in block and "1 check(s) did not run (time budget)" in block
+    assert "skipped: second" in block and "failed" not in block
+    with pytest.raises(SystemExit):
+        gs.parse_args(["--checks-share", "0"])
+    assert gs.parse_args([]).checks_share == 0.5 and gs.parse_args(["--dry-run"]).checks_share == 1.0
+
+
 def test_gpu_suite_arguments(gpu_suite_module, tmp_path: Path) -> None:
     gs = gpu_suite_module
     with pytest.raises(SystemExit) as e:
