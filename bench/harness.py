@@ -135,6 +135,36 @@ def package_versions() -> str:
     return ", ".join(found)
 
 
+def cpu_line(cpuinfo: str) -> str:
+    """The CPU as the machine line names it, from ``/proc/cpuinfo`` text: model name, family and model, and
+    the widest SIMD level the kernels use ("AMD EPYC (family 25 model 1; AVX2, no AVX-512)"). VMs often
+    report a bare "AMD EPYC"; the family and model tell a Zen 3 from a Zen 4, whose ratios differ."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    if not name:
+        return ""
+    flags = set(fields.get("flags", "").split())
+    if {"avx512f", "avx512_vnni"} <= flags:
+        simd = "AVX-512 with VNNI"
+    elif "avx512f" in flags:
+        simd = "AVX-512, no VNNI"
+    elif "avx2" in flags:
+        simd = "AVX2, no AVX-512"
+    else:
+        simd = "no AVX2"
+    where = ""
+    if "cpu family" in fields and "model" in fields:
+        where = f"family {fields['cpu family']} model {fields['model']}; "
+    return f"{name} ({where}{simd})"
+
+
 def machine_info() -> dict[str, str]:
     import numpy
     import torch
@@ -142,10 +172,7 @@ def machine_info() -> dict[str, str]:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            cpu = cpu_line(f.read()) or cpu
     except OSError:
         pass
     try:

@@ -127,6 +127,24 @@ def test_gpu_suite_checks_past_their_share_of_the_budget_are_skipped_and_fail_th
     assert gs.parse_args([]).checks_share == 0.5 and gs.parse_args(["--dry-run"]).checks_share == 1.0
 
 
+def test_machine_line_tells_cpu_generations_apart() -> None:
+    # VMs report a bare "AMD EPYC": runs on a Zen 3 (AVX2 only) and a Zen 4 (AVX-512 VNNI), whose all-pairs
+    # ratios against faiss differ by ~1.5x, had identical machine lines in BENCHMARKS.md.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.harness import cpu_line
+
+    block = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {fam}\nmodel\t\t: {model}\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma {extra}\n\nprocessor\t: 1\n"
+             "model name\t: other\n")
+    assert cpu_line(block.format(fam=25, model=1, extra="")) == "AMD EPYC (family 25 model 1; AVX2, no AVX-512)"
+    assert cpu_line(block.format(fam=25, model=17, extra="avx512f avx512bw avx512_vnni")) == \
+        "AMD EPYC (family 25 model 17; AVX-512 with VNNI)"
+    assert cpu_line(block.format(fam=6, model=85, extra="avx512f")) == "AMD EPYC (family 6 model 85; AVX-512, no VNNI)"
+    assert cpu_line("model name\t: Some CPU\nflags\t: sse2\n") == "Some CPU (no AVX2)"
+    assert cpu_line("") == ""
+
+
 def test_gpu_suite_arguments(gpu_suite_module, tmp_path: Path) -> None:
     gs = gpu_suite_module
     with pytest.raises(SystemExit) as e:
