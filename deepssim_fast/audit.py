@@ -1485,7 +1485,10 @@ def audit(
     _remove_legacy_entries(cache)
 
     t0 = time.perf_counter()
-    found = _drop_own_outputs({"train": discover(train), "synth": discover(synth)}, out, cache)
+    own_folders = _own_output_paths(out, cache)[0]  # (their .npz stores are no unread images of the user's)
+    found = _drop_own_outputs(
+        {"train": discover(train, outputs=own_folders), "synth": discover(synth, outputs=own_folders)}, out, cache
+    )
     train_paths, synth_paths = found["train"], found["synth"]
     _warn_shared_files(train_paths, synth_paths)
     timings["discover"] = time.perf_counter() - t0

@@ -147,15 +147,24 @@ _OTHER_IMAGE_SUFFIXES = (".dcm", ".ima", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha
                          ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npz", ".h5", ".hdf5")
 
 
-def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = ()) -> list[Path]:
+def _under(q: Path, folders: Sequence[str]) -> bool:
+    """Whether ``q`` (as given, made absolute, or resolved) lies in one of ``folders`` (absolute paths)."""
+    if not folders:
+        return False
+    return any(c.startswith(d.rstrip(os.sep) + os.sep) for c in (os.path.abspath(q), os.path.realpath(q))
+               for d in folders)
+
+
+def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: Sequence[str] = ()) -> list[Path]:
     """The image files below folder ``p`` (see :func:`_walk`); files of other image formats found there are
-    counted by suffix and named in one warning (they are not read)."""
+    counted by suffix and named in one warning (they are not read), except those in ``outputs`` (folders of
+    the caller's own stores, such as an audit's OUT/work inside an input folder)."""
     found: list[Path] = []
     other: dict[str, int] = {}
     for q in map(Path, _walk(os.fspath(p), ancestors)):
         if _is_candidate(q):
             found.append(q)
-        elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file():
+        elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file() and not _under(q, outputs):
             other[q.suffix.lower()] = other.get(q.suffix.lower(), 0) + 1
     if other:
         counts = ", ".join(f"{n} {suf}" for suf, n in sorted(other.items()))
@@ -211,7 +220,7 @@ def _glob(pattern: str) -> list[str]:
     return hits
 
 
-def _glob_matches(pattern: str) -> list[Path]:
+def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
     """The image files a glob pattern names: matching files and broken image-named links, and the contents
     of matching folders, searched as if named by themselves (as the shell's expansion of the pattern would
     give them). The folders between the pattern's literal root and a matching folder count as its ancestors
@@ -229,19 +238,19 @@ def _glob_matches(pattern: str) -> list[Path]:
             steps = [] if rel == os.curdir else rel.split(os.sep)[:-1]
             chain = [base] + [os.path.join(base, *steps[: i + 1]) for i in range(len(steps))]
             if rel != os.curdir:
-                found.extend(_search_dir(Path(h), tuple(i for i in map(_dir_id, chain) if i is not None)))
+                found.extend(_search_dir(Path(h), tuple(i for i in map(_dir_id, chain) if i is not None), outputs))
             else:
-                found.extend(_search_dir(Path(h)))
+                found.extend(_search_dir(Path(h), outputs=outputs))
         elif _is_candidate(Path(h)):
             found.append(Path(h))
     return found
 
 
-def _discover_one(item: str | os.PathLike) -> list[Path]:
+def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[Path]:
     s = os.fspath(item)
     p = Path(s).expanduser()
     if p.is_dir():
-        found = _search_dir(p)
+        found = _search_dir(p, outputs=outputs)
         if not found:
             raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files")
         return found
@@ -252,29 +261,31 @@ def _discover_one(item: str | os.PathLike) -> list[Path]:
     if _is_candidate(p):  # an image-named broken link: an unreadable input, as when a folder or glob finds it
         return [p]
     if _has_magic(s):
-        found = _glob_matches(os.path.expanduser(s))
+        found = _glob_matches(os.path.expanduser(s), outputs)
         if not found:
             raise ValueError(f"{s}: glob pattern matched no .nii, .nii.gz, .png or .npy files")
         return found
     raise ValueError(f"{s}: no such file or directory")
 
 
-def discover(spec: Spec) -> list[Path]:
+def discover(spec: Spec, *, outputs: Sequence[str | os.PathLike] = ()) -> list[Path]:
     """All image files named by ``spec``, as absolute paths, sorted and without duplicates.
 
     ``spec`` is a directory (searched recursively, symlinked sub-folders included), a glob pattern (``**``
     allowed; a matching folder is searched recursively), a single file, or a list/tuple of any of these.
     Symlinks keep their own path (not their target's); a broken image-named link, named itself or found in a
     folder or by a pattern, is listed (reading it raises :class:`DataError`). Raises ValueError naming the spec when
-    nothing is found.
+    nothing is found. ``outputs``: folders of the caller's own stores (an audit's OUT/work, ...); files of
+    other image formats in them are not named in the warning about such files.
     """
     items: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
     items = list(items)
     if not items:
         raise ValueError("empty input specification: give a directory, a glob pattern or files")
+    own = [os.path.abspath(os.fspath(d)) for d in outputs]
     out: set[Path] = set()
     for it in items:
-        out.update(Path(os.path.abspath(q)) for q in _discover_one(it))
+        out.update(Path(os.path.abspath(q)) for q in _discover_one(it, own))
     if not out:
         raise ValueError(f"{spec!r}: no image files found")
     return sorted(out, key=lambda q: str(q))

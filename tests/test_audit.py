@@ -2054,3 +2054,28 @@ def test_evaluate_of_a_volume_correlation_audit_scores_the_pairs_a_few_at_a_time
     np.testing.assert_allclose(seen[-1], [float(r["cosine"]) for r in rows], atol=2e-6)
     # a couple of pairs' float64 rows and variants at a time (old: all 12 pairs' at once, ~30 MB)
     assert peak < 40 * anat.size * 8, peak
+
+
+def test_out_inside_an_input_folder_does_not_report_its_stores_as_unread_images(
+    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rerun of an audit whose OUT is inside an input folder found OUT/work's search.npz and
+    verify_*.npz and warned that they were files "of image formats this tool does not read", to be
+    converted; they are the audit's own stores. A .npz of the user's there is still reported."""
+    train, synth = tmp_path / "train", tmp_path / "synth"
+    shutil.copytree(ds["train"], train)
+    synth.mkdir()
+    for name in ("s00.npy", "s12.npy"):
+        shutil.copy(ds["synth"] / name, synth / name)
+    out = synth / "audit"
+    kw = dict(metric="correlation", k=2, out=out, progress=False)
+    A.audit(train, synth, **kw)
+    assert sorted((out / "work").glob("*.npz"))
+    with caplog.at_level("WARNING", logger="deepssim_fast.io"):
+        A.audit(train, synth, **kw)
+    assert "image formats this tool does not read" not in caplog.text
+    caplog.clear()
+    np.savez(synth / "mine.npz", a=np.zeros(3))
+    with caplog.at_level("WARNING", logger="deepssim_fast.io"):
+        A.audit(train, synth, **kw)
+    assert "image formats this tool does not read are left out (1 .npz)" in caplog.text
