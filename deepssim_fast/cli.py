@@ -614,6 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"deepssim-fast {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the command was
+        hint = ""
+        if args.command == "audit":
+            hint = (f"; finished work is kept in {os.path.join(args.out, 'work')}: run the same command again "
+                    "to resume")
+        print(f"deepssim-fast {args.command}: interrupted{hint}", file=sys.stderr)
+        return 128 + 2  # 130, the shell's status of a command ended by SIGINT
 
 
 if __name__ == "__main__":  # pragma: no cover

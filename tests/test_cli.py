@@ -407,8 +407,8 @@ def test_embed_failing_mid_write_leaves_no_stale_ids(folders: dict, tmp_path: Pa
         return real(path, data)
 
     monkeypatch.setattr(_atomic, "atomic_write_bytes", die_on_ids)
-    with pytest.raises(KeyboardInterrupt):
-        main(["embed", "--model", str(ckpt), "--images", str(folders["synth"]), "--out", str(out), "-q"])
+    # (main reports a KeyboardInterrupt in one line, with the shell's SIGINT status)
+    assert main(["embed", "--model", str(ckpt), "--images", str(folders["synth"]), "--out", str(out), "-q"]) == 130
     assert np.load(out).shape == (3, 32) and not out.with_suffix(".ids.txt").exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -708,3 +708,31 @@ def test_audit_summary_line_never_rounds_a_share_to_none(capsys: pytest.CaptureF
          "counts": {"duplicate": 1, "similar": 0, "different": 2000}, "skipped": []}
     _print_summary(s, "o")
     assert "1 duplicate, 0 similar, 2000 different — 0.05 % memorised" in capsys.readouterr().out
+
+
+def test_ctrl_c_ends_with_one_line_saying_how_to_resume(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Ctrl-C during `deepssim-fast audit` printed a KeyboardInterrupt traceback from wherever the audit was
+    (deep in matplotlib or numpy), and nothing about the finished work: it now prints one line saying the
+    run resumes from OUT/work when the same command is run again, and exits 130 as a shell does on SIGINT."""
+    import deepssim_fast.cli as cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_audit", interrupted)
+    try:
+        rc = main(["audit", "--train", str(tmp_path), "--synth", str(tmp_path), "--out", str(tmp_path / "o")])
+    except KeyboardInterrupt:
+        rc = None
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "interrupted" in err and "same command again" in err and str(tmp_path / "o" / "work") in err
+    monkeypatch.setattr(cli, "_cmd_doctor", interrupted)
+    try:
+        rc = main(["doctor"])
+    except KeyboardInterrupt:
+        rc = None
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "deepssim-fast doctor: interrupted"
