@@ -89,7 +89,7 @@ import numpy as np
 from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit, nib_load
-from .io import Spec, _file_slices, _file_volumes, discover, image_kind, npy_error, one_line
+from .io import Spec, _file_slices, _file_volumes, _open_npy, discover, image_kind, npy_error, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -539,7 +539,7 @@ def _no_slice_reason(p: Path, policy: SlicePolicy) -> str:
         if kind == "nifti":
             shape = tuple(nib_load(p).shape)
         elif kind == "npy":
-            shape = tuple(np.load(p, mmap_mode="r").shape)
+            shape = tuple(_open_npy(p).shape)  # (leading axes of length 1 dropped, as the slices were cut)
         else:
             shape = ()
     except Exception:  # noqa: BLE001 - the file was read a moment ago; the plain reason then

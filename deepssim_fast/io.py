@@ -23,7 +23,9 @@ Conventions
     them to 8 bits) keeps its 16-bit values (0..65535) as 8-bit colour keeps 0..255; an alpha channel is
     ignored (grey+alpha gives its grey channel). Palette images are expanded to RGB first.
   - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI; a 4D
-    array of one frame is that volume, as a one-frame NIfTI is); pickled object arrays are refused.
+    array of one frame is that volume, as a one-frame NIfTI is); leading axes of length 1 are dropped first
+    (channel-first samples: (1, H, W) and (1, 1, H, W) are the image, (1, D, H, W) the volume); pickled
+    object arrays are refused.
   - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``, unless it has one); complex and RGB data types are
     refused (a complex file is not cast to its real part).
 
@@ -479,11 +481,17 @@ def npy_error(p: Path, exc: BaseException) -> DataError:
 
 
 def _open_npy(p: Path) -> np.ndarray:
+    """The array of a ``.npy`` file, its leading axes of length 1 dropped while it has more than two:
+    samples saved from torch are channel-first, (1, H, W) or (1, 1, H, W) for an image, (1, D, H, W) for a
+    volume (cut along its last axis, (1, H, W) would give W one-pixel-high "slices")."""
     try:
         mmap = "r" if p.stat().st_size > _NPY_MMAP_BYTES else None
-        return np.load(p, allow_pickle=False, mmap_mode=mmap)
+        a = np.load(p, allow_pickle=False, mmap_mode=mmap)
     except (ValueError, OSError, EOFError) as exc:
         raise npy_error(p, exc) from exc
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    return a
 
 
 def _npy_image(p: Path, a: np.ndarray, frame: int | None) -> np.ndarray:

@@ -753,3 +753,27 @@ def test_a_one_frame_4d_npy_is_its_volume_as_a_one_frame_nifti_is(tmp_path: Path
         assert len(sl) == 8 and {s.source for s in sl} == {str(p)}
     with pytest.raises(DataError, match="out of range"):
         read_image(pa, frame=1)
+
+
+def test_channel_first_npy_images_are_their_image_not_a_stack_of_rows(tmp_path: Path) -> None:
+    # A sample saved from torch is channel-first: (1, H, W) or (1, 1, H, W). The (1, H, W) array was read as a
+    # volume and cut along axis 2 into W "slices" of shape (1, H), and (1, 1, H, W) as W frames: an exact copy
+    # of a training slice saved that way was never found, and W bogus items diluted the audit.
+    from deepssim_fast.io import _file_slices, _file_volumes
+
+    img = np.random.default_rng(6).random((9, 11)).astype(np.float32) + 0.5
+    vol = np.random.default_rng(7).random((5, 9, 11)).astype(np.float32) + 0.5
+    policy = SlicePolicy(axis=2, min_foreground=0.0)
+    for name, arr, want in (("chw", img[None], img), ("nchw", img[None, None], img), ("cdhw", vol[None], vol)):
+        p = tmp_path / f"{name}.npy"
+        np.save(p, arr)
+        np.testing.assert_array_equal(read_image(p), want)
+        assert [s for s, _ in _file_volumes(p)] == [str(p)]
+        sl = _file_slices(p, policy)
+        assert {s.source for s in sl} == {str(p)}
+        assert [s.array.shape for s in sl] == ([(9, 11)] if want.ndim == 2 else [(5, 9)] * 11)
+    # a trailing single frame already was the image; a plain (H, W) stays as it was
+    np.save(tmp_path / "hw1.npy", img[..., None])
+    assert [s.array.shape for s in _file_slices(tmp_path / "hw1.npy", policy)] == [(9, 11)]
+    np.save(tmp_path / "one_row.npy", img[:1])
+    assert read_image(tmp_path / "one_row.npy").shape == (1, 11)
