@@ -270,13 +270,21 @@ def broadcast_pair(x: torch.Tensor, y: torch.Tensor, params: SSIMParams) -> tupl
     return batch
 
 
-def check_finite(x: torch.Tensor, name: str, params: SSIMParams, index: Sequence[int] | None = None) -> None:
+def check_finite(
+    x: torch.Tensor,
+    name: str,
+    params: SSIMParams,
+    index: Sequence[int] | None = None,
+    pairs: tuple[int, ...] | None = None,
+) -> None:
     """Raise ValueError naming the first image of x that holds NaN or Inf.
 
     ``index``: when x is part of the caller's stack (N, *spatial), e.g. a tile of ssim_matrix's A, the
     caller's index of each of x's images (x[k] is image index[k]); the error names that image, ``A[2]``.
     None: x is the caller's input itself; the error names the pair index (its batch index), or just the
-    input when it is a single image.
+    input when it is a single image. ``pairs``: the broadcast batch shape of the pairs, when x's own batch
+    shape broadcasts to it (one-vs-many); the error then names the first pair holding the image, and the
+    image by its index in x.
     """
     if not x.dtype.is_floating_point:
         return
@@ -290,7 +298,15 @@ def check_finite(x: torch.Tensor, name: str, params: SSIMParams, index: Sequence
         if not batch_shape:  # one image (compared with every image of the other input)
             raise ValueError(f"{name} has NaN or Inf values")
         where = tuple(int(i) for i in np.unravel_index(idx, batch_shape))
-        raise ValueError(f"{name} has NaN or Inf values at pair index {where} (flat index {idx})")
+        if pairs is None or tuple(pairs) == batch_shape:
+            raise ValueError(f"{name} has NaN or Inf values at pair index {where} (flat index {idx})")
+        own = ", ".join(str(i) for i in where)
+        where = (0,) * (len(pairs) - len(where)) + where  # (its size-1 dims broadcast: their index is 0)
+        flat = int(np.ravel_multi_index(where, tuple(pairs)))
+        raise ValueError(
+            f"{name} has NaN or Inf values at pair index {where} (flat index {flat}), the first pair of its image "
+            f"{name}[{own}] ({name}'s batch shape {batch_shape} broadcasts to the pairs' {tuple(pairs)})"
+        )
 
 
 def dtype_range(dtype: torch.dtype) -> float | None:

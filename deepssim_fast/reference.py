@@ -44,8 +44,8 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
                           sample_covariance=sample_covariance, preset=preset,
                           shapes={"x": tuple(tx.shape), "y": tuple(ty.shape)})
     batch = sc.broadcast_pair(tx, ty, p)
-    sc.check_finite(tx, "x", p)
-    sc.check_finite(ty, "y", p)
+    sc.check_finite(tx, "x", p, pairs=batch)
+    sc.check_finite(ty, "y", p, pairs=batch)
     spatial = tuple(tx.shape[tx.ndim - p.spatial_dims:])
     in_dtype = tx.dtype
     bx = torch.broadcast_to(tx, batch + spatial).reshape(-1, *spatial).to("cpu", torch.float64)

@@ -97,12 +97,18 @@ _OWN: Indices = (None, None)
 
 
 def _check_finite(
-    tx: torch.Tensor, ty: torch.Tensor, p: sc.SSIMParams, names: tuple[str, str], indices: Indices = _OWN
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    p: sc.SSIMParams,
+    names: tuple[str, str],
+    indices: Indices = _OWN,
+    batch: tuple[int, ...] | None = None,
 ) -> None:
     """NaN/Inf in ``tx`` or ``ty``: ValueError naming the input (``names``) and the image as the caller
-    numbers it (``indices``, see ``_ssim_common.check_finite``)."""
-    sc.check_finite(tx, names[0], p, indices[0])
-    sc.check_finite(ty, names[1], p, indices[1])
+    numbers it (``indices``, or ``batch``, the pairs' broadcast batch shape: see
+    ``_ssim_common.check_finite``)."""
+    sc.check_finite(tx, names[0], p, indices[0], batch)
+    sc.check_finite(ty, names[1], p, indices[1], batch)
 
 
 def _check_overflow(
@@ -112,6 +118,7 @@ def _check_overflow(
     p: sc.SSIMParams,
     names: tuple[str, str] = ("x", "y"),
     indices: Indices = _OWN,
+    batch: tuple[int, ...] | None = None,
 ) -> None:
     """Classify the native extension's "nonfinite" report (an image's float32 sum is not finite).
 
@@ -121,7 +128,7 @@ def _check_overflow(
     """
     if not str(exc).startswith("nonfinite"):
         raise exc
-    _check_finite(tx, ty, p, names, indices)
+    _check_finite(tx, ty, p, names, indices, batch)
 
 
 # A pair's name in error messages: its flat position in one call -> its index in the caller's terms (the
@@ -231,6 +238,7 @@ class _Pairs:
     p: sc.SSIMParams
     in_dtype: torch.dtype
     where: Where = _flat
+    batch: tuple[int, ...] | None = None  # ssim's broadcast batch shape (names a broadcast input's bad image)
 
     @property
     def size(self) -> int:
@@ -319,7 +327,7 @@ def _native_pairs(
             mode, value,
         )
     except ValueError as exc:
-        _check_overflow(exc, tx, ty, p, names, indices)
+        _check_overflow(exc, tx, ty, p, names, indices, pairs.batch)
         logger.info(
             "ssim: finite values too large for the float32 kernel's sums; computing %d pair(s) in float64",
             pairs.size,
@@ -346,11 +354,11 @@ def _run_pairs(
     involving an image float32 cannot hold, see :func:`_inexact_pairs`); None: none.
     """
     if name == "torch" or (slow is not None and bool(slow.all())):
-        _check_finite(tx, ty, pairs.p, names, indices)
+        _check_finite(tx, ty, pairs.p, names, indices, pairs.batch)
         return _float64_pairs(pairs)
     if slow is None:
         return _fast_pairs(name, pairs, tx, ty, names, indices)
-    _check_finite(tx, ty, pairs.p, names, indices)
+    _check_finite(tx, ty, pairs.p, names, indices, pairs.batch)
     fast, sl = np.flatnonzero(~slow), np.flatnonzero(slow)
     dev = pairs.xf.device
     res = torch.empty(pairs.size, dtype=torch.float64, device=dev)
@@ -365,7 +373,7 @@ def _fast_pairs(
     """Mean SSIM (float64, (P,)) of the pairs on the float32 kernels: ``"native"`` or ``"triton"``."""
     if name == "native":
         return _native_pairs(pairs, tx, ty, names, indices)
-    _check_finite(tx, ty, pairs.p, names, indices)
+    _check_finite(tx, ty, pairs.p, names, indices, pairs.batch)
     from .kernels import ssim as ks
 
     xf, yf = _triton_device(pairs.xf), _triton_device(pairs.yf)  # (host data: to the GPU and back)
@@ -488,7 +496,7 @@ def ssim(
         def where(k: int) -> tuple[int, ...]:
             return tuple(int(i) for i in np.unravel_index(k, batch))
 
-        res = _run_pairs(name, _Pairs(xf, yf, ix, iy, p, tx.dtype, where), tx, ty, slow=slow)
+        res = _run_pairs(name, _Pairs(xf, yf, ix, iy, p, tx.dtype, where, batch), tx, ty, slow=slow)
         res = res.to(device=tx.device, dtype=torch.float32).reshape(batch)
         return like_input(res, x)
 

@@ -1205,3 +1205,19 @@ def test_ctrl_c_stops_a_long_native_ssim_matrix_tile():
     The pair loops now poll every 64 pairs. In a subprocess (a hang fails this test only)."""
     assert_ok(run_python(_MATRIX_INTERRUPT_CODE,
                          env={"DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf_in_a_broadcast_input_names_a_pair_of_the_result(backend):
+    # x's batch (3,) broadcasts against y's (4, 3): the error named x's own index (1,) as a "pair index",
+    # which is no index of the (4, 3) result; and with x (4, 1) against y (1, 3) it named pair (2, 0)
+    # "flat index 2", which is flat index 6 of the result
+    rng = np.random.default_rng(0)
+    x, y = rng.random((3, 9, 9)), rng.random((4, 3, 9, 9))
+    x[1, 2, 2] = np.nan
+    with pytest.raises(ValueError, match=r"x has NaN or Inf values at pair index \(0, 1\) \(flat index 1\).*x\[1\]"):
+        ssim(x, y, spatial_dims=2, backend=backend)
+    x, y = rng.random((4, 1, 9, 9)), rng.random((1, 3, 9, 9))
+    x[2, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"x has NaN or Inf values at pair index \(2, 0\) \(flat index 6\).*x\[2, 0\]"):
+        ssim(x, y, spatial_dims=2, backend=backend)
