@@ -239,6 +239,7 @@ class _Pairs:
     in_dtype: torch.dtype
     where: Where = _flat
     batch: tuple[int, ...] | None = None  # ssim's broadcast batch shape (names a broadcast input's bad image)
+    func: str = "ssim"  # the public function, as its errors name it
 
     @property
     def size(self) -> int:
@@ -280,13 +281,13 @@ def _float64_pairs(pairs: _Pairs) -> torch.Tensor:
         if normal(0.01) and normal(0.03) and not (normal(p.k1) and normal(p.k2)):
             # the default constants would be fine at this range: k1 / k2 push C1 / C2 out of float64's range
             raise ValueError(
-                f"ssim: {which} cannot be scored with k1={p.k1!r}, k2={p.k2!r}: with its data range {rng:.3g} "
+                f"{pairs.func}: {which} cannot be scored with k1={p.k1!r}, k2={p.k2!r}: with its data range {rng:.3g} "
                 f"they make C1 = (k1 * range)^2 = {c1:.3g} and C2 = (k2 * range)^2 = {c2:.3g}, outside "
                 "float64's range (flat regions then score 0/0 or inf/inf); choose k1 and k2 nearer the "
                 "defaults 0.01 and 0.03"
             )
         raise ValueError(
-            f"ssim: {which} cannot be scored: its values (largest |value| {big:.3g}) are too large (or too "
+            f"{pairs.func}: {which} cannot be scored: its values (largest |value| {big:.3g}) are too large (or too "
             "small) for SSIM even in float64 — their squares and products overflow (or underflow); rescale "
             "the images"
         )
@@ -580,7 +581,7 @@ def _triton_matrix_block(
     _check_finite(a, b, p, ("A", "B"), indices)
     res = ks.ssim_matrix_block(_triton_device(a), _triton_device(b), p, in_dtype=a.dtype).flatten().to(a.device)
     ii, jj = _grid(a.shape[0], b.shape[0])
-    res = _repair_nonfinite(res, _Pairs(a, b, ii, jj, p, a.dtype, where))
+    res = _repair_nonfinite(res, _Pairs(a, b, ii, jj, p, a.dtype, where, func="ssim_matrix"))
     return res.to("cpu", torch.float32).numpy().reshape(a.shape[0], b.shape[0])
 
 
@@ -617,12 +618,12 @@ def _native_matrix_block(
             "float64",
             ii.size,
         )
-        res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, where))
+        res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, where, func="ssim_matrix"))
         return res.numpy().astype(np.float32).reshape(a.shape[0], b.shape[0])
     if not np.isfinite(block).all():
         ii, jj = _grid(a.shape[0], b.shape[0])
         flat = torch.from_numpy(block.ravel().astype(np.float64))
-        res = _repair_nonfinite(flat, _Pairs(a, b, ii, jj, p, a.dtype, where))
+        res = _repair_nonfinite(flat, _Pairs(a, b, ii, jj, p, a.dtype, where, func="ssim_matrix"))
         block = res.numpy().astype(np.float32).reshape(a.shape[0], b.shape[0])
     return block
 
@@ -657,7 +658,7 @@ def _matrix_block(
         )
     ii, jj = np.nonzero(slow_a[:, None] | slow_b[None, :])
     ii, jj = ii.astype(np.int64), jj.astype(np.int64)
-    res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, lambda k: where(int(ii[k] * nb + jj[k]))))
+    res = _float64_pairs(_Pairs(a, b, ii, jj, p, a.dtype, lambda k: where(int(ii[k] * nb + jj[k])), func="ssim_matrix"))
     out[ii, jj] = res.to("cpu", torch.float32).numpy()
     return out
 
@@ -725,7 +726,7 @@ def _fill_matrix(
                 slow = sa[ii] | sb[jj]
                 res = _run_pairs(
                     name,
-                    _Pairs(tA[i0:i1], tB[j0:j1], ii, jj, p, tA.dtype, where),
+                    _Pairs(tA[i0:i1], tB[j0:j1], ii, jj, p, tA.dtype, where, func="ssim_matrix"),
                     tA[i0:i1],
                     tB[j0:j1],
                     names=("A", "B"),

@@ -1023,13 +1023,14 @@ def test_values_beyond_float64_raise_naming_the_pair(backend, scale):
     x[1] *= scale
     y[1] *= scale
     msg = r"cannot be scored: its values \(largest \|value\| .*\) are too large \(or too small\)"
-    with pytest.raises(ValueError, match=r"pair index \(1,\) " + msg):
+    with pytest.raises(ValueError, match=r"^ssim: pair index \(1,\) " + msg):
         ssim(x, y, spatial_dims=2, backend=backend)
-    with pytest.raises(ValueError, match=r"the pair " + msg):
+    with pytest.raises(ValueError, match=r"^ssim: the pair " + msg):
         ssim(x[1], y[1], backend=backend)
-    # the first pair (row-major) past float64: (0, 1) when huge (range 1e300), (1, 1) when tiny
+    # the first pair (row-major) past float64: (0, 1) when huge (range 1e300), (1, 1) when tiny; the message
+    # names ssim_matrix (it began "ssim:")
     first = r"\(0, 1\)" if scale > 1 else r"\(1, 1\)"
-    with pytest.raises(ValueError, match=r"pair index " + first + " " + msg):
+    with pytest.raises(ValueError, match=r"^ssim_matrix: pair index " + first + " " + msg):
         ssim_matrix(x, y, progress=False, backend=backend)
 
 
