@@ -816,9 +816,10 @@ def test_integer_arguments_that_are_not_whole_numbers_are_named(
 def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     """A non-positive size failed deep inside (numpy's 'negative dimensions are not allowed', or SSIM's
     window error on a (0, 10) item), and an item size smaller than the SSIM window taken from the first
-    training item (a 2D image saved as (1, H, W), cut along axis 2 into (1, H) slices) failed in the SSIM
-    engine without naming the item; each is now an error up front that says what to change."""
-    img = np.random.default_rng(7).random((1, 20, 24)).astype(np.float32) + 1
+    training item (a thin stack saved as (2, H, W), cut along axis 2 into (2, H) slices) failed in the SSIM
+    engine without naming the item; each is now an error up front that says what to change. (A (1, H, W)
+    array is now the channel-first image itself.)"""
+    img = np.random.default_rng(7).random((2, 20, 24)).astype(np.float32) + 1
     for side in ("t", "s"):
         (tmp_path / side).mkdir()
         np.save(tmp_path / side / "img.npy", img)
@@ -829,13 +830,13 @@ def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="decode_workers"):
         A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", decode_workers=-1, **kw)
     first = f"{tmp_path / 't' / 'img.npy'}#2:0"
-    with pytest.raises(ValueError, match=r"item size \(1, 20\)") as ei:
+    with pytest.raises(ValueError, match=r"item size \(2, 20\)") as ei:
         A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", **kw)
     assert first in str(ei.value) and "--axis" in str(ei.value)
     with pytest.raises(ValueError, match=r"item size \(5, 5\) \(the size asked for\)"):
         A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", size=(5, 5), policy=SlicePolicy(axis=0), **kw)
-    # without exact SSIM such items are legitimate; cut along axis 0 they are the (20, 24) images
-    r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", policy=SlicePolicy(axis=0), **kw)
+    # without exact SSIM such items are legitimate; cut along axis 0 they are (20, 24) images (the first)
+    r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", policy=SlicePolicy(axis=0, stop=1), **kw)
     assert r.summary["item_size"] == [20, 24] and r.summary["counts"]["duplicate"] == 1
 
 
