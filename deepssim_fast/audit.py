@@ -89,7 +89,7 @@ import numpy as np
 from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit, nib_load
-from .io import Spec, _file_slices, _file_volumes, _open_npy, discover, image_kind, npy_error, one_line
+from .io import Spec, _file_slices, _file_volumes, _open_npy, _under, discover, image_kind, npy_error, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -1293,13 +1293,13 @@ def _drop_own_outputs(sets: dict[str, list[Path]], out: Path, cache: Path) -> di
     says how many were left out. A set left with nothing is an error."""
     folders, files = _own_output_paths(out, cache)
 
-    def own(q: str) -> bool:
-        return q in files or any(q.startswith(d.rstrip(os.sep) + os.sep) for d in folders)
+    def own(p: Path) -> bool:  # (as given or resolved: one of the files, or in one of the folders)
+        return str(p) in files or os.path.realpath(p) in files or _under(p, folders)
 
     kept: dict[str, list[Path]] = {}
     dropped: list[Path] = []
     for name, paths in sets.items():
-        mine = [own(str(p)) or own(os.path.realpath(p)) for p in paths]
+        mine = [own(p) for p in paths]
         kept[name] = [p for p, m in zip(paths, mine, strict=True) if not m]
         dropped += [p for p, m in zip(paths, mine, strict=True) if m]
         if not kept[name]:
