@@ -2365,7 +2365,8 @@ def evaluate(
     and labelled with the audit's thresholds. Returns per-class precision/recall/F1 (all three classes; a
     class absent from both labels and predictions with support 0 and scores ``None``) and the macro averages
     over the classes that occur (see :func:`classification_metrics`). Errors
-    about a label row name the labels file and its line.
+    about a label row name the labels file and its line; keys that name no audited item (or several, or an
+    input the audit skipped) are all reported in one error, not one per run.
 
     ``model``: only for a ``deepssim`` audit run with ``verify="none"`` and flips or shifts, whose variants
     are embedded again: the encoder the audit used (default: the file recorded in ``summary.json``), as a file
@@ -2413,12 +2414,23 @@ def evaluate(
     ft = _resolver(ids["train"], paths["train"], skipped["train"])
     fs = _resolver(ids["synth"], paths["synth"], skipped["synth"])
     ti, si = [], []
+    problems: list[str] = []  # every unusable key, named by line: the whole file is checked before failing
+    bad_rows: set[int] = set()
     for real, synth, _, line in rows:
-        try:
-            ti.append(ft(real))
-            si.append(fs(synth))
-        except ValueError as exc:
-            raise ValueError(f"{labels}:{line}: {exc}") from None
+        for find, key, dest in ((ft, real, ti), (fs, synth, si)):
+            try:
+                dest.append(find(key))
+            except ValueError as exc:
+                problems.append(f"{labels}:{line}: {exc}")
+                bad_rows.add(line)
+    if problems:
+        shown = 10
+        rest = "".join(f"\n  {p}" for p in problems[1:shown])
+        if len(problems) > shown:
+            rest += f"\n  and {len(problems) - shown} more"
+        more = (f"\n({len(problems)} label keys in {len(bad_rows)} rows do not name exactly one audited item; "
+                f"the others:{rest})")
+        raise ValueError(problems[0] + (more if len(problems) > 1 else ""))
     if summary["verify"]["method"] == "ssim":
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")

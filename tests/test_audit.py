@@ -1623,6 +1623,36 @@ def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None
         A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", out=tmp_path / "o3", progress=False)
 
 
+def test_evaluate_names_every_bad_label_row_at_once(tmp_path: Path) -> None:
+    """A labels file with several unusable keys is reported whole, one line per bad row (it stopped at the first,
+    so each fix and rerun found the next)."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", rng.standard_normal((4, 16)).astype(np.float32))
+    np.save(tmp_path / "s" / "good.npy", rng.standard_normal((3, 16)).astype(np.float32))
+    np.save(tmp_path / "s" / "narrow.npy", rng.standard_normal((2, 8)).astype(np.float32))
+    A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", k=2, verify="none", out=tmp_path / "o",
+            progress=False)
+    a_row, good_row = str(tmp_path / "t" / "a.npy") + "#row:0", str(tmp_path / "s" / "good.npy") + "#row:0"
+    rows = [(a_row, "narrow.npy", 1), (a_row, good_row, 1), ("nope.npy", good_row, 0), ("ghost", "phantom", 0)]
+    rows += [("nope.npy", good_row, 0)] * 12
+    with pytest.raises(ValueError) as info:
+        A.evaluate(tmp_path / "o", _labels(tmp_path / "lab.csv", *rows))
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'lab.csv'}:2: label key 'narrow.npy' names an input the audit skipped: ")
+    assert "16 label keys in 15 rows" in msg
+    assert "lab.csv:4: label key 'nope.npy' matches no audited item" in msg
+    # both keys of one row are named
+    assert "lab.csv:5: label key 'ghost' matches no audited item" in msg
+    assert "lab.csv:5: label key 'phantom' matches no audited item" in msg
+    assert "lab.csv:3:" not in msg  # the good row
+    assert "and 6 more" in msg  # 16 problems: the first 10 are quoted
+    # one bad row alone: the message is that row's, as before
+    with pytest.raises(ValueError, match=r"^\S*lab1\.csv:2: label key 'nope\.npy' matches no audited item \("):
+        A.evaluate(tmp_path / "o", _labels(tmp_path / "lab1.csv", ("nope.npy", good_row, 0)))
+
+
 def test_empty_and_complex_embedding_files_are_skipped_by_path(tmp_path: Path) -> None:
     """A 0-row .npy is an unreadable input named with its shape (it ended as 'empty input set', naming no
     file); complex rows are refused (they lost their imaginary part) as read_image refuses complex images."""
