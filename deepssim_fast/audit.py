@@ -27,12 +27,15 @@ Conventions
   volumes: along each of the three axes, ``flip0``/``flip1``/``flip2`` — axis 0 is left-right in RAS
   data), small rotations of the best flip
   (``verify_rotations`` degrees, 2D) and, for each variant, the integer shift within ``±verify_shifts``
-  pixels that maximises the cross-correlation; the unchanged pair and the two variants of highest
-  correlation are scored (:func:`verify_pairs`). With ``verify_flips`` the ``deepssim`` and ``correlation``
-  searches also query the flipped synthetic items, so a flipped copy is among the candidates; with
-  ``verify_shifts = s > 0`` they also query the items translated by s pixels along each axis and diagonal
-  (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that reproduces it, drops fast under
-  translation, and a copy shifted by a few pixels can otherwise rank below neighbouring slices.
+  pixels that maximises the cross-correlation; the unchanged pair, the two variants of highest
+  correlation and the search variant that gave the pair its search score are scored (:func:`verify_pairs`;
+  evaluate scores the audit's pairs the same way). With ``verify_flips`` the search also queries the flipped
+  synthetic items, so a flipped copy is among the candidates; with ``verify_shifts = s > 0`` it also queries
+  the items translated by s pixels along each axis and diagonal (8 variants in 2D, 6 axis shifts in 3D):
+  SSIM, and so an encoder that reproduces it, drops fast under translation, and a copy shifted by a few
+  pixels can otherwise rank below neighbouring slices. This holds for every metric with pixels: ``deepssim``
+  and ``correlation``, and ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per
+  variant (3x the search time with flips in 2D, 11x with flips and shifts).
 * Column ``transform`` of matches.csv: with ``verify="ssim"`` the transform of the best verified SSIM
   (``none``, ``hflip``, ``vflip+shift(1,-2)``, ...); with ``verify="none"`` and a search over transformed
   items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip`` or
@@ -112,8 +115,9 @@ MATCHES_HEADER = (
 #: A temporary file in the (possibly shared) cache older than this is what a killed run left: removed.
 _CACHE_TMP_AGE_S = 3600.0
 # 3: volumes are flipped along every axis; 4D files give one volume per frame. 4: a flip is verified with a
-# shift of up to 1 voxel along the flipped axis (the half-voxel offset of an odd centre crop/pad)
-_FORMAT_VERSION = 4
+# shift of up to 1 voxel along the flipped axis (the half-voxel offset of an odd centre crop/pad). 5: the ssim
+# search with verify_flips / verify_shifts also searches the transformed synthetic items (as deepssim's does)
+_FORMAT_VERSION = 5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1097,6 +1101,7 @@ def verify_pairs(
     rotations: float = 0.0,
     candidates: int = 2,
     backend: str | None = None,
+    extra: Sequence[tuple[str, Callable[[np.ndarray], np.ndarray]] | None] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Verified SSIM of the pairs (train_px[i], synth_px[i]), each (B, *size) → (best SSIM (B,) f64, names).
 
@@ -1108,11 +1113,17 @@ def verify_pairs(
     odd number of voxels is mirrored one voxel off its file's mirror image). The untransformed
     pair and the ``candidates`` transforms of highest normalised correlation are scored with exact SSIM
     (``preset="deepssim"``, training image first); the best SSIM and its transform name are returned.
+    ``extra`` (B entries, each None or (name, image -> image)): one more transform scored per pair, the
+    search variant that gave the pair its search score (:func:`_search_variants`; the audit passes it, so
+    that the verified SSIM is never below the search's SSIM of that variant, which a shift chosen by
+    correlation can miss), unless a transform of that name is scored already.
     The scored images are stacked for the SSIM engine a few pairs at a time (about ``_VERIFY_VOXELS``
     voxels a side), so whole volumes need no copy of every pair's variants at once.
     """
     if len(train_px) != len(synth_px):
         raise ValueError(f"verify_pairs: {len(train_px)} training vs {len(synth_px)} synthetic images")
+    if extra is not None and len(extra) != len(train_px):
+        raise ValueError(f"verify_pairs: {len(extra)} extra transforms for {len(train_px)} pairs")
     if spatial_dims == 3 and rotations:
         raise ValueError("rotations are searched for 2D items only")
     b = len(train_px)
@@ -1158,6 +1169,8 @@ def verify_pairs(
             scored.sort(key=lambda z: (z[0], z[1]))
             for _, _, fname, deg, d, r in scored[:candidates]:
                 picks.append((_transform_name(fname, deg, d), _shift(r, d) if any(d) else r))
+        if extra is not None and extra[i] is not None and extra[i][0] not in {n for n, _ in picks}:
+            picks.append((extra[i][0], extra[i][1](s)))
         for name, img in picks:
             xs.append(t)
             ys.append(np.ascontiguousarray(img, dtype=np.float32))
@@ -1373,10 +1386,11 @@ def audit(
             pixels, less than half of every side of the item size; rotations in degrees, 2D only; see
             :func:`verify_pairs`). Flips are horizontal and
             vertical for slices, along each of the three axes for volumes. With ``verify_flips`` the candidate
-            search of the ``deepssim`` and ``correlation`` metrics is flip-aware too: the flipped synthetic
-            items are searched as well and each pair keeps its best score (the histogram stays unflipped);
-            with ``verify_shifts`` it is shift-aware the same way (the items translated by ±verify_shifts
-            pixels: 8 more searches in 2D, 6 in 3D, each costing one embedding pass over the synthetic set).
+            search is flip-aware too: the flipped synthetic items are searched as well and each pair keeps its
+            best score (the histogram stays unflipped); with ``verify_shifts`` it is shift-aware the same way
+            (the items translated by ±verify_shifts pixels: 8 more searches in 2D, 6 in 3D, each costing one
+            embedding pass over the synthetic set for ``deepssim``, and for ``ssim`` one more exact SSIM
+            search over all pairs). ``embeddings`` has no pixels to transform.
         strict: abort on the first unreadable file (or, for ``correlation``, constant item; for
             ``embeddings``, file of another width) instead of skipping it.
         cache_dir: per-file decode/embedding cache (default ``out/cache``).
@@ -1460,7 +1474,8 @@ def audit(
                   "'correlation'")
         raise ValueError(
             f"with verify='none' flips and shifts are tried by the search, which metric {metric!r} does not do "
-            f"(only 'deepssim' and 'correlation' search transformed items): they would be ignored; {remedy}"
+            f"(with verify='none' only 'deepssim' and 'correlation' search transformed items): they would be "
+            f"ignored; {remedy}"
         )
     th = _check_thresholds(thresholds)
     policy = policy or SlicePolicy()
@@ -1653,6 +1668,14 @@ def audit(
             backend=backend,
             progress=progress,
         )
+        # flip- and shift-aware candidates (verify='ssim' only; see _search_variants): the exact SSIM search
+        # once more per transform of the synthetic items, each pair keeping its best score; the histogram
+        # and pair counts stay the plain search's
+        for vname, tname, fn in variants:
+            rv = _ssim_search(tset, sset, k=kk, thresholds=th, bins=bins, chunk_size=chunk_size,
+                              spatial_dims=spatial_dims, work=work, backend=backend, progress=progress,
+                              transform=fn, tag=f"{vname}_")
+            res = _merge_topk(res, rv, kk, tname)
         res.save(search_file)
     elif res is None:
         with contextlib.ExitStack() as stack:
@@ -1723,6 +1746,7 @@ def audit(
             work=work,
             backend=backend,
             progress=progress,
+            variants=variants,
         )
     else:  # the searched transform that gave the score, if the search tried any
         ver = np.full(res.scores.shape, np.nan)
@@ -1881,13 +1905,14 @@ def _variant_vectors(
 
 
 def _search_variants(metric: str, flips: bool, shifts: int, spatial_dims: int) -> list[tuple[str, str, Any]]:
-    """The transforms the flip/shift-aware search applies to the synthetic items (``deepssim`` and
-    ``correlation`` only), in the order searched, as (key, name, image -> image): ``key`` names the variant's
+    """The transforms the flip/shift-aware search applies to the synthetic items (``deepssim``,
+    ``correlation`` and ``ssim``; the audit refuses flips and shifts for ``ssim`` with ``verify='none'``), in
+    the order searched, as (key, name, image -> image): ``key`` names the variant's
     shard folder (``shards_<key>``), ``name`` is the transform as matches.csv writes it (the flips ``hflip``,
     ``vflip`` / ``flip0``..``flip2``, then the translations ``shift(dy,dx)`` of :func:`_search_offsets`, as
     verification names them); a pair's search score is its best over the untransformed item and these."""
     variants: list[tuple[str, str, Any]] = []
-    if metric in ("deepssim", "correlation"):
+    if metric in ("deepssim", "correlation", "ssim"):
         if flips:
             variants += [(fname, fname, lambda img, axes=axes: np.flip(img, axis=axes))
                          for fname, axes in _flip_variants(True, spatial_dims)[1:]]
@@ -1938,8 +1963,11 @@ def _ssim_search(
     work: Path,
     backend: str | None,
     progress: bool,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    tag: str = "",
 ) -> SearchResult:
-    """Exact SSIM over all pairs, chunk by chunk of synthetic items (each chunk saved for resume)."""
+    """Exact SSIM over all pairs, chunk by chunk of synthetic items (each chunk saved for resume, as
+    ``search_<tag><chunk>.npz``); ``transform``: applied to each synthetic item first (a search variant)."""
     from tqdm import tqdm
 
     n = len(sset)
@@ -1950,10 +1978,13 @@ def _ssim_search(
     cc = np.zeros(3, dtype=np.int64)
     train_px = np.asarray(tset.pixels)
     starts = list(range(0, n, chunk_size))
-    for c, a in enumerate(tqdm(starts, desc="ssim search", disable=None if progress else True)):
-        f = work / f"search_{c:05d}.npz"
+    desc = f"ssim search {tag.rstrip('_')}".rstrip()
+    for c, a in enumerate(tqdm(starts, desc=desc, disable=None if progress else True)):
+        f = work / f"search_{tag}{c:05d}.npz"
         if not f.exists():
             block = np.asarray(sset.pixels[a : a + chunk_size])
+            if transform is not None:
+                block = np.stack([np.ascontiguousarray(transform(img)) for img in block])
             m = _ssim_matrix(
                 train_px, block, spatial_dims=spatial_dims, backend=backend
             ).T  # (chunk, n_train)
@@ -2001,7 +2032,10 @@ def _verify_indexed(
     per = max(1, _VERIFY_VOXELS // max(1, int(np.prod(train_px.shape[1:]))))
     vals: list[np.ndarray] = [np.empty(0)]
     names: list[str] = []
+    extra = kwargs.pop("extra", None)  # (per pair: sliced with the batch)
     for a in range(0, len(ti), per):
+        if extra is not None:
+            kwargs["extra"] = extra[a : a + per]
         v, n = verify_pairs(np.asarray(train_px[ti[a : a + per]]), np.asarray(synth_px[si[a : a + per]]), **kwargs)
         vals.append(v)
         names += n
@@ -2021,10 +2055,15 @@ def _verify_all(
     work: Path,
     backend: str | None,
     progress: bool,
+    variants: Sequence[tuple[str, str, Any]] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Verified SSIM and transform of every candidate (n_synth, k), chunk by chunk (saved for resume); each
+    pair also scores the search variant that gave it its search score (``res.transforms``, one of
+    ``variants``; see :func:`verify_pairs`)."""
     from tqdm import tqdm
 
     n, k = res.indices.shape
+    fns = {name: fn for _, name, fn in variants}
     ver = np.empty((n, k), dtype=np.float64)
     trans = np.empty((n, k), dtype=object)
     starts = list(range(0, n, chunk_size))
@@ -2033,6 +2072,10 @@ def _verify_all(
         idx = res.indices[a : a + chunk_size]
         if not _verified_for(f, idx):
             rows = np.repeat(np.arange(a, a + len(idx)), k)
+            extra = None
+            if res.transforms is not None and fns:
+                extra = [(str(tn), fns[str(tn)]) if str(tn) in fns else None
+                         for tn in res.transforms[a : a + len(idx)].ravel()]
             v, names = _verify_indexed(
                 tset.pixels,
                 sset.pixels,
@@ -2043,6 +2086,7 @@ def _verify_all(
                 shifts=shifts,
                 rotations=rotations,
                 backend=backend,
+                extra=extra,
             )
             _atomic_npz(f, ssim=v.reshape(len(idx), k), transform=np.array(names).reshape(len(idx), k), indices=idx)
             _chunk_hook("verify", c)
@@ -2434,6 +2478,17 @@ def evaluate(
     if summary["verify"]["method"] == "ssim":
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
+        # a pair the audit verified also scored the search variant that gave it its search score: the same here
+        fns = {name: fn for _, name, fn in _search_variants(metric, summary["verify"]["flips"],
+                                                            summary["verify"]["max_shift"], spatial_dims)}
+        extra = None
+        if fns:
+            found = SearchResult.load(stored("search.npz"))
+            if found.transforms is not None:
+                by_pair = {(int(i), int(j)): str(tn) for i, (row, names) in enumerate(
+                    zip(found.indices, found.transforms, strict=True)) for j, tn in zip(row, names, strict=True)}
+                extra = [(tn, fns[tn]) if (tn := by_pair.get((s_, t_), "none")) in fns else None
+                         for t_, s_ in zip(ti, si, strict=True)]
         score, _ = _verify_indexed(
             tp,
             sp,
@@ -2444,6 +2499,7 @@ def evaluate(
             shifts=summary["verify"]["max_shift"],
             rotations=summary["verify"]["max_rotation_deg"],
             backend=backend,
+            extra=extra,
         )
     elif metric == "ssim":  # the search score itself: exact SSIM, training item first
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
