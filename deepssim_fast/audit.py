@@ -35,7 +35,7 @@ Conventions
   SSIM, and so an encoder that reproduces it, drops fast under translation, and a copy shifted by a few
   pixels can otherwise rank below neighbouring slices. This holds for every metric with pixels: ``deepssim``
   and ``correlation``, and ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per
-  variant (3x the search time with flips in 2D, 11x with flips and shifts).
+  variant (3x the search time with flips in 2D, 11x with flips and shifts; 4x and 10x for volumes).
 * Column ``transform`` of matches.csv: with ``verify="ssim"`` the transform of the best verified SSIM
   (``none``, ``hflip``, ``vflip+shift(1,-2)``, ...); with ``verify="none"`` and a search over transformed
   items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip`` or
@@ -2482,7 +2482,7 @@ def evaluate(
         fns = {name: fn for _, name, fn in _search_variants(metric, summary["verify"]["flips"],
                                                             summary["verify"]["max_shift"], spatial_dims)}
         extra = None
-        if fns:
+        if fns and summary.get("format_version", 0) >= 5:  # (audits before format 5 verified without it)
             found = SearchResult.load(stored("search.npz"))
             if found.transforms is not None:
                 by_pair = {(int(i), int(j)): str(tn) for i, (row, names) in enumerate(
