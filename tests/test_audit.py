@@ -1621,14 +1621,18 @@ def test_an_embeddings_file_without_the_numpy_header_is_skipped_with_that_reason
     assert "pickle" not in sk["reason"]
 
 
+def _embedding_dirs(root: Path, seed: int, train: dict[str, tuple[int, int]],
+                    synth: dict[str, tuple[int, int]]) -> None:
+    """root/t and root/s with .npy files of random float32 embedding rows of the given shapes (drawn in order)."""
+    rng = np.random.default_rng(seed)
+    for sub, files in (("t", train), ("s", synth)):
+        (root / sub).mkdir()
+        for name, shape in files.items():
+            np.save(root / sub / name, rng.standard_normal(shape).astype(np.float32))
+
+
 def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "t" / "a.npy", rng.standard_normal((6, 16)).astype(np.float32))
-    np.save(tmp_path / "t" / "b.npy", rng.standard_normal((2, 8)).astype(np.float32))
-    np.save(tmp_path / "s" / "good.npy", rng.standard_normal((3, 16)).astype(np.float32))
-    np.save(tmp_path / "s" / "narrow.npy", rng.standard_normal((2, 8)).astype(np.float32))
+    _embedding_dirs(tmp_path, 2, {"a.npy": (6, 16), "b.npy": (2, 8)}, {"good.npy": (3, 16), "narrow.npy": (2, 8)})
     kw = dict(metric="embeddings", k=2, verify="none", progress=False)
     r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", **kw)
     assert r.summary["n_train"] == 6 and r.summary["n_synth"] == 3
@@ -1652,12 +1656,7 @@ def test_embeddings_of_another_width_are_skipped_by_path(tmp_path: Path) -> None
 def test_evaluate_names_every_bad_label_row_at_once(tmp_path: Path) -> None:
     """A labels file with several unusable keys is reported whole, one line per bad row (it stopped at the first,
     so each fix and rerun found the next)."""
-    rng = np.random.default_rng(3)
-    (tmp_path / "t").mkdir()
-    (tmp_path / "s").mkdir()
-    np.save(tmp_path / "t" / "a.npy", rng.standard_normal((4, 16)).astype(np.float32))
-    np.save(tmp_path / "s" / "good.npy", rng.standard_normal((3, 16)).astype(np.float32))
-    np.save(tmp_path / "s" / "narrow.npy", rng.standard_normal((2, 8)).astype(np.float32))
+    _embedding_dirs(tmp_path, 3, {"a.npy": (4, 16)}, {"good.npy": (3, 16), "narrow.npy": (2, 8)})
     A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", k=2, verify="none", out=tmp_path / "o",
             progress=False)
     a_row, good_row = str(tmp_path / "t" / "a.npy") + "#row:0", str(tmp_path / "s" / "good.npy") + "#row:0"
