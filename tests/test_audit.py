@@ -297,6 +297,35 @@ def test_interrupted_run_resumes_to_identical_outputs(
     _compare_outputs(ssim_run.out, tmp_path)
 
 
+def test_run_interrupted_in_the_variant_search_resumes_to_identical_outputs(
+    ds: dict, ssim_run: A.AuditResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SSIM search of the flipped and shifted items (one pass per variant) keeps its chunks too: a run
+    killed inside it computes only the chunks it had not finished."""
+    kw = dict(metric="ssim", k=K, out=tmp_path, verify_flips=True, verify_shifts=3, chunk_size=3, progress=False)
+    calls: list[tuple[str, int]] = []
+
+    def die(stage: str, index: int) -> None:
+        calls.append((stage, index))
+        if calls.count(("search", 1)) == 3:  # the second chunk of the second variant (vflip)
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_chunk_hook", die)
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(ds["train"], ds["synth"], **kw)
+    n_chunks = calls.index(("search", 0), 1)  # the plain search's chunks come first
+    done = sorted(f.name for f in (tmp_path / "work").glob("search_*.npz"))
+    assert len(done) == 2 * n_chunks + 2 and not (tmp_path / "work" / "search.npz").exists(), done
+    assert {"search_hflip_00000.npz", "search_vflip_00001.npz"} <= set(done), done
+    calls.clear()
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: calls.append((stage, index)))
+    A.audit(ds["train"], ds["synth"], **kw)
+    searched = [c for c in calls if c[0] == "search"]
+    # vflip's remaining chunks, then the 8 shift variants whole
+    assert len(searched) == (n_chunks - 2) + 8 * n_chunks, calls
+    _compare_outputs(ssim_run.out, tmp_path)
+
+
 def test_killed_process_resumes_to_identical_outputs(
     ds: dict, ssim_run: A.AuditResult, tmp_path: Path
 ) -> None:
