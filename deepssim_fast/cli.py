@@ -499,12 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="PX",
-        help="also verify over integer shifts up to PX pixels (best by cross-correlation; default 0: none)",
+        help="also verify over integer shifts up to PX pixels (best by cross-correlation; default 0: none); the "
+        "search also queries the items shifted by PX (8 more searches in 2D, 6 in 3D)",
     )
     a.add_argument(
         "--verify-flips",
         action="store_true",
-        help="also verify flips: horizontal/vertical (slices), along each axis (volumes)",
+        help="also verify flips: horizontal/vertical (slices), along each axis (volumes); the search also "
+        "queries the flipped items (with --metric ssim, one more exact search per flip)",
     )
     a.add_argument(
         "--verify-rotations",
