@@ -82,7 +82,7 @@ import struct
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -2042,6 +2042,14 @@ def _verify_indexed(
     return np.concatenate(vals), names
 
 
+def _variant_picks(names: Iterable[Any], variants: Sequence[tuple[str, str, Any]]
+                   ) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]] | None]:
+    """verify_pairs' ``extra`` for pairs whose search scores came from the transforms ``names`` (``"none"``:
+    the item itself, no extra pick): (name, transform) of each name among the search ``variants``."""
+    fns = {name: fn for _, name, fn in variants}
+    return [(str(n), fns[str(n)]) if str(n) in fns else None for n in names]
+
+
 def _verify_all(
     tset: ItemSet,
     sset: ItemSet,
@@ -2063,7 +2071,6 @@ def _verify_all(
     from tqdm import tqdm
 
     n, k = res.indices.shape
-    fns = {name: fn for _, name, fn in variants}
     ver = np.empty((n, k), dtype=np.float64)
     trans = np.empty((n, k), dtype=object)
     starts = list(range(0, n, chunk_size))
@@ -2073,9 +2080,8 @@ def _verify_all(
         if not _verified_for(f, idx):
             rows = np.repeat(np.arange(a, a + len(idx)), k)
             extra = None
-            if res.transforms is not None and fns:
-                extra = [(str(tn), fns[str(tn)]) if str(tn) in fns else None
-                         for tn in res.transforms[a : a + len(idx)].ravel()]
+            if res.transforms is not None and variants:
+                extra = _variant_picks(res.transforms[a : a + len(idx)].ravel(), variants)
             v, names = _verify_indexed(
                 tset.pixels,
                 sset.pixels,
@@ -2479,16 +2485,16 @@ def evaluate(
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
         # a pair the audit verified also scored the search variant that gave it its search score: the same here
-        fns = {name: fn for _, name, fn in _search_variants(metric, summary["verify"]["flips"],
-                                                            summary["verify"]["max_shift"], spatial_dims)}
+        variants = _search_variants(metric, summary["verify"]["flips"], summary["verify"]["max_shift"],
+                                    spatial_dims)
         extra = None
-        if fns and summary.get("format_version", 0) >= 5:  # (audits before format 5 verified without it)
+        if variants and summary.get("format_version", 0) >= 5:  # (audits before format 5 verified without it)
             found = SearchResult.load(stored("search.npz"))
             if found.transforms is not None:
                 by_pair = {(int(i), int(j)): str(tn) for i, (row, names) in enumerate(
                     zip(found.indices, found.transforms, strict=True)) for j, tn in zip(row, names, strict=True)}
-                extra = [(tn, fns[tn]) if (tn := by_pair.get((s_, t_), "none")) in fns else None
-                         for t_, s_ in zip(ti, si, strict=True)]
+                extra = _variant_picks((by_pair.get((s_, t_), "none") for t_, s_ in zip(ti, si, strict=True)),
+                                       variants)
         score, _ = _verify_indexed(
             tp,
             sp,
