@@ -27,15 +27,17 @@ Conventions
   volumes: along each of the three axes, ``flip0``/``flip1``/``flip2`` — axis 0 is left-right in RAS
   data), small rotations of the best flip
   (``verify_rotations`` degrees, 2D) and, for each variant, the integer shift within ``±verify_shifts``
-  pixels that maximises the cross-correlation; the unchanged pair, the two variants of highest
-  correlation and the search variant that gave the pair its search score are scored (:func:`verify_pairs`;
-  evaluate scores the audit's pairs the same way). With ``verify_flips`` the search also queries the flipped
-  synthetic items, so a flipped copy is among the candidates; with ``verify_shifts = s > 0`` it also queries
-  the items translated by s pixels along each axis and diagonal (8 variants in 2D, 6 axis shifts in 3D):
-  SSIM, and so an encoder that reproduces it, drops fast under translation, and a copy shifted by a few
-  pixels can otherwise rank below neighbouring slices. This holds for every metric with pixels: ``deepssim``
-  and ``correlation``, and ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per
-  variant (3x the search time with flips in 2D, 11x with flips and shifts; 4x and 10x for volumes).
+  pixels that maximises the normalised cross-correlation over the overlap; the unchanged pair, the two
+  variants of highest correlation and the search variant that gave the pair its search score are scored
+  (:func:`verify_pairs`; evaluate scores the audit's pairs the same way); a shifted transform is scored with
+  the uncovered band filled with the image minimum and on the overlap of the two fields of view, the better
+  of the two. With ``verify_flips`` the search also queries the flipped synthetic items, so a flipped copy
+  is among the candidates; with ``verify_shifts = s > 0`` it also queries the items translated by s pixels
+  along each axis and diagonal (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that
+  reproduces it, drops fast under translation, and a copy shifted by a few pixels can otherwise rank below
+  neighbouring slices. This holds for every metric with pixels: ``deepssim`` and ``correlation``, and
+  ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per variant (3x the search time
+  with flips in 2D, 11x with flips and shifts; 4x and 10x for volumes).
 * Column ``transform`` of matches.csv: with ``verify="ssim"`` the transform of the best verified SSIM
   (``none``, ``hflip``, ``vflip+shift(1,-2)``, ...); with ``verify="none"`` and a search over transformed
   items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip`` or
@@ -72,6 +74,7 @@ import csv
 import functools
 import hashlib
 import io as _io
+import itertools
 import json
 import logging
 import os
@@ -117,7 +120,9 @@ _CACHE_TMP_AGE_S = 3600.0
 # 3: volumes are flipped along every axis; 4D files give one volume per frame. 4: a flip is verified with a
 # shift of up to 1 voxel along the flipped axis (the half-voxel offset of an odd centre crop/pad). 5: the ssim
 # search with verify_flips / verify_shifts also searches the transformed synthetic items (as deepssim's does)
-_FORMAT_VERSION = 5
+# 6: a shifted transform is also verified on the overlap of the two fields of view, and the shift is the one
+# of highest normalised cross-correlation over the overlap (linear, no longer circular; see verify_pairs)
+_FORMAT_VERSION = 6
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1038,48 +1043,129 @@ def _rotate(img: np.ndarray, deg: float) -> np.ndarray:
     return (top * (1 - fi) + bot * fi).astype(np.float32)
 
 
+def _fft_len(n: int) -> int:
+    """The smallest 2^a 3^b 5^c 7^d >= n: a length pocketfft transforms fast (a prime, 151 for a 150-pixel
+    axis padded by one, took several times as long)."""
+    best = 1 << max(0, int(n - 1).bit_length())
+    p7 = 1
+    while p7 < best:
+        p5 = p7
+        while p5 < best:
+            p3 = p5
+            while p3 < best:
+                m = p3
+                while m < n:
+                    m *= 2
+                best = min(best, m)
+                p3 *= 3
+            p5 *= 5
+        p7 *= 7
+    return best
+
+
+def _square_table(a: np.ndarray, reach: int) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """Sums of a**2 over the boxes the shifts within ±reach leave as overlaps: every box runs from one of
+    0..reach to one of n - reach..n on each axis. Returns, per axis, those bounds (sorted), the summed-area
+    table of a**2 over the cells between them (float64, a zero first plane on every axis), and reach, so that
+    the box [bounds[i], bounds[j]) x ... is an inclusion-exclusion of table corners (see :func:`_box_sums`). One
+    pass over the array: the cells are summed first (at most 2 reach + 1 a side)."""
+    bounds = []
+    g = np.square(a, dtype=np.float64)
+    for ax, n in enumerate(a.shape):
+        b = np.unique(np.clip(np.r_[np.arange(0, reach + 1), np.arange(n - reach, n + 1)], 0, n))
+        bounds.append(b)
+        g = np.add.reduceat(g, b[:-1], axis=ax)
+    for ax in range(a.ndim):
+        g = np.cumsum(g, axis=ax)
+    return bounds, np.pad(g, [(1, 0)] * a.ndim), int(reach)
+
+
+def _box_sums(sq: tuple[list[np.ndarray], np.ndarray, int], lo: Sequence[np.ndarray], hi: Sequence[np.ndarray]
+              ) -> np.ndarray:
+    """Sums over the boxes [lo[0][i], hi[0][i]) x [lo[1][j], hi[1][j]) x ... of the array's squares, for every
+    combination of the per-axis bounds, which must be among those :func:`_square_table` kept (the caller
+    checks the shifts against its reach)."""
+    bounds, table, _ = sq
+    lo = [np.searchsorted(b, x) for b, x in zip(bounds, lo, strict=True)]
+    hi = [np.searchsorted(b, x) for b, x in zip(bounds, hi, strict=True)]
+    out = np.zeros(tuple(len(x) for x in lo))
+    for corner in itertools.product((0, 1), repeat=len(lo)):
+        sign = -1.0 if (len(lo) - sum(corner)) % 2 else 1.0
+        out += sign * table[np.ix_(*[h if c else lw for c, lw, h in zip(corner, lo, hi, strict=True)])]
+    return out
+
+
 def _best_shift(
-    ref_fft: np.ndarray, ref_norm: float, shape: tuple[int, ...], img: np.ndarray,
-    max_shift: int | tuple[int, ...],
+    ref_fft: np.ndarray, ref_sq: tuple[list[np.ndarray], np.ndarray, int], shape: tuple[int, ...],
+    padded: tuple[int, ...],
+    img: np.ndarray, max_shift: int | tuple[int, ...], *, linear: bool = True,
 ) -> tuple[tuple[int, ...], float]:
     """Integer shift (per axis) within ±max_shift (one bound for every axis, or one per axis) maximising the
-    cross-correlation of the centred images, and the normalised correlation there (ties prefer no shift,
-    then the first in scan order).
+    normalised cross-correlation of the centred images over their overlap, and that correlation (ties prefer
+    no shift, then the first in scan order). The correlation is linear, not circular: a shifted image is
+    compared with the reference only where both are, normalised by their norms there, so an exact copy
+    shifted by d pixels scores 1 at d. (The circular form compared the column a shift pushes out with the
+    opposite edge, and on tight crops, 24 x 30 pixels of brain, preferred no shift to the exact one.)
 
-    ``ref_fft``: rfftn of the centred reference; ``ref_norm``: its L2 norm.
+    ``ref_fft``: rfftn of the centred reference zero-padded to ``padded`` (at least shape + max_shift on every
+    axis); ``ref_sq``: :func:`_square_table` of the centred reference, for a reach of at least max_shift.
+    ``linear=False``: the circular form of audits before format 6 (``padded`` = ``shape``, every shift
+    normalised by the whole images' norms).
     """
     b = img.astype(np.float64) - img.mean()
-    norm = float(np.sqrt(np.square(b).sum())) * ref_norm or 1.0
-    xc = np.fft.irfftn(ref_fft * np.conj(np.fft.rfftn(b)), s=shape, axes=tuple(range(len(shape))))
+    axes = tuple(range(len(shape)))
+    xc = np.fft.irfftn(ref_fft * np.conj(np.fft.rfftn(b, s=padded, axes=axes)), s=padded, axes=axes)
     zero = (0,) * len(shape)
     reach = (max_shift,) * len(shape) if isinstance(max_shift, (int, np.integer)) else tuple(max_shift)
-    if max(reach) <= 0:
-        return zero, float(xc[zero]) / norm
+    reach = tuple(max(0, int(m)) for m in reach)
     offs = [np.arange(-m, m + 1) for m in reach]
-    win = xc[np.ix_(*[o % n for o, n in zip(offs, shape, strict=True)])]  # win[i, j] = xc[offs0[i], offs1[j]]
-    centre = float(xc[zero])
-    flat = int(np.argmax(win))  # first maximum in scan order
-    best = float(win.flat[flat])
+    if linear and (any(m > p - n for m, p, n in zip(reach, padded, shape, strict=True)) or max(reach) > ref_sq[2]):
+        raise ValueError(f"_best_shift: shifts {reach} exceed the padding of the reference ({padded} for {shape}) "
+                         f"or the reach of its table ({ref_sq[2]})")
+    # xc[d] = sum_x ref[x + d] img[x]: img translated by +d (see _shift) lines up with ref; the overlap is
+    # ref[max(0, d) : min(n, n + d)] against img[max(0, -d) : min(n, n - d)] on each axis
+    win = xc[np.ix_(*[o % p for o, p in zip(offs, padded, strict=True)])]
+    if linear:
+        ref_part = _box_sums(ref_sq, [np.maximum(0, o) for o in offs],
+                             [np.minimum(n, n + o) for o, n in zip(offs, shape, strict=True)])
+        img_part = _box_sums(_square_table(b, ref_sq[2]), [np.maximum(0, -o) for o in offs],
+                             [np.minimum(n, n - o) for o, n in zip(offs, shape, strict=True)])
+    else:
+        ref_part = np.full(win.shape, float(ref_sq[1][(-1,) * len(shape)]))
+        img_part = np.full(win.shape, float(np.square(b).sum()))
+    norm = np.sqrt(np.maximum(ref_part, 0.0) * np.maximum(img_part, 0.0))
+    ncc = np.divide(win, norm, out=np.zeros_like(win), where=norm > 0)
+    centre = float(ncc[tuple(m for m in reach)])
+    flat = int(np.argmax(ncc))  # first maximum in scan order
+    best = float(ncc.flat[flat])
     if not best > centre + 1e-9 * abs(centre):
-        return zero, centre / norm
-    arg = tuple(int(o[q]) for o, q in zip(offs, np.unravel_index(flat, win.shape), strict=True))
-    # xc[d] = sum_x ref[x + d] img[x]: img translated by +d (see _shift) lines up with ref
-    return arg, best / norm
+        return zero, centre
+    return tuple(int(o[q]) for o, q in zip(offs, np.unravel_index(flat, ncc.shape), strict=True)), best
 
 
-def _shift(img: np.ndarray, d: tuple[int, ...]) -> np.ndarray:
-    """Translate by d pixels (positive = towards higher indices), filling with the image minimum."""
-    out = np.full_like(img, img.min())
+def _shift_slices(d: tuple[int, ...], shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(source, destination) slices of a translation by d pixels: where the image's content lands."""
     src, dst = [], []
-    for di, n in zip(d, img.shape, strict=True):
+    for di, n in zip(d, shape, strict=True):
         if di >= 0:
             src.append(slice(0, n - di))
             dst.append(slice(di, n))
         else:
             src.append(slice(-di, n))
             dst.append(slice(0, n + di))
-    out[tuple(dst)] = img[tuple(src)]
+    return tuple(src), tuple(dst)
+
+
+def _shift(img: np.ndarray, d: tuple[int, ...]) -> np.ndarray:
+    """Translate by d pixels (positive = towards higher indices), filling with the image minimum."""
+    out = np.full_like(img, img.min())
+    src, dst = _shift_slices(d, img.shape)
+    out[dst] = img[src]
     return out
+
+
+#: The DeepSSIM preset's window (uniform, 7 taps): an overlap must be at least this wide on every axis.
+_SSIM_WIN = 7
 
 
 def _transform_name(flip: str, deg: float, d: tuple[int, ...]) -> str:
@@ -1102,6 +1188,7 @@ def verify_pairs(
     candidates: int = 2,
     backend: str | None = None,
     extra: Sequence[tuple[str, Callable[[np.ndarray], np.ndarray]] | None] | None = None,
+    overlap: bool = True,
 ) -> tuple[np.ndarray, list[str]]:
     """Verified SSIM of the pairs (train_px[i], synth_px[i]), each (B, *size) → (best SSIM (B,) f64, names).
 
@@ -1117,8 +1204,17 @@ def verify_pairs(
     search variant that gave the pair its search score (:func:`_search_variants`; the audit passes it, so
     that the verified SSIM is never below the search's SSIM of that variant, which a shift chosen by
     correlation can miss), unless a transform of that name is scored already.
+    ``overlap`` (format 6; ``False``: as audits before it verified, for :func:`evaluate`): each variant's shift
+    is the one of highest normalised cross-correlation over the overlap (linear, not circular: see
+    :func:`_best_shift`), and a shifted transform is also scored on the overlap alone, the part of the field
+    of view both images see (the training image and the shifted image cropped to where the shifted content
+    lies), keeping the better of the two scores. Filled with the image minimum, the band the shift uncovered
+    counts as a difference: an exact mirrored copy of a file centre-fitted by an odd number of voxels scored
+    0.989–0.996 on MNI slices, and smaller items lower. On the overlap it scores 1. (Skipped where the
+    overlap is narrower than the SSIM window.)
     The scored images are stacked for the SSIM engine a few pairs at a time (about ``_VERIFY_VOXELS``
-    voxels a side), so whole volumes need no copy of every pair's variants at once.
+    voxels a side; pairs of one shape together), so whole volumes need no copy of every pair's variants at
+    once.
     """
     if len(train_px) != len(synth_px):
         raise ValueError(f"verify_pairs: {len(train_px)} training vs {len(synth_px)} synthetic images")
@@ -1127,25 +1223,45 @@ def verify_pairs(
     if spatial_dims == 3 and rotations:
         raise ValueError("rotations are searched for 2D items only")
     b = len(train_px)
-    xs, ys, names, owner = [], [], [], []
-    vals_parts: list[np.ndarray] = []
-    held = 0  # voxels of the training images in xs (ys holds as many)
+    names: list[str] = []
+    owner: list[int] = []
+    # images waiting to be scored, by shape: (training images, transformed images, their slots in names)
+    pending: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray], list[int]]] = {}
+    scored_at: dict[int, float] = {}
+    held = 0  # voxels of the training images pending (the transformed ones are as many)
 
     def flush() -> None:
         """Score the pairs gathered so far: at most ~``_VERIFY_VOXELS`` voxels a side are stacked at once."""
-        nonlocal xs, ys, held
-        if xs:
-            vals_parts.append(_ssim_pairs(np.stack(xs), np.stack(ys), spatial_dims=spatial_dims, backend=backend))
-        xs, ys, held = [], [], 0
+        nonlocal held
+        for xs, ys, slots in pending.values():
+            v = _ssim_pairs(np.stack(xs), np.stack(ys), spatial_dims=spatial_dims, backend=backend)
+            scored_at.update(zip(slots, (float(x) for x in v), strict=True))
+        pending.clear()
+        held = 0
+
+    def add(name: str, i: int, x: np.ndarray, y: np.ndarray) -> None:
+        nonlocal held
+        xs, ys, slots = pending.setdefault(x.shape, ([], [], []))
+        xs.append(x)
+        ys.append(np.ascontiguousarray(y, dtype=np.float32))
+        slots.append(len(names))
+        names.append(name)
+        owner.append(i)
+        held += x.size
 
     search = flips or shifts > 0 or rotations > 0
     for i in range(b):
         t = np.asarray(train_px[i], dtype=np.float32)
         s = np.asarray(synth_px[i], dtype=np.float32)
         picks: list[tuple[str, np.ndarray]] = [("none", s)]
+        overlaps: list[tuple[str, np.ndarray, tuple[slice, ...]]] = []
         if search:
             tc = t.astype(np.float64) - t.mean()
-            t_fft, t_norm = np.fft.rfftn(tc), float(np.sqrt(np.square(tc).sum()))
+            # zero-padded by the largest reach of a shift search below (linear correlation, see _best_shift)
+            pad = max(shifts, 1) if overlap else 0
+            t_pad = tuple(_fft_len(n + pad) if pad else n for n in t.shape)
+            t_fft = np.fft.rfftn(tc, s=t_pad, axes=tuple(range(tc.ndim)))
+            t_sq = _square_table(tc, pad)
             scored = []
             flipped = {}
             reach = {}
@@ -1157,30 +1273,36 @@ def verify_pairs(
                 # mirrored copy of a training file then lies one voxel off. Along a flipped axis the shift
                 # search reaches at least 1 voxel (ties still prefer no shift).
                 reach[fname] = tuple(max(shifts, 1) if ax in axes else shifts for ax in range(t.ndim))
-                d, score = _best_shift(t_fft, t_norm, t.shape, v, reach[fname])
+                d, score = _best_shift(t_fft, t_sq, t.shape, t_pad, v, reach[fname], linear=overlap)
                 scored.append((-score, len(scored), fname, 0.0, d, v))
             # rotations are searched for the best flip only (flip first, then angle, then shift)
             top_flip = min(scored, key=lambda z: (z[0], z[1]))[2]
             for deg in _rotation_angles(rotations)[1:]:
                 r = _rotate(flipped[top_flip], deg)
-                d, score = _best_shift(t_fft, t_norm, t.shape, r, reach[top_flip])
+                d, score = _best_shift(t_fft, t_sq, t.shape, t_pad, r, reach[top_flip], linear=overlap)
                 scored.append((-score, len(scored), top_flip, deg, d, r))
             scored = [z for z in scored if z[2] or z[3] or any(z[4])]
             scored.sort(key=lambda z: (z[0], z[1]))
             for _, _, fname, deg, d, r in scored[:candidates]:
-                picks.append((_transform_name(fname, deg, d), _shift(r, d) if any(d) else r))
+                name = _transform_name(fname, deg, d)
+                if not any(d):
+                    picks.append((name, r))
+                    continue
+                shifted = _shift(r, d)
+                picks.append((name, shifted))
+                dst = _shift_slices(d, r.shape)[1]
+                if overlap and all(sl.stop - sl.start >= _SSIM_WIN for sl in dst):
+                    overlaps.append((name, shifted, dst))
         if extra is not None and extra[i] is not None and extra[i][0] not in {n for n, _ in picks}:
             picks.append((extra[i][0], extra[i][1](s)))
         for name, img in picks:
-            xs.append(t)
-            ys.append(np.ascontiguousarray(img, dtype=np.float32))
-            names.append(name)
-            owner.append(i)
-            held += t.size
+            add(name, i, t, img)
+        for name, img, dst in overlaps:
+            add(name, i, np.ascontiguousarray(t[dst]), img[dst])
         if held >= _VERIFY_VOXELS:
             flush()
     flush()
-    vals = np.concatenate(vals_parts) if vals_parts else np.empty(0)
+    vals = np.array([scored_at[j] for j in range(len(names))], dtype=np.float64)
     if not np.isfinite(vals).all():
         raise RuntimeError("SSIM returned non-finite values during verification")
     best = np.full(b, -np.inf)
@@ -2506,6 +2628,7 @@ def evaluate(
             rotations=summary["verify"]["max_rotation_deg"],
             backend=backend,
             extra=extra,
+            overlap=summary.get("format_version", 0) >= 6,  # (audits before format 6 verified without it)
         )
     elif metric == "ssim":  # the search score itself: exact SSIM, training item first
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")

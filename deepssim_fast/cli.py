@@ -499,8 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="PX",
-        help="also verify over integer shifts up to PX pixels (best by cross-correlation; default 0: none); the "
-        "search also queries the items shifted by PX (8 more searches in 2D, 6 in 3D)",
+        help="also verify over integer shifts up to PX pixels (best by cross-correlation; default 0: none; a "
+        "shift also scored on the overlap of the two views); the search also queries the items shifted by PX "
+        "(8 more searches in 2D, 6 in 3D)",
     )
     a.add_argument(
         "--verify-flips",

@@ -2037,9 +2037,9 @@ def test_volume_verification_stacks_a_few_pairs_at_a_time(tmp_path: Path, monkey
     monkeypatch.setattr(A, "_ssim_pairs", spy)
     monkeypatch.setattr(A, "_VERIFY_VOXELS", 2 * anat.size, raising=False)
     A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "few", **kw)
-    # 12 pairs, each scored untransformed, with its 2 best variants and, when it is another, the search's
-    # variant: at most 4 images a call, not 36 to 48
-    assert 36 <= sum(stacked) <= 48 and max(stacked) <= 4, stacked
+    # 12 pairs, each scored untransformed, with its 2 best variants (a shifted one also on the overlap) and,
+    # when it is another, the search's variant: at most 4 images a call, not 36 to 72
+    assert 36 <= sum(stacked) <= 72 and max(stacked) <= 4, stacked
     assert (tmp_path / "few" / "matches.csv").read_bytes().replace(b"/few/", b"/whole/") == want
     stacked.clear()
     rows = _rows(tmp_path / "few")
@@ -2110,6 +2110,68 @@ def test_mirrored_copy_of_a_volume_fitted_by_an_odd_crop_is_found(tmp_path: Path
     # an item fitted without an odd residual (here, its own shape) keeps the plain flip
     v, names = A.verify_pairs(anat[None], np.flip(anat, 1)[None].copy(), spatial_dims=3, flips=True)
     assert names == ["flip1"] and v[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_shifted_transform_is_verified_on_the_overlap_of_the_two_views() -> None:
+    """A shift verified with its uncovered band filled with the image minimum scores that band as a
+    difference: exact front-back mirrors of MNI axial slices centre-fitted by an odd number of voxels (197 x 233
+    to 120 x 150, and to 24 x 30) scored 0.989 and 0.83-0.92 ('similar' at 0.83), where they are the same image
+    one voxel over. verify_pairs now also scores a shifted transform on the overlap of the two fields of view
+    and keeps the better score."""
+    mni = data.load_volume("mni152").array
+    for z in (60, 80):
+        sl = np.ascontiguousarray(mni[:, :, z], dtype=np.float32)
+        for shape in ((120, 150), (24, 30)):
+            a = data.center_fit(sl, shape)[None]
+            b = data.center_fit(np.ascontiguousarray(sl[:, ::-1]), shape)[None]
+            v, names = A.verify_pairs(a, b, spatial_dims=2, flips=True)
+            assert names == ["hflip+shift(0,1)"] and v[0] == pytest.approx(1.0, abs=1e-6), (z, shape, v)
+            old, old_names = A.verify_pairs(a, b, spatial_dims=2, flips=True, overlap=False)
+            assert old_names == names and old[0] < 0.996, (z, shape, old)
+    # an overlap narrower than the SSIM window (7) is not scored: the filled image alone decides; 7 wide, it is
+    rng = np.random.default_rng(3)
+    for rows, want_exact in ((7, False), (8, True)):
+        t = rng.normal(size=(1, rows, 40)).astype(np.float32)
+        moved = A._shift(t[0], (1, 0))[None]
+        v, names = A.verify_pairs(t, moved, spatial_dims=2, shifts=1)
+        old, old_names = A.verify_pairs(t, moved, spatial_dims=2, shifts=1, overlap=False)
+        assert names == old_names == ["shift(-1,0)"] and old[0] < 0.6, (rows, names, old)
+        assert (v[0] == pytest.approx(1.0, abs=1e-6)) if want_exact else (v[0] == old[0]), (rows, v, old)
+
+
+def test_audit_and_evaluate_verify_shifts_on_the_overlap_from_format_6(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit verifies a shifted transform on the overlap too (format 6); evaluate scores an audit's pairs
+    as that audit verified them: on the overlap from format 6, with the filled band before it."""
+    mni = data.load_volume("mni152").array
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    for z in (60, 80):
+        sl = np.ascontiguousarray(mni[:, :, z], dtype=np.float32)
+        np.save(tmp_path / "t" / f"z{z}.npy", sl)
+        np.save(tmp_path / "s" / f"m{z}.npy", np.ascontiguousarray(sl[:, ::-1]))
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", size=(24, 30), k=1, verify_flips=True,
+                out=tmp_path / "o", progress=False)
+    assert r.summary["format_version"] == 6
+    rows = {Path(x["synth_path"]).stem: x for x in _best(_rows(tmp_path / "o")).values()}
+    for z in (60, 80):
+        x = rows[f"m{z}"]
+        assert Path(x["train_path"]).stem == f"z{z}" and x["transform"] == "hflip+shift(0,1)", x
+        assert float(x["ssim"]) == pytest.approx(1.0, abs=1e-6) and x["label"] == "duplicate", x
+    labels = _labels(tmp_path / "l.csv", ("z60.npy", "m60.npy", 2), ("z80.npy", "m80.npy", 2))
+    seen = []
+    real = A.label_of
+    monkeypatch.setattr(A, "label_of", lambda s, th: (seen.append(np.array(s, dtype=np.float64)), real(s, th))[1])
+    A.evaluate(tmp_path / "o", labels)
+    np.testing.assert_allclose(seen.pop(), [1.0, 1.0], atol=1e-6)
+    summary = tmp_path / "o" / "summary.json"
+    old = json.loads(summary.read_text())
+    old["format_version"] = 5
+    summary.write_text(json.dumps(old))
+    A.evaluate(tmp_path / "o", labels)
+    before = seen.pop()
+    assert before[0] < 0.85 and before[1] < 0.996, before  # z = 60 was "similar" then
 
 
 def test_ssim_search_with_flips_finds_mirrored_copies_it_would_not_rank(tmp_path: Path) -> None:
