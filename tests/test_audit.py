@@ -2139,6 +2139,52 @@ def test_shifted_transform_is_verified_on_the_overlap_of_the_two_views() -> None
         assert (v[0] == pytest.approx(1.0, abs=1e-6)) if want_exact else (v[0] == old[0]), (rows, v, old)
 
 
+def test_best_shift_is_the_overlap_correlation_of_a_direct_sum() -> None:
+    """_best_shift (FFT cross-correlation, zero-padded to a fast length; overlap norms from a table of cell
+    sums) against the direct sum over each shift's overlap, 2D and 3D, odd and prime sizes, reach 0..3."""
+    rng = np.random.default_rng(11)
+
+    def direct(ref: np.ndarray, img: np.ndarray, reach: tuple[int, ...]) -> np.ndarray:
+        r, b = ref - ref.mean(), img - img.mean()
+        out = np.empty(tuple(2 * m + 1 for m in reach))
+        for k in np.ndindex(out.shape):
+            d = tuple(i - m for i, m in zip(k, reach, strict=True))
+            src, dst = A._shift_slices(d, ref.shape)  # img[src] lands on ref[dst]
+            num = float((r[dst] * b[src]).sum())
+            den = float(np.sqrt(np.square(r[dst]).sum() * np.square(b[src]).sum()))
+            out[k] = num / den if den > 0 else 0.0
+        return out
+
+    for shape in ((13, 17), (7, 31), (9, 11, 8), (16, 5, 7)):
+        for reach_max in range(4):
+            ref = rng.normal(size=shape)
+            img = np.roll(ref, 1, axis=0) + rng.normal(0, 0.5, shape)
+            reach = tuple(int(rng.integers(0, reach_max + 1)) for _ in shape)
+            pad = max(reach_max, 1)
+            padded = tuple(A._fft_len(n + pad) for n in shape)
+            ref_c = ref - ref.mean()
+            fft = np.fft.rfftn(ref_c, s=padded, axes=tuple(range(len(shape))))
+            d, score = A._best_shift(fft, A._square_table(ref_c, pad), shape, padded, img, reach)
+            want = direct(ref, img, reach)
+            k = tuple(x + m for x, m in zip(d, reach, strict=True))
+            assert score == pytest.approx(want[k], abs=1e-9), (shape, reach, d)
+            assert score >= want.max() - 1e-9, (shape, reach, d, want.max())
+    # the fast FFT lengths: the smallest 7-smooth number at or above n
+    smooth = [m for m in range(1, 3000) if all(p in (2, 3, 5, 7) for p in _prime_factors(m))]
+    for n in range(1, 2500):
+        assert A._fft_len(n) == min(m for m in smooth if m >= n), n
+
+
+def _prime_factors(m: int) -> list[int]:
+    out, p = [], 2
+    while m > 1:
+        while m % p == 0:
+            out.append(p)
+            m //= p
+        p += 1
+    return out
+
+
 def test_audit_and_evaluate_verify_shifts_on_the_overlap_from_format_6(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
