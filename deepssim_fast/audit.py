@@ -1072,12 +1072,14 @@ def _square_table(a: np.ndarray, reach: int) -> tuple[list[np.ndarray], np.ndarr
     bounds = []
     g = np.square(a, dtype=np.float64)
     for ax, n in enumerate(a.shape):
-        b = np.unique(np.clip(np.r_[np.arange(0, reach + 1), np.arange(n - reach, n + 1)], 0, n))
+        b = np.array(sorted({min(i, n) for i in range(reach + 1)} | {max(n - i, 0) for i in range(reach + 1)}))
         bounds.append(b)
         g = np.add.reduceat(g, b[:-1], axis=ax)
+    table = np.zeros(tuple(x + 1 for x in g.shape))
     for ax in range(a.ndim):
         g = np.cumsum(g, axis=ax)
-    return bounds, np.pad(g, [(1, 0)] * a.ndim), int(reach)
+    table[(slice(1, None),) * a.ndim] = g
+    return bounds, table, int(reach)
 
 
 def _box_sums(sq: tuple[list[np.ndarray], np.ndarray, int], lo: Sequence[np.ndarray], hi: Sequence[np.ndarray]
@@ -1086,12 +1088,17 @@ def _box_sums(sq: tuple[list[np.ndarray], np.ndarray, int], lo: Sequence[np.ndar
     combination of the per-axis bounds, which must be among those :func:`_square_table` kept (the caller
     checks the shifts against its reach)."""
     bounds, table, _ = sq
-    lo = [np.searchsorted(b, x) for b, x in zip(bounds, lo, strict=True)]
-    hi = [np.searchsorted(b, x) for b, x in zip(bounds, hi, strict=True)]
+    nd = len(bounds)
+
+    def along(ax: int, x: np.ndarray) -> np.ndarray:  # table indices of bounds x on axis ax, shaped to broadcast
+        return np.searchsorted(bounds[ax], x).reshape((1,) * ax + (-1,) + (1,) * (nd - ax - 1))
+
+    lo_i = [along(ax, x) for ax, x in enumerate(lo)]
+    hi_i = [along(ax, x) for ax, x in enumerate(hi)]
     out = np.zeros(tuple(len(x) for x in lo))
-    for corner in itertools.product((0, 1), repeat=len(lo)):
-        sign = -1.0 if (len(lo) - sum(corner)) % 2 else 1.0
-        out += sign * table[np.ix_(*[h if c else lw for c, lw, h in zip(corner, lo, hi, strict=True)])]
+    for corner in itertools.product((0, 1), repeat=nd):
+        sign = -1.0 if (nd - sum(corner)) % 2 else 1.0
+        out += sign * table[tuple(h if c else lw for c, lw, h in zip(corner, lo_i, hi_i, strict=True))]
     return out
 
 
