@@ -965,9 +965,7 @@ def test_evaluate_scores_the_audit_pairs_as_the_audit_verified_them(
     for r in rows:
         assert float(r["ssim"]) >= float(r["cosine"]) - 1e-5, r
     labels = _labels(tmp_path / "all.csv", *[(r["train_id"], r["synth_id"], 1) for r in rows])
-    seen = []
-    real = A.label_of
-    monkeypatch.setattr(A, "label_of", lambda s, th: (seen.append(np.array(s, dtype=np.float64)), real(s, th))[1])
+    seen = _spy_evaluate_scores(monkeypatch)
     A.evaluate(ssim_run.out, labels)
     (score,) = seen
     np.testing.assert_allclose(score, [float(r["ssim"]) for r in rows], atol=2e-6)
@@ -1175,6 +1173,14 @@ def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
 # Regressions: odd file names, symlinks, flips of volumes, evaluate without verification, permissions,
 # blank images, progress of the variant search, labels files, embedding widths, 4D volumes
 # ----------------------------------------------------------------------------------------------------
+def _spy_evaluate_scores(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """The scores evaluate labels, one array per label_of call (appended as it runs)."""
+    seen: list[np.ndarray] = []
+    real = A.label_of
+    monkeypatch.setattr(A, "label_of", lambda s, th: (seen.append(np.array(s, dtype=np.float64)), real(s, th))[1])
+    return seen
+
+
 def _labels(path: Path, *rows: tuple[str, str, int]) -> Path:
     path.write_text("real_key,synth_key,label\n" + "".join(f"{r},{s},{lab}\n" for r, s, lab in rows))
     return path
@@ -2206,9 +2212,7 @@ def test_audit_and_evaluate_verify_shifts_on_the_overlap_from_format_6(
         assert Path(x["train_path"]).stem == f"z{z}" and x["transform"] == "hflip+shift(0,1)", x
         assert float(x["ssim"]) == pytest.approx(1.0, abs=1e-6) and x["label"] == "duplicate", x
     labels = _labels(tmp_path / "l.csv", ("z60.npy", "m60.npy", 2), ("z80.npy", "m80.npy", 2))
-    seen = []
-    real = A.label_of
-    monkeypatch.setattr(A, "label_of", lambda s, th: (seen.append(np.array(s, dtype=np.float64)), real(s, th))[1])
+    seen = _spy_evaluate_scores(monkeypatch)
     A.evaluate(tmp_path / "o", labels)
     np.testing.assert_allclose(seen.pop(), [1.0, 1.0], atol=1e-6)
     summary = tmp_path / "o" / "summary.json"
@@ -2259,9 +2263,7 @@ def test_evaluate_of_a_volume_correlation_audit_scores_the_pairs_a_few_at_a_time
             verify_flips=True, out=out, progress=False)
     rows = _rows(out)
     labels = _labels(tmp_path / "l.csv", *[(Path(r["train_path"]).name, Path(r["synth_path"]).name, 1) for r in rows])
-    seen = []
-    real = A.label_of
-    monkeypatch.setattr(A, "label_of", lambda s, th: (seen.append(np.array(s)), real(s, th))[1])
+    seen = _spy_evaluate_scores(monkeypatch)
     monkeypatch.setattr(A, "_ROW_VOXELS", 2 * anat.size, raising=False)
     tracemalloc.start()
     try:
