@@ -1410,6 +1410,12 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
         else:
             resumed = True
     work.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        # the search variants' embeddings (work/<set>_vectors_<variant>.npy, see _variant_vectors) are kept
+        # for a resume or a change of thresholds or bins only: otherwise they may be another encoder's, or
+        # other items' of the same count (and with no state, nobody knows whose they are)
+        for f in sorted(work.glob("*_vectors_*.npy")):
+            f.unlink()
     if not state.exists():
         _atomic_json(state, fingerprint)
     return resumed

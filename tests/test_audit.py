@@ -1337,6 +1337,37 @@ def test_evaluate_takes_the_audit_encoder_as_an_object_or_as_its_file(ds: dict, 
             A.evaluate(out, labels, model=other)
 
 
+def test_a_rerun_with_another_encoder_embeds_the_search_variants_again(ds: dict, tmp_path: Path) -> None:
+    """The embeddings of the flipped synthetic items are kept in OUT/work for a resume or a rerun with other
+    thresholds. A rerun into the same OUT with another encoder reused the first encoder's, silently (13
+    flipped MNI slices against 28: 46 of the 65 rows of matches.csv differed from the same audit into a fresh
+    OUT). Now they are embedded again, and still kept when only the thresholds change."""
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    first = save_checkpoint(tmp_path / "a.pt", build_model("small", input_size=64))
+    torch.manual_seed(1)
+    second = save_checkpoint(tmp_path / "b.pt", build_model("small", input_size=64))
+    kw = dict(metric="deepssim", k=5, verify="none", verify_flips=True, progress=False)
+    reused = tmp_path / "reused"
+    A.audit(ds["train"], ds["synth"], model=first, out=reused, **kw)
+    flips = sorted((reused / "work").glob("synth_vectors_*.npy"))
+    assert [f.name for f in flips] == ["synth_vectors_hflip.npy", "synth_vectors_vflip.npy"]
+    A.audit(ds["train"], ds["synth"], model=second, out=reused, **kw)
+    A.audit(ds["train"], ds["synth"], model=second, out=tmp_path / "fresh", **kw)
+    got, want = _rows(reused), _rows(tmp_path / "fresh")
+    assert len(got) == len(want) > 0
+    assert [(r["train_id"], r["cosine"], r["transform"]) for r in got] == [
+        (r["train_id"], r["cosine"], r["transform"]) for r in want
+    ]
+    # other thresholds only: the variants' embeddings are kept (not written again)
+    stamps = {f.name: f.stat().st_mtime_ns for f in flips}
+    A.audit(ds["train"], ds["synth"], model=second, out=reused, thresholds=(0.5, 0.9), **kw)
+    assert {f.name: f.stat().st_mtime_ns for f in flips} == stamps
+
+
 def test_verify_none_names_the_searched_transform_that_gave_the_score(ds: dict, tmp_path: Path) -> None:
     """verify='none' with flips and shifts: matches.csv's transform names the variant of the synthetic item
     whose search score won (as verification names transforms: 'none', 'vflip', 'shift(dy,dx)'), also after
