@@ -1171,9 +1171,6 @@ def _shift(img: np.ndarray, d: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-#: The DeepSSIM preset's window (uniform, 7 taps): an overlap must be at least this wide on every axis.
-_SSIM_WIN = 7
-
 
 def _transform_name(flip: str, deg: float, d: tuple[int, ...]) -> str:
     parts = [flip] if flip else []
@@ -1298,7 +1295,7 @@ def verify_pairs(
                 shifted = _shift(r, d)
                 picks.append((name, shifted))
                 dst = _shift_slices(d, r.shape)[1]
-                if overlap and all(sl.stop - sl.start >= _SSIM_WIN for sl in dst):
+                if overlap and all(sl.stop - sl.start >= _SSIM_WINDOW for sl in dst):
                     overlaps.append((name, shifted, dst))
         if extra is not None and extra[i] is not None and extra[i][0] not in {n for n, _ in picks}:
             picks.append((extra[i][0], extra[i][1](s)))
