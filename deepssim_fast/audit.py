@@ -32,8 +32,11 @@ Conventions
   (:func:`verify_pairs`; evaluate scores the audit's pairs the same way); a shifted transform is scored with
   the uncovered band filled with the image minimum and on the overlap of the two fields of view, the better
   of the two. With ``verify_flips`` the search also queries the flipped synthetic items, so a flipped copy
-  is among the candidates; with ``verify_shifts = s > 0`` it also queries the items translated by s pixels
-  along each axis and diagonal (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that
+  is among the candidates (a searched flip mirrors the item about the centre of its file, before the
+  centre crop or pad, so that a mirrored copy of a file cropped or padded by an odd number of voxels lines
+  up with its source; verification flips the fitted item and tries the ±1 shift instead); with
+  ``verify_shifts = s > 0`` it also queries the items translated by s pixels along each axis and diagonal
+  (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that
   reproduces it, drops fast under translation, and a copy shifted by a few pixels can otherwise rank below
   neighbouring slices. This holds for every metric with pixels: ``deepssim`` and ``correlation``, and
   ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per variant (3x the search time
@@ -122,7 +125,10 @@ _CACHE_TMP_AGE_S = 3600.0
 # search with verify_flips / verify_shifts also searches the transformed synthetic items (as deepssim's does)
 # 6: a shifted transform is also verified on the overlap of the two fields of view, and the shift is the one
 # of highest normalised cross-correlation over the overlap (linear, no longer circular; see verify_pairs)
-_FORMAT_VERSION = 6
+# 7: the search's flips (verify_flips) mirror each synthetic item about the centre of its file, before the
+# centre crop/pad (see _fit_offset): a mirrored copy of a file cropped or padded by an odd number of voxels
+# lines up with its source (a flip of the fitted item lay one voxel off it)
+_FORMAT_VERSION = 7
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,13 +358,17 @@ def _entry_path(cache: Path, key: str, size: tuple[int, ...]) -> Path:
     return cache / "items" / f"{key}_{'x'.join(map(str, size))}{_ENTRY_SUFFIX}"
 
 
-def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels: np.ndarray) -> None:
+def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels: np.ndarray,
+                 fit: Sequence[Sequence[int]] | None = None) -> None:
+    """Write an item cache entry: ``pixels`` (n, *size), and per item its ids, indices and ``fit``
+    (:func:`_fit_offset` of the item before it was fitted to the size; an entry without it is decoded again
+    by :func:`_decode_all`)."""
     px = np.ascontiguousarray(pixels, dtype="<f4")
-    head = json.dumps(
-        {"ids": list(ids), "indices": [int(i) for i in indices], "shape": list(px.shape),
-         "crc32": zlib.crc32(px)},
-        separators=(",", ":"),
-    ).encode()
+    head = {"ids": list(ids), "indices": [int(i) for i in indices], "shape": list(px.shape),
+            "crc32": zlib.crc32(px)}
+    if fit is not None:
+        head["fit"] = [[int(v) for v in r] for r in fit]
+    head = json.dumps(head, separators=(",", ":")).encode()
 
     def write(f: Any) -> None:
         f.write(_ENTRY_MAGIC + struct.pack("<Q", len(head)))
@@ -382,6 +392,8 @@ def _read_entry(path: Path, *, pixels: bool) -> tuple[dict, np.ndarray | None]:
             shape = tuple(int(v) for v in head["shape"])
             if len(head["ids"]) != len(head["indices"]) or len(head["ids"]) != shape[0]:
                 raise _DamagedEntry(f"{path}: header lists {len(head['ids'])} ids for shape {shape}")
+            if "fit" in head and np.shape(head["fit"]) != (shape[0], len(shape) - 1):
+                raise _DamagedEntry(f"{path}: header's fit offsets {np.shape(head['fit'])} for shape {shape}")
             size, need = os.fstat(f.fileno()).st_size, 16 + n + 4 * int(np.prod(shape))
             if size != need:
                 raise _DamagedEntry(f"{path}: item cache entry of {size} bytes, its header needs {need}")
@@ -493,6 +505,8 @@ class ItemSet:
     # entries with the mask of items kept, and the item size
     sources: list[tuple[Path, np.ndarray]] = field(default_factory=list)
     size: tuple[int, ...] = ()
+    # (n, ndim) int8: each item's :func:`_fit_offset` (None: not known, as for audits before format 7)
+    fit: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -562,6 +576,18 @@ def _no_slice_reason(p: Path, policy: SlicePolicy) -> str:
             f"foreground_level {policy.foreground_level})")
 
 
+def _fit_offset(shape: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
+    """Per axis, where the centre of an item of ``shape`` lies after ``center_fit`` to ``size``, relative to
+    the centre of the fitted item: 0 when the crop or pad is even, else half a voxel, recorded as +1 for an
+    odd crop (the item's centre lies half a voxel towards higher indices) and -1 for an odd pad (towards
+    lower indices).
+
+    A flip mirrors the fitted item about its own centre. A file mirrored before fitting (a mirrored copy of
+    a training file of the same shape) lies one voxel off that, along each flipped axis with an odd offset:
+    :func:`_flip_item` moves the flip by this offset, so it mirrors about the file's centre."""
+    return tuple(0 if (n - m) % 2 == 0 else (1 if n > m else -1) for n, m in zip(shape, size, strict=True))
+
+
 class _DecodeDataset:
     """Map-style dataset over files for a torch DataLoader: item = (position, ids, indices, arrays, error)."""
 
@@ -626,9 +652,13 @@ def _decode_all(
             f = _entry_path(cache, keys[i], pending_size)
             if f.exists():
                 try:
-                    heads[f] = _entry_header(f)
-                    entries[i] = f
-                    continue
+                    head = _entry_header(f)
+                    if "fit" in head:
+                        heads[f] = head
+                        entries[i] = f
+                        continue
+                    # (written before format 7, without the items' fit offsets: decoded again, once)
+                    logger.debug("decoding %s again: its cache entry %s has no fit offsets", p, f)
                 except _DamagedEntry as exc:
                     logger.warning("decoding %s again: %s", p, exc)
                     f.unlink(missing_ok=True)
@@ -660,10 +690,11 @@ def _decode_all(
                     f"{p}: item of shape {arrs[0].shape} does not match the item size {pending_size}"
                 )
             stack = np.stack([center_fit(a, pending_size) for a in arrs]).astype(np.float32)
+            fits = [_fit_offset(a.shape, pending_size) for a in arrs]
             f = _entry_path(cache, keys[i], pending_size)
-            _write_entry(f, ids, idx, stack)
+            _write_entry(f, ids, idx, stack, fits)
             entries[i] = f
-            heads[f] = {"ids": list(ids), "indices": [int(v) for v in idx]}
+            heads[f] = {"ids": list(ids), "indices": [int(v) for v in idx], "fit": [list(r) for r in fits]}
     return entries, pending_size, skipped, heads
 
 
@@ -772,8 +803,10 @@ def _build_items(
             skipped.append((str(p), reason))
         if not keep.any():
             continue
+        # (an entry from before format 7 has no fit offsets: _decode_all decodes its file again first)
+        fit = np.asarray(head.get("fit", np.zeros((len(ids), len(size)))), dtype=np.int8).reshape(len(ids), -1)
         metas.append((p, e, [i for i, k in zip(ids, keep, strict=True) if k],
-                      [i for i, k in zip(idx, keep, strict=True) if k], keep))
+                      [i for i, k in zip(idx, keep, strict=True) if k], keep, fit[keep]))
         n += int(keep.sum())
     if n == 0:
         reasons = "; ".join(r for _, r in skipped[:5])
@@ -783,13 +816,14 @@ def _build_items(
             + ")"
         )
     ids_all, paths_all, idx_all = [], [], []
-    for _p, _e, ids, idx, _keep in metas:
+    for _p, _e, ids, idx, _keep, _fit in metas:
         ids_all += ids
         idx_all += idx
         paths_all += [_item_path(i, mode) for i in ids]
     items = ItemSet(name, ids_all, paths_all, idx_all, None, n_files=len(paths), skipped=skipped)
-    items.sources = [(e, keep) for _p, e, _ids, _idx, keep in metas]
+    items.sources = [(e, keep) for _p, e, _ids, _idx, keep, _fit in metas]
     items.size = tuple(size)
+    items.fit = np.concatenate([m[5] for m in metas])
     return items
 
 
@@ -1768,7 +1802,8 @@ def audit(
     timings["embed"] = time.perf_counter() - t0
     _atomic_json(
         work / "items.json",
-        {s.name: {"ids": s.ids, "paths": s.paths, "indices": s.indices} for s in (tset, sset)},
+        {s.name: {"ids": s.ids, "paths": s.paths, "indices": s.indices,
+                  **({"fit": s.fit.tolist()} if s.fit is not None else {})} for s in (tset, sset)},
     )
     for s in (tset, sset):
         if s.vectors is not None and metric != "correlation":
@@ -1780,7 +1815,7 @@ def audit(
     t0 = time.perf_counter()
     kk = int(min(k, len(tset)))
     search_file = work / "search.npz"
-    variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims)
+    variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims, sset.fit)
     res = SearchResult.load(search_file) if search_file.exists() else None
     if res is not None and variants and verify == "none" and res.transforms is None:
         # saved before the search recorded which transform gave each score (matches.csv's transform with
@@ -1990,7 +2025,9 @@ def _transformed_vectors(
         out = np.empty((n, voxels), dtype=np.float32)
     parts = []
     for a in range(0, n, step):
-        block = np.ascontiguousarray(np.stack([fn(np.asarray(img)) for img in items.pixels[a : a + step]]))
+        block = np.ascontiguousarray(
+            np.stack([fn(np.asarray(img), a + j) for j, img in enumerate(items.pixels[a : a + step])])
+        )
         if metric == "deepssim":
             parts.append(_embed(list(block), model, batch_size=batch_size, device=device))
         else:
@@ -2036,20 +2073,46 @@ def _variant_vectors(
     return v
 
 
-def _search_variants(metric: str, flips: bool, shifts: int, spatial_dims: int) -> list[tuple[str, str, Any]]:
+def _flip_item(img: np.ndarray, axes: tuple[int, ...], offset: Sequence[int] | None) -> np.ndarray:
+    """``img`` flipped along ``axes`` and, along a flipped axis where the item's :func:`_fit_offset`
+    ``offset`` is odd, moved by it by one voxel: the mirror of the item about the centre of its file, before
+    the centre crop or pad. After an odd pad (-1) the slab moved out is padding, and it fills the slab
+    uncovered at the other end, which is padding too: exact. After an odd crop (+1) the uncovered slab lay
+    outside the crop; it repeats its neighbour, the nearest estimate. ``offset`` None: the plain flip
+    (audits before format 7)."""
+    out = np.flip(img, axis=axes)
+    for a in axes:
+        d = int(offset[a]) if offset is not None else 0
+        if d < 0:
+            out = np.roll(out, d, axis=a)
+        elif d > 0:
+            n = out.shape[a]
+            out = np.take(out, np.clip(np.arange(n) - d, 0, n - 1), axis=a)
+    return np.ascontiguousarray(out)
+
+
+def _search_variants(
+    metric: str, flips: bool, shifts: int, spatial_dims: int, fit: np.ndarray | None = None
+) -> list[tuple[str, str, Any]]:
     """The transforms the flip/shift-aware search applies to the synthetic items (``deepssim``,
     ``correlation`` and ``ssim``; the audit refuses flips and shifts for ``ssim`` with ``verify='none'``), in
-    the order searched, as (key, name, image -> image): ``key`` names the variant's
+    the order searched, as (key, name, (image, item index) -> image): ``key`` names the variant's
     shard folder (``shards_<key>``), ``name`` is the transform as matches.csv writes it (the flips ``hflip``,
     ``vflip`` / ``flip0``..``flip2``, then the translations ``shift(dy,dx)`` of :func:`_search_offsets`, as
-    verification names them); a pair's search score is its best over the untransformed item and these."""
+    verification names them); a pair's search score is its best over the untransformed item and these.
+
+    A flip mirrors the synthetic item about the centre of its file (:func:`_flip_item`, with the item's row
+    of ``fit``, the synthetic items' :func:`_fit_offset`; None: about the fitted item's centre, as audits
+    before format 7 did)."""
     variants: list[tuple[str, str, Any]] = []
     if metric in ("deepssim", "correlation", "ssim"):
         if flips:
-            variants += [(fname, fname, lambda img, axes=axes: np.flip(img, axis=axes))
-                         for fname, axes in _flip_variants(True, spatial_dims)[1:]]
+            variants += [
+                (fname, fname, lambda img, i, axes=axes: _flip_item(img, axes, None if fit is None else fit[i]))
+                for fname, axes in _flip_variants(True, spatial_dims)[1:]
+            ]
         if shifts > 0:
-            variants += [(f"shift{j}", _transform_name("", 0.0, d), lambda img, d=d: _shift(img, d))
+            variants += [(f"shift{j}", _transform_name("", 0.0, d), lambda img, i, d=d: _shift(img, d))
                          for j, d in enumerate(_search_offsets(shifts, spatial_dims))]
     return variants
 
@@ -2116,7 +2179,7 @@ def _ssim_search(
         if not f.exists():
             block = np.asarray(sset.pixels[a : a + chunk_size])
             if transform is not None:
-                block = np.stack([np.ascontiguousarray(transform(img)) for img in block])
+                block = np.stack([np.ascontiguousarray(transform(img, a + j)) for j, img in enumerate(block)])
             m = _ssim_matrix(
                 train_px, block, spatial_dims=spatial_dims, backend=backend
             ).T  # (chunk, n_train)
@@ -2174,12 +2237,14 @@ def _verify_indexed(
     return np.concatenate(vals), names
 
 
-def _variant_picks(names: Iterable[Any], variants: Sequence[tuple[str, str, Any]]
+def _variant_picks(names: Iterable[Any], items: Iterable[int], variants: Sequence[tuple[str, str, Any]]
                    ) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]] | None]:
     """verify_pairs' ``extra`` for pairs whose search scores came from the transforms ``names`` (``"none"``:
-    the item itself, no extra pick): (name, transform) of each name among the search ``variants``."""
+    the item itself, no extra pick), of the synthetic items ``items`` (their indices): (name, transform) of
+    each name among the search ``variants``."""
     fns = {name: fn for _, name, fn in variants}
-    return [(str(n), fns[str(n)]) if str(n) in fns else None for n in names]
+    return [(str(n), functools.partial(fns[str(n)], i=int(i))) if str(n) in fns else None
+            for n, i in zip(names, items, strict=True)]
 
 
 def _verify_all(
@@ -2213,7 +2278,7 @@ def _verify_all(
             rows = np.repeat(np.arange(a, a + len(idx)), k)
             extra = None
             if res.transforms is not None and variants:
-                extra = _variant_picks(res.transforms[a : a + len(idx)].ravel(), variants)
+                extra = _variant_picks(res.transforms[a : a + len(idx)].ravel(), rows, variants)
             v, names = _verify_indexed(
                 tset.pixels,
                 sset.pixels,
@@ -2591,6 +2656,11 @@ def evaluate(
     meta = json.loads(stored("items.json").read_text())
     for side in ("train", "synth"):
         ids[side], paths[side] = meta[side]["ids"], meta[side]["paths"]
+    # the synthetic items' fit offsets: the search's flips mirror about each file's centre (format 7; before
+    # it, about the fitted item's centre)
+    s_fit = None
+    if summary.get("format_version", 0) >= 7 and meta["synth"].get("fit") is not None:
+        s_fit = np.asarray(meta["synth"]["fit"], dtype=np.int8).reshape(len(ids["synth"]), -1)
     skipped = {side: [(str(x["path"]), str(x["reason"])) for x in summary.get("skipped") or [] if x.get("set") == side]
                for side in ("train", "synth")}
     ft = _resolver(ids["train"], paths["train"], skipped["train"])
@@ -2618,7 +2688,7 @@ def evaluate(
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
         # a pair the audit verified also scored the search variant that gave it its search score: the same here
         variants = _search_variants(metric, summary["verify"]["flips"], summary["verify"]["max_shift"],
-                                    spatial_dims)
+                                    spatial_dims, s_fit)
         extra = None
         if variants and summary.get("format_version", 0) >= 5:  # (audits before format 5 verified without it)
             found = SearchResult.load(stored("search.npz"))
@@ -2626,7 +2696,7 @@ def evaluate(
                 by_pair = {(int(i), int(j)): str(tn) for i, (row, names) in enumerate(
                     zip(found.indices, found.transforms, strict=True)) for j, tn in zip(row, names, strict=True)}
                 extra = _variant_picks((by_pair.get((s_, t_), "none") for t_, s_ in zip(ti, si, strict=True)),
-                                       variants)
+                                       si, variants)
         score, _ = _verify_indexed(
             tp,
             sp,
@@ -2670,7 +2740,7 @@ def evaluate(
             return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
         variants = _search_variants(
-            metric, summary["verify"]["flips"], summary["verify"]["max_shift"], spatial_dims
+            metric, summary["verify"]["flips"], summary["verify"]["max_shift"], spatial_dims, s_fit
         )
         model_obj = _evaluation_model(summary, model) if variants and metric == "deepssim" else None
         parts = [np.empty(0)]
@@ -2684,7 +2754,7 @@ def evaluate(
             if variants:  # the search score is the best over the transformed synthetic items too
                 spx = np.asarray(sp[bs])
                 for _, _, fn in variants:
-                    block = np.ascontiguousarray(np.stack([fn(img) for img in spx]))
+                    block = np.ascontiguousarray(np.stack([fn(img, i) for img, i in zip(spx, bs, strict=True)]))
                     if metric == "deepssim":
                         bv = _embed(list(block), model_obj, batch_size=batch_size, device=device).astype(np.float64)
                     else:  # a transformed item that is constant keeps the untransformed item's row (as the search)

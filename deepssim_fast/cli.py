@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-flips",
         action="store_true",
         help="also verify flips: horizontal/vertical (slices), along each axis (volumes); the search also "
-        "queries the flipped items (with --metric ssim, one more exact search per flip)",
+        "queries the flipped items, each mirrored about the centre of its file (with --metric ssim, one more "
+        "exact search per flip)",
     )
     a.add_argument(
         "--verify-rotations",

@@ -183,13 +183,14 @@ def test_search_scores_equal_exact_ssim(ssim_run: A.AuditResult, ds: dict) -> No
     searched variants (as the deepssim and correlation searches do)."""
     rows = _rows(ssim_run.out)
     assert len(rows) >= 6
-    variants = A._search_variants("ssim", True, 3, 2)
-    assert len(variants) == 10  # hflip, vflip, 8 shifts
+    assert len(A._search_variants("ssim", True, 3, 2)) == 10  # hflip, vflip, 8 shifts
     for r in rows[:6]:
         t = data.center_fit(np.load(r["train_path"]), SIZE)
-        s = data.center_fit(np.load(r["synth_path"]), SIZE)
+        raw = np.load(r["synth_path"])
+        s = data.center_fit(raw, SIZE)
+        variants = A._search_variants("ssim", True, 3, 2, np.array([A._fit_offset(raw.shape, SIZE)]))
         plain = float(ssim_reference(t, s, preset="deepssim"))
-        want = max([plain] + [float(ssim_reference(t, np.ascontiguousarray(fn(s)), preset="deepssim"))
+        want = max([plain] + [float(ssim_reference(t, np.ascontiguousarray(fn(s, 0)), preset="deepssim"))
                               for _, _, fn in variants])
         assert float(r["cosine"]) == pytest.approx(want, abs=2e-5)
         assert float(r["cosine"]) >= plain - 2e-5
@@ -2099,7 +2100,7 @@ def test_correlation_rows_of_volumes_are_centred_a_few_at_a_time(monkeypatch: py
     items = A.ItemSet("synth", names, names, list(range(len(px))), px)
     whole = A._centred_rows(px, items)  # (24 items: one chunk, as before)
     items.vectors = whole
-    flipped = A._transformed_vectors(items, lambda img: np.flip(img, 1), metric="correlation", model=None,
+    flipped = A._transformed_vectors(items, lambda img, i: np.flip(img, 1), metric="correlation", model=None,
                                      batch_size=64, device=None)
     monkeypatch.setattr(A, "_ROW_VOXELS", 2 * vol.size, raising=False)
     tracemalloc.start()
@@ -2109,7 +2110,7 @@ def test_correlation_rows_of_volumes_are_centred_a_few_at_a_time(monkeypatch: py
         del rows
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
-        rows_f = A._transformed_vectors(items, lambda img: np.flip(img, 1), metric="correlation", model=None,
+        rows_f = A._transformed_vectors(items, lambda img, i: np.flip(img, 1), metric="correlation", model=None,
                                         batch_size=64, device=None)
         _, peak_f = tracemalloc.get_traced_memory()
     finally:
@@ -2147,6 +2148,84 @@ def test_mirrored_copy_of_a_volume_fitted_by_an_odd_crop_is_found(tmp_path: Path
     # an item fitted without an odd residual (here, its own shape) keeps the plain flip
     v, names = A.verify_pairs(anat[None], np.flip(anat, 1)[None].copy(), spatial_dims=3, flips=True)
     assert names == ["flip1"] and v[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_searched_flip_mirrors_about_the_file_centre() -> None:
+    """_flip_item with the item's _fit_offset is the mirror of the file, then the centre fit: for every
+    parity of crop and pad along each axis (2D and 3D, random files), the flipped fitted mirror equals the
+    fitted file exactly, except, after an odd crop, the one slab the crop left out, which repeats its
+    neighbour. The plain flip of the fitted item is one voxel off wherever the crop or pad is odd."""
+    assert A._fit_offset((13, 11, 14, 10, 12), (12, 12, 12, 12, 12)) == (1, -1, 0, 0, 0)
+    rng = np.random.default_rng(7)
+    for size in ((12, 15), (9, 10, 11)):
+        for _ in range(12):
+            shape = tuple(int(m + rng.integers(-3, 4)) for m in size)  # odd and even crops and pads
+            f = rng.normal(size=shape).astype(np.float32) + 3.0
+            off = A._fit_offset(shape, size)
+            for ax in range(len(size)):
+                t = data.center_fit(f, size)
+                s = data.center_fit(np.ascontiguousarray(np.flip(f, ax)), size)
+                v = A._flip_item(s, (ax,), off)
+                exact = [slice(None)] * len(size)
+                if off[ax] == 1:  # odd crop: slab 0 was outside the crop; it repeats slab 1
+                    exact[ax] = slice(1, None)
+                    edge = np.take(v, [0], axis=ax)
+                    np.testing.assert_array_equal(edge, np.take(v, [1], axis=ax))
+                np.testing.assert_array_equal(v[tuple(exact)], t[tuple(exact)], err_msg=f"{shape} axis {ax}")
+                plain = np.flip(s, ax)
+                assert np.array_equal(plain, t) == (off[ax] == 0), (shape, ax)
+                # None (audits before format 7): the plain flip
+                np.testing.assert_array_equal(A._flip_item(s, (ax,), None), plain)
+
+
+def test_verify_none_finds_mirrored_copies_of_odd_cropped_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """With verify='none' the search's flip is the match. Front-back mirrors of MNI axial slices (197 x 233,
+    fitted to 120 x 150: odd crops) lay one voxel off the flipped fitted item: correlation 0.97-0.98 (and SSIM
+    0.80-0.83, 'similar', by the deepssim encoder's measure). The search now mirrors about the file's centre:
+    0.998 or more. evaluate scores a format-7 audit the same way, and one from before with the plain flip."""
+    mni = data.load_volume("mni152").array
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    for z in range(40, 130, 10):
+        np.save(tmp_path / "t" / f"z{z}.npy", np.ascontiguousarray(mni[:, :, z], dtype=np.float32))
+    for z in (60, 90):
+        np.save(tmp_path / "s" / f"m{z}.npy", np.ascontiguousarray(mni[:, ::-1, z], dtype=np.float32))
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", size=(120, 150), k=1, verify="none",
+                verify_flips=True, out=tmp_path / "o", progress=False)
+    assert r.summary["format_version"] == 7
+    rows = {Path(x["synth_path"]).stem: x for x in _best(_rows(tmp_path / "o")).values()}
+    got = []
+    for z in (60, 90):
+        x = rows[f"m{z}"]
+        assert Path(x["train_path"]).name == f"z{z}.npy" and x["transform"] == "hflip", x
+        got.append(float(x["cosine"]))
+        # the plain flip of the fitted item, as before format 7
+        t = data.center_fit(np.ascontiguousarray(mni[:, :, z], dtype=np.float32), (120, 150))
+        s = data.center_fit(np.ascontiguousarray(mni[:, ::-1, z], dtype=np.float32), (120, 150))
+        plain = np.corrcoef(t.ravel(), s[:, ::-1].ravel())[0, 1]
+        assert plain < 0.99 and got[-1] > 0.997 and got[-1] > plain, (z, plain, got[-1])
+    labels = _labels(tmp_path / "l.csv", ("z60.npy", "m60.npy", 2), ("z90.npy", "m90.npy", 2))
+    seen = _spy_evaluate_scores(monkeypatch)
+    A.evaluate(tmp_path / "o", labels)
+    np.testing.assert_allclose(seen.pop(), got, atol=1e-6)
+    summary = tmp_path / "o" / "summary.json"
+    old = json.loads(summary.read_text())
+    old["format_version"] = 6
+    summary.write_text(json.dumps(old))
+    A.evaluate(tmp_path / "o", labels)
+    assert all(b < 0.99 for b in seen.pop())
+    # item cache entries of earlier versions have no fit offsets: their files are decoded again, once
+    entries = sorted((tmp_path / "o" / "cache" / "items").glob("*.items"))
+    assert len(entries) == 11 and all("fit" in A._entry_header(f) for f in entries)
+    for f in entries:
+        head, px = A._read_entry(f, pixels=True)
+        A._write_entry(f, head["ids"], head["indices"], px)  # (as format 6 wrote them)
+        assert "fit" not in A._entry_header(f)
+    r2 = A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", size=(120, 150), k=1, verify="none",
+                 verify_flips=True, out=tmp_path / "o2", cache_dir=tmp_path / "o" / "cache", progress=False)
+    assert [float(x["cosine"]) for x in _rows(r2.out)] == got
+    assert all(A._entry_header(f)["fit"] == [[1, 1]] for f in entries)  # 197 x 233 cropped to 120 x 150
 
 
 def test_shifted_transform_is_verified_on_the_overlap_of_the_two_views() -> None:
@@ -2236,7 +2315,7 @@ def test_audit_and_evaluate_verify_shifts_on_the_overlap_from_format_6(
         np.save(tmp_path / "s" / f"m{z}.npy", np.ascontiguousarray(sl[:, ::-1]))
     r = A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", size=(24, 30), k=1, verify_flips=True,
                 out=tmp_path / "o", progress=False)
-    assert r.summary["format_version"] == 6
+    assert r.summary["format_version"] >= 6
     rows = {Path(x["synth_path"]).stem: x for x in _best(_rows(tmp_path / "o")).values()}
     for z in (60, 80):
         x = rows[f"m{z}"]
