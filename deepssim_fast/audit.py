@@ -15,7 +15,8 @@ Conventions
 * An item's id is ``"<path>#<axis>:<index>"`` (slices; a 4D file's frame ``t`` has path ``<path>@t<t>``)
   or ``"<path>"`` (volumes; each frame ``t`` of a 4D file is a volume of its own, ``"<path>@t<t>"``).
   Paths are absolute, symlinks not resolved (:func:`~deepssim_fast.io.discover`); a path may itself hold
-  a ``#``, so an id is split at its *last* ``#``.
+  a ``#``, so an id is split at its *last* ``#``. With ``metric="embeddings"`` a row of ``<name>.npy`` is
+  ``"<name>.npy#row:<i>"``, or the id ``deepssim-fast embed`` wrote for it in ``<name>.ids.txt`` beside it.
 * Search scores (column ``cosine`` of matches.csv): ``deepssim`` and ``embeddings`` — cosine similarity of
   embeddings; ``correlation`` — Pearson correlation of the pixels (the cosine of the centred images, the
   baseline of Akbar et al.); ``ssim`` — exact SSIM, ``preset="deepssim"``. Top-k: descending, ties to
@@ -934,8 +935,37 @@ def _embed_items(
     return np.concatenate([o for o in out if o is not None]).astype(np.float32)
 
 
+def _embedding_ids(p: Path, n: int) -> list[str] | None:
+    """The item ids ``deepssim-fast embed`` wrote beside the embeddings ``p`` (``<name>.ids.txt`` for
+    ``<name>.npy``, one id per row, file names in their own bytes), or None when there is no such file. A file
+    that does not hold one distinct, non-empty id for each of the ``n`` rows is named in a warning and not used
+    (the rows keep their ``<path>#row:<i>`` ids)."""
+    f = p.with_suffix(".ids.txt")
+    try:
+        raw = f.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("%s: unreadable (%s): the rows of %s are named by number", f, one_line(exc), p)
+        return None
+    lines = os.fsdecode(raw).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    problem = None
+    if len(lines) != n:
+        problem = f"{len(lines)} ids for {n} rows"
+    elif len(set(lines)) != n or not all(lines):
+        problem = "ids repeated or empty"
+    if problem is not None:
+        logger.warning("%s: %s: the rows of %s are named by number instead", f, problem, p)
+        return None
+    return lines
+
+
 def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: int | None = None) -> ItemSet:
-    """metric='embeddings': each .npy file holds (n, d) rows; item id ``<path>#row:<i>``.
+    """metric='embeddings': each .npy file holds (n, d) rows; item id ``<path>#row:<i>``, or where
+    ``deepssim-fast embed`` wrote the item ids beside the file (:func:`_embedding_ids`), the id of the item each
+    row embeds (``<image path>#<axis>:<index>``, as a pixel audit names it: path and index come from it).
 
     Every row must have one width d: ``width`` (the training set's, for the synthetic set) or that of the
     first readable file. A file of another width, with no rows, of complex values, or with NaN/Inf or
@@ -974,10 +1004,17 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
             logger.warning("skipping %s file %s", name, one_line(exc))
             skipped.append((str(p), str(exc)))
             continue
+        named = _embedding_ids(p, len(a))
         for r in range(len(a)):
-            ids.append(f"{p}#row:{r}")
-            ps.append(str(p))
-            idx.append(r)
+            if named is None:
+                ids.append(f"{p}#row:{r}")
+                ps.append(str(p))
+                idx.append(r)
+                continue
+            ids.append(named[r])
+            ps.append(_item_path(named[r], "slices"))
+            m = re.fullmatch(r".*#\d+:(\d+)", named[r], flags=re.S)
+            idx.append(int(m.group(1)) if m else r)
         vecs.append(a.astype(np.float32))
     if not vecs:
         reasons = "; ".join(r for _, r in skipped[:5])

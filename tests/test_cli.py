@@ -385,6 +385,47 @@ def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: p
     assert np.array_equal(np.load(f"{plain}.npy"), e) and len(Path(f"{plain}.ids.txt").read_text().split()) == 3
 
 
+def test_embeddings_audit_names_the_images_embed_wrote(folders: dict, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """An audit of embed's outputs (--metric embeddings) named every item ``<file>.npy#row:<i>``, though embed
+    writes each row's image id beside the embeddings: matches.csv and the report said which row, not which
+    image, and labels could not name the images. The ids file is now read: items are named, and found by
+    evaluate, as a pixel audit names them. An ids file that does not fit its rows is named in a warning and
+    the rows keep their numbers."""
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("small", input_size=64, emb_dim=32))
+    for side in ("train", "synth"):
+        args = ["embed", "--model", str(ckpt), "--images", str(folders[side]), "--out", str(tmp_path / side), "-q"]
+        assert main(args) == 0
+    out = tmp_path / "o"
+    args = ["audit", "--train", str(tmp_path / "train.npy"), "--synth", str(tmp_path / "synth.npy"), "--metric",
+            "embeddings", "--verify", "none", "-k", "2", "--out", str(out), "-q"]
+    assert main(args) == 0
+    with open(out / "matches.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {Path(r["synth_path"]).name for r in rows} == {"copy100.npy", "copy55.npy", "novel.npy"}
+    assert all(Path(r["train_path"]).parent == folders["train"] and r["train_id"].endswith("#2:0")
+               and r["train_index"] == "0" for r in rows)
+    best = {Path(r["synth_path"]).name: Path(r["train_path"]).name for r in rows if r["rank"] == "1"}
+    assert best["copy55.npy"] == "t055.npy"  # (a contrast change: the same embedding up to the encoder)
+    labels = tmp_path / "l.csv"
+    labels.write_text("real_key,synth_key,label\nt055.npy,copy55.npy,1\n")  # (1: duplicate)
+    assert main(["evaluate", "--audit", str(out), "--labels", str(labels)]) == 0  # (the keys name images)
+    assert json.loads((out / "evaluation.json").read_text())["per_class"]["duplicate"]["support"] == 1
+    # an ids file that does not fit (a row more): named in a warning, the rows keep their numbers
+    ids = tmp_path / "synth.ids.txt"
+    ids.write_text(ids.read_text() + "extra#2:0\n")
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        assert main([*args[:-3], "--out", str(tmp_path / "o2"), "-q"]) == 0
+    assert "4 ids for 3 rows" in caplog.text and str(ids) in caplog.text
+    with open(tmp_path / "o2" / "matches.csv", newline="") as f:
+        assert {r["synth_id"] for r in csv.DictReader(f)} == {f"{tmp_path / 'synth.npy'}#row:{i}" for i in range(3)}
+
+
 def test_embed_failing_mid_write_leaves_no_stale_ids(folders: dict, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Both files are written atomically, the old ids removed first: a run that dies between the two leaves
