@@ -99,7 +99,18 @@ import numpy as np
 from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit, nib_load
-from .io import Spec, _file_slices, _file_volumes, _open_npy, _under, discover, image_kind, npy_error, one_line
+from .io import (
+    Spec,
+    _file_slices,
+    _file_volumes,
+    _open_npy,
+    _under,
+    discover,
+    image_kind,
+    npy_error,
+    one_line,
+    read_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -960,6 +971,30 @@ def _embedding_ids(p: Path, n: int) -> list[str] | None:
         logger.warning("%s: %s: the rows of %s are named by number instead", f, problem, p)
         return None
     return lines
+
+
+def _image_of_id(item_id: str) -> np.ndarray | None:
+    """The 2D slice a slice id ``<path>#<axis>:<index>`` names (a frame of a 4D file: ``<path>@t<t>#...``),
+    read from its file, for the gallery of an embeddings audit, whose items :func:`_embedding_ids` names;
+    None where the id names no slice of a readable file (rows named by number, a file moved since)."""
+    m = re.fullmatch(r"(.*)#([012]):(\d+)", item_id, flags=re.S)
+    if m is None:
+        return None
+    src, axis, index = m.group(1), int(m.group(2)), int(m.group(3))
+    path, frame = src, None
+    f = re.fullmatch(r"(.*)@t(\d+)", src, flags=re.S)
+    if f is not None and not os.path.exists(src):
+        path, frame = f.group(1), int(f.group(2))
+    try:
+        img = read_image(path, frame=frame)
+    except (DataError, OSError, ValueError) as exc:
+        logger.info("gallery: no image for %s (%s)", item_id, one_line(exc))
+        return None
+    if img.ndim == 2:
+        return np.asarray(img, dtype=np.float32) if index == 0 else None
+    if img.ndim == 3 and index < img.shape[axis]:
+        return np.ascontiguousarray(img[(slice(None),) * axis + (index,)], dtype=np.float32)
+    return None
 
 
 def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: int | None = None) -> ItemSet:
@@ -2397,8 +2432,9 @@ def _top_suspects(
                 "cosine": float(res.scores[i, r]),
                 "ssim": float(ver[i, r]) if np.isfinite(ver[i, r]) else None,
                 "transform": str(trans[i, r]) if trans[i, r] else "",
-                "synth_image": None if sset.pixels is None else np.asarray(sset.pixels[i]),
-                "train_image": None if tset.pixels is None else np.asarray(tset.pixels[j]),
+                # (an embeddings audit has no pixels: the images its item ids name, where they are readable)
+                "synth_image": _image_of_id(sset.ids[i]) if sset.pixels is None else np.asarray(sset.pixels[i]),
+                "train_image": _image_of_id(tset.ids[j]) if tset.pixels is None else np.asarray(tset.pixels[j]),
             }
         )
     return out

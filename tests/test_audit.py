@@ -666,6 +666,25 @@ def test_verify_pairs_identity_equals_reference_and_undoes_transforms() -> None:
     assert (v3 > plain).all() and all("rot(-2)" in n for n in names3), (v3, plain, names3)
 
 
+def test_gallery_of_an_embeddings_audit_reads_the_images_its_ids_name(tmp_path: Path) -> None:
+    """An embeddings audit has no pixels, so its gallery showed names over empty panels. Where an item id
+    names a slice of a readable file (embed's ids), the gallery now reads it: a 2D image, a slice of a
+    volume along any axis, a frame's slice; rows named by number, or a file gone since, have no image."""
+    rng = np.random.default_rng(0)
+    img = rng.random((9, 11)).astype(np.float32)
+    vol = rng.random((5, 6, 7)).astype(np.float32)
+    np.save(tmp_path / "im.npy", img)
+    np.save(tmp_path / "vol.npy", vol)
+    np.save(tmp_path / "v4.npy", np.stack([vol, vol + 1], axis=3))
+    np.testing.assert_array_equal(A._image_of_id(f"{tmp_path / 'im.npy'}#2:0"), img)
+    for axis in range(3):
+        np.testing.assert_array_equal(A._image_of_id(f"{tmp_path / 'vol.npy'}#{axis}:3"), np.take(vol, 3, axis))
+    np.testing.assert_array_equal(A._image_of_id(f"{tmp_path / 'v4.npy'}@t1#2:4"), vol[:, :, 4] + 1)
+    for gone in (f"{tmp_path / 'im.npy'}#row:0", f"{tmp_path / 'vol.npy'}#2:7", f"{tmp_path / 'im.npy'}#2:1",
+                 f"{tmp_path / 'moved.npy'}#2:0", f"{tmp_path / 'v4.npy'}#2:0"):
+        assert A._image_of_id(gone) is None, gone
+
+
 def test_deepssim_metric_with_small_model_and_embedding_cache(
     ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

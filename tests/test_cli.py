@@ -385,13 +385,13 @@ def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: p
     assert np.array_equal(np.load(f"{plain}.npy"), e) and len(Path(f"{plain}.ids.txt").read_text().split()) == 3
 
 
-def test_embeddings_audit_names_the_images_embed_wrote(folders: dict, tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+def test_embeddings_audit_names_the_images_embed_wrote(folders: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """An audit of embed's outputs (--metric embeddings) named every item ``<file>.npy#row:<i>``, though embed
     writes each row's image id beside the embeddings: matches.csv and the report said which row, not which
     image, and labels could not name the images. The ids file is now read: items are named, and found by
     evaluate, as a pixel audit names them. An ids file that does not fit its rows is named in a warning and
-    the rows keep their numbers."""
+    the rows keep their numbers. The gallery shows the images the ids name."""
     import torch
 
     from deepssim_fast.model import build_model, save_checkpoint
@@ -404,10 +404,25 @@ def test_embeddings_audit_names_the_images_embed_wrote(folders: dict, tmp_path: 
     out = tmp_path / "o"
     args = ["audit", "--train", str(tmp_path / "train.npy"), "--synth", str(tmp_path / "synth.npy"), "--metric",
             "embeddings", "--verify", "none", "-k", "2", "--out", str(out), "-q"]
+    import deepssim_fast.report as report
+
+    shown = []
+    real = report.gallery_png
+    monkeypatch.setattr(report, "gallery_png", lambda suspects, *a, **kw: (shown.extend(suspects),
+                                                                            real(suspects, *a, **kw))[1])
     assert main(args) == 0
     with open(out / "matches.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {Path(r["synth_path"]).name for r in rows} == {"copy100.npy", "copy55.npy", "novel.npy"}
+    # the gallery shows the images (read from the files the ids name: an embeddings audit has no pixels)
+    assert len(shown) == 3
+    for sp in shown:
+        for side in ("synth", "train"):
+            want = np.load(sp[f"{side}_id"].rsplit("#", 1)[0]) if sp[f"{side}_id"].endswith(".npy#2:0") else None
+            if want is not None:
+                np.testing.assert_array_equal(sp[f"{side}_image"], want)
+            else:  # (the PNG of the training set)
+                assert sp[f"{side}_image"].shape == (64, 72)
     assert all(Path(r["train_path"]).parent == folders["train"] and r["train_id"].endswith("#2:0")
                and r["train_index"] == "0" for r in rows)
     best = {Path(r["synth_path"]).name: Path(r["train_path"]).name for r in rows if r["rank"] == "1"}
