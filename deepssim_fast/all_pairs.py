@@ -108,6 +108,14 @@ class AllPairsResult:
         """Number of pairs counted in the histogram and class counts."""
         return int(self.histogram[0].sum())
 
+    def __repr__(self) -> str:
+        # a summary, not the arrays: the dataclass repr printed every score, index, bin count and edge
+        best = f"{float(self.scores[:, 0].max()):.4f}" if self.scores.size else "n/a"
+        dense = "" if self.matrix is None else f", matrix={tuple(self.matrix.shape)}"
+        return (f"AllPairsResult(n_synth={self.n_synth}, n_train={self.n_train}, k={self.k}, "
+                f"backend={self.backend!r}, pairs={self.n_pairs}, bins={len(self.histogram[0])}, "
+                f"thresholds={tuple(self.thresholds)}, class_counts={self.class_counts}, best_score={best}{dense})")
+
     # ------------------------------------------------------------------------------------- merge
     @staticmethod
     def merge(parts: Sequence[AllPairsResult], *, axis: str = "synth",

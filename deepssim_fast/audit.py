@@ -1438,6 +1438,14 @@ class AuditResult:
     def fraction_memorised(self) -> float:
         return float(self.summary["fraction_memorised"])
 
+    def __repr__(self) -> str:
+        # the headline, not the whole summary (its skipped inputs alone can run to thousands of lines)
+        s = self.summary
+        return (f"AuditResult(out={str(self.out)!r}, metric={s.get('metric')!r}, n_synth={s.get('n_synth')}, "
+                f"n_train={s.get('n_train')}, counts={s.get('counts')}, "
+                f"fraction_memorised={s.get('fraction_memorised')}, skipped={len(s.get('skipped') or [])}, "
+                f"report={str(self.files.get('report.html', ''))!r})")
+
 
 def _versions() -> dict[str, str]:
     import numpy

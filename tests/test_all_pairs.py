@@ -1327,3 +1327,20 @@ def test_a_signal_stops_a_long_native_all_pairs_call_within_a_second():
     calling thread now polls for signals between chunks and tiles; the call raises within a fraction of a
     second and the engine gives the same results afterwards. In a subprocess (a hang fails this test only)."""
     assert_ok(run_python(_INTERRUPT_CODE, env={"DEEPSSIM_FAST_SIMD": "scalar", "DEEPSSIM_FAST_NUM_THREADS": "2"}))
+
+
+def test_result_repr_is_a_summary_not_the_arrays() -> None:
+    """The dataclass repr printed every score, index, histogram count and edge (a 20 x 50 problem: 4155
+    characters); a notebook user typing the result gets its headline instead."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 33)).astype(np.float32)
+    b = rng.normal(size=(20, 33)).astype(np.float32)
+    r = all_pairs(a, b, k=3, progress=False)
+    text = repr(r)
+    assert len(text) < 300, text
+    best = f"{r.scores[:, 0].max():.4f}"
+    for part in ("n_synth=20", "n_train=50", "k=3", "backend='native'", "pairs=1000", "bins=200",
+                 str(r.class_counts), f"best_score={best}"):
+        assert part in text, (part, text)
+    assert "matrix=(20, 50)" in repr(all_pairs(a, b, k=3, progress=False, dense=True))
+    assert "best_score=n/a" in repr(all_pairs(a, b[:0], k=3, progress=False))

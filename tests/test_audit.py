@@ -178,6 +178,16 @@ def test_matches_and_summary_schema(ssim_run: A.AuditResult, ds: dict) -> None:
     assert not list(out.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_audit_result_repr_is_its_headline(ssim_run: A.AuditResult) -> None:
+    """The dataclass repr printed the whole summary (settings, versions, timings, every skipped input)."""
+    text = repr(ssim_run)
+    s = ssim_run.summary
+    assert len(text) < 400, text
+    for part in (f"metric={s['metric']!r}", f"n_synth={s['n_synth']}", f"counts={s['counts']}", "skipped=1",
+                 f"fraction_memorised={s['fraction_memorised']}", "report.html"):
+        assert part in text, (part, text)
+
+
 def test_search_scores_equal_exact_ssim(ssim_run: A.AuditResult, ds: dict) -> None:
     """With flips and shifts the SSIM search scores each pair by its best over the synthetic item and its
     searched variants (as the deepssim and correlation searches do)."""
