@@ -69,6 +69,10 @@ _INT64_MAX = np.iinfo(np.int64).max
 _PAD = 8  # rows are zero-padded to a multiple of 8 floats (32-byte rows; zeros do not change a score)
 _NORM_CHUNK = 1 << 12
 _NORM_CHUNK_BYTES = 256 << 20  # float64 rows of one normalisation chunk (see _norm_rows)
+#: Native engine: the synthetic rows are normalised a block at a time, at most this many bytes of float32
+#: (the training rows, scored against every block, are normalised once, whole). A correlation audit of whole
+#: volumes has rows of ~2.5e7 bytes: its normalised synthetic set was a second copy of the set.
+_Q_BLOCK_BYTES = 1 << 30
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -357,11 +361,11 @@ def _normalize_rows_numpy(t: torch.Tensor, out_np: np.ndarray) -> int:
     return min(bad) if bad else -1
 
 
-def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) -> torch.Tensor:
+def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str, offset: int = 0) -> torch.Tensor:
     """Rows L2-normalised (norm and division in float64, then rounded to float32), zero-padded to (n, dp),
     on ``device``. On CPU by the native extension (threaded), else in chunks so the float64 temporaries stay
     small. Rows of extreme magnitude are scaled by a power of two first (see ``_NORM_SAFE``), so any non-zero
-    finite row normalises."""
+    finite row normalises. ``offset``: the set's row number of ``t``'s first row (for the error)."""
     n, d = t.shape
     if torch.device(device).type == "cpu" and t.device.type == "cpu":
         out_np = np.zeros((n, dp), dtype=np.float32)
@@ -377,7 +381,7 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
         else:
             zero = _normalize_rows_numpy(t, out_np)
         if zero >= 0:
-            raise _zero_row(name, zero)
+            raise _zero_row(name, offset + zero)
         return torch.from_numpy(out_np)
     out = torch.zeros((n, dp), dtype=torch.float32, device=device)
     chunk = _norm_rows(d)
@@ -387,9 +391,21 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str) 
         _rescale_extreme_torch(c, norm)
         zero = (norm == 0).nonzero()
         if zero.numel():
-            raise _zero_row(name, a + int(zero[0]))
+            raise _zero_row(name, offset + a + int(zero[0]))
         out[a:a + c.shape[0], :d] = (c / norm[:, None]).to(torch.float32)
     return out
+
+
+def _first_zero_row(t: torch.Tensor) -> int:
+    """The first all-zero row of a finite CPU set (the rows whose norm is 0), or -1; a chunk at a time (a
+    check before the blocks are normalised one by one, so that the error comes before any work)."""
+    n, d = t.shape
+    chunk = _norm_rows(d)
+    for a in range(0, n, chunk):
+        zero = np.flatnonzero(~(_host_view(t[a:a + chunk]) != 0).any(axis=1))
+        if zero.size:
+            return a + int(zero[0])
+    return -1
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -518,13 +534,24 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                               np.zeros(n_train, np.int64), (low, high), n_train, 0, k, matrix, bk)
     dp = -(-d // _PAD) * _PAD
     T = _normalize(tt, "train", dp, dev)
-    Q = T if synth is train and self_offset == 0 and n_synth == n_train else _normalize(ts, "synth", dp, dev)
+    same = synth is train and self_offset == 0 and n_synth == n_train
+    if bk == "native" and not same:
+        # the synthetic rows are normalised a block at a time (_run_native): found to be all zero first
+        zero = _first_zero_row(ts)
+        if zero >= 0:
+            raise _zero_row("synth", zero)
+        Q = None
+    else:
+        Q = T if same else _normalize(ts, "synth", dp, dev)
 
     def run(matrix: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         state = dict(k=k, low=low, high=high, bins=bins, self_offset=self_offset, progress=progress,
                      matrix=matrix)
         if bk == "native":
-            return _run_native(Q.numpy(), T.numpy(), block=block or 65536, tile=tile or 32768, **state)
+            rows = max(1, min(block or 65536, _Q_BLOCK_BYTES // (4 * dp)))
+            queries = (lambda a, b: Q.numpy()[a:b]) if Q is not None else (
+                lambda a, b: _normalize(ts[a:b], "synth", dp, dev, offset=a).numpy())
+            return _run_native(queries, n_synth, T.numpy(), block=rows, tile=tile or 32768, **state)
         if bk == "torch":
             return _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
         return _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision, **state)
@@ -574,14 +601,15 @@ def _check_params(k: Any, thresholds: Any, bins: Any) -> tuple[int, float, float
 
 
 # ------------------------------------------------------------------------------------------ native engine
-def _run_native(Q: np.ndarray, T: np.ndarray, *, k: int, low: float, high: float, bins: int,
+def _run_native(queries: Any, ns: int, T: np.ndarray, *, k: int, low: float, high: float, bins: int,
                 self_offset: int | None, progress: bool, matrix: np.ndarray | None, block: int, tile: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Blocks of queries x chunks of training rows, each folded by one native call (GEMM micro-kernel fused
-    with selection, histogram and class counts; multithreaded over queries, GIL released)."""
+    with selection, histogram and class counts; multithreaded over queries, GIL released). ``queries(a, b)``:
+    the normalised, padded query rows a..b-1 of ``ns``, asked for once per block."""
     from . import _native
 
-    ns, nt = Q.shape[0], T.shape[0]
+    nt = T.shape[0]
     so = -1 if self_offset is None else self_offset
     lo, hi = HIST_RANGE
     scores = np.empty((ns, k), dtype=np.float32)
@@ -591,7 +619,7 @@ def _run_native(Q: np.ndarray, T: np.ndarray, *, k: int, low: float, high: float
     with _progress(ns * nt, progress, "all_pairs[native]") as bar:
         for b0 in range(0, ns, block):
             b1 = min(ns, b0 + block)
-            q = Q[b0:b1]
+            q = queries(b0, b1)
             top_s = np.full((b1 - b0, k), -np.inf, dtype=np.float32)
             top_i = np.full((b1 - b0, k), _INT64_MAX, dtype=np.int64)
             for c0 in range(0, nt, tile):

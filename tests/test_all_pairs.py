@@ -1344,3 +1344,36 @@ def test_result_repr_is_a_summary_not_the_arrays() -> None:
         assert part in text, (part, text)
     assert "matrix=(20, 50)" in repr(all_pairs(a, b, k=3, progress=False, dense=True))
     assert "best_score=n/a" in repr(all_pairs(a, b[:0], k=3, progress=False))
+
+
+def test_native_engine_normalises_the_synthetic_rows_a_block_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native engine held a normalised float32 copy of the whole synthetic set beside it (a correlation
+    audit of whole volumes: a second copy of the set). It now normalises a block of at most _Q_BLOCK_BYTES at
+    a time: here 3 rows of 40 padded floats, so 7 blocks of 20 rows, and no normalisation of more. Results
+    are bit for bit those of one block; an all-zero row is still named before any block is scored."""
+    import importlib
+
+    AP = importlib.import_module("deepssim_fast.all_pairs")  # (the package's all_pairs is the function)
+    train, synth = _rand(53, 37, SEED + 40), _rand(20, 37, SEED + 41)
+    whole = all_pairs(train, synth, k=4, progress=False)
+    sizes: list[int] = []
+    real = AP._normalize
+    monkeypatch.setattr(AP, "_normalize", lambda t, *a, **kw: (sizes.append(t.shape[0]), real(t, *a, **kw))[1])
+    monkeypatch.setattr(AP, "_Q_BLOCK_BYTES", 3 * 40 * 4)
+    got = all_pairs(train, synth, k=4, progress=False)
+    assert sizes == [53, 3, 3, 3, 3, 3, 3, 2]  # the training set once, then the synthetic blocks
+    np.testing.assert_array_equal(got.scores, whole.scores)
+    np.testing.assert_array_equal(got.indices, whole.indices)
+    np.testing.assert_array_equal(got.histogram[0], whole.histogram[0])
+    assert got.class_counts == whole.class_counts
+    # the self-comparison normalises its one set once
+    sizes.clear()
+    all_pairs(train, None, k=4, progress=False)
+    assert sizes == [53]
+    bad = synth.copy()
+    bad[17] = 0.0
+    calls: list = []
+    monkeypatch.setattr(AP, "_run_native", lambda *a, **kw: calls.append(1))
+    with pytest.raises(ValueError, match="synth row 17 is all zeros"):
+        all_pairs(train, bad, k=4, progress=False)
+    assert calls == []
