@@ -1514,7 +1514,10 @@ void cosine_scores(py::array q, py::array t, py::array out) {
 template <typename T>
 int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_t dp) {
   std::atomic<int64_t> first_zero{std::numeric_limits<int64_t>::max()};
-  parallel_for(n, 256, [&](int64_t rb, int64_t re) {
+  // chunks of at least ~2^16 elements: 256 rows at d = 256, one row each for wide rows (48 rows of 2e6 ran
+  // on one thread with a grain of 256 rows)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(d, 1));
+  parallel_for(n, grain, [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
       const T* row = x + i * d;
       double s[4] = {0.0, 0.0, 0.0, 0.0};

@@ -73,6 +73,13 @@ _NORM_CHUNK_BYTES = 256 << 20  # float64 rows of one normalisation chunk (see _n
 #: (the training rows, scored against every block, are normalised once, whole). A correlation audit of whole
 #: volumes has rows of ~2.5e7 bytes: its normalised synthetic set was a second copy of the set.
 _Q_BLOCK_BYTES = 1 << 30
+#: Native engine: rows of at least this many (padded) components are scored by :func:`_wide_scores`, every
+#: pair canonically, a 4096-column block at a time with the blocks of both sets cache-resident. The fast
+#: kernels' error bounds grow with the row (~1e-2 at 2e6 components against bins 1e-2 wide), so they left
+#: almost every such pair to the canonical score, which read both rows whole from memory for each pair.
+_WIDE_DP = 1 << 16
+_WIDE_TILE = 256  # training rows per tile on that path (their 4096-column block: 4 MB)
+_CANON_BLOCK = 4096  # the canonical score's column block (kCanonBlock, csrc/topk.cpp)
 
 
 # ---------------------------------------------------------------------------------------------- result
@@ -622,15 +629,68 @@ def _run_native(queries: Any, ns: int, T: np.ndarray, *, k: int, low: float, hig
             q = queries(b0, b1)
             top_s = np.full((b1 - b0, k), -np.inf, dtype=np.float32)
             top_i = np.full((b1 - b0, k), _INT64_MAX, dtype=np.int64)
-            for c0 in range(0, nt, tile):
-                c1 = min(nt, c0 + tile)
+            wide = T.shape[1] >= _WIDE_DP
+            step = min(tile, _WIDE_TILE) if wide else tile
+            for c0 in range(0, nt, step):
+                c1 = min(nt, c0 + step)
                 t = T[c0:c1]
-                if matrix is not None:
-                    _dense_tile(q, t, matrix, b0, c0)
-                _native.topk_fused(q, t, b0, c0, so, top_s, top_i, hist, cls, lo, hi, low, high)
+                if wide:
+                    sc = _wide_scores(q, t)
+                    if matrix is not None:
+                        matrix[b0:b1, c0:c1] = sc
+                    _fold_scores(sc, b0, c0, so, top_s, top_i, hist, cls, low=low, high=high)
+                else:
+                    if matrix is not None:
+                        _dense_tile(q, t, matrix, b0, c0)
+                    _native.topk_fused(q, t, b0, c0, so, top_s, top_i, hist, cls, lo, hi, low, high)
                 bar.update((b1 - b0) * (c1 - c0))
             scores[b0:b1], indices[b0:b1] = _select_sorted(top_s, top_i, k)
     return scores, indices, hist, cls
+
+
+def _wide_scores(q: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The canonical scores (m, n) float32 of rows ``q`` (m, dp) against ``t`` (n, dp), dp > 4096, by their
+    definition: each 4096-column block's canonical score (``_native.cosine_scores`` of the block's columns,
+    copied contiguous: at most 4096 columns, so its 16-lane sum and tree as they are), the blocks' scores added
+    in order in float64, the total rounded once. Bit for bit what the native engine computes pair by pair, but
+    a block of both sets at a time, from cache."""
+    from . import _native
+
+    m, n, dp = q.shape[0], t.shape[0], q.shape[1]
+    total = np.zeros((m, n), dtype=np.float64)
+    part = np.empty((m, n), dtype=np.float32)
+    for b in range(0, dp, _CANON_BLOCK):
+        e = min(dp, b + _CANON_BLOCK)
+        _native.cosine_scores(np.ascontiguousarray(q[:, b:e]), np.ascontiguousarray(t[:, b:e]), part)
+        total += part
+    return total.astype(np.float32)
+
+
+def _fold_scores(s: np.ndarray, r0: int, c0: int, so: int, top_s: np.ndarray, top_i: np.ndarray,
+                 hist: np.ndarray, cls: np.ndarray, *, low: float, high: float) -> None:
+    """Fold the scores ``s`` of query rows ``r0..`` (local rows of ``top_s``/``top_i``) against training rows
+    ``c0..`` into the running top-k, the histogram and the class counts, by the native engine's rules (bin
+    and class from the float32 score in float64, ties to the lower index, the pair (r, so + r) left out when
+    ``so >= 0``)."""
+    m, n = s.shape
+    lo, hi = HIST_RANGE
+    valid = np.ones((m, n), dtype=bool)
+    if so >= 0:
+        rows = np.arange(m)
+        cols = so + r0 + rows - c0
+        inside = (cols >= 0) & (cols < n)
+        valid[rows[inside], cols[inside]] = False
+    v = s[valid].astype(np.float64)
+    bins = len(hist)
+    slot = np.clip(np.floor((v - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64)
+    hist += np.bincount(slot, minlength=bins)
+    different, duplicate = int((v <= low).sum()), int((v > high).sum())
+    cls += np.array([different, v.size - different - duplicate, duplicate], dtype=np.int64)
+    cand = np.where(valid, s, np.float32(-np.inf))
+    idx = np.broadcast_to(np.arange(c0, c0 + n, dtype=np.int64), (m, n))
+    k = top_s.shape[1]
+    top_s[:], top_i[:] = _select_sorted(np.concatenate([top_s, cand], axis=1),
+                                        np.concatenate([top_i, idx], axis=1), k)
 
 
 _DENSE_BUFFER_BYTES = 32 << 20
