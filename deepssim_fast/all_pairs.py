@@ -18,7 +18,8 @@ Conventions (the same on every backend; native results are bit-identical across 
   else an fp32 GEMM; ``$DEEPSSIM_FAST_TOPK_KERNEL`` or ``_native.set_topk_kernel`` overrides the
   choice), and computes the
   canonical score of every pair the bound leaves undecided, so results do not depend on the kernel,
-  tiling, threads or SIMD level.
+  tiling, threads or SIMD level. Rows of 2^16 components or more (whole volumes), where those bounds are
+  about a bin wide, have every pair scored canonically, a 4096-column block of both sets at a time.
 * ``scores`` (n_synth, k) float32 descending; ``indices`` (n_synth, k) int64 into ``train``; equal
   scores go to the lower training index.
 * Histogram: ``bins`` equal-width bins on [-1, 1]; bin = floor((s - lo) / (hi - lo) * bins) computed in
