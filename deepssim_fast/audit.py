@@ -973,14 +973,20 @@ def _embedding_ids(p: Path, n: int) -> list[str] | None:
     return lines
 
 
+def _slice_id_parts(item_id: str) -> tuple[str, int, int] | None:
+    """(source, axis, index) of a slice id ``<source>#<axis>:<index>``, or None for any other id."""
+    m = re.fullmatch(r"(.*)#([012]):(\d+)", item_id, flags=re.S)
+    return None if m is None else (m.group(1), int(m.group(2)), int(m.group(3)))
+
+
 def _image_of_id(item_id: str) -> np.ndarray | None:
     """The 2D slice a slice id ``<path>#<axis>:<index>`` names (a frame of a 4D file: ``<path>@t<t>#...``),
     read from its file, for the gallery of an embeddings audit, whose items :func:`_embedding_ids` names;
     None where the id names no slice of a readable file (rows named by number, a file moved since)."""
-    m = re.fullmatch(r"(.*)#([012]):(\d+)", item_id, flags=re.S)
-    if m is None:
+    parts = _slice_id_parts(item_id)
+    if parts is None:
         return None
-    src, axis, index = m.group(1), int(m.group(2)), int(m.group(3))
+    src, axis, index = parts
     path, frame = src, None
     f = re.fullmatch(r"(.*)@t(\d+)", src, flags=re.S)
     if f is not None and not os.path.exists(src):
@@ -1046,10 +1052,10 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
                 ps.append(str(p))
                 idx.append(r)
                 continue
+            parts = _slice_id_parts(named[r])
             ids.append(named[r])
             ps.append(_item_path(named[r], "slices"))
-            m = re.fullmatch(r".*#\d+:(\d+)", named[r], flags=re.S)
-            idx.append(int(m.group(1)) if m else r)
+            idx.append(parts[2] if parts is not None else r)
         vecs.append(a.astype(np.float32))
     if not vecs:
         reasons = "; ".join(r for _, r in skipped[:5])
