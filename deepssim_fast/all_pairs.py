@@ -670,28 +670,17 @@ def _wide_scores(q: np.ndarray, t: np.ndarray) -> np.ndarray:
 def _fold_scores(s: np.ndarray, r0: int, c0: int, so: int, top_s: np.ndarray, top_i: np.ndarray,
                  hist: np.ndarray, cls: np.ndarray, *, low: float, high: float) -> None:
     """Fold the scores ``s`` of query rows ``r0..`` (local rows of ``top_s``/``top_i``) against training rows
-    ``c0..`` into the running top-k, the histogram and the class counts, by the native engine's rules (bin
-    and class from the float32 score in float64, ties to the lower index, the pair (r, so + r) left out when
-    ``so >= 0``)."""
+    ``c0..`` into the running top-k, the histogram and the class counts, by the engines' rules (the torch
+    engine's helpers, on these arrays without copies: bin and class from the float32 score in float64, ties
+    to the lower index, the pair (r, so + r) left out when ``so >= 0``)."""
     m, n = s.shape
-    lo, hi = HIST_RANGE
-    valid = np.ones((m, n), dtype=bool)
-    if so >= 0:
-        rows = np.arange(m)
-        cols = so + r0 + rows - c0
-        inside = (cols >= 0) & (cols < n)
-        valid[rows[inside], cols[inside]] = False
-    v = s[valid].astype(np.float64)
-    bins = len(hist)
-    slot = np.clip(np.floor((v - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64)
-    hist += np.bincount(slot, minlength=bins)
-    different, duplicate = int((v <= low).sum()), int((v > high).sum())
-    cls += np.array([different, v.size - different - duplicate, duplicate], dtype=np.int64)
-    cand = np.where(valid, s, np.float32(-np.inf))
-    idx = np.broadcast_to(np.arange(c0, c0 + n, dtype=np.int64), (m, n))
-    k = top_s.shape[1]
-    top_s[:], top_i[:] = _select_sorted(np.concatenate([top_s, cand], axis=1),
-                                        np.concatenate([top_i, idx], axis=1), k)
+    st = torch.from_numpy(s)
+    valid = _self_mask(m, n, r0, c0, so if so >= 0 else None, "cpu")
+    _hist_update(st, valid, len(hist), low, high, torch.from_numpy(hist), torch.from_numpy(cls))
+    cand = st if valid is None else st.masked_fill(~valid, float("-inf"))
+    idx = torch.arange(c0, c0 + n, dtype=torch.int64).expand(m, n)
+    best_s, best_i = _merge_running(torch.from_numpy(top_s), torch.from_numpy(top_i), cand, idx, top_s.shape[1])
+    top_s[:], top_i[:] = best_s.numpy(), best_i.numpy()
 
 
 _DENSE_BUFFER_BYTES = 32 << 20
