@@ -1382,7 +1382,7 @@ def test_native_engine_normalises_the_synthetic_rows_a_block_at_a_time(monkeypat
 @pytest.mark.parametrize("self_compare", [False, True])
 def test_wide_rows_are_scored_a_column_block_at_a_time_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
                                                                     self_compare: bool) -> None:
-    """Rows of at least _WIDE_DP components (2^16) are scored by the canonical definition itself, a
+    """Rows of at least _WIDE_DP components (2^14) are scored by the canonical definition itself, a
     4096-column block of both sets at a time (the fast kernels' bounds left almost every pair of such rows to
     a canonical score read from memory pair by pair: 48 x 48 rows of 2e6 took 5.3 s, now 1.6 s). Lowered here
     to 4097: scores, top-k (exact ties included), histogram, class counts and the dense matrix equal the
