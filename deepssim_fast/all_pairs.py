@@ -627,14 +627,14 @@ def _run_native(queries: Any, ns: int, T: np.ndarray, *, k: int, low: float, hig
     indices = np.empty((ns, k), dtype=np.int64)
     hist = np.zeros(bins, dtype=np.int64)
     cls = np.zeros(3, dtype=np.int64)
+    wide = T.shape[1] >= _WIDE_DP
+    step = min(tile, _WIDE_TILE) if wide else tile
     with _progress(ns * nt, progress, "all_pairs[native]") as bar:
         for b0 in range(0, ns, block):
             b1 = min(ns, b0 + block)
             q = queries(b0, b1)
             top_s = np.full((b1 - b0, k), -np.inf, dtype=np.float32)
             top_i = np.full((b1 - b0, k), _INT64_MAX, dtype=np.int64)
-            wide = T.shape[1] >= _WIDE_DP
-            step = min(tile, _WIDE_TILE) if wide else tile
             for c0 in range(0, nt, step):
                 c1 = min(nt, c0 + step)
                 t = T[c0:c1]
@@ -657,7 +657,8 @@ def _wide_scores(q: np.ndarray, t: np.ndarray) -> np.ndarray:
     definition: each 4096-column block's canonical score (``_native.cosine_scores`` of the block's columns,
     copied contiguous: at most 4096 columns, so its 16-lane sum and tree as they are), the blocks' scores added
     in order in float64, the total rounded once. Bit for bit what the native engine computes pair by pair, but
-    a block of both sets at a time, from cache."""
+    a block of both sets at a time, from cache. (The copies pay: scoring the columns in place, rows 64 KB
+    apart at d = 16384, took 4.0-4.2 s against 3.3-3.4 s for 2000 x 2000 rows.)"""
     from . import _native
 
     m, n, dp = q.shape[0], t.shape[0], q.shape[1]
