@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -185,10 +186,11 @@ def _open_nifti(p: Path, *, mmap: bool = True, keep_file_open: bool | None = Non
     return img
 
 
-def _read_data(p: Path, img, index, what: str = "") -> np.ndarray:
-    """``img.dataobj[index]`` as float32, every value finite; errors name the file (and ``what``)."""
+def _read_data(p: Path, img, index, what: str = "", dtype: Any = np.float32) -> np.ndarray:
+    """``img.dataobj[index]`` as float32 (or ``dtype``), every value finite; errors name the file (and
+    ``what``)."""
     try:
-        arr = np.asarray(img.dataobj[index], dtype=np.float32)
+        arr = np.asarray(img.dataobj[index], dtype=dtype)
     except Exception as exc:  # truncated gzip, short data, ...
         raise DataError(f"{p}: could not read image data{what} ({type(exc).__name__}: {exc})") from exc
     if not np.isfinite(arr).all():
@@ -196,8 +198,10 @@ def _read_data(p: Path, img, index, what: str = "") -> np.ndarray:
     return arr
 
 
-def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool = True) -> np.ndarray:
-    """Load a NIfTI file as a float32 array of rank 2 or 3.
+def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool = True,
+               dtype: Any = np.float32) -> np.ndarray:
+    """Load a NIfTI file as a float32 array of rank 2 or 3 (``dtype=np.float64``: float64, so that float64
+    data and scaled integers keep every bit nibabel gives them).
 
     A 4D file needs ``frame`` (which volume of the series); ``frame`` on a 3D file is an error.
     Errors name the path and the problem: missing file, not a NIfTI, wrong rank, complex or RGB data
@@ -208,18 +212,18 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
     img = _open_nifti(p, mmap=mmap)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1 and frame in (None, 0):
-        return _read_data(p, img, (..., 0))  # a 3D volume stored as 4D
+        return _read_data(p, img, (..., 0), dtype=dtype)  # a 3D volume stored as 4D
     if len(shape) == 4:
         if frame is None:
             raise DataError(f"{p}: 4D volume of shape {shape}; choose a frame (frame=0..{shape[3] - 1}; "
                             "command line: --frame)")
         if not -shape[3] <= frame < shape[3]:
             raise DataError(f"{p}: frame {frame} out of range for 4D shape {shape}")
-        return _read_data(p, img, (..., frame))
+        return _read_data(p, img, (..., frame), dtype=dtype)
     if len(shape) in (2, 3):
         if frame is not None:
             raise DataError(f"{p}: frame={frame} given but the volume is {len(shape)}D, shape {shape}")
-        return _read_data(p, img, ...)
+        return _read_data(p, img, ..., dtype=dtype)
     raise DataError(f"{p}: unsupported NIfTI rank {len(shape)} (shape {shape}); expected 2D, 3D or 4D")
 
 

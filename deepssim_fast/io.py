@@ -52,6 +52,7 @@ import struct
 import zlib
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -399,7 +400,9 @@ def _bomb_error(p: Path, exc: Exception) -> DataError:
                      f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) before reading it")
 
 
-def _read_png(p: Path) -> np.ndarray:
+def _read_png(p: Path, dtype: Any = np.float32) -> np.ndarray:
+    """The image of a PNG file as float32 (or ``dtype``: grayscale samples converted to it directly; the
+    luminance of colour is computed in float32 either way)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -433,7 +436,7 @@ def _read_png(p: Path) -> np.ndarray:
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 mode = im.mode
             if mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(im).astype(np.float32)
+                arr = np.asarray(im).astype(dtype)
             elif mode in ("LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
                 if mode == "LA":
                     return np.asarray(im, dtype=np.float32)[..., 0].copy()
@@ -452,7 +455,7 @@ def _read_png(p: Path) -> np.ndarray:
                         "format Pillow identifies)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 # .npy files up to this size are read whole; larger ones (4D series, big volumes) memory-mapped, so a frame
@@ -494,9 +497,9 @@ def _open_npy(p: Path) -> np.ndarray:
     return a
 
 
-def _npy_image(p: Path, a: np.ndarray, frame: int | None) -> np.ndarray:
-    """The image (or ``frame`` of the 4D array) ``a``, loaded from ``p``, as float32: checked as
-    :func:`read_image` checks every file."""
+def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float32) -> np.ndarray:
+    """The image (or ``frame`` of the 4D array) ``a``, loaded from ``p``, as float32 (or ``dtype``): checked
+    as :func:`read_image` checks every file."""
     # (numpy counts timedelta64 as an integer type: durations are not pixel values)
     numeric = (np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.timedelta64)) or a.dtype == np.bool_
     if not numeric or np.issubdtype(a.dtype, np.complexfloating):
@@ -515,7 +518,7 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None) -> np.ndarray:
         raise DataError(f"{p}: frame={frame} given but the array is {a.ndim}D, shape {a.shape}")
     if a.ndim not in (2, 3):
         raise DataError(f"{p}: expected a 2D image or 3D volume, got shape {a.shape}")
-    return _checked(p, np.array(a, dtype=np.float32))
+    return _checked(p, np.array(a, dtype=dtype))
 
 
 def _checked(p: Path, arr: np.ndarray) -> np.ndarray:
@@ -574,24 +577,32 @@ def _require_exists(p: Path) -> None:
     raise DataError(f"{p}: no such file")
 
 
-def read_image(path: str | os.PathLike, *, frame: int | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, frame: int | None = None, dtype: Any = np.float32) -> np.ndarray:
     """Decode one file as a float32 2D image or 3D volume (see the module docstring for each format).
+
+    ``dtype=np.float64`` decodes in float64 instead: float64 ``.npy`` and NIfTI data (and scaled NIfTI
+    integers) keep every bit, where float32 would round values with a large offset to a few ulps of their
+    own range (what ``deepssim-fast ssim`` uses, so that its score is that of the stored values). PNG
+    samples are integers, exact either way (colour's luminance stays computed in float32).
 
     Raises :class:`DataError` naming the path and the problem (missing, unsupported type, corrupt,
     wrong rank, NaN/Inf values).
     """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"read_image: dtype must be float32 or float64, got {dtype}")
     p = Path(path)
     kind = image_kind(p)
     _require_exists(p)
     if kind is None:
         raise DataError(f"{p}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
     if kind == "nifti":
-        return load_nifti(p, frame=frame)
+        return load_nifti(p, frame=frame, dtype=dtype)
     if kind == "png":
         if frame is not None:
             raise DataError(f"{p}: frame={frame} given but a PNG is a 2D image")
-        return _checked(p, _read_png(p))
-    return _npy_image(p, _open_npy(p), frame)
+        return _checked(p, _read_png(p, dtype).astype(dtype, copy=False))
+    return _npy_image(p, _open_npy(p), frame, dtype)
 
 
 def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:

@@ -241,6 +241,35 @@ def test_ssim_of_4d_files_takes_frame(tmp_path: Path, capsys: pytest.CaptureFixt
         assert capsys.readouterr().out.strip() == f"{want:.6f}"
 
 
+def test_ssim_of_float64_files_scores_their_stored_values(folders: dict, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """float64 files were decoded to float32 first: on an MNI slice scaled to [0, 1] and offset by 1e4
+    (float32's ulp there is 1e-3 of its range) the command printed 0.769484 where the stored values score
+    0.769410."""
+    import nibabel as nib
+
+    from deepssim_fast.ssim import ssim
+
+    x, y = (np.load(folders["train"] / f).astype(np.float64) for f in ("t055.npy", "t070.npy"))
+    x, y = x / x.max() + 1e5, y / y.max() + 1e5  # intensities in [0, 1], offset: not float32 numbers
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    np.save(tmp_path / "A" / "x.npy", x)
+    np.save(tmp_path / "B" / "y.npy", y)
+    nib.save(nib.Nifti1Image(y, np.eye(4)), tmp_path / "B" / "z.nii.gz")  # a float64 2D NIfTI
+    want = float(ssim_reference(x, y))
+    assert want == pytest.approx(float(ssim(x, y)), abs=1e-6)
+    rounded = float(ssim_reference(x.astype(np.float32), y.astype(np.float32)))
+    assert abs(rounded - want) > 5e-6  # what float32 decoding scored: the check below tells them apart
+    assert main(["ssim", str(tmp_path / "A" / "x.npy"), str(tmp_path / "B" / "y.npy"), "-q"]) == 0
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(want, abs=1e-6)
+    assert main(["ssim", str(tmp_path / "A"), str(tmp_path / "B"), "-q"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 2
+    for row in rows:  # the .npy and the NIfTI hold the same float64 values
+        assert float(row[2]) == pytest.approx(want, abs=1e-6), row
+
+
 def test_audit_and_evaluate_commands(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "audit"
     rc = main(

@@ -305,6 +305,25 @@ def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="out of range"):
         read_image(tmp_path / "f.npy", frame=3)
 
+def test_read_image_in_float64_keeps_stored_values(tmp_path: Path) -> None:
+    """dtype=np.float64: float64 .npy and NIfTI values come back exactly (PNG samples as stored); the
+    default stays float32; other dtypes are refused."""
+    rng = np.random.default_rng(3)
+    a = 1e5 + rng.random((9, 11))
+    np.save(tmp_path / "a.npy", a)
+    nib.save(nib.Nifti1Image(a[..., None].copy(), np.eye(4)), tmp_path / "a.nii.gz")
+    for name in ("a.npy", "a.nii.gz"):
+        got = read_image(tmp_path / name, dtype=np.float64)
+        assert got.dtype == np.float64 and np.array_equal(got.reshape(a.shape), a), name
+        assert read_image(tmp_path / name).dtype == np.float32
+    px = np.array([[65535, 7], [3, 40000]], dtype=np.uint16)
+    Image.fromarray(px).save(tmp_path / "px.png")
+    got = read_image(tmp_path / "px.png", dtype=np.float64)
+    assert got.dtype == np.float64 and np.array_equal(got, px)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        read_image(tmp_path / "a.npy", dtype=np.int16)
+
+
 
 @pytest.mark.parametrize(
     "content,match",
