@@ -118,6 +118,25 @@ class AllPairsResult:
     matrix: np.ndarray | None = field(default=None, repr=False)
     backend: str = ""
 
+    def __eq__(self, other: object) -> bool:
+        # the generated __eq__ compared the arrays with ==, and `a == b` raised numpy's "truth value of an
+        # array is ambiguous": equal results are equal in every array and number (not the backend's name,
+        # which the engines' results are meant to be independent of); a dense matrix counts where either has one
+        if not isinstance(other, AllPairsResult):
+            return NotImplemented
+        if (self.n_train, self.n_synth, self.k, tuple(self.thresholds), self.class_counts) != (
+                other.n_train, other.n_synth, other.k, tuple(other.thresholds), other.class_counts):
+            return False
+        arrays = [(self.scores, other.scores), (self.indices, other.indices), (self.train_hits, other.train_hits),
+                  (self.histogram[0], other.histogram[0]), (self.histogram[1], other.histogram[1])]
+        if self.matrix is not None or other.matrix is not None:
+            if self.matrix is None or other.matrix is None:
+                return False
+            arrays.append((self.matrix, other.matrix))
+        return all(np.array_equal(a, b) for a, b in arrays)
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
     @property
     def n_pairs(self) -> int:
         """Number of pairs counted in the histogram and class counts."""
@@ -534,6 +553,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         raise IsADirectoryError(f"all_pairs: out={os.fspath(out)!r} is a folder; give the path of the .npy file "
                                 "to write the dense matrix to")
     edges = hist_edges(bins)
+    dp = -(-d // _PAD) * _PAD
+    T = _normalize(tt, "train", dp, dev)  # (before the empty case: an all-zero training row is an error there too)
     if n_synth == 0:
         matrix = None
         if out is not None:
@@ -543,8 +564,6 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         return AllPairsResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64),
                               (np.zeros(bins, np.int64), edges), dict.fromkeys(CLASS_NAMES, 0),
                               np.zeros(n_train, np.int64), (low, high), n_train, 0, k, matrix, bk)
-    dp = -(-d // _PAD) * _PAD
-    T = _normalize(tt, "train", dp, dev)
     same = synth is train and self_offset == 0 and n_synth == n_train
     if bk == "native" and not same:
         # the synthetic rows are normalised a block at a time (_run_native): found to be all zero first

@@ -663,6 +663,32 @@ def test_device_other_than_cpu_or_cuda_is_a_clear_error(device):
                  all_pairs(good, good, progress=False))
 
 
+def test_an_all_zero_training_row_is_an_error_even_for_an_empty_synth_set():
+    """The empty case returned before the training rows were normalised: no error (one with workers=1)."""
+    train = _rand(10, 8, SEED + 15)
+    train[2] = 0
+    for backend in ("native", "torch"):
+        with pytest.raises(ValueError, match="train row 2 is all zeros"):
+            all_pairs(train, np.zeros((0, 8), np.float32), k=2, progress=False, backend=backend)
+
+
+def test_results_compare_equal_by_content():
+    """``==`` raised numpy's ambiguous-truth-value error (the dataclass compared arrays with ==)."""
+    train, synth = _rand(40, 12, SEED + 22), _rand(9, 12, SEED + 23)
+    a = all_pairs(train, synth, k=3, progress=False)
+    b = all_pairs(train, synth, k=3, progress=False, tile=7, block=2)
+    assert a == b and not (a != b)
+    assert all_pairs(train, synth, k=3, progress=False, dense=True) != a  # one has a dense matrix
+    assert all_pairs(train, synth, k=3, progress=False, dense=True) == all_pairs(train, synth, k=3, dense=True,
+                                                                                 progress=False)
+    assert a != all_pairs(train, synth, k=2, progress=False)
+    assert a != all_pairs(train, synth[:8], k=3, progress=False)
+    assert a != all_pairs(train, synth, k=3, progress=False, thresholds=(0.5, 0.85))
+    c = all_pairs(train, synth, k=3, progress=False)
+    c.scores[0, 0] = np.nextafter(c.scores[0, 0], np.float32(2))
+    assert a != c and a != "not a result"
+
+
 def test_empty_synth_gives_empty_result():
     train = _rand(10, 8, SEED + 15)
     r = all_pairs(train, np.zeros((0, 8), np.float32), k=3, progress=False)
