@@ -36,10 +36,15 @@ Backends: ``"native"`` (CPU default: a C++ GEMM micro-kernel (int16 VNNI / AVX2,
 and histogram),
 ``"triton"`` (default for CUDA tensors / cupy arrays; on CPU tensors only with ``TRITON_INTERPRET=1``)
 and ``"torch"`` (chunked ``torch.mm`` + stable sort, the portable fallback). The GPU and torch backends
-score pairs with their own fp32 GEMM, so their scores may differ from the canonical ones in the last
-bits (and their histograms for pairs within ~1e-6 of a bin edge), and, unlike the native engine's, may
-change in the last bit with ``block`` and ``tile``. Results always come back as numpy
-arrays in :class:`AllPairsResult`, whatever the input kind or device.
+score pairs with their own fp32 GEMM, whose rounding depends on a pair's place in the product: their
+histograms and class counts may differ from the native ones for pairs within ~1e-6 of a bin edge or
+threshold, and may change with ``block`` and ``tile``. Their top-k is then made exact: each row keeps
+k + max(k, 8) GEMM candidates, which are scored again pair by pair (float32 products summed in float64,
+rounded once: the same operations for every pair, so identical training rows score identically and the
+lower index wins), and a row whose candidates cannot prove its top-k (more near-equal rows than it kept)
+is scored that way against every training row. Those scores may differ from the canonical ones in the
+last bit (Triton with ``precision`` tf32, fp16 or bf16 keeps its own scores). Results always come back as
+numpy arrays in :class:`AllPairsResult`, whatever the input kind or device.
 """
 from __future__ import annotations
 
@@ -101,8 +106,8 @@ class AllPairsResult:
     thresholds : ``(low, high)`` used for the class counts.
     n_train, n_synth, k : problem sizes.
     matrix : the dense (n_synth, n_train) float32 score matrix when asked for (``dense=True`` or ``out=``),
-        else None (native: the canonical scores; torch/triton: ``torch.mm`` scores). Self-pairs keep their
-        score there.
+        else None (native: the canonical scores; torch/triton: ``torch.mm`` scores, which may differ in the
+        last bit from their re-scored top-k). Self-pairs keep their score there.
     backend : which backend computed it.
     """
 
@@ -473,9 +478,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         excluded.
     block, tile : synthetic rows per block and training rows per tile (tuning). Native engine: results are bit
         for bit the same for any block and tile. torch: they set the shapes of the ``torch.mm`` calls, so a
-        score may change in its last bit with them (seen: 1 ulp at ``block=7, tile=13``), and with it the
-        order of near-tied neighbours and the bin of a pair at a bin edge. Triton: they regroup the rows into
-        launches; no bit-identity is promised (``matrix`` comes from ``torch.mm`` as on torch).
+        GEMM score may change in its last bit with them (seen: 1 ulp at ``block=7, tile=13``), and with it
+        the bin of a pair at a bin edge; the top-k, re-scored pair by pair, does not. Triton: they regroup
+        the rows into launches (``matrix`` comes from ``torch.mm`` as on torch).
     precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32 on the CUDA cores);
         ``"tf32x3"`` (each fp32 input split into two tf32 parts, three tensor-core products: scores within
         ~1e-6 of fp32, several times the fp32 rate); ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only)
@@ -582,9 +587,19 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
             queries = (lambda a, b: Q.numpy()[a:b]) if Q is not None else (
                 lambda a, b: _normalize(ts[a:b], "synth", dp, dev, offset=a).numpy())
             return _run_native(queries, n_synth, T.numpy(), block=rows, tile=tile or 32768, **state)
+        e = _approx_bound(bk, d, precision)
+        if e is None:  # low-precision Triton inputs: their own scores, as documented
+            return _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision, **state)
+        # GEMM scores round differently by a row's place in the product (seen: 27 identical training rows
+        # one ulp below 3 others at the end of the tile, so the three were "nearest"): these engines keep
+        # k + slack candidates, which _rerank scores again pair by pair (identical rows, identical scores)
+        state["k"] = min(n_cand, k + max(k, _RERANK_SLACK))
         if bk == "torch":
-            return _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
-        return _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision, **state)
+            s, i, h, c = _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
+        else:
+            s, i, h, c = _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision, **state)
+        s, i = _rerank(Q, T, d, s, i, k, e, self_offset, n_cand)
+        return s, i, h, c
 
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     if out is not None:
@@ -723,6 +738,102 @@ def _dense_tile(q: np.ndarray, t: np.ndarray, matrix: np.ndarray, r0: int, c0: i
         part = buf[: (b - a) * n].reshape(b - a, n)
         _native.cosine_scores(q[a:b], t, part)
         matrix[r0 + a : r0 + b, c0 : c0 + n] = part
+
+
+# ------------------------------------------------------------------- exact re-ranking (torch and Triton)
+#: Candidates kept beyond k by the torch and Triton engines for _rerank (at least k more)
+_RERANK_SLACK = 8
+_RERANK_ELEMS = 1 << 24  # float64 products per step of _dot64 (128 MB)
+
+
+def _approx_bound(backend: str, d: int, precision: str) -> float | None:
+    """A bound on |GEMM score - exact dot| for unit rows on the torch and Triton engines (any order of d
+    float32 roundings: gamma(d); torch sums rows past ``_MM_LONG`` in float64 over ``_MM_BLOCK`` columns;
+    tf32x3 adds ~2^-20 per product), plus the float32 roundings of both scores; None where the engine's
+    inputs are rounded to tf32/fp16/bf16 (those scores are approximate by choice)."""
+    if backend == "triton" and precision not in ("ieee", "tf32x3"):
+        return None
+    u = 2.0**-24
+    n = _MM_BLOCK if backend == "torch" and d > _MM_LONG else d
+    e = n * u / (1 - n * u) * 1.001 + 4 * u  # (unit rows: |q||t| <= 1 + ~1e-7)
+    return e + (2.0**-18 if backend == "triton" and precision == "tf32x3" else 0.0)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Scores (r, c) float32 of rows ``a`` (r, d) against ``b`` (r, c, d) (or (1, c, d), broadcast): each
+    pair's float32 products added in float64 (exact products; the sum within ~d 2^-53 of exact), rounded
+    once. The same elementwise product and last-axis sum for every pair, whatever its place: identical rows
+    score identically."""
+    return (a[:, None, :].to(torch.float64) * b.to(torch.float64)).sum(-1).to(torch.float32)
+
+
+def _pair_scores(q: torch.Tensor, T: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:func:`_dot64` of each row of ``q`` (m, d) with its candidates ``T[idx]`` (idx (m, c)), in steps of at
+    most ``_RERANK_ELEMS`` products."""
+    m, c = idx.shape
+    d = q.shape[1]
+    out = torch.empty((m, c), dtype=torch.float32, device=q.device)
+    if c * d <= _RERANK_ELEMS:
+        rows = _RERANK_ELEMS // max(1, c * d)
+        for a in range(0, m, rows):
+            b = min(m, a + rows)
+            out[a:b] = _dot64(q[a:b], T[idx[a:b]])
+        return out
+    cols = max(1, _RERANK_ELEMS // max(1, d))  # wide rows: a few candidates at a time
+    for r in range(m):
+        for a in range(0, c, cols):
+            b = min(c, a + cols)
+            out[r, a:b] = _dot64(q[r:r + 1], T[idx[r, a:b]][None])[0]
+    return out
+
+
+def _select(s: torch.Tensor, i: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row: score descending, ties to the lower index."""
+    o = torch.sort(i, dim=1, stable=True).indices
+    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
+    o = torch.sort(-s, dim=1, stable=True).indices[:, :k]
+    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+
+
+def _rerank(Q: torch.Tensor, T: torch.Tensor, d: int, s: np.ndarray, i: np.ndarray, k: int, e: float,
+            self_offset: int | None, n_cand: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k by the :func:`_dot64` score, from each row's approximate top ``c`` (``s``, ``i``,
+    descending; GEMM scores within ``e`` of exact). Every pair outside them scores at most the c-th GEMM score
+    + e, so a row whose k-th re-scored candidate lies above that (+ e for its own rounding) has its exact
+    top-k among them; any other row (many near-equal rows) is scored against every training row."""
+    dev = Q.device
+    Qd, Td = Q[:, :d], T[:, :d]
+    si = torch.from_numpy(i).to(dev)
+    ex = _pair_scores(Qd, Td, si)
+    out_s, out_i = _select(ex, si, k)
+    c = i.shape[1]
+    if c >= n_cand:  # every candidate was re-scored
+        return out_s.cpu().numpy(), out_i.cpu().numpy()
+    bound = torch.from_numpy(s[:, -1].astype(np.float64)).to(dev) + 2 * e
+    redo = torch.nonzero(~(out_s[:, -1].to(torch.float64) > bound)).flatten().tolist()
+    if redo:
+        logger.info("all_pairs: %d of %d rows have more than %d near-equal candidates: re-scored against every "
+                    "training row", len(redo), Q.shape[0], c)
+    # those rows: a float64 GEMM (its products exact, its sums within ~d 2^-53 of exact: rounded to float32,
+    # the _dot64 score but for one chance in ~10^8 per pair), 256 rows at a time
+    cols = max(1, _RERANK_ELEMS // max(1, d))
+    nt = Td.shape[0]
+    for g in range(0, len(redo), 256):
+        rows = torch.tensor(redo[g:g + 256], dtype=torch.int64, device=dev)
+        q64 = Qd[rows].to(torch.float64)
+        best_s = torch.empty((len(rows), 0), dtype=torch.float32, device=dev)
+        best_i = torch.empty((len(rows), 0), dtype=torch.int64, device=dev)
+        for a in range(0, nt, cols):
+            b = min(nt, a + cols)
+            sc = (q64 @ Td[a:b].to(torch.float64).T).to(torch.float32)
+            idx = torch.arange(a, b, device=dev).expand(len(rows), b - a)
+            if self_offset is not None:
+                own = rows + self_offset - a
+                hit = (own >= 0) & (own < b - a)
+                sc[hit.nonzero().flatten(), own[hit]] = float("-inf")
+            best_s, best_i = _select(torch.cat([best_s, sc], 1), torch.cat([best_i, idx], 1), k)
+        out_s[rows], out_i[rows] = best_s, best_i
+    return out_s.cpu().numpy(), out_i.cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------- torch engine

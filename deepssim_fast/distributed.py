@@ -6,8 +6,9 @@ the same single-process engine (:func:`deepssim_fast.all_pairs.all_pairs`) on a 
 results (top-k lists, histogram, class counts, train_hits) are merged with
 :meth:`AllPairsResult.merge`, so with the native engine (CPU workers) the result is identical, bit for bit,
 to one process. The torch and Triton engines (GPU workers, or ``backend="torch"``) order each dot product by
-the shape of the block they get, so their scores can differ from one process's in the last bits (as they
-differ from the native engine's), and pairs that close to an edge can move between neighbouring bins.
+the shape of the block they get, so their GEMM scores can differ from one process's in the last bits (as
+they differ from the native engine's), and pairs that close to an edge can move between neighbouring bins;
+their top-k is re-scored pair by pair (see :mod:`deepssim_fast.all_pairs`), the same in every shard.
 
 Where the work runs
 -------------------

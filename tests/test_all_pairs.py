@@ -663,6 +663,30 @@ def test_device_other_than_cpu_or_cuda_is_a_clear_error(device):
                  all_pairs(good, good, progress=False))
 
 
+@pytest.mark.parametrize("tiles", [{}, {"block": 7, "tile": 13}])
+def test_torch_backend_gives_identical_rows_identical_scores(tiles):
+    """torch.mm rounds a row's score by its place in the product: 27 identical training rows scored one ulp
+    below the 3 at the end of the tile, so rows 32-34, not 5-7, were "nearest" (and train_hits moved).
+    The torch engine's candidates are re-scored pair by pair, the same way for every pair."""
+    rng = np.random.default_rng(41)
+    base = rng.standard_normal((1, 64)).astype(np.float32)
+    train = np.concatenate([rng.standard_normal((5, 64)).astype(np.float32), np.repeat(base, 30, 0)])
+    synth = np.concatenate([base + 0.3 * rng.standard_normal((10, 64)).astype(np.float32),
+                            rng.standard_normal((30, 64)).astype(np.float32)])
+    for k in (1, 3, 30):
+        n = all_pairs(train, synth, k=k, progress=False)
+        t = all_pairs(train, synth, k=k, progress=False, backend="torch", **tiles)
+        np.testing.assert_array_equal(t.indices, n.indices)
+        np.testing.assert_array_equal(t.train_hits, n.train_hits)
+        assert np.abs(t.scores - n.scores).max() <= 1e-6
+        assert (t.scores[:10] == t.scores[:10, :1]).all()  # identical rows, identical scores
+    # within one set (self-pairs excluded), the identical rows find each other, lower indices first
+    s = all_pairs(train, None, k=4, progress=False, backend="torch", **tiles)
+    np.testing.assert_array_equal(s.indices, all_pairs(train, None, k=4, progress=False).indices)
+    np.testing.assert_array_equal(s.indices[5], [6, 7, 8, 9])
+    np.testing.assert_array_equal(s.indices[34], [5, 6, 7, 8])
+
+
 def test_an_all_zero_training_row_is_an_error_even_for_an_empty_synth_set():
     """The empty case returned before the training rows were normalised: no error (one with workers=1)."""
     train = _rand(10, 8, SEED + 15)

@@ -162,6 +162,14 @@ _SCRIPT = textwrap.dedent(r"""
                                       blocks=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=8, num_warps=4))
         out.append(dict(name=f"full tile of duplicates mode {mode}", classes=c_.tolist(),
                         hist_total=int(h_.sum())))
+    # 30 identical training rows: the interpreter's tl.dot (numpy's matmul) scored them apart by their place in
+    # the tile, so copies came back out of index order; candidates are re-scored pair by pair
+    rng = np.random.default_rng(41)
+    base = rng.standard_normal((1, 64)).astype(np.float32)
+    dups = np.concatenate([rng.standard_normal((5, 64)).astype(np.float32), np.repeat(base, 30, 0)])
+    near = base + 0.3 * rng.standard_normal((10, 64)).astype(np.float32)
+    compare("identical rows", dups, near, 3)
+    compare("identical rows small chunks", dups, near, 3, block=4, tile=13)
     for line in out:
         print("RESULT " + json.dumps(line))
 """)
@@ -180,7 +188,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 22, proc.stdout
+    assert len(res) == 24, proc.stdout
     return res
 
 
@@ -195,7 +203,8 @@ def test_every_interpreted_result_came_from_the_triton_kernel(interpreted_result
 
 
 @pytest.mark.parametrize("name", ["1x7 k=1", "7x70 k=10 d=19", "45x100 k=64 > tile", "33x65 small chunks",
-                                  "exact ties", "self", "real MRI"])
+                                  "exact ties", "self", "real MRI", "identical rows",
+                                  "identical rows small chunks"])
 def test_triton_interpreted_matches_native_and_reference(interpreted_results, name):
     r = interpreted_results[name]
     assert r["backend"] == "triton"
