@@ -73,7 +73,8 @@ struct ImgStats {
 struct Prep {
   double centre = 0, scale = 1;
   float lum_offset = 0;
-  double lum = 0;  // lum_offset in fp64 (box kernels)
+  double lum = 0;   // lum_offset in fp64 (box kernels)
+  double span = 0;  // largest prepared value, (max - centre) * scale (see pair_const)
 };
 
 // Resolve centring of both images and the pair's data range. Returns the range (0 => score 1).
@@ -89,6 +90,8 @@ double resolve_pair(const ImgStats& sx, const ImgStats& sy, const Window& win, P
     py.lum_offset = static_cast<float>(py.lum);
     const double zx_hi = (sx.mx - sx.mean) * px.scale, zx_lo = (sx.mn - sx.mean) * px.scale;
     const double zy_hi = (sy.mx - sy.mean) * py.scale, zy_lo = (sy.mn - sy.mean) * py.scale;
+    px.span = zx_hi - zx_lo;
+    py.span = zy_hi - zy_lo;
     const double first = zx_hi - zx_lo;
     if (first > 0) return first;
     return std::max(zx_hi, zy_hi) - std::min(zx_lo, zy_lo);
@@ -100,6 +103,8 @@ double resolve_pair(const ImgStats& sx, const ImgStats& sy, const Window& win, P
   py.lum = sy.mn;
   px.lum_offset = static_cast<float>(sx.mn);
   py.lum_offset = static_cast<float>(sy.mn);
+  px.span = sx.mx - sx.mn;
+  py.span = sy.mx - sy.mn;
   if (win.range_mode == 0) return win.range_value;
   return std::max(sx.mx, sy.mx) - std::min(sx.mn, sy.mn);
 }
@@ -1124,6 +1129,15 @@ Kernels pick_kernels() {
 // nearest 1 / range^2, scales each factor to O(1) exactly: where nothing was subnormal the scores are the same
 // bit for bit. A range so small that range^2, C1 or C2 are below 2^-100 leaves the statistics themselves too
 // near the fp32 subnormals: s = NaN, the pair scores NaN and the caller recomputes it in float64.
+//
+// The same NaN where the prepared values span more than kMaxSpanRatio times sqrt(C2) = k2 range (an explicit
+// data range far below the images' own, or a tiny k2): the fp32 statistics keep each window's means to an ulp
+// of that span, and the variances to about ulp * sigma, which is no longer small against C2 there. Seen: values
+// 1000 +- 1e-3 with one 0-valued pixel, data_range=0.01, Gaussian window: 3e-4 off float64 (the ratio is
+// 3.3e6; at 3.3e4, 6e-7). At the default range the ratio is 1 / k2 = 33, and real MRI stayed within 3e-8 of
+// float64 up to ~8e3.
+constexpr double kMaxSpanRatio = 32768.0;
+
 PairConst pair_const(double range, const Window& win, const Prep& px, const Prep& py) {
   PairConst pc;
   const double c1 = (win.k1 * range) * (win.k1 * range), c2 = (win.k2 * range) * (win.k2 * range);
@@ -1133,7 +1147,8 @@ PairConst pair_const(double range, const Window& win, const Prep& px, const Prep
   pc.ox = px.lum_offset;
   pc.oy = py.lum_offset;
   const double tiny = std::ldexp(1.0, -100);
-  if (!(range * range >= tiny && c1 >= tiny && c2 >= tiny)) {
+  const bool spans = std::max(px.span, py.span) <= kMaxSpanRatio * std::sqrt(c2);
+  if (!(range * range >= tiny && c1 >= tiny && c2 >= tiny && spans)) {
     pc.s = std::numeric_limits<float>::quiet_NaN();
   } else {
     const int e = std::max(-62, std::min(62, std::ilogb(range)));  // range in [2^e, 2^(e+1)) (clamped)

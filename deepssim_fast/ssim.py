@@ -296,13 +296,14 @@ def _float64_pairs(pairs: _Pairs) -> torch.Tensor:
 
 def _repair_nonfinite(res: torch.Tensor, pairs: _Pairs) -> torch.Tensor:
     """Recompute, in float64 torch, the pairs whose fp32 score is not finite (values so large or small that
-    their squares or C1/C2 leave the float32 range), so no NaN escapes. ``res`` is (P,), indexed like the
-    pairs."""
+    their squares or C1/C2 leave the float32 range, or images spanning more than 32768 sqrt(C2): a data range
+    far below their own), so no NaN escapes. ``res`` is (P,), indexed like the pairs."""
     bad = ~torch.isfinite(res)
     if not bool(bad.any()):
         return res
     sel = torch.nonzero(bad).flatten()
-    logger.debug("ssim: %d pair(s) left the float32 range; recomputing them in float64", sel.numel())
+    logger.debug("ssim: %d pair(s) beyond the float32 kernel's range (values, C1/C2, or a data range far below "
+                 "the images' span); recomputing them in float64", sel.numel())
     fix = _float64_pairs(pairs.subset(sel.cpu().numpy()))
     res = res.clone()
     res[sel] = fix.to(res.device, res.dtype)

@@ -272,7 +272,13 @@ def _zscored(t: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.
     return out
 
 
-def _formula_scale(rng: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+#: Pairs whose images span more than this many times sqrt(C2) = k2 range go to float64 (as the native kernel's
+#: kMaxSpanRatio, csrc/ssim.cpp): the window means are kept to an ulp of the span, which is no longer small
+#: against C2 there (1000 +- 1e-3 with one 0-valued pixel at data_range=0.01: 2e-4 to 4e-4 off float64)
+MAX_SPAN_RATIO = 32768.0
+
+
+def _formula_scale(rng: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
     """Per pair (float32, (P,)): the power of two nearest 1 / range^2 by which the kernel multiplies each
     factor of the SSIM formula's numerator and denominator, or NaN where the range is too small for float32.
 
@@ -280,12 +286,13 @@ def _formula_scale(rng: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> tor
     subnormal below ranges of ~1e-9 (ADC maps in m^2/s, say) and lost digits silently; scaled, they are O(1),
     exactly. A range whose square, C1 or C2 (float64, (P,) like ``rng``) is below 2^-100 leaves the window
     statistics themselves too near float32's subnormals: NaN, so the pair scores NaN and the caller recomputes
-    it in float64.
+    it in float64; so does a pair whose centred images span (``span``, float64 (P,)) more than
+    ``MAX_SPAN_RATIO`` sqrt(C2).
     """
     e = (torch.frexp(rng).exponent - 1).clamp(-62, 62)  # rng in [2^e, 2^(e+1)) (clamped)
     fs = torch.ldexp(torch.ones_like(rng), -2 * e)
     tiny = 2.0**-100
-    ok = (rng * rng >= tiny) & (c1 >= tiny) & (c2 >= tiny)
+    ok = (rng * rng >= tiny) & (c1 >= tiny) & (c2 >= tiny) & (span <= MAX_SPAN_RATIO * torch.sqrt(c2))
     return torch.where(ok, fs, torch.full_like(fs, float("nan"))).to(torch.float32)
 
 
@@ -315,6 +322,7 @@ def _prepare(
         zyh, zyl = ((hy - my_) * scy)[iy], ((ly - my_) * scy)[iy]
         first = zxh - zxl
         rng = torch.where(first > 0, first, torch.maximum(zxh, zyh) - torch.minimum(zxl, zyl))
+        span = torch.maximum(first, zyh - zyl)
         xf = _zscored(xf, mx_, scx)
         yf = xf if yf is xf else _zscored(yf, my_, scy)
     else:
@@ -329,8 +337,9 @@ def _prepare(
             rng = torch.full((ix.numel(),), float(fixed), dtype=torch.float64, device=xf.device)
         else:
             rng = torch.maximum(hx[ix], hy[iy]) - torch.minimum(lx[ix], ly[iy])
+        span = torch.maximum(hx[ix] - lx[ix], hy[iy] - ly[iy]).to(torch.float64) * scale
     c1d, c2d = (p.k1 * rng) ** 2, (p.k2 * rng) ** 2
-    c1, c2, fs = c1d.to(torch.float32), c2d.to(torch.float32), _formula_scale(rng, c1d, c2d)
+    c1, c2, fs = c1d.to(torch.float32), c2d.to(torch.float32), _formula_scale(rng, c1d, c2d, span)
     one = torch.ones(xf.shape[0], dtype=torch.float32, device=xf.device)
     one_y = torch.ones(yf.shape[0], dtype=torch.float32, device=yf.device)
     if preset:  # z-scores: centred already

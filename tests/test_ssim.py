@@ -773,6 +773,39 @@ def test_no_nan_escapes_at_extreme_scales_gaussian_and_matrix(backend):
         assert_close(np.diag(mat), want, what=f"matrix scale {scale}")
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_data_range_far_below_the_images_span_is_scored_as_float64_scores_it(monkeypatch, caplog, spatial_dims,
+                                                                             mri_slices):
+    """Values 1000 +- 1e-3 with one 0-valued pixel and data_range=0.01: the separable fp32 kernel (Gaussian
+    windows, ssim_matrix in 3D, uniform with the running sums off) keeps each window's means to an ulp of
+    1000, and scored 3e-4 off float64 (C2 = 9e-8 against variances of 1e-6). Such pairs now go to the float64
+    path; real MRI, at its own range or at data_range=1, stays on the fp32 kernel."""
+    rng = np.random.default_rng(0)
+    shape = (64, 64) if spatial_dims == 2 else (14, 15, 16)
+    n = rng.standard_normal((2, *shape))
+    x = (1000 + 1e-3 * n[0]).astype(np.float32)
+    y = (1000 + 1e-3 * (0.7 * n[0] + 0.3 * n[1])).astype(np.float32)
+    x.flat[len(x.flat) // 2] = y.flat[len(y.flat) // 2] = 0
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", "0")
+    caplog.set_level(logging.DEBUG, logger="deepssim_fast.ssim")
+    for kw in (GAUSS, {}):
+        opts = dict(spatial_dims=spatial_dims, data_range=0.01, **kw)
+        want = float(ssim(x, y, backend="torch", **opts))
+        caplog.clear()
+        assert abs(float(ssim(x, y, **opts)) - want) < 1e-6, kw
+        got = ssim_matrix(x[None], y[None], progress=False, **opts)
+        assert abs(float(got[0, 0]) - want) < 1e-6, kw
+        assert "recomputing them in float64" in caplog.text, kw
+    a, b = mri_slices[:2].astype(np.float32)
+    if spatial_dims == 3:
+        a, b = np.stack([a[:24, :24]] * 12), np.stack([b[:24, :24]] * 12)
+    for dr in (None, 1.0):  # (real MRI spans 0..236 here: at data_range=1 the ratio is ~8e3, under the limit)
+        caplog.clear()
+        ssim(a, b, spatial_dims=spatial_dims, data_range=dr, **GAUSS)
+        ssim_matrix(a[None], b[None], spatial_dims=spatial_dims, data_range=dr, progress=False, **GAUSS)
+        assert "float64" not in caplog.text, dr
+
+
 @pytest.mark.parametrize("level", ["scalar", "avx2", "auto"])
 def test_separable_kernel_tiny_ranges_like_adc_maps_in_si_units(monkeypatch, level, mri_slices):
     """Images of data range ~1e-9 (ADC maps in m^2/s): the separable fp32 kernel's formula multiplies two

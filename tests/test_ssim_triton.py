@@ -269,6 +269,18 @@ _SCRIPT = textwrap.dedent(r"""
     xl = (rng.random((2, 12, 13)) * 1e37).astype(np.float32); yl = (0.5 * xl + 1e36).astype(np.float32)
     record("large_finite", ssim(torch.from_numpy(xl), torch.from_numpy(yl), spatial_dims=2, backend="triton"),
            [oracle(a, b) for a, b in zip(xl, yl)])
+    # a data range far below the images' span (1000 +- 1e-3 with one 0-valued pixel, data_range=0.01): the fp32
+    # window means kept to an ulp of 1000 were 2e-4 to 4e-4 off float64; such pairs now run in float64
+    nz = np.random.default_rng(0).standard_normal((3, 20, 21))
+    xs = (1000 + 1e-3 * nz[:2]).astype(np.float32); ys = (1000 + 1e-3 * (0.7 * nz[:2] + 0.3 * nz[2])).astype(np.float32)
+    xs[:, 9, 9] = ys[:, 9, 9] = 0
+    for w, kw in (("uniform", {}), ("gaussian", GAUSS)):
+        want = np.asarray(ssim(xs, ys, spatial_dims=2, data_range=0.01, backend="torch", **kw))
+        record(f"span_{w}", ssim(torch.from_numpy(xs), torch.from_numpy(ys), spatial_dims=2, data_range=0.01,
+                                 backend="triton", **kw), want)
+        record(f"span_{w}_matrix", np.diag(np.asarray(ssim_matrix(torch.from_numpy(xs), torch.from_numpy(ys),
+                                                                 data_range=0.01, backend="triton", progress=False,
+                                                                 **kw))), want)
     f = rng.random((2, 12, 13)); f[1] *= 1e300
     try:
         ssim(torch.from_numpy(f), torch.from_numpy(0.5 * f), spatial_dims=2, backend="triton")
@@ -475,6 +487,13 @@ def test_triton_tiny_ranges_keep_float32_accuracy(results, case):
     r = results[case]
     assert r["shape"] == r["want_shape"], r
     assert r["err"] <= 1e-6, f"{case}: max |triton - oracle| = {r['err']:.3g}"
+
+
+@pytest.mark.parametrize("case", ["span_uniform", "span_gaussian", "span_uniform_matrix", "span_gaussian_matrix"])
+def test_triton_a_data_range_far_below_the_span_is_scored_as_float64_scores_it(results, case):
+    r = results[case]
+    assert r["shape"] == r["want_shape"], r
+    assert r["err"] <= 1e-6, f"{case}: max |triton - float64| = {r['err']:.3g}"
 
 
 @pytest.mark.parametrize("case", ["float64_offset", "float64_offset_matrix"])
