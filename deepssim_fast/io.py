@@ -4,7 +4,8 @@ Conventions
 -----------
 * :func:`discover` turns a *spec* (directory, glob pattern, file, or a list of these) into a sorted,
   de-duplicated list of paths. Directories are searched recursively for ``.nii``, ``.nii.gz``, ``.png``
-  and ``.npy``, following symlinked sub-folders; a folder that is its own ancestor (a symlink loop, by
+  and ``.npy``, following symlinked sub-folders, leaving out hidden files and folders (names starting
+  with ``.``, as a glob's ``*`` does); a folder that is its own ancestor (a symlink loop, by
   ``(st_dev, st_ino)``) is not entered again. A glob pattern gives the same files: a matching folder is
   searched as if named by itself, and ``**`` follows linked folders with the same loop protection. An
   image-named symlink whose target is missing is kept, so that reading it fails and it is reported
@@ -118,11 +119,12 @@ def _dir_id(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = ()) -> Iterator[str]:
+def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool = True) -> Iterator[str]:
     """Every entry below the folder ``root`` (not ``root`` itself), depth first in sorted order, following
     symlinked folders. A folder that is one of its own ancestors (a symlink loop; compared by ``(st_dev,
     st_ino)``) is not entered again; a folder reached along two different paths is searched under both.
-    A folder that cannot be listed is reported with a warning."""
+    A folder that cannot be listed is reported with a warning. ``hidden=False``: entries whose name starts
+    with ``.`` are left out, folders with their contents."""
     me = _dir_id(root)
     if me is None or me in ancestors:
         if me is not None:
@@ -136,13 +138,15 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = ()) -> Iterator[st
         logger.warning("%s: folder not searched (%s)", root, exc)
         return
     for e in entries:
+        if not hidden and e.name.startswith("."):
+            continue
         yield e.path
         try:
             is_dir = e.is_dir()  # follows a symlinked folder
         except OSError:
             is_dir = False
         if is_dir:
-            yield from _walk(e.path, chain)
+            yield from _walk(e.path, chain, hidden)
 
 
 # Image formats a folder search may meet but does not read: named in a warning, not left out unnoticed.
@@ -161,10 +165,12 @@ def _under(q: Path, folders: Sequence[str]) -> bool:
 def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: Sequence[str] = ()) -> list[Path]:
     """The image files below folder ``p`` (see :func:`_walk`); files of other image formats found there are
     counted by suffix and named in one warning (they are not read), except those in ``outputs`` (folders of
-    the caller's own stores, such as an audit's OUT/work inside an input folder)."""
+    the caller's own stores, such as an audit's OUT/work inside an input folder). Hidden files and folders
+    (names starting with ``.``: macOS's ``._x.png`` companions, ``.git``) are left out, as a glob's ``*`` leaves
+    them out."""
     found: list[Path] = []
     other: dict[str, int] = {}
-    for q in map(Path, _walk(os.fspath(p), ancestors)):
+    for q in map(Path, _walk(os.fspath(p), ancestors, hidden=False)):
         if _is_candidate(q):
             found.append(q)
         elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file() and not _under(q, outputs):

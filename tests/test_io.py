@@ -305,6 +305,24 @@ def test_read_npy_ranks_frames_and_dtypes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="out of range"):
         read_image(tmp_path / "f.npy", frame=3)
 
+def test_folder_search_leaves_hidden_files_out_as_a_glob_does(tmp_path: Path) -> None:
+    """A folder search listed macOS's ``._x.png`` companions and files in ``.git`` (which then failed to read,
+    aborting --strict audits), where the README's "a quoted glob finds the same files" left them out."""
+    img = np.arange(64, dtype=np.float32).reshape(8, 8)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".git").mkdir()
+    for name in ("a.npy", "._a.npy", ".hidden.npy", "sub/b.npy", "sub/.c.npy", ".git/d.npy"):
+        np.save(tmp_path / name, img)
+    want = [tmp_path / "a.npy", tmp_path / "sub" / "b.npy"]
+    assert discover(tmp_path) == want
+    assert discover(str(tmp_path / "*")) == want
+    assert discover(str(tmp_path / "**" / "*.npy")) == want
+    # named, a hidden file or folder is used
+    assert discover(tmp_path / "._a.npy") == [tmp_path / "._a.npy"]
+    assert discover(tmp_path / ".git") == [tmp_path / ".git" / "d.npy"]
+    assert discover(str(tmp_path / ".*.npy")) == [tmp_path / "._a.npy", tmp_path / ".hidden.npy"]
+
+
 def test_read_image_in_float64_keeps_stored_values(tmp_path: Path) -> None:
     """dtype=np.float64: float64 .npy and NIfTI values come back exactly (PNG samples as stored); the
     default stays float32; other dtypes are refused."""
