@@ -1681,17 +1681,17 @@ def audit(
         )
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    # (checked before any decoding: the search is reached after the whole decode and embedding; and with flips
+    # or shifts one local cluster was started for workers=, leaving the scheduler given beside it unused)
+    from .distributed import check_cluster_options  # (imports no Dask)
+
+    check_cluster_options(workers, scheduler)  # (first: workers=0 is a bad count, whatever the metric)
     if metric == "ssim" and (workers is not None or scheduler is not None):
         raise ValueError(
             "workers/scheduler shard the cosine search of the deepssim, correlation and embeddings metrics on "
             "Dask; the ssim metric's exact SSIM search runs in this process (its chunks resume from OUT/work): "
             "drop workers/scheduler, or use metric 'deepssim' or 'correlation'"
         )
-    # (checked before any decoding: the search is reached after the whole decode and embedding; and with flips
-    # or shifts one local cluster was started for workers=, leaving the scheduler given beside it unused)
-    from .distributed import check_cluster_options  # (imports no Dask)
-
-    check_cluster_options(workers, scheduler)
     for name, value, least in (("verify_shifts", verify_shifts, 0), ("chunk_size", chunk_size, 1),
                                ("batch_size", batch_size, 1), ("bins", bins, 1), ("gallery", gallery, 0)):
         # whole numbers only: a shift of 2.5 pixels failed deep in verification ("arrays used as indices must
@@ -1709,8 +1709,10 @@ def audit(
     if not isinstance(decode_workers, (int, np.integer)) or decode_workers < 0:
         raise ValueError(f"decode_workers must be a non-negative integer (0: decode in this process), "
                          f"got {decode_workers!r}")
-    if not np.isfinite(verify_rotations) or verify_rotations < 0:
-        raise ValueError(f"verify_rotations must be a non-negative number of degrees, got {verify_rotations!r}")
+    if not np.isfinite(verify_rotations) or not 0 <= verify_rotations <= 180:
+        # (a turn of more than 180 degrees is a smaller one the other way: 400 was accepted)
+        raise ValueError(f"verify_rotations must be a number of degrees in [0, 180] (small rotations: a few "
+                         f"degrees), got {verify_rotations!r}")
     if mode == "volumes" and verify_rotations:
         raise ValueError("verify_rotations applies to 2D slices only, not mode='volumes'")
     if verify == "none" and verify_rotations:

@@ -638,6 +638,18 @@ def test_transforms_that_verify_none_would_ignore_are_errors(ds: dict, tmp_path:
     assert "drop verify_flips/verify_shifts" in str(err.value)
 
 
+def test_bad_rotation_and_worker_counts_are_named_before_any_work(ds: dict, tmp_path: Path) -> None:
+    """verify_rotations=400 was accepted (the README's "small rotations"); workers=0 with metric 'ssim' was
+    refused with the message for a Dask run of the ssim metric, not as a bad worker count."""
+    base = dict(k=1, out=tmp_path / "o", progress=False)
+    for deg in (400.0, 180.5, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"verify_rotations must be a number of degrees in \[0, 180\]"):
+            A.audit(ds["train"], ds["synth"], metric="ssim", verify_rotations=deg, **base)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        A.audit(ds["train"], ds["synth"], metric="ssim", workers=0, **base)
+    assert not (tmp_path / "o").exists()
+
+
 def test_volumes_mode_uses_3d_ssim(tmp_path: Path) -> None:
     vol = data.load_volume("anatomical").array
     (tmp_path / "t").mkdir()
