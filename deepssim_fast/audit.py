@@ -2681,6 +2681,23 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
     return find
 
 
+def _warn_repeated_pairs(labels: Any, rows: Sequence[tuple], ti: Sequence[int], si: Sequence[int]) -> None:
+    """A warning naming the lines of pairs labelled more than once (each row counts, so a pair labelled twice
+    weighs twice, and one labelled two ways is both right and wrong); they were counted silently."""
+    lines: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    for (_, _, label, line), t, s_ in zip(rows, ti, si, strict=True):
+        lines.setdefault((t, s_), []).append((line, label))
+    repeated = [v for v in lines.values() if len(v) > 1]
+    if not repeated:
+        return
+    conflicting = [v for v in repeated if len({lab for _, lab in v}) > 1]
+    worst = conflicting or repeated
+    shown = "; ".join(", ".join(f"line {n} (label {lab})" for n, lab in v) for v in worst[:3])
+    logger.warning("%s: %d pair(s) are labelled on more than one line (%d of them with different labels); each "
+                   "line counts: %s%s", labels, len(repeated), len(conflicting), shown,
+                   " ..." if len(worst) > 3 else "")
+
+
 def evaluate(
     audit_dir: str | os.PathLike,
     labels: str | os.PathLike,
@@ -2758,11 +2775,18 @@ def evaluate(
     problems: list[str] = []  # every unusable key, named by line: the whole file is checked before failing
     bad_rows: set[int] = set()
     for real, synth, _, line in rows:
-        for find, key, dest in ((ft, real, ti), (fs, synth, si)):
+        for find, key, dest, other, side in ((ft, real, ti, fs, "synthetic"), (fs, synth, si, ft, "training")):
             try:
                 dest.append(find(key))
             except ValueError as exc:
-                problems.append(f"{labels}:{line}: {exc}")
+                hint = ""
+                try:  # a key of the other set: the columns are likely swapped
+                    other(key)
+                    hint = (f" (it names a {side} item: real_key must name the training item and synth_key the "
+                            "synthetic one; are the columns swapped?)")
+                except ValueError:
+                    pass
+                problems.append(f"{labels}:{line}: {exc}{hint}")
                 bad_rows.add(line)
     if problems:
         shown = 10
@@ -2772,6 +2796,7 @@ def evaluate(
         more = (f"\n({len(problems)} label keys in {len(bad_rows)} rows do not name exactly one audited item; "
                 f"the others:{rest})")
         raise ValueError(problems[0] + (more if len(problems) > 1 else ""))
+    _warn_repeated_pairs(labels, rows, ti, si)
     if summary["verify"]["method"] == "ssim":
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -1685,6 +1686,27 @@ def test_evaluate_names_labels_file_and_line_of_an_unknown_key(ssim_run: A.Audit
     f = _labels(tmp_path / "lab.csv", ("mni_030.npy", "s00.npy", 1), ("nope.npy", "s00.npy", 1))
     with pytest.raises(ValueError, match=r"lab\.csv:3: .*nope\.npy"):
         A.evaluate(ssim_run.out, f)
+
+
+def test_evaluate_names_swapped_columns_and_warns_of_pairs_labelled_twice(
+        ssim_run: A.AuditResult, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A labels file with real_key and synth_key swapped said only 'matches no audited item'; a pair labelled
+    on two lines, two ways, was counted both ways without a word."""
+    swapped = _labels(tmp_path / "sw.csv", ("s00.npy", "mni_030.npy", 1))
+    with pytest.raises(ValueError, match=r"sw\.csv:2: label key 's00\.npy' matches no audited item.*names a "
+                                         r"synthetic item.*columns swapped"):
+        A.evaluate(ssim_run.out, swapped)
+    twice = _labels(tmp_path / "tw.csv", ("mni_030.npy", "s00.npy", 1), ("mni_038.npy", "s10.npy", 0),
+                    ("mni_030.npy", "s00.npy", 0))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        res = A.evaluate(ssim_run.out, twice)
+    assert "1 pair(s) are labelled on more than one line (1 of them with different labels)" in caplog.text
+    assert "line 2 (label 1), line 4 (label 0)" in caplog.text
+    assert res["n"] == 3  # each line still counts
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.evaluate(ssim_run.out, _labels(tmp_path / "once.csv", ("mni_030.npy", "s00.npy", 1)))
+    assert "more than one line" not in caplog.text
 
 
 def test_evaluate_takes_label_keys_that_are_relative_paths(
