@@ -44,8 +44,14 @@ def _pyplot():
 
 
 def _fig_bytes(fig) -> bytes:
+    import warnings
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata=_PNG_META)
+    with warnings.catch_warnings():
+        # file names in scripts the default font lacks (CJK, say) are drawn as boxes in the figure (the report's
+        # text names them in full): without a UserWarning per glyph on stderr
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=100, metadata=_PNG_META)
     _pyplot().close(fig)
     return buf.getvalue()
 

@@ -189,6 +189,20 @@ def test_write_report_atomic_files(tmp_path) -> None:
     assert sorted(x.name for x in tmp_path.iterdir()) == ["gallery.png", "histogram.png", "report.html"]
 
 
+def test_gallery_draws_names_the_font_lacks_without_warnings() -> None:
+    """A file name in CJK printed a 'Glyph ... missing from font(s) DejaVu Sans' UserWarning per glyph on
+    stderr while the gallery was drawn."""
+    import warnings
+
+    s = _suspects(2)
+    s[0]["synth_id"] = "/data/synth/脑扫描_01.png"
+    s[1]["train_id"] = "/data/train/患者_7.nii.gz#2:40"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = gallery_png(s, (0.6, 0.85))
+    assert png[:8] == PNG_MAGIC
+
+
 def test_gallery_shows_file_names_as_plain_text() -> None:
     """'$' pairs in file names are not mathtext; '#' in folder names does not cut the shown name."""
     s = _suspects(2)
