@@ -206,7 +206,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_every=args.val_every,
         lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
+        strict=args.strict,
     )
+    skipped = getattr(model, "skipped", [])
+    if skipped:  # (each was logged as a warning when it was read)
+        print(f"left out {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]} "
+              "(--strict aborts instead)", file=sys.stderr)
     best_val = getattr(model, "best_val", None)
     best = Path(args.out) / "best.pt"
     # best.pt is this run's only when it validated (train removes an earlier run's); else the last weights
@@ -451,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt)")
     t.add_argument("--seed", type=int, default=42, help="seed of the weights, pairs and split (default 42)")
     t.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    t.add_argument("--strict", action="store_true",
+                   help="abort on the first unreadable file (default: leave it out with a warning)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_policy(t)
     t.set_defaults(func=_cmd_train)

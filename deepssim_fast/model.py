@@ -765,13 +765,15 @@ def _to_float32(a: np.ndarray) -> np.ndarray:
     return ((d - lo) / (hi - lo)).astype(np.float32)
 
 
-def collect_images(images: Any, *, policy: Any = None, what: str = "images"
-                   ) -> tuple[list[np.ndarray], list[Any]]:
+def collect_images(images: Any, *, policy: Any = None, what: str = "images", strict: bool = True,
+                   skipped: list | None = None) -> tuple[list[np.ndarray], list[Any]]:
     """Turn the ``images`` argument into (list of 2D float32 arrays, list of Slice-or-None metadata).
 
     ``images``: a sequence of 2D arrays / torch tensors / :class:`deepssim_fast.data.Slice`; a stacked array
     (N, H, W) or (N, 1, H, W); a mapping key -> array; or paths (str/Path, directories, globs — PNG, .npy,
-    NIfTI; volumes are cut by ``policy``) read through :mod:`deepssim_fast.io`.
+    NIfTI; volumes are cut by ``policy``) read through :mod:`deepssim_fast.io`. Paths: an unreadable file
+    raises :class:`~deepssim_fast.data.DataError`, or with ``strict=False`` is logged, appended to
+    ``skipped`` as ``(path, reason)`` and left out.
     """
     from .data import Slice
 
@@ -780,8 +782,8 @@ def collect_images(images: Any, *, policy: Any = None, what: str = "images"
                    and all(isinstance(x, (str, os.PathLike)) for x in images)):
         from . import io as dio
 
-        skipped: list = []
-        slices = list(dio.iter_slices(dio.discover(images), policy, strict=True, skipped=skipped))
+        slices = list(dio.iter_slices(dio.discover(images), policy, strict=strict,
+                                      skipped=skipped if skipped is not None else []))
         arrays = [as_image_2d(s.array, _name_of(s, i)) for i, s in enumerate(slices)]
         return arrays, slices
     if isinstance(images, dict):

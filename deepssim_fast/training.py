@@ -300,9 +300,11 @@ class ImagePool:
                          [self.positions[k] for k in idx])
 
 
-def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str = "images") -> ImagePool:
-    """Collect ``images`` (see :func:`deepssim_fast.model.collect_images`) and fit them to the model input."""
-    arrays, metas = collect_images(images, policy=policy, what=what)
+def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str = "images", strict: bool = True,
+              skipped: list | None = None) -> ImagePool:
+    """Collect ``images`` (see :func:`deepssim_fast.model.collect_images`, also for ``strict`` and ``skipped``)
+    and fit them to the model input."""
+    arrays, metas = collect_images(images, policy=policy, what=what, strict=strict, skipped=skipped)
     keys, groups, positions = [], [], []
     for k, m in enumerate(metas):
         if m is None:
@@ -632,7 +634,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
           pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str = "constant",
           warmup_steps: int = 0, grad_clip: float = 1.0, time_limit: float | None = None,
           cpu_time_limit: float | None = None, progress: bool = True, tensorboard: bool = False,
-          zoom_out: Sequence[float] = ()) -> DeepSSIMNet:
+          zoom_out: Sequence[float] = (), strict: bool = False) -> DeepSSIMNet:
     """Train a DeepSSIM encoder; returns the model with the best validation weights (eval mode).
 
     images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
@@ -665,8 +667,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     cpu_time_limit: the same in CPU seconds of this process (all threads): e.g. 600 = "5 minutes on 2 cores",
                   a budget that does not shrink when the machine is shared.
 
-    The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv``) and
-    ``model.best_val`` (lowest validation loss, or None).
+    strict:       paths: an unreadable file (or one with NaN/Inf values) aborts with its name; by default it is
+                  logged as a warning and left out, as the audit leaves it out (``model.skipped`` lists them).
+
+    The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv``),
+    ``model.best_val`` (lowest validation loss, or None) and ``model.skipped`` (``(path, reason)`` of the
+    files left out).
     """
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 2):
         raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
@@ -728,14 +734,15 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         config = model.config
     model.to(dev)
 
-    pool = make_pool(images, config, policy=policy)
+    skipped: list = []
+    pool = make_pool(images, config, policy=policy, strict=strict, skipped=skipped)
     if pool.images.shape[0] < 2:
         raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}")
     csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None
     if csv_pairs is not None:
         _log_csv_ssim_agreement(pairs_csv, csv_pairs, pool)
     def _val_image_pool() -> ImagePool:
-        vp = make_pool(val_images, config, policy=policy, what="val_images")
+        vp = make_pool(val_images, config, policy=policy, what="val_images", strict=strict, skipped=skipped)
         if vp.images.shape[0] < 2:
             raise ValueError(f"val_images needs at least 2 images, got {vp.images.shape[0]}")
         return vp
@@ -947,5 +954,6 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         model.load_state_dict(best_state)
     model.eval()
     model.history = history
+    model.skipped = skipped
     model.best_val = best_val
     return model

@@ -586,6 +586,26 @@ def test_train_command_writes_a_checkpoint(
 
 
 
+def test_train_command_leaves_unreadable_files_out_unless_strict(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """train stopped at the first unreadable file (rc 2), where audit and embed leave it out with a warning;
+    --strict now aborts, as theirs does."""
+    import shutil
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(folders["train"], imgs)
+    (imgs / "broken.nii.gz").write_text("not a NIfTI file")
+    base = ["train", "--images", str(imgs), "--backbone", "small", "--max-steps", "1", "--batch-size", "4",
+            "--emb-dim", "8", "-q"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "left out 1 unreadable file(s)" in captured.err and "broken.nii.gz" in captured.err
+    assert main([*base, "--out", str(tmp_path / "b"), "--strict"]) == 2
+    assert "broken.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
 def test_train_command_has_the_validation_and_schedule_options(
     folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
