@@ -1511,6 +1511,64 @@ void cosine_scores(py::array q, py::array t, py::array out) {
 // (double) x / norm rounded once to float32, columns d .. dp - 1 zero. A row whose norm falls outside
 // [2^-450, 2^450] is first scaled by a power of two (see below), so no finite non-zero row is lost to
 // overflow or underflow. Returns the first all-zero row, or -1.
+// One row's L2 norm by the rule of normalize_rows: float64 squares summed in four lanes (column c in lane
+// c % 4, in order), the lanes added pairwise, sqrt. A norm outside [2^-450, 2^450] (float64 rows whose squares
+// may over- or underflow) is summed again with the row times scale * scale2 (powers of two bringing its largest
+// entry into [0.5, 1); the rule of _NORM_SAFE in all_pairs.py). The row is then used as row * scale * scale2 /
+// norm; rows inside the range keep scale = scale2 = 1, so their results stay bit for bit.
+template <typename T>
+double row_norm(const T* row, int64_t d, double* scale_out, double* scale2_out) {
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t c = 0;
+  for (; c + 4 <= d; c += 4)
+    for (int l = 0; l < 4; ++l) s[l] += static_cast<double>(row[c + l]) * static_cast<double>(row[c + l]);
+  for (int l = 0; c < d; ++c, ++l) s[l] += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+  double norm = std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
+  double scale = 1.0, scale2 = 1.0;
+  if (!(norm >= 0x1p-450 && norm <= 0x1p450)) {
+    double m = 0;
+    for (int64_t c2 = 0; c2 < d; ++c2) m = std::max(m, std::fabs(static_cast<double>(row[c2])));
+    if (m > 0) {
+      int e = 0;
+      std::frexp(m, &e);
+      // 2^-e itself overflows when the largest entry is below 2^-1024 (a subnormal): then it is applied as
+      // 2^1023 times the rest (two exact up-scalings, to entries below 1); otherwise scale2 stays 1
+      scale = std::ldexp(1.0, std::min(-e, 1023));
+      scale2 = std::ldexp(1.0, -e - std::min(-e, 1023));
+      double t[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t c3 = 0;
+      for (; c3 + 4 <= d; c3 += 4)
+        for (int l = 0; l < 4; ++l) {
+          const double v = static_cast<double>(row[c3 + l]) * scale * scale2;
+          t[l] += v * v;
+        }
+      for (int l = 0; c3 < d; ++c3, ++l) {
+        const double v = static_cast<double>(row[c3]) * scale * scale2;
+        t[l] += v * v;
+      }
+      norm = std::sqrt((t[0] + t[1]) + (t[2] + t[3]));
+    }
+  }
+  *scale_out = scale;
+  *scale2_out = scale2;
+  return norm;
+}
+
+// Columns [c0, c1) of one normalised row into o (c1 - c0 floats): entries past d are the zero padding.
+template <typename T>
+inline void write_normalised(const T* row, int64_t d, int64_t c0, int64_t c1, double scale, double scale2,
+                             double norm, float* o) {
+  const int64_t e = std::min(c1, d);
+  for (int64_t k = c0; k < e; ++k) o[k - c0] = static_cast<float>(static_cast<double>(row[k]) * scale * scale2 / norm);
+  if (e < c1) std::fill(o + std::max<int64_t>(0, e - c0), o + (c1 - c0), 0.0f);
+}
+
+inline void note_zero(std::atomic<int64_t>& first_zero, int64_t i) {
+  int64_t cur = first_zero.load();
+  while (i < cur && !first_zero.compare_exchange_weak(cur, i)) {
+  }
+}
+
 template <typename T>
 int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_t dp) {
   std::atomic<int64_t> first_zero{std::numeric_limits<int64_t>::max()};
@@ -1520,58 +1578,86 @@ int64_t normalize_rows_impl(const T* x, int64_t n, int64_t d, float* out, int64_
   parallel_for(n, grain, [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
       const T* row = x + i * d;
-      double s[4] = {0.0, 0.0, 0.0, 0.0};
-      int64_t c = 0;
-      for (; c + 4 <= d; c += 4)
-        for (int l = 0; l < 4; ++l) s[l] += static_cast<double>(row[c + l]) * static_cast<double>(row[c + l]);
-      for (int l = 0; c < d; ++c, ++l) s[l] += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-      double norm = std::sqrt((s[0] + s[1]) + (s[2] + s[3]));
-      // the row is used as row * scale * scale2: powers of two (1 unless rescaled below), so exact, and they
-      // cancel exactly in the division
       double scale = 1.0, scale2 = 1.0;
-      if (!(norm >= 0x1p-450 && norm <= 0x1p450)) {
-        // the sum of squares may have over- or underflowed (float64 rows only: float32 squares cannot):
-        // scale the row so its largest entry lies in [0.5, 1) and sum again (the rule of _NORM_SAFE in
-        // all_pairs.py; rows inside the range are untouched, so their results stay bit for bit)
-        double m = 0;
-        for (int64_t c2 = 0; c2 < d; ++c2) m = std::max(m, std::fabs(static_cast<double>(row[c2])));
-        if (m > 0) {
-          int e = 0;
-          std::frexp(m, &e);
-          // 2^-e itself overflows when the largest entry is below 2^-1024 (a subnormal): then it is applied
-          // as 2^1023 times the rest (two exact up-scalings, to entries below 1); otherwise scale2 stays 1
-          // and changes nothing
-          scale = std::ldexp(1.0, std::min(-e, 1023));
-          scale2 = std::ldexp(1.0, -e - std::min(-e, 1023));
-          double t[4] = {0.0, 0.0, 0.0, 0.0};
-          int64_t c3 = 0;
-          for (; c3 + 4 <= d; c3 += 4)
-            for (int l = 0; l < 4; ++l) {
-              const double v = static_cast<double>(row[c3 + l]) * scale * scale2;
-              t[l] += v * v;
-            }
-          for (int l = 0; c3 < d; ++c3, ++l) {
-            const double v = static_cast<double>(row[c3]) * scale * scale2;
-            t[l] += v * v;
-          }
-          norm = std::sqrt((t[0] + t[1]) + (t[2] + t[3]));
-        }
-      }
+      const double norm = row_norm(row, d, &scale, &scale2);
       float* o = out + i * dp;
       if (norm == 0) {
-        int64_t cur = first_zero.load();
-        while (i < cur && !first_zero.compare_exchange_weak(cur, i)) {
-        }
+        note_zero(first_zero, i);
         std::fill(o, o + dp, 0.0f);
         continue;
       }
-      for (int64_t k = 0; k < d; ++k)
-        o[k] = static_cast<float>(static_cast<double>(row[k]) * scale * scale2 / norm);
-      std::fill(o + d, o + dp, 0.0f);
+      write_normalised(row, d, 0, dp, scale, scale2, norm, o);
     }
   });
   const int64_t z = first_zero.load();
   return z == std::numeric_limits<int64_t>::max() ? -1 : z;
+}
+
+// Per row of x (n, d): norm, scale, scale2 of row_norm into norms (n, 3) float64. Returns the first row of norm
+// 0, or -1.
+template <typename T>
+int64_t row_norms_impl(const T* x, int64_t n, int64_t d, double* norms) {
+  std::atomic<int64_t> first_zero{std::numeric_limits<int64_t>::max()};
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(d, 1));
+  parallel_for(n, grain, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb; i < re; ++i) {
+      double* r = norms + 3 * i;
+      r[0] = row_norm(x + i * d, d, &r[1], &r[2]);
+      if (r[0] == 0) note_zero(first_zero, i);
+    }
+  });
+  const int64_t z = first_zero.load();
+  return z == std::numeric_limits<int64_t>::max() ? -1 : z;
+}
+
+// Columns [c0, c0 + w) of the normalised rows of x (n, d), by the norms of row_norms, into out (n, w).
+template <typename T>
+void normalize_cols_impl(const T* x, int64_t n, int64_t d, const double* norms, int64_t c0, float* out, int64_t w) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(w, 1));
+  parallel_for(n, grain, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb; i < re; ++i) {
+      const double* r = norms + 3 * i;
+      float* o = out + i * w;
+      if (r[0] == 0) {
+        std::fill(o, o + w, 0.0f);
+        continue;
+      }
+      write_normalised(x + i * d, d, c0, c0 + w, r[1], r[2], r[0], o);
+    }
+  });
+}
+
+int64_t row_norms(py::array x, py::array norms) {
+  if (x.ndim() != 2 || !(x.flags() & py::array::c_style)) throw py::value_error("x: expected a C-contiguous 2-D array");
+  const bool f32 = x.dtype().kind() == 'f' && x.itemsize() == 4, f64 = x.dtype().kind() == 'f' && x.itemsize() == 8;
+  if (!f32 && !f64) throw py::value_error("x: expected float32 or float64");
+  const py::ssize_t n = x.shape(0), d = x.shape(1);
+  if (norms.ndim() != 2 || norms.shape(0) != n || norms.shape(1) != 3 || norms.dtype().kind() != 'f' ||
+      norms.itemsize() != 8 || !(norms.flags() & py::array::c_style) || !norms.writeable())
+    throw py::value_error("norms: expected a writeable C-contiguous (n, 3) float64 array");
+  double* o = static_cast<double*>(norms.mutable_data());
+  py::gil_scoped_release nogil;
+  return f32 ? row_norms_impl(static_cast<const float*>(x.data()), n, d, o)
+             : row_norms_impl(static_cast<const double*>(x.data()), n, d, o);
+}
+
+void normalize_cols(py::array x, py::array norms, int64_t c0, py::array out) {
+  if (x.ndim() != 2 || !(x.flags() & py::array::c_style)) throw py::value_error("x: expected a C-contiguous 2-D array");
+  const bool f32 = x.dtype().kind() == 'f' && x.itemsize() == 4, f64 = x.dtype().kind() == 'f' && x.itemsize() == 8;
+  if (!f32 && !f64) throw py::value_error("x: expected float32 or float64");
+  const py::ssize_t n = x.shape(0), d = x.shape(1);
+  if (norms.ndim() != 2 || norms.shape(0) != n || norms.shape(1) != 3 || norms.dtype().kind() != 'f' ||
+      norms.itemsize() != 8 || !(norms.flags() & py::array::c_style))
+    throw py::value_error("norms: expected a C-contiguous (n, 3) float64 array (row_norms)");
+  check_c2d(out, "out", n, -1, 'f', 4);
+  if (!out.writeable()) throw py::value_error("out must be writeable");
+  if (c0 < 0) throw py::value_error("c0 must be >= 0");
+  const py::ssize_t w = out.shape(1);
+  float* o = static_cast<float*>(out.mutable_data());
+  const double* r = static_cast<const double*>(norms.data());
+  py::gil_scoped_release nogil;
+  if (f32) normalize_cols_impl(static_cast<const float*>(x.data()), n, d, r, c0, o, w);
+  else normalize_cols_impl(static_cast<const double*>(x.data()), n, d, r, c0, o, w);
 }
 
 int64_t normalize_rows(py::array x, py::array out) {
@@ -1593,6 +1679,12 @@ void register_topk(py::module_& m) {
   m.def("normalize_rows", &normalize_rows, py::arg("x"), py::arg("out"),
         "L2-normalise the rows of x (n, d) float32/float64 into out (n, dp >= d) float32 (float64 norm and\n"
         "division, rounded once; padding columns zero). Returns the first all-zero row, or -1. GIL released.");
+  m.def("row_norms", &row_norms, py::arg("x"), py::arg("norms"),
+        "Per row of x (n, d) float32/float64, the L2 norm and the two power-of-two factors normalize_rows\n"
+        "applies, into norms (n, 3) float64. Returns the first all-zero row, or -1. GIL released.");
+  m.def("normalize_cols", &normalize_cols, py::arg("x"), py::arg("norms"), py::arg("c0"), py::arg("out"),
+        "Columns [c0, c0 + w) of normalize_rows(x) into out (n, w) float32 (columns past d: 0), by the norms\n"
+        "of row_norms: bit for bit those columns of normalize_rows' output. GIL released.");
   m.def("topk_fused", &topk_fused, py::arg("q"), py::arg("t"), py::arg("row0"), py::arg("col0"),
         py::arg("self_offset"), py::arg("top_s"), py::arg("top_i"), py::arg("hist"), py::arg("classes"),
         py::arg("lo"), py::arg("hi"), py::arg("low"), py::arg("high"), py::arg("threads") = 0,

@@ -88,6 +88,7 @@ _Q_BLOCK_BYTES = 1 << 30
 #: 16384; 525 x 525 centred MNI slices of 176 x 208: 1.03-1.06 s against 0.63-0.68 s.
 _WIDE_DP = 1 << 14
 _WIDE_TILE = 256  # training rows per tile on that path (their 4096-column block: 4 MB)
+_WIDE_Q_ROWS = 4096  # synthetic rows per block on that path, at most (their 4096-column block: 64 MB)
 _CANON_BLOCK = 4096  # the canonical score's column block (kCanonBlock, csrc/topk.cpp)
 
 
@@ -304,8 +305,14 @@ def _check_set(x: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: embeddings have d=0 (shape {tuple(t.shape)})")
     if t.is_floating_point() and t.numel():
         # numpy on the host (single-threaded: no torch worker threads left spinning on the cores)
-        if t.device.type == "cpu":
-            bad = np.flatnonzero(~np.isfinite(_host_view(t)).all(axis=1))
+        if t.device.type == "cpu":  # (in chunks: a whole set's isfinite mask was n x d bytes, 763 MiB for 400
+            a = _host_view(t)        # rows of 2e6)
+            step = max(1, (1 << 22) // a.shape[1])
+            bad = np.zeros(0, dtype=np.int64)
+            for r0 in range(0, a.shape[0], step):
+                bad = r0 + np.flatnonzero(~np.isfinite(a[r0:r0 + step]).all(axis=1))
+                if bad.size:
+                    break
         else:
             bad = (~torch.isfinite(t).all(dim=1)).nonzero().flatten().cpu().numpy()
         if bad.size:
@@ -559,7 +566,11 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                                 "to write the dense matrix to")
     edges = hist_edges(bins)
     dp = -(-d // _PAD) * _PAD
-    T = _normalize(tt, "train", dp, dev)  # (before the empty case: an all-zero training row is an error there too)
+    # wide rows on the native engine: normalised a column block at a time as they are scored (_WideRows), not
+    # copied whole (a correlation audit of volumes holds its rows already: the copy doubled that)
+    wide = bk == "native" and dp >= _WIDE_DP and _raw_rows_ok(tt) and (ts is tt or _raw_rows_ok(ts))
+    # (normalised or checked before the empty case: an all-zero training row is an error there too)
+    T = _WideRows.of(tt, "train") if wide else _normalize(tt, "train", dp, dev)
     if n_synth == 0:
         matrix = None
         if out is not None:
@@ -570,7 +581,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                               (np.zeros(bins, np.int64), edges), dict.fromkeys(CLASS_NAMES, 0),
                               np.zeros(n_train, np.int64), (low, high), n_train, 0, k, matrix, bk)
     same = synth is train and self_offset == 0 and n_synth == n_train
-    if bk == "native" and not same:
+    if wide:
+        Q = T if same else _WideRows.of(ts, "synth")
+    elif bk == "native" and not same:
         # the synthetic rows are normalised a block at a time (_run_native): found to be all zero first
         zero = _first_zero_row(ts)
         if zero >= 0:
@@ -584,6 +597,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                      matrix=matrix)
         if bk == "native":
             rows = max(1, min(block or 65536, _Q_BLOCK_BYTES // (4 * dp)))
+            if wide:  # (a block's 4096-column slab, normalised: at most _WIDE_Q_ROWS x 16 KB)
+                return _run_native(Q.rows, n_synth, T, block=min(block or _WIDE_Q_ROWS, _WIDE_Q_ROWS),
+                                   tile=tile or 32768, **state)
             queries = (lambda a, b: Q.numpy()[a:b]) if Q is not None else (
                 lambda a, b: _normalize(ts[a:b], "synth", dp, dev, offset=a).numpy())
             return _run_native(queries, n_synth, T.numpy(), block=rows, tile=tile or 32768, **state)
@@ -661,7 +677,7 @@ def _run_native(queries: Any, ns: int, T: np.ndarray, *, k: int, low: float, hig
     indices = np.empty((ns, k), dtype=np.int64)
     hist = np.zeros(bins, dtype=np.int64)
     cls = np.zeros(3, dtype=np.int64)
-    wide = T.shape[1] >= _WIDE_DP
+    wide = isinstance(T, _WideRows) or T.shape[1] >= _WIDE_DP
     step = min(tile, _WIDE_TILE) if wide else tile
     with _progress(ns * nt, progress, "all_pairs[native]") as bar:
         for b0 in range(0, ns, block):
@@ -671,7 +687,7 @@ def _run_native(queries: Any, ns: int, T: np.ndarray, *, k: int, low: float, hig
             top_i = np.full((b1 - b0, k), _INT64_MAX, dtype=np.int64)
             for c0 in range(0, nt, step):
                 c1 = min(nt, c0 + step)
-                t = T[c0:c1]
+                t = T.rows(c0, c1) if isinstance(T, _WideRows) else T[c0:c1]
                 if wide:
                     sc = _wide_scores(q, t)
                     if matrix is not None:
@@ -695,14 +711,60 @@ def _wide_scores(q: np.ndarray, t: np.ndarray) -> np.ndarray:
     apart at d = 16384, took 4.0-4.2 s against 3.3-3.4 s for 2000 x 2000 rows.)"""
     from . import _native
 
-    m, n, dp = q.shape[0], t.shape[0], q.shape[1]
+    q, t = _WideRows.wrap(q), _WideRows.wrap(t)
+    m, n, dp = q.shape[0], t.shape[0], q.dp
     total = np.zeros((m, n), dtype=np.float64)
     part = np.empty((m, n), dtype=np.float32)
     for b in range(0, dp, _CANON_BLOCK):
         e = min(dp, b + _CANON_BLOCK)
-        _native.cosine_scores(np.ascontiguousarray(q[:, b:e]), np.ascontiguousarray(t[:, b:e]), part)
+        _native.cosine_scores(q.cols(b, e), t.cols(b, e), part)
         total += part
     return total.astype(np.float32)
+
+
+def _raw_rows_ok(t: torch.Tensor) -> bool:
+    """Whether the native extension can normalise ``t``'s rows a column block at a time in place: C-contiguous
+    float32 or float64 on the host (other dtypes and layouts are normalised whole, by _normalize)."""
+    return (t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous()
+            and _available("native"))
+
+
+class _WideRows:
+    """Rows of one set for the wide path, normalised on request a column block at a time: ``cols(b, e)`` is
+    bit for bit ``_normalize(set)[rows, b:e]`` (the native normaliser's norms, ``_native.row_norms``, computed
+    once; ``_native.normalize_cols`` writes the block), without the set's normalised copy. Wraps an array
+    that is already normalised and padded as well (``norms`` None)."""
+
+    def __init__(self, x: np.ndarray, norms: np.ndarray | None, dp: int):
+        self.x, self.norms, self.dp = x, norms, dp
+        self.shape = (x.shape[0], dp)
+
+    @classmethod
+    def of(cls, t: torch.Tensor, name: str) -> _WideRows:
+        from . import _native
+
+        x = _host_view(t)
+        norms = np.empty((x.shape[0], 3), dtype=np.float64)
+        zero = _native.row_norms(x, norms)
+        if zero >= 0:
+            raise _zero_row(name, zero)
+        return cls(x, norms, -(-x.shape[1] // _PAD) * _PAD)
+
+    @classmethod
+    def wrap(cls, a: Any) -> _WideRows:
+        return a if isinstance(a, _WideRows) else cls(a, None, a.shape[1])
+
+    def rows(self, a: int, b: int) -> _WideRows:
+        return _WideRows(self.x[a:b], None if self.norms is None else self.norms[a:b], self.dp)
+
+    def cols(self, b: int, e: int) -> np.ndarray:
+        if self.norms is None:
+            return np.ascontiguousarray(self.x[:, b:e])
+        from . import _native
+
+        out = np.empty((self.x.shape[0], e - b), dtype=np.float32)
+        _native.normalize_cols(self.x, self.norms, b, out)
+        return out
 
 
 def _fold_scores(s: np.ndarray, r0: int, c0: int, so: int, top_s: np.ndarray, top_i: np.ndarray,
