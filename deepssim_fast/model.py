@@ -72,7 +72,9 @@ import copy
 import json
 import logging
 import os
+import threading
 import warnings
+import weakref
 import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -899,8 +901,20 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
     arrays, _ = collect_images(images, policy=policy)
     cfg: ModelConfig = net.config
     dev = torch.device(device) if device is not None else _model_device(net)
+    # the model's own floating dtype (a .half() or float64 model, an fp16 TorchScript file): float32 input
+    # raised torch's "Input type and weight type should be the same"
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    lock = _model_lock(net)
+    lock.acquire()
     was_training = net.training
     net_dev = _model_device(net)
+    # A call that changes the model (train -> eval mode, another device) holds its lock to the end, so that
+    # another thread's call on the same model neither runs in train mode (BatchNorm on its batch's statistics,
+    # its running averages overwritten) nor restores it under this one; a model in eval mode on its device
+    # is only read, by any number of threads at once.
+    if not was_training and net_dev == dev:
+        lock.release()
+        lock = None
     if net_dev != dev:
         net.to(dev)
     net.eval()
@@ -910,7 +924,7 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
         with torch.no_grad():
             bar = tqdm(total=len(arrays), desc="embed", unit="img", disable=None if progress else True)
             for s in range(0, len(arrays), batch_size):
-                x = preprocess(arrays[s:s + batch_size], cfg).to(dev)
+                x = preprocess(arrays[s:s + batch_size], cfg).to(dev, dtype)
                 # a batch of one runs as two copies: CPU convolutions take another code path for a single
                 # image, whose embeddings differ in the last bits (1.4e-7) from the same image's in any larger
                 # batch, so an image embedded alone (a changed file, a resume) would not match a fresh run
@@ -931,7 +945,22 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
         net.train(was_training)
         if net_dev != dev:
             net.to(net_dev)
+        if lock is not None:
+            lock.release()
     return out
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(net: nn.Module) -> threading.Lock:
+    """One lock per model object (see :func:`embed`)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(net)
+        if lock is None:
+            lock = _MODEL_LOCKS[net] = threading.Lock()
+        return lock
 
 
 def _resize_out(out: np.ndarray, dim: int, filled: int) -> np.ndarray:

@@ -630,3 +630,43 @@ def test_bfloat16_tensors_embed_as_their_float32_values(small_model, real_images
     got, _ = embed_volume(vol, small_model, policy=pol, progress=False)
     ref, _ = embed_volume(vol.float(), small_model, policy=pol, progress=False)
     _assert_close(got, ref, 1e-6, "bf16 volume")
+
+
+def test_models_of_other_dtypes_embed(tmp_path, small_model, real_images) -> None:
+    """A .half(), .bfloat16() or float64 model (and an fp16 TorchScript file) failed in embed with torch's
+    'Input type (torch.FloatTensor) and weight type (...) should be the same': the input is now cast to the
+    model's dtype, the embeddings come back float32, within that dtype's rounding of the float32 model's."""
+    import copy
+
+    want = embed(real_images[:4], small_model, progress=False)
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
+        m = copy.deepcopy(small_model).to(dtype)
+        got = embed(real_images[:4], m, progress=False)
+        assert got.dtype == np.float32
+        _assert_close(got, want, tol, str(dtype))
+        assert next(m.parameters()).dtype == dtype  # the model is left as it was
+    half = copy.deepcopy(small_model).half()
+    half.save_torchscript(tmp_path / "half.ts")
+    _assert_close(embed(real_images[:4], tmp_path / "half.ts", progress=False), want, 2e-3, "fp16 TorchScript")
+
+
+def test_threads_sharing_a_model_in_train_mode_get_eval_embeddings(real_images) -> None:
+    """embed switches a train-mode model to eval and back: threads sharing one (build_model returns it in train
+    mode) ran forwards in train mode under each other, BatchNorm on the batch's own statistics (embeddings
+    off by up to 0.19) and its running averages overwritten. A call that changes the model now holds the
+    model's lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = build_model("small", input_size=32)
+    assert model.training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    imgs = np.stack([fit_size(a, 32, "fit") for a in real_images[:12]])
+    ref = embed(imgs, model, batch_size=4, progress=False)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda _: embed(imgs, model, batch_size=4, progress=False), range(12)))
+    for o in outs:
+        np.testing.assert_array_equal(o, ref)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
