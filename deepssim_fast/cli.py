@@ -175,11 +175,32 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     return 0
 
 
+_RESUMED_OPTIONS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "val_fraction", "val_pairs", "val_every",
+                    "zoom_out")
+
+
+def _resumed_defaults(args: argparse.Namespace) -> None:
+    """Fill the train options not given: with --resume from the checkpoint's record of its run (a resume with
+    the command's defaults ran another run: --val-fraction 0.1 after 0.25 trained on the old validation images,
+    and without validation), else train()'s defaults."""
+    prev: dict = {}
+    if args.resume:
+        from .model import read_checkpoint
+
+        prev = read_checkpoint(args.resume).get("train_args") or {}
+    for name in _RESUMED_OPTIONS:
+        if getattr(args, name) is None:
+            value = prev.get(name, _train_default(name))
+            setattr(args, name, tuple(value) if name == "zoom_out" and value is not None else value)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .io import discover
     from .training import train
+
+    _resumed_defaults(args)
 
     model = train(
         discover(args.images),
@@ -432,18 +453,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None,
                    help="number of optimizer steps; overrides --epochs")
     t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    t.add_argument("--batch-size", type=int, default=32, help="image pairs per step (default 32)")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=_train_default("lr_schedule"),
-                   help="constant learning rate, or cosine decay to 0 over the run (default %(default)s)")
-    t.add_argument("--warmup-steps", type=int, default=_train_default("warmup_steps"), metavar="N",
-                   help="linear learning-rate warm-up over the first N steps (default %(default)s)")
-    t.add_argument("--val-fraction", type=float, default=_train_default("val_fraction"), metavar="F",
+    # (options of the run a checkpoint records: with --resume, those not given are the checkpoint's; see
+    # _resumed_defaults)
+    t.add_argument("--batch-size", type=int, default=None,
+                   help=f"image pairs per step (default {_train_default('batch_size')})")
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_train_default('lr')})")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                   help="constant learning rate, or cosine decay to 0 over the run (default "
+                   f"{_train_default('lr_schedule')})")
+    t.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="linear learning-rate warm-up over the first N steps (default "
+                   f"{_train_default('warmup_steps')})")
+    t.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="without --val, validate on this fraction of --images, chosen by --seed (default "
-                   "%(default)s; in [0, 1); fewer than 2 images means no validation and no best.pt)")
-    t.add_argument("--val-pairs", type=int, default=_train_default("val_pairs"), metavar="N",
-                   help="number of fixed validation pairs (default %(default)s)")
-    t.add_argument("--val-every", type=int, default=_train_default("val_every"), metavar="STEPS",
+                   f"{_train_default('val_fraction')}; in [0, 1); fewer than 2 images means no validation and no "
+                   "best.pt)")
+    t.add_argument("--val-pairs", type=int, default=None, metavar="N",
+                   help=f"number of fixed validation pairs (default {_train_default('val_pairs')})")
+    t.add_argument("--val-every", type=int, default=None, metavar="STEPS",
                    help="validate every this many steps (default: once per epoch, and at the end)")
     t.add_argument("--emb-dim", type=int, default=None, help="embedding size (default 256; with --resume the "
                    "checkpoint's)")
@@ -453,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "letterbox pad + resize")
     t.add_argument("--zoom-out", type=float, nargs="*", default=None, metavar="F",
                    help="zoom-out augmentation factors, e.g. 0.5 0.65 0.8 (off by default)")
-    t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt)")
+    t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt); the options of its "
+                   "run that are not given here (batch size, learning rate and schedule, validation, zoom-out) "
+                   "are taken from it")
     t.add_argument("--seed", type=int, default=42, help="seed of the weights, pairs and split (default 42)")
     t.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     t.add_argument("--strict", action="store_true",

@@ -795,10 +795,17 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     steps_per_epoch = max(1, math.ceil(n_train / batch_size))
     total = int(max_steps) if max_steps is not None else steps_per_epoch * int(epochs)
     every = int(val_every) if val_every else steps_per_epoch
+    validation = "pairs_csv" if val_list is not None else "val_images" if val_images is not None else "split"
+
     def _train_args() -> dict:
+        # (what a resume compares, and `deepssim-fast train --resume` takes for the options it is not given; the
+        # validation settings too: a resume with another val_fraction trained on other images, unwarned)
         return {"batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
                 "lr_schedule": lr_schedule, "warmup_steps": int(warmup_steps), "total_steps": int(total),
-                "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out]}
+                "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out],
+                "validation": validation, "val_fraction": float(val_fraction), "val_pairs": int(val_pairs),
+                "val_every": int(val_every) if val_every else None, "augment": bool(augment),
+                "grad_clip": float(grad_clip)}
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -809,6 +816,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             g["weight_decay"] = float(weight_decay)
         step = int(ck["step"])
         best_val = ck.get("best_val")
+        if val_set is None and best_val is not None:
+            # its best.pt was chosen on a validation this run does not have: the last weights are returned, as
+            # the warning above says (the earlier best.pt had been returned)
+            logger.warning("resuming %s without validation, where its run validated: the last weights are "
+                           "returned, not its best.pt", resume)
+            best_val = None
         logger.info("resumed from %s at step %d", resume, step)
         changed = _changed_train_args(ck.get("train_args") or {}, _train_args())
         if changed:

@@ -606,6 +606,37 @@ def test_train_command_leaves_unreadable_files_out_unless_strict(
     assert not (tmp_path / "b" / "last.pt").exists()
 
 
+def test_train_command_resumes_with_its_run_settings(folders: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A run with --val-fraction 0.5 resumed with only --resume took the command's default 0.1: the validation
+    images trained, validation stopped (7 images), no warning, and the pre-resume best.pt came back as the
+    result. The options not given are now the checkpoint's, so the resumed run's log equals an uninterrupted
+    run's row for row; and a resume that does change them is warned about."""
+    base = ["--images", str(folders["train"]), "--backbone", "small", "--emb-dim", "8", "--input-size", "32",
+            "-q", "--seed", "3"]
+    run = ["--batch-size", "2", "--val-fraction", "0.5", "--val-pairs", "4", "--val-every", "1", "--lr", "0.002"]
+    assert main(["train", *base, *run, "--out", str(tmp_path / "full"), "--max-steps", "4"]) == 0
+    assert main(["train", *base, *run, "--out", str(tmp_path / "part"), "--max-steps", "2"]) == 0
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        assert main(["train", *base, "--out", str(tmp_path / "part"), "--max-steps", "4",
+                     "--resume", str(tmp_path / "part" / "last.pt")]) == 0, capsys.readouterr().err
+    assert "other settings" not in caplog.text
+    logs = []
+    for name in ("full", "part"):
+        with open(tmp_path / name / "log.csv", newline="") as f:
+            logs.append([(r["step"], r["loss"], r["val_loss"], r["lr"]) for r in csv.DictReader(f)])
+    assert logs[0] == logs[1] and len(logs[0]) == 4 and all(r[2] for r in logs[0])
+    # given, another setting is used and named
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        assert main(["train", *base, "--out", str(tmp_path / "part"), "--max-steps", "5", "--val-fraction", "0.1",
+                     "--resume", str(tmp_path / "part" / "last.pt")]) == 0
+    assert "val_fraction 0.5 -> 0.1" in caplog.text
+    assert "without validation" in caplog.text  # 0.1 of 7 images validates none: the last weights come back
+    assert "checkpoint: " in capsys.readouterr().out
+
+
 def test_train_command_has_the_validation_and_schedule_options(
     folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -615,8 +646,11 @@ def test_train_command_has_the_validation_and_schedule_options(
 
     from deepssim_fast.training import train
 
+    from deepssim_fast.cli import _resumed_defaults
+
     args = build_parser().parse_args(["train", "--images", "x", "--out", "y"])
-    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule", "warmup_steps"):
+    _resumed_defaults(args)  # (what the command does first: no --resume, so train()'s defaults)
+    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule", "warmup_steps", "batch_size", "lr"):
         assert getattr(args, name) == inspect.signature(train).parameters[name].default, name
     out = tmp_path / "enc"
     # 7 images: the default val_fraction 0.1 holds out none (no best.pt); 0.5 holds out 4, so 3 train and
