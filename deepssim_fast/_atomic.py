@@ -20,13 +20,39 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+_TMP_EXTRA = 14  # what a temporary name adds to its stem: "." + "." + 8 hex digits + ".tmp"
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _temp_stem(folder: Path, name: str) -> str:
+    """The part of ``name`` a temporary name beside it carries: ``name`` itself, or, for a name within
+    ``_TMP_EXTRA`` bytes of the folder's limit (NAME_MAX, 255 on most file systems; such a name could be
+    written, but never through a temporary file), its start and a hash of the whole."""
+    limit = _name_max(folder) - _TMP_EXTRA
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    import hashlib
+
+    tag = "~" + hashlib.sha1(raw).hexdigest()[:8]
+    keep = raw[: max(1, limit - len(tag))]
+    return os.fsdecode(keep.decode("utf-8", "ignore").encode("utf-8") if keep else b"x") + tag
+
+
 def _create_temporary(p: Path) -> tuple[Path, int]:
     """A new empty file ``.<name>.<random>.tmp`` beside ``p`` and its descriptor, open for writing, created
     with mode 0o666 less the umask (as ``open(p, "w")`` would create ``p``: the kernel applies the umask, so
-    it is never read or changed)."""
+    it is never read or changed). ``<name>``: see :func:`_temp_stem`."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    stem = _temp_stem(p.parent, p.name)
     for _ in range(100):
-        tmp = p.parent / f".{p.name}.{secrets.token_hex(4)}.tmp"
+        tmp = p.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
         try:
             return tmp, os.open(tmp, flags, 0o666)
         except FileExistsError:
@@ -52,7 +78,10 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     file, as a write to a full disk raises, or the temporary file, is raised again naming ``path``)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _create_temporary(p)
+    try:
+        tmp, fd = _create_temporary(p)
+    except OSError as exc:  # (the folder is not writable, ...: name the file asked for, not a temporary name)
+        raise type(exc)(exc.errno, exc.strerror, str(p)) from exc
     try:
         yield tmp, fd
         _replace(tmp, p)
@@ -158,7 +187,7 @@ def remove_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = 
     d = Path(folder)
     gone = []
     if d.is_dir():
-        patterns = [".*.tmp"] if names is None else [f".{glob.escape(n)}.*.tmp" for n in names]
+        patterns = [".*.tmp"] if names is None else [f".{glob.escape(_temp_stem(d, n))}.*.tmp" for n in names]
         cutoff = None if older_than is None else time.time() - older_than
         for pattern in patterns:
             for f in d.glob(pattern):

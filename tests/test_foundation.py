@@ -355,6 +355,37 @@ def test_atomic_write_errors_name_the_file(tmp_path):
     assert ei.value.filename == other + "/x"
 
 
+def test_atomic_write_takes_names_up_to_the_file_system_limit(tmp_path):
+    """The temporary name adds 14 bytes to the file's: a legal name of 242-255 bytes could never be written
+    ("File name too long", naming the temporary file). Such names get a shortened temporary name, which
+    remove_temporaries still finds by the file's name; a folder that cannot be written names the file."""
+    import errno
+
+    from deepssim_fast._atomic import _create_temporary, atomic_write_bytes, remove_temporaries
+
+    for name in ("r" * 251 + ".npz", "ü" * 120 + ".npy", "a" * 241 + ".bin"):
+        p = tmp_path / name
+        assert len(os.fsencode(name)) <= 255
+        atomic_write_bytes(p, b"data")
+        assert p.read_bytes() == b"data" and sorted(tmp_path.iterdir()) == [p]
+        tmp, fd = _create_temporary(p)  # a killed write's leftover: removed by the file's name
+        os.close(fd)
+        assert len(os.fsencode(tmp.name)) <= 255
+        assert remove_temporaries(tmp_path, [name]) == [tmp]
+        p.unlink()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # (root writes anywhere)
+            return
+        with pytest.raises(PermissionError) as ei:
+            atomic_write_bytes(ro / "x.bin", b"data")
+        assert ei.value.errno == errno.EACCES and ei.value.filename == str(ro / "x.bin")
+    finally:
+        ro.chmod(0o700)
+
+
 def test_memmap_outputs_reserve_their_blocks_so_a_full_disk_is_an_error(tmp_path, monkeypatch):
     """A memmap's file is created sparse: on a disk too full for it, writing the mapped pages killed the process
     with SIGBUS ("Bus error", exit 135, no message, a temporary file left behind): the audit's pixel stores,
