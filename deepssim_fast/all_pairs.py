@@ -211,7 +211,20 @@ class AllPairsResult:
             train_offsets = np.cumsum([0] + [p.n_train for p in parts[:-1]]).tolist()
         if len(train_offsets) != len(parts):
             raise ValueError(f"merge: {len(train_offsets)} train_offsets for {len(parts)} parts")
-        n_train = max(int(o) + p.n_train for o, p in zip(train_offsets, parts, strict=True))
+        # the shards must tile 0 .. n_train - 1: overlapping ones put one training row twice in a top-k, a gap
+        # left rows unaccounted for, a negative offset failed as an "internal error"
+        spans = sorted((int(o), int(o) + p.n_train, i) for i, (o, p) in enumerate(zip(train_offsets, parts,
+                                                                                     strict=True)))
+        end = 0
+        for a, b, i in spans:
+            if a < 0:
+                raise ValueError(f"merge(axis='train'): train_offsets[{i}]={a} is negative")
+            if a != end:
+                raise ValueError(f"merge(axis='train'): the parts must cover consecutive training rows from 0; part "
+                                 f"{i} starts at train_offsets[{i}]={a}, where "
+                                 + (f"row {end} is next" if a > end else f"rows {a}..{end - 1} are another part's"))
+            end = b
+        n_train = end
         cs = np.concatenate([p.scores for p in parts], axis=1)
         ci = np.concatenate([p.indices + int(o) for o, p in zip(train_offsets, parts, strict=True)], axis=1)
         scores, indices = _select_sorted(cs, ci, k)
@@ -236,15 +249,28 @@ class AllPairsResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AllPairsResult:
-        """Read a result written by :meth:`save`."""
-        with np.load(Path(path), allow_pickle=False) as z:
-            n_train, n_synth, k = (int(v) for v in z["sizes"])
-            cc = z["class_counts"]
-            return cls(scores=z["scores"], indices=z["indices"],
-                       histogram=(z["hist_counts"], z["hist_edges"]),
-                       class_counts={c: int(v) for c, v in zip(CLASS_NAMES, cc, strict=True)},
-                       train_hits=z["train_hits"], thresholds=tuple(float(v) for v in z["thresholds"]),
-                       n_train=n_train, n_synth=n_synth, k=k, backend=str(z["backend"]))
+        """Read a result written by :meth:`save`; any other file (or a damaged one) is a ValueError naming it."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file (a result written by AllPairsResult.save)")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                n_train, n_synth, k = (int(v) for v in z["sizes"])
+                cc = z["class_counts"]
+                r = cls(scores=z["scores"], indices=z["indices"],
+                        histogram=(z["hist_counts"], z["hist_edges"]),
+                        class_counts={c: int(v) for c, v in zip(CLASS_NAMES, cc, strict=True)},
+                        train_hits=z["train_hits"], thresholds=tuple(float(v) for v in z["thresholds"]),
+                        n_train=n_train, n_synth=n_synth, k=k, backend=str(z["backend"]))
+        except Exception as exc:  # noqa: BLE001 - numpy and zipfile raise many types for foreign/damaged files
+            raise ValueError(f"{p}: not a result written by AllPairsResult.save, or damaged "
+                             f"({type(exc).__name__}: {exc})") from exc
+        bins = len(r.histogram[0])
+        if (r.scores.shape != (n_synth, k) or r.indices.shape != (n_synth, k) or r.train_hits.shape != (n_train,)
+                or r.histogram[1].shape != (bins + 1,) or len(r.thresholds) != 2):
+            raise ValueError(f"{p}: inconsistent saved result (sizes n_train={n_train}, n_synth={n_synth}, k={k}; "
+                             f"scores {r.scores.shape}, indices {r.indices.shape}, train_hits {r.train_hits.shape})")
+        return r
 
 
 def _joint_backend(parts: Sequence[AllPairsResult]) -> str:

@@ -484,6 +484,44 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
     np.testing.assert_array_equal(back.histogram[1], r.histogram[1])
 
 
+def test_load_of_a_foreign_or_damaged_file_names_it(tmp_path):
+    """load raised numpy's and zipfile's own errors ('contains pickled data', 'File is not a zip file', a
+    KeyError 'sizes', a context-manager TypeError for a .npy), none naming the file; a file whose arrays
+    disagree with its sizes loaded without complaint."""
+    r = all_pairs(_rand(20, 6, SEED + 14), _rand(5, 6, SEED + 15), k=2, progress=False)
+    good = r.save(tmp_path / "good.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:200])
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with np.load(good) as z:
+        parts = dict(z)
+    parts["scores"] = parts["scores"][:3]
+    np.savez(tmp_path / "short.npz", **parts)
+    for name in ("text.npz", "empty.npz", "cut.npz", "arr.npy", "other.npz", "short.npz"):
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
+            AllPairsResult.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        AllPairsResult.load(tmp_path / "missing.npz")
+    assert AllPairsResult.load(good) == r
+
+
+def test_merge_of_train_shards_checks_their_offsets():
+    """Overlapping offsets ([0, 10] for parts of 15 rows) gave n_train=25 silently, equal ones a training row
+    twice in a top-k, a gap went unnoticed, a negative offset failed as an 'internal error'."""
+    train, synth = _rand(30, 8, SEED + 16), _rand(6, 8, SEED + 17)
+    a = all_pairs(train[:15], synth, k=3, progress=False)
+    b = all_pairs(train[15:], synth, k=3, progress=False)
+    assert AllPairsResult.merge([a, b], axis="train") == all_pairs(train, synth, k=3, progress=False)
+    assert AllPairsResult.merge([b, a], axis="train", train_offsets=[15, 0]) == all_pairs(train, synth, k=3,
+                                                                                        progress=False)
+    for offsets, what in (([0, 10], "rows 10..14 are another part's"), ([15, 15], "row 0 is next"),
+                          ([0, 20], "row 15 is next"), ([-5, 15], "train_offsets[0]=-5 is negative")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            AllPairsResult.merge([a, b], axis="train", train_offsets=offsets)
+
+
 def test_dense_and_memmap_out(tmp_path):
     train = _rand(130, 17, SEED + 12)
     synth = _rand(41, 17, SEED + 13)
