@@ -165,8 +165,10 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
     """The shards of one run, synthetic-major (all training blocks of synthetic shard 0 first).
 
     Training blocks hold at least ``k`` candidates (``k + 1`` in self mode): a short last block joins the
-    previous one. In self mode training blocks are whole multiples of ``shard_size`` (rounded up), so a
-    synthetic shard is either inside a training block (``self_offset`` set) or disjoint from it.
+    previous one. In self mode training blocks are whole multiples of ``shard_size`` (rounded down, at least
+    one), so a synthetic shard is either inside a training block (``self_offset`` set) or disjoint from it.
+    (Rounded up, a block of 2443 rows asked for by the memory budget became 4096, which held the whole
+    3000-row set: the budget was ignored.)
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -174,7 +176,7 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
         raise ValueError(f"train_shard_size must be >= 1, got {train_shard_size}")
     tsize = n_train if train_shard_size is None else min(train_shard_size, n_train)
     if self_mode and tsize < n_train:
-        tsize = min(n_train, math.ceil(tsize / shard_size) * shard_size)
+        tsize = min(n_train, max(shard_size, tsize // shard_size * shard_size))
     need = k + 1 if self_mode else k
     if tsize < need:
         raise ValueError(f"train_shard_size={train_shard_size} leaves training blocks with fewer than {need} "
@@ -622,7 +624,7 @@ def _auto_train_shard_size(client: Client, train: np.ndarray, min_rows: int) -> 
     if train.nbytes <= budget:
         return None
     rows = max(min_rows, int(budget // (train.itemsize * train.shape[1])))
-    logger.info("training set (%.1f MiB) exceeds %.1f MiB per worker: training blocks of %d rows",
+    logger.info("training set (%.1f MiB) exceeds %.1f MiB per worker: training blocks of at most %d rows",
                 train.nbytes / 2**20, budget / 2**20, rows)
     return rows
 
@@ -750,6 +752,10 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                     train_shard_size = saved
         shards = plan_shards(n_synth, n_train, k=k, shard_size=int(shard_size),
                              train_shard_size=train_shard_size, self_mode=self_mode)
+        tblocks = sorted({(s.t0, s.t1) for s in shards})
+        if len(tblocks) > 1:
+            logger.info("%d training blocks of %s rows", len(tblocks),
+                        "/".join(str(n) for n in sorted({b - a for a, b in tblocks}, reverse=True)))
         ckpt = None
         fold = _Fold(shards, AllPairsResult)
         if checkpoint_dir is not None:

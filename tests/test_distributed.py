@@ -104,7 +104,7 @@ def _healthy(client, n: int = 2) -> None:
 # --------------------------------------------------------------------------------------------- plan
 @pytest.mark.parametrize("n_synth,n_train,shard,tshard,self_mode,k", [
     (1, 1, 1, None, False, 1), (7, 9, 2, 4, False, 3), (57, 57, 5, 11, True, 4), (100, 100, 100, 30, True, 1),
-    (33, 1000, 7, 333, False, 5), (64, 64, 16, 16, True, 15)])
+    (33, 1000, 7, 333, False, 5), (64, 64, 16, 16, True, 15), (3000, 3000, 2048, 2443, True, 5)])
 def test_plan_covers_every_pair_once(n_synth, n_train, shard, tshard, self_mode, k):
     shards = dd.plan_shards(n_synth, n_train, k=k, shard_size=shard, train_shard_size=tshard,
                             self_mode=self_mode)
@@ -118,6 +118,20 @@ def test_plan_covers_every_pair_once(n_synth, n_train, shard, tshard, self_mode,
             assert s.s1 <= s.t0 or s.s0 >= s.t1  # disjoint
     assert (cover == 1).all()
     assert [s.sindex for s in shards] == sorted(s.sindex for s in shards)
+
+
+def test_self_mode_training_blocks_stay_within_the_rows_asked_for():
+    """Self-mode blocks are whole synthetic shards: rounded up, the 2443 rows a worker's memory budget allowed
+    became 4096 and one block held the whole 3000-row set. They are rounded down now (at least one shard)."""
+    blocks = sorted({(s.t0, s.t1) for s in dd.plan_shards(3000, 3000, k=5, shard_size=2048, train_shard_size=2443,
+                                                          self_mode=True)})
+    assert blocks == [(0, 2048), (2048, 3000)]
+    blocks = sorted({(s.t0, s.t1) for s in dd.plan_shards(57, 57, k=4, shard_size=5, train_shard_size=11,
+                                                          self_mode=True)})
+    assert max(b - a for a, b in blocks) <= 11 and all(a % 5 == 0 for a, _ in blocks)
+    blocks = sorted({(s.t0, s.t1) for s in dd.plan_shards(57, 57, k=4, shard_size=20, train_shard_size=11,
+                                                          self_mode=True)})
+    assert blocks[0] == (0, 20)  # (a shard is the least a block holds)
 
 
 def test_plan_rejects_blocks_smaller_than_k():
@@ -164,7 +178,8 @@ def test_training_set_too_large_for_a_worker_is_sharded(client, emb, monkeypatch
     want = all_pairs(emb["train"], emb["synth"], k=3, progress=False)
     with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
         got = dd.all_pairs_distributed(emb["train"], emb["synth"], k=3, scheduler=client, progress=False)
-    assert any("training blocks of 40 rows" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("training blocks of at most 40 rows" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("4 training blocks of 40/23 rows" in r.getMessage() for r in caplog.records), caplog.text
     assert_same(got, want)
 
 
