@@ -251,6 +251,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .io import discover, iter_slices
     from .model import embed, load_model
 
+    if args.batch_size < 1:  # (before the images are read)
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     skipped: list = []
     slices = list(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped))
     if not slices:

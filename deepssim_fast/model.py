@@ -928,7 +928,12 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
                 # a batch of one runs as two copies: CPU convolutions take another code path for a single
                 # image, whose embeddings differ in the last bits (1.4e-7) from the same image's in any larger
                 # batch, so an image embedded alone (a changed file, a resume) would not match a fresh run
-                e = (net(torch.cat([x, x]))[:1] if x.shape[0] == 1 else net(x)).float()
+                e = net(torch.cat([x, x])) if x.shape[0] == 1 else net(x)
+                if not isinstance(e, torch.Tensor):  # (a foreign model returning a tuple or dict failed with an
+                    raise ValueError(                 # AttributeError on .float())
+                        f"model returned a {type(e).__name__}, not a tensor of embeddings (batch, emb_dim); wrap "
+                        "it so that forward returns the embedding tensor alone")
+                e = (e[:1] if x.shape[0] == 1 else e).float()
                 if e.dim() != 2 or e.shape[0] != x.shape[0]:
                     raise ValueError(f"model returned shape {tuple(e.shape)} for a batch of {x.shape[0]}; "
                                      f"expected (batch, emb_dim)")

@@ -356,13 +356,23 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
         raise FileNotFoundError(f"pairs CSV {p}: no such file")
     idx, ambiguous = _key_index(pool)
     out: dict[str, list[tuple[int, int, float]]] = {}
-    with open(p, newline="", encoding="utf-8-sig") as f:  # (-sig: a CSV saved by Excel starts with a BOM)
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # (-sig: a CSV saved by Excel starts with a BOM)
+    except UnicodeDecodeError as exc:  # (was a bare UnicodeDecodeError naming neither the file nor the line)
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"pairs CSV {p} line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save it as "
+                         "UTF-8 (Excel: 'CSV UTF-8')") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         need = {"real_key", "synth_key", "ssim", "split"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise ValueError(f"pairs CSV {p}: expected columns {sorted(need)}, got {reader.fieldnames}")
         for row in reader:
             row_no = reader.line_num  # (the file's line: blank lines, which the reader skips, count too)
+            if row.get(None):  # (a row longer than the header: DictReader puts the extra fields under None)
+                raise ValueError(f"pairs CSV {p} line {row_no}: {len(reader.fieldnames) + len(row[None])} fields, "
+                                 f"the header has {len(reader.fieldnames)} ({reader.fieldnames})")
             absent = [c for c in ("real_key", "synth_key", "ssim", "split") if row[c] is None]
             if absent:  # (a row shorter than the header: DictReader fills the missing fields with None)
                 raise ValueError(f"pairs CSV {p} line {row_no}: no value for {', '.join(absent)} "
@@ -388,6 +398,10 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
             out.setdefault(split, []).append((idx[a], idx[b], s))
     if not out.get("train"):
         raise ValueError(f"pairs CSV {p}: no rows with split == 'train'")
+    other = {k: len(v) for k, v in out.items() if k not in ("train", "val")}
+    if other:  # (rows of other splits, the reference's test pairs, say, were left out without a word)
+        logger.info("pairs CSV %s: %s left out (training uses split 'train' and validates on 'val')", p,
+                    ", ".join(f"{n} row(s) of split {k!r}" for k, n in sorted(other.items())))
     return out
 
 
@@ -695,6 +709,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    zoom_out = _check_zoom(zoom_out)  # (before the images are read: --zoom-out 1.5 failed only after that)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out={str(out_dir)!r} is an existing file; out is the directory for "
@@ -737,7 +752,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     skipped: list = []
     pool = make_pool(images, config, policy=policy, strict=strict, skipped=skipped)
     if pool.images.shape[0] < 2:
-        raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}")
+        why = (f" ({len(skipped)} file(s) left out as unreadable, e.g. {skipped[0][0]}: {skipped[0][1]})"
+               if skipped else "")
+        raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}{why}")
     csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None
     if csv_pairs is not None:
         _log_csv_ssim_agreement(pairs_csv, csv_pairs, pool)
@@ -778,7 +795,6 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
                                "best.pt; every image trains and the last weights are returned (give "
                                "val_images= or more images)", va.size, val_fraction, pool.images.shape[0])
-    zoom_out = _check_zoom(zoom_out)
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
                           pairs=sampler_pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)

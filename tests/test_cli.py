@@ -875,3 +875,11 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(monkeypatch: pytest.Monk
         rc = None
     assert rc == 130
     assert capsys.readouterr().err.strip() == "deepssim-fast doctor: interrupted"
+
+
+def test_embed_batch_size_is_checked_before_the_images_are_read(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """embed --batch-size 0 was refused only after every image had been read."""
+    assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "e.npy"), "--batch-size", "0"]) == 2
+    assert "--batch-size must be a positive integer" in capsys.readouterr().err

@@ -670,3 +670,21 @@ def test_threads_sharing_a_model_in_train_mode_get_eval_embeddings(real_images) 
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_model_that_returns_a_tuple_is_named(tmp_path, real_images) -> None:
+    """A foreign TorchScript whose forward returns (embedding, features) failed in embed with
+    "AttributeError: 'tuple' object has no attribute 'float'"."""
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = self.conv(x)
+            return f.mean(dim=(2, 3)), f
+
+    torch.jit.script(Two().eval()).save(str(tmp_path / "two.ts"))
+    model = load_model(tmp_path / "two.ts", input_size=32)
+    with pytest.raises(ValueError, match="model returned a tuple, not a tensor of embeddings"):
+        embed(real_images[:2], model, progress=False)

@@ -454,6 +454,29 @@ def test_pairs_csv_errors_name_the_line_of_the_file(tmp_path) -> None:
         read_pairs_csv(r, pool)
 
 
+def test_pairs_csv_encoding_extra_fields_and_other_splits_are_named(tmp_path, caplog) -> None:
+    """A Latin-1 file raised a bare UnicodeDecodeError naming neither file nor line; a row with more fields
+    than the header was read as if it had none extra; rows of other splits (the reference's test pairs) were
+    dropped without a word."""
+    from deepssim_fast.training import ImagePool, read_pairs_csv
+
+    pool = ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
+                     [0, 1, 2, 3])
+    p = tmp_path / "latin.csv"
+    p.write_bytes("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,tr\xe9in\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv line 3: not UTF-8 text \(byte 0xe9\)"):
+        read_pairs_csv(p, pool)
+    q = tmp_path / "long.csv"
+    q.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,train,extra\n")
+    with pytest.raises(ValueError, match=r"long.csv line 3: 5 fields, the header has 4"):
+        read_pairs_csv(q, pool)
+    r = tmp_path / "test.csv"
+    r.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,test\ns1,s3,0.4,test\n")
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.training"):
+        out = read_pairs_csv(r, pool)
+    assert out["train"] == [(0, 1, 0.5)] and "2 row(s) of split 'test' left out" in caplog.text
+
+
 def test_pairs_csv_key_that_names_two_images_is_said_to_be_ambiguous(tmp_path) -> None:
     """Numbered files (0.npy ... 11.npy, listed 0, 1, 10, 11, 2, ...): the key '2' is the stem of 2.npy and
     the list position of 10.npy. Such keys were dropped as ambiguous and then reported as matching NO image,
@@ -697,3 +720,11 @@ def test_validation_pairs_from_a_csv_are_each_validated_once(mni_slices) -> None
     more = fixed_pairs(pool, 7, 42, pairs=val, augment=False)  # more pairs than rows: in turn
     np.testing.assert_array_equal(more.a[5].numpy(), pool.images[0])
     np.testing.assert_array_equal(more.b[6].numpy(), pool.images[3])
+
+
+def test_bad_zoom_out_is_named_before_the_images_are_read(tmp_path) -> None:
+    """--zoom-out 1.5 was refused only after every image had been read (minutes on a large folder)."""
+    from deepssim_fast.training import train
+
+    with pytest.raises(ValueError, match="zoom"):
+        train(str(tmp_path / "no_such_folder"), backbone="small", max_steps=1, zoom_out=(1.5,), progress=False)
