@@ -684,7 +684,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     strict:       paths: an unreadable file (or one with NaN/Inf values) aborts with its name; by default it is
                   logged as a warning and left out, as the audit leaves it out (``model.skipped`` lists them).
 
-    The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv``),
+    The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv`` this call
+    wrote: after a resume, log.csv also holds the earlier run's),
     ``model.best_val`` (lowest validation loss, or None) and ``model.skipped`` (``(path, reason)`` of the
     files left out).
     """

@@ -134,6 +134,17 @@ def test_self_mode_training_blocks_stay_within_the_rows_asked_for():
     assert blocks[0] == (0, 20)  # (a shard is the least a block holds)
 
 
+def test_an_unknown_backend_is_refused_before_a_cluster_starts(monkeypatch):
+    """backend='bogus' with workers= was refused on a worker, after the cluster had started."""
+    def no_cluster(*a, **kw):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(dd, "cluster_client", no_cluster)
+    tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="backend 'bogus' is not supported"):
+        dd.all_pairs_distributed(tr, tr[:5], k=2, workers=2, backend="bogus")
+
+
 def test_plan_rejects_blocks_smaller_than_k():
     with pytest.raises(ValueError, match="fewer than 6 rows"):
         dd.plan_shards(10, 100, k=6, shard_size=5, train_shard_size=4, self_mode=False)
