@@ -61,6 +61,7 @@ import torch
 
 from ._arrays import to_torch
 from ._atomic import atomic_write
+from .backends import BACKENDS
 from .backends import ENV_VAR as _BACKEND_ENV
 from .backends import BackendUnavailableError
 from .backends import available as _available
@@ -575,11 +576,11 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                                           f"(torch {torch.__version__}, CUDA build: "
                                           f"{torch.version.cuda or 'no'}); install a CUDA build of torch on "
                                           "a machine with an NVIDIA GPU, or use device='cpu'")
-        bk = _resolve(backend, [], supported=("native", "torch", "triton"))
+        bk = _resolve(backend, [], supported=BACKENDS)
         if dev.type == "cuda" and backend in (None, "auto") and os.environ.get(_BACKEND_ENV, "") in ("", "auto"):
             bk = "triton" if _available("triton") else "torch"
     else:
-        bk = _resolve(backend, [tt, ts], supported=("native", "torch", "triton"))
+        bk = _resolve(backend, [tt, ts], supported=BACKENDS)
         dev = tt.device if bk != "native" else torch.device("cpu")
         if bk == "triton":  # host data asked onto Triton: the GPU (or the interpreter's CPU)
             dev = _triton_device(torch.empty(0, device=dev)).device
@@ -954,12 +955,7 @@ def _self_mask(rows: int, cols: int, r0: int, c0: int, self_offset: int | None,
 def _merge_running(run_s: torch.Tensor, run_i: torch.Tensor, cand_s: torch.Tensor, cand_i: torch.Tensor,
                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k best of running + candidates per row: score descending, index ascending."""
-    s = torch.cat([run_s, cand_s], dim=1)
-    i = torch.cat([run_i, cand_i], dim=1)
-    o = torch.sort(i, dim=1, stable=True).indices
-    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
-    o = torch.sort(-s, dim=1, stable=True).indices[:, :k]
-    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+    return _select(torch.cat([run_s, cand_s], dim=1), torch.cat([run_i, cand_i], dim=1), k)
 
 
 _MM_LONG, _MM_BLOCK = 4096, 1024

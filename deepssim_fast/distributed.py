@@ -64,6 +64,7 @@ import numpy as np
 
 from ._arrays import to_numpy
 from ._atomic import atomic_write_bytes, remove_temporaries
+from .backends import BACKENDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -728,11 +729,10 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                             "precision": precision}
     if threads_per_task is not None and (isinstance(threads_per_task, bool) or int(threads_per_task) < 1):
         raise ValueError(f"threads_per_task must be a positive integer, got {threads_per_task!r}")
-    if backend not in (None, "auto", "native", "torch", "triton"):
+    if backend not in (None, "auto", *BACKENDS):
         # (the name is checked here, before a cluster starts: it was refused on a worker, after start-up; whether
         # it is available is the workers' matter, a GPU worker's Triton say)
-        raise ValueError(f"backend {backend!r} is not supported here; expected one of ('native', 'torch', 'triton') "
-                         "or 'auto'")
+        raise ValueError(f"backend {backend!r} is not supported here; expected one of {BACKENDS} or 'auto'")
     if n_synth == 0:  # nothing to distribute: the empty result, as one process gives it
         from .all_pairs import all_pairs
 

@@ -416,14 +416,21 @@ def test_pairs_csv_with_a_bom_and_a_hash_in_a_folder_name(tmp_path):
     assert [(a, b) for rows in pairs.values() for a, b, _ in rows] == [(0, 2)]
 
 
+def _four_images():
+    """A pool of four blank 8 x 8 images keyed /d/s0.npy#2:0 .. /d/s3.npy#2:0 (what the pairs-CSV tests read)."""
+    from deepssim_fast.training import ImagePool
+
+    return ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
+                     [0, 1, 2, 3])
+
+
 def test_pairs_csv_rows_with_missing_fields_are_named(tmp_path) -> None:
     """A row with fewer fields than the header (a truncated line, a row missing its split) crashed with a bare
     AttributeError ('NoneType' object has no attribute 'strip') or TypeError from float(None), naming neither
     the file nor the line."""
-    from deepssim_fast.training import ImagePool, read_pairs_csv
+    from deepssim_fast.training import read_pairs_csv
 
-    pool = ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
-                     [0, 1, 2, 3])
+    pool = _four_images()
     head = "real_key,synth_key,ssim,split\ns0,s1,0.5,train\n"
     for k, (row, missing) in enumerate((("s2,s3", "ssim, split"), ("s2", "synth_key, ssim, split"),
                                         ("s2,s3,0.4", "split"))):
@@ -436,10 +443,9 @@ def test_pairs_csv_rows_with_missing_fields_are_named(tmp_path) -> None:
 def test_pairs_csv_errors_name_the_line_of_the_file(tmp_path) -> None:
     """Errors named the row's position among the rows read plus one, not its line: blank lines (which the
     CSV reader skips) and a quoted field across lines put the named line before the bad one."""
-    from deepssim_fast.training import ImagePool, read_pairs_csv
+    from deepssim_fast.training import read_pairs_csv
 
-    pool = ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
-                     [0, 1, 2, 3])
+    pool = _four_images()
     p = tmp_path / "blank.csv"
     p.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\n\n\ns2,nope,0.5,train\n")
     with pytest.raises(ValueError, match=r"blank.csv line 5: key 'nope' matches no image"):
@@ -458,10 +464,9 @@ def test_pairs_csv_encoding_extra_fields_and_other_splits_are_named(tmp_path, ca
     """A Latin-1 file raised a bare UnicodeDecodeError naming neither file nor line; a row with more fields
     than the header was read as if it had none extra; rows of other splits (the reference's test pairs) were
     dropped without a word."""
-    from deepssim_fast.training import ImagePool, read_pairs_csv
+    from deepssim_fast.training import read_pairs_csv
 
-    pool = ImagePool(np.zeros((4, 8, 8), np.float32), [f"/d/s{i}.npy#2:0" for i in range(4)], ["g"] * 4,
-                     [0, 1, 2, 3])
+    pool = _four_images()
     p = tmp_path / "latin.csv"
     p.write_bytes("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,tr\xe9in\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin.csv line 3: not UTF-8 text \(byte 0xe9\)"):
