@@ -915,12 +915,12 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
     if not was_training and net_dev == dev:
         lock.release()
         lock = None
-    if net_dev != dev:
-        net.to(dev)
-    net.eval()
     out = np.empty((len(arrays), cfg.emb_dim), dtype=np.float32) if arrays else np.zeros((0, cfg.emb_dim),
                                                                                           np.float32)
     try:
+        if net_dev != dev:  # (inside the try: a failed move still restores the model and releases its lock)
+            net.to(dev)
+        net.eval()
         with torch.no_grad():
             bar = tqdm(total=len(arrays), desc="embed", unit="img", disable=None if progress else True)
             for s in range(0, len(arrays), batch_size):
