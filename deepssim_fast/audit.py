@@ -2684,7 +2684,7 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
 def _warn_repeated_pairs(labels: Any, rows: Sequence[tuple], ti: Sequence[int], si: Sequence[int]) -> None:
     """A warning naming the lines of pairs labelled more than once (each row counts, so a pair labelled twice
     weighs twice, and one labelled two ways is both right and wrong); they were counted silently."""
-    lines: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    lines: dict[tuple[int, int], list[tuple[int, Any]]] = {}
     for (_, _, label, line), t, s_ in zip(rows, ti, si, strict=True):
         lines.setdefault((t, s_), []).append((line, label))
     repeated = [v for v in lines.values() if len(v) > 1]
