@@ -424,40 +424,36 @@ def _four_images():
                      [0, 1, 2, 3])
 
 
+def _assert_csv_error(path, content: bytes, match: str) -> None:
+    """Write ``content`` to ``path``; reading it as a pairs CSV of :func:`_four_images` raises ``match``."""
+    from deepssim_fast.training import read_pairs_csv
+
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        read_pairs_csv(path, _four_images())
+
+
 def test_pairs_csv_rows_with_missing_fields_are_named(tmp_path) -> None:
     """A row with fewer fields than the header (a truncated line, a row missing its split) crashed with a bare
     AttributeError ('NoneType' object has no attribute 'strip') or TypeError from float(None), naming neither
     the file nor the line."""
-    from deepssim_fast.training import read_pairs_csv
-
-    pool = _four_images()
     head = "real_key,synth_key,ssim,split\ns0,s1,0.5,train\n"
     for k, (row, missing) in enumerate((("s2,s3", "ssim, split"), ("s2", "synth_key, ssim, split"),
                                         ("s2,s3,0.4", "split"))):
-        p = tmp_path / f"short{k}.csv"
-        p.write_text(head + row + "\n")
-        with pytest.raises(ValueError, match=rf"short{k}.csv line 3: no value for {missing}"):
-            read_pairs_csv(p, pool)
+        _assert_csv_error(tmp_path / f"short{k}.csv", (head + row + "\n").encode(),
+                          rf"short{k}.csv line 3: no value for {missing}")
 
 
 def test_pairs_csv_errors_name_the_line_of_the_file(tmp_path) -> None:
     """Errors named the row's position among the rows read plus one, not its line: blank lines (which the
     CSV reader skips) and a quoted field across lines put the named line before the bad one."""
-    from deepssim_fast.training import read_pairs_csv
-
-    pool = _four_images()
-    p = tmp_path / "blank.csv"
-    p.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\n\n\ns2,nope,0.5,train\n")
-    with pytest.raises(ValueError, match=r"blank.csv line 5: key 'nope' matches no image"):
-        read_pairs_csv(p, pool)
-    q = tmp_path / "quoted.csv"
-    q.write_text('real_key,synth_key,ssim,split\ns0,s1,0.5,"train"\ns0,s1,0.5,"a\nb"\ns2,s3,x,train\n')
-    with pytest.raises(ValueError, match=r"quoted.csv line 5: ssim 'x' is not a number"):
-        read_pairs_csv(q, pool)
-    r = tmp_path / "short.csv"
-    r.write_text("real_key,synth_key,ssim,split\n\ns2,s3\n")
-    with pytest.raises(ValueError, match=r"short.csv line 3: no value for ssim, split"):
-        read_pairs_csv(r, pool)
+    for name, text, match in (
+            ("blank.csv", "real_key,synth_key,ssim,split\ns0,s1,0.5,train\n\n\ns2,nope,0.5,train\n",
+             r"blank.csv line 5: key 'nope' matches no image"),
+            ("quoted.csv", 'real_key,synth_key,ssim,split\ns0,s1,0.5,"train"\ns0,s1,0.5,"a\nb"\ns2,s3,x,train\n',
+             r"quoted.csv line 5: ssim 'x' is not a number"),
+            ("short.csv", "real_key,synth_key,ssim,split\n\ns2,s3\n", r"short.csv line 3: no value for ssim, split")):
+        _assert_csv_error(tmp_path / name, text.encode(), match)
 
 
 def test_pairs_csv_encoding_extra_fields_and_other_splits_are_named(tmp_path, caplog) -> None:
@@ -466,15 +462,12 @@ def test_pairs_csv_encoding_extra_fields_and_other_splits_are_named(tmp_path, ca
     dropped without a word."""
     from deepssim_fast.training import read_pairs_csv
 
+    _assert_csv_error(tmp_path / "latin.csv",
+                      "real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,tr\xe9in\n".encode("latin-1"),
+                      r"latin.csv line 3: not UTF-8 text \(byte 0xe9\)")
+    _assert_csv_error(tmp_path / "long.csv", b"real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,train,extra\n",
+                      r"long.csv line 3: 5 fields, the header has 4")
     pool = _four_images()
-    p = tmp_path / "latin.csv"
-    p.write_bytes("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,tr\xe9in\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin.csv line 3: not UTF-8 text \(byte 0xe9\)"):
-        read_pairs_csv(p, pool)
-    q = tmp_path / "long.csv"
-    q.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,train,extra\n")
-    with pytest.raises(ValueError, match=r"long.csv line 3: 5 fields, the header has 4"):
-        read_pairs_csv(q, pool)
     r = tmp_path / "test.csv"
     r.write_text("real_key,synth_key,ssim,split\ns0,s1,0.5,train\ns2,s3,0.4,test\ns1,s3,0.4,test\n")
     with caplog.at_level(logging.INFO, logger="deepssim_fast.training"):
