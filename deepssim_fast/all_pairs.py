@@ -333,17 +333,12 @@ def _check_set(x: Any, name: str) -> torch.Tensor:
     if t.is_floating_point() and t.numel():
         # numpy on the host (single-threaded: no torch worker threads left spinning on the cores)
         if t.device.type == "cpu":  # (in chunks: a whole set's isfinite mask was n x d bytes, 763 MiB for 400
-            a = _host_view(t)        # rows of 2e6)
-            step = max(1, (1 << 22) // a.shape[1])
-            bad = np.zeros(0, dtype=np.int64)
-            for r0 in range(0, a.shape[0], step):
-                bad = r0 + np.flatnonzero(~np.isfinite(a[r0:r0 + step]).all(axis=1))
-                if bad.size:
-                    break
+            bad = _first_row(t, lambda c: ~np.isfinite(c).all(axis=1))  # rows of 2e6)
         else:
-            bad = (~torch.isfinite(t).all(dim=1)).nonzero().flatten().cpu().numpy()
-        if bad.size:
-            raise ValueError(f"{name} row {int(bad[0])} contains NaN or Inf")
+            rows = (~torch.isfinite(t).all(dim=1)).nonzero().flatten()
+            bad = int(rows[0]) if rows.numel() else -1
+        if bad >= 0:
+            raise ValueError(f"{name} row {bad} contains NaN or Inf")
     return t
 
 
@@ -465,16 +460,22 @@ def _normalize(t: torch.Tensor, name: str, dp: int, device: torch.device | str, 
     return out
 
 
-def _first_zero_row(t: torch.Tensor) -> int:
-    """The first all-zero row of a finite CPU set (the rows whose norm is 0), or -1; a chunk at a time (a
-    check before the blocks are normalised one by one, so that the error comes before any work)."""
+def _first_row(t: torch.Tensor, bad: Any) -> int:
+    """The first row of a CPU set for which ``bad`` (a numpy chunk of rows -> (rows,) bool) holds, or -1; a
+    chunk of at most 2^22 elements at a time, so its temporaries stay small whatever the set."""
     n, d = t.shape
-    chunk = _norm_rows(d)
-    for a in range(0, n, chunk):
-        zero = np.flatnonzero(~(_host_view(t[a:a + chunk]) != 0).any(axis=1))
-        if zero.size:
-            return a + int(zero[0])
+    step = max(1, (1 << 22) // max(1, d))
+    for a in range(0, n, step):
+        hit = np.flatnonzero(bad(_host_view(t[a:a + step])))
+        if hit.size:
+            return a + int(hit[0])
     return -1
+
+
+def _first_zero_row(t: torch.Tensor) -> int:
+    """The first all-zero row of a finite CPU set (the rows whose norm is 0), or -1 (a check before the blocks
+    are normalised one by one, so that the error comes before any work)."""
+    return _first_row(t, lambda c: ~(c != 0).any(axis=1))
 
 
 def _progress(total: int, enabled: bool, desc: str):
