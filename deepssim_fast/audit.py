@@ -585,7 +585,7 @@ def _no_slice_reason(p: Path, policy: SlicePolicy) -> str:
             return (f"{p}: the slice range {policy.start}:{policy.stop}:{policy.step} selects none of its {n} "
                     f"slices along axis {policy.axis}")
     return (f"{p}: no slice passes the foreground threshold (min_foreground {policy.min_foreground}, "
-            f"foreground_level {policy.foreground_level})")
+            f"foreground_level {policy.foreground_level} of the volume's intensity range above its minimum)")
 
 
 def _fit_offset(shape: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:

@@ -81,7 +81,8 @@ def _add_policy(p: argparse.ArgumentParser) -> None:
         "--min-foreground",
         type=float,
         default=0.05,
-        help="skip slices whose foreground fraction is below this (default 0.05; 0 keeps all)",
+        help="skip slices whose fraction of foreground pixels (above 10%% of the volume's intensity range, "
+        "from its minimum) is below this fraction (default 0.05 = 5%%; 0 keeps all)",
     )
 
 
@@ -103,7 +104,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     )
     a, b = Path(args.a), Path(args.b)
 
-    def integer_range(files: list[Path]) -> None:
+    def integer_range(files: list[Path], images: list[np.ndarray]) -> None:
         """Files decode to float32; integer files keep scikit-image's dtype range (uint8 255) unless
         --data-range or a preset says otherwise."""
         if args.data_range is not None or args.preset is not None:
@@ -113,6 +114,14 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         if len(dts) == 1 and None not in dts:
             dt = dts.pop()
             opts["data_range"] = 1.0 if dt == np.bool_ else float(np.iinfo(dt).max) - float(np.iinfo(dt).min)
+            span = max(float(im.max()) for im in images) - min(float(im.min()) for im in images)
+            if 0 < span * 1000 < opts["data_range"]:
+                # (scikit-image warns too: np.save of an int array is int64, whose range 1.8e19 makes any
+                # two images of values in the thousands score ~1.0)
+                print(f"deepssim-fast ssim: warning: the files store {dt} pixels, so data_range is its dtype "
+                      f"range {opts['data_range']:.4g} (scikit-image's convention), but their values span only "
+                      f"{span:.4g}: scores will be near 1 whatever the images; give --data-range",
+                      file=sys.stderr)
         elif len(dts) > 1:
             first: dict = {}
             for f, d in kinds.items():
@@ -127,14 +136,15 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         # enough, see ssim's float64 rule); float32 decoding had moved scores of offset images by ~5e-5
         # (exactly float32 images, as integer and float32 files are, go on as float32: half the memory)
         x = read_image(p, frame=args.frame, dtype=np.float64)
-        x32 = x.astype(np.float32)
+        with np.errstate(over="ignore"):  # (values past float32's range stay float64)
+            x32 = x.astype(np.float32)
         return x32 if np.array_equal(x32, x) else x
 
     if a.is_file() and b.is_file():
         x, y = read(a), read(b)
         if x.shape != y.shape:
             raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
-        integer_range([a, b])
+        integer_range([a, b], [x, y])
         from .ssim import ssim
 
         v = float(np.asarray(ssim(x, y, spatial_dims=x.ndim, **opts)))
@@ -154,7 +164,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
             if im.shape != shape:
                 raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
                                  f"shapes")
-        integer_range([*pa, *pb])
+        integer_range([*pa, *pb], imgs_a + imgs_b)
         fa, fb = np.stack(imgs_a), np.stack(imgs_b)
         from .ssim import ssim_matrix
 

@@ -257,7 +257,9 @@ def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
 
 def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[Path]:
     s = os.fspath(item)
-    p = Path(s).expanduser()
+    # (os.path.expanduser leaves a name it cannot expand as it is: Path.expanduser raised for "~scans", a
+    # folder of that literal name, with "Could not determine home directory")
+    p = Path(os.path.expanduser(s))
     if p.is_dir():
         found = _search_dir(p, outputs=outputs)
         if not found:
@@ -498,9 +500,22 @@ def _open_npy(p: Path) -> np.ndarray:
         a = np.load(p, allow_pickle=False, mmap_mode=mmap)
     except (ValueError, OSError, EOFError) as exc:
         raise npy_error(p, exc) from exc
+    _require_array(p, a)
     while a.ndim > 2 and a.shape[0] == 1:
         a = a[0]
     return a
+
+
+def _require_array(p: Path, a: Any) -> None:
+    """DataError unless ``np.load`` gave an array: it opens a zip (an ``.npz`` archive) whatever the file's
+    name, and ``.npy`` readers then failed with "'NpzFile' object has no attribute 'ndim'"."""
+    if not isinstance(a, np.ndarray):
+        names = list(getattr(a, "files", []))
+        if hasattr(a, "close"):
+            a.close()
+        raise DataError(f"{p}: a .npz archive ({len(names)} arrays: {', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''}), not a .npy array; save one image per file "
+                        "with numpy.save")
 
 
 def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float32) -> np.ndarray:
@@ -524,7 +539,13 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float3
         raise DataError(f"{p}: frame={frame} given but the array is {a.ndim}D, shape {a.shape}")
     if a.ndim not in (2, 3):
         raise DataError(f"{p}: expected a 2D image or 3D volume, got shape {a.shape}")
-    return _checked(p, np.array(a, dtype=dtype))
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = np.array(a, dtype=dtype)
+    if arr.size and not np.isfinite(arr).all() and np.isfinite(a).all():
+        # finite float64 values past float32's range became Inf: not "NaN or Inf values" in the file
+        raise DataError(f"{p}: values up to {float(np.abs(a).max()):.4g} exceed the range of "
+                        f"{np.dtype(dtype).name} ({float(np.finfo(dtype).max):.4g}); rescale the data")
+    return _checked(p, arr)
 
 
 def _checked(p: Path, arr: np.ndarray) -> np.ndarray:
@@ -564,7 +585,12 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
             raise _bomb_error(p, exc) from exc
         return None if dt is None else np.dtype(dt)
     if kind == "npy":
-        dt = np.load(p, allow_pickle=False, mmap_mode="r").dtype
+        try:
+            a = np.load(p, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise npy_error(p, exc) from exc
+        _require_array(p, a)
+        dt = a.dtype
         integer = np.issubdtype(dt, np.integer) and not np.issubdtype(dt, np.timedelta64)
         return dt if (integer or dt == np.bool_) else None
     return None
@@ -630,6 +656,8 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     if len(shape) != 3:
         return None
     _check_real_dtype(p, img)
+    if 0 in shape:
+        raise DataError(f"{p}: empty image, shape {shape}")
     try:
         dtype = img.header.get_data_dtype()
         # (where the proxy reads from: a header written with vox_offset 0, as nibabel writes them, has its data
@@ -661,18 +689,20 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
             raise DataError(f"{p}: contains NaN or Inf values (slice {i} along axis {policy.axis})")
         return s
 
-    # First pass over every slice, one at a time: the whole file is readable and finite, and its maximum
+    # First pass over every slice, one at a time: the whole file is readable and finite, and its range
     # (the foreground level is relative to it).
-    vmax = max((float(take(i).max()) for i in range(shape[policy.axis])), default=0.0)
-    level = policy.foreground_level * vmax
+    lo, hi = np.inf, -np.inf
+    for i in range(shape[policy.axis]):
+        s = take(i)
+        if s.size:
+            lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
+    level = policy.foreground(lo, hi)
 
     def gen() -> Iterator[Slice]:
         for i in idx:
             s = take(i)
-            if policy.min_foreground > 0:
-                frac = float((s > level).mean()) if vmax > 0 else 0.0
-                if frac < policy.min_foreground:
-                    continue
+            if not policy.keeps(s, level):
+                continue
             yield Slice(np.ascontiguousarray(s), str(p), policy.axis, int(i))
 
     return gen()

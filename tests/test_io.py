@@ -814,3 +814,65 @@ def test_channel_first_npy_images_are_their_image_not_a_stack_of_rows(tmp_path: 
     assert [s.array.shape for s in _file_slices(tmp_path / "hw1.npy", policy)] == [(9, 11)]
     np.save(tmp_path / "one_row.npy", img[:1])
     assert read_image(tmp_path / "one_row.npy").shape == (1, 11)
+
+
+@pytest.mark.parametrize("how", ["minus1_1", "zscore", "all_negative", "offset"])
+def test_foreground_rule_keeps_the_same_slices_when_intensities_are_shifted_or_rescaled(
+        tmp_path: Path, how: str) -> None:
+    """The foreground level was 0.1 x the volume's maximum: a scan rescaled to [-1, 1] (a generator's output)
+    kept 0 of aniso_vox's 24 slices, an all-negative one none either, so a memorised copy was never audited.
+    The level is now min + 0.1 x (max - min): the kept slices are the same for every affine rescaling, on the
+    in-memory path, the .npy path and the NIfTI proxy path (axis 2 of a .nii)."""
+    v = data.load_volume("aniso_vox").array.astype(np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    w = {"minus1_1": 2 * (v - lo) / (hi - lo) - 1, "zscore": (v - v.mean()) / v.std(),
+         "all_negative": v - 2 * hi, "offset": v + 1000.0}[how].astype(np.float32)
+    pol = SlicePolicy()  # the defaults: 5 % of pixels above 10 % of the range
+    want = [s.index for s in data.volume_slices(v, pol)]
+    assert 0 < len(want) <= v.shape[2]
+    assert [s.index for s in data.volume_slices(w, pol)] == want
+    np.save(tmp_path / "w.npy", w)
+    nib.save(nib.Nifti1Image(w, np.eye(4)), tmp_path / "w.nii")
+    for name in ("w.npy", "w.nii"):
+        assert [s.index for s in iter_slices([tmp_path / name], pol)] == want, name
+    # a constant volume has no foreground, whatever its value
+    assert data.volume_slices(np.full((8, 8, 3), -5.0, np.float32), pol) == []
+
+
+def test_empty_nifti_axis_npz_as_npy_and_float32_overflow_are_named(tmp_path: Path) -> None:
+    """A NIfTI with a zero-length axis was read as a (10, 0) image and audited as a padded blank (the .npy of
+    that shape was refused); an .npz saved as .npy failed with "'NpzFile' object has no attribute 'ndim'";
+    finite float64 values past float32's range were reported as "NaN or Inf values"."""
+    for name in ("e.nii", "e.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((10, 12, 0), np.float32), np.eye(4)), tmp_path / name)
+        with pytest.raises(DataError, match=r"e\.nii.*empty image, shape \(10, 12, 0\)"):
+            read_image(tmp_path / name)
+        skipped: list = []
+        assert list(iter_slices([tmp_path / name], SlicePolicy(min_foreground=0), skipped=skipped)) == []
+        assert "empty image" in skipped[0][1]
+    z = tmp_path / "z.npy"
+    with open(z, "wb") as f:
+        np.savez(f, a=np.zeros((4, 4)), b=np.ones((4, 4)))
+    with pytest.raises(DataError, match=r"z\.npy: a \.npz archive \(2 arrays: a, b\)"):
+        read_image(z)
+    from deepssim_fast.io import stored_dtype
+    with pytest.raises(DataError, match=r"\.npz archive"):
+        stored_dtype(z)
+    big = np.full((6, 6), 1e39)
+    np.save(tmp_path / "big.npy", big)
+    nib.save(nib.Nifti1Image(big, np.eye(4)), tmp_path / "big.nii.gz")
+    for name in ("big.npy", "big.nii.gz"):
+        with pytest.raises(DataError, match=r"values up to 1e\+39 exceed the range of float32"):
+            read_image(tmp_path / name)
+        assert read_image(tmp_path / name, dtype=np.float64).max() == 1e39
+
+
+def test_a_literal_name_starting_with_a_tilde_is_found(tmp_path: Path, monkeypatch) -> None:
+    """Path.expanduser raised "Could not determine home directory" for "~scans" (no such user) before the
+    literal folder of that name was tried."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~scans").mkdir()
+    np.save(tmp_path / "~scans" / "x.npy", np.ones((4, 4), np.float32))
+    want = [Path("~scans/x.npy")]
+    assert [p.relative_to(tmp_path) if p.is_absolute() else p for p in discover("~scans")] == want
+    assert [p.relative_to(tmp_path) if p.is_absolute() else p for p in discover("~scans/x.npy")] == want
