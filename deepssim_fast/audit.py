@@ -1526,6 +1526,16 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
             resumed = counts_only
         else:
             resumed = True
+    else:
+        # outputs without the work folder that made them (deleted to free its stores, or a fresh run into
+        # an old OUT): they are not this run's, and an evaluation.json (which the audit does not rewrite)
+        # stayed beside the new outputs as if it scored them
+        old_outputs = [work.parent / n for n in _OUTPUT_FILES if (work.parent / n).exists()]
+        if old_outputs:
+            logger.info("removing the outputs of an earlier run in %s (its work folder is gone): %s", work.parent,
+                        ", ".join(p.name for p in old_outputs))
+            for f in old_outputs:
+                f.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if not resumed:
         # the search variants' embeddings (work/<set>_vectors_<variant>.npy, see _variant_vectors) are kept
@@ -2019,7 +2029,7 @@ def audit(
         name: out / name
         for name in _OUTPUT_FILES[:-1]  # (evaluation.json: written by evaluate)
     }
-    _write_matches(files["matches.csv"], tset, sset, res, ver, labels, trans, verify)
+    _write_matches(files["matches.csv"], tset, sset, res, ver, labels, trans, verify, th)
     skipped = [{"set": "train", "path": p, "reason": r} for p, r in tset.skipped] + [
         {"set": "synth", "path": p, "reason": r} for p, r in sset.skipped
     ]
@@ -2396,15 +2406,26 @@ def _write_matches(
     labels: np.ndarray,
     trans: np.ndarray,
     verify: str,
+    thresholds: Sequence[float],
 ) -> None:
+    from .report import format_score
+
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    # With "\n" rows, csv quotes a field holding "\n" but not one holding "\r", which readers then take for
+    # a line break (a file named "cr\rname.npy" split its row in two): rows naming such a file quote all.
+    wq = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def cr(ids: Sequence[str], paths: Sequence[str]) -> np.ndarray:
+        return np.array([("\r" in a) or ("\r" in b) for a, b in zip(ids, paths, strict=True)], dtype=bool)
+
+    s_cr, t_cr = cr(sset.ids, sset.paths), cr(tset.ids, tset.paths)
     w.writerow(MATCHES_HEADER)
     n, k = res.indices.shape
     for i in range(n):
         for r in range(k):
             j = int(res.indices[i, r])
-            w.writerow(
+            (wq if s_cr[i] or t_cr[j] else w).writerow(
                 [
                     sset.ids[i],
                     sset.paths[i],
@@ -2413,8 +2434,8 @@ def _write_matches(
                     tset.paths[j],
                     tset.indices[j],
                     r + 1,
-                    f"{float(res.scores[i, r]):.6f}",
-                    f"{float(ver[i, r]):.6f}" if verify == "ssim" else "",
+                    format_score(res.scores[i, r], thresholds, 6),
+                    format_score(ver[i, r], thresholds, 6) if verify == "ssim" else "",
                     LABELS[int(labels[i, r])],
                     trans[i, r],
                 ]
@@ -2501,9 +2522,11 @@ def _label_rows(path: str | os.PathLike) -> list[tuple[str, str, int, int]]:
             raise ValueError(
                 f"{p}:{line}: expected {len(header)} fields ({', '.join(header)}), got {given}"
             )
-        real, synth = row["real_key"].strip(), row["synth_key"].strip()
+        # (kept as written: a key is looked up as it is first, then without its surrounding spaces, so that
+        # " lead.npy" names that file and not "lead.npy")
+        real, synth = row["real_key"], row["synth_key"]
         for col, v in (("real_key", real), ("synth_key", synth)):
-            if not v:
+            if not v.strip():
                 raise ValueError(f"{p}:{line}: empty {col}")
         try:
             lab = int(row["label"])
@@ -2657,7 +2680,7 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
                 return hit[0]
         return None
 
-    def find(key: str) -> int:
+    def resolve(key: str) -> int | None:
         hit = lookup(key, (by_path, by_base, by_stem, by_ref))
         if hit is None:
             # a relative path (or id) names a file from the working directory, as the audit's inputs do
@@ -2665,6 +2688,14 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
             absolute = os.path.abspath(os.path.expanduser(key))
             if absolute != key:
                 hit = lookup(absolute, (by_path,))
+        return hit
+
+    def find(key: str) -> int:
+        # the key as written, then without surrounding spaces (a file may be named " lead.npy")
+        hit = resolve(key)
+        if hit is None and key.strip() != key:
+            key = key.strip()
+            hit = resolve(key)
         if hit is None:
             absolute = os.path.abspath(os.path.expanduser(key.split("#")[0].split("@")[0]))
             for path, reason in skipped:

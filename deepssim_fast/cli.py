@@ -293,7 +293,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict, out: str) -> None:
-    from .report import format_percent
+    from .report import format_percent, skip_reason
 
     c = s["counts"]
     print(
@@ -302,7 +302,8 @@ def _print_summary(s: dict, out: str) -> None:
         f"— {format_percent(s['fraction_memorised'])} % memorised"
     )
     for sk in s["skipped"]:
-        print(f"warning: skipped {sk['set']} input {sk['path']}: {one_line(sk['reason'])}", file=sys.stderr)
+        print(f"warning: skipped {sk['set']} input {one_line(sk['path'])}: "
+              f"{one_line(skip_reason(sk['path'], sk['reason']))}", file=sys.stderr)
     print(f"report: {out}/report.html")
 
 

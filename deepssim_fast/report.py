@@ -231,7 +231,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
 .duplicate{color:#c44e52;font-weight:bold}.similar{color:#dd8452}.different{color:#4c72b0}
-img{max-width:100%;border:1px solid #eee}.big{font-size:1.4em;font-weight:bold}code{font-size:.9em}
+img{max-width:100%;border:1px solid #eee}.big{font-size:1.4em;font-weight:bold}code{font-size:.9em;white-space:pre-wrap}
 """
 
 
@@ -256,6 +256,26 @@ def format_percent(fraction: float) -> str:
     return txt
 
 
+def format_score(value: float, thresholds: Sequence[float], decimals: int = 4) -> str:
+    """``value`` with ``decimals`` decimals, or as many more as keep it on its own side of each threshold:
+    0.611539 against a high threshold of 0.6115 is ``0.61154``, not ``0.6115`` beside the label duplicate
+    (the rule is s > high), and 0.85000038 is ``0.8500004``, not ``0.850000``."""
+    v = float(value)
+    txt = f"{v:.{decimals}f}"
+    for digits in range(decimals + 1, 18):
+        r = float(txt)
+        if all((r > t) == (v > t) for t in thresholds):
+            break
+        txt = f"{v:.{digits}f}"
+    return txt
+
+
+def skip_reason(path: str, reason: str) -> str:
+    """A skip reason without its leading ``path: `` (the readers' errors name the file; where the path is
+    shown beside the reason it was said twice)."""
+    return reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
+
+
 def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Sequence[dict]) -> str:
     """The self-contained report page (inline CSS, base64 images). Timings are deliberately omitted."""
     def e(text: str) -> str:  # (file names that are not UTF-8 shown with U+FFFD: see _readable)
@@ -268,10 +288,11 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
     for q, s in enumerate(suspects):
         score = s["ssim"] if s.get("ssim") is not None else s["cosine"]
         lab = "duplicate" if score > th["high"] else ("similar" if score > th["low"] else "different")
-        ssim_txt = "" if s.get("ssim") is None else f"{s['ssim']:.4f}"
+        cuts = (th["low"], th["high"])
+        ssim_txt = "" if s.get("ssim") is None else format_score(s["ssim"], cuts)
         rows.append(
             f"<tr><td class=num>{q + 1}</td><td><code>{e(s['synth_id'])}</code></td>"
-            f"<td><code>{e(s['train_id'])}</code></td><td class=num>{s['cosine']:.4f}</td>"
+            f"<td><code>{e(s['train_id'])}</code></td><td class=num>{format_score(s['cosine'], cuts)}</td>"
             f"<td class=num>{ssim_txt}</td>"
             f"<td>{e(s.get('transform') or '')}</td><td class={lab}>{lab}</td></tr>"
         )
@@ -288,7 +309,7 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
         if not skipped
         else "<table><tr><th>set</th><th>path</th><th>reason</th></tr>"
         + "".join(
-            f"<tr><td>{e(s['set'])}</td><td><code>{e(s['path'])}</code></td><td>{e(s['reason'])}</td></tr>"
+            f"<tr><td>{e(s['set'])}</td><td><code>{e(s['path'])}</code></td><td>{e(skip_reason(s['path'], s['reason']))}</td></tr>"
             for s in skipped
         )
         + "</table>"

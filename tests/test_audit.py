@@ -2473,3 +2473,55 @@ def test_out_inside_an_input_folder_does_not_report_its_stores_as_unread_images(
     with caplog.at_level("WARNING", logger="deepssim_fast.io"):
         A.audit(train, synth, **kw)
     assert "image formats this tool does not read are left out (1 .npz)" in caplog.text
+
+
+def test_odd_names_stale_evaluation_and_scores_on_a_threshold(ds: dict, tmp_path: Path) -> None:
+    """Found by probing the outputs:
+    * a file name holding "\\r" was written unquoted in matches.csv (rows end in "\\n"), so readers split its row;
+    * a label key " lead.npy" was stripped to "lead.npy" and scored another file's pair;
+    * an evaluation.json stayed beside the outputs of a rerun whose work folder had been deleted;
+    * a score printed with 6 (CSV) or 4 (report) decimals could round onto a threshold it lies above, beside
+      the label that says it is above."""
+    train_names = sorted(ds["train_arrays"])
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    copy_of = train_names[3]
+    np.save(synth / "cr\rname.npy", ds["train_arrays"][copy_of])  # an exact copy
+    np.save(synth / " lead.npy", ds["train_arrays"][copy_of])  # an exact copy, its name led by a space
+    np.save(synth / "lead.npy", data.center_fit(data.load_volume("piesno").array[:, :, 7], SIZE))  # novel
+    out = tmp_path / "out"
+    res = A.audit(ds["train"], synth, metric="ssim", k=2, out=out, progress=False)
+    rows = _rows(out)
+    assert len(rows) == 3 * 2 and all(len(r) == len(A.MATCHES_HEADER) and None not in r for r in rows)
+    cr = [r for r in rows if r["synth_path"].endswith("cr\rname.npy")]
+    assert len(cr) == 2 and cr[0]["label"] == "duplicate" and cr[0]["train_path"].endswith(copy_of)
+    labels = _labels(tmp_path / "lab.csv", (copy_of, " lead.npy", 1), (copy_of, "lead.npy", 0))
+    ev = A.evaluate(res.out, labels)
+    assert ev["macro_f1"] == pytest.approx(1.0)
+    assert (out / "evaluation.json").exists()
+    # the work folder deleted (to free its stores), then a rerun with other settings into the same OUT
+    shutil.rmtree(out / "work")
+    A.audit(ds["train"], synth, metric="correlation", verify="none", k=2, thresholds=(0.3, 0.5), out=out,
+            progress=False)
+    assert not (out / "evaluation.json").exists()
+    # scores next to a threshold: enough digits to stay on their side of it
+    from deepssim_fast.report import format_score
+    assert format_score(0.611539, (0.6, 0.6115)) == "0.61154"
+    assert format_score(np.float32(0.85), (0.6, 0.85), 6) == "0.85000002"  # float32 0.85 lies above 0.85
+    assert format_score(0.85, (0.6, 0.85), 6) == "0.850000"  # on it: labelled similar, printed as it is
+    assert format_score(0.1234567, (0.6, 0.85)) == "0.1235"
+    # a high threshold between a verified SSIM and its 6-decimal rounding: the old CSV printed the rounding,
+    # on the other side of the threshold from the label
+    from deepssim_fast.ssim import ssim
+    novel = [r for r in rows if r["synth_path"].endswith("/lead.npy")]
+    v0 = float(ssim(ds["train_arrays"][os.path.basename(novel[0]["train_path"])], np.load(synth / "lead.npy"),
+                    preset="deepssim"))  # (the preset's data range is the first image's, the training one)
+    assert float(novel[0]["ssim"]) == pytest.approx(v0, abs=6e-7) and float(novel[0]["ssim"]) != v0
+    th = (v0 - 0.5, (v0 + float(novel[0]["ssim"])) / 2)
+    res2 = A.audit(ds["train"], synth, metric="ssim", k=2, thresholds=th, out=tmp_path / "out2", progress=False)
+    seen = 0
+    for r in _rows(res2.out):
+        v = float(r["ssim"])
+        assert (v > th[1]) == (r["label"] == "duplicate"), r
+        seen += abs(v - v0) < 1e-6
+    assert seen >= 1

@@ -326,3 +326,21 @@ def test_empty_gallery_does_not_say_there_are_no_synthetic_items(monkeypatch) ->
     monkeypatch.setattr(matplotlib.axes.Axes, "text", spy)
     gallery_png([], (0.6, 0.85))
     assert drawn == ["no pairs shown (gallery=0)"]
+
+
+def test_report_html_keeps_names_whitespace_and_says_a_skipped_path_once() -> None:
+    """A browser collapsed "a  b.npy" to "a b.npy" (no white-space rule for ids); the skip reason column
+    repeated the path the path column shows ("/d/bad.png: not a PNG")."""
+    page = report_html(_summary(), histogram=b"h", gallery=b"g", suspects=_suspects(1))
+    assert re.search(r"code\{[^}]*white-space:pre-wrap", page)
+    assert "<td><code>/d/bad.png</code></td><td>not a PNG &lt;&amp;&gt;</td>" in page
+
+
+def test_report_html_prints_a_score_on_its_side_of_the_thresholds() -> None:
+    """0.611539 against high = 0.6115 was shown as 0.6115 beside the label duplicate (the rule: s > high)."""
+    s = _summary()
+    s["thresholds"] = {"low": 0.6, "high": 0.6115, "rule": "duplicate if s > high"}
+    sus = _suspects(1)
+    sus[0]["ssim"], sus[0]["cosine"] = 0.611539, 0.6000001
+    page = report_html(s, histogram=b"h", gallery=b"g", suspects=sus)
+    assert "<td class=num>0.6000001</td><td class=num>0.61154</td>" in page
