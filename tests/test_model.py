@@ -78,7 +78,7 @@ def test_small_local_descriptor_head() -> None:
     _assert_close(e3.numpy(), ex.numpy(), 1e-6, "3 equal channels = 1 channel")
     with torch.no_grad():  # a larger input gives the same 8 x 8 cells (adaptive pooling)
         assert build_model("small", input_size=128).eval()(torch.randn(2, 1, 128, 128)).shape == (2, 256)
-    for emb_dim, grid in ((100, 5), (32, 4), (7, 1), (64, 8)):  # largest grid <= 8 whose square divides
+    for emb_dim, grid in ((100, 5), (32, 4), (7, 1), (64, 4)):  # largest grid <= 8 whose square divides, 2+ ch
         mm = build_model("small", input_size=64, emb_dim=emb_dim).eval()
         assert mm.grid == grid and mm.pool.output_size == grid
         with torch.no_grad():
@@ -688,3 +688,66 @@ def test_a_model_that_returns_a_tuple_is_named(tmp_path, real_images) -> None:
     model = load_model(tmp_path / "two.ts", input_size=32)
     with pytest.raises(ValueError, match="model returned a tuple, not a tensor of embeddings"):
         embed(real_images[:2], model, progress=False)
+
+
+def test_paper_head_embeddings_do_not_depend_on_the_batch(tmp_path, real_images) -> None:
+    """resnet18 embedded the same image 1.5e-7 apart in batches of 1, 2, 3, 5 and 8: the head's Linear layers
+    round a row by its batch. In eval mode the head now runs a row at a time; the TorchScript file too."""
+    torch.manual_seed(0)
+    m = build_model("resnet18", input_size=32)
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(8, 1, 32, 32))  # BatchNorm statistics that are not the defaults
+    m.eval()
+    imgs = list(real_images[:8])
+    want = embed(imgs, m, progress=False)
+    for bs in (1, 2, 3, 5):
+        assert np.array_equal(embed(imgs, m, batch_size=bs, progress=False), want), bs
+    assert np.array_equal(embed(imgs[5:6], m, progress=False), want[5:6])
+    ts = load_model(m.save_torchscript(tmp_path / "r18.pt"))
+    assert np.array_equal(embed(imgs, ts, batch_size=3, progress=False), want)
+    # training still runs the head on the whole batch (BatchNorm1d needs it)
+    m.train()
+    assert m(torch.randn(4, 1, 32, 32)).shape == (4, 256)
+
+
+@pytest.mark.parametrize("emb_dim, grid", [(256, 8), (128, 8), (64, 4), (16, 2), (4, 1), (32, 4), (2, 1)])
+def test_small_head_keeps_two_channels_per_cell(emb_dim: int, grid: int, real_images) -> None:
+    """emb_dim 64 (or 16, 4, 1) put one channel in each cell of the 8 x 8 grid: normalised to unit length a
+    cell is its sign, so every image had the same embedding (all 0.125) and training had no gradient."""
+    from deepssim_fast.model import local_grid
+    assert local_grid(emb_dim) == grid
+    torch.manual_seed(0)
+    m = build_model("small", emb_dim=emb_dim, input_size=64).eval()
+    e = embed(list(real_images[:6]), m, progress=False)
+    assert e.shape == (6, emb_dim)
+    assert len({row.tobytes() for row in e}) == 6  # images are told apart (they were all equal)
+    assert len(np.unique(e)) > 2 * emb_dim  # not a sign pattern of +-1/grid
+    with pytest.raises(ValueError, match="emb_dim 1 is too small"):
+        build_model("small", emb_dim=1)
+
+
+def test_damaged_model_files_and_a_missing_cuda_device_are_named(tmp_path, small_model) -> None:
+    """8 KB overwritten in the middle of a TorchScript file or a checkpoint loaded without a word (torch does
+    not check the zip CRCs) and moved embeddings by up to 0.012; device='cuda' on a CPU-only machine failed with
+    torch's 'Torch not compiled with CUDA enabled', naming nothing, or blamed a good TorchScript file."""
+    from deepssim_fast.model import ModelFileError, read_checkpoint
+    files = {"ck": small_model.save_checkpoint(tmp_path / "m.pt"),
+             "ts": small_model.save_torchscript(tmp_path / "m_ts.pt")}
+    for kind, path in files.items():
+        load_model(path)  # intact: loads
+        raw = bytearray(path.read_bytes())
+        mid = len(raw) // 2
+        raw[mid:mid + 8192] = bytes(8192)
+        bad = tmp_path / f"bad_{kind}.pt"
+        bad.write_bytes(bytes(raw))
+        with pytest.raises(ModelFileError, match=r"bad_\w+\.pt: damaged model file: its entry '.*' fails its CRC"):
+            load_model(bad)
+    with pytest.raises(ModelFileError, match="damaged model file"):
+        read_checkpoint(tmp_path / "bad_ck.pt")
+    if not torch.cuda.is_available():
+        for path in files.values():
+            with pytest.raises(ValueError, match="device 'cuda': CUDA is not available here"):
+                load_model(path, device="cuda")
+        with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available here"):
+            embed([np.zeros((64, 64), np.float32)], small_model, device="cuda:0", progress=False)
