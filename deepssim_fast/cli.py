@@ -62,13 +62,21 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _policy(args: argparse.Namespace):
     from .data import SlicePolicy
 
-    return SlicePolicy(
-        axis=args.axis,
-        start=args.slice_start,
-        stop=args.slice_stop,
-        step=args.slice_step,
-        min_foreground=args.min_foreground,
-    )
+    try:
+        return SlicePolicy(
+            axis=args.axis,
+            start=args.slice_start,
+            stop=args.slice_stop,
+            step=args.slice_step,
+            min_foreground=args.min_foreground,
+        )
+    except ValueError as exc:  # named by its flag, not by the API's field ("SlicePolicy.min_foreground")
+        text = str(exc)
+        for field, flag in (("axis", "--axis"), ("step", "--slice-step"), ("min_foreground", "--min-foreground")):
+            text = text.replace(f"SlicePolicy.{field}", flag)
+        if "--min-foreground" in text:
+            text += " (a fraction of a slice's pixels: 0.05 is 5 %)"
+        raise ValueError(text) from None
 
 
 def _add_policy(p: argparse.ArgumentParser) -> None:

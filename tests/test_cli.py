@@ -883,3 +883,31 @@ def test_embed_batch_size_is_checked_before_the_images_are_read(tmp_path: Path,
     assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "e.npy"), "--batch-size", "0"]) == 2
     assert "--batch-size must be a positive integer" in capsys.readouterr().err
+
+
+def test_ssim_warns_when_an_integer_dtype_range_dwarfs_the_data(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """np.save of an int array is int64: its range (1.8e19) as data_range made two unrelated images of values in
+    the thousands score 1.000000, silently (scikit-image warns)."""
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "a.npy", rng.integers(0, 3000, (32, 32)))
+    np.save(tmp_path / "b.npy", rng.integers(0, 3000, (32, 32)))
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 0
+    out = capsys.readouterr()
+    assert float(out.out) == pytest.approx(1.0, abs=1e-6)  # the convention itself is kept
+    assert "store int64 pixels" in out.err and "give --data-range" in out.err
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--data-range", "3000"]) == 0
+    out = capsys.readouterr()
+    assert float(out.out) < 0.1 and out.err == ""
+
+
+def test_slicing_flag_errors_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """'--min-foreground 5' (meaning 5 %) said "SlicePolicy.min_foreground must be in [0, 1]"."""
+    np.save(tmp_path / "a.npy", np.ones((8, 8), np.float32))
+    for flag, value, said in (("--min-foreground", "5", "--min-foreground must be in [0, 1], got 5.0 (a fraction"),
+                              ("--axis", "3", "--axis must be 0, 1 or 2"),
+                              ("--slice-step", "0", "--slice-step must be >= 1")):
+        assert main(["audit", "--train", str(tmp_path), "--synth", str(tmp_path), "--metric", "ssim",
+                     "--out", str(tmp_path / "o"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "SlicePolicy" not in err, err
