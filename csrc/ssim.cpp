@@ -1157,8 +1157,13 @@ PairConst pair_const(double range, const Window& win, const Prep& px, const Prep
   return pc;
 }
 
-// The running-sum (box) kernels are on unless DEEPSSIM_FAST_SSIM_BOX=0 (read once per call).
-bool box_enabled() {
+// The running-sum (box) kernels are on unless DEEPSSIM_FAST_SSIM_BOX=0 (read once per call), or k1 or k2 is
+// below 1e-5. A running fp64 sum swallows the small squares added while a bright voxel is in the window and
+// keeps that loss after the voxel leaves: ~eps64 * range^2 per window, which is small beside C2 = (k2 range)^2
+// only for k2 well above 1e-8 (measured with one voxel of 1 beside values ~k: 2e-3 off at k = 1e-9, 3e-6 at
+// 1e-7, within 4e-8 of float64 from 1e-6 up). The separable kernel sums each window afresh.
+bool box_enabled(const Window& win) {
+  if (win.k1 < 1e-5 || win.k2 < 1e-5) return false;
   const char* e = std::getenv("DEEPSSIM_FAST_SSIM_BOX");
   return e == nullptr || std::string(e) != "0";
 }
@@ -1251,8 +1256,8 @@ py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dim
     }
     const bool pair_parallel = spatial_dims == 2 && B >= 2 * nt;
     // Uniform 2D windows use the fp64 running-sum kernel (env DEEPSSIM_FAST_SSIM_BOX=0 disables it).
-    const bool box2d = spatial_dims == 2 && win.uniform && box_enabled();
-    const bool box3d = spatial_dims == 3 && win.uniform && box_enabled();
+    const bool box2d = spatial_dims == 2 && win.uniform && box_enabled(win);
+    const bool box3d = spatial_dims == 3 && win.uniform && box_enabled(win);
     // In the pair-parallel box path, an image used by one pair only gets its statistics right before that
     // pair is computed ("lazy"), so the kernel reads it from cache instead of from memory a second time.
     const bool lazy = pair_parallel && box2d;
@@ -1587,7 +1592,7 @@ py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array
   auto prep_fn = avx2 ? prepare_avx2 : prepare_base;
   auto stats_fn = avx2 ? image_stats_avx2 : image_stats_base;
 
-  if (spatial_dims == 2 && win.uniform && box_enabled()) {
+  if (spatial_dims == 2 && win.uniform && box_enabled(win)) {
     box_matrix_2d(pa, pb, na, nb, g, win, avx2, po);
     return out;
   }
