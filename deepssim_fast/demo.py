@@ -323,8 +323,22 @@ def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retr
                            str(exc).splitlines()[0][:200])
         else:
             if done.is_file():
-                logger.info("reusing the cached encoder %s", ckpt)
-                return ckpt
+                try:
+                    made = json.loads(done.read_text())
+                except (OSError, ValueError):
+                    made = {}
+                made = made if isinstance(made, dict) else {}
+                wanted = {"train_seconds": seconds, "seed": seed}
+                differ = {k: made.get(k) for k, v in wanted.items() if made.get(k) != v}
+                if not differ:
+                    logger.info("reusing the cached encoder %s", ckpt)
+                    return ckpt
+                # (--train-seconds 0, then a plain demo, reused a one-step encoder and missed its targets)
+                logger.warning("the cached encoder %s was trained with %s, not %s; training a new one", ckpt,
+                               ", ".join(f"{k}={v!r}" for k, v in differ.items()),
+                               ", ".join(f"{k}={wanted[k]!r}" for k in differ))
+                done.unlink(missing_ok=True)
+                return _train_encoder(out, seconds=seconds, seed=seed, progress=progress, retrain=True)
             logger.warning("the cached encoder %s is from a training run that did not finish (no %s); "
                            "training a new one", ckpt, done.name)
     done.unlink(missing_ok=True)

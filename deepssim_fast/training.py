@@ -682,7 +682,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                   a budget that does not shrink when the machine is shared.
 
     strict:       paths: an unreadable file (or one with NaN/Inf values) aborts with its name; by default it is
-                  logged as a warning and left out, as the audit leaves it out (``model.skipped`` lists them).
+                  logged as a warning and left out, as the audit leaves it out (``model.skipped`` lists them,
+                  with the volumes no slice of which passes ``policy``).
 
     The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv`` this call
     wrote: after a resume, log.csv also holds the earlier run's),
@@ -706,6 +707,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+    for name, v in (("time_limit", time_limit), ("cpu_time_limit", cpu_time_limit)):
+        # (NaN compared False with every elapsed time: no limit at all; -1 stopped after one step)
+        if v is not None and not (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                                  and v >= 0):
+            raise ValueError(f"{name} must be a non-negative number of seconds or None, got {v!r}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if not 0.0 <= val_fraction < 1.0:
@@ -753,7 +759,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     skipped: list = []
     pool = make_pool(images, config, policy=policy, strict=strict, skipped=skipped)
     if pool.images.shape[0] < 2:
-        why = (f" ({len(skipped)} file(s) left out as unreadable, e.g. {skipped[0][0]}: {skipped[0][1]})"
+        why = (f" ({len(skipped)} file(s) left out, e.g. {skipped[0][1]})"
                if skipped else "")
         raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}{why}")
     csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None

@@ -726,3 +726,41 @@ def test_bad_zoom_out_is_named_before_the_images_are_read(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="zoom"):
         train(str(tmp_path / "no_such_folder"), backbone="small", max_steps=1, zoom_out=(1.5,), progress=False)
+
+
+def test_demo_retrains_when_the_cached_encoder_had_other_settings(tmp_path, monkeypatch, caplog) -> None:
+    """`demo --train-seconds 0` then a plain `demo` reused the one-step encoder (the marker records the
+    settings, but they were not compared), missing the demo's targets without saying why."""
+    import deepssim_fast.demo as demo
+    import deepssim_fast.training as T
+
+    calls: list[dict] = []
+
+    def fake_train(images, **kw):
+        calls.append(kw)
+        m = build_model("small", input_size=32)
+        m.save_checkpoint(tmp_path / "enc" / "best.pt")
+        return m
+
+    monkeypatch.setattr(T, "train", fake_train)
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    demo._train_encoder(enc, seconds=0.0, seed=0, progress=False, retrain=False)
+    demo._train_encoder(enc, seconds=0.0, seed=0, progress=False, retrain=False)
+    assert [c["time_limit"] for c in calls] == [0.0]  # same settings: reused
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.demo"):
+        demo._train_encoder(enc, seconds=150.0, seed=0, progress=False, retrain=False)
+    assert [c["time_limit"] for c in calls] == [0.0, 150.0]
+    assert "was trained with train_seconds=0.0, not train_seconds=150.0" in caplog.text
+    demo._train_encoder(enc, seconds=150.0, seed=7, progress=False, retrain=False)
+    assert [c["seed"] for c in calls] == [0, 0, 7]
+    demo._train_encoder(enc, seconds=150.0, seed=7, progress=False, retrain=False)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name, value", [("time_limit", float("nan")), ("time_limit", -1.0),
+                                         ("cpu_time_limit", float("nan")), ("cpu_time_limit", "5")])
+def test_time_limits_are_checked(name: str, value, mni_slices) -> None:
+    """time_limit=nan ran without any limit (NaN compares False), -1 stopped after one step."""
+    with pytest.raises(ValueError, match=f"{name} must be a non-negative number of seconds"):
+        train(mni_slices[:4], backbone="small", input_size=32, max_steps=1, **{name: value})
