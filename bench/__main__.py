@@ -157,9 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
+    level = logging.WARNING - 10 * min(args.verbose, 2)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                            format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    elif args.verbose:  # (under `deepssim-fast bench`, whose handler came first: `bench ... -v` was ignored)
+        logging.getLogger().setLevel(min(level, logging.getLogger().level))
     info = machine_info()
     print(f"# deepssim_fast benchmarks{' (quick)' if args.quick else ''} — {info['date']} · {info['cpu']} · "
           f"{info['cores']} cores · GPU {info['gpu']} · torch {info['torch']} · commit {info['commit']}"

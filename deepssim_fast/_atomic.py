@@ -77,6 +77,12 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     completes, the file replaces ``path``; when it raises, the file is removed (and an OSError that names no
     file, as a write to a full disk raises, or the temporary file, is raised again naming ``path``)."""
     p = Path(path)
+    if p.is_dir():  # (the temporary file was written, then os.replace said "Is a directory")
+        raise IsADirectoryError(errno.EISDIR, "is an existing folder; give a file name", str(p))
+    blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:  # mkdir said "[Errno 17] File exists: 'afile'" for afile/x.csv
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write it: {blocker} is an existing file, not a folder",
+                                 str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp, fd = _create_temporary(p)

@@ -98,15 +98,14 @@ import numpy as np
 
 from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
-from .data import DataError, SlicePolicy, center_fit, nib_load
+from .data import DataError, SlicePolicy, center_fit
 from .io import (
     Spec,
     _file_slices,
     _file_volumes,
-    _open_npy,
     _under,
     discover,
-    image_kind,
+    no_slice_reason,
     npy_error,
     one_line,
     read_image,
@@ -566,28 +565,6 @@ def _warn_shared_files(train_paths: Sequence[Path], synth_paths: Sequence[Path])
         )
 
 
-def _no_slice_reason(p: Path, policy: SlicePolicy) -> str:
-    """Why a file gave no slice in slices mode: its slice range (``policy.start/stop/step``) selects none of
-    the slices along ``policy.axis``, or no selected slice passes the foreground threshold."""
-    try:
-        kind = image_kind(p)
-        if kind == "nifti":
-            shape = tuple(nib_load(p).shape)
-        elif kind == "npy":
-            shape = tuple(_open_npy(p).shape)  # (leading axes of length 1 dropped, as the slices were cut)
-        else:
-            shape = ()
-    except Exception:  # noqa: BLE001 - the file was read a moment ago; the plain reason then
-        shape = ()
-    if len(shape) >= 3:
-        n = int(shape[policy.axis])
-        if not range(n)[policy.start : policy.stop : policy.step]:
-            return (f"{p}: the slice range {policy.start}:{policy.stop}:{policy.step} selects none of its {n} "
-                    f"slices along axis {policy.axis}")
-    return (f"{p}: no slice passes the foreground threshold (min_foreground {policy.min_foreground}, "
-            f"foreground_level {policy.foreground_level} of the volume's intensity range above its minimum)")
-
-
 def _fit_offset(shape: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
     """Per axis, where the centre of an item of ``shape`` lies after ``center_fit`` to ``size``, relative to
     the centre of the fitted item: 0 when the crop or pad is even, else half a voxel, recorded as +1 for an
@@ -690,7 +667,7 @@ def _decode_all(
                 skipped.append((str(p), err))
                 continue
             if not arrs:
-                reason = _no_slice_reason(p, policy)
+                reason = no_slice_reason(p, policy)
                 skipped.append((str(p), reason))
                 logger.warning("skipping %s file %s", name, reason)
                 continue
@@ -1742,7 +1719,12 @@ def audit(
             f"ignored; {remedy}"
         )
     th = _check_thresholds(thresholds)
+    if mode == "volumes" and policy is not None and policy != SlicePolicy():
+        # (they were accepted without a word, and still changed the saved search's key)
+        logger.warning("mode='volumes' compares whole volumes: the slice policy (%s; --axis, --slice-*, "
+                       "--min-foreground) is ignored", policy)
     policy = policy or SlicePolicy()
+    policy_token = policy.token() if mode == "slices" else "volumes"
     out = Path(out)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     for folder, what, option in ((out, "output folder", "out (--out)"),
@@ -1848,7 +1830,7 @@ def audit(
         "verify": verify,
         "mode": mode,
         "size": list(fit) if fit else None,
-        "policy": policy.token(),
+        "policy": policy_token,
         "flips": bool(verify_flips),
         "shifts": int(verify_shifts),
         "rotations": float(verify_rotations),
@@ -1860,7 +1842,7 @@ def audit(
         **({"preprocess": _preprocess_version()} if metric == "deepssim" else {}),  # (its embeddings' version)
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": hashlib.sha256(
-            "\n".join(_file_key(p, policy.token()) for p in (*train_paths, *synth_paths)).encode()
+            "\n".join(_file_key(p, policy_token) for p in (*train_paths, *synth_paths)).encode()
         ).hexdigest(),
     }
     resumed = _stage_state(work, fingerprint)
@@ -2761,7 +2743,14 @@ def evaluate(
     sfile = d / "summary.json"
     if not sfile.is_file():
         raise FileNotFoundError(f"{d} is not an audit directory (no summary.json)")
-    summary = json.loads(sfile.read_text())
+    try:
+        summary = json.loads(sfile.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{sfile}: not a readable audit summary ({exc}); run the audit into {d} again") from exc
+    need = ("thresholds", "metric", "mode", "verify")
+    missing = [k for k in need if k not in summary] if isinstance(summary, dict) else list(need)
+    if missing:
+        raise ValueError(f"{sfile}: not an audit summary (no {', '.join(missing)}); run the audit into {d} again")
     work = d / "work"
     try:
         state = json.loads((work / "state.json").read_text())

@@ -103,9 +103,12 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
     from .io import discover, read_image, stored_dtype
 
+    if args.win_size is not None and args.window == "gaussian":  # (it was ignored, even an even size)
+        raise ValueError("--win-size is the uniform window's side; the gaussian window is fixed (sigma 1.5, "
+                         "11 taps, as scikit-image's gaussian_weights)")
     opts = dict(
         window=args.window,
-        win_size=args.win_size,
+        win_size=7 if args.win_size is None else args.win_size,
         preset=args.preset,
         data_range=args.data_range,
         backend=args.backend,
@@ -150,6 +153,8 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
 
     if a.is_file() and b.is_file():
         x, y = read(a), read(b)
+        if x.dtype != y.dtype:  # (one file exact in float32, the other not: ssim takes one dtype per call)
+            x, y = x.astype(np.float64), y.astype(np.float64)
         if x.shape != y.shape:
             raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
         integer_range([a, b], [x, y])
@@ -249,8 +254,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     skipped = getattr(model, "skipped", [])
     if skipped:  # (each was logged as a warning when it was read)
-        print(f"left out {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]} "
-              "(--strict aborts instead)", file=sys.stderr)
+        print(f"left out {len(skipped)} file(s), e.g. {one_line(skipped[0][1])} (an unreadable file: --strict "
+              "aborts instead)", file=sys.stderr)
     best_val = getattr(model, "best_val", None)
     best = Path(args.out) / "best.pt"
     # best.pt is this run's only when it validated (train removes an earlier run's); else the last weights
@@ -269,12 +274,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .io import discover, iter_slices
     from .model import embed, load_model
 
+    from .report import skip_reason
+
     if args.batch_size < 1:  # (before the images are read)
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if Path(args.out).is_dir():  # ("outdir/" wrote outdir.npy and outdir.ids.txt beside the folder)
+        raise ValueError(f"--out {args.out} is an existing folder; give the .npy file to write (e.g. "
+                         f"{Path(args.out) / 'embeddings.npy'})")
     skipped: list = []
     slices = list(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped))
     if not slices:
-        raise ValueError(f"{args.images}: no readable images")
+        first = f"; {one_line(skipped[0][1])}" if skipped else ""
+        raise ValueError(f"{args.images}: no image to embed ({len(skipped)} file(s) skipped{first})")
     emb = embed(
         [s.array for s in slices],
         load_model(args.model),
@@ -295,7 +306,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     # (a file name that is not UTF-8 keeps its own bytes)
     atomic_write_bytes(ids, os.fsencode("".join(s.key + "\n" for s in slices)))
     for p, r in skipped:
-        print(f"warning: skipped {p}: {one_line(r)}", file=sys.stderr)
+        print(f"warning: skipped {one_line(p)}: {one_line(skip_reason(p, r))}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
     return 0
 
@@ -445,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=["deepssim"], default=None, help="z-score both, range of the first")
     s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform",
                    help="uniform window (default, as scikit-image) or gaussian (sigma 1.5, 11 taps)")
-    s.add_argument("--win-size", type=int, default=7, help="uniform window side (default 7)")
+    s.add_argument("--win-size", type=int, default=None, help="uniform window side (default 7)")
     s.add_argument(
         "--data-range",
         type=float,

@@ -760,6 +760,28 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
     return [(str(p), read_image(p))]
 
 
+def no_slice_reason(p: Path, policy: SlicePolicy) -> str:
+    """Why a file gave no slice in slices mode: its slice range (``policy.start/stop/step``) selects none of
+    the slices along ``policy.axis``, or no selected slice passes the foreground threshold."""
+    try:
+        kind = image_kind(p)
+        if kind == "nifti":
+            shape = tuple(nib_load(p).shape)
+        elif kind == "npy":
+            shape = tuple(_open_npy(p).shape)  # (leading axes of length 1 dropped, as the slices were cut)
+        else:
+            shape = ()
+    except Exception:  # noqa: BLE001 - the file was read a moment ago; the plain reason then
+        shape = ()
+    if len(shape) >= 3:
+        n = int(shape[policy.axis])
+        if not range(n)[policy.start : policy.stop : policy.step]:
+            return (f"{p}: the slice range {policy.start}:{policy.stop}:{policy.step} selects none of its {n} "
+                    f"slices along axis {policy.axis}")
+    return (f"{p}: no slice passes the foreground threshold (min_foreground {policy.min_foreground}, "
+            f"foreground_level {policy.foreground_level} of the volume's intensity range above its minimum)")
+
+
 def iter_slices(
     paths: Iterable[str | os.PathLike],
     policy: SlicePolicy | None = None,
@@ -770,7 +792,9 @@ def iter_slices(
     """Yield the 2D slices of every file in ``paths``, in order, cut by ``policy`` (default SlicePolicy()).
 
     A file that cannot be read is appended to ``skipped`` as ``(path, reason)`` and logged as a warning,
-    or, with ``strict=True``, raises :class:`DataError` naming the path. A file is read completely
+    or, with ``strict=True``, raises :class:`DataError` naming the path. A readable file that gives no slice
+    (its slice range selects none, or none passes the foreground threshold) is appended and logged the same
+    way, also with ``strict=True``. A file is read completely
     before its first slice is yielded, so a corrupt file never contributes part of its slices.
     """
     policy = policy or SlicePolicy()
@@ -785,6 +809,9 @@ def iter_slices(
             if skipped is not None:
                 skipped.append((str(p), str(exc)))
             continue
-        if not slices:
-            logger.info("%s: no slice passes the foreground threshold of %s", p, policy)
+        if not slices:  # (readable, but nothing to give: said as the audit says it, never dropped silently)
+            reason = no_slice_reason(p, policy)
+            logger.warning("skipping %s: %s", p, one_line(reason))
+            if skipped is not None:
+                skipped.append((str(p), reason))
         yield from slices

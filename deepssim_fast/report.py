@@ -309,7 +309,8 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
         if not skipped
         else "<table><tr><th>set</th><th>path</th><th>reason</th></tr>"
         + "".join(
-            f"<tr><td>{e(s['set'])}</td><td><code>{e(s['path'])}</code></td><td>{e(skip_reason(s['path'], s['reason']))}</td></tr>"
+            f"<tr><td>{e(s['set'])}</td><td><code>{e(s['path'])}</code></td>"
+            f"<td>{e(skip_reason(s['path'], s['reason']))}</td></tr>"
             for s in skipped
         )
         + "</table>"

@@ -14,8 +14,9 @@ Backends (``backend=`` or ``$DEEPSSIM_FAST_BACKEND``; default by where the data 
 
 * ``"native"`` — C++ (``csrc/ssim.cpp``): uniform windows (2D and 3D) use O(1)-per-pixel running (box)
   sums in fp64 (exact enough that E[x²] − E[x]² does not cancel; ``DEEPSSIM_FAST_SSIM_BOX=0`` turns them
-  off, and so does k1 or k2 below 1e-5, where a running sum's rounding is no longer small beside C1, C2; ``ssim_matrix`` reuses each image's 2D moments across its pairs, and runs 3D through the pair
-  kernel); Gaussian windows (or uniform ones with the running sums off) use separable fp32 window passes
+  off, and so does k1 or k2 below 1e-5, where a running sum's rounding is no longer small beside C1, C2;
+  ``ssim_matrix`` reuses each image's 2D moments across its pairs, and runs 3D through the pair kernel);
+  Gaussian windows (or uniform ones with the running sums off) use separable fp32 window passes
   that centre every lane on its window's middle value (law of total variance). AVX2/FMA, fp64 map sums,
   threads over pairs (2D) or rows/planes (few pairs, 3D), GIL released.
 * ``"torch"`` — vectorised torch in float64 (CPU or GPU), separable grouped convolutions.

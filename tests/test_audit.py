@@ -2525,3 +2525,35 @@ def test_odd_names_stale_evaluation_and_scores_on_a_threshold(ds: dict, tmp_path
         assert (v > th[1]) == (r["label"] == "duplicate"), r
         seen += abs(v - v0) < 1e-6
     assert seen >= 1
+
+
+def test_volumes_mode_ignores_the_slice_policy_with_a_warning_and_keeps_its_search(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--axis/--slice-*/--min-foreground were accepted without a word in volumes mode, and still changed the
+    saved search's key, so a rerun with --axis 0 searched again."""
+    vol = data.load_volume("aniso_vox").array
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", vol)
+    np.save(tmp_path / "t" / "b.npy", np.ascontiguousarray(vol[::-1]))
+    np.save(tmp_path / "s" / "c.npy", vol + 1.0)
+    out = tmp_path / "o"
+    A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=1, out=out, progress=False)
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.audit"):
+        A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=1, out=out, progress=False,
+                policy=SlicePolicy(axis=0, step=3, min_foreground=0.5))
+    assert "mode='volumes' compares whole volumes: the slice policy" in caplog.text
+    assert "configuration changed" not in caplog.text
+
+
+def test_evaluate_names_a_damaged_summary(ssim_run: A.AuditResult, tmp_path: Path) -> None:
+    """An empty {} summary.json gave a KeyError traceback, invalid JSON an error naming no file."""
+    d = tmp_path / "copy"
+    shutil.copytree(ssim_run.out, d)
+    labels = _labels(tmp_path / "lab.csv", ("mni_030.npy", "s00.npy", 1))
+    (d / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"copy/summary\.json: not an audit summary \(no thresholds, metric"):
+        A.evaluate(d, labels)
+    (d / "summary.json").write_text("{\n")
+    with pytest.raises(ValueError, match=r"copy/summary\.json: not a readable audit summary"):
+        A.evaluate(d, labels)

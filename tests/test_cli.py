@@ -600,7 +600,7 @@ def test_train_command_leaves_unreadable_files_out_unless_strict(
             "--emb-dim", "8", "-q"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     captured = capsys.readouterr()
-    assert "left out 1 unreadable file(s)" in captured.err and "broken.nii.gz" in captured.err
+    assert "left out 1 file(s)" in captured.err and "broken.nii.gz" in captured.err
     assert main([*base, "--out", str(tmp_path / "b"), "--strict"]) == 2
     assert "broken.nii.gz" in capsys.readouterr().err
     assert not (tmp_path / "b" / "last.pt").exists()
@@ -911,3 +911,69 @@ def test_slicing_flag_errors_name_the_flag(tmp_path: Path, capsys: pytest.Captur
                      "--out", str(tmp_path / "o"), flag, value]) == 2
         err = capsys.readouterr().err
         assert said in err and "SlicePolicy" not in err, err
+
+
+def test_ssim_of_a_float64_file_and_a_float32_exact_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A float64 .npy (np.save's default) beside a PNG or a float64 file exact in float32 crashed with
+    "x and y must have the same dtype" (each file kept its own dtype)."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(5)
+    a = rng.random((24, 24)) * 200  # float64, not exact in float32
+    b = np.round(rng.random((24, 24)) * 200)  # float64 whole numbers: exact in float32
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")]) == 0
+    want = structural_similarity(a, b, data_range=float(max(a.max(), b.max()) - min(a.min(), b.min())))
+    assert float(capsys.readouterr().out) == pytest.approx(want, abs=1e-6)
+
+
+def test_ssim_refuses_a_window_size_for_the_gaussian_window(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--win-size was ignored with --window gaussian (even an even size was taken)."""
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((24, 24)).astype(np.float32))
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "a.npy"), "--window", "gaussian",
+                 "--win-size", "5"]) == 2
+    assert "--win-size is the uniform window's side" in capsys.readouterr().err
+    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "a.npy"), "--window", "gaussian"]) == 0
+
+
+def test_out_paths_blocked_by_a_file_or_naming_a_folder_are_clear(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """`ssim ... --out afile/x.csv` said "[Errno 17] File exists: 'afile'"; `--out outdir` (a folder) failed
+    after writing a temporary file; `embed --out outdir/` wrote outdir.npy and outdir.ids.txt beside it."""
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((24, 24)).astype(np.float32))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "outdir").mkdir()
+    a = str(tmp_path / "a.npy")
+    assert main(["ssim", a, a, "--out", str(tmp_path / "afile" / "x.csv")]) == 2
+    assert "afile is an existing file, not a folder" in capsys.readouterr().err
+    assert main(["ssim", a, a, "--out", str(tmp_path / "outdir")]) == 2
+    assert "is an existing folder; give a file name" in capsys.readouterr().err
+    assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", a, "--out",
+                 str(tmp_path / "outdir") + "/"]) == 2
+    assert "is an existing folder; give the .npy file to write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "afile", "outdir"]
+
+
+def test_embed_names_volumes_that_give_no_slice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A readable volume with no slice past the foreground rule made embed say "no readable images"; in a
+    folder it was dropped with an INFO line only. It is now a skipped input with the audit's reason."""
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    torch.manual_seed(0)
+    build_model("small", input_size=32).save_checkpoint(tmp_path / "m.pt")
+    (tmp_path / "imgs").mkdir()
+    np.save(tmp_path / "imgs" / "zero.npy", np.zeros((8, 8, 4), np.float32))
+    out = tmp_path / "e.npy"
+    assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "imgs" / "zero.npy"),
+                 "--out", str(out)]) == 2
+    assert "no image to embed (1 file(s) skipped; " in capsys.readouterr().err
+    np.save(tmp_path / "imgs" / "ok.npy", np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "imgs"),
+                 "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and "zero.npy: no slice passes the foreground threshold" in err
+    assert err.count("zero.npy") == 1  # the path is said once
+    assert np.load(out).shape[0] == 1
