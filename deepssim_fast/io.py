@@ -708,6 +708,27 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     return gen()
 
 
+#: The smallest side of a slice cut from a volume: the SSIM window (scikit-image's 7). A narrower "slice" is a
+#: volume that is not one: a batch of images saved as one array.
+MIN_SLICE_SIDE = 7
+
+
+def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy) -> None:
+    """DataError when the volume of ``shape`` (a 4D file: its frames' shape) cut along ``policy.axis`` gives
+    slices narrower than :data:`MIN_SLICE_SIDE`. Generated samples saved as one (N, H, W) array were cut along
+    axis 2 into N-pixel-high slices, padded to the item size and audited: exact copies scored 0.2, silently."""
+    if len(shape) < 3:
+        return
+    side = [int(n) for i, n in enumerate(shape[:3]) if i != policy.axis]
+    if min(side) >= MIN_SLICE_SIDE:
+        return
+    raise DataError(
+        f"{p}: a volume of shape {tuple(int(n) for n in shape)} cut along axis {policy.axis} gives slices of "
+        f"{side[0]} x {side[1]} pixels, narrower than the {MIN_SLICE_SIDE}-pixel SSIM window; a batch of images "
+        "saved as one array, (N, H, W) or (N, 1, H, W), is read as a volume: save one image per file"
+        + (" (or, when every input is an (N, H, W) batch, give --axis 0)" if len(shape) == 3 else ""))
+
+
 def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     """All slices of one file (read fully before returning, so a corrupt file fails before any slice)."""
     from .data import volume_slices
@@ -715,6 +736,12 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     _require_exists(p)
     kind = image_kind(p)
     if kind == "nifti":
+        try:
+            _check_slice_sides(p, nib_load(p).shape, policy)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
+            raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
         lazy = _proxy_slices(p, policy)
         if lazy is not None:
             return list(lazy)
@@ -730,6 +757,7 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
         return volume_slices(load_nifti(p), policy, source=str(p))
     if kind == "npy":  # (opened once: each np.load parses the header again)
         a = _open_npy(p)
+        _check_slice_sides(p, a.shape, policy)
         if a.ndim == 4 and a.shape[3] > 1:  # (one frame: the volume, as for NIfTI)
             out = []
             for t in range(a.shape[3]):

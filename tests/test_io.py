@@ -876,3 +876,27 @@ def test_a_literal_name_starting_with_a_tilde_is_found(tmp_path: Path, monkeypat
     want = [Path("~scans/x.npy")]
     assert [p.relative_to(tmp_path) if p.is_absolute() else p for p in discover("~scans")] == want
     assert [p.relative_to(tmp_path) if p.is_absolute() else p for p in discover("~scans/x.npy")] == want
+
+
+def test_a_batch_of_images_saved_as_one_array_is_refused_not_cut_into_strips(tmp_path: Path) -> None:
+    """Three generated slices saved as one (3, H, W) .npy (as sampling code saves a batch) were read as a
+    volume and cut along axis 2 into 3-pixel-high strips, padded and audited: exact copies of training slices
+    scored 0.2, with no warning. (3, 1, H, W) gave 1-pixel strips. Both are now refused with a reason."""
+    vol = data.load_volume("mni152").array
+    batch = np.stack([vol[:, :, z] for z in (60, 70, 80)]).astype(np.float32)  # (3, 197, 233)
+    np.save(tmp_path / "b3.npy", batch)
+    np.save(tmp_path / "b31.npy", batch[:, None])
+    for name in ("b3.npy", "b31.npy"):
+        with pytest.raises(DataError, match=rf"{name}: a volume of shape .* cut along axis 2 gives slices of "
+                                            r"3 x (197|1) pixels.*save one image per file"):
+            list(iter_slices([tmp_path / name], SlicePolicy(), strict=True))
+        skipped: list = []
+        assert list(iter_slices([tmp_path / name], SlicePolicy(), skipped=skipped)) == []
+        assert "narrower than the 7-pixel SSIM window" in skipped[0][1]
+    # --axis 0 reads the batch as its images; real volumes are cut as before
+    got = [s.array for s in iter_slices([tmp_path / "b3.npy"], SlicePolicy(axis=0, min_foreground=0))]
+    assert len(got) == 3 and all(np.array_equal(g, b) for g, b in zip(got, batch, strict=True))
+    nib.save(nib.Nifti1Image(batch.transpose(1, 2, 0), np.eye(4)), tmp_path / "v.nii")  # (197, 233, 3)
+    assert len(list(iter_slices([tmp_path / "v.nii"], SlicePolicy(min_foreground=0)))) == 3
+    with pytest.raises(DataError, match=r"v\.nii: a volume of shape \(197, 233, 3\) cut along axis 0"):
+        list(iter_slices([tmp_path / "v.nii"], SlicePolicy(axis=0), strict=True))
