@@ -1276,3 +1276,16 @@ def test_tiny_k_constants_stay_exact_beside_a_bright_voxel(k: float) -> None:
         m = ssim_matrix(np.stack([x, y]), np.stack([y, x]), k1=k, k2=k, spatial_dims=d, backend="native")
         want_m = [[float(ssim_reference(a, b, k1=k, k2=k, spatial_dims=d)) for b in (y, x)] for a in (x, y)]
         np.testing.assert_allclose(np.asarray(m, np.float64), want_m, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("data_range", [0.01, 1e-3])
+def test_running_sum_kernels_follow_the_span_rule(data_range: float) -> None:
+    """README: a pair spanning more than 32768 k2 data_range is computed in float64. The 2D uniform window's
+    running-sum kernels ignored the rule: a real slice spanning [0, 1000] against itself shifted by a row, at
+    data_range=0.001, scored 1.5e-3 off float64 (ssim and ssim_matrix; the Gaussian window was right)."""
+    x = (data.load_volume("t1_coronal_slice").array[::2, ::2] * 1000).astype(np.float32)
+    y = np.roll(x, 1, axis=0)
+    want = float(ssim(x.astype(np.float64), y.astype(np.float64), data_range=data_range, backend="torch"))
+    assert float(ssim(x, y, data_range=data_range, backend="native")) == pytest.approx(want, abs=1e-7)
+    m = ssim_matrix(x[None], y[None], data_range=data_range, backend="native")
+    assert float(np.asarray(m)[0, 0]) == pytest.approx(want, abs=1e-6)
