@@ -139,7 +139,9 @@ _CACHE_TMP_AGE_S = 3600.0
 # 7: the search's flips (verify_flips) mirror each synthetic item about the centre of its file, before the
 # centre crop/pad (see _fit_offset): a mirrored copy of a file cropped or padded by an odd number of voxels
 # lines up with its source (a flip of the fitted item lay one voxel off it)
-_FORMAT_VERSION = 7
+# 8: flips include the mirrors of several axes (2D: hvflip, a 180° rotation; 3D: flip01 (RAS against LPS),
+# flip02, flip12, flip012), and rotations are verified for the unflipped image as well as the best flip
+_FORMAT_VERSION = 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -720,8 +722,9 @@ def _check_item_size(fit: tuple[int, ...], origin: str, *, mode: str) -> None:
     if min(fit) >= _SSIM_WINDOW:
         return
     hint = (
-        "give --size (size=), or cut the volumes along another --axis (axis=): an image stored as (1, H, W) "
-        "is cut along the default axis 2 into W slices of shape (1, H); --axis 0 gives the one (H, W) slice"
+        "give --size (size=), or cut the volumes along another --axis (axis=): a 2D image stored in a NIfTI "
+        "file as (1, H, W) is cut along the default axis 2 into W slices of shape (1, H); --axis 0 gives the "
+        "one (H, W) slice (a .npy of that shape is the image itself)"
         if mode == "slices"
         else "give --size (size=)"
     )
@@ -1079,16 +1082,22 @@ def _centred_rows(
 # ----------------------------------------------------------------------------------------------------
 # Verification
 # ----------------------------------------------------------------------------------------------------
-def _flip_variants(flips: bool, spatial_dims: int) -> list[tuple[str, tuple[int, ...]]]:
+def _flip_variants(flips: bool, spatial_dims: int, all_mirrors: bool = True) -> list[tuple[str, tuple[int, ...]]]:
     """(name, axes) of the flips searched: none first; with ``flips``, 2D items are flipped horizontally
-    (``hflip``, axis 1) and vertically (``vflip``, axis 0), volumes along each axis (``flip0``: axis 0,
-    left-right in RAS data; ``flip1``; ``flip2``)."""
+    (``hflip``, axis 1), vertically (``vflip``, axis 0) and both (``hvflip``: a 180° rotation), volumes along
+    each axis (``flip0``: axis 0, left-right in RAS data; ``flip1``; ``flip2``) and each set of axes
+    (``flip01``: RAS against LPS, ``flip02``, ``flip12``, ``flip012``). ``all_mirrors=False``: the single-axis
+    flips alone, as audits before format 8 searched (an LPS copy of a RAS training volume, or a slice turned
+    by 180°, was then missed)."""
     out: list[tuple[str, tuple[int, ...]]] = [("", ())]
     if flips:
         if spatial_dims == 2:
-            out += [("hflip", (1,)), ("vflip", (0,))]
+            out += [("hflip", (1,)), ("vflip", (0,))] + ([("hvflip", (0, 1))] if all_mirrors else [])
         else:
             out += [(f"flip{ax}", (ax,)) for ax in range(spatial_dims)]
+            if all_mirrors:
+                out += [("flip" + "".join(map(str, axes)), axes)
+                        for axes in ((0, 1), (0, 2), (1, 2), (0, 1, 2))]
     return out
 
 
@@ -1282,12 +1291,15 @@ def verify_pairs(
     backend: str | None = None,
     extra: Sequence[tuple[str, Callable[[np.ndarray], np.ndarray]] | None] | None = None,
     overlap: bool = True,
+    all_mirrors: bool = True,
 ) -> tuple[np.ndarray, list[str]]:
     """Verified SSIM of the pairs (train_px[i], synth_px[i]), each (B, *size) → (best SSIM (B,) f64, names).
 
     The synthetic image is transformed by each flip (none, or also those of :func:`_flip_variants` when
-    ``flips``: horizontal / vertical in 2D, each axis in 3D), and
-    the flip of highest correlation also by the rotations ±r/2, ±r degrees (r = ``rotations``; 2D only); each
+    ``flips``: horizontal, vertical and both in 2D, each set of axes in 3D), and the unflipped image and
+    the flip of highest correlation also by the rotations ±r/2, ±r degrees (r = ``rotations``; 2D only; with
+    the best flip alone, a copy turned by 90° was lost when flips were asked for as well: the flip that
+    correlated best was the wrong one); each
     variant is followed by the integer shift within ±``shifts`` that maximises its cross-correlation with the
     training image (computed by FFT; along a flipped axis within at least ±1, as an item centre-fitted by an
     odd number of voxels is mirrored one voxel off its file's mirror image). The untransformed
@@ -1297,6 +1309,8 @@ def verify_pairs(
     search variant that gave the pair its search score (:func:`_search_variants`; the audit passes it, so
     that the verified SSIM is never below the search's SSIM of that variant, which a shift chosen by
     correlation can miss), unless a transform of that name is scored already.
+    ``all_mirrors`` (format 8; ``False``: as audits before it verified, for :func:`evaluate`): the flips of
+    several axes, and the rotations of the unflipped image as well as of the best flip.
     ``overlap`` (format 6; ``False``: as audits before it verified, for :func:`evaluate`): each variant's shift
     is the one of highest normalised cross-correlation over the overlap (linear, not circular: see
     :func:`_best_shift`), and a shifted transform is also scored on the overlap alone, the part of the field
@@ -1358,7 +1372,7 @@ def verify_pairs(
             scored = []
             flipped = {}
             reach = {}
-            for fname, axes in _flip_variants(flips, spatial_dims):
+            for fname, axes in _flip_variants(flips, spatial_dims, all_mirrors):
                 v = np.ascontiguousarray(np.flip(s, axis=axes)) if axes else s
                 flipped[fname] = v
                 # a flip mirrors the fitted item about its centre, which is half a voxel off the centre of the
@@ -1368,12 +1382,15 @@ def verify_pairs(
                 reach[fname] = tuple(max(shifts, 1) if ax in axes else shifts for ax in range(t.ndim))
                 d, score = _best_shift(t_fft, t_sq, t.shape, t_pad, v, reach[fname], linear=overlap)
                 scored.append((-score, len(scored), fname, 0.0, d, v))
-            # rotations are searched for the best flip only (flip first, then angle, then shift)
+            # rotations are searched for the unflipped image and the best flip (flip first, then angle, then
+            # shift); before format 8 for the best flip only
             top_flip = min(scored, key=lambda z: (z[0], z[1]))[2]
-            for deg in _rotation_angles(rotations)[1:]:
-                r = _rotate(flipped[top_flip], deg)
-                d, score = _best_shift(t_fft, t_sq, t.shape, t_pad, r, reach[top_flip], linear=overlap)
-                scored.append((-score, len(scored), top_flip, deg, d, r))
+            turned = list(dict.fromkeys(("", top_flip))) if all_mirrors else [top_flip]
+            for fname in turned if rotations > 0 else ():
+                for deg in _rotation_angles(rotations)[1:]:
+                    r = _rotate(flipped[fname], deg)
+                    d, score = _best_shift(t_fft, t_sq, t.shape, t_pad, r, reach[fname], linear=overlap)
+                    scored.append((-score, len(scored), fname, deg, d, r))
             scored = [z for z in scored if z[2] or z[3] or any(z[4])]
             scored.sort(key=lambda z: (z[0], z[1]))
             for _, _, fname, deg, d, r in scored[:candidates]:
@@ -1497,7 +1514,7 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
             for f in stale:
                 f.unlink()
             for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
-                if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|flip\d|shift\d+))?", d.name):
+                if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|hvflip|flip\d+|shift\d+))?", d.name):
                     shutil.rmtree(d, ignore_errors=True)
             state.unlink()
             resumed = counts_only
@@ -2172,13 +2189,15 @@ def _flip_item(img: np.ndarray, axes: tuple[int, ...], offset: Sequence[int] | N
 
 
 def _search_variants(
-    metric: str, flips: bool, shifts: int, spatial_dims: int, fit: np.ndarray | None = None
+    metric: str, flips: bool, shifts: int, spatial_dims: int, fit: np.ndarray | None = None,
+    all_mirrors: bool = True,
 ) -> list[tuple[str, str, Any]]:
     """The transforms the flip/shift-aware search applies to the synthetic items (``deepssim``,
     ``correlation`` and ``ssim``; the audit refuses flips and shifts for ``ssim`` with ``verify='none'``), in
     the order searched, as (key, name, (image, item index) -> image): ``key`` names the variant's
     shard folder (``shards_<key>``), ``name`` is the transform as matches.csv writes it (the flips ``hflip``,
-    ``vflip`` / ``flip0``..``flip2``, then the translations ``shift(dy,dx)`` of :func:`_search_offsets`, as
+    ``vflip``, ``hvflip`` / ``flip0``..``flip012`` (:func:`_flip_variants`; ``all_mirrors=False``: the
+    single-axis ones, as before format 8), then the translations ``shift(dy,dx)`` of :func:`_search_offsets`, as
     verification names them); a pair's search score is its best over the untransformed item and these.
 
     A flip mirrors the synthetic item about the centre of its file (:func:`_flip_item`, with the item's row
@@ -2189,7 +2208,7 @@ def _search_variants(
         if flips:
             variants += [
                 (fname, fname, lambda img, i, axes=axes: _flip_item(img, axes, None if fit is None else fit[i]))
-                for fname, axes in _flip_variants(True, spatial_dims)[1:]
+                for fname, axes in _flip_variants(True, spatial_dims, all_mirrors)[1:]
             ]
         if shifts > 0:
             variants += [(f"shift{j}", _transform_name("", 0.0, d), lambda img, i, d=d: _shift(img, d))
@@ -2785,6 +2804,7 @@ def evaluate(
     # the synthetic items' fit offsets: the search's flips mirror about each file's centre (format 7; before
     # it, about the fitted item's centre)
     s_fit = None
+    all_mirrors = summary.get("format_version", 0) >= 8  # (before it: single-axis flips, rotations of one flip)
     if summary.get("format_version", 0) >= 7 and meta["synth"].get("fit") is not None:
         s_fit = np.asarray(meta["synth"]["fit"], dtype=np.int8).reshape(len(ids["synth"]), -1)
     skipped = {side: [(str(x["path"]), str(x["reason"])) for x in summary.get("skipped") or [] if x.get("set") == side]
@@ -2822,7 +2842,7 @@ def evaluate(
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
         # a pair the audit verified also scored the search variant that gave it its search score: the same here
         variants = _search_variants(metric, summary["verify"]["flips"], summary["verify"]["max_shift"],
-                                    spatial_dims, s_fit)
+                                    spatial_dims, s_fit, all_mirrors)
         extra = None
         if variants and summary.get("format_version", 0) >= 5:  # (audits before format 5 verified without it)
             found = SearchResult.load(stored("search.npz"))
@@ -2843,6 +2863,7 @@ def evaluate(
             backend=backend,
             extra=extra,
             overlap=summary.get("format_version", 0) >= 6,  # (audits before format 6 verified without it)
+            all_mirrors=all_mirrors,
         )
     elif metric == "ssim":  # the search score itself: exact SSIM, training item first
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
@@ -2874,7 +2895,7 @@ def evaluate(
             return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
         variants = _search_variants(
-            metric, summary["verify"]["flips"], summary["verify"]["max_shift"], spatial_dims, s_fit
+            metric, summary["verify"]["flips"], summary["verify"]["max_shift"], spatial_dims, s_fit, all_mirrors
         )
         model_obj = _evaluation_model(summary, model) if variants and metric == "deepssim" else None
         parts = [np.empty(0)]

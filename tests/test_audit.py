@@ -2558,3 +2558,32 @@ def test_evaluate_names_a_damaged_summary(ssim_run: A.AuditResult, tmp_path: Pat
     (d / "summary.json").write_text("{\n")
     with pytest.raises(ValueError, match=r"copy/summary\.json: not a readable audit summary"):
         A.evaluate(d, labels)
+
+
+def test_flips_of_several_axes_and_rotations_of_the_unflipped_slice(tmp_path: Path) -> None:
+    """Format 8. A slice turned by 180° (both in-plane flips) and a volume stored as LPS against a RAS training
+    volume were missed even with verify_flips (one flip at a time: 0.553 for the LPS volume, "different");
+    and adding verify_flips to verify_rotations lost a 90°-turned copy that rotations alone found (rotations
+    were tried on the best-correlating flip only, here the wrong one). Checked on asymmetric real scans (the
+    MNI template is left-right symmetric and hides the first)."""
+    s0 = data.load_volume("s0_10slices").array[::2, ::2, :]
+    t = np.ascontiguousarray(s0[:, :, 3])
+    for syn, kw, name in ((np.rot90(t, 2), {"flips": True}, "hvflip"),
+                          (np.rot90(t, 1), {"flips": True, "rotations": 90.0}, "rot(+90)")):
+        v, n = A.verify_pairs(t[None], np.ascontiguousarray(syn)[None], spatial_dims=2, **kw)
+        assert v[0] > 0.99 and n[0] == name, (v, n)
+        old, _ = A.verify_pairs(t[None], np.ascontiguousarray(syn)[None], spatial_dims=2, all_mirrors=False, **kw)
+        assert old[0] < 0.85  # as audits before format 8 verified it (evaluate of such audits keeps this)
+    vol = data.load_volume("aniso_vox").array
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "ras.npy", vol)
+    np.save(tmp_path / "t" / "other.npy", data.center_fit(data.load_volume("example4d", frame=0).array, vol.shape))
+    np.save(tmp_path / "s" / "lps.npy", np.ascontiguousarray(vol[::-1, ::-1, :]))
+    r = A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=1, verify_flips=True,
+                out=tmp_path / "o", progress=False)
+    (row,) = _rows(tmp_path / "o")
+    assert row["train_path"].endswith("ras.npy") and row["label"] == "duplicate" and float(row["ssim"]) > 0.99
+    assert row["transform"].startswith("flip01") and r.summary["format_version"] == 8
+    ev = A.evaluate(r.out, _labels(tmp_path / "lab.csv", ("ras.npy", "lps.npy", 1), ("other.npy", "lps.npy", 0)))
+    assert ev["macro_f1"] == pytest.approx(1.0)
