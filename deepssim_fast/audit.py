@@ -77,6 +77,7 @@ import contextlib
 import csv
 import functools
 import hashlib
+import inspect
 import io as _io
 import itertools
 import json
@@ -89,7 +90,7 @@ import struct
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1589,6 +1590,61 @@ def _chunk_hook(stage: str, index: int) -> None:
     """Called after every finished chunk (a seam for fault-injection tests)."""
 
 
+class OutputInUse(RuntimeError):
+    """Another audit is writing to the same output folder."""
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (``out/work/.lock``, an ``flock``) for one audit: two audits into
+    one OUT (a rerun with other thresholds started beside the first) reset each other's work folder, and
+    the survivor kept the other's counts under its own state, on every rerun. The second now stops at once,
+    naming the process that holds it. Where the file system has no locks (ENOLCK, some network mounts) the
+    audit goes on with a warning."""
+    try:
+        import fcntl
+    except ImportError:  # (no flock: not a POSIX system)
+        yield
+        return
+    blocker = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:  # (said by the argument checks, with the option's name)
+        yield
+        return
+    lock = out / "work" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise OutputInUse(f"{out} is in use by another audit (process {holder}); wait for it to finish, or "
+                              "give another --out (out=)") from None
+        except OSError as exc:
+            logger.warning("could not lock %s (%s): do not run two audits into it at once", out, exc)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _holding_out_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``audit`` run under :func:`_out_lock` of its ``out``."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind_partial(*args, **kwargs)
+        out = bound.arguments.get("out", sig.parameters["out"].default)
+        with _out_lock(Path(out)):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_holding_out_lock
 def audit(
     train: Spec,
     synth: Spec,
@@ -1774,6 +1830,14 @@ def audit(
         "audit: %d training files, %d synthetic files, metric %s", len(train_paths), len(synth_paths), metric
     )
 
+    # The input files' identities, taken before they are read: a file rewritten while the audit decodes (a
+    # generator still writing its samples) then no longer matches on the rerun, which decodes it again. Taken
+    # after decoding, they recorded the new file beside results of the old content, and every rerun resumed
+    # them.
+    files_digest = hashlib.sha256(
+        "\n".join(_file_key(p, policy_token) for p in (*train_paths, *synth_paths)).encode()
+    ).hexdigest()
+
     model_obj, model_path, model_hash = (None, None, None)
     if metric == "deepssim":
         model_obj, model_path, model_hash = _load_model(model)
@@ -1858,9 +1922,7 @@ def audit(
         "chunk": int(chunk_size),
         **({"preprocess": _preprocess_version()} if metric == "deepssim" else {}),  # (its embeddings' version)
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
-        "files": hashlib.sha256(
-            "\n".join(_file_key(p, policy_token) for p in (*train_paths, *synth_paths)).encode()
-        ).hexdigest(),
+        "files": files_digest,
     }
     resumed = _stage_state(work, fingerprint)
     if metric != "embeddings":  # the pixel stores, only now that work/ belongs to this configuration

@@ -194,7 +194,7 @@ def test_search_scores_equal_exact_ssim(ssim_run: A.AuditResult, ds: dict) -> No
     searched variants (as the deepssim and correlation searches do)."""
     rows = _rows(ssim_run.out)
     assert len(rows) >= 6
-    assert len(A._search_variants("ssim", True, 3, 2)) == 10  # hflip, vflip, 8 shifts
+    assert len(A._search_variants("ssim", True, 3, 2)) == 11  # hflip, vflip, hvflip, 8 shifts
     for r in rows[:6]:
         t = data.center_fit(np.load(r["train_path"]), SIZE)
         raw = np.load(r["synth_path"])
@@ -2587,3 +2587,49 @@ def test_flips_of_several_axes_and_rotations_of_the_unflipped_slice(tmp_path: Pa
     assert row["transform"].startswith("flip01") and r.summary["format_version"] == 8
     ev = A.evaluate(r.out, _labels(tmp_path / "lab.csv", ("ras.npy", "lps.npy", 1), ("other.npy", "lps.npy", 0)))
     assert ev["macro_f1"] == pytest.approx(1.0)
+
+
+def test_a_file_rewritten_while_the_audit_decodes_is_decoded_again_on_the_rerun(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume state recorded the input files' identities after decoding: a synthetic file rewritten while
+    the audit decoded (a generator still writing) was recorded as its new self beside results of its old
+    content, and every rerun resumed them (a planted copy stayed 'different'). The identities are now taken
+    before any file is read, so the rerun sees the change and matches a clean run."""
+    synth = tmp_path / "synth"
+    shutil.copytree(ds["synth"], synth)
+    victim = synth / "s10.npy"  # novel anatomy: 'different'
+    copy = ds["train_arrays"]["mni_070.npy"]
+    orig = A._decode_all
+
+    def decode_then_rewrite(name, paths, **kw):
+        r = orig(name, paths, **kw)
+        if name == "synth":
+            np.save(victim, copy)  # rewritten just after it was decoded
+        return r
+
+    kw = {"metric": "ssim", "k": 1, "chunk_size": 3, "progress": False}
+    monkeypatch.setattr(A, "_decode_all", decode_then_rewrite)
+    A.audit(ds["train"], synth, out=tmp_path / "o", **kw)
+    monkeypatch.setattr(A, "_decode_all", orig)
+    A.audit(ds["train"], synth, out=tmp_path / "o", **kw)
+    A.audit(ds["train"], synth, out=tmp_path / "clean", **kw)
+    row = {r["synth_path"]: r for r in _rows(tmp_path / "o")}[str(victim)]
+    assert row["label"] == "duplicate" and row["train_path"].endswith("mni_070.npy")
+    _compare_outputs(tmp_path / "clean", tmp_path / "o")
+
+
+def test_a_second_audit_into_the_same_out_stops_at_once(ds: dict, tmp_path: Path) -> None:
+    """Two audits into one OUT (the second with other thresholds) both finished without a word; the second
+    had reset the first's work folder, and kept the first's counts under its own state on every rerun. An
+    audit now holds a lock on OUT; another stops before touching it, naming the process that holds it."""
+    out = tmp_path / "o"
+    kw = {"metric": "ssim", "k": 1, "progress": False}
+    with A._out_lock(out):  # (as a running audit holds it: another open file, so another lock)
+        with pytest.raises(A.OutputInUse, match=rf"{re.escape(str(out))} is in use by another audit \(process "
+                                                rf"{os.getpid()}\)"):
+            A.audit(ds["train"], ds["synth"], out=out, **kw)
+    assert sorted(p.name for p in (out / "work").iterdir()) == [".lock"]  # nothing written
+    r = A.audit(ds["train"], ds["synth"], out=out, **kw)  # released
+    assert r.summary["n_synth"] > 0
+    r2 = A.audit(ds["train"], ds["synth"], out=out, **kw)  # and released again when it returned
+    assert r2.summary["counts"] == r.summary["counts"]
