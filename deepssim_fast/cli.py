@@ -659,15 +659,19 @@ def dask_logging(level: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command == "bench":  # everything after `bench` belongs to `python -m bench`, verbatim
-        cut = argv.index("bench") + 1
-        args = parser.parse_args(argv[:cut])
-        args.bench_args = argv[cut:]
-    else:
-        args = parser.parse_args(argv)
+    try:  # (building the parser imports the training module: seconds on a loaded machine, Ctrl-C included)
+        parser = build_parser()
+        if command == "bench":  # everything after `bench` belongs to `python -m bench`, verbatim
+            cut = argv.index("bench") + 1
+            args = parser.parse_args(argv[:cut])
+            args.bench_args = argv[cut:]
+        else:
+            args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"deepssim-fast{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return 128 + 2
     level = logging.WARNING - 10 * min(verbosity(args), 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:

@@ -977,3 +977,16 @@ def test_embed_names_volumes_that_give_no_slice(tmp_path: Path, capsys: pytest.C
     assert "warning: skipped" in err and "zero.npy: no slice passes the foreground threshold" in err
     assert err.count("zero.npy") == 1  # the path is said once
     assert np.load(out).shape[0] == 1
+
+
+def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C in the first seconds of a command (building the parser imports the training module) printed a
+    traceback instead of the one-line 'interrupted'."""
+    import deepssim_fast.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["audit", "--train", "x"]) == 130
+    assert capsys.readouterr().err == "deepssim-fast audit: interrupted\n"
