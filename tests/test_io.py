@@ -413,8 +413,8 @@ def test_nifti_with_a_mixed_case_extension_is_read(tmp_path: Path, suffix: str) 
     from deepssim_fast.io import _file_slices, _file_volumes
 
     rng = np.random.default_rng(3)
-    vol = rng.random((6, 7, 5)).astype(np.float32) + 1
-    series = rng.random((6, 7, 5, 2)).astype(np.float32) + 1
+    vol = rng.random((8, 7, 5)).astype(np.float32) + 1  # (slices of 8 x 7: at least the SSIM window)
+    series = rng.random((8, 7, 5, 2)).astype(np.float32) + 1
     for stem, arr, klass in (("v", vol, nib.Nifti1Image), ("s", series, nib.Nifti1Image),
                              ("n2", vol, nib.Nifti2Image)):
         lower = tmp_path / f"{stem}{suffix.lower()}"
@@ -778,7 +778,7 @@ def test_a_one_frame_4d_npy_is_its_volume_as_a_one_frame_nifti_is(tmp_path: Path
     # "<path>@t0", so the same scan saved two ways got two different ids (label keys, reports).
     from deepssim_fast.io import _file_slices, _file_volumes
 
-    vol = np.random.default_rng(5).random((6, 7, 8, 1)).astype(np.float32) + 0.5
+    vol = np.random.default_rng(5).random((8, 7, 8, 1)).astype(np.float32) + 0.5
     pn, pa = tmp_path / "one.nii.gz", tmp_path / "one.npy"
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(pn))
     np.save(pa, vol)
@@ -799,7 +799,7 @@ def test_channel_first_npy_images_are_their_image_not_a_stack_of_rows(tmp_path: 
     from deepssim_fast.io import _file_slices, _file_volumes
 
     img = np.random.default_rng(6).random((9, 11)).astype(np.float32) + 0.5
-    vol = np.random.default_rng(7).random((5, 9, 11)).astype(np.float32) + 0.5
+    vol = np.random.default_rng(7).random((7, 9, 11)).astype(np.float32) + 0.5
     policy = SlicePolicy(axis=2, min_foreground=0.0)
     for name, arr, want in (("chw", img[None], img), ("nchw", img[None, None], img), ("cdhw", vol[None], vol)):
         p = tmp_path / f"{name}.npy"
@@ -808,7 +808,7 @@ def test_channel_first_npy_images_are_their_image_not_a_stack_of_rows(tmp_path: 
         assert [s for s, _ in _file_volumes(p)] == [str(p)]
         sl = _file_slices(p, policy)
         assert {s.source for s in sl} == {str(p)}
-        assert [s.array.shape for s in sl] == ([(9, 11)] if want.ndim == 2 else [(5, 9)] * 11)
+        assert [s.array.shape for s in sl] == ([(9, 11)] if want.ndim == 2 else [(7, 9)] * 11)
     # a trailing single frame already was the image; a plain (H, W) stays as it was
     np.save(tmp_path / "hw1.npy", img[..., None])
     assert [s.array.shape for s in _file_slices(tmp_path / "hw1.npy", policy)] == [(9, 11)]
