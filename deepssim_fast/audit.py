@@ -1167,38 +1167,19 @@ def _square_table(a: np.ndarray, reach: int) -> tuple[list[np.ndarray], np.ndarr
     0..reach to one of n - reach..n on each axis. Returns, per axis, those bounds (sorted), the summed-area
     table of a**2 over the cells between them (float64, a zero first plane on every axis), and reach, so that
     the box [bounds[i], bounds[j]) x ... is an inclusion-exclusion of table corners (see :func:`_box_sums`). One
-    pass over the array: the cells are summed first (at most 2 reach + 1 a side)."""
-    bounds = []
-    g = np.square(a, dtype=np.float64)
-    for ax, n in enumerate(a.shape):
-        b = np.array(sorted({min(i, n) for i in range(reach + 1)} | {max(n - i, 0) for i in range(reach + 1)}))
-        bounds.append(b)
-        g = np.add.reduceat(g, b[:-1], axis=ax)
-    table = np.zeros(tuple(x + 1 for x in g.shape))
-    for ax in range(a.ndim):
-        g = np.cumsum(g, axis=ax)
-    table[(slice(1, None),) * a.ndim] = g
-    return bounds, table, int(reach)
+    pass over the array: the cells are summed first (at most 2 reach + 1 a side). (:func:`_square_tables` of a
+    batch of one.)"""
+    bounds, table, reach = _square_tables(a[None], reach)
+    return bounds, table[0], reach
 
 
 def _box_sums(sq: tuple[list[np.ndarray], np.ndarray, int], lo: Sequence[np.ndarray], hi: Sequence[np.ndarray]
               ) -> np.ndarray:
     """Sums over the boxes [lo[0][i], hi[0][i]) x [lo[1][j], hi[1][j]) x ... of the array's squares, for every
     combination of the per-axis bounds, which must be among those :func:`_square_table` kept (the caller
-    checks the shifts against its reach)."""
-    bounds, table, _ = sq
-    nd = len(bounds)
-
-    def along(ax: int, x: np.ndarray) -> np.ndarray:  # table indices of bounds x on axis ax, shaped to broadcast
-        return np.searchsorted(bounds[ax], x).reshape((1,) * ax + (-1,) + (1,) * (nd - ax - 1))
-
-    lo_i = [along(ax, x) for ax, x in enumerate(lo)]
-    hi_i = [along(ax, x) for ax, x in enumerate(hi)]
-    out = np.zeros(tuple(len(x) for x in lo))
-    for corner in itertools.product((0, 1), repeat=nd):
-        sign = -1.0 if (nd - sum(corner)) % 2 else 1.0
-        out += sign * table[tuple(h if c else lw for c, lw, h in zip(corner, lo_i, hi_i, strict=True))]
-    return out
+    checks the shifts against its reach). (:func:`_box_sums_batch` of a batch of one.)"""
+    bounds, table, reach = sq
+    return _box_sums_batch((bounds, table[None], reach), lo, hi)[0]
 
 
 def _best_shift(
@@ -1251,8 +1232,8 @@ def _best_shift(
 
 def _square_tables(a: np.ndarray, reach: int) -> tuple[list[np.ndarray], np.ndarray, int]:
     """:func:`_square_table` of each array of the batch ``a`` (B, *shape) at once: the bounds (one set: the
-    arrays share a shape) and the tables (B, ...). Each table equals :func:`_square_table`'s bit for bit (the
-    same sums along the same axes, in the same order)."""
+    arrays share a shape) and the tables (B, ...), each summed along the same axes in the same order as the
+    array alone would be."""
     bounds = []
     g = np.square(a, dtype=np.float64)
     for ax, n in enumerate(a.shape[1:]):
