@@ -1197,37 +1197,14 @@ def _best_shift(
     ``ref_fft``: rfftn of the centred reference zero-padded to ``padded`` (at least shape + max_shift on every
     axis); ``ref_sq``: :func:`_square_table` of the centred reference, for a reach of at least max_shift.
     ``linear=False``: the circular form of audits before format 6 (``padded`` = ``shape``, every shift
-    normalised by the whole images' norms).
+    normalised by the whole images' norms). (:func:`_best_shifts` of a batch of one: the same bits as the
+    pair-by-pair code it replaced, checked against the previous release.)
     """
-    b = img.astype(np.float64) - img.mean()
-    axes = tuple(range(len(shape)))
-    xc = np.fft.irfftn(ref_fft * np.conj(np.fft.rfftn(b, s=padded, axes=axes)), s=padded, axes=axes)
-    zero = (0,) * len(shape)
     reach = (max_shift,) * len(shape) if isinstance(max_shift, (int, np.integer)) else tuple(max_shift)
-    reach = tuple(max(0, int(m)) for m in reach)
-    offs = [np.arange(-m, m + 1) for m in reach]
-    if linear and (any(m > p - n for m, p, n in zip(reach, padded, shape, strict=True)) or max(reach) > ref_sq[2]):
-        raise ValueError(f"_best_shift: shifts {reach} exceed the padding of the reference ({padded} for {shape}) "
-                         f"or the reach of its table ({ref_sq[2]})")
-    # xc[d] = sum_x ref[x + d] img[x]: img translated by +d (see _shift) lines up with ref; the overlap is
-    # ref[max(0, d) : min(n, n + d)] against img[max(0, -d) : min(n, n - d)] on each axis
-    win = xc[np.ix_(*[o % p for o, p in zip(offs, padded, strict=True)])]
-    if linear:
-        ref_part = _box_sums(ref_sq, [np.maximum(0, o) for o in offs],
-                             [np.minimum(n, n + o) for o, n in zip(offs, shape, strict=True)])
-        img_part = _box_sums(_square_table(b, ref_sq[2]), [np.maximum(0, -o) for o in offs],
-                             [np.minimum(n, n - o) for o, n in zip(offs, shape, strict=True)])
-    else:
-        ref_part = np.full(win.shape, float(ref_sq[1][(-1,) * len(shape)]))
-        img_part = np.full(win.shape, float(np.square(b).sum()))
-    norm = np.sqrt(np.maximum(ref_part, 0.0) * np.maximum(img_part, 0.0))
-    ncc = np.divide(win, norm, out=np.zeros_like(win), where=norm > 0)
-    centre = float(ncc[tuple(m for m in reach)])
-    flat = int(np.argmax(ncc))  # first maximum in scan order
-    best = float(ncc.flat[flat])
-    if not best > centre + 1e-9 * abs(centre):
-        return zero, centre
-    return tuple(int(o[q]) for o, q in zip(offs, np.unravel_index(flat, ncc.shape), strict=True)), best
+    bounds, table, table_reach = ref_sq
+    ds, scores = _best_shifts(ref_fft[None], (bounds, table[None], table_reach), shape, padded, np.asarray(img)[None],
+                              reach, linear=linear)
+    return ds[0], scores[0]
 
 
 def _square_tables(a: np.ndarray, reach: int) -> tuple[list[np.ndarray], np.ndarray, int]:
