@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -673,16 +674,14 @@ def test_a_new_run_does_not_leave_an_earlier_runs_best_pt(tmp_path, mni_slices, 
     assert read_checkpoint(out / "last.pt")["seed"] == 7
 
 
-def test_demo_does_not_reuse_the_encoder_of_a_stopped_training(tmp_path, monkeypatch) -> None:
-    """The demo reused OUT/encoder/best.pt whenever it loaded, but the trainer writes best.pt at its first
-    validation: a demo stopped during its 150 s of training (Ctrl-C, a kill) left a barely trained encoder
-    that every later run reused as if finished. Only an encoder whose training finished is reused now."""
-    import deepssim_fast.demo as demo
+def _fake_demo_training(tmp_path, monkeypatch) -> tuple[Path, list[dict]]:
+    """The demo's encoder folder, and the calls of a stand-in for its 150 s training run (records each call's
+    options, writes best.pt)."""
     import deepssim_fast.training as T
 
     calls: list[dict] = []
 
-    def fake_train(images, **kw):  # stands for the 150 s run: records the call, writes best.pt
+    def fake_train(images, **kw):
         calls.append(kw)
         m = build_model("small", input_size=32)
         m.save_checkpoint(tmp_path / "enc" / "best.pt")
@@ -691,6 +690,16 @@ def test_demo_does_not_reuse_the_encoder_of_a_stopped_training(tmp_path, monkeyp
     monkeypatch.setattr(T, "train", fake_train)
     enc = tmp_path / "enc"
     enc.mkdir()
+    return enc, calls
+
+
+def test_demo_does_not_reuse_the_encoder_of_a_stopped_training(tmp_path, monkeypatch) -> None:
+    """The demo reused OUT/encoder/best.pt whenever it loaded, but the trainer writes best.pt at its first
+    validation: a demo stopped during its 150 s of training (Ctrl-C, a kill) left a barely trained encoder
+    that every later run reused as if finished. Only an encoder whose training finished is reused now."""
+    import deepssim_fast.demo as demo
+
+    enc, calls = _fake_demo_training(tmp_path, monkeypatch)
     build_model("small", input_size=32).save_checkpoint(enc / "best.pt")  # what a stopped run leaves
     demo._train_encoder(enc, seconds=1.0, seed=0, progress=False, retrain=False)
     assert len(calls) == 1, "the encoder of an unfinished training was reused"
@@ -732,19 +741,8 @@ def test_demo_retrains_when_the_cached_encoder_had_other_settings(tmp_path, monk
     """`demo --train-seconds 0` then a plain `demo` reused the one-step encoder (the marker records the
     settings, but they were not compared), missing the demo's targets without saying why."""
     import deepssim_fast.demo as demo
-    import deepssim_fast.training as T
 
-    calls: list[dict] = []
-
-    def fake_train(images, **kw):
-        calls.append(kw)
-        m = build_model("small", input_size=32)
-        m.save_checkpoint(tmp_path / "enc" / "best.pt")
-        return m
-
-    monkeypatch.setattr(T, "train", fake_train)
-    enc = tmp_path / "enc"
-    enc.mkdir()
+    enc, calls = _fake_demo_training(tmp_path, monkeypatch)
     demo._train_encoder(enc, seconds=0.0, seed=0, progress=False, retrain=False)
     demo._train_encoder(enc, seconds=0.0, seed=0, progress=False, retrain=False)
     assert [c["time_limit"] for c in calls] == [0.0]  # same settings: reused
