@@ -165,7 +165,7 @@ def nib_load(path: str | os.PathLike, *, mmap: bool | str = True, keep_file_open
     from nibabel.openers import ImageOpener
 
     try:
-        return nib.load(os.fspath(path), mmap=mmap, keep_file_open=keep_file_open)
+        return _drop_unit_axes(nib.load(os.fspath(path), mmap=mmap, keep_file_open=keep_file_open))
     except FileNotFoundError:
         if not (Path(path).is_file() and _is_nifti_name(Path(path))):
             raise
@@ -173,8 +173,22 @@ def nib_load(path: str | os.PathLike, *, mmap: bool | str = True, keep_file_open
         head = f.read(4)
     sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
     klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
-    return klass.from_file_map({"image": FileHolder(filename=os.fspath(path))}, mmap=mmap,
-                               keep_file_open=keep_file_open)
+    return _drop_unit_axes(klass.from_file_map({"image": FileHolder(filename=os.fspath(path))}, mmap=mmap,
+                                               keep_file_open=keep_file_open))
+
+
+def _drop_unit_axes(img):
+    """``img`` without the axes of length 1 that follow its fourth (a volume that a tool saved as 5D,
+    (X, Y, Z, 1, 1), is that volume; (X, Y, Z, T, 1) is a series of T frames), its data still read lazily
+    through the same file; any other image unchanged (a vector image, (X, Y, Z, 1, 3), stays 5D and is
+    refused by the readers, naming its shape)."""
+    shape = tuple(img.shape)
+    n = len(shape)
+    while n > 4 and shape[n - 1] == 1:
+        n -= 1
+    if n == len(shape) or not hasattr(img.dataobj, "reshape"):
+        return img
+    return img.__class__(img.dataobj.reshape(shape[:n]), img.affine, img.header, img.extra)
 
 
 def _check_real_dtype(p: Path, img) -> None:
@@ -252,7 +266,16 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
         if frame is not None:
             raise DataError(f"{p}: frame={frame} given but the volume is {len(shape)}D, shape {shape}")
         return _read_data(p, img, ..., dtype=dtype)
-    raise DataError(f"{p}: unsupported NIfTI rank {len(shape)} (shape {shape}); expected 2D, 3D or 4D")
+    raise _rank_error(p, shape)
+
+
+def _rank_error(p: Path, shape: tuple) -> DataError:
+    """The DataError for a NIfTI image of a rank the readers do not take (after :func:`_drop_unit_axes`)."""
+    what = ""
+    if len(shape) == 5:  # (NIfTI's fifth axis holds the components of a vector or multi-valued voxel)
+        what = f": {shape[4]} values per voxel along axis 4 (a vector or multi-component image)"
+    return DataError(f"{p}: unsupported NIfTI rank {len(shape)} (shape {shape}){what}; expected 2D, 3D or "
+                     "4D (one value per voxel)")
 
 
 def iter_nifti_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
@@ -268,7 +291,7 @@ def iter_nifti_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
         yield _read_data(p, img, ...)
         return
     if len(shape) != 4:
-        raise DataError(f"{p}: unsupported NIfTI rank {len(shape)} (shape {shape}); expected 2D, 3D or 4D")
+        raise _rank_error(p, shape)
     for t in range(shape[3]):
         yield _read_data(p, img, (..., t), f" (frame {t})")
 

@@ -792,6 +792,38 @@ def test_a_one_frame_4d_npy_is_its_volume_as_a_one_frame_nifti_is(tmp_path: Path
         read_image(pa, frame=1)
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_5d_nifti_with_unit_trailing_axes_is_its_volume_or_series(tmp_path: Path, suffix: str) -> None:
+    # Some tools save a volume as 5D, (X, Y, Z, 1, 1) (NIfTI's fifth axis holds a voxel's components): it was
+    # refused as "unsupported NIfTI rank 5", so a training scan saved that way was never audited. Trailing
+    # axes of length 1 past the fourth are dropped; a real vector image, (X, Y, Z, 1, 3), is still refused,
+    # and its error says why.
+    from deepssim_fast.io import _file_slices, _file_volumes
+
+    mni = data.load_volume("anatomical").array[::3, ::3, ::3]
+    vol = np.ascontiguousarray(mni[..., None, None])
+    series = np.stack([mni, mni[::-1] + 1], axis=3)[..., None]  # (X, Y, Z, 2, 1)
+    paths = {}
+    for name, a in (("vol", vol), ("series", series), ("vector", np.repeat(vol, 3, axis=4))):
+        paths[name] = tmp_path / f"{name}{suffix}"
+        nib.save(nib.Nifti1Image(a, np.eye(4)), str(paths[name]))
+        assert len(nib.load(str(paths[name])).shape) == 5
+    np.testing.assert_array_equal(read_image(paths["vol"]), mni)
+    assert [s for s, _ in _file_volumes(paths["vol"])] == [str(paths["vol"])]
+    sl = _file_slices(paths["vol"], SlicePolicy(axis=2, min_foreground=0.0))
+    assert [s.index for s in sl] == list(range(mni.shape[2])) and {s.source for s in sl} == {str(paths["vol"])}
+    np.testing.assert_array_equal(sl[4].array, mni[:, :, 4])
+    np.testing.assert_array_equal(read_image(paths["series"], frame=1), mni[::-1] + 1)
+    frames = list(data.iter_nifti_frames(paths["series"]))
+    assert len(frames) == 2 and np.array_equal(frames[0], mni)
+    assert [s for s, _ in _file_volumes(paths["series"])] == [f"{paths['series']}@t{t}" for t in (0, 1)]
+    with pytest.raises(DataError, match=r"rank 5 .*3 values per voxel along axis 4"):
+        read_image(paths["vector"])
+    skipped: list = []
+    assert list(iter_slices([paths["vector"]], skipped=skipped)) == []
+    assert [p for p, _ in skipped] == [str(paths["vector"])] and "vector" in skipped[0][1]
+
+
 def test_channel_first_npy_images_are_their_image_not_a_stack_of_rows(tmp_path: Path) -> None:
     # A sample saved from torch is channel-first: (1, H, W) or (1, 1, H, W). The (1, H, W) array was read as a
     # volume and cut along axis 2 into W "slices" of shape (1, H), and (1, 1, H, W) as W frames: an exact copy
