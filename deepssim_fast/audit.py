@@ -16,7 +16,8 @@ Conventions
   or ``"<path>"`` (volumes; each frame ``t`` of a 4D file is a volume of its own, ``"<path>@t<t>"``).
   Paths are absolute, symlinks not resolved (:func:`~deepssim_fast.io.discover`); a path may itself hold
   a ``#``, so an id is split at its *last* ``#``. With ``metric="embeddings"`` a row of ``<name>.npy`` is
-  ``"<name>.npy#row:<i>"``, or the id ``deepssim-fast embed`` wrote for it in ``<name>.ids.txt`` beside it.
+  ``"<name>.npy#row:<i>"``, or the id ``deepssim-fast embed`` wrote for it in ``<name>.ids.txt`` beside it
+  (``<name>.ids.json``, a JSON list, where a file name holds a line break).
 * Search scores (column ``cosine`` of matches.csv): ``deepssim`` and ``embeddings`` — cosine similarity of
   embeddings; ``correlation`` — Pearson correlation of the pixels (the cosine of the centred images, the
   baseline of Akbar et al.); ``ssim`` — exact SSIM, ``preset="deepssim"``. Top-k: descending, ties to
@@ -929,10 +930,13 @@ def _embed_items(
 
 def _embedding_ids(p: Path, n: int) -> list[str] | None:
     """The item ids ``deepssim-fast embed`` wrote beside the embeddings ``p`` (``<name>.ids.txt`` for
-    ``<name>.npy``, one id per row, file names in their own bytes), or None when there is no such file. A file
-    that does not hold one distinct, non-empty id for each of the ``n`` rows is named in a warning and not used
-    (the rows keep their ``<path>#row:<i>`` ids)."""
-    f = p.with_suffix(".ids.txt")
+    ``<name>.npy``, one id per row, file names in their own bytes; ``<name>.ids.json``, a JSON list, where a
+    file name holds a line break), or None when there is no such file. A file that does not hold one distinct,
+    non-empty id for each of the ``n`` rows is named in a warning and not used (the rows keep their
+    ``<path>#row:<i>`` ids)."""
+    f = p.with_suffix(".ids.json")
+    if not f.exists():
+        f = p.with_suffix(".ids.txt")
     try:
         raw = f.read_bytes()
     except FileNotFoundError:
@@ -940,13 +944,21 @@ def _embedding_ids(p: Path, n: int) -> list[str] | None:
     except OSError as exc:
         logger.warning("%s: unreadable (%s): the rows of %s are named by number", f, one_line(exc), p)
         return None
-    lines = os.fsdecode(raw).split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
     problem = None
-    if len(lines) != n:
+    if f.suffix == ".json":
+        try:
+            lines = json.loads(raw)
+        except ValueError as exc:
+            lines, problem = [], f"not a JSON list of ids ({one_line(exc)})"
+        if not (isinstance(lines, list) and all(isinstance(x, str) for x in lines)):
+            lines, problem = [], "not a JSON list of ids (strings)"
+    else:
+        lines = os.fsdecode(raw).split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+    if problem is None and len(lines) != n:
         problem = f"{len(lines)} ids for {n} rows"
-    elif len(set(lines)) != n or not all(lines):
+    elif problem is None and (len(set(lines)) != n or not all(lines)):
         problem = "ids repeated or empty"
     if problem is not None:
         logger.warning("%s: %s: the rows of %s are named by number instead", f, problem, p)

@@ -266,6 +266,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     import io
+    import json
     from pathlib import Path
 
     import numpy as np
@@ -296,15 +297,21 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":  # (what np.save would do: the file name says what it holds)
         out = out.with_name(out.name + ".npy")
-    ids = out.with_suffix(".ids.txt")
+    keys = [s.key for s in slices]
+    # one id per line; a file name with a line break in it would split its id over two lines (and the audit
+    # would then name every row by number), so such a set of ids is written as a JSON list instead
+    ids = out.with_suffix(".ids.json" if any("\n" in k for k in keys) else ".ids.txt")
     # each file atomically, the stale ids first: a run killed between the two leaves the new embeddings
     # without ids, never beside the ids of another run
-    ids.unlink(missing_ok=True)
+    for stale in (out.with_suffix(".ids.txt"), out.with_suffix(".ids.json")):
+        stale.unlink(missing_ok=True)
     buf = io.BytesIO()
     np.save(buf, emb)
     atomic_write_bytes(out, buf.getvalue())
-    # (a file name that is not UTF-8 keeps its own bytes)
-    atomic_write_bytes(ids, os.fsencode("".join(s.key + "\n" for s in slices)))
+    if ids.suffixes[-1] == ".json":  # (a name that is not UTF-8 is held as surrogates, which JSON escapes)
+        atomic_write_bytes(ids, json.dumps(keys, indent=0).encode("ascii"))
+    else:  # (a file name that is not UTF-8 keeps its own bytes)
+        atomic_write_bytes(ids, os.fsencode("".join(k + "\n" for k in keys)))
     for p, r in skipped:
         print(f"warning: skipped {one_line(p)}: {one_line(skip_reason(p, r))}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
@@ -528,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True, help="folder, glob or file")
     e.add_argument("--out", required=True,
                    help="output .npy (.npy is added if missing; item ids, one per row, go to the same name "
-                   "with .ids.txt instead of .npy)")
+                   "with .ids.txt instead of .npy, or .ids.json, a JSON list, where a file name holds a line break)")
     e.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     e.add_argument("--device", default=None, help="torch device for the encoder, e.g. cuda (default cpu)")
     e.add_argument("--strict", action="store_true", help="abort on the first unreadable file")

@@ -530,6 +530,44 @@ def test_file_names_that_are_not_utf8_reach_the_ssim_csv_and_embed_ids(
     capsys.readouterr()
 
 
+def test_embed_ids_of_file_names_with_a_line_break_go_to_a_json_list(folders: dict, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A file name holding a line break split its id over two lines of ``<name>.ids.txt``: the audit then found
+    one id too many and named every row by number. Such ids are written as ``<name>.ids.json`` (a JSON list),
+    which the embeddings audit reads; a later plain run removes it, and a damaged one is named in a warning."""
+    import torch
+
+    from deepssim_fast.audit import _embedding_ids
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    odd = d / "scan\n2.npy"
+    try:
+        np.save(odd, folders["arrs"][55])
+    except OSError:
+        pytest.skip("this file system refuses line breaks in names")
+    np.save(d / "plain.npy", folders["arrs"][100])
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("small", input_size=64, emb_dim=32))
+    emb = tmp_path / "e.npy"
+    emb.with_suffix(".ids.txt").write_text("stale\n")
+    assert main(["embed", "--model", str(ckpt), "--images", str(d), "--out", str(emb), "-q"]) == 0
+    assert f"(item ids in {emb.with_suffix('.ids.json')})" in capsys.readouterr().out
+    assert not emb.with_suffix(".ids.txt").exists()
+    want = [f"{d / 'plain.npy'}#2:0", f"{odd}#2:0"]  # (files in sorted order)
+    assert json.loads(emb.with_suffix(".ids.json").read_text()) == want
+    assert _embedding_ids(emb, 2) == want
+    emb.with_suffix(".ids.json").write_text('{"not": "a list"}')
+    assert _embedding_ids(emb, 2) is None  # (the audit names the rows by number, with a warning)
+    odd.unlink()  # a plain set again: .ids.txt, and the JSON list of the earlier run is gone
+    assert main(["embed", "--model", str(ckpt), "--images", str(d), "--out", str(emb), "-q"]) == 0
+    assert not emb.with_suffix(".ids.json").exists()
+    assert emb.with_suffix(".ids.txt").read_text() == f"{d / 'plain.npy'}#2:0\n"
+    assert _embedding_ids(emb, 1) == [f"{d / 'plain.npy'}#2:0"]
+    capsys.readouterr()
+
+
 def test_bench_command_dispatches_or_explains(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
