@@ -315,11 +315,17 @@ def hist_edges(bins: int) -> np.ndarray:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_set(x: Any, name: str) -> torch.Tensor:
-    """``x`` as a 2-D real torch tensor (a view when possible) with finite rows, else a clear error."""
+def _check_set(x: Any, name: str, d: int | None = None) -> torch.Tensor:
+    """``x`` as a 2-D real torch tensor (a view when possible) with finite rows, else a clear error. With ``d``
+    (the training set's width), an empty synthetic set of any shape (``[]``, ``np.array([])``) is (0, d)."""
     # read_only: the engines only read the inputs (they normalise into their own buffers), so a memory-mapped
     # read-only set is not copied whole into memory
     t = to_torch(x, name=name, read_only=True).detach()
+    if t.device.type not in ("cpu", "cuda"):  # (a meta tensor failed inside torch.nonzero below)
+        raise ValueError(f"{name}: a tensor on device {str(t.device)!r}, which all_pairs cannot read; give it "
+                         "on 'cpu' or 'cuda'")
+    if d is not None and t.numel() == 0 and t.ndim != 2:
+        t = t.reshape(0, d)
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (n, d) of embeddings, got shape {tuple(t.shape)}")
     if t.is_complex() or t.dtype == torch.bool:
@@ -548,7 +554,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                              f"or None, got {self_offset}")
         synth, self_offset = train, 0
     tt = _check_set(train, "train")
-    ts = tt if synth is train else _check_set(synth, "synth")
+    ts = tt if synth is train else _check_set(synth, "synth", d=tt.shape[1] if tt.ndim == 2 else None)
     n_train, d = tt.shape
     n_synth = ts.shape[0]
     if ts.shape[1] != d:

@@ -758,6 +758,21 @@ def test_empty_synth_gives_empty_result():
     assert r.histogram[0].sum() == 0 and r.histogram[0].shape == (200,)
     assert r.class_counts == dict.fromkeys(CLASS_NAMES, 0)
     assert r.train_hits.shape == (10,) and r.train_hits.sum() == 0
+    # an empty list or 1-D array (what a filter that kept nothing gives) is an empty set of the training width;
+    # it was refused as "expected a 2-D array (n, d)"
+    for empty in ([], np.array([]), torch.empty(0)):
+        e = all_pairs(train, empty, k=3, progress=False)
+        assert e == r
+    with pytest.raises(ValueError, match=r"different embedding sizes: train \(10, 8\), synth \(0, 7\)"):
+        all_pairs(train, np.zeros((0, 7)), k=3, progress=False)
+
+
+def test_a_tensor_on_a_device_it_cannot_read_is_named():
+    """A meta tensor failed inside torch ("register_meta function for torch.nonzero() ...")."""
+    for args, name in (((torch.empty((20, 6), device="meta"), None), "train"),
+                       ((_rand(5, 6, SEED), torch.empty((2, 6), device="meta")), "synth")):
+        with pytest.raises(ValueError, match=rf"^{name}: a tensor on device 'meta'"):
+            all_pairs(*args, k=1, progress=False)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, "bfloat16", np.int32])
