@@ -29,6 +29,12 @@ def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.T
         return torch.from_dlpack(x)
     if x is None:
         raise TypeError(f"{name} is None; expected an array (numpy, torch or cupy)")
+    if isinstance(x, (list, tuple)):  # a stack given as a list: its images must share one shape
+        shapes = [tuple(np.shape(e)) for e in x]
+        if any(sh != shapes[0] for sh in shapes):
+            j = next(j for j, sh in enumerate(shapes) if sh != shapes[0])
+            raise ValueError(f"{name}: a {type(x).__name__} of arrays of different shapes: {name}[0] has shape "
+                             f"{shapes[0]}, {name}[{j}] {shapes[j]}; bring them to one shape first")
     try:
         a = np.asarray(x)
     except Exception as exc:  # noqa: BLE001

@@ -3,7 +3,9 @@
 Conventions (equal to ``skimage.metrics.structural_similarity``):
 
 * window ``"uniform"``: a ``win_size``-wide box (default 7); ``"gaussian"``: σ = ``sigma``, truncated at
-  3.5 σ, i.e. ``2 * int(3.5 * sigma + 0.5) + 1`` taps (11 for σ = 1.5), as scipy's ``gaussian_filter``.
+  3.5 σ, i.e. ``2 * int(3.5 * sigma + 0.5) + 1`` taps (11 for σ = 1.5), as scipy's ``gaussian_filter``;
+  its size is sigma's alone, so a ``win_size`` other than those taps is refused (scikit-image would crop
+  its borders by that ``win_size`` instead).
 * The SSIM map is filtered, then ``(win - 1) // 2`` pixels are cropped from every border and the rest is
   averaged — the same as a "valid" convolution.
 * ``sample_covariance=True`` scales variances by N/(N−1) with N = win ** spatial_dims.
@@ -16,12 +18,15 @@ Conventions (equal to ``skimage.metrics.structural_similarity``):
   (asymmetric on purpose, for compatibility). If the first image is constant its range is 0 and the
   pair's range is used instead (the reference would return NaN).
 * Whatever the mode, a pair whose resolved range is 0 is two equal constant images: SSIM = 1, never NaN.
+  Under ``preset="deepssim"`` every constant image z-scores to zeros, so ANY two constant images (a black
+  and a white one too) are equal there and score 1.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -139,7 +144,7 @@ def resolve_params(
     ndim: int | None,
     spatial_dims: int | None,
     window: str,
-    win_size: int,
+    win_size: int | None,
     sigma: float,
     data_range: float | None,
     k1: float,
@@ -189,7 +194,16 @@ def resolve_params(
                 "which the sample covariance N/(N-1) is undefined (N = 1); pass sample_covariance=False, or "
                 "sigma >= 1/7 for at least 3 taps"
             )
+        if win_size is not None and not (is_integer(win_size) and win_size == taps):
+            # scikit-image (gaussian_weights=True) uses such a win_size only for the border it crops; here the
+            # window's extent is sigma's alone, and a win_size beside it was ignored without a word
+            raise ValueError(
+                f"win_size={_got(win_size)} with window='gaussian': the Gaussian window's size is set by sigma "
+                f"({taps} taps for sigma={sigma!r}, 2 * int(3.5 * sigma + 0.5) + 1); leave win_size unset (or "
+                f"pass {taps}), or change sigma"
+            )
     else:
+        win_size = 7 if win_size is None else win_size
         if not is_integer(win_size) or win_size < 1:
             raise ValueError(f"win_size must be a positive odd integer, got {_got(win_size)}")
         if win_size % 2 == 0:
@@ -307,6 +321,24 @@ def check_finite(
             f"{name} has NaN or Inf values at pair index {where} (flat index {flat}), the first pair of its image "
             f"{name}[{own}] ({name}'s batch shape {batch_shape} broadcasts to the pairs' {tuple(pairs)})"
         )
+
+
+def warn_dtype_range(params: SSIMParams, dtype: torch.dtype, names: str = "x and y") -> None:
+    """Warn, as scikit-image does, when an integer dtype other than uint8 (and bool) sets the data range: int16
+    MRI of values in the thousands, scored against int16's 65535, comes out near 1 whatever the images (two
+    slices of a brain 40 mm apart: 0.88, above the duplicate threshold; 0.50 with their own range)."""
+    if params.data_range is not None or params.preset is not None:
+        return
+    r = dtype_range(dtype)
+    if r is None or dtype in (torch.uint8, torch.bool):
+        return
+    warnings.warn(
+        f"{names} are {str(dtype).removeprefix('torch.')}: data_range is that dtype's range, {r:.6g} (scikit-image's "
+        "convention, which warns too); images that span much less of it score near 1 whatever they show. Pass "
+        "data_range (e.g. the images' max - min, or the scanner's range)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def dtype_range(dtype: torch.dtype) -> float | None:

@@ -108,7 +108,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
                          "11 taps, as scikit-image's gaussian_weights)")
     opts = dict(
         window=args.window,
-        win_size=7 if args.win_size is None else args.win_size,
+        win_size=args.win_size,
         preset=args.preset,
         data_range=args.data_range,
         backend=args.backend,
@@ -126,12 +126,13 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
             dt = dts.pop()
             opts["data_range"] = 1.0 if dt == np.bool_ else float(np.iinfo(dt).max) - float(np.iinfo(dt).min)
             span = max(float(im.max()) for im in images) - min(float(im.min()) for im in images)
-            if 0 < span * 1000 < opts["data_range"]:
-                # (scikit-image warns too: np.save of an int array is int64, whose range 1.8e19 makes any
-                # two images of values in the thousands score ~1.0)
+            if dt not in (np.uint8, np.bool_) and span < opts["data_range"]:
+                # (scikit-image warns for these dtypes too: np.save of an int array is int64, whose range 1.8e19
+                # makes any two images of values in the thousands score ~1.0; int16 MRI in the thousands
+                # against 65535 scores ~0.9 for two different slices)
                 print(f"deepssim-fast ssim: warning: the files store {dt} pixels, so data_range is its dtype "
                       f"range {opts['data_range']:.4g} (scikit-image's convention), but their values span only "
-                      f"{span:.4g}: scores will be near 1 whatever the images; give --data-range",
+                      f"{span:.4g}: scores are pushed towards 1 whatever the images; give --data-range",
                       file=sys.stderr)
         elif len(dts) > 1:
             first: dict = {}

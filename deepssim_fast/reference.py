@@ -30,7 +30,7 @@ def _filter_valid(x: torch.Tensor, w: torch.Tensor, spatial_dims: int) -> torch.
 
 
 def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: str = "uniform",
-                   win_size: int = 7, sigma: float = 1.5, data_range: float | None = None,
+                   win_size: int | None = None, sigma: float = 1.5, data_range: float | None = None,
                    k1: float = 0.01, k2: float = 0.03, sample_covariance: bool = True,
                    preset: str | None = None) -> np.ndarray:
     """Mean SSIM per pair, float64 numpy array of the broadcast batch shape (a 0-d array for a single pair).

@@ -287,6 +287,14 @@ def _float64_pairs(pairs: _Pairs) -> torch.Tensor:
                 "float64's range (flat regions then score 0/0 or inf/inf); choose k1 and k2 nearer the "
                 "defaults 0.01 and 0.03"
             )
+        if p.data_range is not None and not (normal(p.k1) and normal(p.k2)) and 1e-100 < big < 1e100:
+            # the images are fine (their squares are): the range the caller gave is what leaves float64's range
+            raise ValueError(
+                f"{pairs.func}: {which} cannot be scored with data_range={p.data_range!r}: it makes C1 = "
+                f"(k1 * data_range)^2 = {c1:.3g} and C2 = (k2 * data_range)^2 = {c2:.3g}, outside float64's "
+                f"range, while the images' largest |value| is {big:.3g}; give a data_range on the scale of the "
+                "images (their max - min, or the scanner's range)"
+            )
         raise ValueError(
             f"{pairs.func}: {which} cannot be scored: its values (largest |value| {big:.3g}) are too large (or too "
             "small) for SSIM even in float64 — their squares and products overflow (or underflow); rescale "
@@ -419,7 +427,7 @@ def ssim(
     *,
     spatial_dims: int | None = None,
     window: str = "uniform",
-    win_size: int = 7,
+    win_size: int | None = None,
     sigma: float = 1.5,
     data_range: float | None = None,
     k1: float = 0.01,
@@ -439,13 +447,14 @@ def ssim(
         spatial_dims: 2 or 3. Only 2D arrays default to 2; a 3D/4D input without it is ambiguous (a stack
             of slices or a volume?) and raises.
         window: ``"uniform"`` (``win_size`` taps, default 7) or ``"gaussian"`` (σ = ``sigma``, truncated at
-            3.5 σ: 11 taps for σ 1.5).
+            3.5 σ: 11 taps for σ 1.5; ``win_size`` left unset, as its size is sigma's).
         data_range: explicit value; None: dtype range for integers, else max − min over BOTH images of
             each pair (symmetric). Two identical constant images score 1.0.
         k1, k2, sample_covariance: as scikit-image (sample covariance N/(N−1) by default). ``sigma``,
             ``data_range``, ``k1``, ``k2`` take any real scalar (Python or numpy number, 0-d array/tensor).
         preset: ``"deepssim"`` reproduces the DeepSSIM reference labels: each image z-scored, then the
-            defaults with ``data_range`` = max − min of the FIRST (x) image.
+            defaults with ``data_range`` = max − min of the FIRST (x) image. A constant image z-scores to
+            zeros, so any two constant images score 1 under it.
         backend: ``"native"``, ``"torch"``, ``"triton"`` or None (by where the data lives). The native and
             Triton kernels compute in float32. float64 and 32/64-bit integer images are first checked, in
             float64, for how far float32 rounds them: a pair with an image rounded by more than
@@ -486,6 +495,7 @@ def ssim(
         )
         if tx.dtype != ty.dtype:
             raise TypeError(f"x and y must have the same dtype, got {tx.dtype} and {ty.dtype}")
+        sc.warn_dtype_range(p, tx.dtype)
         name = _resolve_backend(backend, [x, y], supported=_SUPPORTED)
         batch, xf, yf, ix, iy = _pairs_from_broadcast(tx, ty, p)
         if ix.size == 0:
@@ -538,6 +548,9 @@ def _open_out(
             raise ValueError(f"out has shape {tuple(arr.shape)}, expected {shape}")
         if str(arr.dtype).split(".")[-1] != "float32":
             raise ValueError(f"out must be float32, got {arr.dtype}")
+        if isinstance(arr, np.ndarray) and not arr.flags.writeable:  # (numpy said so only at the first tile)
+            raise ValueError("out is a read-only array (a memmap opened with mode 'r', a view of read-only "
+                             "memory, ...); give a writable float32 array")
     else:
         raise TypeError(
             f"out must be None, a path (str or os.PathLike; a float32 memmap is written there) or a "
@@ -748,7 +761,7 @@ def ssim_matrix(
     *,
     spatial_dims: int | None = None,
     window: str = "uniform",
-    win_size: int = 7,
+    win_size: int | None = None,
     sigma: float = 1.5,
     data_range: float | None = None,
     k1: float = 0.01,
@@ -823,6 +836,7 @@ def ssim_matrix(
             )
         if tA.dtype != tB.dtype:
             raise TypeError(f"A and B must have the same dtype, got {tA.dtype} and {tB.dtype}")
+        sc.warn_dtype_range(p, tA.dtype, "A and B")
         sc.check_real(tA, tB, names=("A", "B"))
         sc.check_pair(tA[:0], tA[:0], p)  # window fits
         name = _resolve_backend(backend, [A, B], supported=_SUPPORTED)

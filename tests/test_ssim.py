@@ -1289,3 +1289,70 @@ def test_running_sum_kernels_follow_the_span_rule(data_range: float) -> None:
     assert float(ssim(x, y, data_range=data_range, backend="native")) == pytest.approx(want, abs=1e-7)
     m = ssim_matrix(x[None], y[None], data_range=data_range, backend="native")
     assert float(np.asarray(m)[0, 0]) == pytest.approx(want, abs=1e-6)
+
+
+def test_gaussian_window_refuses_a_win_size_it_would_ignore() -> None:
+    """window="gaussian" took any win_size, 8 or 1001 included, and ignored it: scikit-image crops its borders by
+    that win_size instead, so a ported call changed score without a word (0.7976 against 0.8055 at 7)."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((30, 34))
+    b = np.clip(a + 0.2 * rng.standard_normal(a.shape), 0, 1)
+    opts = dict(window="gaussian", sample_covariance=False, data_range=1.0)
+    want = structural_similarity(a, b, gaussian_weights=True, use_sample_covariance=False, data_range=1.0)
+    for w in (None, 11):  # unset, or sigma's own 11 taps: scikit-image's number
+        assert float(ssim(a, b, win_size=w, **opts)) == pytest.approx(want, abs=1e-6)
+        assert float(ssim_reference(a, b, win_size=w, **opts)) == pytest.approx(want, abs=1e-9)
+    for w in (7, 8, 1001):
+        with pytest.raises(ValueError, match=rf"win_size={w} with window='gaussian'.*11 taps for sigma=1.5"):
+            ssim(a, b, win_size=w, **opts)
+        with pytest.raises(ValueError, match="set by sigma"):
+            ssim_matrix(a[None], b[None], win_size=w, progress=False, **opts)
+    assert float(ssim(a, b, win_size=5, sigma=0.5, **opts)) == pytest.approx(  # (0.5: 5 taps)
+        structural_similarity(a, b, gaussian_weights=True, sigma=0.5, use_sample_covariance=False,
+                              data_range=1.0), abs=1e-6)
+    assert float(ssim(a, b, data_range=1.0)) == pytest.approx(  # the uniform window's default is still 7
+        structural_similarity(a, b, data_range=1.0), abs=1e-6)
+
+
+def test_integer_dtype_range_warns_as_scikit_image_does() -> None:
+    """int16 MRI in the thousands, scored against int16's range 65535, comes out near 1 for two different
+    slices (0.88 here, above the duplicate threshold; 0.50 with their own range). The convention is
+    scikit-image's, which warns; deepssim_fast said nothing."""
+    import warnings
+
+    vol = data.load_volume("mni152").array
+    s1, s2 = (np.round(vol[:, :, z] / vol.max() * 1000).astype(np.int16) for z in (40, 80))
+    with pytest.warns(UserWarning, match=r"x and y are int16: data_range is that dtype's range, 65535"):
+        loose = float(ssim(s1, s2))
+    with pytest.warns(UserWarning, match=r"A and B are int16"):
+        m = ssim_matrix(s1[None], s2[None], progress=False)
+    assert float(m[0, 0]) == pytest.approx(loose, abs=1e-6)
+    own = float(ssim(s1, s2, data_range=float(max(s1.max(), s2.max()) - min(s1.min(), s2.min()))))
+    assert loose > own + 0.2  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these warn: uint8 and bool (as scikit-image), floats,
+        ssim(s1, s2, data_range=1000.0)  # an explicit range, the deepssim preset
+        ssim(s1, s2, preset="deepssim")
+        ssim(s1.astype(np.float32), s2.astype(np.float32))
+        ssim((s1 // 8).astype(np.uint8), (s2 // 8).astype(np.uint8))
+        ssim(s1 > 300, s2 > 300)
+
+
+def test_ssim_errors_name_their_real_cause() -> None:
+    """A data_range so large that C1 and C2 overflow blamed the images ("rescale the images", largest value 1);
+    a read-only ``out`` failed at the first tile with numpy's bare "assignment destination is read-only";
+    images of different shapes in a list gave a TypeError about an "inhomogeneous shape"."""
+    rng = np.random.default_rng(1)
+    a, b = rng.random((12, 12)), rng.random((12, 12))
+    with pytest.raises(ValueError, match=r"data_range=1e\+160: it makes C1 .* largest \|value\| is 0.99"):
+        ssim(a, b, data_range=1e160)
+    ro = np.zeros((1, 1), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is a read-only array"):
+        ssim_matrix(a[None], b[None], out=ro, progress=False)
+    imgs = [a, rng.random((13, 12))]
+    with pytest.raises(ValueError, match=r"A: a list of arrays of different shapes: A\[0\] has shape \(12, 12\), "
+                                         r"A\[1\] \(13, 12\)"):
+        ssim_matrix(imgs, imgs, progress=False)
