@@ -261,7 +261,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     best = Path(args.out) / "best.pt"
     # best.pt is this run's only when it validated (train removes an earlier run's); else the last weights
     ckpt = best if best_val is not None and best.exists() else Path(args.out) / "last.pt"
-    print(f"trained {model.config.backbone} encoder; best validation loss {best_val}; checkpoint: {ckpt}")
+    val = f"best validation loss {best_val:.6g}" if best_val is not None else "no validation (the last weights)"
+    print(f"trained {model.config.backbone} encoder; {val}; checkpoint: {ckpt}")
     return 0
 
 
@@ -274,17 +275,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     from ._atomic import atomic_write_bytes
     from .io import discover, iter_slices
-    from .model import embed, load_model
+    from .model import embed, load_model, usable_slices
 
     from .report import skip_reason
 
     if args.batch_size < 1:  # (before the images are read)
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if Path(args.out).is_dir():  # ("outdir/" wrote outdir.npy and outdir.ids.txt beside the folder)
-        raise ValueError(f"--out {args.out} is an existing folder; give the .npy file to write (e.g. "
+    # ("outdir/" wrote outdir.npy and outdir.ids.txt beside the folder, existing or not)
+    if Path(args.out).is_dir() or args.out.endswith((os.sep, "/")):
+        raise ValueError(f"--out {args.out} is a folder; give the .npy file to write (e.g. "
                          f"{Path(args.out) / 'embeddings.npy'})")
     skipped: list = []
-    slices = list(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped))
+    slices = usable_slices(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped),
+                           strict=args.strict, skipped=skipped)
     if not slices:
         first = f"; {one_line(skipped[0][1])}" if skipped else ""
         raise ValueError(f"{args.images}: no image to embed ({len(skipped)} file(s) skipped{first})")
@@ -708,6 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "audit":
             hint = (f"; finished work is kept in {os.path.join(args.out, 'work')}: run the same command again "
                     "to resume")
+        elif args.command == "train" and os.path.isfile(os.path.join(args.out, "last.pt")):
+            hint = (f"; continue from the last checkpoint with --resume {os.path.join(args.out, 'last.pt')} "
+                    "(the steps after it run again)")
         print(f"deepssim-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 128 + 2  # 130, the shell's status of a command ended by SIGINT
 

@@ -779,8 +779,8 @@ def as_image_2d(item: Any, name: str) -> np.ndarray:
     if a.ndim != 2:
         raise ValueError(f"{name}: expected a 2D grayscale image (H, W), (1, H, W) or (3, H, W); got shape "
                          f"{a.shape} (for 3D volumes use embed_volume or deepssim_fast.data.volume_slices)")
-    if min(a.shape) < 7:
-        raise ValueError(f"{name}: image of shape {a.shape} is too small (each side must be >= 7)")
+    if min(a.shape) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name}: image of shape {a.shape} is too small (each side must be >= {MIN_IMAGE_SIDE})")
     if a.dtype.kind == "f" and not np.isfinite(a).all():  # (before the cast: 1e39 in float64 is finite)
         raise ValueError(f"{name}: contains NaN or Inf values")
     return _to_float32(a)
@@ -807,6 +807,32 @@ def _to_float32(a: np.ndarray) -> np.ndarray:
     return ((d - lo) / (hi - lo)).astype(np.float32)
 
 
+#: The smallest side of an image the encoder takes (the SSIM window of its targets).
+MIN_IMAGE_SIDE = 7
+
+
+def usable_slices(slices: Iterable[Any], *, strict: bool, skipped: list) -> list[Any]:
+    """The slices read from files that the encoder can take. An image narrower than :data:`MIN_IMAGE_SIDE` is
+    left out as an unreadable file is — logged, and ``(path, reason)`` appended to ``skipped`` — or with
+    ``strict`` a :class:`~deepssim_fast.data.DataError` naming its file (it aborted a whole run after every
+    image was read, named by its position among the files that were kept)."""
+    from .data import DataError
+    from .io import one_line
+
+    out = []
+    for s in slices:
+        if min(s.array.shape) >= MIN_IMAGE_SIDE:
+            out.append(s)
+            continue
+        reason = (f"{s.source}: image of shape {tuple(s.array.shape)} is too small for the encoder (each side "
+                  f"must be >= {MIN_IMAGE_SIDE})")
+        if strict:
+            raise DataError(reason)
+        logger.warning("skipping %s", one_line(reason))
+        skipped.append((s.source, reason))
+    return out
+
+
 def collect_images(images: Any, *, policy: Any = None, what: str = "images", strict: bool = True,
                    skipped: list | None = None) -> tuple[list[np.ndarray], list[Any]]:
     """Turn the ``images`` argument into (list of 2D float32 arrays, list of Slice-or-None metadata).
@@ -824,8 +850,9 @@ def collect_images(images: Any, *, policy: Any = None, what: str = "images", str
                    and all(isinstance(x, (str, os.PathLike)) for x in images)):
         from . import io as dio
 
-        slices = list(dio.iter_slices(dio.discover(images), policy, strict=strict,
-                                      skipped=skipped if skipped is not None else []))
+        skipped = skipped if skipped is not None else []
+        slices = usable_slices(dio.iter_slices(dio.discover(images), policy, strict=strict, skipped=skipped),
+                               strict=strict, skipped=skipped)
         arrays = [as_image_2d(s.array, _name_of(s, i)) for i, s in enumerate(slices)]
         return arrays, slices
     if isinstance(images, dict):

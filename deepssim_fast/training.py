@@ -28,10 +28,11 @@ is drawn from generators seeded by ``(seed, s)``; torch's global generator is fo
 :func:`train` and restored after. So a run is reproducible, and ``resume=`` continues the same loss curve
 as an uninterrupted run (the checkpoint stores model, optimizer, step, config and the seed, which together
 determine every later random draw; the log keeps one row per step). A resume with other run settings (lr,
-batch size ...) is allowed and warned about; other model settings are an error. Validation pairs are fixed
-once from ``(seed, "val")``.
+batch size ..., or other training images) is allowed and warned about; other model settings are an error.
+Validation pairs are fixed once from ``(seed, "val")``.
 
-Outputs under ``out`` (when given): ``last.pt`` (after every validation and at the end), ``best.pt`` (lowest
+Outputs under ``out`` (when given): ``last.pt`` (every ``val_every`` steps, once per epoch by default, whether
+or not the run validates, and at the end), ``best.pt`` (lowest
 validation loss; only with a validation set: the automatic split needs ``val_fraction`` of the images to be at
 least 2, else a warning says there is none), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
 forward/backward, and validation figures when computed), optionally TensorBoard events. A new (not
@@ -64,6 +65,7 @@ from ._atomic import atomic_write_bytes
 from .model import (
     DeepSSIMNet,
     ModelConfig,
+    _check_device,
     build_model,
     collect_images,
     fit_size,
@@ -213,9 +215,10 @@ class PairSampler:
     def __init__(self, pool: np.ndarray, groups: Sequence[str], positions: Sequence[int], *,
                  mix: Sequence[float] = (0.5, 0.25, 0.25),
                  pairs: Sequence[tuple[int, int]] | None = None, zoom_out: Sequence[float] = ()) -> None:
-        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-            raise ValueError(f"pair_mix must be three non-negative weights (random, neighbour, copy), "
-                             f"got {mix}")
+        # (NaN passed these compares and failed at the first draw, in numpy's "Probabilities contain NaN")
+        if len(mix) != 3 or not all(math.isfinite(float(m)) for m in mix) or min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"pair_mix must be three finite non-negative weights (random, neighbour, copy), "
+                             f"got {tuple(mix)}")
         self.pool = pool
         self.mix = np.asarray(mix, dtype=np.float64) / float(sum(mix))
         self.zoom_out = _check_zoom(zoom_out)
@@ -626,7 +629,25 @@ def _lr_at(step: int, base: float, total: int, schedule: str, warmup: int) -> fl
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    _check_device(dev)  # (model.to(dev) ended in torch's AssertionError "Torch not compiled with CUDA enabled")
+    return dev
+
+
+def _count(v: Any) -> bool:
+    """An integer (Python or numpy), not a bool: ``max_steps=True`` ran one step."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _images_digest(pool: ImagePool) -> str:
+    """'N images (digest)' of a training pool, for a resume to compare: the digest is of the fitted images'
+    shape and per-image float64 sums (one pass; the same pixels under another folder give the same digest)."""
+    import hashlib
+
+    imgs = pool.images
+    sums = np.add.reduce(imgs.reshape(imgs.shape[0], -1), axis=1, dtype=np.float64)
+    h = hashlib.sha256(repr(tuple(imgs.shape)).encode() + sums.tobytes()).hexdigest()[:12]
+    return f"{imgs.shape[0]} images ({h})"
 
 
 def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -690,20 +711,22 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     ``model.best_val`` (lowest validation loss, or None) and ``model.skipped`` (``(path, reason)`` of the
     files left out).
     """
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 2):
+    if not (_count(batch_size) and batch_size >= 2):
         raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
-    if max_steps is not None and not (isinstance(max_steps, (int, np.integer)) and max_steps >= 1):
+    if max_steps is not None and not (_count(max_steps) and max_steps >= 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
-    if not (isinstance(epochs, (int, np.integer)) and epochs >= 1):
+    if not (_count(epochs) and epochs >= 1):
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(val_pairs, (int, np.integer)) and val_pairs >= 1):
+    if not (_count(val_pairs) and val_pairs >= 1):
         raise ValueError(f"val_pairs must be a positive integer, got {val_pairs!r}")
-    if val_every is not None and not (isinstance(val_every, (int, np.integer)) and val_every >= 1):
+    if val_every is not None and not (_count(val_every) and val_every >= 1):
         raise ValueError(f"val_every must be a positive integer or None (once per epoch), got {val_every!r}")
-    if not (isinstance(warmup_steps, (int, np.integer)) and warmup_steps >= 0):
+    if not (_count(warmup_steps) and warmup_steps >= 0):
         raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**63:  # (found after every image was read: numpy's "expected non-negative integer")
+        raise ValueError(f"seed must be a non-negative integer below 2**63, got {seed}")
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {v!r}")
@@ -819,6 +842,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     total = int(max_steps) if max_steps is not None else steps_per_epoch * int(epochs)
     every = int(val_every) if val_every else steps_per_epoch
     validation = "pairs_csv" if val_list is not None else "val_images" if val_images is not None else "split"
+    images_digest = _images_digest(train_pool)  # (a resume on other images breaks the loss curve: warned)
 
     def _train_args() -> dict:
         # (what a resume compares, and `deepssim-fast train --resume` takes for the options it is not given; the
@@ -828,7 +852,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out],
                 "validation": validation, "val_fraction": float(val_fraction), "val_pairs": int(val_pairs),
                 "val_every": int(val_every) if val_every else None, "augment": bool(augment),
-                "grad_clip": float(grad_clip)}
+                "grad_clip": float(grad_clip), "train_images": images_digest}
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -953,7 +977,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 log.row(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}")
                 bar.update(1)
-                if row["val_loss"] is not None or step == total or timed_out:
+                # every `every` steps (once per epoch by default) whether or not the run validates: a run
+                # without validation wrote last.pt only at its end, so a killed one could not be resumed
+                if step % every == 0 or row["val_loss"] is not None or step == total or timed_out:
                     checkpoint("last.pt")
                 if timed_out:
                     logger.info("time limit reached at step %d (%.0f s wall, %.0f CPU-s)", step,

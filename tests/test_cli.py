@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import logging
 from pathlib import Path
 
@@ -989,7 +990,11 @@ def test_out_paths_blocked_by_a_file_or_naming_a_folder_are_clear(tmp_path: Path
     assert "is an existing folder; give a file name" in capsys.readouterr().err
     assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", a, "--out",
                  str(tmp_path / "outdir") + "/"]) == 2
-    assert "is an existing folder; give the .npy file to write" in capsys.readouterr().err
+    assert "is a folder; give the .npy file to write" in capsys.readouterr().err
+    # a folder that does not exist yet, said by its trailing slash: it wrote newdir.npy beside it
+    assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", a, "--out",
+                 str(tmp_path / "newdir") + "/"]) == 2
+    assert "newdir/ is a folder; give the .npy file to write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "afile", "outdir"]
 
 
@@ -1028,3 +1033,38 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys: pytes
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["audit", "--train", "x"]) == 130
     assert capsys.readouterr().err == "deepssim-fast audit: interrupted\n"
+
+
+def test_train_and_embed_say_what_they_left_out_and_how_to_go_on(folders: dict, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run without validation ended "best validation loss None"; Ctrl-C in train gave no hint that last.pt
+    resumes it; a 5 x 5 image among embed's files aborted it, named "images[5]"."""
+    from deepssim_fast import training
+
+    d = tmp_path / "imgs"
+    shutil.copytree(folders["train"], d)
+    np.save(d / "tiny.npy", np.ones((5, 5), np.float32))
+    out = tmp_path / "enc"
+    args = ["train", "--images", str(d), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+            "--input-size", "32", "--val-fraction", "0", "-q"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert f"no validation (the last weights); checkpoint: {out / 'last.pt'}" in cap.out
+    assert "left out 1 file(s)" in cap.err and "tiny.npy: image of shape (5, 5) is too small" in cap.err
+    assert main(["embed", "--model", str(out / "last.pt"), "--images", str(d), "--out", str(tmp_path / "e.npy"),
+                 "-q"]) == 0
+    cap = capsys.readouterr()
+    assert np.load(tmp_path / "e.npy").shape[0] == 7 and "tiny.npy" not in (tmp_path / "e.ids.txt").read_text()
+    assert "skipped" in cap.err and "tiny.npy: image of shape (5, 5) is too small for the encoder" in cap.err
+    assert main(["embed", "--model", str(out / "last.pt"), "--images", str(d), "--out", str(tmp_path / "f.npy"),
+                 "-q", "--strict"]) == 2
+    assert "tiny.npy: image of shape (5, 5) is too small" in capsys.readouterr().err
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "make_pool", interrupted)  # (inside train: the run is under way)
+    assert main(args) == 130
+    assert capsys.readouterr().err.strip() == (f"deepssim-fast train: interrupted; continue from the last checkpoint "
+                                               f"with --resume {out / 'last.pt'} (the steps after it run again)")

@@ -3,8 +3,9 @@ pairs, a short run on real MRI that clearly learns, and bad input."""
 from __future__ import annotations
 
 import csv
-import logging
 import importlib.util
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -762,3 +763,88 @@ def test_time_limits_are_checked(name: str, value, mni_slices) -> None:
     """time_limit=nan ran without any limit (NaN compares False), -1 stopped after one step."""
     with pytest.raises(ValueError, match=f"{name} must be a non-negative number of seconds"):
         train(mni_slices[:4], backbone="small", input_size=32, max_steps=1, **{name: value})
+
+
+def test_a_run_without_validation_can_be_resumed_after_a_kill(tmp_path, mni_slices, monkeypatch) -> None:
+    """Without validation (val_fraction 0, or too few images to split), last.pt was written only at the end: a
+    run killed at any step before could not be resumed and all its steps were lost. last.pt now comes every
+    val_every steps (once per epoch by default) whatever the validation."""
+    from deepssim_fast import training as tr
+
+    imgs = mni_slices[:16]
+    kw = dict(SMALL, seed=5, val_fraction=0.0, val_every=2)
+    full = train(imgs, max_steps=6, out=tmp_path / "full", **kw)
+    real_row = tr._Logger.row
+
+    def killed_at_step_5(self, row):
+        real_row(self, row)
+        if row["step"] == 5:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(tr._Logger, "row", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(imgs, max_steps=6, out=tmp_path / "k", **kw)
+    monkeypatch.setattr(tr._Logger, "row", real_row)
+    assert read_checkpoint(tmp_path / "k" / "last.pt")["step"] == 4
+    rest = train(imgs, max_steps=6, out=tmp_path / "k", resume=tmp_path / "k" / "last.pt", **kw)
+    assert [r["step"] for r in rest.history] == [5, 6]
+    assert [r["loss"] for r in rest.history] == [r["loss"] for r in full.history[4:]]
+    w_full = read_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    w_rest = read_checkpoint(tmp_path / "k" / "last.pt")["model"]
+    assert all(torch.equal(w_full[k], w_rest[k]) for k in w_full)
+
+
+def test_resume_on_other_training_images_is_warned(tmp_path, mni_slices, caplog) -> None:
+    """A resume on another image set breaks the loss curve the resume promises; the run settings were compared,
+    the images not at all."""
+    kw = dict(SMALL, batch_size=2, val_pairs=4, seed=3)
+    train(mni_slices[:8], max_steps=1, out=tmp_path / "r", **kw)
+    resume = dict(kw, resume=tmp_path / "r" / "last.pt")
+    del resume["backbone"]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(mni_slices[:8], max_steps=2, out=tmp_path / "same", **resume)
+    assert "other settings" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(mni_slices[8:16], max_steps=2, out=tmp_path / "other", **resume)
+    assert re.search(r"other settings than its run \(train_images '8 images \(\w+\)' -> '8 images \(\w+\)'\)",
+                     caplog.text)
+
+
+def test_train_arguments_are_checked_before_the_images_are_read(tmp_path, mni_slices) -> None:
+    """seed=-1 failed after every image was read, in numpy's "expected non-negative integer" (2**70: torch's
+    "Overflow when unpacking long long"); device='cuda' without CUDA in torch's AssertionError; a NaN pair_mix
+    at the first draw ("Probabilities contain NaN"); max_steps=True ran one step."""
+    missing = tmp_path / "not_read"  # (a path never read: each error comes first)
+    for seed in (-1, 2**70):
+        with pytest.raises(ValueError, match=f"seed must be a non-negative integer below 2\\*\\*63, got {seed}"):
+            train(str(missing), max_steps=1, seed=seed, **SMALL)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available here"):
+            train(str(missing), max_steps=1, device="cuda", **SMALL)
+    for name, v in (("max_steps", True), ("epochs", True), ("val_every", np.bool_(True))):
+        with pytest.raises(ValueError, match=name):
+            train(str(missing), **{"max_steps": 1, **SMALL, name: v})
+    with pytest.raises(ValueError, match="batch_size"):
+        train(str(missing), max_steps=1, **dict(SMALL, batch_size=True))
+    for mix in ((float("nan"), 1, 1), (float("inf"), 1, 1)):
+        with pytest.raises(ValueError, match="pair_mix must be three finite non-negative weights"):
+            train([s.array for s in mni_slices[:4]], max_steps=1, pair_mix=mix, **SMALL)
+
+
+def test_a_file_too_small_for_the_encoder_is_left_out_as_an_unreadable_one(tmp_path, mni_slices) -> None:
+    """A 5 x 5 image among the files aborted train (and embed, named "images[5]", its position among the files
+    kept) after every file was read; unreadable files are left out with a warning, and so is it now (--strict:
+    an error naming it)."""
+    from deepssim_fast.data import DataError
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, s in enumerate(mni_slices[:4]):
+        np.save(d / f"s{i}.npy", s.array)
+    np.save(d / "tiny.npy", np.ones((5, 5), np.float32))
+    model = train(str(d), max_steps=1, val_fraction=0.0, **SMALL)
+    assert [Path(p).name for p, _ in model.skipped] == ["tiny.npy"]
+    assert "image of shape (5, 5) is too small for the encoder" in model.skipped[0][1]
+    with pytest.raises(DataError, match=r"tiny.npy: image of shape \(5, 5\) is too small"):
+        train(str(d), max_steps=1, val_fraction=0.0, strict=True, **SMALL)
