@@ -3087,6 +3087,17 @@ def evaluate(
                     part = np.maximum(part, cosine(a, bv))
             parts.append(part)
         score = np.clip(np.concatenate(parts), -1.0, 1.0)  # as the search's scores
+        # A pair the search kept (a row of matches.csv) takes the very score the audit labelled it with: the
+        # float64 value above can fall on the other side of a threshold than the search's float32 one (0.90140995
+        # against 0.90140998 with high = 0.90140997), and evaluate then disagreed with the audit's own label.
+        # (Other pairs keep the float64 score: the audit labelled none of them.)
+        if (work / "search.npz").is_file():
+            found = SearchResult.load(stored("search.npz"))
+            kept = {(int(i), int(j)): float(v) for i, (row, vals) in enumerate(zip(found.indices, found.scores,
+                                                                                  strict=True))
+                    for j, v in zip(row, vals, strict=True)}
+            score = np.array([kept.get((int(s_), int(t_)), float(v)) for t_, s_, v in zip(ti, si, score, strict=True)],
+                             dtype=np.float64)
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
     y_pred = [_REF_CODE[n] for n in pred_names]
     y_true = [lab for _, _, lab in pairs]

@@ -1357,6 +1357,36 @@ def test_evaluate_without_verification_scores_the_flip_shift_variants_as_the_sea
         A.evaluate(out, labels, model=other)
 
 
+def test_evaluate_labels_a_searched_pair_with_the_audits_own_score(ds: dict, tmp_path: Path) -> None:
+    """With verify='none', evaluate scored the labelled pairs again in float64, and a pair whose float32 search
+    score and float64 value lie on either side of a threshold got another label than the audit gave it (a
+    correlation of 0.9014099836 in the search, 0.9014099545 in float64, high = 0.90140997). A pair the search
+    kept now takes the search's own score."""
+    names = sorted(ds["train_arrays"])
+    src = names[6]
+    noisy = ds["train_arrays"][src] + np.random.default_rng(4).normal(0, 3.0, SIZE).astype(np.float32)
+    synth = tmp_path / "s"
+    synth.mkdir()
+    np.save(synth / "near.npy", noisy)
+    first = A.audit(ds["train"], synth, metric="correlation", k=1, verify="none", out=tmp_path / "o1",
+                    progress=False)
+    found = A.SearchResult.load(first.out / "work" / "search.npz")
+    assert names[int(found.indices[0, 0])] == src
+    s32 = float(found.scores[0, 0])
+    a, b = (np.asarray(x, np.float64).ravel() for x in (ds["train_arrays"][src], noisy))
+    a, b = a - a.mean(), b - b.mean()
+    s64 = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    assert s32 != s64 and abs(s32 - s64) < 1e-6  # (the two roundings of one correlation)
+    high = (s32 + s64) / 2  # a threshold between them: the two sides label the pair differently
+    out = A.audit(ds["train"], synth, metric="correlation", k=1, verify="none", thresholds=(0.5, high),
+                  out=tmp_path / "o2", progress=False).out
+    (row,) = _rows(out)
+    assert row["label"] == ("duplicate" if s32 > high else "similar")
+    code = {"different": 0, "duplicate": 1, "similar": 2}[row["label"]]
+    ev = A.evaluate(out, _labels(tmp_path / "l.csv", (src, "near.npy", code)))
+    assert ev["accuracy"] == 1.0 and ev["n"] == 1
+
+
 def test_evaluate_takes_the_audit_encoder_as_an_object_or_as_its_file(ds: dict, tmp_path: Path) -> None:
     """A file is recorded by the hash of its bytes, a model object by its module hash: evaluate told the user
     that the encoder loaded from the audit's own checkpoint 'is not the encoder this audit used' (and, for an
