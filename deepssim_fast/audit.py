@@ -723,6 +723,10 @@ def _check_item_size(fit: tuple[int, ...], origin: str, *, mode: str) -> None:
     1-pixel-high slices."""
     if min(fit) >= _SSIM_WINDOW:
         return
+    if origin == "the size asked for":  # (the hint told a user who had given --size 5 5 to give --size)
+        raise ValueError(f"size {fit} (--size) is smaller than the {_SSIM_WINDOW}-pixel SSIM window on some side, "
+                         f"and this audit computes exact SSIM (metric 'ssim' or verify='ssim'); give every side "
+                         f"at least {_SSIM_WINDOW}")
     hint = (
         "give --size (size=), or cut the volumes along another --axis (axis=): a 2D image stored in a NIfTI "
         "file as (1, H, W) is cut along the default axis 2 into W slices of shape (1, H); --axis 0 gives the "
@@ -1884,8 +1888,8 @@ def audit(
         raise ValueError("verify_rotations applies to 2D slices only, not mode='volumes'")
     if verify == "none" and verify_rotations:
         raise ValueError(
-            "verify_rotations is applied when verifying (verify='ssim'); with verify='none' it would be ignored: "
-            "drop it, or verify with exact SSIM"
+            "verify_rotations (--verify-rotations) is applied when verifying (verify='ssim', --verify ssim); with "
+            "verify='none' (--verify none) it would be ignored: drop it, or verify with exact SSIM"
         )
     if verify == "none" and metric in ("ssim", "embeddings") and (verify_flips or verify_shifts):
         # (embedding rows have no pixels: neither verification nor the correlation metric can apply to them)
@@ -1899,6 +1903,9 @@ def audit(
             f"ignored; {remedy}"
         )
     th = _check_thresholds(thresholds)
+    if th[1] >= 1.0:  # (duplicate means a score above high, and no score is above 1: 0 % memorised, always)
+        logger.warning("thresholds %s: the high threshold is 1, and no score exceeds 1, so no pair can be "
+                       "labelled duplicate (give a high threshold below 1, e.g. 0.85)", th)
     if mode == "volumes" and policy is not None and policy != SlicePolicy():
         # (they were accepted without a word, and still changed the saved search's key)
         logger.warning("mode='volumes' compares whole volumes: the slice policy (%s; --axis, --slice-*, "

@@ -913,7 +913,9 @@ def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"the train set has no usable items .*img\.npy: a volume of shape "
                                          r"\(2, 20, 24\) cut along axis 2 gives slices of 2 x 20 pixels.*--axis 0"):
         A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", **kw)
-    with pytest.raises(ValueError, match=r"item size \(5, 5\) \(the size asked for\)"):
+    # (a size that was given: the hint had said "give --size" to a user who had)
+    with pytest.raises(ValueError, match=r"^size \(5, 5\) \(--size\) is smaller than the 7-pixel SSIM window .*give "
+                                         r"every side at least 7$"):
         A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", size=(5, 5), policy=SlicePolicy(axis=0), **kw)
     # without exact SSIM such items are legitimate; cut along axis 0 they are (20, 24) images (the first)
     r = A.audit(tmp_path / "t", tmp_path / "s", out=tmp_path / "o", policy=SlicePolicy(axis=0, stop=1), **kw)
@@ -2719,3 +2721,19 @@ def test_verify_pairs_gives_each_pair_the_same_result_alone_or_in_any_batch() ->
             parts = [A.verify_pairs(t[a:a + step], s[a:a + step], spatial_dims=2, **kw) for a in range(0, len(t), step)]
             assert np.array_equal(np.concatenate([p[0] for p in parts]), whole[0]), (kw, step)
             assert sum((p[1] for p in parts), []) == whole[1], (kw, step)
+
+
+def test_settings_that_cannot_work_are_named_with_their_flags(ds: dict, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """thresholds (0.6, 1.0) were taken without a word, and no pair can be a duplicate then (a score is at most
+    1, and duplicate means above high): an exact copy came out "similar", 0 % memorised. verify_rotations with
+    verify='none' was refused in the API's names only."""
+    with pytest.raises(ValueError, match=r"verify_rotations \(--verify-rotations\) is applied when verifying "
+                                         r"\(verify='ssim', --verify ssim\)"):
+        A.audit(ds["train"], ds["synth"], metric="correlation", verify="none", verify_rotations=5.0,
+                out=tmp_path / "o", progress=False)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        r = A.audit(ds["train"], ds["synth"], metric="correlation", verify="none", k=1, thresholds=(0.6, 1.0),
+                    out=tmp_path / "o", progress=False)
+    assert "no pair can be labelled duplicate" in caplog.text
+    assert r.summary["counts"]["duplicate"] == 0 and r.summary["counts"]["similar"] >= 5  # (the plants)
