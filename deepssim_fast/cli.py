@@ -709,8 +709,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the command was
         hint = ""
         if args.command == "audit":
-            hint = (f"; finished work is kept in {os.path.join(args.out, 'work')}: run the same command again "
-                    "to resume")
+            kept = os.path.join(args.out, "work")
+            if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
+                kept += f" and {os.path.join(args.out, 'shards*')}"  # (where a Dask search keeps its shards)
+            hint = f"; finished work is kept in {kept}: run the same command again to resume"
         elif args.command == "train" and os.path.isfile(os.path.join(args.out, "last.pt")):
             hint = (f"; continue from the last checkpoint with --resume {os.path.join(args.out, 'last.pt')} "
                     "(the steps after it run again)")

@@ -280,6 +280,22 @@ def check_cluster_options(workers: Any, scheduler: Any) -> None:
         raise ValueError(f"workers must be a positive integer (Dask worker processes), got {workers!r}")
     if isinstance(scheduler, str) and not scheduler.strip():
         raise ValueError("scheduler must be a Dask scheduler address like 'tcp://host:8786' or a Client, got ''")
+    if isinstance(scheduler, str):
+        # the address's form, now (where Dask is installed): a missing port was found only when the search
+        # connected, after a whole audit's decoding and embedding
+        try:
+            from distributed.comm.addressing import parse_address, parse_host_port
+            from distributed.comm.registry import get_backend
+        except ImportError:
+            return
+        try:
+            scheme, loc = parse_address(scheduler)
+            get_backend(scheme)
+            if scheme in ("tcp", "tls"):
+                parse_host_port(loc)
+        except ValueError as exc:
+            raise ValueError(f"scheduler (--scheduler) {scheduler!r} is not a Dask scheduler address ({exc}); "
+                             "give one like 'tcp://host:8786'") from exc
 
 
 @contextlib.contextmanager
@@ -651,6 +667,7 @@ class _Scattered:
     def _scatter(self, key: Any, data: np.ndarray) -> Any:
         """Scatter with a few retries: a worker that just died may still be chosen as the target."""
         for attempt in range(SCATTER_RETRIES + 1):
+            _check_connected(self.client, f"scattering block {key}")
             try:
                 return self.client.scatter(data, broadcast=self.broadcast, hash=False)
             except OSError as exc:  # CommClosedError and connection resets
@@ -662,6 +679,19 @@ class _Scattered:
 
     def drop(self, key: Any) -> None:
         self.futures.pop(key, None)
+
+
+def _check_connected(client: Any, doing: str, exc: BaseException | None = None) -> None:
+    """DistributedError when ``client`` has lost its scheduler (``exc``: the error that said so, e.g. a task
+    "cancelled for reason: scheduler-connection-lost"). The run had resubmitted its shards and then failed in
+    a bare AttributeError ('NoneType' object has no attribute 'scatter') once the client stopped reconnecting."""
+    lost = "scheduler-connection-lost" in str(exc or "")
+    status = str(getattr(client, "status", "running"))
+    if lost or status not in ("running", "connecting", "newly-created") or getattr(client, "scheduler", 1) is None:
+        where = getattr(getattr(client, "scheduler", None), "address", None) or "the Dask scheduler"
+        raise DistributedError(f"lost the connection to {where} while {doing} (client {status}); finished shards "
+                               "are kept in the checkpoint folder, if any: run again once the scheduler is back "
+                               "to resume") from exc
 
 
 def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
@@ -797,7 +827,8 @@ def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Seq
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
         where = client.scheduler.address
-        logger.info("waiting up to %d s for a Dask worker to join %s", WORKER_WAIT_S, where)
+        # (a warning: at the default verbosity a scheduler without workers was a silent wait of 10 minutes)
+        logger.warning("no Dask worker in %s yet: waiting up to %d s for one to join", where, WORKER_WAIT_S)
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
         except TimeoutError as exc:
@@ -853,6 +884,7 @@ def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Seq
             except Exception as exc:  # noqa: BLE001 - lost inputs show up as cancelled futures
                 if fut.status != "cancelled" and "cancelled" not in type(exc).__name__.lower():
                     raise
+                _check_connected(client, f"running shard {s.name}", exc)
                 attempts[s] = attempts.get(s, 0) + 1
                 if attempts[s] > MAX_RESUBMITS:
                     raise DistributedError(f"shard {s.name} lost its inputs {attempts[s]} times: "

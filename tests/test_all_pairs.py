@@ -1289,8 +1289,8 @@ def test_memory_mapped_read_only_sets_are_searched_in_place(tmp_path, monkeypatc
     seen = []
     real_check = ap._check_set
 
-    def spy(x, name):
-        t = real_check(x, name)
+    def spy(x, name, **kw):
+        t = real_check(x, name, **kw)
         seen.append((name, t.data_ptr()))
         return t
 

@@ -907,6 +907,11 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(monkeypatch: pytest.Monk
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "interrupted" in err and "same command again" in err and str(tmp_path / "o" / "work") in err
+    # with Dask the finished shards are in OUT/shards* (the hint named OUT/work alone)
+    assert main(["audit", "--train", str(tmp_path), "--synth", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--workers", "2"]) == 130
+    assert (f"finished work is kept in {tmp_path / 'o' / 'work'} and {tmp_path / 'o' / 'shards*'}: run the same "
+            "command again") in capsys.readouterr().err
     monkeypatch.setattr(cli, "_cmd_doctor", interrupted)
     try:
         rc = main(["doctor"])

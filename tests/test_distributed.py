@@ -632,3 +632,48 @@ def test_precision_is_checked_before_a_cluster_starts():
     with pytest.raises(ValueError, match=r"precision must be one of \('ieee'.*got 'tf23'"):
         dd.all_pairs_distributed(np.ones((5, 3), np.float32), None, k=1, workers=1, precision="tf23",
                                  progress=False)
+
+
+def test_a_lost_scheduler_is_a_distributed_error_not_an_attribute_error(caplog):
+    """With the scheduler gone mid-run, the shards came back "cancelled for reason: scheduler-connection-lost",
+    were resubmitted, and the next scatter failed in "'NoneType' object has no attribute 'scatter'" (39 s in:
+    killed scheduler, probe of 2026-11-30). Both places now name the lost connection."""
+    class Gone:  # what a Client that stopped reconnecting looks like
+        status, scheduler = "closed", None
+
+    with pytest.raises(dd.DistributedError, match=r"lost the connection to the Dask scheduler while scattering "
+                                                  r"block b0 \(client closed\)"):
+        dd._Scattered(Gone(), broadcast=False).get("b0", np.zeros(3))
+
+    class Running:
+        status, scheduler = "running", type("rpc", (), {"address": "tcp://10.0.0.1:8786"})()
+
+    cancelled = Exception("shard x was cancelled for reason: scheduler-connection-lost.")
+    with pytest.raises(dd.DistributedError, match=r"lost the connection to tcp://10.0.0.1:8786 while running shard"):
+        dd._check_connected(Running(), "running shard s1", cancelled)
+    dd._check_connected(Running(), "running shard s1", Exception("cancelled: lost dependencies"))  # (resubmitted)
+
+
+def test_a_scheduler_without_workers_is_said_at_the_default_verbosity(emb, monkeypatch, caplog):
+    """A scheduler with no worker was a silent wait of up to 10 minutes (logged at INFO only)."""
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(dd, "WORKER_WAIT_S", 1)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as c:
+        with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
+            with pytest.raises(dd.DistributedError, match="no Dask worker joined .* within 1 s"):
+                dd.all_pairs_distributed(emb["train"], emb["synth"], k=2, scheduler=c, progress=False)
+    assert "no Dask worker in" in caplog.text and "waiting up to 1 s" in caplog.text
+
+
+def test_a_malformed_scheduler_address_is_refused_before_the_audit_reads_anything(tmp_path):
+    """--scheduler tcp://127.0.0.1 (no port) failed only when the search connected, after the decoding and the
+    embedding of every file (OUT/work written), in Dask's words only."""
+    import importlib
+
+    audit = importlib.import_module("deepssim_fast.audit").audit
+    with pytest.raises(ValueError, match=r"scheduler \(--scheduler\) 'tcp://127.0.0.1' is not a Dask scheduler "
+                                         r"address \(missing port number"):
+        audit(tmp_path / "not_read", tmp_path / "not_read_either", metric="correlation", verify="none",
+              scheduler="tcp://127.0.0.1", out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
