@@ -10,7 +10,7 @@ Cases (real MNI152 slices, centre-fitted; seeded planted copies):
   (decode, all pairs, top-k, verification, report). Providers: ``deepssim_fast.audit`` and
   ``reference-style loop`` (load both files for every pair, scikit-image SSIM, sort, write a CSV).
 
-Run: ``python -m bench audit [--quick]``.
+Run: ``python -m bench audit [--quick]`` or ``python -m bench.bench_audit [--quick] [--no-append]``.
 """
 
 from __future__ import annotations
@@ -158,5 +158,19 @@ def run(quick: bool = False, append: bool = True) -> list[Row]:
     return rows
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m bench.bench_audit [--quick] [--no-append]`` (``--help`` ran the benchmark: the
+    module read no arguments at all)."""
+    import argparse
+
+    from bench.harness import markdown_table
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sets (well under a minute)")
+    ap.add_argument("--no-append", action="store_true", help="print the table only; do not add it to BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    print(markdown_table(run(quick=args.quick, append=not args.no_append)))
+
+
 if __name__ == "__main__":  # pragma: no cover
-    run(quick=True, append=False)
+    main()

@@ -44,9 +44,11 @@ class Row:
         return self.work / self.median if self.times and self.median > 0 else float("nan")
 
     def as_dict(self) -> dict:
+        """The row as plain JSON values: a failed provider's median and rate (NaN) and ratio are None, since
+        NaN is not JSON (json.dumps wrote the bare token NaN, which strict parsers refuse)."""
         d = asdict(self)
         d.update(median=self.median, rate=self.rate)
-        return d
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, sync: Callable[[], None] | None = None

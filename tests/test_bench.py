@@ -322,7 +322,8 @@ def test_runner_reports_failures_and_keeps_going(fake_benches: Path, capsys) -> 
                "--no-append", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert rc == 1  # a module raised and one is missing: reported, not hidden
-    res = json.loads(out_json.read_text())
+    # (strict JSON: a failed provider's NaN median was written as the bare token NaN)
+    res = json.loads(out_json.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     status = {m["name"]: m for m in res["modules"]}
     assert status["fakebenches.bench_raises"]["status"] == "failed"
     assert "this capability module is broken" in status["fakebenches.bench_raises"]["error"]
@@ -334,6 +335,7 @@ def test_runner_reports_failures_and_keeps_going(fake_benches: Path, capsys) -> 
     rows = {r["provider"]: r for r in ok["rows"]}
     assert len(rows["builtin sum"]["times"]) == 2 and rows["builtin sum"]["ratio"] == pytest.approx(1.0)
     assert rows["numpy"]["ratio"] > 0 and "failed: RuntimeError" in rows["broken competitor"]["note"]
+    assert rows["broken competitor"]["median"] is None and rows["broken competitor"]["rate"] is None
     # the combined table and the status table are printed
     assert "## fakecap" in out and "| sum of 10000 ints | builtin sum |" in out
     assert "failed: RuntimeError: competitor not installed here" in out
@@ -540,3 +542,39 @@ def test_audit_files_bench_times_two_roots_and_refuses_differing_results(tmp_pat
     p = subprocess.run(args[:-2] + ["--root", str(other.parent)], capture_output=True, text=True, env=env,
                        check=False, timeout=600)
     assert p.returncode == 1 and "differs" in p.stderr and "| " not in p.stdout
+
+
+def test_a_missing_competitor_is_its_own_failed_row_not_the_whole_case(monkeypatch) -> None:
+    """MONAI's metric was built before the SSIM cases' providers ran: without MONAI each case failed whole, our
+    rows with it. And `python -m bench.bench_audit --help` ran the benchmark (the module read no arguments)."""
+    import subprocess
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_ssim as b
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # (import monai: ImportError)
+    monkeypatch.setitem(sys.modules, "monai.metrics", None)
+    rows = {r.provider: r for r in b._cpu_3d(quick=True)}
+    assert rows["deepssim_fast native"].times and rows["deepssim_fast native"].ratio > 0
+    assert not rows["MONAI SSIMMetric (uniform 7)"].times
+    assert "failed: ModuleNotFoundError" in rows["MONAI SSIMMetric (uniform 7)"].note
+    out = subprocess.run([sys.executable, "-m", "bench.bench_audit", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage:") and "--no-append" in out.stdout
+
+
+def test_all_pairs_bench_scale_n_0_skips_the_scale_case_only(monkeypatch) -> None:
+    """--scale-n 0 ("skip the scale case") dropped the GPU case too, unsaid: it sat under scale_n > 0."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_all_pairs as b
+
+    called = []
+    for name in ("cpu_case", "scale_case", "gpu_case"):
+        monkeypatch.setattr(b, name, lambda *a, name=name, **kw: called.append(name) or [])
+    monkeypatch.setattr(b.torch.cuda, "is_available", lambda: True)
+    b.run(append=False, scale_n=0)
+    assert called == ["cpu_case", "gpu_case"]
+    called.clear()
+    b.run(quick=True, append=False)
+    assert called == ["cpu_case"]
