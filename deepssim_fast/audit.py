@@ -2793,6 +2793,12 @@ def _evaluation_model(summary: dict, model: Any) -> Any:
                 "recorded no model file: pass model= (the encoder the audit used)"
             )
         model = rec["path"]
+        if not Path(model).exists():  # (evaluate said only "model file ... does not exist")
+            raise FileNotFoundError(
+                f"this deepssim audit searched flip/shift variants, which evaluate embeds again with the encoder "
+                f"it recorded in summary.json, {model}, and that file is no longer there: pass model= (--model) "
+                "the encoder's file where it is now (it is checked against the recorded hash)"
+            )
     obj, path, digest = _load_model(model)
     if rec.get("hash") and digest != rec["hash"] and not _same_module(obj, rec):
         raise ValueError(

@@ -1357,6 +1357,12 @@ def test_evaluate_without_verification_scores_the_flip_shift_variants_as_the_sea
     other = save_checkpoint(tmp_path / "other.pt", build_model("small", input_size=64))
     with pytest.raises(ValueError, match="not the encoder this audit used"):
         A.evaluate(out, labels, model=other)
+    # the recorded encoder moved away: said so, with the way out (it said only "model file ... does not exist")
+    moved = Path(ckpt).rename(tmp_path / "moved.pt")
+    with pytest.raises(FileNotFoundError, match=rf"it recorded in summary.json, {re.escape(str(ckpt))}, and that "
+                                                r"file is no longer there: pass model= \(--model\)"):
+        A.evaluate(out, labels)
+    assert A.evaluate(out, labels, model=moved)["accuracy"] == 1.0
 
 
 def test_evaluate_labels_a_searched_pair_with_the_audits_own_score(ds: dict, tmp_path: Path) -> None:
