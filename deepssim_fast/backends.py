@@ -105,10 +105,20 @@ def backends() -> dict[str, Any]:
             detected_simd=nat.detected_simd_level(),
             threads=nat.num_threads(),
             capabilities=list(nat.capabilities),
+            # the all-pairs GEMM kernel a call would use here (int16 where the CPU has one, else fp32)
+            topk_kernel=nat.topk_int16_kernel() if hasattr(nat, "topk_int16_kernel") else None,
         )
     cuda = _cuda_devices()
     tv = _triton_version()
     triton_ok = tv is not None and not _triton_too_old(tv) and (bool(cuda) or triton_interpret())
+    if triton_ok:
+        why = None
+    elif tv is None:
+        why = "triton is not installed"
+    elif _triton_too_old(tv):
+        why = f"triton {tv} is too old"
+    else:
+        why = "no CUDA device; TRITON_INTERPRET=1 runs the kernels on the CPU, for tests"
     return {
         "native": native,
         "torch": {"available": True, "version": torch.__version__, "threads": torch.get_num_threads()},
@@ -116,9 +126,13 @@ def backends() -> dict[str, Any]:
             "available": triton_ok,
             "version": tv,
             "mode": ("gpu" if cuda else "interpreter") if triton_ok else None,
+            "reason": why,
         },
         "cuda": cuda,
         "cupy": _cupy_version(),
+        # the settings that change what runs (a forced backend, a capped SIMD level, ...), as set here
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("DEEPSSIM_FAST_") or k == "TRITON_INTERPRET"},
     }
 
 

@@ -46,16 +46,23 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if nat["available"]:
         print(
             f"native : yes  simd={nat['simd']} (cpu supports {nat['detected_simd']})  "
-            f"threads={nat['threads']}  "
+            f"threads={nat['threads']}  all-pairs kernel={nat.get('topk_kernel') or '-'}  "
             f"capabilities={','.join(nat['capabilities']) or '-'}"
         )
     else:
         print("native : NO  (the C++ extension did not import; reinstall from source)")
     print(f"torch  : yes  threads={info['torch']['threads']}")
     tr = info["triton"]
-    print(f"triton : {'yes' if tr['available'] else 'no'}  version={tr['version']}  mode={tr['mode']}")
+    print(f"triton : {'yes' if tr['available'] else 'no'}  version={tr['version']}  "
+          + (f"mode={tr['mode']}" if tr["available"] else f"({tr['reason']})"))
     print(f"cuda   : {', '.join(info['cuda']) if info['cuda'] else 'no CUDA device'}")
     print(f"cupy   : {info['cupy'] or 'not installed (optional: pip install deepssim_fast[cupy])'}")
+    env = info["environment"]
+    print("environment: " + ("  ".join(f"{k}={v}" for k, v in env.items()) if env else "no DEEPSSIM_FAST_* overrides"))
+    forced = env.get("DEEPSSIM_FAST_BACKEND", "").strip().lower()
+    if forced in ("native", "triton") and not info[forced]["available"]:
+        print(f"note: DEEPSSIM_FAST_BACKEND={forced}, which is not available here: calls that use the default "
+              "backend will fail")
     return 0
 
 

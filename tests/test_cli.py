@@ -80,10 +80,35 @@ def test_a_closed_stdout_pipe_is_not_an_error(monkeypatch: pytest.MonkeyPatch,
     assert capsys.readouterr().err == ""
 
 
-def test_doctor_still_works(capsys: pytest.CaptureFixture) -> None:
+def test_doctor_still_works(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "backends" in info and info["deepssim_fast"]
+    # the settings that change what runs are shown, and a forced backend that cannot run is said (doctor printed
+    # the same report with DEEPSSIM_FAST_BACKEND=triton on a machine without Triton's GPU); also the all-pairs
+    # kernel, and why Triton is off
+    import os
+
+    from deepssim_fast import _native
+
+    for k in [k for k in os.environ if k.startswith("DEEPSSIM_FAST_") or k == "TRITON_INTERPRET"]:
+        monkeypatch.delenv(k)
+    assert main(["doctor", "--json"]) == 0
+    triton = json.loads(capsys.readouterr().out)["backends"]["triton"]
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "environment: no DEEPSSIM_FAST_* overrides" in out
+    assert f"all-pairs kernel={_native.topk_int16_kernel()}" in out
+    if not triton["available"]:
+        assert f"triton : no  version={triton['version']}  ({triton['reason']})" in out
+        monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "triton")
+        assert main(["doctor"]) == 0
+        out = capsys.readouterr().out
+        assert "environment: DEEPSSIM_FAST_BACKEND=triton" in out
+        assert "note: DEEPSSIM_FAST_BACKEND=triton, which is not available here" in out
+        assert main(["doctor", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)["backends"]
+        assert info["environment"] == {"DEEPSSIM_FAST_BACKEND": "triton"} and info["triton"]["reason"]
 
 
 def test_ssim_two_files_prints_the_score(folders: dict, capsys: pytest.CaptureFixture) -> None:
