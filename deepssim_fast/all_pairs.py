@@ -246,7 +246,6 @@ class AllPairsResult:
             train_hits=self.train_hits, thresholds=np.array(self.thresholds, dtype=np.float64),
             sizes=np.array([self.n_train, self.n_synth, self.k], dtype=np.int64),
             backend=np.array(self.backend)))
-        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AllPairsResult:
