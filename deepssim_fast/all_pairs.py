@@ -26,7 +26,10 @@ Conventions (the same on every backend; native results are bit-identical across 
 * Histogram: ``bins`` equal-width bins on [-1, 1]; bin = floor((s - lo) / (hi - lo) * bins) computed in
   float64 from the float32 score, clamped to [0, bins - 1].
 * Class counts, over all pairs: ``different`` s <= low < ``similar`` <= high < ``duplicate`` (the float32
-  score compared in float64 with the thresholds as given).
+  score compared in float64 with the thresholds as given). Bins are closed on the left and classes on the
+  right, so a score exactly equal to a threshold that is also a bin edge (0.5 or 0.75 on 200 bins) is in
+  the bin above the edge but the class below; the defaults 0.6 and 0.85 are no float32 value, and there
+  the histogram and the class counts always agree.
 * ``train_hits[j]``: how many synthetic samples have training row j as their nearest neighbour.
 * ``all_pairs(train, None)`` compares ``train`` with itself and equals ``all_pairs(train, train,
   self_offset=0)``: self-pairs are excluded from top-k, histogram and class counts, so the histogram
@@ -171,6 +174,7 @@ class AllPairsResult:
         counts are summed and ``train_hits`` is recomputed from the merged nearest neighbours. ``backend``
         names every engine of the parts, joined by ``+`` in order of first appearance (``"native+torch"``):
         engines order their sums differently, so parts from two of them can differ in the last bits.
+        Dense matrices are not merged: the merged result has none (``matrix`` None).
         """
         parts = list(parts)
         if not parts:
@@ -251,6 +255,8 @@ class AllPairsResult:
     def load(cls, path: str | os.PathLike) -> AllPairsResult:
         """Read a result written by :meth:`save`; any other file (or a damaged one) is a ValueError naming it."""
         p = Path(path)
+        if p.is_dir():  # (it was called "no such file")
+            raise IsADirectoryError(f"{p}: a folder, not a result written by AllPairsResult.save")
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file (a result written by AllPairsResult.save)")
         try:
@@ -267,9 +273,13 @@ class AllPairsResult:
                              f"({type(exc).__name__}: {exc})") from exc
         bins = len(r.histogram[0])
         if (r.scores.shape != (n_synth, k) or r.indices.shape != (n_synth, k) or r.train_hits.shape != (n_train,)
-                or r.histogram[1].shape != (bins + 1,) or len(r.thresholds) != 2):
+                or r.histogram[1].shape != (bins + 1,) or len(r.thresholds) != 2
+                # (and the dtypes the class promises: float64 scores or float indices loaded unnoticed)
+                or r.scores.dtype != np.float32 or r.indices.dtype != np.int64 or r.train_hits.dtype != np.int64
+                or r.histogram[0].dtype != np.int64):
             raise ValueError(f"{p}: inconsistent saved result (sizes n_train={n_train}, n_synth={n_synth}, k={k}; "
-                             f"scores {r.scores.shape}, indices {r.indices.shape}, train_hits {r.train_hits.shape})")
+                             f"scores {r.scores.dtype}{r.scores.shape}, indices {r.indices.dtype}{r.indices.shape}, "
+                             f"train_hits {r.train_hits.dtype}{r.train_hits.shape}, histogram {r.histogram[0].dtype})")
         return r
 
 
@@ -565,6 +575,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
                              f"n_train={n_train}")
         self_offset = int(self_offset)
     n_cand = n_train - (1 if self_offset is not None else 0)
+    if n_train == 0:  # ("k=1 exceeds the -1 candidates per query" in self mode)
+        raise ValueError(f"all_pairs: train has no rows (shape {tuple(tt.shape)}): there is nothing to search")
     if k > n_cand:
         what = "n_train - 1 (self-pairs excluded)" if self_offset is not None else "n_train"
         raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, "
@@ -685,6 +697,8 @@ def _check_params(k: Any, thresholds: Any, bins: Any) -> tuple[int, float, float
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
         raise ValueError(f"all_pairs: bins must be an integer in [1, 2^20], got {bins!r}")
     try:
+        if isinstance(thresholds, (str, bytes)):  # ("01" was taken as (0.0, 1.0), a character each)
+            raise TypeError("a string")
         low, high = (float(v) for v in thresholds)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"all_pairs: thresholds must be two numbers (low, high), "

@@ -1904,8 +1904,8 @@ def audit(
         )
     th = _check_thresholds(thresholds)
     if th[1] >= 1.0:  # (duplicate means a score above high, and no score is above 1: 0 % memorised, always)
-        logger.warning("thresholds %s: the high threshold is 1, and no score exceeds 1, so no pair can be "
-                       "labelled duplicate (give a high threshold below 1, e.g. 0.85)", th)
+        logger.warning("thresholds %s: the high threshold is 1, and an item's score is at most 1, so no item "
+                       "can be labelled duplicate (give a high threshold below 1, e.g. 0.85)", th)
     if mode == "volumes" and policy is not None and policy != SlicePolicy():
         # (they were accepted without a word, and still changed the saved search's key)
         logger.warning("mode='volumes' compares whole volumes: the slice policy (%s; --axis, --slice-*, "

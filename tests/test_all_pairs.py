@@ -497,14 +497,29 @@ def test_load_of_a_foreign_or_damaged_file_names_it(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with np.load(good) as z:
         parts = dict(z)
-    parts["scores"] = parts["scores"][:3]
-    np.savez(tmp_path / "short.npz", **parts)
-    for name in ("text.npz", "empty.npz", "cut.npz", "arr.npy", "other.npz", "short.npz"):
+    np.savez(tmp_path / "short.npz", **dict(parts, scores=parts["scores"][:3]))
+    # (other dtypes than the class promises loaded unnoticed: float64 scores, float32 indices)
+    np.savez(tmp_path / "f64.npz", **dict(parts, scores=parts["scores"].astype(np.float64)))
+    np.savez(tmp_path / "fidx.npz", **dict(parts, indices=parts["indices"].astype(np.float32)))
+    for name in ("text.npz", "empty.npz", "cut.npz", "arr.npy", "other.npz", "short.npz", "f64.npz", "fidx.npz"):
         with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
             AllPairsResult.load(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no such file"):
         AllPairsResult.load(tmp_path / "missing.npz")
+    (tmp_path / "adir.npz").mkdir()  # (it was called "no such file")
+    with pytest.raises(IsADirectoryError, match="a folder, not a result"):
+        AllPairsResult.load(tmp_path / "adir.npz")
     assert AllPairsResult.load(good) == r
+
+
+def test_an_empty_training_set_and_a_string_of_thresholds_are_named():
+    """An empty training set in self mode said "k=1 exceeds the -1 candidates per query"; thresholds="01"
+    was read a character at a time, as (0.0, 1.0)."""
+    for synth in (None, _rand(3, 16, SEED)):
+        with pytest.raises(ValueError, match=r"train has no rows \(shape \(0, 16\)\)"):
+            all_pairs(np.zeros((0, 16), np.float32), synth, k=1, progress=False)
+    with pytest.raises(ValueError, match="thresholds must be two numbers"):
+        all_pairs(_rand(5, 4, SEED), None, k=1, thresholds="01", progress=False)
 
 
 def test_merge_of_train_shards_checks_their_offsets():

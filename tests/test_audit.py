@@ -2741,5 +2741,5 @@ def test_settings_that_cannot_work_are_named_with_their_flags(ds: dict, tmp_path
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
         r = A.audit(ds["train"], ds["synth"], metric="correlation", verify="none", k=1, thresholds=(0.6, 1.0),
                     out=tmp_path / "o", progress=False)
-    assert "no pair can be labelled duplicate" in caplog.text
+    assert "no item can be labelled duplicate" in caplog.text
     assert r.summary["counts"]["duplicate"] == 0 and r.summary["counts"]["similar"] >= 5  # (the plants)
