@@ -419,6 +419,18 @@ class DeepSSIMNet(nn.Module):
         return torch.cat([self.head(f[i:i + 1]) for i in range(f.shape[0])])
 
     # -- freezing / weights ------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DeepSSIMNet:
+        """As :meth:`torch.nn.Module.train`, but the BatchNorm layers of frozen stages stay in eval mode: in
+        train mode their running statistics still moved with every batch, so a "frozen" stem computed
+        something else after training (``small``, ``resnet18``; ConvNeXt has LayerNorm)."""
+        super().train(mode)
+        if mode:
+            for m in self.backbone.modules():
+                ps = list(m.parameters(recurse=False))
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and ps and not any(p.requires_grad for p in ps):
+                    m.eval()
+        return self
+
     def freeze_stages(self) -> list[str]:
         """Freeze backbone stages 0-1 (see the module docstring); returns the frozen parameter names."""
         names = frozen_parameter_names(self.config.backbone, [n for n, _ in self.backbone.named_parameters()])
@@ -514,6 +526,9 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLik
     if prefix is None:
         raise ValueError(f"backbone {name!r} has no ImageNet weights; pretrained= is for "
                          f"convnext_base, convnext_tiny and resnet18")
+    if p.is_dir():
+        raise IsADirectoryError(f"pretrained weights {p}: a folder; give the local path of torchvision's "
+                                f"{name}-*.pth file")
     if not p.is_file():
         raise FileNotFoundError(f"pretrained weights {p}: no such file (weights are never downloaded; "
                                 f"give the local path of torchvision's {name}-*.pth)")
@@ -526,7 +541,12 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLik
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelFileError(f"{p}: expected a torchvision state_dict (name -> tensor)")
     sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
-    result = backbone.load_state_dict(sd, strict=False)
+    try:
+        result = backbone.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # (shapes that differ: torch's message named no file)
+        first = str(exc).strip().splitlines()
+        raise ModelFileError(f"{p}: tensors do not fit torchvision's {name} layout "
+                             f"({' '.join(x.strip() for x in first[1:3]) or first[0] if first else exc})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ModelFileError(
             f"{p}: keys do not match torchvision's {name} layout: missing {result.missing_keys[:5]}"

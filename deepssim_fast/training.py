@@ -47,6 +47,8 @@ model input) in the log, for its first 2048 train and val rows.
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib
 import io
 import logging
 import math
@@ -165,7 +167,12 @@ class PairBatch:
 
 
 def _check_zoom(zoom_out: Sequence[float] | None) -> tuple[float, ...]:
-    z = tuple(float(f) for f in (zoom_out or ()))
+    if isinstance(zoom_out, (str, bytes, int, float, np.number)):  # ('float' object is not iterable; "0.5" a
+        raise ValueError(f"zoom_out must be a sequence of factors, e.g. (0.5, 0.8), got {zoom_out!r}")  # char each)
+    try:
+        z = tuple(float(f) for f in (zoom_out or ()))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"zoom_out must be a sequence of factors in [0.1, 1), got {zoom_out!r}") from exc
     for f in z:
         if not (0.1 <= f < 1.0):
             raise ValueError(f"zoom_out factors must lie in [0.1, 1), got {f!r} in {tuple(zoom_out or ())}")
@@ -323,7 +330,7 @@ def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str
     return ImagePool(fitted, keys, groups, positions)
 
 
-def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
+def _key_index(pool: ImagePool, positions: bool = True) -> tuple[dict[str, int], dict[str, list[int]]]:
     """(name -> image index, ambiguous name -> the indices of the images it names). Names: each image's key,
     its list position, and for a key ``source#axis:index`` the source path, file name, stem and the
     reference's ``<parent folder>___<stem>``. A name that
@@ -331,7 +338,7 @@ def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
     idx: dict[str, int] = {}
     ambiguous: dict[str, set[int]] = {}
     for k, key in enumerate(pool.keys):
-        aliases = {key, str(k)}
+        aliases = {key, str(k)} if positions else {key}
         src = key.rsplit("#", 1)[0]
         if "#" in key:
             stem = Path(src).name[:-7] if Path(src).name.endswith(".nii.gz") else Path(src).stem
@@ -348,16 +355,20 @@ def _key_index(pool: ImagePool) -> tuple[dict[str, int], dict[str, list[int]]]:
     return idx, {a: sorted(ks) for a, ks in ambiguous.items() if a not in idx}
 
 
-def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[tuple[int, int, float]]]:
+def read_pairs_csv(path: str | os.PathLike, pool: ImagePool, *,
+                   skipped: Sequence[tuple[str, str]] = ()) -> dict[str, list[tuple[int, int, float]]]:
     """Read a reference pairs CSV (real_key, synth_key, ssim, split) -> {split: [(i, j, ssim)]}.
 
     Keys must name images of ``pool`` (Slice key, file name, stem, the reference's ``<parent folder>___<stem>``
-    or list position); an unknown key is an error naming the row.
+    or list position); an unknown key is an error naming the row. ``skipped``: the files left out of the pool
+    (unreadable); with any, a list position is refused, since it would name the image after the gap (key
+    ``2`` named ``a3.png`` when ``a2.png`` was unreadable). Split ``train``/``training`` rows train,
+    ``val``/``valid``/``validation`` rows validate; rows of other splits are left out with a warning.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"pairs CSV {p}: no such file")
-    idx, ambiguous = _key_index(pool)
+    idx, ambiguous = _key_index(pool, positions=not skipped)
     out: dict[str, list[tuple[int, int, float]]] = {}
     raw = p.read_bytes()
     try:
@@ -388,6 +399,10 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
                     named += f" (and {len(ks) - 3} more)" if len(ks) > 3 else ""
                     raise ValueError(f"pairs CSV {p} line {row_no}: key {key!r} is ambiguous: it names {named} "
                                      f"(by list position, file name or stem); give the image's full key")
+                if key not in idx and skipped and key.isdigit():
+                    raise ValueError(f"pairs CSV {p} line {row_no}: key {key!r} is a list position, but "
+                                     f"{len(skipped)} file(s) were left out (e.g. {skipped[0][0]}), so positions "
+                                     "no longer name the images they did; give file names or keys")
                 if key not in idx:
                     raise ValueError(f"pairs CSV {p} line {row_no}: key {key!r} matches no image "
                                      f"(known keys look like {pool.keys[:3]})")
@@ -397,13 +412,13 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool) -> dict[str, list[t
                 raise ValueError(f"pairs CSV {p} line {row_no}: ssim {row['ssim']!r} is not a number"
                                  ) from None
             split = row["split"].strip().lower()
-            split = "val" if split in ("val", "valid", "validation") else split
+            split = "val" if split in ("val", "valid", "validation") else "train" if split == "training" else split
             out.setdefault(split, []).append((idx[a], idx[b], s))
     if not out.get("train"):
         raise ValueError(f"pairs CSV {p}: no rows with split == 'train'")
     other = {k: len(v) for k, v in out.items() if k not in ("train", "val")}
-    if other:  # (rows of other splits, the reference's test pairs, say, were left out without a word)
-        logger.info("pairs CSV %s: %s left out (training uses split 'train' and validates on 'val')", p,
+    if other:  # (rows of other splits, the reference's test pairs, say: a warning, as an empty split may be a typo)
+        logger.warning("pairs CSV %s: %s left out (training uses split 'train' and validates on 'val')", p,
                     ", ".join(f"{n} row(s) of split {k!r}" for k, n in sorted(other.items())))
     return out
 
@@ -642,8 +657,6 @@ def _count(v: Any) -> bool:
 def _images_digest(pool: ImagePool) -> str:
     """'N images (digest)' of a training pool, for a resume to compare: the digest is of the fitted images'
     shape and per-image float64 sums (one pass; the same pixels under another folder give the same digest)."""
-    import hashlib
-
     imgs = pool.images
     sums = np.add.reduce(imgs.reshape(imgs.shape[0], -1), axis=1, dtype=np.float64)
     h = hashlib.sha256(repr(tuple(imgs.shape)).encode() + sums.tobytes()).hexdigest()[:12]
@@ -740,6 +753,15 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     zoom_out = _check_zoom(zoom_out)  # (before the images are read: --zoom-out 1.5 failed only after that)
+    if pairs_csv is not None and not Path(pairs_csv).is_file():  # (found after every image was read)
+        raise FileNotFoundError(f"pairs CSV {pairs_csv}: no such file")
+    if tensorboard:  # (checked when the log opened: after the earlier run's best.pt and last.pt were removed)
+        if out is None:
+            raise ValueError("tensorboard=True needs out= (the events go to out/tensorboard)")
+        try:  # (importlib: an `import torch.utils...` here would make torch a local name of train)
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as exc:
+            raise RuntimeError("tensorboard=True needs the tensorboard package: pip install tensorboard") from exc
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"out={str(out_dir)!r} is an existing file; out is the directory for "
@@ -785,7 +807,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         why = (f" ({len(skipped)} file(s) left out, e.g. {skipped[0][1]})"
                if skipped else "")
         raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}{why}")
-    csv_pairs = read_pairs_csv(pairs_csv, pool) if pairs_csv is not None else None
+    csv_pairs = read_pairs_csv(pairs_csv, pool, skipped=skipped) if pairs_csv is not None else None
     if csv_pairs is not None:
         _log_csv_ssim_agreement(pairs_csv, csv_pairs, pool)
     def _val_image_pool() -> ImagePool:
@@ -843,6 +865,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     every = int(val_every) if val_every else steps_per_epoch
     validation = "pairs_csv" if val_list is not None else "val_images" if val_images is not None else "split"
     images_digest = _images_digest(train_pool)  # (a resume on other images breaks the loss curve: warned)
+    # (and so does one on other CSV pairs, which are the training data then)
+    csv_digest = None if pairs_csv is None else hashlib.sha256(Path(pairs_csv).read_bytes()).hexdigest()[:12]
 
     def _train_args() -> dict:
         # (what a resume compares, and `deepssim-fast train --resume` takes for the options it is not given; the
@@ -852,7 +876,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out],
                 "validation": validation, "val_fraction": float(val_fraction), "val_pairs": int(val_pairs),
                 "val_every": int(val_every) if val_every else None, "augment": bool(augment),
-                "grad_clip": float(grad_clip), "train_images": images_digest}
+                "grad_clip": float(grad_clip), "train_images": images_digest, "pairs_csv": csv_digest}
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -2319,8 +2319,12 @@ def test_verify_none_finds_mirrored_copies_of_odd_cropped_files(tmp_path: Path, 
     old = json.loads(summary.read_text())
     old["format_version"] = 6
     summary.write_text(json.dumps(old))
+    # (a pair the search kept takes the search's own score, whatever the format: without the saved search,
+    # every pair is scored by the format's rule, as a labelled pair outside the top-k is)
+    (tmp_path / "o" / "work" / "search.npz").rename(tmp_path / "search.npz")
     A.evaluate(tmp_path / "o", labels)
     assert all(b < 0.99 for b in seen.pop())
+    (tmp_path / "search.npz").rename(tmp_path / "o" / "work" / "search.npz")
     # item cache entries of earlier versions have no fit offsets: their files are decoded again, once
     entries = sorted((tmp_path / "o" / "cache" / "items").glob("*.items"))
     assert len(entries) == 11 and all("fit" in A._entry_header(f) for f in entries)

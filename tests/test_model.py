@@ -219,6 +219,16 @@ def test_pretrained_is_never_downloaded(tmp_path) -> None:
         build_model("resnet18", pretrained=tmp_path / "resnet18-f37072fd.pth")
     with pytest.raises(ValueError, match="no ImageNet weights"):
         build_model("small", pretrained=tmp_path / "x.pth")
+    # a folder, and a file of the right keys but other shapes (torch's size-mismatch error named no file)
+    with pytest.raises(IsADirectoryError, match="a folder"):
+        build_model("resnet18", pretrained=tmp_path)
+    from deepssim_fast.model import ModelFileError
+
+    sd = {k: v for k, v in build_model("resnet18", input_size=64).backbone.state_dict().items()}
+    sd["conv1.weight"] = torch.zeros(64, 1, 7, 7)
+    torch.save(sd, tmp_path / "odd.pth")
+    with pytest.raises(ModelFileError, match=r"odd.pth: tensors do not fit torchvision's resnet18 layout .*conv1"):
+        build_model("resnet18", pretrained=tmp_path / "odd.pth")
 
 
 @pytest.mark.parametrize("backbone,frozen,trainable", [

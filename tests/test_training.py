@@ -848,3 +848,86 @@ def test_a_file_too_small_for_the_encoder_is_left_out_as_an_unreadable_one(tmp_p
     assert "image of shape (5, 5) is too small for the encoder" in model.skipped[0][1]
     with pytest.raises(DataError, match=r"tiny.npy: image of shape \(5, 5\) is too small"):
         train(str(d), max_steps=1, val_fraction=0.0, strict=True, **SMALL)
+
+
+def test_setup_errors_come_before_the_earlier_run_is_touched(tmp_path, mni_slices) -> None:
+    """tensorboard=True without tensorboard failed when the log opened: after the earlier run's best.pt and
+    last.pt had been removed and its log.csv rewritten. A missing pairs CSV, a scalar zoom_out: found after every
+    image was read, or in Python's words ("'float' object is not iterable")."""
+    imgs = [s.array for s in mni_slices[:8]]
+    kw = dict(SMALL, batch_size=2, val_pairs=4, val_fraction=0.25)
+    train(imgs, max_steps=2, out=tmp_path / "o", **kw)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()}
+    assert set(before) == {"best.pt", "last.pt", "log.csv"}
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+            train(imgs, max_steps=2, out=tmp_path / "o", tensorboard=True, **kw)
+        assert {f.name: f.read_bytes() for f in (tmp_path / "o").iterdir()} == before
+    with pytest.raises(ValueError, match="tensorboard=True needs out="):
+        train(str(tmp_path / "not_read"), max_steps=2, tensorboard=True, **kw)
+    with pytest.raises(FileNotFoundError, match="pairs CSV .*missing.csv: no such file"):
+        train(str(tmp_path / "not_read"), max_steps=2, pairs_csv=tmp_path / "missing.csv", **kw)
+    for z in (0.5, "0.5", [0.5, "x"]):
+        with pytest.raises(ValueError, match="zoom_out must be a sequence of factors"):
+            train(str(tmp_path / "not_read"), max_steps=2, zoom_out=z, **kw)
+
+
+def test_pairs_csv_positions_after_a_skipped_file_and_other_splits(tmp_path, mni_slices, caplog) -> None:
+    """With a file left out (unreadable), a list position named the image after the gap (key 2 -> a3.png):
+    refused now (every position, once a file is out). Rows of split 'training' were left out with an INFO
+    line; they train, and rows of unknown splits are warned about. A resume on another pairs CSV (other
+    training data) is warned too."""
+    from deepssim_fast.data import Slice
+    from deepssim_fast.training import read_pairs_csv
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, s in enumerate(mni_slices[:5]):
+        np.save(d / f"a{i}.npy", s.array)
+    (d / "a2.npy").write_bytes(b"not an array")
+    csv_path = tmp_path / "pos.csv"
+    csv_path.write_text("real_key,synth_key,ssim,split\n1,2,0.5,train\n")
+    with pytest.raises(ValueError, match=r"line 2: key '1' is a list position, but 1 file\(s\) were left out "
+                                         r"\(e.g. .*a2.npy\)"):
+        train(str(d), max_steps=1, pairs_csv=csv_path, **SMALL)
+    named = tmp_path / "named.csv"
+    named.write_text("real_key,synth_key,ssim,split\na1,a3,0.5,training\na0,a4,0.5,train\na1,a4,0.5,tst\n")
+    from deepssim_fast.model import ModelConfig
+
+    pool = make_pool([Slice(s.array, str(d / f"a{i}.npy"), 2, 0) for i, s in enumerate(mni_slices[:5])],
+                     ModelConfig(backbone="small", input_size=64))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        rows = read_pairs_csv(named, pool)
+    assert rows["train"] == [(1, 3, 0.5), (0, 4, 0.5)] and rows["tst"] == [(1, 4, 0.5)]
+    assert "1 row(s) of split 'tst'" in caplog.text
+    # a resume on other CSV pairs
+    imgs = [Slice(s.array, str(d / f"a{i}.npy"), 2, 0) for i, s in enumerate(mni_slices[:5])]
+    kw = dict(SMALL, batch_size=2, val_pairs=4, seed=1)
+    train(imgs, max_steps=1, out=tmp_path / "r", pairs_csv=named, **kw)
+    other = tmp_path / "other.csv"
+    other.write_text("real_key,synth_key,ssim,split\na0,a1,0.5,train\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, max_steps=2, resume=tmp_path / "r" / "last.pt", pairs_csv=other,
+              **{k: v for k, v in kw.items() if k != "backbone"})
+    assert re.search(r"other settings than its run \(.*pairs_csv '\w+' -> '\w+'", caplog.text)
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics(mni_slices) -> None:
+    """freeze_stages froze the weights of stages 0-1, but their BatchNorm running statistics still moved with
+    every training batch, so the "frozen" stem computed something else after training."""
+    model = train([s.array for s in mni_slices[:8]], max_steps=3, freeze_stages=True,
+                  **dict(SMALL, batch_size=4, val_pairs=4))
+    fresh = build_model("small", input_size=64, freeze_stages=True)
+    frozen_bn = [n for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and all(not p.requires_grad for p in m.parameters(recurse=False))]
+    assert frozen_bn, "the small backbone's frozen stages have BatchNorm layers"
+    fm = dict(fresh.backbone.named_modules())
+    for n in frozen_bn:
+        m = dict(model.backbone.named_modules())[n]
+        assert torch.equal(m.running_mean, fm[n].running_mean) and torch.equal(m.running_var, fm[n].running_var)
+    model.train()
+    assert all(not dict(model.backbone.named_modules())[n].training for n in frozen_bn)
+    assert model.head.training  # (the rest trains as before)
