@@ -512,27 +512,41 @@ def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, b
     if dev.type != at.type or (dev.index is not None and at.index is not None and dev.index != at.index):
         raise ValueError(f"device={str(dev)!r} but the model's parameters are on {str(at)!r}; move the model "
                          f"first (model.to({str(dev)!r})) or leave device unset")
+    size = getattr(getattr(model, "config", None), "input_size", None)
+    if size is not None and a.shape[1:] != (size, size):  # (64 x 64 pairs on a 32-input model gave numbers)
+        raise ValueError(f"pairs of {tuple(a.shape[1:])} images, but the model takes {size} x {size}: draw the "
+                         "pairs with the model's input size (make_pool with its config)")
+    # the model's floating dtype (a float64 model failed in torch's "Input type and weight type ...")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # a batch of one as two copies, as embed runs it: CPU convolutions take another code path for a single
+        # image, and the scores moved in the last bits with the batch size (validation MSE with it)
+        return model(torch.cat([x, x]))[:1] if x.shape[0] == 1 else model(x)
+
     was = model.training
     model.eval()
     out = []
     try:
         with torch.no_grad():
             for s in range(0, a.shape[0], batch_size):
-                xa = zscore_batch(a[s:s + batch_size]).unsqueeze(1).to(dev)
-                xb = zscore_batch(b[s:s + batch_size]).unsqueeze(1).to(dev)
-                out.append(F.cosine_similarity(model(xa), model(xb), dim=1).float().cpu())
+                xa = zscore_batch(a[s:s + batch_size]).unsqueeze(1).to(dev, dtype)
+                xb = zscore_batch(b[s:s + batch_size]).unsqueeze(1).to(dev, dtype)
+                out.append(F.cosine_similarity(run(xa), run(xb), dim=1).float().cpu())
     finally:
         model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate(model: torch.nn.Module, images: Any = None, *, pairs: FixedPairs | None = None,
+def evaluate(model: torch.nn.Module | str | os.PathLike, images: Any = None, *, pairs: FixedPairs | None = None,
              n_pairs: int = 512, seed: int = 0, mix: Sequence[float] = (0.5, 0.25, 0.25), policy: Any = None,
              batch_size: int = 64, device: str | torch.device | None = None) -> dict[str, Any]:
     """MAE, MSE and Pearson r of the model's cosine against SSIM on augmented pairs of ``images``.
 
-    Either ``images`` (pairs are drawn as in training: random, neighbour and copies, augmented, seeded by
-    ``seed``) or a ready :class:`FixedPairs`. Returns ``{"mae", "mse", "r", "n", "by_kind", "target_hist"}``.
+    ``model``: a model or a file for :func:`~deepssim_fast.model.load_model`. Either ``images`` (pairs are
+    drawn as in training: random, neighbour and copies, augmented, seeded by ``seed``) or a ready
+    :class:`FixedPairs` (of the model's input size), not both. Scores do not depend on ``batch_size``.
+    Returns ``{"mae", "mse", "r", "n", "by_kind", "target_hist"}``.
     """
     for name, v in (("n_pairs", n_pairs), ("batch_size", batch_size)):
         if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
@@ -541,6 +555,12 @@ def evaluate(model: torch.nn.Module, images: Any = None, *, pairs: FixedPairs | 
         raise TypeError(f"evaluate: seed must be an integer, got {seed!r}")  # as train's seed
     if seed < 0:
         raise ValueError(f"evaluate: seed must be a non-negative integer, got {seed!r}")
+    if images is not None and pairs is not None:  # (images were ignored without a word)
+        raise ValueError("evaluate: give images or pairs, not both")
+    if isinstance(model, (str, os.PathLike)):  # (as embed takes it: 'str' object has no attribute 'config')
+        from .model import load_model
+
+        model = load_model(model)
     if pairs is None:
         if images is None:
             raise ValueError("evaluate: give images or pairs")

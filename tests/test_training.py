@@ -931,3 +931,29 @@ def test_frozen_stages_keep_their_batchnorm_statistics(mni_slices) -> None:
     model.train()
     assert all(not dict(model.backbone.named_modules())[n].training for n in frozen_bn)
     assert model.head.training  # (the rest trains as before)
+
+
+def test_evaluate_takes_what_embed_takes_and_does_not_depend_on_the_batch_size(tmp_path, mni_slices) -> None:
+    """evaluate("model.pt", ...) failed in "'str' object has no attribute 'config'", a float64 model in torch's
+    dtype mismatch, 64 x 64 pairs on a 32-input model gave numbers; images beside pairs were ignored; and its
+    scores moved in the last bits with batch_size (a final batch of one: another convolution code path)."""
+    from deepssim_fast.model import ModelConfig, save_checkpoint
+    from deepssim_fast.training import fixed_pairs
+
+    torch.manual_seed(0)
+    m = build_model("small", input_size=64)
+    ckpt = save_checkpoint(tmp_path / "m.pt", m)
+    pool = make_pool(mni_slices[:6], ModelConfig(backbone="small", input_size=64))
+    fp = fixed_pairs(pool, 40, 0)
+    base = evaluate(m, pairs=fp, batch_size=64)
+    for bs in (1, 3, 7):
+        got = evaluate(m, pairs=fp, batch_size=bs)
+        assert got["mse"] == base["mse"] and got["mae"] == base["mae"], bs
+    assert evaluate(str(ckpt), pairs=fp)["mse"] == base["mse"]
+    m64 = build_model("small", input_size=64).double()
+    assert np.isfinite(evaluate(m64, pairs=fp)["mse"])
+    with pytest.raises(ValueError, match="give images or pairs, not both"):
+        evaluate(m, mni_slices[:6], pairs=fp)
+    small_pool = make_pool(mni_slices[:6], ModelConfig(backbone="small", input_size=32))
+    with pytest.raises(ValueError, match=r"pairs of \(32, 32\) images, but the model takes 64 x 64"):
+        evaluate(m, pairs=fixed_pairs(small_pool, 4, 0))
