@@ -1075,6 +1075,12 @@ def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: in
     """
     from .data import volume_slices
 
+    if isinstance(volumes, (str, os.PathLike)):  # (it was iterated: "volume 0: expected a 3D array, got shape ()")
+        raise TypeError(f"embed_volume takes arrays, not a path ({os.fspath(volumes)!r}); read the volume first "
+                        "(deepssim_fast.io.read_image), or embed the files' slices with embed(path, model)")
+    if isinstance(volumes, (np.ndarray, torch.Tensor)) and np.ndim(volumes) < 3:  # (iterated row by row)
+        raise ValueError(f"embed_volume takes 3D volumes (or a sequence of them), got one array of shape "
+                         f"{tuple(volumes.shape)}; embed 2D images with embed")
     single = isinstance(volumes, (np.ndarray, torch.Tensor)) and np.ndim(volumes) == 3
     vols = [volumes] if single else list(volumes)
     net = _resolve_model(model)
@@ -1092,6 +1098,11 @@ def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: in
         sl = volume_slices(a, policy, source=f"volume{i}")
         if not sl:
             raise ValueError(f"volume {i} of shape {a.shape}: the slice policy left no slice to embed")
+        if min(sl[0].array.shape) < MIN_IMAGE_SIDE:  # (named "images[0]", a slice, not the volume)
+            raise ValueError(f"volume {i} of shape {a.shape}: its slices along axis {sl[0].axis} are "
+                             f"{sl[0].array.shape[0]} x {sl[0].array.shape[1]}, smaller than the {MIN_IMAGE_SIDE} "
+                             "pixels a side the encoder takes; cut it along another axis "
+                             "(policy=SlicePolicy(axis=...))")
         e = embed([s.array for s in sl], net, batch_size=batch_size, device=device, progress=progress)
         per.append(e)
         m = e.mean(axis=0)

@@ -584,6 +584,15 @@ def test_embed_volume_aggregation(small_model) -> None:
         embed_volume([bad], small_model, progress=False)
     with pytest.raises(ValueError, match=r"expected a 3D array, got shape \(5, 5\)"):
         embed_volume([np.ones((5, 5))], small_model, progress=False)
+    # one 2D array was iterated row by row ("got shape (25,)"), a path character by character ("shape ()"), and
+    # a volume of slices under 7 pixels was named "images[0]"
+    with pytest.raises(ValueError, match=r"takes 3D volumes .*got one array of shape \(25, 30\)"):
+        embed_volume(np.ones((25, 30)), small_model, progress=False)
+    with pytest.raises(TypeError, match="embed_volume takes arrays, not a path"):
+        embed_volume("scan.nii.gz", small_model, progress=False)
+    with pytest.raises(ValueError, match=r"volume 0 of shape \(3, 33, 41\): its slices along axis 2 are 3 x 33"):
+        embed_volume(np.random.default_rng(0).random((3, 33, 41)), small_model, policy=data.SlicePolicy(
+            axis=2, min_foreground=0.0), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
