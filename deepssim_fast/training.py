@@ -937,10 +937,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     history: list[dict] = []
     hist_counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
     best_state = None
-    logger.info("training %s on %d images (%d val) for %d steps (%d per epoch), batch %d, device %s, "
-                "SSIM targets by %s", config.backbone, train_pool.images.shape[0],
-                0 if val_pool is None else val_pool.images.shape[0], total, steps_per_epoch, batch_size, dev,
-                _ssim_engine()[1])
+    # (with a pairs CSV the pools are one, and the line said "10 images (10 val)": the pairs are what counts)
+    what = (f"{len(sampler_pairs)} CSV pairs of {train_pool.images.shape[0]} images "
+            f"({0 if val_set is None else len(val_set.targets)} validation pairs)" if sampler_pairs is not None else
+            f"{train_pool.images.shape[0]} images ({0 if val_pool is None else val_pool.images.shape[0]} val)")
+    logger.info("training %s on %s for %d steps (%d per epoch), batch %d, device %s, SSIM targets by %s",
+                config.backbone, what, total, steps_per_epoch, batch_size, dev, _ssim_engine()[1])
 
     def checkpoint(name: str) -> None:
         if out_dir is None:
