@@ -25,9 +25,10 @@ Conventions
   image's at up to about 1 + 3e-6).
 * Verification (``verify="ssim"``): exact SSIM with ``preset="deepssim"`` between the training candidate
   (first argument, whose range sets the constants) and the synthetic sample, maximised over the
-  transforms asked for: flips (``verify_flips``; slices: horizontal and vertical, ``hflip``/``vflip``;
-  volumes: along each of the three axes, ``flip0``/``flip1``/``flip2`` — axis 0 is left-right in RAS
-  data), small rotations of the best flip
+  transforms asked for: flips (``verify_flips``; slices: horizontal, vertical and both — a 180° turn —,
+  ``hflip``/``vflip``/``hvflip``; volumes: along each axis and each set of axes, ``flip0``..``flip2``,
+  ``flip01``, ``flip02``, ``flip12``, ``flip012`` — axis 0 is left-right in RAS data, and ``flip01`` is a RAS
+  volume stored as LPS), small rotations of the unflipped item and of its best flip
   (``verify_rotations`` degrees, 2D) and, for each variant, the integer shift within ``±verify_shifts``
   pixels that maximises the normalised cross-correlation over the overlap; the unchanged pair, the two
   variants of highest correlation and the search variant that gave the pair its search score are scored
@@ -41,12 +42,12 @@ Conventions
   (8 variants in 2D, 6 axis shifts in 3D): SSIM, and so an encoder that
   reproduces it, drops fast under translation, and a copy shifted by a few pixels can otherwise rank below
   neighbouring slices. This holds for every metric with pixels: ``deepssim`` and ``correlation``, and
-  ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per variant (3x the search time
-  with flips in 2D, 11x with flips and shifts; 4x and 10x for volumes).
+  ``ssim`` (with ``verify="ssim"``), whose exact search then runs once more per variant (4x the search time
+  with flips in 2D, 12x with flips and shifts; 8x and 14x for volumes).
 * Column ``transform`` of matches.csv: with ``verify="ssim"`` the transform of the best verified SSIM
   (``none``, ``hflip``, ``vflip+shift(1,-2)``, ...); with ``verify="none"`` and a search over transformed
-  items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip`` or
-  ``flip0``..``flip2``; ``shift(dy,dx)``), on equal scores the item itself, then the variants in the
+  items, the one whose search score the pair kept (``none``: the item itself; ``hflip``/``vflip``/``hvflip``
+  or ``flip0``..``flip012``; ``shift(dy,dx)``), on equal scores the item itself, then the variants in the
   order searched (flips, then shifts); empty when the search queried no transformed items.
 * matches.csv is UTF-8 text, but a path that is not (a file named in another encoding, which Python holds
   with lone surrogates) keeps its own bytes there (``os.fsencode``), so that it still names the file (read
@@ -1807,11 +1808,11 @@ def audit(
             7-pixel SSIM window (an error names the item the size came from).
         verify_shifts, verify_flips, verify_rotations: transforms searched during verification (shifts in
             pixels, less than half of every side of the item size; rotations in degrees, 2D only; see
-            :func:`verify_pairs`). Flips are horizontal and
-            vertical for slices, along each of the three axes for volumes. With ``verify_flips`` the candidate
-            search is flip-aware too: the flipped synthetic items are searched as well and each pair keeps its
-            best score (the histogram stays unflipped); with ``verify_shifts`` it is shift-aware the same way
-            (the items translated by ±verify_shifts pixels: 8 more searches in 2D, 6 in 3D, each costing one
+            :func:`verify_pairs`). Flips are horizontal, vertical and both for slices, along each axis and
+            each set of axes for volumes (7 mirrors). With ``verify_flips`` the candidate search is
+            flip-aware too: the flipped synthetic items are searched as well and each pair keeps its best
+            score (the histogram stays unflipped); with ``verify_shifts`` it is shift-aware the same way (the
+            items translated by ±verify_shifts pixels: 8 more searches in 2D, 6 in 3D, each costing one
             embedding pass over the synthetic set for ``deepssim``, and for ``ssim`` one more exact SSIM
             search over all pairs). ``embeddings`` has no pixels to transform.
         strict: abort on the first unreadable file (or, for ``correlation``, constant item; for
@@ -1882,8 +1883,8 @@ def audit(
                          f"got {decode_workers!r}")
     if not np.isfinite(verify_rotations) or not 0 <= verify_rotations <= 180:
         # (a turn of more than 180 degrees is a smaller one the other way: 400 was accepted)
-        raise ValueError(f"verify_rotations must be a number of degrees in [0, 180] (small rotations: a few "
-                         f"degrees), got {verify_rotations!r}")
+        raise ValueError(f"verify_rotations (--verify-rotations) must be a number of degrees in [0, 180] (small "
+                         f"rotations: a few degrees), got {verify_rotations!r}")
     if mode == "volumes" and verify_rotations:
         raise ValueError("verify_rotations applies to 2D slices only, not mode='volumes'")
     if verify == "none" and verify_rotations:

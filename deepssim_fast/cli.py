@@ -116,6 +116,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     opts = dict(
         window=args.window,
         win_size=args.win_size,
+        sample_covariance=not args.population_covariance,
         preset=args.preset,
         data_range=args.data_range,
         backend=args.backend,
@@ -473,8 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("b", help="image file or folder / glob")
     s.add_argument("--preset", choices=["deepssim"], default=None, help="z-score both, range of the first")
     s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform",
-                   help="uniform window (default, as scikit-image) or gaussian (sigma 1.5, 11 taps)")
+                   help="uniform window (default, as scikit-image) or gaussian (sigma 1.5, 11 taps; sample "
+                   "covariance unless --population-covariance)")
     s.add_argument("--win-size", type=int, default=None, help="uniform window side (default 7)")
+    s.add_argument("--population-covariance", action="store_true",
+                   help="population (1/N) window covariance instead of the sample covariance N/(N-1); with "
+                   "--window gaussian this is what pytorch-msssim and MONAI compute (scikit-image's "
+                   "use_sample_covariance=False)")
     s.add_argument(
         "--data-range",
         type=float,
@@ -597,16 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--verify-flips",
         action="store_true",
-        help="also verify flips: horizontal/vertical (slices), along each axis (volumes); the search also "
-        "queries the flipped items, each mirrored about the centre of its file (with --metric ssim, one more "
-        "exact search per flip)",
+        help="also verify flips: horizontal, vertical and both (slices); along each axis and each set of axes "
+        "(volumes: 7 mirrors, flip01 = LPS against RAS); the search also queries the flipped items, each "
+        "mirrored about the centre of its file (with --metric ssim, one more exact search per flip)",
     )
     a.add_argument(
         "--verify-rotations",
         type=float,
         default=0.0,
         metavar="DEG",
-        help="also verify rotations of the best flip by ±DEG/2 and ±DEG degrees (slices only; default 0: none)",
+        help="also verify rotations of the unflipped slice and of its best flip by ±DEG/2 and ±DEG degrees "
+        "(slices only; default 0: none)",
     )
     a.add_argument("--mode", default="slices", choices=["slices", "volumes"],
                    help="2D slices (default) or 3D volumes (metrics ssim and correlation)")

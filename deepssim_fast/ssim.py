@@ -61,6 +61,11 @@ def _to_torch(x: Any, name: str) -> torch.Tensor:
     return to_torch(x, name=name)
 
 
+def _dt(t: torch.Tensor) -> str:
+    """A dtype as the user wrote it: ``float32``, not ``torch.float32`` (for numpy input too)."""
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _native():
     from . import _native as nat
 
@@ -494,7 +499,7 @@ def ssim(
             shapes={"x": tuple(tx.shape), "y": tuple(ty.shape)},
         )
         if tx.dtype != ty.dtype:
-            raise TypeError(f"x and y must have the same dtype, got {tx.dtype} and {ty.dtype}")
+            raise TypeError(f"x and y must have the same dtype, got {_dt(tx)} and {_dt(ty)}")
         sc.warn_dtype_range(p, tx.dtype)
         name = _resolve_backend(backend, [x, y], supported=_SUPPORTED)
         batch, xf, yf, ix, iy = _pairs_from_broadcast(tx, ty, p)
@@ -835,7 +840,7 @@ def ssim_matrix(
                 f"ssim_matrix: A and B image shapes differ: {tuple(tA.shape)} and {tuple(tB.shape)}"
             )
         if tA.dtype != tB.dtype:
-            raise TypeError(f"A and B must have the same dtype, got {tA.dtype} and {tB.dtype}")
+            raise TypeError(f"A and B must have the same dtype, got {_dt(tA)} and {_dt(tB)}")
         sc.warn_dtype_range(p, tA.dtype, "A and B")
         sc.check_real(tA, tB, names=("A", "B"))
         sc.check_pair(tA[:0], tA[:0], p)  # window fits

@@ -1098,3 +1098,23 @@ def test_train_and_embed_say_what_they_left_out_and_how_to_go_on(folders: dict, 
     assert main(args) == 130
     assert capsys.readouterr().err.strip() == (f"deepssim-fast train: interrupted; continue from the last checkpoint "
                                                f"with --resume {out / 'last.pt'} (the steps after it run again)")
+
+
+def test_ssim_gaussian_population_covariance_as_the_readme_says(folders: dict, capsys: pytest.CaptureFixture,
+                                                                tmp_path: Path) -> None:
+    """README: window="gaussian", sample_covariance=False is what pytorch-msssim and MONAI compute; the command
+    had no way to ask for it (always the sample covariance). And --verify-rotations 200 was refused in the API's
+    name only."""
+    from skimage.metrics import structural_similarity
+
+    a, b = folders["train"] / "t055.npy", folders["train"] / "t070.npy"
+    x, y = np.load(a), np.load(b)
+    dr = float(max(x.max(), y.max()) - min(x.min(), y.min()))
+    for flag, sample in (([], True), (["--population-covariance"], False)):
+        assert main(["ssim", str(a), str(b), "--window", "gaussian", *flag]) == 0
+        want = structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=sample,
+                                     data_range=dr)
+        assert float(capsys.readouterr().out) == pytest.approx(want, abs=1e-5)
+    assert main(["audit", "--train", str(folders["train"]), "--synth", str(folders["synth"]), "--out",
+                 str(tmp_path / "o"), "--metric", "ssim", "--verify-rotations", "200"]) == 2
+    assert "verify_rotations (--verify-rotations) must be a number of degrees" in capsys.readouterr().err
