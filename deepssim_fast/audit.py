@@ -1821,6 +1821,9 @@ def audit(
         decode_workers: DataLoader worker processes for decoding. batch_size: encoder batch size.
         chunk_size: synthetic items per search/verification chunk (the unit of resume).
         bins: histogram bins over [-1, 1]. gallery: number of suspected copies shown.
+        device: torch device of the encoder (``deepssim``; default CPU). backend: SSIM and all-pairs engine
+            (``"native"``, ``"torch"``, ``"triton"``; default by where the data lives). progress: progress
+            bars on a terminal.
 
     Returns:
         :class:`AuditResult`; the files are matches.csv, summary.json, histogram.png, gallery.png,

@@ -701,6 +701,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     The model is returned in eval mode. For a TorchScript file without our config (e.g. the published
     DeepSSIM weights) ``input_size`` defaults to 224 and ``size_policy`` to ``"resize"``; both can be given;
     the z-scored grayscale input reaches such a file as 3 equal channels (:class:`TorchScriptEncoder`).
+    ``device``: where the model is loaded (default CPU; ``"cuda"`` needs a CUDA build of torch and a GPU).
     Load only trusted TorchScript files: they can run code.
     """
     p = Path(path)

@@ -731,6 +731,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                   the module docstring. Off by default.
     lr_schedule:  ``"constant"`` (default, as the reference) or ``"cosine"`` decay to 0 over the run, after
                   ``warmup_steps`` of linear warm-up.
+    lr, weight_decay: AdamW's (1e-3 each); ``grad_clip``: gradient norm clip (1.0; 0: off).
+    emb_dim:      embedding width (256; with ``resume=`` the checkpoint's). ``augment``: augment the pairs
+                  (flips, small rotations, contrast; the module docstring). ``device``: where training runs
+                  (default: the GPU when torch sees one, else the CPU; the other functions default to the CPU).
+    tensorboard:  also write TensorBoard events to ``out/tensorboard`` (needs the tensorboard package).
     time_limit:   stop at the first step boundary after this many seconds (not reproducible; for budgets).
     cpu_time_limit: the same in CPU seconds of this process (all threads): e.g. 600 = "5 minutes on 2 cores",
                   a budget that does not shrink when the machine is shared.
