@@ -1749,11 +1749,24 @@ def _holding_out_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _lock_out(out: Path) -> None:
-    """Take :func:`_out_lock` of ``out`` until the audit in progress returns."""
+def _lock_out(out: Path, created: bool = False) -> None:
+    """Take :func:`_out_lock` of ``out`` until the audit in progress returns. ``created``: this audit made the
+    folder; if it still holds nothing but the lock file when the audit ends (an error before any work: a missing
+    model, a bad argument), both go, so a failed call leaves no folder behind."""
     stack = _LOCKS.get()
     if stack is not None:
         stack.enter_context(_out_lock(out))
+        if created:
+            stack.callback(_drop_if_only_the_lock, out)
+
+
+def _drop_if_only_the_lock(out: Path) -> None:
+    try:
+        if [q.name for q in out.iterdir()] == [_LOCK_FILE]:
+            (out / _LOCK_FILE).unlink()
+            out.rmdir()
+    except OSError:  # (someone else's file appeared, or the folder went: leave it)
+        pass
 
 
 @_holding_out_lock
@@ -1916,6 +1929,19 @@ def audit(
                        "--min-foreground) is ignored", policy)
     policy = policy or SlicePolicy()
     policy_token = policy.token() if mode == "slices" else "volumes"
+    # the engine and the device by name, before any decoding (a bad --backend was found after it)
+    import torch
+
+    from .backends import BACKENDS
+
+    if backend not in (None, "auto") and backend not in BACKENDS:
+        raise ValueError(f"backend (--backend) {backend!r} is not one of {BACKENDS} (or 'auto')")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"device (--device) {device!r} is not a torch device ({one_line(exc)[:80]}...); "
+                             "give e.g. 'cpu' or 'cuda'") from exc
     out = Path(out)
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     for folder, what, option in ((out, "output folder", "out (--out)"),
@@ -1925,8 +1951,9 @@ def audit(
             where = "" if blocker == folder else f": {blocker} is not a directory"
             made = "is an existing file, not a folder" if blocker == folder else "cannot be made"
             raise ValueError(f"{what} {folder} {made}{where}; give a folder for {option}")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _lock_out(out)  # (before anything in OUT is touched: a second audit stops here)
+    _lock_out(out, created)  # (before anything in OUT is touched: a second audit stops here)
     work = out / "work"
     # temporary files of a run killed mid-write: in OUT those of the audit's own outputs only (OUT may be a
     # folder of the user's), in OUT/work any

@@ -121,6 +121,11 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         data_range=args.data_range,
         backend=args.backend,
     )
+    from ._ssim_common import resolve_params
+
+    # the options before any file is read (--win-size 4 was refused after every image had been decoded)
+    resolve_params(ndim=None, spatial_dims=2, sigma=1.5, k1=0.01, k2=0.03,
+                   **{k: v for k, v in opts.items() if k != "backend"})
     a, b = Path(args.a), Path(args.b)
 
     def integer_range(files: list[Path], images: list[np.ndarray]) -> None:
@@ -293,6 +298,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir() or args.out.endswith((os.sep, "/")):
         raise ValueError(f"--out {args.out} is a folder; give the .npy file to write (e.g. "
                          f"{Path(args.out) / 'embeddings.npy'})")
+    blocker = next((q for q in Path(args.out).parents if q.exists() and not q.is_dir()), None)
+    if blocker is not None:  # (found when the embeddings were written, after all the work)
+        raise ValueError(f"--out {args.out}: {blocker} is a file, not a folder")
+    # the model (and --device) before the images: a missing model was found after every image was read
+    model = load_model(args.model, device=args.device)
     skipped: list = []
     slices = usable_slices(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped),
                            strict=args.strict, skipped=skipped)
@@ -301,7 +311,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.images}: no image to embed ({len(skipped)} file(s) skipped{first})")
     emb = embed(
         [s.array for s in slices],
-        load_model(args.model),
+        model,
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.quiet,
@@ -683,6 +693,48 @@ def dask_logging(level: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+#: Arguments that name files or folders: an empty string among them is refused before the command runs
+_PATH_ARGS = frozenset({"a", "b", "out", "images", "val", "model", "train", "synth", "audit", "labels", "resume",
+                        "pretrained", "cache_dir", "scheduler"})
+
+#: API parameter names that a command's flag of another name sets (the rest match by name: batch_size is
+#: --batch-size), for :func:`_name_flags`
+_FLAG_ALIASES = {
+    "train": {"val_images": "--val", "time_limit": "--time-limit", "pretrained": "--pretrained"},
+    "demo": {"time_limit": "--train-seconds", "train_seconds": "--train-seconds"},
+    "audit": {"model": "--model", "size": "--size"},
+}
+
+
+def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str:
+    """``text`` (an error the API raised in its parameters' names: "batch_size must be an integer >= 2") with
+    each parameter that a flag of ``command`` sets named by the flag too: "batch_size (--batch-size) must be
+    ...". A name is annotated where it reads as the subject or the setting: at the start of the message, or
+    followed by " must", " needs", "=" or " '" (device 'cuda'), and only once; a message that already names the
+    flag is left as it is."""
+    import re
+
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    flags: dict[str, str] = {}
+    if sub is not None and command in sub.choices:
+        for a in sub.choices[command]._actions:
+            opts = [o for o in a.option_strings if o.startswith("--")] or list(a.option_strings)  # (-k)
+            if opts and a.dest not in ("help", "verbose_sub"):
+                flags[a.dest] = opts[0]
+    flags.update(_FLAG_ALIASES.get(command, {}))
+    for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+        if flag in text:
+            continue
+        pat = rf"(^|(?<=[\s(]))({re.escape(name)})(?=( must| needs| factors|=| '| is not|\s*\())"
+        if name.count("_") == 0 and len(name) < 4:  # (k, lr, out: only as the message's subject)
+            pat = rf"^({re.escape(name)})(?= must)"
+        m = re.search(pat, text)
+        if m:
+            end = m.end()
+            text = f"{text[:end]} ({flag}){text[end:]}"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -697,6 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deepssim-fast{' ' + command if command else ''}: interrupted", file=sys.stderr)
         return 128 + 2
+    empty = [f"--{k.replace('_', '-')}" if k not in ("a", "b") else k.upper() for k, v in vars(args).items()
+             if k in _PATH_ARGS and isinstance(v, str) and not v.strip()]
+    if empty:  # (an unset shell variable: "" read as the working folder, or wrote OUT's files into it)
+        print(f"deepssim-fast {args.command}: error: {', '.join(empty)}: empty path (an unset variable?)",
+              file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * min(verbosity(args), 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
@@ -717,8 +775,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):  # (a stdout without a file descriptor)
             pass
         return 128 + 13  # 141, the shell's status of a command ended by SIGPIPE
+    except MemoryError as exc:  # (numpy's "Unable to allocate 37.3 GiB ..." for --input-size 100000: a traceback)
+        print(f"deepssim-fast {args.command}: error: out of memory ({one_line(exc) or 'MemoryError'}); check the "
+              "sizes asked for (--size, --input-size, --batch-size, --emb-dim)", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"deepssim-fast {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        text = one_line(exc)
+        if isinstance(exc, NotADirectoryError) and exc.filename:  # ("[Errno 20] Not a directory: 'a.npy/x'")
+            text = f"{exc.filename}: a part of this path is a file, not a folder"
+        print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the command was
         hint = ""

@@ -38,6 +38,7 @@ import csv
 import io as _io
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -383,6 +384,13 @@ def run_demo(
     """
     from .audit import audit
 
+    # (checked before the ~20 s of data building: a bad value failed after it, named by train's parameters)
+    if isinstance(train_seconds, bool) or not isinstance(train_seconds, (int, float)) or not (
+            math.isfinite(train_seconds) and train_seconds >= 0):
+        raise ValueError(f"train_seconds (--train-seconds) must be a non-negative number of seconds (0: one "
+                         f"step), got {train_seconds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
     t0 = time.perf_counter()
     out = Path(out)
     data = build_demo_data(out / "data", seed=seed, backend=backend)

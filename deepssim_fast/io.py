@@ -257,6 +257,8 @@ def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
 
 def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[Path]:
     s = os.fspath(item)
+    if not str(s).strip():  # (Path("") is Path("."): an unset shell variable searched the working folder)
+        raise ValueError(f"empty path {s!r}: give a directory, a glob pattern or a file (an unset variable?)")
     # (os.path.expanduser leaves a name it cannot expand as it is: Path.expanduser raised for "~scans", a
     # folder of that literal name, with "Could not determine home directory")
     p = Path(os.path.expanduser(s))

@@ -1118,3 +1118,56 @@ def test_ssim_gaussian_population_covariance_as_the_readme_says(folders: dict, c
     assert main(["audit", "--train", str(folders["train"]), "--synth", str(folders["synth"]), "--out",
                  str(tmp_path / "o"), "--metric", "ssim", "--verify-rotations", "200"]) == 2
     assert "verify_rotations (--verify-rotations) must be a number of degrees" in capsys.readouterr().err
+
+
+def test_errors_name_flags_and_come_before_the_work(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a probe of ~150 bad values: an empty path ("$UNSET") searched the working folder (train trained on
+    it) or wrote OUT's files there; the API's parameter names stood where the flags were meant; numpy's
+    MemoryError and "[Errno 20] Not a directory" came through raw (a traceback, or errno text); embed read every
+    image before finding its model missing, an audit decoded every file before its --backend was refused, and a
+    failed audit left OUT holding only its lock file; demo built its data before refusing --train-seconds -1."""
+    import deepssim_fast.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    train, synth = str(folders["train"]), str(folders["synth"])
+
+    def err(args: list[str]) -> str:
+        assert main(args) == 2, args
+        text = capsys.readouterr().err
+        assert text.count("\n") == 1 and "Traceback" not in text, text
+        return text
+
+    assert "--images: empty path" in err(["train", "--images", "", "--out", "t"])
+    assert "--out: empty path" in err(["train", "--images", train, "--out", ""])
+    assert "A: empty path" in err(["ssim", "", train])
+    assert "batch_size (--batch-size) must be an integer >= 2" in err(
+        ["train", "--images", train, "--out", "t", "--batch-size", "0"])
+    assert "win_size (--win-size) must be a positive odd integer" in err(["ssim", train, synth, "--win-size", "0"])
+    assert "k (--k) must be a positive integer" in err(["audit", "--train", train, "--synth", synth, "--out", "o",
+                                                        "--metric", "ssim", "-k", "0"])
+    assert "train_seconds (--train-seconds) must be a non-negative number" in err(
+        ["demo", "--out", "d", "--train-seconds", "-1"])
+    assert "backend (--backend) 'bogus' is not one of" in err(
+        ["audit", "--train", train, "--synth", synth, "--out", "o", "--metric", "ssim", "--backend", "bogus"])
+    assert "model file missing.pt does not exist" in err(
+        ["audit", "--train", train, "--synth", synth, "--out", "o", "--model", "missing.pt"])
+    (tmp_path / "a.npy").write_bytes(b"x")
+    assert "--out a.npy/x.npy: a.npy is a file, not a folder" in err(
+        ["embed", "--model", "missing.pt", "--images", train, "--out", "a.npy/x.npy"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "garbage.npy").write_bytes(b"not an array")
+    assert "model file missing.pt: no such file" in err(
+        ["embed", "--model", "missing.pt", "--images", str(bad), "--strict", "--out", "e.npy"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "bad"]  # (no t/, o/, d/ or e.npy)
+
+    def raises(exc: BaseException):
+        def cmd(args: object) -> int:
+            raise exc
+        return cmd
+
+    monkeypatch.setattr(cli, "_cmd_ssim", raises(MemoryError("Unable to allocate 37.3 GiB")))
+    assert "error: out of memory (Unable to allocate 37.3 GiB); check the sizes" in err(["ssim", train, synth])
+    monkeypatch.setattr(cli, "_cmd_ssim", raises(NotADirectoryError(20, "Not a directory", "a.npy/x.csv")))
+    assert "error: a.npy/x.csv: a part of this path is a file, not a folder" in err(["ssim", train, synth])

@@ -932,3 +932,13 @@ def test_a_batch_of_images_saved_as_one_array_is_refused_not_cut_into_strips(tmp
     assert len(list(iter_slices([tmp_path / "v.nii"], SlicePolicy(min_foreground=0)))) == 3
     with pytest.raises(DataError, match=r"v\.nii: a volume of shape \(197, 233, 3\) cut along axis 0"):
         list(iter_slices([tmp_path / "v.nii"], SlicePolicy(axis=0), strict=True))
+
+
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    """Path("") is Path("."): discover("") searched the working folder recursively (an unset shell variable
+    trained on whatever lay there)."""
+    np.save(tmp_path / "x.npy", np.ones((8, 8), np.float32))
+    monkeypatch.chdir(tmp_path)
+    for spec in ("", "  ", [str(tmp_path / "x.npy"), ""]):
+        with pytest.raises(ValueError, match="empty path"):
+            discover(spec)
