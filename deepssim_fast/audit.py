@@ -2999,6 +2999,12 @@ def evaluate(
     th = (float(summary["thresholds"]["low"]), float(summary["thresholds"]["high"]))
     metric = summary["metric"]
     spatial_dims = 3 if summary["mode"] == "volumes" else 2
+    v = summary.get("verify") or {}
+    if model is not None and not (metric == "deepssim" and v.get("method") == "none"
+                                  and (v.get("flips") or v.get("max_shift"))):
+        # (it was ignored without a word: only such an audit's transformed items are embedded again)
+        logger.warning("model= (--model) is not used for this audit (metric %r, verify %r): only a deepssim "
+                       "audit with verify 'none' and flips or shifts embeds anything again", metric, v.get("method"))
 
     def stored(name: str) -> Path:
         f = work / name

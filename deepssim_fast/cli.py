@@ -89,8 +89,10 @@ def _policy(args: argparse.Namespace):
 def _add_policy(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slicing of volumes (NIfTI / 3D .npy)")
     g.add_argument("--axis", type=int, default=2, help="slice axis (default 2)")
-    g.add_argument("--slice-start", type=int, default=None, help="first slice index")
-    g.add_argument("--slice-stop", type=int, default=None, help="stop slice index (exclusive)")
+    g.add_argument("--slice-start", type=int, default=None,
+                   help="first slice index (a negative one counts from the end, as in Python: -5 = the last five)")
+    g.add_argument("--slice-stop", type=int, default=None,
+                   help="stop slice index (exclusive; negative: from the end)")
     g.add_argument("--slice-step", type=int, default=1, help="keep every n-th slice (default 1: all)")
     g.add_argument(
         "--min-foreground",
@@ -500,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--backend", default=None, help="native, torch or triton (default: by data location)")
     s.add_argument("--frame", type=int, default=None,
-                   help="the volume of 4D files (NIfTI, .npy) to compare, 0-based; every file must then be 4D")
+                   help="the volume of 4D files (NIfTI, .npy) to compare, 0-based (-1: the last); every file must "
+                   "then be 4D")
     s.add_argument("--out", default=None, help="CSV file of the scores (columns a, b, ssim; default: print)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_ssim)

@@ -535,7 +535,11 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLik
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a state dict file"
-        raise ModelFileError(f"{p}: not a readable state_dict file ({type(exc).__name__}: {exc})") from exc
+        # (torch's own text advised weights_only=False, 600 characters of it: unsafe, and beside the point)
+        why = ("a safe weights-only torch.load could not read it: not a torch file, or one holding pickled "
+               "Python objects" if "weights_only" in str(exc) or "Weights only" in str(exc)
+               else f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+        raise ModelFileError(f"{p}: not a readable state_dict file ({why})") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

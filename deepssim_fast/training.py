@@ -767,7 +767,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         raise ValueError(f"seed must be a non-negative integer below 2**63, got {seed}")
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+            raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
     for name, v in (("time_limit", time_limit), ("cpu_time_limit", cpu_time_limit)):
         # (NaN compared False with every elapsed time: no limit at all; -1 stopped after one step)
         if v is not None and not (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)

@@ -1731,6 +1731,15 @@ def test_evaluate_names_labels_file_and_line_of_an_unknown_key(ssim_run: A.Audit
         A.evaluate(ssim_run.out, f)
 
 
+def test_evaluate_says_when_a_model_it_was_given_is_not_used(ssim_run: A.AuditResult, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """evaluate --model on an ssim audit was ignored without a word."""
+    f = _labels(tmp_path / "lab.csv", ("mni_030.npy", "s00.npy", 1))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.evaluate(ssim_run.out, f, model=tmp_path / "never_read.pt")
+    assert "model= (--model) is not used for this audit (metric 'ssim', verify 'ssim')" in caplog.text
+
+
 def test_evaluate_names_swapped_columns_and_warns_of_pairs_labelled_twice(
         ssim_run: A.AuditResult, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A labels file with real_key and synth_key swapped said only 'matches no audited item'; a pair labelled

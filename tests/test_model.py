@@ -229,6 +229,11 @@ def test_pretrained_is_never_downloaded(tmp_path) -> None:
     torch.save(sd, tmp_path / "odd.pth")
     with pytest.raises(ModelFileError, match=r"odd.pth: tensors do not fit torchvision's resnet18 layout .*conv1"):
         build_model("resnet18", pretrained=tmp_path / "odd.pth")
+    np.save(tmp_path / "garbage.npy", np.zeros(3))  # (torch's 600 characters advised weights_only=False)
+    with pytest.raises(ModelFileError, match=r"garbage.npy: not a readable state_dict file \((a safe weights-only|"
+                                             r"\w+Error: )") as e:
+        build_model("resnet18", pretrained=tmp_path / "garbage.npy")
+    assert "weights_only=False" not in str(e.value) and len(str(e.value)) < 400
 
 
 @pytest.mark.parametrize("backbone,frozen,trainable", [
