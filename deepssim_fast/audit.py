@@ -1010,6 +1010,7 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
     first readable file. A file of another width, with no rows, of complex values, or with NaN/Inf or
     all-zero rows is skipped and reported by path, like an unreadable one (``strict``: :class:`DataError`)."""
     ids, ps, idx, vecs, skipped = [], [], [], [], []
+    like_images: list[Path] = []
     ref = "the training embeddings have" if width is not None else ""
     for p in paths:
         try:
@@ -1044,6 +1045,10 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
             skipped.append((str(p), str(exc)))
             continue
         named = _embedding_ids(p, len(a))
+        if named is None and float(a.min()) >= 0:
+            norms = np.linalg.norm(a.astype(np.float64), axis=1)
+            if not np.allclose(norms, 1.0, atol=1e-3):
+                like_images.append(p)
         for r in range(len(a)):
             if named is None:
                 ids.append(f"{p}#row:{r}")
@@ -1055,6 +1060,15 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
             ps.append(_item_path(named[r], "slices"))
             idx.append(parts[2] if parts is not None else r)
         vecs.append(a.astype(np.float32))
+    if like_images:
+        # an image .npy given by mistake is read as H rows of W-wide "embeddings" and audited as such (every
+        # slice of MRI came out a duplicate): nothing in the file tells the two apart, but an image's pixels are
+        # non-negative and its rows not unit-norm, where embed's rows are unit-norm (and named in .ids.txt)
+        logger.warning(
+            "%d %s file(s), e.g. %s, hold rows that are not unit-norm and no negative value, as an image's pixels "
+            "do, and no ids file lies beside them: metric 'embeddings' reads each row of a .npy as one embedding; "
+            "if these are images, audit them with metric 'deepssim', 'ssim' or 'correlation'",
+            len(like_images), name, like_images[0])
     if not vecs:
         reasons = "; ".join(r for _, r in skipped[:5])
         raise ValueError(

@@ -689,6 +689,33 @@ def test_verify_pairs_identity_equals_reference_and_undoes_transforms() -> None:
     assert (v3 > plain).all() and all("rot(-2)" in n for n in names3), (v3, plain, names3)
 
 
+def test_an_image_given_to_an_embeddings_audit_is_warned_about(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """MRI slices saved as .npy and audited with --metric embeddings were read as 32 rows of 32-wide
+    "embeddings" each: 100 % memorised, without a word. Nothing in a file tells the two apart, but pixels are
+    non-negative and their rows not unit-norm; embeddings (signed, or unit-norm with an ids file) pass quietly."""
+    vol = data.load_volume("mni152").array
+    for d, zs in (("t", (40, 60, 80)), ("s", (50,))):
+        (tmp_path / d).mkdir()
+        for z in zs:
+            np.save(tmp_path / d / f"z{z}.npy", np.ascontiguousarray(vol[60:92, 70:102, z]) + 1.0)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(tmp_path / "t", tmp_path / "s", metric="embeddings", verify="none", k=1, out=tmp_path / "o",
+                progress=False)
+    assert "3 train file(s), e.g." in caplog.text and "1 synth file(s)" in caplog.text
+    assert "if these are images, audit them with metric 'deepssim', 'ssim' or 'correlation'" in caplog.text
+    caplog.clear()
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal((20, 16)).astype(np.float32)
+    np.save(tmp_path / "signed.npy", e)
+    unit = np.abs(e) / np.linalg.norm(e, axis=1, keepdims=True)  # (non-negative but unit-norm rows)
+    np.save(tmp_path / "unit.npy", unit)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(tmp_path / "signed.npy", tmp_path / "unit.npy", metric="embeddings", verify="none", k=1,
+                out=tmp_path / "o2", progress=False)
+    assert "not unit-norm" not in caplog.text
+
+
 def test_gallery_of_an_embeddings_audit_reads_the_images_its_ids_name(tmp_path: Path) -> None:
     """An embeddings audit has no pixels, so its gallery showed names over empty panels. Where an item id
     names a slice of a readable file (embed's ids), the gallery now reads it: a 2D image, a slice of a
