@@ -1763,22 +1763,27 @@ def _holding_out_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _lock_out(out: Path, created: bool = False) -> None:
-    """Take :func:`_out_lock` of ``out`` until the audit in progress returns. ``created``: this audit made the
-    folder; if it still holds nothing but the lock file when the audit ends (an error before any work: a missing
-    model, a bad argument), both go, so a failed call leaves no folder behind."""
+def _lock_out(out: Path, made: Path | None = None) -> None:
+    """Take :func:`_out_lock` of ``out`` until the audit in progress returns. ``made``: the topmost folder this
+    audit created for ``out`` (``out`` itself, or an ancestor it made with it); if ``out`` still holds nothing but
+    the lock file when the audit ends (an error before any work: a missing model, a bad argument), it goes, and
+    so do the empty folders made for it up to ``made``: a failed call leaves no folder behind."""
     stack = _LOCKS.get()
     if stack is not None:
         stack.enter_context(_out_lock(out))
-        if created:
-            stack.callback(_drop_if_only_the_lock, out)
+        if made is not None:
+            stack.callback(_drop_if_only_the_lock, out, made)
 
 
-def _drop_if_only_the_lock(out: Path) -> None:
+def _drop_if_only_the_lock(out: Path, made: Path) -> None:
     try:
-        if [q.name for q in out.iterdir()] == [_LOCK_FILE]:
-            (out / _LOCK_FILE).unlink()
-            out.rmdir()
+        if [q.name for q in out.iterdir()] != [_LOCK_FILE]:
+            return
+        (out / _LOCK_FILE).unlink()
+        for folder in (out, *out.parents):
+            folder.rmdir()  # (OSError when not empty: something else was put there; it stays)
+            if folder == made:
+                break
     except OSError:  # (someone else's file appeared, or the folder went: leave it)
         pass
 
@@ -1965,9 +1970,9 @@ def audit(
             where = "" if blocker == folder else f": {blocker} is not a directory"
             made = "is an existing file, not a folder" if blocker == folder else "cannot be made"
             raise ValueError(f"{what} {folder} {made}{where}; give a folder for {option}")
-    created = not out.exists()
+    made = next((q for q in reversed((out, *out.parents)) if not q.exists()), None)  # (the topmost new folder)
     out.mkdir(parents=True, exist_ok=True)
-    _lock_out(out, created)  # (before anything in OUT is touched: a second audit stops here)
+    _lock_out(out, made)  # (before anything in OUT is touched: a second audit stops here)
     work = out / "work"
     # temporary files of a run killed mid-write: in OUT those of the audit's own outputs only (OUT may be a
     # folder of the user's), in OUT/work any

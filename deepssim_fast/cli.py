@@ -59,8 +59,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"cupy   : {info['cupy'] or 'not installed (optional: pip install deepssim_fast[cupy])'}")
     env = info["environment"]
     print("environment: " + ("  ".join(f"{k}={v}" for k, v in env.items()) if env else "no DEEPSSIM_FAST_* overrides"))
-    forced = env.get("DEEPSSIM_FAST_BACKEND", "").strip().lower()
-    if forced in ("native", "triton") and not info[forced]["available"]:
+    forced = env.get("DEEPSSIM_FAST_BACKEND") or None  # (read as backends.resolve reads it: as written)
+    from .backends import BACKENDS
+
+    if forced not in (None, "auto") and forced not in BACKENDS:
+        print(f"note: DEEPSSIM_FAST_BACKEND={forced!r} is not one of {BACKENDS} (or 'auto'): calls that use the "
+              "default backend will fail")
+    elif forced in ("native", "triton") and not info[forced]["available"]:
         print(f"note: DEEPSSIM_FAST_BACKEND={forced}, which is not available here: calls that use the default "
               "backend will fail")
     return 0
@@ -712,9 +717,10 @@ _FLAG_ALIASES = {
 def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str:
     """``text`` (an error the API raised in its parameters' names: "batch_size must be an integer >= 2") with
     each parameter that a flag of ``command`` sets named by the flag too: "batch_size (--batch-size) must be
-    ...". A name is annotated where it reads as the subject or the setting: at the start of the message, or
-    followed by " must", " needs", "=" or " '" (device 'cuda'), and only once; a message that already names the
-    flag is left as it is."""
+    ...". A name is annotated only where it is what the sentence is about: followed by " must", " needs" or
+    " factors", at the start of the message or after a space, and only once (paths and values in a message
+    are never touched: "new model (v2).pt" had become "new model (--model) (v2).pt"); a message that already
+    names the flag is left as it is."""
     import re
 
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -728,9 +734,9 @@ def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str
     for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
         if flag in text:
             continue
-        pat = rf"(^|(?<=[\s(]))({re.escape(name)})(?=( must| needs| factors|=| '| is not|\s*\())"
+        pat = rf"(^|(?<=\s))({re.escape(name)})(?= must | needs | factors )"
         if name.count("_") == 0 and len(name) < 4:  # (k, lr, out: only as the message's subject)
-            pat = rf"^({re.escape(name)})(?= must)"
+            pat = rf"^({re.escape(name)})(?= must )"
         m = re.search(pat, text)
         if m:
             end = m.end()
@@ -753,9 +759,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepssim-fast{' ' + command if command else ''}: interrupted", file=sys.stderr)
         return 128 + 2
     empty = [f"--{k.replace('_', '-')}" if k not in ("a", "b") else k.upper() for k, v in vars(args).items()
-             if k in _PATH_ARGS and isinstance(v, str) and not v.strip()]
+             if k in _PATH_ARGS and any(isinstance(x, str) and not x.strip()
+                                        for x in (v if isinstance(v, (list, tuple)) else [v]))]
     if empty:  # (an unset shell variable: "" read as the working folder, or wrote OUT's files into it)
-        print(f"deepssim-fast {args.command}: error: {', '.join(empty)}: empty path (an unset variable?)",
+        what = "empty address" if empty == ["--scheduler"] else "empty path"
+        print(f"deepssim-fast {args.command}: error: {', '.join(empty)}: {what} (an unset variable?)",
               file=sys.stderr)
         return 2
     level = logging.WARNING - 10 * min(verbosity(args), 2)

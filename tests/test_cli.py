@@ -109,6 +109,11 @@ def test_doctor_still_works(capsys: pytest.CaptureFixture, monkeypatch: pytest.M
         assert main(["doctor", "--json"]) == 0
         info = json.loads(capsys.readouterr().out)["backends"]
         assert info["environment"] == {"DEEPSSIM_FAST_BACKEND": "triton"} and info["triton"]["reason"]
+    # a value every call refuses, as calls read it ('Native' is not 'native')
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "Native")
+    assert main(["doctor"]) == 0
+    assert ("note: DEEPSSIM_FAST_BACKEND='Native' is not one of ('native', 'torch', 'triton')"
+            in capsys.readouterr().out)
 
 
 def test_ssim_two_files_prints_the_score(folders: dict, capsys: pytest.CaptureFixture) -> None:
@@ -1151,7 +1156,12 @@ def test_errors_name_flags_and_come_before_the_work(folders: dict, tmp_path: Pat
     assert "backend (--backend) 'bogus' is not one of" in err(
         ["audit", "--train", train, "--synth", synth, "--out", "o", "--metric", "ssim", "--backend", "bogus"])
     assert "model file missing.pt does not exist" in err(
-        ["audit", "--train", train, "--synth", synth, "--out", "o", "--model", "missing.pt"])
+        ["audit", "--train", train, "--synth", synth, "--out", "o/n2/n3", "--model", "missing.pt"])  # (o/ too)
+    # a path is never annotated ("new model (v2).pt" had become "new model (--model) (v2).pt")
+    assert "model file new model (v2).pt does not exist" in err(
+        ["audit", "--train", train, "--synth", synth, "--out", "o", "--model", "new model (v2).pt"])
+    assert "--scheduler: empty address" in err(["audit", "--train", train, "--synth", synth, "--out", "o",
+                                                "--metric", "correlation", "--scheduler", ""])
     (tmp_path / "a.npy").write_bytes(b"x")
     assert "--out a.npy/x.npy: a.npy is a file, not a folder" in err(
         ["embed", "--model", "missing.pt", "--images", train, "--out", "a.npy/x.npy"])
