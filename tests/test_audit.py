@@ -2783,3 +2783,33 @@ def test_settings_that_cannot_work_are_named_with_their_flags(ds: dict, tmp_path
                     out=tmp_path / "o", progress=False)
     assert "no item can be labelled duplicate" in caplog.text
     assert r.summary["counts"]["duplicate"] == 0 and r.summary["counts"]["similar"] >= 5  # (the plants)
+
+
+def test_volumes_mode_refuses_a_batch_of_volumes_and_warns_of_items_mostly_padding(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch of volumes saved as one (N, D, H, W) .npy was read as a D-long series of (N, D, H) "frames",
+    padded and audited: the exact copy in it scored -0.03, "different", without a word (slices mode refuses such
+    a file). And an item size taken from a 128 x 128 x 10 first training file made 40 x 48 x 40 volumes 94 %
+    padding, two unrelated brain regions a duplicate: the fit is said now when it keeps or fills under half."""
+    mni = data.load_volume("mni152").array
+    a, b = (np.ascontiguousarray(mni[x:x + 40, 60:108, 30:70]) for x in (30, 60))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "t" / "a.npy", a)
+    np.save(tmp_path / "s" / "batch2.npy", np.stack([a, b]))
+    np.save(tmp_path / "s" / "b.npy", b)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        r = A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=1, out=tmp_path / "o",
+                    progress=False)
+    assert r.summary["n_synth"] == 1
+    (bad,) = r.summary["skipped"]
+    assert bad["path"].endswith("batch2.npy") and "save one volume per file" in bad["reason"]
+    assert "thinner than the 7-voxel SSIM window along axis 0" in bad["reason"]
+    assert "more than half padding" not in caplog.text  # (one shape: nothing to say)
+    np.save(tmp_path / "t" / "S0.npy", np.ascontiguousarray(mni[:128:1, :128, 40:50]))  # (sorts first)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", mode="volumes", k=1, out=tmp_path / "o2",
+                progress=False)
+    assert re.search(r"item\(s\), e\.g\. .*a\.npy of shape \(40, 48, 40\), lose more than half their voxels or are "
+                     r"more than half padding at the item size \(128, 128, 10\)", caplog.text)
