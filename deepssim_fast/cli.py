@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -792,7 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         text = one_line(exc)
-        if isinstance(exc, NotADirectoryError) and exc.filename:  # ("[Errno 20] Not a directory: 'a.npy/x'")
+        if (isinstance(exc, NotADirectoryError) and exc.filename  # (the OS's own words only, not a message of ours)
+                and exc.strerror == os.strerror(errno.ENOTDIR)):
             text = f"{exc.filename}: a part of this path is a file, not a folder"
         print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)
         return 2

@@ -644,7 +644,8 @@ def test_bad_rotation_and_worker_counts_are_named_before_any_work(ds: dict, tmp_
     refused with the message for a Dask run of the ssim metric, not as a bad worker count."""
     base = dict(k=1, out=tmp_path / "o", progress=False)
     for deg in (400.0, 180.5, -1.0, float("nan")):
-        with pytest.raises(ValueError, match=r"verify_rotations must be a number of degrees in \[0, 180\]"):
+        with pytest.raises(ValueError, match=r"verify_rotations \(--verify-rotations\) must be a number of "
+                                             r"degrees in \[0, 180\]"):
             A.audit(ds["train"], ds["synth"], metric="ssim", verify_rotations=deg, **base)
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         A.audit(ds["train"], ds["synth"], metric="ssim", workers=0, **base)
