@@ -967,6 +967,23 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def float_dtype(net: nn.Module) -> torch.dtype:
+    """The model's own floating dtype (a .half() or float64 model, an fp16 TorchScript file), for its input:
+    float32 input raised torch's "Input type and weight type should be the same"."""
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+
+
+def forward_batch(net: nn.Module, x: torch.Tensor) -> Any:
+    """``net(x)``, a batch of one run as two copies: CPU convolutions take another code path for a single image,
+    whose embeddings differ in the last bits (1.4e-7) from the same image's in any larger batch, so an image
+    embedded alone (a changed file, a resume, the last batch) would not match a fresh run. (What the model
+    returns is passed on as it is, sliced to the one row: a tensor, or whatever a foreign model gives.)"""
+    if x.shape[0] != 1:
+        return net(x)
+    out = net(torch.cat([x, x]))
+    return out[:1] if isinstance(out, torch.Tensor) else out
+
+
 def _resolve_model(model: Any) -> nn.Module:
     if isinstance(model, (str, os.PathLike)):
         return load_model(model)
@@ -994,9 +1011,7 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
     cfg: ModelConfig = net.config
     dev = torch.device(device) if device is not None else _model_device(net)
     _check_device(dev)
-    # the model's own floating dtype (a .half() or float64 model, an fp16 TorchScript file): float32 input
-    # raised torch's "Input type and weight type should be the same"
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    dtype = float_dtype(net)
     lock = _model_lock(net)
     lock.acquire()
     was_training = net.training
@@ -1018,15 +1033,12 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
             bar = tqdm(total=len(arrays), desc="embed", unit="img", disable=None if progress else True)
             for s in range(0, len(arrays), batch_size):
                 x = preprocess(arrays[s:s + batch_size], cfg).to(dev, dtype)
-                # a batch of one runs as two copies: CPU convolutions take another code path for a single
-                # image, whose embeddings differ in the last bits (1.4e-7) from the same image's in any larger
-                # batch, so an image embedded alone (a changed file, a resume) would not match a fresh run
-                e = net(torch.cat([x, x])) if x.shape[0] == 1 else net(x)
+                e = forward_batch(net, x)
                 if not isinstance(e, torch.Tensor):  # (a foreign model returning a tuple or dict failed with an
                     raise ValueError(                 # AttributeError on .float())
                         f"model returned a {type(e).__name__}, not a tensor of embeddings (batch, emb_dim); wrap "
                         "it so that forward returns the embedding tensor alone")
-                e = (e[:1] if x.shape[0] == 1 else e).float()
+                e = e.float()
                 if e.dim() != 2 or e.shape[0] != x.shape[0]:
                     raise ValueError(f"model returned shape {tuple(e.shape)} for a batch of {x.shape[0]}; "
                                      f"expected (batch, emb_dim)")

@@ -71,6 +71,8 @@ from .model import (
     build_model,
     collect_images,
     fit_size,
+    float_dtype,
+    forward_batch,
     read_checkpoint,
     save_checkpoint,
     zscore_batch,
@@ -516,14 +518,7 @@ def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, b
     if size is not None and a.shape[1:] != (size, size):  # (64 x 64 pairs on a 32-input model gave numbers)
         raise ValueError(f"pairs of {tuple(a.shape[1:])} images, but the model takes {size} x {size}: draw the "
                          "pairs with the model's input size (make_pool with its config)")
-    # the model's floating dtype (a float64 model failed in torch's "Input type and weight type ...")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        # a batch of one as two copies, as embed runs it: CPU convolutions take another code path for a single
-        # image, and the scores moved in the last bits with the batch size (validation MSE with it)
-        return model(torch.cat([x, x]))[:1] if x.shape[0] == 1 else model(x)
-
+    dtype = float_dtype(model)  # (a float64 model failed in torch's "Input type and weight type ...")
     was = model.training
     model.eval()
     out = []
@@ -532,7 +527,10 @@ def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, b
             for s in range(0, a.shape[0], batch_size):
                 xa = zscore_batch(a[s:s + batch_size]).unsqueeze(1).to(dev, dtype)
                 xb = zscore_batch(b[s:s + batch_size]).unsqueeze(1).to(dev, dtype)
-                out.append(F.cosine_similarity(run(xa), run(xb), dim=1).float().cpu())
+                # (a batch of one as two copies, as embed runs it: the scores moved in the last bits with the
+                # batch size, and the validation MSE with them)
+                out.append(F.cosine_similarity(forward_batch(model, xa), forward_batch(model, xb), dim=1)
+                           .float().cpu())
     finally:
         model.train(was)
     return torch.cat(out) if out else torch.zeros(0)
