@@ -709,9 +709,8 @@ _PATH_ARGS = frozenset({"a", "b", "out", "images", "val", "model", "train", "syn
 #: API parameter names that a command's flag of another name sets (the rest match by name: batch_size is
 #: --batch-size), for :func:`_name_flags`
 _FLAG_ALIASES = {
-    "train": {"val_images": "--val", "time_limit": "--time-limit", "pretrained": "--pretrained"},
-    "demo": {"time_limit": "--train-seconds", "train_seconds": "--train-seconds"},
-    "audit": {"model": "--model", "size": "--size"},
+    "train": {"val_images": "--val"},
+    "demo": {"time_limit": "--train-seconds"},
 }
 
 
