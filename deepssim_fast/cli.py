@@ -432,6 +432,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"similar near-copies labelled similar: {r['near_similar']}/{r['near']}; "
         f"novel labelled different: {r['novel_different']}/{r['novel']}"
     )
+    pc = r["search_pair_counts"]
+    print(f"encoder alone (the search, before exact-SSIM verification): true source first for "
+          f"{r['search_source_first']}/{r['planted']} planted duplicates; pairs by search score: "
+          f"{pc['duplicate']} duplicate, {pc['similar']} similar, {pc['different']} different")
+    if pc["different"] == 0 and pc["similar"] == 0:
+        print("warning: the encoder scores every pair a duplicate: it is barely trained (--train-seconds "
+              f"{args.train_seconds:g}); the results above come from verification alone", file=sys.stderr)
     print(f"total {r['seconds']:.0f} s")
     ok = r["recall"] >= 0.95 and r["precision"] >= 0.9
     if not ok:

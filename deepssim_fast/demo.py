@@ -119,7 +119,9 @@ def _copy_transform(kind: str, img: np.ndarray, rng: np.random.Generator) -> tup
     lo, hi = float(img.min()), float(img.max())
     if kind == "flip":
         ax = int(rng.integers(0, 2))
-        return np.ascontiguousarray(np.flip(img, axis=ax)), ("flip left-right" if ax == 0 else "flip up-down")
+        # (named as the audit names them, by array axis: axis 0 reversed is vflip on screen, row 0 at the top;
+        # "flip left-right" for it read as if the audit had found another transform)
+        return np.ascontiguousarray(np.flip(img, axis=ax)), ("vflip (axis 0)" if ax == 0 else "hflip (axis 1)")
     if kind == "rotation":
         deg = float(rng.choice([-1, 1]) * rng.uniform(1.5, 3.0))
         return _rotate(img, deg), f"rotation {deg:+.2f} deg"
@@ -140,7 +142,7 @@ def _copy_transform(kind: str, img: np.ndarray, rng: np.random.Generator) -> tup
         g = float(rng.uniform(0.8, 1.25))
         x = np.ascontiguousarray(np.flip(img, axis=0))
         x = ((x - lo) / (hi - lo)) ** g * (hi - lo) + lo
-        return _shift(x.astype(np.float32), d), f"flip left-right + shift {d} + gamma {g:.2f}"
+        return _shift(x.astype(np.float32), d), f"vflip (axis 0) + shift {d} + gamma {g:.2f}"
     raise ValueError(kind)
 
 
@@ -415,14 +417,18 @@ def run_demo(
     )
     t_audit = time.perf_counter() - t0 - t_data - t_train
 
-    # Read the audit's answer per synthetic item: its label and best match.
+    # Read the audit's answer per synthetic item: its label and best match; and the search's own first
+    # candidate (the encoder alone, before verification by exact SSIM)
     best: dict[str, tuple[float, str, str]] = {}
+    first: dict[str, str] = {}
     with open(res.files["matches.csv"], newline="") as f:
         for row in csv.DictReader(f):
             name = Path(row["synth_path"]).name
             s = float(row["ssim"])
             if name not in best or s > best[name][0]:
                 best[name] = (s, Path(row["train_path"]).name, row["label"])
+            if row["rank"] == "1":
+                first[name] = Path(row["train_path"]).name
     planted = data["planted"]
     dup = [p for p in planted if p.truth == "duplicate"]
     found = [p for p in dup if best[p.name][2] == "duplicate" and best[p.name][1] == p.source]
@@ -449,6 +455,11 @@ def run_demo(
         "near_similar": sum(1 for p in near if best[p.name][2] == "similar"),
         "novel": len(novel),
         "novel_different": sum(1 for p in novel if best[p.name][2] == "different"),
+        # the encoder's own share: a planted duplicate's source as the search's first candidate, and the search
+        # scores' pair labels (an encoder trained a few steps scores every pair a duplicate: verification with
+        # k = 10 among 77 training slices still finds every copy, so recall alone did not show it)
+        "search_source_first": sum(1 for p in dup if first.get(p.name) == p.source),
+        "search_pair_counts": dict(res.summary["pair_counts_search"]),
         "n_train": res.summary["n_train"],
         "n_synth": res.summary["n_synth"],
         "seconds": time.perf_counter() - t0,

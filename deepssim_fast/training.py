@@ -969,7 +969,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     try:
         with torch.random.fork_rng(devices=fork_devices):
             model.train()
-            bar = tqdm(total=total, initial=step, desc=f"train {config.backbone}", unit="step",
+            # (a time-limited run stops long before its step count: the demo's bar showed 0 % of 13000 steps and
+            # an ETA of hours, then stopped; the limit is said in the bar)
+            limit = "" if time_limit is None else f" (stops at {time_limit:g} s)"
+            bar = tqdm(total=total, initial=step, desc=f"train {config.backbone}{limit}", unit="step",
                        disable=None if progress else True)
             pending = prefetch.submit(make_batch, step) if step < total else None
             while step < total:

@@ -1181,3 +1181,29 @@ def test_errors_name_flags_and_come_before_the_work(folders: dict, tmp_path: Pat
     assert "error: out of memory (Unable to allocate 37.3 GiB); check the sizes" in err(["ssim", train, synth])
     monkeypatch.setattr(cli, "_cmd_ssim", raises(NotADirectoryError(20, "Not a directory", "a.npy/x.csv")))
     assert "error: a.npy/x.csv: a part of this path is a file, not a folder" in err(["ssim", train, synth])
+
+
+def test_demo_says_what_the_encoder_alone_found(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                tmp_path: Path) -> None:
+    """A one-step encoder scored every pair a duplicate, and the demo still printed recall 1.000 (verification
+    with k = 10 among 77 slices finds the copies whatever the encoder): the search's own share is printed now,
+    with a warning when it labels every pair a duplicate. And its ground truth named an axis-0 flip "flip
+    left-right" where the audit (rightly, on screen) says vflip."""
+    import deepssim_fast.demo as demo
+
+    base = {"report": "r.html", "recall": 1.0, "precision": 1.0, "found": 36, "planted": 36, "false_positives": 0,
+            "near_similar": 24, "near": 24, "novel_different": 15, "novel": 15, "seconds": 9.0,
+            "search_source_first": 35}
+    for pairs, warned in (({"different": 0, "similar": 0, "duplicate": 5775}, True),
+                          ({"different": 5100, "similar": 613, "duplicate": 62}, False)):
+        monkeypatch.setattr(demo, "run_demo", lambda *a, pairs=pairs, **kw: dict(base, search_pair_counts=pairs))
+        assert main(["demo", "--out", str(tmp_path / "d"), "--train-seconds", "0", "-q"]) == 0
+        cap = capsys.readouterr()
+        assert (f"true source first for 35/36 planted duplicates; pairs by search score: {pairs['duplicate']} "
+                f"duplicate") in cap.out
+        assert ("the encoder scores every pair a duplicate: it is barely trained" in cap.err) == warned
+    img = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for seed in range(6):
+        out, name = demo._copy_transform("flip", img, np.random.default_rng(seed))
+        assert np.array_equal(out, img[::-1]) == name.startswith("vflip (axis 0)")
+        assert np.array_equal(out, img[:, ::-1]) == name.startswith("hflip (axis 1)")
