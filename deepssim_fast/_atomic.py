@@ -71,6 +71,13 @@ def _replace(tmp: Path, p: Path) -> None:
     os.replace(tmp, p)
 
 
+def file_in_the_way(path: str | os.PathLike, *, itself: bool = False) -> Path | None:
+    """The first of ``path``'s parent folders (and ``path`` itself, with ``itself``) that exists but is a file,
+    so that nothing can be written at ``path``; None when there is none."""
+    p = Path(path)
+    return next((q for q in ((p,) if itself else ()) + tuple(p.parents) if q.exists() and not q.is_dir()), None)
+
+
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
@@ -79,7 +86,7 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     p = Path(path)
     if p.is_dir():  # (the temporary file was written, then os.replace said "Is a directory")
         raise IsADirectoryError(errno.EISDIR, "is an existing folder; give a file name", str(p))
-    blocker = next((q for q in p.parents if q.exists() and not q.is_dir()), None)
+    blocker = file_in_the_way(p)
     if blocker is not None:  # mkdir said "[Errno 17] File exists: 'afile'" for afile/x.csv
         raise NotADirectoryError(errno.ENOTDIR, f"cannot write it: {blocker} is an existing file, not a folder",
                                  str(p))

@@ -99,7 +99,7 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import atomic_path, atomic_write, remove_temporaries, reserve
+from ._atomic import atomic_path, atomic_write, file_in_the_way, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit
 from .io import (
@@ -1985,7 +1985,7 @@ def audit(
     cache = Path(cache_dir) if cache_dir is not None else out / "cache"
     for folder, what, option in ((out, "output folder", "out (--out)"),
                                  (cache, "cache folder", "cache_dir (--cache-dir)")):
-        blocker = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
+        blocker = file_in_the_way(folder, itself=True)
         if blocker is not None:  # (mkdir would say only "[Errno 17] File exists" or "Not a directory")
             where = "" if blocker == folder else f": {blocker} is not a directory"
             made = "is an existing file, not a folder" if blocker == folder else "cannot be made"

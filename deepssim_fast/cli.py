@@ -294,7 +294,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ._atomic import atomic_write_bytes
+    from ._atomic import atomic_write_bytes, file_in_the_way
     from .io import discover, iter_slices
     from .model import embed, load_model, usable_slices
 
@@ -306,7 +306,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir() or args.out.endswith((os.sep, "/")):
         raise ValueError(f"--out {args.out} is a folder; give the .npy file to write (e.g. "
                          f"{Path(args.out) / 'embeddings.npy'})")
-    blocker = next((q for q in Path(args.out).parents if q.exists() and not q.is_dir()), None)
+    blocker = file_in_the_way(args.out)
     if blocker is not None:  # (found when the embeddings were written, after all the work)
         raise ValueError(f"--out {args.out}: {blocker} is a file, not a folder")
     # the model (and --device) before the images: a missing model was found after every image was read
