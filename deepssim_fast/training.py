@@ -547,7 +547,7 @@ def evaluate(model: torch.nn.Module | str | os.PathLike, images: Any = None, *, 
     Returns ``{"mae", "mse", "r", "n", "by_kind", "target_hist"}``.
     """
     for name, v in (("n_pairs", n_pairs), ("batch_size", batch_size)):
-        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
+        if not (_count(v) and v >= 1):
             raise ValueError(f"evaluate: {name} must be a positive integer, got {v!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"evaluate: seed must be an integer, got {seed!r}")  # as train's seed
