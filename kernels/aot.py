@@ -210,6 +210,11 @@ def _ssim_on_gpu(ks: Any, launch: Launch) -> Launch:
     return launch
 
 
+def _as_bf16(args: tuple) -> tuple:
+    """A recorded fp16 launch's arguments as the bf16 launch passes them (operands stored in bf16)."""
+    return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.dtype == torch.float16 else a for a in args)
+
+
 def representative_launches() -> dict[str, Launch]:
     """The launches each Triton path makes on a GPU, recorded from the real launchers with CUDA defaults.
 
@@ -258,6 +263,7 @@ def representative_launches() -> dict[str, Launch]:
                            precision="fp16" if precision == "bf16" else precision,
                            self_offset=0 if self_pairs else None, blocks=blocks)
         rec[0].kwargs["PRECISION"] = precision
+        rec[0].args = _as_bf16(rec[0].args) if precision == "bf16" else rec[0].args
         out[f"cosine_topk {precision}" + (" self-pairs" if self_pairs else "")
             + (f" {bins} bins" if bins != 200 else "")] = rec[0]
     # rows wider than COMPENSATED_MIN_D: the compensated (Kahan) sum over the K blocks
@@ -267,6 +273,7 @@ def representative_launches() -> dict[str, Launch]:
             kc.cosine_topk(wide, wide, k=10, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
                            precision="fp16" if precision == "bf16" else precision, blocks=blocks)
         rec[0].kwargs["PRECISION"] = precision
+        rec[0].args = _as_bf16(rec[0].args) if precision == "bf16" else rec[0].args
         out[f"cosine_topk {precision} wide rows"] = rec[0]
     # both tile-histogram modes, whichever this Triton release would pick
     for mode in (1, 2):

@@ -46,7 +46,7 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
                         stride_q, stride_t, stride_cs_m, stride_cs_t,
                         nbins, low_t, high_t,
                         HAS_SELF: tl.constexpr, UNIT_RANGE: tl.constexpr, HIST_MODE: tl.constexpr,
-                        NB: tl.constexpr, KC: tl.constexpr,
+                        NB: tl.constexpr, HB: tl.constexpr, KC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, COMPENSATED: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -113,23 +113,27 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
         width = tl.load(RANGE + 1)
         b = tl.floor((s64 - lo) / width * nb64)
         b = tl.minimum(tl.maximum(b, 0.0), nb64 - 1.0).to(tl.int32)
+    # Pairs outside the tile's valid part (past the last row or column, or the diagonal in self mode) go to a
+    # sink slot past the real bins, which the atomics below skip. (tl.histogram's mask= is not used: with
+    # Triton 3.6.0 on an H200 it miscounted inside this kernel — e.g. 46 of 35 pairs moved on a 5 x 7
+    # problem — while the same histogram on a plain loaded tile was right; bench/gpu_allpairs_diag.py.)
     if HIST_MODE == 2:
-        # one tile histogram over (class, bin) slots: per-bin counts and class counts are its sums
+        # one tile histogram over (class, bin) slots: per-bin counts and class counts are its sums; the
+        # slots of a fourth class (3 * NB..) are the sink
         cls = (acc > low_t).to(tl.int32) + (acc > high_t).to(tl.int32)  # 0 different, 1 similar, 2 duplicate
-        h = tl.histogram(tl.reshape(b + cls * NB, (BLOCK_M * BLOCK_N,)), 4 * NB,
-                         mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
-        h2 = tl.reshape(h, (4, NB))
-        per_bin = tl.sum(h2, axis=0)
+        slot = tl.where(valid, b + cls * NB, 3 * NB)
+        h2 = tl.reshape(tl.histogram(tl.reshape(slot, (BLOCK_M * BLOCK_N,)), 4 * NB), (4, NB))
+        cls_idx = tl.arange(0, 4)
+        per_bin = tl.sum(tl.where(cls_idx[:, None] < 3, h2, 0), axis=0)
         per_cls = tl.sum(h2, axis=1)
         bins_idx = tl.arange(0, NB)
         tl.atomic_add(HIST + bins_idx, per_bin, mask=(bins_idx < nbins) & (per_bin > 0))
-        cls_idx = tl.arange(0, 4)
         tl.atomic_add(CLS + cls_idx, per_cls, mask=(cls_idx < 3) & (per_cls > 0))
     else:
         if HIST_MODE == 1:
-            # a tile histogram of the bins alone
-            h = tl.histogram(tl.reshape(b, (BLOCK_M * BLOCK_N,)), NB, mask=tl.reshape(valid, (BLOCK_M * BLOCK_N,)))
-            bins_idx = tl.arange(0, NB)
+            # a tile histogram of the bins alone: HB > nbins slots, the last is the sink
+            h = tl.histogram(tl.reshape(tl.where(valid, b, HB - 1), (BLOCK_M * BLOCK_N,)), HB)
+            bins_idx = tl.arange(0, HB)
             tl.atomic_add(HIST + bins_idx, h, mask=(bins_idx < nbins) & (h > 0))
         else:
             # too many bins for a tile histogram in shared memory: one global atomic per pair (spread over
@@ -191,8 +195,9 @@ def _release(version: str | None) -> tuple[int, int] | None:
     return major, minor
 
 
-#: The first Triton release whose ``tl.histogram`` takes ``mask=`` (histogram modes 1 and 2); before it the
-#: kernel does not compile in those modes (checked with Triton 3.3.1 and 3.2.0), and mode 0 is used.
+#: The first Triton release the tile-histogram modes (1 and 2) are used with: they were written with
+#: ``tl.histogram``'s ``mask=`` (new in 3.4; before it they did not compile, checked with 3.3.1 and 3.2.0), and
+#: older releases were not checked again once the mask gave way to a sink slot; mode 0 is used there.
 MASKED_HISTOGRAM_RELEASE = (3, 4)
 
 
@@ -201,10 +206,11 @@ def histogram_mode(bins: int, triton_version: str | None = None) -> int:
 
     2: one ``tl.histogram`` over 4 x next_pow2(bins) (class, bin) slots; 1: a histogram of the bins and
     one packed reduction of both class comparisons; 0 (more than ``TILE_HIST_MAX_BINS`` bins, or a Triton
-    older than ``MASKED_HISTOGRAM_RELEASE``, whose ``tl.histogram`` takes no mask): a global atomic per pair.
-    2 and 1 are chosen by Triton release from their compiled sm_90 code (bf16, 200 bins,
-    SASS per score): 3.9.0 gives 70 (mode 2) and 89 (mode 1); 3.6.0, whose histogram costs more per slot,
-    gives 204 and 140 — so mode 2 from Triton 3.9 on, mode 1 before. ``DEEPSSIM_FAST_TRITON_HIST_MODE``
+    older than ``MASKED_HISTOGRAM_RELEASE``): a global atomic per pair. 2 and 1 are chosen by Triton release
+    from their compiled sm_90 code (bf16, 200 bins, SASS per score): 3.9.0 gives 70 (mode 2) and 89
+    (mode 1); 3.6.0, whose histogram costs more per slot, gives 204 and 140 — so mode 2 from Triton 3.9 on,
+    mode 1 before. Timed on an H200 with Triton 3.6.0 (100000² pairs, d=256, k=10, bf16): mode 1 160 ms,
+    mode 2 267 ms, mode 0 2337 ms (one global atomic per pair: the bins near 0 are contended). ``DEEPSSIM_FAST_TRITON_HIST_MODE``
     (0, 1 or 2) overrides the choice in :func:`cosine_topk` (bench/gpu_suite.py times modes 1 and 2).
     """
     if bins > TILE_HIST_MAX_BINS:
@@ -225,6 +231,24 @@ COMPENSATED_MIN_D = 4096
 
 # CUDA's limit on the grid's y dimension, where a launch puts its tiles of training rows
 MAX_GRID_Y = 65535
+
+
+#: Training rows per launch on CUDA (the first launches are smaller: :func:`train_chunks`).
+CUDA_TRAIN_CHUNK = 65536
+#: The candidates one launch may write (scores and indices, 12 bytes a slot), which sets the synthetic rows
+#: per launch on CUDA (:func:`cuda_synth_block`); the merge's temporaries are a few times as large.
+CUDA_CANDIDATE_BYTES = 1 << 30
+
+
+def cuda_synth_block(chunk: int, block_n: int, kc: int, block_m: int) -> int:
+    """Synthetic rows per launch on CUDA: as many as keep one launch's candidate slots (rows x tiles x kc,
+    12 bytes each) within ``CUDA_CANDIDATE_BYTES``, a multiple of ``block_m`` in [1024, 32768].
+
+    Fewer, larger launches merge less often: on an H200 (100000² pairs, d=256, k=10, bf16) 8192 synthetic x
+    16384 training rows per launch took 160 ms, 32768 x 65536 took 137 ms (bench/gpu_allpairs_diag.py)."""
+    per_row = -(-int(chunk) // block_n) * kc * 12
+    rows = max(1024, min(32768, CUDA_CANDIDATE_BYTES // max(1, per_row)))
+    return max(block_m, rows // block_m * block_m)
 
 
 def launch_chunk(chunk: int, block_n: int, rows: int) -> int:
@@ -301,6 +325,10 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
         raise ValueError("cosine_topk: precision='bf16' runs only on CUDA; use 'fp16' under TRITON_INTERPRET")
     Q = Q.to(torch.float32).contiguous()
     T = T.to(torch.float32).contiguous()
+    # half-precision products read their operands stored in that precision: half the bytes each tile loads,
+    # and no conversion in the kernel (torch and Triton both round float32 to nearest even: same values)
+    op_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    Qk, Tk = Q.to(op_dtype), T.to(op_dtype)
     dev = Q.device
     n_q, d = Q.shape
     n_t = T.shape[0]
@@ -309,8 +337,13 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     if bm * bn >= 1 << 16:
         raise ValueError(f"cosine_topk: BLOCK_M x BLOCK_N = {bm * bn} must stay below 65536 (packed counts)")
     kc = min(k, bn)
-    sb = int(synth_block or (8192 if dev.type == "cuda" else 256))
-    tc = launch_chunk(int(train_chunk or (16384 if dev.type == "cuda" else 512)), bn, min(sb, n_q))
+    if dev.type == "cuda":
+        tc = launch_chunk(int(train_chunk or CUDA_TRAIN_CHUNK), bn, min(int(synth_block or 1), n_q))
+        sb = int(synth_block or cuda_synth_block(min(tc, n_t), bn, kc, bm))
+        tc = launch_chunk(tc, bn, min(sb, n_q))
+    else:
+        sb = int(synth_block or 256)
+        tc = launch_chunk(int(train_chunk or 512), bn, min(sb, n_q))
     lo, hi = hist_range
     rng = torch.tensor([float(lo), float(hi) - float(lo)], dtype=torch.float64, device=dev)
     low_t, high_t = (largest_float32_le(t) for t in thresholds)
@@ -322,6 +355,7 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
     nb = max(2, _next_pow2(bins))
+    hb = max(2, _next_pow2(bins + 1))  # mode 1's tile histogram: the bins and a sink slot past them
     source = ""
     if hist_mode is None:
         env = os.environ.get(HIST_MODE_ENV, "").strip()
@@ -360,11 +394,11 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
                 self_delta = (self_offset + r0 - c0) if has_self else 0
                 grid = (triton.cdiv(m, bm), n_tiles)
                 _cosine_topk_kernel[grid](
-                    q, T[c0:c1], thr, cs, ci, hist32, cls32, rng,
+                    Qk[r0:r1], Tk[c0:c1], thr, cs, ci, hist32, cls32, rng,
                     m, nct, d, r0, c0, self_delta,
-                    q.stride(0), T.stride(0), cs.stride(0), cs.stride(1),
+                    Qk.stride(0), Tk.stride(0), cs.stride(0), cs.stride(1),
                     bins, low_t, high_t,
-                    HAS_SELF=has_self, UNIT_RANGE=unit_range, HIST_MODE=hist_mode, NB=nb, KC=kc, BLOCK_M=bm,
+                    HAS_SELF=has_self, UNIT_RANGE=unit_range, HIST_MODE=hist_mode, NB=nb, HB=hb, KC=kc, BLOCK_M=bm,
                     BLOCK_N=bn,
                     BLOCK_K=bk,
                     PRECISION=precision, COMPENSATED=d > COMPENSATED_MIN_D, num_warps=nw)
