@@ -135,7 +135,7 @@ def part_modes(dev: torch.device, gen: torch.Generator) -> None:
         ref, near = rule_hist(Q, T, 200, self_mode)
         pairs = ns * nt - (ns if self_mode else 0)
         row = []
-        for name, mode in variants:
+        for _name, mode in variants:
             try:
                 _, _, h, c = ck.cosine_topk(Q, T, k=k, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
                                             self_offset=0 if self_mode else None, hist_mode=mode)
@@ -146,7 +146,7 @@ def part_modes(dev: torch.device, gen: torch.Generator) -> None:
                 row.append(f"error {type(exc).__name__}")
                 say(traceback.format_exc(limit=3))
         label = f"{'self ' if self_mode else ''}{ns}x{nt}x{d} k={k}"
-        RESULTS["modes"].append(dict(case=label, cells=dict(zip([v[0] for v in variants], row))))
+        RESULTS["modes"].append(dict(case=label, cells=dict(zip([v[0] for v in variants], row, strict=False))))
         say(f"| {label} | " + " | ".join(row) + " |")
 
 
@@ -208,11 +208,11 @@ def part_timing(dev: torch.device, gen: torch.Generator, budget_end: float) -> N
         (f"all_pairs {half} (public API)", lambda: all_pairs(T, Q, k=k, backend="triton", progress=False,
                                                             precision=half)),
         (f"cosine_topk {half} mode 1", topk_call(precision=half, hist_mode=1)),
-        (f"  kernels only (no merge)", kernel_only(precision=half, hist_mode=1)),
+        ("  kernels only (no merge)", kernel_only(precision=half, hist_mode=1)),
         (f"cosine_topk {half} mode 2", topk_call(precision=half, hist_mode=2)),
         (f"cosine_topk {half} mode 0", topk_call(precision=half, hist_mode=0)),
         (f"cosine_topk {half} mode 1, 128x128x64 w8", topk_call(precision=half, hist_mode=1, blocks=big)),
-        (f"  kernels only, 128x128x64 w8", kernel_only(precision=half, hist_mode=1, blocks=big)),
+        ("  kernels only, 128x128x64 w8", kernel_only(precision=half, hist_mode=1, blocks=big)),
         (f"cosine_topk {half} mode 1, 64x128x64 w4",
          topk_call(precision=half, hist_mode=1, blocks=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4))),
         (f"cosine_topk {half} mode 1, synth 32768 train 65536",
