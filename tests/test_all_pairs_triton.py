@@ -616,3 +616,58 @@ def test_triton_releases_the_kernels_do_not_compile_with(monkeypatch):
     assert not backends.available("triton") and not backends.backends()["triton"]["available"]
     with pytest.raises(backends.BackendUnavailableError, match=r"Triton 3.2.0 is installed.*>= 3.3"):
         backends.require("triton")
+
+
+def test_tile_histograms_take_no_mask():
+    """The tile histograms leave out invalid pairs through a sink slot, never through ``tl.histogram``'s
+    ``mask=``: compiled by Triton 3.6.0 on an H200, the masked form miscounted inside this kernel (46 of 35
+    pairs moved on a 5 x 7 problem) while the interpreter, which CI runs, was right — so CI guards the form.
+    (bench/gpu_allpairs_diag.py shows both on a GPU; BENCHMARKS.md, "GPU suite".)"""
+    import ast
+    import inspect
+    import textwrap
+
+    import deepssim_fast.kernels.cosine_topk as ck
+
+    src = textwrap.dedent(inspect.getsource(ck._cosine_topk_kernel.fn))
+    calls = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "histogram"]
+    assert len(calls) == 2  # mode 2's (class, bin) histogram and mode 1's bin histogram
+    for call in calls:
+        assert [kw.arg for kw in call.keywords] == [], ast.unparse(call)
+        assert len(call.args) == 2, ast.unparse(call)
+
+
+def test_cuda_launch_sizes_keep_the_candidates_within_their_budget():
+    """On CUDA a launch takes CUDA_TRAIN_CHUNK training rows and as many synthetic rows as keep its candidate
+    slots (rows x tiles x min(k, BLOCK_N), 12 bytes each) within CUDA_CANDIDATE_BYTES, within [1024, 32768]
+    and whole row blocks."""
+    import deepssim_fast.kernels.cosine_topk as ck
+
+    for chunk, bn, kc, bm in ((65536, 128, 10, 64), (65536, 128, 100, 64), (65536, 128, 1, 64), (300, 128, 5, 64),
+                              (65536, 64, 64, 128), (1 << 20, 128, 128, 64)):
+        rows = ck.cuda_synth_block(chunk, bn, kc, bm)
+        assert rows % bm == 0 and 1024 <= rows <= 32768, (chunk, kc, rows)
+        slots = rows * -(-chunk // bn) * kc
+        assert slots * 12 <= ck.CUDA_CANDIDATE_BYTES or rows == 1024, (chunk, kc, rows)
+    assert ck.cuda_synth_block(65536, 128, 10, 64) == 17472  # k=10: 17472 rows x 512 tiles x 10 slots
+    assert ck.cuda_synth_block(128, 128, 1, 64) == 32768
+
+
+def test_half_precision_products_read_half_precision_operands():
+    """fp16 (and bf16 on CUDA) launches get their operands stored in that precision (half the bytes per tile
+    load, no conversion in the kernel; the same round-to-nearest-even values); fp32 precisions keep fp32.
+    Recorded on the meta device: nothing is allocated or run."""
+    import torch
+
+    import deepssim_fast.kernels.cosine_topk as ck
+    from deepssim_fast.kernels import aot
+
+    q, t = torch.empty(5, 8, device="meta"), torch.empty(40, 8, device="meta")
+    for precision, want in (("fp16", torch.float16), ("ieee", torch.float32), ("tf32", torch.float32),
+                            ("tf32x3", torch.float32)):
+        with aot.record_launches(ck, "_cosine_topk_kernel") as rec:
+            ck.cosine_topk(q, t, k=3, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
+                           precision=precision, blocks=ck.default_blocks(torch.device("cuda"), 3))
+        assert rec and all(r.args[0].dtype == want and r.args[1].dtype == want for r in rec), precision
+        assert rec[0].kwargs["PRECISION"] == precision
