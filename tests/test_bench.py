@@ -85,6 +85,43 @@ def test_gpu_suite_dry_run_passes_and_writes_json(tmp_path: Path) -> None:
     assert "[PASS]" in (out / "gpu_suite.log").read_text()
 
 
+def test_gpu_allpairs_diag_dry_run_finds_the_histograms_right(tmp_path: Path) -> None:
+    """bench/gpu_allpairs_diag.py (the diagnosis of the H200's histogram miscount) runs interpreted: every
+    tl.histogram form and every cosine_topk histogram mode agrees with the float64 rule on its tiny cases."""
+    out = tmp_path / "dg"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_allpairs_diag.py"), "--dry-run", "--out",
+                           str(out)], cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "diag.json").read_text())
+    assert res["hist_op"] and all(row["l1"] == ["0", "0", "0"] for row in res["hist_op"]), res["hist_op"]
+    assert len(res["modes"]) == 3
+    for case in res["modes"]:
+        assert sorted(case["cells"]) == ["0", "1", "2"], case
+        assert all(cell.startswith("+0, 0 ") for cell in case["cells"].values()), case
+    assert {t["case"].strip() for t in res["timing"]} >= {"torch.mm bf16 + topk (chunks 8192)",
+                                                         "kernels only (no merge)"}
+    assert "== 3. time of" in (out / "diag.log").read_text()
+
+
+def test_gpu_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
+    """bench/gpu_smoke.py with --device cpu: every public-API call it makes on a GPU, made on the CPU and
+    compared with itself (cupy checks need a GPU and are left out)."""
+    pytest.importorskip("nilearn")
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--device", "cpu", "--out",
+                           str(out)], cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "smoke.json").read_text())
+    names = [r["name"] for r in res]
+    assert all(r["ok"] for r in res), res
+    for part in ("all_pairs(numpy", "dense=True", "ssim(torch", "train(small", "embed on", "load_model",
+                 "audit("):
+        assert any(part in n for n in names), (part, names)
+    audit_row = next(r for r in res if r["name"].startswith("audit("))
+    assert audit_row["detail"].startswith("8/8 planted copies labelled duplicate"), audit_row
+    assert (out / "matches_cpu.csv").is_file()
+
+
 def test_gpu_suite_budget_guard_skips_timings(tmp_path: Path) -> None:
     out = tmp_path / "gs"
     md = tmp_path / "BENCHMARKS.md"
