@@ -210,8 +210,9 @@ def histogram_mode(bins: int, triton_version: str | None = None) -> int:
     from their compiled sm_90 code (bf16, 200 bins, SASS per score): 3.9.0 gives 70 (mode 2) and 89
     (mode 1); 3.6.0, whose histogram costs more per slot, gives 204 and 140 — so mode 2 from Triton 3.9 on,
     mode 1 before. Timed on an H200 with Triton 3.6.0 (100000² pairs, d=256, k=10, bf16): mode 1 160 ms,
-    mode 2 267 ms, mode 0 2337 ms (one global atomic per pair: the bins near 0 are contended). ``DEEPSSIM_FAST_TRITON_HIST_MODE``
-    (0, 1 or 2) overrides the choice in :func:`cosine_topk` (bench/gpu_suite.py times modes 1 and 2).
+    mode 2 267 ms, mode 0 2337 ms (one global atomic per pair: the bins near 0 are contended).
+    ``DEEPSSIM_FAST_TRITON_HIST_MODE`` (0, 1 or 2) overrides the choice in :func:`cosine_topk`
+    (bench/gpu_suite.py times modes 1 and 2).
     """
     if bins > TILE_HIST_MAX_BINS:
         return 0
