@@ -103,6 +103,7 @@ from ._atomic import atomic_path, atomic_write, file_in_the_way, remove_temporar
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from .data import DataError, SlicePolicy, center_fit
 from .io import (
+    MIN_SLICE_SIDE,
     Spec,
     _file_slices,
     _file_volumes,
@@ -734,7 +735,7 @@ _VERIFY_VOXELS = 1 << 25
 #: Voxels of the float64 rows the correlation metric centres and normalises at once (2^24: 128 MB, one or
 #: two MNI-sized volumes; a chunk of 256 2D slices of up to 256 × 256 pixels, as before).
 _ROW_VOXELS = 1 << 24
-_SSIM_WINDOW = 7  # the window of preset "deepssim" (scikit-image's default 7-wide uniform window)
+_SSIM_WINDOW = MIN_SLICE_SIDE  # the window of preset "deepssim" (scikit-image's default 7-wide uniform window)
 
 
 def _check_item_size(fit: tuple[int, ...], origin: str, *, mode: str) -> None:

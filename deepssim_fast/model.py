@@ -91,6 +91,7 @@ import torch.nn.functional as F
 from ._atomic import atomic_write as _atomic_write
 from ._ssim_common import FLOAT32_ROUNDING_TOL as _F32_TOL
 from ._ssim_common import zscore as _zscore
+from .io import MIN_SLICE_SIDE
 
 logger = logging.getLogger(__name__)
 
@@ -832,8 +833,9 @@ def _to_float32(a: np.ndarray) -> np.ndarray:
     return ((d - lo) / (hi - lo)).astype(np.float32)
 
 
-#: The smallest side of an image the encoder takes (the SSIM window of its targets).
-MIN_IMAGE_SIDE = 7
+#: The smallest side of an image the encoder takes (the SSIM window of its targets): the same number as the
+#: smallest slice :mod:`deepssim_fast.io` cuts from a volume.
+MIN_IMAGE_SIDE = MIN_SLICE_SIDE
 
 
 def usable_slices(slices: Iterable[Any], *, strict: bool, skipped: list) -> list[Any]:
