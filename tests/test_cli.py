@@ -1207,3 +1207,24 @@ def test_demo_says_what_the_encoder_alone_found(monkeypatch: pytest.MonkeyPatch,
         out, name = demo._copy_transform("flip", img, np.random.default_rng(seed))
         assert np.array_equal(out, img[::-1]) == name.startswith("vflip (axis 0)")
         assert np.array_equal(out, img[:, ::-1]) == name.startswith("hflip (axis 1)")
+
+
+def test_demo_says_it_is_building_the_data(monkeypatch, capsys, tmp_path):
+    """The demo's first ~20 s (data and truth) had no output at all; with progress on it now names the stage
+    on stderr before it starts, and is quiet with progress off."""
+    from deepssim_fast import demo
+
+    class _Stop(Exception):
+        pass
+
+    def stop(*a, **kw):
+        raise _Stop
+
+    monkeypatch.setattr(demo, "build_demo_data", stop)
+    with pytest.raises(_Stop):
+        demo.run_demo(tmp_path / "d", train_seconds=0, progress=True)
+    err = capsys.readouterr().err
+    assert "demo: building the data under" in err and "planted copies" in err, err
+    with pytest.raises(_Stop):
+        demo.run_demo(tmp_path / "d", train_seconds=0, progress=False)
+    assert "building the data" not in capsys.readouterr().err
