@@ -9,8 +9,8 @@ Cases (every provider in the same process, on the same seeded random embeddings)
   over the baseline is the ceiling.
 * ``overhead``: a small problem on 2 workers cut into 1, 8, 64 and 256 shards; the slope of time over
   shard count is the per-shard overhead (scatter, schedule, result transfer, merge).
-The comment written with the table extrapolates 10^6 × 10^6 × 256 to N GPUs from these measurements and
-the H200 figures of PERF-NOTES.md.
+The comment written with the table extrapolates 10^6 × 10^6 × 256 to N GPUs from these measurements, the
+H200 figures of PERF-NOTES.md and the all-pairs times measured on an H200 (``H200_ALL_PAIRS_S``).
 
 ``python -m bench.bench_distributed [--quick] [--no-append]``
 """
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 CAP = "distributed"
 H200_FP32 = 67e12  # FLOP/s, PERF-NOTES.md
 H200_BF16 = 790e12
+# Seconds per pair of the Triton all-pairs engine on an H200 (100000 x 100000 x 256, k=10, histogram and
+# class counts included; BENCHMARKS.md "GPU suite", 2026-11-30, Triton 3.6): bf16 products, and the exact
+# default ("ieee": fp32 on the CUDA cores).
+H200_ALL_PAIRS_S = {"bf16": 0.152 / 1e10, "ieee": 0.547 / 1e10}
 
 
 def _emb(n: int, d: int, seed: int) -> np.ndarray:
@@ -193,11 +197,12 @@ def estimate(rows: list[Row], overhead_s: float) -> str:
     prep_cpu = tp.median / tp.work * n  # s per shard to validate + normalise a 10^6-row training block
     shard = 16384
     n_shards = -(-n // shard)
-    t1_lo, t1_hi = flop / (0.6 * H200_FP32), flop / (0.3 * H200_FP32)
+    t1_lo, t1_hi = pairs * H200_ALL_PAIRS_S["bf16"], pairs * H200_ALL_PAIRS_S["ieee"]
     per_shard_gpu = overhead_s + 0.1
     lines = [
-        "**Estimate for 10^6 × 10^6 × 256 on N GPUs** (from the rows below and PERF-NOTES.md; "
-        "the GPU figures are an extrapolation, not a measurement: this machine has no GPU).",
+        "**Estimate for 10^6 × 10^6 × 256 on N GPUs** (from the rows below, PERF-NOTES.md and the H200 "
+        "all-pairs rates of BENCHMARKS.md \"GPU suite\"; the GPU figures scale a measurement at 10^10 pairs, "
+        "none was made at this size or on several GPUs).",
         "",
         f"* Work: 10^12 pairs = {flop:.2e} FLOP. One process on these 2 cores: {cpu_rate:,.0f} pairs/s "
         f"({2 * d * cpu_rate / 1e9:.0f} GFLOP/s), i.e. ≈ {pairs / cpu_rate / 3600:.1f} h "
@@ -209,9 +214,10 @@ def estimate(rows: list[Row], overhead_s: float) -> str:
         f"≈ {prep_cpu:.1f} s per shard at 10^6 rows on CPU — the reason default shards have "
         "2048–16384 synthetic rows.",
         f"* One H200 at the FP32 roofline (~67 TFLOP/s): {flop / H200_FP32:.1f} s of GEMM for the "
-        f"whole problem (a bf16 pre-filter at ~790 TFLOP/s: {flop / H200_BF16:.2f} s). Selection, "
-        "histogram and exact re-scoring keep a fused engine at an assumed 30–60 % of the FP32 peak: "
-        f"T1 ≈ {t1_lo:.0f}–{t1_hi:.0f} s per GPU.",
+        f"whole problem (a bf16 pre-filter at ~790 TFLOP/s: {flop / H200_BF16:.2f} s). The Triton engine, "
+        "measured on an H200 at 10^10 pairs with its histogram and class counts, runs far from both: "
+        f"{H200_ALL_PAIRS_S['bf16'] * 1e10 * 1e3:.0f} ms in bf16, {H200_ALL_PAIRS_S['ieee'] * 1e10 * 1e3:.0f} ms "
+        f"in exact fp32 (the default), so T1 ≈ {t1_lo:.0f} s (bf16) to {t1_hi:.0f} s (exact) per GPU.",
         f"* N GPUs, one dask-cuda worker each, shard_size={shard} ({n_shards} shards): T_N ≈ T1 / N + "
         f"{n_shards} × ({overhead_s * 1e3:.0f} ms Dask + ~100 ms to copy the 1 GB training block to the GPU "
         "and normalise it) / N + ~10 s to start the cluster and import torch + the training-set broadcast "
