@@ -115,7 +115,7 @@ def _cosine_topk_kernel(Q, T, THR, CS, CI, HIST, CLS, RANGE,
         b = tl.minimum(tl.maximum(b, 0.0), nb64 - 1.0).to(tl.int32)
     # Pairs outside the tile's valid part (past the last row or column, or the diagonal in self mode) go to a
     # sink slot past the real bins, which the atomics below skip. (tl.histogram's mask= is not used: with
-    # Triton 3.6.0 on an H200 it miscounted inside this kernel — e.g. 46 of 35 pairs moved on a 5 x 7
+    # Triton 3.6.0 on an H200 it miscounted inside this kernel — e.g. 23 of 35 pairs in the wrong bin on a 5 x 7
     # problem — while the same histogram on a plain loaded tile was right; bench/gpu_allpairs_diag.py.)
     if HIST_MODE == 2:
         # one tile histogram over (class, bin) slots: per-bin counts and class counts are its sums; the
@@ -237,19 +237,39 @@ MAX_GRID_Y = 65535
 #: Training rows per launch on CUDA (the first launches are smaller: :func:`train_chunks`).
 CUDA_TRAIN_CHUNK = 65536
 #: The candidates one launch may write (scores and indices, 12 bytes a slot), which sets the synthetic rows
-#: per launch on CUDA (:func:`cuda_synth_block`); the merge's temporaries are a few times as large.
+#: per launch on CUDA (:func:`cuda_synth_block`): at most this, and at most 1/32 of the GPU's memory. The
+#: merge's temporaries are ~3.7 times as large (measured with torch on the CPU), so a launch holds up to
+#: ~5 GB at the default on a large GPU, ~1.2 GB on an 8 GB one; ``synth_block``/``train_chunk`` (all_pairs'
+#: ``block``/``tile``) set smaller launches.
 CUDA_CANDIDATE_BYTES = 1 << 30
 
 
-def cuda_synth_block(chunk: int, block_n: int, kc: int, block_m: int) -> int:
+def cuda_synth_block(chunk: int, block_n: int, kc: int, block_m: int, budget: int = CUDA_CANDIDATE_BYTES) -> int:
     """Synthetic rows per launch on CUDA: as many as keep one launch's candidate slots (rows x tiles x kc,
-    12 bytes each) within ``CUDA_CANDIDATE_BYTES``, a multiple of ``block_m`` in [1024, 32768].
+    12 bytes each) within ``budget``, a multiple of ``block_m`` in [1024, 32768].
 
     Fewer, larger launches merge less often: on an H200 (100000² pairs, d=256, k=10, bf16) 8192 synthetic x
     16384 training rows per launch took 160 ms, 32768 x 65536 took 137 ms (bench/gpu_allpairs_diag.py)."""
     per_row = -(-int(chunk) // block_n) * kc * 12
-    rows = max(1024, min(32768, CUDA_CANDIDATE_BYTES // max(1, per_row)))
+    rows = max(1024, min(32768, int(budget) // max(1, per_row)))
     return max(block_m, rows // block_m * block_m)
+
+
+def launch_sizes(device_type: str, n_q: int, n_t: int, *, kc: int, block_m: int, block_n: int,
+                 synth_block: int | None = None, train_chunk: int | None = None,
+                 device_memory: int | None = None) -> tuple[int, int]:
+    """``(synthetic rows, training rows)`` per launch: the caller's where given; else on CUDA
+    ``CUDA_TRAIN_CHUNK`` training rows and :func:`cuda_synth_block`'s rows for a candidate budget of
+    min(``CUDA_CANDIDATE_BYTES``, ``device_memory`` / 32); elsewhere (the interpreter) 256 x 512. The training
+    rows are whole tiles, and few enough that a launch counts fewer than 2^31 pairs (:func:`launch_chunk`)."""
+    if device_type == "cuda":
+        budget = CUDA_CANDIDATE_BYTES if device_memory is None else min(CUDA_CANDIDATE_BYTES,
+                                                                        int(device_memory) // 32)
+        tc = launch_chunk(int(train_chunk or CUDA_TRAIN_CHUNK), block_n, min(int(synth_block or 1), n_q))
+        sb = int(synth_block or cuda_synth_block(min(tc, n_t), block_n, kc, block_m, budget))
+    else:
+        sb, tc = int(synth_block or 256), int(train_chunk or 512)
+    return sb, launch_chunk(tc, block_n, min(sb, n_q))
 
 
 def launch_chunk(chunk: int, block_n: int, rows: int) -> int:
@@ -329,7 +349,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     # half-precision products read their operands stored in that precision: half the bytes each tile loads,
     # and no conversion in the kernel (torch and Triton both round float32 to nearest even: same values)
     op_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    Qk, Tk = Q.to(op_dtype), T.to(op_dtype)
+    Qk = Q.to(op_dtype)
+    Tk = Qk if T is Q else T.to(op_dtype)  # (a set against itself: one copy)
     dev = Q.device
     n_q, d = Q.shape
     n_t = T.shape[0]
@@ -338,13 +359,9 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     if bm * bn >= 1 << 16:
         raise ValueError(f"cosine_topk: BLOCK_M x BLOCK_N = {bm * bn} must stay below 65536 (packed counts)")
     kc = min(k, bn)
-    if dev.type == "cuda":
-        tc = launch_chunk(int(train_chunk or CUDA_TRAIN_CHUNK), bn, min(int(synth_block or 1), n_q))
-        sb = int(synth_block or cuda_synth_block(min(tc, n_t), bn, kc, bm))
-        tc = launch_chunk(tc, bn, min(sb, n_q))
-    else:
-        sb = int(synth_block or 256)
-        tc = launch_chunk(int(train_chunk or 512), bn, min(sb, n_q))
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    sb, tc = launch_sizes(dev.type, n_q, n_t, kc=kc, block_m=bm, block_n=bn, synth_block=synth_block,
+                          train_chunk=train_chunk, device_memory=total)
     lo, hi = hist_range
     rng = torch.tensor([float(lo), float(hi) - float(lo)], dtype=torch.float64, device=dev)
     low_t, high_t = (largest_float32_le(t) for t in thresholds)
@@ -356,7 +373,9 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=dev)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=dev)
     nb = max(2, _next_pow2(bins))
-    hb = max(2, _next_pow2(bins + 1))  # mode 1's tile histogram: the bins and a sink slot past them
+    # mode 1's tile histogram: the bins and a sink slot past them (twice the slots when bins is a power of
+    # two: under Triton 3.6, 4136 -> 4896 SASS instructions at 256 bins, 6936 -> 9768 at 1024, no spills)
+    hb = max(2, _next_pow2(bins + 1))
     source = ""
     if hist_mode is None:
         env = os.environ.get(HIST_MODE_ENV, "").strip()
@@ -371,7 +390,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
     release = _release(None)
     if hist_mode and release is not None and release < MASKED_HISTOGRAM_RELEASE:
         raise ValueError(f"cosine_topk: hist_mode {hist_mode}{source} needs Triton >= "
-                         f"{'.'.join(map(str, MASKED_HISTOGRAM_RELEASE))} (tl.histogram with a mask); this is "
+                         f"{'.'.join(map(str, MASKED_HISTOGRAM_RELEASE))} (the first release they are used "
+                         f"with); this is "
                          f"Triton {triton.__version__}: use hist_mode 0")
     from tqdm.auto import tqdm
 

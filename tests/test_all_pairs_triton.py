@@ -153,6 +153,21 @@ _SCRIPT = textwrap.dedent(r"""
                         classes=c_.tolist(), classes_native=[n.class_counts[c] for c in
                                                              ("different", "similar", "duplicate")],
                         score_err=float(np.abs(s_.numpy() - n.scores).max())))
+    # bin counts where the tile histogram's sink slot needs a slot past next_pow2(bins) (1, and powers of two
+    # up to TILE_HIST_MAX_BINS), both tile-histogram modes, a set against itself and against another
+    qx = rows[:23].copy()
+    for bins in (1, 256, 1024):
+        n_self = all_pairs(rows, None, k=4, bins=bins, progress=False)
+        n_cross = all_pairs(rows, qx, k=4, bins=bins, progress=False)
+        for mode in (1, 2):
+            for tag, q_, off, nat in (("self", rows, 0, n_self), ("cross", qx, None, n_cross)):
+                _, _, h_, c_ = ck.cosine_topk(torch.from_numpy(q_), torch.from_numpy(rows), k=4, bins=bins,
+                                              hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85), self_offset=off,
+                                              hist_mode=mode)
+                out.append(dict(name=f"sink bins {bins} mode {mode} {tag}",
+                                hist_equal_native=bool(np.array_equal(h_.numpy(), nat.histogram[0])),
+                                classes=c_.tolist(), classes_native=[nat.class_counts[c] for c in
+                                                                     ("different", "similar", "duplicate")]))
     # a 128 x 256 tile (32768 pairs, allowed: below 2^16) of duplicates only: the packed class count of
     # histogram modes 0 and 1 reaches bit 31 of its int32 (it read [0, 65536, -32768])
     q = torch.zeros(128, 8); q[:, 0] = 1
@@ -188,7 +203,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 24, proc.stdout
+    assert len(res) == 36, proc.stdout
     return res
 
 
@@ -345,6 +360,17 @@ def test_triton_histogram_modes_agree_with_native(interpreted_results, mode):
     assert r["hist_equal_native"], r
     assert r["classes"] == r["classes_native"], r
     assert r["score_err"] <= 1e-6, r  # (near-identical rows: the order of near-ties may differ)
+
+
+@pytest.mark.parametrize("bins", [1, 256, 1024])
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("tag", ["self", "cross"])
+def test_tile_histogram_sink_slot_stays_out_of_the_bins(interpreted_results, bins, mode, tag):
+    """Invalid pairs go to a sink slot; at 1 bin and at powers of two that slot lies past next_pow2(bins), and
+    a sink inside the real bins (mode 1 with next_pow2(bins) slots) counted padding there."""
+    r = interpreted_results[f"sink bins {bins} mode {mode} {tag}"]
+    assert r["hist_equal_native"], r
+    assert r["classes"] == r["classes_native"], r
 
 
 def test_histogram_mode_by_triton_release():
@@ -620,8 +646,8 @@ def test_triton_releases_the_kernels_do_not_compile_with(monkeypatch):
 
 def test_tile_histograms_take_no_mask():
     """The tile histograms leave out invalid pairs through a sink slot, never through ``tl.histogram``'s
-    ``mask=``: compiled by Triton 3.6.0 on an H200, the masked form miscounted inside this kernel (46 of 35
-    pairs moved on a 5 x 7 problem) while the interpreter, which CI runs, was right — so CI guards the form.
+    ``mask=``: compiled by Triton 3.6.0 on an H200, the masked form miscounted inside this kernel (23 of 35
+    pairs in the wrong bin on a 5 x 7 problem) while the interpreter, which CI runs, was right — so CI guards the form.
     (bench/gpu_allpairs_diag.py shows both on a GPU; BENCHMARKS.md, "GPU suite".)"""
     import ast
     import inspect
@@ -640,8 +666,8 @@ def test_tile_histograms_take_no_mask():
 
 def test_cuda_launch_sizes_keep_the_candidates_within_their_budget():
     """On CUDA a launch takes CUDA_TRAIN_CHUNK training rows and as many synthetic rows as keep its candidate
-    slots (rows x tiles x min(k, BLOCK_N), 12 bytes each) within CUDA_CANDIDATE_BYTES, within [1024, 32768]
-    and whole row blocks."""
+    slots (rows x tiles x min(k, BLOCK_N), 12 bytes each) within CUDA_CANDIDATE_BYTES (and 1/32 of the GPU's
+    memory), within [1024, 32768] and whole row blocks."""
     import deepssim_fast.kernels.cosine_topk as ck
 
     for chunk, bn, kc, bm in ((65536, 128, 10, 64), (65536, 128, 100, 64), (65536, 128, 1, 64), (300, 128, 5, 64),
@@ -652,6 +678,20 @@ def test_cuda_launch_sizes_keep_the_candidates_within_their_budget():
         assert slots * 12 <= ck.CUDA_CANDIDATE_BYTES or rows == 1024, (chunk, kc, rows)
     assert ck.cuda_synth_block(65536, 128, 10, 64) == 17472  # k=10: 17472 rows x 512 tiles x 10 slots
     assert ck.cuda_synth_block(128, 128, 1, 64) == 32768
+    # the launcher's choice on CUDA: the budget shrinks with the GPU's memory (1/32 of it), the caller's sizes
+    # win, and a launch always counts fewer than 2^31 pairs
+    big = dict(kc=10, block_m=64, block_n=128)
+    assert ck.launch_sizes("cuda", 100_000, 100_000, **big) == (17472, 65536)
+    assert ck.launch_sizes("cuda", 100_000, 100_000, device_memory=141 << 30, **big) == (17472, 65536)
+    assert ck.launch_sizes("cuda", 100_000, 100_000, device_memory=8 << 30, **big) == (4352, 65536)
+    assert ck.launch_sizes("cuda", 100_000, 100_000, synth_block=8192, train_chunk=16384, **big) == (8192, 16384)
+    assert ck.launch_sizes("cpu", 100_000, 100_000, **big) == (256, 512)
+    for n_q in (1, 1000, 10**6):
+        for kc in (1, 10, 128):
+            for sb_user in (None, 7, 1 << 20):
+                sb, tc = ck.launch_sizes("cuda", n_q, 10**6, kc=kc, block_m=64, block_n=128, synth_block=sb_user,
+                                         train_chunk=1 << 22)
+                assert min(sb, n_q) * tc < 2**31 and tc % 128 == 0 and (sb_user is None or sb == sb_user)
 
 
 def test_half_precision_products_read_half_precision_operands():
