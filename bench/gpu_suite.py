@@ -1063,7 +1063,8 @@ def markdown_block(suite: Suite, env: dict[str, Any]) -> str:
             f"{', '.join(failed)[:300] or 'no checks ran'}). ")
     skip = (f"**{len(skipped)} check(s) did not run (time budget): the timings below support claims only for "
             f"the paths checked** (skipped: {', '.join(skipped)[:300]}). " if skipped else "")
-    head = (f"\n### GPU suite — {env.get('gpu', env['device'])}\n\n_{info['date']} · {info['cpu']} · "
+    dry = " (dry run: tiny shapes interpreted on the CPU, not GPU timings)" if env.get("dry_run") else ""
+    head = (f"\n### GPU suite — {env.get('gpu', env['device'])}{dry}\n\n_{info['date']} · {info['cpu']} · "
             f"{info['cores']} cores · GPU {info['gpu']} · torch {env['torch']} · triton {env['triton']} · "
             f"commit {info['commit']}_\n\n_{info.get('packages', '')}_\n\n"
             f"Checks: {n_ok}/{len(suite.checks)} passed (seed {suite.seed}). {warn}{skip}"
@@ -1078,8 +1079,15 @@ def append_markdown(block: str, path: Path) -> None:
     _harness().append_text(path, block)
 
 
+def check_out_arg(p: argparse.ArgumentParser, out: Path) -> None:
+    """``--out`` must be a folder or not exist yet (a file there failed at the end of a run, its work lost)."""
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {str(out)!r} is a file; give a folder (created if missing)")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # (allow_abbrev=False: "--dry" was taken for --dry-run by argparse but not by the interpreter switch above)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu_suite_out"),
                    help="folder for the log, JSON and table")
@@ -1100,8 +1108,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = set(args.sections.split(",")) - {"ceilings", "checks", "timings"}
     if bad:
         p.error(f"unknown section(s) {sorted(bad)}; choose from ceilings, checks, timings")
-    if args.budget_s <= 0:
-        p.error(f"--budget-s must be positive, got {args.budget_s}")
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        p.error(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    check_out_arg(p, args.out)
     if args.checks_share is None:
         args.checks_share = 1.0 if args.dry_run else 0.5
     if not 0 < args.checks_share <= 1:
