@@ -2,7 +2,8 @@
 
 :func:`all_pairs` answers the question a memorisation audit asks — for each synthetic sample, which
 training samples are nearest, and how are all n_synth × n_train scores distributed — without ever
-building the n_synth × n_train matrix. Memory stays O((n_train + n_synth)·d + tile).
+building the n_synth × n_train matrix. Memory stays O((n_train + n_synth)·d + tile) (on a GPU the tile term
+is a launch's candidates and merge buffers: see ``block``/``tile``).
 
 Conventions (the same on every backend; native results are bit-identical across blocks, threads, SIMD)
 ------------------------------------------------------------------------------------------------------
@@ -530,10 +531,12 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         for bit the same for any block and tile. torch: they set the shapes of the ``torch.mm`` calls, so a
         GEMM score may change in its last bit with them (seen: 1 ulp at ``block=7, tile=13``), and with it
         the bin of a pair at a bin edge; the top-k, re-scored pair by pair, does not. Triton: they regroup
-        the rows into launches (``matrix`` comes from ``torch.mm`` as on torch).
+        the rows into launches (``matrix`` comes from ``torch.mm`` as on torch); by default a CUDA launch
+        takes 65536 training rows and as many synthetic rows as keep its candidates within 1 GiB (1/32 of
+        the GPU's memory if less), ~5 GB with the merge's buffers at most; smaller values hold less.
     precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32 on the CUDA cores);
         ``"tf32x3"`` (each fp32 input split into two tf32 parts, three tensor-core products: scores within
-        ~1e-6 of fp32, several times the fp32 rate); ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only)
+        ~1e-6 of fp32; on an H200 the whole call took 392 ms against 547 ms for ``"ieee"``, 10^10 pairs); ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only)
         inputs, fp32 accumulation — low precision changes scores by ~1e-3, and so the top-k.
 
     Returns
