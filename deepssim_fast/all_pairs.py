@@ -536,8 +536,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         the GPU's memory if less), ~5 GB with the merge's buffers at most; smaller values hold less.
     precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32 on the CUDA cores);
         ``"tf32x3"`` (each fp32 input split into two tf32 parts, three tensor-core products: scores within
-        ~1e-6 of fp32; on an H200 the whole call took 392 ms against 547 ms for ``"ieee"``, 10^10 pairs); ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only)
-        inputs, fp32 accumulation — low precision changes scores by ~1e-3, and so the top-k.
+        ~1e-6 of fp32; on an H200 the whole call took 392 ms against 547 ms for ``"ieee"``, 10^10 pairs);
+        ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only) inputs, fp32 accumulation — low precision changes
+        scores by ~1e-3, and so the top-k.
 
     Returns
     -------
