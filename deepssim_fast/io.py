@@ -715,20 +715,35 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
 MIN_SLICE_SIDE = 7
 
 
-def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy) -> None:
+#: A .npy whose slices along the policy's axis are strips this many times longer than high, with the short
+#: side along axis 0, is taken for a batch of images saved as one (N, H, W) array (see _check_slice_sides).
+NPY_STRIP_RATIO = 4
+
+
+def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, npy: bool = False) -> None:
     """DataError when the volume of ``shape`` (a 4D file: its frames' shape) cut along ``policy.axis`` gives
     slices narrower than :data:`MIN_SLICE_SIDE`. Generated samples saved as one (N, H, W) array were cut along
-    axis 2 into N-pixel-high slices, padded to the item size and audited: exact copies scored 0.2, silently."""
+    axis 2 into N-pixel-high slices, padded to the item size and audited: exact copies scored 0.2, silently.
+    For a ``.npy`` (``npy``), also when the slices are strips whose short side, along axis 0, is under
+    1/:data:`NPY_STRIP_RATIO` of their long side: 12 slices of 96 x 96 saved as one (12, 96, 96) array
+    passed the window check and were audited as 96 strips of 12 x 96; exact copies of them scored 0.05-0.1
+    ("different"), and the audit reported 0 % memorised."""
     if len(shape) < 3:
         return
     side = [int(n) for i, n in enumerate(shape[:3]) if i != policy.axis]
-    if min(side) >= MIN_SLICE_SIDE:
-        return
-    raise DataError(
-        f"{p}: a volume of shape {tuple(int(n) for n in shape)} cut along axis {policy.axis} gives slices of "
-        f"{side[0]} x {side[1]} pixels, narrower than the {MIN_SLICE_SIDE}-pixel SSIM window; a batch of images "
-        "saved as one array, (N, H, W) or (N, 1, H, W), is read as a volume: save one image per file"
-        + (" (or, when every input is an (N, H, W) batch, give --axis 0)" if len(shape) == 3 else ""))
+    shape_t = tuple(int(n) for n in shape)
+    hint = " (or, when every input is an (N, H, W) batch, give --axis 0)" if len(shape) == 3 else ""
+    if min(side) < MIN_SLICE_SIDE:
+        raise DataError(
+            f"{p}: a volume of shape {shape_t} cut along axis {policy.axis} gives slices of {side[0]} x "
+            f"{side[1]} pixels, narrower than the {MIN_SLICE_SIDE}-pixel SSIM window; a batch of images saved as "
+            "one array, (N, H, W) or (N, 1, H, W), is read as a volume: save one image per file" + hint)
+    if npy and policy.axis != 0 and side[0] * NPY_STRIP_RATIO <= side[1] and int(shape[0]) < min(
+            int(n) for n in shape[1:3]):
+        raise DataError(
+            f"{p}: an array of shape {shape_t} cut along axis {policy.axis} gives strips of {side[0]} x {side[1]} "
+            f"pixels; it looks like a batch of {shape_t[0]} images of {shape_t[1]} x {shape_t[2]} saved as one "
+            "(N, H, W) array, which is read as a volume: save one image per file" + hint)
 
 
 def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
@@ -759,7 +774,7 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
         return volume_slices(load_nifti(p), policy, source=str(p))
     if kind == "npy":  # (opened once: each np.load parses the header again)
         a = _open_npy(p)
-        _check_slice_sides(p, a.shape, policy)
+        _check_slice_sides(p, a.shape, policy, npy=True)
         if a.ndim == 4 and a.shape[3] > 1:  # (one frame: the volume, as for NIfTI)
             out = []
             for t in range(a.shape[3]):

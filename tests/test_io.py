@@ -962,6 +962,35 @@ def test_a_batch_of_images_saved_as_one_array_is_refused_not_cut_into_strips(tmp
         list(iter_slices([tmp_path / "v.nii"], SlicePolicy(axis=0), strict=True))
 
 
+def test_a_batch_of_seven_or_more_images_in_one_npy_is_refused_not_cut_into_strips(tmp_path: Path) -> None:
+    """Twelve 96 x 96 slices saved as one (12, 96, 96) .npy passed the 7-pixel check above and were audited as
+    96 strips of 12 x 96: exact copies of them scored 0.05-0.1 and the audit said 0 % memorised. A .npy whose
+    slices are strips a quarter as high as long, the short side along axis 0, is refused as a batch now;
+    --axis 0 reads its images, and volumes (a NIfTI of the same shape; a .npy with a thin last axis, or one
+    whose first axis is not much shorter) are cut as before."""
+    vol = data.load_volume("mni152").array
+    batch = np.stack([data.center_fit(vol[:, :, z], (96, 96)) for z in range(50, 110, 5)]).astype(np.float32)
+    assert batch.shape == (12, 96, 96)
+    np.save(tmp_path / "b12.npy", batch)
+    with pytest.raises(DataError, match=r"b12\.npy: an array of shape \(12, 96, 96\) cut along axis 2 gives "
+                                        r"strips of 12 x 96 pixels; it looks like a batch of 12 images of 96 x 96.*"
+                                        r"save one image per file \(or, when every input is an \(N, H, W\) batch, "
+                                        r"give --axis 0\)"):
+        list(iter_slices([tmp_path / "b12.npy"], SlicePolicy(), strict=True))
+    skipped: list = []
+    assert list(iter_slices([tmp_path / "b12.npy"], SlicePolicy(), skipped=skipped)) == []
+    assert "looks like a batch of 12 images" in skipped[0][1]
+    got = [s.array for s in iter_slices([tmp_path / "b12.npy"], SlicePolicy(axis=0, min_foreground=0))]
+    assert len(got) == 12 and all(np.array_equal(g, b) for g, b in zip(got, batch, strict=True))
+    # not batches: a thin last axis, a first axis not 4x shorter, and the same array as a NIfTI volume
+    np.save(tmp_path / "thin_last.npy", batch.transpose(1, 2, 0))  # (96, 96, 12)
+    np.save(tmp_path / "vol.npy", np.stack([batch[0]] * 30))  # (30, 96, 96): strips 30 x 96, kept
+    nib.save(nib.Nifti1Image(batch, np.eye(4)), tmp_path / "b12.nii")
+    assert len(list(iter_slices([tmp_path / "thin_last.npy"], SlicePolicy(min_foreground=0)))) == 12
+    assert len(list(iter_slices([tmp_path / "vol.npy"], SlicePolicy(min_foreground=0)))) == 96
+    assert len(list(iter_slices([tmp_path / "b12.nii"], SlicePolicy(min_foreground=0)))) == 96
+
+
 def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path: Path, monkeypatch) -> None:
     """Path("") is Path("."): discover("") searched the working folder recursively (an unset shell variable
     trained on whatever lay there)."""
