@@ -359,11 +359,15 @@ def kernel_scale(params: SSIMParams, input_dtype: Any) -> float:
     return 1.0
 
 
-def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL) -> torch.Tensor | None:
+def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL,
+                    data_range: float | None = None) -> torch.Tensor | None:
     """Which images of ``t`` (shaped (N, *spatial)) float32 cannot hold to ``tol`` of their own range.
 
     Returns a bool (N,) tensor on t's device: True where max |float32(x) - x| > tol * (max - min), measured in
-    float64 (in chunks of images, so the float64 temporaries stay small). Constant images are fine (their
+    float64 (in chunks of images, so the float64 temporaries stay small). An explicit ``data_range`` smaller
+    than an image's range takes its place: SSIM's constants scale with it, so rounding that is small beside
+    the image's span can still move the score (texture 1e-4 high on an offset of 3, with one voxel at 4 and
+    data_range 0.0015, scored 1.5e-4 off on the float32 path). Constant images are fine (their
     SSIM terms do not depend on a common rounding); values float32 cannot represent at all (|x| > 3.4e38)
     count as inexact; NaN/Inf images are left to the caller's finiteness check. None when ``t``'s dtype
     converts to float32 exactly (see ``_WIDE_DTYPES``): the common case costs nothing.
@@ -379,7 +383,8 @@ def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL) -> torch
         d = blk.to(torch.float64)
         err = (blk.to(torch.float32).to(torch.float64) - d).abs().amax(dim=1)
         rng = d.amax(dim=1) - d.amin(dim=1)
-        out[s : s + chunk] = (err > tol * rng) & ((rng > 0) | torch.isinf(err))
+        scale = rng if data_range is None else torch.clamp(rng, max=float(data_range))
+        out[s : s + chunk] = (err > tol * scale) & ((rng > 0) | torch.isinf(err))
     return out
 
 

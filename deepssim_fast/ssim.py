@@ -399,11 +399,13 @@ def _fast_pairs(
     return _repair_nonfinite(res, pairs)
 
 
-def _inexact_pairs(xf: torch.Tensor, yf: torch.Tensor, ix: np.ndarray, iy: np.ndarray) -> np.ndarray | None:
+def _inexact_pairs(xf: torch.Tensor, yf: torch.Tensor, ix: np.ndarray, iy: np.ndarray,
+                   data_range: float | None = None) -> np.ndarray | None:
     """bool (P,) mask of the pairs (xf[ix], yf[iy]) that involve an image float32 cannot hold to
-    ``FLOAT32_ROUNDING_TOL`` of its own range (``_ssim_common.float32_inexact``); None when there is none.
-    Only float64 and 32/64-bit integer inputs are measured; other dtypes convert to float32 exactly."""
-    mx, my = sc.float32_inexact(xf), sc.float32_inexact(yf)
+    ``FLOAT32_ROUNDING_TOL`` of its own range, or of an explicit ``data_range`` below it
+    (``_ssim_common.float32_inexact``); None when there is none. Only float64 and 32/64-bit integer inputs are
+    measured; other dtypes convert to float32 exactly."""
+    mx, my = sc.float32_inexact(xf, data_range=data_range), sc.float32_inexact(yf, data_range=data_range)
     if mx is None and my is None:
         return None
     mask = np.zeros(ix.size, dtype=bool)
@@ -507,7 +509,7 @@ def ssim(
             res = torch.zeros(batch, dtype=torch.float32, device=tx.device)
             return like_input(res, x)
         logger.debug("ssim: %d pairs of %s on %s", ix.size, _spatial(tx, p), name)
-        slow = None if name == "torch" else _inexact_pairs(xf, yf, ix, iy)
+        slow = None if name == "torch" else _inexact_pairs(xf, yf, ix, iy, p.data_range)
         if slow is not None:
             _log_inexact("ssim", int(slow.sum()), ix.size, name)
 
@@ -716,7 +718,7 @@ def _fill_matrix(
     slow_a, slow_b = np.zeros(na, dtype=bool), np.zeros(nb, dtype=bool)
     if name != "torch":
         for mask, t in ((slow_a, tA), (slow_b, tB)):
-            m = sc.float32_inexact(t)
+            m = sc.float32_inexact(t, data_range=p.data_range)
             if m is not None:
                 mask[:] = m.cpu().numpy()
         n_slow = na * nb - int((~slow_a).sum()) * int((~slow_b).sum())

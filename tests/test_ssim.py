@@ -1356,3 +1356,29 @@ def test_ssim_errors_name_their_real_cause() -> None:
     with pytest.raises(ValueError, match=r"A: a list of arrays of different shapes: A\[0\] has shape \(12, 12\), "
                                          r"A\[1\] \(13, 12\)"):
         ssim_matrix(imgs, imgs, progress=False)
+
+
+def test_float64_images_with_a_data_range_below_their_span_run_in_float64():
+    """float64 texture 1e-4 high on an offset of 3, one voxel at 4: float32 holds each image to 1.2e-7, under
+    2.5e-7 of its own range (1), so the pair stayed on the float32 path; but with data_range 0.0015 SSIM's
+    constants are that small, and the score was 1.5e-4 off (0.722749 against 0.722602, ssim and ssim_matrix,
+    native and Triton alike). Rounding is now measured against an explicit data_range below the span."""
+    from deepssim_fast.reference import ssim_reference
+
+    rng = np.random.default_rng(5)
+    x = 3.0 + 1e-4 * rng.random((40, 40))
+    y = 3.0 + 1e-4 * rng.random((40, 40))
+    x[0, 0] = y[0, 0] = 4.0
+    for dr in (0.0015, 0.003, 0.01):
+        want = float(ssim_reference(x, y, data_range=dr))
+        got = float(ssim(x, y, data_range=dr))
+        assert abs(got - want) <= 1e-6, (dr, got, want)
+        m = np.asarray(ssim_matrix(np.stack([x, y]), np.stack([y, x]), data_range=dr, spatial_dims=2,
+                                   progress=False))
+        assert abs(float(m[0, 0]) - want) <= 1e-6, (dr, m)
+    # the same images with data_range at or above their span stay on the fast path (nothing to gain)
+    from deepssim_fast import _ssim_common as sc
+
+    t = torch.from_numpy(np.stack([x, y]))
+    assert not sc.float32_inexact(t).any() and not sc.float32_inexact(t, data_range=2.0).any()
+    assert sc.float32_inexact(t, data_range=0.0015).all()
