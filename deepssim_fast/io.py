@@ -128,7 +128,7 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
     me = _dir_id(root)
     if me is None or me in ancestors:
         if me is not None:
-            logger.warning("%s: symlink loop (the folder contains itself); not searched again", root)
+            logger.warning("%s: symlink loop (a link to a folder that contains it); not searched again", root)
         return
     chain = (*ancestors, me)
     try:
@@ -170,7 +170,12 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: S
     them out."""
     found: list[Path] = []
     other: dict[str, int] = {}
-    for q in map(Path, _walk(os.fspath(p), ancestors, hidden=False)):
+    # the folders enclosing the search root count as ancestors too: a link to one of them ("parent -> ..")
+    # led the search out of the root (a training folder's link to its parent took the synthetic set in, and
+    # the audit reported 100 % memorised)
+    ups = {_dir_id(os.fspath(a)) for q in (Path(os.path.abspath(p)), Path(os.path.realpath(p))) for a in q.parents}
+    ups.discard(None)
+    for q in map(Path, _walk(os.fspath(p), (*ancestors, *sorted(ups)), hidden=False)):
         if _is_candidate(q):
             found.append(q)
         elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file() and not _under(q, outputs):

@@ -548,6 +548,32 @@ def _mri_slice(i: int = 10) -> np.ndarray:
     return np.ascontiguousarray(data.load_volume("anatomical").array[:, :, i])
 
 
+def test_a_link_to_a_folder_enclosing_the_search_root_is_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train/parent -> .. took the search of train/ out to its parent, and through parent/synth the synthetic
+    set into the training set: the audit reported 100 % memorised. Only links back to folders below the root
+    were caught; the folders enclosing the root count as ancestors now (by the given and the resolved path)."""
+    data_dir = tmp_path / "data"
+    (data_dir / "train").mkdir(parents=True)
+    (data_dir / "synth").mkdir()
+    for i in range(2):
+        np.save(data_dir / "train" / f"t{i}.npy", _mri_slice(10 + i))
+        np.save(data_dir / "synth" / f"s{i}.npy", _mri_slice(20 + i))
+    try:
+        os.symlink("..", data_dir / "train" / "parent", target_is_directory=True)
+        os.symlink(tmp_path, data_dir / "train" / "top", target_is_directory=True)
+        os.symlink(data_dir / "train", tmp_path / "via_link", target_is_directory=True)
+    except (OSError, NotImplementedError):
+        pytest.skip("this OS cannot make symlinks")
+    want = [data_dir / "train" / "t0.npy", data_dir / "train" / "t1.npy"]
+    with caplog.at_level("WARNING"):
+        assert discover(data_dir / "train") == want
+    assert "symlink loop" in caplog.text
+    # the root reached through a link of its own: its resolved parents are guarded as well
+    assert discover(tmp_path / "via_link") == [tmp_path / "via_link" / "t0.npy", tmp_path / "via_link" / "t1.npy"]
+
+
 def test_discover_follows_linked_folders_guards_loops_and_keeps_broken_links(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
