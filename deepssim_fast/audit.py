@@ -376,15 +376,19 @@ def _entry_path(cache: Path, key: str, size: tuple[int, ...]) -> Path:
 
 
 def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels: np.ndarray,
-                 fit: Sequence[Sequence[int]] | None = None) -> None:
-    """Write an item cache entry: ``pixels`` (n, *size), and per item its ids, indices and ``fit``
-    (:func:`_fit_offset` of the item before it was fitted to the size; an entry without it is decoded again
-    by :func:`_decode_all`)."""
+                 fit: Sequence[Sequence[int]] | None = None,
+                 shapes: Sequence[Sequence[int]] | None = None) -> None:
+    """Write an item cache entry: ``pixels`` (n, *size), and per item its ids, indices, ``fit``
+    (:func:`_fit_offset` of the item before it was fitted to the size) and ``shapes`` (its shape before the
+    fit, for the warning about items mostly cropped or padded); an entry without ``fit`` or ``shapes`` is
+    decoded again by :func:`_decode_all`."""
     px = np.ascontiguousarray(pixels, dtype="<f4")
     head = {"ids": list(ids), "indices": [int(i) for i in indices], "shape": list(px.shape),
             "crc32": zlib.crc32(px)}
     if fit is not None:
         head["fit"] = [[int(v) for v in r] for r in fit]
+    if shapes is not None:
+        head["shapes"] = [[int(v) for v in r] for r in shapes]
     head = json.dumps(head, separators=(",", ":")).encode()
 
     def write(f: Any) -> None:
@@ -657,12 +661,14 @@ def _decode_all(
             if f.exists():
                 try:
                     head = _entry_header(f)
-                    if "fit" in head:
+                    if "fit" in head and "shapes" in head:
                         heads[f] = head
                         entries[i] = f
+                        misfit += _misfits(p, head["shapes"], pending_size)
                         continue
-                    # (written before format 7, without the items' fit offsets: decoded again, once)
-                    logger.debug("decoding %s again: its cache entry %s has no fit offsets", p, f)
+                    # (written before format 7, without the items' fit offsets, or before their shapes were
+                    # kept: decoded again, once)
+                    logger.debug("decoding %s again: its cache entry %s has no fit offsets or shapes", p, f)
                 except _DamagedEntry as exc:
                     logger.warning("decoding %s again: %s", p, exc)
                     f.unlink(missing_ok=True)
@@ -693,16 +699,15 @@ def _decode_all(
                 raise ValueError(
                     f"{p}: item of shape {arrs[0].shape} does not match the item size {pending_size}"
                 )
-            for a in arrs:  # (how much of each item the fit keeps, and how much of the fitted item it fills)
-                common = float(np.prod([min(x, y) for x, y in zip(a.shape, pending_size, strict=True)]))
-                if common < 0.5 * float(np.prod(a.shape)) or common < 0.5 * float(np.prod(pending_size)):
-                    misfit.append((str(p), tuple(a.shape)))
+            shapes = [tuple(int(n) for n in a.shape) for a in arrs]
+            misfit += _misfits(p, shapes, pending_size)
             stack = np.stack([center_fit(a, pending_size) for a in arrs]).astype(np.float32)
             fits = [_fit_offset(a.shape, pending_size) for a in arrs]
             f = _entry_path(cache, keys[i], pending_size)
-            _write_entry(f, ids, idx, stack, fits)
+            _write_entry(f, ids, idx, stack, fits, shapes)
             entries[i] = f
-            heads[f] = {"ids": list(ids), "indices": [int(v) for v in idx], "fit": [list(r) for r in fits]}
+            heads[f] = {"ids": list(ids), "indices": [int(v) for v in idx], "fit": [list(r) for r in fits],
+                        "shapes": [list(r) for r in shapes]}
     if misfit:
         # (a 40 x 48 x 40 volume fitted to a 128 x 128 x 10 first training item was 94 % padding, and two
         # unrelated brain regions scored 0.85, a duplicate: the fit is documented, but not its extent)
@@ -711,6 +716,18 @@ def _decode_all(
                        "mostly compare the padding; give --size, or audit collections of one shape", len(misfit),
                        name, misfit[0][0], misfit[0][1], tuple(pending_size))
     return entries, pending_size, skipped, heads
+
+
+def _misfits(p: Path, shapes: Sequence[Sequence[int]], size: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """``(path, shape)`` of the items of file ``p`` that the centre fit to ``size`` crops to less than half
+    their voxels, or pads to more than half padding. Checked from the cache entry's shapes as well as on
+    decoding: a rerun, or a file also in the other set (decoded once), lost the warning before."""
+    out = []
+    for shp in shapes:
+        common = float(np.prod([min(x, y) for x, y in zip(shp, size, strict=True)]))
+        if common < 0.5 * float(np.prod(shp)) or common < 0.5 * float(np.prod(size)):
+            out.append((str(p), tuple(int(n) for n in shp)))
+    return out
 
 
 def _first_item_shape(
