@@ -1128,6 +1128,25 @@ def test_files_in_both_sets_are_warned_about(ds: dict, tmp_path: Path, caplog: p
         A.audit(ds["train"], one, metric="ssim", k=1, out=tmp_path / "out", progress=False)
     msgs = [r.getMessage() for r in caplog.records if "also training files" in r.getMessage()]
     assert len(msgs) == 1 and "1 synthetic file(s)" in msgs[0] and "linked.npy" in msgs[0]
+    assert "found twice" not in caplog.text
+
+
+def test_a_file_found_twice_in_one_set_is_warned_about(ds: dict, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A folder and a link to it (or a file and a link to it) in one set gave each file twice: two items, a
+    synthetic copy counted twice in the fraction memorised, without a word."""
+    one = tmp_path / "synth"
+    one.mkdir()
+    np.save(one / "a.npy", np.load(ds["train"] / "mni_030.npy"))
+    np.save(one / "b.npy", np.load(ds["train"] / "mni_038.npy")[::-1].copy())
+    (tmp_path / "alias").symlink_to(one, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="deepssim_fast.audit"):
+        r = A.audit(ds["train"], [one, tmp_path / "alias"], metric="ssim", k=1, out=tmp_path / "out",
+                    progress=False)
+    msgs = [m.getMessage() for m in caplog.records if "found twice" in m.getMessage()]
+    assert len(msgs) == 1 and msgs[0].startswith("2 synthetic file(s) are found twice"), msgs
+    assert str(one / "a.npy") in msgs[0] and str(tmp_path / "alias" / "a.npy") in msgs[0]
+    assert r.summary["n_synth"] == 4  # (still audited as given: the warning says so)
 
 
 def test_dask_search_equals_local_search(ds: dict, tmp_path: Path) -> None:
