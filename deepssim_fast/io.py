@@ -296,8 +296,10 @@ def discover(spec: Spec, *, outputs: Sequence[str | os.PathLike] = ()) -> list[P
     nothing is found. ``outputs``: folders of the caller's own stores (an audit's OUT/work, ...); files of
     other image formats in them are not named in the warning about such files.
     """
+    if isinstance(spec, bytes):  # (a bytes path was iterated as its byte values: "not int")
+        spec = os.fsdecode(spec)
     items: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
-    items = list(items)
+    items = [os.fsdecode(it) if isinstance(it, bytes) else it for it in items]
     if not items:
         raise ValueError("empty input specification: give a directory, a glob pattern or files")
     own = [os.path.abspath(os.fspath(d)) for d in outputs]

@@ -1017,6 +1017,15 @@ def test_a_batch_of_seven_or_more_images_in_one_npy_is_refused_not_cut_into_stri
     assert len(list(iter_slices([tmp_path / "b12.nii"], SlicePolicy(min_foreground=0)))) == 96
 
 
+def test_a_bytes_path_is_a_path(tmp_path: Path) -> None:
+    """discover(b"x.npy") iterated the bytes and failed with "expected str, bytes or os.PathLike object, not
+    int"; bytes name a path, as they do for open() and os.fspath."""
+    np.save(tmp_path / "x.npy", np.ones((8, 8), np.float32))
+    want = [tmp_path / "x.npy"]
+    assert discover(os.fsencode(tmp_path / "x.npy")) == want
+    assert discover([os.fsencode(tmp_path)]) == want
+
+
 def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path: Path, monkeypatch) -> None:
     """Path("") is Path("."): discover("") searched the working folder recursively (an unset shell variable
     trained on whatever lay there)."""
