@@ -61,11 +61,15 @@ Conventions
 
 Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, default ``OUT/cache``) under a
 key of path, size, mtime, ctime, inode, slice policy, item shape and model hash (the ctime and inode catch a
-file replaced with its old mtime kept, as ``cp -p``, ``rsync -a`` or ``tar`` do); search and verification results are
-saved per chunk under ``OUT/work``. A rerun after an interruption skips finished work and writes
-byte-identical matches.csv, histogram.png, gallery.png and report.html, and a summary.json that differs
-only in ``timings_s``; a rerun that changes only the thresholds or bins searches again (the class counts and
-histogram depend on them) but keeps the pixel stores and the verified SSIM. Every output is written
+file replaced with its old mtime kept, as ``cp -p``, ``rsync -a`` or ``tar`` do); under ``OUT/work`` the
+verification is saved per chunk of synthetic items, the exact-SSIM search (``metric="ssim"``) per chunk, and
+the embedding searches (``deepssim``, ``correlation``) once each is complete (per shard on Dask). A rerun after
+an interruption skips finished work (it says so in a warning) and writes byte-identical matches.csv,
+histogram.png, gallery.png and report.html, and a summary.json that differs only in ``timings_s``; a rerun that
+changes only the thresholds or bins searches again (the class counts and histogram depend on them) but keeps
+the pixel stores and the verified SSIM; any other change of the run's configuration (options, inputs, model,
+engine: the backend asked for, the native extension's presence, the encoder's device) starts over, with a
+warning naming what changed. summary.json is written last: a run is finished when it is there. Every output is written
 atomically (temporary file, fsync, then rename). Cache entries skip the fsync, as they can be recomputed:
 their readers check each one's length and checksum, and one a crash left short is decoded again. An OUT or cache
 inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png, OUT/gallery.png,
@@ -643,6 +647,7 @@ def _ignore_sigint(worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the command's "raise as Ctrl-C" handler: see cli.main)
 
 
 def _decode_all(
@@ -1657,6 +1662,35 @@ def _state_digest(fingerprint: dict) -> str:
 _SEARCH_COUNTS_ONLY = ("thresholds", "bins")
 
 
+def _engine_token(backend: str | None, device: Any) -> dict:
+    """What decides the engines of a run, for its fingerprint: the backend asked for (the argument, else
+    ``$DEEPSSIM_FAST_BACKEND``, else auto), whether the native extension is there (auto's first choice for
+    host data), and the encoder's device."""
+    import torch
+
+    from .backends import ENV_VAR, available
+
+    asked = backend if backend not in (None, "auto") else (os.environ.get(ENV_VAR, "").strip() or "auto")
+    return {"backend": asked, "native": bool(available("native")),
+            "device": None if device is None else str(torch.device(device))}
+
+
+def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
+    """Remove the outputs in ``work.parent`` and the stage files in ``work`` that belong to another
+    configuration: the searches and their shard folders, and (unless ``keep_verified``) the verified chunks
+    and the pixel stores. The per-file caches (decoded items, embeddings) are keyed by content and stay."""
+    for name in _OUTPUT_FILES:  # (first: an interrupted rerun must not leave them beside its work)
+        (work.parent / name).unlink(missing_ok=True)
+    stale = sorted(work.glob("search*.npz"))
+    if not keep_verified:
+        stale += sorted(work.glob("verify_*.npz")) + sorted(work.glob("*_pixels.npy"))
+    for f in stale:
+        f.unlink()
+    for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
+        if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|hvflip|flip\d+|shift\d+))?", d.name):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _stage_state(work: Path, fingerprint: dict) -> bool:
     """Reset OUT/work when the configuration changed; record the fingerprint. True when OUT/work already
     belonged to this configuration (a resume: its pixel stores, where present, are this configuration's).
@@ -1676,34 +1710,37 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
                 return {key: v for key, v in f.items() if key not in _SEARCH_COUNTS_ONLY}
 
             counts_only = isinstance(old, dict) and rest(old) == rest(fingerprint)
+            changed = sorted(k for k in set(old or {}) | set(fingerprint)
+                             if not isinstance(old, dict) or old.get(k) != fingerprint.get(k))
+            what = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "") if isinstance(old, dict) \
+                else "unreadable state.json"
+            # (a WARNING: a mistyped option silently threw away hours of finished search and verification)
             if counts_only:
-                logger.info("only the thresholds or bins changed since the last run in %s: searching again "
-                            "for the class counts and histogram, keeping the pixel stores and verified SSIM", work)
+                logger.warning("%s: only the thresholds or bins changed since the last run (%s): searching again "
+                               "for the class counts and histogram, keeping the pixel stores and verified SSIM",
+                               work, what)
             else:
-                logger.info("configuration changed since the last run in %s: starting the search over", work)
-            # the previous run's outputs go first: an interrupted rerun must not leave them beside its work
-            for name in _OUTPUT_FILES:
-                (work.parent / name).unlink(missing_ok=True)
-            stale = sorted(work.glob("search*.npz"))
-            if not counts_only:
-                stale += sorted(work.glob("verify_*.npz")) + sorted(work.glob("*_pixels.npy"))
-            for f in stale:
-                f.unlink()
-            for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
-                if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|hvflip|flip\d+|shift\d+))?", d.name):
-                    shutil.rmtree(d, ignore_errors=True)
+                logger.warning("%s: the configuration changed since the last run (%s): its finished search and "
+                               "verification are discarded and the audit starts over", work, what)
+            _clear_stage_files(work, keep_verified=counts_only)
             state.unlink()
             resumed = counts_only
         else:
             resumed = True
+            logger.warning("%s: resuming the earlier run of this configuration (finished steps are kept)", work)
     else:
         # outputs without the work folder that made them (deleted to free its stores, or a fresh run into
         # an old OUT): they are not this run's, and an evaluation.json (which the audit does not rewrite)
-        # stayed beside the new outputs as if it scored them
+        # stayed beside the new outputs as if it scored them. The same for a work folder without its
+        # state.json: its search and verified chunks were reused under other options (matches.csv with flips
+        # and 5 ranks beside a summary saying no flips and k = 3)
         old_outputs = [work.parent / n for n in _OUTPUT_FILES if (work.parent / n).exists()]
         if old_outputs:
-            logger.info("removing the outputs of an earlier run in %s (its work folder is gone): %s", work.parent,
-                        ", ".join(p.name for p in old_outputs))
+            logger.info("removing the outputs of an earlier run in %s (no record of its configuration in "
+                        "%s): %s", work.parent, work, ", ".join(p.name for p in old_outputs))
+        if work.is_dir():
+            _clear_stage_files(work, keep_verified=False)
+        else:
             for f in old_outputs:
                 f.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -2140,6 +2177,9 @@ def audit(
         "train": hashlib.sha256(os.fsencode("\n".join(tset.ids))).hexdigest(),
         "synth": hashlib.sha256(os.fsencode("\n".join(sset.ids))).hexdigest(),
         "chunk": int(chunk_size),
+        # the engines: a resume with another --backend (or $DEEPSSIM_FAST_BACKEND, or a node without the
+        # native extension) mixed two engines' scores in one matches.csv; another --device, another encoder run
+        "engine": _engine_token(backend, device),
         **({"preprocess": _preprocess_version()} if metric == "deepssim" else {}),  # (its embeddings' version)
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": files_digest,
@@ -2351,6 +2391,7 @@ def audit(
         "n_pairs": len(tset) * len(sset),
         "skipped": skipped,
         "versions": _versions(),
+        "engine": fingerprint["engine"],  # (backend asked for, native extension present, encoder device)
         "timings_s": {},
     }
     from .report import write_report

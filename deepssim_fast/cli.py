@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .io import one_line
 
@@ -653,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--scheduler", default=None, help="Dask scheduler address for the search")
     a.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
     a.add_argument("--chunk-size", type=int, default=256,
-                   help="synthetic items per resumable chunk (default 256)")
+                   help="synthetic items per chunk of verification (and of the exact-SSIM search), each saved as it "
+                        "finishes, so an interrupted run resumes from there (default 256)")
     a.add_argument("--device", default=None, help="torch device for the encoder, e.g. cuda (default cpu)")
     a.add_argument("--backend", default=None,
                    help="SSIM and search engine: native, torch or triton (default: by data location)")
@@ -777,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
         dask_logging(level)
+    # SIGTERM (a batch scheduler's time limit, `kill`) ends a command as Ctrl-C does: the same one line and resume
+    # hint instead of dying without a word (finished work is kept either way: every output is atomic)
+    previous_term = _handle_sigterm()
     # TypeError is deliberately not among the one-line errors: what a command passes on is parsed by
     # argparse, and files are decoded by deepssim_fast.io, which reports a bad dtype or an unreadable file as
     # a ValueError (or skips it). A TypeError reaching here is an internal bug ("'NoneType' object is not
@@ -804,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = f"{exc.filename}: a part of this path is a file, not a folder"
         print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the command was
+    except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM): one line, not a traceback from wherever it was
         hint = ""
         if args.command == "audit":
             kept = os.path.join(args.out, "work")
@@ -814,8 +819,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train" and os.path.isfile(os.path.join(args.out, "last.pt")):
             hint = (f"; continue from the last checkpoint with --resume {os.path.join(args.out, 'last.pt')} "
                     "(the steps after it run again)")
-        print(f"deepssim-fast {args.command}: interrupted{hint}", file=sys.stderr)
-        return 128 + 2  # 130, the shell's status of a command ended by SIGINT
+        term = isinstance(exc, _Terminated)
+        print(f"deepssim-fast {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}{hint}",
+              file=sys.stderr)
+        return 128 + (15 if term else 2)  # 143 / 130, the shell's status of a command ended by SIGTERM / SIGINT
+    finally:
+        _restore_sigterm(previous_term)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is (see :func:`_handle_sigterm`)."""
+
+
+def _handle_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` in the main thread; returns the previous handler (None where
+    signals cannot be set: not the main thread, or a platform without SIGTERM)."""
+    import signal
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, raise_terminated)
+    except (ValueError, AttributeError, OSError):
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):
+            pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2842,3 +2842,50 @@ def test_volumes_mode_refuses_a_batch_of_volumes_and_warns_of_items_mostly_paddi
     assert re.search(r"item\(s\), e\.g\. .*a\.npy of shape \(40, 48, 40\), lose more than half their voxels or are "
                      r"more than half padding at the item size \(128, 128, 10\)", caplog.text)
     assert re.search(r"\d+ synth item\(s\)", caplog.text)
+
+
+def test_a_work_folder_without_its_state_is_not_reused_under_other_options(
+        ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """OUT/work without state.json (deleted by hand or by a cleanup script) kept its searches and verified
+    chunks, which the next run reused whatever its options: matches.csv had flipped transforms and 5 ranks
+    beside a summary of no flips and k = 3. They are cleared now, and the run equals a fresh one."""
+    out, fresh = tmp_path / "o", tmp_path / "fresh"
+    A.audit(ds["train"], ds["synth"], metric="ssim", k=5, out=out, verify_flips=True, chunk_size=3,
+            progress=False)
+    (out / "work" / "state.json").unlink()
+    r = A.audit(ds["train"], ds["synth"], metric="ssim", k=3, out=out, verify_flips=False, chunk_size=3,
+                progress=False)
+    f = A.audit(ds["train"], ds["synth"], metric="ssim", k=3, out=fresh, verify_flips=False, chunk_size=3,
+                progress=False)
+    assert _rows(out) == _rows(fresh)
+    assert {int(x["rank"]) for x in _rows(out)} == {1, 2, 3}
+    assert not any("flip" in x["transform"] for x in _rows(out))
+    assert r.summary["counts"] == f.summary["counts"]
+
+
+def test_resume_says_so_and_a_changed_engine_or_option_starts_over_naming_it(
+        ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume looked like a fresh run, and a changed option threw the finished work away with an INFO line
+    only (shown with -v): a mistyped option lost hours silently. A resume under another backend mixed two
+    engines' scores in one matches.csv (the backend was not part of the run's configuration)."""
+    out = tmp_path / "o"
+    run = dict(metric="ssim", k=3, out=out, chunk_size=3, progress=False)
+    A.audit(ds["train"], ds["synth"], **run)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(ds["train"], ds["synth"], **run)
+    assert "resuming the earlier run of this configuration" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        r = A.audit(ds["train"], ds["synth"], **dict(run, backend="torch"))
+    assert re.search(r"the configuration changed since the last run \(engine\): its finished search and "
+                     r"verification are discarded", caplog.text), caplog.text
+    assert r.summary["engine"]["backend"] == "torch"
+    caplog.clear()
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "torch")  # the same engine, asked for by the environment
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(ds["train"], ds["synth"], **run)
+    assert "resuming the earlier run" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(ds["train"], ds["synth"], **dict(run, k=2))
+    assert re.search(r"changed since the last run \(k\)", caplog.text), caplog.text

@@ -1228,3 +1228,29 @@ def test_demo_says_it_is_building_the_data(monkeypatch, capsys, tmp_path):
     with pytest.raises(_Stop):
         demo.run_demo(tmp_path / "d", train_seconds=0, progress=False)
     assert "building the data" not in capsys.readouterr().err
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path):
+    """A batch scheduler's time limit (SIGTERM) ended an audit without a word (status -15), where Ctrl-C
+    prints one line with the resume hint. SIGTERM now takes the same way out, with status 143, and the
+    process's own SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    from deepssim_fast import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed(args):
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(cli, "_cmd_audit", killed)
+    out = tmp_path / "o"
+    rc = cli.main(["audit", "--train", str(tmp_path), "--synth", str(tmp_path), "--out", str(out),
+                   "--metric", "ssim"])
+    err = capsys.readouterr().err
+    assert rc == 143, err
+    assert err.strip() == (f"deepssim-fast audit: terminated (SIGTERM); finished work is kept in "
+                           f"{os.path.join(str(out), 'work')}: run the same command again to resume")
+    assert signal.getsignal(signal.SIGTERM) == before
