@@ -578,14 +578,14 @@ def _warn_shared_files(train_paths: Sequence[Path], synth_paths: Sequence[Path])
     """Warn when files (the same file, by path or through links) are in both sets: each is compared with
     itself and reported as a duplicate of itself, which counts in the fraction memorised; and when one set
     holds the same file under two paths."""
-    train_real = {os.path.realpath(q) for q in train_paths}
+    real = {}  # each set's paths, resolved (once: 10^5 files)
     for name, paths in (("training", train_paths), ("synthetic", synth_paths)):
         # one file reached through two paths (a folder and a link to it; a file and a link to it) is two items
         # of its set: a synthetic one counts twice in the fraction memorised, without a word before
+        real[name] = [os.path.realpath(q) for q in paths]
         first: dict[str, Path] = {}
         twice = []
-        for q in paths:
-            r = os.path.realpath(q)
+        for q, r in zip(paths, real[name], strict=True):
             if r in first:
                 twice.append((first[r], q))
             else:
@@ -595,7 +595,8 @@ def _warn_shared_files(train_paths: Sequence[Path], synth_paths: Sequence[Path])
             eg += f"; and {len(twice) - 3} more" if len(twice) > 3 else ""
             logger.warning("%d %s file(s) are found twice, under two paths (%s): each path is audited as an item "
                            "of its own; give each file once", len(twice), name, eg)
-    shared = [q for q in synth_paths if os.path.realpath(q) in train_real]
+    train_real = set(real["training"])
+    shared = [q for q, r in zip(synth_paths, real["synthetic"], strict=True) if r in train_real]
     if shared:
         names = ", ".join(str(q) for q in shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
         logger.warning(
