@@ -2355,7 +2355,7 @@ def test_verify_none_finds_mirrored_copies_of_odd_cropped_files(tmp_path: Path, 
         np.save(tmp_path / "s" / f"m{z}.npy", np.ascontiguousarray(mni[:, ::-1, z], dtype=np.float32))
     r = A.audit(tmp_path / "t", tmp_path / "s", metric="correlation", size=(120, 150), k=1, verify="none",
                 verify_flips=True, out=tmp_path / "o", progress=False)
-    assert r.summary["format_version"] == 8
+    assert r.summary["format_version"] >= 8  # (8: the mirrors of several axes)
     rows = {Path(x["synth_path"]).stem: x for x in _best(_rows(tmp_path / "o")).values()}
     got = []
     for z in (60, 90):
@@ -2690,7 +2690,7 @@ def test_flips_of_several_axes_and_rotations_of_the_unflipped_slice(tmp_path: Pa
                 out=tmp_path / "o", progress=False)
     (row,) = _rows(tmp_path / "o")
     assert row["train_path"].endswith("ras.npy") and row["label"] == "duplicate" and float(row["ssim"]) > 0.99
-    assert row["transform"].startswith("flip01") and r.summary["format_version"] == 8
+    assert row["transform"].startswith("flip01") and r.summary["format_version"] >= 8
     ev = A.evaluate(r.out, _labels(tmp_path / "lab.csv", ("ras.npy", "lps.npy", 1), ("other.npy", "lps.npy", 0)))
     assert ev["macro_f1"] == pytest.approx(1.0)
 
@@ -2884,3 +2884,25 @@ def test_resume_says_so_and_a_changed_engine_or_option_starts_over_naming_it(
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
         A.audit(ds["train"], ds["synth"], **dict(run, k=2))
     assert re.search(r"changed since the last run \(k\)", caplog.text), caplog.text
+
+
+def test_the_search_variant_verified_on_a_shift_is_scored_on_its_overlap_too() -> None:
+    """The search variant a pair owes its search score to is scored by verification as well (verify_pairs'
+    ``extra``); a shifted one had its filled score only, where the shifts verification finds itself are also
+    scored on the overlap: a verified SSIM of 0.178 where the overlap gives 0.189 (README: "the better score
+    counts")."""
+    from deepssim_fast.reference import ssim_reference
+
+    t = np.ascontiguousarray(data.load_volume("mni152").array[40:140, 40:140, 70], dtype=np.float32)
+    rng = np.random.default_rng(3)
+    s = np.roll(t, -2, axis=1)
+    s[:, -2:] = rng.random((t.shape[0], 2)).astype(np.float32) * float(t.max())  # the band the shift uncovers
+    d = (0, 2)
+    best, names = A.verify_pairs(t[None], s[None], spatial_dims=2,
+                                 extra=[("shift(0,2)", lambda x: A._shift(x, d))])
+    shifted = A._shift(s, d)
+    dst = A._shift_slices(d, t.shape)[1]
+    filled = float(ssim_reference(t, shifted, preset="deepssim"))
+    on_overlap = float(ssim_reference(t[dst], shifted[dst], preset="deepssim"))
+    assert on_overlap > filled + 1e-3  # (the case is one where the overlap matters)
+    assert names == ["shift(0,2)"] and abs(float(best[0]) - on_overlap) <= 1e-6, (best, filled, on_overlap)
