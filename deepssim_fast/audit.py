@@ -1690,6 +1690,23 @@ def _engine_token(backend: str | None, device: Any) -> dict:
             "device": None if device is None else str(torch.device(device))}
 
 
+def _warn_undiscriminating_search(pair_counts: dict, n_train: int, n_synth: int, metric: str, verify: str) -> None:
+    """Warn when the search scores at least half of all pairs a duplicate. An encoder that tells images apart
+    scores most pairs of different images low; one trained for a few steps scored all 140 pairs of an audit
+    duplicate, blank images included, and with ``--verify none`` (labels from the search) the audit reported
+    100 % memorised without a word (the demo warned; the audit did not)."""
+    n_pairs = n_train * n_synth
+    dup = int(pair_counts.get("duplicate", 0))
+    if n_train < 4 or n_pairs < 100 or dup < 0.5 * n_pairs:
+        return
+    what = {"deepssim": "the encoder", "embeddings": "the embeddings"}.get(metric, f"the {metric} search")
+    labels = ("the labels are these scores (--verify none): the fraction memorised means little"
+              if verify == "none" else "the labels come from exact SSIM, which does not depend on it")
+    logger.warning("%s scores %d of %d pairs (%.0f %%) a duplicate: it does not tell these images apart (an encoder "
+                   "barely trained, or trained on other images or another size?); %s", what, dup, n_pairs,
+                   100.0 * dup / n_pairs, labels)
+
+
 def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
     """Remove the outputs in ``work.parent`` and the stage files in ``work`` that belong to another
     configuration: the searches and their shard folders, and (unless ``keep_verified``) the verified chunks
@@ -2369,6 +2386,7 @@ def audit(
     skipped = [{"set": "train", "path": p, "reason": r} for p, r in tset.skipped] + [
         {"set": "synth", "path": p, "reason": r} for p, r in sset.skipped
     ]
+    _warn_undiscriminating_search(res.class_counts, len(tset), len(sset), metric, verify)
     summary = {
         "format_version": _FORMAT_VERSION,
         "state": _state_digest(fingerprint),

@@ -2906,3 +2906,30 @@ def test_the_search_variant_verified_on_a_shift_is_scored_on_its_overlap_too() -
     on_overlap = float(ssim_reference(t[dst], shifted[dst], preset="deepssim"))
     assert on_overlap > filled + 1e-3  # (the case is one where the overlap matters)
     assert names == ["shift(0,2)"] and abs(float(best[0]) - on_overlap) <= 1e-6, (best, filled, on_overlap)
+
+
+def test_a_search_that_scores_most_pairs_a_duplicate_is_warned_about(
+        ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An encoder trained a few steps scored all 140 pairs of an audit a duplicate, blank images included; with
+    --verify none the audit reported 100 % memorised without a word. A search that puts at least half of all
+    pairs above the high threshold now says that it does not tell the images apart. (Here: blank images,
+    which any search scores alike.)"""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    for i in range(5):
+        np.save(tmp_path / "t" / f"t{i}.npy", np.full((32, 32), float(i), np.float32))
+    for i in range(20):
+        np.save(tmp_path / "s" / f"s{i:02d}.npy", np.full((32, 32), 10.0 + i, np.float32))
+    for verify, says in (("none", "the labels are these scores (--verify none)"),
+                         ("ssim", "the labels come from exact SSIM")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+            A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", k=1, verify=verify, out=tmp_path / f"o_{verify}",
+                    progress=False)
+        assert re.search(r"the ssim search scores 100 of 100 pairs \(100 %\) a duplicate: it does not tell these "
+                         r"images apart", caplog.text), caplog.text
+        assert says in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):  # an ordinary audit: no such warning
+        A.audit(ds["train"], ds["synth"], metric="ssim", k=1, out=tmp_path / "o_mri", progress=False)
+    assert "does not tell these images apart" not in caplog.text
