@@ -83,7 +83,7 @@ def histogram_png(
     ax.set_xlabel(score_name)
     ax.set_ylabel("pairs (log scale)")
     for t, name, c in ((thresholds[0], "similar >", "#dd8452"), (thresholds[1], "duplicate >", "#c44e52")):
-        ax.axvline(t, color=c, linestyle="--", linewidth=1.5, label=f"{name} {t:g}")
+        ax.axvline(t, color=c, linestyle="--", linewidth=1.5, label=f"{name} {float(t)!r}")  # (every digit: :g rounds)
     ax.legend(loc="upper left", fontsize=8)
     if panels == 2:
         ax2 = axes[0, 1]
@@ -271,9 +271,16 @@ def format_score(value: float, thresholds: Sequence[float], decimals: int = 4) -
 
 
 def skip_reason(path: str, reason: str) -> str:
-    """A skip reason without its leading ``path: `` (the readers' errors name the file; where the path is
-    shown beside the reason it was said twice)."""
-    return reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
+    """A skip reason without its leading ``path: `` or ``path#axis:index: `` (the readers' errors name the file
+    or the slice; where the path is shown beside the reason it was said twice). A slice's own place is kept:
+    ``#2:0: constant image ...`` becomes ``slice 2:0: constant image ...``."""
+    if reason.startswith(f"{path}: "):
+        return reason[len(path) + 2:]
+    m = re.match(re.escape(path) + r"((?:@t\d+)?)#(\d+):(\d+): ", reason)
+    if m is not None:
+        frame = f"frame {m.group(1)[2:]}, " if m.group(1) else ""
+        return f"{frame}slice {m.group(2)}:{m.group(3)}: {reason[m.end():]}"
+    return reason
 
 
 def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Sequence[dict]) -> str:
@@ -339,7 +346,7 @@ are labelled
 <table>
 <tr><th>metric (search score)</th><td>{e(summary["metric"])} — {e(summary["search_score"])}</td></tr>
 <tr><th>label score</th><td>{e(summary["label_score"])}; {_transforms_txt(summary["verify"])}</td></tr>
-<tr><th>thresholds</th><td>{e(th["rule"])}; low = {th["low"]:g}, high = {th["high"]:g}</td></tr>
+<tr><th>thresholds</th><td>{e(th["rule"])}; low = {float(th["low"])!r}, high = {float(th["high"])!r}</td></tr>
 <tr><th>model</th><td>{model_txt}</td></tr>
 <tr><th>training set</th><td class=num>{summary["n_train"]:,} items from {summary["n_train_files"]:,}
 files found{skipped_of("train")}</td></tr>

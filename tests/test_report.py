@@ -344,3 +344,22 @@ def test_report_html_prints_a_score_on_its_side_of_the_thresholds() -> None:
     sus[0]["ssim"], sus[0]["cosine"] = 0.611539, 0.6000001
     page = report_html(s, histogram=b"h", gallery=b"g", suspects=sus)
     assert "<td class=num>0.6000001</td><td class=num>0.61154</td>" in page
+
+
+def test_report_html_shows_thresholds_to_every_digit_and_slice_skip_reasons_once() -> None:
+    """Thresholds of 7 significant digits were shown rounded to 6 (low = 0.562405 for 0.5624046), so a score
+    of 0.5624048, "similar", looked "different" beside it. And a skipped slice's reason repeated its path
+    ("<path>#2:0: constant image ...") where only "<path>: " was stripped."""
+    from deepssim_fast.report import skip_reason
+
+    s = _summary()
+    s["thresholds"] = {"low": 0.5624046, "high": 0.766498, "rule": "duplicate if s > high"}
+    s["skipped"] = [{"set": "synth", "path": "/d/blank.npy", "reason": "/d/blank.npy#2:0: constant image (every "
+                     "pixel 0)"},
+                    {"set": "train", "path": "/d/s.nii", "reason": "/d/s.nii@t3#1:7: constant image"}]
+    page = report_html(s, histogram=b"\x89PNG-h", gallery=b"\x89PNG-g", suspects=_suspects(1))
+    assert "low = 0.5624046, high = 0.766498" in page
+    assert "slice 2:0: constant image (every pixel 0)" in page and "/d/blank.npy#2:0" not in page
+    assert skip_reason("/d/s.nii", "/d/s.nii@t3#1:7: constant image") == "frame 3, slice 1:7: constant image"
+    assert skip_reason("/d/x.png", "/d/x.png: not a PNG") == "not a PNG"
+    assert skip_reason("/d/x.png", "something else") == "something else"
