@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt); the options of its "
                    "run that are not given here (batch size, learning rate and schedule, validation, zoom-out) "
                    "are taken from it")
-    t.add_argument("--seed", type=int, default=42, help="seed of the weights, pairs and split (default 42)")
+    t.add_argument("--seed", type=int, default=None,
+                   help="seed of the weights, pairs and split (default 42; with --resume, the checkpoint's)")
     t.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     t.add_argument("--strict", action="store_true",
                    help="abort on the first unreadable file (default: leave it out with a warning)")

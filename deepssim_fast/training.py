@@ -27,8 +27,12 @@ Reproducibility: everything random in step ``s`` (pair choice, augmentation, dro
 is drawn from generators seeded by ``(seed, s)``; torch's global generator is forked for the duration of
 :func:`train` and restored after. So a run is reproducible, and ``resume=`` continues the same loss curve
 as an uninterrupted run (the checkpoint stores model, optimizer, step, config and the seed, which together
-determine every later random draw; the log keeps one row per step). A resume with other run settings (lr,
-batch size ..., or other training images) is allowed and warned about; other model settings are an error.
+determine every later random draw; the log keeps one row per step), bit for bit on the same device with the
+same number of threads: torch's CPU kernels sum in another order with another thread count (1 against 2
+threads: losses apart from the second step, weights ~1e-6 apart after 30). A resume with other run settings
+(lr, batch size ..., or other training images) is allowed and warned about, and so is another ``seed``, which
+it does not use (the checkpoint's continues); on other validation pairs ``best.pt`` starts again; other model
+settings are an error.
 Validation pairs are fixed once from ``(seed, "val")``.
 
 Outputs under ``out`` (when given): ``last.pt`` (every ``val_every`` steps, once per epoch by default, whether
@@ -63,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._atomic import atomic_write_bytes
+from ._atomic import atomic_write_bytes, remove_temporaries
 from .model import (
     DeepSSIMNet,
     ModelConfig,
@@ -692,7 +696,7 @@ def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
 def train(images: Any, *, backbone: str | None = None, pretrained: str | os.PathLike | None = None,
           max_steps: int | None = None, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
           weight_decay: float = 1e-3, emb_dim: int | None = None, val_images: Any = None,
-          out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int = 42,
+          out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int | None = None,
           device: str | torch.device | None = None, input_size: int | None = None,
           size_policy: str | None = None,
           freeze_stages: bool | None = None, pairs_csv: str | os.PathLike | None = None, policy: Any = None,
@@ -715,6 +719,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     out:          directory for ``best.pt``, ``last.pt``, ``log.csv`` (and TensorBoard events).
     resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored
                   and training continues to ``max_steps``/``epochs`` on the same loss curve.
+    seed:         seed of the initial weights, pairs, augmentations and split (default 42); with ``resume=``
+                  the checkpoint's (another one given is not used, and said so in a warning).
     input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model` (defaults: the
                   backbone's input size, ``"fit"``, False); with ``resume=`` the checkpoint's (a different
                   value given here is an error, as for ``backbone``).
@@ -759,9 +765,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         raise ValueError(f"val_every must be a positive integer or None (once per epoch), got {val_every!r}")
     if not (_count(warmup_steps) and warmup_steps >= 0):
         raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    if not 0 <= seed < 2**63:  # (found after every image was read: numpy's "expected non-negative integer")
+    if seed is not None and not 0 <= seed < 2**63:  # (found after every image was read: numpy's error)
         raise ValueError(f"seed must be a non-negative integer below 2**63, got {seed}")
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -814,8 +820,14 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         model.load_state_dict(ck["model"], strict=True)
         if config.freeze_stages:
             model.freeze_stages()
-        seed = int(ck.get("seed", seed))
+        ck_seed = ck.get("seed")
+        if seed is not None and ck_seed is not None and int(seed) != int(ck_seed):
+            # (it was ignored without a word: the checkpoint's seed draws the rest of its run)
+            logger.warning("seed %d given, but %s continues the run of seed %d (its pairs, augmentations and "
+                           "split): seed %d is not used", int(seed), resume, int(ck_seed), int(seed))
+        seed = int(ck_seed if ck_seed is not None else (42 if seed is None else seed))
     else:
+        seed = 42 if seed is None else int(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))  # the initial weights are part of the seeded run
             model = build_model(backbone or "convnext_base", pretrained=pretrained,
@@ -917,12 +929,32 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "returned, not its best.pt", resume)
             best_val = None
         logger.info("resumed from %s at step %d", resume, step)
-        changed = _changed_train_args(ck.get("train_args") or {}, _train_args())
+        old_args = ck.get("train_args") or {}
+        changed = _changed_train_args(old_args, _train_args())
         if changed:
             logger.warning("resuming %s with other settings than its run (%s): the result will differ from "
                            "an uninterrupted run", resume, "; ".join(changed))
+        # best.pt was chosen on its run's validation pairs; on other pairs its loss is no measure to beat (a
+        # resume with another --val kept the old best.pt and reported the old set's loss as the best)
+        val_keys = ("validation", "val_fraction", "val_pairs", "zoom_out", "pairs_csv") + (
+            ("train_images",) if validation == "split" else ())
+        new_args = _train_args()
+        other_val = [k for k in val_keys if k in old_args and old_args[k] != new_args[k]]
+        if val_set is not None and best_val is not None and other_val:
+            logger.warning("resuming %s on other validation pairs than its run's (%s): its best validation loss "
+                           "%.6g is not comparable, so best.pt starts again from this run's validations", resume,
+                           ", ".join(other_val), float(best_val))
+            best_val = None
+        if step >= total:
+            logger.warning("resuming %s at step %d with %d steps in all: there is nothing left to train (give "
+                           "--max-steps/max_steps beyond %d to train on)", resume, step, total, step)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # temporary files of checkpoint writes a SIGKILL interrupted (up to a checkpoint's size each, ~350 MB
+        # for convnext_base); only those 10 minutes old, as another run may be writing into the same folder
+        gone = remove_temporaries(out_dir, ["best.pt", "last.pt", "log.csv"], older_than=600.0)
+        if gone:
+            logger.info("removed %d temporary file(s) an interrupted run left in %s", len(gone), out_dir)
         for stale in (out_dir / "best.pt", out_dir / "last.pt"):
             if ck is None and stale.is_file():
                 # a new run's log.csv starts afresh below; an earlier run's checkpoints must not pass for this

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -561,15 +563,19 @@ def test_resume_from_a_model_checkpoint_without_training_state_is_named(tmp_path
 def test_bad_validation_and_schedule_arguments_are_named(mni_slices) -> None:
     """val_pairs=0 failed deep inside with torch's 'torch.cat(): expected a non-empty list of Tensors';
     a negative val_every validated at every step and a negative warmup_steps was ignored, both silently;
-    seed=None failed with int()'s TypeError. Each is now an error naming the argument, before training."""
+    seed=None failed with int()'s TypeError. Each is now an error naming the argument, before training; seed=None
+    now means "not given" (42, or a resumed checkpoint's seed), and seed=1.5 is the error."""
     imgs = mni_slices[:6]
     for kw, name in ((dict(val_pairs=0), "val_pairs"), (dict(val_pairs=-3), "val_pairs"),
                      (dict(val_every=-1), "val_every"), (dict(val_every=0), "val_every"),
                      (dict(warmup_steps=-1), "warmup_steps")):
         with pytest.raises(ValueError, match=name):
             train(imgs, max_steps=1, **dict(SMALL, **kw))
-    with pytest.raises(TypeError, match="seed must be an integer, got None"):
-        train(imgs, max_steps=1, seed=None, **SMALL)
+    with pytest.raises(TypeError, match="seed must be an integer, got 1.5"):
+        train(imgs, max_steps=1, seed=1.5, **SMALL)
+    a = train(imgs, max_steps=1, seed=None, **SMALL)
+    b = train(imgs, max_steps=1, seed=42, **SMALL)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
 
 
 
@@ -957,3 +963,48 @@ def test_evaluate_takes_what_embed_takes_and_does_not_depend_on_the_batch_size(t
     small_pool = make_pool(mni_slices[:6], ModelConfig(backbone="small", input_size=32))
     with pytest.raises(ValueError, match=r"pairs of \(32, 32\) images, but the model takes 64 x 64"):
         evaluate(m, pairs=fixed_pairs(small_pool, 4, 0))
+
+
+def test_resume_says_what_it_cannot_honour(tmp_path, mni_slices, caplog) -> None:
+    """Three resumes that misled without a word: another seed was ignored (the checkpoint's continues); other
+    validation pairs kept the old best.pt and reported the old set's loss as the best; a total at or below the
+    checkpoint's step trained nothing and reported success."""
+    kw = dict(SMALL, batch_size=2, val_pairs=4, seed=3, val_every=1, val_fraction=0.25)
+    train(mni_slices[:24], max_steps=2, out=tmp_path / "r", **kw)
+    ck = read_checkpoint(tmp_path / "r" / "last.pt")
+    resume = dict(kw, resume=tmp_path / "r" / "last.pt")
+    del resume["backbone"]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        a = train(mni_slices[:24], max_steps=3, out=tmp_path / "a", **dict(resume, seed=7))
+    assert re.search(r"seed 7 given, but .*last\.pt continues the run of seed 3 .*: seed 7 is not used", caplog.text)
+    assert read_checkpoint(tmp_path / "a" / "last.pt")["seed"] == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):  # not given: no warning, seed 3
+        b = train(mni_slices[:24], max_steps=3, out=tmp_path / "b", **dict(resume, seed=None))
+    assert "is not used" not in caplog.text
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(mni_slices[:24], max_steps=3, out=tmp_path / "v", val_images=mni_slices[30:36], **resume)
+    assert re.search(r"on other validation pairs than its run's \(validation\): its best validation loss "
+                     r"[\d.e-]+ is not comparable, so best.pt starts again", caplog.text), caplog.text
+    best = read_checkpoint(tmp_path / "v" / "best.pt")
+    assert best["step"] == 3 and best["best_val"] != ck["best_val"]  # chosen on the new pairs
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(mni_slices[:24], max_steps=2, out=tmp_path / "n", **resume)
+    assert re.search(r"at step 2 with 2 steps in all: there is nothing left to train", caplog.text)
+
+
+def test_training_removes_the_temporaries_of_killed_checkpoint_writes(tmp_path, mni_slices) -> None:
+    """A SIGKILL during a checkpoint write left .last.pt.<random>.tmp behind (2.4 MB for `small`, ~350 MB for
+    convnext_base), and no run removed them. A run removes those of its outputs at least 10 minutes old (a
+    younger one may be another run's write in progress)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    old, young = out / ".last.pt.0123abcd.tmp", out / ".best.pt.89abcdef.tmp"
+    for f in (old, young):
+        f.write_bytes(b"partial checkpoint")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    train(mni_slices[:8], max_steps=1, out=out, **dict(SMALL, batch_size=2, val_pairs=4))
+    assert not old.exists() and young.exists()
