@@ -650,7 +650,7 @@ def _ignore_sigint(worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the command's "raise as Ctrl-C" handler: see cli.main)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (likewise: a process-group SIGTERM printed torch's "worker killed")
 
 
 def _decode_all(
@@ -1677,17 +1677,23 @@ def _state_digest(fingerprint: dict) -> str:
 _SEARCH_COUNTS_ONLY = ("thresholds", "bins")
 
 
-def _engine_token(backend: str | None, device: Any) -> dict:
-    """What decides the engines of a run, for its fingerprint: the backend asked for (the argument, else
-    ``$DEEPSSIM_FAST_BACKEND``, else auto), whether the native extension is there (auto's first choice for
-    host data), and the encoder's device."""
+def _engine_token(backend: str | None, device: Any, metric: str) -> dict:
+    """What decides the engines of a run, for its fingerprint: the engine the SSIM and search calls resolve
+    to for the audit's host data (the argument, else ``$DEEPSSIM_FAST_BACKEND``, else native where the
+    extension is, else torch), and, for ``metric="deepssim"``, the encoder's device (None and "cuda" written as
+    the device they mean, so that the same engine asked for in other words is no change)."""
+    import numpy as _np
     import torch
 
-    from .backends import ENV_VAR, available
+    from .backends import resolve
 
-    asked = backend if backend not in (None, "auto") else (os.environ.get(ENV_VAR, "").strip() or "auto")
-    return {"backend": asked, "native": bool(available("native")),
-            "device": None if device is None else str(torch.device(device))}
+    token = {"backend": resolve(backend, [_np.empty(0)])}
+    if metric == "deepssim":
+        dev = torch.device("cpu" if device is None else device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        token["device"] = str(dev)
+    return token
 
 
 def _warn_undiscriminating_search(pair_counts: dict, n_train: int, n_synth: int, metric: str, verify: str) -> None:
@@ -1697,14 +1703,22 @@ def _warn_undiscriminating_search(pair_counts: dict, n_train: int, n_synth: int,
     100 % memorised without a word (the demo warned; the audit did not)."""
     n_pairs = n_train * n_synth
     dup = int(pair_counts.get("duplicate", 0))
-    if n_train < 4 or n_pairs < 100 or dup < 0.5 * n_pairs:
+    # (embedding searches only: exact SSIM is the label's own score, and registered anatomy correlates highly)
+    if metric not in ("deepssim", "embeddings") or n_train < 4 or n_pairs < 100 or dup < 0.5 * n_pairs:
         return
-    what = {"deepssim": "the encoder", "embeddings": "the embeddings"}.get(metric, f"the {metric} search")
+    what = {"deepssim": "the encoder's embeddings", "embeddings": "the given embeddings"}[metric]
     labels = ("the labels are these scores (--verify none): the fraction memorised means little"
               if verify == "none" else "the labels come from exact SSIM, which does not depend on it")
-    logger.warning("%s scores %d of %d pairs (%.0f %%) a duplicate: it does not tell these images apart (an encoder "
-                   "barely trained, or trained on other images or another size?); %s", what, dup, n_pairs,
-                   100.0 * dup / n_pairs, labels)
+    logger.warning("the search on %s scores %d of %d pairs (%.0f %%) a duplicate: they do not tell these images "
+                   "apart (an encoder barely trained, or trained on other images or another size?); %s", what, dup,
+                   n_pairs, 100.0 * dup / n_pairs, labels)
+
+
+# the run fingerprint's keys, as a warning names them (see audit(): fingerprint)
+_FINGERPRINT_NAMES = {"v": "audit format", "chunk": "chunk size", "files": "input files", "train": "training items",
+                      "synth": "synthetic items", "policy": "slice policy", "size": "item size",
+                      "preprocess": "preprocessing version", "shifts": "verify shifts", "flips": "verify flips",
+                      "rotations": "verify rotations"}
 
 
 def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
@@ -1744,7 +1758,10 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
             counts_only = isinstance(old, dict) and rest(old) == rest(fingerprint)
             changed = sorted(k for k in set(old or {}) | set(fingerprint)
                              if not isinstance(old, dict) or old.get(k) != fingerprint.get(k))
-            what = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "") if isinstance(old, dict) \
+            names = [_FINGERPRINT_NAMES.get(k, k) + (" (not recorded by the earlier version)"
+                                                     if isinstance(old, dict) and k not in old else "")
+                     for k in changed]
+            what = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "") if isinstance(old, dict) \
                 else "unreadable state.json"
             # (a WARNING: a mistyped option silently threw away hours of finished search and verification)
             if counts_only:
@@ -2210,8 +2227,8 @@ def audit(
         "synth": hashlib.sha256(os.fsencode("\n".join(sset.ids))).hexdigest(),
         "chunk": int(chunk_size),
         # the engines: a resume with another --backend (or $DEEPSSIM_FAST_BACKEND, or a node without the
-        # native extension) mixed two engines' scores in one matches.csv; another --device, another encoder run
-        "engine": _engine_token(backend, device),
+        # native extension) mixed two engines' scores in one matches.csv; for deepssim, the encoder's device
+        "engine": _engine_token(backend, device, metric),
         **({"preprocess": _preprocess_version()} if metric == "deepssim" else {}),  # (its embeddings' version)
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": files_digest,

@@ -841,6 +841,8 @@ def _handle_sigterm() -> Any:
         raise _Terminated()
 
     try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # (ignored by whoever started us: left so, as
+            return None                                          # Python leaves an ignored SIGINT)
         return signal.signal(signal.SIGTERM, raise_terminated)
     except (ValueError, AttributeError, OSError):
         return None

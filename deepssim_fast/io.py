@@ -173,8 +173,11 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: S
     # the folders enclosing the search root count as ancestors too: a link to one of them ("parent -> ..")
     # led the search out of the root (a training folder's link to its parent took the synthetic set in, and
     # the audit reported 100 % memorised)
-    ups = {_dir_id(os.fspath(a)) for q in (Path(os.path.abspath(p)), Path(os.path.realpath(p))) for a in q.parents}
+    # (the resolved path's parents only: those of a linked root's own path can be the root itself, or lie
+    # below it, and then the search found nothing)
+    ups = {_dir_id(os.fspath(a)) for a in Path(os.path.realpath(p)).parents}
     ups.discard(None)
+    ups.discard(_dir_id(os.fspath(p)))
     for q in map(Path, _walk(os.fspath(p), (*ancestors, *sorted(ups)), hidden=False)):
         if _is_candidate(q):
             found.append(q)
@@ -749,8 +752,9 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
             int(n) for n in shape[1:3]):
         raise DataError(
             f"{p}: an array of shape {shape_t} cut along axis {policy.axis} gives strips of {side[0]} x {side[1]} "
-            f"pixels; it looks like a batch of {shape_t[0]} images of {shape_t[1]} x {shape_t[2]} saved as one "
-            "(N, H, W) array, which is read as a volume: save one image per file" + hint)
+            f"pixels: a batch of {shape_t[0]} images of {shape_t[1]} x {shape_t[2]} saved as one (N, H, W) array, "
+            f"or a volume of {shape_t[0]} thick slices along axis 0? Give --axis 0 to cut it along its first axis "
+            "(the images of a batch, the slices of such a volume), or save one image per file")
 
 
 def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:

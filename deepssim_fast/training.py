@@ -900,6 +900,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     every = int(val_every) if val_every else steps_per_epoch
     validation = "pairs_csv" if val_list is not None else "val_images" if val_images is not None else "split"
     images_digest = _images_digest(train_pool)  # (a resume on other images breaks the loss curve: warned)
+    # (and one on other validation images validates on other pairs: best.pt starts again, see below)
+    val_digest = None if val_pool is None else _images_digest(val_pool)
     # (and so does one on other CSV pairs, which are the training data then)
     csv_digest = None if pairs_csv is None else hashlib.sha256(Path(pairs_csv).read_bytes()).hexdigest()[:12]
 
@@ -911,7 +913,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out],
                 "validation": validation, "val_fraction": float(val_fraction), "val_pairs": int(val_pairs),
                 "val_every": int(val_every) if val_every else None, "augment": bool(augment),
-                "grad_clip": float(grad_clip), "train_images": images_digest, "pairs_csv": csv_digest}
+                "grad_clip": float(grad_clip), "train_images": images_digest, "pairs_csv": csv_digest,
+                "val_images": val_digest}
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -936,13 +939,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "an uninterrupted run", resume, "; ".join(changed))
         # best.pt was chosen on its run's validation pairs; on other pairs its loss is no measure to beat (a
         # resume with another --val kept the old best.pt and reported the old set's loss as the best)
-        val_keys = ("validation", "val_fraction", "val_pairs", "zoom_out", "pairs_csv") + (
-            ("train_images",) if validation == "split" else ())
+        val_keys = ("validation", "val_fraction", "val_pairs", "zoom_out", "pairs_csv", "val_images")
         new_args = _train_args()
         other_val = [k for k in val_keys if k in old_args and old_args[k] != new_args[k]]
         if val_set is not None and best_val is not None and other_val:
             logger.warning("resuming %s on other validation pairs than its run's (%s): its best validation loss "
-                           "%.6g is not comparable, so best.pt starts again from this run's validations", resume,
+                           "%.6g is not comparable, so best.pt is replaced at this run's first validation", resume,
                            ", ".join(other_val), float(best_val))
             best_val = None
         if step >= total:

@@ -1230,27 +1230,37 @@ def test_demo_says_it_is_building_the_data(monkeypatch, capsys, tmp_path):
     assert "building the data" not in capsys.readouterr().err
 
 
-def test_sigterm_ends_a_command_as_ctrl_c_does(monkeypatch, capsys, tmp_path):
+def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path):
     """A batch scheduler's time limit (SIGTERM) ended an audit without a word (status -15), where Ctrl-C
-    prints one line with the resume hint. SIGTERM now takes the same way out, with status 143, and the
-    process's own SIGTERM handler is back afterwards."""
+    prints one line with the resume hint. SIGTERM now takes the same way out, with status 143; the process's
+    SIGTERM handler is back afterwards, and one ignored by whoever started the command stays ignored. (In a
+    subprocess: a handler that failed to install would end the test run itself.)"""
     import os
     import signal
+    import subprocess
+    import sys
+    import textwrap
 
-    from deepssim_fast import cli
-
-    before = signal.getsignal(signal.SIGTERM)
-
-    def killed(args):
-        signal.raise_signal(signal.SIGTERM)
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(cli, "_cmd_audit", killed)
     out = tmp_path / "o"
-    rc = cli.main(["audit", "--train", str(tmp_path), "--synth", str(tmp_path), "--out", str(out),
-                   "--metric", "ssim"])
-    err = capsys.readouterr().err
-    assert rc == 143, err
-    assert err.strip() == (f"deepssim-fast audit: terminated (SIGTERM); finished work is kept in "
-                           f"{os.path.join(str(out), 'work')}: run the same command again to resume")
-    assert signal.getsignal(signal.SIGTERM) == before
+    script = textwrap.dedent(f"""
+        import signal, sys
+        from deepssim_fast import cli
+
+        def killed(args):
+            signal.raise_signal(signal.SIGTERM)
+            raise AssertionError("not reached")
+
+        cli._cmd_audit = killed
+        before = signal.getsignal(signal.SIGTERM)
+        rc = cli.main(["audit", "--train", {str(tmp_path)!r}, "--synth", {str(tmp_path)!r}, "--out", {str(out)!r},
+                       "--metric", "ssim"])
+        assert signal.getsignal(signal.SIGTERM) == before, "handler not restored"
+        sys.exit(rc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip() == (f"deepssim-fast audit: terminated (SIGTERM); finished work is kept in "
+                                   f"{os.path.join(str(out), 'work')}: run the same command again to resume")
+    ignored = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    assert ignored.returncode == 1 and "not reached" in ignored.stderr  # (SIGTERM ignored: the command ran on)

@@ -986,10 +986,15 @@ def test_resume_says_what_it_cannot_honour(tmp_path, mni_slices, caplog) -> None
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(mni_slices[:24], max_steps=3, out=tmp_path / "v", val_images=mni_slices[30:36], **resume)
-    assert re.search(r"on other validation pairs than its run's \(validation\): its best validation loss "
-                     r"[\d.e-]+ is not comparable, so best.pt starts again", caplog.text), caplog.text
+    assert re.search(r"on other validation pairs than its run's \(validation, val_images\): its best validation "
+                     r"loss [\d.e-]+ is not comparable, so best.pt is replaced", caplog.text), caplog.text
     best = read_checkpoint(tmp_path / "v" / "best.pt")
     assert best["step"] == 3 and best["best_val"] != ck["best_val"]  # chosen on the new pairs
+    caplog.clear()  # other --val images than a run that had --val images: the same (an image digest tells them)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(mni_slices[:24], max_steps=4, out=tmp_path / "v2", val_images=mni_slices[40:46],
+              **dict(resume, resume=tmp_path / "v" / "last.pt"))
+    assert re.search(r"on other validation pairs than its run's \(val_images\)", caplog.text), caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(mni_slices[:24], max_steps=2, out=tmp_path / "n", **resume)
