@@ -238,6 +238,12 @@ def _resumed_defaults(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             value = prev.get(name, _train_default(name))
             setattr(args, name, tuple(value) if name == "zoom_out" and value is not None else value)
+    # the length of the run: a resume given neither --epochs nor --max-steps (as the interrupt hint puts it)
+    # ran --epochs' default 40 instead of the interrupted run's own total
+    if args.max_steps is None and args.epochs is None and prev.get("total_steps"):
+        args.max_steps = int(prev["total_steps"])
+    if args.epochs is None:
+        args.epochs = _train_default("epochs")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -532,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder (default: small; with --resume, the checkpoint's)",
     )
     t.add_argument("--pretrained", default=None, help="local ImageNet state_dict for the backbone")
-    t.add_argument("--epochs", type=int, default=40, help="passes over the training images (default 40)")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training images (default 40; with --resume and neither --epochs nor "
+                        "--max-steps, the resumed run's own number of steps)")
     t.add_argument("--max-steps", type=int, default=None,
                    help="number of optimizer steps; overrides --epochs")
     t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")

@@ -1264,3 +1264,22 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path):
     ignored = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                              preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
     assert ignored.returncode == 1 and "not reached" in ignored.stderr  # (SIGTERM ignored: the command ran on)
+
+
+def test_train_resume_without_a_length_keeps_the_runs_own(folders: dict, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The interrupt hint says to continue with --resume; given neither --max-steps nor --epochs, the resumed
+    run took --epochs' default 40 (here 40 epochs, not the run's 3 steps) and trained on past the run's end.
+    It keeps the resumed run's own total now; --epochs or --max-steps given still set it."""
+    base = ["--images", str(folders["train"]), "--backbone", "small", "--emb-dim", "8", "--input-size", "32",
+            "-q", "--batch-size", "2", "--val-fraction", "0"]
+    assert main(["train", *base, "--out", str(tmp_path / "r"), "--max-steps", "3"]) == 0
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        assert main(["train", *base, "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "r" / "last.pt")]) == 0
+    from deepssim_fast.model import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 3
+    assert "nothing left to train" in caplog.text
+    assert main(["train", *base, "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "r" / "last.pt"),
+                 "--max-steps", "4"]) == 0
+    assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 4
