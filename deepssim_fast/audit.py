@@ -68,13 +68,13 @@ an interruption skips finished work (it says so in a warning) and writes byte-id
 histogram.png, gallery.png and report.html, and a summary.json that differs only in ``timings_s``; a rerun that
 changes only the thresholds or bins searches again (the class counts and histogram depend on them) but keeps
 the pixel stores and the verified SSIM; any other change of the run's configuration (options, inputs, model,
-engine: the backend asked for, the native extension's presence, the encoder's device) starts over, with a
-warning naming what changed. summary.json is written last: a run is finished when it is there. Every output is written
-atomically (temporary file, fsync, then rename). Cache entries skip the fsync, as they can be recomputed:
-their readers check each one's length and checksum, and one a crash left short is decoded again. An OUT or cache
-inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png, OUT/gallery.png,
-OUT/work, OUT/shards*, the cache's items/ and embeddings/) are left out of the inputs, with a warning; the
-rest of OUT is not (it may hold the inputs, as the demo's does).
+engine: the one the SSIM and search calls resolve to and, for ``deepssim``, the encoder's device) starts over,
+with a warning naming what changed. summary.json is written last: a run is finished when it is there. Every
+output is written atomically (temporary file, fsync, then rename). Cache entries skip the fsync, as they can be
+recomputed: their readers check each one's length and checksum, and one a crash left short is decoded again.
+An OUT or cache inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png,
+OUT/gallery.png, OUT/work, OUT/shards*, the cache's items/ and embeddings/) are left out of the inputs, with a
+warning; the rest of OUT is not (it may hold the inputs, as the demo's does).
 """
 
 from __future__ import annotations
@@ -1461,6 +1461,13 @@ def _shift_slices(d: tuple[int, ...], shape: tuple[int, ...]) -> tuple[tuple[sli
     return tuple(src), tuple(dst)
 
 
+def _overlap_slices(d: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """Where an image shifted by d still holds its own content (the overlap of the two fields of view), or
+    None where that is narrower than the SSIM window on some side (not scored on its own)."""
+    dst = _shift_slices(d, shape)[1]
+    return dst if all(sl.stop - sl.start >= _SSIM_WINDOW for sl in dst) else None
+
+
 def _shift(img: np.ndarray, d: tuple[int, ...]) -> np.ndarray:
     """Translate by d pixels (positive = towards higher indices), filling with the image minimum."""
     out = np.full_like(img, img.min())
@@ -1587,8 +1594,8 @@ def verify_pairs(
                     continue
                 shifted = _shift(r, d)
                 picks.append((name, shifted))
-                dst = _shift_slices(d, r.shape)[1]
-                if overlap and all(sl.stop - sl.start >= _SSIM_WINDOW for sl in dst):
+                dst = _overlap_slices(d, r.shape) if overlap else None
+                if dst is not None:
                     overlaps.append((name, shifted, dst))
         if extra is not None and extra[i] is not None and extra[i][0] not in {n for n, _ in picks}:
             name, img = extra[i][0], extra[i][1](s)
@@ -1597,10 +1604,9 @@ def verify_pairs(
             # filled score alone: 0.178 where the overlap gives 0.189)
             m = re.search(r"shift\((-?\d+(?:,-?\d+)*)\)", name)
             d = tuple(int(x) for x in m.group(1).split(",")) if m is not None else ()
-            if overlap and extra_overlap and len(d) == img.ndim:
-                dst = _shift_slices(d, img.shape)[1]
-                if all(sl.stop - sl.start >= _SSIM_WINDOW for sl in dst):
-                    overlaps.append((name, img, dst))
+            dst = _overlap_slices(d, img.shape) if overlap and extra_overlap and len(d) == img.ndim else None
+            if dst is not None:
+                overlaps.append((name, img, dst))
         for name, img in picks:
             add(name, i, t, img)
         for name, img, dst in overlaps:
@@ -1682,12 +1688,11 @@ def _engine_token(backend: str | None, device: Any, metric: str) -> dict:
     to for the audit's host data (the argument, else ``$DEEPSSIM_FAST_BACKEND``, else native where the
     extension is, else torch), and, for ``metric="deepssim"``, the encoder's device (None and "cuda" written as
     the device they mean, so that the same engine asked for in other words is no change)."""
-    import numpy as _np
     import torch
 
     from .backends import resolve
 
-    token = {"backend": resolve(backend, [_np.empty(0)])}
+    token = {"backend": resolve(backend, [np.empty(0)])}
     if metric == "deepssim":
         dev = torch.device("cpu" if device is None else device)
         if dev.type == "cuda" and dev.index is None:
@@ -2441,7 +2446,7 @@ def audit(
         "n_pairs": len(tset) * len(sset),
         "skipped": skipped,
         "versions": _versions(),
-        "engine": fingerprint["engine"],  # (backend asked for, native extension present, encoder device)
+        "engine": fingerprint["engine"],  # (the engine the calls resolve to; for deepssim, the encoder's device)
         "timings_s": {},
     }
     from .report import write_report

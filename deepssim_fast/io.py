@@ -177,7 +177,6 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: S
     # below it, and then the search found nothing)
     ups = {_dir_id(os.fspath(a)) for a in Path(os.path.realpath(p)).parents}
     ups.discard(None)
-    ups.discard(_dir_id(os.fspath(p)))
     for q in map(Path, _walk(os.fspath(p), (*ancestors, *sorted(ups)), hidden=False)):
         if _is_candidate(q):
             found.append(q)
@@ -734,7 +733,7 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
     """DataError when the volume of ``shape`` (a 4D file: its frames' shape) cut along ``policy.axis`` gives
     slices narrower than :data:`MIN_SLICE_SIDE`. Generated samples saved as one (N, H, W) array were cut along
     axis 2 into N-pixel-high slices, padded to the item size and audited: exact copies scored 0.2, silently.
-    For a ``.npy`` (``npy``), also when the slices are strips whose short side, along axis 0, is under
+    For a ``.npy`` (``npy``), also when the slices are strips whose short side, along axis 0, is at most
     1/:data:`NPY_STRIP_RATIO` of their long side: 12 slices of 96 x 96 saved as one (12, 96, 96) array
     passed the window check and were audited as 96 strips of 12 x 96; exact copies of them scored 0.05-0.1
     ("different"), and the audit reported 0 % memorised."""

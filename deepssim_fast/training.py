@@ -932,15 +932,14 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "returned, not its best.pt", resume)
             best_val = None
         logger.info("resumed from %s at step %d", resume, step)
-        old_args = ck.get("train_args") or {}
-        changed = _changed_train_args(old_args, _train_args())
+        old_args, new_args = ck.get("train_args") or {}, _train_args()
+        changed = _changed_train_args(old_args, new_args)
         if changed:
             logger.warning("resuming %s with other settings than its run (%s): the result will differ from "
                            "an uninterrupted run", resume, "; ".join(changed))
         # best.pt was chosen on its run's validation pairs; on other pairs its loss is no measure to beat (a
         # resume with another --val kept the old best.pt and reported the old set's loss as the best)
         val_keys = ("validation", "val_fraction", "val_pairs", "zoom_out", "pairs_csv", "val_images")
-        new_args = _train_args()
         other_val = [k for k in val_keys if k in old_args and old_args[k] != new_args[k]]
         if val_set is not None and best_val is not None and other_val:
             logger.warning("resuming %s on other validation pairs than its run's (%s): its best validation loss "
