@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.gpu_suite import bootstrap_project, check_out_arg  # noqa: E402
+from bench.gpu_suite import bootstrap_project, check_out_arg, time_ms  # noqa: E402
 
 bootstrap_project()
 import triton  # noqa: E402
@@ -189,31 +189,21 @@ class _TimedKernel:
 
 
 def ms_of(fn, dev: torch.device, repeat: int) -> tuple[list[float], list[float]]:
-    """Times of ``fn`` (ms) after one warm-up, and of the Triton launches inside each timed call."""
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    out, kern = [], []
+    """Times of ``fn`` (ms; gpu_suite.time_ms: CUDA events, one warm-up), and of the Triton launches inside
+    each timed call."""
     real = ck._cosine_topk_kernel
-    for _ in range(repeat):
-        timed = _TimedKernel(real)
-        ck._cosine_topk_kernel = timed
+    timers: list[_TimedKernel] = []
+
+    def call() -> None:
+        timers.append(_TimedKernel(real))
+        ck._cosine_topk_kernel = timers[-1]
         try:
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                out.append(float(a.elapsed_time(b)))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
+            fn()
         finally:
             ck._cosine_topk_kernel = real
-        kern.append(timed.total_ms())
-    return out, kern
+
+    out = time_ms(call, dev, warmup=1, repeat=repeat)
+    return out, [t.total_ms() for t in timers[-len(out):]]
 
 
 def part_timing(dev: torch.device, gen: torch.Generator, budget_end: float) -> None:
