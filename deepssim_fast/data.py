@@ -206,43 +206,76 @@ def _check_real_dtype(p: Path, img) -> None:
 
 
 def _open_nifti(p: Path, *, mmap: bool = True, keep_file_open: bool | None = None):
-    """The nibabel image of a NIfTI file that exists, is named as one, loads, and holds real numbers."""
+    """The nibabel image of a NIfTI file that exists, is named as one, loads, holds real numbers and, for a
+    ``.nii.gz``, has gzip data that pass their CRC and length checks (:func:`_gunzip`).
+
+    A ``.nii.gz`` that decompresses to at most :data:`GZIP_IN_MEMORY` bytes is decompressed once, checked in
+    the same pass, and read from memory; a larger one is checked in a pass of its own and then read through
+    nibabel's stream (two decompressions, memory bounded by a frame)."""
     if not p.exists():
         raise DataError(f"{p}: no such file")
     if not _is_nifti_name(p):
         raise DataError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
+    raw = _gunzip(p, keep=GZIP_IN_MEMORY) if p.name.lower().endswith(".gz") else None
     try:
-        img = nib_load(p, mmap=mmap, keep_file_open=keep_file_open)
+        img = _nifti_from_bytes(raw) if raw is not None else nib_load(p, mmap=mmap, keep_file_open=keep_file_open)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     _check_real_dtype(p, img)
     return img
 
 
-def _check_gzip(p: Path) -> None:
-    """Read a ``.nii.gz`` to the end of its gzip data, so that its CRC and length are checked: nibabel reads
-    only the bytes its header asks for and never reaches the trailer, so a flipped bit or a zeroed block in
-    the middle of the stream was read as image data (one voxel off; or half the voxels garbage, up to
-    8.7e20). Costs one more decompression (~40 % of a load of the MNI template). Bytes after the last gzip
-    member that are not gzip data (padding, a stray tail) are ignored, as ``gzip -d`` and nibabel ignore
-    them."""
-    if not p.name.lower().endswith(".gz"):
-        return
+def _nifti_from_bytes(raw: bytes):
+    """The NIfTI-1 or NIfTI-2 image (by its header size, in either byte order) held in ``raw``, a whole
+    uncompressed single-file NIfTI, read from memory (axes of length 1 past the fourth dropped, as
+    :func:`nib_load` drops them)."""
+    import nibabel as nib
+
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    return _drop_unit_axes(klass.from_bytes(raw))
+
+
+# A .nii.gz decompressing to at most this many bytes is decompressed once and read from memory (a 256^3
+# float32 volume is 64 MiB); a larger one (a long 4D series) is checked, then streamed.
+GZIP_IN_MEMORY = 256 << 20
+
+
+def _gunzip(p: Path, keep: int = 0) -> bytes | None:
+    """Decompress a ``.gz`` file to the end of its gzip data, so that its CRC and length are checked:
+    nibabel reads only the bytes its header asks for and never reaches the trailer, so a flipped bit or a
+    zeroed block in the middle of the stream was read as image data (one voxel off; or half the voxels
+    garbage, up to 8.7e20). The decompressed bytes are returned when they are at most ``keep`` bytes, else
+    None (the whole stream is checked either way). Bytes after the last gzip member that are not gzip data
+    (padding, a stray tail) are ignored, as ``gzip -d`` and nibabel ignore them. DataError names a damaged
+    or truncated file."""
     chunk, out_max, magic = 1 << 22, 1 << 24, b"\x1f\x8b"
+    parts: list[bytes] | None = [] if keep > 0 else None
+    size = 0
+
+    def take(out: bytes) -> None:
+        nonlocal parts, size
+        size += len(out)
+        if parts is not None:
+            if size > keep:
+                parts = None  # (too large to hold: checked only)
+            else:
+                parts.append(out)
+
     try:
         with open(p, "rb") as f:
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # (a gzip member: its CRC-32 and size are checked)
             buf = f.read(chunk)
             while True:
-                d.decompress(buf, out_max)
+                take(d.decompress(buf, out_max))
                 while d.unconsumed_tail and not d.eof:  # (bounded output: highly compressible data)
-                    d.decompress(d.unconsumed_tail, out_max)
+                    take(d.decompress(d.unconsumed_tail, out_max))
                 if d.eof:
                     rest = d.unused_data
                     while len(rest) < 2 and (more := f.read(chunk)):
                         rest += more
                     if rest[:2] != magic:
-                        return
+                        return b"".join(parts) if parts is not None else None
                     d, buf = zlib.decompressobj(16 + zlib.MAX_WBITS), rest  # the next member
                     continue
                 buf = f.read(chunk)
@@ -286,7 +319,6 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
     """
     p = Path(path)
     img = _open_nifti(p, mmap=mmap)
-    _check_gzip(p)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1 and frame in (None, 0):
         return _read_data(p, img, (..., 0), dtype=dtype)  # a 3D volume stored as 4D
@@ -316,13 +348,13 @@ def _rank_error(p: Path, shape: tuple) -> DataError:
 def iter_nifti_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
     """Every frame of a 4D NIfTI file, in order, as float32 3D arrays (a 2D or 3D file gives itself once).
 
-    The file is opened once and read front to back: a ``.nii.gz`` is decompressed once for the frames (and
-    once before them to check its CRC, :func:`_check_gzip`), where ``load_nifti(path, frame=t)`` for each t
-    decompresses everything before frame t again (48 frames of 96 x 96 x 50: 0.3 s against 6 s). Errors as
+    The file is opened once and read front to back: a ``.nii.gz`` is decompressed once, its CRC checked in
+    the same pass (a series over :data:`GZIP_IN_MEMORY`: once to check it, once for the frames, see
+    :func:`_open_nifti`), where ``load_nifti(path, frame=t)`` for each t decompresses the file again
+    (48 frames of 96 x 96 x 50 through nibabel's stream: 0.3 s against 6 s). Errors as
     :func:`load_nifti`'s; a NaN/Inf names its frame; damaged gzip data fails before the first frame."""
     p = Path(path)
-    img = _open_nifti(p, keep_file_open=True)
-    _check_gzip(p)  # (before the first frame: a damaged file is refused whole, no frame of it used)
+    img = _open_nifti(p, keep_file_open=True)  # (a damaged .nii.gz is refused whole, before its first frame)
     shape = img.shape
     if len(shape) in (2, 3):
         yield _read_data(p, img, ...)
