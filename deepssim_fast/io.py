@@ -26,7 +26,8 @@ Conventions
   - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI; a 4D
     array of one frame is that volume, as a one-frame NIfTI is); leading axes of length 1 are dropped first
     (channel-first samples: (1, H, W) and (1, 1, H, W) are the image, (1, D, H, W) the volume); pickled
-    object arrays are refused.
+    object arrays are refused, and so is an (H, W, 3) or (H, W, 4) array cut along axis 2 (an RGB(A) image:
+    one item per colour channel).
   - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``, unless it has one); complex and RGB data types are
     refused (a complex file is not cast to its real part).
 
@@ -736,7 +737,8 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
     For a ``.npy`` (``npy``), also when the slices are strips whose short side, along axis 0, is at most
     1/:data:`NPY_STRIP_RATIO` of their long side: 12 slices of 96 x 96 saved as one (12, 96, 96) array
     passed the window check and were audited as 96 strips of 12 x 96; exact copies of them scored 0.05-0.1
-    ("different"), and the audit reported 0 % memorised."""
+    ("different"), and the audit reported 0 % memorised. And when an (H, W, 3) or (H, W, 4) ``.npy`` is cut
+    along axis 2: an RGB(A) image saved with ``np.save`` was audited as one grey item per colour channel."""
     if len(shape) < 3:
         return
     side = [int(n) for i, n in enumerate(shape[:3]) if i != policy.axis]
@@ -747,6 +749,13 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
             f"{p}: a volume of shape {shape_t} cut along axis {policy.axis} gives slices of {side[0]} x "
             f"{side[1]} pixels, narrower than the {MIN_SLICE_SIDE}-pixel SSIM window; a batch of images saved as "
             "one array, (N, H, W) or (N, 1, H, W), is read as a volume: save one image per file" + hint)
+    if npy and len(shape) == 3 and policy.axis == 2 and int(shape[2]) in (3, 4):
+        # (an RGB image saved with np.save was audited as 3 grey items, one per colour channel)
+        raise DataError(
+            f"{p}: an array of shape {shape_t} cut along axis 2 gives {shape_t[2]} slices: the colour channels "
+            f"of an {'RGB' if shape_t[2] == 3 else 'RGBA'} image, or a volume of {shape_t[2]} slices? Save a "
+            f"colour image as PNG (read as its luminance) or as one grey (H, W) array; save a volume of "
+            f"{shape_t[2]} slices as ({shape_t[2]}, H, W) and give --axis 0")
     if npy and policy.axis != 0 and side[0] * NPY_STRIP_RATIO <= side[1] and int(shape[0]) < min(
             int(n) for n in shape[1:3]):
         raise DataError(

@@ -1052,6 +1052,35 @@ def test_a_batch_of_seven_or_more_images_in_one_npy_is_refused_not_cut_into_stri
     assert len(list(iter_slices([tmp_path / "b12.nii"], SlicePolicy(min_foreground=0)))) == 96
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_an_rgb_image_saved_as_npy_is_refused_not_audited_as_its_channels(tmp_path: Path, channels: int) -> None:
+    """An RGB (RGBA) image saved with np.save, (H, W, 3) or (H, W, 4), was cut along axis 2 into one grey item
+    per colour channel: three (four) items per image, each scored alone. It is refused now, naming the
+    file, what it looks like and the remedies; its PNG is read as one item (its luminance), and a volume of
+    3 slices saved as (3, H, W) is read with --axis 0. A NIfTI of the same shape is a volume, cut as before."""
+    sl = data.load_volume("mni152").array[:, :, 90]
+    grey = (sl / sl.max() * 255).astype(np.uint8)
+    rgb = np.stack([grey] * channels, axis=-1)
+    if channels == 4:
+        rgb[..., 3] = 255
+    np.save(tmp_path / "rgb.npy", rgb)
+    with pytest.raises(DataError, match=rf"rgb\.npy: an array of shape \({grey.shape[0]}, {grey.shape[1]}, "
+                                        rf"{channels}\) cut along axis 2 gives {channels} slices: the colour "
+                                        rf"channels of an RGBA? image, or a volume of {channels} slices\?.*PNG.*"
+                                        rf"--axis 0"):
+        list(iter_slices([tmp_path / "rgb.npy"], SlicePolicy(min_foreground=0), strict=True))
+    skipped: list = []
+    assert list(iter_slices([tmp_path / "rgb.npy"], SlicePolicy(min_foreground=0), skipped=skipped)) == []
+    assert [p for p, _ in skipped] == [str(tmp_path / "rgb.npy")]
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    (one,) = list(iter_slices([tmp_path / "rgb.png"], SlicePolicy(min_foreground=0)))
+    np.testing.assert_allclose(one.array, grey, atol=0.5)
+    np.save(tmp_path / "three.npy", np.moveaxis(rgb, -1, 0))  # (C, H, W): C slices along axis 0
+    assert len(list(iter_slices([tmp_path / "three.npy"], SlicePolicy(axis=0, min_foreground=0)))) == channels
+    nib.save(nib.Nifti1Image(rgb.astype(np.float32), np.eye(4)), tmp_path / "slab.nii")
+    assert len(list(iter_slices([tmp_path / "slab.nii"], SlicePolicy(min_foreground=0)))) == channels
+
+
 def test_a_bytes_path_is_a_path(tmp_path: Path) -> None:
     """discover(b"x.npy") iterated the bytes and failed with "expected str, bytes or os.PathLike object, not
     int"; bytes name a path, as they do for open() and os.fspath."""
