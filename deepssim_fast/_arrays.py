@@ -30,11 +30,19 @@ def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.T
     if x is None:
         raise TypeError(f"{name} is None; expected an array (numpy, torch or cupy)")
     if isinstance(x, (list, tuple)):  # a stack given as a list: its images must share one shape
-        shapes = [tuple(np.shape(e)) for e in x]
+        shapes = [tuple(e.shape) if isinstance(e, torch.Tensor) else tuple(np.shape(e)) for e in x]
         if any(sh != shapes[0] for sh in shapes):
             j = next(j for j, sh in enumerate(shapes) if sh != shapes[0])
             raise ValueError(f"{name}: a {type(x).__name__} of arrays of different shapes: {name}[0] has shape "
                              f"{shapes[0]}, {name}[{j}] {shapes[j]}; bring them to one shape first")
+        if x and all(isinstance(e, torch.Tensor) for e in x):  # (np.asarray failed on tensors needing grad)
+            try:
+                return torch.stack([e.detach() for e in x])
+            except RuntimeError as exc:  # (tensors on different devices, of layouts stack cannot join)
+                raise TypeError(f"{name}: cannot stack the {type(x).__name__} of {len(x)} tensors ({exc})") from exc
+    if isinstance(x, np.ma.MaskedArray):  # (np.asarray drops the mask: masked values were used as data)
+        raise TypeError(f"{name}: a masked array; its mask would be ignored and the values under it used. Pass "
+                        f"{name}.filled(value) (or {name}.data) to say which values to use")
     try:
         a = np.asarray(x)
     except Exception as exc:  # noqa: BLE001

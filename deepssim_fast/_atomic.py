@@ -90,6 +90,10 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     if blocker is not None:  # mkdir said "[Errno 17] File exists: 'afile'" for afile/x.csv
         raise NotADirectoryError(errno.ENOTDIR, f"cannot write it: {blocker} is an existing file, not a folder",
                                  str(p))
+    if p.is_file() and not os.access(p, os.W_OK):
+        # (as open(p, "w") refuses it, and before the work: the finished file had replaced it, read-only mode
+        # kept, and the caller's reopening for writing then failed, after an all_pairs of hours)
+        raise PermissionError(errno.EACCES, "Permission denied (an existing read-only file; not replaced)", str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp, fd = _create_temporary(p)

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from ._arrays import to_torch
+from ._ssim_common import check_bool
 from ._atomic import atomic_write
 from .backends import BACKENDS
 from .backends import ENV_VAR as _BACKEND_ENV
@@ -217,6 +218,9 @@ class AllPairsResult:
             train_offsets = np.cumsum([0] + [p.n_train for p in parts[:-1]]).tolist()
         if len(train_offsets) != len(parts):
             raise ValueError(f"merge: {len(train_offsets)} train_offsets for {len(parts)} parts")
+        for i, o in enumerate(train_offsets):  # (12.5 was cut to 12)
+            if isinstance(o, (bool, np.bool_)) or not isinstance(o, (int, np.integer)):
+                raise ValueError(f"merge(axis='train'): train_offsets[{i}]={o!r} is not an integer (a row index)")
         # the shards must tile 0 .. n_train - 1: overlapping ones put one training row twice in a top-k, a gap
         # left rows unaccounted for, a negative offset failed as an "internal error"
         spans = sorted((int(o), int(o) + p.n_train, i) for i, (o, p) in enumerate(zip(train_offsets, parts,
@@ -281,6 +285,10 @@ class AllPairsResult:
             raise ValueError(f"{p}: inconsistent saved result (sizes n_train={n_train}, n_synth={n_synth}, k={k}; "
                              f"scores {r.scores.dtype}{r.scores.shape}, indices {r.indices.dtype}{r.indices.shape}, "
                              f"train_hits {r.train_hits.dtype}{r.train_hits.shape}, histogram {r.histogram[0].dtype})")
+        if r.indices.size and (r.indices.min() < 0 or r.indices.max() >= n_train):
+            # (a foreign or edited file: it failed later, in merge, as an "internal error")
+            raise ValueError(f"{p}: inconsistent saved result: indices outside [0, n_train={n_train}) (from "
+                             f"{int(r.indices.min())} to {int(r.indices.max())})")
         return r
 
 
@@ -546,6 +554,11 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     """
     if precision not in PRECISIONS:  # (used by Triton only, but a wrong value is an error on every backend)
         raise ValueError(f"all_pairs: precision must be one of {PRECISIONS}, got {precision!r}")
+    # (dense="no" returned the dense matrix, by its truth value; out=5 failed naming no parameter)
+    dense, progress = check_bool(dense, "all_pairs: dense"), check_bool(progress, "all_pairs: progress")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"all_pairs: out must be a path (str or os.PathLike) of the .npy file to write the dense "
+                        f"matrix to, or None; got {type(out).__name__}")
     if workers is not None or scheduler is not None:
         given = [n for n, v in (("dense", dense or None), ("out", out), ("self_offset", self_offset),
                                 ("device", device), ("block", block), ("tile", tile)) if v is not None]

@@ -105,6 +105,7 @@ import numpy as np
 
 from ._atomic import atomic_path, atomic_write, file_in_the_way, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
+from ._ssim_common import check_bool
 from .data import DataError, SlicePolicy, center_fit
 from .io import (
     MIN_SLICE_SIDE,
@@ -2045,6 +2046,8 @@ def audit(
             "Dask; the ssim metric's exact SSIM search runs in this process (its chunks resume from OUT/work): "
             "drop workers/scheduler, or use metric 'deepssim' or 'correlation'"
         )
+    for name, value in (("verify_flips", verify_flips), ("strict", strict), ("progress", progress)):
+        check_bool(value, name)  # (strict="no" was strict, by its truth value)
     for name, value, least in (("verify_shifts", verify_shifts, 0), ("chunk_size", chunk_size, 1),
                                ("batch_size", batch_size, 1), ("bins", bins, 1), ("gallery", gallery, 0)):
         # whole numbers only: a shift of 2.5 pixels failed deep in verification ("arrays used as indices must

@@ -55,10 +55,18 @@ _MATRIX_TILE_IMAGES = 256
 
 
 def _to_torch(x: Any, name: str) -> torch.Tensor:
-    """As _arrays.to_torch, also accepting numpy views with negative strides (flipped arrays)."""
+    """As _arrays.to_torch, also accepting numpy views with negative strides (flipped arrays); a tensor that
+    holds no readable data here (on the meta device, sparse) is a clear error naming ``name`` (torch's own
+    said "Cannot copy out of meta tensor" or "reshape is not implemented for sparse tensors")."""
     if isinstance(x, np.ndarray) and any(st < 0 for st in x.strides):
         x = np.ascontiguousarray(x)
-    return to_torch(x, name=name)
+    t = to_torch(x, name=name)
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: a tensor on device {str(t.device)!r}, which ssim cannot read; give it on 'cpu' "
+                         "or 'cuda'")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: {t.layout} tensors are not supported; pass a dense tensor (.to_dense())")
+    return t
 
 
 def _dt(t: torch.Tensor) -> str:

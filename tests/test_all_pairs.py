@@ -501,7 +501,11 @@ def test_load_of_a_foreign_or_damaged_file_names_it(tmp_path):
     # (other dtypes than the class promises loaded unnoticed: float64 scores, float32 indices)
     np.savez(tmp_path / "f64.npz", **dict(parts, scores=parts["scores"].astype(np.float64)))
     np.savez(tmp_path / "fidx.npz", **dict(parts, indices=parts["indices"].astype(np.float32)))
-    for name in ("text.npz", "empty.npz", "cut.npz", "arr.npy", "other.npz", "short.npz", "f64.npz", "fidx.npz"):
+    # (indices past n_train, from an edited or foreign file, failed later in merge as an "internal error")
+    np.savez(tmp_path / "oob.npz", **dict(parts, indices=parts["indices"] + 20))
+    np.savez(tmp_path / "neg.npz", **dict(parts, indices=parts["indices"] - 21))
+    for name in ("text.npz", "empty.npz", "cut.npz", "arr.npy", "other.npz", "short.npz", "f64.npz", "fidx.npz",
+                 "oob.npz", "neg.npz"):
         with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
             AllPairsResult.load(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -532,9 +536,13 @@ def test_merge_of_train_shards_checks_their_offsets():
     assert AllPairsResult.merge([b, a], axis="train", train_offsets=[15, 0]) == all_pairs(train, synth, k=3,
                                                                                         progress=False)
     for offsets, what in (([0, 10], "rows 10..14 are another part's"), ([15, 15], "row 0 is next"),
-                          ([0, 20], "row 15 is next"), ([-5, 15], "train_offsets[0]=-5 is negative")):
+                          ([0, 20], "row 15 is next"), ([-5, 15], "train_offsets[0]=-5 is negative"),
+                          ([0, 15.0], "train_offsets[1]=15.0 is not an integer"),  # (12.5 was cut to 12)
+                          ([0, True], "train_offsets[1]=True is not an integer")):
         with pytest.raises(ValueError, match=re.escape(what)):
             AllPairsResult.merge([a, b], axis="train", train_offsets=offsets)
+    assert AllPairsResult.merge([a, b], axis="train", train_offsets=np.array([0, 15])) == all_pairs(
+        train, synth, k=3, progress=False)
 
 
 def test_dense_and_memmap_out(tmp_path):
@@ -1572,3 +1580,33 @@ def test_wide_rows_are_not_copied_whole() -> None:
     ref = all_pairs(np.asfortranarray(train), synth, k=3, progress=False, dense=True)  # the whole-copy path
     np.testing.assert_array_equal(got.scores, ref.scores)
     np.testing.assert_array_equal(got.indices, ref.indices)
+
+
+def test_flags_and_out_of_the_wrong_type_are_errors_naming_them() -> None:
+    """dense="no" returned the dense matrix (read by its truth value) and progress=1 was taken as True;
+    out=5 failed with "expected str, bytes or os.PathLike object, not int", naming no parameter. Each is a
+    TypeError naming the parameter now; numpy bools are bools."""
+    rng = np.random.default_rng(11)
+    t, s = rng.standard_normal((9, 6)), rng.standard_normal((4, 6))
+    for kw, what in ((dict(dense="no"), "dense"), (dict(progress=1), "progress"), (dict(dense=None), "dense")):
+        with pytest.raises(TypeError, match=rf"all_pairs: {what} must be a bool \(True or False\), got"):
+            all_pairs(t, s, k=2, **kw)
+    for bad in (5, np.zeros(3)):
+        with pytest.raises(TypeError, match=r"all_pairs: out must be a path .*; got (int|ndarray)"):
+            all_pairs(t, s, k=2, out=bad)
+    r = all_pairs(t, s, k=2, dense=np.bool_(True), progress=np.bool_(False))
+    np.testing.assert_allclose(r.matrix, ref.cosine_matrix_reference(t, s).numpy(), atol=1e-6)
+
+
+def test_a_masked_array_is_refused_not_unmasked() -> None:
+    """np.asarray drops a masked array's mask: all_pairs and ssim used the values under it as data, where a
+    user may expect masked entries left out. It is a TypeError naming the input and the remedies now."""
+    t = np.ma.masked_array(_rand(8, 5, SEED + 40), mask=np.zeros((8, 5), bool))
+    with pytest.raises(TypeError, match=r"^train: a masked array; its mask would be ignored .*train\.filled"):
+        all_pairs(t, None, k=1, progress=False)
+    from deepssim_fast import ssim
+
+    with pytest.raises(TypeError, match=r"^y: a masked array"):
+        ssim(np.ones((8, 8)), np.ma.masked_array(np.ones((8, 8))))
+    r = all_pairs(t.filled(0), None, k=1, progress=False)
+    assert r.indices.shape == (8, 1)

@@ -920,6 +920,16 @@ def test_integer_arguments_that_are_not_whole_numbers_are_named(
         A.audit(ds["train"], ds["synth"], metric="ssim", k=2, out=tmp_path, progress=False, **{arg: value})
 
 
+@pytest.mark.parametrize("arg,value", [("strict", "no"), ("verify_flips", 1), ("progress", None)])
+def test_flag_arguments_that_are_not_bools_are_named(ds: dict, tmp_path: Path, arg: str, value: object) -> None:
+    """strict="no" audited strictly and verify_flips=1 searched flips (read by their truth value); progress=None
+    reached all_pairs, whose error named all_pairs. Each is refused first, naming the audit's argument, and
+    nothing is written."""
+    with pytest.raises(TypeError, match=rf"^{arg} must be a bool \(True or False\), got {re.escape(repr(value))}"):
+        A.audit(ds["train"], ds["synth"], metric="ssim", k=2, out=tmp_path / "o", **{"progress": False, arg: value})
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     """A non-positive size failed deep inside (numpy's 'negative dimensions are not allowed', or SSIM's
     window error on a (0, 10) item), and an item size smaller than the SSIM window taken from the first

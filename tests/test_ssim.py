@@ -1382,3 +1382,24 @@ def test_float64_images_with_a_data_range_below_their_span_run_in_float64():
     t = torch.from_numpy(np.stack([x, y]))
     assert not sc.float32_inexact(t).any() and not sc.float32_inexact(t, data_range=2.0).any()
     assert sc.float32_inexact(t, data_range=0.0015).all()
+
+
+def test_tensors_without_readable_data_and_lists_of_grad_tensors() -> None:
+    """A meta or sparse tensor failed inside torch ("Cannot copy out of meta tensor; no data!", "reshape is
+    not implemented for sparse tensors"), naming neither the argument nor the problem; a list of tensors that
+    require grad failed in numpy ("Can't call numpy() on Tensor that requires grad"). The first two are now
+    clear errors naming x or y; the list is stacked, as a list of arrays is, with the same scores."""
+    vol = data.load_volume("mni152").array
+    x = torch.from_numpy(np.ascontiguousarray(vol[40:80, 50:95, 90]))
+    y = torch.from_numpy(np.ascontiguousarray(vol[40:80, 50:95, 92]))
+    with pytest.raises(ValueError, match=r"^y: a tensor on device 'meta', which ssim cannot read"):
+        ssim(x, torch.empty(x.shape, device="meta"))
+    with pytest.raises(TypeError, match=r"^x: torch.sparse_coo tensors are not supported; pass a dense tensor"):
+        ssim(x.to_sparse(), y)
+    with pytest.raises(ValueError, match=r"^A: a tensor on device 'meta'"):
+        ssim_matrix(torch.empty((2, *x.shape), device="meta"), torch.stack([x, y]))
+    grads = [x.clone().requires_grad_(True), y.clone().requires_grad_(True)]
+    want = ssim(torch.stack([x, y]), torch.stack([y, x]), spatial_dims=2)
+    np.testing.assert_array_equal(ssim(grads, grads[::-1], spatial_dims=2), want)
+    m = ssim_matrix(grads, grads)
+    assert m.shape == (2, 2) and m[0, 1] == pytest.approx(float(want[0]), abs=1e-6)
