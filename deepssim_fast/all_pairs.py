@@ -248,13 +248,17 @@ class AllPairsResult:
 
         The dense matrix, if any, is not saved (use ``out=`` for that).
         """
+        return self._save(path)
+
+    def _save(self, path: str | os.PathLike, **extra: np.ndarray) -> Path:
+        """:meth:`save`, with ``extra`` arrays stored beside the result's (which :meth:`load` ignores)."""
         return atomic_write(path, lambda f: np.savez(
             f, scores=self.scores, indices=self.indices, hist_counts=self.histogram[0],
             hist_edges=self.histogram[1],
             class_counts=np.array([self.class_counts[c] for c in CLASS_NAMES], dtype=np.int64),
             train_hits=self.train_hits, thresholds=np.array(self.thresholds, dtype=np.float64),
             sizes=np.array([self.n_train, self.n_synth, self.k], dtype=np.int64),
-            backend=np.array(self.backend)))
+            backend=np.array(self.backend), **extra))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AllPairsResult:

@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -100,7 +101,7 @@ SCATTER_MIN_BYTES = 4 << 20
 WORKER_WAIT_S = 600
 #: How long to wait for an existing scheduler to answer.
 CONNECT_TIMEOUT = "30s"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2  # (2: each shard's file records its shard)
 
 
 class DistributedError(RuntimeError):
@@ -167,7 +168,8 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
 
     Training blocks hold at least ``k`` candidates (``k + 1`` in self mode): a short last block joins the
     previous one. In self mode training blocks are whole multiples of ``shard_size`` (rounded down, at least
-    one), so a synthetic shard is either inside a training block (``self_offset`` set) or disjoint from it.
+    one, and up to the first multiple of at least ``k + 1`` rows), so a synthetic shard is either inside a
+    training block (``self_offset`` set) or disjoint from it.
     (Rounded up, a block of 2443 rows asked for by the memory budget became 4096, which held the whole
     3000-row set: the budget was ignored.)
     """
@@ -176,9 +178,14 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
     if train_shard_size is not None and train_shard_size < 1:
         raise ValueError(f"train_shard_size must be >= 1, got {train_shard_size}")
     tsize = n_train if train_shard_size is None else min(train_shard_size, n_train)
-    if self_mode and tsize < n_train:
-        tsize = min(n_train, max(shard_size, tsize // shard_size * shard_size))
     need = k + 1 if self_mode else k
+    if self_mode and tsize < n_train:
+        # (rounded down, a block could fall under k + 1 rows: train_shard_size=61 with k=60 and shards of 30
+        # became 60, and the plan refused the size it had been given, or the one the memory budget chose)
+        tsize = max(shard_size, tsize // shard_size * shard_size)
+        if tsize < need:
+            tsize = -(-need // shard_size) * shard_size
+        tsize = min(n_train, tsize)
     if tsize < need:
         raise ValueError(f"train_shard_size={train_shard_size} leaves training blocks with fewer than {need} "
                          f"rows; k={k} needs at least {need}")
@@ -316,6 +323,8 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
         raise BackendUnavailableError("workers=/scheduler= need Dask: pip install 'deepssim_fast[dask]' "
                                       f"(dask and distributed); import failed: {exc}") from exc
     if scheduler is not None and isinstance(scheduler, Client):
+        if scheduler.status in ("closing", "closed"):  # (it failed with "IOLoop is closed")
+            raise DistributedError(f"the Client given as scheduler is {scheduler.status}; pass an open one")
         _log_dashboard(scheduler)
         yield scheduler
         return
@@ -439,8 +448,9 @@ _BLAS_CONTROLLER: Any = None
 
 
 def _blas_limit(threads: int) -> Any:
-    """A context that caps numpy's BLAS thread pool at ``threads`` threads (so that numpy work inside a task
-    does not spread over cores that other workers own).
+    """Cap numpy's BLAS thread pool at ``threads`` threads (so that numpy work inside a task does not spread
+    over cores that other workers own); returns the limiter, whose ``restore_original_limits()`` undoes it,
+    or None without threadpoolctl.
 
     Uses threadpoolctl when it is installed (the library scan is done once per worker process).
     """
@@ -448,7 +458,7 @@ def _blas_limit(threads: int) -> Any:
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return contextlib.nullcontext()
+        return None
     if _BLAS_CONTROLLER is None:
         _BLAS_CONTROLLER = ThreadpoolController()
     return _BLAS_CONTROLLER.limit(limits=threads, user_api="blas")
@@ -461,7 +471,6 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
     import torch
 
     from .all_pairs import all_pairs
-    from .backends import _native
 
     if synth_block is None:
         a = shard.s0 - shard.t0
@@ -470,27 +479,55 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
     if device is None and opts.get("backend") != "native" and torch.cuda.is_available():
         device = "cuda"  # a GPU worker (dask-cuda gives each worker its own device)
     threads = opts.get("threads") or _task_threads(opts.get("host_workers", {}))
-    nat = _native()
-    before = torch.get_num_threads(), (nat.num_threads() if nat is not None else 0)
     t0 = time.perf_counter()
-    try:
+    with _engine_threads(threads):
+        try:
+            res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
+                            bins=opts["bins"], device=device, backend=opts.get("backend"),
+                            progress=False, self_offset=shard.self_offset,
+                            precision=opts["precision"])
+        except ValueError as exc:
+            raise ValueError(f"{_global_rows(str(exc), shard)} (shard {shard.name})") from exc
+    logger.debug("shard %s: %.3f s on %d threads", shard.name, time.perf_counter() - t0, threads)
+    return res
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE: dict[str, Any] = {"tasks": 0, "saved": None, "blas": None}
+
+
+@contextlib.contextmanager
+def _engine_threads(threads: int) -> Iterator[None]:
+    """Engine threads (torch, the native extension, numpy's BLAS) set to ``threads`` for a task, and the
+    process's own settings restored when the last task running in it ends. The settings are process-wide:
+    two tasks of a worker that runs in the caller's process (``processes=False``) each saved what they found
+    and restored it, so the second saved the first one's setting and left the caller on 1 thread."""
+    import torch
+
+    from .backends import _native
+
+    nat = _native()
+    with _THREADS_LOCK:
+        if _THREADS_STATE["tasks"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads(), (nat.num_threads() if nat is not None else 0)
+            _THREADS_STATE["blas"] = _blas_limit(threads)
+        _THREADS_STATE["tasks"] += 1
         torch.set_num_threads(threads)
         if nat is not None:
             nat.set_num_threads(threads)
-        with _blas_limit(threads):
-            try:
-                res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
-                                bins=opts["bins"], device=device, backend=opts.get("backend"),
-                                progress=False, self_offset=shard.self_offset,
-                                precision=opts["precision"])
-            except ValueError as exc:
-                raise ValueError(f"{_global_rows(str(exc), shard)} (shard {shard.name})") from exc
-    finally:  # leave the process as it was (matters when the task runs in the caller's process)
-        torch.set_num_threads(before[0])
-        if nat is not None:
-            nat.set_num_threads(before[1])
-    logger.debug("shard %s: %.3f s on %d threads", shard.name, time.perf_counter() - t0, threads)
-    return res
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["tasks"] -= 1
+            if _THREADS_STATE["tasks"] == 0:
+                torch_n, nat_n = _THREADS_STATE["saved"]
+                torch.set_num_threads(torch_n)
+                if nat is not None:
+                    nat.set_num_threads(nat_n)
+                blas, _THREADS_STATE["blas"] = _THREADS_STATE["blas"], None
+                if blas is not None:
+                    blas.restore_original_limits()
 
 
 def _global_rows(msg: str, shard: Shard) -> str:
@@ -513,8 +550,9 @@ def _as_matrix(x: Any, name: str, allow_empty: bool = False) -> np.ndarray:
     a = to_numpy(x, name=name)
     if a.ndim != 2 or (a.shape[0] == 0 and not allow_empty) or a.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty 2D array (rows, dims), got shape {a.shape}")
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"{name}: expected real numbers, got dtype {a.dtype}")
+    if a.dtype.kind not in "fiu" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
+        # (float128 was refused on a worker, after the cluster started)
+        raise TypeError(f"{name}: expected real numbers of at most 64 bits, got dtype {a.dtype}")
     a = np.ascontiguousarray(a)
     step = max(1, (1 << 24) // a.shape[1])
     for r in range(0, a.shape[0], step):
@@ -592,13 +630,25 @@ class _Checkpoints:
     def path(self, shard: Shard) -> Path:
         return self.dir / f"allpairs-{self.key}-{shard.name}.npz"
 
+    def tag(self, shard: Shard) -> str:
+        """What a shard's file records of the job and the shard it holds."""
+        return f"{self.key}/{shard.name}"
+
     def load(self, shard: Shard, cls: type) -> AllPairsResult | None:
-        """The saved result of ``shard`` if its file is there and matches the shard; else None."""
+        """The saved result of ``shard`` if its file is there, holds that shard (by the tag saved in it: a file
+        of another shard of the same size, copied or renamed over it, was used silently) and matches it; else
+        None."""
         p = self.path(shard)
         if not p.is_file():
             return None
         try:
             res = cls.load(p)
+            with np.load(p, allow_pickle=False) as z:
+                tag = str(z["shard_tag"]) if "shard_tag" in z.files else None
+            if tag != self.tag(shard):
+                raise ValueError(f"it holds {'shard ' + tag.rsplit('/', 1)[-1] if tag else 'no shard tag'}"
+                                 f"{' of another job' if tag and not tag.startswith(self.key + '/') else ''}, "
+                                 f"not shard {shard.name}")
             _check_part(res, shard, self.opts)
         except Exception as exc:  # noqa: BLE001 - any unreadable or mismatched file is recomputed
             logger.warning("checkpoint %s is not usable (%s); recomputing the shard", p, exc)
@@ -606,7 +656,7 @@ class _Checkpoints:
         return res
 
     def save(self, shard: Shard, res: AllPairsResult) -> None:
-        res.save(self.path(shard))
+        res._save(self.path(shard), shard_tag=np.array(self.tag(shard)))
 
 
 def _check_part(res: AllPairsResult, shard: Shard, opts: dict[str, Any]) -> None:
@@ -730,6 +780,25 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     """
     from .all_pairs import PRECISIONS, AllPairsResult
 
+    # (first, whatever the inputs: an empty synthetic set returned before workers=-1 was refused, and the
+    # shard sizes were checked once a cluster had started, some read through int(): "7", 2.7, True)
+    check_cluster_options(workers, scheduler)
+    for name, v in (("shard_size", shard_size), ("train_shard_size", train_shard_size),
+                    ("threads_per_task", threads_per_task)):
+        if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+    if device is not None:
+        import torch
+
+        try:
+            dev_type = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device={device!r} is not a device ({exc})") from exc
+        if dev_type not in ("cpu", "cuda"):
+            raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' (or 'cuda:N'), or None "
+                             "(each worker's GPU when it has one)")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise NotADirectoryError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is an existing file, not a folder")
     self_mode = synth is None
     tr = _as_matrix(train, "train")
     sy = None if self_mode else _as_matrix(synth, "synth", allow_empty=True)
@@ -755,10 +824,9 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
-                            "backend": backend, "device": device, "threads": threads_per_task,
+                            "backend": backend, "device": device,
+                            "threads": None if threads_per_task is None else int(threads_per_task),
                             "precision": precision}
-    if threads_per_task is not None and (isinstance(threads_per_task, bool) or int(threads_per_task) < 1):
-        raise ValueError(f"threads_per_task must be a positive integer, got {threads_per_task!r}")
     if backend not in (None, "auto", *BACKENDS):
         # (the name is checked here, before a cluster starts: it was refused on a worker, after start-up; whether
         # it is available is the workers' matter, a GPU worker's Triton say)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -150,6 +152,122 @@ def test_plan_rejects_blocks_smaller_than_k():
         dd.plan_shards(10, 100, k=6, shard_size=5, train_shard_size=4, self_mode=False)
     with pytest.raises(ValueError, match="shard_size must be >= 1"):
         dd.plan_shards(10, 100, k=1, shard_size=0, train_shard_size=None, self_mode=False)
+
+
+def test_self_mode_blocks_rounded_to_shards_still_hold_k_plus_one_rows():
+    """In self mode a training block is rounded down to whole synthetic shards, and could fall under k + 1
+    rows: train_shard_size=61 with k=60 and shards of 30 became 60, and the plan refused the size it had been
+    given ("train_shard_size=61 leaves training blocks with fewer than 61 rows"), or the size the memory
+    budget had chosen, after the cluster started. It rounds up to the first multiple of k + 1 rows or more
+    then; every valid size plans, and every pair is covered once."""
+    blocks = sorted({(s.t0, s.t1) for s in dd.plan_shards(211, 211, k=60, shard_size=30, train_shard_size=61,
+                                                          self_mode=True)})
+    assert blocks[0] == (0, 90) and all(b - a >= 61 for a, b in blocks)
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(2, 80))
+        k = int(rng.integers(1, n))
+        ss = int(rng.integers(1, n + 1))
+        ts = int(rng.integers(k + 1, n + 1))
+        shards = dd.plan_shards(n, n, k=k, shard_size=ss, train_shard_size=ts, self_mode=True)
+        cover = np.zeros((n, n), np.int64)
+        for s in shards:
+            assert s.n_train >= k + 1, (n, k, ss, ts, s)
+            cover[s.s0:s.s1, s.t0:s.t1] += 1
+            assert s.self_offset is not None or s.s1 <= s.t0 or s.s0 >= s.t1
+        assert (cover == 1).all(), (n, k, ss, ts)
+
+
+def test_options_are_checked_before_a_cluster_starts(monkeypatch, tmp_path):
+    """shard_size="7", 2.7 and True were read through int(); train_shard_size=2.5 and threads_per_task="x"
+    failed in Python's own words, 2.5 threads on a worker; device="mps" and float128 rows were refused on a
+    worker; an empty synthetic set returned before workers=-1 was refused; a checkpoint_dir that is a file
+    said "File exists" after the cluster started. Each is named now, before any cluster."""
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(dd, "cluster_client", no_cluster)
+    tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    cases = [(dict(shard_size="7"), "shard_size must be a positive integer or None, got '7'"),
+             (dict(shard_size=2.7), "shard_size must be a positive integer or None, got 2.7"),
+             (dict(shard_size=True), "shard_size must be a positive integer or None, got True"),
+             (dict(train_shard_size=2.5), "train_shard_size must be a positive integer or None, got 2.5"),
+             (dict(train_shard_size="10"), "train_shard_size must be a positive integer or None, got '10'"),
+             (dict(threads_per_task="x"), "threads_per_task must be a positive integer or None, got 'x'"),
+             (dict(threads_per_task=np.float64(2.0)), "threads_per_task must be a positive integer"),
+             (dict(device="mps"), "device='mps' is not supported"),
+             (dict(device="nonsense"), "device='nonsense' is not a device")]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            dd.all_pairs_distributed(tr, tr[:5], k=2, workers=2, progress=False, **kw)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        dd.all_pairs_distributed(tr, tr[:0], k=2, workers=-1, progress=False)
+    with pytest.raises(ValueError, match="scheduler must be a Dask scheduler address"):
+        dd.all_pairs_distributed(tr, tr[:0], k=2, scheduler="", progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="checkpoint_dir .*afile.* is an existing file"):
+        dd.all_pairs_distributed(tr, tr[:5], k=2, workers=2, progress=False, checkpoint_dir=tmp_path / "afile")
+    if hasattr(np, "float128"):
+        with pytest.raises(TypeError, match="synth: expected real numbers of at most 64 bits, got dtype float128"):
+            dd.all_pairs_distributed(tr, tr[:5].astype(np.float128), k=2, workers=2, progress=False)
+
+
+def test_a_closed_client_is_named():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        c = Client(cluster)
+        c.close()
+        tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+        with pytest.raises(dd.DistributedError, match="the Client given as scheduler is closed; pass an open one"):
+            dd.all_pairs_distributed(tr, tr[:5], k=2, scheduler=c, progress=False)
+
+
+def test_tasks_in_the_callers_process_leave_its_thread_settings(monkeypatch):
+    """Two tasks running at once in the caller's process (a Client(processes=False)) each saved the thread
+    settings they found and restored them: the second saved the first one's 1 thread, and after the run the
+    caller's later all_pairs and torch work ran on 1 thread. The settings are saved by the first task to
+    start and restored by the last to end."""
+    import importlib
+    import threading
+
+    import torch
+
+    from deepssim_fast import _native
+
+    ap = importlib.import_module("deepssim_fast.all_pairs")
+    a_in, b_in = threading.Event(), threading.Event()
+    threads: dict[str, threading.Thread] = {}
+
+    def task_body(train, synth, **kw):
+        if threading.current_thread() is threads["a"]:
+            a_in.set()
+            assert b_in.wait(10)
+        else:
+            b_in.set()
+            threads["a"].join(10)  # (b ends last, after a has ended)
+        return "result"
+
+    monkeypatch.setattr(ap, "all_pairs", task_body)
+    before = torch.get_num_threads(), _native.num_threads()
+    torch.set_num_threads(2)
+    _native.set_num_threads(2)
+    try:
+        train = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
+        shard = dd.Shard(sindex=0, tblock=0, s0=0, s1=3, t0=0, t1=10, self_offset=None)
+        opts = {"k": 2, "thresholds": (0.6, 0.85), "bins": 10, "backend": "native", "device": None,
+                "threads": 1, "precision": "ieee"}
+        run = lambda: dd._run_shard(train, train[:3], shard, opts)  # noqa: E731
+        threads["a"] = threading.Thread(target=run)
+        threads["b"] = threading.Thread(target=run)
+        threads["a"].start()
+        assert a_in.wait(10)
+        threads["b"].start()
+        threads["b"].join(20)
+        assert torch.get_num_threads() == 2 and _native.num_threads() == 2
+    finally:
+        torch.set_num_threads(before[0])
+        _native.set_num_threads(before[1])
 
 
 def test_default_shard_size_depends_on_problem_only():
@@ -301,7 +419,7 @@ def test_checkpoint_resume_skips_finished_shards(client, emb, tmp_path, caplog):
     files[2].write_bytes(b"not an npz")
     poisoned = AllPairsResult.load(files[1])
     poisoned.class_counts = dict(poisoned.class_counts, duplicate=poisoned.class_counts["duplicate"] + 1000)
-    poisoned.save(files[1])
+    _resave(poisoned, files[1])
     untouched = {f: f.stat().st_mtime_ns for f in files[3:-1]}
     with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
         second = dd.all_pairs_distributed(tr, sy, **kw)
@@ -325,6 +443,37 @@ def test_checkpoint_resume_skips_finished_shards(client, emb, tmp_path, caplog):
     assert_same(fourth, want)
 
 
+def _resave(res: AllPairsResult, f: Path) -> None:
+    """Write ``res`` over the checkpoint file ``f``, keeping the shard tag the file holds."""
+    with np.load(f) as z:
+        tag = z["shard_tag"]
+    res._save(f, shard_tag=tag)
+
+
+def test_a_checkpoint_file_of_another_shard_is_not_used(client, emb, tmp_path, caplog):
+    """A shard file copied or renamed over another shard's of the same size was loaded as that shard: the
+    resumed result was wrong (23 scores and 27 indices off in a probe) without a word. Each file records its
+    job and shard now; a file holding another one is named and recomputed."""
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=30, progress=False, checkpoint_dir=tmp_path)
+    want = all_pairs(tr, sy, k=4, progress=False)
+    dd.all_pairs_distributed(tr, sy, **kw)
+    files = sorted(tmp_path.glob("allpairs-*-s*.npz"))  # (shard names are zero-padded: in row order)
+    assert AllPairsResult.load(files[1]).n_synth == AllPairsResult.load(files[2]).n_synth
+    shutil.copy(files[1], files[2])
+    old = AllPairsResult.load(files[3])
+    old.save(files[3])  # (a file without a tag, as the previous format wrote them)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        got = dd.all_pairs_distributed(tr, sy, **kw)
+    assert_same(got, want)
+    msgs = [r.getMessage() for r in caplog.records]
+    name1, name2 = (f.stem.split("-", 2)[2] for f in files[1:3])  # (allpairs-<job>-<shard>)
+    assert any(str(files[2]) in m and f"it holds shard {name1}, not shard {name2}" in m for m in msgs), msgs
+    assert any(str(files[3]) in m and "no shard tag" in m for m in msgs), msgs
+    assert any("2 to run" in m for m in msgs), msgs
+
+
 def test_resume_from_shards_of_another_engine_is_named_and_warned(client, emb, tmp_path, caplog):
     # backend=None picks each worker's engine: a run resumed on other workers (GPU after CPU) mixes engines,
     # whose scores differ in the last bits. The result was labelled with one of them, without a word.
@@ -335,7 +484,7 @@ def test_resume_from_shards_of_another_engine_is_named_and_warned(client, emb, t
     files = sorted(tmp_path.glob("allpairs-*-s*.npz"))
     other = AllPairsResult.load(files[1])
     other.backend = "triton"  # as a GPU worker would have labelled it
-    other.save(files[1])
+    _resave(other, files[1])
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
         second = dd.all_pairs_distributed(tr, sy, **kw)
     assert second.backend == "native+triton"
