@@ -410,6 +410,35 @@ def test_out_inside_an_input_folder_is_not_audited_on_a_rerun(
     assert r3.summary["n_train"] == 14 and r3.summary["n_synth"] == 2
 
 
+@pytest.mark.parametrize("axis", [2, 0])
+def test_an_earlier_audits_out_inside_an_input_folder_is_not_audited(
+    ds: dict, tmp_path: Path, axis: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An audit into gen/audit1 and then another into gen/audit2: the second read audit1's gallery,
+    histogram and pixel stores as more synthetic items (7.7 % memorised instead of 50 % in a probe), and with
+    --axis 0 audit1's stored training pixels came back as exact copies of the training set (69.6 %). Other
+    audits' output folders inside the inputs are left out now, each named in a warning; the second audit
+    counts what the first did."""
+    train, gen = tmp_path / "train", tmp_path / "gen"
+    shutil.copytree(ds["train"], train)
+    gen.mkdir()
+    for name in ("s00.npy", "s04.npy", "s12.npy"):  # a flipped copy, an exact copy, a novel scan
+        shutil.copy(ds["synth"] / name, gen / name)
+    # (2D inputs give themselves whatever the axis; audit1's (N, H, W) pixel stores are cut along it)
+    kw = dict(metric="ssim", k=2, verify="none", progress=False, policy=SlicePolicy(axis=axis))
+    r1 = A.audit(train, gen, out=gen / "audit1", **kw)
+    assert r1.summary["n_synth"] == 3
+    assert (gen / "audit1" / "gallery.png").exists() and sorted((gen / "audit1" / "work").glob("*.npy"))
+    with caplog.at_level("WARNING", logger="deepssim_fast.audit"):
+        r2 = A.audit(train, gen, out=gen / "audit2", **kw)
+    for key in ("n_train", "n_synth", "n_train_files", "n_synth_files", "counts", "fraction_memorised"):
+        assert r2.summary[key] == r1.summary[key], key
+    assert "earlier audit's output folder" in caplog.text and str(gen / "audit1") in caplog.text
+    # a set of nothing but another audit's outputs is named
+    with pytest.raises(ValueError, match=r"synth set holds only the outputs of earlier audits .*audit1"):
+        A.audit(train, gen / "audit1", out=tmp_path / "o3", **kw)
+
+
 def test_own_outputs_in_a_separate_cache_are_left_out_too(tmp_path: Path) -> None:
     """The cache's embedding stores (.npy) under an input folder are outputs too, named as given or
     through a link; a set of nothing but outputs is an error naming the way out."""
