@@ -349,8 +349,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         atomic_write_bytes(ids, json.dumps(keys, indent=0).encode("ascii"))
     else:  # (a file name that is not UTF-8 keeps its own bytes)
         atomic_write_bytes(ids, os.fsencode("".join(k + "\n" for k in keys)))
-    for p, r in skipped:
-        print(f"warning: skipped {one_line(p)}: {one_line(skip_reason(p, r))}", file=sys.stderr)
+    _print_skipped([f"skipped {one_line(p)}: {one_line(skip_reason(p, r))}" for p, r in skipped], "the warnings above")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (item ids in {ids})")
     return 0
 
@@ -364,10 +363,24 @@ def _print_summary(s: dict, out: str) -> None:
         f"{c['duplicate']} duplicate, {c['similar']} similar, {c['different']} different "
         f"— {format_percent(s['fraction_memorised'])} % memorised"
     )
-    for sk in s["skipped"]:
-        print(f"warning: skipped {sk['set']} input {one_line(sk['path'])}: "
-              f"{one_line(skip_reason(sk['path'], sk['reason']))}", file=sys.stderr)
+    _print_skipped([f"skipped {sk['set']} input {one_line(sk['path'])}: "
+                    f"{one_line(skip_reason(sk['path'], sk['reason']))}" for sk in s["skipped"]],
+                   f"{out}/summary.json ('skipped') and the report")
     print(f"report: {out}/report.html")
+
+
+# At the end of a command, at most this many skipped inputs are repeated (each was logged when it was met).
+SKIPPED_SHOWN = 10
+
+
+def _print_skipped(lines: list[str], where: str) -> None:
+    """The skipped inputs, again after the progress bars: the first :data:`SKIPPED_SHOWN`, then how many more
+    and where all are listed (thousands of bad files had every one said twice)."""
+    for line in lines[:SKIPPED_SHOWN]:
+        print(f"warning: {line}", file=sys.stderr)
+    if len(lines) > SKIPPED_SHOWN:
+        print(f"warning: ... and {len(lines) - SKIPPED_SHOWN} more skipped inputs ({len(lines)} in all; every one "
+              f"is in {where})", file=sys.stderr)
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -785,7 +798,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     level = logging.WARNING - 10 * min(verbosity(args), 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # -v/-vv speak for this tool (and its bench scripts); other libraries keep to warnings: -vv had put
+    # dozens of matplotlib font_manager and PIL chunk lines between the tool's own
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("deepssim_fast", "bench"):
+        logging.getLogger(name).setLevel(level)
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
         dask_logging(level)
     # SIGTERM (a batch scheduler's time limit, `kill`) ends a command as Ctrl-C does: the same one line and resume

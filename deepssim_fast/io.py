@@ -50,6 +50,7 @@ import glob
 import io
 import logging
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -765,6 +766,19 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
             "(the images of a batch, the slices of such a volume), or save one image per file")
 
 
+def skip_reason(path: str, reason: str) -> str:
+    """A skip reason without its leading ``path: `` or ``path#axis:index: `` (the readers' errors name the file
+    or the slice; where the path is shown beside the reason it was said twice). A slice's own place is kept:
+    ``#2:0: constant image ...`` becomes ``slice 2:0: constant image ...``."""
+    if reason.startswith(f"{path}: "):
+        return reason[len(path) + 2:]
+    m = re.match(re.escape(path) + r"((?:@t\d+)?)#(\d+):(\d+): ", reason)
+    if m is not None:
+        frame = f"frame {m.group(1)[2:]}, " if m.group(1) else ""
+        return f"{frame}slice {m.group(2)}:{m.group(3)}: {reason[m.end():]}"
+    return reason
+
+
 def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     """All slices of one file (read fully before returning, so a corrupt file fails before any slice)."""
     from .data import volume_slices
@@ -869,13 +883,13 @@ def iter_slices(
         except DataError as exc:
             if strict:
                 raise
-            logger.warning("skipping %s: %s", p, one_line(exc))
+            logger.warning("skipping %s: %s", p, one_line(skip_reason(str(p), str(exc))))
             if skipped is not None:
                 skipped.append((str(p), str(exc)))
             continue
         if not slices:  # (readable, but nothing to give: said as the audit says it, never dropped silently)
             reason = no_slice_reason(p, policy)
-            logger.warning("skipping %s: %s", p, one_line(reason))
+            logger.warning("skipping %s: %s", p, one_line(skip_reason(str(p), reason)))
             if skipped is not None:
                 skipped.append((str(p), reason))
         yield from slices

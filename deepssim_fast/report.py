@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_write_bytes as _atomic_bytes
+from .io import skip_reason
 
 logger = logging.getLogger(__name__)
 
@@ -268,19 +269,6 @@ def format_score(value: float, thresholds: Sequence[float], decimals: int = 4) -
             break
         txt = f"{v:.{digits}f}"
     return txt
-
-
-def skip_reason(path: str, reason: str) -> str:
-    """A skip reason without its leading ``path: `` or ``path#axis:index: `` (the readers' errors name the file
-    or the slice; where the path is shown beside the reason it was said twice). A slice's own place is kept:
-    ``#2:0: constant image ...`` becomes ``slice 2:0: constant image ...``."""
-    if reason.startswith(f"{path}: "):
-        return reason[len(path) + 2:]
-    m = re.match(re.escape(path) + r"((?:@t\d+)?)#(\d+):(\d+): ", reason)
-    if m is not None:
-        frame = f"frame {m.group(1)[2:]}, " if m.group(1) else ""
-        return f"{frame}slice {m.group(2)}:{m.group(3)}: {reason[m.end():]}"
-    return reason
 
 
 def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Sequence[dict]) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from _checkout import run_python
 
 from deepssim_fast import data
 from deepssim_fast.cli import build_parser, main
@@ -1043,7 +1044,7 @@ def test_embed_names_volumes_that_give_no_slice(tmp_path: Path, capsys: pytest.C
     torch.manual_seed(0)
     build_model("small", input_size=32).save_checkpoint(tmp_path / "m.pt")
     (tmp_path / "imgs").mkdir()
-    np.save(tmp_path / "imgs" / "zero.npy", np.zeros((8, 8, 4), np.float32))
+    np.save(tmp_path / "imgs" / "zero.npy", np.zeros((8, 8, 5), np.float32))
     out = tmp_path / "e.npy"
     assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", str(tmp_path / "imgs" / "zero.npy"),
                  "--out", str(out)]) == 2
@@ -1283,3 +1284,51 @@ def test_train_resume_without_a_length_keeps_the_runs_own(folders: dict, tmp_pat
     assert main(["train", *base, "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "r" / "last.pt"),
                  "--max-steps", "4"]) == 0
     assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 4
+
+
+def test_many_skipped_inputs_are_repeated_at_the_end_up_to_a_limit_and_logged_without_a_doubled_path(
+    folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every skipped file was said twice, in the log as it was met and again at the end, with thousands of bad
+    files doubling the log; embed's and train's log line also named the path twice ("skipping X: X: not a
+    readable PNG file"). The end repeats the first ten now and says how many more and where all are; the log
+    line names the path once."""
+    from deepssim_fast.cli import SKIPPED_SHOWN
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    np.save(imgs / "good.npy", folders["arrs"][55])
+    n_bad = SKIPPED_SHOWN + 3
+    for i in range(n_bad):
+        (imgs / f"bad{i:02d}.png").write_bytes(b"not a png")
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    model = save_checkpoint(tmp_path / "enc.pt", build_model("small"))
+    with caplog.at_level("WARNING"):
+        rc = main(["embed", "--model", str(model), "--images", str(imgs), "--out", str(tmp_path / "e.npy"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    shown = [ln for ln in err.splitlines() if ln.startswith("warning: skipped")]
+    assert len(shown) == SKIPPED_SHOWN
+    assert f"warning: ... and 3 more skipped inputs ({n_bad} in all; every one is in the warnings above)" in err
+    logged = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(logged) == n_bad
+    for m in logged:
+        path = m.split("skipping ", 1)[1].split(": ", 1)[0]
+        assert m.count(path) == 1, m
+
+
+def test_verbose_speaks_for_this_tool_not_for_every_library(tmp_path: Path) -> None:
+    """-vv set the root logger to DEBUG: dozens of PIL chunk lines (and matplotlib font_manager lines in an
+    audit) came between the tool's own. -v/-vv now set this tool's level; other libraries keep to warnings."""
+    vol = data.load_volume("mni152").array
+    for name, z in (("a.png", 90), ("b.png", 92)):
+        sl = vol[40:120, 50:130, z]
+        Image.fromarray((sl / sl.max() * 255).astype(np.uint8)).save(tmp_path / name)
+    r = run_python("import sys; from deepssim_fast.cli import main; sys.exit(main(sys.argv[1:]))",
+                   "-vv", "ssim", str(tmp_path / "a.png"), str(tmp_path / "b.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DEBUG deepssim_fast" in r.stderr or "INFO deepssim_fast" in r.stderr, r.stderr[-2000:]
+    others = [ln for ln in r.stderr.splitlines() if ln.startswith(("DEBUG", "INFO"))
+              and not ln.split(" ", 2)[1].startswith(("deepssim_fast", "bench"))]
+    assert others == [], others[:5]

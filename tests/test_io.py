@@ -516,7 +516,8 @@ def test_iter_slices_logs_a_multi_line_reason_on_one_line(
     ((path, reason),) = skipped
     assert path == str(bad) and "\n" in reason and "damaged" in reason
     (msg,) = [rec.getMessage() for rec in caplog.records]
-    assert msg == f"skipping {bad}: {' '.join(reason.split())}"
+    assert reason.startswith(f"{bad}: ")  # (the log line names the path once)
+    assert msg == f"skipping {bad}: {' '.join(reason[len(str(bad)) + 2:].split())}"
 
 
 def test_discover_keeps_symlink_paths(tmp_path: Path) -> None:
