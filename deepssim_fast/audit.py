@@ -576,6 +576,11 @@ def _decode_file(p: Path, mode: str, policy: SlicePolicy) -> tuple[list[str], li
                                 f"SSIM window along axis {axis}{batch} (2D images are audited in slices mode)")
         return [src for src, _ in vols], list(range(len(vols))), [a for _, a in vols]
     slices = _file_slices(p, policy)
+    small = next((s for s in slices if min(s.array.shape) < _SSIM_WINDOW), None)
+    if small is not None:  # (a 2D image: a volume's slices were checked as it was cut)
+        # it was padded to the item size and audited (or, read first, set an item size that stopped the audit)
+        raise DataError(f"{p}: an image of {small.array.shape[0]} x {small.array.shape[1]} pixels, smaller than the "
+                        f"{_SSIM_WINDOW}-pixel SSIM window (each side must be at least {_SSIM_WINDOW})")
     return [s.key for s in slices], [s.index for s in slices], [s.array for s in slices]
 
 

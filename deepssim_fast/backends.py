@@ -89,11 +89,28 @@ def _cupy_version() -> str | None:
     return cupy.__version__
 
 
+def _topk_kernel_in_force(nat: Any) -> dict[str, Any]:
+    """The all-pairs GEMM kernel a call would use here: ``topk_kernel`` (``int16-vnni``, ``int16-avx2`` or
+    ``fp32``), ``topk_kernel_choice`` (``auto``: int16 where the CPU has one, unless the bins are so fine that
+    fp32 costs less; or ``fp32``/``int16``, forced by ``set_topk_kernel`` or DEEPSSIM_FAST_TOPK_KERNEL) and,
+    when that variable holds no kernel name, ``topk_kernel_error`` (every all_pairs call raises it). Reported
+    before as what the CPU could run, whatever was forced."""
+    int16 = nat.topk_int16_kernel()
+    try:
+        choice = nat.topk_kernel_choice()
+    except ValueError as exc:
+        return {"topk_kernel": None, "topk_kernel_choice": None, "topk_kernel_error": str(exc)}
+    kernel = "fp32" if choice == "fp32" or int16 is None else int16
+    return {"topk_kernel": kernel, "topk_kernel_choice": choice}
+
+
 def backends() -> dict[str, Any]:
     """What is usable on this machine.
 
     Returns a dict with one entry per backend (``native``, ``torch``, ``triton``) plus ``cuda``
-    (device names) and ``cupy`` (version or None). Each backend entry has ``available`` and details.
+    (device names), ``cupy`` (version or None) and ``environment`` (the DEEPSSIM_FAST_* variables set). Each
+    backend entry has ``available`` and details (native: the all-pairs kernel in force, see
+    :func:`_topk_kernel_in_force`).
     """
     import torch
 
@@ -105,9 +122,8 @@ def backends() -> dict[str, Any]:
             detected_simd=nat.detected_simd_level(),
             threads=nat.num_threads(),
             capabilities=list(nat.capabilities),
-            # the all-pairs GEMM kernel a call would use here (int16 where the CPU has one, else fp32)
-            topk_kernel=nat.topk_int16_kernel() if hasattr(nat, "topk_int16_kernel") else None,
         )
+        native.update(_topk_kernel_in_force(nat))
     cuda = _cuda_devices()
     tv = _triton_version()
     triton_ok = tv is not None and not _triton_too_old(tv) and (bool(cuda) or triton_interpret())

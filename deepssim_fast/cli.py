@@ -48,9 +48,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if nat["available"]:
         print(
             f"native : yes  simd={nat['simd']} (cpu supports {nat['detected_simd']})  "
-            f"threads={nat['threads']}  all-pairs kernel={nat.get('topk_kernel') or '-'}  "
-            f"capabilities={','.join(nat['capabilities']) or '-'}"
+            f"threads={nat['threads']}  all-pairs kernel={nat.get('topk_kernel') or '-'}"
+            + (f" (forced: {nat['topk_kernel_choice']})" if nat.get("topk_kernel_choice") not in (None, "auto")
+               else "")
+            + f"  capabilities={','.join(nat['capabilities']) or '-'}"
         )
+        if nat.get("topk_kernel_error"):
+            print(f"note: {nat['topk_kernel_error']}: every all_pairs call on the native engine will fail")
     else:
         print("native : NO  (the C++ extension did not import; reinstall from source)")
     print(f"torch  : yes  threads={info['torch']['threads']}")
@@ -221,39 +225,13 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     return 0
 
 
-_RESUMED_OPTIONS = ("batch_size", "lr", "lr_schedule", "warmup_steps", "val_fraction", "val_pairs", "val_every",
-                    "zoom_out")
-
-
-def _resumed_defaults(args: argparse.Namespace) -> None:
-    """Fill the train options not given: with --resume from the checkpoint's record of its run (a resume with
-    the command's defaults ran another run: --val-fraction 0.1 after 0.25 trained on the old validation images,
-    and without validation), else train()'s defaults."""
-    prev: dict = {}
-    if args.resume:
-        from .model import read_checkpoint
-
-        prev = read_checkpoint(args.resume).get("train_args") or {}
-    for name in _RESUMED_OPTIONS:
-        if getattr(args, name) is None:
-            value = prev.get(name, _train_default(name))
-            setattr(args, name, tuple(value) if name == "zoom_out" and value is not None else value)
-    # the length of the run: a resume given neither --epochs nor --max-steps (as the interrupt hint puts it)
-    # ran --epochs' default 40 instead of the interrupted run's own total
-    if args.max_steps is None and args.epochs is None and prev.get("total_steps"):
-        args.max_steps = int(prev["total_steps"])
-    if args.epochs is None:
-        args.epochs = _train_default("epochs")
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .io import discover
     from .training import train
 
-    _resumed_defaults(args)
-
+    # (the options not given are None: train() takes a resumed run's own, else its defaults)
     model = train(
         discover(args.images),
         backbone=args.backbone or (None if args.resume else "small"),
@@ -273,7 +251,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         input_size=args.input_size,
         size_policy=args.size_policy,
-        zoom_out=tuple(args.zoom_out or ()),
+        zoom_out=None if args.zoom_out is None else tuple(args.zoom_out),
         val_fraction=args.val_fraction,
         val_pairs=args.val_pairs,
         val_every=args.val_every,
@@ -492,11 +470,14 @@ def verbosity(args: argparse.Namespace) -> int:
 
 
 def _train_default(name: str):
-    """The default of ``train(name=...)``: the CLI's options without a default of their own use the API's."""
+    """The default of ``train(name=...)``: the CLI's options without a default of their own use the API's
+    (those a resume takes from its run are None in the signature: their value is in TRAIN_DEFAULTS)."""
     import inspect
 
-    from .training import train
+    from .training import TRAIN_DEFAULTS, train
 
+    if name in TRAIN_DEFAULTS:
+        return TRAIN_DEFAULTS[name]
     return inspect.signature(train).parameters[name].default
 
 
@@ -557,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None,
                    help="number of optimizer steps; overrides --epochs")
     t.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    # (options of the run a checkpoint records: with --resume, those not given are the checkpoint's; see
-    # _resumed_defaults)
+    # (options of the run a checkpoint records: with --resume, those not given are the checkpoint's, as
+    # train() takes them)
     t.add_argument("--batch-size", type=int, default=None,
                    help=f"image pairs per step (default {_train_default('batch_size')})")
     t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_train_default('lr')})")
@@ -585,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--zoom-out", type=float, nargs="*", default=None, metavar="F",
                    help="zoom-out augmentation factors, e.g. 0.5 0.65 0.8 (off by default)")
     t.add_argument("--resume", default=None, help="checkpoint to resume from (OUT/last.pt); the options of its "
-                   "run that are not given here (batch size, learning rate and schedule, validation, zoom-out) "
-                   "are taken from it")
+                   "run that are not given here (the number of steps, batch size, learning rate, schedule and "
+                   "warm-up, validation, zoom-out) are taken from it")
     t.add_argument("--seed", type=int, default=None,
                    help="seed of the weights, pairs and split (default 42; with --resume, the checkpoint's)")
     t.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")

@@ -185,10 +185,16 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: S
         elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file() and not _under(q, outputs):
             other[q.suffix.lower()] = other.get(q.suffix.lower(), 0) + 1
     if other:
-        counts = ", ".join(f"{n} {suf}" for suf, n in sorted(other.items()))
-        logger.warning("%s: %d file(s) of image formats this tool does not read are left out (%s); convert them "
-                       "to %s", p, sum(other.values()), counts, ", ".join(EXTENSIONS))
+        _warn_other_formats(p, other)
     return found
+
+
+def _warn_other_formats(where: Any, other: dict[str, int]) -> None:
+    """One warning for the files of image formats this tool does not read found at ``where`` (a folder or a
+    glob pattern), counted by suffix."""
+    counts = ", ".join(f"{n} {suf}" for suf, n in sorted(other.items()))
+    logger.warning("%s: %d file(s) of image formats this tool does not read are left out (%s); convert them "
+                   "to %s", where, sum(other.values()), counts, ", ".join(EXTENSIONS))
 
 
 def _glob_parts_match(pat: list[str], parts: list[str]) -> bool:
@@ -247,10 +253,11 @@ def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
     base = root or os.curdir
     found: list[Path] = []
     searched: list[str] = []
+    other: dict[str, int] = {}
     for h in sorted(_glob(pattern)):
+        if any(h.startswith(d.rstrip(os.sep) + os.sep) for d in searched):
+            continue  # inside a folder already searched: nothing new (its other-format files counted once)
         if os.path.isdir(h):
-            if any(h.startswith(d.rstrip(os.sep) + os.sep) for d in searched):
-                continue  # inside a folder already searched: nothing new
             searched.append(h)
             rel = os.path.relpath(h, base)
             steps = [] if rel == os.curdir else rel.split(os.sep)[:-1]
@@ -261,6 +268,11 @@ def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
                 found.extend(_search_dir(Path(h), outputs=outputs))
         elif _is_candidate(Path(h)):
             found.append(Path(h))
+        elif Path(h).suffix.lower() in _OTHER_IMAGE_SUFFIXES and os.path.isfile(h) and not _under(Path(h), outputs):
+            # (matched directly, they were left out without the warning a search of their folder gives)
+            other[Path(h).suffix.lower()] = other.get(Path(h).suffix.lower(), 0) + 1
+    if other:
+        _warn_other_formats(pattern, other)
     return found
 
 

@@ -693,18 +693,24 @@ def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+# The defaults of train's options that a resume takes from its run when they are not given (None).
+TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 40, "batch_size": 32, "lr": 1e-3, "lr_schedule": "constant",
+                                  "warmup_steps": 0, "val_fraction": 0.1, "val_pairs": 256, "val_every": None,
+                                  "zoom_out": ()}
+
+
 def train(images: Any, *, backbone: str | None = None, pretrained: str | os.PathLike | None = None,
-          max_steps: int | None = None, epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
-          weight_decay: float = 1e-3, emb_dim: int | None = None, val_images: Any = None,
+          max_steps: int | None = None, epochs: int | None = None, batch_size: int | None = None,
+          lr: float | None = None, weight_decay: float = 1e-3, emb_dim: int | None = None, val_images: Any = None,
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None, seed: int | None = None,
           device: str | torch.device | None = None, input_size: int | None = None,
           size_policy: str | None = None,
           freeze_stages: bool | None = None, pairs_csv: str | os.PathLike | None = None, policy: Any = None,
-          val_fraction: float = 0.1, val_pairs: int = 256, val_every: int | None = None,
-          pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str = "constant",
-          warmup_steps: int = 0, grad_clip: float = 1.0, time_limit: float | None = None,
+          val_fraction: float | None = None, val_pairs: int | None = None, val_every: int | None = None,
+          pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str | None = None,
+          warmup_steps: int | None = None, grad_clip: float = 1.0, time_limit: float | None = None,
           cpu_time_limit: float | None = None, progress: bool = True, tensorboard: bool = False,
-          zoom_out: Sequence[float] = (), strict: bool = False) -> DeepSSIMNet:
+          zoom_out: Sequence[float] | None = None, strict: bool = False) -> DeepSSIMNet:
     """Train a DeepSSIM encoder; returns the model with the best validation weights (eval mode).
 
     images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
@@ -713,12 +719,16 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     backbone:     ``convnext_base`` (paper; the default), ``convnext_tiny``, ``resnet18`` or ``small``;
                   with ``resume=`` the checkpoint's (a different one given here is an error).
     pretrained:   LOCAL torchvision ImageNet state_dict file for the backbone (never downloaded).
-    max_steps:    number of optimizer steps; overrides ``epochs`` (an epoch is ceil(n_train / batch_size)
-                  steps, each image being the first of a pair once per epoch on average).
+    max_steps:    number of optimizer steps; overrides ``epochs`` (default 40; an epoch is
+                  ceil(n_train / batch_size) steps, each image being the first of a pair once per epoch on
+                  average).
     val_images:   validation images; default: ``val_fraction`` of ``images``, chosen by ``seed``.
     out:          directory for ``best.pt``, ``last.pt``, ``log.csv`` (and TensorBoard events).
-    resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored
-                  and training continues to ``max_steps``/``epochs`` on the same loss curve.
+    resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored,
+                  and the options left at None (``max_steps`` and ``epochs``: the run's number of steps;
+                  ``batch_size``, ``lr``, ``lr_schedule``, ``warmup_steps``, ``val_fraction``, ``val_pairs``,
+                  ``val_every``, ``zoom_out``) are the run's own, so that training continues on the same loss
+                  curve; one given with another value is used, and named in a warning.
     seed:         seed of the initial weights, pairs, augmentations and split (default 42); with ``resume=``
                   the checkpoint's (another one given is not used, and said so in a warning).
     input_size, size_policy, freeze_stages: see :func:`deepssim_fast.model.build_model` (defaults: the
@@ -728,8 +738,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                   (``train`` rows) and validate on (``val`` rows; a CSV without them validates on pairs of
                   ``val_images`` when given, else not at all; both is an error). ``val_fraction`` does not
                   apply.
-    val_pairs:    number of fixed validation pairs; ``val_every``: validate every that many steps (default
-                  once per epoch, and at the end).
+    val_fraction: share of ``images`` held out for validation (0.1).
+    val_pairs:    number of fixed validation pairs (256); ``val_every``: validate every that many steps
+                  (default once per epoch, and at the end).
     pair_mix:     weights of (random, neighbour-slice, augmented-copy) pairs.
     zoom_out:     zoom-out factors (e.g. ``(0.5, 0.65, 0.8)``) for the pairs of training and validation; see
                   the module docstring. Off by default.
@@ -753,6 +764,20 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     ``model.best_val`` (lowest validation loss, or None) and ``model.skipped`` (``(path, reason)`` of the
     files left out).
     """
+    # options not given: a resumed run's own (a resume through the API ran at the defaults: batch size 32 and
+    # lr 1e-3 after 2 and 0.01, and 40 epochs after a run of 2 steps), else TRAIN_DEFAULTS
+    ck = read_checkpoint(resume) if resume is not None else None
+    prev = (ck.get("train_args") or {}) if ck is not None else {}
+    if max_steps is None and epochs is None and prev.get("total_steps"):
+        max_steps = int(prev["total_steps"])
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule,
+             "warmup_steps": warmup_steps, "val_fraction": val_fraction, "val_pairs": val_pairs,
+             "val_every": val_every, "zoom_out": zoom_out}
+    value = {name: v if v is not None else prev.get(name, TRAIN_DEFAULTS[name]) if name != "epochs"
+             else TRAIN_DEFAULTS["epochs"] for name, v in given.items()}
+    epochs, batch_size, lr, lr_schedule = value["epochs"], value["batch_size"], value["lr"], value["lr_schedule"]
+    warmup_steps, val_fraction, val_pairs = value["warmup_steps"], value["val_fraction"], value["val_pairs"]
+    val_every, zoom_out = value["val_every"], value["zoom_out"]
     if not (_count(batch_size) and batch_size >= 2):
         raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
     if max_steps is not None and not (_count(max_steps) and max_steps >= 1):
@@ -796,9 +821,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         raise NotADirectoryError(f"out={str(out_dir)!r} is an existing file; out is the directory for "
                                  f"best.pt, last.pt and log.csv")
     dev = _resolve_device(device)
-    ck = None
-    if resume is not None:
-        ck = read_checkpoint(resume)
+    if ck is not None:
         absent = [k for k in ("optimizer", "step") if k not in ck]
         if absent:
             raise ValueError(f"resume={str(resume)!r} has no training state ({', '.join(absent)}): it is a model "

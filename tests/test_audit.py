@@ -989,6 +989,26 @@ def test_bad_item_sizes_are_named_before_any_work(tmp_path: Path) -> None:
     assert r.summary["item_size"] == [20, 24] and r.summary["counts"]["duplicate"] == 1
 
 
+@pytest.mark.parametrize("tiny_name", ["a_tiny.npy", "z_tiny.npy"])
+def test_an_image_under_the_ssim_window_is_left_out_with_a_reason(ds: dict, tmp_path: Path, tiny_name: str) -> None:
+    """A 5 x 5 image among real slices was padded to the item size and audited (sorted last), or, read first,
+    set an item size that stopped the whole audit ("item size (5, 5) ... is smaller than the 7-pixel SSIM
+    window"). The README says such images are left out with a warning, as training leaves them out: they are
+    now, named with their size; --strict stops on them."""
+    train = tmp_path / "train"
+    shutil.copytree(ds["train"], train)
+    np.save(train / tiny_name, np.arange(25, dtype=np.float32).reshape(5, 5))
+    kw = dict(metric="ssim", k=1, verify="none", progress=False)
+    r = A.audit(train, ds["synth"] / "s04.npy", out=tmp_path / "o", **kw)
+    assert r.summary["n_train"] == 14 and r.summary["counts"]["duplicate"] == 1
+    (sk,) = [s for s in r.summary["skipped"] if s["set"] == "train"]
+    assert sk["path"] == str(train / tiny_name)
+    assert sk["reason"].endswith("an image of 5 x 5 pixels, smaller than the 7-pixel SSIM window (each side "
+                                 "must be at least 7)")
+    with pytest.raises(DataError, match=r"an image of 5 x 5 pixels, smaller than the 7-pixel SSIM window"):
+        A.audit(train, ds["synth"] / "s04.npy", out=tmp_path / "o2", strict=True, **kw)
+
+
 def test_verify_shifts_of_half_an_item_side_or_more_are_named_before_any_work(tmp_path: Path) -> None:
     """The best shift is found by circular cross-correlation, so shifts d and d - n of an n-pixel side tie:
     with --verify-shifts >= n/2 the scan took the wrong one (a copy of a real 29 x 29 slice shifted by (3, -2)

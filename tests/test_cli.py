@@ -99,7 +99,18 @@ def test_doctor_still_works(capsys: pytest.CaptureFixture, monkeypatch: pytest.M
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "environment: no DEEPSSIM_FAST_* overrides" in out
-    assert f"all-pairs kernel={_native.topk_int16_kernel()}" in out
+    assert f"all-pairs kernel={_native.topk_int16_kernel() or 'fp32'}  " in out
+    # the kernel in force, not the one the CPU could run (DEEPSSIM_FAST_TOPK_KERNEL=fp32 said int16-vnni), and
+    # a value that names no kernel (every all_pairs call then fails) is a note
+    monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "fp32")
+    assert main(["doctor"]) == 0
+    assert "all-pairs kernel=fp32 (forced: fp32)" in capsys.readouterr().out
+    monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "bogus")
+    assert main(["doctor"]) == 0
+    out_bogus = capsys.readouterr().out
+    assert ("note: DEEPSSIM_FAST_TOPK_KERNEL='bogus': expected 'auto', 'fp32' or 'int16': every all_pairs call on "
+            "the native engine will fail") in out_bogus
+    monkeypatch.delenv("DEEPSSIM_FAST_TOPK_KERNEL")
     if not triton["available"]:
         assert f"triton : no  version={triton['version']}  ({triton['reason']})" in out
         monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "triton")
@@ -714,14 +725,16 @@ def test_train_command_has_the_validation_and_schedule_options(
     them. Their defaults are train()'s own."""
     import inspect
 
-    from deepssim_fast.training import train
+    from deepssim_fast.training import TRAIN_DEFAULTS, train
 
-    from deepssim_fast.cli import _resumed_defaults
-
+    # not given: None, which train() reads as a resumed run's own value, else its default (TRAIN_DEFAULTS),
+    # and the help says that default
     args = build_parser().parse_args(["train", "--images", "x", "--out", "y"])
-    _resumed_defaults(args)  # (what the command does first: no --resume, so train()'s defaults)
-    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule", "warmup_steps", "batch_size", "lr"):
-        assert getattr(args, name) == inspect.signature(train).parameters[name].default, name
+    for name in ("val_fraction", "val_pairs", "val_every", "lr_schedule", "warmup_steps", "batch_size", "lr",
+                 "epochs", "zoom_out"):
+        assert getattr(args, name) is None and inspect.signature(train).parameters[name].default is None, name
+    helps = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert f"(default {TRAIN_DEFAULTS['batch_size']})" in helps and f"(default {TRAIN_DEFAULTS['lr']})" in helps
     out = tmp_path / "enc"
     # 7 images: the default val_fraction 0.1 holds out none (no best.pt); 0.5 holds out 4, so 3 train and
     # an epoch is 2 steps of batch 2, so the default would validate at steps 2 and 3 only

@@ -71,6 +71,14 @@ def test_discover_names_image_files_of_formats_it_does_not_read(
     assert len(msgs) == 1
     assert "4 file(s)" in msgs[0] and "2 .dcm" in msgs[0] and "1 .jpg" in msgs[0] and "1 .mgz" in msgs[0]
     assert "notes" not in msgs[0] and ".txt" not in msgs[0]
+    # a glob that matches them names them too (a quoted 'dir/*' finds what the folder's search finds, and
+    # left them out without a word); matched through a folder, they are counted once
+    for pattern, n in ((f"{tree}/*", 4), (f"{tree}/b/deep/*", 2), (f"{tree}/**", 4)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="deepssim_fast.io"):
+            discover(pattern)
+        msgs = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+        assert sum(int(m.split(" file(s)")[0].rsplit(" ", 1)[1]) for m in msgs) == n, (pattern, msgs)
 
 
 def test_discover_empty_directory_and_empty_list(tmp_path: Path) -> None:

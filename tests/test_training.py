@@ -164,6 +164,34 @@ def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices, caplog) -> N
     assert all(float(r["t_target"]) >= 0 and float(r["t_model"]) > 0 for r in rows)
 
 
+def test_an_api_resume_without_options_continues_the_runs_own_settings(tmp_path, mni_slices, caplog) -> None:
+    """train(resume=...) through the API ran at its own defaults, not the run's: batch size 32 and lr 1e-3
+    after 2 and 0.01 ("resuming ... with other settings"), and 40 epochs after a run of 4 steps, where its
+    docstring promised the same loss curve (the CLI took them from the checkpoint). Options not given are
+    the run's own now, as on the command line; given ones are used and named."""
+    imgs = mni_slices[:12]
+    kw = dict(SMALL, seed=5, batch_size=2, lr=0.01, val_pairs=4, val_every=2, lr_schedule="cosine",
+              warmup_steps=1, val_fraction=0.25)
+    full = train(imgs, max_steps=4, out=tmp_path / "full", **kw)
+    train(imgs, max_steps=4, out=tmp_path / "r", time_limit=0, **kw)  # stopped after its first step
+    assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 1
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        rest = train(imgs, out=tmp_path / "r", resume=tmp_path / "r" / "last.pt", progress=False)
+    assert "other settings" not in caplog.text, caplog.text
+    assert [r["step"] for r in rest.history] == [2, 3, 4]
+    assert [r["lr"] for r in rest.history] == [r["lr"] for r in full.history[1:]]
+    assert [r["loss"] for r in rest.history] == [r["loss"] for r in full.history[1:]]
+    args = read_checkpoint(tmp_path / "r" / "last.pt")["train_args"]
+    assert {k: args[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "val_fraction", "val_pairs",
+                                 "val_every", "total_steps")} == {
+        "batch_size": 2, "lr": 0.01, "lr_schedule": "cosine", "warmup_steps": 1, "val_fraction": 0.25,
+        "val_pairs": 4, "val_every": 2, "total_steps": 4}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):  # a given option is used and said
+        train(imgs, max_steps=5, lr=0.02, out=tmp_path / "r", resume=tmp_path / "r" / "last.pt", progress=False)
+    assert "lr 0.01 -> 0.02" in caplog.text
+
+
 def test_a_resumed_run_leaves_the_callers_torch_generator_as_it_was(tmp_path, mni_slices) -> None:
     """train forks torch's global generator (module docstring); a resumed run built its model (random
     initial weights, then replaced by the checkpoint's) outside the fork and so advanced the caller's."""
