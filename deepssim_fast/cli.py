@@ -211,7 +211,11 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         kw = {"spatial_dims": 3} if len(shape) == 3 else {}
         m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
         rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
-    if args.out:
+    if args.out == "-":  # the CSV on stdout (it was written to a file named "-")
+        w = csv.writer(sys.stdout)
+        w.writerow(["a", "b", "ssim"])
+        w.writerows(rows)
+    elif args.out:
         # (a file name that is not UTF-8 keeps its own bytes, as in the audit's matches.csv)
         with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8",
                                                 errors="surrogateescape") as f:
@@ -518,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frame", type=int, default=None,
                    help="the volume of 4D files (NIfTI, .npy) to compare, 0-based (-1: the last); every file must "
                    "then be 4D")
-    s.add_argument("--out", default=None, help="CSV file of the scores (columns a, b, ssim; default: print)")
+    s.add_argument("--out", default=None, help="CSV file of the scores (columns a, b, ssim; '-': the CSV on "
+                   "standard output; default: print the scores)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_ssim)
 
@@ -814,6 +819,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (isinstance(exc, NotADirectoryError) and exc.filename  # (the OS's own words only, not a message of ours)
                 and exc.strerror == os.strerror(errno.ENOTDIR)):
             text = f"{exc.filename}: a part of this path is a file, not a folder"
+        elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror and exc.filename2 is None:
+            # "[Errno 21] is an existing folder; give a file name: 'train'" -> "train: is an existing folder; ..."
+            text = one_line(f"{os.fsdecode(exc.filename)}: {exc.strerror}")
         print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM): one line, not a traceback from wherever it was

@@ -623,7 +623,16 @@ def _unreadable_checkpoint(p: Path, exc: Exception) -> ModelFileError:
     """The error for a file a weights-only ``torch.load`` refused. torch's own message is left out when it
     advises ``weights_only=False`` (unsafe: it runs the file's pickled code) — what the file is matters here."""
     text = str(exc)
-    if "weights_only" in text or "Weights only" in text:
+    try:  # (torch files are zip archives, or pickles of torch's legacy format, which start with b"\x80")
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b"PK"
+    if not head:
+        why = "the file is empty"
+    elif not head.startswith((b"PK", b"\x80")):  # (a CSV said "IndexError: pop from empty list")
+        why = "it is not a torch file at all (neither a zip archive nor a pickle)"
+    elif "weights_only" in text or "Weights only" in text:
         why = (f"{type(exc).__name__}: a safe weights-only torch.load could not read it — it is not a torch "
                f"file, or it holds pickled Python objects, which are never loaded")
     else:

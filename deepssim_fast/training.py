@@ -693,6 +693,23 @@ def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _shared_files(images: Any, val_images: Any) -> list[str]:
+    """The files given both as ``images`` and as ``val_images`` (by resolved path; [] unless both are paths or
+    sequences of paths)."""
+    def paths(x: Any) -> dict[str, str] | None:
+        items = [x] if isinstance(x, (str, os.PathLike)) else x
+        if not isinstance(items, (list, tuple)) or not items:
+            return None
+        if not all(isinstance(i, (str, os.PathLike)) for i in items):
+            return None
+        return {os.path.realpath(i): os.fspath(i) for i in items}
+
+    a, b = paths(images), paths(val_images)
+    if a is None or b is None:
+        return []
+    return [b[k] for k in b if k in a]
+
+
 # The defaults of train's options that a resume takes from its run when they are not given (None).
 TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 40, "batch_size": 32, "lr": 1e-3, "lr_schedule": "constant",
                                   "warmup_steps": 0, "val_fraction": 0.1, "val_pairs": 256, "val_every": None,
@@ -859,6 +876,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         config = model.config
     model.to(dev)
 
+    shared = _shared_files(images, val_images)
+    if shared:  # (best.pt was chosen on images the encoder trained on, without a word)
+        logger.warning("%d of the val_images files are training images too (e.g. %s): their validation loss "
+                       "measures images the encoder trains on, and best.pt is chosen by it; give validation "
+                       "images that are not in images", len(shared), shared[0])
     skipped: list = []
     pool = make_pool(images, config, policy=policy, strict=strict, skipped=skipped)
     if pool.images.shape[0] < 2:
@@ -904,7 +926,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             elif val_pool is None:
                 logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
                                "best.pt; every image trains and the last weights are returned (give "
-                               "val_images= or more images)", va.size, val_fraction, pool.images.shape[0])
+                               "val_images= (--val) or more images)", va.size, val_fraction, pool.images.shape[0])
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
                           pairs=sampler_pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)

@@ -217,6 +217,11 @@ def test_ssim_two_files_with_out_writes_the_csv(folders: dict, tmp_path: Path, m
     assert rows[0]["b"] == str(folders["synth"] / "copy55.npy")
     want = float(ssim_reference(np.load(rows[0]["a"]), np.load(rows[0]["b"]), preset="deepssim"))
     assert float(rows[0]["ssim"]) == pytest.approx(want, abs=1e-5)
+    # --out - is the CSV on standard output (a file named "-" was written)
+    assert main(["ssim", "t055.npy", str(folders["synth"] / "copy55.npy"), "--preset", "deepssim", "--out",
+                 "-"]) == 0
+    printed = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert printed == rows and not (folders["train"] / "-").exists()
 
 
 def test_ssim_folders_of_unequal_shapes_name_the_file(folders: dict, tmp_path: Path,
@@ -1036,7 +1041,10 @@ def test_out_paths_blocked_by_a_file_or_naming_a_folder_are_clear(tmp_path: Path
     assert main(["ssim", a, a, "--out", str(tmp_path / "afile" / "x.csv")]) == 2
     assert "afile is an existing file, not a folder" in capsys.readouterr().err
     assert main(["ssim", a, a, "--out", str(tmp_path / "outdir")]) == 2
-    assert "is an existing folder; give a file name" in capsys.readouterr().err
+    # (the path first, as the tool's other errors put it: it said "[Errno 21] is an existing folder; give a
+    # file name: '.../outdir'")
+    assert capsys.readouterr().err == (f"deepssim-fast ssim: error: {tmp_path / 'outdir'}: is an existing folder; "
+                                       "give a file name\n")
     assert main(["embed", "--model", str(tmp_path / "m.pt"), "--images", a, "--out",
                  str(tmp_path / "outdir") + "/"]) == 2
     assert "is a folder; give the .npy file to write" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -630,8 +631,17 @@ def test_model_file_that_is_an_image_or_a_directory(tmp_path) -> None:
     with pytest.raises(ModelFileError, match="not a deepssim_fast checkpoint or TorchScript file") as ei:
         load_model(png)
     assert "scan.png" in str(ei.value) and "weights_only=False" not in str(ei.value)
+    assert "not a torch file at all" in str(ei.value)
     with pytest.raises(ModelFileError, match="is a directory"):
         load_model(tmp_path)
+    # a CSV given as --model said "IndexError: pop from empty list", an empty file "EOFError"
+    (tmp_path / "labels.csv").write_text("synth_id,label\na,duplicate\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, why in (("labels.csv", "it is not a torch file at all (neither a zip archive nor a pickle)"),
+                      ("empty.pt", "the file is empty")):
+        with pytest.raises(ModelFileError, match=re.escape(f"{name}: not a deepssim_fast checkpoint")) as ei:
+            load_model(tmp_path / name)
+        assert str(ei.value).endswith(f"; {why})") and "Error" not in str(ei.value).split(";")[-1], str(ei.value)
 
 
 def test_embed_rejects_complex_images(small_model, real_images) -> None:

@@ -1041,3 +1041,24 @@ def test_training_removes_the_temporaries_of_killed_checkpoint_writes(tmp_path, 
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     train(mni_slices[:8], max_steps=1, out=out, **dict(SMALL, batch_size=2, val_pairs=4))
     assert not old.exists() and young.exists()
+
+
+def test_validation_files_that_are_training_files_are_named(tmp_path, mni_slices, caplog) -> None:
+    """train --images D --val D (or a val folder holding copies by link) validated on the training images, and
+    best.pt was chosen by them, without a word. A warning names them now; distinct files say nothing."""
+    files = []
+    for i, sl in enumerate(mni_slices[:8]):
+        files.append(tmp_path / f"s{i}.npy")
+        np.save(files[-1], sl.array)
+    (tmp_path / "val").mkdir()
+    os.symlink(files[0], tmp_path / "val" / "same.npy")
+    np.save(tmp_path / "val" / "other.npy", mni_slices[9].array)
+    kw = dict(SMALL, batch_size=2, val_pairs=4, max_steps=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(files, val_images=[files[1], tmp_path / "val" / "same.npy", tmp_path / "val" / "other.npy"], **kw)
+    (msg,) = [r.getMessage() for r in caplog.records if "training images too" in r.getMessage()]
+    assert msg.startswith("2 of the val_images files are training images too (e.g. ") and str(files[1]) in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(files[:6], val_images=files[6:], **kw)
+    assert "training images too" not in caplog.text
