@@ -2345,6 +2345,9 @@ def audit(
     # ---- search ------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     kk = int(min(k, len(tset)))
+    if kk < k:  # (it was clamped without a word; the summary said "top 20" only)
+        logger.warning("k=%d is more than the %d training items: every training item is kept for each synthetic "
+                       "item (k=%d)", k, len(tset), kk)
     search_file = work / "search.npz"
     variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims, sset.fit)
     res = SearchResult.load(search_file) if search_file.exists() else None

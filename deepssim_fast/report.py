@@ -291,6 +291,11 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
             f"<td class=num>{ssim_txt}</td>"
             f"<td>{e(s.get('transform') or '')}</td><td class={lab}>{lab}</td></tr>"
         )
+    # (12 rows of 40 duplicates read as if they were all the suspects)
+    flagged = c["duplicate"] + c["similar"]
+    shown_txt = (f"The {len(suspects):,} synthetic item{'s' if len(suspects) != 1 else ''} of highest score, of "
+                 f"{n:,} ({flagged:,} labelled duplicate or similar), each with its best training match; every "
+                 "candidate pair is in <code>matches.csv</code>.")
     skipped = summary.get("skipped") or []
 
     def skipped_of(side: str) -> str:  # the files counted are those found; say how many inputs were left out
@@ -348,6 +353,7 @@ synthetic item)</td></tr>
 <h2>Score distribution</h2>
 <img alt="score histogram" src="data:image/png;base64,{b64h}">
 <h2>Top suspected copies</h2>
+<p>{shown_txt}</p>
 <img alt="gallery of suspected copies" src="data:image/png;base64,{b64g}">
 <table><tr><th>#</th><th>synthetic</th><th>training match</th><th>search score</th><th>verified SSIM</th>
 <th>transform</th><th>label</th></tr>

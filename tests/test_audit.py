@@ -3000,3 +3000,13 @@ def test_a_search_that_scores_most_pairs_a_duplicate_is_warned_about(
                 progress=False)
         A.audit(ds["train"], ds["synth"], metric="ssim", k=1, out=tmp_path / "o_mri", progress=False)
     assert "do not tell these images apart" not in caplog.text
+
+
+def test_a_k_above_the_training_set_is_said(ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """-k 100 with 14 training items was clamped to 14 without a word (the summary said "top 14")."""
+    with caplog.at_level("WARNING", logger="deepssim_fast.audit"):
+        r = A.audit(ds["train"], ds["synth"] / "s04.npy", metric="ssim", k=100, verify="none",
+                    out=tmp_path / "o", progress=False)
+    assert r.summary["k"] == 14
+    assert ("k=100 is more than the 14 training items: every training item is kept for each synthetic item "
+            "(k=14)") in caplog.text

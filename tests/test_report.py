@@ -363,3 +363,15 @@ def test_report_html_shows_thresholds_to_every_digit_and_slice_skip_reasons_once
     assert skip_reason("/d/s.nii", "/d/s.nii@t3#1:7: constant image") == "frame 3, slice 1:7: constant image"
     assert skip_reason("/d/x.png", "/d/x.png: not a PNG") == "not a PNG"
     assert skip_reason("/d/x.png", "something else") == "something else"
+
+
+def test_report_says_how_many_suspects_it_shows_of_how_many() -> None:
+    """With 40 of 40 items duplicate the page showed 12 rows under "Top suspected copies" without saying so:
+    they read as all the suspects. It says how many it shows, of how many flagged, and where every pair is."""
+    s = _summary(n_synth=40)
+    s["counts"] = {"duplicate": 40, "similar": 0, "different": 0}
+    page = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=_suspects(12)))
+    assert ("The 12 synthetic items of highest score, of 40 (40 labelled duplicate or similar), each with its best "
+            "training match; every candidate pair is in <code>matches.csv</code>.") in page
+    one = re.sub(r"\s+", " ", report_html(_summary(), histogram=b"h", gallery=b"g", suspects=_suspects(1)))
+    assert "The 1 synthetic item of highest score, of 4 (2 labelled duplicate or similar)" in one
