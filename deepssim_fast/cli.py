@@ -123,9 +123,6 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     from ._atomic import atomic_path
     from .io import discover, read_image, stored_dtype
 
-    if args.win_size is not None and args.window == "gaussian":  # (it was ignored, even an even size)
-        raise ValueError("--win-size is the uniform window's side; the gaussian window is fixed (sigma 1.5, "
-                         "11 taps, as scikit-image's gaussian_weights)")
     opts = dict(
         window=args.window,
         win_size=args.win_size,
@@ -506,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", choices=["uniform", "gaussian"], default="uniform",
                    help="uniform window (default, as scikit-image) or gaussian (sigma 1.5, 11 taps; sample "
                    "covariance unless --population-covariance)")
-    s.add_argument("--win-size", type=int, default=None, help="uniform window side (default 7)")
+    s.add_argument("--win-size", type=int, default=None, help="uniform window side (default 7; the gaussian "
+                   "window's is 11, fixed by its sigma 1.5)")
     s.add_argument("--population-covariance", action="store_true",
                    help="population (1/N) window covariance instead of the sample covariance N/(N-1); with "
                    "--window gaussian this is what pytorch-msssim and MONAI compute (scikit-image's "

@@ -1022,12 +1022,18 @@ def test_ssim_of_a_float64_file_and_a_float32_exact_one(tmp_path: Path, capsys: 
 
 
 def test_ssim_refuses_a_window_size_for_the_gaussian_window(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """--win-size was ignored with --window gaussian (even an even size was taken)."""
+    """--win-size was ignored with --window gaussian (even an even size was taken); then any --win-size was
+    refused with it, where the API takes win_size=11, the gaussian window's own size. The command says what
+    the API says now, naming the option, before any file is read."""
     np.save(tmp_path / "a.npy", np.random.default_rng(0).random((24, 24)).astype(np.float32))
     assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "a.npy"), "--window", "gaussian",
                  "--win-size", "5"]) == 2
-    assert "--win-size is the uniform window's side" in capsys.readouterr().err
-    assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "a.npy"), "--window", "gaussian"]) == 0
+    err = capsys.readouterr().err
+    assert "--win-size 5 with --window gaussian" in err or "win_size=5 with window='gaussian'" in err, err
+    assert "the Gaussian window's size is set by sigma (11 taps" in err
+    for extra in ([], ["--win-size", "11"]):
+        assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "a.npy"), "--window", "gaussian", *extra]) == 0
+        assert float(capsys.readouterr().out) == pytest.approx(1.0)
 
 
 def test_out_paths_blocked_by_a_file_or_naming_a_folder_are_clear(tmp_path: Path,
