@@ -78,6 +78,16 @@ def file_in_the_way(path: str | os.PathLike, *, itself: bool = False) -> Path | 
     return next((q for q in ((p,) if itself else ()) + tuple(p.parents) if q.exists() and not q.is_dir()), None)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """PermissionError when ``path`` is an existing file this process may not write, as ``open(path, "r+")``
+    would refuse it. For writers that reopen their finished file for writing (a dense matrix returned
+    memory-mapped read-write): called before the work, since the atomic replace itself needs only the folder's
+    permission, keeps the file's read-only mode, and the reopening failed after an all_pairs of hours."""
+    p = Path(path)
+    if p.is_file() and not os.access(p, os.W_OK):
+        raise PermissionError(errno.EACCES, "Permission denied (an existing read-only file; not replaced)", str(p))
+
+
 @contextlib.contextmanager
 def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
@@ -90,10 +100,6 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     if blocker is not None:  # mkdir said "[Errno 17] File exists: 'afile'" for afile/x.csv
         raise NotADirectoryError(errno.ENOTDIR, f"cannot write it: {blocker} is an existing file, not a folder",
                                  str(p))
-    if p.is_file() and not os.access(p, os.W_OK):
-        # (as open(p, "w") refuses it, and before the work: the finished file had replaced it, read-only mode
-        # kept, and the caller's reopening for writing then failed, after an all_pairs of hours)
-        raise PermissionError(errno.EACCES, "Permission denied (an existing read-only file; not replaced)", str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp, fd = _create_temporary(p)

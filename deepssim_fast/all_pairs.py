@@ -630,6 +630,10 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     if out is not None and Path(os.fspath(out)).is_dir():  # (found now, not after the whole run)
         raise IsADirectoryError(f"all_pairs: out={os.fspath(out)!r} is a folder; give the path of the .npy file "
                                 "to write the dense matrix to")
+    if out is not None:
+        from ._atomic import check_writable
+
+        check_writable(out)  # (a read-only file was replaced after the whole run, then failed to reopen)
     edges = hist_edges(bins)
     dp = -(-d // _PAD) * _PAD
     # wide rows on the native engine: normalised a column block at a time as they are scored (_WideRows), not

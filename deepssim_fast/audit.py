@@ -1873,20 +1873,24 @@ def _drop_earlier_outputs(sets: dict[str, list[Path]]) -> dict[str, list[Path]]:
     into gen/audit1 and then one into gen/audit2 read audit1's gallery, histogram and pixel stores as 58 more
     synthetic items (7.7 % memorised instead of 50 %; with --axis 0, audit1's stored training pixels came back
     as exact copies: 69.6 %). One warning per such folder names it. A set left with nothing is an error."""
-    is_out: dict[str, bool] = {}
+    outs_at: dict[str, tuple[str, ...]] = {}  # folder -> the audit OUTs among it and its ancestors
     owned: dict[str, tuple[list[str], list[str]]] = {}
 
+    def outs_above(d: str) -> tuple[str, ...]:  # (decided once per folder: 10^5 files share few folders)
+        if d not in outs_at:
+            up = os.path.dirname(d)
+            outs_at[d] = (outs_above(up) if up != d else ()) + ((d,) if _is_audit_out(Path(d)) else ())
+        return outs_at[d]
+
     def earlier_out(p: Path) -> Path | None:
-        for d in Path(os.path.abspath(p)).parents:
-            key = str(d)
-            if key not in is_out:
-                is_out[key] = _is_audit_out(d)
-            if is_out[key]:
-                if key not in owned:
-                    owned[key] = _own_output_paths(d, d / "cache")
-                folders, files = owned[key]
-                if str(os.path.abspath(p)) in files or os.path.realpath(p) in files or _under(p, folders):
-                    return d
+        a = os.path.abspath(p)
+        outs = outs_above(os.path.dirname(a))
+        for d in outs:
+            if d not in owned:
+                owned[d] = _own_output_paths(Path(d), Path(d) / "cache")
+            folders, files = owned[d]
+            if a in files or os.path.realpath(p) in files or _under(p, folders):
+                return Path(d)
         return None
 
     kept: dict[str, list[Path]] = {}

@@ -95,6 +95,8 @@ def _topk_kernel_in_force(nat: Any) -> dict[str, Any]:
     fp32 costs less; or ``fp32``/``int16``, forced by ``set_topk_kernel`` or DEEPSSIM_FAST_TOPK_KERNEL) and,
     when that variable holds no kernel name, ``topk_kernel_error`` (every all_pairs call raises it). Reported
     before as what the CPU could run, whatever was forced."""
+    if not hasattr(nat, "topk_kernel_choice"):  # (an extension built before it: rebuild to see the choice)
+        return {"topk_kernel": None, "topk_kernel_choice": None}
     int16 = nat.topk_int16_kernel()
     try:
         choice = nat.topk_kernel_choice()

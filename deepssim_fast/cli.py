@@ -232,6 +232,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .io import discover
     from .training import train
 
+    if args.resume and not os.path.isfile(args.resume):  # (said before the images are searched)
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file (--resume)", args.resume)
     # (the options not given are None: train() takes a resumed run's own, else its defaults)
     model = train(
         discover(args.images),
@@ -785,8 +787,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -v/-vv speak for this tool (and its bench scripts); other libraries keep to warnings: -vv had put
     # dozens of matplotlib font_manager and PIL chunk lines between the tool's own
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("deepssim_fast", "bench"):
-        logging.getLogger(name).setLevel(level)
+    own = [logging.getLogger(name) for name in ("deepssim_fast", "bench")]
+    levels = [lg.level for lg in own]  # (restored on return: main() called in a program leaves its loggers)
+    for lg in own:
+        lg.setLevel(level)
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
         dask_logging(level)
     # SIGTERM (a batch scheduler's time limit, `kill`) ends a command as Ctrl-C does: the same one line and resume
@@ -838,6 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + (15 if term else 2)  # 143 / 130, the shell's status of a command ended by SIGTERM / SIGINT
     finally:
         _restore_sigterm(previous_term)
+        for lg, lv in zip(own, levels, strict=True):
+            lg.setLevel(lv)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -18,6 +18,7 @@ documented policy, :class:`SlicePolicy`, shared with the audit's NIfTI reader.
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import os
 import zlib
@@ -218,54 +219,59 @@ def _open_nifti(p: Path, *, mmap: bool = True, keep_file_open: bool | None = Non
         raise DataError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
     raw = _gunzip(p, keep=GZIP_IN_MEMORY) if p.name.lower().endswith(".gz") else None
     try:
-        img = _nifti_from_bytes(raw) if raw is not None else nib_load(p, mmap=mmap, keep_file_open=keep_file_open)
+        img = _nifti_from_buffer(raw) if raw is not None else nib_load(p, mmap=mmap, keep_file_open=keep_file_open)
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     _check_real_dtype(p, img)
     return img
 
 
-def _nifti_from_bytes(raw: bytes):
-    """The NIfTI-1 or NIfTI-2 image (by its header size, in either byte order) held in ``raw``, a whole
+def _nifti_from_buffer(buf: io.BytesIO):
+    """The NIfTI-1 or NIfTI-2 image (by its header size, in either byte order) held in ``buf``, a whole
     uncompressed single-file NIfTI, read from memory (axes of length 1 past the fourth dropped, as
     :func:`nib_load` drops them)."""
     import nibabel as nib
 
-    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    head = buf.getbuffer()[:4].tobytes()
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
     klass = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
-    return _drop_unit_axes(klass.from_bytes(raw))
+    buf.seek(0)
+    return _drop_unit_axes(klass.from_file_map(klass.make_file_map({"image": buf, "header": buf})))
 
 
 # A .nii.gz decompressing to at most this many bytes is decompressed once and read from memory (a 256^3
 # float32 volume is 64 MiB); a larger one (a long 4D series) is checked, then streamed.
-GZIP_IN_MEMORY = 256 << 20
+GZIP_IN_MEMORY = 128 << 20
 
 
-def _gunzip(p: Path, keep: int = 0) -> bytes | None:
+def _gunzip(p: Path, keep: int = 0) -> io.BytesIO | None:
     """Decompress a ``.gz`` file to the end of its gzip data, so that its CRC and length are checked:
     nibabel reads only the bytes its header asks for and never reaches the trailer, so a flipped bit or a
     zeroed block in the middle of the stream was read as image data (one voxel off; or half the voxels
-    garbage, up to 8.7e20). The decompressed bytes are returned when they are at most ``keep`` bytes, else
-    None (the whole stream is checked either way). Bytes after the last gzip member that are not gzip data
-    (padding, a stray tail) are ignored, as ``gzip -d`` and nibabel ignore them. DataError names a damaged
-    or truncated file."""
+    garbage, up to 8.7e20). The decompressed bytes are returned in a BytesIO (written as they come: no
+    second copy) when they are at most ``keep`` bytes, else None (the whole stream is checked either way).
+    Bytes after the last gzip member that are not gzip data (padding, a stray tail) are ignored, as
+    ``gzip -d`` and nibabel ignore them. DataError names a damaged, truncated or uncompressed file."""
     chunk, out_max, magic = 1 << 22, 1 << 24, b"\x1f\x8b"
-    parts: list[bytes] | None = [] if keep > 0 else None
+    held: io.BytesIO | None = io.BytesIO() if keep > 0 else None
     size = 0
 
     def take(out: bytes) -> None:
-        nonlocal parts, size
+        nonlocal held, size
         size += len(out)
-        if parts is not None:
+        if held is not None:
             if size > keep:
-                parts = None  # (too large to hold: checked only)
+                held = None  # (too large to hold: checked only)
             else:
-                parts.append(out)
+                held.write(out)
 
     try:
         with open(p, "rb") as f:
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # (a gzip member: its CRC-32 and size are checked)
             buf = f.read(chunk)
+            if buf[:2] != magic:  # (zlib said "incorrect header check")
+                raise DataError(f"{p}: not gzip-compressed data, though named .gz (an uncompressed NIfTI renamed? "
+                                "name it .nii)")
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # (a gzip member: its CRC-32 and size are checked)
             while True:
                 take(d.decompress(buf, out_max))
                 while d.unconsumed_tail and not d.eof:  # (bounded output: highly compressible data)
@@ -275,7 +281,7 @@ def _gunzip(p: Path, keep: int = 0) -> bytes | None:
                     while len(rest) < 2 and (more := f.read(chunk)):
                         rest += more
                     if rest[:2] != magic:
-                        return b"".join(parts) if parts is not None else None
+                        return held
                     d, buf = zlib.decompressobj(16 + zlib.MAX_WBITS), rest  # the next member
                     continue
                 buf = f.read(chunk)

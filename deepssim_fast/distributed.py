@@ -608,6 +608,25 @@ def _saved_train_shard_size(folder: str | os.PathLike, inputs: str, shard_size: 
     return (False, None) if best is None or best[0] == 0 else (True, best[1])
 
 
+def _warn_old_checkpoints(folder: Path) -> None:
+    """One warning when ``folder`` holds jobs saved in an earlier checkpoint format: they are never reused
+    (the format is part of the job's key), so a run resumed after an upgrade computed every shard again
+    without a word."""
+    old: dict[str, int] = {}
+    for f in sorted(folder.glob("allpairs-*.json")):
+        try:
+            v = json.loads(f.read_text()).get("version")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(v, int) and v < _CHECKPOINT_VERSION:
+            old[f.name] = v
+    if old:
+        logger.warning("%s holds %d all-pairs job(s) saved in an earlier checkpoint format (version %s; this "
+                       "version writes %d): their shards are not reused but computed again; delete their "
+                       "allpairs-<job>* files (e.g. %s) to free the space", folder, len(old),
+                       "/".join(str(v) for v in sorted(set(old.values()))), _CHECKPOINT_VERSION, next(iter(old)))
+
+
 class _Checkpoints:
     """Shard results on disk: ``allpairs-<job>-<shard>.npz`` plus a human-readable manifest."""
 
@@ -616,6 +635,7 @@ class _Checkpoints:
                  train_shard_size: int | None) -> None:
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
+        _warn_old_checkpoints(self.dir)
         self.key = key
         self.opts = opts
         manifest = {"job": key, "inputs": inputs, "version": _CHECKPOINT_VERSION, "n_train": n_train,

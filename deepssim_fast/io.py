@@ -762,13 +762,16 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
             f"{p}: a volume of shape {shape_t} cut along axis {policy.axis} gives slices of {side[0]} x "
             f"{side[1]} pixels, narrower than the {MIN_SLICE_SIDE}-pixel SSIM window; a batch of images saved as "
             "one array, (N, H, W) or (N, 1, H, W), is read as a volume: save one image per file" + hint)
-    if npy and len(shape) == 3 and policy.axis == 2 and int(shape[2]) in (3, 4):
-        # (an RGB image saved with np.save was audited as 3 grey items, one per colour channel)
+    vol = shape_t[:3] if len(shape_t) == 3 or (len(shape_t) == 4 and shape_t[3] == 1) else None
+    if npy and vol is not None and policy.axis == 2 and vol[2] in (3, 4):
+        # (an RGB image saved with np.save was audited as 3 grey items, one per colour channel; (H, W, 3, 1), a
+        # one-frame series of it, too)
+        c = vol[2]
         raise DataError(
-            f"{p}: an array of shape {shape_t} cut along axis 2 gives {shape_t[2]} slices: the colour channels "
-            f"of an {'RGB' if shape_t[2] == 3 else 'RGBA'} image, or a volume of {shape_t[2]} slices? Save a "
-            f"colour image as PNG (read as its luminance) or as one grey (H, W) array; save a volume of "
-            f"{shape_t[2]} slices as ({shape_t[2]}, H, W) and give --axis 0")
+            f"{p}: an array of shape {shape_t} cut along axis 2 gives {c} slices: the colour channels of an "
+            f"{'RGB' if c == 3 else 'RGBA'} image, or a volume of {c} slices? Save a colour image as PNG (read as "
+            f"its luminance) or as one grey (H, W) array, and a volume of {c} slices as one (H, W) file per slice "
+            f"(or as ({c}, H, W) with --axis 0, which cuts every input along its first axis)")
     if npy and policy.axis != 0 and side[0] * NPY_STRIP_RATIO <= side[1] and int(shape[0]) < min(
             int(n) for n in shape[1:3]):
         raise DataError(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import _ssim_common as sc
-from ._atomic import atomic_path, reserve
+from ._atomic import atomic_path, check_writable, reserve
 from .backends import resolve as _resolve_backend
 from .backends import triton_device as _triton_device
 from ._arrays import is_cupy, like_input, to_torch
@@ -862,6 +862,7 @@ def ssim_matrix(
             path = Path(os.fspath(out))
             if path.is_dir():  # (checked before the work: the file only replaces the path at the end)
                 raise IsADirectoryError(f"ssim_matrix: out={os.fspath(out)!r} is a folder; give a file path")
+            check_writable(path)  # (and a read-only file, which could not be reopened read-write after it)
             npy = path.name.lower().endswith(".npy")  # (".NPY" too: a header, as np.load expects)
             with atomic_path(path) as tmp:
                 arr, write = _open_memmap(tmp, (na, nb), npy)

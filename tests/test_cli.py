@@ -1359,3 +1359,32 @@ def test_verbose_speaks_for_this_tool_not_for_every_library(tmp_path: Path) -> N
     others = [ln for ln in r.stderr.splitlines() if ln.startswith(("DEBUG", "INFO"))
               and not ln.split(" ", 2)[1].startswith(("deepssim_fast", "bench"))]
     assert others == [], others[:5]
+
+
+def test_main_leaves_the_callers_logger_levels(tmp_path: Path) -> None:
+    """main() set the package logger's level and left it: a program calling main() (a notebook, a pipeline)
+    lost the package's INFO records afterwards, or got its DEBUG ones after a -vv call."""
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).random((16, 16)).astype(np.float32))
+    a = str(tmp_path / "a.npy")
+    pkg = logging.getLogger("deepssim_fast")
+    before = pkg.level
+    try:
+        pkg.setLevel(logging.INFO)
+        assert main(["ssim", a, a]) == 0 and pkg.level == logging.INFO
+        assert main(["-vv", "ssim", a, a]) == 0 and pkg.level == logging.INFO
+        pkg.setLevel(logging.NOTSET)
+        assert main(["-v", "ssim", a, a]) == 0 and pkg.level == logging.NOTSET
+    finally:
+        pkg.setLevel(before)
+
+
+def test_a_missing_resume_checkpoint_is_named_before_the_images_are_searched(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """train --resume gone.pt searched --images first (a missing folder was the error reported, or a long
+    search ran) before saying the checkpoint was missing."""
+    rc = main(["train", "--images", str(tmp_path / "no_such_folder"), "--out", str(tmp_path / "o"),
+               "--resume", str(tmp_path / "gone.pt")])
+    assert rc == 2
+    assert capsys.readouterr().err == (f"deepssim-fast train: error: {tmp_path / 'gone.pt'}: no such checkpoint "
+                                       "file (--resume)\n")

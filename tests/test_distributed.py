@@ -6,6 +6,7 @@ random rows, so near-ties and exact duplicates both occur.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -472,6 +473,22 @@ def test_a_checkpoint_file_of_another_shard_is_not_used(client, emb, tmp_path, c
     assert any(str(files[2]) in m and f"it holds shard {name1}, not shard {name2}" in m for m in msgs), msgs
     assert any(str(files[3]) in m and "no shard tag" in m for m in msgs), msgs
     assert any("2 to run" in m for m in msgs), msgs
+
+
+def test_checkpoints_of_an_earlier_format_are_said_to_be_computed_again(client, emb, tmp_path, caplog):
+    """The checkpoint format is part of a job's key: after an upgrade, an interrupted job resumed computed
+    every shard again without a word, its old files left on disk. A warning says so now."""
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
+    dd.all_pairs_distributed(tr, sy, **kw)
+    manifest = next(tmp_path.glob("allpairs-*.json"))
+    m = json.loads(manifest.read_text())
+    (tmp_path / "allpairs-0ld.json").write_text(json.dumps(dict(m, version=dd._CHECKPOINT_VERSION - 1)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
+        dd.all_pairs_distributed(tr, sy, **kw)
+    msgs = [r.getMessage() for r in caplog.records if "earlier checkpoint format" in r.getMessage()]
+    assert len(msgs) == 1 and "1 all-pairs job(s)" in msgs[0] and "allpairs-0ld.json" in msgs[0], msgs
 
 
 def test_resume_from_shards_of_another_engine_is_named_and_warned(client, emb, tmp_path, caplog):

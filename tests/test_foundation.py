@@ -357,10 +357,11 @@ def test_atomic_write_errors_name_the_file(tmp_path):
 
 def test_an_existing_read_only_file_is_refused_before_the_work(tmp_path, monkeypatch):
     """all_pairs(out=PATH) on an existing read-only file ran the whole call, replaced the file anyway (its
-    read-only mode kept), then failed with PermissionError reopening it, the result lost: hours of work on a
-    large set. AllPairsResult.save replaced such a file without a word. Both now refuse it first, as
-    open(path, "w") does, and leave it as it was. (Root may write any file: there os.access is made to say
-    what it says to any other user.)"""
+    read-only mode kept), then failed with PermissionError reopening it read-write: the result lost, hours of
+    work on a large set. ssim_matrix(out=PATH) the same. Both refuse it first now, as open(path, "r+") does,
+    and leave it as it was. Writers that do not reopen their file (AllPairsResult.save, embed --out, a
+    training checkpoint) replace it as before: a rename needs only the folder's permission. (Root may write any
+    file: there os.access is made to say what it says to any other user.)"""
     import errno
     import importlib
     import stat
@@ -370,11 +371,11 @@ def test_an_existing_read_only_file_is_refused_before_the_work(tmp_path, monkeyp
 
     rng = np.random.default_rng(3)
     t, s = rng.standard_normal((12, 8)), rng.standard_normal((5, 8))
-    ro = tmp_path / "ro.npy"
-    np.save(ro, np.zeros(3))
-    res = tmp_path / "res.npz"
-    res.write_bytes(b"keep me")
-    for f in (ro, res):
+    ro, ro_m, res = tmp_path / "ro.npy", tmp_path / "m.npy", tmp_path / "res.npz"
+    for f in (ro, ro_m):
+        np.save(f, np.zeros(3))
+    res.write_bytes(b"old")
+    for f in (ro, ro_m, res):
         f.chmod(0o444)
     if os.geteuid() == 0:
         real = os.access
@@ -383,24 +384,23 @@ def test_an_existing_read_only_file_is_refused_before_the_work(tmp_path, monkeyp
     called = []
     monkeypatch.setattr(importlib.import_module("deepssim_fast.all_pairs"), "_run_native",
                         lambda *a, **k: called.append(1))
+    monkeypatch.setattr(importlib.import_module("deepssim_fast.ssim"), "_fill_matrix",
+                        lambda *a, **k: called.append(2))
     with pytest.raises(PermissionError, match="read-only") as ei:
         dsf.all_pairs(t, s, k=2, out=ro, progress=False)
     assert ei.value.errno == errno.EACCES and ei.value.filename == str(ro)
+    imgs = rng.random((2, 16, 16)).astype(np.float32)
+    with pytest.raises(PermissionError, match="read-only") as ei:
+        dsf.ssim_matrix(imgs, imgs, out=ro_m, progress=False)
+    assert ei.value.filename == str(ro_m)
     assert called == [], "refused before any scoring"
-    np.testing.assert_array_equal(np.load(ro), np.zeros(3))
+    for f in (ro, ro_m):
+        np.testing.assert_array_equal(np.load(f), np.zeros(3))
     monkeypatch.undo()
-    if os.geteuid() == 0:
-        monkeypatch.setattr(_atomic.os, "access", lambda p, mode: not (
-            mode & os.W_OK and not stat.S_IMODE(os.stat(p).st_mode) & 0o222))
     r = dsf.all_pairs(t, s, k=2, progress=False)
-    with pytest.raises(PermissionError, match=r"read-only.*res\.npz|res\.npz.*read-only"):
-        r.save(res)
-    assert res.read_bytes() == b"keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.npz", "ro.npy"], "no temporary file left"
-    rw = tmp_path / "rw.npz"
-    rw.write_bytes(b"old")
-    r.save(rw)  # a writable file is replaced as before
-    assert dsf.AllPairsResult.load(rw) == r
+    r.save(res)  # (no reopening: replaced, as before)
+    assert dsf.AllPairsResult.load(res) == r
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy", "res.npz", "ro.npy"], "no temporary file left"
 
 
 def test_atomic_write_takes_names_up_to_the_file_system_limit(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from pathlib import Path
@@ -700,6 +701,11 @@ def test_nii_gz_with_damaged_compressed_data_is_refused_whole(tmp_path: Path, mo
     tail = tmp_path / "tail.nii.gz"
     tail.write_bytes(src.read_bytes() + b"garbage!")
     assert data.load_nifti(tail).shape == nib.load(str(src)).shape
+    # an uncompressed NIfTI named .nii.gz is named as such (zlib said "incorrect header check")
+    plain = tmp_path / "plain.nii.gz"
+    plain.write_bytes(gzip.decompress(src.read_bytes()))
+    with pytest.raises(DataError, match=r"plain\.nii\.gz: not gzip-compressed data, though named \.gz"):
+        data.load_nifti(plain)
     with pytest.raises(DataError, match=r"damaged\.nii\.gz: damaged gzip data .*; the file is not used"):
         data.load_nifti(bad)
     with pytest.raises(DataError, match="damaged gzip data"):
@@ -727,8 +733,9 @@ def _decompressed_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def counting_gunzip(p, keep=0):  # noqa: ANN001, ANN202
         out = orig_gunzip(p, keep=1 << 40)
-        total[0] += len(out)
-        return out if len(out) <= keep else None
+        n = out.seek(0, 2)
+        total[0] += n
+        return out if n <= keep else None
 
     monkeypatch.setattr(gzip._GzipReader, "read", counting)
     monkeypatch.setattr(data, "_gunzip", counting_gunzip)
@@ -1076,8 +1083,12 @@ def test_an_rgb_image_saved_as_npy_is_refused_not_audited_as_its_channels(tmp_pa
     with pytest.raises(DataError, match=rf"rgb\.npy: an array of shape \({grey.shape[0]}, {grey.shape[1]}, "
                                         rf"{channels}\) cut along axis 2 gives {channels} slices: the colour "
                                         rf"channels of an RGBA? image, or a volume of {channels} slices\?.*PNG.*"
-                                        rf"--axis 0"):
+                                        rf"one \(H, W\) file per slice.*--axis 0"):
         list(iter_slices([tmp_path / "rgb.npy"], SlicePolicy(min_foreground=0), strict=True))
+    np.save(tmp_path / "rgb1.npy", rgb[..., None])  # (H, W, C, 1): a one-frame series of it, the same image
+    with pytest.raises(DataError, match=rf"rgb1\.npy: an array of shape \({grey.shape[0]}, {grey.shape[1]}, "
+                                        rf"{channels}, 1\) cut along axis 2 gives {channels} slices"):
+        list(iter_slices([tmp_path / "rgb1.npy"], SlicePolicy(min_foreground=0), strict=True))
     skipped: list = []
     assert list(iter_slices([tmp_path / "rgb.npy"], SlicePolicy(min_foreground=0), skipped=skipped)) == []
     assert [p for p, _ in skipped] == [str(tmp_path / "rgb.npy")]
