@@ -614,6 +614,8 @@ def _check_archive(p: Path) -> None:
 def _check_device(dev: torch.device) -> None:
     """A clear error for a CUDA device on a machine without one (torch's 'Torch not compiled with CUDA
     enabled' named no file and a TorchScript load blamed the file)."""
+    if dev.type == "meta":  # (the model was moved there, its weights lost, and its lock left held)
+        raise ValueError("device 'meta' holds no data: embeddings cannot be computed there; use 'cpu' or 'cuda'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(dev)!r}: CUDA is not available here (torch {torch.__version__}"
                          f"{', a CPU-only build' if torch.version.cuda is None else ''}); use device='cpu'")
@@ -761,6 +763,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         ModelConfig.__post_init__(cfg)
         enc = TorchScriptEncoder(module, cfg)
         enc.eval()
+        if cfg.extra.get("foreign"):
+            _probe_width(enc, dev)
         return enc
     ck = read_checkpoint(p)
     cfg = _config_of(p, ck["config"])
@@ -770,6 +774,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         net.load_state_dict(ck["model"], strict=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{p}: checkpoint weights do not fit backbone {cfg.backbone!r}: {exc}") from exc
+    if cfg.freeze_stages:  # (a reloaded checkpoint had every stage trainable, its TorchScript copy not)
+        net.freeze_stages()
     return net.to(dev).eval()
 
 
@@ -887,7 +893,11 @@ def collect_images(images: Any, *, policy: Any = None, what: str = "images", str
         from . import io as dio
 
         skipped = skipped if skipped is not None else []
-        slices = usable_slices(dio.iter_slices(dio.discover(images), policy, strict=strict, skipped=skipped),
+        # a list keeps its order and its repeats (row i for the i-th file: discover of the whole list sorted it
+        # and dropped repeats, so rows lined up against the caller's list paired the wrong images); each of
+        # its folders and globs gives its files in discover's order
+        files = dio.discover(images) if is_path else [f for item in images for f in dio.discover(item)]
+        slices = usable_slices(dio.iter_slices(files, policy, strict=strict, skipped=skipped),
                                strict=strict, skipped=skipped)
         arrays = [as_image_2d(s.array, _name_of(s, i)) for i, s in enumerate(slices)]
         return arrays, slices
@@ -984,6 +994,42 @@ def float_dtype(net: nn.Module) -> torch.dtype:
     return next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _probe_width(enc: nn.Module, dev: torch.device) -> None:
+    """Set a foreign TorchScript encoder's ``config.emb_dim`` to the width it emits, from one forward pass of
+    a blank batch at its input size (its config's 256 is a placeholder: embed had corrected it at the first
+    call, so the model's hash, which covers its config, changed under an audit and evaluate refused the very
+    object the audit used). A module that fails on the blank batch is left as it is: embed says why."""
+    s = enc.config.input_size
+    try:
+        with torch.no_grad():
+            e = forward_batch(enc, torch.zeros((2, 1, s, s), dtype=float_dtype(enc), device=dev))
+    except Exception as exc:  # noqa: BLE001 - its own errors come again, named, at embed
+        logger.debug("%s: no width probe (%s: %s)", type(enc).__name__, type(exc).__name__, exc)
+        return
+    if isinstance(e, torch.Tensor) and e.dim() == 2 and e.shape[0] == 2 and e.shape[1] >= 1:
+        enc.config.emb_dim = int(e.shape[1])
+
+
+def checked_embeddings(e: Any, n: int, first: int = 0) -> torch.Tensor:
+    """What a model returned for a batch of ``n`` images (numbered from ``first``), as float32 (n, emb_dim),
+    or a ValueError saying what is wrong with it: not a tensor (a foreign model returning a tuple or dict), not
+    (n, emb_dim), NaN/Inf, or an all-zero row (no direction: F.normalize left it zero, its cosine with itself
+    0, so an exact copy could never be found)."""
+    if not isinstance(e, torch.Tensor):
+        raise ValueError(f"model returned a {type(e).__name__}, not a tensor of embeddings (batch, emb_dim); wrap "
+                         "it so that forward returns the embedding tensor alone")
+    e = e.float()
+    if e.dim() != 2 or e.shape[0] != n:
+        raise ValueError(f"model returned shape {tuple(e.shape)} for a batch of {n}; expected (batch, emb_dim)")
+    if not torch.isfinite(e).all():
+        raise ValueError(f"model produced NaN/Inf embeddings for images {first}..{first + n - 1}")
+    zero = (e == 0).all(dim=1)
+    if bool(zero.any()):
+        raise ValueError(f"model produced an all-zero embedding for image {first + int(zero.nonzero()[0])}: it "
+                         "has no direction, so its cosine similarity is undefined")
+    return e
+
+
 def forward_batch(net: nn.Module, x: torch.Tensor) -> Any:
     """``net(x)``, a batch of one run as two copies: CPU convolutions take another code path for a single image,
     whose embeddings differ in the last bits (1.4e-7) from the same image's in any larger batch, so an image
@@ -1006,7 +1052,8 @@ def _resolve_model(model: Any) -> nn.Module:
 
 def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.device | None = None,
           progress: bool = True, policy: Any = None) -> np.ndarray:
-    """L2-normalised embeddings, float32 numpy (n, emb_dim), row i for image i.
+    """L2-normalised embeddings, float32 numpy (n, emb_dim), row i for image i (for a list of files: the files
+    in the list's order, repeats kept; a folder or glob gives its files sorted, a volume its slices in order).
 
     ``images``: as :func:`collect_images` (2D arrays, Slices, a stack, or paths; volumes from paths are cut by
     ``policy``). ``model``: from :func:`build_model`, :func:`deepssim_fast.train` or :func:`load_model`, or a
@@ -1044,30 +1091,20 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
             bar = tqdm(total=len(arrays), desc="embed", unit="img", disable=None if progress else True)
             for s in range(0, len(arrays), batch_size):
                 x = preprocess(arrays[s:s + batch_size], cfg).to(dev, dtype)
-                e = forward_batch(net, x)
-                if not isinstance(e, torch.Tensor):  # (a foreign model returning a tuple or dict failed with an
-                    raise ValueError(                 # AttributeError on .float())
-                        f"model returned a {type(e).__name__}, not a tensor of embeddings (batch, emb_dim); wrap "
-                        "it so that forward returns the embedding tensor alone")
-                e = e.float()
-                if e.dim() != 2 or e.shape[0] != x.shape[0]:
-                    raise ValueError(f"model returned shape {tuple(e.shape)} for a batch of {x.shape[0]}; "
-                                     f"expected (batch, emb_dim)")
-                if e.shape[1] != out.shape[1]:
+                e = checked_embeddings(forward_batch(net, x), x.shape[0], s)
+                if e.shape[1] != out.shape[1]:  # (the config is left as it is: the model's hash covers it)
                     out = _resize_out(out, e.shape[1], s)
-                    cfg.emb_dim = int(e.shape[1])
-                if not torch.isfinite(e).all():
-                    raise ValueError(f"model produced NaN/Inf embeddings for images "
-                                     f"{s}..{s + x.shape[0] - 1}")
                 out[s:s + x.shape[0]] = F.normalize(e, dim=1).cpu().numpy()
                 bar.update(x.shape[0])
             bar.close()
     finally:
-        net.train(was_training)
-        if net_dev != dev:
-            net.to(net_dev)
-        if lock is not None:
-            lock.release()
+        try:
+            net.train(was_training)
+            if net_dev != dev:
+                net.to(net_dev)
+        finally:  # (a failed move back left the lock held: the next embed of the model waited forever)
+            if lock is not None:
+                lock.release()
     return out
 
 

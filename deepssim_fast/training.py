@@ -72,7 +72,9 @@ from .model import (
     DeepSSIMNet,
     ModelConfig,
     _check_device,
+    _model_device,
     build_model,
+    checked_embeddings,
     collect_images,
     fit_size,
     float_dtype,
@@ -513,7 +515,7 @@ def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, b
 
     ``device``: where the model runs (default: where its parameters are); a model elsewhere is an error, not
     moved (that would change the caller's model)."""
-    at = next(model.parameters()).device
+    at = _model_device(model)  # (a module without parameters: next(model.parameters()) was a bare StopIteration)
     dev = torch.device(device) if device is not None else at
     if dev.type != at.type or (dev.index is not None and at.index is not None and dev.index != at.index):
         raise ValueError(f"device={str(dev)!r} but the model's parameters are on {str(at)!r}; move the model "
@@ -533,8 +535,11 @@ def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, b
                 xb = zscore_batch(b[s:s + batch_size]).unsqueeze(1).to(dev, dtype)
                 # (a batch of one as two copies, as embed runs it: the scores moved in the last bits with the
                 # batch size, and the validation MSE with them)
-                out.append(F.cosine_similarity(forward_batch(model, xa), forward_batch(model, xb), dim=1)
-                           .float().cpu())
+                # (checked as embed checks them: a foreign model's tuple, 4-D output or NaN gave a TypeError, a
+                # broadcast error or a NaN MSE)
+                ea = checked_embeddings(forward_batch(model, xa), xa.shape[0], s)
+                eb = checked_embeddings(forward_batch(model, xb), xb.shape[0], s)
+                out.append(F.cosine_similarity(ea, eb, dim=1).float().cpu())
     finally:
         model.train(was)
     return torch.cat(out) if out else torch.zeros(0)

@@ -405,6 +405,73 @@ def test_foreign_torchscript_with_a_one_channel_stem_gets_one_channel(tmp_path, 
     _assert_close(got, want.numpy(), 1e-5, "one-channel foreign encoder")
 
 
+def test_a_foreign_encoders_width_is_known_at_load_and_its_hash_stays(tmp_path, real_images) -> None:
+    """A foreign TorchScript file loaded with a placeholder emb_dim of 256, which embed corrected at its first
+    call: the model's hash (over its config) changed under an audit, and evaluate refused the very object the
+    audit used ("is not the encoder this audit used"); embed([]) gave (0, 256) and describe() 256. The width
+    is found at load now, from one blank batch, and embed leaves the config as it is."""
+    import importlib
+
+    audit = importlib.import_module("deepssim_fast.audit")
+    torch.manual_seed(0)
+    _, m = _foreign_file(tmp_path, _ThreeChannelStem(), "published.pt")  # emits 8 x 2 x 2 = 32 values
+    assert m.config.emb_dim == 32
+    assert embed([], m, progress=False).shape == (0, 32)
+    h = audit._module_hash(m)
+    got = embed([fit_size(a, 64, "fit") for a in real_images[:2]], m, progress=False)
+    assert got.shape == (2, 32) and audit._module_hash(m) == h and m.config.emb_dim == 32
+
+
+def test_embed_on_the_meta_device_is_refused_and_leaves_the_model_usable(small_model, real_images) -> None:
+    """embed(device="meta") moved the model there (its weights lost: "Cannot copy out of meta tensor") and,
+    failing to move it back, left its lock held: the next embed of the model waited forever. It is refused
+    first now; and a failed move back still releases the lock."""
+    import threading
+
+    want = embed(real_images[:2], small_model, progress=False)
+    with pytest.raises(ValueError, match="device 'meta' holds no data"):
+        embed(real_images[:2], small_model, device="meta", progress=False)
+    assert all(p.device.type == "cpu" for p in small_model.parameters())
+    np.testing.assert_array_equal(embed(real_images[:2], small_model, progress=False), want)
+    # a move back that fails (as a CUDA out-of-memory would): the error comes out, the lock is released
+    small_model.train()
+    real_to = small_model.to
+    calls = []
+
+    def failing_back(*a, **k):  # (the first call, the move to the device asked for, is let through)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("no memory to move back")
+        return real_to(*a, **k)
+
+    try:
+        small_model.to = failing_back
+        with pytest.raises(RuntimeError, match="no memory to move back"):
+            embed(real_images[:2], small_model, device="cpu:0",
+                  progress=False)
+    finally:
+        del small_model.to
+        small_model.eval()
+    done = []
+    t = threading.Thread(target=lambda: done.append(embed(real_images[:1], small_model, progress=False)))
+    t.start()
+    t.join(30)
+    assert done, "the model's lock was left held"
+
+
+def test_an_all_zero_embedding_is_refused(tmp_path, real_images) -> None:
+    """A foreign model emitting an all-zero row gave a zero 'unit' embedding (F.normalize's eps), whose cosine
+    with itself is 0: an exact copy could never be found. It is an error naming the image."""
+    class Zero(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 4) * x.mean()
+
+    torch.jit.save(torch.jit.script(Zero()), str(tmp_path / "zero.pt"))
+    m = load_model(tmp_path / "zero.pt", input_size=32, size_policy="fit")
+    with pytest.raises(ValueError, match=r"all-zero embedding for image 0: it has no direction"):
+        embed(real_images[:2], m, progress=False)
+
+
 def test_checkpoint_round_trip(tmp_path, small_model, real_images) -> None:
     p = small_model.save_checkpoint(tmp_path / "m.pt", step=3)
     raw = torch.load(p, weights_only=True)
@@ -785,3 +852,30 @@ def test_damaged_model_files_and_a_missing_cuda_device_are_named(tmp_path, small
                 load_model(path, device="cuda")
         with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available here"):
             embed([np.zeros((64, 64), np.float32)], small_model, device="cuda:0", progress=False)
+
+
+def test_embed_of_a_list_of_files_keeps_its_order_and_repeats(tmp_path, small_model, real_images) -> None:
+    """embed([a2, a0]) returned a0's row first and embed([a2, a2, a0]) two rows: the list went through
+    discover, which sorts and drops repeats, though the docstring says row i for image i and no keys come
+    back to line the rows up with."""
+    files = []
+    for i, a in enumerate(real_images[:3]):
+        files.append(tmp_path / f"a{i}.npy")
+        np.save(files[-1], a)
+    base = embed(real_images[:3], small_model, progress=False)
+    got = embed([str(files[2]), files[0], files[2]], small_model, progress=False)
+    np.testing.assert_array_equal(got, base[[2, 0, 2]])
+    np.testing.assert_array_equal(embed(str(tmp_path), small_model, progress=False), base)  # a folder: sorted
+
+
+def test_a_frozen_checkpoint_reloads_frozen(tmp_path) -> None:
+    """A checkpoint of a model built with freeze_stages=True reloaded with every stage trainable (its config
+    still said frozen; its TorchScript copy kept the freeze), so fine-tuning it by hand moved the stem's
+    weights and BatchNorm statistics."""
+    m = build_model("small", input_size=32, freeze_stages=True)
+    frozen = sorted(n for n, p in m.named_parameters() if not p.requires_grad)
+    assert frozen
+    p = m.save_checkpoint(tmp_path / "f.pt")
+    back = load_model(p)
+    assert back.config.freeze_stages
+    assert sorted(n for n, q in back.named_parameters() if not q.requires_grad) == frozen

@@ -1062,3 +1062,38 @@ def test_validation_files_that_are_training_files_are_named(tmp_path, mni_slices
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(files[:6], val_images=files[6:], **kw)
     assert "training images too" not in caplog.text
+
+
+def test_evaluate_checks_a_foreign_models_output_as_embed_does(tmp_path, mni_slices) -> None:
+    """evaluate/predict_pairs called the model without embed's checks: a module without parameters gave a bare
+    StopIteration, one returning a tuple a TypeError from cosine_similarity, NaN output a NaN MSE reported as
+    a result. Each is embed's clear error now."""
+    import torch.nn as nn
+
+    from deepssim_fast.model import load_model
+    from deepssim_fast.training import evaluate
+
+    class Tup(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.flatten(1)[:, :8], x.flatten(1)[:, :8]
+
+    class Nan(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)[:, :8] * float("nan")
+
+    class Plain(nn.Module):  # (no parameters at all)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)[:, :8] + 1.0
+
+    imgs = [s.array for s in mni_slices[:6]]
+    for cls, msg in ((Tup, "model returned a tuple, not a tensor of embeddings"),
+                     (Nan, "model produced NaN/Inf embeddings"), (Plain, None)):
+        p = tmp_path / f"{cls.__name__}.pt"
+        torch.jit.save(torch.jit.script(cls()), str(p))
+        m = load_model(p, input_size=32, size_policy="fit")
+        if msg is None:
+            r = evaluate(m, imgs, n_pairs=8)
+            assert r["n"] == 8 and np.isfinite(r["mae"])
+        else:
+            with pytest.raises(ValueError, match=msg):
+                evaluate(m, imgs, n_pairs=8)
