@@ -603,6 +603,30 @@ def test_audit_files_bench_times_two_roots_and_refuses_differing_results(tmp_pat
     assert p.returncode == 1 and "differs" in p.stderr and "| " not in p.stdout
 
 
+def test_decode_nifti_bench_times_two_roots_and_refuses_differing_values(tmp_path: Path) -> None:
+    """bench/decode_nifti.py on a small series: both roots (here the same package twice) are timed per case and
+    the table printed; a root that reads other values gets no timings (exit 1)."""
+    script = ROOT / "bench" / "decode_nifti.py"
+    env = _subprocess_env()
+    args = [sys.executable, str(script), "--repeats", "1", "--data", str(tmp_path / "d"), "--series-shape", "12",
+            "10", "8", "3", "--root", str(ROOT), "--root", str(ROOT)]
+    p = subprocess.run(args, capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and " s (" in ln]
+    assert [r.split(" | ")[0] for r in rows] == ["| MNI152 template .nii.gz, slices (axis 2)",
+                                                 "| 4D .nii.gz 12x10x8x3 int16, 3 volumes", "| same file, 24 slices"]
+    assert all(r.count(" s (") == 2 and r.rstrip().endswith("× |") for r in rows), p.stdout
+    other = tmp_path / "other" / "deepssim_fast"  # a "root" whose reader scales every value
+    shutil.copytree(ROOT / "deepssim_fast", other, ignore=shutil.ignore_patterns("__pycache__"))
+    data_py = other / "data.py"
+    src = data_py.read_text()
+    assert "    arr = read(dtype)\n" in src
+    data_py.write_text(src.replace("    arr = read(dtype)\n", "    arr = read(dtype) * 2\n", 1))
+    p = subprocess.run(args[:-2] + ["--root", str(other.parent)], capture_output=True, text=True, env=env,
+                       check=False, timeout=600)
+    assert p.returncode == 1 and "read other values" in p.stderr and " s (" not in p.stdout
+
+
 def test_a_missing_competitor_is_its_own_failed_row_not_the_whole_case(monkeypatch) -> None:
     """MONAI's metric was built before the SSIM cases' providers ran: without MONAI each case failed whole, our
     rows with it. And `python -m bench.bench_audit --help` ran the benchmark (the module read no arguments)."""
