@@ -2237,8 +2237,8 @@ def audit(
             # ('could not broadcast input array')
             raise ValueError(
                 f"verify_shifts {verify_shifts} (--verify-shifts) must be less than half of every side of the "
-                f"item size {fit} ({origin}): a shift of half a side or more is ambiguous (the correlation "
-                "wraps round) and leaves most of the item out; give a smaller shift or a larger --size (size=)"
+                f"item size {fit} ({origin}): a shift of half a side or more leaves most of the item out of the "
+                "overlap it is scored on; give a smaller shift or a larger --size (size=)"
             )
         t_entries, fit, t_skip, t_heads = _decode_all(
             "train",

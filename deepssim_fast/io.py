@@ -824,6 +824,7 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
         a = _open_npy(p)
         _check_slice_sides(p, a.shape, policy, npy=True)
         if a.ndim == 4 and a.shape[3] > 1:  # (one frame: the volume, as for NIfTI)
+            _check_npy_batch_of_volumes(p, a.shape)
             out = []
             for t in range(a.shape[3]):
                 out.extend(volume_slices(_npy_image(p, a, t), policy, source=f"{p}@t{t}"))
@@ -848,9 +849,25 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
     elif kind == "npy":
         a = _open_npy(p)
         if a.ndim == 4 and a.shape[3] > 1:
+            _check_npy_batch_of_volumes(p, a.shape)
             return [(f"{p}@t{t}", _npy_image(p, a, t)) for t in range(a.shape[3])]
         return [(str(p), _npy_image(p, a, None))]
     return [(str(p), read_image(p))]
+
+
+def _check_npy_batch_of_volumes(p: Path, shape: Sequence[int]) -> None:
+    """DataError when a 4D ``.npy`` looks like a batch of volumes, (N, D, H, W), rather than a series of frames
+    along its last axis, (X, Y, Z, T), as NIfTI stores one: its first axis is the shortest of the three spatial
+    ones and shorter than the last. 21 volumes of 32^3 saved as one array were read as 32 frames of
+    21 x 32 x 32, and their exact copies of training volumes all came out "different", without a word (a batch
+    of fewer than 7 was refused, as its frames were thinner than the SSIM window)."""
+    n = [int(v) for v in shape]
+    if n[0] < min(n[1], n[2]) and n[0] < n[3]:
+        raise DataError(
+            f"{p}: a 4D array of shape {tuple(n)}: a batch of {n[0]} volumes of {n[1]} x {n[2]} x {n[3]} saved as "
+            f"one (N, D, H, W) array? A 4D .npy is read as a series of frames along its last axis (X, Y, Z, T), "
+            f"as NIfTI stores one, which would give {n[3]} frames of {n[0]} x {n[1]} x {n[2]}: save one volume per "
+            "file (or a series with its frames last)")
 
 
 def no_slice_reason(p: Path, policy: SlicePolicy) -> str:

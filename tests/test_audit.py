@@ -20,6 +20,7 @@ from _checkout import assert_ok, run_python
 
 from deepssim_fast import data
 from deepssim_fast.data import DataError, SlicePolicy
+from deepssim_fast.io import iter_slices
 from deepssim_fast.reference import ssim_reference, topk_reference
 
 # the package exports the function ``audit`` under the module's name; take the module itself
@@ -2883,7 +2884,7 @@ def test_volumes_mode_refuses_a_batch_of_volumes_and_warns_of_items_mostly_paddi
     assert r.summary["n_synth"] == 1
     (bad,) = r.summary["skipped"]
     assert bad["path"].endswith("batch2.npy") and "save one volume per file" in bad["reason"]
-    assert "thinner than the 7-voxel SSIM window along axis 0" in bad["reason"]
+    assert "a batch of 2 volumes of 40 x 48 x 40 saved as one (N, D, H, W) array?" in bad["reason"]
     assert "more than half padding" not in caplog.text  # (one shape: nothing to say)
     np.save(tmp_path / "t" / "S0.npy", np.ascontiguousarray(mni[:128:1, :128, 40:50]))  # (sorts first)
     # twice: the second run takes every item from the cache, where the warning, given only when an item was
@@ -3010,3 +3011,27 @@ def test_a_k_above_the_training_set_is_said(ds: dict, tmp_path: Path, caplog: py
     assert r.summary["k"] == 14
     assert ("k=100 is more than the 14 training items: every training item is kept for each synthetic item "
             "(k=14)") in caplog.text
+
+
+def test_a_batch_of_seven_or_more_volumes_in_one_npy_is_refused(tmp_path: Path) -> None:
+    """21 volumes of 32^3 saved as one (21, 32, 32, 32) .npy were read as 32 frames of 21 x 32 x 32 (a 4D .npy
+    is a series along its last axis, as NIfTI stores one): three exact copies of each training volume all came
+    out "different", 0 % memorised, without a word (a batch of fewer than 7 was refused, its frames being
+    thinner than the SSIM window). Such a file is refused as a batch now, in both modes; a series with its
+    frames last is read as before."""
+    vol = data.load_volume("mni152").array
+    vols = [np.ascontiguousarray(vol[40 + 8 * i:72 + 8 * i, 60:92, 60:92]) for i in range(7)]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "synth").mkdir()
+    for i, v in enumerate(vols):
+        np.save(tmp_path / "train" / f"t{i}.npy", v)
+    np.save(tmp_path / "synth" / "batch.npy", np.stack(vols * 3))  # (21, 32, 32, 32)
+    np.save(tmp_path / "synth" / "series.npy", np.stack(vols[:2], axis=-1))  # (32, 32, 32, 2): frames last
+    kw = dict(metric="ssim", mode="volumes", k=1, verify="none", progress=False)
+    r = A.audit(tmp_path / "train", tmp_path / "synth", out=tmp_path / "o", **kw)
+    (sk,) = r.summary["skipped"]
+    assert sk["path"] == str(tmp_path / "synth" / "batch.npy")
+    assert "a batch of 21 volumes of 32 x 32 x 32 saved as one (N, D, H, W) array?" in sk["reason"]
+    assert r.summary["n_synth"] == 2 and r.summary["counts"]["duplicate"] == 2  # the series' two frames
+    with pytest.raises(DataError, match=r"batch\.npy: a 4D array of shape \(21, 32, 32, 32\): a batch of 21"):
+        list(iter_slices([tmp_path / "synth" / "batch.npy"], SlicePolicy(min_foreground=0), strict=True))
