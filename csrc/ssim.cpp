@@ -1134,9 +1134,11 @@ Kernels pick_kernels() {
 // data range far below the images' own, or a tiny k2): the fp32 statistics keep each window's means to an ulp
 // of that span, and the variances to about ulp * sigma, which is no longer small against C2 there. Seen: values
 // 1000 +- 1e-3 with one 0-valued pixel, data_range=0.01, Gaussian window: 3e-4 off float64 (the ratio is
-// 3.3e6; at 3.3e4, 6e-7). At the default range the ratio is 1 / k2 = 33, and real MRI stayed within 3e-8 of
-// float64 up to ~8e3.
-constexpr double kMaxSpanRatio = 32768.0;
+// 3.3e6). Where the images' own variation is of the order of sqrt(C2) the error grows faster: values 3000 +-
+// 0.09 with one 0-valued pixel, Gaussian window, were 1.6e-5 off at a ratio of 3.3e4 (the limit was 32768
+// then), 2.2e-6 at 8192 and 6e-7 at 4096. At the default range the ratio is 1 / k2 = 33, and real MRI stayed
+// within 3e-8 of float64 up to ~8e3.
+constexpr double kMaxSpanRatio = 4096.0;
 
 PairConst pair_const(double range, const Window& win, const Prep& px, const Prep& py) {
   PairConst pc;

@@ -281,6 +281,16 @@ _SCRIPT = textwrap.dedent(r"""
         record(f"span_{w}_matrix", np.diag(np.asarray(ssim_matrix(torch.from_numpy(xs), torch.from_numpy(ys),
                                                                  data_range=0.01, backend="triton", progress=False,
                                                                  **kw))), want)
+    # variation of the order of sqrt(C2) at a span just under the float64 switch as it was (32768 sqrt(C2)):
+    # 3000 +- 0.09 with one 0-valued pixel, Gaussian window, scored 1.5e-5 off float64; the switch is at 4096 now
+    nz = np.random.default_rng(106).standard_normal((3, 24, 24))
+    xs = (3000 + 0.09 * nz[:2]).astype(np.float32); ys = (3000 + 0.09 * (0.7 * nz[:2] + 0.3 * nz[2])).astype(np.float32)
+    xs[:, 9, 9] = ys[:, 9, 9] = 0
+    dr = 3000 / (0.03 * 32768) * 1.001
+    for w, kw in (("uniform", {}), ("gaussian", GAUSS)):
+        want = ssim_reference(xs.astype(np.float64), ys.astype(np.float64), spatial_dims=2, data_range=dr, **kw)
+        record(f"span_sqrt_c2_{w}", ssim(torch.from_numpy(xs), torch.from_numpy(ys), spatial_dims=2, data_range=dr,
+                                         backend="triton", **kw), want)
     f = rng.random((2, 12, 13)); f[1] *= 1e300
     try:
         ssim(torch.from_numpy(f), torch.from_numpy(0.5 * f), spatial_dims=2, backend="triton")
@@ -489,7 +499,8 @@ def test_triton_tiny_ranges_keep_float32_accuracy(results, case):
     assert r["err"] <= 1e-6, f"{case}: max |triton - oracle| = {r['err']:.3g}"
 
 
-@pytest.mark.parametrize("case", ["span_uniform", "span_gaussian", "span_uniform_matrix", "span_gaussian_matrix"])
+@pytest.mark.parametrize("case", ["span_uniform", "span_gaussian", "span_uniform_matrix", "span_gaussian_matrix",
+                                  "span_sqrt_c2_uniform", "span_sqrt_c2_gaussian"])
 def test_triton_a_data_range_far_below_the_span_is_scored_as_float64_scores_it(results, case):
     r = results[case]
     assert r["shape"] == r["want_shape"], r
