@@ -1885,7 +1885,7 @@ def _drop_earlier_outputs(sets: dict[str, list[Path]]) -> dict[str, list[Path]]:
     def earlier_out(p: Path) -> Path | None:
         a = os.path.abspath(p)
         outs = outs_above(os.path.dirname(a))
-        for d in outs:
+        for d in reversed(outs):  # (the nearest first)
             if d not in owned:
                 owned[d] = _own_output_paths(Path(d), Path(d) / "cache")
             folders, files = owned[d]

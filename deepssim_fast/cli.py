@@ -48,7 +48,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if nat["available"]:
         print(
             f"native : yes  simd={nat['simd']} (cpu supports {nat['detected_simd']})  "
-            f"threads={nat['threads']}  all-pairs kernel={nat.get('topk_kernel') or '-'}"
+            f"threads={nat['threads']}  all-pairs kernel="
+            f"{nat.get('topk_kernel') or ('-' if 'topk_kernel_error' in nat else '- (rebuild the extension)')}"
             + (f" (forced: {nat['topk_kernel_choice']})" if nat.get("topk_kernel_choice") not in (None, "auto")
                else "")
             + f"  capabilities={','.join(nat['capabilities']) or '-'}"
@@ -232,7 +233,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .io import discover
     from .training import train
 
-    if args.resume and not os.path.isfile(args.resume):  # (said before the images are searched)
+    if args.resume and not os.path.exists(args.resume):  # (said before the images are searched)
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint file (--resume)", args.resume)
     # (the options not given are None: train() takes a resumed run's own, else its defaults)
     model = train(
@@ -787,9 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -v/-vv speak for this tool (and its bench scripts); other libraries keep to warnings: -vv had put
     # dozens of matplotlib font_manager and PIL chunk lines between the tool's own
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    own = [logging.getLogger(name) for name in ("deepssim_fast", "bench")]
+    own = [logging.getLogger(name) for name in ("deepssim_fast", "bench", "distributed", "dask")]
     levels = [lg.level for lg in own]  # (restored on return: main() called in a program leaves its loggers)
-    for lg in own:
+    for lg in own[:2]:  # (distributed and dask: set by dask_logging below, with --workers/--scheduler)
         lg.setLevel(level)
     if getattr(args, "workers", None) is not None or getattr(args, "scheduler", None) is not None:
         dask_logging(level)
@@ -821,7 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (isinstance(exc, NotADirectoryError) and exc.filename  # (the OS's own words only, not a message of ours)
                 and exc.strerror == os.strerror(errno.ENOTDIR)):
             text = f"{exc.filename}: a part of this path is a file, not a folder"
-        elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror and exc.filename2 is None:
+        elif (isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes, os.PathLike)) and exc.strerror
+              and exc.filename2 is None):
             # "[Errno 21] is an existing folder; give a file name: 'train'" -> "train: is an existing folder; ..."
             text = one_line(f"{os.fsdecode(exc.filename)}: {exc.strerror}")
         print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)

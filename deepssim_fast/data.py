@@ -268,6 +268,8 @@ def _gunzip(p: Path, keep: int = 0) -> io.BytesIO | None:
     try:
         with open(p, "rb") as f:
             buf = f.read(chunk)
+            if len(buf) < 2:
+                raise EOFError("the file is empty or ends within the gzip header (a truncated file)")
             if buf[:2] != magic:  # (zlib said "incorrect header check")
                 raise DataError(f"{p}: not gzip-compressed data, though named .gz (an uncompressed NIfTI renamed? "
                                 "name it .nii)")

@@ -622,8 +622,9 @@ def _warn_old_checkpoints(folder: Path) -> None:
             old[f.name] = v
     if old:
         logger.warning("%s holds %d all-pairs job(s) saved in an earlier checkpoint format (version %s; this "
-                       "version writes %d): their shards are not reused but computed again; delete their "
-                       "allpairs-<job>* files (e.g. %s) to free the space", folder, len(old),
+                       "version writes %d), which is never reused: if this run repeats one of them, its shards are "
+                       "computed again; delete their allpairs-<job>* files (e.g. %s) to free the space", folder,
+                       len(old),
                        "/".join(str(v) for v in sorted(set(old.values()))), _CHECKPOINT_VERSION, next(iter(old)))
 
 

@@ -554,6 +554,7 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float3
         a = a[..., 0]  # one frame: the volume itself, as load_nifti reads a one-frame series
         frame = None
     if a.ndim == 4:
+        _check_npy_batch_of_volumes(p, a.shape)
         if frame is None:
             raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1}; "
                             "command line: --frame)")
@@ -824,7 +825,6 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
         a = _open_npy(p)
         _check_slice_sides(p, a.shape, policy, npy=True)
         if a.ndim == 4 and a.shape[3] > 1:  # (one frame: the volume, as for NIfTI)
-            _check_npy_batch_of_volumes(p, a.shape)
             out = []
             for t in range(a.shape[3]):
                 out.extend(volume_slices(_npy_image(p, a, t), policy, source=f"{p}@t{t}"))
@@ -849,25 +849,26 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
     elif kind == "npy":
         a = _open_npy(p)
         if a.ndim == 4 and a.shape[3] > 1:
-            _check_npy_batch_of_volumes(p, a.shape)
             return [(f"{p}@t{t}", _npy_image(p, a, t)) for t in range(a.shape[3])]
         return [(str(p), _npy_image(p, a, None))]
     return [(str(p), read_image(p))]
 
 
 def _check_npy_batch_of_volumes(p: Path, shape: Sequence[int]) -> None:
-    """DataError when a 4D ``.npy`` looks like a batch of volumes, (N, D, H, W), rather than a series of frames
-    along its last axis, (X, Y, Z, T), as NIfTI stores one: its first axis is the shortest of the three spatial
-    ones and shorter than the last. 21 volumes of 32^3 saved as one array were read as 32 frames of
-    21 x 32 x 32, and their exact copies of training volumes all came out "different", without a word (a batch
-    of fewer than 7 was refused, as its frames were thinner than the SSIM window)."""
+    """DataError when a 4D ``.npy`` of more than one frame looks like a batch of volumes, (N, D, H, W), rather
+    than a series of frames along its last axis, (X, Y, Z, T), as NIfTI stores one: its first axis is the
+    shortest of the three spatial ones and shorter than the last. 21 volumes of 32^3 saved as one array were
+    read as 32 frames of 21 x 32 x 32, and their exact copies of training volumes all came out "different",
+    without a word (a batch of fewer than 7 was refused, as its frames were thinner than the SSIM window).
+    A real series whose first axis is its thinnest is refused too, with the way to read it."""
     n = [int(v) for v in shape]
-    if n[0] < min(n[1], n[2]) and n[0] < n[3]:
+    if n[3] > 1 and n[0] < min(n[1], n[2]) and n[0] < n[3]:
         raise DataError(
             f"{p}: a 4D array of shape {tuple(n)}: a batch of {n[0]} volumes of {n[1]} x {n[2]} x {n[3]} saved as "
-            f"one (N, D, H, W) array? A 4D .npy is read as a series of frames along its last axis (X, Y, Z, T), "
-            f"as NIfTI stores one, which would give {n[3]} frames of {n[0]} x {n[1]} x {n[2]}: save one volume per "
-            "file (or a series with its frames last)")
+            f"one (N, D, H, W) array, or a series of {n[3]} frames of {n[0]} x {n[1]} x {n[2]}? A 4D .npy is read as "
+            "a series of frames along its last axis, as NIfTI stores one, so a batch would be read wrongly: save "
+            "one volume per file. A series whose first axis is its thinnest is taken for a batch: save it as "
+            "NIfTI, or with that axis moved (np.moveaxis(a, 0, 2))")
 
 
 def no_slice_reason(p: Path, policy: SlicePolicy) -> str:

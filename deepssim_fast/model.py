@@ -876,14 +876,15 @@ def usable_slices(slices: Iterable[Any], *, strict: bool, skipped: list) -> list
 
 
 def collect_images(images: Any, *, policy: Any = None, what: str = "images", strict: bool = True,
-                   skipped: list | None = None) -> tuple[list[np.ndarray], list[Any]]:
+                   skipped: list | None = None, keep_order: bool = False) -> tuple[list[np.ndarray], list[Any]]:
     """Turn the ``images`` argument into (list of 2D float32 arrays, list of Slice-or-None metadata).
 
     ``images``: a sequence of 2D arrays / torch tensors / :class:`deepssim_fast.data.Slice`; a stacked array
     (N, H, W) or (N, 1, H, W); a mapping key -> array; or paths (str/Path, directories, globs — PNG, .npy,
     NIfTI; volumes are cut by ``policy``) read through :mod:`deepssim_fast.io`. Paths: an unreadable file
     raises :class:`~deepssim_fast.data.DataError`, or with ``strict=False`` is logged, appended to
-    ``skipped`` as ``(path, reason)`` and left out.
+    ``skipped`` as ``(path, reason)`` and left out. A list of paths gives its files sorted, each once (a
+    training pool), or with ``keep_order`` in the list's order, repeats kept (embed's rows).
     """
     from .data import Slice
 
@@ -893,10 +894,13 @@ def collect_images(images: Any, *, policy: Any = None, what: str = "images", str
         from . import io as dio
 
         skipped = skipped if skipped is not None else []
-        # a list keeps its order and its repeats (row i for the i-th file: discover of the whole list sorted it
-        # and dropped repeats, so rows lined up against the caller's list paired the wrong images); each of
-        # its folders and globs gives its files in discover's order
-        files = dio.discover(images) if is_path else [f for item in images for f in dio.discover(item)]
+        # keep_order: a list keeps its order and its repeats (row i for the i-th file: discover of the whole list
+        # sorted it and dropped repeats, so embed's rows lined up against the caller's list paired the wrong
+        # images); each of its folders and globs gives its files in discover's order
+        if is_path or not keep_order:
+            files = dio.discover(images)
+        else:
+            files = [f for item in images for f in dio.discover(item)]
         slices = usable_slices(dio.iter_slices(files, policy, strict=strict, skipped=skipped),
                                strict=strict, skipped=skipped)
         arrays = [as_image_2d(s.array, _name_of(s, i)) for i, s in enumerate(slices)]
@@ -1065,7 +1069,7 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     net = _resolve_model(model)
-    arrays, _ = collect_images(images, policy=policy)
+    arrays, _ = collect_images(images, policy=policy, keep_order=True)
     cfg: ModelConfig = net.config
     dev = torch.device(device) if device is not None else _model_device(net)
     _check_device(dev)

@@ -1098,7 +1098,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                              or (cpu_time_limit is not None
                                  and time.process_time() - cpu_start >= cpu_time_limit))
                 if val_set is not None and (step % every == 0 or step == total or timed_out):
-                    ev = evaluate(model, pairs=val_set, batch_size=max(batch_size, 64))
+                    try:
+                        ev = evaluate(model, pairs=val_set, batch_size=max(batch_size, 64))
+                    except ValueError as exc:  # (a NaN embedding said "images 0..63": of the validation pairs)
+                        raise ValueError(f"validation at step {step} (its fixed pairs): {exc}") from exc
                     row.update(val_loss=ev["mse"], val_mae=ev["mae"], val_r=ev["r"])
                     if best_val is None or ev["mse"] < best_val:
                         best_val = ev["mse"]

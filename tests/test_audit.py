@@ -2884,7 +2884,7 @@ def test_volumes_mode_refuses_a_batch_of_volumes_and_warns_of_items_mostly_paddi
     assert r.summary["n_synth"] == 1
     (bad,) = r.summary["skipped"]
     assert bad["path"].endswith("batch2.npy") and "save one volume per file" in bad["reason"]
-    assert "a batch of 2 volumes of 40 x 48 x 40 saved as one (N, D, H, W) array?" in bad["reason"]
+    assert "a batch of 2 volumes of 40 x 48 x 40 saved as one (N, D, H, W) array, or a series" in bad["reason"]
     assert "more than half padding" not in caplog.text  # (one shape: nothing to say)
     np.save(tmp_path / "t" / "S0.npy", np.ascontiguousarray(mni[:128:1, :128, 40:50]))  # (sorts first)
     # twice: the second run takes every item from the cache, where the warning, given only when an item was
@@ -3031,7 +3031,23 @@ def test_a_batch_of_seven_or_more_volumes_in_one_npy_is_refused(tmp_path: Path) 
     r = A.audit(tmp_path / "train", tmp_path / "synth", out=tmp_path / "o", **kw)
     (sk,) = r.summary["skipped"]
     assert sk["path"] == str(tmp_path / "synth" / "batch.npy")
-    assert "a batch of 21 volumes of 32 x 32 x 32 saved as one (N, D, H, W) array?" in sk["reason"]
+    assert ("a batch of 21 volumes of 32 x 32 x 32 saved as one (N, D, H, W) array, or a series of 32 frames of "
+            "21 x 32 x 32?") in sk["reason"]
     assert r.summary["n_synth"] == 2 and r.summary["counts"]["duplicate"] == 2  # the series' two frames
     with pytest.raises(DataError, match=r"batch\.npy: a 4D array of shape \(21, 32, 32, 32\): a batch of 21"):
         list(iter_slices([tmp_path / "synth" / "batch.npy"], SlicePolicy(min_foreground=0), strict=True))
+
+
+def test_a_series_whose_first_axis_is_thinnest_is_named_with_the_way_to_read_it(tmp_path: Path) -> None:
+    """The batch-of-volumes rule also takes a real series stored (D, H, W, T) with few slices for a batch:
+    its message offers np.moveaxis, which reads it; and read_image (the ssim command's --frame) refuses such a
+    file as the audit does (it read it)."""
+    from deepssim_fast.io import read_image
+
+    vol = data.load_volume("mni152").array[60:70, 60:92, 60:92]  # 10 x 32 x 32
+    series = np.stack([vol + i for i in range(20)], axis=-1).astype(np.float32)  # (10, 32, 32, 20)
+    np.save(tmp_path / "series.npy", series)
+    with pytest.raises(DataError, match=r"or a series of 20 frames of 10 x 32 x 32\?.*np\.moveaxis\(a, 0, 2\)"):
+        read_image(tmp_path / "series.npy", frame=0)
+    np.save(tmp_path / "moved.npy", np.moveaxis(series, 0, 2))  # (32, 32, 10, 20): read as 20 frames
+    np.testing.assert_array_equal(read_image(tmp_path / "moved.npy", frame=3), np.moveaxis(series, 0, 2)[..., 3])

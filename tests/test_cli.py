@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import logging
 from pathlib import Path
@@ -814,7 +815,8 @@ def test_dask_loggers_follow_the_cli_verbosity(
                  if r.name.split(".")[0] in names and r.levelno < logging.WARNING]
         assert noisy == []
         assert "dashboard at" not in capsys.readouterr().err
-        assert all(logging.getLogger(n).level == logging.WARNING for n in names)
+        # (and main() leaves them as it found them, as it leaves the package's own)
+        assert all(logging.getLogger(n).level == saved[n] for n in names)
         from deepssim_fast.cli import dask_logging
 
         dask_logging(logging.INFO)  # -v
@@ -1023,8 +1025,8 @@ def test_ssim_of_a_float64_file_and_a_float32_exact_one(tmp_path: Path, capsys: 
 
 def test_ssim_refuses_a_window_size_for_the_gaussian_window(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """--win-size was ignored with --window gaussian (even an even size was taken); then any --win-size was
-    refused with it, where the API takes win_size=11, the gaussian window's own size. The command says what
-    the API says now, naming the option, before any file is read."""
+    refused with it, where the API takes win_size=11, the gaussian window's own size. The command gives the
+    API's reason now, before any file is read."""
     np.save(tmp_path / "a.npy", np.random.default_rng(0).random((24, 24)).astype(np.float32))
     assert main(["ssim", str(tmp_path / "a.npy"), str(tmp_path / "a.npy"), "--window", "gaussian",
                  "--win-size", "5"]) == 2
@@ -1388,3 +1390,33 @@ def test_a_missing_resume_checkpoint_is_named_before_the_images_are_searched(
     assert rc == 2
     assert capsys.readouterr().err == (f"deepssim-fast train: error: {tmp_path / 'gone.pt'}: no such checkpoint "
                                        "file (--resume)\n")
+
+
+def test_os_errors_without_a_path_name_and_a_resume_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError naming a file descriptor (filename 999) made the error handler fail with a TypeError; a
+    --resume that is a folder was called "no such checkpoint file"."""
+    import deepssim_fast.cli as cli
+
+    def bad_fd(args):  # noqa: ANN001, ANN202
+        os.stat(999)
+
+    monkeypatch.setattr(cli, "_cmd_doctor", bad_fd)
+    parser_default = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_doctor(parser_default(), bad_fd))
+    assert main(["doctor"]) == 2
+    assert "Bad file descriptor" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "imgs" / f"i{i}.npy", np.random.default_rng(i).random((16, 16)).astype(np.float32))
+    assert main(["train", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--resume",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint" not in err and "is a directory" in err, err
+
+
+def _with_doctor(parser, fn):  # noqa: ANN001, ANN202
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    sub.choices["doctor"].set_defaults(func=fn)
+    return parser

@@ -706,6 +706,9 @@ def test_nii_gz_with_damaged_compressed_data_is_refused_whole(tmp_path: Path, mo
     plain.write_bytes(gzip.decompress(src.read_bytes()))
     with pytest.raises(DataError, match=r"plain\.nii\.gz: not gzip-compressed data, though named \.gz"):
         data.load_nifti(plain)
+    (tmp_path / "empty.nii.gz").write_bytes(b"")  # (an interrupted copy: not "an uncompressed NIfTI renamed")
+    with pytest.raises(DataError, match=r"empty\.nii\.gz: damaged gzip data .*empty or ends within the gzip"):
+        data.load_nifti(tmp_path / "empty.nii.gz")
     with pytest.raises(DataError, match=r"damaged\.nii\.gz: damaged gzip data .*; the file is not used"):
         data.load_nifti(bad)
     with pytest.raises(DataError, match="damaged gzip data"):

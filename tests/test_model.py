@@ -879,3 +879,17 @@ def test_a_frozen_checkpoint_reloads_frozen(tmp_path) -> None:
     back = load_model(p)
     assert back.config.freeze_stages
     assert sorted(n for n, q in back.named_parameters() if not q.requires_grad) == frozen
+
+
+def test_a_training_pool_from_a_list_of_files_is_sorted_and_unique(tmp_path, real_images) -> None:
+    """embed keeps a list's order and repeats (its rows); a training pool does not: a folder and a file in it
+    given together held that file twice (a pairs CSV key then named two images, and the split could put one
+    copy in validation and the other in training)."""
+    from deepssim_fast.model import collect_images
+
+    for i, a in enumerate(real_images[:3]):
+        np.save(tmp_path / f"a{i}.npy", a)
+    arrays, metas = collect_images([tmp_path / "a2.npy", str(tmp_path), tmp_path / "a0.npy"])
+    assert [m.source for m in metas] == [str(tmp_path / f"a{i}.npy") for i in range(3)]
+    arrays, metas = collect_images([tmp_path / "a2.npy", tmp_path / "a0.npy", tmp_path / "a2.npy"], keep_order=True)
+    assert [m.source for m in metas] == [str(tmp_path / n) for n in ("a2.npy", "a0.npy", "a2.npy")]

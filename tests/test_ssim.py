@@ -1280,7 +1280,7 @@ def test_tiny_k_constants_stay_exact_beside_a_bright_voxel(k: float) -> None:
 
 @pytest.mark.parametrize("data_range", [0.01, 1e-3])
 def test_running_sum_kernels_follow_the_span_rule(data_range: float) -> None:
-    """README: a pair spanning more than 4096 k2 data_range is computed in float64. The 2D uniform window's
+    """README: a pair spanning more than 8192 k2 data_range is computed in float64. The 2D uniform window's
     running-sum kernels ignored the rule: a real slice spanning [0, 1000] against itself shifted by a row, at
     data_range=0.001, scored 1.5e-3 off float64 (ssim and ssim_matrix; the Gaussian window was right)."""
     x = (data.load_volume("t1_coronal_slice").array[::2, ::2] * 1000).astype(np.float32)
@@ -1409,7 +1409,8 @@ def test_tensors_without_readable_data_and_lists_of_grad_tensors() -> None:
 def test_a_small_data_range_against_variation_near_sqrt_c2_stays_exact(window: str) -> None:
     """Images of 3000 +- 0.09 with one 0-valued pixel, at a data_range that put their span just under the
     float64 switch (32768 sqrt(C2) then): the Gaussian window scored up to 1.6e-5 off float64 on the native
-    engine, 1.5e-5 on Triton's. The switch is at 4096 sqrt(C2) now, where that error is ~6e-7."""
+    engine, 1.5e-5 on Triton's. The switch is at 8192 sqrt(C2) now, where that error is ~2e-6 (and real MRI
+    at data_range=1, ~7.9e3, stays on the float32 kernel: see the test above)."""
     worst = 0.0
     for seed in range(100, 112):
         rng = np.random.default_rng(seed)
@@ -1417,10 +1418,10 @@ def test_a_small_data_range_against_variation_near_sqrt_c2_stays_exact(window: s
         x = (3000 + 0.09 * nz[:2]).astype(np.float32)
         y = (3000 + 0.09 * (0.7 * nz[:2] + 0.3 * nz[2])).astype(np.float32)
         x[:, 9, 9] = y[:, 9, 9] = 0
-        for ratio in (32768, 4096 * 1.01, 4096 * 0.99):
+        for ratio in (32768, 8192 * 1.01, 8192 * 0.99):
             kw = dict(spatial_dims=2, data_range=3000 / (0.03 * ratio), window=window,
                       sample_covariance=window == "uniform")
             got = np.asarray(ssim(x, y, backend="native", **kw), np.float64)
             want = np.asarray(ssim_reference(x.astype(np.float64), y.astype(np.float64), **kw), np.float64)
             worst = max(worst, float(np.abs(got - want).max()))
-    assert worst < 2e-6, worst
+    assert worst < 4e-6, worst

@@ -282,7 +282,7 @@ _SCRIPT = textwrap.dedent(r"""
                                                                  data_range=0.01, backend="triton", progress=False,
                                                                  **kw))), want)
     # variation of the order of sqrt(C2) at a span just under the float64 switch as it was (32768 sqrt(C2)):
-    # 3000 +- 0.09 with one 0-valued pixel, Gaussian window, scored 1.5e-5 off float64; the switch is at 4096 now
+    # 3000 +- 0.09 with one 0-valued pixel, Gaussian window, scored 1.5e-5 off float64; the switch is at 8192 now
     nz = np.random.default_rng(106).standard_normal((3, 24, 24))
     xs = (3000 + 0.09 * nz[:2]).astype(np.float32); ys = (3000 + 0.09 * (0.7 * nz[:2] + 0.3 * nz[2])).astype(np.float32)
     xs[:, 9, 9] = ys[:, 9, 9] = 0
