@@ -741,9 +741,9 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     backbone:     ``convnext_base`` (paper; the default), ``convnext_tiny``, ``resnet18`` or ``small``;
                   with ``resume=`` the checkpoint's (a different one given here is an error).
     pretrained:   LOCAL torchvision ImageNet state_dict file for the backbone (never downloaded).
-    max_steps:    number of optimizer steps; overrides ``epochs`` (default 40; an epoch is
-                  ceil(n_train / batch_size) steps, each image being the first of a pair once per epoch on
-                  average).
+    max_steps:    number of optimizer steps; overrides ``epochs``, the passes over the images (default 40;
+                  an epoch is ceil(n_train / batch_size) steps, each image being the first of a pair once per
+                  epoch on average).
     val_images:   validation images; default: ``val_fraction`` of ``images``, chosen by ``seed``.
     out:          directory for ``best.pt``, ``last.pt``, ``log.csv`` (and TensorBoard events).
     resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored,
