@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -147,6 +148,25 @@ def _copy_transform(kind: str, img: np.ndarray, rng: np.random.Generator) -> tup
     raise ValueError(kind)
 
 
+# The names of the files the demo writes under OUT/data (anything else there is not the demo's).
+_TRAIN_NAME = re.compile(r"mni152_(axial|coronal)_\d{3}\.npy")
+_SYNTH_NAME = re.compile(r"synth_\d{4}\.npy")
+
+
+def _refuse_foreign_files(folder: Path, names: re.Pattern, what: str) -> None:
+    """ValueError when ``folder`` (OUT/data/train or OUT/data/synth) holds files the demo does not write: a
+    project folder given as --out had its own .npy files under data/synth deleted as stale and those under
+    data/train audited as demo data, without a word."""
+    if not folder.is_dir():
+        return
+    foreign = sorted(f.name for f in folder.iterdir()  # (an interrupted write's temporary file is the demo's)
+                     if not names.fullmatch(f.name) and not (f.name.startswith(".") and f.name.endswith(".tmp")))
+    if foreign:
+        raise ValueError(f"{folder} holds {len(foreign)} file(s) the demo did not write (e.g. {foreign[0]}); the "
+                         f"demo writes its {what} set there and removes its own stale files: give --out a new "
+                         "folder, or an earlier demo's")
+
+
 def build_demo_data(
     root: str | os.PathLike,
     *,
@@ -165,6 +185,8 @@ def build_demo_data(
     rng = np.random.default_rng(seed)
     root = Path(root)
     tdir, sdir = root / "train", root / "synth"
+    _refuse_foreign_files(tdir, _TRAIN_NAME, "training")
+    _refuse_foreign_files(sdir, _SYNTH_NAME, "synthetic")
     tdir.mkdir(parents=True, exist_ok=True)
     sdir.mkdir(parents=True, exist_ok=True)
     slices = _template_slices()
@@ -296,8 +318,8 @@ def build_demo_data(
         )
     if not truth_csv.exists() or truth_csv.read_text() != buf.getvalue():
         atomic_write_bytes(truth_csv, buf.getvalue().encode())
-    stale = {f.name for f in sdir.glob("*.npy")} - {p.name for p in planted}
-    for name in sorted(stale):  # left over from a run with other settings
+    stale = {f.name for f in sdir.glob("*.npy") if _SYNTH_NAME.fullmatch(f.name)} - {p.name for p in planted}
+    for name in sorted(stale):  # left over from a run with other settings (only the demo's own names)
         (sdir / name).unlink()
     logger.info(
         "demo data: %d training slices, %d synthetic (%d copies, %d near, %d novel)",

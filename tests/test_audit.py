@@ -1320,6 +1320,16 @@ def test_demo_data_ground_truth_is_measured(tmp_path: Path) -> None:
     assert {f.name: f.stat().st_mtime_ns for f in d["synth_dir"].iterdir()} == mtimes  # unchanged files kept
     assert d["truth_csv"].read_bytes() == truth
     assert (tmp_path / "held.csv").read_text() == "synth,kind\n"
+    # files the demo did not write, in a folder given as its --out: the synthetic ones were deleted as stale
+    # and the training ones audited as demo data, without a word; refused now, nothing touched
+    (d["synth_dir"] / ".synth_0000.npy.ab12.tmp").write_bytes(b"")  # (an interrupted write's: the demo's)
+    build_demo_data(tmp_path, seed=1, n_copies=6, n_near=3, n_novel=6)
+    for folder, name in ((d["synth_dir"], "my_precious_synth.npy"), (d["train_dir"], "my_train.npy")):
+        np.save(folder / name, np.ones((8, 8), np.float32))
+        with pytest.raises(ValueError, match=rf"holds 1 file\(s\) the demo did not write \(e\.g\. {name}\)"):
+            build_demo_data(tmp_path, seed=2, n_copies=6, n_near=3, n_novel=6)
+        assert (folder / name).exists()
+        (folder / name).unlink()
 
 
 # ----------------------------------------------------------------------------------------------------
