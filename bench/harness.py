@@ -116,7 +116,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
             ratio = f"{r.ratio:.2f}× {r.baseline}" if r.ratio is not None else "-"
         else:
             t, rate, ratio = "-", "-", "-"
-        lines.append(f"| {r.case} | {r.provider} | {t} | {rate} | {ratio} | {r.note} |")
+        cells = (r.case, r.provider, t, rate, ratio, r.note)
+        # (a check's message "(|diff| 0.264 > 0.0001)" in a note split its row into 8 cells)
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -180,8 +182,9 @@ def machine_info() -> dict[str, str]:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
+        # (BENCHMARKS.md itself aside: the first table a run appends made every later one "+dirty")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)BENCHMARKS.md"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         # (a copy of the tree without .git, as a lent GPU machine gets: git fails, and says so on stderr)
         commit = head.stdout.strip() if head.returncode == 0 and head.stdout.strip() else "unknown"
         if commit != "unknown" and dirty.returncode == 0 and dirty.stdout.strip():
@@ -219,5 +222,15 @@ def append_text(path: Path, text: str) -> None:
     was, never a half-written section."""
     from deepssim_fast._atomic import atomic_write_bytes
 
-    old = path.read_text(encoding="utf-8") if path.exists() else "# deepssim_fast benchmarks\n"
-    atomic_write_bytes(path, (old + text).encode("utf-8"))
+    # (two runs appending at once each read the file, added their section and replaced it: the one that
+    # replaced it first lost its sections; an flock on a lock file beside it makes the read and replace one step)
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as held:
+        try:
+            import fcntl
+
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # (no flock here: as before)
+            pass
+        old = path.read_text(encoding="utf-8") if path.exists() else "# deepssim_fast benchmarks\n"
+        atomic_write_bytes(path, (old + text).encode("utf-8"))

@@ -577,6 +577,28 @@ def test_benchmark_tables_are_appended_atomically(tmp_path: Path, monkeypatch) -
     assert fresh.read_text() == "# deepssim_fast benchmarks\nx\n"
 
 
+def test_appends_from_two_processes_at_once_all_arrive_and_a_bar_in_a_note_stays_in_its_cell(tmp_path: Path,
+                                                                                              monkeypatch) -> None:
+    """Two runs appending at once each read the file, added their section and moved the result over it: 155 of
+    300 sections survived a probe. A lock beside the file makes each read-and-replace one step now. And a
+    check's message "(|diff| 0.264 > 0.0001)" in a note split its row into 8 cells."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness
+
+    md = tmp_path / "B.md"
+    md.write_text("# title\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from bench import harness\n"
+            "for i in range(40): harness.append_text(Path(sys.argv[2]), f'\\n### {sys.argv[3]} {i}\\n')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(md), tag], env=_subprocess_env())
+             for tag in ("a", "b")]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    text = md.read_text()
+    assert all(f"### {tag} {i}\n" in text for tag in ("a", "b") for i in range(40))
+    row = harness.Row(capability="x", case="c", provider="p", work=1, unit="pairs", note="refused (|diff| 0.26 > 1e-4)")
+    line = harness.markdown_table([row]).splitlines()[-1]
+    assert line.count(" | ") == 5 and "(\\|diff\\| 0.26" in line
+
+
 def test_audit_files_bench_times_two_roots_and_refuses_differing_results(tmp_path: Path) -> None:
     """bench/audit_files.py on 20 + 20 files: both roots (here the same package twice) run cold and resumed
     audits and the table is printed; a root whose matches.csv differs gets no timings (exit 1)."""
