@@ -683,3 +683,48 @@ def test_all_pairs_bench_scale_n_0_skips_the_scale_case_only(monkeypatch) -> Non
     called.clear()
     b.run(quick=True, append=False)
     assert called == ["cpu_case"]
+
+
+def test_ssim_bench_checks_the_calls_it_times(monkeypatch) -> None:
+    """The checks covered x[:4], x[:1] and a[:band] while the timed calls ran on every pair: an engine right for
+    small batches and off by 0.05 above them got 38x, 7.7x and 1.8x in a probe. The checks are of the timed
+    calls' outputs now; and a refused case fails the run (it exited 0, the runner saying "ok")."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_ssim as b
+
+    mod = importlib.import_module("deepssim_fast.ssim")
+    real, real_m = mod.ssim, mod.ssim_matrix
+
+    def wrong_when_big(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = np.asarray(real(*a, **kw))
+        return out + 0.05 if out.size > 4 else out
+
+    monkeypatch.setattr(mod, "ssim", wrong_when_big)
+    with pytest.raises(AssertionError, match="vs scikit-image"):
+        b._cpu_2d(quick=True)
+    def wrong_after_the_first(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = np.array(real(*a, **kw), dtype=np.float64)
+        out.reshape(-1)[1:] += 0.05  # (right for one pair, as the old check's call)
+        return out
+
+    monkeypatch.setattr(mod, "ssim", wrong_after_the_first)
+    with pytest.raises(AssertionError, match="3D vs scikit-image"):
+        b._cpu_3d(quick=True)
+    monkeypatch.setattr(mod, "ssim", real)
+
+    def wrong_rows(A, B, **kw):  # noqa: ANN001, ANN003, ANN202
+        m = np.array(real_m(A, B, **kw))
+        m[len(m) // 2:] += 0.05  # (right in the first rows, as the old check's band)
+        return m
+
+    monkeypatch.setattr(mod, "ssim_matrix", wrong_rows)
+    with pytest.raises(AssertionError, match="ssim_matrix"):
+        b._matrix(quick=True)
+    def _cpu_2d(quick):  # noqa: ANN001, ANN202
+        raise AssertionError("refused")
+
+    monkeypatch.setattr(b, "_cpu_2d", _cpu_2d)
+    with pytest.raises(RuntimeError, match=r"1 SSIM case\(s\) failed or were refused: _cpu_2d"):
+        b.run(quick=True, append=False, cases=["2d"])
