@@ -58,8 +58,18 @@ def run(quick: bool = False, append: bool = True) -> list[Row]:
     s = np.stack([audit_mod._shift(np.ascontiguousarray(a[::-1]), (1, -2)) for a in t])
     s = s + rng.normal(0, 1.0, s.shape).astype(np.float32)
     # the values first: a ratio of a wrong verification is worth nothing (the check's pairs are the timed ones)
-    check_close("verify_pairs vs scikit-image", audit_mod.verify_pairs(t, s, spatial_dims=2)[0],
-                [_skimage_pair(a, b) for a, b in zip(t, s, strict=True)], 1e-4)
+    plain = audit_mod.verify_pairs(t, s, spatial_dims=2)[0]
+    check_close("verify_pairs vs scikit-image", plain, [_skimage_pair(a, b) for a, b in zip(t, s, strict=True)],
+                1e-4)
+    # and the search over flips and shifts (it was timed unchecked: one returning zeros got 1268x): every pair
+    # is the planted vertical flip shifted by (1, -2), undone by vflip+shift(1,2), and scores at least as high
+    # as without the search
+    found, how = audit_mod.verify_pairs(t, s, spatial_dims=2, flips=True, shifts=4)
+    wrong = [i for i, h in enumerate(how) if h != "vflip+shift(1,2)"]
+    if wrong or not np.all(np.asarray(found) >= np.asarray(plain) - 1e-6):
+        i = wrong[0] if wrong else int(np.argmin(np.asarray(found) - np.asarray(plain)))
+        raise AssertionError(f"verify_pairs (flips+shifts): pair {i} found {how[i]!r} at {float(found[i]):.6f} "
+                             f"(plain {float(plain[i]):.6f}); the planted transform is undone by vflip+shift(1,2)")
     providers = {
         "deepssim_fast verify_pairs (plain)": lambda: audit_mod.verify_pairs(t, s, spatial_dims=2),
         "deepssim_fast verify_pairs (flips+shifts)": lambda: audit_mod.verify_pairs(

@@ -523,6 +523,16 @@ def test_audit_bench_refuses_to_time_a_wrong_verification(monkeypatch) -> None:
     with pytest.raises(AssertionError, match="verify_pairs vs scikit-image"):
         b.run(quick=True, append=False)
 
+    # the search over flips and shifts was timed unchecked (zeros got 1268x in a probe)
+    def zeros_with_search(*a, **kw):
+        score, names = real(*a, **kw)
+        return (np.zeros_like(np.asarray(score)), names) if kw.get("flips") else (score, names)
+
+    monkeypatch.setattr(mod, "verify_pairs", zeros_with_search)
+    with pytest.raises(AssertionError, match=r"verify_pairs \(flips\+shifts\): pair 0 found 'vflip\+shift\(1,2\)' "
+                                             r"at 0\.000000"):
+        b.run(quick=True, append=False)
+
 
 def test_distributed_bench_refuses_to_time_a_sharded_result_that_differs(monkeypatch) -> None:
     """bench_distributed timed the Dask providers against one process without comparing their results; the
