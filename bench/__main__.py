@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
 import logging
 import sys
 import time
@@ -157,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
+    if args.json is not None and (args.json.is_dir() or str(args.json).endswith(("/", os.sep))):
+        # (found when the run had finished: IsADirectoryError and a traceback, after minutes of benchmarks)
+        print(f"python -m bench: error: --json {args.json}: a folder; give the path of the JSON file to write",
+              file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -189,15 +196,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: --quick took {total:.0f} s, over its {QUICK_TARGET_S:.0f} s target (slowest: {slow}); "
               f"on a shared machine compare CPU time, or rerun when it is quiet")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        from deepssim_fast._atomic import atomic_write_bytes
+
+        atomic_write_bytes(args.json, _json_text({
             "machine": info, "quick": args.quick, "appended": args.append, "seconds": total,
             "modules": [{"name": o.name, "module": o.module, "status": o.status, "seconds": o.seconds,
                          "cpu_seconds": o.cpu_seconds,
                          "error": o.error, "failed_providers": o.failed_providers,
                          "rows": [r.as_dict() for r in o.rows]} for o in outcomes],
-        }, indent=2, default=str))
+        }).encode())
     return 0 if n_ok == len(outcomes) else 1
+
+
+def _json_text(obj: object) -> str:
+    """``obj`` as strict JSON: NaN and infinities (a failed fit's slope in a row's ``extra``) become null,
+    where json.dumps wrote the bare token NaN, which strict parsers refuse."""
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2, default=str, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -411,6 +411,15 @@ def test_runner_ok_exit_status_and_bad_names(fake_benches: Path, capsys) -> None
     assert "1/1 benchmark modules ran" in capsys.readouterr().out
     assert main(["no_such_capability"]) == 2
     assert "unknown benchmark 'no_such_capability'" in capsys.readouterr().err
+    # --json naming a folder failed once the whole run had finished (IsADirectoryError, a traceback); and a
+    # NaN inside a row's extra (a failed fit's slope) was written as the bare token NaN
+    assert main(["fakebenches.bench_ok", "--no-append", "--json", str(fake_benches)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {fake_benches}: a folder; give the path of the JSON file to write" in err
+    from bench.__main__ import _json_text
+
+    assert json.loads(_json_text({"slope": float("nan"), "xs": [1.0, float("inf")]})) == {"slope": None,
+                                                                                         "xs": [1.0, None]}
     assert module_for("all-pairs") == module_for("bench_all_pairs") == "bench.bench_all_pairs"
     assert module_for("training") == "bench.bench_train"
     assert main(["--list"]) == 0
