@@ -112,7 +112,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
     for r in rows:
         if r.times:
             t = f"{_fmt_time(r.median)} ({_fmt_time(min(r.times))}–{_fmt_time(max(r.times))})"
-            rate = f"{r.rate:,.1f} {r.unit}/s"
+            # (three significant figures at least: 0.54 pairs/s was printed 0.5, and the ratio column could not
+            # be recomputed from the rates of slow providers)
+            rate = f"{r.rate:,.1f} {r.unit}/s" if r.rate >= 100 else f"{r.rate:.3g} {r.unit}/s"
             ratio = f"{r.ratio:.2f}× {r.baseline}" if r.ratio is not None else "-"
         else:
             t, rate, ratio = "-", "-", "-"
@@ -195,7 +197,9 @@ def machine_info() -> dict[str, str]:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
-        "cores": str(os.cpu_count()),
+        # (the cores this process may run on: under taskset or a CPU quota's affinity, os.cpu_count() said 2
+        # for a run on 1)
+        "cores": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
         "gpu": gpu,
         "python": platform.python_version(),
         "numpy": numpy.__version__,

@@ -780,3 +780,16 @@ def test_training_step_split_checks_its_targets_before_timing(monkeypatch) -> No
     monkeypatch.setattr(b, "ssim_targets", lambda a, c: torch.zeros(a.shape[0]))
     with pytest.raises(AssertionError, match=r"ssim targets vs the float64 reference: max \|diff\|"):
         b.step_split(quick=True)
+
+
+def test_slow_rates_keep_three_figures_and_cores_follow_the_affinity(monkeypatch) -> None:
+    """A rate of 0.54 pairs/s was printed 0.5 (the ratio column could not be recomputed from the rates), and the
+    machine line counted os.cpu_count() cores under taskset."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness
+
+    row = harness.Row(capability="x", case="c", provider="p", work=1.0, unit="pairs", times=[1 / 0.54321])
+    assert "| 0.543 pairs/s |" in harness.markdown_table([row])
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert harness.machine_info()["cores"] == "1"
