@@ -455,37 +455,34 @@ def test_all_pairs_bench_refuses_to_time_a_wrong_result(monkeypatch) -> None:
 
     real = ap.all_pairs
 
-    def wrong(*args, **kwargs):
-        res = real(*args, **kwargs)
+    def corrupted(change):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            res = real(*args, **kwargs)
+            change(res)
+            return res
+        return call
+
+    def wrong_neighbour(res):  # noqa: ANN001, ANN202
         res.indices = res.indices.copy()
         res.indices[3, 0] = (res.indices[3, 0] + 1) % 64  # a neighbour that does not have that score
-        return res
 
-    monkeypatch.setattr(ap, "all_pairs", wrong)
-    with pytest.raises(AssertionError, match="row 3 rank 0"):
-        b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
     # (only the totals of the histogram and class counts were checked: every pair in bin 0 and every pair a
     # duplicate was timed, with "checked against faiss" in its note)
-    def all_in_bin_0(*args, **kwargs):
-        res = real(*args, **kwargs)
+    def all_in_bin_0(res):  # noqa: ANN001, ANN202
         counts, edges = res.histogram
         moved = np.zeros_like(counts)
         moved[0] = counts.sum()
         res.histogram = (moved, edges)
-        return res
 
-    monkeypatch.setattr(ap, "all_pairs", all_in_bin_0)
-    with pytest.raises(AssertionError, match="histogram differs from the float64 recount"):
-        b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
-
-    def all_duplicates(*args, **kwargs):
-        res = real(*args, **kwargs)
+    def all_duplicates(res):  # noqa: ANN001, ANN202
         res.class_counts = {"different": 0, "similar": 0, "duplicate": sum(res.class_counts.values())}
-        return res
 
-    monkeypatch.setattr(ap, "all_pairs", all_duplicates)
-    with pytest.raises(AssertionError, match="class counts .* vs the float64 recount"):
-        b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
+    for change, match in ((wrong_neighbour, "row 3 rank 0"),
+                          (all_in_bin_0, "histogram differs from the float64 recount"),
+                          (all_duplicates, "class counts .* vs the float64 recount")):
+        monkeypatch.setattr(ap, "all_pairs", corrupted(change))
+        with pytest.raises(AssertionError, match=match):
+            b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
     monkeypatch.setattr(ap, "all_pairs", real)
     rows = b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
     ours = [r for r in rows if r.provider.startswith("deepssim_fast")]
