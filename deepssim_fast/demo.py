@@ -418,6 +418,10 @@ def run_demo(
         raise ValueError(f"seed (--seed) must be a non-negative integer, got {seed!r}")
     t0 = time.perf_counter()
     out = Path(out)
+    if (out / "summary.json").is_file() and not (out / "data" / "ground_truth.csv").is_file():
+        # (an audit's OUT from another command: the demo's audit replaced its matches, summary and report)
+        raise ValueError(f"{out} holds the outputs of another audit (summary.json, and no demo data): the demo "
+                         "would replace them; give --out a new folder, or an earlier demo's")
     if progress:  # (the data take ~20 s on 2 cores with no bar of their own: say what is happening)
         print(f"demo: building the data under {out / 'data'}: slices of the MNI152 template, planted copies, "
               "near-copies and novel slices, their truth measured by exact SSIM ...", file=sys.stderr, flush=True)

@@ -1420,3 +1420,24 @@ def _with_doctor(parser, fn):  # noqa: ANN001, ANN202
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     sub.choices["doctor"].set_defaults(func=fn)
     return parser
+
+
+def test_demo_into_another_audits_folder_is_refused(monkeypatch, tmp_path: Path, capsys) -> None:
+    """demo --out a folder holding another command's audit replaced that audit's matches, summary and report
+    without a word. It is refused now, before any work; an earlier demo's folder (its data/ground_truth.csv
+    beside the summary) is reused as before."""
+    from deepssim_fast import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "build_demo_data", lambda *a, **kw: calls.append(1) or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    other = tmp_path / "a1"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    assert main(["demo", "--out", str(other), "--train-seconds", "0", "-q"]) == 2
+    assert f"{other} holds the outputs of another audit" in capsys.readouterr().err
+    assert calls == [] and (other / "summary.json").read_text() == "{}"
+    (other / "data").mkdir()
+    (other / "data" / "ground_truth.csv").write_text("synth,kind\n")  # an earlier demo's folder
+    assert main(["demo", "--out", str(other), "--train-seconds", "0", "-q"]) == 130  # (reached the data stage)
+    assert calls == [1]
