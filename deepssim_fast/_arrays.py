@@ -70,6 +70,17 @@ def to_torch(x: Any, *, name: str = "input", read_only: bool = False) -> torch.T
                         f"float32), shape {a.shape}") from exc
 
 
+def check_readable(t: torch.Tensor, name: str, reader: str) -> None:
+    """A clear error for a tensor holding no data ``reader`` (``"ssim"``, ``"all_pairs"``) can read: one on a
+    device other than the CPU or CUDA (meta: "Cannot copy out of meta tensor", deep inside), or a sparse one
+    ("reshape is not implemented for sparse tensors")."""
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: a tensor on device {str(t.device)!r}, which {reader} cannot read; give it on "
+                         "'cpu' or 'cuda'")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: {t.layout} tensors are not supported; pass a dense tensor (.to_dense())")
+
+
 def to_numpy(x: Any, *, name: str = "input") -> np.ndarray:
     """``x`` as a numpy array on the host (copies from GPU)."""
     if isinstance(x, np.ndarray):

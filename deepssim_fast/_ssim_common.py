@@ -133,6 +133,13 @@ def check_bool(v: Any, name: str) -> bool:
     raise TypeError(f"{name} must be a bool (True or False), got {v!r} of type {type(v).__name__}")
 
 
+def check_count_or_none(v: Any, name: str) -> None:
+    """ValueError naming the parameter unless ``v`` is None or a positive integer (Python or numpy; not a bool,
+    a float or a string, which int() would have taken: "7", 2.7, True)."""
+    if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+
+
 def _describe(shapes: dict[str, tuple[int, ...]] | None, ndim: int) -> str:
     if shapes:
         return " and ".join(f"{name} of shape {tuple(shape)}" for name, shape in shapes.items())

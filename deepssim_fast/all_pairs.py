@@ -63,8 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._arrays import to_torch
-from ._ssim_common import check_bool
+from ._arrays import check_readable, to_torch
+from ._ssim_common import check_bool, check_count_or_none
 from ._atomic import atomic_write
 from .backends import BACKENDS
 from .backends import ENV_VAR as _BACKEND_ENV
@@ -263,6 +263,11 @@ class AllPairsResult:
     @classmethod
     def load(cls, path: str | os.PathLike) -> AllPairsResult:
         """Read a result written by :meth:`save`; any other file (or a damaged one) is a ValueError naming it."""
+        return cls._load(path)[0]
+
+    @classmethod
+    def _load(cls, path: str | os.PathLike, extra: Sequence[str] = ()) -> tuple[AllPairsResult, dict[str, Any]]:
+        """:meth:`load`, and the ``extra`` arrays :meth:`_save` stored beside the result (those present)."""
         p = Path(path)
         if p.is_dir():  # (it was called "no such file")
             raise IsADirectoryError(f"{p}: a folder, not a result written by AllPairsResult.save")
@@ -277,6 +282,7 @@ class AllPairsResult:
                         class_counts={c: int(v) for c, v in zip(CLASS_NAMES, cc, strict=True)},
                         train_hits=z["train_hits"], thresholds=tuple(float(v) for v in z["thresholds"]),
                         n_train=n_train, n_synth=n_synth, k=k, backend=str(z["backend"]))
+                found = {name: z[name] for name in extra if name in z.files}
         except Exception as exc:  # noqa: BLE001 - numpy and zipfile raise many types for foreign/damaged files
             raise ValueError(f"{p}: not a result written by AllPairsResult.save, or damaged "
                              f"({type(exc).__name__}: {exc})") from exc
@@ -293,7 +299,7 @@ class AllPairsResult:
             # (a foreign or edited file: it failed later, in merge, as an "internal error")
             raise ValueError(f"{p}: inconsistent saved result: indices outside [0, n_train={n_train}) (from "
                              f"{int(r.indices.min())} to {int(r.indices.max())})")
-        return r
+        return r, found
 
 
 def _joint_backend(parts: Sequence[AllPairsResult]) -> str:
@@ -343,17 +349,13 @@ def _check_set(x: Any, name: str, d: int | None = None) -> torch.Tensor:
     # read_only: the engines only read the inputs (they normalise into their own buffers), so a memory-mapped
     # read-only set is not copied whole into memory
     t = to_torch(x, name=name, read_only=True).detach()
-    if t.device.type not in ("cpu", "cuda"):  # (a meta tensor failed inside torch.nonzero below)
-        raise ValueError(f"{name}: a tensor on device {str(t.device)!r}, which all_pairs cannot read; give it "
-                         "on 'cpu' or 'cuda'")
+    check_readable(t, name, "all_pairs")  # (a meta tensor failed inside torch.nonzero below)
     if d is not None and t.numel() == 0 and t.ndim != 2:
         t = t.reshape(0, d)
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (n, d) of embeddings, got shape {tuple(t.shape)}")
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected real numbers, got dtype {t.dtype}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name}: {t.layout} tensors are not supported; pass a dense tensor (.to_dense())")
     if t.is_floating_point() and t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float16, bfloat16, float32 or float64")
     if t.shape[0] and t.shape[1] == 0:
@@ -603,8 +605,7 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
         raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, "
                          f"train shape {tuple(tt.shape)})")
     for name, v in (("block", block), ("tile", tile)):
-        if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1):
-            raise ValueError(f"all_pairs: {name} must be a positive integer or None, got {v!r}")
+        check_count_or_none(v, f"all_pairs: {name}")
     if device is not None:
         dev = torch.device(device)
         if dev.type not in ("cpu", "cuda"):

@@ -65,6 +65,7 @@ import numpy as np
 
 from ._arrays import to_numpy
 from ._atomic import atomic_write_bytes, remove_temporaries
+from ._ssim_common import check_count_or_none
 from .backends import BACKENDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -663,9 +664,8 @@ class _Checkpoints:
         if not p.is_file():
             return None
         try:
-            res = cls.load(p)
-            with np.load(p, allow_pickle=False) as z:
-                tag = str(z["shard_tag"]) if "shard_tag" in z.files else None
+            res, found = cls._load(p, extra=("shard_tag",))
+            tag = str(found["shard_tag"]) if "shard_tag" in found else None
             if tag != self.tag(shard):
                 raise ValueError(f"it holds {'shard ' + tag.rsplit('/', 1)[-1] if tag else 'no shard tag'}"
                                  f"{' of another job' if tag and not tag.startswith(self.key + '/') else ''}, "
@@ -806,8 +806,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     check_cluster_options(workers, scheduler)
     for name, v in (("shard_size", shard_size), ("train_shard_size", train_shard_size),
                     ("threads_per_task", threads_per_task)):
-        if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        check_count_or_none(v, name)
     if device is not None:
         import torch
 

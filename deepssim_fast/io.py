@@ -268,9 +268,10 @@ def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
                 found.extend(_search_dir(Path(h), outputs=outputs))
         elif _is_candidate(Path(h)):
             found.append(Path(h))
-        elif Path(h).suffix.lower() in _OTHER_IMAGE_SUFFIXES and os.path.isfile(h) and not _under(Path(h), outputs):
+        elif (suf := Path(h).suffix.lower()) in _OTHER_IMAGE_SUFFIXES and os.path.isfile(h) and not _under(
+                Path(h), outputs):
             # (matched directly, they were left out without the warning a search of their folder gives)
-            other[Path(h).suffix.lower()] = other.get(Path(h).suffix.lower(), 0) + 1
+            other[suf] = other.get(suf, 0) + 1
     if other:
         _warn_other_formats(pattern, other)
     return found

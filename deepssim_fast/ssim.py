@@ -40,7 +40,7 @@ from . import _ssim_common as sc
 from ._atomic import atomic_path, check_writable, reserve
 from .backends import resolve as _resolve_backend
 from .backends import triton_device as _triton_device
-from ._arrays import is_cupy, like_input, to_torch
+from ._arrays import check_readable, is_cupy, like_input, to_torch
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,7 @@ def _to_torch(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray) and any(st < 0 for st in x.strides):
         x = np.ascontiguousarray(x)
     t = to_torch(x, name=name)
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: a tensor on device {str(t.device)!r}, which ssim cannot read; give it on 'cpu' "
-                         "or 'cuda'")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name}: {t.layout} tensors are not supported; pass a dense tensor (.to_dense())")
+    check_readable(t, name, "ssim")
     return t
 
 
