@@ -274,10 +274,14 @@ def scale_case(n: int = 200000, d: int = 256, k: int = 10, log=print) -> list[Ro
     return [row]
 
 
-def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print) -> list[Row]:
+def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print, *, device: str = "cuda",
+             precisions: tuple[str, ...] = ("bf16", "tf32", "ieee")) -> list[Row]:
+    """Triton top-k + histogram against torch.mm bf16 + torch.topk on a GPU; each Triton output is checked
+    against every pair's float64 cosine (an AssertionError stops the case). ``device="cpu"`` under
+    ``TRITON_INTERPRET=1`` runs it on tiny sizes (the tests; bf16 does not run interpreted)."""
     from deepssim_fast.kernels.cosine_topk import cosine_topk
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     train = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=1)
     synth = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=1)
@@ -291,22 +295,35 @@ def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print) -> list[Row]
         for a in range(0, n, 16384):
             sb[a:a + 16384] @ tb.T
 
-    def triton(p):
-        return lambda: cosine_topk(synth, train, k=k, bins=200, hist_range=(-1.0, 1.0),
-                                   thresholds=(0.6, 0.85), precision=p)
+    kept: dict[str, tuple] = {}  # each precision's last timed output, checked after its timing
 
+    def triton(p):
+        def run():
+            kept[p] = cosine_topk(synth, train, k=k, bins=200, hist_range=(-1.0, 1.0), thresholds=(0.6, 0.85),
+                                  precision=p)
+        return run
+
+    from bench.gpu_suite import precision_tol, verify_all_pairs
     from bench.harness import time_fn
 
-    providers = {"triton (bf16)": triton("bf16"), "triton (tf32)": triton("tf32"),
-                 "triton (ieee fp32)": triton("ieee"), "torch.mm bf16 + topk": torch_bf16,
+    names = {p: f"triton ({'ieee fp32' if p == 'ieee' else p})" for p in precisions}
+    providers = {**{names[p]: triton(p) for p in precisions}, "torch.mm bf16 + topk": torch_bf16,
                  "torch.mm bf16 only": gemm_bf16}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
     rows = []
     for name, fn in providers.items():
         r = Row(CAP, f"GPU {n}x{n}x{d} k={k}", name, float(n) * n, "pairs")
         try:
-            r.times = time_fn(fn, warmup=1, repeat=3, sync=torch.cuda.synchronize)
+            r.times = time_fn(fn, warmup=1, repeat=3, sync=sync)
         except Exception as exc:  # noqa: BLE001
             r.note = f"failed: {type(exc).__name__}: {exc}"[:200]
+        p = next((q for q, nm in names.items() if nm == name), None)
+        if p in kept:  # every pair's float64 cosine recounted on the GPU, at the precision's rounding bound
+            scores, indices, hist, classes = kept.pop(p)
+            ok, err, detail = verify_all_pairs(scores, indices, hist, classes, train, synth, tol=precision_tol(p))
+            if not ok:
+                raise AssertionError(f"{name}: timed output wrong: {detail}")
+            r.note = (r.note + " output checked against every pair's float64 cosine").strip()
         rows.append(r)
         log(f"  {r.case:<40} {name:<28} " + (f"{r.median * 1e3:.1f} ms" if r.times else r.note))
     gemm = next((r for r in rows if r.provider == "torch.mm bf16 only" and r.times), None)

@@ -258,30 +258,40 @@ def _training_call(quick: bool) -> list[Row]:
     )
 
 
-def _gpu(quick: bool) -> list[Row]:
-    """Triton vs the torch libraries on the same GPU; roofline fraction in the note."""
+def _gpu(quick: bool, *, device: str = "cuda", cases: tuple | None = None) -> list[Row]:
+    """Triton vs the torch libraries on the same GPU; roofline fraction in the note. Triton's output is
+    checked against the CPU engine at every pair, before timing and after (its last timed call).
+    ``device="cpu"`` under ``TRITON_INTERPRET=1`` with tiny ``cases`` ((spatial_dims, shape, pairs), ...)
+    runs it without a GPU (the tests)."""
     from deepssim_fast.ssim import ssim
 
-    dev = torch.device("cuda")
-    sync = torch.cuda.synchronize
-    peak = (
-        67e12 if "H200" in torch.cuda.get_device_name(0) or "H100" in torch.cuda.get_device_name(0) else None
-    )
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    name = torch.cuda.get_device_name(0) if cuda else ""
+    peak = 67e12 if "H200" in name or "H100" in name else None
     rows: list[Row] = []
-    for sd, shape, n in ((2, (256, 256), 256 if quick else 4096), (3, (160, 192, 160), 2 if quick else 8)):
+    cases = cases or ((2, (256, 256), 256 if quick else 4096), (3, (160, 192, 160), 2 if quick else 8))
+    for sd, shape, n in cases:
         if sd == 2:
             xn, yn = _slices(shape, n)
         else:
             xn, yn = _volumes(shape, n)
-        x, y = torch.from_numpy(xn).to(dev), torch.from_numpy(yn).to(dev)
+        x, y = torch.tensor(xn, device=dev), torch.tensor(yn, device=dev)  # (copies: xn may be a read-only view)
         dr = float(_pair_ranges(xn, yn).max())
         monai_u = _Lazy(_monai, sd, dr)
         for window, flop in (("uniform", 161.0), ("gaussian", 241.0)):
             kw = {} if window == "uniform" else dict(window="gaussian", sample_covariance=False)
             px = float(np.prod(shape))
 
-            def tri(kw=kw, x=x, y=y, sd=sd):
-                ssim(x, y, spatial_dims=sd, backend="triton", **kw)
+            kept: list[object] = []  # the last timed output, checked after the timing
+
+            def tri(kw=kw, x=x, y=y, sd=sd, kept=kept):
+                kept[:] = [ssim(x, y, spatial_dims=sd, backend="triton", **kw)]
                 sync()
 
             def msssim(window=window, x=x, y=y, dr=dr, sd=sd):
@@ -298,6 +308,9 @@ def _gpu(quick: bool) -> list[Row]:
                 sync()
 
             case = f"GPU {sd}D {'x'.join(map(str, shape))} {window} {n} pairs"
+            tri()  # checked before it is timed, and its last timed output after (every pair, against the CPU engine)
+            ref = ssim(xn, yn, spatial_dims=sd, **kw)
+            check_close(f"deepssim_fast triton vs native, {case}", kept[0], ref, TOL)
             rs = run_case(
                 CAP,
                 case,
@@ -307,6 +320,7 @@ def _gpu(quick: bool) -> list[Row]:
                 baseline="pytorch-msssim",
                 repeat=5,
             )
+            check_close(f"deepssim_fast triton (timed) vs native, {case}", kept[0], ref, TOL)
             for r in rs:
                 if r.times and peak:
                     r.note = (

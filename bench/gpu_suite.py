@@ -263,6 +263,130 @@ class Budget:
         return self.total_s - self.elapsed()
 
 
+def precision_tol(precision: str) -> float:
+    """Largest |score - exact cosine| a Triton all-pairs score may have at ``precision`` (unit rows).
+
+    ``"ieee"`` and ``"tf32x3"`` are exact to fp32 (SCORE_TOL). Rounding each input component to a format of
+    unit roundoff u moves a dot product of unit rows by at most (2u + u²)·Σ|q_i t_i| ≤ 2u + u², plus fp32
+    accumulation: tf32 and fp16 have u = 2^-11, bf16 u = 2^-8.
+    """
+    u = {"tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}.get(precision)
+    return SCORE_TOL if u is None else 2.0 * u + u * u + SCORE_TOL
+
+
+def _host(a: Any) -> torch.Tensor:
+    """A result field (numpy, torch on any device, cupy) as a CPU torch tensor."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu()
+    if hasattr(a, "get") and not isinstance(a, np.ndarray):  # cupy
+        a = a.get()
+    return torch.as_tensor(np.asarray(a))
+
+
+def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[str, int] | Sequence[int],
+                     train: torch.Tensor, synth: torch.Tensor | None, *, tol: float,
+                     thresholds: tuple[float, float] = (0.6, 0.85), hist_range: tuple[float, float] = (-1.0, 1.0),
+                     train_hits: Any = None, chunk: int = 4096) -> tuple[bool, float | None, str]:
+    """Check an all-pairs result against the float64 cosines of every pair, ``chunk`` synthetic rows at a
+    time on ``train``'s device (so a 10^5 × 10^5 result is checked in full on a GPU, never as one matrix).
+
+    ``tol`` bounds |returned score - exact cosine| (``precision_tol``). Passes when: shapes, finiteness and
+    index range are right; every returned score is its index's cosine within ``tol``; the returned set is a
+    top-k set (nothing left out scores above the k-th returned by more than 2·tol: near-ties may swap);
+    scores descend and indices are distinct per row; ``train_hits`` (if given) counts the rank-0 indices;
+    the histogram and class counts account for every pair (self-pairs left out when ``synth`` is None), and
+    each bin's (class's) count lies between the pairs whose cosine is in it by more than ``tol`` from its
+    edges and the pairs whose cosine is within ``tol`` of it.
+    Returns ``(ok, max score error, detail)``.
+    """
+    dev = train.device
+    self_mode = synth is None
+    t64 = torch.nn.functional.normalize(train.to(torch.float64), dim=1)
+    q64 = t64 if self_mode else torch.nn.functional.normalize(synth.to(dev, torch.float64), dim=1)
+    ns, nt = q64.shape[0], t64.shape[0]
+    s, idx = _host(scores), _host(indices)
+    cnt = _host(counts).to(torch.int64)
+    cc = (np.asarray([class_counts[c] for c in ("different", "similar", "duplicate")], dtype=np.int64)
+          if isinstance(class_counts, dict) else _host(class_counts).to(torch.int64).numpy())
+    k = s.shape[1] if s.ndim == 2 else -1
+    if s.ndim != 2 or tuple(s.shape) != (ns, k) or tuple(idx.shape) != (ns, k) or k < 1:
+        return False, None, f"scores {tuple(s.shape)} / indices {tuple(idx.shape)}, expected ({ns}, k)"
+    if not bool(torch.isfinite(s).all()):
+        return False, None, f"{int((~torch.isfinite(s)).sum())} non-finite scores (unwritten?)"
+    if ns and (int(idx.min()) < 0 or int(idx.max()) >= nt):
+        return False, None, f"indices out of [0, {nt}): {int(idx.min())}..{int(idx.max())}"
+    lo, hi = (float(v) for v in hist_range)
+    low, high = (float(v) for v in thresholds)
+    bins = int(cnt.numel())
+    width = (hi - lo) / bins
+    # per bin / class: pairs surely in it (any score within tol of the cosine lands there) and pairs possibly
+    # in it (as a difference array: +1 at the lowest bin a pair may land in, -1 past the highest)
+    sure = torch.zeros(bins, dtype=torch.int64, device=dev)
+    maybe = torch.zeros(bins + 1, dtype=torch.int64, device=dev)
+    sure_cc = torch.zeros(3, dtype=torch.int64, device=dev)
+    maybe_cc = torch.zeros(4, dtype=torch.int64, device=dev)
+    err = gap = 0.0
+    s_dev, idx_dev = s.to(dev, torch.float64), idx.to(dev)
+    for a in range(0, ns, chunk):
+        b = min(ns, a + chunk)
+        sc = q64[a:b] @ t64.T
+        valid = torch.ones_like(sc, dtype=torch.bool)
+        if self_mode:
+            rows = torch.arange(b - a, device=dev)
+            valid[rows, rows + a] = False
+        masked = sc.masked_fill(~valid, float("-inf"))
+        true = torch.gather(masked, 1, idx_dev[a:b])
+        err = max(err, float((true - s_dev[a:b]).abs().max()))
+        kth = torch.topk(masked, k, dim=1).values[:, -1]
+        gap = max(gap, float((kth - true.min(dim=1).values).clamp(min=0).max()))
+        v = sc[valid]
+        b_lo = ((v - tol - lo) / width).floor().clamp(0, bins - 1).to(torch.int64)
+        b_hi = ((v + tol - lo) / width).floor().clamp(0, bins - 1).to(torch.int64)
+        sure += torch.bincount(b_lo[b_lo == b_hi], minlength=bins)
+        maybe += torch.bincount(b_lo, minlength=bins + 1) - torch.bincount(b_hi + 1, minlength=bins + 1)
+        c_lo = (v - tol > low).to(torch.int64) + (v - tol > high).to(torch.int64)  # 0 different, 1, 2 duplicate
+        c_hi = (v + tol > low).to(torch.int64) + (v + tol > high).to(torch.int64)
+        sure_cc += torch.bincount(c_lo[c_lo == c_hi], minlength=3)
+        maybe_cc += torch.bincount(c_lo, minlength=4) - torch.bincount(c_hi + 1, minlength=4)
+        del sc, valid, masked, v, b_lo, b_hi, c_lo, c_hi
+    total = ns * nt - (ns if self_mode else 0)
+    sure, maybe = sure.cpu(), maybe.cumsum(0)[:bins].cpu()
+    sure_cc, maybe_cc = sure_cc.cpu().numpy(), maybe_cc.cumsum(0)[:3].cpu().numpy()
+    bad_bins = torch.nonzero((cnt < sure) | (cnt > maybe)).flatten().tolist()
+    bad_cc = [c for c, n, a, b in zip(("different", "similar", "duplicate"), cc, sure_cc, maybe_cc, strict=True)
+              if not a <= n <= b]
+    hist_l1 = int((cnt - sure).abs().sum())
+    descending = bool((s[:, :-1] >= s[:, 1:]).all()) if k > 1 else True
+    distinct = bool((torch.sort(idx, dim=1).values.diff(dim=1) != 0).all()) if k > 1 else True
+    hits_ok = True
+    if train_hits is not None:
+        h = _host(train_hits).to(torch.int64)
+        hits_ok = tuple(h.shape) == (nt,) and bool(torch.equal(h, torch.bincount(idx[:, 0], minlength=nt)))
+    problems = []
+    if err > tol:
+        problems.append(f"a returned score is {err:.2e} off its pair's cosine (tol {tol:.0e})")
+    if gap > 2 * tol:
+        problems.append(f"a left-out pair scores {gap:.2e} above a returned one (not a top-k set)")
+    if not descending:
+        problems.append("scores not descending")
+    if not distinct:
+        problems.append("an index repeats within a row")
+    if not hits_ok:
+        problems.append("train_hits differ from the count of rank-0 indices")
+    if int(cnt.sum()) != total or int(cc.sum()) != total:
+        problems.append(f"histogram {int(cnt.sum()):,} / classes {int(cc.sum()):,} pairs, expected {total:,}")
+    if bad_bins:
+        b = bad_bins[0]
+        problems.append(f"histogram bin {b} counts {int(cnt[b]):,}, the float64 recount puts {int(sure[b]):,}–"
+                        f"{int(maybe[b]):,} pairs there ({len(bad_bins)} bin(s) off)")
+    if bad_cc:
+        problems.append(f"class counts {cc.tolist()}, the float64 recount {sure_cc.tolist()}–{maybe_cc.tolist()} "
+                        f"(off: {', '.join(bad_cc)})")
+    detail = (f"{ns}x{nt} k={k}: set gap {gap:.1e}, |histogram - pairs surely in each bin| {hist_l1} "
+              f"(pairs within tol of an edge {int((maybe - sure).sum())})")
+    return not problems, err, ("; ".join(problems) + " — " if problems else "") + detail
+
+
 # ----------------------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------------------
@@ -462,13 +586,16 @@ class Suite:
             return torch.randn(shape, generator=gen, dtype=torch.float32, device=self.device)
         return torch.randn(shape, generator=self.gen, dtype=torch.float32).to(self.device)
 
-    def check(self, name: str, fn: Callable[[], tuple[bool, float | None, float | None, str]]) -> None:
+    def check(self, name: str, fn: Callable[[], tuple[bool, float | None, float | None, str]], *,
+              gated: bool = True) -> bool:
         """Run one correctness check; an exception is a failed check with its message. Past the checks'
-        share of the budget the check is recorded as skipped (not passed) without running."""
-        if self.budget.elapsed() > self.checks_until_s:
+        share of the budget the check is recorded as skipped (not passed) without running, unless
+        ``gated`` is False (the checks of timed outputs: a timing row stands only with its check).
+        Returns whether it passed."""
+        if gated and self.budget.elapsed() > self.checks_until_s:
             self.checks.append(Check(name, False, detail="skipped: time budget", skipped=True))
             log.warning("[SKIP] %s: the checks' share of the budget (%.0f s) is spent", name, self.checks_until_s)
-            return
+            return False
         t0 = time.perf_counter()
         try:
             ok, err, tol, detail = fn()
@@ -481,6 +608,7 @@ class Suite:
         status = "PASS" if c.ok else "FAIL"
         err_s = f"err {err:.2e} (tol {tol:.0e})" if err is not None and tol is not None else ""
         log.info("[%s] %-58s %-26s %s (%.1f s)", status, name, err_s, detail, c.seconds)
+        return c.ok
 
     def poison(self, nbytes: int) -> None:
         poison_allocator(self.device, nbytes)
@@ -589,14 +717,11 @@ class Suite:
                          precision: str = "ieee") -> tuple[bool, float | None, float | None, str]:
         """Top-k, histogram, class counts and train_hits of ``all_pairs(..., backend="triton")``.
 
-        Scores must equal the reference score of the returned index (fp32 tolerance); the returned set must
-        be a top-k set (no left-out score above the k-th, beyond the tolerance: near-ties may swap);
-        histogram and class counts must be exact except for scores within the tolerance of a bin edge or a
-        threshold. ``tie_row=(row, indices)``: a planted exact tie whose order must be the lower index first.
+        The result is checked by ``verify_all_pairs`` against the float64 cosines of every pair, at the
+        tolerance of ``precision`` (fp32 for the exact ones). ``tie_row=(row, indices)``: a planted exact tie
+        whose order must be the lower index first.
         """
         from deepssim_fast.all_pairs import all_pairs
-        from deepssim_fast.reference import (class_counts_reference, cosine_matrix_reference,
-                                             histogram_reference)
 
         self_mode = synth is None
         nt = train.shape[0]
@@ -612,57 +737,20 @@ class Suite:
             problems.append(f"dtypes {scores.dtype}/{idx.dtype}, expected float32/int64")
         if problems:
             return False, None, SCORE_TOL, "; ".join(problems)
-        if not bool(torch.isfinite(scores).all()):
-            bad = int((~torch.isfinite(scores)).sum())
-            return False, None, SCORE_TOL, f"{bad} non-finite scores (unwritten?)"
-        if int(idx.min()) < 0 or int(idx.max()) >= nt:
-            return False, None, SCORE_TOL, f"indices out of [0, {nt}): {int(idx.min())}..{int(idx.max())}"
-        sim64 = cosine_matrix_reference(train.cpu(), train.cpu() if self_mode else synth.cpu())
-        sim = sim64.to(torch.float32)
-        if self_mode:
-            sim.fill_diagonal_(float("-inf"))
-            if bool((idx == torch.arange(ns)[:, None]).any()):
-                return False, None, SCORE_TOL, "a self-pair was returned in self mode"
-        # every returned score is the true score of its index
-        true = torch.gather(sim, 1, idx)
-        err = float((true.double() - scores.double()).abs().max())
-        # the returned set is a top-k set: nothing left out scores above the k-th returned (ties within tol)
-        kth_ref = torch.sort(sim, dim=1, descending=True).values[:, k - 1]
-        worst = float((kth_ref - true.min(dim=1).values).clamp(min=0).max())
-        descending = bool((scores[:, :-1] >= scores[:, 1:]).all()) if k > 1 else True
-        distinct = all(len(set(r)) == k for r in idx.tolist())
-        # histogram / class counts: exact except for scores within tol of a bin edge or threshold
-        counts = np.asarray(res.histogram[0])
-        edges_got = np.asarray(res.histogram[1], dtype=np.float64)
-        lo, hi, bins = float(edges_got[0]), float(edges_got[-1]), len(counts)
-        ref_counts, _ = histogram_reference(train.cpu(), None if self_mode else synth.cpu(), bins=bins,
-                                            range_=(lo, hi))
-        vals = sim64[~torch.eye(nt, dtype=torch.bool)] if self_mode else sim64.flatten()
-        width = (hi - lo) / bins
-        pos = (vals - lo) / width
-        interior = (pos.round() >= 1) & (pos.round() <= bins - 1)  # the outer edges clamp, they split nothing
-        near_edge = int((((pos - pos.round()).abs() * width <= SCORE_TOL) & interior).sum())
-        hist_l1 = int(np.abs(counts.astype(np.int64) - ref_counts).sum())
-        cc = dict(res.class_counts)
+        if self_mode and bool((idx == torch.arange(ns)[:, None]).any()):
+            return False, None, SCORE_TOL, "a self-pair was returned in self mode"
         thresholds = tuple(float(t) for t in getattr(res, "thresholds", (0.6, 0.85)))
-        ref_cc = class_counts_reference(train.cpu(), None if self_mode else synth.cpu(),
-                                        thresholds=thresholds)
-        near_thr = sum(int(((vals - t).abs() <= SCORE_TOL).sum()) for t in thresholds)
-        cc_l1 = sum(abs(int(cc.get(key, -1)) - ref_cc[key]) for key in ref_cc)
-        hits = np.asarray(res.train_hits)
-        hits_ok = hits.shape == (nt,) and np.array_equal(hits, np.bincount(idx[:, 0].numpy(), minlength=nt))
-        total = ns * nt - (ns if self_mode else 0)
-        tie_ok = True
+        edges = np.asarray(res.histogram[1], dtype=np.float64)
+        tol = precision_tol(precision)
+        ok, err, detail = verify_all_pairs(scores, idx, res.histogram[0], dict(res.class_counts), train, synth,
+                                           tol=tol, thresholds=thresholds,
+                                           hist_range=(float(edges[0]), float(edges[-1])),
+                                           train_hits=res.train_hits)
         if tie_row is not None:
             row, want = tie_row
             tie_ok = idx[row, : len(want)].tolist() == want
-        ok = (err <= SCORE_TOL and worst <= SCORE_TOL and descending and distinct and hits_ok and tie_ok
-              and int(counts.sum()) == total and hist_l1 <= 2 * near_edge and cc_l1 <= 2 * near_thr
-              and sum(cc.values()) == total)
-        detail = (f"{ns}x{nt} k={k}: set gap {worst:.1e}, desc={descending}, distinct={distinct}, "
-                  f"hist L1 {hist_l1} (near-edge {near_edge}), classes L1 {cc_l1} (near {near_thr}), "
-                  f"train_hits={hits_ok}" + (f", tie order={tie_ok}" if tie_row is not None else ""))
-        return ok, err, SCORE_TOL, detail
+            ok, detail = ok and tie_ok, detail + f", tie order={tie_ok}"
+        return ok, err, tol, detail
 
     def run_checks(self) -> None:
         s = self.sizes
@@ -832,11 +920,15 @@ class Suite:
 
     def _time_case(self, kernel: str, size: str, providers: dict[str, Callable[[], object]], *, work: float,
                    unit: str, flop: float | None, ceiling: str | None, baseline: str, est_s: float,
-                   absent: Sequence[str] = (), works: dict[str, float] | None = None) -> None:
+                   absent: Sequence[str] = (), works: dict[str, float] | None = None,
+                   checks: dict[str, Callable[[Any], tuple[bool, float | None, float | None, str]]] | None = None
+                   ) -> None:
         """Time every provider on one case; speed-up = rate / the baseline's rate (same inputs, same run).
 
         ``works`` overrides ``work`` (items per call) for a provider that does a part of the case;
-        ``flop`` is per item-of-work × work, so the fraction of ``ceiling`` scales with it.
+        ``flop`` is per item-of-work × work, so the fraction of ``ceiling`` scales with it. ``checks[name]``
+        checks the output of that provider's last timed call (a check at small sizes does not cover the
+        timed ones); it is a check of the suite like the others, and its row's note says how it went.
         """
         if self.budget.left() < est_s:
             log.warning("budget: %.0f s left < %.0f s estimated; skipping %s %s", self.budget.left(), est_s,
@@ -853,12 +945,24 @@ class Suite:
                 t.note = "skipped: time budget"
                 rows.append(t)
                 continue
+            kept: list[Any] = []  # the output of the last timed call, when it is checked
+            timed = fn
+            if checks and name in checks:
+                def timed(fn: Callable[[], object] = fn, kept: list[Any] = kept) -> None:
+                    kept[:] = [fn()]
             try:
-                t.times_ms = time_ms(fn, self.device, warmup=self.sizes.warmup, target_s=self.sizes.target_s,
+                t.times_ms = time_ms(timed, self.device, warmup=self.sizes.warmup, target_s=self.sizes.target_s,
                                      max_repeat=self.sizes.max_repeat, time_left_s=self.budget.left() - 5.0)
             except Exception as exc:  # noqa: BLE001 - a failing provider is a result
                 t.note = f"failed: {type(exc).__name__}: {exc}"[:200]
                 log.debug("%s / %s raised:\n%s", kernel, name, traceback.format_exc())
+            if kept and t.times_ms:
+                out = kept.pop()
+                ok = self.check(f"timed output: {kernel} {size} {name}",
+                                lambda out=out, c=checks[name]: c(out), gated=False)
+                t.note = (t.note + (" output checked" if ok else " output FAILED its check")).strip()
+                del out
+            kept.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             log.info("  %-22s %-22s %-28s %s", kernel, size, name,
@@ -893,6 +997,37 @@ class Suite:
                 self.timings.append(Timing(kernel, "-", "-", note=note))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _ssim_output_check(self, x: torch.Tensor, y: torch.Tensor, opts: dict[str, Any], *,
+                           pairs: Sequence[int]) -> Callable[[Any], tuple[bool, float | None, float | None, str]]:
+        """A check of a timed ``ssim`` output on the batch (x, y): shape and finiteness, the float64 reference
+        at ``pairs`` (spread over the batch: a wrong result past some batch position was once published from a
+        4-pair check) and every pair against deepssim_fast's torch backend (a separate, convolution-based
+        implementation), both computed once, at the first check."""
+        from deepssim_fast.reference import ssim_reference
+        from deepssim_fast.ssim import ssim
+
+        b, sd = x.shape[0], int(opts["spatial_dims"])
+        pick = sorted(set(int(i) for i in pairs))
+        ref_opts = {k: v for k, v in opts.items() if k != "spatial_dims"}
+        cache: dict[str, torch.Tensor] = {}
+
+        def checker(out: Any) -> tuple[bool, float | None, float | None, str]:
+            g = _host(out).to(torch.float64)
+            if tuple(g.shape) != (b,):
+                return False, None, 1e-5, f"shape {tuple(g.shape)} != ({b},)"
+            if not bool(torch.isfinite(g).all()):
+                return False, None, 1e-5, f"{int((~torch.isfinite(g)).sum())} non-finite outputs"
+            if not cache:
+                cache["ref"] = torch.as_tensor(np.asarray(ssim_reference(
+                    x[pick].cpu(), y[pick].cpu(), spatial_dims=sd, **ref_opts), dtype=np.float64)).reshape(-1)
+                cache["cross"] = _host(ssim(x, y, backend="torch", **opts)).to(torch.float64)
+            err = float((g[pick] - cache["ref"]).abs().max())
+            diff = float((g - cache["cross"]).abs().max())
+            return (err <= 1e-5 and diff <= 2e-5, err, 1e-5,
+                    f"pairs {pick} vs the float64 reference; all {b} vs the torch backend: |diff| ≤ {diff:.1e} "
+                    f"(tol 2e-05)")
+        return checker
 
     def _time_ssim(self) -> None:
         from deepssim_fast.ssim import ssim
@@ -932,9 +1067,14 @@ class Suite:
                 kernel = f"ssim{sd}d {'u7' if window == 'uniform' else 'g11'}"
                 size = f"{shape[0]}×{'×'.join(map(str, shape[1:]))}"
                 base = "pytorch-msssim" if "pytorch-msssim" in comp else "torch (deepssim_fast)"
+                # (one reference pair in 3D: the float64 reference of a 160×192×160 pair takes seconds)
+                b = shape[0]
+                check = self._ssim_output_check(x, y, opts, pairs=[b - 1] if sd == 3 else [0, b // 2, b - 1])
                 self._time_case(kernel, size, providers, work=shape[0], unit="pairs",
                                 flop=SSIM_FLOP[(sd, window)] * npix * shape[0], ceiling="mm_fp32",
-                                baseline=base, est_s=est, absent=absent)
+                                baseline=base, est_s=est, absent=absent,
+                                checks=dict.fromkeys(("triton", "triton direct taps", "torch (deepssim_fast)"),
+                                                     check))
             del x, y, X, Y
 
     def _time_matrix(self) -> None:
@@ -948,13 +1088,35 @@ class Suite:
         def one_vs_many(a: torch.Tensor = a, b2: torch.Tensor = b2) -> object:
             return [ssim(a[i], b2, spatial_dims=2, data_range=1.0, backend="triton") for i in range(rows)]
 
+        from deepssim_fast.reference import ssim_reference
+
+        # the timed outputs, checked at entries spread over them against the float64 reference
+        entries = sorted({(0, 0), (rows // 2, nb // 3), (rows - 1, nb - 1), (na - 1, nb // 2), (na - 1, nb - 1)})
+        ref: dict[tuple[int, int], float] = {}
+
+        def check(out: Any, shape: tuple[int, int]) -> tuple[bool, float | None, float | None, str]:
+            g = (torch.stack([_host(r) for r in out]) if isinstance(out, list) else _host(out)).to(torch.float64)
+            if tuple(g.shape) != shape:
+                return False, None, 1e-5, f"shape {tuple(g.shape)} != {shape}"
+            if not bool(torch.isfinite(g).all()):
+                return False, None, 1e-5, f"{int((~torch.isfinite(g)).sum())} non-finite entries"
+            mine = [e for e in entries if e[0] < shape[0]]
+            for i, j in mine:
+                if (i, j) not in ref:
+                    ref[i, j] = float(np.asarray(ssim_reference(a[i].cpu(), b2[j].cpu(), spatial_dims=2,
+                                                                data_range=1.0)))
+            err = max(abs(float(g[i, j]) - ref[i, j]) for i, j in mine)
+            return err <= 1e-5, err, 1e-5, f"entries {mine} vs the float64 reference"
+
         self._time_case("ssim_matrix u7", f"{na}×{nb} of {mh}²", {
             "triton ssim_matrix": lambda a=a, b2=b2: ssim_matrix(a, b2, spatial_dims=2, data_range=1.0,
                                                                  progress=False, backend="triton"),
             f"triton ssim 1-vs-many ({rows} rows)": one_vs_many,
         }, work=na * nb, unit="pairs", flop=None, ceiling=None,
             baseline=f"triton ssim 1-vs-many ({rows} rows)", est_s=40.0,
-            works={f"triton ssim 1-vs-many ({rows} rows)": rows * nb})
+            works={f"triton ssim 1-vs-many ({rows} rows)": rows * nb},
+            checks={"triton ssim_matrix": lambda out: check(out, (na, nb)),
+                    f"triton ssim 1-vs-many ({rows} rows)": lambda out: check(out, (rows, nb))})
 
     def _time_all_pairs(self) -> None:
         """Triton all_pairs (top-k + histogram + class counts) vs torch.mm bf16 + torch.topk in chunks."""
@@ -1004,7 +1166,22 @@ class Suite:
             "torch.mm bf16 + topk + histc + classes": lambda: torch_topk(tb, sb, hist=True),
             "torch.mm fp32 + topk": lambda: torch_topk(train, synth),
         }, work=ns * nt, unit="pairs", flop=2.0 * ns * nt * d, ceiling="mm_bf16",
-            baseline="torch.mm bf16 + topk", est_s=90.0)
+            baseline="torch.mm bf16 + topk", est_s=90.0, checks={
+                name: (lambda res, p=p: self._timed_all_pairs_check(res, train, synth, p)) for name, p in (
+                    ("triton all_pairs", "ieee"), (f"triton all_pairs {half}", half),
+                    (f"triton all_pairs {half} hist_mode 1", half), (f"triton all_pairs {half} hist_mode 2", half),
+                    ("triton all_pairs tf32", "tf32"), ("triton all_pairs tf32x3", "tf32x3"),
+                    (f"triton all_pairs {half}, launches 8192 x 16384", half))})
+
+    @staticmethod
+    def _timed_all_pairs_check(res: Any, train: torch.Tensor, synth: torch.Tensor, precision: str
+                               ) -> tuple[bool, float | None, float | None, str]:
+        """``verify_all_pairs`` on a timed result, every pair recounted on the device, at ``precision``'s
+        tolerance (bf16/fp16/tf32 keep their own scores: checked to their rounding bound)."""
+        tol = precision_tol(precision)
+        ok, err, detail = verify_all_pairs(res.scores, res.indices, res.histogram[0], dict(res.class_counts),
+                                           train, synth, tol=tol, train_hits=res.train_hits)
+        return ok, err, tol, f"precision {precision}: {detail}"
 
     # -- report ------------------------------------------------------------------------------------------
     def table_lines(self) -> list[str]:

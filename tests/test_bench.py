@@ -131,6 +131,67 @@ def test_gpu_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     assert [p.name for p in tmp.iterdir() if p.name.startswith("deepssim")] == []  # (torch may leave its own)
 
 
+_GPU_BENCHES = textwrap.dedent(r"""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    from bench import bench_all_pairs as ap, bench_ssim as bs
+    import importlib
+    # (modules by name: the packages' attributes of these names are the functions)
+    ct = importlib.import_module("deepssim_fast.kernels.cosine_topk")
+    ssim_mod = importlib.import_module("deepssim_fast.ssim")
+    out = {}
+    quiet = lambda s: None
+    rows = ap.gpu_case(n=40, d=16, k=3, log=quiet, device="cpu", precisions=("ieee", "fp16"))
+    out["ap"] = {r.provider: r.note for r in rows}
+    cases = ((2, (16, 18), 3), (3, (11, 12, 11), 1))
+    out["ssim"] = [r.provider + ": " + r.note for r in bs._gpu(True, device="cpu", cases=cases)]
+    real_topk, real_ssim = ct.cosine_topk, ssim_mod.ssim
+
+    def moved(*a, **kw):  # a histogram with 4 pairs counted a bin too high
+        s, i, h, c = real_topk(*a, **kw)
+        h = h.clone()
+        b = int(h.argmax())
+        h[b] -= 4
+        h[b + 1] += 4
+        return s, i, h, c
+
+    def off(*a, **kw):
+        r = real_ssim(*a, **kw)
+        return r + 1e-3 if kw.get("backend") == "triton" else r
+
+    for key, mod, name, fake, call in (
+            ("ap_bad", ct, "cosine_topk", moved,
+             lambda: ap.gpu_case(n=40, d=16, k=3, log=quiet, device="cpu", precisions=("ieee",))),
+            ("ssim_bad", ssim_mod, "ssim", off, lambda: bs._gpu(True, device="cpu", cases=cases[:1]))):
+        setattr(mod, name, fake)
+        try:
+            call()
+            out[key] = "no error"
+        except AssertionError as exc:
+            out[key] = str(exc)
+        setattr(mod, name, {"cosine_topk": real_topk, "ssim": real_ssim}[name])
+    print(json.dumps(out))
+""")
+
+
+def test_gpu_benches_check_the_outputs_they_time() -> None:
+    """`python -m bench` on a GPU timed Triton's all-pairs (bf16/tf32/fp32) and SSIM without looking at what
+    they returned. Each output is now checked (all-pairs: every pair's float64 cosine at the precision's
+    rounding bound; SSIM: every pair against the CPU engine) and a wrong one stops the case. Run here under
+    the Triton interpreter on tiny sizes."""
+    env = dict(_subprocess_env(), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _GPU_BENCHES, str(ROOT)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("triton (ieee fp32)", "triton (fp16)"):
+        assert "output checked against every pair's float64 cosine" in res["ap"][name], res["ap"]
+    assert "failed" not in " ".join(res["ap"].values())
+    assert len(res["ssim"]) >= 2 and all("failed" not in r for r in res["ssim"] if r.startswith("deepssim")), res
+    assert "triton (ieee fp32): timed output wrong" in res["ap_bad"] and "histogram bin" in res["ap_bad"], res
+    assert "deepssim_fast triton vs native" in res["ssim_bad"], res
+
+
 def test_gpu_smoke_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     script = str(ROOT / "bench" / "gpu_smoke.py")
     a_file = tmp_path / "f"
@@ -240,6 +301,8 @@ def test_ssim_checker_catches_unwritten_and_inaccurate_outputs(gpu_suite_module,
             r = r.reshape(-1)[:-1]
         return r
 
+    import deepssim_fast  # noqa: F401 - the package first (its __init__ imports the real module)
+
     monkeypatch.setitem(sys.modules, "deepssim_fast.ssim", types.SimpleNamespace(ssim=fake_ssim))
     suite = _suite(gs, tmp_path)
     g = torch.Generator().manual_seed(3)
@@ -301,6 +364,8 @@ def test_all_pairs_checker_catches_wrong_neighbours_ties_and_counts(gpu_suite_mo
         assert backend == "triton" and progress is False
         res = _reference_result(tr, sy, k)
         return corrupt(res, fault["kind"]) if fault["kind"] else res
+
+    import deepssim_fast  # noqa: F401 - the package first (its __init__ imports the real module)
 
     monkeypatch.setitem(sys.modules, "deepssim_fast.all_pairs",
                         types.SimpleNamespace(all_pairs=fake_all_pairs))
@@ -568,6 +633,63 @@ def test_distributed_bench_refuses_to_time_a_sharded_result_that_differs(monkeyp
         monkeypatch.setattr(dd, "all_pairs_distributed", off)
         with pytest.raises(AssertionError, match="differs from one process"):
             b.scaling_case(c, c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+
+
+def test_gpu_suite_checks_the_outputs_of_its_timed_calls(gpu_suite_module, tmp_path: Path) -> None:
+    """The suite's timings (10^5 x 10^5 all-pairs in bf16, 4096-pair SSIM batches) were never checked: only
+    the small check shapes were, and bf16/fp16/tf32 not at all. Each timed output of ours is now checked:
+    all-pairs against the float64 cosine of every pair at its precision's rounding bound, SSIM against the
+    float64 reference at pairs spread over the batch and the torch backend at all of them."""
+    import deepssim_fast as dsf
+
+    gs = gpu_suite_module
+    g = torch.Generator().manual_seed(11)
+    train, synth = torch.randn(300, 24, generator=g), torch.randn(70, 24, generator=g)
+    res = dsf.all_pairs(train.numpy(), synth.numpy(), k=5, progress=False)
+    ok, err, tol, detail = gs.Suite._timed_all_pairs_check(res, train, synth, "ieee")
+    assert ok and err < 1e-6 and tol == gs.SCORE_TOL, detail
+    # the bf16 bound admits a bf16 result, not one off by more than its rounding
+    assert gs.precision_tol("bf16") > 7.8e-3 > gs.precision_tol("fp16") == gs.precision_tol("tf32") > 9.7e-4
+    faults = {
+        "score": lambda r: r.scores.__setitem__((5, 0), r.scores[5, 0] + 2e-5),
+        "not top-k": lambda r: r.indices.__setitem__((9, 4), int(np.argmin(train.numpy() @ synth[9].numpy()))),
+        "histogram": lambda r: (r.histogram[0].__setitem__(150, r.histogram[0][150] + 3),
+                                r.histogram[0].__setitem__(40, r.histogram[0][40] - 3)),
+        "classes": lambda r: r.class_counts.update(similar=r.class_counts["similar"] + 1,
+                                                   different=r.class_counts["different"] - 1),
+        "hits": lambda r: r.train_hits.__setitem__(0, r.train_hits[0] + 1),
+    }
+    words = {"score": "off its pair's cosine", "not top-k": "not a top-k set", "histogram": "histogram bin",
+             "classes": "off: different, similar", "hits": "train_hits"}
+    for kind, fault in faults.items():
+        bad = dsf.all_pairs(train.numpy(), synth.numpy(), k=5, progress=False)
+        fault(bad)
+        ok, _, _, detail = gs.Suite._timed_all_pairs_check(bad, train, synth, "ieee")
+        assert not ok and words[kind] in detail, (kind, detail)
+    # self mode: self-pairs left out of the recount
+    ok, _, _, detail = gs.Suite._timed_all_pairs_check(dsf.all_pairs(train.numpy(), None, k=3, progress=False),
+                                                       train, None, "ieee")
+    assert ok, detail
+
+    # a provider whose timed output is wrong fails the suite, and its row says so
+    suite = gs.Suite(torch.device("cpu"), gs.DRY_SIZES, seed=7, budget=gs.Budget(60.0), dry=True,
+                     sections={"timings"}, checks_share=0.0)  # (timed-output checks ignore the checks' share)
+    x = torch.rand(5, 12, 13, generator=g)
+    y = (0.6 * x + 0.4 * torch.rand(5, 12, 13, generator=g)).contiguous()
+    opts = dict(spatial_dims=2, data_range=1.0)
+    check = suite._ssim_output_check(x, y, opts, pairs=[0, 2, 4])
+    good = dsf.ssim(x, y, **opts)
+    late = good.clone()
+    late[3] += 1e-4  # off at a pair that is not one of the reference pairs: the torch-backend comparison
+    suite._time_case("ssim2d", "5x12x13", {"right": lambda: good, "wrong": lambda: late, "other": lambda: late},
+                     work=5, unit="pairs", flop=None, ceiling=None, baseline="right", est_s=0.0,
+                     checks={"right": check, "wrong": check})
+    rows = {t.provider: t for t in suite.timings}
+    assert "output checked" in rows["right"].note and "FAILED" in rows["wrong"].note
+    assert "checked" not in rows["other"].note  # (no checker: competitors are not ours to check)
+    named = {c.name.rsplit(" ", 1)[-1]: c for c in suite.checks}
+    assert named["right"].ok and not named["wrong"].ok and "torch backend" in named["wrong"].detail
+    assert not named["wrong"].skipped
 
 
 def test_gpu_suite_section_says_when_its_timings_support_no_claim(gpu_suite_module) -> None:
