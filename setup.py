@@ -35,10 +35,11 @@ setup(
     cmdclass={"build_ext": build_ext},
     install_requires=[
         "numpy>=1.24",
-        "torch>=2.2,<3",
+        # 2.3: torch.uint16/32/64 (the dtype table); 2.7: the first CUDA build whose own triton pin (3.3.0)
+        # meets the kernels' floor, so a user's CUDA torch and the GPU extra agree
+        "torch>=2.7,<3",
         "nibabel>=5",
         "monai>=1.3",
-        "triton>=3.3; platform_system == 'Linux'",  # tl.gather (backends.MIN_TRITON)
         "tqdm>=4.60",
         "pillow>=9",
         "matplotlib>=3.7",  # the audit's report figures
@@ -47,9 +48,13 @@ setup(
         "data": ["nilearn>=0.10", "dipy>=1.8"],
         "report": [],  # (matplotlib is a core dependency now; the extra stays so old install lines work)
         "dask": ["dask>=2024.1", "distributed>=2024.1", "threadpoolctl>=3"],
+        # the GPU kernels: CUDA builds of torch on Linux bring their own triton already; CPU-only installs skip
+        # its ~290 MB (tl.gather: backends.MIN_TRITON)
+        "gpu": ["triton>=3.3; platform_system == 'Linux'"],
         "cupy": ["cupy-cuda12x"],
         "test": ["pytest>=7", "scikit-image>=0.22", "scikit-learn>=1.3", "faiss-cpu>=1.8", "nilearn>=0.10",
-                 "dipy>=1.8", "dask>=2024.1", "distributed>=2024.1", "ruff"],
+                 "dipy>=1.8", "dask>=2024.1", "distributed>=2024.1", "ruff",
+                 "triton>=3.3; platform_system == 'Linux'"],  # (its interpreter runs the kernel tests on CPU)
         "bench": ["scikit-image>=0.22", "faiss-cpu>=1.8", "pytorch-msssim>=1.0", "torchmetrics>=1.0",
                   "nilearn>=0.10", "dipy>=1.8"],
     },

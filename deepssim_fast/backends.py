@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from typing import Any
 from collections.abc import Sequence
 
@@ -37,10 +38,21 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for (argument or environment) but cannot run here."""
 
 
+_NATIVE_MISSING_SAID = False
+
+
 def _native():
+    global _NATIVE_MISSING_SAID
     try:
         return importlib.import_module("deepssim_fast._native")
-    except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    except ImportError as exc:
+        # said once, as a warning: the CPU work then runs on the torch engine, 20-300x slower, and nothing else
+        # showed it (a source tree shadowing an installed package, a wheel built for a newer glibc)
+        if not _NATIVE_MISSING_SAID:
+            _NATIVE_MISSING_SAID = True
+            warnings.warn(f"deepssim_fast: the C++ extension deepssim_fast._native did not import ({exc}); CPU "
+                          f"work runs on the much slower torch engine. {_INSTALL_HINT['native']}. "
+                          "`deepssim-fast doctor` shows what this machine can use.", RuntimeWarning, stacklevel=2)
         logger.debug("native extension unavailable: %s", exc)
         return None
 

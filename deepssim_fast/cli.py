@@ -486,7 +486,12 @@ def _train_default(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepssim-fast", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="deepssim-fast",
+        description="Find the training images a generative model memorised: exact SSIM, all-pairs search of "
+                    "embeddings, DeepSSIM encoder training and memorisation audits with a report in the browser. "
+                    "`deepssim-fast doctor` shows what this machine can use; `deepssim-fast COMMAND -h` explains a "
+                    "command.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     # -v is accepted after the subcommand too; it counts separately (a subcommand's defaults would
     # overwrite the main parser's count) and verbosity() adds both

@@ -187,9 +187,9 @@ def build_demo_data(
     tdir, sdir = root / "train", root / "synth"
     _refuse_foreign_files(tdir, _TRAIN_NAME, "training")
     _refuse_foreign_files(sdir, _SYNTH_NAME, "synthetic")
+    slices = _template_slices()  # (first: without the data extra it fails, and no empty folders are left)
     tdir.mkdir(parents=True, exist_ok=True)
     sdir.mkdir(parents=True, exist_ok=True)
-    slices = _template_slices()
     axname = {2: "axial", 1: "coronal"}
     train: dict[str, np.ndarray] = {}
     train_key: dict[tuple[int, int], str] = {}

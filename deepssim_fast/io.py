@@ -108,9 +108,12 @@ def _is_candidate(q: Path) -> bool:
     reported (skipped with its reason, or an error under ``strict``) instead of vanishing unnoticed."""
     if image_kind(q) is None:
         return False
-    if q.is_file():
+    try:
+        if q.is_file():
+            return True
+        return q.is_symlink() and not q.exists()
+    except OSError:  # (a folder that can be listed but not entered: is_file raised EACCES and stopped the audit)
         return True
-    return q.is_symlink() and not q.exists()
 
 
 def _dir_id(path: str) -> tuple[int, int] | None:
@@ -121,12 +124,14 @@ def _dir_id(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool = True) -> Iterator[str]:
+def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool = True,
+          hidden_out: list[str] | None = None) -> Iterator[str]:
     """Every entry below the folder ``root`` (not ``root`` itself), depth first in sorted order, following
     symlinked folders. A folder that is one of its own ancestors (a symlink loop; compared by ``(st_dev,
     st_ino)``) is not entered again; a folder reached along two different paths is searched under both.
     A folder that cannot be listed is reported with a warning. ``hidden=False``: entries whose name starts
-    with ``.`` are left out, folders with their contents."""
+    with ``.`` are left out, folders with their contents; the image-named files among them are appended to
+    ``hidden_out``, so the caller can say what it left out."""
     me = _dir_id(root)
     if me is None or me in ancestors:
         if me is not None:
@@ -141,6 +146,8 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
         return
     for e in entries:
         if not hidden and e.name.startswith("."):
+            if hidden_out is not None and image_kind(Path(e.name)) is not None:
+                hidden_out.append(e.path)
             continue
         yield e.path
         try:
@@ -148,7 +155,7 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
         except OSError:
             is_dir = False
         if is_dir:
-            yield from _walk(e.path, chain, hidden)
+            yield from _walk(e.path, chain, hidden, hidden_out)
 
 
 # Image formats a folder search may meet but does not read: named in a warning, not left out unnoticed.
@@ -179,13 +186,18 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: S
     # below it, and then the search found nothing)
     ups = {_dir_id(os.fspath(a)) for a in Path(os.path.realpath(p)).parents}
     ups.discard(None)
-    for q in map(Path, _walk(os.fspath(p), (*ancestors, *sorted(ups)), hidden=False)):
+    hidden: list[str] = []
+    for q in map(Path, _walk(os.fspath(p), (*ancestors, *sorted(ups)), hidden=False, hidden_out=hidden)):
         if _is_candidate(q):
             found.append(q)
-        elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and q.is_file() and not _under(q, outputs):
+        elif q.suffix.lower() in _OTHER_IMAGE_SUFFIXES and os.path.isfile(q) and not _under(q, outputs):
             other[q.suffix.lower()] = other.get(q.suffix.lower(), 0) + 1
     if other:
         _warn_other_formats(p, other)
+    hidden = [h for h in hidden if not _under(Path(h), outputs)]
+    if hidden:  # (left out by design, as a glob's * leaves them out, but said: a .scan.npy vanished unseen)
+        logger.warning("%s: %d hidden image-named file(s) (names starting with '.') left out, e.g. %s; rename "
+                       "them or name them explicitly to include them", p, len(hidden), hidden[0])
     return found
 
 
@@ -287,7 +299,10 @@ def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[
     if p.is_dir():
         found = _search_dir(p, outputs=outputs)
         if not found:
-            raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files")
+            hidden = [h for h in _walk(os.fspath(p)) if Path(h).name.startswith(".") and image_kind(Path(h))]
+            note = (f" (only hidden ones, names starting with '.', which a search leaves out, e.g. {hidden[0]}; "
+                    "rename them or name them explicitly)" if hidden else "")
+            raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files{note}")
         return found
     if p.is_file():
         if image_kind(p) is None:

@@ -1441,3 +1441,24 @@ def test_demo_into_another_audits_folder_is_refused(monkeypatch, tmp_path: Path,
     (other / "data" / "ground_truth.csv").write_text("synth,kind\n")  # an earlier demo's folder
     assert main(["demo", "--out", str(other), "--train-seconds", "0", "-q"]) == 130  # (reached the data stage)
     assert calls == [1]
+
+
+def test_help_describes_the_tool_not_the_module(capsys) -> None:
+    """`deepssim-fast --help` showed the module's developer note ("printing happens here only")."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "printing happens here" not in out and "memorised" in out and "doctor" in out
+
+
+def test_demo_without_its_data_leaves_no_empty_folders(monkeypatch, tmp_path: Path) -> None:
+    """Without the data extra the demo failed with a clear message but left OUT/data/{train,synth} behind."""
+    from deepssim_fast import demo
+
+    def missing():
+        raise ImportError("no nilearn")
+
+    monkeypatch.setattr(demo, "_template_slices", missing)
+    with pytest.raises(ImportError):
+        demo.build_demo_data(tmp_path / "data")
+    assert not (tmp_path / "data" / "train").exists() and not (tmp_path / "data" / "synth").exists()

@@ -547,3 +547,17 @@ def test_a_flipped_stack_of_one_image_is_accepted():
     e = rng.standard_normal((1, 8)).astype(np.float32)
     r = all_pairs(rng.standard_normal((5, 8)), e[::-1], k=2, progress=False)
     assert r.indices.shape == (1, 2)
+
+
+def test_a_missing_native_extension_is_said_once_as_a_warning(monkeypatch) -> None:
+    """Without the C++ extension (a source tree shadowing the installed package, a wheel built for a newer
+    glibc) every CPU call ran on the torch engine, 20-300x slower, and only `doctor` said so."""
+    backends = importlib.import_module("deepssim_fast.backends")  # (the package's attribute is a function)
+
+    monkeypatch.setitem(sys.modules, "deepssim_fast._native", None)  # (import: ImportError)
+    monkeypatch.setattr(backends, "_NATIVE_MISSING_SAID", False)
+    with pytest.warns(RuntimeWarning, match=r"_native did not import .* much slower torch engine.*doctor"):
+        assert backends.available("native") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.available("native") is False  # once

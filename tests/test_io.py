@@ -1121,3 +1121,42 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path: Path,
     for spec in ("", "  ", [str(tmp_path / "x.npy"), ""]):
         with pytest.raises(ValueError, match="empty path"):
             discover(spec)
+
+
+def test_hidden_images_left_out_of_a_search_are_named(tmp_path: Path, caplog) -> None:
+    """Hidden files (``.scan.npy``, macOS's ``._x.png``) are left out of a folder search by design, but they
+    vanished without a word; and a folder holding only hidden images was said to hold no image files."""
+    import logging
+
+    for name in ("a.npy", ".scan.npy", "sub/._b.npy"):
+        (tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "d" / name, np.ones((8, 8), np.float32))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.io"):
+        assert discover(tmp_path / "d") == [tmp_path / "d" / "a.npy"]
+    said = [r.getMessage() for r in caplog.records if "hidden" in r.getMessage()]
+    assert len(said) == 1 and "2 hidden image-named file(s)" in said[0] and ".scan.npy" in said[0], said
+    (tmp_path / "h").mkdir()
+    np.save(tmp_path / "h" / ".only.npy", np.ones((8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"contains no .* files \(only hidden ones.*\.only\.npy"):
+        discover(tmp_path / "h")
+    with pytest.raises(ValueError, match=r"contains no .* files$"):  # (an empty folder: no note)
+        (tmp_path / "e").mkdir()
+        discover(tmp_path / "e")
+
+
+def test_an_entry_that_cannot_be_looked_at_is_listed_to_fail_its_read(tmp_path: Path, monkeypatch) -> None:
+    """In a folder that can be listed but not entered (mode 444), ``Path.is_file`` raised PermissionError and
+    the whole audit stopped, without --strict; the entry is now listed, so its read fails and it is skipped
+    with its reason like any unreadable file. (Simulated: the tests may run as root.)"""
+    (tmp_path / "d").mkdir()
+    for name in ("a.npy", "x.npy"):
+        np.save(tmp_path / "d" / name, np.ones((8, 8), np.float32))
+    real = Path.is_file
+
+    def is_file(self):  # noqa: ANN001, ANN202
+        if self.name == "x.npy":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert discover(tmp_path / "d") == [tmp_path / "d" / "a.npy", tmp_path / "d" / "x.npy"]
