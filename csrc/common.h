@@ -47,6 +47,23 @@ const char* simd_name(Simd s);
 // (a value that is not a thread count is reported on stderr once), else std::thread::hardware_concurrency().
 int num_threads();
 
+// IEEE subnormals in every native computation, whatever the calling thread's floating-point mode: with
+// flush-to-zero / denormals-are-zero set (torch.set_flush_denormal(True), some libraries), a score of 1e-40
+// became 0 and changed its class at a threshold of 0. Clears MXCSR's FTZ and DAZ bits for its scope and
+// restores the caller's mode after; parallel_for sets it in each of its threads, and the entry points around
+// their work on the calling thread.
+struct IeeeFloats {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  unsigned int saved;
+  IeeeFloats() : saved(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved & ~0x8040u); }
+  ~IeeeFloats() { __builtin_ia32_ldmxcsr(saved); }
+#else
+  IeeeFloats() = default;
+#endif
+  IeeeFloats(const IeeeFloats&) = delete;
+  IeeeFloats& operator=(const IeeeFloats&) = delete;
+};
+
 // How parallel_for runs when it has one thread: chunk by chunk (`Chunks`, the default: a pending signal is
 // seen between chunks), or as one call fn(0, n) (`Whole`: for loops whose result depends on how [0, n) is
 // split, e.g. one partial sum per chunk, so that one thread always gives the same value).

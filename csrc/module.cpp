@@ -143,6 +143,7 @@ void interruption_point() {
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn,
                   int max_threads, Serial serial) {
   if (n <= 0) return;
+  const IeeeFloats ieee;  // (this thread; each pool thread sets its own below)
   grain = std::max<int64_t>(1, grain);
   const int64_t chunks = (n + grain - 1) / grain;
   int nt = num_threads();
@@ -194,6 +195,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     try {
       pool.emplace_back([&worker] {
         t_pool_thread = true;
+        const IeeeFloats ieee;
         worker(false);
       });
     } catch (const std::system_error&) {

@@ -1255,6 +1255,7 @@ py::array_t<double> ssim_pairs(FArr x, FArr y, IArr ix, IArr iy, int spatial_dim
   const int nt = num_threads();
   {
     py::gil_scoped_release release;
+    const IeeeFloats ieee;
     // Per-image statistics, once per distinct image index used.
     const bool need_std = win.range_mode == 2;
     std::vector<ImgStats> sx(nx), sy(ny);
@@ -1533,6 +1534,7 @@ void box_matrix_2d(const float* pa, const float* pb, int64_t na, int64_t nb, con
   const int64_t n = g.n();
   const double nvalid = static_cast<double>(d.Ho) * d.Wo;
   py::gil_scoped_release release;
+  const IeeeFloats ieee;
   std::vector<ImgStats> st(na + nb);
   std::vector<BoxImage> img(na + nb);
   std::vector<Prep> prep(na + nb);
@@ -1607,6 +1609,7 @@ py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array
   }
   {
     py::gil_scoped_release release;
+    const IeeeFloats ieee;
     std::vector<ImgStats> st(na + nb);
     std::vector<ImgMoments> mom(na + nb);
     // The preparation of an image depends only on the image (not on the pair) for every range mode.

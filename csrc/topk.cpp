@@ -1202,6 +1202,7 @@ py::dict topk_kernel_rates(int iters, int reps) {
   double t[3] = {1e30, 1e30, 1e30};
   {
     py::gil_scoped_release nogil;
+    const IeeeFloats ieee;
     for (int rep = 0; rep < reps; ++rep) {  // interleaved: a busy neighbour slows all alike
       const auto t0 = clk::now();
       for (int i = 0; i < iters; ++i) {
@@ -1474,6 +1475,7 @@ std::string topk_fused(py::array q, py::array t, int64_t row0, int64_t col0, int
   int64_t* C = static_cast<int64_t*>(classes.mutable_data());
   {
     py::gil_scoped_release nogil;
+    const IeeeFloats ieee;
     run(p, threads, H, C);
   }
   return p.kernel;
@@ -1492,6 +1494,7 @@ void cosine_scores(py::array q, py::array t, py::array out) {
   if (m == 0 || n == 0) return;
   const Canon4Fn canon4 = kernels(active_simd(), true).canon4;
   py::gil_scoped_release nogil;
+  const IeeeFloats ieee;
   parallel_for(m, 4, [&](int64_t rb, int64_t re) {
     for (int64_t i = rb; i < re; ++i) {
       const float* xs[4] = {Q + i * dp, Q + i * dp, Q + i * dp, Q + i * dp};
@@ -1637,6 +1640,7 @@ int64_t row_norms(py::array x, py::array norms) {
     throw py::value_error("norms: expected a writeable C-contiguous (n, 3) float64 array");
   double* o = static_cast<double*>(norms.mutable_data());
   py::gil_scoped_release nogil;
+  const IeeeFloats ieee;
   return f32 ? row_norms_impl(static_cast<const float*>(x.data()), n, d, o)
              : row_norms_impl(static_cast<const double*>(x.data()), n, d, o);
 }
@@ -1656,6 +1660,7 @@ void normalize_cols(py::array x, py::array norms, int64_t c0, py::array out) {
   float* o = static_cast<float*>(out.mutable_data());
   const double* r = static_cast<const double*>(norms.data());
   py::gil_scoped_release nogil;
+  const IeeeFloats ieee;
   if (f32) normalize_cols_impl(static_cast<const float*>(x.data()), n, d, r, c0, o, w);
   else normalize_cols_impl(static_cast<const double*>(x.data()), n, d, r, c0, o, w);
 }
@@ -1671,6 +1676,7 @@ int64_t normalize_rows(py::array x, py::array out) {
   if (!out.writeable()) throw py::value_error("out must be writeable");
   float* o = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release nogil;
+  const IeeeFloats ieee;
   return f32 ? normalize_rows_impl(static_cast<const float*>(x.data()), n, d, o, dp)
              : normalize_rows_impl(static_cast<const double*>(x.data()), n, d, o, dp);
 }

@@ -316,7 +316,12 @@ def _select_sorted(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.
     """Per row, the k best (score descending, index ascending) of the candidate columns."""
     if scores.shape[0] == 0:
         return scores[:, :k].astype(np.float32), indices[:, :k].astype(np.int64)
-    order = np.lexsort((indices, -scores), axis=1)[:, :k]
+    # ordered by the scores' bits, made monotone integers (-0.0 as +0.0, a tie): a float compare under the
+    # caller's denormals-are-zero mode (torch.set_flush_denormal) saw every subnormal score as 0
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.int32)
+    key = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+    key[bits == np.int32(-(2**31))] = 0
+    order = np.lexsort((indices, -key.astype(np.int64)), axis=1)[:, :k]
     return (np.take_along_axis(scores, order, axis=1).astype(np.float32, copy=False),
             np.take_along_axis(indices, order, axis=1).astype(np.int64, copy=False))
 

@@ -1610,3 +1610,35 @@ def test_a_masked_array_is_refused_not_unmasked() -> None:
         ssim(np.ones((8, 8)), np.ma.masked_array(np.ones((8, 8))))
     r = all_pairs(t.filled(0), None, k=1, progress=False)
     assert r.indices.shape == (8, 1)
+
+
+def test_results_do_not_depend_on_the_callers_flush_to_zero_mode() -> None:
+    """With flush-to-zero / denormals-are-zero set in the caller's thread (torch.set_flush_denormal(True)),
+    which the engine's threads inherited, a canonical score of 1e-40 came back as 0 and its pair changed
+    class at a threshold of 0. The native calls now compute with IEEE subnormals and restore the caller's
+    mode afterwards."""
+    import platform
+
+    import torch
+
+    rng = np.random.default_rng(3)
+    # products of ~1e-20 components: scores in the float32 subnormal range, of both signs, next to 0
+    tr = np.zeros((60, 8), np.float32)
+    sy = np.zeros((45, 8), np.float32)
+    tr[:, 0], sy[:, 1] = 1.0, 1.0
+    tr[:, 2:] = rng.choice([-1.0, 1.0], (60, 6)) * 1e-20
+    sy[:, 2:] = rng.choice([-1.0, 1.0], (45, 6)) * 1e-20
+    want = all_pairs(tr, sy, k=3, thresholds=(0.0, 0.5), bins=4, progress=False)
+    assert np.count_nonzero(want.scores.view(np.int32) & 0x7FFFFFFF) > 0  # (subnormal scores, not zeros)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("flush-to-zero is an x86 MXCSR mode")
+    assert torch.set_flush_denormal(True)
+    try:
+        got = all_pairs(tr, sy, k=3, thresholds=(0.0, 0.5), bins=4, progress=False)
+        still_flushing = float(np.float32(1e-40) * np.float32(3.0)) == 0.0  # the caller's mode, given back
+    finally:
+        torch.set_flush_denormal(False)
+    assert still_flushing
+    assert np.array_equal(got.scores.view(np.int32), want.scores.view(np.int32))
+    assert np.array_equal(got.indices, want.indices) and got.class_counts == want.class_counts
+    assert np.array_equal(got.histogram[0], want.histogram[0])
