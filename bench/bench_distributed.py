@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 
 if __package__ in (None, ""):  # `python bench/bench_distributed.py`
@@ -154,11 +156,22 @@ def overhead_case(c2, n_train: int, n_synth: int, d: int, k: int, repeat: int, l
         train, synth, k=k, scheduler=c2, shard_size=-(-n_synth // c), progress=False)) for c in counts}
     step = -(-n_synth // 256)
 
-    def direct() -> None:
-        for a in range(0, n_synth, step):
-            all_pairs(train, synth[a:a + step], k=k, progress=False)
+    def direct() -> list:
+        return [all_pairs(train, synth[a:a + step], k=k, progress=False) for a in range(0, n_synth, step)]
 
     providers["256 engine calls, one process (no Dask)"] = direct
+    # each provider's result must equal one call's bit for bit before any is timed (the 256 engine calls'
+    # parts stacked and summed)
+    want = all_pairs(train, synth, k=k, progress=False)
+    for name, fn in providers.items():
+        got = fn()
+        if isinstance(got, list):
+            got = SimpleNamespace(scores=np.vstack([g.scores for g in got]),
+                                  indices=np.vstack([g.indices for g in got]),
+                                  histogram=(sum(g.histogram[0] for g in got), None),
+                                  class_counts={c: sum(g.class_counts[c] for g in got) for c in want.class_counts},
+                                  train_hits=sum(g.train_hits for g in got))
+        check_same_result(name, got, want)
     rows = run_case(CAP, f"overhead {n_synth}×{n_train}×{d}, 2 workers", providers,
                     work=float(n_synth) * n_train, unit="pairs", baseline="1 shards", warmup=1, repeat=repeat,
                     repeats={"256 engine calls, one process (no Dask)": 2}, log=log)
@@ -170,6 +183,8 @@ def overhead_case(c2, n_train: int, n_synth: int, d: int, k: int, repeat: int, l
     for r in rows:
         r.extra["per_shard_overhead_s"] = slope
     rows[len(counts) - 1].note = (rows[len(counts) - 1].note + f" slope {slope * 1e3:.1f} ms/shard").strip()
+    for r in rows:
+        r.note = (r.note + "; result equal to one call's, checked").strip("; ")
     return rows, slope
 
 
@@ -178,6 +193,13 @@ def train_pass_case(n_train: int, d: int, k: int, repeat: int, log=print) -> lis
     from deepssim_fast.all_pairs import all_pairs
 
     train, one = _emb(n_train, d, 5), _emb(1, d, 6)
+    # checked before it is timed: the row's top-k against a float64 brute force (exact to fp32 rounding)
+    res = all_pairs(train, one, k=k, progress=False)
+    ref = (train.astype(np.float64) / np.linalg.norm(train.astype(np.float64), axis=1, keepdims=True)) @ (
+        one[0].astype(np.float64) / np.linalg.norm(one[0].astype(np.float64)))
+    best = np.sort(ref)[::-1][:k]
+    if not (np.all(np.abs(res.scores[0] - best) <= 1e-5) and np.all(np.abs(ref[res.indices[0]] - best) <= 1e-5)):
+        raise AssertionError(f"per-shard training pass: top-k {res.scores[0][:3]}..., float64 {best[:3]}...")
     return run_case(CAP, f"per-shard training pass, {n_train}×{d}",
                     {"all_pairs, 1 synthetic row": lambda: all_pairs(train, one, k=k, progress=False)},
                     work=float(n_train), unit="train rows", warmup=1, repeat=repeat, log=log)

@@ -611,6 +611,8 @@ def test_distributed_bench_refuses_to_time_a_sharded_result_that_differs(monkeyp
     "2 threads" whatever the machine: it now names the engine's thread count.)"""
     import logging
 
+    import importlib
+
     from distributed import Client, LocalCluster
 
     monkeypatch.syspath_prepend(str(ROOT))
@@ -630,9 +632,31 @@ def test_distributed_bench_refuses_to_time_a_sharded_result_that_differs(monkeyp
             res.class_counts = dict(res.class_counts, duplicate=res.class_counts["duplicate"] + 1)
             return res
 
+        # the overhead case's shard counts and its 256 plain engine calls are checked too (they were timed
+        # unchecked), and so is the per-shard training pass
+        orows, _ = b.overhead_case(c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+        assert orows and all("checked" in r.note for r in orows)
+        assert all("failed" not in r.note for r in b.train_pass_case(500, 16, 3, repeat=1, log=lambda s: None))
         monkeypatch.setattr(dd, "all_pairs_distributed", off)
         with pytest.raises(AssertionError, match="differs from one process"):
             b.scaling_case(c, c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+        with pytest.raises(AssertionError, match="1 shards: result differs"):
+            b.overhead_case(c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+        monkeypatch.setattr(dd, "all_pairs_distributed", real)
+        ap = importlib.import_module("deepssim_fast.all_pairs")
+        real_ap = ap.all_pairs
+
+        def one_row_off(*a, **kw):
+            res = real_ap(*a, **kw)
+            if res.scores.shape[0] == 1:
+                res.scores = res.scores + np.float32(1e-3)
+            return res
+
+        monkeypatch.setattr(ap, "all_pairs", one_row_off)
+        with pytest.raises(AssertionError, match="shards: result differs|engine calls.*: result differs"):
+            b.overhead_case(c, n_train=300, n_synth=40, d=16, k=3, repeat=1, log=lambda s: None)
+        with pytest.raises(AssertionError, match="per-shard training pass"):
+            b.train_pass_case(500, 16, 3, repeat=1, log=lambda s: None)
 
 
 def test_gpu_suite_checks_the_outputs_of_its_timed_calls(gpu_suite_module, tmp_path: Path) -> None:
