@@ -337,14 +337,20 @@ def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print, *, device: s
     return rows
 
 
-def run(quick: bool = False, append: bool = True, *, scale_n: int = 200000, log=print) -> list[Row]:
-    """Run the all-pairs cases; ``quick`` uses 4000² and skips the scale and GPU cases (well under a minute);
-    ``scale_n=0`` skips the scale case only."""
+def run(quick: bool = False, append: bool = True, *, scale_n: int | None = None, log=print) -> list[Row]:
+    """Run the all-pairs cases; ``quick`` uses 4000² and skips the scale and GPU cases (well under a minute)
+    unless ``scale_n`` asks for the scale case; ``scale_n`` rows for the scale case (default 200000 in a full
+    run), 0 skips it. What is skipped is said."""
     rows = cpu_case(4000 if quick else 20000, repeat=2 if quick else 3, log=log)
-    if not quick and scale_n > 0:
-        rows += scale_case(scale_n, log=log)
+    n = (0 if quick else 200000) if scale_n is None else scale_n
+    if n > 0:  # (--quick --scale-n N dropped the asked-for case without a word)
+        rows += scale_case(n, log=log)
+    else:
+        log("  scale case skipped (" + ("--quick" if quick and scale_n is None else "--scale-n 0") + ")")
     if not quick and torch.cuda.is_available():  # (it sat under scale_n > 0: --scale-n 0 dropped it unsaid)
         rows += gpu_case(log=log)
+    elif torch.cuda.is_available():
+        log("  GPU case skipped (--quick)")
     if append:
         append_markdown("all_pairs: exact cosine top-k + histogram" + (" (quick)" if quick else ""), rows,
                         comment="Unit-norm random embeddings, d=256, k=10. Ratios against faiss in the same "
@@ -356,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-append", action="store_true")
-    ap.add_argument("--scale-n", type=int, default=200000, help="rows of the scale case (0: skip it)")
+    ap.add_argument("--scale-n", type=int, default=None,
+                    help="rows of the scale case (default 200000, none with --quick; 0: skip it)")
     a = ap.parse_args(argv)
     t = time.perf_counter()
     rows = run(quick=a.quick, append=not a.no_append, scale_n=a.scale_n)

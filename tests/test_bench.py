@@ -865,8 +865,14 @@ def test_all_pairs_bench_scale_n_0_skips_the_scale_case_only(monkeypatch) -> Non
     b.run(append=False, scale_n=0)
     assert called == ["cpu_case", "gpu_case"]
     called.clear()
-    b.run(quick=True, append=False)
+    said: list[str] = []
+    b.run(quick=True, append=False, log=said.append)
     assert called == ["cpu_case"]
+    assert any("scale case skipped (--quick)" in s for s in said) and any("GPU case skipped" in s for s in said)
+    # --quick --scale-n N: the asked-for scale case runs (it was dropped without a word)
+    called.clear()
+    b.run(quick=True, append=False, scale_n=5000, log=said.append)
+    assert called == ["cpu_case", "scale_case"]
 
 
 def test_ssim_bench_checks_the_calls_it_times(monkeypatch) -> None:
