@@ -99,6 +99,21 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+_WARNED: dict[str, int] = {}
+_WARN_MAX = 5
+
+
+def _warn_few(kind: str, message: str) -> None:
+    """A warning of kind ``kind``, said for the first ``_WARN_MAX`` files in this process and then once more
+    to say that further ones are not (a collection of 10^5 such files would print 10^5 lines)."""
+    n = _WARNED.get(kind, 0)
+    _WARNED[kind] = n + 1
+    if n < _WARN_MAX:
+        logger.warning("%s", message)
+    elif n == _WARN_MAX:
+        logger.warning("%s (further files like this are not named)", message)
+
+
 def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -474,6 +489,10 @@ def _read_png(p: Path, dtype: Any = np.float32) -> np.ndarray:
             return np.ascontiguousarray(0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if im.format != "PNG":  # (a JPEG saved as x.png, a TIFF: decoded by content, which was unsaid)
+                _warn_few("not-png", f"{p}: named .png but is a {im.format} file; read as {im.format}"
+                                     + (" (lossy compression: its pixels are not the original's)"
+                                        if im.format in ("JPEG", "WEBP") else ""))
             mode = im.mode
             if mode == "P":
                 # an index past the palette's end has no colour (Pillow would give it black): damaged file

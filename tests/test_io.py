@@ -1160,3 +1160,25 @@ def test_an_entry_that_cannot_be_looked_at_is_listed_to_fail_its_read(tmp_path: 
 
     monkeypatch.setattr(Path, "is_file", is_file)
     assert discover(tmp_path / "d") == [tmp_path / "d" / "a.npy", tmp_path / "d" / "x.npy"]
+
+
+def test_a_jpeg_named_png_is_read_and_said(tmp_path: Path, caplog, monkeypatch) -> None:
+    """A JPEG (or TIFF) saved under a .png name was decoded by content without a word; a lossy file in a
+    collection of 'PNG' slices is worth a line. Said for the first few files only."""
+    import logging
+
+    from deepssim_fast import io as dio
+
+    monkeypatch.setattr(dio, "_WARNED", {})
+    img = (np.arange(48 * 40, dtype=np.float64).reshape(48, 40) % 251).astype(np.uint8)
+    for i in range(8):
+        Image.fromarray(img).save(tmp_path / f"s{i}.png", format="JPEG" if i < 7 else "TIFF")
+    Image.fromarray(img).save(tmp_path / "real.png")
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.io"):
+        for i in range(8):
+            assert read_image(tmp_path / f"s{i}.png").shape == (48, 40)
+        assert read_image(tmp_path / "real.png").shape == (48, 40)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "s0.png: named .png but is a JPEG file; read as JPEG (lossy" in msgs[0]
+    assert len(msgs) == dio._WARN_MAX + 1 and "further files like this are not named" in msgs[-1], msgs
+    assert not any("real.png" in m for m in msgs)
