@@ -58,6 +58,16 @@ Conventions
   "fraction memorised" is the fraction of synthetic samples labelled ``duplicate``.
 * ``metric="correlation"``: a constant (blank) item has no Pearson correlation. It is skipped and listed
   among the skipped inputs (path and reason), as unreadable files are; ``strict=True`` aborts instead.
+* summary.json's ``pair_counts_search`` and histogram.png's bars count the search score of every pair of the
+  synthetic items *as given*; with flips or shifts searched, each transformed search's own pair counts are in
+  ``pair_counts_search_variants`` (its histogram a line in histogram.png), and ``pair_counts_search_covers``
+  says so in words. A pair's best score over the searches (matches.csv's, and with ``verify="none"`` the
+  label's) is in none of them: histograms of separate searches cannot be merged into one of per-pair maxima.
+* summary.json's ``warnings`` (a list, empty when none; shown near the top of report.html): the warnings
+  logged that change how the results read (files of formats not read, files in both sets or twice in one,
+  items mostly cropped or padded, a k above the training set, ...), each once; not those about the run
+  itself (a resume, caches, the lock) nor the skipped inputs, which ``skipped`` lists. Each run collects its
+  own, so a resumed run reports what an uninterrupted one does (see :func:`_collecting_warnings`).
 
 Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, default ``OUT/cache``) under a
 key of path, size, mtime, ctime, inode, slice policy, item shape and model hash (the ctime and inode catch a
@@ -95,6 +105,7 @@ import platform
 import re
 import shutil
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -203,7 +214,12 @@ class SearchResult:
     pair counts per label under the thresholds. ``transforms`` (n_synth, k) str: for a search that also
     queried transformed synthetic items (:func:`_search_variants`), the transform of the synthetic item that
     gave each pair its score (``"none"``: the item itself); ``None`` when only the items themselves were
-    searched, or when read from a search saved before transforms were recorded."""
+    searched, or when read from a search saved before transforms were recorded.
+
+    ``counts`` and ``class_counts`` are those of the search of the synthetic items as given: a pair's best
+    score over the transformed items cannot be had from per-search histograms. ``variant_counts``: each
+    transformed search's own, in the order searched (transform name -> (histogram counts, pair counts));
+    ``None`` when no transformed items were searched, or when read from a search saved before they were kept."""
 
     scores: np.ndarray
     indices: np.ndarray
@@ -211,10 +227,19 @@ class SearchResult:
     edges: np.ndarray
     class_counts: dict[str, int]
     transforms: np.ndarray | None = None
+    variant_counts: dict[str, tuple[np.ndarray, dict[str, int]]] | None = None
 
     def save(self, path: Path) -> None:
         cc = np.array([self.class_counts[n] for n in LABELS], dtype=np.int64)
         extra = {} if self.transforms is None else {"transforms": np.asarray(self.transforms, dtype=str)}
+        if self.variant_counts:
+            names = list(self.variant_counts)
+            extra.update(
+                variant_names=np.asarray(names, dtype=str),
+                variant_counts=np.stack([np.asarray(self.variant_counts[n][0], dtype=np.int64) for n in names]),
+                variant_class_counts=np.array([[self.variant_counts[n][1][c] for c in LABELS] for n in names],
+                                              dtype=np.int64),
+            )
         _atomic_npz(
             path,
             scores=self.scores,
@@ -229,6 +254,13 @@ class SearchResult:
     def load(cls, path: Path) -> SearchResult:
         with np.load(path) as z:
             cc = z["class_counts"]
+            variants = None
+            if "variant_names" in z.files:
+                variants = {
+                    str(n): (h, {c: int(v) for c, v in zip(LABELS, vc, strict=True)})
+                    for n, h, vc in zip(z["variant_names"], z["variant_counts"], z["variant_class_counts"],
+                                        strict=True)
+                }
             return cls(
                 z["scores"],
                 z["indices"],
@@ -236,6 +268,7 @@ class SearchResult:
                 z["edges"],
                 {n: int(c) for n, c in zip(LABELS, cc, strict=True)},
                 z["transforms"].astype(object) if "transforms" in z.files else None,
+                variants,
             )
 
 
@@ -703,7 +736,7 @@ def _decode_all(
                     # kept: decoded again, once)
                     logger.debug("decoding %s again: its cache entry %s has no fit offsets or shapes", p, f)
                 except _DamagedEntry as exc:
-                    logger.warning("decoding %s again: %s", p, exc)
+                    logger.warning("decoding %s again: %s", p, exc, extra=_RUN_ONLY)
                     f.unlink(missing_ok=True)
         todo.append(i)
     if todo:
@@ -717,13 +750,13 @@ def _decode_all(
             if err is not None:
                 if strict:
                     raise DataError(err)
-                logger.warning("skipping %s file %s", name, one_line(err))
+                logger.warning("skipping %s file %s", name, one_line(err), extra=_RUN_ONLY)
                 skipped.append((str(p), err))
                 continue
             if not arrs:
                 reason = no_slice_reason(p, policy)
                 skipped.append((str(p), reason))
-                logger.warning("skipping %s file %s", name, reason)
+                logger.warning("skipping %s file %s", name, reason, extra=_RUN_ONLY)
                 continue
             if pending_size is None:
                 pending_size = tuple(arrs[0].shape)
@@ -869,7 +902,7 @@ def _build_items(
             )
             if strict:
                 raise DataError(reason)
-            logger.warning("skipping %s item %s", name, one_line(reason))
+            logger.warning("skipping %s item %s", name, one_line(reason), extra=_RUN_ONLY)
             skipped.append((str(p), reason))
         if not keep.any():
             continue
@@ -937,10 +970,11 @@ def _cached_embedding(f: Path, n: int) -> np.ndarray | None:
     try:
         emb = np.load(f, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        logger.warning("embedding again: cached embeddings %s unreadable (%s)", f, exc)
+        logger.warning("embedding again: cached embeddings %s unreadable (%s)", f, exc, extra=_RUN_ONLY)
         return None
     if emb.ndim != 2 or len(emb) != n or not np.issubdtype(emb.dtype, np.floating) or not np.isfinite(emb).all():
-        logger.warning("embedding again: cached embeddings %s hold %s %s for %d items", f, emb.shape, emb.dtype, n)
+        logger.warning("embedding again: cached embeddings %s hold %s %s for %d items", f, emb.shape, emb.dtype, n,
+                       extra=_RUN_ONLY)
         return None
     return emb
 
@@ -1112,7 +1146,7 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
         except DataError as exc:
             if strict:
                 raise
-            logger.warning("skipping %s file %s", name, one_line(exc))
+            logger.warning("skipping %s file %s", name, one_line(exc), extra=_RUN_ONLY)
             skipped.append((str(p), str(exc)))
             continue
         named = _embedding_ids(p, len(a))
@@ -1780,16 +1814,18 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
             if counts_only:
                 logger.warning("%s: only the thresholds or bins changed since the last run (%s): searching again "
                                "for the class counts and histogram, keeping the pixel stores and verified SSIM",
-                               work, what)
+                               work, what, extra=_RUN_ONLY)
             else:
                 logger.warning("%s: the configuration changed since the last run (%s): its finished search and "
-                               "verification are discarded and the audit starts over", work, what)
+                               "verification are discarded and the audit starts over", work, what,
+                               extra=_RUN_ONLY)
             _clear_stage_files(work, keep_verified=counts_only)
             state.unlink()
             resumed = counts_only
         else:
             resumed = True
-            logger.warning("%s: resuming the earlier run of this configuration (finished steps are kept)", work)
+            logger.warning("%s: resuming the earlier run of this configuration (finished steps are kept)", work,
+                           extra=_RUN_ONLY)
     else:
         # outputs without the work folder that made them (deleted to free its stores, or a fresh run into
         # an old OUT): they are not this run's, and an evaluation.json (which the audit does not rewrite)
@@ -1856,6 +1892,7 @@ def _drop_own_outputs(sets: dict[str, list[Path]], out: Path, cache: Path) -> di
             "left out %d input file(s) that are this audit's own outputs (under %s%s), e.g. %s; "
             "an --out outside the input folders avoids this",
             len(dropped), out, "" if cache == out / "cache" else f" and the cache {cache}", dropped[0],
+            extra=_RUN_ONLY,
         )
     return _drop_earlier_outputs(kept)
 
@@ -1941,7 +1978,7 @@ def _out_lock(out: Path) -> Iterator[None]:
             raise OutputInUse(f"{out} is in use by another audit (process {holder}); wait for it to finish, or "
                               "give another --out (out=)") from None
         except OSError as exc:
-            logger.warning("could not lock %s (%s): do not run two audits into it at once", out, exc)
+            logger.warning("could not lock %s (%s): do not run two audits into it at once", out, exc, extra=_RUN_ONLY)
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -1969,6 +2006,73 @@ def _holding_out_lock(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+#: ``extra=`` of a warning about the run itself rather than its results (a resume, a cache entry decoded again,
+#: the lock, the audit's own outputs left out of its inputs) or about what summary.json lists apart (the skipped
+#: inputs): it goes to the log only, not into summary.json's "warnings" (and a resumed run's summary and report
+#: read as an uninterrupted run's)
+_RUN_ONLY = {"audit_result": False}
+
+#: The loggers whose warnings an audit reports (summary.json's "warnings", report.html): the audit's own,
+#: reading the inputs (files of formats not read, folders not searched) and the encoder's (its preprocessing)
+_REPORTED_LOGGERS = ("deepssim_fast.audit", "deepssim_fast.io", "deepssim_fast.model")
+
+
+class _WarningLog(logging.Handler):
+    """The text of every warning (WARNING and above) logged in one thread by :data:`_REPORTED_LOGGERS` that is
+    not :data:`_RUN_ONLY`, in order, each once: another audit running in another thread of the process logs
+    into its own. It sees what is logged: a logging setup that silences deepssim_fast's warnings (a level
+    above WARNING) leaves them out of it too."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread or not getattr(record, "audit_result", True):
+            return
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed log call is logging's to report, not the audit's to fail on
+            self.handleError(record)
+            return
+        if text not in self.messages:
+            self.messages.append(text)
+
+
+_WARNED: contextvars.ContextVar[_WarningLog | None] = contextvars.ContextVar("_WARNED", default=None)
+
+
+def _collecting_warnings(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``audit`` with its warnings collected (:class:`_WarningLog`) for :func:`_audit_warnings`.
+
+    Every run collects its own from the start: discovery, decoding (from the cache too) and the search log
+    theirs again on a resume, so the warnings of a run resumed after an interruption are those of a run that
+    was not interrupted, neither lost nor twice. (Kept from the interrupted part instead, they would outlive
+    their cause: a .dcm file deleted before the rerun leaves the files audited, and so the resume, the same.)"""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        log = _WarningLog()
+        loggers = [logging.getLogger(name) for name in _REPORTED_LOGGERS]
+        for lg in loggers:
+            lg.addHandler(log)
+        token = _WARNED.set(log)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _WARNED.reset(token)
+            for lg in loggers:
+                lg.removeHandler(log)
+
+    return run
+
+
+def _audit_warnings() -> list[str]:
+    """The warnings the audit in progress has logged so far (see :class:`_WarningLog`); none outside one."""
+    log = _WARNED.get()
+    return list(log.messages) if log is not None else []
+
+
 def _lock_out(out: Path, made: Path | None = None) -> None:
     """Take :func:`_out_lock` of ``out`` until the audit in progress returns. ``made``: the topmost folder this
     audit created for ``out`` (``out`` itself, or an ancestor it made with it); if ``out`` still holds nothing but
@@ -1994,6 +2098,7 @@ def _drop_if_only_the_lock(out: Path, made: Path) -> None:
         pass
 
 
+@_collecting_warnings
 @_holding_out_lock
 def audit(
     train: Spec,
@@ -2049,7 +2154,8 @@ def audit(
             :func:`verify_pairs`). Flips are horizontal, vertical and both for slices, along each axis and
             each set of axes for volumes (7 mirrors). With ``verify_flips`` the candidate search is
             flip-aware too: the flipped synthetic items are searched as well and each pair keeps its best
-            score (the histogram stays unflipped); with ``verify_shifts`` it is shift-aware the same way (the
+            score (the histogram and ``pair_counts_search`` stay the unflipped search's; each flipped search's own
+            are beside them); with ``verify_shifts`` it is shift-aware the same way (the
             items translated by ±verify_shifts pixels: 8 more searches in 2D, 6 in 3D, each costing one
             embedding pass over the synthetic set for ``deepssim``, and for ``ssim`` one more exact SSIM
             search over all pairs). ``embeddings`` has no pixels to transform.
@@ -2360,6 +2466,12 @@ def audit(
         # verify='none'): searched again (the shards of a Dask search are reused)
         logger.info("%s does not record the searched transforms: searching again", search_file)
         res = None
+    if res is not None and variants and res.variant_counts is None:
+        # saved before each transformed search's own counts were kept (summary.json's pair_counts_search_variants):
+        # searched again (the chunks of an exact SSIM search, the shards of a Dask search and the variants'
+        # embeddings are reused)
+        logger.info("%s does not record the counts of the flip/shift searches: searching again", search_file)
+        res = None
     if res is None and metric == "ssim":
         res = _ssim_search(
             tset,
@@ -2375,7 +2487,7 @@ def audit(
         )
         # flip- and shift-aware candidates (verify='ssim' only; see _search_variants): the exact SSIM search
         # once more per transform of the synthetic items, each pair keeping its best score; the histogram
-        # and pair counts stay the plain search's
+        # and pair counts stay the plain search's (each variant's own are kept beside them)
         for vname, tname, fn in variants:
             rv = _ssim_search(tset, sset, k=kk, thresholds=th, bins=bins, chunk_size=chunk_size,
                               spatial_dims=spatial_dims, work=work, backend=backend, progress=progress,
@@ -2403,7 +2515,7 @@ def audit(
             )
             # flip- and shift-aware candidates: also search with transformed synthetic items (flips; translations
             # by ±verify_shifts) and keep each pair's best score and the transform that gave it; the histogram
-            # stays that of the plain search
+            # stays that of the plain search (each variant's own is kept beside it)
             if variants:
                 from tqdm import tqdm
 
@@ -2508,8 +2620,13 @@ def audit(
         "counts": counts,
         "fraction_memorised": counts["duplicate"] / len(sset),
         "pair_counts_search": res.class_counts,
+        "pair_counts_search_covers": _pair_counts_cover(res),
+        "pair_counts_search_variants": {name: cc for name, (_, cc) in (res.variant_counts or {}).items()},
         "n_pairs": len(tset) * len(sset),
         "skipped": skipped,
+        # what changes how the results read (files of formats not read, files in both sets, ...): the warnings
+        # logged so far; none is logged after this point
+        "warnings": _audit_warnings(),
         "versions": _versions(),
         "engine": fingerprint["engine"],  # (the engine the calls resolve to; for deepssim, the encoder's device)
         "timings_s": {},
@@ -2526,6 +2643,7 @@ def audit(
         thresholds=th,
         suspects=rows,
         files=files,
+        hist_variants={name: h for name, (h, _) in (res.variant_counts or {}).items()},
     )
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -2538,6 +2656,18 @@ def audit(
         files["report.html"],
     )
     return AuditResult(out, summary, files)
+
+
+def _pair_counts_cover(res: SearchResult) -> str:
+    """What summary.json's ``pair_counts_search`` (and histogram.png's bars) count, in words."""
+    if not res.variant_counts:
+        return "the synthetic items as given (no flips or shifts were searched): every pair's search score"
+    from .report import _variants_txt
+
+    what, each = _variants_txt(res.variant_counts), _variants_txt(res.variant_counts, each=True)
+    return (f"the synthetic items as given (the search without {what}); each {each} search's own counts are in "
+            "pair_counts_search_variants; a pair's best score over these searches, which matches.csv keeps, is "
+            "in none of them")
 
 
 def _search_offsets(s: int, spatial_dims: int) -> list[tuple[int, ...]]:
@@ -2601,11 +2731,12 @@ def _variant_vectors(
             if bar is not None:
                 bar.update(len(items))
             return v
-        logger.warning("%s: %s %s, not %s float32: embedding again", f, v.shape, v.dtype, items.vectors.shape)
+        logger.warning("%s: %s %s, not %s float32: embedding again", f, v.shape, v.dtype, items.vectors.shape,
+                       extra=_RUN_ONLY)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, EOFError) as exc:
-        logger.warning("%s: unreadable (%s): embedding again", f, one_line(exc))
+        logger.warning("%s: unreadable (%s): embedding again", f, one_line(exc), extra=_RUN_ONLY)
     v = _transformed_vectors(items, fn, metric=metric, model=model, batch_size=batch_size, device=device, bar=bar)
     buf = _io.BytesIO()
     np.save(buf, v)
@@ -2661,7 +2792,8 @@ def _search_variants(
 
 def _merge_topk(a: SearchResult, b: SearchResult, k: int, b_name: str = "") -> SearchResult:
     """Per synthetic item, the k best training items over both results (a pair keeps its best score; ties to
-    the lower training index). The histogram and pair counts stay those of ``a`` (the unflipped search).
+    the lower training index). The histogram and pair counts stay those of ``a`` (the unflipped search);
+    ``b``'s are kept beside them in ``variant_counts``, under ``b_name``.
 
     Each kept pair also keeps the transform that gave its score: ``a``'s (``"none"`` where ``a`` records
     none) or ``b_name`` for ``b``'s; on equal scores ``a``'s. Merging the variants one by one in the order
@@ -2685,7 +2817,8 @@ def _merge_topk(a: SearchResult, b: SearchResult, k: int, b_name: str = "") -> S
         scores[i] = [v for _, (v, _) in order]
         indices[i] = [j for j, _ in order]
         names[i] = [n for _, (_, n) in order]
-    return SearchResult(scores, indices, a.counts, a.edges, a.class_counts, names)
+    variants = {**(a.variant_counts or {}), b_name: (b.counts, b.class_counts)}
+    return SearchResult(scores, indices, a.counts, a.edges, a.class_counts, names, variants)
 
 
 def _ssim_search(

@@ -1,17 +1,25 @@
 """Figures and the self-contained HTML page of an audit (matplotlib, Agg backend; no network needed to view).
 
 * ``histogram.png`` — left: the search score over all (synthetic, training) pairs, log-scaled counts, with
-  the two thresholds drawn; right: the verified SSIM of every candidate pair, same thresholds.
-* ``gallery.png`` — the top suspected copies: each synthetic item beside its best training match, with
-  the search score and the verified SSIM (3D items show their middle slice along the last axis). Each item
-  is named by the shortest path suffix that no other item of the gallery shares (``img.png#2:0``, or
-  ``a/img.png#2:0`` beside ``b/img.png#2:0``), drawn as plain text (no mathtext: ``$`` is a character like
-  any other).
+  the two thresholds drawn; with flips or shifts searched, the bars are the search of the synthetic items as
+  given (the title says "search without flips/shifts") and each flipped or shifted search's own histogram is
+  a grey line (a pair's best score over the searches, which matches.csv keeps, is in none of them: one
+  histogram per search cannot be merged into one of per-pair maxima); right: the verified SSIM of every
+  candidate pair, same thresholds.
+* ``gallery.png`` — the top suspected copies: each synthetic item beside its best training match, headed by
+  its label in words and the verified SSIM and search score, printed as the page's table prints them (as
+  many digits as keep a score on its side of the thresholds), in the label's colour (3D items show their
+  middle slice along the last axis). Each item is named by the shortest path suffix that no other item of the
+  gallery shares (``img.png#2:0``, or ``a/img.png#2:0`` beside ``b/img.png#2:0``), cut to 34 characters
+  around what tells it apart (``sub-0001_…preproc_T1w.nii.gz#2:80``; see :func:`_labels`), drawn as plain
+  text (no mathtext: ``$`` is a character like any other).
 * ``report.html`` — the summary (metric, label score and the transforms verified over, thresholds, model,
-  set sizes), the label counts, both figures (base64 PNG), the table of suspects and the skipped inputs,
+  set sizes), the audit's warnings (summary.json's ``warnings``: files of formats not read, files in both
+  sets, ...), the label counts, both figures (base64 PNG), the table of suspects and the skipped inputs,
   with inline CSS only. Run timings are left out so a resumed run writes the same bytes.
 
-Every file is written atomically (temporary file, then rename) and deterministically.
+Labels have one colour each on the page and in both figures (:data:`LABEL_COLOURS`), each with a contrast of
+at least 4.5:1 on white. Every file is written atomically (temporary file, then rename) and deterministically.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,11 @@ from .io import skip_reason
 logger = logging.getLogger(__name__)
 
 _PNG_META = {"Software": None}  # keep the PNG bytes independent of the matplotlib build string
+
+#: The colour of each label, on the page (text on white) and in both figures. Each has a contrast of at least
+#: 4.5:1 against white (WCAG AA for text): duplicate 4.6, similar 4.9 (the orange of seaborn's palette,
+#: ``#dd8452``, darkened at the same hue; it had 2.8), different 4.8.
+LABEL_COLOURS = {"duplicate": "#c44e52", "similar": "#b35723", "different": "#4c72b0"}
 
 
 def _pyplot():
@@ -64,26 +77,44 @@ def histogram_png(
     *,
     verified: np.ndarray | None = None,
     score_name: str = "search score",
+    variants: Mapping[str, np.ndarray] | None = None,
 ) -> bytes:
     """PNG bytes of the score histogram(s). ``counts`` (bins,) over ``edges`` (bins + 1,); ``verified``:
-    the verified SSIM of the candidate pairs (any shape), or None."""
+    the verified SSIM of the candidate pairs (any shape), or None.
+
+    ``variants``: for a search that also queried flipped or shifted synthetic items, each such search's own
+    histogram (name as matches.csv writes the transform -> counts over ``edges``), drawn as grey lines over
+    the bars; ``counts`` is then the search of the synthetic items as given, and the title says so. A pair's
+    best score over the searches (the one matches.csv keeps) is in none of them: per-search histograms cannot
+    be merged into the histogram of per-pair maxima."""
     plt = _pyplot()
     panels = 2 if verified is not None and np.size(verified) else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.0), squeeze=False)
     ax = axes[0, 0]
     counts = np.asarray(counts, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="none")
-    if counts.sum() > 0:
+    variants = {name: np.asarray(v, dtype=np.float64) for name, v in (variants or {}).items()}
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="none",
+           label="synthetic items as given" if variants else None)
+    for q, v in enumerate(variants.values()):
+        # (one legend entry for all: 11 of them in 2D with flips and shifts; summary.json names each one's counts)
+        ax.stairs(np.where(v > 0, v, np.nan), edges, color="#555555", linewidth=0.8, alpha=0.8,
+                  label=f"each {_variants_txt(variants, each=True)} search ({len(variants)})" if q == 0 else None)
+    if counts.sum() > 0 or any(v.sum() > 0 for v in variants.values()):
         ax.set_yscale("log")
-    nz = np.nonzero(counts)[0]
+    nz = np.nonzero(counts + sum(variants.values(), np.zeros_like(counts)))[0]
     lo = edges[nz[0]] if nz.size else edges[0]
     lo = min(lo, thresholds[0]) - 0.05
     ax.set_xlim(max(edges[0], lo), edges[-1])
-    ax.set_title(f"{score_name}: all {int(counts.sum()):,} pairs")
+    if variants:
+        ax.set_title(f"{score_name}, search without {_variants_txt(variants)}: all {int(counts.sum()):,} pairs",
+                     fontsize=10)
+    else:
+        ax.set_title(f"{score_name}: all {int(counts.sum()):,} pairs")
     ax.set_xlabel(score_name)
     ax.set_ylabel("pairs (log scale)")
-    for t, name, c in ((thresholds[0], "similar >", "#dd8452"), (thresholds[1], "duplicate >", "#c44e52")):
+    for t, name, c in ((thresholds[0], "similar >", LABEL_COLOURS["similar"]),
+                       (thresholds[1], "duplicate >", LABEL_COLOURS["duplicate"])):
         ax.axvline(t, color=c, linestyle="--", linewidth=1.5, label=f"{name} {float(t)!r}")  # (every digit: :g rounds)
     ax.legend(loc="upper left", fontsize=8)
     if panels == 2:
@@ -94,10 +125,26 @@ def histogram_png(
         ax2.set_title(f"verified SSIM: {v.size:,} candidate pairs")
         ax2.set_xlabel("SSIM (preset deepssim)")
         ax2.set_ylabel("pairs")
-        for t, c in ((thresholds[0], "#dd8452"), (thresholds[1], "#c44e52")):
+        for t, c in ((thresholds[0], LABEL_COLOURS["similar"]), (thresholds[1], LABEL_COLOURS["duplicate"])):
             ax2.axvline(t, color=c, linestyle="--", linewidth=1.5)
     fig.tight_layout()
     return _fig_bytes(fig)
+
+
+def _label(score: float, thresholds: Sequence[float]) -> str:
+    """The label of ``score`` under ``thresholds`` (low, high): duplicate if s > high; similar if
+    low < s <= high; different otherwise."""
+    return "duplicate" if score > thresholds[1] else ("similar" if score > thresholds[0] else "different")
+
+
+def _variants_txt(names: Iterable[str], *, each: bool = False) -> str:
+    """What the variant searches named ``names`` transform: ``flips``, ``shifts`` or ``flips/shifts`` (a shift
+    is named ``shift(dy,dx)``, a flip ``hflip``, ``vflip``, ``hvflip`` or ``flip0``..``flip012``); ``each``:
+    in the singular, ``flip/shift`` ("each flip/shift search")."""
+    names = list(names)
+    kinds = [k for k, there in (("flip", any(not n.startswith("shift") for n in names)),
+                                ("shift", any(n.startswith("shift") for n in names))) if there]
+    return "/".join(k if each else k + "s" for k in kinds)
 
 
 def _show(img: np.ndarray | None) -> np.ndarray | None:
@@ -136,15 +183,13 @@ def gallery_png(
         a_s, a_t = axes[r, 2 * c], axes[r, 2 * c + 1]
         ssim = s.get("ssim")
         label_score = ssim if ssim is not None else s.get("cosine", 0.0)
-        color = (
-            "#c44e52"
-            if label_score > thresholds[1]
-            else ("#dd8452" if label_score > thresholds[0] else "#4c72b0")
-        )
-        head = f"#{q + 1}  "
+        label = _label(label_score, thresholds)
+        # the label in words (not by colour alone), and the scores as the page's table prints them: as many
+        # digits as keep each on its side of the thresholds (0.97000 and 0.96980 against 0.9699 both read 0.970)
+        head = f"#{q + 1}  {label}  "
         if ssim is not None:
-            head += f"SSIM {ssim:.3f}  "
-        head += f"{score_name} {s.get('cosine', float('nan')):.3f}"
+            head += f"SSIM {format_score(ssim, thresholds)}  "
+        head += f"{score_name} {format_score(s.get('cosine', float('nan')), thresholds)}"
         if s.get("transform") and s["transform"] != "none":
             head += f"  ({s['transform']})"
         for ax, img, side in ((a_s, s.get("synth_image"), "synth"), (a_t, s.get("train_image"), "train")):
@@ -164,7 +209,7 @@ def gallery_png(
             head,
             transform=a_s.transAxes,
             fontsize=8.5,
-            color=color,
+            color=LABEL_COLOURS[label],
             va="bottom",
             ha="center",
             fontweight="bold",
@@ -201,25 +246,94 @@ def _labels(item_ids: Sequence[str], n: int = 34) -> dict[str, str]:
     and ``/x/b/img.png#2:3`` read ``a/img.png#2:0`` and ``b/img.png#2:3`` (:func:`_short` gives both the
     name ``img.png``), and every item of one file gets the same folders.
 
-    A label over ``n`` characters keeps its start (the distinguishing folder, up to half of ``n``) and its
-    end, with an ellipsis between; a file name alone is cut as :func:`_short` cuts it."""
+    A label over ``n`` characters is cut by :func:`_cut`, which keeps what tells its file apart from the other
+    files besides its end (``sub-0001_…preproc_T1w.nii.gz#2:80``; every item of one file is cut alike).
+    Labels of different ids always differ (but for ids that differ only in bytes that are not UTF-8, which
+    both show as U+FFFD): where two cut labels would read the same, both are shown whole."""
     comps = {i: _readable(i).replace(os.sep, "/").split("/") for i in dict.fromkeys(item_ids)}
     # the file of each item: the item suffix (``#<axis>:<index>``, ``#row:<i>``, ``@t<t>``) taken off its name
     files = {i: (*c[:-1], _ITEM_SUFFIX.sub("", c[-1])) for i, c in comps.items()}
-    out: dict[str, str] = {}
+    full: dict[str, str] = {}
+    stems: dict[str, str] = {}  # each label's file part: the label without the item suffix
     for i, c in comps.items():
         mine = files[i]
         others = {f for f in files.values() if f != mine}
         k = next((k for k in range(1, len(c) + 1) if all(f[-k:] != mine[-k:] for f in others)), len(c))
-        if k == 1:
-            out[i] = _short(_readable(i), n)
-            continue
-        label = "/".join(c[-k:])
-        if len(label) > n:
-            head = min(len(c[-k]) + 1, (n - 1) // 2)
-            label = label[:head] + "…" + label[-(n - 1 - head) :]
-        out[i] = label
-    return out
+        full[i] = "/".join(c[-k:])
+        stems[i] = "/".join(mine[-k:])
+    all_stems = set(stems.values())
+    out = {i: _cut(full[i], all_stems - {stems[i]}, n, suffix=len(full[i]) - len(stems[i])) for i in full}
+    while True:  # (cut labels that read the same are shown whole: whole labels of different ids differ)
+        seen: dict[str, list[str]] = {}
+        for i, label in out.items():
+            seen.setdefault(label, []).append(i)
+        clash = [i for ids in seen.values() if len(ids) > 1 for i in ids if out[i] != full[i]]
+        if not clash:
+            return out
+        for i in clash:
+            out[i] = full[i]
+
+
+#: Characters that end a part of a name: what a label keeps of a name ends before one, or at its start with one
+#: (``sub-0001_…``, ``a/…``)
+_NAME_SEPARATORS = frozenset("/_-. #@:")
+
+
+def _cut(label: str, others: Iterable[str], n: int, *, suffix: int = 0) -> str:
+    """``label`` in at most ``n`` characters, keeping what tells its file apart from the ``others`` (the other
+    files' labels, without item suffixes; ``suffix``: the length of ``label``'s item suffix, which it ends with).
+
+    * ``label`` of at most ``n`` characters: whole;
+    * its end tells it apart from every other, some way in from its cut: ``…`` and its last ``n - 1``
+      characters (the end holds the extension and the item suffix, ``#2:80``);
+    * else its end (at least half of ``n``), and before it, for each first difference from another label that
+      the end does not show, the characters up to the end of the part that holds it, ``…`` between each:
+      ``sub-0001_…preproc_T1w.nii.gz#2:80``, ``…quired_at_site_A…ocol_number_7.png``,
+      ``…xxxxx_a…yyyyy_a…zzzzzzzzzzzzz.png``;
+    * with more such differences than fit: whole (:func:`_labels` also shows whole any two cut labels that
+      read the same)."""
+    if len(label) <= n:
+        return label
+    stem = label[: len(label) - suffix]
+    others = list(others)
+
+    def common_end(a: str, b: str) -> int:
+        m = 0
+        while m < min(len(a), len(b)) and a[-1 - m] == b[-1 - m]:
+            m += 1
+        return m
+
+    ends = [common_end(stem, o) for o in others]
+    margin = n // 4  # (a difference at the very cut, "…_A_with…", leaves out what it belongs to: "site_A")
+    if all(c + suffix < n - 1 - margin for c in ends):
+        return "…" + label[-(n - 1) :]
+    tail = max((n - 1) // 2, suffix + margin)
+    limit = len(label) - tail  # (the windows end before the end kept)
+    firsts = {min(len(os.path.commonprefix([stem, o])), limit - 1)
+              for o, c in zip(others, ends, strict=True) if c + suffix >= tail}
+    stops = []
+    for p in sorted(q for q in firsts if q >= 0):
+        q = next((q for q in range(p + 1, limit) if stem[q] in _NAME_SEPARATORS), limit)
+        stops.append(min(q, p + 1 + margin))
+    stops = sorted(set(stops))
+    width = (n - tail - len(stops) - 1) // max(1, len(stops))  # after an ellipsis before each and the end
+    if not stops or width < 2:
+        return label if stops else "…" + label[-(n - 1) :]
+    windows: list[list[int]] = []
+    for e in stops:
+        s = max(0, e - width)
+        if windows and s <= windows[-1][1]:  # overlapping the previous one: one window (within both budgets)
+            windows[-1][1] = e
+        else:
+            windows.append([s, e])
+    if windows[0][0] == 0 and stem[windows[0][1]] in _NAME_SEPARATORS:
+        windows[0][1] += 1  # from the start: with the separator that ends it, in the ellipsis' place ("q/…")
+    elif windows[0][0] == 1:
+        windows[0][0] = 0  # (the one character an ellipsis would stand for)
+    text = "".join(("…" if s > 0 else "") + label[s:e] for s, e in windows)
+    last = windows[-1][1]
+    rest = max(last, len(label) - (n - len(text) - 1))
+    return text + ("…" if rest > last else "") + label[rest:]
 
 
 _ITEM_SUFFIX = re.compile(r"(@t\d+)?(#(\d+:\d+|row:\d+))?$")
@@ -231,9 +345,12 @@ color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
-.duplicate{color:#c44e52;font-weight:bold}.similar{color:#dd8452}.different{color:#4c72b0}
 img{max-width:100%;border:1px solid #eee}.big{font-size:1.4em;font-weight:bold}code{font-size:.9em;white-space:pre-wrap}
-"""
+.warnings{border:1px solid #e3b5b6;background:#fdf4f4;padding:0 1em;margin:1em 0}.warnings h2{border:none}
+""" + (
+    f".duplicate{{color:{LABEL_COLOURS['duplicate']};font-weight:bold}}.similar{{color:{LABEL_COLOURS['similar']}}}"
+    f".different{{color:{LABEL_COLOURS['different']}}}\n"
+)
 
 
 def _transforms_txt(v: dict) -> str:
@@ -282,8 +399,8 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
     rows = []
     for q, s in enumerate(suspects):
         score = s["ssim"] if s.get("ssim") is not None else s["cosine"]
-        lab = "duplicate" if score > th["high"] else ("similar" if score > th["low"] else "different")
         cuts = (th["low"], th["high"])
+        lab = _label(score, cuts)
         ssim_txt = "" if s.get("ssim") is None else format_score(s["ssim"], cuts)
         rows.append(
             f"<tr><td class=num>{q + 1}</td><td><code>{e(s['synth_id'])}</code></td>"
@@ -325,6 +442,34 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
             "given in memory, not as a file; sha256 of its class, settings and weights "
             f"<code>{e(str(model.get('hash')))}</code>"
         )
+    # warnings that change how the results read (summary.json's "warnings": files of formats not read, files in
+    # both sets, ...), near the top: they were on stderr only
+    warned = summary.get("warnings") or []
+    warnings_html = (
+        "<div class=warnings><h2>Warnings</h2><ul>" + "".join(f"<li>{e(w)}</li>" for w in warned) + "</ul></div>"
+        if warned else ""
+    )
+    # the histogram's bars count the search of the synthetic items as given; with flips or shifts each variant's
+    # search is drawn beside it, and a pair's best score over them (the one matches.csv keeps) is in none
+    variants = list(summary.get("pair_counts_search_variants") or {})
+    if variants:
+        labels_by = (", the score it is labelled by (<code>--verify none</code>),"
+                     if summary.get("verify", {}).get("method") == "none" else "")
+        hist_txt = (
+            f"<p>The bars count the search score of every (synthetic, training) pair in the search of the synthetic "
+            f"items as given (without {_variants_txt(variants)}); each grey line counts those of one search of "
+            f"transformed synthetic items ({e(', '.join(variants))}; <code>summary.json</code>: "
+            "<code>pair_counts_search_variants</code>). A pair's search score in <code>matches.csv</code>"
+            f"{labels_by} is its best over all these searches: a pair's best score over these searches is in none "
+            "of them.</p>"
+        )
+    else:
+        hist_txt = ""
+    size = summary.get("item_size")
+    if size:
+        size_txt = " × ".join(str(int(v)) for v in size) + f" ({e(summary['mode'])})"
+    else:  # (an embeddings audit reads vectors, not images)
+        size_txt = "n/a (embeddings given)" if summary.get("metric") == "embeddings" else "n/a"
     b64h = base64.b64encode(histogram).decode()
     b64g = base64.b64encode(gallery).decode()
     versions = ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(summary.get("versions", {}).items()))
@@ -336,6 +481,7 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
 are labelled
 <span class=duplicate>duplicate</span>; {c["similar"]:,} <span class=similar>similar</span>,
 {c["different"]:,} <span class=different>different</span>.</p>
+{warnings_html}
 <table>
 <tr><th>metric (search score)</th><td>{e(summary["metric"])} — {e(summary["search_score"])}</td></tr>
 <tr><th>label score</th><td>{e(summary["label_score"])}; {_transforms_txt(summary["verify"])}</td></tr>
@@ -347,10 +493,11 @@ files found{skipped_of("train")}</td></tr>
 files found{skipped_of("synth")}</td></tr>
 <tr><th>pairs searched</th><td class=num>{summary["n_pairs"]:,} (top {summary["k"]} kept per
 synthetic item)</td></tr>
-<tr><th>item size</th><td>{e(str(summary.get("item_size")))} ({e(summary["mode"])})</td></tr>
+<tr><th>item size</th><td>{size_txt}</td></tr>
 <tr><th>versions</th><td>{versions}</td></tr>
 </table>
 <h2>Score distribution</h2>
+{hist_txt}
 <img alt="score histogram" src="data:image/png;base64,{b64h}">
 <h2>Top suspected copies</h2>
 <p>{shown_txt}</p>
@@ -376,8 +523,10 @@ def write_report(
     thresholds: tuple[float, float],
     suspects: Sequence[dict],
     files: dict[str, Path] | None = None,
+    hist_variants: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Path]:
-    """Write histogram.png, gallery.png and report.html into ``out`` (atomically); return their paths."""
+    """Write histogram.png, gallery.png and report.html into ``out`` (atomically); return their paths.
+    ``hist_variants``: each flip/shift search's own histogram over ``hist_edges`` (see :func:`histogram_png`)."""
     out = Path(out)
     files = files or {}
     paths = {name: files.get(name, out / name) for name in ("histogram.png", "gallery.png", "report.html")}
@@ -389,7 +538,8 @@ def write_report(
         "correlation": "correlation",
         "ssim": "search SSIM",
     }.get(summary.get("metric", ""), "score")
-    h = histogram_png(hist_counts, hist_edges, thresholds, verified=verified, score_name=score_name)
+    h = histogram_png(hist_counts, hist_edges, thresholds, verified=verified, score_name=score_name,
+                      variants=hist_variants)
     g = gallery_png(suspects, thresholds, score_name=score_name)
     _atomic_bytes(paths["histogram.png"], h)
     _atomic_bytes(paths["gallery.png"], g)

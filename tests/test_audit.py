@@ -3061,3 +3061,100 @@ def test_a_series_whose_first_axis_is_thinnest_is_named_with_the_way_to_read_it(
         read_image(tmp_path / "series.npy", frame=0)
     np.save(tmp_path / "moved.npy", np.moveaxis(series, 0, 2))  # (32, 32, 10, 20): read as 20 frames
     np.testing.assert_array_equal(read_image(tmp_path / "moved.npy", frame=3), np.moveaxis(series, 0, 2)[..., 3])
+
+
+def test_verify_none_with_flips_says_what_its_pair_counts_and_histogram_cover(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--verify none --verify-flips on mirrored copies of training slices: the page said 100 % duplicate and
+    matches.csv '1.000000,,duplicate,hflip', but summary.json's pair_counts_search and the only histogram
+    ('correlation: all N pairs') were those of the search of the unflipped items alone, without a word: a pair's
+    best score over the flips is not in them. The summary now names what its pair counts cover and gives each
+    flip search's own counts; the histogram draws those too, and its title and the page say which is which."""
+    names = sorted(ds["train_arrays"])[:4]
+    synth = tmp_path / "s"
+    synth.mkdir()
+    for n in names:
+        np.save(synth / n, np.ascontiguousarray(ds["train_arrays"][n][:, ::-1]))
+    import matplotlib.axes
+
+    titles: list[str] = []
+    set_title = matplotlib.axes.Axes.set_title
+
+    def spy(self, label, *args, **kwargs):
+        titles.append(label)
+        return set_title(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    out = tmp_path / "o"
+    kw = dict(metric="correlation", verify="none", verify_flips=True, k=2, out=out, progress=False)
+    A.audit(ds["train"], synth, **kw)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["counts"]["duplicate"] == 4
+    assert all(r["transform"] == "hflip" for r in _rows(out) if r["rank"] == "1")
+    assert s["pair_counts_search_covers"].startswith("the synthetic items as given (the search without flips)")
+    per = s["pair_counts_search_variants"]
+    assert sorted(per) == ["hflip", "hvflip", "vflip"]
+    assert all(sum(c.values()) == s["n_pairs"] == 4 * 14 for c in per.values())
+    assert per["hflip"]["duplicate"] >= 4  # the 4 mirrored copies, each scored 1 by the hflip search
+    assert "correlation, search without flips: all 56 pairs" in titles
+    text = re.sub(r"\s+", " ", (out / "report.html").read_text())
+    assert "search of the synthetic items as given (without flips)" in text
+    # a resume keeps each variant's counts (they are saved with the search); one saved before they were is
+    # searched again
+    page = (out / "report.html").read_bytes()
+    A.audit(ds["train"], synth, **kw)
+    assert json.loads((out / "summary.json").read_text())["pair_counts_search_variants"] == per
+    res = A.SearchResult.load(out / "work" / "search.npz")
+    assert list(res.variant_counts) == ["hflip", "vflip", "hvflip"]  # (in the order searched)
+    res.variant_counts = None
+    res.save(out / "work" / "search.npz")
+    A.audit(ds["train"], synth, **kw)
+    assert json.loads((out / "summary.json").read_text())["pair_counts_search_variants"] == per
+    assert (out / "report.html").read_bytes() == page
+    # no variants: the counts cover every pair's one score
+    r = A.audit(ds["train"], synth, metric="correlation", verify="none", k=2, out=tmp_path / "o2", progress=False)
+    assert r.summary["pair_counts_search_variants"] == {}
+    assert r.summary["pair_counts_search_covers"].startswith("the synthetic items as given (no flips or shifts")
+
+
+def test_warnings_that_change_how_the_results_read_are_in_the_summary_and_report_once(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'6 file(s) of image formats this tool does not read are left out (3 .dcm, 3 .jpg)' and '1 synthetic
+    file(s) are also training files ... each will match itself as a duplicate' went to stderr only. They are
+    in summary.json's warnings and near the top of report.html now, each once, also after a resume; the
+    run's own bookkeeping (a resume, the skipped inputs listed apart) is not among them."""
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for name in ("s04.npy", "s12.npy", "s99_corrupt.npy"):
+        shutil.copy(ds["synth"] / name, synth / name)
+    (synth / "linked.npy").symlink_to(ds["train"] / "mni_030.npy")
+    for i in range(3):
+        (synth / f"slice{i}.dcm").write_bytes(b"DICM")
+        (synth / f"photo{i}.jpg").write_bytes(b"\xff\xd8\xff")
+    kw = dict(metric="ssim", k=2, chunk_size=1, progress=False)
+    whole = A.audit(ds["train"], synth, out=tmp_path / "whole", **kw)
+    warned = whole.summary["warnings"]
+    assert len(warned) == 2, warned
+    assert warned[0] == (f"{synth}: 6 file(s) of image formats this tool does not read are left out (3 .dcm, "
+                         f"3 .jpg); convert them to .nii, .nii.gz, .png, .npy")
+    assert warned[1].startswith(f"1 synthetic file(s) are also training files ({synth / 'linked.npy'}): each "
+                                "will match itself as a duplicate")
+    page = (tmp_path / "whole" / "report.html").read_text()
+    assert page.index("<h2>Warnings</h2>") < page.index("<h2>Score distribution</h2>")
+    assert "3 .dcm, 3 .jpg" in page and "also training files" in page
+
+    def die(stage: str, index: int) -> None:
+        if stage == "verify" and index == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_chunk_hook", die)
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(ds["train"], synth, out=tmp_path / "resumed", **kw)
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: None)
+    resumed = A.audit(ds["train"], synth, out=tmp_path / "resumed", **kw)
+    assert resumed.summary["warnings"] == warned  # not lost, not twice, no word of the resume
+    _compare_outputs(tmp_path / "whole", tmp_path / "resumed")
+    # an audit with nothing to warn about: none (its skipped corrupt file is listed among the skipped inputs)
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["warnings"] == warned
+    plain = A.audit(ds["train"], ds["synth"] / "s04.npy", out=tmp_path / "plain", **kw)
+    assert plain.summary["warnings"] == []

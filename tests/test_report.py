@@ -270,7 +270,8 @@ def test_gallery_heads_tell_the_search_ssim_from_the_verified_one(tmp_path, monk
     write_report(tmp_path, summary=s, hist_counts=counts, hist_edges=np.linspace(-1, 1, 201),
                  verified=np.array([0.95, 0.75]), thresholds=(0.6, 0.85), suspects=_suspects(2))
     heads = [t for t in drawn if t.startswith("#")]
-    assert heads == ["#1  SSIM 0.950  search SSIM 0.900  (hflip+shift(1,0))", "#2  SSIM 0.750  search SSIM 0.800"]
+    assert heads == ["#1  duplicate  SSIM 0.9500  search SSIM 0.9000  (hflip+shift(1,0))",
+                     "#2  similar  SSIM 0.7500  search SSIM 0.8000"]
     assert "search SSIM" in drawn  # the histogram's search-score axis
 
 
@@ -375,3 +376,157 @@ def test_report_says_how_many_suspects_it_shows_of_how_many() -> None:
             "training match; every candidate pair is in <code>matches.csv</code>.") in page
     one = re.sub(r"\s+", " ", report_html(_summary(), histogram=b"h", gallery=b"g", suspects=_suspects(1)))
     assert "The 1 synthetic item of highest score, of 4 (2 labelled duplicate or similar)" in one
+
+
+def _spy(monkeypatch, name: str) -> list[str]:
+    """The text of every call of ``matplotlib.axes.Axes.<name>`` (set_title: the label; text: its string)."""
+    import matplotlib.axes
+
+    drawn: list[str] = []
+    original = getattr(matplotlib.axes.Axes, name)
+
+    def spy(self, *args, **kwargs):
+        drawn.append(str(args[2] if name == "text" else args[0]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, name, spy)
+    return drawn
+
+
+def test_histogram_of_a_flip_search_says_it_counts_the_unflipped_items(monkeypatch) -> None:
+    """--verify none --verify-flips on flipped copies: the page said 100 % duplicate, but the only histogram
+    ('correlation: all 100 pairs') had every pair below 0.2. It counted the search of the synthetic items as
+    given only, without saying so. Its title says so now, each flip/shift search's own histogram is drawn over
+    it, and the page says what neither counts (a pair's best score over the searches)."""
+    edges = np.linspace(-1, 1, 201)
+    plain = np.zeros(200, dtype=np.int64)
+    plain[100:110] = 10
+    flipped = np.zeros(200, dtype=np.int64)
+    flipped[105:114] = 10
+    flipped[199] = 10
+    titles = _spy(monkeypatch, "set_title")
+    one = histogram_png(plain, edges, (0.6, 0.85), score_name="correlation")
+    assert titles == ["correlation: all 100 pairs"]  # no variants searched: every pair, as given
+    titles.clear()
+    both = histogram_png(plain, edges, (0.6, 0.85), score_name="correlation", variants={"hflip": flipped})
+    assert titles == ["correlation, search without flips: all 100 pairs"]
+    assert both != one  # the flip search's histogram is drawn too
+    titles.clear()
+    histogram_png(plain, edges, (0.6, 0.85), variants={"hflip": flipped, "shift(0,2)": flipped})
+    assert titles == ["search score, search without flips/shifts: all 100 pairs"]
+    s = _summary()
+    s["pair_counts_search_variants"] = {"hflip": {"different": 90, "similar": 0, "duplicate": 10}}
+    page = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=[]))
+    assert "search of the synthetic items as given (without flips)" in page
+    assert "a pair's best score over these searches is in none of them" in page
+
+
+def test_report_shows_the_audits_warnings_near_the_top_escaped() -> None:
+    """A warning that changes how the results read ('6 file(s) of image formats this tool does not read are left
+    out', 'a synthetic file is also a training file') went to stderr only, never into the report."""
+    s = _summary()
+    s["warnings"] = ["/d/<x>: 6 file(s) of image formats this tool does not read are left out (3 .dcm, 3 .jpg)",
+                     "1 synthetic file(s) are also training files (/d/a&b.png): each will match itself"]
+    page = report_html(s, histogram=b"h", gallery=b"g", suspects=_suspects(1))
+    at = page.index("<h2>Warnings</h2>")
+    assert at < page.index("<h2>Score distribution</h2>") and at < page.index("<th>metric (search score)</th>")
+    assert "<li>/d/&lt;x&gt;: 6 file(s) of image formats this tool does not read are left out (3 .dcm, 3 .jpg)" in page
+    assert "also training files (/d/a&amp;b.png)" in page and "<x>" not in page
+    s["warnings"] = []
+    assert "<h2>Warnings</h2>" not in report_html(s, histogram=b"h", gallery=b"g", suspects=[])
+
+
+@pytest.mark.parametrize("ids", [
+    # BIDS names: the subject is at the start of the file name, 70 characters long
+    ["/data/bids/sub-0001/anat/sub-0001_ses-baseline_acq-mprage_run-01_desc-preproc_T1w.nii.gz#2:80",
+     "/data/bids/sub-0002/anat/sub-0002_ses-baseline_acq-mprage_run-01_desc-preproc_T1w.nii.gz#2:80",
+     "/data/bids/sub-0002/anat/sub-0002_ses-baseline_acq-mprage_run-01_desc-preproc_T1w.nii.gz#2:81"],
+    # names that differ only in the middle, far from both ends
+    ["/g/scan_of_the_head_acquired_at_site_A_with_the_protocol_number_7.png",
+     "/g/scan_of_the_head_acquired_at_site_B_with_the_protocol_number_7.png",
+     "/g/scan_of_the_head_acquired_at_site_C_with_the_protocol_number_7.png#2:0"],
+    # and in several places at once
+    ["/h/" + "x" * 20 + "_a_" + "y" * 20 + "_a_" + "z" * 20 + ".png",
+     "/h/" + "x" * 20 + "_b_" + "y" * 20 + "_a_" + "z" * 20 + ".png",
+     "/h/" + "x" * 20 + "_a_" + "y" * 20 + "_b_" + "z" * 20 + ".png",
+     "/h/" + "x" * 20 + "_b_" + "y" * 20 + "_b_" + "z" * 20 + ".png"],
+])
+def test_gallery_labels_of_different_items_differ(ids: list[str]) -> None:
+    """Labels kept the last 34 characters of a file name: two BIDS subjects' scans read the same. A label now
+    keeps what tells its item apart (the head of the name, or the part around the first difference) besides
+    its tail, and labels of different items always differ."""
+    from deepssim_fast.report import _labels
+
+    got = _labels(ids)
+    assert len(set(got.values())) == len(ids), got
+    if ids[0].startswith("/data/bids"):
+        assert got[ids[0]].startswith("sub-0001") and got[ids[1]].startswith("sub-0002"), got
+        assert got[ids[1]].endswith("#2:80") and got[ids[2]].endswith("#2:81"), got
+        assert all(len(v) <= 34 for v in got.values()), got
+    if ids[0].startswith("/g/"):
+        assert all(len(v) <= 34 for v in got.values()), got
+        assert "site_A" in got[ids[0]] and "site_B" in got[ids[1]] and "site_C" in got[ids[2]], got
+
+
+def test_gallery_heads_keep_each_score_on_its_side_of_the_threshold_and_name_the_label(monkeypatch) -> None:
+    """A duplicate at 0.97000 and a similar pair at 0.96980 against a high threshold of 0.9699 both read 'SSIM
+    0.970' (3 decimals), and the label was told by colour only. The heads print scores as the table does and
+    name the label."""
+    heads = _spy(monkeypatch, "text")
+    sus = _suspects(3)
+    sus[0]["ssim"], sus[1]["ssim"], sus[2]["ssim"] = 0.97, 0.9698, 0.2
+    sus[0]["cosine"] = sus[1]["cosine"] = sus[2]["cosine"] = 0.96995
+    gallery_png(sus, (0.6, 0.9699))
+    heads = [h for h in heads if h.startswith("#")]
+    assert heads[0] == "#1  duplicate  SSIM 0.9700  cosine 0.96995  (hflip+shift(1,0))", heads
+    assert heads[1] == "#2  similar  SSIM 0.9698  cosine 0.96995", heads
+    assert heads[2] == "#3  different  SSIM 0.2000  cosine 0.96995", heads
+
+
+def test_report_of_an_embeddings_audit_has_no_item_size() -> None:
+    """An embeddings audit's page read 'item size: None (slices)'."""
+    s = _summary()
+    s["metric"], s["item_size"] = "embeddings", None
+    page = report_html(s, histogram=b"h", gallery=b"g", suspects=[])
+    row = re.search(r"<th>item size</th><td>(.*?)</td>", page, re.S).group(1)
+    assert row == "n/a (embeddings given)"
+    row = re.search(r"<th>item size</th><td>(.*?)</td>",
+                    report_html(_summary(), histogram=b"h", gallery=b"g", suspects=[]), re.S).group(1)
+    assert row == "128 × 128 (slices)"
+
+
+def _contrast_on_white(colour: str) -> float:
+    """The WCAG 2 contrast ratio of ``#rrggbb`` against white: (1 + 0.05) / (L + 0.05), L the relative
+    luminance of the sRGB colour."""
+    rgb = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return 1.05 / (lum + 0.05)
+
+
+def test_label_colours_are_readable_on_white_and_the_same_in_every_output(monkeypatch) -> None:
+    """The 'similar' label's orange (#dd8452) had a contrast of 2.8:1 on the white page; text needs 4.5:1
+    (WCAG AA). Every label colour the page writes text in has it now, and the figures use the same colours."""
+    page = report_html(_summary(), histogram=b"h", gallery=b"g", suspects=[])
+    colours = dict(re.findall(r"\.(duplicate|similar|different)\{color:(#[0-9a-f]{6})", page))
+    assert set(colours) == {"duplicate", "similar", "different"}
+    for name, c in colours.items():
+        assert _contrast_on_white(c) >= 4.5, (name, c, _contrast_on_white(c))
+    import matplotlib.axes
+
+    used: list[str] = []
+    for name in ("text", "axvline"):
+        original = getattr(matplotlib.axes.Axes, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            used.append(kwargs.get("color"))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, name, spy)
+    sus = _suspects(3)
+    sus[0]["ssim"], sus[1]["ssim"], sus[2]["ssim"] = 0.9, 0.7, 0.1
+    gallery_png(sus, (0.6, 0.85))
+    assert [c for c in used if c] == [colours["duplicate"], colours["similar"], colours["different"]]
+    used.clear()
+    histogram_png(np.ones(200, dtype=np.int64), np.linspace(-1, 1, 201), (0.6, 0.85), verified=np.array([0.7]))
+    assert used == [colours["similar"], colours["duplicate"]] * 2
