@@ -20,9 +20,13 @@ What it does, in order:
    up as NaN (the check fails on any non-finite value).
 3. **Timings**: Triton against the torch baselines (pytorch-msssim and MONAI for SSIM when installed —
    marked absent otherwise; ``torch.mm`` bf16 + ``torch.topk`` in chunks for all-pairs) at sizes that fill
-   the GPU, with CUDA events, medians with min–max. ``--budget-s`` skips the remaining timing cases when
-   the time left is short; the checks may use ``--checks-share`` of it (default half), so that slow
-   compiles leave the timings time to run, and the checks past it are reported as skipped, not passed.
+   the GPU, with CUDA events, medians with min–max. The output of each of our timed providers' last call
+   is checked too (all-pairs: every pair's float64 cosine recounted on the device, at the precision's
+   rounding bound; SSIM: the float64 reference at pairs spread over the batch and the torch backend at all
+   of them), as a check of the suite, so a timing stands only with a correct result at its own size.
+   ``--budget-s`` skips the remaining timing cases when the time left is short; the checks may use
+   ``--checks-share`` of it (default half), so that slow compiles leave the timings time to run, and the
+   checks past it are reported as skipped, not passed.
 4. One short table printed last (kernel, size, provider, ms, rate, fraction of ceiling, speed-up), and under
    ``--out``: ``gpu_suite.log`` (full log), ``gpu_suite.json`` (everything), ``gpu_suite.md`` (the table),
    ``gpu_suite.benchmarks.md`` (the section ``--append-md`` adds to BENCHMARKS.md: where only ``--out``
