@@ -70,8 +70,9 @@ Conventions
   own, so a resumed run reports what an uninterrupted one does (see :func:`_collecting_warnings`).
 
 Resuming: decoded pixels and embeddings are cached per file (``cache_dir``, default ``OUT/cache``) under a
-key of path, size, mtime, ctime, inode, slice policy, item shape and model hash (the ctime and inode catch a
-file replaced with its old mtime kept, as ``cp -p``, ``rsync -a`` or ``tar`` do); under ``OUT/work`` the
+key of path, size, mtime, ctime, inode, the reader's version (:data:`_READER_VERSION`), slice policy, item shape
+and model hash (the ctime and inode catch a file replaced with its old mtime kept, as ``cp -p``, ``rsync -a`` or
+``tar`` do); under ``OUT/work`` the
 verification is saved per chunk of synthetic items, the exact-SSIM search (``metric="ssim"``) per chunk, and
 the embedding searches (``deepssim``, ``correlation``) once each is complete (per shard on Dask). A rerun after
 an interruption skips finished work (it says so in a warning) and writes byte-identical matches.csv,
@@ -80,13 +81,20 @@ changes only the thresholds or bins searches again (the class counts and histogr
 the pixel stores and the verified SSIM; any other change of the run's configuration (options, inputs, model,
 engine: the one the SSIM and search calls resolve to and, for ``deepssim``, the encoder's device) starts over,
 with a warning naming what changed. summary.json is written last: a run is finished when it is there. Every
-output is written atomically (temporary file, fsync, then rename). Cache entries skip the fsync, as they can be
-recomputed: their readers check each one's length and checksum, and one a crash left short is decoded again.
+output is written atomically (temporary file, fsync, then rename). Cache entries (and the search variants'
+embeddings in OUT/work) skip the fsync, as they can be recomputed: their readers check each one's length and
+checksum (:func:`_read_entry`, :func:`_load_checked`), and one a crash left short or that fails its checksum is
+decoded or embedded again, named in a warning. A stage file of OUT/work that cannot be read (the search, a search
+or verified chunk) is computed again, named in a warning, as an unreadable state.json is.
 An OUT or cache inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png,
-OUT/gallery.png, OUT/work, OUT/shards*, the cache's items/ and embeddings/) are left out of the inputs, with a
-warning; the rest of OUT is not (it may hold the inputs, as the demo's does). So are those of other audits'
-output folders found inside the input folders (a folder holding an audit's lock file, work/state.json, or
-summary.json beside matches.csv), each folder named in a warning.
+OUT/gallery.png, OUT/work, the OUT/shards* folders that hold nothing but the Dask search's checkpoints, the cache's
+items/ and embeddings/) are left out of the inputs, with a warning; the rest of OUT is not (it may hold the inputs,
+as the demo's does). So are those of other audits' output folders found inside the input folders (a folder holding
+an audit's lock file, work/state.json, or summary.json beside matches.csv), each folder named in a warning.
+An OUT is an audit's when it holds one of those before the run: only there does the audit replace or remove files
+of its output names, OUT/work's, and shard folders (of checkpoints only). In another folder it refuses, before any
+work, to run where such files are there (:func:`_refuse_foreign_files`); a folder named shards* holding other files
+is never the audit's. :func:`evaluate` holds OUT's lock too, while it reads the audit and writes evaluation.json.
 """
 
 from __future__ import annotations
@@ -272,6 +280,23 @@ class SearchResult:
             )
 
 
+def _saved_search(f: Path, n_synth: int, k: int) -> SearchResult | None:
+    """The search saved in ``f`` (OUT/work/search.npz), or None when there is none, or it is unreadable or not
+    of ``n_synth`` × ``k`` candidates: then a warning names it and the search runs again (its chunks, shards
+    and variant embeddings, where kept, are reused), as for an unreadable state.json."""
+    if not f.exists():
+        return None
+    try:
+        res = SearchResult.load(f)
+        if res.scores.shape != (n_synth, k) or res.indices.shape != (n_synth, k):
+            raise ValueError(f"{res.scores.shape} scores and {res.indices.shape} indices, expected {(n_synth, k)}")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("%s: unreadable (%s): searching again", f, one_line(f"{type(exc).__name__}: {exc}"),
+                       extra=_RUN_ONLY)
+        return None
+    return res
+
+
 def _clamp_unit(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cosine scores clamped to [-1, 1]: a cosine of unit float32 rows (a Pearson correlation, for
     ``correlation``) can come out a few 1e-6 above 1 (1.000002 for an identical image). Rows where that
@@ -410,7 +435,66 @@ _ENTRY_SUFFIX = ".items"
 
 
 class _DamagedEntry(ValueError):
-    """An item cache entry that is not whole (short, unreadable, or its pixels fail their checksum)."""
+    """An item cache entry, or a checksummed array (:func:`_load_checked`), that is not whole (short,
+    unreadable, or its data fail their checksum)."""
+
+
+class _NoChecksum(_DamagedEntry):
+    """A whole .npy without the checksum :func:`_save_checked` appends: written before checksums were kept (or
+    by someone else). Not to be trusted, nor an error: computed again, once."""
+
+
+# ---- checksummed arrays: the cached embeddings and the search variants' embeddings ----------------------------
+# <cache>/embeddings/*.npy and OUT/work/<set>_vectors_<variant>.npy are written without fsync (they can always be
+# embedded again): the array as np.save writes it (C order), then _CRC_TRAILER and the CRC-32 of the array's
+# bytes (uint32, little-endian). np.load reads such a file as the plain array (it stops where the data end);
+# _load_checked checks the length and the checksum. A file flipped in place still loaded, and its other values
+# gave other matches without a word (zeros: "train row 4 is all zeros", naming neither the file nor the image).
+_CRC_TRAILER = b"DSFCRC32"
+
+
+def _save_checked(path: Path, a: np.ndarray, *, durable: bool) -> None:
+    """Write ``a`` to ``path`` atomically as a .npy followed by its checksum (see :data:`_CRC_TRAILER`)."""
+    a = np.ascontiguousarray(a)
+    buf = _io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    buf.write(_CRC_TRAILER + struct.pack("<I", zlib.crc32(a)))
+    _atomic_bytes(path, buf.getvalue(), durable=durable)
+
+
+def _load_checked(path: Path) -> np.ndarray:
+    """The array :func:`_save_checked` wrote to ``path``. FileNotFoundError when there is no such file;
+    :class:`_NoChecksum` for a whole .npy without the checksum; :class:`_DamagedEntry` (naming ``path``) for a
+    file that is unreadable, not as long as its header and checksum say, or whose data fail their checksum."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version}")
+            if dtype.hasobject:
+                raise ValueError(f"dtype {dtype}")
+            start, size = f.tell(), os.fstat(f.fileno()).st_size
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if size == start + nbytes:
+                raise _NoChecksum(f"{path}: no checksum (written by an earlier version)")
+            if size != start + nbytes + len(_CRC_TRAILER) + 4:
+                raise _DamagedEntry(f"{path}: {size} bytes, its header says {start + nbytes + len(_CRC_TRAILER) + 4}")
+            raw = f.read(nbytes)
+            tail = f.read(len(_CRC_TRAILER) + 4)
+    except FileNotFoundError:
+        raise
+    except _DamagedEntry:
+        raise
+    except (OSError, ValueError, EOFError, struct.error) as exc:
+        raise _DamagedEntry(f"{path}: unreadable ({type(exc).__name__}: {one_line(exc)})") from exc
+    if len(raw) != nbytes or tail[: len(_CRC_TRAILER)] != _CRC_TRAILER \
+            or struct.unpack("<I", tail[len(_CRC_TRAILER):])[0] != zlib.crc32(raw):
+        raise _DamagedEntry(f"{path}: fails its checksum")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
 def _entry_path(cache: Path, key: str, size: tuple[int, ...]) -> Path:
@@ -575,8 +659,18 @@ class ItemSet:
         return len(self.ids)
 
 
+#: The version of the rules by which deepssim_fast.io (and data) decode a file into items: part of every file's
+#: cache key (:func:`_file_key`), so that the item cache entries, their embeddings and a saved run of an earlier
+#: reader are not reused (after an upgrade, files the new reader refuses, such as an RGB (H, W, 3) .npy, were
+#: still audited from their old entries). Bump it whenever a change of io's reading, slicing or fitting rules
+#: can change the items a file gives, or whether it gives any. (Entries of an earlier reader are not read again;
+#: they stay in the cache until it is cleared.)
+_READER_VERSION = 1
+
+
 def _file_key(p: Path, *parts: str) -> str:
-    """Cache key of one input file: its path, size, mtime, ctime and inode, and ``parts``.
+    """Cache key of one input file: its path, size, mtime, ctime and inode, the reader's version
+    (:data:`_READER_VERSION`), and ``parts``.
 
     The mtime alone misses a file whose content was replaced with its old mtime kept (``cp -p``, ``rsync -a``,
     ``tar x``, ``os.utime``): the ctime, which no user call can set back, and the inode (a file moved over
@@ -586,7 +680,7 @@ def _file_key(p: Path, *parts: str) -> str:
         ident = [str(st.st_size), str(st.st_mtime_ns), str(st.st_ctime_ns), str(st.st_ino)]
     except OSError:  # a broken symlink (or a file gone since discovery): decoding reports it as unreadable
         ident = ["missing", ""]
-    raw = "|".join([str(p), *ident, *parts])
+    raw = "|".join([str(p), *ident, f"reader{_READER_VERSION}", *parts])
     return hashlib.sha256(os.fsencode(raw)).hexdigest()[:32]
 
 
@@ -964,13 +1058,18 @@ def _write_pixels(items: ItemSet, work: Path) -> None:
 
 def _cached_embedding(f: Path, n: int) -> np.ndarray | None:
     """The cached embeddings ``f`` of a file's ``n`` items, or None when there are none, or they are not
-    whole (written without fsync: a crash may leave a short file) or not one finite row per item."""
-    if not f.exists():
-        return None
+    whole (written without fsync: a crash may leave a short file), fail their checksum (:func:`_load_checked`;
+    a warning names the file), have no checksum (written by an earlier version: embedded again, once) or are
+    not one finite row per item."""
     try:
-        emb = np.load(f, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        logger.warning("embedding again: cached embeddings %s unreadable (%s)", f, exc, extra=_RUN_ONLY)
+        emb = _load_checked(f)
+    except FileNotFoundError:
+        return None
+    except _NoChecksum:
+        logger.debug("embedding again: cached embeddings %s have no checksum (an earlier version's)", f)
+        return None
+    except _DamagedEntry as exc:
+        logger.warning("embedding again: cached embeddings %s", exc, extra=_RUN_ONLY)
         return None
     if emb.ndim != 2 or len(emb) != n or not np.issubdtype(emb.dtype, np.floating) or not np.isfinite(emb).all():
         logger.warning("embedding again: cached embeddings %s hold %s %s for %d items", f, emb.shape, emb.dtype, n,
@@ -1020,9 +1119,7 @@ def _embed_items(
         pos = 0
         for i, px in pending:
             out[i] = emb[pos : pos + len(px)]
-            buf = _io.BytesIO()
-            np.save(buf, out[i])
-            _atomic_bytes(emb_files[i], buf.getvalue(), durable=False)  # (checked when read: _cached_embedding)
+            _save_checked(emb_files[i], out[i], durable=False)  # (checked when read: _cached_embedding)
             pos += len(px)
         bar.update(len(pending))
         pending, pending_n = [], 0
@@ -1780,13 +1877,80 @@ def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
     for f in stale:
         f.unlink()
     for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
-        if d.is_dir() and re.fullmatch(r"shards(_(hflip|vflip|hvflip|flip\d+|shift\d+))?", d.name):
+        if not _SHARD_FOLDER.fullmatch(d.name) or not d.is_dir():
+            continue
+        if _audit_shards(d):
             shutil.rmtree(d, ignore_errors=True)
+        else:  # (a folder of the user's that has the name: a probe's data/shards of training images was deleted)
+            logger.info("leaving %s alone: it holds files that are not all-pairs checkpoints", d)
 
 
-def _stage_state(work: Path, fingerprint: dict) -> bool:
+#: The folders a Dask search keeps its shards in (OUT/shards, and OUT/shards_<variant> for each flip or shift
+#: searched, :func:`_search_variants`), and the files it writes there (distributed's ``allpairs-<job>.json``
+#: manifests and ``allpairs-<job>-<shard>.npz`` results, and their temporaries ``.<name>.<random>.tmp``). A
+#: folder of that name holding anything else is not the audit's: it is neither removed nor left out of the inputs.
+_SHARD_FOLDER = re.compile(r"shards(_(hflip|vflip|hvflip|flip\d+|shift\d+))?")
+_CHECKPOINT_FILE = re.compile(r"\.?allpairs-[0-9a-f]+(-[\w.-]+)?\.(json|npz)(\.\w+\.tmp)?")
+
+
+def _audit_shards(d: Path) -> bool:
+    """Whether folder ``d`` holds nothing but a Dask search's checkpoint files (:data:`_CHECKPOINT_FILE`; an
+    empty folder too): the audit's to remove and to leave out of its inputs. A link is never the audit's."""
+    try:
+        return (d.is_dir() and not d.is_symlink()
+                and all(_CHECKPOINT_FILE.fullmatch(f.name) and f.is_file() and not f.is_symlink()
+                        for f in d.iterdir()))
+    except OSError:
+        return False
+
+
+def _refuse_foreign_files(out: Path, *, owned: bool, shard_folders: Sequence[str]) -> None:
+    """ValueError, before any work, where the audit would overwrite or remove files it did not write.
+
+    ``owned``: whether ``out`` was an audit's output folder before this run (:func:`_is_audit_out`, checked
+    before this run's lock file makes it one). In an audit's OUT the audit's outputs and OUT/work are its own
+    to replace; in any other folder (a project folder given as --out) files of those names are the user's: the
+    audit's outputs (matches.csv, ..., and evaluation.json, which it removes), and anything in OUT/work, where
+    it keeps its stores and removes stale ones. ``shard_folders``: the shard folders a Dask search of this run
+    writes (empty without Dask); one that holds other files than all-pairs checkpoints is refused in any OUT."""
+    problems = []
+    if not owned and out.is_dir():
+        theirs = [n for n in _OUTPUT_FILES if os.path.lexists(out / n)]
+        work = out / "work"
+        if os.path.lexists(work) and not work.is_dir():
+            theirs.append("work (a file; the audit keeps its stores in a folder of that name)")
+        elif work.is_dir():
+            try:
+                inside = sorted(q.name for q in work.iterdir())
+            except OSError as exc:
+                inside = [f"(unreadable: {one_line(exc)})"]
+            if inside:
+                more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+                theirs.append(f"work/{inside[0]}{more} (the audit keeps its stores in OUT/work and removes stale ones)")
+        if theirs:
+            problems.append(f"{out} is not an audit's output folder (it holds no {_LOCK_FILE}, work/state.json, or "
+                            f"summary.json beside matches.csv), but it holds files of the names the audit writes or "
+                            f"removes there: {', '.join(theirs)}")
+    for name in shard_folders:
+        d = out / name
+        if os.path.lexists(d) and not _audit_shards(d):
+            try:
+                eg = next((q.name for q in d.iterdir() if not _CHECKPOINT_FILE.fullmatch(q.name)), None)
+            except OSError:
+                eg = None
+            problems.append(f"{d} holds files other than the all-pairs checkpoints that the search on Dask "
+                            f"(workers/scheduler) keeps there and removes when the configuration changes"
+                            + (f" (e.g. {eg})" if eg else ""))
+    if problems:
+        raise ValueError("; ".join(problems) + "; nothing was changed: move those files, or give another --out "
+                         "(out=): a new folder, or an earlier audit's")
+
+
+def _stage_state(work: Path, fingerprint: dict, *, owned: bool = True) -> bool:
     """Reset OUT/work when the configuration changed; record the fingerprint. True when OUT/work already
     belonged to this configuration (a resume: its pixel stores, where present, are this configuration's).
+    ``owned``: whether OUT was an audit's output folder before this run (:func:`_is_audit_out`); in one that
+    was not, nothing is removed (:func:`_refuse_foreign_files` refused files the audit would replace).
 
     When only the thresholds or bins changed, the search runs again (its class counts and histogram depend
     on them) but the pixel stores and the verified chunks are kept (True): they are the same items, and a
@@ -1832,15 +1996,14 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
         # stayed beside the new outputs as if it scored them. The same for a work folder without its
         # state.json: its search and verified chunks were reused under other options (matches.csv with flips
         # and 5 ranks beside a summary saying no flips and k = 3)
-        old_outputs = [work.parent / n for n in _OUTPUT_FILES if (work.parent / n).exists()]
-        if old_outputs:
-            logger.info("removing the outputs of an earlier run in %s (no record of its configuration in "
-                        "%s): %s", work.parent, work, ", ".join(p.name for p in old_outputs))
-        if work.is_dir():
+        # (only in an audit's OUT: in a folder of the user's, files of these names are the user's, and a shards
+        # folder of training images was deleted without a word)
+        if owned:
+            old_outputs = [work.parent / n for n in _OUTPUT_FILES if (work.parent / n).exists()]
+            if old_outputs:
+                logger.info("removing the outputs of an earlier run in %s (no record of its configuration in "
+                            "%s): %s", work.parent, work, ", ".join(p.name for p in old_outputs))
             _clear_stage_files(work, keep_verified=False)
-        else:
-            for f in old_outputs:
-                f.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if not resumed:
         # the search variants' embeddings (work/<set>_vectors_<variant>.npy, see _variant_vectors) are kept
@@ -1855,10 +2018,12 @@ def _stage_state(work: Path, fingerprint: dict) -> bool:
 
 def _own_output_paths(out: Path, cache: Path) -> tuple[list[str], list[str]]:
     """(folders, files) the audit writes image-named files to, both as given and resolved: OUT/work (the
-    pixel and vector stores), OUT/shards*, the cache's items/ and embeddings/, OUT/histogram.png and
-    OUT/gallery.png. Not OUT itself: OUT may hold the inputs (the demo's OUT/data)."""
+    pixel and vector stores), OUT/shards* (those holding only checkpoints, :func:`_audit_shards`), the cache's
+    items/ and embeddings/, OUT/histogram.png and OUT/gallery.png. Not OUT itself: OUT may hold the inputs (the
+    demo's OUT/data)."""
     folders = [out / "work", cache / "items", cache / "embeddings"]
-    folders += [d for d in sorted(out.glob("shards*")) if re.fullmatch(r"shards(_\w+)?", d.name)]
+    # (a shards folder holding anything but the Dask search's checkpoints is not the audit's: its images are inputs)
+    folders += [d for d in sorted(out.glob("shards*")) if re.fullmatch(r"shards(_\w+)?", d.name) and _audit_shards(d)]
     files = [out / n for n in _OUTPUT_FILES if n.endswith(".png")]
 
     def both(ps: list[Path]) -> list[str]:
@@ -1957,34 +2122,89 @@ class OutputInUse(RuntimeError):
     """Another audit is writing to the same output folder."""
 
 
+#: The lock descriptors this process holds (:func:`_out_lock`). An flock belongs to the open file description,
+#: which a forked child shares: the decode workers (DataLoader processes, forked) kept OUT locked for ~5 s after
+#: the audit was killed (SIGKILL), until their watchdog ended them. Every forked child closes its copies at once
+#: (:func:`_close_locks_in_child`; closing a copy does not release the parent's lock, an unlock would); a spawned
+#: or exec'd one never has them (Python opens them close-on-exec).
+_LOCK_FDS: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` (on this machine) is running; None where that cannot be told."""
+    if os.name != "posix":  # (signal 0 is CTRL_C_EVENT on Windows)
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    except (OSError, ValueError, OverflowError):
+        return None
+    return True
+
+
 @contextlib.contextmanager
-def _out_lock(out: Path) -> Iterator[None]:
+def _out_lock(out: Path, command: str = "audit") -> Iterator[None]:
     """Hold an exclusive lock on ``out`` (``out/.deepssim_fast.lock``, an ``flock``) for one audit: two audits into
     one OUT (a rerun with other thresholds started beside the first) reset each other's work folder, and
     the survivor kept the other's counts under its own state, on every rerun. The second now stops at once,
-    naming the process that holds it. Where the file system has no locks (ENOLCK, some network mounts) the
-    audit goes on with a warning."""
+    naming the process that holds it (and saying so when that process is no longer running). ``command``:
+    ``"audit"`` or ``"evaluate"`` (which reads an audit's results and must not run beside an audit rewriting
+    them), recorded beside the process id. Where the file system has no locks (ENOLCK, some network mounts) the
+    audit goes on with a warning. Forked children do not keep the lock (:data:`_LOCK_FDS`)."""
     try:
         import fcntl
     except ImportError:  # (no flock: not a POSIX system)
         yield
         return
     fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    _LOCK_FDS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise OutputInUse(f"{out} is in use by another audit (process {holder}); wait for it to finish, or "
-                              "give another --out (out=)") from None
+            raise OutputInUse(_in_use(out, os.pread(fd, 64, 0).decode(errors="replace"), command)) from None
         except OSError as exc:
             logger.warning("could not lock %s (%s): do not run two audits into it at once", out, exc, extra=_RUN_ONLY)
         else:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, (f"{os.getpid()}" + ("" if command == "audit" else f" {command}") + "\n").encode(), 0)
         yield
     finally:
-        os.close(fd)  # (releases the lock)
+        if fd in _LOCK_FDS:  # (a forked child that came here has closed its copy already)
+            _LOCK_FDS.discard(fd)
+            os.close(fd)  # (releases the lock)
+
+
+def _in_use(out: Path, record: str, command: str) -> str:
+    """The error of ``command`` ("audit", "evaluate") finding ``out`` locked, from the lock file's ``record``
+    ("<pid>" of an audit, "<pid> evaluate" of an evaluation)."""
+    pid, _, what = record.strip().partition(" ")
+    holder = {("audit", "audit"): "another audit", ("audit", "evaluate"): "an evaluation",
+              ("evaluate", "audit"): "an audit", ("evaluate", "evaluate"): "another evaluation"}[
+        (command, "evaluate" if what.strip() == "evaluate" else "audit")]
+    alive = _pid_alive(int(pid)) if pid.isdigit() and int(pid) > 0 else None
+    if alive is False:  # (the lock outlived its process: a child of it still has the lock file open)
+        children = "its child processes" if what.strip() == "evaluate" else "its decode workers"
+        return (f"{out} is in use: its lock {out / _LOCK_FILE} is held by process {pid}, which is no longer running: "
+                f"{children} may still be exiting; retry in a few seconds")
+    if command == "evaluate":
+        return (f"{out} is in use by {holder} (process {pid or '?'}), which may be rewriting the results evaluate "
+                "reads; wait for it to finish, then evaluate again")
+    return f"{out} is in use by {holder} (process {pid or '?'}); wait for it to finish, or give another --out (out=)"
 
 
 _LOCK_FILE = ".deepssim_fast.lock"
@@ -2284,6 +2504,14 @@ def audit(
             where = "" if blocker == folder else f": {blocker} is not a directory"
             made = "is an existing file, not a folder" if blocker == folder else "cannot be made"
             raise ValueError(f"{what} {folder} {made}{where}; give a folder for {option}")
+    # whether OUT is an audit's, known before this run's lock file makes it one: only then are the files of the
+    # audit's names in it (outputs, OUT/work, shard folders) the audit's to replace or remove; in another folder
+    # files of those names are refused before any work, and left alone
+    owned = _is_audit_out(out)
+    dask = metric != "ssim" and (workers is not None or scheduler is not None)
+    shard_folders = ["shards"] + [f"shards_{v}" for v, _, _ in
+                                  _search_variants(metric, verify_flips, verify_shifts, spatial_dims)]
+    _refuse_foreign_files(out, owned=owned, shard_folders=shard_folders if dask else [])
     made = next((q for q in reversed((out, *out.parents)) if not q.exists()), None)  # (the topmost new folder)
     out.mkdir(parents=True, exist_ok=True)
     _lock_out(out, made)  # (before anything in OUT is touched: a second audit stops here)
@@ -2406,7 +2634,7 @@ def audit(
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": files_digest,
     }
-    resumed = _stage_state(work, fingerprint)
+    resumed = _stage_state(work, fingerprint, owned=owned)
     if metric != "embeddings":  # the pixel stores, only now that work/ belongs to this configuration
         for items in (tset, sset):  # (a resume keeps the stores it finished: 10^5 items are ~26 GB to rewrite)
             if not (resumed and _pixels_stored(items, work)):
@@ -2460,7 +2688,7 @@ def audit(
                        "item (k=%d)", k, len(tset), kk)
     search_file = work / "search.npz"
     variants = _search_variants(metric, verify_flips, verify_shifts, spatial_dims, sset.fit)
-    res = SearchResult.load(search_file) if search_file.exists() else None
+    res = _saved_search(search_file, len(sset), kk)
     if res is not None and variants and verify == "none" and res.transforms is None:
         # saved before the search recorded which transform gave each score (matches.csv's transform with
         # verify='none'): searched again (the shards of a Dask search are reused)
@@ -2726,7 +2954,7 @@ def _variant_vectors(
                                     bar=bar)
     f = work / f"{items.name}_vectors_{vname}.npy"
     try:
-        v = np.load(f)
+        v = _load_checked(f)  # (written without fsync, and checksummed: see _save_checked)
         if v.dtype == np.float32 and v.shape == items.vectors.shape and np.isfinite(v).all():
             if bar is not None:
                 bar.update(len(items))
@@ -2735,12 +2963,12 @@ def _variant_vectors(
                        extra=_RUN_ONLY)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, EOFError) as exc:
-        logger.warning("%s: unreadable (%s): embedding again", f, one_line(exc), extra=_RUN_ONLY)
+    except _NoChecksum:
+        logger.debug("%s has no checksum (an earlier version's): embedding again", f)
+    except _DamagedEntry as exc:
+        logger.warning("%s: embedding again", exc, extra=_RUN_ONLY)
     v = _transformed_vectors(items, fn, metric=metric, model=model, batch_size=batch_size, device=device, bar=bar)
-    buf = _io.BytesIO()
-    np.save(buf, v)
-    _atomic_bytes(f, buf.getvalue(), durable=False)  # (can always be embedded again)
+    _save_checked(f, v, durable=False)  # (can always be embedded again)
     return v
 
 
@@ -2851,7 +3079,10 @@ def _ssim_search(
     desc = f"ssim search {tag.rstrip('_')}".rstrip()
     for c, a in enumerate(tqdm(starts, desc=desc, disable=None if progress else True)):
         f = work / f"search_{tag}{c:05d}.npz"
-        if not f.exists():
+        nc = min(chunk_size, n - a)
+        z = _stage_arrays(f, {"scores": (nc, k), "indices": (nc, k), "counts": (bins,), "cc": (3,)},
+                          "searching that chunk again")
+        if z is None:
             block = np.asarray(sset.pixels[a : a + chunk_size])
             if transform is not None:
                 block = np.stack([np.ascontiguousarray(transform(img, a + j)) for j, img in enumerate(block)])
@@ -2863,31 +3094,61 @@ def _ssim_search(
                 raise RuntimeError("SSIM returned non-finite values in the all-pairs search")
             order = np.argsort(-m, axis=1, kind="stable")[:, :k]
             idx = np.clip(np.floor((m.astype(np.float64) + 1.0) / 2.0 * bins), 0, bins - 1).astype(np.int64)
-            _atomic_npz(
-                f,
-                scores=np.take_along_axis(m, order, axis=1),
-                indices=order.astype(np.int64),
-                counts=np.bincount(idx.ravel(), minlength=bins).astype(np.int64),
-                cc=np.bincount(label_of(m, thresholds).ravel(), minlength=3).astype(np.int64),
-            )
+            z = {
+                "scores": np.take_along_axis(m, order, axis=1),
+                "indices": order.astype(np.int64),
+                "counts": np.bincount(idx.ravel(), minlength=bins).astype(np.int64),
+                "cc": np.bincount(label_of(m, thresholds).ravel(), minlength=3).astype(np.int64),
+            }
+            _atomic_npz(f, **z)
             _chunk_hook("search", c)
-        with np.load(f) as z:
-            scores[a : a + chunk_size], indices[a : a + chunk_size] = z["scores"], z["indices"]
-            counts += z["counts"]
-            cc += z["cc"]
+        scores[a : a + chunk_size], indices[a : a + chunk_size] = z["scores"], z["indices"]
+        counts += z["counts"]
+        cc += z["cc"]
     return SearchResult(
         scores, indices, counts, edges, {nm: int(v) for nm, v in zip(LABELS, cc, strict=True)}
     )
 
 
-def _verified_for(f: Path, idx: np.ndarray) -> bool:
-    """Whether the verified chunk ``f`` exists and holds the candidates ``idx`` (a chunk kept from a run with
-    other thresholds or bins is reused only for the same top-k; one without its indices is computed again)."""
+def _stage_arrays(f: Path, shapes: dict[str, tuple[int, ...] | None], again: str) -> dict[str, np.ndarray] | None:
+    """The arrays ``shapes`` names (each of that shape; None: any) of the stage file ``f`` (an .npz under OUT/work),
+    read whole, or None when ``f`` is not there, or is unreadable (a disk error, a file cut short or changed in
+    place: every member of an .npz carries a CRC-32, checked as it is read) or holds other shapes: then a
+    warning names it and what is done instead (``again``: "searching that chunk again"), as for an unreadable
+    state.json, and the caller computes it anew (a damaged stage file stopped every rerun with a BadZipFile
+    traceback)."""
+    if not f.exists():
+        return None
     try:
-        with np.load(f) as z:
-            return "indices" in z.files and np.array_equal(z["indices"], idx)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return False
+        with np.load(f, allow_pickle=False) as z:
+            got = {name: np.asarray(z[name]) for name in shapes if name in z.files}
+        for name, shape in shapes.items():
+            if name not in got:
+                raise KeyError(f"no {name}")
+            if shape is not None and got[name].shape != shape:
+                raise ValueError(f"{name} of shape {got[name].shape}, expected {shape}")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("%s: unreadable (%s): %s", f, one_line(f"{type(exc).__name__}: {exc}"), again,
+                       extra=_RUN_ONLY)
+        return None
+    return got
+
+
+def _verified_chunk(f: Path, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(verified SSIM, transforms) of the verified chunk ``f`` if it is there, readable (:func:`_stage_arrays`)
+    and holds the candidates ``idx``; else None (a chunk kept from a run with other thresholds or bins is reused
+    only for the same top-k; one without its indices is computed again)."""
+    shape = tuple(np.shape(idx))
+    z = _stage_arrays(f, {"indices": None, "ssim": shape, "transform": shape}, "verifying that chunk again")
+    if z is None or not np.array_equal(z["indices"], idx):
+        return None
+    return z["ssim"], z["transform"]
+
+
+def _verified_for(f: Path, idx: np.ndarray) -> bool:
+    """Whether the verified chunk ``f`` exists, is readable and holds the candidates ``idx``
+    (:func:`_verified_chunk`)."""
+    return _verified_chunk(f, idx) is not None
 
 
 def _verify_indexed(
@@ -2949,7 +3210,8 @@ def _verify_all(
     for c, a in enumerate(tqdm(starts, desc="verify", disable=None if progress else True)):
         f = work / f"verify_{c:05d}.npz"
         idx = res.indices[a : a + chunk_size]
-        if not _verified_for(f, idx):
+        done = _verified_chunk(f, idx)
+        if done is None:
             rows = np.repeat(np.arange(a, a + len(idx)), k)
             extra = None
             if res.transforms is not None and variants:
@@ -2966,11 +3228,11 @@ def _verify_all(
                 backend=backend,
                 extra=extra,
             )
-            _atomic_npz(f, ssim=v.reshape(len(idx), k), transform=np.array(names).reshape(len(idx), k), indices=idx)
+            done = (v.reshape(len(idx), k), np.array(names).reshape(len(idx), k))
+            _atomic_npz(f, ssim=done[0], transform=done[1], indices=idx)
             _chunk_hook("verify", c)
-        with np.load(f) as z:
-            ver[a : a + chunk_size] = z["ssim"]
-            trans[a : a + chunk_size] = z["transform"].astype(object)
+        ver[a : a + chunk_size] = done[0]
+        trans[a : a + chunk_size] = done[1].astype(object)
     return ver, trans
 
 
@@ -3295,6 +3557,15 @@ def _resolver(ids: Sequence[str], paths: Sequence[str],
     return find
 
 
+def _evaluation_search(f: Path, d: Path) -> SearchResult:
+    """The audit's saved search ``f`` for :func:`evaluate`; an unreadable one is named, with the remedy."""
+    try:
+        return SearchResult.load(f)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{f}: unreadable ({type(exc).__name__}: {one_line(exc)}); run the audit into {d} again "
+                         "(it searches again), then evaluate") from exc
+
+
 def _warn_repeated_pairs(labels: Any, rows: Sequence[tuple], ti: Sequence[int], si: Sequence[int]) -> None:
     """A warning naming the lines of pairs labelled more than once (each row counts, so a pair labelled twice
     weighs twice, and one labelled two ways is both right and wrong); they were counted silently."""
@@ -3339,11 +3610,23 @@ def evaluate(
     are embedded again: the encoder the audit used (default: the file recorded in ``summary.json``), as a file
     or a loaded model; it must have the recorded hash, or be the same module (class, settings and weights) as
     the recorded one. ``batch_size``, ``device``: for that embedding.
+
+    ``audit_dir`` is locked while evaluate reads it and writes evaluation.json, with the lock an audit holds
+    (:func:`_out_lock`): run beside an audit rerun into the same folder, evaluate could write an evaluation.json
+    whose thresholds were not those of the summary.json beside it. It stops (:class:`OutputInUse`) while an
+    audit holds the folder, and an audit started while it runs stops the same way.
     """
     d = Path(audit_dir)
-    sfile = d / "summary.json"
-    if not sfile.is_file():
+    if not (d / "summary.json").is_file():
         raise FileNotFoundError(f"{d} is not an audit directory (no summary.json)")
+    with _out_lock(d, "evaluate"):
+        return _evaluate(d, labels, backend=backend, model=model, batch_size=batch_size, device=device)
+
+
+def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model: Any, batch_size: int,
+              device: Any) -> dict:
+    """:func:`evaluate` of the audit folder ``d``, whose lock the caller holds."""
+    sfile = d / "summary.json"
     try:
         summary = json.loads(sfile.read_text())
     except (OSError, ValueError) as exc:
@@ -3433,7 +3716,7 @@ def evaluate(
                                     spatial_dims, s_fit, all_mirrors)
         extra = None
         if variants and summary.get("format_version", 0) >= 5:  # (audits before format 5 verified without it)
-            found = SearchResult.load(stored("search.npz"))
+            found = _evaluation_search(stored("search.npz"), d)
             if found.transforms is not None:
                 by_pair = {(int(i), int(j)): str(tn) for i, (row, names) in enumerate(
                     zip(found.indices, found.transforms, strict=True)) for j, tn in zip(row, names, strict=True)}
@@ -3511,7 +3794,7 @@ def evaluate(
         # against 0.90140998 with high = 0.90140997), and evaluate then disagreed with the audit's own label.
         # (Other pairs keep the float64 score: the audit labelled none of them.)
         if (work / "search.npz").is_file():
-            found = SearchResult.load(stored("search.npz"))
+            found = _evaluation_search(stored("search.npz"), d)
             kept = {(int(i), int(j)): float(v) for i, (row, vals) in enumerate(zip(found.indices, found.scores,
                                                                                   strict=True))
                     for j, v in zip(row, vals, strict=True)}

@@ -3158,3 +3158,296 @@ def test_warnings_that_change_how_the_results_read_are_in_the_summary_and_report
     assert json.loads((tmp_path / "whole" / "summary.json").read_text())["warnings"] == warned
     plain = A.audit(ds["train"], ds["synth"] / "s04.npy", out=tmp_path / "plain", **kw)
     assert plain.summary["warnings"] == []
+
+
+def test_a_folder_of_the_users_named_shards_in_out_is_neither_removed_nor_left_out(ds: dict, tmp_path: Path) -> None:
+    """Found by a probe: an --out holding a folder named ``shards`` (or ``shards_<x>``) lost it without a word
+    (the audit took it for its Dask search's checkpoints), and when the audit read its images from that folder
+    they were first left out as "its own outputs": 0 % memorised where half the synthetic set are copies. A
+    shards folder is the audit's only when it holds nothing but all-pairs checkpoints now; this one's images are
+    audited, and the folder stays, also through a rerun with other settings (which clears the audit's own)."""
+    data = tmp_path / "data"
+    names = sorted(p.name for p in ds["train"].glob("*.npy"))
+    for i, name in enumerate(names):  # the sources of the two copies below are in data/shards
+        (data / ("shards" if i >= 7 else "other")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ds["train"] / name, data / ("shards" if i >= 7 else "other") / name)
+    synth = [ds["synth"] / n for n in ("s03.npy", "s04.npy", "s12.npy")]  # copies of mni_110, mni_134; a novel scan
+    kw = dict(metric="correlation", k=1, verify="none", out=data, progress=False)
+    r = A.audit(data, synth, **kw)
+    assert (r.summary["n_train"], r.summary["counts"]["duplicate"]) == (14, 2)
+    assert sorted(p.name for p in (data / "shards").iterdir()) == names[7:]
+    (data / "shards_vflip").mkdir()  # an earlier Dask search's checkpoints: the audit's, cleared on a change
+    (data / "shards_vflip" / "allpairs-0123456789abcdef.json").write_text("{}")
+    r2 = A.audit(data, synth, **dict(kw, k=2))
+    assert (r2.summary["n_train"], r2.summary["counts"]["duplicate"]) == (14, 2)
+    assert sorted(p.name for p in (data / "shards").iterdir()) == names[7:]
+    assert not (data / "shards_vflip").exists()
+
+
+def test_files_of_the_audits_names_in_a_folder_that_is_no_audits_are_refused_not_removed(
+        ds: dict, tmp_path: Path) -> None:
+    """Found by a probe: with --out a project folder, its evaluation.json, its work/search*.npz and its folders
+    shards/ and shards_hflip/ were deleted without a word (work/ always existed by the time the audit looked for
+    a "fresh OUT", so it took any OUT for an earlier audit's). Only an OUT that was an audit's before the run
+    (its lock file, work/state.json, or summary.json beside matches.csv) has files the audit may replace; in any
+    other folder files of those names are refused before any work, and so are shard folders of other files
+    where a Dask search would write its shards. Nothing is touched, and no lock file is left."""
+    proj = tmp_path / "proj"
+    (proj / "work").mkdir(parents=True)
+    (proj / "evaluation.json").write_text('{"mine": 1}')
+    np.savez(proj / "work" / "search1.npz", a=np.zeros(2))
+    mine = {p: p.read_bytes() for p in proj.rglob("*") if p.is_file()}
+    kw = dict(metric="correlation", k=1, verify="none", progress=False)
+    synth = ds["synth"] / "s04.npy"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(proj))} is not an audit's output folder .*: "
+                                         r"evaluation\.json, work/search1\.npz .*nothing was changed.*another --out"):
+        A.audit(ds["train"], synth, out=proj, **kw)
+    assert {p: p.read_bytes() for p in proj.rglob("*") if p.is_file()} == mine
+    # folders of the user's named shards*: left alone without Dask; refused where the Dask search would write
+    other = tmp_path / "other"
+    (other / "shards").mkdir(parents=True)
+    (other / "shards_hflip").mkdir()
+    (other / "shards" / "part-0001.parquet").write_bytes(b"PAR1")
+    (other / "shards_hflip" / "x.txt").write_text("notes")
+    A.audit(ds["train"], synth, out=other, **kw)
+    A.audit(ds["train"], synth, out=other, **dict(kw, k=2))  # (another configuration: the audit's files go)
+    assert (other / "shards" / "part-0001.parquet").read_bytes() == b"PAR1"
+    assert (other / "shards_hflip" / "x.txt").read_text() == "notes"
+    fresh = tmp_path / "fresh"
+    for d in ("shards", "shards_hflip"):
+        shutil.copytree(other / d, fresh / d)
+    with pytest.raises(ValueError, match=r"shards holds files other than the all-pairs checkpoints .*"
+                                         r"\(e\.g\. part-0001\.parquet\).*shards_hflip holds .*x\.txt"):
+        A.audit(ds["train"], synth, out=fresh, verify_flips=True, workers=1, **kw)
+    assert sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*")) == [
+        "shards", "shards/part-0001.parquet", "shards_hflip", "shards_hflip/x.txt"]
+
+
+def _zip_member_span(f: Path, member: str) -> tuple[int, int]:
+    """(offset, length) of the bytes of the stored (uncompressed) member ``member`` of the zip file ``f``."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(f) as z:
+        info = z.getinfo(member)
+    raw = f.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def _flip_byte(f: Path, at: int) -> None:
+    raw = bytearray(f.read_bytes())
+    raw[at] ^= 0x5A
+    f.write_bytes(bytes(raw))
+
+
+def test_a_damaged_search_or_verified_chunk_is_computed_again_with_a_warning(
+        ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a probe: a truncated work/search.npz, or a work/search_NNNNN.npz or verify_NNNNN.npz with bytes
+    flipped inside (the verified chunk's ssim.npy or transform.npy: only its indices were checked) stopped every
+    rerun with a zipfile.BadZipFile traceback. Each is treated as missing now, as an unreadable state.json is: a
+    warning names it (about the run, not in summary.json), that part is computed again, and the outputs are
+    those of the undamaged run."""
+    out = tmp_path / "o"
+    kw = dict(metric="ssim", k=2, chunk_size=3, out=out, progress=False)
+    A.audit(ds["train"], ds["synth"], **kw)
+    want = {n: (out / n).read_bytes() for n in DETERMINISTIC}
+    work = out / "work"
+
+    def rerun(damaged: Path) -> None:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+            r = A.audit(ds["train"], ds["synth"], **kw)
+        assert any(m.startswith(f"{damaged}: unreadable") for m in caplog.messages), caplog.messages
+        assert not any(str(damaged) in w for w in r.summary["warnings"])
+        for n, b in want.items():
+            assert (out / n).read_bytes() == b, n
+
+    search = work / "search.npz"
+    search.write_bytes(search.read_bytes()[: search.stat().st_size // 2])
+    rerun(search)
+    search.unlink()  # (the exact SSIM search then reads its chunks)
+    chunk = work / "search_00001.npz"
+    at, n = _zip_member_span(chunk, "scores.npy")
+    _flip_byte(chunk, at + n - 1)
+    rerun(chunk)
+    verified = work / "verify_00000.npz"
+    for member in ("ssim.npy", "transform.npy"):
+        at, n = _zip_member_span(verified, member)
+        _flip_byte(verified, at + n - 1)
+        rerun(verified)
+
+
+def _npy_data_span(f: Path) -> tuple[int, int]:
+    """(offset, length) of the array data of the .npy file ``f``."""
+    with open(f, "rb") as fh:
+        assert np.lib.format.read_magic(fh) == (1, 0)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        return fh.tell(), int(np.prod(shape)) * dtype.itemsize
+
+
+def test_damaged_embeddings_are_named_and_embedded_again_and_unchecked_ones_once(
+        ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a probe: the cached embeddings (cache/embeddings/*.npy) and a search variant's
+    (work/synth_vectors_<variant>.npy), written without fsync, were checked for shape and finiteness only: bytes
+    flipped in place (still a .npy) gave other matches without a word, and a zeroed data part stopped every
+    rerun with "train row 4 is all zeros", naming neither the file nor its image. Each carries a checksum now:
+    a damaged one is named in a warning and embedded again; one without a checksum (an earlier version's) is
+    embedded again without a warning, once."""
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small", input_size=32)
+    synth = [ds["synth"] / n for n in ("s00.npy", "s04.npy", "s12.npy")]
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    kw = dict(model=model, metric="deepssim", k=2, verify="none", verify_flips=True, out=out, cache_dir=cache,
+              progress=False)
+    A.audit(ds["train"], synth, **kw)
+    want = (out / "matches.csv").read_bytes()
+    embs = sorted((cache / "embeddings").glob("*.npy"))
+    assert len(embs) == 14 + 3
+    flipped, zeroed, unchecked = embs[2], embs[5], embs[8]
+    variant = out / "work" / "synth_vectors_hflip.npy"
+    for f in (flipped, variant):
+        at, n = _npy_data_span(f)
+        _flip_byte(f, at + n // 2)
+        np.load(f)  # (still a .npy)
+    at, n = _npy_data_span(zeroed)
+    raw = zeroed.read_bytes()
+    zeroed.write_bytes(raw[:at] + bytes(n) + raw[at + n :])
+    np.save(unchecked, np.load(unchecked))  # as an earlier version wrote it
+    (out / "work" / "search.npz").unlink()  # (the search runs again, and reads the variants' embeddings)
+    embedded: list[int] = []
+    real = A._embed
+    monkeypatch.setattr(A, "_embed", lambda images, *a, **k: embedded.append(len(images)) or real(images, *a, **k))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        r = A.audit(ds["train"], synth, **kw)
+    warned = [m for m in caplog.messages if "checksum" in m]
+    for f in (flipped, zeroed, variant):
+        assert sum(str(f) in m and "embedding again" in m for m in warned) == 1, (f, caplog.messages)
+    assert not any(str(unchecked) in m for m in caplog.messages)
+    assert not any("checksum" in w for w in r.summary["warnings"])
+    assert sum(embedded) == 3 + len(synth)  # the three files' items, and the synthetic items flipped
+    assert (out / "matches.csv").read_bytes() == want
+    embedded.clear()
+    (out / "work" / "search.npz").unlink()
+    A.audit(ds["train"], synth, **kw)  # each rewritten with its checksum: nothing is embedded again
+    assert embedded == [] and (out / "matches.csv").read_bytes() == want
+
+
+def test_a_new_reader_version_decodes_every_file_again(ds: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a probe: the item cache key had no version of the reader, so after an upgrade whose reader
+    refuses files it used to read (an RGB (H, W, 3) .npy), those files were still audited from their old cache
+    entries. The key carries the reader's version (_READER_VERSION) now: a new reader decodes every file again."""
+    synth = [ds["synth"] / n for n in ("s04.npy", "s12.npy")]
+    kw = dict(metric="correlation", k=1, verify="none", cache_dir=tmp_path / "cache", out=tmp_path / "o",
+              progress=False)
+    assert A.audit(ds["train"], synth, **kw).summary["n_synth"] == 2
+    real = A._decode_file
+
+    def new_reader(p: Path, mode: str, policy: SlicePolicy) -> tuple:
+        if p.name == "s12.npy":
+            raise DataError(f"{p}: refused by the new reader")
+        return real(p, mode, policy)
+
+    monkeypatch.setattr(A, "_decode_file", new_reader)
+    monkeypatch.setattr(A, "_READER_VERSION", A._READER_VERSION + 1)
+    r = A.audit(ds["train"], synth, **kw)
+    assert r.summary["n_synth"] == 1
+    assert [(s["path"], s["reason"]) for s in r.summary["skipped"]] == [(str(synth[1]),
+                                                                         f"{synth[1]}: refused by the new reader")]
+
+
+def test_a_killed_audits_decode_workers_do_not_keep_its_out_locked(tmp_path: Path) -> None:
+    """Found by a probe: the decode workers (forked DataLoader processes) inherited the audit's locked descriptor
+    of OUT/.deepssim_fast.lock, and an flock belongs to the open file, which they shared: after the audit was
+    killed (SIGKILL) they kept OUT locked for ~5 s, until their watchdog ended them, and a rerun was refused as
+    "in use by another audit" meanwhile. Forked children close their copies at once now: the lock goes with the
+    audit."""
+    import signal
+
+    from _checkout import PKG_ROOT
+
+    for kind in ("train", "synth"):
+        (tmp_path / kind).mkdir()
+        rng = np.random.default_rng(len(kind))
+        for i in range(60):
+            np.save(tmp_path / kind / f"{kind}{i:03d}.npy", rng.random((64, 64), dtype=np.float32))
+    code = """
+import importlib, sys, time
+A = importlib.import_module("deepssim_fast.audit")
+write = A._write_entry
+def slow(*args, **kw):  # (the decode workers stay busy)
+    print("decoding", flush=True)
+    time.sleep(0.05)
+    return write(*args, **kw)
+A._write_entry = slow
+A.audit(sys.argv[1], sys.argv[2], metric="ssim", out=sys.argv[3], decode_workers=2, progress=False)
+"""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([PKG_ROOT, os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "train"), str(tmp_path / "synth"), str(out)],
+                             stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "decoding", (tmp_path / "stderr.txt").read_text()
+        os.kill(p.pid, signal.SIGKILL)  # the audit alone (the OOM killer, kill -9), with its workers running
+        p.wait(timeout=30)
+        t0 = time.perf_counter()
+        while True:
+            try:
+                with A._out_lock(out):
+                    break
+            except A.OutputInUse as exc:
+                assert time.perf_counter() - t0 < 1.0, exc
+                time.sleep(0.02)
+    finally:
+        p.stdout.close()
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # (its workers, where any are left)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_lock_held_after_its_process_ended_is_said(ds: dict, tmp_path: Path) -> None:
+    """The message about a locked OUT named the process holding it; where that process is no longer running
+    (its children may still hold the lock: decode workers exiting), it says so, and to retry in a few seconds."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    fd = os.open(out / ".deepssim_fast.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{gone.pid}\n".encode())
+        with pytest.raises(A.OutputInUse, match=rf"held by process {gone.pid}, which is no longer running: its "
+                                                r"decode workers may still be exiting; retry in a few seconds"):
+            A.audit(ds["train"], ds["synth"], metric="ssim", k=1, out=out, progress=False)
+    finally:
+        os.close(fd)
+
+
+def test_evaluate_does_not_run_beside_an_audit_of_its_folder(ds: dict, tmp_path: Path) -> None:
+    """Found by a probe: evaluate took no lock, and run beside an audit rerun into the same folder it could
+    write an evaluation.json whose thresholds were not those of the summary.json beside it. It holds the
+    audit's lock now: beside a running audit it stops, naming the process, and writes nothing; an audit started
+    beside an evaluation stops too."""
+    out = tmp_path / "o"
+    kw = dict(metric="correlation", k=1, verify="none", out=out, progress=False)
+    A.audit(ds["train"], ds["synth"] / "s04.npy", **kw)
+    labels = _labels(tmp_path / "l.csv", ("mni_134.npy", "s04.npy", 1))
+    with A._out_lock(out):  # (an audit rerun in progress)
+        with pytest.raises(A.OutputInUse, match=rf"{re.escape(str(out))} is in use by an audit \(process "
+                                                rf"{os.getpid()}\).*then evaluate again"):
+            A.evaluate(out, labels)
+    assert not (out / "evaluation.json").exists()
+    with A._out_lock(out, "evaluate"):  # (an evaluation in progress)
+        with pytest.raises(A.OutputInUse, match=r"is in use by an evaluation \(process"):
+            A.audit(ds["train"], ds["synth"] / "s04.npy", **dict(kw, thresholds=(0.2, 0.3)))
+    r = A.evaluate(out, labels)
+    assert r["n"] == 1 and r["thresholds"] == [0.6, 0.85] and (out / "evaluation.json").exists()

@@ -1462,3 +1462,35 @@ def test_demo_without_its_data_leaves_no_empty_folders(monkeypatch, tmp_path: Pa
     with pytest.raises(ImportError):
         demo.build_demo_data(tmp_path / "data")
     assert not (tmp_path / "data" / "train").exists() and not (tmp_path / "data" / "synth").exists()
+
+
+def test_audit_into_a_folder_of_the_users_with_files_of_its_names_is_refused_in_one_line(
+        folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An --out that is no audit's (a project folder) lost its evaluation.json and work/search*.npz without a
+    word. They are refused now, before any work, in one line naming them and the way out; nothing is touched
+    (no lock file is left either). evaluate beside a running audit of its folder is one line too."""
+    from deepssim_fast.audit import _out_lock
+
+    proj = tmp_path / "proj"
+    (proj / "work").mkdir(parents=True)
+    (proj / "evaluation.json").write_text("{}")
+    (proj / "work" / "search1.npz").write_bytes(b"mine")
+    args = ["audit", "--train", str(folders["train"]), "--synth", str(folders["synth"]), "--metric", "correlation",
+            "--verify", "none", "-k", "1", "-q"]
+    assert main([*args, "--out", str(proj)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"deepssim-fast audit: error: {proj} is not an audit's output "
+                                                   "folder"), err
+    assert "evaluation.json, work/search1.npz" in err and "give another --out" in err
+    assert sorted(str(p.relative_to(proj)) for p in proj.rglob("*")) == ["evaluation.json", "work", "work/search1.npz"]
+    assert (proj / "evaluation.json").read_text() == "{}" and (proj / "work" / "search1.npz").read_bytes() == b"mine"
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    labels = tmp_path / "labels.csv"
+    labels.write_text("real_key,synth_key,label\nt055.npy,copy55.npy,1\n")
+    capsys.readouterr()
+    with _out_lock(out):  # (an audit rerun in progress)
+        assert main(["evaluate", "--audit", str(out), "--labels", str(labels)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"deepssim-fast evaluate: error: {out} is in use by an audit (process" in err
+    assert not (out / "evaluation.json").exists()
