@@ -844,13 +844,13 @@ def _decode_all(
             if err is not None:
                 if strict:
                     raise DataError(err)
-                logger.warning("skipping %s file %s", name, one_line(err), extra=_RUN_ONLY)
                 skipped.append((str(p), err))
+                _say_skipped(skipped, "skipping %s file %s", name, one_line(err))
                 continue
             if not arrs:
                 reason = no_slice_reason(p, policy)
                 skipped.append((str(p), reason))
-                logger.warning("skipping %s file %s", name, reason, extra=_RUN_ONLY)
+                _say_skipped(skipped, "skipping %s file %s", name, reason)
                 continue
             if pending_size is None:
                 pending_size = tuple(arrs[0].shape)
@@ -996,8 +996,8 @@ def _build_items(
             )
             if strict:
                 raise DataError(reason)
-            logger.warning("skipping %s item %s", name, one_line(reason), extra=_RUN_ONLY)
             skipped.append((str(p), reason))
+            _say_skipped(skipped, "skipping %s item %s", name, one_line(reason))
         if not keep.any():
             continue
         # (an entry from before format 7 has no fit offsets: _decode_all decodes its file again first)
@@ -1243,8 +1243,8 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
         except DataError as exc:
             if strict:
                 raise
-            logger.warning("skipping %s file %s", name, one_line(exc), extra=_RUN_ONLY)
             skipped.append((str(p), str(exc)))
+            _say_skipped(skipped, "skipping %s file %s", name, one_line(exc))
             continue
         named = _embedding_ids(p, len(a))
         if named is None and float(a.min()) >= 0:
@@ -1281,14 +1281,32 @@ def _load_embeddings(name: str, paths: Sequence[Path], *, strict: bool, width: i
     return ItemSet(name, ids, ps, idx, None, np.concatenate(vecs), n_files=len(paths), skipped=skipped)
 
 
+#: Skipped inputs named one by one in the log, per set; summary.json and the report list them all
+SKIPS_LOGGED = 10
+
+
+def _say_skipped(skipped: list, fmt: str, name: str, reason: str) -> None:
+    """The warning for the input just appended to ``skipped`` (one set's list), for its first
+    :data:`SKIPS_LOGGED` entries, then one line saying the rest are not named here (an audit with 7000 constant
+    or damaged files printed 7000 lines, again on every rerun)."""
+    n = len(skipped)
+    if n <= SKIPS_LOGGED:
+        logger.warning(fmt, name, reason, extra=_RUN_ONLY)
+    elif n == SKIPS_LOGGED + 1:
+        logger.warning("skipping more %s inputs; those past the first %d are not named here (summary.json's "
+                       "skipped and the report list every one)", name, SKIPS_LOGGED, extra=_RUN_ONLY)
+
+
 def _centred_rows(
-    pixels: np.ndarray, items: ItemSet, chunk: int = 256, *, fallback: np.ndarray | None = None
+    pixels: np.ndarray, items: ItemSet, chunk: int = 256, *, fallback: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pixels flattened, centred and L2-normalised (their cosine is the Pearson correlation).
 
-    ``pixels`` (n, *size) → (n, prod(size)) float32. The rows are computed in float64, ``chunk`` items at a
-    time but at most about ``_ROW_VOXELS`` voxels (whole volumes: one or two at a time; 256 MNI-sized ones
-    were a 17 GB float64 copy, and its temporaries as much again each); a row does not depend on the chunk.
+    ``pixels`` (n, *size) → (n, prod(size)) float32, into ``out`` when given (:func:`_row_store`: a file-backed
+    array, so that 10^5 items of 256×256 are not 27 GB of memory). The rows are computed in float64, ``chunk``
+    items at a time but at most about ``_ROW_VOXELS`` voxels (whole volumes: one or two at a time; 256 MNI-sized
+    ones were a 17 GB float64 copy, and its temporaries as much again each); a row does not depend on the chunk.
 
     A constant item has no such row: it takes the row of ``fallback`` at the same position when given (a
     transformed item whose shift left only background: the untransformed item's row), else it is an error
@@ -1296,7 +1314,8 @@ def _centred_rows(
     n = len(pixels)
     voxels = int(np.prod(pixels.shape[1:]))
     chunk = max(1, min(chunk, _ROW_VOXELS // max(1, voxels)))
-    out = np.empty((n, voxels), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, voxels), dtype=np.float32)
     for a in range(0, n, chunk):
         x = np.array(pixels[a : a + chunk], dtype=np.float64).reshape(min(chunk, n - a), -1)
         const = _constant_items(x)
@@ -2634,11 +2653,13 @@ def audit(
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": files_digest,
     }
+    t0 = time.perf_counter()
     resumed = _stage_state(work, fingerprint, owned=owned)
     if metric != "embeddings":  # the pixel stores, only now that work/ belongs to this configuration
         for items in (tset, sset):  # (a resume keeps the stores it finished: 10^5 items are ~26 GB to rewrite)
             if not (resumed and _pixels_stored(items, work)):
                 _write_pixels(items, work)
+    timings["stores"] = time.perf_counter() - t0  # (it fell between the timed phases: 4.5 s of 79 at 10^5 items)
 
     # ---- embed -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -2665,9 +2686,7 @@ def audit(
             device=device,
             progress=progress,
         )
-    elif metric == "correlation":
-        tset.vectors = _centred_rows(tset.pixels, tset)
-        sset.vectors = _centred_rows(sset.pixels, sset)
+    # (correlation: the centred rows are made where the search needs them, not on a rerun that reuses it)
     timings["embed"] = time.perf_counter() - t0
     _atomic_json(
         work / "items.json",
@@ -2724,6 +2743,10 @@ def audit(
         res.save(search_file)
     elif res is None:
         with contextlib.ExitStack() as stack:
+            if metric == "correlation":  # file-backed rows under OUT/work, removed after the search
+                for s in (tset, sset):
+                    s.vectors = _centred_rows(s.pixels, s, out=stack.enter_context(_row_store(work, s.name, s)))
+                stack.callback(lambda: setattr(tset, "vectors", None) or setattr(sset, "vectors", None))
             w, sch = workers, scheduler
             if workers is not None and variants:  # one embedded cluster for the plain search and every variant
                 from .distributed import cluster_client
@@ -2757,15 +2780,19 @@ def audit(
                 try:
                     for vname, tname, fn in variants:
                         bar.set_postfix_str(vname, refresh=False)
-                        vv = _variant_vectors(
-                            work, vname, sset, fn, metric=metric, model=model_obj, batch_size=batch_size,
-                            device=device, bar=bar,
-                        )
-                        rv = _cosine_search(
-                            tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend, progress=False,
-                            workers=w, scheduler=sch, shard_dir=out / f"shards_{vname}",
-                        )
-                        res = _merge_topk(res, rv, kk, tname)
+                        with contextlib.ExitStack() as vstack:  # (correlation: the variant's rows in a file)
+                            rows = (vstack.enter_context(_row_store(work, f"{sset.name}_{vname}", sset))
+                                    if metric == "correlation" else None)
+                            vv = _variant_vectors(
+                                work, vname, sset, fn, metric=metric, model=model_obj, batch_size=batch_size,
+                                device=device, bar=bar, rows_out=rows,
+                            )
+                            rv = _cosine_search(
+                                tset.vectors, vv, k=kk, thresholds=th, bins=bins, backend=backend,
+                                progress=False, workers=w, scheduler=sch, shard_dir=out / f"shards_{vname}",
+                            )
+                            res = _merge_topk(res, rv, kk, tname)
+                            del vv, rv, rows  # (before the next variant's: a third copy of the pixels otherwise)
                 finally:
                     bar.close()
         res.save(search_file)
@@ -2905,8 +2932,24 @@ def _search_offsets(s: int, spatial_dims: int) -> list[tuple[int, ...]]:
     return [tuple(sign * s if q == ax else 0 for q in range(3)) for ax in range(3) for sign in (-1, 1)]
 
 
+@contextlib.contextmanager
+def _row_store(work: Path, tag: str, items: ItemSet) -> Iterator[np.ndarray]:
+    """A file-backed float32 array (len(items), voxels) for a correlation search's centred rows, in
+    ``work/<tag>_rows.tmp.npy``, removed on exit: the search reads it a block at a time, so the rows are page
+    cache the system can drop rather than memory held (10^5 items of 256×256 were a 27 GB array)."""
+    f = work / f"{tag}_rows.tmp.npy"
+    shape = (len(items), int(np.prod(items.pixels.shape[1:])))
+    arr = np.lib.format.open_memmap(f, mode="w+", dtype=np.float32, shape=shape)
+    try:
+        yield arr
+    finally:
+        del arr
+        f.unlink(missing_ok=True)
+
+
 def _transformed_vectors(
-    items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any, bar: Any = None
+    items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any, bar: Any = None,
+    rows_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Search vectors of the items transformed image by image by ``fn`` (embeddings, or centred rows).
 
@@ -2920,7 +2963,7 @@ def _transformed_vectors(
     if metric == "correlation":
         voxels = int(np.prod(items.pixels.shape[1:]))
         step = max(1, min(step, _ROW_VOXELS // max(1, voxels)))
-        out = np.empty((n, voxels), dtype=np.float32)
+        out = np.empty((n, voxels), dtype=np.float32) if rows_out is None else rows_out
     parts = []
     for a in range(0, n, step):
         block = np.ascontiguousarray(
@@ -2944,14 +2987,14 @@ def _transformed_vectors(
 
 def _variant_vectors(
     work: Path, vname: str, items: ItemSet, fn: Any, *, metric: str, model: Any, batch_size: int, device: Any,
-    bar: Any = None,
+    bar: Any = None, rows_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`_transformed_vectors`, for ``deepssim`` kept in ``work/<set>_vectors_<vname>.npy`` (the
     embeddings of a search variant, reused by a rerun with other thresholds or bins, or a resume: embedding
     them is most of a flip/shift search). ``correlation`` rows are as large as the pixels: not kept."""
     if metric != "deepssim":
         return _transformed_vectors(items, fn, metric=metric, model=model, batch_size=batch_size, device=device,
-                                    bar=bar)
+                                    bar=bar, rows_out=rows_out)
     f = work / f"{items.name}_vectors_{vname}.npy"
     try:
         v = _load_checked(f)  # (written without fsync, and checksummed: see _save_checked)

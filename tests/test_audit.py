@@ -3451,3 +3451,65 @@ def test_evaluate_does_not_run_beside_an_audit_of_its_folder(ds: dict, tmp_path:
             A.audit(ds["train"], ds["synth"] / "s04.npy", **dict(kw, thresholds=(0.2, 0.3)))
     r = A.evaluate(out, labels)
     assert r["n"] == 1 and r["thresholds"] == [0.6, 0.85] and (out / "evaluation.json").exists()
+
+
+def test_correlation_rows_are_file_backed_made_only_for_a_search_and_removed(ds: dict, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A correlation audit held every item's centred row in memory (10^5 items of 256×256: 27 GB), made them
+    again on a rerun that reused the saved search, and with flips kept the previous variant's rows while
+    building the next. The rows are now file-backed under OUT/work (removed after the search), made only when
+    the search runs; the results are those of in-memory rows."""
+    made, searched = [], []
+    real_rows, real_search = A._centred_rows, A._cosine_search
+
+    def rows(pixels, items, *a, **kw):
+        made.append(items.name)
+        return real_rows(pixels, items, *a, **kw)
+
+    def search(t, s, **kw):
+        searched.append((isinstance(t, np.memmap), isinstance(s, np.memmap)))
+        return real_search(t, s, **kw)
+
+    monkeypatch.setattr(A, "_centred_rows", rows)
+    monkeypatch.setattr(A, "_cosine_search", search)
+    kw = dict(metric="correlation", k=3, verify="none", verify_flips=True, progress=False)
+    r = A.audit(ds["train"], ds["synth"], out=tmp_path / "o", **kw)
+    assert searched and all(t and s for t, s in searched), searched  # (the plain search and each flip's)
+    assert not list((tmp_path / "o" / "work").glob("*rows.tmp.npy"))
+    n_made = len(made)
+    assert n_made >= 2
+    # a rerun that reuses the saved search makes no rows
+    made.clear()
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "o", **kw)
+    assert made == []
+    # in-memory rows (the code before) give the same matches
+    monkeypatch.setattr(A, "_row_store", lambda work, tag, items: _in_memory(items))
+    r2 = A.audit(ds["train"], ds["synth"], out=tmp_path / "o2", **kw)
+    assert (r.out / "matches.csv").read_bytes() == (r2.out / "matches.csv").read_bytes()
+
+
+def _in_memory(items):
+    import contextlib
+
+    return contextlib.nullcontext(np.empty((len(items), int(np.prod(items.pixels.shape[1:]))), np.float32))
+
+
+def test_skipped_inputs_are_named_in_the_log_up_to_a_limit(tmp_path: Path, caplog) -> None:
+    """Every skipped input printed its own warning, with no cap (7000 lines for 7000 constant or damaged files,
+    again on every rerun); the first ones are named, then one line says the rest are in summary.json."""
+    tdir, sdir = tmp_path / "t", tmp_path / "s"
+    tdir.mkdir()
+    sdir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(tdir / f"t{i}.npy", rng.random((24, 24), dtype=np.float32))
+        np.save(sdir / f"s{i}.npy", rng.random((24, 24), dtype=np.float32))
+    n_bad = A.SKIPS_LOGGED + 5
+    for i in range(n_bad):
+        np.save(sdir / f"c{i:02d}.npy", np.full((24, 24), float(i), np.float32))  # constant: no correlation
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        r = A.audit(tdir, sdir, metric="correlation", k=2, verify="none", out=tmp_path / "o", progress=False)
+    named = [m for m in caplog.messages if m.startswith("skipping synth item")]
+    assert len(named) == A.SKIPS_LOGGED, named
+    assert sum("not named here" in m for m in caplog.messages) == 1
+    assert len(r.summary["skipped"]) == n_bad
