@@ -349,8 +349,8 @@ def run(quick: bool = False, append: bool = True, *, scale_n: int | None = None,
         log("  scale case skipped (" + ("--quick" if quick and scale_n is None else "--scale-n 0") + ")")
     if not quick and torch.cuda.is_available():  # (it sat under scale_n > 0: --scale-n 0 dropped it unsaid)
         rows += gpu_case(log=log)
-    elif torch.cuda.is_available():
-        log("  GPU case skipped (--quick)")
+    else:
+        log("  GPU case skipped (" + ("--quick" if quick else "no CUDA device") + ")")
     if append:
         append_markdown("all_pairs: exact cosine top-k + histogram" + (" (quick)" if quick else ""), rows,
                         comment="Unit-norm random embeddings, d=256, k=10. Ratios against faiss in the same "

@@ -272,9 +272,11 @@ def precision_tol(precision: str) -> float:
 
     ``"ieee"`` and ``"tf32x3"`` are exact to fp32 (SCORE_TOL). Rounding each input component to a format of
     unit roundoff u moves a dot product of unit rows by at most (2u + u²)·Σ|q_i t_i| ≤ 2u + u², plus fp32
-    accumulation: tf32 and fp16 have u = 2^-11, bf16 u = 2^-8.
+    accumulation: fp16 (10 stored bits, torch rounds to nearest) u = 2^-11, bf16 u = 2^-8; tf32 has fp16's
+    mantissa, but the tensor cores may truncate fp32 inputs to it (Triton's tf32 dot does not round unless asked
+    to): u = 2^-10.
     """
-    u = {"tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}.get(precision)
+    u = {"tf32": 2.0**-10, "fp16": 2.0**-11, "bf16": 2.0**-8}.get(precision)
     return SCORE_TOL if u is None else 2.0 * u + u * u + SCORE_TOL
 
 
@@ -290,7 +292,7 @@ def _host(a: Any) -> torch.Tensor:
 def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[str, int] | Sequence[int],
                      train: torch.Tensor, synth: torch.Tensor | None, *, tol: float,
                      thresholds: tuple[float, float] = (0.6, 0.85), hist_range: tuple[float, float] = (-1.0, 1.0),
-                     train_hits: Any = None, chunk: int = 4096) -> tuple[bool, float | None, str]:
+                     train_hits: Any = None, chunk: int | None = None) -> tuple[bool, float | None, str]:
     """Check an all-pairs result against the float64 cosines of every pair, ``chunk`` synthetic rows at a
     time on ``train``'s device (so a 10^5 × 10^5 result is checked in full on a GPU, never as one matrix).
 
@@ -300,11 +302,18 @@ def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[
     scores descend and indices are distinct per row; ``train_hits`` (if given) counts the rank-0 indices;
     the histogram and class counts account for every pair (self-pairs left out when ``synth`` is None), and
     each bin's (class's) count lies between the pairs whose cosine is in it by more than ``tol`` from its
-    edges and the pairs whose cosine is within ``tol`` of it.
+    edges and the pairs whose cosine is within ``tol`` of it, and so does every prefix of the bins (a pair can
+    move only to a bin its tolerance reaches: moving counts far away kept each bin within its own bounds).
+    ``chunk`` rows at a time (default: what a tenth of the device's free memory holds, at most 4096).
     Returns ``(ok, max score error, detail)``.
     """
     dev = train.device
     self_mode = synth is None
+    if chunk is None:  # (~10 float64 temporaries of chunk × n_train: ~30 GB at 4096 × 10^5)
+        chunk = 4096
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            chunk = int(max(64, min(4096, free // 10 // (10 * 8 * max(1, train.shape[0])))))
     t64 = torch.nn.functional.normalize(train.to(torch.float64), dim=1)
     q64 = t64 if self_mode else torch.nn.functional.normalize(synth.to(dev, torch.float64), dim=1)
     ns, nt = q64.shape[0], t64.shape[0]
@@ -327,6 +336,8 @@ def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[
     # in it (as a difference array: +1 at the lowest bin a pair may land in, -1 past the highest)
     sure = torch.zeros(bins, dtype=torch.int64, device=dev)
     maybe = torch.zeros(bins + 1, dtype=torch.int64, device=dev)
+    lowest = torch.zeros(bins, dtype=torch.int64, device=dev)  # pairs by the lowest bin they may land in
+    highest = torch.zeros(bins, dtype=torch.int64, device=dev)  # and by the highest
     sure_cc = torch.zeros(3, dtype=torch.int64, device=dev)
     maybe_cc = torch.zeros(4, dtype=torch.int64, device=dev)
     err = gap = 0.0
@@ -348,6 +359,8 @@ def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[
         b_hi = ((v + tol - lo) / width).floor().clamp(0, bins - 1).to(torch.int64)
         sure += torch.bincount(b_lo[b_lo == b_hi], minlength=bins)
         maybe += torch.bincount(b_lo, minlength=bins + 1) - torch.bincount(b_hi + 1, minlength=bins + 1)
+        lowest += torch.bincount(b_lo, minlength=bins)
+        highest += torch.bincount(b_hi, minlength=bins)
         c_lo = (v - tol > low).to(torch.int64) + (v - tol > high).to(torch.int64)  # 0 different, 1, 2 duplicate
         c_hi = (v + tol > low).to(torch.int64) + (v + tol > high).to(torch.int64)
         sure_cc += torch.bincount(c_lo[c_lo == c_hi], minlength=3)
@@ -357,6 +370,9 @@ def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[
     sure, maybe = sure.cpu(), maybe.cumsum(0)[:bins].cpu()
     sure_cc, maybe_cc = sure_cc.cpu().numpy(), maybe_cc.cumsum(0)[:3].cpu().numpy()
     bad_bins = torch.nonzero((cnt < sure) | (cnt > maybe)).flatten().tolist()
+    # bins 0..b hold at least the pairs whose highest reachable bin is <= b, at most those whose lowest is
+    cum, cum_lo, cum_hi = cnt.cumsum(0), highest.cumsum(0).cpu(), lowest.cumsum(0).cpu()
+    bad_prefix = torch.nonzero((cum < cum_lo) | (cum > cum_hi)).flatten().tolist()
     bad_cc = [c for c, n, a, b in zip(("different", "similar", "duplicate"), cc, sure_cc, maybe_cc, strict=True)
               if not a <= n <= b]
     hist_l1 = int((cnt - sure).abs().sum())
@@ -383,6 +399,10 @@ def verify_all_pairs(scores: Any, indices: Any, counts: Any, class_counts: dict[
         b = bad_bins[0]
         problems.append(f"histogram bin {b} counts {int(cnt[b]):,}, the float64 recount puts {int(sure[b]):,}–"
                         f"{int(maybe[b]):,} pairs there ({len(bad_bins)} bin(s) off)")
+    if bad_prefix and not bad_bins:
+        b = bad_prefix[0]
+        problems.append(f"histogram bins 0..{b} count {int(cum[b]):,} pairs, the float64 recount puts "
+                        f"{int(cum_lo[b]):,}–{int(cum_hi[b]):,} there (counts moved further than a tolerance)")
     if bad_cc:
         problems.append(f"class counts {cc.tolist()}, the float64 recount {sure_cc.tolist()}–{maybe_cc.tolist()} "
                         f"(off: {', '.join(bad_cc)})")

@@ -105,3 +105,25 @@ def like_input(result: torch.Tensor, original: Any) -> Any:
 
         return cupy.from_dlpack(result)
     return result.detach().cpu().numpy()
+
+
+def ieee_floats(fn: Any) -> Any:
+    """``fn`` run with flush-to-zero and denormals-are-zero cleared on the calling thread (the caller's mode
+    given back after, whatever happens): its numpy and torch work there computes with IEEE subnormals, as the
+    native loops do for theirs. With ``torch.set_flush_denormal(True)`` in force, the wide rows' block sums and
+    fold turned scores of ~1e-40 into 0, and their pairs changed class at a threshold of 0."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            from . import _native
+        except ImportError:  # (no extension: the torch engine follows the caller's mode)
+            return fn(*args, **kwargs)
+        saved = _native.ieee_floats_enter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _native.ieee_floats_exit(saved)
+
+    return run

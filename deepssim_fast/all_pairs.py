@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._arrays import check_readable, to_torch
+from ._arrays import check_readable, ieee_floats, to_torch
 from ._ssim_common import check_bool, check_count_or_none
 from ._atomic import atomic_write
 from .backends import BACKENDS
@@ -521,6 +521,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 # ------------------------------------------------------------------------------------------- public API
+@ieee_floats
 def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[float, float] = (0.6, 0.85),
               bins: int = 200, device: str | torch.device | None = None, backend: str | None = None,
               progress: bool = True, dense: bool = False, out: str | os.PathLike | None = None,

@@ -1881,7 +1881,7 @@ def _warn_undiscriminating_search(pair_counts: dict, n_train: int, n_synth: int,
 _FINGERPRINT_NAMES = {"v": "audit format", "chunk": "chunk size", "files": "input files", "train": "training items",
                       "synth": "synthetic items", "policy": "slice policy", "size": "item size",
                       "preprocess": "preprocessing version", "shifts": "verify shifts", "flips": "verify flips",
-                      "rotations": "verify rotations"}
+                      "rotations": "verify rotations", "reader": "image reader version"}
 
 
 def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
@@ -1900,6 +1900,9 @@ def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
             continue
         if _audit_shards(d):
             shutil.rmtree(d, ignore_errors=True)
+        elif d.is_symlink() and _audit_shards(d, linked=True):  # (a link to scratch: its checkpoints, not it)
+            for f in d.iterdir():
+                f.unlink(missing_ok=True)
         else:  # (a folder of the user's that has the name: a probe's data/shards of training images was deleted)
             logger.info("leaving %s alone: it holds files that are not all-pairs checkpoints", d)
 
@@ -1912,11 +1915,13 @@ _SHARD_FOLDER = re.compile(r"shards(_(hflip|vflip|hvflip|flip\d+|shift\d+))?")
 _CHECKPOINT_FILE = re.compile(r"\.?allpairs-[0-9a-f]+(-[\w.-]+)?\.(json|npz)(\.\w+\.tmp)?")
 
 
-def _audit_shards(d: Path) -> bool:
+def _audit_shards(d: Path, *, linked: bool = False) -> bool:
     """Whether folder ``d`` holds nothing but a Dask search's checkpoint files (:data:`_CHECKPOINT_FILE`; an
-    empty folder too): the audit's to remove and to leave out of its inputs. A link is never the audit's."""
+    empty folder too): the audit's to remove and to leave out of its inputs. A link is never the audit's to
+    remove; ``linked=True`` asks only whether the search may write into it (OUT/shards linked to a scratch disk:
+    its checkpoint files are replaced there, the link and its folder stay)."""
     try:
-        return (d.is_dir() and not d.is_symlink()
+        return (d.is_dir() and (linked or not d.is_symlink())
                 and all(_CHECKPOINT_FILE.fullmatch(f.name) and f.is_file() and not f.is_symlink()
                         for f in d.iterdir()))
     except OSError:
@@ -1952,7 +1957,7 @@ def _refuse_foreign_files(out: Path, *, owned: bool, shard_folders: Sequence[str
                             f"removes there: {', '.join(theirs)}")
     for name in shard_folders:
         d = out / name
-        if os.path.lexists(d) and not _audit_shards(d):
+        if os.path.lexists(d) and not _audit_shards(d, linked=True):
             try:
                 eg = next((q.name for q in d.iterdir() if not _CHECKPOINT_FILE.fullmatch(q.name)), None)
             except OSError:
@@ -2189,7 +2194,14 @@ def _out_lock(out: Path, command: str = "audit") -> Iterator[None]:
     except ImportError:  # (no flock: not a POSIX system)
         yield
         return
-    fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    writable = True
+    try:
+        fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        # another user's lock file in a shared, group-writable folder: flock works on a read-only descriptor
+        # (evaluate then failed at the lock before any work, though it could write evaluation.json)
+        fd = os.open(out / _LOCK_FILE, os.O_RDONLY)
+        writable = False
     _LOCK_FDS.add(fd)
     try:
         try:
@@ -2199,8 +2211,9 @@ def _out_lock(out: Path, command: str = "audit") -> Iterator[None]:
         except OSError as exc:
             logger.warning("could not lock %s (%s): do not run two audits into it at once", out, exc, extra=_RUN_ONLY)
         else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (f"{os.getpid()}" + ("" if command == "audit" else f" {command}") + "\n").encode(), 0)
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (f"{os.getpid()}" + ("" if command == "audit" else f" {command}") + "\n").encode(), 0)
         yield
     finally:
         if fd in _LOCK_FDS:  # (a forked child that came here has closed its copy already)
@@ -2218,8 +2231,11 @@ def _in_use(out: Path, record: str, command: str) -> str:
     alive = _pid_alive(int(pid)) if pid.isdigit() and int(pid) > 0 else None
     if alive is False:  # (the lock outlived its process: a child of it still has the lock file open)
         children = "its child processes" if what.strip() == "evaluate" else "its decode workers"
-        return (f"{out} is in use: its lock {out / _LOCK_FILE} is held by process {pid}, which is no longer running: "
-                f"{children} may still be exiting; retry in a few seconds")
+        # (or the holder runs on another machine or in another container sharing this folder, where its process
+        # id means nothing here: then it is running, and the lock is not stale)
+        return (f"{out} is in use: its lock {out / _LOCK_FILE} is held by process {pid}, which is not running on "
+                f"this machine. If {holder} into it runs on another machine or container, wait for it to finish; "
+                f"otherwise {children} may still be exiting: retry in a few seconds")
     if command == "evaluate":
         return (f"{out} is in use by {holder} (process {pid or '?'}), which may be rewriting the results evaluate "
                 "reads; wait for it to finish, then evaluate again")
@@ -2291,6 +2307,9 @@ def _collecting_warnings(fn: Callable[..., Any]) -> Callable[..., Any]:
     their cause: a .dcm file deleted before the rerun leaves the files audited, and so the resume, the same.)"""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from .io import reset_warnings
+
+        reset_warnings()  # (each audit names its own files of the kind io says a few of)
         log = _WarningLog()
         loggers = [logging.getLogger(name) for name in _REPORTED_LOGGERS]
         for lg in loggers:
@@ -2652,6 +2671,7 @@ def audit(
         **({"preprocess": _preprocess_version()} if metric == "deepssim" else {}),  # (its embeddings' version)
         # file identities (path, size, mtime, ctime, inode, policy): a changed file invalidates the saved search
         "files": files_digest,
+        "reader": _READER_VERSION,  # (named in the message when it changes, rather than 'input files' alone)
     }
     t0 = time.perf_counter()
     resumed = _stage_state(work, fingerprint, owned=owned)
@@ -2937,10 +2957,11 @@ def _row_store(work: Path, tag: str, items: ItemSet) -> Iterator[np.ndarray]:
     """A file-backed float32 array (len(items), voxels) for a correlation search's centred rows, in
     ``work/<tag>_rows.tmp.npy``, removed on exit: the search reads it a block at a time, so the rows are page
     cache the system can drop rather than memory held (10^5 items of 256×256 were a 27 GB array)."""
-    f = work / f"{tag}_rows.tmp.npy"
+    f = work / f".{tag}_rows.tmp"  # (a temporary's name: a killed run's is removed at the next start)
     shape = (len(items), int(np.prod(items.pixels.shape[1:])))
     arr = np.lib.format.open_memmap(f, mode="w+", dtype=np.float32, shape=shape)
     try:
+        reserve(f)  # (a sparse file on a full disk: SIGBUS at the first write to a page, not a Python error)
         yield arr
     finally:
         del arr

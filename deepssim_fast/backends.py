@@ -28,7 +28,8 @@ ENV_VAR = "DEEPSSIM_FAST_BACKEND"
 _INSTALL_HINT = {
     "native": "the C++ extension deepssim_fast._native did not import; reinstall the package from source "
     "(`pip install -e .` needs a C++17 compiler and pybind11)",
-    "triton": "Triton needs an NVIDIA GPU with a CUDA build of torch and `pip install triton` "
+    "triton": "Triton needs an NVIDIA GPU with a CUDA build of torch, which brings it (else `pip install "
+    "\"deepssim_fast[gpu]\"`) "
     "(on a CPU, set TRITON_INTERPRET=1 to run kernels in the interpreter, for tests only)",
     "torch": "install torch",
 }
@@ -42,19 +43,29 @@ _NATIVE_MISSING_SAID = False
 
 
 def _native():
-    global _NATIVE_MISSING_SAID
     try:
         return importlib.import_module("deepssim_fast._native")
     except ImportError as exc:
-        # said once, as a warning: the CPU work then runs on the torch engine, 20-300x slower, and nothing else
-        # showed it (a source tree shadowing an installed package, a wheel built for a newer glibc)
-        if not _NATIVE_MISSING_SAID:
-            _NATIVE_MISSING_SAID = True
-            warnings.warn(f"deepssim_fast: the C++ extension deepssim_fast._native did not import ({exc}); CPU "
-                          f"work runs on the much slower torch engine. {_INSTALL_HINT['native']}. "
-                          "`deepssim-fast doctor` shows what this machine can use.", RuntimeWarning, stacklevel=2)
         logger.debug("native extension unavailable: %s", exc)
         return None
+
+
+def _say_native_missing() -> None:
+    """Once per process, where the engine is chosen for the caller (no backend asked for) and the native one
+    cannot run: the CPU work then runs on the torch engine, 20-300x slower, and nothing else showed it (a
+    source tree shadowing an installed package, a wheel built for a newer glibc)."""
+    global _NATIVE_MISSING_SAID
+    if _NATIVE_MISSING_SAID:
+        return
+    _NATIVE_MISSING_SAID = True
+    try:
+        importlib.import_module("deepssim_fast._native")
+        return
+    except ImportError as exc:
+        why = str(exc)
+    warnings.warn(f"deepssim_fast: its C++ extension did not import ({why}), so CPU work runs on the torch engine, "
+                  f"much slower: reinstall the package from source (`pip install -e .` needs a C++17 compiler and "
+                  f"pybind11); `deepssim-fast doctor` shows what this machine can use", RuntimeWarning, stacklevel=4)
 
 
 def triton_interpret() -> bool:
@@ -237,4 +248,6 @@ def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "n
         return "triton" if "triton" in supported and available("triton") else "torch"
     if cpu_default in supported and available(cpu_default):
         return cpu_default
+    if cpu_default == "native":
+        _say_native_missing()
     return "torch"

@@ -422,6 +422,12 @@ def run_demo(
         # (an audit's OUT from another command: the demo's audit replaced its matches, summary and report)
         raise ValueError(f"{out} holds the outputs of another audit (summary.json, and no demo data): the demo "
                          "would replace them; give --out a new folder, or an earlier demo's")
+    # the audit's own refusal of a folder that is no audit's but holds files of its output names or a work
+    # folder, said before the data and the encoder (~3 min) rather than at the audit
+    import importlib
+
+    _audit = importlib.import_module(".audit", __package__)  # (the module: the package's ``audit`` is the function)
+    _audit._refuse_foreign_files(out, owned=_audit._is_audit_out(out), shard_folders=[])
     if progress:  # (the data take ~20 s on 2 cores with no bar of their own: say what is happening)
         print(f"demo: building the data under {out / 'data'}: slices of the MNI152 template, planted copies, "
               "near-copies and novel slices, their truth measured by exact SSIM ...", file=sys.stderr, flush=True)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import glob
 import io
 import logging
+import contextvars
 import os
 import re
 import struct
@@ -103,15 +104,23 @@ _WARNED: dict[str, int] = {}
 _WARN_MAX = 5
 
 
+def reset_warnings() -> None:
+    """Start the counts of :func:`_warn_few` again (an audit does, so that each names its own files)."""
+    _WARNED.clear()
+
+
 def _warn_few(kind: str, message: str) -> None:
     """A warning of kind ``kind``, said for the first ``_WARN_MAX`` files in this process and then once more
     to say that further ones are not (a collection of 10^5 such files would print 10^5 lines)."""
     n = _WARNED.get(kind, 0)
     _WARNED[kind] = n + 1
+    # (said while decoding: an audit reading its item cache, or decoding in worker processes, does not say it
+    # again, so it is left out of the audit's summary.json, which a rerun must reproduce)
+    quiet = {"audit_result": False}
     if n < _WARN_MAX:
-        logger.warning("%s", message)
+        logger.warning("%s", message, extra=quiet)
     elif n == _WARN_MAX:
-        logger.warning("%s (further files like this are not named)", message)
+        logger.warning("%s (further files like this are not named)", message, extra=quiet)
 
 
 def _has_magic(s: str) -> bool:
@@ -161,7 +170,8 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
         return
     for e in entries:
         if not hidden and e.name.startswith("."):
-            if hidden_out is not None and image_kind(Path(e.name)) is not None:
+            # (macOS's ._name companions are metadata, not images: not worth a word)
+            if hidden_out is not None and not e.name.startswith("._") and image_kind(Path(e.name)) is not None:
                 hidden_out.append(e.path)
             continue
         yield e.path
@@ -210,10 +220,22 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: S
     if other:
         _warn_other_formats(p, other)
     hidden = [h for h in hidden if not _under(Path(h), outputs)]
-    if hidden:  # (left out by design, as a glob's * leaves them out, but said: a .scan.npy vanished unseen)
-        logger.warning("%s: %d hidden image-named file(s) (names starting with '.') left out, e.g. %s; rename "
-                       "them or name them explicitly to include them", p, len(hidden), hidden[0])
+    if hidden:  # (left out by design, as a glob's * leaves them out, but said once per discover(): _HIDDEN)
+        log = _HIDDEN.get()
+        if log is not None:
+            log.extend(hidden)
+        else:
+            _say_hidden(hidden)
     return found
+
+
+# the hidden image-named files the searches of one discover() call left out, said there once
+_HIDDEN: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("_HIDDEN", default=None)
+
+
+def _say_hidden(hidden: list[str]) -> None:
+    logger.warning("%d hidden image-named file(s) (names starting with '.') left out of the folder search, e.g. "
+                   "%s; rename them, or name them explicitly, to include them", len(hidden), hidden[0])
 
 
 def _warn_other_formats(where: Any, other: dict[str, int]) -> None:
@@ -314,7 +336,8 @@ def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[
     if p.is_dir():
         found = _search_dir(p, outputs=outputs)
         if not found:
-            hidden = [h for h in _walk(os.fspath(p)) if Path(h).name.startswith(".") and image_kind(Path(h))]
+            hidden = [h for h in _walk(os.fspath(p)) if Path(h).name.startswith(".") and image_kind(Path(h))
+                      and not Path(h).name.startswith("._")]
             note = (f" (only hidden ones, names starting with '.', which a search leaves out, e.g. {hidden[0]}; "
                     "rename them or name them explicitly)" if hidden else "")
             raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files{note}")
@@ -351,8 +374,15 @@ def discover(spec: Spec, *, outputs: Sequence[str | os.PathLike] = ()) -> list[P
         raise ValueError("empty input specification: give a directory, a glob pattern or files")
     own = [os.path.abspath(os.fspath(d)) for d in outputs]
     out: set[Path] = set()
-    for it in items:
-        out.update(Path(os.path.abspath(q)) for q in _discover_one(it, own))
+    hidden: list[str] = []
+    token = _HIDDEN.set(hidden)
+    try:
+        for it in items:
+            out.update(Path(os.path.abspath(q)) for q in _discover_one(it, own))
+    finally:
+        _HIDDEN.reset(token)
+    if hidden:
+        _say_hidden(hidden)
     if not out:
         raise ValueError(f"{spec!r}: no image files found")
     return sorted(out, key=lambda q: str(q))

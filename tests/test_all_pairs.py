@@ -1642,3 +1642,18 @@ def test_results_do_not_depend_on_the_callers_flush_to_zero_mode() -> None:
     assert np.array_equal(got.scores.view(np.int32), want.scores.view(np.int32))
     assert np.array_equal(got.indices, want.indices) and got.class_counts == want.class_counts
     assert np.array_equal(got.histogram[0], want.histogram[0])
+    # rows wider than 16384 components: their block sums and fold run in numpy/torch on the calling thread
+    wide_t = np.zeros((30, 16388), np.float32)
+    wide_s = np.zeros((20, 16388), np.float32)
+    wide_t[:, :8], wide_s[:, :8] = tr[:30], sy[:20]
+    want = all_pairs(wide_t, wide_s, k=3, thresholds=(0.0, 0.5), bins=4, progress=False)
+    assert np.count_nonzero(want.scores.view(np.int32) & 0x7FFFFFFF) > 0
+    assert torch.set_flush_denormal(True)
+    try:
+        got = all_pairs(wide_t, wide_s, k=3, thresholds=(0.0, 0.5), bins=4, progress=False)
+        still_flushing = float(np.float32(1e-40) * np.float32(3.0)) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert still_flushing
+    assert np.array_equal(got.scores.view(np.int32), want.scores.view(np.int32))
+    assert np.array_equal(got.indices, want.indices) and got.class_counts == want.class_counts

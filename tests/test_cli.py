@@ -1439,6 +1439,7 @@ def test_demo_into_another_audits_folder_is_refused(monkeypatch, tmp_path: Path,
     assert calls == [] and (other / "summary.json").read_text() == "{}"
     (other / "data").mkdir()
     (other / "data" / "ground_truth.csv").write_text("synth,kind\n")  # an earlier demo's folder
+    (other / "matches.csv").write_text("")  # (its audit's outputs: summary.json beside matches.csv)
     assert main(["demo", "--out", str(other), "--train-seconds", "0", "-q"]) == 130  # (reached the data stage)
     assert calls == [1]
 
@@ -1494,3 +1495,16 @@ def test_audit_into_a_folder_of_the_users_with_files_of_its_names_is_refused_in_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"deepssim-fast evaluate: error: {out} is in use by an audit (process" in err
     assert not (out / "evaluation.json").exists()
+
+
+def test_demo_into_a_folder_the_audit_would_refuse_is_refused_before_the_data(tmp_path: Path) -> None:
+    """A review found the demo ran its data (~20 s) and encoder (~150 s) into a folder holding a report.html or
+    a work folder of the user's, and only then had the audit refuse it; it is refused first now."""
+    from deepssim_fast import demo
+
+    out = tmp_path / "proj"
+    (out / "work").mkdir(parents=True)
+    (out / "work" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not an audit's output folder"):
+        demo.run_demo(out, train_seconds=0, progress=False)
+    assert not (out / "data").exists()

@@ -556,8 +556,13 @@ def test_a_missing_native_extension_is_said_once_as_a_warning(monkeypatch) -> No
 
     monkeypatch.setitem(sys.modules, "deepssim_fast._native", None)  # (import: ImportError)
     monkeypatch.setattr(backends, "_NATIVE_MISSING_SAID", False)
-    with pytest.warns(RuntimeWarning, match=r"_native did not import .* much slower torch engine.*doctor"):
+    monkeypatch.delenv("DEEPSSIM_FAST_BACKEND", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (not where the caller asks, as doctor does, or names an engine)
         assert backends.available("native") is False
+        assert backends.resolve("torch", [np.zeros(3)]) == "torch"
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ extension did not import .* torch engine, much slower.*doctor"):
+        assert backends.resolve(None, [np.zeros(3)]) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.available("native") is False  # once
+        assert backends.resolve(None, [np.zeros(3)]) == "torch"  # once

@@ -1128,13 +1128,21 @@ def test_hidden_images_left_out_of_a_search_are_named(tmp_path: Path, caplog) ->
     vanished without a word; and a folder holding only hidden images was said to hold no image files."""
     import logging
 
-    for name in ("a.npy", ".scan.npy", "sub/._b.npy"):
+    for name in ("a.npy", ".scan.npy", "sub/.c.npy", "sub/._b.npy", "sub2/.e.npy", "sub2/f.npy", "sub3/g.npy",
+                 "sub3/.h.npy"):
         (tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
         np.save(tmp_path / "d" / name, np.ones((8, 8), np.float32))
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.io"):
-        assert discover(tmp_path / "d") == [tmp_path / "d" / "a.npy"]
+        assert discover(tmp_path / "d") == [tmp_path / "d" / "a.npy", tmp_path / "d" / "sub2" / "f.npy",
+                                            tmp_path / "d" / "sub3" / "g.npy"]
+        # one line for a whole discover() call, however many folders it searched (a glob of 30 subject folders
+        # printed 30); macOS's ._ companions are metadata, not counted
+        assert discover([tmp_path / "d" / "sub2", tmp_path / "d" / "sub3"]) == [tmp_path / "d" / "sub2" / "f.npy",
+                                                                               tmp_path / "d" / "sub3" / "g.npy"]
     said = [r.getMessage() for r in caplog.records if "hidden" in r.getMessage()]
-    assert len(said) == 1 and "2 hidden image-named file(s)" in said[0] and ".scan.npy" in said[0], said
+    assert len(said) == 2, said
+    assert "4 hidden image-named file(s)" in said[0] and ".scan.npy" in said[0], said
+    assert "2 hidden image-named file(s)" in said[1], said
     (tmp_path / "h").mkdir()
     np.save(tmp_path / "h" / ".only.npy", np.ones((8, 8), np.float32))
     with pytest.raises(ValueError, match=r"contains no .* files \(only hidden ones.*\.only\.npy"):
