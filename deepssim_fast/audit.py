@@ -2952,13 +2952,20 @@ def _search_offsets(s: int, spatial_dims: int) -> list[tuple[int, ...]]:
     return [tuple(sign * s if q == ax else 0 for q in range(3)) for ax in range(3) for sign in (-1, 1)]
 
 
+_ROWS_IN_MEMORY_BYTES = 256 << 20
+
+
 @contextlib.contextmanager
 def _row_store(work: Path, tag: str, items: ItemSet) -> Iterator[np.ndarray]:
     """A file-backed float32 array (len(items), voxels) for a correlation search's centred rows, in
     ``work/<tag>_rows.tmp.npy``, removed on exit: the search reads it a block at a time, so the rows are page
-    cache the system can drop rather than memory held (10^5 items of 256×256 were a 27 GB array)."""
+    cache the system can drop rather than memory held (10^5 items of 256×256 were a 27 GB array). Rows of at
+    most :data:`_ROWS_IN_MEMORY_BYTES` stay in memory."""
     f = work / f".{tag}_rows.tmp"  # (a temporary's name: a killed run's is removed at the next start)
     shape = (len(items), int(np.prod(items.pixels.shape[1:])))
+    if 4 * shape[0] * shape[1] <= _ROWS_IN_MEMORY_BYTES:  # (small: in memory, as fast; a file cost ~20 % here)
+        yield np.empty(shape, dtype=np.float32)
+        return
     arr = np.lib.format.open_memmap(f, mode="w+", dtype=np.float32, shape=shape)
     try:
         reserve(f)  # (a sparse file on a full disk: SIGBUS at the first write to a page, not a Python error)

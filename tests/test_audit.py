@@ -3465,6 +3465,7 @@ def test_correlation_rows_are_file_backed_made_only_for_a_search_and_removed(ds:
     the search runs; the results are those of in-memory rows."""
     made, searched = [], []
     real_rows, real_search = A._centred_rows, A._cosine_search
+    monkeypatch.setattr(A, "_ROWS_IN_MEMORY_BYTES", 0)  # (these small rows would stay in memory)
 
     def rows(pixels, items, *a, **kw):
         made.append(items.name)
