@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def _native_line() -> str:
     try:
@@ -21,3 +23,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """Several native kernels are chosen by the CPU (AVX-512 SSIM bands, the VNNI all-pairs kernel); tests
     of a level the CPU lacks are skipped or resolve to a lower level. Say which, also under -q (CI logs)."""
     terminalreporter.write_line(_native_line())
+
+
+@pytest.fixture
+def axes_titles(monkeypatch) -> list:
+    """The titles matplotlib axes are given while the test runs (the report's figures: histogram, gallery)."""
+    import matplotlib.axes
+
+    titles: list[str] = []
+    set_title = matplotlib.axes.Axes.set_title
+
+    def spy(self, label, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        titles.append(label)
+        return set_title(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    return titles

@@ -3064,7 +3064,7 @@ def test_a_series_whose_first_axis_is_thinnest_is_named_with_the_way_to_read_it(
 
 
 def test_verify_none_with_flips_says_what_its_pair_counts_and_histogram_cover(
-        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, axes_titles: list) -> None:
     """--verify none --verify-flips on mirrored copies of training slices: the page said 100 % duplicate and
     matches.csv '1.000000,,duplicate,hflip', but summary.json's pair_counts_search and the only histogram
     ('correlation: all N pairs') were those of the search of the unflipped items alone, without a word: a pair's
@@ -3075,16 +3075,7 @@ def test_verify_none_with_flips_says_what_its_pair_counts_and_histogram_cover(
     synth.mkdir()
     for n in names:
         np.save(synth / n, np.ascontiguousarray(ds["train_arrays"][n][:, ::-1]))
-    import matplotlib.axes
-
-    titles: list[str] = []
-    set_title = matplotlib.axes.Axes.set_title
-
-    def spy(self, label, *args, **kwargs):
-        titles.append(label)
-        return set_title(self, label, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    titles = axes_titles
     out = tmp_path / "o"
     kw = dict(metric="correlation", verify="none", verify_flips=True, k=2, out=out, progress=False)
     A.audit(ds["train"], synth, **kw)

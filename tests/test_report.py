@@ -214,19 +214,10 @@ def test_gallery_shows_file_names_as_plain_text() -> None:
     assert _short("/data/run#3/vol.nii.gz") == "vol.nii.gz"
 
 
-def test_gallery_tells_files_of_the_same_name_apart(monkeypatch) -> None:
+def test_gallery_tells_files_of_the_same_name_apart(monkeypatch, axes_titles: list) -> None:
     """``a/img.png`` and ``b/img.png`` are labelled with the folder that tells them apart (the same folders
     for every item of one file); a name no other file has stays a bare name; long labels stay short."""
-    import matplotlib.axes
-
-    titles: list[str] = []
-    set_title = matplotlib.axes.Axes.set_title
-
-    def spy(self, label, *args, **kwargs):
-        titles.append(label)
-        return set_title(self, label, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    titles = axes_titles
     s = _suspects(3)
     s[0]["synth_id"], s[1]["synth_id"] = "/data/synth/a/img.png#2:0", "/data/synth/b/img.png#2:0"
     s[2]["synth_id"] = "/data/synth/a/img.png#2:7"
