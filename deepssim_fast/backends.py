@@ -63,9 +63,8 @@ def _say_native_missing() -> None:
         return
     except ImportError as exc:
         why = str(exc)
-    warnings.warn(f"deepssim_fast: its C++ extension did not import ({why}), so CPU work runs on the torch engine, "
-                  f"much slower: reinstall the package from source (`pip install -e .` needs a C++17 compiler and "
-                  f"pybind11); `deepssim-fast doctor` shows what this machine can use", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"deepssim_fast: {_INSTALL_HINT['native']} ({why}); CPU work runs on the torch engine, much "
+                  "slower; `deepssim-fast doctor` shows what this machine can use", RuntimeWarning, stacklevel=4)
 
 
 def triton_interpret() -> bool:

@@ -561,7 +561,8 @@ def test_a_missing_native_extension_is_said_once_as_a_warning(monkeypatch) -> No
         warnings.simplefilter("error")  # (not where the caller asks, as doctor does, or names an engine)
         assert backends.available("native") is False
         assert backends.resolve("torch", [np.zeros(3)]) == "torch"
-    with pytest.warns(RuntimeWarning, match=r"C\+\+ extension did not import .* torch engine, much slower.*doctor"):
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ extension deepssim_fast\._native did not import; "
+                                            r"reinstall .* torch engine, much slower.*doctor"):
         assert backends.resolve(None, [np.zeros(3)]) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
