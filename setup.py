@@ -51,7 +51,9 @@ setup(
         # the GPU kernels: CUDA builds of torch on Linux bring their own triton already; CPU-only installs skip
         # its ~290 MB (tl.gather: backends.MIN_TRITON)
         "gpu": ["triton>=3.3; platform_system == 'Linux'"],
+        # cupy's wheel must match torch's CUDA: "cupy" for CUDA 12 builds, "cupy13" for CUDA 13 (PyPI's torch 2.13)
         "cupy": ["cupy-cuda12x"],
+        "cupy13": ["cupy-cuda13x"],
         "test": ["pytest>=7", "scikit-image>=0.22", "scikit-learn>=1.3", "faiss-cpu>=1.8", "nilearn>=0.10",
                  "dipy>=1.8", "dask>=2024.1", "distributed>=2024.1", "ruff",
                  "triton>=3.3; platform_system == 'Linux'"],  # (its interpreter runs the kernel tests on CPU)
