@@ -1066,7 +1066,8 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
     """
     from tqdm.auto import tqdm
 
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+    if not (isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, (bool, np.bool_))
+            and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     net = _resolve_model(model)
     arrays, _ = collect_images(images, policy=policy, keep_order=True)

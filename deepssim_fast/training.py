@@ -690,11 +690,52 @@ def _images_digest(pool: ImagePool) -> str:
     return f"{imgs.shape[0]} images ({h})"
 
 
-def _split_train_val(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B11])).permutation(n)
+def _check_finite(model: torch.nn.Module, step: int) -> None:
+    """FloatingPointError unless every weight and buffer of ``model`` is finite. The loss is checked each step,
+    but it uses the batch's statistics: at a huge learning rate the running statistics eval mode uses
+    (BatchNorm's running_var) overflowed unseen, and train returned, and saved, a model that embeds to NaN."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"training diverged by step {step}: {name} holds non-finite values (the loss "
+                                     "stayed finite); lower the learning rate (lr)")
+
+
+def _split_train_val(n: int, fraction: float, seed: int, keys: Sequence[str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) image indices: about ``fraction`` of the ``n`` images held out, seeded.
+
+    With ``keys`` (a pool's, ``source#axis:index`` for slices of files), whole files are held out: the slices of
+    one volume are near-copies of their neighbours, so a validation slice beside a training slice measured the
+    training data (a probe found every validation slice of two volumes next to a training one), and best.pt was
+    chosen on that. Where the files cannot be split so (one volume; training keeps at least 2 images) the
+    slices are, with a warning; a file is held out only while the held-out part stays within twice ``fraction``.
+    Images that are their own file (2D files, arrays) split as single images."""
+    sources = [k.rsplit("#", 1)[0] if "#" in k else k for k in keys] if keys is not None else None
     n_val = min(int(round(n * fraction)), n - 2)  # (training keeps at least 2 images)
     if n_val <= 0:
-        return np.sort(perm), np.zeros(0, dtype=np.int64)
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B11]))
+    if sources is not None and len(set(sources)) < n:  # (some file gave several slices)
+        names = sorted(set(sources))
+        members: dict[str, list[int]] = {}
+        for i, s in enumerate(sources):
+            members.setdefault(s, []).append(i)
+        val: list[int] = []
+        limit = max(2 * n_val, 2)  # (a held-out file may take the split past fraction, not far past it)
+        for j in rng.permutation(len(names)):
+            if len(val) >= n_val:
+                break
+            size = len(members[names[j]])
+            if len(val) + size <= limit and n - len(val) - size >= 2:
+                val += members[names[j]]
+        if val:
+            v = np.sort(np.asarray(val, dtype=np.int64))
+            return np.setdiff1d(np.arange(n), v), v
+        logger.warning("validation: the images come from too few files to hold whole files out; %d slices are "
+                       "held out beside their neighbours in the same volume, so the validation loss (and best.pt's "
+                       "choice) will look better than on unseen scans: give val_images= (--val) from other "
+                       "scans", n_val)
+    perm = rng.permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
@@ -817,8 +858,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     if seed is not None and not 0 <= seed < 2**63:  # (found after every image was read: numpy's error)
         raise ValueError(f"seed must be a non-negative integer below 2**63, got {seed}")
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        # (numpy scalars are numbers: lr=np.float32(1e-3) was refused; a bool is not: lr=True ran at 1.0)
+        if not (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
+    lr, weight_decay, grad_clip = float(lr), float(weight_decay), float(grad_clip)
     for name, v in (("time_limit", time_limit), ("cpu_time_limit", cpu_time_limit)):
         # (NaN compared False with every elapsed time: no limit at all; -1 stopped after one step)
         if v is not None and not (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
@@ -922,7 +966,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             train_pool = pool
             val_pool = _val_image_pool()
         else:
-            tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed)
+            tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed, pool.keys)
             # a split too small to validate (< 2 images) is no split: every image trains, none is left unused
             train_pool = pool.subset(tr) if va.size >= 2 else pool
             val_pool = pool.subset(va) if va.size >= 2 else None
@@ -1033,6 +1077,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     def checkpoint(name: str) -> None:
         if out_dir is None:
             return
+        _check_finite(model, step)
         save_checkpoint(out_dir / name, model, optimizer=opt.state_dict(), step=step, seed=int(seed),
                         best_val=best_val, epoch=step // steps_per_epoch, train_args=_train_args())
 
@@ -1152,6 +1197,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            " or ".join(str(p) for p in places) or "no folder")
     if best_state is not None:
         model.load_state_dict(best_state)
+    _check_finite(model, step)
     model.eval()
     model.history = history
     model.skipped = skipped

@@ -1097,3 +1097,41 @@ def test_evaluate_checks_a_foreign_models_output_as_embed_does(tmp_path, mni_sli
         else:
             with pytest.raises(ValueError, match=msg):
                 evaluate(m, imgs, n_pairs=8)
+
+
+def test_validation_holds_out_whole_volumes_and_a_diverged_model_is_not_returned(tmp_path: Path, caplog) -> None:
+    """Probe findings: the default split held out single slices, each beside a training slice of the same
+    volume (near-copies: best.pt was chosen on an optimistic loss); it holds out whole files now, and says so
+    where it cannot. At a huge learning rate the loss stayed finite while BatchNorm's running statistics
+    overflowed, and train returned and saved a model that embedded to NaN. And lr=np.float32(1e-3) was refused."""
+    import importlib
+    import logging
+
+    tr = importlib.import_module("deepssim_fast.training")
+    keys = [f"/d/v{v}.nii.gz#2:{i}" for v in range(10) for i in range(30)]
+    a, b = tr._split_train_val(len(keys), 0.1, 42, keys)
+    held = {keys[i].split("#")[0] for i in b}
+    assert len(b) == 30 and held.isdisjoint({keys[i].split("#")[0] for i in a})
+    flat = [f"/d/s{i}.png#2:0" for i in range(50)]  # (2D files: one image each, split as before)
+    assert all(np.array_equal(x, y) for x, y in zip(tr._split_train_val(50, 0.1, 42, flat),
+                                                    tr._split_train_val(50, 0.1, 42), strict=True))
+    two = [f"/d/v{v}.nii.gz#2:{i}" for v in range(2) for i in range(30)]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        a, b = tr._split_train_val(len(two), 0.1, 42, two)
+    assert len(b) == 6 and any("beside their neighbours" in m for m in caplog.messages)
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.random((40, 40), dtype=np.float32) for _ in range(6)]
+    with pytest.raises(FloatingPointError, match=r"holds non-finite values .*lower the learning rate"):
+        train(imgs, max_steps=5, lr=1e6, val_fraction=0, out=tmp_path / "o", **{**SMALL, "batch_size": 4})
+    if (tmp_path / "o" / "last.pt").exists():  # (an earlier step's checkpoint, saved while still finite)
+        ck = read_checkpoint(tmp_path / "o" / "last.pt")
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    m = train(imgs, max_steps=1, lr=np.float32(1e-3), val_fraction=0, **{**SMALL, "batch_size": 4})
+    assert m.history[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr must be"):
+        train(imgs, max_steps=1, lr=True, val_fraction=0, **SMALL)
+    from deepssim_fast import embed
+
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        embed(imgs, m, batch_size=True)
