@@ -257,6 +257,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         size_policy=args.size_policy,
         zoom_out=None if args.zoom_out is None else tuple(args.zoom_out),
         val_fraction=args.val_fraction,
+        val_split=args.val_split,
         val_pairs=args.val_pairs,
         val_every=args.val_every,
         lr_schedule=args.lr_schedule,
@@ -564,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --val, validate on this fraction of --images, chosen by --seed (default "
                    f"{_train_default('val_fraction')}; in [0, 1); fewer than 2 images means no validation and no "
                    "best.pt)")
+    t.add_argument("--val-split", choices=("files", "images"), default=None,
+                   help="how --val-fraction is held out: whole files (default; a volume's slices are near-copies of "
+                   "their neighbours) or single images, knowingly (one volume); with --resume, the run's")
     t.add_argument("--val-pairs", type=int, default=None, metavar="N",
                    help=f"number of fixed validation pairs (default {_train_default('val_pairs')})")
     t.add_argument("--val-every", type=int, default=None, metavar="STEPS",

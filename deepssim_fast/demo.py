@@ -385,6 +385,7 @@ def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retr
         input_size=128,
         size_policy="resize",
         progress=progress,
+        val_split="images",  # (one template volume: no other scan to hold out)
     )
     if not ckpt.exists():  # the trainer writes best.pt when it validates; make sure it is there
         save_checkpoint(ckpt, model)

@@ -714,15 +714,16 @@ def _split_train_val(n: int, fraction: float, seed: int, keys: Sequence[str] | N
     n_val = min(int(round(n * fraction)), n - 2)  # (training keeps at least 2 images)
     if n_val <= 0:
         return np.arange(n), np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B11]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B11]))  # (the single images' split)
     if sources is not None and len(set(sources)) < n:  # (some file gave several slices)
+        by_file = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B12]))
         names = sorted(set(sources))
         members: dict[str, list[int]] = {}
         for i, s in enumerate(sources):
             members.setdefault(s, []).append(i)
         val: list[int] = []
         limit = max(2 * n_val, 2)  # (a held-out file may take the split past fraction, not far past it)
-        for j in rng.permutation(len(names)):
+        for j in by_file.permutation(len(names)):
             if len(val) >= n_val:
                 break
             size = len(members[names[j]])
@@ -773,7 +774,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
           pair_mix: Sequence[float] = (0.5, 0.25, 0.25), augment: bool = True, lr_schedule: str | None = None,
           warmup_steps: int | None = None, grad_clip: float = 1.0, time_limit: float | None = None,
           cpu_time_limit: float | None = None, progress: bool = True, tensorboard: bool = False,
-          zoom_out: Sequence[float] | None = None, strict: bool = False) -> DeepSSIMNet:
+          zoom_out: Sequence[float] | None = None, strict: bool = False, val_split: str | None = None
+          ) -> DeepSSIMNet:
     """Train a DeepSSIM encoder; returns the model with the best validation weights (eval mode).
 
     images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
@@ -786,6 +788,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                   an epoch is ceil(n_train / batch_size) steps, each image being the first of a pair once per
                   epoch on average).
     val_images:   validation images; default: ``val_fraction`` of ``images``, chosen by ``seed``.
+    val_split:    how that fraction is held out: ``"files"`` (default) whole files at a time (a volume's slices
+                  are near-copies of their neighbours; where the files are too few, single slices, with a
+                  warning), or ``"images"``, single images (slices) knowingly (one volume, as the demo's); with
+                  ``resume=`` the run's (``"images"`` for runs from before this option).
     out:          directory for ``best.pt``, ``last.pt``, ``log.csv`` (and TensorBoard events).
     resume:       a checkpoint from a previous run (``out/last.pt``): model, optimizer and step are restored,
                   and the options left at None (``max_steps`` and ``epochs``: the run's number of steps;
@@ -838,6 +844,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
              "val_every": val_every, "zoom_out": zoom_out}
     value = {name: v if v is not None else prev.get(name, TRAIN_DEFAULTS[name]) if name != "epochs"
              else TRAIN_DEFAULTS["epochs"] for name, v in given.items()}
+    if val_split is None:  # (a run from before the option split single images: its resume keeps doing so)
+        val_split = prev.get("val_split", "images" if ck is not None else "files")
+    if val_split not in ("files", "images"):
+        raise ValueError(f"val_split must be 'files' or 'images', got {val_split!r}")
     epochs, batch_size, lr, lr_schedule = value["epochs"], value["batch_size"], value["lr"], value["lr_schedule"]
     warmup_steps, val_fraction, val_pairs = value["warmup_steps"], value["val_fraction"], value["val_pairs"]
     val_every, zoom_out = value["val_every"], value["zoom_out"]
@@ -966,7 +976,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             train_pool = pool
             val_pool = _val_image_pool()
         else:
-            tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed, pool.keys)
+            tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed,
+                                      pool.keys if val_split == "files" else None)
             # a split too small to validate (< 2 images) is no split: every image trains, none is left unused
             train_pool = pool.subset(tr) if va.size >= 2 else pool
             val_pool = pool.subset(va) if va.size >= 2 else None
@@ -1007,6 +1018,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out],
                 "validation": validation, "val_fraction": float(val_fraction), "val_pairs": int(val_pairs),
                 "val_every": int(val_every) if val_every else None, "augment": bool(augment),
+                "val_split": val_split,
                 "grad_clip": float(grad_clip), "train_images": images_digest, "pairs_csv": csv_digest,
                 "val_images": val_digest}
 
@@ -1033,7 +1045,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                            "an uninterrupted run", resume, "; ".join(changed))
         # best.pt was chosen on its run's validation pairs; on other pairs its loss is no measure to beat (a
         # resume with another --val kept the old best.pt and reported the old set's loss as the best)
-        val_keys = ("validation", "val_fraction", "val_pairs", "zoom_out", "pairs_csv", "val_images")
+        val_keys = ("validation", "val_fraction", "val_split", "val_pairs", "zoom_out", "pairs_csv", "val_images")
         other_val = [k for k in val_keys if k in old_args and old_args[k] != new_args[k]]
         if val_set is not None and best_val is not None and other_val:
             logger.warning("resuming %s on other validation pairs than its run's (%s): its best validation loss "

@@ -1120,8 +1120,15 @@ def test_validation_holds_out_whole_volumes_and_a_diverged_model_is_not_returned
         a, b = tr._split_train_val(len(two), 0.1, 42, two)
     assert len(b) == 6 and any("beside their neighbours" in m for m in caplog.messages)
 
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):  # (val_split="images": knowingly)
+        a2, b2 = tr._split_train_val(len(two), 0.1, 42, None)
+    assert np.array_equal(a2, a) and np.array_equal(b2, b) and not caplog.messages  # (the same slices, unsaid)
+
     rng = np.random.default_rng(0)
     imgs = [rng.random((40, 40), dtype=np.float32) for _ in range(6)]
+    with pytest.raises(ValueError, match="val_split must be 'files' or 'images'"):
+        train(imgs, max_steps=1, val_split="volumes", **SMALL)
     with pytest.raises(FloatingPointError, match=r"holds non-finite values .*lower the learning rate"):
         train(imgs, max_steps=5, lr=1e6, val_fraction=0, out=tmp_path / "o", **{**SMALL, "batch_size": 4})
     if (tmp_path / "o" / "last.pt").exists():  # (an earlier step's checkpoint, saved while still finite)
