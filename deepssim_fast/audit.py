@@ -3423,6 +3423,9 @@ def _label_rows(path: str | os.PathLike) -> list[tuple[str, str, int, int]]:
         if len(header) == 1 and any(d in header[0] for d in ";\t|"):
             hint = " (the file must be comma-separated)"
         raise ValueError(f"{p}: expected columns {', '.join(_LABEL_COLUMNS)}; got {header}{hint}")
+    twice = sorted({c for c in header if c in _LABEL_COLUMNS and header.count(c) > 1})
+    if twice:  # (csv.DictReader keeps the last of two columns of one name: label,label scored the second)
+        raise ValueError(f"{p}: the header names column(s) {', '.join(twice)} more than once: {header}")
     out = []
     for row in reader:
         line = reader.line_num
@@ -3654,6 +3657,25 @@ def _warn_repeated_pairs(labels: Any, rows: Sequence[tuple], ti: Sequence[int], 
                    " ..." if len(worst) > 3 else "")
 
 
+def _audited_labels(f: Path, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(synth id, train id) -> the label matches.csv ``f`` gives that pair, for the pairs in ``wanted``; {} when
+    there is no such file (a warning when it cannot be read: the pairs are then labelled by their scores)."""
+    out: dict[tuple[str, str], str] = {}
+    try:
+        with open(f, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                key = (row.get("synth_id"), row.get("train_id"))
+                if key in wanted and row.get("label") in LABELS:
+                    out[key] = row["label"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, csv.Error) as exc:
+        logger.warning("%s: unreadable (%s): the labelled pairs are labelled by their scores computed again", f,
+                       one_line(exc))
+        return {}
+    return out
+
+
 def evaluate(
     audit_dir: str | os.PathLike,
     labels: str | os.PathLike,
@@ -3872,6 +3894,15 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
             score = np.array([kept.get((int(s_), int(t_)), float(v)) for t_, s_, v in zip(ti, si, score, strict=True)],
                              dtype=np.float64)
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
+    # A pair the audit labelled (a row of matches.csv) takes that very label: a score computed again here (the
+    # per-pair SSIM kernel against the search's matrix, another engine than the audit's) can fall one float32
+    # step to the other side of a threshold (similar recall 0 for a pair matches.csv calls similar)
+    audited = _audited_labels(d / "matches.csv", {(ids["synth"][s_], ids["train"][t_]) for t_, s_ in zip(ti, si,
+                                                                                                      strict=True)})
+    for n_, (t_, s_) in enumerate(zip(ti, si, strict=True)):
+        lab = audited.get((ids["synth"][s_], ids["train"][t_]))
+        if lab is not None:
+            pred_names[n_] = lab
     y_pred = [_REF_CODE[n] for n in pred_names]
     y_true = [lab for _, _, lab in pairs]
     result = classification_metrics(y_true, y_pred)

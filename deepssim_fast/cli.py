@@ -204,6 +204,8 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
                                  f"shapes")
         integer_range([*pa, *pb], imgs_a + imgs_b)
         fa, fb = np.stack(imgs_a), np.stack(imgs_b)
+        if fa.dtype != fb.dtype:  # (float64 .npy files against float32 ones or PNGs: a TypeError traceback)
+            fa, fb = fa.astype(np.float64), fb.astype(np.float64)
         from .ssim import ssim_matrix
 
         kw = {"spatial_dims": 3} if len(shape) == 3 else {}

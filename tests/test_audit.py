@@ -3546,3 +3546,32 @@ def test_lock_row_store_and_linked_shards_mends(ds: dict, tmp_path: Path, monkey
     (scratch / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files other than the all-pairs checkpoints"):
         A._refuse_foreign_files(out, owned=True, shard_folders=["shards"])
+
+
+def test_evaluate_takes_the_audits_own_label_for_a_pair_it_labelled(ds: dict, tmp_path: Path, monkeypatch) -> None:
+    """evaluate scores the labelled pairs again; for `--metric ssim --verify none` with the per-pair kernel, not
+    the search's matrix, and on whatever engine it runs: one float32 step either side of a threshold, it
+    labelled a pair otherwise than matches.csv (similar recall 0 where the audit said similar). A pair the audit
+    labelled now takes the audit's label; other pairs are scored as before."""
+    out = tmp_path / "o"
+    A.audit(ds["train"], ds["synth"], metric="ssim", k=2, verify="none", out=out, progress=False)
+    rows = [r for r in _rows(out) if r["rank"] == "1"]
+    dup = next(r for r in rows if r["label"] == "duplicate")
+    far = next(t for t in sorted(ds["train_arrays"]) if t not in {r["train_id"].rsplit("/", 1)[-1] for r in _rows(out)
+                                                                  if r["synth_id"] == dup["synth_id"]})
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"real_key,synth_key,label\n{dup['train_id']},{dup['synth_id']},1\n"  # (1: duplicate)
+                      f"{far},{dup['synth_id']},0\n")
+    # the scores computed again, all off (a stand-in for another engine's last bits at a threshold)
+    monkeypatch.setattr(A, "_ssim_pairs", lambda a, b, **kw: np.full(len(a), 0.7))
+    res = A.evaluate(out, labels)
+    assert res["per_class"]["duplicate"]["recall"] == 1.0  # (from matches.csv, not the score of 0.7)
+    assert res["per_class"]["different"]["recall"] == 0.0  # (not in matches.csv: its score, 0.7, says similar)
+
+
+def test_a_labels_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """real_key,synth_key,label,label was read with the last 'label' column winning, without a word."""
+    f = tmp_path / "l.csv"
+    f.write_text("real_key,synth_key,label,label\nt00.npy,s00.npy,1,0\n")
+    with pytest.raises(ValueError, match=r"names column\(s\) label more than once"):
+        A._label_rows(f)

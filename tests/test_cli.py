@@ -1508,3 +1508,20 @@ def test_demo_into_a_folder_the_audit_would_refuse_is_refused_before_the_data(tm
     with pytest.raises(ValueError, match="is not an audit's output folder"):
         demo.run_demo(out, train_seconds=0, progress=False)
     assert not (out / "data").exists()
+
+
+def test_ssim_of_folders_of_float64_and_float32_files(tmp_path: Path, capsys) -> None:
+    """`deepssim-fast ssim A_FOLDER B_FOLDER` where one side's .npy files are float64 and the other's float32
+    stopped with a TypeError traceback (A and B must have the same dtype); the file-vs-file case cast both."""
+    from deepssim_fast import ssim
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = rng.random((20, 24), dtype=np.float32)
+    b = 1e4 + rng.random((20, 24))  # (float64, not exact in float32)
+    np.save(tmp_path / "a" / "a0.npy", a)
+    np.save(tmp_path / "b" / "b0.npy", b)
+    assert main(["ssim", str(tmp_path / "a"), str(tmp_path / "b"), "--out", "-", "-q"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split(",")
+    assert float(row[2]) == pytest.approx(float(ssim(a.astype(np.float64), b)), abs=1e-6)
