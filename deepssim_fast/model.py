@@ -1070,10 +1070,10 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
             and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     net = _resolve_model(model)
+    dev = torch.device(device) if device is not None else _model_device(net)
+    _check_device(dev)  # (before the images: a device this machine lacks was said after decoding them all)
     arrays, _ = collect_images(images, policy=policy, keep_order=True)
     cfg: ModelConfig = net.config
-    dev = torch.device(device) if device is not None else _model_device(net)
-    _check_device(dev)
     dtype = float_dtype(net)
     lock = _model_lock(net)
     lock.acquire()

@@ -987,6 +987,10 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
                                "best.pt; every image trains and the last weights are returned (give "
                                "val_images= (--val) or more images)", va.size, val_fraction, pool.images.shape[0])
+    flat = train_pool.images.reshape(train_pool.images.shape[0], -1)
+    if flat.size and bool((flat.max(axis=1) == flat.min(axis=1)).all()):  # (it trained to a loss of ~0, unsaid)
+        logger.warning("every training image is constant (blank): their SSIM targets are all 1 and there is "
+                       "nothing to learn; check the images (a foreground threshold, a wrong file pattern)")
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
                           pairs=sampler_pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)

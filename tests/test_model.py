@@ -893,3 +893,14 @@ def test_a_training_pool_from_a_list_of_files_is_sorted_and_unique(tmp_path, rea
     assert [m.source for m in metas] == [str(tmp_path / f"a{i}.npy") for i in range(3)]
     arrays, metas = collect_images([tmp_path / "a2.npy", tmp_path / "a0.npy", tmp_path / "a2.npy"], keep_order=True)
     assert [m.source for m in metas] == [str(tmp_path / n) for n in ("a2.npy", "a0.npy", "a2.npy")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a device this machine lacks")
+def test_embed_checks_the_device_before_reading_the_images(tmp_path) -> None:
+    """embed(..., device="cuda") on a machine without CUDA read and decoded every image before saying so."""
+    from deepssim_fast.model import build_model, embed
+
+    m = build_model("small", input_size=32)
+    with pytest.raises(Exception, match="(?i)cuda") as e:
+        embed([str(tmp_path / "not_read.npy")], m, device="cuda")
+    assert "not_read" not in str(e.value)

@@ -1142,3 +1142,13 @@ def test_validation_holds_out_whole_volumes_and_a_diverged_model_is_not_returned
 
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         embed(imgs, m, batch_size=True)
+
+
+def test_a_training_set_of_blank_images_is_said(caplog) -> None:
+    """A training set of constant images trained to a loss of ~0 without a word."""
+    import logging
+
+    imgs = [np.full((40, 40), float(i), np.float32) for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, max_steps=1, val_fraction=0, **{**SMALL, "batch_size": 4})
+    assert any("every training image is constant" in m for m in caplog.messages)
