@@ -3659,10 +3659,13 @@ def _warn_repeated_pairs(labels: Any, rows: Sequence[tuple], ti: Sequence[int], 
 
 def _audited_labels(f: Path, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(synth id, train id) -> the label matches.csv ``f`` gives that pair, for the pairs in ``wanted``; {} when
-    there is no such file (a warning when it cannot be read: the pairs are then labelled by their scores)."""
+    there is no such file (a warning when it cannot be read: the pairs are then labelled by their scores). The
+    file is the audit's output, trusted as such: a hand-edited label is taken as the audit's."""
     out: dict[tuple[str, str], str] = {}
     try:
-        with open(f, newline="", encoding="utf-8") as fh:
+        # (utf-8-sig: a file saved again by a spreadsheet starts with a byte-order mark; surrogateescape: names
+        # that are not UTF-8 are written as their bytes, and one such name made the whole file unreadable)
+        with open(f, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
             for row in csv.DictReader(fh):
                 key = (row.get("synth_id"), row.get("train_id"))
                 if key in wanted and row.get("label") in LABELS:

@@ -63,7 +63,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"triton : {'yes' if tr['available'] else 'no'}  version={tr['version']}  "
           + (f"mode={tr['mode']}" if tr["available"] else f"({tr['reason']})"))
     print(f"cuda   : {', '.join(info['cuda']) if info['cuda'] else 'no CUDA device'}")
-    print(f"cupy   : {info['cupy'] or 'not installed (optional: pip install deepssim_fast[cupy])'}")
+    print(f"cupy   : {info['cupy'] or 'not installed (optional: pip install deepssim_fast[cupy] for a CUDA 12 torch, '}"
+          f"{'' if info['cupy'] else '[cupy13] for CUDA 13)'}")
     env = info["environment"]
     print("environment: " + ("  ".join(f"{k}={v}" for k, v in env.items()) if env else "no DEEPSSIM_FAST_* overrides"))
     forced = env.get("DEEPSSIM_FAST_BACKEND") or None  # (read as backends.resolve reads it: as written)

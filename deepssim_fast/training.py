@@ -57,6 +57,7 @@ import io
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,6 +391,10 @@ def read_pairs_csv(path: str | os.PathLike, pool: ImagePool, *,
         need = {"real_key", "synth_key", "ssim", "split"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise ValueError(f"pairs CSV {p}: expected columns {sorted(need)}, got {reader.fieldnames}")
+        twice = sorted({c for c in reader.fieldnames if c in need and reader.fieldnames.count(c) > 1})
+        if twice:  # (DictReader keeps the last of two columns of one name)
+            raise ValueError(f"pairs CSV {p}: the header names column(s) {', '.join(twice)} more than once: "
+                             f"{reader.fieldnames}")
         for row in reader:
             row_no = reader.line_num  # (the file's line: blank lines, which the reader skips, count too)
             if row.get(None):  # (a row longer than the header: DictReader puts the extra fields under None)
@@ -710,7 +715,9 @@ def _split_train_val(n: int, fraction: float, seed: int, keys: Sequence[str] | N
     chosen on that. Where the files cannot be split so (one volume; training keeps at least 2 images) the
     slices are, with a warning; a file is held out only while the held-out part stays within twice ``fraction``.
     Images that are their own file (2D files, arrays) split as single images."""
-    sources = [k.rsplit("#", 1)[0] if "#" in k else k for k in keys] if keys is not None else None
+    # (a 4D series' frames are sources "<path>@t<t>": one file, held out or trained on whole)
+    sources = ([re.sub(r"@t\d+$", "", k.rsplit("#", 1)[0]) if "#" in k else k for k in keys]
+               if keys is not None else None)
     n_val = min(int(round(n * fraction)), n - 2)  # (training keeps at least 2 images)
     if n_val <= 0:
         return np.arange(n), np.zeros(0, dtype=np.int64)
@@ -731,11 +738,17 @@ def _split_train_val(n: int, fraction: float, seed: int, keys: Sequence[str] | N
                 val += members[names[j]]
         if val:
             v = np.sort(np.asarray(val, dtype=np.int64))
+            if all(len(members[sources[i]]) == 1 for i in v) and any(len(m) > 1 for m in members.values()):
+                # (2D files beside volumes: only the 2D files fit the fraction, and no volume is validated)
+                logger.warning("validation holds out single-image files only: no volume's slices fit into "
+                               "%d validation images (twice the fraction), so best.pt is chosen without them; "
+                               "give val_images= (--val) with slices of other volumes", limit)
             return np.setdiff1d(np.arange(n), v), v
-        logger.warning("validation: the images come from too few files to hold whole files out; %d slices are "
-                       "held out beside their neighbours in the same volume, so the validation loss (and best.pt's "
-                       "choice) will look better than on unseen scans: give val_images= (--val) from other "
-                       "scans", n_val)
+        why = ("the images come from too few files to hold whole files out" if len(names) < 3 else
+               f"every file gives more slices than {limit} (twice the validation fraction)")
+        logger.warning("validation: %s; %d slices are held out beside their neighbours in the same volume, so the "
+                       "validation loss (and best.pt's choice) will look better than on unseen scans: give "
+                       "val_images= (--val) from other scans, or a larger val_fraction", why, n_val)
     perm = rng.permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -844,10 +857,14 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
              "val_every": val_every, "zoom_out": zoom_out}
     value = {name: v if v is not None else prev.get(name, TRAIN_DEFAULTS[name]) if name != "epochs"
              else TRAIN_DEFAULTS["epochs"] for name, v in given.items()}
+    given_split = val_split is not None
     if val_split is None:  # (a run from before the option split single images: its resume keeps doing so)
-        val_split = prev.get("val_split", "images" if ck is not None else "files")
+        val_split = prev.get("val_split") or ("images" if ck is not None and "val_split" not in prev else "files")
     if val_split not in ("files", "images"):
         raise ValueError(f"val_split must be 'files' or 'images', got {val_split!r}")
+    if given_split and (val_images is not None or pairs_csv is not None):
+        raise ValueError("val_split (--val-split) chooses how val_fraction is held out; it does not apply with "
+                         "val_images= (--val) or pairs_csv= (--pairs-csv)")
     epochs, batch_size, lr, lr_schedule = value["epochs"], value["batch_size"], value["lr"], value["lr_schedule"]
     warmup_steps, val_fraction, val_pairs = value["warmup_steps"], value["val_fraction"], value["val_pairs"]
     val_every, zoom_out = value["val_every"], value["zoom_out"]
@@ -1022,7 +1039,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 "pair_mix": [float(m) for m in pair_mix], "zoom_out": [float(f) for f in zoom_out],
                 "validation": validation, "val_fraction": float(val_fraction), "val_pairs": int(val_pairs),
                 "val_every": int(val_every) if val_every else None, "augment": bool(augment),
-                "val_split": val_split,
+                # (only where the split is used: beside val_images or a pairs CSV it decides nothing to compare)
+                **({"val_split": val_split} if validation == "split" else {}),
                 "grad_clip": float(grad_clip), "train_images": images_digest, "pairs_csv": csv_digest,
                 "val_images": val_digest}
 
@@ -1050,7 +1068,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         # best.pt was chosen on its run's validation pairs; on other pairs its loss is no measure to beat (a
         # resume with another --val kept the old best.pt and reported the old set's loss as the best)
         val_keys = ("validation", "val_fraction", "val_split", "val_pairs", "zoom_out", "pairs_csv", "val_images")
-        other_val = [k for k in val_keys if k in old_args and old_args[k] != new_args[k]]
+        other_val = [k for k in val_keys if k in old_args and k in new_args and old_args[k] != new_args[k]]
         if val_set is not None and best_val is not None and other_val:
             logger.warning("resuming %s on other validation pairs than its run's (%s): its best validation loss "
                            "%.6g is not comparable, so best.pt is replaced at this run's first validation", resume,
@@ -1159,9 +1177,13 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                              or (cpu_time_limit is not None
                                  and time.process_time() - cpu_start >= cpu_time_limit))
                 if val_set is not None and (step % every == 0 or step == total or timed_out):
+                    _check_finite(model, step)  # (a diverged model failed validation with a ValueError, unnamed)
                     try:
                         ev = evaluate(model, pairs=val_set, batch_size=max(batch_size, 64))
                     except ValueError as exc:  # (a NaN embedding said "images 0..63": of the validation pairs)
+                        if "NaN/Inf" in str(exc) or "all-zero" in str(exc):  # (finite weights, overflowing outputs)
+                            raise FloatingPointError(f"training diverged by step {step}: at validation (its fixed "
+                                                     f"pairs) {exc}; lower the learning rate (lr)") from exc
                         raise ValueError(f"validation at step {step} (its fixed pairs): {exc}") from exc
                     row.update(val_loss=ev["mse"], val_mae=ev["mae"], val_r=ev["r"])
                     if best_val is None or ev["mse"] < best_val:

@@ -3567,6 +3567,10 @@ def test_evaluate_takes_the_audits_own_label_for_a_pair_it_labelled(ds: dict, tm
     res = A.evaluate(out, labels)
     assert res["per_class"]["duplicate"]["recall"] == 1.0  # (from matches.csv, not the score of 0.7)
     assert res["per_class"]["different"]["recall"] == 0.0  # (not in matches.csv: its score, 0.7, says similar)
+    # a matches.csv saved again by a spreadsheet (a byte-order mark) is read too (its header did not match)
+    m = out / "matches.csv"
+    m.write_bytes(b"\xef\xbb\xbf" + m.read_bytes())
+    assert A.evaluate(out, labels)["per_class"]["duplicate"]["recall"] == 1.0
 
 
 def test_a_labels_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None:

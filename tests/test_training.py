@@ -1152,3 +1152,44 @@ def test_a_training_set_of_blank_images_is_said(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(imgs, max_steps=1, val_fraction=0, **{**SMALL, "batch_size": 4})
     assert any("every training image is constant" in m for m in caplog.messages)
+
+
+def test_split_review_mends(tmp_path: Path, caplog) -> None:
+    """Review mends of the file-wise validation split: a 4D series' frames are one file (a frame was held out
+    and the other frames of the same scan trained on); 2D files beside volumes that leave every volume out of
+    validation are said; files too large for the fraction are said as such; a diverged model with validation
+    on stops with FloatingPointError too (a ValueError from the validation's NaN embeddings); val_split beside
+    val_images is refused; a pairs CSV naming a column twice is refused."""
+    import importlib
+    import logging
+
+    tr = importlib.import_module("deepssim_fast.training")
+    series = [f"/d/fmri.nii.gz@t{t}#2:{i}" for t in range(10) for i in range(30)]
+    vols = [f"/d/v{v}.nii.gz#2:{i}" for v in range(3) for i in range(30)]
+    keys = series + vols
+
+    def files(idx):  # noqa: ANN001, ANN202
+        return {re.sub(r"@t\d+$", "", keys[i].split("#")[0]) for i in idx}
+
+    for seed in range(5):
+        a, b = tr._split_train_val(len(keys), 0.1, seed, keys)
+        assert files(a).isdisjoint(files(b)), (seed, files(b))
+    pngs = [f"/d/s{i}.png#2:0" for i in range(20)]
+    big = [f"/d/v{v}.nii.gz#2:{i}" for v in range(4) for i in range(30)]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        tr._split_train_val(140, 0.1, 0, pngs + big)
+        many = [f"/d/v{v}.nii.gz#2:{i}" for v in range(50) for i in range(100)]
+        tr._split_train_val(5000, 0.005, 42, many)
+    assert any("single-image files only" in m for m in caplog.messages), caplog.messages
+    assert any("every file gives more slices than 50" in m for m in caplog.messages), caplog.messages
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.random((40, 40), dtype=np.float32) for _ in range(12)]
+    with pytest.raises(FloatingPointError, match="training diverged by step .*lower the learning rate"):
+        train(imgs, max_steps=5, lr=1e6, val_fraction=0.34, val_every=1, **{**SMALL, "batch_size": 4})
+    with pytest.raises(ValueError, match="does not apply with val_images"):
+        train(imgs[:6], val_images=imgs[6:], val_split="images", max_steps=1, **SMALL)
+    csvf = tmp_path / "p.csv"
+    csvf.write_text("real_key,synth_key,ssim,ssim,split\n0,1,0.1,0.8,train\n")
+    with pytest.raises(ValueError, match=r"names column\(s\) ssim more than once"):
+        tr.read_pairs_csv(csvf, tr.ImagePool(np.zeros((2, 8, 8), np.float32), ["0", "1"], ["g", "g"], [0, 1]))
