@@ -11,6 +11,9 @@
 #include <limits>
 #include <mutex>
 #include <system_error>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 namespace dsf {
 
@@ -31,7 +34,16 @@ int parse_simd(const std::string& s) {
 int parse_simd_env() {
   const char* e = std::getenv("DEEPSSIM_FAST_SIMD");
   if (!e || !*e) return -1;
-  const int v = parse_simd(e);
+  // (as the other variables: case and surrounding blanks do not matter; "auto" is the detected level, as
+  // set_simd_level("auto") is)
+  std::string s(e);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  size_t b = 0;
+  while (b < s.size() && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
+  s = s.substr(b);
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (s.empty() || s == "auto") return -1;
+  const int v = parse_simd(s);
   static std::atomic<bool> warned{false};
   if (v < 0 && !warned.exchange(true))
     std::fprintf(stderr,
@@ -91,12 +103,26 @@ const char* simd_name(Simd s) {
   return s == Simd::AVX512 ? "avx512" : s == Simd::AVX2 ? "avx2" : "scalar";
 }
 
+// The CPUs this process may run on (its affinity mask: taskset, Slurm --cpus-per-task, docker --cpuset-cpus),
+// else the online ones: hardware_concurrency() alone started one thread per online CPU on a job pinned to a few.
+int usable_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc ? static_cast<int>(hc) : 1;
+}
+
 int num_threads() {
   int t = g_threads.load();
   if (t > 0) return t;
   if (const int v = parse_threads_env(); v > 0) return v;
-  unsigned hc = std::thread::hardware_concurrency();
-  return hc ? static_cast<int>(hc) : 1;
+  return usable_cpus();
 }
 
 namespace {
@@ -258,6 +284,8 @@ PYBIND11_MODULE(_native, m) {
       },
       py::arg("saved"), "Give back the floating-point mode ieee_floats_enter returned.");
   m.def("num_threads", &dsf::num_threads, "Worker threads used by native loops.");
+  m.def("num_threads_override", []() { return dsf::g_threads.load(); },
+        "The count set_num_threads set (0: none, the environment or the usable cores decide), to restore later.");
   m.def(
       "set_num_threads",
       [](int n) {

@@ -434,7 +434,8 @@ def _maybe_die(flag: str | None) -> None:
 
 
 def _task_threads(host_workers: dict[str, int]) -> int:
-    """Engine threads for one task: this host's cores shared among its workers and their threads."""
+    """Engine threads for one task: this host's cores shared among its workers and their threads, at most
+    ``$DEEPSSIM_FAST_NUM_THREADS`` where the worker's environment sets it (it was overridden without a word)."""
     try:
         from distributed import get_worker
 
@@ -442,7 +443,11 @@ def _task_threads(host_workers: dict[str, int]) -> int:
         per_worker = host_workers.get(w.address.rsplit(":", 1)[0], 1) * max(1, w.state.nthreads)
     except (ImportError, ValueError):  # not on a worker (direct call)
         per_worker = 1
-    return max(1, usable_cores() // per_worker)
+    n = max(1, usable_cores() // per_worker)
+    cap = os.environ.get("DEEPSSIM_FAST_NUM_THREADS", "").strip()
+    if cap.isdigit() and int(cap) > 0:
+        n = min(n, int(cap))
+    return n
 
 
 _BLAS_CONTROLLER: Any = None
@@ -510,7 +515,9 @@ def _engine_threads(threads: int) -> Iterator[None]:
     nat = _native()
     with _THREADS_LOCK:
         if _THREADS_STATE["tasks"] == 0:
-            _THREADS_STATE["saved"] = torch.get_num_threads(), (nat.num_threads() if nat is not None else 0)
+            # the native setting as set (0: none; the environment or the usable cores decide), not the count it
+            # resolves to: restoring that count fixed it, and DEEPSSIM_FAST_NUM_THREADS no longer applied
+            _THREADS_STATE["saved"] = torch.get_num_threads(), (nat.num_threads_override() if nat is not None else 0)
             _THREADS_STATE["blas"] = _blas_limit(threads)
         _THREADS_STATE["tasks"] += 1
         torch.set_num_threads(threads)

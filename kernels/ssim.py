@@ -476,10 +476,14 @@ def _kernel_inputs(xf: torch.Tensor, yf: torch.Tensor) -> tuple[torch.Tensor, to
 
 def resolve_variant(variant: str | None) -> str:
     """The kernel variant: as given, else ``DEEPSSIM_FAST_TRITON_SSIM``, else ``"separable"``."""
+    source = "variant"
     if variant is None:
-        variant = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "").strip().lower() or "separable"
+        raw = os.environ.get("DEEPSSIM_FAST_TRITON_SSIM", "")
+        variant = raw.strip().lower() or "separable"
+        source = f"$DEEPSSIM_FAST_TRITON_SSIM={raw!r}"  # (the caller passed no variant: name what it set)
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"{source}: expected one of {VARIANTS}" + (f", got {variant!r}" if source == "variant"
+                                                                     else " (or unset: separable)"))
     return variant
 
 

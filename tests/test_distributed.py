@@ -250,7 +250,7 @@ def test_tasks_in_the_callers_process_leave_its_thread_settings(monkeypatch):
         return "result"
 
     monkeypatch.setattr(ap, "all_pairs", task_body)
-    before = torch.get_num_threads(), _native.num_threads()
+    before = torch.get_num_threads(), _native.num_threads_override()
     torch.set_num_threads(2)
     _native.set_num_threads(2)
     try:
@@ -843,3 +843,29 @@ def test_a_malformed_scheduler_address_is_refused_before_the_audit_reads_anythin
         audit(tmp_path / "not_read", tmp_path / "not_read_either", metric="correlation", verify="none",
               scheduler="tcp://127.0.0.1", out=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_shard_in_the_callers_process_leaves_the_thread_setting_as_set(monkeypatch) -> None:
+    """A probe: the first task saved the native thread count it resolved (2) and restored it as a fixed
+    setting, so DEEPSSIM_FAST_NUM_THREADS no longer applied in the caller's process; and in a worker the
+    variable was overridden by the cores' share. The setting as set is restored; the variable caps a task."""
+    import torch
+
+    from deepssim_fast import _native
+
+    before = torch.get_num_threads(), _native.num_threads_override()
+    _native.set_num_threads(0)
+    monkeypatch.delenv("DEEPSSIM_FAST_NUM_THREADS", raising=False)
+    try:
+        train = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
+        shard = dd.Shard(sindex=0, tblock=0, s0=0, s1=3, t0=0, t1=10, self_offset=None)
+        opts = {"k": 2, "thresholds": (0.6, 0.85), "bins": 10, "backend": "native", "device": None,
+                "threads": 1, "precision": "ieee"}
+        dd._run_shard(train, train[:3], shard, opts)
+        assert _native.num_threads_override() == 0
+        monkeypatch.setenv("DEEPSSIM_FAST_NUM_THREADS", "1")
+        assert _native.num_threads() == 1  # (the variable applies again)
+        assert dd._task_threads({}) == 1
+    finally:
+        torch.set_num_threads(before[0])
+        _native.set_num_threads(before[1])

@@ -567,3 +567,28 @@ def test_a_missing_native_extension_is_said_once_as_a_warning(monkeypatch) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.resolve(None, [np.zeros(3)]) == "torch"  # once
+
+
+def test_native_threads_follow_the_affinity_and_simd_names_are_lenient() -> None:
+    """A probe: under taskset (Slurm --cpus-per-task, docker --cpuset-cpus) the native engine still started a
+    thread per online CPU, and `doctor` showed that count; DEEPSSIM_FAST_SIMD='AVX2', ' avx2' or 'auto' were
+    'not one of scalar, avx2, avx512' (the other variables take case and blanks, and set_simd_level 'auto')."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this system")
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from deepssim_fast import _native; print(_native.num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSSIM_FAST_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "1", out
+    from deepssim_fast import _native
+
+    if _native.detected_simd_level() == "scalar":
+        pytest.skip("no AVX2 on this CPU")
+    code = "from deepssim_fast import _native; print(_native.simd_level())"
+    for value in (" AVX2 ", "Avx2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=dict(env, DEEPSSIM_FAST_SIMD=value))
+        assert out.stdout.strip() == "avx2" and "not one of" not in out.stderr, (value, out)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(env, DEEPSSIM_FAST_SIMD="auto"))
+    assert out.stdout.strip() == _native.detected_simd_level() and "not one of" not in out.stderr

@@ -416,7 +416,7 @@ def test_separable_is_the_default_and_the_environment_selects_direct(results):
 
 def test_bad_variant_or_block_is_refused_with_the_reason(results):
     unknown, not_pow2, too_small, direct_not_pow2 = results["bad_options"]
-    assert "variant must be one of ('separable', 'direct')" in unknown
+    assert "variant: expected one of ('separable', 'direct')" in unknown
     assert "powers of two and at least 7" in not_pow2
     assert "powers of two and at least 7" in too_small
     # (the direct kernel's block reached tl.arange unchecked: "arange's range must be a power of 2", an
@@ -517,3 +517,15 @@ def test_triton_float64_far_from_zero_is_computed_in_float64(results, case):
 def test_triton_values_beyond_float64_raise_naming_the_pair(results):
     msg = results["float64_overflow_error"]
     assert "pair index (1,) cannot be scored" in msg and "too large" in msg, msg
+
+
+def test_a_bad_variant_in_the_environment_names_the_variable(monkeypatch) -> None:
+    """DEEPSSIM_FAST_TRITON_SSIM=garbage said "variant must be one of ..." to a caller who passed no variant."""
+    import importlib
+
+    k = importlib.import_module("deepssim_fast.kernels.ssim")
+    monkeypatch.setenv("DEEPSSIM_FAST_TRITON_SSIM", "garbage")
+    with pytest.raises(ValueError, match=r"\$DEEPSSIM_FAST_TRITON_SSIM='garbage': expected one of"):
+        k.resolve_variant(None)
+    monkeypatch.setenv("DEEPSSIM_FAST_TRITON_SSIM", " Direct ")
+    assert k.resolve_variant(None) == "direct"
