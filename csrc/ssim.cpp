@@ -30,6 +30,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -1167,7 +1168,14 @@ PairConst pair_const(double range, const Window& win, const Prep& px, const Prep
 bool box_enabled(const Window& win) {
   if (win.k1 < 1e-5 || win.k2 < 1e-5) return false;
   const char* e = std::getenv("DEEPSSIM_FAST_SSIM_BOX");
-  return e == nullptr || std::string(e) != "0";
+  if (e == nullptr) return true;
+  // (as deepssim_fast.ssim._box_off: "0", "off", "false", "no", in any case and with blanks, turn them off; only
+  // "0" did, and "off" left them on without a word)
+  std::string s(e);
+  std::string t;
+  for (char c : s)
+    if (!std::isspace(static_cast<unsigned char>(c))) t += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return !(t == "0" || t == "off" || t == "false" || t == "no");
 }
 
 // The running-sum kernels' constants. Where the prepared values span more than kMaxSpanRatio * k2 range (see

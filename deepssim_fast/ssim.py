@@ -76,6 +76,12 @@ def _native():
     return nat
 
 
+def _box_off() -> bool:
+    """Whether ``DEEPSSIM_FAST_SSIM_BOX`` turns the running-sum kernels off: "0", "off", "false" or "no" (any case;
+    the native side reads it the same way, csrc/ssim.cpp box_enabled)."""
+    return "".join(os.environ.get("DEEPSSIM_FAST_SSIM_BOX", "").split()).lower() in ("0", "off", "false", "no")
+
+
 def _range_mode(p: sc.SSIMParams, dtype: torch.dtype) -> tuple[int, float, float]:
     """(mode, value, scale) for the native kernels: mode 0 fixed value, 1 per-pair max-min, 2 deepssim preset;
     the kernels get the images and the value multiplied by ``scale`` (``_ssim_common.kernel_scale``)."""
@@ -733,7 +739,7 @@ def _fill_matrix(
     # windows go through the running-sum pair kernel instead, which is faster there even though it
     # recomputes the moments (bench_ssim.py measures both).
     reuse = name == "native" and (
-        p.window != "uniform" or p.spatial_dims == 2 or os.environ.get("DEEPSSIM_FAST_SSIM_BOX") == "0"
+        p.window != "uniform" or p.spatial_dims == 2 or _box_off()
     )
     bar = tqdm(total=na * nb, unit="pair", disable=None if progress else True, desc="ssim_matrix")
     try:

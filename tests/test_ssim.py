@@ -1425,3 +1425,24 @@ def test_a_small_data_range_against_variation_near_sqrt_c2_stays_exact(window: s
             want = np.asarray(ssim_reference(x.astype(np.float64), y.astype(np.float64), **kw), np.float64)
             worst = max(worst, float(np.abs(got - want).max()))
     assert worst < 4e-6, worst
+
+
+def test_the_box_kernels_switch_takes_the_usual_spellings_of_off(monkeypatch) -> None:
+    """DEEPSSIM_FAST_SSIM_BOX turned the running-sum kernels off only for exactly "0": "off", "false", "no"
+    (any case, blanks) left them on without a word. Checked by the result: the two kernels differ in the last
+    bits on these images."""
+    from deepssim_fast import ssim as ssim_fn
+
+    rng = np.random.default_rng(3)
+    x = rng.random((4, 40, 44)).astype(np.float32)
+    y = (0.7 * x + 0.3 * rng.random((4, 40, 44))).astype(np.float32)
+    monkeypatch.delenv("DEEPSSIM_FAST_SSIM_BOX", raising=False)
+    on = np.asarray(ssim_fn(x, y, spatial_dims=2, data_range=1.0))
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", "0")
+    off = np.asarray(ssim_fn(x, y, spatial_dims=2, data_range=1.0))
+    assert not np.array_equal(on, off)  # (else the test could not tell them apart)
+    for value in ("off", " OFF ", "false", "No"):
+        monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", value)
+        assert np.array_equal(np.asarray(ssim_fn(x, y, spatial_dims=2, data_range=1.0)), off), value
+    monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", "1")
+    assert np.array_equal(np.asarray(ssim_fn(x, y, spatial_dims=2, data_range=1.0)), on)
