@@ -52,14 +52,30 @@ int num_threads();
 // became 0 and changed its class at a threshold of 0. Clears MXCSR's FTZ and DAZ bits for its scope and
 // restores the caller's mode after; parallel_for sets it in each of its threads, and the entry points around
 // their work on the calling thread.
-struct IeeeFloats {
+// ieee_floats_enter() clears the two bits on this thread and returns the mode to give back to
+// ieee_floats_exit() (-1 where there is no such mode); IeeeFloats does both around a scope.
+inline int64_t ieee_floats_enter() {
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-  unsigned int saved;
-  IeeeFloats() : saved(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved & ~0x8040u); }
-  ~IeeeFloats() { __builtin_ia32_ldmxcsr(saved); }
+  const unsigned int saved = __builtin_ia32_stmxcsr();
+  __builtin_ia32_ldmxcsr(saved & ~0x8040u);  // FTZ (bit 15) and DAZ (bit 6)
+  return static_cast<int64_t>(saved);
 #else
-  IeeeFloats() = default;
+  return -1;
 #endif
+}
+
+inline void ieee_floats_exit(int64_t saved) {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  if (saved >= 0) __builtin_ia32_ldmxcsr(static_cast<unsigned int>(saved));
+#else
+  (void)saved;
+#endif
+}
+
+struct IeeeFloats {
+  const int64_t saved = ieee_floats_enter();
+  IeeeFloats() = default;
+  ~IeeeFloats() { ieee_floats_exit(saved); }
   IeeeFloats(const IeeeFloats&) = delete;
   IeeeFloats& operator=(const IeeeFloats&) = delete;
 };

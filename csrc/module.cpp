@@ -259,31 +259,15 @@ PYBIND11_MODULE(_native, m) {
       py::arg("level"),
       "Cap the SIMD level ('scalar' forces the portable path; 'auto' restores detection). "
       "A level above what the CPU supports is lowered to it.");
-  m.def(
-      "ieee_floats_enter",
-      []() -> int64_t {
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-        const unsigned int saved = __builtin_ia32_stmxcsr();
-        __builtin_ia32_ldmxcsr(saved & ~0x8040u);
-        return static_cast<int64_t>(saved);
-#else
-        return -1;
-#endif
-      },
-      "Clear flush-to-zero and denormals-are-zero (MXCSR) on the calling thread; returns the mode to give back\n"
-      "to ieee_floats_exit (-1 where there is no such mode). For the Python-side parts of a call (numpy and\n"
-      "torch on the calling thread), as the native loops do for theirs (IeeeFloats).");
-  m.def(
-      "ieee_floats_exit",
-      [](int64_t saved) {
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-        if (saved >= 0) __builtin_ia32_ldmxcsr(static_cast<unsigned int>(saved));
-#else
-        (void)saved;
-#endif
-      },
-      py::arg("saved"), "Give back the floating-point mode ieee_floats_enter returned.");
+  m.def("ieee_floats_enter", &dsf::ieee_floats_enter,
+        "Clear flush-to-zero and denormals-are-zero (MXCSR) on the calling thread; returns the mode to give back\n"
+        "to ieee_floats_exit (-1 where there is no such mode). For the Python-side parts of a call (numpy and\n"
+        "torch on the calling thread), as the native loops do for theirs (IeeeFloats).");
+  m.def("ieee_floats_exit", &dsf::ieee_floats_exit, py::arg("saved"),
+        "Give back the floating-point mode ieee_floats_enter returned.");
   m.def("num_threads", &dsf::num_threads, "Worker threads used by native loops.");
+  m.def("threads_from_env", &dsf::parse_threads_env,
+        "DEEPSSIM_FAST_NUM_THREADS as the native loops read it (0: unset, empty or not a thread count).");
   m.def("num_threads_override", []() { return dsf::g_threads.load(); },
         "The count set_num_threads set (0: none, the environment or the usable cores decide), to restore later.");
   m.def(

@@ -1165,17 +1165,20 @@ PairConst pair_const(double range, const Window& win, const Prep& px, const Prep
 // keeps that loss after the voxel leaves: ~eps64 * range^2 per window, which is small beside C2 = (k2 range)^2
 // only for k2 well above 1e-8 (measured with one voxel of 1 beside values ~k: 2e-3 off at k = 1e-9, 3e-6 at
 // 1e-7, within 4e-8 of float64 from 1e-6 up). The separable kernel sums each window afresh.
+// DEEPSSIM_FAST_SSIM_BOX: "0", "off", "false" or "no" (any case, blanks) turn the box kernels off (only "0" did,
+// and "off" left them on without a word). Also read by deepssim_fast.ssim (the _native function ssim_box_off).
+bool box_off_env() {
+  const char* e = std::getenv("DEEPSSIM_FAST_SSIM_BOX");
+  if (e == nullptr) return false;
+  std::string t;
+  for (const char* c = e; *c; ++c)
+    if (!std::isspace(static_cast<unsigned char>(*c))) t += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
+  return t == "0" || t == "off" || t == "false" || t == "no";
+}
+
 bool box_enabled(const Window& win) {
   if (win.k1 < 1e-5 || win.k2 < 1e-5) return false;
-  const char* e = std::getenv("DEEPSSIM_FAST_SSIM_BOX");
-  if (e == nullptr) return true;
-  // (as deepssim_fast.ssim._box_off: "0", "off", "false", "no", in any case and with blanks, turn them off; only
-  // "0" did, and "off" left them on without a word)
-  std::string s(e);
-  std::string t;
-  for (char c : s)
-    if (!std::isspace(static_cast<unsigned char>(c))) t += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return !(t == "0" || t == "off" || t == "false" || t == "no");
+  return !box_off_env();
 }
 
 // The running-sum kernels' constants. Where the prepared values span more than kMaxSpanRatio * k2 range (see
@@ -1662,6 +1665,8 @@ py::array_t<float> ssim_matrix_block(FArr A, FArr B, int spatial_dims, py::array
 }  // namespace ssim_native
 
 void register_ssim(py::module_& m) {
+  m.def("ssim_box_off", &ssim_native::box_off_env,
+        "Whether DEEPSSIM_FAST_SSIM_BOX turns the running-sum (box) kernels off ('0', 'off', 'false', 'no').");
   m.def("ssim_pairs", &ssim_native::ssim_pairs, py::arg("x"), py::arg("y"), py::arg("ix"), py::arg("iy"),
         py::arg("spatial_dims"), py::arg("weights"), py::arg("sample_covariance"), py::arg("k1"), py::arg("k2"),
         py::arg("range_mode"), py::arg("range_value"),

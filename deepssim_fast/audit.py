@@ -3804,6 +3804,11 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
                 f"the others:{rest})")
         raise ValueError(problems[0] + (more if len(problems) > 1 else ""))
     _warn_repeated_pairs(labels, rows, ti, si)
+    # A pair the audit labelled (a row of matches.csv) takes that very label (below): a score computed again here
+    # (the per-pair SSIM kernel against the search's matrix, another engine than the audit's) can fall one float32
+    # step to the other side of a threshold (similar recall 0 for a pair matches.csv calls similar)
+    audited = _audited_labels(d / "matches.csv", {(ids["synth"][s_], ids["train"][t_]) for t_, s_ in zip(ti, si,
+                                                                                                      strict=True)})
     if summary["verify"]["method"] == "ssim":
         tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
         sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
@@ -3888,8 +3893,9 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
         # A pair the search kept (a row of matches.csv) takes the very score the audit labelled it with: the
         # float64 value above can fall on the other side of a threshold than the search's float32 one (0.90140995
         # against 0.90140998 with high = 0.90140997), and evaluate then disagreed with the audit's own label.
-        # (Other pairs keep the float64 score: the audit labelled none of them.)
-        if (work / "search.npz").is_file():
+        # (Other pairs keep the float64 score: the audit labelled none of them.) Needed only where matches.csv,
+        # which gives those pairs their labels, could not be read.
+        if not audited and (work / "search.npz").is_file():
             found = _evaluation_search(stored("search.npz"), d)
             kept = {(int(i), int(j)): float(v) for i, (row, vals) in enumerate(zip(found.indices, found.scores,
                                                                                   strict=True))
@@ -3897,11 +3903,6 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
             score = np.array([kept.get((int(s_), int(t_)), float(v)) for t_, s_, v in zip(ti, si, score, strict=True)],
                              dtype=np.float64)
     pred_names = [LABELS[int(v)] for v in label_of(score, th)]
-    # A pair the audit labelled (a row of matches.csv) takes that very label: a score computed again here (the
-    # per-pair SSIM kernel against the search's matrix, another engine than the audit's) can fall one float32
-    # step to the other side of a threshold (similar recall 0 for a pair matches.csv calls similar)
-    audited = _audited_labels(d / "matches.csv", {(ids["synth"][s_], ids["train"][t_]) for t_, s_ in zip(ti, si,
-                                                                                                      strict=True)})
     for n_, (t_, s_) in enumerate(zip(ti, si, strict=True)):
         lab = audited.get((ids["synth"][s_], ids["train"][t_]))
         if lab is not None:

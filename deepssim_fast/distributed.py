@@ -444,10 +444,11 @@ def _task_threads(host_workers: dict[str, int]) -> int:
     except (ImportError, ValueError):  # not on a worker (direct call)
         per_worker = 1
     n = max(1, usable_cores() // per_worker)
-    cap = os.environ.get("DEEPSSIM_FAST_NUM_THREADS", "").strip()
-    if cap.isdigit() and int(cap) > 0:
-        n = min(n, int(cap))
-    return n
+    from .backends import _native
+
+    nat = _native()
+    cap = nat.threads_from_env() if nat is not None else 0  # (the variable as the native loops parse it)
+    return min(n, cap) if cap > 0 else n
 
 
 _BLAS_CONTROLLER: Any = None

@@ -77,9 +77,9 @@ def _native():
 
 
 def _box_off() -> bool:
-    """Whether ``DEEPSSIM_FAST_SSIM_BOX`` turns the running-sum kernels off: "0", "off", "false" or "no" (any case;
-    the native side reads it the same way, csrc/ssim.cpp box_enabled)."""
-    return "".join(os.environ.get("DEEPSSIM_FAST_SSIM_BOX", "").split()).lower() in ("0", "off", "false", "no")
+    """Whether ``DEEPSSIM_FAST_SSIM_BOX`` turns the running-sum kernels off ("0", "off", "false" or "no"), as the
+    native kernels read it (csrc/ssim.cpp box_off_env)."""
+    return bool(_native().ssim_box_off())
 
 
 def _range_mode(p: sc.SSIMParams, dtype: torch.dtype) -> tuple[int, float, float]:
