@@ -259,6 +259,14 @@ PYBIND11_MODULE(_native, m) {
       py::arg("level"),
       "Cap the SIMD level ('scalar' forces the portable path; 'auto' restores detection). "
       "A level above what the CPU supports is lowered to it.");
+  m.def(
+      "simd_cap",
+      []() {
+        const int cap = dsf::g_simd_cap.load();
+        return std::string(cap < 0 ? "auto" : dsf::simd_name(static_cast<dsf::Simd>(cap)));
+      },
+      "The cap set_simd_level set ('auto': none; DEEPSSIM_FAST_SIMD or the detected level decides), to pass on\n"
+      "to another process or restore later.");
   m.def("ieee_floats_enter", &dsf::ieee_floats_enter,
         "Clear flush-to-zero and denormals-are-zero (MXCSR) on the calling thread; returns the mode to give back\n"
         "to ieee_floats_exit (-1 where there is no such mode). For the Python-side parts of a call (numpy and\n"

@@ -1727,6 +1727,14 @@ void register_topk(py::module_& m) {
       "has one), or 'auto' (clears the override: DEEPSSIM_FAST_TOPK_KERNEL if set, else by estimated cost).\n"
       "Results are identical; only speed changes.");
   m.def(
+      "topk_kernel_override",
+      []() {
+        const int v = g_topk_kernel.load();
+        return std::string(v == 1 ? "fp32" : v == 2 ? "int16" : "auto");
+      },
+      "The choice set_topk_kernel set ('auto': none; DEEPSSIM_FAST_TOPK_KERNEL or the estimated cost decides),\n"
+      "to pass on to another process or restore later.");
+  m.def(
       "topk_kernel_choice",
       []() {
         const int v = topk_kernel_choice();

@@ -487,7 +487,7 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
         device = "cuda"  # a GPU worker (dask-cuda gives each worker its own device)
     threads = opts.get("threads") or _task_threads(opts.get("host_workers", {}))
     t0 = time.perf_counter()
-    with _engine_threads(threads):
+    with _engine_threads(threads, simd=opts.get("simd", "auto"), topk_kernel=opts.get("topk_kernel", "auto")):
         try:
             res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
                             bins=opts["bins"], device=device, backend=opts.get("backend"),
@@ -503,12 +503,27 @@ _THREADS_LOCK = threading.Lock()
 _THREADS_STATE: dict[str, Any] = {"tasks": 0, "saved": None, "blas": None}
 
 
+def _caller_engine_settings() -> dict[str, str]:
+    """The native engine's SIMD cap and top-k kernel choice as this process's caller set them
+    (``_native.set_simd_level`` / ``set_topk_kernel``; "auto" where unset), for the workers' tasks: those
+    settings are per process, so a worker process went on with its own (the environment's), and a cap set
+    to compare kernels or to stay off AVX-512 did not apply to the shards. Results never depend on them."""
+    from .backends import _native
+
+    nat = _native()
+    if nat is None:
+        return {"simd": "auto", "topk_kernel": "auto"}
+    return {"simd": nat.simd_cap(), "topk_kernel": nat.topk_kernel_override()}
+
+
 @contextlib.contextmanager
-def _engine_threads(threads: int) -> Iterator[None]:
+def _engine_threads(threads: int, *, simd: str = "auto", topk_kernel: str = "auto") -> Iterator[None]:
     """Engine threads (torch, the native extension, numpy's BLAS) set to ``threads`` for a task, and the
-    process's own settings restored when the last task running in it ends. The settings are process-wide:
-    two tasks of a worker that runs in the caller's process (``processes=False``) each saved what they found
-    and restored it, so the second saved the first one's setting and left the caller on 1 thread."""
+    native SIMD cap and top-k kernel to the caller's (see :func:`_caller_engine_settings`; "auto" leaves the
+    worker's own), and the process's own settings restored when the last task running in it ends. The
+    settings are process-wide: two tasks of a worker that runs in the caller's process (``processes=False``)
+    each saved what they found and restored it, so the second saved the first one's setting and left the
+    caller on 1 thread."""
     import torch
 
     from .backends import _native
@@ -518,22 +533,30 @@ def _engine_threads(threads: int) -> Iterator[None]:
         if _THREADS_STATE["tasks"] == 0:
             # the native setting as set (0: none; the environment or the usable cores decide), not the count it
             # resolves to: restoring that count fixed it, and DEEPSSIM_FAST_NUM_THREADS no longer applied
-            _THREADS_STATE["saved"] = torch.get_num_threads(), (nat.num_threads_override() if nat is not None else 0)
+            _THREADS_STATE["saved"] = (torch.get_num_threads(),
+                                       (nat.num_threads_override(), nat.simd_cap(), nat.topk_kernel_override())
+                                       if nat is not None else None)
             _THREADS_STATE["blas"] = _blas_limit(threads)
         _THREADS_STATE["tasks"] += 1
         torch.set_num_threads(threads)
         if nat is not None:
             nat.set_num_threads(threads)
+            if simd != "auto":
+                nat.set_simd_level(simd)
+            if topk_kernel != "auto":
+                nat.set_topk_kernel(topk_kernel)
     try:
         yield
     finally:
         with _THREADS_LOCK:
             _THREADS_STATE["tasks"] -= 1
             if _THREADS_STATE["tasks"] == 0:
-                torch_n, nat_n = _THREADS_STATE["saved"]
+                torch_n, nat_saved = _THREADS_STATE["saved"]
                 torch.set_num_threads(torch_n)
-                if nat is not None:
-                    nat.set_num_threads(nat_n)
+                if nat is not None and nat_saved is not None:
+                    nat.set_num_threads(nat_saved[0])
+                    nat.set_simd_level(nat_saved[1])
+                    nat.set_topk_kernel(nat_saved[2])
                 blas, _THREADS_STATE["blas"] = _THREADS_STATE["blas"], None
                 if blas is not None:
                     blas.restore_original_limits()
@@ -854,7 +877,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
                             "backend": backend, "device": device,
                             "threads": None if threads_per_task is None else int(threads_per_task),
-                            "precision": precision}
+                            "precision": precision,
+                            **_caller_engine_settings()}  # (not in the checkpoints' key: results do not change)
     if backend not in (None, "auto", *BACKENDS):
         # (the name is checked here, before a cluster starts: it was refused on a worker, after start-up; whether
         # it is available is the workers' matter, a GPU worker's Triton say)

@@ -271,6 +271,47 @@ def test_tasks_in_the_callers_process_leave_its_thread_settings(monkeypatch):
         _native.set_num_threads(before[1])
 
 
+def test_the_callers_simd_cap_and_kernel_choice_reach_the_workers(client, emb, monkeypatch):
+    """set_simd_level / set_topk_kernel are per process: a worker process ran its shards at its own level
+    (a cap set to compare kernels or to stay off AVX-512 did not apply), while environment variables did.
+    The caller's settings go with the job's options; each task sets them and the worker's own come back."""
+    from deepssim_fast import _native
+
+    seen: dict = {}
+    real = dd._run_shards
+
+    def spy(client_, tr, sy, todo, opts, **kw):
+        seen.update(opts)
+        return real(client_, tr, sy, todo, opts, **kw)
+
+    monkeypatch.setattr(dd, "_run_shards", spy)
+    _native.set_simd_level("scalar")
+    _native.set_topk_kernel("fp32")
+    try:
+        got = dd.all_pairs_distributed(emb["train"], emb["synth"], k=3, scheduler=client, shard_size=40,
+                                       progress=False)
+    finally:
+        _native.set_simd_level("auto")
+        _native.set_topk_kernel("auto")
+    assert (seen["simd"], seen["topk_kernel"]) == ("scalar", "fp32")
+    assert_same(got, all_pairs(emb["train"], emb["synth"], k=3, progress=False))
+    assert dd._caller_engine_settings() == {"simd": "auto", "topk_kernel": "auto"}
+
+    def in_task(simd, kernel):
+        from deepssim_fast import _native as nat
+        from deepssim_fast import distributed as d
+
+        with d._engine_threads(1, simd=simd, topk_kernel=kernel):
+            inside = nat.simd_level(), nat.topk_kernel_choice()
+        return inside, (nat.simd_cap(), nat.topk_kernel_override())
+
+    inside, after = client.submit(in_task, "scalar", "fp32", pure=False).result(timeout=60)
+    assert inside == ("scalar", "fp32")
+    assert after == ("auto", "auto")  # the worker's own settings again
+    inside, _ = client.submit(in_task, "auto", "auto", pure=False).result(timeout=60)
+    assert inside == (_native.detected_simd_level(), "auto")  # "auto" leaves the worker's own
+
+
 def test_default_shard_size_depends_on_problem_only():
     assert dd.default_shard_size(10, 10) == 10
     assert dd.default_shard_size(5000, 10) == dd.MIN_SHARD_ROWS
