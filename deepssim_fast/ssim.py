@@ -179,6 +179,68 @@ def _filter_valid(m: torch.Tensor, w: torch.Tensor, spatial_dims: int) -> torch.
     return m
 
 
+# Rounding of the one-pass window moments E[a^2] - E[a]^2 (and E[ab] - E[a]E[b]) above, relative to
+# E[a^2] + E[b^2]: every sum adds nonnegative terms (the images are centred on their minimum), K taps per axis,
+# so each window mean is within about spatial_dims * K units in the last place of its value, the products add
+# a few more, and the subtraction loses all that is common to both terms. A generous multiple of that.
+def _moment_rounding(p: sc.SSIMParams) -> float:
+    return (4 * p.spatial_dims * p.win_size + 16) * 2.0**-53
+
+
+# A window whose moments may be off by more than this fraction of vx + vy + C2 (the contrast-structure term's
+# denominator, which bounds its numerator too) has them computed again around its own mean.
+_REFINE_TOL = 2.0**-30
+
+
+def _refine_windows(a: torch.Tensor, b: torch.Tensor, m2: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+                    vxy: torch.Tensor, c2: torch.Tensor, p: sc.SSIMParams) -> None:
+    """Recompute, in place, the variances and covariance of every window where the one-pass form's rounding
+    may matter against C2: ``sum w (a - mean)^2`` over the window's own pixels (two passes, each window
+    shifted by its centre pixel first).
+
+    Centring each image on its minimum keeps a flat region at the minimum exact, but a flat region elsewhere
+    (a plateau shared by both images, 970 in [0, 1000]) left ~1e-16 x 970^2 of rounding in E[a^2] - E[a]^2,
+    which a small C2 (``data_range`` far below the images' span, tiny k2) turned into scores of 0.76 or 2.6
+    where the exact one is 0.9989. ``a``, ``b``: (P, *spatial), centred; ``m2``: E[a^2] + E[b^2] per window;
+    ``vx``, ``vy``, ``vxy``: (P, *out) as computed (already scaled by cov_norm)."""
+    den = vx + vy + c2
+    flag = (4 * p.cov_norm * _moment_rounding(p)) * m2 > _REFINE_TOL * den
+    flag |= ~(den > 0)  # (rounding below zero; or C2 = 0 over flat windows: their 0/0 is reported as such)
+    sel = flag.nonzero()
+    if sel.shape[0] == 0:
+        return
+    d, k = p.spatial_dims, p.win_size
+    a, b = a.contiguous(), b.contiguous()
+    w1 = torch.from_numpy(sc.window_weights(p)).to(a.device)
+    wf = w1
+    for _ in range(d - 1):
+        wf = torch.outer(wf, w1).reshape(-1)  # (the window's taps in C order: last axis fastest)
+    wf = wf / wf.sum()
+    grids = torch.meshgrid(*[torch.arange(k, device=a.device)] * d, indexing="ij")
+    strides = a.stride()
+    offs = sum(g.reshape(-1) * strides[1 + j] for j, g in enumerate(grids))
+    base = sel[:, 0] * strides[0] + sum(sel[:, 1 + j] * strides[1 + j] for j in range(d))
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    step = max(1, (16 << 20) // (8 * wf.numel()))  # (windows per gather: ~16 MB of indices)
+    out = torch.empty(3, sel.shape[0], dtype=torch.float64, device=a.device)
+    for s in range(0, sel.shape[0], step):
+        idx = base[s : s + step, None] + offs[None, :]
+        # (each window first shifted by its centre pixel: a window of equal values is then exact zeros, where
+        # its computed mean, a few ulps off, left differences whose squares a C2 of 1e-24 still saw)
+        centre = wf.numel() // 2
+        pa, pb = fa[idx], fb[idx]
+        pa, pb = pa - pa[:, centre : centre + 1], pb - pb[:, centre : centre + 1]
+        da = pa - (pa @ wf)[:, None]
+        db = pb - (pb @ wf)[:, None]
+        out[0, s : s + step] = (da * da) @ wf
+        out[1, s : s + step] = (db * db) @ wf
+        out[2, s : s + step] = (da * db) @ wf
+    where = tuple(sel.T)
+    vx[where] = p.cov_norm * out[0]
+    vy[where] = p.cov_norm * out[1]
+    vxy[where] = p.cov_norm * out[2]
+
+
 def _torch_pairs(
     xf: torch.Tensor,
     yf: torch.Tensor,
@@ -213,6 +275,7 @@ def _torch_pairs(
         shape = (-1,) + (1,) * p.spatial_dims
         c1 = ((p.k1 * rng) ** 2).view(shape)
         c2 = ((p.k2 * rng) ** 2).view(shape)
+        _refine_windows(a, b, m[:, 2] + m[:, 3], vx, vy, vxy, c2, p)
         smap = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
         r = smap.flatten(1).mean(dim=1)
         out[s : s + chunk] = torch.where(rng > 0, r, torch.ones_like(r))

@@ -1446,3 +1446,139 @@ def test_the_box_kernels_switch_takes_the_usual_spellings_of_off(monkeypatch) ->
         assert np.array_equal(np.asarray(ssim_fn(x, y, spatial_dims=2, data_range=1.0)), off), value
     monkeypatch.setenv("DEEPSSIM_FAST_SSIM_BOX", "1")
     assert np.array_equal(np.asarray(ssim_fn(x, y, spatial_dims=2, data_range=1.0)), on)
+
+
+def _two_pass_longdouble(x: np.ndarray, y: np.ndarray, *, data_range: float, k1: float = 0.01, k2: float = 0.03,
+                         win: int = 7) -> float:
+    """Uniform-window SSIM of one 2D or 3D pair with every window's variances and covariance taken around its
+    own mean, in long double, by numpy's sliding windows: independent of the package's filters."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    d = x.ndim
+    ax = tuple(range(d, 2 * d))
+    X = sliding_window_view(np.asarray(x, np.longdouble), (win,) * d)
+    Y = sliding_window_view(np.asarray(y, np.longdouble), (win,) * d)
+    mx, my = X.mean(ax, keepdims=True), Y.mean(ax, keepdims=True)
+    n = win**d
+    cn = np.longdouble(n) / (n - 1)
+    vx, vy = cn * ((X - mx) ** 2).mean(ax), cn * ((Y - my) ** 2).mean(ax)
+    vxy = cn * ((X - mx) * (Y - my)).mean(ax)
+    mx, my = mx.reshape(vx.shape), my.reshape(vx.shape)
+    c1, c2 = np.longdouble(k1 * data_range) ** 2, np.longdouble(k2 * data_range) ** 2
+    return float((((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))).mean())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_shared_plateau_above_the_minimum_is_exact_at_a_tiny_c2(dims: int) -> None:
+    """A flat region shared by both images at a level other than their minimum (970 in [0, 1000]) kept
+    ~1e-16 x 970^2 of rounding in the float64 path's one-pass E[x^2] - E[x]^2, which a small C2 turned into
+    any score: 0.76 at data_range=1e-3 (exact: 0.9989), up to 2.6 on other plateaus, and in ssim_matrix too.
+    The float64 path (every backend's, for pairs past the span rule) and the reference both agree with the
+    independent long-double two-pass computation now."""
+    rng = np.random.default_rng(40 + dims)
+    shape = (40, 40) if dims == 2 else (14, 15, 16)
+    worst = 0.0
+    for trial in range(6):
+        x = rng.random(shape) * 1000
+        y = x + rng.normal(0, 20, shape)
+        level = float(rng.uniform(100, 1000))
+        box = tuple(slice(1 + trial % 3, n - 2) for n in shape)
+        x[box] = level
+        y[box] = level
+        for data_range in (1e-2, 1e-3, 1e-5):
+            want = _two_pass_longdouble(x, y, data_range=data_range)
+            kw = dict(data_range=data_range, spatial_dims=dims)
+            got = [float(ssim(x, y, backend=b, **kw)) for b in ("native", "torch")]
+            got.append(float(ssim_reference(x, y, **kw)))
+            got.append(float(ssim_matrix(x[None], y[None], progress=False, **kw)[0, 0]))
+            assert all(g <= 1.0 + 1e-12 for g in got), (trial, data_range, got, want)
+            worst = max(worst, *(abs(g - want) for g in got))
+    assert worst < 1e-6, worst
+
+
+def test_tiny_k_constants_over_a_plateau_match_exact_rational_arithmetic() -> None:
+    """A 12x12 pair sharing an 8x8 plateau at 5: exact rational arithmetic (and scikit-image) give 0.99933745;
+    the float64 path gave 1.32 at k1 = k2 = 1e-8 and 3e7 at 1e-12, the reference 1.09 to 90."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(25)
+    x = rng.random((12, 12))
+    y = x + 0.2 * rng.random((12, 12))
+    x[:8, :8] = y[:8, :8] = 5.0
+    w = 7
+    X, Y = [[Fraction(v) for v in r] for r in x], [[Fraction(v) for v in r] for r in y]
+    rng_ = Fraction(float(max(x.max(), y.max()) - min(x.min(), y.min())))
+
+    def exact(k: float) -> float:
+        c1 = c2 = (Fraction(k) * rng_) ** 2
+        n, cn = w * w, Fraction(w * w, w * w - 1)
+        total = []
+        for i in range(12 - w + 1):
+            for j in range(12 - w + 1):
+                xs = [X[a][b] for a in range(i, i + w) for b in range(j, j + w)]
+                ys = [Y[a][b] for a in range(i, i + w) for b in range(j, j + w)]
+                mx, my = sum(xs) / n, sum(ys) / n
+                vx = cn * sum((v - mx) ** 2 for v in xs) / n
+                vy = cn * sum((v - my) ** 2 for v in ys) / n
+                vxy = cn * sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / n
+                total.append(((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+        return float(sum(total) / len(total))
+
+    for k in (1e-6, 1e-8, 1e-12, 1e-30):
+        want = exact(k)
+        for backend in ("native", "torch"):
+            assert float(ssim(x, y, k1=k, k2=k, backend=backend)) == pytest.approx(want, abs=1e-7), (k, backend)
+        assert float(ssim_reference(x, y, k1=k, k2=k)) == pytest.approx(want, abs=1e-12), k
+
+
+@pytest.mark.parametrize("window", ["uniform", "gaussian"])
+def test_the_float64_paths_rounding_bound_holds_where_it_skips_the_two_pass(window: str) -> None:
+    """The float64 path keeps its one-pass moments only where their rounding bound is under 2^-30 of
+    vx + vy + C2; everywhere it does, they match the two-pass ones (long double) to that, on images built to
+    cancel badly: plateaus, large offsets, small spreads, data ranges far under the span."""
+    import importlib
+
+    import deepssim_fast._ssim_common as sc
+
+    mod = importlib.import_module("deepssim_fast.ssim")
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    rng = np.random.default_rng(9)
+    checked = refined = 0
+    for trial in range(8):
+        x = rng.random((30, 34)) * 10 ** rng.uniform(0, 4) + 10 ** rng.uniform(0, 6)
+        y = x + rng.normal(0, 10 ** rng.uniform(-3, 1), x.shape)
+        x[5:20, 3:25] = y[5:20, 3:25] = float(x.mean())
+        p = sc.resolve_params(ndim=2, spatial_dims=2, window=window, win_size=None, sigma=1.5,
+                              data_range=10 ** rng.uniform(-6, 0), k1=0.01, k2=0.03, sample_covariance=True,
+                              preset=None, shapes={"x": x.shape, "y": y.shape})
+        w = torch.from_numpy(sc.window_weights(p))
+        a = torch.from_numpy(x - x.min())[None]
+        b = torch.from_numpy(y - y.min())[None]
+        m = mod._filter_valid(torch.stack([a, b, a * a, b * b, a * b], dim=1), w, 2)
+        cn = p.cov_norm
+        vx, vy = cn * (m[:, 2] - m[:, 0] ** 2), cn * (m[:, 3] - m[:, 1] ** 2)
+        vxy = cn * (m[:, 4] - m[:, 0] * m[:, 1])
+        c2 = torch.tensor((p.k2 * p.data_range) ** 2, dtype=torch.float64)
+        den = vx + vy + c2
+        keep = ((4 * cn * mod._moment_rounding(p)) * (m[:, 2] + m[:, 3]) <= mod._REFINE_TOL * den) & (den > 0)
+        wf = np.multiply.outer(sc.window_weights(p), sc.window_weights(p)).astype(np.longdouble)
+        wf /= wf.sum()
+        A = sliding_window_view(a[0].numpy().astype(np.longdouble), wf.shape)
+        B = sliding_window_view(b[0].numpy().astype(np.longdouble), wf.shape)
+        ma, mb = (A * wf).sum((2, 3), keepdims=True), (B * wf).sum((2, 3), keepdims=True)
+        ex = [cn * (((A - ma) ** 2) * wf).sum((2, 3)), cn * (((B - mb) ** 2) * wf).sum((2, 3)),
+              cn * (((A - ma) * (B - mb)) * wf).sum((2, 3))]
+        k = keep[0].numpy()
+        dd = den[0].numpy()[k]
+        for fast, exact in zip((vx, vy, vxy), ex, strict=True):
+            err = np.abs(fast[0].numpy()[k] - exact[k].astype(np.float64))
+            assert (err <= 2.0**-30 * dd).all(), (trial, float((err / dd).max()))
+        # and the windows it refines come out as the two-pass ones
+        got = [v.clone() for v in (vx, vy, vxy)]
+        mod._refine_windows(a, b, m[:, 2] + m[:, 3], *got, c2, p)
+        for g, exact in zip(got, ex, strict=True):
+            assert np.allclose(g[0].numpy(), exact.astype(np.float64), rtol=1e-9, atol=1e-9 * float(c2))
+        checked += int(k.sum())
+        refined += int((~k).sum())
+    assert checked > 1000 and refined > 300  # (both kinds of window were exercised)
