@@ -128,8 +128,8 @@ def status_table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", metavar="NAME",
                    help=f"benchmarks to run: {', '.join(CAPABILITIES)} or a dotted module path "
                         "(default: all)")
@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the selected benchmarks; print the combined table and the status of each module."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
+    """Run the selected benchmarks; print the combined table and the status of each module (``prog``: the
+    command as its messages name it, ``deepssim-fast bench`` from the command line tool)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list:
         for name in CAPABILITIES:
@@ -157,11 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             module_for(n)
     except ValueError as exc:
         parser.print_usage(sys.stderr)
-        print(f"python -m bench: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     if args.json is not None and (args.json.is_dir() or str(args.json).endswith(("/", os.sep))):
         # (found when the run had finished: IsADirectoryError and a traceback, after minutes of benchmarks)
-        print(f"python -m bench: error: --json {args.json}: a folder; give the path of the JSON file to write",
+        print(f"{prog}: error: --json {args.json}: a folder; give the path of the JSON file to write",
               file=sys.stderr)
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -88,11 +88,9 @@ def check_writable(path: str | os.PathLike) -> None:
         raise PermissionError(errno.EACCES, "Permission denied (an existing read-only file; not replaced)", str(p))
 
 
-@contextlib.contextmanager
-def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
-    """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
-    completes, the file replaces ``path``; when it raises, the file is removed (and an OSError that names no
-    file, as a write to a full disk raises, or the temporary file, is raised again naming ``path``)."""
+def check_writable_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or the OSError that writing a file there would meet, raised now (before the work
+    whose result it is to hold): it is a folder, or one of its parents is a file."""
     p = Path(path)
     if p.is_dir():  # (the temporary file was written, then os.replace said "Is a directory")
         raise IsADirectoryError(errno.EISDIR, "is an existing folder; give a file name", str(p))
@@ -100,6 +98,15 @@ def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
     if blocker is not None:  # mkdir said "[Errno 17] File exists: 'afile'" for afile/x.csv
         raise NotADirectoryError(errno.ENOTDIR, f"cannot write it: {blocker} is an existing file, not a folder",
                                  str(p))
+    return p
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[tuple[Path, int]]:
+    """A new temporary file beside ``path`` and its open descriptor (the block closes it); when the block
+    completes, the file replaces ``path``; when it raises, the file is removed (and an OSError that names no
+    file, as a write to a full disk raises, or the temporary file, is raised again naming ``path``)."""
+    p = check_writable_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp, fd = _create_temporary(p)

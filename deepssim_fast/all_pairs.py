@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -632,6 +633,9 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
             dev = _triton_device(torch.empty(0, device=dev)).device
     if bk == "native":
         dev = torch.device("cpu")
+    if precision != "ieee" and bk != "triton":  # (it was accepted and ignored without a word)
+        warnings.warn(f"all_pairs: precision={precision!r} applies to the Triton backend only; the {bk} backend "
+                      "computes exact fp32 scores", UserWarning, stacklevel=2)
     logger.info("all_pairs: %d synth x %d train, d=%d, k=%d, backend=%s, device=%s", n_synth, n_train, d, k,
                 bk, dev)
     if out is not None and Path(os.fspath(out)).is_dir():  # (found now, not after the whole run)

@@ -2451,6 +2451,13 @@ def audit(
             f"model is used by metric='deepssim' only; metric={metric!r} does not embed: drop model (--model) "
             "or use metric='deepssim'"
         )
+    if metric != "deepssim" and device is not None and str(device).split(":")[0] != "cpu":
+        # (device="cuda" placed nothing: the CPU engine ran, without a word; "cpu" is what runs anyway)
+        raise ValueError(
+            f"device is the encoder's, used by metric='deepssim' only; metric={metric!r} does not embed: drop "
+            f"device (--device {device}); for its SSIM and search on a GPU, give backend='triton' "
+            "(--backend triton)"
+        )
     if metric == "deepssim" and model is None:
         raise ValueError(
             "metric='deepssim' needs a model: a checkpoint or TorchScript path (train one with "

@@ -176,6 +176,15 @@ def backends() -> dict[str, Any]:
     }
 
 
+#: Every DEEPSSIM_FAST_* variable the package reads (``doctor`` names any other as read by nothing: a misspelt
+#: DEEPSSIM_FAST_NUM_THREAD was listed among the settings in force).
+KNOWN_ENV = frozenset({
+    "DEEPSSIM_FAST_BACKEND", "DEEPSSIM_FAST_NUM_THREADS", "DEEPSSIM_FAST_SIMD", "DEEPSSIM_FAST_SSIM_BOX",
+    "DEEPSSIM_FAST_TOPK_KERNEL", "DEEPSSIM_FAST_TRITON_HIST_MODE", "DEEPSSIM_FAST_TRITON_SSIM",
+    "DEEPSSIM_FAST_TEST_KILL_ONCE",
+})
+
+
 def is_gpu_array(x: Any) -> bool:
     """True for a CUDA torch tensor or a cupy array."""
     if type(x).__module__.startswith("cupy"):

@@ -67,8 +67,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
           f"{'' if info['cupy'] else '[cupy13] for CUDA 13)'}")
     env = info["environment"]
     print("environment: " + ("  ".join(f"{k}={v}" for k, v in env.items()) if env else "no DEEPSSIM_FAST_* overrides"))
+    from .backends import BACKENDS, KNOWN_ENV
+
+    unknown = [k for k in env if k.startswith("DEEPSSIM_FAST_") and k not in KNOWN_ENV]
+    if unknown:
+        print(f"note: {', '.join(unknown)}: not a variable deepssim_fast reads (misspelt?); known: "
+              f"{', '.join(sorted(KNOWN_ENV - {'DEEPSSIM_FAST_TEST_KILL_ONCE'}))}")
     forced = env.get("DEEPSSIM_FAST_BACKEND") or None  # (read as backends.resolve reads it: as written)
-    from .backends import BACKENDS
 
     if forced not in (None, "auto") and forced not in BACKENDS:
         print(f"note: DEEPSSIM_FAST_BACKEND={forced!r} is not one of {BACKENDS} (or 'auto'): calls that use the "
@@ -140,33 +145,44 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
                    **{k: v for k, v in opts.items() if k != "backend"})
     a, b = Path(args.a), Path(args.b)
 
-    def integer_range(files: list[Path], images: list[np.ndarray]) -> None:
+    def dtype_range(dt: Any) -> float:
+        return 1.0 if dt == np.bool_ else float(np.iinfo(dt).max) - float(np.iinfo(dt).min)
+
+    def integer_range(files: list[Path], images: list[np.ndarray]) -> Any:
         """Files decode to float32; integer files keep scikit-image's dtype range (uint8 255) unless
-        --data-range or a preset says otherwise."""
+        --data-range or a preset says otherwise. Returns the files' stored dtypes (None: floating point),
+        or None when the options set the range."""
         if args.data_range is not None or args.preset is not None:
-            return
-        kinds = {f: stored_dtype(f) for f in files}
-        dts = set(kinds.values())
-        if len(dts) == 1 and None not in dts:
-            dt = dts.pop()
-            opts["data_range"] = 1.0 if dt == np.bool_ else float(np.iinfo(dt).max) - float(np.iinfo(dt).min)
-            span = max(float(im.max()) for im in images) - min(float(im.min()) for im in images)
-            if dt not in (np.uint8, np.bool_) and span < opts["data_range"]:
+            return None
+        kinds = [stored_dtype(f) for f in files]
+        groups: dict = {}
+        for f, d, im in zip(files, kinds, images, strict=True):
+            groups.setdefault(d, []).append((f, im))
+        for dt, members in groups.items():
+            if dt is None or dt in (np.uint8, np.bool_):
+                continue
+            span = max(float(im.max()) for _, im in members) - min(float(im.min()) for _, im in members)
+            if span < dtype_range(dt):
                 # (scikit-image warns for these dtypes too: np.save of an int array is int64, whose range 1.8e19
                 # makes any two images of values in the thousands score ~1.0; int16 MRI in the thousands
                 # against 65535 scores ~0.9 for two different slices)
                 print(f"deepssim-fast ssim: warning: the files store {dt} pixels, so data_range is its dtype "
-                      f"range {opts['data_range']:.4g} (scikit-image's convention), but their values span only "
+                      f"range {dtype_range(dt):.4g} (scikit-image's convention), but their values span only "
                       f"{span:.4g}: scores are pushed towards 1 whatever the images; give --data-range",
                       file=sys.stderr)
-        elif len(dts) > 1:
-            first: dict = {}
-            for f, d in kinds.items():
-                first.setdefault(d, f)
-            names = ", ".join(f"{f}: {d or 'floating point'}" for d, f in first.items())
-            print(f"deepssim-fast ssim: warning: the files store different pixel types ({names}), so they have "
-                  "no common dtype range; using max - min over each pair (give --data-range to fix one)",
-                  file=sys.stderr)
+        if len(groups) > 1:
+            names = ", ".join(f"{members[0][0]}: {d or 'floating point'}" for d, members in groups.items())
+            # (one float file among PNGs had every pair, PNG against PNG too, scored on max - min: a pair's
+            # score depended on the other files in its folders)
+            print(f"deepssim-fast ssim: warning: the files store different pixel types ({names}): a pair of "
+                  "two files of one integer type uses its dtype range, any other pair max - min over the pair "
+                  "(give --data-range for one range throughout)", file=sys.stderr)
+        return kinds
+
+    def pair_range(da: Any, db: Any) -> float | None:
+        """A pair's data_range by its files' stored dtypes: the dtype range for one integer type, else None
+        (max - min over the pair)."""
+        return dtype_range(da) if da is not None and da == db else None
 
     def read(p: Path) -> np.ndarray:
         # in float64: float64 files keep their values (ssim rounds them to float32 only where that is exact
@@ -177,13 +193,19 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
             x32 = x.astype(np.float32)
         return x32 if np.array_equal(x32, x) else x
 
+    if args.out and args.out != "-":  # (an --out that cannot be written was found after every pair was scored)
+        from ._atomic import check_writable_path
+
+        check_writable_path(args.out)
     if a.is_file() and b.is_file():
         x, y = read(a), read(b)
         if x.dtype != y.dtype:  # (one file exact in float32, the other not: ssim takes one dtype per call)
             x, y = x.astype(np.float64), y.astype(np.float64)
         if x.shape != y.shape:
             raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
-        integer_range([a, b], [x, y])
+        kinds = integer_range([a, b], [x, y])
+        if kinds is not None:
+            opts["data_range"] = pair_range(*kinds)
         from .ssim import ssim
 
         v = float(np.asarray(ssim(x, y, spatial_dims=x.ndim, **opts)))
@@ -203,14 +225,25 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
             if im.shape != shape:
                 raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
                                  f"shapes")
-        integer_range([*pa, *pb], imgs_a + imgs_b)
+        kinds = integer_range([*pa, *pb], imgs_a + imgs_b)
         fa, fb = np.stack(imgs_a), np.stack(imgs_b)
         if fa.dtype != fb.dtype:  # (float64 .npy files against float32 ones or PNGs: a TypeError traceback)
             fa, fb = fa.astype(np.float64), fb.astype(np.float64)
         from .ssim import ssim_matrix
 
         kw = {"spatial_dims": 3} if len(shape) == 3 else {}
-        m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
+        if kinds is None:
+            m = np.asarray(ssim_matrix(fa, fb, progress=not args.quiet, **kw, **opts))
+        else:  # a block of pairs per (stored dtype of a, stored dtype of b), each with its range
+            ka, kb = kinds[:len(pa)], kinds[len(pa):]
+            m = np.empty((len(pa), len(pb)), dtype=np.float64)
+            for da in dict.fromkeys(ka):
+                ia = [i for i, d in enumerate(ka) if d == da]
+                for db in dict.fromkeys(kb):
+                    ib = [j for j, d in enumerate(kb) if d == db]
+                    block = ssim_matrix(fa[ia], fb[ib], progress=not args.quiet, **kw,
+                                        **dict(opts, data_range=pair_range(da, db)))
+                    m[np.ix_(ia, ib)] = np.asarray(block)
         rows = [(str(p), str(q), f"{m[i, j]:.6f}") for i, p in enumerate(pa) for j, q in enumerate(pb)]
     if args.out == "-":  # the CSV on stdout (it was written to a file named "-")
         w = csv.writer(sys.stdout)
@@ -276,7 +309,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # best.pt is this run's only when it validated (train removes an earlier run's); else the last weights
     ckpt = best if best_val is not None and best.exists() else Path(args.out) / "last.pt"
     val = f"best validation loss {best_val:.6g}" if best_val is not None else "no validation (the last weights)"
-    print(f"trained {model.config.backbone} encoder; {val}; checkpoint: {ckpt}")
+    if getattr(model, "steps_run", None) == 0:  # (a resume with no step left printed "trained ...")
+        print(f"nothing trained (no step left: see the warning above); {val}; checkpoint: {ckpt}")
+    else:
+        print(f"trained {model.config.backbone} encoder; {val}; checkpoint: {ckpt}")
     return 0
 
 
@@ -309,7 +345,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                            strict=args.strict, skipped=skipped)
     if not slices:
         first = f"; {one_line(skipped[0][1])}" if skipped else ""
-        raise ValueError(f"{args.images}: no image to embed ({len(skipped)} file(s) skipped{first})")
+        raise ValueError(f"{' '.join(args.images)}: no image to embed ({len(skipped)} file(s) skipped{first})")
     emb = embed(
         [s.array for s in slices],
         model,
@@ -469,7 +505,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             "the benchmarks live in the source checkout (bench/): run this from a clone of "
             "the repository, e.g. `cd deepssim_fast && deepssim-fast bench --quick`"
         ) from None
-    return int(bench_main(list(args.bench_args)) or 0)
+    return int(bench_main(list(args.bench_args), prog="deepssim-fast bench") or 0)
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -525,8 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-range",
         type=float,
         default=None,
-        help="default: integer files (8-bit PNG, integer .npy) their dtype range (uint8 255), as scikit-image; "
-        "float files and NIfTI max - min over the pair",
+        help="default: a pair of integer files of one type (8-bit PNG, integer .npy) their dtype range (uint8 "
+        "255), as scikit-image; any other pair (float files, NIfTI, two integer types) max - min over the pair",
     )
     s.add_argument("--backend", default=None, help="native, torch or triton (default: by data location)")
     s.add_argument("--frame", type=int, default=None,
@@ -538,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_ssim)
 
     t = sub.add_parser("train", parents=[common], help="train a DeepSSIM encoder on a folder of images/volumes")
-    t.add_argument("--images", required=True, help="training images: folder, glob or file")
-    t.add_argument("--val", default=None, help="validation images (default: a split of --images)")
+    t.add_argument("--images", required=True, nargs="+", help="training images: folders, globs or files")
+    t.add_argument("--val", default=None, nargs="+",
+                   help="validation images: folders, globs or files (default: a split of --images)")
     t.add_argument("--out", required=True,
                    help="output directory (last.pt, log.csv, and best.pt when there is a validation set)")
     t.add_argument(
@@ -597,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("embed", parents=[common], help="embed images with a model into a .npy file")
     e.add_argument("--model", required=True, help="checkpoint or TorchScript file")
-    e.add_argument("--images", required=True, help="folder, glob or file")
+    e.add_argument("--images", required=True, nargs="+", help="folders, globs or files")
     e.add_argument("--out", required=True,
                    help="output .npy (.npy is added if missing; item ids, one per row, go to the same name "
                    "with .ids.txt instead of .npy, or .ids.json, a JSON list, where a file name holds a line break)")
@@ -677,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--chunk-size", type=int, default=256,
                    help="synthetic items per chunk of verification (and of the exact-SSIM search), each saved as it "
                         "finishes, so an interrupted run resumes from there (default 256)")
-    a.add_argument("--device", default=None, help="torch device for the encoder, e.g. cuda (default cpu)")
+    a.add_argument("--device", default=None,
+                   help="torch device for the encoder (metric deepssim only), e.g. cuda (default cpu)")
     a.add_argument("--backend", default=None,
                    help="SSIM and search engine: native, torch or triton (default: by data location)")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -843,7 +843,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
 
     The returned model carries ``model.history`` (list of per-step dicts, the rows of ``log.csv`` this call
     wrote: after a resume, log.csv also holds the earlier run's),
-    ``model.best_val`` (lowest validation loss, or None) and ``model.skipped`` (``(path, reason)`` of the
+    ``model.best_val`` (lowest validation loss, or None), ``model.steps_run`` (steps this call trained: 0 for a
+    resume with none left) and ``model.skipped`` (``(path, reason)`` of the
     files left out).
     """
     # options not given: a resumed run's own (a resume through the API ran at the defaults: batch size 32 and
@@ -1077,6 +1078,7 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         if step >= total:
             logger.warning("resuming %s at step %d with %d steps in all: there is nothing left to train (give "
                            "--max-steps/max_steps beyond %d to train on)", resume, step, total, step)
+    step_start = step
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         # temporary files of checkpoint writes a SIGKILL interrupted (up to a checkpoint's size each, ~350 MB
@@ -1240,4 +1242,5 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     model.history = history
     model.skipped = skipped
     model.best_val = best_val
+    model.steps_run = step - step_start
     return model

@@ -178,6 +178,81 @@ def test_ssim_of_integer_files_uses_their_dtype_range(folders: dict, tmp_path: P
     assert "different pixel types" in out.err and "a.png: uint8" in out.err
 
 
+def test_ssim_folders_of_mixed_pixel_types_score_each_pair_by_its_own_files(tmp_path: Path, folders: dict,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    """One float file in a folder of 8-bit PNGs switched every pair, PNG against PNG too, to max - min over
+    the pair: a pair's score depended on the other files in its folders. A pair of two files of one integer
+    type keeps its dtype range; the others use the pair's."""
+    from skimage.metrics import structural_similarity
+
+    a8, b8, c8 = (np.clip(folders["arrs"][i], 0, 255).astype(np.uint8) for i in (55, 70, 85))
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    Image.fromarray(a8).save(tmp_path / "A" / "a.png")
+    Image.fromarray(b8).save(tmp_path / "B" / "b.png")
+    np.save(tmp_path / "B" / "c.npy", c8.astype(np.float32))
+    alone = tmp_path / "alone.csv"
+    assert main(["ssim", str(tmp_path / "A" / "a.png"), str(tmp_path / "B" / "b.png"), "--out", str(alone)]) == 0
+    out = tmp_path / "m.csv"
+    assert main(["ssim", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "different pixel types" in err and "a pair of two files of one integer type uses its dtype range" in err
+    rows = {Path(r[1]).name: float(r[2]) for r in csv.reader(out.open()) if r[0] != "a"}
+    want_png = structural_similarity(a8, b8)  # dtype range 255
+    assert rows["b.png"] == pytest.approx(want_png, abs=1e-5)
+    assert rows["b.png"] == pytest.approx(float(next(csv.reader(alone.open().readlines()[1:]))[2]), abs=1e-6)
+    rng = float(max(a8.max(), c8.max()) - min(a8.min(), c8.min()))
+    assert rows["c.npy"] == pytest.approx(
+        structural_similarity(a8.astype(np.float32), c8.astype(np.float32), data_range=rng), abs=1e-5)
+
+
+def test_ssim_out_that_cannot_be_written_is_refused_before_scoring(tmp_path: Path, folders: dict,
+                                                                  capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out naming a folder (or under a file) was found when the CSV was written, after every pair."""
+    import importlib
+
+    mod = importlib.import_module("deepssim_fast.ssim")
+    monkeypatch.setattr(mod, "ssim_matrix", lambda *a, **k: pytest.fail("scored before --out was checked"))
+    (tmp_path / "afile").write_text("x")
+    for bad, says in ((tmp_path, "is an existing folder"), (tmp_path / "afile" / "m.csv",
+                                                             "afile is an existing file, not a folder")):
+        assert main(["ssim", str(folders["train"]), str(folders["synth"]), "--out", str(bad)]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_train_and_embed_take_an_unquoted_glob(tmp_path: Path, folders: dict, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """`--images train/*.png` reaches the command as many words (the shell expands the glob): --images and
+    --val took one, and the rest failed with the top-level usage ("unrecognized arguments")."""
+    from deepssim_fast.cli import build_parser
+
+    files = [str(p) for p in sorted(folders["train"].iterdir())[:3]]
+    t = build_parser().parse_args(["train", "--images", *files, "--val", *files[:2], "--out", str(tmp_path)])
+    assert t.images == files and t.val == files[:2]
+    e = build_parser().parse_args(["embed", "--images", *files, "--model", "m.pt", "--out", "e.npy"])
+    assert e.images == files
+
+
+def test_doctor_names_a_misspelt_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """DEEPSSIM_FAST_NUM_THREAD=1 was listed among the settings in force, which nothing reads."""
+    monkeypatch.setenv("DEEPSSIM_FAST_NUM_THREAD", "1")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "note: DEEPSSIM_FAST_NUM_THREAD: not a variable deepssim_fast reads (misspelt?)" in out
+    assert "DEEPSSIM_FAST_NUM_THREADS" in out  # (among the known ones)
+    monkeypatch.delenv("DEEPSSIM_FAST_NUM_THREAD")
+    monkeypatch.setenv("DEEPSSIM_FAST_NUM_THREADS", "1")
+    assert main(["doctor"]) == 0
+    assert "not a variable deepssim_fast reads" not in capsys.readouterr().out
+
+
+def test_bench_messages_name_the_command_they_came_from(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "nosuch", "--no-append"]) == 2
+    err = capsys.readouterr().err
+    assert "deepssim-fast bench: error: " in err and "python -m bench" not in err
+
+
 def test_ssim_two_folders_writes_csv(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "scores.csv"
     assert (
@@ -434,6 +509,13 @@ def test_audit_errors(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixtu
                "--model", str(afile), "--out", str(tmp_path / "o6"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "metric='deepssim' only" in err and "--model" in err, err
+    # and --device, which places the encoder only: a correlation audit ran on the CPU engine without a word
+    for metric in ("correlation", "ssim"):
+        rc = main(["audit", "--train", str(folders["train"]), "--synth", str(folders["synth"]), "--metric", metric,
+                   "--device", "cuda", "--out", str(tmp_path / "o7"), "-q"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "metric='deepssim' only" in err and "--backend triton" in err, err
+        assert not (tmp_path / "o7").exists()
 
 
 def test_embed_command_with_small_model(folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -626,8 +708,8 @@ def test_bench_command_dispatches_or_explains(
     seen = {}
     fake = types.ModuleType("bench.__main__")
 
-    def fake_main(argv):
-        seen["argv"] = argv
+    def fake_main(argv, prog="python -m bench"):
+        seen["argv"], seen["prog"] = argv, prog
         return 0
 
     fake.main = fake_main
@@ -1297,7 +1379,8 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path):
 
 
 def test_train_resume_without_a_length_keeps_the_runs_own(folders: dict, tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          capsys: pytest.CaptureFixture) -> None:
     """The interrupt hint says to continue with --resume; given neither --max-steps nor --epochs, the resumed
     run took --epochs' default 40 (here 40 epochs, not the run's 3 steps) and trained on past the run's end.
     It keeps the resumed run's own total now; --epochs or --max-steps given still set it."""
@@ -1310,9 +1393,12 @@ def test_train_resume_without_a_length_keeps_the_runs_own(folders: dict, tmp_pat
 
     assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 3
     assert "nothing left to train" in caplog.text
+    # (and the last line does not say "trained small encoder" for it)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("nothing trained (no step left")
     assert main(["train", *base, "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "r" / "last.pt"),
                  "--max-steps", "4"]) == 0
     assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 4
+    assert capsys.readouterr().out.splitlines()[-1].startswith("trained small encoder")
 
 
 def test_many_skipped_inputs_are_repeated_at_the_end_up_to_a_limit_and_logged_without_a_doubled_path(
