@@ -310,6 +310,8 @@ def check_finite(
     if not x.dtype.is_floating_point:
         return
     flat = x.reshape(-1, *x.shape[x.ndim - params.spatial_dims :])
+    if x.dtype.itemsize == 1:  # (float8: torch has no isfinite for it; float32 holds its values exactly)
+        flat = flat.to(torch.float32)
     bad = ~torch.isfinite(flat).flatten(1).all(dim=1)
     if bool(bad.any()):
         idx = int(torch.nonzero(bad)[0])

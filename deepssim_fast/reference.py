@@ -67,6 +67,8 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
                           win_size=win_size, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
                           sample_covariance=sample_covariance, preset=preset,
                           shapes={"x": tuple(tx.shape), "y": tuple(ty.shape)})
+    if tx.dtype != ty.dtype:  # (as ssim: the dtype range of integer images would be x's alone)
+        raise TypeError(f"x and y must have the same dtype, got {tx.dtype} and {ty.dtype}")
     batch = sc.broadcast_pair(tx, ty, p)
     sc.check_finite(tx, "x", p, pairs=batch)
     sc.check_finite(ty, "y", p, pairs=batch)
@@ -87,6 +89,11 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     out = s.flatten(1).mean(dim=1)
     out = torch.where(rng > 0, out, torch.ones_like(out))
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):  # (values or constants past float64's range: NaN came back without a word; ssim raises)
+        k = int(torch.nonzero(bad)[0])
+        raise ValueError(f"ssim_reference: pair {tuple(int(i) for i in np.unravel_index(k, batch))} has no finite "
+                         "SSIM in float64 (values, data_range or k1/k2 too large or too small)")
     return out.reshape(batch).numpy()
 
 

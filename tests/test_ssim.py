@@ -1582,3 +1582,21 @@ def test_the_float64_paths_rounding_bound_holds_where_it_skips_the_two_pass(wind
         checked += int(k.sum())
         refined += int((~k).sum())
     assert checked > 1000 and refined > 300  # (both kinds of window were exercised)
+
+
+def test_the_reference_keeps_ssims_input_rules() -> None:
+    """ssim_reference said it had ssim's conventions, but took x and y of different dtypes (the dtype range
+    then x's alone, so ref(u8, f32) != ref(f32, u8)), returned NaN without a word where ssim raises (values
+    around 1e78, data_range 1e200), and failed inside torch on float8 images, which ssim takes."""
+    rng = np.random.default_rng(0)
+    a = rng.random((12, 12))
+    with pytest.raises(TypeError, match="x and y must have the same dtype"):
+        ssim_reference((a * 255).astype(np.uint8), a.astype(np.float32))
+    for kw, x, y in (({}, a * 1e78, rng.random((12, 12)) * 1e78), ({"data_range": 1e200}, a, a[::-1].copy())):
+        with pytest.raises(ValueError):
+            ssim(x, y, **kw)
+        with pytest.raises(ValueError, match="has no finite SSIM in float64"):
+            ssim_reference(x, y, **kw)
+    x8 = torch.from_numpy(a.astype(np.float32)).to(torch.float8_e4m3fn)
+    y8 = torch.from_numpy(a[::-1].copy().astype(np.float32)).to(torch.float8_e4m3fn)
+    assert float(ssim_reference(x8, y8)) == pytest.approx(float(ssim(x8, y8)), abs=1e-6)
