@@ -98,13 +98,24 @@ def run_case(capability: str, case: str, providers: dict[str, Callable[[], objec
 
 
 def _fmt_time(s: float) -> str:
+    """A time in s, ms or µs; the unit is chosen after rounding (0.99996 s was printed "1000.0 ms")."""
     if s != s:  # nan
         return "-"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
+    if s < 1e-3 and float(f"{s * 1e6:.0f}") < 1000:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1 and float(f"{s * 1e3:.1f}") < 1000:
         return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} µs"
+    return f"{s:.2f} s"
+
+
+def _fmt_rate(rate: float) -> str:
+    """A rate with three significant figures at least: one decimal from 100 up, else three figures with their
+    trailing zeros kept ("1.00", "18.0", "0.543"; ``.3g`` printed 1 and 18), never a bare trailing '.'."""
+    if rate >= 100:
+        return f"{rate:,.1f}"
+    text = f"{rate:#.3g}"
+    mant, e, exp = text.partition("e")
+    return mant.rstrip(".") + e + exp
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
@@ -114,7 +125,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             t = f"{_fmt_time(r.median)} ({_fmt_time(min(r.times))}–{_fmt_time(max(r.times))})"
             # (three significant figures at least: 0.54 pairs/s was printed 0.5, and the ratio column could not
             # be recomputed from the rates of slow providers)
-            rate = f"{r.rate:,.1f} {r.unit}/s" if r.rate >= 100 else f"{r.rate:.3g} {r.unit}/s"
+            rate = f"{_fmt_rate(r.rate)} {r.unit}/s"
             ratio = f"{r.ratio:.2f}× {r.baseline}" if r.ratio is not None else "-"
         else:
             t, rate, ratio = "-", "-", "-"

@@ -955,3 +955,23 @@ def test_slow_rates_keep_three_figures_and_cores_follow_the_affinity(monkeypatch
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
         assert harness.machine_info()["cores"] == "1"
+
+
+def test_rates_keep_trailing_zeros_and_times_round_before_their_unit(monkeypatch) -> None:
+    """Rates were formatted with .3g, which drops trailing zeros ("1 pairs/s", "18 pairs/s") against the promise of
+    three significant figures; and 0.99996 s was printed "1000.0 ms" (the unit was chosen before rounding)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness
+
+    fmt = harness._fmt_rate
+    assert [fmt(v) for v in (1.0, 18.0, 0.54321, 0.5, 2.5e-5, 99.94, 99.96, 100.0, 1234.56)] == \
+        ["1.00", "18.0", "0.543", "0.500", "2.50e-05", "99.9", "100", "100.0", "1,234.6"]
+    assert not any(fmt(v).endswith(".") for v in (99.96, 999.6, 9.9996, 0.99996))
+    t = harness._fmt_time
+    assert [t(v) for v in (0.99996, 0.99994, 1.0, 0.00099996, 0.0009994, 0.5, 2.5e-5, float("nan"))] == \
+        ["1.00 s", "999.9 ms", "1.00 s", "1.0 ms", "999 µs", "500.0 ms", "25 µs", "-"]
+    row = harness.Row(capability="x", case="c", provider="p", work=18.0, unit="pairs", times=[1.0])
+    assert "| 18.0 pairs/s |" in harness.markdown_table([row])
+    row.work = 1.0
+    assert "| 1.00 pairs/s |" in harness.markdown_table([row])
+
