@@ -5,10 +5,27 @@ It is compiled for a portable x86-64 baseline: AVX2/FMA code paths are selected 
 (function-level ``target`` attributes), so one wheel runs on every x86-64 CPU.
 """
 import glob
+import hashlib
 import os
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def native_source_hash(csrc: str = os.path.join(HERE, "csrc")) -> str:
+    """sha256 (hex) over csrc/*.cpp and csrc/*.h, sorted by name: for each file its name, a NUL, its size in
+    decimal, a NUL, then its bytes. Built into the extension as ``_native.source_hash``; bench/harness.py
+    computes the same over the checkout's csrc to tell a stale build (keep the two functions the same)."""
+    h = hashlib.sha256()
+    paths = glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.h"))
+    for path in sorted(paths, key=os.path.basename):
+        with open(path, "rb") as f:
+            data = f.read()
+        h.update(os.path.basename(path).encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.hexdigest()
+
 
 extra_compile = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
 if os.environ.get("DEEPSSIM_FAST_DEBUG"):
@@ -22,6 +39,8 @@ ext = Pybind11Extension(
     extra_compile_args=extra_compile,
     extra_link_args=["-pthread"],
     depends=sorted(glob.glob("csrc/*.h")),
+    # (a bare hex token, made a string in module.cpp: no quotes to survive each compiler's command line)
+    define_macros=[("DSF_SOURCE_HASH", native_source_hash())],
 )
 
 setup(

@@ -172,8 +172,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> in
         logging.getLogger().setLevel(min(level, logging.getLogger().level))
     info = machine_info()
     print(f"# deepssim_fast benchmarks{' (quick)' if args.quick else ''} — {info['date']} · {info['cpu']} · "
-          f"{info['cores']} cores · GPU {info['gpu']} · torch {info['torch']} · commit {info['commit']}"
-          f"{'' if args.append else ' · not appended to BENCHMARKS.md'}")
+          f"{info['cores']} cores · GPU {info['gpu']} · torch {info['torch']} · commit {info['commit']} · "
+          f"native build: {info['native']}{'' if args.append else ' · not appended to BENCHMARKS.md'}")
     t0 = time.perf_counter()
     outcomes = []
     for n in names:

@@ -182,6 +182,35 @@ def cpu_line(cpuinfo: str) -> str:
     return f"{name} ({where}{simd})"
 
 
+def native_source_hash(csrc: Path | None = None) -> str:
+    """sha256 (hex) of the C++ sources in ``csrc`` (default: this checkout's), as setup.py stamps them into the
+    extension (``_native.source_hash``): csrc/*.cpp and csrc/*.h sorted by name, each as its name, a NUL, its
+    size in decimal, a NUL, then its bytes. (Keep in step with setup.py's native_source_hash.)"""
+    import hashlib
+
+    csrc = ROOT / "csrc" if csrc is None else Path(csrc)
+    h = hashlib.sha256()
+    for path in sorted([*csrc.glob("*.cpp"), *csrc.glob("*.h")], key=lambda p: p.name):
+        data = path.read_bytes()
+        h.update(path.name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+def native_build() -> str:
+    """Whether the C++ extension that runs was built from this checkout's csrc: "matches csrc", "STALE
+    (rebuild: make native)", or why it cannot be told (no extension, a build without the stamp, no csrc)."""
+    try:
+        from deepssim_fast import _native
+    except Exception as exc:  # noqa: BLE001 - a header line, never a crash (a GPU host may have no build)
+        return f"not importable ({type(exc).__name__})"
+    built = getattr(_native, "source_hash", "unknown")
+    if not isinstance(built, str) or built == "unknown":
+        return "unknown (built without a source stamp; rebuild: make native)"
+    if not (ROOT / "csrc").is_dir():
+        return f"{built[:12]} (no csrc here to compare)"
+    return "matches csrc" if built == native_source_hash() else "STALE (rebuild: make native)"
+
+
 def machine_info() -> dict[str, str]:
     import numpy
     import torch
@@ -216,6 +245,8 @@ def machine_info() -> dict[str, str]:
         "numpy": numpy.__version__,
         "torch": torch.__version__,
         "commit": commit,
+        # (the commit names the sources; this says whether the extension that ran was built from them)
+        "native": native_build(),
         "packages": package_versions(),
     }
 
@@ -224,7 +255,8 @@ def append_markdown(title: str, rows: Sequence[Row], *, path: Path = BENCHMARKS_
     """Append a titled table with the machine line to BENCHMARKS.md (created if missing)."""
     info = machine_info()
     head = (f"\n### {title}\n\n_{info['date']} · {info['cpu']} · {info['cores']} cores · GPU {info['gpu']} · "
-            f"python {info['python']} · numpy {info['numpy']} · torch {info['torch']} · commit {info['commit']}_\n\n")
+            f"python {info['python']} · numpy {info['numpy']} · torch {info['torch']} · commit {info['commit']} · "
+            f"native build: {info['native']}_\n\n")
     if info.get("packages"):  # the competitors' versions, on their own line
         head += f"_{info['packages']}_\n\n"
     body = head + (comment.strip() + "\n\n" if comment else "") + markdown_table(rows) + "\n"

@@ -240,8 +240,19 @@ std::vector<std::pair<std::string, RegisterFn>>& registry() {
 
 }  // namespace dsf
 
+// The build stamp: setup.py passes -DDSF_SOURCE_HASH=<sha256 hex of csrc/*.cpp and csrc/*.h> (a bare token,
+// made a string here); a build without it says "unknown".
+#define DSF_STRINGIFY_(x) #x
+#define DSF_STRINGIFY(x) DSF_STRINGIFY_(x)
+#ifdef DSF_SOURCE_HASH
+#define DSF_SOURCE_HASH_STR DSF_STRINGIFY(DSF_SOURCE_HASH)
+#else
+#define DSF_SOURCE_HASH_STR "unknown"
+#endif
+
 PYBIND11_MODULE(_native, m) {
   m.doc() = "deepssim_fast native core: CPU SSIM, chunked cosine top-k with fused histogram.";
+  m.attr("source_hash") = std::string(DSF_SOURCE_HASH_STR);
   m.def("simd_level", []() { return std::string(dsf::simd_name(dsf::active_simd())); },
         "SIMD level the kernels use now: 'avx512', 'avx2' or 'scalar' (avx512: kernels that have an AVX-512\n"
         "variant use it, the others their AVX2 one).");

@@ -975,3 +975,35 @@ def test_rates_keep_trailing_zeros_and_times_round_before_their_unit(monkeypatch
     row.work = 1.0
     assert "| 1.00 pairs/s |" in harness.markdown_table([row])
 
+
+def test_the_header_tells_whether_the_native_build_matches_csrc(tmp_path: Path, monkeypatch) -> None:
+    """The environment header named a commit but could not show that the C++ extension that ran was built from
+    its sources. setup.py stamps a hash of csrc/*.cpp and csrc/*.h into the extension (_native.source_hash);
+    the harness computes the same over the checkout's csrc and says whether they match."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import harness
+    from deepssim_fast import _native
+
+    assert isinstance(_native.source_hash, str) and len(_native.source_hash) == 64
+    assert harness.native_source_hash() == _native.source_hash  # (this build: `make native` after each change)
+    assert harness.native_build() == "matches csrc"
+    assert harness.machine_info()["native"] == "matches csrc"
+    # a changed source text (or a file added) changes the hash
+    copy = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", copy)
+    assert harness.native_source_hash(copy) == _native.source_hash
+    mod = copy / "module.cpp"
+    mod.write_text(mod.read_text() + "\n// changed\n")
+    assert harness.native_source_hash(copy) != _native.source_hash
+    mod.unlink()
+    shutil.copy(ROOT / "csrc" / "module.cpp", mod)
+    (copy / "extra.h").write_text("")
+    assert harness.native_source_hash(copy) != _native.source_hash
+    # a checkout whose csrc differs from the build is called stale in the header; a build without the stamp says so
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    assert harness.native_build() == "STALE (rebuild: make native)"
+    md = tmp_path / "B.md"
+    harness.append_markdown("t", [], path=md)
+    assert "native build: STALE (rebuild: make native)" in md.read_text()
+    monkeypatch.setattr(_native, "source_hash", "unknown", raising=False)
+    assert harness.native_build().startswith("unknown")
