@@ -353,8 +353,9 @@ def _rank_error(p: Path, shape: tuple) -> DataError:
                      "4D (one value per voxel)")
 
 
-def iter_nifti_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Every frame of a 4D NIfTI file, in order, as float32 3D arrays (a 2D or 3D file gives itself once).
+def iter_nifti_frames(path: str | os.PathLike, *, dtype: Any = np.float32) -> Iterator[np.ndarray]:
+    """Every frame of a 4D NIfTI file, in order, as float32 (or ``dtype``) 3D arrays (a 2D or 3D file gives
+    itself once).
 
     The file is opened once and read front to back: a ``.nii.gz`` is decompressed once, its CRC checked in
     the same pass (a series over :data:`GZIP_IN_MEMORY`: once to check it, once for the frames, see
@@ -365,12 +366,12 @@ def iter_nifti_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
     img = _open_nifti(p, keep_file_open=True)  # (a damaged .nii.gz is refused whole, before its first frame)
     shape = img.shape
     if len(shape) in (2, 3):
-        yield _read_data(p, img, ...)
+        yield _read_data(p, img, ..., dtype=dtype)
         return
     if len(shape) != 4:
         raise _rank_error(p, shape)
     for t in range(shape[3]):
-        yield _read_data(p, img, (..., t), f" (frame {t})")
+        yield _read_data(p, img, (..., t), f" (frame {t})", dtype=dtype)
 
 
 def load_volume(name: str, *, frame: int | None = None) -> Volume:

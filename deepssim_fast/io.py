@@ -860,6 +860,64 @@ def skip_reason(path: str, reason: str) -> str:
     return reason
 
 
+def fit_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32. A float64 or 32/64-bit integer image that float32 cannot hold to
+    ``FLOAT32_ROUNDING_TOL`` of its own range (values beyond float32's range, a large offset against a small
+    spread, values too small for float32's normal range) is first mapped to [0, 1] in float64: every size
+    policy (crop/pad with the minimum, resampling, the foreground threshold, which is relative to the range)
+    commutes with that positive affine map, and every consumer of the pixels is blind to it (the encoder's
+    per-image z-score, the deepssim preset of SSIM, Pearson correlation) — the structure is kept instead of
+    being rounded away (or overflowing to Inf)."""
+    from ._ssim_common import FLOAT32_ROUNDING_TOL
+
+    if a.dtype == np.float32 or a.dtype.itemsize < 4 or a.dtype.kind not in "fiu":
+        return a.astype(np.float32, copy=False)
+    d = a.astype(np.float64, copy=False)
+    with np.errstate(over="ignore"):
+        f = d.astype(np.float32)
+    lo, hi = float(d.min()), float(d.max())
+    err = float(np.abs(f.astype(np.float64) - d).max())
+    if err <= FLOAT32_ROUNDING_TOL * (hi - lo):
+        return f
+    if hi == lo:  # a constant image (which float32 cannot hold): its z-score is zeros whatever the value
+        return np.zeros(d.shape, np.float32)
+    return ((d - lo) / (hi - lo)).astype(np.float32)
+
+
+def _wide_dtype(dt: Any) -> bool:
+    """float64 and 32/64-bit integers: the stored dtypes whose values float32 may not hold."""
+    dt = np.dtype(dt)
+    return (dt.kind == "f" and dt.itemsize > 4) or (dt.kind in "iu" and dt.itemsize >= 4)
+
+
+def _nifti_wide(p: Path) -> bool:
+    """Whether a NIfTI file's values may need more than float32 (read in float64 then, see
+    :func:`fit_float32`): a wide data type, or an intercept (scl_inter: an offset such as 1e7 against a small
+    spread; a slope alone keeps 16-bit data to float32's precision)."""
+    try:
+        hdr = nib_load(p).header
+        _slope, inter = hdr.get_slope_inter()
+        return _wide_dtype(hdr.get_data_dtype()) or (inter is not None and bool(np.isfinite(inter)) and inter != 0)
+    except Exception:  # noqa: BLE001 - the readers name what is wrong with the file
+        return False
+
+
+def _wide_volumes(p: Path, a: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+    """The volumes of a NIfTI file (``a`` None) or of the array ``a`` of a .npy file whose values may need
+    float64 (:func:`_nifti_wide`, :func:`_wide_dtype`): each frame read in float64 and fitted to float32
+    (:func:`fit_float32`), named as :func:`_file_volumes` names them. Float32 reading had kept ~1 ulp of 1e7
+    for a file of 1e7 + a spread of 1: its structure was gone, and its exact copy, offset removed, scored
+    "different"."""
+    if a is None:
+        shape = nib_load(p).shape
+        if len(shape) == 4 and shape[3] > 1:
+            return [(f"{p}@t{t}", fit_float32(v)) for t, v in enumerate(iter_nifti_frames(p, dtype=np.float64))]
+        return [(str(p), fit_float32(load_nifti(p, dtype=np.float64)))]
+    if a.ndim == 4 and a.shape[3] > 1:
+        return [(f"{p}@t{t}", fit_float32(_npy_image(p, a, t, np.float64))) for t in range(a.shape[3])]
+    return [(str(p), fit_float32(_npy_image(p, a, None, np.float64)))]
+
+
 def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     """All slices of one file (read fully before returning, so a corrupt file fails before any slice)."""
     from .data import volume_slices
@@ -873,6 +931,8 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
             raise
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
             raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        if _nifti_wide(p):
+            return [s for src, vol in _wide_volumes(p) for s in volume_slices(vol, policy, source=src)]
         lazy = _proxy_slices(p, policy)
         if lazy is not None:
             return list(lazy)
@@ -889,6 +949,8 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     if kind == "npy":  # (opened once: each np.load parses the header again)
         a = _open_npy(p)
         _check_slice_sides(p, a.shape, policy, npy=True)
+        if _wide_dtype(a.dtype):
+            return [s for src, vol in _wide_volumes(p, a) for s in volume_slices(vol, policy, source=src)]
         if a.ndim == 4 and a.shape[3] > 1:  # (one frame: the volume, as for NIfTI)
             out = []
             for t in range(a.shape[3]):
@@ -909,10 +971,14 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
             shape = nib_load(p).shape
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        if _nifti_wide(p):
+            return _wide_volumes(p)
         if len(shape) == 4 and shape[3] > 1:
             return [(f"{p}@t{t}", vol) for t, vol in enumerate(iter_nifti_frames(p))]
     elif kind == "npy":
         a = _open_npy(p)
+        if _wide_dtype(a.dtype):
+            return _wide_volumes(p, a)
         if a.ndim == 4 and a.shape[3] > 1:
             return [(f"{p}@t{t}", _npy_image(p, a, t)) for t in range(a.shape[3])]
         return [(str(p), _npy_image(p, a, None))]

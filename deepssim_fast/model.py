@@ -89,9 +89,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._atomic import atomic_write as _atomic_write
-from ._ssim_common import FLOAT32_ROUNDING_TOL as _F32_TOL
 from ._ssim_common import zscore as _zscore
 from .io import MIN_SLICE_SIDE
+from .io import fit_float32 as _to_float32
 
 logger = logging.getLogger(__name__)
 
@@ -825,27 +825,6 @@ def as_image_2d(item: Any, name: str) -> np.ndarray:
     if a.dtype.kind == "f" and not np.isfinite(a).all():  # (before the cast: 1e39 in float64 is finite)
         raise ValueError(f"{name}: contains NaN or Inf values")
     return _to_float32(a)
-
-
-def _to_float32(a: np.ndarray) -> np.ndarray:
-    """``a`` as float32. A float64 or 32/64-bit integer image that float32 cannot hold to
-    ``FLOAT32_ROUNDING_TOL`` of its own range (values beyond float32's range, a large offset against a small
-    spread, values too small for float32's normal range) is first mapped to [0, 1] in float64: every size
-    policy (crop/pad with the minimum, resampling) commutes with that positive affine map and the per-image
-    z-score removes it, so the network sees the same input as for an exact cast — the structure is kept
-    instead of being rounded away (or overflowing to Inf)."""
-    if a.dtype == np.float32 or a.dtype.itemsize < 4 or a.dtype.kind not in "fiu":
-        return a.astype(np.float32, copy=False)
-    d = a.astype(np.float64, copy=False)
-    with np.errstate(over="ignore"):
-        f = d.astype(np.float32)
-    lo, hi = float(d.min()), float(d.max())
-    err = float(np.abs(f.astype(np.float64) - d).max())
-    if err <= _F32_TOL * (hi - lo):
-        return f
-    if hi == lo:  # a constant image (which float32 cannot hold): its z-score is zeros whatever the value
-        return np.zeros(d.shape, np.float32)
-    return ((d - lo) / (hi - lo)).astype(np.float32)
 
 
 #: The smallest side of an image the encoder takes (the SSIM window of its targets): the same number as the

@@ -3579,3 +3579,25 @@ def test_a_labels_file_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
     f.write_text("real_key,synth_key,label,label\nt00.npy,s00.npy,1,0\n")
     with pytest.raises(ValueError, match=r"names column\(s\) label more than once"):
         A._label_rows(f)
+
+
+@pytest.mark.parametrize("mode", ["slices", "volumes"])
+def test_an_offset_float64_training_file_and_its_plain_copy_are_a_duplicate(tmp_path: Path, mode: str) -> None:
+    """A float64 training volume of 1e7 + MRI in [0, 1] was stored by the audit in float32 (~1 ulp of 1e7:
+    its structure gone), so its exact copy without the offset came out "different". Such files are read in
+    float64 and fitted to float32 (io.fit_float32), which the deepssim preset does not see."""
+    vol = data.center_fit(data.load_volume("t1_coronal_slice").array, (40, 44)).astype(np.float64)
+    vol = (vol - vol.min()) / (vol.max() - vol.min())
+    vol = np.stack([vol * (0.7 + 0.05 * k) for k in range(8)], axis=-1)
+    other = np.roll(vol[::-1], 5, axis=1) ** 2
+    (tmp_path / "tr").mkdir()
+    (tmp_path / "sy").mkdir()
+    np.save(tmp_path / "tr" / "offset.npy", vol + 1e7)
+    np.save(tmp_path / "tr" / "other.npy", other.astype(np.float32))
+    np.save(tmp_path / "sy" / "copy.npy", vol.astype(np.float32))
+    r = A.audit(tmp_path / "tr", tmp_path / "sy", metric="ssim", k=1, mode=mode, out=tmp_path / "o",
+                progress=False, **({"policy": SlicePolicy(axis=2)} if mode == "slices" else {}))
+    rows = list(csv.DictReader(open(tmp_path / "o" / "matches.csv", encoding="utf-8")))
+    assert rows and all("offset.npy" in row["train_id"] for row in rows), rows
+    assert all(row["label"] == "duplicate" for row in rows), [(row["synth_id"], row["ssim"]) for row in rows]
+    assert r.summary["counts"]["duplicate"] == len(rows)

@@ -1190,3 +1190,60 @@ def test_a_jpeg_named_png_is_read_and_said(tmp_path: Path, caplog, monkeypatch) 
     assert "s0.png: named .png but is a JPEG file; read as JPEG (lossy" in msgs[0]
     assert len(msgs) == dio._WARN_MAX + 1 and "further files like this are not named" in msgs[-1], msgs
     assert not any("real.png" in m for m in msgs)
+
+
+def _structured(shape: tuple[int, ...]) -> np.ndarray:
+    """A real MRI slice (dipy's T1), centre-fitted, in [0, 1] float64; 3D shapes repeat it along the last axis
+    with a ramp so the slices differ."""
+    img = data.center_fit(data.load_volume("t1_coronal_slice").array, shape[:2]).astype(np.float64)
+    img = (img - img.min()) / (img.max() - img.min())
+    if len(shape) == 2:
+        return img
+    return np.stack([img * (0.6 + 0.4 * k / shape[2]) for k in range(shape[2])], axis=-1)
+
+
+@pytest.mark.parametrize("kind", ["npy-float64", "npy-int64", "nifti-float64", "nifti-4d-float64"])
+def test_files_that_float32_cannot_hold_keep_their_structure(tmp_path: Path, kind: str) -> None:
+    """A file of 1e7 + a spread of 1 (float64), or int64 values near 2^40 with a spread of 4000, was read in
+    float32 for training, embedding and the audit: ~1 ulp of its offset, so its structure was rounded away and
+    its exact copy without the offset scored "different". Such files are read in float64 and fitted to float32
+    by a positive affine map (which the z-score, the deepssim preset and correlation do not see): slices and
+    volumes now equal those of the copy up to that map."""
+    import deepssim_fast as dsf
+    from deepssim_fast.io import _file_volumes
+
+    base = _structured((48, 52, 9))
+    if kind == "npy-int64":
+        stored, path = np.round(base * 4000).astype(np.int64) + (1 << 40), tmp_path / "v.npy"
+        np.save(path, stored)
+        plain = (stored - (1 << 40)).astype(np.float32)
+    elif kind == "npy-float64":
+        stored, path = base + 1e7, tmp_path / "v.npy"
+        np.save(path, stored)
+        plain = base.astype(np.float32)
+    else:
+        stored = base + 1e7
+        if kind == "nifti-4d-float64":
+            stored = np.stack([stored, stored[::-1]], axis=-1)
+        path = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(stored, np.eye(4)), path)
+        plain = (stored - 1e7).astype(np.float32)
+    assert float(np.abs(stored.astype(np.float32).astype(np.float64) - stored).max()) > 1e-3 * np.ptp(base)
+    vols = _file_volumes(path)
+    want = [plain] if plain.ndim == 3 else [plain[..., t] for t in range(plain.shape[-1])]
+    assert len(vols) == len(want)
+    for (_src, got), w in zip(vols, want, strict=True):
+        assert got.dtype == np.float32
+        assert float(dsf.ssim(got, w, spatial_dims=3, preset="deepssim")) > 0.9999
+    got_slices = list(iter_slices([path], SlicePolicy(axis=2)))
+    plain_path = tmp_path / "plain.npy"
+    np.save(plain_path, plain)
+    want_slices = list(iter_slices([plain_path], SlicePolicy(axis=2)))
+    assert [s.key.split("#")[-1] for s in got_slices] == [s.key.split("#")[-1] for s in want_slices]
+    for g, w in zip(got_slices, want_slices, strict=True):
+        assert float(dsf.ssim(g.array, w.array, preset="deepssim")) > 0.9999
+    # an image float32 does hold is cast, not mapped
+    from deepssim_fast.io import fit_float32
+
+    assert fit_float32(base.astype(np.float64)).dtype == np.float32
+    assert np.array_equal(fit_float32(base * 100), (base * 100).astype(np.float32))
