@@ -135,6 +135,7 @@ from .io import (
     _file_volumes,
     _under,
     discover,
+    fit_float32,
     no_slice_reason,
     npy_error,
     one_line,
@@ -1191,8 +1192,8 @@ def _image_of_id(item_id: str) -> np.ndarray | None:
     f = re.fullmatch(r"(.*)@t(\d+)", src, flags=re.S)
     if f is not None and not os.path.exists(src):
         path, frame = f.group(1), int(f.group(2))
-    try:
-        img = read_image(path, frame=frame)
+    try:  # (in float64, fitted to float32 as the audit read it: 1e7 + a small spread showed as a few levels)
+        img = fit_float32(read_image(path, frame=frame, dtype=np.float64))
     except (DataError, OSError, ValueError) as exc:
         logger.info("gallery: no image for %s (%s)", item_id, one_line(exc))
         return None
