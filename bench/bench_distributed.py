@@ -205,8 +205,23 @@ def train_pass_case(n_train: int, d: int, k: int, repeat: int, log=print) -> lis
                     work=float(n_train), unit="train rows", warmup=1, repeat=repeat, log=log)
 
 
-def estimate(rows: list[Row], overhead_s: float) -> str:
-    """Written extrapolation to 10^6 × 10^6 × 256 from the measured rates (markdown)."""
+def broadcast_rounds(n: int) -> int:
+    """Rounds of a doubling broadcast (each holder sends to one more worker per round) that reach ``n``
+    workers from one: ceil(log2 n), so 0, 1, 2, 3, 4 for 1, 2, 4, 8, 16 (``n.bit_length()`` charged one more)."""
+    if n < 1:
+        raise ValueError(f"broadcast_rounds: n must be >= 1, got {n}")
+    return (n - 1).bit_length()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as the bench header counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def estimate(rows: list[Row], overhead_s: float, cores: int | None = None) -> str:
+    """Written extrapolation to 10^6 × 10^6 × 256 from the measured rates (markdown); ``cores``: the machine's
+    usable cores (default: this process's), named in the text."""
+    cores = usable_cores() if cores is None else cores
     by = {r.provider: r for r in rows if r.times}
     one = by.get(ONE_PROCESS)
     w1, w2 = by.get("dask 1 worker × 1 thread"), by.get("dask 2 workers × 1 thread")
@@ -226,11 +241,11 @@ def estimate(rows: list[Row], overhead_s: float) -> str:
         "all-pairs rates of BENCHMARKS.md \"GPU suite\"; the GPU figures scale a measurement at 10^10 pairs, "
         "none was made at this size or on several GPUs).",
         "",
-        f"* Work: 10^12 pairs = {flop:.2e} FLOP. One process on these 2 cores: {cpu_rate:,.0f} pairs/s "
+        f"* Work: 10^12 pairs = {flop:.2e} FLOP. One process on these {cores} cores: {cpu_rate:,.0f} pairs/s "
         f"({2 * d * cpu_rate / 1e9:.0f} GFLOP/s), i.e. ≈ {pairs / cpu_rate / 3600:.1f} h "
         "on one such machine.",
-        f"* Dask on 2 cores: 2 workers × 1 thread run at {w2.rate / w1.rate:.2f}× one worker × 1 thread "
-        f"(ceiling 2×). Per-shard cost of Dask + a small engine call: ≈ {overhead_s * 1e3:.0f} ms "
+        f"* Dask on {cores} cores: 2 workers × 1 thread run at {w2.rate / w1.rate:.2f}× one worker × 1 thread "
+        f"(ceiling {min(2, cores)}×). Per-shard cost of Dask + a small engine call: ≈ {overhead_s * 1e3:.0f} ms "
         "(slope of the overhead case). The engine also re-validates and re-normalises the whole "
         f"training block in every call: {tp.median * 1e3:.0f} ms for {int(tp.work):,} rows here, "
         f"≈ {prep_cpu:.1f} s per shard at 10^6 rows on CPU — the reason default shards have "
@@ -246,8 +261,8 @@ def estimate(rows: list[Row], overhead_s: float) -> str:
         "(1 GB, replicated worker to worker, ~0.1–0.5 s per doubling round over NVLink/PCIe or 25 GbE):",
     ]
     for g in (1, 2, 4, 8, 16):
-        lo = t1_lo / g + n_shards * per_shard_gpu / g + 10 + 0.1 * max(1, g).bit_length()
-        hi = t1_hi / g + n_shards * per_shard_gpu / g + 10 + 0.5 * max(1, g).bit_length()
+        lo = t1_lo / g + n_shards * per_shard_gpu / g + 10 + 0.1 * broadcast_rounds(g)
+        hi = t1_hi / g + n_shards * per_shard_gpu / g + 10 + 0.5 * broadcast_rounds(g)
         lines.append(f"  * N = {g}: ≈ {lo:.0f}–{hi:.0f} s")
     lines.append("* From ~8 GPUs on, the fixed start-up and broadcast dominate a problem of this size; the "
                  "checkpointed shards make a long run restartable at any N.")
@@ -279,8 +294,8 @@ def run(quick: bool = False, append: bool = True) -> list[Row]:
         rows += orows
     load = os.getloadavg()
     comment = (f"Load average at the end of the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-               f"(1/5/15 min) on {os.cpu_count()} cores; above ~2 other jobs shared the cores and the "
-               "worker-scaling ratios understate what an idle machine gives.\n\n" + estimate(rows, slope))
+               f"(1/5/15 min) on {usable_cores()} cores; above ~{usable_cores()} other jobs shared the cores and "
+               "the worker-scaling ratios understate what an idle machine gives.\n\n" + estimate(rows, slope))
     print(markdown_table(rows))
     print()
     print(comment)

@@ -1007,3 +1007,34 @@ def test_the_header_tells_whether_the_native_build_matches_csrc(tmp_path: Path, 
     assert "native build: STALE (rebuild: make native)" in md.read_text()
     monkeypatch.setattr(_native, "source_hash", "unknown", raising=False)
     assert harness.native_build().startswith("unknown")
+
+
+def test_distributed_estimate_counts_broadcast_rounds_and_names_the_cores(monkeypatch) -> None:
+    """A doubling broadcast to N workers needs ceil(log2 N) rounds; max(1, N).bit_length() charged one more
+    (1 round for one worker, 5 for 16). And the estimate said "these 2 cores" and "Dask on 2 cores" on any machine."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_distributed as b
+    from bench.harness import Row
+
+    assert [b.broadcast_rounds(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [0, 1, 2, 2, 3, 3, 4, 4]
+    with pytest.raises(ValueError):
+        b.broadcast_rounds(0)
+
+    def row(provider, seconds, work=1e6):
+        return Row(b.CAP, "c", provider, work, "pairs", times=[seconds])
+
+    rows = [row(b.ONE_PROCESS, 1.0), row("dask 1 worker × 1 thread", 2.0), row("dask 2 workers × 1 thread", 1.2),
+            row("all_pairs, 1 synthetic row", 0.01, work=1e5)]
+    text = b.estimate(rows, 0.005, cores=8)
+    assert "One process on these 8 cores" in text and "Dask on 8 cores" in text and "ceiling 2×" in text
+    assert "2 cores" not in text
+    assert "(ceiling 1×)" in b.estimate(rows, 0.005, cores=1)
+    # N = 1: no broadcast round at all (0.1-0.5 s per round over the same fixed terms); N = 2: one
+    t1 = [1e12 * b.H200_ALL_PAIRS_S[p] for p in ("bf16", "ieee")]
+    shards = -(-10**6 // 16384)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("* N = ")]
+    for g, rounds, line in zip((1, 2, 4, 8, 16), (0, 1, 2, 3, 4), lines, strict=True):
+        lo, hi = (t / g + shards * 0.105 / g + 10 + per * rounds for t, per in zip(t1, (0.1, 0.5), strict=True))
+        assert line == f"* N = {g}: ≈ {lo:.0f}–{hi:.0f} s", (g, line)
+    monkeypatch.setattr(b, "usable_cores", lambda: 3)
+    assert "these 3 cores" in b.estimate(rows, 0.005)
