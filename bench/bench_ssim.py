@@ -213,6 +213,8 @@ def _cpu_3d(quick: bool) -> list[Row]:
 
 
 def _matrix(quick: bool) -> list[Row]:
+    from skimage.metrics import structural_similarity
+
     from deepssim_fast.ssim import ssim, ssim_matrix
 
     n = 64 if quick else 512
@@ -221,14 +223,22 @@ def _matrix(quick: bool) -> list[Row]:
     band = 8 if quick else 32
     base = "ssim pair by pair (no reuse)"
     rows: list[Row] = []
-    for label, kw, reuse in (
-        ("uniform 7", {}, "ssim_matrix (moment reuse, running sums)"),
-        ("Gaussian 11", {"window": "gaussian", "sample_covariance": False}, "ssim_matrix (moment reuse)"),
+    for label, kw, sk_kw, reuse in (
+        ("uniform 7", {}, {}, "ssim_matrix (moment reuse, running sums)"),
+        ("Gaussian 11", {"window": "gaussian", "sample_covariance": False},
+         {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}, "ssim_matrix (moment reuse)"),
     ):
         rows_at = np.linspace(0, n - 1, band).astype(int)  # (rows of the timed call, over the whole matrix)
-        check_close(f"ssim_matrix ({label}) vs ssim pair by pair",
-                    np.asarray(ssim_matrix(a, b, progress=False, **kw))[rows_at],
+        m = np.asarray(ssim_matrix(a, b, progress=False, **kw))
+        check_close(f"ssim_matrix ({label}) vs ssim pair by pair", m[rows_at],
                     ssim(a[rows_at, None], b[None], spatial_dims=2, **kw), TOL)
+        # and a few entries against scikit-image (independent of both; ssim and ssim_matrix share the front end),
+        # with the matrix's per-pair data range (max - min over both images)
+        at = [(int(i), int(j)) for i, j in zip(rows_at[:: max(1, band // 4)], np.linspace(n - 1, 0, 4).astype(int),
+                                                strict=False)]
+        check_close(f"ssim_matrix ({label}) vs scikit-image", [m[i, j] for i, j in at],
+                    [structural_similarity(a[i], b[j], data_range=float(_pair_ranges(a[i:i + 1], b[j:j + 1])[0]),
+                                           **sk_kw) for i, j in at], TOL)
         providers = {
             base: (lambda kw=kw: ssim(a[:band, None], b[None], spatial_dims=2, **kw), band * n),
             reuse: (lambda kw=kw: ssim_matrix(a, b, progress=False, **kw), n * n),
@@ -239,12 +249,18 @@ def _matrix(quick: bool) -> list[Row]:
 
 
 def _training_call(quick: bool) -> list[Row]:
+    from deepssim_fast.reference import ssim_reference
     from deepssim_fast.ssim import ssim
 
     x, y = _slices((128, 128), 32)
     tx, ty = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y[:, :, ::-1]))
-    check_close("training targets, native vs torch backend", ssim(tx, ty, spatial_dims=2, preset="deepssim"),
-                ssim(tx, ty, spatial_dims=2, preset="deepssim", backend="torch"), TOL)
+    # against the float64 reference (independent: the torch backend shares the native one's front end, so a fault
+    # there passed a native-vs-torch comparison), as bench_train checks its targets
+    want = np.asarray(ssim_reference(tx, ty, spatial_dims=2, preset="deepssim"), dtype=np.float64)
+    check_close("training targets, native vs the float64 reference", ssim(tx, ty, spatial_dims=2, preset="deepssim"),
+                want, TOL)
+    check_close("training targets, torch backend vs the float64 reference",
+                ssim(tx, ty, spatial_dims=2, preset="deepssim", backend="torch"), want, TOL)
     providers = {
         "deepssim_fast native (preset=deepssim, torch in/out)": lambda: ssim(
             tx, ty, spatial_dims=2, preset="deepssim"

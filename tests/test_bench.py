@@ -1038,3 +1038,35 @@ def test_distributed_estimate_counts_broadcast_rounds_and_names_the_cores(monkey
         assert line == f"* N = {g}: ≈ {lo:.0f}–{hi:.0f} s", (g, line)
     monkeypatch.setattr(b, "usable_cores", lambda: 3)
     assert "these 3 cores" in b.estimate(rows, 0.005)
+
+
+def test_ssim_bench_checks_training_targets_and_gaussian_matrix_independently(monkeypatch) -> None:
+    """The training call's native result was checked against the torch backend only (they share the front end:
+    a fault there passed), and the Gaussian-11 ssim_matrix against ssim pair by pair only (same). Each is
+    checked against an independent reference now: the float64 reference, and scikit-image at a few entries."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_ssim as b
+
+    mod = importlib.import_module("deepssim_fast.ssim")
+    real, real_m = mod.ssim, mod.ssim_matrix
+
+    def off_preset(*a, **kw):  # noqa: ANN002, ANN003, ANN202 - both backends off alike (a shared front-end fault)
+        r = real(*a, **kw)
+        return r + 1e-3 if kw.get("preset") == "deepssim" else r
+
+    monkeypatch.setattr(mod, "ssim", off_preset)
+    with pytest.raises(AssertionError, match="native vs the float64 reference"):
+        b._training_call(quick=True)
+
+    def off_gaussian(f):  # noqa: ANN001, ANN202
+        def call(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            r = np.array(f(*a, **kw), dtype=np.float32)
+            return r + np.float32(0.01) if kw.get("window") == "gaussian" else r
+        return call
+
+    monkeypatch.setattr(mod, "ssim", off_gaussian(real))
+    monkeypatch.setattr(mod, "ssim_matrix", off_gaussian(real_m))
+    with pytest.raises(AssertionError, match=r"ssim_matrix \(Gaussian 11\) vs scikit-image"):
+        b._matrix(quick=True)
