@@ -1040,6 +1040,26 @@ def test_distributed_estimate_counts_broadcast_rounds_and_names_the_cores(monkey
     assert "these 3 cores" in b.estimate(rows, 0.005)
 
 
+def test_ssim_gpu_roofline_uses_the_3d_flop_counts_and_says_the_peak_is_nominal(monkeypatch, gpu_suite_module) -> None:
+    """The GPU rows' roofline fraction charged 3D cases the 2D FLOP counts (161 / 241 per pixel; 232 / 352 per
+    voxel in gpu_suite's table) and divided by a hard-coded 67e12 called "FP32 roofline". One table now, and
+    the peak is named for what it is: a spec sheet's nominal figure."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_ssim as b
+
+    assert {(sd, w): b.ssim_flop(sd, w) for sd in (2, 3) for w in ("uniform", "gaussian")} == \
+        {(2, "uniform"): 161.0, (2, "gaussian"): 241.0, (3, "uniform"): 232.0, (3, "gaussian"): 352.0}
+    assert all(b.ssim_flop(*key) == v for key, v in gpu_suite_module.SSIM_FLOP.items())
+    shape3 = (160, 192, 160)
+    note = b.roofline_note(100.0, shape3, 3, "uniform", "NVIDIA H200")
+    assert note == f"{100 * np.prod(shape3) * 232 / 67e12:.1%} of the nominal FP32 peak (H200 spec sheet, " \
+                   "67 TFLOP/s; 232 FLOP/voxel)"
+    assert "352 FLOP/voxel" in b.roofline_note(1.0, shape3, 3, "gaussian", "NVIDIA H100 80GB HBM3")
+    assert "241 FLOP/px" in b.roofline_note(1.0, (256, 256), 2, "gaussian", "NVIDIA H200")
+    assert "51 TFLOP/s" in b.roofline_note(1.0, (256, 256), 2, "uniform", "NVIDIA H100 PCIe")
+    assert b.roofline_note(1.0, (256, 256), 2, "uniform", "NVIDIA GeForce RTX 4090") == ""
+
+
 def test_ssim_bench_checks_training_targets_and_gaussian_matrix_independently(monkeypatch) -> None:
     """The training call's native result was checked against the torch backend only (they share the front end:
     a fault there passed), and the Gaussian-11 ssim_matrix against ssim pair by pair only (same). Each is
@@ -1070,3 +1090,45 @@ def test_ssim_bench_checks_training_targets_and_gaussian_matrix_independently(mo
     monkeypatch.setattr(mod, "ssim_matrix", off_gaussian(real_m))
     with pytest.raises(AssertionError, match=r"ssim_matrix \(Gaussian 11\) vs scikit-image"):
         b._matrix(quick=True)
+
+
+def test_ssim_bench_gpu_case_follows_cases_cannot_lose_the_cpu_rows_and_simd_is_restored(monkeypatch) -> None:
+    """The GPU cases ignored --cases and ran outside the try/except that keeps the CPU rows: a failing GPU check
+    lost every CPU row. And --simd stayed set after run()."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_ssim as b
+    from bench.harness import Row
+    from deepssim_fast import _native
+
+    called: list[str] = []
+
+    def cpu(quick):  # noqa: ANN001, ANN202
+        called.append("2d")
+        return [Row(b.CAP, "2d", "deepssim_fast native", 1, "pairs", times=[1.0])]
+
+    def _gpu(quick, **kw):  # noqa: ANN001, ANN003, ANN202
+        called.append("gpu")
+        raise AssertionError("deepssim_fast triton vs native: wrong")
+
+    appended: list = []
+    monkeypatch.setattr(b, "_cpu_2d", cpu)
+    monkeypatch.setattr(b, "_gpu", _gpu)
+    monkeypatch.setattr(b.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(b, "append_markdown", lambda title, rows, **kw: appended.append((list(rows), kw)))
+    before = _native.simd_cap()
+    try:
+        assert [r.case for r in b.run(quick=True, append=True, cases=["2d"], simd="scalar")] == ["2d"]
+        assert called == ["2d"] and _native.simd_cap() == before
+        assert "native: scalar" in appended[-1][1]["comment"]  # (the level the run used, not the restored one)
+        called.clear()
+        with pytest.raises(RuntimeError, match="_gpu"):
+            b.run(quick=True, append=True, cases=["2d", "gpu"], simd="scalar")
+        assert called == ["2d", "gpu"] and _native.simd_cap() == before
+        rows = appended[-1][0]
+        assert [(r.case, r.provider) for r in rows] == [("2d", "deepssim_fast native"), ("_gpu", "failed")]
+        assert "triton vs native" in rows[1].note
+        monkeypatch.setattr(b.torch.cuda, "is_available", lambda: False)  # no CUDA: the GPU case is skipped
+        called.clear()
+        assert len(b.run(quick=True, append=False, cases=["2d", "gpu"])) == 1 and called == ["2d"]
+    finally:
+        _native.set_simd_level(before)
