@@ -1132,3 +1132,27 @@ def test_ssim_bench_gpu_case_follows_cases_cannot_lose_the_cpu_rows_and_simd_is_
         assert len(b.run(quick=True, append=False, cases=["2d", "gpu"])) == 1 and called == ["2d"]
     finally:
         _native.set_simd_level(before)
+
+
+def test_audit_bench_whole_audit_case_is_warm_in_full_mode_and_labelled_cold_in_quick(monkeypatch) -> None:
+    """The whole-audit case ran warmup=0 and repeat 1 (quick) or 2: its median mixed a cold and a warm run. Full
+    mode warms up once and takes the median of 3; quick mode keeps one cold run and says so in the rows' note."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_audit as b
+
+    full, quick = b.audit_case_timing(False), b.audit_case_timing(True)
+    assert full["warmup"] == 1 and full["repeat"] >= 3 and "cold" not in full["note"]
+    assert quick["warmup"] == 0 and quick["repeat"] == 1 and "cold single run" in quick["note"]
+    seen: dict[str, dict] = {}
+    real_run_case = b.run_case
+
+    def spy(capability, case, providers, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen[case] = kw
+        return real_run_case(capability, case, providers, **kw)
+
+    monkeypatch.setattr(b, "run_case", spy)
+    rows = b.run(quick=True, append=False)
+    case = next(c for c in seen if c.startswith("audit ssim"))
+    assert (seen[case]["warmup"], seen[case]["repeat"]) == (0, 1)
+    audit_rows = [r for r in rows if r.case == case]
+    assert len(audit_rows) == 2 and all("cold single run" in r.note and len(r.times) == 1 for r in audit_rows)
