@@ -1,8 +1,11 @@
 """Benchmark of deepssim_fast.all_pairs (issue 4): exact cosine top-k + histogram over all pairs.
 
-Cases (every provider in the same process, same unit-norm embeddings):
+Cases (every provider in the same process, same unit-norm embeddings; random, with a few hundred synthetic rows
+replaced by near-copies of training rows, half "duplicate" and half "similar" (bench/_planting.py), so that the
+checked class counts have every class):
 * CPU n × n × 256, k=10: deepssim_fast (native; histogram and class counts included) vs faiss
-  ``IndexFlatIP.search``, chunked ``torch.mm`` + ``torch.topk``, numpy matmul + argpartition, and the plain
+  ``IndexFlatIP.search`` (the baseline; without faiss its row says "not installed" and ratios are against
+  torch.mm + topk), chunked ``torch.mm`` + ``torch.topk``, numpy matmul + argpartition, and the plain
   numpy sgemm on the same shapes (GFLOP/s: the floor of any exact fp32 GEMM route).
 * Scale (not in quick mode): 200000 × 200000 × 256 in a subprocess: time and peak RSS; extrapolated to 10^6².
 * GPU (only where CUDA is present): Triton vs ``torch.mm`` (bf16) + ``torch.topk``.
@@ -21,11 +24,15 @@ import time
 import numpy as np
 import torch
 
-from bench.harness import Row, append_markdown, markdown_table, run_case
+from bench._planting import check_classes_exercised, near_copies, near_copy_plan, plant, planted_count
+from bench.harness import ROOT, Row, append_markdown, markdown_table, run_case
 
 logger = logging.getLogger(__name__)
 
 CAP = "all_pairs"
+FAISS = "faiss IndexFlatIP.search"
+FAISS_MISSING = "not installed (pip install faiss-cpu, the bench extra)"
+TORCH_TOPK = "torch.mm + torch.topk (chunked)"
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -142,6 +149,7 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
     from deepssim_fast.all_pairs import all_pairs
 
     train, synth = _unit(n, d, 1), _unit(n, d, 2)
+    plant(train, synth, planted_count(n))  # (every pair was "different": the class check saw one class)
     flop = 2.0 * n * n * d
     from deepssim_fast import _native
 
@@ -164,23 +172,23 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
         providers["deepssim_fast (native, AVX2 int16 kernel)"] = forced("avx2", "int16")
     if int16:
         providers["deepssim_fast (native, fp32 kernel)"] = forced("avx2", "fp32")
-    notes = {}
     try:
         import faiss
 
         index = faiss.IndexFlatIP(d)
         index.add(train)
-        providers["faiss IndexFlatIP.search"] = lambda: index.search(synth, k)
-    except ImportError:
-        notes["faiss IndexFlatIP.search"] = "faiss-cpu not installed"
+        providers[FAISS] = lambda: index.search(synth, k)
+        have_faiss = True
+    except ImportError:  # (its row vanished and every ratio was against ourselves, under "Ratios against faiss")
+        have_faiss = False
     tt, ts = torch.from_numpy(train), torch.from_numpy(synth)
-    providers["torch.mm + torch.topk (chunked)"] = lambda: _torch_topk(tt, ts, k)
+    providers[TORCH_TOPK] = lambda: _torch_topk(tt, ts, k)
     providers["numpy matmul + argpartition"] = lambda: _numpy_topk(train, synth, k)
     providers["numpy sgemm only (floor)"] = lambda: _sgemm(train, synth)
-    base = "faiss IndexFlatIP.search" if "faiss IndexFlatIP.search" in providers else None
+    base = FAISS if have_faiss else TORCH_TOPK
     # correctness before any timing: every deepssim_fast provider against an independent top-k (faiss, or
     # torch.mm + topk without it), and the forced kernels bit for bit against the default
-    if base:
+    if have_faiss:
         ref_s, ref_i = index.search(synth, k)
         ref_name = "faiss"
     else:
@@ -193,13 +201,19 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
             continue
         results[name] = r0 = fn()
         check_topk(name, r0, train, synth, ref_s)
+        check_classes_exercised(name, r0.class_counts)
         if name != "deepssim_fast (native)":
             check_identical(name, r0, results["deepssim_fast (native)"], "deepssim_fast (native)")
         same[name] = float(np.mean(np.sort(ref_i, axis=1) == np.sort(r0.indices, axis=1)))
     res = results["deepssim_fast (native)"]
     log(f"  checked: every deepssim_fast provider's top-k against {ref_name}, native kernels identical")
-    rows = run_case(CAP, f"CPU {n}x{n}x{d} k={k}", providers, work=float(n) * n, unit="pairs", baseline=base,
+    case = f"CPU {n}x{n}x{d} k={k}"
+    rows = run_case(CAP, case, providers, work=float(n) * n, unit="pairs", baseline=base,
                     warmup=1, repeat=repeat, repeats={"numpy matmul + argpartition": 1}, log=log)
+    if not have_faiss:  # the missing competitor keeps its row, where it would have been, saying why it has no times
+        missing = Row(CAP, case, FAISS, float(n) * n, "pairs", baseline=base, note=FAISS_MISSING)
+        log(f"  {case:<40} {FAISS:<28} {FAISS_MISSING}")
+        rows.insert(next(i for i, r in enumerate(rows) if r.provider == TORCH_TOPK), missing)
     # the arithmetic floor of each kernel: its multiply-add rate on one core with cached panels, all cores
     rates = _native.topk_kernel_rates()
     cores = _native.num_threads()
@@ -218,9 +232,12 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
                     " (fp32-equivalent)" if "int16" in r.provider else "")
             r.note = (r.note + f" {r.extra['gflops']:.0f} GFLOP/s{kind}").strip()
         if r.provider.startswith("deepssim_fast"):
-            r.note += f"; histogram + class counts included; {res.class_counts['different']:,} different"
+            cc = res.class_counts
+            r.note += (f"; histogram + class counts included; {cc['different']:,} different, {cc['similar']:,} "
+                       f"similar, {cc['duplicate']:,} duplicate")
+            r.extra["class_counts"] = dict(cc)
             r.note += f"; checked against {ref_name} before timing"
-            if base and r.provider in same:
+            if have_faiss and r.provider in same:
                 r.note += f"; top-k sets equal to faiss: {same[r.provider]:.4%}"
     return rows
 
@@ -228,6 +245,8 @@ def cpu_case(n: int, d: int = 256, k: int = 10, repeat: int = 3, log=print) -> l
 _SCALE_CHILD = r"""
 import json, resource, sys, time
 import numpy as np
+sys.path.insert(0, sys.argv[4])  # (the checkout, for bench._planting: numpy only, no torch in this process)
+from bench._planting import plant, planted_count
 from deepssim_fast.all_pairs import all_pairs
 def peak_mb():
     # VmHWM: this process's own peak. ru_maxrss is NOT used on Linux: across fork + exec it keeps the
@@ -249,21 +268,24 @@ def unit(n):
         x[a:a + len(b)] = b / np.linalg.norm(b, axis=1, keepdims=True)
     return x
 train, synth = unit(n), unit(n)
+plant(train, synth, planted_count(n))
 rss0 = peak_mb()
 t = time.perf_counter()
 r = all_pairs(train, synth, k=k, progress=False)
 dt = time.perf_counter() - t
-print(json.dumps(dict(seconds=dt, peak_rss_mb=peak_mb(), inputs_rss_mb=rss0, pairs=r.n_pairs)))
+print(json.dumps(dict(seconds=dt, peak_rss_mb=peak_mb(), inputs_rss_mb=rss0, pairs=r.n_pairs,
+                      class_counts={c: int(v) for c, v in r.class_counts.items()})))
 """
 
 
 def scale_case(n: int = 200000, d: int = 256, k: int = 10, log=print) -> list[Row]:
     """One run in a fresh process (peak RSS is the child's own VmHWM, inputs included)."""
-    proc = subprocess.run([sys.executable, "-c", _SCALE_CHILD, str(n), str(d), str(k)], capture_output=True,
-                          text=True, timeout=24 * 3600)
+    proc = subprocess.run([sys.executable, "-c", _SCALE_CHILD, str(n), str(d), str(k), str(ROOT)],
+                          capture_output=True, text=True, timeout=24 * 3600)
     if proc.returncode != 0:
         raise RuntimeError(f"scale run failed: {proc.stderr[-2000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    check_classes_exercised(f"scale {n}x{n}", res["class_counts"])
     ext = res["seconds"] * (1e6 / n) ** 2
     row = Row(CAP, f"CPU scale {n}x{n}x{d} k={k}", "deepssim_fast (native)", float(n) * n, "pairs",
               times=[res["seconds"]], baseline="deepssim_fast (native)", ratio=1.0,
@@ -285,6 +307,9 @@ def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print, *, device: s
     g = torch.Generator(device=dev).manual_seed(0)
     train = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=1)
     synth = torch.nn.functional.normalize(torch.randn(n, d, device=dev, generator=g), dim=1)
+    at, of, cos = near_copy_plan(n, n, planted_count(n), seed=7)  # (as the CPU case: every class non-empty)
+    copies = near_copies(train[torch.from_numpy(of).to(dev)].double().cpu().numpy(), cos, seed=7)
+    synth[torch.from_numpy(at).to(dev)] = torch.from_numpy(copies).to(dev)
     tb, sb = train.bfloat16(), synth.bfloat16()
 
     def torch_bf16():
@@ -323,6 +348,7 @@ def gpu_case(n: int = 100000, d: int = 256, k: int = 10, log=print, *, device: s
             ok, err, detail = verify_all_pairs(scores, indices, hist, classes, train, synth, tol=precision_tol(p))
             if not ok:
                 raise AssertionError(f"{name}: timed output wrong: {detail}")
+            check_classes_exercised(name, [int(c) for c in classes])
             r.note = (r.note + " output checked against every pair's float64 cosine").strip()
         rows.append(r)
         log(f"  {r.case:<40} {name:<28} " + (f"{r.median * 1e3:.1f} ms" if r.times else r.note))
@@ -353,9 +379,25 @@ def run(quick: bool = False, append: bool = True, *, scale_n: int | None = None,
         log("  GPU case skipped (" + ("--quick" if quick else "no CUDA device") + ")")
     if append:
         append_markdown("all_pairs: exact cosine top-k + histogram" + (" (quick)" if quick else ""), rows,
-                        comment="Unit-norm random embeddings, d=256, k=10. Ratios against faiss in the same "
-                                "run; deepssim_fast includes the 200-bin histogram and class counts.")
+                        comment=table_comment(rows))
     return rows
+
+
+def table_comment(rows: list[Row]) -> str:
+    """The text over the table: what the embeddings are and the baseline the CPU ratios are against, as it is in
+    the rows (without faiss it said "Ratios against faiss" over ratios against ourselves)."""
+    cpu = [r for r in rows if r.case.startswith("CPU ") and not r.case.startswith("CPU scale")]
+    base = cpu[0].baseline if cpu else None
+    text = ("Unit-norm random embeddings, d=256, k=10, with a few hundred synthetic rows replaced by near-copies of "
+            "training rows (half duplicate, half similar) so that every class is counted. ")
+    if base:
+        text += f"CPU ratios against {base} in the same run"
+        if any(r.provider == FAISS and not r.times for r in cpu):
+            text += f" (faiss {FAISS_MISSING})"
+        text += "; "
+    if any(r.case.startswith("GPU ") for r in rows):
+        text += "GPU ratios against torch.mm bf16 + topk on the same GPU; "
+    return text + "deepssim_fast includes the 200-bin histogram and class counts."
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1156,3 +1156,59 @@ def test_audit_bench_whole_audit_case_is_warm_in_full_mode_and_labelled_cold_in_
     assert (seen[case]["warmup"], seen[case]["repeat"]) == (0, 1)
     audit_rows = [r for r in rows if r.case == case]
     assert len(audit_rows) == 2 and all("cold single run" in r.note and len(r.times) == 1 for r in audit_rows)
+
+
+def test_all_pairs_bench_without_faiss_keeps_its_row_and_says_the_real_baseline(monkeypatch) -> None:
+    """Without faiss its row vanished (the note was built and never passed on), every ratio was against our own
+    engine, and the text still said "Ratios against faiss in the same run". The row stays, saying why it has no
+    times, the ratios are against torch.mm + topk, and the text names that baseline."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_all_pairs as b
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # (import faiss: ImportError)
+    rows = b.cpu_case(64, d=16, k=4, repeat=1, log=lambda s: None)
+    by = {r.provider: r for r in rows}
+    faiss = by["faiss IndexFlatIP.search"]
+    assert not faiss.times and faiss.ratio is None
+    assert faiss.note == "not installed (pip install faiss-cpu, the bench extra)"
+    assert {r.baseline for r in rows} == {"torch.mm + torch.topk (chunked)"}
+    assert by["torch.mm + torch.topk (chunked)"].ratio == pytest.approx(1.0)
+    assert by["deepssim_fast (native)"].ratio is not None and "checked against torch.mm + topk" in \
+        by["deepssim_fast (native)"].note
+    line = next(ln for ln in b.markdown_table(rows).splitlines() if "| faiss IndexFlatIP.search |" in ln)
+    assert "not installed (pip install faiss-cpu, the bench extra)" in line
+    appended: list[str] = []
+    monkeypatch.setattr(b, "cpu_case", lambda *a, **kw: rows)
+    monkeypatch.setattr(b, "append_markdown", lambda title, rows, comment="": appended.append(comment))
+    b.run(quick=True, append=True, log=lambda s: None)
+    assert "CPU ratios against torch.mm + torch.topk (chunked) in the same run" in appended[0]
+    assert "faiss not installed" in appended[0] and "against faiss" not in appended[0]
+
+
+def test_all_pairs_bench_plants_near_copies_so_every_class_is_checked(monkeypatch) -> None:
+    """Random d=256 embeddings put every pair in "different": the class-count check never saw "similar" or
+    "duplicate". A few hundred near-copies (cosine > 0.85 and in (0.6, 0.85)) are planted in each case's synthetic
+    set now, and a case whose counts leave a class empty is refused."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import _planting as p
+    from bench import bench_all_pairs as b
+
+    assert [p.planted_count(n) for n in (16, 64, 4000, 200000)] == [2, 8, 300, 300]
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((50, 256)).astype(np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    synth = np.zeros((40, 256), np.float32)
+    cos = p.plant(train, synth, 10)
+    rows, cols, want = p.near_copy_plan(50, 40, 10, 7)
+    np.testing.assert_allclose(np.sum(synth[rows].astype(np.float64) * train[cols], axis=1), want, atol=1e-6)
+    assert np.array_equal(cos, want) and np.all(cos[:5] > 0.85) and np.all((cos[5:] > 0.6) & (cos[5:] < 0.85))
+
+    res = b.cpu_case(64, d=256, k=4, repeat=1, log=lambda s: None)
+    ours = [r for r in res if r.provider.startswith("deepssim_fast")]
+    assert ours and all(min(r.extra["class_counts"].values()) > 0 for r in ours)
+    assert all(" similar, " in r.note and " duplicate;" in r.note for r in ours)
+    scale = b.scale_case(n=800, d=256, k=3, log=lambda s: None)[0]
+    assert min(scale.extra["class_counts"].values()) > 0
+    monkeypatch.setattr(b, "plant", lambda *a, **kw: None)  # random embeddings alone: the class check refuses
+    with pytest.raises(AssertionError, match="empty, so the check of the counts does not exercise it"):
+        b.cpu_case(64, d=256, k=4, repeat=1, log=lambda s: None)
