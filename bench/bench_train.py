@@ -7,6 +7,8 @@ Cases
   forward/backward/step.
   Target: SSIM targets <= 5 % of the step on CPU.
 * ``embed <backbone>``: embedding throughput (images/s), inference, per backbone, CPU (and GPU if present).
+  The last timed call's output is checked: finite, (images, emb_dim), unit rows, and equal at a few rows to
+  an embed of those images alone.
 * ``acceptance``: train ``small`` for at most 5 minutes on the LOWER part of the MNI152 template (voxels
   z < 90 of the 197x233x189 volume, slices along all three axes, resized to 64x64), then evaluate on 512
   pairs (random, neighbouring slices, augmented copies) of axial slices z >= 100 — voxels never seen in
@@ -109,11 +111,40 @@ def step_split(quick: bool) -> list[Row]:
     return rows
 
 
-def embed_throughput(quick: bool) -> list[Row]:
+EMBED_TOL = 1e-4  # an embedding row (unit norm) against the same image embedded in another batch
+
+
+def check_embeddings(name: str, out: object, model, images: list, device: str, *, tol: float = EMBED_TOL) -> None:
+    """AssertionError unless ``out`` (a timed embed call's output) is what embed documents: finite float32
+    (len(images), emb_dim) with unit rows, and equal, at a few rows spread over the batch, to an embed of those
+    images alone (a batch-size fault shows there)."""
+    e = np.asarray(out)
+    want_shape = (len(images), int(model.config.emb_dim))
+    if e.shape != want_shape or e.dtype != np.float32:
+        raise AssertionError(f"{name}: embeddings {e.dtype} {e.shape}, expected float32 {want_shape}")
+    if not np.all(np.isfinite(e)):
+        raise AssertionError(f"{name}: {int(np.sum(~np.isfinite(e)))} non-finite values in the embeddings")
+    norms = np.linalg.norm(e.astype(np.float64), axis=1)
+    if not np.all(np.abs(norms - 1.0) <= tol):
+        i = int(np.argmax(np.abs(norms - 1.0)))
+        raise AssertionError(f"{name}: row {i} has norm {norms[i]:.6f}, expected unit rows")
+    idx = sorted({0, len(images) // 2, len(images) - 1})
+    alone = np.asarray(embed([images[i] for i in idx], model, batch_size=len(idx), device=device, progress=False))
+    err = np.abs(e[idx].astype(np.float64) - alone)
+    if not np.all(err <= tol):
+        r, c = np.unravel_index(int(np.argmax(np.where(np.isnan(err), np.inf, err))), err.shape)
+        raise AssertionError(f"{name}: image {idx[r]}'s embedding differs from the same image embedded alone "
+                             f"(|diff| {err[r, c]:.3g} > {tol:g} at [{idx[r]}, {c}])")
+
+
+def embed_throughput(quick: bool, cases: list[tuple[str, int, int]] | None = None) -> list[Row]:
+    """Images/s of embed per backbone (``cases``: (backbone, input size, images); default by ``quick``), each
+    row's last timed output checked (check_embeddings) after its timing."""
     imgs = [s.array for s in data.real_slices(datasets=["mni152"], policy=data.SlicePolicy(axis=2, step=4))]
-    cases = [("small", 128, 32 if quick else 64), ("resnet18", 128, 16 if quick else 32)]
-    if not quick:
-        cases += [("convnext_tiny", 128, 16), ("convnext_base", 224, 8)]
+    if cases is None:
+        cases = [("small", 128, 32 if quick else 64), ("resnet18", 128, 16 if quick else 32)]
+        if not quick:
+            cases += [("convnext_tiny", 128, 16), ("convnext_base", 224, 8)]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows: list[Row] = []
     for backbone, size, n in cases:
@@ -122,15 +153,23 @@ def embed_throughput(quick: bool) -> list[Row]:
         batch = imgs[:n]
         for dev in devices:
             m.to(dev)
+            kept: list = []  # the last timed call's output (it was timed unchecked)
 
-            def run(model=m, b=batch, d=dev) -> None:
-                embed(b, model, batch_size=len(b), device=d, progress=False)
+            def run(model=m, b=batch, d=dev, kept=kept) -> None:
+                kept[:] = [embed(b, model, batch_size=len(b), device=d, progress=False)]
                 if d == "cuda":
                     torch.cuda.synchronize()
 
             reps = 2 if quick or backbone.startswith("convnext") else 5
-            rows += run_case(CAP, f"embed {backbone} {size}x{size} ({dev})", {f"{backbone} {dev}": run},
-                             work=len(batch), unit="images", repeat=reps)
+            name = f"{backbone} {dev}"
+            case_rows = run_case(CAP, f"embed {backbone} {size}x{size} ({dev})", {name: run},
+                                 work=len(batch), unit="images", repeat=reps)
+            if kept:
+                check_embeddings(f"embed {name}", kept[0], m, batch, dev)
+                for r in case_rows:
+                    r.note = (r.note + " output checked (finite, unit rows, equal to an embed of a few images "
+                              "alone)").strip()
+            rows += case_rows
         m.cpu()
     return rows
 

@@ -1212,3 +1212,33 @@ def test_all_pairs_bench_plants_near_copies_so_every_class_is_checked(monkeypatc
     monkeypatch.setattr(b, "plant", lambda *a, **kw: None)  # random embeddings alone: the class check refuses
     with pytest.raises(AssertionError, match="empty, so the check of the counts does not exercise it"):
         b.cpu_case(64, d=256, k=4, repeat=1, log=lambda s: None)
+
+
+def test_embed_rows_check_the_output_they_time(monkeypatch) -> None:
+    """The `embed <backbone>` rows were timed with no look at the output. The last timed call's embeddings are
+    checked now: finite, (images, emb_dim), unit rows, and equal at a few rows to an embed of those images alone."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_train as b
+
+    real = b.embed
+    tiny = [("small", 64, 6)]
+    rows = b.embed_throughput(quick=True, cases=tiny)
+    assert [r.provider for r in rows if r.case.endswith("(cpu)")] == ["small cpu"]
+    assert all("output checked" in r.note and r.times for r in rows)
+
+    def wrong_in_big_batches(images, model, **kw):  # noqa: ANN001, ANN003, ANN202
+        e = np.array(real(images, model, **kw))
+        if len(e) > 3:
+            e[3:] = np.roll(e[3:], 1, axis=1)  # still unit rows, but not these images' embeddings
+        return e
+
+    def not_normalised(images, model, **kw):  # noqa: ANN001, ANN003, ANN202
+        return np.array(real(images, model, **kw)) * 2
+
+    for fake, words in ((wrong_in_big_batches, "differs from the same image embedded alone"),
+                        (not_normalised, "expected unit rows"),
+                        (lambda images, model, **kw: np.array(real(images, model, **kw))[:, :-1], "expected float32"),
+                        (lambda images, model, **kw: np.array(real(images, model, **kw)) * np.nan, "non-finite")):
+        monkeypatch.setattr(b, "embed", fake)
+        with pytest.raises(AssertionError, match=words):
+            b.embed_throughput(quick=True, cases=tiny)
