@@ -159,6 +159,8 @@ MATCHES_HEADER = (
     "ssim",
     "label",
     "transform",
+    "synth_frame",
+    "train_frame",
 )
 #: A temporary file in the (possibly shared) cache older than this is what a killed run left: removed.
 _CACHE_TMP_AGE_S = 3600.0
@@ -944,6 +946,16 @@ def _item_path(item_id: str, mode: str) -> str:
     """The path part of an item id: slices ``<path>#<axis>:<index>`` (split at the last ``#``: a path may
     hold one), volumes ``<path>`` itself. A frame of a 4D file keeps its ``@t<t>``."""
     return item_id.rsplit("#", 1)[0] if mode == "slices" else item_id
+
+
+def _file_and_frame(path: str) -> tuple[str, str]:
+    """An item's path as matches.csv writes it: the file, and the frame of a 4D file's frame (``<path>@t<t>``,
+    where no file of that name exists) or "" — its ``*_path`` columns held ``file.nii.gz@t1``, which is no file
+    (a script that opened or moved the flagged files failed on every frame of a 4D file)."""
+    f = re.fullmatch(r"(.*)@t(\d+)", path, flags=re.S)
+    if f is not None and not os.path.exists(path):
+        return f.group(1), f.group(2)
+    return path, ""
 
 
 def _constant_items(pixels: np.ndarray) -> np.ndarray:
@@ -1798,6 +1810,33 @@ class AuditResult:
     @property
     def fraction_memorised(self) -> float:
         return float(self.summary["fraction_memorised"])
+
+    # (the repr names these as fields: r.counts raised AttributeError, the numbers being in r.summary only)
+    @property
+    def metric(self) -> str:
+        return str(self.summary["metric"])
+
+    @property
+    def n_synth(self) -> int:
+        return int(self.summary["n_synth"])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.summary["n_train"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Synthetic items by label, ``{"different", "similar", "duplicate"}``."""
+        return dict(self.summary["counts"])
+
+    @property
+    def skipped(self) -> list[dict]:
+        """The inputs left out, each with its path, set and reason."""
+        return list(self.summary.get("skipped") or [])
+
+    @property
+    def report(self) -> Path | None:
+        return self.files.get("report.html")
 
     def __repr__(self) -> str:
         # the headline, not the whole summary (its skipped inputs alone can run to thousands of lines)
@@ -3338,6 +3377,7 @@ def _write_matches(
         return np.array([("\r" in a) or ("\r" in b) for a, b in zip(ids, paths, strict=True)], dtype=bool)
 
     s_cr, t_cr = cr(sset.ids, sset.paths), cr(tset.ids, tset.paths)
+    s_pf, t_pf = [_file_and_frame(q) for q in sset.paths], [_file_and_frame(q) for q in tset.paths]
     w.writerow(MATCHES_HEADER)
     n, k = res.indices.shape
     for i in range(n):
@@ -3346,16 +3386,18 @@ def _write_matches(
             (wq if s_cr[i] or t_cr[j] else w).writerow(
                 [
                     sset.ids[i],
-                    sset.paths[i],
+                    s_pf[i][0],
                     sset.indices[i],
                     tset.ids[j],
-                    tset.paths[j],
+                    t_pf[j][0],
                     tset.indices[j],
                     r + 1,
                     format_score(res.scores[i, r], thresholds, 6),
                     format_score(ver[i, r], thresholds, 6) if verify == "ssim" else "",
                     LABELS[int(labels[i, r])],
                     trans[i, r],
+                    s_pf[i][1],
+                    t_pf[j][1],
                 ]
             )
     _atomic_bytes(path, os.fsencode(buf.getvalue()))

@@ -3601,3 +3601,33 @@ def test_an_offset_float64_training_file_and_its_plain_copy_are_a_duplicate(tmp_
     assert rows and all("offset.npy" in row["train_id"] for row in rows), rows
     assert all(row["label"] == "duplicate" for row in rows), [(row["synth_id"], row["ssim"]) for row in rows]
     assert r.summary["counts"]["duplicate"] == len(rows)
+
+
+@pytest.mark.parametrize("mode", ["volumes", "slices"])
+def test_matches_csv_paths_of_4d_frames_are_files(tmp_path: Path, mode: str) -> None:
+    """matches.csv's *_path columns held ``series.nii.gz@t1`` for a frame of a 4D file, which is no file: a
+    script that opened or moved the flagged files failed on every such row. The path is the file now, and the
+    frame has its own column. The result's fields named in its repr are attributes too."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(3)
+    vol = data.center_fit(data.load_volume("t1_coronal_slice").array, (32, 36)).astype(np.float32)
+    a = np.stack([vol * (0.6 + 0.05 * k) for k in range(8)], axis=-1)
+    b = np.roll(a[::-1], 7, axis=0) + rng.normal(0, 5, a.shape).astype(np.float32)
+    (tmp_path / "tr").mkdir()
+    (tmp_path / "sy").mkdir()
+    series = tmp_path / "tr" / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([b, a], axis=-1), np.eye(4)), series)
+    np.save(tmp_path / "sy" / "copy.npy", a)
+    r = A.audit(tmp_path / "tr", tmp_path / "sy", metric="ssim", k=1, mode=mode, out=tmp_path / "o",
+                progress=False, **({"policy": SlicePolicy(axis=2)} if mode == "slices" else {}))
+    rows = list(csv.DictReader(open(tmp_path / "o" / "matches.csv", encoding="utf-8")))
+    assert rows
+    for row in rows:
+        assert row["train_path"] == str(series) and Path(row["train_path"]).is_file()
+        assert row["train_frame"] == "1" and row["label"] == "duplicate", row
+        assert row["train_id"].startswith(f"{series}@t1")
+        assert row["synth_frame"] == "" and Path(row["synth_path"]).is_file()
+    assert r.counts == r.summary["counts"] and r.counts["duplicate"] == r.n_synth == len(rows)
+    assert r.metric == "ssim" and r.n_train == (2 if mode == "volumes" else 16) and r.skipped == []
+    assert r.report == tmp_path / "o" / "report.html"
