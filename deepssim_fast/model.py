@@ -765,6 +765,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         enc.eval()
         if cfg.extra.get("foreign"):
             _probe_width(enc, dev)
+        _MODEL_SOURCES[enc] = str(p)  # (the file its errors name: embed_batch)
         return enc
     ck = read_checkpoint(p)
     cfg = _config_of(p, ck["config"])
@@ -776,7 +777,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         raise ModelFileError(f"{p}: checkpoint weights do not fit backbone {cfg.backbone!r}: {exc}") from exc
     if cfg.freeze_stages:  # (a reloaded checkpoint had every stage trainable, its TorchScript copy not)
         net.freeze_stages()
-    return net.to(dev).eval()
+    net = net.to(dev).eval()
+    _MODEL_SOURCES[net] = str(p)  # (the file its errors name: embed_batch)
+    return net
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -993,24 +996,62 @@ def _probe_width(enc: nn.Module, dev: torch.device) -> None:
         enc.config.emb_dim = int(e.shape[1])
 
 
-def checked_embeddings(e: Any, n: int, first: int = 0) -> torch.Tensor:
+def checked_embeddings(e: Any, n: int, first: int = 0, *, source: str | None = None) -> torch.Tensor:
     """What a model returned for a batch of ``n`` images (numbered from ``first``), as float32 (n, emb_dim),
     or a ValueError saying what is wrong with it: not a tensor (a foreign model returning a tuple or dict), not
-    (n, emb_dim), NaN/Inf, or an all-zero row (no direction: F.normalize left it zero, its cosine with itself
-    0, so an exact copy could never be found)."""
+    of a real floating dtype, not (n, emb_dim), NaN/Inf, or an all-zero row (no direction: F.normalize left it
+    zero, its cosine with itself 0, so an exact copy could never be found). ``source``: the model's file, which
+    the errors name (:func:`model_source`)."""
+    at = f"{source}: " if source else ""
     if not isinstance(e, torch.Tensor):
-        raise ValueError(f"model returned a {type(e).__name__}, not a tensor of embeddings (batch, emb_dim); wrap "
-                         "it so that forward returns the embedding tensor alone")
+        raise ValueError(f"{at}model returned a {type(e).__name__}, not a tensor of embeddings (batch, emb_dim); "
+                         "wrap it so that forward returns the embedding tensor alone")
+    if not e.is_floating_point():  # (complex is not floating point either)
+        # (e.float() accepted them: bool rows of a sign pattern gave every pair of images a cosine of 1, and
+        # complex ones lost their imaginary part with a warning)
+        raise ValueError(f"{at}model returned embeddings of dtype {e.dtype}; expected a real floating-point "
+                         "tensor (float16/bfloat16/float32/float64)")
     e = e.float()
     if e.dim() != 2 or e.shape[0] != n:
-        raise ValueError(f"model returned shape {tuple(e.shape)} for a batch of {n}; expected (batch, emb_dim)")
+        raise ValueError(f"{at}model returned shape {tuple(e.shape)} for a batch of {n}; expected (batch, emb_dim)")
     if not torch.isfinite(e).all():
-        raise ValueError(f"model produced NaN/Inf embeddings for images {first}..{first + n - 1}")
+        raise ValueError(f"{at}model produced NaN/Inf embeddings for images {first}..{first + n - 1}")
     zero = (e == 0).all(dim=1)
     if bool(zero.any()):
-        raise ValueError(f"model produced an all-zero embedding for image {first + int(zero.nonzero()[0])}: it "
-                         "has no direction, so its cosine similarity is undefined")
+        raise ValueError(f"{at}model produced an all-zero embedding for image {first + int(zero.nonzero()[0])}: "
+                         "it has no direction, so its cosine similarity is undefined")
     return e
+
+
+_MODEL_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_source(net: nn.Module) -> str | None:
+    """The file :func:`load_model` read ``net`` from (None for a model built or trained here). Kept beside the
+    model, not on it: an attribute would be scripted into the TorchScript file ``save_torchscript`` writes."""
+    try:
+        return _MODEL_SOURCES.get(net)
+    except TypeError:  # (an object that cannot be weakly referenced)
+        return None
+
+
+def embed_batch(net: nn.Module, x: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The checked float32 embeddings (n, emb_dim) of network input ``x`` (images numbered from ``first``):
+    :func:`forward_batch`, then :func:`checked_embeddings`; errors name the model's file. A TorchScript
+    model's failing forward raises a RuntimeError of the file and the interpreter's last line (its message
+    was a 600-character TorchScript traceback without the file's name)."""
+    source = model_source(net)
+    try:
+        out = forward_batch(net, x)
+    except RuntimeError as exc:
+        if not isinstance(net, (TorchScriptEncoder, torch.jit.ScriptModule)) or isinstance(
+                exc, torch.cuda.OutOfMemoryError):
+            raise
+        last = next((ln.strip() for ln in reversed(str(exc).splitlines()) if ln.strip()), type(exc).__name__)
+        n = x.shape[0]
+        raise RuntimeError(f"{source or 'TorchScript model'}: its forward failed on images {first}..{first + n - 1} "
+                           f"(input {tuple(x.shape)}): {last}") from exc
+    return checked_embeddings(out, x.shape[0], first, source=source)
 
 
 def forward_batch(net: nn.Module, x: torch.Tensor) -> Any:
@@ -1075,9 +1116,9 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
             bar = tqdm(total=len(arrays), desc="embed", unit="img", disable=None if progress else True)
             for s in range(0, len(arrays), batch_size):
                 x = preprocess(arrays[s:s + batch_size], cfg).to(dev, dtype)
-                e = checked_embeddings(forward_batch(net, x), x.shape[0], s)
+                e = embed_batch(net, x, s)
                 if e.shape[1] != out.shape[1]:  # (the config is left as it is: the model's hash covers it)
-                    out = _resize_out(out, e.shape[1], s)
+                    out = _resize_out(out, e.shape[1], s, model_source(net))
                 out[s:s + x.shape[0]] = F.normalize(e, dim=1).cpu().numpy()
                 bar.update(x.shape[0])
             bar.close()
@@ -1105,9 +1146,10 @@ def _model_lock(net: nn.Module) -> threading.Lock:
         return lock
 
 
-def _resize_out(out: np.ndarray, dim: int, filled: int) -> np.ndarray:
+def _resize_out(out: np.ndarray, dim: int, filled: int, source: str | None = None) -> np.ndarray:
     if filled:
-        raise ValueError(f"model embedding width changed from {out.shape[1]} to {dim} between batches")
+        raise ValueError(f"{source + ': ' if source else ''}model embedding width changed from {out.shape[1]} to "
+                         f"{dim} between batches")
     logger.info("model emits %d-dim embeddings (config said %d)", dim, out.shape[1])
     return np.empty((out.shape[0], dim), dtype=np.float32)
 

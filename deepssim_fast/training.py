@@ -75,11 +75,10 @@ from .model import (
     _check_device,
     _model_device,
     build_model,
-    checked_embeddings,
     collect_images,
+    embed_batch,
     fit_size,
     float_dtype,
-    forward_batch,
     read_checkpoint,
     save_checkpoint,
     zscore_batch,
@@ -542,8 +541,9 @@ def predict_pairs(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, *, b
                 # batch size, and the validation MSE with them)
                 # (checked as embed checks them: a foreign model's tuple, 4-D output or NaN gave a TypeError, a
                 # broadcast error or a NaN MSE)
-                ea = checked_embeddings(forward_batch(model, xa), xa.shape[0], s)
-                eb = checked_embeddings(forward_batch(model, xb), xb.shape[0], s)
+                # (and named by the model's file, where it was loaded from one)
+                ea = embed_batch(model, xa, s)
+                eb = embed_batch(model, xb, s)
                 out.append(F.cosine_similarity(ea, eb, dim=1).float().cpu())
     finally:
         model.train(was)

@@ -904,3 +904,65 @@ def test_embed_checks_the_device_before_reading_the_images(tmp_path) -> None:
     with pytest.raises(Exception, match="(?i)cuda") as e:
         embed([str(tmp_path / "not_read.npy")], m, device="cuda")
     assert "not_read" not in str(e.value)
+
+
+def test_foreign_outputs_of_no_real_float_dtype_are_refused_and_errors_name_the_file(tmp_path, real_images,
+                                                                                     capsys) -> None:
+    """A foreign TorchScript returning bool, integer or complex embeddings was accepted through e.float() (bool:
+    every row alike, every pair cosine 1). Errors about a model's output or forward never named the model file,
+    and a scripted forward that raised gave a 600-character TorchScript traceback."""
+    from deepssim_fast.cli import main
+    from deepssim_fast.training import evaluate
+
+    class Out(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x).mean(dim=(2, 3))
+            if self.kind == "bool":
+                return y > 0
+            if self.kind == "int":
+                return (y * 100).to(torch.int64)
+            if self.kind == "complex":
+                return torch.complex(y, y)
+            if self.kind == "nan":
+                return y * float("nan")
+            return y
+
+    class Raises(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(7, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.flatten(1))
+
+    for kind, dtype in (("bool", "torch.bool"), ("int", "torch.int64"), ("complex", "torch.complex64")):
+        f = tmp_path / f"{kind}.pt"
+        torch.jit.script(Out(kind)).save(str(f))
+        m = load_model(f, input_size=32, size_policy="fit")
+        with pytest.raises(ValueError, match=f"^{re.escape(str(f))}: model returned embeddings of dtype "
+                                             f"{re.escape(dtype)}; expected a real floating-point"):
+            embed(real_images[:3], m, progress=False)
+    f = tmp_path / "nan.pt"
+    torch.jit.script(Out("nan")).save(str(f))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(f))}: model produced NaN/Inf embeddings"):
+        embed(real_images[:3], load_model(f, input_size=32, size_policy="fit"), progress=False)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(f))}: model produced NaN/Inf"):  # (evaluate too)
+        evaluate(load_model(f, input_size=32, size_policy="fit"), real_images[:4], n_pairs=4)
+    f = tmp_path / "raises.pt"
+    torch.jit.script(Raises()).save(str(f))
+    with pytest.raises(RuntimeError) as info:
+        embed(real_images[:3], load_model(f, input_size=32, size_policy="fit"), progress=False)
+    text = str(info.value)
+    assert text.startswith(f"{f}: its forward failed on images 0..2") and "\n" not in text, text
+    assert re.search(r"\): RuntimeError: mat1 and mat2 shapes cannot be multiplied \(3x\d+ and 7x4\)$", text), text
+    assert len(text) < 300, text
+    np.save(tmp_path / "a.npy", real_images[0])  # (the command: one line naming the file)
+    assert main(["embed", "--model", str(f), "--images", str(tmp_path / "a.npy"), "--out",
+                 str(tmp_path / "e.npy"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(f) in err and "mat1 and mat2" in err, err
