@@ -609,7 +609,7 @@ def _changed_train_args(old: dict, new: dict) -> list[str]:
     there is reported)."""
     skip = () if new.get("lr_schedule") == "cosine" else ("total_steps",)
     return [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items()
-            if k in old and k not in skip and old[k] != v]
+            if k in old and k not in skip and (_other_images(old[k], v) if k in _DIGEST_KEYS else old[k] != v)]
 
 
 class _Logger:
@@ -687,12 +687,31 @@ def _count(v: Any) -> bool:
 
 
 def _images_digest(pool: ImagePool) -> str:
-    """'N images (digest)' of a training pool, for a resume to compare: the digest is of the fitted images'
-    shape and per-image float64 sums (one pass; the same pixels under another folder give the same digest)."""
-    imgs = pool.images
-    sums = np.add.reduce(imgs.reshape(imgs.shape[0], -1), axis=1, dtype=np.float64)
-    h = hashlib.sha256(repr(tuple(imgs.shape)).encode() + sums.tobytes()).hexdigest()[:12]
-    return f"{imgs.shape[0]} images ({h})"
+    """'N images (pixels DIGEST)' of a pool, for a resume to compare: blake2b of the fitted images' shape, dtype
+    and pixels, in order (one pass, ~1 GB/s: 10^4 images of 128 x 128 in well under a second; the same pixels
+    under another folder give the same digest). Runs before this one recorded 'N images (DIGEST)', a digest of
+    per-image sums, blind to a re-oriented image (every file flipped passed for the same images)."""
+    imgs = np.ascontiguousarray(pool.images)
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((tuple(imgs.shape), str(imgs.dtype))).encode())
+    h.update(imgs.data if imgs.size else b"")
+    return f"{imgs.shape[0]} images (pixels {h.hexdigest()})"
+
+
+_DIGEST = re.compile(r"(\d+) images \((pixels )?[0-9a-f]+\)")
+_DIGEST_KEYS = ("train_images", "val_images")
+
+
+def _other_images(old: Any, new: Any) -> bool:
+    """Whether two recorded image digests (:func:`_images_digest`) name other images. A digest of the older
+    kind (per-image sums) against one of this kind is unknown, not a change (a checkpoint from before stays
+    resumable without a warning): only their image counts compare."""
+    if old == new:
+        return False
+    mo, mn = (_DIGEST.fullmatch(v) if isinstance(v, str) else None for v in (old, new))
+    if mo is not None and mn is not None and bool(mo.group(2)) != bool(mn.group(2)):
+        return mo.group(1) != mn.group(1)
+    return True
 
 
 def _check_finite(model: torch.nn.Module, step: int) -> None:
@@ -1069,7 +1088,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         # best.pt was chosen on its run's validation pairs; on other pairs its loss is no measure to beat (a
         # resume with another --val kept the old best.pt and reported the old set's loss as the best)
         val_keys = ("validation", "val_fraction", "val_split", "val_pairs", "zoom_out", "pairs_csv", "val_images")
-        other_val = [k for k in val_keys if k in old_args and k in new_args and old_args[k] != new_args[k]]
+        other_val = [k for k in val_keys if k in old_args and k in new_args
+                     and (_other_images(old_args[k], new_args[k]) if k in _DIGEST_KEYS else old_args[k] != new_args[k])]
         if val_set is not None and best_val is not None and other_val:
             logger.warning("resuming %s on other validation pairs than its run's (%s): its best validation loss "
                            "%.6g is not comparable, so best.pt is replaced at this run's first validation", resume,

@@ -841,8 +841,8 @@ def test_resume_on_other_training_images_is_warned(tmp_path, mni_slices, caplog)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(mni_slices[8:16], max_steps=2, out=tmp_path / "other", **resume)
-    assert re.search(r"other settings than its run \(train_images '8 images \(\w+\)' -> '8 images \(\w+\)'\)",
-                     caplog.text)
+    assert re.search(r"other settings than its run \(train_images '8 images \(pixels [0-9a-f]+\)' -> "
+                     r"'8 images \(pixels [0-9a-f]+\)'\)", caplog.text)
 
 
 def test_train_arguments_are_checked_before_the_images_are_read(tmp_path, mni_slices) -> None:
@@ -1193,3 +1193,32 @@ def test_split_review_mends(tmp_path: Path, caplog) -> None:
     csvf.write_text("real_key,synth_key,ssim,ssim,split\n0,1,0.1,0.8,train\n")
     with pytest.raises(ValueError, match=r"names column\(s\) ssim more than once"):
         tr.read_pairs_csv(csvf, tr.ImagePool(np.zeros((2, 8, 8), np.float32), ["0", "1"], ["g", "g"], [0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------- probe r3 mends
+TINY = dict(backbone="small", input_size=32, batch_size=2, val_pairs=4, progress=False)
+
+
+def test_a_resume_on_re_oriented_images_is_warned_and_old_digests_stay_resumable(tmp_path, mni_slices,
+                                                                                  caplog) -> None:
+    """The training images' digest was of per-image pixel sums: the same images, every one flipped, passed for
+    the same set (no warning; the new validation loss was compared with the old set's best). It is of the
+    pixels now; a checkpoint with a digest of the older kind is resumed without a warning (unknown, not a
+    change), unless its image count differs."""
+    imgs = [data.center_fit(s.array, (32, 32)) for s in mni_slices[:8]]  # (at the input size: flipped as fitted)
+    train(imgs, max_steps=1, val_fraction=0.25, val_split="images", out=tmp_path / "r", **TINY)
+    resume = dict(resume=tmp_path / "r" / "last.pt", max_steps=2, progress=False)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train([np.ascontiguousarray(a[:, ::-1]) for a in imgs], out=tmp_path / "flip", **resume)
+    assert "train_images '6 images (pixels " in caplog.text and "val_images" in caplog.text, caplog.text
+    assert "on other validation pairs" in caplog.text
+    ck = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    ck["train_args"].update(train_images="6 images (0123456789ab)", val_images="2 images (ba9876543210)")
+    torch.save(ck, tmp_path / "r" / "last.pt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, out=tmp_path / "old", **resume)
+    assert "other settings" not in caplog.text and "other validation pairs" not in caplog.text, caplog.text
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs + imgs[:4], out=tmp_path / "more", **resume)
+    assert "train_images '6 images (0123456789ab)' -> '9 images (pixels " in caplog.text, caplog.text
