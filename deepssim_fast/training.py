@@ -733,7 +733,9 @@ def _split_train_val(n: int, fraction: float, seed: int, keys: Sequence[str] | N
     training data (a probe found every validation slice of two volumes next to a training one), and best.pt was
     chosen on that. Where the files cannot be split so (one volume; training keeps at least 2 images) the
     slices are, with a warning; a file is held out only while the held-out part stays within twice ``fraction``.
-    Images that are their own file (2D files, arrays) split as single images."""
+    Images that are their own file (2D files, a mapping's entries) split as single images; arrays without a
+    file (a stack (N, H, W), a list) are passed keyed by their pool group, as the pair sampler takes them: the
+    slices of one volume in order, so they split as one volume does, with the warning."""
     # (a 4D series' frames are sources "<path>@t<t>": one file, held out or trained on whole)
     sources = ([re.sub(r"@t\d+$", "", k.rsplit("#", 1)[0]) if "#" in k else k for k in keys]
                if keys is not None else None)
@@ -763,7 +765,10 @@ def _split_train_val(n: int, fraction: float, seed: int, keys: Sequence[str] | N
                                "%d validation images (twice the fraction), so best.pt is chosen without them; "
                                "give val_images= (--val) with slices of other volumes", limit)
             return np.setdiff1d(np.arange(n), v), v
-        why = ("the images come from too few files to hold whole files out" if len(names) < 3 else
+        why = ("the images are arrays without files, which pair sampling takes for the slices of one volume "
+               "(neighbour pairs by position; val_split='images' holds single images out knowingly)"
+               if all("#" not in k for k in keys) else
+               "the images come from too few files to hold whole files out" if len(names) < 3 else
                f"every file gives more slices than {limit} (twice the validation fraction)")
         logger.warning("validation: %s; %d slices are held out beside their neighbours in the same volume, so the "
                        "validation loss (and best.pt's choice) will look better than on unseen scans: give "
@@ -812,7 +817,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
 
     images:       2D images — a sequence of arrays / Slices, a stack (N, H, W), a mapping key -> array, or
                   paths (PNG, .npy, NIfTI cut by ``policy``, a :class:`~deepssim_fast.data.SlicePolicy`).
-                  At least 2 images.
+                  At least 2 images. Arrays without files (a stack, a list) are the slices of one volume in
+                  order, to the neighbour pairs and to the validation split.
     backbone:     ``convnext_base`` (paper; the default), ``convnext_tiny``, ``resnet18`` or ``small``;
                   with ``resume=`` the checkpoint's (a different one given here is an error).
     pretrained:   LOCAL torchvision ImageNet state_dict file for the backbone (never downloaded).
@@ -1013,8 +1019,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             train_pool = pool
             val_pool = _val_image_pool()
         else:
+            # (images without a file, arrays, by their group: the pair sampler draws neighbour pairs from a stack as
+            # from a volume, and the split held out single slices beside their neighbours without a word)
+            split_keys = [k if "#" in k else g for k, g in zip(pool.keys, pool.groups, strict=True)]
             tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed,
-                                      pool.keys if val_split == "files" else None)
+                                      split_keys if val_split == "files" else None)
             # a split too small to validate (< 2 images) is no split: every image trains, none is left unused
             train_pool = pool.subset(tr) if va.size >= 2 else pool
             val_pool = pool.subset(va) if va.size >= 2 else None
@@ -1028,6 +1037,13 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
     if flat.size and bool((flat.max(axis=1) == flat.min(axis=1)).all()):  # (it trained to a loss of ~0, unsaid)
         logger.warning("every training image is constant (blank): their SSIM targets are all 1 and there is "
                        "nothing to learn; check the images (a foreground threshold, a wrong file pattern)")
+    if val_pool is not None:
+        used = sorted({i for pair in val_list for i in pair}) if val_list else range(val_pool.images.shape[0])
+        vflat = val_pool.images[list(used)].reshape(len(used), -1)
+        if vflat.size and bool((vflat.max(axis=1) == vflat.min(axis=1)).all()):  # (best.pt chosen on nothing)
+            logger.warning("every validation image is constant (blank): their SSIM targets are all 1, so the "
+                           "validation loss measures nothing and best.pt is chosen on it; check the validation "
+                           "images (val_images= / --val, the validation rows of a pairs CSV)")
     sampler = PairSampler(train_pool.images, train_pool.groups, train_pool.positions, mix=pair_mix,
                           pairs=sampler_pairs, zoom_out=zoom_out)
     aug = Augmenter(enabled=augment)

@@ -1222,3 +1222,34 @@ def test_a_resume_on_re_oriented_images_is_warned_and_old_digests_stay_resumable
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(imgs + imgs[:4], out=tmp_path / "more", **resume)
     assert "train_images '6 images (0123456789ab)' -> '9 images (pixels " in caplog.text, caplog.text
+
+
+def test_a_stack_of_slices_splits_as_one_volume(caplog) -> None:
+    """A stack (N, H, W) is one volume to the pair sampler (neighbour pairs by position), but the validation
+    split held out single slices beside their neighbours without the warning files get."""
+    rng = np.random.default_rng(0)
+    base = rng.random((40, 40), dtype=np.float32)
+    stack = np.stack([base + 0.1 * k + 0.2 * rng.random((40, 40), dtype=np.float32) for k in range(8)])
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        m = train(stack, max_steps=1, val_fraction=0.25, **TINY)
+    assert any("arrays without files" in r and "beside their neighbours" in r for r in caplog.messages), \
+        caplog.messages
+    assert m.best_val is not None  # (single slices are held out, as documented)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):  # knowingly: no warning
+        train(stack, max_steps=1, val_fraction=0.25, val_split="images", **TINY)
+    assert not any("beside their neighbours" in r for r in caplog.messages)
+
+
+def test_a_validation_set_of_blank_images_is_said(mni_slices, caplog) -> None:
+    """Blank validation images (every target 1: best.pt chosen on nothing) were not warned about; the all-blank
+    warning covered the training images only."""
+    imgs = [s.array for s in mni_slices[:6]]
+    blank = [np.full((40, 40), float(v), np.float32) for v in (0.0, 3.0)]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, val_images=blank, max_steps=1, **TINY)
+    assert any("every validation image is constant" in r for r in caplog.messages), caplog.messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, val_images=[s.array for s in mni_slices[6:8]], max_steps=1, **TINY)
+    assert not any("constant" in r for r in caplog.messages)
