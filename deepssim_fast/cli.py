@@ -267,7 +267,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .io import discover
-    from .training import train
+    from .training import _checkpoint_marks, train
 
     if args.resume and not os.path.exists(args.resume):  # (said before the images are searched)
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint file (--resume)", args.resume)
@@ -306,9 +306,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
               "aborts instead)", file=sys.stderr)
     best_val = getattr(model, "best_val", None)
     best = Path(args.out) / "best.pt"
-    # best.pt is this run's only when it validated (train removes an earlier run's); else the last weights
-    ckpt = best if best_val is not None and best.exists() else Path(args.out) / "last.pt"
-    val = f"best validation loss {best_val:.6g}" if best_val is not None else "no validation (the last weights)"
+    # best.pt is this run's only when it validated (train removes an earlier run's) and holds the loss said: a
+    # resume whose best came before it named a best.pt of other weights and another loss (one a killed run
+    # had written past its last.pt); else the last weights
+    marks = _checkpoint_marks(best) if best_val is not None and best.is_file() else None
+    holds = marks is not None and marks[1] == best_val
+    ckpt = best if holds else Path(args.out) / "last.pt"
+    val = ("no validation (the last weights)" if best_val is None else f"best validation loss {best_val:.6g}"
+           if holds else f"best validation loss {best_val:.6g}, whose weights no best.pt holds (the last weights)")
     if getattr(model, "steps_run", None) == 0:  # (a resume with no step left printed "trained ...")
         print(f"nothing trained (no step left: see the warning above); {val}; checkpoint: {ckpt}")
     else:

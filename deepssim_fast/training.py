@@ -41,6 +41,9 @@ validation loss; only with a validation set: the automatic split needs ``val_fra
 least 2, else a warning says there is none), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
 forward/backward, and validation figures when computed), optionally TensorBoard events. A new (not
 resumed) run starts ``log.csv`` afresh and removes the ``best.pt`` and ``last.pt`` an earlier run left in ``out``.
+A resumed run sets aside (renames to ``best.stepN.pt``, warned) a ``best.pt`` in ``out`` that is not its
+checkpoint's best (one a killed run wrote past the checkpoint, or another run's), so that ``best.pt`` is this
+run's, and warns when ``out``'s ``last.pt`` is further on than the checkpoint (its later steps run again).
 
 The reference CSV format (columns ``real_key, synth_key, ssim, split``) is accepted with ``pairs_csv=``: its
 ``train`` rows define the training pairs and its ``val``/``validation`` rows the validation pairs; keys are
@@ -70,6 +73,7 @@ import torch.nn.functional as F
 
 from ._atomic import atomic_write_bytes, remove_temporaries
 from .model import (
+    CHECKPOINT_FORMAT,
     DeepSSIMNet,
     ModelConfig,
     _check_device,
@@ -714,6 +718,55 @@ def _other_images(old: Any, new: Any) -> bool:
     return True
 
 
+def _checkpoint_marks(path: str | os.PathLike) -> tuple[Any, Any] | None:
+    """(step, best_val) that a checkpoint of a train run records, read without loading its tensors (mmap); None
+    when it is not a readable deepssim_fast checkpoint."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure means "not one to read the marks of"
+        return None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        return None
+    return ck.get("step"), ck.get("best_val")
+
+
+def _check_resumed_outputs(out_dir: Path, resume: str | os.PathLike, step: int, best_val: Any) -> None:
+    """What a resume from checkpoint ``resume`` (at ``step``, best validation loss ``best_val``) finds in
+    ``out_dir``. A ``best.pt`` that is not the checkpoint's best is set aside (renamed, with a warning): one from
+    a later step (a run killed between writing best.pt and last.pt) or of another best loss; kept, it passed
+    for this run's best when no validation of the resume beat the checkpoint's, and the CLI named it beside
+    the checkpoint's loss. A ``last.pt`` further on than the checkpoint (a resume from best.pt) is said: its
+    later steps are trained again and it is overwritten."""
+    here = Path(resume).resolve()
+    last = out_dir / "last.pt"
+    if last.is_file() and last.resolve() != here:
+        marks = _checkpoint_marks(last)
+        if marks is not None and _count(marks[0]) and marks[0] > step:
+            logger.warning("resuming %s at step %d, but %s is at step %d: steps %d-%d are trained again from the "
+                           "resumed weights and %s is overwritten at this run's first checkpoint (resume %s to "
+                           "continue from step %d)", resume, step, last, marks[0], step + 1, marks[0], last.name,
+                           last, marks[0])
+    best = out_dir / "best.pt"
+    if not best.is_file() or best.resolve() == here:
+        return
+    marks = _checkpoint_marks(best)
+    if marks is None:
+        why, aside = "it is not a readable checkpoint", out_dir / "best.unreadable.pt"
+    elif _count(marks[0]) and marks[0] > step:
+        why = (f"it is of step {marks[0]}, past the resumed step {step} (a run stopped between writing best.pt "
+               "and last.pt): those steps are trained again")
+        aside = out_dir / f"best.step{marks[0]}.pt"
+    elif marks[1] != best_val:
+        why = (f"its validation loss {marks[1]!r} is not the resumed checkpoint's best ({best_val!r}): another "
+               "run's")
+        aside = out_dir / (f"best.step{marks[0]}.pt" if _count(marks[0]) else "best.other.pt")
+    else:
+        return
+    os.replace(best, aside)
+    logger.warning("%s is not this run's best.pt (%s): moved to %s, so that best.pt is this run's", best, why,
+                   aside)
+
+
 def _check_finite(model: torch.nn.Module, step: int) -> None:
     """FloatingPointError unless every weight and buffer of ``model`` is finite. The loss is checked each step,
     but it uses the batch's statistics: at a huge learning rate the running statistics eval mode uses
@@ -1130,6 +1183,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 # continue the earlier run under this run's log rows
                 logger.warning("removing %s of an earlier run in out=%s (this run starts afresh)", stale, out_dir)
                 stale.unlink()
+        if ck is not None:
+            _check_resumed_outputs(out_dir, resume, int(ck["step"]), ck.get("best_val"))
     earlier_log = None
     if resume is not None and out_dir is not None:
         here = Path(resume).parent / "log.csv"
@@ -1256,8 +1311,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
         # a resumed run whose best validation came before the resume: that run's best.pt (in out, or beside
         # the resumed checkpoint when out is another folder: then copied into out, so out is complete)
         places = [out_dir] if out_dir is not None else []
-        if resume is not None:
-            places.append(Path(resume).parent)
+        if resume is not None and all(Path(resume).parent.resolve() != p.resolve() for p in places):
+            places.append(Path(resume).parent)  # (once: a resume in out named the folder twice, "in K or K")
         for folder in places:
             f = folder / "best.pt"
             if f.is_file():

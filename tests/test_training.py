@@ -1199,6 +1199,56 @@ def test_split_review_mends(tmp_path: Path, caplog) -> None:
 TINY = dict(backbone="small", input_size=32, batch_size=2, val_pairs=4, progress=False)
 
 
+def test_a_resume_sets_aside_a_best_pt_written_past_its_checkpoint(tmp_path, mni_slices, caplog, capsys) -> None:
+    """A run killed between writing best.pt and last.pt at a validation left best.pt a step past last.pt; a
+    resume whose validations never beat the checkpoint's best kept it, and the CLI printed the checkpoint's
+    loss beside a best.pt of other weights and another loss (the warning said "in K or K"). That best.pt is set
+    aside now, and the CLI names last.pt when no best.pt holds the loss it prints."""
+    from deepssim_fast.cli import main
+
+    for k, s in enumerate(mni_slices[:8]):
+        np.save(tmp_path / f"s{k}.npy", s.array)
+    out = tmp_path / "K"
+    args = ["train", "--images", str(tmp_path / "*.npy"), "--out", str(out), "--input-size", "32", "--batch-size",
+            "2", "--max-steps", "2", "--val-pairs", "4", "--val-every", "2", "--val-fraction", "0.25", "-q"]
+    assert main(args) == 0
+    capsys.readouterr()
+    ck = torch.load(out / "best.pt", weights_only=True)  # what the kill leaves: best.pt of step 4, last.pt of 2
+    assert ck["step"] == 2 == read_checkpoint(out / "last.pt")["step"]
+    ck.update(step=4, best_val=ck["best_val"] / 2,
+              model={k: v + 0.01 if v.is_floating_point() else v for k, v in ck["model"].items()})
+    torch.save(ck, out / "best.pt")
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):  # (nothing left: no validation)
+        assert main(["train", "--images", str(tmp_path / "*.npy"), "--out", str(out), "--resume",
+                     str(out / "last.pt"), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert f"checkpoint: {out / 'last.pt'}" in said and "no best.pt holds" in said, said
+    assert not (out / "best.pt").exists() and read_checkpoint(out / "best.step4.pt")["step"] == 4
+    assert f"moved to {out / 'best.step4.pt'}" in caplog.text and "past the resumed step 2" in caplog.text
+    assert f"(in {out})" in caplog.text, caplog.text  # (the folder once, not "in K or K")
+    # a best.pt of another loss (another run's, at an earlier step) is set aside too; the checkpoint's own stays
+    ck.update(step=1)
+    torch.save(ck, out / "best.pt")
+    train([s.array for s in mni_slices[:8]], resume=out / "last.pt", out=out, progress=False)
+    assert not (out / "best.pt").exists() and (out / "best.step1.pt").is_file()
+
+
+def test_a_resume_from_best_pt_behind_last_pt_is_said(tmp_path, mni_slices, caplog) -> None:
+    """--resume OUT/best.pt while OUT/last.pt was further on trained the later steps again and overwrote last.pt
+    without a word."""
+    imgs = [s.array for s in mni_slices[:8]]
+    out = tmp_path / "R"
+    train(imgs, max_steps=2, val_every=2, val_fraction=0.25, val_split="images", out=out, **TINY)
+    ck = torch.load(out / "last.pt", weights_only=True)
+    ck["step"] = 4  # (a run on to step 4, whose best came at step 2)
+    torch.save(ck, out / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
+        train(imgs, max_steps=3, resume=out / "best.pt", out=out, progress=False)
+    assert f"resuming {out / 'best.pt'} at step 2, but {out / 'last.pt'} is at step 4" in caplog.text, caplog.text
+    assert "is not this run's best.pt" not in caplog.text  # (the resumed file itself is kept)
+    assert read_checkpoint(out / "last.pt")["step"] == 3
+
+
 def test_a_resume_on_re_oriented_images_is_warned_and_old_digests_stay_resumable(tmp_path, mni_slices,
                                                                                   caplog) -> None:
     """The training images' digest was of per-image pixel sums: the same images, every one flipped, passed for
