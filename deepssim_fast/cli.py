@@ -868,6 +868,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):  # (a stdout without a file descriptor)
             pass
         return 128 + 13  # 141, the shell's status of a command ended by SIGPIPE
+    except FloatingPointError as exc:  # a diverged training run: an outcome the README names, not a bug (a traceback)
+        text = one_line(exc).replace("learning rate (lr)", "learning rate (--lr)")
+        if args.command == "train" and os.path.isfile(os.path.join(args.out, "last.pt")):  # (a finite checkpoint)
+            text += (f"; continue from the last checkpoint with --resume {os.path.join(args.out, 'last.pt')} and a "
+                     "lower --lr (the steps after it run again)")
+        print(f"deepssim-fast {args.command}: error: {text}", file=sys.stderr)
+        return 2
     except MemoryError as exc:  # (numpy's "Unable to allocate 37.3 GiB ..." for --input-size 100000: a traceback)
         print(f"deepssim-fast {args.command}: error: out of memory ({one_line(exc) or 'MemoryError'}); check the "
               "sizes asked for (--size, --input-size, --batch-size, --emb-dim)", file=sys.stderr)

@@ -1265,7 +1265,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                        "t_target": t2 - t1, "t_model": t3 - t2, "val_loss": None, "val_mae": None,
                        "val_r": None}
                 if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"training diverged at step {step}: loss {row['loss']}")
+                    raise FloatingPointError(f"training diverged at step {step}: loss {row['loss']}; lower the "
+                                             "learning rate (lr)")
                 timed_out = ((time_limit is not None and time.perf_counter() - t_start >= time_limit)
                              or (cpu_time_limit is not None
                                  and time.process_time() - cpu_start >= cpu_time_limit))

@@ -1611,3 +1611,18 @@ def test_ssim_of_folders_of_float64_and_float32_files(tmp_path: Path, capsys) ->
     assert main(["ssim", str(tmp_path / "a"), str(tmp_path / "b"), "--out", "-", "-q"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1].split(",")
     assert float(row[2]) == pytest.approx(float(ssim(a.astype(np.float64), b)), abs=1e-6)
+
+
+def test_a_diverging_training_run_is_one_line_with_the_resume_hint(folders: dict, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A diverging run raised FloatingPointError, which the error handler did not catch: a 15-line traceback and
+    exit 1, while the README presents it as an expected outcome ("lower --lr")."""
+    out = tmp_path / "o"
+    argv = ["train", "--images", str(folders["train"]), "--out", str(out), "--input-size", "32", "--batch-size",
+            "4", "--max-steps", "6", "--lr", "1e6", "--val-fraction", "0", "--val-every", "1", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("deepssim-fast train: error: training diverged") and "lower the learning rate (--lr)" in err
+    assert (out / "last.pt").is_file()  # (a finite checkpoint of a step before: the hint names it)
+    assert f"--resume {out / 'last.pt'} and a lower --lr" in err, err
