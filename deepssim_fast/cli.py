@@ -381,6 +381,36 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._atomic import file_in_the_way
+    from .model import load_model
+
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith((os.sep, "/")):
+        raise ValueError(f"--out {args.out} is a folder; give the TorchScript file to write (e.g. "
+                         f"{out / 'encoder.ts.pt'})")
+    blocker = file_in_the_way(args.out)
+    if blocker is not None:
+        raise ValueError(f"--out {args.out}: {blocker} is a file, not a folder")
+    if out.exists() and os.path.exists(args.model) and os.path.samefile(out, args.model):
+        raise ValueError(f"--out {args.out} is the --model file itself; give another file name")
+    # (a foreign TorchScript file, the published weights, is written again with the preprocessing settings it
+    # is loaded with, --input-size and --size-policy: load_model then reads them from it, as from ours)
+    model = load_model(args.model, input_size=args.input_size, size_policy=args.size_policy)
+    model.save_torchscript(out)  # (atomically)
+    cfg = model.config
+    settings = f"input {cfg.input_size} x {cfg.input_size}, size policy {cfg.size_policy}"
+    if cfg.extra.get("foreign"):
+        print(f"wrote the foreign TorchScript encoder again to {out}, with its preprocessing settings ({settings}), "
+              "which --model reads from it")
+    else:
+        print(f"wrote the {cfg.backbone} encoder as TorchScript to {out} ({settings}; torch.jit.load runs it on "
+              "z-scored (N, 1, S, S) images; --model takes it)")
+    return 0
+
+
 def _print_summary(s: dict, out: str) -> None:
     from .report import format_percent, skip_reason
 
@@ -649,6 +679,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_policy(e)
     e.set_defaults(func=_cmd_embed)
+
+    x = sub.add_parser("export", parents=[common],
+                       help="write a model (checkpoint) as TorchScript, the published DeepSSIM weights' format")
+    x.add_argument("--model", required=True, help="checkpoint (OUT/best.pt, OUT/last.pt) or TorchScript file")
+    x.add_argument("--out", required=True,
+                   help="TorchScript file to write (torch.jit.load reads it; its model settings are stored in it)")
+    x.add_argument("--input-size", type=int, default=None,
+                   help="a foreign TorchScript file's input side, stored in the file written (default 224; ours "
+                   "store their own)")
+    x.add_argument("--size-policy", default=None, choices=["fit", "resize", "pad"],
+                   help="a foreign TorchScript file's size policy, stored in the file written (default resize)")
+    x.set_defaults(func=_cmd_export)
 
     a = sub.add_parser(
         "audit", parents=[common], help="find synthetic samples that copy training samples; write a report"

@@ -42,7 +42,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_help_lists_every_subcommand() -> None:
     text = build_parser().format_help()
-    for cmd in ("doctor", "ssim", "train", "embed", "audit", "evaluate", "demo", "bench"):
+    for cmd in ("doctor", "ssim", "train", "embed", "export", "audit", "evaluate", "demo", "bench"):
         assert cmd in text
 
 
@@ -1626,3 +1626,38 @@ def test_a_diverging_training_run_is_one_line_with_the_resume_hint(folders: dict
     assert err.startswith("deepssim-fast train: error: training diverged") and "lower the learning rate (--lr)" in err
     assert (out / "last.pt").is_file()  # (a finite checkpoint of a step before: the hint names it)
     assert f"--resume {out / 'last.pt'} and a lower --lr" in err, err
+
+
+def test_export_writes_torchscript_that_plain_torch_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The README says the tool reads and writes the published weights' format (TorchScript), but no command
+    wrote it. `deepssim-fast export` does: plain torch.jit.load of the file gives the loaded checkpoint's raw
+    outputs; a foreign TorchScript file is written again with its preprocessing settings."""
+    import torch
+
+    from deepssim_fast.model import build_model, load_model
+
+    torch.manual_seed(0)
+    ck = tmp_path / "enc.pt"
+    build_model("small", input_size=32).save_checkpoint(ck)
+    ts = tmp_path / "enc.ts.pt"
+    assert main(["export", "--model", str(ck), "--out", str(ts)]) == 0
+    assert f"to {ts}" in capsys.readouterr().out
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.load(str(ts))(x), load_model(ck)(x))
+    assert load_model(ts).config == load_model(ck).config
+    assert main(["export", "--model", str(ts), "--out", str(tmp_path / "again.pt")]) == 0  # (ours: as it is)
+    # a foreign file (no stored settings) is written again with the settings given, which loads then read
+    foreign = tmp_path / "foreign.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(1))).save(str(foreign))
+    assert main(["export", "--model", str(foreign), "--out", str(tmp_path / "f2.pt"), "--input-size", "48",
+                 "--size-policy", "fit"]) == 0
+    m = load_model(tmp_path / "f2.pt")
+    assert (m.config.input_size, m.config.size_policy, m.config.extra.get("foreign")) == (48, "fit", True)
+    capsys.readouterr()
+    for argv, said in ((["--out", str(ck)], "is the --model file itself"), (["--out", str(tmp_path)], "is a folder")):
+        assert main(["export", "--model", str(ck), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("deepssim-fast export: error:") and said in err, err
+    assert main(["export", "--model", str(ck), "--out", str(tmp_path / "x.pt"), "--input-size", "64"]) == 2
+    assert "overrides apply to foreign TorchScript files only" in capsys.readouterr().err
