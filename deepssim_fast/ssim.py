@@ -205,7 +205,10 @@ def _refine_windows(a: torch.Tensor, b: torch.Tensor, m2: torch.Tensor, vx: torc
     ``vx``, ``vy``, ``vxy``: (P, *out) as computed (already scaled by cov_norm)."""
     den = vx + vy + c2
     flag = (4 * p.cov_norm * _moment_rounding(p)) * m2 > _REFINE_TOL * den
-    flag |= ~(den > 0)  # (rounding below zero; or C2 = 0 over flat windows: their 0/0 is reported as such)
+    flag |= ~(den > 0)  # (rounding below zero)
+    # (not where C2 is 0: two equal constant images, whose score is 1 whatever the windows, or a C2 that
+    # underflowed, an error either way; every window of such a pair was taken again for nothing)
+    flag &= c2 > 0
     sel = flag.nonzero()
     if sel.shape[0] == 0:
         return
@@ -223,11 +226,11 @@ def _refine_windows(a: torch.Tensor, b: torch.Tensor, m2: torch.Tensor, vx: torc
     fa, fb = a.reshape(-1), b.reshape(-1)
     step = max(1, (16 << 20) // (8 * wf.numel()))  # (windows per gather: ~16 MB of indices)
     out = torch.empty(3, sel.shape[0], dtype=torch.float64, device=a.device)
+    centre = wf.numel() // 2
     for s in range(0, sel.shape[0], step):
         idx = base[s : s + step, None] + offs[None, :]
         # (each window first shifted by its centre pixel: a window of equal values is then exact zeros, where
         # its computed mean, a few ulps off, left differences whose squares a C2 of 1e-24 still saw)
-        centre = wf.numel() // 2
         pa, pb = fa[idx], fb[idx]
         pa, pb = pa - pa[:, centre : centre + 1], pb - pb[:, centre : centre + 1]
         da = pa - (pa @ wf)[:, None]

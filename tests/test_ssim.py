@@ -1600,3 +1600,23 @@ def test_the_reference_keeps_ssims_input_rules() -> None:
     x8 = torch.from_numpy(a.astype(np.float32)).to(torch.float8_e4m3fn)
     y8 = torch.from_numpy(a[::-1].copy().astype(np.float32)).to(torch.float8_e4m3fn)
     assert float(ssim_reference(x8, y8)) == pytest.approx(float(ssim(x8, y8)), abs=1e-6)
+
+
+def test_pairs_with_no_c2_are_not_taken_again_window_by_window() -> None:
+    """Two equal constant images (range 0, so C2 = 0) score 1 whatever their windows; the two-pass step took
+    every window of such a pair again (a 3D pair of constant volumes: millions of gathers) for nothing."""
+    import importlib
+
+    import deepssim_fast._ssim_common as sc
+
+    mod = importlib.import_module("deepssim_fast.ssim")
+    p = sc.resolve_params(ndim=2, spatial_dims=2, window="uniform", win_size=None, sigma=1.5, data_range=None,
+                          k1=0.01, k2=0.03, sample_covariance=True, preset=None, shapes={"x": (9, 9), "y": (9, 9)})
+    a = torch.zeros(1, 9, 9, dtype=torch.float64)
+    sentinel = torch.full((1, 3, 3), -5.0, dtype=torch.float64)
+    vx, vy, vxy = sentinel.clone(), sentinel.clone(), sentinel.clone()
+    mod._refine_windows(a, a, torch.zeros(1, 3, 3, dtype=torch.float64), vx, vy, vxy,
+                        torch.zeros(1, 1, 1, dtype=torch.float64), p)
+    assert torch.equal(vx, sentinel) and torch.equal(vxy, sentinel)
+    x = np.full((2, 20, 20), 7.0)
+    assert np.array_equal(np.asarray(ssim(x, x, backend="torch")), np.ones(2, np.float32))
