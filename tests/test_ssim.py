@@ -1619,4 +1619,4 @@ def test_pairs_with_no_c2_are_not_taken_again_window_by_window() -> None:
                         torch.zeros(1, 1, 1, dtype=torch.float64), p)
     assert torch.equal(vx, sentinel) and torch.equal(vxy, sentinel)
     x = np.full((2, 20, 20), 7.0)
-    assert np.array_equal(np.asarray(ssim(x, x, backend="torch")), np.ones(2, np.float32))
+    assert np.array_equal(np.asarray(ssim(x, x, spatial_dims=2, backend="torch")), np.ones(2, np.float32))
