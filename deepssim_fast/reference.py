@@ -98,7 +98,14 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
 
 
 def _normalize_rows(a: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows over their L2 norms, in float64. Each row is first scaled by the power of two that brings its
+    largest entry into [0.5, 1) (exact): a plain norm of rows around 1e160 overflowed (scores of 0 at the
+    wrong index), and of rows around 1e-162 underflowed (scores above 1, or "all zeros")."""
     a = a.to(torch.float64)
+    m = a.abs().amax(dim=1)
+    e = torch.where(m > 0, -torch.frexp(m).exponent.to(torch.float64), torch.zeros_like(m))[:, None]
+    first = e.clamp(-1000, 1000)  # (2^e itself overflows past 2^1023: two exact steps)
+    a = torch.ldexp(torch.ldexp(a, first), e - first)
     n = a.norm(dim=1, keepdim=True)
     zero = (n.squeeze(1) == 0).nonzero()
     if zero.numel():

@@ -1662,3 +1662,23 @@ def test_results_do_not_depend_on_the_callers_flush_to_zero_mode() -> None:
     assert still_flushing
     assert np.array_equal(got.scores.view(np.int32), want.scores.view(np.int32))
     assert np.array_equal(got.indices, want.indices) and got.class_counts == want.class_counts
+
+
+def test_the_reference_takes_rows_of_extreme_magnitude() -> None:
+    """The oracle's plain float64 row norm overflowed for rows around 1e160 (score 0 at the wrong index) and
+    underflowed around 1e-162 (scores above 1, or "all zeros"), where all_pairs itself rescales such rows."""
+    from deepssim_fast.reference import cosine_matrix_reference, topk_reference
+
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((6, 9))
+    for scale in (1e300, 1e200, 1e160, 1e-160, 1e-170, 1e-310):
+        s = t[:3] * scale
+        want_s, want_i = topk_reference(t, s, 2)
+        assert np.array_equal(want_i[:, 0], [0, 1, 2]) and np.all(want_s[:, 0] == np.float32(1.0)), scale
+        got = all_pairs(t, s, k=2, progress=False)
+        # (the engine's canonical fp32 score against the float64 cosine rounded once: an ulp apart at most)
+        assert np.array_equal(got.indices, want_i) and np.allclose(got.scores, want_s, rtol=0, atol=2e-7), scale
+    m = cosine_matrix_reference(np.array([[1e-320, 0.0], [0.0, 1e308]]), np.array([[1.0, 1.0]]))
+    assert torch.allclose(m, torch.full((1, 2), 0.5**0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="train row 1 is all zeros"):
+        cosine_matrix_reference(np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 1.0]]))
