@@ -46,7 +46,7 @@ _POINTER_TYPES = {
     torch.uint8: "u8",
     torch.bool: "i1",
 }
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
 @dataclass

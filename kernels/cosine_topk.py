@@ -29,6 +29,8 @@ import triton.language as tl
 
 from deepssim_fast.all_pairs import PRECISIONS  # one list for the API's check and this kernel's
 
+from . import FP_FUSION
+
 logger = logging.getLogger(__name__)
 
 # Up to this many bins, each program builds a histogram of its tile in shared memory (see histogram_mode);
@@ -422,7 +424,8 @@ def cosine_topk(Q: torch.Tensor, T: torch.Tensor, *, k: int, bins: int, hist_ran
                     HAS_SELF=has_self, UNIT_RANGE=unit_range, HIST_MODE=hist_mode, NB=nb, HB=hb, KC=kc, BLOCK_M=bm,
                     BLOCK_N=bn,
                     BLOCK_K=bk,
-                    PRECISION=precision, COMPENSATED=d > COMPENSATED_MIN_D, num_warps=nw)
+                    PRECISION=precision, COMPENSATED=d > COMPENSATED_MIN_D, num_warps=nw,
+                    enable_fp_fusion=FP_FUSION)
                 hist += hist32.to(torch.int64)
                 cls += cls32.to(torch.int64)
                 run_s, run_i = merge_topk(run_s, run_i, cs.reshape(m, -1), ci.reshape(m, -1), k)

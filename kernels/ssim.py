@@ -36,6 +36,8 @@ import triton.language as tl
 
 from deepssim_fast import _ssim_common as sc
 
+from . import FP_FUSION
+
 logger = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -454,6 +456,7 @@ def _launch_one(g: _Geometry, p: sc.SSIMParams, grid: tuple[int, int, int], xf: 
         SEPARABLE=g.separable,
         MODE=mode,
         num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
 
 

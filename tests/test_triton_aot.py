@@ -157,3 +157,17 @@ def test_topk_kernel_compiles_with_arguments_equal_to_one_specialised(tmp_path):
     failed = {b: r["error"] for b, r in res.items() if not r["ok"]}
     assert not failed, failed
     assert "nbins" in res["1"]["ones"] and "stride_cs_t" in res["1"]["ones"], res["1"]
+
+
+def test_every_launch_asks_for_fused_multiply_adds() -> None:
+    """The kernels were checked with fused multiply-adds, Triton 3.9's default, which 3.9 warns will turn off
+    in 3.10: every launch asks for them (enable_fp_fusion), and the ahead-of-time compile takes the option
+    as an option, not as a kernel argument."""
+    from kernels import aot
+
+    launches = aot.representative_launches()
+    assert launches
+    for name, launch in launches.items():
+        assert launch.kwargs.get("enable_fp_fusion") is True, name
+        _jit, _sig, consts, options = aot.signature(launch)
+        assert options.get("enable_fp_fusion") is True and "enable_fp_fusion" not in consts, name
