@@ -37,7 +37,9 @@ A worker that dies mid-task has its task re-run by the scheduler (up to Dask's
 worker) is not retried: it is raised at once, naming the rows by their global numbers. Data
 that only the dead worker held is scattered again from this process and the shard is resubmitted.
 With ``checkpoint_dir`` every finished shard is saved (``AllPairsResult.save``, atomic) as soon as it
-arrives; a restarted run with the same inputs and options loads the valid ones and runs the rest. With
+arrives; a restarted run with the same inputs and options loads the valid ones and runs the rest (two runs
+of one job may share the folder at once; a temporary file there is removed only once it is old enough to be a
+killed run's, :data:`_TEMPORARY_AGE_S`). With
 ``backend=None`` a run resumed on other workers (GPUs after CPUs) can mix engines: the result's ``backend``
 then names them all (``"native+triton"``) and a warning says so; pass ``backend=`` for one engine.
 
@@ -103,6 +105,10 @@ WORKER_WAIT_S = 600
 #: How long to wait for an existing scheduler to answer.
 CONNECT_TIMEOUT = "30s"
 _CHECKPOINT_VERSION = 2  # (2: each shard's file records its shard)
+#: A temporary file in checkpoint_dir older than this is what a killed run left: removed at a run's start. A
+#: younger one may be another run's write in progress (two runs of one job sharing the folder): removing it
+#: made that run fail in os.replace ("No such file or directory"). As training's output folder does.
+_TEMPORARY_AGE_S = 600.0
 
 
 class DistributedError(RuntimeError):
@@ -632,8 +638,14 @@ def _saved_train_shard_size(folder: str | os.PathLike, inputs: str, shard_size: 
             m = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(m, dict):  # (someone's [] or null: a bare AttributeError, after the cluster started)
+            continue
         if m.get("inputs") != inputs or m.get("shard_size") != shard_size or "train_shard_size" not in m:
             continue
+        tss = m["train_shard_size"]
+        if not (tss is None or (isinstance(tss, int) and not isinstance(tss, bool) and tss >= 1)) \
+                or not isinstance(m.get("job"), str) or not re.fullmatch(r"[0-9a-f]+", m["job"]):
+            continue  # (not a manifest this module wrote)
         saved = len(list(Path(folder).glob(f"allpairs-{m.get('job')}-*.npz")))
         if best is None or saved > best[0]:
             best = (saved, m["train_shard_size"])
@@ -671,14 +683,37 @@ class _Checkpoints:
         _warn_old_checkpoints(self.dir)
         self.key = key
         self.opts = opts
-        manifest = {"job": key, "inputs": inputs, "version": _CHECKPOINT_VERSION, "n_train": n_train,
-                    "n_synth": n_synth, "k": opts["k"], "thresholds": list(opts["thresholds"]),
-                    "bins": opts["bins"], "backend": opts.get("backend"), "shard_size": shard_size,
-                    "train_shard_size": train_shard_size, "shards": [s.name for s in shards]}
-        path = self.dir / f"allpairs-{key}.json"
-        # what an interrupted run of this job left half-written (the folder may hold other jobs' files too)
-        remove_temporaries(self.dir, [path.name] + [self.path(s).name for s in shards])
-        atomic_write_bytes(path, json.dumps(manifest, indent=1).encode())
+        self.manifest = {"job": key, "inputs": inputs, "version": _CHECKPOINT_VERSION, "n_train": n_train,
+                         "n_synth": n_synth, "k": opts["k"], "thresholds": list(opts["thresholds"]),
+                         "bins": opts["bins"], "backend": opts.get("backend"), "shard_size": shard_size,
+                         "train_shard_size": train_shard_size, "shards": [s.name for s in shards]}
+        self.manifest_path = self.dir / f"allpairs-{key}.json"
+        # what a killed run of this job left half-written (the folder may hold other jobs' files too): only
+        # temporaries old enough to be a killed run's, never the write in progress of another run of this job
+        try:
+            remove_temporaries(self.dir, [self.manifest_path.name] + [self.path(s).name for s in shards],
+                               older_than=_TEMPORARY_AGE_S)
+        except OSError as exc:  # (a folder this process may not write; its saved shards are still of use)
+            logger.warning("could not remove the temporary files a killed run left in %s: %s", self.dir, exc)
+
+    def write_manifest(self, *, complete: bool) -> None:
+        """Write the job's manifest (by which a rerun finds the plan of its shards) unless it is there as it
+        would be written. It was rewritten unconditionally, so a complete set of checkpoints in a folder this
+        process may not write could not be reused (PermissionError before a shard was read); with every shard
+        saved (``complete``) a failed write is now a warning, otherwise it is raised (before any work)."""
+        data = json.dumps(self.manifest, indent=1).encode()
+        try:
+            if self.manifest_path.read_bytes() == data:
+                return
+        except OSError:
+            pass
+        try:
+            atomic_write_bytes(self.manifest_path, data)
+        except OSError as exc:
+            if not complete:
+                raise
+            logger.warning("could not write the checkpoint manifest %s (%s); every shard of the job is saved "
+                           "already, so none is needed", self.manifest_path, exc)
 
     def path(self, shard: Shard) -> Path:
         return self.dir / f"allpairs-{self.key}-{shard.name}.npz"
@@ -922,6 +957,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                 if r is not None:
                     fold.add(s, r)
         todo = [s for s in shards if not fold.has(s)]
+        if ckpt is not None:
+            ckpt.write_manifest(complete=not todo)
         logger.info("all-pairs %d×%d: %d shards (%d synth × %d train blocks), %d from checkpoint, %d to run",
                     n_synth, n_train, len(shards), shards[-1].sindex + 1, shards[-1].tblock + 1,
                     len(shards) - len(todo), len(todo))

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -556,6 +557,8 @@ def test_resume_from_shards_of_another_engine_is_named_and_warned(client, emb, t
 
 
 def test_resume_removes_the_half_written_files_of_this_job_only(client, emb, tmp_path):
+    """A run removes the temporary files a killed run of its job left (old enough to be a killed run's), and
+    neither another job's nor a young one: that may be the write in progress of another run of this job."""
     tr, sy = emb["train"], emb["synth"]
     kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
     dd.all_pairs_distributed(tr, sy, **kw)
@@ -564,12 +567,119 @@ def test_resume_removes_the_half_written_files_of_this_job_only(client, emb, tmp
     # what a run killed while saving leaves (atomic_path's temporary names), and a file of someone else's
     stale = [tmp_path / f".{shard.name}.k1ll3d.tmp", tmp_path / f".{manifest.name}.x9.tmp"]
     other = tmp_path / ".allpairs-otherjob-s0.npz.a1.tmp"
-    for f in stale + [other]:
+    young = tmp_path / f".{shard.name}.wr1t1ng.tmp"  # (another run's save, under way)
+    for f in stale + [other, young]:
         f.write_bytes(b"partial")
+    old = time.time() - dd._TEMPORARY_AGE_S - 60
+    for f in stale + [other]:
+        os.utime(f, (old, old))
     got = dd.all_pairs_distributed(tr, sy, **kw)
     assert_same(got, all_pairs(tr, sy, k=4, progress=False))
     assert not any(f.exists() for f in stale)
-    assert other.exists()
+    assert other.exists() and young.exists()
+
+
+def test_two_runs_of_one_job_sharing_the_checkpoint_folder_both_finish(client, emb, tmp_path, monkeypatch):
+    """A run's start removed every temporary file of its job in checkpoint_dir, among them the one a second
+    run of the same job was writing at that moment: that run failed in os.replace ("No such file or
+    directory"), its manifest's or a shard's save lost. Here run A is held inside its manifest's write while
+    run B starts, runs and ends; then A goes on. Both give the whole result."""
+    import threading
+
+    from deepssim_fast import _atomic
+
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
+    a_writing, b_done = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def held_write(path, data, **kwargs):  # run A's first manifest write waits, its temporary file there
+        def write(f):
+            f.write(data)
+            if threading.current_thread().name == "run-a" and not a_writing.is_set():
+                a_writing.set()
+                assert b_done.wait(120)
+        return _atomic.atomic_write(path, write, **kwargs)
+
+    monkeypatch.setattr(dd, "atomic_write_bytes", held_write)
+
+    def run(name: str) -> None:
+        try:
+            results[name] = dd.all_pairs_distributed(tr, sy, **kw)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            results[name] = exc
+        finally:
+            if name == "run-b":
+                b_done.set()
+
+    a = threading.Thread(target=run, args=("run-a",), name="run-a")
+    a.start()
+    try:
+        assert a_writing.wait(120), results
+        assert list(tmp_path.glob(".allpairs-*.json.*.tmp")), "run A's manifest is not being written"
+        b = threading.Thread(target=run, args=("run-b",), name="run-b")
+        b.start()
+        b.join(120)
+    finally:
+        b_done.set()
+        a.join(120)
+    want = all_pairs(tr, sy, k=4, progress=False)
+    for name in ("run-a", "run-b"):
+        assert isinstance(results.get(name), AllPairsResult), (name, results.get(name))
+        assert_same(results[name], want)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_foreign_json_files_in_the_checkpoint_folder_are_skipped(client, emb, tmp_path):
+    """An allpairs-*.json of someone else's that is valid JSON but no object ([], null, 3, "x") failed in a bare
+    AttributeError ('list' object has no attribute 'get'), after the cluster had started; one with our keys but
+    odd values (a train_shard_size of "x", a job that is no key) is no manifest of this module's either."""
+    tr, sy = emb["train"], emb["synth"]
+    inputs = dd._inputs_key(tr, sy, {"k": 4, "thresholds": (0.6, 0.85), "bins": 200, "backend": None,
+                                     "device": None, "precision": "ieee"})
+    foreign = ["[]", "null", "3", '"x"', json.dumps({"inputs": inputs, "shard_size": 60, "train_shard_size": "x",
+                                                      "job": "j"}),
+               json.dumps({"inputs": inputs, "shard_size": 60, "train_shard_size": 40, "job": "../../x"})]
+    for i, text in enumerate(foreign):
+        (tmp_path / f"allpairs-notes{i}.json").write_text(text)
+    got = dd.all_pairs_distributed(tr, sy, k=4, scheduler=client, shard_size=60, progress=False,
+                                   checkpoint_dir=tmp_path)
+    assert_same(got, all_pairs(tr, sy, k=4, progress=False))
+    assert len(list(tmp_path.glob("allpairs-*.json"))) == len(foreign) + 1
+
+
+def test_complete_checkpoints_in_a_folder_that_cannot_be_written_are_reused(client, emb, tmp_path, monkeypatch,
+                                                                           caplog):
+    """The manifest was rewritten at every start, before a shard was read: a complete set of checkpoints in a
+    read-only folder (an archive, another user's) failed in PermissionError. It is written only when it is not
+    there as it would be; when that write fails with every shard saved, a warning says so and the run goes on;
+    with shards left to run, it is an error before any of them runs. (The writes are refused by a stand-in:
+    root may write a chmod'ed folder.)"""
+    tr, sy = emb["train"], emb["synth"]
+    kw = dict(k=4, scheduler=client, shard_size=60, progress=False, checkpoint_dir=tmp_path)
+    want = all_pairs(tr, sy, k=4, progress=False)
+    dd.all_pairs_distributed(tr, sy, **kw)
+    writes: list[Path] = []
+
+    def refused(path, data, **kwargs):
+        writes.append(Path(path))
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(dd, "atomic_write_bytes", refused)
+    assert_same(dd.all_pairs_distributed(tr, sy, **kw), want)
+    assert writes == []  # (the manifest is there, as this run would write it)
+    manifest = next(tmp_path.glob("allpairs-*.json"))
+    manifest.unlink()  # (e.g. shards copied without it)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.distributed"):
+        assert_same(dd.all_pairs_distributed(tr, sy, **kw), want)
+    assert writes == [manifest]
+    assert any("could not write the checkpoint manifest" in r.getMessage() and "every shard of the job is saved"
+               in r.getMessage() for r in caplog.records), caplog.text
+    shards = sorted(tmp_path.glob("allpairs-*-s*.npz"))
+    shards[0].unlink()
+    with pytest.raises(PermissionError, match="Permission denied"):
+        dd.all_pairs_distributed(tr, sy, **kw)
+    assert sorted(tmp_path.glob("allpairs-*-s*.npz")) == shards[1:]  # (refused before the shard ran)
 
 
 def test_checkpoint_of_another_job_is_not_reused(client, emb, tmp_path):
