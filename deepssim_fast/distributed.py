@@ -174,16 +174,16 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
     """The shards of one run, synthetic-major (all training blocks of synthetic shard 0 first).
 
     Training blocks hold at least ``k`` candidates (``k + 1`` in self mode): a short last block joins the
-    previous one. In self mode training blocks are whole multiples of ``shard_size`` (rounded down, at least
-    one, and up to the first multiple of at least ``k + 1`` rows), so a synthetic shard is either inside a
-    training block (``self_offset`` set) or disjoint from it.
+    previous one, and a ``train_shard_size`` under that many rows is refused in both modes (see
+    :func:`check_train_shard_size`). In self mode training blocks are whole multiples of ``shard_size``
+    (rounded down, at least one, and up to the first multiple of at least ``k + 1`` rows), so a synthetic
+    shard is either inside a training block (``self_offset`` set) or disjoint from it.
     (Rounded up, a block of 2443 rows asked for by the memory budget became 4096, which held the whole
     3000-row set: the budget was ignored.)
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if train_shard_size is not None and train_shard_size < 1:
-        raise ValueError(f"train_shard_size must be >= 1, got {train_shard_size}")
+    check_train_shard_size(train_shard_size, k=k, self_mode=self_mode)
     tsize = n_train if train_shard_size is None else min(train_shard_size, n_train)
     need = k + 1 if self_mode else k
     if self_mode and tsize < n_train:
@@ -193,7 +193,7 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
         if tsize < need:
             tsize = -(-need // shard_size) * shard_size
         tsize = min(n_train, tsize)
-    if tsize < need:
+    if tsize < need:  # (n_train itself is too small: k is checked against it first by all_pairs_distributed)
         raise ValueError(f"train_shard_size={train_shard_size} leaves training blocks with fewer than {need} "
                          f"rows; k={k} needs at least {need}")
     sblocks = _blocks(n_synth, shard_size, 1)
@@ -206,6 +206,22 @@ def plan_shards(n_synth: int, n_train: int, *, k: int, shard_size: int, train_sh
                 off = s0 - t0
             shards.append(Shard(si, ti, s0, s1, t0, t1, off))
     return shards
+
+
+def check_train_shard_size(train_shard_size: int | None, *, k: int, self_mode: bool) -> None:
+    """ValueError unless ``train_shard_size`` (None: no training blocks) gives blocks of at least the ``k``
+    candidates a row needs (``k + 1`` in self mode, where a row's own pair is left out). Both modes refuse a
+    smaller size: self mode had rounded it up without a word (3 rows with k=7 became blocks of 8), where the
+    other mode refused it, and only once a cluster had started."""
+    if train_shard_size is None:
+        return
+    need = k + 1 if self_mode else k
+    if train_shard_size < 1:
+        raise ValueError(f"train_shard_size must be >= 1, got {train_shard_size}")
+    if train_shard_size < need:
+        raise ValueError(f"train_shard_size={train_shard_size} leaves training blocks with fewer than {need} rows; "
+                         f"k={k} needs at least {need}" + (" (k + 1 in self mode: a row's own pair is left out)"
+                                                           if self_mode else ""))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -853,7 +869,9 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                 the same job (same inputs, options and shards).
     shard_size: synthetic rows per shard (default :func:`default_shard_size`).
     train_shard_size: training rows per block (default: the whole training set, unless it exceeds a
-                quarter of a worker's memory limit).
+                quarter of a worker's memory limit); at least ``k`` (``k + 1`` in self mode), else refused in
+                either mode. In self mode blocks are whole synthetic shards: the size is rounded down to a
+                multiple of ``shard_size`` (at least one shard), and up where that leaves under ``k + 1`` rows.
     device:     engine device on the workers; None: each worker's GPU when it has one (and the backend
                 is not ``"native"``), else its CPU.
     threads_per_task: engine threads (native, torch, BLAS) in each task; default: the worker host's usable
@@ -899,6 +917,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     if k > n_train - (1 if self_mode else 0):
         raise ValueError(f"k={k} exceeds the {n_train - (1 if self_mode else 0)} candidates per row "
                          f"(n_train={n_train}{', self mode' if self_mode else ''})")
+    check_train_shard_size(train_shard_size, k=k, self_mode=self_mode)  # (it was found once a cluster ran)
     try:
         low, high = (float(t) for t in thresholds)
     except (TypeError, ValueError) as exc:
@@ -935,6 +954,11 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
             if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
                 # the plan of an interrupted run of the same job, when its training blocks fit this cluster
                 found, saved = _saved_train_shard_size(checkpoint_dir, inputs, int(shard_size))
+                need = k + 1 if self_mode else k
+                if found and saved is not None and saved < need:
+                    # (a self-mode size under k + 1, which an earlier version rounded up: k + 1 plans the same
+                    # blocks; in the other mode no run planned such blocks)
+                    saved = need
                 if found and (train_shard_size is None or (saved is not None and saved <= train_shard_size)):
                     if saved != train_shard_size:
                         logger.info("keeping the shard plan of the checkpoint in %s (training blocks of %s rows)",

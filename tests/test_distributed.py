@@ -149,6 +149,46 @@ def test_an_unknown_backend_is_refused_before_a_cluster_starts(monkeypatch):
         dd.all_pairs_distributed(tr, tr[:5], k=2, workers=2, backend="bogus")
 
 
+def test_a_train_shard_size_under_k_is_refused_in_both_modes_before_a_cluster_starts(monkeypatch):
+    """train_shard_size=3 with k=7 was refused in cross mode only once a local cluster had started, and in self
+    mode was rounded up to blocks of 8 rows without a word. Both modes refuse a size under the rows a block
+    needs (k; k + 1 in self mode), before any cluster; sizes that suffice still plan in both."""
+    def no_cluster(*a, **kw):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(dd, "cluster_client", no_cluster)
+    tr = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"train_shard_size=3 leaves training blocks with fewer than 7 rows; k=7"):
+        dd.all_pairs_distributed(tr, tr[:10], k=7, workers=2, train_shard_size=3, progress=False)
+    with pytest.raises(ValueError, match=r"train_shard_size=3 leaves training blocks with fewer than 8 rows; k=7 "
+                                         r"needs at least 8 \(k \+ 1 in self mode"):
+        dd.all_pairs_distributed(tr, None, k=7, workers=1, train_shard_size=3, shard_size=2, progress=False)
+    with pytest.raises(ValueError, match="train_shard_size=7 leaves training blocks with fewer than 8 rows"):
+        dd.plan_shards(30, 30, k=7, shard_size=2, train_shard_size=7, self_mode=True)
+    assert {s.n_train for s in dd.plan_shards(30, 30, k=7, shard_size=2, train_shard_size=8, self_mode=True)} >= {8}
+    assert {s.n_train for s in dd.plan_shards(10, 30, k=7, shard_size=2, train_shard_size=7, self_mode=False)} \
+        >= {7}
+
+
+def test_a_self_mode_checkpoint_planned_from_a_size_under_k_plus_one_is_still_found(client, emb, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """An earlier version rounded a self-mode train_shard_size under k + 1 up and saved the size as given; a
+    rerun that keeps the saved plan (the default train_shard_size) plans from k + 1, which gives the same
+    blocks: the saved shards are found, not refused or recomputed."""
+    tr = emb["train"]
+    kw = dict(k=4, scheduler=client, shard_size=20, progress=False, checkpoint_dir=tmp_path)
+    want = all_pairs(tr, None, k=4, progress=False)
+    assert_same(dd.all_pairs_distributed(tr, None, train_shard_size=5, **kw), want)
+    manifest = next(tmp_path.glob("allpairs-*.json"))
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(dict(m, train_shard_size=3), indent=1))  # (as the earlier version saved it)
+    saved = len(list(tmp_path.glob("allpairs-*-s*.npz")))
+    monkeypatch.setattr(dd, "_auto_train_shard_size", lambda client, train, min_rows: 40)
+    with caplog.at_level(logging.INFO, logger="deepssim_fast.distributed"):
+        assert_same(dd.all_pairs_distributed(tr, None, **kw), want)
+    assert any(f"{saved} from checkpoint, 0 to run" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_plan_rejects_blocks_smaller_than_k():
     with pytest.raises(ValueError, match="fewer than 6 rows"):
         dd.plan_shards(10, 100, k=6, shard_size=5, train_shard_size=4, self_mode=False)
