@@ -1029,6 +1029,7 @@ def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Seq
     synths = _Scattered(client, broadcast=False)
     pending = deque(todo)
     inflight: dict[str, Shard] = {}
+    futures: dict[str, Any] = {}  # (the in-flight shards' futures, by key)
     attempts: dict[Shard, int] = {}
     ran = 0
     limit = window()
@@ -1045,48 +1046,62 @@ def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Seq
         fut = client.submit(_run_shard, tf, sf, s, opts, pure=False,
                             key=f"deepssim-allpairs-{s.name}-{os.urandom(4).hex()}")
         inflight[fut.key] = s
+        futures[fut.key] = fut
         ac.add(fut)
 
-    while pending and len(inflight) < limit:
-        submit(pending.popleft())
     t_start = time.perf_counter()
-    with tqdm(total=total, initial=total - len(todo), unit="shard", desc="all-pairs shards",
-              disable=None if progress else True) as bar:
-        link = dashboard_link(client)
-        if link:
-            bar.set_postfix_str(f"dashboard {link}", refresh=False)
-        for fut in ac:
-            s = inflight.pop(fut.key)
-            try:
-                res = fut.result()
-            except KilledWorker as exc:
-                raise DistributedError(f"shard {s.name} killed its workers repeatedly ({exc}); out of "
-                                       "memory? try a smaller shard_size or train_shard_size") from exc
-            except Exception as exc:  # noqa: BLE001 - lost inputs show up as cancelled futures
-                if fut.status != "cancelled" and "cancelled" not in type(exc).__name__.lower():
-                    raise
-                _check_connected(client, f"running shard {s.name}", exc)
-                attempts[s] = attempts.get(s, 0) + 1
-                if attempts[s] > MAX_RESUBMITS:
-                    raise DistributedError(f"shard {s.name} lost its inputs {attempts[s]} times: "
-                                           f"{exc}") from exc
-                logger.warning("shard %s: %s; resubmitting (attempt %d)", s.name, exc, attempts[s] + 1)
+    try:
+        while pending and len(inflight) < limit:
+            submit(pending.popleft())
+        with tqdm(total=total, initial=total - len(todo), unit="shard", desc="all-pairs shards",
+                  disable=None if progress else True) as bar:
+            link = dashboard_link(client)
+            if link:
+                bar.set_postfix_str(f"dashboard {link}", refresh=False)
+            for fut in ac:
+                s = inflight.pop(fut.key)
+                futures.pop(fut.key, None)
+                try:
+                    res = fut.result()
+                except KilledWorker as exc:
+                    raise DistributedError(f"shard {s.name} killed its workers repeatedly ({exc}); out of "
+                                           "memory? try a smaller shard_size or train_shard_size") from exc
+                except Exception as exc:  # noqa: BLE001 - lost inputs show up as cancelled futures
+                    if fut.status != "cancelled" and "cancelled" not in type(exc).__name__.lower():
+                        raise
+                    _check_connected(client, f"running shard {s.name}", exc)
+                    attempts[s] = attempts.get(s, 0) + 1
+                    if attempts[s] > MAX_RESUBMITS:
+                        raise DistributedError(f"shard {s.name} lost its inputs {attempts[s]} times: "
+                                               f"{exc}") from exc
+                    logger.warning("shard %s: %s; resubmitting (attempt %d)", s.name, exc, attempts[s] + 1)
+                    synths.drop(s)
+                    submit(s)
+                    continue
+                finally:
+                    fut.release()
+                _check_part(res, s, opts)
+                if ckpt is not None:
+                    ckpt.save(s, res)
+                fold.add(s, res)
+                ran += 1
                 synths.drop(s)
-                submit(s)
-                continue
-            finally:
-                fut.release()
-            _check_part(res, s, opts)
-            if ckpt is not None:
-                ckpt.save(s, res)
-            fold.add(s, res)
-            ran += 1
-            synths.drop(s)
-            bar.update(1)
-            if ran % 16 == 0:
-                limit = window()
-            while pending and len(inflight) < limit:
-                submit(pending.popleft())
+                bar.update(1)
+                if ran % 16 == 0:
+                    limit = window()
+                while pending and len(inflight) < limit:
+                    submit(pending.popleft())
+    finally:
+        # a failed or interrupted run leaves nothing on the cluster: the traceback keeps this frame, and with it
+        # every future, alive (a REPL or Jupyter keeps sys.last_traceback), and a user's own cluster held the
+        # scattered training set and the shards in flight (their tasks still running) until it was dropped
+        ac.clear()
+        for f in [*futures.values(), *trains.futures.values(), *synths.futures.values()]:
+            with contextlib.suppress(Exception):  # (a client whose loop has gone: nothing is held then)
+                f.release()
+        futures.clear()
+        trains.futures.clear()
+        synths.futures.clear()
     logger.info("ran %d shards in %.2f s", ran, time.perf_counter() - t_start)
 
 

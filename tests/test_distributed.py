@@ -991,6 +991,54 @@ def test_precision_is_checked_before_a_cluster_starts():
                                  progress=False)
 
 
+def test_a_failed_run_on_a_users_cluster_leaves_nothing_there(emb, monkeypatch):
+    """After a run on the user's own Client failed (or was interrupted), its scattered training set and its
+    shards in flight stayed on the cluster (tasks running, bytes held) for as long as the exception was kept:
+    its traceback holds the run's frames and their futures, and a REPL or Jupyter keeps sys.last_traceback.
+    Here one shard's engine fails while another is still running: the scheduler forgets every task of the
+    run while the exception is still held. (A cluster in this process, so that the engine can be replaced.)"""
+    import importlib
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    ap = importlib.import_module("deepssim_fast.all_pairs")
+    release = threading.Event()
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def engine(train, synth, **kw):
+        with lock:
+            calls.append(len(calls))
+            first = len(calls) == 1
+        if first:
+            raise ValueError("engine failure")
+        assert release.wait(60)  # (still running when the run fails)
+        raise ValueError("released")
+
+    monkeypatch.setattr(ap, "all_pairs", engine)
+
+    def held(dask_scheduler):
+        tasks = dask_scheduler.tasks.values()
+        return len(tasks), sum(t.nbytes for t in tasks if t.state == "memory")
+
+    tr, sy = emb["train"], emb["synth"]
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        try:
+            with pytest.raises(ValueError, match="engine failure") as info:
+                dd.all_pairs_distributed(tr, sy, k=3, scheduler=c, shard_size=20, progress=False)
+            kept = info.value  # (with its traceback, as a REPL keeps it)
+            assert kept.__traceback__ is not None
+            deadline = time.monotonic() + 30
+            while (state := c.run_on_scheduler(held)) != (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert state == (0, 0), f"the cluster still holds {state[0]} tasks and {state[1]} bytes of the run"
+            assert len(calls) >= 2  # (a second shard was running when the first failed)
+        finally:
+            release.set()
+
+
 def test_a_lost_scheduler_is_a_distributed_error_not_an_attribute_error(caplog):
     """With the scheduler gone mid-run, the shards came back "cancelled for reason: scheduler-connection-lost",
     were resubmitted, and the next scatter failed in "'NoneType' object has no attribute 'scatter'" (39 s in:
