@@ -2516,6 +2516,13 @@ def audit(
             "Dask; the ssim metric's exact SSIM search runs in this process (its chunks resume from OUT/work): "
             "drop workers/scheduler, or use metric 'deepssim' or 'correlation'"
         )
+    if scheduler is not None:
+        # its type and whether a scheduler answers, now: a LocalCluster object, an int, an address where none
+        # listens, a closed Client were found only at the search, after the decoding and the embedding (work
+        # files written)
+        from .distributed import check_scheduler
+
+        check_scheduler(scheduler)
     for name, value in (("verify_flips", verify_flips), ("strict", strict), ("progress", progress)):
         check_bool(value, name)  # (strict="no" was strict, by its truth value)
     for name, value, least in (("verify_shifts", verify_shifts, 0), ("chunk_size", chunk_size, 1),

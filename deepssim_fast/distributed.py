@@ -17,7 +17,8 @@ Where the work runs
                                ``dask_cuda`` is installed, a ``LocalCUDACluster`` with one worker per GPU.
 ``scheduler="tcp://host:8786"`` an existing cluster (``dask scheduler`` + ``dask worker``, dask-jobqueue
                                on SLURM/PBS, dask-cuda workers ...). A :class:`distributed.Client` is
-                               accepted too and is left open.
+                               accepted too and is left open, and a cluster object (``LocalCluster``,
+                               dask-jobqueue's ...), left running.
 
 Nothing about Dask is imported until one of these is asked for: importing this module is cheap.
 
@@ -56,6 +57,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -297,8 +299,10 @@ def start_local_cluster(workers: int) -> Any:
 
 
 def check_cluster_options(workers: Any, scheduler: Any) -> None:
-    """The checks of ``workers``/``scheduler`` that need no Dask (callers such as the audit run them before any
-    work): not both; ``workers`` a positive integer; a ``scheduler`` string not empty."""
+    """The checks of ``workers``/``scheduler`` that need no connection (callers such as the audit run them before
+    any work): not both; ``workers`` a positive integer; ``scheduler`` an address (a string not empty), a Client or
+    a cluster object; where Dask is installed, an address of Dask's form whose protocol is usable here. Imports no
+    Dask where it is not installed. (:func:`check_scheduler` also connects.)"""
     if workers is not None and scheduler is not None:
         raise ValueError(
             "give workers (--workers: start a local Dask cluster) or scheduler (--scheduler: use a running one), "
@@ -310,6 +314,12 @@ def check_cluster_options(workers: Any, scheduler: Any) -> None:
         raise ValueError(f"workers must be a positive integer (Dask worker processes), got {workers!r}")
     if isinstance(scheduler, str) and not scheduler.strip():
         raise ValueError("scheduler must be a Dask scheduler address like 'tcp://host:8786' or a Client, got ''")
+    if scheduler is not None and not isinstance(scheduler, str) and not _is_client_or_cluster(scheduler):
+        # (a LocalCluster object, or the port as an int, failed only at the search: after an audit's decoding and
+        # embedding, with work files written)
+        raise ValueError(f"scheduler must be a Dask scheduler address like 'tcp://host:8786', a distributed Client "
+                         f"or a Dask cluster object (LocalCluster, ...), got {type(scheduler).__name__} "
+                         f"{scheduler!r}")
     if isinstance(scheduler, str):
         # the address's form, now (where Dask is installed): a missing port was found only when the search
         # connected, after a whole audit's decoding and embedding
@@ -326,18 +336,97 @@ def check_cluster_options(workers: Any, scheduler: Any) -> None:
         except ValueError as exc:
             raise ValueError(f"scheduler (--scheduler) {scheduler!r} is not a Dask scheduler address ({exc}); "
                              "give one like 'tcp://host:8786'") from exc
+        why = _unusable_protocol(scheme, loc)
+        if why:
+            raise ValueError(f"scheduler (--scheduler) {scheduler!r} cannot be reached from here: {why}")
+
+
+def _is_client_or_cluster(obj: Any) -> bool:
+    """Whether ``obj`` is a :class:`distributed.Client` or a Dask cluster object (LocalCluster, SpecCluster,
+    dask-jobqueue's, ...). Imports no Dask: an object of those types means Dask is imported already."""
+    client = sys.modules.get("distributed.client")
+    cluster = sys.modules.get("distributed.deploy.cluster")
+    return bool((client is not None and isinstance(obj, client.Client))
+                or (cluster is not None and isinstance(obj, cluster.Cluster)))
+
+
+def _unusable_protocol(scheme: str, loc: str) -> str | None:
+    """Why an address of a known ``scheme`` cannot be reached from this process, found without connecting, or
+    None. Each was said to be "something listens there but did not complete Dask's handshake": ucx:// without
+    its package (Dask's own ucx backend is only a stub now), an inproc:// address (it reaches a scheduler in
+    the same process only) that names none here, tls:// without TLS settings."""
+    from distributed.comm.registry import get_backend
+    from distributed.security import Security
+
+    try:
+        get_backend(scheme).get_connector()
+    except Exception as exc:  # noqa: BLE001 - "Can't instantiate abstract class UCXConnector ..." (a TypeError)
+        return (f"the {scheme}:// protocol is not usable here ({type(exc).__name__}: {exc}); install the package "
+                "that provides it (ucx: distributed-ucxx), or give the scheduler's tcp:// address")
+    if scheme == "inproc":
+        from distributed.comm.inproc import global_manager
+
+        try:
+            here = global_manager.get_listener_for(loc) is not None
+        except ValueError:  # (another process's inproc address, or not one at all)
+            here = False
+        if not here:
+            return ("inproc:// reaches a scheduler inside this same process only (a LocalCluster(processes=False)), "
+                    "and none listens at that address here; give the scheduler's tcp:// address, or pass its "
+                    "Client or cluster object")
+    if scheme == "tls" and Security().get_connection_args("client").get("ssl_context") is None:
+        return ("tls:// needs TLS settings and Dask's configuration holds none (distributed.comm.tls.ca-file, "
+                "distributed.comm.tls.client.cert and .key); or pass a Client made with security=")
+    return None
 
 
 @contextlib.contextmanager
 def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterator[Client]:
     """A :class:`distributed.Client` for ``workers`` (embedded cluster) or ``scheduler`` (existing cluster).
 
-    ``scheduler`` is an address (``"tcp://host:8786"``) or an open ``Client`` (used as is, not closed).
+    ``scheduler`` is an address (``"tcp://host:8786"``), an open ``Client`` (used as is, not closed) or a
+    cluster object (``LocalCluster``, dask-jobqueue's ...: a Client of this function's on it, as
+    ``distributed.Client(cluster)`` makes one; the cluster is left running).
     What this function started (client, local cluster) is closed on exit. Logs the dashboard link.
     """
     check_cluster_options(workers, scheduler)
     if workers is None and scheduler is None:
         raise ValueError("cluster_client needs workers= or scheduler=")
+    Client = _client_class()
+    if scheduler is not None:
+        _check_usable(scheduler, Client)
+    if isinstance(scheduler, Client):
+        _log_dashboard(scheduler)
+        yield scheduler
+        return
+    with contextlib.ExitStack() as stack:
+        if isinstance(scheduler, str):
+            try:
+                client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                raise DistributedError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}") from exc
+        elif scheduler is not None:
+            client = Client(scheduler)
+        else:
+            cluster = stack.enter_context(start_local_cluster(workers))
+            client = Client(cluster)
+        stack.enter_context(client)
+        _log_dashboard(client)
+        yield client
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """The checks of a ``scheduler=`` that need Dask, for callers with work to do before they use it (the audit
+    decodes and embeds first; a wrong scheduler was found at its search, work files written): those of
+    :func:`check_cluster_options`, then an open Client, a cluster object not closed, or an address where a Dask
+    scheduler answers (:class:`DistributedError` otherwise). Nothing to check for None."""
+    check_cluster_options(None, scheduler)
+    if scheduler is not None:
+        _check_usable(scheduler, _client_class())
+
+
+def _client_class() -> type:
+    """:class:`distributed.Client`, or BackendUnavailableError saying what to install."""
     try:
         from distributed import Client
     except ImportError as exc:
@@ -345,28 +434,23 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
 
         raise BackendUnavailableError("workers=/scheduler= need Dask: pip install 'deepssim_fast[dask]' "
                                       f"(dask and distributed); import failed: {exc}") from exc
-    if scheduler is not None and isinstance(scheduler, Client):
+    return Client
+
+
+def _check_usable(scheduler: Any, client_class: type) -> None:
+    """DistributedError unless ``scheduler`` (of a form :func:`check_cluster_options` passed) can be used now: a
+    Client not closed, a cluster object not closed, an address where a Dask scheduler answers."""
+    if isinstance(scheduler, str):
+        _check_scheduler(scheduler)
+    elif isinstance(scheduler, client_class):
         if scheduler.status in ("closing", "closed"):  # (it failed with "IOLoop is closed")
             raise DistributedError(f"the Client given as scheduler is {scheduler.status}; pass an open one")
-        _log_dashboard(scheduler)
-        yield scheduler
-        return
-    with contextlib.ExitStack() as stack:
-        if scheduler is not None:
-            if not isinstance(scheduler, str) or not scheduler:
-                raise ValueError(f"scheduler must be an address like 'tcp://host:8786' or a Client, "
-                                 f"got {scheduler!r}")
-            _check_scheduler(scheduler)
-            try:
-                client = Client(scheduler, timeout=CONNECT_TIMEOUT)
-            except OSError as exc:
-                raise DistributedError(f"cannot connect to the Dask scheduler at {scheduler}: {exc}") from exc
-        else:
-            cluster = stack.enter_context(start_local_cluster(workers))
-            client = Client(cluster)
-        stack.enter_context(client)
-        _log_dashboard(client)
-        yield client
+    else:  # a cluster object
+        status = getattr(scheduler, "status", None)
+        status = getattr(status, "name", status)
+        if status in ("closing", "closed", "failed"):  # (Client(cluster): "Trying to connect to an already closed")
+            raise DistributedError(f"the cluster given as scheduler ({type(scheduler).__name__}) is {status}; "
+                                   "pass a running one")
 
 
 def _check_scheduler(address: str) -> None:
@@ -864,7 +948,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                 every worker.
     progress:   one tqdm bar over shards (also off when stderr is not a terminal).
     workers:    start an embedded cluster of this many workers (see :func:`start_local_cluster`).
-    scheduler:  or use an existing cluster: ``"tcp://host:8786"`` or an open ``distributed.Client``.
+    scheduler:  or use an existing cluster: ``"tcp://host:8786"``, an open ``distributed.Client`` or a
+                cluster object (``LocalCluster``, ...; as ``distributed.Client`` accepts one).
     checkpoint_dir: save every finished shard here and skip shards already saved by an earlier run of
                 the same job (same inputs, options and shards).
     shard_size: synthetic rows per shard (default :func:`default_shard_size`).

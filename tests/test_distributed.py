@@ -1084,6 +1084,70 @@ def test_a_malformed_scheduler_address_is_refused_before_the_audit_reads_anythin
     assert not (tmp_path / "o").exists()
 
 
+def test_the_audit_checks_its_scheduler_before_any_work_and_takes_a_cluster_object(client, tmp_path, monkeypatch):
+    """The audit checked scheduler= by its form only: the port as an int, an address where no scheduler
+    listens, a closed Client were found at the search, after the decoding and the embedding (OUT/work
+    written), and a LocalCluster object was refused there. Each is an error before anything is read now; a
+    cluster object is used through a Client of its own (as distributed.Client accepts one) and left running."""
+    import importlib
+
+    from distributed import Client, LocalCluster
+
+    audit = importlib.import_module("deepssim_fast.audit").audit
+    rng = np.random.default_rng(2)
+    train = rng.standard_normal((12, 16)).astype(np.float32)
+    synth = np.concatenate([train[3:5], rng.standard_normal((5, 16)).astype(np.float32)])
+    for name, rows in (("train", train), ("synth", synth)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / f"{name}.npy", rows)
+    kw = dict(metric="embeddings", verify="none", k=3, progress=False)
+    monkeypatch.setattr(dd, "CONNECT_TIMEOUT", "1s")
+    closed_client = Client(client.cluster)
+    closed_client.close()
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as closed_cluster:
+        pass
+    cases = [(8786, ValueError, "scheduler must be a Dask scheduler address like 'tcp://host:8786', a distributed "
+                                "Client or a Dask cluster object (LocalCluster, ...), got int 8786"),
+             ("tcp://127.0.0.1:9", dd.DistributedError, "cannot connect to the Dask scheduler at tcp://127.0.0.1:9"),
+             (closed_client, dd.DistributedError, "the Client given as scheduler is closed; pass an open one"),
+             (closed_cluster, dd.DistributedError, "the cluster given as scheduler (LocalCluster) is closed")]
+    for i, (scheduler, error, message) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        with pytest.raises(error, match=re.escape(message)):
+            audit(tmp_path / "train", tmp_path / "synth", out=out, scheduler=scheduler, **kw)
+        assert not out.exists(), scheduler
+    local = audit(tmp_path / "train", tmp_path / "synth", out=tmp_path / "local", **kw)
+    on_cluster = audit(tmp_path / "train", tmp_path / "synth", out=tmp_path / "dask", scheduler=client.cluster, **kw)
+    assert on_cluster.counts == local.counts and on_cluster.counts["duplicate"] == 2
+    assert on_cluster.summary["pair_counts_search"] == local.summary["pair_counts_search"]
+    assert client.cluster.status.name == "running" and client.status == "running"
+    got = dd.all_pairs_distributed(train, synth, k=3, scheduler=client.cluster, progress=False)
+    assert_same(got, all_pairs(train, synth, k=3, progress=False))
+
+
+def test_an_address_whose_protocol_cannot_be_used_here_says_so():
+    """--scheduler ucx://... (its package not installed) and inproc://x were said to be "something listens
+    there but did not complete Dask's handshake; is it a Dask scheduler?". The protocol is named now, before
+    any connection; the inproc:// address of a scheduler in this process is one (it works)."""
+    from distributed import LocalCluster
+    from distributed.comm.registry import get_backend
+
+    tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    cases = [("inproc://x", "inproc:// reaches a scheduler inside this same process only")]
+    try:
+        get_backend("ucx").get_connector()
+    except Exception:  # noqa: BLE001 - Dask's own ucx backend is a stub without distributed-ucxx
+        cases.append(("ucx://127.0.0.1:8786", "the ucx:// protocol is not usable here"))
+    for address, message in cases:
+        with pytest.raises(ValueError, match=re.escape(f"scheduler (--scheduler) {address!r} cannot be reached from "
+                                                       f"here: {message}")) as err:
+            dd.all_pairs_distributed(tr, tr[:5], k=2, scheduler=address, progress=False)
+        assert "handshake" not in str(err.value)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        got = dd.all_pairs_distributed(tr, tr[:5], k=2, scheduler=cluster.scheduler_address, progress=False)
+    assert_same(got, all_pairs(tr, tr[:5], k=2, progress=False))
+
+
 def test_a_shard_in_the_callers_process_leaves_the_thread_setting_as_set(monkeypatch) -> None:
     """A probe: the first task saved the native thread count it resolved (2) and restored it as a fixed
     setting, so DEEPSSIM_FAST_NUM_THREADS no longer applied in the caller's process; and in a worker the
