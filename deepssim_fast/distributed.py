@@ -60,6 +60,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from collections.abc import Iterator, Sequence
@@ -650,8 +651,9 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
     if device is None and opts.get("backend") != "native" and torch.cuda.is_available():
         device = "cuda"  # a GPU worker (dask-cuda gives each worker its own device)
     threads = opts.get("threads") or _task_threads(opts.get("host_workers", {}))
+    quiet = _quiet_precision_warning() if opts["precision"] != "ieee" else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with _engine_threads(threads, simd=opts.get("simd", "auto"), topk_kernel=opts.get("topk_kernel", "auto")):
+    with _engine_threads(threads, simd=opts.get("simd", "auto"), topk_kernel=opts.get("topk_kernel", "auto")), quiet:
         try:
             res = all_pairs(train_block, synth_block, k=opts["k"], thresholds=opts["thresholds"],
                             bins=opts["bins"], device=device, backend=opts.get("backend"),
@@ -661,6 +663,34 @@ def _run_shard(train_block: np.ndarray, synth_block: np.ndarray | None, shard: S
             raise ValueError(f"{_global_rows(str(exc), shard)} (shard {shard.name})") from exc
     logger.debug("shard %s: %.3f s on %d threads", shard.name, time.perf_counter() - t0, threads)
     return res
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET_STATE: dict[str, Any] = {"tasks": 0, "filter": None}
+
+
+@contextlib.contextmanager
+def _quiet_precision_warning() -> Iterator[None]:
+    """Keep the engine of shard tasks quiet about a ``precision`` that does not apply to it (it is the Triton
+    backend's; CPU workers run another): each worker process said so once, a run as many times as it had
+    workers, and the caller says it once (:func:`all_pairs_distributed`). The filter is in place while tasks
+    run in this process: added by the first to start, removed by the last to end (warnings filters are
+    process-wide; a task of a worker in the caller's process must not leave the caller's own calls silenced)."""
+    with _QUIET_LOCK:
+        if _QUIET_STATE["tasks"] == 0:
+            warnings.filterwarnings("ignore", message=r"all_pairs: precision=.* applies to the Triton backend only",
+                                    category=UserWarning)
+            _QUIET_STATE["filter"] = warnings.filters[0]
+        _QUIET_STATE["tasks"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET_STATE["tasks"] -= 1
+            if _QUIET_STATE["tasks"] == 0:
+                with contextlib.suppress(ValueError):  # (already gone: warnings.resetwarnings() and the like)
+                    warnings.filters.remove(_QUIET_STATE["filter"])
+                _QUIET_STATE["filter"] = None
 
 
 _THREADS_LOCK = threading.Lock()
@@ -1019,7 +1049,8 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                 is not ``"native"``), else its CPU.
     threads_per_task: engine threads (native, torch, BLAS) in each task; default: the worker host's usable
                 cores divided among the workers of this cluster on that host and their threads.
-    precision:  GPU workers' dot-product precision, as :func:`deepssim_fast.all_pairs.all_pairs`.
+    precision:  GPU workers' dot-product precision, as :func:`deepssim_fast.all_pairs.all_pairs` (Triton only:
+                where other engines ran the shards, one warning says so).
 
     Returns the :class:`~deepssim_fast.all_pairs.AllPairsResult` of one process over the whole problem
     (bit for bit with the native engine; torch/Triton engines: to the last bits, see the module docstring):
@@ -1133,6 +1164,11 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
             _run_shards(client, tr, sy, todo, opts, fold=fold, total=len(shards), progress=progress,
                         ckpt=ckpt)
     res = fold.result()
+    other = sorted(set(res.backend.split("+")) - {"triton"})
+    if precision != "ieee" and other:  # (once, here: the workers' engines keep quiet about it)
+        warnings.warn(f"all_pairs_distributed: precision={precision!r} applies to the Triton backend only; the "
+                      f"shards ran on the {' and '.join(other)} backend, which computes exact fp32 scores",
+                      UserWarning, stacklevel=2)
     if "+" in res.backend:  # (backend=None: shards resumed from a run on other workers, CPU against GPU)
         logger.warning("all-pairs: the shards were computed by different engines (%s), whose scores differ "
                        "in the last bits, so pairs that close to a bin edge or a threshold may count on "

@@ -1163,6 +1163,43 @@ def test_an_address_whose_protocol_cannot_be_used_here_says_so():
     assert_same(got, all_pairs(tr, tr[:5], k=2, progress=False))
 
 
+def test_a_precision_the_workers_engines_ignore_is_said_once_by_the_caller(client, emb):
+    """precision='fp16' on CPU workers: all_pairs' "applies to the Triton backend only" warning was printed once
+    per worker process. The caller says it once now, naming the engines that ran; the shard tasks keep quiet
+    about it (a filter in place while they run: a direct call afterwards still warns)."""
+    import warnings
+
+    tr, sy = emb["train"][:60], emb["synth"][:30]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = dd.all_pairs_distributed(tr, sy, k=3, scheduler=client, shard_size=10, progress=False,
+                                       precision="fp16")
+    said = [str(w.message) for w in seen if "applies to the Triton backend only" in str(w.message)]
+    assert said == ["all_pairs_distributed: precision='fp16' applies to the Triton backend only; the shards ran "
+                    "on the native backend, which computes exact fp32 scores"], said
+    assert_same(got, all_pairs(tr, sy, k=3, progress=False))
+
+    def shard_task():
+        import warnings
+
+        import numpy as np
+
+        from deepssim_fast import distributed as d
+
+        x = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
+        opts = {"k": 2, "thresholds": (0.6, 0.85), "bins": 10, "backend": None, "device": None, "threads": 1,
+                "precision": "fp16"}
+        with warnings.catch_warnings(record=True) as w:  # (the process's own filters, its shown-once reset)
+            d._run_shard(x, x[:3], d.Shard(0, 0, 0, 3, 0, 10, None), opts)
+        return [str(m.message) for m in w]
+
+    assert client.submit(shard_task, pure=False).result(timeout=60) == []  # on a worker
+    assert shard_task() == []  # and in this process
+    with warnings.catch_warnings(record=True) as seen:
+        all_pairs(tr, sy, k=3, progress=False, precision="fp16")
+    assert any("applies to the Triton backend only" in str(w.message) for w in seen)
+
+
 def test_ctrl_c_prints_no_tracebacks_of_the_local_clusters_workers(tmp_path):
     """Ctrl-C reaches the whole process group: each worker process of a local cluster printed its own
     tracebacks (KeyboardInterrupt in the nanny's process, CancelledError, Dask warnings; some 90 lines) before
