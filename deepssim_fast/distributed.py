@@ -112,20 +112,6 @@ _CHECKPOINT_VERSION = 2  # (2: each shard's file records its shard)
 #: younger one may be another run's write in progress (two runs of one job sharing the folder): removing it
 #: made that run fail in os.replace ("No such file or directory"). As training's output folder does.
 _TEMPORARY_AGE_S = 600.0
-#: A Dask preload (the text of a script) run in each worker process of a cluster this module starts: Ctrl-C
-#: and SIGTERM from a terminal reach the whole process group, and each worker printed its own tracebacks
-#: (KeyboardInterrupt, CancelledError; some 90 lines) before the caller's one-line message. The caller closes
-#: the cluster, which stops its workers (and a worker whose parent died exits by itself: Dask's nanny pipe).
-#: A task still running when its worker closes is logged as "Async instruction ... ended with CancelledError",
-#: which Dask says happens in Worker.close only: not said either.
-_WORKER_PRELOAD = (
-    "# deepssim_fast: the terminal's Ctrl-C and SIGTERM are the caller's, which stops this worker\n"
-    "import logging, signal\n"
-    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "logging.getLogger('distributed.worker.state_machine').addFilter(\n"
-    "    lambda r: 'ended with CancelledError' not in r.getMessage())\n"
-)
 
 
 class DistributedError(RuntimeError):
@@ -295,10 +281,8 @@ def start_local_cluster(workers: int) -> Any:
         if n < workers:
             logger.warning("workers=%d but only %d GPUs: starting %d GPU workers", workers, ngpu, n)
         logger.info("starting LocalCUDACluster with %d GPU workers", n)
-        # (LocalCUDACluster adds its own preload, and its argv, to the preload given; the configuration's worker
-        # preloads it never used)
         return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(_cuda_devices(n)), n_workers=n,
-                                threads_per_worker=1, host="127.0.0.1", preload=[_WORKER_PRELOAD], **common)
+                                threads_per_worker=1, host="127.0.0.1", **common)
     if ngpu > 1:
         logger.warning("%d GPUs present but dask_cuda is not installed: CPU LocalCluster "
                        "(pip install dask-cuda for one worker per GPU)", ngpu)
@@ -312,20 +296,7 @@ def start_local_cluster(workers: int) -> Any:
     logger.info("starting LocalCluster: %d worker processes x 1 task, %s engine threads each (%d cores)",
                 workers, per, cores)
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", env=env,
-                        **_preload_options(), **common)
-
-
-def _preload_options() -> dict[str, Any]:
-    """The ``preload=`` (and ``preload_argv=``) of a local cluster's workers: those of the Dask configuration
-    (``distributed.worker.preload``, which an explicit ``preload=`` replaces) and :data:`_WORKER_PRELOAD`."""
-    import dask
-
-    preload = dask.config.get("distributed.worker.preload", default=None) or []
-    argv = dask.config.get("distributed.worker.preload-argv", default=None) or []
-    opts: dict[str, Any] = {"preload": [*([preload] if isinstance(preload, str) else preload), _WORKER_PRELOAD]}
-    if argv and not isinstance(argv[0], str):  # (one list per preload, which must pair up: ours takes none)
-        opts["preload_argv"] = [*argv, []]
-    return opts
+                        **common)
 
 
 def check_cluster_options(workers: Any, scheduler: Any) -> None:
@@ -438,40 +409,11 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
         elif scheduler is not None:
             client = Client(scheduler)
         else:
-            quiet = _QuietTeardown()
-            stack.push(quiet.end)  # (last: once the cluster is closed)
             cluster = stack.enter_context(start_local_cluster(workers))
             client = Client(cluster)
-            stack.push(quiet.begin)  # (first: before the client and the cluster close)
         stack.enter_context(client)
         _log_dashboard(client)
         yield client
-
-
-class _QuietTeardown:
-    """Dask's own log records (``distributed``, and ``asyncio`` and ``tornado``, whose loops it runs) kept down
-    to CRITICAL while a local cluster of this module's closes after Ctrl-C (or SIGTERM: any KeyboardInterrupt).
-    Interrupted mid-scatter, its scheduler (in this process) logged the scatter's KeyError on the workers being
-    removed, with its traceback twice, and the scattered data as lost, before the caller's one line: noise of a
-    teardown the user asked for."""
-
-    LOGGERS = ("distributed", "asyncio", "tornado")
-
-    def __init__(self) -> None:
-        self.saved: dict[str, int] | None = None
-
-    def begin(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            self.saved = {name: logging.getLogger(name).level for name in self.LOGGERS}
-            for name in self.LOGGERS:
-                logging.getLogger(name).setLevel(logging.CRITICAL)
-        return False
-
-    def end(self, *exc_info: Any) -> bool:
-        for name, level in (self.saved or {}).items():
-            logging.getLogger(name).setLevel(level)
-        self.saved = None
-        return False
 
 
 def check_scheduler(scheduler: Any) -> None:

@@ -793,21 +793,6 @@ def test_several_gpus_start_one_cuda_worker_each(monkeypatch, caplog):
     for kw in calls:
         assert kw["threads_per_worker"] == 1 and kw["host"] == "127.0.0.1"
         assert kw["dashboard_address"] == "127.0.0.1:0" and kw["silence_logs"] == logging.WARNING
-        assert kw["preload"] == [dd._WORKER_PRELOAD]  # (the workers leave Ctrl-C to the caller)
-
-
-def test_the_workers_preload_keeps_those_of_the_dask_configuration():
-    """A local cluster's workers get the preload that leaves the terminal's signals to the caller; an explicit
-    preload= replaces the configuration's worker preloads, so those are passed along (with their argv)."""
-    import dask
-
-    assert dd._preload_options() == {"preload": [dd._WORKER_PRELOAD]}
-    with dask.config.set({"distributed.worker.preload": ["mine"], "distributed.worker.preload-argv": ["--x"]}):
-        assert dd._preload_options() == {"preload": ["mine", dd._WORKER_PRELOAD]}  # (a flat argv: for each)
-    with dask.config.set({"distributed.worker.preload": ["a", "b"],
-                          "distributed.worker.preload-argv": [["--x"], []]}):
-        assert dd._preload_options() == {"preload": ["a", "b", dd._WORKER_PRELOAD],
-                                         "preload_argv": [["--x"], [], []]}
 
 
 def test_shard_task_picks_the_worker_gpu(monkeypatch):
@@ -1198,104 +1183,6 @@ def test_a_precision_the_workers_engines_ignore_is_said_once_by_the_caller(clien
     with warnings.catch_warnings(record=True) as seen:
         all_pairs(tr, sy, k=3, progress=False, precision="fp16")
     assert any("applies to the Triton backend only" in str(w.message) for w in seen)
-
-
-def test_ctrl_c_prints_no_tracebacks_of_the_local_clusters_workers(tmp_path):
-    """Ctrl-C reaches the whole process group: each worker process of a local cluster printed its own
-    tracebacks (KeyboardInterrupt in the nanny's process, CancelledError, Dask warnings; some 90 lines) before
-    the caller's one line. The workers ignore the terminal's SIGINT and SIGTERM now and are stopped by the
-    caller closing its cluster: SIGINT to the group of a run is its one line, and no process is left."""
-    import signal
-
-    import psutil
-
-    code = textwrap.dedent("""
-        import logging, sys
-        import numpy as np
-        from deepssim_fast import distributed as dd
-        from deepssim_fast.cli import dask_logging
-
-        def slow_engine(marker):  # (on each worker: shards that run until their worker closes, doing nothing)
-            import importlib, pathlib, time
-            from distributed import get_worker
-
-            ap = importlib.import_module("deepssim_fast.all_pairs")
-
-            def engine(*args, **kwargs):
-                pathlib.Path(marker).touch()
-                worker = get_worker()
-                while worker.status.name == "running":
-                    time.sleep(0.05)
-            ap.all_pairs = engine
-
-        if __name__ == "__main__":
-            # (as the CLI sets its loggers: Dask's at WARNING, this package's at INFO as with -v)
-            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-            logging.getLogger("deepssim_fast").setLevel(logging.INFO)
-            dask_logging(logging.WARNING)
-            tr = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
-            try:
-                with dd.cluster_client(workers=2) as client:
-                    client.run(slow_engine, sys.argv[1])
-                    dd.all_pairs_distributed(tr, tr, k=2, scheduler=client, shard_size=2, progress=False)
-            except KeyboardInterrupt:
-                print("interrupted", file=sys.stderr, flush=True)
-                sys.exit(130)
-            print("finished", file=sys.stderr)
-    """)
-    script, marker = tmp_path / "run.py", tmp_path / "a-shard-runs"
-    script.write_text(code)
-    p = subprocess.Popen([sys.executable, str(script), str(marker)], stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and p.poll() is None and time.monotonic() < deadline:  # (a shard is running)
-            time.sleep(0.02)
-        assert marker.exists(), p.communicate(timeout=60)[1][-3000:]
-        kids = psutil.Process(p.pid).children(recursive=True)
-        os.killpg(p.pid, signal.SIGINT)  # (as a terminal's Ctrl-C: to every process of the group)
-        err = p.communicate(timeout=120)[1]
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    assert p.returncode == 130 and err.rstrip().endswith("interrupted"), err[-3000:]
-    assert err.count("Traceback") == 0 and "KeyboardInterrupt" not in err, err[-3000:]
-    assert len(kids) >= 2, kids  # (the two workers at least)
-    gone, alive = psutil.wait_procs(kids, timeout=30)
-    alive = [k for k in alive if _running(k)]
-    assert not alive, f"processes left running: {[k.pid for k in alive]}"
-
-
-def test_dasks_teardown_of_a_local_cluster_after_ctrl_c_is_quiet(monkeypatch):
-    """Interrupted while a scatter was under way, the local cluster's scheduler (in the caller's process)
-    logged the scatter's KeyError on the workers being removed, with tracebacks, and the scattered data as
-    lost, before the caller's one line. Dask's loggers are kept to CRITICAL while a local cluster closes after a
-    KeyboardInterrupt, and set back after; another error's teardown is not quieted."""
-    names = ("distributed", "asyncio", "tornado")
-    seen: list[dict] = []
-    start = dd.start_local_cluster
-
-    def spy(n):
-        cluster = start(n)
-        close = cluster.close
-
-        def recording_close(*args, **kwargs):
-            seen.append({name: logging.getLogger(name).level for name in names})
-            return close(*args, **kwargs)
-
-        cluster.close = recording_close
-        return cluster
-
-    monkeypatch.setattr(dd, "start_local_cluster", spy)
-    before = {name: logging.getLogger(name).level for name in names}
-    for exc in (KeyboardInterrupt, ValueError):
-        with pytest.raises(exc):
-            with dd.cluster_client(workers=1):
-                raise exc()
-        assert {name: logging.getLogger(name).level for name in names} == before
-    assert seen[0] == dict.fromkeys(names, logging.CRITICAL), seen
-    assert seen[1] == before, seen
 
 
 def test_a_shard_in_the_callers_process_leaves_the_thread_setting_as_set(monkeypatch) -> None:
