@@ -23,7 +23,9 @@ Conventions (the same on every backend; native results are bit-identical across 
   volumes), where those bounds approach a bin's width, have every pair scored canonically, a 4096-column
   block of both sets at a time.
 * ``scores`` (n_synth, k) float32 descending; ``indices`` (n_synth, k) int64 into ``train``; equal
-  scores go to the lower training index.
+  scores go to the lower training index. A score may lie a float32 ulp or two outside [-1, 1] (1.0000001
+  for some rows against an identical row: a row normalised in float64 and rounded to float32 is not exactly
+  unit); the histogram's end bins take such scores, and the class counts compare them as they are.
 * Histogram: ``bins`` equal-width bins on [-1, 1]; bin = floor((s - lo) / (hi - lo) * bins) computed in
   float64 from the float32 score, clamped to [0, bins - 1].
 * Class counts, over all pairs: ``different`` s <= low < ``similar`` <= high < ``duplicate`` (the float32
@@ -633,6 +635,12 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
             dev = _triton_device(torch.empty(0, device=dev)).device
     if bk == "native":
         dev = torch.device("cpu")
+        from . import _native
+
+        if hasattr(_native, "topk_kernel_choice"):  # (an extension built before it has no such setting)
+            # a bad $DEEPSSIM_FAST_TOPK_KERNEL fails every native call, now: wide rows and an empty synthetic
+            # set never reach the GEMM kernel, and ran as if it were unset
+            _native.topk_kernel_choice()
     if precision != "ieee" and bk != "triton":  # (it was accepted and ignored without a word)
         warnings.warn(f"all_pairs: precision={precision!r} applies to the Triton backend only; the {bk} backend "
                       "computes exact fp32 scores", UserWarning, stacklevel=2)

@@ -113,11 +113,27 @@ def _normalize_rows(a: torch.Tensor, name: str) -> torch.Tensor:
     return a / n
 
 
+def _embedding_rows(x: Any, name: str) -> torch.Tensor:
+    """``x`` as a 2-D tensor on the CPU with finite rows, else the error all_pairs gives (a NaN row counted as
+    "different" here, and a d mismatch failed inside the matrix product)."""
+    t = to_torch(x, name=name).detach().cpu()
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, d) of embeddings, got shape {tuple(t.shape)}")
+    if t.is_floating_point() and t.numel():
+        bad = (~torch.isfinite(t).all(dim=1)).nonzero()
+        if bad.numel():
+            raise ValueError(f"{name} row {int(bad[0])} contains NaN or Inf")
+    return t
+
+
 def cosine_matrix_reference(train: Any, synth: Any) -> torch.Tensor:
     """Dense (n_synth, n_train) cosine similarity matrix, float64."""
-    t = _normalize_rows(to_torch(train, name="train").detach().cpu(), "train")
-    s = _normalize_rows(to_torch(synth, name="synth").detach().cpu(), "synth")
-    return s @ t.T
+    tt, ts = _embedding_rows(train, "train"), _embedding_rows(synth, "synth")
+    if tt.shape[1] != ts.shape[1]:
+        raise ValueError(f"train and synth have different embedding sizes: train {tuple(tt.shape)}, "
+                         f"synth {tuple(ts.shape)}")
+    t = _normalize_rows(tt, "train")
+    return _normalize_rows(ts, "synth") @ t.T
 
 
 def topk_reference(train: Any, synth: Any | None, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,10 +165,14 @@ def histogram_reference(train: Any, synth: Any | None, bins: int = 200,
     [0, bins - 1] (so bins are right-open, the last one closed, and out-of-range scores land at the ends).
     ``synth=None`` counts the ordered pairs i != j of ``train``.
     """
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"histogram_reference: bins must be a positive integer, got {bins!r}")
+    lo, hi = (float(v) for v in range_)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"histogram_reference: range_ must be finite with lo < hi, got {range_!r}")
     self_mode = synth is None
     sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
     vals = sim[~torch.eye(sim.shape[0], dtype=torch.bool)] if self_mode else sim.flatten()
-    lo, hi = range_
     idx = torch.floor((vals.to(torch.float64) - lo) / (hi - lo) * bins).clamp(0, bins - 1).to(torch.int64)
     counts = torch.bincount(idx, minlength=bins).numpy().astype(np.int64)
     return counts, np.linspace(lo, hi, bins + 1)
@@ -165,11 +185,13 @@ def class_counts_reference(train: Any, synth: Any | None, thresholds: tuple[floa
     The float32 score is compared in float64 with the thresholds as given (so a score of float32(0.6),
     which is 0.6000000238..., counts as "similar" for low = 0.6).
     """
+    low, high = (float(t) for t in thresholds)
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"class_counts_reference: thresholds must be finite with low <= high, got {thresholds!r}")
     self_mode = synth is None
     sim = cosine_matrix_reference(train, train if self_mode else synth).to(torch.float32)
     vals = sim[~torch.eye(sim.shape[0], dtype=torch.bool)] if self_mode else sim.flatten()
     vals = vals.to(torch.float64)
-    low, high = (float(t) for t in thresholds)
     dup = int((vals > high).sum())
     sim_ = int(((vals > low) & (vals <= high)).sum())
     return {"different": int(vals.numel()) - dup - sim_, "similar": sim_, "duplicate": dup}

@@ -1164,6 +1164,12 @@ def test_topk_kernel_setting_is_validated_and_reported(monkeypatch):
     monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "fast")
     with pytest.raises(ValueError, match="DEEPSSIM_FAST_TOPK_KERNEL='fast'"):
         all_pairs(_rand(5, 8, SEED), _rand(3, 8, SEED + 1), k=2, progress=False)
+    # every native call, also those that never reach the GEMM kernel (they ran as if it were unset)
+    with pytest.raises(ValueError, match="DEEPSSIM_FAST_TOPK_KERNEL='fast'"):
+        all_pairs(_rand(5, 8, SEED), np.zeros((0, 8), np.float32), k=2, progress=False)
+    with pytest.raises(ValueError, match="DEEPSSIM_FAST_TOPK_KERNEL='fast'"):  # wide rows: canonical blocks
+        all_pairs(_rand(3, 1 << 14, SEED), _rand(2, 1 << 14, SEED + 1), k=1, progress=False)
+    all_pairs(_rand(5, 8, SEED), _rand(3, 8, SEED + 1), k=2, progress=False, backend="torch")  # not native
     monkeypatch.delenv("DEEPSSIM_FAST_TOPK_KERNEL")
     assert _native.topk_kernel_choice() == "auto"
     detected = _native.detected_simd_level()
@@ -1276,6 +1282,29 @@ def test_topk_reference_checks_k_and_takes_tensors_that_require_grad():
         ref.topk_reference(train, train[:2], 7)
     with pytest.raises(ValueError, match=r"in \[1, 5\]"):
         ref.topk_reference(train, None, 6)  # self mode: the row itself is not a candidate
+
+
+def test_references_check_their_inputs_as_all_pairs_does():
+    """The plain references (the audit's fallback without the engine) counted a NaN row's pairs as
+    "different", failed inside bincount or the matrix product, and took reversed thresholds."""
+    train, synth = _rand(9, 6, SEED + 23), _rand(4, 6, SEED + 24)
+    bad = synth.copy()
+    bad[2, 3] = np.nan
+    for fn in (lambda: ref.topk_reference(train, bad, 2), lambda: ref.histogram_reference(train, bad),
+               lambda: ref.class_counts_reference(train, bad)):
+        with pytest.raises(ValueError, match="synth row 2 contains NaN or Inf"):
+            fn()
+    with pytest.raises(ValueError, match=r"different embedding sizes: train \(9, 6\), synth \(4, 5\)"):
+        ref.topk_reference(train, synth[:, :5], 2)
+    with pytest.raises(ValueError, match="expected a 2-D array"):
+        ref.cosine_matrix_reference(train, synth[0])
+    with pytest.raises(ValueError, match="bins must be a positive integer, got 0"):
+        ref.histogram_reference(train, synth, bins=0)
+    with pytest.raises(ValueError, match="lo < hi"):
+        ref.histogram_reference(train, synth, range_=(1.0, -1.0))
+    with pytest.raises(ValueError, match="low <= high"):
+        ref.class_counts_reference(train, synth, (0.9, 0.1))
+    assert sum(ref.class_counts_reference(train, synth).values()) == 36  # valid input: unchanged
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32])
