@@ -148,10 +148,11 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
     def dtype_range(dt: Any) -> float:
         return 1.0 if dt == np.bool_ else float(np.iinfo(dt).max) - float(np.iinfo(dt).min)
 
-    def integer_range(files: list[Path], images: list[np.ndarray]) -> Any:
+    def integer_range(files: list[Path], images: list[np.ndarray], n_a: int) -> Any:
         """Files decode to float32; integer files keep scikit-image's dtype range (uint8 255) unless
-        --data-range or a preset says otherwise. Returns the files' stored dtypes (None: floating point),
-        or None when the options set the range."""
+        --data-range or a preset says otherwise. ``files[:n_a]`` are the first side of the pairs, the rest
+        the second. Returns the files' stored dtypes (None: floating point), or None when the options set
+        the range."""
         if args.data_range is not None or args.preset is not None:
             return None
         kinds = [stored_dtype(f) for f in files]
@@ -161,6 +162,8 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
         for dt, members in groups.items():
             if dt is None or dt in (np.uint8, np.bool_):
                 continue
+            if dt not in kinds[:n_a] or dt not in kinds[n_a:]:
+                continue  # (no pair of two such files: every pair with one scores on max - min, said below)
             span = max(float(im.max()) for _, im in members) - min(float(im.min()) for _, im in members)
             if span < dtype_range(dt):
                 # (scikit-image warns for these dtypes too: np.save of an int array is int64, whose range 1.8e19
@@ -203,7 +206,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
             x, y = x.astype(np.float64), y.astype(np.float64)
         if x.shape != y.shape:
             raise ValueError(f"{a} has shape {x.shape} but {b} has shape {y.shape}; SSIM needs equal shapes")
-        kinds = integer_range([a, b], [x, y])
+        kinds = integer_range([a, b], [x, y], 1)
         if kinds is not None:
             opts["data_range"] = pair_range(*kinds)
         from .ssim import ssim
@@ -225,7 +228,7 @@ def _cmd_ssim(args: argparse.Namespace) -> int:
             if im.shape != shape:
                 raise ValueError(f"{p} has shape {im.shape} but {pa[0]} has shape {shape}; SSIM needs equal "
                                  f"shapes")
-        kinds = integer_range([*pa, *pb], imgs_a + imgs_b)
+        kinds = integer_range([*pa, *pb], imgs_a + imgs_b, len(pa))
         fa, fb = np.stack(imgs_a), np.stack(imgs_b)
         if fa.dtype != fb.dtype:  # (float64 .npy files against float32 ones or PNGs: a TypeError traceback)
             fa, fb = fa.astype(np.float64), fb.astype(np.float64)

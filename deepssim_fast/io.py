@@ -27,7 +27,9 @@ Conventions
     array of one frame is that volume, as a one-frame NIfTI is); leading axes of length 1 are dropped first
     (channel-first samples: (1, H, W) and (1, 1, H, W) are the image, (1, D, H, W) the volume); pickled
     object arrays are refused, and so is an (H, W, 3) or (H, W, 4) array cut along axis 2 (an RGB(A) image:
-    one item per colour channel).
+    one item per colour channel). A 64-bit integer array with values past +-2^53, which float64 cannot hold,
+    is read less its minimum (taken off in integer arithmetic, so its structure is kept); one whose values
+    span more than 2^53 is refused.
   - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``, unless it has one); complex and RGB data types are
     refused (a complex file is not cast to its real part).
 
@@ -630,6 +632,8 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float3
         raise DataError(f"{p}: frame={frame} given but the array is {a.ndim}D, shape {a.shape}")
     if a.ndim not in (2, 3):
         raise DataError(f"{p}: expected a 2D image or 3D volume, got shape {a.shape}")
+    if a.dtype.kind in "iu" and a.dtype.itemsize == 8:
+        a = _exact_float64(p, a)
     with np.errstate(over="ignore", invalid="ignore"):
         arr = np.array(a, dtype=dtype)
     if arr.size and not np.isfinite(arr).all() and np.isfinite(a).all():
@@ -637,6 +641,26 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float3
         raise DataError(f"{p}: values up to {float(np.abs(a).max()):.4g} exceed the range of "
                         f"{np.dtype(dtype).name} ({float(np.finfo(dtype).max):.4g}); rescale the data")
     return _checked(p, arr)
+
+
+#: Integers up to this magnitude are exact in float64 (its 53-bit significand); past it they round.
+_FLOAT64_EXACT = 1 << 53
+
+
+def _exact_float64(name: object, a: np.ndarray) -> np.ndarray:
+    """The 8-byte integer array ``a`` as float64: as it is where float64 holds every value (|x| <= 2^53),
+    else less its minimum, taken off in uint64 arithmetic (modulo 2^64, so exact however the signed values
+    lie) before the cast. Cast first, two different images of values near 2^63 both rounded to one constant
+    and were taken for duplicates. DataError naming ``name`` when the spread itself is past 2^53."""
+    if a.size == 0:  # (the readers name an empty image)
+        return a.astype(np.float64)
+    lo, hi = int(a.min()), int(a.max())
+    if -_FLOAT64_EXACT <= lo and hi <= _FLOAT64_EXACT:
+        return a.astype(np.float64)
+    if hi - lo > _FLOAT64_EXACT:
+        raise DataError(f"{name}: integer values span {hi - lo} (from {lo} to {hi}): too wide a range for float64, "
+                        f"which holds integers exactly up to 2^53 ({float(_FLOAT64_EXACT):.4g}); rescale the data")
+    return (a.astype(np.uint64, copy=False) - np.uint64(lo % (1 << 64))).astype(np.float64)
 
 
 def _checked(p: Path, arr: np.ndarray) -> np.ndarray:
@@ -706,7 +730,8 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None, dtype: Any 
     ``dtype=np.float64`` decodes in float64 instead: float64 ``.npy`` and NIfTI data (and scaled NIfTI
     integers) keep every bit, where float32 would round values with a large offset to a few ulps of their
     own range (what ``deepssim-fast ssim`` uses, so that its score is that of the stored values). PNG
-    samples are integers, exact either way (colour's luminance stays computed in float32).
+    samples are integers, exact either way (colour's luminance stays computed in float32). A 64-bit integer
+    ``.npy`` with values past +-2^53 comes back less its minimum (see the module docstring).
 
     Raises :class:`DataError` naming the path and the problem (missing, unsupported type, corrupt,
     wrong rank, NaN/Inf values).
@@ -720,12 +745,41 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None, dtype: Any 
     if kind is None:
         raise DataError(f"{p}: unsupported file type (expected one of {', '.join(EXTENSIONS)})")
     if kind == "nifti":
-        return load_nifti(p, frame=frame, dtype=dtype)
+        try:
+            return load_nifti(p, frame=frame, dtype=dtype)
+        except DataError as exc:
+            # (a negative dimension failed the read with "negative count" and the like: the header is named)
+            try:
+                _check_nifti_dims(p, nib_load(p).shape)
+            except DataError as dims:
+                raise dims from exc
+            except Exception:  # noqa: BLE001 - nibabel cannot load it: the read's own reason stands
+                pass
+            raise
     if kind == "png":
         if frame is not None:
             raise DataError(f"{p}: frame={frame} given but a PNG is a 2D image")
         return _checked(p, _read_png(p, dtype).astype(dtype, copy=False))
     return _npy_image(p, _open_npy(p), frame, dtype)
+
+
+def _check_nifti_dims(p: Path, shape: Sequence[int]) -> None:
+    """DataError for a header with a negative dimension (a corrupt file): reads of it failed with "memory
+    mapped length must be positive", or it was said to have a slice range that selects none of its -8 slices.
+    (A zero-length axis is an empty image, named as such by the readers.)"""
+    if any(int(n) < 0 for n in shape):
+        raise DataError(f"{p}: invalid dimensions in the header: shape {tuple(int(n) for n in shape)}")
+
+
+def _nifti_shape(p: Path) -> tuple[int, ...]:
+    """The shape of a NIfTI file from its header (:func:`nib_load`'s), checked by :func:`_check_nifti_dims`;
+    DataError naming the file when nibabel cannot load it."""
+    try:
+        shape = tuple(int(n) for n in nib_load(p).shape)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    _check_nifti_dims(p, shape)
+    return shape
 
 
 def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
@@ -744,6 +798,7 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
         raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     shape = img.shape
+    _check_nifti_dims(p, shape)
     if len(shape) != 3:
         return None
     _check_real_dtype(p, img)
@@ -769,15 +824,32 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     proxy = img.dataobj
     idx = list(range(shape[policy.axis]))[policy.start : policy.stop : policy.step]
 
-    def take(i: int) -> np.ndarray:
+    def read(i: int, dt: Any) -> np.ndarray:
         sl: list = [slice(None)] * 3
         sl[policy.axis] = i
         try:
-            s = np.asarray(proxy[tuple(sl)], dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # (non-finite values are named below)
+                return np.asarray(proxy[tuple(sl)], dtype=dt)
         except Exception as exc:  # noqa: BLE001 - truncated data and the like
             raise DataError(f"{p}: could not read slice {i} ({type(exc).__name__}: {exc})") from exc
+
+    def not_finite(i: int) -> DataError:
+        # Slice i holds NaN/Inf in float32: in the file, or finite scaled values past float32's range (a
+        # slope of 1e37), which were called NaN or Inf here while the same .nii.gz said what they are. Said
+        # as load_nifti says it, with the volume's largest value.
+        top = 0.0
+        for j in [i, *range(shape[policy.axis])]:
+            w = read(j, np.float64)
+            if not np.isfinite(w).all():
+                return DataError(f"{p}: contains NaN or Inf values (slice {j} along axis {policy.axis})")
+            top = max(top, float(np.abs(w).max()))
+        return DataError(f"{p}: values up to {top:.4g} exceed the range of float32 "
+                         f"({float(np.finfo(np.float32).max):.4g}); rescale the data")
+
+    def take(i: int) -> np.ndarray:
+        s = read(i, np.float32)
         if not np.isfinite(s).all():
-            raise DataError(f"{p}: contains NaN or Inf values (slice {i} along axis {policy.axis})")
+            raise not_finite(i)
         return s
 
     # First pass over every slice, one at a time: the whole file is readable and finite, and its range
@@ -822,7 +894,17 @@ def _check_slice_sides(p: Path, shape: Sequence[int], policy: SlicePolicy, *, np
         return
     side = [int(n) for i, n in enumerate(shape[:3]) if i != policy.axis]
     shape_t = tuple(int(n) for n in shape)
-    hint = " (or, when every input is an (N, H, W) batch, give --axis 0)" if len(shape) == 3 else ""
+    dims = [int(n) for n in shape[:3]]
+    # an axis of length 1 (one coronal slice, (X, 1, Z)) whose cut gives wide enough slices: the one to give
+    # (such a file cut along axis 2 was told to give --axis 0, which was refused the same way)
+    unit = [k for k in range(3) if k != policy.axis and dims[k] == 1
+            and min(n for i, n in enumerate(dims) if i != k) >= MIN_SLICE_SIDE]
+    if unit:
+        hint = f" (or give --axis {unit[0]}: its axis {unit[0]} has length 1)"
+    elif len(shape) == 3 and policy.axis != 0:
+        hint = " (or, when every input is an (N, H, W) batch, give --axis 0)"
+    else:
+        hint = ""
     if min(side) < MIN_SLICE_SIDE:
         raise DataError(
             f"{p}: a volume of shape {shape_t} cut along axis {policy.axis} gives slices of {side[0]} x "
@@ -860,19 +942,24 @@ def skip_reason(path: str, reason: str) -> str:
     return reason
 
 
-def fit_float32(a: np.ndarray) -> np.ndarray:
+def fit_float32(a: np.ndarray, *, name: object = "image") -> np.ndarray:
     """``a`` as float32. A float64 or 32/64-bit integer image that float32 cannot hold to
     ``FLOAT32_ROUNDING_TOL`` of its own range (values beyond float32's range, a large offset against a small
     spread, values too small for float32's normal range) is first mapped to [0, 1] in float64: every size
     policy (crop/pad with the minimum, resampling, the foreground threshold, which is relative to the range)
     commutes with that positive affine map, and every consumer of the pixels is blind to it (the encoder's
     per-image z-score, the deepssim preset of SSIM, Pearson correlation) — the structure is kept instead of
-    being rounded away (or overflowing to Inf)."""
+    being rounded away (or overflowing to Inf). 64-bit integers past 2^53 have their minimum taken off in
+    integer arithmetic first (:func:`_exact_float64`); a spread past 2^53 raises :class:`DataError` naming
+    ``name``."""
     from ._ssim_common import FLOAT32_ROUNDING_TOL
 
     if a.dtype == np.float32 or a.dtype.itemsize < 4 or a.dtype.kind not in "fiu":
         return a.astype(np.float32, copy=False)
-    d = a.astype(np.float64, copy=False)
+    if a.dtype.kind in "iu" and a.dtype.itemsize == 8:
+        d = _exact_float64(name, a)
+    else:
+        d = a.astype(np.float64, copy=False)
     with np.errstate(over="ignore"):
         f = d.astype(np.float32)
     lo, hi = float(d.min()), float(d.max())
@@ -925,12 +1012,7 @@ def _file_slices(p: Path, policy: SlicePolicy) -> list[Slice]:
     _require_exists(p)
     kind = image_kind(p)
     if kind == "nifti":
-        try:
-            _check_slice_sides(p, nib_load(p).shape, policy)
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for corrupt files
-            raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        _check_slice_sides(p, _nifti_shape(p), policy)
         if _nifti_wide(p):
             return [s for src, vol in _wide_volumes(p) for s in volume_slices(vol, policy, source=src)]
         lazy = _proxy_slices(p, policy)
@@ -967,10 +1049,7 @@ def _file_volumes(p: Path) -> list[tuple[str, np.ndarray]]:
     _require_exists(p)
     kind = image_kind(p)
     if kind == "nifti":
-        try:
-            shape = nib_load(p).shape
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        shape = _nifti_shape(p)
         if _nifti_wide(p):
             return _wide_volumes(p)
         if len(shape) == 4 and shape[3] > 1:

@@ -206,6 +206,36 @@ def test_ssim_folders_of_mixed_pixel_types_score_each_pair_by_its_own_files(tmp_
         structural_similarity(a8.astype(np.float32), c8.astype(np.float32), data_range=rng), abs=1e-5)
 
 
+def test_ssim_warns_of_a_dtype_range_only_where_a_pair_uses_it(tmp_path: Path, folders: dict,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """An 8-bit against a 16-bit PNG was warned that "the files store uint16 pixels, so data_range is its
+    dtype range 6.554e+04", then scored on max - min over the pair, as the next warning said: no pair used
+    uint16's range. That warning now names only the dtypes some pair is scored with."""
+    from skimage.metrics import structural_similarity
+
+    a8, b8 = (np.clip(folders["arrs"][i], 0, 255).astype(np.uint8) for i in (55, 70))
+    b16 = b8.astype(np.uint16) * 200
+    for d in ("A", "B"):
+        (tmp_path / d).mkdir()
+    Image.fromarray(a8).save(tmp_path / "A" / "a.png")
+    Image.fromarray(b16).save(tmp_path / "B" / "b16.png")
+    assert main(["ssim", str(tmp_path / "A" / "a.png"), str(tmp_path / "B" / "b16.png")]) == 0
+    out = capsys.readouterr()
+    rng = float(max(a8.max(), b16.max()) - min(a8.min(), b16.min()))
+    assert float(out.out.strip()) == pytest.approx(
+        structural_similarity(a8.astype(np.float32), b16.astype(np.float32), data_range=rng), abs=1e-5)
+    assert "different pixel types" in out.err and "data_range is its dtype range" not in out.err
+    # folders: a uint16 file on one side only uses no uint16 range; on both sides, one pair does
+    Image.fromarray(b8).save(tmp_path / "B" / "b8.png")
+    Image.fromarray(a8.astype(np.uint16) * 200).save(tmp_path / "A" / "a16.png")
+    os.remove(tmp_path / "B" / "b16.png")
+    assert main(["ssim", str(tmp_path / "A"), str(tmp_path / "B"), "--out", "-", "-q"]) == 0
+    assert "data_range is its dtype range" not in capsys.readouterr().err
+    Image.fromarray(b16).save(tmp_path / "B" / "b16.png")
+    assert main(["ssim", str(tmp_path / "A"), str(tmp_path / "B"), "--out", "-", "-q"]) == 0
+    assert "the files store uint16 pixels, so data_range is its dtype range" in capsys.readouterr().err
+
+
 def test_ssim_out_that_cannot_be_written_is_refused_before_scoring(tmp_path: Path, folders: dict,
                                                                   capsys: pytest.CaptureFixture,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

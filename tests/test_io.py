@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -1247,3 +1248,112 @@ def test_files_that_float32_cannot_hold_keep_their_structure(tmp_path: Path, kin
 
     assert fit_float32(base.astype(np.float64)).dtype == np.float32
     assert np.array_equal(fit_float32(base * 100), (base * 100).astype(np.float32))
+
+
+@pytest.mark.parametrize("dt,offset", [(np.uint64, 1 << 63), (np.int64, -(1 << 62))])
+def test_64_bit_integer_files_past_float64s_exact_range_keep_their_structure(tmp_path: Path, dt: type,
+                                                                             offset: int) -> None:
+    """int64 / uint64 values past 2^53 were cast to float64 before their offset was taken off: two different
+    images near 2^63 both came out constant, and the audit called them duplicates (SSIM 1.0). The minimum is
+    now taken off in integer arithmetic first, so each reads as its copy without the offset; a spread that
+    float64 cannot hold either is refused."""
+    import deepssim_fast as dsf
+    from deepssim_fast.io import _file_volumes, fit_float32
+
+    rng = np.random.default_rng(6)
+    small = [rng.integers(0, 100, (32, 32)) for _ in range(2)]
+    for k, s in enumerate(small):
+        np.save(tmp_path / f"w{k}.npy", s.astype(dt) + dt(offset))
+        np.save(tmp_path / f"p{k}.npy", s - s.min())
+    pol = SlicePolicy(min_foreground=0)
+    got = {}
+    for name in ("w0", "w1", "p0", "p1"):
+        f = tmp_path / f"{name}.npy"
+        (sl,) = list(iter_slices([f], pol, strict=True))
+        ((_src, vol),) = _file_volumes(f)
+        assert np.array_equal(sl.array, vol) and sl.array.dtype == np.float32
+        assert np.array_equal(read_image(f, dtype=np.float64), vol) and np.array_equal(read_image(f), vol)
+        got[name] = vol
+    for k, s in enumerate(small):
+        assert np.array_equal(got[f"w{k}"], s - s.min())
+        assert np.array_equal(fit_float32(s.astype(dt) + dt(offset)), got[f"p{k}"])
+    score = float(dsf.ssim(got["w0"], got["w1"], preset="deepssim"))
+    assert score < 0.5 and score == float(dsf.ssim(got["p0"], got["p1"], preset="deepssim"))
+    wide = np.zeros((32, 32), dt) + dt(offset)
+    wide[0, 0] += dt((1 << 53) + 1)
+    np.save(tmp_path / "wide.npy", wide)
+    says = r"wide\.npy: integer values span 9007199254740993 \(from -?\d+ to -?\d+\): too wide a range for float64"
+    with pytest.raises(DataError, match=says):
+        read_image(tmp_path / "wide.npy")
+    with pytest.raises(DataError, match=says):
+        list(iter_slices([tmp_path / "wide.npy"], pol, strict=True))
+    with pytest.raises(DataError, match=says):
+        _file_volumes(tmp_path / "wide.npy")
+    with pytest.raises(DataError, match=r"image: integer values span 9007199254740993"):
+        fit_float32(wide)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_scaled_nifti_values_past_float32_are_named_as_such_on_every_path(tmp_path: Path, suffix: str) -> None:
+    """An int16 .nii with a slope of 1e37 was skipped as "contains NaN or Inf values (slice 0 along axis 2)",
+    with numpy's overflow warning, where the same .nii.gz said its values exceed float32's range: the
+    slice-by-slice reader now says so too, without the warning."""
+    import warnings
+
+    v = np.random.default_rng(7).integers(0, 100, (12, 12, 8)).astype(np.int16)
+    v[3, 4, 5] = 99
+    img = nib.Nifti1Image(v, np.eye(4))
+    img.header.set_slope_inter(1e37, 0)
+    f = tmp_path / f"big{suffix}"
+    nib.save(img, f)
+    says = rf"big{suffix}: values up to 9\.9e\+38 exceed the range of float32 \(3\.403e\+38\); rescale the data$"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=says):
+            read_image(f)
+        for axis in (2, 0):
+            skipped: list = []
+            assert list(iter_slices([f], SlicePolicy(axis=axis, min_foreground=0), skipped=skipped)) == []
+            assert re.search(says, skipped[0][1]), skipped
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_negative_dimension_in_a_nifti_header_is_named_not_blamed_on_the_slicing(tmp_path: Path,
+                                                                                   suffix: str) -> None:
+    """A header whose dim field says (12, 12, -8) was skipped because "the slice range None:None:1 selects
+    none of its -8 slices": the options were blamed for a corrupt file."""
+    from deepssim_fast.io import _file_volumes
+
+    good = tmp_path / "good.nii"
+    nib.save(nib.Nifti1Image(np.ones((12, 12, 8), np.float32), np.eye(4)), good)
+    raw = bytearray(good.read_bytes())
+    raw[40:56] = np.array([3, 12, 12, -8, 1, 1, 1, 1], "<i2").tobytes()
+    f = tmp_path / f"neg{suffix}"
+    f.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    says = rf"neg{re.escape(suffix)}: invalid dimensions in the header: shape \(12, 12, -8\)"
+    for axis in (2, 0):
+        skipped: list = []
+        assert list(iter_slices([f], SlicePolicy(axis=axis, min_foreground=0), skipped=skipped)) == []
+        assert re.search(says, skipped[0][1]), skipped
+    with pytest.raises(DataError, match=says):
+        read_image(f)
+    with pytest.raises(DataError, match=says):
+        _file_volumes(f)
+
+
+def test_a_single_slice_volume_is_pointed_at_the_axis_of_length_one(tmp_path: Path) -> None:
+    """A (64, 1, 64) NIfTI (one coronal slice) cut along axis 2 was told "give --axis 0", which was refused
+    with the same advice; its axis 1, of length 1, is named now, and the axis in use is never suggested."""
+    f = tmp_path / "coronal.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(8).random((64, 1, 64)).astype(np.float32), np.eye(4)), f)
+    for axis in (2, 0):
+        with pytest.raises(DataError, match=r"give --axis 1: its axis 1 has length 1") as ei:
+            list(iter_slices([f], SlicePolicy(axis=axis), strict=True))
+        assert "--axis 0" not in str(ei.value) and f"--axis {axis}" not in str(ei.value)
+    (one,) = list(iter_slices([f], SlicePolicy(axis=1), strict=True))
+    assert one.array.shape == (64, 64)
+    # thin slices cut along axis 0 are not told to use the axis they were cut along
+    np.save(tmp_path / "b.npy", np.ones((64, 3, 64), np.float32))
+    with pytest.raises(DataError, match="narrower than the 7-pixel SSIM window") as ei:
+        list(iter_slices([tmp_path / "b.npy"], SlicePolicy(axis=0), strict=True))
+    assert "--axis 0" not in str(ei.value)
