@@ -1687,8 +1687,9 @@ def verify_pairs(
     (``preset="deepssim"``, training image first); the best SSIM and its transform name are returned.
     ``extra`` (B entries, each None or (name, image -> image)): one more transform scored per pair, the
     search variant that gave the pair its search score (:func:`_search_variants`; the audit passes it, so
-    that the verified SSIM is never below the search's SSIM of that variant, which a shift chosen by
-    correlation can miss), unless a transform of that name is scored already.
+    that the verified SSIM is not below the search's SSIM of that variant, which a shift chosen by
+    correlation can miss, beyond float32 rounding: the search's ssim_matrix and this pair-by-pair ssim sum in
+    different orders, 1 ulp apart at times), unless a transform of that name is scored already.
     ``extra_overlap`` (format 9; ``False``: as audits before it verified, for :func:`evaluate`): an ``extra``
     transform that is shifted is scored on the overlap as well (with ``overlap``).
     ``all_mirrors`` (format 8; ``False``: as audits before it verified, for :func:`evaluate`): the flips of
@@ -2134,32 +2135,39 @@ def _is_audit_out(d: Path) -> bool:
             or ((d / "summary.json").is_file() and (d / "matches.csv").is_file()))
 
 
+class _EarlierOutputs:
+    """``finder(p)``: the output folder of an audit (:func:`_is_audit_out`) among the folders enclosing ``p``
+    whose stores and figures (:func:`_own_output_paths`) include ``p``, or None; each folder is looked at once
+    (10^5 files share few folders)."""
+
+    def __init__(self) -> None:
+        self._outs_at: dict[str, tuple[str, ...]] = {}  # folder -> the audit OUTs among it and its ancestors
+        self._owned: dict[str, tuple[list[str], list[str]]] = {}
+
+    def _outs_above(self, d: str) -> tuple[str, ...]:
+        if d not in self._outs_at:
+            up = os.path.dirname(d)
+            self._outs_at[d] = (self._outs_above(up) if up != d else ()) + ((d,) if _is_audit_out(Path(d)) else ())
+        return self._outs_at[d]
+
+    def __call__(self, p: Path) -> Path | None:
+        a = os.path.abspath(p)
+        for d in reversed(self._outs_above(os.path.dirname(a))):  # (the nearest first)
+            if d not in self._owned:
+                self._owned[d] = _own_output_paths(Path(d), Path(d) / "cache")
+            folders, files = self._owned[d]
+            if a in files or os.path.realpath(p) in files or _under(p, folders):
+                return Path(d)
+        return None
+
+
 def _drop_earlier_outputs(sets: dict[str, list[Path]]) -> dict[str, list[Path]]:
     """Each input set without the stores and figures of *other* audits whose output folders lie inside the
     input folders (:func:`_own_output_paths` of each such folder, found by :func:`_is_audit_out`): an audit
     into gen/audit1 and then one into gen/audit2 read audit1's gallery, histogram and pixel stores as 58 more
     synthetic items (7.7 % memorised instead of 50 %; with --axis 0, audit1's stored training pixels came back
     as exact copies: 69.6 %). One warning per such folder names it. A set left with nothing is an error."""
-    outs_at: dict[str, tuple[str, ...]] = {}  # folder -> the audit OUTs among it and its ancestors
-    owned: dict[str, tuple[list[str], list[str]]] = {}
-
-    def outs_above(d: str) -> tuple[str, ...]:  # (decided once per folder: 10^5 files share few folders)
-        if d not in outs_at:
-            up = os.path.dirname(d)
-            outs_at[d] = (outs_above(up) if up != d else ()) + ((d,) if _is_audit_out(Path(d)) else ())
-        return outs_at[d]
-
-    def earlier_out(p: Path) -> Path | None:
-        a = os.path.abspath(p)
-        outs = outs_above(os.path.dirname(a))
-        for d in reversed(outs):  # (the nearest first)
-            if d not in owned:
-                owned[d] = _own_output_paths(Path(d), Path(d) / "cache")
-            folders, files = owned[d]
-            if a in files or os.path.realpath(p) in files or _under(p, folders):
-                return Path(d)
-        return None
-
+    earlier_out = _EarlierOutputs()
     kept: dict[str, list[Path]] = {}
     by_out: dict[Path, list[Path]] = {}
     for name, paths in sets.items():
@@ -2238,7 +2246,11 @@ def _out_lock(out: Path, command: str = "audit") -> Iterator[None]:
     writable = True
     try:
         fd = os.open(out / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
+    except PermissionError as exc:
+        if not (out / _LOCK_FILE).exists():  # (an OUT this user cannot write in: the read-only retry below said
+            # "No such file or directory" of the lock file)
+            raise PermissionError(exc.errno, f"{exc.strerror}: cannot write in this output folder",
+                                  str(out)) from exc
         # another user's lock file in a shared, group-writable folder: flock works on a read-only descriptor
         # (evaluate then failed at the lock before any work, though it could write evaluation.json)
         fd = os.open(out / _LOCK_FILE, os.O_RDONLY)
@@ -2619,9 +2631,16 @@ def audit(
     _remove_legacy_entries(cache)
 
     t0 = time.perf_counter()
-    own_folders = _own_output_paths(out, cache)[0]  # (their .npz stores are no unread images of the user's)
+    # the .npz stores of this audit and of earlier audits into folders inside the inputs are no unread images
+    # of the user's (an earlier audit's were named in the warning about image formats this tool does not read)
+    own_folders = [os.path.abspath(d) for d in _own_output_paths(out, cache)[0]]
+    earlier = _EarlierOutputs()
+
+    def is_output(q: Path) -> bool:
+        return _under(q, own_folders) or earlier(q) is not None
+
     found = _drop_own_outputs(
-        {"train": discover(train, outputs=own_folders), "synth": discover(synth, outputs=own_folders)}, out, cache
+        {"train": discover(train, outputs=is_output), "synth": discover(synth, outputs=is_output)}, out, cache
     )
     train_paths, synth_paths = found["train"], found["synth"]
     _warn_shared_files(train_paths, synth_paths)

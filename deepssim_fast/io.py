@@ -57,7 +57,7 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,15 +190,19 @@ _OTHER_IMAGE_SUFFIXES = (".dcm", ".ima", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha
                          ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npz", ".h5", ".hdf5")
 
 
-def _under(q: Path, folders: Sequence[str]) -> bool:
-    """Whether ``q`` (as given, made absolute, or resolved) lies in one of ``folders`` (absolute paths)."""
+def _under(q: Path, folders: Sequence[str] | Callable[[Path], bool]) -> bool:
+    """Whether ``q`` (as given, made absolute, or resolved) lies in one of ``folders`` (absolute paths), or,
+    where ``folders`` is a predicate (discover's ``outputs``), whether it says so."""
+    if callable(folders):
+        return bool(folders(q))
     if not folders:
         return False
     return any(c.startswith(d.rstrip(os.sep) + os.sep) for c in (os.path.abspath(q), os.path.realpath(q))
                for d in folders)
 
 
-def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (), outputs: Sequence[str] = ()) -> list[Path]:
+def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (),
+                outputs: Sequence[str] | Callable[[Path], bool] = ()) -> list[Path]:
     """The image files below folder ``p`` (see :func:`_walk`); files of other image formats found there are
     counted by suffix and named in one warning (they are not read), except those in ``outputs`` (folders of
     the caller's own stores, such as an audit's OUT/work inside an input folder). Hidden files and folders
@@ -295,7 +299,7 @@ def _glob(pattern: str) -> list[str]:
     return hits
 
 
-def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
+def _glob_matches(pattern: str, outputs: Sequence[str] | Callable[[Path], bool] = ()) -> list[Path]:
     """The image files a glob pattern names: matching files and broken image-named links, and the contents
     of matching folders, searched as if named by themselves (as the shell's expansion of the pattern would
     give them). The folders between the pattern's literal root and a matching folder count as its ancestors
@@ -328,7 +332,7 @@ def _glob_matches(pattern: str, outputs: Sequence[str] = ()) -> list[Path]:
     return found
 
 
-def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[Path]:
+def _discover_one(item: str | os.PathLike, outputs: Sequence[str] | Callable[[Path], bool] = ()) -> list[Path]:
     s = os.fspath(item)
     if not str(s).strip():  # (Path("") is Path("."): an unset shell variable searched the working folder)
         raise ValueError(f"empty path {s!r}: give a directory, a glob pattern or a file (an unset variable?)")
@@ -358,15 +362,16 @@ def _discover_one(item: str | os.PathLike, outputs: Sequence[str] = ()) -> list[
     raise ValueError(f"{s}: no such file or directory")
 
 
-def discover(spec: Spec, *, outputs: Sequence[str | os.PathLike] = ()) -> list[Path]:
+def discover(spec: Spec, *, outputs: Sequence[str | os.PathLike] | Callable[[Path], bool] = ()) -> list[Path]:
     """All image files named by ``spec``, as absolute paths, sorted and without duplicates.
 
     ``spec`` is a directory (searched recursively, symlinked sub-folders included), a glob pattern (``**``
     allowed; a matching folder is searched recursively), a single file, or a list/tuple of any of these.
     Symlinks keep their own path (not their target's); a broken image-named link, named itself or found in a
     folder or by a pattern, is listed (reading it raises :class:`DataError`). Raises ValueError naming the spec when
-    nothing is found. ``outputs``: folders of the caller's own stores (an audit's OUT/work, ...); files of
-    other image formats in them are not named in the warning about such files.
+    nothing is found. ``outputs``: folders of the caller's own stores (an audit's OUT/work, ...), or a
+    predicate telling whether a path is such a store; files of other image formats in them are not named in
+    the warning about such files.
     """
     if isinstance(spec, bytes):  # (a bytes path was iterated as its byte values: "not int")
         spec = os.fsdecode(spec)
@@ -374,7 +379,7 @@ def discover(spec: Spec, *, outputs: Sequence[str | os.PathLike] = ()) -> list[P
     items = [os.fsdecode(it) if isinstance(it, bytes) else it for it in items]
     if not items:
         raise ValueError("empty input specification: give a directory, a glob pattern or files")
-    own = [os.path.abspath(os.fspath(d)) for d in outputs]
+    own = outputs if callable(outputs) else [os.path.abspath(os.fspath(d)) for d in outputs]
     out: set[Path] = set()
     hidden: list[str] = []
     token = _HIDDEN.set(hidden)

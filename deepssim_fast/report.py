@@ -397,6 +397,8 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
     n = summary["n_synth"]
     th = summary["thresholds"]
     rows = []
+    # (with --verify none no pair has a verified SSIM: the column was there, empty in every row)
+    verified_col = any(s.get("ssim") is not None for s in suspects)
     for q, s in enumerate(suspects):
         score = s["ssim"] if s.get("ssim") is not None else s["cosine"]
         cuts = (th["low"], th["high"])
@@ -405,8 +407,8 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
         rows.append(
             f"<tr><td class=num>{q + 1}</td><td><code>{e(s['synth_id'])}</code></td>"
             f"<td><code>{e(s['train_id'])}</code></td><td class=num>{format_score(s['cosine'], cuts)}</td>"
-            f"<td class=num>{ssim_txt}</td>"
-            f"<td>{e(s.get('transform') or '')}</td><td class={lab}>{lab}</td></tr>"
+            + (f"<td class=num>{ssim_txt}</td>" if verified_col else "")
+            + f"<td>{e(s.get('transform') or '')}</td><td class={lab}>{lab}</td></tr>"
         )
     # (12 rows of 40 duplicates read as if they were all the suspects)
     flagged = c["duplicate"] + c["similar"]
@@ -470,6 +472,7 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
         size_txt = " × ".join(str(int(v)) for v in size) + f" ({e(summary['mode'])})"
     else:  # (an embeddings audit reads vectors, not images)
         size_txt = "n/a (embeddings given)" if summary.get("metric") == "embeddings" else "n/a"
+    verified_th = "<th>verified SSIM</th>" if verified_col else ""
     b64h = base64.b64encode(histogram).decode()
     b64g = base64.b64encode(gallery).decode()
     versions = ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(summary.get("versions", {}).items()))
@@ -502,7 +505,7 @@ synthetic item)</td></tr>
 <h2>Top suspected copies</h2>
 <p>{shown_txt}</p>
 <img alt="gallery of suspected copies" src="data:image/png;base64,{b64g}">
-<table><tr><th>#</th><th>synthetic</th><th>training match</th><th>search score</th><th>verified SSIM</th>
+<table><tr><th>#</th><th>synthetic</th><th>training match</th><th>search score</th>{verified_th}
 <th>transform</th><th>label</th></tr>
 {"".join(rows)}
 </table>

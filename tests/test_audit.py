@@ -435,6 +435,9 @@ def test_an_earlier_audits_out_inside_an_input_folder_is_not_audited(
     for key in ("n_train", "n_synth", "n_train_files", "n_synth_files", "counts", "fraction_memorised"):
         assert r2.summary[key] == r1.summary[key], key
     assert "earlier audit's output folder" in caplog.text and str(gen / "audit1") in caplog.text
+    # and its .npz stores are not called images of a format this tool does not read, to be converted
+    assert sorted((gen / "audit1" / "work").glob("*.npz"))
+    assert "formats this tool does not read" not in caplog.text
     # a set of nothing but another audit's outputs is named
     with pytest.raises(ValueError, match=r"synth set holds only the outputs of earlier audits .*audit1"):
         A.audit(train, gen / "audit1", out=tmp_path / "o3", **kw)
@@ -3534,6 +3537,14 @@ def test_lock_row_store_and_linked_shards_mends(ds: dict, tmp_path: Path, monkey
     monkeypatch.setattr(os, "open", no_write)
     with A._out_lock(out, "evaluate"):
         pass
+    # an OUT the user cannot write in at all, with no lock file yet: that is the error, not "No such file or
+    # directory" of the lock file (the read-only retry's)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(PermissionError, match="cannot write in this output folder") as err:
+        with A._out_lock(fresh):
+            pass
+    assert err.value.filename == str(fresh)
     monkeypatch.setattr(os, "open", real_open)
 
     scratch = tmp_path / "scratch"

@@ -521,3 +521,17 @@ def test_label_colours_are_readable_on_white_and_the_same_in_every_output(monkey
     used.clear()
     histogram_png(np.ones(200, dtype=np.int64), np.linspace(-1, 1, 201), (0.6, 0.85), verified=np.array([0.7]))
     assert used == [colours["similar"], colours["duplicate"]] * 2
+
+
+def test_report_table_has_a_verified_column_only_where_pairs_were_verified() -> None:
+    """With --verify none the suspects table kept a "verified SSIM" column, empty in every row."""
+    verified = _suspects(3)  # (one of them has no verified SSIM: its cell stays, empty)
+    assert sum(s.get("ssim") is not None for s in verified) == 2
+    page = report_html(_summary(), histogram=b"h", gallery=b"g", suspects=verified)
+    assert page.count("<th>verified SSIM</th>") == 1
+    assert all(len(re.findall(r"<td", row)) == 7 for row in re.findall(r"<tr><td class=num>\d+</td>.*?</tr>", page))
+    unverified = [{**s, "ssim": None} for s in verified]
+    page = report_html(_summary(), histogram=b"h", gallery=b"g", suspects=unverified)
+    assert "<th>verified SSIM</th>" not in page
+    rows = re.findall(r"<tr><td class=num>\d+</td>.*?</tr>", page)
+    assert len(rows) == 3 and all(len(re.findall(r"<td", row)) == 6 for row in rows)
