@@ -346,10 +346,20 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     blocker = file_in_the_way(args.out)
     if blocker is not None:  # (found when the embeddings were written, after all the work)
         raise ValueError(f"--out {args.out}: {blocker} is a file, not a folder")
+    out = Path(args.out)
+    if out.suffix != ".npy":  # (what np.save would do: the file name says what it holds)
+        out = out.with_name(out.name + ".npy")
+    files, earlier = _embed_inputs(discover(args.images), out)
+    if earlier:  # (a rerun into an input folder had embedded its own earlier output as one more image)
+        print(f"deepssim-fast embed: warning: left out {len(earlier)} .npy file(s) that an earlier embed wrote "
+              f"(item ids beside them), e.g. {earlier[0]}", file=sys.stderr)
+    if not files:
+        raise ValueError(f"{' '.join(args.images)}: no image to embed (the {len(earlier)} .npy file(s) found are "
+                         f"embeddings an earlier embed wrote, e.g. {earlier[0]})")
     # the model (and --device) before the images: a missing model was found after every image was read
     model = load_model(args.model, device=args.device)
     skipped: list = []
-    slices = usable_slices(iter_slices(discover(args.images), _policy(args), strict=args.strict, skipped=skipped),
+    slices = usable_slices(iter_slices(files, _policy(args), strict=args.strict, skipped=skipped),
                            strict=args.strict, skipped=skipped)
     if not slices:
         first = f"; {one_line(skipped[0][1])}" if skipped else ""
@@ -361,9 +371,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    out = Path(args.out)
-    if out.suffix != ".npy":  # (what np.save would do: the file name says what it holds)
-        out = out.with_name(out.name + ".npy")
     keys = [s.key for s in slices]
     # one id per line; a file name with a line break in it would split its id over two lines (and the audit
     # would then name every row by number), so such a set of ids is written as a JSON list instead
@@ -384,11 +391,31 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_inputs(found: list, out: Any) -> tuple[list, list]:
+    """``(images, earlier)``: the files ``found`` for embed without ``earlier``, the .npy files an earlier embed
+    wrote (those with its item ids beside them: ``<name>.ids.txt`` or ``<name>.ids.json``), this run's ``out``
+    among them. Raises ValueError where ``out`` is one of the images: the embeddings would overwrite it."""
+    from pathlib import Path
+
+    earlier = [p for p in found if p.suffix == ".npy"
+               and any(p.with_suffix(s).is_file() for s in (".ids.txt", ".ids.json"))]
+    left_out = set(earlier)
+    images = [p for p in found if p not in left_out]
+    target = Path(out).resolve()
+    hit = next((p for p in images if p.resolve() == target), None)
+    if hit is not None:
+        other = "" if str(hit) == os.path.abspath(out) else f" ({hit})"  # (by another path to it: named as found)
+        raise ValueError(f"--out {out} is one of the input images{other}: the embeddings would overwrite it; give "
+                         "another file name")
+    return images, earlier
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ._atomic import file_in_the_way
-    from .model import load_model
+    from .model import _is_torchscript, load_model
+    from .training import _checkpoint_marks
 
     out = Path(args.out)
     if out.is_dir() or args.out.endswith((os.sep, "/")):
@@ -399,17 +426,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: {blocker} is a file, not a folder")
     if out.exists() and os.path.exists(args.model) and os.path.samefile(out, args.model):
         raise ValueError(f"--out {args.out} is the --model file itself; give another file name")
+    existed = out.is_file()
+    if existed and not _is_torchscript(out):
+        marks = _checkpoint_marks(out)  # (its tensors are mapped, not read: a checkpoint can be GBs)
+        if marks is not None:  # (TorchScript over a run's last.pt: `train --resume` refused it from then on)
+            at = f" (step {marks[0]})" if marks[0] is not None else ""
+            raise ValueError(f"--out {args.out} is a deepssim_fast training checkpoint{at}: TorchScript written over "
+                             "it would make its run impossible to resume (train --resume takes checkpoints only); "
+                             "give another file name")
     # (a foreign TorchScript file, the published weights, is written again with the preprocessing settings it
     # is loaded with, --input-size and --size-policy: load_model then reads them from it, as from ours)
     model = load_model(args.model, input_size=args.input_size, size_policy=args.size_policy)
     model.save_torchscript(out)  # (atomically)
     cfg = model.config
     settings = f"input {cfg.input_size} x {cfg.input_size}, size policy {cfg.size_policy}"
+    where = f"{out} (replaced the file that was there)" if existed else str(out)
     if cfg.extra.get("foreign"):
-        print(f"wrote the foreign TorchScript encoder again to {out}, with its preprocessing settings ({settings}), "
-              "which --model reads from it")
+        print(f"wrote the foreign TorchScript encoder again to {where}, with its preprocessing settings "
+              f"({settings}), which --model reads from it")
     else:
-        print(f"wrote the {cfg.backbone} encoder as TorchScript to {out} ({settings}; torch.jit.load runs it on "
+        print(f"wrote the {cfg.backbone} encoder as TorchScript to {where} ({settings}; torch.jit.load runs it on "
               "z-scored (N, 1, S, S) images; --model takes it)")
     return 0
 
@@ -631,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     # (options of the run a checkpoint records: with --resume, those not given are the checkpoint's, as
     # train() takes them)
     t.add_argument("--batch-size", type=int, default=None,
-                   help=f"image pairs per step (default {_train_default('batch_size')})")
+                   help="image pairs per step, at least 2: the head's BatchNorm over one pair's two images keeps "
+                   f"only the sign of their difference (default {_train_default('batch_size')})")
     t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_train_default('lr')})")
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="constant learning rate, or cosine decay to 0 over the run (default "
@@ -933,6 +970,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               and exc.filename2 is None):
             # "[Errno 21] is an existing folder; give a file name: 'train'" -> "train: is an existing folder; ..."
             text = one_line(f"{os.fsdecode(exc.filename)}: {exc.strerror}")
+        if hasattr(args, "device"):  # (the API says "use device='cpu'"; here the choice is the flag)
+            text = text.replace("device='cpu'", "--device cpu")
         print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM): one line, not a traceback from wherever it was

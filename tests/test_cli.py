@@ -1691,3 +1691,90 @@ def test_export_writes_torchscript_that_plain_torch_loads(tmp_path: Path, capsys
         assert err.startswith("deepssim-fast export: error:") and said in err, err
     assert main(["export", "--model", str(ck), "--out", str(tmp_path / "x.pt"), "--input-size", "64"]) == 2
     assert "overrides apply to foreign TorchScript files only" in capsys.readouterr().err
+
+
+def test_embed_leaves_out_earlier_embeddings_and_refuses_an_input_as_out(folders: dict, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """`embed --out DIR/emb.npy --images DIR` run again embedded its own emb.npy as an image (a fourth row,
+    without a word); `--out DIR/copy55.npy`, an input, was overwritten by the embeddings."""
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("small", input_size=64, emb_dim=32))
+    d = tmp_path / "imgs"
+    shutil.copytree(folders["synth"], d)
+    out = d / "emb.npy"
+    args = ["embed", "--model", str(ckpt), "--images", str(d), "-q", "--out"]
+    assert main([*args, str(out)]) == 0
+    assert np.load(out).shape[0] == 3 and capsys.readouterr().err == ""
+    # an earlier run's output of another name (its ids a JSON list), and this run's own: both left out, said once
+    np.save(d / "old.npy", np.load(out))
+    (d / "old.ids.json").write_text("[]")
+    assert main([*args, str(out)]) == 0
+    err = capsys.readouterr().err
+    assert np.load(out).shape[0] == 3 and "emb.npy" not in out.with_suffix(".ids.txt").read_text()
+    assert err.count("\n") == 1 and "left out 2 .npy file(s)" in err and f"e.g. {out}" in err, err
+    # an input named as --out (given as written, without .npy, or by another path to it) is refused before the
+    # model is loaded, and left as it was
+    kept = (d / "copy55.npy").read_bytes()
+    for given in (d / "copy55.npy", d / "copy55", tmp_path / "imgs" / ".." / "imgs" / "copy55.npy"):
+        assert main(["embed", "--model", str(tmp_path / "missing.pt"), "--images", str(d), "--out", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "copy55.npy is one of the input images" in err, err
+    assert (d / "copy55.npy").read_bytes() == kept and not (d / "copy55.ids.txt").exists()
+    # a folder of earlier embeddings only: nothing to embed, said so
+    e = tmp_path / "embs"
+    e.mkdir()
+    shutil.copy(out, e / "a.npy")
+    shutil.copy(out.with_suffix(".ids.txt"), e / "a.ids.txt")
+    assert main([*args[:4], str(e), "--out", str(tmp_path / "b.npy")]) == 2
+    assert "no image to embed" in capsys.readouterr().err
+
+
+def test_export_refuses_to_overwrite_a_training_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`export --out RUN/last.pt` wrote TorchScript over the run's checkpoint: `train --resume` then failed. Any
+    other existing file is replaced, and the line says so."""
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    model = build_model("small", input_size=32)
+    ck = model.save_checkpoint(tmp_path / "enc.pt")
+    run = tmp_path / "run"
+    run.mkdir()
+    last = save_checkpoint(run / "last.pt", model, step=3, best_val=None)
+    kept = last.read_bytes()
+    assert main(["export", "--model", str(ck), "--out", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(last) in err and "training checkpoint" in err and "resume" in err, err
+    assert last.read_bytes() == kept
+    ts = tmp_path / "enc.ts.pt"
+    assert main(["export", "--model", str(ck), "--out", str(ts)]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert main(["export", "--model", str(ck), "--out", str(ts)]) == 0  # (TorchScript: replaced, said)
+    assert "replaced" in capsys.readouterr().out
+    (tmp_path / "notes.pt").write_text("x")
+    assert main(["export", "--model", str(ck), "--out", str(tmp_path / "notes.pt")]) == 0
+    assert "replaced" in capsys.readouterr().out
+
+
+def test_cli_device_errors_give_the_flag_and_batch_size_help_its_minimum(
+        folders: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA device this machine lacks was answered "use device='cpu'" (the API's spelling) on the command
+    line; `train --help` did not say that --batch-size 1 is refused."""
+    import argparse
+
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ck = build_model("small", input_size=32).save_checkpoint(tmp_path / "enc.pt")
+    for argv in (["embed", "--model", str(ck), "--images", str(folders["synth"]), "--out", str(tmp_path / "e.npy")],
+                 ["train", "--images", str(folders["train"]), "--out", str(tmp_path / "t"), "--max-steps", "1"]):
+        assert main([*argv, "--device", "cuda", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "CUDA is not available here" in err and "use --device cpu" in err and "device='cpu'" not in err, err
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bs = next(a for a in subs.choices["train"]._actions if a.dest == "batch_size")
+    assert "at least 2" in bs.help
