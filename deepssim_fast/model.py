@@ -58,7 +58,10 @@ then z-scored per image, ``(x - mean) / std`` (population std; a constant image 
 (eager or TorchScript) expects this z-scored input, (N, 1, S, S) or (N, 3, S, S) with equal channels; it
 does NOT apply ImageNet mean/std. :func:`embed` always applies this preprocessing, for our models and for
 foreign TorchScript files alike; a foreign file (the published DeepSSIM weights, whose ConvNeXt stem takes 3
-channels) gets the z-scored image as 3 equal channels, as the reference feeds it.
+channels) gets the z-scored image as 3 equal channels, as the reference feeds it. A fit that keeps less than
+half of an image's pixels, or makes it more than half padding, is said in one warning per call of :func:`embed`,
+:func:`embed_volume`, ``train`` and ``make_pool`` (:func:`embed`'s once per model and image size, as an audit
+embeds a batch per call): the centre crop left a change outside it invisible, without a word.
 
 Trust: checkpoints load with ``torch.load(weights_only=True)``. TorchScript files can run code: load only
 model files you trust. Nothing is fetched from the network.
@@ -69,6 +72,7 @@ direction); the per-slice embeddings are returned too.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
@@ -81,7 +85,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -953,6 +957,94 @@ def fit_size(image: np.ndarray, size: int, policy: str) -> np.ndarray:
     raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {policy!r}")
 
 
+def _fit_loss(shape: Sequence[int], size: int, policy: str) -> str | None:
+    """What the size policy loses of an image of ``shape`` at ``size`` x ``size``: ``"crop"`` when the centre
+    crop keeps less than half its pixels, ``"pad"`` when it becomes more than half padding (``"fit"`` pads a
+    small image, ``"pad"`` letterboxes an elongated one), else None (a resize keeps the whole image)."""
+    h, w = (int(n) for n in shape)
+    if policy == "fit":
+        kept = min(h, size) * min(w, size)
+        if 2 * kept < h * w:
+            return "crop"
+        if 2 * kept < size * size:
+            return "pad"
+    elif policy == "pad" and 2 * h * w < max(h, w) ** 2:
+        return "pad"
+    return None
+
+
+class _FitLosses:
+    """The images of one call that the size policy crops to less than half or pads to more than double
+    (:func:`fit_losses_said`): per kind, their number and the first one's shape."""
+
+    def __init__(self, what: str, net: nn.Module | None) -> None:
+        self.what, self.net = what, net
+        self.total = 0
+        self.size, self.policy = 0, "fit"
+        self.kinds: dict[str, list] = {}
+
+    def add(self, shapes: Iterable[Sequence[int]], config: ModelConfig) -> None:
+        self.size, self.policy = int(config.input_size), config.size_policy
+        for shape in shapes:
+            self.total += 1
+            kind = _fit_loss(shape, self.size, self.policy)
+            if kind is not None:
+                self.kinds.setdefault(kind, [0, tuple(int(n) for n in shape)])[0] += 1
+
+    def say(self) -> None:
+        said = _FIT_LOSSES_SAID.setdefault(self.net, set()) if self.net is not None else set()
+        for kind, (n, (h, w)) in self.kinds.items():
+            key = (kind, h, w, self.size, self.policy)
+            if key in said:
+                continue
+            said.add(key)
+            s, p = self.size, self.policy
+            if kind == "crop":
+                lost = (f"lose more than half their pixels to the centre crop to the model's input size {s} x {s} "
+                        f"(size policy {p!r}): the encoder sees only their centre, and a change outside it does "
+                        "not change their embedding; a model trained with --size-policy pad (size_policy='pad': "
+                        "the whole image, letterboxed and resized) or resize, or with an --input-size "
+                        "(input_size=) near the images' sides, sees the whole of each")
+            elif p == "fit":
+                lost = (f"are more than half padding at the model's input size {s} x {s} (size policy {p!r}): the "
+                        "encoder sees mostly padding; a model trained with --size-policy resize (size_policy="
+                        "'resize') or with an --input-size (input_size=) near the images' sides does not pad them")
+            else:
+                lost = (f"are more than half padding at the model's input size {s} x {s} (size policy {p!r}, a "
+                        "letterbox to a square): the encoder sees mostly padding; a model trained with "
+                        "--size-policy resize (size_policy='resize', aspect ratio not kept) does not pad them, or "
+                        "crop the images nearer to a square first")
+            # (a warning about the run, not the audit's results: an audit that finds its embeddings cached does
+            # not embed, so it would not say it again, and summary.json must read as an uninterrupted run's)
+            logger.warning("%d of %d %s (e.g. %d x %d) %s", n, self.total, self.what, h, w, lost,
+                           extra={"audit_result": False})
+
+
+# What was said of each model (kind, image size, input size, policy), not said again: an audit embeds its
+# items in a call per batch (held by weak reference, as _MODEL_SOURCES)
+_FIT_LOSSES_SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FIT_LOSSES: contextvars.ContextVar[_FitLosses | None] = contextvars.ContextVar("_FIT_LOSSES", default=None)
+
+
+@contextmanager
+def fit_losses_said(what: str, net: nn.Module | None = None) -> Iterator[_FitLosses]:
+    """Collect what the size policy loses of the images of a call (``add``), and say it in one warning at the
+    end, naming an image's size, the input size, how many ``what`` and the way out. Nested calls (train's
+    make_pool, embed_volume's embed) add to the outermost one, which alone warns; with ``net``, a loss said
+    for that model before (the same kind, image and input size) is not said again."""
+    outer = _FIT_LOSSES.get()
+    if outer is not None:
+        yield outer
+        return
+    losses = _FitLosses(what, net)
+    token = _FIT_LOSSES.set(losses)
+    try:
+        yield losses
+    finally:
+        _FIT_LOSSES.reset(token)
+    losses.say()
+
+
 def zscore_batch(x: torch.Tensor) -> torch.Tensor:
     """Per-image z-score of (B, H, W) or (B, 1, H, W) float input in float32 (population std; constant ->
     zeros): the convention of the SSIM preset, ``_ssim_common.zscore``."""
@@ -1094,6 +1186,8 @@ def embed(images: Any, model: Any, *, batch_size: int = 64, device: str | torch.
     _check_device(dev)  # (before the images: a device this machine lacks was said after decoding them all)
     arrays, _ = collect_images(images, policy=policy, keep_order=True)
     cfg: ModelConfig = net.config
+    with fit_losses_said("images", net) as losses:  # (said before the work, not once per batch)
+        losses.add((a.shape for a in arrays), cfg)
     dtype = float_dtype(net)
     lock = _model_lock(net)
     lock.acquire()
@@ -1177,28 +1271,29 @@ def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: in
     net = _resolve_model(model)
     per: list[np.ndarray] = []
     agg = []
-    for i, v in enumerate(vols):
-        a = _tensor_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
-        if a.ndim != 3:
-            raise ValueError(f"volume {i}: expected a 3D array, got shape {a.shape}")
-        if np.issubdtype(a.dtype, np.complexfloating):
-            raise TypeError(f"volume {i}: complex dtype {a.dtype}; expected a real-valued volume (pass "
-                            f"np.abs(v) or v.real explicitly)")
-        if not np.isfinite(a).all():
-            raise ValueError(f"volume {i}: contains NaN or Inf values")
-        sl = volume_slices(a, policy, source=f"volume{i}")
-        if not sl:
-            raise ValueError(f"volume {i} of shape {a.shape}: the slice policy left no slice to embed")
-        if min(sl[0].array.shape) < MIN_IMAGE_SIDE:  # (named "images[0]", a slice, not the volume)
-            raise ValueError(f"volume {i} of shape {a.shape}: its slices along axis {sl[0].axis} are "
-                             f"{sl[0].array.shape[0]} x {sl[0].array.shape[1]}, smaller than the {MIN_IMAGE_SIDE} "
-                             "pixels a side the encoder takes; cut it along another axis "
-                             "(policy=SlicePolicy(axis=...))")
-        e = embed([s.array for s in sl], net, batch_size=batch_size, device=device, progress=progress)
-        per.append(e)
-        m = e.mean(axis=0)
-        n = float(np.linalg.norm(m))
-        agg.append(m / n if n > 0 else m)
+    with fit_losses_said("slices", net):  # (one warning for all the volumes, not one per volume)
+        for i, v in enumerate(vols):
+            a = _tensor_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
+            if a.ndim != 3:
+                raise ValueError(f"volume {i}: expected a 3D array, got shape {a.shape}")
+            if np.issubdtype(a.dtype, np.complexfloating):
+                raise TypeError(f"volume {i}: complex dtype {a.dtype}; expected a real-valued volume (pass "
+                                f"np.abs(v) or v.real explicitly)")
+            if not np.isfinite(a).all():
+                raise ValueError(f"volume {i}: contains NaN or Inf values")
+            sl = volume_slices(a, policy, source=f"volume{i}")
+            if not sl:
+                raise ValueError(f"volume {i} of shape {a.shape}: the slice policy left no slice to embed")
+            if min(sl[0].array.shape) < MIN_IMAGE_SIDE:  # (named "images[0]", a slice, not the volume)
+                raise ValueError(f"volume {i} of shape {a.shape}: its slices along axis {sl[0].axis} are "
+                                 f"{sl[0].array.shape[0]} x {sl[0].array.shape[1]}, smaller than the "
+                                 f"{MIN_IMAGE_SIDE} pixels a side the encoder takes; cut it along another axis "
+                                 "(policy=SlicePolicy(axis=...))")
+            e = embed([s.array for s in sl], net, batch_size=batch_size, device=device, progress=progress)
+            per.append(e)
+            m = e.mean(axis=0)
+            n = float(np.linalg.norm(m))
+            agg.append(m / n if n > 0 else m)
     dim = per[0].shape[1] if per else int(net.config.emb_dim)
     return (np.stack(agg).astype(np.float32) if agg else np.zeros((0, dim), np.float32)), per
 

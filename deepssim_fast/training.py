@@ -81,6 +81,7 @@ from .model import (
     build_model,
     collect_images,
     embed_batch,
+    fit_losses_said,
     fit_size,
     float_dtype,
     read_checkpoint,
@@ -337,6 +338,8 @@ def make_pool(images: Any, config: ModelConfig, *, policy: Any = None, what: str
             keys.append(m.key)
             groups.append(f"{m.source}#{m.axis}")
             positions.append(int(m.index))
+    with fit_losses_said(what) as losses:  # (within train: one warning for its training and validation images)
+        losses.add((a.shape for a in arrays), config)
     fitted = np.stack([fit_size(a, config.input_size, config.size_policy) for a in arrays]) if arrays else \
         np.zeros((0, config.input_size, config.input_size), np.float32)
     return ImagePool(fitted, keys, groups, positions)
@@ -1037,55 +1040,57 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                        "measures images the encoder trains on, and best.pt is chosen by it; give validation "
                        "images that are not in images", len(shared), shared[0])
     skipped: list = []
-    pool = make_pool(images, config, policy=policy, strict=strict, skipped=skipped)
-    if pool.images.shape[0] < 2:
-        why = (f" ({len(skipped)} file(s) left out, e.g. {skipped[0][1]})"
-               if skipped else "")
-        raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}{why}")
-    csv_pairs = read_pairs_csv(pairs_csv, pool, skipped=skipped) if pairs_csv is not None else None
-    if csv_pairs is not None:
-        _log_csv_ssim_agreement(pairs_csv, csv_pairs, pool)
-    def _val_image_pool() -> ImagePool:
-        vp = make_pool(val_images, config, policy=policy, what="val_images", strict=strict, skipped=skipped)
-        if vp.images.shape[0] < 2:
-            raise ValueError(f"val_images needs at least 2 images, got {vp.images.shape[0]}")
-        return vp
+    # (one warning of what the size policy loses, for the training and validation images together)
+    with fit_losses_said("images"):
+        pool = make_pool(images, config, policy=policy, strict=strict, skipped=skipped)
+        if pool.images.shape[0] < 2:
+            why = (f" ({len(skipped)} file(s) left out, e.g. {skipped[0][1]})"
+                   if skipped else "")
+            raise ValueError(f"train needs at least 2 images, got {pool.images.shape[0]}{why}")
+        csv_pairs = read_pairs_csv(pairs_csv, pool, skipped=skipped) if pairs_csv is not None else None
+        if csv_pairs is not None:
+            _log_csv_ssim_agreement(pairs_csv, csv_pairs, pool)
+        def _val_image_pool() -> ImagePool:
+            vp = make_pool(val_images, config, policy=policy, what="val_images", strict=strict, skipped=skipped)
+            if vp.images.shape[0] < 2:
+                raise ValueError(f"val_images needs at least 2 images, got {vp.images.shape[0]}")
+            return vp
 
-    val_pool: ImagePool | None
-    if csv_pairs is not None:
-        train_pool, sampler_pairs = pool, [(i, j) for i, j, _ in csv_pairs["train"]]
-        val_list = [(i, j) for i, j, _ in csv_pairs.get("val", [])] or None
-        if val_list is not None and val_images is not None:
-            raise ValueError(f"pairs_csv={str(pairs_csv)!r} has {len(val_list)} validation rows and val_images= "
-                             f"was given too; give one of them")
-        if val_list is not None:
-            val_pool = pool
-        elif val_images is not None:  # a CSV without validation rows: validate on val_images' pairs
-            val_pool = _val_image_pool()
+        val_pool: ImagePool | None
+        if csv_pairs is not None:
+            train_pool, sampler_pairs = pool, [(i, j) for i, j, _ in csv_pairs["train"]]
+            val_list = [(i, j) for i, j, _ in csv_pairs.get("val", [])] or None
+            if val_list is not None and val_images is not None:
+                raise ValueError(f"pairs_csv={str(pairs_csv)!r} has {len(val_list)} validation rows and val_images= "
+                                 f"was given too; give one of them")
+            if val_list is not None:
+                val_pool = pool
+            elif val_images is not None:  # a CSV without validation rows: validate on val_images' pairs
+                val_pool = _val_image_pool()
+            else:
+                val_pool = None
+                logger.warning("pairs CSV %s has no validation rows (split val/validation) and no val_images= was "
+                               "given: no validation, so no best.pt; the last weights are returned", pairs_csv)
         else:
-            val_pool = None
-            logger.warning("pairs CSV %s has no validation rows (split val/validation) and no val_images= was "
-                           "given: no validation, so no best.pt; the last weights are returned", pairs_csv)
-    else:
-        sampler_pairs, val_list = None, None
-        if val_images is not None:
-            train_pool = pool
-            val_pool = _val_image_pool()
-        else:
-            # (images without a file, arrays, by their group: the pair sampler draws neighbour pairs from a stack as
-            # from a volume, and the split held out single slices beside their neighbours without a word)
-            split_keys = [k if "#" in k else g for k, g in zip(pool.keys, pool.groups, strict=True)]
-            tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed,
-                                      split_keys if val_split == "files" else None)
-            # a split too small to validate (< 2 images) is no split: every image trains, none is left unused
-            train_pool = pool.subset(tr) if va.size >= 2 else pool
-            val_pool = pool.subset(va) if va.size >= 2 else None
-            if val_pool is None and val_fraction == 0:
-                logger.info("val_fraction 0: no validation, so no best.pt; the last weights are returned")
-            elif val_pool is None:
-                logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
-                               "best.pt; every image trains and the last weights are returned (give "
-                               "val_images= (--val) or more images)", va.size, val_fraction, pool.images.shape[0])
+            sampler_pairs, val_list = None, None
+            if val_images is not None:
+                train_pool = pool
+                val_pool = _val_image_pool()
+            else:
+                # (images without a file, arrays, by their group: the pair sampler draws neighbour pairs from a stack as
+                # from a volume, and the split held out single slices beside their neighbours without a word)
+                split_keys = [k if "#" in k else g for k, g in zip(pool.keys, pool.groups, strict=True)]
+                tr, va = _split_train_val(pool.images.shape[0], val_fraction, seed,
+                                          split_keys if val_split == "files" else None)
+                # a split too small to validate (< 2 images) is no split: every image trains, none is left unused
+                train_pool = pool.subset(tr) if va.size >= 2 else pool
+                val_pool = pool.subset(va) if va.size >= 2 else None
+                if val_pool is None and val_fraction == 0:
+                    logger.info("val_fraction 0: no validation, so no best.pt; the last weights are returned")
+                elif val_pool is None:
+                    logger.warning("only %d validation image(s) (val_fraction %g of %d): no validation, so no "
+                                   "best.pt; every image trains and the last weights are returned (give "
+                                   "val_images= (--val) or more images)", va.size, val_fraction, pool.images.shape[0])
     flat = train_pool.images.reshape(train_pool.images.shape[0], -1)
     if flat.size and bool((flat.max(axis=1) == flat.min(axis=1)).all()):  # (it trained to a loss of ~0, unsaid)
         logger.warning("every training image is constant (blank): their SSIM targets are all 1 and there is "
@@ -1148,7 +1153,8 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             logger.warning("resuming %s without validation, where its run validated: the last weights are "
                            "returned, not its best.pt", resume)
             best_val = None
-        logger.info("resumed from %s at step %d", resume, step)
+        # (at the default level: the confirmation a user needs after an interruption, said with -v alone before)
+        logger.warning("resumed from %s at step %d", resume, step)
         old_args, new_args = ck.get("train_args") or {}, _train_args()
         changed = _changed_train_args(old_args, new_args)
         if changed:

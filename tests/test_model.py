@@ -607,6 +607,74 @@ def test_size_policies() -> None:
         build_model("small", size_policy="stretch")
 
 
+def _size_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "model's input size" in r.getMessage()]
+
+
+def test_a_fit_that_keeps_less_than_half_an_image_is_said_once_per_call(caplog) -> None:
+    """The fit policy centre-cropped images larger than the model's input without a word: a 64 x 64 image at
+    input 32 was embedded as its central quarter alone, so a pair that differed outside it (SSIM 0.45) scored
+    cosine 1, a duplicate. It is said once per call, not per batch, naming an image's size, the input size,
+    how many images and the way out; the embeddings are what they were."""
+    torch.manual_seed(0)
+    m = build_model("small", input_size=32).eval()
+    rng = np.random.default_rng(2)
+    big = [rng.random((64, 72), dtype=np.float32) for _ in range(3)]
+    imgs = big + [big[0][16:48, 20:52]]  # the last: the first one's centre crop, which fits as it is
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        e = embed(imgs, m, batch_size=1, progress=False)
+    (msg,) = _size_warnings(caplog)
+    assert "3 of 4 images" in msg and "64 x 72" in msg and "32 x 32" in msg, msg
+    assert "--size-policy pad" in msg and "--input-size" in msg, msg
+    np.testing.assert_array_equal(e[0], e[3])  # (only the centre reaches the encoder)
+    # the embeddings are the network's on the preprocessed batch, as before
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(m(preprocess(imgs, m.config)), dim=1).numpy()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        again = embed(imgs, m, batch_size=4, progress=False)
+    np.testing.assert_array_equal(again, want)
+    # said once per model and image size: an audit embeds its items in many calls of a batch each
+    assert _size_warnings(caplog) == []
+    torch.manual_seed(0)
+    other = build_model("small", input_size=32).eval()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        embed(big, other, batch_size=2, progress=False)
+    (msg,) = _size_warnings(caplog)
+    assert "3 of 3 images" in msg, msg
+
+
+def test_a_mild_fit_is_not_said_and_more_than_half_padding_is(caplog) -> None:
+    rng = np.random.default_rng(3)
+    torch.manual_seed(0)
+    fit = build_model("small", input_size=32).eval()
+    pad = build_model("small", input_size=32, size_policy="pad").eval()
+    resize = build_model("small", input_size=32, size_policy="resize").eval()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        embed([rng.random((34, 34)), rng.random((24, 40)), rng.random((32, 32))], fit, progress=False)
+        embed([rng.random((48, 64)), rng.random((200, 20))], resize, progress=False)
+    assert _size_warnings(caplog) == []
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        embed([rng.random((20, 20)), rng.random((24, 24))], fit, progress=False)  # 400 of 1024 pixels: padding
+    (msg,) = _size_warnings(caplog)
+    assert "1 of 2 images" in msg and "20 x 20" in msg and "more than half padding" in msg, msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        embed([rng.random((48, 64)), rng.random((20, 64))], pad, progress=False)  # letterboxed to 64 x 64
+    (msg,) = _size_warnings(caplog)
+    assert "1 of 2 images" in msg and "20 x 64" in msg and "size policy 'pad'" in msg, msg
+
+
+def test_embed_volume_says_a_lossy_fit_once(caplog) -> None:
+    torch.manual_seed(0)
+    m = build_model("small", input_size=32).eval()
+    vols = [np.random.default_rng(k).random((70, 70, 3), dtype=np.float32) for k in range(2)]
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        embed_volume(vols, m, policy=data.SlicePolicy(axis=2, min_foreground=0.0), progress=False)
+    (msg,) = _size_warnings(caplog)
+    assert "6 of 6 slices" in msg and "70 x 70" in msg, msg
+
+
 def test_constant_images_z_score_to_zeros_alone_or_in_a_batch(small_model) -> None:
     """The z-score of an exactly constant image of 0.1 (whose rounded mean is not 0.1, so its std came out
     tiny but > 0) was a uniform -1 image when embedded alone and zeros when batched with others: the trained

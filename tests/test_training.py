@@ -123,6 +123,29 @@ def test_zoom_out_training_runs_and_is_recorded(tmp_path, mni_slices) -> None:
     assert plain != zoomed
 
 
+def test_a_fit_that_keeps_less_than_half_the_images_is_said_once_per_run(mni_slices, caplog) -> None:
+    """train on 197 x 233 slices at input 64 (the ``small`` default 128 alike) trained on their central
+    pixels alone, without a word. It is said once per call, for the training and validation images together."""
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "model's input size" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        train(mni_slices[:6], max_steps=1, val_images=mni_slices[6:10], **dict(SMALL, val_pairs=4))
+    (msg,) = said()
+    assert "10 of 10 images" in msg and "197 x 233" in msg and "64 x 64" in msg, msg
+    assert "--size-policy pad" in msg and "--input-size" in msg, msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        pool = make_pool(mni_slices[:3], build_model("small", input_size=64).config, what="eval images")
+    (msg,) = said()
+    assert "3 of 3 eval images" in msg and "197 x 233" in msg, msg
+    np.testing.assert_array_equal(pool.images[0], mni_slices[0].array[66:130, 84:148])  # the fit is as it was
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        train(mni_slices[:6], max_steps=1, val_fraction=0.0, **dict(SMALL, size_policy="pad"))
+    assert said() == []
+
+
 # ------------------------------------------------------------------------------------------- reproducibility
 def test_seeded_reproducibility(mni_slices) -> None:
     imgs = mni_slices[:20]
@@ -151,6 +174,8 @@ def test_resume_continues_the_same_loss_curve(tmp_path, mni_slices, caplog) -> N
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         rest_c = train(imgs, max_steps=6, out=tmp_path / "hc", resume=tmp_path / "hc" / "last.pt", **kw)
     assert "other settings" not in caplog.text  # running on to more steps is not a change of settings
+    # (the confirmation after an interruption, at the default level: it was said with -v only)
+    assert f"resumed from {tmp_path / 'hc' / 'last.pt'} at step 3" in caplog.text, caplog.text
     assert [r["step"] for r in rest_c.history] == [4, 5, 6]
     assert [r["loss"] for r in rest_c.history] == [r["loss"] for r in full_c.history[3:]]
     # the final weights (last.pt of both runs) are identical too
