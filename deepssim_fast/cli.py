@@ -667,8 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     # (options of the run a checkpoint records: with --resume, those not given are the checkpoint's, as
     # train() takes them)
     t.add_argument("--batch-size", type=int, default=None,
-                   help="image pairs per step, at least 2: the head's BatchNorm over one pair's two images keeps "
-                   f"only the sign of their difference (default {_train_default('batch_size')})")
+                   help=f"image pairs per step, at least 2 (default {_train_default('batch_size')})")
     t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_train_default('lr')})")
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="constant learning rate, or cosine decay to 0 over the run (default "
