@@ -2633,7 +2633,7 @@ def audit(
     t0 = time.perf_counter()
     # the .npz stores of this audit and of earlier audits into folders inside the inputs are no unread images
     # of the user's (an earlier audit's were named in the warning about image formats this tool does not read)
-    own_folders = [os.path.abspath(d) for d in _own_output_paths(out, cache)[0]]
+    own_folders = _own_output_paths(out, cache)[0]  # (absolute, as given and resolved)
     earlier = _EarlierOutputs()
 
     def is_output(q: Path) -> bool:
