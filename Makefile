@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 NATIVE_SRC := $(wildcard csrc/*.cpp csrc/*.h)
 EXTRAS ?= test,bench,dask,data,report
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 .PHONY: all venv install native test demo bench lint clean
 

@@ -39,3 +39,16 @@ def axes_titles(monkeypatch) -> list:
 
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
     return titles
+
+
+def pytest_collection_finish(session) -> None:
+    """Start the long subprocess checks the selected tests need beside the suite (``_prestart``)."""
+    import _prestart
+
+    _prestart.queue_for(session.items)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import _prestart
+
+    _prestart.close()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import _prestart
 import pytest
 
 pytest.importorskip("triton")
@@ -190,13 +191,21 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def interpreted_results() -> dict[str, dict]:
+def _interpreted_job(tmp):
     tests = os.path.dirname(os.path.abspath(__file__))  # (the script imports _triton_launches from here)
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return [sys.executable, "-c", _SCRIPT], dict(env=env), {}
+
+
+# (the interpreted run goes beside the suite from its start: _prestart)
+_prestart.register("all_pairs_triton_interpreted", wanted_by=_prestart.uses(__name__, fixture="interpreted_results"),
+                   make=_interpreted_job, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, dict]:
+    proc, _ = _prestart.result("all_pairs_triton_interpreted")
     assert proc.returncode == 0, f"interpreted run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     res = {}
     for line in proc.stdout.splitlines():

@@ -19,6 +19,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import _prestart
 import numpy as np
 import pytest
 import torch
@@ -45,10 +46,20 @@ def gpu_suite_module():
 
 
 # ------------------------------------------------------------------------------------------ gpu_suite
-def test_gpu_suite_dry_run_passes_and_writes_json(tmp_path: Path) -> None:
-    out = tmp_path / "gs"
-    proc = subprocess.run([sys.executable, str(SUITE), "--dry-run", "--out", str(out), "--seed", "20261129"],
-                          cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+def _suite_dry_run_job(tmp: Path):
+    out = tmp / "gs"
+    argv = [sys.executable, str(SUITE), "--dry-run", "--out", str(out), "--seed", "20261129"]
+    return argv, dict(cwd=ROOT, env=_subprocess_env()), dict(out=out)
+
+
+# (these scripts run beside the suite from its start: _prestart)
+_prestart.register("gpu_suite_dry_run", make=_suite_dry_run_job, timeout=240,
+                   wanted_by=_prestart.uses(__name__, test="test_gpu_suite_dry_run_passes_and_writes_json"))
+
+
+def test_gpu_suite_dry_run_passes_and_writes_json() -> None:
+    proc, ctx = _prestart.result("gpu_suite_dry_run")
+    out = ctx["out"]
     tail = (proc.stdout[-3000:] + "\n--- stderr ---\n" + proc.stderr[-6000:])
     assert proc.returncode == 0, tail
     res = json.loads((out / "gpu_suite.json").read_text())
@@ -107,16 +118,25 @@ def test_gpu_allpairs_diag_dry_run_finds_the_histograms_right(tmp_path: Path) ->
     assert "== 3. time of" in (out / "diag.log").read_text()
 
 
-def test_gpu_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
+def _smoke_job(tmp_root: Path):
+    out, tmp = tmp_root / "smoke", tmp_root / "tmp"
+    tmp.mkdir()
+    env = dict(_subprocess_env(), TMPDIR=str(tmp))
+    argv = [sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--device", "cpu", "--out", str(out)]
+    return argv, dict(cwd=ROOT, env=env), dict(out=out, tmp=tmp)
+
+
+_prestart.register("gpu_smoke_cpu", make=_smoke_job, timeout=300,
+                   wanted_by=_prestart.uses(__name__, test="test_gpu_smoke_runs_on_the_cpu"))
+
+
+def test_gpu_smoke_runs_on_the_cpu() -> None:
     """bench/gpu_smoke.py with --device cpu: every public-API call it makes on a GPU, made on the CPU; the
     audit compares the torch engine with the default one (cupy checks need a GPU and are left out). Nothing
     is left in the temporary folder (each run left ~17 MB in /tmp before)."""
     pytest.importorskip("nilearn")
-    out, tmp = tmp_path / "smoke", tmp_path / "tmp"
-    tmp.mkdir()
-    env = dict(_subprocess_env(), TMPDIR=str(tmp))
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--device", "cpu", "--out",
-                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc, ctx = _prestart.result("gpu_smoke_cpu")
+    out, tmp = ctx["out"], ctx["tmp"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "smoke.json").read_text())
     names = [r["name"] for r in res]
@@ -174,14 +194,21 @@ _GPU_BENCHES = textwrap.dedent(r"""
 """)
 
 
+def _gpu_benches_job(tmp: Path):
+    env = dict(_subprocess_env(), TRITON_INTERPRET="1")
+    return [sys.executable, "-c", _GPU_BENCHES, str(ROOT)], dict(cwd=ROOT, env=env), {}
+
+
+_prestart.register("gpu_benches_interpreted", make=_gpu_benches_job, timeout=300,
+                   wanted_by=_prestart.uses(__name__, test="test_gpu_benches_check_the_outputs_they_time"))
+
+
 def test_gpu_benches_check_the_outputs_they_time() -> None:
     """`python -m bench` on a GPU timed Triton's all-pairs (bf16/tf32/fp32) and SSIM without looking at what
     they returned. Each output is now checked (all-pairs: every pair's float64 cosine at the precision's
     rounding bound; SSIM: every pair against the CPU engine) and a wrong one stops the case. Run here under
     the Triton interpreter on tiny sizes."""
-    env = dict(_subprocess_env(), TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _GPU_BENCHES, str(ROOT)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc, _ = _prestart.result("gpu_benches_interpreted")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("triton (ieee fp32)", "triton (fp16)"):

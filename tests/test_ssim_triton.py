@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
+import _prestart
 import pytest
 
 pytest.importorskip("triton")
@@ -326,14 +326,21 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def results():
+def _interpreted_job(tmp):
     tests = os.path.dirname(os.path.abspath(__file__))  # (the script imports _triton_launches from here)
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
+    return [sys.executable, "-c", _SCRIPT], dict(env=env), {}
+
+
+# (the interpreted checks run beside the suite from its start: _prestart)
+_prestart.register("ssim_triton_interpreted", wanted_by=_prestart.uses(__name__, fixture="results"),
+                   make=_interpreted_job, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def results():
+    proc, _ = _prestart.result("ssim_triton_interpreted")
     assert proc.returncode == 0, (
         f"interpreted Triton checks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
+import _prestart
 import pytest
 
 pytest.importorskip("triton")
@@ -54,16 +54,24 @@ def _bundled_tools_present() -> bool:
     return all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump"))
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    if not _bundled_tools_present():
-        pytest.skip("this Triton install has no bundled ptxas/cuobjdump (not an x86-64 Linux wheel)")
+def _compile_job(tmp):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    env["TRITON_CACHE_DIR"] = str(tmp / "triton_cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=900)
+    return [sys.executable, "-c", _SCRIPT], dict(env=env, cwd=root), {}
+
+
+if _bundled_tools_present():  # (the compile runs beside the suite from its start: _prestart)
+    _prestart.register("triton_aot", wanted_by=_prestart.uses(__name__, fixture="compiled"),
+                       make=_compile_job, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not _bundled_tools_present():
+        pytest.skip("this Triton install has no bundled ptxas/cuobjdump (not an x86-64 Linux wheel)")
+    proc, _ = _prestart.result("triton_aot")
     assert proc.returncode == 0, f"AOT compilation script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -140,18 +148,23 @@ _ONES_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_topk_kernel_compiles_with_arguments_equal_to_one_specialised(tmp_path):
+def _ones_job(tmp):
+    argv, kwargs, ctx = _compile_job(tmp)
+    return [sys.executable, "-c", _ONES_SCRIPT], kwargs, ctx
+
+
+if _bundled_tools_present():
+    _prestart.register("triton_aot_ones", make=_ones_job, timeout=600, wanted_by=_prestart.uses(
+        __name__, test="test_topk_kernel_compiles_with_arguments_equal_to_one_specialised"))
+
+
+def test_topk_kernel_compiles_with_arguments_equal_to_one_specialised():
     # Triton's launcher passes an integer argument equal to 1 as a constexpr (a Python int, not a tensor):
     # bins=1 (the kernel called nbins.to(...)) failed to compile on the GPU, while the interpreter and the
     # unspecialised AOT compile above ran it. k=1 and a single synthetic row specialise other arguments too.
     if not _bundled_tools_present():
         pytest.skip("this Triton install has no bundled ptxas/cuobjdump (not an x86-64 Linux wheel)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _ONES_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=600)
+    proc, _ = _prestart.result("triton_aot_ones")
     assert proc.returncode == 0, f"script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
     failed = {b: r["error"] for b, r in res.items() if not r["ok"]}

@@ -1,0 +1,205 @@
+"""Long subprocess checks, started in the background at the start of the run.
+
+A few checks run a script in a subprocess for minutes (the Triton kernels compiled ahead of time, the
+interpreted Triton suites, the GPU scripts' dry runs). The suite itself runs in one process, mostly on one
+core, so on a 2-core CI machine these scripts can run beside it: ``conftest.py`` queues every registered
+job whose tests were collected (and not deselected), and one runner thread starts them one at a time, at
+the lowest CPU priority, in the order their tests will ask for them. The test (or fixture) then calls
+:func:`result`, which waits for its job, or runs it at once if it has not started yet.
+
+The job's arguments are made when it starts (``make``), with its own temporary folder, removed at the end of
+the session. Only when the job runs and what else runs beside it change; what it computes and what the test
+asserts do not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+# make(tmp) -> (argv, popen keyword arguments, context): tmp is the job's own empty folder
+Make = Callable[[Path], "tuple[list[str], dict[str, Any], dict[str, Any]]"]
+
+
+@dataclass
+class _Job:
+    name: str
+    wanted_by: Callable[[Any], bool]  # a collected pytest item -> whether it needs this job
+    make: Make
+    timeout: float
+    state: str = "registered"  # registered -> queued -> running -> done
+    tmp: Path | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    outcome: subprocess.CompletedProcess | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_JOBS: dict[str, _Job] = {}
+_QUEUE: list[str] = []
+_LOCK = threading.Lock()
+_WAKE = threading.Condition(_LOCK)
+_RUNNER: threading.Thread | None = None
+_CLOSED = False
+
+
+def register(name: str, *, wanted_by: Callable[[Any], bool], make: Make, timeout: float) -> None:
+    """Declare a job (at a test module's import, i.e. at collection). ``timeout`` counts from when the test
+    asks for the result, as a plain ``subprocess.run(..., timeout=)`` in the test did."""
+    with _LOCK:
+        if name not in _JOBS:
+            _JOBS[name] = _Job(name, wanted_by, make, timeout)
+
+
+def uses(module: str, *, fixture: str | None = None, test: str | None = None) -> Callable[[Any], bool]:
+    """A ``wanted_by``: the items of test module ``module`` that use ``fixture``, or the test function
+    ``test`` (each of its parametrisations)."""
+
+    def wanted(item: Any) -> bool:
+        if getattr(getattr(item, "module", None), "__name__", None) != module:
+            return False
+        if fixture is not None:
+            return fixture in getattr(item, "fixturenames", ())
+        return getattr(item, "originalname", None) == test
+
+    return wanted
+
+
+def queue_for(items: list) -> list[str]:
+    """Queue the registered jobs some of ``items`` need, in the order of their first such item, and start the
+    runner thread. Returns the names queued."""
+    global _RUNNER
+    firsts: dict[str, int] = {}
+    for pos, item in enumerate(items):
+        for name, job in _JOBS.items():
+            if name not in firsts and job.wanted_by(item):
+                firsts[name] = pos
+    with _LOCK:
+        for name in sorted(firsts, key=firsts.get):
+            if _JOBS[name].state == "registered":
+                _JOBS[name].state = "queued"
+                _QUEUE.append(name)
+        if _QUEUE and _RUNNER is None:
+            _RUNNER = threading.Thread(target=_run_queue, name="prestart", daemon=True)
+            _RUNNER.start()
+        _WAKE.notify_all()
+    return [n for n in sorted(firsts, key=firsts.get)]
+
+
+def _lowest_priority() -> None:  # (in the child, before exec: its own children inherit it)
+    os.nice(19)
+
+
+def _start(job: _Job, background: bool) -> None:
+    """Start ``job`` (called with _LOCK held, state queued or registered)."""
+    job.tmp = Path(tempfile.mkdtemp(prefix=f"deepssim_prestart_{job.name}_"))
+    try:
+        argv, kwargs, job.context = job.make(job.tmp)
+        with open(job.tmp / "stdout", "wb") as out, open(job.tmp / "stderr", "wb") as err:
+            job.proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True,
+                                        preexec_fn=_lowest_priority if background else None, **kwargs)
+    except BaseException as exc:  # reported by result()
+        job.error = exc
+        job.state = "done"
+        job.done.set()
+        return
+    job.state = "running"
+
+
+def _finish(job: _Job, rc: int) -> None:
+    assert job.tmp is not None and job.proc is not None
+    out = (job.tmp / "stdout").read_bytes().decode(errors="replace")
+    err = (job.tmp / "stderr").read_bytes().decode(errors="replace")
+    job.outcome = subprocess.CompletedProcess(job.proc.args, rc, out, err)
+    job.state = "done"
+    job.done.set()
+
+
+def _run_queue() -> None:
+    while True:
+        with _LOCK:
+            while not _QUEUE and not _CLOSED:
+                _WAKE.wait()
+            if _CLOSED:
+                return
+            job = _JOBS[_QUEUE.pop(0)]
+            if job.state != "queued":  # taken by result() meanwhile
+                continue
+            _start(job, background=True)
+        if job.proc is not None and job.state == "running":
+            rc = job.proc.wait()
+            with _LOCK:
+                if job.state == "running":
+                    _finish(job, rc)
+
+
+def result(name: str) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """The finished job ``name``: its CompletedProcess (text stdout/stderr) and the context its ``make``
+    returned. Starts it at once (at normal priority) if it has not started; raises
+    ``subprocess.TimeoutExpired`` after the job's timeout, counted from this call, killing it."""
+    job = _JOBS[name]
+    with _LOCK:
+        if job.state in ("registered", "queued"):
+            _start(job, background=False)
+            if job.state == "running":
+                threading.Thread(target=lambda: _reap(job), daemon=True).start()
+    if not job.done.wait(job.timeout):
+        with _LOCK:
+            if job.proc is not None and job.proc.poll() is None:
+                _kill(job.proc)
+        raise subprocess.TimeoutExpired(job.proc.args if job.proc else name, job.timeout)
+    if job.error is not None:
+        raise job.error
+    assert job.outcome is not None
+    return job.outcome, job.context
+
+
+def _reap(job: _Job) -> None:
+    assert job.proc is not None
+    rc = job.proc.wait()
+    with _LOCK:
+        if job.state == "running":
+            _finish(job, rc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)  # (the job's own session: its children too)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def session_ids() -> set[int]:
+    """The session ids of the jobs started so far: their processes are the suite's children but not any
+    test's (a test that counts the processes it leaves behind leaves these out)."""
+    with _LOCK:
+        return {j.proc.pid for j in _JOBS.values() if j.proc is not None}
+
+
+def close() -> None:
+    """End of the session: kill what still runs, remove every job's folder."""
+    global _CLOSED
+    with _LOCK:
+        _CLOSED = True
+        _WAKE.notify_all()
+        for job in _JOBS.values():
+            if job.proc is not None and job.proc.poll() is None:
+                _kill(job.proc)
+    deadline = time.monotonic() + 10
+    for job in _JOBS.values():
+        if job.proc is not None:
+            try:
+                job.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        if job.tmp is not None:
+            shutil.rmtree(job.tmp, ignore_errors=True)
