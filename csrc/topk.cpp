@@ -1174,16 +1174,12 @@ bool cpu_has_vnni() {
 #endif
 }
 
-// Multiply-add rate of each approximate-score micro-kernel on one core, panels in L1 (d = 256, the best
-// of `reps` runs of `iters` calls of 2 x 6 x 16 x 256 multiply-adds): the arithmetic floor of a GEMM, for
-// the benchmarks. Kernels this CPU lacks are left out.
-py::dict topk_kernel_rates(int iters, int reps) {
-  if (iters < 1 || reps < 1) throw py::value_error("topk_kernel_rates: iters and reps must be >= 1");
-  py::dict out;
 #if DSF_X86
-  if (detected_simd() < Simd::AVX2) return out;
+// Seconds for `iters` calls of each approximate-score micro-kernel on one core, panels in L1 (d = 256, 2 x 6
+// x 16 x 256 multiply-adds a call): t[0] fp32, t[1] int16 AVX2, t[2] VNNI (where `vnni`; else left alone),
+// the best of `reps` runs, the kernels interleaved (a busy neighbour slows all alike). Needs AVX2.
+void time_micro_kernels(int iters, int reps, bool vnni, double t[3]) {
   constexpr int64_t dp = 256;
-  const bool vnni = detected_simd() >= Simd::AVX512 && cpu_has_vnni();
   std::vector<float> fa(static_cast<size_t>(MR * dp), 0.01f), fp(static_cast<size_t>(2 * dp * NR) + 16, 0.02f);
   std::vector<int16_t> ia(static_cast<size_t>(MR * dp), 3), ip(static_cast<size_t>(2 * dp * NR) + 32, 5);
   std::vector<int32_t> ir;  // the six int16 rows as one block (see pack_blocks_i16)
@@ -1199,28 +1195,42 @@ py::dict topk_kernel_rates(int iters, int reps) {
   std::fill(ones, ones + 2 * NR, 1.0f);
   int32_t S[1] = {};
   using clk = std::chrono::steady_clock;
+  const IeeeFloats ieee;
+  t[0] = t[1] = 1e30;
+  if (vnni) t[2] = 1e30;
+  for (int rep = 0; rep < reps; ++rep) {
+    const auto t0 = clk::now();
+    for (int i = 0; i < iters; ++i) {
+      micro_avx2(fr, fpa, dp, sc, nullptr, 0, S);
+      micro_avx2(fr, fpa + dp * NR, dp, sc + MR * NR, nullptr, 0, S);
+    }
+    const auto t1 = clk::now();
+    for (int i = 0; i < iters; ++i) micro_i16_avx2(ir.data(), ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
+    const auto t2 = clk::now();
+    if (vnni)
+      for (int i = 0; i < iters; ++i) micro_vnni(ir.data(), ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
+    const auto t3 = clk::now();
+    t[0] = std::min(t[0], std::chrono::duration<double>(t1 - t0).count());
+    t[1] = std::min(t[1], std::chrono::duration<double>(t2 - t1).count());
+    if (vnni) t[2] = std::min(t[2], std::chrono::duration<double>(t3 - t2).count());
+  }
+}
+#endif
+
+// Multiply-add rate of each approximate-score micro-kernel on one core, panels in L1 (time_micro_kernels):
+// the arithmetic floor of a GEMM, for the benchmarks. Kernels this CPU lacks are left out.
+py::dict topk_kernel_rates(int iters, int reps) {
+  if (iters < 1 || reps < 1) throw py::value_error("topk_kernel_rates: iters and reps must be >= 1");
+  py::dict out;
+#if DSF_X86
+  if (detected_simd() < Simd::AVX2) return out;
+  const bool vnni = detected_simd() >= Simd::AVX512 && cpu_has_vnni();
   double t[3] = {1e30, 1e30, 1e30};
   {
     py::gil_scoped_release nogil;
-    const IeeeFloats ieee;
-    for (int rep = 0; rep < reps; ++rep) {  // interleaved: a busy neighbour slows all alike
-      const auto t0 = clk::now();
-      for (int i = 0; i < iters; ++i) {
-        micro_avx2(fr, fpa, dp, sc, nullptr, 0, S);
-        micro_avx2(fr, fpa + dp * NR, dp, sc + MR * NR, nullptr, 0, S);
-      }
-      const auto t1 = clk::now();
-      for (int i = 0; i < iters; ++i) micro_i16_avx2(ir.data(), ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
-      const auto t2 = clk::now();
-      if (vnni)
-        for (int i = 0; i < iters; ++i) micro_vnni(ir.data(), ipa, ipa + dp * NR, dp, ones, ones, sc, nullptr, 0, S);
-      const auto t3 = clk::now();
-      t[0] = std::min(t[0], std::chrono::duration<double>(t1 - t0).count());
-      t[1] = std::min(t[1], std::chrono::duration<double>(t2 - t1).count());
-      t[2] = std::min(t[2], std::chrono::duration<double>(t3 - t2).count());
-    }
+    time_micro_kernels(iters, reps, vnni, t);
   }
-  const double macs = 2.0 * MR * NR * dp * iters;
+  const double macs = 2.0 * MR * NR * 256 * iters;
   out["fp32"] = macs / t[0];
   out["int16-avx2"] = macs / t[1];
   if (vnni) out["int16-vnni"] = macs / t[2];
@@ -1229,6 +1239,26 @@ py::dict topk_kernel_rates(int iters, int reps) {
   (void)reps;
 #endif
   return out;
+}
+
+// How many times faster the int16 AVX2 micro-kernel multiply-adds than the fp32 one on this CPU, measured
+// once per process (~5 ms, at the first call that could use it): ~1.6 on Zen 4, where the cost model was
+// fitted, ~1.45 on Zen 3, ~1.0 on Zen 1, whose 256-bit vpmaddwd is two 128-bit halves on one pipe (and on
+// Haswell, one port). set_topk_int16_speedup overrides it (tests; 0 measures again).
+std::atomic<double> g_i16_speedup{0.0};
+
+double i16_avx2_speedup() {
+  const double v = g_i16_speedup.load();
+  if (v > 0) return v;
+  double measured = 1.0;
+#if DSF_X86
+  double t[3];
+  time_micro_kernels(150, 7, false, t);
+  measured = t[1] > 0 ? t[0] / t[1] : 1.0;
+#endif
+  double expected = 0.0;  // (another thread may have measured meanwhile: either value will do)
+  g_i16_speedup.compare_exchange_strong(expected, measured);
+  return g_i16_speedup.load();
 }
 
 struct Buffers {
@@ -1267,7 +1297,9 @@ int topk_kernel_choice() {
 // (VNNI 0.255 / 0.314 / 0.399 / 0.556 s, AVX2 int16 0.32 / 0.42 / 0.58 / 0.84 s, fp32 0.35 / 0.37 / 0.41 /
 // 0.47 s): measured, the int16 kernels win below ~1000 bins (VNNI) and ~350 bins (AVX2) on [-1, 1]; the
 // model switches to fp32 at ~800 and ~300.
-constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4;
+// kCostI16Avx2 is scaled by the int16 AVX2 kernel's speed-up on the CPU at hand against Zen 4's (1.61: the fp32
+// and int16 floors at 20000^2 x 256 were 0.871 and 0.541 s), measured (i16_avx2_speedup).
+constexpr double kCostVnni = 0.67, kCostI16Avx2 = 0.74, kCostRescore = 4.4, kI16FitSpeedup = 1.61;
 
 // Choose the kernel for this call, build its inputs, and set E and everything derived from it.
 void prepare(Params& p, Simd level, Buffers& buf) {
@@ -1317,7 +1349,9 @@ void prepare(Params& p, Simd level, Buffers& buf) {
       // at most u_i v_j sum |I_c| <= |z_i| u_i |z_j| v_j (Cauchy-Schwarz over chunks)
       const double e_round = error_bound(gamma_n(static_cast<double>(nch) + 3), 1.01 * qn * tn);
       const double e_int16 = rq.res * st.norm + qn * rt.res + e_round + e_canon;
-      const double c16 = (vnni ? kCostVnni : kCostI16Avx2) + kCostRescore * 2 * e_int16 * scale;
+      const double k16 =
+          vnni ? kCostVnni : choice == 2 ? kCostI16Avx2 : kCostI16Avx2 * kI16FitSpeedup / i16_avx2_speedup();
+      const double c16 = k16 + kCostRescore * 2 * e_int16 * scale;
       if (choice == 2 || c16 < 1 + kCostRescore * 2 * e_fp32 * scale) {
         p.int16 = true;
 #if DSF_X86
@@ -1715,6 +1749,19 @@ void register_topk(py::module_& m) {
   m.def("topk_kernel_rates", &topk_kernel_rates, py::arg("iters") = 2000, py::arg("reps") = 5,
         "Multiply-adds per second of each approximate-score micro-kernel on one core with its panels in L1\n"
         "({'fp32', 'int16-avx2', 'int16-vnni'}, those this CPU has): the arithmetic floor of the all-pairs GEMM.");
+  m.def(
+      "topk_int16_speedup", []() { return i16_avx2_speedup(); },
+      "How many times faster the int16 AVX2 micro-kernel multiply-adds than the fp32 one here, as the automatic\n"
+      "kernel choice sees it (measured once per process, ~5 ms; set_topk_int16_speedup overrides it).");
+  m.def(
+      "set_topk_int16_speedup",
+      [](double v) {
+        if (!(v >= 0) || !std::isfinite(v)) throw py::value_error("set_topk_int16_speedup: expected a finite v >= 0");
+        g_i16_speedup.store(v);
+      },
+      py::arg("v"),
+      "Set the int16 AVX2 kernel's speed-up the automatic choice assumes (0: measure it again at the next\n"
+      "call). For tests and experiments: results never depend on it, only which kernel computes them.");
   m.def(
       "set_topk_kernel",
       [](const std::string& name) {

@@ -113,8 +113,9 @@ def _cupy_version() -> str | None:
 
 def _topk_kernel_in_force(nat: Any) -> dict[str, Any]:
     """The all-pairs GEMM kernel a call would use here: ``topk_kernel`` (``int16-vnni``, ``int16-avx2`` or
-    ``fp32``), ``topk_kernel_choice`` (``auto``: int16 where the CPU has one, unless the bins are so fine that
-    fp32 costs less; or ``fp32``/``int16``, forced by ``set_topk_kernel`` or DEEPSSIM_FAST_TOPK_KERNEL) and,
+    ``fp32``), ``topk_kernel_choice`` (``auto``: int16 where the CPU has one, unless the bins are so fine, or
+    the CPU's int16 AVX2 kernel so slow (``topk_int16_speedup``, measured), that fp32 costs less; or
+    ``fp32``/``int16``, forced by ``set_topk_kernel`` or DEEPSSIM_FAST_TOPK_KERNEL) and,
     when that variable holds no kernel name, ``topk_kernel_error`` (every all_pairs call raises it). Reported
     before as what the CPU could run, whatever was forced."""
     if not hasattr(nat, "topk_kernel_choice"):  # (an extension built before it: rebuild to see the choice)
@@ -125,7 +126,26 @@ def _topk_kernel_in_force(nat: Any) -> dict[str, Any]:
     except ValueError as exc:
         return {"topk_kernel": None, "topk_kernel_choice": None, "topk_kernel_error": str(exc)}
     kernel = "fp32" if choice == "fp32" or int16 is None else int16
-    return {"topk_kernel": kernel, "topk_kernel_choice": choice}
+    out: dict[str, Any] = {"topk_kernel": kernel, "topk_kernel_choice": choice}
+    if int16 == "int16-avx2" and hasattr(nat, "topk_int16_speedup"):
+        # the automatic choice weighs the int16 AVX2 kernel's speed measured on this CPU (on some, Zen 1, it is
+        # no faster than fp32): what it takes for typical embeddings (unit rows, d = 256, the default 200 bins)
+        out["topk_int16_speedup"] = float(nat.topk_int16_speedup())
+        if choice == "auto":
+            out["topk_kernel"] = _auto_kernel_for_typical_rows(nat)
+    return out
+
+
+def _auto_kernel_for_typical_rows(nat: Any) -> str:
+    """The approximate-score kernel ``topk_fused`` picks for 64 x 64 random unit rows of d = 256 at the default
+    200 bins on [-1, 1] (the kernel choice weighs the data's int16 rounding and the CPU's kernel speeds)."""
+    import numpy as np
+
+    rows = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    top_s, top_i = np.full((64, 1), -np.inf, np.float32), np.full((64, 1), np.iinfo(np.int64).max, np.int64)
+    return str(nat.topk_fused(rows, rows, 0, 0, -1, top_s, top_i, np.zeros(200, np.int64), np.zeros(3, np.int64),
+                              -1.0, 1.0, 0.6, 0.85))
 
 
 def backends() -> dict[str, Any]:

@@ -52,6 +52,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             f"{nat.get('topk_kernel') or ('-' if 'topk_kernel_error' in nat else '- (rebuild the extension)')}"
             + (f" (forced: {nat['topk_kernel_choice']})" if nat.get("topk_kernel_choice") not in (None, "auto")
                else "")
+            + (f" (int16-avx2 {nat['topk_int16_speedup']:.2f}x the fp32 kernel's speed here)"
+               if "topk_int16_speedup" in nat else "")
             + f"  capabilities={','.join(nat['capabilities']) or '-'}"
         )
         if nat.get("topk_kernel_error"):

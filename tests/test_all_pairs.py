@@ -131,6 +131,18 @@ def test_native_exact_against_canonical_brute_force_and_reference(n_synth, n_tra
 KERNEL_SETTINGS = [("auto", "auto"), ("avx2", "int16"), ("auto", "int16"), ("auto", "fp32")]
 
 
+
+@pytest.fixture(autouse=True)
+def _int16_speedup_as_fitted():
+    """The automatic kernel choice weighs the int16 AVX2 kernel's speed measured on the CPU at hand (no faster
+    than fp32 on Zen 1). The tests here that ask what "auto" picks assume the speed-up of the Zen 4 the cost
+    model was fitted on (int16 at coarse bins wherever the SIMD level has it);
+    test_the_automatic_choice_weighs_the_int16_kernels_measured_speed checks the measured side."""
+    _native.set_topk_int16_speedup(1.61)
+    yield
+    _native.set_topk_int16_speedup(0)  # (measured again at the next call that needs it)
+
+
 @contextmanager
 def _kernels(level: str, choice: str):
     """Run the block at this SIMD level with this approximate-kernel setting, then restore both."""
@@ -1204,6 +1216,7 @@ def test_topk_kernel_rates_reports_the_kernels_this_cpu_has():
 def test_topk_kernel_environment_variable_selects_the_kernel():
     """DEEPSSIM_FAST_TOPK_KERNEL=fp32|int16|auto: the kernel a call uses, for users of the command line."""
     code = ("import numpy as np; from deepssim_fast import _native; q = np.eye(8, dtype=np.float32); "
+            "_native.set_topk_int16_speedup(1.61); "
             "ts = np.full((8, 2), -np.inf, np.float32); ti = np.full((8, 2), 2**62, np.int64); "
             "print(_native.topk_fused(q, q, 0, 0, -1, ts, ti, np.zeros(200, np.int64), np.zeros(3, np.int64), "
             "-1.0, 1.0, 0.6, 0.85))")
@@ -1212,6 +1225,39 @@ def test_topk_kernel_environment_variable_selects_the_kernel():
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DEEPSSIM_FAST_TOPK_KERNEL": env},
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == want, (env, out)
+
+
+def test_the_automatic_choice_weighs_the_int16_kernels_measured_speed():
+    """On Zen 1 the int16 AVX2 kernel multiply-adds no faster than fp32 (its 256-bit vpmaddwd is two halves on
+    one pipe), and the automatic choice took it anyway, for a cost model fitted on Zen 4 (1.61x): 3.78 s
+    against 3.31 s for 20000^2 x 256. The model now scales that kernel's cost by its speed-up measured on the
+    CPU at hand (once per process); the results are the same whichever kernel computes them."""
+    if _native.topk_int16_kernel() is None:
+        pytest.skip("this CPU has no int16 all-pairs kernel")
+    _native.set_topk_int16_speedup(0)
+    measured = _native.topk_int16_speedup()
+    assert 0.2 < measured < 10, measured  # the ratio of two kernels' multiply-add rates
+    assert _native.topk_int16_speedup() == measured  # measured once per process
+    rng = np.random.default_rng(SEED + 97)
+    q = _normalize(torch.as_tensor(rng.standard_normal((50, 256))), "synth", 256, "cpu").numpy()
+    t = _normalize(torch.as_tensor(rng.standard_normal((300, 256))), "train", 256, "cpu").numpy()
+    out = {}
+    for speedup, choice in ((1.0, "auto"), (1.61, "auto"), (1.0, "int16")):
+        _native.set_topk_int16_speedup(speedup)
+        with _kernels("avx2", choice):
+            ts, ti = np.full((50, 5), -np.inf, np.float32), np.full((50, 5), np.iinfo(np.int64).max, np.int64)
+            h, c = np.zeros(200, np.int64), np.zeros(3, np.int64)
+            kern = _native.topk_fused(q, t, 0, 0, -1, ts, ti, h, c, -1.0, 1.0, 0.6, 0.85)
+        out[speedup, choice] = kern, ts, ti, h, c
+    assert out[1.0, "auto"][0] == "fp32"  # no edge: the int16 bound's re-scoring is all cost
+    assert out[1.61, "auto"][0] == "int16-avx2"
+    assert out[1.0, "int16"][0] == "int16-avx2"  # forced: the measured speed does not matter
+    for key, (_, *arrays) in out.items():
+        for got, want in zip(arrays, out[1.0, "auto"][1:], strict=True):
+            assert np.array_equal(got, want), key
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="set_topk_int16_speedup"):
+            _native.set_topk_int16_speedup(bad)
 
 
 def test_randomised_shapes_bins_thresholds_and_data_kinds_match_the_brute_force():

@@ -1241,6 +1241,33 @@ def test_all_pairs_bench_plants_near_copies_so_every_class_is_checked(monkeypatc
         b.cpu_case(64, d=256, k=4, repeat=1, log=lambda s: None)
 
 
+def test_all_pairs_bench_names_the_kernel_the_default_ran_and_times_the_others(monkeypatch) -> None:
+    """The default row's note named the int16 kernel the CPU has, whichever kernel the automatic choice ran (on
+    Zen 1 it takes fp32: "int16-avx2 kernel" and its GEMM floor were printed beside an fp32 run, and the fp32
+    row timed the default twice). It now names the kernel its calls returned, and the forced rows are the
+    kernels the default did not run."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_all_pairs as b
+
+    from deepssim_fast import _native
+
+    int16 = _native.topk_int16_kernel()
+    if int16 is None:
+        pytest.skip("this CPU has no int16 all-pairs kernel")
+    forced = {"int16-avx2": "deepssim_fast (native, AVX2 int16 kernel)", "fp32": "deepssim_fast (native, fp32 kernel)"}
+    try:
+        for speedup in (1.0, 1.61):  # the int16 AVX2 kernel as fast as fp32 (Zen 1), and 1.61x (Zen 4)
+            _native.set_topk_int16_speedup(speedup)
+            rows = b.cpu_case(64, d=256, k=4, repeat=1, log=lambda s: None)
+            by = {r.provider: r for r in rows}
+            ran = "int16-vnni" if int16 == "int16-vnni" else "fp32" if speedup == 1.0 else "int16-avx2"
+            note = by["deepssim_fast (native)"].note
+            assert (f"(fp32-equivalent; {ran} kernel)" if "int16" in ran else f"({ran} kernel)") in note, note
+            assert [p for p in forced.values() if p in by] == [p for k, p in forced.items() if k != ran]
+    finally:
+        _native.set_topk_int16_speedup(0)
+
+
 def test_embed_rows_check_the_output_they_time(monkeypatch) -> None:
     """The `embed <backbone>` rows were timed with no look at the output. The last timed call's embeddings are
     checked now: finite, (images, emb_dim), unit rows, and equal at a few rows to an embed of those images alone."""

@@ -100,7 +100,18 @@ def test_doctor_still_works(capsys: pytest.CaptureFixture, monkeypatch: pytest.M
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "environment: no DEEPSSIM_FAST_* overrides" in out
-    assert f"all-pairs kernel={_native.topk_int16_kernel() or 'fp32'}  " in out
+    int16 = _native.topk_int16_kernel()
+    if int16 == "int16-avx2":  # the automatic choice weighs that kernel's speed measured here (said)
+        assert "x the fp32 kernel's speed here)  " in out
+        try:  # as fast as fp32 (Zen 1): auto takes fp32, and says why; 1.61x (Zen 4): int16
+            for speedup, want in ((1.0, "fp32 (int16-avx2 1.00x"), (1.61, "int16-avx2 (int16-avx2 1.61x")):
+                _native.set_topk_int16_speedup(speedup)
+                assert main(["doctor"]) == 0
+                assert f"all-pairs kernel={want} the fp32 kernel's speed here)  " in capsys.readouterr().out
+        finally:
+            _native.set_topk_int16_speedup(0)
+    else:
+        assert f"all-pairs kernel={int16 or 'fp32'}  " in out
     # the kernel in force, not the one the CPU could run (DEEPSSIM_FAST_TOPK_KERNEL=fp32 said int16-vnni), and
     # a value that names no kernel (every all_pairs call then fails) is a note
     monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "fp32")
