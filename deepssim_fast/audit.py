@@ -86,6 +86,9 @@ embeddings in OUT/work) skip the fsync, as they can be recomputed: their readers
 checksum (:func:`_read_entry`, :func:`_load_checked`), and one a crash left short or that fails its checksum is
 decoded or embedded again, named in a warning. A stage file of OUT/work that cannot be read (the search, a search
 or verified chunk) is computed again, named in a warning, as an unreadable state.json is.
+The pixel stores (OUT/work/<set>_pixels.npy) keep a CRC-32 per item beside them (<set>_pixels.crc.npy), checked
+as each row is first read (:class:`_PixelStore`): a damaged row stops the run, naming the store and the item, and
+the store is removed, so that the next run builds it again from the cache.
 An OUT or cache inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png,
 OUT/gallery.png, OUT/work, the OUT/shards* folders that hold nothing but the Dask search's checkpoints, the cache's
 items/ and embeddings/) are left out of the inputs, with a warning; the rest of OUT is not (it may hold the inputs,
@@ -647,7 +650,7 @@ class ItemSet:
     ids: list[str]
     paths: list[str]
     indices: list[int]
-    pixels: np.ndarray | None  # memory-mapped (n, *size) float32, or None for metric="embeddings"
+    pixels: _PixelStore | None  # memory-mapped (n, *size) float32, rows checked as read; None for "embeddings"
     vectors: np.ndarray | None = None  # (n, d) float32 search vectors
     n_files: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -1038,36 +1041,127 @@ def _build_items(
     return items
 
 
+# ---- the pixel stores: OUT/work/<set>_pixels.npy ------------------------------------------------------------
+# One float32 row per item, memory-mapped, beside OUT/work/<set>_pixels.crc.npy: the CRC-32 of each row's bytes
+# (uint32, one per row; itself written by _save_checked). A resume reuses a store of the right shape, and
+# checking a whole store then (tens of GB) was too costly, so each reader checks the rows it reads, once per row
+# and run (_PixelStore). Without them a store flipped or partly overwritten in place was reused, and the
+# verified SSIM and the report were computed from damaged pixels without a word.
+def _store_crc_path(store: Path) -> Path:
+    """The checksum file of the pixel store ``store``: OUT/work/<set>_pixels.crc.npy."""
+    return store.with_name(store.name.removesuffix(".npy") + ".crc.npy")
+
+
+class _PixelStore:
+    """A pixel store (memory-mapped (n, *size) float32) whose rows are checked against their CRC-32 the first
+    time they are read: indexed along its first axis (an index, a slice, an array or list of indices) it gives
+    what the memory map gives; ``np.asarray`` of it checks every row not yet checked.
+
+    A row that fails its checksum raises a RuntimeError that names the store, the item and how to recover, after
+    removing the store and its checksums: the next run of the audit builds it again from the per-file cache (as
+    a damaged cache entry is removed and decoded again; left in place, a resume would reuse it)."""
+
+    def __init__(self, path: Path, pixels: np.ndarray, crcs: np.ndarray, ids: Sequence[str]) -> None:
+        self.path, self._px, self._crc, self._ids = path, pixels, crcs, ids
+        self._ok = np.zeros(len(pixels), dtype=bool)  # the rows checked so far
+        self.shape, self.dtype, self.ndim = pixels.shape, pixels.dtype, pixels.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):  # (no reader indexes past the first axis: the check covers whole rows)
+            raise TypeError("a pixel store is indexed along its first axis only")
+        out = self._px[key]  # (first: an index out of range is the memory map's IndexError)
+        if isinstance(key, slice):
+            rows = np.arange(*key.indices(len(self)))
+        else:
+            k = np.asarray(key)
+            rows = np.flatnonzero(k) if k.dtype == bool else k.astype(np.int64) % len(self)
+        if np.ndim(rows) == 0:  # one item: ``out`` is its row
+            self._check(int(rows), out)
+        else:
+            for j in np.flatnonzero(~self._ok[rows]):
+                self._check(int(rows[j]), out[j])
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if not self._ok.all():
+            for r in np.flatnonzero(~self._ok):
+                self._check(int(r), self._px[r])
+        return np.array(self._px, dtype=dtype, copy=copy)  # (an ndarray on the memory map unless asked for a copy)
+
+    def _check(self, r: int, row: np.ndarray) -> None:
+        if self._ok[r]:
+            return
+        if zlib.crc32(np.ascontiguousarray(row)) != int(self._crc[r]):
+            crc = _store_crc_path(self.path)
+            for f in (crc, self.path):  # (the checksums first: a store without them is never reused)
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+            raise RuntimeError(
+                f"{self.path} is damaged: item {r} ({self._ids[r]}) fails its checksum ({crc}); the store and "
+                f"its checksums were removed: run the audit again, which builds the store again from the cache"
+            )
+        self._ok[r] = True
+
+
+def _open_store(store: Path, ids: Sequence[str], size: tuple[int, ...] | None = None) -> _PixelStore:
+    """The pixel store ``store`` with its checksums, memory-mapped, for the items ``ids`` (of ``size``: None, any).
+    FileNotFoundError when either file is missing; ValueError (:class:`_NoChecksum` for checksums of an
+    earlier version's format, :class:`_DamagedEntry` for damaged ones) when it is unreadable, does not hold one
+    float32 row per item (of ``size``) or has not one checksum per row."""
+    crcs = _load_checked(_store_crc_path(store))
+    px = np.load(store, mmap_mode="r")
+    if px.dtype != np.float32 or px.ndim < 2 or len(px) != len(ids) or (size is not None and px.shape[1:] != size):
+        raise ValueError(f"{store}: {px.dtype} {px.shape}, not one float32 row per item ({len(ids)})")
+    if crcs.dtype != np.uint32 or crcs.shape != (len(ids),):
+        raise ValueError(f"{_store_crc_path(store)}: {crcs.dtype} {crcs.shape}, not one checksum per item "
+                         f"({len(ids)})")
+    return _PixelStore(store, px, crcs, ids)
+
+
 def _pixels_stored(items: ItemSet, work: Path) -> bool:
     """Whether OUT/work/<name>_pixels.npy holds ``items`` already (a resumed run's store: the stores are written
-    atomically after the state is staged, and removed when the configuration changes); if so, open it."""
+    atomically after the state is staged, and removed when the configuration changes) with one checksum per
+    item beside it; if so, open it. A store without its checksums (an earlier version's, or a run killed
+    before it wrote them) or with other ones is built again."""
     store = work / f"{items.name}_pixels.npy"
     try:
-        px = np.load(store, mmap_mode="r")
+        items.pixels = _open_store(store, items.ids, items.size)
+    except _NoChecksum:
+        return False
+    except _DamagedEntry as exc:  # (the store is built again: this run's outputs are not changed by it)
+        logger.warning("%s: building the pixel store again", exc, extra=_RUN_ONLY)
+        return False
     except (OSError, ValueError):
         return False
-    if px.dtype != np.float32 or px.shape != (len(items),) + items.size:
-        return False
-    items.pixels = px
     return True
 
 
 def _write_pixels(items: ItemSet, work: Path) -> None:
     """Concatenate the cached per-file items of ``items`` (:func:`_build_items`) into one memory-mapped store
-    OUT/work/<name>_pixels.npy (atomically) and set ``items.pixels`` to it."""
+    OUT/work/<name>_pixels.npy (atomically), with the CRC-32 of each row beside it, and set ``items.pixels`` to
+    it. The old checksums are removed first and the new ones written after the store, so that a run killed in
+    between leaves a store without checksums, which the next run builds again, never one with stale ones."""
     store = work / f"{items.name}_pixels.npy"
+    crc = _store_crc_path(store)
+    crc.unlink(missing_ok=True)
+    crcs = np.empty(len(items), dtype=np.uint32)
     with atomic_path(store) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items),) + items.size)
         reserve(tmp)  # (a full disk: an OSError now, not a SIGBUS while copying)
         pos = 0
         for e, keep in items.sources:
             px = _entry_or_fail(_entry_pixels, e)
-            px = px if keep.all() else px[keep]
+            px = np.ascontiguousarray(px if keep.all() else px[keep], dtype=mm.dtype)
             mm[pos : pos + len(px)] = px
+            crcs[pos : pos + len(px)] = [zlib.crc32(row) for row in px]  # (the very bytes of the store's rows)
             pos += len(px)
         mm.flush()
         del mm
-    items.pixels = np.load(store, mmap_mode="r")
+    _save_checked(crc, crcs, durable=True)
+    items.pixels = _open_store(store, items.ids, items.size)
 
 
 def _cached_embedding(f: Path, n: int) -> np.ndarray | None:
@@ -1934,7 +2028,9 @@ def _clear_stage_files(work: Path, *, keep_verified: bool) -> None:
         (work.parent / name).unlink(missing_ok=True)
     stale = sorted(work.glob("search*.npz"))
     if not keep_verified:
-        stale += sorted(work.glob("verify_*.npz")) + sorted(work.glob("*_pixels.npy"))
+        # (the stores' checksums before the stores: a store left without them is built again, never reused)
+        stale += (sorted(work.glob("verify_*.npz")) + sorted(work.glob("*_pixels.crc.npy"))
+                  + sorted(work.glob("*_pixels.npy")))
     for f in stale:
         f.unlink()
     for d in sorted(work.parent.glob("shards*")):  # the search's (shards) and its variants' folders
@@ -3840,6 +3936,20 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
             )
         return f
 
+    def pixels(side: str) -> _PixelStore:
+        """The audit's pixel store of ``side``, each row checked against its checksum as it is read."""
+        f = stored(f"{side}_pixels.npy")
+        crc = _store_crc_path(f)
+        if not crc.is_file():
+            raise FileNotFoundError(
+                f"{crc} is missing: the checksums of {f} (an audit of an earlier version kept none); run the "
+                f"audit into {d} again, which builds the store again with them"
+            )
+        try:
+            return _open_store(f, ids[side])
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{one_line(exc)}; run the audit into {d} again, which builds the store again") from exc
+
     ids, paths = {}, {}
     # The item tables are rebuilt from the stores the audit left in work/.
     meta = json.loads(stored("items.json").read_text())
@@ -3887,8 +3997,7 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
     audited = _audited_labels(d / "matches.csv", {(ids["synth"][s_], ids["train"][t_]) for t_, s_ in zip(ti, si,
                                                                                                       strict=True)})
     if summary["verify"]["method"] == "ssim":
-        tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
-        sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
+        tp, sp = pixels("train"), pixels("synth")
         # a pair the audit verified also scored the search variant that gave it its search score: the same here
         variants = _search_variants(metric, summary["verify"]["flips"], summary["verify"]["max_shift"],
                                     spatial_dims, s_fit, all_mirrors)
@@ -3916,8 +4025,7 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
             extra_overlap=summary.get("format_version", 0) >= 9,
         )
     elif metric == "ssim":  # the search score itself: exact SSIM, training item first
-        tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
-        sp = np.load(stored("synth_pixels.npy"), mmap_mode="r")
+        tp, sp = pixels("train"), pixels("synth")
         # (the pairs a batch at a time, ~_VERIFY_VOXELS a side: whole volumes are not all copied at once)
         per = max(1, _VERIFY_VOXELS // max(1, int(np.prod(tp.shape[1:]))))
         score = np.concatenate([np.empty(0)] + [
@@ -3931,9 +4039,9 @@ def _evaluate(d: Path, labels: str | os.PathLike, *, backend: str | None, model:
             return x - x.mean(axis=1, keepdims=True)
 
         # (metric embeddings has no pixels, and no variants)
-        sp = np.load(stored("synth_pixels.npy"), mmap_mode="r") if metric != "embeddings" else None
+        sp = pixels("synth") if metric != "embeddings" else None
         if metric == "correlation":  # Pearson correlation of the stored pixels
-            tp = np.load(stored("train_pixels.npy"), mmap_mode="r")
+            tp = pixels("train")
             # the labelled pairs a batch of about _ROW_VOXELS voxels a side at a time: for whole volumes every
             # pair's float64 copies and variants at once were ~190 volumes' worth for 16 pairs of MNI volumes
             per = max(1, _ROW_VOXELS // max(1, int(np.prod(tp.shape[1:]))))

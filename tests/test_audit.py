@@ -3331,6 +3331,157 @@ def test_damaged_embeddings_are_named_and_embedded_again_and_unchecked_ones_once
     assert embedded == [] and (out / "matches.csv").read_bytes() == want
 
 
+def _same_outputs(a: Path, b: Path) -> None:
+    """The deterministic outputs of the audits into ``a`` and ``b`` are the same but for the folder's name."""
+    for name in DETERMINISTIC:
+        assert (a / name).read_bytes().replace(os.fsencode(a), b"OUT") == (b / name).read_bytes().replace(
+            os.fsencode(b), b"OUT"), name
+
+
+def _killed_at_verify_chunk(ds: dict, kw: dict, monkeypatch: pytest.MonkeyPatch, chunk: int = 1) -> None:
+    """Run the audit ``kw`` until it has verified ``chunk`` chunks, then kill it (as a Ctrl-C would)."""
+
+    def die(stage: str, index: int) -> None:
+        if stage == "verify" and index == chunk:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_chunk_hook", die)
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(ds["train"], ds["synth"], **kw)
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: None)
+
+
+def test_a_pixel_store_damaged_in_place_stops_the_resumed_run_naming_the_item(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a probe: the pixel stores (work/<set>_pixels.npy) carried no checksum, and a resume reused one
+    of the right shape, so bytes flipped inside a row gave verified SSIM (and a report) computed from damaged
+    pixels without a word. Each row has its CRC-32 now (work/<set>_pixels.crc.npy), checked when it is first
+    read: the run stops naming the store, the item and how to recover, and removes the store, which the next
+    run builds again from the cache; its outputs are then those of a run never damaged. evaluate does the same."""
+    kw = dict(metric="ssim", k=2, chunk_size=3, progress=False)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "a", **kw)
+    out = tmp_path / "o"
+    _killed_at_verify_chunk(ds, dict(kw, out=out), monkeypatch)
+    store = out / "work" / "synth_pixels.npy"
+    ids = json.loads((out / "work" / "items.json").read_text())["synth"]["ids"]
+    at, n = _npy_data_span(store)
+    row = n // len(ids)
+    _flip_byte(store, at + 7 * row + row // 2)  # an item of the chunk not yet verified; the size is unchanged
+    with pytest.raises(RuntimeError, match="damaged") as ei:
+        A.audit(ds["train"], ds["synth"], out=out, **kw)
+    msg = str(ei.value)
+    assert str(store) in msg and f"item 7 ({ids[7]})" in msg and "run the audit again" in msg, msg
+    assert not store.exists() and not (out / "work" / "synth_pixels.crc.npy").exists()
+    A.audit(ds["train"], ds["synth"], out=out, **kw)
+    _same_outputs(out, tmp_path / "a")
+
+    # evaluate reads the rows of the labelled pairs: a damaged one stops it the same way
+    src = ds["truth"]["s04.npy"][1]
+    labels = _labels(tmp_path / "l.csv", (src, "s04.npy", 1), ("mni_030.npy", "s10.npy", 0))
+    want = A.evaluate(out, labels)
+    tstore = out / "work" / "train_pixels.npy"
+    t_ids = json.loads((out / "work" / "items.json").read_text())["train"]["ids"]
+    j = next(i for i, t in enumerate(t_ids) if t.startswith(f"{ds['train'] / src}#"))
+    at, n = _npy_data_span(tstore)
+    _flip_byte(tstore, at + j * (n // len(t_ids)) + 5)
+    with pytest.raises(RuntimeError, match="damaged") as ei:
+        A.evaluate(out, labels)
+    assert str(tstore) in str(ei.value) and f"item {j} ({t_ids[j]})" in str(ei.value)
+    with pytest.raises(FileNotFoundError, match="run the audit"):  # (removed: not scored from it again)
+        A.evaluate(out, labels)
+    A.audit(ds["train"], ds["synth"], out=out, **kw)  # builds it again
+    assert A.evaluate(out, labels) == want
+
+
+def test_a_pixel_store_without_its_checksums_is_built_again_on_resume(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A store without its checksum file (an earlier version's, or a run killed between the two writes) is not
+    trusted: the resumed run builds it again from the cache, as one whose checksum file is damaged (named in a
+    warning about the run); the outputs are those of an uninterrupted run."""
+    kw = dict(metric="ssim", k=2, chunk_size=3, progress=False)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "a", **kw)
+    out = tmp_path / "o"
+    _killed_at_verify_chunk(ds, dict(kw, out=out), monkeypatch)
+    work = out / "work"
+    (work / "synth_pixels.crc.npy").unlink()
+    at, n = _npy_data_span(work / "train_pixels.crc.npy")
+    _flip_byte(work / "train_pixels.crc.npy", at + n // 2)
+    written: list[str] = []
+    real = A._write_pixels
+    monkeypatch.setattr(A, "_write_pixels", lambda items, w: written.append(items.name) or real(items, w))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        r = A.audit(ds["train"], ds["synth"], out=out, **kw)
+    assert sorted(written) == ["synth", "train"]
+    assert any(str(work / "train_pixels.crc.npy") in m and "building the pixel store again" in m
+               for m in caplog.messages), caplog.messages
+    assert not any("pixel store" in w for w in r.summary["warnings"])
+    _same_outputs(out, tmp_path / "a")
+    for s in ("train", "synth"):  # each with its checksums again
+        A._open_store(work / f"{s}_pixels.npy", json.loads((work / "items.json").read_text())[s]["ids"])
+
+
+def test_a_resume_reuses_its_checked_pixel_stores_and_checks_each_row_it_reads_once(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume keeps the stores and their checksums (nothing is written again) and gives the outputs of an
+    uninterrupted run; the rows it reads are checked, each once."""
+    kw = dict(metric="ssim", k=2, chunk_size=3, progress=False)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "a", **kw)
+    out = tmp_path / "o"
+    _killed_at_verify_chunk(ds, dict(kw, out=out), monkeypatch)
+    work = out / "work"
+    stamps = {f.name: f.stat().st_mtime_ns for f in work.glob("*_pixels*.npy")}
+    assert sorted(stamps) == ["synth_pixels.crc.npy", "synth_pixels.npy", "train_pixels.crc.npy",
+                              "train_pixels.npy"]
+    written: list[str] = []
+    checked: list[tuple[str, int]] = []
+    real_check = A._PixelStore._check
+    monkeypatch.setattr(A, "_write_pixels", lambda items, w: written.append(items.name))
+
+    def check(self, r, row):
+        if not self._ok[r]:
+            checked.append((self.path.name, r))
+        return real_check(self, r, row)
+
+    monkeypatch.setattr(A._PixelStore, "_check", check)
+    A.audit(ds["train"], ds["synth"], out=out, **kw)
+    assert written == []
+    assert {f.name: f.stat().st_mtime_ns for f in work.glob("*_pixels*.npy")} == stamps
+    assert len(checked) == len(set(checked)) and ("synth_pixels.npy", 7) in checked
+    _same_outputs(out, tmp_path / "a")
+
+
+def test_a_pixel_store_checks_the_rows_of_every_kind_of_index(tmp_path: Path) -> None:
+    """_PixelStore gives what its memory map gives for an index, a negative one, a slice, a list, an array and
+    a mask, checking exactly the rows read; np.asarray checks them all."""
+    import zlib
+
+    px = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
+    store = tmp_path / "x_pixels.npy"
+    np.save(store, px)
+    A._save_checked(A._store_crc_path(store), np.array([zlib.crc32(r) for r in px], np.uint32),
+                    durable=False)
+    s = A._open_store(store, [f"id{i}" for i in range(5)])
+    assert len(s) == 5 and s.shape == px.shape
+    for key in (1, -1, np.int64(2), slice(1, 4), slice(None, None, -2), [0, 3, 3], np.array([4, 1]),
+                np.array([True, False, True, False, False])):
+        np.testing.assert_array_equal(s[key], px[key])
+    np.testing.assert_array_equal(np.asarray(s), px)
+    assert s._ok.all()
+    with pytest.raises(TypeError):
+        s[0, 1]
+    with pytest.raises(IndexError):
+        s[5]
+
+    at, n = _npy_data_span(store)
+    _flip_byte(store, at + 3 * (n // 5))  # row 3
+    s = A._open_store(store, [f"id{i}" for i in range(5)])
+    np.testing.assert_array_equal(s[:3], px[:3])
+    assert s[[4, 0]].shape == (2, 3, 4) and not s._ok[3]
+    with pytest.raises(RuntimeError, match=r"x_pixels\.npy is damaged: item 3 \(id3\) fails its checksum"):
+        s[2:5]
+    assert not store.exists() and not A._store_crc_path(store).exists()
+
+
 def test_a_new_reader_version_decodes_every_file_again(ds: dict, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by a probe: the item cache key had no version of the reader, so after an upgrade whose reader
