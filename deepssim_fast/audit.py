@@ -2854,28 +2854,17 @@ def audit(
     # ---- embed -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     if metric == "deepssim":
-        tset.vectors = _embed_items(
-            tset,
-            train_paths,
-            t_entries,
-            model_obj,
-            model_hash,
-            cache=cache,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
-        sset.vectors = _embed_items(
-            sset,
-            synth_paths,
-            s_entries,
-            model_obj,
-            model_hash,
-            cache=cache,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
+        from torch import nn as _nn
+
+        from .model import fit_losses_said
+
+        # (the items the model's size policy crops or pads past half are said once, with their number among all
+        # those embedded: each batch's embed call said its own count, the first time only)
+        net = model_obj if isinstance(model_obj, _nn.Module) else None
+        with fit_losses_said("items", net):
+            for side, paths, entries in ((tset, train_paths, t_entries), (sset, synth_paths, s_entries)):
+                side.vectors = _embed_items(side, paths, entries, model_obj, model_hash, cache=cache,
+                                            batch_size=batch_size, device=device, progress=progress)
     # (correlation: the centred rows are made where the search needs them, not on a rerun that reuses it)
     timings["embed"] = time.perf_counter() - t0
     _atomic_json(

@@ -769,6 +769,28 @@ def test_gallery_of_an_embeddings_audit_reads_the_images_its_ids_name(tmp_path: 
         assert A._image_of_id(gone) is None, gone
 
 
+def test_an_encoder_that_crops_the_items_is_said_once_with_the_count_of_all_items(
+    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit embeds its items in a call per batch, and embed says once per model that its size policy crops
+    (or pads) an image size past half: the warning gave the first batch's count ("2 of 2 images") for an audit
+    of 22 items. It now counts every item the audit embeds, train and synthetic, in one warning."""
+    import logging
+
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m32.pt", build_model("small", input_size=32))  # items are 66 x 78
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        A.audit(ds["train"], ds["synth"], model=ckpt, metric="deepssim", k=4, out=tmp_path / "out", batch_size=2,
+                decode_workers=1, progress=False)
+    said = [r.getMessage() for r in caplog.records if "more than half" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("22 of 22 items (e.g. 66 x 78) lose more than half their pixels"), said
+
+
 def test_deepssim_metric_with_small_model_and_embedding_cache(
     ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
