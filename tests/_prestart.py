@@ -7,9 +7,9 @@ job whose tests were collected (and not deselected), and one runner thread start
 the lowest CPU priority, in the order their tests will ask for them. The test (or fixture) then calls
 :func:`result`, which waits for its job, or runs it at once if it has not started yet.
 
-The job's arguments are made when it starts (``make``), with its own temporary folder, removed at the end of
-the session. Only when the job runs and what else runs beside it change; what it computes and what the test
-asserts do not.
+The job's arguments are made when it is queued, before any test runs (``make``, in the suite's environment
+and working directory), with its own temporary folder, removed at the end of the session. Only when the job
+runs and what else runs beside it change; what it computes and what the test asserts do not.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class _Job:
     timeout: float
     state: str = "registered"  # registered -> queued -> running -> done
     tmp: Path | None = None
+    argv: list[str] | None = None  # (made when queued: _prepare)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     outcome: subprocess.CompletedProcess | None = None
@@ -83,6 +85,12 @@ def queue_for(items: list) -> list[str]:
         for name, job in _JOBS.items():
             if name not in firsts and job.wanted_by(item):
                 firsts[name] = pos
+    # (each job is made now, before any test runs: a job made when it starts would take the environment and
+    # working directory of whatever test runs then, a monkeypatched DEEPSSIM_FAST_* variable or a chdir)
+    for name in sorted(firsts, key=firsts.get):
+        if _JOBS[name].state == "registered" and _JOBS[name].argv is None:
+            _prepare(_JOBS[name])
+    _end_with_the_suite()
     with _LOCK:
         for name in sorted(firsts, key=firsts.get):
             if _JOBS[name].state == "registered":
@@ -95,18 +103,43 @@ def queue_for(items: list) -> list[str]:
     return [n for n in sorted(firsts, key=firsts.get)]
 
 
-def _lowest_priority() -> None:  # (in the child, before exec: its own children inherit it)
-    os.nice(19)
+def _prepare(job: _Job) -> None:
+    """Make ``job``'s folder and arguments, in the environment and working directory of this moment."""
+    job.tmp = Path(tempfile.mkdtemp(prefix=f"deepssim_prestart_{job.name}_"))
+    job.argv, job.kwargs, job.context = job.make(job.tmp)
+    job.kwargs.setdefault("cwd", os.getcwd())
+    job.kwargs.setdefault("env", dict(os.environ))
+
+
+def _end_with_the_suite() -> None:
+    """The jobs run in sessions of their own (a test's Ctrl-C to its own children does not reach them), so the
+    suite ends them: at exit, and on SIGTERM (a cancelled CI run), which otherwise ends Python without
+    pytest's session finish; the signal then takes its default course."""
+    import atexit
+    import signal
+
+    atexit.register(close)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_term(signum: int, frame: Any) -> None:
+            close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def _start(job: _Job, background: bool) -> None:
     """Start ``job`` (called with _LOCK held, state queued or registered)."""
-    job.tmp = Path(tempfile.mkdtemp(prefix=f"deepssim_prestart_{job.name}_"))
     try:
-        argv, kwargs, job.context = job.make(job.tmp)
+        if job.argv is None:
+            _prepare(job)
+        assert job.argv is not None and job.tmp is not None
+        # (the lowest CPU priority through nice(1), inherited by the job's own children; not preexec_fn, which
+        # is not safe in a process with other threads)
+        nice = ["nice", "-n", "19"] if background and shutil.which("nice") else []
         with open(job.tmp / "stdout", "wb") as out, open(job.tmp / "stderr", "wb") as err:
-            job.proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True,
-                                        preexec_fn=_lowest_priority if background else None, **kwargs)
+            job.proc = subprocess.Popen(nice + job.argv, stdout=out, stderr=err, start_new_session=True,
+                                        **job.kwargs)
     except BaseException as exc:  # reported by result()
         job.error = exc
         job.state = "done"
@@ -116,6 +149,11 @@ def _start(job: _Job, background: bool) -> None:
 
 
 def _finish(job: _Job, rc: int) -> None:
+    """Called with _LOCK held. After close() the job's folder may be gone: nothing is read then."""
+    if _CLOSED:
+        job.state = "done"
+        job.done.set()
+        return
     assert job.tmp is not None and job.proc is not None
     out = (job.tmp / "stdout").read_bytes().decode(errors="replace")
     err = (job.tmp / "stderr").read_bytes().decode(errors="replace")
@@ -201,5 +239,8 @@ def close() -> None:
                 job.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        if job.tmp is not None:
-            shutil.rmtree(job.tmp, ignore_errors=True)
+    with _LOCK:  # (_finish reads a job's folder under the lock, and not at all once _CLOSED is set)
+        for job in _JOBS.values():
+            if job.tmp is not None:
+                shutil.rmtree(job.tmp, ignore_errors=True)
+                job.tmp = None
