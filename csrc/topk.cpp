@@ -1250,11 +1250,13 @@ std::atomic<double> g_i16_speedup{0.0};
 double i16_avx2_speedup() {
   const double v = g_i16_speedup.load();
   if (v > 0) return v;
-  double measured = 1.0;
+  double measured = 1.0;  // (no AVX2: no int16 AVX2 kernel to weigh, and none to time)
 #if DSF_X86
-  double t[3];
-  time_micro_kernels(150, 7, false, t);
-  measured = t[1] > 0 ? t[0] / t[1] : 1.0;
+  if (detected_simd() >= Simd::AVX2) {
+    double t[3];
+    time_micro_kernels(150, 7, false, t);
+    measured = t[1] > 0 ? t[0] / t[1] : 1.0;
+  }
 #endif
   double expected = 0.0;  // (another thread may have measured meanwhile: either value will do)
   g_i16_speedup.compare_exchange_strong(expected, measured);
@@ -1750,9 +1752,14 @@ void register_topk(py::module_& m) {
         "Multiply-adds per second of each approximate-score micro-kernel on one core with its panels in L1\n"
         "({'fp32', 'int16-avx2', 'int16-vnni'}, those this CPU has): the arithmetic floor of the all-pairs GEMM.");
   m.def(
-      "topk_int16_speedup", []() { return i16_avx2_speedup(); },
+      "topk_int16_speedup",
+      []() {
+        py::gil_scoped_release nogil;  // (the first call times the kernels, ~10 ms)
+        return i16_avx2_speedup();
+      },
       "How many times faster the int16 AVX2 micro-kernel multiply-adds than the fp32 one here, as the automatic\n"
-      "kernel choice sees it (measured once per process, ~5 ms; set_topk_int16_speedup overrides it).");
+      "kernel choice sees it (measured once per process, ~5 ms; set_topk_int16_speedup overrides it; 1.0 on a\n"
+      "CPU without AVX2, which has no such kernel).");
   m.def(
       "set_topk_int16_speedup",
       [](double v) {

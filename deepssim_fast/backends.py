@@ -127,12 +127,11 @@ def _topk_kernel_in_force(nat: Any) -> dict[str, Any]:
         return {"topk_kernel": None, "topk_kernel_choice": None, "topk_kernel_error": str(exc)}
     kernel = "fp32" if choice == "fp32" or int16 is None else int16
     out: dict[str, Any] = {"topk_kernel": kernel, "topk_kernel_choice": choice}
-    if int16 == "int16-avx2" and hasattr(nat, "topk_int16_speedup"):
+    if int16 == "int16-avx2" and choice == "auto" and hasattr(nat, "topk_int16_speedup"):
         # the automatic choice weighs the int16 AVX2 kernel's speed measured on this CPU (on some, Zen 1, it is
         # no faster than fp32): what it takes for typical embeddings (unit rows, d = 256, the default 200 bins)
         out["topk_int16_speedup"] = float(nat.topk_int16_speedup())
-        if choice == "auto":
-            out["topk_kernel"] = _auto_kernel_for_typical_rows(nat)
+        out["topk_kernel"] = _auto_kernel_for_typical_rows(nat)
     return out
 
 
