@@ -1070,8 +1070,10 @@ class _PixelStore:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, tuple):  # (no reader indexes past the first axis: the check covers whole rows)
-            raise TypeError("a pixel store is indexed along its first axis only")
+        # (no reader indexes past the first axis, and the check covers whole rows: a tuple, None or Ellipsis would
+        # index otherwise, and a bare bool would give the whole store as one "row", checked against row 0)
+        if isinstance(key, (tuple, bool, np.bool_)) or key is None or key is Ellipsis:
+            raise TypeError(f"a pixel store is indexed by items along its first axis, not by {key!r}")
         out = self._px[key]  # (first: an index out of range is the memory map's IndexError)
         if isinstance(key, slice):
             rows = np.arange(*key.indices(len(self)))
@@ -1080,9 +1082,10 @@ class _PixelStore:
             rows = np.flatnonzero(k) if k.dtype == bool else k.astype(np.int64) % len(self)
         if np.ndim(rows) == 0:  # one item: ``out`` is its row
             self._check(int(rows), out)
-        else:
-            for j in np.flatnonzero(~self._ok[rows]):
-                self._check(int(rows[j]), out[j])
+        else:  # (an index array of any shape: its rows in order)
+            flat, got = rows.ravel(), out.reshape((-1,) + self.shape[1:])
+            for j in np.flatnonzero(~self._ok[flat]):
+                self._check(int(flat[j]), got[j])
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

@@ -3487,10 +3487,15 @@ def test_a_pixel_store_checks_the_rows_of_every_kind_of_index(tmp_path: Path) ->
     for key in (1, -1, np.int64(2), slice(1, 4), slice(None, None, -2), [0, 3, 3], np.array([4, 1]),
                 np.array([True, False, True, False, False])):
         np.testing.assert_array_equal(s[key], px[key])
+    np.testing.assert_array_equal(s[np.array([[0, 1], [4, 3]])], px[np.array([[0, 1], [4, 3]])])  # (any shape)
     np.testing.assert_array_equal(np.asarray(s), px)
     assert s._ok.all()
-    with pytest.raises(TypeError):
-        s[0, 1]
+    # past the first axis, or not an item index: refused (a bare True gave the whole store as one "row", checked
+    # against row 0's checksum, and the intact store was removed as damaged)
+    for key in ((0, 1), True, np.True_, None, Ellipsis):
+        with pytest.raises(TypeError, match="indexed by items along its first axis"):
+            s[key]
+    assert store.exists()
     with pytest.raises(IndexError):
         s[5]
 
