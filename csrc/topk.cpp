@@ -1174,12 +1174,16 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// The micro-kernels' timing (time_micro_kernels): rows of this many columns, 2 x MR x NR x kTimedDp
+// multiply-adds a call.
+constexpr int64_t kTimedDp = 256;
+
 #if DSF_X86
-// Seconds for `iters` calls of each approximate-score micro-kernel on one core, panels in L1 (d = 256, 2 x 6
-// x 16 x 256 multiply-adds a call): t[0] fp32, t[1] int16 AVX2, t[2] VNNI (where `vnni`; else left alone),
-// the best of `reps` runs, the kernels interleaved (a busy neighbour slows all alike). Needs AVX2.
+// Seconds for `iters` calls of each approximate-score micro-kernel on one core, panels in L1 (kTimedDp
+// columns): t[0] fp32, t[1] int16 AVX2, t[2] VNNI (where `vnni`; else left alone), the best of `reps` runs,
+// the kernels interleaved (a busy neighbour slows all alike). Needs AVX2.
 void time_micro_kernels(int iters, int reps, bool vnni, double t[3]) {
-  constexpr int64_t dp = 256;
+  constexpr int64_t dp = kTimedDp;
   std::vector<float> fa(static_cast<size_t>(MR * dp), 0.01f), fp(static_cast<size_t>(2 * dp * NR) + 16, 0.02f);
   std::vector<int16_t> ia(static_cast<size_t>(MR * dp), 3), ip(static_cast<size_t>(2 * dp * NR) + 32, 5);
   std::vector<int32_t> ir;  // the six int16 rows as one block (see pack_blocks_i16)
@@ -1230,7 +1234,7 @@ py::dict topk_kernel_rates(int iters, int reps) {
     py::gil_scoped_release nogil;
     time_micro_kernels(iters, reps, vnni, t);
   }
-  const double macs = 2.0 * MR * NR * 256 * iters;
+  const double macs = 2.0 * MR * NR * kTimedDp * iters;
   out["fp32"] = macs / t[0];
   out["int16-avx2"] = macs / t[1];
   if (vnni) out["int16-vnni"] = macs / t[2];
@@ -1242,7 +1246,7 @@ py::dict topk_kernel_rates(int iters, int reps) {
 }
 
 // How many times faster the int16 AVX2 micro-kernel multiply-adds than the fp32 one on this CPU, measured
-// once per process (~5 ms, at the first call that could use it): ~1.6 on Zen 4, where the cost model was
+// once per process (5-10 ms, at the first call that could use it): ~1.6 on Zen 4, where the cost model was
 // fitted, ~1.45 on Zen 3, ~1.0 on Zen 1, whose 256-bit vpmaddwd is two 128-bit halves on one pipe (and on
 // Haswell, one port). set_topk_int16_speedup overrides it (tests; 0 measures again).
 std::atomic<double> g_i16_speedup{0.0};
