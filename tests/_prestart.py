@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +75,19 @@ def uses(module: str, *, fixture: str | None = None, test: str | None = None) ->
         return getattr(item, "originalname", None) == test
 
     return wanted
+
+
+def interpreted_script(script: str) -> Make:
+    """A ``make`` for ``python -c script`` with the Triton kernels in the interpreter (TRITON_INTERPRET=1) and
+    this folder on PYTHONPATH (the scripts import ``_triton_launches`` from it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def make(tmp: Path) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        env = dict(os.environ, TRITON_INTERPRET="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+        return [sys.executable, "-c", script], dict(env=env), {}
+
+    return make
 
 
 def queue_for(items: list) -> list[str]:

@@ -8,8 +8,6 @@ object with every comparison; the tests below assert on it. Shapes are small (th
 from __future__ import annotations
 
 import json
-import os
-import sys
 import textwrap
 
 import _prestart
@@ -326,16 +324,9 @@ _SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def _interpreted_job(tmp):
-    tests = os.path.dirname(os.path.abspath(__file__))  # (the script imports _triton_launches from here)
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
-    return [sys.executable, "-c", _SCRIPT], dict(env=env), {}
-
-
 # (the interpreted checks run beside the suite from its start: _prestart)
 _prestart.register("ssim_triton_interpreted", wanted_by=_prestart.uses(__name__, fixture="results"),
-                   make=_interpreted_job, timeout=600)
+                   make=_prestart.interpreted_script(_SCRIPT), timeout=600)
 
 
 @pytest.fixture(scope="module")
