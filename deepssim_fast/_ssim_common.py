@@ -368,6 +368,49 @@ def kernel_scale(params: SSIMParams, input_dtype: Any) -> float:
     return 1.0
 
 
+# 64-bit integer images: float64 holds their values exactly only up to 2^53 in magnitude. Past it, a cast
+# rounded two different images offset by ~2^62 (uint64 near its top) to one constant each, and any two
+# constants score 1: unrelated images came out as duplicates. Such images are centred on their minimum in
+# integer arithmetic first (below), which SSIM's variances and covariance do not see, and the minimum is
+# added back to the window means in float64 (a relative error of 2^-53 there, as for any float64 input).
+_FLOAT64_EXACT = float(2**53)
+
+
+def _ordered_int64(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(v, shift)``: int64 ``v`` with ``t == v + shift`` exactly, in the same order (uint64, whose min/max torch
+    does not implement, is its top bit flipped: ``shift = 2^63``)."""
+    if t.dtype == torch.uint64:
+        return t.view(torch.int64) ^ torch.iinfo(torch.int64).min, 2**63
+    return t, 0
+
+
+def _int64_extremes(t: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    v, shift = _ordered_int64(t)
+    return v.amin(dim=dims, keepdim=True), v.amax(dim=dims, keepdim=True), shift
+
+
+def _past_float64(lo: torch.Tensor, hi: torch.Tensor, shift: int) -> torch.Tensor:
+    """Where an image of int64 extremes ``lo``, ``hi`` (plus ``shift``) has a value float64 may not hold."""
+    return torch.maximum((lo.to(torch.float64) + shift).abs(), (hi.to(torch.float64) + shift).abs()) >= _FLOAT64_EXACT
+
+
+def exact_float64(t: torch.Tensor, spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(c, o)``: the images ``t`` (N, *spatial) as float64, ``t = c + o``. ``o`` is None (and ``c`` a plain cast)
+    unless ``t`` is a 64-bit integer batch with a value past 2^53 in magnitude; then every image is centred on
+    its minimum in integer arithmetic, ``c = t - min`` (exact below a spread of 2^53, rounded relative to the
+    spread past it) and ``o`` (N, 1, ...) the minimum in float64."""
+    if t.dtype not in (torch.int64, torch.uint64) or t.numel() == 0:
+        return t.to(torch.float64), None
+    dims = tuple(range(t.ndim - spatial_dims, t.ndim))
+    lo, hi, shift = _int64_extremes(t, dims)
+    if not bool(_past_float64(lo, hi, shift).any()):
+        return t.to(torch.float64), None
+    v, _ = _ordered_int64(t)
+    d = (v - lo).to(torch.float64)  # (wraps past a spread of 2^63: an int64 read as its uint64 value below)
+    c = torch.where(d < 0, d + 2.0**64, d)
+    return c, lo.to(torch.float64) + shift
+
+
 def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL,
                     data_range: float | None = None) -> torch.Tensor | None:
     """Which images of ``t`` (shaped (N, *spatial)) float32 cannot hold to ``tol`` of their own range.
@@ -389,6 +432,15 @@ def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL,
     chunk = max(1, (64 << 20) // (8 * max(1, f.shape[1])))
     for s in range(0, n, chunk):
         blk = f[s : s + chunk]
+        if t.dtype in (torch.int64, torch.uint64):  # (values past 2^53: float64 cannot measure them, see above)
+            lo, hi, shift = _int64_extremes(blk, (1,))
+            past = (_past_float64(lo, hi, shift) & (hi > lo)).flatten()
+            if bool(past.any()):
+                out[s : s + chunk] = past
+                keep = torch.nonzero(~past).flatten()
+                if keep.numel():
+                    out[s + keep] = float32_inexact(blk[keep], tol, data_range)
+                continue
         d = blk.to(torch.float64)
         err = (blk.to(torch.float32).to(torch.float64) - d).abs().amax(dim=1)
         rng = d.amax(dim=1) - d.amin(dim=1)

@@ -74,14 +74,17 @@ def ssim_reference(x: Any, y: Any, *, spatial_dims: int | None = None, window: s
     sc.check_finite(ty, "y", p, pairs=batch)
     spatial = tuple(tx.shape[tx.ndim - p.spatial_dims:])
     in_dtype = tx.dtype
-    bx = torch.broadcast_to(tx, batch + spatial).reshape(-1, *spatial).to("cpu", torch.float64)
-    by = torch.broadcast_to(ty, batch + spatial).reshape(-1, *spatial).to("cpu", torch.float64)
+    # (64-bit integers past 2^53, which float64 cannot hold: taken as minimum + exact rest, see exact_float64)
+    bx, sx = sc.exact_float64(torch.broadcast_to(tx, batch + spatial).reshape(-1, *spatial).cpu(), p.spatial_dims)
+    by, sy = sc.exact_float64(torch.broadcast_to(ty, batch + spatial).reshape(-1, *spatial).cpu(), p.spatial_dims)
     if bx.shape[0] == 0:
         return np.zeros(batch, dtype=np.float64)
     if p.preset == "deepssim":
         bx, by = sc.zscore(bx, p.spatial_dims), sc.zscore(by, p.spatial_dims)
-    rng = sc.pair_data_range(bx, by, p, input_dtype=in_dtype)
+        sx = sy = None
+    rng = sc.pair_data_range(bx if sx is None else bx + sx, by if sy is None else by + sy, p, input_dtype=in_dtype)
     ux, uy, vx, vy, vxy = _window_moments(bx, by, sc.window_weights(p), p.spatial_dims)
+    ux, uy = (u if o is None else u + o for u, o in ((ux, sx), (uy, sy)))
     vx, vy, vxy = p.cov_norm * vx, p.cov_norm * vy, p.cov_norm * vxy
     shape = (-1,) + (1,) * (ux.ndim - 1)
     c1 = ((p.k1 * rng) ** 2).view(shape)

@@ -260,16 +260,23 @@ def _torch_pairs(
     chunk = max(1, min(n_pairs, (64 << 20) // max(1, 5 * 8 * px)))
     out = torch.empty(n_pairs, dtype=torch.float64, device=dev)
     for s in range(0, n_pairs, chunk):
-        bx = xf[ix[s : s + chunk]].to(torch.float64)
-        by = yf[iy[s : s + chunk]].to(torch.float64)
-        if p.preset == "deepssim":
+        # (64-bit integers past 2^53: centred exactly first, their minima sx, sy added back below)
+        bx, sx = sc.exact_float64(xf[ix[s : s + chunk]], p.spatial_dims)
+        by, sy = sc.exact_float64(yf[iy[s : s + chunk]], p.spatial_dims)
+        if p.preset == "deepssim":  # (z-scores do not see an offset)
             bx, by = sc.zscore(bx, p.spatial_dims), sc.zscore(by, p.spatial_dims)
-        rng = sc.pair_data_range(bx, by, p, input_dtype=in_dtype)
+            sx = sy = None
+        rng = sc.pair_data_range(bx if sx is None else bx + sx, by if sy is None else by + sy, p,
+                                 input_dtype=in_dtype)
         dims = tuple(range(1, bx.ndim))
         # Centre each image by its minimum (the background of MRI) so flat regions are exact zeros.
         ox = bx.amin(dim=dims, keepdim=True)
         oy = by.amin(dim=dims, keepdim=True)
         a, b = bx - ox, by - oy
+        if sx is not None:
+            ox = ox + sx
+        if sy is not None:
+            oy = oy + sy
         m = _filter_valid(torch.stack([a, b, a * a, b * b, a * b], dim=1), w, p.spatial_dims)
         ma, mb = m[:, 0], m[:, 1]
         cn = p.cov_norm

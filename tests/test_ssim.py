@@ -953,6 +953,46 @@ def test_far_from_zero_wide_dtypes_equal_the_float64_reference(caplog, mode):
         assert len(logs) == 1 and logs[0].startswith("ssim_matrix: 9 of 9 pairs"), logs
 
 
+def _cs_only(x, y, data_range):
+    """Mean SSIM of 2D images whose luminance term is 1 to float64 precision (offsets near 2^62 against
+    differences of means of ~1e3): the mean of the contrast-structure map, uniform 7 x 7, sample covariance,
+    from the exact integers ``x``, ``y`` (small: float64 holds them)."""
+    from scipy.ndimage import uniform_filter
+
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    f, cn = (lambda z: uniform_filter(z, 7)), 49 / 48
+    mx, my = f(x), f(y)
+    vx, vy, vxy = cn * (f(x * x) - mx * mx), cn * (f(y * y) - my * my), cn * (f(x * y) - mx * my)
+    c2 = (0.03 * data_range) ** 2
+    return ((2 * vxy + c2) / (vx + vy + c2))[3:-3, 3:-3].mean()
+
+
+@pytest.mark.parametrize("dtype,offset", [(np.int64, 2**62), (np.int64, 2**63 - 4000), (np.uint64, 2**63 + 2**62),
+                                          (np.uint64, 2**64 - 4000), (np.int64, -(2**63))])
+def test_64bit_integers_past_2_53_are_not_rounded_to_constants(dtype, offset):
+    """int64/uint64 images past 2^53, which float64 cannot hold: a cast rounded two unrelated images offset by
+    2^62 to one constant each, and ssim, ssim_matrix and the reference scored them 1.0. Each image is centred
+    on its minimum in integer arithmetic now: the preset's z-scores equal the un-offset images', and with a
+    data range the score is the contrast-structure term (luminance is 1 at such offsets)."""
+    rng = np.random.default_rng(53)
+    a = rng.integers(0, 500, (2, 24, 27))
+    b = rng.integers(0, 500, (2, 24, 27))
+    near = a + rng.integers(0, 3, a.shape)  # a near-copy of a
+    big = [v.astype(dtype) + dtype(offset) for v in (a, b, near)]
+    A, B, N = big
+    z = ssim(a, b, preset="deepssim", spatial_dims=2)
+    for got in (ssim(A, B, preset="deepssim", spatial_dims=2), ssim_reference(A, B, preset="deepssim", spatial_dims=2),
+                np.diagonal(ssim_matrix(A, B, preset="deepssim", progress=False))):
+        assert_close(got, z, tol=1e-6, what=f"{np.dtype(dtype).name}+{offset} deepssim")
+        assert np.all(np.abs(got) < 0.5), got  # (unrelated: was 1.0)
+    want = np.array([_cs_only(a[i], near[i], 5000) for i in range(2)])
+    for got in (ssim(A, N, data_range=5000, spatial_dims=2), ssim_reference(A, N, data_range=5000, spatial_dims=2),
+                np.diagonal(ssim_matrix(A, N, data_range=5000, progress=False))):
+        assert_close(got, want, tol=1e-7, what=f"{np.dtype(dtype).name}+{offset} data_range")
+    assert np.all(ssim(A, B, data_range=500, spatial_dims=2) < 0.2)
+    assert_close(ssim(A, A, data_range=500, spatial_dims=2), np.ones(2), tol=0, what="self")
+
+
 @pytest.mark.parametrize("box", ["1", "0"], ids=["box", "separable"])
 def test_only_pairs_with_inexact_images_leave_the_fast_path(monkeypatch, mri_slices, box):
     """One image of a float64 stack offset by 1e5 (float32 rounds it by ~3e-5 of its range): only the pairs
