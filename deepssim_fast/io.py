@@ -508,6 +508,8 @@ def _read_png(p: Path, dtype: Any = np.float32) -> np.ndarray:
 
     try:
         data = p.read_bytes()
+        if not data:  # (Pillow said "not a PNG, nor another image format Pillow identifies")
+            raise DataError(f"{p}: not a readable PNG file (the file is empty)")
         chunks: list[tuple[bytes, bytes]] = []
         if data.startswith(_PNG_SIGNATURE):  # anything else is left to Pillow, which names the problem
             try:

@@ -532,8 +532,10 @@ def ssim(
         x, y: numpy, torch or cupy arrays shaped (*batch, *spatial); the last ``spatial_dims`` axes are
             spatial. Batch dims broadcast (one-vs-many: x (H, W) against y (B, H, W) with
             ``spatial_dims=2``; x is not copied per pair). Any real dtype; integer dtypes use their dtype
-            range as ``data_range`` (as scikit-image: uint8 255, int64 2^64 − 1); bool images count as
-            {0, 1} with range 1. Non-contiguous inputs are fine.
+            range as ``data_range`` (as scikit-image: uint8 255, int64 2^64 − 1; a list of Python ints is
+            int64, as numpy makes it: pass ``data_range``); bool images count as {0, 1} with range 1.
+            64-bit integer images past 2^53, which float64 cannot hold, are centred on their minimum in
+            integer arithmetic first. Non-contiguous inputs are fine.
         spatial_dims: 2 or 3. Only 2D arrays default to 2; a 3D/4D input without it is ambiguous (a stack
             of slices or a volume?) and raises.
         window: ``"uniform"`` (``win_size`` taps, default 7) or ``"gaussian"`` (σ = ``sigma``, truncated at

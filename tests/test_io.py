@@ -388,6 +388,15 @@ def test_a_npy_file_without_the_numpy_header_is_not_called_a_pickle(tmp_path: Pa
     assert "pickle" not in msg and "unsafely" not in msg
 
 
+def test_an_empty_png_is_called_empty(tmp_path: Path) -> None:
+    """A 0-byte .png was "not a PNG, nor another image format Pillow identifies", where an empty .npy or
+    NIfTI is called empty."""
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.png: not a readable PNG file \(the file is empty\)"):
+        read_image(p)
+
+
 def test_read_corrupt_and_missing_files(tmp_path: Path) -> None:
     for name in ("c.png", "c.npy", "c.nii.gz", "c.nii"):
         p = tmp_path / name
