@@ -794,9 +794,14 @@ def _name_of(item: Any, i: int) -> str:
     return f"image {i} ({key})" if isinstance(key, str) else f"image {i}"
 
 
-def _tensor_numpy(t: torch.Tensor) -> np.ndarray:
+def _tensor_numpy(t: torch.Tensor, name: str) -> np.ndarray:
     """A torch tensor as a host numpy array; float dtypes numpy lacks (bfloat16, float8) are widened to
-    float32 first (exactly: every value of theirs is a float32)."""
+    float32 first (exactly: every value of theirs is a float32). A tensor holding no data the host can copy
+    (on the meta device, or sparse) is an error naming it (``name``), as ssim's are: ``.cpu()`` raised torch's
+    "Cannot copy out of meta tensor; no data!"."""
+    from ._arrays import check_readable
+
+    check_readable(t, name, "embed")
     t = t.detach().cpu()
     if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
         t = t.float()
@@ -810,7 +815,7 @@ def as_image_2d(item: Any, name: str) -> np.ndarray:
     """
     a = item.array if hasattr(item, "array") and hasattr(item, "source") else item
     if isinstance(a, torch.Tensor):
-        a = _tensor_numpy(a)
+        a = _tensor_numpy(a, name)
     a = np.asarray(a)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise TypeError(f"{name}: expected a numeric array, got dtype {a.dtype}")
@@ -1273,7 +1278,7 @@ def embed_volume(volumes: Any, model: Any, *, policy: Any = None, batch_size: in
     agg = []
     with fit_losses_said("slices", net):  # (one warning for all the volumes, not one per volume)
         for i, v in enumerate(vols):
-            a = _tensor_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
+            a = _tensor_numpy(v, f"volume {i}") if isinstance(v, torch.Tensor) else np.asarray(v)
             if a.ndim != 3:
                 raise ValueError(f"volume {i}: expected a 3D array, got shape {a.shape}")
             if np.issubdtype(a.dtype, np.complexfloating):

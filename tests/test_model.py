@@ -422,6 +422,17 @@ def test_a_foreign_encoders_width_is_known_at_load_and_its_hash_stays(tmp_path, 
     assert got.shape == (2, 32) and audit._module_hash(m) == h and m.config.emb_dim == 32
 
 
+def test_embed_of_tensors_holding_no_readable_data_names_them(small_model) -> None:
+    """A stack on the meta device failed deep in torch ("Cannot copy out of meta tensor; no data!"), a sparse
+    one as oddly; embed names the image and says which tensors it reads, as ssim and all_pairs do."""
+    with pytest.raises(ValueError, match=r"images\[0\]: a tensor on device 'meta', which embed cannot read"):
+        embed(torch.empty(2, 40, 40, device="meta"), small_model, progress=False)
+    with pytest.raises(ValueError, match=r"volume 0: a tensor on device 'meta', which embed cannot read"):
+        embed_volume(torch.empty(20, 40, 40, device="meta"), small_model, progress=False)
+    with pytest.raises(TypeError, match=r"images\[0\]: torch.sparse_coo tensors are not supported"):
+        embed(torch.ones(2, 40, 40).to_sparse(), small_model, progress=False)
+
+
 def test_embed_on_the_meta_device_is_refused_and_leaves_the_model_usable(small_model, real_images) -> None:
     """embed(device="meta") moved the model there (its weights lost: "Cannot copy out of meta tensor") and,
     failing to move it back, left its lock held: the next embed of the model waited forever. It is refused
