@@ -93,7 +93,13 @@ def interpreted_script(script: str) -> Make:
 def queue_for(items: list) -> list[str]:
     """Queue the registered jobs some of ``items`` need, in the order of their first such item, and start the
     runner thread. Returns the names queued."""
-    global _RUNNER
+    global _RUNNER, _CLOSED
+    with _LOCK:
+        if _CLOSED:  # (a second session in this process, pytest.main() run twice: its jobs start afresh)
+            for name, job in list(_JOBS.items()):
+                _JOBS[name] = _Job(name, job.wanted_by, job.make, job.timeout)
+            _QUEUE.clear()
+            _RUNNER, _CLOSED = None, False
     firsts: dict[str, int] = {}
     for pos, item in enumerate(items):
         for name, job in _JOBS.items():
@@ -102,8 +108,14 @@ def queue_for(items: list) -> list[str]:
     # (each job is made now, before any test runs: a job made when it starts would take the environment and
     # working directory of whatever test runs then, a monkeypatched DEEPSSIM_FAST_* variable or a chdir)
     for name in sorted(firsts, key=firsts.get):
-        if _JOBS[name].state == "registered" and _JOBS[name].argv is None:
-            _prepare(_JOBS[name])
+        job = _JOBS[name]
+        if job.state == "registered" and job.argv is None:
+            try:
+                _prepare(job)
+            except Exception as exc:  # (reported by result(), in the test that wants the job, not as an
+                job.error = exc       # INTERNALERROR of the whole session)
+                job.state = "done"
+                job.done.set()
     _end_with_the_suite()
     with _LOCK:
         for name in sorted(firsts, key=firsts.get):
@@ -125,21 +137,46 @@ def _prepare(job: _Job) -> None:
     job.kwargs.setdefault("env", dict(os.environ))
 
 
+_ENDED = False
+
+
 def _end_with_the_suite() -> None:
     """The jobs run in sessions of their own (a test's Ctrl-C to its own children does not reach them), so the
-    suite ends them: at exit, and on SIGTERM (a cancelled CI run), which otherwise ends Python without
-    pytest's session finish; the signal then takes its default course."""
+    suite ends them: at exit, and on SIGTERM (a cancelled CI run) or SIGHUP (the terminal or ssh session
+    closed), which otherwise end Python without pytest's session finish; the signal then takes its default
+    course."""
+    global _ENDED
     import atexit
     import signal
 
+    if _ENDED:
+        return
+    _ENDED = True
     atexit.register(close)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        def on_term(signum: int, frame: Any) -> None:
-            close()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        return
 
-        signal.signal(signal.SIGTERM, on_term)
+    def on_signal(signum: int, frame: Any) -> None:
+        # Without _LOCK: the handler runs in the main thread, which may hold it (result(), queue_for()); close()
+        # taking it here deadlocked a SIGTERM that landed there. Reading the jobs' processes needs no lock.
+        _kill_all(remove_folders=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, on_signal)
+
+
+def _kill_all(*, remove_folders: bool = False) -> None:
+    """Kill every started job that still runs (and, ``remove_folders``, remove every job's folder), without
+    taking _LOCK."""
+    for job in list(_JOBS.values()):
+        proc = job.proc
+        if proc is not None and proc.poll() is None:
+            _kill(proc)
+        if remove_folders and job.tmp is not None:
+            shutil.rmtree(job.tmp, ignore_errors=True)
 
 
 def _start(job: _Job, background: bool) -> None:
