@@ -1768,7 +1768,8 @@ void register_topk(py::module_& m) {
       "set_topk_int16_speedup",
       [](double v) {
         if (!(v >= 0) || !std::isfinite(v)) throw py::value_error("set_topk_int16_speedup: expected a finite v >= 0");
-        g_i16_speedup.store(v);
+        g_i16_speedup.store(v == 0 ? 0.0 : v);  // (-0.0: 0, measure again; stored as is, the reader measured at
+                                                // every call and the store of its measure never matched -0.0's bits)
       },
       py::arg("v"),
       "Set the int16 AVX2 kernel's speed-up the automatic choice assumes (0: measure it again at the next\n"
