@@ -401,11 +401,28 @@ def _module_hash(module: Any) -> str:
 
 
 def _embed(images: Sequence[np.ndarray], model: Any, *, batch_size: int, device: Any) -> np.ndarray:
-    from .model import embed
+    """:func:`~deepssim_fast.model.embed` of ``images``, without its warning of the images the model's size
+    policy crops or pads past half: each call (a batch of files, a block of flipped or shifted items) said it
+    with its own count ("5 of 5 images"), and a run whose embeddings were cached did not say it at all. The
+    audit says it once, of all its items (:func:`_warn_encoder_fit`)."""
+    from .model import embed, fit_losses_said
 
-    return np.asarray(
-        embed(list(images), model, batch_size=batch_size, device=device, progress=False), dtype=np.float32
-    )
+    with fit_losses_said("items", say=False):
+        return np.asarray(
+            embed(list(images), model, batch_size=batch_size, device=device, progress=False), dtype=np.float32
+        )
+
+
+def _warn_encoder_fit(model: Any, size: Sequence[int], n: int) -> None:
+    """Warn (into summary.json's warnings) when the encoder's size policy crops the audit's ``n`` items, all of
+    ``size``, to less than half their pixels, or pads them to more than half padding, at its input size. Decided
+    from the size and the model's settings, not from what is embedded, so that a resumed run (its embeddings
+    cached) says it as a fresh one does; the flipped and shifted items searched have the same size, so it
+    covers them too."""
+    from .model import fit_loss_warnings
+
+    for text in fit_loss_warnings(size, n, model.config, "items"):
+        logger.warning("%s", text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2857,17 +2874,12 @@ def audit(
     # ---- embed -------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     if metric == "deepssim":
-        from torch import nn as _nn
-
-        from .model import fit_losses_said
-
         # (the items the model's size policy crops or pads past half are said once, with their number among all
-        # those embedded: each batch's embed call said its own count, the first time only)
-        net = model_obj if isinstance(model_obj, _nn.Module) else None
-        with fit_losses_said("items", net):
-            for side, paths, entries in ((tset, train_paths, t_entries), (sset, synth_paths, s_entries)):
-                side.vectors = _embed_items(side, paths, entries, model_obj, model_hash, cache=cache,
-                                            batch_size=batch_size, device=device, progress=progress)
+        # the items, also when their embeddings are cached; the embed calls themselves say nothing: _embed)
+        _warn_encoder_fit(model_obj, fit, len(tset) + len(sset))
+        for side, paths, entries in ((tset, train_paths, t_entries), (sset, synth_paths, s_entries)):
+            side.vectors = _embed_items(side, paths, entries, model_obj, model_hash, cache=cache,
+                                        batch_size=batch_size, device=device, progress=progress)
     # (correlation: the centred rows are made where the search needs them, not on a rerun that reuses it)
     timings["embed"] = time.perf_counter() - t0
     _atomic_json(

@@ -988,21 +988,19 @@ class _FitLosses:
         self.size, self.policy = 0, "fit"
         self.kinds: dict[str, list] = {}
 
-    def add(self, shapes: Iterable[Sequence[int]], config: ModelConfig) -> None:
+    def add(self, shapes: Iterable[Sequence[int]], config: ModelConfig, times: int = 1) -> None:
+        """Count the images of ``shapes``, each shape standing for ``times`` images."""
         self.size, self.policy = int(config.input_size), config.size_policy
         for shape in shapes:
-            self.total += 1
+            self.total += times
             kind = _fit_loss(shape, self.size, self.policy)
             if kind is not None:
-                self.kinds.setdefault(kind, [0, tuple(int(n) for n in shape)])[0] += 1
+                self.kinds.setdefault(kind, [0, tuple(int(n) for n in shape)])[0] += times
 
-    def say(self) -> None:
-        said = _FIT_LOSSES_SAID.setdefault(self.net, set()) if self.net is not None else set()
+    def messages(self) -> list[tuple[tuple, str]]:
+        """Per kind of loss, its key (kind, image size, input size, policy) and the warning's text."""
+        out = []
         for kind, (n, (h, w)) in self.kinds.items():
-            key = (kind, h, w, self.size, self.policy)
-            if key in said:
-                continue
-            said.add(key)
             s, p = self.size, self.policy
             if kind == "crop":
                 lost = (f"lose more than half their pixels to the centre crop to the model's input size {s} x {s} "
@@ -1019,24 +1017,33 @@ class _FitLosses:
                         "letterbox to a square): the encoder sees mostly padding; a model trained with "
                         "--size-policy resize (size_policy='resize', aspect ratio not kept) does not pad them, or "
                         "crop the images nearer to a square first")
-            # (a warning about the run, not the audit's results: an audit that finds its embeddings cached does
-            # not embed, so it would not say it again, and summary.json must read as an uninterrupted run's)
-            logger.warning("%d of %d %s (e.g. %d x %d) %s", n, self.total, self.what, h, w, lost,
-                           extra={"audit_result": False})
+            out.append(((kind, h, w, s, p), f"{n} of {self.total} {self.what} (e.g. {h} x {w}) {lost}"))
+        return out
+
+    def say(self) -> None:
+        said = _FIT_LOSSES_SAID.setdefault(self.net, set()) if self.net is not None else set()
+        for key, text in self.messages():
+            if key in said:
+                continue
+            said.add(key)
+            # (not one of an audit's results: the audit embeds in fit_losses_said(say=False) and says it of
+            # all its items itself, from their size, also when its embeddings are cached: fit_loss_warnings)
+            logger.warning("%s", text, extra={"audit_result": False})
 
 
-# What was said of each model (kind, image size, input size, policy), not said again: an audit embeds its
-# items in a call per batch (held by weak reference, as _MODEL_SOURCES)
+# What was said of each model (kind, image size, input size, policy), not said again: a caller may embed its
+# images in a call per batch (held by weak reference, as _MODEL_SOURCES)
 _FIT_LOSSES_SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FIT_LOSSES: contextvars.ContextVar[_FitLosses | None] = contextvars.ContextVar("_FIT_LOSSES", default=None)
 
 
 @contextmanager
-def fit_losses_said(what: str, net: nn.Module | None = None) -> Iterator[_FitLosses]:
+def fit_losses_said(what: str, net: nn.Module | None = None, *, say: bool = True) -> Iterator[_FitLosses]:
     """Collect what the size policy loses of the images of a call (``add``), and say it in one warning at the
     end, naming an image's size, the input size, how many ``what`` and the way out. Nested calls (train's
     make_pool, embed_volume's embed) add to the outermost one, which alone warns; with ``net``, a loss said
-    for that model before (the same kind, image and input size) is not said again."""
+    for that model before (the same kind, image and input size) is not said again. ``say=False``: the calls
+    within say nothing (a caller that says it itself, of all its images: :func:`fit_loss_warnings`)."""
     outer = _FIT_LOSSES.get()
     if outer is not None:
         yield outer
@@ -1047,7 +1054,18 @@ def fit_losses_said(what: str, net: nn.Module | None = None) -> Iterator[_FitLos
         yield losses
     finally:
         _FIT_LOSSES.reset(token)
-    losses.say()
+    if say:
+        losses.say()
+
+
+def fit_loss_warnings(shape: Sequence[int], n: int, config: ModelConfig, what: str) -> list[str]:
+    """The warning :func:`fit_losses_said` gives for ``n`` images of ``shape`` (``what``: what they are) fed to
+    a model of ``config``, or none when its size policy keeps most of each: for a caller that says it itself,
+    as the audit does of its items (all of one size) in summary.json, the same whether it embeds them or finds
+    their embeddings cached."""
+    losses = _FitLosses(what, None)
+    losses.add([shape], config, times=int(n))
+    return [text for _, text in losses.messages()]
 
 
 def zscore_batch(x: torch.Tensor) -> torch.Tensor:

@@ -770,25 +770,68 @@ def test_gallery_of_an_embeddings_audit_reads_the_images_its_ids_name(tmp_path: 
 
 
 def test_an_encoder_that_crops_the_items_is_said_once_with_the_count_of_all_items(
-    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The audit embeds its items in a call per batch, and embed says once per model that its size policy crops
     (or pads) an image size past half: the warning gave the first batch's count ("2 of 2 images") for an audit
-    of 22 items. It now counts every item the audit embeds, train and synthetic, in one warning."""
-    import logging
-
+    of 22 items. It now counts every item the audit embeds, train and synthetic, in one warning. And it went to
+    the log alone, never into summary.json's warnings or the report, and a resumed run, its embeddings cached,
+    did not say it at all: the audit decides it itself, from the items' size and the model's input size and size
+    policy, so that a fresh and a resumed run say it alike."""
     import torch
 
     from deepssim_fast.model import build_model, save_checkpoint
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "m32.pt", build_model("small", input_size=32))  # items are 66 x 78
-    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
-        A.audit(ds["train"], ds["synth"], model=ckpt, metric="deepssim", k=4, out=tmp_path / "out", batch_size=2,
-                decode_workers=1, progress=False)
-    said = [r.getMessage() for r in caplog.records if "more than half" in r.getMessage()]
+    kw = dict(model=ckpt, metric="deepssim", k=4, batch_size=2, chunk_size=3, decode_workers=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        r = A.audit(ds["train"], ds["synth"], out=tmp_path / "out", **kw)
+    said = [m for m in caplog.messages if "more than half their pixels" in m]
     assert len(said) == 1, said
-    assert said[0].startswith("22 of 22 items (e.g. 66 x 78) lose more than half their pixels"), said
+    assert said[0].startswith("22 of 22 items (e.g. 66 x 78) lose more than half their pixels to the centre crop "
+                              "to the model's input size 32 x 32 (size policy 'fit')"), said
+    warned = r.summary["warnings"]  # (the untrained encoder's search is also said not to tell the items apart)
+    assert [w for w in warned if "more than half their pixels" in w] == said
+    assert said[0][:60] in (tmp_path / "out" / "report.html").read_text()
+
+    _killed_at_verify_chunk(ds, dict(kw, out=tmp_path / "resumed"), monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        resumed = A.audit(ds["train"], ds["synth"], out=tmp_path / "resumed", **kw)  # (embeds nothing)
+    assert [m for m in caplog.messages if "more than half their pixels" in m] == said
+    assert resumed.summary["warnings"] == warned
+    _compare_outputs(tmp_path / "out", tmp_path / "resumed")
+
+
+def test_the_flipped_items_embedded_for_the_search_give_no_warning_of_their_own(
+    ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: the flipped and shifted items the search embeds (a block at a time), and evaluate's, each
+    call said what the encoder's centre crop loses with its own count ("5 of 5 images", "256 of 256" on a large
+    set), beside or instead of the audit's count of all its items (a run whose items' embeddings were cached said
+    only those). They have the items' size: the audit's one warning covers them, and they say nothing."""
+    import torch
+
+    from deepssim_fast.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m32.pt", build_model("small", input_size=32))  # items are 66 x 78
+    kw = dict(model=ckpt, metric="deepssim", k=2, verify="none", verify_flips=True, batch_size=2,
+              cache_dir=tmp_path / "cache", progress=False)
+    A.audit(ds["train"], ds["synth"], out=tmp_path / "first", **kw)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        # (another OUT on the same cache: the items' embeddings are cached, the flipped items' are not)
+        r = A.audit(ds["train"], ds["synth"], out=tmp_path / "out", **kw)
+    said = [m for m in caplog.messages if "more than half their pixels" in m]
+    assert len(said) == 1 and said[0].startswith("22 of 22 items (e.g. 66 x 78)"), said
+    assert [w for w in r.summary["warnings"] if "more than half their pixels" in w] == said
+    caplog.clear()
+    labels = _labels(tmp_path / "l.csv", (ds["truth"]["s00.npy"][1], "s00.npy", 2), ("mni_030.npy", "s10.npy", 0))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        A.evaluate(tmp_path / "out", labels)  # (embeds the labelled synthetic items' flips again)
+    assert not [m for m in caplog.messages if "more than half their pixels" in m], caplog.messages
 
 
 def test_deepssim_metric_with_small_model_and_embedding_cache(
