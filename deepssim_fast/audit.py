@@ -526,26 +526,29 @@ def _entry_path(cache: Path, key: str, size: tuple[int, ...]) -> Path:
 
 def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels: np.ndarray,
                  fit: Sequence[Sequence[int]] | None = None,
-                 shapes: Sequence[Sequence[int]] | None = None) -> None:
+                 shapes: Sequence[Sequence[int]] | None = None) -> dict:
     """Write an item cache entry: ``pixels`` (n, *size), and per item its ids, indices, ``fit``
     (:func:`_fit_offset` of the item before it was fitted to the size) and ``shapes`` (its shape before the
     fit, for the warning about items mostly cropped or padded); an entry without ``fit`` or ``shapes`` is
-    decoded again by :func:`_decode_all`."""
+    decoded again by :func:`_decode_all`. The header also lists the positions of the items that are constant
+    (``constant``: for the warning about blank items, which a resume gives without reading the pixels); an
+    entry without the list is decoded again too. Returns the header (less its length)."""
     px = np.ascontiguousarray(pixels, dtype="<f4")
     head = {"ids": list(ids), "indices": [int(i) for i in indices], "shape": list(px.shape),
-            "crc32": zlib.crc32(px)}
+            "crc32": zlib.crc32(px), "constant": [int(q) for q in np.flatnonzero(_constant_items(px))]}
     if fit is not None:
         head["fit"] = [[int(v) for v in r] for r in fit]
     if shapes is not None:
         head["shapes"] = [[int(v) for v in r] for r in shapes]
-    head = json.dumps(head, separators=(",", ":")).encode()
+    raw = json.dumps(head, separators=(",", ":")).encode()
 
     def write(f: Any) -> None:
-        f.write(_ENTRY_MAGIC + struct.pack("<Q", len(head)))
-        f.write(head)
+        f.write(_ENTRY_MAGIC + struct.pack("<Q", len(raw)))
+        f.write(raw)
         f.write(px.data)
 
     atomic_write(path, write, durable=False)
+    return head
 
 
 def _read_entry(path: Path, *, pixels: bool) -> tuple[dict, np.ndarray | None]:
@@ -564,6 +567,8 @@ def _read_entry(path: Path, *, pixels: bool) -> tuple[dict, np.ndarray | None]:
                 raise _DamagedEntry(f"{path}: header lists {len(head['ids'])} ids for shape {shape}")
             if "fit" in head and np.shape(head["fit"]) != (shape[0], len(shape) - 1):
                 raise _DamagedEntry(f"{path}: header's fit offsets {np.shape(head['fit'])} for shape {shape}")
+            if "constant" in head and not all(isinstance(q, int) and 0 <= q < shape[0] for q in head["constant"]):
+                raise _DamagedEntry(f"{path}: header's constant items {head['constant']} for shape {shape}")
             size, need = os.fstat(f.fileno()).st_size, 16 + n + 4 * int(np.prod(shape))
             if size != need:
                 raise _DamagedEntry(f"{path}: item cache entry of {size} bytes, its header needs {need}")
@@ -677,6 +682,8 @@ class ItemSet:
     size: tuple[int, ...] = ()
     # (n, ndim) int8: each item's :func:`_fit_offset` (None: not known, as for audits before format 7)
     fit: np.ndarray | None = None
+    # (n,) bool: the items that are constant (blank) after the fit to the item size (None: not known)
+    constant: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -845,14 +852,15 @@ def _decode_all(
             if f.exists():
                 try:
                     head = _entry_header(f)
-                    if "fit" in head and "shapes" in head:
+                    if "fit" in head and "shapes" in head and "constant" in head:
                         heads[f] = head
                         entries[i] = f
                         misfit += _misfits(p, head["shapes"], pending_size)
                         continue
-                    # (written before format 7, without the items' fit offsets, or before their shapes were
-                    # kept: decoded again, once)
-                    logger.debug("decoding %s again: its cache entry %s has no fit offsets or shapes", p, f)
+                    # (written before format 7, without the items' fit offsets, or before their shapes or
+                    # constant items were kept: decoded again, once)
+                    logger.debug("decoding %s again: its cache entry %s has no fit offsets, shapes or constant "
+                                 "items", p, f)
                 except _DamagedEntry as exc:
                     logger.warning("decoding %s again: %s", p, exc, extra=_RUN_ONLY)
                     f.unlink(missing_ok=True)
@@ -888,10 +896,8 @@ def _decode_all(
             stack = np.stack([center_fit(a, pending_size) for a in arrs]).astype(np.float32)
             fits = [_fit_offset(a.shape, pending_size) for a in arrs]
             f = _entry_path(cache, keys[i], pending_size)
-            _write_entry(f, ids, idx, stack, fits, shapes)
+            heads[f] = _write_entry(f, ids, idx, stack, fits, shapes)
             entries[i] = f
-            heads[f] = {"ids": list(ids), "indices": [int(v) for v in idx], "fit": [list(r) for r in fits],
-                        "shapes": [list(r) for r in shapes]}
     if misfit:
         # (a 40 x 48 x 40 volume fitted to a 128 x 128 x 10 first training item was 94 % padding, and two
         # unrelated brain regions scored 0.85, a duplicate: the fit is documented, but not its extent)
@@ -1005,7 +1011,8 @@ def _build_items(
     the old ids).
 
     ``drop_constant`` (metric correlation): constant items are left out and added to ``skipped`` as
-    ``(file path, reason)``, or, with ``strict``, raise :class:`DataError`. ``heads``: the entries' headers
+    ``(file path, reason)``, or, with ``strict``, raise :class:`DataError`; otherwise they are kept and marked
+    in ``constant`` (from the entries' headers: :func:`_warn_constant_items`). ``heads``: the entries' headers
     as :func:`_decode_all` returns them (an entry missing there is read).
     """
     skipped = list(skipped)
@@ -1019,9 +1026,14 @@ def _build_items(
         else:
             head = heads[e]
         ids, idx = [str(s) for s in head["ids"]], [int(v) for v in head["indices"]]
-        keep = np.ones(len(ids), dtype=bool)
         if drop_constant:
-            keep = ~_constant_items(px)
+            blank = _constant_items(px)
+        elif "constant" in head:
+            blank = np.zeros(len(ids), dtype=bool)
+            blank[np.asarray(head["constant"], dtype=np.int64)] = True
+        else:  # (an entry written before its header listed them: from its pixels)
+            blank = _constant_items(_entry_or_fail(_entry_pixels, e))
+        keep = ~blank if drop_constant else np.ones(len(ids), dtype=bool)
         for q in np.flatnonzero(~keep):
             value = float(px[q].flat[0])
             reason = (
@@ -1037,7 +1049,7 @@ def _build_items(
         # (an entry from before format 7 has no fit offsets: _decode_all decodes its file again first)
         fit = np.asarray(head.get("fit", np.zeros((len(ids), len(size)))), dtype=np.int8).reshape(len(ids), -1)
         metas.append((p, e, [i for i, k in zip(ids, keep, strict=True) if k],
-                      [i for i, k in zip(idx, keep, strict=True) if k], keep, fit[keep]))
+                      [i for i, k in zip(idx, keep, strict=True) if k], keep, fit[keep], blank[keep]))
         n += int(keep.sum())
     if n == 0:
         reasons = "; ".join(r for _, r in skipped[:5])
@@ -1047,15 +1059,39 @@ def _build_items(
             + ")"
         )
     ids_all, paths_all, idx_all = [], [], []
-    for _p, _e, ids, idx, _keep, _fit in metas:
+    for _p, _e, ids, idx, _keep, _fit, _blank in metas:
         ids_all += ids
         idx_all += idx
         paths_all += [_item_path(i, mode) for i in ids]
     items = ItemSet(name, ids_all, paths_all, idx_all, None, n_files=len(paths), skipped=skipped)
-    items.sources = [(e, keep) for _p, e, _ids, _idx, keep, _fit in metas]
+    items.sources = [(e, keep) for _p, e, _ids, _idx, keep, _fit, _blank in metas]
     items.size = tuple(size)
     items.fit = np.concatenate([m[5] for m in metas])
+    items.constant = np.concatenate([m[6] for m in metas])
     return items
+
+
+def _warn_constant_items(tset: ItemSet, sset: ItemSet) -> None:
+    """Warn (into summary.json's warnings) when synthetic items are constant (blank), with a metric that scores
+    them (ssim, deepssim; correlation skips them, naming each): any two constant images have SSIM 1, so a blank
+    synthetic item beside a blank training item is a duplicate and counts in the fraction memorised, and a
+    generator that emits blank outputs was reported as memorising without a word. Says how many of each set
+    and names one of each; from the cache entries' headers, so that a resumed run says it as a fresh one."""
+    if sset.constant is None or not sset.constant.any():
+        return
+    ns, nt = int(sset.constant.sum()), int(tset.constant.sum()) if tset.constant is not None else 0
+    said = (f"{ns} of the {len(sset)} synthetic items {'is' if ns == 1 else 'are'} constant (blank; e.g. "
+            f"{sset.ids[np.argmax(sset.constant)]})")
+    if nt:
+        said += f", and {nt} of the {len(tset)} training items too (e.g. {tset.ids[np.argmax(tset.constant)]})"
+        so = "so each blank synthetic item is a duplicate of a blank training item and counts in the fraction memorised"
+    else:
+        said += "; no training item is"
+        so = "so a blank synthetic item beside a blank training item would be a duplicate and count as memorised"
+    logger.warning("%s: they are scored as any other item, and any two constant images have SSIM 1 (the deepssim "
+                   "preset z-scores each image, and a constant one becomes all zeros, whatever its value), %s; leave "
+                   "blank images out of the inputs, or audit with --metric correlation, which skips them",
+                   one_line(said), so)
 
 
 # ---- the pixel stores: OUT/work/<set>_pixels.npy ------------------------------------------------------------
@@ -2834,6 +2870,8 @@ def audit(
         opts = {"mode": mode, "drop_constant": metric == "correlation", "strict": strict}
         tset = _build_items("train", train_paths, t_entries, fit, work, t_skip, heads=t_heads, **opts)
         sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip, heads=s_heads, **opts)
+        if metric != "correlation":  # (which skips them, each named among the skipped inputs)
+            _warn_constant_items(tset, sset)
     timings["decode"] = time.perf_counter() - t0
     if len(tset) == 0 or len(sset) == 0:  # pragma: no cover - _build_items raises first
         raise ValueError("empty input set")

@@ -1829,6 +1829,62 @@ def test_correlation_skips_blank_images_and_reports_them(ds: dict, tmp_path: Pat
     assert r2.summary["n_synth"] == 2 and r2.summary["skipped"] == []
 
 
+def test_blank_synthetic_items_are_said_to_be_scored_in_the_summary_also_after_a_resume(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a probe: with --metric ssim or deepssim a constant (blank) synthetic image is scored, and beside a
+    blank training image it is a duplicate (any two constant images have SSIM 1), so a generator emitting blank
+    outputs was reported as memorising without a word (only --metric correlation, which skips them, named
+    them). One warning now counts them (and the blank training items, if any), names one of each and says why
+    they are duplicates; it is in summary.json's warnings and the report, the same after a resume."""
+    import torch
+
+    from deepssim_fast.model import build_model
+
+    synth, train = tmp_path / "synth", tmp_path / "train"
+    shutil.copytree(ds["train"], train)
+    synth.mkdir()
+    for name in ("s04.npy", "s12.npy"):
+        shutil.copy(ds["synth"] / name, synth / name)
+    np.save(synth / "blank.npy", np.zeros(SIZE, np.float32))
+    np.save(synth / "blank2.npy", np.full(SIZE, 5.0, np.float32))
+    kw = dict(metric="ssim", k=2, chunk_size=1, progress=False)
+    alone = A.audit(ds["train"], synth, out=tmp_path / "alone", **kw)  # (no blank training item)
+    (said,) = alone.summary["warnings"]
+    assert said.startswith(f"2 of the 4 synthetic items are constant (blank; e.g. {synth / 'blank.npy'}#2:0); no "
+                           "training item is: they are scored as any other item, and any two constant images have "
+                           "SSIM 1"), said
+    assert alone.summary["counts"]["duplicate"] == 1  # (s04, the planted copy)
+
+    np.save(train / "zz_blank.npy", np.full(SIZE, 3.0, np.float32))
+    whole = A.audit(train, synth, out=tmp_path / "whole", **kw)
+    (said,) = whole.summary["warnings"]
+    assert said.startswith(f"2 of the 4 synthetic items are constant (blank; e.g. {synth / 'blank.npy'}#2:0), and 1 "
+                           f"of the 15 training items too (e.g. {train / 'zz_blank.npy'}#2:0)"), said
+    assert "each blank synthetic item is a duplicate of a blank training item" in said
+    assert whole.summary["counts"]["duplicate"] == 3 and whole.summary["skipped"] == []
+    assert "2 of the 4 synthetic items are constant" in (tmp_path / "whole" / "report.html").read_text()
+
+    def die(stage: str, index: int) -> None:
+        if stage == "verify" and index == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(A, "_chunk_hook", die)
+    with pytest.raises(KeyboardInterrupt):
+        A.audit(train, synth, out=tmp_path / "resumed", **kw)
+    monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: None)
+    resumed = A.audit(train, synth, out=tmp_path / "resumed", **kw)
+    assert resumed.summary["warnings"] == [said]
+    _compare_outputs(tmp_path / "whole", tmp_path / "resumed")
+
+    # the deepssim metric scores them too (its encoder sees a blank image as all zeros); correlation skips them
+    torch.manual_seed(0)
+    r = A.audit(train, synth, model=build_model("small", input_size=64), metric="deepssim", k=2, verify="none",
+                out=tmp_path / "deep", progress=False)
+    assert r.summary["warnings"] == [said]
+    r = A.audit(train, synth, metric="correlation", k=2, verify="none", out=tmp_path / "corr", progress=False)
+    assert r.summary["warnings"] == [] and len(r.summary["skipped"]) == 3
+
+
 def test_symlinked_synthetic_file_keeps_the_link_path(ds: dict, tmp_path: Path) -> None:
     synth = tmp_path / "synth"
     synth.mkdir()
