@@ -86,9 +86,10 @@ embeddings in OUT/work) skip the fsync, as they can be recomputed: their readers
 checksum (:func:`_read_entry`, :func:`_load_checked`), and one a crash left short or that fails its checksum is
 decoded or embedded again, named in a warning. A stage file of OUT/work that cannot be read (the search, a search
 or verified chunk) is computed again, named in a warning, as an unreadable state.json is.
-The pixel stores (OUT/work/<set>_pixels.npy) keep a CRC-32 per item beside them (<set>_pixels.crc.npy), checked
-as each row is first read (:class:`_PixelStore`): a damaged row stops the run, naming the store and the item, and
-the store is removed, so that the next run builds it again from the cache.
+The pixel stores (OUT/work/<set>_pixels.npy) keep a CRC-32 per item beside them (<set>_pixels.crc.npy: of its row,
+seeded with its set and id), checked as each row is first read (:class:`_PixelStore`): a damaged row, or one that
+is not that item's (a store swapped with the other set's, checksums and all), stops the run, naming the store and
+the item, and the store is removed, so that the next run builds it again from the cache.
 An OUT or cache inside an input folder is allowed: the audit's own image-named outputs (OUT/histogram.png,
 OUT/gallery.png, OUT/work, the OUT/shards* folders that hold nothing but the Dask search's checkpoints, the cache's
 items/ and embeddings/) are left out of the inputs, with a warning; the rest of OUT is not (it may hold the inputs,
@@ -1095,20 +1096,44 @@ def _warn_constant_items(tset: ItemSet, sset: ItemSet) -> None:
 
 
 # ---- the pixel stores: OUT/work/<set>_pixels.npy ------------------------------------------------------------
-# One float32 row per item, memory-mapped, beside OUT/work/<set>_pixels.crc.npy: the CRC-32 of each row's bytes
-# (uint32, one per row; itself written by _save_checked). A resume reuses a store of the right shape, and
-# checking a whole store then (tens of GB) was too costly, so each reader checks the rows it reads, once per row
-# and run (_PixelStore). Without them a store flipped or partly overwritten in place was reused, and the
-# verified SSIM and the report were computed from damaged pixels without a word.
+# One float32 row per item, memory-mapped, beside OUT/work/<set>_pixels.crc.npy: the CRC-32 of each row's bytes,
+# seeded with the CRC-32 of its set and item id (_row_seeds) (one per row, of dtype _ROW_CRC; itself written by
+# _save_checked). A resume reuses a store of the right shape, and checking a whole store then (tens of GB) was too
+# costly, so each reader checks the rows it reads, once per row and run (_PixelStore). Without them a store
+# flipped or partly overwritten in place was reused, and the verified SSIM and the report were computed from
+# damaged pixels without a word.
 def _store_crc_path(store: Path) -> Path:
     """The checksum file of the pixel store ``store``: OUT/work/<set>_pixels.crc.npy."""
     return store.with_name(store.name.removesuffix(".npy") + ".crc.npy")
 
 
+#: The dtype of a pixel store's checksums, which names what they cover. The checksums of an earlier version,
+#: plain uint32 of each row's bytes alone, are not trusted (:class:`_EarlierChecksums`): the store is built again.
+_ROW_CRC = np.dtype([("crc32_of_set_item_and_row", "<u4")])
+
+
+class _EarlierChecksums(ValueError):
+    """A pixel store whose checksums are of an earlier version's format (of each row's bytes alone: they do not
+    say which item a row is), which is built again rather than trusted."""
+
+
+def _row_seeds(store: Path, ids: Sequence[str]) -> np.ndarray:
+    """Per item of the pixel store ``store`` (of the set its name gives: ``train`` for train_pixels.npy), the
+    CRC-32 of the set and the item's id, which seeds its row's checksum: a row is checked as that item's of that
+    set. The checksums covered the row's bytes alone, so the stores of two sets of as many items swapped together
+    with their checksum files (or rows swapped within a store with theirs) passed, and the gallery showed each
+    other's images; such a row fails its check now, as a damaged one does. Computed once per item, as the store
+    is opened or written."""
+    name = store.name.removesuffix("_pixels.npy")
+    return np.fromiter((zlib.crc32(f"{name}\0{i}".encode("utf-8", "surrogatepass")) for i in ids),
+                       dtype=np.uint32, count=len(ids))
+
+
 class _PixelStore:
-    """A pixel store (memory-mapped (n, *size) float32) whose rows are checked against their CRC-32 the first
-    time they are read: indexed along its first axis (an index, a slice, an array or list of indices) it gives
-    what the memory map gives; ``np.asarray`` of it checks every row not yet checked.
+    """A pixel store (memory-mapped (n, *size) float32) whose rows are checked against their CRC-32 (seeded with
+    their set and item: :func:`_row_seeds`) the first time they are read: indexed along its first axis (an
+    index, a slice, an array or list of indices) it gives what the memory map gives; ``np.asarray`` of it checks
+    every row not yet checked.
 
     A row that fails its checksum raises a RuntimeError that names the store, the item and how to recover, after
     removing the store and its checksums: the next run of the audit builds it again from the per-file cache (as
@@ -1116,6 +1141,7 @@ class _PixelStore:
 
     def __init__(self, path: Path, pixels: np.ndarray, crcs: np.ndarray, ids: Sequence[str]) -> None:
         self.path, self._px, self._crc, self._ids = path, pixels, crcs, ids
+        self._seed = _row_seeds(path, ids)
         self._ok = np.zeros(len(pixels), dtype=bool)  # the rows checked so far
         self.shape, self.dtype, self.ndim = pixels.shape, pixels.dtype, pixels.ndim
 
@@ -1147,17 +1173,26 @@ class _PixelStore:
                 self._check(int(r), self._px[r])
         return np.array(self._px, dtype=dtype, copy=copy)  # (an ndarray on the memory map unless asked for a copy)
 
+    def intact(self, r: int) -> bool:
+        """Whether row ``r`` matches its checksum (then it counts as checked), removing nothing if not."""
+        self._ok[r] = self._ok[r] or self._matches(r, self._px[r])
+        return bool(self._ok[r])
+
+    def _matches(self, r: int, row: np.ndarray) -> bool:
+        return zlib.crc32(np.ascontiguousarray(row), int(self._seed[r])) == int(self._crc[r])
+
     def _check(self, r: int, row: np.ndarray) -> None:
         if self._ok[r]:
             return
-        if zlib.crc32(np.ascontiguousarray(row)) != int(self._crc[r]):
+        if not self._matches(r, row):
             crc = _store_crc_path(self.path)
             for f in (crc, self.path):  # (the checksums first: a store without them is never reused)
                 with contextlib.suppress(OSError):
                     f.unlink(missing_ok=True)
             raise RuntimeError(
-                f"{self.path} is damaged: item {r} ({self._ids[r]}) fails its checksum ({crc}); the store and "
-                f"its checksums were removed: run the audit again, which builds the store again from the cache"
+                f"{self.path} is damaged: item {r} ({self._ids[r]}) fails its checksum ({crc}): its row was changed, "
+                f"or is not that item's; the store and its checksums were removed: run the audit again, which "
+                f"builds the store again from the cache"
             )
         self._ok[r] = True
 
@@ -1166,44 +1201,61 @@ def _open_store(store: Path, ids: Sequence[str], size: tuple[int, ...] | None = 
     """The pixel store ``store`` with its checksums, memory-mapped, for the items ``ids`` (of ``size``: None, any).
     FileNotFoundError when either file is missing; ValueError (:class:`_NoChecksum` for checksums of an
     earlier version's format, :class:`_DamagedEntry` for damaged ones) when it is unreadable, does not hold one
-    float32 row per item (of ``size``) or has not one checksum per row."""
-    crcs = _load_checked(_store_crc_path(store))
+    float32 row per item (of ``size``) or has not one checksum per row; :class:`_EarlierChecksums` for
+    checksums of an earlier version's format (of the rows' bytes alone)."""
+    crc = _store_crc_path(store)
+    crcs = _load_checked(crc)
     px = np.load(store, mmap_mode="r")
     if px.dtype != np.float32 or px.ndim < 2 or len(px) != len(ids) or (size is not None and px.shape[1:] != size):
         raise ValueError(f"{store}: {px.dtype} {px.shape}, not one float32 row per item ({len(ids)})")
-    if crcs.dtype != np.uint32 or crcs.shape != (len(ids),):
-        raise ValueError(f"{_store_crc_path(store)}: {crcs.dtype} {crcs.shape}, not one checksum per item "
-                         f"({len(ids)})")
-    return _PixelStore(store, px, crcs, ids)
+    if crcs.dtype == np.uint32:
+        raise _EarlierChecksums(f"{crc}: checksums of an earlier version's format (of each row's bytes alone, not "
+                                "of which item it is)")
+    if crcs.dtype != _ROW_CRC or crcs.shape != (len(ids),):
+        raise ValueError(f"{crc}: {crcs.dtype} {crcs.shape}, not one checksum per item ({len(ids)})")
+    return _PixelStore(store, px, crcs[_ROW_CRC.names[0]], ids)
 
 
 def _pixels_stored(items: ItemSet, work: Path) -> bool:
     """Whether OUT/work/<name>_pixels.npy holds ``items`` already (a resumed run's store: the stores are written
     atomically after the state is staged, and removed when the configuration changes) with one checksum per
     item beside it; if so, open it. A store without its checksums (an earlier version's, or a run killed
-    before it wrote them) or with other ones is built again."""
+    before it wrote them) or with other ones is built again, and so is one whose checksums are of an earlier
+    version's format (of the rows' bytes alone, which a store swapped with the other set's passed) or whose first
+    row fails its check (a store swapped with the other set's: its first row is another item's), named in a
+    warning about the run."""
     store = work / f"{items.name}_pixels.npy"
     try:
         items.pixels = _open_store(store, items.ids, items.size)
     except _NoChecksum:
         return False
-    except _DamagedEntry as exc:  # (the store is built again: this run's outputs are not changed by it)
+    except (_DamagedEntry, _EarlierChecksums) as exc:  # (built again: this run's outputs are not changed by it)
         logger.warning("%s: building the pixel store again", exc, extra=_RUN_ONLY)
         return False
     except (OSError, ValueError):
+        return False
+    if len(items) and not items.pixels.intact(0):
+        # (one row, checked as the store is opened: a store swapped with the other set's, or with its rows in another
+        # order, checksums and all, has a first row that is not its first item's; found only where a row is read, it
+        # stopped the run, and a swap of the two sets' stores stopped it twice, once per store)
+        logger.warning("%s: item 0 (%s) fails its checksum (%s): the store was changed, or holds other items: "
+                       "building the pixel store again", store, items.ids[0], _store_crc_path(store), extra=_RUN_ONLY)
+        items.pixels = None
         return False
     return True
 
 
 def _write_pixels(items: ItemSet, work: Path) -> None:
     """Concatenate the cached per-file items of ``items`` (:func:`_build_items`) into one memory-mapped store
-    OUT/work/<name>_pixels.npy (atomically), with the CRC-32 of each row beside it, and set ``items.pixels`` to
-    it. The old checksums are removed first and the new ones written after the store, so that a run killed in
-    between leaves a store without checksums, which the next run builds again, never one with stale ones."""
+    OUT/work/<name>_pixels.npy (atomically), with the CRC-32 of each row (seeded with its set and item:
+    :func:`_row_seeds`) beside it, and set ``items.pixels`` to it. The old checksums are removed first and the new
+    ones written after the store, so that a run killed in between leaves a store without checksums, which the
+    next run builds again, never one with stale ones."""
     store = work / f"{items.name}_pixels.npy"
     crc = _store_crc_path(store)
     crc.unlink(missing_ok=True)
     crcs = np.empty(len(items), dtype=np.uint32)
+    seeds = _row_seeds(store, items.ids)
     with atomic_path(store) as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(items),) + items.size)
         reserve(tmp)  # (a full disk: an OSError now, not a SIGBUS while copying)
@@ -1212,11 +1264,13 @@ def _write_pixels(items: ItemSet, work: Path) -> None:
             px = _entry_or_fail(_entry_pixels, e)
             px = np.ascontiguousarray(px if keep.all() else px[keep], dtype=mm.dtype)
             mm[pos : pos + len(px)] = px
-            crcs[pos : pos + len(px)] = [zlib.crc32(row) for row in px]  # (the very bytes of the store's rows)
+            # (the very bytes of the store's rows, each seeded with its set and item)
+            crcs[pos : pos + len(px)] = [zlib.crc32(row, int(sd))
+                                         for row, sd in zip(px, seeds[pos : pos + len(px)], strict=True)]
             pos += len(px)
         mm.flush()
         del mm
-    _save_checked(crc, crcs, durable=True)
+    _save_checked(crc, crcs.view(_ROW_CRC), durable=True)
     items.pixels = _open_store(store, items.ids, items.size)
 
 

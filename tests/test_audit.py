@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -3579,8 +3580,9 @@ def test_a_pixel_store_checks_the_rows_of_every_kind_of_index(tmp_path: Path) ->
     px = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
     store = tmp_path / "x_pixels.npy"
     np.save(store, px)
-    A._save_checked(A._store_crc_path(store), np.array([zlib.crc32(r) for r in px], np.uint32),
-                    durable=False)
+    seeds = A._row_seeds(store, [f"id{i}" for i in range(5)])
+    crcs = np.array([zlib.crc32(r, int(sd)) for r, sd in zip(px, seeds, strict=True)], np.uint32)
+    A._save_checked(A._store_crc_path(store), crcs.view(A._ROW_CRC), durable=False)
     s = A._open_store(store, [f"id{i}" for i in range(5)])
     assert len(s) == 5 and s.shape == px.shape
     for key in (1, -1, np.int64(2), slice(1, 4), slice(None, None, -2), [0, 3, 3], np.array([4, 1]),
@@ -3606,6 +3608,89 @@ def test_a_pixel_store_checks_the_rows_of_every_kind_of_index(tmp_path: Path) ->
     with pytest.raises(RuntimeError, match=r"x_pixels\.npy is damaged: item 3 \(id3\) fails its checksum"):
         s[2:5]
     assert not store.exists() and not A._store_crc_path(store).exists()
+
+
+def test_pixel_stores_swapped_with_their_checksums_are_caught_and_earlier_checksums_not_trusted(
+        ds: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a probe: the checksums covered each row's bytes alone, so work/train_pixels.npy and
+    synth_pixels.npy swapped together with their .crc.npy files (two sets of as many items) passed every check,
+    and the resumed run verified and showed each set's pixels as the other's. Each row's CRC is seeded with its
+    set and item id now: a row in the other set's store, or at another item's position, fails its check as a
+    damaged row does, and a resume checks each store's first row as it opens it, building a swapped store again
+    (said in a warning about the run). Checksums of the earlier format (the bytes alone) are not trusted: a resume
+    builds the store again, evaluate says to run the audit again."""
+    import zlib
+
+    train, synth = tmp_path / "train", tmp_path / "synth"
+    train.mkdir()
+    synth.mkdir()
+    for name in sorted(ds["train_arrays"])[:4]:
+        shutil.copy(ds["train"] / name, train / name)
+    for name in ("s00.npy", "s04.npy", "s10.npy", "s11.npy"):
+        shutil.copy(ds["synth"] / name, synth / name)
+    kw = dict(metric="ssim", k=2, chunk_size=1, progress=False)
+    A.audit(train, synth, out=tmp_path / "a", **kw)
+
+    def die(stage: str, index: int) -> None:
+        if stage == "verify" and index == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    def resumed(out: Path, change: Callable[[Path], None]) -> A.AuditResult:
+        monkeypatch.setattr(A, "_chunk_hook", die)
+        with pytest.raises(KeyboardInterrupt):
+            A.audit(train, synth, out=out, **kw)
+        monkeypatch.setattr(A, "_chunk_hook", lambda stage, index: None)
+        change(out / "work")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+            r = A.audit(train, synth, out=out, **kw)
+        assert r.summary["warnings"] == []
+        _same_outputs(out, tmp_path / "a")
+        return r
+
+    def swap(work: Path) -> None:  # the two sets' stores swapped, checksums and all
+        for suffix in ("_pixels.npy", "_pixels.crc.npy"):
+            t, s_ = work / f"train{suffix}", work / f"synth{suffix}"
+            t.rename(work / "swap")
+            s_.rename(t)
+            (work / "swap").rename(s_)
+
+    resumed(tmp_path / "o", swap)
+    said = [m for m in caplog.messages if "building the pixel store again" in m]
+    assert len(said) == 2 and all("item 0 (" in m and "fails its checksum" in m for m in said), caplog.messages
+
+    # two rows of a store swapped with their checksums: evaluate stops as at a damaged row
+    work = tmp_path / "o" / "work"
+    store, crc = work / "synth_pixels.npy", work / "synth_pixels.crc.npy"
+    ids = json.loads((work / "items.json").read_text())["synth"]["ids"]
+    labels = _labels(tmp_path / "l.csv", *[(sorted(ds["train_arrays"])[0], Path(i.split("#")[0]).name, 0)
+                                           for i in ids[:2]])
+    want = A.evaluate(tmp_path / "o", labels)
+    px, crcs = np.load(store), A._load_checked(crc)
+    px[[0, 1]], crcs[[0, 1]] = px[[1, 0]], crcs[[1, 0]]
+    np.save(store, px)
+    A._save_checked(crc, crcs, durable=False)
+    with pytest.raises(RuntimeError, match=r"is damaged: item [01] \(.*\) fails its checksum .*: its row was "
+                                           r"changed, or is not that item's"):
+        A.evaluate(tmp_path / "o", labels)
+    A.audit(train, synth, out=tmp_path / "o", **kw)  # (builds the removed store again)
+    assert A.evaluate(tmp_path / "o", labels) == want
+
+    # checksums of the earlier format (plain uint32 of the rows' bytes alone): evaluate refuses them, a resume
+    # builds the stores again
+    def earlier(work: Path) -> None:
+        for side in ("train", "synth"):
+            rows = np.load(work / f"{side}_pixels.npy")
+            A._save_checked(work / f"{side}_pixels.crc.npy", np.array([zlib.crc32(r) for r in rows], np.uint32),
+                            durable=False)
+
+    earlier(work)
+    with pytest.raises(ValueError, match=r"checksums of an earlier version's format .*run the audit into"):
+        A.evaluate(tmp_path / "o", labels)
+    resumed(tmp_path / "r", earlier)
+    said = [m for m in caplog.messages if "building the pixel store again" in m]
+    assert len(said) == 2 and all("earlier version's format" in m for m in said), caplog.messages
+    assert A.evaluate(tmp_path / "r", labels) == dict(want, audit=str(tmp_path / "r"))
 
 
 def test_a_new_reader_version_decodes_every_file_again(ds: dict, tmp_path: Path,
