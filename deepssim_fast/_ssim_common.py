@@ -432,11 +432,18 @@ def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL,
     chunk = max(1, (64 << 20) // (8 * max(1, f.shape[1])))
     for s in range(0, n, chunk):
         blk = f[s : s + chunk]
-        if t.dtype in (torch.int64, torch.uint64):  # (values past 2^53: float64 cannot measure them, see above)
+        if t.dtype in (torch.int64, torch.uint64):
+            # (values past 2^53, which float64 cannot measure, see above: float32's rounding of a value is at
+            # most 2^-24 of its magnitude, so that bound against the exact range decides; a bound, where the
+            # others are measured, so an image near the line may take the float64 path needlessly)
             lo, hi, shift = _int64_extremes(blk, (1,))
-            past = (_past_float64(lo, hi, shift) & (hi > lo)).flatten()
+            past = _past_float64(lo, hi, shift).flatten()
             if bool(past.any()):
-                out[s : s + chunk] = past
+                d = (hi - lo).to(torch.float64)  # (wraps past a spread of 2^63: an int64 read as its uint64)
+                rng = torch.where(d < 0, d + 2.0**64, d).flatten()
+                big = torch.maximum((lo.to(torch.float64) + shift).abs(), (hi.to(torch.float64) + shift).abs())
+                scale = rng if data_range is None else torch.clamp(rng, max=float(data_range))
+                out[s : s + chunk] = past & (big.flatten() * 2.0**-24 > tol * scale) & (rng > 0)
                 keep = torch.nonzero(~past).flatten()
                 if keep.numel():
                     out[s + keep] = float32_inexact(blk[keep], tol, data_range)
