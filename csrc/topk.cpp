@@ -1185,8 +1185,7 @@ constexpr int64_t kTimedDp = 256;
 constexpr int kWarmReps = 6;
 void time_micro_kernels(int iters, int reps, bool vnni, double t[3]) {
   constexpr int64_t dp = kTimedDp;
-  // (every operand 64-byte aligned: where the heap put the query rows and the packed int16 block moved the
-  // measured ratio between processes, 1.3 to 1.9 on one Zen 3, though each process measured it steadily)
+  // (every operand 64-byte aligned, as the engine's panels and blocks are)
   std::vector<float> fa(static_cast<size_t>(MR * dp) + 16, 0.01f), fp(static_cast<size_t>(2 * dp * NR) + 16, 0.02f);
   std::vector<int16_t> ia(static_cast<size_t>(MR * dp), 3), ip(static_cast<size_t>(2 * dp * NR) + 32, 5);
   std::vector<int32_t> packed;  // the six int16 rows as one block (see pack_blocks_i16)
@@ -1211,8 +1210,9 @@ void time_micro_kernels(int iters, int reps, bool vnni, double t[3]) {
   const IeeeFloats ieee;
   t[0] = t[1] = 1e30;
   if (vnni) t[2] = 1e30;
-  // (rep -1 is not timed: a process's first timing of the fp32 kernel ran ~15 % slow on a Zen 3, so its first
-  // measured int16 speed-up read 1.4-1.9 where later calls in the same process read a steady 1.3 or 1.48)
+  // (the first kWarmReps rounds are not timed: a process's first timing of the fp32 kernel ran ~15 % slow on a
+  // Zen 3, so its first measured int16 speed-up read 1.4-1.9 where later calls in the same process read a
+  // steady 1.3 or 1.48, the VM's slow or fast phase)
   for (int rep = -kWarmReps; rep < reps; ++rep) {
     const auto t0 = clk::now();
     for (int i = 0; i < iters; ++i) {

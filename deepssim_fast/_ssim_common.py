@@ -389,9 +389,15 @@ def _int64_extremes(t: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tenso
     return v.amin(dim=dims, keepdim=True), v.amax(dim=dims, keepdim=True), shift
 
 
-def _past_float64(lo: torch.Tensor, hi: torch.Tensor, shift: int) -> torch.Tensor:
-    """Where an image of int64 extremes ``lo``, ``hi`` (plus ``shift``) has a value float64 may not hold."""
-    return torch.maximum((lo.to(torch.float64) + shift).abs(), (hi.to(torch.float64) + shift).abs()) >= _FLOAT64_EXACT
+def _magnitude(lo: torch.Tensor, hi: torch.Tensor, shift: int) -> torch.Tensor:
+    """The largest |value| (float64) of an image of int64 extremes ``lo``, ``hi`` (plus ``shift``)."""
+    return torch.maximum((lo.to(torch.float64) + shift).abs(), (hi.to(torch.float64) + shift).abs())
+
+
+def _as_unsigned64(d: torch.Tensor) -> torch.Tensor:
+    """float64 of int64 differences ``d`` that may have wrapped (a spread past 2^63): read as their uint64."""
+    f = d.to(torch.float64)
+    return torch.where(f < 0, f + 2.0**64, f)
 
 
 def exact_float64(t: torch.Tensor, spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -403,12 +409,10 @@ def exact_float64(t: torch.Tensor, spatial_dims: int) -> tuple[torch.Tensor, tor
         return t.to(torch.float64), None
     dims = tuple(range(t.ndim - spatial_dims, t.ndim))
     lo, hi, shift = _int64_extremes(t, dims)
-    if not bool(_past_float64(lo, hi, shift).any()):
+    if not bool((_magnitude(lo, hi, shift) >= _FLOAT64_EXACT).any()):
         return t.to(torch.float64), None
     v, _ = _ordered_int64(t)
-    d = (v - lo).to(torch.float64)  # (wraps past a spread of 2^63: an int64 read as its uint64 value below)
-    c = torch.where(d < 0, d + 2.0**64, d)
-    return c, lo.to(torch.float64) + shift
+    return _as_unsigned64(v - lo), lo.to(torch.float64) + shift
 
 
 def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL,
@@ -437,13 +441,12 @@ def float32_inexact(t: torch.Tensor, tol: float = FLOAT32_ROUNDING_TOL,
             # most 2^-24 of its magnitude, so that bound against the exact range decides; a bound, where the
             # others are measured, so an image near the line may take the float64 path needlessly)
             lo, hi, shift = _int64_extremes(blk, (1,))
-            past = _past_float64(lo, hi, shift).flatten()
+            big = _magnitude(lo, hi, shift).flatten()
+            past = big >= _FLOAT64_EXACT
             if bool(past.any()):
-                d = (hi - lo).to(torch.float64)  # (wraps past a spread of 2^63: an int64 read as its uint64)
-                rng = torch.where(d < 0, d + 2.0**64, d).flatten()
-                big = torch.maximum((lo.to(torch.float64) + shift).abs(), (hi.to(torch.float64) + shift).abs())
+                rng = _as_unsigned64(hi - lo).flatten()
                 scale = rng if data_range is None else torch.clamp(rng, max=float(data_range))
-                out[s : s + chunk] = past & (big.flatten() * 2.0**-24 > tol * scale) & (rng > 0)
+                out[s : s + chunk] = past & (big * 2.0**-24 > tol * scale) & (rng > 0)
                 keep = torch.nonzero(~past).flatten()
                 if keep.numel():
                     out[s + keep] = float32_inexact(blk[keep], tol, data_range)
