@@ -280,9 +280,7 @@ def close() -> None:
     with _LOCK:
         _CLOSED = True
         _WAKE.notify_all()
-        for job in _JOBS.values():
-            if job.proc is not None and job.proc.poll() is None:
-                _kill(job.proc)
+        _kill_all()
     deadline = time.monotonic() + 10
     for job in _JOBS.values():
         if job.proc is not None:
