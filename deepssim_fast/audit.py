@@ -1199,10 +1199,10 @@ class _PixelStore:
 
 def _open_store(store: Path, ids: Sequence[str], size: tuple[int, ...] | None = None) -> _PixelStore:
     """The pixel store ``store`` with its checksums, memory-mapped, for the items ``ids`` (of ``size``: None, any).
-    FileNotFoundError when either file is missing; ValueError (:class:`_NoChecksum` for checksums of an
-    earlier version's format, :class:`_DamagedEntry` for damaged ones) when it is unreadable, does not hold one
-    float32 row per item (of ``size``) or has not one checksum per row; :class:`_EarlierChecksums` for
-    checksums of an earlier version's format (of the rows' bytes alone)."""
+    FileNotFoundError when either file is missing; ValueError (:class:`_NoChecksum` for a checksum file saved
+    without its own checksum, :class:`_DamagedEntry` for a damaged one) when it is unreadable, does not hold one
+    float32 row per item (of ``size``) or has not one checksum per row; :class:`_EarlierChecksums` for row
+    checksums of an earlier version's format (of the rows' bytes alone, not seeded with their items)."""
     crc = _store_crc_path(store)
     crcs = _load_checked(crc)
     px = np.load(store, mmap_mode="r")
