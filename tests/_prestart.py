@@ -159,6 +159,14 @@ def _end_with_the_suite() -> None:
     def on_signal(signum: int, frame: Any) -> None:
         # Without _LOCK: the handler runs in the main thread, which may hold it (result(), queue_for()); close()
         # taking it here deadlocked a SIGTERM that landed there. Reading the jobs' processes needs no lock.
+        # _CLOSED first (a plain assignment): the runner then starts no further job, kills one it is starting
+        # (_start) and reads no folder (_finish); it is given a moment to get there before the last sweep.
+        global _CLOSED
+        _CLOSED = True
+        _kill_all(remove_folders=True)
+        runner = _RUNNER
+        if runner is not None and runner is not threading.current_thread():
+            runner.join(timeout=2)
         _kill_all(remove_folders=True)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
@@ -191,6 +199,8 @@ def _start(job: _Job, background: bool) -> None:
         with open(job.tmp / "stdout", "wb") as out, open(job.tmp / "stderr", "wb") as err:
             job.proc = subprocess.Popen(nice + job.argv, stdout=out, stderr=err, start_new_session=True,
                                         **job.kwargs)
+        if _CLOSED:  # (a signal's handler ran while this job was being started: it ends with the rest)
+            _kill(job.proc)
     except BaseException as exc:  # reported by result()
         job.error = exc
         job.state = "done"
@@ -206,8 +216,15 @@ def _finish(job: _Job, rc: int) -> None:
         job.done.set()
         return
     assert job.tmp is not None and job.proc is not None
-    out = (job.tmp / "stdout").read_bytes().decode(errors="replace")
-    err = (job.tmp / "stderr").read_bytes().decode(errors="replace")
+    try:
+        out = (job.tmp / "stdout").read_bytes().decode(errors="replace")
+        err = (job.tmp / "stderr").read_bytes().decode(errors="replace")
+    except OSError:
+        if not _CLOSED:  # (a signal's handler removed the folder between the check above and these reads)
+            raise
+        job.state = "done"
+        job.done.set()
+        return
     job.outcome = subprocess.CompletedProcess(job.proc.args, rc, out, err)
     job.state = "done"
     job.done.set()
