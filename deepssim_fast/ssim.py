@@ -535,7 +535,9 @@ def ssim(
             range as ``data_range`` (as scikit-image: uint8 255, int64 2^64 − 1; a list of Python ints is
             int64, as numpy makes it: pass ``data_range``); bool images count as {0, 1} with range 1.
             64-bit integer images past 2^53, which float64 cannot hold, are centred on their minimum in
-            integer arithmetic first. Non-contiguous inputs are fine.
+            integer arithmetic first: exact while an image's spread (max − min) is below 2^53; past that its
+            values are rounded to float64 relative to the spread, so texture finer than ~2^-53 of the spread is
+            lost (it matters only with a ``data_range`` far below the spread). Non-contiguous inputs are fine.
         spatial_dims: 2 or 3. Only 2D arrays default to 2; a 3D/4D input without it is ambiguous (a stack
             of slices or a volume?) and raises.
         window: ``"uniform"`` (``win_size`` taps, default 7) or ``"gaussian"`` (σ = ``sigma``, truncated at
