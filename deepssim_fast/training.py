@@ -6,7 +6,8 @@ How a step is made
    neighbouring slices of one volume (offset 1-3, same source), and two copies of one slice, mixed
    ``pair_mix`` = (0.5, 0.25, 0.25) by default, so the targets cover the whole SSIM range.
 2. Each image of a pair is augmented independently with MONAI, as the reference does: RandFlip on axis 0,
-   RandFlip on axis 1, RandRotate ±0.17 rad, RandAdjustContrast γ ∈ [0.5, 1.5], each with p = 0.33.
+   RandFlip on axis 1, RandRotate ±0.17 rad, RandAdjustContrast γ ∈ [0.5, 1.5], each with p = 0.33 (an
+   exactly constant image, a blank slice, stays exactly as it was: see :class:`Augmenter`).
 3. The target is the SSIM of the pair AS AUGMENTED (``preset="deepssim"``: z-scored images, 7x7 uniform
    window, data range of the first image), computed in the batch by the project's SSIM engine — no CSV
    of pre-computed labels is needed (the reference trains each augmented pair against the SSIM of the
@@ -157,7 +158,13 @@ class Augmenter:
         ])
 
     def __call__(self, images: np.ndarray, seed: int) -> np.ndarray:
-        """Augment each image of ``images`` (B, H, W) independently; same ``seed`` -> same result."""
+        """Augment each image of ``images`` (B, H, W) independently; same ``seed`` -> same result.
+
+        An exactly constant image (a blank slice) comes back exactly as it was: every transform maps a constant
+        to itself (flips; the rotation pads with the border; the contrast keeps the minimum), but the rotation's
+        bilinear resampling in float32 leaves rounding noise of ~1e-7 of a non-zero value, which the per-image
+        z-score of the SSIM target and of the network input would blow up to a unit-variance pattern (a blank
+        pair's target far below 1, and a pattern the model never sees at inference; as :func:`fit_size`)."""
         if not self.enabled:
             return images.copy()
         self.compose.set_random_state(seed=int(seed) % (2 ** 32))
@@ -165,6 +172,10 @@ class Augmenter:
         for k in range(images.shape[0]):
             r = self.compose(images[k:k + 1])
             out[k] = np.asarray(r.as_tensor() if hasattr(r, "as_tensor") else r)[0]
+        if images.size:
+            flat = images.reshape(images.shape[0], -1)
+            const = flat.max(axis=1) == flat.min(axis=1)
+            out[const] = images[const]
         return out
 
 

@@ -22,6 +22,7 @@ from deepssim_fast.training import (
     Augmenter,
     PairSampler,
     evaluate,
+    fixed_pairs,
     make_pool,
     read_checkpoint,
     ssim_targets,
@@ -1328,3 +1329,22 @@ def test_a_validation_set_of_blank_images_is_said(mni_slices, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.training"):
         train(imgs, val_images=[s.array for s in mni_slices[6:8]], max_steps=1, **TINY)
     assert not any("constant" in r for r in caplog.messages)
+
+
+def test_a_blank_image_stays_exactly_blank_through_augmentation(mni_slices) -> None:
+    # the rotation's bilinear resampling left ~1e-7 noise on a blank of a non-zero value (-1 on data scaled to
+    # [-1, 1], CT air -1024); the z-score of the SSIM target blew it up: a blank/blank pair's target 0.02-0.3
+    values = (-1.0, -1024.0, 0.0, 0.3)
+    blanks = np.stack([np.full((64, 64), v, np.float32) for v in values for _ in range(10)])
+    aug = Augmenter()
+    for seed in range(3):
+        np.testing.assert_array_equal(aug(blanks, seed), blanks)
+    real = [np.asarray(s.array, np.float32) for s in mni_slices[8:14]]
+    scaled = [2 * (a - a.min()) / (a.max() - a.min()) - 1 for a in real]
+    pool = make_pool(scaled + [np.full_like(scaled[0], -1.0)] * 4, build_model("small", input_size=64).config)
+    fp = fixed_pairs(pool, 32, seed=0, pairs=[(6, 6), (7, 7), (8, 9), (0, 1)] * 8)
+    blank_pairs = [k for k in range(32) if k % 4 != 3]
+    np.testing.assert_array_equal(fp.targets.numpy()[blank_pairs], 1.0)
+    np.testing.assert_array_equal(fp.a.numpy()[blank_pairs], -1.0)
+    assert any(not np.array_equal(fp.a[k].numpy(), pool.images[0]) for k in range(3, 32, 4)), \
+        "the other images are still augmented"
