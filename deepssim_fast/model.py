@@ -77,6 +77,7 @@ import copy
 import json
 import logging
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -537,13 +538,16 @@ def load_backbone_weights(backbone: nn.Module, name: str, path: str | os.PathLik
     if not p.is_file():
         raise FileNotFoundError(f"pretrained weights {p}: no such file (weights are never downloaded; "
                                 f"give the local path of torchvision's {name}-*.pth)")
+    incomplete = _incomplete_zip(p)
+    if incomplete is not None:
+        raise incomplete
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a state dict file"
         # (torch's own text advised weights_only=False, 600 characters of it: unsafe, and beside the point)
         why = ("a safe weights-only torch.load could not read it: not a torch file, or one holding pickled "
                "Python objects" if "weights_only" in str(exc) or "Weights only" in str(exc)
-               else f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+               else f"{type(exc).__name__}: {_torch_text(str(exc))}")
         raise ModelFileError(f"{p}: not a readable state_dict file ({why})") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -599,15 +603,50 @@ def _check_model_path(p: Path) -> None:
         raise FileNotFoundError(f"model file {p}: no such file")
 
 
+def _torch_text(text: str, limit: int = 200) -> str:
+    """torch's message ``text`` on one line for an error of ours: whole when it is at most ``limit``
+    characters, else up to the end of its last sentence that ends within them (what follows is torch's advice
+    to its own developers: "This is an internal miniz error. If you are seeing this error, there is a high
+    ..."), or whole when no sentence ends there: never cut in the middle of a sentence."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text[:limit + 1])]
+    return text[:ends[-1]] if ends else text
+
+
+def _incomplete_zip(p: Path) -> ModelFileError | None:
+    """The error for ``p`` when it starts as a zip archive (as checkpoints, TorchScript files and torchvision
+    weights do) whose directory, at its end, cannot be read: a truncated file, as an interrupted copy or
+    download leaves (torch said "PytorchStreamReader failed reading zip archive: failed finding central
+    directory", and the file was called no model file at all); None when it is no such file."""
+    try:
+        with open(p, "rb") as f:
+            if f.read(2) != b"PK":
+                return None
+        with zipfile.ZipFile(p):
+            return None
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return ModelFileError(f"{p}: incomplete model file: it starts as a zip archive, as model files do, but "
+                              "the directory at its end cannot be read (truncated: an interrupted copy or "
+                              "download?); copy it again")
+    except OSError:
+        return None  # (unreadable: the loaders say so)
+
+
 def _check_archive(p: Path) -> None:
-    """A ModelFileError naming the first entry of zip archive ``p`` (checkpoints and TorchScript files are
-    zips) whose CRC does not match its data. torch does not check them: a file with 8 KB overwritten loaded
-    without a word and moved embeddings by up to 0.012. (Reads the file once: ~0.3 s for 350 MB.)"""
+    """A ModelFileError when zip archive ``p`` (checkpoints and TorchScript files are zips) is truncated
+    (:func:`_incomplete_zip`), or naming its first entry whose CRC does not match its data. torch does not
+    check them: a file with 8 KB overwritten loaded without a word and moved embeddings by up to 0.012. (Reads
+    the file once: ~0.3 s for 350 MB.)"""
+    incomplete = _incomplete_zip(p)
+    if incomplete is not None:
+        raise incomplete
     try:
         with zipfile.ZipFile(p) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return  # not a zip (or its directory is unreadable): the loaders say what it is
+        return  # not a zip: the loaders say what it is
     except Exception as exc:  # noqa: BLE001 - zlib errors of a damaged compressed entry and the like
         raise ModelFileError(f"{p}: damaged model file ({type(exc).__name__}: {exc}); copy it again") from exc
     if bad is not None:
@@ -642,7 +681,7 @@ def _unreadable_checkpoint(p: Path, exc: Exception) -> ModelFileError:
         why = (f"{type(exc).__name__}: a safe weights-only torch.load could not read it — it is not a torch "
                f"file, or it holds pickled Python objects, which are never loaded")
     else:
-        first = text.splitlines()[0][:160] if text else ""
+        first = _torch_text(text.strip().splitlines()[0]) if text.strip() else ""
         why = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return ModelFileError(f"{p}: not a deepssim_fast checkpoint or TorchScript file (expected a deepssim_fast "
                           f"checkpoint, the .pt written by train, or a TorchScript file; {why})")
@@ -736,7 +775,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
                 module = torch.jit.load(str(p), map_location=dev, _extra_files=extra)
         except Exception as exc:  # noqa: BLE001
             raise ModelFileError(f"{p}: looks like a TorchScript archive but could not be loaded "
-                                 f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+                                 f"({type(exc).__name__}: {_torch_text(str(exc))})") from exc
         raw = extra.get(_TS_EXTRA) or ""
         if not raw:
             try:

@@ -511,6 +511,58 @@ def test_damaged_checkpoint_entries_are_named_with_the_file(tmp_path, small_mode
         assert name in str(ei.value)
 
 
+def test_a_truncated_model_file_is_said_to_be_incomplete(tmp_path, small_model, real_images, capsys) -> None:
+    """A checkpoint or TorchScript file cut short (an interrupted copy or download) was called "not a
+    deepssim_fast checkpoint or TorchScript file", with torch's text cut mid-sentence ("... If you are seeing
+    this error, there is a high"); it is now said to be incomplete, by load_model, train(resume=) and the
+    CLI's --resume alike."""
+    from deepssim_fast.cli import main
+    from deepssim_fast.training import read_checkpoint, train
+
+    good = [small_model.save_checkpoint(tmp_path / "ck.pt", step=1), small_model.save_torchscript(tmp_path / "ts.pt")]
+    for f in good:
+        raw = f.read_bytes()
+        for cut in (len(raw) // 2, len(raw) - 1, 100):
+            t = tmp_path / f"cut_{cut}_{f.name}"
+            t.write_bytes(raw[:cut])
+            for load in (load_model, read_checkpoint):
+                with pytest.raises(ModelFileError, match=re.escape(f"{t}: incomplete model file")) as ei:
+                    load(t)
+                assert "copy it again" in str(ei.value) and "PytorchStreamReader" not in str(ei.value)
+    t = tmp_path / "last.pt"
+    t.write_bytes(good[0].read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="last.pt: incomplete model file"):
+        train(real_images, resume=t, max_steps=2, out=tmp_path / "run", progress=False)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k, a in enumerate(real_images[:4]):
+        np.save(folder / f"{k}.npy", a)
+    capsys.readouterr()
+    assert main(["train", "--images", str(folder), "--out", str(tmp_path / "cli"), "--resume", str(t)]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt: incomplete model file" in err and "copy it again" in err, err
+    # torchvision weights cut short, given as pretrained=
+    sd = tmp_path / "resnet18-cut.pth"
+    torch.save(build_model("resnet18", input_size=64).backbone.state_dict(), sd)
+    sd.write_bytes(sd.read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="resnet18-cut.pth: incomplete model file"):
+        build_model("resnet18", pretrained=sd)
+
+
+def test_torchs_text_is_never_cut_in_the_middle_of_a_sentence() -> None:
+    from deepssim_fast.model import _torch_text
+
+    miniz = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
+             "internal miniz error. If you are seeing this error, there is a high likelihood that your "
+             "checkpoint file is corrupted. Please try to redownload the checkpoint file.")
+    assert _torch_text(miniz, 160) == ("PytorchStreamReader failed reading zip archive: failed finding central "
+                                       "directory. This is an internal miniz error.")
+    assert _torch_text(miniz, 1000) == miniz
+    long = "word " * 60 + "end"  # no sentence ends within the limit: whole, not cut
+    assert _torch_text(long, 100) == long.strip()
+    assert _torch_text("two\n  lines", 100) == "two lines"
+
+
 def test_model_file_that_is_neither(tmp_path) -> None:
     txt = tmp_path / "notes.pt"
     txt.write_text("not a model")
