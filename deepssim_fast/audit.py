@@ -54,8 +54,12 @@ Conventions
   it back with ``errors="surrogateescape"``); report.html and gallery.png show such bytes as U+FFFD.
 * Labels use the verified SSIM (or the search score when ``verify="none"``):
   ``duplicate`` if s > high, ``similar`` if low < s <= high, ``different`` if s <= low, with
-  ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate;
-  "fraction memorised" is the fraction of synthetic samples labelled ``duplicate``.
+  ``thresholds=(low, high)``. A synthetic sample's label is that of its best verified candidate (the
+  first of the highest score; with ``verify="none"``, the first row), which need not be the first by search
+  score (``rank`` 1): a shifted copy's source can rank below a blurred look-alike and verify at SSIM 1.
+  matches.csv marks that row ``decides_label`` = 1 (0 on the item's other rows), once per synthetic item:
+  its rows marked 1 count as summary.json's ``counts``, and report.html's suspects and gallery.png show
+  those pairs. "fraction memorised" is the fraction of synthetic samples labelled ``duplicate``.
 * ``metric="correlation"``: a constant (blank) item has no Pearson correlation. It is skipped and listed
   among the skipped inputs (path and reason), as unreadable files are; ``strict=True`` aborts instead.
 * summary.json's ``pair_counts_search`` and histogram.png's bars count the search score of every pair of the
@@ -165,6 +169,7 @@ MATCHES_HEADER = (
     "transform",
     "synth_frame",
     "train_frame",
+    "decides_label",
 )
 #: A temporary file in the (possibly shared) cache older than this is what a killed run left: removed.
 _CACHE_TMP_AGE_S = 3600.0
@@ -180,6 +185,8 @@ _CACHE_TMP_AGE_S = 3600.0
 # flip02, flip12, flip012), and rotations are verified for the unflipped image as well as the best flip
 # 9: the search variant verification scores as well (verify_pairs' extra) is, when shifted, also scored on the
 # overlap, as the shifts verification finds itself are (it had the filled score alone)
+# (not bumped for matches.csv's last column, decides_label: it is written from the same stages, which a bump
+# would discard; a rerun into an earlier audit's OUT resumes it and writes matches.csv with the column)
 _FORMAT_VERSION = 9
 
 
@@ -3122,7 +3129,7 @@ def audit(
         name: out / name
         for name in _OUTPUT_FILES[:-1]  # (evaluation.json: written by evaluate)
     }
-    _write_matches(files["matches.csv"], tset, sset, res, ver, labels, trans, verify, th)
+    _write_matches(files["matches.csv"], tset, sset, res, ver, labels, trans, verify, th, best_rank)
     skipped = [{"set": "train", "path": p, "reason": r} for p, r in tset.skipped] + [
         {"set": "synth", "path": p, "reason": r} for p, r in sset.skipped
     ]
@@ -3583,7 +3590,10 @@ def _write_matches(
     trans: np.ndarray,
     verify: str,
     thresholds: Sequence[float],
+    best_rank: np.ndarray,
 ) -> None:
+    """matches.csv: a row per synthetic item and rank (:data:`MATCHES_HEADER`); ``decides_label`` is 1 on the
+    row at ``best_rank`` (the candidate whose label is the item's), 0 on the others."""
     from .report import format_score
 
     buf = _io.StringIO()
@@ -3617,6 +3627,7 @@ def _write_matches(
                     trans[i, r],
                     s_pf[i][1],
                     t_pf[j][1],
+                    int(r == best_rank[i]),
                 ]
             )
     _atomic_bytes(path, os.fsencode(buf.getvalue()))

@@ -457,16 +457,16 @@ def run_demo(
     )
     t_audit = time.perf_counter() - t0 - t_data - t_train
 
-    # Read the audit's answer per synthetic item: its label and best match; and the search's own first
-    # candidate (the encoder alone, before verification by exact SSIM)
+    # Read the audit's answer per synthetic item: its label and best match (the row marked decides_label, which
+    # summary.json counts: the highest verified SSIM, at any rank); and the search's own first candidate (the
+    # encoder alone, before verification by exact SSIM)
     best: dict[str, tuple[float, str, str]] = {}
     first: dict[str, str] = {}
     with open(res.files["matches.csv"], newline="") as f:
         for row in csv.DictReader(f):
             name = Path(row["synth_path"]).name
-            s = float(row["ssim"])
-            if name not in best or s > best[name][0]:
-                best[name] = (s, Path(row["train_path"]).name, row["label"])
+            if row["decides_label"] == "1":
+                best[name] = (float(row["ssim"]), Path(row["train_path"]).name, row["label"])
             if row["rank"] == "1":
                 first[name] = Path(row["train_path"]).name
     planted = data["planted"]

@@ -605,6 +605,64 @@ def test_shift_aware_search_brings_shifted_copies_into_the_candidates(tmp_path: 
             assert best["transform"] == "shift(-3,-3)" and float(best["ssim"]) > 0.99
 
 
+def test_matches_marks_the_row_that_decides_the_label(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A synthetic item's label is its best verified candidate's, at any rank: a copy shifted by (2, -1) searched
+    with verify_shifts=2 (the search's ±2 px translations leave it a pixel off its source) ranks a blurred
+    look-alike first (similar) and its source second (duplicate, shift(-2,1), SSIM 1), as synth_0021 in the demo.
+    Counting rank-1 labels miscounted against summary.json: matches.csv's last column, decides_label, marks the
+    one row per item whose label counts. An earlier audit's matches.csv (without it) gets it on a rerun, which
+    resumes the finished work."""
+    g = np.exp(-0.5 * (np.arange(-4, 5) / 1.5) ** 2)
+    g /= g.sum()
+
+    def blur(a: np.ndarray) -> np.ndarray:  # a Gaussian blur, sigma 1.5 px
+        for ax in (0, 1):
+            a = np.apply_along_axis(np.convolve, ax, a, g, mode="same")
+        return a.astype(np.float32)
+
+    sl = data.load_slices("mni152", data.SlicePolicy(axis=2, step=10))
+    train_dir, synth_dir = tmp_path / "train", tmp_path / "synth"
+    train_dir.mkdir()
+    synth_dir.mkdir()
+    for q in (3, 4):
+        src = np.ascontiguousarray(sl[q].array[::3, ::3]).astype(np.float32)
+        copy = A._shift(src, (2, -1))
+        np.save(train_dir / f"src{q}.npy", src)
+        np.save(train_dir / f"blur{q}.npy", blur(copy))
+        np.save(synth_dir / f"shifted{q}.npy", copy)
+    np.save(synth_dir / "same5.npy", np.ascontiguousarray(sl[5].array[::3, ::3]).astype(np.float32))
+    np.save(train_dir / "src5.npy", np.ascontiguousarray(sl[5].array[::3, ::3]).astype(np.float32))
+    out = tmp_path / "o"
+    r = A.audit(train_dir, synth_dir, metric="correlation", k=3, out=out, verify_shifts=2, progress=False)
+    with open(out / "matches.csv", newline="") as f:
+        assert next(csv.reader(f))[-1] == "decides_label"
+    rows = _rows(out)
+    marked = [x for x in rows if x["decides_label"] == "1"]
+    assert {x["decides_label"] for x in rows} == {"0", "1"}
+    assert sorted(x["synth_id"] for x in marked) == sorted({x["synth_id"] for x in rows})  # one per item
+    assert {lab: sum(x["label"] == lab for x in marked) for lab in A.LABELS} == r.summary["counts"]
+    by_name = {Path(x["synth_path"]).name: x for x in marked}
+    for q in (3, 4):
+        x = by_name[f"shifted{q}.npy"]
+        assert (x["rank"], Path(x["train_path"]).name, x["label"]) == ("2", f"src{q}.npy", "duplicate")
+        assert x["transform"] == "shift(-2,1)" and float(x["ssim"]) > 0.999
+        first = next(y for y in rows if y["synth_id"] == x["synth_id"] and y["rank"] == "1")
+        assert Path(first["train_path"]).name == f"blur{q}.npy" and first["label"] == "similar"
+    assert by_name["same5.npy"]["rank"] == "1" and by_name["same5.npy"]["label"] == "duplicate"
+    assert r.summary["counts"] == {"different": 0, "similar": 0, "duplicate": 3}
+    # rank 1 alone would say 1 duplicate and 2 similar
+    assert sum(x["label"] == "duplicate" for x in rows if x["rank"] == "1") == 1
+
+    # an audit written before the column: a rerun resumes it (no bump of the format version discards its
+    # search and verification) and writes matches.csv with the column
+    want = (out / "matches.csv").read_bytes()
+    (out / "matches.csv").write_bytes(b"".join(line.rsplit(b",", 1)[0] + b"\n" for line in want.splitlines()))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(train_dir, synth_dir, metric="correlation", k=3, out=out, verify_shifts=2, progress=False)
+    assert "resuming the earlier run" in caplog.text and "configuration changed" not in caplog.text
+    assert (out / "matches.csv").read_bytes() == want
+
+
 def test_embeddings_metric_matches_reference_and_faiss(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     tr = rng.standard_normal((37, 16)).astype(np.float32)
