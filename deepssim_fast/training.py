@@ -37,7 +37,8 @@ settings are an error.
 Validation pairs are fixed once from ``(seed, "val")``.
 
 Outputs under ``out`` (when given): ``last.pt`` (every ``val_every`` steps, once per epoch by default, whether
-or not the run validates, and at the end), ``best.pt`` (lowest
+or not the run validates, and at the end; a resume with no step left copies its checkpoint there when ``out`` is
+another folder), ``best.pt`` (lowest
 validation loss; only with a validation set: the automatic split needs ``val_fraction`` of the images to be at
 least 2, else a warning says there is none), ``log.csv`` (one row per step: loss, MAE, lr, time spent on SSIM targets vs
 forward/backward, and validation figures when computed), optionally TensorBoard events. A new (not
@@ -1344,6 +1345,12 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             logger.warning("the best validation loss %.5f came before the resume, but no best.pt with it was "
                            "found (in %s): returning the last weights", best_val,
                            " or ".join(str(p) for p in places) or "no folder")
+    if (resume is not None and out_dir is not None and step == step_start
+            and (Path(resume).parent.resolve() != out_dir.resolve() or not (out_dir / "last.pt").is_file())):
+        # a resume with nothing left to train writes no checkpoint: its last.pt is the resumed one, copied into
+        # out (another folder), so out is complete and a later resume from out/last.pt continues; in the
+        # checkpoint's own folder its last.pt is kept (further on when the resume was from best.pt)
+        atomic_write_bytes(out_dir / "last.pt", Path(resume).read_bytes())
     if best_state is not None:
         model.load_state_dict(best_state)
     _check_finite(model, step)

@@ -336,6 +336,26 @@ def test_resume_into_another_folder_keeps_the_whole_log(tmp_path, mni_slices) ->
     assert [r[0] for r in rows("h")] == ["step", "1", "2"]  # the resumed run's own folder is left alone
 
 
+def test_a_resume_with_nothing_left_into_another_folder_leaves_it_complete(tmp_path, mni_slices, caplog) -> None:
+    """A resume at step 4 with max_steps=2 into another out= trains nothing: out was left without last.pt (only
+    best.pt and log.csv), and a later resume from out/last.pt failed. out/last.pt is now the resumed checkpoint;
+    in the checkpoint's own folder a last.pt further on than the resumed best.pt is kept."""
+    imgs = mni_slices[:16]
+    kw = dict(SMALL, seed=1, val_every=2)
+    train(imgs, max_steps=4, out=tmp_path / "full", **kw)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        m = train(imgs, resume=tmp_path / "full" / "last.pt", max_steps=2, out=tmp_path / "nothing", progress=False)
+    assert m.steps_run == 0 and "nothing left to train" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "nothing").iterdir()) == ["best.pt", "last.pt", "log.csv"]
+    assert (tmp_path / "nothing" / "last.pt").read_bytes() == (tmp_path / "full" / "last.pt").read_bytes()
+    more = train(imgs, resume=tmp_path / "nothing" / "last.pt", max_steps=5, progress=False)
+    assert [r["step"] for r in more.history] == [5]
+    # from best.pt (step 2 or 4) in its own folder: last.pt (step 4) is left as it was
+    last = (tmp_path / "full" / "last.pt").read_bytes()
+    train(imgs, resume=tmp_path / "full" / "best.pt", max_steps=2, out=tmp_path / "full", progress=False)
+    assert (tmp_path / "full" / "last.pt").read_bytes() == last
+
+
 # ---------------------------------------------------------------------------------------------- learning
 def test_short_run_on_real_slices_learns(tmp_path) -> None:
     # axial MNI152 slices; a slab z in [64, 76) is held out, with 4-slice margins never trained on either
