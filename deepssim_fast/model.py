@@ -758,8 +758,10 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
     """Load a project checkpoint (:class:`DeepSSIMNet`) or a TorchScript file (:class:`TorchScriptEncoder`).
 
     The model is returned in eval mode. For a TorchScript file without our config (e.g. the published
-    DeepSSIM weights) ``input_size`` defaults to 224 and ``size_policy`` to ``"resize"``; both can be given;
-    the z-scored grayscale input reaches such a file as 3 equal channels (:class:`TorchScriptEncoder`).
+    DeepSSIM weights) ``input_size`` defaults to 224 and ``size_policy`` to ``"resize"``; both can be given
+    (on the command line, whose other commands take neither: ``deepssim-fast export --model F --input-size N
+    --size-policy P --out G`` writes a copy G that stores them); the z-scored grayscale input reaches such a
+    file as 3 equal channels (:class:`TorchScriptEncoder`).
     ``device``: where the model is loaded (default CPU; ``"cuda"`` needs a CUDA build of torch and a GPU).
     Load only trusted TorchScript files: they can run code.
     """
@@ -795,10 +797,18 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
             assumed = [f"{n}={v!r}" for n, v, given in (("input_size", 224, input_size),
                                                        ("size_policy", "resize", size_policy)) if given is None]
             if assumed:  # (a traced copy of one of our encoders lands here too, and would be fed wrongly)
+                # (the command line has no --input-size for embed, audit ...: export stores the settings in a
+                # copy of the file, which every command then reads, as from ours)
+                import shlex
+
+                flags = (f"--input-size {'N' if input_size is None else int(input_size)} --size-policy "
+                         f"{'|'.join(SIZE_POLICIES) if size_policy is None else size_policy}")
                 logger.warning("%s stores no preprocessing settings; assuming the published DeepSSIM encoder's "
-                               "(%s); if it expects others, load it with load_model(path, %s...) and pass "
-                               "the model object",
-                               p, ", ".join(assumed), " and ".join(a.split("=")[0] + "=" for a in assumed))
+                               "(%s); if it expects others, write a copy that stores them, `deepssim-fast export "
+                               "--model %s %s --out FILE`, and give FILE as the model (in Python, "
+                               "load_model(path, %s) also takes them)",
+                               p, ", ".join(assumed), shlex.quote(str(p)), flags,
+                               ", ".join(a.split("=")[0] + "=..." for a in assumed))
         if input_size is not None:
             cfg.input_size = int(input_size)
         if size_policy is not None:

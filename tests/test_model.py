@@ -366,6 +366,35 @@ def _foreign_file(tmp_path, net: nn.Module, name: str) -> tuple[nn.Module, Any]:
     return net, load_model(p, input_size=64, size_policy="fit")
 
 
+def test_the_foreign_torchscript_warning_gives_a_command_that_stores_the_settings(tmp_path, caplog,
+                                                                                 real_images) -> None:
+    """The warning for a TorchScript file without stored settings advised load_model(path, input_size=...),
+    which only the Python API can follow (``deepssim-fast embed`` has no --input-size): it now gives the
+    export command that writes a copy storing them, and that command, run as given, does."""
+    import shlex
+
+    from deepssim_fast.cli import main
+
+    net = _ThreeChannelStem().eval()
+    p = tmp_path / "traced encoder.pt"  # (a space: the command quotes the path)
+    torch.jit.save(torch.jit.script(net), str(p))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        load_model(p, input_size=64)
+    said = re.search(r"`(deepssim-fast export [^`]*)`", caplog.text)
+    assert said and "deepssim-fast embed" not in caplog.text, caplog.text
+    assert "--input-size 64 --size-policy fit|resize|pad --out FILE" in said.group(1)
+    out = tmp_path / "with settings.pt"
+    argv = [str(out) if a == "FILE" else "fit" if a == "fit|resize|pad" else a for a in shlex.split(said.group(1))]
+    assert argv[:2] == ["deepssim-fast", "export"] and main(argv[1:]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        stored = load_model(out)
+    assert caplog.text == "" and (stored.config.input_size, stored.config.size_policy) == (64, "fit")
+    np.testing.assert_array_equal(embed(real_images[:3], stored, progress=False),
+                                  embed(real_images[:3], load_model(p, input_size=64, size_policy="fit"),
+                                        progress=False))
+
+
 def _zscored(imgs: list[np.ndarray]) -> np.ndarray:
     """The reference's per-image z-score (population std, float64), as float32 (N, S, S)."""
     return np.stack([(a - a.mean()) / a.std() for a in (i.astype(np.float64) for i in imgs)]).astype(np.float32)
