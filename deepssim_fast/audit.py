@@ -909,10 +909,11 @@ def _decode_all(
     if misfit:
         # (a 40 x 48 x 40 volume fitted to a 128 x 128 x 10 first training item was 94 % padding, and two
         # unrelated brain regions scored 0.85, a duplicate: the fit is documented, but not its extent)
-        logger.warning("%d %s item(s), e.g. %s of shape %s, lose more than half their voxels or are more than "
+        logger.warning("%d %s item(s), e.g. %s of shape %s, lose more than half their %s or are more than "
                        "half padding at the item size %s (centre crop or pad, no resampling): scores of such items "
                        "mostly compare the padding; give --size, or audit collections of one shape", len(misfit),
-                       name, misfit[0][0], misfit[0][1], tuple(pending_size))
+                       name, misfit[0][0], misfit[0][1], "pixels" if mode == "slices" else "voxels",
+                       tuple(pending_size))
     return entries, pending_size, skipped, heads
 
 

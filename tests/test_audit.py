@@ -3092,6 +3092,22 @@ def test_volumes_mode_refuses_a_batch_of_volumes_and_warns_of_items_mostly_paddi
         assert re.search(r"\d+ synth item\(s\)", caplog.text)
 
 
+def test_slices_mostly_cropped_are_said_in_pixels(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The warning of items that the centre fit crops or pads past half said "voxels" for 2D slices too: it says
+    pixels in slices mode (voxels in volumes mode, above)."""
+    mni = data.load_volume("mni152").array
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    for z in (60, 90):
+        np.save(tmp_path / "t" / f"t{z}.npy", _small(mni[:, :, z]))  # (66 x 78: the item size)
+    np.save(tmp_path / "s" / "big.npy", np.ascontiguousarray(mni[:, :, 75]))  # (cropped to a fifth)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.audit"):
+        A.audit(tmp_path / "t", tmp_path / "s", metric="ssim", k=1, out=tmp_path / "o", progress=False)
+    assert re.search(r"1 synth item\(s\), e\.g\. .*big\.npy of shape \(\d+, \d+\), lose more than half their "
+                     r"pixels or are more than half padding at the item size \(66, 78\)", caplog.text), caplog.text
+    assert "voxels" not in caplog.text
+
+
 def test_a_work_folder_without_its_state_is_not_reused_under_other_options(
         ds: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """OUT/work without state.json (deleted by hand or by a cleanup script) kept its searches and verified
