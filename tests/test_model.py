@@ -522,6 +522,40 @@ def test_checkpoint_round_trip(tmp_path, small_model, real_images) -> None:
                                   embed(real_images, small_model, progress=False))
 
 
+def test_a_durable_write_syncs_the_folder_that_holds_its_rename(tmp_path, small_model, monkeypatch) -> None:
+    """Checkpoints (and every durable atomic write) fsynced the file, then renamed it over the old one, but never
+    fsynced the folder, which holds the rename: after a power loss the old file (or none) could be back. The
+    folder is now synced after the rename; where a folder cannot be synced (Windows) the write still succeeds."""
+    import os
+    import stat
+
+    from deepssim_fast import _atomic
+
+    real_fsync, synced = os.fsync, []
+
+    def recording(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append(("folder" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    run = tmp_path / "run"
+    small_model.save_checkpoint(run / "last.pt", step=1)
+    assert synced == [("file", os.stat(run / "last.pt").st_ino), ("folder", os.stat(run).st_ino)]
+    synced.clear()
+    _atomic.atomic_write_bytes(run / "cache.bin", b"x", durable=False)  # (a cache: no fsync at all)
+    assert synced == []
+
+    def refusing(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refusing)
+    small_model.save_checkpoint(run / "last.pt", step=2)
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
+
+
 def test_damaged_checkpoint_entries_are_named_with_the_file(tmp_path, small_model) -> None:
     """A checkpoint with the right format marker but no weights or settings, or with settings that are not
     valid, failed with a bare KeyError or a ValueError that named no file."""
