@@ -473,9 +473,10 @@ SKIPPED_SHOWN = 10
 
 def _print_skipped(lines: list[str], where: str) -> None:
     """The skipped inputs, again after the progress bars: the first :data:`SKIPPED_SHOWN`, then how many more
-    and where all are listed (thousands of bad files had every one said twice)."""
+    and where all are listed (thousands of bad files had every one said twice). Their reasons name the
+    command's flags, as the warnings that first said them did (:class:`_FlagFormatter`)."""
     for line in lines[:SKIPPED_SHOWN]:
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {_in_flags(line)}", file=sys.stderr)
     if len(lines) > SKIPPED_SHOWN:
         print(f"warning: ... and {len(lines) - SKIPPED_SHOWN} more skipped inputs ({len(lines)} in all; every one "
               f"is in {where})", file=sys.stderr)
@@ -870,24 +871,52 @@ _FLAG_ALIASES = {
 }
 
 
-def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str:
-    """``text`` (an error the API raised in its parameters' names: "batch_size must be an integer >= 2") with
-    each parameter that a flag of ``command`` sets named by the flag too: "batch_size (--batch-size) must be
-    ...". A name is annotated only where it is what the sentence is about: followed by " must", " needs" or
-    " factors", at the start of the message or after a space, and only once (paths and values in a message
-    are never touched: "new model (v2).pt" had become "new model (--model) (v2).pt"); a message that already
-    names the flag is left as it is."""
-    import re
-
+def _command_flags(parser: argparse.ArgumentParser, command: str) -> tuple[dict, dict]:
+    """``(own, other)``: API parameter name -> (flag, argparse action or None) for the flags of ``command``
+    (with :data:`_FLAG_ALIASES`), and name -> flag for those of the other commands, where every command that
+    has the parameter spells it so."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    flags: dict[str, str] = {}
-    if sub is not None and command in sub.choices:
-        for a in sub.choices[command]._actions:
+    own: dict[str, tuple[str, Any]] = {}
+    other: dict[str, set[str]] = {}
+    for name, p in (sub.choices.items() if sub is not None else ()):
+        for a in p._actions:
             opts = [o for o in a.option_strings if o.startswith("--")] or list(a.option_strings)  # (-k)
             if opts and a.dest not in ("help", "verbose_sub"):
-                flags[a.dest] = opts[0]
-    flags.update(_FLAG_ALIASES.get(command, {}))
-    for name, flag in sorted(flags.items(), key=lambda kv: -len(kv[0])):
+                if name == command:
+                    own[a.dest] = (opts[0], a)
+                else:
+                    other.setdefault(a.dest, set()).add(opts[0])
+    for name, flag in _FLAG_ALIASES.get(command, {}).items():
+        own[name] = (flag, None)
+    return own, {n: next(iter(f)) for n, f in other.items() if len(f) == 1}
+
+
+def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str:
+    """``text`` (an error or warning the API wrote in its parameters' names) in the flags of ``command``.
+
+    * A parameter that is what the sentence is about keeps its name, with the flag beside it: followed by
+      " must", " needs" or " factors", at the start of the message or after a space, and only once
+      ("batch_size must be an integer >= 2" -> "batch_size (--batch-size) must be ..."); paths and values in a
+      message are never touched ("new model (v2).pt" had become "new model (--model) (v2).pt").
+    * The API's keyword forms become the command line's: ``verify='ssim'`` -> ``--verify ssim``,
+      ``verify_flips=True`` -> ``--verify-flips``, ``val_images=`` -> ``--val``; a flag's own value named after
+      its parameter, ``metric 'correlation'`` (a value among the flag's choices) -> ``--metric correlation``; a
+      parameter written with an underscore, or a list ``a/b`` of parameters, on its own -> its flag
+      (``drop verify_flips/verify_shifts`` -> ``drop --verify-flips/--verify-shifts``).
+    * A parameter of another command only where the message names that flag already (a warning about the
+      model's training flags, read in ``embed``: "an --input-size (input_size=)").
+    * A flag then said twice in a row is said once: "--val (--val)", "(--verify ssim, --verify ssim)".
+
+    Short names without an underscore (``k``, ``lr``, ``out``) are taken only as the message's subject (the
+    first form). A name inside a path (``/data/val_images/x.png``), an identifier or an object's repr
+    (``SlicePolicy(axis=1, ...)``) is left as it is, and so is one before a colon (a file of that name)."""
+    import ast
+    import re
+    import shlex
+
+    own, other = _command_flags(parser, command)
+    original = text
+    for name, (flag, _) in sorted(own.items(), key=lambda kv: -len(kv[0])):
         if flag in text:
             continue
         pat = rf"(^|(?<=\s))({re.escape(name)})(?= must | needs | factors )"
@@ -897,7 +926,117 @@ def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str
         if m:
             end = m.end()
             text = f"{text[:end]} ({flag}){text[end:]}"
-    return text
+
+    def flag_of(name: str) -> str | None:
+        if name in own:
+            return own[name][0]
+        f = other.get(name)
+        return f if f is not None and f in original else None
+
+    def short(name: str) -> bool:
+        return name.count("_") == 0 and len(name) < 4
+
+    said: set[str] = set()
+    names = "|".join(re.escape(n) for n in sorted(set(own) | set(other), key=len, reverse=True))
+    if not names:
+        return text
+    # an object's repr is a value, not the API speaking: "SlicePolicy(axis=1, ..., min_foreground=0.05)" stays
+    kept: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        kept.append(m.group(0))
+        return f"\0{len(kept) - 1}\0"
+
+    text = re.sub(r"\b[A-Z]\w*\((?:[^()]|\([^()]*\))*\)", keep, text.replace("\0", ""))
+    edge = r"(?<![\w./\\=-])"  # (not inside a path, an identifier or another keyword's value)
+    quoted = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
+
+    def keyword(m: re.Match) -> str:  # name=value, name=
+        name, value = m.group(1), m.group(2)
+        flag = flag_of(name)
+        if flag is None or short(name):
+            return m.group(0)
+        if value is None:
+            said.add(flag)
+            return flag
+        try:
+            v = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return m.group(0)
+        action = own.get(name, (None, None))[1]
+        if v is True and isinstance(action, argparse._StoreTrueAction):
+            out = flag
+        elif isinstance(v, str):  # (with its alternatives: metric='ssim' / 'correlation')
+            alts = [ast.literal_eval(q) for q in re.findall(quoted, m.group(3) or "")]
+            out = " / ".join([f"{flag} {shlex.quote(v)}", *(shlex.quote(a) for a in alts)])
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out = f"{flag} {value}"
+        else:  # (False, None: no flag says that)
+            return m.group(0)
+        said.add(out)
+        return out
+
+    text = re.sub(rf"{edge}({names})=({quoted}|-?\d+(?:\.\d+)?(?:e-?\d+)?\b|True\b|False\b|None\b)?"
+                  rf"(?(2)((?:(?<=['\"]) / (?:{quoted}))*)|(?=[\s),;:/]|$))", keyword, text)
+
+    def choice(m: re.Match) -> str:  # metric 'correlation', metric 'deepssim' or 'correlation'
+        name = m.group(1)
+        flag, action = own.get(name, (None, None))
+        values = re.findall(quoted, m.group(0)[len(name):])
+        try:
+            vs = [ast.literal_eval(v) for v in values]
+        except (ValueError, SyntaxError):
+            return m.group(0)
+        if flag is None or not getattr(action, "choices", None) or not all(v in action.choices for v in vs):
+            return m.group(0)
+        out = f"{flag} " + re.sub(quoted, lambda q: str(ast.literal_eval(q.group(0))), m.group(0)[len(name) + 1:])
+        said.add(f"{flag} {vs[0]}")
+        return out
+
+    text = re.sub(rf"{edge}({names}) (?:{quoted})(?:(?:, (?:{quoted}))*,? or (?:{quoted}))?", choice, text)
+
+    def bare(m: re.Match) -> str:  # verify_flips/verify_shifts, val_fraction
+        parts = m.group(0).split("/")
+        flags = [flag_of(n) for n in parts]
+        if None in flags or (len(parts) == 1 and "_" not in parts[0]):
+            return m.group(0)
+        said.update(flags)
+        return "/".join(flags)
+
+    # (not before ":": "val_images: is an existing folder" names a folder of that name)
+    text = re.sub(rf"{edge}(?:{names})(?:/(?:{names}))*(?![\w./\\=:-]| \(--)", bare, text)
+    for flag in sorted(said, key=len, reverse=True):  # a flag said twice in a row: once
+        f = re.escape(flag)
+        text = re.sub(rf"{f} \({f}\)(?![\w-])", flag, text)
+        text = re.sub(rf"{f} \({f}(?:: |, | / )", f"{flag} (", text)
+        text = re.sub(rf"\({f}(?:, | / ){f}(?![\w-])", f"({flag}", text)
+    return re.sub(r"\0(\d+)\0", lambda m: kept[int(m.group(1))], text)
+
+
+#: (parser, command) of the command main() runs, for :func:`_in_flags`; None outside main()
+_RUNNING: tuple[argparse.ArgumentParser, str] | None = None
+
+
+def _in_flags(text: str) -> str:
+    """``text`` in the flags of the command running (:func:`_name_flags`); as it is outside main()."""
+    return text if _RUNNING is None else _name_flags(*_RUNNING, text)
+
+
+class _FlagFormatter(logging.Formatter):
+    """The command line's log lines: this package's messages name the command's flags, as its errors do
+    (:func:`_name_flags`: "drop --verify-flips", not "drop verify_flips"). The record itself is not changed:
+    other handlers (summary.json's warnings, a program's own) keep the API's words."""
+
+    def __init__(self, fmt: str, parser: argparse.ArgumentParser, command: str) -> None:
+        super().__init__(fmt)
+        self.parser, self.command = parser, command
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name != "deepssim_fast" and not record.name.startswith("deepssim_fast."):
+            return super().format(record)
+        shown = logging.makeLogRecord(record.__dict__)
+        shown.msg, shown.args = _name_flags(self.parser, self.command, record.getMessage()), None
+        return super().format(shown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -925,7 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(verbosity(args), 2)
     # -v/-vv speak for this tool (and its bench scripts); other libraries keep to warnings: -vv had put
     # dozens of matplotlib font_manager and PIL chunk lines between the tool's own
+    root = logging.getLogger()
+    before = list(root.handlers)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for h in root.handlers:  # the handler that prints here (not one a program calling main() set up): flags
+        if h not in before or isinstance(h.formatter, _FlagFormatter):
+            h.setFormatter(_FlagFormatter("%(levelname)s %(name)s: %(message)s", parser, args.command))
     own = [logging.getLogger(name) for name in ("deepssim_fast", "bench", "distributed", "dask")]
     levels = [lg.level for lg in own]  # (restored on return: main() called in a program leaves its loggers)
     for lg in own[:2]:  # (distributed and dask: set by dask_logging below, with --workers/--scheduler)
@@ -935,6 +1079,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a batch scheduler's time limit, `kill`) ends a command as Ctrl-C does: the same one line and resume
     # hint instead of dying without a word (finished work is kept either way: every output is atomic)
     previous_term = _handle_sigterm()
+    global _RUNNING
+    running, _RUNNING = _RUNNING, (parser, args.command)
     # TypeError is deliberately not among the one-line errors: what a command passes on is parsed by
     # argparse, and files are decoded by deepssim_fast.io, which reports a bad dtype or an unreadable file as
     # a ValueError (or skips it). A TypeError reaching here is an internal bug ("'NoneType' object is not
@@ -971,8 +1117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               and exc.filename2 is None):
             # "[Errno 21] is an existing folder; give a file name: 'train'" -> "train: is an existing folder; ..."
             text = one_line(f"{os.fsdecode(exc.filename)}: {exc.strerror}")
-        if hasattr(args, "device"):  # (the API says "use device='cpu'"; here the choice is the flag)
-            text = text.replace("device='cpu'", "--device cpu")
         print(f"deepssim-fast {args.command}: error: {_name_flags(parser, args.command, text)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM): one line, not a traceback from wherever it was
@@ -990,6 +1134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 128 + (15 if term else 2)  # 143 / 130, the shell's status of a command ended by SIGTERM / SIGINT
     finally:
+        _RUNNING = running
         _restore_sigterm(previous_term)
         for lg, lv in zip(own, levels, strict=True):
             lg.setLevel(lv)
