@@ -1109,7 +1109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "sizes asked for (--size, --input-size, --batch-size, --emb-dim)", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        text = one_line(exc)
+        from .data import stopped
+
+        # (the command stops here: "the file is not used", which holds where a reader leaves a file out, does not)
+        text = stopped(one_line(exc))
         if (isinstance(exc, NotADirectoryError) and exc.filename  # (the OS's own words only, not a message of ours)
                 and exc.strerror == os.strerror(errno.ENOTDIR)):
             text = f"{exc.filename}: a part of this path is a file, not a folder"

@@ -55,6 +55,17 @@ class DataError(ValueError):
     """A file or dataset could not be loaded as asked; the message names the path and the problem."""
 
 
+#: The ending of a DataError's message that holds where the reader leaves the file out (the audit, train and
+#: embed skip an unreadable file, and say so); where the error stops the caller instead (the ssim command, a
+#: --strict run) these words are wrong, and the command line drops them (:func:`stopped`).
+NOT_USED = "; the file is not used"
+
+
+def stopped(text: str) -> str:
+    """``text`` (an error's message) for a caller that stops on it: without :data:`NOT_USED`."""
+    return text.replace(NOT_USED, "")
+
+
 @dataclass(frozen=True)
 class Volume:
     """A loaded image: ``array`` is float32, 2D or 3D; ``source`` names where it came from."""
@@ -290,7 +301,7 @@ def _gunzip(p: Path, keep: int = 0) -> io.BytesIO | None:
                 if not buf:
                     raise EOFError("the gzip data end before their end marker (a truncated file)")
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{p}: damaged gzip data ({type(exc).__name__}: {exc}); the file is not used") from exc
+        raise DataError(f"{p}: damaged gzip data ({type(exc).__name__}: {exc}){NOT_USED}") from exc
 
 
 def _read_data(p: Path, img, index, what: str = "", dtype: Any = np.float32) -> np.ndarray:

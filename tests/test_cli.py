@@ -1377,6 +1377,42 @@ def test_errors_and_warnings_say_flags_not_the_apis_keywords(folders: dict, tmp_
     assert "mode='volumes' needs 3D images" in summary["skipped"][0]["reason"]
 
 
+def test_a_command_stopped_by_a_damaged_file_does_not_say_the_file_is_left_out(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """`ssim A/ B/` with an empty .nii.gz in B stopped (no scores written) saying "...: damaged gzip data (...);
+    the file is not used", the words of a reader that leaves the file out. A command the error stops (ssim, an
+    audit with --strict) now says the damage alone; an audit still leaves the file out, and says so."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(4)
+    t, bad = tmp_path / "train", tmp_path / "bad"
+    t.mkdir()
+    bad.mkdir()
+    for i in range(2):
+        np.save(t / f"a{i}.npy", rng.random((32, 32)).astype(np.float32))
+    (bad / "empty.nii.gz").write_bytes(b"")  # (an interrupted copy)
+    assert main(["ssim", "-q", str(t), str(bad), "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "empty.nii.gz: damaged gzip data (EOFError: the file is empty" in err and "not used" not in err, err
+    assert not (tmp_path / "s.csv").exists()
+    # a gzip stream damaged in the middle: read by the audit's decoder as by ssim's
+    (bad / "empty.nii.gz").unlink()
+    nib.save(nib.Nifti1Image(rng.random((32, 32, 3)).astype(np.float32), np.eye(4)), bad / "damaged.nii.gz")
+    b = bytearray((bad / "damaged.nii.gz").read_bytes())
+    b[len(b) // 2:len(b) // 2 + 64] = bytes(64)
+    (bad / "damaged.nii.gz").write_bytes(bytes(b))
+    np.save(bad / "ok.npy", rng.random((32, 32)).astype(np.float32))
+    base = ["audit", "--train", str(t), "--synth", str(bad), "--metric", "ssim", "-k", "1", "--min-foreground", "0",
+            "-q"]
+    assert main([*base, "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.nii.gz: damaged gzip data" in err and "not used" not in err, err
+    assert main([*base, "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    (skip,) = json.loads((tmp_path / "o" / "summary.json").read_text())["skipped"]
+    assert skip["path"].endswith("damaged.nii.gz") and skip["reason"].endswith("; the file is not used"), skip
+
+
 def test_demo_says_what_the_encoder_alone_found(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                                 tmp_path: Path) -> None:
     """A one-step encoder scored every pair a duplicate, and the demo still printed recall 1.000 (verification
