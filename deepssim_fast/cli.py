@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
@@ -871,10 +872,11 @@ _FLAG_ALIASES = {
 }
 
 
+@functools.lru_cache(maxsize=16)
 def _command_flags(parser: argparse.ArgumentParser, command: str) -> tuple[dict, dict]:
     """``(own, other)``: API parameter name -> (flag, argparse action or None) for the flags of ``command``
     (with :data:`_FLAG_ALIASES`), and name -> flag for those of the other commands, where every command that
-    has the parameter spells it so."""
+    has the parameter spells it so. (Cached: every log line of a command goes through :func:`_name_flags`.)"""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     own: dict[str, tuple[str, Any]] = {}
     other: dict[str, set[str]] = {}
@@ -917,7 +919,7 @@ def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str
     own, other = _command_flags(parser, command)
     original = text
     for name, (flag, _) in sorted(own.items(), key=lambda kv: -len(kv[0])):
-        if flag in text:
+        if flag in text or name not in text:
             continue
         pat = rf"(^|(?<=\s))({re.escape(name)})(?= must | needs | factors )"
         if name.count("_") == 0 and len(name) < 4:  # (k, lr, out: only as the message's subject)
@@ -937,8 +939,9 @@ def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str
         return name.count("_") == 0 and len(name) < 4
 
     said: set[str] = set()
-    names = "|".join(re.escape(n) for n in sorted(set(own) | set(other), key=len, reverse=True))
-    if not names:
+    names = "|".join(re.escape(n) for n in sorted((n for n in set(own) | set(other) if n in text), key=len,
+                                                  reverse=True))
+    if not names:  # (most log lines: no parameter's name at all)
         return text
     # an object's repr is a value, not the API speaking: "SlicePolicy(axis=1, ..., min_foreground=0.05)" stays
     kept: list[str] = []
