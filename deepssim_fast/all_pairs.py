@@ -27,7 +27,10 @@ Conventions (the same on every backend; native results are bit-identical across 
   for some rows against an identical row: a row normalised in float64 and rounded to float32 is not exactly
   unit); the histogram's end bins take such scores, and the class counts compare them as they are.
 * Histogram: ``bins`` equal-width bins on [-1, 1]; bin = floor((s - lo) / (hi - lo) * bins) computed in
-  float64 from the float32 score, clamped to [0, bins - 1].
+  float64 from the float32 score, clamped to [0, bins - 1]. That rule decides; the edges returned beside
+  the counts (``np.linspace(-1, 1, bins + 1)``) are its nominal edges, rounded, so ``np.histogram`` with
+  them can put a score within ~1e-16 of an edge in the neighbouring bin (0.5 on 364 bins; a negative score
+  smaller than ~1e-16 in magnitude, which the rule counts with 0).
 * Class counts, over all pairs: ``different`` s <= low < ``similar`` <= high < ``duplicate`` (the float32
   score compared in float64 with the thresholds as given). Bins are closed on the left and classes on the
   right, so a score exactly equal to a threshold that is also a bin edge (0.5 or 0.75 on 200 bins) is in
@@ -560,8 +563,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     precision : Triton only: ``"ieee"`` (fp32 inputs, default, exact fp32 on the CUDA cores);
         ``"tf32x3"`` (each fp32 input split into two tf32 parts, three tensor-core products: scores within
         ~1e-6 of fp32; on an H200 the whole call took 392 ms against 547 ms for ``"ieee"``, 10^10 pairs);
-        ``"tf32"``, ``"fp16"`` or ``"bf16"`` (CUDA only) inputs, fp32 accumulation — low precision changes
-        scores by ~1e-3, and so the top-k.
+        ``"tf32"``, ``"fp16"`` or ``"bf16"`` inputs (bf16 on CUDA only: the Triton interpreter has no
+        bfloat16), fp32 accumulation — low precision changes scores by ~1e-3, and so the top-k.
 
     Returns
     -------
