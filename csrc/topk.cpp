@@ -66,6 +66,7 @@
 #include "common.h"
 
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -1303,7 +1304,9 @@ int topk_kernel_choice() {
   if (v >= 0) return v;
   const char* e = std::getenv(kTopkEnv);
   if (!e || !*e) return 0;
-  const int c = parse_topk_kernel(e);
+  std::string name(e);  // (any case, as DEEPSSIM_FAST_SIMD)
+  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const int c = parse_topk_kernel(name);
   if (c < 0)
     throw py::value_error(std::string(kTopkEnv) + "='" + e + "': expected 'auto', 'fp32' or 'int16'");
   return c;

@@ -255,12 +255,14 @@ def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "n
     native extension is missing). ``"auto"`` means "decide from the data".
     """
     from_env = backend in (None, "auto")
-    requested = (os.environ.get(ENV_VAR) or None) if from_env else backend
+    # (the environment's value in any case, as $DEEPSSIM_FAST_SIMD and $DEEPSSIM_FAST_TOPK_KERNEL take theirs)
+    raw = os.environ.get(ENV_VAR, "") if from_env else backend
+    requested = (raw.strip().lower() or None) if from_env else backend
     if requested == "auto":
         requested = None
     if requested is not None:
         # a value from the environment is named as such: the caller did not pass it and may not know it is set
-        source = f"${ENV_VAR}={requested!r}" if from_env else f"backend {requested!r}"
+        source = f"${ENV_VAR}={raw!r}" if from_env else f"backend {requested!r}"
         if requested not in supported:
             hint = " (or 'auto', or unset it)" if from_env else ""
             raise ValueError(f"{source} is not supported here; expected one of {tuple(supported)}{hint}")

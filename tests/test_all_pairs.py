@@ -1182,6 +1182,8 @@ def test_topk_kernel_setting_is_validated_and_reported(monkeypatch):
     with pytest.raises(ValueError, match="DEEPSSIM_FAST_TOPK_KERNEL='fast'"):  # wide rows: canonical blocks
         all_pairs(_rand(3, 1 << 14, SEED), _rand(2, 1 << 14, SEED + 1), k=1, progress=False)
     all_pairs(_rand(5, 8, SEED), _rand(3, 8, SEED + 1), k=2, progress=False, backend="torch")  # not native
+    monkeypatch.setenv("DEEPSSIM_FAST_TOPK_KERNEL", "FP32")  # any case, as DEEPSSIM_FAST_SIMD (it was an error)
+    assert _native.topk_kernel_choice() == "fp32"
     monkeypatch.delenv("DEEPSSIM_FAST_TOPK_KERNEL")
     assert _native.topk_kernel_choice() == "auto"
     detected = _native.detected_simd_level()
@@ -1477,6 +1479,12 @@ def test_a_bad_backend_from_the_environment_names_the_variable(monkeypatch):
         all_pairs(train, synth, k=1, progress=False)
     with pytest.raises(ValueError, match=r"backend 'Torch' is not supported here"):  # the argument: no env named
         all_pairs(train, synth, k=1, progress=False, backend="Torch")
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", " Torch")  # the environment's value in any case (an error before)
+    _assert_same(all_pairs(train, synth, k=1, progress=False), all_pairs(train, synth, k=1, progress=False,
+                                                                         backend="torch"))
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "NATIV")
+    with pytest.raises(ValueError, match=r"\$DEEPSSIM_FAST_BACKEND='NATIV' is not supported"):
+        all_pairs(train, synth, k=1, progress=False)
     monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
