@@ -2385,13 +2385,14 @@ def test_item_cache_entry_round_trip_and_damage_is_detected(tmp_path: Path) -> N
 def test_item_cache_is_written_without_fsync_and_outputs_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import deepssim_fast._atomic as at
 
-    synced: list[int] = []
+    synced: list[int] = []  # (the inode each fsync's descriptor is: the file written, or the folder of its rename)
     real = os.fsync
-    monkeypatch.setattr(at.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    monkeypatch.setattr(at.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd))[1])
     A._write_entry(tmp_path / "e.items", ["a"], [0], np.zeros((1, 8, 8), np.float32))
     assert synced == []
     A._atomic_json(tmp_path / "s.json", {"a": 1})
-    assert len(synced) == 1
+    # the data, then the rename (the file synced was the temporary renamed to s.json)
+    assert synced == [os.stat(tmp_path / "s.json").st_ino, os.stat(tmp_path).st_ino], synced
 
 
 def test_damaged_cache_entries_are_decoded_and_embedded_again(
