@@ -1773,3 +1773,39 @@ def test_the_reference_takes_rows_of_extreme_magnitude() -> None:
     assert torch.allclose(m, torch.full((1, 2), 0.5**0.5, dtype=torch.float64))
     with pytest.raises(ValueError, match="train row 1 is all zeros"):
         cosine_matrix_reference(np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 65])
+def test_top_k_candidates_tied_within_the_bound_give_the_exact_top_k(k):
+    """Rows whose top-k candidates lie within the int16 bound of each other (exact ties, near-copies of one
+    row, at cosines off the bin edges so that they are candidates only) give the canonical brute force, ties to
+    the lower index, under every kernel and SIMD level, with t cut into several calls (the heaps carry over).
+    (A version in which such candidates waited with their approximate scores, scored only at the end of a
+    pass, was tried on this test and not kept: BENCHMARKS.md, "Zen 3 again, twenty-first session".)"""
+    rng = np.random.default_rng(SEED + 131 + k)
+    base = rng.standard_normal(64).astype(np.float32)
+    copies = np.repeat(base[None], 150, axis=0)  # exact ties
+    near = base + 1e-5 * rng.standard_normal((150, 64)).astype(np.float32)  # within the int16 bound of each other
+    other = rng.standard_normal((230, 64)).astype(np.float32)
+    train = np.concatenate([other[:100], copies, near, other[100:]])
+    # synthetic rows at cosines off the bin edges from base (a score near 1 lies at the last bin's edge, and an
+    # edge pair is scored at once), and random ones
+    unit = base.astype(np.float64) / np.linalg.norm(base)
+    ortho = rng.standard_normal((6, 64))
+    ortho -= (ortho @ unit)[:, None] * unit
+    ortho /= np.linalg.norm(ortho, axis=1, keepdims=True)
+    cos = np.array([0.9031, 0.7523, 0.4547, 0.9437, 0.6262, 0.0815])[:, None]
+    synth = np.concatenate([(cos * unit + np.sqrt(1 - cos**2) * ortho).astype(np.float32),
+                            rng.standard_normal((8, 64)).astype(np.float32)])
+    want_s, want_i, want_h, want_c = _brute(train, synth, k)
+    for level in ("auto", "avx2", "scalar"):
+        for choice in ("auto", "fp32", "int16"):
+            with _kernels(level, choice):
+                for chunk in (None, 97):
+                    kw = {} if chunk is None else {"tile": chunk, "block": 5}
+                    r = all_pairs(train, synth, k=k, progress=False, **kw)
+                    where = (level, choice, chunk)
+                    assert np.array_equal(r.indices, want_i), (where, _first_mismatch(r.indices, want_i))
+                    assert np.array_equal(r.scores, want_s), (where, _first_mismatch(r.scores, want_s))
+                    assert np.array_equal(r.histogram[0], want_h), where
+                    assert r.class_counts == want_c, where
