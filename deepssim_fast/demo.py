@@ -346,7 +346,7 @@ def _train_encoder(out: Path, *, seconds: float, seed: int, progress: bool, retr
             load_model(ckpt)
         except ModelFileError as exc:  # e.g. written by an older version with another `small` layout
             logger.warning("the cached encoder %s does not load (%s); training a new one", ckpt,
-                           str(exc).splitlines()[0][:200])
+                           str(exc).splitlines()[0])  # (the error's first line, whole: never cut mid-sentence)
         else:
             if done.is_file():
                 try:
