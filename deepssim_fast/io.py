@@ -31,7 +31,9 @@ Conventions
     is read less its minimum (taken off in integer arithmetic, so its structure is kept); one whose values
     span more than 2^53 is refused.
   - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``, unless it has one); complex and RGB data types are
-    refused (a complex file is not cast to its real part).
+    refused (a complex file is not cast to its real part). The slicing readers take a file of a wide data type,
+    or with an intercept (scl_inter, which nibabel keeps in the image's array proxy, not in its header), in
+    float64, fitted to float32 by :func:`fit_float32`.
 
   NaN or Inf values, other ranks and unreadable files raise :class:`deepssim_fast.data.DataError` naming
   the path and the problem.
@@ -789,6 +791,24 @@ def _nifti_shape(p: Path) -> tuple[int, ...]:
     return shape
 
 
+def _check_nii_length(p: Path, img: Any) -> None:
+    """DataError unless the uncompressed NIfTI file ``p`` (loaded as ``img``) is as long as its header says:
+    data offset + shape x item size (nibabel's reads of a short file say "Expected N bytes, got M")."""
+    shape = tuple(img.shape)
+    try:
+        dtype = img.header.get_data_dtype()
+        # (where the proxy reads from: a header written with vox_offset 0, as nibabel writes them, has its data
+        # at 352 in a single .nii, and a check from the header's 0 let files 352 bytes short through)
+        need = int(img.dataobj.offset) + int(np.prod(shape)) * dtype.itemsize
+    except Exception as exc:  # noqa: BLE001 - a header nibabel loaded but cannot describe
+        raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    have = os.path.getsize(p)
+    if have < need:
+        raise DataError(
+            f"{p}: truncated NIfTI file: {have} bytes, but its header ({shape} {dtype} values) needs {need}"
+        )
+
+
 def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     """Slices along axis 2 (the slowest of its storage order) of an uncompressed 3D NIfTI read one at a time
     through nibabel's array proxy; None for other files and other axes (once the length check below passed).
@@ -811,18 +831,7 @@ def _proxy_slices(p: Path, policy: SlicePolicy) -> Iterator[Slice] | None:
     _check_real_dtype(p, img)
     if 0 in shape:
         raise DataError(f"{p}: empty image, shape {shape}")
-    try:
-        dtype = img.header.get_data_dtype()
-        # (where the proxy reads from: a header written with vox_offset 0, as nibabel writes them, has its data
-        # at 352 in a single .nii, and a check from the header's 0 let files 352 bytes short through)
-        need = int(img.dataobj.offset) + int(np.prod(shape)) * dtype.itemsize
-    except Exception as exc:  # noqa: BLE001 - a header nibabel loaded but cannot describe
-        raise DataError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
-    have = os.path.getsize(p)
-    if have < need:
-        raise DataError(
-            f"{p}: truncated NIfTI file: {have} bytes, but its header ({shape} {dtype} values) needs {need}"
-        )
+    _check_nii_length(p, img)
     if policy.axis != 2:
         # Across the file's (Fortran) storage order a slice through the proxy is thousands of small reads: a
         # 256 x 256 x 176 int16 volume cut along axis 0 took 36.6 s. The caller reads the memory-mapped
@@ -987,11 +996,19 @@ def _wide_dtype(dt: Any) -> bool:
 def _nifti_wide(p: Path) -> bool:
     """Whether a NIfTI file's values may need more than float32 (read in float64 then, see
     :func:`fit_float32`): a wide data type, or an intercept (scl_inter: an offset such as 1e7 against a small
-    spread; a slope alone keeps 16-bit data to float32's precision)."""
+    spread; a slope alone keeps 16-bit data to float32's precision).
+
+    The intercept is the image's (its array proxy's ``inter``): nibabel moves scl_slope and scl_inter from the
+    header into the proxy when it loads a file and resets them in the header, whose ``get_slope_inter()`` said
+    (None, None) for every file. An int16 scan of slope 3e-5 and intercept 1e7 was read in float32, one value
+    per slice, and its exact copy scored SSIM 0.01 ("different")."""
     try:
-        hdr = nib_load(p).header
-        _slope, inter = hdr.get_slope_inter()
-        return _wide_dtype(hdr.get_data_dtype()) or (inter is not None and bool(np.isfinite(inter)) and inter != 0)
+        img = nib_load(p)
+        inter = getattr(img.dataobj, "inter", None)  # (0.0 for an unscaled file; None for an in-memory array)
+        if inter is not None:
+            inter = float(np.asarray(inter))
+        return _wide_dtype(img.header.get_data_dtype()) or (
+            inter is not None and bool(np.isfinite(inter)) and inter != 0)
     except Exception:  # noqa: BLE001 - the readers name what is wrong with the file
         return False
 
@@ -1003,7 +1020,10 @@ def _wide_volumes(p: Path, a: np.ndarray | None = None) -> list[tuple[str, np.nd
     for a file of 1e7 + a spread of 1: its structure was gone, and its exact copy, offset removed, scored
     "different"."""
     if a is None:
-        shape = nib_load(p).shape
+        img = nib_load(p)
+        shape = img.shape
+        if p.name.lower().endswith(".nii") and 0 not in shape:  # (named as the slice-by-slice reader names it)
+            _check_nii_length(p, img)
         if len(shape) == 4 and shape[3] > 1:
             return [(f"{p}@t{t}", fit_float32(v)) for t, v in enumerate(iter_nifti_frames(p, dtype=np.float64))]
         return [(str(p), fit_float32(load_nifti(p, dtype=np.float64)))]

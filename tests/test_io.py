@@ -855,39 +855,43 @@ def test_uncompressed_nifti_slices_along_any_axis_are_read_in_few_reads(tmp_path
     """Cutting an uncompressed .nii across its storage order went slice by slice through nibabel's proxy,
     thousands of small reads each: a 256 x 256 x 176 volume along axis 0 took 36.6 s (0.5 s along axis 1).
     Along axes 0 and 1 the memory-mapped volume is now read whole (0.2 s and 0.08 s); along axis 2 slices
-    are still read one at a time. Same values either way; a truncated file is still refused by name."""
+    are still read one at a time. Same values either way; a truncated file is still refused by name. (A file
+    with an intercept is read whole in float64, see fit_float32: once, whatever the axis.)"""
     from nibabel.arrayproxy import ArrayProxy
 
     from deepssim_fast.io import _file_slices
 
     rng = np.random.default_rng(axis)
     raw = (rng.random((23, 19, 11)) * 1000).astype(np.int16)
-    img = nib.Nifti1Image(raw, np.eye(4))
-    img.header.set_slope_inter(0.25, -7.0)
-    p = tmp_path / "t1.nii"
-    nib.save(img, str(p))
-    reads: list[object] = []
-    real = ArrayProxy.__getitem__
-
-    def counting(self, slicer):  # noqa: ANN001, ANN202
-        reads.append(slicer)
-        return real(self, slicer)
-
-    monkeypatch.setattr(ArrayProxy, "__getitem__", counting)
     policy = SlicePolicy(axis=axis, min_foreground=0.0)
-    got = _file_slices(p, policy)
-    assert len(reads) == (2 * raw.shape[2] if axis == 2 else 1)  # (axis 2: a checking pass, then the slices)
-    want = data.volume_slices(data.load_nifti(p), policy, source=str(p))
-    assert [(s.axis, s.index, s.source) for s in got] == [(s.axis, s.index, s.source) for s in want]
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(g.array, w.array)
-    np.testing.assert_allclose(got[3].array, np.take(raw, 3, axis=axis) * 0.25 - 7.0, rtol=1e-6)
+    for inter in (0.0, -7.0):
+        img = nib.Nifti1Image(raw, np.eye(4))
+        img.header.set_slope_inter(0.25, inter)
+        p = tmp_path / f"t1_{inter}.nii"
+        nib.save(img, str(p))
+        reads: list[object] = []
+        real = ArrayProxy.__getitem__
 
-    short = tmp_path / "short.nii"
-    short.write_bytes(p.read_bytes()[:-100])
-    with pytest.raises(DataError, match="truncated") as ei:
-        _file_slices(short, policy)
-    assert str(short) in str(ei.value)
+        def counting(self, slicer, reads=reads, real=real):  # noqa: ANN001, ANN202
+            reads.append(slicer)
+            return real(self, slicer)
+
+        monkeypatch.setattr(ArrayProxy, "__getitem__", counting)
+        got = _file_slices(p, policy)
+        # (axis 2: a checking pass, then the slices)
+        assert len(reads) == (2 * raw.shape[2] if axis == 2 and inter == 0 else 1)
+        monkeypatch.undo()
+        want = data.volume_slices(data.load_nifti(p), policy, source=str(p))
+        assert [(s.axis, s.index, s.source) for s in got] == [(s.axis, s.index, s.source) for s in want]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.array, w.array)
+        np.testing.assert_allclose(got[3].array, np.take(raw, 3, axis=axis) * 0.25 + inter, rtol=1e-6)
+
+        short = tmp_path / "short.nii"
+        short.write_bytes(p.read_bytes()[:-100])
+        with pytest.raises(DataError, match=r"truncated NIfTI file: \d+ bytes, but its header .* needs \d+") as ei:
+            _file_slices(short, policy)
+        assert str(short) in str(ei.value)
 
 
 def test_a_one_frame_4d_npy_is_its_volume_as_a_one_frame_nifti_is(tmp_path: Path) -> None:
@@ -1366,3 +1370,40 @@ def test_a_single_slice_volume_is_pointed_at_the_axis_of_length_one(tmp_path: Pa
     with pytest.raises(DataError, match="narrower than the 7-pixel SSIM window") as ei:
         list(iter_slices([tmp_path / "b.npy"], SlicePolicy(axis=0), strict=True))
     assert "--axis 0" not in str(ei.value)
+
+
+def _anatomical_int16() -> np.ndarray:
+    """nibabel's shipped anatomical.nii (33 x 41 x 25 T1) as int16."""
+    from nibabel.testing import data_path
+
+    return np.asanyarray(nib.load(os.path.join(data_path, "anatomical.nii")).dataobj).astype(np.int16)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_with_an_intercept_is_read_in_float64_like_its_copy(tmp_path: Path, suffix: str) -> None:
+    """An int16 scan with slope 3e-5 and intercept 1e7 (1e7 plus a spread of ~1, the README's case) was read in
+    float32: nibabel moves scl_slope/scl_inter from the header into the array proxy on load, so the header
+    said (None, None) and the file was never taken for one that needs float64. Each slice came back as one
+    value, and the scan's exact copy scored SSIM 0.004-0.013. Its slices and volume now read as the copy's."""
+    import deepssim_fast as dsf
+    from deepssim_fast.io import _file_volumes
+
+    raw = _anatomical_int16()
+    img = nib.Nifti1Image(raw, np.eye(4), dtype=np.int16)
+    img.header.set_slope_inter(3e-5, 1e7)
+    scan = tmp_path / f"scan{suffix}"
+    nib.save(img, scan)
+    copy = tmp_path / "copy.npy"
+    np.save(copy, raw.astype(np.float32))
+    pol = SlicePolicy(min_foreground=0)
+    got = list(iter_slices([scan], pol, strict=True))
+    want = list(iter_slices([copy], pol, strict=True))
+    assert [s.index for s in got] == [s.index for s in want] == list(range(raw.shape[2]))
+    for g, w in zip(got, want, strict=True):
+        assert len(np.unique(g.array)) == len(np.unique(raw[..., g.index])), g.key
+        if np.ptp(w.array) > 0:
+            assert float(dsf.ssim(g.array, w.array, preset="deepssim")) == pytest.approx(1.0, abs=1e-6), g.key
+    ((_src, vol),) = _file_volumes(scan)
+    ((_src, plain),) = _file_volumes(copy)
+    assert len(np.unique(vol)) == len(np.unique(raw))
+    assert float(dsf.ssim(vol, plain, spatial_dims=3, preset="deepssim")) == pytest.approx(1.0, abs=1e-6)
