@@ -304,9 +304,60 @@ def _gunzip(p: Path, keep: int = 0) -> io.BytesIO | None:
         raise DataError(f"{p}: damaged gzip data ({type(exc).__name__}: {exc}){NOT_USED}") from exc
 
 
+#: Integers up to this magnitude are exact in float64 (its 53-bit significand); past it they round.
+_FLOAT64_EXACT = 1 << 53
+
+
+def _exact_float64(name: object, a: np.ndarray, what: str = "") -> np.ndarray:
+    """The 8-byte integer array ``a`` as float64: as it is where float64 holds every value (|x| <= 2^53),
+    else less its minimum, taken off in uint64 arithmetic (modulo 2^64, so exact however the signed values
+    lie) before the cast. Cast first, two different images of values near 2^63 both rounded to one constant
+    and were taken for duplicates. DataError naming ``name`` (and ``what``) when the spread itself is past
+    2^53."""
+    if a.size == 0:  # (the readers name an empty image)
+        return a.astype(np.float64)
+    lo, hi = int(a.min()), int(a.max())
+    if -_FLOAT64_EXACT <= lo and hi <= _FLOAT64_EXACT:
+        return a.astype(np.float64)
+    if hi - lo > _FLOAT64_EXACT:
+        raise DataError(f"{name}: integer values{what} span {hi - lo} (from {lo} to {hi}): too wide a range for "
+                        f"float64, which holds integers exactly up to 2^53 ({float(_FLOAT64_EXACT):.4g}); rescale "
+                        "the data")
+    return (a.astype(np.uint64, copy=False) - np.uint64(lo % (1 << 64))).astype(np.float64)
+
+
+def _read_int64(p: Path, img, index, what: str = "") -> np.ndarray:
+    """``img.dataobj[index]`` of a NIfTI stored as 64-bit integers, in float64, exact: the stored integers
+    through :func:`_exact_float64` (less their minimum, in integer arithmetic, where they pass 2^53), then the
+    file's scaling. nibabel casts them to float64 first (values past 2^53 rounded: the anatomical scan + 2^60
+    read as a few levels per slice) or scales them in float64 (the same). Scaled integers that float64 holds
+    give ``slope * x + inter`` as nibabel computes it; integers less their minimum give ``slope * (x - min)``,
+    the scaled values less the minimum's (the intercept, an offset, is dropped with the rest of it)."""
+    proxy = img.dataobj
+    slope = float(np.asarray(getattr(proxy, "slope", 1.0)))
+    inter = float(np.asarray(getattr(proxy, "inter", 0.0)))
+    try:
+        if (slope, inter) == (1.0, 0.0) or not hasattr(proxy, "_get_unscaled"):
+            ints = np.asarray(proxy[index])  # (unscaled: nibabel gives the stored integers as they are)
+        else:
+            ints = np.asarray(proxy._get_unscaled(slicer=index))  # (the stored integers of ``index`` alone)
+    except Exception as exc:  # truncated gzip, short data, ...
+        raise DataError(f"{p}: could not read image data{what} ({type(exc).__name__}: {exc})") from exc
+    if ints.dtype.kind not in "iu":  # (scaled by a proxy without _get_unscaled: float64 already)
+        return ints.astype(np.float64, copy=False)
+    if ints.size == 0:
+        return ints.astype(np.float64)
+    d = _exact_float64(p, ints, what)
+    if (slope, inter) == (1.0, 0.0):
+        return d
+    held = -_FLOAT64_EXACT <= int(ints.min()) and int(ints.max()) <= _FLOAT64_EXACT
+    with np.errstate(over="ignore", invalid="ignore"):  # (non-finite values are named by the caller)
+        return d * slope + inter if held else d * slope
+
+
 def _read_data(p: Path, img, index, what: str = "", dtype: Any = np.float32) -> np.ndarray:
     """``img.dataobj[index]`` as float32 (or ``dtype``), every value finite; errors name the file (and
-    ``what``)."""
+    ``what``). 64-bit integers are read exactly (:func:`_read_int64`), as a ``.npy`` of them is."""
     def read(dt: Any) -> np.ndarray:
         try:
             with np.errstate(over="ignore", invalid="ignore"):
@@ -314,11 +365,22 @@ def _read_data(p: Path, img, index, what: str = "", dtype: Any = np.float32) -> 
         except Exception as exc:  # truncated gzip, short data, ...
             raise DataError(f"{p}: could not read image data{what} ({type(exc).__name__}: {exc})") from exc
 
-    arr = read(dtype)
+    try:
+        stored = np.dtype(img.get_data_dtype())
+    except Exception:  # noqa: BLE001 - left to the read, which names the problem
+        stored = np.dtype(np.float32)
+    wide = None
+    if stored.kind in "iu" and stored.itemsize == 8:
+        wide = _read_int64(p, img, index, what)
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = wide.astype(dtype, copy=False)
+    else:
+        arr = read(dtype)
     if arr.size == 0:  # (a .npy of this shape is refused the same way)
         raise DataError(f"{p}: empty image, shape {tuple(img.shape)}{what}")
     if not np.isfinite(arr).all():
-        wide = read(np.float64) if np.dtype(dtype) != np.float64 else arr
+        if wide is None:
+            wide = read(np.float64) if np.dtype(dtype) != np.float64 else arr
         if np.isfinite(wide).all():  # finite values past float32's range, not NaN/Inf in the file
             raise DataError(f"{p}: values up to {float(np.abs(wide).max()):.4g}{what} exceed the range of "
                             f"{np.dtype(dtype).name} ({float(np.finfo(dtype).max):.4g}); rescale the data")
@@ -329,7 +391,8 @@ def _read_data(p: Path, img, index, what: str = "", dtype: Any = np.float32) -> 
 def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool = True,
                dtype: Any = np.float32) -> np.ndarray:
     """Load a NIfTI file as a float32 array of rank 2 or 3 (``dtype=np.float64``: float64, so that float64
-    data and scaled integers keep every bit nibabel gives them).
+    data and scaled integers keep every bit nibabel gives them; 64-bit integers are read exactly, less their
+    minimum where they pass +-2^53, see :func:`_read_int64`).
 
     A 4D file needs ``frame`` (which volume of the series); ``frame`` on a 3D file is an error.
     Errors name the path and the problem: missing file, not a NIfTI, wrong rank, complex or RGB data

@@ -33,7 +33,9 @@ Conventions
   - NIfTI: :func:`deepssim_fast.data.load_nifti` (4D needs ``frame``, unless it has one); complex and RGB data types are
     refused (a complex file is not cast to its real part). The slicing readers take a file of a wide data type,
     or with an intercept (scl_inter, which nibabel keeps in the image's array proxy, not in its header), in
-    float64, fitted to float32 by :func:`fit_float32`.
+    float64, fitted to float32 by :func:`fit_float32`. 64-bit integer data are read as a ``.npy`` of them is
+    (less their minimum, taken off in integer arithmetic, past +-2^53; a span past 2^53 refused), and a
+    scaled file's slope is applied after that (where the minimum was taken off, the intercept goes with it).
 
   NaN or Inf values, other ranks and unreadable files raise :class:`deepssim_fast.data.DataError` naming
   the path and the problem.
@@ -64,7 +66,17 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataError, Slice, SlicePolicy, _check_real_dtype, center_fit, iter_nifti_frames, load_nifti, nib_load
+from .data import (
+    DataError,
+    Slice,
+    SlicePolicy,
+    _check_real_dtype,
+    _exact_float64,
+    center_fit,
+    iter_nifti_frames,
+    load_nifti,
+    nib_load,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -652,26 +664,6 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float3
     return _checked(p, arr)
 
 
-#: Integers up to this magnitude are exact in float64 (its 53-bit significand); past it they round.
-_FLOAT64_EXACT = 1 << 53
-
-
-def _exact_float64(name: object, a: np.ndarray) -> np.ndarray:
-    """The 8-byte integer array ``a`` as float64: as it is where float64 holds every value (|x| <= 2^53),
-    else less its minimum, taken off in uint64 arithmetic (modulo 2^64, so exact however the signed values
-    lie) before the cast. Cast first, two different images of values near 2^63 both rounded to one constant
-    and were taken for duplicates. DataError naming ``name`` when the spread itself is past 2^53."""
-    if a.size == 0:  # (the readers name an empty image)
-        return a.astype(np.float64)
-    lo, hi = int(a.min()), int(a.max())
-    if -_FLOAT64_EXACT <= lo and hi <= _FLOAT64_EXACT:
-        return a.astype(np.float64)
-    if hi - lo > _FLOAT64_EXACT:
-        raise DataError(f"{name}: integer values span {hi - lo} (from {lo} to {hi}): too wide a range for float64, "
-                        f"which holds integers exactly up to 2^53 ({float(_FLOAT64_EXACT):.4g}); rescale the data")
-    return (a.astype(np.uint64, copy=False) - np.uint64(lo % (1 << 64))).astype(np.float64)
-
-
 def _checked(p: Path, arr: np.ndarray) -> np.ndarray:
     if arr.size == 0:
         raise DataError(f"{p}: empty image, shape {arr.shape}")
@@ -740,7 +732,7 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None, dtype: Any 
     integers) keep every bit, where float32 would round values with a large offset to a few ulps of their
     own range (what ``deepssim-fast ssim`` uses, so that its score is that of the stored values). PNG
     samples are integers, exact either way (colour's luminance stays computed in float32). A 64-bit integer
-    ``.npy`` with values past +-2^53 comes back less its minimum (see the module docstring).
+    ``.npy`` or NIfTI with values past +-2^53 comes back less its minimum (see the module docstring).
 
     Raises :class:`DataError` naming the path and the problem (missing, unsupported type, corrupt,
     wrong rank, NaN/Inf values).

@@ -1407,3 +1407,65 @@ def test_a_nifti_with_an_intercept_is_read_in_float64_like_its_copy(tmp_path: Pa
     ((_src, plain),) = _file_volumes(copy)
     assert len(np.unique(vol)) == len(np.unique(raw))
     assert float(dsf.ssim(vol, plain, spatial_dims=3, preset="deepssim")) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_64_bit_integer_nifti_past_2_53_reads_as_the_same_npy(tmp_path: Path, suffix: str) -> None:
+    """An int64 NIfTI with values past 2^53 was cast to float64 by nibabel before anything else: the anatomical
+    scan + 2^60 came back as a few levels per slice, where the same array as .npy has its minimum taken off in
+    integer arithmetic first and keeps every level. The NIfTI now reads as the .npy (a scaled one: its scaling
+    applied to the integers less their minimum), and a span float64 cannot hold is refused naming the file."""
+    import deepssim_fast as dsf
+    from deepssim_fast.io import _file_volumes
+
+    raw = _anatomical_int16().astype(np.int64)
+    big = raw + (1 << 60)
+    nii, npy, plain = tmp_path / f"big{suffix}", tmp_path / "big.npy", tmp_path / "plain.npy"
+    nib.save(nib.Nifti1Image(big, np.eye(4), dtype=np.int64), nii)
+    np.save(npy, big)
+    np.save(plain, raw.astype(np.float32))
+    pol = SlicePolicy(min_foreground=0)
+    got = list(iter_slices([nii], pol, strict=True))
+    want = list(iter_slices([npy], pol, strict=True))
+    copy = list(iter_slices([plain], pol, strict=True))
+    assert [s.index for s in got] == [s.index for s in want] == list(range(raw.shape[2]))
+    for g, w, c in zip(got, want, copy, strict=True):
+        assert np.array_equal(g.array, w.array), g.key
+        assert len(np.unique(g.array)) == len(np.unique(raw[..., g.index])), g.key
+        if np.ptp(c.array) > 0:
+            assert float(dsf.ssim(g.array, c.array, preset="deepssim")) == pytest.approx(1.0, abs=1e-6), g.key
+    ((_s, vol),) = _file_volumes(nii)
+    ((_s, vol_npy),) = _file_volumes(npy)
+    assert np.array_equal(vol, vol_npy) and len(np.unique(vol)) == len(np.unique(raw))
+    for dt in (np.float64, np.float32):
+        assert np.array_equal(read_image(nii, dtype=dt), read_image(npy, dtype=dt))
+    np.testing.assert_array_equal(read_image(nii, dtype=np.float64), raw - raw.min())
+
+    # scaled: the slope applied to the integers less their minimum; within 2^53, nibabel's slope * x + inter
+    img = nib.Nifti1Image(big, np.eye(4), dtype=np.int64)
+    img.header.set_slope_inter(2.0, 5.0)
+    nib.save(img, tmp_path / f"scaled{suffix}")
+    np.testing.assert_array_equal(read_image(tmp_path / f"scaled{suffix}", dtype=np.float64), 2.0 * (raw - raw.min()))
+    img = nib.Nifti1Image(raw, np.eye(4), dtype=np.int64)
+    img.header.set_slope_inter(2.0, 5.0)
+    nib.save(img, tmp_path / f"small{suffix}")
+    np.testing.assert_array_equal(read_image(tmp_path / f"small{suffix}", dtype=np.float64), 2.0 * raw + 5.0)
+
+    # a span past 2^53 (here 2^63) is refused, naming the file, on every path
+    span = np.where(raw > 1000, 1 << 62, -(1 << 62)).astype(np.int64)
+    wide = tmp_path / f"span{suffix}"
+    nib.save(nib.Nifti1Image(span, np.eye(4), dtype=np.int64), wide)
+    says = rf"span{re.escape(suffix)}: integer values span 9223372036854775808 \(from -\d+ to \d+\): too wide a range"
+    with pytest.raises(DataError, match=says):
+        read_image(wide)
+    with pytest.raises(DataError, match=says):
+        list(iter_slices([wide], pol, strict=True))
+    with pytest.raises(DataError, match=says):
+        _file_volumes(wide)
+    # a frame of a series is named with its frame
+    series = tmp_path / f"series{suffix}"
+    nib.save(nib.Nifti1Image(np.stack([big, span], axis=-1), np.eye(4), dtype=np.int64), series)
+    frame_says = rf"series{re.escape(suffix)}: integer values \(frame 1\) span 9223372036854775808"
+    with pytest.raises(DataError, match=frame_says):
+        _file_volumes(series)
+    assert np.array_equal(read_image(series, frame=0), read_image(npy))
