@@ -8,8 +8,10 @@ Conventions
   with ``.``, as a glob's ``*`` does); a folder that is its own ancestor (a symlink loop, by
   ``(st_dev, st_ino)``) is not entered again. A glob pattern gives the same files: a matching folder is
   searched as if named by itself, and ``**`` follows linked folders with the same loop protection. An
-  image-named symlink whose target is missing is kept, so that reading it fails and it is reported
-  (skipped with its reason) rather than dropped unseen. Paths are made absolute (``os.path.abspath``:
+  image-named symlink whose target is missing, or an image-named FIFO, device or socket, is kept, so that
+  reading it fails (a FIFO or device is refused unopened) and it is reported (skipped with its reason)
+  rather than dropped unseen; image files left out as hidden, hidden ones and those in hidden folders, are
+  counted in a warning. Paths are made absolute (``os.path.abspath``:
   ``.`` and ``..`` removed) but symlinks are not resolved, so a linked file keeps the name the user gave
   it and two links to one file (or a folder reached through two paths) are two inputs. The order is
   ``sorted()`` over those absolute paths, never ``os.listdir`` order.
@@ -58,6 +60,7 @@ import logging
 import contextvars
 import os
 import re
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -67,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from .data import (
+    NOT_USED,
     DataError,
     Slice,
     SlicePolicy,
@@ -144,14 +148,18 @@ def _has_magic(s: str) -> bool:
 
 
 def _is_candidate(q: Path) -> bool:
-    """An image-named entry that is a file, or a broken symlink: kept so that reading it fails and it is
-    reported (skipped with its reason, or an error under ``strict``) instead of vanishing unnoticed."""
+    """An image-named entry that is a file, a broken symlink, or anything else but a folder (a FIFO, a link
+    to /dev/zero): kept so that reading it fails and it is reported (skipped with its reason, or an error
+    under ``strict``) instead of vanishing unnoticed (:func:`_require_exists` refuses what is not a regular
+    file without opening it)."""
     if image_kind(q) is None:
         return False
     try:
         if q.is_file():
             return True
-        return q.is_symlink() and not q.exists()
+        if q.is_symlink() and not q.exists():
+            return True
+        return q.exists() and not q.is_dir()
     except OSError:  # (a folder that can be listed but not entered: is_file raised EACCES and stopped the audit)
         return True
 
@@ -165,13 +173,15 @@ def _dir_id(path: str) -> tuple[int, int] | None:
 
 
 def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool = True,
-          hidden_out: list[str] | None = None) -> Iterator[str]:
+          hidden_out: list[tuple[str, bool]] | None = None) -> Iterator[str]:
     """Every entry below the folder ``root`` (not ``root`` itself), depth first in sorted order, following
     symlinked folders. A folder that is one of its own ancestors (a symlink loop; compared by ``(st_dev,
     st_ino)``) is not entered again; a folder reached along two different paths is searched under both.
     A folder that cannot be listed is reported with a warning. ``hidden=False``: entries whose name starts
-    with ``.`` are left out, folders with their contents; the image-named files among them are appended to
-    ``hidden_out``, so the caller can say what it left out."""
+    with ``.`` are left out, folders with their contents; the image files among them are appended to
+    ``hidden_out`` as ``(path, in_hidden_folder)`` (a hidden image-named file: False; an image file inside a
+    hidden folder, found by searching it: True), so the caller can say what it left out. macOS's ``._name``
+    companions, metadata and not images, are not listed."""
     me = _dir_id(root)
     if me is None or me in ancestors:
         if me is not None:
@@ -187,8 +197,13 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
     for e in entries:
         if not hidden and e.name.startswith("."):
             # (macOS's ._name companions are metadata, not images: not worth a word)
-            if hidden_out is not None and not e.name.startswith("._") and image_kind(Path(e.name)) is not None:
-                hidden_out.append(e.path)
+            if hidden_out is not None and not e.name.startswith("._"):
+                if image_kind(Path(e.name)) is not None and not os.path.isdir(e.path):
+                    hidden_out.append((e.path, False))
+                elif os.path.isdir(e.path):
+                    # (images in .git or .cache were left out without the word hidden files get)
+                    hidden_out.extend((q, True) for q in _walk(e.path, chain) if not Path(q).name.startswith("._")
+                                      and _is_candidate(Path(q)))
             continue
         yield e.path
         try:
@@ -231,7 +246,7 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (),
     # below it, and then the search found nothing)
     ups = {_dir_id(os.fspath(a)) for a in Path(os.path.realpath(p)).parents}
     ups.discard(None)
-    hidden: list[str] = []
+    hidden: list[tuple[str, bool]] = []
     for q in map(Path, _walk(os.fspath(p), (*ancestors, *sorted(ups)), hidden=False, hidden_out=hidden)):
         if _is_candidate(q):
             found.append(q)
@@ -239,7 +254,7 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (),
             other[q.suffix.lower()] = other.get(q.suffix.lower(), 0) + 1
     if other:
         _warn_other_formats(p, other)
-    hidden = [h for h in hidden if not _under(Path(h), outputs)]
+    hidden = [h for h in hidden if not _under(Path(h[0]), outputs)]
     if hidden:  # (left out by design, as a glob's * leaves them out, but said once per discover(): _HIDDEN)
         log = _HIDDEN.get()
         if log is not None:
@@ -249,13 +264,27 @@ def _search_dir(p: Path, ancestors: tuple[tuple[int, int], ...] = (),
     return found
 
 
-# the hidden image-named files the searches of one discover() call left out, said there once
-_HIDDEN: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("_HIDDEN", default=None)
+# the hidden image files the searches of one discover() call left out, said there once
+_HIDDEN: contextvars.ContextVar[list[tuple[str, bool]] | None] = contextvars.ContextVar("_HIDDEN", default=None)
 
 
-def _say_hidden(hidden: list[str]) -> None:
-    logger.warning("%d hidden image-named file(s) (names starting with '.') left out of the folder search, e.g. "
-                   "%s; rename them, or name them explicitly, to include them", len(hidden), hidden[0])
+def _hidden_what(hidden: Sequence[tuple[str, bool]]) -> str:
+    """The image files a folder search left out as hidden (``(path, in_hidden_folder)``, see :func:`_walk`),
+    counted by kind, each kind with an example: "2 hidden image-named file(s) (names starting with '.'), e.g.
+    d/.a.npy, and 3 image file(s) in hidden folders, e.g. d/.cache/b.npy"."""
+    named = [h for h, inside in hidden if not inside]
+    inside = [h for h, inside in hidden if inside]
+    parts = []
+    if named:
+        parts.append(f"{len(named)} hidden image-named file(s) (names starting with '.'), e.g. {named[0]}")
+    if inside:
+        parts.append(f"{len(inside)} image file(s) in hidden folders (names starting with '.'), e.g. {inside[0]}")
+    return ", and ".join(parts)
+
+
+def _say_hidden(hidden: list[tuple[str, bool]]) -> None:
+    logger.warning("%s, left out of the folder search; rename them, or name them (or their folder) explicitly, "
+                   "to include them", _hidden_what(hidden))
 
 
 def _warn_other_formats(where: Any, other: dict[str, int]) -> None:
@@ -346,6 +375,23 @@ def _glob_matches(pattern: str, outputs: Sequence[str] | Callable[[Path], bool] 
     return found
 
 
+def _bracket_hint(s: str) -> str:
+    """For a glob pattern ``s`` that matched nothing and holds ``[``: that brackets are glob syntax (a set of
+    characters), with the escaped pattern where a leading part of it names an existing path as written (a
+    folder named ``br[a]ck``: ``br[a]ck/*.png`` looked for ``brack/*.png``)."""
+    if "[" not in s:
+        return ""
+    comps = s.split(os.sep)
+    for n in range(len(comps) - 1, 0, -1):
+        head = os.sep.join(comps[:n])
+        if "[" in head and os.path.lexists(os.path.expanduser(head)):
+            fix = os.sep.join([glob.escape(head), *comps[n:]])
+            return (f"; '[' starts a set of characters in a glob pattern, but {head} exists as written: to match "
+                    f"its name, escape the bracket as '[[]' ({fix!r}, as glob.escape writes it)")
+    return ("; '[' starts a set of characters in a glob pattern: to match a name that holds one, escape it as "
+            "'[[]' (glob.escape)")
+
+
 def _discover_one(item: str | os.PathLike, outputs: Sequence[str] | Callable[[Path], bool] = ()) -> list[Path]:
     s = os.fspath(item)
     if not str(s).strip():  # (Path("") is Path("."): an unset shell variable searched the working folder)
@@ -356,10 +402,11 @@ def _discover_one(item: str | os.PathLike, outputs: Sequence[str] | Callable[[Pa
     if p.is_dir():
         found = _search_dir(p, outputs=outputs)
         if not found:
-            hidden = [h for h in _walk(os.fspath(p)) if Path(h).name.startswith(".") and image_kind(Path(h))
-                      and not Path(h).name.startswith("._")]
-            note = (f" (only hidden ones, names starting with '.', which a search leaves out, e.g. {hidden[0]}; "
-                    "rename them or name them explicitly)" if hidden else "")
+            hidden: list[tuple[str, bool]] = []
+            for _q in _walk(os.fspath(p), hidden=False, hidden_out=hidden):
+                pass
+            note = (f" (only hidden ones, which a search leaves out: {_hidden_what(hidden)}; rename them or name "
+                    "them explicitly)" if hidden else "")
             raise ValueError(f"{s}: directory contains no .nii, .nii.gz, .png or .npy files{note}")
         return found
     if p.is_file():
@@ -371,7 +418,7 @@ def _discover_one(item: str | os.PathLike, outputs: Sequence[str] | Callable[[Pa
     if _has_magic(s):
         found = _glob_matches(os.path.expanduser(s), outputs)
         if not found:
-            raise ValueError(f"{s}: glob pattern matched no .nii, .nii.gz, .png or .npy files")
+            raise ValueError(f"{s}: glob pattern matched no .nii, .nii.gz, .png or .npy files{_bracket_hint(s)}")
         return found
     raise ValueError(f"{s}: no such file or directory")
 
@@ -712,9 +759,24 @@ def stored_dtype(path: str | os.PathLike) -> np.dtype | None:
     return None
 
 
+#: What a file that is not a regular one is, by its stat mode (named in the readers' refusal).
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def _require_exists(p: Path) -> None:
-    """DataError unless ``p`` exists; a broken symlink says so, with the target it names."""
+    """DataError unless ``p`` exists and is a regular file (or a folder, which the readers name); a broken
+    symlink says so, with the target it names. A FIFO (opened, it blocks until a writer comes), a device (a
+    link to /dev/zero reads forever) or a socket is refused without being opened."""
     if p.exists():
+        try:
+            mode = p.stat().st_mode
+        except OSError:  # (left to the readers, which name the problem)
+            return
+        what = next((name for test, name in _SPECIAL_FILES if test(mode)), None)
+        if what is not None:
+            link = f" (a symbolic link to {os.readlink(p)})" if p.is_symlink() else ""
+            raise DataError(f"{p}: not a regular file: {what}{link}{NOT_USED}")
         return
     if p.is_symlink():
         try:

@@ -1469,3 +1469,90 @@ def test_a_64_bit_integer_nifti_past_2_53_reads_as_the_same_npy(tmp_path: Path, 
     with pytest.raises(DataError, match=frame_says):
         _file_volumes(series)
     assert np.array_equal(read_image(series, frame=0), read_image(npy))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_a_link_to_a_device_is_listed_and_refused_unread(tmp_path: Path) -> None:
+    """A FIFO named fifo.png and a symlink to /dev/zero named zero.npy were dropped from a folder search without
+    a word, and named themselves they were "no such file or directory", though they exist. They are inputs
+    now, refused by the readers without being opened (a FIFO blocks until a writer comes, /dev/zero reads
+    forever): skipped with "not a regular file" and what they are."""
+    import threading
+
+    d = tmp_path / "d"
+    d.mkdir()
+    np.save(d / "ok.npy", np.arange(64, dtype=np.float32).reshape(8, 8))
+    fifo, zero = d / "fifo.png", d / "zero.npy"
+    os.mkfifo(fifo)
+    os.symlink("/dev/zero", zero)
+    done = threading.Event()
+
+    def unblock() -> None:  # (a reader that opened the FIFO would hang the tests: a writer comes after 10 s)
+        if not done.wait(10):
+            with open(fifo, "wb"):
+                pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        assert discover(d) == [fifo, d / "ok.npy", zero]
+        assert discover(str(d / "*")) == [fifo, d / "ok.npy", zero]
+        assert discover(fifo) == [fifo] and discover(zero) == [zero]
+        with pytest.raises(DataError, match=r"fifo\.png: not a regular file: a FIFO \(named pipe\)"):
+            read_image(fifo)
+        with pytest.raises(DataError, match=r"zero\.npy: not a regular file: a character device \(a symbolic link "
+                                            r"to /dev/zero\)"):
+            read_image(zero)
+        skipped: list = []
+        got = list(iter_slices(discover(d), SlicePolicy(min_foreground=0), skipped=skipped))
+        assert [s.source for s in got] == [str(d / "ok.npy")]
+        assert [(p, "not a regular file" in why) for p, why in skipped] == [(str(fifo), True), (str(zero), True)]
+    finally:
+        done.set()
+
+
+def test_a_glob_whose_bracket_names_a_real_folder_says_how_to_escape_it(tmp_path: Path) -> None:
+    """A glob under a folder named ``br[a]ck`` matched nothing ('[a]' is a set of characters: it looked in
+    ``brack``) and said only "matched no ... files". It now says that '[' is glob syntax and, where the
+    bracketed part exists as written, gives the escaped pattern."""
+    folder = tmp_path / "br[a]ck"
+    folder.mkdir()
+    np.save(folder / "y.npy", np.ones((8, 8), np.float32))
+    pattern = str(folder / "*.npy")
+    fix = os.path.join(str(tmp_path), "br[[]a]ck", "*.npy")
+    with pytest.raises(ValueError, match=r"matched no .* files; '\[' starts a set of characters in a glob pattern, "
+                                         r"but .*br\[a\]ck exists as written") as ei:
+        discover(pattern)
+    assert repr(fix) in str(ei.value)
+    assert discover(fix) == [folder / "y.npy"]
+    with pytest.raises(ValueError, match=r"escape it as '\[\[\]' \(glob\.escape\)$"):
+        discover(str(tmp_path / "no[ne]" / "*.npy"))
+    with pytest.raises(ValueError, match=r"matched no .* files$"):  # (no bracket: no hint)
+        discover(str(tmp_path / "none*" / "*.npy"))
+
+
+def test_images_in_hidden_folders_are_counted_with_hidden_files(tmp_path: Path, caplog) -> None:
+    """The warning about hidden files left out of a search counted hidden image-named files only: images in a
+    hidden folder (``.cache/b.npy``), left out too, were not counted, and a folder holding only such images was
+    said to hold no image files, without the note. Both are counted now, each kind named with an example."""
+    import logging
+
+    d = tmp_path / "d"
+    for name in ("a.npy", ".x.npy", ".cache/b.npy", ".cache/deep/c.png", ".cache/._m.npy", ".cache/notes.txt"):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".png"):
+            _png(d / name, np.zeros((8, 8), np.uint8))
+        elif name.endswith(".txt"):
+            (d / name).write_text("not an image")
+        else:
+            np.save(d / name, np.ones((8, 8), np.float32))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.io"):
+        assert discover(d) == [d / "a.npy"]
+    (said,) = [r.getMessage() for r in caplog.records if "hidden" in r.getMessage()]
+    assert f"1 hidden image-named file(s) (names starting with '.'), e.g. {d / '.x.npy'}, and 2 image file(s) in " \
+           f"hidden folders (names starting with '.'), e.g. {d / '.cache' / 'b.npy'}, left out" in said, said
+    only = tmp_path / "only"
+    (only / ".hdir").mkdir(parents=True)
+    np.save(only / ".hdir" / "h.npy", np.ones((8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"contains no .* files \(only hidden ones, which a search leaves out: 1 "
+                                         r"image file\(s\) in hidden folders .*\.hdir/h\.npy"):
+        discover(only)
