@@ -47,7 +47,7 @@ int parse_simd_env() {
   static std::atomic<bool> warned{false};
   if (v < 0 && !warned.exchange(true))
     std::fprintf(stderr,
-                 "deepssim_fast: DEEPSSIM_FAST_SIMD='%s' is not one of scalar, avx2, avx512; using the "
+                 "deepssim_fast: DEEPSSIM_FAST_SIMD='%s' is not one of auto, scalar, avx2, avx512; using the "
                  "detected level\n",
                  e);
   return v;

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -1173,7 +1174,16 @@ bool box_off_env() {
   std::string t;
   for (const char* c = e; *c; ++c)
     if (!std::isspace(static_cast<unsigned char>(*c))) t += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
-  return t == "0" || t == "off" || t == "false" || t == "no";
+  const bool off = t == "0" || t == "off" || t == "false" || t == "no";
+  // any other value but the words for "on" leaves the kernels on, said once per process, as the other
+  // variables' unknown values are (this runs without the GIL: it cannot raise)
+  static std::atomic<bool> warned{false};
+  if (!off && !t.empty() && t != "1" && t != "on" && t != "true" && t != "yes" && !warned.exchange(true))
+    std::fprintf(stderr,
+                 "deepssim_fast: DEEPSSIM_FAST_SSIM_BOX='%s' is not one of 0/off/false/no or 1/on/true/yes; the "
+                 "running-sum kernels stay on\n",
+                 e);
+  return off;
 }
 
 bool box_enabled(const Window& win) {

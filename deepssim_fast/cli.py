@@ -76,10 +76,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if unknown:
         print(f"note: {', '.join(unknown)}: not a variable deepssim_fast reads (misspelt?); known: "
               f"{', '.join(sorted(KNOWN_ENV - {'DEEPSSIM_FAST_TEST_KILL_ONCE'}))}")
-    forced = env.get("DEEPSSIM_FAST_BACKEND") or None  # (read as backends.resolve reads it: as written)
+    raw = env.get("DEEPSSIM_FAST_BACKEND") or ""
+    forced = raw.strip().lower() or None  # (read as backends.resolve reads it: any case, blanks dropped)
 
     if forced not in (None, "auto") and forced not in BACKENDS:
-        print(f"note: DEEPSSIM_FAST_BACKEND={forced!r} is not one of {BACKENDS} (or 'auto'): calls that use the "
+        print(f"note: DEEPSSIM_FAST_BACKEND={raw!r} is not one of {BACKENDS} (or 'auto'): calls that use the "
               "default backend will fail")
     elif forced in ("native", "triton") and not info[forced]["available"]:
         print(f"note: DEEPSSIM_FAST_BACKEND={forced}, which is not available here: calls that use the default "

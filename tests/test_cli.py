@@ -133,11 +133,14 @@ def test_doctor_still_works(capsys: pytest.CaptureFixture, monkeypatch: pytest.M
         assert main(["doctor", "--json"]) == 0
         info = json.loads(capsys.readouterr().out)["backends"]
         assert info["environment"] == {"DEEPSSIM_FAST_BACKEND": "triton"} and info["triton"]["reason"]
-    # a value every call refuses, as calls read it ('Native' is not 'native')
+    # a value every call refuses, as calls read it (any case: 'Native' is 'native', 'Nativ' is nothing)
+    monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "Nativ")
+    assert main(["doctor"]) == 0
+    assert ("note: DEEPSSIM_FAST_BACKEND='Nativ' is not one of ('native', 'torch', 'triton')"
+            in capsys.readouterr().out)
     monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", "Native")
     assert main(["doctor"]) == 0
-    assert ("note: DEEPSSIM_FAST_BACKEND='Native' is not one of ('native', 'torch', 'triton')"
-            in capsys.readouterr().out)
+    assert "is not one of" not in capsys.readouterr().out
 
 
 def test_ssim_two_files_prints_the_score(folders: dict, capsys: pytest.CaptureFixture) -> None:

@@ -490,7 +490,19 @@ def test_unknown_simd_environment_value_is_reported_not_silently_dropped():
     r = subprocess.run([sys.executable, "-c", "from deepssim_fast import _native; print(_native.simd_level())"],
                        env={**os.environ, "DEEPSSIM_FAST_SIMD": "avx3"}, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == _native.detected_simd_level()
-    assert "DEEPSSIM_FAST_SIMD='avx3' is not one of scalar, avx2, avx512" in r.stderr
+    assert "DEEPSSIM_FAST_SIMD='avx3' is not one of auto, scalar, avx2, avx512" in r.stderr
+
+
+def test_unknown_ssim_box_environment_value_is_reported_not_silently_dropped():
+    """DEEPSSIM_FAST_SSIM_BOX: 0/off/false/no turn the running-sum kernels off, 1/on/true/yes or unset leave
+    them on; another value left them on without a word. It is now said, once per process."""
+    code = ("import numpy as np, deepssim_fast as d; x = np.random.default_rng(0).random((3, 32, 32));"
+            "print(d.ssim(x, x[::-1].copy(), spatial_dims=2).tolist()); print(d.ssim(x, x, spatial_dims=2).tolist())")
+    runs = {v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "DEEPSSIM_FAST_SSIM_BOX": v},
+                              capture_output=True, text=True, check=True) for v in ("maybe", "On", "off")}
+    assert runs["maybe"].stderr.count("DEEPSSIM_FAST_SSIM_BOX='maybe' is not one of") == 1, runs["maybe"].stderr
+    assert runs["maybe"].stdout == runs["On"].stdout  # left on, as before
+    assert "DEEPSSIM_FAST_SSIM_BOX" not in runs["On"].stderr + runs["off"].stderr
 
 
 def test_bad_thread_count_environment_value_is_reported_not_silently_dropped():
