@@ -872,7 +872,11 @@ def ssim_matrix(
     (N, H, W) stacks of slices; pass ``spatial_dims=3`` for (N, D, H, W) volumes). Options as :func:`ssim`;
     with ``preset="deepssim"`` the row image A[i] is "the first image" (its range sets the data range).
     On the native and Triton backends each image's windowed mean and variance are computed once per tile,
-    so a pair costs only its cross term (Triton: unless ``DEEPSSIM_FAST_TRITON_SSIM=direct``). Tiles bound
+    so a pair costs only its cross term (Triton: unless ``DEEPSSIM_FAST_TRITON_SSIM=direct``); a score may
+    then differ from the pair's :func:`ssim` by a float32 ulp or two (its sums are added in another order),
+    and so may ``M[i, j]`` from ``M[j, i]`` in ``ssim_matrix(A, A)`` with ``data_range=None`` (seen: 1 ulp,
+    6e-8, in 2 of 100 entries; with a fixed ``data_range`` the native matrix is bit-identical to pair by
+    pair). Tiles bound
     memory; ``out`` may be a path (a float32 ``np.memmap`` is written; ``.npy`` paths get a header) or a
     preallocated float32 array (numpy, torch or cupy; anything else is a TypeError). A path is written
     atomically: the matrix goes to a temporary file beside it, which replaces it once complete, so a call
