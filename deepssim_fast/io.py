@@ -21,10 +21,11 @@ Conventions
     :func:`stored_dtype`, bool's 1), while 2- and 4-bit grayscale are scaled to 0..255 (x85, x17, as
     Pillow decodes them; dtype range uint8's 255), so SSIM with the dtype range is that of the stored
     values with their own range (3, 15). Colour images are converted to luminance with the ITU-R BT.601
-    weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding) from the
-    stored samples, so 16-bit colour (RGB, RGBA, grey+alpha; decoded by this module, as Pillow reduces
-    them to 8 bits) keeps its 16-bit values (0..65535) as 8-bit colour keeps 0..255; an alpha channel is
-    ignored (grey+alpha gives its grey channel). Palette images are expanded to RGB first.
+    weights, ``0.299 R + 0.587 G + 0.114 B``, computed in float32 (no rounding) from the stored samples
+    (a grey pixel, R == G == B, gives its value exactly, as a grey image would), so 16-bit colour (RGB,
+    RGBA, grey+alpha; decoded by this module, as Pillow reduces them to 8 bits) keeps its 16-bit values
+    (0..65535) as 8-bit colour keeps 0..255; an alpha channel is ignored (grey+alpha gives its grey
+    channel). Palette images are expanded to RGB first.
   - ``.npy``: a 2D or 3D numeric array (4D needs ``frame``, which picks the last axis, as for NIfTI; a 4D
     array of one frame is that volume, as a one-frame NIfTI is); leading axes of length 1 are dropped first
     (channel-first samples: (1, H, W) and (1, 1, H, W) are the image, (1, D, H, W) the volume); pickled
@@ -562,6 +563,15 @@ def _bomb_error(p: Path, exc: Exception) -> DataError:
                      f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) before reading it")
 
 
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """The BT.601 luminance, ``0.299 R + 0.587 G + 0.114 B`` in float32, of the ``(h, w, 3+)`` float32 samples
+    ``rgb`` (a fourth channel, alpha, ignored); a grey pixel (R == G == B) gives its value exactly. The
+    weights do not sum to exactly 1 in float32: a grey image saved as RGB read up to 1.5e-5 off the same
+    image saved as grey (mode L)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.where((r == g) & (g == b), r, 0.299 * r + 0.587 * g + 0.114 * b)
+
+
 def _read_png(p: Path, dtype: Any = np.float32) -> np.ndarray:
     """The image of a PNG file as float32 (or ``dtype``: grayscale samples converted to it directly; the
     luminance of colour is computed in float32 either way)."""
@@ -585,8 +595,7 @@ def _read_png(p: Path, dtype: Any = np.float32) -> np.ndarray:
                 raise DataError(f"{p}: not a readable PNG file ({type(exc).__name__}: {exc})") from exc
             if header[1] == 4:  # grey + alpha
                 return np.ascontiguousarray(px[..., 0], dtype=np.float32)
-            rgb = px.astype(np.float32)
-            return np.ascontiguousarray(0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])
+            return np.ascontiguousarray(_luminance(px.astype(np.float32)))
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             if im.format != "PNG":  # (a JPEG saved as x.png, a TIFF: decoded by content, which was unsaid)
@@ -608,8 +617,8 @@ def _read_png(p: Path, dtype: Any = np.float32) -> np.ndarray:
             elif mode in ("LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"):
                 if mode == "LA":
                     return np.asarray(im, dtype=np.float32)[..., 0].copy()
-                rgb = np.asarray(im.convert("RGB") if mode not in ("RGB", "RGBA") else im, dtype=np.float32)
-                arr = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+                arr = _luminance(np.asarray(im.convert("RGB") if mode not in ("RGB", "RGBA") else im,
+                                            dtype=np.float32))
             else:
                 raise DataError(f"{p}: unsupported PNG mode {mode!r}")
     except DataError:

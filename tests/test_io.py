@@ -1556,3 +1556,31 @@ def test_images_in_hidden_folders_are_counted_with_hidden_files(tmp_path: Path, 
     with pytest.raises(ValueError, match=r"contains no .* files \(only hidden ones, which a search leaves out: 1 "
                                          r"image file\(s\) in hidden folders .*\.hdir/h\.npy"):
         discover(only)
+
+
+def test_a_grey_image_saved_in_colour_reads_as_the_grey_one(tmp_path: Path) -> None:
+    """A grey image saved as RGB (R == G == B) read up to 1.5e-5 off the same image saved as grey: the BT.601
+    weights, 0.299 + 0.587 + 0.114, do not sum to exactly 1 in float32. A grey pixel of a colour image now
+    gives its value exactly: RGB, RGBA, a grey palette and 16-bit RGB(A) read bit-identical to mode L / I;16;
+    a coloured pixel keeps its luminance."""
+    t1 = data.center_fit(data.load_volume("t1_coronal_slice").array, (64, 72)).astype(np.float64)
+    t1 = (t1 - t1.min()) / (t1.max() - t1.min())
+    g8 = np.round(t1 * 255).astype(np.uint8)
+    grey = read_image(_png(tmp_path / "l.png", g8))
+    assert np.array_equal(grey, g8.astype(np.float32))
+    rgb = np.dstack([g8, g8, g8])
+    for name, img in (("rgb", Image.fromarray(rgb)), ("rgba", Image.fromarray(np.dstack([rgb, g8]))),
+                      ("p", Image.fromarray(g8).convert("P"))):
+        img.save(tmp_path / f"{name}.png")
+        assert np.array_equal(read_image(tmp_path / f"{name}.png"), grey), name
+    g16 = np.round(t1 * 65535).astype(np.uint16)
+    grey16 = read_image(_png(tmp_path / "l16.png", g16))
+    assert np.array_equal(grey16, g16.astype(np.float32))
+    for name, colour, arr in (("rgb16", 2, np.dstack([g16, g16, g16])), ("rgba16", 6, np.dstack([g16] * 4))):
+        assert np.array_equal(read_image(_png16(tmp_path / f"{name}.png", arr, colour)), grey16), name
+    # a coloured pixel among grey ones: its luminance, the grey ones their value
+    rgb[3, 4] = (200, 10, 60)
+    got = read_image(_png(tmp_path / "mixed.png", rgb))
+    want = grey.copy()
+    want[3, 4] = np.float32(0.299) * 200 + np.float32(0.587) * 10 + np.float32(0.114) * 60
+    assert np.array_equal(got, want)
