@@ -703,8 +703,11 @@ class ItemSet:
 #: still audited from their old entries). Bump it whenever a change of io's reading, slicing or fitting rules
 #: can change the items a file gives, or whether it gives any. (Entries of an earlier reader are not read again;
 #: they stay in the cache until it is cleared.)
-_READER_VERSION = 3  # 2: float64 / 32-64-bit integer / intercept-scaled files read in float64 (io.fit_float32);
-#                      3: 64-bit integer files past 2^53 lose their minimum in integer arithmetic first
+_READER_VERSION = 4  # 2: float64 / 32-64-bit integer / intercept-scaled files read in float64 (io.fit_float32);
+#                      3: 64-bit integer files past 2^53 lose their minimum in integer arithmetic first;
+#                      4: NIfTI intercepts are seen (nibabel keeps them on the data, not the header), and 64-bit
+#                         integer NIfTI files read as .npy files do (8e9060b, f8fc25c); grey stored as colour
+#                         reads as the grey (c4c4456)
 
 
 def _file_key(p: Path, *parts: str) -> str:
