@@ -263,7 +263,8 @@ def start_local_cluster(workers: int) -> Any:
     """Start an in-process cluster of ``workers`` worker processes on this machine.
 
     CPU: a :class:`distributed.LocalCluster` on loopback, one thread per worker process (each task then
-    uses ``cores // workers`` threads in the engine, so workers × threads ≤ cores), logs at WARNING.
+    uses ``cores // workers`` threads in the engine, so workers × threads ≤ cores), logs at
+    :func:`_dask_log_level`.
     Several GPUs and ``dask_cuda`` installed: a ``dask_cuda.LocalCUDACluster`` on the first
     ``min(workers, GPUs)`` GPUs this process sees (those of ``$CUDA_VISIBLE_DEVICES`` when it is set), one
     worker (and one task at a time) per GPU.
@@ -272,7 +273,7 @@ def start_local_cluster(workers: int) -> Any:
 
     check_cluster_options(workers, None)
     workers = int(workers)
-    common = dict(dashboard_address=_dashboard_address(), silence_logs=logging.WARNING)
+    common = dict(dashboard_address=_dashboard_address(), silence_logs=_dask_log_level())
     ngpu = _cuda_count()
     if ngpu > 1 and importlib.util.find_spec("dask_cuda") is not None:
         from dask_cuda import LocalCUDACluster
@@ -297,6 +298,31 @@ def start_local_cluster(workers: int) -> Any:
                 workers, per, cores)
     return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", env=env,
                         **common)
+
+
+def _dask_log_level() -> int:
+    """The level of what an embedded cluster's Dask logs: WARNING where this package's INFO lines are asked for
+    (the CLI's -v), else ERROR. At WARNING, an interrupted run printed the workers' "Async instruction for
+    <Task cancelled ...> ended with CancelledError" and the nanny's "Worker process still alive after 4.0
+    seconds, killing", in Dask's own format, before the command's one line."""
+    return logging.WARNING if logging.getLogger("deepssim_fast").isEnabledFor(logging.INFO) else logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_dask_here(level: int) -> Iterator[None]:
+    """The ``distributed`` logger of this process (the embedded cluster's scheduler and nannies) at ``level`` at
+    least while the block runs, where ``level`` is ERROR: ``silence_logs`` quiets Dask's own handler only, not
+    the caller's (the CLI's) that its records reach."""
+    lg = logging.getLogger("distributed")
+    old = lg.level
+    if level < logging.ERROR or lg.getEffectiveLevel() >= level:
+        yield
+        return
+    lg.setLevel(level)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
 
 
 def check_cluster_options(workers: Any, scheduler: Any) -> None:
@@ -409,6 +435,7 @@ def cluster_client(workers: int | None = None, scheduler: Any = None) -> Iterato
         elif scheduler is not None:
             client = Client(scheduler)
         else:
+            stack.enter_context(_quiet_dask_here(_dask_log_level()))  # (first in, last out: through the close)
             cluster = stack.enter_context(start_local_cluster(workers))
             client = Client(cluster)
         stack.enter_context(client)

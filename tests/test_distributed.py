@@ -1220,3 +1220,43 @@ def test_a_shard_in_the_callers_process_leaves_the_thread_setting_as_set(monkeyp
     finally:
         torch.set_num_threads(before[0])
         _native.set_num_threads(before[1])
+
+
+def test_an_embedded_clusters_dask_warnings_are_quiet_at_the_default_verbosity():
+    """An interrupted --workers audit printed the workers' "distributed.worker.state_machine - WARNING - Async
+    instruction for <Task cancelled ...> ended with CancelledError" (Dask's format, from the workers) and the
+    nanny's "WARNING distributed.nanny: Worker process still alive after 4.0 seconds, killing" (this process)
+    before the command's one line: the embedded cluster logged at WARNING whatever the verbosity. Its Dask
+    warnings now show where this package's INFO lines do (-v), here as in the workers."""
+    code = textwrap.dedent("""
+        import logging
+        import numpy as np
+        import deepssim_fast.distributed as dd
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as the CLI
+        import distributed  # noqa: F401 - its import sets its loggers; the CLI's level comes after
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+        real_run, real_size = dd._run_shard, dd._auto_train_shard_size
+
+        def on_a_worker(*args, **kw):
+            logging.getLogger("distributed.worker").warning("the worker's warning")
+            return real_run(*args, **kw)
+
+        def in_this_process(*args, **kw):
+            logging.getLogger("distributed.nanny").warning("the nanny's warning")
+            return real_size(*args, **kw)
+
+        dd._run_shard, dd._auto_train_shard_size = on_a_worker, in_this_process
+        tr = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+        for level in (logging.WARNING, logging.INFO):  # (the CLI's default verbosity, then -v)
+            logging.getLogger("deepssim_fast").setLevel(level)
+            dd.all_pairs_distributed(tr, tr[:6], k=2, workers=1, progress=False)
+            logging.getLogger("distributed").warning("RUN DONE")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    quiet, verbose, rest = out.stderr.split("WARNING distributed: RUN DONE\n")
+    assert "warning" not in quiet, quiet
+    assert "the worker's warning" in verbose and "the nanny's warning" in verbose, verbose
+    assert not rest.strip(), rest
