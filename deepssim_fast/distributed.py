@@ -72,6 +72,8 @@ from ._arrays import to_numpy
 from ._atomic import atomic_write_bytes, remove_temporaries
 from ._ssim_common import check_count_or_none
 from .backends import BACKENDS
+from .backends import ENV_VAR as _BACKEND_ENV
+from .backends import resolve as _resolve_backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -1078,8 +1080,13 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                             **_caller_engine_settings()}  # (not in the checkpoints' key: results do not change)
     if backend not in (None, "auto", *BACKENDS):
         # (the name is checked here, before a cluster starts: it was refused on a worker, after start-up; whether
-        # it is available is the workers' matter, a GPU worker's Triton say)
+        # it is available is the workers' matter on a user's cluster, a GPU worker's Triton say)
         raise ValueError(f"backend {backend!r} is not supported here; expected one of {BACKENDS} or 'auto'")
+    if workers is not None and (backend not in (None, "auto")
+                                or os.environ.get(_BACKEND_ENV, "").strip().lower() not in ("", "auto")):
+        # the workers of an embedded cluster run here: a backend they cannot run is said now, as one process says
+        # it (backend="triton" without CUDA started the cluster, then failed on a worker in Dask's words)
+        _resolve_backend(backend, [], supported=BACKENDS)
     if n_synth == 0:  # nothing to distribute: the empty result, as one process gives it
         from .all_pairs import all_pairs
 

@@ -1260,3 +1260,39 @@ def test_an_embedded_clusters_dask_warnings_are_quiet_at_the_default_verbosity()
     assert "warning" not in quiet, quiet
     assert "the worker's warning" in verbose and "the nanny's warning" in verbose, verbose
     assert not rest.strip(), rest
+
+
+def test_a_backend_this_machine_cannot_run_is_refused_before_a_local_cluster_starts(monkeypatch):
+    """backend="triton" with workers=2 on a machine without CUDA started the local cluster (~10 s), then failed
+    on a worker with a long "distributed.worker - ERROR - Compute Failed" block; one process raises the
+    BackendUnavailableError at once. The workers of workers=N run here, so it is raised as one process raises
+    it, before any cluster (for $DEEPSSIM_FAST_BACKEND too); a user's cluster (scheduler=) may have what this
+    machine lacks (a GPU worker's Triton), so there the workers still decide."""
+    import importlib
+
+    from deepssim_fast.backends import BackendUnavailableError
+
+    backends = importlib.import_module("deepssim_fast.backends")  # (the package's own backends is a function)
+    started: list = []
+
+    def no_cluster(*a, **kw):
+        started.append(a)
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(dd, "cluster_client", no_cluster)
+    monkeypatch.setattr(backends, "_cuda_devices", list)  # (no GPU, whatever the machine)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DEEPSSIM_FAST_BACKEND", raising=False)
+    tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    for kw, env in ((dict(backend="triton"), None), ({}, "triton")):
+        if env is not None:
+            monkeypatch.setenv("DEEPSSIM_FAST_BACKEND", env)
+        with pytest.raises(BackendUnavailableError) as one:
+            all_pairs(tr, tr[:5], k=2, progress=False, **kw)
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailableError) as two:
+            all_pairs(tr, tr[:5], k=2, progress=False, workers=2, **kw)
+        assert str(two.value) == str(one.value) and time.perf_counter() - t0 < 5
+    assert not started
+    with pytest.raises(AssertionError, match="a cluster was started"):  # (a user's cluster: its workers decide)
+        all_pairs(tr, tr[:5], k=2, progress=False, backend="triton", scheduler="tcp://127.0.0.1:8786")
