@@ -492,8 +492,12 @@ def _check_scheduler(address: str) -> None:
     a web or SSH server) made it wait forever, or fail with a MemoryError of exbibytes (the peer's first
     bytes read as a message length). The probe runs on its own event loop in a helper thread, so it works
     where the caller's thread already runs one (Jupyter). A malformed address stays a ValueError.
+
+    A tcp:// (tls://) address is first connected to plainly: a refused connection is said at once (Dask retries
+    it until the timeout, so a scheduler not running, or a wrong port, was "Timed out ... after 30 s").
     """
     import asyncio
+    import socket
     import threading
 
     from dask.utils import parse_timedelta
@@ -504,9 +508,19 @@ def _check_scheduler(address: str) -> None:
 
     scheme, loc = parse_address(address)
     get_backend(scheme)  # ValueError: unknown address scheme
-    if scheme in ("tcp", "tls"):
-        parse_host_port(loc)  # ValueError: missing port number
     timeout = float(parse_timedelta(CONNECT_TIMEOUT, default="seconds"))
+    if scheme in ("tcp", "tls"):
+        host, port = parse_host_port(loc)  # ValueError: missing port number
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except ConnectionRefusedError as exc:
+            raise DistributedError(f"cannot connect to the Dask scheduler at {address}: connection refused (is the "
+                                   "scheduler running, is the port right?)") from exc
+        except TimeoutError as exc:  # (Dask's probe would wait as long again: its words, now)
+            raise DistributedError(f"cannot connect to the Dask scheduler at {address}: Timed out trying to connect "
+                                   f"to {address} after {timeout:g} s") from exc
+        except OSError:  # (a name that does not resolve, no route ...: Dask's probe says it in its words)
+            pass
     args = Security().get_connection_args("client")  # (what Client uses when given no security=)
     failure: list[BaseException] = []
 

@@ -1296,3 +1296,35 @@ def test_a_backend_this_machine_cannot_run_is_refused_before_a_local_cluster_sta
     assert not started
     with pytest.raises(AssertionError, match="a cluster was started"):  # (a user's cluster: its workers decide)
         all_pairs(tr, tr[:5], k=2, progress=False, backend="triton", scheduler="tcp://127.0.0.1:8786")
+
+
+def test_a_scheduler_address_where_nothing_listens_is_refused_at_once(monkeypatch):
+    """scheduler="tcp://127.0.0.1:1" waited the whole CONNECT_TIMEOUT (30 s: Dask retries a refused connection)
+    and then said "Timed out trying to connect". A refused connection is said at once now; a connection that
+    gets no answer still ends after CONNECT_TIMEOUT, once (not once per probe)."""
+    import socket
+
+    monkeypatch.setattr(dd, "CONNECT_TIMEOUT", "20s")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    s.close()  # (the port was free a moment ago: nothing listens there now)
+    tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    t0 = time.perf_counter()
+    with pytest.raises(dd.DistributedError, match=re.escape(f"cannot connect to the Dask scheduler at {addr}: "
+                                                            "connection refused (is the scheduler running, is the "
+                                                            "port right?)")):
+        all_pairs(tr, tr[:5], k=2, scheduler=addr, progress=False)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(dd.DistributedError, match="connection refused"):
+        dd.check_scheduler(addr)
+
+    def no_answer(address, timeout=None, **kw):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", no_answer)  # (a firewall that drops the packets)
+    t0 = time.perf_counter()
+    with pytest.raises(dd.DistributedError, match=re.escape(f"cannot connect to the Dask scheduler at {addr}: "
+                                                            "Timed out trying to connect to")):
+        dd.check_scheduler(addr)
+    assert time.perf_counter() - t0 < 5  # (Dask's own probe did not wait as long again)
