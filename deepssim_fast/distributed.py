@@ -68,7 +68,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._arrays import to_numpy
 from ._atomic import atomic_write_bytes, remove_temporaries
 from ._ssim_common import check_count_or_none
 from .backends import BACKENDS
@@ -753,29 +752,25 @@ def _global_rows(msg: str, shard: Shard) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Driver side
 # ----------------------------------------------------------------------------------------------------
-def _as_matrix(x: Any, name: str, allow_empty: bool = False) -> np.ndarray:
-    """``x`` as a C-contiguous 2D float numpy array with finite, non-zero rows (else a clear error); with
-    ``allow_empty``, zero rows (an empty set) are fine."""
-    if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
-        x = x.float()  # numpy has no bfloat16; the widening is exact, so results do not change
-    a = to_numpy(x, name=name)
-    if a.ndim != 2 or (a.shape[0] == 0 and not allow_empty) or a.shape[1] == 0:
-        raise ValueError(f"{name}: expected a non-empty 2D array (rows, dims), got shape {a.shape}")
-    if a.dtype.kind not in "fiu" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
-        # (float128 was refused on a worker, after the cluster started)
-        raise TypeError(f"{name}: expected real numbers of at most 64 bits, got dtype {a.dtype}")
-    a = np.ascontiguousarray(a)
-    step = max(1, (1 << 24) // a.shape[1])
+def _as_matrix(x: Any, name: str, d: int | None = None) -> np.ndarray:
+    """``x`` checked as one process checks it (:func:`deepssim_fast.all_pairs._check_set`: a 2-D real array with
+    finite rows; ``d``: an empty synthetic set of any shape is (0, d)), as a C-contiguous numpy array on the host
+    (bfloat16 widened to float32, exactly). The driver's own checks said other words, some with another type
+    ("synth: row 5 contains NaN or Inf" for "synth row 5 ...", a TypeError for a meta tensor's ValueError)."""
+    from .all_pairs import _check_set, _host_view
+
+    return np.ascontiguousarray(_host_view(_check_set(x, name, d=d).cpu()))
+
+
+def _check_zero_rows(a: np.ndarray, name: str) -> None:
+    """The error of one process for the first all-zero row of ``a`` (cosine similarity is undefined there)."""
+    from .all_pairs import _zero_row
+
+    step = max(1, (1 << 24) // max(1, a.shape[1]))
     for r in range(0, a.shape[0], step):
-        blk = a[r:r + step]
-        bad = ~np.isfinite(blk).all(axis=1) if a.dtype.kind == "f" else np.zeros(len(blk), bool)
-        if bad.any():
-            raise ValueError(f"{name}: row {r + int(np.argmax(bad))} contains NaN or Inf")
-        zero = ~blk.any(axis=1)
+        zero = ~a[r:r + step].any(axis=1)
         if zero.any():
-            raise ValueError(f"{name}: row {r + int(np.argmax(zero))} is all zeros; "
-                             "cosine similarity is undefined")
-    return a
+            raise _zero_row(name, r + int(np.argmax(zero)))
 
 
 def _inputs_key(train: np.ndarray, synth: np.ndarray | None, opts: dict[str, Any]) -> str:
@@ -1042,7 +1037,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     scores (n_synth, k) float32 descending, indices (n_synth, k) int64 into ``train``, ties
     to the lower index, histogram, class counts and train_hits over all pairs.
     """
-    from .all_pairs import PRECISIONS, AllPairsResult
+    from .all_pairs import PRECISIONS, AllPairsResult, _check_params
 
     # (first, whatever the inputs: an empty synthetic set returned before workers=-1 was refused, and the
     # shard sizes were checked once a cluster had started, some read through int(): "7", 2.7, True)
@@ -1062,29 +1057,27 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
                              "(each worker's GPU when it has one)")
     if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
         raise NotADirectoryError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is an existing file, not a folder")
+    # the inputs are checked as one process checks them, in its words (the rows by their numbers in the whole sets)
+    k, low, high, bins = _check_params(k, thresholds, bins)
     self_mode = synth is None
     tr = _as_matrix(train, "train")
-    sy = None if self_mode else _as_matrix(synth, "synth", allow_empty=True)
+    sy = None if self_mode else _as_matrix(synth, "synth", d=tr.shape[1])
     if sy is not None and sy.shape[1] != tr.shape[1]:
-        raise ValueError(f"train has {tr.shape[1]} dims per row but synth has {sy.shape[1]} "
-                         f"(train {tr.shape}, synth {sy.shape})")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
+        raise ValueError(f"all_pairs: train and synth have different embedding sizes: train {tr.shape}, "
+                         f"synth {sy.shape}")
     n_train = tr.shape[0]
     n_synth = n_train if self_mode else sy.shape[0]
-    if k > n_train - (1 if self_mode else 0):
-        raise ValueError(f"k={k} exceeds the {n_train - (1 if self_mode else 0)} candidates per row "
-                         f"(n_train={n_train}{', self mode' if self_mode else ''})")
+    n_cand = n_train - (1 if self_mode else 0)
+    if n_train == 0:
+        raise ValueError(f"all_pairs: train has no rows (shape {tr.shape}): there is nothing to search")
+    if k > n_cand:
+        what = "n_train - 1 (self-pairs excluded)" if self_mode else "n_train"
+        raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, train shape "
+                         f"{tr.shape})")
+    _check_zero_rows(tr, "train")
+    if sy is not None:
+        _check_zero_rows(sy, "synth")
     check_train_shard_size(train_shard_size, k=k, self_mode=self_mode)  # (it was found once a cluster ran)
-    try:
-        low, high = (float(t) for t in thresholds)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"thresholds must be two numbers (low, high), got {thresholds!r}") from exc
-    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-        raise ValueError(f"thresholds must be finite with low <= high, got {thresholds!r}")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not 1 <= bins <= 1 << 20:
-        raise ValueError(f"bins must be an integer in [1, 2^20], got {bins!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     opts: dict[str, Any] = {"k": k, "thresholds": (low, high), "bins": int(bins),
