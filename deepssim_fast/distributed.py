@@ -1216,7 +1216,7 @@ def _run_shards(client: Client, tr: np.ndarray, sy: np.ndarray | None, todo: Seq
         while pending and len(inflight) < limit:
             submit(pending.popleft())
         with tqdm(total=total, initial=total - len(todo), unit="shard", desc="all-pairs shards",
-                  disable=None if progress else True) as bar:
+                  disable=None if progress else True, leave=False) as bar:  # (cleared, as one process's bar)
             link = dashboard_link(client)
             if link:
                 bar.set_postfix_str(f"dashboard {link}", refresh=False)
