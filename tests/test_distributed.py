@@ -803,7 +803,10 @@ def test_several_gpus_start_one_cuda_worker_each(monkeypatch, caplog):
     assert calls[2]["CUDA_VISIBLE_DEVICES"] == "4,5,6" and calls[2]["n_workers"] == 3
     for kw in calls:
         assert kw["threads_per_worker"] == 1 and kw["host"] == "127.0.0.1"
-        assert kw["dashboard_address"] == "127.0.0.1:0" and kw["silence_logs"] == logging.WARNING
+        assert kw["dashboard_address"] == "127.0.0.1:0" and kw["silence_logs"] == logging.ERROR
+    with caplog.at_level(logging.INFO, logger="deepssim_fast"):  # (-v: Dask's warnings too)
+        dd.start_local_cluster(1)
+    assert calls[3]["silence_logs"] == logging.WARNING
 
 
 def test_shard_task_picks_the_worker_gpu(monkeypatch):
