@@ -527,6 +527,26 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 # ------------------------------------------------------------------------------------------- public API
+def _check_dims(train_shape: tuple, synth_shape: tuple) -> None:
+    """Both sets' rows have the same width (also checked by the Dask driver, in the same words)."""
+    if synth_shape[1] != train_shape[1]:
+        raise ValueError(f"all_pairs: train and synth have different embedding sizes: "
+                         f"train {train_shape}, synth {synth_shape}")
+
+
+def _check_candidates(train_shape: tuple, k: int, self_pairs: bool) -> None:
+    """Every query has at least k candidates: training rows, less its own with self-pairs excluded (also checked
+    by the Dask driver, in the same words)."""
+    n_train = train_shape[0]
+    if n_train == 0:  # ("k=1 exceeds the -1 candidates per query" in self mode)
+        raise ValueError(f"all_pairs: train has no rows (shape {train_shape}): there is nothing to search")
+    n_cand = n_train - (1 if self_pairs else 0)
+    if k > n_cand:
+        what = "n_train - 1 (self-pairs excluded)" if self_pairs else "n_train"
+        raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, "
+                         f"train shape {train_shape})")
+
+
 @ieee_floats
 def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[float, float] = (0.6, 0.85),
               bins: int = 200, device: str | torch.device | None = None, backend: str | None = None,
@@ -601,21 +621,14 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     ts = tt if synth is train else _check_set(synth, "synth", d=tt.shape[1] if tt.ndim == 2 else None)
     n_train, d = tt.shape
     n_synth = ts.shape[0]
-    if ts.shape[1] != d:
-        raise ValueError(f"all_pairs: train and synth have different embedding sizes: "
-                         f"train {tuple(tt.shape)}, synth {tuple(ts.shape)}")
+    _check_dims(tuple(tt.shape), tuple(ts.shape))
     if self_offset is not None:
         if not 0 <= self_offset <= n_train - n_synth:
             raise ValueError(f"all_pairs: self_offset={self_offset} with n_synth={n_synth} does not fit in "
                              f"n_train={n_train}")
         self_offset = int(self_offset)
+    _check_candidates(tuple(tt.shape), k, self_offset is not None)
     n_cand = n_train - (1 if self_offset is not None else 0)
-    if n_train == 0:  # ("k=1 exceeds the -1 candidates per query" in self mode)
-        raise ValueError(f"all_pairs: train has no rows (shape {tuple(tt.shape)}): there is nothing to search")
-    if k > n_cand:
-        what = "n_train - 1 (self-pairs excluded)" if self_offset is not None else "n_train"
-        raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, "
-                         f"train shape {tuple(tt.shape)})")
     for name, v in (("block", block), ("tile", tile)):
         check_count_or_none(v, f"all_pairs: {name}")
     if device is not None:

@@ -1037,7 +1037,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     scores (n_synth, k) float32 descending, indices (n_synth, k) int64 into ``train``, ties
     to the lower index, histogram, class counts and train_hits over all pairs.
     """
-    from .all_pairs import PRECISIONS, AllPairsResult, _check_params
+    from .all_pairs import PRECISIONS, AllPairsResult, _check_candidates, _check_dims, _check_params
 
     # (first, whatever the inputs: an empty synthetic set returned before workers=-1 was refused, and the
     # shard sizes were checked once a cluster had started, some read through int(): "7", 2.7, True)
@@ -1062,18 +1062,11 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
     self_mode = synth is None
     tr = _as_matrix(train, "train")
     sy = None if self_mode else _as_matrix(synth, "synth", d=tr.shape[1])
-    if sy is not None and sy.shape[1] != tr.shape[1]:
-        raise ValueError(f"all_pairs: train and synth have different embedding sizes: train {tr.shape}, "
-                         f"synth {sy.shape}")
+    if sy is not None:
+        _check_dims(tr.shape, sy.shape)
     n_train = tr.shape[0]
     n_synth = n_train if self_mode else sy.shape[0]
-    n_cand = n_train - (1 if self_mode else 0)
-    if n_train == 0:
-        raise ValueError(f"all_pairs: train has no rows (shape {tr.shape}): there is nothing to search")
-    if k > n_cand:
-        what = "n_train - 1 (self-pairs excluded)" if self_mode else "n_train"
-        raise ValueError(f"all_pairs: k={k} exceeds the {n_cand} candidates per query ({what}, train shape "
-                         f"{tr.shape})")
+    _check_candidates(tr.shape, k, self_mode)
     _check_zero_rows(tr, "train")
     if sy is not None:
         _check_zero_rows(sy, "synth")
