@@ -246,6 +246,14 @@ def require(name: str) -> None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {_INSTALL_HINT[name]}")
 
 
+def env_backend() -> tuple[str, str | None]:
+    """``$DEEPSSIM_FAST_BACKEND`` as set (for messages) and as calls read it: in any case, as
+    ``$DEEPSSIM_FAST_SIMD`` and ``$DEEPSSIM_FAST_TOPK_KERNEL`` take theirs, blanks dropped; None when unset or
+    empty."""
+    raw = os.environ.get(ENV_VAR, "")
+    return raw, raw.strip().lower() or None
+
+
 def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "native",
             supported: Sequence[str] = BACKENDS) -> str:
     """Pick the backend for a call.
@@ -255,9 +263,7 @@ def resolve(backend: str | None, arrays: Sequence[Any], *, cpu_default: str = "n
     native extension is missing). ``"auto"`` means "decide from the data".
     """
     from_env = backend in (None, "auto")
-    # (the environment's value in any case, as $DEEPSSIM_FAST_SIMD and $DEEPSSIM_FAST_TOPK_KERNEL take theirs)
-    raw = os.environ.get(ENV_VAR, "") if from_env else backend
-    requested = (raw.strip().lower() or None) if from_env else backend
+    raw, requested = env_backend() if from_env else (backend, backend)
     if requested == "auto":
         requested = None
     if requested is not None:

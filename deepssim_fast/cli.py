@@ -70,14 +70,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
           f"{'' if info['cupy'] else '[cupy13] for CUDA 13)'}")
     env = info["environment"]
     print("environment: " + ("  ".join(f"{k}={v}" for k, v in env.items()) if env else "no DEEPSSIM_FAST_* overrides"))
-    from .backends import BACKENDS, KNOWN_ENV
+    from .backends import BACKENDS, KNOWN_ENV, env_backend
 
     unknown = [k for k in env if k.startswith("DEEPSSIM_FAST_") and k not in KNOWN_ENV]
     if unknown:
         print(f"note: {', '.join(unknown)}: not a variable deepssim_fast reads (misspelt?); known: "
               f"{', '.join(sorted(KNOWN_ENV - {'DEEPSSIM_FAST_TEST_KILL_ONCE'}))}")
-    raw = env.get("DEEPSSIM_FAST_BACKEND") or ""
-    forced = raw.strip().lower() or None  # (read as backends.resolve reads it: any case, blanks dropped)
+    raw, forced = env_backend()  # (as backends.resolve reads it)
 
     if forced not in (None, "auto") and forced not in BACKENDS:
         print(f"note: DEEPSSIM_FAST_BACKEND={raw!r} is not one of {BACKENDS} (or 'auto'): calls that use the "

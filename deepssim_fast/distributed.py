@@ -71,7 +71,7 @@ import numpy as np
 from ._atomic import atomic_write_bytes, remove_temporaries
 from ._ssim_common import check_count_or_none
 from .backends import BACKENDS
-from .backends import ENV_VAR as _BACKEND_ENV
+from .backends import env_backend
 from .backends import resolve as _resolve_backend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1083,7 +1083,7 @@ def all_pairs_distributed(train: Any, synth: Any | None, *, k: int = 5,
         # it is available is the workers' matter on a user's cluster, a GPU worker's Triton say)
         raise ValueError(f"backend {backend!r} is not supported here; expected one of {BACKENDS} or 'auto'")
     if workers is not None and (backend not in (None, "auto")
-                                or os.environ.get(_BACKEND_ENV, "").strip().lower() not in ("", "auto")):
+                                or env_backend()[1] not in (None, "auto")):
         # the workers of an embedded cluster run here: a backend they cannot run is said now, as one process says
         # it (backend="triton" without CUDA started the cluster, then failed on a worker in Dask's words)
         _resolve_backend(backend, [], supported=BACKENDS)
