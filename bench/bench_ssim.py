@@ -2,10 +2,17 @@
 
 Cases (every provider in the same process, same real inputs; rates compared within a case):
 * 2D 256×256, 1024 pairs of neighbouring MNI152 slices (centre-fit), default convention (uniform 7,
-  sample covariance, per-pair data range): deepssim_fast native vs scikit-image (loop, float64; timed on
-  fewer pairs and scaled to pairs/s, same per-pair range), pytorch-msssim (uniform window through ``win=``,
-  one data range per batch, population covariance), MONAI ``SSIMMetric`` (uniform 7).
+  sample covariance, per-pair data range): deepssim_fast native vs scikit-image (loop; float32 arithmetic for
+  this float32 input, only its final mean in float64; one thread; timed on fewer pairs and scaled to pairs/s,
+  same per-pair range), pytorch-msssim (uniform window through ``win=``, one data range per batch, population
+  covariance), MONAI ``SSIMMetric`` (uniform 7, one data range per batch, population covariance).
 * 3D 160×192×160 (MNI152 centre-fit), 4 pairs: native vs scikit-image, MONAI, pytorch-msssim (uniform 7).
+* In both CPU cases our native engine runs on all usable cores (its default) and again on one thread
+  ("deepssim_fast native, 1 thread"): scikit-image's loop runs on one core, so that row's ratio is the
+  equal-cores one and the all-cores row's ratio also counts the extra cores.
+* The competitors' outputs are checked before they are timed, as ours are: each against scikit-image run with
+  the competitor's settings (one data range per batch, population covariance), so a misconfigured competitor
+  is refused instead of getting a ratio.
 * ``ssim_matrix`` 512×512 of 128×128 slices: pairs/s, and the gain of moment reuse over calling ``ssim``
   pair by pair (the pair-by-pair route is timed on a band of rows and scaled).
 * The training call: ``ssim(x, y, spatial_dims=2, preset="deepssim")`` on (32, 128, 128) float32 torch.
@@ -21,7 +28,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -76,6 +84,75 @@ def check_close(name: str, ours: object, ref: object, tol: float) -> None:
     if not np.all(err <= tol):  # (NaN fails too)
         i = np.unravel_index(int(np.argmax(np.where(np.isnan(err), np.inf, err))), err.shape)
         raise AssertionError(f"{name}: {a[i]!r} at {i}, reference {b[i]!r} (|diff| {err[i]:.3g} > {tol:g})")
+
+
+def spread(n: int, k: int) -> np.ndarray:
+    """``k`` indices (fewer when ``n < k``) spread over ``range(n)``, first and last included: the pairs at which
+    a batch is checked (checks of a batch's first pairs let a fault in its later ones through)."""
+    return np.unique(np.linspace(0, n - 1, max(1, min(n, k))).astype(int))
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """The native loops and torch's intra-op pool on ``n`` threads inside; the caller's counts restored after
+    (the native override, 0 when none was set: DEEPSSIM_FAST_NUM_THREADS or the usable cores decide again)."""
+    from deepssim_fast import _native
+
+    saved_native, saved_torch = _native.num_threads_override(), torch.get_num_threads()
+    _native.set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _native.set_num_threads(saved_native)
+        torch.set_num_threads(saved_torch)
+
+
+def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run on one thread (native and torch), for the equal-cores row: scikit-image's loop uses one core."""
+
+    def call() -> object:
+        with threads(1):
+            return fn()
+
+    return call
+
+
+ONE_THREAD = "deepssim_fast native, 1 thread"
+
+
+def _notes_threads() -> dict[str, str]:
+    """Notes of the rows that say how many cores each side used (the ratios to scikit-image are of wall time)."""
+    from deepssim_fast import _native
+
+    return {
+        "deepssim_fast native": f"{_native.num_threads()} native threads (all usable cores)",
+        ONE_THREAD: "1 thread (native and torch): the equal-cores ratio to scikit-image",
+    }
+
+
+def check_competitor(name: str, call: Callable[[], object], n: int, at: np.ndarray, ref: object,
+                     tol: float = TOL) -> None:
+    """Check a competitor's output, of the call that is timed (``n`` scores), at the pairs ``at`` against
+    scikit-image run with the competitor's own settings (``ref``), before it is timed: a competitor set up with
+    another window, data range or covariance is refused (``AssertionError``), as ours are, instead of getting a
+    ratio. A competitor that cannot run (not installed) is left to its provider, whose row reports the error."""
+    try:
+        out = call()
+    except Exception as exc:  # noqa: BLE001 - its own row reports it (a missing package is not a wrong value)
+        logger.warning("%s not checked: %s: %s (its row reports the failure)", name, type(exc).__name__, exc)
+        return
+    a = np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=np.float64).reshape(-1)
+    if a.size != n:
+        raise AssertionError(f"{name}: {a.size} scores for {n} pairs")
+    check_close(name, a[at], ref, tol)
+
+
+def _skimage_population(x: np.ndarray, y: np.ndarray, data_range: float) -> float:
+    """scikit-image's SSIM with the competitors' settings: uniform 7, population covariance, the given range."""
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(x, y, data_range=data_range, use_sample_covariance=False)
 
 
 def _case(
@@ -160,25 +237,35 @@ def _cpu_2d(quick: bool) -> list[Row]:
 
     # checked on the outputs of the calls that are timed (a check of a 4-pair call let a batch-size bug through
     # to a published ratio), at pairs spread over the whole batch
-    idx = np.linspace(0, n - 1, n_sk).astype(int)
+    idx = spread(n, n_sk)
     sk = [structural_similarity(x[i], y[i], data_range=rng[i]) for i in idx]
     check_close("deepssim_fast native vs scikit-image", np.asarray(ssim(x, y, spatial_dims=2))[idx], sk, TOL)
-    idx_t = idx[idx < n_t]
+    check_close("deepssim_fast native (1 thread) vs scikit-image",
+                np.asarray(one_thread(lambda: ssim(x, y, spatial_dims=2))())[idx], sk, TOL)
+    # the torch provider at pairs spread over its own (smaller) batch: it was checked at idx < n_t, its first pair
+    idx_t = spread(n_t, n_sk)
     check_close("deepssim_fast torch vs scikit-image",
                 np.asarray(ssim(x[:n_t], y[:n_t], spatial_dims=2, backend="torch"))[idx_t],
-                [s for i, s in zip(idx, sk, strict=True) if i < n_t], TOL)
+                [structural_similarity(x[i], y[i], data_range=rng[i]) for i in idx_t], TOL)
     monai_metric = _Lazy(_monai, 2, dr)
     providers = {
         "scikit-image (loop)": (skimage_loop, n_sk),
         "deepssim_fast native": (lambda: ssim(x, y, spatial_dims=2), n),
+        ONE_THREAD: (one_thread(lambda: ssim(x, y, spatial_dims=2)), n),
         "deepssim_fast torch": (lambda: ssim(x[:n_t], y[:n_t], spatial_dims=2, backend="torch"), n_t),
         "pytorch-msssim (win=uniform 7)": (lambda: _msssim_uniform(tx, ty, dr, 2), n_t),
         "MONAI SSIMMetric (uniform 7)": (lambda: monai_metric()(tx, ty), n_t),
     }
+    # the competitors too (they were timed unchecked): against scikit-image with their settings, one data range
+    # for the batch and population covariance
+    sk_pop = [_skimage_population(x[i], y[i], dr) for i in idx_t]
+    for name in ("pytorch-msssim (win=uniform 7)", "MONAI SSIMMetric (uniform 7)"):
+        check_competitor(f"{name} vs scikit-image", providers[name][0], n_t, idx_t, sk_pop)
     notes = {
-        "pytorch-msssim (win=uniform 7)": "one data range per batch, population covariance",
-        "MONAI SSIMMetric (uniform 7)": "one data range per batch",
-        "scikit-image (loop)": f"{n_sk} pairs timed, per-pair data range",
+        **_notes_threads(),
+        "pytorch-msssim (win=uniform 7)": "one data range per batch, population covariance; checked",
+        "MONAI SSIMMetric (uniform 7)": "one data range per batch, population covariance; checked",
+        "scikit-image (loop)": f"{n_sk} pairs timed, per-pair data range, one thread",
     }
     return _case(
         f"2D 256x256 {n} real pairs", providers, "pairs", "scikit-image (loop)", 3 if quick else 5, notes
@@ -196,13 +283,20 @@ def _cpu_3d(quick: bool) -> list[Row]:
     tx, ty = torch.from_numpy(x[:1, None]), torch.from_numpy(y[:1, None])
     check_close("deepssim_fast native 3D vs scikit-image", ssim(x, y, spatial_dims=3),  # (the timed call)
                 [structural_similarity(x[i], y[i], data_range=rng[i]) for i in range(len(x))], TOL)
+    check_close("deepssim_fast native 3D (1 thread) vs scikit-image",
+                one_thread(lambda: ssim(x, y, spatial_dims=3))(),
+                [structural_similarity(x[i], y[i], data_range=rng[i]) for i in range(len(x))], TOL)
     monai_metric = _Lazy(_monai, 3, float(rng[0]))
     providers = {
         "scikit-image": (lambda: structural_similarity(x[0], y[0], data_range=rng[0]), 1),
         "deepssim_fast native": (lambda: ssim(x, y, spatial_dims=3), 4),
+        ONE_THREAD: (one_thread(lambda: ssim(x, y, spatial_dims=3)), 4),
         "MONAI SSIMMetric (uniform 7)": (lambda: monai_metric()(tx, ty), 1),
         "pytorch-msssim (win=uniform 7)": (lambda: _msssim_uniform(tx, ty, float(rng[0]), 3), 1),
     }
+    sk_pop = [_skimage_population(x[0], y[0], float(rng[0]))]
+    for name in ("MONAI SSIMMetric (uniform 7)", "pytorch-msssim (win=uniform 7)"):
+        check_competitor(f"{name} 3D vs scikit-image", providers[name][0], 1, np.array([0]), sk_pop)
     reps = 2 if quick else 3
     return _case(
         f"3D {'x'.join(map(str, shape))} 4 pairs",
@@ -210,6 +304,9 @@ def _cpu_3d(quick: bool) -> list[Row]:
         "pairs",
         "scikit-image",
         reps,
+        notes={**_notes_threads(), "scikit-image": "one thread",
+               "MONAI SSIMMetric (uniform 7)": "population covariance; checked",
+               "pytorch-msssim (win=uniform 7)": "population covariance; checked"},
         repeats={"MONAI SSIMMetric (uniform 7)": reps},
     )
 
@@ -413,7 +510,8 @@ def run(quick: bool = False, append: bool = True, cases: list[str] | None = None
             rows,
             comment=f"native: {level}, {_native.num_threads()} threads; "
             f"torch threads {torch.get_num_threads()}. Rates within a case are comparable; "
-            f"'vs baseline' is the ratio of rates (pairs/s).",
+            f"'vs baseline' is the ratio of rates (pairs/s). scikit-image runs on one thread: the "
+            f"'{ONE_THREAD}' rows give the equal-cores ratio, the 'deepssim_fast native' rows use every core.",
         )
     failed = [r.case for r in rows if r.provider == "failed"]
     if failed:  # (the other cases' rows are kept above; the run itself fails, as the other benches' runs do: it

@@ -1296,3 +1296,107 @@ def test_embed_rows_check_the_output_they_time(monkeypatch) -> None:
         monkeypatch.setattr(b, "embed", fake)
         with pytest.raises(AssertionError, match=words):
             b.embed_throughput(quick=True, cases=tiny)
+
+
+def test_ssim_bench_times_ours_on_one_thread_too_and_restores_the_thread_counts(monkeypatch) -> None:
+    """Our native SSIM (every core, 2 here) was compared with scikit-image's loop (one thread) and nothing in a
+    run's table said so, nor gave the equal-cores ratio. Each CPU case now has a "1 thread" row of our engine,
+    with its own ratio, run with the native and torch thread counts at 1 and the caller's counts restored after
+    (an override set before the run included); the rows' notes and the run's comment say who ran on what."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_ssim as b
+    from bench.harness import Row
+    from deepssim_fast import _native
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # (the competitors fail fast: their rows are not this test's)
+    monkeypatch.setitem(sys.modules, "monai.metrics", None)
+    monkeypatch.setitem(sys.modules, "pytorch_msssim", None)
+    mod = importlib.import_module("deepssim_fast.ssim")
+    real = mod.ssim
+    seen: list[tuple[int, int]] = []
+
+    def spy(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append((_native.num_threads(), torch.get_num_threads()))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mod, "ssim", spy)
+    saved_native, saved_torch = _native.num_threads_override(), torch.get_num_threads()
+    try:
+        _native.set_num_threads(3)
+        torch.set_num_threads(2)
+        rows = {r.provider: r for r in b._cpu_3d(quick=True)}
+        assert _native.num_threads_override() == 3 and torch.get_num_threads() == 2
+        one = rows[b.ONE_THREAD]
+        assert one.times and one.ratio > 0 and one.baseline == "scikit-image" and one.work == 4
+        assert "equal-cores ratio" in one.note
+        assert "3 native threads" in rows["deepssim_fast native"].note and "one thread" in rows["scikit-image"].note
+        assert (1, 1) in seen and (3, 2) in seen and set(seen) == {(1, 1), (3, 2)}
+        with pytest.raises(ValueError), b.threads(1):  # (restored when the call fails too)
+            raise ValueError
+        assert _native.num_threads_override() == 3 and torch.get_num_threads() == 2
+    finally:
+        _native.set_num_threads(saved_native)
+        torch.set_num_threads(saved_torch)
+    appended: list[str] = []
+    monkeypatch.setattr(b, "_cpu_2d", lambda quick: [Row(b.CAP, "2d", b.ONE_THREAD, 1, "pairs", times=[1.0])])
+    monkeypatch.setattr(b, "append_markdown", lambda title, rows, **kw: appended.append(kw["comment"]))
+    b.run(quick=True, cases=["2d"])
+    assert "scikit-image runs on one thread" in appended[0] and b.ONE_THREAD in appended[0]
+
+
+def test_ssim_bench_checks_the_torch_provider_across_its_own_batch(monkeypatch) -> None:
+    """The torch provider was checked at the native check's indices that fell inside its batch (idx < n_t): one
+    pair of 16, the first. A torch backend wrong at its batch's last pair got its ratio; it is refused now."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib
+
+    from bench import bench_ssim as b
+
+    assert list(b.spread(16, 4)) == [0, 5, 10, 15] and list(b.spread(3, 24)) == [0, 1, 2]
+    mod = importlib.import_module("deepssim_fast.ssim")
+    real = mod.ssim
+
+    def torch_wrong_at_the_end(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        out = np.array(real(*a, **kw), dtype=np.float64)
+        if kw.get("backend") == "torch":
+            out[-1] += 0.05
+        return out
+
+    monkeypatch.setattr(mod, "ssim", torch_wrong_at_the_end)
+    with pytest.raises(AssertionError, match="deepssim_fast torch vs scikit-image"):
+        b._cpu_2d(quick=True)
+
+
+def test_ssim_bench_refuses_a_misconfigured_competitor(monkeypatch) -> None:
+    """Only our providers were checked: a competitor set up with another window, data range or covariance
+    would have been timed and given a ratio. Each competitor's timed call is checked now against scikit-image
+    with its settings (one data range per batch, population covariance); a missing one stays its own row."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import pytorch_msssim
+
+    from bench import bench_ssim as b
+
+    real_monai = b._monai
+
+    def gaussian_window(x, y, dr, spatial_dims):  # noqa: ANN001, ANN202 - pytorch-msssim's default window
+        return pytorch_msssim.ssim(x, y, data_range=dr, size_average=False)
+
+    monkeypatch.setattr(b, "_msssim_uniform", gaussian_window)
+    with pytest.raises(AssertionError, match=r"pytorch-msssim \(win=uniform 7\) vs scikit-image"):
+        b._cpu_2d(quick=True)
+    with pytest.raises(AssertionError, match=r"pytorch-msssim \(win=uniform 7\) 3D vs scikit-image"):
+        b._cpu_3d(quick=True)
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setattr(b, "_monai", lambda sd, dr, kernel="uniform": real_monai(sd, 2 * dr, kernel))
+    with pytest.raises(AssertionError, match=r"MONAI SSIMMetric \(uniform 7\) 3D vs scikit-image"):
+        b._cpu_3d(quick=True)
+    with pytest.raises(AssertionError, match=r"MONAI SSIMMetric \(uniform 7\) vs scikit-image"):
+        b._cpu_2d(quick=True)
+    # the checker itself: a wrong count of scores is refused; a competitor that cannot run is left to its row
+    with pytest.raises(AssertionError, match="3 scores for 4 pairs"):
+        b.check_competitor("c", lambda: torch.zeros(3), 4, np.array([0]), [0.0])
+    b.check_competitor("c", lambda: (_ for _ in ()).throw(ImportError("no")), 4, np.array([0]), [0.0])
+    b.check_competitor("c", lambda: torch.full((4, 1), 0.5), 4, np.array([0, 3]), [0.5, 0.5 + 1e-6])
