@@ -1178,11 +1178,54 @@ def test_audit_bench_whole_audit_case_is_warm_in_full_mode_and_labelled_cold_in_
         return real_run_case(capability, case, providers, **kw)
 
     monkeypatch.setattr(b, "run_case", spy)
-    rows = b.run(quick=True, append=False)
+    # (and the table's comment says who ran on how many threads: ours on every core, scikit-image's loops on one;
+    # the reference-style loop's row says it loads each file once)
+    comments: list[str] = []
+    monkeypatch.setattr(b, "append_markdown", lambda title, rows, **kw: comments.append(kw["comment"]))
+    rows = b.run(quick=True, append=True)
     case = next(c for c in seen if c.startswith("audit ssim"))
     assert (seen[case]["warmup"], seen[case]["repeat"]) == (0, 1)
     audit_rows = [r for r in rows if r.case == case]
     assert len(audit_rows) == 2 and all("cold single run" in r.note and len(r.times) == 1 for r in audit_rows)
+    from deepssim_fast import _native
+
+    assert f"Ours on {_native.num_threads()} native threads, the scikit-image loops on one" in comments[0]
+    assert "each file loaded once" in next(r.note for r in audit_rows if r.provider == "reference-style loop")
+
+
+def test_audit_bench_reference_loop_loads_each_file_once(tmp_path: Path, monkeypatch) -> None:
+    """The reference-style loop reloaded both .npy files for every pair (np.load inside the pair loop: 10-15 %
+    of that baseline's time), which a fair reference implementation would not do. Each file is loaded once now,
+    and the CSV still holds every synthetic file's top k by scikit-image SSIM."""
+    import csv
+    from collections import Counter
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import bench_audit as b
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "synth").mkdir()
+    train = [rng.normal(size=(24, 24)).astype(np.float32) for _ in range(4)]
+    for i, a in enumerate(train):
+        np.save(tmp_path / "train" / f"t{i}.npy", a)
+    for i in range(3):
+        np.save(tmp_path / "synth" / f"s{i}.npy", train[i + 1] + rng.normal(0, 0.1, (24, 24)).astype(np.float32))
+    loads: Counter = Counter()
+
+    def counting_load(path):  # noqa: ANN001, ANN202
+        loads[Path(path).name] += 1
+        return np.load(path)
+
+    b.reference_style_audit(tmp_path / "train", tmp_path / "synth", tmp_path / "ref.csv", k=2, load=counting_load)
+    assert loads == Counter({f"{d}{i}.npy": 1 for d, n in (("t", 4), ("s", 3)) for i in range(n)})
+    with open(tmp_path / "ref.csv", newline="") as f:
+        out = list(csv.reader(f))
+    assert [r[:3] for r in out if r[2] == "1"] == [["s0.npy", "t1.npy", "1"], ["s1.npy", "t2.npy", "1"],
+                                                  ["s2.npy", "t3.npy", "1"]]
+    assert len(out) == 6
+    want = b._skimage_pair(train[1], np.load(tmp_path / "synth" / "s0.npy"))
+    assert float(out[0][3]) == want
 
 
 def test_all_pairs_bench_without_faiss_keeps_its_row_and_says_the_real_baseline(monkeypatch) -> None:
