@@ -10,7 +10,8 @@ Cases (every provider in the same process, on the same seeded random embeddings)
 * ``overhead``: a small problem on 2 workers cut into 1, 8, 64 and 256 shards; the slope of time over
   shard count is the per-shard overhead (scatter, schedule, result transfer, merge).
 The comment written with the table extrapolates 10^6 × 10^6 × 256 to N GPUs from these measurements, the
-H200 figures of PERF-NOTES.md and the all-pairs times measured on an H200 (``H200_ALL_PAIRS_S``).
+H200's nominal FP32 peak (NVIDIA's spec sheet), its bf16 matmul rate and the all-pairs times measured on an
+H200 (BENCHMARKS.md "GPU suite"; ``H200_BF16``, ``H200_ALL_PAIRS_S``).
 
 ``python -m bench.bench_distributed [--quick] [--no-append]``
 """
@@ -34,8 +35,12 @@ from bench.harness import Row, append_markdown, markdown_table, run_case  # noqa
 logger = logging.getLogger(__name__)
 
 CAP = "distributed"
-H200_FP32 = 67e12  # FLOP/s, PERF-NOTES.md
-H200_BF16 = 790e12
+# FLOP/s: the H200's nominal FP32 (non-tensor) peak of NVIDIA's spec sheet, as bench_ssim's NOMINAL_FP32_PEAK
+# (the fp32 matmul rate measured on one was 50.5 TFLOP/s, BENCHMARKS.md "GPU suite")
+H200_FP32 = 67e12
+# FLOP/s: the bf16 matmul rate measured on an H200 (BENCHMARKS.md "GPU suite", 2026-11-30; the spec sheet's
+# dense BF16 figure is higher). It was a round 790e12 from notes kept outside this repository.
+H200_BF16 = 769e12
 # Seconds per pair of the Triton all-pairs engine on an H200 (100000 x 100000 x 256, k=10, histogram and
 # class counts included; BENCHMARKS.md "GPU suite", 2026-11-30, Triton 3.6): bf16 products, and the exact
 # default ("ieee": fp32 on the CUDA cores).
@@ -237,9 +242,9 @@ def estimate(rows: list[Row], overhead_s: float, cores: int | None = None) -> st
     t1_lo, t1_hi = pairs * H200_ALL_PAIRS_S["bf16"], pairs * H200_ALL_PAIRS_S["ieee"]
     per_shard_gpu = overhead_s + 0.1
     lines = [
-        "**Estimate for 10^6 × 10^6 × 256 on N GPUs** (from the rows below, PERF-NOTES.md and the H200 "
-        "all-pairs rates of BENCHMARKS.md \"GPU suite\"; the GPU figures scale a measurement at 10^10 pairs, "
-        "none was made at this size or on several GPUs).",
+        "**Estimate for 10^6 × 10^6 × 256 on N GPUs** (from the rows below, the H200's nominal FP32 peak of "
+        "NVIDIA's spec sheet, and the H200 bf16 matmul and all-pairs rates of BENCHMARKS.md \"GPU suite\"; the "
+        "GPU figures scale a measurement at 10^10 pairs, none was made at this size or on several GPUs).",
         "",
         f"* Work: 10^12 pairs = {flop:.2e} FLOP. One process on these {cores} cores: {cpu_rate:,.0f} pairs/s "
         f"({2 * d * cpu_rate / 1e9:.0f} GFLOP/s), i.e. ≈ {pairs / cpu_rate / 3600:.1f} h "
@@ -250,8 +255,9 @@ def estimate(rows: list[Row], overhead_s: float, cores: int | None = None) -> st
         f"training block in every call: {tp.median * 1e3:.0f} ms for {int(tp.work):,} rows here, "
         f"≈ {prep_cpu:.1f} s per shard at 10^6 rows on CPU — the reason default shards have "
         "2048–16384 synthetic rows.",
-        f"* One H200 at the FP32 roofline (~67 TFLOP/s): {flop / H200_FP32:.1f} s of GEMM for the "
-        f"whole problem (a bf16 pre-filter at ~790 TFLOP/s: {flop / H200_BF16:.2f} s). The Triton engine, "
+        f"* One H200 at its nominal FP32 peak ({H200_FP32 / 1e12:.0f} TFLOP/s, spec sheet): "
+        f"{flop / H200_FP32:.1f} s of GEMM for the whole problem (a bf16 pre-filter at the measured bf16 matmul "
+        f"rate, {H200_BF16 / 1e12:.0f} TFLOP/s: {flop / H200_BF16:.2f} s). The Triton engine, "
         "measured on an H200 at 10^10 pairs with its histogram and class counts, runs far from both: "
         f"{H200_ALL_PAIRS_S['bf16'] * 1e10 * 1e3:.0f} ms in bf16, {H200_ALL_PAIRS_S['ieee'] * 1e10 * 1e3:.0f} ms "
         f"in exact fp32 (the default), so T1 ≈ {t1_lo:.0f} s (bf16) to {t1_hi:.0f} s (exact) per GPU.",
