@@ -135,7 +135,7 @@ import numpy as np
 from ._atomic import atomic_path, atomic_write, file_in_the_way, remove_temporaries, reserve
 from ._atomic import atomic_write_bytes as _atomic_bytes
 from ._ssim_common import check_bool
-from .data import DataError, SlicePolicy, center_fit
+from .data import DataError, SlicePolicy, _is_nifti_name, center_fit, nib_load
 from .io import (
     MIN_SLICE_SIDE,
     Spec,
@@ -534,16 +534,19 @@ def _entry_path(cache: Path, key: str, size: tuple[int, ...]) -> Path:
 
 def _write_entry(path: Path, ids: Sequence[str], indices: Sequence[int], pixels: np.ndarray,
                  fit: Sequence[Sequence[int]] | None = None,
-                 shapes: Sequence[Sequence[int]] | None = None) -> dict:
+                 shapes: Sequence[Sequence[int]] | None = None, axcodes: str | None = None) -> dict:
     """Write an item cache entry: ``pixels`` (n, *size), and per item its ids, indices, ``fit``
     (:func:`_fit_offset` of the item before it was fitted to the size) and ``shapes`` (its shape before the
     fit, for the warning about items mostly cropped or padded); an entry without ``fit`` or ``shapes`` is
     decoded again by :func:`_decode_all`. The header also lists the positions of the items that are constant
-    (``constant``: for the warning about blank items, which a resume gives without reading the pixels); an
-    entry without the list is decoded again too. Returns the header (less its length)."""
+    (``constant``: for the warning about blank items, which a resume gives without reading the pixels) and
+    the file's orientation (``axcodes``, :func:`_nifti_axcodes`: for the warning about files stored in other
+    orientations); an entry without either is decoded again too. Returns the header (less its length)."""
     px = np.ascontiguousarray(pixels, dtype="<f4")
     head = {"ids": list(ids), "indices": [int(i) for i in indices], "shape": list(px.shape),
             "crc32": zlib.crc32(px), "constant": [int(q) for q in np.flatnonzero(_constant_items(px))]}
+    if axcodes is not None:
+        head["axcodes"] = axcodes
     if fit is not None:
         head["fit"] = [[int(v) for v in r] for r in fit]
     if shapes is not None:
@@ -784,6 +787,43 @@ def _warn_shared_files(train_paths: Sequence[Path], synth_paths: Sequence[Path])
         )
 
 
+_AXIS_PAIR = {c: i for i, pair in enumerate(("LR", "PA", "IS")) for c in pair}
+
+
+def _warn_orientations(sets: Sequence[tuple[str, Sequence[Path], Sequence[Path | None], dict[Path, dict]]],
+                       verify_flips: bool) -> None:
+    """Warn (into summary.json's warnings) when the NIfTI inputs are stored in more than one orientation
+    (their affines' axis codes, kept in the cache entries' headers, so that a resume says it too): voxels are
+    compared as stored, so a copy saved in another orientation (an LPS copy of an RAS scan, as DICOM
+    converters write) is a mirrored, or transposed, image of its source, and scored as one: an LPS copy of an
+    RAS volume of the MNI template was not even matched with its source, and was labelled "different" (SSIM
+    0.18 against another scan) without a word. ``sets``: ``(name, paths, entries, heads)`` per set, as
+    :func:`_decode_all` returns them."""
+    found: dict[str, dict[str, list]] = {}  # set -> axis codes -> [files, first file]
+    for name, paths, entries, heads in sets:
+        for p, f in zip(paths, entries, strict=True):
+            code = heads[f].get("axcodes", "") if f is not None and f in heads else ""
+            if code:
+                found.setdefault(name, {}).setdefault(code, [0, p])[0] += 1
+    codes = {c for per in found.values() for c in per}
+    if len(codes) < 2:
+        return
+    said = "; ".join(f"{name}: " + ", ".join(f"{c} {n} (e.g. {eg})" for c, (n, eg) in per.items())
+                     for name, per in found.items())
+    # codes whose axes come in the same order (each array axis along the same body axis) differ by mirrors only
+    orders = {tuple(_AXIS_PAIR.get(c, -1) for c in code) for code in codes}
+    if len(orders) == 1 and -1 not in next(iter(orders)):
+        fix = ("they differ by mirrors, which --verify-flips searches" + (" (on)" if verify_flips else
+               ": give --verify-flips, or reorient the files to one orientation first (e.g. "
+               "nibabel.as_closest_canonical)"))
+    else:
+        fix = ("their array axes run along other body axes (or an affine gives none), which --verify-flips does "
+               "not search: reorient the files to one orientation first (e.g. nibabel.as_closest_canonical)")
+    logger.warning("the NIfTI inputs are stored in %d orientations (%s): voxels are compared as stored (the "
+                   "affine is not used), so a copy saved in another orientation is a mirrored or transposed image "
+                   "of its source and scores as one; %s", len(codes), one_line(said), fix)
+
+
 def _fit_offset(shape: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
     """Per axis, where the centre of an item of ``shape`` lies after ``center_fit`` to ``size``, relative to
     the centre of the fitted item: 0 when the crop or pad is even, else half a voxel, recorded as +1 for an
@@ -805,14 +845,30 @@ class _DecodeDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, list[str], list[int], list[np.ndarray], str | None]:
+    def __getitem__(self, i: int) -> tuple[int, list[str], list[int], list[np.ndarray], str, str | None]:
         try:
             ids, idx, arrs = _decode_file(self.paths[i], self.mode, self.policy)
-            return i, ids, idx, arrs, None
+            return i, ids, idx, arrs, _nifti_axcodes(self.paths[i]), None
         except DataError as exc:
-            return i, [], [], [], str(exc)
+            return i, [], [], [], "", str(exc)
         except Exception as exc:  # noqa: BLE001 - anything else a decoder throws is still "unreadable"
-            return i, [], [], [], f"{self.paths[i]}: {type(exc).__name__}: {exc}"
+            return i, [], [], [], "", f"{self.paths[i]}: {type(exc).__name__}: {exc}"
+
+
+def _nifti_axcodes(p: Path) -> str:
+    """The orientation of a NIfTI file's voxel axes, from its affine (nibabel's ``aff2axcodes``: ``"RAS"``
+    when array axis 0 runs to the subject's Right, 1 to Anterior, 2 to Superior; ``?`` for an axis the
+    affine leaves undefined); ``""`` for other files. Only :func:`_warn_orientations` reads it: voxels are
+    compared as stored."""
+    if not _is_nifti_name(p):
+        return ""
+    import nibabel as nib
+
+    try:
+        codes = nib.aff2axcodes(nib_load(p).affine)
+    except Exception:  # noqa: BLE001 - a header nibabel cannot orient: no orientation to compare
+        return "?"
+    return "".join(c if c else "?" for c in codes)
 
 
 def _identity(x: Any) -> Any:
@@ -863,15 +919,15 @@ def _decode_all(
             if f.exists():
                 try:
                     head = _entry_header(f)
-                    if "fit" in head and "shapes" in head and "constant" in head:
+                    if "fit" in head and "shapes" in head and "constant" in head and "axcodes" in head:
                         heads[f] = head
                         entries[i] = f
                         misfit += _misfits(p, head["shapes"], pending_size)
                         continue
-                    # (written before format 7, without the items' fit offsets, or before their shapes or
-                    # constant items were kept: decoded again, once)
-                    logger.debug("decoding %s again: its cache entry %s has no fit offsets, shapes or constant "
-                                 "items", p, f)
+                    # (written before format 7, without the items' fit offsets, or before their shapes,
+                    # constant items or the file's orientation were kept: decoded again, once)
+                    logger.debug("decoding %s again: its cache entry %s has no fit offsets, shapes, constant "
+                                 "items or orientation", p, f)
                 except _DamagedEntry as exc:
                     logger.warning("decoding %s again: %s", p, exc, extra=_RUN_ONLY)
                     f.unlink(missing_ok=True)
@@ -881,7 +937,7 @@ def _decode_all(
         loader = tud.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
                                 worker_init_fn=_ignore_sigint if workers else None)
         bar = tqdm(loader, total=len(todo), desc=f"decode {name}", disable=None if progress else True)
-        for j, ids, idx, arrs, err in bar:
+        for j, ids, idx, arrs, axcodes, err in bar:
             i = todo[j]
             p = paths[i]
             if err is not None:
@@ -907,7 +963,7 @@ def _decode_all(
             stack = np.stack([center_fit(a, pending_size) for a in arrs]).astype(np.float32)
             fits = [_fit_offset(a.shape, pending_size) for a in arrs]
             f = _entry_path(cache, keys[i], pending_size)
-            heads[f] = _write_entry(f, ids, idx, stack, fits, shapes)
+            heads[f] = _write_entry(f, ids, idx, stack, fits, shapes, axcodes)
             entries[i] = f
     if misfit:
         # (a 40 x 48 x 40 volume fitted to a 128 x 128 x 10 first training item was 94 % padding, and two
@@ -2937,6 +2993,8 @@ def audit(
         sset = _build_items("synth", synth_paths, s_entries, fit, work, s_skip, heads=s_heads, **opts)
         if metric != "correlation":  # (which skips them, each named among the skipped inputs)
             _warn_constant_items(tset, sset)
+        _warn_orientations([("training", train_paths, t_entries, t_heads),
+                            ("synthetic", synth_paths, s_entries, s_heads)], verify_flips)
     timings["decode"] = time.perf_counter() - t0
     if len(tset) == 0 or len(sset) == 0:  # pragma: no cover - _build_items raises first
         raise ValueError("empty input set")

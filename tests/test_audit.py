@@ -4079,3 +4079,67 @@ def test_matches_csv_paths_of_4d_frames_are_files(tmp_path: Path, mode: str) -> 
     assert r.counts == r.summary["counts"] and r.counts["duplicate"] == r.n_synth == len(rows)
     assert r.metric == "ssim" and r.n_train == (2 if mode == "volumes" else 16) and r.skipped == []
     assert r.report == tmp_path / "o" / "report.html"
+
+
+def test_nifti_files_stored_in_other_orientations_are_named_in_a_warning(tmp_path: Path) -> None:
+    """Found by a probe: voxels are compared as stored, and an LPS copy of an RAS scan (as a DICOM converter
+    writes it) is a mirrored image of its source: without flips searched it was not matched with its source
+    and was labelled "different", without a word about the files' orientations. A warning now counts each
+    set's orientations, names a file of each, and says whether --verify-flips finds the difference (mirrors)
+    or the files must be reoriented (axes in another order); a resumed run says it too, and files of one
+    orientation give no warning."""
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    img = data.nib_load(data.dataset_path("mni152"))
+    vol = data.center_fit(np.asarray(img.dataobj, np.float32), (40, 48, 40))
+    ras = nib.Nifti1Image(vol, img.affine)
+
+    def as_codes(codes: str) -> nib.Nifti1Image:
+        return ras.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes))))
+
+    tr, sy = tmp_path / "tr", tmp_path / "sy"
+    tr.mkdir()
+    sy.mkdir()
+    nib.save(ras, tr / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(np.roll(vol[::-1], 9, axis=1) ** 1.5, img.affine), tr / "other.nii.gz")
+    lps = as_codes("LPS")
+    assert np.array_equal(np.asarray(lps.dataobj), vol[::-1, ::-1])
+    nib.save(lps, sy / "copy_lps.nii.gz")
+    kw = dict(metric="ssim", k=1, mode="volumes", progress=False)
+
+    def rows(out: Path) -> list[dict]:
+        return list(csv.DictReader(open(out / "matches.csv", encoding="utf-8")))
+
+    head = (f"the NIfTI inputs are stored in 2 orientations (training: RAS 2 (e.g. {tr / 'other.nii.gz'}); "
+            f"synthetic: LPS 1 (e.g. {sy / 'copy_lps.nii.gz'})): voxels are compared as stored (the affine is not "
+            "used), so a copy saved in another orientation is a mirrored or transposed image of its source")
+    plain = A.audit(tr, sy, out=tmp_path / "plain", **kw)
+    (said,) = plain.summary["warnings"]
+    assert said.startswith(head) and said.endswith(
+        "they differ by mirrors, which --verify-flips searches: give --verify-flips, or reorient the files to one "
+        "orientation first (e.g. nibabel.as_closest_canonical)"), said
+    assert plain.counts["duplicate"] == 0  # (what the warning is about: the copy is missed)
+    again = A.audit(tr, sy, out=tmp_path / "plain", **kw)  # a resume: from the cache entries' headers
+    assert again.summary["warnings"] == [said]
+    assert said in (tmp_path / "plain" / "report.html").read_text(encoding="utf-8").replace("&#x27;", "'")
+
+    flips = A.audit(tr, sy, out=tmp_path / "flips", verify_flips=True, **kw)
+    (said,) = flips.summary["warnings"]
+    assert said.startswith(head) and said.endswith("they differ by mirrors, which --verify-flips searches (on)")
+    (row,) = rows(tmp_path / "flips")
+    assert row["train_id"] == str(tr / "scan.nii.gz") and row["label"] == "duplicate"
+    assert row["transform"] == "flip01" and float(row["ssim"]) == pytest.approx(1.0, abs=1e-6)
+
+    (sy / "copy_lps.nii.gz").unlink()
+    nib.save(as_codes("ARS"), sy / "copy_ars.nii.gz")  # (axes 0 and 1 swapped: no flip lines it up)
+    swapped = A.audit(tr, sy, out=tmp_path / "swapped", verify_flips=True, **kw)
+    (said,) = swapped.summary["warnings"]
+    assert "synthetic: ARS 1 (e.g." in said and said.endswith(
+        "their array axes run along other body axes (or an affine gives none), which --verify-flips does not "
+        "search: reorient the files to one orientation first (e.g. nibabel.as_closest_canonical)"), said
+
+    (sy / "copy_ars.nii.gz").unlink()
+    nib.save(ras, sy / "copy_ras.nii.gz")
+    same = A.audit(tr, sy, out=tmp_path / "same", **kw)
+    assert same.summary["warnings"] == [] and same.counts["duplicate"] == 1
