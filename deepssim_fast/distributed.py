@@ -492,8 +492,9 @@ def _check_scheduler(address: str) -> None:
     bytes read as a message length). The probe runs on its own event loop in a helper thread, so it works
     where the caller's thread already runs one (Jupyter). A malformed address stays a ValueError.
 
-    A tcp:// (tls://) address is first connected to plainly: a refused connection is said at once (Dask retries
-    it until the timeout, so a scheduler not running, or a wrong port, was "Timed out ... after 30 s").
+    A tcp:// (tls://) address is first connected to plainly: a refused connection, or a host name that does not
+    resolve, is said at once (Dask retries both until the timeout, so a scheduler not running, a wrong port or a
+    mistyped host was "Timed out ... after 30 s").
     """
     import asyncio
     import socket
@@ -518,7 +519,10 @@ def _check_scheduler(address: str) -> None:
         except TimeoutError as exc:  # (Dask's probe would wait as long again: its words, now)
             raise DistributedError(f"cannot connect to the Dask scheduler at {address}: Timed out trying to connect "
                                    f"to {address} after {timeout:g} s") from exc
-        except OSError:  # (a name that does not resolve, no route ...: Dask's probe says it in its words)
+        except socket.gaierror as exc:  # (Dask's probe retried it until the timeout: "Timed out ... after 30 s")
+            raise DistributedError(f"cannot connect to the Dask scheduler at {address}: the host name {host!r} does "
+                                   f"not resolve ({exc.strerror or exc})") from exc
+        except OSError:  # (no route, network down ...: Dask's probe says it in its words)
             pass
     args = Security().get_connection_args("client")  # (what Client uses when given no security=)
     failure: list[BaseException] = []

@@ -1333,6 +1333,28 @@ def test_a_scheduler_address_where_nothing_listens_is_refused_at_once(monkeypatc
     assert time.perf_counter() - t0 < 5  # (Dask's own probe did not wait as long again)
 
 
+def test_a_scheduler_host_name_that_does_not_resolve_is_refused_at_once(monkeypatch):
+    """Found by a review: scheduler="tcp://nonexistent.invalid:8786" waited the whole CONNECT_TIMEOUT (Dask's probe
+    retries a name that does not resolve) and then said "Timed out trying to connect", though the plain connect
+    had failed at once with "Name or service not known". It is said at once now, naming the host."""
+    import socket
+
+    monkeypatch.setattr(dd, "CONNECT_TIMEOUT", "20s")
+
+    def no_name(address, timeout=None, **kw):  # (as getaddrinfo fails, without asking this machine's resolver)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_name)
+    addr = "tcp://nonexistent.invalid:8786"
+    tr = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    t0 = time.perf_counter()
+    with pytest.raises(dd.DistributedError, match=re.escape(f"cannot connect to the Dask scheduler at {addr}: the "
+                                                            "host name 'nonexistent.invalid' does not resolve (Name "
+                                                            "or service not known)")):
+        all_pairs(tr, tr[:5], k=2, scheduler=addr, progress=False)
+    assert time.perf_counter() - t0 < 5
+
+
 def _input_case(name: str):
     """(train, synth, k) of one bad input of test_bad_inputs_are_refused_as_one_process_refuses_them."""
     import torch
