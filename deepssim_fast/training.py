@@ -745,13 +745,34 @@ def _checkpoint_marks(path: str | os.PathLike) -> tuple[Any, Any] | None:
     return ck.get("step"), ck.get("best_val")
 
 
-def _check_resumed_outputs(out_dir: Path, resume: str | os.PathLike, step: int, best_val: Any) -> None:
+def _kept_last(out_dir: Path, resume: str | os.PathLike, step: int) -> str | None:
+    """Why a resume from checkpoint ``resume`` (at ``step``) with nothing left to train leaves ``out_dir`` as it
+    is, or None when it may write there. Such a resume writes no checkpoint of its own; it copies the resumed
+    checkpoint to ``out_dir/last.pt`` (so that out is complete) only where that is missing or is at or before
+    the resumed step. A ``last.pt`` further on (a later resume's, or the run's own when the resume is from
+    best.pt) is left, and nothing else there is touched either (best.pt, log.csv): copying over it put the older
+    checkpoint in its place and cut log.csv back to the resumed step, losing the later steps' state."""
+    last = out_dir / "last.pt"
+    if not last.is_file() or last.resolve() == Path(resume).resolve():
+        return None
+    marks = _checkpoint_marks(last)
+    if marks is None or not _count(marks[0]):
+        return f"{last} is there, and is not a checkpoint of a train run whose step can be read"
+    if marks[0] > step:
+        return (f"{last} is at step {marks[0]}, further on than the resumed checkpoint (resume {last} with "
+                f"max_steps beyond {marks[0]} to continue it)")
+    return None
+
+
+def _check_resumed_outputs(out_dir: Path, resume: str | os.PathLike, step: int, best_val: Any,
+                           nothing_left: bool = False) -> None:
     """What a resume from checkpoint ``resume`` (at ``step``, best validation loss ``best_val``) finds in
     ``out_dir``. A ``best.pt`` that is not the checkpoint's best is set aside (renamed, with a warning): one from
     a later step (a run killed between writing best.pt and last.pt) or of another best loss; kept, it passed
     for this run's best when no validation of the resume beat the checkpoint's, and the CLI named it beside
     the checkpoint's loss. A ``last.pt`` further on than the checkpoint (a resume from best.pt) is said: its
-    later steps are trained again and it is overwritten."""
+    later steps are trained again and it is overwritten. (A resume with ``nothing_left`` to train does not get
+    here with such a last.pt: it leaves out as it is, see :func:`_kept_last`.)"""
     here = Path(resume).resolve()
     last = out_dir / "last.pt"
     if last.is_file() and last.resolve() != here:
@@ -769,7 +790,8 @@ def _check_resumed_outputs(out_dir: Path, resume: str | os.PathLike, step: int, 
         why, aside = "it is not a readable checkpoint", out_dir / "best.unreadable.pt"
     elif _count(marks[0]) and marks[0] > step:
         why = (f"it is of step {marks[0]}, past the resumed step {step} (a run stopped between writing best.pt "
-               "and last.pt): those steps are trained again")
+               "and last.pt): " + ("this run trains none of them, as nothing is left to train" if nothing_left
+                                   else "those steps are trained again"))
         aside = out_dir / f"best.step{marks[0]}.pt"
     elif marks[1] != best_val:
         why = (f"its validation loss {marks[1]!r} is not the resumed checkpoint's best ({best_val!r}): another "
@@ -1186,6 +1208,11 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             logger.warning("resuming %s at step %d with %d steps in all: there is nothing left to train (give "
                            "--max-steps/max_steps beyond %d to train on)", resume, step, total, step)
     step_start = step
+    kept = None  # (out, why) when a resume with nothing left to train leaves out as it is
+    if ck is not None and out_dir is not None and step >= total:
+        why = _kept_last(out_dir, resume, step)
+        if why is not None:
+            kept, out_dir = (out_dir, why), None  # (so no checkpoint, log.csv or best.pt is written there)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         # temporary files of checkpoint writes a SIGKILL interrupted (up to a checkpoint's size each, ~350 MB
@@ -1202,13 +1229,15 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
                 logger.warning("removing %s of an earlier run in out=%s (this run starts afresh)", stale, out_dir)
                 stale.unlink()
         if ck is not None:
-            _check_resumed_outputs(out_dir, resume, int(ck["step"]), ck.get("best_val"))
+            _check_resumed_outputs(out_dir, resume, int(ck["step"]), ck.get("best_val"),
+                                   nothing_left=step >= total)
     earlier_log = None
     if resume is not None and out_dir is not None:
         here = Path(resume).parent / "log.csv"
         if here.resolve() != (out_dir / "log.csv").resolve():
             earlier_log = here
-    log = _Logger(out_dir, tensorboard, resume_step=step if ck is not None else None, earlier=earlier_log)
+    log = _Logger(out_dir, tensorboard and out_dir is not None, resume_step=step if ck is not None else None,
+                  earlier=earlier_log)
     history: list[dict] = []
     hist_counts = np.zeros(len(HIST_EDGES) - 1, dtype=np.int64)
     best_state = None
@@ -1349,8 +1378,14 @@ def train(images: Any, *, backbone: str | None = None, pretrained: str | os.Path
             and (Path(resume).parent.resolve() != out_dir.resolve() or not (out_dir / "last.pt").is_file())):
         # a resume with nothing left to train writes no checkpoint: its last.pt is the resumed one, copied into
         # out (another folder), so out is complete and a later resume from out/last.pt continues; in the
-        # checkpoint's own folder its last.pt is kept (further on when the resume was from best.pt)
+        # checkpoint's own folder its last.pt is kept (further on when the resume was from best.pt). A last.pt
+        # in out further on than the resumed checkpoint (or unreadable) is never replaced: out_dir is None then
+        # (`kept`, _kept_last), as the older checkpoint overwrote the later steps' state
         atomic_write_bytes(out_dir / "last.pt", Path(resume).read_bytes())
+    if kept is not None:
+        logger.warning("resuming %s at step %d with %d steps in all: nothing was trained and nothing was written "
+                       "in %s (its last.pt, best.pt and log.csv are left as they were), as %s", resume, step_start,
+                       total, kept[0], kept[1])
     if best_state is not None:
         model.load_state_dict(best_state)
     _check_finite(model, step)

@@ -1368,3 +1368,30 @@ def test_a_blank_image_stays_exactly_blank_through_augmentation(mni_slices) -> N
     np.testing.assert_array_equal(fp.a.numpy()[blank_pairs], -1.0)
     assert any(not np.array_equal(fp.a[k].numpy(), pool.images[0]) for k in range(3, 32, 4)), \
         "the other images are still augmented"
+
+
+def test_a_resume_with_nothing_left_keeps_a_newer_last_pt(tmp_path, caplog) -> None:
+    """A resume with nothing left to train copied the resumed checkpoint to out/last.pt (226ff01) even where
+    out/last.pt was further on: o2/last.pt of step 8 became the step-4 checkpoint, and log.csv was cut back to
+    step 4, silently; the warning said steps 5-8 were trained again and last.pt overwritten at this run's first
+    checkpoint, where nothing was trained. out is now left as it was, and the warning says so."""
+    imgs = list(np.random.default_rng(0).random((16, 32, 32), dtype=np.float32))
+    full, o2 = tmp_path / "full", tmp_path / "o2"
+    train(imgs, max_steps=4, out=full, **TINY)
+    train(imgs, resume=full / "last.pt", max_steps=8, out=o2, progress=False)
+    assert read_checkpoint(o2 / "last.pt")["step"] == 8
+    before = {p.name: p.read_bytes() for p in o2.iterdir() if p.is_file()}
+    assert {"last.pt", "log.csv"} <= set(before)
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast"):
+        m = train(imgs, resume=full / "last.pt", max_steps=4, out=o2, progress=False)
+    assert m.steps_run == 0 and read_checkpoint(o2 / "last.pt")["step"] == 8
+    assert {p.name: p.read_bytes() for p in o2.iterdir() if p.is_file()} == before  # (log.csv and best.pt too)
+    assert f"nothing was trained and nothing was written in {o2}" in caplog.text, caplog.text
+    assert f"{o2 / 'last.pt'} is at step 8, further on than the resumed checkpoint" in caplog.text
+    assert "trained again" not in caplog.text and "overwritten" not in caplog.text, caplog.text
+    # out/last.pt at the resumed step (or missing) is still written: a resume from out continues
+    caplog.clear()
+    (o2 / "last.pt").unlink()
+    train(imgs, resume=full / "last.pt", max_steps=4, out=o2, progress=False)
+    assert (o2 / "last.pt").read_bytes() == (full / "last.pt").read_bytes()
+    assert "nothing was written" not in caplog.text
