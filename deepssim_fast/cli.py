@@ -417,7 +417,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ._atomic import file_in_the_way
-    from .model import _is_torchscript, load_model
+    from .model import _SETTINGS_SAID_BY_CALLER, SIZE_POLICIES, _is_torchscript, load_model
     from .training import _checkpoint_marks
 
     out = Path(args.out)
@@ -438,10 +438,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
                              "it would make its run impossible to resume (train --resume takes checkpoints only); "
                              "give another file name")
     # (a foreign TorchScript file, the published weights, is written again with the preprocessing settings it
-    # is loaded with, --input-size and --size-policy: load_model then reads them from it, as from ours)
-    model = load_model(args.model, input_size=args.input_size, size_policy=args.size_policy)
-    model.save_torchscript(out)  # (atomically)
+    # is loaded with, --input-size and --size-policy: load_model then reads them from it, as from ours; the ones
+    # not given, which it assumes, are said here: load_model's warning advised running this very command)
+    said = _SETTINGS_SAID_BY_CALLER.set(True)
+    try:
+        model = load_model(args.model, input_size=args.input_size, size_policy=args.size_policy)
+    finally:
+        _SETTINGS_SAID_BY_CALLER.reset(said)
     cfg = model.config
+    # (flag, words, value stored, values it takes) of the settings not given
+    assumed = [(flag, words, value, takes) for flag, words, value, takes, given in (
+        ("--input-size", "input size", cfg.input_size, "N", args.input_size),
+        ("--size-policy", "size policy", cfg.size_policy, "{" + ",".join(SIZE_POLICIES) + "}", args.size_policy))
+        if given is None]
+    if cfg.extra.get("foreign") and assumed:
+        print(f"warning: {args.model} stores no preprocessing settings and {' and '.join(a[0] for a in assumed)} "
+              f"{'was' if len(assumed) == 1 else 'were'} not given: the copy stores the published DeepSSIM "
+              f"encoder's {' and '.join(f'{a[1]} {a[2]}' for a in assumed)}; if the model expects other "
+              f"settings, run export again with {' '.join(f'{a[0]} {a[3]}' for a in assumed)}", file=sys.stderr)
+    model.save_torchscript(out)  # (atomically)
     settings = f"input {cfg.input_size} x {cfg.input_size}, size policy {cfg.size_policy}"
     where = f"{out} (replaced the file that was there)" if existed else str(out)
     if cfg.extra.get("foreign"):
@@ -907,16 +922,30 @@ def _name_flags(parser: argparse.ArgumentParser, command: str, text: str) -> str
       (``drop verify_flips/verify_shifts`` -> ``drop --verify-flips/--verify-shifts``).
     * A parameter of another command only where the message names that flag already (a warning about the
       model's training flags, read in ``embed``: "an --input-size (input_size=)").
-    * A flag then said twice in a row is said once: "--val (--val)", "(--verify ssim, --verify ssim)".
+    * A flag then said twice in a row is said once: "--val (--val)", "(--verify ssim, --verify ssim)"; and so is
+      the API's hint for the command line, "pass --verify none (command line: --verify none)" (:func:`_said_once`).
 
     Short names without an underscore (``k``, ``lr``, ``out``) are taken only as the message's subject (the
     first form). A name inside a path (``/data/val_images/x.png``), an identifier or an object's repr
     (``SlicePolicy(axis=1, ...)``) is left as it is, and so is one before a colon (a file of that name)."""
+    return _said_once(_name_flags_of(*_command_flags(parser, command), text))
+
+
+def _said_once(text: str) -> str:
+    """``text`` without a parenthetical "(command line: X)" whose X it says right before (the API's hint for the
+    command line, once its own words are in flags: "pass --verify none (command line: --verify none)")."""
+    import re
+
+    return re.sub(r" \(command line: ([^()]+)\)",
+                  lambda m: "" if m.string[:m.start()].endswith(m.group(1)) else m.group(0), text)
+
+
+def _name_flags_of(own: dict, other: dict, text: str) -> str:
+    """:func:`_name_flags` with the command's flags (:func:`_command_flags`) looked up."""
     import ast
     import re
     import shlex
 
-    own, other = _command_flags(parser, command)
     original = text
     for name, (flag, _) in sorted(own.items(), key=lambda kv: -len(kv[0])):
         if flag in text or name not in text:
@@ -1069,6 +1098,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # dozens of matplotlib font_manager and PIL chunk lines between the tool's own
     root = logging.getLogger()
     before = list(root.handlers)
+    # (restored on return, with the root's level: a program that called main() had its later warnings shown
+    # in this command's flags, "drop --verify-flips" for its own verify_flips=)
+    formatters, root_level = {h: h.formatter for h in before}, root.level
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for h in root.handlers:  # the handler that prints here (not one a program calling main() set up): flags
         if h not in before or isinstance(h.formatter, _FlagFormatter):
@@ -1144,6 +1176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _restore_sigterm(previous_term)
         for lg, lv in zip(own, levels, strict=True):
             lg.setLevel(lv)
+        for h in list(root.handlers):
+            if h in formatters:
+                h.setFormatter(formatters[h])
+            elif isinstance(h.formatter, _FlagFormatter):  # (basicConfig's, above)
+                root.removeHandler(h)
+        root.setLevel(root_level)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -603,35 +603,62 @@ def _check_model_path(p: Path) -> None:
         raise FileNotFoundError(f"model file {p}: no such file")
 
 
+#: Words whose full stop ends no sentence, for :func:`_torch_text` ("e.g. this ..." was cut to "e.g.")
+_ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "vs.", "cf.", "viz.", "approx.", "resp.", "incl.", "no."})
+
+
 def _torch_text(text: str, limit: int = 200) -> str:
     """torch's message ``text`` on one line for an error of ours: whole when it is at most ``limit``
     characters, else up to the end of its last sentence that ends within them (what follows is torch's advice
     to its own developers: "This is an internal miniz error. If you are seeing this error, there is a high
-    ..."), or whole when no sentence ends there: never cut in the middle of a sentence."""
+    ..."), or whole when no sentence ends there: never cut in the middle of a sentence. The full stop of an
+    abbreviation (:data:`_ABBREVIATIONS`: "e.g.", "etc.") ends no sentence."""
     text = " ".join(text.split())
     if len(text) <= limit:
         return text
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text[:limit + 1])]
+    ends = [m.end() for m in re.finditer(r"\S*[.!?](?=\s)", text[:limit + 1])
+            if m.group(0).lstrip("([{'\"").lower() not in _ABBREVIATIONS]
     return text[:ends[-1]] if ends else text
+
+
+#: The signature of a zip archive's first local file header, how checkpoints, TorchScript files and
+#: torchvision weights start (a text file starting with "PK" was called a truncated model file)
+_ZIP_START = b"PK\x03\x04"
+#: The signature of a zip archive's end-of-central-directory record, which a truncated archive lacks
+_ZIP_END = b"PK\x05\x06"
 
 
 def _incomplete_zip(p: Path) -> ModelFileError | None:
     """The error for ``p`` when it starts as a zip archive (as checkpoints, TorchScript files and torchvision
     weights do) whose directory, at its end, cannot be read: a truncated file, as an interrupted copy or
     download leaves (torch said "PytorchStreamReader failed reading zip archive: failed finding central
-    directory", and the file was called no model file at all); None when it is no such file."""
+    directory", and the file was called no model file at all), when its end-of-central-directory record is
+    missing, else a damaged one; None when it is no such file (one that does not start with a zip's local
+    file header, as a text file starting with "PK", is for the loaders to call no model file)."""
     try:
         with open(p, "rb") as f:
-            if f.read(2) != b"PK":
+            if f.read(4) != _ZIP_START:
                 return None
         with zipfile.ZipFile(p):
             return None
     except (zipfile.BadZipFile, EOFError, ValueError):
-        return ModelFileError(f"{p}: incomplete model file: it starts as a zip archive, as model files do, but "
-                              "the directory at its end cannot be read (truncated: an interrupted copy or "
-                              "download?); copy it again")
+        pass
     except OSError:
         return None  # (unreadable: the loaders say so)
+    try:  # (the record is within the last 64 KiB + 22 bytes: its comment is at most 65535 bytes)
+        with open(p, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - (65535 + 22)))
+            tail = f.read()
+    except OSError:
+        return None
+    at = tail.rfind(_ZIP_END)  # (whole: its 22 bytes and the comment whose length it gives; a cut leaves part)
+    if at >= 0 and len(tail) - at >= 22 + int.from_bytes(tail[at + 20:at + 22], "little"):
+        return ModelFileError(f"{p}: damaged model file: it is a zip archive, as model files are, but its "
+                              "directory cannot be read (an incomplete copy or download, or a disk error?); "
+                              "copy it again")
+    return ModelFileError(f"{p}: incomplete model file: it starts as a zip archive, as model files do, but "
+                          "the directory at its end is missing (truncated: an interrupted copy or download?); "
+                          "copy it again")
 
 
 def _check_archive(p: Path) -> None:
@@ -672,10 +699,10 @@ def _unreadable_checkpoint(p: Path, exc: Exception) -> ModelFileError:
         with open(p, "rb") as f:
             head = f.read(4)
     except OSError:
-        head = b"PK"
+        head = _ZIP_START
     if not head:
         why = "the file is empty"
-    elif not head.startswith((b"PK", b"\x80")):  # (a CSV said "IndexError: pop from empty list")
+    elif not head.startswith((_ZIP_START, b"\x80")):  # (a CSV said "IndexError: pop from empty list")
         why = "it is not a torch file at all (neither a zip archive nor a pickle)"
     elif "weights_only" in text or "Weights only" in text:
         why = (f"{type(exc).__name__}: a safe weights-only torch.load could not read it — it is not a torch "
@@ -753,6 +780,12 @@ def _no_overrides(p: Path, kind: str, cfg: ModelConfig, input_size: int | None, 
                          f"size_policy={cfg.size_policy!r})")
 
 
+#: Set by a caller that says itself which preprocessing settings a foreign TorchScript file is given (the
+#: ``export`` command, which stores them in the copy it writes): :func:`load_model` then does not warn about them
+_SETTINGS_SAID_BY_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar("_SETTINGS_SAID_BY_CALLER",
+                                                                               default=False)
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device | None = None,
                input_size: int | None = None, size_policy: str | None = None) -> nn.Module:
     """Load a project checkpoint (:class:`DeepSSIMNet`) or a TorchScript file (:class:`TorchScriptEncoder`).
@@ -794,21 +827,23 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device | None = N
         else:
             cfg = ModelConfig(backbone="convnext_base", emb_dim=256, input_size=224, size_policy="resize",
                               extra={"foreign": True})
-            assumed = [f"{n}={v!r}" for n, v, given in (("input_size", 224, input_size),
-                                                       ("size_policy", "resize", size_policy)) if given is None]
-            if assumed:  # (a traced copy of one of our encoders lands here too, and would be fed wrongly)
+            assumed = [(n, v) for n, v, given in (("input_size", 224, input_size),
+                                                  ("size_policy", "resize", size_policy)) if given is None]
+            if assumed and not _SETTINGS_SAID_BY_CALLER.get():  # (a traced copy of one of our encoders lands here
+                # too, and would be fed wrongly; export, which writes the copy, says what it stores itself)
                 # (the command line has no --input-size for embed, audit ...: export stores the settings in a
-                # copy of the file, which every command then reads, as from ours)
+                # copy of the file, which every command then reads, as from ours. The assumed values are said in
+                # words: the command line's log handler turns "input_size=224" into a flag, which embed lacks)
                 import shlex
 
                 flags = (f"--input-size {'N' if input_size is None else int(input_size)} --size-policy "
-                         f"{'|'.join(SIZE_POLICIES) if size_policy is None else size_policy}")
-                logger.warning("%s stores no preprocessing settings; assuming the published DeepSSIM encoder's "
-                               "(%s); if it expects others, write a copy that stores them, `deepssim-fast export "
+                         f"{'{' + ','.join(SIZE_POLICIES) + '}' if size_policy is None else size_policy}")
+                logger.warning("%s stores no preprocessing settings; assuming the published DeepSSIM encoder's %s; "
+                               "if it expects others, write a copy that stores them, `deepssim-fast export "
                                "--model %s %s --out FILE`, and give FILE as the model (in Python, "
                                "load_model(path, %s) also takes them)",
-                               p, ", ".join(assumed), shlex.quote(str(p)), flags,
-                               ", ".join(a.split("=")[0] + "=..." for a in assumed))
+                               p, " and ".join(f"{n.replace('_', ' ')} {v}" for n, v in assumed),
+                               shlex.quote(str(p)), flags, ", ".join(f"{n}=..." for n, _ in assumed))
         if input_size is not None:
             cfg.input_size = int(input_size)
         if size_policy is not None:

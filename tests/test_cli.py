@@ -992,7 +992,20 @@ def test_embeddings_metric_error_gives_the_cli_spelling(
     np.save(tmp_path / "e.npy", np.eye(4, dtype=np.float32))
     rc = main(["audit", "--train", str(tmp_path / "e.npy"), "--synth", str(tmp_path / "e.npy"),
                "--metric", "embeddings", "--out", str(tmp_path / "o"), "-q"])
-    assert rc == 2 and "--verify none" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the API's hint "(command line: --verify none)" is not said again after the flags it became
+    assert rc == 2 and "pass --verify none" in err and "command line:" not in err, err
+
+
+def test_a_command_line_hint_is_dropped_only_where_it_repeats_what_comes_before() -> None:
+    """The API's "(command line: X)" after its own words: once they are in flags, X was said twice."""
+    from deepssim_fast.cli import _name_flags
+
+    parser = build_parser()
+    said = _name_flags(parser, "audit", "pass verify='none' (command line: --verify none)")
+    assert said == "pass --verify none", said
+    kept = "pass shift=2 (command line: --verify-shifts 2)"  # (another X: kept)
+    assert _name_flags(parser, "audit", kept) == kept
 
 
 def test_embeddings_file_with_no_rows_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -1380,6 +1393,51 @@ def test_errors_and_warnings_say_flags_not_the_apis_keywords(folders: dict, tmp_
     assert "mode='volumes' needs 3D images" in summary["skipped"][0]["reason"]
 
 
+def test_the_foreign_model_warning_names_no_flag_the_command_lacks(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """`embed --model foreign.pt` warned "assuming the published DeepSSIM encoder's (--input-size 224,
+    --size-policy resize)", flags embed does not have (the log handler turned input_size=224 into a flag, as the
+    export command in the same message names it): the assumed values are said in words."""
+    import torch
+
+    from deepssim_fast.cli import _name_flags
+    from deepssim_fast.model import load_model
+
+    foreign = tmp_path / "foreign.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(1))).save(str(foreign))
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        load_model(foreign)
+    (said,) = [r.getMessage() for r in caplog.records if "stores no preprocessing settings" in r.getMessage()]
+    for command in ("embed", "audit", "export"):
+        shown = _name_flags(build_parser(), command, said)  # (what the command line's log handler prints)
+        assert "assuming the published DeepSSIM encoder's input size 224 and size policy resize;" in shown, shown
+        assert "`deepssim-fast export --model" in shown and "--size-policy {fit,resize,pad} --out FILE`" in shown
+        assert "|" not in shown and "--input-size 224" not in shown and "--size-policy resize" not in shown, shown
+
+
+def test_main_leaves_the_logging_it_set_up_as_it_found_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """main() in a program without logging set up (a notebook) left its basicConfig handler, with the
+    command's flag formatter, on the root logger: the program's later warnings were printed in that command's
+    flags ("drop --verify-flips/--verify-shifts, or use --device cpu" for its own "verify_flips=").
+    (pytest's own handlers are on the root logger: they are taken off for the test, as in such a program.)"""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers.clear()
+    root.setLevel(logging.ERROR)
+    try:
+        assert main(["audit", "--train", str(tmp_path / "nope"), "--synth", str(tmp_path / "nope"), "--out",
+                     str(tmp_path / "x"), "--metric", "ssim"]) == 2
+        assert root.handlers == [] and root.level == logging.ERROR, (root.handlers, root.level)
+        capsys.readouterr()
+        root.setLevel(logging.WARNING)
+        logging.getLogger("deepssim_fast.audit").warning("drop verify_flips/verify_shifts, or use device='cpu'")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    assert "drop verify_flips/verify_shifts, or use device='cpu'" in err and "--" not in err, err
+
+
 def test_a_command_stopped_by_a_damaged_file_does_not_say_the_file_is_left_out(tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture) -> None:
     """`ssim A/ B/` with an empty .nii.gz in B stopped (no scores written) saying "...: damaged gzip data (...);
@@ -1749,7 +1807,8 @@ def test_a_diverging_training_run_is_one_line_with_the_resume_hint(folders: dict
     assert f"--resume {out / 'last.pt'} and a lower --lr" in err, err
 
 
-def test_export_writes_torchscript_that_plain_torch_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_writes_torchscript_that_plain_torch_loads(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     """The README says the tool reads and writes the published weights' format (TorchScript), but no command
     wrote it. `deepssim-fast export` does: plain torch.jit.load of the file gives the loaded checkpoint's raw
     outputs; a foreign TorchScript file is written again with its preprocessing settings."""
@@ -1776,6 +1835,19 @@ def test_export_writes_torchscript_that_plain_torch_loads(tmp_path: Path, capsys
     m = load_model(tmp_path / "f2.pt")
     assert (m.config.input_size, m.config.size_policy, m.config.extra.get("foreign")) == (48, "fit", True)
     capsys.readouterr()
+    # export given --input-size alone, as the foreign file's warning advised: that warning (which advised this
+    # very command, "--size-policy fit|resize|pad" unquoted, a shell pipeline) is not given; export says what
+    # the copy stores instead
+    with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
+        assert main(["export", "--model", str(foreign), "--out", str(tmp_path / "f4.pt"), "--input-size",
+                     "128"]) == 0
+    err = capsys.readouterr().err
+    assert "stores no preprocessing settings" not in caplog.text, caplog.text
+    assert ("--size-policy was not given: the copy stores the published DeepSSIM encoder's size policy resize; "
+            "if the model expects other settings, run export again with --size-policy {fit,resize,pad}") in err, err
+    assert "|" not in err and "--input-size" not in err, err
+    m = load_model(tmp_path / "f4.pt")
+    assert (m.config.input_size, m.config.size_policy) == (128, "resize")
     for argv, said in ((["--out", str(ck)], "is the --model file itself"), (["--out", str(tmp_path)], "is a folder")):
         assert main(["export", "--model", str(ck), *argv]) == 2
         err = capsys.readouterr().err

@@ -334,7 +334,7 @@ def test_foreign_torchscript_defaults(tmp_path, caplog) -> None:
     assert m.config.input_size == 48 and m.config.size_policy == "resize"
     # the assumed settings are said (a traced copy of one of our encoders loses its config and was fed 224 x
     # 224 resized inputs without a word); the ones given are not
-    assert "assuming the published DeepSSIM encoder's (size_policy='resize')" in caplog.text
+    assert "assuming the published DeepSSIM encoder's size policy resize;" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
         load_model(p, input_size=48, size_policy="fit")
@@ -382,9 +382,10 @@ def test_the_foreign_torchscript_warning_gives_a_command_that_stores_the_setting
         load_model(p, input_size=64)
     said = re.search(r"`(deepssim-fast export [^`]*)`", caplog.text)
     assert said and "deepssim-fast embed" not in caplog.text, caplog.text
-    assert "--input-size 64 --size-policy fit|resize|pad --out FILE" in said.group(1)
+    # (the choices as argparse writes them: "fit|resize|pad", pasted into a shell, was a pipeline)
+    assert "--input-size 64 --size-policy {fit,resize,pad} --out FILE" in said.group(1)
     out = tmp_path / "with settings.pt"
-    argv = [str(out) if a == "FILE" else "fit" if a == "fit|resize|pad" else a for a in shlex.split(said.group(1))]
+    argv = [str(out) if a == "FILE" else "fit" if a == "{fit,resize,pad}" else a for a in shlex.split(said.group(1))]
     assert argv[:2] == ["deepssim-fast", "export"] and main(argv[1:]) == 0
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deepssim_fast.model"):
@@ -624,6 +625,40 @@ def test_torchs_text_is_never_cut_in_the_middle_of_a_sentence() -> None:
     long = "word " * 60 + "end"  # no sentence ends within the limit: whole, not cut
     assert _torch_text(long, 100) == long.strip()
     assert _torch_text("two\n  lines", 100) == "two lines"
+    # an abbreviation's full stop ends no sentence ("e.g. this yyy..." was cut to "e.g.")
+    for abbr in ("e.g.", "i.e.", "etc.", "(e.g.", "E.g."):
+        text = f"{abbr} this " + "y" * 300
+        assert _torch_text(text) == text, abbr
+    text = "It failed. Use a file, e.g. this one " + "y" * 300
+    assert _torch_text(text) == "It failed."
+
+
+def test_a_text_file_starting_with_pk_is_no_model_file_and_a_damaged_zip_is_not_truncated(tmp_path,
+                                                                                          small_model) -> None:
+    """A file that merely starts with "PK" (b"PK this is a text file") was called an "incomplete model file
+    ... truncated": only a zip archive's start (a local file header, PK\\x03\\x04) whose end-of-central-directory
+    record is missing is; one whose record is there but whose directory cannot be read is damaged."""
+    from deepssim_fast.training import read_checkpoint
+
+    text = tmp_path / "pk.pt"
+    text.write_bytes(b"PK this is a text file" * 10)
+    for load in (load_model, read_checkpoint):
+        with pytest.raises(ModelFileError, match="not a deepssim_fast checkpoint or TorchScript file") as ei:
+            load(text)
+        assert "incomplete" not in str(ei.value) and "truncated" not in str(ei.value), ei.value
+        assert "not a torch file at all" in str(ei.value), ei.value
+    with pytest.raises(ModelFileError, match="not a readable state_dict file") as ei:
+        build_model("resnet18", pretrained=text)
+    assert "incomplete" not in str(ei.value), ei.value
+    # a whole archive whose central directory is overwritten: damaged, not truncated
+    raw = bytearray(small_model.save_checkpoint(tmp_path / "ck.pt").read_bytes())
+    at = raw.rfind(b"PK\x01\x02")  # (the last central directory entry)
+    raw[at:at + 4] = b"XXXX"
+    bad = tmp_path / "bad_dir.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match=r"bad_dir\.pt: damaged model file: it is a zip archive") as ei:
+        load_model(bad)
+    assert "truncated" not in str(ei.value) and "copy it again" in str(ei.value), ei.value
 
 
 def test_model_file_that_is_neither(tmp_path) -> None:
