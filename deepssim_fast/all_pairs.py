@@ -45,15 +45,21 @@ Backends: ``"native"`` (CPU default: a C++ GEMM micro-kernel (int16 VNNI / AVX2,
 and histogram),
 ``"triton"`` (default for CUDA tensors / cupy arrays; on CPU tensors only with ``TRITON_INTERPRET=1``)
 and ``"torch"`` (chunked ``torch.mm`` + stable sort, the portable fallback). The GPU and torch backends
-score pairs with their own fp32 GEMM, whose rounding depends on a pair's place in the product: their
-histograms and class counts may differ from the native ones for pairs within ~1e-6 of a bin edge or
-threshold, and may change with ``block`` and ``tile``. Their top-k is then made exact: each row keeps
-k + max(k, 8) GEMM candidates, which are scored again pair by pair (float32 products summed in float64,
-rounded once: the same operations for every pair, so identical training rows score identically and the
-lower index wins), and a row whose candidates cannot prove its top-k (more near-equal rows than it kept)
-is scored that way against every training row. Those scores may differ from the canonical ones in the
-last bit (Triton with ``precision`` tf32, fp16 or bf16 keeps its own scores). Results always come back as
-numpy arrays in :class:`AllPairsResult`, whatever the input kind or device.
+score pairs with their own fp32 GEMM, whose rounding depends on a pair's place in the product. Their top-k
+is then made exact: each row keeps k + max(k, 8) GEMM candidates, which are scored again pair by pair
+(float32 products summed in float64, rounded once: the same operations for every pair, so identical
+training rows score identically and the lower index wins), and a row whose candidates cannot prove its
+top-k (more near-equal rows than it kept) is scored that way against every training row. Those scores may
+differ from the canonical ones in the last bit (Triton with ``precision`` tf32, fp16 or bf16 keeps its own
+scores). The histogram and class counts take each returned pair at its returned score (its count moved
+from the bin and class of its GEMM score, which can lie an ulp away, across a threshold), so they agree
+with the top-k they come with: a returned score above ``high`` is counted a duplicate. Every other pair is
+counted at its GEMM score, so those counts may differ from the native ones for pairs within ~1e-6 of a bin
+edge or threshold, and may change with ``block`` and ``tile``. (A returned pair that was not among its
+row's candidates, in a row scored against every training row, has a GEMM score known only within the
+GEMM's error bound; where a bin edge or threshold lies that close it stays counted at that score, and the
+call logs how many did.) Results always come back as numpy arrays in :class:`AllPairsResult`, whatever the
+input kind or device.
 """
 from __future__ import annotations
 
@@ -576,7 +582,8 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
     block, tile : synthetic rows per block and training rows per tile (tuning). Native engine: results are bit
         for bit the same for any block and tile. torch: they set the shapes of the ``torch.mm`` calls, so a
         GEMM score may change in its last bit with them (seen: 1 ulp at ``block=7, tile=13``), and with it
-        the bin of a pair at a bin edge; the top-k, re-scored pair by pair, does not. Triton: they regroup
+        the bin of a pair at a bin edge; the top-k, re-scored pair by pair (and counted at those scores),
+        does not. Triton: they regroup
         the rows into launches (``matrix`` comes from ``torch.mm`` as on torch); by default a CUDA launch
         takes 65536 training rows and as many synthetic rows as keep its candidates within 1 GiB (1/32 of
         the GPU's memory if less), ~5 GB with the merge's buffers at most; smaller values hold less.
@@ -719,8 +726,15 @@ def all_pairs(train: Any, synth: Any | None, *, k: int = 5, thresholds: tuple[fl
             s, i, h, c = _run_torch(Q, T, d=d, block=block or 4096, tile=tile or 8192, **state)
         else:
             s, i, h, c = _run_triton(Q, T, d=d, block=block, tile=tile, precision=precision, **state)
-        s, i = _rerank(Q, T, d, s, i, k, e, self_offset, n_cand)
-        return s, i, h, c
+        fs, fi = _rerank(Q, T, d, s, i, k, e, self_offset, n_cand)
+        # the counts follow the returned scores: a returned pair counted at its GEMM score (an ulp off, across
+        # a threshold) contradicted the result's own top-k (score > high, counted as not a duplicate)
+        left = _recount(s, i, fs, fi, h, c, n_train=n_train, bins=bins, low=low, high=high, e=e,
+                        self_offset=self_offset)
+        if left:
+            logger.info("all_pairs: %d returned pairs outside their rows' GEMM candidates lie within the GEMM's "
+                        "error bound of a bin edge or threshold: counted at their GEMM scores", left)
+        return fs, fi, h, c
 
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     if out is not None:
@@ -1003,6 +1017,84 @@ def _rerank(Q: torch.Tensor, T: torch.Tensor, d: int, s: np.ndarray, i: np.ndarr
             best_s, best_i = _select(torch.cat([best_s, sc], 1), torch.cat([best_i, idx], 1), k)
         out_s[rows], out_i[rows] = best_s, best_i
     return out_s.cpu().numpy(), out_i.cpu().numpy()
+
+
+_RECOUNT_ELEMS = 1 << 22  # candidate slots per block of rows in _recount (~10 arrays of 32 MB)
+
+
+def _bin_class(s: np.ndarray, bins: int, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram bin and class (0 different, 1 similar, 2 duplicate) of scores ``s`` (float32 scores, or
+    bounds in float64), by the rules of :func:`_hist_update` and the kernels, in float64."""
+    s64 = np.asarray(s, dtype=np.float64)
+    lo, hi = HIST_RANGE
+    b = np.clip(np.floor((s64 - lo) / (hi - lo) * bins), 0, bins - 1).astype(np.int64)
+    return b, (s64 > low).astype(np.int64) + (s64 > high).astype(np.int64)
+
+
+def _recount(s: np.ndarray, i: np.ndarray, out_s: np.ndarray, out_i: np.ndarray, hist: np.ndarray,
+             cls: np.ndarray, *, n_train: int, bins: int, low: float, high: float, e: float,
+             self_offset: int | None) -> int:
+    """Move each returned pair's count from the histogram bin and class of its GEMM score to those of its
+    returned (re-scored) score, in place, so the counts agree with the top-k they come with.
+
+    ``s``, ``i``: each row's GEMM candidates, descending, as the engine counted them (the scores it binned);
+    ``out_s``, ``out_i``: the returned top-k. A returned pair among its row's candidates moves by its GEMM
+    score. A row :func:`_rerank` scored against every training row (more near-equal candidates than it kept)
+    may return a pair that is not among them: its GEMM score is then known only to lie within ``2 e`` of the
+    returned one and at most the row's last candidate score, and it moves where those bounds fix its bin
+    and class; the others (any bin edge or threshold that close) are left and counted in the return value.
+    O(n_synth * c log c), a block of rows at a time: no pair is counted twice, self pairs (never counted,
+    never returned) are skipped."""
+    n, kk = out_i.shape
+    if n == 0 or kk == 0 or i.shape[1] == 0:
+        return 0
+    step = max(1, _RECOUNT_ELEMS // i.shape[1])
+    if n > step:
+        return sum(_recount(s[a:a + step], i[a:a + step], out_s[a:a + step], out_i[a:a + step], hist, cls,
+                            n_train=n_train, bins=bins, low=low, high=high, e=e,
+                            self_offset=None if self_offset is None else self_offset + a)
+                   for a in range(0, n, step))
+    rows = np.arange(n, dtype=np.int64)
+    # the pairs the engine counted: a real training row, a finite score, not the row's self pair
+    ok = np.isfinite(s) & (i >= 0) & (i < n_train)
+    counted = np.isfinite(out_s) & (out_i >= 0) & (out_i < n_train)
+    if self_offset is not None:
+        ok &= i != rows[:, None] + self_offset
+        counted &= out_i != rows[:, None] + self_offset
+    # the candidates as sorted keys row * (n_train + 1) + index (any other slot keys as index n_train, never
+    # a returned pair's), found for the returned pairs by one binary search
+    stride = n_train + 1
+    ci = np.where(ok, i, n_train)
+    order = np.argsort(ci, axis=1, kind="stable")
+    keys = (rows[:, None] * stride + np.take_along_axis(ci, order, 1)).ravel()
+    kern = np.take_along_axis(s, order, 1).ravel()
+    counted = counted.ravel()
+    want = np.where(counted, (rows[:, None] * stride + np.clip(out_i, 0, n_train - 1)).ravel(), -1)
+    at = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+    found = counted & (keys[at] == want)
+    f = out_s.ravel()
+    new_b, new_c = _bin_class(f, bins, low, high)
+    # the GEMM score's bin and class: known for a candidate; else bounded
+    old_b, old_c = _bin_class(kern[at], bins, low, high)
+    miss = counted & ~found
+    unresolved = 0
+    if miss.any():
+        f64 = f[miss].astype(np.float64)
+        last = np.repeat(np.where(ok, s, np.inf).min(axis=1).astype(np.float64), kk)[miss]
+        b_lo, c_lo = _bin_class(f64 - 2 * e, bins, low, high)
+        b_hi, c_hi = _bin_class(np.minimum(f64 + 2 * e, last), bins, low, high)
+        fixed = (b_lo == b_hi) & (c_lo == c_hi) & (f64 - 2 * e <= last)
+        old_b[miss], old_c[miss] = b_lo, c_lo
+        unresolved = int((~fixed).sum())
+        sel = np.flatnonzero(miss)[~fixed]
+        old_b[sel], old_c[sel] = new_b[sel], new_c[sel]  # (left where the GEMM counted it)
+    move = counted & ((old_b != new_b) | (old_c != new_c))
+    if move.any():
+        hist -= np.bincount(old_b[move], minlength=bins).astype(hist.dtype)
+        hist += np.bincount(new_b[move], minlength=bins).astype(hist.dtype)
+        cls -= np.bincount(old_c[move], minlength=3).astype(cls.dtype)
+        cls += np.bincount(new_c[move], minlength=3).astype(cls.dtype)
+    return unresolved
 
 
 # ------------------------------------------------------------------------------------------- torch engine

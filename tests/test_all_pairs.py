@@ -760,6 +760,116 @@ def test_torch_backend_gives_identical_rows_identical_scores(tiles):
     np.testing.assert_array_equal(s.indices[34], [5, 6, 7, 8])
 
 
+def _counts_of(m: np.ndarray, bins: int, low: float, high: float) -> tuple[np.ndarray, dict[str, int]]:
+    """Histogram and class counts of the scores ``m`` (NaN: a pair not counted), by the module's rules."""
+    v = m[~np.isnan(m)].astype(np.float64)
+    b = np.clip(np.floor((v + 1.0) / 2.0 * bins), 0, bins - 1).astype(np.int64)
+    return np.bincount(b, minlength=bins), {"different": int((v <= low).sum()),
+                                             "similar": int(((v > low) & (v <= high)).sum()),
+                                             "duplicate": int((v > high).sum())}
+
+
+def _separating_bins(g: float, f: float) -> int | None:
+    """A bin count (at most 2^20) whose histogram puts the float32 scores ``g`` and ``f`` in different bins."""
+    b = np.arange((1 << 20) - 4000, (1 << 20) + 1, dtype=np.float64)
+    split = np.floor((g + 1.0) / 2.0 * b) != np.floor((f + 1.0) / 2.0 * b)
+    return int(b[split][-1]) if split.any() else None
+
+
+@pytest.mark.parametrize("case", ["cross all", "cross k=2", "self all", "self k=2"])
+def test_torch_counts_take_the_returned_pairs_at_their_returned_scores(case, monkeypatch):
+    """The torch engine bins its GEMM scores; the top-k it returns is re-scored pair by pair, an ulp away at
+    times. With a threshold between a returned pair's two scores, the result contradicted itself: a top-k
+    score above ``high`` with no duplicate counted (or none above it, and one counted). The counts now take
+    every returned pair at its returned score and every other pair at its GEMM score (the dense matrix),
+    self pairs left out, so the histogram still counts each pair once; a bin edge between the two scores
+    moves the pair's bin too."""
+    self_mode = case.startswith("self")
+    done = 0
+    for seed in range(8):
+        rng = np.random.default_rng(SEED + 60 + seed)
+        base = rng.standard_normal((1, 300))
+        train = (base + 0.8 * rng.standard_normal((16, 300))).astype(np.float32)
+        synth = None if self_mode else (base + 0.8 * rng.standard_normal((5, 300))).astype(np.float32)
+        ns, n_cand = (16, 15) if self_mode else (5, 16)
+        k = n_cand if case.endswith("all") else 2  # k=2 keeps 10 candidates of n_cand: not every pair re-scored
+        tt, ts = torch.from_numpy(train), None if synth is None else torch.from_numpy(synth)
+        r = all_pairs(tt, ts, k=k, backend="torch", dense=True, progress=False)
+        gemm = r.matrix.astype(np.float64)  # the engine's own scores, as it binned them
+        if self_mode:
+            np.fill_diagonal(gemm, np.nan)
+        rows = np.repeat(np.arange(ns), k)
+        g, f = gemm[rows, r.indices.ravel()], r.scores.ravel().astype(np.float64)
+        differ = np.flatnonzero(g != f)
+        if not len(differ):
+            continue
+        j = differ[0]
+        high = (g[j] + f[j]) / 2  # between the pair's GEMM score and its returned one
+        bins = _separating_bins(g[j], f[j]) or 200
+        r2 = all_pairs(tt, ts, k=k, backend="torch", thresholds=(-1.0, high), bins=bins, dense=True,
+                       progress=False)
+        np.testing.assert_array_equal(r2.matrix, r.matrix)
+        np.testing.assert_array_equal(r2.scores, r.scores)
+        want = gemm.copy()
+        want[rows, r.indices.ravel()] = f
+        hist, cls = _counts_of(want, bins, -1.0, high)
+        assert r2.class_counts == cls, (seed, r2.class_counts, cls)
+        np.testing.assert_array_equal(r2.histogram[0], hist)
+        assert r2.histogram[0].sum() == r2.n_pairs == ns * n_cand
+        with monkeypatch.context() as m:  # a block of one row at a time, self pairs at their offsets
+            m.setattr(sys.modules["deepssim_fast.all_pairs"], "_RECOUNT_ELEMS", 1)
+            assert all_pairs(tt, ts, k=k, backend="torch", thresholds=(-1.0, high), bins=bins, dense=True,
+                             progress=False) == r2
+        done += 1
+        if done == 2:
+            break
+    assert done == 2, "no two sets with a returned pair whose GEMM score differed from its re-scored one"
+
+
+def test_recount_moves_a_returned_pair_from_its_gemm_bin_and_class_once():
+    """_recount on hand-made candidates: a returned candidate moves by its GEMM score; a returned pair that
+    was not a candidate (a row scored against every training row) moves where the error bound and the row's
+    last candidate score fix its GEMM bin and class, and is left (and counted) where they do not; a self
+    pair, never counted, never moves; the histogram keeps its total."""
+    import importlib
+
+    AP = importlib.import_module("deepssim_fast.all_pairs")
+    f32 = np.float32
+    nine = f32(0.9)
+    above = np.nextafter(nine, f32(2))  # 0.90000004 > 0.9 >= float32(0.9) = 0.89999998
+    s = np.array([[nine, 0.5], [0.7, 0.6045], [0.7, 0.6049], [0.95, 0.2]], np.float32)
+    i = np.array([[3, 1], [0, 2], [0, 2], [3, 1]], np.int64)
+    out_s = np.array([[above], [0.6049], [0.6049], [0.96]], np.float32)
+    out_i = np.array([[3], [5], [5], [3]], np.int64)  # row 3's pair is its self pair (self_offset 0)
+    bins = 200
+    b, c = AP._bin_class(s.ravel(), bins, 0.5, 0.9)
+    hist = np.bincount(b, minlength=bins).astype(np.int64) + 10
+    cls = np.bincount(c, minlength=3).astype(np.int64) + 10
+    h0, c0 = hist.copy(), cls.copy()
+    # row 0: similar (float32(0.9) <= 0.9) -> duplicate, bin 189 -> 190 (0.9 is a bin edge: 1.9 * 100 = 189.99..)
+    left = AP._recount(s[:1], i[:1], out_s[:1], out_i[:1], hist, cls, n_train=8, bins=bins, low=0.5, high=0.9,
+                       e=1e-3, self_offset=None)
+    assert left == 0
+    bn, bo = AP._bin_class(np.array([above, nine]), bins, 0.5, 0.9)[0]
+    assert bn == bo + 1
+    assert hist[bo] == h0[bo] - 1 and hist[bn] == h0[bn] + 1 and hist.sum() == h0.sum()
+    assert list(cls - c0) == [0, -1, 1]
+    # rows 1-2, high 0.6047: row 1's GEMM score lies in [0.6049 - 2e-3, 0.6045] (similar), its returned one
+    # is a duplicate: moved; row 2's could be either side (its last candidate 0.6049): left
+    hist, cls = h0.copy(), c0.copy()
+    left = AP._recount(s[1:3], i[1:3], out_s[1:3], out_i[1:3], hist, cls, n_train=8, bins=bins, low=0.5,
+                       high=0.6047, e=1e-3, self_offset=None)
+    assert left == 1
+    np.testing.assert_array_equal(hist, h0)  # 0.6029..0.6049: all in bin 160
+    assert list(cls - c0) == [0, -1, 1]
+    # row 3 as the first row of a self search at offset 3: its pair with training row 3 is its self pair
+    hist, cls = h0.copy(), c0.copy()
+    assert AP._recount(s[3:], i[3:], out_s[3:], out_i[3:], hist, cls, n_train=8, bins=bins, low=0.5, high=0.9,
+                       e=1e-3, self_offset=3) == 0
+    np.testing.assert_array_equal(hist, h0)
+    np.testing.assert_array_equal(cls, c0)
+
+
 def test_an_all_zero_training_row_is_an_error_even_for_an_empty_synth_set():
     """The empty case returned before the training rows were normalised: no error (one with workers=1)."""
     train = _rand(10, 8, SEED + 15)

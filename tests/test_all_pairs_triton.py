@@ -186,6 +186,67 @@ _SCRIPT = textwrap.dedent(r"""
     near = base + 0.3 * rng.standard_normal((10, 64)).astype(np.float32)
     compare("identical rows", dups, near, 3)
     compare("identical rows small chunks", dups, near, 3, block=4, tile=13)
+    # the counts take each returned pair at its returned (re-scored) score: a threshold and a bin edge put
+    # between a returned pair's kernel score and its re-scored one. The kernel's score of every pair comes
+    # from a call that keeps every candidate (its launches and sums are those of any k)
+    real_topk = ck.cosine_topk
+    kernel_out = []
+
+    def spy(*a, **kw):
+        res = real_topk(*a, **kw)
+        kernel_out.append((res[0].clone(), res[1].clone()))
+        return res
+
+    def separating_bins(g, f):
+        b = np.arange((1 << 20) - 4000, (1 << 20) + 1, dtype=np.float64)
+        split = np.floor((g + 1.0) / 2.0 * b) != np.floor((f + 1.0) / 2.0 * b)
+        return int(b[split][-1]) if split.any() else None
+
+    ck.cosine_topk = spy
+    for case in ("cross all", "cross k=2", "self all", "self k=2"):
+        self_mode = case.startswith("self")
+        checks = []
+        for seed in range(8):
+            rng = np.random.default_rng(90 + seed)
+            base = rng.standard_normal((1, 40))
+            train = (base + 0.8 * rng.standard_normal((12, 40))).astype(np.float32)
+            synth = None if self_mode else (base + 0.8 * rng.standard_normal((6, 40))).astype(np.float32)
+            ns, n_cand = (12, 11) if self_mode else (6, 12)
+            k = n_cand if case.endswith("all") else 2  # k=2 keeps 10 candidates: not every pair re-scored
+            tt, ts = torch.from_numpy(train), None if synth is None else torch.from_numpy(synth)
+            kernel_out.clear()
+            all_pairs(tt, ts, k=n_cand, backend="triton", progress=False)
+            ks, ki = kernel_out[-1]
+            gemm = np.full((ns, 12), np.nan)
+            np.put_along_axis(gemm, ki.numpy(), ks.numpy().astype(np.float64), axis=1)
+            r = all_pairs(tt, ts, k=k, backend="triton", progress=False)
+            rows = np.repeat(np.arange(ns), k)
+            g, f = gemm[rows, r.indices.ravel()], r.scores.ravel().astype(np.float64)
+            differ = np.flatnonzero(g != f)
+            if not len(differ):
+                continue
+            j = differ[0]
+            high = (g[j] + f[j]) / 2
+            bins = separating_bins(g[j], f[j]) or 200
+            kernel_out.clear()
+            r2 = all_pairs(tt, ts, k=k, backend="triton", thresholds=(-1.0, high), bins=bins, progress=False)
+            ks2, ki2 = kernel_out[-1]
+            want = gemm.copy()
+            want[rows, r.indices.ravel()] = f
+            v = want[~np.isnan(want)]
+            hist = np.bincount(np.clip(np.floor((v + 1.0) / 2.0 * bins), 0, bins - 1).astype(np.int64),
+                               minlength=bins)
+            checks.append(dict(
+                seed=seed, bins=bins, score_above_high=bool(f[j] > high),
+                kernel_same=bool(np.array_equal(np.take_along_axis(gemm, ki2.numpy(), 1), ks2.numpy())),
+                scores_same=bool(np.array_equal(r2.scores, r.scores)),
+                classes=r2.class_counts, want=dict(different=0, similar=int((v <= high).sum()),
+                                                   duplicate=int((v > high).sum())),
+                hist_equal=bool(np.array_equal(r2.histogram[0], hist)),
+                hist_total=int(r2.histogram[0].sum()), n_pairs=ns * n_cand))
+            break  # (one such pair a case: each interpreted call takes ~0.3 s)
+        out.append(dict(name="counts follow the top-k " + case, checks=checks))
+    ck.cosine_topk = real_topk
     for line in out:
         print("RESULT " + json.dumps(line))
 """)
@@ -205,7 +266,7 @@ def interpreted_results() -> dict[str, dict]:
         if line.startswith("RESULT "):
             d = json.loads(line[len("RESULT "):])
             res[d["name"]] = d
-    assert len(res) == 36, proc.stdout
+    assert len(res) == 40, proc.stdout
     return res
 
 
@@ -234,6 +295,21 @@ def test_triton_interpreted_matches_native_and_reference(interpreted_results, na
     assert r["hits_equal"]
     if r["hist_diff"] == 0:
         assert r["classes_equal"]
+
+
+@pytest.mark.parametrize("case", ["cross all", "cross k=2", "self all", "self k=2"])
+def test_triton_counts_take_the_returned_pairs_at_their_returned_scores(interpreted_results, case):
+    """The kernel bins its own scores; the top-k it returns is re-scored pair by pair, an ulp away at times.
+    With a threshold (and a bin edge) between a returned pair's two scores, the result contradicted itself: a
+    top-k score above ``high`` with no duplicate counted, or the reverse. The counts now take every returned
+    pair at its returned score and every other pair at the kernel's, self pairs left out, each pair once."""
+    checks = interpreted_results["counts follow the top-k " + case]["checks"]
+    assert len(checks) == 1, "no returned pair whose kernel score differed from its re-scored one"
+    for c in checks:
+        assert c["kernel_same"] and c["scores_same"], c
+        assert c["classes"] == c["want"], c
+        assert c["hist_equal"], c
+        assert c["hist_total"] == c["n_pairs"], c
 
 
 def test_triton_ties_and_self_pairs(interpreted_results):
