@@ -3,7 +3,7 @@
 * ``histogram.png`` — left: the search score over all (synthetic, training) pairs, log-scaled counts, with
   the two thresholds drawn; with flips or shifts searched, the bars are the search of the synthetic items as
   given (the title says "search without flips/shifts") and each flipped or shifted search's own histogram is
-  a grey line (a pair's best score over the searches, which matches.csv keeps, is in none of them: one
+  a grey line (none of them counts the pairs' best scores over the searches, which matches.csv keeps: one
   histogram per search cannot be merged into one of per-pair maxima); right: the verified SSIM of every
   candidate pair, same thresholds.
 * ``gallery.png`` — the top suspected copies: each synthetic item beside its best training match, headed by
@@ -84,8 +84,8 @@ def histogram_png(
 
     ``variants``: for a search that also queried flipped or shifted synthetic items, each such search's own
     histogram (name as matches.csv writes the transform -> counts over ``edges``), drawn as grey lines over
-    the bars; ``counts`` is then the search of the synthetic items as given, and the title says so. A pair's
-    best score over the searches (the one matches.csv keeps) is in none of them: per-search histograms cannot
+    the bars; ``counts`` is then the search of the synthetic items as given, and the title says so. None of them
+    counts the pairs' best scores over the searches (the ones matches.csv keeps): per-search histograms cannot
     be merged into the histogram of per-pair maxima."""
     plt = _pyplot()
     panels = 2 if verified is not None and np.size(verified) else 1
@@ -248,30 +248,48 @@ def _labels(item_ids: Sequence[str], n: int = 34) -> dict[str, str]:
 
     A label over ``n`` characters is cut by :func:`_cut`, which keeps what tells its file apart from the other
     files besides its end (``sub-0001_…preproc_T1w.nii.gz#2:80``; every item of one file is cut alike).
-    Labels of different ids always differ (but for ids that differ only in bytes that are not UTF-8, which
-    both show as U+FFFD): where two cut labels would read the same, both are shown whole."""
+    What a cut label shows (the parts between its ``…``s, the first starting a folder or file name) fits no
+    other id's path, so it tells its item from every other, not only from the other labels (of
+    ``/a/x/very_long_folder_name_here/img.png`` beside ``/a/y/…`` and ``/b/x/…``, ``a/…ng_folder_name_here/…``
+    would fit ``/a/y/…`` too: it reads ``a/x/…_folder_name_here/img.png``). A cut that still fits another
+    path is replaced by the label's start up to a separator and its end (``b/scan_…`` beside
+    ``/a/b/f/scan_….png``, which ``b/…`` fits too), else the label is shown whole: a whole label is the end of
+    its own path only, so labels of different ids always differ (but for ids that differ only in bytes that
+    are not UTF-8, which both show as U+FFFD)."""
     comps = {i: _readable(i).replace(os.sep, "/").split("/") for i in dict.fromkeys(item_ids)}
     # the file of each item: the item suffix (``#<axis>:<index>``, ``#row:<i>``, ``@t<t>``) taken off its name
     files = {i: (*c[:-1], _ITEM_SUFFIX.sub("", c[-1])) for i, c in comps.items()}
-    full: dict[str, str] = {}
-    stems: dict[str, str] = {}  # each label's file part: the label without the item suffix
+    paths = {i: "/".join(c) for i, c in comps.items()}
+
+    def fits_another(label: str, i: str) -> bool:
+        return any(_fits(label, path) for o, path in paths.items() if o != i)
+
+    out: dict[str, str] = {}
     for i, c in comps.items():
         mine = files[i]
         others = {f for f in files.values() if f != mine}
         k = next((k for k in range(1, len(c) + 1) if all(f[-k:] != mine[-k:] for f in others)), len(c))
-        full[i] = "/".join(c[-k:])
-        stems[i] = "/".join(mine[-k:])
-    all_stems = set(stems.values())
-    out = {i: _cut(full[i], all_stems - {stems[i]}, n, suffix=len(full[i]) - len(stems[i])) for i in full}
-    while True:  # (cut labels that read the same are shown whole: whole labels of different ids differ)
-        seen: dict[str, list[str]] = {}
-        for i, label in out.items():
-            seen.setdefault(label, []).append(i)
-        clash = [i for ids in seen.values() if len(ids) > 1 for i in ids if out[i] != full[i]]
-        if not clash:
-            return out
-        for i in clash:
-            out[i] = full[i]
+        full = "/".join(c[-k:])
+        suffix = len(full) - len("/".join(mine[-k:]))  # (the item suffix's length)
+        # cut against the other files' last k folders and names, what stands in their paths where the label's
+        # parts stand: against their own labels (fewer folders) a difference in a folder went unseen, and
+        # /a/x/f/img.png read "a/…f/img.png" beside /a/y/f/img.png ("y/…") and /b/x/f/img.png ("b/…")
+        label = _cut(full, {"/".join(f[-k:]) for f in others}, n, suffix=suffix)
+        if label != full and fits_another(label, i):
+            tail = max((n - 1) // 2, suffix + n // 4)  # (as much end as _cut keeps)
+            starts = (full[:j] + "…" + full[-(n - 1 - j):] for j in range(1, n - tail)
+                      if full[j - 1] in _NAME_SEPARATORS)
+            label = next((cut for cut in starts if not fits_another(cut, i)), full)
+        out[i] = label
+    return out
+
+
+def _fits(label: str, path: str) -> bool:
+    """Whether the label ``label`` (an end of a path, whole from a ``/`` or cut with ``…``) fits ``path``: a
+    reader who sees its visible parts cannot tell ``path`` from its own. Each ``…`` stands for at least one
+    character (a ``…`` in a name is read as one too)."""
+    pattern = "(?:.*/)?" + ".+".join(re.escape(part) for part in label.split("…"))
+    return re.fullmatch(pattern, path, re.S) is not None
 
 
 #: Characters that end a part of a name: what a label keeps of a name ends before one, or at its start with one
@@ -328,6 +346,8 @@ def _cut(label: str, others: Iterable[str], n: int, *, suffix: int = 0) -> str:
             windows.append([s, e])
     if windows[0][0] == 0 and stem[windows[0][1]] in _NAME_SEPARATORS:
         windows[0][1] += 1  # from the start: with the separator that ends it, in the ellipsis' place ("q/…")
+        if len(windows) > 1 and windows[0][1] == windows[1][0]:  # (no "…" for nothing: "x/a/…scan" of "x/a/scan")
+            windows[0:2] = [[0, windows[1][1]]]
     elif windows[0][0] == 1:
         windows[0][0] = 0  # (the one character an ellipsis would stand for)
     text = "".join(("…" if s > 0 else "") + label[s:e] for s, e in windows)
@@ -452,7 +472,8 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
         if warned else ""
     )
     # the histogram's bars count the search of the synthetic items as given; with flips or shifts each variant's
-    # search is drawn beside it, and a pair's best score over them (the one matches.csv keeps) is in none
+    # search is drawn beside it: each counts one search's scores, so none is the histogram of a pair's best score
+    # over them (the one matches.csv keeps)
     variants = list(summary.get("pair_counts_search_variants") or {})
     if variants:
         labels_by = (", the score it is labelled by (<code>--verify none</code>),"
@@ -462,8 +483,9 @@ def report_html(summary: dict, *, histogram: bytes, gallery: bytes, suspects: Se
             f"items as given (without {_variants_txt(variants)}); each grey line counts those of one search of "
             f"transformed synthetic items ({e(', '.join(variants))}; <code>summary.json</code>: "
             "<code>pair_counts_search_variants</code>). A pair's search score in <code>matches.csv</code>"
-            f"{labels_by} is its best over all these searches: a pair's best score over these searches is in none "
-            "of them.</p>"
+            f"{labels_by} is its best over all these searches, so none of the histograms below counts these "
+            "scores: each counts one search's scores, and histograms of separate searches cannot be merged into "
+            "one of per-pair best scores.</p>"
         )
     else:
         hist_txt = ""

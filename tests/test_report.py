@@ -409,7 +409,12 @@ def test_histogram_of_a_flip_search_says_it_counts_the_unflipped_items(monkeypat
     s["pair_counts_search_variants"] = {"hflip": {"different": 90, "similar": 0, "duplicate": 10}}
     page = re.sub(r"\s+", " ", report_html(s, histogram=b"h", gallery=b"g", suspects=[]))
     assert "search of the synthetic items as given (without flips)" in page
-    assert "a pair's best score over these searches is in none of them" in page
+    # the best score over the searches is what no one search's histogram counts (the page read "...is its best
+    # over all these searches: a pair's best score over these searches is in none of them")
+    assert ("is its best over all these searches, so none of the histograms below counts these scores: each "
+            "counts one search's scores") in page
+    assert "is in none of them" not in page
+    assert page.index("none of the histograms below") < page.index('alt="score histogram"')
 
 
 def test_report_shows_the_audits_warnings_near_the_top_escaped() -> None:
@@ -450,6 +455,7 @@ def test_gallery_labels_of_different_items_differ(ids: list[str]) -> None:
 
     got = _labels(ids)
     assert len(set(got.values())) == len(ids), got
+    assert not [(got[i], o) for i in ids for o in ids if o != i and _fits_label(got[i], o)], got
     if ids[0].startswith("/data/bids"):
         assert got[ids[0]].startswith("sub-0001") and got[ids[1]].startswith("sub-0002"), got
         assert got[ids[1]].endswith("#2:80") and got[ids[2]].endswith("#2:81"), got
@@ -457,6 +463,73 @@ def test_gallery_labels_of_different_items_differ(ids: list[str]) -> None:
     if ids[0].startswith("/g/"):
         assert all(len(v) <= 34 for v in got.values()), got
         assert "site_A" in got[ids[0]] and "site_B" in got[ids[1]] and "site_C" in got[ids[2]], got
+
+
+def _fits_label(label: str, item_id: str) -> bool:
+    """Whether a reader of ``label`` could take it for ``item_id``: split at each ``…`` (which stands for at
+    least one character), its first part is a prefix of one of the id's path ends (from a folder or file name
+    on), its last part a suffix of that end, and the parts between are in it, in order, between them."""
+    parts = label.split("…")
+    comps = item_id.split("/")
+    for start in range(len(comps)):
+        end = "/".join(comps[start:])
+        if len(parts) == 1:
+            if end == label:
+                return True
+            continue
+        if not (end.startswith(parts[0]) and end.endswith(parts[-1])):
+            continue
+        pos = len(parts[0]) + 1
+        for middle in parts[1:-1]:
+            q = end.find(middle, pos)
+            if q < 0:
+                break
+            pos = q + len(middle) + 1
+        else:
+            if pos <= len(end) - len(parts[-1]):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("ids", [
+    # the folder that tells /a/x/... from /a/y/... (x) was cut away: "a/…ng_folder_name_here/img.png#2:0"
+    ["/a/x/very_long_folder_name_here/img.png#2:0", "/a/y/very_long_folder_name_here/img.png#2:0",
+     "/b/x/very_long_folder_name_here/img.png#2:0"],
+    # "b/…" fits both: a folder b at the cut, and one further up
+    ["/b/scan_of_the_head_acquired_at_site_A_with_protocol_7.png#2:10",
+     "/a/sub-0001/b/very_long_folder_name_here/scan_of_the_head_acquired_at_site_A_with_protocol_7.png#2:10"],
+])
+def test_gallery_labels_fit_no_other_item(ids: list[str]) -> None:
+    """Labels of different items differed, but a cut label could fit another item too: of /a/x/f/img.png
+    beside /a/y/f/img.png and /b/x/f/img.png, "a/…f/img.png" (the differing folder x cut away) fit /a/y/f
+    as well. What each label shows fits its own item and no other, and labels stay short here."""
+    from deepssim_fast.report import _labels
+
+    got = _labels(ids)
+    for i in ids:
+        assert _fits_label(got[i], i), (got[i], i)
+        assert not [o for o in ids if o != i and _fits_label(got[i], o)], (got[i], got)
+    assert all(len(v) <= 34 for v in got.values()), got
+    if ids[0].startswith("/a/x/"):
+        assert got[ids[0]].startswith("a/x/…"), got  # (the folder that tells it from /a/y/...)
+    else:
+        assert got[ids[0]].startswith("b/scan_…"), got  # (its start up to a separator: "b/…" fits both)
+    assert not _fits_label("a/…ng_folder_name_here/img.png#2:0", "/a/y/very_long_folder_name_here/img.png#2:1")
+    assert _fits_label("a/…ng_folder_name_here/img.png#2:0", "/a/y/very_long_folder_name_here/img.png#2:0")
+    assert _fits_label("x/a/scan.png", "/p/x/a/scan.png") and not _fits_label("a/scan.png", "/p/xa/scan.png")
+
+
+def test_cut_labels_have_no_ellipsis_for_nothing() -> None:
+    """The start of a cut label took the separator after it, up to the next part kept: "sub-…0002…te_B…" of
+    sub-0002/scan_…, whose first "…" stood for nothing (and so fit not even its own file)."""
+    from deepssim_fast.report import _cut
+
+    name = "scan_of_the_head_acquired_at_site_{}_with_protocol_7.png"
+    label = "sub-0002/" + name.format("B") + "@t1"
+    got = _cut(label, ["sub-0001/" + name.format("B"), "sub-0002/" + name.format("A"), "ses-01/" + name.format("B")],
+               34, suffix=3)
+    assert len(got) <= 34 and got.startswith("sub-0002…") and "te_B" in got, got
+    assert _fits_label(got, "/d/" + label), got
 
 
 def test_gallery_heads_keep_each_score_on_its_side_of_the_threshold_and_name_the_label(monkeypatch) -> None:
