@@ -406,8 +406,7 @@ def load_nifti(path: str | os.PathLike, *, frame: int | None = None, mmap: bool 
         return _read_data(p, img, (..., 0), dtype=dtype)  # a 3D volume stored as 4D
     if len(shape) == 4:
         if frame is None:
-            raise DataError(f"{p}: 4D volume of shape {shape}; choose a frame (frame=0..{shape[3] - 1}; "
-                            "command line: --frame)")
+            raise DataError(f"{p}: 4D volume of shape {shape}; choose a frame (frame=0..{shape[3] - 1})")
         if not -shape[3] <= frame < shape[3]:
             raise DataError(f"{p}: frame {frame} out of range for 4D shape {shape}")
         return _read_data(p, img, (..., frame), dtype=dtype)

@@ -10,11 +10,11 @@ Conventions
   searched as if named by itself, and ``**`` follows linked folders with the same loop protection. An
   image-named symlink whose target is missing, or an image-named FIFO, device or socket, is kept, so that
   reading it fails (a FIFO or device is refused unopened) and it is reported (skipped with its reason)
-  rather than dropped unseen; image files left out as hidden, hidden ones and those in hidden folders, are
-  counted in a warning. Paths are made absolute (``os.path.abspath``:
-  ``.`` and ``..`` removed) but symlinks are not resolved, so a linked file keeps the name the user gave
-  it and two links to one file (or a folder reached through two paths) are two inputs. The order is
-  ``sorted()`` over those absolute paths, never ``os.listdir`` order.
+  rather than dropped unseen; image files left out as hidden, hidden ones and those directly in hidden
+  folders (which are not searched, nor walked to count), are counted in a warning. Paths are made
+  absolute (``os.path.abspath``: ``.`` and ``..`` removed) but symlinks are not resolved, so a linked
+  file keeps the name the user gave it and two links to one file (or a folder reached through two paths)
+  are two inputs. The order is ``sorted()`` over those absolute paths, never ``os.listdir`` order.
 * :func:`read_image` returns float32, 2D or 3D:
 
   - PNG: 8- or 16-bit grayscale as stored (no rescaling); 1-bit grayscale gives 0 and 1 (dtype range,
@@ -179,10 +179,10 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
     symlinked folders. A folder that is one of its own ancestors (a symlink loop; compared by ``(st_dev,
     st_ino)``) is not entered again; a folder reached along two different paths is searched under both.
     A folder that cannot be listed is reported with a warning. ``hidden=False``: entries whose name starts
-    with ``.`` are left out, folders with their contents; the image files among them are appended to
-    ``hidden_out`` as ``(path, in_hidden_folder)`` (a hidden image-named file: False; an image file inside a
-    hidden folder, found by searching it: True), so the caller can say what it left out. macOS's ``._name``
-    companions, metadata and not images, are not listed."""
+    with ``.`` are left out, folders with their contents, and are not searched; the image files among them
+    are appended to ``hidden_out`` as ``(path, in_hidden_folder)`` (a hidden image-named file: False; an
+    image file directly inside a hidden folder: True, see :func:`_images_directly_in`), so the caller can say
+    what it left out. macOS's ``._name`` companions, metadata and not images, are not listed."""
     me = _dir_id(root)
     if me is None or me in ancestors:
         if me is not None:
@@ -199,12 +199,17 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
         if not hidden and e.name.startswith("."):
             # (macOS's ._name companions are metadata, not images: not worth a word)
             if hidden_out is not None and not e.name.startswith("._"):
-                if image_kind(Path(e.name)) is not None and not os.path.isdir(e.path):
-                    hidden_out.append((e.path, False))
-                elif os.path.isdir(e.path):
-                    # (images in .git or .cache were left out without the word hidden files get)
-                    hidden_out.extend((q, True) for q in _walk(e.path, chain) if not Path(q).name.startswith("._")
-                                      and _is_candidate(Path(q)))
+                try:
+                    hidden_dir = e.is_dir()
+                except OSError:
+                    hidden_dir = False
+                if not hidden_dir:
+                    if image_kind(Path(e.name)) is not None:
+                        hidden_out.append((e.path, False))
+                elif not e.is_symlink():
+                    # (images in .cache were left out without the word hidden files get; only the folder's own
+                    # entries are looked at: walking .git, or a .venv linked to a virtualenv, took seconds)
+                    hidden_out.extend((q, True) for q in _images_directly_in(e.path))
             continue
         yield e.path
         try:
@@ -213,6 +218,28 @@ def _walk(root: str, ancestors: tuple[tuple[int, int], ...] = (), hidden: bool =
             is_dir = False
         if is_dir:
             yield from _walk(e.path, chain, hidden, hidden_out)
+
+
+def _images_directly_in(folder: str) -> list[str]:
+    """The image-named entries directly inside the hidden ``folder`` that are not folders themselves (one
+    listing: its subfolders are not searched, linked or not, and a folder that cannot be listed gives none,
+    without a warning, as it was never going to be searched), for the count of what a search left out."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        if e.name.startswith("._") or image_kind(Path(e.name)) is None:
+            continue
+        try:
+            if e.is_dir():
+                continue
+        except OSError:
+            pass
+        out.append(e.path)
+    return out
 
 
 # Image formats a folder search may meet but does not read: named in a warning, not left out unnoticed.
@@ -272,14 +299,16 @@ _HIDDEN: contextvars.ContextVar[list[tuple[str, bool]] | None] = contextvars.Con
 def _hidden_what(hidden: Sequence[tuple[str, bool]]) -> str:
     """The image files a folder search left out as hidden (``(path, in_hidden_folder)``, see :func:`_walk`),
     counted by kind, each kind with an example: "2 hidden image-named file(s) (names starting with '.'), e.g.
-    d/.a.npy, and 3 image file(s) in hidden folders, e.g. d/.cache/b.npy"."""
+    d/.a.npy, and 3 image file(s) directly in hidden folders (...), e.g. d/.cache/b.npy" (hidden folders are
+    not searched, so images further down in them are not counted)."""
     named = [h for h, inside in hidden if not inside]
     inside = [h for h, inside in hidden if inside]
     parts = []
     if named:
         parts.append(f"{len(named)} hidden image-named file(s) (names starting with '.'), e.g. {named[0]}")
     if inside:
-        parts.append(f"{len(inside)} image file(s) in hidden folders (names starting with '.'), e.g. {inside[0]}")
+        parts.append(f"{len(inside)} image file(s) directly in hidden folders (names starting with '.', not "
+                     f"searched), e.g. {inside[0]}")
     return ", and ".join(parts)
 
 
@@ -336,7 +365,9 @@ def _glob(pattern: str) -> list[str]:
     if not os.path.isdir(root or os.curdir):
         return []
     hits = [root] if root and _glob_parts_match(pat, []) else []
-    for q in _walk(root or os.curdir):
+    # (a hidden name matches only a pattern component that starts with '.': without one, hidden folders are
+    # not walked, as they matched nothing; a .venv linked to a virtualenv was walked in full)
+    for q in _walk(root or os.curdir, hidden=any(c.startswith(".") for c in pat)):
         rel = os.path.relpath(q, root or os.curdir)
         if _glob_parts_match(pat, rel.split(os.sep)):
             hits.append(q if root else rel)
@@ -378,8 +409,10 @@ def _glob_matches(pattern: str, outputs: Sequence[str] | Callable[[Path], bool] 
 
 def _bracket_hint(s: str) -> str:
     """For a glob pattern ``s`` that matched nothing and holds ``[``: that brackets are glob syntax (a set of
-    characters), with the escaped pattern where a leading part of it names an existing path as written (a
-    folder named ``br[a]ck``: ``br[a]ck/*.png`` looked for ``brack/*.png``)."""
+    characters), with the escaped pattern, where a path whose name holds the brackets as written exists (a
+    folder named ``br[a]ck``: ``br[a]ck/*.png`` looked for ``brack/*.png``). Nothing where none does: a set
+    that simply matched nothing (``d/[xyz].png``) is what the user wrote, and an unclosed ``[`` is already
+    literal to glob, so escaping it would change nothing."""
     if "[" not in s:
         return ""
     comps = s.split(os.sep)
@@ -389,8 +422,14 @@ def _bracket_hint(s: str) -> str:
             fix = os.sep.join([glob.escape(head), *comps[n:]])
             return (f"; '[' starts a set of characters in a glob pattern, but {head} exists as written: to match "
                     f"its name, escape the bracket as '[[]' ({fix!r}, as glob.escape writes it)")
-    return ("; '[' starts a set of characters in a glob pattern: to match a name that holds one, escape it as "
-            "'[[]' (glob.escape)")
+    # (a name with the brackets in a component that also holds a wildcard: scan[1]*.npy for scan[1]_a.npy;
+    # the escapes glob.escape writes, [[] [*] [?], are kept as they are)
+    fix = re.sub(r"\[[\[*?]\]|\[", lambda m: "[[]" if m.group(0) == "[" else m.group(0), s)
+    found = set(_glob(os.path.expanduser(fix))) - set(_glob(os.path.expanduser(s)))
+    if found:
+        return (f"; '[' starts a set of characters in a glob pattern, but {min(found)} exists as written: to match "
+                f"its name, escape the bracket as '[[]' ({fix!r}, as glob.escape writes it)")
+    return ""
 
 
 def _discover_one(item: str | os.PathLike, outputs: Sequence[str] | Callable[[Path], bool] = ()) -> list[Path]:
@@ -700,8 +739,7 @@ def _npy_image(p: Path, a: np.ndarray, frame: int | None, dtype: Any = np.float3
     if a.ndim == 4:
         _check_npy_batch_of_volumes(p, a.shape)
         if frame is None:
-            raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1}; "
-                            "command line: --frame)")
+            raise DataError(f"{p}: 4D array of shape {a.shape}; choose a frame (frame=0..{a.shape[3] - 1})")
         if not -a.shape[3] <= frame < a.shape[3]:
             raise DataError(f"{p}: frame {frame} out of range for 4D shape {a.shape}")
         a = a[..., frame]
